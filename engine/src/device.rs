@@ -1,0 +1,313 @@
+//! Adapter and device selection, feature detection, limits and the engine's counters.
+//!
+//! Environment overrides (native only): `KILN_BACKEND` = `vulkan|metal|dx12|gl`, and
+//! `KILN_ADAPTER` = a case-insensitive substring of the adapter name.
+
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How to pick and configure the device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Backends to consider; `None` = all compiled in (or `KILN_BACKEND`).
+    pub backends: Option<wgpu::Backends>,
+    /// Substring of the adapter name to require (or `KILN_ADAPTER`).
+    pub adapter_name: Option<String>,
+    /// Treat the storage-binding limit as this many bytes if smaller than the device's.
+    /// Weights larger than the limit are split across bindings; tests force a small value.
+    pub max_binding_size: Option<u64>,
+    /// Request `shader-f16` / subgroups when the adapter has them (default true).
+    pub disable_optional_features: bool,
+}
+
+/// Optional adapter capabilities the engine can use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuFeatures {
+    /// WGSL `enable f16;` is available.
+    pub shader_f16: bool,
+    /// Subgroup operations are available.
+    pub subgroups: bool,
+    /// Timestamp queries are available.
+    pub timestamps: bool,
+}
+
+/// Hardware-independent counters. Tests assert on them; benchmarks print them.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub dispatches: AtomicU64,
+    pub submits: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub bytes_read_back: AtomicU64,
+    pub buffers_created: AtomicU64,
+    pub bind_groups_created: AtomicU64,
+    pub pipelines_created: AtomicU64,
+}
+
+/// A copy of the counters at one moment; subtract two to get what happened in between.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub dispatches: u64,
+    pub submits: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_read_back: u64,
+    pub buffers_created: u64,
+    pub bind_groups_created: u64,
+    pub pipelines_created: u64,
+}
+
+impl CounterSnapshot {
+    /// Objects (buffers, bind groups, pipelines) created.
+    pub fn objects_created(&self) -> u64 {
+        self.buffers_created + self.bind_groups_created + self.pipelines_created
+    }
+}
+
+impl std::ops::Sub for CounterSnapshot {
+    type Output = CounterSnapshot;
+    fn sub(self, o: Self) -> Self {
+        CounterSnapshot {
+            dispatches: self.dispatches - o.dispatches,
+            submits: self.submits - o.submits,
+            bytes_uploaded: self.bytes_uploaded - o.bytes_uploaded,
+            bytes_read_back: self.bytes_read_back - o.bytes_read_back,
+            buffers_created: self.buffers_created - o.buffers_created,
+            bind_groups_created: self.bind_groups_created - o.bind_groups_created,
+            pipelines_created: self.pipelines_created - o.pipelines_created,
+        }
+    }
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Reads all counters.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            dispatches: g(&self.dispatches),
+            submits: g(&self.submits),
+            bytes_uploaded: g(&self.bytes_uploaded),
+            bytes_read_back: g(&self.bytes_read_back),
+            buffers_created: g(&self.buffers_created),
+            bind_groups_created: g(&self.bind_groups_created),
+            pipelines_created: g(&self.pipelines_created),
+        }
+    }
+}
+
+/// Workgroup-size and memory limits the kernels are written for (the WebGPU defaults).
+const NEED_INVOCATIONS: u32 = 256;
+const NEED_WG_STORAGE: u32 = 16384;
+const NEED_STORAGE_BUFFERS: u32 = 8;
+
+/// The device, its queue, what it can do, and the engine's per-device state.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub features: GpuFeatures,
+    pub limits: wgpu::Limits,
+    /// Largest byte size the engine binds as one storage buffer.
+    pub binding_limit: u64,
+    pub counters: Counters,
+    pub(crate) pipelines: crate::kernels::PipelineCache,
+}
+
+fn backends_from_env() -> Option<wgpu::Backends> {
+    let v = std::env::var("KILN_BACKEND").ok()?;
+    Some(match v.to_ascii_lowercase().as_str() {
+        "vulkan" => wgpu::Backends::VULKAN,
+        "metal" => wgpu::Backends::METAL,
+        "dx12" => wgpu::Backends::DX12,
+        "gl" => wgpu::Backends::GL,
+        _ => wgpu::Backends::all(),
+    })
+}
+
+/// Lists the adapters the instance sees (for `kiln info`).
+pub async fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let backends = backends_from_env().unwrap_or(wgpu::Backends::all());
+    instance.enumerate_adapters(backends).await.iter().map(|a| a.get_info()).collect()
+}
+
+impl Gpu {
+    /// Picks an adapter and creates the device (async; use `pollster::block_on` natively).
+    pub async fn new(opts: GpuOptions) -> Result<Arc<Gpu>> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        let backends = opts.backends.or_else(backends_from_env);
+        if let Some(b) = backends {
+            desc.backends = b;
+        }
+        let instance = wgpu::Instance::new(desc);
+        let want_name = opts
+            .adapter_name
+            .clone()
+            .or_else(|| std::env::var("KILN_ADAPTER").ok())
+            .map(|s| s.to_lowercase());
+        let adapter = match &want_name {
+            Some(name) => {
+                let all = instance.enumerate_adapters(backends.unwrap_or(wgpu::Backends::all())).await;
+                let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+                all.into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(name))
+                    .ok_or_else(|| Error::NoAdapter(format!(" matching '{name}' (found: {names:?})")))?
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::NoAdapter(format!(" ({e})")))?,
+        };
+        Self::from_adapter(adapter, &opts).await
+    }
+
+    async fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Arc<Gpu>> {
+        let info = adapter.get_info();
+        let have = adapter.limits();
+        for (limit, need, got) in [
+            ("maxComputeInvocationsPerWorkgroup", NEED_INVOCATIONS, have.max_compute_invocations_per_workgroup),
+            ("maxComputeWorkgroupStorageSize", NEED_WG_STORAGE, have.max_compute_workgroup_storage_size),
+            ("maxStorageBuffersPerShaderStage", NEED_STORAGE_BUFFERS, have.max_storage_buffers_per_shader_stage),
+            ("maxComputeWorkgroupSizeX", NEED_INVOCATIONS, have.max_compute_workgroup_size_x),
+        ] {
+            if got < need {
+                return Err(Error::MissingLimit { adapter: info.name.clone(), limit, need: need as u64, have: got as u64 });
+            }
+        }
+        // Ask for what the adapter offers where size matters (big weights, big workgroup
+        // memory); the WebGPU defaults elsewhere.
+        let mut req = wgpu::Limits::default().using_resolution(have.clone());
+        req.max_storage_buffer_binding_size = have.max_storage_buffer_binding_size;
+        req.max_buffer_size = have.max_buffer_size;
+        req.max_compute_workgroup_storage_size = have.max_compute_workgroup_storage_size;
+        req.max_storage_buffers_per_shader_stage = have.max_storage_buffers_per_shader_stage;
+        req.max_compute_workgroups_per_dimension = have.max_compute_workgroups_per_dimension;
+        req.max_uniform_buffer_binding_size = have.max_uniform_buffer_binding_size;
+
+        let af = adapter.features();
+        let mut want = wgpu::Features::empty();
+        if !opts.disable_optional_features {
+            for f in [wgpu::Features::SHADER_F16, wgpu::Features::SUBGROUP, wgpu::Features::TIMESTAMP_QUERY] {
+                if af.contains(f) {
+                    want |= f;
+                }
+            }
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("kiln"),
+                required_features: want,
+                required_limits: req.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice { adapter: info.name.clone(), msg: e.to_string() })?;
+        let limits = device.limits();
+        let mut binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if let Some(cap) = opts.max_binding_size {
+            binding_limit = binding_limit.min(cap);
+        }
+        // Keep bindings 16-byte aligned in size so vec4 loads never straddle the end.
+        binding_limit &= !15;
+        let features = GpuFeatures {
+            shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP),
+            timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        Ok(Arc::new(Gpu {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            binding_limit,
+            counters: Counters::default(),
+            pipelines: Default::default(),
+        }))
+    }
+
+    /// A one-line description: adapter, backend, features.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}) shader-f16={} subgroups={} timestamps={} max-binding={} MiB",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.features.shader_f16,
+            self.features.subgroups,
+            self.features.timestamps,
+            self.binding_limit >> 20
+        )
+    }
+
+    /// Creates a buffer, counting it.
+    pub fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        Counters::add(&self.counters.buffers_created, 1);
+        // wgpu rejects zero-sized bindings; a 4-byte minimum keeps empty tensors legal.
+        let size = size.max(4).next_multiple_of(4);
+        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+    }
+
+    /// Writes bytes into a buffer through the queue, counting them.
+    pub fn write_buffer(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) {
+        Counters::add(&self.counters.bytes_uploaded, data.len() as u64);
+        if data.len() % 4 == 0 {
+            self.queue.write_buffer(buf, offset, data);
+        } else {
+            let mut padded = data.to_vec();
+            padded.resize(data.len().next_multiple_of(4), 0);
+            self.queue.write_buffer(buf, offset, &padded);
+        }
+    }
+
+    /// Submits command buffers, counting the submit.
+    pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) {
+        Counters::add(&self.counters.submits, 1);
+        self.queue.submit(cmds);
+    }
+
+    /// Copies `size` bytes at `offset` of `src` back to the CPU (async).
+    pub async fn read_buffer(&self, src: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let staging = self.create_buffer("readback", size, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, offset, &staging, 0, size.next_multiple_of(4));
+        self.submit([enc.finish()]);
+        self.map_read(&staging, size).await
+    }
+
+    /// Maps a MAP_READ buffer, copies out `size` bytes, unmaps.
+    pub async fn map_read(&self, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let (tx, rx) = crate::oneshot::channel();
+        let slice = staging.slice(..size.next_multiple_of(4));
+        slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        rx.await.ok_or_else(|| Error::Readback("map callback dropped".into()))?.map_err(|e| Error::Readback(e.to_string()))?;
+        let out = {
+            let view = slice.get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
+            view[..size as usize].to_vec()
+        };
+        staging.unmap();
+        Counters::add(&self.counters.bytes_read_back, size);
+        Ok(out)
+    }
+
+    /// Waits for all submitted work (native; a no-op in the browser).
+    pub fn wait_idle(&self) -> Result<()> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu { context: "poll".into(), msg: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+}

@@ -1,0 +1,301 @@
+//! Element types, GGUF block layouts, and how each is packed on the GPU.
+//!
+//! GPU packing spec (all in 32-bit words; a matrix is `rows x k`, row `r` starts at word
+//! `r * row_words(k)`):
+//! - `F32`: one word per element. `U32`: one word per element (token ids).
+//! - `F16`, `BF16`: two elements per word, element `2i` in the low half; each row is padded
+//!   to an even length so rows start on a word.
+//! - `Q8_0` (32 elements): 9 words = scale `d` as f32, then the 32 int8 quants as in GGUF.
+//! - `Q4_0` (32 elements): 5 words = scale `d` as f32, then GGUF's 16 nibble bytes
+//!   (byte `j`: element `j` in the low nibble, element `j + 16` in the high one).
+//! - `Q4_K` (256 elements): GGUF's 144-byte block unchanged (36 words: `d`,`dmin` as f16
+//!   pair, 12 bytes of 6-bit scales/mins, 128 nibble bytes).
+//! - `Q6_K` (256 elements): 53 words = GGUF's `ql`(128 B) `qh`(64 B) `scales`(16 x i8),
+//!   then `d` widened to f32 (GGUF stores it as a trailing f16, which breaks alignment).
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// Element type of a tensor (GGUF's names for the block formats).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    U32,
+    Q8_0,
+    Q4_0,
+    Q4_K,
+    Q6_K,
+}
+
+impl DType {
+    /// All weight dtypes the matvec/matmul/gather kernels accept.
+    pub const WEIGHTS: [DType; 7] =
+        [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K];
+
+    /// Elements per block (1 for plain types).
+    pub fn block_elems(self) -> usize {
+        match self {
+            DType::Q8_0 | DType::Q4_0 => 32,
+            DType::Q4_K | DType::Q6_K => 256,
+            _ => 1,
+        }
+    }
+
+    /// Bytes of one block in the file (GGUF / safetensors) layout.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_K => 144,
+            DType::Q6_K => 210,
+        }
+    }
+
+    /// Words of one block on the GPU (quantized types only).
+    pub fn gpu_block_words(self) -> usize {
+        match self {
+            DType::Q8_0 => 9,
+            DType::Q4_0 => 5,
+            DType::Q4_K => 36,
+            DType::Q6_K => 53,
+            _ => 0,
+        }
+    }
+
+    /// Is this a block-quantized type?
+    pub fn is_quantized(self) -> bool {
+        self.block_elems() > 1
+    }
+
+    /// Name used in shader variants and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::U32 => "u32",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_K => "q4_k",
+            DType::Q6_K => "q6_k",
+        }
+    }
+
+    /// GPU words for one row of `k` elements.
+    pub fn row_words(self, k: usize) -> usize {
+        match self {
+            DType::F32 | DType::U32 => k,
+            DType::F16 | DType::BF16 => k.div_ceil(2),
+            q => k / q.block_elems() * q.gpu_block_words(),
+        }
+    }
+
+    /// File bytes for `n` elements; errors when `n` is not a whole number of blocks.
+    pub fn file_bytes(self, n: usize) -> Result<usize> {
+        let b = self.block_elems();
+        if n % b != 0 {
+            return Err(Error::Data {
+                name: self.name().into(),
+                msg: format!("{n} elements is not a multiple of the block size {b}"),
+            });
+        }
+        Ok(n / b * self.block_bytes())
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// 6-bit scale and min of sub-block `j` from Q4_K's 12 packed bytes (ggml's get_scale_min_k4).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Dequantizes file-layout bytes of `n` elements to f32 (the CPU reference of every format).
+pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = dtype.file_bytes(n)?;
+    if bytes.len() != need {
+        return Err(Error::Data {
+            name: dtype.name().into(),
+            msg: format!("{n} elements need {need} bytes, found {}", bytes.len()),
+        });
+    }
+    let mut y = Vec::with_capacity(n);
+    match dtype {
+        DType::F32 => y.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        DType::U32 => y.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)),
+        DType::F16 => y.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DType::BF16 => y.extend(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DType::Q8_0 => {
+            for b in bytes.chunks_exact(34) {
+                let d = f16_at(b, 0);
+                y.extend(b[2..].iter().map(|&q| d * (q as i8) as f32));
+            }
+        }
+        DType::Q4_0 => {
+            for b in bytes.chunks_exact(18) {
+                let d = f16_at(b, 0);
+                let qs = &b[2..];
+                y.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
+                y.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+        }
+        DType::Q4_K => {
+            for b in bytes.chunks_exact(144) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..];
+                for c in 0..4 {
+                    let (s1, m1) = scale_min_k4(2 * c, scales);
+                    let (s2, m2) = scale_min_k4(2 * c + 1, scales);
+                    let q = &qs[32 * c..32 * c + 32];
+                    y.extend(q.iter().map(|&v| d * s1 as f32 * (v & 0xF) as f32 - dmin * m1 as f32));
+                    y.extend(q.iter().map(|&v| d * s2 as f32 * (v >> 4) as f32 - dmin * m2 as f32));
+                }
+            }
+        }
+        DType::Q6_K => {
+            for b in bytes.chunks_exact(210) {
+                let d = f16_at(b, 208);
+                let mut out = [0f32; 256];
+                for half in 0..2 {
+                    let ql = &b[64 * half..];
+                    let qh = &b[128 + 32 * half..];
+                    let sc = &b[192 + 8 * half..];
+                    let o = &mut out[128 * half..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        o[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        o[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        o[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        o[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+                y.extend_from_slice(&out);
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// Quantizes f32 values to GGUF Q8_0 or Q4_0 blocks exactly as ggml's reference quantizers
+/// (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`) do. This is the quantize-on-load path.
+pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
+    let nb = dtype.file_bytes(x.len())?;
+    let mut out = Vec::with_capacity(nb);
+    match dtype {
+        DType::Q8_0 => {
+            for blk in x.chunks_exact(32) {
+                let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend(blk.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        DType::Q4_0 => {
+            for blk in x.chunks_exact(32) {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in blk {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                for j in 0..16 {
+                    let q0 = ((blk[j] * id + 8.5) as i8).min(15) as u8;
+                    let q1 = ((blk[j + 16] * id + 8.5) as i8).min(15) as u8;
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+        }
+        other => return Err(Error::Unsupported(format!("quantizing to {other} (use q8_0 or q4_0)"))),
+    }
+    Ok(out)
+}
+
+/// Repacks `rows x k` elements from file layout to the GPU words of the packing spec.
+pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result<Vec<u32>> {
+    let file_row = dtype.file_bytes(k)?;
+    if bytes.len() != file_row * rows {
+        return Err(Error::Data {
+            name: dtype.name().into(),
+            msg: format!("{rows}x{k} elements need {} bytes, found {}", file_row * rows, bytes.len()),
+        });
+    }
+    let rw = dtype.row_words(k);
+    let mut out = vec![0u32; rw * rows];
+    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    for r in 0..rows {
+        let src = &bytes[r * file_row..(r + 1) * file_row];
+        let dst = &mut out[r * rw..(r + 1) * rw];
+        match dtype {
+            DType::F32 | DType::U32 | DType::Q4_K => {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = word(src, 4 * i);
+                }
+            }
+            DType::F16 | DType::BF16 => {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    let lo = u16::from_le_bytes([src[4 * i], src[4 * i + 1]]) as u32;
+                    let hi = if 4 * i + 2 < src.len() { u16::from_le_bytes([src[4 * i + 2], src[4 * i + 3]]) as u32 } else { 0 };
+                    *d = lo | (hi << 16);
+                }
+            }
+            DType::Q8_0 | DType::Q4_0 => {
+                let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
+                for (b, blk) in src.chunks_exact(fb).enumerate() {
+                    let g = &mut dst[b * gw..(b + 1) * gw];
+                    g[0] = f16_at(blk, 0).to_bits();
+                    for w in 1..gw {
+                        g[w] = word(blk, 2 + 4 * (w - 1));
+                    }
+                }
+            }
+            DType::Q6_K => {
+                for (b, blk) in src.chunks_exact(210).enumerate() {
+                    let g = &mut dst[b * 53..(b + 1) * 53];
+                    for (w, gw) in g.iter_mut().take(52).enumerate() {
+                        *gw = word(blk, 4 * w);
+                    }
+                    g[52] = f16_at(blk, 208).to_bits();
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// f32 values as file-layout bytes of a plain dtype (F32/F16/BF16), rounding to nearest.
+pub fn encode_plain(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        DType::F32 => bytemuck::cast_slice(x).to_vec(),
+        DType::F16 => x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+        DType::BF16 => x.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        DType::Q8_0 | DType::Q4_0 => quantize(dtype, x)?,
+        other => return Err(Error::Unsupported(format!("encoding f32 values as {other}"))),
+    })
+}

@@ -1,0 +1,276 @@
+//! The graph builder. Model code adds ops over symbolic [`Value`]s; shapes are inferred as
+//! nodes are added, so a mismatch is reported at the op that caused it. [`Graph::compile`]
+//! turns the graph into a [`Plan`] that replays with one compute pass and one submit.
+
+mod ops;
+mod plan;
+
+pub use ops::{Act, BinaryOp, Dyn, GluInput, Op, UnaryOp};
+pub use plan::{CompileOptions, Plan};
+
+use crate::dtype::DType;
+use crate::error::{shape_err, Error, Result};
+use crate::kernels::RUN_SCALARS;
+use crate::tensor::{numel, Tensor};
+use std::sync::Arc;
+
+/// A symbolic tensor in a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Value(pub(crate) usize);
+
+/// A per-run scalar slot (a position, a step index, a seed), set before each `Plan::run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Scalar(pub(crate) u32);
+
+#[derive(Clone, Debug)]
+pub(crate) enum Source {
+    /// Written by the caller through `Plan::write`.
+    Input,
+    /// An existing GPU tensor (weights, caches, state); ops may write into it.
+    Tensor(Arc<Tensor>),
+    /// Produced by node `i`.
+    Node(usize),
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct ValueInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub source: Source,
+    pub output: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    pub op: Op,
+    pub inputs: Vec<Value>,
+    /// Values written in place (external tensors), besides `out`.
+    pub writes: Vec<Value>,
+    pub out: Option<Value>,
+}
+
+/// A graph under construction.
+#[derive(Default, Clone, Debug)]
+pub struct Graph {
+    pub(crate) values: Vec<ValueInfo>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) scalars: Vec<String>,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Shape of a value.
+    pub fn shape(&self, v: Value) -> &[usize] {
+        &self.values[v.0].shape
+    }
+
+    /// Dtype of a value.
+    pub fn dtype(&self, v: Value) -> DType {
+        self.values[v.0].dtype
+    }
+
+    pub(crate) fn info(&self, v: Value) -> &ValueInfo {
+        &self.values[v.0]
+    }
+
+    fn add_value(&mut self, name: &str, shape: Vec<usize>, dtype: DType, source: Source) -> Value {
+        self.values.push(ValueInfo { name: name.into(), shape, dtype, source, output: false });
+        Value(self.values.len() - 1)
+    }
+
+    /// An input the caller writes before each run (f32 or u32).
+    pub fn input(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Value> {
+        if !matches!(dtype, DType::F32 | DType::U32) {
+            return Err(Error::DType { op: format!("input '{name}'"), expected: "f32 or u32".into(), found: dtype.to_string() });
+        }
+        Ok(self.add_value(name, shape.to_vec(), dtype, Source::Input))
+    }
+
+    /// An existing GPU tensor (a weight, a cache).
+    pub fn tensor(&mut self, t: &Arc<Tensor>) -> Value {
+        self.add_value(&t.name, t.shape.clone(), t.dtype, Source::Tensor(t.clone()))
+    }
+
+    /// A per-run scalar slot.
+    pub fn scalar(&mut self, name: &str) -> Result<Scalar> {
+        if let Some(i) = self.scalars.iter().position(|s| s == name) {
+            return Ok(Scalar(i as u32));
+        }
+        if self.scalars.len() >= RUN_SCALARS {
+            return Err(Error::Unsupported(format!("more than {RUN_SCALARS} run scalars (adding '{name}')")));
+        }
+        self.scalars.push(name.into());
+        Ok(Scalar(self.scalars.len() as u32 - 1))
+    }
+
+    /// Marks a value as an output: it keeps its own buffer and can be read after a run.
+    pub fn output(&mut self, v: Value) {
+        self.values[v.0].output = true;
+    }
+
+    /// Adds a node after checking its shapes; returns its output value.
+    pub(crate) fn push(&mut self, op: Op, inputs: Vec<Value>, writes: Vec<Value>) -> Result<Option<Value>> {
+        let shapes: Vec<(&[usize], DType)> =
+            inputs.iter().map(|v| (self.values[v.0].shape.as_slice(), self.values[v.0].dtype)).collect();
+        let out = op.infer(&shapes)?;
+        let idx = self.nodes.len();
+        let out = out.map(|(shape, dtype)| self.add_value(op.name(), shape, dtype, Source::Node(idx)));
+        self.nodes.push(Node { op, inputs, writes, out });
+        Ok(out)
+    }
+
+    fn push1(&mut self, op: Op, inputs: Vec<Value>) -> Result<Value> {
+        let name = op.name();
+        self.push(op, inputs, vec![])?.ok_or_else(|| shape_err(name, "op has no output"))
+    }
+
+    /// `x @ w^T (+ bias)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint layout),
+    /// or an f32 value `[b, n, k]` for a batched product. Output `[.., n]`.
+    pub fn linear(&mut self, x: Value, w: Value, bias: Option<Value>) -> Result<Value> {
+        let mut inputs = vec![x, w];
+        inputs.extend(bias);
+        self.push1(Op::Linear { bias: bias.is_some() }, inputs)
+    }
+
+    /// Attention with online softmax. q `[b, lq, heads*d]`, k/v `[b, lk, kv_heads*d]` (or a
+    /// cache with `lk` rows of which `kv_len` are valid). Causal: query `i` sees keys
+    /// `j <= q_pos + i`. Output `[b, lq, heads*d]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &mut self,
+        q: Value,
+        k: Value,
+        v: Value,
+        heads: usize,
+        kv_heads: usize,
+        causal: bool,
+        q_pos: Dyn,
+        kv_len: Dyn,
+    ) -> Result<Value> {
+        let shape = self.shape(q);
+        let head_dim = shape.last().copied().unwrap_or(0) / heads.max(1);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        self.push1(Op::Attention { heads, kv_heads, causal, scale, q_pos, kv_len }, vec![q, k, v])
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax(&mut self, x: Value) -> Result<Value> {
+        self.push1(Op::Softmax, vec![x])
+    }
+
+    /// RMSNorm over the last dimension with weight `w`.
+    pub fn rms_norm(&mut self, x: Value, w: Value, eps: f32) -> Result<Value> {
+        self.push1(Op::RmsNorm { eps }, vec![x, w])
+    }
+
+    /// LayerNorm over the last dimension with weight and bias.
+    pub fn layer_norm(&mut self, x: Value, w: Value, b: Value, eps: f32) -> Result<Value> {
+        self.push1(Op::LayerNorm { eps }, vec![x, w, b])
+    }
+
+    /// GroupNorm over `[b, c, ...]` with per-channel weight and bias, optionally followed by SiLU.
+    pub fn group_norm(&mut self, x: Value, w: Value, b: Value, groups: usize, eps: f32, silu: bool) -> Result<Value> {
+        self.push1(Op::GroupNorm { groups, eps, silu }, vec![x, w, b])
+    }
+
+    /// Rotary embedding on `[.., l, heads*d]`; `inv_freq` holds `rot_dim/2` frequencies (any
+    /// frequency scaling already applied). Token `i` is at position `pos + i`.
+    pub fn rope(&mut self, x: Value, inv_freq: Value, heads: usize, interleaved: bool, pos: Dyn) -> Result<Value> {
+        self.push1(Op::Rope { heads, interleaved, pos }, vec![x, inv_freq])
+    }
+
+    /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, kh, kw]`, optional bias `[co]`.
+    pub fn conv2d(&mut self, x: Value, w: Value, bias: Option<Value>, stride: usize, pad: usize) -> Result<Value> {
+        let mut inputs = vec![x, w];
+        inputs.extend(bias);
+        self.push1(Op::Conv2d { stride, pad, bias: bias.is_some() }, inputs)
+    }
+
+    /// Nearest-neighbour 2x upsampling of `[b, c, h, w]`.
+    pub fn upsample2x(&mut self, x: Value) -> Result<Value> {
+        self.push1(Op::Upsample2x, vec![x])
+    }
+
+    /// Concatenation along `axis`.
+    pub fn concat(&mut self, a: Value, b: Value, axis: usize) -> Result<Value> {
+        self.push1(Op::Concat { axis }, vec![a, b])
+    }
+
+    /// An elementwise activation.
+    pub fn unary(&mut self, x: Value, op: UnaryOp) -> Result<Value> {
+        self.push1(Op::Unary(op), vec![x])
+    }
+
+    /// `x * mul + add`.
+    pub fn scale(&mut self, x: Value, mul: f32, add: f32) -> Result<Value> {
+        self.push1(Op::Unary(UnaryOp::Scale { mul, add }), vec![x])
+    }
+
+    /// Elementwise binary op with numpy broadcasting.
+    pub fn binary(&mut self, a: Value, b: Value, op: BinaryOp) -> Result<Value> {
+        self.push1(Op::Binary(op), vec![a, b])
+    }
+
+    /// `a + b` with broadcasting.
+    pub fn add(&mut self, a: Value, b: Value) -> Result<Value> {
+        self.binary(a, b, BinaryOp::Add)
+    }
+
+    /// `a * b` with broadcasting.
+    pub fn mul(&mut self, a: Value, b: Value) -> Result<Value> {
+        self.binary(a, b, BinaryOp::Mul)
+    }
+
+    /// Gated unit `act(gate) * up`: SwiGLU (`Act::Silu`) or GEGLU (`Act::GeluErf`).
+    pub fn glu(&mut self, input: GluInput, act: Act) -> Result<Value> {
+        match input {
+            GluInput::Pair { gate, up } => self.push1(Op::Glu { act, split: None }, vec![gate, up]),
+            GluInput::Halves { x, gate_first } => self.push1(Op::Glu { act, split: Some(gate_first) }, vec![x]),
+        }
+    }
+
+    /// Sinusoidal timestep embedding of `t` `[b]` → `[b, dim]` (diffusers' `get_timestep_embedding`).
+    pub fn timestep_embedding(&mut self, t: Value, dim: usize, flip_sin_to_cos: bool, shift: f32) -> Result<Value> {
+        self.push1(Op::TimestepEmbedding { dim, flip_sin_to_cos, shift, max_period: 10000.0 }, vec![t])
+    }
+
+    /// Embedding rows: table `[v, d]` (any weight dtype), ids `[n]` u32 → `[n, d]`.
+    pub fn gather(&mut self, table: Value, ids: Value) -> Result<Value> {
+        self.push1(Op::Gather, vec![table, ids])
+    }
+
+    /// Samples one token from logits `[v]` with the sampler settings in `settings` (an f32
+    /// input of [`crate::kernels::sample::SETTINGS_LEN`] values, see [`crate::kernels::sample::SamplerSettings`]).
+    /// `history` (u32 `[cap]`) holds previous ids for the repetition penalty; the drawn id is
+    /// appended at index `counter` (which also selects the RNG stream). Output: u32 `[2]` =
+    /// (token id, f32 bits of its log-probability under the unmodified logits).
+    pub fn sample(&mut self, logits: Value, settings: Value, history: Value, counter: Dyn, seed: Dyn) -> Result<Value> {
+        let out = self.push(Op::Sample { counter, seed }, vec![logits, settings, history], vec![history])?;
+        out.ok_or_else(|| shape_err("sample", "no output"))
+    }
+
+    /// Standard normal noise `[shape]` from the counter-based RNG (seeded per run).
+    pub fn randn(&mut self, shape: &[usize], seed: Dyn, stream: u32) -> Result<Value> {
+        self.push1(Op::RandNormal { shape: shape.to_vec(), seed, stream }, vec![])
+    }
+
+    /// Copies `src` into `dst` starting at element `offset` (a KV-cache write, a state update).
+    pub fn copy_into(&mut self, src: Value, dst: Value, offset: Dyn) -> Result<()> {
+        if !matches!(self.info(dst).source, Source::Tensor(_)) {
+            return Err(shape_err("copy_into", format!("destination '{}' must be a tensor added with Graph::tensor", self.info(dst).name)));
+        }
+        let (n, cap) = (numel(self.shape(src)), numel(self.shape(dst)));
+        if let Dyn::Static(o) = offset {
+            if o as usize + n > cap {
+                return Err(shape_err("copy_into", format!("{n} elements at offset {o} overflow '{}' of {cap}", self.info(dst).name)));
+            }
+        }
+        self.push(Op::CopyInto { offset, cap }, vec![src, dst], vec![dst])?;
+        Ok(())
+    }
+}

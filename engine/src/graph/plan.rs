@@ -1,0 +1,310 @@
+//! Compiling a graph into a replayable plan: memory plan (buffers reused by liveness),
+//! pipelines, one uniform buffer holding every dispatch's parameters, bind groups. A run
+//! records every dispatch into one compute pass and submits once; it creates nothing.
+
+use super::{Graph, Scalar, Source, Value};
+use crate::device::{Counters, Gpu};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::{Bound, Ctx, Dispatch, RUN_SCALARS};
+use crate::tensor::{numel, TensorPart, STORAGE};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Options for [`Graph::compile`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompileOptions {
+    /// Fill every intermediate and output buffer with NaN bits after allocation, so that a
+    /// kernel that fails to write an element is caught by the tests.
+    pub poison: bool,
+}
+
+struct Step {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    groups: [u32; 3],
+}
+
+/// A compiled graph.
+pub struct Plan {
+    gpu: Arc<Gpu>,
+    bound: Vec<Option<Bound>>,
+    steps: Vec<Step>,
+    scalars: [u32; RUN_SCALARS],
+    scalar_names: Vec<String>,
+    scalars_dirty: std::cell::Cell<bool>,
+    scalar_buf: wgpu::Buffer,
+    staging: HashMap<usize, wgpu::Buffer>,
+    /// Bytes of intermediate buffers after liveness reuse.
+    pub arena_bytes: u64,
+    /// Bytes the intermediates would need without reuse.
+    pub unshared_bytes: u64,
+}
+
+impl Graph {
+    /// Compiles the graph for `gpu`: allocates, builds pipelines and bind groups.
+    pub async fn compile(&self, gpu: &Arc<Gpu>, opts: CompileOptions) -> Result<Plan> {
+        let nv = self.values.len();
+        let mut last_use = vec![None::<usize>; nv];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for v in n.inputs.iter().chain(&n.writes) {
+                last_use[v.0] = Some(i);
+            }
+        }
+        let own = |name: &str, shape: &[usize], dtype: DType| -> Bound {
+            let buf = gpu.create_buffer(name, numel(shape) as u64 * 4, STORAGE | wgpu::BufferUsages::COPY_SRC);
+            Bound::single(shape, dtype, Arc::new(buf))
+        };
+        let mut bound: Vec<Option<Bound>> = vec![None; nv];
+        for (i, v) in self.values.iter().enumerate() {
+            match &v.source {
+                Source::Input => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
+                Source::Tensor(t) => bound[i] = Some(Bound { shape: t.shape.clone(), dtype: t.dtype, parts: t.parts.clone() }),
+                Source::Node(_) if v.output => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
+                Source::Node(_) => {}
+            }
+        }
+        // Liveness: a buffer returns to the pool after its value's last reader is encoded;
+        // the output is allocated before the inputs are released, so no op reads and writes
+        // the same buffer.
+        let mut pool: Vec<Arc<wgpu::Buffer>> = Vec::new();
+        let (mut arena_bytes, mut unshared_bytes) = (0u64, 0u64);
+        let mut arena: Vec<Arc<wgpu::Buffer>> = Vec::new();
+        let mut dispatches: Vec<Dispatch> = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Some(out) = node.out {
+                if bound[out.0].is_none() {
+                    let info = &self.values[out.0];
+                    let size = (numel(&info.shape) as u64 * 4).max(4);
+                    unshared_bytes += size;
+                    let pos = pool
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| b.size() >= size && b.size() <= size.saturating_mul(2).max(1024))
+                        .min_by_key(|(_, b)| b.size())
+                        .map(|(j, _)| j);
+                    let buf = match pos {
+                        Some(j) => pool.swap_remove(j),
+                        None => {
+                            arena_bytes += size;
+                            let b = Arc::new(gpu.create_buffer(&info.name, size, STORAGE));
+                            arena.push(b.clone());
+                            b
+                        }
+                    };
+                    bound[out.0] = Some(Bound::single(&info.shape, info.dtype, buf));
+                }
+            }
+            let ins: Vec<Bound> = node
+                .inputs
+                .iter()
+                .map(|v| bound[v.0].clone().ok_or_else(|| Error::Gpu { context: "compile".into(), msg: format!("value {} unbound", v.0) }))
+                .collect::<Result<_>>()?;
+            let out = node.out.and_then(|o| bound[o.0].clone());
+            dispatches.extend(node.op.encode(&Ctx { gpu }, &ins, out.as_ref())?);
+            for v in node.inputs.iter().chain(node.out.iter()) {
+                let info = &self.values[v.0];
+                let dead = last_use[v.0].is_none_or(|l| l <= i);
+                if dead && matches!(info.source, Source::Node(_)) && !info.output {
+                    if let Some(b) = bound[v.0].as_ref() {
+                        let buf = b.parts[0].buffer.clone();
+                        if !pool.iter().any(|p| Arc::ptr_eq(p, &buf)) {
+                            pool.push(buf);
+                        }
+                    }
+                }
+            }
+        }
+
+        let scalar_buf = gpu.create_buffer(
+            "run-scalars",
+            (RUN_SCALARS * 4) as u64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        // All dispatch parameters in one uniform buffer, at aligned offsets.
+        let align = gpu.limits.min_uniform_buffer_offset_alignment as usize;
+        let mut param_words: Vec<u32> = Vec::new();
+        let mut offsets = Vec::with_capacity(dispatches.len());
+        for d in &dispatches {
+            let start = (param_words.len() * 4).next_multiple_of(align);
+            param_words.resize(start / 4, 0);
+            offsets.push((start as u64, (d.params.len() * 4).next_multiple_of(16).max(16) as u64));
+            param_words.extend(&d.params);
+            param_words.resize((start / 4) + (d.params.len().next_multiple_of(4)).max(4), 0);
+        }
+        let param_buf = gpu.create_buffer(
+            "params",
+            (param_words.len() * 4) as u64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        gpu.write_buffer(&param_buf, 0, bytemuck::cast_slice(&param_words));
+
+        let mut steps = Vec::with_capacity(dispatches.len());
+        for (d, (off, size)) in dispatches.iter().zip(offsets) {
+            let access: Vec<bool> = d.bindings.iter().map(|b| b.writable).collect();
+            let pipeline = gpu.pipeline(&d.key, &access).await?;
+            let layout = gpu.bind_group_layout(&access);
+            let mut entries = vec![
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &param_buf,
+                        offset: off,
+                        size: std::num::NonZeroU64::new(size),
+                    }),
+                },
+                wgpu::BindGroupEntry { binding: 1, resource: scalar_buf.as_entire_binding() },
+            ];
+            for (i, b) in d.bindings.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry { binding: 2 + i as u32, resource: b.buffer.as_entire_binding() });
+            }
+            let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(d.key.entry), layout: &layout, entries: &entries });
+            if let Some(e) = scope.pop().await {
+                return Err(Error::Gpu { context: format!("bind group for {} ({})", d.key.shader, d.key.entry), msg: e.to_string() });
+            }
+            Counters::add(&gpu.counters.bind_groups_created, 1);
+            steps.push(Step { pipeline, bind_group, groups: d.groups });
+        }
+
+        let mut staging = HashMap::new();
+        for (i, v) in self.values.iter().enumerate() {
+            if v.output {
+                let b = gpu.create_buffer("staging", numel(&v.shape) as u64 * 4, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+                staging.insert(i, b);
+            }
+        }
+        if opts.poison {
+            for (i, v) in self.values.iter().enumerate() {
+                if v.output {
+                    if let Some(b) = &bound[i] {
+                        let n = numel(&v.shape);
+                        gpu.write_buffer(&b.parts[0].buffer, 0, bytemuck::cast_slice(&vec![u32::MAX; n.max(1)]));
+                    }
+                }
+            }
+            for b in &arena {
+                gpu.write_buffer(b, 0, bytemuck::cast_slice(&vec![u32::MAX; (b.size() / 4) as usize]));
+            }
+        }
+        Ok(Plan {
+            gpu: gpu.clone(),
+            bound,
+            steps,
+            scalars: [0; RUN_SCALARS],
+            scalar_names: self.scalars.clone(),
+            scalars_dirty: std::cell::Cell::new(true),
+            scalar_buf,
+            staging,
+            arena_bytes,
+            unshared_bytes,
+        })
+    }
+}
+
+impl Plan {
+    /// Sets a run scalar for the next run.
+    pub fn set(&mut self, s: Scalar, v: u32) {
+        if self.scalars[s.0 as usize] != v {
+            self.scalars[s.0 as usize] = v;
+            self.scalars_dirty.set(true);
+        }
+    }
+
+    /// The current value of every run scalar.
+    pub fn scalars(&self) -> &[u32] {
+        &self.scalars
+    }
+
+    /// Names of the run scalars, by slot.
+    pub fn scalar_names(&self) -> &[String] {
+        &self.scalar_names
+    }
+
+    /// Number of dispatches per run.
+    pub fn dispatch_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    fn value_buffer(&self, v: Value) -> Result<&TensorPart> {
+        self.bound
+            .get(v.0)
+            .and_then(|b| b.as_ref())
+            .and_then(|b| b.parts.first())
+            .ok_or_else(|| Error::Data { name: format!("value {}", v.0), msg: "has no buffer (an intermediate that is not an output?)".into() })
+    }
+
+    /// Writes raw words into a value's buffer (inputs, or state tensors).
+    pub fn write_words(&self, v: Value, words: &[u32]) -> Result<()> {
+        let b = self.bound.get(v.0).and_then(|b| b.as_ref()).ok_or_else(|| Error::Data { name: format!("value {}", v.0), msg: "unknown".into() })?;
+        let n = numel(&b.shape);
+        if words.len() != n {
+            return Err(Error::Data { name: format!("value {}", v.0), msg: format!("shape {:?} holds {n} elements, got {}", b.shape, words.len()) });
+        }
+        self.gpu.write_buffer(&self.value_buffer(v)?.buffer, 0, bytemuck::cast_slice(words));
+        Ok(())
+    }
+
+    /// Writes f32 data into an input.
+    pub fn write_f32(&self, v: Value, data: &[f32]) -> Result<()> {
+        self.write_words(v, bytemuck::cast_slice(data))
+    }
+
+    /// Writes u32 data into an input.
+    pub fn write_u32(&self, v: Value, data: &[u32]) -> Result<()> {
+        self.write_words(v, data)
+    }
+
+    fn encode(&self, enc: &mut wgpu::CommandEncoder) {
+        if self.scalars_dirty.replace(false) {
+            self.gpu.write_buffer(&self.scalar_buf, 0, bytemuck::cast_slice(&self.scalars));
+        }
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("kiln"), timestamp_writes: None });
+        for s in &self.steps {
+            pass.set_pipeline(&s.pipeline);
+            pass.set_bind_group(0, &s.bind_group, &[]);
+            pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+        }
+        Counters::add(&self.gpu.counters.dispatches, self.steps.len() as u64);
+    }
+
+    /// Runs every dispatch in one compute pass and one submit.
+    pub fn run(&self) {
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        self.encode(&mut enc);
+        self.gpu.submit([enc.finish()]);
+    }
+
+    /// Runs and reads the given outputs back, still in one submit.
+    pub async fn run_read(&self, outs: &[Value]) -> Result<Vec<Vec<u8>>> {
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        self.encode(&mut enc);
+        let mut sizes = Vec::new();
+        for v in outs {
+            let st = self.staging.get(&v.0).ok_or_else(|| Error::Data { name: format!("value {}", v.0), msg: "not marked as an output".into() })?;
+            let size = st.size();
+            enc.copy_buffer_to_buffer(&self.value_buffer(*v)?.buffer, 0, st, 0, size);
+            sizes.push(size);
+        }
+        self.gpu.submit([enc.finish()]);
+        let mut res = Vec::new();
+        for (v, size) in outs.iter().zip(sizes) {
+            let n = numel(&self.bound[v.0].as_ref().map(|b| b.shape.clone()).unwrap_or_default()) as u64 * 4;
+            res.push(self.gpu.map_read(&self.staging[&v.0], size.min(n.max(4))).await?);
+        }
+        Ok(res)
+    }
+
+    /// Reads an output back (its own submit).
+    pub async fn read_f32(&self, v: Value) -> Result<Vec<f32>> {
+        let p = self.value_buffer(v)?;
+        let n = numel(&self.bound[v.0].as_ref().map(|b| b.shape.clone()).unwrap_or_default());
+        let bytes = self.gpu.read_buffer(&p.buffer, 0, n as u64 * 4).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Reads a u32 output back (its own submit).
+    pub async fn read_u32(&self, v: Value) -> Result<Vec<u32>> {
+        Ok(self.read_f32(v).await?.iter().map(|f| f.to_bits()).collect())
+    }
+}

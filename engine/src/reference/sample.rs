@@ -1,0 +1,1 @@
+//! CPU reference of sampling (being written).

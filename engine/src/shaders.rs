@@ -1,0 +1,118 @@
+//! The WGSL sources in `shaders/`, embedded with `include_str!`, and a tiny preprocessor:
+//! `#include "file.wgsl"`, `#define NAME [value]`, `#ifdef NAME`, `#ifndef NAME`, `#else`,
+//! `#endif`. Defined values are also substituted as whole words, so a variant can set a
+//! constant (`#define TILE 64`). [`dump`] returns the final source of any variant.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+
+/// Every shader file, by name.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("weights.wgsl", include_str!("../../shaders/weights.wgsl")),
+    ("gemm.wgsl", include_str!("../../shaders/gemm.wgsl")),
+    ("matmul.wgsl", include_str!("../../shaders/matmul.wgsl")),
+    ("matvec.wgsl", include_str!("../../shaders/matvec.wgsl")),
+    ("gather.wgsl", include_str!("../../shaders/gather.wgsl")),
+    ("elementwise.wgsl", include_str!("../../shaders/elementwise.wgsl")),
+    ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
+    ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
+    ("rope.wgsl", include_str!("../../shaders/rope.wgsl")),
+    ("attention.wgsl", include_str!("../../shaders/attention.wgsl")),
+    ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
+    ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
+    ("sample.wgsl", include_str!("../../shaders/sample.wgsl")),
+    ("noise.wgsl", include_str!("../../shaders/noise.wgsl")),
+];
+
+fn source(name: &str) -> Result<&'static str> {
+    SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| Error::Shader { name: name.into(), msg: "no such shader file".into() })
+}
+
+/// Preprocesses `name` with the given defines and returns the final WGSL.
+pub fn dump(name: &str, defines: &[(String, String)]) -> Result<String> {
+    let mut defs: HashMap<String, String> = defines.iter().cloned().collect();
+    let mut out = String::new();
+    expand(name, &mut defs, &mut out, 0)?;
+    Ok(out)
+}
+
+fn substitute(line: &str, defs: &HashMap<String, String>) -> String {
+    if defs.values().all(|v| v.is_empty()) {
+        return line.to_string();
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        match defs.get(word.as_str()) {
+            Some(v) if !v.is_empty() => out.push_str(v),
+            _ => out.push_str(word),
+        }
+        word.clear();
+    };
+    for c in line.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+fn expand(name: &str, defs: &mut HashMap<String, String>, out: &mut String, depth: usize) -> Result<()> {
+    let err = |msg: String| Error::Shader { name: name.into(), msg };
+    if depth > 8 {
+        return Err(err("#include nested too deeply".into()));
+    }
+    let src = source(name)?;
+    // Stack of (this branch active, any branch taken) for #ifdef nesting.
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &Vec<(bool, bool)>| stack.iter().all(|s| s.0);
+    for (ln, line) in src.lines().enumerate() {
+        let t = line.trim_start();
+        let mut parts = t.split_whitespace();
+        match parts.next() {
+            Some("#ifdef") | Some("#ifndef") => {
+                let key = parts.next().ok_or_else(|| err(format!("line {}: #ifdef without a name", ln + 1)))?;
+                let mut on = defs.contains_key(key);
+                if t.starts_with("#ifndef") {
+                    on = !on;
+                }
+                stack.push((on, on));
+            }
+            Some("#else") => {
+                let top = stack.last_mut().ok_or_else(|| err(format!("line {}: #else without #ifdef", ln + 1)))?;
+                *top = (!top.1, true);
+            }
+            Some("#endif") => {
+                stack.pop().ok_or_else(|| err(format!("line {}: #endif without #ifdef", ln + 1)))?;
+            }
+            Some("#define") if active(&stack) => {
+                let key = parts.next().ok_or_else(|| err(format!("line {}: #define without a name", ln + 1)))?;
+                let val: Vec<&str> = parts.collect();
+                defs.insert(key.to_string(), val.join(" "));
+            }
+            Some("#include") if active(&stack) => {
+                let inc = t["#include".len()..].trim().trim_matches('"');
+                expand(inc, defs, out, depth + 1)?;
+            }
+            Some("#define") | Some("#include") => {}
+            _ if active(&stack) => {
+                out.push_str(&substitute(line, defs));
+                out.push('\n');
+            }
+            _ => {}
+        }
+    }
+    if !stack.is_empty() {
+        return Err(err("unterminated #ifdef".into()));
+    }
+    Ok(())
+}

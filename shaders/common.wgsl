@@ -1,0 +1,36 @@
+// Shared declarations included by every kernel.
+// binding 1: per-run scalars (positions, kv length, step index, seed), 16 u32 slots.
+struct RunScalars { s: array<vec4<u32>, 4> }
+@group(0) @binding(1) var<uniform> rs: RunScalars;
+
+const NONE: u32 = 0xffffffffu;
+
+// A per-run integer: `add` alone, or `add + mul * rs[slot]` (see graph::Dyn).
+fn dyn_val(add: u32, slot: u32, mul: u32) -> u32 {
+    if (slot == NONE) { return add; }
+    return add + mul * rs.s[slot / 4u][slot % 4u];
+}
+
+// Linear workgroup index of a dispatch folded over x and y (kernels::grid).
+fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wg.x + wg.y * nwg.x;
+}
+
+// erf with max abs error 1.5e-7 (Abramowitz & Stegun 7.1.26); WGSL has no erf builtin.
+fn erf_approx(x: f32) -> f32 {
+    let s = sign(x);
+    let a = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * a);
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-a * a);
+    return s * y;
+}
+
+fn silu(x: f32) -> f32 { return x / (1.0 + exp(-x)); }
+fn gelu_erf(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
+fn gelu_tanh(x: f32) -> f32 {
+    // tanh written through exp of a clamped argument: tanh() overflows on some drivers.
+    let u = clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), -15.0, 15.0);
+    let e = exp(2.0 * u);
+    return 0.5 * x * (1.0 + (e - 1.0) / (e + 1.0));
+}
+fn quick_gelu(x: f32) -> f32 { return x / (1.0 + exp(-1.702 * x)); }

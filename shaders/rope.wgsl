@@ -1,0 +1,47 @@
+// Rotary position embedding on x [rows, heads * d] where row r is token (r % seq) at position
+// pos + r % seq. The first 2 * half dims of each head rotate by angle position * inv_freq[i]:
+//   NeoX / rotate_half (HF): pairs (i, i + half);   interleaved (GGUF, GPT-J): pairs (2i, 2i + 1).
+// Dims past 2 * half pass through. The angle is formed in f32 as HF does, then reduced by 2*pi.
+// Bindings: 2 x: array<f32>, 3 inv_freq: array<f32> [half], 4 y: array<f32> (same shape as x).
+// Dispatch: one thread per output element (grid()).
+#include "common.wgsl"
+
+struct Params { n: u32, seq: u32, heads: u32, d: u32, half: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+fn reduce_angle(a: f32) -> f32 {
+    let k = round(a * 0.15915494309189535);
+    return (a - k * 6.28125) - k * 0.0019353071795864769;
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = group_index(wg, nwg) * 256u + li;
+    if (e >= p.n) { return; }
+    let c = e % p.d;
+    let head_base = e - c;
+    let row = e / (p.heads * p.d);
+    if (c >= 2u * p.half) { y[e] = x[e]; return; }
+    var i: u32;
+    var partner: u32;
+    var first: bool;
+    if (p.interleaved == 1u) {
+        i = c / 2u;
+        first = (c % 2u) == 0u;
+        partner = select(c - 1u, c + 1u, first);
+    } else {
+        i = c % p.half;
+        first = c < p.half;
+        partner = select(c - p.half, c + p.half, first);
+    }
+    let pos = f32(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq);
+    let a = reduce_angle(pos * inv_freq[i]);
+    let cs = cos(a);
+    let sn = sin(a);
+    let v = x[head_base + c];
+    let o = x[head_base + partner];
+    y[e] = select(v * cs + o * sn, v * cs - o * sn, first);
+}
