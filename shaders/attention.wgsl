@@ -1,1 +1,190 @@
-// placeholder
+// Flash attention (online softmax) with grouped KV heads and optional split-K.
+//   out[b, i, h*D + :] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h / G]) v[b, j, h / G]
+//   G = heads / kv_heads; valid keys j < kv_end = min(kv_len, lk), and j <= q_pos + i if causal;
+//   a query with no valid key outputs zeros.
+// A workgroup owns one (batch, kv head, block of BQ rows, key split). Rows are (query, head of
+// the group) pairs, row = i * G + hg, so the G query heads sharing a KV head read each K/V tile
+// once (GQA/MQA decode has G rows per query). Per tile of BK keys: K tile -> workgroup memory,
+// scores S = q.K (one thread per score), row max and P = exp(S - m) (threads of a row split the
+// keys), V tile -> the same memory, then thread (r, c) of T = 256 / BQ lanes accumulates
+// dims c, c + T, .. (DJ of them) in registers. Row max and sum are kept redundantly by every
+// thread of a row (same reads in the same order, so they agree).
+//
+// Entry `main` (default): writes out directly.
+//   Bindings: 2 q: array<f32> [b, lq, heads*D]   3 k: array<f32> [b, lk, kv_heads*D]
+//             4 v: array<f32> [b, lk, kv_heads*D] 5 out: array<f32> [b, lq, heads*D]
+//   Dispatch: splits * b * kv_heads * ceil(lq * G / BQ) workgroups of 256 (grid()), block fastest.
+// Variant SPLIT (entry `main`): split s takes keys [s*c, min((s+1)*c, kv_end)), c = ceil(kv_end /
+//   splits), and binding 5 is part: array<f32> [splits, b*lq*heads, D + 2] = (max, sum, acc[D]),
+//   unnormalized; an empty split writes (NEG, 0, 0..).
+// Variant REDUCE (entry `reduce`): 2 part (as above), 3 out [b, lq, heads*D]; one thread per
+//   output element, ceil(b*lq*heads*D / 256) workgroups (grid()).
+// Defines (sizes, set by kernels::attention): HD head dim, BQ rows per workgroup (power of two
+// <= 16), DJ = ceil(HD / (256 / BQ)), BK keys per tile, KST = K/V tile row stride (odd, so
+// threads reading different keys hit different banks), QS = BQ*HD, KS = BK*KST, SS = BQ*BK.
+#include "common.wgsl"
+
+struct Params {
+    b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,
+    causal: u32, scale: f32, q_add: u32, q_slot: u32, q_mul: u32, kv_add: u32, kv_slot: u32, kv_mul: u32,
+    total: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Masked-score sentinel; finite because WGSL has no infinity literal, and tested explicitly so
+// that a fully masked row never computes exp(NEG - NEG) = 1.
+const NEG: f32 = -3.0e38;
+
+#ifdef REDUCE
+@group(0) @binding(2) var<storage, read> part: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = group_index(wg, nwg) * 256u + li;
+    if (e >= p.total) { return; }
+    let o = e / HD;
+    let d = e % HD;
+    let no = p.b * p.lq * p.heads;
+    let st = HD + 2u;
+    var m = NEG;
+    for (var s = 0u; s < p.splits; s++) { m = max(m, part[(s * no + o) * st]); }
+    var l = 0.0;
+    var a = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        let base = (s * no + o) * st;
+        let w = exp(part[base] - m);
+        l += part[base + 1u] * w;
+        a += part[base + 2u + d] * w;
+    }
+    out[e] = select(0.0, a / l, l > 0.0);
+}
+#else
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+@group(0) @binding(3) var<storage, read> k: array<f32>;
+@group(0) @binding(4) var<storage, read> v: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dst: array<f32>;
+
+const T: u32 = 256u / BQ;
+
+var<workgroup> q_s: array<f32, QS>;
+var<workgroup> kv_s: array<f32, KS>;
+var<workgroup> s_s: array<f32, SS>;
+var<workgroup> p_s: array<f32, SS>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let gi = group_index(wg, nwg);
+    if (gi >= p.total) { return; }
+    let blk = gi % p.nblk;
+    let hk = (gi / p.nblk) % p.kv_heads;
+    let bi = (gi / (p.nblk * p.kv_heads)) % p.b;
+    let split = gi / (p.nblk * p.kv_heads * p.b);
+    let rows = p.lq * p.g;
+    let row0 = blk * BQ;
+    let kw = p.kv_heads * HD;
+
+    // The query scale is folded into q once, instead of into every score.
+    for (var idx = li; idx < QS; idx += 256u) {
+        let row = row0 + idx / HD;
+        var x = 0.0;
+        if (row < rows) {
+            let i = row / p.g;
+            let h = hk * p.g + row % p.g;
+            x = q[((bi * p.lq + i) * p.heads + h) * HD + idx % HD] * p.scale;
+        }
+        q_s[idx] = x;
+    }
+
+    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
+    let q_pos = dyn_val(p.q_add, p.q_slot, p.q_mul);
+    let chunk = (kv_end + p.splits - 1u) / p.splits;
+    let j_begin = min(split * chunk, kv_end);
+    var j_end = min(j_begin + chunk, kv_end);
+    if (p.causal == 1u) {
+        // Keys past the last row's causal limit are masked for every row of the block.
+        let i_last = (min(row0 + BQ, rows) - 1u) / p.g;
+        j_end = min(j_end, q_pos + i_last + 1u);
+    }
+
+    let r = li / T;
+    let c = li % T;
+    let my_row = row0 + r;
+    var m = NEG;
+    var l = 0.0;
+    var acc: array<f32, DJ>;
+    for (var t = 0u; t < DJ; t++) { acc[t] = 0.0; }
+
+    for (var j0 = j_begin; j0 < j_end; j0 += BK) {
+        workgroupBarrier();
+        for (var idx = li; idx < BK * HD; idx += 256u) {
+            let j = j0 + idx / HD;
+            var x = 0.0;
+            if (j < j_end) { x = k[(bi * p.lk + j) * kw + hk * HD + idx % HD]; }
+            kv_s[(idx / HD) * KST + idx % HD] = x;
+        }
+        workgroupBarrier();
+        for (var idx = li; idx < SS; idx += 256u) {
+            let sr = idx / BK;
+            let sk = idx % BK;
+            let row = row0 + sr;
+            let j = j0 + sk;
+            var s = NEG;
+            let ok = row < rows && j < j_end && (p.causal == 0u || j <= q_pos + row / p.g);
+            if (ok) {
+                s = 0.0;
+                for (var d = 0u; d < HD; d++) { s += q_s[sr * HD + d] * kv_s[sk * KST + d]; }
+            }
+            s_s[idx] = s;
+        }
+        workgroupBarrier();
+        var mt = m;
+        for (var kk = 0u; kk < BK; kk++) { mt = max(mt, s_s[r * BK + kk]); }
+        for (var kk = c; kk < BK; kk += T) {
+            let s = s_s[r * BK + kk];
+            p_s[r * BK + kk] = select(exp(s - mt), 0.0, s == NEG);
+        }
+        for (var idx = li; idx < BK * HD; idx += 256u) {
+            let j = j0 + idx / HD;
+            var x = 0.0;
+            if (j < j_end) { x = v[(bi * p.lk + j) * kw + hk * HD + idx % HD]; }
+            kv_s[(idx / HD) * KST + idx % HD] = x;
+        }
+        workgroupBarrier();
+        let alpha = exp(m - mt);
+        m = mt;
+        l *= alpha;
+        for (var t = 0u; t < DJ; t++) { acc[t] *= alpha; }
+        for (var kk = 0u; kk < BK; kk++) {
+            let pk = p_s[r * BK + kk];
+            l += pk;
+            for (var t = 0u; t < DJ; t++) {
+                let d = c + T * t;
+                if (d < HD) { acc[t] += pk * kv_s[kk * KST + d]; }
+            }
+        }
+    }
+
+    if (my_row >= rows) { return; }
+    let i = my_row / p.g;
+    let h = hk * p.g + my_row % p.g;
+    let o = (bi * p.lq + i) * p.heads + h;
+#ifdef SPLIT
+    let base = (split * p.b * p.lq * p.heads + o) * (HD + 2u);
+    if (c == 0u) {
+        dst[base] = m;
+        dst[base + 1u] = l;
+    }
+    for (var t = 0u; t < DJ; t++) {
+        let d = c + T * t;
+        if (d < HD) { dst[base + 2u + d] = acc[t]; }
+    }
+#else
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    for (var t = 0u; t < DJ; t++) {
+        let d = c + T * t;
+        if (d < HD) { dst[o * HD + d] = acc[t] * inv; }
+    }
+#endif
+}
+#endif

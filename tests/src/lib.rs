@@ -124,3 +124,64 @@ impl Default for OpTest {
         Self::new()
     }
 }
+
+/// Random weights of `rows x k` in `dtype`'s file layout: random values for plain types,
+/// random quants with sane random scales for the block formats (every bit pattern of the
+/// quants is a valid block).
+pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -> Vec<u8> {
+    use half::f16;
+    let n = rows * k;
+    let scale = |rng: &mut Rng, lo: f32, hi: f32| f16::from_f32(rng.uniform(lo, hi)).to_le_bytes();
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => kiln::dtype::encode_plain(dtype, &rng.vec(n, -1.0, 1.0)).unwrap(),
+        DType::Q8_0 | DType::Q4_0 => {
+            let mut out = Vec::new();
+            for _ in 0..n / 32 {
+                out.extend(scale(rng, 0.002, 0.05));
+                out.extend(rng.bytes(if dtype == DType::Q8_0 { 32 } else { 16 }));
+            }
+            out
+        }
+        DType::Q4_K => {
+            let mut out = Vec::new();
+            for _ in 0..n / 256 {
+                out.extend(scale(rng, 0.001, 0.01));
+                out.extend(scale(rng, 0.001, 0.01));
+                out.extend(rng.bytes(12 + 128));
+            }
+            out
+        }
+        DType::Q6_K => {
+            let mut out = Vec::new();
+            for _ in 0..n / 256 {
+                out.extend(rng.bytes(128 + 64 + 16));
+                out.extend(scale(rng, 0.0005, 0.005));
+            }
+            out
+        }
+        DType::U32 => panic!("u32 is not a weight dtype"),
+    }
+}
+
+/// Row length used by tests for a dtype: a multiple of its block, and odd for plain types so
+/// the unaligned tail and the row padding of f16/bf16 are exercised.
+pub fn test_k(dtype: DType) -> usize {
+    match dtype.block_elems() {
+        1 => 203,
+        32 => 160,
+        _ => 512,
+    }
+}
+
+/// Tolerance for a dot product of length `k`: f32 accumulation in a different order than the
+/// f64 reference grows like sqrt(k) * eps * sum|x*w|; 1e-5 * sum|x*w| leaves headroom.
+pub fn dot_tolerance(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> f32 {
+    let mut worst = 0f32;
+    for i in 0..m {
+        for j in 0..n {
+            let s: f32 = (0..k).map(|t| (x[i * k + t] * w[j * k + t]).abs()).sum();
+            worst = worst.max(s);
+        }
+    }
+    1e-5 * worst + 1e-6
+}

@@ -28,8 +28,8 @@ pub(crate) enum Source {
     Input,
     /// An existing GPU tensor (weights, caches, state); ops may write into it.
     Tensor(Arc<Tensor>),
-    /// Produced by node `i`.
-    Node(usize),
+    /// Produced by a node.
+    Node,
 }
 
 #[derive(Clone, Debug)]
@@ -118,8 +118,7 @@ impl Graph {
         let shapes: Vec<(&[usize], DType)> =
             inputs.iter().map(|v| (self.values[v.0].shape.as_slice(), self.values[v.0].dtype)).collect();
         let out = op.infer(&shapes)?;
-        let idx = self.nodes.len();
-        let out = out.map(|(shape, dtype)| self.add_value(op.name(), shape, dtype, Source::Node(idx)));
+        let out = out.map(|(shape, dtype)| self.add_value(op.name(), shape, dtype, Source::Node));
         self.nodes.push(Node { op, inputs, writes, out });
         Ok(out)
     }

@@ -60,8 +60,8 @@ impl Graph {
             match &v.source {
                 Source::Input => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
                 Source::Tensor(t) => bound[i] = Some(Bound { shape: t.shape.clone(), dtype: t.dtype, parts: t.parts.clone() }),
-                Source::Node(_) if v.output => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
-                Source::Node(_) => {}
+                Source::Node if v.output => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
+                Source::Node => {}
             }
         }
         // Liveness: a buffer returns to the pool after its value's last reader is encoded;
@@ -105,7 +105,7 @@ impl Graph {
             for v in node.inputs.iter().chain(node.out.iter()) {
                 let info = &self.values[v.0];
                 let dead = last_use[v.0].is_none_or(|l| l <= i);
-                if dead && matches!(info.source, Source::Node(_)) && !info.output {
+                if dead && matches!(info.source, Source::Node) && !info.output {
                     if let Some(b) = bound[v.0].as_ref() {
                         let buf = b.parts[0].buffer.clone();
                         if !pool.iter().any(|p| Arc::ptr_eq(p, &buf)) {

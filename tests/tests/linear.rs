@@ -1,0 +1,137 @@
+//! Linear family on the GPU against the CPU reference: matvec (decode), GEMM (prefill) and
+//! gathers, for every weight dtype, including weights split across bindings.
+
+use kiln::dtype::dequantize;
+use kiln::reference::linear as refl;
+use kiln::{DType, GpuOptions};
+use kiln_tests::{assert_close, dot_tolerance, gpu_with, random_weight_bytes, test_k, OpTest, Rng};
+
+fn check_linear(t: OpTest, dtype: DType, m: usize, n: usize, bias: bool, seed: u64) {
+    let mut t = t;
+    let mut rng = Rng::new(seed);
+    let k = test_k(dtype);
+    let wb = random_weight_bytes(&mut rng, dtype, n, k);
+    let wf = dequantize(dtype, &wb, n * k).unwrap();
+    let x = rng.vec(m * k, -1.0, 1.0);
+    let b = rng.vec(n, -0.5, 0.5);
+    let xv = t.input("x", &[m, k], &x);
+    let wv = t.weight("w", &[n, k], dtype, &wb);
+    let bv = bias.then(|| t.input("b", &[n], &b));
+    let y = t.g.linear(xv, wv, bv).unwrap();
+    let got = t.run(y, &[]);
+    let want = refl::linear(&x, &wf, bias.then_some(b.as_slice()), m, n, k);
+    let tol = dot_tolerance(&x, &wf, m, n, k);
+    assert_close(&format!("linear {dtype} m={m} n={n} k={k} bias={bias}"), &got, &want, tol, 1e-5);
+}
+
+#[test]
+fn matvec_every_dtype() {
+    for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
+        check_linear(OpTest::new(), dt, 1, 67, i % 2 == 0, 10 + i as u64);
+        check_linear(OpTest::new(), dt, 2, 33, true, 20 + i as u64);
+    }
+}
+
+#[test]
+fn gemm_every_dtype() {
+    for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
+        check_linear(OpTest::new(), dt, 37, 70, i % 2 == 1, 30 + i as u64);
+    }
+}
+
+#[test]
+fn gemm_large_tiles() {
+    // Several 64x64 tiles in each direction plus ragged edges.
+    check_linear(OpTest::new(), DType::F16, 130, 150, true, 41);
+}
+
+#[test]
+fn batched_activation_product() {
+    let mut t = OpTest::new();
+    let mut rng = Rng::new(5);
+    let (b, m, n, k) = (3, 19, 23, 45);
+    let x = rng.vec(b * m * k, -1.0, 1.0);
+    let w = rng.vec(b * n * k, -1.0, 1.0);
+    let xv = t.input("x", &[b, m, k], &x);
+    let wv = t.input("w", &[b, n, k], &w);
+    let y = t.g.linear(xv, wv, None).unwrap();
+    let got = t.run(y, &[]);
+    let want = refl::batched_linear(&x, &w, b, m, n, k);
+    // k = 45 products of magnitude <= 1: f32 rounding stays far below 1e-5.
+    assert_close("batched product", &got, &want, 1e-5, 1e-5);
+}
+
+/// A binding limit of 4 KiB splits every test weight into many parts; results must not change.
+#[test]
+fn split_weights_matvec_gemm_gather() {
+    let small = gpu_with(GpuOptions { max_binding_size: Some(4096), ..Default::default() });
+    assert_eq!(small.binding_limit, 4096);
+    for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
+        check_linear(OpTest::on(small.clone()), dt, 1, 45, true, 50 + i as u64);
+        check_linear(OpTest::on(small.clone()), dt, 9, 45, false, 60 + i as u64);
+        check_gather(OpTest::on(small.clone()), dt, 70 + i as u64, true);
+    }
+}
+
+fn check_gather(t: OpTest, dtype: DType, seed: u64, expect_split: bool) {
+    let mut t = t;
+    let mut rng = Rng::new(seed);
+    let (v, d) = (53, test_k(dtype));
+    let wb = random_weight_bytes(&mut rng, dtype, v, d);
+    let table = kiln::Tensor::upload(&t.gpu, "table", &[v, d], dtype, &wb).unwrap();
+    assert_eq!(table.parts.len() > 1, expect_split, "{dtype}: parts {}", table.parts.len());
+    let tv = t.g.tensor(&std::sync::Arc::new(table));
+    let ids: Vec<u32> = vec![0, 52, 7, 7, 31, 1, 60];
+    let iv = t.input_u32("ids", &[ids.len()], &ids);
+    let y = t.g.gather(tv, iv).unwrap();
+    let got = t.run(y, &[]);
+    let want = refl::gather(&dequantize(dtype, &wb, v * d).unwrap(), d, &ids);
+    // A gather dequantizes single elements: only the f32 rounding of scale * quant differs.
+    assert_close(&format!("gather {dtype}"), &got, &want, 1e-6, 1e-6);
+}
+
+#[test]
+fn gather_every_dtype() {
+    for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
+        check_gather(OpTest::new(), dt, 80 + i as u64, false);
+    }
+}
+
+#[test]
+fn quantize_on_load_matches_ggml_reference() {
+    // Quantizing to Q4_0/Q8_0 on load then running the fused kernel equals the reference on
+    // the dequantized quantized weights.
+    let mut rng = Rng::new(7);
+    let (n, k) = (40, 256);
+    let w = rng.vec(n * k, -1.0, 1.0);
+    for dt in [DType::Q4_0, DType::Q8_0] {
+        let q = kiln::dtype::quantize(dt, &w).unwrap();
+        let back = dequantize(dt, &q, n * k).unwrap();
+        let max_err = w.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // Step of the grid: 2*amax/15 (q4) or amax/127 (q8), halved by rounding, amax <= 1.
+        let bound = if dt == DType::Q4_0 { 0.14 } else { 0.0045 };
+        assert!(max_err < bound, "{dt}: quantization error {max_err} >= {bound}");
+        let mut t = OpTest::new();
+        let x = rng.vec(k, -1.0, 1.0);
+        let xv = t.input("x", &[1, k], &x);
+        let wv = t.weight("w", &[n, k], dt, &q);
+        let y = t.g.linear(xv, wv, None).unwrap();
+        let got = t.run(y, &[]);
+        let want = refl::linear(&x, &back, None, 1, n, k);
+        assert_close(&format!("quantized-on-load {dt}"), &got, &want, dot_tolerance(&x, &back, 1, n, k), 1e-5);
+    }
+}
+
+#[test]
+fn bad_weight_bytes_are_errors() {
+    let g = kiln_tests::gpu();
+    let e = kiln::Tensor::upload(&g, "w", &[4, 64], DType::Q4_0, &[0u8; 10]).unwrap_err();
+    assert!(e.to_string().contains("needs 144 bytes, found 10"), "{e}");
+    let e = kiln::Tensor::upload(&g, "w", &[4, 48], DType::Q4_K, &[0u8; 10]).unwrap_err();
+    assert!(e.to_string().contains("not a multiple of 256"), "{e}");
+    let mut gr = kiln::Graph::new();
+    let x = gr.input("x", &[2, 8], DType::F32).unwrap();
+    let w = gr.input("w", &[3, 9], DType::F32).unwrap();
+    let e = gr.linear(x, w, None).unwrap_err();
+    assert!(e.to_string().contains("k = 8") && e.to_string().contains("k = 9"), "{e}");
+}
