@@ -1,1 +1,56 @@
-//! CPU reference of attention (being written).
+//! CPU reference of attention (f64 scores, softmax and sums).
+
+/// Shapes and masking of one attention call (see `Graph::attention`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    /// Queries per batch.
+    pub lq: usize,
+    /// Key rows per batch (a cache's capacity).
+    pub lk: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub d: usize,
+    pub causal: bool,
+    pub scale: f32,
+    /// Position of query 0 (causal masking: query `i` sees keys `j <= q_pos + i`).
+    pub q_pos: usize,
+    /// Valid keys: `j < min(kv_len, lk)`.
+    pub kv_len: usize,
+}
+
+/// Attention: q `[batch, lq, heads*d]`, k and v `[batch, lk, kv_heads*d]`, output
+/// `[batch, lq, heads*d]`; head `h` reads kv head `h / (heads / kv_heads)`. A query with no
+/// valid key outputs zeros.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f32> {
+    let (d, g) = (s.d, s.heads / s.kv_heads);
+    let (qw, kw) = (s.heads * d, s.kv_heads * d);
+    let kv_end = s.kv_len.min(s.lk);
+    let mut out = vec![0f32; s.batch * s.lq * qw];
+    for b in 0..s.batch {
+        for i in 0..s.lq {
+            let end = if s.causal { kv_end.min(s.q_pos + i + 1) } else { kv_end };
+            for h in 0..s.heads {
+                let hk = h / g;
+                let qo = (b * s.lq + i) * qw + h * d;
+                let qv = &q[qo..qo + d];
+                let krow = |j: usize| (b * s.lk + j) * kw + hk * d;
+                let scores: Vec<f64> = (0..end)
+                    .map(|j| {
+                        let kr = &k[krow(j)..krow(j) + d];
+                        s.scale as f64 * qv.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                    })
+                    .collect();
+                let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                let e: Vec<f64> = scores.iter().map(|&x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (c, o) in out[qo..qo + d].iter_mut().enumerate() {
+                    let acc: f64 = e.iter().enumerate().map(|(j, &w)| w * v[krow(j) + c] as f64).sum();
+                    *o = if end == 0 { 0.0 } else { (acc / sum) as f32 };
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,46 @@
+//! 2D convolution (implicit GEMM) against the CPU reference, for the weight dtypes a U-Net uses.
+
+use kiln::dtype::dequantize;
+use kiln::reference::conv::conv2d;
+use kiln::DType;
+use kiln_tests::{assert_close, random_weight_bytes, OpTest, Rng};
+
+#[test]
+fn conv2d_kernels_strides_padding_dtypes() {
+    let cases = [
+        // (b, ci, h, w, co, k, stride, pad, dtype, bias)
+        (1, 4, 9, 11, 8, 3, 1, 1, DType::F32, true),
+        (2, 5, 16, 16, 70, 3, 2, 1, DType::F16, true),
+        (2, 32, 13, 10, 67, 1, 1, 0, DType::F32, false),
+        (1, 16, 8, 8, 16, 3, 2, 0, DType::BF16, true),
+        (1, 3, 7, 7, 5, 3, 1, 0, DType::F16, false),
+    ];
+    for (i, &(b, ci, h, w, co, k, stride, pad, dt, bias)) in cases.iter().enumerate() {
+        let mut rng = Rng::new(i as u64 + 100);
+        let x = rng.vec(b * ci * h * w, -1.0, 1.0);
+        let wb = random_weight_bytes(&mut rng, dt, co, ci * k * k);
+        let wf = dequantize(dt, &wb, co * ci * k * k).unwrap();
+        let bb = rng.vec(co, -0.5, 0.5);
+        let mut t = OpTest::new();
+        let xv = t.input("x", &[b, ci, h, w], &x);
+        let wv = t.weight("w", &[co, ci, k, k], dt, &wb);
+        let bv = bias.then(|| t.input("b", &[co], &bb));
+        let y = t.g.conv2d(xv, wv, bv, stride, pad).unwrap();
+        let want = conv2d(&x, &wf, bias.then_some(bb.as_slice()), b, ci, h, w, co, k, stride, pad);
+        // Dot products of length ci*k*k <= 288 with |terms| <= 1: f32 accumulation error
+        // stays below ~300 * 6e-8 * 1.
+        assert_close(&format!("conv2d case {i} ({dt}, k{k} s{stride} p{pad})"), &t.run(y, &[]), &want, 3e-5, 1e-5);
+    }
+}
+
+#[test]
+fn conv2d_shape_errors() {
+    let mut g = kiln::Graph::new();
+    let x = g.input("x", &[1, 4, 8, 8], DType::F32).unwrap();
+    let w = g.input("w", &[8, 5, 3, 3], DType::F32).unwrap();
+    let e = g.conv2d(x, w, None, 1, 1).unwrap_err();
+    assert!(e.to_string().contains("[1, 4, 8, 8]") && e.to_string().contains("[8, 5, 3, 3]"), "{e}");
+    let w = g.input("w2", &[8, 4, 3, 3], DType::F32).unwrap();
+    let e = g.conv2d(x, w, None, 3, 1).unwrap_err();
+    assert!(e.to_string().contains("stride 3"), "{e}");
+}

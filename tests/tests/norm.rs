@@ -1,0 +1,60 @@
+//! Softmax, RMSNorm, LayerNorm and GroupNorm (+SiLU) against the CPU reference.
+
+use kiln::reference::norm as r;
+use kiln_tests::{assert_close, OpTest, Rng};
+
+// Statistics are f32 tree reductions vs an f64 reference; outputs are O(1) values, so 2e-5
+// absolute (~100 ulp) covers the rounding of a few-thousand-element reduction.
+const TOL: f32 = 2e-5;
+
+#[test]
+fn softmax_rows() {
+    for (rows, d) in [(3, 1), (5, 300), (2, 4097)] {
+        let mut t = OpTest::new();
+        let x = Rng::new(d as u64).vec(rows * d, -8.0, 8.0);
+        let xv = t.input("x", &[rows, d], &x);
+        let y = t.g.softmax(xv).unwrap();
+        assert_close(&format!("softmax {rows}x{d}"), &t.run(y, &[]), &r::softmax(&x, d), 1e-6, 1e-4);
+    }
+}
+
+#[test]
+fn rms_and_layer_norm() {
+    for (rows, d) in [(1, 64), (7, 577), (3, 2048)] {
+        let mut rng = Rng::new(d as u64 + 1);
+        let (x, w, b) = (rng.vec(rows * d, -2.0, 3.0), rng.vec(d, 0.5, 1.5), rng.vec(d, -0.5, 0.5));
+        let mut t = OpTest::new();
+        let (xv, wv) = (t.input("x", &[rows, d], &x), t.input("w", &[d], &w));
+        let y = t.g.rms_norm(xv, wv, 1e-6).unwrap();
+        assert_close(&format!("rms_norm {rows}x{d}"), &t.run(y, &[]), &r::rms_norm(&x, &w, 1e-6), TOL, 1e-5);
+        let mut t = OpTest::new();
+        let (xv, wv, bv) = (t.input("x", &[rows, d], &x), t.input("w", &[d], &w), t.input("b", &[d], &b));
+        let y = t.g.layer_norm(xv, wv, bv, 1e-5).unwrap();
+        assert_close(&format!("layer_norm {rows}x{d}"), &t.run(y, &[]), &r::layer_norm(&x, &w, &b, 1e-5), TOL, 1e-5);
+    }
+}
+
+#[test]
+fn group_norm_with_and_without_silu() {
+    for (b, c, h, w, groups, silu) in [(1, 32, 8, 8, 8, false), (2, 64, 5, 7, 32, true), (2, 96, 16, 16, 32, true)] {
+        let mut rng = Rng::new((c * h) as u64);
+        let n = b * c * h * w;
+        let (x, gw, gb) = (rng.vec(n, -1.0, 2.0), rng.vec(c, 0.5, 1.5), rng.vec(c, -0.5, 0.5));
+        let mut t = OpTest::new();
+        let (xv, wv, bv) = (t.input("x", &[b, c, h, w], &x), t.input("w", &[c], &gw), t.input("b", &[c], &gb));
+        let y = t.g.group_norm(xv, wv, bv, groups, 1e-5, silu).unwrap();
+        let want = r::group_norm(&x, &gw, &gb, b, groups, 1e-5, silu);
+        assert_close(&format!("group_norm {b}x{c}x{h}x{w} g{groups} silu={silu}"), &t.run(y, &[]), &want, TOL, 1e-5);
+    }
+}
+
+#[test]
+fn norm_shape_errors() {
+    let mut g = kiln::Graph::new();
+    let x = g.input("x", &[2, 30, 4, 4], kiln::DType::F32).unwrap();
+    let w = g.input("w", &[30], kiln::DType::F32).unwrap();
+    let e = g.group_norm(x, w, w, 32, 1e-5, false).unwrap_err();
+    assert!(e.to_string().contains("divisible by 32 groups"), "{e}");
+    let e = g.rms_norm(x, w, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("expected [4]"), "{e}");
+}
