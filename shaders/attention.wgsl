@@ -112,8 +112,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let my_row = row0 + r;
     var m = NEG;
     var l = 0.0;
-    var acc: array<f32, DJ>;
-    for (var t = 0u; t < DJ; t++) { acc[t] = 0.0; }
+    var acc: array<f32, DJ>; // zero-initialized
 
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
         workgroupBarrier();

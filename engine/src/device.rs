@@ -112,6 +112,8 @@ pub struct Gpu {
     /// Largest byte size the engine binds as one storage buffer.
     pub binding_limit: u64,
     pub counters: Counters,
+    /// Errors the API reported outside an error scope (validation at encode/submit time).
+    uncaptured: Arc<std::sync::Mutex<Vec<String>>>,
     pub(crate) pipelines: crate::kernels::PipelineCache,
 }
 
@@ -216,6 +218,12 @@ impl Gpu {
         }
         // Keep bindings 16-byte aligned in size so vec4 loads never straddle the end.
         binding_limit &= !15;
+        // wgpu's default handler panics; the engine turns these into errors instead.
+        let uncaptured: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+        }));
         let features = GpuFeatures {
             shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
             subgroups: device.features().contains(wgpu::Features::SUBGROUP),
@@ -229,6 +237,7 @@ impl Gpu {
             limits,
             binding_limit,
             counters: Counters::default(),
+            uncaptured,
             pipelines: Default::default(),
         }))
     }
@@ -304,6 +313,18 @@ impl Gpu {
     pub fn wait_idle(&self) -> Result<()> {
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu { context: "poll".into(), msg: e.to_string() })?;
         Ok(())
+    }
+
+    /// Returns the first error the API reported since the last check (native validation is
+    /// synchronous, so a bad dispatch shows up right after its submit).
+    pub fn check(&self, context: &str) -> Result<()> {
+        let mut errs = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let msg = errs.join("; ");
+        errs.clear();
+        Err(Error::Gpu { context: context.into(), msg })
     }
 
     /// Counters so far.

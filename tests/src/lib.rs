@@ -114,7 +114,7 @@ impl OpTest {
         for (s, x) in scalars {
             plan.set(*s, *x);
         }
-        plan.run();
+        plan.run().unwrap();
         pollster::block_on(plan.read_f32(out)).unwrap()
     }
 }

@@ -128,9 +128,12 @@ impl Graph {
         for d in &dispatches {
             let start = (param_words.len() * 4).next_multiple_of(align);
             param_words.resize(start / 4, 0);
-            offsets.push((start as u64, (d.params.len() * 4).next_multiple_of(16).max(16) as u64));
+            // Each block spans a whole aligned slot, so a shader's Params struct may be larger
+            // than the words an encoder wrote (trailing fields read as zero).
+            let slot = (d.params.len() * 4).next_multiple_of(align).max(align);
+            offsets.push((start as u64, slot as u64));
             param_words.extend(&d.params);
-            param_words.resize((start / 4) + (d.params.len().next_multiple_of(4)).max(4), 0);
+            param_words.resize((start + slot) / 4, 0);
         }
         let param_buf = gpu.create_buffer(
             "params",
@@ -269,10 +272,11 @@ impl Plan {
     }
 
     /// Runs every dispatch in one compute pass and one submit.
-    pub fn run(&self) {
+    pub fn run(&self) -> Result<()> {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         self.encode(&mut enc);
         self.gpu.submit([enc.finish()]);
+        self.gpu.check("Plan::run")
     }
 
     /// Runs and reads the given outputs back, still in one submit.
@@ -287,6 +291,7 @@ impl Plan {
             sizes.push(size);
         }
         self.gpu.submit([enc.finish()]);
+        self.gpu.check("Plan::run_read")?;
         let mut res = Vec::new();
         for (v, size) in outs.iter().zip(sizes) {
             let n = numel(&self.bound[v.0].as_ref().map(|b| b.shape.clone()).unwrap_or_default()) as u64 * 4;

@@ -10,7 +10,7 @@ use crate::graph::Op;
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Workgroup memory the kernel may use, in f32 words (the WebGPU default of 16 KiB).
-const SHARED_WORDS: usize = 4096;
+pub const SHARED_WORDS: usize = 4096;
 
 /// Split-K is used until about this many workgroups are in flight: enough to fill a large
 /// GPU several times over, so the split partials stay small.
@@ -85,6 +85,9 @@ pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Disp
     let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
     let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
     let hd = q.shape[2] / heads;
+    if hd == 0 {
+        return Err(shape_err(op.name(), "head dim 0"));
+    }
     let g = heads / kv_heads;
     let rows = lq * g;
     let tiles = Tiles::new(rows, hd);
@@ -135,20 +138,4 @@ pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Disp
             groups: grid(elems.div_ceil(256) as u32),
         },
     ])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tiles_fit_workgroup_memory() {
-        for hd in 1..=MAX_HEAD_DIM {
-            for rows in [1, 2, 3, 4, 7, 16, 77, 4096] {
-                let t = Tiles::new(rows, hd);
-                assert!(t.shared_bytes() <= SHARED_WORDS * 4, "{t:?}");
-                assert!(t.bk >= 1 && t.bq >= 1 && t.bq <= 16 && t.dj * (256 / t.bq) >= hd, "{t:?}");
-            }
-        }
-    }
 }

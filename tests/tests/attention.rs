@@ -1,0 +1,131 @@
+//! Attention (online softmax, GQA/MQA, causal from a run-time position, run-time KV length,
+//! split-K decode) against the f64 CPU reference.
+
+use kiln::kernels::attention::{splits, Tiles};
+use kiln::reference::attention::{attention, AttnShape};
+use kiln::Dyn;
+use kiln_tests::{assert_close, OpTest, Rng};
+
+// Outputs are convex combinations of v in [-1, 1]. The GPU accumulates scores and sums in f32
+// (relative error ~1e-7 per term over up to a few thousand keys) and its exp() may be off by a
+// few ulp (Vulkan allows 3 + 2|x| ulp); each error scales a weight by (1 + e), which moves the
+// output by at most ~e. 5e-5 absolute is ~100x the f32 unit roundoff, with room for both.
+const ATOL: f32 = 5e-5;
+// Relative part for the rare larger outputs; the absolute bound dominates near zero.
+const RTOL: f32 = 1e-4;
+
+/// Where q_pos and kv_len come from: static, or a run scalar.
+#[derive(Clone, Copy)]
+struct Src {
+    pos_slot: bool,
+    kv_slot: bool,
+}
+
+const STATIC: Src = Src { pos_slot: false, kv_slot: false };
+const SLOTS: Src = Src { pos_slot: true, kv_slot: true };
+
+fn shape(batch: usize, lq: usize, lk: usize, heads: usize, kv_heads: usize, d: usize, causal: bool) -> AttnShape {
+    let scale = 1.0 / (d as f32).sqrt();
+    AttnShape { batch, lq, lk, heads, kv_heads, d, causal, scale, q_pos: 0, kv_len: lk }
+}
+
+/// Runs one case on the GPU and against the reference; returns the GPU output.
+fn check(what: &str, s: AttnShape, src: Src) -> Vec<f32> {
+    let mut rng = Rng::new((s.lq * 131 + s.lk * 7 + s.d * 3 + s.heads) as u64);
+    // q wider than k/v so the softmax is peaked enough for the max tracking to matter.
+    let q = rng.vec(s.batch * s.lq * s.heads * s.d, -2.0, 2.0);
+    let k = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
+    let v = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
+    let mut t = OpTest::new();
+    let qv = t.input("q", &[s.batch, s.lq, s.heads * s.d], &q);
+    let kv = t.input("k", &[s.batch, s.lk, s.kv_heads * s.d], &k);
+    let vv = t.input("v", &[s.batch, s.lk, s.kv_heads * s.d], &v);
+    let mut scalars = Vec::new();
+    let q_pos = if src.pos_slot {
+        let slot = t.g.scalar("pos").unwrap();
+        scalars.push((slot, s.q_pos as u32));
+        Dyn::slot(slot)
+    } else {
+        Dyn::Static(s.q_pos as u32)
+    };
+    let kv_len = if src.kv_slot {
+        let slot = t.g.scalar("kv_len").unwrap();
+        scalars.push((slot, s.kv_len as u32));
+        Dyn::slot(slot)
+    } else {
+        Dyn::Static(s.kv_len as u32)
+    };
+    let y = t.g.attention(qv, kv, vv, s.heads, s.kv_heads, s.causal, q_pos, kv_len).unwrap();
+    let got = t.run(y, &scalars);
+    let ns = split_count(&s);
+    assert_close(&format!("{what} ({} split{})", ns, if ns == 1 { "" } else { "s" }), &got, &attention(&q, &k, &v, &s), ATOL, RTOL);
+    got
+}
+
+/// The number of key splits the encoder picks for a shape (mirrors kernels::attention::encode).
+fn split_count(s: &AttnShape) -> usize {
+    let g = s.heads / s.kv_heads;
+    let tiles = Tiles::new(s.lq * g, s.d);
+    splits(s.batch * s.kv_heads * (s.lq * g).div_ceil(tiles.bq), s.lk)
+}
+
+#[test]
+fn causal_prefill_from_zero() {
+    for (lq, heads, kv_heads, d) in [(37, 4, 4, 64), (20, 2, 2, 65), (33, 3, 3, 256)] {
+        let s = shape(1, lq, lq, heads, kv_heads, d, true);
+        check(&format!("causal prefill lq={lq} h={heads}/{kv_heads} d={d}"), s, STATIC);
+    }
+}
+
+#[test]
+fn causal_prefill_at_run_time_position() {
+    // A chunk of 13 queries at position 50 of a 300-row cache (GQA 4): valid keys come from
+    // the run scalars, and the cache is long enough that keys are split.
+    for (lq, heads, kv_heads, d, pos) in [(13, 8, 2, 128, 50), (5, 4, 1, 80, 250)] {
+        let mut s = shape(1, lq, 300, heads, kv_heads, d, true);
+        s.q_pos = pos;
+        s.kv_len = pos + lq;
+        assert!(split_count(&s) > 1);
+        check(&format!("causal chunk lq={lq} at {pos} h={heads}/{kv_heads} d={d}"), s, SLOTS);
+    }
+}
+
+#[test]
+fn decode_long_cache_split_k() {
+    // One query over 1030 valid rows of an 1100-row cache: GQA 4 (d 128), MQA (d 80), MHA (d 40).
+    for (heads, kv_heads, d, causal) in [(8, 2, 128, true), (8, 1, 80, false), (4, 4, 40, true)] {
+        let mut s = shape(1, 1, 1100, heads, kv_heads, d, causal);
+        s.kv_len = 1030;
+        s.q_pos = 1029;
+        assert!(split_count(&s) > 1);
+        check(&format!("decode kv=1030/1100 h={heads}/{kv_heads} d={d} causal={causal}"), s, SLOTS);
+    }
+}
+
+#[test]
+fn cross_attention_batched() {
+    // U-Net/CLIP-like: more queries than keys, non-causal, batch 2, head dims 40 and 160.
+    for (lq, lk, heads, d) in [(300, 77, 2, 40), (70, 77, 2, 160), (24, 9, 3, 65)] {
+        let s = shape(2, lq, lk, heads, heads, d, false);
+        assert_eq!(split_count(&s), 1);
+        check(&format!("cross lq={lq} lk={lk} h={heads} d={d}"), s, STATIC);
+    }
+}
+
+#[test]
+fn kv_len_past_capacity_is_clamped() {
+    let mut s = shape(1, 6, 40, 4, 2, 64, false);
+    s.kv_len = 1000;
+    check("kv_len 1000 > lk 40", s, SLOTS);
+}
+
+#[test]
+fn no_valid_keys_gives_zeros() {
+    // kv_len = 0 at run time, both on the direct path and the split-K path.
+    for (lq, lk, causal) in [(7, 20, false), (1, 1100, true)] {
+        let mut s = shape(1, lq, lk, 4, 2, 64, causal);
+        s.kv_len = 0;
+        let got = check(&format!("kv_len 0 lq={lq} lk={lk}"), s, SLOTS);
+        assert!(got.iter().all(|&x| x == 0.0));
+    }
+}
