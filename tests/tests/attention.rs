@@ -1,18 +1,19 @@
 //! Attention (online softmax, GQA/MQA, causal from a run-time position, run-time KV length,
 //! split-K decode) against the f64 CPU reference.
 
-use kiln::kernels::attention::{splits, Tiles};
+use kiln::kernels::attention::{splits, Tiles, MAX_HEAD_DIM, SHARED_WORDS};
 use kiln::reference::attention::{attention, AttnShape};
 use kiln::Dyn;
 use kiln_tests::{assert_close, OpTest, Rng};
 
-// Outputs are convex combinations of v in [-1, 1]. The GPU accumulates scores and sums in f32
-// (relative error ~1e-7 per term over up to a few thousand keys) and its exp() may be off by a
-// few ulp (Vulkan allows 3 + 2|x| ulp); each error scales a weight by (1 + e), which moves the
-// output by at most ~e. 5e-5 absolute is ~100x the f32 unit roundoff, with room for both.
-const ATOL: f32 = 5e-5;
-// Relative part for the rare larger outputs; the absolute bound dominates near zero.
-const RTOL: f32 = 1e-4;
+// Outputs are convex combinations of v in [-1, 1], so absolute error is the measure. The GPU
+// accumulates scores, sums and outputs in f32 against an f64 reference: a score |s| <= ~8 is
+// off by ~|s| * 6e-8, which scales its weight by (1 + e); exp() may add a few ulp (Vulkan
+// allows 3 + 2|x| ulp), and 1000-term f32 sums add ~1e-7 relative. Seen: <= 3.3e-7 on
+// lavapipe; 3e-6 leaves ~10x room for another driver's exp and summation order.
+const ATOL: f32 = 3e-6;
+// No relative slack needed: outputs are O(1) at most and the absolute bound covers them.
+const RTOL: f32 = 0.0;
 
 /// Where q_pos and kv_len come from: static, or a run scalar.
 #[derive(Clone, Copy)]
@@ -127,5 +128,16 @@ fn no_valid_keys_gives_zeros() {
         s.kv_len = 0;
         let got = check(&format!("kv_len 0 lq={lq} lk={lk}"), s, SLOTS);
         assert!(got.iter().all(|&x| x == 0.0));
+    }
+}
+
+#[test]
+fn tiles_fit_workgroup_limits() {
+    for hd in 1..=MAX_HEAD_DIM {
+        for rows in [1, 2, 3, 4, 7, 16, 77, 4096] {
+            let t = Tiles::new(rows, hd);
+            assert!(t.shared_bytes() <= SHARED_WORDS * 4, "{t:?}");
+            assert!(t.bk >= 1 && t.bq.is_power_of_two() && t.bq <= 16 && t.dj * (256 / t.bq) >= hd, "{t:?}");
+        }
     }
 }

@@ -3,16 +3,21 @@
 /// Shapes and masking of one attention call (see `Graph::attention`).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
+    /// Batch size.
     pub batch: usize,
     /// Queries per batch.
     pub lq: usize,
     /// Key rows per batch (a cache's capacity).
     pub lk: usize,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads; divides `heads`.
     pub kv_heads: usize,
     /// Head dimension.
     pub d: usize,
+    /// Mask keys past each query's position.
     pub causal: bool,
+    /// Score scale, usually `1 / sqrt(d)`.
     pub scale: f32,
     /// Position of query 0 (causal masking: query `i` sees keys `j <= q_pos + i`).
     pub q_pos: usize,

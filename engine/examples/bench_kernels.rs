@@ -1,0 +1,163 @@
+//! Kernel benchmark: `cargo run -p kiln --example bench_kernels [-- --quick]`.
+//!
+//! Prints, for the adapter wgpu picks (override with KILN_BACKEND / KILN_ADAPTER), the
+//! measured memory-copy bandwidth through the engine's own copy kernel, and for each kernel its
+//! rate plus the fraction of that roofline its minimal memory traffic reaches. Every figure is
+//! measured in the same run; nothing here is asserted.
+
+use kiln::{CompileOptions, DType, Dyn, Graph, Gpu, GpuOptions, Tensor};
+use std::sync::Arc;
+use std::time::Instant;
+
+struct Row {
+    name: String,
+    rate: String,
+    ms: f64,
+    bytes: f64,
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as u8
+        })
+        .collect()
+}
+
+fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    random_bytes(n, seed).iter().map(|&b| b as f32 / 255.0 - 0.5).collect()
+}
+
+/// Weight bytes in file layout with small scales, so results stay finite.
+fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
+    let n = rows * k;
+    let mut b = random_bytes(dtype.file_bytes(n).unwrap(), 7);
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let (bb, elems) = (dtype.block_bytes(), dtype.block_elems());
+    match dtype {
+        DType::F16 | DType::BF16 | DType::F32 => return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap(),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+            for blk in b.chunks_mut(bb) {
+                blk[..2].copy_from_slice(&scale);
+                if dtype == DType::Q4_K {
+                    blk[2..4].copy_from_slice(&scale);
+                }
+            }
+        }
+        DType::Q6_K => {
+            for blk in b.chunks_mut(bb) {
+                blk[208..210].copy_from_slice(&scale);
+            }
+        }
+        DType::U32 => {}
+    }
+    let _ = elems;
+    b
+}
+
+/// Runs the plan `iters` times (one submit each) after a warm-up and returns ms per run.
+fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> f64 {
+    plan.run().unwrap();
+    gpu.wait_idle().unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        plan.run().unwrap();
+    }
+    gpu.wait_idle().unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / iters as f64
+}
+
+fn compile(gpu: &Arc<Gpu>, g: &Graph) -> kiln::Plan {
+    pollster::block_on(g.compile(gpu, CompileOptions::default())).unwrap()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let gpu = pollster::block_on(Gpu::new(GpuOptions::default())).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    println!("adapter: {}", gpu.describe());
+    let iters = if quick { 2 } else { 10 };
+    let mut rows: Vec<Row> = Vec::new();
+
+    // Memory copy: 64 MiB through the copy kernel (read + write).
+    let n = 16 << 20;
+    let dst = Arc::new(Tensor::zeros(&gpu, "dst", &[n], DType::F32).unwrap());
+    let mut g = Graph::new();
+    let src = g.input("src", &[n], DType::F32).unwrap();
+    let d = g.tensor(&dst);
+    g.copy_into(src, d, Dyn::Static(0)).unwrap();
+    let ms = time(&gpu, &compile(&gpu, &g), iters);
+    let copy_gbs = 2.0 * n as f64 * 4.0 / ms / 1e6;
+    rows.push(Row { name: "memory copy 64 MiB".into(), rate: format!("{copy_gbs:.1} GB/s"), ms, bytes: 2.0 * n as f64 * 4.0 });
+
+    // GEMM 1024^3, f32 and f16 weights.
+    let s = 1024;
+    for dt in [DType::F32, DType::F16] {
+        let w = Arc::new(Tensor::upload(&gpu, "w", &[s, s], dt, &weight_bytes(dt, s, s)).unwrap());
+        let mut g = Graph::new();
+        let x = g.input("x", &[s, s], DType::F32).unwrap();
+        let wv = g.tensor(&w);
+        let y = g.linear(x, wv, None).unwrap();
+        g.output(y);
+        let ms = time(&gpu, &compile(&gpu, &g), iters);
+        let flops = 2.0 * (s * s * s) as f64;
+        let bytes = (s * s * 4 * 2) as f64 + (dt.row_words(s) * s * 4) as f64;
+        rows.push(Row { name: format!("GEMM 1024^3, {dt} weights"), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
+    }
+
+    // Decode matvec 4096 x 4096.
+    let (nn, k) = (4096, 4096);
+    for dt in [DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_K] {
+        let w = Arc::new(Tensor::upload(&gpu, "w", &[nn, k], dt, &weight_bytes(dt, nn, k)).unwrap());
+        let mut g = Graph::new();
+        let x = g.input("x", &[1, k], DType::F32).unwrap();
+        let wv = g.tensor(&w);
+        let y = g.linear(x, wv, None).unwrap();
+        g.output(y);
+        let ms = time(&gpu, &compile(&gpu, &g), iters * 5);
+        let bytes = (dt.row_words(k) * nn * 4) as f64;
+        rows.push(Row { name: format!("matvec 4096x4096 {dt}"), rate: format!("{:.1} GB/s", bytes / ms / 1e6), ms, bytes });
+    }
+
+    // Decode attention: 32 heads (8 kv heads) of 128 over a 2048-token cache.
+    let (heads, kvh, hd, kv) = (32, 8, 128, 2048);
+    let cache = Arc::new(Tensor::from_f32(&gpu, "k", &[1, kv, kvh * hd], &random_f32(kv * kvh * hd, 5)).unwrap());
+    let mut g = Graph::new();
+    let q = g.input("q", &[1, 1, heads * hd], DType::F32).unwrap();
+    let kc = g.tensor(&cache);
+    let pos = g.scalar("pos").unwrap();
+    let o = g.attention(q, kc, kc, heads, kvh, true, Dyn::slot(pos), Dyn::affine(pos, 1, 1)).unwrap();
+    g.output(o);
+    let mut plan = compile(&gpu, &g);
+    plan.set(pos, (kv - 1) as u32);
+    let ms = time(&gpu, &plan, iters * 5);
+    let bytes = (2 * kv * kvh * hd * 4) as f64;
+    rows.push(Row { name: "decode attention, KV 2048, 32/8 heads x 128".into(), rate: format!("{:.3} ms", ms), ms, bytes });
+
+    // 3x3 convolution 64 -> 64 channels on 64 x 64.
+    let (c, hw) = (64, 64);
+    let w = Arc::new(Tensor::upload(&gpu, "w", &[c, c, 3, 3], DType::F16, &weight_bytes(DType::F16, c, c * 9)).unwrap());
+    let mut g = Graph::new();
+    let x = g.input("x", &[1, c, hw, hw], DType::F32).unwrap();
+    let wv = g.tensor(&w);
+    let y = g.conv2d(x, wv, None, 1, 1).unwrap();
+    g.output(y);
+    let ms = time(&gpu, &compile(&gpu, &g), iters);
+    let flops = 2.0 * (c * c * 9 * hw * hw) as f64;
+    let bytes = (2 * c * hw * hw * 4 + c * c * 9 * 2) as f64;
+    rows.push(Row { name: "conv 3x3 64->64, 64x64, f16 weights".into(), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
+
+    println!();
+    println!("| kernel | rate | ms | fraction of copy bandwidth |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        let frac = r.bytes / r.ms / 1e6 / copy_gbs;
+        println!("| {} | {} | {:.3} | {:.2} |", r.name, r.rate, r.ms, frac);
+    }
+    println!();
+    println!("fraction = minimal bytes the kernel must move / time, over the measured copy bandwidth ({copy_gbs:.1} GB/s).");
+}

@@ -1,0 +1,256 @@
+//! Sampling family: Philox known answers (CPU and GPU), the GPU sampler against the CPU
+//! reference (exact ids, close log-probabilities), the history write, determinism, and the
+//! normal noise generator.
+
+use kiln::kernels::sample::{philox_on_gpu, SamplerSettings};
+use kiln::reference::sample as reference;
+use kiln::{CompileOptions, DType, Dyn, Graph, Plan, Scalar, Tensor, Value};
+use kiln_tests::{assert_close, gpu, Rng};
+use std::sync::Arc;
+
+/// Random123's known-answer vectors for philox4x32_10: (counter, key, output).
+const KAT: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
+    ([0, 0, 0, 0], [0, 0], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
+    ([u32::MAX; 4], [u32::MAX; 2], [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]),
+    (
+        [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+        [0xa4093822, 0x299f31d0],
+        [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
+    ),
+];
+
+/// The log-probability is an f32 log-sum-exp over up to 152k logits on the GPU against f64 on
+/// the CPU: the f32 sum carries a relative error of a few 1e-6 (per-thread runs of ~600 terms
+/// plus an 8-level tree, and WGSL's exp is only bounded to 3 + 2|x| ulp), i.e. an absolute error
+/// of that size in log Z; rtol covers the f32 rounding of large negative log-probabilities.
+const LOGPROB_ATOL: f32 = 1e-4;
+const LOGPROB_RTOL: f32 = 1e-5;
+
+/// One compiled sampling graph over a vocabulary of `v`, replayed with new logits, settings,
+/// history, counter and seed.
+struct Sampler {
+    plan: Plan,
+    logits: Value,
+    settings: Value,
+    history: Value,
+    out: Value,
+    hist: Arc<Tensor>,
+    counter: Scalar,
+    seed: Scalar,
+}
+
+impl Sampler {
+    fn new(v: usize, cap: usize) -> Self {
+        let gpu = gpu();
+        let mut g = Graph::new();
+        let logits = g.input("logits", &[v], DType::F32).unwrap();
+        let settings = g.input("settings", &[kiln::kernels::sample::SETTINGS_LEN], DType::F32).unwrap();
+        let hist = Arc::new(Tensor::from_u32(&gpu, "history", &[cap], &vec![0; cap]).unwrap());
+        let history = g.tensor(&hist);
+        let counter = g.scalar("counter").unwrap();
+        let seed = g.scalar("seed").unwrap();
+        let out = g.sample(logits, settings, history, Dyn::slot(counter), Dyn::slot(seed)).unwrap();
+        g.output(out);
+        let plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+        Sampler { plan, logits, settings, history, out, hist, counter, seed }
+    }
+
+    /// Runs one draw on the GPU; returns (id, logprob, history after the run).
+    fn draw(&mut self, logits: &[f32], st: &SamplerSettings, history: &[u32], c: u32, seed: u32) -> (u32, f32, Vec<u32>) {
+        self.plan.write_f32(self.logits, logits).unwrap();
+        self.plan.write_f32(self.settings, &st.to_f32s()).unwrap();
+        self.plan.write_u32(self.history, history).unwrap();
+        // Poison the output so a kernel that writes nothing is caught.
+        self.plan.write_u32(self.out, &[u32::MAX; 2]).unwrap();
+        self.plan.set(self.counter, c);
+        self.plan.set(self.seed, seed);
+        self.plan.run().unwrap();
+        let out = pollster::block_on(self.plan.read_u32(self.out)).unwrap();
+        let hist = pollster::block_on(self.hist.to_u32(&gpu())).unwrap();
+        (out[0], f32::from_bits(out[1]), hist)
+    }
+
+    /// Draws on the GPU and on the CPU and requires the same id, history and a close logprob.
+    fn check(&mut self, what: &str, logits: &[f32], st: &SamplerSettings, history: &[u32], c: u32, seed: u32) -> u32 {
+        let (id, lp, hist) = self.draw(logits, st, history, c, seed);
+        let mut want_hist = history.to_vec();
+        let want = reference::sample(logits, &st.to_f32s(), &mut want_hist, c, seed);
+        assert_eq!(id, want.id, "{what}: c {c} seed {seed}: id expected {}, got {id}", want.id);
+        assert_close(&format!("{what}: c {c} seed {seed}: logprob"), &[lp], &[want.logprob as f32], LOGPROB_ATOL, LOGPROB_RTOL);
+        assert_eq!(hist, want_hist, "{what}: c {c}: history");
+        id
+    }
+}
+
+/// Logits spread like a language model's: a few strong ids over a broad tail.
+fn lm_logits(rng: &mut Rng, v: usize) -> Vec<f32> {
+    (0..v)
+        .map(|_| {
+            let x = rng.uniform(-6.0, 6.0);
+            if rng.uniform(0.0, 1.0) < 0.01 { x + 8.0 } else { x }
+        })
+        .collect()
+}
+
+#[test]
+fn philox_known_answers_cpu() {
+    for (c, k, want) in KAT {
+        assert_eq!(reference::philox4x32_10(c, k), want, "counter {c:08x?} key {k:08x?}");
+    }
+}
+
+#[test]
+fn philox_known_answers_gpu() {
+    let mut rng = Rng::new(7);
+    let mut blocks: Vec<([u32; 4], [u32; 2])> = KAT.iter().map(|(c, k, _)| (*c, *k)).collect();
+    for _ in 0..125 {
+        let w = |r: &mut Rng| r.next_u64() as u32;
+        blocks.push(([w(&mut rng), w(&mut rng), w(&mut rng), w(&mut rng)], [w(&mut rng), w(&mut rng)]));
+    }
+    let got = pollster::block_on(philox_on_gpu(&gpu(), &blocks)).unwrap();
+    for (i, (c, k, want)) in KAT.iter().enumerate() {
+        assert_eq!(got[i], *want, "KAT {i}: counter {c:08x?} key {k:08x?}");
+    }
+    for (i, (c, k)) in blocks.iter().enumerate() {
+        assert_eq!(got[i], reference::philox4x32_10(*c, *k), "block {i}: counter {c:08x?} key {k:08x?}");
+    }
+}
+
+#[test]
+fn greedy_is_argmax_lowest_index_on_ties() {
+    let mut rng = Rng::new(1);
+    for v in [1000, 32000] {
+        let mut s = Sampler::new(v, 16);
+        let mut logits = lm_logits(&mut rng, v);
+        let top = logits.iter().copied().fold(f32::MIN, f32::max) + 1.0;
+        let (a, b) = (v / 3, 2 * v / 3);
+        logits[b] = top;
+        logits[a] = top;
+        let hist = vec![0u32; 16];
+        for seed in [0, 99] {
+            assert_eq!(s.check("greedy", &logits, &SamplerSettings::greedy(), &hist, 0, seed), a as u32);
+        }
+        // Penalizing the tied winners moves the argmax elsewhere, as the reference says.
+        let mut hist = vec![a as u32, b as u32];
+        hist.resize(16, 0);
+        let st = SamplerSettings { repeat_penalty: 1.5, ..SamplerSettings::greedy() };
+        let id = s.check("greedy+penalty", &logits, &st, &hist, 2, 0);
+        assert!(id != a as u32 && id != b as u32, "penalty ignored: got {id}");
+    }
+}
+
+#[test]
+fn sampling_matches_reference() {
+    let mut rng = Rng::new(2);
+    let base = SamplerSettings { temperature: 0.8, ..Default::default() };
+    let cases = [
+        ("temperature", base),
+        ("temperature 2", SamplerSettings { temperature: 2.0, ..base }),
+        ("top-k", SamplerSettings { top_k: 40, ..base }),
+        ("top-p", SamplerSettings { top_p: 0.9, ..base }),
+        ("min-p", SamplerSettings { min_p: 0.05, ..base }),
+        ("penalty", SamplerSettings { repeat_penalty: 1.3, repeat_window: 8, ..base }),
+        ("all", SamplerSettings { top_k: 50, top_p: 0.8, min_p: 0.02, repeat_penalty: 1.1, repeat_window: 32, ..base }),
+    ];
+    for (v, draws) in [(1000usize, 6u32), (32000, 3), (152_000, 1)] {
+        let cap = 64;
+        let mut s = Sampler::new(v, cap);
+        for (name, st) in cases {
+            let logits = lm_logits(&mut rng, v);
+            // History holds the strongest ids so the penalty changes the distribution.
+            let mut order: Vec<u32> = (0..v as u32).collect();
+            order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            let mut hist: Vec<u32> = (0..cap).map(|i| order[i % 12]).collect();
+            hist[5] = v as u32 + 7; // an out-of-range id is ignored
+            for d in 0..draws {
+                let (c, seed) = (10 + 3 * d, 1234 + 77 * d);
+                hist[c as usize] = u32::MAX;
+                s.check(&format!("{name} V={v}"), &logits, &st, &hist, c, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn top_k_one_and_tiny_top_p_are_greedy() {
+    let mut rng = Rng::new(3);
+    let v = 5000;
+    let mut s = Sampler::new(v, 8);
+    let logits = lm_logits(&mut rng, v);
+    let argmax = (0..v).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a))).unwrap() as u32;
+    let hist = vec![0u32; 8];
+    for seed in 0..4 {
+        let k1 = SamplerSettings { temperature: 1.5, top_k: 1, ..Default::default() };
+        assert_eq!(s.check("top-k 1", &logits, &k1, &hist, 1, seed), argmax);
+        let p0 = SamplerSettings { temperature: 1.5, top_p: 1e-6, ..Default::default() };
+        assert_eq!(s.check("top-p 1e-6", &logits, &p0, &hist, 1, seed), argmax);
+        let m1 = SamplerSettings { temperature: 1.5, min_p: 1.0, ..Default::default() };
+        assert_eq!(s.check("min-p 1", &logits, &m1, &hist, 1, seed), argmax);
+    }
+}
+
+#[test]
+fn history_write_and_determinism() {
+    let v = 1000;
+    let cap = 8;
+    let mut s = Sampler::new(v, cap);
+    // Equal logits: the draw is uniform, id = floor(u * V / 2^32) from the Philox word alone.
+    let logits = vec![0.25f32; v];
+    let hist: Vec<u32> = (0..cap as u32).map(|i| 900 + i).collect();
+    let st = SamplerSettings { repeat_penalty: 1.0, ..Default::default() };
+    let mut ids = Vec::new();
+    for c in 0..cap as u32 {
+        let (id, lp, after) = s.draw(&logits, &st, &hist, c, 42);
+        let u = reference::philox4x32_10([c, 0, 1, 0], [42, 0])[0];
+        assert_eq!(id as u64, (u as u64 * v as u64) >> 32, "c {c}: uniform draw");
+        // ln(1/1000) from an exact-equal f32 sum: only log's rounding remains.
+        assert_close("uniform logprob", &[lp], &[-(v as f32).ln()], 1e-5, 1e-6);
+        let mut want = hist.clone();
+        want[c as usize] = id;
+        assert_eq!(after, want, "c {c}: history[c] = id, the rest untouched");
+        let (again, _, _) = s.draw(&logits, &st, &hist, c, 42);
+        assert_eq!(again, id, "c {c}: same seed and counter, same id");
+        ids.push(id);
+    }
+    ids.dedup();
+    assert!(ids.len() > 4, "different counters must give different draws: {ids:?}");
+    // A counter past the history capacity still samples but writes nothing.
+    let (_, _, after) = s.draw(&logits, &st, &hist, cap as u32, 42);
+    assert_eq!(after, hist, "c = cap must not write");
+    // Another seed, another stream.
+    let other: Vec<u32> = (0..cap as u32).map(|c| s.draw(&logits, &st, &hist, c, 43).0).collect();
+    assert_ne!(other, ids, "seed 43 repeated seed 42's draws");
+}
+
+#[test]
+fn randn_matches_reference_and_is_standard_normal() {
+    let n = 100_003; // not a multiple of 4 or 256
+    let gpu = gpu();
+    let mut g = Graph::new();
+    let seed = g.scalar("seed").unwrap();
+    let z = g.randn(&[n], Dyn::slot(seed), 3).unwrap();
+    let z0 = g.randn(&[8], Dyn::Static(0), 0).unwrap();
+    g.output(z);
+    g.output(z0);
+    let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+    plan.set(seed, 2024);
+    plan.run().unwrap();
+    let got = pollster::block_on(plan.read_f32(z)).unwrap();
+    let first = pollster::block_on(plan.read_f32(z0)).unwrap();
+    // Box-Muller through WGSL's log/sqrt/cos/sin: cos and sin are only bounded to 2^-11 absolute
+    // on [-pi, pi] and the radius reaches sqrt(2 ln 2^24) = 5.8, so the spec allows ~3e-3;
+    // real drivers (lavapipe included) land near 1e-6. The integer path is exact (see the
+    // Philox tests), so any wrong bit would show as an O(1) error.
+    assert_close("randn vs reference", &got, &reference::randn(n, 2024, 3), 4e-3, 0.0);
+    assert_close("randn KAT block", &first, &reference::randn(8, 0, 0), 4e-3, 0.0);
+    let mean = got.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let var = got.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    // Standard errors at n = 1e5: mean 0.0032, std 0.0022; the bounds are ~5 sigma.
+    assert!(mean.abs() < 0.016, "mean {mean}");
+    assert!((var.sqrt() - 1.0).abs() < 0.012, "std {}", var.sqrt());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite noise");
+    plan.set(seed, 2025);
+    plan.run().unwrap();
+    let other = pollster::block_on(plan.read_f32(z)).unwrap();
+    assert!(other.iter().zip(&got).filter(|(a, b)| a == b).count() < 10, "seed did not change the noise");
+}
