@@ -55,7 +55,7 @@ pub struct Sampled {
 pub fn sample(logits: &[f32], settings: &[f32; SETTINGS_LEN], history: &mut [u32], c: u32, seed: u32) -> Sampled {
     let v = logits.len();
     let raw: Vec<f32> = logits.iter().map(|&x| clean(x)).collect();
-    let greedy = !(settings[0] > 0.0);
+    let greedy = settings[0].is_nan() || settings[0] <= 0.0;
     let scale = if greedy { 1.0 } else { settings[6] };
     let (r, inv_r) = (settings[4], settings[7]);
     let mut s: Vec<f32> = raw.iter().map(|&x| x * scale).collect();
