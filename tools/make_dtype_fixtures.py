@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Golden files for Kiln's GGUF block formats, made with llama.cpp's own gguf-py.
+
+For each block type: random blocks (random quant bits, sane random f16 scales) and gguf-py's
+dequantization of them; for the quantize-on-load types (Q8_0, Q4_0) random f32 rows and
+gguf-py's quantization of them. Deterministic (seed 1234).
+
+    pip install gguf==0.19.0 numpy
+    python3 tools/make_dtype_fixtures.py      # writes tests/fixtures/dtypes/
+"""
+import pathlib
+import numpy as np
+from gguf import GGMLQuantizationType as Q, quants
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dtypes"
+rng = np.random.default_rng(1234)
+
+# (type, elements per block, bytes per block, byte offsets of f16 scales, scale range)
+LAYOUT = {
+    "q8_0": (Q.Q8_0, 32, 34, [0], (0.002, 0.05)),
+    "q4_0": (Q.Q4_0, 32, 18, [0], (0.002, 0.05)),
+    "q4_k": (Q.Q4_K, 256, 144, [0, 2], (0.001, 0.01)),
+    "q6_k": (Q.Q6_K, 256, 210, [208], (0.0005, 0.005)),
+}
+
+
+def random_blocks(name, nblocks):
+    qt, _, nbytes, scale_offs, (lo, hi) = LAYOUT[name]
+    raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
+    for off in scale_offs:
+        s = rng.uniform(lo, hi, size=nblocks).astype(np.float16)
+        # Negative scales too: the formats allow them.
+        s *= np.where(rng.random(nblocks) < 0.2, -1, 1).astype(np.float16)
+        raw[:, off:off + 2] = s.view(np.uint8).reshape(nblocks, 2)
+    return raw
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, (qt, elems, nbytes, _, _) in LAYOUT.items():
+        nblocks = 64 if elems == 32 else 16
+        raw = random_blocks(name, nblocks)
+        deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
+        assert deq.size == nblocks * elems
+        (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
+        (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
+    for name in ["q8_0", "q4_0"]:
+        qt = LAYOUT[name][0]
+        x = rng.normal(0, 1, size=(8, 256)).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero block: scale 0
+        q = quants.quantize(x, qt)
+        (OUT / f"{name}.quant_in.f32").write_bytes(x.tobytes())
+        (OUT / f"{name}.quant_out.bin").write_bytes(q.tobytes())
+    print("wrote", sorted(p.name for p in OUT.iterdir()))
+
+
+if __name__ == "__main__":
+    main()
