@@ -34,3 +34,10 @@ fn gelu_tanh(x: f32) -> f32 {
     return 0.5 * x * (1.0 + (e - 1.0) / (e + 1.0));
 }
 fn quick_gelu(x: f32) -> f32 { return x / (1.0 + exp(-1.702 * x)); }
+
+// x mod 2*pi into [-pi, pi] with a two-constant (Cody-Waite) reduction: sin/cos of an angle of
+// thousands of radians (rope positions, diffusion timesteps) keep f32 accuracy on every driver.
+fn reduce_2pi(x: f32) -> f32 {
+    let k = round(x * 0.15915494309189535);
+    return (x - k * 6.28125) - k * 0.0019353071795864769;
+}

@@ -84,11 +84,6 @@ struct Params { b: u32, half: u32, flip: u32, shift: f32, log_max_period: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> t: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-// sin/cos of a large argument: reduce by 2*pi in two parts (Cody-Waite) to keep f32 accuracy.
-fn reduce(x: f32) -> f32 {
-    let k = round(x * 0.15915494309189535);
-    return (x - k * 6.28125) - k * 0.0019353071795864769;
-}
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let i = group_index(wg, nwg) * 256u + li;
@@ -96,7 +91,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let bi = i / p.half;
     let j = i % p.half;
     let freq = exp(-p.log_max_period * f32(j) / (f32(p.half) - p.shift));
-    let arg = reduce(t[bi] * freq);
+    let arg = reduce_2pi(t[bi] * freq);
     let s = sin(arg);
     let c = cos(arg);
     let base = bi * 2u * p.half;

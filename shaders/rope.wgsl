@@ -12,11 +12,6 @@ struct Params { n: u32, seq: u32, heads: u32, d: u32, half: u32, interleaved: u3
 @group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-fn reduce_angle(a: f32) -> f32 {
-    let k = round(a * 0.15915494309189535);
-    return (a - k * 6.28125) - k * 0.0019353071795864769;
-}
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let e = group_index(wg, nwg) * 256u + li;
@@ -38,7 +33,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         partner = select(c - p.half, c + p.half, first);
     }
     let pos = f32(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq);
-    let a = reduce_angle(pos * inv_freq[i]);
+    let a = reduce_2pi(pos * inv_freq[i]);
     let cs = cos(a);
     let sn = sin(a);
     let v = x[head_base + c];

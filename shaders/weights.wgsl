@@ -34,7 +34,8 @@ fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
 
 #ifdef W_F16
 #define W_PLAIN
-fn w_elem(rb: u32, k: u32) -> f32 { return unpack2x16float(w[rb + k / 2u])[k % 2u]; }
+// select() rather than a dynamic vector index: the latter spills to local memory on some GPUs.
+fn w_elem(rb: u32, k: u32) -> f32 { let v = unpack2x16float(w[rb + k / 2u]); return select(v.x, v.y, (k & 1u) == 1u); }
 #ifdef WITH_DOT
 fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
     var s = 0.0;
@@ -53,7 +54,7 @@ fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
 #ifdef W_BF16
 #define W_PLAIN
 fn bf16_pair(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u)); }
-fn w_elem(rb: u32, k: u32) -> f32 { return bf16_pair(w[rb + k / 2u])[k % 2u]; }
+fn w_elem(rb: u32, k: u32) -> f32 { let v = w[rb + k / 2u]; return bitcast<f32>(select(v << 16u, v & 0xffff0000u, (k & 1u) == 1u)); }
 #ifdef WITH_DOT
 fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
     var s = 0.0;

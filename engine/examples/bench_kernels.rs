@@ -9,6 +9,9 @@ use kiln::{CompileOptions, DType, Dyn, Graph, Gpu, GpuOptions, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Copies of the measured op in one graph (one submit), so per-submit overhead is amortized.
+const REPS: usize = 8;
+
 struct Row {
     name: String,
     rate: String,
@@ -58,6 +61,8 @@ fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
 }
 
 /// Runs the plan `iters` times (one submit each) after a warm-up and returns ms per run.
+/// Each benchmark graph repeats its op `REPS` times so that submit overhead is amortized;
+/// callers divide by that.
 fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> f64 {
     plan.run().unwrap();
     gpu.wait_idle().unwrap();
@@ -80,7 +85,7 @@ fn main() {
         std::process::exit(1)
     });
     println!("adapter: {}", gpu.describe());
-    let iters = if quick { 2 } else { 10 };
+    let iters = if quick { 1 } else { 10 };
     let mut rows: Vec<Row> = Vec::new();
 
     // Memory copy: 64 MiB through the copy kernel (read + write).
@@ -89,8 +94,10 @@ fn main() {
     let mut g = Graph::new();
     let src = g.input("src", &[n], DType::F32).unwrap();
     let d = g.tensor(&dst);
-    g.copy_into(src, d, Dyn::Static(0)).unwrap();
-    let ms = time(&gpu, &compile(&gpu, &g), iters);
+    for _ in 0..REPS {
+        g.copy_into(src, d, Dyn::Static(0)).unwrap();
+    }
+    let ms = time(&gpu, &compile(&gpu, &g), iters) / REPS as f64;
     let copy_gbs = 2.0 * n as f64 * 4.0 / ms / 1e6;
     rows.push(Row { name: "memory copy 64 MiB".into(), rate: format!("{copy_gbs:.1} GB/s"), ms, bytes: 2.0 * n as f64 * 4.0 });
 
@@ -101,9 +108,10 @@ fn main() {
         let mut g = Graph::new();
         let x = g.input("x", &[s, s], DType::F32).unwrap();
         let wv = g.tensor(&w);
-        let y = g.linear(x, wv, None).unwrap();
-        g.output(y);
-        let ms = time(&gpu, &compile(&gpu, &g), iters);
+        for _ in 0..REPS {
+            g.linear(x, wv, None).unwrap();
+        }
+        let ms = time(&gpu, &compile(&gpu, &g), iters) / REPS as f64;
         let flops = 2.0 * (s * s * s) as f64;
         let bytes = (s * s * 4 * 2) as f64 + (dt.row_words(s) * s * 4) as f64;
         rows.push(Row { name: format!("GEMM 1024^3, {dt} weights"), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
@@ -116,9 +124,10 @@ fn main() {
         let mut g = Graph::new();
         let x = g.input("x", &[1, k], DType::F32).unwrap();
         let wv = g.tensor(&w);
-        let y = g.linear(x, wv, None).unwrap();
-        g.output(y);
-        let ms = time(&gpu, &compile(&gpu, &g), iters * 5);
+        for _ in 0..REPS {
+            g.linear(x, wv, None).unwrap();
+        }
+        let ms = time(&gpu, &compile(&gpu, &g), iters * 5) / REPS as f64;
         let bytes = (dt.row_words(k) * nn * 4) as f64;
         rows.push(Row { name: format!("matvec 4096x4096 {dt}"), rate: format!("{:.1} GB/s", bytes / ms / 1e6), ms, bytes });
     }
@@ -130,11 +139,12 @@ fn main() {
     let q = g.input("q", &[1, 1, heads * hd], DType::F32).unwrap();
     let kc = g.tensor(&cache);
     let pos = g.scalar("pos").unwrap();
-    let o = g.attention(q, kc, kc, heads, kvh, true, Dyn::slot(pos), Dyn::affine(pos, 1, 1)).unwrap();
-    g.output(o);
+    for _ in 0..REPS {
+        g.attention(q, kc, kc, heads, kvh, true, Dyn::slot(pos), Dyn::affine(pos, 1, 1)).unwrap();
+    }
     let mut plan = compile(&gpu, &g);
     plan.set(pos, (kv - 1) as u32);
-    let ms = time(&gpu, &plan, iters * 5);
+    let ms = time(&gpu, &plan, iters * 5) / REPS as f64;
     let bytes = (2 * kv * kvh * hd * 4) as f64;
     rows.push(Row { name: "decode attention, KV 2048, 32/8 heads x 128".into(), rate: format!("{:.3} ms", ms), ms, bytes });
 
@@ -144,9 +154,10 @@ fn main() {
     let mut g = Graph::new();
     let x = g.input("x", &[1, c, hw, hw], DType::F32).unwrap();
     let wv = g.tensor(&w);
-    let y = g.conv2d(x, wv, None, 1, 1).unwrap();
-    g.output(y);
-    let ms = time(&gpu, &compile(&gpu, &g), iters);
+    for _ in 0..REPS {
+        g.conv2d(x, wv, None, 1, 1).unwrap();
+    }
+    let ms = time(&gpu, &compile(&gpu, &g), iters) / REPS as f64;
     let flops = 2.0 * (c * c * 9 * hw * hw) as f64;
     let bytes = (2 * c * hw * hw * 4 + c * c * 9 * 2) as f64;
     rows.push(Row { name: "conv 3x3 64->64, 64x64, f16 weights".into(), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });

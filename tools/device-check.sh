@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs prebuilt test binaries and the kernel benchmark on a machine with a real GPU, through
+# Vulkan. Expects: .devbin/tests/* (from `cargo test --workspace --profile device --no-run`),
+# .devbin/bench_kernels, and optionally .gl/*.deb (the Vulkan loader) when the machine lacks it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ! ldconfig -p | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+nv=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$nv" ] && export VK_DRIVER_FILES="$nv"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+# The fixtures are found through the path the tests were built in.
+mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
+nvidia-smi -L 2>/dev/null || true
+out="${OUT:-/tmp}"
+status=0
+for t in .devbin/tests/*; do
+    echo "== $(basename "$t")"
+    "$t" --test-threads=4 2>&1 | grep -E "^test |test result|panicked|GPU error|expected" | grep -v "^test .* ok$" | tee -a "$out/tests.log" || true
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+echo "== bench_kernels"
+timeout 240 .devbin/bench_kernels 2>&1 | grep -v XDG | tee "$out/bench.md"
+exit $status
