@@ -3,7 +3,7 @@
 //   BINARY    y = a (op) b, numpy broadcast over 4 dims (strides 0 on broadcast dims); op 0 add, 1 mul
 //   GLU       y[r, c] = act(gate[r, c]) * up[r, c], gate/up at (offset + r*row_stride + c); act as UNARY codes 0..2
 //   TIMESTEP  y[b, :] = sinusoidal embedding of t[b] (diffusers get_timestep_embedding)
-//   COPY      dst[off + i] = src[i] for i < n, never past `cap`
+//   COPY      dst[dst_off + i] = src[src_off + i] for i < n, never past `cap` or the end of src
 //   UPSAMPLE  y[bc, y, x] = x[bc, y/2, x/2]
 //   CONCAT    y[o, j] = j < A ? a[o, j] : b[o, j - A]  (rows of the outer dims)
 // Bindings: 2.. as listed per variant. Dispatch: ceil(n / 256) workgroups of 256, folded by grid().
@@ -106,16 +106,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #endif
 
 #ifdef COPY
-struct Params { n: u32, cap: u32, off_add: u32, off_slot: u32, off_mul: u32 }
+struct Params { n: u32, cap: u32, dst_add: u32, dst_slot: u32, dst_mul: u32, src_add: u32, src_slot: u32, src_mul: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> src: array<u32>;
 @group(0) @binding(3) var<storage, read_write> dst: array<u32>;
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let i = group_index(wg, nwg) * 256u + li;
-    let o = dyn_val(p.off_add, p.off_slot, p.off_mul) + i;
-    if (i >= p.n || o >= p.cap) { return; }
-    dst[o] = src[i];
+    let o = dyn_val(p.dst_add, p.dst_slot, p.dst_mul) + i;
+    let s = dyn_val(p.src_add, p.src_slot, p.src_mul) + i;
+    if (i >= p.n || o >= p.cap || s >= arrayLength(&src)) { return; }
+    dst[o] = src[s];
 }
 #endif
 

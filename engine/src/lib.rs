@@ -7,6 +7,8 @@
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod formats;
+pub mod llm;
 pub mod graph;
 pub mod kernels;
 mod oneshot;

@@ -30,6 +30,8 @@ pub(crate) enum Source {
     Tensor(Arc<Tensor>),
     /// Produced by a node.
     Node,
+    /// A reshaped view of another value (same buffer, no dispatch).
+    Alias(Value),
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +112,8 @@ impl Graph {
 
     /// Marks a value as an output: it keeps its own buffer and can be read after a run.
     pub fn output(&mut self, v: Value) {
+        let r = self.root(v);
+        self.values[r.0].output = true;
         self.values[v.0].output = true;
     }
 
@@ -240,7 +244,37 @@ impl Graph {
 
     /// Embedding rows: table `[v, d]` (any weight dtype), ids `[n]` u32 → `[n, d]`.
     pub fn gather(&mut self, table: Value, ids: Value) -> Result<Value> {
-        self.push1(Op::Gather, vec![table, ids])
+        let n = self.shape(ids).first().copied().unwrap_or(0);
+        self.push1(Op::Gather { n, ids_offset: Dyn::Static(0) }, vec![table, ids])
+    }
+
+    /// Embedding rows for `n` ids read from `ids` starting at a run-time offset (e.g. the token
+    /// history at the current position) → `[n, d]`.
+    pub fn gather_at(&mut self, table: Value, ids: Value, offset: Dyn, n: usize) -> Result<Value> {
+        self.push1(Op::Gather { n, ids_offset: offset }, vec![table, ids])
+    }
+
+    /// A view of `v` with another shape of the same element count (no copy, no dispatch).
+    pub fn reshape(&mut self, v: Value, shape: &[usize]) -> Result<Value> {
+        if numel(shape) != numel(self.shape(v)) {
+            return Err(shape_err("reshape", format!("{:?} has {} elements, {shape:?} has {}", self.shape(v), numel(self.shape(v)), numel(shape))));
+        }
+        let root = self.root(v);
+        let (name, dtype) = (self.info(v).name.clone(), self.dtype(v));
+        Ok(self.add_value(&name, shape.to_vec(), dtype, Source::Alias(root)))
+    }
+
+    /// The value whose buffer `v` uses.
+    pub(crate) fn root(&self, v: Value) -> Value {
+        match self.values[v.0].source {
+            Source::Alias(r) => r,
+            _ => v,
+        }
+    }
+
+    /// Rows `[offset, offset + rows)` of `x` viewed as `[r, c]` (c = last dim) → `[rows, c]`.
+    pub fn slice_rows(&mut self, x: Value, offset: Dyn, rows: usize) -> Result<Value> {
+        self.push1(Op::SliceRows { offset, rows }, vec![x])
     }
 
     /// Samples one token from logits `[v]` with the sampler settings in `settings` (an f32
@@ -260,7 +294,7 @@ impl Graph {
 
     /// Copies `src` into `dst` starting at element `offset` (a KV-cache write, a state update).
     pub fn copy_into(&mut self, src: Value, dst: Value, offset: Dyn) -> Result<()> {
-        if !matches!(self.info(dst).source, Source::Tensor(_)) {
+        if !matches!(self.info(self.root(dst)).source, Source::Tensor(_)) {
             return Err(shape_err("copy_into", format!("destination '{}' must be a tensor added with Graph::tensor", self.info(dst).name)));
         }
         let (n, cap) = (numel(self.shape(src)), numel(self.shape(dst)));

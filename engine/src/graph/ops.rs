@@ -90,7 +90,8 @@ pub enum Op {
     Binary(BinaryOp),
     Glu { act: Act, split: Option<bool> },
     TimestepEmbedding { dim: usize, flip_sin_to_cos: bool, shift: f32, max_period: f32 },
-    Gather,
+    Gather { n: usize, ids_offset: Dyn },
+    SliceRows { offset: Dyn, rows: usize },
     Sample { counter: Dyn, seed: Dyn },
     RandNormal { shape: Vec<usize>, seed: Dyn, stream: u32 },
     CopyInto { offset: Dyn, cap: usize },
@@ -133,7 +134,8 @@ impl Op {
             Op::Binary(_) => "binary",
             Op::Glu { .. } => "glu",
             Op::TimestepEmbedding { .. } => "timestep_embedding",
-            Op::Gather => "gather",
+            Op::Gather { .. } => "gather",
+            Op::SliceRows { .. } => "slice_rows",
             Op::Sample { .. } => "sample",
             Op::RandNormal { .. } => "randn",
             Op::CopyInto { .. } => "copy_into",
@@ -296,12 +298,27 @@ impl Op {
                 }
                 f32_out(&[ins[0].0[0], *dim])
             }
-            Op::Gather => {
+            Op::Gather { n, ids_offset } => {
                 let (t, ids) = (ins[0].0, ins[1]);
                 if t.len() != 2 || ids.0.len() != 1 || ids.1 != DType::U32 {
                     return Err(err(format!("expected table [v, d] and u32 ids [n], found {t:?}, {:?} {}", ids.0, ids.1)));
                 }
-                f32_out(&[ids.0[0], t[1]])
+                if let Dyn::Static(o) = ids_offset {
+                    if *o as usize + n > ids.0[0] {
+                        return Err(err(format!("{n} ids at offset {o} overflow ids of length {}", ids.0[0])));
+                    }
+                }
+                f32_out(&[*n, t[1]])
+            }
+            Op::SliceRows { offset, rows } => {
+                let c = *ins[0].0.last().ok_or_else(|| err("input is a scalar".into()))?;
+                let r = numel(ins[0].0) / c.max(1);
+                if let Dyn::Static(o) = offset {
+                    if *o as usize + rows > r {
+                        return Err(err(format!("rows {o}..{} of {r}", *o as usize + rows)));
+                    }
+                }
+                Ok(Some((vec![*rows, c], ins[0].1)))
             }
             Op::Sample { .. } => {
                 need_f32(name, ins[0].1)?;
@@ -331,7 +348,8 @@ impl Op {
         let o = || out.ok_or_else(|| shape_err(self.name(), "missing output"));
         match self {
             Op::Linear { .. } => kernels::linear::linear(ins, o()?),
-            Op::Gather => kernels::linear::gather(&ins[0], &ins[1], o()?),
+            Op::Gather { ids_offset, .. } => kernels::linear::gather(&ins[0], &ins[1], *ids_offset, o()?),
+            Op::SliceRows { offset, .. } => kernels::elementwise::slice_rows(&ins[0], *offset, o()?),
             Op::Attention { .. } => kernels::attention::encode(ctx, self, ins, o()?),
             Op::Softmax | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::GroupNorm { .. } => {
                 kernels::norm::encode(self, ins, o()?)
@@ -339,7 +357,7 @@ impl Op {
             Op::Conv2d { .. } => kernels::conv::conv2d(self, ins, o()?),
             Op::Rope { .. } => kernels::rope::encode(self, ins, o()?),
             Op::Sample { .. } | Op::RandNormal { .. } => kernels::sample::encode(ctx, self, ins, o()?),
-            Op::CopyInto { offset, cap } => kernels::elementwise::copy_into(&ins[0], &ins[1], *offset, *cap),
+            Op::CopyInto { offset, cap } => kernels::elementwise::copy(&ins[0], &ins[1], Dyn::Static(0), *offset, *cap),
             _ => kernels::elementwise::encode(self, ins, o()?),
         }
     }

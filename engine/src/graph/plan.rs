@@ -48,7 +48,7 @@ impl Graph {
         let mut last_use = vec![None::<usize>; nv];
         for (i, n) in self.nodes.iter().enumerate() {
             for v in n.inputs.iter().chain(&n.writes) {
-                last_use[v.0] = Some(i);
+                last_use[self.root(*v).0] = Some(i);
             }
         }
         let own = |name: &str, shape: &[usize], dtype: DType| -> Bound {
@@ -61,9 +61,14 @@ impl Graph {
                 Source::Input => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
                 Source::Tensor(t) => bound[i] = Some(Bound { shape: t.shape.clone(), dtype: t.dtype, parts: t.parts.clone() }),
                 Source::Node if v.output => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
-                Source::Node => {}
+                Source::Node | Source::Alias(_) => {}
             }
         }
+        // A view takes its root's buffer(s) with its own shape.
+        let view = |bound: &[Option<Bound>], v: Value| -> Option<Bound> {
+            let root = self.root(v);
+            bound[root.0].clone().map(|b| Bound { shape: self.values[v.0].shape.clone(), ..b })
+        };
         // Liveness: a buffer returns to the pool after its value's last reader is encoded;
         // the output is allocated before the inputs are released, so no op reads and writes
         // the same buffer.
@@ -98,11 +103,12 @@ impl Graph {
             let ins: Vec<Bound> = node
                 .inputs
                 .iter()
-                .map(|v| bound[v.0].clone().ok_or_else(|| Error::Gpu { context: "compile".into(), msg: format!("value {} unbound", v.0) }))
+                .map(|v| view(&bound, *v).ok_or_else(|| Error::Gpu { context: "compile".into(), msg: format!("value {} unbound", v.0) }))
                 .collect::<Result<_>>()?;
             let out = node.out.and_then(|o| bound[o.0].clone());
             dispatches.extend(node.op.encode(&Ctx { gpu }, &ins, out.as_ref())?);
             for v in node.inputs.iter().chain(node.out.iter()) {
+                let v = &self.root(*v);
                 let info = &self.values[v.0];
                 let dead = last_use[v.0].is_none_or(|l| l <= i);
                 if dead && matches!(info.source, Source::Node) && !info.output {
@@ -113,6 +119,12 @@ impl Graph {
                         }
                     }
                 }
+            }
+        }
+
+        for i in 0..nv {
+            if matches!(self.values[i].source, Source::Alias(_)) {
+                bound[i] = view(&bound, Value(i));
             }
         }
 

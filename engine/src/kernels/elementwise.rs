@@ -125,14 +125,26 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
     Ok(vec![d])
 }
 
-/// `dst[offset + i] = src[i]`, clipped to `cap` elements.
-pub fn copy_into(src: &Bound, dst: &Bound, offset: Dyn, cap: usize) -> Result<Vec<Dispatch>> {
-    let n = src.numel();
-    let [add, slot, mul] = offset.words();
+/// `dst[dst_off + i] = src[src_off + i]` for every element of `src` (or of `dst` when
+/// slicing), never writing past `cap`.
+pub fn copy(src: &Bound, dst: &Bound, src_off: Dyn, dst_off: Dyn, cap: usize) -> Result<Vec<Dispatch>> {
+    let n = src.numel().min(dst.numel());
+    let [da, ds, dm] = dst_off.words();
+    let [sa, ss, sm] = src_off.words();
     Ok(vec![Dispatch {
         key: key("COPY"),
-        params: Params::default().u(n).u(cap).u(add).u(slot).u(mul).0,
+        params: Params::default().u(n).u(cap).u(da).u(ds).u(dm).u(sa).u(ss).u(sm).0,
         bindings: vec![Binding::read(src.buf()), Binding::write(dst.buf())],
         groups: elementwise_groups(n),
     }])
+}
+
+/// Rows of `x` (as `[r, c]`) starting at a run-time row offset.
+pub fn slice_rows(x: &Bound, offset: Dyn, out: &Bound) -> Result<Vec<Dispatch>> {
+    let c = *x.shape.last().unwrap_or(&1) as u32;
+    let src_off = match offset {
+        Dyn::Static(o) => Dyn::Static(o * c),
+        Dyn::Slot { slot, mul, add } => Dyn::Slot { slot, mul: mul * c, add: add * c },
+    };
+    copy(x, out, src_off, Dyn::Static(0), out.numel())
 }

@@ -65,9 +65,10 @@ pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
 }
 
 /// Embedding rows `table[ids]`.
-pub fn gather(table: &Bound, ids: &Bound, out: &Bound) -> Result<Vec<Dispatch>> {
+pub fn gather(table: &Bound, ids: &Bound, ids_offset: crate::graph::Dyn, out: &Bound) -> Result<Vec<Dispatch>> {
     let (total, d) = (table.shape[0], table.shape[1]);
-    let n = ids.numel();
+    let n = out.shape[0];
+    let [oa, os, om] = ids_offset.words();
     let row_words = table.dtype.row_words(d);
     table
         .parts
@@ -75,7 +76,7 @@ pub fn gather(table: &Bound, ids: &Bound, out: &Bound) -> Result<Vec<Dispatch>> 
         .map(|part| {
             Ok(Dispatch {
                 key: weight_key("gather.wgsl", table.dtype)?,
-                params: Params::default().u(n).u(d).u(row_words).u(part.row_start).u(part.rows).u(total).0,
+                params: Params::default().u(n).u(d).u(row_words).u(part.row_start).u(part.rows).u(total).u(oa).u(os).u(om).0,
                 bindings: vec![Binding::read(&part.buffer), Binding::read(ids.buf()), Binding::write(out.buf())],
                 groups: elementwise_groups(n * d),
             })

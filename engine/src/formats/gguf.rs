@@ -1,0 +1,254 @@
+//! GGUF v3 (llama.cpp): magic, version, tensor count, metadata key/values, tensor infos
+//! (name, dims with the fastest-varying first, ggml type, offset), padding to
+//! `general.alignment`, then tensor data. Every count and length is checked against the bytes
+//! left before anything is allocated for it.
+
+use super::{RawTensor, TensorSource};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// As an unsigned integer (any integer type).
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::U64(v) => Some(*v),
+            Value::I64(v) if *v >= 0 => Some(*v as u64),
+            _ => None,
+        }
+    }
+    /// As a float (any numeric type).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::F64(v) => Some(*v),
+            Value::U64(v) => Some(*v as f64),
+            Value::I64(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    /// As a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// As an array.
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+struct Info {
+    dtype: DType,
+    shape: Vec<usize>,
+    start: usize,
+    len: usize,
+}
+
+/// A parsed GGUF file held in memory.
+pub struct Gguf {
+    name: String,
+    bytes: Vec<u8>,
+    /// Metadata key/values.
+    pub meta: HashMap<String, Value>,
+    tensors: HashMap<String, Info>,
+    /// Tensor names in file order.
+    pub tensor_names: Vec<String>,
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    name: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Data { name: self.name.into(), msg: format!("at byte {}: {}", self.pos, msg.into()) }
+    }
+    fn left(&self) -> usize {
+        self.b.len() - self.pos
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.left() {
+            return Err(self.err(format!("needs {n} more bytes, file has {}", self.left())));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()?;
+        if n > self.left() as u64 {
+            return Err(self.err(format!("string of {n} bytes, file has {} left", self.left())));
+        }
+        let s = self.take(n as usize)?;
+        String::from_utf8(s.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+    }
+    /// Smallest encoded size of a value of type `t` (to bound array lengths).
+    fn min_size(t: u32) -> usize {
+        match t {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            _ => 8,
+        }
+    }
+    fn value(&mut self, t: u32, depth: usize) -> Result<Value> {
+        Ok(match t {
+            0 => Value::U64(self.take(1)?[0] as u64),
+            1 => Value::I64(self.take(1)?[0] as i8 as i64),
+            2 => Value::U64(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as u64),
+            3 => Value::I64(i16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as i64),
+            4 => Value::U64(self.u32()? as u64),
+            5 => Value::I64(self.u32()? as i32 as i64),
+            6 => Value::F64(f32::from_bits(self.u32()?) as f64),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.err("arrays nested too deeply"));
+                }
+                let et = self.u32()?;
+                let n = self.u64()?;
+                if n.saturating_mul(Self::min_size(et) as u64) > self.left() as u64 {
+                    return Err(self.err(format!("array of {n} elements of type {et} does not fit in {} bytes", self.left())));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(et, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_bits(self.u64()?)),
+            other => return Err(self.err(format!("unknown metadata type {other}"))),
+        })
+    }
+}
+
+/// ggml type id → engine dtype.
+fn ggml_type(t: u32) -> Option<DType> {
+    Some(match t {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::Q4_0,
+        8 => DType::Q8_0,
+        12 => DType::Q4_K,
+        14 => DType::Q6_K,
+        30 => DType::BF16,
+        _ => return None,
+    })
+}
+
+impl Gguf {
+    /// Parses a whole GGUF file (named `name` in errors).
+    pub fn parse(name: &str, bytes: Vec<u8>) -> Result<Gguf> {
+        let mut r = Reader { b: &bytes, pos: 0, name };
+        if r.take(4)? != b"GGUF" {
+            return Err(r.err("not a GGUF file (magic is not 'GGUF')"));
+        }
+        let version = r.u32()?;
+        if version != 3 {
+            return Err(Error::Unsupported(format!("{name}: GGUF version {version} (only version 3 is supported)")));
+        }
+        let n_tensors = r.u64()?;
+        let n_kv = r.u64()?;
+        // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at
+        // least 8 + 4 + 4 + 8.
+        if n_kv.saturating_mul(13) > r.left() as u64 || n_tensors.saturating_mul(24) > r.left() as u64 {
+            return Err(r.err(format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")));
+        }
+        let mut meta = HashMap::new();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let t = r.u32()?;
+            let v = r.value(t, 0)?;
+            meta.insert(key, v);
+        }
+        let mut raw = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let tname = r.string()?;
+            let nd = r.u32()?;
+            if nd == 0 || nd > 4 {
+                return Err(r.err(format!("tensor '{tname}' has {nd} dimensions (1 to 4 expected)")));
+            }
+            let mut dims = Vec::with_capacity(nd as usize);
+            for _ in 0..nd {
+                dims.push(r.u64()?);
+            }
+            let t = r.u32()?;
+            let off = r.u64()?;
+            raw.push((tname, dims, t, off));
+        }
+        let align = meta.get("general.alignment").and_then(|v| v.as_u64()).unwrap_or(32).max(1) as usize;
+        let data_start = r.pos.next_multiple_of(align);
+        let data_len = bytes.len().saturating_sub(data_start);
+        let mut tensors = HashMap::new();
+        let mut tensor_names = Vec::new();
+        for (tname, dims, t, off) in raw {
+            let what = format!("{name}: tensor '{tname}'");
+            let dtype = ggml_type(t)
+                .ok_or_else(|| Error::Unsupported(format!("{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)")))?;
+            // GGUF lists ne[0] (contiguous) first; engine shapes are outermost first.
+            let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
+            let count = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| Error::Data { name: what.clone(), msg: "shape overflows".into() })?;
+            if dims[0] as usize % dtype.block_elems() != 0 {
+                return Err(Error::Data { name: what, msg: format!("row length {} is not a multiple of the {dtype} block size {}", dims[0], dtype.block_elems()) });
+            }
+            let len = (count as usize / dtype.block_elems()).saturating_mul(dtype.block_bytes());
+            let start = off as usize;
+            if off % align as u64 != 0 || start.checked_add(len).is_none_or(|e| e > data_len) {
+                return Err(Error::Data {
+                    name: what,
+                    msg: format!("data at offset {off} ({len} bytes of {dtype} {shape:?}) is outside the {data_len} data bytes or misaligned"),
+                });
+            }
+            tensor_names.push(tname.clone());
+            tensors.insert(tname, Info { dtype, shape, start: data_start + start, len });
+        }
+        Ok(Gguf { name: name.into(), bytes, meta, tensors, tensor_names })
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.meta.get(key)
+    }
+
+    /// A required metadata value, with an error naming the key.
+    pub fn require(&self, key: &str) -> Result<&Value> {
+        self.meta.get(key).ok_or_else(|| Error::Data { name: self.name.clone(), msg: format!("missing metadata key '{key}'") })
+    }
+}
+
+impl TensorSource for Gguf {
+    fn tensor(&self, name: &str) -> Option<RawTensor<'_>> {
+        let i = self.tensors.get(name)?;
+        Some(RawTensor { dtype: i.dtype, shape: &i.shape, data: &self.bytes[i.start..i.start + i.len] })
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}

@@ -1,0 +1,119 @@
+//! The Llama/Qwen2 decoder as a graph: one function builds the graph of a step over `t` tokens
+//! at a run-time position. The prefill graph (t = chunk) and the decode graph (t = 1) are two
+//! compilations of it. Token ids come from the history tensor on the GPU and the sampled id goes
+//! back into it, so decode needs nothing from the CPU but the run scalars.
+
+use super::config::LlmConfig;
+use super::weights::LlmWeights;
+use crate::device::Gpu;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::graph::{Act, GluInput};
+use crate::kernels::sample::SETTINGS_LEN;
+use crate::tensor::Tensor;
+use crate::{CompileOptions, Dyn, Graph, Plan, Scalar, Value};
+use std::sync::Arc;
+
+/// Per-layer key and value caches `[1, ctx, kv_heads * head_dim]` plus the token history
+/// `[ctx + 1]` (prompt ids, then every sampled id at its position).
+pub struct KvCache {
+    pub k: Vec<Arc<Tensor>>,
+    pub v: Vec<Arc<Tensor>>,
+    pub history: Arc<Tensor>,
+    pub ctx: usize,
+}
+
+impl KvCache {
+    /// Allocates the caches for `ctx` positions.
+    pub fn new(gpu: &Gpu, cfg: &LlmConfig, ctx: usize) -> Result<KvCache> {
+        let w = cfg.kv_heads * cfg.head_dim;
+        let mut k = Vec::with_capacity(cfg.layers);
+        let mut v = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            k.push(Arc::new(Tensor::zeros(gpu, &format!("k_cache.{i}"), &[1, ctx, w], DType::F32)?));
+            v.push(Arc::new(Tensor::zeros(gpu, &format!("v_cache.{i}"), &[1, ctx, w], DType::F32)?));
+        }
+        let history = Arc::new(Tensor::zeros(gpu, "history", &[ctx + 1], DType::U32)?);
+        Ok(KvCache { k, v, history, ctx })
+    }
+}
+
+/// A compiled step and the handles to drive it.
+pub struct Step {
+    pub plan: Plan,
+    /// Tokens per run.
+    pub tokens: usize,
+    /// Position of the first token of this run.
+    pub pos: Scalar,
+    /// Row of the last valid token in this run (`n - 1`).
+    pub last: Scalar,
+    /// History index the sampled id is written to (`pos + n`; `ctx + 1` to skip writing).
+    pub next: Scalar,
+    /// Sampler seed.
+    pub seed: Scalar,
+    /// Sampler settings input (f32 `[SETTINGS_LEN]`).
+    pub settings: Value,
+    /// Sampler output (u32 `[2]`: id, logprob bits).
+    pub out: Value,
+    /// Logits of the last valid token (when built with `keep_logits`).
+    pub logits: Option<Value>,
+}
+
+/// Builds and compiles the step graph over `tokens` tokens.
+pub async fn build_step(gpu: &Arc<Gpu>, cfg: &LlmConfig, w: &LlmWeights, kv: &KvCache, tokens: usize, keep_logits: bool) -> Result<Step> {
+    let mut g = Graph::new();
+    let (pos, last, next, seed) = (g.scalar("pos")?, g.scalar("last")?, g.scalar("next")?, g.scalar("seed")?);
+    let (h, d) = (cfg.hidden, cfg.head_dim);
+    let kvw = cfg.kv_heads * d;
+    let history = g.tensor(&kv.history);
+    let embed = g.tensor(&w.embed);
+    let inv_freq = g.tensor(&w.inv_freq);
+
+    let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
+    let mut x = g.reshape(x, &[1, tokens, h])?;
+    for (i, lw) in w.layers.iter().enumerate() {
+        let t = |g: &mut Graph, t: &Arc<Tensor>| g.tensor(t);
+        let tb = |g: &mut Graph, t: &Option<Arc<Tensor>>| t.as_ref().map(|t| g.tensor(t));
+        // Attention block.
+        let attn_norm = t(&mut g, &lw.attn_norm);
+        let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
+        let (wq, wk, wv, wo) = (t(&mut g, &lw.wq), t(&mut g, &lw.wk), t(&mut g, &lw.wv), t(&mut g, &lw.wo));
+        let (bq, bk, bv) = (tb(&mut g, &lw.bq), tb(&mut g, &lw.bk), tb(&mut g, &lw.bv));
+        let q = g.linear(hn, wq, bq)?; // [1, t, heads*d]
+        let k = g.linear(hn, wk, bk)?; // [1, t, kv_heads*d]
+        let v = g.linear(hn, wv, bv)?;
+        let q = g.rope(q, inv_freq, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+        let k = g.rope(k, inv_freq, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+        let (kc, vc) = (g.tensor(&kv.k[i]), g.tensor(&kv.v[i]));
+        g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
+        g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;
+        // Query i sits at pos + i and sees keys 0..=pos + i; the cache holds pos + t keys.
+        let a = g.attention(q, kc, vc, cfg.heads, cfg.kv_heads, true, Dyn::slot(pos), Dyn::affine(pos, 1, tokens as u32))?;
+        let o = g.linear(a, wo, None)?; // [1, t, h]
+        x = g.add(x, o)?;
+        // Feed-forward block (SwiGLU).
+        let ffn_norm = t(&mut g, &lw.ffn_norm);
+        let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
+        let (wg, wu, wd) = (t(&mut g, &lw.w_gate), t(&mut g, &lw.w_up), t(&mut g, &lw.w_down));
+        let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
+        let up = g.linear(hn, wu, None)?;
+        let m = g.glu(GluInput::Pair { gate, up }, Act::Silu)?;
+        let dn = g.linear(m, wd, None)?; // [1, t, h]
+        x = g.add(x, dn)?;
+    }
+    // Only the last valid token needs logits.
+    let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
+    let norm = g.tensor(&w.norm);
+    let xl = g.rms_norm(xl, norm, cfg.rms_eps)?;
+    let head = g.tensor(&w.lm_head);
+    let logits = g.linear(xl, head, None)?; // [1, vocab]
+    let logits = g.reshape(logits, &[cfg.vocab])?;
+    let settings = g.input("sampler", &[SETTINGS_LEN], DType::F32)?;
+    let out = g.sample(logits, settings, history, Dyn::slot(next), Dyn::slot(seed))?;
+    g.output(out);
+    if keep_logits {
+        g.output(logits);
+    }
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    Ok(Step { plan, tokens, pos, last, next, seed, settings, out, logits: keep_logits.then_some(logits) })
+}
