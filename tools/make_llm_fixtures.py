@@ -506,7 +506,9 @@ def repack(src, dst, scheme):
         if scheme == "q4_0":
             qt = Q.Q4_0
         else:
-            six = any(t.name.startswith(p) or p in t.name for p in ("token_embd", "output.", "attn_v", "ffn_down"))
+            parts = t.name.split(".")
+            six = t.name in ("token_embd.weight", "output.weight") or (
+                parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down"))
             qt = Q.Q6_K if six else Q.Q4_K
         qd = quantize(data, qt)
         back = gguf.quants.dequantize(qd, qt)
@@ -621,9 +623,13 @@ def main():
                     help="llama.cpp source tree (vendor/llama.cpp of the llama-cpp-python sdist)")
     args = ap.parse_args()
     assert (args.llama_cpp / "convert_hf_to_gguf.py").is_file()
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    OUT.mkdir(parents=True)
+    # Build next to OUT and swap at the end, so that a half-written tree never sits in OUT.
+    final_out = OUT
+    build = OUT.parent / (OUT.name + ".new")
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir(parents=True)
+    globals()["OUT"] = build
     work = pathlib.Path(tempfile.mkdtemp(prefix="kiln_llm_"))
     paras = corpus_paragraphs()
     toks = {"gpt2": train_bytelevel(paras, "gpt2"), "qwen2": train_bytelevel(paras, "qwen2"),
@@ -716,10 +722,13 @@ def main():
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     assert total < 25e6, total
     (work.parent / "kiln_llm_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if final_out.exists():
+        shutil.rmtree(final_out)
+    build.rename(final_out)
     print("total bytes", total)
-    for p in sorted(OUT.rglob("*")):
+    for p in sorted(final_out.rglob("*")):
         if p.is_file():
-            print(hashlib.sha256(p.read_bytes()).hexdigest()[:16], p.stat().st_size, p.relative_to(OUT))
+            print(hashlib.sha256(p.read_bytes()).hexdigest()[:16], p.stat().st_size, p.relative_to(final_out))
 
 
 if __name__ == "__main__":

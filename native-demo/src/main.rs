@@ -1,1 +1,271 @@
-fn main() {}
+//! `kiln`: the native command-line front end of the engine.
+
+mod bench;
+mod bench_text;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln::kernels::sample::SamplerSettings;
+use kiln::llm::{GenerateOptions, LoadOptions, Quantize, TextModel};
+use kiln::{Gpu, GpuOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Run generative models on any GPU (wgpu/WGSL)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt.
+    Text(TextArgs),
+    /// Chat interactively using the model's chat template.
+    Chat(ChatArgs),
+    /// Benchmarks: `kernels` or `text`.
+    Bench(bench::BenchArgs),
+    /// List adapters, features and limits.
+    Info,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A model folder (config.json + safetensors + tokenizer.json) or a .gguf file.
+    #[arg(long)]
+    model: Option<String>,
+    /// Quantize float matrices on load.
+    #[arg(long, value_parser = ["q4", "q8"])]
+    quantize: Option<String>,
+    /// Context length (KV-cache positions).
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: u32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_window: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct TextArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Include the log-probability of each generated token.
+    #[arg(long)]
+    logprobs: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+/// The GPU, or an error that says how to get a driver.
+pub fn gpu() -> Result<Arc<Gpu>> {
+    pollster::block_on(Gpu::new(GpuOptions::default())).context("no usable GPU adapter")
+}
+
+fn options(s: &SamplingArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: s.max_tokens,
+        sampler: SamplerSettings {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_window: s.repeat_window,
+        },
+        seed: s.seed,
+        stop: s.stop.clone(),
+    }
+}
+
+fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
+    let Some(path) = &m.model else {
+        bail!("no --model given (pass a model folder or a .gguf file)");
+    };
+    let p = PathBuf::from(path);
+    if !p.exists() {
+        bail!("model '{path}' not found: pass a local folder (config.json, *.safetensors, tokenizer.json) or a .gguf file");
+    }
+    let files = kiln::llm::generate::read_model_path(&p)?;
+    let quantize = match m.quantize.as_deref() {
+        Some("q4") => Quantize::Q4,
+        Some("q8") => Quantize::Q8,
+        _ => Quantize::None,
+    };
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(1) };
+    bar.set_style(ProgressStyle::with_template("loading {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let opts = LoadOptions { ctx: m.ctx, quantize, ..Default::default() };
+    let model = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    }))?;
+    bar.finish_and_clear();
+    Ok(model)
+}
+
+fn text(a: TextArgs) -> Result<()> {
+    let gpu = gpu()?;
+    let t0 = std::time::Instant::now();
+    let mut model = load(&gpu, &a.model, a.json)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(t), None) => model.tokenizer.encode_prompt(t)?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let opts = options(&a.sampling);
+    let json = a.json;
+    let mut out = std::io::stdout();
+    let g = pollster::block_on(model.generate(&prompt, &opts, &mut |piece| {
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    }))?;
+    if json {
+        let v = serde_json::json!({
+            "prompt_ids": g.prompt_ids,
+            "ids": g.ids,
+            "text": g.text,
+            "logprobs": if a.logprobs { serde_json::json!(g.logprobs) } else { serde_json::Value::Null },
+            "stop": format!("{:?}", g.stop).to_lowercase(),
+            "timings": {
+                "load_ms": load_ms,
+                "ttft_ms": g.timings.ttft_ms,
+                "prefill_tok_s": g.timings.prefill_tok_s,
+                "decode_tok_s": g.timings.decode_tok_s,
+            },
+        });
+        println!("{v}");
+    } else {
+        println!();
+        if a.logprobs {
+            eprintln!("logprobs: {:?}", g.logprobs);
+        }
+        eprintln!(
+            "[{} prompt + {} generated tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.0} ms; stop: {:?}]",
+            g.prompt_ids.len(),
+            g.ids.len(),
+            g.timings.prefill_tok_s,
+            g.timings.decode_tok_s,
+            g.timings.ttft_ms,
+            g.stop
+        );
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let gpu = gpu()?;
+    let mut model = load(&gpu, &a.model, false)?;
+    if model.tokenizer.chat_template.is_none() {
+        bail!("this model has no chat template (tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')");
+    }
+    let mut messages: Vec<(String, String)> = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(("system".into(), s.clone()));
+    }
+    let opts = options(&a.sampling);
+    eprintln!("(chat; an empty line or end of input quits)");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(("user".into(), line.trim_end().to_string()));
+        let prompt = model.tokenizer.render_chat(&messages)?;
+        let ids = model.tokenizer.encode(&prompt)?;
+        let mut out = std::io::stdout();
+        let g = pollster::block_on(model.generate(&ids, &opts, &mut |p| {
+            let _ = out.write_all(p.as_bytes());
+            let _ = out.flush();
+            true
+        }))?;
+        println!();
+        messages.push(("assistant".into(), g.text));
+    }
+    Ok(())
+}
+
+fn info() -> Result<()> {
+    let adapters = pollster::block_on(kiln::device::list_adapters());
+    if adapters.is_empty() {
+        bail!("no GPU adapter found. On Linux without a GPU install Mesa's software Vulkan driver: sudo apt-get install mesa-vulkan-drivers");
+    }
+    for a in &adapters {
+        println!("adapter: {} ({:?}, {:?}, driver {} {})", a.name, a.backend, a.device_type, a.driver, a.driver_info);
+    }
+    let g = gpu()?;
+    println!("selected: {}", g.describe());
+    let l = &g.limits;
+    println!(
+        "limits: max storage binding {} MiB, max buffer {} MiB, workgroup storage {} B, invocations {}, storage buffers/stage {}",
+        l.max_storage_buffer_binding_size >> 20,
+        l.max_buffer_size >> 20,
+        l.max_compute_workgroup_storage_size,
+        l.max_compute_invocations_per_workgroup,
+        l.max_storage_buffers_per_shader_stage
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Text(a) => text(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Info => info(),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

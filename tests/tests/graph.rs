@@ -36,7 +36,8 @@ fn block(g: &mut Graph, gpu: &kiln::Gpu, rng: &mut Rng, d: usize, cache: &Arc<Te
 
 #[test]
 fn second_run_creates_nothing_and_submits_once() {
-    let gpu = gpu();
+    // A device of its own: tests running in parallel would add to shared counters.
+    let gpu = kiln_tests::gpu_with(kiln::GpuOptions::default());
     let mut rng = Rng::new(1);
     let d = 64;
     let cache = Arc::new(Tensor::zeros(&gpu, "cache", &[8, d], DType::F32).unwrap());

@@ -82,6 +82,9 @@ impl LlmConfig {
                 return Err(unsupported(format!("sliding_window = {w} (sliding-window attention is not supported)")));
             }
         }
+        if c.get("mlp_bias").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(unsupported("mlp_bias = true (MLP projections with biases)"));
+        }
         if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str()) {
             if act != "silu" {
                 return Err(unsupported(format!("hidden_act '{act}' (only silu)")));
@@ -91,7 +94,15 @@ impl LlmConfig {
         let heads = need_usize(&c, "num_attention_heads")?;
         let kv_heads = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(heads);
         let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden / heads.max(1));
-        let rope_scaling = match c.get("rope_scaling") {
+        // transformers 5 nests rope settings in `rope_parameters`; 4.x has them at the top.
+        let rope = c.get("rope_parameters").filter(|v| v.is_object()).or_else(|| c.get("rope_scaling"));
+        let rope_theta = c
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .or_else(|| c.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0) as f32;
+        let rope_scaling = match rope {
             None | Some(Json::Null) => None,
             Some(s) => {
                 let t = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
@@ -128,7 +139,7 @@ impl LlmConfig {
             intermediate: need_usize(&c, "intermediate_size")?,
             vocab: need_usize(&c, "vocab_size")?,
             rms_eps: c.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6) as f32,
-            rope_theta: c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            rope_theta,
             rope_scaling,
             max_positions: c.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
             tie_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),

@@ -15,7 +15,7 @@ use crate::kernels::sample::SamplerSettings;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Prompt tokens processed per prefill run.
+/// Default prompt tokens processed per prefill run.
 pub const PREFILL_CHUNK: usize = 64;
 
 /// How to load a text model.
@@ -26,11 +26,13 @@ pub struct LoadOptions {
     pub quantize: Quantize,
     /// Also keep the last logits readable (tests, debugging).
     pub keep_logits: bool,
+    /// Prompt tokens per prefill run.
+    pub prefill_chunk: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ctx: 2048, quantize: Quantize::None, keep_logits: false }
+        LoadOptions { ctx: 2048, quantize: Quantize::None, keep_logits: false, prefill_chunk: PREFILL_CHUNK }
     }
 }
 
@@ -168,7 +170,7 @@ impl TextModel {
         let weights = LlmWeights::load(gpu, &config, source.as_ref(), is_gguf, opts.quantize, on_progress)?;
         drop(source);
         let kv = KvCache::new(gpu, &config, ctx)?;
-        let prefill = build_step(gpu, &config, &weights, &kv, PREFILL_CHUNK.min(ctx), opts.keep_logits).await?;
+        let prefill = build_step(gpu, &config, &weights, &kv, opts.prefill_chunk.clamp(1, ctx), opts.keep_logits).await?;
         let decode = build_step(gpu, &config, &weights, &kv, 1, opts.keep_logits).await?;
         Ok(TextModel { gpu: gpu.clone(), config, tokenizer, weights, kv, prefill, decode })
     }
@@ -219,7 +221,9 @@ impl TextModel {
         }
         let ttft = now_ms() - t0;
         let mut g = Generation { prompt_ids: prompt.to_vec(), ids: Vec::new(), logprobs: Vec::new(), text: String::new(), stop: StopReason::MaxTokens, timings: Timings::default() };
-        let mut emitted = 0usize;
+        // Text already handed to `on_piece`; a piece is sent once the decoded text extends it
+        // and does not end in an incomplete UTF-8 sequence (decoded as U+FFFD).
+        let mut sent = String::new();
         let mut tok = first;
         let t1 = now_ms();
         loop {
@@ -229,25 +233,23 @@ impl TextModel {
                 g.stop = StopReason::Eos;
                 break;
             }
-            let text = self.tokenizer.decode(&g.ids)?;
+            let mut text = self.tokenizer.decode(&g.ids)?;
             if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                g.text = text[..cut].to_string();
-                if cut > emitted {
-                    on_piece(&g.text[emitted..]);
-                }
-                emitted = g.text.len();
+                text.truncate(cut);
+                g.text = text;
                 g.stop = StopReason::StopString;
                 break;
             }
-            // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-            if !text.ends_with('\u{FFFD}') && text.len() > emitted && text.is_char_boundary(emitted) {
-                if !on_piece(&text[emitted..]) {
-                    g.text = text;
-                    g.stop = StopReason::Cancelled;
-                    emitted = g.text.len();
-                    break;
+            if !text.ends_with('\u{FFFD}') {
+                if let Some(piece) = text.strip_prefix(sent.as_str()).filter(|p| !p.is_empty()) {
+                    let go_on = on_piece(piece);
+                    sent = text.clone();
+                    if !go_on {
+                        g.text = text;
+                        g.stop = StopReason::Cancelled;
+                        break;
+                    }
                 }
-                emitted = text.len();
             }
             g.text = text;
             if g.ids.len() >= opts.max_tokens {
@@ -266,8 +268,8 @@ impl TextModel {
             let out = d.plan.run_read(&[d.out]).await?;
             tok = [u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()), u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default())];
         }
-        if emitted < g.text.len() && g.stop != StopReason::StopString {
-            on_piece(&g.text[emitted..]);
+        if let Some(rest) = g.text.strip_prefix(sent.as_str()).filter(|p| !p.is_empty()) {
+            on_piece(rest);
         }
         let decode_ms = now_ms() - t1;
         let decoded = g.ids.len().saturating_sub(1);

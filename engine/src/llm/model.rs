@@ -89,7 +89,8 @@ pub async fn build_step(gpu: &Arc<Gpu>, cfg: &LlmConfig, w: &LlmWeights, kv: &Kv
         g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;
         // Query i sits at pos + i and sees keys 0..=pos + i; the cache holds pos + t keys.
         let a = g.attention(q, kc, vc, cfg.heads, cfg.kv_heads, true, Dyn::slot(pos), Dyn::affine(pos, 1, tokens as u32))?;
-        let o = g.linear(a, wo, None)?; // [1, t, h]
+        let bo = tb(&mut g, &lw.bo);
+        let o = g.linear(a, wo, bo)?; // [1, t, h]
         x = g.add(x, o)?;
         // Feed-forward block (SwiGLU).
         let ffn_norm = t(&mut g, &lw.ffn_norm);

@@ -1,13 +1,39 @@
-//! Kernel benchmark: `cargo run -p kiln --example bench_kernels [-- --quick]`.
-//!
-//! Prints, for the adapter wgpu picks (override with KILN_BACKEND / KILN_ADAPTER), the
-//! measured memory-copy bandwidth through the engine's own copy kernel, and for each kernel its
-//! rate plus the fraction of that roofline its minimal memory traffic reaches. Every figure is
-//! measured in the same run; nothing here is asserted.
+//! `kiln bench`: kernel rates against the measured copy roofline, and text generation on a
+//! random-weight model of SmolLM2-135M's shapes. Every figure in a table is measured in one run;
+//! nothing here is asserted.
 
-use kiln::{CompileOptions, DType, Dyn, Graph, Gpu, GpuOptions, Tensor};
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use kiln::{CompileOptions, DType, Dyn, Graph, Gpu, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// What to benchmark.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum What {
+    Kernels,
+    Text,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(value_enum, default_value = "kernels")]
+    what: What,
+    /// Fewer iterations (for slow software adapters).
+    #[arg(long)]
+    quick: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the chosen benchmark.
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        What::Kernels => kernels(a.quick),
+        What::Text => crate::bench_text::text(a.quick, a.json),
+    }
+}
 
 /// Copies of the measured op in one graph (one submit), so per-submit overhead is amortized.
 const REPS: usize = 8;
@@ -36,11 +62,11 @@ fn random_f32(n: usize, seed: u64) -> Vec<f32> {
 /// Weight bytes in file layout with small scales, so results stay finite.
 fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
     let n = rows * k;
-    let mut b = random_bytes(dtype.file_bytes(n).unwrap(), 7);
+    let mut b = random_bytes(dtype.file_bytes(n).unwrap_or(0), 7);
     let scale = half::f16::from_f32(0.01).to_le_bytes();
-    let (bb, elems) = (dtype.block_bytes(), dtype.block_elems());
+    let bb = dtype.block_bytes();
     match dtype {
-        DType::F16 | DType::BF16 | DType::F32 => return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap(),
+        DType::F16 | DType::BF16 | DType::F32 => return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap_or_default(),
         DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
             for blk in b.chunks_mut(bb) {
                 blk[..2].copy_from_slice(&scale);
@@ -56,62 +82,58 @@ fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
         }
         DType::U32 => {}
     }
-    let _ = elems;
     b
 }
 
 /// Runs the plan `iters` times (one submit each) after a warm-up and returns ms per run.
 /// Each benchmark graph repeats its op `REPS` times so that submit overhead is amortized;
 /// callers divide by that.
-fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> f64 {
-    plan.run().unwrap();
-    gpu.wait_idle().unwrap();
+fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> Result<f64> {
+    plan.run()?;
+    gpu.wait_idle()?;
     let t = Instant::now();
     for _ in 0..iters {
-        plan.run().unwrap();
+        plan.run()?;
     }
-    gpu.wait_idle().unwrap();
-    t.elapsed().as_secs_f64() * 1e3 / iters as f64
+    gpu.wait_idle()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
 }
 
-fn compile(gpu: &Arc<Gpu>, g: &Graph) -> kiln::Plan {
-    pollster::block_on(g.compile(gpu, CompileOptions::default())).unwrap()
+fn compile(gpu: &Arc<Gpu>, g: &Graph) -> Result<kiln::Plan> {
+    Ok(pollster::block_on(g.compile(gpu, CompileOptions::default()))?)
 }
 
-fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let gpu = pollster::block_on(Gpu::new(GpuOptions::default())).unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(1)
-    });
+/// `kiln bench kernels`: kernel rates next to the measured copy bandwidth.
+pub fn kernels(quick: bool) -> Result<()> {
+    let gpu = crate::gpu()?;
     println!("adapter: {}", gpu.describe());
     let iters = if quick { 1 } else { 10 };
     let mut rows: Vec<Row> = Vec::new();
 
     // Memory copy: 64 MiB through the copy kernel (read + write).
     let n = 16 << 20;
-    let dst = Arc::new(Tensor::zeros(&gpu, "dst", &[n], DType::F32).unwrap());
+    let dst = Arc::new(Tensor::zeros(&gpu, "dst", &[n], DType::F32)?);
     let mut g = Graph::new();
-    let src = g.input("src", &[n], DType::F32).unwrap();
+    let src = g.input("src", &[n], DType::F32)?;
     let d = g.tensor(&dst);
     for _ in 0..REPS {
-        g.copy_into(src, d, Dyn::Static(0)).unwrap();
+        g.copy_into(src, d, Dyn::Static(0))?;
     }
-    let ms = time(&gpu, &compile(&gpu, &g), iters) / REPS as f64;
+    let ms = time(&gpu, &compile(&gpu, &g)?, iters)? / REPS as f64;
     let copy_gbs = 2.0 * n as f64 * 4.0 / ms / 1e6;
     rows.push(Row { name: "memory copy 64 MiB".into(), rate: format!("{copy_gbs:.1} GB/s"), ms, bytes: 2.0 * n as f64 * 4.0 });
 
     // GEMM 1024^3, f32 and f16 weights.
     let s = 1024;
     for dt in [DType::F32, DType::F16] {
-        let w = Arc::new(Tensor::upload(&gpu, "w", &[s, s], dt, &weight_bytes(dt, s, s)).unwrap());
+        let w = Arc::new(Tensor::upload(&gpu, "w", &[s, s], dt, &weight_bytes(dt, s, s))?);
         let mut g = Graph::new();
-        let x = g.input("x", &[s, s], DType::F32).unwrap();
+        let x = g.input("x", &[s, s], DType::F32)?;
         let wv = g.tensor(&w);
         for _ in 0..REPS {
-            g.linear(x, wv, None).unwrap();
+            g.linear(x, wv, None)?;
         }
-        let ms = time(&gpu, &compile(&gpu, &g), iters) / REPS as f64;
+        let ms = time(&gpu, &compile(&gpu, &g)?, iters)? / REPS as f64;
         let flops = 2.0 * (s * s * s) as f64;
         let bytes = (s * s * 4 * 2) as f64 + (dt.row_words(s) * s * 4) as f64;
         rows.push(Row { name: format!("GEMM 1024^3, {dt} weights"), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
@@ -120,44 +142,44 @@ fn main() {
     // Decode matvec 4096 x 4096.
     let (nn, k) = (4096, 4096);
     for dt in [DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_K] {
-        let w = Arc::new(Tensor::upload(&gpu, "w", &[nn, k], dt, &weight_bytes(dt, nn, k)).unwrap());
+        let w = Arc::new(Tensor::upload(&gpu, "w", &[nn, k], dt, &weight_bytes(dt, nn, k))?);
         let mut g = Graph::new();
-        let x = g.input("x", &[1, k], DType::F32).unwrap();
+        let x = g.input("x", &[1, k], DType::F32)?;
         let wv = g.tensor(&w);
         for _ in 0..REPS {
-            g.linear(x, wv, None).unwrap();
+            g.linear(x, wv, None)?;
         }
-        let ms = time(&gpu, &compile(&gpu, &g), iters * 5) / REPS as f64;
+        let ms = time(&gpu, &compile(&gpu, &g)?, iters * 5)? / REPS as f64;
         let bytes = (dt.row_words(k) * nn * 4) as f64;
         rows.push(Row { name: format!("matvec 4096x4096 {dt}"), rate: format!("{:.1} GB/s", bytes / ms / 1e6), ms, bytes });
     }
 
     // Decode attention: 32 heads (8 kv heads) of 128 over a 2048-token cache.
     let (heads, kvh, hd, kv) = (32, 8, 128, 2048);
-    let cache = Arc::new(Tensor::from_f32(&gpu, "k", &[1, kv, kvh * hd], &random_f32(kv * kvh * hd, 5)).unwrap());
+    let cache = Arc::new(Tensor::from_f32(&gpu, "k", &[1, kv, kvh * hd], &random_f32(kv * kvh * hd, 5))?);
     let mut g = Graph::new();
-    let q = g.input("q", &[1, 1, heads * hd], DType::F32).unwrap();
+    let q = g.input("q", &[1, 1, heads * hd], DType::F32)?;
     let kc = g.tensor(&cache);
-    let pos = g.scalar("pos").unwrap();
+    let pos = g.scalar("pos")?;
     for _ in 0..REPS {
-        g.attention(q, kc, kc, heads, kvh, true, Dyn::slot(pos), Dyn::affine(pos, 1, 1)).unwrap();
+        g.attention(q, kc, kc, heads, kvh, true, Dyn::slot(pos), Dyn::affine(pos, 1, 1))?;
     }
-    let mut plan = compile(&gpu, &g);
+    let mut plan = compile(&gpu, &g)?;
     plan.set(pos, (kv - 1) as u32);
-    let ms = time(&gpu, &plan, iters * 5) / REPS as f64;
+    let ms = time(&gpu, &plan, iters * 5)? / REPS as f64;
     let bytes = (2 * kv * kvh * hd * 4) as f64;
     rows.push(Row { name: "decode attention, KV 2048, 32/8 heads x 128".into(), rate: format!("{:.3} ms", ms), ms, bytes });
 
     // 3x3 convolution 64 -> 64 channels on 64 x 64.
     let (c, hw) = (64, 64);
-    let w = Arc::new(Tensor::upload(&gpu, "w", &[c, c, 3, 3], DType::F16, &weight_bytes(DType::F16, c, c * 9)).unwrap());
+    let w = Arc::new(Tensor::upload(&gpu, "w", &[c, c, 3, 3], DType::F16, &weight_bytes(DType::F16, c, c * 9))?);
     let mut g = Graph::new();
-    let x = g.input("x", &[1, c, hw, hw], DType::F32).unwrap();
+    let x = g.input("x", &[1, c, hw, hw], DType::F32)?;
     let wv = g.tensor(&w);
     for _ in 0..REPS {
-        g.conv2d(x, wv, None, 1, 1).unwrap();
+        g.conv2d(x, wv, None, 1, 1)?;
     }
-    let ms = time(&gpu, &compile(&gpu, &g), iters) / REPS as f64;
+    let ms = time(&gpu, &compile(&gpu, &g)?, iters)? / REPS as f64;
     let flops = 2.0 * (c * c * 9 * hw * hw) as f64;
     let bytes = (2 * c * hw * hw * 4 + c * c * 9 * 2) as f64;
     rows.push(Row { name: "conv 3x3 64->64, 64x64, f16 weights".into(), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
@@ -171,4 +193,5 @@ fn main() {
     }
     println!();
     println!("fraction = minimal bytes the kernel must move / time, over the measured copy bandwidth ({copy_gbs:.1} GB/s).");
+    Ok(())
 }

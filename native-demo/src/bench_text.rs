@@ -1,0 +1,135 @@
+//! `kiln bench text`: a random-weight model with SmolLM2-135M's shapes, made here (no
+//! download), in f16 and quantized to Q4_0 on load: prefill and decode speed, and what one
+//! decode token costs in dispatches, submits, readback and objects created.
+
+use anyhow::Result;
+use kiln::kernels::sample::SamplerSettings;
+use kiln::llm::{GenerateOptions, LoadOptions, ModelFiles, Quantize, TextModel};
+use serde_json::json;
+
+const HIDDEN: usize = 576;
+const INTER: usize = 1536;
+const LAYERS: usize = 30;
+const HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+const VOCAB: usize = 49152;
+
+/// A safetensors file of random f16 weights with SmolLM2-135M's names and shapes.
+fn random_safetensors(seed: u64) -> Vec<u8> {
+    let mut tensors: Vec<(String, Vec<usize>, bool)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], false), ("model.norm.weight".into(), vec![HIDDEN], true)];
+    for i in 0..LAYERS {
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        tensors.push((p("input_layernorm.weight"), vec![HIDDEN], true));
+        tensors.push((p("post_attention_layernorm.weight"), vec![HIDDEN], true));
+        tensors.push((p("self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN], false));
+        tensors.push((p("self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], false));
+        tensors.push((p("self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], false));
+        tensors.push((p("self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM], false));
+        tensors.push((p("mlp.gate_proj.weight"), vec![INTER, HIDDEN], false));
+        tensors.push((p("mlp.up_proj.weight"), vec![INTER, HIDDEN], false));
+        tensors.push((p("mlp.down_proj.weight"), vec![HIDDEN, INTER], false));
+    }
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, _) in &tensors {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(name.clone(), json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}));
+        offset += bytes;
+    }
+    let h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
+    let mut out = Vec::with_capacity(8 + h.len() + offset);
+    out.extend((h.len() as u64).to_le_bytes());
+    out.extend(&h);
+    let mut s = seed;
+    for (_, shape, is_norm) in &tensors {
+        let n: usize = shape.iter().product();
+        for _ in 0..n {
+            let v = if *is_norm {
+                1.0
+            } else {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            };
+            out.extend(half::f16::from_f32(v).to_le_bytes());
+        }
+    }
+    out
+}
+
+fn files() -> ModelFiles {
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "max_position_embeddings": 8192, "tie_word_embeddings": true, "hidden_act": "silu"
+    });
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB).map(|i| (format!("t{i}"), json!(i))).collect();
+    let tokenizer = json!({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+                           "pre_tokenizer": {"type": "Whitespace"}, "decoder": null, "added_tokens": [], "normalizer": null, "post_processor": null});
+    let mut f = ModelFiles::new();
+    f.insert("config.json".into(), config.to_string().into_bytes());
+    f.insert("tokenizer.json".into(), tokenizer.to_string().into_bytes());
+    f.insert("model.safetensors".into(), random_safetensors(42));
+    f
+}
+
+/// Runs the text benchmark for f16 and Q4 weights.
+pub fn text(quick: bool, as_json: bool) -> Result<()> {
+    let gpu = crate::gpu()?;
+    let (prompt_len, decode_len) = if quick { (32, 16) } else { (128, 128) };
+    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 13) % VOCAB as u32).collect();
+    let mut rows = Vec::new();
+    for (label, q) in [("f16", Quantize::None), ("q4_0 (quantized on load)", Quantize::Q4)] {
+        let t0 = std::time::Instant::now();
+        let mut m = pollster::block_on(TextModel::load(&gpu, files(), &LoadOptions { ctx: 1024, quantize: q, ..Default::default() }, &mut |_, _| {}))?;
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let opts = GenerateOptions { max_tokens: decode_len + 1, sampler: SamplerSettings::default(), seed: 1, stop: vec![] };
+        // Warm-up (first submits page in memory and driver state).
+        pollster::block_on(m.generate(&prompt[..8], &GenerateOptions { max_tokens: 2, ..opts.clone() }, &mut |_| true))?;
+        let g = pollster::block_on(m.generate(&prompt, &opts, &mut |_| true))?;
+        // Counters of single decode tokens, driven by hand.
+        let steps = 16;
+        let before = gpu.counters();
+        for i in 0..steps {
+            let d = &mut m.decode;
+            let pos = (prompt_len + decode_len + i) as u32;
+            d.plan.set(d.pos, pos);
+            d.plan.set(d.next, pos + 1);
+            pollster::block_on(d.plan.run_read(&[d.out]))?;
+        }
+        let c = gpu.counters() - before;
+        rows.push(json!({
+            "weights": label, "load_ms": load_ms,
+            "prefill_tokens": prompt_len, "prefill_tok_s": g.timings.prefill_tok_s,
+            "decode_tokens": g.ids.len().saturating_sub(1), "decode_tok_s": g.timings.decode_tok_s,
+            "per_token": {
+                "dispatches": c.dispatches / steps as u64, "submits": c.submits as f64 / steps as f64,
+                "readback_bytes": c.bytes_read_back / steps as u64, "upload_bytes": c.bytes_uploaded / steps as u64,
+                "objects_created": c.objects_created() / steps as u64,
+            }
+        }));
+    }
+    if as_json {
+        println!("{}", json!({"adapter": gpu.describe(), "model": "random SmolLM2-135M shapes", "rows": rows}));
+        return Ok(());
+    }
+    println!("adapter: {}", gpu.describe());
+    println!("model: random weights, SmolLM2-135M shapes (30 layers, 576 hidden, 9/3 heads, vocab 49152)\n");
+    println!("| weights | prefill tok/s ({prompt_len} tokens) | decode tok/s ({decode_len} tokens) | dispatches/token | submits/token | readback B/token | objects created/token |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let p = &r["per_token"];
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            r["weights"].as_str().unwrap_or(""),
+            r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+            r["decode_tok_s"].as_f64().unwrap_or(0.0),
+            p["dispatches"],
+            p["submits"],
+            p["readback_bytes"],
+            p["objects_created"]
+        );
+    }
+    Ok(())
+}
