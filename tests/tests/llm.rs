@@ -198,3 +198,31 @@ fn bad_model_files_are_errors() {
     let e = pollster::block_on(TextModel::load(&gpu, g, &LoadOptions::default(), &mut |_, _| {})).err().unwrap();
     assert!(e.to_string().contains("model-q8_0.gguf"), "{e}");
 }
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let mut m = load("llama-gqa-f32", "hf", LoadOptions { ctx: 64, ..Default::default() });
+    let prompt = ids(&expected("llama-gqa-f32")["prompt_ids"]);
+    let opts = |seed| GenerateOptions { max_tokens: 16, sampler: SamplerSettings { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.0, repeat_penalty: 1.1, repeat_window: 16 }, seed, stop: vec![] };
+    let a = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
+    let b = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
+    let c = pollster::block_on(m.generate(&prompt, &opts(8), &mut |_| true)).unwrap();
+    assert_eq!(a.ids, b.ids, "same seed, same tokens");
+    assert_ne!(a.ids, c.ids, "another seed draws other tokens");
+    // Streaming pieces concatenate to the text; a stop string cuts it.
+    let mut pieces = String::new();
+    let d = pollster::block_on(m.generate(&prompt, &opts(7), &mut |p| {
+        pieces.push_str(p);
+        true
+    }))
+    .unwrap();
+    assert_eq!(pieces, d.text);
+    if d.text.chars().count() > 4 {
+        let stop: String = d.text.chars().skip(2).take(2).collect();
+        let mut o = opts(7);
+        o.stop = vec![stop.clone()];
+        let s = pollster::block_on(m.generate(&prompt, &o, &mut |_| true)).unwrap();
+        assert_eq!(s.stop, kiln::llm::StopReason::StopString);
+        assert!(!s.text.contains(&stop) && d.text.starts_with(&s.text));
+    }
+}

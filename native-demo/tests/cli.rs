@@ -1,0 +1,58 @@
+//! The `kiln` binary end to end on a fixture model: `kiln text --json` prints the documented
+//! object with the ids transformers generates; bad input exits non-zero with a clear message.
+
+use std::process::Command;
+
+fn fixture(p: &str) -> String {
+    format!("{}/../tests/fixtures/llm/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir()).output().expect("run kiln")
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("llama-gqa-f32/expected.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn text_json_greedy_matches_transformers() {
+    let e = expected();
+    let prompt: Vec<String> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    for (model, run) in [(fixture("llama-gqa-f32"), 0), (fixture("llama-gqa-f32/model-q8_0.gguf"), 2)] {
+        let out = kiln(&["text", "--model", &model, "--prompt-ids", &prompt.join(","), "--temperature", "0", "--max-tokens", "24", "--logprobs", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        let want = &e["runs"][run];
+        assert_eq!(e["runs"][run]["weights"].as_str().unwrap(), if run == 0 { "hf" } else { "model-q8_0.gguf" });
+        assert_eq!(v["prompt_ids"], e["prompt_ids"]);
+        let ids = v["ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 24);
+        assert_eq!(ids.as_slice(), &want["ids"].as_array().unwrap()[..24]);
+        let lp = v["logprobs"].as_array().unwrap();
+        for (g, w) in lp.iter().zip(want["logprobs"].as_array().unwrap()) {
+            assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 2e-3);
+        }
+        assert!(v["text"].is_string());
+        for k in ["load_ms", "prefill_tok_s", "decode_tok_s", "ttft_ms"] {
+            assert!(v["timings"][k].as_f64().is_some_and(|x| x >= 0.0), "timings.{k}");
+        }
+    }
+}
+
+#[test]
+fn text_prompt_is_tokenized_and_streamed() {
+    let out = kiln(&["text", "--model", &fixture("qwen2-f32"), "--prompt", "Hello world", "--max-tokens", "5", "--seed", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generated tokens"));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let out = kiln(&["text", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kiln(&["text", "--model", &fixture("llama-gqa-f32"), "--prompt-ids", "1,2,3", "--ctx", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context"), "{}", String::from_utf8_lossy(&out.stderr));
+}
