@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs prebuilt test binaries and the kernel benchmark on a machine with a real GPU, through
 # Vulkan. Expects: .devbin/tests/* (from `cargo test --workspace --profile device --no-run`),
-# .devbin/bench_kernels, and optionally .gl/*.deb (the Vulkan loader) when the machine lacks it.
+# .devbin/kiln (the CLI), and optionally .gl/*.deb (the Vulkan loader) when the machine lacks it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! ldconfig -p | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
@@ -22,5 +22,7 @@ for t in .devbin/tests/*; do
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 echo "== bench_kernels"
-timeout 240 .devbin/bench_kernels 2>&1 | grep -v XDG | tee "$out/bench.md"
+timeout 240 .devbin/kiln bench kernels 2>&1 | grep -v XDG | tee "$out/bench.md"
+echo "== bench text"
+timeout 240 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"
 exit $status

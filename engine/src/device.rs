@@ -267,7 +267,7 @@ impl Gpu {
     /// Writes bytes into a buffer through the queue, counting them.
     pub fn write_buffer(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) {
         Counters::add(&self.counters.bytes_uploaded, data.len() as u64);
-        if data.len() % 4 == 0 {
+        if data.len().is_multiple_of(4) {
             self.queue.write_buffer(buf, offset, data);
         } else {
             let mut padded = data.to_vec();

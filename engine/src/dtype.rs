@@ -98,7 +98,7 @@ impl DType {
     /// File bytes for `n` elements; errors when `n` is not a whole number of blocks.
     pub fn file_bytes(self, n: usize) -> Result<usize> {
         let b = self.block_elems();
-        if n % b != 0 {
+        if !n.is_multiple_of(b) {
             return Err(Error::Data {
                 name: self.name().into(),
                 msg: format!("{n} elements is not a multiple of the block size {b}"),

@@ -1,6 +1,7 @@
 //! `kiln`: the native command-line front end of the engine.
 
 mod bench;
+mod hub;
 mod bench_text;
 
 use anyhow::{bail, Context, Result};
@@ -127,10 +128,13 @@ fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
         bail!("no --model given (pass a model folder or a .gguf file)");
     };
     let p = PathBuf::from(path);
-    if !p.exists() {
-        bail!("model '{path}' not found: pass a local folder (config.json, *.safetensors, tokenizer.json) or a .gguf file");
-    }
-    let files = kiln::llm::generate::read_model_path(&p)?;
+    let files = if p.exists() {
+        kiln::llm::generate::read_model_path(&p)?
+    } else if hub::looks_like_repo_id(path) {
+        hub::fetch(path)?
+    } else {
+        bail!("model '{path}' not found: pass a local folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or a Hugging Face repo id (owner/name, or owner/name:file.gguf)");
+    };
     let quantize = match m.quantize.as_deref() {
         Some("q4") => Quantize::Q4,
         Some("q8") => Quantize::Q8,

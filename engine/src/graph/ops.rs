@@ -210,7 +210,7 @@ impl Op {
             }
             Op::GroupNorm { groups, .. } => {
                 let x = ins[0].0;
-                if x.len() < 2 || *groups == 0 || x[1] % groups != 0 {
+                if x.len() < 2 || *groups == 0 || !x[1].is_multiple_of(*groups) {
                     return Err(err(format!("input {x:?} needs [b, c, ...] with c divisible by {groups} groups")));
                 }
                 for i in &ins[1..] {
@@ -223,7 +223,7 @@ impl Op {
             Op::Rope { heads, .. } => {
                 let x = ins[0].0;
                 let w = *x.last().unwrap_or(&0);
-                if x.len() < 2 || *heads == 0 || w % heads != 0 {
+                if x.len() < 2 || *heads == 0 || !w.is_multiple_of(*heads) {
                     return Err(err(format!("input {x:?} needs [.., l, heads*d] with {heads} heads")));
                 }
                 let d = w / heads;

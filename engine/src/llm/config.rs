@@ -198,10 +198,10 @@ impl LlmConfig {
     }
 
     fn validate(self) -> Result<Self> {
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(unsupported(format!("{} heads with {} kv heads (heads must be a multiple of kv heads)", self.heads, self.kv_heads)));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > crate::kernels::attention::MAX_HEAD_DIM {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > crate::kernels::attention::MAX_HEAD_DIM {
             return Err(unsupported(format!("head_dim {} (even, at most {})", self.head_dim, crate::kernels::attention::MAX_HEAD_DIM)));
         }
         if self.hidden == 0 || self.layers == 0 || self.vocab == 0 || self.intermediate == 0 {
