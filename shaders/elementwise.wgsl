@@ -5,6 +5,7 @@
 //   TIMESTEP  y[b, :] = sinusoidal embedding of t[b] (diffusers get_timestep_embedding)
 //   COPY      dst[dst_off + i] = src[src_off + i] for i < n, never past `cap` or the end of src
 //   UPSAMPLE  y[bc, y, x] = x[bc, y/2, x/2]
+//   TRANSPOSE y[b, j, i] = x[b, i, j] for x [b, m, n]
 //   CONCAT    y[o, j] = j < A ? a[o, j] : b[o, j - A]  (rows of the outer dims)
 // Bindings: 2.. as listed per variant. Dispatch: ceil(n / 256) workgroups of 256, folded by grid().
 #include "common.wgsl"
@@ -151,5 +152,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let o = i / w;
     let j = i % w;
     if (j < p.a) { y[i] = a[o * p.a + j]; } else { y[i] = b[o * p.b + j - p.a]; }
+}
+#endif
+
+#ifdef TRANSPOSE
+struct Params { n: u32, m: u32, k: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> x: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let o = group_index(wg, nwg) * 256u + li;
+    if (o >= p.n) { return; }
+    // Output [b, k, m]: o = (b * k + j) * m + i reads x[(b * m + i) * k + j].
+    let i = o % p.m;
+    let j = (o / p.m) % p.k;
+    let b = o / (p.m * p.k);
+    y[o] = x[(b * p.m + i) * p.k + j];
 }
 #endif

@@ -5,6 +5,7 @@
 //! run. Every kernel has a CPU reference in [`reference`] that the tests compare against.
 
 pub mod device;
+pub mod diffusion;
 pub mod dtype;
 pub mod error;
 pub mod formats;

@@ -23,6 +23,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sample.wgsl", include_str!("../../shaders/sample.wgsl")),
     ("noise.wgsl", include_str!("../../shaders/noise.wgsl")),
+    ("scheduler.wgsl", include_str!("../../shaders/scheduler.wgsl")),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

@@ -131,3 +131,18 @@ fn upsample_and_concat() {
     assert_eq!(t.g.shape(y), &[2, 8, 4, 4]);
     assert_close("concat channels", &t.run(y, &[]), &r::concat(&a, &[2, 3, 4, 4], &b, 1), 0.0, 0.0);
 }
+
+#[test]
+fn transpose_last_two_dims() {
+    let (b, m, n) = (2, 37, 19);
+    let x = Rng::new(6).vec(b * m * n, -1.0, 1.0);
+    let mut t = OpTest::new();
+    let xv = t.input("x", &[b, m, n], &x);
+    let y = t.g.transpose(xv).unwrap();
+    assert_eq!(t.g.shape(y), &[b, n, m]);
+    let want: Vec<f32> = (0..b * n * m).map(|o| {
+        let (i, j, bb) = (o % m, (o / m) % n, o / (m * n));
+        x[(bb * m + i) * n + j]
+    }).collect();
+    assert_close("transpose", &t.run(y, &[]), &want, 0.0, 0.0);
+}

@@ -3,6 +3,7 @@
 //! or truncated file is an error naming what was wrong, never a panic or a huge allocation.
 
 pub mod gguf;
+pub mod npy;
 pub mod safetensors;
 
 use crate::dtype::DType;

@@ -272,6 +272,11 @@ impl Graph {
         }
     }
 
+    /// `[b, m, n]` → `[b, n, m]` (NCHW feature maps to token sequences and back).
+    pub fn transpose(&mut self, x: Value) -> Result<Value> {
+        self.push1(Op::Transpose, vec![x])
+    }
+
     /// Rows `[offset, offset + rows)` of `x` viewed as `[r, c]` (c = last dim) → `[rows, c]`.
     pub fn slice_rows(&mut self, x: Value, offset: Dyn, rows: usize) -> Result<Value> {
         self.push1(Op::SliceRows { offset, rows }, vec![x])
@@ -290,6 +295,21 @@ impl Graph {
     /// Standard normal noise `[shape]` from the counter-based RNG (seeded per run).
     pub fn randn(&mut self, shape: &[usize], seed: Dyn, stream: u32) -> Result<Value> {
         self.push1(Op::RandNormal { shape: shape.to_vec(), seed, stream }, vec![])
+    }
+
+    /// One denoising step of a scheduler (see [`crate::diffusion::schedulers`]): reads row
+    /// `step` of the coefficient table and updates the state tensors `x`, `x0_prev` and
+    /// `unet_in` in place, so one compiled graph replays every step.
+    pub fn scheduler_step(&mut self, v: &crate::kernels::scheduler::StepValues, step: Dyn) -> Result<()> {
+        for s in [v.x, v.x0_prev, v.unet_in] {
+            if !matches!(self.info(self.root(s)).source, Source::Tensor(_)) {
+                return Err(shape_err("scheduler_step", format!("state '{}' must be a tensor added with Graph::tensor", self.info(s).name)));
+            }
+        }
+        let mut inputs = vec![v.model_out, v.coeffs, v.guidance, v.x, v.x0_prev, v.unet_in];
+        inputs.extend(v.noise);
+        self.push(Op::SchedulerStep { step, noise: v.noise.is_some() }, inputs, vec![v.x, v.x0_prev, v.unet_in])?;
+        Ok(())
     }
 
     /// Copies `src` into `dst` starting at element `offset` (a KV-cache write, a state update).

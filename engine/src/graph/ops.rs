@@ -92,14 +92,25 @@ pub enum Op {
     TimestepEmbedding { dim: usize, flip_sin_to_cos: bool, shift: f32, max_period: f32 },
     Gather { n: usize, ids_offset: Dyn },
     SliceRows { offset: Dyn, rows: usize },
+    Transpose,
     Sample { counter: Dyn, seed: Dyn },
     RandNormal { shape: Vec<usize>, seed: Dyn, stream: u32 },
     CopyInto { offset: Dyn, cap: usize },
+    /// One denoising step at coefficient row `step`; `noise` when the step reads a noise input.
+    SchedulerStep { step: Dyn, noise: bool },
 }
 
 fn need_f32(op: &str, dt: DType) -> Result<()> {
     if dt != DType::F32 {
         return Err(Error::DType { op: op.into(), expected: "f32".into(), found: dt.to_string() });
+    }
+    Ok(())
+}
+
+/// Ops that move 32-bit words (copies, slices, transposes) need one element per word.
+fn need_plain(op: &str, dt: DType) -> Result<()> {
+    if !matches!(dt, DType::F32 | DType::U32) {
+        return Err(Error::DType { op: op.into(), expected: "f32 or u32".into(), found: dt.to_string() });
     }
     Ok(())
 }
@@ -136,9 +147,11 @@ impl Op {
             Op::TimestepEmbedding { .. } => "timestep_embedding",
             Op::Gather { .. } => "gather",
             Op::SliceRows { .. } => "slice_rows",
+            Op::Transpose => "transpose",
             Op::Sample { .. } => "sample",
             Op::RandNormal { .. } => "randn",
             Op::CopyInto { .. } => "copy_into",
+            Op::SchedulerStep { .. } => "scheduler_step",
         }
     }
 
@@ -310,7 +323,16 @@ impl Op {
                 }
                 f32_out(&[*n, t[1]])
             }
+            Op::Transpose => {
+                let x = ins[0].0;
+                need_plain(name, ins[0].1)?;
+                if x.len() != 3 {
+                    return Err(err(format!("expected [b, m, n], found {x:?}")));
+                }
+                Ok(Some((vec![x[0], x[2], x[1]], ins[0].1)))
+            }
             Op::SliceRows { offset, rows } => {
+                need_plain(name, ins[0].1)?;
                 let c = *ins[0].0.last().ok_or_else(|| err("input is a scalar".into()))?;
                 let r = numel(ins[0].0) / c.max(1);
                 if let Dyn::Static(o) = offset {
@@ -340,6 +362,10 @@ impl Op {
                 }
                 Ok(None)
             }
+            Op::SchedulerStep { noise, .. } => {
+                kernels::scheduler::check(ins, *noise)?;
+                Ok(None)
+            }
         }
     }
 
@@ -357,6 +383,7 @@ impl Op {
             Op::Conv2d { .. } => kernels::conv::conv2d(self, ins, o()?),
             Op::Rope { .. } => kernels::rope::encode(self, ins, o()?),
             Op::Sample { .. } | Op::RandNormal { .. } => kernels::sample::encode(ctx, self, ins, o()?),
+            Op::SchedulerStep { .. } => kernels::scheduler::encode(self, ins),
             Op::CopyInto { offset, cap } => kernels::elementwise::copy(&ins[0], &ins[1], Dyn::Static(0), *offset, *cap),
             _ => kernels::elementwise::encode(self, ins, o()?),
         }

@@ -110,6 +110,15 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
                 groups: elementwise_groups(n),
             }
         }
+        Op::Transpose => {
+            let (m, nn) = (ins[0].shape[1], ins[0].shape[2]);
+            Dispatch {
+                key: key("TRANSPOSE"),
+                params: Params::default().u(n).u(m).u(nn).0,
+                bindings: vec![Binding::read(ins[0].buf()), Binding::write(out.buf())],
+                groups: elementwise_groups(n),
+            }
+        }
         Op::Concat { axis } => {
             let inner: usize = out.shape[axis + 1..].iter().product();
             let (a, b) = (ins[0].shape[*axis] * inner, ins[1].shape[*axis] * inner);

@@ -14,6 +14,7 @@ pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod sample;
+pub mod scheduler;
 
 use crate::device::{Counters, Gpu};
 use crate::error::{Error, Result};

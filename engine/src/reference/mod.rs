@@ -7,3 +7,4 @@ pub mod elementwise;
 pub mod linear;
 pub mod norm;
 pub mod sample;
+pub mod scheduler;

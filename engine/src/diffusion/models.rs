@@ -1,0 +1,132 @@
+//! A diffusers pipeline folder loaded onto the GPU: tokenizer, text encoder, U-Net and VAE
+//! weights and configs, with one-shot entry points for each component (used by the tests and
+//! by the denoising loop's setup).
+
+use super::clip::{text_encoder, ClipConfig, ClipTokenizer};
+use super::unet::{time_embedding, Unet, UnetConfig};
+use super::vae::{decode, VaeConfig};
+use super::weights::{component_safetensors, ComponentWeights};
+use crate::device::Gpu;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::llm::ModelFiles;
+use crate::CompileOptions;
+use std::sync::Arc;
+
+/// The loaded components of a Stable Diffusion pipeline.
+pub struct SdModels {
+    pub gpu: Arc<Gpu>,
+    pub tokenizer: ClipTokenizer,
+    pub clip_cfg: ClipConfig,
+    pub unet_cfg: UnetConfig,
+    pub vae_cfg: VaeConfig,
+    /// `scheduler/scheduler_config.json` as text.
+    pub scheduler_config: String,
+    pub text: ComponentWeights,
+    pub unet: ComponentWeights,
+    pub vae: ComponentWeights,
+}
+
+fn text(files: &ModelFiles, name: &str) -> Result<String> {
+    let b = files.get(name).ok_or_else(|| Error::Data { name: "pipeline".into(), msg: format!("missing {name}") })?;
+    String::from_utf8(b.clone()).map_err(|_| Error::Data { name: name.into(), msg: "not UTF-8".into() })
+}
+
+/// Reads a diffusers pipeline folder: every file the loader needs, keyed by relative path.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
+    if !dir.join("model_index.json").is_file() {
+        return Err(Error::Data { name: dir.display().to_string(), msg: "not a diffusers pipeline folder (no model_index.json)".into() });
+    }
+    let mut files = ModelFiles::new();
+    let wanted = [
+        "model_index.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "scheduler/scheduler_config.json",
+    ];
+    for name in wanted {
+        let p = dir.join(name);
+        if p.is_file() {
+            files.insert(name.to_string(), std::fs::read(&p).map_err(|e| Error::Data { name: p.display().to_string(), msg: e.to_string() })?);
+        }
+    }
+    Ok(files)
+}
+
+impl SdModels {
+    /// Parses configs and weights (uploads happen as graphs are built).
+    pub fn load(gpu: &Arc<Gpu>, files: &ModelFiles) -> Result<SdModels> {
+        let tc = files.get("tokenizer/tokenizer_config.json").map(|b| String::from_utf8_lossy(b).to_string());
+        let tokenizer = ClipTokenizer::from_vocab_merges(&text(files, "tokenizer/vocab.json")?, &text(files, "tokenizer/merges.txt")?, tc.as_deref())?;
+        Ok(SdModels {
+            gpu: gpu.clone(),
+            tokenizer,
+            clip_cfg: ClipConfig::from_json(&text(files, "text_encoder/config.json")?)?,
+            unet_cfg: UnetConfig::from_json(&text(files, "unet/config.json")?)?,
+            vae_cfg: VaeConfig::from_json(&text(files, "vae/config.json")?)?,
+            scheduler_config: text(files, "scheduler/scheduler_config.json")?,
+            text: ComponentWeights::new(gpu, "text_encoder", component_safetensors(files, "text_encoder", "model")?),
+            unet: ComponentWeights::new(gpu, "unet", component_safetensors(files, "unet", "diffusion_pytorch_model")?),
+            vae: ComponentWeights::new(gpu, "vae", component_safetensors(files, "vae", "diffusion_pytorch_model")?),
+        })
+    }
+
+    /// Last hidden states `[batch, 77, hidden]` of the text encoder for token ids `[batch * 77]`.
+    pub async fn encode_text(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let len = self.tokenizer.max_len;
+        let batch = ids.len() / len;
+        let mut g = Graph::new();
+        let iv = g.input("ids", &[ids.len()], DType::U32)?;
+        let h = text_encoder(&mut g, &mut self.text, &self.clip_cfg, iv, batch, len)?;
+        g.output(h);
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_u32(iv, ids)?;
+        plan.run()?;
+        plan.read_f32(h).await
+    }
+
+    /// One U-Net evaluation: sample `[b, c, h, w]`, timestep `t`, text states `[b, n, d]`.
+    pub async fn unet_eval(&mut self, sample: &[f32], shape: [usize; 4], t: f32, context: &[f32], ctx_len: usize) -> Result<Vec<f32>> {
+        let mut g = Graph::new();
+        let xs = g.input("sample", &shape, DType::F32)?;
+        let tv = g.input("t", &[1], DType::F32)?;
+        let cd = self.unet_cfg.cross_attention_dim;
+        let cv = g.input("context", &[shape[0], ctx_len, cd], DType::F32)?;
+        let temb = time_embedding(&mut g, &mut self.unet, &self.unet_cfg, tv)?;
+        let cfg = self.unet_cfg.clone();
+        let mut u = Unet { w: &mut self.unet, cfg: &cfg, temb, context: cv };
+        let y = u.forward(&mut g, xs)?;
+        g.output(y);
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_f32(xs, sample)?;
+        plan.write_f32(tv, &[t])?;
+        plan.write_f32(cv, context)?;
+        plan.run()?;
+        plan.read_f32(y).await
+    }
+
+    /// VAE decode of `z` `[b, latent, h, w]` (already divided by the scaling factor).
+    pub async fn vae_decode(&mut self, z: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
+        let mut g = Graph::new();
+        let zv = g.input("z", &shape, DType::F32)?;
+        let y = decode(&mut g, &mut self.vae, &self.vae_cfg, zv)?;
+        g.output(y);
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_f32(zv, z)?;
+        plan.run()?;
+        plan.read_f32(y).await
+    }
+}
+

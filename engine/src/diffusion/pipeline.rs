@@ -1,0 +1,219 @@
+//! The denoising loop on the GPU: text encoder once (its states stay on the GPU), then one
+//! compiled graph replayed per step (U-Net on the CFG batch + the scheduler update, noise from
+//! the seeded GPU RNG), then the VAE decode. Nothing is read back until the image.
+
+use super::models::SdModels;
+use super::schedulers::{SchedulerConfig, SchedulerKind};
+use super::unet::{time_embedding, Unet};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::kernels::scheduler::StepValues;
+use crate::tensor::Tensor;
+use crate::{CompileOptions, Dyn};
+use std::sync::Arc;
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct ImageOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at most 1 disables guidance (diffusers' rule).
+    pub guidance: f32,
+    /// `None`: the scheduler named by the pipeline (Euler when it is not supported).
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u32,
+    pub width: usize,
+    pub height: usize,
+    /// Initial latents `[1, c, h/8, w/8]` with diffusers' `latents=` meaning (unscaled standard
+    /// normal); `None` draws them from the GPU RNG.
+    pub latents: Option<Vec<f32>>,
+    /// Noise per step for the ancestral/LCM schedulers instead of the GPU RNG (to replay a
+    /// reference run exactly).
+    pub step_noise: Option<Vec<Vec<f32>>>,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 0,
+            width: 512,
+            height: 512,
+            latents: None,
+            step_noise: None,
+        }
+    }
+}
+
+/// A generated image.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB, 8 bits per channel.
+    pub rgb: Vec<u8>,
+    /// The decoder's raw output `[3, h, w]` in [-1, 1].
+    pub raw: Vec<f32>,
+    /// Messages for the user (e.g. a scheduler substitution).
+    pub notes: Vec<String>,
+}
+
+/// Per-step seed of the noise stream: distinct per step, fixed by the user's seed.
+fn step_seed(seed: u32, step: usize) -> u32 {
+    seed.wrapping_mul(0x9E37_79B9).wrapping_add((step as u32 + 1).wrapping_mul(0x85EB_CA6B))
+}
+
+impl SdModels {
+    /// Runs the pipeline. `on_step(done, total)` is called after each denoising step.
+    pub async fn generate(&mut self, opts: &ImageOptions, on_step: &mut dyn FnMut(usize, usize)) -> Result<Image> {
+        let f = self.vae_cfg.scale_factor();
+        if opts.width % f != 0 || opts.height % f != 0 || opts.width == 0 || opts.height == 0 {
+            return Err(Error::Unsupported(format!("size {}x{} (width and height must be positive multiples of {f})", opts.width, opts.height)));
+        }
+        if opts.steps == 0 || opts.steps > 1000 {
+            return Err(Error::Unsupported(format!("{} steps (1 to 1000)", opts.steps)));
+        }
+        let gpu = self.gpu.clone();
+        let sc = SchedulerConfig::from_json(&self.scheduler_config, opts.scheduler)?;
+        let mut notes: Vec<String> = sc.note.iter().cloned().collect();
+        let sched = sc.schedule(opts.steps)?;
+        let cfg = opts.guidance > 1.0;
+        let batch = if cfg { 2 } else { 1 };
+        let c = self.unet_cfg.in_channels;
+        let (lh, lw) = (opts.height / f, opts.width / f);
+        let lat_shape = [1, c, lh, lw];
+        let n = c * lh * lw;
+        if let Some(l) = &opts.latents {
+            if l.len() != n {
+                return Err(Error::Data { name: "latents".into(), msg: format!("{} values, expected {lat_shape:?} = {n}", l.len()) });
+            }
+        }
+
+        // Text states of [negative, prompt] (or just the prompt) stay on the GPU.
+        let len = self.tokenizer.max_len;
+        let mut ids = Vec::new();
+        if cfg {
+            ids.extend(self.tokenizer.encode(&opts.negative_prompt)?);
+        }
+        ids.extend(self.tokenizer.encode(&opts.prompt)?);
+        let hidden = self.clip_cfg.hidden;
+        let context = Arc::new(Tensor::zeros(&gpu, "context", &[batch, len, hidden], DType::F32)?);
+        {
+            let mut g = Graph::new();
+            let iv = g.input("ids", &[ids.len()], DType::U32)?;
+            let h = super::clip::text_encoder(&mut g, &mut self.text, &self.clip_cfg, iv, batch, len)?;
+            let cv = g.tensor(&context);
+            g.copy_into(h, cv, Dyn::Static(0))?;
+            let plan = g.compile(&gpu, CompileOptions::default()).await?;
+            plan.write_u32(iv, &ids)?;
+            plan.run()?;
+        }
+
+        // State: the sample, DPM++'s previous x0, the next U-Net input (batch copies).
+        let x = Arc::new(Tensor::zeros(&gpu, "x", &lat_shape, DType::F32)?);
+        let x0_prev = Arc::new(Tensor::zeros(&gpu, "x0_prev", &lat_shape, DType::F32)?);
+        let unet_in = Arc::new(Tensor::zeros(&gpu, "unet_in", &[batch, c, lh, lw], DType::F32)?);
+        let steps = sched.steps();
+        let coeffs = Arc::new(Tensor::from_f32(&gpu, "coeffs", &[steps, crate::diffusion::schedulers::COEFFS], &sched.coeff_table())?);
+        let timesteps = Arc::new(Tensor::from_f32(&gpu, "timesteps", &[steps, 1], &sched.timesteps)?);
+        let guidance = Arc::new(Tensor::from_f32(&gpu, "guidance", &[1], &[opts.guidance])?);
+
+        // Initial latents: given, or from the GPU RNG; scaled by the init sigma.
+        {
+            let mut g = Graph::new();
+            let seed = g.scalar("seed")?;
+            let (lat, lat_in) = match &opts.latents {
+                Some(_) => {
+                    let v = g.input("latents", &lat_shape, DType::F32)?;
+                    (v, Some(v))
+                }
+                None => (g.randn(&lat_shape, Dyn::slot(seed), 0)?, None),
+            };
+            let xs = g.scale(lat, sched.init_noise_sigma, 0.0)?;
+            let xv = g.tensor(&x);
+            g.copy_into(xs, xv, Dyn::Static(0))?;
+            let first = g.scale(xs, sched.first_input_scale, 0.0)?;
+            let uv = g.tensor(&unet_in);
+            for k in 0..batch {
+                g.copy_into(first, uv, Dyn::Static((k * n) as u32))?;
+            }
+            let mut plan = g.compile(&gpu, CompileOptions::default()).await?;
+            plan.set(seed, opts.seed);
+            if let (Some(l), Some(v)) = (&opts.latents, lat_in) {
+                plan.write_f32(v, l)?;
+            }
+            plan.run()?;
+        }
+
+        // The step graph, compiled once and replayed.
+        let needs_noise = sched.coeffs.iter().any(|k| k.s != 0.0);
+        let mut g = Graph::new();
+        let step = g.scalar("step")?;
+        let noise_seed = g.scalar("noise_seed")?;
+        let tt = g.tensor(&timesteps);
+        let t = g.slice_rows(tt, Dyn::slot(step), 1)?;
+        let t = g.reshape(t, &[1])?;
+        let temb = time_embedding(&mut g, &mut self.unet, &self.unet_cfg, t)?;
+        let ctx = g.tensor(&context);
+        let unet_cfg = self.unet_cfg.clone();
+        let uin = g.tensor(&unet_in);
+        let model_out = Unet { w: &mut self.unet, cfg: &unet_cfg, temb, context: ctx }.forward(&mut g, uin)?;
+        let noise_input = opts.step_noise.is_some() && needs_noise;
+        let noise = if !needs_noise {
+            None
+        } else if noise_input {
+            Some(g.input("noise", &lat_shape, DType::F32)?)
+        } else {
+            Some(g.randn(&lat_shape, Dyn::slot(noise_seed), 1)?)
+        };
+        let v = StepValues {
+            model_out,
+            coeffs: g.tensor(&coeffs),
+            guidance: g.tensor(&guidance),
+            x: g.tensor(&x),
+            x0_prev: g.tensor(&x0_prev),
+            unet_in: uin,
+            noise,
+        };
+        g.scheduler_step(&v, Dyn::slot(step))?;
+        let mut plan = g.compile(&gpu, CompileOptions::default()).await?;
+        for i in 0..steps {
+            plan.set(step, i as u32);
+            plan.set(noise_seed, step_seed(opts.seed, i));
+            if let (true, Some(all), Some(nv)) = (noise_input, &opts.step_noise, noise) {
+                let nz = all.get(i).ok_or_else(|| Error::Data { name: "step_noise".into(), msg: format!("no noise for step {i}") })?;
+                plan.write_f32(nv, nz)?;
+            }
+            plan.run()?;
+            on_step(i + 1, steps);
+        }
+
+        // Decode.
+        let mut g = Graph::new();
+        let xv = g.tensor(&x);
+        let z = g.scale(xv, 1.0 / self.vae_cfg.scaling_factor, 0.0)?;
+        let img = super::vae::decode(&mut g, &mut self.vae, &self.vae_cfg, z)?;
+        g.output(img);
+        let plan = g.compile(&gpu, CompileOptions::default()).await?;
+        let out = plan.run_read(&[img]).await?;
+        let raw: Vec<f32> = bytemuck::pod_collect_to_vec(&out[0]);
+        let (h, w) = (opts.height, opts.width);
+        if raw.len() != 3 * h * w {
+            notes.push(format!("decoder produced {} values for {w}x{h}", raw.len()));
+        }
+        let mut rgb = vec![0u8; 3 * h * w];
+        for p in 0..(h * w).min(raw.len() / 3) {
+            for ch in 0..3 {
+                let v = (raw[ch * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+                rgb[p * 3 + ch] = (v * 255.0).round() as u8;
+            }
+        }
+        Ok(Image { width: w, height: h, rgb, raw, notes })
+    }
+}

@@ -1,0 +1,585 @@
+//! Diffusion schedulers as diffusers defines them, configured from a `scheduler_config.json`.
+//!
+//! All the maths of a schedule (timesteps, sigmas, per-step coefficients) runs once on the CPU
+//! in [`SchedulerConfig::schedule`]; the GPU runs one kernel per step
+//! ([`crate::Graph::scheduler_step`]) that reads row `i` of the coefficient table. Every
+//! scheduler is the same update with its own [`StepCoeffs`]:
+//!
+//! ```text
+//! m   = cfg && g > 1 ? m_uncond + g (m_cond - m_uncond) : m_cond
+//! x0  = clamp(a x + b m, -clip, clip)          (no clamp when clip = 0)
+//! x'  = p x + q x0 + r x0_prev + s noise + t m
+//! x0_prev <- x0;  unet_in[k] <- in_scale x'   for each batch copy k
+//! ```
+//!
+//! `x` is the scheduler's sample (diffusers' `sample`, unscaled), `m` the model output and
+//! `in_scale` the `scale_model_input` factor of the next step. With `ac` the training
+//! `alphas_cumprod` (f32, computed exactly as diffusers does), per step `i` at timestep `t`:
+//!
+//! - **DDIM** (`scheduling_ddim.py`, `eta = 0`): `ap = ac[t]`, `ap' = ac[t - T/n]` (or
+//!   `final_alpha_cumprod`). epsilon: `a = 1/√ap, b = -√(1-ap)/√ap`, `q = √ap', t = √(1-ap')`;
+//!   v: `a = √ap, b = -√(1-ap)`, `q = √ap', p = √(1-ap')√(1-ap), t = √(1-ap')√ap` (the
+//!   predicted epsilon is `√ap m + √(1-ap) x`). `clip = clip_sample_range` with `clip_sample`.
+//! - **Euler** (`scheduling_euler_discrete.py`, no churn): `σ = sigmas[i], σ' = sigmas[i+1]`.
+//!   epsilon: `a = 1, b = -σ`; v: `a = 1/(σ²+1), b = -σ/√(σ²+1)`; `p = σ'/σ, q = 1 - σ'/σ`.
+//!   `in_scale = 1/√(σ'²+1)`.
+//! - **Euler ancestral** (`scheduling_euler_ancestral_discrete.py`): x0 as Euler,
+//!   `σ_up = √(σ'²(σ²-σ'²)/σ²)`, `σ_down = √(σ'²-σ_up²)`, `p = σ_down/σ, q = 1 - p, s = σ_up`.
+//!   diffusers draws noise at every step (the last with `σ_up = 0`).
+//! - **DPM++ 2M** (`scheduling_dpmsolver_multistep.py`, `dpmsolver++`): `α(σ) = 1/√(σ²+1)`,
+//!   `σ_vp = σα`, `λ = ln α - ln σ_vp`, `h = λ_t - λ_s0`, `r0 = (λ_s0 - λ_s1)/h`. epsilon:
+//!   `a = 1/α_s, b = -σ_s`; v: `a = α_s, b = -σ_vp,s`. First order: `p = σ_vp,t/σ_vp,s`,
+//!   `q = -α_t(e^-h - 1)`. Second order midpoint: `q = -α_t(e^-h - 1)(1 + 1/(2 r0))`,
+//!   `r = α_t(e^-h - 1)/(2 r0)`; heun: `q = -α_t(e^-h - 1) + α_t((e^-h - 1)/h + 1)/r0`,
+//!   `r = -α_t((e^-h - 1)/h + 1)/r0`. First order at step 0 (no history yet) and at the last
+//!   step: diffusers' `lower_order_final` condition always holds there because the final sigma
+//!   is zero (`final_sigmas_type` "zero", the only one supported), whatever
+//!   `lower_order_final`/`euler_at_final` say, and the first-order update with `σ_t = 0` is
+//!   `x' = x0`. (`lower_order_second` only matters for order 3.)
+//! - **LCM** (`scheduling_lcm.py`): x0 as DDIM, `c_skip = 0.25/((t τ)² + 0.25)`,
+//!   `c_out = t τ/√((t τ)² + 0.25)` with `τ = timestep_scaling`; `ap'` of the next timestep.
+//!   `p = √ap' c_skip, q = √ap' c_out, s = √(1-ap')`, except the last step which returns the
+//!   denoised sample without noise: `p = c_skip, q = c_out, s = 0`.
+//!
+//! After the last step `in_scale = 1` (unet_in then holds the final latents).
+
+use crate::error::{Error, Result};
+pub use crate::kernels::scheduler::COEFFS;
+use serde_json::Value as Json;
+
+/// The schedulers Kiln runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchedulerKind {
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmSolverMultistep,
+    Lcm,
+}
+
+impl SchedulerKind {
+    /// All kinds, in CLI order.
+    pub const ALL: [SchedulerKind; 5] = [Self::Ddim, Self::Euler, Self::EulerAncestral, Self::DpmSolverMultistep, Self::Lcm];
+
+    /// diffusers' class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Ddim => "DDIMScheduler",
+            Self::Euler => "EulerDiscreteScheduler",
+            Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            Self::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            Self::Lcm => "LCMScheduler",
+        }
+    }
+
+    /// The CLI name (`--scheduler`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Ddim => "ddim",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::DpmSolverMultistep => "dpm++2m",
+            Self::Lcm => "lcm",
+        }
+    }
+
+    /// The kind of a CLI name.
+    pub fn from_cli(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|k| k.cli_name() == name).ok_or_else(|| {
+            Error::Unsupported(format!("scheduler '{name}' (expected one of ddim, euler, euler-a, dpm++2m, lcm)"))
+        })
+    }
+
+    fn from_class(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.class_name() == name)
+    }
+}
+
+/// What the model predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+    SquaredCos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// A parsed `scheduler_config.json`, with diffusers' per-class defaults for absent keys.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub kind: SchedulerKind,
+    pub prediction: Prediction,
+    /// Set when the file names a class Kiln does not run; says which one is used instead.
+    pub note: Option<String>,
+    num_train_timesteps: usize,
+    beta_start: f64,
+    beta_end: f64,
+    beta_schedule: BetaSchedule,
+    spacing: Spacing,
+    steps_offset: usize,
+    set_alpha_to_one: bool,
+    /// `clip_sample_range` when `clip_sample` (DDIM, LCM).
+    clip: Option<f64>,
+    original_inference_steps: usize,
+    timestep_scaling: f64,
+    solver_order: usize,
+    heun: bool,
+    lambda_min_clipped: f64,
+}
+
+/// Reads keys of the config object with diffusers' defaults (`null` counts as absent).
+struct Keys<'a>(&'a serde_json::Map<String, Json>);
+
+fn bad(msg: String) -> Error {
+    Error::Data { name: "scheduler_config.json".into(), msg }
+}
+
+impl Keys<'_> {
+    fn get(&self, k: &str) -> Option<&Json> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+    fn num(&self, k: &str, default: f64) -> Result<f64> {
+        self.get(k).map_or(Ok(default), |v| v.as_f64().ok_or_else(|| bad(format!("'{k}': expected a number, found {v}"))))
+    }
+    fn count(&self, k: &str, default: usize) -> Result<usize> {
+        let v = self.num(k, default as f64)?;
+        if v < 0.0 || v.fract() != 0.0 || v > 1e9 {
+            return Err(bad(format!("'{k}': expected a non-negative integer, found {v}")));
+        }
+        Ok(v as usize)
+    }
+    fn flag(&self, k: &str, default: bool) -> Result<bool> {
+        self.get(k).map_or(Ok(default), |v| v.as_bool().ok_or_else(|| bad(format!("'{k}': expected true or false, found {v}"))))
+    }
+    fn text<'b>(&'b self, k: &str, default: &'b str) -> Result<&'b str> {
+        self.get(k).map_or(Ok(default), |v| v.as_str().ok_or_else(|| bad(format!("'{k}': expected a string, found {v}"))))
+    }
+    /// Errors when `k` is set to anything but `default` (a feature Kiln does not implement).
+    fn only(&self, k: &str, default: Json) -> Result<()> {
+        match self.get(k) {
+            Some(v) if *v != default => Err(Error::Unsupported(format!("scheduler_config.json '{k}' = {v} (only {default} is supported)"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Parses a diffusers `scheduler_config.json`. `kind` overrides the file's `_class_name`
+    /// (the config's values still apply, as diffusers' `from_config` does); a class Kiln does
+    /// not run maps to Euler with a [`Self::note`].
+    pub fn from_json(text: &str, kind: Option<SchedulerKind>) -> Result<Self> {
+        let json: Json = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = json.as_object().ok_or_else(|| bad(format!("expected a JSON object, found {json}")))?;
+        let keys = Keys(obj);
+        let class = keys.text("_class_name", "")?;
+        let mut note = None;
+        let kind = match (kind, SchedulerKind::from_class(class)) {
+            (Some(k), _) | (None, Some(k)) => k,
+            (None, None) => {
+                let name = if class.is_empty() { "a config without _class_name" } else { class };
+                note = Some(format!("{name} is not supported; using EulerDiscreteScheduler"));
+                SchedulerKind::Euler
+            }
+        };
+        use SchedulerKind::*;
+        let (start, end, schedule, spacing) = match kind {
+            Lcm => (0.00085, 0.012, "scaled_linear", "leading"),
+            Ddim => (0.0001, 0.02, "linear", "leading"),
+            _ => (0.0001, 0.02, "linear", "linspace"),
+        };
+        let prediction = match keys.text("prediction_type", "epsilon")? {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::VPrediction,
+            other => return Err(Error::Unsupported(format!("prediction_type '{other}' (expected epsilon or v_prediction)"))),
+        };
+        let beta_schedule = match keys.text("beta_schedule", schedule)? {
+            "linear" => BetaSchedule::Linear,
+            "scaled_linear" => BetaSchedule::ScaledLinear,
+            "squaredcos_cap_v2" => BetaSchedule::SquaredCos,
+            other => return Err(Error::Unsupported(format!("beta_schedule '{other}' (expected linear, scaled_linear or squaredcos_cap_v2)"))),
+        };
+        let spacing = match keys.text("timestep_spacing", spacing)? {
+            "leading" => Spacing::Leading,
+            "trailing" => Spacing::Trailing,
+            "linspace" => Spacing::Linspace,
+            other => return Err(Error::Unsupported(format!("timestep_spacing '{other}' (expected leading, trailing or linspace)"))),
+        };
+        keys.only("trained_betas", Json::Null)?;
+        keys.only("rescale_betas_zero_snr", false.into())?;
+        if matches!(kind, Ddim | Lcm | DpmSolverMultistep) {
+            keys.only("thresholding", false.into())?;
+        }
+        if matches!(kind, Euler | DpmSolverMultistep) {
+            for k in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
+                keys.only(k, false.into())?;
+            }
+            keys.only("final_sigmas_type", "zero".into())?;
+        }
+        if kind == Euler {
+            keys.only("interpolation_type", "linear".into())?;
+            keys.only("timestep_type", "discrete".into())?;
+        }
+        if kind == DpmSolverMultistep {
+            keys.only("algorithm_type", "dpmsolver++".into())?;
+            keys.only("use_lu_lambdas", false.into())?;
+            keys.only("use_flow_sigmas", false.into())?;
+            keys.only("variance_type", Json::Null)?;
+        }
+        let solver_order = keys.count("solver_order", 2)?;
+        if kind == DpmSolverMultistep && !matches!(solver_order, 1 | 2) {
+            return Err(Error::Unsupported(format!("solver_order {solver_order} (1 or 2 supported)")));
+        }
+        let heun = match keys.text("solver_type", "midpoint")? {
+            "midpoint" => false,
+            "heun" => true,
+            other if kind == DpmSolverMultistep => return Err(Error::Unsupported(format!("solver_type '{other}' (expected midpoint or heun)"))),
+            _ => false,
+        };
+        let num_train_timesteps = keys.count("num_train_timesteps", 1000)?;
+        if num_train_timesteps < 2 {
+            return Err(bad(format!("'num_train_timesteps': expected at least 2, found {num_train_timesteps}")));
+        }
+        let clip_default = kind == Ddim;
+        let clip = keys.flag("clip_sample", clip_default)?.then(|| keys.num("clip_sample_range", 1.0)).transpose()?;
+        Ok(SchedulerConfig {
+            kind,
+            prediction,
+            note,
+            num_train_timesteps,
+            beta_start: keys.num("beta_start", start)?,
+            beta_end: keys.num("beta_end", end)?,
+            beta_schedule,
+            spacing,
+            steps_offset: keys.count("steps_offset", 0)?,
+            set_alpha_to_one: keys.flag("set_alpha_to_one", true)?,
+            clip: clip.filter(|_| matches!(kind, Ddim | Lcm)),
+            original_inference_steps: keys.count("original_inference_steps", 50)?,
+            timestep_scaling: keys.num("timestep_scaling", 10.0)?,
+            solver_order,
+            heun,
+            lambda_min_clipped: keys.num("lambda_min_clipped", f64::NEG_INFINITY)?,
+        })
+    }
+
+    /// diffusers' `alphas_cumprod`, bit for bit: betas in f32 as torch computes them
+    /// (`linspace` with an f32 step and fused multiply-adds), `1 - beta` in f32, the cumulative
+    /// product accumulated in f64 and rounded to f32 (torch's CPU `cumprod`).
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let n = self.num_train_timesteps;
+        let linspace = |a: f64, b: f64| -> Vec<f32> {
+            let (s, e) = (a as f32, b as f32);
+            let step = (e - s) / (n - 1) as f32;
+            (0..n).map(|i| if i < n / 2 { step.mul_add(i as f32, s) } else { (-step).mul_add((n - 1 - i) as f32, e) }).collect()
+        };
+        let betas: Vec<f32> = match self.beta_schedule {
+            BetaSchedule::Linear => linspace(self.beta_start, self.beta_end),
+            BetaSchedule::ScaledLinear => linspace(self.beta_start.sqrt(), self.beta_end.sqrt()).iter().map(|b| b * b).collect(),
+            BetaSchedule::SquaredCos => {
+                // betas_for_alpha_bar (Glide's cosine schedule), in Python floats.
+                let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                (0..n).map(|i| (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(0.999) as f32).collect()
+            }
+        };
+        let mut acc = 1f64;
+        betas.iter().map(|b| {
+            acc *= (1.0f32 - b) as f64;
+            acc as f32
+        }).collect()
+    }
+
+    /// The schedule of `steps` denoising steps (diffusers' `set_timesteps` + every `step`).
+    pub fn schedule(&self, steps: usize) -> Result<Schedule> {
+        let tt = self.num_train_timesteps;
+        if steps == 0 || steps > tt {
+            return Err(Error::Unsupported(format!("{steps} inference steps (1 ..= num_train_timesteps = {tt})")));
+        }
+        let ac = self.alphas_cumprod();
+        // diffusers' sigma table: torch f32 ((1 - ac) / ac) ** 0.5.
+        let train_sigmas: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        let final_ac = if self.set_alpha_to_one { 1.0 } else { ac[0] as f64 };
+        let ac_at = |t: f64| if t >= 0.0 { ac[t as usize] as f64 } else { final_ac };
+        match self.kind {
+            SchedulerKind::Ddim => Ok(self.ddim(steps, &ac_at)),
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => Ok(self.euler(steps, &train_sigmas)),
+            SchedulerKind::DpmSolverMultistep => self.dpm(steps, &ac, &train_sigmas),
+            SchedulerKind::Lcm => self.lcm(steps, &ac_at),
+        }
+    }
+
+    fn x0_from_alpha(&self, ap: f64) -> (f64, f64) {
+        match self.prediction {
+            Prediction::Epsilon => (1.0 / ap.sqrt(), -(1.0 - ap).sqrt() / ap.sqrt()),
+            Prediction::VPrediction => (ap.sqrt(), -(1.0 - ap).sqrt()),
+        }
+    }
+
+    fn clip(&self) -> f64 {
+        self.clip.unwrap_or(0.0)
+    }
+
+    fn ddim(&self, steps: usize, ac_at: &dyn Fn(f64) -> f64) -> Schedule {
+        let tt = self.num_train_timesteps;
+        let timesteps: Vec<f64> = match self.spacing {
+            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps).iter().rev().map(|t| t.round_ties_even()).collect(),
+            Spacing::Leading => leading(steps, tt / steps, self.steps_offset),
+            Spacing::Trailing => trailing(tt as f64, tt as f64 / steps as f64),
+        };
+        let ratio = (tt / steps) as f64;
+        let coeffs = timesteps.iter().map(|&t| {
+            let (ap, prev) = (ac_at(t), ac_at(t - ratio));
+            let (a, b) = self.x0_from_alpha(ap);
+            let (p, t_m) = match self.prediction {
+                Prediction::Epsilon => (0.0, (1.0 - prev).sqrt()),
+                Prediction::VPrediction => ((1.0 - prev).sqrt() * (1.0 - ap).sqrt(), (1.0 - prev).sqrt() * ap.sqrt()),
+            };
+            StepCoeffs::new(a, b, self.clip(), p, prev.sqrt(), 0.0, 0.0, t_m, 1.0)
+        });
+        let sigmas = timesteps.iter().map(|&t| ac_at(t)).chain([ac_at(timesteps[timesteps.len() - 1] - ratio)]);
+        Schedule::vp(self.kind, &timesteps, sigmas, coeffs.collect())
+    }
+
+    fn lcm(&self, steps: usize, ac_at: &dyn Fn(f64) -> f64) -> Result<Schedule> {
+        let tt = self.num_train_timesteps;
+        let orig = self.original_inference_steps;
+        if orig == 0 || orig > tt || steps > orig {
+            return Err(Error::Unsupported(format!("{steps} LCM steps with original_inference_steps {orig} (need steps <= {orig} <= {tt})")));
+        }
+        let k = tt / orig;
+        // lcm_origin_timesteps reversed, sampled at floor(linspace(0, len, steps, endpoint=False)).
+        let origin: Vec<f64> = (1..=orig).rev().map(|i| (i * k - 1) as f64).collect();
+        let timesteps: Vec<f64> = (0..steps).map(|i| origin[(i as f64 * (orig as f64 / steps as f64)).floor() as usize]).collect();
+        let n = timesteps.len();
+        let mut coeffs = Vec::with_capacity(n);
+        for (i, &t) in timesteps.iter().enumerate() {
+            let ap = ac_at(t);
+            let (a, b) = self.x0_from_alpha(ap);
+            let st = t * self.timestep_scaling;
+            let c_skip = 0.25 / (st * st + 0.25);
+            let c_out = st / (st * st + 0.25).sqrt();
+            coeffs.push(if i + 1 < n {
+                let prev = ac_at(timesteps[i + 1]);
+                StepCoeffs::new(a, b, self.clip(), prev.sqrt() * c_skip, prev.sqrt() * c_out, 0.0, (1.0 - prev).sqrt(), 0.0, 1.0)
+            } else {
+                StepCoeffs::new(a, b, self.clip(), c_skip, c_out, 0.0, 0.0, 0.0, 1.0)
+            });
+        }
+        let sigmas = timesteps.iter().map(|&t| ac_at(t)).chain([1.0]);
+        Ok(Schedule::vp(self.kind, &timesteps, sigmas, coeffs))
+    }
+
+    fn euler(&self, steps: usize, train_sigmas: &[f32]) -> Schedule {
+        let tt = self.num_train_timesteps;
+        // Euler keeps fractional linspace timesteps (f32), unlike DDIM.
+        let timesteps: Vec<f64> = match self.spacing {
+            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps).iter().rev().map(|&t| t as f32 as f64).collect(),
+            Spacing::Leading => leading(steps, tt / steps, self.steps_offset),
+            Spacing::Trailing => trailing(tt as f64, tt as f64 / steps as f64),
+        };
+        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
+        sigmas.push(0.0);
+        let max = sigmas.iter().fold(0f32, |m, &s| m.max(s)) as f64;
+        let init = if self.spacing == Spacing::Leading { (max * max + 1.0).sqrt() } else { max };
+        let scale = |s: f64| 1.0 / (s * s + 1.0).sqrt();
+        let n = timesteps.len();
+        let coeffs = (0..n).map(|i| {
+            let (s, s1) = (sigmas[i] as f64, sigmas[i + 1] as f64);
+            let (a, b) = match self.prediction {
+                Prediction::Epsilon => (1.0, -s),
+                Prediction::VPrediction => (1.0 / (s * s + 1.0), -s / (s * s + 1.0).sqrt()),
+            };
+            let in_scale = if i + 1 < n { scale(s1) } else { 1.0 };
+            if self.kind == SchedulerKind::EulerAncestral {
+                let up = (s1 * s1 * (s * s - s1 * s1) / (s * s)).sqrt();
+                let down = (s1 * s1 - up * up).sqrt();
+                StepCoeffs::new(a, b, 0.0, down / s, 1.0 - down / s, 0.0, up, 0.0, in_scale)
+            } else {
+                StepCoeffs::new(a, b, 0.0, s1 / s, 1.0 - s1 / s, 0.0, 0.0, 0.0, in_scale)
+            }
+        });
+        let coeffs = coeffs.collect();
+        Schedule {
+            kind: self.kind,
+            timesteps: timesteps.iter().map(|&t| t as f32).collect(),
+            init_noise_sigma: init as f32,
+            first_input_scale: scale(sigmas[0] as f64) as f32,
+            sigmas,
+            coeffs,
+        }
+    }
+
+    fn dpm(&self, steps: usize, ac: &[f32], train_sigmas: &[f32]) -> Result<Schedule> {
+        let tt = self.num_train_timesteps;
+        // lambda_min_clipped: drop the timesteps whose log-SNR is below it.
+        let lambda = |a: f32| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln();
+        let clipped = ac.iter().filter(|&&a| lambda(a) < self.lambda_min_clipped).count();
+        let last = tt - clipped;
+        if last < 2 {
+            return Err(Error::Unsupported(format!("lambda_min_clipped {} leaves {last} timesteps", self.lambda_min_clipped)));
+        }
+        let timesteps: Vec<f64> = match self.spacing {
+            Spacing::Linspace => linspace(0.0, (last - 1) as f64, steps + 1).iter().rev().take(steps).map(|t| t.round_ties_even()).collect(),
+            Spacing::Leading => leading(steps + 1, last / (steps + 1), self.steps_offset).into_iter().take(steps).collect(),
+            Spacing::Trailing => trailing(last as f64, tt as f64 / steps as f64),
+        };
+        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
+        sigmas.push(0.0);
+        let n = timesteps.len();
+        // (alpha, sigma_vp, lambda) of a VE sigma (_sigma_to_alpha_sigma_t).
+        let vp = |s: f32| {
+            let alpha = 1.0 / ((s as f64).powi(2) + 1.0).sqrt();
+            let sv = s as f64 * alpha;
+            (alpha, sv, alpha.ln() - sv.ln())
+        };
+        let mut coeffs = Vec::with_capacity(n);
+        for i in 0..n {
+            let (a_s, s_s, l_s) = vp(sigmas[i]);
+            let (a_t, s_t, l_t) = vp(sigmas[i + 1]);
+            let (a, b) = match self.prediction {
+                Prediction::Epsilon => (1.0 / a_s, -s_s / a_s),
+                Prediction::VPrediction => (a_s, -s_s),
+            };
+            // The final sigma is zero (final_sigmas_type "zero"), so diffusers' lower_order_final
+            // condition always holds at the last step: a first-order update, which lands on x0.
+            let c = if i + 1 == n {
+                StepCoeffs::new(a, b, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+            } else {
+                let h = l_t - l_s;
+                let em1 = (-h).exp() - 1.0;
+                let (q, r) = if self.solver_order == 1 || i == 0 {
+                    (-a_t * em1, 0.0)
+                } else {
+                    let (_, _, l_s1) = vp(sigmas[i - 1]);
+                    let r0 = (l_s - l_s1) / h;
+                    if self.heun {
+                        let k = a_t * (em1 / h + 1.0) / r0;
+                        (-a_t * em1 + k, -k)
+                    } else {
+                        (-a_t * em1 * (1.0 + 0.5 / r0), a_t * em1 * 0.5 / r0)
+                    }
+                };
+                StepCoeffs::new(a, b, 0.0, s_t / s_s, q, r, 0.0, 0.0, 1.0)
+            };
+            coeffs.push(c);
+        }
+        Ok(Schedule { kind: self.kind, timesteps: timesteps.iter().map(|&t| t as f32).collect(), sigmas, init_noise_sigma: 1.0, first_input_scale: 1.0, coeffs })
+    }
+}
+
+/// `np.linspace(a, b, n)` in f64 (the last value is exactly `b`).
+fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
+    let step = if n > 1 { (b - a) / (n - 1) as f64 } else { 0.0 };
+    (0..n).map(|i| if i + 1 == n && n > 1 { b } else { a + i as f64 * step }).collect()
+}
+
+/// "leading": `arange(0, n) * ratio` reversed, plus `steps_offset`.
+fn leading(n: usize, ratio: usize, offset: usize) -> Vec<f64> {
+    (0..n).rev().map(|i| (i * ratio + offset) as f64).collect()
+}
+
+/// "trailing": `round(np.arange(start, 0, -ratio)) - 1`, with numpy's arange length and fill
+/// rule (so a few step counts get one extra timestep, as in diffusers).
+fn trailing(start: f64, ratio: f64) -> Vec<f64> {
+    let len = ((0.0 - start) / -ratio).ceil().max(0.0) as usize;
+    let delta = (start - ratio) - start;
+    (0..len).map(|i| (start + i as f64 * delta).round_ties_even() - 1.0).collect()
+}
+
+/// `np.interp(t, arange(len), table)` rounded to f32.
+fn interp(t: f64, table: &[f32]) -> f32 {
+    let j = (t.floor().max(0.0) as usize).min(table.len() - 1);
+    if j + 1 >= table.len() || t == j as f64 {
+        return table[j];
+    }
+    let (lo, hi) = (table[j] as f64, table[j + 1] as f64);
+    ((hi - lo) * (t - j as f64) + lo) as f32
+}
+
+/// One row of the coefficient table (see the module docs for the update it parametrizes).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepCoeffs {
+    /// `x0 = a x + b m`.
+    pub a: f32,
+    pub b: f32,
+    /// `x0` is clamped to `[-clip, clip]` when `clip > 0`.
+    pub clip: f32,
+    /// `x' = p x + q x0 + r x0_prev + s noise + t m`.
+    pub p: f32,
+    pub q: f32,
+    pub r: f32,
+    pub s: f32,
+    pub t: f32,
+    /// `unet_in = in_scale x'` (the next step's `scale_model_input`).
+    pub in_scale: f32,
+}
+
+impl StepCoeffs {
+    #[allow(clippy::too_many_arguments)]
+    fn new(a: f64, b: f64, clip: f64, p: f64, q: f64, r: f64, s: f64, t: f64, in_scale: f64) -> Self {
+        let f = |v: f64| v as f32;
+        StepCoeffs { a: f(a), b: f(b), clip: f(clip), p: f(p), q: f(q), r: f(r), s: f(s), t: f(t), in_scale: f(in_scale) }
+    }
+
+    /// The row as the kernel reads it: `[a, b, clip, p, q, r, s, t, in_scale]`.
+    pub fn to_row(&self) -> [f32; COEFFS] {
+        [self.a, self.b, self.clip, self.p, self.q, self.r, self.s, self.t, self.in_scale]
+    }
+
+    /// A row from the kernel's layout.
+    pub fn from_row(r: &[f32]) -> Self {
+        StepCoeffs { a: r[0], b: r[1], clip: r[2], p: r[3], q: r[4], r: r[5], s: r[6], t: r[7], in_scale: r[8] }
+    }
+}
+
+/// A schedule of denoising steps, ready for the GPU.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub kind: SchedulerKind,
+    /// The U-Net's timestep at each step.
+    pub timesteps: Vec<f32>,
+    /// `steps + 1` noise levels `σ = √((1 - ᾱ)/ᾱ)`: diffusers' `sigmas` for Euler, Euler
+    /// ancestral and DPM++; for DDIM and LCM (which have none) the σ of each timestep and of
+    /// the value the last step lands on (0 when that is `ᾱ = 1`).
+    pub sigmas: Vec<f32>,
+    /// The caller starts from unscaled standard normal latents times this.
+    pub init_noise_sigma: f32,
+    /// `scale_model_input` of the first step: the first U-Net input is
+    /// `latents * init_noise_sigma * first_input_scale`.
+    pub first_input_scale: f32,
+    pub coeffs: Vec<StepCoeffs>,
+}
+
+impl Schedule {
+    /// A variance-preserving schedule (DDIM, LCM) from timesteps and the `ᾱ` of each.
+    fn vp(kind: SchedulerKind, timesteps: &[f64], alphas: impl Iterator<Item = f64>, coeffs: Vec<StepCoeffs>) -> Self {
+        Schedule {
+            kind,
+            timesteps: timesteps.iter().map(|&t| t as f32).collect(),
+            sigmas: alphas.map(|a| ((1.0 - a) / a).sqrt() as f32).collect(),
+            init_noise_sigma: 1.0,
+            first_input_scale: 1.0,
+            coeffs,
+        }
+    }
+
+    /// Number of steps.
+    pub fn steps(&self) -> usize {
+        self.coeffs.len()
+    }
+
+    /// The `[steps, COEFFS]` coefficient table input of [`crate::Graph::scheduler_step`].
+    pub fn coeff_table(&self) -> Vec<f32> {
+        self.coeffs.iter().flat_map(|c| c.to_row()).collect()
+    }
+}

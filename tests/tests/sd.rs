@@ -1,0 +1,141 @@
+//! Stable Diffusion against diffusers (fixtures in tests/fixtures/sd, made by
+//! tools/make_sd_fixtures.py): CLIP tokenizer ids, text-encoder states, one U-Net evaluation and
+//! a VAE decode within 1e-3 relative error, and whole pipelines (every scheduler, guidance 1
+//! and 3) at PSNR >= 40 dB.
+
+use kiln::diffusion::models::{read_pipeline_dir, SdModels};
+use kiln::diffusion::pipeline::ImageOptions;
+use kiln::diffusion::schedulers::SchedulerKind;
+use kiln::formats::npy;
+use serde_json::Value;
+use std::path::PathBuf;
+
+const CASES: [&str; 2] = ["sd1-tiny", "sd2-v-tiny"];
+
+fn dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd").join(case)
+}
+
+fn expected(case: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(case).join("expected.json")).unwrap()).unwrap()
+}
+
+fn array(case: &str, name: &str) -> npy::Npy {
+    npy::parse(&std::fs::read(dir(case).join(name)).unwrap_or_else(|e| panic!("{case}/{name}: {e}"))).unwrap()
+}
+
+fn models(case: &str) -> SdModels {
+    SdModels::load(&kiln_tests::gpu(), &read_pipeline_dir(&dir(case)).unwrap()).unwrap_or_else(|e| panic!("{case}: {e}"))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// max |got - want| / max |want|: the error relative to the tensor's scale.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-12);
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |a, b| if b.is_nan() { f32::INFINITY } else { a.max(b) });
+    worst / scale
+}
+
+#[test]
+fn clip_tokenizer_matches_transformers() {
+    for case in CASES {
+        let e = expected(case);
+        let m = models(case);
+        assert_eq!(m.tokenizer.encode(e["prompt"].as_str().unwrap()).unwrap(), ids(&e["prompt_ids"]), "{case}: prompt");
+        for t in e["tokenizer"].as_array().unwrap() {
+            let text = t["text"].as_str().unwrap();
+            assert_eq!(m.tokenizer.encode(text).unwrap(), ids(&t["ids"]), "{case}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn text_encoder_unet_vae_match_diffusers() {
+    for case in CASES {
+        let e = expected(case);
+        let mut m = models(case);
+        let mut both = ids(&e["negative_prompt_ids"]);
+        both.extend(ids(&e["prompt_ids"]));
+        let want = array(case, "text_hidden.npy");
+        let got = pollster::block_on(m.encode_text(&both)).unwrap();
+        let err = rel_err(&got, &want.data);
+        // f32 on both sides; the GPU's reduction order and exp/erf approximations differ.
+        assert!(err < 1e-3, "{case}: text encoder relative error {err}");
+        eprintln!("{case}: text encoder rel err {err:.2e}");
+
+        let x = array(case, "unet_in.npy");
+        let s = &x.shape;
+        let t = e["unet_timestep"].as_f64().unwrap() as f32;
+        let got = pollster::block_on(m.unet_eval(&x.data, [s[0], s[1], s[2], s[3]], t, &want.data, want.shape[1])).unwrap();
+        let err = rel_err(&got, &array(case, "unet_out.npy").data);
+        assert!(err < 1e-3, "{case}: U-Net relative error {err}");
+        eprintln!("{case}: unet rel err {err:.2e}");
+
+        let z = array(case, "vae_in.npy");
+        let s = &z.shape;
+        let got = pollster::block_on(m.vae_decode(&z.data, [s[0], s[1], s[2], s[3]])).unwrap();
+        let err = rel_err(&got, &array(case, "vae_out.npy").data);
+        assert!(err < 1e-3, "{case}: VAE relative error {err}");
+        eprintln!("{case}: vae rel err {err:.2e}");
+    }
+}
+
+fn psnr(raw: &[f32], want_hwc: &[f32], h: usize, w: usize) -> f64 {
+    let mut mse = 0f64;
+    for p in 0..h * w {
+        for c in 0..3 {
+            let g = (raw[c * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0) as f64;
+            mse += (g - want_hwc[p * 3 + c] as f64).powi(2);
+        }
+    }
+    mse /= (3 * h * w) as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (1.0 / mse).log10()
+    }
+}
+
+#[test]
+fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
+    let kinds = [("ddim", SchedulerKind::Ddim), ("euler", SchedulerKind::Euler), ("euler_a", SchedulerKind::EulerAncestral), ("dpmpp_2m", SchedulerKind::DpmSolverMultistep), ("lcm", SchedulerKind::Lcm)];
+    for case in CASES {
+        let e = expected(case);
+        let mut m = models(case);
+        let latents = array(case, "latents.npy");
+        let steps = e["steps"].as_u64().unwrap() as usize;
+        for (name, kind) in kinds {
+            for g in [1, 3] {
+                let noise = dir(case).join(format!("noise_{name}_g{g}.npy"));
+                let step_noise = noise.is_file().then(|| {
+                    let n = array(case, &format!("noise_{name}_g{g}.npy"));
+                    let per = n.data.len() / n.shape[0];
+                    let mut v: Vec<Vec<f32>> = n.data.chunks(per).map(|c| c.to_vec()).collect();
+                    v.resize(steps, vec![0.0; per]);
+                    v
+                });
+                let opts = ImageOptions {
+                    prompt: e["prompt"].as_str().unwrap().into(),
+                    negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
+                    steps,
+                    guidance: g as f32,
+                    scheduler: Some(kind),
+                    seed: 0,
+                    width: m.vae_cfg.scale_factor() * latents.shape[3],
+                    height: m.vae_cfg.scale_factor() * latents.shape[2],
+                    latents: Some(latents.data.clone()),
+                    step_noise,
+                };
+                let img = pollster::block_on(m.generate(&opts, &mut |_, _| {})).unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
+                let want = array(case, &format!("image_{name}_g{g}.npy"));
+                let p = psnr(&img.raw, &want.data, opts.height, opts.width);
+                eprintln!("{case} {name} g{g}: PSNR {p:.1} dB");
+                assert!(p >= 40.0, "{case} {name} guidance {g}: PSNR {p:.1} dB < 40");
+            }
+        }
+    }
+}
