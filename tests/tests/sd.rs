@@ -130,7 +130,7 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
                     latents: Some(latents.data.clone()),
                     step_noise,
                 };
-                let img = pollster::block_on(m.generate(&opts, &mut |_, _| {})).unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
+                let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
                 let want = array(case, &format!("image_{name}_g{g}.npy"));
                 let p = psnr(&img.raw, &want.data, opts.height, opts.width);
                 eprintln!("{case} {name} g{g}: PSNR {p:.1} dB");
@@ -138,4 +138,53 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
             }
         }
     }
+}
+
+#[test]
+fn denoising_loop_reads_nothing_back_and_creates_nothing() {
+    // A device of its own: tests running in parallel would add to shared counters.
+    let gpu = kiln_tests::gpu_with(kiln::GpuOptions::default());
+    let mut m = SdModels::load(&gpu, &read_pipeline_dir(&dir("sd1-tiny")).unwrap()).unwrap();
+    let f = m.vae_cfg.scale_factor();
+    let opts = ImageOptions { prompt: "a red circle".into(), steps: 5, guidance: 3.0, seed: 11, width: 8 * f, height: 8 * f, ..Default::default() };
+    let mut calls = 0;
+    let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| {
+        calls += 1;
+        false
+    }))
+    .unwrap();
+    let c = img.loop_counters;
+    assert_eq!(calls, 5);
+    assert_eq!(c.bytes_read_back, 0, "no readback during denoising: {c:?}");
+    assert_eq!(c.objects_created(), 0, "no objects created per step: {c:?}");
+    assert_eq!(c.submits, 5, "one submit per step");
+    assert!(img.notes.iter().any(|n| n.contains("PNDMScheduler")), "SD 1.5's PNDM falls back to Euler with a note: {:?}", img.notes);
+    // Same seed, same image; another seed, another image; a preview when asked.
+    let again = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap();
+    assert_eq!(img.rgb, again.rgb);
+    let other = pollster::block_on(m.generate(&ImageOptions { seed: 12, ..opts.clone() }, &mut |_, _, _| false)).unwrap();
+    assert_ne!(img.rgb, other.rgb);
+    let mut previews = 0;
+    pollster::block_on(m.generate(&opts, &mut |_, _, p| {
+        if let Some(p) = p {
+            assert_eq!((p.width, p.height, p.rgb.len()), (8, 8, 8 * 8 * 3));
+            previews += 1;
+        }
+        true
+    }))
+    .unwrap();
+    assert_eq!(previews, 4, "previews after steps 2..=5");
+}
+
+#[test]
+fn bad_pipeline_input_is_an_error() {
+    let mut m = models("sd1-tiny");
+    let e = pollster::block_on(m.generate(&ImageOptions { width: 13, height: 16, steps: 2, ..Default::default() }, &mut |_, _, _| false)).unwrap_err();
+    assert!(e.to_string().contains("multiples of"), "{e}");
+    let e = pollster::block_on(m.generate(&ImageOptions { width: 16, height: 16, steps: 2, latents: Some(vec![0.0; 5]), ..Default::default() }, &mut |_, _, _| false)).unwrap_err();
+    assert!(e.to_string().contains("latents"), "{e}");
+    let mut files = read_pipeline_dir(&dir("sd1-tiny")).unwrap();
+    files.insert("unet/config.json".into(), br#"{"block_out_channels": [32], "down_block_types": ["SimpleCrossAttnDownBlock2D"], "up_block_types": ["UpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8}"#.to_vec());
+    let e = SdModels::load(&kiln_tests::gpu(), &files).err().unwrap();
+    assert!(e.to_string().contains("SimpleCrossAttnDownBlock2D"), "{e}");
 }

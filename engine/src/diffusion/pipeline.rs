@@ -62,6 +62,34 @@ pub struct Image {
     pub raw: Vec<f32>,
     /// Messages for the user (e.g. a scheduler substitution).
     pub notes: Vec<String>,
+    /// What the denoising loop cost in total (submits, dispatches, readback, objects created).
+    pub loop_counters: crate::CounterSnapshot,
+    /// Denoising steps run.
+    pub steps: usize,
+}
+
+/// A cheap live preview: the latents projected to RGB (one pixel per latent).
+#[derive(Clone, Debug)]
+pub struct Preview {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB, 8 bits per channel.
+    pub rgb: Vec<u8>,
+}
+
+/// Stable Diffusion 1.x/2.x latent-to-RGB factors (the usual approximation used for previews).
+const LATENT_RGB: [[f32; 3]; 4] = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
+
+/// Projects latents `[c, h, w]` to an RGB preview.
+pub fn preview_from_latents(x: &[f32], c: usize, h: usize, w: usize) -> Preview {
+    let mut rgb = vec![0u8; 3 * h * w];
+    for p in 0..h * w {
+        for k in 0..3 {
+            let v: f32 = (0..c.min(4)).map(|ch| x[ch * h * w + p] * LATENT_RGB[ch][k]).sum();
+            rgb[p * 3 + k] = ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8;
+        }
+    }
+    Preview { width: w, height: h, rgb }
 }
 
 /// Per-step seed of the noise stream: distinct per step, fixed by the user's seed.
@@ -70,8 +98,9 @@ fn step_seed(seed: u32, step: usize) -> u32 {
 }
 
 impl SdModels {
-    /// Runs the pipeline. `on_step(done, total)` is called after each denoising step.
-    pub async fn generate(&mut self, opts: &ImageOptions, on_step: &mut dyn FnMut(usize, usize)) -> Result<Image> {
+    /// Runs the pipeline. After each denoising step `on_step(done, total, preview)` is called;
+    /// it returns true to receive a preview with the next call (which costs one small readback).
+    pub async fn generate(&mut self, opts: &ImageOptions, on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> bool) -> Result<Image> {
         let f = self.vae_cfg.scale_factor();
         if opts.width % f != 0 || opts.height % f != 0 || opts.width == 0 || opts.height == 0 {
             return Err(Error::Unsupported(format!("size {}x{} (width and height must be positive multiples of {f})", opts.width, opts.height)));
@@ -183,6 +212,8 @@ impl SdModels {
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
         let mut plan = g.compile(&gpu, CompileOptions::default()).await?;
+        let before = gpu.counters();
+        let mut want_preview = false;
         for i in 0..steps {
             plan.set(step, i as u32);
             plan.set(noise_seed, step_seed(opts.seed, i));
@@ -191,8 +222,15 @@ impl SdModels {
                 plan.write_f32(nv, nz)?;
             }
             plan.run()?;
-            on_step(i + 1, steps);
+            let preview = if want_preview {
+                let lat = x.to_f32(&gpu).await?;
+                Some(preview_from_latents(&lat, c, lh, lw))
+            } else {
+                None
+            };
+            want_preview = on_step(i + 1, steps, preview);
         }
+        let loop_counters = gpu.counters() - before;
 
         // Decode.
         let mut g = Graph::new();
@@ -214,6 +252,6 @@ impl SdModels {
                 rgb[p * 3 + ch] = (v * 255.0).round() as u8;
             }
         }
-        Ok(Image { width: w, height: h, rgb, raw, notes })
+        Ok(Image { width: w, height: h, rgb, raw, notes, loop_counters, steps })
     }
 }
