@@ -2,6 +2,7 @@
 
 mod bench;
 mod hub;
+mod image;
 mod bench_text;
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +28,8 @@ enum Cmd {
     Text(TextArgs),
     /// Chat interactively using the model's chat template.
     Chat(ChatArgs),
+    /// Generate an image with a Stable Diffusion pipeline.
+    Image(image::ImageArgs),
     /// Benchmarks: `kernels` or `text`.
     Bench(bench::BenchArgs),
     /// List adapters, features and limits.
@@ -265,6 +268,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Text(a) => text(a),
         Cmd::Chat(a) => chat(a),
+        Cmd::Image(a) => image::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info => info(),
     };

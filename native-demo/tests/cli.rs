@@ -56,3 +56,26 @@ fn bad_input_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("context"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn image_writes_the_png_diffusers_makes() {
+    let sd = format!("{}/../tests/fixtures/sd/sd1-tiny", env!("CARGO_MANIFEST_DIR"));
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{sd}/expected.json")).unwrap()).unwrap();
+    let out = std::env::temp_dir().join("kiln-cli-test.png");
+    let o = kiln(&[
+        "image", "--model", &sd, "--prompt", e["prompt"].as_str().unwrap(), "--negative-prompt", e["negative_prompt"].as_str().unwrap(),
+        "--latents", &format!("{sd}/latents.npy"), "--steps", "4", "--scheduler", "ddim", "--guidance", "3", "--out", out.to_str().unwrap(), "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["per_step"]["readback_bytes"], 0);
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    let want = kiln::formats::npy::parse(&std::fs::read(format!("{sd}/image_ddim_g3.npy")).unwrap()).unwrap();
+    assert_eq!((info.width as usize, info.height as usize), (want.shape[2], want.shape[1]));
+    let mse: f64 = buf[..want.data.len()].iter().zip(&want.data).map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2)).sum::<f64>() / want.data.len() as f64;
+    let psnr = 10.0 * (1.0 / mse.max(1e-20)).log10();
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+}

@@ -28,6 +28,8 @@ pub struct UnetConfig {
     pub flip_sin_to_cos: bool,
     pub freq_shift: f32,
     pub transformer_layers: usize,
+    /// Default latent size (`sample_size`).
+    pub sample_size: usize,
 }
 
 fn cfg_err(msg: impl Into<String>) -> Error {
@@ -91,6 +93,7 @@ impl UnetConfig {
             flip_sin_to_cos: c.get("flip_sin_to_cos").and_then(|v| v.as_bool()).unwrap_or(true),
             freq_shift: c.get("freq_shift").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
             transformer_layers: 1,
+            sample_size: c.get("sample_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize,
         })
     }
 }
