@@ -1,5 +1,5 @@
-//! `kiln bench`: kernel rates against the measured copy roofline, and text generation on a
-//! random-weight model of SmolLM2-135M's shapes. Every figure in a table is measured in one run;
+//! `kiln bench`: kernel rates against the measured copy roofline, text generation on a
+//! random-weight model of SmolLM2-135M's shapes, and U-Net steps / VAE decodes. Every figure in a table is measured in one run;
 //! nothing here is asserted.
 
 use anyhow::Result;
@@ -13,6 +13,7 @@ use std::time::Instant;
 pub enum What {
     Kernels,
     Text,
+    Image,
 }
 
 #[derive(Args)]
@@ -32,6 +33,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         What::Kernels => kernels(a.quick),
         What::Text => crate::bench_text::text(a.quick, a.json),
+        What::Image => crate::bench_image::image(a.quick, a.json),
     }
 }
 

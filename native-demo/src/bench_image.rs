@@ -1,0 +1,249 @@
+//! `kiln bench image`: a random-weight U-Net with SD 1.5's channel layout (and a scaled-down
+//! one) at a small latent size, replayed as the denoising loop runs it (CFG batch of 2 + the
+//! scheduler update), and the matching VAE decode. Weights are made here (f16, no download).
+
+use anyhow::Result;
+use kiln::diffusion::schedulers::SchedulerConfig;
+use kiln::diffusion::unet::{time_embedding, Unet, UnetConfig};
+use kiln::diffusion::vae::{decode, VaeConfig};
+use kiln::diffusion::weights::ComponentWeights;
+use kiln::formats::safetensors::SafeTensors;
+use kiln::kernels::scheduler::StepValues;
+use kiln::{CompileOptions, DType, Dyn, Graph, Tensor};
+use serde_json::json;
+use std::sync::Arc;
+
+type Params = Vec<(String, Vec<usize>)>;
+
+fn norm(p: &mut Params, name: &str, c: usize) {
+    p.push((format!("{name}.weight"), vec![c]));
+    p.push((format!("{name}.bias"), vec![c]));
+}
+
+fn layer(p: &mut Params, name: &str, shape: &[usize], bias: bool) {
+    p.push((format!("{name}.weight"), shape.to_vec()));
+    if bias {
+        p.push((format!("{name}.bias"), vec![shape[0]]));
+    }
+}
+
+fn resnet(p: &mut Params, n: &str, cin: usize, cout: usize, temb: Option<usize>) {
+    norm(p, &format!("{n}.norm1"), cin);
+    layer(p, &format!("{n}.conv1"), &[cout, cin, 3, 3], true);
+    if let Some(t) = temb {
+        layer(p, &format!("{n}.time_emb_proj"), &[cout, t], true);
+    }
+    norm(p, &format!("{n}.norm2"), cout);
+    layer(p, &format!("{n}.conv2"), &[cout, cout, 3, 3], true);
+    if cin != cout {
+        layer(p, &format!("{n}.conv_shortcut"), &[cout, cin, 1, 1], true);
+    }
+}
+
+fn transformer(p: &mut Params, n: &str, c: usize, cross: usize) {
+    norm(p, &format!("{n}.norm"), c);
+    layer(p, &format!("{n}.proj_in"), &[c, c, 1, 1], true);
+    let b = format!("{n}.transformer_blocks.0");
+    for k in ["norm1", "norm2", "norm3"] {
+        norm(p, &format!("{b}.{k}"), c);
+    }
+    for (a, kv) in [("attn1", c), ("attn2", cross)] {
+        layer(p, &format!("{b}.{a}.to_q"), &[c, c], false);
+        layer(p, &format!("{b}.{a}.to_k"), &[c, kv], false);
+        layer(p, &format!("{b}.{a}.to_v"), &[c, kv], false);
+        layer(p, &format!("{b}.{a}.to_out.0"), &[c, c], true);
+    }
+    layer(p, &format!("{b}.ff.net.0.proj"), &[8 * c, c], true);
+    layer(p, &format!("{b}.ff.net.2"), &[c, 4 * c], true);
+    layer(p, &format!("{n}.proj_out"), &[c, c, 1, 1], true);
+}
+
+/// Every U-Net parameter name and shape, following the forward pass's channel bookkeeping.
+fn unet_params(ch: &[usize], layers: usize, cross: usize) -> Params {
+    let mut p = Params::new();
+    let (c0, temb) = (ch[0], 4 * ch[0]);
+    layer(&mut p, "conv_in", &[c0, 4, 3, 3], true);
+    layer(&mut p, "time_embedding.linear_1", &[temb, c0], true);
+    layer(&mut p, "time_embedding.linear_2", &[temb, temb], true);
+    let n = ch.len();
+    let mut skips = vec![c0];
+    let mut x = c0;
+    for (i, &cout) in ch.iter().enumerate() {
+        for j in 0..layers {
+            resnet(&mut p, &format!("down_blocks.{i}.resnets.{j}"), x, cout, Some(temb));
+            x = cout;
+            if i + 1 < n {
+                transformer(&mut p, &format!("down_blocks.{i}.attentions.{j}"), cout, cross);
+            }
+            skips.push(x);
+        }
+        if i + 1 < n {
+            layer(&mut p, &format!("down_blocks.{i}.downsamplers.0.conv"), &[cout, cout, 3, 3], true);
+            skips.push(x);
+        }
+    }
+    resnet(&mut p, "mid_block.resnets.0", x, x, Some(temb));
+    transformer(&mut p, "mid_block.attentions.0", x, cross);
+    resnet(&mut p, "mid_block.resnets.1", x, x, Some(temb));
+    for (i, &cout) in ch.iter().rev().enumerate() {
+        for j in 0..=layers {
+            let s = skips.pop().unwrap_or(0);
+            resnet(&mut p, &format!("up_blocks.{i}.resnets.{j}"), x + s, cout, Some(temb));
+            x = cout;
+            if i > 0 {
+                transformer(&mut p, &format!("up_blocks.{i}.attentions.{j}"), cout, cross);
+            }
+        }
+        if i + 1 < n {
+            layer(&mut p, &format!("up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], true);
+        }
+    }
+    norm(&mut p, "conv_norm_out", c0);
+    layer(&mut p, "conv_out", &[4, c0, 3, 3], true);
+    p
+}
+
+fn vae_params(ch: &[usize], layers: usize) -> Params {
+    let mut p = Params::new();
+    let last = *ch.last().unwrap_or(&1);
+    layer(&mut p, "post_quant_conv", &[4, 4, 1, 1], true);
+    layer(&mut p, "decoder.conv_in", &[last, 4, 3, 3], true);
+    resnet(&mut p, "decoder.mid_block.resnets.0", last, last, None);
+    let a = "decoder.mid_block.attentions.0";
+    norm(&mut p, &format!("{a}.group_norm"), last);
+    for k in ["to_q", "to_k", "to_v", "to_out.0"] {
+        layer(&mut p, &format!("{a}.{k}"), &[last, last], true);
+    }
+    resnet(&mut p, "decoder.mid_block.resnets.1", last, last, None);
+    let mut x = last;
+    let n = ch.len();
+    for (i, &cout) in ch.iter().rev().enumerate() {
+        for j in 0..=layers {
+            resnet(&mut p, &format!("decoder.up_blocks.{i}.resnets.{j}"), x, cout, None);
+            x = cout;
+        }
+        if i + 1 < n {
+            layer(&mut p, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], true);
+        }
+    }
+    norm(&mut p, "decoder.conv_norm_out", ch[0]);
+    layer(&mut p, "decoder.conv_out", &[3, ch[0], 3, 3], true);
+    p
+}
+
+/// Random f16 safetensors for `params` (norm weights 1, others small uniform).
+fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for (name, shape) in params {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(name.clone(), json!({"dtype": "F16", "shape": shape, "data_offsets": [off, off + bytes]}));
+        off += bytes;
+    }
+    let h = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    let mut out = Vec::with_capacity(8 + h.len() + off);
+    out.extend((h.len() as u64).to_le_bytes());
+    out.extend(&h);
+    let mut s = seed;
+    for (name, shape) in params {
+        let n: usize = shape.iter().product();
+        let fan_in = if shape.len() > 1 { shape[1..].iter().product::<usize>() } else { 1 };
+        let amp = (3.0 / fan_in as f32).sqrt();
+        let is_norm_w = shape.len() == 1 && name.ends_with(".weight");
+        for _ in 0..n {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let v = if is_norm_w { 1.0 } else { ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp };
+            out.extend(half::f16::from_f32(v).to_le_bytes());
+        }
+    }
+    let mut st = SafeTensors::new();
+    st.add_file("random", out)?;
+    Ok(st)
+}
+
+fn time_runs(gpu: &kiln::Gpu, plan: &mut kiln::Plan, slot: Option<kiln::Scalar>, iters: usize) -> Result<f64> {
+    plan.run()?;
+    gpu.wait_idle()?;
+    let t = std::time::Instant::now();
+    for i in 0..iters {
+        if let Some(s) = slot {
+            plan.set(s, (i % 4) as u32);
+        }
+        plan.run()?;
+    }
+    gpu.wait_idle()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
+}
+
+/// Runs the image benchmark.
+pub fn image(quick: bool, as_json: bool) -> Result<()> {
+    let gpu = crate::gpu()?;
+    let latent = if quick { 8 } else { 32 };
+    let iters = if quick { 1 } else { 5 };
+    let configs: [(&str, Vec<usize>, usize, usize, usize, Vec<usize>); 2] = [
+        ("SD 1.5 layout", vec![320, 640, 1280, 1280], 768, 8, 32, vec![128, 256, 512, 512]),
+        ("scaled down", vec![64, 128, 256, 256], 256, 4, 32, vec![32, 64, 128, 128]),
+    ];
+    let sched = SchedulerConfig::from_json(r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "clip_sample": false, "set_alpha_to_one": false}"#, None)?.schedule(4)?;
+    let mut rows = Vec::new();
+    for (label, ch, cross, heads, groups, vae_ch) in configs {
+        let ucfg = UnetConfig::from_json(&json!({
+            "block_out_channels": ch, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 2,
+            "attention_head_dim": heads, "norm_num_groups": groups, "cross_attention_dim": cross, "sample_size": latent
+        }).to_string())?;
+        let mut w = ComponentWeights::new(&gpu, "unet", random_safetensors(&unet_params(&ch, 2, cross), 1)?);
+        let unet_in = Arc::new(Tensor::from_f32(&gpu, "unet_in", &[2, 4, latent, latent], &vec![0.5; 2 * 4 * latent * latent])?);
+        let x = Arc::new(Tensor::zeros(&gpu, "x", &[1, 4, latent, latent], DType::F32)?);
+        let x0 = Arc::new(Tensor::zeros(&gpu, "x0", &[1, 4, latent, latent], DType::F32)?);
+        let ctx = Arc::new(Tensor::from_f32(&gpu, "ctx", &[2, 77, cross], &vec![0.1; 2 * 77 * cross])?);
+        let coeffs = Arc::new(Tensor::from_f32(&gpu, "coeffs", &[4, kiln::diffusion::schedulers::COEFFS], &sched.coeff_table())?);
+        let ts = Arc::new(Tensor::from_f32(&gpu, "ts", &[4, 1], &sched.timesteps)?);
+        let guidance = Arc::new(Tensor::from_f32(&gpu, "g", &[1], &[7.5])?);
+        let mut g = Graph::new();
+        let step = g.scalar("step")?;
+        let tv = g.tensor(&ts);
+        let t = g.slice_rows(tv, Dyn::slot(step), 1)?;
+        let t = g.reshape(t, &[1])?;
+        let temb = time_embedding(&mut g, &mut w, &ucfg, t)?;
+        let (cv, uv) = (g.tensor(&ctx), g.tensor(&unet_in));
+        let out = Unet { w: &mut w, cfg: &ucfg, temb, context: cv }.forward(&mut g, uv)?;
+        let v = StepValues { model_out: out, coeffs: g.tensor(&coeffs), guidance: g.tensor(&guidance), x: g.tensor(&x), x0_prev: g.tensor(&x0), unet_in: uv, noise: None };
+        g.scheduler_step(&v, Dyn::slot(step))?;
+        let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
+        let step_ms = time_runs(&gpu, &mut plan, Some(step), iters)?;
+        let before = gpu.counters();
+        plan.set(step, 1);
+        plan.run()?;
+        gpu.wait_idle()?;
+        let c = gpu.counters() - before;
+
+        let vcfg = VaeConfig::from_json(&json!({"block_out_channels": vae_ch, "layers_per_block": 2, "norm_num_groups": groups, "latent_channels": 4}).to_string())?;
+        let mut vw = ComponentWeights::new(&gpu, "vae", random_safetensors(&vae_params(&vae_ch, 2), 2)?);
+        let mut g = Graph::new();
+        let xv = g.tensor(&x);
+        let img = decode(&mut g, &mut vw, &vcfg, xv)?;
+        g.output(img);
+        let mut vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
+        let vae_ms = time_runs(&gpu, &mut vplan, None, iters)?;
+        rows.push(json!({"config": label, "latent": latent, "image": latent * vcfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
+            "dispatches_per_step": c.dispatches, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
+    }
+    if as_json {
+        println!("{}", json!({"adapter": gpu.describe(), "rows": rows}));
+        return Ok(());
+    }
+    println!("adapter: {}", gpu.describe());
+    println!("random f16 weights; one step = U-Net on the CFG batch of 2 + the scheduler update\n");
+    println!("| U-Net | latent | ms / step | VAE decode ms | dispatches / step | submits / step | readback B / step | objects created / step |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {}x{} ({} px) | {:.1} | {:.1} | {} | {} | {} | {} |",
+            r["config"].as_str().unwrap_or(""), r["latent"], r["latent"], r["image"],
+            r["unet_step_ms"].as_f64().unwrap_or(0.0), r["vae_decode_ms"].as_f64().unwrap_or(0.0),
+            r["dispatches_per_step"], r["submits_per_step"], r["readback_bytes_per_step"], r["objects_created_per_step"]
+        );
+    }
+    Ok(())
+}
