@@ -37,6 +37,9 @@ pub struct ImageArgs {
     latents: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
+    /// Show the denoising live in a desktop window, then the final image (X11; Xvfb works).
+    #[arg(long)]
+    window: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -86,6 +89,25 @@ pub fn run(a: ImageArgs) -> Result<()> {
         latents: latents.map(|l| l.data),
         step_noise: None,
     };
+    if a.window {
+        let out = a.out.clone();
+        return crate::window::run(move |win| {
+            let total = opts.steps;
+            let r = pollster::block_on(m.generate(&opts, &mut |done, _, preview| {
+                if let Some(p) = preview {
+                    win.show(p.width, p.height, p.rgb, format!("kiln — step {done}/{total}"));
+                }
+                true
+            }));
+            match r {
+                Ok(img) => {
+                    let saved = write_png(&out, img.width, img.height, &img.rgb).map(|_| format!(" — saved {}", out.display())).unwrap_or_else(|e| format!(" — {e}"));
+                    win.show(img.width, img.height, img.rgb, format!("kiln — done{saved}"));
+                }
+                Err(e) => win.fail(e.to_string()),
+            }
+        });
+    }
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(opts.steps as u64) };
     bar.set_style(ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let t1 = std::time::Instant::now();

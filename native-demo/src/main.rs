@@ -3,6 +3,7 @@
 mod bench;
 mod hub;
 mod image;
+mod window;
 mod bench_image;
 mod bench_text;
 

@@ -46,9 +46,13 @@ fn clip_tokenizer_matches_transformers() {
         let e = expected(case);
         let m = models(case);
         assert_eq!(m.tokenizer.encode(e["prompt"].as_str().unwrap()).unwrap(), ids(&e["prompt_ids"]), "{case}: prompt");
+        // The same vocabulary as a tokenizer.json (repos that ship one) gives the same ids.
+        let tc = std::fs::read_to_string(dir(case).join("tokenizer/tokenizer_config.json")).ok();
+        let from_json = kiln::diffusion::clip::ClipTokenizer::from_tokenizer_json(m.tokenizer.to_json().unwrap().as_bytes(), tc.as_deref()).unwrap();
         for t in e["tokenizer"].as_array().unwrap() {
             let text = t["text"].as_str().unwrap();
             assert_eq!(m.tokenizer.encode(text).unwrap(), ids(&t["ids"]), "{case}: {text:?}");
+            assert_eq!(from_json.encode(text).unwrap(), ids(&t["ids"]), "{case} (tokenizer.json): {text:?}");
         }
     }
 }

@@ -66,6 +66,36 @@ impl ClipTokenizer {
         Ok(ClipTokenizer { inner, bos, eos, pad, max_len })
     }
 
+    /// From a `tokenizer.json` (for repos that ship one instead of vocab/merges).
+    pub fn from_tokenizer_json(json_bytes: &[u8], config: Option<&str>) -> Result<ClipTokenizer> {
+        // Start/end tokens and padding are added by `encode`, so drop the file's post-processor.
+        let mut spec: Json = serde_json::from_slice(json_bytes).map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        if let Some(o) = spec.as_object_mut() {
+            o.insert("post_processor".into(), Json::Null);
+            o.insert("padding".into(), Json::Null);
+            o.insert("truncation".into(), Json::Null);
+        }
+        let bytes = serde_json::to_vec(&spec).map_err(|e| err(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+        let id = |t: &str| inner.token_to_id(t);
+        let bos = id("<|startoftext|>").ok_or_else(|| err("tokenizer.json has no <|startoftext|>"))?;
+        let eos = id("<|endoftext|>").ok_or_else(|| err("tokenizer.json has no <|endoftext|>"))?;
+        let cfg: Json = config.and_then(|c| serde_json::from_str(c).ok()).unwrap_or(json!({}));
+        let pad_name = match cfg.get("pad_token") {
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+            None => None,
+        };
+        let pad = pad_name.and_then(|p| id(&p)).unwrap_or(eos);
+        let max_len = cfg.get("model_max_length").and_then(|v| v.as_u64()).filter(|&v| v <= 4096).unwrap_or(77) as usize;
+        Ok(ClipTokenizer { inner, bos, eos, pad, max_len })
+    }
+
+    /// The tokenizer as `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| err(e.to_string()))
+    }
+
     /// `[bos] + ids (truncated) + [eos]`, padded to `max_len`, as the SD pipelines encode.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| err(e.to_string()))?;

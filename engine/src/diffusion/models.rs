@@ -48,6 +48,7 @@ pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
         "tokenizer/vocab.json",
         "tokenizer/merges.txt",
         "tokenizer/tokenizer_config.json",
+        "tokenizer/tokenizer.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
         "unet/diffusion_pytorch_model.fp16.safetensors",
@@ -69,7 +70,10 @@ impl SdModels {
     /// Parses configs and weights (uploads happen as graphs are built).
     pub fn load(gpu: &Arc<Gpu>, files: &ModelFiles) -> Result<SdModels> {
         let tc = files.get("tokenizer/tokenizer_config.json").map(|b| String::from_utf8_lossy(b).to_string());
-        let tokenizer = ClipTokenizer::from_vocab_merges(&text(files, "tokenizer/vocab.json")?, &text(files, "tokenizer/merges.txt")?, tc.as_deref())?;
+        let tokenizer = match (files.get("tokenizer/vocab.json"), files.get("tokenizer/tokenizer.json")) {
+            (None, Some(tj)) => ClipTokenizer::from_tokenizer_json(tj, tc.as_deref())?,
+            _ => ClipTokenizer::from_vocab_merges(&text(files, "tokenizer/vocab.json")?, &text(files, "tokenizer/merges.txt")?, tc.as_deref())?,
+        };
         Ok(SdModels {
             gpu: gpu.clone(),
             tokenizer,
