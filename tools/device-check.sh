@@ -27,8 +27,10 @@ for t in .devbin/tests/*; do
     "$t" --test-threads=4 2>&1 | grep -E "^test |test result|panicked|GPU error|expected" | grep -v "^test .* ok$" | tee -a "$out/tests.log" || true
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
-echo "== bench_kernels"
+echo "== bench kernels"
 timeout 240 .devbin/kiln bench kernels 2>&1 | grep -v XDG | tee "$out/bench.md"
 echo "== bench text"
 timeout 240 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"
+echo "== bench image"
+timeout 300 .devbin/kiln bench image 2>&1 | grep -v XDG | tee "$out/bench-image.md"
 exit $status

@@ -105,8 +105,9 @@ fn decode_long_cache_split_k() {
 
 #[test]
 fn cross_attention_batched() {
-    // U-Net/CLIP-like: more queries than keys, non-causal, batch 2, head dims 40 and 160.
-    for (lq, lk, heads, d) in [(300, 77, 2, 40), (70, 77, 2, 160), (24, 9, 3, 65)] {
+    // U-Net/CLIP-like: more queries than keys, non-causal, batch 2, head dims 40 and 160; and
+    // the SD VAE's single 512-dim head (self-attention over the latent pixels).
+    for (lq, lk, heads, d) in [(300, 77, 2, 40), (70, 77, 2, 160), (24, 9, 3, 65), (64, 64, 1, 512)] {
         let s = shape(2, lq, lk, heads, heads, d, false);
         assert_eq!(split_count(&s), 1);
         check(&format!("cross lq={lq} lk={lk} h={heads} d={d}"), s, STATIC);

@@ -7,7 +7,7 @@ use crate::error::{shape_err, Result};
 use crate::graph::Op;
 
 /// Largest head dimension the kernel supports.
-pub const MAX_HEAD_DIM: usize = 256;
+pub const MAX_HEAD_DIM: usize = 512;
 
 /// Workgroup memory the kernel may use, in f32 words (the WebGPU default of 16 KiB).
 pub const SHARED_WORDS: usize = 4096;
