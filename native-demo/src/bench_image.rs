@@ -131,33 +131,9 @@ fn vae_params(ch: &[usize], layers: usize) -> Params {
     p
 }
 
-/// Random f16 safetensors for `params` (norm weights 1, others small uniform).
 fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
-    let mut header = serde_json::Map::new();
-    let mut off = 0usize;
-    for (name, shape) in params {
-        let bytes = shape.iter().product::<usize>() * 2;
-        header.insert(name.clone(), json!({"dtype": "F16", "shape": shape, "data_offsets": [off, off + bytes]}));
-        off += bytes;
-    }
-    let h = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    let mut out = Vec::with_capacity(8 + h.len() + off);
-    out.extend((h.len() as u64).to_le_bytes());
-    out.extend(&h);
-    let mut s = seed;
-    for (name, shape) in params {
-        let n: usize = shape.iter().product();
-        let fan_in = if shape.len() > 1 { shape[1..].iter().product::<usize>() } else { 1 };
-        let amp = (3.0 / fan_in as f32).sqrt();
-        let is_norm_w = shape.len() == 1 && name.ends_with(".weight");
-        for _ in 0..n {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let v = if is_norm_w { 1.0 } else { ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp };
-            out.extend(half::f16::from_f32(v).to_le_bytes());
-        }
-    }
     let mut st = SafeTensors::new();
-    st.add_file("random", out)?;
+    st.add_file("random", crate::bench::random_f16_safetensors(params, seed))?;
     Ok(st)
 }
 

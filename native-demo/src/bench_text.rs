@@ -17,44 +17,20 @@ const VOCAB: usize = 49152;
 
 /// A safetensors file of random f16 weights with SmolLM2-135M's names and shapes.
 fn random_safetensors(seed: u64) -> Vec<u8> {
-    let mut tensors: Vec<(String, Vec<usize>, bool)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], false), ("model.norm.weight".into(), vec![HIDDEN], true)];
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]), ("model.norm.weight".into(), vec![HIDDEN])];
     for i in 0..LAYERS {
         let p = |s: &str| format!("model.layers.{i}.{s}");
-        tensors.push((p("input_layernorm.weight"), vec![HIDDEN], true));
-        tensors.push((p("post_attention_layernorm.weight"), vec![HIDDEN], true));
-        tensors.push((p("self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN], false));
-        tensors.push((p("self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], false));
-        tensors.push((p("self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], false));
-        tensors.push((p("self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM], false));
-        tensors.push((p("mlp.gate_proj.weight"), vec![INTER, HIDDEN], false));
-        tensors.push((p("mlp.up_proj.weight"), vec![INTER, HIDDEN], false));
-        tensors.push((p("mlp.down_proj.weight"), vec![HIDDEN, INTER], false));
+        tensors.push((p("input_layernorm.weight"), vec![HIDDEN]));
+        tensors.push((p("post_attention_layernorm.weight"), vec![HIDDEN]));
+        tensors.push((p("self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN]));
+        tensors.push((p("self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN]));
+        tensors.push((p("self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN]));
+        tensors.push((p("self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM]));
+        tensors.push((p("mlp.gate_proj.weight"), vec![INTER, HIDDEN]));
+        tensors.push((p("mlp.up_proj.weight"), vec![INTER, HIDDEN]));
+        tensors.push((p("mlp.down_proj.weight"), vec![HIDDEN, INTER]));
     }
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, shape, _) in &tensors {
-        let bytes = shape.iter().product::<usize>() * 2;
-        header.insert(name.clone(), json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}));
-        offset += bytes;
-    }
-    let h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
-    let mut out = Vec::with_capacity(8 + h.len() + offset);
-    out.extend((h.len() as u64).to_le_bytes());
-    out.extend(&h);
-    let mut s = seed;
-    for (_, shape, is_norm) in &tensors {
-        let n: usize = shape.iter().product();
-        for _ in 0..n {
-            let v = if *is_norm {
-                1.0
-            } else {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-            };
-            out.extend(half::f16::from_f32(v).to_le_bytes());
-        }
-    }
-    out
+    crate::bench::random_f16_safetensors(&tensors, seed)
 }
 
 fn files() -> ModelFiles {
