@@ -3,7 +3,8 @@
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
 //           5 y: array<f32> [m, n_total]
 // Dispatch: ceil(rows / 4) * m workgroups (folded by grid()); 256 threads = 4 rows x 64 lanes,
-// each lane takes every 64th unit of 32 elements; partial sums reduced in workgroup memory.
+// plain dtypes: each lane takes every 64th word (coalesced); block formats: every 64th unit of
+// 32 elements; partial sums reduced in workgroup memory.
 #include "common.wgsl"
 #define WITH_DOT
 #include "weights.wgsl"
@@ -28,12 +29,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (r < p.rows && mi < p.m) {
         let rb = r * p.row_words;
         let xo = mi * p.k;
+#ifdef W_PLAIN
+        // Lanes take consecutive words, so each step of the loop reads one contiguous span.
+        for (var wi = lane; wi < p.row_words; wi += 64u) {
+            acc += w_word_dot(rb, wi, xo, p.k);
+        }
+#else
         for (var u = lane; u < p.units; u += 64u) {
             acc += w_dot32(rb, u, xo + 32u * u);
-        }
-#ifdef W_PLAIN
-        for (var k = p.units * 32u + lane; k < p.k; k += 64u) {
-            acc += w_elem(rb, k) * x[xo + k];
         }
 #endif
     }

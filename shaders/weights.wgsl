@@ -2,9 +2,10 @@
 // declares `w: array<u32>` (the weight words) and, for w_dot32, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
-//   w_dot32(rb, u, xo) (with WITH_DOT) dot of elements 32u..32u+32 of the row with x[xo..xo+32]; the block
+//   w_dot32(rb, u, xo) (block formats, WITH_DOT) dot of elements 32u..32u+32 of the row with x[xo..xo+32]; the block
 //                      scale is applied once per 32 (or 16) elements
 //   W_PLAIN            defined for f32/f16/bf16 (rows may end in a partial unit of 32)
+//   w_word_dot(rb, wi, xo, k) (plain types, WITH_DOT) word wi of the row times its x elements
 
 fn byte_of(word: u32, i: u32) -> u32 { return (word >> (8u * i)) & 0xffu; }
 fn sext8(v: u32) -> f32 { return f32(bitcast<i32>(v << 24u) >> 24u); }
@@ -20,15 +21,8 @@ fn dot4u(q: u32, xo: u32, zero: f32) -> f32 {
 #define W_PLAIN
 fn w_elem(rb: u32, k: u32) -> f32 { return bitcast<f32>(w[rb + k]); }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    var s = 0.0;
-    let b = rb + 32u * u;
-    for (var i = 0u; i < 32u; i += 4u) {
-        let wv = vec4<f32>(bitcast<f32>(w[b + i]), bitcast<f32>(w[b + i + 1u]), bitcast<f32>(w[b + i + 2u]), bitcast<f32>(w[b + i + 3u]));
-        s += dot(wv, vec4<f32>(x[xo + i], x[xo + i + 1u], x[xo + i + 2u], x[xo + i + 3u]));
-    }
-    return s;
-}
+// Word wi of the row (one element) times its x.
+fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 { return bitcast<f32>(w[rb + wi]) * x[xo + wi]; }
 #endif
 #endif
 
@@ -37,16 +31,12 @@ fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
 // select() rather than a dynamic vector index: the latter spills to local memory on some GPUs.
 fn w_elem(rb: u32, k: u32) -> f32 { let v = unpack2x16float(w[rb + k / 2u]); return select(v.x, v.y, (k & 1u) == 1u); }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    var s = 0.0;
-    let b = rb + 16u * u;
-    for (var i = 0u; i < 16u; i += 2u) {
-        let lo = unpack2x16float(w[b + i]);
-        let hi = unpack2x16float(w[b + i + 1u]);
-        let o = xo + 2u * i;
-        s += dot(vec4<f32>(lo, hi), vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]));
-    }
-    return s;
+// Word wi of the row (elements 2wi, 2wi + 1) times x; an odd row's last word holds one element.
+fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 {
+    let v = unpack2x16float(w[rb + wi]);
+    let e = 2u * wi;
+    if (e + 1u < k) { return v.x * x[xo + e] + v.y * x[xo + e + 1u]; }
+    return v.x * x[xo + e];
 }
 #endif
 #endif
@@ -56,14 +46,11 @@ fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
 fn bf16_pair(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u)); }
 fn w_elem(rb: u32, k: u32) -> f32 { let v = w[rb + k / 2u]; return bitcast<f32>(select(v << 16u, v & 0xffff0000u, (k & 1u) == 1u)); }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    var s = 0.0;
-    let b = rb + 16u * u;
-    for (var i = 0u; i < 16u; i += 2u) {
-        let o = xo + 2u * i;
-        s += dot(vec4<f32>(bf16_pair(w[b + i]), bf16_pair(w[b + i + 1u])), vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]));
-    }
-    return s;
+fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 {
+    let v = bf16_pair(w[rb + wi]);
+    let e = 2u * wi;
+    if (e + 1u < k) { return v.x * x[xo + e] + v.y * x[xo + e + 1u]; }
+    return v.x * x[xo + e];
 }
 #endif
 #endif
