@@ -35,9 +35,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             acc += w_word_dot(rb, wi, xo, p.k);
         }
 #else
+#ifdef W_LPB
+        // W_LPB lanes share a block, each reading one of its words: consecutive lanes read
+        // consecutive words.
+        let sub = lane % W_LPB;
+        for (var u = lane / W_LPB; u < p.units; u += 64u / W_LPB) {
+            acc += w_lane_dot(rb, u, sub, xo + 32u * u);
+        }
+#else
         for (var u = lane; u < p.units; u += 64u) {
             acc += w_dot32(rb, u, xo + 32u * u);
         }
+#endif
 #endif
     }
     partial[li] = acc;

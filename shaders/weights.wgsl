@@ -2,7 +2,9 @@
 // declares `w: array<u32>` (the weight words) and, for w_dot32, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
-//   w_dot32(rb, u, xo) (block formats, WITH_DOT) dot of elements 32u..32u+32 of the row with x[xo..xo+32]; the block
+//   w_lane_dot(rb, blk, sub, xo) (Q8_0/Q4_0, WITH_DOT; W_LPB lanes per block) lane sub's share
+//                      of block blk's dot with x[xo..xo+32]
+//   w_dot32(rb, u, xo) (K-quants, WITH_DOT) dot of elements 32u..32u+32 of the row with x[xo..xo+32]; the block
 //                      scale is applied once per 32 (or 16) elements
 //   W_PLAIN            defined for f32/f16/bf16 (rows may end in a partial unit of 32)
 //   w_word_dot(rb, wi, xo, k) (plain types, WITH_DOT) word wi of the row times its x elements
@@ -62,16 +64,14 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     return bitcast<f32>(w[b]) * sext8(byte_of(w[b + 1u + i / 4u], i % 4u));
 }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    let b = rb + u * 9u;
-    var s = 0.0;
-    for (var i = 0u; i < 8u; i++) {
-        let q = w[b + 1u + i];
-        let o = xo + 4u * i;
-        s += dot(vec4<f32>(sext8(q & 0xffu), sext8((q >> 8u) & 0xffu), sext8((q >> 16u) & 0xffu), sext8(q >> 24u)),
-                 vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]));
-    }
-    return bitcast<f32>(w[b]) * s;
+// Lanes per block in the matvec: lane `sub` of a block takes its quant word `sub`.
+#define W_LPB 8
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let b = rb + blk * 9u;
+    let q = w[b + 1u + sub];
+    let o = xo + 4u * sub;
+    let v = vec4<f32>(sext8(q & 0xffu), sext8((q >> 8u) & 0xffu), sext8((q >> 16u) & 0xffu), sext8(q >> 24u));
+    return bitcast<f32>(w[b]) * dot(v, vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]));
 }
 #endif
 #endif
@@ -86,13 +86,12 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     return bitcast<f32>(w[b]) * (f32(q) - 8.0);
 }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    let b = rb + u * 5u;
-    var s = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let q = w[b + 1u + i];
-        s += dot4u(q & 0x0f0f0f0fu, xo + 4u * i, 8.0) + dot4u((q >> 4u) & 0x0f0f0f0fu, xo + 16u + 4u * i, 8.0);
-    }
+// Lane `sub` of 4 takes quant word `sub`: elements 4sub.. (low nibbles) and 16 + 4sub.. (high).
+#define W_LPB 4
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let b = rb + blk * 5u;
+    let q = w[b + 1u + sub];
+    let s = dot4u(q & 0x0f0f0f0fu, xo + 4u * sub, 8.0) + dot4u((q >> 4u) & 0x0f0f0f0fu, xo + 16u + 4u * sub, 8.0);
     return bitcast<f32>(w[b]) * s;
 }
 #endif
