@@ -3,13 +3,14 @@
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
 //           5 y: array<f32> [m, n_total]
 // Dispatch: ceil(rows / 4) * m workgroups (folded by grid()); 256 threads = 4 rows x 64 lanes,
-// plain dtypes: each lane takes every 64th word (coalesced); block formats: every 64th unit of
-// 32 elements; partial sums reduced in workgroup memory.
+// plain dtypes: each lane takes every 64th word; block formats: W_LPB lanes share a block, one
+// word each. Either way consecutive lanes read consecutive words. Partial sums are reduced in
+// workgroup memory.
 #include "common.wgsl"
 #define WITH_DOT
 #include "weights.wgsl"
 
-struct Params { rows: u32, k: u32, units: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32 }
+struct Params { rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
@@ -35,18 +36,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             acc += w_word_dot(rb, wi, xo, p.k);
         }
 #else
-#ifdef W_LPB
         // W_LPB lanes share a block, each reading one of its words: consecutive lanes read
         // consecutive words.
         let sub = lane % W_LPB;
-        for (var u = lane / W_LPB; u < p.units; u += 64u / W_LPB) {
-            acc += w_lane_dot(rb, u, sub, xo + 32u * u);
+        for (var u = lane / W_LPB; u < p.k / W_BLOCK; u += 64u / W_LPB) {
+            acc += w_lane_dot(rb, u, sub, xo + W_BLOCK * u);
         }
-#else
-        for (var u = lane; u < p.units; u += 64u) {
-            acc += w_dot32(rb, u, xo + 32u * u);
-        }
-#endif
 #endif
     }
     partial[li] = acc;

@@ -1,11 +1,10 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
-// declares `w: array<u32>` (the weight words) and, for w_dot32, `x: array<f32>`.
+// declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
-//   w_lane_dot(rb, blk, sub, xo) (Q8_0/Q4_0, WITH_DOT; W_LPB lanes per block) lane sub's share
-//                      of block blk's dot with x[xo..xo+32]
-//   w_dot32(rb, u, xo) (K-quants, WITH_DOT) dot of elements 32u..32u+32 of the row with x[xo..xo+32]; the block
-//                      scale is applied once per 32 (or 16) elements
+//   w_lane_dot(rb, blk, sub, xo) (block formats, WITH_DOT) lane sub's share (of W_LPB lanes) of
+//                      the dot of block blk (W_BLOCK elements) with x[xo..]; scales applied once
+//                      per group of elements
 //   W_PLAIN            defined for f32/f16/bf16 (rows may end in a partial unit of 32)
 //   w_word_dot(rb, wi, xo, k) (plain types, WITH_DOT) word wi of the row times its x elements
 
@@ -66,6 +65,7 @@ fn w_elem(rb: u32, k: u32) -> f32 {
 #ifdef WITH_DOT
 // Lanes per block in the matvec: lane `sub` of a block takes its quant word `sub`.
 #define W_LPB 8
+#define W_BLOCK 32
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * 9u;
     let q = w[b + 1u + sub];
@@ -88,6 +88,7 @@ fn w_elem(rb: u32, k: u32) -> f32 {
 #ifdef WITH_DOT
 // Lane `sub` of 4 takes quant word `sub`: elements 4sub.. (low nibbles) and 16 + 4sub.. (high).
 #define W_LPB 4
+#define W_BLOCK 32
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * 5u;
     let q = w[b + 1u + sub];
@@ -121,21 +122,24 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     return dm.x * sm.x * f32(q) - dm.y * sm.y;
 }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    let sb = rb + (u / 8u) * 36u;
-    let j = u % 8u;
+// 32 lanes per super-block: lane `sub` takes quant word `sub` (chunk sub / 8 of 64 elements):
+// its low nibbles belong to sub-block 2c, its high nibbles to sub-block 2c + 1.
+#define W_LPB 32
+#define W_BLOCK 256
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 36u;
     let dm = unpack2x16float(w[sb]);
-    let sm = k4_scale_min(sb, j);
-    let shift = 4u * (j & 1u);
-    var s = 0.0;
-    var xs = 0.0;
-    for (var i = 0u; i < 8u; i++) {
-        let q = (w[sb + 4u + (j / 2u) * 8u + i] >> shift) & 0x0f0f0f0fu;
-        let o = xo + 4u * i;
-        s += dot4u(q, o, 0.0);
-        xs += x[o] + x[o + 1u] + x[o + 2u] + x[o + 3u];
-    }
-    return dm.x * sm.x * s - dm.y * sm.y * xs;
+    let c = sub / 8u;
+    let q = w[sb + 4u + sub];
+    let o_lo = xo + 64u * c + 4u * (sub % 8u);
+    let o_hi = o_lo + 32u;
+    let sm_lo = k4_scale_min(sb, 2u * c);
+    let sm_hi = k4_scale_min(sb, 2u * c + 1u);
+    let s_lo = dot4u(q & 0x0f0f0f0fu, o_lo, 0.0);
+    let s_hi = dot4u((q >> 4u) & 0x0f0f0f0fu, o_hi, 0.0);
+    let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
+    let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
+    return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
 }
 #endif
 #endif
@@ -157,24 +161,26 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     return bitcast<f32>(w[sb + 52u]) * k6_scale(sb, 8u * h + 2u * qd + l / 16u) * q;
 }
 #ifdef WITH_DOT
-fn w_dot32(rb: u32, u: u32, xo: u32) -> f32 {
-    let sb = rb + (u / 8u) * 53u;
-    let j = u % 8u;
-    let h = j / 4u;
-    let qd = j % 4u;
-    let qlw = sb + (64u * h + (qd & 1u) * 32u) / 4u;
-    let qhw = sb + (128u + 32u * h) / 4u;
-    let lshift = 4u * (qd / 2u);
-    let hshift = 2u * qd;
-    var s0 = 0.0;
-    var s1 = 0.0;
-    for (var i = 0u; i < 8u; i++) {
-        let q = ((w[qlw + i] >> lshift) & 0x0f0f0f0fu) | (((w[qhw + i] >> hshift) & 0x03030303u) << 4u);
-        let part = dot4u(q, xo + 4u * i, 32.0);
-        if (i < 4u) { s0 += part; } else { s1 += part; }
-    }
-    let sc = 8u * h + 2u * qd;
-    return bitcast<f32>(w[sb + 52u]) * (k6_scale(sb, sc) * s0 + k6_scale(sb, sc + 1u) * s1);
+// 32 lanes per super-block: lane `sub` takes ql word `sub`. In half h = sub / 16, words 0..7
+// hold q1 (low nibbles) and q3 (high), words 8..15 q2 and q4, for 4 positions l0..l0 + 3.
+#define W_LPB 32
+#define W_BLOCK 256
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 53u;
+    let h = sub / 16u;
+    let r = sub % 16u;
+    let l0 = 4u * (r % 8u);
+    let qd_lo = r / 8u;
+    let qd_hi = qd_lo + 2u;
+    let ql = w[sb + sub];
+    let qh = w[sb + 32u + 8u * h + r % 8u];
+    let q_lo = (ql & 0x0f0f0f0fu) | (((qh >> (2u * qd_lo)) & 0x03030303u) << 4u);
+    let q_hi = ((ql >> 4u) & 0x0f0f0f0fu) | (((qh >> (2u * qd_hi)) & 0x03030303u) << 4u);
+    let base = xo + 128u * h + l0;
+    let sc = 8u * h + l0 / 16u;
+    let s = k6_scale(sb, sc + 2u * qd_lo) * dot4u(q_lo, base + 32u * qd_lo, 32.0)
+          + k6_scale(sb, sc + 2u * qd_hi) * dot4u(q_hi, base + 32u * qd_hi, 32.0);
+    return bitcast<f32>(w[sb + 52u]) * s;
 }
 #endif
 #endif

@@ -43,8 +43,7 @@ pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
     for part in &w.parts {
         let bindings = vec![Binding::read(&part.buffer), Binding::read(x.buf()), Binding::read(bias_buf), Binding::write(out.buf())];
         if m_total <= MATVEC_MAX_ROWS {
-            let units = k / 32;
-            let p = Params::default().u(part.rows).u(k).u(units).u(row_words).u(part.row_start).u(m_total).u(n_total).u(has_bias);
+            let p = Params::default().u(part.rows).u(k).u(row_words).u(part.row_start).u(m_total).u(n_total).u(has_bias);
             ds.push(Dispatch {
                 key: weight_key("matvec.wgsl", w.dtype)?,
                 params: p.0,
