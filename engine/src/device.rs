@@ -132,7 +132,12 @@ fn backends_from_env() -> Option<wgpu::Backends> {
 pub async fn list_adapters() -> Vec<wgpu::AdapterInfo> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
     let backends = backends_from_env().unwrap_or(wgpu::Backends::all());
-    instance.enumerate_adapters(backends).await.iter().map(|a| a.get_info()).collect()
+    instance
+        .enumerate_adapters(backends)
+        .await
+        .iter()
+        .map(|a| a.get_info())
+        .collect()
 }
 
 impl Gpu {
@@ -151,11 +156,15 @@ impl Gpu {
             .map(|s| s.to_lowercase());
         let adapter = match &want_name {
             Some(name) => {
-                let all = instance.enumerate_adapters(backends.unwrap_or(wgpu::Backends::all())).await;
+                let all = instance
+                    .enumerate_adapters(backends.unwrap_or(wgpu::Backends::all()))
+                    .await;
                 let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
                 all.into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(name))
-                    .ok_or_else(|| Error::NoAdapter(format!(" matching '{name}' (found: {names:?})")))?
+                    .ok_or_else(|| {
+                        Error::NoAdapter(format!(" matching '{name}' (found: {names:?})"))
+                    })?
             }
             None => instance
                 .request_adapter(&wgpu::RequestAdapterOptions {
@@ -172,13 +181,34 @@ impl Gpu {
         let info = adapter.get_info();
         let have = adapter.limits();
         for (limit, need, got) in [
-            ("maxComputeInvocationsPerWorkgroup", NEED_INVOCATIONS, have.max_compute_invocations_per_workgroup),
-            ("maxComputeWorkgroupStorageSize", NEED_WG_STORAGE, have.max_compute_workgroup_storage_size),
-            ("maxStorageBuffersPerShaderStage", NEED_STORAGE_BUFFERS, have.max_storage_buffers_per_shader_stage),
-            ("maxComputeWorkgroupSizeX", NEED_INVOCATIONS, have.max_compute_workgroup_size_x),
+            (
+                "maxComputeInvocationsPerWorkgroup",
+                NEED_INVOCATIONS,
+                have.max_compute_invocations_per_workgroup,
+            ),
+            (
+                "maxComputeWorkgroupStorageSize",
+                NEED_WG_STORAGE,
+                have.max_compute_workgroup_storage_size,
+            ),
+            (
+                "maxStorageBuffersPerShaderStage",
+                NEED_STORAGE_BUFFERS,
+                have.max_storage_buffers_per_shader_stage,
+            ),
+            (
+                "maxComputeWorkgroupSizeX",
+                NEED_INVOCATIONS,
+                have.max_compute_workgroup_size_x,
+            ),
         ] {
             if got < need {
-                return Err(Error::MissingLimit { adapter: info.name.clone(), limit, need: need as u64, have: got as u64 });
+                return Err(Error::MissingLimit {
+                    adapter: info.name.clone(),
+                    limit,
+                    need: need as u64,
+                    have: got as u64,
+                });
             }
         }
         // Ask for what the adapter offers where size matters (big weights, big workgroup
@@ -194,7 +224,11 @@ impl Gpu {
         let af = adapter.features();
         let mut want = wgpu::Features::empty();
         if !opts.disable_optional_features {
-            for f in [wgpu::Features::SHADER_F16, wgpu::Features::SUBGROUP, wgpu::Features::TIMESTAMP_QUERY] {
+            for f in [
+                wgpu::Features::SHADER_F16,
+                wgpu::Features::SUBGROUP,
+                wgpu::Features::TIMESTAMP_QUERY,
+            ] {
                 if af.contains(f) {
                     want |= f;
                 }
@@ -210,9 +244,14 @@ impl Gpu {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|e| Error::RequestDevice { adapter: info.name.clone(), msg: e.to_string() })?;
+            .map_err(|e| Error::RequestDevice {
+                adapter: info.name.clone(),
+                msg: e.to_string(),
+            })?;
         let limits = device.limits();
-        let mut binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let mut binding_limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         if let Some(cap) = opts.max_binding_size {
             binding_limit = binding_limit.min(cap);
         }
@@ -222,7 +261,9 @@ impl Gpu {
         let uncaptured: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
         let sink = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+            sink.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(e.to_string());
         }));
         let features = GpuFeatures {
             shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
@@ -261,7 +302,12 @@ impl Gpu {
         Counters::add(&self.counters.buffers_created, 1);
         // wgpu rejects zero-sized bindings; a 4-byte minimum keeps empty tensors legal.
         let size = size.max(4).next_multiple_of(4);
-        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
     }
 
     /// Writes bytes into a buffer through the queue, counting them.
@@ -284,7 +330,11 @@ impl Gpu {
 
     /// Copies `size` bytes at `offset` of `src` back to the CPU (async).
     pub async fn read_buffer(&self, src: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
-        let staging = self.create_buffer("readback", size, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+        let staging = self.create_buffer(
+            "readback",
+            size,
+            wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        );
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(src, offset, &staging, 0, size.next_multiple_of(4));
         self.submit([enc.finish()]);
@@ -299,9 +349,13 @@ impl Gpu {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Readback(e.to_string()))?;
-        rx.await.ok_or_else(|| Error::Readback("map callback dropped".into()))?.map_err(|e| Error::Readback(e.to_string()))?;
+        rx.await
+            .ok_or_else(|| Error::Readback("map callback dropped".into()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
         let out = {
-            let view = slice.get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Readback(e.to_string()))?;
             view[..size as usize].to_vec()
         };
         staging.unmap();
@@ -311,7 +365,12 @@ impl Gpu {
 
     /// Waits for all submitted work (native; a no-op in the browser).
     pub fn wait_idle(&self) -> Result<()> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu { context: "poll".into(), msg: e.to_string() })?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu {
+                context: "poll".into(),
+                msg: e.to_string(),
+            })?;
         Ok(())
     }
 
@@ -324,7 +383,10 @@ impl Gpu {
         }
         let msg = errs.join("; ");
         errs.clear();
-        Err(Error::Gpu { context: context.into(), msg })
+        Err(Error::Gpu {
+            context: context.into(),
+            msg,
+        })
     }
 
     /// Counters so far.

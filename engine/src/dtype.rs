@@ -32,8 +32,15 @@ pub enum DType {
 
 impl DType {
     /// All weight dtypes the matvec/matmul/gather kernels accept.
-    pub const WEIGHTS: [DType; 7] =
-        [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K];
+    pub const WEIGHTS: [DType; 7] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_K,
+        DType::Q6_K,
+    ];
 
     /// Elements per block (1 for plain types).
     pub fn block_elems(self) -> usize {
@@ -123,7 +130,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -138,10 +148,26 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     }
     let mut y = Vec::with_capacity(n);
     match dtype {
-        DType::F32 => y.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        DType::U32 => y.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)),
-        DType::F16 => y.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        DType::BF16 => y.extend(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DType::F32 => y.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        DType::U32 => y.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32),
+        ),
+        DType::F16 => y.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        DType::BF16 => y.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         DType::Q8_0 => {
             for b in bytes.chunks_exact(34) {
                 let d = f16_at(b, 0);
@@ -165,8 +191,14 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                     let (s1, m1) = scale_min_k4(2 * c, scales);
                     let (s2, m2) = scale_min_k4(2 * c + 1, scales);
                     let q = &qs[32 * c..32 * c + 32];
-                    y.extend(q.iter().map(|&v| d * s1 as f32 * (v & 0xF) as f32 - dmin * m1 as f32));
-                    y.extend(q.iter().map(|&v| d * s2 as f32 * (v >> 4) as f32 - dmin * m2 as f32));
+                    y.extend(
+                        q.iter()
+                            .map(|&v| d * s1 as f32 * (v & 0xF) as f32 - dmin * m1 as f32),
+                    );
+                    y.extend(
+                        q.iter()
+                            .map(|&v| d * s2 as f32 * (v >> 4) as f32 - dmin * m2 as f32),
+                    );
                 }
             }
         }
@@ -232,7 +264,11 @@ pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
                 }
             }
         }
-        other => return Err(Error::Unsupported(format!("quantizing to {other} (use q8_0 or q4_0)"))),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "quantizing to {other} (use q8_0 or q4_0)"
+            )))
+        }
     }
     Ok(out)
 }
@@ -243,7 +279,11 @@ pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result
     if bytes.len() != file_row * rows {
         return Err(Error::Data {
             name: dtype.name().into(),
-            msg: format!("{rows}x{k} elements need {} bytes, found {}", file_row * rows, bytes.len()),
+            msg: format!(
+                "{rows}x{k} elements need {} bytes, found {}",
+                file_row * rows,
+                bytes.len()
+            ),
         });
     }
     let rw = dtype.row_words(k);
@@ -261,7 +301,11 @@ pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result
             DType::F16 | DType::BF16 => {
                 for (i, d) in dst.iter_mut().enumerate() {
                     let lo = u16::from_le_bytes([src[4 * i], src[4 * i + 1]]) as u32;
-                    let hi = if 4 * i + 2 < src.len() { u16::from_le_bytes([src[4 * i + 2], src[4 * i + 3]]) as u32 } else { 0 };
+                    let hi = if 4 * i + 2 < src.len() {
+                        u16::from_le_bytes([src[4 * i + 2], src[4 * i + 3]]) as u32
+                    } else {
+                        0
+                    };
                     *d = lo | (hi << 16);
                 }
             }
@@ -293,9 +337,19 @@ pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result
 pub fn encode_plain(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
     Ok(match dtype {
         DType::F32 => bytemuck::cast_slice(x).to_vec(),
-        DType::F16 => x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-        DType::BF16 => x.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        DType::F16 => x
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => x
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
         DType::Q8_0 | DType::Q4_0 => quantize(dtype, x)?,
-        other => return Err(Error::Unsupported(format!("encoding f32 values as {other}"))),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "encoding f32 values as {other}"
+            )))
+        }
     })
 }

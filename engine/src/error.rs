@@ -10,7 +10,12 @@ pub enum Error {
     NoAdapter(String),
     /// The adapter offers less than the engine needs.
     #[error("adapter '{adapter}' offers {limit} = {have}, the engine needs at least {need}")]
-    MissingLimit { adapter: String, limit: &'static str, need: u64, have: u64 },
+    MissingLimit {
+        adapter: String,
+        limit: &'static str,
+        need: u64,
+        have: u64,
+    },
     /// Device creation failed.
     #[error("could not create a device on '{adapter}': {msg}")]
     RequestDevice { adapter: String, msg: String },
@@ -25,7 +30,11 @@ pub enum Error {
     Shape { op: String, msg: String },
     /// A dtype that an operation does not accept.
     #[error("dtype error in {op}: expected {expected}, found {found}")]
-    DType { op: String, expected: String, found: String },
+    DType {
+        op: String,
+        expected: String,
+        found: String,
+    },
     /// Raw data that does not match the declared shape and dtype.
     #[error("data error for '{name}': {msg}")]
     Data { name: String, msg: String },
@@ -41,5 +50,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn shape_err(op: &str, msg: impl Into<String>) -> Error {
-    Error::Shape { op: op.to_string(), msg: msg.into() }
+    Error::Shape {
+        op: op.to_string(),
+        msg: msg.into(),
+    }
 }

@@ -16,7 +16,11 @@ pub(crate) struct Sender<T>(Arc<Mutex<Slot<T>>>);
 pub(crate) struct Receiver<T>(Arc<Mutex<Slot<T>>>);
 
 pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
-    let s = Arc::new(Mutex::new(Slot { value: None, waker: None, closed: false }));
+    let s = Arc::new(Mutex::new(Slot {
+        value: None,
+        waker: None,
+        closed: false,
+    }));
     (Sender(s.clone()), Receiver(s))
 }
 

@@ -14,16 +14,25 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("matmul.wgsl", include_str!("../../shaders/matmul.wgsl")),
     ("matvec.wgsl", include_str!("../../shaders/matvec.wgsl")),
     ("gather.wgsl", include_str!("../../shaders/gather.wgsl")),
-    ("elementwise.wgsl", include_str!("../../shaders/elementwise.wgsl")),
+    (
+        "elementwise.wgsl",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
     ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
     ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
     ("rope.wgsl", include_str!("../../shaders/rope.wgsl")),
-    ("attention.wgsl", include_str!("../../shaders/attention.wgsl")),
+    (
+        "attention.wgsl",
+        include_str!("../../shaders/attention.wgsl"),
+    ),
     ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sample.wgsl", include_str!("../../shaders/sample.wgsl")),
     ("noise.wgsl", include_str!("../../shaders/noise.wgsl")),
-    ("scheduler.wgsl", include_str!("../../shaders/scheduler.wgsl")),
+    (
+        "scheduler.wgsl",
+        include_str!("../../shaders/scheduler.wgsl"),
+    ),
 ];
 
 fn source(name: &str) -> Result<&'static str> {
@@ -31,7 +40,10 @@ fn source(name: &str) -> Result<&'static str> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, s)| *s)
-        .ok_or_else(|| Error::Shader { name: name.into(), msg: "no such shader file".into() })
+        .ok_or_else(|| Error::Shader {
+            name: name.into(),
+            msg: "no such shader file".into(),
+        })
 }
 
 /// Preprocesses `name` with the given defines and returns the final WGSL.
@@ -67,8 +79,16 @@ fn substitute(line: &str, defs: &HashMap<String, String>) -> String {
     out
 }
 
-fn expand(name: &str, defs: &mut HashMap<String, String>, out: &mut String, depth: usize) -> Result<()> {
-    let err = |msg: String| Error::Shader { name: name.into(), msg };
+fn expand(
+    name: &str,
+    defs: &mut HashMap<String, String>,
+    out: &mut String,
+    depth: usize,
+) -> Result<()> {
+    let err = |msg: String| Error::Shader {
+        name: name.into(),
+        msg,
+    };
     if depth > 8 {
         return Err(err("#include nested too deeply".into()));
     }
@@ -81,7 +101,9 @@ fn expand(name: &str, defs: &mut HashMap<String, String>, out: &mut String, dept
         let mut parts = t.split_whitespace();
         match parts.next() {
             Some("#ifdef") | Some("#ifndef") => {
-                let key = parts.next().ok_or_else(|| err(format!("line {}: #ifdef without a name", ln + 1)))?;
+                let key = parts
+                    .next()
+                    .ok_or_else(|| err(format!("line {}: #ifdef without a name", ln + 1)))?;
                 let mut on = defs.contains_key(key);
                 if t.starts_with("#ifndef") {
                     on = !on;
@@ -89,14 +111,20 @@ fn expand(name: &str, defs: &mut HashMap<String, String>, out: &mut String, dept
                 stack.push((on, on));
             }
             Some("#else") => {
-                let top = stack.last_mut().ok_or_else(|| err(format!("line {}: #else without #ifdef", ln + 1)))?;
+                let top = stack
+                    .last_mut()
+                    .ok_or_else(|| err(format!("line {}: #else without #ifdef", ln + 1)))?;
                 *top = (!top.1, true);
             }
             Some("#endif") => {
-                stack.pop().ok_or_else(|| err(format!("line {}: #endif without #ifdef", ln + 1)))?;
+                stack
+                    .pop()
+                    .ok_or_else(|| err(format!("line {}: #endif without #ifdef", ln + 1)))?;
             }
             Some("#define") if active(&stack) => {
-                let key = parts.next().ok_or_else(|| err(format!("line {}: #define without a name", ln + 1)))?;
+                let key = parts
+                    .next()
+                    .ok_or_else(|| err(format!("line {}: #define without a name", ln + 1)))?;
                 let val: Vec<&str> = parts.collect();
                 defs.insert(key.to_string(), val.join(" "));
             }

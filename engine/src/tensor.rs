@@ -30,8 +30,9 @@ pub fn numel(shape: &[usize]) -> usize {
 }
 
 /// Storage usages of every engine buffer.
-pub const STORAGE: wgpu::BufferUsages =
-    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
 
 impl Tensor {
     /// Rows: the first dimension (1 for a scalar).
@@ -47,35 +48,73 @@ impl Tensor {
     /// Uploads `bytes` in file layout (GGUF blocks, little-endian f32/f16/bf16), packing and
     /// splitting as needed. The byte count is checked against shape and dtype before anything
     /// is allocated.
-    pub fn upload(gpu: &Gpu, name: &str, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+    pub fn upload(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Tensor> {
         let rows = shape.first().copied().unwrap_or(1);
         let k = if rows == 0 { 0 } else { numel(shape) / rows };
-        let bad = |msg: String| Error::Data { name: name.into(), msg };
+        let bad = |msg: String| Error::Data {
+            name: name.into(),
+            msg,
+        };
         if dtype.is_quantized() && k % dtype.block_elems() != 0 {
-            return Err(bad(format!("row length {k} of a {dtype} tensor is not a multiple of {}", dtype.block_elems())));
+            return Err(bad(format!(
+                "row length {k} of a {dtype} tensor is not a multiple of {}",
+                dtype.block_elems()
+            )));
         }
-        let need = dtype.file_bytes(numel(shape)).map_err(|e| bad(e.to_string()))?;
+        let need = dtype
+            .file_bytes(numel(shape))
+            .map_err(|e| bad(e.to_string()))?;
         if bytes.len() != need {
-            return Err(bad(format!("shape {shape:?} as {dtype} needs {need} bytes, found {}", bytes.len())));
+            return Err(bad(format!(
+                "shape {shape:?} as {dtype} needs {need} bytes, found {}",
+                bytes.len()
+            )));
         }
         let row_bytes = (dtype.row_words(k) * 4) as u64;
         if row_bytes > gpu.binding_limit {
-            return Err(bad(format!("one row ({row_bytes} bytes) exceeds the binding limit {}", gpu.binding_limit)));
+            return Err(bad(format!(
+                "one row ({row_bytes} bytes) exceeds the binding limit {}",
+                gpu.binding_limit
+            )));
         }
-        let rows_per_part = if row_bytes == 0 { rows.max(1) } else { (gpu.binding_limit / row_bytes) as usize };
+        let rows_per_part = if row_bytes == 0 {
+            rows.max(1)
+        } else {
+            (gpu.binding_limit / row_bytes) as usize
+        };
         let file_row = if rows == 0 { 0 } else { need / rows };
         let mut parts = Vec::new();
         let mut start = 0;
         while start < rows.max(1) {
             let n = rows_per_part.min(rows.max(1) - start);
             let n_rows = if rows == 0 { 0 } else { n };
-            let words = pack_for_gpu(dtype, &bytes[start * file_row..(start + n_rows) * file_row], n_rows, k)?;
+            let words = pack_for_gpu(
+                dtype,
+                &bytes[start * file_row..(start + n_rows) * file_row],
+                n_rows,
+                k,
+            )?;
             let buf = gpu.create_buffer(name, (words.len() * 4) as u64, STORAGE);
             gpu.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
-            parts.push(TensorPart { buffer: Arc::new(buf), row_start: start, rows: n_rows });
+            parts.push(TensorPart {
+                buffer: Arc::new(buf),
+                row_start: start,
+                rows: n_rows,
+            });
             start += n;
         }
-        Ok(Tensor { name: name.into(), shape: shape.to_vec(), dtype, parts })
+        Ok(Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            parts,
+        })
     }
 
     /// Uploads f32 values.
@@ -91,18 +130,32 @@ impl Tensor {
     /// A zero-filled f32/u32 tensor in one buffer (state such as a KV cache).
     pub fn zeros(gpu: &Gpu, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         if !matches!(dtype, DType::F32 | DType::U32) {
-            return Err(Error::DType { op: "Tensor::zeros".into(), expected: "f32 or u32".into(), found: dtype.to_string() });
+            return Err(Error::DType {
+                op: "Tensor::zeros".into(),
+                expected: "f32 or u32".into(),
+                found: dtype.to_string(),
+            });
         }
         let bytes = numel(shape) as u64 * 4;
         if bytes > gpu.binding_limit {
-            return Err(Error::Data { name: name.into(), msg: format!("{bytes} bytes exceed the binding limit {}", gpu.binding_limit) });
+            return Err(Error::Data {
+                name: name.into(),
+                msg: format!(
+                    "{bytes} bytes exceed the binding limit {}",
+                    gpu.binding_limit
+                ),
+            });
         }
         let buf = gpu.create_buffer(name, bytes, STORAGE);
         Ok(Tensor {
             name: name.into(),
             shape: shape.to_vec(),
             dtype,
-            parts: vec![TensorPart { buffer: Arc::new(buf), row_start: 0, rows: shape.first().copied().unwrap_or(1) }],
+            parts: vec![TensorPart {
+                buffer: Arc::new(buf),
+                row_start: 0,
+                rows: shape.first().copied().unwrap_or(1),
+            }],
         })
     }
 
@@ -110,22 +163,36 @@ impl Tensor {
     pub fn buffer(&self) -> Result<&Arc<wgpu::Buffer>> {
         match self.parts.as_slice() {
             [p] => Ok(&p.buffer),
-            _ => Err(Error::Data { name: self.name.clone(), msg: format!("expected one buffer, tensor is split in {}", self.parts.len()) }),
+            _ => Err(Error::Data {
+                name: self.name.clone(),
+                msg: format!(
+                    "expected one buffer, tensor is split in {}",
+                    self.parts.len()
+                ),
+            }),
         }
     }
 
     /// Reads an f32 tensor back (async).
     pub async fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         if self.dtype != DType::F32 {
-            return Err(Error::DType { op: "to_f32".into(), expected: "f32".into(), found: self.dtype.to_string() });
+            return Err(Error::DType {
+                op: "to_f32".into(),
+                expected: "f32".into(),
+                found: self.dtype.to_string(),
+            });
         }
-        let bytes = gpu.read_buffer(self.buffer()?, 0, numel(&self.shape) as u64 * 4).await?;
+        let bytes = gpu
+            .read_buffer(self.buffer()?, 0, numel(&self.shape) as u64 * 4)
+            .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Reads a u32 tensor back (async).
     pub async fn to_u32(&self, gpu: &Gpu) -> Result<Vec<u32>> {
-        let bytes = gpu.read_buffer(self.buffer()?, 0, numel(&self.shape) as u64 * 4).await?;
+        let bytes = gpu
+            .read_buffer(self.buffer()?, 0, numel(&self.shape) as u64 * 4)
+            .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use kiln::{CompileOptions, DType, Dyn, Graph, Gpu, Tensor};
+use kiln::{CompileOptions, DType, Dyn, Gpu, Graph, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,7 +44,10 @@ pub fn random_f16_safetensors(params: &[(String, Vec<usize>)], seed: u64) -> Vec
     let mut off = 0usize;
     for (name, shape) in params {
         let bytes = shape.iter().product::<usize>() * 2;
-        header.insert(name.clone(), serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [off, off + bytes]}));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [off, off + bytes]}),
+        );
         off += bytes;
     }
     let h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
@@ -54,12 +57,22 @@ pub fn random_f16_safetensors(params: &[(String, Vec<usize>)], seed: u64) -> Vec
     let mut s = seed;
     for (name, shape) in params {
         let n: usize = shape.iter().product();
-        let fan_in = if shape.len() > 1 { shape[1..].iter().product::<usize>() } else { 1 };
+        let fan_in = if shape.len() > 1 {
+            shape[1..].iter().product::<usize>()
+        } else {
+            1
+        };
         let amp = (3.0 / fan_in as f32).sqrt();
         let norm_weight = shape.len() == 1 && name.ends_with(".weight");
         for _ in 0..n {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let v = if norm_weight { 1.0 } else { ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp };
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = if norm_weight {
+                1.0
+            } else {
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            };
             out.extend(half::f16::from_f32(v).to_le_bytes());
         }
     }
@@ -80,14 +93,19 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) as u8
         })
         .collect()
 }
 
 fn random_f32(n: usize, seed: u64) -> Vec<f32> {
-    random_bytes(n, seed).iter().map(|&b| b as f32 / 255.0 - 0.5).collect()
+    random_bytes(n, seed)
+        .iter()
+        .map(|&b| b as f32 / 255.0 - 0.5)
+        .collect()
 }
 
 /// Weight bytes in file layout with small scales, so results stay finite.
@@ -97,7 +115,9 @@ fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
     let scale = half::f16::from_f32(0.01).to_le_bytes();
     let bb = dtype.block_bytes();
     match dtype {
-        DType::F16 | DType::BF16 | DType::F32 => return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap_or_default(),
+        DType::F16 | DType::BF16 | DType::F32 => {
+            return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap_or_default()
+        }
         DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
             for blk in b.chunks_mut(bb) {
                 blk[..2].copy_from_slice(&scale);
@@ -131,7 +151,9 @@ fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> Result<f64> {
 }
 
 fn compile(gpu: &Arc<Gpu>, g: &Graph) -> Result<kiln::Plan> {
-    Ok(pollster::block_on(g.compile(gpu, CompileOptions::default()))?)
+    Ok(pollster::block_on(
+        g.compile(gpu, CompileOptions::default()),
+    )?)
 }
 
 /// `kiln bench kernels`: kernel rates next to the measured copy bandwidth.
@@ -152,12 +174,23 @@ pub fn kernels(quick: bool) -> Result<()> {
     }
     let ms = time(&gpu, &compile(&gpu, &g)?, iters)? / REPS as f64;
     let copy_gbs = 2.0 * n as f64 * 4.0 / ms / 1e6;
-    rows.push(Row { name: "memory copy 64 MiB".into(), rate: format!("{copy_gbs:.1} GB/s"), ms, bytes: 2.0 * n as f64 * 4.0 });
+    rows.push(Row {
+        name: "memory copy 64 MiB".into(),
+        rate: format!("{copy_gbs:.1} GB/s"),
+        ms,
+        bytes: 2.0 * n as f64 * 4.0,
+    });
 
     // GEMM 1024^3, f32 and f16 weights.
     let s = 1024;
     for dt in [DType::F32, DType::F16] {
-        let w = Arc::new(Tensor::upload(&gpu, "w", &[s, s], dt, &weight_bytes(dt, s, s))?);
+        let w = Arc::new(Tensor::upload(
+            &gpu,
+            "w",
+            &[s, s],
+            dt,
+            &weight_bytes(dt, s, s),
+        )?);
         let mut g = Graph::new();
         let x = g.input("x", &[s, s], DType::F32)?;
         let wv = g.tensor(&w);
@@ -167,13 +200,24 @@ pub fn kernels(quick: bool) -> Result<()> {
         let ms = time(&gpu, &compile(&gpu, &g)?, iters)? / REPS as f64;
         let flops = 2.0 * (s * s * s) as f64;
         let bytes = (s * s * 4 * 2) as f64 + (dt.row_words(s) * s * 4) as f64;
-        rows.push(Row { name: format!("GEMM 1024^3, {dt} weights"), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
+        rows.push(Row {
+            name: format!("GEMM 1024^3, {dt} weights"),
+            rate: format!("{:.1} GFLOP/s", flops / ms / 1e6),
+            ms,
+            bytes,
+        });
     }
 
     // Decode matvec 4096 x 4096.
     let (nn, k) = (4096, 4096);
     for dt in [DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_K] {
-        let w = Arc::new(Tensor::upload(&gpu, "w", &[nn, k], dt, &weight_bytes(dt, nn, k))?);
+        let w = Arc::new(Tensor::upload(
+            &gpu,
+            "w",
+            &[nn, k],
+            dt,
+            &weight_bytes(dt, nn, k),
+        )?);
         let mut g = Graph::new();
         let x = g.input("x", &[1, k], DType::F32)?;
         let wv = g.tensor(&w);
@@ -182,28 +226,58 @@ pub fn kernels(quick: bool) -> Result<()> {
         }
         let ms = time(&gpu, &compile(&gpu, &g)?, iters * 5)? / REPS as f64;
         let bytes = (dt.row_words(k) * nn * 4) as f64;
-        rows.push(Row { name: format!("matvec 4096x4096 {dt}"), rate: format!("{:.1} GB/s", bytes / ms / 1e6), ms, bytes });
+        rows.push(Row {
+            name: format!("matvec 4096x4096 {dt}"),
+            rate: format!("{:.1} GB/s", bytes / ms / 1e6),
+            ms,
+            bytes,
+        });
     }
 
     // Decode attention: 32 heads (8 kv heads) of 128 over a 2048-token cache.
     let (heads, kvh, hd, kv) = (32, 8, 128, 2048);
-    let cache = Arc::new(Tensor::from_f32(&gpu, "k", &[1, kv, kvh * hd], &random_f32(kv * kvh * hd, 5))?);
+    let cache = Arc::new(Tensor::from_f32(
+        &gpu,
+        "k",
+        &[1, kv, kvh * hd],
+        &random_f32(kv * kvh * hd, 5),
+    )?);
     let mut g = Graph::new();
     let q = g.input("q", &[1, 1, heads * hd], DType::F32)?;
     let kc = g.tensor(&cache);
     let pos = g.scalar("pos")?;
     for _ in 0..REPS {
-        g.attention(q, kc, kc, heads, kvh, true, Dyn::slot(pos), Dyn::affine(pos, 1, 1))?;
+        g.attention(
+            q,
+            kc,
+            kc,
+            heads,
+            kvh,
+            true,
+            Dyn::slot(pos),
+            Dyn::affine(pos, 1, 1),
+        )?;
     }
     let mut plan = compile(&gpu, &g)?;
     plan.set(pos, (kv - 1) as u32);
     let ms = time(&gpu, &plan, iters * 5)? / REPS as f64;
     let bytes = (2 * kv * kvh * hd * 4) as f64;
-    rows.push(Row { name: "decode attention, KV 2048, 32/8 heads x 128".into(), rate: format!("{:.3} ms", ms), ms, bytes });
+    rows.push(Row {
+        name: "decode attention, KV 2048, 32/8 heads x 128".into(),
+        rate: format!("{:.3} ms", ms),
+        ms,
+        bytes,
+    });
 
     // 3x3 convolution 64 -> 64 channels on 64 x 64.
     let (c, hw) = (64, 64);
-    let w = Arc::new(Tensor::upload(&gpu, "w", &[c, c, 3, 3], DType::F16, &weight_bytes(DType::F16, c, c * 9))?);
+    let w = Arc::new(Tensor::upload(
+        &gpu,
+        "w",
+        &[c, c, 3, 3],
+        DType::F16,
+        &weight_bytes(DType::F16, c, c * 9),
+    )?);
     let mut g = Graph::new();
     let x = g.input("x", &[1, c, hw, hw], DType::F32)?;
     let wv = g.tensor(&w);
@@ -213,7 +287,12 @@ pub fn kernels(quick: bool) -> Result<()> {
     let ms = time(&gpu, &compile(&gpu, &g)?, iters)? / REPS as f64;
     let flops = 2.0 * (c * c * 9 * hw * hw) as f64;
     let bytes = (2 * c * hw * hw * 4 + c * c * 9 * 2) as f64;
-    rows.push(Row { name: "conv 3x3 64->64, 64x64, f16 weights".into(), rate: format!("{:.1} GFLOP/s", flops / ms / 1e6), ms, bytes });
+    rows.push(Row {
+        name: "conv 3x3 64->64, 64x64, f16 weights".into(),
+        rate: format!("{:.1} GFLOP/s", flops / ms / 1e6),
+        ms,
+        bytes,
+    });
 
     println!();
     println!("| kernel | rate | ms | fraction of copy bandwidth |");

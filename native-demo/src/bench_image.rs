@@ -70,15 +70,31 @@ fn unet_params(ch: &[usize], layers: usize, cross: usize) -> Params {
     let mut x = c0;
     for (i, &cout) in ch.iter().enumerate() {
         for j in 0..layers {
-            resnet(&mut p, &format!("down_blocks.{i}.resnets.{j}"), x, cout, Some(temb));
+            resnet(
+                &mut p,
+                &format!("down_blocks.{i}.resnets.{j}"),
+                x,
+                cout,
+                Some(temb),
+            );
             x = cout;
             if i + 1 < n {
-                transformer(&mut p, &format!("down_blocks.{i}.attentions.{j}"), cout, cross);
+                transformer(
+                    &mut p,
+                    &format!("down_blocks.{i}.attentions.{j}"),
+                    cout,
+                    cross,
+                );
             }
             skips.push(x);
         }
         if i + 1 < n {
-            layer(&mut p, &format!("down_blocks.{i}.downsamplers.0.conv"), &[cout, cout, 3, 3], true);
+            layer(
+                &mut p,
+                &format!("down_blocks.{i}.downsamplers.0.conv"),
+                &[cout, cout, 3, 3],
+                true,
+            );
             skips.push(x);
         }
     }
@@ -88,14 +104,30 @@ fn unet_params(ch: &[usize], layers: usize, cross: usize) -> Params {
     for (i, &cout) in ch.iter().rev().enumerate() {
         for j in 0..=layers {
             let s = skips.pop().unwrap_or(0);
-            resnet(&mut p, &format!("up_blocks.{i}.resnets.{j}"), x + s, cout, Some(temb));
+            resnet(
+                &mut p,
+                &format!("up_blocks.{i}.resnets.{j}"),
+                x + s,
+                cout,
+                Some(temb),
+            );
             x = cout;
             if i > 0 {
-                transformer(&mut p, &format!("up_blocks.{i}.attentions.{j}"), cout, cross);
+                transformer(
+                    &mut p,
+                    &format!("up_blocks.{i}.attentions.{j}"),
+                    cout,
+                    cross,
+                );
             }
         }
         if i + 1 < n {
-            layer(&mut p, &format!("up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], true);
+            layer(
+                &mut p,
+                &format!("up_blocks.{i}.upsamplers.0.conv"),
+                &[cout, cout, 3, 3],
+                true,
+            );
         }
     }
     norm(&mut p, "conv_norm_out", c0);
@@ -119,11 +151,22 @@ fn vae_params(ch: &[usize], layers: usize) -> Params {
     let n = ch.len();
     for (i, &cout) in ch.iter().rev().enumerate() {
         for j in 0..=layers {
-            resnet(&mut p, &format!("decoder.up_blocks.{i}.resnets.{j}"), x, cout, None);
+            resnet(
+                &mut p,
+                &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                x,
+                cout,
+                None,
+            );
             x = cout;
         }
         if i + 1 < n {
-            layer(&mut p, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], true);
+            layer(
+                &mut p,
+                &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                &[cout, cout, 3, 3],
+                true,
+            );
         }
     }
     norm(&mut p, "decoder.conv_norm_out", ch[0]);
@@ -137,7 +180,12 @@ fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
     Ok(st)
 }
 
-fn time_runs(gpu: &kiln::Gpu, plan: &mut kiln::Plan, slot: Option<kiln::Scalar>, iters: usize) -> Result<f64> {
+fn time_runs(
+    gpu: &kiln::Gpu,
+    plan: &mut kiln::Plan,
+    slot: Option<kiln::Scalar>,
+    iters: usize,
+) -> Result<f64> {
     plan.run()?;
     gpu.wait_idle()?;
     let t = std::time::Instant::now();
@@ -157,8 +205,22 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
     let latent = if quick { 8 } else { 32 };
     let iters = if quick { 1 } else { 5 };
     let configs: [(&str, Vec<usize>, usize, usize, usize, Vec<usize>); 2] = [
-        ("SD 1.5 layout", vec![320, 640, 1280, 1280], 768, 8, 32, vec![128, 256, 512, 512]),
-        ("scaled down", vec![64, 128, 256, 256], 256, 4, 32, vec![32, 64, 128, 128]),
+        (
+            "SD 1.5 layout",
+            vec![320, 640, 1280, 1280],
+            768,
+            8,
+            32,
+            vec![128, 256, 512, 512],
+        ),
+        (
+            "scaled down",
+            vec![64, 128, 256, 256],
+            256,
+            4,
+            32,
+            vec![32, 64, 128, 128],
+        ),
     ];
     let sched = SchedulerConfig::from_json(r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "clip_sample": false, "set_alpha_to_one": false}"#, None)?.schedule(4)?;
     let mut rows = Vec::new();
@@ -168,12 +230,41 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 2,
             "attention_head_dim": heads, "norm_num_groups": groups, "cross_attention_dim": cross, "sample_size": latent
         }).to_string())?;
-        let mut w = ComponentWeights::new(&gpu, "unet", random_safetensors(&unet_params(&ch, 2, cross), 1)?);
-        let unet_in = Arc::new(Tensor::from_f32(&gpu, "unet_in", &[2, 4, latent, latent], &vec![0.5; 2 * 4 * latent * latent])?);
-        let x = Arc::new(Tensor::zeros(&gpu, "x", &[1, 4, latent, latent], DType::F32)?);
-        let x0 = Arc::new(Tensor::zeros(&gpu, "x0", &[1, 4, latent, latent], DType::F32)?);
-        let ctx = Arc::new(Tensor::from_f32(&gpu, "ctx", &[2, 77, cross], &vec![0.1; 2 * 77 * cross])?);
-        let coeffs = Arc::new(Tensor::from_f32(&gpu, "coeffs", &[4, kiln::diffusion::schedulers::COEFFS], &sched.coeff_table())?);
+        let mut w = ComponentWeights::new(
+            &gpu,
+            "unet",
+            random_safetensors(&unet_params(&ch, 2, cross), 1)?,
+        );
+        let unet_in = Arc::new(Tensor::from_f32(
+            &gpu,
+            "unet_in",
+            &[2, 4, latent, latent],
+            &vec![0.5; 2 * 4 * latent * latent],
+        )?);
+        let x = Arc::new(Tensor::zeros(
+            &gpu,
+            "x",
+            &[1, 4, latent, latent],
+            DType::F32,
+        )?);
+        let x0 = Arc::new(Tensor::zeros(
+            &gpu,
+            "x0",
+            &[1, 4, latent, latent],
+            DType::F32,
+        )?);
+        let ctx = Arc::new(Tensor::from_f32(
+            &gpu,
+            "ctx",
+            &[2, 77, cross],
+            &vec![0.1; 2 * 77 * cross],
+        )?);
+        let coeffs = Arc::new(Tensor::from_f32(
+            &gpu,
+            "coeffs",
+            &[4, kiln::diffusion::schedulers::COEFFS],
+            &sched.coeff_table(),
+        )?);
         let ts = Arc::new(Tensor::from_f32(&gpu, "ts", &[4, 1], &sched.timesteps)?);
         let guidance = Arc::new(Tensor::from_f32(&gpu, "g", &[1], &[7.5])?);
         let mut g = Graph::new();
@@ -183,8 +274,22 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let t = g.reshape(t, &[1])?;
         let temb = time_embedding(&mut g, &mut w, &ucfg, t)?;
         let (cv, uv) = (g.tensor(&ctx), g.tensor(&unet_in));
-        let out = Unet { w: &mut w, cfg: &ucfg, temb, context: cv }.forward(&mut g, uv)?;
-        let v = StepValues { model_out: out, coeffs: g.tensor(&coeffs), guidance: g.tensor(&guidance), x: g.tensor(&x), x0_prev: g.tensor(&x0), unet_in: uv, noise: None };
+        let out = Unet {
+            w: &mut w,
+            cfg: &ucfg,
+            temb,
+            context: cv,
+        }
+        .forward(&mut g, uv)?;
+        let v = StepValues {
+            model_out: out,
+            coeffs: g.tensor(&coeffs),
+            guidance: g.tensor(&guidance),
+            x: g.tensor(&x),
+            x0_prev: g.tensor(&x0),
+            unet_in: uv,
+            noise: None,
+        };
         g.scheduler_step(&v, Dyn::slot(step))?;
         let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
         let step_ms = time_runs(&gpu, &mut plan, Some(step), iters)?;
@@ -195,7 +300,8 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let c = gpu.counters() - before;
 
         let vcfg = VaeConfig::from_json(&json!({"block_out_channels": vae_ch, "layers_per_block": 2, "norm_num_groups": groups, "latent_channels": 4}).to_string())?;
-        let mut vw = ComponentWeights::new(&gpu, "vae", random_safetensors(&vae_params(&vae_ch, 2), 2)?);
+        let mut vw =
+            ComponentWeights::new(&gpu, "vae", random_safetensors(&vae_params(&vae_ch, 2), 2)?);
         let mut g = Graph::new();
         let xv = g.tensor(&x);
         let img = decode(&mut g, &mut vw, &vcfg, xv)?;
@@ -216,9 +322,16 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
     for r in &rows {
         println!(
             "| {} | {}x{} ({} px) | {:.1} | {:.1} | {} | {} | {} | {} |",
-            r["config"].as_str().unwrap_or(""), r["latent"], r["latent"], r["image"],
-            r["unet_step_ms"].as_f64().unwrap_or(0.0), r["vae_decode_ms"].as_f64().unwrap_or(0.0),
-            r["dispatches_per_step"], r["submits_per_step"], r["readback_bytes_per_step"], r["objects_created_per_step"]
+            r["config"].as_str().unwrap_or(""),
+            r["latent"],
+            r["latent"],
+            r["image"],
+            r["unet_step_ms"].as_f64().unwrap_or(0.0),
+            r["vae_decode_ms"].as_f64().unwrap_or(0.0),
+            r["dispatches_per_step"],
+            r["submits_per_step"],
+            r["readback_bytes_per_step"],
+            r["objects_created_per_step"]
         );
     }
     Ok(())

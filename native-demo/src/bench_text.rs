@@ -17,14 +17,23 @@ const VOCAB: usize = 49152;
 
 /// A safetensors file of random f16 weights with SmolLM2-135M's names and shapes.
 fn random_safetensors(seed: u64) -> Vec<u8> {
-    let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]), ("model.norm.weight".into(), vec![HIDDEN])];
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]),
+        ("model.norm.weight".into(), vec![HIDDEN]),
+    ];
     for i in 0..LAYERS {
         let p = |s: &str| format!("model.layers.{i}.{s}");
         tensors.push((p("input_layernorm.weight"), vec![HIDDEN]));
         tensors.push((p("post_attention_layernorm.weight"), vec![HIDDEN]));
         tensors.push((p("self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN]));
-        tensors.push((p("self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN]));
-        tensors.push((p("self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN]));
+        tensors.push((
+            p("self_attn.k_proj.weight"),
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+        ));
+        tensors.push((
+            p("self_attn.v_proj.weight"),
+            vec![KV_HEADS * HEAD_DIM, HIDDEN],
+        ));
         tensors.push((p("self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM]));
         tensors.push((p("mlp.gate_proj.weight"), vec![INTER, HIDDEN]));
         tensors.push((p("mlp.up_proj.weight"), vec![INTER, HIDDEN]));
@@ -40,7 +49,8 @@ fn files() -> ModelFiles {
         "head_dim": HEAD_DIM, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
         "max_position_embeddings": 8192, "tie_word_embeddings": true, "hidden_act": "silu"
     });
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB).map(|i| (format!("t{i}"), json!(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..VOCAB).map(|i| (format!("t{i}"), json!(i))).collect();
     let tokenizer = json!({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
                            "pre_tokenizer": {"type": "Whitespace"}, "decoder": null, "added_tokens": [], "normalizer": null, "post_processor": null});
     let mut f = ModelFiles::new();
@@ -54,15 +64,41 @@ fn files() -> ModelFiles {
 pub fn text(quick: bool, as_json: bool) -> Result<()> {
     let gpu = crate::gpu()?;
     let (prompt_len, decode_len) = if quick { (32, 16) } else { (128, 128) };
-    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 13) % VOCAB as u32).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 7919 + 13) % VOCAB as u32)
+        .collect();
     let mut rows = Vec::new();
-    for (label, q) in [("f16", Quantize::None), ("q4_0 (quantized on load)", Quantize::Q4)] {
+    for (label, q) in [
+        ("f16", Quantize::None),
+        ("q4_0 (quantized on load)", Quantize::Q4),
+    ] {
         let t0 = std::time::Instant::now();
-        let mut m = pollster::block_on(TextModel::load(&gpu, files(), &LoadOptions { ctx: 1024, quantize: q, ..Default::default() }, &mut |_, _| {}))?;
+        let mut m = pollster::block_on(TextModel::load(
+            &gpu,
+            files(),
+            &LoadOptions {
+                ctx: 1024,
+                quantize: q,
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        ))?;
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let opts = GenerateOptions { max_tokens: decode_len + 1, sampler: SamplerSettings::default(), seed: 1, stop: vec![] };
+        let opts = GenerateOptions {
+            max_tokens: decode_len + 1,
+            sampler: SamplerSettings::default(),
+            seed: 1,
+            stop: vec![],
+        };
         // Warm-up (first submits page in memory and driver state).
-        pollster::block_on(m.generate(&prompt[..8], &GenerateOptions { max_tokens: 2, ..opts.clone() }, &mut |_| true))?;
+        pollster::block_on(m.generate(
+            &prompt[..8],
+            &GenerateOptions {
+                max_tokens: 2,
+                ..opts.clone()
+            },
+            &mut |_| true,
+        ))?;
         let g = pollster::block_on(m.generate(&prompt, &opts, &mut |_| true))?;
         // Counters of single decode tokens, driven by hand.
         let steps = 16;
@@ -87,7 +123,10 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
         }));
     }
     if as_json {
-        println!("{}", json!({"adapter": gpu.describe(), "model": "random SmolLM2-135M shapes", "rows": rows}));
+        println!(
+            "{}",
+            json!({"adapter": gpu.describe(), "model": "random SmolLM2-135M shapes", "rows": rows})
+        );
         return Ok(());
     }
     println!("adapter: {}", gpu.describe());

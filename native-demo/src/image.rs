@@ -69,12 +69,17 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let f = m.vae_cfg.scale_factor();
     let latents = match &a.latents {
-        Some(p) => Some(kiln::formats::npy::parse(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)?),
+        Some(p) => Some(kiln::formats::npy::parse(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )?),
         None => None,
     };
     let (dw, dh) = match &latents {
         Some(l) if l.shape.len() == 4 => (l.shape[3] * f, l.shape[2] * f),
-        Some(l) => bail!("latents of shape {:?}: expected [1, channels, h, w]", l.shape),
+        Some(l) => bail!(
+            "latents of shape {:?}: expected [1, channels, h, w]",
+            l.shape
+        ),
         None => (m.unet_cfg.sample_size * f, m.unet_cfg.sample_size * f),
     };
     let opts = ImageOptions {
@@ -82,7 +87,11 @@ pub fn run(a: ImageArgs) -> Result<()> {
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
         guidance: a.guidance,
-        scheduler: a.scheduler.as_deref().map(SchedulerKind::from_cli).transpose()?,
+        scheduler: a
+            .scheduler
+            .as_deref()
+            .map(SchedulerKind::from_cli)
+            .transpose()?,
         seed: a.seed,
         width: a.width.unwrap_or(dw),
         height: a.height.unwrap_or(dh),
@@ -95,21 +104,40 @@ pub fn run(a: ImageArgs) -> Result<()> {
             let total = opts.steps;
             let r = pollster::block_on(m.generate(&opts, &mut |done, _, preview| {
                 if let Some(p) = preview {
-                    win.show(p.width, p.height, p.rgb, format!("kiln — step {done}/{total}"));
+                    win.show(
+                        p.width,
+                        p.height,
+                        p.rgb,
+                        format!("kiln — step {done}/{total}"),
+                    );
                 }
                 true
             }));
             match r {
                 Ok(img) => {
-                    let saved = write_png(&out, img.width, img.height, &img.rgb).map(|_| format!(" — saved {}", out.display())).unwrap_or_else(|e| format!(" — {e}"));
-                    win.show(img.width, img.height, img.rgb, format!("kiln — done{saved}"));
+                    let saved = write_png(&out, img.width, img.height, &img.rgb)
+                        .map(|_| format!(" — saved {}", out.display()))
+                        .unwrap_or_else(|e| format!(" — {e}"));
+                    win.show(
+                        img.width,
+                        img.height,
+                        img.rgb,
+                        format!("kiln — done{saved}"),
+                    );
                 }
                 Err(e) => win.fail(e.to_string()),
             }
         });
     }
-    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(opts.steps as u64) };
-    bar.set_style(ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(opts.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let t1 = std::time::Instant::now();
     let img = pollster::block_on(m.generate(&opts, &mut |done, _, _| {
         bar.set_position(done as u64);
@@ -131,7 +159,14 @@ pub fn run(a: ImageArgs) -> Result<()> {
         for n in &img.notes {
             eprintln!("note: {n}");
         }
-        eprintln!("wrote {} ({}x{}, {} steps, {:.0} ms)", a.out.display(), img.width, img.height, img.steps, gen_ms);
+        eprintln!(
+            "wrote {} ({}x{}, {} steps, {:.0} ms)",
+            a.out.display(),
+            img.width,
+            img.height,
+            img.steps,
+            gen_ms
+        );
     }
     Ok(())
 }

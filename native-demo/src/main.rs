@@ -1,11 +1,11 @@
 //! `kiln`: the native command-line front end of the engine.
 
 mod bench;
+mod bench_image;
+mod bench_text;
 mod hub;
 mod image;
 mod window;
-mod bench_image;
-mod bench_text;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -18,7 +18,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Run generative models on any GPU (wgpu/WGSL)")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run generative models on any GPU (wgpu/WGSL)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -145,9 +149,20 @@ fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
         Some("q8") => Quantize::Q8,
         _ => Quantize::None,
     };
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(1) };
-    bar.set_style(ProgressStyle::with_template("loading {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
-    let opts = LoadOptions { ctx: m.ctx, quantize, ..Default::default() };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("loading {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let opts = LoadOptions {
+        ctx: m.ctx,
+        quantize,
+        ..Default::default()
+    };
     let model = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -249,7 +264,10 @@ fn info() -> Result<()> {
         bail!("no GPU adapter found. On Linux without a GPU install Mesa's software Vulkan driver: sudo apt-get install mesa-vulkan-drivers");
     }
     for a in &adapters {
-        println!("adapter: {} ({:?}, {:?}, driver {} {})", a.name, a.backend, a.device_type, a.driver, a.driver_info);
+        println!(
+            "adapter: {} ({:?}, {:?}, driver {} {})",
+            a.name, a.backend, a.device_type, a.driver, a.driver_info
+        );
     }
     let g = gpu()?;
     println!("selected: {}", g.describe());

@@ -8,23 +8,56 @@ fn fixture(p: &str) -> String {
 }
 
 fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir()).output().expect("run kiln")
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run kiln")
 }
 
 fn expected() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("llama-gqa-f32/expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("llama-gqa-f32/expected.json")).unwrap())
+        .unwrap()
 }
 
 #[test]
 fn text_json_greedy_matches_transformers() {
     let e = expected();
-    let prompt: Vec<String> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
-    for (model, run) in [(fixture("llama-gqa-f32"), 0), (fixture("llama-gqa-f32/model-q8_0.gguf"), 2)] {
-        let out = kiln(&["text", "--model", &model, "--prompt-ids", &prompt.join(","), "--temperature", "0", "--max-tokens", "24", "--logprobs", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let prompt: Vec<String> = e["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    for (model, run) in [
+        (fixture("llama-gqa-f32"), 0),
+        (fixture("llama-gqa-f32/model-q8_0.gguf"), 2),
+    ] {
+        let out = kiln(&[
+            "text",
+            "--model",
+            &model,
+            "--prompt-ids",
+            &prompt.join(","),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--logprobs",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
         let want = &e["runs"][run];
-        assert_eq!(e["runs"][run]["weights"].as_str().unwrap(), if run == 0 { "hf" } else { "model-q8_0.gguf" });
+        assert_eq!(
+            e["runs"][run]["weights"].as_str().unwrap(),
+            if run == 0 { "hf" } else { "model-q8_0.gguf" }
+        );
         assert_eq!(v["prompt_ids"], e["prompt_ids"]);
         let ids = v["ids"].as_array().unwrap();
         assert_eq!(ids.len(), 24);
@@ -35,15 +68,32 @@ fn text_json_greedy_matches_transformers() {
         }
         assert!(v["text"].is_string());
         for k in ["load_ms", "prefill_tok_s", "decode_tok_s", "ttft_ms"] {
-            assert!(v["timings"][k].as_f64().is_some_and(|x| x >= 0.0), "timings.{k}");
+            assert!(
+                v["timings"][k].as_f64().is_some_and(|x| x >= 0.0),
+                "timings.{k}"
+            );
         }
     }
 }
 
 #[test]
 fn text_prompt_is_tokenized_and_streamed() {
-    let out = kiln(&["text", "--model", &fixture("qwen2-f32"), "--prompt", "Hello world", "--max-tokens", "5", "--seed", "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kiln(&[
+        "text",
+        "--model",
+        &fixture("qwen2-f32"),
+        "--prompt",
+        "Hello world",
+        "--max-tokens",
+        "5",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("generated tokens"));
 }
 
@@ -51,20 +101,57 @@ fn text_prompt_is_tokenized_and_streamed() {
 fn bad_input_is_a_clear_error() {
     let out = kiln(&["text", "--model", "/nonexistent/model", "--prompt", "hi"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = kiln(&["text", "--model", &fixture("llama-gqa-f32"), "--prompt-ids", "1,2,3", "--ctx", "3"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kiln(&[
+        "text",
+        "--model",
+        &fixture("llama-gqa-f32"),
+        "--prompt-ids",
+        "1,2,3",
+        "--ctx",
+        "3",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("context"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("context"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn image_writes_the_png_diffusers_makes() {
-    let sd = format!("{}/../tests/fixtures/sd/sd1-tiny", env!("CARGO_MANIFEST_DIR"));
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{sd}/expected.json")).unwrap()).unwrap();
+    let sd = format!(
+        "{}/../tests/fixtures/sd/sd1-tiny",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{sd}/expected.json")).unwrap())
+            .unwrap();
     let out = std::env::temp_dir().join("kiln-cli-test.png");
     let o = kiln(&[
-        "image", "--model", &sd, "--prompt", e["prompt"].as_str().unwrap(), "--negative-prompt", e["negative_prompt"].as_str().unwrap(),
-        "--latents", &format!("{sd}/latents.npy"), "--steps", "4", "--scheduler", "ddim", "--guidance", "3", "--out", out.to_str().unwrap(), "--json",
+        "image",
+        "--model",
+        &sd,
+        "--prompt",
+        e["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        e["negative_prompt"].as_str().unwrap(),
+        "--latents",
+        &format!("{sd}/latents.npy"),
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--guidance",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -73,9 +160,19 @@ fn image_writes_the_png_diffusers_makes() {
     let mut r = dec.read_info().unwrap();
     let mut buf = vec![0; r.output_buffer_size().unwrap()];
     let info = r.next_frame(&mut buf).unwrap();
-    let want = kiln::formats::npy::parse(&std::fs::read(format!("{sd}/image_ddim_g3.npy")).unwrap()).unwrap();
-    assert_eq!((info.width as usize, info.height as usize), (want.shape[2], want.shape[1]));
-    let mse: f64 = buf[..want.data.len()].iter().zip(&want.data).map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2)).sum::<f64>() / want.data.len() as f64;
+    let want =
+        kiln::formats::npy::parse(&std::fs::read(format!("{sd}/image_ddim_g3.npy")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (info.width as usize, info.height as usize),
+        (want.shape[2], want.shape[1])
+    );
+    let mse: f64 = buf[..want.data.len()]
+        .iter()
+        .zip(&want.data)
+        .map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2))
+        .sum::<f64>()
+        / want.data.len() as f64;
     let psnr = 10.0 * (1.0 / mse.max(1e-20)).log10();
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
 }

@@ -2,7 +2,7 @@
 //! deterministic random generator, a one-op graph harness that poisons outputs, and closeness
 //! checks that report index, expected and got.
 
-use kiln::{CompileOptions, DType, Graph, Gpu, GpuOptions, Scalar, Tensor, Value};
+use kiln::{CompileOptions, DType, Gpu, GpuOptions, Graph, Scalar, Tensor, Value};
 use std::sync::{Arc, OnceLock};
 
 /// The shared GPU of a test binary. Panics (fails the test) when no adapter is found.
@@ -52,12 +52,20 @@ impl Rng {
 /// Asserts `|got - want| <= atol + rtol * |want|` everywhere; the message names the first bad
 /// index with expected and got, and the worst error.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length: expected {}, got {}", want.len(), got.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: length: expected {}, got {}",
+        want.len(),
+        got.len()
+    );
     let mut worst = (0usize, 0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
         if !(err <= atol + rtol * w.abs()) {
-            panic!("{what}: index {i}: expected {w}, got {g} (|err| {err}, atol {atol}, rtol {rtol})");
+            panic!(
+                "{what}: index {i}: expected {w}, got {g} (|err| {err}, atol {atol}, rtol {rtol})"
+            );
         }
         if err > worst.1 {
             worst = (i, err);
@@ -80,12 +88,17 @@ impl OpTest {
     }
     /// A harness on a given GPU.
     pub fn on(gpu: Arc<Gpu>) -> Self {
-        OpTest { gpu, g: Graph::new(), inputs: Vec::new() }
+        OpTest {
+            gpu,
+            g: Graph::new(),
+            inputs: Vec::new(),
+        }
     }
     /// An f32 input with data.
     pub fn input(&mut self, name: &str, shape: &[usize], data: &[f32]) -> Value {
         let v = self.g.input(name, shape, DType::F32).unwrap();
-        self.inputs.push((v, data.iter().map(|f| f.to_bits()).collect()));
+        self.inputs
+            .push((v, data.iter().map(|f| f.to_bits()).collect()));
         v
     }
     /// A u32 input with data.
@@ -107,7 +120,8 @@ impl OpTest {
     /// Compiles with poisoned outputs, writes inputs, sets scalars, runs, reads `out` as f32.
     pub fn run(mut self, out: Value, scalars: &[(Scalar, u32)]) -> Vec<f32> {
         self.g.output(out);
-        let mut plan = pollster::block_on(self.g.compile(&self.gpu, CompileOptions { poison: true })).unwrap();
+        let mut plan =
+            pollster::block_on(self.g.compile(&self.gpu, CompileOptions { poison: true })).unwrap();
         for (v, d) in &self.inputs {
             plan.write_u32(*v, d).unwrap();
         }
@@ -133,7 +147,9 @@ pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -
     let n = rows * k;
     let scale = |rng: &mut Rng, lo: f32, hi: f32| f16::from_f32(rng.uniform(lo, hi)).to_le_bytes();
     match dtype {
-        DType::F32 | DType::F16 | DType::BF16 => kiln::dtype::encode_plain(dtype, &rng.vec(n, -1.0, 1.0)).unwrap(),
+        DType::F32 | DType::F16 | DType::BF16 => {
+            kiln::dtype::encode_plain(dtype, &rng.vec(n, -1.0, 1.0)).unwrap()
+        }
         DType::Q8_0 | DType::Q4_0 => {
             let mut out = Vec::new();
             for _ in 0..n / 32 {

@@ -22,12 +22,37 @@ struct Src {
     kv_slot: bool,
 }
 
-const STATIC: Src = Src { pos_slot: false, kv_slot: false };
-const SLOTS: Src = Src { pos_slot: true, kv_slot: true };
+const STATIC: Src = Src {
+    pos_slot: false,
+    kv_slot: false,
+};
+const SLOTS: Src = Src {
+    pos_slot: true,
+    kv_slot: true,
+};
 
-fn shape(batch: usize, lq: usize, lk: usize, heads: usize, kv_heads: usize, d: usize, causal: bool) -> AttnShape {
+fn shape(
+    batch: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    causal: bool,
+) -> AttnShape {
     let scale = 1.0 / (d as f32).sqrt();
-    AttnShape { batch, lq, lk, heads, kv_heads, d, causal, scale, q_pos: 0, kv_len: lk }
+    AttnShape {
+        batch,
+        lq,
+        lk,
+        heads,
+        kv_heads,
+        d,
+        causal,
+        scale,
+        q_pos: 0,
+        kv_len: lk,
+    }
 }
 
 /// Runs one case on the GPU and against the reference; returns the GPU output.
@@ -56,10 +81,18 @@ fn check(what: &str, s: AttnShape, src: Src) -> Vec<f32> {
     } else {
         Dyn::Static(s.kv_len as u32)
     };
-    let y = t.g.attention(qv, kv, vv, s.heads, s.kv_heads, s.causal, q_pos, kv_len).unwrap();
+    let y =
+        t.g.attention(qv, kv, vv, s.heads, s.kv_heads, s.causal, q_pos, kv_len)
+            .unwrap();
     let got = t.run(y, &scalars);
     let ns = split_count(&s);
-    assert_close(&format!("{what} ({} split{})", ns, if ns == 1 { "" } else { "s" }), &got, &attention(&q, &k, &v, &s), ATOL, RTOL);
+    assert_close(
+        &format!("{what} ({} split{})", ns, if ns == 1 { "" } else { "s" }),
+        &got,
+        &attention(&q, &k, &v, &s),
+        ATOL,
+        RTOL,
+    );
     got
 }
 
@@ -74,7 +107,11 @@ fn split_count(s: &AttnShape) -> usize {
 fn causal_prefill_from_zero() {
     for (lq, heads, kv_heads, d) in [(37, 4, 4, 64), (20, 2, 2, 65), (33, 3, 3, 256)] {
         let s = shape(1, lq, lq, heads, kv_heads, d, true);
-        check(&format!("causal prefill lq={lq} h={heads}/{kv_heads} d={d}"), s, STATIC);
+        check(
+            &format!("causal prefill lq={lq} h={heads}/{kv_heads} d={d}"),
+            s,
+            STATIC,
+        );
     }
 }
 
@@ -87,7 +124,11 @@ fn causal_prefill_at_run_time_position() {
         s.q_pos = pos;
         s.kv_len = pos + lq;
         assert!(split_count(&s) > 1);
-        check(&format!("causal chunk lq={lq} at {pos} h={heads}/{kv_heads} d={d}"), s, SLOTS);
+        check(
+            &format!("causal chunk lq={lq} at {pos} h={heads}/{kv_heads} d={d}"),
+            s,
+            SLOTS,
+        );
     }
 }
 
@@ -99,7 +140,11 @@ fn decode_long_cache_split_k() {
         s.kv_len = 1030;
         s.q_pos = 1029;
         assert!(split_count(&s) > 1);
-        check(&format!("decode kv=1030/1100 h={heads}/{kv_heads} d={d} causal={causal}"), s, SLOTS);
+        check(
+            &format!("decode kv=1030/1100 h={heads}/{kv_heads} d={d} causal={causal}"),
+            s,
+            SLOTS,
+        );
     }
 }
 
@@ -107,7 +152,12 @@ fn decode_long_cache_split_k() {
 fn cross_attention_batched() {
     // U-Net/CLIP-like: more queries than keys, non-causal, batch 2, head dims 40 and 160; and
     // the SD VAE's single 512-dim head (self-attention over the latent pixels).
-    for (lq, lk, heads, d) in [(300, 77, 2, 40), (70, 77, 2, 160), (24, 9, 3, 65), (64, 64, 1, 512)] {
+    for (lq, lk, heads, d) in [
+        (300, 77, 2, 40),
+        (70, 77, 2, 160),
+        (24, 9, 3, 65),
+        (64, 64, 1, 512),
+    ] {
         let s = shape(2, lq, lk, heads, heads, d, false);
         assert_eq!(split_count(&s), 1);
         check(&format!("cross lq={lq} lk={lk} h={heads} d={d}"), s, STATIC);
@@ -138,7 +188,10 @@ fn tiles_fit_workgroup_limits() {
         for rows in [1, 2, 3, 4, 7, 16, 77, 4096] {
             let t = Tiles::new(rows, hd);
             assert!(t.shared_bytes() <= SHARED_WORDS * 4, "{t:?}");
-            assert!(t.bk >= 1 && t.bq.is_power_of_two() && t.bq <= 16 && t.dj * (256 / t.bq) >= hd, "{t:?}");
+            assert!(
+                t.bk >= 1 && t.bq.is_power_of_two() && t.bq <= 16 && t.dj * (256 / t.bq) >= hd,
+                "{t:?}"
+            );
         }
     }
 }

@@ -26,10 +26,28 @@ fn conv2d_kernels_strides_padding_dtypes() {
         let wv = t.weight("w", &[co, ci, k, k], dt, &wb);
         let bv = bias.then(|| t.input("b", &[co], &bb));
         let y = t.g.conv2d(xv, wv, bv, stride, pad).unwrap();
-        let want = conv2d(&x, &wf, bias.then_some(bb.as_slice()), b, ci, h, w, co, k, stride, pad);
+        let want = conv2d(
+            &x,
+            &wf,
+            bias.then_some(bb.as_slice()),
+            b,
+            ci,
+            h,
+            w,
+            co,
+            k,
+            stride,
+            pad,
+        );
         // Dot products of length ci*k*k <= 288 with |terms| <= 1: f32 accumulation error
         // stays below ~300 * 6e-8 * 1.
-        assert_close(&format!("conv2d case {i} ({dt}, k{k} s{stride} p{pad})"), &t.run(y, &[]), &want, 3e-5, 1e-5);
+        assert_close(
+            &format!("conv2d case {i} ({dt}, k{k} s{stride} p{pad})"),
+            &t.run(y, &[]),
+            &want,
+            3e-5,
+            1e-5,
+        );
     }
 }
 
@@ -39,7 +57,10 @@ fn conv2d_shape_errors() {
     let x = g.input("x", &[1, 4, 8, 8], DType::F32).unwrap();
     let w = g.input("w", &[8, 5, 3, 3], DType::F32).unwrap();
     let e = g.conv2d(x, w, None, 1, 1).unwrap_err();
-    assert!(e.to_string().contains("[1, 4, 8, 8]") && e.to_string().contains("[8, 5, 3, 3]"), "{e}");
+    assert!(
+        e.to_string().contains("[1, 4, 8, 8]") && e.to_string().contains("[8, 5, 3, 3]"),
+        "{e}"
+    );
     let w = g.input("w2", &[8, 4, 3, 3], DType::F32).unwrap();
     let e = g.conv2d(x, w, None, 3, 1).unwrap_err();
     assert!(e.to_string().contains("stride 3"), "{e}");

@@ -1,15 +1,19 @@
 //! Elementwise ops, rotary embeddings, upsampling and concatenation against the CPU reference.
 
 use kiln::graph::{Act, BinaryOp, GluInput, UnaryOp};
-use kiln::reference::elementwise as r;
 use kiln::kernels::rope::{inv_freq, llama3_inv_freq};
+use kiln::reference::elementwise as r;
 use kiln_tests::{assert_close, OpTest, Rng};
 
 #[test]
 fn activations() {
     let x = Rng::new(1).vec(1000, -9.0, 9.0);
-    let cases: [(UnaryOp, fn(f64) -> f64); 4] =
-        [(UnaryOp::Silu, r::silu), (UnaryOp::GeluErf, r::gelu_erf), (UnaryOp::GeluTanh, r::gelu_tanh), (UnaryOp::QuickGelu, r::quick_gelu)];
+    let cases: [(UnaryOp, fn(f64) -> f64); 4] = [
+        (UnaryOp::Silu, r::silu),
+        (UnaryOp::GeluErf, r::gelu_erf),
+        (UnaryOp::GeluTanh, r::gelu_tanh),
+        (UnaryOp::QuickGelu, r::quick_gelu),
+    ];
     for (op, f) in cases {
         let mut t = OpTest::new();
         let xv = t.input("x", &[10, 100], &x);
@@ -29,23 +33,46 @@ fn activations() {
 #[test]
 fn broadcast_add_mul() {
     let mut rng = Rng::new(2);
-    for (sa, sb) in [(vec![2, 3, 4, 5], vec![2, 3, 4, 5]), (vec![2, 6, 5, 7], vec![1, 6, 1, 1]), (vec![37, 64], vec![64]), (vec![3, 1, 5], vec![4, 1])] {
+    for (sa, sb) in [
+        (vec![2, 3, 4, 5], vec![2, 3, 4, 5]),
+        (vec![2, 6, 5, 7], vec![1, 6, 1, 1]),
+        (vec![37, 64], vec![64]),
+        (vec![3, 1, 5], vec![4, 1]),
+    ] {
         for op in [BinaryOp::Add, BinaryOp::Mul] {
-            let (a, b) = (rng.vec(sa.iter().product(), -2.0, 2.0), rng.vec(sb.iter().product(), -2.0, 2.0));
+            let (a, b) = (
+                rng.vec(sa.iter().product(), -2.0, 2.0),
+                rng.vec(sb.iter().product(), -2.0, 2.0),
+            );
             let mut t = OpTest::new();
             let (av, bv) = (t.input("a", &sa, &a), t.input("b", &sb, &b));
             let y = t.g.binary(av, bv, op).unwrap();
-            assert_eq!(t.g.shape(y), kiln::reference::elementwise::broadcast_binary(&a, &sa, &b, &sb, |x, _| x).1.as_slice());
+            assert_eq!(
+                t.g.shape(y),
+                kiln::reference::elementwise::broadcast_binary(&a, &sa, &b, &sb, |x, _| x)
+                    .1
+                    .as_slice()
+            );
             let f = move |x: f64, y: f64| if op == BinaryOp::Add { x + y } else { x * y };
             let (want, _) = r::broadcast_binary(&a, &sa, &b, &sb, f);
             // One f32 operation per element: exact up to rounding.
-            assert_close(&format!("{op:?} {sa:?} {sb:?}"), &t.run(y, &[]), &want, 1e-6, 1e-6);
+            assert_close(
+                &format!("{op:?} {sa:?} {sb:?}"),
+                &t.run(y, &[]),
+                &want,
+                1e-6,
+                1e-6,
+            );
         }
     }
     let mut g = kiln::Graph::new();
     let a = g.input("a", &[3, 4], kiln::DType::F32).unwrap();
     let b = g.input("b", &[5], kiln::DType::F32).unwrap();
-    assert!(g.add(a, b).unwrap_err().to_string().contains("do not broadcast"));
+    assert!(g
+        .add(a, b)
+        .unwrap_err()
+        .to_string()
+        .contains("do not broadcast"));
 }
 
 #[test]
@@ -54,15 +81,32 @@ fn gated_units() {
     let (rows, f) = (9, 131);
     let (gate, up) = (rng.vec(rows * f, -4.0, 4.0), rng.vec(rows * f, -2.0, 2.0));
     let mut t = OpTest::new();
-    let (gv, uv) = (t.input("g", &[rows, f], &gate), t.input("u", &[rows, f], &up));
-    let y = t.g.glu(GluInput::Pair { gate: gv, up: uv }, Act::Silu).unwrap();
-    let want: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| (r::silu(g as f64) * u as f64) as f32).collect();
+    let (gv, uv) = (
+        t.input("g", &[rows, f], &gate),
+        t.input("u", &[rows, f], &up),
+    );
+    let y =
+        t.g.glu(GluInput::Pair { gate: gv, up: uv }, Act::Silu)
+            .unwrap();
+    let want: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| (r::silu(g as f64) * u as f64) as f32)
+        .collect();
     assert_close("swiglu", &t.run(y, &[]), &want, 2e-6, 1e-5);
     // GEGLU as diffusers: proj output [.., 2f], hidden first, gate second.
     let x = rng.vec(rows * 2 * f, -4.0, 4.0);
     let mut t = OpTest::new();
     let xv = t.input("x", &[rows, 2 * f], &x);
-    let y = t.g.glu(GluInput::Halves { x: xv, gate_first: false }, Act::GeluErf).unwrap();
+    let y =
+        t.g.glu(
+            GluInput::Halves {
+                x: xv,
+                gate_first: false,
+            },
+            Act::GeluErf,
+        )
+        .unwrap();
     let want: Vec<f32> = (0..rows * f)
         .map(|i| {
             let (rr, c) = (i / f, i % f);
@@ -83,7 +127,13 @@ fn timestep_embedding_like_diffusers() {
         // The frequency exp(-ln(1e4) j / half) differs by an ulp (~6e-8 relative) between the
         // GPU's exp and libm, and the argument t * freq multiplies that by t <= 999: up to ~1.2e-4
         // in the angle. torch's own CPU and CUDA results differ the same way.
-        assert_close(&format!("timestep dim={dim}"), &t.run(y, &[]), &want, 2e-4, 0.0);
+        assert_close(
+            &format!("timestep dim={dim}"),
+            &t.run(y, &[]),
+            &want,
+            2e-4,
+            0.0,
+        );
     }
 }
 
@@ -94,16 +144,31 @@ fn rope_both_pairings_with_run_time_position() {
     let x = rng.vec(seq * heads * d, -1.0, 1.0);
     let base = inv_freq(d, 500000.0);
     let scaled = llama3_inv_freq(&base, 8.0, 1.0, 4.0, 8192.0);
-    assert!(scaled.iter().zip(&base).any(|(a, b)| a != b) && scaled[0] == base[0], "llama3 scaling changes low frequencies only");
-    for (freqs, interleaved, pos) in [(&base, false, 0u32), (&scaled, true, 1500), (&scaled, false, 7000)] {
+    assert!(
+        scaled.iter().zip(&base).any(|(a, b)| a != b) && scaled[0] == base[0],
+        "llama3 scaling changes low frequencies only"
+    );
+    for (freqs, interleaved, pos) in [
+        (&base, false, 0u32),
+        (&scaled, true, 1500),
+        (&scaled, false, 7000),
+    ] {
         let mut t = OpTest::new();
         let xv = t.input("x", &[seq, heads * d], &x);
         let fv = t.input("f", &[d / 2], freqs);
         let p = t.g.scalar("pos").unwrap();
-        let y = t.g.rope(xv, fv, heads, interleaved, kiln::Dyn::slot(p)).unwrap();
+        let y =
+            t.g.rope(xv, fv, heads, interleaved, kiln::Dyn::slot(p))
+                .unwrap();
         let want = r::rope(&x, seq, heads, d, freqs, interleaved, pos);
         // Angles up to ~7000 rad reduced by 2*pi in f32: ~3e-6 absolute on O(1) values.
-        assert_close(&format!("rope interleaved={interleaved} pos={pos}"), &t.run(y, &[(p, pos)]), &want, 1e-5, 0.0);
+        assert_close(
+            &format!("rope interleaved={interleaved} pos={pos}"),
+            &t.run(y, &[(p, pos)]),
+            &want,
+            1e-5,
+            0.0,
+        );
     }
     // Partial rotary: 16 of 40 dims rotate, the rest pass through.
     let (heads, d) = (2, 40);
@@ -112,8 +177,16 @@ fn rope_both_pairings_with_run_time_position() {
     let mut t = OpTest::new();
     let xv = t.input("x", &[5, heads * d], &x);
     let fv = t.input("f", &[8], &f);
-    let y = t.g.rope(xv, fv, heads, false, kiln::Dyn::Static(3)).unwrap();
-    assert_close("rope partial", &t.run(y, &[]), &r::rope(&x, 5, heads, d, &f, false, 3), 1e-5, 0.0);
+    let y =
+        t.g.rope(xv, fv, heads, false, kiln::Dyn::Static(3))
+            .unwrap();
+    assert_close(
+        "rope partial",
+        &t.run(y, &[]),
+        &r::rope(&x, 5, heads, d, &f, false, 3),
+        1e-5,
+        0.0,
+    );
 }
 
 #[test]
@@ -123,13 +196,31 @@ fn upsample_and_concat() {
     let mut t = OpTest::new();
     let xv = t.input("x", &[2, 3, 5, 7], &x);
     let y = t.g.upsample2x(xv).unwrap();
-    assert_close("upsample2x", &t.run(y, &[]), &r::upsample2x(&x, 6, 5, 7), 0.0, 0.0);
-    let (a, b) = (rng.vec(2 * 3 * 4 * 4, -1.0, 1.0), rng.vec(2 * 5 * 4 * 4, -1.0, 1.0));
+    assert_close(
+        "upsample2x",
+        &t.run(y, &[]),
+        &r::upsample2x(&x, 6, 5, 7),
+        0.0,
+        0.0,
+    );
+    let (a, b) = (
+        rng.vec(2 * 3 * 4 * 4, -1.0, 1.0),
+        rng.vec(2 * 5 * 4 * 4, -1.0, 1.0),
+    );
     let mut t = OpTest::new();
-    let (av, bv) = (t.input("a", &[2, 3, 4, 4], &a), t.input("b", &[2, 5, 4, 4], &b));
+    let (av, bv) = (
+        t.input("a", &[2, 3, 4, 4], &a),
+        t.input("b", &[2, 5, 4, 4], &b),
+    );
     let y = t.g.concat(av, bv, 1).unwrap();
     assert_eq!(t.g.shape(y), &[2, 8, 4, 4]);
-    assert_close("concat channels", &t.run(y, &[]), &r::concat(&a, &[2, 3, 4, 4], &b, 1), 0.0, 0.0);
+    assert_close(
+        "concat channels",
+        &t.run(y, &[]),
+        &r::concat(&a, &[2, 3, 4, 4], &b, 1),
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -140,9 +231,11 @@ fn transpose_last_two_dims() {
     let xv = t.input("x", &[b, m, n], &x);
     let y = t.g.transpose(xv).unwrap();
     assert_eq!(t.g.shape(y), &[b, n, m]);
-    let want: Vec<f32> = (0..b * n * m).map(|o| {
-        let (i, j, bb) = (o % m, (o / m) % n, o / (m * n));
-        x[(bb * m + i) * n + j]
-    }).collect();
+    let want: Vec<f32> = (0..b * n * m)
+        .map(|o| {
+            let (i, j, bb) = (o % m, (o / m) % n, o / (m * n));
+            x[(bb * m + i) * n + j]
+        })
+        .collect();
     assert_close("transpose", &t.run(y, &[]), &want, 0.0, 0.0);
 }

@@ -9,10 +9,23 @@ use std::sync::Arc;
 
 /// A small decoder-like block: norm, two projections, SwiGLU, projection, residual, and a
 /// cache write at a run-time position.
-fn block(g: &mut Graph, gpu: &kiln::Gpu, rng: &mut Rng, d: usize, cache: &Arc<Tensor>) -> (kiln::Value, kiln::Value, kiln::Scalar) {
+fn block(
+    g: &mut Graph,
+    gpu: &kiln::Gpu,
+    rng: &mut Rng,
+    d: usize,
+    cache: &Arc<Tensor>,
+) -> (kiln::Value, kiln::Value, kiln::Scalar) {
     let f = 2 * d;
     let mut w = |name: &str, n: usize, k: usize| {
-        let t = Tensor::upload(gpu, name, &[n, k], DType::F16, &kiln::dtype::encode_plain(DType::F16, &rng.vec(n * k, -0.2, 0.2)).unwrap()).unwrap();
+        let t = Tensor::upload(
+            gpu,
+            name,
+            &[n, k],
+            DType::F16,
+            &kiln::dtype::encode_plain(DType::F16, &rng.vec(n * k, -0.2, 0.2)).unwrap(),
+        )
+        .unwrap();
         g_tensor(t)
     };
     fn g_tensor(t: Tensor) -> Arc<Tensor> {
@@ -22,7 +35,13 @@ fn block(g: &mut Graph, gpu: &kiln::Gpu, rng: &mut Rng, d: usize, cache: &Arc<Te
     let norm_w = Arc::new(Tensor::from_f32(gpu, "norm", &[d], &vec![1.0; d]).unwrap());
     let x = g.input("x", &[1, d], DType::F32).unwrap();
     let pos = g.scalar("pos").unwrap();
-    let (wg, wu, wd, nw, cv) = (g.tensor(&wg), g.tensor(&wu), g.tensor(&wd), g.tensor(&norm_w), g.tensor(cache));
+    let (wg, wu, wd, nw, cv) = (
+        g.tensor(&wg),
+        g.tensor(&wu),
+        g.tensor(&wd),
+        g.tensor(&norm_w),
+        g.tensor(cache),
+    );
     let h = g.rms_norm(x, nw, 1e-5).unwrap();
     let gate = g.linear(h, wg, None).unwrap();
     let up = g.linear(h, wu, None).unwrap();
@@ -56,7 +75,11 @@ fn second_run_creates_nothing_and_submits_once() {
         plan.run().unwrap();
         let delta = gpu.counters() - before;
         assert_eq!(delta.submits, 1, "one submit per run");
-        assert_eq!(delta.objects_created(), 0, "no buffers, bind groups or pipelines per run: {delta:?}");
+        assert_eq!(
+            delta.objects_created(),
+            0,
+            "no buffers, bind groups or pipelines per run: {delta:?}"
+        );
         assert_eq!(delta.dispatches, plan.dispatch_count() as u64);
         assert_eq!(delta.bytes_read_back, 0);
         assert_eq!(delta.bytes_uploaded, 64, "only the run scalars change");
@@ -73,7 +96,14 @@ fn second_run_creates_nothing_and_submits_once() {
     let before = gpu.counters();
     let out = pollster::block_on(plan.run_read(&[y])).unwrap();
     let delta = gpu.counters() - before;
-    assert_eq!((delta.submits, delta.objects_created(), delta.bytes_read_back), (1, 0, (d * 4) as u64));
+    assert_eq!(
+        (
+            delta.submits,
+            delta.objects_created(),
+            delta.bytes_read_back
+        ),
+        (1, 0, (d * 4) as u64)
+    );
     assert_eq!(bytemuck::cast_slice::<u8, f32>(&out[0]), first.as_slice());
 }
 
@@ -95,7 +125,10 @@ fn liveness_reuses_buffers() {
     plan.write_f32(x, &xs).unwrap();
     plan.run().unwrap();
     let got = pollster::block_on(plan.read_f32(v)).unwrap();
-    let want: Vec<f32> = xs.iter().map(|&a| (0..10).fold(a, |acc, _| acc * 1.0001)).collect();
+    let want: Vec<f32> = xs
+        .iter()
+        .map(|&a| (0..10).fold(a, |acc, _| acc * 1.0001))
+        .collect();
     assert_close("chain of 10 scales", &got, &want, 0.0, 1e-6);
 }
 
@@ -113,7 +146,10 @@ fn poisoned_outputs_show_unwritten_elements() {
     let plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
     plan.write_f32(x, &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
     plan.run().unwrap();
-    assert_eq!(pollster::block_on(dst.to_f32(&gpu)).unwrap(), vec![0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+    assert_eq!(
+        pollster::block_on(dst.to_f32(&gpu)).unwrap(),
+        vec![0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    );
     let e = g.copy_into(y, d, Dyn::Static(4)).unwrap_err();
     assert!(e.to_string().contains("overflow"), "{e}");
 }
@@ -122,7 +158,11 @@ fn poisoned_outputs_show_unwritten_elements() {
 fn shader_errors_are_errors() {
     let gpu = gpu();
     // matvec.wgsl without a weight-dtype define does not compile.
-    let e = pollster::block_on(gpu.pipeline(&KernelKey::new("matvec.wgsl", "main"), &[false, false, false, true])).unwrap_err();
+    let e = pollster::block_on(gpu.pipeline(
+        &KernelKey::new("matvec.wgsl", "main"),
+        &[false, false, false, true],
+    ))
+    .unwrap_err();
     assert!(matches!(e, kiln::Error::Shader { .. }), "{e}");
     let e = kiln::shaders::dump("nope.wgsl", &[]).unwrap_err();
     assert!(e.to_string().contains("no such shader file"), "{e}");
@@ -144,6 +184,9 @@ fn input_size_is_checked() {
 fn every_shader_variant_preprocesses() {
     for (name, _) in kiln::shaders::SOURCES {
         let src = kiln::shaders::dump(name, &[]).unwrap();
-        assert!(!src.contains("#include") && !src.contains("#ifdef"), "{name} left directives");
+        assert!(
+            !src.contains("#include") && !src.contains("#ifdef"),
+            "{name} left directives"
+        );
     }
 }

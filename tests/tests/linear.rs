@@ -21,7 +21,13 @@ fn check_linear(t: OpTest, dtype: DType, m: usize, n: usize, bias: bool, seed: u
     let got = t.run(y, &[]);
     let want = refl::linear(&x, &wf, bias.then_some(b.as_slice()), m, n, k);
     let tol = dot_tolerance(&x, &wf, m, n, k);
-    assert_close(&format!("linear {dtype} m={m} n={n} k={k} bias={bias}"), &got, &want, tol, 1e-5);
+    assert_close(
+        &format!("linear {dtype} m={m} n={n} k={k} bias={bias}"),
+        &got,
+        &want,
+        tol,
+        1e-5,
+    );
 }
 
 #[test]
@@ -64,7 +70,10 @@ fn batched_activation_product() {
 /// A binding limit of 4 KiB splits every test weight into many parts; results must not change.
 #[test]
 fn split_weights_matvec_gemm_gather() {
-    let small = gpu_with(GpuOptions { max_binding_size: Some(4096), ..Default::default() });
+    let small = gpu_with(GpuOptions {
+        max_binding_size: Some(4096),
+        ..Default::default()
+    });
     assert_eq!(small.binding_limit, 4096);
     for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
         check_linear(OpTest::on(small.clone()), dt, 1, 45, true, 50 + i as u64);
@@ -79,7 +88,12 @@ fn check_gather(t: OpTest, dtype: DType, seed: u64, expect_split: bool) {
     let (v, d) = (53, test_k(dtype));
     let wb = random_weight_bytes(&mut rng, dtype, v, d);
     let table = kiln::Tensor::upload(&t.gpu, "table", &[v, d], dtype, &wb).unwrap();
-    assert_eq!(table.parts.len() > 1, expect_split, "{dtype}: parts {}", table.parts.len());
+    assert_eq!(
+        table.parts.len() > 1,
+        expect_split,
+        "{dtype}: parts {}",
+        table.parts.len()
+    );
     let tv = t.g.tensor(&std::sync::Arc::new(table));
     let ids: Vec<u32> = vec![0, 52, 7, 7, 31, 1, 60];
     let iv = t.input_u32("ids", &[ids.len()], &ids);
@@ -107,10 +121,17 @@ fn quantize_on_load_matches_ggml_reference() {
     for dt in [DType::Q4_0, DType::Q8_0] {
         let q = kiln::dtype::quantize(dt, &w).unwrap();
         let back = dequantize(dt, &q, n * k).unwrap();
-        let max_err = w.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max_err = w
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         // Step of the grid: 2*amax/15 (q4) or amax/127 (q8), halved by rounding, amax <= 1.
         let bound = if dt == DType::Q4_0 { 0.14 } else { 0.0045 };
-        assert!(max_err < bound, "{dt}: quantization error {max_err} >= {bound}");
+        assert!(
+            max_err < bound,
+            "{dt}: quantization error {max_err} >= {bound}"
+        );
         let mut t = OpTest::new();
         let x = rng.vec(k, -1.0, 1.0);
         let xv = t.input("x", &[1, k], &x);
@@ -118,7 +139,13 @@ fn quantize_on_load_matches_ggml_reference() {
         let y = t.g.linear(xv, wv, None).unwrap();
         let got = t.run(y, &[]);
         let want = refl::linear(&x, &back, None, 1, n, k);
-        assert_close(&format!("quantized-on-load {dt}"), &got, &want, dot_tolerance(&x, &back, 1, n, k), 1e-5);
+        assert_close(
+            &format!("quantized-on-load {dt}"),
+            &got,
+            &want,
+            dot_tolerance(&x, &back, 1, n, k),
+            1e-5,
+        );
     }
 }
 
@@ -133,5 +160,8 @@ fn bad_weight_bytes_are_errors() {
     let x = gr.input("x", &[2, 8], DType::F32).unwrap();
     let w = gr.input("w", &[3, 9], DType::F32).unwrap();
     let e = gr.linear(x, w, None).unwrap_err();
-    assert!(e.to_string().contains("k = 8") && e.to_string().contains("k = 9"), "{e}");
+    assert!(
+        e.to_string().contains("k = 8") && e.to_string().contains("k = 9"),
+        "{e}"
+    );
 }

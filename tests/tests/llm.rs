@@ -8,19 +8,34 @@ use kiln::llm::{GenerateOptions, LoadOptions, ModelFiles, TextModel, TextTokeniz
 use serde_json::Value;
 use std::path::PathBuf;
 
-const CASES: [&str; 5] = ["llama-gqa-f32", "llama-mqa-tied-bf16", "llama3-rope-f16", "qwen2-f32", "llama-q-256"];
+const CASES: [&str; 5] = [
+    "llama-gqa-f32",
+    "llama-mqa-tied-bf16",
+    "llama3-rope-f16",
+    "qwen2-f32",
+    "llama-q-256",
+];
 
 fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/llm")
+        .join(case)
 }
 
 fn expected(case: &str) -> Value {
     let p = dir(case).join("expected.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// The files of one run: the HF folder, or just the named GGUF file.
@@ -36,12 +51,28 @@ fn load(case: &str, weights: &str, opts: LoadOptions) -> TextModel {
     load_on(kiln_tests::gpu(), case, weights, opts)
 }
 
-fn load_on(gpu: std::sync::Arc<kiln::Gpu>, case: &str, weights: &str, opts: LoadOptions) -> TextModel {
-    pollster::block_on(TextModel::load(&gpu, files(case, weights), &opts, &mut |_, _| {})).unwrap_or_else(|e| panic!("{case} {weights}: {e}"))
+fn load_on(
+    gpu: std::sync::Arc<kiln::Gpu>,
+    case: &str,
+    weights: &str,
+    opts: LoadOptions,
+) -> TextModel {
+    pollster::block_on(TextModel::load(
+        &gpu,
+        files(case, weights),
+        &opts,
+        &mut |_, _| {},
+    ))
+    .unwrap_or_else(|e| panic!("{case} {weights}: {e}"))
 }
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_tokens, sampler: SamplerSettings::greedy(), seed: 0, stop: vec![] }
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerSettings::greedy(),
+        seed: 0,
+        stop: vec![],
+    }
 }
 
 /// Greedy ids equal the reference up to the first step whose top-2 margin is under 0.01 (where
@@ -49,20 +80,53 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
 fn check_run(case: &str, run: &Value, prompt: &[u32], chunk: usize) {
     let weights = run["weights"].as_str().unwrap();
     let want = ids(&run["ids"]);
-    let want_lp: Vec<f64> = run["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-    let margins: Vec<f64> = run["margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-    let mut m = load(case, weights, LoadOptions { ctx: 128, prefill_chunk: chunk, ..Default::default() });
+    let want_lp: Vec<f64> = run["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let margins: Vec<f64> = run["margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let mut m = load(
+        case,
+        weights,
+        LoadOptions {
+            ctx: 128,
+            prefill_chunk: chunk,
+            ..Default::default()
+        },
+    );
     let g = pollster::block_on(m.generate(prompt, &greedy(want.len()), &mut |_| true)).unwrap();
     let firm = margins.iter().position(|&x| x < 0.01).unwrap_or(want.len());
     let n = firm.min(g.ids.len());
     assert!(n > 0 || firm == 0, "{case} {weights}: nothing generated");
     for i in 0..n {
-        assert_eq!(g.ids[i], want[i], "{case} {weights} (chunk {chunk}): step {i}: expected id {}, got {} (ids so far {:?})", want[i], g.ids[i], &g.ids[..=i]);
+        assert_eq!(
+            g.ids[i],
+            want[i],
+            "{case} {weights} (chunk {chunk}): step {i}: expected id {}, got {} (ids so far {:?})",
+            want[i],
+            g.ids[i],
+            &g.ids[..=i]
+        );
         let err = (g.logprobs[i] as f64 - want_lp[i]).abs();
-        assert!(err <= 2e-3, "{case} {weights}: step {i}: logprob expected {}, got {} (|err| {err})", want_lp[i], g.logprobs[i]);
+        assert!(
+            err <= 2e-3,
+            "{case} {weights}: step {i}: logprob expected {}, got {} (|err| {err})",
+            want_lp[i],
+            g.logprobs[i]
+        );
     }
     if g.ids.len() < want.len() {
-        assert!(m.config.eos.contains(g.ids.last().unwrap()), "{case} {weights}: stopped early without EOS");
+        assert!(
+            m.config.eos.contains(g.ids.last().unwrap()),
+            "{case} {weights}: stopped early without EOS"
+        );
     }
     eprintln!("{case} {weights} (chunk {chunk}): {n} ids equal (firm steps {firm}), max logprob err {:.2e}",
         (0..n).map(|i| (g.logprobs[i] as f64 - want_lp[i]).abs()).fold(0.0, f64::max));
@@ -115,12 +179,19 @@ fn tokenizers_match_transformers() {
         let d = dir(case);
         let tj = std::fs::read(d.join("tokenizer.json")).unwrap();
         let tc = std::fs::read_to_string(d.join("tokenizer_config.json")).ok();
-        let mut toks = vec![("tokenizer.json".to_string(), TextTokenizer::from_hf(&tj, tc.as_deref()).unwrap())];
+        let mut toks = vec![(
+            "tokenizer.json".to_string(),
+            TextTokenizer::from_hf(&tj, tc.as_deref()).unwrap(),
+        )];
         for f in std::fs::read_dir(&d).unwrap().flatten() {
             let name = f.file_name().to_string_lossy().to_string();
             if name.ends_with(".gguf") {
-                let g = kiln::formats::gguf::Gguf::parse(&name, std::fs::read(f.path()).unwrap()).unwrap();
-                toks.push((name, TextTokenizer::from_gguf(&g).unwrap_or_else(|e| panic!("{case}: {e}"))));
+                let g = kiln::formats::gguf::Gguf::parse(&name, std::fs::read(f.path()).unwrap())
+                    .unwrap();
+                toks.push((
+                    name,
+                    TextTokenizer::from_gguf(&g).unwrap_or_else(|e| panic!("{case}: {e}")),
+                ));
             }
         }
         for (src, tok) in &toks {
@@ -130,7 +201,11 @@ fn tokenizers_match_transformers() {
                 assert_eq!(got, ids(&t["ids"]), "{case} {src}: text {text:?}");
             }
         }
-        eprintln!("{case}: {} tokenizers agree on {} strings", toks.len(), e["tokenizer"].as_array().unwrap().len());
+        eprintln!(
+            "{case}: {} tokenizers agree on {} strings",
+            toks.len(),
+            e["tokenizer"].as_array().unwrap().len()
+        );
     }
 }
 
@@ -138,11 +213,33 @@ fn tokenizers_match_transformers() {
 fn chat_templates_render_like_transformers() {
     for case in CASES {
         let e = expected(case);
-        let Some(chat) = e.get("chat").filter(|c| !c.is_null()) else { continue };
+        let Some(chat) = e.get("chat").filter(|c| !c.is_null()) else {
+            continue;
+        };
         let d = dir(case);
-        let tok = TextTokenizer::from_hf(&std::fs::read(d.join("tokenizer.json")).unwrap(), std::fs::read_to_string(d.join("tokenizer_config.json")).ok().as_deref()).unwrap();
-        let msgs: Vec<(String, String)> = chat["messages"].as_array().unwrap().iter().map(|m| (m["role"].as_str().unwrap().into(), m["content"].as_str().unwrap().into())).collect();
-        assert_eq!(tok.render_chat(&msgs).unwrap(), chat["rendered"].as_str().unwrap(), "{case}");
+        let tok = TextTokenizer::from_hf(
+            &std::fs::read(d.join("tokenizer.json")).unwrap(),
+            std::fs::read_to_string(d.join("tokenizer_config.json"))
+                .ok()
+                .as_deref(),
+        )
+        .unwrap();
+        let msgs: Vec<(String, String)> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["role"].as_str().unwrap().into(),
+                    m["content"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tok.render_chat(&msgs).unwrap(),
+            chat["rendered"].as_str().unwrap(),
+            "{case}"
+        );
     }
 }
 
@@ -150,7 +247,15 @@ fn chat_templates_render_like_transformers() {
 fn one_submit_and_no_objects_per_decode_token() {
     // A device of its own: tests running in parallel would add to shared counters.
     let own = kiln_tests::gpu_with(kiln::GpuOptions::default());
-    let mut m = load_on(own, "llama-gqa-f32", "hf", LoadOptions { ctx: 64, ..Default::default() });
+    let mut m = load_on(
+        own,
+        "llama-gqa-f32",
+        "hf",
+        LoadOptions {
+            ctx: 64,
+            ..Default::default()
+        },
+    );
     let prompt = ids(&expected("llama-gqa-f32")["prompt_ids"]);
     pollster::block_on(m.generate(&prompt, &greedy(2), &mut |_| true)).unwrap();
     let gpu = m.gpu.clone();
@@ -163,16 +268,29 @@ fn one_submit_and_no_objects_per_decode_token() {
         let c = gpu.counters() - before;
         assert_eq!(c.submits, 1, "submits per token");
         assert_eq!(c.objects_created(), 0, "objects created per token: {c:?}");
-        assert_eq!(c.bytes_read_back, 8, "only the id and its logprob come back");
+        assert_eq!(
+            c.bytes_read_back, 8,
+            "only the id and its logprob come back"
+        );
         assert!(u32::from_le_bytes(out[0][..4].try_into().unwrap()) < m.config.vocab as u32);
     }
 }
 
 #[test]
 fn prompt_past_context_is_an_error() {
-    let mut m = load("llama-gqa-f32", "hf", LoadOptions { ctx: 16, ..Default::default() });
+    let mut m = load(
+        "llama-gqa-f32",
+        "hf",
+        LoadOptions {
+            ctx: 16,
+            ..Default::default()
+        },
+    );
     let e = pollster::block_on(m.generate(&[5; 16], &greedy(4), &mut |_| true)).unwrap_err();
-    assert!(e.to_string().contains("do not fit the context of 16"), "{e}");
+    assert!(
+        e.to_string().contains("do not fit the context of 16"),
+        "{e}"
+    );
     let e = pollster::block_on(m.generate(&[100000], &greedy(4), &mut |_| true)).unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
     // Generation stops when the context is full rather than overrunning the cache.
@@ -184,26 +302,69 @@ fn prompt_past_context_is_an_error() {
 fn bad_model_files_are_errors() {
     let gpu = kiln_tests::gpu();
     let mut f = files("llama-gqa-f32", "hf");
-    f.insert("config.json".into(), br#"{"architectures": ["GPTNeoXForCausalLM"]}"#.to_vec());
-    let e = pollster::block_on(TextModel::load(&gpu, f, &LoadOptions::default(), &mut |_, _| {})).err().unwrap();
+    f.insert(
+        "config.json".into(),
+        br#"{"architectures": ["GPTNeoXForCausalLM"]}"#.to_vec(),
+    );
+    let e = pollster::block_on(TextModel::load(
+        &gpu,
+        f,
+        &LoadOptions::default(),
+        &mut |_, _| {},
+    ))
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("GPTNeoXForCausalLM"), "{e}");
     let mut f = files("llama-gqa-f32", "hf");
     let st = f.get_mut("model.safetensors").unwrap();
     st.truncate(st.len() / 2);
-    let e = pollster::block_on(TextModel::load(&gpu, f, &LoadOptions::default(), &mut |_, _| {})).err().unwrap();
+    let e = pollster::block_on(TextModel::load(
+        &gpu,
+        f,
+        &LoadOptions::default(),
+        &mut |_, _| {},
+    ))
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("data_offsets"), "{e}");
     let mut g = files("llama-gqa-f32", "model-q8_0.gguf");
     let b = g.get_mut("model-q8_0.gguf").unwrap();
     b.truncate(1000);
-    let e = pollster::block_on(TextModel::load(&gpu, g, &LoadOptions::default(), &mut |_, _| {})).err().unwrap();
+    let e = pollster::block_on(TextModel::load(
+        &gpu,
+        g,
+        &LoadOptions::default(),
+        &mut |_, _| {},
+    ))
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("model-q8_0.gguf"), "{e}");
 }
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let mut m = load("llama-gqa-f32", "hf", LoadOptions { ctx: 64, ..Default::default() });
+    let mut m = load(
+        "llama-gqa-f32",
+        "hf",
+        LoadOptions {
+            ctx: 64,
+            ..Default::default()
+        },
+    );
     let prompt = ids(&expected("llama-gqa-f32")["prompt_ids"]);
-    let opts = |seed| GenerateOptions { max_tokens: 16, sampler: SamplerSettings { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.0, repeat_penalty: 1.1, repeat_window: 16 }, seed, stop: vec![] };
+    let opts = |seed| GenerateOptions {
+        max_tokens: 16,
+        sampler: SamplerSettings {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.95,
+            min_p: 0.0,
+            repeat_penalty: 1.1,
+            repeat_window: 16,
+        },
+        seed,
+        stop: vec![],
+    };
     let a = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
     let b = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
     let c = pollster::block_on(m.generate(&prompt, &opts(8), &mut |_| true)).unwrap();

@@ -14,7 +14,13 @@ fn softmax_rows() {
         let x = Rng::new(d as u64).vec(rows * d, -8.0, 8.0);
         let xv = t.input("x", &[rows, d], &x);
         let y = t.g.softmax(xv).unwrap();
-        assert_close(&format!("softmax {rows}x{d}"), &t.run(y, &[]), &r::softmax(&x, d), 1e-6, 1e-4);
+        assert_close(
+            &format!("softmax {rows}x{d}"),
+            &t.run(y, &[]),
+            &r::softmax(&x, d),
+            1e-6,
+            1e-4,
+        );
     }
 }
 
@@ -22,29 +28,67 @@ fn softmax_rows() {
 fn rms_and_layer_norm() {
     for (rows, d) in [(1, 64), (7, 577), (3, 2048)] {
         let mut rng = Rng::new(d as u64 + 1);
-        let (x, w, b) = (rng.vec(rows * d, -2.0, 3.0), rng.vec(d, 0.5, 1.5), rng.vec(d, -0.5, 0.5));
+        let (x, w, b) = (
+            rng.vec(rows * d, -2.0, 3.0),
+            rng.vec(d, 0.5, 1.5),
+            rng.vec(d, -0.5, 0.5),
+        );
         let mut t = OpTest::new();
         let (xv, wv) = (t.input("x", &[rows, d], &x), t.input("w", &[d], &w));
         let y = t.g.rms_norm(xv, wv, 1e-6).unwrap();
-        assert_close(&format!("rms_norm {rows}x{d}"), &t.run(y, &[]), &r::rms_norm(&x, &w, 1e-6), TOL, 1e-5);
+        assert_close(
+            &format!("rms_norm {rows}x{d}"),
+            &t.run(y, &[]),
+            &r::rms_norm(&x, &w, 1e-6),
+            TOL,
+            1e-5,
+        );
         let mut t = OpTest::new();
-        let (xv, wv, bv) = (t.input("x", &[rows, d], &x), t.input("w", &[d], &w), t.input("b", &[d], &b));
+        let (xv, wv, bv) = (
+            t.input("x", &[rows, d], &x),
+            t.input("w", &[d], &w),
+            t.input("b", &[d], &b),
+        );
         let y = t.g.layer_norm(xv, wv, bv, 1e-5).unwrap();
-        assert_close(&format!("layer_norm {rows}x{d}"), &t.run(y, &[]), &r::layer_norm(&x, &w, &b, 1e-5), TOL, 1e-5);
+        assert_close(
+            &format!("layer_norm {rows}x{d}"),
+            &t.run(y, &[]),
+            &r::layer_norm(&x, &w, &b, 1e-5),
+            TOL,
+            1e-5,
+        );
     }
 }
 
 #[test]
 fn group_norm_with_and_without_silu() {
-    for (b, c, h, w, groups, silu) in [(1, 32, 8, 8, 8, false), (2, 64, 5, 7, 32, true), (2, 96, 16, 16, 32, true)] {
+    for (b, c, h, w, groups, silu) in [
+        (1, 32, 8, 8, 8, false),
+        (2, 64, 5, 7, 32, true),
+        (2, 96, 16, 16, 32, true),
+    ] {
         let mut rng = Rng::new((c * h) as u64);
         let n = b * c * h * w;
-        let (x, gw, gb) = (rng.vec(n, -1.0, 2.0), rng.vec(c, 0.5, 1.5), rng.vec(c, -0.5, 0.5));
+        let (x, gw, gb) = (
+            rng.vec(n, -1.0, 2.0),
+            rng.vec(c, 0.5, 1.5),
+            rng.vec(c, -0.5, 0.5),
+        );
         let mut t = OpTest::new();
-        let (xv, wv, bv) = (t.input("x", &[b, c, h, w], &x), t.input("w", &[c], &gw), t.input("b", &[c], &gb));
+        let (xv, wv, bv) = (
+            t.input("x", &[b, c, h, w], &x),
+            t.input("w", &[c], &gw),
+            t.input("b", &[c], &gb),
+        );
         let y = t.g.group_norm(xv, wv, bv, groups, 1e-5, silu).unwrap();
         let want = r::group_norm(&x, &gw, &gb, b, groups, 1e-5, silu);
-        assert_close(&format!("group_norm {b}x{c}x{h}x{w} g{groups} silu={silu}"), &t.run(y, &[]), &want, TOL, 1e-5);
+        assert_close(
+            &format!("group_norm {b}x{c}x{h}x{w} g{groups} silu={silu}"),
+            &t.run(y, &[]),
+            &want,
+            TOL,
+            1e-5,
+        );
     }
 }
 

@@ -10,8 +10,16 @@ use std::sync::Arc;
 
 /// Random123's known-answer vectors for philox4x32_10: (counter, key, output).
 const KAT: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
-    ([0, 0, 0, 0], [0, 0], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
-    ([u32::MAX; 4], [u32::MAX; 2], [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]),
+    (
+        [0, 0, 0, 0],
+        [0, 0],
+        [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+    ),
+    (
+        [u32::MAX; 4],
+        [u32::MAX; 2],
+        [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+    ),
     (
         [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
         [0xa4093822, 0x299f31d0],
@@ -44,19 +52,49 @@ impl Sampler {
         let gpu = gpu();
         let mut g = Graph::new();
         let logits = g.input("logits", &[v], DType::F32).unwrap();
-        let settings = g.input("settings", &[kiln::kernels::sample::SETTINGS_LEN], DType::F32).unwrap();
+        let settings = g
+            .input(
+                "settings",
+                &[kiln::kernels::sample::SETTINGS_LEN],
+                DType::F32,
+            )
+            .unwrap();
         let hist = Arc::new(Tensor::from_u32(&gpu, "history", &[cap], &vec![0; cap]).unwrap());
         let history = g.tensor(&hist);
         let counter = g.scalar("counter").unwrap();
         let seed = g.scalar("seed").unwrap();
-        let out = g.sample(logits, settings, history, Dyn::slot(counter), Dyn::slot(seed)).unwrap();
+        let out = g
+            .sample(
+                logits,
+                settings,
+                history,
+                Dyn::slot(counter),
+                Dyn::slot(seed),
+            )
+            .unwrap();
         g.output(out);
         let plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
-        Sampler { plan, logits, settings, history, out, hist, counter, seed }
+        Sampler {
+            plan,
+            logits,
+            settings,
+            history,
+            out,
+            hist,
+            counter,
+            seed,
+        }
     }
 
     /// Runs one draw on the GPU; returns (id, logprob, history after the run).
-    fn draw(&mut self, logits: &[f32], st: &SamplerSettings, history: &[u32], c: u32, seed: u32) -> (u32, f32, Vec<u32>) {
+    fn draw(
+        &mut self,
+        logits: &[f32],
+        st: &SamplerSettings,
+        history: &[u32],
+        c: u32,
+        seed: u32,
+    ) -> (u32, f32, Vec<u32>) {
         self.plan.write_f32(self.logits, logits).unwrap();
         self.plan.write_f32(self.settings, &st.to_f32s()).unwrap();
         self.plan.write_u32(self.history, history).unwrap();
@@ -71,12 +109,30 @@ impl Sampler {
     }
 
     /// Draws on the GPU and on the CPU and requires the same id, history and a close logprob.
-    fn check(&mut self, what: &str, logits: &[f32], st: &SamplerSettings, history: &[u32], c: u32, seed: u32) -> u32 {
+    fn check(
+        &mut self,
+        what: &str,
+        logits: &[f32],
+        st: &SamplerSettings,
+        history: &[u32],
+        c: u32,
+        seed: u32,
+    ) -> u32 {
         let (id, lp, hist) = self.draw(logits, st, history, c, seed);
         let mut want_hist = history.to_vec();
         let want = reference::sample(logits, &st.to_f32s(), &mut want_hist, c, seed);
-        assert_eq!(id, want.id, "{what}: c {c} seed {seed}: id expected {}, got {id}", want.id);
-        assert_close(&format!("{what}: c {c} seed {seed}: logprob"), &[lp], &[want.logprob as f32], LOGPROB_ATOL, LOGPROB_RTOL);
+        assert_eq!(
+            id, want.id,
+            "{what}: c {c} seed {seed}: id expected {}, got {id}",
+            want.id
+        );
+        assert_close(
+            &format!("{what}: c {c} seed {seed}: logprob"),
+            &[lp],
+            &[want.logprob as f32],
+            LOGPROB_ATOL,
+            LOGPROB_RTOL,
+        );
         assert_eq!(hist, want_hist, "{what}: c {c}: history");
         id
     }
@@ -87,7 +143,11 @@ fn lm_logits(rng: &mut Rng, v: usize) -> Vec<f32> {
     (0..v)
         .map(|_| {
             let x = rng.uniform(-6.0, 6.0);
-            if rng.uniform(0.0, 1.0) < 0.01 { x + 8.0 } else { x }
+            if rng.uniform(0.0, 1.0) < 0.01 {
+                x + 8.0
+            } else {
+                x
+            }
         })
         .collect()
 }
@@ -95,7 +155,11 @@ fn lm_logits(rng: &mut Rng, v: usize) -> Vec<f32> {
 #[test]
 fn philox_known_answers_cpu() {
     for (c, k, want) in KAT {
-        assert_eq!(reference::philox4x32_10(c, k), want, "counter {c:08x?} key {k:08x?}");
+        assert_eq!(
+            reference::philox4x32_10(c, k),
+            want,
+            "counter {c:08x?} key {k:08x?}"
+        );
     }
 }
 
@@ -105,14 +169,21 @@ fn philox_known_answers_gpu() {
     let mut blocks: Vec<([u32; 4], [u32; 2])> = KAT.iter().map(|(c, k, _)| (*c, *k)).collect();
     for _ in 0..125 {
         let w = |r: &mut Rng| r.next_u64() as u32;
-        blocks.push(([w(&mut rng), w(&mut rng), w(&mut rng), w(&mut rng)], [w(&mut rng), w(&mut rng)]));
+        blocks.push((
+            [w(&mut rng), w(&mut rng), w(&mut rng), w(&mut rng)],
+            [w(&mut rng), w(&mut rng)],
+        ));
     }
     let got = pollster::block_on(philox_on_gpu(&gpu(), &blocks)).unwrap();
     for (i, (c, k, want)) in KAT.iter().enumerate() {
         assert_eq!(got[i], *want, "KAT {i}: counter {c:08x?} key {k:08x?}");
     }
     for (i, (c, k)) in blocks.iter().enumerate() {
-        assert_eq!(got[i], reference::philox4x32_10(*c, *k), "block {i}: counter {c:08x?} key {k:08x?}");
+        assert_eq!(
+            got[i],
+            reference::philox4x32_10(*c, *k),
+            "block {i}: counter {c:08x?} key {k:08x?}"
+        );
     }
 }
 
@@ -128,29 +199,77 @@ fn greedy_is_argmax_lowest_index_on_ties() {
         logits[a] = top;
         let hist = vec![0u32; 16];
         for seed in [0, 99] {
-            assert_eq!(s.check("greedy", &logits, &SamplerSettings::greedy(), &hist, 0, seed), a as u32);
+            assert_eq!(
+                s.check(
+                    "greedy",
+                    &logits,
+                    &SamplerSettings::greedy(),
+                    &hist,
+                    0,
+                    seed
+                ),
+                a as u32
+            );
         }
         // Penalizing the tied winners moves the argmax elsewhere, as the reference says.
         let mut hist = vec![a as u32, b as u32];
         hist.resize(16, 0);
-        let st = SamplerSettings { repeat_penalty: 1.5, ..SamplerSettings::greedy() };
+        let st = SamplerSettings {
+            repeat_penalty: 1.5,
+            ..SamplerSettings::greedy()
+        };
         let id = s.check("greedy+penalty", &logits, &st, &hist, 2, 0);
-        assert!(id != a as u32 && id != b as u32, "penalty ignored: got {id}");
+        assert!(
+            id != a as u32 && id != b as u32,
+            "penalty ignored: got {id}"
+        );
     }
 }
 
 #[test]
 fn sampling_matches_reference() {
     let mut rng = Rng::new(2);
-    let base = SamplerSettings { temperature: 0.8, ..Default::default() };
+    let base = SamplerSettings {
+        temperature: 0.8,
+        ..Default::default()
+    };
     let cases = [
         ("temperature", base),
-        ("temperature 2", SamplerSettings { temperature: 2.0, ..base }),
+        (
+            "temperature 2",
+            SamplerSettings {
+                temperature: 2.0,
+                ..base
+            },
+        ),
         ("top-k", SamplerSettings { top_k: 40, ..base }),
         ("top-p", SamplerSettings { top_p: 0.9, ..base }),
-        ("min-p", SamplerSettings { min_p: 0.05, ..base }),
-        ("penalty", SamplerSettings { repeat_penalty: 1.3, repeat_window: 8, ..base }),
-        ("all", SamplerSettings { top_k: 50, top_p: 0.8, min_p: 0.02, repeat_penalty: 1.1, repeat_window: 32, ..base }),
+        (
+            "min-p",
+            SamplerSettings {
+                min_p: 0.05,
+                ..base
+            },
+        ),
+        (
+            "penalty",
+            SamplerSettings {
+                repeat_penalty: 1.3,
+                repeat_window: 8,
+                ..base
+            },
+        ),
+        (
+            "all",
+            SamplerSettings {
+                top_k: 50,
+                top_p: 0.8,
+                min_p: 0.02,
+                repeat_penalty: 1.1,
+                repeat_window: 32,
+                ..base
+            },
+        ),
     ];
     for (v, draws) in [(1000usize, 6u32), (32000, 3), (152_000, 1)] {
         let cap = 64;
@@ -177,14 +296,28 @@ fn top_k_one_and_tiny_top_p_are_greedy() {
     let v = 5000;
     let mut s = Sampler::new(v, 8);
     let logits = lm_logits(&mut rng, v);
-    let argmax = (0..v).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a))).unwrap() as u32;
+    let argmax = (0..v)
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+        .unwrap() as u32;
     let hist = vec![0u32; 8];
     for seed in 0..4 {
-        let k1 = SamplerSettings { temperature: 1.5, top_k: 1, ..Default::default() };
+        let k1 = SamplerSettings {
+            temperature: 1.5,
+            top_k: 1,
+            ..Default::default()
+        };
         assert_eq!(s.check("top-k 1", &logits, &k1, &hist, 1, seed), argmax);
-        let p0 = SamplerSettings { temperature: 1.5, top_p: 1e-6, ..Default::default() };
+        let p0 = SamplerSettings {
+            temperature: 1.5,
+            top_p: 1e-6,
+            ..Default::default()
+        };
         assert_eq!(s.check("top-p 1e-6", &logits, &p0, &hist, 1, seed), argmax);
-        let m1 = SamplerSettings { temperature: 1.5, min_p: 1.0, ..Default::default() };
+        let m1 = SamplerSettings {
+            temperature: 1.5,
+            min_p: 1.0,
+            ..Default::default()
+        };
         assert_eq!(s.check("min-p 1", &logits, &m1, &hist, 1, seed), argmax);
     }
 }
@@ -197,12 +330,19 @@ fn history_write_and_determinism() {
     // Equal logits: the draw is uniform, id = floor(u * V / 2^32) from the Philox word alone.
     let logits = vec![0.25f32; v];
     let hist: Vec<u32> = (0..cap as u32).map(|i| 900 + i).collect();
-    let st = SamplerSettings { repeat_penalty: 1.0, ..Default::default() };
+    let st = SamplerSettings {
+        repeat_penalty: 1.0,
+        ..Default::default()
+    };
     let mut ids = Vec::new();
     for c in 0..cap as u32 {
         let (id, lp, after) = s.draw(&logits, &st, &hist, c, 42);
         let u = reference::philox4x32_10([c, 0, 1, 0], [42, 0])[0];
-        assert_eq!(id as u64, (u as u64 * v as u64) >> 32, "c {c}: uniform draw");
+        assert_eq!(
+            id as u64,
+            (u as u64 * v as u64) >> 32,
+            "c {c}: uniform draw"
+        );
         // ln(1/1000) from an exact-equal f32 sum: only log's rounding remains.
         assert_close("uniform logprob", &[lp], &[-(v as f32).ln()], 1e-5, 1e-6);
         let mut want = hist.clone();
@@ -213,12 +353,17 @@ fn history_write_and_determinism() {
         ids.push(id);
     }
     ids.dedup();
-    assert!(ids.len() > 4, "different counters must give different draws: {ids:?}");
+    assert!(
+        ids.len() > 4,
+        "different counters must give different draws: {ids:?}"
+    );
     // A counter past the history capacity still samples but writes nothing.
     let (_, _, after) = s.draw(&logits, &st, &hist, cap as u32, 42);
     assert_eq!(after, hist, "c = cap must not write");
     // Another seed, another stream.
-    let other: Vec<u32> = (0..cap as u32).map(|c| s.draw(&logits, &st, &hist, c, 43).0).collect();
+    let other: Vec<u32> = (0..cap as u32)
+        .map(|c| s.draw(&logits, &st, &hist, c, 43).0)
+        .collect();
     assert_ne!(other, ids, "seed 43 repeated seed 42's draws");
 }
 
@@ -241,8 +386,20 @@ fn randn_matches_reference_and_is_standard_normal() {
     // on [-pi, pi] and the radius reaches sqrt(2 ln 2^24) = 5.8, so the spec allows ~3e-3;
     // real drivers (lavapipe included) land near 1e-6. The integer path is exact (see the
     // Philox tests), so any wrong bit would show as an O(1) error.
-    assert_close("randn vs reference", &got, &reference::randn(n, 2024, 3), 4e-3, 0.0);
-    assert_close("randn KAT block", &first, &reference::randn(8, 0, 0), 4e-3, 0.0);
+    assert_close(
+        "randn vs reference",
+        &got,
+        &reference::randn(n, 2024, 3),
+        4e-3,
+        0.0,
+    );
+    assert_close(
+        "randn KAT block",
+        &first,
+        &reference::randn(8, 0, 0),
+        4e-3,
+        0.0,
+    );
     let mean = got.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
     let var = got.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
     // Standard errors at n = 1e5: mean 0.0032, std 0.0022; the bounds are ~5 sigma.
@@ -252,5 +409,8 @@ fn randn_matches_reference_and_is_standard_normal() {
     plan.set(seed, 2025);
     plan.run().unwrap();
     let other = pollster::block_on(plan.read_f32(z)).unwrap();
-    assert!(other.iter().zip(&got).filter(|(a, b)| a == b).count() < 10, "seed did not change the noise");
+    assert!(
+        other.iter().zip(&got).filter(|(a, b)| a == b).count() < 10,
+        "seed did not change the noise"
+    );
 }

@@ -59,7 +59,11 @@ fn load_npy(name: &str) -> npy::Npy {
 }
 
 fn floats(v: &Json) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn fixtures() -> Fixtures {
@@ -82,14 +86,23 @@ fn fixtures() -> Fixtures {
             noise_draws: c["noise_draws"].as_u64().unwrap() as usize,
         })
         .collect();
-    Fixtures { sample: load_npy("sample.npy").data, outs: load_npy("model_outputs.npy").data, noise: load_npy("noise.npy").data, cases }
+    Fixtures {
+        sample: load_npy("sample.npy").data,
+        outs: load_npy("model_outputs.npy").data,
+        noise: load_npy("noise.npy").data,
+        cases,
+    }
 }
 
 impl Fixtures {
     /// Step i's model output: [uncond, cond] with CFG, cond alone without.
     fn model_out(&self, i: usize, cfg: bool) -> &[f32] {
         let o = &self.outs[i * 2 * N..(i + 1) * 2 * N];
-        if cfg { o } else { &o[N..] }
+        if cfg {
+            o
+        } else {
+            &o[N..]
+        }
     }
     fn noise(&self, i: usize) -> &[f32] {
         &self.noise[i * N..(i + 1) * N]
@@ -133,7 +146,13 @@ fn schedule_matches_diffusers() {
         if let Some(want) = &c.sigmas {
             assert_close(&format!("{}: sigmas", c.name), &s.sigmas, want, 0.0, 1.2e-7);
         }
-        assert_close(&format!("{}: init_noise_sigma", c.name), &[s.init_noise_sigma], &[c.init_noise_sigma], 0.0, 1.2e-7);
+        assert_close(
+            &format!("{}: init_noise_sigma", c.name),
+            &[s.init_noise_sigma],
+            &[c.init_noise_sigma],
+            0.0,
+            1.2e-7,
+        );
         // Noise is used exactly where diffusers draws it (LCM: not at the last step; Euler
         // ancestral draws at the last step too, scaled by σ_up = 0).
         let used = s.coeffs.iter().filter(|k| k.s != 0.0).count();
@@ -154,14 +173,38 @@ fn reference_loop_matches_diffusers() {
         let want = loop_of(c);
         let x: Vec<f32> = fx.sample.iter().map(|v| v * s.init_noise_sigma).collect();
         let copies = if c.cfg { 2 } else { 1 };
-        let unet_in: Vec<f32> = x.iter().map(|v| v * s.first_input_scale).collect::<Vec<_>>().repeat(copies);
-        check_step(&format!("{}: first U-Net input", c.name), &unet_in[..N], &want[..N]);
-        let mut st = StepState { x, x0_prev: vec![f32::NAN; N], unet_in };
+        let unet_in: Vec<f32> = x
+            .iter()
+            .map(|v| v * s.first_input_scale)
+            .collect::<Vec<_>>()
+            .repeat(copies);
+        check_step(
+            &format!("{}: first U-Net input", c.name),
+            &unet_in[..N],
+            &want[..N],
+        );
+        let mut st = StepState {
+            x,
+            x0_prev: vec![f32::NAN; N],
+            unet_in,
+        };
         for i in 0..c.steps {
-            reference_step(&s.coeffs[i], fx.model_out(i, c.cfg), c.guidance, Some(fx.noise(i)), &mut st);
+            reference_step(
+                &s.coeffs[i],
+                fx.model_out(i, c.cfg),
+                c.guidance,
+                Some(fx.noise(i)),
+                &mut st,
+            );
             let w = &want[(2 * i + 1) * N..(2 * i + 2) * N];
             check_step(&format!("{} step {i}: sample", c.name), &st.x, w);
-            worst = worst.max(st.x.iter().zip(w).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max) / max_abs(w));
+            worst = worst.max(
+                st.x.iter()
+                    .zip(w)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max)
+                    / max_abs(w),
+            );
         }
     }
     eprintln!("reference loop: worst |err| / max|want| of a step {worst:.3e}");
@@ -175,19 +218,31 @@ fn gpu_loop(fx: &Fixtures, c: &Case) -> f32 {
     let want = loop_of(c);
     let copies = if c.cfg { 2 } else { 1 };
     let x0: Vec<f32> = fx.sample.iter().map(|v| v * s.init_noise_sigma).collect();
-    let state = |name: &str, shape: &[usize], data: &[f32]| Arc::new(Tensor::from_f32(&gpu, name, shape, data).unwrap());
+    let state = |name: &str, shape: &[usize], data: &[f32]| {
+        Arc::new(Tensor::from_f32(&gpu, name, shape, data).unwrap())
+    };
     let x_t = state("x", &[1, 4, 8, 8], &x0);
     // Poisoned: x0_prev must not be read before it is written, unet_in must be written whole.
     let prev_t = state("x0_prev", &[1, 4, 8, 8], &[f32::NAN; N]);
     let unet_t = state("unet_in", &[copies, 4, 8, 8], &vec![f32::NAN; copies * N]);
     let mut g = Graph::new();
     let step = g.scalar("step").unwrap();
-    let model_out = g.input("model_out", &[copies, 4, 8, 8], DType::F32).unwrap();
+    let model_out = g
+        .input("model_out", &[copies, 4, 8, 8], DType::F32)
+        .unwrap();
     let coeffs = g.input("coeffs", &[s.steps(), COEFFS], DType::F32).unwrap();
     let guidance = g.input("guidance", &[1], DType::F32).unwrap();
     let noise = g.input("noise", &[1, 4, 8, 8], DType::F32).unwrap();
     let (x, x0_prev, unet_in) = (g.tensor(&x_t), g.tensor(&prev_t), g.tensor(&unet_t));
-    let v = StepValues { model_out, coeffs, guidance, x, x0_prev, unet_in, noise: Some(noise) };
+    let v = StepValues {
+        model_out,
+        coeffs,
+        guidance,
+        x,
+        x0_prev,
+        unet_in,
+        noise: Some(noise),
+    };
     g.scheduler_step(&v, Dyn::slot(step)).unwrap();
     let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
     assert_eq!(plan.dispatch_count(), 1, "one kernel per step");
@@ -202,12 +257,26 @@ fn gpu_loop(fx: &Fixtures, c: &Case) -> f32 {
         let got = pollster::block_on(x_t.to_f32(&gpu)).unwrap();
         let w = &want[(2 * i + 1) * N..(2 * i + 2) * N];
         check_step(&format!("{} step {i}: GPU sample", c.name), &got, w);
-        worst = worst.max(got.iter().zip(w).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max) / max_abs(w));
+        worst = worst.max(
+            got.iter()
+                .zip(w)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max)
+                / max_abs(w),
+        );
         let u = pollster::block_on(unet_t.to_f32(&gpu)).unwrap();
         // The next U-Net input, every copy; after the last step the final latents.
-        let wu = if i + 1 < c.steps { &want[(2 * i + 2) * N..(2 * i + 3) * N] } else { w };
+        let wu = if i + 1 < c.steps {
+            &want[(2 * i + 2) * N..(2 * i + 3) * N]
+        } else {
+            w
+        };
         for k in 0..copies {
-            check_step(&format!("{} step {i}: GPU U-Net input copy {k}", c.name), &u[k * N..(k + 1) * N], wu);
+            check_step(
+                &format!("{} step {i}: GPU U-Net input copy {k}", c.name),
+                &u[k * N..(k + 1) * N],
+                wu,
+            );
         }
     }
     worst
@@ -235,7 +304,8 @@ fn kernel_matches_reference_on_random_rows() {
     let mut rng = Rng::new(11);
     let n = 1000; // not a multiple of 256
     let rows = 3;
-    for (cfg, g_scale, with_noise) in [(true, 3.0f32, true), (true, 0.5, false), (false, 7.5, true)] {
+    for (cfg, g_scale, with_noise) in [(true, 3.0f32, true), (true, 0.5, false), (false, 7.5, true)]
+    {
         let copies = if cfg { 2 } else { 1 };
         let mut coeff_rows: Vec<StepCoeffs> = (0..rows)
             .map(|_| StepCoeffs::from_row(&rng.vec(COEFFS, -1.5, 1.5)))
@@ -250,7 +320,9 @@ fn kernel_matches_reference_on_random_rows() {
         let z = rng.vec(n, -2.0, 2.0);
         let x_t = Arc::new(Tensor::from_f32(&gpu, "x", &[n], &x0).unwrap());
         let prev_t = Arc::new(Tensor::from_f32(&gpu, "x0_prev", &[n], &prev0).unwrap());
-        let unet_t = Arc::new(Tensor::from_f32(&gpu, "unet_in", &[copies, n], &vec![f32::NAN; copies * n]).unwrap());
+        let unet_t = Arc::new(
+            Tensor::from_f32(&gpu, "unet_in", &[copies, n], &vec![f32::NAN; copies * n]).unwrap(),
+        );
         let mut g = Graph::new();
         let step = g.scalar("step").unwrap();
         let model_out = g.input("m", &[copies, n], DType::F32).unwrap();
@@ -258,15 +330,32 @@ fn kernel_matches_reference_on_random_rows() {
         let guidance = g.input("guidance", &[1], DType::F32).unwrap();
         let noise = with_noise.then(|| g.input("noise", &[n], DType::F32).unwrap());
         let (x, x0_prev, unet_in) = (g.tensor(&x_t), g.tensor(&prev_t), g.tensor(&unet_t));
-        g.scheduler_step(&StepValues { model_out, coeffs, guidance, x, x0_prev, unet_in, noise }, Dyn::affine(step, 1, 1)).unwrap();
-        let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+        g.scheduler_step(
+            &StepValues {
+                model_out,
+                coeffs,
+                guidance,
+                x,
+                x0_prev,
+                unet_in,
+                noise,
+            },
+            Dyn::affine(step, 1, 1),
+        )
+        .unwrap();
+        let mut plan =
+            pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
         plan.write_f32(model_out, &m).unwrap();
         plan.write_f32(coeffs, &table).unwrap();
         plan.write_f32(guidance, &[g_scale]).unwrap();
         if let Some(z_v) = noise {
             plan.write_f32(z_v, &z).unwrap();
         }
-        let mut want = StepState { x: x0.clone(), x0_prev: prev0.clone(), unet_in: vec![0.0; copies * n] };
+        let mut want = StepState {
+            x: x0.clone(),
+            x0_prev: prev0.clone(),
+            unet_in: vec![0.0; copies * n],
+        };
         // Rows 1 and 2 through the slot (row = slot + 1), then slot 2 = row 3: past the table.
         for slot in 0..3u32 {
             plan.set(step, slot);
@@ -279,9 +368,21 @@ fn kernel_matches_reference_on_random_rows() {
             let got_x = pollster::block_on(x_t.to_f32(&gpu)).unwrap();
             assert_close(&format!("{what}: x"), &got_x, &want.x, 1e-5, 1e-6);
             let got_p = pollster::block_on(prev_t.to_f32(&gpu)).unwrap();
-            assert_close(&format!("{what}: x0_prev"), &got_p, &want.x0_prev, 1e-5, 1e-6);
+            assert_close(
+                &format!("{what}: x0_prev"),
+                &got_p,
+                &want.x0_prev,
+                1e-5,
+                1e-6,
+            );
             let got_u = pollster::block_on(unet_t.to_f32(&gpu)).unwrap();
-            assert_close(&format!("{what}: unet_in"), &got_u, &want.unet_in, 1e-5, 1e-6);
+            assert_close(
+                &format!("{what}: unet_in"),
+                &got_u,
+                &want.unet_in,
+                1e-5,
+                1e-6,
+            );
         }
     }
 }
@@ -294,7 +395,10 @@ fn config_parsing_and_errors() {
         "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null, "clip_sample": false}"#;
     let c = SchedulerConfig::from_json(sd15, None).unwrap();
     assert_eq!(c.kind, SchedulerKind::Euler);
-    assert_eq!(c.note.as_deref(), Some("PNDMScheduler is not supported; using EulerDiscreteScheduler"));
+    assert_eq!(
+        c.note.as_deref(),
+        Some("PNDMScheduler is not supported; using EulerDiscreteScheduler")
+    );
     for k in SchedulerKind::ALL {
         assert_eq!(SchedulerKind::from_cli(k.cli_name()).unwrap(), k);
         let c = SchedulerConfig::from_json(sd15, Some(k)).unwrap();
@@ -304,24 +408,60 @@ fn config_parsing_and_errors() {
     }
     let err = |json: &str, kind: Option<SchedulerKind>, steps: usize, needle: &str| {
         let r = SchedulerConfig::from_json(json, kind).and_then(|c| c.schedule(steps));
-        let e = r.err().unwrap_or_else(|| panic!("{json}: expected an error naming {needle}")).to_string();
-        assert!(e.contains(needle), "{json}: error '{e}' does not name '{needle}'");
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("{json}: expected an error naming {needle}"))
+            .to_string();
+        assert!(
+            e.contains(needle),
+            "{json}: error '{e}' does not name '{needle}'"
+        );
     };
     let dpm = Some(SchedulerKind::DpmSolverMultistep);
     err(r#"{"prediction_type": "sample"}"#, None, 4, "'sample'");
     err(r#"{"beta_schedule": "cosine"}"#, None, 4, "'cosine'");
     err(r#"{"timestep_spacing": "middle"}"#, None, 4, "'middle'");
-    err(r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true}"#, None, 4, "use_karras_sigmas");
-    err(r#"{"use_karras_sigmas": true}"#, dpm, 4, "use_karras_sigmas");
-    err(r#"{"algorithm_type": "sde-dpmsolver++"}"#, dpm, 4, "sde-dpmsolver++");
+    err(
+        r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true}"#,
+        None,
+        4,
+        "use_karras_sigmas",
+    );
+    err(
+        r#"{"use_karras_sigmas": true}"#,
+        dpm,
+        4,
+        "use_karras_sigmas",
+    );
+    err(
+        r#"{"algorithm_type": "sde-dpmsolver++"}"#,
+        dpm,
+        4,
+        "sde-dpmsolver++",
+    );
     err(r#"{"solver_order": 3}"#, dpm, 4, "solver_order 3");
     err(r#"{"trained_betas": [0.1, 0.2]}"#, None, 4, "trained_betas");
-    err(r#"{"rescale_betas_zero_snr": true}"#, None, 4, "rescale_betas_zero_snr");
-    err(r#"{"num_train_timesteps": "1000"}"#, None, 4, "num_train_timesteps");
+    err(
+        r#"{"rescale_betas_zero_snr": true}"#,
+        None,
+        4,
+        "rescale_betas_zero_snr",
+    );
+    err(
+        r#"{"num_train_timesteps": "1000"}"#,
+        None,
+        4,
+        "num_train_timesteps",
+    );
     err(r#"{"steps_offset": -1}"#, None, 4, "steps_offset");
     err("[1, 2]", None, 4, "JSON object");
     err("{", None, 4, "not valid JSON");
     err("{}", None, 0, "0 inference steps");
     err("{}", None, 1001, "1001 inference steps");
-    err("{}", Some(SchedulerKind::Lcm), 51, "original_inference_steps 50");
+    err(
+        "{}",
+        Some(SchedulerKind::Lcm),
+        51,
+        "original_inference_steps 50",
+    );
 }

@@ -13,30 +13,48 @@ use std::path::PathBuf;
 const CASES: [&str; 2] = ["sd1-tiny", "sd2-v-tiny"];
 
 fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/sd")
+        .join(case)
 }
 
 fn expected(case: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(case).join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(dir(case).join("expected.json")).unwrap())
+        .unwrap()
 }
 
 fn array(case: &str, name: &str) -> npy::Npy {
-    npy::parse(&std::fs::read(dir(case).join(name)).unwrap_or_else(|e| panic!("{case}/{name}: {e}"))).unwrap()
+    npy::parse(
+        &std::fs::read(dir(case).join(name)).unwrap_or_else(|e| panic!("{case}/{name}: {e}")),
+    )
+    .unwrap()
 }
 
 fn models(case: &str) -> SdModels {
-    SdModels::load(&kiln_tests::gpu(), &read_pipeline_dir(&dir(case)).unwrap()).unwrap_or_else(|e| panic!("{case}: {e}"))
+    SdModels::load(&kiln_tests::gpu(), &read_pipeline_dir(&dir(case)).unwrap())
+        .unwrap_or_else(|e| panic!("{case}: {e}"))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// max |got - want| / max |want|: the error relative to the tensor's scale.
 fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-12);
-    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, |a, b| if b.is_nan() { f32::INFINITY } else { a.max(b) });
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0f32,
+            |a, b| if b.is_nan() { f32::INFINITY } else { a.max(b) },
+        );
     worst / scale
 }
 
@@ -45,14 +63,30 @@ fn clip_tokenizer_matches_transformers() {
     for case in CASES {
         let e = expected(case);
         let m = models(case);
-        assert_eq!(m.tokenizer.encode(e["prompt"].as_str().unwrap()).unwrap(), ids(&e["prompt_ids"]), "{case}: prompt");
+        assert_eq!(
+            m.tokenizer.encode(e["prompt"].as_str().unwrap()).unwrap(),
+            ids(&e["prompt_ids"]),
+            "{case}: prompt"
+        );
         // The same vocabulary as a tokenizer.json (repos that ship one) gives the same ids.
         let tc = std::fs::read_to_string(dir(case).join("tokenizer/tokenizer_config.json")).ok();
-        let from_json = kiln::diffusion::clip::ClipTokenizer::from_tokenizer_json(m.tokenizer.to_json().unwrap().as_bytes(), tc.as_deref()).unwrap();
+        let from_json = kiln::diffusion::clip::ClipTokenizer::from_tokenizer_json(
+            m.tokenizer.to_json().unwrap().as_bytes(),
+            tc.as_deref(),
+        )
+        .unwrap();
         for t in e["tokenizer"].as_array().unwrap() {
             let text = t["text"].as_str().unwrap();
-            assert_eq!(m.tokenizer.encode(text).unwrap(), ids(&t["ids"]), "{case}: {text:?}");
-            assert_eq!(from_json.encode(text).unwrap(), ids(&t["ids"]), "{case} (tokenizer.json): {text:?}");
+            assert_eq!(
+                m.tokenizer.encode(text).unwrap(),
+                ids(&t["ids"]),
+                "{case}: {text:?}"
+            );
+            assert_eq!(
+                from_json.encode(text).unwrap(),
+                ids(&t["ids"]),
+                "{case} (tokenizer.json): {text:?}"
+            );
         }
     }
 }
@@ -74,7 +108,14 @@ fn text_encoder_unet_vae_match_diffusers() {
         let x = array(case, "unet_in.npy");
         let s = &x.shape;
         let t = e["unet_timestep"].as_f64().unwrap() as f32;
-        let got = pollster::block_on(m.unet_eval(&x.data, [s[0], s[1], s[2], s[3]], t, &want.data, want.shape[1])).unwrap();
+        let got = pollster::block_on(m.unet_eval(
+            &x.data,
+            [s[0], s[1], s[2], s[3]],
+            t,
+            &want.data,
+            want.shape[1],
+        ))
+        .unwrap();
         let err = rel_err(&got, &array(case, "unet_out.npy").data);
         assert!(err < 1e-3, "{case}: U-Net relative error {err}");
         eprintln!("{case}: unet rel err {err:.2e}");
@@ -106,7 +147,13 @@ fn psnr(raw: &[f32], want_hwc: &[f32], h: usize, w: usize) -> f64 {
 
 #[test]
 fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
-    let kinds = [("ddim", SchedulerKind::Ddim), ("euler", SchedulerKind::Euler), ("euler_a", SchedulerKind::EulerAncestral), ("dpmpp_2m", SchedulerKind::DpmSolverMultistep), ("lcm", SchedulerKind::Lcm)];
+    let kinds = [
+        ("ddim", SchedulerKind::Ddim),
+        ("euler", SchedulerKind::Euler),
+        ("euler_a", SchedulerKind::EulerAncestral),
+        ("dpmpp_2m", SchedulerKind::DpmSolverMultistep),
+        ("lcm", SchedulerKind::Lcm),
+    ];
     for case in CASES {
         let e = expected(case);
         let mut m = models(case);
@@ -134,7 +181,8 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
                     latents: Some(latents.data.clone()),
                     step_noise,
                 };
-                let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
+                let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false))
+                    .unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
                 let want = array(case, &format!("image_{name}_g{g}.npy"));
                 let p = psnr(&img.raw, &want.data, opts.height, opts.width);
                 eprintln!("{case} {name} g{g}: PSNR {p:.1} dB");
@@ -150,7 +198,15 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     let gpu = kiln_tests::gpu_with(kiln::GpuOptions::default());
     let mut m = SdModels::load(&gpu, &read_pipeline_dir(&dir("sd1-tiny")).unwrap()).unwrap();
     let f = m.vae_cfg.scale_factor();
-    let opts = ImageOptions { prompt: "a red circle".into(), steps: 5, guidance: 3.0, seed: 11, width: 8 * f, height: 8 * f, ..Default::default() };
+    let opts = ImageOptions {
+        prompt: "a red circle".into(),
+        steps: 5,
+        guidance: 3.0,
+        seed: 11,
+        width: 8 * f,
+        height: 8 * f,
+        ..Default::default()
+    };
     let mut calls = 0;
     let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| {
         calls += 1;
@@ -162,11 +218,22 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     assert_eq!(c.bytes_read_back, 0, "no readback during denoising: {c:?}");
     assert_eq!(c.objects_created(), 0, "no objects created per step: {c:?}");
     assert_eq!(c.submits, 5, "one submit per step");
-    assert!(img.notes.iter().any(|n| n.contains("PNDMScheduler")), "SD 1.5's PNDM falls back to Euler with a note: {:?}", img.notes);
+    assert!(
+        img.notes.iter().any(|n| n.contains("PNDMScheduler")),
+        "SD 1.5's PNDM falls back to Euler with a note: {:?}",
+        img.notes
+    );
     // Same seed, same image; another seed, another image; a preview when asked.
     let again = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap();
     assert_eq!(img.rgb, again.rgb);
-    let other = pollster::block_on(m.generate(&ImageOptions { seed: 12, ..opts.clone() }, &mut |_, _, _| false)).unwrap();
+    let other = pollster::block_on(m.generate(
+        &ImageOptions {
+            seed: 12,
+            ..opts.clone()
+        },
+        &mut |_, _, _| false,
+    ))
+    .unwrap();
     assert_ne!(img.rgb, other.rgb);
     let mut previews = 0;
     pollster::block_on(m.generate(&opts, &mut |_, _, p| {
@@ -183,9 +250,28 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
 #[test]
 fn bad_pipeline_input_is_an_error() {
     let mut m = models("sd1-tiny");
-    let e = pollster::block_on(m.generate(&ImageOptions { width: 13, height: 16, steps: 2, ..Default::default() }, &mut |_, _, _| false)).unwrap_err();
+    let e = pollster::block_on(m.generate(
+        &ImageOptions {
+            width: 13,
+            height: 16,
+            steps: 2,
+            ..Default::default()
+        },
+        &mut |_, _, _| false,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("multiples of"), "{e}");
-    let e = pollster::block_on(m.generate(&ImageOptions { width: 16, height: 16, steps: 2, latents: Some(vec![0.0; 5]), ..Default::default() }, &mut |_, _, _| false)).unwrap_err();
+    let e = pollster::block_on(m.generate(
+        &ImageOptions {
+            width: 16,
+            height: 16,
+            steps: 2,
+            latents: Some(vec![0.0; 5]),
+            ..Default::default()
+        },
+        &mut |_, _, _| false,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("latents"), "{e}");
     let mut files = read_pipeline_dir(&dir("sd1-tiny")).unwrap();
     files.insert("unet/config.json".into(), br#"{"block_out_channels": [32], "down_block_types": ["SimpleCrossAttnDownBlock2D"], "up_block_types": ["UpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8}"#.to_vec());

@@ -18,31 +18,53 @@ pub struct ClipTokenizer {
 }
 
 fn err(msg: impl Into<String>) -> Error {
-    Error::Data { name: "tokenizer".into(), msg: msg.into() }
+    Error::Data {
+        name: "tokenizer".into(),
+        msg: msg.into(),
+    }
 }
 
 impl ClipTokenizer {
     /// From `vocab.json`, `merges.txt` and (optionally) `tokenizer_config.json`; the layout
     /// transformers' `CLIPTokenizerFast` converter builds.
-    pub fn from_vocab_merges(vocab_json: &str, merges_txt: &str, config: Option<&str>) -> Result<ClipTokenizer> {
-        let vocab: Json = serde_json::from_str(vocab_json).map_err(|e| err(format!("vocab.json: {e}")))?;
-        let merges: Vec<&str> = merges_txt.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).collect();
+    pub fn from_vocab_merges(
+        vocab_json: &str,
+        merges_txt: &str,
+        config: Option<&str>,
+    ) -> Result<ClipTokenizer> {
+        let vocab: Json =
+            serde_json::from_str(vocab_json).map_err(|e| err(format!("vocab.json: {e}")))?;
+        let merges: Vec<&str> = merges_txt
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .collect();
         let id = |t: &str| vocab.get(t).and_then(|v| v.as_u64()).map(|v| v as u32);
         let bos = id("<|startoftext|>").ok_or_else(|| err("vocab.json has no <|startoftext|>"))?;
         let eos = id("<|endoftext|>").ok_or_else(|| err("vocab.json has no <|endoftext|>"))?;
-        let cfg: Json = config.and_then(|c| serde_json::from_str(c).ok()).unwrap_or(json!({}));
+        let cfg: Json = config
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or(json!({}));
         let tok_str = |k: &str| match cfg.get(k) {
             Some(Json::String(s)) => Some(s.clone()),
             Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
             None => None,
         };
         let pad = tok_str("pad_token").and_then(|p| id(&p)).unwrap_or(eos);
-        let max_len = cfg.get("model_max_length").and_then(|v| v.as_u64()).filter(|&v| v <= 4096).unwrap_or(77) as usize;
+        let max_len = cfg
+            .get("model_max_length")
+            .and_then(|v| v.as_u64())
+            .filter(|&v| v <= 4096)
+            .unwrap_or(77) as usize;
         let special = |i: u32, c: &str| json!({"id": i, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-        let mut added = vec![special(bos, "<|startoftext|>"), special(eos, "<|endoftext|>")];
+        let mut added = vec![
+            special(bos, "<|startoftext|>"),
+            special(eos, "<|endoftext|>"),
+        ];
         // SD 2's pad token "!" is an added special token, so a literal "!" in a prompt is
         // matched as that token first (what transformers does).
-        if let Some(p) = tok_str("pad_token").filter(|p| id(p).is_some_and(|i| i != bos && i != eos)) {
+        if let Some(p) =
+            tok_str("pad_token").filter(|p| id(p).is_some_and(|i| i != bos && i != eos))
+        {
             added.push(special(pad, &p));
         }
         let spec = json!({
@@ -63,13 +85,20 @@ impl ClipTokenizer {
         });
         let bytes = serde_json::to_vec(&spec).map_err(|e| err(e.to_string()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
-        Ok(ClipTokenizer { inner, bos, eos, pad, max_len })
+        Ok(ClipTokenizer {
+            inner,
+            bos,
+            eos,
+            pad,
+            max_len,
+        })
     }
 
     /// From a `tokenizer.json` (for repos that ship one instead of vocab/merges).
     pub fn from_tokenizer_json(json_bytes: &[u8], config: Option<&str>) -> Result<ClipTokenizer> {
         // Start/end tokens and padding are added by `encode`, so drop the file's post-processor.
-        let mut spec: Json = serde_json::from_slice(json_bytes).map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        let mut spec: Json =
+            serde_json::from_slice(json_bytes).map_err(|e| err(format!("tokenizer.json: {e}")))?;
         if let Some(o) = spec.as_object_mut() {
             o.insert("post_processor".into(), Json::Null);
             o.insert("padding".into(), Json::Null);
@@ -78,17 +107,30 @@ impl ClipTokenizer {
         let bytes = serde_json::to_vec(&spec).map_err(|e| err(e.to_string()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
         let id = |t: &str| inner.token_to_id(t);
-        let bos = id("<|startoftext|>").ok_or_else(|| err("tokenizer.json has no <|startoftext|>"))?;
+        let bos =
+            id("<|startoftext|>").ok_or_else(|| err("tokenizer.json has no <|startoftext|>"))?;
         let eos = id("<|endoftext|>").ok_or_else(|| err("tokenizer.json has no <|endoftext|>"))?;
-        let cfg: Json = config.and_then(|c| serde_json::from_str(c).ok()).unwrap_or(json!({}));
+        let cfg: Json = config
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or(json!({}));
         let pad_name = match cfg.get("pad_token") {
             Some(Json::String(s)) => Some(s.clone()),
             Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
             None => None,
         };
         let pad = pad_name.and_then(|p| id(&p)).unwrap_or(eos);
-        let max_len = cfg.get("model_max_length").and_then(|v| v.as_u64()).filter(|&v| v <= 4096).unwrap_or(77) as usize;
-        Ok(ClipTokenizer { inner, bos, eos, pad, max_len })
+        let max_len = cfg
+            .get("model_max_length")
+            .and_then(|v| v.as_u64())
+            .filter(|&v| v <= 4096)
+            .unwrap_or(77) as usize;
+        Ok(ClipTokenizer {
+            inner,
+            bos,
+            eos,
+            pad,
+            max_len,
+        })
     }
 
     /// The tokenizer as `tokenizer.json` text.
@@ -98,7 +140,10 @@ impl ClipTokenizer {
 
     /// `[bos] + ids (truncated) + [eos]`, padded to `max_len`, as the SD pipelines encode.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| err(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| err(e.to_string()))?;
         let mut ids = vec![self.bos];
         ids.extend(enc.get_ids().iter().take(self.max_len - 2));
         ids.push(self.eos);
@@ -121,27 +166,55 @@ pub struct ClipConfig {
 impl ClipConfig {
     /// Parses the config; unsupported activations are errors.
     pub fn from_json(s: &str) -> Result<ClipConfig> {
-        let c: Json = serde_json::from_str(s).map_err(|e| Error::Data { name: "text_encoder/config.json".into(), msg: e.to_string() })?;
-        let u = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| Error::Data { name: "text_encoder/config.json".into(), msg: format!("missing '{k}'") });
-        let act = c.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("quick_gelu");
+        let c: Json = serde_json::from_str(s).map_err(|e| Error::Data {
+            name: "text_encoder/config.json".into(),
+            msg: e.to_string(),
+        })?;
+        let u = |k: &str| {
+            c.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Data {
+                    name: "text_encoder/config.json".into(),
+                    msg: format!("missing '{k}'"),
+                })
+        };
+        let act = c
+            .get("hidden_act")
+            .and_then(|v| v.as_str())
+            .unwrap_or("quick_gelu");
         let quick_gelu = match act {
             "quick_gelu" => true,
             "gelu" => false,
-            other => return Err(Error::Unsupported(format!("text encoder hidden_act '{other}' (quick_gelu or gelu)"))),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "text encoder hidden_act '{other}' (quick_gelu or gelu)"
+                )))
+            }
         };
         Ok(ClipConfig {
             hidden: u("hidden_size")?,
             layers: u("num_hidden_layers")?,
             heads: u("num_attention_heads")?,
             positions: u("max_position_embeddings")?,
-            eps: c.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+            eps: c
+                .get("layer_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5) as f32,
             quick_gelu,
         })
     }
 }
 
 /// Adds the text encoder: ids u32 `[batch * len]` → last hidden state `[batch, len, hidden]`.
-pub fn text_encoder(g: &mut Graph, w: &mut ComponentWeights, cfg: &ClipConfig, ids: Value, batch: usize, len: usize) -> Result<Value> {
+pub fn text_encoder(
+    g: &mut Graph,
+    w: &mut ComponentWeights,
+    cfg: &ClipConfig,
+    ids: Value,
+    batch: usize,
+    len: usize,
+) -> Result<Value> {
     let p = "text_model";
     let tok = w.value(g, &format!("{p}.embeddings.token_embedding.weight"))?;
     let pos_table = w.value_f32(g, &format!("{p}.embeddings.position_embedding.weight"))?;
@@ -155,12 +228,28 @@ pub fn text_encoder(g: &mut Graph, w: &mut ComponentWeights, cfg: &ClipConfig, i
         let q = w.linear(g, &format!("{l}.self_attn.q_proj"), h)?;
         let k = w.linear(g, &format!("{l}.self_attn.k_proj"), h)?;
         let v = w.linear(g, &format!("{l}.self_attn.v_proj"), h)?;
-        let a = g.attention(q, k, v, cfg.heads, cfg.heads, true, Dyn::Static(0), Dyn::Static(len as u32))?;
+        let a = g.attention(
+            q,
+            k,
+            v,
+            cfg.heads,
+            cfg.heads,
+            true,
+            Dyn::Static(0),
+            Dyn::Static(len as u32),
+        )?;
         let o = w.linear(g, &format!("{l}.self_attn.out_proj"), a)?;
         x = g.add(x, o)?;
         let h = w.layer_norm(g, &format!("{l}.layer_norm2"), x, cfg.eps)?;
         let f = w.linear(g, &format!("{l}.mlp.fc1"), h)?;
-        let f = g.unary(f, if cfg.quick_gelu { UnaryOp::QuickGelu } else { UnaryOp::GeluErf })?;
+        let f = g.unary(
+            f,
+            if cfg.quick_gelu {
+                UnaryOp::QuickGelu
+            } else {
+                UnaryOp::GeluErf
+            },
+        )?;
         let f = w.linear(g, &format!("{l}.mlp.fc2"), f)?;
         x = g.add(x, f)?;
     }

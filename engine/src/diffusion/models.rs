@@ -29,15 +29,24 @@ pub struct SdModels {
 }
 
 fn text(files: &ModelFiles, name: &str) -> Result<String> {
-    let b = files.get(name).ok_or_else(|| Error::Data { name: "pipeline".into(), msg: format!("missing {name}") })?;
-    String::from_utf8(b.clone()).map_err(|_| Error::Data { name: name.into(), msg: "not UTF-8".into() })
+    let b = files.get(name).ok_or_else(|| Error::Data {
+        name: "pipeline".into(),
+        msg: format!("missing {name}"),
+    })?;
+    String::from_utf8(b.clone()).map_err(|_| Error::Data {
+        name: name.into(),
+        msg: "not UTF-8".into(),
+    })
 }
 
 /// Reads a diffusers pipeline folder: every file the loader needs, keyed by relative path.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
     if !dir.join("model_index.json").is_file() {
-        return Err(Error::Data { name: dir.display().to_string(), msg: "not a diffusers pipeline folder (no model_index.json)".into() });
+        return Err(Error::Data {
+            name: dir.display().to_string(),
+            msg: "not a diffusers pipeline folder (no model_index.json)".into(),
+        });
     }
     let mut files = ModelFiles::new();
     let wanted = [
@@ -60,7 +69,13 @@ pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
     for name in wanted {
         let p = dir.join(name);
         if p.is_file() {
-            files.insert(name.to_string(), std::fs::read(&p).map_err(|e| Error::Data { name: p.display().to_string(), msg: e.to_string() })?);
+            files.insert(
+                name.to_string(),
+                std::fs::read(&p).map_err(|e| Error::Data {
+                    name: p.display().to_string(),
+                    msg: e.to_string(),
+                })?,
+            );
         }
     }
     Ok(files)
@@ -69,10 +84,19 @@ pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
 impl SdModels {
     /// Parses configs and weights (uploads happen as graphs are built).
     pub fn load(gpu: &Arc<Gpu>, files: &ModelFiles) -> Result<SdModels> {
-        let tc = files.get("tokenizer/tokenizer_config.json").map(|b| String::from_utf8_lossy(b).to_string());
-        let tokenizer = match (files.get("tokenizer/vocab.json"), files.get("tokenizer/tokenizer.json")) {
+        let tc = files
+            .get("tokenizer/tokenizer_config.json")
+            .map(|b| String::from_utf8_lossy(b).to_string());
+        let tokenizer = match (
+            files.get("tokenizer/vocab.json"),
+            files.get("tokenizer/tokenizer.json"),
+        ) {
             (None, Some(tj)) => ClipTokenizer::from_tokenizer_json(tj, tc.as_deref())?,
-            _ => ClipTokenizer::from_vocab_merges(&text(files, "tokenizer/vocab.json")?, &text(files, "tokenizer/merges.txt")?, tc.as_deref())?,
+            _ => ClipTokenizer::from_vocab_merges(
+                &text(files, "tokenizer/vocab.json")?,
+                &text(files, "tokenizer/merges.txt")?,
+                tc.as_deref(),
+            )?,
         };
         Ok(SdModels {
             gpu: gpu.clone(),
@@ -81,9 +105,21 @@ impl SdModels {
             unet_cfg: UnetConfig::from_json(&text(files, "unet/config.json")?)?,
             vae_cfg: VaeConfig::from_json(&text(files, "vae/config.json")?)?,
             scheduler_config: text(files, "scheduler/scheduler_config.json")?,
-            text: ComponentWeights::new(gpu, "text_encoder", component_safetensors(files, "text_encoder", "model")?),
-            unet: ComponentWeights::new(gpu, "unet", component_safetensors(files, "unet", "diffusion_pytorch_model")?),
-            vae: ComponentWeights::new(gpu, "vae", component_safetensors(files, "vae", "diffusion_pytorch_model")?),
+            text: ComponentWeights::new(
+                gpu,
+                "text_encoder",
+                component_safetensors(files, "text_encoder", "model")?,
+            ),
+            unet: ComponentWeights::new(
+                gpu,
+                "unet",
+                component_safetensors(files, "unet", "diffusion_pytorch_model")?,
+            ),
+            vae: ComponentWeights::new(
+                gpu,
+                "vae",
+                component_safetensors(files, "vae", "diffusion_pytorch_model")?,
+            ),
         })
     }
 
@@ -102,7 +138,14 @@ impl SdModels {
     }
 
     /// One U-Net evaluation: sample `[b, c, h, w]`, timestep `t`, text states `[b, n, d]`.
-    pub async fn unet_eval(&mut self, sample: &[f32], shape: [usize; 4], t: f32, context: &[f32], ctx_len: usize) -> Result<Vec<f32>> {
+    pub async fn unet_eval(
+        &mut self,
+        sample: &[f32],
+        shape: [usize; 4],
+        t: f32,
+        context: &[f32],
+        ctx_len: usize,
+    ) -> Result<Vec<f32>> {
         let mut g = Graph::new();
         let xs = g.input("sample", &shape, DType::F32)?;
         let tv = g.input("t", &[1], DType::F32)?;
@@ -110,7 +153,12 @@ impl SdModels {
         let cv = g.input("context", &[shape[0], ctx_len, cd], DType::F32)?;
         let temb = time_embedding(&mut g, &mut self.unet, &self.unet_cfg, tv)?;
         let cfg = self.unet_cfg.clone();
-        let mut u = Unet { w: &mut self.unet, cfg: &cfg, temb, context: cv };
+        let mut u = Unet {
+            w: &mut self.unet,
+            cfg: &cfg,
+            temb,
+            context: cv,
+        };
         let y = u.forward(&mut g, xs)?;
         g.output(y);
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
@@ -133,4 +181,3 @@ impl SdModels {
         plan.read_f32(y).await
     }
 }
-

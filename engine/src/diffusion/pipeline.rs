@@ -78,35 +78,57 @@ pub struct Preview {
 }
 
 /// Stable Diffusion 1.x/2.x latent-to-RGB factors (the usual approximation used for previews).
-const LATENT_RGB: [[f32; 3]; 4] = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
+const LATENT_RGB: [[f32; 3]; 4] = [
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+];
 
 /// Projects latents `[c, h, w]` to an RGB preview.
 pub fn preview_from_latents(x: &[f32], c: usize, h: usize, w: usize) -> Preview {
     let mut rgb = vec![0u8; 3 * h * w];
     for p in 0..h * w {
         for k in 0..3 {
-            let v: f32 = (0..c.min(4)).map(|ch| x[ch * h * w + p] * LATENT_RGB[ch][k]).sum();
+            let v: f32 = (0..c.min(4))
+                .map(|ch| x[ch * h * w + p] * LATENT_RGB[ch][k])
+                .sum();
             rgb[p * 3 + k] = ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8;
         }
     }
-    Preview { width: w, height: h, rgb }
+    Preview {
+        width: w,
+        height: h,
+        rgb,
+    }
 }
 
 /// Per-step seed of the noise stream: distinct per step, fixed by the user's seed.
 fn step_seed(seed: u32, step: usize) -> u32 {
-    seed.wrapping_mul(0x9E37_79B9).wrapping_add((step as u32 + 1).wrapping_mul(0x85EB_CA6B))
+    seed.wrapping_mul(0x9E37_79B9)
+        .wrapping_add((step as u32 + 1).wrapping_mul(0x85EB_CA6B))
 }
 
 impl SdModels {
     /// Runs the pipeline. After each denoising step `on_step(done, total, preview)` is called;
     /// it returns true to receive a preview with the next call (which costs one small readback).
-    pub async fn generate(&mut self, opts: &ImageOptions, on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> bool) -> Result<Image> {
+    pub async fn generate(
+        &mut self,
+        opts: &ImageOptions,
+        on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> bool,
+    ) -> Result<Image> {
         let f = self.vae_cfg.scale_factor();
         if opts.width % f != 0 || opts.height % f != 0 || opts.width == 0 || opts.height == 0 {
-            return Err(Error::Unsupported(format!("size {}x{} (width and height must be positive multiples of {f})", opts.width, opts.height)));
+            return Err(Error::Unsupported(format!(
+                "size {}x{} (width and height must be positive multiples of {f})",
+                opts.width, opts.height
+            )));
         }
         if opts.steps == 0 || opts.steps > 1000 {
-            return Err(Error::Unsupported(format!("{} steps (1 to 1000)", opts.steps)));
+            return Err(Error::Unsupported(format!(
+                "{} steps (1 to 1000)",
+                opts.steps
+            )));
         }
         let gpu = self.gpu.clone();
         let sc = SchedulerConfig::from_json(&self.scheduler_config, opts.scheduler)?;
@@ -120,7 +142,10 @@ impl SdModels {
         let n = c * lh * lw;
         if let Some(l) = &opts.latents {
             if l.len() != n {
-                return Err(Error::Data { name: "latents".into(), msg: format!("{} values, expected {lat_shape:?} = {n}", l.len()) });
+                return Err(Error::Data {
+                    name: "latents".into(),
+                    msg: format!("{} values, expected {lat_shape:?} = {n}", l.len()),
+                });
             }
         }
 
@@ -132,11 +157,17 @@ impl SdModels {
         }
         ids.extend(self.tokenizer.encode(&opts.prompt)?);
         let hidden = self.clip_cfg.hidden;
-        let context = Arc::new(Tensor::zeros(&gpu, "context", &[batch, len, hidden], DType::F32)?);
+        let context = Arc::new(Tensor::zeros(
+            &gpu,
+            "context",
+            &[batch, len, hidden],
+            DType::F32,
+        )?);
         {
             let mut g = Graph::new();
             let iv = g.input("ids", &[ids.len()], DType::U32)?;
-            let h = super::clip::text_encoder(&mut g, &mut self.text, &self.clip_cfg, iv, batch, len)?;
+            let h =
+                super::clip::text_encoder(&mut g, &mut self.text, &self.clip_cfg, iv, batch, len)?;
             let cv = g.tensor(&context);
             g.copy_into(h, cv, Dyn::Static(0))?;
             let plan = g.compile(&gpu, CompileOptions::default()).await?;
@@ -147,10 +178,25 @@ impl SdModels {
         // State: the sample, DPM++'s previous x0, the next U-Net input (batch copies).
         let x = Arc::new(Tensor::zeros(&gpu, "x", &lat_shape, DType::F32)?);
         let x0_prev = Arc::new(Tensor::zeros(&gpu, "x0_prev", &lat_shape, DType::F32)?);
-        let unet_in = Arc::new(Tensor::zeros(&gpu, "unet_in", &[batch, c, lh, lw], DType::F32)?);
+        let unet_in = Arc::new(Tensor::zeros(
+            &gpu,
+            "unet_in",
+            &[batch, c, lh, lw],
+            DType::F32,
+        )?);
         let steps = sched.steps();
-        let coeffs = Arc::new(Tensor::from_f32(&gpu, "coeffs", &[steps, crate::diffusion::schedulers::COEFFS], &sched.coeff_table())?);
-        let timesteps = Arc::new(Tensor::from_f32(&gpu, "timesteps", &[steps, 1], &sched.timesteps)?);
+        let coeffs = Arc::new(Tensor::from_f32(
+            &gpu,
+            "coeffs",
+            &[steps, crate::diffusion::schedulers::COEFFS],
+            &sched.coeff_table(),
+        )?);
+        let timesteps = Arc::new(Tensor::from_f32(
+            &gpu,
+            "timesteps",
+            &[steps, 1],
+            &sched.timesteps,
+        )?);
         let guidance = Arc::new(Tensor::from_f32(&gpu, "guidance", &[1], &[opts.guidance])?);
 
         // Initial latents: given, or from the GPU RNG; scaled by the init sigma.
@@ -192,7 +238,13 @@ impl SdModels {
         let ctx = g.tensor(&context);
         let unet_cfg = self.unet_cfg.clone();
         let uin = g.tensor(&unet_in);
-        let model_out = Unet { w: &mut self.unet, cfg: &unet_cfg, temb, context: ctx }.forward(&mut g, uin)?;
+        let model_out = Unet {
+            w: &mut self.unet,
+            cfg: &unet_cfg,
+            temb,
+            context: ctx,
+        }
+        .forward(&mut g, uin)?;
         let noise_input = opts.step_noise.is_some() && needs_noise;
         let noise = if !needs_noise {
             None
@@ -218,7 +270,10 @@ impl SdModels {
             plan.set(step, i as u32);
             plan.set(noise_seed, step_seed(opts.seed, i));
             if let (true, Some(all), Some(nv)) = (noise_input, &opts.step_noise, noise) {
-                let nz = all.get(i).ok_or_else(|| Error::Data { name: "step_noise".into(), msg: format!("no noise for step {i}") })?;
+                let nz = all.get(i).ok_or_else(|| Error::Data {
+                    name: "step_noise".into(),
+                    msg: format!("no noise for step {i}"),
+                })?;
                 plan.write_f32(nv, nz)?;
             }
             plan.run()?;
@@ -252,6 +307,14 @@ impl SdModels {
                 rgb[p * 3 + ch] = (v * 255.0).round() as u8;
             }
         }
-        Ok(Image { width: w, height: h, rgb, raw, notes, loop_counters, steps })
+        Ok(Image {
+            width: w,
+            height: h,
+            rgb,
+            raw,
+            notes,
+            loop_counters,
+            steps,
+        })
     }
 }

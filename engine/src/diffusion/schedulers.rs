@@ -59,7 +59,13 @@ pub enum SchedulerKind {
 
 impl SchedulerKind {
     /// All kinds, in CLI order.
-    pub const ALL: [SchedulerKind; 5] = [Self::Ddim, Self::Euler, Self::EulerAncestral, Self::DpmSolverMultistep, Self::Lcm];
+    pub const ALL: [SchedulerKind; 5] = [
+        Self::Ddim,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::DpmSolverMultistep,
+        Self::Lcm,
+    ];
 
     /// diffusers' class name.
     pub fn class_name(self) -> &'static str {
@@ -85,9 +91,14 @@ impl SchedulerKind {
 
     /// The kind of a CLI name.
     pub fn from_cli(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|k| k.cli_name() == name).ok_or_else(|| {
-            Error::Unsupported(format!("scheduler '{name}' (expected one of ddim, euler, euler-a, dpm++2m, lcm)"))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|k| k.cli_name() == name)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "scheduler '{name}' (expected one of ddim, euler, euler-a, dpm++2m, lcm)"
+                ))
+            })
     }
 
     fn from_class(name: &str) -> Option<Self> {
@@ -143,7 +154,10 @@ pub struct SchedulerConfig {
 struct Keys<'a>(&'a serde_json::Map<String, Json>);
 
 fn bad(msg: String) -> Error {
-    Error::Data { name: "scheduler_config.json".into(), msg }
+    Error::Data {
+        name: "scheduler_config.json".into(),
+        msg,
+    }
 }
 
 impl Keys<'_> {
@@ -151,25 +165,38 @@ impl Keys<'_> {
         self.0.get(k).filter(|v| !v.is_null())
     }
     fn num(&self, k: &str, default: f64) -> Result<f64> {
-        self.get(k).map_or(Ok(default), |v| v.as_f64().ok_or_else(|| bad(format!("'{k}': expected a number, found {v}"))))
+        self.get(k).map_or(Ok(default), |v| {
+            v.as_f64()
+                .ok_or_else(|| bad(format!("'{k}': expected a number, found {v}")))
+        })
     }
     fn count(&self, k: &str, default: usize) -> Result<usize> {
         let v = self.num(k, default as f64)?;
         if v < 0.0 || v.fract() != 0.0 || v > 1e9 {
-            return Err(bad(format!("'{k}': expected a non-negative integer, found {v}")));
+            return Err(bad(format!(
+                "'{k}': expected a non-negative integer, found {v}"
+            )));
         }
         Ok(v as usize)
     }
     fn flag(&self, k: &str, default: bool) -> Result<bool> {
-        self.get(k).map_or(Ok(default), |v| v.as_bool().ok_or_else(|| bad(format!("'{k}': expected true or false, found {v}"))))
+        self.get(k).map_or(Ok(default), |v| {
+            v.as_bool()
+                .ok_or_else(|| bad(format!("'{k}': expected true or false, found {v}")))
+        })
     }
     fn text<'b>(&'b self, k: &str, default: &'b str) -> Result<&'b str> {
-        self.get(k).map_or(Ok(default), |v| v.as_str().ok_or_else(|| bad(format!("'{k}': expected a string, found {v}"))))
+        self.get(k).map_or(Ok(default), |v| {
+            v.as_str()
+                .ok_or_else(|| bad(format!("'{k}': expected a string, found {v}")))
+        })
     }
     /// Errors when `k` is set to anything but `default` (a feature Kiln does not implement).
     fn only(&self, k: &str, default: Json) -> Result<()> {
         match self.get(k) {
-            Some(v) if *v != default => Err(Error::Unsupported(format!("scheduler_config.json '{k}' = {v} (only {default} is supported)"))),
+            Some(v) if *v != default => Err(Error::Unsupported(format!(
+                "scheduler_config.json '{k}' = {v} (only {default} is supported)"
+            ))),
             _ => Ok(()),
         }
     }
@@ -180,16 +207,25 @@ impl SchedulerConfig {
     /// (the config's values still apply, as diffusers' `from_config` does); a class Kiln does
     /// not run maps to Euler with a [`Self::note`].
     pub fn from_json(text: &str, kind: Option<SchedulerKind>) -> Result<Self> {
-        let json: Json = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = json.as_object().ok_or_else(|| bad(format!("expected a JSON object, found {json}")))?;
+        let json: Json =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| bad(format!("expected a JSON object, found {json}")))?;
         let keys = Keys(obj);
         let class = keys.text("_class_name", "")?;
         let mut note = None;
         let kind = match (kind, SchedulerKind::from_class(class)) {
             (Some(k), _) | (None, Some(k)) => k,
             (None, None) => {
-                let name = if class.is_empty() { "a config without _class_name" } else { class };
-                note = Some(format!("{name} is not supported; using EulerDiscreteScheduler"));
+                let name = if class.is_empty() {
+                    "a config without _class_name"
+                } else {
+                    class
+                };
+                note = Some(format!(
+                    "{name} is not supported; using EulerDiscreteScheduler"
+                ));
                 SchedulerKind::Euler
             }
         };
@@ -202,19 +238,31 @@ impl SchedulerConfig {
         let prediction = match keys.text("prediction_type", "epsilon")? {
             "epsilon" => Prediction::Epsilon,
             "v_prediction" => Prediction::VPrediction,
-            other => return Err(Error::Unsupported(format!("prediction_type '{other}' (expected epsilon or v_prediction)"))),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "prediction_type '{other}' (expected epsilon or v_prediction)"
+                )))
+            }
         };
         let beta_schedule = match keys.text("beta_schedule", schedule)? {
             "linear" => BetaSchedule::Linear,
             "scaled_linear" => BetaSchedule::ScaledLinear,
             "squaredcos_cap_v2" => BetaSchedule::SquaredCos,
-            other => return Err(Error::Unsupported(format!("beta_schedule '{other}' (expected linear, scaled_linear or squaredcos_cap_v2)"))),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "beta_schedule '{other}' (expected linear, scaled_linear or squaredcos_cap_v2)"
+                )))
+            }
         };
         let spacing = match keys.text("timestep_spacing", spacing)? {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
             "linspace" => Spacing::Linspace,
-            other => return Err(Error::Unsupported(format!("timestep_spacing '{other}' (expected leading, trailing or linspace)"))),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "timestep_spacing '{other}' (expected leading, trailing or linspace)"
+                )))
+            }
         };
         keys.only("trained_betas", Json::Null)?;
         keys.only("rescale_betas_zero_snr", false.into())?;
@@ -222,7 +270,11 @@ impl SchedulerConfig {
             keys.only("thresholding", false.into())?;
         }
         if matches!(kind, Euler | DpmSolverMultistep) {
-            for k in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
+            for k in [
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+            ] {
                 keys.only(k, false.into())?;
             }
             keys.only("final_sigmas_type", "zero".into())?;
@@ -239,20 +291,31 @@ impl SchedulerConfig {
         }
         let solver_order = keys.count("solver_order", 2)?;
         if kind == DpmSolverMultistep && !matches!(solver_order, 1 | 2) {
-            return Err(Error::Unsupported(format!("solver_order {solver_order} (1 or 2 supported)")));
+            return Err(Error::Unsupported(format!(
+                "solver_order {solver_order} (1 or 2 supported)"
+            )));
         }
         let heun = match keys.text("solver_type", "midpoint")? {
             "midpoint" => false,
             "heun" => true,
-            other if kind == DpmSolverMultistep => return Err(Error::Unsupported(format!("solver_type '{other}' (expected midpoint or heun)"))),
+            other if kind == DpmSolverMultistep => {
+                return Err(Error::Unsupported(format!(
+                    "solver_type '{other}' (expected midpoint or heun)"
+                )))
+            }
             _ => false,
         };
         let num_train_timesteps = keys.count("num_train_timesteps", 1000)?;
         if num_train_timesteps < 2 {
-            return Err(bad(format!("'num_train_timesteps': expected at least 2, found {num_train_timesteps}")));
+            return Err(bad(format!(
+                "'num_train_timesteps': expected at least 2, found {num_train_timesteps}"
+            )));
         }
         let clip_default = kind == Ddim;
-        let clip = keys.flag("clip_sample", clip_default)?.then(|| keys.num("clip_sample_range", 1.0)).transpose()?;
+        let clip = keys
+            .flag("clip_sample", clip_default)?
+            .then(|| keys.num("clip_sample_range", 1.0))
+            .transpose()?;
         Ok(SchedulerConfig {
             kind,
             prediction,
@@ -281,38 +344,75 @@ impl SchedulerConfig {
         let linspace = |a: f64, b: f64| -> Vec<f32> {
             let (s, e) = (a as f32, b as f32);
             let step = (e - s) / (n - 1) as f32;
-            (0..n).map(|i| if i < n / 2 { step.mul_add(i as f32, s) } else { (-step).mul_add((n - 1 - i) as f32, e) }).collect()
+            (0..n)
+                .map(|i| {
+                    if i < n / 2 {
+                        step.mul_add(i as f32, s)
+                    } else {
+                        (-step).mul_add((n - 1 - i) as f32, e)
+                    }
+                })
+                .collect()
         };
         let betas: Vec<f32> = match self.beta_schedule {
             BetaSchedule::Linear => linspace(self.beta_start, self.beta_end),
-            BetaSchedule::ScaledLinear => linspace(self.beta_start.sqrt(), self.beta_end.sqrt()).iter().map(|b| b * b).collect(),
+            BetaSchedule::ScaledLinear => linspace(self.beta_start.sqrt(), self.beta_end.sqrt())
+                .iter()
+                .map(|b| b * b)
+                .collect(),
             BetaSchedule::SquaredCos => {
                 // betas_for_alpha_bar (Glide's cosine schedule), in Python floats.
-                let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
-                (0..n).map(|i| (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(0.999) as f32).collect()
+                let f = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                        .cos()
+                        .powi(2)
+                };
+                (0..n)
+                    .map(|i| {
+                        (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(0.999)
+                            as f32
+                    })
+                    .collect()
             }
         };
         let mut acc = 1f64;
-        betas.iter().map(|b| {
-            acc *= (1.0f32 - b) as f64;
-            acc as f32
-        }).collect()
+        betas
+            .iter()
+            .map(|b| {
+                acc *= (1.0f32 - b) as f64;
+                acc as f32
+            })
+            .collect()
     }
 
     /// The schedule of `steps` denoising steps (diffusers' `set_timesteps` + every `step`).
     pub fn schedule(&self, steps: usize) -> Result<Schedule> {
         let tt = self.num_train_timesteps;
         if steps == 0 || steps > tt {
-            return Err(Error::Unsupported(format!("{steps} inference steps (1 ..= num_train_timesteps = {tt})")));
+            return Err(Error::Unsupported(format!(
+                "{steps} inference steps (1 ..= num_train_timesteps = {tt})"
+            )));
         }
         let ac = self.alphas_cumprod();
         // diffusers' sigma table: torch f32 ((1 - ac) / ac) ** 0.5.
         let train_sigmas: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
-        let final_ac = if self.set_alpha_to_one { 1.0 } else { ac[0] as f64 };
-        let ac_at = |t: f64| if t >= 0.0 { ac[t as usize] as f64 } else { final_ac };
+        let final_ac = if self.set_alpha_to_one {
+            1.0
+        } else {
+            ac[0] as f64
+        };
+        let ac_at = |t: f64| {
+            if t >= 0.0 {
+                ac[t as usize] as f64
+            } else {
+                final_ac
+            }
+        };
         match self.kind {
             SchedulerKind::Ddim => Ok(self.ddim(steps, &ac_at)),
-            SchedulerKind::Euler | SchedulerKind::EulerAncestral => Ok(self.euler(steps, &train_sigmas)),
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
+                Ok(self.euler(steps, &train_sigmas))
+            }
             SchedulerKind::DpmSolverMultistep => self.dpm(steps, &ac, &train_sigmas),
             SchedulerKind::Lcm => self.lcm(steps, &ac_at),
         }
@@ -332,7 +432,11 @@ impl SchedulerConfig {
     fn ddim(&self, steps: usize, ac_at: &dyn Fn(f64) -> f64) -> Schedule {
         let tt = self.num_train_timesteps;
         let timesteps: Vec<f64> = match self.spacing {
-            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps).iter().rev().map(|t| t.round_ties_even()).collect(),
+            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps)
+                .iter()
+                .rev()
+                .map(|t| t.round_ties_even())
+                .collect(),
             Spacing::Leading => leading(steps, tt / steps, self.steps_offset),
             Spacing::Trailing => trailing(tt as f64, tt as f64 / steps as f64),
         };
@@ -342,11 +446,17 @@ impl SchedulerConfig {
             let (a, b) = self.x0_from_alpha(ap);
             let (p, t_m) = match self.prediction {
                 Prediction::Epsilon => (0.0, (1.0 - prev).sqrt()),
-                Prediction::VPrediction => ((1.0 - prev).sqrt() * (1.0 - ap).sqrt(), (1.0 - prev).sqrt() * ap.sqrt()),
+                Prediction::VPrediction => (
+                    (1.0 - prev).sqrt() * (1.0 - ap).sqrt(),
+                    (1.0 - prev).sqrt() * ap.sqrt(),
+                ),
             };
             StepCoeffs::new(a, b, self.clip(), p, prev.sqrt(), 0.0, 0.0, t_m, 1.0)
         });
-        let sigmas = timesteps.iter().map(|&t| ac_at(t)).chain([ac_at(timesteps[timesteps.len() - 1] - ratio)]);
+        let sigmas = timesteps
+            .iter()
+            .map(|&t| ac_at(t))
+            .chain([ac_at(timesteps[timesteps.len() - 1] - ratio)]);
         Schedule::vp(self.kind, &timesteps, sigmas, coeffs.collect())
     }
 
@@ -359,7 +469,9 @@ impl SchedulerConfig {
         let k = tt / orig;
         // lcm_origin_timesteps reversed, sampled at floor(linspace(0, len, steps, endpoint=False)).
         let origin: Vec<f64> = (1..=orig).rev().map(|i| (i * k - 1) as f64).collect();
-        let timesteps: Vec<f64> = (0..steps).map(|i| origin[(i as f64 * (orig as f64 / steps as f64)).floor() as usize]).collect();
+        let timesteps: Vec<f64> = (0..steps)
+            .map(|i| origin[(i as f64 * (orig as f64 / steps as f64)).floor() as usize])
+            .collect();
         let n = timesteps.len();
         let mut coeffs = Vec::with_capacity(n);
         for (i, &t) in timesteps.iter().enumerate() {
@@ -370,7 +482,17 @@ impl SchedulerConfig {
             let c_out = st / (st * st + 0.25).sqrt();
             coeffs.push(if i + 1 < n {
                 let prev = ac_at(timesteps[i + 1]);
-                StepCoeffs::new(a, b, self.clip(), prev.sqrt() * c_skip, prev.sqrt() * c_out, 0.0, (1.0 - prev).sqrt(), 0.0, 1.0)
+                StepCoeffs::new(
+                    a,
+                    b,
+                    self.clip(),
+                    prev.sqrt() * c_skip,
+                    prev.sqrt() * c_out,
+                    0.0,
+                    (1.0 - prev).sqrt(),
+                    0.0,
+                    1.0,
+                )
             } else {
                 StepCoeffs::new(a, b, self.clip(), c_skip, c_out, 0.0, 0.0, 0.0, 1.0)
             });
@@ -383,14 +505,22 @@ impl SchedulerConfig {
         let tt = self.num_train_timesteps;
         // Euler keeps fractional linspace timesteps (f32), unlike DDIM.
         let timesteps: Vec<f64> = match self.spacing {
-            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps).iter().rev().map(|&t| t as f32 as f64).collect(),
+            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps)
+                .iter()
+                .rev()
+                .map(|&t| t as f32 as f64)
+                .collect(),
             Spacing::Leading => leading(steps, tt / steps, self.steps_offset),
             Spacing::Trailing => trailing(tt as f64, tt as f64 / steps as f64),
         };
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
         sigmas.push(0.0);
         let max = sigmas.iter().fold(0f32, |m, &s| m.max(s)) as f64;
-        let init = if self.spacing == Spacing::Leading { (max * max + 1.0).sqrt() } else { max };
+        let init = if self.spacing == Spacing::Leading {
+            (max * max + 1.0).sqrt()
+        } else {
+            max
+        };
         let scale = |s: f64| 1.0 / (s * s + 1.0).sqrt();
         let n = timesteps.len();
         let coeffs = (0..n).map(|i| {
@@ -423,14 +553,28 @@ impl SchedulerConfig {
         let tt = self.num_train_timesteps;
         // lambda_min_clipped: drop the timesteps whose log-SNR is below it.
         let lambda = |a: f32| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln();
-        let clipped = ac.iter().filter(|&&a| lambda(a) < self.lambda_min_clipped).count();
+        let clipped = ac
+            .iter()
+            .filter(|&&a| lambda(a) < self.lambda_min_clipped)
+            .count();
         let last = tt - clipped;
         if last < 2 {
-            return Err(Error::Unsupported(format!("lambda_min_clipped {} leaves {last} timesteps", self.lambda_min_clipped)));
+            return Err(Error::Unsupported(format!(
+                "lambda_min_clipped {} leaves {last} timesteps",
+                self.lambda_min_clipped
+            )));
         }
         let timesteps: Vec<f64> = match self.spacing {
-            Spacing::Linspace => linspace(0.0, (last - 1) as f64, steps + 1).iter().rev().take(steps).map(|t| t.round_ties_even()).collect(),
-            Spacing::Leading => leading(steps + 1, last / (steps + 1), self.steps_offset).into_iter().take(steps).collect(),
+            Spacing::Linspace => linspace(0.0, (last - 1) as f64, steps + 1)
+                .iter()
+                .rev()
+                .take(steps)
+                .map(|t| t.round_ties_even())
+                .collect(),
+            Spacing::Leading => leading(steps + 1, last / (steps + 1), self.steps_offset)
+                .into_iter()
+                .take(steps)
+                .collect(),
             Spacing::Trailing => trailing(last as f64, tt as f64 / steps as f64),
         };
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
@@ -473,14 +617,29 @@ impl SchedulerConfig {
             };
             coeffs.push(c);
         }
-        Ok(Schedule { kind: self.kind, timesteps: timesteps.iter().map(|&t| t as f32).collect(), sigmas, init_noise_sigma: 1.0, first_input_scale: 1.0, coeffs })
+        Ok(Schedule {
+            kind: self.kind,
+            timesteps: timesteps.iter().map(|&t| t as f32).collect(),
+            sigmas,
+            init_noise_sigma: 1.0,
+            first_input_scale: 1.0,
+            coeffs,
+        })
     }
 }
 
 /// `np.linspace(a, b, n)` in f64 (the last value is exactly `b`).
 fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     let step = if n > 1 { (b - a) / (n - 1) as f64 } else { 0.0 };
-    (0..n).map(|i| if i + 1 == n && n > 1 { b } else { a + i as f64 * step }).collect()
+    (0..n)
+        .map(|i| {
+            if i + 1 == n && n > 1 {
+                b
+            } else {
+                a + i as f64 * step
+            }
+        })
+        .collect()
 }
 
 /// "leading": `arange(0, n) * ratio` reversed, plus `steps_offset`.
@@ -493,7 +652,9 @@ fn leading(n: usize, ratio: usize, offset: usize) -> Vec<f64> {
 fn trailing(start: f64, ratio: f64) -> Vec<f64> {
     let len = ((0.0 - start) / -ratio).ceil().max(0.0) as usize;
     let delta = (start - ratio) - start;
-    (0..len).map(|i| (start + i as f64 * delta).round_ties_even() - 1.0).collect()
+    (0..len)
+        .map(|i| (start + i as f64 * delta).round_ties_even() - 1.0)
+        .collect()
 }
 
 /// `np.interp(t, arange(len), table)` rounded to f32.
@@ -526,19 +687,59 @@ pub struct StepCoeffs {
 
 impl StepCoeffs {
     #[allow(clippy::too_many_arguments)]
-    fn new(a: f64, b: f64, clip: f64, p: f64, q: f64, r: f64, s: f64, t: f64, in_scale: f64) -> Self {
+    fn new(
+        a: f64,
+        b: f64,
+        clip: f64,
+        p: f64,
+        q: f64,
+        r: f64,
+        s: f64,
+        t: f64,
+        in_scale: f64,
+    ) -> Self {
         let f = |v: f64| v as f32;
-        StepCoeffs { a: f(a), b: f(b), clip: f(clip), p: f(p), q: f(q), r: f(r), s: f(s), t: f(t), in_scale: f(in_scale) }
+        StepCoeffs {
+            a: f(a),
+            b: f(b),
+            clip: f(clip),
+            p: f(p),
+            q: f(q),
+            r: f(r),
+            s: f(s),
+            t: f(t),
+            in_scale: f(in_scale),
+        }
     }
 
     /// The row as the kernel reads it: `[a, b, clip, p, q, r, s, t, in_scale]`.
     pub fn to_row(&self) -> [f32; COEFFS] {
-        [self.a, self.b, self.clip, self.p, self.q, self.r, self.s, self.t, self.in_scale]
+        [
+            self.a,
+            self.b,
+            self.clip,
+            self.p,
+            self.q,
+            self.r,
+            self.s,
+            self.t,
+            self.in_scale,
+        ]
     }
 
     /// A row from the kernel's layout.
     pub fn from_row(r: &[f32]) -> Self {
-        StepCoeffs { a: r[0], b: r[1], clip: r[2], p: r[3], q: r[4], r: r[5], s: r[6], t: r[7], in_scale: r[8] }
+        StepCoeffs {
+            a: r[0],
+            b: r[1],
+            clip: r[2],
+            p: r[3],
+            q: r[4],
+            r: r[5],
+            s: r[6],
+            t: r[7],
+            in_scale: r[8],
+        }
     }
 }
 
@@ -562,7 +763,12 @@ pub struct Schedule {
 
 impl Schedule {
     /// A variance-preserving schedule (DDIM, LCM) from timesteps and the `ᾱ` of each.
-    fn vp(kind: SchedulerKind, timesteps: &[f64], alphas: impl Iterator<Item = f64>, coeffs: Vec<StepCoeffs>) -> Self {
+    fn vp(
+        kind: SchedulerKind,
+        timesteps: &[f64],
+        alphas: impl Iterator<Item = f64>,
+        coeffs: Vec<StepCoeffs>,
+    ) -> Self {
         Schedule {
             kind,
             timesteps: timesteps.iter().map(|&t| t as f32).collect(),

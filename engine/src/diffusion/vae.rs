@@ -26,45 +26,94 @@ impl VaeConfig {
 
     /// Parses the config.
     pub fn from_json(s: &str) -> Result<VaeConfig> {
-        let c: Json = serde_json::from_str(s).map_err(|e| Error::Data { name: "vae/config.json".into(), msg: e.to_string() })?;
-        if c.get("shift_factor").is_some_and(|v| !v.is_null() && v.as_f64() != Some(0.0)) {
-            return Err(Error::Unsupported(format!("VAE shift_factor {}", c["shift_factor"])));
+        let c: Json = serde_json::from_str(s).map_err(|e| Error::Data {
+            name: "vae/config.json".into(),
+            msg: e.to_string(),
+        })?;
+        if c.get("shift_factor")
+            .is_some_and(|v| !v.is_null() && v.as_f64() != Some(0.0))
+        {
+            return Err(Error::Unsupported(format!(
+                "VAE shift_factor {}",
+                c["shift_factor"]
+            )));
         }
         if c.get("mid_block_add_attention").and_then(|v| v.as_bool()) == Some(false) {
-            return Err(Error::Unsupported("VAE without a mid-block attention".into()));
+            return Err(Error::Unsupported(
+                "VAE without a mid-block attention".into(),
+            ));
         }
         let channels: Vec<usize> = c
             .get("block_out_channels")
             .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
-            .ok_or_else(|| Error::Data { name: "vae/config.json".into(), msg: "missing 'block_out_channels'".into() })?;
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect()
+            })
+            .ok_or_else(|| Error::Data {
+                name: "vae/config.json".into(),
+                msg: "missing 'block_out_channels'".into(),
+            })?;
         Ok(VaeConfig {
             block_out_channels: channels,
-            layers_per_block: c.get("layers_per_block").and_then(|v| v.as_u64()).unwrap_or(2) as usize,
-            groups: c.get("norm_num_groups").and_then(|v| v.as_u64()).unwrap_or(32) as usize,
-            latent_channels: c.get("latent_channels").and_then(|v| v.as_u64()).unwrap_or(4) as usize,
-            scaling_factor: c.get("scaling_factor").and_then(|v| v.as_f64()).unwrap_or(0.18215) as f32,
+            layers_per_block: c
+                .get("layers_per_block")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(2) as usize,
+            groups: c
+                .get("norm_num_groups")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(32) as usize,
+            latent_channels: c
+                .get("latent_channels")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(4) as usize,
+            scaling_factor: c
+                .get("scaling_factor")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.18215) as f32,
         })
     }
 }
 
-fn resnet(g: &mut Graph, w: &mut ComponentWeights, p: &str, x: Value, groups: usize) -> Result<Value> {
+fn resnet(
+    g: &mut Graph,
+    w: &mut ComponentWeights,
+    p: &str,
+    x: Value,
+    groups: usize,
+) -> Result<Value> {
     let h = w.group_norm(g, &format!("{p}.norm1"), x, groups, 1e-6, true)?;
     let h = w.conv(g, &format!("{p}.conv1"), h, 1)?;
     let h = w.group_norm(g, &format!("{p}.norm2"), h, groups, 1e-6, true)?;
     let h = w.conv(g, &format!("{p}.conv2"), h, 1)?;
-    let skip = if w.has(&format!("{p}.conv_shortcut.weight")) { w.conv(g, &format!("{p}.conv_shortcut"), x, 1)? } else { x };
+    let skip = if w.has(&format!("{p}.conv_shortcut.weight")) {
+        w.conv(g, &format!("{p}.conv_shortcut"), x, 1)?
+    } else {
+        x
+    };
     g.add(skip, h)
 }
 
-fn attention(g: &mut Graph, w: &mut ComponentWeights, p: &str, x: Value, groups: usize) -> Result<Value> {
+fn attention(
+    g: &mut Graph,
+    w: &mut ComponentWeights,
+    p: &str,
+    x: Value,
+    groups: usize,
+) -> Result<Value> {
     let s = g.shape(x).to_vec();
     let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
     let h = w.group_norm(g, &format!("{p}.group_norm"), x, groups, 1e-6, false)?;
     let h = g.reshape(h, &[b, c, hw])?;
     let t = g.transpose(h)?; // [b, hw, c]
-    // SD 1.x checkpoints keep the pre-0.14 diffusers names (query/key/value/proj_attn).
-    let names = if w.has(&format!("{p}.to_q.weight")) { ["to_q", "to_k", "to_v", "to_out.0"] } else { ["query", "key", "value", "proj_attn"] };
+                             // SD 1.x checkpoints keep the pre-0.14 diffusers names (query/key/value/proj_attn).
+    let names = if w.has(&format!("{p}.to_q.weight")) {
+        ["to_q", "to_k", "to_v", "to_out.0"]
+    } else {
+        ["query", "key", "value", "proj_attn"]
+    };
     let q = w.linear(g, &format!("{p}.{}", names[0]), t)?;
     let k = w.linear(g, &format!("{p}.{}", names[1]), t)?;
     let v = w.linear(g, &format!("{p}.{}", names[2]), t)?;

@@ -23,7 +23,12 @@ pub struct ComponentWeights {
 impl ComponentWeights {
     /// Wraps the parsed safetensors of `component` (for error messages).
     pub fn new(gpu: &Arc<Gpu>, component: &str, src: SafeTensors) -> Self {
-        ComponentWeights { gpu: gpu.clone(), src, component: component.into(), cache: HashMap::new() }
+        ComponentWeights {
+            gpu: gpu.clone(),
+            src,
+            component: component.into(),
+            cache: HashMap::new(),
+        }
     }
 
     /// True when the checkpoint has `name`.
@@ -33,11 +38,17 @@ impl ComponentWeights {
 
     /// Shape of `name`.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        self.src.tensor(name).map(|t| t.shape.to_vec()).ok_or_else(|| self.missing(name))
+        self.src
+            .tensor(name)
+            .map(|t| t.shape.to_vec())
+            .ok_or_else(|| self.missing(name))
     }
 
     fn missing(&self, name: &str) -> Error {
-        Error::Data { name: self.component.clone(), msg: format!("missing tensor '{name}'") }
+        Error::Data {
+            name: self.component.clone(),
+            msg: format!("missing tensor '{name}'"),
+        }
     }
 
     /// The GPU tensor `name`, uploaded once.
@@ -102,7 +113,15 @@ impl ComponentWeights {
     }
 
     /// GroupNorm `prefix` (`.weight`, `.bias`), optionally followed by SiLU.
-    pub fn group_norm(&mut self, g: &mut Graph, prefix: &str, x: Value, groups: usize, eps: f32, silu: bool) -> Result<Value> {
+    pub fn group_norm(
+        &mut self,
+        g: &mut Graph,
+        prefix: &str,
+        x: Value,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Value> {
         let w = self.value(g, &format!("{prefix}.weight"))?;
         let b = self.value(g, &format!("{prefix}.bias"))?;
         g.group_norm(x, w, b, groups, eps, silu)
@@ -118,13 +137,23 @@ impl ComponentWeights {
 
 /// Parses one component folder's safetensors: `<prefix>.safetensors`, preferring the
 /// `.fp16.safetensors` variant when only it exists.
-pub fn component_safetensors(files: &HashMap<String, Vec<u8>>, dir: &str, stem: &str) -> Result<SafeTensors> {
+pub fn component_safetensors(
+    files: &HashMap<String, Vec<u8>>,
+    dir: &str,
+    stem: &str,
+) -> Result<SafeTensors> {
     let mut st = SafeTensors::new();
-    for cand in [format!("{dir}/{stem}.safetensors"), format!("{dir}/{stem}.fp16.safetensors")] {
+    for cand in [
+        format!("{dir}/{stem}.safetensors"),
+        format!("{dir}/{stem}.fp16.safetensors"),
+    ] {
         if let Some(b) = files.get(&cand) {
             st.add_file(&cand, b.clone())?;
             return Ok(st);
         }
     }
-    Err(Error::Data { name: dir.into(), msg: format!("no {stem}.safetensors (or .fp16 variant)") })
+    Err(Error::Data {
+        name: dir.into(),
+        msg: format!("no {stem}.safetensors (or .fp16 variant)"),
+    })
 }

@@ -79,7 +79,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, msg: impl Into<String>) -> Error {
-        Error::Data { name: self.name.into(), msg: format!("at byte {}: {}", self.pos, msg.into()) }
+        Error::Data {
+            name: self.name.into(),
+            msg: format!("at byte {}: {}", self.pos, msg.into()),
+        }
     }
     fn left(&self) -> usize {
         self.b.len() - self.pos
@@ -93,15 +96,22 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
     }
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         if n > self.left() as u64 {
-            return Err(self.err(format!("string of {n} bytes, file has {} left", self.left())));
+            return Err(self.err(format!(
+                "string of {n} bytes, file has {} left",
+                self.left()
+            )));
         }
         let s = self.take(n as usize)?;
         String::from_utf8(s.to_vec()).map_err(|_| self.err("string is not UTF-8"))
@@ -119,8 +129,12 @@ impl<'a> Reader<'a> {
         Ok(match t {
             0 => Value::U64(self.take(1)?[0] as u64),
             1 => Value::I64(self.take(1)?[0] as i8 as i64),
-            2 => Value::U64(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as u64),
-            3 => Value::I64(i16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as i64),
+            2 => {
+                Value::U64(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as u64)
+            }
+            3 => {
+                Value::I64(i16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as i64)
+            }
             4 => Value::U64(self.u32()? as u64),
             5 => Value::I64(self.u32()? as i32 as i64),
             6 => Value::F64(f32::from_bits(self.u32()?) as f64),
@@ -133,7 +147,10 @@ impl<'a> Reader<'a> {
                 let et = self.u32()?;
                 let n = self.u64()?;
                 if n.saturating_mul(Self::min_size(et) as u64) > self.left() as u64 {
-                    return Err(self.err(format!("array of {n} elements of type {et} does not fit in {} bytes", self.left())));
+                    return Err(self.err(format!(
+                        "array of {n} elements of type {et} does not fit in {} bytes",
+                        self.left()
+                    )));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -166,19 +183,27 @@ fn ggml_type(t: u32) -> Option<DType> {
 impl Gguf {
     /// Parses a whole GGUF file (named `name` in errors).
     pub fn parse(name: &str, bytes: Vec<u8>) -> Result<Gguf> {
-        let mut r = Reader { b: &bytes, pos: 0, name };
+        let mut r = Reader {
+            b: &bytes,
+            pos: 0,
+            name,
+        };
         if r.take(4)? != b"GGUF" {
             return Err(r.err("not a GGUF file (magic is not 'GGUF')"));
         }
         let version = r.u32()?;
         if version != 3 {
-            return Err(Error::Unsupported(format!("{name}: GGUF version {version} (only version 3 is supported)")));
+            return Err(Error::Unsupported(format!(
+                "{name}: GGUF version {version} (only version 3 is supported)"
+            )));
         }
         let n_tensors = r.u64()?;
         let n_kv = r.u64()?;
         // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at
         // least 8 + 4 + 4 + 8.
-        if n_kv.saturating_mul(13) > r.left() as u64 || n_tensors.saturating_mul(24) > r.left() as u64 {
+        if n_kv.saturating_mul(13) > r.left() as u64
+            || n_tensors.saturating_mul(24) > r.left() as u64
+        {
             return Err(r.err(format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")));
         }
         let mut meta = HashMap::new();
@@ -193,7 +218,9 @@ impl Gguf {
             let tname = r.string()?;
             let nd = r.u32()?;
             if nd == 0 || nd > 4 {
-                return Err(r.err(format!("tensor '{tname}' has {nd} dimensions (1 to 4 expected)")));
+                return Err(r.err(format!(
+                    "tensor '{tname}' has {nd} dimensions (1 to 4 expected)"
+                )));
             }
             let mut dims = Vec::with_capacity(nd as usize);
             for _ in 0..nd {
@@ -203,20 +230,40 @@ impl Gguf {
             let off = r.u64()?;
             raw.push((tname, dims, t, off));
         }
-        let align = meta.get("general.alignment").and_then(|v| v.as_u64()).unwrap_or(32).max(1) as usize;
+        let align = meta
+            .get("general.alignment")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(32)
+            .max(1) as usize;
         let data_start = r.pos.next_multiple_of(align);
         let data_len = bytes.len().saturating_sub(data_start);
         let mut tensors = HashMap::new();
         let mut tensor_names = Vec::new();
         for (tname, dims, t, off) in raw {
             let what = format!("{name}: tensor '{tname}'");
-            let dtype = ggml_type(t)
-                .ok_or_else(|| Error::Unsupported(format!("{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)")))?;
+            let dtype = ggml_type(t).ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)"
+                ))
+            })?;
             // GGUF lists ne[0] (contiguous) first; engine shapes are outermost first.
             let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
-            let count = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| Error::Data { name: what.clone(), msg: "shape overflows".into() })?;
+            let count = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| Error::Data {
+                    name: what.clone(),
+                    msg: "shape overflows".into(),
+                })?;
             if !(dims[0] as usize).is_multiple_of(dtype.block_elems()) {
-                return Err(Error::Data { name: what, msg: format!("row length {} is not a multiple of the {dtype} block size {}", dims[0], dtype.block_elems()) });
+                return Err(Error::Data {
+                    name: what,
+                    msg: format!(
+                        "row length {} is not a multiple of the {dtype} block size {}",
+                        dims[0],
+                        dtype.block_elems()
+                    ),
+                });
             }
             let len = (count as usize / dtype.block_elems()).saturating_mul(dtype.block_bytes());
             let start = off as usize;
@@ -227,9 +274,23 @@ impl Gguf {
                 });
             }
             tensor_names.push(tname.clone());
-            tensors.insert(tname, Info { dtype, shape, start: data_start + start, len });
+            tensors.insert(
+                tname,
+                Info {
+                    dtype,
+                    shape,
+                    start: data_start + start,
+                    len,
+                },
+            );
         }
-        Ok(Gguf { name: name.into(), bytes, meta, tensors, tensor_names })
+        Ok(Gguf {
+            name: name.into(),
+            bytes,
+            meta,
+            tensors,
+            tensor_names,
+        })
     }
 
     /// A metadata value.
@@ -239,14 +300,21 @@ impl Gguf {
 
     /// A required metadata value, with an error naming the key.
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.meta.get(key).ok_or_else(|| Error::Data { name: self.name.clone(), msg: format!("missing metadata key '{key}'") })
+        self.meta.get(key).ok_or_else(|| Error::Data {
+            name: self.name.clone(),
+            msg: format!("missing metadata key '{key}'"),
+        })
     }
 }
 
 impl TensorSource for Gguf {
     fn tensor(&self, name: &str) -> Option<RawTensor<'_>> {
         let i = self.tensors.get(name)?;
-        Some(RawTensor { dtype: i.dtype, shape: &i.shape, data: &self.bytes[i.start..i.start + i.len] })
+        Some(RawTensor {
+            dtype: i.dtype,
+            shape: &i.shape,
+            data: &self.bytes[i.start..i.start + i.len],
+        })
     }
     fn describe(&self) -> String {
         self.name.clone()

@@ -11,7 +11,10 @@ pub struct Npy {
 }
 
 fn bad(msg: impl Into<String>) -> Error {
-    Error::Data { name: ".npy".into(), msg: msg.into() }
+    Error::Data {
+        name: ".npy".into(),
+        msg: msg.into(),
+    }
 }
 
 /// Value of `'key': value` in the header dict (value up to the next top-level comma).
@@ -31,12 +34,19 @@ pub fn parse(bytes: &[u8]) -> Result<Npy> {
     }
     let (hlen, hstart) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(bad(format!("unsupported .npy version {v}"))),
     };
-    let header = bytes.get(hstart..hstart + hlen).ok_or_else(|| bad("header runs past the end of the file"))?;
+    let header = bytes
+        .get(hstart..hstart + hlen)
+        .ok_or_else(|| bad("header runs past the end of the file"))?;
     let header = std::str::from_utf8(header).map_err(|_| bad("header is not text"))?;
-    let descr = field(header, "descr").ok_or_else(|| bad("header has no 'descr'"))?.trim_matches(|c| c == '\'' || c == '"');
+    let descr = field(header, "descr")
+        .ok_or_else(|| bad("header has no 'descr'"))?
+        .trim_matches(|c| c == '\'' || c == '"');
     let width = match descr {
         "<f4" => 4,
         "<f8" => 8,
@@ -51,17 +61,31 @@ pub fn parse(bytes: &[u8]) -> Result<Npy> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| bad(format!("bad shape {shape_s}"))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| bad(format!("bad shape {shape_s}")))
+        })
         .collect::<Result<_>>()?;
-    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows"))?;
     let data = &bytes[hstart + hlen..];
     if data.len() != n.saturating_mul(width) {
-        return Err(bad(format!("shape {shape:?} of {descr} needs {} bytes, file has {}", n.saturating_mul(width), data.len())));
+        return Err(bad(format!(
+            "shape {shape:?} of {descr} needs {} bytes, file has {}",
+            n.saturating_mul(width),
+            data.len()
+        )));
     }
     let data = if width == 4 {
-        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     } else {
-        data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect()
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
+            .collect()
     };
     Ok(Npy { shape, data })
 }
@@ -69,7 +93,11 @@ pub fn parse(bytes: &[u8]) -> Result<Npy> {
 /// Writes an f32 array as `.npy` (version 1).
 pub fn write(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_s = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_s = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');

@@ -24,27 +24,46 @@ pub struct SafeTensors {
 }
 
 fn bad(name: &str, msg: impl Into<String>) -> Error {
-    Error::Data { name: name.into(), msg: msg.into() }
+    Error::Data {
+        name: name.into(),
+        msg: msg.into(),
+    }
 }
 
 impl SafeTensors {
     /// An empty set; add files with [`SafeTensors::add_file`].
     pub fn new() -> Self {
-        SafeTensors { names: Vec::new(), files: Vec::new(), data_start: Vec::new(), entries: HashMap::new() }
+        SafeTensors {
+            names: Vec::new(),
+            files: Vec::new(),
+            data_start: Vec::new(),
+            entries: HashMap::new(),
+        }
     }
 
     /// Parses one file's bytes (named `name` in errors) and adds its tensors.
     pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
         if bytes.len() < 8 {
-            return Err(bad(name, format!("{} bytes is too short for a safetensors header", bytes.len())));
+            return Err(bad(
+                name,
+                format!(
+                    "{} bytes is too short for a safetensors header",
+                    bytes.len()
+                ),
+            ));
         }
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
         if n > (bytes.len() - 8) as u64 {
-            return Err(bad(name, format!("header length {n} exceeds the file size {}", bytes.len())));
+            return Err(bad(
+                name,
+                format!("header length {n} exceeds the file size {}", bytes.len()),
+            ));
         }
         let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize])
             .map_err(|e| bad(name, format!("header is not valid JSON: {e}")))?;
-        let obj = header.as_object().ok_or_else(|| bad(name, "header is not a JSON object"))?;
+        let obj = header
+            .as_object()
+            .ok_or_else(|| bad(name, "header is not a JSON object"))?;
         let data_start = 8 + n as usize;
         let data_len = bytes.len() - data_start;
         let file = self.files.len();
@@ -53,34 +72,65 @@ impl SafeTensors {
                 continue;
             }
             let what = format!("{name}: tensor '{tname}'");
-            let dt = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(&what, "missing dtype"))?;
+            let dt = v
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| bad(&what, "missing dtype"))?;
             let dtype = match dt {
                 "F32" => DType::F32,
                 "F16" => DType::F16,
                 "BF16" => DType::BF16,
-                other => return Err(Error::Unsupported(format!("{what}: dtype {other} (supported: F32, F16, BF16)"))),
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "{what}: dtype {other} (supported: F32, F16, BF16)"
+                    )))
+                }
             };
             let shape: Vec<usize> = v
                 .get("shape")
                 .and_then(|s| s.as_array())
                 .ok_or_else(|| bad(&what, "missing shape"))?
                 .iter()
-                .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad(&what, "shape entries must be integers")))
+                .map(|d| {
+                    d.as_u64()
+                        .map(|d| d as usize)
+                        .ok_or_else(|| bad(&what, "shape entries must be integers"))
+                })
                 .collect::<Result<_>>()?;
-            let offs = v.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(|| bad(&what, "missing data_offsets"))?;
+            let offs = v
+                .get("data_offsets")
+                .and_then(|o| o.as_array())
+                .ok_or_else(|| bad(&what, "missing data_offsets"))?;
             let (start, end) = match offs.as_slice() {
-                [a, b] => (a.as_u64().unwrap_or(u64::MAX) as usize, b.as_u64().unwrap_or(0) as usize),
+                [a, b] => (
+                    a.as_u64().unwrap_or(u64::MAX) as usize,
+                    b.as_u64().unwrap_or(0) as usize,
+                ),
                 _ => return Err(bad(&what, "data_offsets must be [begin, end]")),
             };
-            let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(&what, "shape overflows"))?;
-            let need = count.checked_mul(dtype.block_bytes()).ok_or_else(|| bad(&what, "size overflows"))?;
+            let count = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(&what, "shape overflows"))?;
+            let need = count
+                .checked_mul(dtype.block_bytes())
+                .ok_or_else(|| bad(&what, "size overflows"))?;
             if start > end || end > data_len || end - start != need {
                 return Err(bad(
                     &what,
                     format!("data_offsets [{start}, {end}) do not hold shape {shape:?} of {dt} ({need} bytes) within {data_len} data bytes"),
                 ));
             }
-            self.entries.insert(tname.clone(), Entry { file, dtype, shape, start, end });
+            self.entries.insert(
+                tname.clone(),
+                Entry {
+                    file,
+                    dtype,
+                    shape,
+                    start,
+                    end,
+                },
+            );
         }
         self.names.push(name.to_string());
         self.files.push(bytes);
@@ -107,17 +157,27 @@ impl Default for SafeTensors {
 
 /// The shard file names listed in a `model.safetensors.index.json`.
 pub fn shard_names(index_json: &str) -> Result<Vec<String>> {
-    let v: serde_json::Value =
-        serde_json::from_str(index_json).map_err(|e| bad("model.safetensors.index.json", format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(index_json).map_err(|e| {
+        bad(
+            "model.safetensors.index.json",
+            format!("not valid JSON: {e}"),
+        )
+    })?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("model.safetensors.index.json", "missing weight_map"))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
     files.sort();
     files.dedup();
     if files.iter().any(|f| f.contains('/') || f.contains("..")) {
-        return Err(bad("model.safetensors.index.json", "shard names must be plain file names"));
+        return Err(bad(
+            "model.safetensors.index.json",
+            "shard names must be plain file names",
+        ));
     }
     Ok(files)
 }
@@ -126,7 +186,11 @@ impl TensorSource for SafeTensors {
     fn tensor(&self, name: &str) -> Option<RawTensor<'_>> {
         let e = self.entries.get(name)?;
         let base = self.data_start[e.file];
-        Some(RawTensor { dtype: e.dtype, shape: &e.shape, data: &self.files[e.file][base + e.start..base + e.end] })
+        Some(RawTensor {
+            dtype: e.dtype,
+            shape: &e.shape,
+            data: &self.files[e.file][base + e.start..base + e.end],
+        })
     }
     fn describe(&self) -> String {
         self.names.join(", ")

@@ -81,14 +81,24 @@ impl Graph {
     }
 
     fn add_value(&mut self, name: &str, shape: Vec<usize>, dtype: DType, source: Source) -> Value {
-        self.values.push(ValueInfo { name: name.into(), shape, dtype, source, output: false });
+        self.values.push(ValueInfo {
+            name: name.into(),
+            shape,
+            dtype,
+            source,
+            output: false,
+        });
         Value(self.values.len() - 1)
     }
 
     /// An input the caller writes before each run (f32 or u32).
     pub fn input(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Value> {
         if !matches!(dtype, DType::F32 | DType::U32) {
-            return Err(Error::DType { op: format!("input '{name}'"), expected: "f32 or u32".into(), found: dtype.to_string() });
+            return Err(Error::DType {
+                op: format!("input '{name}'"),
+                expected: "f32 or u32".into(),
+                found: dtype.to_string(),
+            });
         }
         Ok(self.add_value(name, shape.to_vec(), dtype, Source::Input))
     }
@@ -104,7 +114,9 @@ impl Graph {
             return Ok(Scalar(i as u32));
         }
         if self.scalars.len() >= RUN_SCALARS {
-            return Err(Error::Unsupported(format!("more than {RUN_SCALARS} run scalars (adding '{name}')")));
+            return Err(Error::Unsupported(format!(
+                "more than {RUN_SCALARS} run scalars (adding '{name}')"
+            )));
         }
         self.scalars.push(name.into());
         Ok(Scalar(self.scalars.len() as u32 - 1))
@@ -118,18 +130,31 @@ impl Graph {
     }
 
     /// Adds a node after checking its shapes; returns its output value.
-    pub(crate) fn push(&mut self, op: Op, inputs: Vec<Value>, writes: Vec<Value>) -> Result<Option<Value>> {
-        let shapes: Vec<(&[usize], DType)> =
-            inputs.iter().map(|v| (self.values[v.0].shape.as_slice(), self.values[v.0].dtype)).collect();
+    pub(crate) fn push(
+        &mut self,
+        op: Op,
+        inputs: Vec<Value>,
+        writes: Vec<Value>,
+    ) -> Result<Option<Value>> {
+        let shapes: Vec<(&[usize], DType)> = inputs
+            .iter()
+            .map(|v| (self.values[v.0].shape.as_slice(), self.values[v.0].dtype))
+            .collect();
         let out = op.infer(&shapes)?;
         let out = out.map(|(shape, dtype)| self.add_value(op.name(), shape, dtype, Source::Node));
-        self.nodes.push(Node { op, inputs, writes, out });
+        self.nodes.push(Node {
+            op,
+            inputs,
+            writes,
+            out,
+        });
         Ok(out)
     }
 
     fn push1(&mut self, op: Op, inputs: Vec<Value>) -> Result<Value> {
         let name = op.name();
-        self.push(op, inputs, vec![])?.ok_or_else(|| shape_err(name, "op has no output"))
+        self.push(op, inputs, vec![])?
+            .ok_or_else(|| shape_err(name, "op has no output"))
     }
 
     /// `x @ w^T (+ bias)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint layout),
@@ -137,7 +162,12 @@ impl Graph {
     pub fn linear(&mut self, x: Value, w: Value, bias: Option<Value>) -> Result<Value> {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        self.push1(Op::Linear { bias: bias.is_some() }, inputs)
+        self.push1(
+            Op::Linear {
+                bias: bias.is_some(),
+            },
+            inputs,
+        )
     }
 
     /// Attention with online softmax. q `[b, lq, heads*d]`, k/v `[b, lk, kv_heads*d]` (or a
@@ -158,7 +188,17 @@ impl Graph {
         let shape = self.shape(q);
         let head_dim = shape.last().copied().unwrap_or(0) / heads.max(1);
         let scale = 1.0 / (head_dim as f32).sqrt();
-        self.push1(Op::Attention { heads, kv_heads, causal, scale, q_pos, kv_len }, vec![q, k, v])
+        self.push1(
+            Op::Attention {
+                heads,
+                kv_heads,
+                causal,
+                scale,
+                q_pos,
+                kv_len,
+            },
+            vec![q, k, v],
+        )
     }
 
     /// Softmax over the last dimension.
@@ -177,21 +217,57 @@ impl Graph {
     }
 
     /// GroupNorm over `[b, c, ...]` with per-channel weight and bias, optionally followed by SiLU.
-    pub fn group_norm(&mut self, x: Value, w: Value, b: Value, groups: usize, eps: f32, silu: bool) -> Result<Value> {
+    pub fn group_norm(
+        &mut self,
+        x: Value,
+        w: Value,
+        b: Value,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Value> {
         self.push1(Op::GroupNorm { groups, eps, silu }, vec![x, w, b])
     }
 
     /// Rotary embedding on `[.., l, heads*d]`; `inv_freq` holds `rot_dim/2` frequencies (any
     /// frequency scaling already applied). Token `i` is at position `pos + i`.
-    pub fn rope(&mut self, x: Value, inv_freq: Value, heads: usize, interleaved: bool, pos: Dyn) -> Result<Value> {
-        self.push1(Op::Rope { heads, interleaved, pos }, vec![x, inv_freq])
+    pub fn rope(
+        &mut self,
+        x: Value,
+        inv_freq: Value,
+        heads: usize,
+        interleaved: bool,
+        pos: Dyn,
+    ) -> Result<Value> {
+        self.push1(
+            Op::Rope {
+                heads,
+                interleaved,
+                pos,
+            },
+            vec![x, inv_freq],
+        )
     }
 
     /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, kh, kw]`, optional bias `[co]`.
-    pub fn conv2d(&mut self, x: Value, w: Value, bias: Option<Value>, stride: usize, pad: usize) -> Result<Value> {
+    pub fn conv2d(
+        &mut self,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value> {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        self.push1(Op::Conv2d { stride, pad, bias: bias.is_some() }, inputs)
+        self.push1(
+            Op::Conv2d {
+                stride,
+                pad,
+                bias: bias.is_some(),
+            },
+            inputs,
+        )
     }
 
     /// Nearest-neighbour 2x upsampling of `[b, c, h, w]`.
@@ -233,31 +309,71 @@ impl Graph {
     pub fn glu(&mut self, input: GluInput, act: Act) -> Result<Value> {
         match input {
             GluInput::Pair { gate, up } => self.push1(Op::Glu { act, split: None }, vec![gate, up]),
-            GluInput::Halves { x, gate_first } => self.push1(Op::Glu { act, split: Some(gate_first) }, vec![x]),
+            GluInput::Halves { x, gate_first } => self.push1(
+                Op::Glu {
+                    act,
+                    split: Some(gate_first),
+                },
+                vec![x],
+            ),
         }
     }
 
     /// Sinusoidal timestep embedding of `t` `[b]` → `[b, dim]` (diffusers' `get_timestep_embedding`).
-    pub fn timestep_embedding(&mut self, t: Value, dim: usize, flip_sin_to_cos: bool, shift: f32) -> Result<Value> {
-        self.push1(Op::TimestepEmbedding { dim, flip_sin_to_cos, shift, max_period: 10000.0 }, vec![t])
+    pub fn timestep_embedding(
+        &mut self,
+        t: Value,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f32,
+    ) -> Result<Value> {
+        self.push1(
+            Op::TimestepEmbedding {
+                dim,
+                flip_sin_to_cos,
+                shift,
+                max_period: 10000.0,
+            },
+            vec![t],
+        )
     }
 
     /// Embedding rows: table `[v, d]` (any weight dtype), ids `[n]` u32 → `[n, d]`.
     pub fn gather(&mut self, table: Value, ids: Value) -> Result<Value> {
         let n = self.shape(ids).first().copied().unwrap_or(0);
-        self.push1(Op::Gather { n, ids_offset: Dyn::Static(0) }, vec![table, ids])
+        self.push1(
+            Op::Gather {
+                n,
+                ids_offset: Dyn::Static(0),
+            },
+            vec![table, ids],
+        )
     }
 
     /// Embedding rows for `n` ids read from `ids` starting at a run-time offset (e.g. the token
     /// history at the current position) → `[n, d]`.
     pub fn gather_at(&mut self, table: Value, ids: Value, offset: Dyn, n: usize) -> Result<Value> {
-        self.push1(Op::Gather { n, ids_offset: offset }, vec![table, ids])
+        self.push1(
+            Op::Gather {
+                n,
+                ids_offset: offset,
+            },
+            vec![table, ids],
+        )
     }
 
     /// A view of `v` with another shape of the same element count (no copy, no dispatch).
     pub fn reshape(&mut self, v: Value, shape: &[usize]) -> Result<Value> {
         if numel(shape) != numel(self.shape(v)) {
-            return Err(shape_err("reshape", format!("{:?} has {} elements, {shape:?} has {}", self.shape(v), numel(self.shape(v)), numel(shape))));
+            return Err(shape_err(
+                "reshape",
+                format!(
+                    "{:?} has {} elements, {shape:?} has {}",
+                    self.shape(v),
+                    numel(self.shape(v)),
+                    numel(shape)
+                ),
+            ));
         }
         let root = self.root(v);
         let (name, dtype) = (self.info(v).name.clone(), self.dtype(v));
@@ -287,40 +403,87 @@ impl Graph {
     /// `history` (u32 `[cap]`) holds previous ids for the repetition penalty; the drawn id is
     /// appended at index `counter` (which also selects the RNG stream). Output: u32 `[2]` =
     /// (token id, f32 bits of its log-probability under the unmodified logits).
-    pub fn sample(&mut self, logits: Value, settings: Value, history: Value, counter: Dyn, seed: Dyn) -> Result<Value> {
-        let out = self.push(Op::Sample { counter, seed }, vec![logits, settings, history], vec![history])?;
+    pub fn sample(
+        &mut self,
+        logits: Value,
+        settings: Value,
+        history: Value,
+        counter: Dyn,
+        seed: Dyn,
+    ) -> Result<Value> {
+        let out = self.push(
+            Op::Sample { counter, seed },
+            vec![logits, settings, history],
+            vec![history],
+        )?;
         out.ok_or_else(|| shape_err("sample", "no output"))
     }
 
     /// Standard normal noise `[shape]` from the counter-based RNG (seeded per run).
     pub fn randn(&mut self, shape: &[usize], seed: Dyn, stream: u32) -> Result<Value> {
-        self.push1(Op::RandNormal { shape: shape.to_vec(), seed, stream }, vec![])
+        self.push1(
+            Op::RandNormal {
+                shape: shape.to_vec(),
+                seed,
+                stream,
+            },
+            vec![],
+        )
     }
 
     /// One denoising step of a scheduler (see [`crate::diffusion::schedulers`]): reads row
     /// `step` of the coefficient table and updates the state tensors `x`, `x0_prev` and
     /// `unet_in` in place, so one compiled graph replays every step.
-    pub fn scheduler_step(&mut self, v: &crate::kernels::scheduler::StepValues, step: Dyn) -> Result<()> {
+    pub fn scheduler_step(
+        &mut self,
+        v: &crate::kernels::scheduler::StepValues,
+        step: Dyn,
+    ) -> Result<()> {
         for s in [v.x, v.x0_prev, v.unet_in] {
             if !matches!(self.info(self.root(s)).source, Source::Tensor(_)) {
-                return Err(shape_err("scheduler_step", format!("state '{}' must be a tensor added with Graph::tensor", self.info(s).name)));
+                return Err(shape_err(
+                    "scheduler_step",
+                    format!(
+                        "state '{}' must be a tensor added with Graph::tensor",
+                        self.info(s).name
+                    ),
+                ));
             }
         }
         let mut inputs = vec![v.model_out, v.coeffs, v.guidance, v.x, v.x0_prev, v.unet_in];
         inputs.extend(v.noise);
-        self.push(Op::SchedulerStep { step, noise: v.noise.is_some() }, inputs, vec![v.x, v.x0_prev, v.unet_in])?;
+        self.push(
+            Op::SchedulerStep {
+                step,
+                noise: v.noise.is_some(),
+            },
+            inputs,
+            vec![v.x, v.x0_prev, v.unet_in],
+        )?;
         Ok(())
     }
 
     /// Copies `src` into `dst` starting at element `offset` (a KV-cache write, a state update).
     pub fn copy_into(&mut self, src: Value, dst: Value, offset: Dyn) -> Result<()> {
         if !matches!(self.info(self.root(dst)).source, Source::Tensor(_)) {
-            return Err(shape_err("copy_into", format!("destination '{}' must be a tensor added with Graph::tensor", self.info(dst).name)));
+            return Err(shape_err(
+                "copy_into",
+                format!(
+                    "destination '{}' must be a tensor added with Graph::tensor",
+                    self.info(dst).name
+                ),
+            ));
         }
         let (n, cap) = (numel(self.shape(src)), numel(self.shape(dst)));
         if let Dyn::Static(o) = offset {
             if o as usize + n > cap {
-                return Err(shape_err("copy_into", format!("{n} elements at offset {o} overflow '{}' of {cap}", self.info(dst).name)));
+                return Err(shape_err(
+                    "copy_into",
+                    format!(
+                        "{n} elements at offset {o} overflow '{}' of {cap}",
+                        self.info(dst).name
+                    ),
+                ));
             }
         }
         self.push(Op::CopyInto { offset, cap }, vec![src, dst], vec![dst])?;

@@ -52,14 +52,24 @@ impl Graph {
             }
         }
         let own = |name: &str, shape: &[usize], dtype: DType| -> Bound {
-            let buf = gpu.create_buffer(name, numel(shape) as u64 * 4, STORAGE | wgpu::BufferUsages::COPY_SRC);
+            let buf = gpu.create_buffer(
+                name,
+                numel(shape) as u64 * 4,
+                STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
             Bound::single(shape, dtype, Arc::new(buf))
         };
         let mut bound: Vec<Option<Bound>> = vec![None; nv];
         for (i, v) in self.values.iter().enumerate() {
             match &v.source {
                 Source::Input => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
-                Source::Tensor(t) => bound[i] = Some(Bound { shape: t.shape.clone(), dtype: t.dtype, parts: t.parts.clone() }),
+                Source::Tensor(t) => {
+                    bound[i] = Some(Bound {
+                        shape: t.shape.clone(),
+                        dtype: t.dtype,
+                        parts: t.parts.clone(),
+                    })
+                }
                 Source::Node if v.output => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
                 Source::Node | Source::Alias(_) => {}
             }
@@ -67,7 +77,10 @@ impl Graph {
         // A view takes its root's buffer(s) with its own shape.
         let view = |bound: &[Option<Bound>], v: Value| -> Option<Bound> {
             let root = self.root(v);
-            bound[root.0].clone().map(|b| Bound { shape: self.values[v.0].shape.clone(), ..b })
+            bound[root.0].clone().map(|b| Bound {
+                shape: self.values[v.0].shape.clone(),
+                ..b
+            })
         };
         // Liveness: a buffer returns to the pool after its value's last reader is encoded;
         // the output is allocated before the inputs are released, so no op reads and writes
@@ -85,7 +98,9 @@ impl Graph {
                     let pos = pool
                         .iter()
                         .enumerate()
-                        .filter(|(_, b)| b.size() >= size && b.size() <= size.saturating_mul(2).max(1024))
+                        .filter(|(_, b)| {
+                            b.size() >= size && b.size() <= size.saturating_mul(2).max(1024)
+                        })
                         .min_by_key(|(_, b)| b.size())
                         .map(|(j, _)| j);
                     let buf = match pos {
@@ -103,7 +118,12 @@ impl Graph {
             let ins: Vec<Bound> = node
                 .inputs
                 .iter()
-                .map(|v| view(&bound, *v).ok_or_else(|| Error::Gpu { context: "compile".into(), msg: format!("value {} unbound", v.0) }))
+                .map(|v| {
+                    view(&bound, *v).ok_or_else(|| Error::Gpu {
+                        context: "compile".into(),
+                        msg: format!("value {} unbound", v.0),
+                    })
+                })
                 .collect::<Result<_>>()?;
             let out = node.out.and_then(|o| bound[o.0].clone());
             dispatches.extend(node.op.encode(&Ctx { gpu }, &ins, out.as_ref())?);
@@ -168,24 +188,45 @@ impl Graph {
                         size: std::num::NonZeroU64::new(size),
                     }),
                 },
-                wgpu::BindGroupEntry { binding: 1, resource: scalar_buf.as_entire_binding() },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: scalar_buf.as_entire_binding(),
+                },
             ];
             for (i, b) in d.bindings.iter().enumerate() {
-                entries.push(wgpu::BindGroupEntry { binding: 2 + i as u32, resource: b.buffer.as_entire_binding() });
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 2 + i as u32,
+                    resource: b.buffer.as_entire_binding(),
+                });
             }
             let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(d.key.entry), layout: &layout, entries: &entries });
+            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(d.key.entry),
+                layout: &layout,
+                entries: &entries,
+            });
             if let Some(e) = scope.pop().await {
-                return Err(Error::Gpu { context: format!("bind group for {} ({})", d.key.shader, d.key.entry), msg: e.to_string() });
+                return Err(Error::Gpu {
+                    context: format!("bind group for {} ({})", d.key.shader, d.key.entry),
+                    msg: e.to_string(),
+                });
             }
             Counters::add(&gpu.counters.bind_groups_created, 1);
-            steps.push(Step { pipeline, bind_group, groups: d.groups });
+            steps.push(Step {
+                pipeline,
+                bind_group,
+                groups: d.groups,
+            });
         }
 
         let mut staging = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             if v.output {
-                let b = gpu.create_buffer("staging", numel(&v.shape) as u64 * 4, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+                let b = gpu.create_buffer(
+                    "staging",
+                    numel(&v.shape) as u64 * 4,
+                    wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+                );
                 staging.insert(i, b);
             }
         }
@@ -194,12 +235,20 @@ impl Graph {
                 if v.output {
                     if let Some(b) = &bound[i] {
                         let n = numel(&v.shape);
-                        gpu.write_buffer(&b.parts[0].buffer, 0, bytemuck::cast_slice(&vec![u32::MAX; n.max(1)]));
+                        gpu.write_buffer(
+                            &b.parts[0].buffer,
+                            0,
+                            bytemuck::cast_slice(&vec![u32::MAX; n.max(1)]),
+                        );
                     }
                 }
             }
             for b in &arena {
-                gpu.write_buffer(b, 0, bytemuck::cast_slice(&vec![u32::MAX; (b.size() / 4) as usize]));
+                gpu.write_buffer(
+                    b,
+                    0,
+                    bytemuck::cast_slice(&vec![u32::MAX; (b.size() / 4) as usize]),
+                );
             }
         }
         Ok(Plan {
@@ -246,17 +295,38 @@ impl Plan {
             .get(v.0)
             .and_then(|b| b.as_ref())
             .and_then(|b| b.parts.first())
-            .ok_or_else(|| Error::Data { name: format!("value {}", v.0), msg: "has no buffer (an intermediate that is not an output?)".into() })
+            .ok_or_else(|| Error::Data {
+                name: format!("value {}", v.0),
+                msg: "has no buffer (an intermediate that is not an output?)".into(),
+            })
     }
 
     /// Writes raw words into a value's buffer (inputs, or state tensors).
     pub fn write_words(&self, v: Value, words: &[u32]) -> Result<()> {
-        let b = self.bound.get(v.0).and_then(|b| b.as_ref()).ok_or_else(|| Error::Data { name: format!("value {}", v.0), msg: "unknown".into() })?;
+        let b = self
+            .bound
+            .get(v.0)
+            .and_then(|b| b.as_ref())
+            .ok_or_else(|| Error::Data {
+                name: format!("value {}", v.0),
+                msg: "unknown".into(),
+            })?;
         let n = numel(&b.shape);
         if words.len() != n {
-            return Err(Error::Data { name: format!("value {}", v.0), msg: format!("shape {:?} holds {n} elements, got {}", b.shape, words.len()) });
+            return Err(Error::Data {
+                name: format!("value {}", v.0),
+                msg: format!(
+                    "shape {:?} holds {n} elements, got {}",
+                    b.shape,
+                    words.len()
+                ),
+            });
         }
-        self.gpu.write_buffer(&self.value_buffer(v)?.buffer, 0, bytemuck::cast_slice(words));
+        self.gpu.write_buffer(
+            &self.value_buffer(v)?.buffer,
+            0,
+            bytemuck::cast_slice(words),
+        );
         Ok(())
     }
 
@@ -272,9 +342,13 @@ impl Plan {
 
     fn encode(&self, enc: &mut wgpu::CommandEncoder) {
         if self.scalars_dirty.replace(false) {
-            self.gpu.write_buffer(&self.scalar_buf, 0, bytemuck::cast_slice(&self.scalars));
+            self.gpu
+                .write_buffer(&self.scalar_buf, 0, bytemuck::cast_slice(&self.scalars));
         }
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("kiln"), timestamp_writes: None });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("kiln"),
+            timestamp_writes: None,
+        });
         for s in &self.steps {
             pass.set_pipeline(&s.pipeline);
             pass.set_bind_group(0, &s.bind_group, &[]);
@@ -297,7 +371,10 @@ impl Plan {
         self.encode(&mut enc);
         let mut sizes = Vec::new();
         for v in outs {
-            let st = self.staging.get(&v.0).ok_or_else(|| Error::Data { name: format!("value {}", v.0), msg: "not marked as an output".into() })?;
+            let st = self.staging.get(&v.0).ok_or_else(|| Error::Data {
+                name: format!("value {}", v.0),
+                msg: "not marked as an output".into(),
+            })?;
             let size = st.size();
             enc.copy_buffer_to_buffer(&self.value_buffer(*v)?.buffer, 0, st, 0, size);
             sizes.push(size);
@@ -306,8 +383,18 @@ impl Plan {
         self.gpu.check("Plan::run_read")?;
         let mut res = Vec::new();
         for (v, size) in outs.iter().zip(sizes) {
-            let n = numel(&self.bound[v.0].as_ref().map(|b| b.shape.clone()).unwrap_or_default()) as u64 * 4;
-            res.push(self.gpu.map_read(&self.staging[&v.0], size.min(n.max(4))).await?);
+            let n = numel(
+                &self.bound[v.0]
+                    .as_ref()
+                    .map(|b| b.shape.clone())
+                    .unwrap_or_default(),
+            ) as u64
+                * 4;
+            res.push(
+                self.gpu
+                    .map_read(&self.staging[&v.0], size.min(n.max(4)))
+                    .await?,
+            );
         }
         Ok(res)
     }
@@ -315,13 +402,23 @@ impl Plan {
     /// Reads an output back (its own submit).
     pub async fn read_f32(&self, v: Value) -> Result<Vec<f32>> {
         let p = self.value_buffer(v)?;
-        let n = numel(&self.bound[v.0].as_ref().map(|b| b.shape.clone()).unwrap_or_default());
+        let n = numel(
+            &self.bound[v.0]
+                .as_ref()
+                .map(|b| b.shape.clone())
+                .unwrap_or_default(),
+        );
         let bytes = self.gpu.read_buffer(&p.buffer, 0, n as u64 * 4).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Reads a u32 output back (its own submit).
     pub async fn read_u32(&self, v: Value) -> Result<Vec<u32>> {
-        Ok(self.read_f32(v).await?.iter().map(|f| f.to_bits()).collect())
+        Ok(self
+            .read_f32(v)
+            .await?
+            .iter()
+            .map(|f| f.to_bits())
+            .collect())
     }
 }

@@ -46,7 +46,13 @@ impl Tiles {
         // A small margin keeps the total strictly under the limit whatever the rounding.
         let bk = ((SHARED_WORDS - 64 - bq * hd) / (kst + 2 * bq)).clamp(1, 64);
         let dj = hd.div_ceil(256 / bq);
-        Tiles { hd, bq, bk, dj, kst }
+        Tiles {
+            hd,
+            bq,
+            bk,
+            dj,
+            kst,
+        }
     }
 
     /// Workgroup memory in bytes.
@@ -74,12 +80,23 @@ pub fn splits(base: usize, lk: usize) -> usize {
     if base >= TARGET_GROUPS {
         return 1;
     }
-    TARGET_GROUPS.div_ceil(base.max(1)).min(lk.div_ceil(MIN_SPLIT_KEYS)).max(1)
+    TARGET_GROUPS
+        .div_ceil(base.max(1))
+        .min(lk.div_ceil(MIN_SPLIT_KEYS))
+        .max(1)
 }
 
 /// Encodes attention: one dispatch, or a split pass and a reduce pass.
 pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let Op::Attention { heads, kv_heads, causal, scale, q_pos, kv_len } = op else {
+    let Op::Attention {
+        heads,
+        kv_heads,
+        causal,
+        scale,
+        q_pos,
+        kv_len,
+    } = op
+    else {
         return Err(shape_err(op.name(), "not attention"));
     };
     let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
@@ -118,11 +135,20 @@ pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Disp
             .u(total)
             .0
     };
-    let inputs = [Binding::read(q.buf()), Binding::read(k.buf()), Binding::read(v.buf())];
+    let inputs = [
+        Binding::read(q.buf()),
+        Binding::read(k.buf()),
+        Binding::read(v.buf()),
+    ];
     if ns == 1 {
         let mut bindings = inputs.to_vec();
         bindings.push(Binding::write(out.buf()));
-        return Ok(vec![Dispatch { key: tiles.key("main"), params: params(total), bindings, groups: grid(total as u32) }]);
+        return Ok(vec![Dispatch {
+            key: tiles.key("main"),
+            params: params(total),
+            bindings,
+            groups: grid(total as u32),
+        }]);
     }
     let outputs = b * lq * heads;
     let part = ctx.scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64);
@@ -130,9 +156,16 @@ pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Disp
     bindings.push(Binding::write(&part));
     let elems = outputs * hd;
     Ok(vec![
-        Dispatch { key: tiles.key("main").def("SPLIT", ""), params: params(total), bindings, groups: grid(total as u32) },
         Dispatch {
-            key: KernelKey::new("attention.wgsl", "reduce").def("REDUCE", "").def("HD", hd),
+            key: tiles.key("main").def("SPLIT", ""),
+            params: params(total),
+            bindings,
+            groups: grid(total as u32),
+        },
+        Dispatch {
+            key: KernelKey::new("attention.wgsl", "reduce")
+                .def("REDUCE", "")
+                .def("HD", hd),
             params: params(elems),
             bindings: vec![Binding::read(&part), Binding::write(out.buf())],
             groups: grid(elems.div_ceil(256) as u32),

@@ -6,7 +6,9 @@ use crate::graph::Op;
 
 /// Output height and width of a convolution op for an `h x w` input and kernel size `k`.
 pub fn out_hw(op: &Op, h: usize, w: usize, k: usize) -> Option<(usize, usize)> {
-    let Op::Conv2d { stride, pad, .. } = op else { return None };
+    let Op::Conv2d { stride, pad, .. } = op else {
+        return None;
+    };
     let ho = (h + 2 * pad).checked_sub(k)? / stride + 1;
     let wo = (w + 2 * pad).checked_sub(k)? / stride + 1;
     Some((ho, wo))
@@ -19,7 +21,13 @@ pub fn conv2d(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
     };
     let (x, w) = (&ins[0], &ins[1]);
     if w.parts.len() != 1 {
-        return Err(shape_err("conv2d", format!("weight '{:?}' is split across bindings; convolution weights must fit one", w.shape)));
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "weight '{:?}' is split across bindings; convolution weights must fit one",
+                w.shape
+            ),
+        ));
     }
     let (b, ci, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let (co, ks) = (w.shape[0], w.shape[2]);

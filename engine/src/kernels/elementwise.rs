@@ -70,7 +70,11 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
             Dispatch {
                 key: key("BINARY"),
                 params: p.0,
-                bindings: vec![Binding::read(ins[0].buf()), Binding::read(ins[1].buf()), Binding::write(out.buf())],
+                bindings: vec![
+                    Binding::read(ins[0].buf()),
+                    Binding::read(ins[1].buf()),
+                    Binding::write(out.buf()),
+                ],
                 groups: elementwise_groups(n),
             }
         }
@@ -86,17 +90,40 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
             };
             Dispatch {
                 key: key("GLU"),
-                params: Params::default().u(rows).u(f).u(go).u(gr).u(uo).u(ur).u(act_code(*act)).0,
-                bindings: vec![Binding::read(g.buf()), Binding::read(u.buf()), Binding::write(out.buf())],
+                params: Params::default()
+                    .u(rows)
+                    .u(f)
+                    .u(go)
+                    .u(gr)
+                    .u(uo)
+                    .u(ur)
+                    .u(act_code(*act))
+                    .0,
+                bindings: vec![
+                    Binding::read(g.buf()),
+                    Binding::read(u.buf()),
+                    Binding::write(out.buf()),
+                ],
                 groups: elementwise_groups(n),
             }
         }
-        Op::TimestepEmbedding { dim, flip_sin_to_cos, shift, max_period } => {
+        Op::TimestepEmbedding {
+            dim,
+            flip_sin_to_cos,
+            shift,
+            max_period,
+        } => {
             let half = dim / 2;
             let b = ins[0].shape[0];
             Dispatch {
                 key: key("TIMESTEP"),
-                params: Params::default().u(b).u(half).u(*flip_sin_to_cos as u32).f(*shift).f(max_period.ln()).0,
+                params: Params::default()
+                    .u(b)
+                    .u(half)
+                    .u(*flip_sin_to_cos as u32)
+                    .f(*shift)
+                    .f(max_period.ln())
+                    .0,
                 bindings: vec![Binding::read(ins[0].buf()), Binding::write(out.buf())],
                 groups: elementwise_groups(b * half),
             }
@@ -125,7 +152,11 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
             Dispatch {
                 key: key("CONCAT"),
                 params: Params::default().u(n).u(a).u(b).0,
-                bindings: vec![Binding::read(ins[0].buf()), Binding::read(ins[1].buf()), Binding::write(out.buf())],
+                bindings: vec![
+                    Binding::read(ins[0].buf()),
+                    Binding::read(ins[1].buf()),
+                    Binding::write(out.buf()),
+                ],
                 groups: elementwise_groups(n),
             }
         }
@@ -136,13 +167,28 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
 
 /// `dst[dst_off + i] = src[src_off + i]` for every element of `src` (or of `dst` when
 /// slicing), never writing past `cap`.
-pub fn copy(src: &Bound, dst: &Bound, src_off: Dyn, dst_off: Dyn, cap: usize) -> Result<Vec<Dispatch>> {
+pub fn copy(
+    src: &Bound,
+    dst: &Bound,
+    src_off: Dyn,
+    dst_off: Dyn,
+    cap: usize,
+) -> Result<Vec<Dispatch>> {
     let n = src.numel().min(dst.numel());
     let [da, ds, dm] = dst_off.words();
     let [sa, ss, sm] = src_off.words();
     Ok(vec![Dispatch {
         key: key("COPY"),
-        params: Params::default().u(n).u(cap).u(da).u(ds).u(dm).u(sa).u(ss).u(sm).0,
+        params: Params::default()
+            .u(n)
+            .u(cap)
+            .u(da)
+            .u(ds)
+            .u(dm)
+            .u(sa)
+            .u(ss)
+            .u(sm)
+            .0,
         bindings: vec![Binding::read(src.buf()), Binding::write(dst.buf())],
         groups: elementwise_groups(n),
     }])
@@ -153,7 +199,11 @@ pub fn slice_rows(x: &Bound, offset: Dyn, out: &Bound) -> Result<Vec<Dispatch>> 
     let c = *x.shape.last().unwrap_or(&1) as u32;
     let src_off = match offset {
         Dyn::Static(o) => Dyn::Static(o * c),
-        Dyn::Slot { slot, mul, add } => Dyn::Slot { slot, mul: mul * c, add: add * c },
+        Dyn::Slot { slot, mul, add } => Dyn::Slot {
+            slot,
+            mul: mul * c,
+            add: add * c,
+        },
     };
     copy(x, out, src_off, Dyn::Static(0), out.numel())
 }

@@ -12,7 +12,11 @@ pub const MATVEC_MAX_ROWS: usize = 2;
 /// Adds the weight-dtype define of `weights.wgsl`.
 pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
     if !DType::WEIGHTS.contains(&dtype) {
-        return Err(Error::DType { op: shader.into(), expected: "a weight dtype".into(), found: dtype.to_string() });
+        return Err(Error::DType {
+            op: shader.into(),
+            expected: "a weight dtype".into(),
+            found: dtype.to_string(),
+        });
     }
     Ok(KernelKey::new(shader, "main").def(&format!("W_{}", dtype.name().to_uppercase()), ""))
 }
@@ -29,11 +33,24 @@ pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
         // Batched product with an f32 activation as the second operand.
         let (b, n) = (w.shape[0], w.shape[1]);
         let m = m_total / b;
-        let p = Params::default().u(m).u(n).u(k).u(k).u(n * k).u(0).u(n).u(has_bias);
+        let p = Params::default()
+            .u(m)
+            .u(n)
+            .u(k)
+            .u(k)
+            .u(n * k)
+            .u(0)
+            .u(n)
+            .u(has_bias);
         return Ok(vec![Dispatch {
             key: weight_key("matmul.wgsl", DType::F32)?,
             params: p.0,
-            bindings: vec![Binding::read(w.buf()), Binding::read(x.buf()), Binding::read(bias_buf), Binding::write(out.buf())],
+            bindings: vec![
+                Binding::read(w.buf()),
+                Binding::read(x.buf()),
+                Binding::read(bias_buf),
+                Binding::write(out.buf()),
+            ],
             groups: [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b as u32],
         }]);
     }
@@ -41,9 +58,21 @@ pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
     let row_words = w.dtype.row_words(k);
     let mut ds = Vec::new();
     for part in &w.parts {
-        let bindings = vec![Binding::read(&part.buffer), Binding::read(x.buf()), Binding::read(bias_buf), Binding::write(out.buf())];
+        let bindings = vec![
+            Binding::read(&part.buffer),
+            Binding::read(x.buf()),
+            Binding::read(bias_buf),
+            Binding::write(out.buf()),
+        ];
         if m_total <= MATVEC_MAX_ROWS {
-            let p = Params::default().u(part.rows).u(k).u(row_words).u(part.row_start).u(m_total).u(n_total).u(has_bias);
+            let p = Params::default()
+                .u(part.rows)
+                .u(k)
+                .u(row_words)
+                .u(part.row_start)
+                .u(m_total)
+                .u(n_total)
+                .u(has_bias);
             ds.push(Dispatch {
                 key: weight_key("matvec.wgsl", w.dtype)?,
                 params: p.0,
@@ -51,12 +80,24 @@ pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
                 groups: grid((part.rows.div_ceil(4) * m_total) as u32),
             });
         } else {
-            let p = Params::default().u(m_total).u(part.rows).u(k).u(row_words).u(0).u(part.row_start).u(n_total).u(has_bias);
+            let p = Params::default()
+                .u(m_total)
+                .u(part.rows)
+                .u(k)
+                .u(row_words)
+                .u(0)
+                .u(part.row_start)
+                .u(n_total)
+                .u(has_bias);
             ds.push(Dispatch {
                 key: weight_key("matmul.wgsl", w.dtype)?,
                 params: p.0,
                 bindings,
-                groups: [part.rows.div_ceil(64) as u32, m_total.div_ceil(64) as u32, 1],
+                groups: [
+                    part.rows.div_ceil(64) as u32,
+                    m_total.div_ceil(64) as u32,
+                    1,
+                ],
             });
         }
     }
@@ -64,7 +105,12 @@ pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
 }
 
 /// Embedding rows `table[ids]`.
-pub fn gather(table: &Bound, ids: &Bound, ids_offset: crate::graph::Dyn, out: &Bound) -> Result<Vec<Dispatch>> {
+pub fn gather(
+    table: &Bound,
+    ids: &Bound,
+    ids_offset: crate::graph::Dyn,
+    out: &Bound,
+) -> Result<Vec<Dispatch>> {
     let (total, d) = (table.shape[0], table.shape[1]);
     let n = out.shape[0];
     let [oa, os, om] = ids_offset.words();
@@ -75,8 +121,22 @@ pub fn gather(table: &Bound, ids: &Bound, ids_offset: crate::graph::Dyn, out: &B
         .map(|part| {
             Ok(Dispatch {
                 key: weight_key("gather.wgsl", table.dtype)?,
-                params: Params::default().u(n).u(d).u(row_words).u(part.row_start).u(part.rows).u(total).u(oa).u(os).u(om).0,
-                bindings: vec![Binding::read(&part.buffer), Binding::read(ids.buf()), Binding::write(out.buf())],
+                params: Params::default()
+                    .u(n)
+                    .u(d)
+                    .u(row_words)
+                    .u(part.row_start)
+                    .u(part.rows)
+                    .u(total)
+                    .u(oa)
+                    .u(os)
+                    .u(om)
+                    .0,
+                bindings: vec![
+                    Binding::read(&part.buffer),
+                    Binding::read(ids.buf()),
+                    Binding::write(out.buf()),
+                ],
                 groups: elementwise_groups(n * d),
             })
         })

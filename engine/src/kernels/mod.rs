@@ -38,7 +38,11 @@ pub struct KernelKey {
 impl KernelKey {
     /// A key with no defines.
     pub fn new(shader: &'static str, entry: &'static str) -> Self {
-        KernelKey { shader, entry, defines: Vec::new() }
+        KernelKey {
+            shader,
+            entry,
+            defines: Vec::new(),
+        }
     }
     /// Adds a define (`#define name value`).
     pub fn def(mut self, name: &str, value: impl ToString) -> Self {
@@ -57,11 +61,17 @@ pub struct Binding {
 impl Binding {
     /// A read-only binding.
     pub fn read(buffer: &Arc<wgpu::Buffer>) -> Self {
-        Binding { buffer: buffer.clone(), writable: false }
+        Binding {
+            buffer: buffer.clone(),
+            writable: false,
+        }
     }
     /// A read-write binding.
     pub fn write(buffer: &Arc<wgpu::Buffer>) -> Self {
-        Binding { buffer: buffer.clone(), writable: true }
+        Binding {
+            buffer: buffer.clone(),
+            writable: true,
+        }
     }
 }
 
@@ -111,13 +121,22 @@ pub struct PipelineCache {
 }
 
 fn layout_entry(binding: u32, ty: wgpu::BindingType) -> wgpu::BindGroupLayoutEntry {
-    wgpu::BindGroupLayoutEntry { binding, visibility: wgpu::ShaderStages::COMPUTE, ty, count: None }
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty,
+        count: None,
+    }
 }
 
 impl Gpu {
     /// The bind group layout for a given storage access pattern (true = writable).
     pub(crate) fn bind_group_layout(&self, access: &[bool]) -> Arc<wgpu::BindGroupLayout> {
-        let mut layouts = self.pipelines.layouts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut layouts = self
+            .pipelines
+            .layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         layouts
             .entry(access.to_vec())
             .or_insert_with(|| {
@@ -137,19 +156,32 @@ impl Gpu {
                         },
                     ));
                 }
-                Arc::new(self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                    label: Some("kiln"),
-                    entries: &entries,
-                }))
+                Arc::new(
+                    self.device
+                        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                            label: Some("kiln"),
+                            entries: &entries,
+                        }),
+                )
             })
             .clone()
     }
 
     /// Returns the pipeline for a dispatch, compiling it on first use. A WGSL error is an
     /// [`Error::Shader`] carrying the compiler's message.
-    pub async fn pipeline(&self, key: &KernelKey, access: &[bool]) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub async fn pipeline(
+        &self,
+        key: &KernelKey,
+        access: &[bool],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         let ck = (key.clone(), access.to_vec());
-        if let Some(p) = self.pipelines.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(&ck) {
+        if let Some(p) = self
+            .pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ck)
+        {
             return Ok(p.clone());
         }
         let mut defines = key.defines.clone();
@@ -159,29 +191,42 @@ impl Gpu {
         let src = crate::shaders::dump(key.shader, &defines)?;
         let bgl = self.bind_group_layout(access);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(key.shader),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
-        });
-        let layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(key.shader),
-            bind_group_layouts: &[Some(&bgl)],
-            immediate_size: 0,
-        });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(key.entry),
-            layout: Some(&layout),
-            module: &module,
-            entry_point: Some(key.entry),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(key.shader),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+        let layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(key.shader),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
         if let Some(e) = scope.pop().await {
-            return Err(Error::Shader { name: format!("{} ({}, {:?})", key.shader, key.entry, key.defines), msg: e.to_string() });
+            return Err(Error::Shader {
+                name: format!("{} ({}, {:?})", key.shader, key.entry, key.defines),
+                msg: e.to_string(),
+            });
         }
         Counters::add(&self.counters.pipelines_created, 1);
         let p = Arc::new(pipeline);
-        self.pipelines.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(ck, p.clone());
+        self.pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ck, p.clone());
         Ok(p)
     }
 }
@@ -200,7 +245,11 @@ impl Bound {
         Bound {
             shape: shape.to_vec(),
             dtype,
-            parts: vec![crate::tensor::TensorPart { buffer, row_start: 0, rows: shape.first().copied().unwrap_or(1) }],
+            parts: vec![crate::tensor::TensorPart {
+                buffer,
+                row_start: 0,
+                rows: shape.first().copied().unwrap_or(1),
+            }],
         }
     }
     /// The first (for activations, only) buffer.

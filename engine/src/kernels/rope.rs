@@ -7,7 +7,12 @@ use crate::graph::Op;
 
 /// Encodes rope.
 pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let Op::Rope { heads, interleaved, pos } = op else {
+    let Op::Rope {
+        heads,
+        interleaved,
+        pos,
+    } = op
+    else {
         return Err(shape_err(op.name(), "not rope"));
     };
     let x = &ins[0];
@@ -16,23 +21,44 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
     let d = width / heads;
     let half = ins[1].numel();
     let [add, slot, mul] = pos.words();
-    let p = Params::default().u(x.numel()).u(seq).u(*heads).u(d).u(half).u(*interleaved as u32).u(add).u(slot).u(mul);
+    let p = Params::default()
+        .u(x.numel())
+        .u(seq)
+        .u(*heads)
+        .u(d)
+        .u(half)
+        .u(*interleaved as u32)
+        .u(add)
+        .u(slot)
+        .u(mul);
     Ok(vec![Dispatch {
         key: KernelKey::new("rope.wgsl", "main"),
         params: p.0,
-        bindings: vec![Binding::read(x.buf()), Binding::read(ins[1].buf()), Binding::write(out.buf())],
+        bindings: vec![
+            Binding::read(x.buf()),
+            Binding::read(ins[1].buf()),
+            Binding::write(out.buf()),
+        ],
         groups: elementwise_groups(x.numel()),
     }])
 }
 
 /// Inverse frequencies `1 / theta^(2i / rot_dim)` for `i < rot_dim / 2`, computed in f32 as HF does.
 pub fn inv_freq(rot_dim: usize, theta: f32) -> Vec<f32> {
-    (0..rot_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rot_dim as f32)).collect()
+    (0..rot_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / rot_dim as f32))
+        .collect()
 }
 
 /// Llama-3 frequency scaling (`rope_scaling.rope_type = "llama3"`), as HF's
 /// `_compute_llama3_parameters`.
-pub fn llama3_inv_freq(base: &[f32], factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_pos: f32) -> Vec<f32> {
+pub fn llama3_inv_freq(
+    base: &[f32],
+    factor: f32,
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    original_max_pos: f32,
+) -> Vec<f32> {
     let low_wavelen = original_max_pos / low_freq_factor;
     let high_wavelen = original_max_pos / high_freq_factor;
     base.iter()
@@ -43,7 +69,8 @@ pub fn llama3_inv_freq(base: &[f32], factor: f32, low_freq_factor: f32, high_fre
             } else if wavelen > low_wavelen {
                 f / factor
             } else {
-                let smooth = (original_max_pos / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth = (original_max_pos / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
                 (1.0 - smooth) * f / factor + smooth * f
             }
         })

@@ -59,22 +59,40 @@ pub struct SamplerSettings {
 
 impl Default for SamplerSettings {
     fn default() -> Self {
-        SamplerSettings { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, repeat_window: 64 }
+        SamplerSettings {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_window: 64,
+        }
     }
 }
 
 impl SamplerSettings {
     /// Greedy decoding, no penalty.
     pub fn greedy() -> Self {
-        SamplerSettings { temperature: 0.0, ..Default::default() }
+        SamplerSettings {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     /// The settings input: `[temperature, top_k, top_p, min_p, repeat_penalty, repeat_window,
     /// 1/temperature (0 when greedy), 1/repeat_penalty]`. Counts saturate at 2^24, where f32
     /// stops being exact.
     pub fn to_f32s(&self) -> [f32; SETTINGS_LEN] {
-        let inv_t = if self.temperature > 0.0 { 1.0 / self.temperature } else { 0.0 };
-        let inv_r = if self.repeat_penalty > 0.0 { 1.0 / self.repeat_penalty } else { 1.0 };
+        let inv_t = if self.temperature > 0.0 {
+            1.0 / self.temperature
+        } else {
+            0.0
+        };
+        let inv_r = if self.repeat_penalty > 0.0 {
+            1.0 / self.repeat_penalty
+        } else {
+            1.0
+        };
         let count = |n: u32| n.min(1 << 24) as f32;
         [
             self.temperature,
@@ -95,12 +113,23 @@ pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Disp
         Op::Sample { counter, seed } => {
             let v = ins[0].numel();
             if v == 0 || v > (u32::MAX / 2) as usize {
-                return Err(shape_err("sample", format!("vocabulary of {v} ids (1 .. 2^31 supported)")));
+                return Err(shape_err(
+                    "sample",
+                    format!("vocabulary of {v} ids (1 .. 2^31 supported)"),
+                ));
             }
             let work = ctx.scratch("sample-work", 8 * v as u64);
             let [ca, cs, cm] = counter.words();
             let [sa, ss, sm] = seed.words();
-            let params = Params::default().u(v).u(ins[2].numel()).u(ca).u(cs).u(cm).u(sa).u(ss).u(sm);
+            let params = Params::default()
+                .u(v)
+                .u(ins[2].numel())
+                .u(ca)
+                .u(cs)
+                .u(cm)
+                .u(sa)
+                .u(ss)
+                .u(sm);
             Ok(vec![Dispatch {
                 key: KernelKey::new("sample.wgsl", "main"),
                 params: params.0,
@@ -133,7 +162,10 @@ pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Disp
 /// use to check the shader's integer path bit for bit). Creates its own pipeline and buffers.
 pub async fn philox_on_gpu(gpu: &Gpu, blocks: &[([u32; 4], [u32; 2])]) -> Result<Vec<[u32; 4]>> {
     let n = blocks.len();
-    let words: Vec<u32> = blocks.iter().flat_map(|(c, k)| c.iter().chain(k).copied()).collect();
+    let words: Vec<u32> = blocks
+        .iter()
+        .flat_map(|(c, k)| c.iter().chain(k).copied())
+        .collect();
     let key = KernelKey::new("noise.wgsl", "kat").def("PHILOX_KAT", "");
     let access = [false, true];
     let pipeline = gpu.pipeline(&key, &access).await?;
@@ -150,18 +182,36 @@ pub async fn philox_on_gpu(gpu: &Gpu, blocks: &[([u32; 4], [u32; 2])]) -> Result
         label: Some("philox-kat"),
         layout: &layout,
         entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: scalars.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 2, resource: inp.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 3, resource: outb.as_entire_binding() },
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: params.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: scalars.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 2,
+                resource: inp.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 3,
+                resource: outb.as_entire_binding(),
+            },
         ],
     });
     if let Some(e) = scope.pop().await {
-        return Err(Error::Gpu { context: "philox self-check bind group".into(), msg: e.to_string() });
+        return Err(Error::Gpu {
+            context: "philox self-check bind group".into(),
+            msg: e.to_string(),
+        });
     }
     let mut enc = gpu.device.create_command_encoder(&Default::default());
     {
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("philox-kat"), timestamp_writes: None });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("philox-kat"),
+            timestamp_writes: None,
+        });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups((n as u32).div_ceil(64).max(1), 1, 1);
@@ -169,5 +219,8 @@ pub async fn philox_on_gpu(gpu: &Gpu, blocks: &[([u32; 4], [u32; 2])]) -> Result
     gpu.submit([enc.finish()]);
     let bytes = gpu.read_buffer(&outb, 0, (n * 16) as u64).await?;
     let flat: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
-    Ok(flat.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect())
+    Ok(flat
+        .chunks_exact(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect())
 }

@@ -56,7 +56,15 @@ pub fn encode(op: &Op, ins: &[Bound]) -> Result<Vec<Dispatch>> {
     }
     Ok(vec![Dispatch {
         key,
-        params: Params::default().u(n).u(cfg as u32).u(copies).u(rows).u(sa).u(ss).u(sm).0,
+        params: Params::default()
+            .u(n)
+            .u(cfg as u32)
+            .u(copies)
+            .u(rows)
+            .u(sa)
+            .u(ss)
+            .u(sm)
+            .0,
         bindings,
         groups: elementwise_groups(n),
     }])
@@ -71,10 +79,16 @@ pub(crate) fn check(ins: &[(&[usize], crate::dtype::DType)], noise: bool) -> Res
     }
     let n = numel(3);
     if n == 0 || (numel(0) != n && numel(0) != 2 * n) {
-        return Err(err(format!("model output {:?} must hold x {:?} once or twice (CFG)", ins[0].0, ins[3].0)));
+        return Err(err(format!(
+            "model output {:?} must hold x {:?} once or twice (CFG)",
+            ins[0].0, ins[3].0
+        )));
     }
     if ins[1].0.len() != 2 || ins[1].0[1] != COEFFS || ins[1].0[0] == 0 {
-        return Err(err(format!("coefficients {:?}, expected [steps, {COEFFS}]", ins[1].0)));
+        return Err(err(format!(
+            "coefficients {:?}, expected [steps, {COEFFS}]",
+            ins[1].0
+        )));
     }
     if numel(2) != 1 {
         return Err(err(format!("guidance {:?}, expected [1]", ins[2].0)));
@@ -82,11 +96,8 @@ pub(crate) fn check(ins: &[(&[usize], crate::dtype::DType)], noise: bool) -> Res
     if numel(4) != n || numel(5) == 0 || numel(5) % n != 0 || (noise && numel(6) != n) {
         return Err(err(format!(
             "x {:?}: x0_prev {:?} and noise must match it, unet_in {:?} hold copies of it",
-            ins[3].0,
-            ins[4].0,
-            ins[5].0
+            ins[3].0, ins[4].0, ins[5].0
         )));
     }
     Ok(())
 }
-

@@ -53,13 +53,19 @@ fn need_usize(c: &Json, key: &str) -> Result<usize> {
     c.get(key)
         .and_then(|v| v.as_u64())
         .map(|v| v as usize)
-        .ok_or_else(|| Error::Data { name: "config.json".into(), msg: format!("missing or non-integer '{key}'") })
+        .ok_or_else(|| Error::Data {
+            name: "config.json".into(),
+            msg: format!("missing or non-integer '{key}'"),
+        })
 }
 
 fn ids(v: Option<&Json>) -> Vec<u32> {
     match v {
         Some(Json::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Json::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Json::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -67,8 +73,15 @@ fn ids(v: Option<&Json>) -> Vec<u32> {
 impl LlmConfig {
     /// From `config.json` (and `generation_config.json` for EOS ids, when present).
     pub fn from_hf(config: &str, generation: Option<&str>) -> Result<LlmConfig> {
-        let c: Json = serde_json::from_str(config).map_err(|e| Error::Data { name: "config.json".into(), msg: e.to_string() })?;
-        let archs: Vec<&str> = c.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        let c: Json = serde_json::from_str(config).map_err(|e| Error::Data {
+            name: "config.json".into(),
+            msg: e.to_string(),
+        })?;
+        let archs: Vec<&str> = c
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
         let arch = match archs.first().copied().or_else(|| c.get("model_type").and_then(|m| m.as_str())) {
             Some("LlamaForCausalLM") | Some("MistralForCausalLM") | Some("llama") | Some("mistral") => Arch::Llama,
             Some("Qwen2ForCausalLM") | Some("qwen2") => Arch::Qwen2,
@@ -76,10 +89,18 @@ impl LlmConfig {
             None => return Err(unsupported("config.json names no architecture")),
         };
         if let Some(w) = c.get("sliding_window").and_then(|v| v.as_u64()) {
-            let max = c.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(0);
-            let used = c.get("use_sliding_window").and_then(|v| v.as_bool()).unwrap_or(arch == Arch::Llama);
+            let max = c
+                .get("max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            let used = c
+                .get("use_sliding_window")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(arch == Arch::Llama);
             if used && w < max {
-                return Err(unsupported(format!("sliding_window = {w} (sliding-window attention is not supported)")));
+                return Err(unsupported(format!(
+                    "sliding_window = {w} (sliding-window attention is not supported)"
+                )));
             }
         }
         if c.get("mlp_bias").and_then(|v| v.as_bool()) == Some(true) {
@@ -92,10 +113,21 @@ impl LlmConfig {
         }
         let hidden = need_usize(&c, "hidden_size")?;
         let heads = need_usize(&c, "num_attention_heads")?;
-        let kv_heads = c.get("num_key_value_heads").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(heads);
-        let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden / heads.max(1));
+        let kv_heads = c
+            .get("num_key_value_heads")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(heads);
+        let head_dim = c
+            .get("head_dim")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads.max(1));
         // transformers 5 nests rope settings in `rope_parameters`; 4.x has them at the top.
-        let rope = c.get("rope_parameters").filter(|v| v.is_object()).or_else(|| c.get("rope_scaling"));
+        let rope = c
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or_else(|| c.get("rope_scaling"));
         let rope_theta = c
             .get("rope_parameters")
             .and_then(|r| r.get("rope_theta"))
@@ -105,25 +137,43 @@ impl LlmConfig {
         let rope_scaling = match rope {
             None | Some(Json::Null) => None,
             Some(s) => {
-                let t = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+                let t = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
                 match t {
                     "llama3" => {
-                        let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| unsupported(format!("rope_scaling without '{k}'")));
+                        let f = |k: &str| {
+                            s.get(k)
+                                .and_then(|v| v.as_f64())
+                                .map(|v| v as f32)
+                                .ok_or_else(|| unsupported(format!("rope_scaling without '{k}'")))
+                        };
                         Some(Llama3Scaling {
                             factor: f("factor")?,
                             low_freq_factor: f("low_freq_factor")?,
                             high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f("original_max_position_embeddings")?,
+                            original_max_position_embeddings: f(
+                                "original_max_position_embeddings",
+                            )?,
                         })
                     }
                     "default" => None,
-                    other => return Err(unsupported(format!("rope_scaling type '{other}' (only llama3)"))),
+                    other => {
+                        return Err(unsupported(format!(
+                            "rope_scaling type '{other}' (only llama3)"
+                        )))
+                    }
                 }
             }
         };
         let mut eos = ids(c.get("eos_token_id"));
         if let Some(g) = generation {
-            let gj: Json = serde_json::from_str(g).map_err(|e| Error::Data { name: "generation_config.json".into(), msg: e.to_string() })?;
+            let gj: Json = serde_json::from_str(g).map_err(|e| Error::Data {
+                name: "generation_config.json".into(),
+                msg: e.to_string(),
+            })?;
             let ge = ids(gj.get("eos_token_id"));
             if !ge.is_empty() {
                 eos = ge;
@@ -138,11 +188,20 @@ impl LlmConfig {
             head_dim,
             intermediate: need_usize(&c, "intermediate_size")?,
             vocab: need_usize(&c, "vocab_size")?,
-            rms_eps: c.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6) as f32,
+            rms_eps: c
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
-            max_positions: c.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
-            tie_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
+            max_positions: c
+                .get("max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(2048) as usize,
+            tie_embeddings: c
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
             rope_interleaved: false,
             bos: ids(c.get("bos_token_id")).first().copied(),
             eos,
@@ -152,21 +211,43 @@ impl LlmConfig {
 
     /// From GGUF metadata (`general.architecture` = llama or qwen2).
     pub fn from_gguf(g: &Gguf) -> Result<LlmConfig> {
-        let arch_name = g.require("general.architecture")?.as_str().unwrap_or("").to_string();
+        let arch_name = g
+            .require("general.architecture")?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
-            other => return Err(unsupported(format!("GGUF architecture '{other}' (supported: llama, qwen2)"))),
+            other => {
+                return Err(unsupported(format!(
+                    "GGUF architecture '{other}' (supported: llama, qwen2)"
+                )))
+            }
         };
         let u = |k: &str| -> Result<usize> {
-            g.require(&format!("{arch_name}.{k}"))?.as_u64().map(|v| v as usize).ok_or_else(|| Error::Data { name: k.into(), msg: "not an integer".into() })
+            g.require(&format!("{arch_name}.{k}"))?
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Data {
+                    name: k.into(),
+                    msg: "not an integer".into(),
+                })
         };
         let hidden = u("embedding_length")?;
         let heads = u("attention.head_count")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
         let head_dim = u("attention.key_length").unwrap_or(hidden / heads.max(1));
-        let f = |k: &str, d: f64| g.get(&format!("{arch_name}.{k}")).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
-        let tokens = g.require("tokenizer.ggml.tokens")?.as_array().map(|a| a.len()).unwrap_or(0);
+        let f = |k: &str, d: f64| {
+            g.get(&format!("{arch_name}.{k}"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(d) as f32
+        };
+        let tokens = g
+            .require("tokenizer.ggml.tokens")?
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(0);
         let vocab = u("vocab_size").unwrap_or(tokens);
         let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
@@ -199,13 +280,26 @@ impl LlmConfig {
 
     fn validate(self) -> Result<Self> {
         if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
-            return Err(unsupported(format!("{} heads with {} kv heads (heads must be a multiple of kv heads)", self.heads, self.kv_heads)));
+            return Err(unsupported(format!(
+                "{} heads with {} kv heads (heads must be a multiple of kv heads)",
+                self.heads, self.kv_heads
+            )));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > crate::kernels::attention::MAX_HEAD_DIM {
-            return Err(unsupported(format!("head_dim {} (even, at most {})", self.head_dim, crate::kernels::attention::MAX_HEAD_DIM)));
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(2)
+            || self.head_dim > crate::kernels::attention::MAX_HEAD_DIM
+        {
+            return Err(unsupported(format!(
+                "head_dim {} (even, at most {})",
+                self.head_dim,
+                crate::kernels::attention::MAX_HEAD_DIM
+            )));
         }
         if self.hidden == 0 || self.layers == 0 || self.vocab == 0 || self.intermediate == 0 {
-            return Err(unsupported(format!("degenerate sizes: hidden {}, layers {}, vocab {}, intermediate {}", self.hidden, self.layers, self.vocab, self.intermediate)));
+            return Err(unsupported(format!(
+                "degenerate sizes: hidden {}, layers {}, vocab {}, intermediate {}",
+                self.hidden, self.layers, self.vocab, self.intermediate
+            )));
         }
         Ok(self)
     }
@@ -214,7 +308,13 @@ impl LlmConfig {
     pub fn inv_freq(&self) -> Vec<f32> {
         let base = crate::kernels::rope::inv_freq(self.head_dim, self.rope_theta);
         match self.rope_scaling {
-            Some(s) => crate::kernels::rope::llama3_inv_freq(&base, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings),
+            Some(s) => crate::kernels::rope::llama3_inv_freq(
+                &base,
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings,
+            ),
             None => base,
         }
     }

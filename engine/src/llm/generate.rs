@@ -32,7 +32,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ctx: 2048, quantize: Quantize::None, keep_logits: false, prefill_chunk: PREFILL_CHUNK }
+        LoadOptions {
+            ctx: 2048,
+            quantize: Quantize::None,
+            keep_logits: false,
+            prefill_chunk: PREFILL_CHUNK,
+        }
     }
 }
 
@@ -52,7 +57,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampler: SamplerSettings::default(), seed: 0, stop: Vec::new() }
+        GenerateOptions {
+            max_tokens: 128,
+            sampler: SamplerSettings::default(),
+            seed: 0,
+            stop: Vec::new(),
+        }
     }
 }
 
@@ -102,7 +112,12 @@ pub struct TextModel {
 fn text_file(files: &ModelFiles, name: &str) -> Result<Option<String>> {
     files
         .get(name)
-        .map(|b| String::from_utf8(b.clone()).map_err(|_| Error::Data { name: name.into(), msg: "not UTF-8".into() }))
+        .map(|b| {
+            String::from_utf8(b.clone()).map_err(|_| Error::Data {
+                name: name.into(),
+                msg: "not UTF-8".into(),
+            })
+        })
         .transpose()
 }
 
@@ -110,20 +125,36 @@ fn text_file(files: &ModelFiles, name: &str) -> Result<Option<String>> {
 /// tokenizer files.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn read_model_path(path: &std::path::Path) -> Result<ModelFiles> {
-    let io = |p: &std::path::Path, e: std::io::Error| Error::Data { name: p.display().to_string(), msg: e.to_string() };
+    let io = |p: &std::path::Path, e: std::io::Error| Error::Data {
+        name: p.display().to_string(),
+        msg: e.to_string(),
+    };
     let mut files = ModelFiles::new();
     if path.is_file() {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         files.insert(name, std::fs::read(path).map_err(|e| io(path, e))?);
         return Ok(files);
     }
     if !path.is_dir() {
-        return Err(Error::Data { name: path.display().to_string(), msg: "no such file or folder".into() });
+        return Err(Error::Data {
+            name: path.display().to_string(),
+            msg: "no such file or folder".into(),
+        });
     }
-    let mut wanted: Vec<String> = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json", "model.safetensors"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut wanted: Vec<String> = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+        "model.safetensors",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     if let Ok(idx) = std::fs::read_to_string(path.join("model.safetensors.index.json")) {
         wanted.extend(shard_names(&idx)?);
     }
@@ -138,26 +169,49 @@ pub fn read_model_path(path: &std::path::Path) -> Result<ModelFiles> {
 
 impl TextModel {
     /// Loads a model from its files. `on_progress(done, total)` reports weight uploads.
-    pub async fn load(gpu: &Arc<Gpu>, mut files: ModelFiles, opts: &LoadOptions, on_progress: &mut dyn FnMut(usize, usize)) -> Result<TextModel> {
+    pub async fn load(
+        gpu: &Arc<Gpu>,
+        mut files: ModelFiles,
+        opts: &LoadOptions,
+        on_progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<TextModel> {
         let gguf_name = files.keys().find(|k| k.ends_with(".gguf")).cloned();
-        let (config, tokenizer, source, is_gguf): (LlmConfig, TextTokenizer, Box<dyn TensorSource>, bool) = if let Some(name) = gguf_name {
+        let (config, tokenizer, source, is_gguf): (
+            LlmConfig,
+            TextTokenizer,
+            Box<dyn TensorSource>,
+            bool,
+        ) = if let Some(name) = gguf_name {
             let bytes = files.remove(&name).unwrap_or_default();
             let g = Gguf::parse(&name, bytes)?;
             let cfg = LlmConfig::from_gguf(&g)?;
             let tok = TextTokenizer::from_gguf(&g)?;
             (cfg, tok, Box::new(g), true)
         } else {
-            let config = text_file(&files, "config.json")?.ok_or_else(|| Error::Data { name: "model".into(), msg: "no config.json and no .gguf file".into() })?;
-            let cfg = LlmConfig::from_hf(&config, text_file(&files, "generation_config.json")?.as_deref())?;
-            let tj = files.get("tokenizer.json").ok_or_else(|| Error::Data { name: "model".into(), msg: "no tokenizer.json".into() })?;
-            let tok = TextTokenizer::from_hf(tj, text_file(&files, "tokenizer_config.json")?.as_deref())?;
+            let config = text_file(&files, "config.json")?.ok_or_else(|| Error::Data {
+                name: "model".into(),
+                msg: "no config.json and no .gguf file".into(),
+            })?;
+            let cfg = LlmConfig::from_hf(
+                &config,
+                text_file(&files, "generation_config.json")?.as_deref(),
+            )?;
+            let tj = files.get("tokenizer.json").ok_or_else(|| Error::Data {
+                name: "model".into(),
+                msg: "no tokenizer.json".into(),
+            })?;
+            let tok =
+                TextTokenizer::from_hf(tj, text_file(&files, "tokenizer_config.json")?.as_deref())?;
             let mut st = SafeTensors::new();
             let shards = match text_file(&files, "model.safetensors.index.json")? {
                 Some(idx) => shard_names(&idx)?,
                 None => vec!["model.safetensors".to_string()],
             };
             for s in shards {
-                let b = files.remove(&s).ok_or_else(|| Error::Data { name: s.clone(), msg: "weight file missing".into() })?;
+                let b = files.remove(&s).ok_or_else(|| Error::Data {
+                    name: s.clone(),
+                    msg: "weight file missing".into(),
+                })?;
                 st.add_file(&s, b)?;
             }
             (cfg, tok, Box::new(st), false)
@@ -167,12 +221,35 @@ impl TextModel {
             config.eos = tokenizer.eos.clone();
         }
         let ctx = opts.ctx.min(config.max_positions).max(1);
-        let weights = LlmWeights::load(gpu, &config, source.as_ref(), is_gguf, opts.quantize, on_progress)?;
+        let weights = LlmWeights::load(
+            gpu,
+            &config,
+            source.as_ref(),
+            is_gguf,
+            opts.quantize,
+            on_progress,
+        )?;
         drop(source);
         let kv = KvCache::new(gpu, &config, ctx)?;
-        let prefill = build_step(gpu, &config, &weights, &kv, opts.prefill_chunk.clamp(1, ctx), opts.keep_logits).await?;
+        let prefill = build_step(
+            gpu,
+            &config,
+            &weights,
+            &kv,
+            opts.prefill_chunk.clamp(1, ctx),
+            opts.keep_logits,
+        )
+        .await?;
         let decode = build_step(gpu, &config, &weights, &kv, 1, opts.keep_logits).await?;
-        Ok(TextModel { gpu: gpu.clone(), config, tokenizer, weights, kv, prefill, decode })
+        Ok(TextModel {
+            gpu: gpu.clone(),
+            config,
+            tokenizer,
+            weights,
+            kv,
+            prefill,
+            decode,
+        })
     }
 
     /// Context length.
@@ -182,20 +259,35 @@ impl TextModel {
 
     /// Generates from prompt ids. `on_piece` receives text pieces (valid UTF-8) as they form and
     /// returns false to stop.
-    pub async fn generate(&mut self, prompt: &[u32], opts: &GenerateOptions, on_piece: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
+    pub async fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_piece: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
         let ctx = self.kv.ctx;
         if prompt.is_empty() {
-            return Err(Error::Data { name: "prompt".into(), msg: "empty prompt".into() });
+            return Err(Error::Data {
+                name: "prompt".into(),
+                msg: "empty prompt".into(),
+            });
         }
         if prompt.len() >= ctx {
             return Err(Error::Data { name: "prompt".into(), msg: format!("{} tokens do not fit the context of {ctx} (at least one position must remain for generation)", prompt.len()) });
         }
         if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.config.vocab) {
-            return Err(Error::Data { name: "prompt".into(), msg: format!("token id {bad} is outside the vocabulary of {}", self.config.vocab) });
+            return Err(Error::Data {
+                name: "prompt".into(),
+                msg: format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.config.vocab
+                ),
+            });
         }
         let settings = opts.sampler.to_f32s();
         let t0 = now_ms();
-        self.gpu.write_buffer(self.kv.history.buffer()?, 0, bytemuck::cast_slice(prompt));
+        self.gpu
+            .write_buffer(self.kv.history.buffer()?, 0, bytemuck::cast_slice(prompt));
         for step in [&mut self.prefill, &mut self.decode] {
             step.plan.write_f32(step.settings, &settings)?;
             step.plan.set(step.seed, opts.seed);
@@ -210,17 +302,34 @@ impl TextModel {
             let p = &mut self.prefill;
             p.plan.set(p.pos, start as u32);
             p.plan.set(p.last, (n - 1) as u32);
-            p.plan.set(p.next, if done { (start + n) as u32 } else { (ctx + 1) as u32 });
+            p.plan.set(
+                p.next,
+                if done {
+                    (start + n) as u32
+                } else {
+                    (ctx + 1) as u32
+                },
+            );
             if done {
                 let out = p.plan.run_read(&[p.out]).await?;
-                first = [u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()), u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default())];
+                first = [
+                    u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()),
+                    u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default()),
+                ];
             } else {
                 p.plan.run()?;
             }
             start += n;
         }
         let ttft = now_ms() - t0;
-        let mut g = Generation { prompt_ids: prompt.to_vec(), ids: Vec::new(), logprobs: Vec::new(), text: String::new(), stop: StopReason::MaxTokens, timings: Timings::default() };
+        let mut g = Generation {
+            prompt_ids: prompt.to_vec(),
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            stop: StopReason::MaxTokens,
+            timings: Timings::default(),
+        };
         // Text already handed to `on_piece`; a piece is sent once the decoded text extends it
         // and does not end in an incomplete UTF-8 sequence (decoded as U+FFFD).
         let mut sent = String::new();
@@ -266,7 +375,10 @@ impl TextModel {
             d.plan.set(d.last, 0);
             d.plan.set(d.next, (pos + 1) as u32);
             let out = d.plan.run_read(&[d.out]).await?;
-            tok = [u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()), u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default())];
+            tok = [
+                u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()),
+                u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default()),
+            ];
         }
         if let Some(rest) = g.text.strip_prefix(sent.as_str()).filter(|p| !p.is_empty()) {
             on_piece(rest);
@@ -278,7 +390,11 @@ impl TextModel {
             ttft_ms: ttft,
             decode_ms,
             prefill_tok_s: prompt.len() as f64 / (ttft / 1e3).max(1e-9),
-            decode_tok_s: if decoded > 0 { decoded as f64 / (decode_ms / 1e3).max(1e-9) } else { 0.0 },
+            decode_tok_s: if decoded > 0 {
+                decoded as f64 / (decode_ms / 1e3).max(1e-9)
+            } else {
+                0.0
+            },
         };
         Ok(g)
     }
@@ -290,7 +406,10 @@ pub fn now_ms() -> f64 {
     {
         use std::sync::OnceLock;
         static T0: OnceLock<std::time::Instant> = OnceLock::new();
-        T0.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1e3
+        T0.get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1e3
     }
     #[cfg(target_arch = "wasm32")]
     {

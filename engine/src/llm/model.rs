@@ -30,8 +30,18 @@ impl KvCache {
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            k.push(Arc::new(Tensor::zeros(gpu, &format!("k_cache.{i}"), &[1, ctx, w], DType::F32)?));
-            v.push(Arc::new(Tensor::zeros(gpu, &format!("v_cache.{i}"), &[1, ctx, w], DType::F32)?));
+            k.push(Arc::new(Tensor::zeros(
+                gpu,
+                &format!("k_cache.{i}"),
+                &[1, ctx, w],
+                DType::F32,
+            )?));
+            v.push(Arc::new(Tensor::zeros(
+                gpu,
+                &format!("v_cache.{i}"),
+                &[1, ctx, w],
+                DType::F32,
+            )?));
         }
         let history = Arc::new(Tensor::zeros(gpu, "history", &[ctx + 1], DType::U32)?);
         Ok(KvCache { k, v, history, ctx })
@@ -60,9 +70,21 @@ pub struct Step {
 }
 
 /// Builds and compiles the step graph over `tokens` tokens.
-pub async fn build_step(gpu: &Arc<Gpu>, cfg: &LlmConfig, w: &LlmWeights, kv: &KvCache, tokens: usize, keep_logits: bool) -> Result<Step> {
+pub async fn build_step(
+    gpu: &Arc<Gpu>,
+    cfg: &LlmConfig,
+    w: &LlmWeights,
+    kv: &KvCache,
+    tokens: usize,
+    keep_logits: bool,
+) -> Result<Step> {
     let mut g = Graph::new();
-    let (pos, last, next, seed) = (g.scalar("pos")?, g.scalar("last")?, g.scalar("next")?, g.scalar("seed")?);
+    let (pos, last, next, seed) = (
+        g.scalar("pos")?,
+        g.scalar("last")?,
+        g.scalar("next")?,
+        g.scalar("seed")?,
+    );
     let (h, d) = (cfg.hidden, cfg.head_dim);
     let kvw = cfg.kv_heads * d;
     let history = g.tensor(&kv.history);
@@ -77,25 +99,49 @@ pub async fn build_step(gpu: &Arc<Gpu>, cfg: &LlmConfig, w: &LlmWeights, kv: &Kv
         // Attention block.
         let attn_norm = t(&mut g, &lw.attn_norm);
         let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
-        let (wq, wk, wv, wo) = (t(&mut g, &lw.wq), t(&mut g, &lw.wk), t(&mut g, &lw.wv), t(&mut g, &lw.wo));
+        let (wq, wk, wv, wo) = (
+            t(&mut g, &lw.wq),
+            t(&mut g, &lw.wk),
+            t(&mut g, &lw.wv),
+            t(&mut g, &lw.wo),
+        );
         let (bq, bk, bv) = (tb(&mut g, &lw.bq), tb(&mut g, &lw.bk), tb(&mut g, &lw.bv));
         let q = g.linear(hn, wq, bq)?; // [1, t, heads*d]
         let k = g.linear(hn, wk, bk)?; // [1, t, kv_heads*d]
         let v = g.linear(hn, wv, bv)?;
         let q = g.rope(q, inv_freq, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-        let k = g.rope(k, inv_freq, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+        let k = g.rope(
+            k,
+            inv_freq,
+            cfg.kv_heads,
+            cfg.rope_interleaved,
+            Dyn::slot(pos),
+        )?;
         let (kc, vc) = (g.tensor(&kv.k[i]), g.tensor(&kv.v[i]));
         g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
         g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;
         // Query i sits at pos + i and sees keys 0..=pos + i; the cache holds pos + t keys.
-        let a = g.attention(q, kc, vc, cfg.heads, cfg.kv_heads, true, Dyn::slot(pos), Dyn::affine(pos, 1, tokens as u32))?;
+        let a = g.attention(
+            q,
+            kc,
+            vc,
+            cfg.heads,
+            cfg.kv_heads,
+            true,
+            Dyn::slot(pos),
+            Dyn::affine(pos, 1, tokens as u32),
+        )?;
         let bo = tb(&mut g, &lw.bo);
         let o = g.linear(a, wo, bo)?; // [1, t, h]
         x = g.add(x, o)?;
         // Feed-forward block (SwiGLU).
         let ffn_norm = t(&mut g, &lw.ffn_norm);
         let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
-        let (wg, wu, wd) = (t(&mut g, &lw.w_gate), t(&mut g, &lw.w_up), t(&mut g, &lw.w_down));
+        let (wg, wu, wd) = (
+            t(&mut g, &lw.w_gate),
+            t(&mut g, &lw.w_up),
+            t(&mut g, &lw.w_down),
+        );
         let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
         let up = g.linear(hn, wu, None)?;
         let m = g.glu(GluInput::Pair { gate, up }, Act::Silu)?;
@@ -116,5 +162,15 @@ pub async fn build_step(gpu: &Arc<Gpu>, cfg: &LlmConfig, w: &LlmWeights, kv: &Kv
         g.output(logits);
     }
     let plan = g.compile(gpu, CompileOptions::default()).await?;
-    Ok(Step { plan, tokens, pos, last, next, seed, settings, out, logits: keep_logits.then_some(logits) })
+    Ok(Step {
+        plan,
+        tokens,
+        pos,
+        last,
+        next,
+        seed,
+        settings,
+        out,
+        logits: keep_logits.then_some(logits),
+    })
 }

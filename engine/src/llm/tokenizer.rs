@@ -21,7 +21,10 @@ pub struct TextTokenizer {
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
-    Error::Data { name: "tokenizer".into(), msg: e.to_string() }
+    Error::Data {
+        name: "tokenizer".into(),
+        msg: e.to_string(),
+    }
 }
 
 /// A special-token entry of tokenizer_config.json: a string or `{"content": ...}`.
@@ -37,7 +40,10 @@ impl TextTokenizer {
     pub fn from_hf(tokenizer_json: &[u8], tokenizer_config: Option<&str>) -> Result<TextTokenizer> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
         let cfg: Json = match tokenizer_config {
-            Some(s) => serde_json::from_str(s).map_err(|e| Error::Data { name: "tokenizer_config.json".into(), msg: e.to_string() })?,
+            Some(s) => serde_json::from_str(s).map_err(|e| Error::Data {
+                name: "tokenizer_config.json".into(),
+                msg: e.to_string(),
+            })?,
             None => json!({}),
         };
         let bos_token = token_str(cfg.get("bos_token")).unwrap_or_default();
@@ -45,7 +51,11 @@ impl TextTokenizer {
         let bos = inner.token_to_id(&bos_token);
         let eos = inner.token_to_id(&eos_token).into_iter().collect();
         // transformers' default: add BOS when the config says so (Llama SPM tokenizers do).
-        let add_bos = cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false) && bos.is_some();
+        let add_bos = cfg
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+            && bos.is_some();
         let chat_template = match cfg.get("chat_template") {
             Some(Json::String(s)) => Some(s.clone()),
             Some(Json::Array(a)) => a
@@ -54,20 +64,47 @@ impl TextTokenizer {
                 .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(String::from)),
             _ => None,
         };
-        Ok(TextTokenizer { inner, add_bos, bos, eos, bos_token, eos_token, chat_template })
+        Ok(TextTokenizer {
+            inner,
+            add_bos,
+            bos,
+            eos,
+            bos_token,
+            eos_token,
+            chat_template,
+        })
     }
 
     /// Rebuilds the tokenizer from GGUF metadata.
     pub fn from_gguf(g: &Gguf) -> Result<TextTokenizer> {
-        let model = g.require("tokenizer.ggml.model")?.as_str().unwrap_or("").to_string();
+        let model = g
+            .require("tokenizer.ggml.model")?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let strs = |key: &str| -> Result<Vec<String>> {
-            Ok(g.require(key)?.as_array().unwrap_or(&[]).iter().map(|v| v.as_str().unwrap_or("").to_string()).collect())
+            Ok(g.require(key)?
+                .as_array()
+                .unwrap_or(&[])
+                .iter()
+                .map(|v| v.as_str().unwrap_or("").to_string())
+                .collect())
         };
         let tokens = strs("tokenizer.ggml.tokens")?;
-        let types: Vec<u64> = g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()).map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect()).unwrap_or_else(|| vec![1; tokens.len()]);
+        let types: Vec<u64> = g
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_else(|| vec![1; tokens.len()]);
         let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
-        let (bos, eos_id) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
-        let name_of = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        let (bos, eos_id) = (
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+        );
+        let name_of = |i: Option<u32>| {
+            i.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
         // Control (3) and user-defined (4) tokens are matched as whole strings before the model.
         let added: Vec<Json> = tokens
             .iter()
@@ -75,11 +112,18 @@ impl TextTokenizer {
             .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
             .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types[i] == 3}))
             .collect();
-        let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, Json> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
         let spec = match model.as_str() {
             "gpt2" => {
                 let merges = strs("tokenizer.ggml.merges")?;
-                let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+                let pre = g
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
                 json!({
                     "version": "1.0",
                     "added_tokens": added,
@@ -93,7 +137,13 @@ impl TextTokenizer {
                 })
             }
             "llama" => {
-                let scores: Vec<f64> = g.require("tokenizer.ggml.scores")?.as_array().unwrap_or(&[]).iter().map(|v| v.as_f64().unwrap_or(0.0)).collect();
+                let scores: Vec<f64> = g
+                    .require("tokenizer.ggml.scores")?
+                    .as_array()
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0))
+                    .collect();
                 let merges = spm_merges(&tokens, &scores);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
                 json!({
@@ -113,11 +163,19 @@ impl TextTokenizer {
                               "vocab": vocab, "merges": merges}
                 })
             }
-            other => return Err(Error::Unsupported(format!("GGUF tokenizer model '{other}' (supported: gpt2, llama)"))),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "GGUF tokenizer model '{other}' (supported: gpt2, llama)"
+                )))
+            }
         };
         let bytes = serde_json::to_vec(&spec).map_err(tok_err)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(tok_err)?;
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").map(|v| *v == Value::Bool(true)).unwrap_or(model == "llama") && bos.is_some();
+        let add_bos = g
+            .get("tokenizer.ggml.add_bos_token")
+            .map(|v| *v == Value::Bool(true))
+            .unwrap_or(model == "llama")
+            && bos.is_some();
         Ok(TextTokenizer {
             inner,
             add_bos,
@@ -125,18 +183,30 @@ impl TextTokenizer {
             eos: eos_id.into_iter().collect(),
             bos_token: name_of(bos),
             eos_token: name_of(eos_id),
-            chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from),
+            chat_template: g
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(String::from),
         })
     }
 
     /// Token ids of `text` without adding BOS/EOS; special tokens in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Ids of a plain prompt: BOS (when the model adds one) then the text.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids: Vec<u32> = if self.add_bos { self.bos.into_iter().collect() } else { Vec::new() };
+        let mut ids: Vec<u32> = if self.add_bos {
+            self.bos.into_iter().collect()
+        } else {
+            Vec::new()
+        };
         ids.extend(self.encode(text)?);
         Ok(ids)
     }
@@ -159,15 +229,30 @@ impl TextTokenizer {
     /// Renders the chat template for `messages` (`(role, content)` pairs) with the generation
     /// prompt appended.
     pub fn render_chat(&self, messages: &[(String, String)]) -> Result<String> {
-        let tpl = self.chat_template.as_deref().ok_or_else(|| Error::Unsupported("this model has no chat template".into()))?;
+        let tpl = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Unsupported("this model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", tpl).map_err(|e| Error::Data { name: "chat_template".into(), msg: e.to_string() })?;
-        let msgs: Vec<Json> = messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", tpl).map_err(|e| Error::Data {
+            name: "chat_template".into(),
+            msg: e.to_string(),
+        })?;
+        let msgs: Vec<Json> = messages
+            .iter()
+            .map(|(r, c)| json!({"role": r, "content": c}))
+            .collect();
         env.get_template("chat")
             .and_then(|t| t.render(minijinja::context! { messages => msgs, add_generation_prompt => true, bos_token => self.bos_token, eos_token => self.eos_token }))
             .map_err(|e| Error::Data { name: "chat_template".into(), msg: e.to_string() })
@@ -180,14 +265,20 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<Json> {
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" => byte_level(true),
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
+        }
         "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
             byte_level(false)]}),
         "qwen2" => json!({"type": "Sequence", "pretokenizers": [
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
             byte_level(false)]}),
-        other => return Err(Error::Unsupported(format!("GGUF BPE pre-tokenizer '{other}' (supported: default/gpt2, smollm, llama-bpe, qwen2)"))),
+        other => {
+            return Err(Error::Unsupported(format!(
+            "GGUF BPE pre-tokenizer '{other}' (supported: default/gpt2, smollm, llama-bpe, qwen2)"
+        )))
+        }
     })
 }
 
@@ -195,7 +286,11 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<Json> {
 /// split of a piece into two known pieces, ordered by the merged piece's score (stable, ties by
 /// the ids of the halves).
 fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
-    let vocab: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let vocab: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut merges: Vec<(usize, usize, f64)> = Vec::new();
     for (i, piece) in tokens.iter().enumerate() {
         let chars: Vec<(usize, char)> = piece.char_indices().collect();
@@ -210,5 +305,8 @@ fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
         merges.extend(local);
     }
     merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
-    merges.into_iter().map(|(l, r, _)| format!("{} {}", tokens[l], tokens[r])).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| format!("{} {}", tokens[l], tokens[r]))
+        .collect()
 }

@@ -55,7 +55,9 @@ fn gguf_name(hf: &str) -> String {
     if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
         return g.to_string();
     }
-    let Some(rest) = hf.strip_prefix("model.layers.") else { return hf.to_string() };
+    let Some(rest) = hf.strip_prefix("model.layers.") else {
+        return hf.to_string();
+    };
     let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
     let t = match tail {
         "input_layernorm.weight" => "attn_norm.weight",
@@ -93,8 +95,15 @@ impl Loader<'_> {
     }
 
     fn missing(&self, hf: &str) -> Error {
-        let n = if self.gguf { gguf_name(hf) } else { hf.to_string() };
-        Error::Data { name: self.src.describe(), msg: format!("missing tensor '{n}'") }
+        let n = if self.gguf {
+            gguf_name(hf)
+        } else {
+            hf.to_string()
+        };
+        Error::Data {
+            name: self.src.describe(),
+            msg: format!("missing tensor '{n}'"),
+        }
     }
 
     /// A tensor that must have `shape`.
@@ -112,7 +121,10 @@ impl Loader<'_> {
 
     fn upload(&self, hf: &str, raw: RawTensor<'_>, shape: &[usize]) -> Result<Tensor> {
         if raw.shape != shape {
-            return Err(Error::Data { name: format!("{}: '{hf}'", self.src.describe()), msg: format!("shape {:?}, expected {shape:?}", raw.shape) });
+            return Err(Error::Data {
+                name: format!("{}: '{hf}'", self.src.describe()),
+                msg: format!("shape {:?}, expected {shape:?}", raw.shape),
+            });
         }
         let n: usize = shape.iter().product();
         let float = matches!(raw.dtype, DType::F32 | DType::F16 | DType::BF16);
@@ -138,8 +150,20 @@ impl Loader<'_> {
 
 impl LlmWeights {
     /// Uploads every tensor the architecture needs, checking names and shapes.
-    pub fn load(gpu: &Gpu, cfg: &LlmConfig, src: &dyn TensorSource, gguf: bool, quantize: Quantize, on_progress: &mut dyn FnMut(usize, usize)) -> Result<LlmWeights> {
-        let l = Loader { gpu, src, gguf, quantize };
+    pub fn load(
+        gpu: &Gpu,
+        cfg: &LlmConfig,
+        src: &dyn TensorSource,
+        gguf: bool,
+        quantize: Quantize,
+        on_progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<LlmWeights> {
+        let l = Loader {
+            gpu,
+            src,
+            gguf,
+            quantize,
+        };
         let (h, d, kv) = (cfg.hidden, cfg.head_dim, cfg.kv_heads);
         let total = cfg.layers + 2;
         let embed = l.load("model.embed_tokens.weight", &[cfg.vocab, h])?;
@@ -174,17 +198,30 @@ impl LlmWeights {
         }
         let norm = l.load("model.norm.weight", &[h])?;
         // Tied embeddings: no separate head in the checkpoint, the embedding serves both.
-        let lm_head = if cfg.tie_embeddings { embed.clone() } else { l.load("lm_head.weight", &[cfg.vocab, h])? };
+        let lm_head = if cfg.tie_embeddings {
+            embed.clone()
+        } else {
+            l.load("lm_head.weight", &[cfg.vocab, h])?
+        };
         let mut freqs = cfg.inv_freq();
         if let Some(raw) = src.tensor("rope_freqs.weight") {
             let f = dequantize(raw.dtype, raw.data, raw.shape.iter().product())?;
             if f.len() != freqs.len() {
-                return Err(Error::Data { name: "rope_freqs.weight".into(), msg: format!("{} factors for {} frequencies", f.len(), freqs.len()) });
+                return Err(Error::Data {
+                    name: "rope_freqs.weight".into(),
+                    msg: format!("{} factors for {} frequencies", f.len(), freqs.len()),
+                });
             }
             freqs.iter_mut().zip(&f).for_each(|(a, b)| *a /= b);
         }
         let inv_freq = Arc::new(Tensor::from_f32(gpu, "inv_freq", &[freqs.len()], &freqs)?);
         on_progress(total, total);
-        Ok(LlmWeights { embed, layers, norm, lm_head, inv_freq })
+        Ok(LlmWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 }

@@ -35,7 +35,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f32> {
     let mut out = vec![0f32; s.batch * s.lq * qw];
     for b in 0..s.batch {
         for i in 0..s.lq {
-            let end = if s.causal { kv_end.min(s.q_pos + i + 1) } else { kv_end };
+            let end = if s.causal {
+                kv_end.min(s.q_pos + i + 1)
+            } else {
+                kv_end
+            };
             for h in 0..s.heads {
                 let hk = h / g;
                 let qo = (b * s.lq + i) * qw + h * d;
@@ -44,14 +48,22 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f32> {
                 let scores: Vec<f64> = (0..end)
                     .map(|j| {
                         let kr = &k[krow(j)..krow(j) + d];
-                        s.scale as f64 * qv.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                        s.scale as f64
+                            * qv.iter()
+                                .zip(kr)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>()
                     })
                     .collect();
                 let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
                 let e: Vec<f64> = scores.iter().map(|&x| (x - m).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for (c, o) in out[qo..qo + d].iter_mut().enumerate() {
-                    let acc: f64 = e.iter().enumerate().map(|(j, &w)| w * v[krow(j) + c] as f64).sum();
+                    let acc: f64 = e
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &w)| w * v[krow(j) + c] as f64)
+                        .sum();
                     *o = if end == 0 { 0.0 } else { (acc / sum) as f32 };
                 }
             }

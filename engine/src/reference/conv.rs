@@ -2,7 +2,19 @@
 
 /// `y[b, co, oy, ox]` of a `ks x ks` convolution with stride and zero padding.
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, b: usize, ci: usize, h: usize, wd: usize, co: usize, ks: usize, stride: usize, pad: usize) -> Vec<f32> {
+pub fn conv2d(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    b: usize,
+    ci: usize,
+    h: usize,
+    wd: usize,
+    co: usize,
+    ks: usize,
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
     let ho = (h + 2 * pad - ks) / stride + 1;
     let wo = (wd + 2 * pad - ks) / stride + 1;
     let mut y = vec![0f32; b * co * ho * wo];
@@ -19,7 +31,8 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, b: usize, ci: usize, h
                                 if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
                                     continue;
                                 }
-                                let xv = x[((bi * ci + c) * h + iy as usize) * wd + ix as usize] as f64;
+                                let xv =
+                                    x[((bi * ci + c) * h + iy as usize) * wd + ix as usize] as f64;
                                 s += xv * w[((o * ci + c) * ks + ky) * ks + kx] as f64;
                             }
                         }

@@ -58,13 +58,28 @@ pub fn erf(x: f64) -> f64 {
 }
 
 /// Broadcast binary op over numpy-broadcast shapes.
-pub fn broadcast_binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], f: impl Fn(f64, f64) -> f64) -> (Vec<f32>, Vec<usize>) {
+pub fn broadcast_binary(
+    a: &[f32],
+    sa: &[usize],
+    b: &[f32],
+    sb: &[usize],
+    f: impl Fn(f64, f64) -> f64,
+) -> (Vec<f32>, Vec<usize>) {
     let n = sa.len().max(sb.len());
-    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, n - s.len()).chain(s.iter().copied()).collect() };
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, n - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
     let (pa, pb) = (pad(sa), pad(sb));
     let out: Vec<usize> = pa.iter().zip(&pb).map(|(x, y)| *x.max(y)).collect();
     let total: usize = out.iter().product();
-    let idx = |shape: &[usize], coord: &[usize]| coord.iter().zip(shape).fold(0, |acc, (c, d)| acc * d + if *d == 1 { 0 } else { *c });
+    let idx = |shape: &[usize], coord: &[usize]| {
+        coord
+            .iter()
+            .zip(shape)
+            .fold(0, |acc, (c, d)| acc * d + if *d == 1 { 0 } else { *c })
+    };
     let mut y = Vec::with_capacity(total);
     let mut coord = vec![0; n];
     for _ in 0..total {
@@ -81,7 +96,13 @@ pub fn broadcast_binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], f: imp
 }
 
 /// diffusers' `get_timestep_embedding` (argument formed in f32 as torch does).
-pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f32, max_period: f32) -> Vec<f32> {
+pub fn timestep_embedding(
+    t: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f32,
+    max_period: f32,
+) -> Vec<f32> {
     let half = dim / 2;
     let mut y = Vec::with_capacity(t.len() * dim);
     for &tv in t {
@@ -91,7 +112,10 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f
                 (tv * freq) as f64
             })
             .collect();
-        let (s, c): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin() as f32, a.cos() as f32)).unzip();
+        let (s, c): (Vec<f32>, Vec<f32>) = args
+            .iter()
+            .map(|a| (a.sin() as f32, a.cos() as f32))
+            .unzip();
         if flip_sin_to_cos {
             y.extend(c.iter().chain(&s));
         } else {
@@ -102,7 +126,15 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f
 }
 
 /// Rotary embedding of `x` `[rows, heads*d]`, row `r` at position `pos + r % seq`.
-pub fn rope(x: &[f32], seq: usize, heads: usize, d: usize, inv_freq: &[f32], interleaved: bool, pos: u32) -> Vec<f32> {
+pub fn rope(
+    x: &[f32],
+    seq: usize,
+    heads: usize,
+    d: usize,
+    inv_freq: &[f32],
+    interleaved: bool,
+    pos: u32,
+) -> Vec<f32> {
     let half = inv_freq.len();
     let mut y = x.to_vec();
     for (r, row) in x.chunks(heads * d).enumerate() {
@@ -112,7 +144,11 @@ pub fn rope(x: &[f32], seq: usize, heads: usize, d: usize, inv_freq: &[f32], int
             for i in 0..half {
                 let a = (p * inv_freq[i]) as f64;
                 let (s, c) = a.sin_cos();
-                let (i0, i1) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (i0, i1) = if interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
                 let (x0, x1) = (row[h * d + i0] as f64, row[h * d + i1] as f64);
                 y[base + i0] = (x0 * c - x1 * s) as f32;
                 y[base + i1] = (x1 * c + x0 * s) as f32;
@@ -139,5 +175,13 @@ pub fn upsample2x(x: &[f32], bc: usize, h: usize, w: usize) -> Vec<f32> {
 pub fn concat(a: &[f32], sa: &[usize], b: &[f32], axis: usize) -> Vec<f32> {
     let outer: usize = sa[..axis].iter().product();
     let (ra, rb) = (a.len() / outer.max(1), b.len() / outer.max(1));
-    (0..outer).flat_map(|o| a[o * ra..(o + 1) * ra].iter().chain(&b[o * rb..(o + 1) * rb]).copied().collect::<Vec<_>>()).collect()
+    (0..outer)
+        .flat_map(|o| {
+            a[o * ra..(o + 1) * ra]
+                .iter()
+                .chain(&b[o * rb..(o + 1) * rb])
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

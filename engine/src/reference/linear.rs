@@ -1,7 +1,14 @@
 //! CPU references of the linear family.
 
 /// `y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n])`, f64 accumulation. `w` is already dequantized.
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -18,7 +25,16 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k:
 /// Batched `y[b, m, n] = sum_k x[b, m, k] w[b, n, k]`.
 pub fn batched_linear(x: &[f32], w: &[f32], b: usize, m: usize, n: usize, k: usize) -> Vec<f32> {
     (0..b)
-        .flat_map(|i| linear(&x[i * m * k..(i + 1) * m * k], &w[i * n * k..(i + 1) * n * k], None, m, n, k))
+        .flat_map(|i| {
+            linear(
+                &x[i * m * k..(i + 1) * m * k],
+                &w[i * n * k..(i + 1) * n * k],
+                None,
+                m,
+                n,
+                k,
+            )
+        })
         .collect()
 }
 
@@ -26,6 +42,12 @@ pub fn batched_linear(x: &[f32], w: &[f32], b: usize, m: usize, n: usize, k: usi
 pub fn gather(table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
     let v = table.len() / d.max(1);
     ids.iter()
-        .flat_map(|&i| if (i as usize) < v { table[i as usize * d..(i as usize + 1) * d].to_vec() } else { vec![0.0; d] })
+        .flat_map(|&i| {
+            if (i as usize) < v {
+                table[i as usize * d..(i as usize + 1) * d].to_vec()
+            } else {
+                vec![0.0; d]
+            }
+        })
         .collect()
 }

@@ -19,7 +19,9 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .flat_map(|r| {
             let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
             let inv = 1.0 / (ms + eps as f64).sqrt();
-            r.iter().zip(w).map(move |(&v, &g)| (v as f64 * inv * g as f64) as f32)
+            r.iter()
+                .zip(w)
+                .map(move |(&v, &g)| (v as f64 * inv * g as f64) as f32)
         })
         .collect()
 }
@@ -43,7 +45,15 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// GroupNorm over `[batch, c, spatial]` with per-channel affine, then SiLU if asked.
-pub fn group_norm(x: &[f32], w: &[f32], b: &[f32], batch: usize, groups: usize, eps: f32, silu: bool) -> Vec<f32> {
+pub fn group_norm(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    batch: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Vec<f32> {
     let c = w.len();
     let spatial = x.len() / (batch * c);
     let cpg = c / groups;

@@ -15,7 +15,12 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     for _ in 0..10 {
         let p0 = M0 as u64 * c[0] as u64;
         let p1 = M1 as u64 * c[2] as u64;
-        c = [(p1 >> 32) as u32 ^ c[1] ^ k[0], p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k[1], p0 as u32];
+        c = [
+            (p1 >> 32) as u32 ^ c[1] ^ k[0],
+            p1 as u32,
+            (p0 >> 32) as u32 ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
         k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
     }
     c
@@ -52,7 +57,13 @@ pub struct Sampled {
 /// Samples one token exactly as `sample.wgsl` does, given the settings words
 /// ([`crate::kernels::sample::SamplerSettings::to_f32s`]), the history, the counter `c` and the
 /// seed. Writes the id into `history[c]` when `c < history.len()`.
-pub fn sample(logits: &[f32], settings: &[f32; SETTINGS_LEN], history: &mut [u32], c: u32, seed: u32) -> Sampled {
+pub fn sample(
+    logits: &[f32],
+    settings: &[f32; SETTINGS_LEN],
+    history: &mut [u32],
+    c: u32,
+    seed: u32,
+) -> Sampled {
     let v = logits.len();
     let raw: Vec<f32> = logits.iter().map(|&x| clean(x)).collect();
     let greedy = settings[0].is_nan() || settings[0] <= 0.0;
@@ -85,7 +96,13 @@ pub fn sample(logits: &[f32], settings: &[f32; SETTINGS_LEN], history: &mut [u32
         let m = s[keys.iter().position(|&k| k == kmax).unwrap_or(0)];
         let w: Vec<u64> = s
             .iter()
-            .map(|&x| if x == f32::NEG_INFINITY { 0 } else { ((x - m).exp().min(1.0) * 2f32.powi(31)) as u64 })
+            .map(|&x| {
+                if x == f32::NEG_INFINITY {
+                    0
+                } else {
+                    ((x - m).exp().min(1.0) * 2f32.powi(31)) as u64
+                }
+            })
             .collect();
         let mass_k: u64 = (0..v).filter(|&i| keys[i] >= tk).map(|i| w[i]).sum();
         let mut t = tk;
@@ -126,7 +143,10 @@ pub fn sample(logits: &[f32], settings: &[f32; SETTINGS_LEN], history: &mut [u32
     }
     let mx = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = raw.iter().map(|&x| (x as f64 - mx).exp()).sum();
-    Sampled { id: id as u32, logprob: raw[id] as f64 - mx - z.ln() }
+    Sampled {
+        id: id as u32,
+        logprob: raw[id] as f64 - mx - z.ln(),
+    }
 }
 
 /// The uniform in (0, 1] the noise kernel derives from a Philox word (top 24 bits, exact).

@@ -22,7 +22,11 @@ pub fn step(c: &StepCoeffs, model_out: &[f32], g: f32, noise: Option<&[f32]>, st
     for i in 0..n {
         let m = if cfg {
             let (u, mc) = (f(model_out[i]), f(model_out[n + i]));
-            if g > 1.0 { u + f(g) * (mc - u) } else { mc }
+            if g > 1.0 {
+                u + f(g) * (mc - u)
+            } else {
+                mc
+            }
         } else {
             f(model_out[i])
         };
