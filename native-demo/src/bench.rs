@@ -139,7 +139,7 @@ fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
 /// Runs the plan `iters` times (one submit each) after a warm-up and returns ms per run.
 /// Each benchmark graph repeats its op `REPS` times so that submit overhead is amortized;
 /// callers divide by that.
-fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> Result<f64> {
+pub fn time(gpu: &Gpu, plan: &kiln::Plan, iters: usize) -> Result<f64> {
     plan.run()?;
     gpu.wait_idle()?;
     let t = Instant::now();

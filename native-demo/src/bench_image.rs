@@ -180,25 +180,6 @@ fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
     Ok(st)
 }
 
-fn time_runs(
-    gpu: &kiln::Gpu,
-    plan: &mut kiln::Plan,
-    slot: Option<kiln::Scalar>,
-    iters: usize,
-) -> Result<f64> {
-    plan.run()?;
-    gpu.wait_idle()?;
-    let t = std::time::Instant::now();
-    for i in 0..iters {
-        if let Some(s) = slot {
-            plan.set(s, (i % 4) as u32);
-        }
-        plan.run()?;
-    }
-    gpu.wait_idle()?;
-    Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
-}
-
 /// Runs the image benchmark.
 pub fn image(quick: bool, as_json: bool) -> Result<()> {
     let gpu = crate::gpu()?;
@@ -292,9 +273,10 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
         let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
-        let step_ms = time_runs(&gpu, &mut plan, Some(step), iters)?;
-        let before = gpu.counters();
+        // The step index only selects a coefficient row: timing does not depend on it.
         plan.set(step, 1);
+        let step_ms = crate::bench::time(&gpu, &plan, iters)?;
+        let before = gpu.counters();
         plan.run()?;
         gpu.wait_idle()?;
         let c = gpu.counters() - before;
@@ -306,8 +288,8 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let xv = g.tensor(&x);
         let img = decode(&mut g, &mut vw, &vcfg, xv)?;
         g.output(img);
-        let mut vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
-        let vae_ms = time_runs(&gpu, &mut vplan, None, iters)?;
+        let vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
+        let vae_ms = crate::bench::time(&gpu, &vplan, iters)?;
         rows.push(json!({"config": label, "latent": latent, "image": latent * vcfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
             "dispatches_per_step": c.dispatches, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
     }

@@ -78,23 +78,49 @@ fn text_json_greedy_matches_transformers() {
 
 #[test]
 fn text_prompt_is_tokenized_and_streamed() {
-    let out = kiln(&[
+    // The streamed text (stdout) equals the text of the same run as JSON, and the prompt ids are
+    // the tokenizer's ids for the text (not empty, not the raw bytes).
+    let args = [
         "text",
         "--model",
         &fixture("qwen2-f32"),
         "--prompt",
         "Hello world",
         "--max-tokens",
-        "5",
+        "12",
         "--seed",
         "3",
-    ]);
+        "--temperature",
+        "1",
+    ];
+    let streamed = kiln(&args);
     assert!(
-        out.status.success(),
+        streamed.status.success(),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&streamed.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("generated tokens"));
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let j = kiln(&json_args);
+    assert!(j.status.success(), "{}", String::from_utf8_lossy(&j.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&streamed.stdout).trim_end_matches('\n'),
+        text
+    );
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen2-f32/expected.json")).unwrap())
+            .unwrap();
+    let want = e["tokenizer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["text"] == "Hello world")
+        .expect("fixture tokenizes 'Hello world'");
+    // Qwen2 adds no BOS: the prompt is exactly the tokenizer's ids.
+    assert_eq!(v["prompt_ids"], want["ids"]);
+    assert!(!v["ids"].as_array().unwrap().is_empty());
 }
 
 #[test]

@@ -213,9 +213,10 @@ fn tokenizers_match_transformers() {
 fn chat_templates_render_like_transformers() {
     for case in CASES {
         let e = expected(case);
-        let Some(chat) = e.get("chat").filter(|c| !c.is_null()) else {
-            continue;
-        };
+        let chat = e
+            .get("chat")
+            .filter(|c| !c.is_null())
+            .unwrap_or_else(|| panic!("{case}: fixture has no chat case"));
         let d = dir(case);
         let tok = TextTokenizer::from_hf(
             &std::fs::read(d.join("tokenizer.json")).unwrap(),
@@ -378,12 +379,15 @@ fn seeded_sampling_is_reproducible() {
     }))
     .unwrap();
     assert_eq!(pieces, d.text);
-    if d.text.chars().count() > 4 {
-        let stop: String = d.text.chars().skip(2).take(2).collect();
-        let mut o = opts(7);
-        o.stop = vec![stop.clone()];
-        let s = pollster::block_on(m.generate(&prompt, &o, &mut |_| true)).unwrap();
-        assert_eq!(s.stop, kiln::llm::StopReason::StopString);
-        assert!(!s.text.contains(&stop) && d.text.starts_with(&s.text));
-    }
+    assert!(
+        d.text.chars().count() > 4,
+        "too little text to test stop strings: {:?}",
+        d.text
+    );
+    let stop: String = d.text.chars().skip(2).take(2).collect();
+    let mut o = opts(7);
+    o.stop = vec![stop.clone()];
+    let s = pollster::block_on(m.generate(&prompt, &o, &mut |_| true)).unwrap();
+    assert_eq!(s.stop, kiln::llm::StopReason::StopString);
+    assert!(!s.text.contains(&stop) && d.text.starts_with(&s.text));
 }

@@ -8,6 +8,22 @@ use crate::graph::{Graph, UnaryOp, Value};
 use crate::Dyn;
 use serde_json::{json, Value as Json};
 
+/// The pad token and padded length from `tokenizer_config.json` (77 when absent).
+fn pad_and_length(config: Option<&str>) -> (Option<String>, usize) {
+    let cfg: Json = config
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or(json!({}));
+    let max_len = cfg
+        .get("model_max_length")
+        .and_then(|v| v.as_u64())
+        .filter(|&v| v <= 4096)
+        .unwrap_or(77) as usize;
+    (
+        crate::llm::tokenizer::token_str(cfg.get("pad_token")),
+        max_len,
+    )
+}
+
 /// CLIP's tokenizer, padded and truncated to the text encoder's length.
 pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
@@ -41,20 +57,8 @@ impl ClipTokenizer {
         let id = |t: &str| vocab.get(t).and_then(|v| v.as_u64()).map(|v| v as u32);
         let bos = id("<|startoftext|>").ok_or_else(|| err("vocab.json has no <|startoftext|>"))?;
         let eos = id("<|endoftext|>").ok_or_else(|| err("vocab.json has no <|endoftext|>"))?;
-        let cfg: Json = config
-            .and_then(|c| serde_json::from_str(c).ok())
-            .unwrap_or(json!({}));
-        let tok_str = |k: &str| match cfg.get(k) {
-            Some(Json::String(s)) => Some(s.clone()),
-            Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-            None => None,
-        };
-        let pad = tok_str("pad_token").and_then(|p| id(&p)).unwrap_or(eos);
-        let max_len = cfg
-            .get("model_max_length")
-            .and_then(|v| v.as_u64())
-            .filter(|&v| v <= 4096)
-            .unwrap_or(77) as usize;
+        let (pad_token, max_len) = pad_and_length(config);
+        let pad = pad_token.as_deref().and_then(id).unwrap_or(eos);
         let special = |i: u32, c: &str| json!({"id": i, "content": c, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
         let mut added = vec![
             special(bos, "<|startoftext|>"),
@@ -62,9 +66,7 @@ impl ClipTokenizer {
         ];
         // SD 2's pad token "!" is an added special token, so a literal "!" in a prompt is
         // matched as that token first (what transformers does).
-        if let Some(p) =
-            tok_str("pad_token").filter(|p| id(p).is_some_and(|i| i != bos && i != eos))
-        {
+        if let Some(p) = pad_token.filter(|p| id(p).is_some_and(|i| i != bos && i != eos)) {
             added.push(special(pad, &p));
         }
         let spec = json!({
@@ -110,20 +112,8 @@ impl ClipTokenizer {
         let bos =
             id("<|startoftext|>").ok_or_else(|| err("tokenizer.json has no <|startoftext|>"))?;
         let eos = id("<|endoftext|>").ok_or_else(|| err("tokenizer.json has no <|endoftext|>"))?;
-        let cfg: Json = config
-            .and_then(|c| serde_json::from_str(c).ok())
-            .unwrap_or(json!({}));
-        let pad_name = match cfg.get("pad_token") {
-            Some(Json::String(s)) => Some(s.clone()),
-            Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-            None => None,
-        };
-        let pad = pad_name.and_then(|p| id(&p)).unwrap_or(eos);
-        let max_len = cfg
-            .get("model_max_length")
-            .and_then(|v| v.as_u64())
-            .filter(|&v| v <= 4096)
-            .unwrap_or(77) as usize;
+        let (pad_token, max_len) = pad_and_length(config);
+        let pad = pad_token.as_deref().and_then(id).unwrap_or(eos);
         Ok(ClipTokenizer {
             inner,
             bos,

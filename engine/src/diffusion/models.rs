@@ -29,13 +29,9 @@ pub struct SdModels {
 }
 
 fn text(files: &ModelFiles, name: &str) -> Result<String> {
-    let b = files.get(name).ok_or_else(|| Error::Data {
+    crate::llm::generate::text_file(files, name)?.ok_or_else(|| Error::Data {
         name: "pipeline".into(),
         msg: format!("missing {name}"),
-    })?;
-    String::from_utf8(b.clone()).map_err(|_| Error::Data {
-        name: name.into(),
-        msg: "not UTF-8".into(),
     })
 }
 

@@ -109,7 +109,20 @@ pub struct TextModel {
     pub decode: Step,
 }
 
-fn text_file(files: &ModelFiles, name: &str) -> Result<Option<String>> {
+/// The sampler's output words (id, logprob bits) from its read-back bytes.
+fn sampled(bytes: &[u8]) -> [u32; 2] {
+    let w = |i: usize| {
+        bytes
+            .get(4 * i..4 * i + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(0)
+    };
+    [w(0), w(1)]
+}
+
+/// A text file of a model's files, if present (an error when it is not UTF-8).
+pub(crate) fn text_file(files: &ModelFiles, name: &str) -> Result<Option<String>> {
     files
         .get(name)
         .map(|b| {
@@ -312,10 +325,7 @@ impl TextModel {
             );
             if done {
                 let out = p.plan.run_read(&[p.out]).await?;
-                first = [
-                    u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()),
-                    u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default()),
-                ];
+                first = sampled(&out[0]);
             } else {
                 p.plan.run()?;
             }
@@ -375,10 +385,7 @@ impl TextModel {
             d.plan.set(d.last, 0);
             d.plan.set(d.next, (pos + 1) as u32);
             let out = d.plan.run_read(&[d.out]).await?;
-            tok = [
-                u32::from_le_bytes(out[0][0..4].try_into().unwrap_or_default()),
-                u32::from_le_bytes(out[0][4..8].try_into().unwrap_or_default()),
-            ];
+            tok = sampled(&out[0]);
         }
         if let Some(rest) = g.text.strip_prefix(sent.as_str()).filter(|p| !p.is_empty()) {
             on_piece(rest);

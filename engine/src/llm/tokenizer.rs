@@ -28,7 +28,7 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 }
 
 /// A special-token entry of tokenizer_config.json: a string or `{"content": ...}`.
-fn token_str(v: Option<&Json>) -> Option<String> {
+pub(crate) fn token_str(v: Option<&Json>) -> Option<String> {
     match v? {
         Json::String(s) => Some(s.clone()),
         o => o.get("content").and_then(|c| c.as_str()).map(String::from),
