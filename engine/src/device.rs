@@ -335,10 +335,22 @@ impl Gpu {
             size,
             wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
         );
+        self.read_buffer_via(src, offset, size, &staging).await
+    }
+
+    /// Like [`Gpu::read_buffer`] through a staging buffer the caller keeps (for repeated reads,
+    /// e.g. previews, without creating a buffer each time).
+    pub async fn read_buffer_via(
+        &self,
+        src: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<u8>> {
         let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(src, offset, &staging, 0, size.next_multiple_of(4));
+        enc.copy_buffer_to_buffer(src, offset, staging, 0, size.next_multiple_of(4));
         self.submit([enc.finish()]);
-        self.map_read(&staging, size).await
+        self.map_read(staging, size).await
     }
 
     /// Maps a MAP_READ buffer, copies out `size` bytes, unmaps.

@@ -236,7 +236,7 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     .unwrap();
     assert_ne!(img.rgb, other.rgb);
     let mut previews = 0;
-    pollster::block_on(m.generate(&opts, &mut |_, _, p| {
+    let with_previews = pollster::block_on(m.generate(&opts, &mut |_, _, p| {
         if let Some(p) = p {
             assert_eq!((p.width, p.height, p.rgb.len()), (8, 8, 8 * 8 * 3));
             previews += 1;
@@ -245,6 +245,17 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     }))
     .unwrap();
     assert_eq!(previews, 4, "previews after steps 2..=5");
+    let c = with_previews.loop_counters;
+    assert_eq!(
+        c.objects_created(),
+        0,
+        "previews reuse one staging buffer: {c:?}"
+    );
+    assert_eq!(
+        c.bytes_read_back,
+        4 * 4 * 8 * 8 * 4,
+        "four latent previews and nothing else: {c:?}"
+    );
 }
 
 #[test]

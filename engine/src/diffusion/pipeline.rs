@@ -264,6 +264,11 @@ impl SdModels {
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
         let mut plan = g.compile(&gpu, CompileOptions::default()).await?;
+        let preview_staging = gpu.create_buffer(
+            "preview",
+            (n * 4) as u64,
+            wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        );
         let before = gpu.counters();
         let mut want_preview = false;
         for i in 0..steps {
@@ -278,7 +283,10 @@ impl SdModels {
             }
             plan.run()?;
             let preview = if want_preview {
-                let lat = x.to_f32(&gpu).await?;
+                let bytes = gpu
+                    .read_buffer_via(x.buffer()?, 0, (n * 4) as u64, &preview_staging)
+                    .await?;
+                let lat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
                 Some(preview_from_latents(&lat, c, lh, lw))
             } else {
                 None
