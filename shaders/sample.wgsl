@@ -60,10 +60,12 @@ fn bits_of_key(k: u32) -> u32 {
     return select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u);
 }
 
-// NaN logits count as -inf so they are never chosen and never poison the sums.
+// NaN logits count as -inf so they are never chosen and never poison the sums. The -inf is
+// made from a run-time value: a constant expression may not be infinite (Tint, the browser's
+// compiler, rejects the folded bitcast; naga accepts it).
 fn clean(x: f32) -> f32 {
     let b = bitcast<u32>(x);
-    return select(x, bitcast<f32>(NEG_INF_BITS), (b & 0x7fffffffu) > 0x7f800000u);
+    return select(x, bitcast<f32>(NEG_INF_BITS | (b & 0u)), (b & 0x7fffffffu) > 0x7f800000u);
 }
 
 fn penalize(x: f32, r: f32, inv_r: f32) -> f32 {

@@ -44,6 +44,9 @@ pub enum Error {
     /// A configuration value that is not supported.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The caller stopped the work (e.g. the step callback of the denoising loop).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Result alias for the engine.

@@ -109,6 +109,18 @@ fn step_seed(seed: u32, step: usize) -> u32 {
         .wrapping_add((step as u32 + 1).wrapping_mul(0x85EB_CA6B))
 }
 
+/// What the step callback of [`SdModels::generate_with`] asks for next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepReply {
+    /// Go on without a preview.
+    Continue,
+    /// Go on, with a preview at the next call (one small readback, which also waits for the
+    /// step: the browser's event loop runs meanwhile).
+    Preview,
+    /// Stop: `generate_with` returns [`Error::Cancelled`].
+    Stop,
+}
+
 impl SdModels {
     /// Runs the pipeline. After each denoising step `on_step(done, total, preview)` is called;
     /// it returns true to receive a preview with the next call (which costs one small readback).
@@ -116,6 +128,22 @@ impl SdModels {
         &mut self,
         opts: &ImageOptions,
         on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> bool,
+    ) -> Result<Image> {
+        self.generate_with(opts, &mut |done, total, preview| {
+            if on_step(done, total, preview) {
+                StepReply::Preview
+            } else {
+                StepReply::Continue
+            }
+        })
+        .await
+    }
+
+    /// [`SdModels::generate`] whose step callback can also stop the loop.
+    pub async fn generate_with(
+        &mut self,
+        opts: &ImageOptions,
+        on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> StepReply,
     ) -> Result<Image> {
         let f = self.vae_cfg.scale_factor();
         if opts.width % f != 0 || opts.height % f != 0 || opts.width == 0 || opts.height == 0 {
@@ -291,7 +319,11 @@ impl SdModels {
             } else {
                 None
             };
-            want_preview = on_step(i + 1, steps, preview);
+            match on_step(i + 1, steps, preview) {
+                StepReply::Continue => want_preview = false,
+                StepReply::Preview => want_preview = true,
+                StepReply::Stop => return Err(Error::Cancelled),
+            }
         }
         let loop_counters = gpu.counters() - before;
 

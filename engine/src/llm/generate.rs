@@ -407,7 +407,7 @@ impl TextModel {
     }
 }
 
-/// Milliseconds from an arbitrary origin (performance.now in the browser).
+/// Milliseconds from an arbitrary origin (`Date.now()` in the browser).
 pub fn now_ms() -> f64 {
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -420,6 +420,6 @@ pub fn now_ms() -> f64 {
     }
     #[cfg(target_arch = "wasm32")]
     {
-        0.0
+        js_sys::Date::now()
     }
 }
