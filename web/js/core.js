@@ -1,0 +1,118 @@
+// The wasm module: loading it once, and turning every failure into an Error. A Rust panic
+// traps the module; its message reaches every pending call as an Error, and later calls fail
+// with the same message instead of an opaque "unreachable".
+
+import initWasm, * as wasm from "./wasm/kiln_web.js";
+
+let ready = null;
+let crashed = null;
+const pending = new Set();
+
+export { wasm };
+
+function panicError(msg) {
+  const e = new Error(`kiln crashed (Rust panic): ${msg}. Reload the page to use Kiln again.`);
+  e.name = "KilnPanic";
+  return e;
+}
+
+/** Loads and instantiates the wasm module (once). */
+export function init(wasmUrl) {
+  ready ??= initWasm({ module_or_path: wasmUrl ?? new URL("./wasm/kiln_web_bg.wasm", import.meta.url) }).then(() => {
+    wasm.setPanicHandler((msg) => {
+      crashed = msg;
+      const err = panicError(msg);
+      for (const reject of pending) reject(err);
+      pending.clear();
+    });
+  });
+  return ready;
+}
+
+/** The error a failed call should surface as. */
+export function toError(e) {
+  if (crashed || e instanceof WebAssembly.RuntimeError) return panicError(crashed ?? e.message);
+  if (e instanceof Error) return e;
+  return new Error(typeof e === "string" ? e : JSON.stringify(e));
+}
+
+/** Runs a synchronous call into the module. */
+export function sync(f) {
+  if (crashed) throw panicError(crashed);
+  try {
+    return f();
+  } catch (e) {
+    throw toError(e);
+  }
+}
+
+/** Runs a call into the module that returns a promise; settles even if the module panics. */
+export function call(f) {
+  if (crashed) return Promise.reject(panicError(crashed));
+  return new Promise((resolve, reject) => {
+    pending.add(reject);
+    let p;
+    try {
+      p = f();
+    } catch (e) {
+      pending.delete(reject);
+      reject(toError(e));
+      return;
+    }
+    Promise.resolve(p)
+      .then(resolve, (e) => reject(toError(e)))
+      .finally(() => pending.delete(reject));
+  });
+}
+
+/** Drops undefined and null fields, so the Rust side applies its defaults. */
+export function options(o) {
+  return JSON.stringify(Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined && v !== null)));
+}
+
+/**
+ * Turns `run(onPiece) -> Promise<result>` into an async generator of pieces that returns the
+ * result. Leaving the loop early (break, throw) stops the generation; so does `signal`.
+ */
+export async function* stream(run, signal) {
+  signal?.throwIfAborted();
+  const queue = [];
+  let wake = null;
+  let finished = false;
+  let stopped = false;
+  let error = null;
+  let result;
+  const onPiece = (piece) => {
+    queue.push(piece);
+    wake?.();
+    return !stopped && !signal?.aborted;
+  };
+  const onAbort = () => wake?.();
+  signal?.addEventListener("abort", onAbort);
+  const done = run(onPiece).then(
+    (r) => (result = r),
+    (e) => (error = e),
+  ).finally(() => {
+    finished = true;
+    wake?.();
+  });
+  try {
+    for (;;) {
+      signal?.throwIfAborted();
+      if (queue.length) {
+        yield queue.shift();
+        continue;
+      }
+      if (finished) break;
+      await new Promise((r) => (wake = r));
+      wake = null;
+    }
+  } finally {
+    stopped = true;
+    signal?.removeEventListener("abort", onAbort);
+    await done; // the model is free again when the generator is done
+  }
+  if (error) throw error;
+  signal?.throwIfAborted();
+  return result;
+}

@@ -1,0 +1,224 @@
+// Model sources -> file bytes: URL resolution (folders, .gguf files, Hugging Face repo ids,
+// "default"), downloads with progress, and the Cache Storage API so a reload downloads nothing.
+
+const CACHE_NAME = "kiln-models-v1";
+const HF = "https://huggingface.co";
+const DEFAULT_FOLDERS = { text: "text-kjv", image: "image-shapes" };
+
+/** Resolves a model source to `{ base, file?, label }`; `base` is an absolute folder URL ending in "/". */
+export function resolveSource(source, kind, modelsBase) {
+  if (typeof source !== "string" || source.trim() === "") {
+    throw new Error(`model source must be a non-empty string, got ${typeof source === "string" ? "an empty string" : typeof source}`);
+  }
+  const s = source.trim();
+  if (s === "default") {
+    return { base: new URL(`${DEFAULT_FOLDERS[kind]}/`, modelsBase).href, label: `default (${DEFAULT_FOLDERS[kind]})` };
+  }
+  const isUrl = /^[a-z][a-z0-9+.-]*:\/\//i.test(s) || /^(\/|\.\/|\.\.\/)/.test(s);
+  if (isUrl) {
+    const url = new URL(s, globalThis.location?.href);
+    if (url.pathname.toLowerCase().endsWith(".gguf")) {
+      const cut = url.href.lastIndexOf("/") + 1;
+      return { base: url.href.slice(0, cut), file: decodeURIComponent(url.href.slice(cut)), label: url.href };
+    }
+    return { base: url.href.endsWith("/") ? url.href : `${url.href}/`, label: url.href };
+  }
+  // Hugging Face: "owner/name" (a folder at the repo root) or "owner/name/path/to/file.gguf".
+  const m = /^([A-Za-z0-9][\w.-]*\/[\w.-]+)(?:\/(.+\.gguf))?$/i.exec(s);
+  if (m) {
+    const base = `${HF}/${m[1]}/resolve/main/`;
+    if (m[2]) {
+      const cut = m[2].lastIndexOf("/") + 1;
+      return { base: base + m[2].slice(0, cut), file: m[2].slice(cut), label: s };
+    }
+    return { base, label: s };
+  }
+  throw new Error(`model source "${s}" is not a URL of a model folder or .gguf file, a Hugging Face repo id ("owner/name") or "default"`);
+}
+
+async function openCache(enabled) {
+  if (!enabled || typeof caches === "undefined") return null;
+  try {
+    return await caches.open(CACHE_NAME);
+  } catch {
+    return null; // e.g. an opaque origin: no cache, downloads still work
+  }
+}
+
+/** Deletes every cached model file. */
+export async function clearCache() {
+  if (typeof caches !== "undefined") await caches.delete(CACHE_NAME);
+}
+
+/**
+ * Fetches one file. Returns its bytes, or null when it is optional and absent (HTTP 404).
+ * A download that receives nothing for `stallMs` is aborted with an error (never a hang).
+ */
+async function fetchFile(url, name, required, ctx) {
+  const { cache, signal, onProgress, stallMs } = ctx;
+  const report = (loaded, total, cached) =>
+    onProgress?.({ phase: "download", file: name, url, loaded, total, cached, fileIndex: ctx.index });
+  if (cache) {
+    const hit = await cache.match(url);
+    if (hit) {
+      const bytes = new Uint8Array(await hit.arrayBuffer());
+      report(bytes.length, bytes.length, true);
+      return bytes;
+    }
+  }
+  signal?.throwIfAborted();
+  const ctrl = new AbortController();
+  const onAbort = () => ctrl.abort(signal.reason);
+  signal?.addEventListener("abort", onAbort);
+  let timer;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => ctrl.abort(new Error(`no data for ${stallMs / 1000} s`)), stallMs);
+  };
+  const fail = (e) => {
+    if (signal?.aborted) return signal.reason;
+    const why = ctrl.signal.aborted ? ctrl.signal.reason?.message : e?.message ?? String(e);
+    return new Error(`could not fetch ${name} from ${url}: ${why}`);
+  };
+  try {
+    arm();
+    let res;
+    try {
+      res = await fetch(url, { signal: ctrl.signal });
+    } catch (e) {
+      throw fail(e);
+    }
+    if (res.status === 404 && !required) {
+      report(0, 0, false);
+      return null;
+    }
+    if (!res.ok) {
+      const hint = res.status === 401 || res.status === 403 ? " (a private or gated repository, or none by that name)" : "";
+      throw new Error(`could not fetch ${name} from ${url}: HTTP ${res.status} ${res.statusText}${hint}`);
+    }
+    // Content-Length is the transfer size; with a content encoding it is not the byte count.
+    const encoded = res.headers.get("content-encoding");
+    const total = encoded ? null : Number(res.headers.get("content-length")) || null;
+    const chunks = [];
+    let loaded = 0;
+    report(0, total, false);
+    try {
+      const reader = res.body.getReader();
+      for (;;) {
+        arm();
+        const { done, value } = await reader.read();
+        if (done) break;
+        chunks.push(value);
+        loaded += value.length;
+        report(loaded, total, false);
+      }
+    } catch (e) {
+      throw fail(e);
+    }
+    const bytes = new Uint8Array(loaded);
+    let off = 0;
+    for (const c of chunks) {
+      bytes.set(c, off);
+      off += c.length;
+    }
+    report(loaded, loaded, false);
+    if (cache) {
+      // A full quota only costs the next reload a download.
+      await cache
+        .put(url, new Response(bytes, { headers: { "content-type": res.headers.get("content-type") ?? "application/octet-stream" } }))
+        .catch(() => {});
+    }
+    return bytes;
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+function fileList(ctx) {
+  const files = new Map();
+  const get = async (name, required) => {
+    const bytes = await fetchFile(new URL(name, ctx.base).href, name, required, ctx);
+    ctx.index++;
+    if (bytes) files.set(name, bytes);
+    return bytes;
+  };
+  /** The first of the names that exists; an error naming all of them when none does. */
+  const firstOf = async (names) => {
+    for (const n of names) if (await get(n, false)) return n;
+    throw new Error(`${ctx.label}: none of ${names.join(", ")} found under ${ctx.base}`);
+  };
+  return { files, get, firstOf };
+}
+
+const text = (b) => new TextDecoder().decode(b);
+
+/** The files of a text model: a folder (config, tokenizer, safetensors or shards) or one .gguf. */
+async function textFiles(ctx) {
+  const { files, get } = fileList(ctx);
+  if (ctx.file) {
+    await get(ctx.file, true);
+    return files;
+  }
+  await get("config.json", true);
+  await get("generation_config.json", false);
+  await get("tokenizer.json", true);
+  await get("tokenizer_config.json", false);
+  const index = await get("model.safetensors.index.json", false);
+  if (index) {
+    let shards;
+    try {
+      shards = [...new Set(Object.values(JSON.parse(text(index)).weight_map ?? {}))];
+    } catch (e) {
+      throw new Error(`${ctx.label}: model.safetensors.index.json: ${e.message}`);
+    }
+    for (const s of shards) await get(s, true);
+  } else {
+    await get("model.safetensors", true);
+  }
+  return files;
+}
+
+/** The files of a diffusers pipeline folder. */
+async function imageFiles(ctx) {
+  if (ctx.file) throw new Error(`${ctx.label}: an image model is a diffusers folder, not a .gguf file`);
+  const { files, get, firstOf } = fileList(ctx);
+  await get("model_index.json", true);
+  await get("scheduler/scheduler_config.json", true);
+  // fp16 first: half the download; the engine reads either.
+  const weights = (dir, stem) =>
+    firstOf(ctx.variant === "fp32" ? [`${dir}/${stem}.safetensors`, `${dir}/${stem}.fp16.safetensors`] : [`${dir}/${stem}.fp16.safetensors`, `${dir}/${stem}.safetensors`]);
+  await get("text_encoder/config.json", true);
+  await weights("text_encoder", "model");
+  if (!(await get("tokenizer/vocab.json", false))) {
+    await get("tokenizer/tokenizer.json", true);
+  } else {
+    await get("tokenizer/merges.txt", true);
+  }
+  await get("tokenizer/tokenizer_config.json", false);
+  await get("tokenizer/special_tokens_map.json", false);
+  await get("unet/config.json", true);
+  await weights("unet", "diffusion_pytorch_model");
+  await get("vae/config.json", true);
+  await weights("vae", "diffusion_pytorch_model");
+  return files;
+}
+
+/**
+ * Fetches a model's files: `Map(name -> Uint8Array)`.
+ * `kind`: "text" or "image". Options: `modelsBase`, `onProgress`, `signal`, `cache` (default
+ * true), `stallMs` (default 60 s), `variant` ("fp16" default, or "fp32").
+ */
+export async function fetchModel(source, kind, options = {}) {
+  const r = resolveSource(source, kind, options.modelsBase);
+  const ctx = {
+    ...r,
+    index: 0,
+    cache: await openCache(options.cache !== false),
+    signal: options.signal,
+    onProgress: options.onProgress,
+    stallMs: options.stallMs ?? 60000,
+    variant: options.variant,
+  };
+  return kind === "text" ? textFiles(ctx) : imageFiles(ctx);
+}

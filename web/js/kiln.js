@@ -1,0 +1,243 @@
+// kiln-gpu: text and image generation on WebGPU, in the page or in a Web Worker.
+//
+//   const kiln = await Kiln.create();                       // or Kiln.create({ worker: true })
+//   const llm = await kiln.loadText("default", { onProgress });
+//   for await (const piece of llm.generate("In the beginning", { maxTokens: 32 })) ...
+//   const sd = await kiln.loadImage("default");
+//   const image = await sd.generate("a red circle on a blue background", { seed: 1 }); // ImageData
+
+import { call, init, options, stream, sync, wasm } from "./core.js";
+import { clearCache, fetchModel, resolveSource } from "./fetch.js";
+
+export { clearCache, resolveSource };
+
+const defaultModelsBase = () => new URL("/models/", globalThis.location?.href ?? "http://localhost/").href;
+
+function textOptions(o) {
+  return {
+    maxTokens: o.maxTokens,
+    temperature: o.temperature,
+    topK: o.topK,
+    topP: o.topP,
+    minP: o.minP,
+    repeatPenalty: o.repeatPenalty,
+    repeatWindow: o.repeatWindow,
+    seed: o.seed,
+    stop: o.stop,
+  };
+}
+
+function promptField(prompt) {
+  if (typeof prompt === "string") return { prompt };
+  if (Array.isArray(prompt) || ArrayBuffer.isView(prompt)) return { promptIds: Array.from(prompt) };
+  throw new Error("prompt must be a string or an array of token ids");
+}
+
+/** A loaded text model (in this thread). */
+export class TextModel {
+  #m;
+  /** Architecture, sizes, context length. */
+  info;
+
+  constructor(m) {
+    this.#m = m;
+    this.info = JSON.parse(m.info());
+  }
+
+  /** Streams the generated text piece by piece; the generator's return value is the result. */
+  generate(prompt, opts = {}) {
+    return stream((onPiece) => this.#run(prompt, opts, onPiece), opts.signal);
+  }
+
+  /** Generates to the end: `{ text, ids, logprobs, promptIds, stop, timings }`. */
+  async complete(prompt, opts = {}) {
+    opts.signal?.throwIfAborted();
+    return this.#run(prompt, opts, (piece) => {
+      opts.onPiece?.(piece);
+      return !opts.signal?.aborted;
+    });
+  }
+
+  async #run(prompt, opts, onPiece) {
+    const json = options({ ...promptField(prompt), ...textOptions(opts) });
+    const r = JSON.parse(await call(() => this.#m.generate(json, onPiece)));
+    if (r.stop === "cancelled") opts.signal?.throwIfAborted();
+    return r;
+  }
+
+  /** Prompt token ids as the generator sees them. */
+  encode(text) {
+    return Array.from(sync(() => this.#m.encodePrompt(text)));
+  }
+
+  decode(ids) {
+    return sync(() => this.#m.decode(Uint32Array.from(ids)));
+  }
+
+  /** Renders `[{ role, content }]` with the model's chat template. */
+  renderChat(messages) {
+    return sync(() => this.#m.renderChat(JSON.stringify(messages.map((m) => [m.role, m.content]))));
+  }
+
+  /** Frees the model's GPU buffers (after the current generation, if any). */
+  dispose() {
+    this.#m?.free();
+    this.#m = null;
+  }
+}
+
+/** A loaded image pipeline (in this thread). */
+export class ImageModel {
+  #m;
+  /** Default `width`/`height` and the size multiple. */
+  info;
+
+  constructor(m) {
+    this.#m = m;
+    this.info = JSON.parse(m.info());
+  }
+
+  /** Generates an image: an `ImageData`. `onStep({ step, steps, preview })` gets live previews. */
+  async generate(prompt, opts = {}) {
+    const { signal, onStep } = opts;
+    signal?.throwIfAborted();
+    const json = options({
+      prompt,
+      negativePrompt: opts.negativePrompt,
+      steps: opts.steps,
+      guidance: opts.guidance,
+      scheduler: opts.scheduler,
+      seed: opts.seed,
+      width: opts.width,
+      height: opts.height,
+    });
+    const step = (done, total, p) => {
+      if (signal?.aborted) return false;
+      onStep?.({ step: done, steps: total, preview: p && toImageData(p) });
+      return true;
+    };
+    let r;
+    try {
+      r = await call(() => this.#m.generate(json, step));
+    } catch (e) {
+      signal?.throwIfAborted();
+      throw e;
+    }
+    const image = toImageData(r);
+    image.notes = r.notes;
+    return image;
+  }
+
+  dispose() {
+    this.#m?.free();
+    this.#m = null;
+  }
+}
+
+function toImageData({ width, height, data }) {
+  const px = new Uint8ClampedArray(data.buffer, data.byteOffset, data.byteLength);
+  return typeof ImageData === "undefined" ? { width, height, data: px } : new ImageData(px, width, height);
+}
+
+/** Hands fetched files to the module (copying them into its memory). */
+function toFiles(map) {
+  const f = new wasm.Files();
+  for (const [name, bytes] of map) f.add(name, bytes);
+  return f;
+}
+
+/** The entry point: a WebGPU device and the models loaded on it. */
+export class Kiln {
+  #device;
+  #modelsBase;
+  /** The adapter: name, backend, features (shaderF16, subgroups), limits. */
+  adapter;
+
+  constructor(device, opts) {
+    this.#device = device;
+    this.#modelsBase = opts.modelsBase ?? defaultModelsBase();
+    this.adapter = JSON.parse(device.info());
+  }
+
+  /**
+   * Creates the device. Options: `worker` (run everything in a Web Worker), `modelsBase` (where
+   * "default" models live; default `/models/` on this origin), `wasmUrl`.
+   */
+  static async create(opts = {}) {
+    if (opts.worker) {
+      const { WorkerKiln } = await import("./client.js");
+      return WorkerKiln.create(opts);
+    }
+    if (!globalThis.navigator?.gpu) {
+      throw new Error("WebGPU is not available here (navigator.gpu is missing): use a browser with WebGPU, on https or localhost");
+    }
+    await init(opts.wasmUrl);
+    const device = await call(() => wasm.createDevice());
+    const kiln = new Kiln(device, opts);
+    await kiln.#describeBrowserAdapter();
+    return kiln;
+  }
+
+  /** Adds what the browser says about its adapter (wgpu leaves the name empty and does not
+   * map every feature, e.g. `subgroups`, which the engine then does not use). */
+  async #describeBrowserAdapter() {
+    const a = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" }).catch(() => null);
+    if (!a) return;
+    const i = a.info ?? {};
+    this.adapter.browser = {
+      vendor: i.vendor ?? "",
+      architecture: i.architecture ?? "",
+      device: i.device ?? "",
+      description: i.description ?? "",
+      isFallbackAdapter: !!i.isFallbackAdapter,
+      features: [...a.features].sort(),
+    };
+    if (!this.adapter.name) {
+      this.adapter.name = [i.vendor, i.architecture, i.description].filter(Boolean).join(" ");
+      this.adapter.description = this.adapter.name + this.adapter.description;
+    }
+  }
+
+  /**
+   * Loads a text model: a model folder URL, a .gguf URL, a Hugging Face repo id or "default".
+   * Options: `onProgress`, `signal`, `cache`, `ctx`, `quantize` ("q4" | "q8").
+   */
+  async loadText(source, opts = {}) {
+    const files = await fetchModel(source, "text", { ...opts, modelsBase: this.#modelsBase });
+    opts.signal?.throwIfAborted();
+    const progress = (loaded, total) => opts.onProgress?.({ phase: "upload", loaded, total });
+    const m = await call(() => this.#device.loadText(toFiles(files), options({ ctx: opts.ctx, quantize: opts.quantize }), progress));
+    return new TextModel(m);
+  }
+
+  /** Loads a diffusers pipeline folder (URL, Hugging Face repo id or "default"). */
+  async loadImage(source, opts = {}) {
+    const files = await fetchModel(source, "image", { ...opts, modelsBase: this.#modelsBase });
+    opts.signal?.throwIfAborted();
+    opts.onProgress?.({ phase: "upload", loaded: 0, total: 1 });
+    const m = await call(() => this.#device.loadImage(toFiles(files)));
+    opts.onProgress?.({ phase: "upload", loaded: 1, total: 1 });
+    return new ImageModel(m);
+  }
+
+  /** Runs a few kernels against the engine's CPU reference: `[{ name, relErr, tol, ok }]`. */
+  async kernelParity() {
+    return JSON.parse(await call(() => this.#device.kernelParity()));
+  }
+
+  /** The engine's counters (dispatches, submits, bytes read back, objects created). */
+  counters() {
+    return JSON.parse(sync(() => this.#device.counters()));
+  }
+
+  dispose() {
+    this.#device?.free();
+    this.#device = null;
+  }
+}
+
+/** Test hook: panics inside the module (`inFuture`: inside an async call). */
+export async function debugPanic(inFuture) {
+  await init();
+  return call(() => wasm.debugPanic(inFuture));
+}

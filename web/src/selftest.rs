@@ -1,0 +1,200 @@
+//! A kernel-parity smoke test that runs in the browser: a few kernels on the GPU against the
+//! engine's CPU references (`kiln::reference`), on random inputs whose sizes are not multiples
+//! of the tiles. The full parity suite runs natively (`tests/`); this checks that the same
+//! WGSL behaves on the browser's WebGPU implementation.
+
+use crate::device::{js_err, Device};
+use kiln::graph::Graph;
+use kiln::reference::{elementwise::rope, linear::linear, norm::rms_norm, norm::softmax};
+use kiln::{CompileOptions, DType, Gpu, Tensor};
+use serde_json::json;
+use std::sync::Arc;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+/// Deterministic uniform values in [-1, 1) (xorshift).
+fn random(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Largest |got - want| divided by the largest |want| (a scale-free error).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want
+        .iter()
+        .fold(0f64, |a, &v| a.max(v.abs() as f64))
+        .max(1e-30);
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| ((g - w) as f64).abs())
+        .fold(
+            0f64,
+            |a, e| if e.is_nan() { f64::INFINITY } else { a.max(e) },
+        )
+        / scale
+}
+
+/// Builds `x @ w^T` with x `[m, k]` and w `[n, k]` (uploaded in `dtype`), runs it, returns y.
+async fn run_linear(
+    gpu: &Arc<Gpu>,
+    m: usize,
+    n: usize,
+    k: usize,
+    f16: bool,
+) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    let x = random(m * k, 1);
+    let mut w = random(n * k, 2);
+    let bytes: Vec<u8> = if f16 {
+        // The reference sees the rounded weights, so only the kernel's arithmetic is compared.
+        w.iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        w.iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect()
+    } else {
+        w.iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    let dtype = if f16 { DType::F16 } else { DType::F32 };
+    let wt = Arc::new(Tensor::upload(gpu, "w", &[n, k], dtype, &bytes)?);
+    let mut g = Graph::new();
+    let xv = g.input("x", &[m, k], DType::F32)?;
+    let wv = g.tensor(&wt);
+    let y = g.linear(xv, wv, None)?;
+    g.output(y);
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(xv, &x)?;
+    let out = plan.run_read(&[y]).await?;
+    Ok((bytemuck_f32(&out[0]), linear(&x, &w, None, m, n, k)))
+}
+
+async fn run_softmax(gpu: &Arc<Gpu>, rows: usize, d: usize) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    // Spread of +-8 so that the max subtraction matters.
+    let x: Vec<f32> = random(rows * d, 3).iter().map(|v| v * 8.0).collect();
+    let mut g = Graph::new();
+    let xv = g.input("x", &[rows, d], DType::F32)?;
+    let y = g.softmax(xv)?;
+    g.output(y);
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(xv, &x)?;
+    let out = plan.run_read(&[y]).await?;
+    Ok((bytemuck_f32(&out[0]), softmax(&x, d)))
+}
+
+async fn run_rms_norm(gpu: &Arc<Gpu>, rows: usize, d: usize) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    let x = random(rows * d, 4);
+    let w = random(d, 5);
+    let wt = Arc::new(Tensor::from_f32(gpu, "w", &[d], &w)?);
+    let mut g = Graph::new();
+    let xv = g.input("x", &[rows, d], DType::F32)?;
+    let wv = g.tensor(&wt);
+    let y = g.rms_norm(xv, wv, 1e-5)?;
+    g.output(y);
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(xv, &x)?;
+    let out = plan.run_read(&[y]).await?;
+    Ok((bytemuck_f32(&out[0]), rms_norm(&x, &w, 1e-5)))
+}
+
+async fn run_rope(
+    gpu: &Arc<Gpu>,
+    seq: usize,
+    heads: usize,
+    d: usize,
+    pos: u32,
+) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    let x = random(seq * heads * d, 6);
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 10000f32.powf(-2.0 * i as f32 / d as f32))
+        .collect();
+    let it = Arc::new(Tensor::from_f32(gpu, "inv_freq", &[d / 2], &inv)?);
+    let mut g = Graph::new();
+    let xv = g.input("x", &[1, seq, heads * d], DType::F32)?;
+    let iv = g.tensor(&it);
+    let y = g.rope(xv, iv, heads, false, kiln::Dyn::Static(pos))?;
+    g.output(y);
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(xv, &x)?;
+    let out = plan.run_read(&[y]).await?;
+    Ok((
+        bytemuck_f32(&out[0]),
+        rope(&x, seq, heads, d, &inv, false, pos),
+    ))
+}
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[wasm_bindgen]
+impl Device {
+    /// Runs the kernel smoke test. Resolves to JSON: `[{ name, relErr, tol, ok }]`.
+    #[wasm_bindgen(js_name = kernelParity)]
+    pub fn kernel_parity(&self) -> js_sys::Promise {
+        let gpu = self.gpu.clone();
+        future_to_promise(async move {
+            // Tolerances are relative to the largest reference value. The references accumulate
+            // in f64; the kernels in f32, so the error grows with the reduction length (k <= 300
+            // here: a few 1e-7 per term at worst); 1e-4 leaves room for a different summation
+            // order (subgroups, tiles) without hiding a wrong index, which gives errors near 1.
+            let mut report = Vec::new();
+            let cases: Vec<(&str, kiln::Result<(Vec<f32>, Vec<f32>)>, f64)> = vec![
+                (
+                    "gemm f32 37x70 @ 45x70",
+                    run_linear(&gpu, 37, 45, 70, false).await,
+                    1e-4,
+                ),
+                (
+                    "matvec f32 1x300 @ 129x300",
+                    run_linear(&gpu, 1, 129, 300, false).await,
+                    1e-4,
+                ),
+                (
+                    "matvec f16 1x256 @ 77x256 (packed, no shader-f16)",
+                    run_linear(&gpu, 1, 77, 256, true).await,
+                    1e-4,
+                ),
+                (
+                    "gemm f16 9x96 @ 50x96",
+                    run_linear(&gpu, 9, 50, 96, true).await,
+                    1e-4,
+                ),
+                // exp/division in f32: a few ulp of the largest probability.
+                ("softmax 7x333", run_softmax(&gpu, 7, 333).await, 1e-5),
+                ("rms_norm 5x96", run_rms_norm(&gpu, 5, 96).await, 1e-5),
+                // WGSL lets sin and cos be off by 2^-11 (absolute, after the kernel's own range
+                // reduction) and SwiftShader uses that room (1.5e-4 seen, 1e-7 on lavapipe);
+                // an output sums two such products of inputs below 1.
+                (
+                    "rope 5 tokens x 2 heads x 64 at position 0",
+                    run_rope(&gpu, 5, 2, 64, 0).await,
+                    1e-3,
+                ),
+                (
+                    "rope 5 tokens x 2 heads x 64 at position 300",
+                    run_rope(&gpu, 5, 2, 64, 300).await,
+                    1e-3,
+                ),
+            ];
+            for (name, r, tol) in cases {
+                let (got, want) = r.map_err(|e| js_err(format!("{name}: {e}")))?;
+                let err = rel_err(&got, &want);
+                report.push(json!({ "name": name, "relErr": err, "tol": tol, "ok": err <= tol, "n": want.len() }));
+            }
+            Ok(JsValue::from_str(
+                &serde_json::Value::Array(report).to_string(),
+            ))
+        })
+    }
+}

@@ -1,0 +1,367 @@
+// Browser tests: headless Chromium (Debian's, never a downloaded one) with WebGPU on
+// SwiftShader, driven by playwright-core. Run by tools/test-browser.sh after `npm run build`.
+//
+// Text and images made in the browser are compared with the native `kiln` binary (lavapipe):
+// greedy ids equal, images >= 40 dB PSNR. A missing WebGPU adapter is a failure, never a skip.
+//
+//   node tests/browser.test.mjs [--grep TEXT]
+// Env: CHROMIUM (default /usr/bin/chromium), KILN_BIN (default target/debug/kiln), VERBOSE=1.
+
+import { execFile } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { gzipSync } from "node:zlib";
+import { chromium } from "playwright-core";
+import { startServer } from "../tools/serve.mjs";
+import { psnr, readPng } from "./png.mjs";
+
+const web = join(dirname(fileURLToPath(import.meta.url)), "..");
+const root = join(web, "..");
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const KILN = process.env.KILN_BIN ?? join(root, "target", "debug", "kiln");
+const VERBOSE = !!process.env.VERBOSE;
+const grep = process.argv.includes("--grep") ? process.argv[process.argv.indexOf("--grep") + 1] : null;
+
+// The flags of the design notes (section "Testing and CI"): WebGPU on SwiftShader.
+const FLAGS = [
+  "--no-sandbox",
+  "--enable-unsafe-webgpu",
+  "--enable-unsafe-swiftshader",
+  "--use-webgpu-adapter=swiftshader",
+  "--enable-features=Vulkan",
+  "--use-vulkan=swiftshader",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+];
+
+// The models: the small fixtures always; the embedded default models (models/ at the root).
+const FIXTURE_TEXT = { source: "/fixtures/llm/llama-gqa-f32/", native: ["--model", join(root, "tests/fixtures/llm/llama-gqa-f32")], prompt: "The quick brown fox", tokens: 24 };
+const DEFAULT_TEXT = { source: "default", native: [], prompt: "And God said", tokens: 32, needs: "models/text-kjv/config.json" };
+const FIXTURE_IMAGE = { source: "/fixtures/sd/sd1-tiny/", native: ["--model", join(root, "tests/fixtures/sd/sd1-tiny")], prompt: "a red circle on a blue background", seed: 7, steps: 8 };
+const DEFAULT_IMAGE = { source: "default", native: [], prompt: "a red circle on a blue background", seed: 7, steps: 20, needs: "models/image-shapes/model_index.json" };
+
+const assert = (cond, msg) => {
+  if (!cond) throw new Error(msg);
+};
+const run = promisify(execFile);
+const log = (...a) => console.log("     ", ...a);
+const results = {};
+
+async function native(args) {
+  assert(existsSync(KILN), `native binary ${KILN} not found: build it with \`cargo build -p kiln-demo\``);
+  const env = { ...process.env, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR ?? tmpdir() };
+  const { stdout } = await run(KILN, args, { env, maxBuffer: 1 << 26, timeout: 600000 });
+  return JSON.parse(stdout.trim().split("\n").pop());
+}
+
+function needs(model) {
+  if (model.needs) assert(existsSync(join(root, model.needs)), `${model.needs} is missing: the default models are not in the repository yet`);
+}
+
+// ---- browser plumbing
+
+let server, url, context, userDir;
+const hits = [];
+
+async function openDemo(worker) {
+  const page = await context.newPage();
+  page.on("console", (m) => {
+    // Chrome logs every 404 of a fetch, including the optional files a model may lack.
+    if (VERBOSE || (m.type() === "error" && !/status of 404/.test(m.text()))) console.log(`      [${worker ? "worker page" : "page"} ${m.type()}] ${m.text()}`);
+  });
+  page.on("pageerror", (e) => console.log(`      [pageerror] ${e.message}`));
+  await page.goto(`${url}/demo/?worker=${worker ? 1 : 0}`);
+  await page.waitForSelector("#adapter-section[data-state=ready], #adapter-section[data-state=error]", { timeout: 60000 });
+  const state = await page.getAttribute("#adapter-section", "data-state");
+  if (state !== "ready") throw new Error(`no WebGPU device in the browser: ${await page.textContent("#adapter-error")}`);
+  return page;
+}
+
+async function waitState(page, section, states, timeout) {
+  const sel = states.map((s) => `#${section}[data-state=${s}]`).join(", ");
+  await page.waitForSelector(sel, { timeout });
+  return page.getAttribute(`#${section}`, "data-state");
+}
+
+/** Loads a text model and generates greedily through the demo's controls. */
+async function uiText(page, model) {
+  await page.fill("#text-source", model.source);
+  await page.click("#text-load");
+  if ((await waitState(page, "text-section", ["loaded", "error"], 300000)) === "error") throw new Error(await page.textContent("#text-error"));
+  await page.fill("#prompt", model.prompt);
+  await page.fill("#max-tokens", String(model.tokens));
+  await page.fill("#temperature", "0");
+  await page.click("#generate");
+  if ((await waitState(page, "text-section", ["done", "error"], 300000)) === "error") throw new Error(await page.textContent("#text-error"));
+  const shown = await page.textContent("#output");
+  const r = await page.evaluate(() => window.demo.lastText);
+  assert(shown === r.text, `the page shows ${JSON.stringify(shown)}, the result is ${JSON.stringify(r.text)}`);
+  return r;
+}
+
+async function textParity(model, worker) {
+  needs(model);
+  const want = await native(["text", ...model.native, "--json", "--temperature", "0", "--prompt", model.prompt, "--max-tokens", String(model.tokens), "--logprobs"]);
+  const page = await openDemo(worker);
+  const got = await uiText(page, model);
+  await page.close();
+  assert(JSON.stringify(got.promptIds) === JSON.stringify(want.prompt_ids), `prompt ids: browser ${got.promptIds}, native ${want.prompt_ids}`);
+  assert(JSON.stringify(got.ids) === JSON.stringify(want.ids), `greedy ids differ:\n  browser ${got.ids}\n  native  ${want.ids}`);
+  const diffs = got.logprobs.map((l, i) => Math.abs(l - want.logprobs[i]));
+  const dlp = Math.max(...diffs);
+  if (VERBOSE) log(`logprobs browser ${got.logprobs.map((l) => l.toFixed(5))}\n       native ${want.logprobs.map((l) => l.toFixed(5))}`);
+  log(`${got.ids.length} ids equal to native; max |logprob diff| ${dlp.toExponential(2)}; text ${JSON.stringify(got.text.slice(0, 60))}`);
+  log(`time to first token: ${got.ttftMs.toFixed(0)} ms on the page (first streamed piece), ${got.timings.ttftMs.toFixed(0)} ms in the engine (prefill of ${got.promptIds.length} tokens); decode ${got.timings.decodeTokS.toFixed(1)} tok/s`);
+  // WGSL lets sin/cos be off by 2^-11 and SwiftShader's are (1.5e-4 in the rotary embedding,
+  // see the kernel test), where lavapipe's are exact to f32: about 1e-3 in the log-probabilities.
+  assert(dlp < 5e-3, `logprobs differ by ${dlp}`);
+  return got;
+}
+
+/** Generates an image with the API in the page (worker or not) and compares it with native. */
+async function imageParity(model, worker, viaUi) {
+  needs(model);
+  const out = join(userDir, `native-${worker}-${viaUi}.png`);
+  const want = await native(["image", ...model.native, "--prompt", model.prompt, "--seed", String(model.seed), "--steps", String(model.steps), "--out", out, "--json"]);
+  const page = await openDemo(worker);
+  let got;
+  if (viaUi) {
+    await page.fill("#image-source", model.source);
+    await page.click("#image-load");
+    if ((await waitState(page, "image-section", ["loaded", "error"], 300000)) === "error") throw new Error(await page.textContent("#image-error"));
+    await page.fill("#image-prompt", model.prompt);
+    await page.fill("#image-seed", String(model.seed));
+    await page.fill("#steps", String(model.steps));
+    await page.click("#image-generate");
+    if ((await waitState(page, "image-section", ["done", "error"], 600000)) === "error") throw new Error(await page.textContent("#image-error"));
+    got = await page.evaluate(() => {
+      const i = window.demo.lastImage;
+      const c = document.getElementById("canvas").getContext("2d").getImageData(0, 0, i.width, i.height);
+      return { width: i.width, height: i.height, data: Array.from(i.data), canvas: Array.from(c.data) };
+    });
+    assert(JSON.stringify(got.canvas) === JSON.stringify(got.data), "the canvas does not show the generated image");
+  } else {
+    got = await page.evaluate(async (m) => {
+      const sd = await window.demo.kiln.loadImage(m.source);
+      const steps = [];
+      const t0 = performance.now();
+      const img = await sd.generate(m.prompt, {
+        seed: m.seed,
+        steps: m.steps,
+        onStep: ({ step, steps: total, preview }) => steps.push({ step, total, preview: preview && [preview.width, preview.height, preview.data.length] }),
+      });
+      const ms = performance.now() - t0;
+      sd.dispose();
+      return { width: img.width, height: img.height, data: Array.from(img.data), steps, ms, isImageData: img instanceof ImageData };
+    }, model);
+    assert(got.isImageData, "generate did not resolve to an ImageData");
+    assert(got.steps.length === model.steps && got.steps.every((s, i) => s.step === i + 1 && s.total === model.steps), `onStep calls: ${JSON.stringify(got.steps.map((s) => s.step))}`);
+    const previews = got.steps.filter((s) => s.preview);
+    assert(previews.length === model.steps - 1 && previews.every((p) => p.preview[0] > 0 && p.preview[2] === p.preview[0] * p.preview[1] * 4), `previews: ${JSON.stringify(previews.map((p) => p.preview))}`);
+    log(`${model.steps} steps with ${previews.length} live previews (${previews[0]?.preview.slice(0, 2).join("x")}) in ${(got.ms / 1000).toFixed(1)} s`);
+  }
+  await page.close();
+  const ref = readPng(readFileSync(out));
+  const db = psnr({ ...got, channels: 4 }, ref);
+  log(`${got.width}x${got.height}: PSNR ${db.toFixed(1)} dB against native (${want.width}x${want.height}, ${want.steps} steps)`);
+  assert(db >= 40, `PSNR ${db.toFixed(2)} dB < 40 dB`);
+}
+
+// ---- the tests
+
+const tests = [];
+const test = (name, timeoutMs, fn) => tests.push({ name, timeoutMs, fn });
+
+test("WebGPU adapter on SwiftShader (main thread and worker)", 120000, async () => {
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const a = await page.evaluate(() => window.demo.kiln.adapter);
+    log(`${worker ? "worker" : "page  "}: ${a.description}`);
+    assert(a.features.shaderF16 === false || a.features.shaderF16 === true, "no feature report");
+    await page.close();
+  }
+});
+
+test("kernel parity in the browser (GPU vs CPU reference)", 120000, async () => {
+  const page = await openDemo(false);
+  const r = await page.evaluate(() => window.demo.kiln.kernelParity());
+  await page.close();
+  for (const c of r) log(`${c.ok ? "ok  " : "FAIL"} ${c.name}: ${c.relErr.toExponential(2)} (tol ${c.tol})`);
+  assert(r.length > 0 && r.every((c) => c.ok), "a kernel is outside its tolerance");
+});
+
+test("text: fixture model, greedy ids equal native (page)", 600000, () => textParity(FIXTURE_TEXT, false));
+test("text: default model, greedy ids equal native (page)", 600000, async () => {
+  results.ttft = (await textParity(DEFAULT_TEXT, false)).ttftMs;
+});
+test("text: default model in a Web Worker, equal native", 600000, () => textParity(DEFAULT_TEXT, true));
+
+test("text: a reload loads from the Cache Storage API, not the network", 300000, async () => {
+  const page = await openDemo(true);
+  const loadAndWatch = () =>
+    page.evaluate(async (src) => {
+      const events = [];
+      const m = await window.demo.kiln.loadText(src, { onProgress: (p) => events.push(p) });
+      m.dispose();
+      return events.filter((e) => e.phase === "download" && e.loaded === e.total && e.total > 0);
+    }, FIXTURE_TEXT.source);
+  await loadAndWatch(); // fills the cache if no earlier test did
+  await page.reload();
+  await page.waitForSelector("#adapter-section[data-state=ready]");
+  const before = hits.length;
+  const files = await loadAndWatch();
+  const fetched = hits.slice(before).filter((h) => h.path.startsWith("/fixtures/") && h.status === 200);
+  await page.close();
+  log(`${files.length} files after the reload, all from the cache: ${files.every((f) => f.cached)}; model bytes served: ${fetched.length} requests`);
+  assert(files.length >= 3 && files.every((f) => f.cached), `files not from the cache: ${files.filter((f) => !f.cached).map((f) => f.file)}`);
+  assert(fetched.length === 0, `downloaded again: ${fetched.map((h) => h.path)}`);
+});
+
+test("text: AbortSignal and leaving the loop stop generation; the model stays usable", 300000, async () => {
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const r = await page.evaluate(async (m) => {
+      const llm = await window.demo.kiln.loadText(m.source);
+      const ac = new AbortController();
+      let pieces = 0;
+      let error = null;
+      try {
+        for await (const _ of llm.generate(m.prompt, { maxTokens: 500, temperature: 0, signal: ac.signal })) {
+          if (++pieces === 3) ac.abort();
+        }
+      } catch (e) {
+        error = e.name;
+      }
+      let early = 0;
+      for await (const _ of llm.generate(m.prompt, { maxTokens: 500, temperature: 0 })) if (++early === 2) break;
+      const pre = new AbortController();
+      pre.abort();
+      const preErr = await llm.complete(m.prompt, { signal: pre.signal }).then(() => null, (e) => e.name);
+      const after = await llm.complete(m.prompt, { maxTokens: 4, temperature: 0 });
+      llm.dispose();
+      return { pieces, error, early, preErr, after: after.ids.length };
+    }, FIXTURE_TEXT);
+    await page.close();
+    log(`${worker ? "worker" : "page  "}: ${JSON.stringify(r)}`);
+    assert(r.error === "AbortError" && r.pieces === 3, `abort: ${JSON.stringify(r)}`);
+    assert(r.preErr === "AbortError" && r.after === 4, `after abort: ${JSON.stringify(r)}`);
+  }
+});
+
+test("image: fixture pipeline equals native (worker, with previews)", 600000, () => imageParity(FIXTURE_IMAGE, true, false));
+test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
+
+test("image: AbortSignal stops the denoising loop; the pipeline stays usable", 300000, async () => {
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const r = await page.evaluate(async (m) => {
+      const sd = await window.demo.kiln.loadImage(m.source);
+      const ac = new AbortController();
+      let last = 0;
+      const error = await sd
+        .generate(m.prompt, { steps: 200, signal: ac.signal, onStep: ({ step }) => (last = step) === 2 && ac.abort() })
+        .then(() => null, (e) => e.name);
+      const img = await sd.generate(m.prompt, { steps: 2 });
+      sd.dispose();
+      return { error, last, after: [img.width, img.height] };
+    }, FIXTURE_IMAGE);
+    await page.close();
+    log(`${worker ? "worker" : "page  "}: ${JSON.stringify(r)}`);
+    assert(r.error === "AbortError" && r.last <= 3 && r.after[0] > 0, JSON.stringify(r));
+  }
+});
+
+test("bad model sources give an Error, not a hang", 180000, async () => {
+  const page = await openDemo(false);
+  const r = await page.evaluate(async () => {
+    const k = window.demo.kiln;
+    const err = (p) => p.then(() => "no error", (e) => (e instanceof Error ? e.message : `not an Error: ${e}`));
+    return {
+      missingFolder: await err(k.loadText("/models/no-such-model/")),
+      unreachable: await err(k.loadText("http://127.0.0.1:9/model/")),
+      stalled: await err(k.loadText("/__stall/model.gguf", { stallMs: 1500 })),
+      notASource: await err(k.loadText("not a model")),
+      textAsImage: await err(k.loadImage("/fixtures/llm/llama-gqa-f32/")),
+      imageAsText: await err(k.loadText("/fixtures/sd/sd1-tiny/")),
+      missingGguf: await err(k.loadText("/fixtures/llm/llama-gqa-f32/nothing.gguf")),
+      noiseGguf: await err(k.loadText("/__garbage/model.gguf")),
+      noiseFolder: await err(k.loadText("/__garbage/")),
+      noisePipeline: await err(k.loadImage("/__garbage/")),
+    };
+  });
+  for (const [k, v] of Object.entries(r)) log(`${k}: ${v}`);
+  assert(/config\.json.*HTTP 404/.test(r.missingFolder), r.missingFolder);
+  assert(/could not fetch/.test(r.unreachable), r.unreachable);
+  assert(/no data for 1\.5 s/.test(r.stalled), r.stalled);
+  assert(/not a URL/.test(r.notASource), r.notASource);
+  assert(/model_index\.json.*404/.test(r.textAsImage), r.textAsImage);
+  assert(/config\.json.*404/.test(r.imageAsText), r.imageAsText);
+  assert(/nothing\.gguf.*404/.test(r.missingGguf), r.missingGguf);
+  for (const k of ["noiseGguf", "noiseFolder", "noisePipeline"]) assert(r[k] !== "no error" && !/not an Error|panic/.test(r[k]), `${k}: ${r[k]}`);
+  // The same through the demo's controls: the error is shown.
+  await page.fill("#text-source", "/models/no-such-model/");
+  await page.click("#text-load");
+  assert((await waitState(page, "text-section", ["loaded", "error"], 60000)) === "error", "no error state");
+  assert(await page.isVisible("#text-error"), "the error is not shown");
+  log(`shown: ${await page.textContent("#text-error")}`);
+  await page.close();
+});
+
+test("a Rust panic reaches JavaScript as an Error with its message", 60000, async () => {
+  for (const inFuture of [false, true]) {
+    const page = await context.newPage();
+    page.on("pageerror", () => {}); // the trap itself is also reported to the page
+    await page.goto(`${url}/demo/?worker=0`);
+    const r = await page.evaluate(async (f) => {
+      const k = await import("/pkg/kiln.js");
+      const first = await k.debugPanic(f).then(() => null, (e) => ({ error: e instanceof Error, name: e.name, message: e.message }));
+      const later = await k.debugPanic(false).then(() => null, (e) => e.message);
+      return { first, later };
+    }, inFuture);
+    await page.close();
+    log(`${inFuture ? "in a future" : "synchronous"}: ${r.first?.message}`);
+    assert(r.first?.error && /deliberate panic/.test(r.first.message) && !/unreachable/.test(r.first.message), JSON.stringify(r));
+    assert(/deliberate panic/.test(r.later), `a later call: ${r.later}`);
+  }
+});
+
+// ---- main
+
+const wasmFile = join(web, "pkg", "wasm", "kiln_web_bg.wasm");
+assert(existsSync(wasmFile), `${wasmFile} not found: run \`npm run build\` first`);
+const raw = statSync(wasmFile).size;
+const gz = gzipSync(readFileSync(wasmFile), { level: 9 }).length;
+console.log(`wasm: ${(raw / 1048576).toFixed(2)} MiB raw, ${(gz / 1048576).toFixed(2)} MiB gzip`);
+
+({ server, url } = await startServer({ port: 0, log: false }));
+server.on("request", (req, res) => res.on("finish", () => hits.push({ path: new URL(req.url, url).pathname, status: res.statusCode })));
+userDir = mkdtempSync(join(tmpdir(), "kiln-chromium-"));
+context = await chromium.launchPersistentContext(userDir, { executablePath: CHROMIUM, headless: true, args: ["--headless=new", ...FLAGS] });
+
+let failed = 0;
+for (const t of tests) {
+  if (grep && !t.name.includes(grep)) continue;
+  const t0 = Date.now();
+  let timer;
+  try {
+    await Promise.race([t.fn(), new Promise((_, rej) => (timer = setTimeout(() => rej(new Error(`timed out after ${t.timeoutMs / 1000} s`)), t.timeoutMs)))]);
+    console.log(`ok   ${t.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+  } catch (e) {
+    failed++;
+    console.log(`FAIL ${t.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n     ${(e.stack ?? String(e)).split("\n").join("\n     ")}`);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+await context.close();
+server.closeAllConnections();
+server.close();
+rmSync(userDir, { recursive: true, force: true });
+console.log(`wasm: ${(raw / 1048576).toFixed(2)} MiB raw, ${(gz / 1048576).toFixed(2)} MiB gzip; time to first token (default model, page): ${results.ttft ? results.ttft.toFixed(0) + " ms" : "n/a"}`);
+console.log(failed ? `${failed} browser test(s) FAILED` : "all browser tests passed");
+process.exit(failed ? 1 : 0);
