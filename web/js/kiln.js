@@ -171,18 +171,24 @@ export class Kiln {
     if (!globalThis.navigator?.gpu) {
       throw new Error("WebGPU is not available here (navigator.gpu is missing): use a browser with WebGPU, on https or localhost");
     }
+    // Asked here too so that "no adapter" gets a browser's explanation, not a native one.
+    const a = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" }).catch(() => null);
+    if (!a) {
+      throw new Error(
+        "WebGPU found no adapter (navigator.gpu.requestAdapter() returned null): the GPU may be blocklisted or hardware acceleration off" +
+          " (headless Chromium without a GPU needs --enable-unsafe-webgpu --use-webgpu-adapter=swiftshader)",
+      );
+    }
     await init(opts.wasmUrl);
     const device = await call(() => wasm.createDevice());
     const kiln = new Kiln(device, opts);
-    await kiln.#describeBrowserAdapter();
+    kiln.#describeBrowserAdapter(a);
     return kiln;
   }
 
   /** Adds what the browser says about its adapter (wgpu leaves the name empty and does not
    * map every feature, e.g. `subgroups`, which the engine then does not use). */
-  async #describeBrowserAdapter() {
-    const a = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" }).catch(() => null);
-    if (!a) return;
+  #describeBrowserAdapter(a) {
     const i = a.info ?? {};
     this.adapter.browser = {
       vendor: i.vendor ?? "",

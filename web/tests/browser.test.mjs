@@ -5,7 +5,8 @@
 // greedy ids equal, images >= 40 dB PSNR. A missing WebGPU adapter is a failure, never a skip.
 //
 //   node tests/browser.test.mjs [--grep TEXT]
-// Env: CHROMIUM (default /usr/bin/chromium), KILN_BIN (default target/debug/kiln), VERBOSE=1.
+// Env: CHROMIUM (default /usr/bin/chromium), CHROMIUM_EXTRA_FLAGS, KILN_BIN (default
+// target/debug/kiln), VERBOSE=1.
 
 import { execFile } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
@@ -177,6 +178,32 @@ async function imageParity(model, worker, viaUi) {
 const tests = [];
 const test = (name, timeoutMs, fn) => tests.push({ name, timeoutMs, fn });
 
+test("model sources resolve to URLs (folders, .gguf, Hugging Face ids, default)", 1000, async () => {
+  const { resolveSource } = await import("../js/fetch.js");
+  const base = "http://localhost:8080/models/";
+  const cases = [
+    ["default", "text", { base: `${base}text-kjv/` }],
+    ["default", "image", { base: `${base}image-shapes/` }],
+    ["HuggingFaceTB/SmolLM2-135M-Instruct", "text", { base: "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/" }],
+    ["Qwen/Qwen2-0.5B-Instruct-GGUF/qwen2-0_5b-instruct-q4_k_m.gguf", "text", { base: "https://huggingface.co/Qwen/Qwen2-0.5B-Instruct-GGUF/resolve/main/", file: "qwen2-0_5b-instruct-q4_k_m.gguf" }],
+    ["https://example.com/m/tiny.Q8_0.gguf", "text", { base: "https://example.com/m/", file: "tiny.Q8_0.gguf" }],
+    ["https://example.com/sd", "image", { base: "https://example.com/sd/" }],
+  ];
+  for (const [src, kind, want] of cases) {
+    const got = resolveSource(src, kind, base);
+    assert(got.base === want.base && got.file === want.file, `${src}: ${JSON.stringify(got)}`);
+  }
+  for (const bad of ["", "just-a-name", "a/b/c"]) {
+    let msg = null;
+    try {
+      resolveSource(bad, "text", base);
+    } catch (e) {
+      msg = e.message;
+    }
+    assert(msg, `"${bad}" resolved`);
+  }
+});
+
 test("WebGPU adapter on SwiftShader (main thread and worker)", 120000, async () => {
   for (const worker of [false, true]) {
     const page = await openDemo(worker);
@@ -200,6 +227,28 @@ test("text: default model, greedy ids equal native (page)", 600000, async () => 
   results.ttft = (await textParity(DEFAULT_TEXT, false)).ttftMs;
 });
 test("text: default model in a Web Worker, equal native", 600000, () => textParity(DEFAULT_TEXT, true));
+
+test("text: a .gguf URL (Q4_K_M), a sharded f16 folder and a Qwen2 folder equal native (worker)", 600000, async () => {
+  const cases = [
+    { source: "/fixtures/llm/llama-q-256/model-q4_k_m.gguf", model: "tests/fixtures/llm/llama-q-256/model-q4_k_m.gguf" },
+    { source: "/fixtures/llm/llama3-rope-f16/", model: "tests/fixtures/llm/llama3-rope-f16" },
+    { source: "/fixtures/llm/qwen2-f32/", model: "tests/fixtures/llm/qwen2-f32" },
+  ];
+  const page = await openDemo(true);
+  for (const c of cases) {
+    const want = await native(["text", "--model", join(root, c.model), "--json", "--temperature", "0", "--prompt", "Hello there", "--max-tokens", "16"]);
+    const got = await page.evaluate(async (src) => {
+      const llm = await window.demo.kiln.loadText(src);
+      const r = await llm.complete("Hello there", { maxTokens: 16, temperature: 0 });
+      llm.dispose();
+      return r;
+    }, c.source);
+    log(`${c.source}: ${got.ids.length} ids${JSON.stringify(got.ids) === JSON.stringify(want.ids) ? " equal to native" : ""}`);
+    assert(JSON.stringify(got.promptIds) === JSON.stringify(want.prompt_ids), `${c.source} prompt ids: ${got.promptIds} vs ${want.prompt_ids}`);
+    assert(JSON.stringify(got.ids) === JSON.stringify(want.ids), `${c.source}: browser ${got.ids}\n native ${want.ids}`);
+  }
+  await page.close();
+});
 
 test("text: a reload loads from the Cache Storage API, not the network", 300000, async () => {
   const page = await openDemo(true);
@@ -341,7 +390,8 @@ console.log(`wasm: ${(raw / 1048576).toFixed(2)} MiB raw, ${(gz / 1048576).toFix
 ({ server, url } = await startServer({ port: 0, log: false }));
 server.on("request", (req, res) => res.on("finish", () => hits.push({ path: new URL(req.url, url).pathname, status: res.statusCode })));
 userDir = mkdtempSync(join(tmpdir(), "kiln-chromium-"));
-context = await chromium.launchPersistentContext(userDir, { executablePath: CHROMIUM, headless: true, args: ["--headless=new", ...FLAGS] });
+const extra = (process.env.CHROMIUM_EXTRA_FLAGS ?? "").split(" ").filter(Boolean);
+context = await chromium.launchPersistentContext(userDir, { executablePath: CHROMIUM, headless: true, args: ["--headless=new", ...FLAGS, ...extra] });
 
 let failed = 0;
 for (const t of tests) {
