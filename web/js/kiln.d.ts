@@ -201,3 +201,6 @@ export declare function resolveSource(source: string, kind: "text" | "image", mo
 
 /** Deletes every cached model file. */
 export declare function clearCache(): Promise<void>;
+
+/** Test hook: makes the module panic (`inFuture`: inside an async call); the module is unusable afterwards. */
+export declare function debugPanic(inFuture: boolean): Promise<never>;
