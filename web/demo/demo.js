@@ -27,6 +27,8 @@ function setState(section, state) {
 function progressView(id) {
   const bar = $(id).querySelector("progress");
   const label = $(id).querySelector("span");
+  bar.value = 0;
+  label.textContent = "";
   return (p) => {
     if (p.phase === "download") {
       const total = p.total ?? 0;
@@ -88,6 +90,7 @@ $("text-load").onclick = async () => {
   $("text-load").disabled = $("generate").disabled = true;
   demo.llm?.dispose();
   demo.llm = null;
+  $("text-info").textContent = "";
   try {
     const t0 = performance.now();
     demo.llm = await demo.kiln.loadText($("text-source").value, { onProgress: progressView("text-progress") });
