@@ -3,6 +3,10 @@
 //! of the tiles. The full parity suite runs natively (`tests/`); this checks that the same
 //! WGSL behaves on the browser's WebGPU implementation.
 
+// The engine's graph takes tensors as `Arc`s; on wasm its GPU handles are not `Send` (there is
+// one thread).
+#![allow(clippy::arc_with_non_send_sync)]
+
 use crate::device::{js_err, Device};
 use kiln::graph::Graph;
 use kiln::reference::{elementwise::rope, linear::linear, norm::rms_norm, norm::softmax};
@@ -131,6 +135,9 @@ async fn run_rope(
     ))
 }
 
+/// GPU output and CPU reference of one case.
+type Outputs = kiln::Result<(Vec<f32>, Vec<f32>)>;
+
 fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -149,7 +156,7 @@ impl Device {
             // here: a few 1e-7 per term at worst); 1e-4 leaves room for a different summation
             // order (subgroups, tiles) without hiding a wrong index, which gives errors near 1.
             let mut report = Vec::new();
-            let cases: Vec<(&str, kiln::Result<(Vec<f32>, Vec<f32>)>, f64)> = vec![
+            let cases: Vec<(&str, Outputs, f64)> = vec![
                 (
                     "gemm f32 37x70 @ 45x70",
                     run_linear(&gpu, 37, 45, 70, false).await,
