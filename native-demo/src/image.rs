@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ImageArgs {
-    /// A diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/).
+    /// A diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/,
+    /// scheduler/). Default: the embedded coloured-shapes model (models/image-shapes).
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]
@@ -56,16 +57,26 @@ pub fn write_png(path: &std::path::Path, w: usize, h: usize, rgb: &[u8]) -> Resu
 }
 
 pub fn run(a: ImageArgs) -> Result<()> {
-    let Some(model) = &a.model else {
-        bail!("no --model given (pass a diffusers pipeline folder)");
+    let files = match &a.model {
+        Some(model) => {
+            let dir = PathBuf::from(model);
+            if !dir.is_dir() {
+                bail!("model '{model}' not found: pass a diffusers pipeline folder");
+            }
+            read_pipeline_dir(&dir)?
+        }
+        None => {
+            if !a.json {
+                eprintln!("model: {}", crate::defaults::IMAGE_NAME);
+            }
+            crate::defaults::image()
+        }
     };
-    let dir = PathBuf::from(model);
-    if !dir.is_dir() {
-        bail!("model '{model}' not found: pass a diffusers pipeline folder");
-    }
     let gpu = crate::gpu()?;
     let t0 = std::time::Instant::now();
-    let mut m = SdModels::load(&gpu, &read_pipeline_dir(&dir)?)?;
+    let spinner = crate::spinner(!a.json && !a.window, "loading the pipeline");
+    let mut m = SdModels::load(&gpu, &files)?;
+    spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let f = m.vae_cfg.scale_factor();
     let latents = match &a.latents {

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_image;
 mod bench_text;
+mod defaults;
 mod hub;
 mod image;
 mod window;
@@ -44,7 +45,8 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// A model folder (config.json + safetensors + tokenizer.json) or a .gguf file.
+    /// A model folder (config.json + safetensors + tokenizer.json), a .gguf file or a Hugging Face
+    /// repo id. Default: the embedded King James Bible model (models/text-kjv).
     #[arg(long)]
     model: Option<String>,
     /// Quantize float matrices on load.
@@ -116,6 +118,21 @@ pub fn gpu() -> Result<Arc<Gpu>> {
     pollster::block_on(Gpu::new(GpuOptions::default())).context("no usable GPU adapter")
 }
 
+/// A spinner on stderr for work without a known length (hidden when `show` is false).
+pub fn spinner(show: bool, msg: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let s = ProgressBar::new_spinner();
+    s.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    s.set_message(msg.to_string());
+    s.enable_steady_tick(std::time::Duration::from_millis(120));
+    s
+}
+
 fn options(s: &SamplingArgs) -> GenerateOptions {
     GenerateOptions {
         max_tokens: s.max_tokens,
@@ -133,16 +150,20 @@ fn options(s: &SamplingArgs) -> GenerateOptions {
 }
 
 fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
-    let Some(path) = &m.model else {
-        bail!("no --model given (pass a model folder or a .gguf file)");
-    };
-    let p = PathBuf::from(path);
-    let files = if p.exists() {
-        kiln::llm::generate::read_model_path(&p)?
-    } else if hub::looks_like_repo_id(path) {
-        hub::fetch(path)?
+    let files = if let Some(path) = &m.model {
+        let p = PathBuf::from(path);
+        if p.exists() {
+            kiln::llm::generate::read_model_path(&p)?
+        } else if hub::looks_like_repo_id(path) {
+            hub::fetch(path)?
+        } else {
+            bail!("model '{path}' not found: pass a local folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or a Hugging Face repo id (owner/name, or owner/name:file.gguf)");
+        }
     } else {
-        bail!("model '{path}' not found: pass a local folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or a Hugging Face repo id (owner/name, or owner/name:file.gguf)");
+        if !quiet {
+            eprintln!("model: {}", defaults::TEXT_NAME);
+        }
+        defaults::text()
     };
     let quantize = match m.quantize.as_deref() {
         Some("q4") => Quantize::Q4,
@@ -184,13 +205,21 @@ fn text(a: TextArgs) -> Result<()> {
     let opts = options(&a.sampling);
     let json = a.json;
     let mut out = std::io::stdout();
+    // The prompt is echoed once the first token is out; until then a spinner shows the prefill.
+    let mut echo = if json { None } else { a.prompt.clone() };
+    let spinner = spinner(!json, &format!("prefill of {} tokens", prompt.len()));
     let g = pollster::block_on(model.generate(&prompt, &opts, &mut |piece| {
+        spinner.finish_and_clear();
         if !json {
+            if let Some(p) = echo.take() {
+                let _ = out.write_all(p.as_bytes());
+            }
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         }
         true
     }))?;
+    spinner.finish_and_clear();
     if json {
         let v = serde_json::json!({
             "prompt_ids": g.prompt_ids,
@@ -244,16 +273,39 @@ fn chat(a: ChatArgs) -> Result<()> {
             break;
         }
         messages.push(("user".into(), line.trim_end().to_string()));
-        let prompt = model.tokenizer.render_chat(&messages)?;
-        let ids = model.tokenizer.encode(&prompt)?;
+        // Keep room for a reply: forget the oldest exchanges while the conversation does not fit.
+        let room = opts.max_tokens.min(model.ctx() / 4).max(1);
+        let first = usize::from(a.system.is_some());
+        let ids = loop {
+            let ids = model
+                .tokenizer
+                .encode(&model.tokenizer.render_chat(&messages)?)?;
+            if ids.len() + room <= model.ctx() || messages.len() <= first + 1 {
+                break ids;
+            }
+            let n = if messages.len() > first + 2 { 2 } else { 1 };
+            messages.drain(first..first + n);
+            eprintln!(
+                "(context of {} tokens full: the oldest exchange is forgotten)",
+                model.ctx()
+            );
+        };
         let mut out = std::io::stdout();
-        let g = pollster::block_on(model.generate(&ids, &opts, &mut |p| {
+        let r = pollster::block_on(model.generate(&ids, &opts, &mut |p| {
             let _ = out.write_all(p.as_bytes());
             let _ = out.flush();
             true
-        }))?;
+        }));
         println!();
-        messages.push(("assistant".into(), g.text));
+        match r {
+            Ok(g) => messages.push(("assistant".into(), g.text)),
+            Err(e @ kiln::Error::Data { .. }) => {
+                // A message that cannot fit: say so and keep the conversation going.
+                eprintln!("error: {e}");
+                messages.pop();
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

@@ -78,8 +78,8 @@ fn text_json_greedy_matches_transformers() {
 
 #[test]
 fn text_prompt_is_tokenized_and_streamed() {
-    // The streamed text (stdout) equals the text of the same run as JSON, and the prompt ids are
-    // the tokenizer's ids for the text (not empty, not the raw bytes).
+    // The streamed text (stdout) is the prompt followed by the text of the same run as JSON, and
+    // the prompt ids are the tokenizer's ids for the text (not empty, not the raw bytes).
     let args = [
         "text",
         "--model",
@@ -107,7 +107,7 @@ fn text_prompt_is_tokenized_and_streamed() {
     let text = v["text"].as_str().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&streamed.stdout).trim_end_matches('\n'),
-        text
+        format!("Hello world{text}")
     );
     let e: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("qwen2-f32/expected.json")).unwrap())
@@ -192,6 +192,76 @@ fn image_writes_the_png_diffusers_makes() {
     assert_eq!(
         (info.width as usize, info.height as usize),
         (want.shape[2], want.shape[1])
+    );
+    let mse: f64 = buf[..want.data.len()]
+        .iter()
+        .zip(&want.data)
+        .map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2))
+        .sum::<f64>()
+        / want.data.len() as f64;
+    let psnr = 10.0 * (1.0 / mse.max(1e-20)).log10();
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+}
+
+fn default_model(p: &str) -> String {
+    format!("{}/../models/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// With no `--model`, `kiln text` runs the embedded default model: its greedy ids are
+/// transformers' (models/text-kjv/reference.json, written by tools/train_text_model.py).
+#[test]
+fn text_without_model_uses_the_embedded_default() {
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(default_model("text-kjv/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let r = &r[0];
+    let want = r["ids"].as_array().unwrap();
+    let o = kiln(&[
+        "text",
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        &want.len().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["prompt_ids"], r["prompt_ids"]);
+    assert_eq!(v["ids"].as_array().unwrap(), want);
+}
+
+/// With no `--model`, `kiln image` runs the embedded default pipeline: for the reference latents
+/// its PNG is diffusers' picture (models/image-shapes/reference, tools/train_image_model.py).
+#[test]
+fn image_without_model_uses_the_embedded_default() {
+    let dir = default_model("image-shapes/reference");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/reference.json")).unwrap())
+            .unwrap();
+    let out = std::env::temp_dir().join("kiln-cli-default.png");
+    let o = kiln(&[
+        "image",
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--latents",
+        &format!("{dir}/latents.npy"),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let mut rd = dec.read_info().unwrap();
+    let mut buf = vec![0; rd.output_buffer_size().unwrap()];
+    let info = rd.next_frame(&mut buf).unwrap();
+    let want =
+        kiln::formats::npy::parse(&std::fs::read(format!("{dir}/image.npy")).unwrap()).unwrap();
+    assert_eq!(
+        (info.height as usize, info.width as usize),
+        (want.shape[0], want.shape[1])
     );
     let mse: f64 = buf[..want.data.len()]
         .iter()
