@@ -250,6 +250,27 @@ test("text: a .gguf URL (Q4_K_M), a sharded f16 folder and a Qwen2 folder equal 
   await page.close();
 });
 
+test("text: a decode token costs one submit, 8 bytes of readback and no new objects", 300000, async () => {
+  const page = await openDemo(false);
+  const r = await page.evaluate(async (src) => {
+    const k = window.demo.kiln;
+    const llm = await k.loadText(src);
+    const diff = (x, y) => Object.fromEntries(Object.keys(x).map((key) => [key, y[key] - x[key]]));
+    const a = k.counters();
+    await llm.complete([1, 2, 3], { maxTokens: 1, temperature: 0 });
+    const b = k.counters();
+    await llm.complete([1, 2, 3], { maxTokens: 5, temperature: 0 });
+    const c = k.counters();
+    llm.dispose();
+    const one = diff(a, b);
+    const five = diff(b, c);
+    return Object.fromEntries(Object.keys(one).map((key) => [key, (five[key] - one[key]) / 4]));
+  }, FIXTURE_TEXT.source);
+  await page.close();
+  log(`per decode token: ${JSON.stringify(r)}`);
+  assert(r.submits === 1 && r.bytesReadBack === 8 && r.buffersCreated + r.bindGroupsCreated + r.pipelinesCreated === 0, JSON.stringify(r));
+});
+
 test("text: a reload loads from the Cache Storage API, not the network", 300000, async () => {
   const page = await openDemo(true);
   const loadAndWatch = () =>
