@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || { echo "${CHROMIUM:-/usr/bin/chromium} not found: apt-get install chromium (bash .ci/run installs everything)" >&2; exit 1; }
+command -v node >/dev/null || { echo "node not found: apt-get install nodejs npm" >&2; exit 1; }
 want=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 have=$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')
 if [ "$want" != "$have" ]; then
