@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The full test suite: every GPU test on whatever adapter wgpu finds (lavapipe on a machine
-# without a GPU), the library build for the browser target, then the browser tests.
+# without a GPU), then the browser tests (which build the engine for wasm32 through kiln-web).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo test --workspace
-cargo build -p kiln --target wasm32-unknown-unknown
 # The npm package in headless Chromium (WebGPU on SwiftShader), compared with the native binary.
 bash tools/test-browser.sh
