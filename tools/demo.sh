@@ -13,7 +13,7 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
-echo "== building kiln (release; the first build takes a few minutes)" >&2
+echo "== building kiln (release; the first build takes about 10 minutes on two cores)" >&2
 (cd "$root" && cargo build --release --quiet -p kiln-demo)
 kiln="$root/target/release/kiln"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"

@@ -25,7 +25,7 @@ the training pictures (its own accuracy), then on images the trained pipeline ge
 grid samples.png, and reference/ (fixed latents and diffusers' image for them, which Kiln's tests
 compare with the engine's output).
 
-    python3 tools/train_image_model.py --out models/image-shapes     # about 30 min on 2 cores
+    python3 tools/train_image_model.py --out models/image-shapes     # about 45 min on a free core
 """
 import argparse
 import json
