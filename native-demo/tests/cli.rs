@@ -15,6 +15,26 @@ fn kiln(args: &[&str]) -> std::process::Output {
         .expect("run kiln")
 }
 
+/// PSNR (dB) of the 8-bit RGB PNG `kiln image` wrote against diffusers' `[h, w, 3]` image in
+/// [0, 1]; its size must be `h` x `w`.
+fn png_psnr(png_path: &std::path::Path, want_hwc: &[f32], h: usize, w: usize) -> f64 {
+    let file = std::fs::File::open(png_path).unwrap();
+    let mut rd = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; rd.output_buffer_size().unwrap()];
+    let info = rd.next_frame(&mut buf).unwrap();
+    assert_eq!((info.height as usize, info.width as usize), (h, w));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let mse: f64 = buf[..want_hwc.len()]
+        .iter()
+        .zip(want_hwc)
+        .map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2))
+        .sum::<f64>()
+        / want_hwc.len() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
+
 fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("llama-gqa-f32/expected.json")).unwrap())
         .unwrap()
@@ -182,24 +202,10 @@ fn image_writes_the_png_diffusers_makes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["per_step"]["readback_bytes"], 0);
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
-    let mut r = dec.read_info().unwrap();
-    let mut buf = vec![0; r.output_buffer_size().unwrap()];
-    let info = r.next_frame(&mut buf).unwrap();
     let want =
         kiln::formats::npy::parse(&std::fs::read(format!("{sd}/image_ddim_g3.npy")).unwrap())
             .unwrap();
-    assert_eq!(
-        (info.width as usize, info.height as usize),
-        (want.shape[2], want.shape[1])
-    );
-    let mse: f64 = buf[..want.data.len()]
-        .iter()
-        .zip(&want.data)
-        .map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2))
-        .sum::<f64>()
-        / want.data.len() as f64;
-    let psnr = 10.0 * (1.0 / mse.max(1e-20)).log10();
+    let psnr = png_psnr(&out, &want.data, want.shape[1], want.shape[2]);
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
 }
 
@@ -253,22 +259,8 @@ fn image_without_model_uses_the_embedded_default() {
         "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
-    let mut rd = dec.read_info().unwrap();
-    let mut buf = vec![0; rd.output_buffer_size().unwrap()];
-    let info = rd.next_frame(&mut buf).unwrap();
     let want =
         kiln::formats::npy::parse(&std::fs::read(format!("{dir}/image.npy")).unwrap()).unwrap();
-    assert_eq!(
-        (info.height as usize, info.width as usize),
-        (want.shape[0], want.shape[1])
-    );
-    let mse: f64 = buf[..want.data.len()]
-        .iter()
-        .zip(&want.data)
-        .map(|(&g, &w)| (g as f64 / 255.0 - w as f64).powi(2))
-        .sum::<f64>()
-        / want.data.len() as f64;
-    let psnr = 10.0 * (1.0 / mse.max(1e-20)).log10();
+    let psnr = png_psnr(&out, &want.data, want.shape[0], want.shape[1]);
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
 }

@@ -201,3 +201,42 @@ pub fn dot_tolerance(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> f32 
     }
     1e-5 * worst + 1e-6
 }
+
+/// Reads a JSON fixture; a missing or bad file fails the test with its path.
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Reads a `.npy` fixture; a missing or bad file fails the test with its path.
+pub fn read_npy(path: &std::path::Path) -> kiln::formats::npy::Npy {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    kiln::formats::npy::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a JSON array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+/// PSNR (dB, peak 1) of a decoded image `raw` (`[3, h, w]` in [-1, 1], as the VAE gives it)
+/// against diffusers' `[h, w, 3]` image in [0, 1].
+pub fn image_psnr(raw: &[f32], want_hwc: &[f32], h: usize, w: usize) -> f64 {
+    let mut mse = 0f64;
+    for p in 0..h * w {
+        for c in 0..3 {
+            let g = (raw[c * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0) as f64;
+            mse += (g - want_hwc[p * 3 + c] as f64).powi(2);
+        }
+    }
+    mse /= (3 * h * w) as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (1.0 / mse).log10()
+    }
+}

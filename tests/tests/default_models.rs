@@ -6,30 +6,15 @@
 
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
 use kiln::diffusion::pipeline::ImageOptions;
-use kiln::formats::npy;
 use kiln::kernels::sample::SamplerSettings;
 use kiln::llm::{GenerateOptions, LoadOptions, TextModel};
-use serde_json::Value;
 use std::path::PathBuf;
 
 fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
 }
 
-fn json(p: PathBuf) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
-}
-
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use kiln_tests::{image_psnr, json_ids as u32s, read_json, read_npy};
 
 #[test]
 fn default_text_model_matches_transformers_greedy_ids() {
@@ -42,7 +27,7 @@ fn default_text_model_matches_transformers_greedy_ids() {
         &mut |_, _| {},
     ))
     .unwrap();
-    let refs = json(dir.join("reference.json"));
+    let refs = read_json(&dir.join("reference.json"));
     let refs = refs.as_array().unwrap();
     assert!(refs.len() >= 4, "reference.json has {} prompts", refs.len());
     for r in refs {
@@ -68,12 +53,9 @@ fn default_text_model_matches_transformers_greedy_ids() {
 #[test]
 fn default_image_model_matches_diffusers() {
     let dir = models_dir().join("image-shapes");
-    let r = json(dir.join("reference/reference.json"));
+    let r = read_json(&dir.join("reference/reference.json"));
     let mut m = SdModels::load(&kiln_tests::gpu(), &read_pipeline_dir(&dir).unwrap()).unwrap();
-    let read = |name: &str| {
-        let p = dir.join("reference").join(name);
-        npy::parse(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
-    };
+    let read = |name: &str| read_npy(&dir.join("reference").join(name));
     let latents = read(r["latents"].as_str().unwrap());
     let want = read(r["image"].as_str().unwrap());
     let (h, w) = (want.shape[0], want.shape[1]);
@@ -89,14 +71,7 @@ fn default_image_model_matches_diffusers() {
     };
     let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap();
     assert!(img.notes.is_empty(), "unexpected notes: {:?}", img.notes);
-    let mut mse = 0f64;
-    for p in 0..h * w {
-        for c in 0..3 {
-            let g = (img.raw[c * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0) as f64;
-            mse += (g - want.data[p * 3 + c] as f64).powi(2);
-        }
-    }
-    let psnr = 10.0 * (1.0 / (mse / (3 * h * w) as f64).max(1e-20)).log10();
+    let psnr = image_psnr(&img.raw, &want.data, h, w);
     eprintln!("default image model vs diffusers: PSNR {psnr:.1} dB");
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB < 40");
 }

@@ -23,20 +23,10 @@ fn dir(case: &str) -> PathBuf {
 }
 
 fn expected(case: &str) -> Value {
-    let p = dir(case).join("expected.json");
-    serde_json::from_str(
-        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
+    kiln_tests::read_json(&dir(case).join("expected.json"))
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use kiln_tests::json_ids as ids;
 
 /// The files of one run: the HF folder, or just the named GGUF file.
 fn files(case: &str, weights: &str) -> ModelFiles {

@@ -19,15 +19,11 @@ fn dir(case: &str) -> PathBuf {
 }
 
 fn expected(case: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(case).join("expected.json")).unwrap())
-        .unwrap()
+    kiln_tests::read_json(&dir(case).join("expected.json"))
 }
 
 fn array(case: &str, name: &str) -> npy::Npy {
-    npy::parse(
-        &std::fs::read(dir(case).join(name)).unwrap_or_else(|e| panic!("{case}/{name}: {e}")),
-    )
-    .unwrap()
+    kiln_tests::read_npy(&dir(case).join(name))
 }
 
 fn models(case: &str) -> SdModels {
@@ -35,13 +31,7 @@ fn models(case: &str) -> SdModels {
         .unwrap_or_else(|e| panic!("{case}: {e}"))
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use kiln_tests::json_ids as ids;
 
 /// max |got - want| / max |want|: the error relative to the tensor's scale.
 fn rel_err(got: &[f32], want: &[f32]) -> f32 {
@@ -129,21 +119,7 @@ fn text_encoder_unet_vae_match_diffusers() {
     }
 }
 
-fn psnr(raw: &[f32], want_hwc: &[f32], h: usize, w: usize) -> f64 {
-    let mut mse = 0f64;
-    for p in 0..h * w {
-        for c in 0..3 {
-            let g = (raw[c * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0) as f64;
-            mse += (g - want_hwc[p * 3 + c] as f64).powi(2);
-        }
-    }
-    mse /= (3 * h * w) as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (1.0 / mse).log10()
-    }
-}
+use kiln_tests::image_psnr as psnr;
 
 #[test]
 fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
