@@ -228,7 +228,7 @@ def write_json(path, obj):
     path.write_text(json.dumps(finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(tok_dir, vocab, merges, pad_token):
+def write_tokenizer(tok_dir, vocab, merges, pad_token, max_len=MAX_LEN):
     """Files as in runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 tokenizer/
     (no tokenizer.json)."""
     if tok_dir.exists():
@@ -244,7 +244,7 @@ def write_tokenizer(tok_dir, vocab, merges, pad_token):
         "bos_token": added(BOS), "eos_token": added(EOS), "pad_token": pad_token, "unk_token": added(EOS)})
     write_json(tok_dir / "tokenizer_config.json", {
         "add_prefix_space": False, "bos_token": added(BOS), "do_lower_case": True, "eos_token": added(EOS),
-        "errors": "replace", "model_max_length": MAX_LEN, "pad_token": pad_token,
+        "errors": "replace", "model_max_length": max_len, "pad_token": pad_token,
         "tokenizer_class": "CLIPTokenizer", "unk_token": added(EOS)})
 
 

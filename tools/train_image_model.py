@@ -261,8 +261,7 @@ def main():
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    clipbpe.MAX_LEN = MAX_LEN
-    clipbpe.write_tokenizer(out / "tokenizer", vocab, merges, clipbpe.EOS)
+    clipbpe.write_tokenizer(out / "tokenizer", vocab, merges, clipbpe.EOS, max_len=MAX_LEN)
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
     uniq = sorted(set(data_caps) | {""})
     tok_ids = {c: tokenizer(c, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids[0] for c in uniq}
@@ -324,7 +323,7 @@ def main():
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    clipbpe.write_tokenizer(out / "tokenizer", vocab, merges, clipbpe.EOS)
+    clipbpe.write_tokenizer(out / "tokenizer", vocab, merges, clipbpe.EOS, max_len=MAX_LEN)
     clipbpe.write_json(out / "scheduler" / "scheduler_config.json", sched_cfg)
     # Published SD text encoders (transformers 4) name their tensors `text_model.…`.
     from safetensors.torch import load_file, save_file
