@@ -1,15 +1,18 @@
 // Rotary position embedding on x [rows, heads * d] where row r is token (r % seq) at position
 // pos + r % seq. The first 2 * half dims of each head rotate by angle position * inv_freq[i]:
 //   NeoX / rotate_half (HF): pairs (i, i + half);   interleaved (GGUF, GPT-J): pairs (2i, 2i + 1).
-// Dims past 2 * half pass through. The angle is formed in f32 as HF does, then reduced by 2*pi.
-// Bindings: 2 x: array<f32>, 3 inv_freq: array<f32> [half], 4 y: array<f32> (same shape as x).
+// Dims past 2 * half pass through. cos/sin come from a table made once on the CPU
+// (kernels::rope::table: the angle in f32 as HF forms it, cos/sin in f64), so the result does
+// not depend on the backend's sin/cos, which WGSL lets be off by 2^-11 (SwiftShader's are).
+// Bindings: 2 x: array<f32>, 3 table: array<f32> [positions, half, 2] (cos, sin),
+//           4 y: array<f32> (same shape as x). Positions past the table read its last row.
 // Dispatch: one thread per output element (grid()).
 #include "common.wgsl"
 
-struct Params { n: u32, seq: u32, heads: u32, d: u32, half: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32 }
+struct Params { n: u32, seq: u32, heads: u32, d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(3) var<storage, read> table: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 @compute @workgroup_size(256)
@@ -32,10 +35,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         first = c < p.half;
         partner = select(c - p.half, c + p.half, first);
     }
-    let pos = f32(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq);
-    let a = reduce_2pi(pos * inv_freq[i]);
-    let cs = cos(a);
-    let sn = sin(a);
+    let pos = min(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq, p.positions - 1u);
+    let t = 2u * (pos * p.half + i);
+    let cs = table[t];
+    let sn = table[t + 1u];
     let v = x[head_base + c];
     let o = x[head_base + partner];
     y[e] = select(v * cs + o * sn, v * cs - o * sn, first);

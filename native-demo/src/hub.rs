@@ -50,6 +50,7 @@ pub fn fetch(id: &str) -> Result<ModelFiles> {
         ("config.json", true),
         ("tokenizer.json", true),
         ("tokenizer_config.json", false),
+        ("chat_template.jinja", false),
         ("generation_config.json", false),
     ] {
         get(&mut files, name, required)?;

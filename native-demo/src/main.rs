@@ -257,7 +257,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let gpu = gpu()?;
     let mut model = load(&gpu, &a.model, false)?;
     if model.tokenizer.chat_template.is_none() {
-        bail!("this model has no chat template (tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')");
+        bail!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')");
     }
     let mut messages: Vec<(String, String)> = Vec::new();
     if let Some(s) = &a.system {

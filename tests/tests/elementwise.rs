@@ -1,7 +1,7 @@
 //! Elementwise ops, rotary embeddings, upsampling and concatenation against the CPU reference.
 
 use kiln::graph::{Act, BinaryOp, GluInput, UnaryOp};
-use kiln::kernels::rope::{inv_freq, llama3_inv_freq};
+use kiln::kernels::rope::{inv_freq, llama3_inv_freq, table};
 use kiln::reference::elementwise as r;
 use kiln_tests::{assert_close, OpTest, Rng};
 
@@ -155,18 +155,20 @@ fn rope_both_pairings_with_run_time_position() {
     ] {
         let mut t = OpTest::new();
         let xv = t.input("x", &[seq, heads * d], &x);
-        let fv = t.input("f", &[d / 2], freqs);
+        let positions = pos as usize + seq;
+        let fv = t.input("f", &[positions, d / 2, 2], &table(freqs, positions));
         let p = t.g.scalar("pos").unwrap();
         let y =
             t.g.rope(xv, fv, heads, interleaved, kiln::Dyn::slot(p))
                 .unwrap();
         let want = r::rope(&x, seq, heads, d, freqs, interleaved, pos);
-        // Angles up to ~7000 rad reduced by 2*pi in f32: ~3e-6 absolute on O(1) values.
+        // The table holds correctly rounded cos/sin of the f32 angle the reference uses too:
+        // what is left is the f32 rounding of x0 * c - x1 * s (a few ulp of O(1) values).
         assert_close(
             &format!("rope interleaved={interleaved} pos={pos}"),
             &t.run(y, &[(p, pos)]),
             &want,
-            1e-5,
+            1e-6,
             0.0,
         );
     }
@@ -176,7 +178,7 @@ fn rope_both_pairings_with_run_time_position() {
     let f = inv_freq(16, 10000.0);
     let mut t = OpTest::new();
     let xv = t.input("x", &[5, heads * d], &x);
-    let fv = t.input("f", &[8], &f);
+    let fv = t.input("f", &[8, 8, 2], &table(&f, 8));
     let y =
         t.g.rope(xv, fv, heads, false, kiln::Dyn::Static(3))
             .unwrap();
@@ -184,7 +186,7 @@ fn rope_both_pairings_with_run_time_position() {
         "rope partial",
         &t.run(y, &[]),
         &r::rope(&x, 5, heads, d, &f, false, 3),
-        1e-5,
+        1e-6,
         0.0,
     );
 }

@@ -265,3 +265,26 @@ fn bad_pipeline_input_is_an_error() {
     let e = SdModels::load(&kiln_tests::gpu(), &files).err().unwrap();
     assert!(e.to_string().contains("SimpleCrossAttnDownBlock2D"), "{e}");
 }
+
+/// A component saved as a PyTorch pickle only (`safe_serialization=False`, older repos) is named
+/// in a clear error instead of "missing file".
+#[test]
+fn pickle_only_component_is_a_clear_error() {
+    let tmp = std::env::temp_dir().join(format!("kiln-sd-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (name, bytes) in read_pipeline_dir(&dir("sd1-tiny")).unwrap() {
+        let name = name.replace(
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+        );
+        let p = tmp.join(&name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    let e = read_pipeline_dir(&tmp).err().unwrap().to_string();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert!(
+        e.contains("unet/diffusion_pytorch_model.bin") && e.contains("PyTorch pickle"),
+        "{e}"
+    );
+}

@@ -164,6 +164,7 @@ async function textFiles(ctx) {
   await get("generation_config.json", false);
   await get("tokenizer.json", true);
   await get("tokenizer_config.json", false);
+  await get("chat_template.jinja", false); // transformers 5 saves the template here
   const index = await get("model.safetensors.index.json", false);
   if (index) {
     let shards;

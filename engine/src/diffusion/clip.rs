@@ -205,15 +205,15 @@ pub fn text_encoder(
     batch: usize,
     len: usize,
 ) -> Result<Value> {
-    let p = "text_model";
-    let tok = w.value(g, &format!("{p}.embeddings.token_embedding.weight"))?;
-    let pos_table = w.value_f32(g, &format!("{p}.embeddings.position_embedding.weight"))?;
+    let p = w.prefix(&["text_model.", ""], "embeddings.token_embedding.weight")?;
+    let tok = w.value(g, &format!("{p}embeddings.token_embedding.weight"))?;
+    let pos_table = w.value_f32(g, &format!("{p}embeddings.position_embedding.weight"))?;
     let x = g.gather(tok, ids)?; // [batch * len, hidden]
     let x = g.reshape(x, &[batch, len, cfg.hidden])?;
     let pos = g.slice_rows(pos_table, Dyn::Static(0), len)?; // [len, hidden]
     let mut x = g.add(x, pos)?;
     for i in 0..cfg.layers {
-        let l = format!("{p}.encoder.layers.{i}");
+        let l = format!("{p}encoder.layers.{i}");
         let h = w.layer_norm(g, &format!("{l}.layer_norm1"), x, cfg.eps)?;
         let q = w.linear(g, &format!("{l}.self_attn.q_proj"), h)?;
         let k = w.linear(g, &format!("{l}.self_attn.k_proj"), h)?;
@@ -243,5 +243,5 @@ pub fn text_encoder(
         let f = w.linear(g, &format!("{l}.mlp.fc2"), f)?;
         x = g.add(x, f)?;
     }
-    w.layer_norm(g, &format!("{p}.final_layer_norm"), x, cfg.eps)
+    w.layer_norm(g, &format!("{p}final_layer_norm"), x, cfg.eps)
 }

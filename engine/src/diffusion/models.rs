@@ -74,6 +74,28 @@ pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
             );
         }
     }
+    // Older repos (and `save_pretrained(safe_serialization=False)`) hold PyTorch pickles only.
+    for (comp, stem) in [
+        ("text_encoder", "model"),
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+    ] {
+        let has_st = [".safetensors", ".fp16.safetensors"]
+            .iter()
+            .any(|ext| files.contains_key(&format!("{comp}/{stem}{ext}")));
+        let bin = ["bin", "fp16.bin"]
+            .iter()
+            .map(|ext| format!("{comp}/{stem}.{ext}"))
+            .find(|b| dir.join(b).is_file());
+        if let (false, Some(bin)) = (has_st, bin) {
+            return Err(Error::Unsupported(format!(
+                "{}: only a PyTorch pickle, which Kiln does not read (it runs no pickle code): \
+                 save the pipeline as safetensors, e.g. `StableDiffusionPipeline.from_pretrained(dir)\
+                 .save_pretrained(dir)` with diffusers >= 0.15",
+                dir.join(bin).display()
+            )));
+        }
+    }
     Ok(files)
 }
 

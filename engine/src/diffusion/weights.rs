@@ -36,6 +36,20 @@ impl ComponentWeights {
         self.src.tensor(name).is_some()
     }
 
+    /// The first of `prefixes` under which the checkpoint holds `probe`: library versions name
+    /// the same module differently (transformers 4 saves CLIP's tensors under `text_model.`,
+    /// transformers 5 without it).
+    pub fn prefix<'a>(&self, prefixes: &[&'a str], probe: &str) -> Result<&'a str> {
+        prefixes
+            .iter()
+            .find(|p| self.has(&format!("{p}{probe}")))
+            .copied()
+            .ok_or_else(|| Error::Data {
+                name: self.component.clone(),
+                msg: format!("missing tensor '{probe}' (looked under the prefixes {prefixes:?})"),
+            })
+    }
+
     /// Shape of `name`.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         self.src

@@ -229,12 +229,13 @@ impl Graph {
         self.push1(Op::GroupNorm { groups, eps, silu }, vec![x, w, b])
     }
 
-    /// Rotary embedding on `[.., l, heads*d]`; `inv_freq` holds `rot_dim/2` frequencies (any
-    /// frequency scaling already applied). Token `i` is at position `pos + i`.
+    /// Rotary embedding on `[.., l, heads*d]`; `table` is `[positions, rot_dim/2, 2]` (cos, sin)
+    /// from [`crate::kernels::rope::table`] (any frequency scaling already applied). Token `i`
+    /// is at position `pos + i`, which must be below `positions`.
     pub fn rope(
         &mut self,
         x: Value,
-        inv_freq: Value,
+        table: Value,
         heads: usize,
         interleaved: bool,
         pos: Dyn,
@@ -245,7 +246,7 @@ impl Graph {
                 interleaved,
                 pos,
             },
-            vec![x, inv_freq],
+            vec![x, table],
         )
     }
 

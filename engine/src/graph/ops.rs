@@ -353,7 +353,13 @@ impl Op {
                     )));
                 }
                 let d = w / heads;
-                let half = numel(ins[1].0);
+                let t = ins[1].0;
+                if t.len() != 3 || t[2] != 2 || t[0] == 0 {
+                    return Err(err(format!(
+                        "table {t:?} needs [positions, half, 2] (cos, sin)"
+                    )));
+                }
+                let half = t[1];
                 if 2 * half > d || half == 0 {
                     return Err(err(format!("{half} frequencies do not fit head dim {d}")));
                 }

@@ -1,5 +1,6 @@
-//! Rotary embedding (`rope.wgsl`), NeoX/rotate_half or interleaved pairing. Frequencies are
-//! an input, so Llama-3 scaling (see [`llama3_inv_freq`]) or any other lives on the CPU side.
+//! Rotary embedding (`rope.wgsl`), NeoX/rotate_half or interleaved pairing. The cos/sin table
+//! is an input made on the CPU by [`table`], so frequency scaling (see [`llama3_inv_freq`]) lives
+//! there and the result does not depend on the backend's `sin`/`cos` accuracy.
 
 use super::{elementwise_groups, Binding, Bound, Dispatch, KernelKey, Params};
 use crate::error::{shape_err, Result};
@@ -19,7 +20,7 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
     let width = *x.shape.last().unwrap_or(&1);
     let seq = x.shape[x.shape.len() - 2];
     let d = width / heads;
-    let half = ins[1].numel();
+    let (positions, half) = (ins[1].shape[0], ins[1].shape[1]);
     let [add, slot, mul] = pos.words();
     let p = Params::default()
         .u(x.numel())
@@ -27,6 +28,7 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
         .u(*heads)
         .u(d)
         .u(half)
+        .u(positions)
         .u(*interleaved as u32)
         .u(add)
         .u(slot)
@@ -41,6 +43,21 @@ pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
         ],
         groups: elementwise_groups(x.numel()),
     }])
+}
+
+/// The rotary table `[positions, half, 2]` of (cos, sin) of the angle `p * inv_freq[i]` for
+/// every position `p < positions`. The angle is rounded to f32 as transformers forms it
+/// (`inv_freq.float() @ position_ids.float()`); cos and sin are evaluated in f64 and rounded, so
+/// each entry is the correctly rounded value of what transformers computes.
+pub fn table(inv_freq: &[f32], positions: usize) -> Vec<f32> {
+    let mut t = Vec::with_capacity(positions * inv_freq.len() * 2);
+    for p in 0..positions {
+        for &f in inv_freq {
+            let (s, c) = ((p as f32 * f) as f64).sin_cos();
+            t.extend([c as f32, s as f32]);
+        }
+    }
+    t
 }
 
 /// Inverse frequencies `1 / theta^(2i / rot_dim)` for `i < rot_dim / 2`, computed in f32 as HF does.

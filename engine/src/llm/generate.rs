@@ -162,6 +162,7 @@ pub fn read_model_path(path: &std::path::Path) -> Result<ModelFiles> {
         "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
+        "chat_template.jinja",
         "model.safetensors.index.json",
         "model.safetensors",
     ]
@@ -213,8 +214,12 @@ impl TextModel {
                 name: "model".into(),
                 msg: "no tokenizer.json".into(),
             })?;
-            let tok =
+            let mut tok =
                 TextTokenizer::from_hf(tj, text_file(&files, "tokenizer_config.json")?.as_deref())?;
+            // transformers 5 saves the template beside the config; it wins over the config's.
+            if let Some(t) = text_file(&files, "chat_template.jinja")? {
+                tok.chat_template = Some(t);
+            }
             let mut st = SafeTensors::new();
             let shards = match text_file(&files, "model.safetensors.index.json")? {
                 Some(idx) => shard_names(&idx)?,
@@ -243,7 +248,7 @@ impl TextModel {
             on_progress,
         )?;
         drop(source);
-        let kv = KvCache::new(gpu, &config, ctx)?;
+        let kv = KvCache::new(gpu, &config, &weights.inv_freq, ctx)?;
         let prefill = build_step(
             gpu,
             &config,

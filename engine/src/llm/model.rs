@@ -14,18 +14,20 @@ use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn, Graph, Plan, Scalar, Value};
 use std::sync::Arc;
 
-/// Per-layer key and value caches `[1, ctx, kv_heads * head_dim]` plus the token history
-/// `[ctx + 1]` (prompt ids, then every sampled id at its position).
+/// Per-layer key and value caches `[1, ctx, kv_heads * head_dim]`, the token history
+/// `[ctx + 1]` (prompt ids, then every sampled id at its position) and the rotary cos/sin table
+/// of those `ctx` positions.
 pub struct KvCache {
     pub k: Vec<Arc<Tensor>>,
     pub v: Vec<Arc<Tensor>>,
     pub history: Arc<Tensor>,
+    pub rope: Arc<Tensor>,
     pub ctx: usize,
 }
 
 impl KvCache {
-    /// Allocates the caches for `ctx` positions.
-    pub fn new(gpu: &Gpu, cfg: &LlmConfig, ctx: usize) -> Result<KvCache> {
+    /// Allocates the caches for `ctx` positions and the rotary table of `inv_freq`.
+    pub fn new(gpu: &Gpu, cfg: &LlmConfig, inv_freq: &[f32], ctx: usize) -> Result<KvCache> {
         let w = cfg.kv_heads * cfg.head_dim;
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
@@ -44,7 +46,20 @@ impl KvCache {
             )?));
         }
         let history = Arc::new(Tensor::zeros(gpu, "history", &[ctx + 1], DType::U32)?);
-        Ok(KvCache { k, v, history, ctx })
+        let table = crate::kernels::rope::table(inv_freq, ctx);
+        let rope = Arc::new(Tensor::from_f32(
+            gpu,
+            "rope_table",
+            &[ctx, inv_freq.len(), 2],
+            &table,
+        )?);
+        Ok(KvCache {
+            k,
+            v,
+            history,
+            rope,
+            ctx,
+        })
     }
 }
 
@@ -89,7 +104,7 @@ pub async fn build_step(
     let kvw = cfg.kv_heads * d;
     let history = g.tensor(&kv.history);
     let embed = g.tensor(&w.embed);
-    let inv_freq = g.tensor(&w.inv_freq);
+    let rope = g.tensor(&kv.rope);
 
     let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
     let mut x = g.reshape(x, &[1, tokens, h])?;
@@ -109,10 +124,10 @@ pub async fn build_step(
         let q = g.linear(hn, wq, bq)?; // [1, t, heads*d]
         let k = g.linear(hn, wk, bk)?; // [1, t, kv_heads*d]
         let v = g.linear(hn, wv, bv)?;
-        let q = g.rope(q, inv_freq, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+        let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
         let k = g.rope(
             k,
-            inv_freq,
+            rope,
             cfg.kv_heads,
             cfg.rope_interleaved,
             Dyn::slot(pos),

@@ -36,13 +36,14 @@ pub struct LayerWeights {
     pub w_down: Arc<Tensor>,
 }
 
-/// All weights of a model, on the GPU.
+/// All weights of a model, on the GPU, and the rotary frequencies (with any scaling the config
+/// or a GGUF `rope_freqs.weight` applies) from which the KV cache makes its cos/sin table.
 pub struct LlmWeights {
     pub embed: Arc<Tensor>,
     pub layers: Vec<LayerWeights>,
     pub norm: Arc<Tensor>,
     pub lm_head: Arc<Tensor>,
-    pub inv_freq: Arc<Tensor>,
+    pub inv_freq: Vec<f32>,
 }
 
 /// The checkpoint's name for a tensor given its Hugging Face name.
@@ -214,14 +215,13 @@ impl LlmWeights {
             }
             freqs.iter_mut().zip(&f).for_each(|(a, b)| *a /= b);
         }
-        let inv_freq = Arc::new(Tensor::from_f32(gpu, "inv_freq", &[freqs.len()], &freqs)?);
         on_progress(total, total);
         Ok(LlmWeights {
             embed,
             layers,
             norm,
             lm_head,
-            inv_freq,
+            inv_freq: freqs,
         })
     }
 }
