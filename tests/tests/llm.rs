@@ -6,7 +6,7 @@
 use kiln::kernels::sample::SamplerSettings;
 use kiln::llm::{GenerateOptions, LoadOptions, ModelFiles, TextModel, TextTokenizer};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const CASES: [&str; 5] = [
     "llama-gqa-f32",
@@ -207,14 +207,23 @@ fn chat_templates_render_like_transformers() {
             .get("chat")
             .filter(|c| !c.is_null())
             .unwrap_or_else(|| panic!("{case}: fixture has no chat case"));
-        let d = dir(case);
-        let tok = TextTokenizer::from_hf(
-            &std::fs::read(d.join("tokenizer.json")).unwrap(),
-            std::fs::read_to_string(d.join("tokenizer_config.json"))
-                .ok()
-                .as_deref(),
-        )
-        .unwrap();
+        check_chat(&dir(case), chat);
+    }
+    // Folders whose template transformers 5 saved to chat_template.jinja (see
+    // tools/make_saved_tokenizer_fixtures.py).
+    let saved = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm-tokenizer-saved");
+    for case in ["qwen2-f32", "llama-mqa-tied-bf16"] {
+        let d = saved.join(case);
+        assert!(d.join("chat_template.jinja").is_file(), "{case}");
+        check_chat(&d, &kiln_tests::read_json(&d.join("expected.json")));
+    }
+}
+
+/// The folder's tokenizer renders `chat.messages` as `chat.rendered`.
+fn check_chat(d: &Path, chat: &Value) {
+    let tok =
+        TextTokenizer::from_hf_files(&kiln::llm::generate::read_model_path(d).unwrap()).unwrap();
+    {
         let msgs: Vec<(String, String)> = chat["messages"]
             .as_array()
             .unwrap()
@@ -229,7 +238,8 @@ fn chat_templates_render_like_transformers() {
         assert_eq!(
             tok.render_chat(&msgs).unwrap(),
             chat["rendered"].as_str().unwrap(),
-            "{case}"
+            "{}",
+            d.display()
         );
     }
 }

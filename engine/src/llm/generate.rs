@@ -210,16 +210,7 @@ impl TextModel {
                 &config,
                 text_file(&files, "generation_config.json")?.as_deref(),
             )?;
-            let tj = files.get("tokenizer.json").ok_or_else(|| Error::Data {
-                name: "model".into(),
-                msg: "no tokenizer.json".into(),
-            })?;
-            let mut tok =
-                TextTokenizer::from_hf(tj, text_file(&files, "tokenizer_config.json")?.as_deref())?;
-            // transformers 5 saves the template beside the config; it wins over the config's.
-            if let Some(t) = text_file(&files, "chat_template.jinja")? {
-                tok.chat_template = Some(t);
-            }
+            let tok = TextTokenizer::from_hf_files(&files)?;
             let mut st = SafeTensors::new();
             let shards = match text_file(&files, "model.safetensors.index.json")? {
                 Some(idx) => shard_names(&idx)?,

@@ -125,13 +125,7 @@ pub async fn build_step(
         let k = g.linear(hn, wk, bk)?; // [1, t, kv_heads*d]
         let v = g.linear(hn, wv, bv)?;
         let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-        let k = g.rope(
-            k,
-            rope,
-            cfg.kv_heads,
-            cfg.rope_interleaved,
-            Dyn::slot(pos),
-        )?;
+        let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
         let (kc, vc) = (g.tensor(&kv.k[i]), g.tensor(&kv.v[i]));
         g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
         g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;

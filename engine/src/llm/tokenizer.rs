@@ -36,6 +36,22 @@ pub(crate) fn token_str(v: Option<&Json>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// From a Hugging Face folder's files: `tokenizer.json`, optionally `tokenizer_config.json`
+    /// and `chat_template.jinja` (where transformers 5 saves the template; it wins over the
+    /// config's `chat_template`, as in transformers).
+    pub fn from_hf_files(files: &super::generate::ModelFiles) -> Result<TextTokenizer> {
+        use super::generate::text_file;
+        let tj = files.get("tokenizer.json").ok_or_else(|| Error::Data {
+            name: "model".into(),
+            msg: "no tokenizer.json".into(),
+        })?;
+        let mut tok = Self::from_hf(tj, text_file(files, "tokenizer_config.json")?.as_deref())?;
+        if let Some(t) = text_file(files, "chat_template.jinja")? {
+            tok.chat_template = Some(t);
+        }
+        Ok(tok)
+    }
+
     /// From `tokenizer.json` and (optionally) `tokenizer_config.json`.
     pub fn from_hf(tokenizer_json: &[u8], tokenizer_config: Option<&str>) -> Result<TextTokenizer> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
