@@ -121,9 +121,9 @@ async function textParity(model, worker) {
   if (VERBOSE) log(`logprobs browser ${got.logprobs.map((l) => l.toFixed(5))}\n       native ${want.logprobs.map((l) => l.toFixed(5))}`);
   log(`${got.ids.length} ids equal to native; max |logprob diff| ${dlp.toExponential(2)}; text ${JSON.stringify(got.text.slice(0, 60))}`);
   log(`time to first token: ${got.ttftMs.toFixed(0)} ms on the page (first streamed piece), ${got.timings.ttftMs.toFixed(0)} ms in the engine (prefill of ${got.promptIds.length} tokens); decode ${got.timings.decodeTokS.toFixed(1)} tok/s`);
-  // The native tolerance against transformers (tests/tests/llm.rs): the rotary cos/sin come from
-  // a CPU table, so SwiftShader's looser sin/cos no longer reach the log-probabilities.
-  assert(dlp <= 2e-3, `logprobs differ by ${dlp}`);
+  // The rotary cos/sin come from a CPU table, so SwiftShader's looser sin/cos (off by 1.5e-4,
+  // as WGSL allows) no longer reach the log-probabilities: 2.4e-6 seen; before the table, 1e-3.
+  assert(dlp <= 1e-4, `logprobs differ by ${dlp}`);
   return got;
 }
 
@@ -256,7 +256,8 @@ test("text: a .gguf URL (Q4_K_M), a sharded f16 folder and a Qwen2 folder equal 
 // Every run of every LLM fixture's expected.json (transformers on the HF folder; transformers on
 // gguf-py's dequantization for a .gguf), fed the same prompt ids, checked as tests/tests/llm.rs
 // checks the native engine: greedy ids equal up to the first step whose reference top-2 margin is
-// under 0.01, log-probabilities within 2e-3.
+// under 0.01, log-probabilities within 1e-4 (tighter than the native test's 2e-3; 6.7e-6 seen,
+// and up to 3.1e-3 before the rotary table replaced the backend's sin/cos).
 test("text: ids and logprobs match the transformers / gguf-py reference files (worker)", 900000, async () => {
   const dir = join(root, "tests/fixtures/llm");
   const cases = readdirSync(dir).filter((c) => existsSync(join(dir, c, "expected.json"))).sort();
@@ -284,7 +285,7 @@ test("text: ids and logprobs match the transformers / gguf-py reference files (w
       for (let i = 0; i < n; i++) {
         assert(got.ids[i] === run.ids[i], `${source}: step ${i}: expected id ${run.ids[i]}, got ${got.ids[i]} (ids so far ${got.ids.slice(0, i + 1)})`);
         const d = Math.abs(got.logprobs[i] - run.logprobs[i]);
-        assert(d <= 2e-3, `${source}: step ${i}: logprob expected ${run.logprobs[i]}, got ${got.logprobs[i]} (|err| ${d})`);
+        assert(d <= 1e-4, `${source}: step ${i}: logprob expected ${run.logprobs[i]}, got ${got.logprobs[i]} (|err| ${d})`);
         err = Math.max(err, d);
       }
       log(`${source}: ${n} ids equal to the reference, max |logprob err| ${err.toExponential(2)}`);
@@ -293,7 +294,7 @@ test("text: ids and logprobs match the transformers / gguf-py reference files (w
     }
   }
   await page.close();
-  log(`${runs} runs; worst |logprob err| against the reference files: ${worst.toExponential(2)} (native bound 2e-3)`);
+  log(`${runs} runs; worst |logprob err| against the reference files: ${worst.toExponential(2)} (bound 1e-4)`);
 });
 
 test("text: a decode token costs one submit, 8 bytes of readback and no new objects", 300000, async () => {
