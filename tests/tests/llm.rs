@@ -299,6 +299,65 @@ fn prompt_past_context_is_an_error() {
     assert!(g.ids.len() <= 6 + 1, "{} ids", g.ids.len());
 }
 
+/// Sampler values that mean nothing are errors naming the field, not a run with them.
+#[test]
+fn meaningless_sampler_values_are_errors() {
+    let mut m = load("llama-gqa-f32", "hf", LoadOptions::default());
+    let g = SamplerSettings::greedy();
+    for (field, s) in [
+        (
+            "temperature",
+            SamplerSettings {
+                temperature: -1.0,
+                ..g
+            },
+        ),
+        (
+            "temperature",
+            SamplerSettings {
+                temperature: f32::NAN,
+                ..g
+            },
+        ),
+        ("top_p", SamplerSettings { top_p: 2.0, ..g }),
+        ("top_p", SamplerSettings { top_p: 0.0, ..g }),
+        ("min_p", SamplerSettings { min_p: 2.0, ..g }),
+        (
+            "repeat_penalty",
+            SamplerSettings {
+                repeat_penalty: 0.0,
+                ..g
+            },
+        ),
+        (
+            "repeat_penalty",
+            SamplerSettings {
+                repeat_penalty: f32::INFINITY,
+                ..g
+            },
+        ),
+    ] {
+        let opts = GenerateOptions {
+            sampler: s,
+            ..greedy(2)
+        };
+        let e = pollster::block_on(m.generate(&[5, 6], &opts, &mut |_| true)).unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+    }
+    // The limits themselves are meaningful.
+    let edge = SamplerSettings {
+        top_p: 1.0,
+        min_p: 1.0,
+        repeat_penalty: 0.5,
+        ..g
+    };
+    let opts = GenerateOptions {
+        sampler: edge,
+        ..greedy(2)
+    };
+    pollster::block_on(m.generate(&[5, 6], &opts, &mut |_| true)).unwrap();
+}
+
 #[test]
 fn bad_model_files_are_errors() {
     let gpu = kiln_tests::gpu();

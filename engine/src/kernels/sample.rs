@@ -71,6 +71,33 @@ impl Default for SamplerSettings {
 }
 
 impl SamplerSettings {
+    /// Rejects values that mean nothing (a NaN anywhere, a negative temperature, `top_p` outside
+    /// (0, 1], `min_p` outside [0, 1], a repetition penalty that is not a positive number)
+    /// instead of sampling with them.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f32, want: &str| {
+            Err(Error::Data {
+                name: "sampler".into(),
+                msg: format!("{what} {v} is out of range: {want}"),
+            })
+        };
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return bad("temperature", t, "a finite number >= 0 (0 is greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "0 < top_p <= 1 (1 disables it)");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "0 <= min_p <= 1 (0 disables it)");
+        }
+        let r = self.repeat_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return bad("repeat_penalty", r, "a finite number > 0 (1 disables it)");
+        }
+        Ok(())
+    }
+
     /// Greedy decoding, no penalty.
     pub fn greedy() -> Self {
         SamplerSettings {

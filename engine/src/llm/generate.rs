@@ -275,6 +275,7 @@ impl TextModel {
         on_piece: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
         let ctx = self.kv.ctx;
+        opts.sampler.validate()?;
         if prompt.is_empty() {
             return Err(Error::Data {
                 name: "prompt".into(),
