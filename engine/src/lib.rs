@@ -16,6 +16,7 @@ mod oneshot;
 pub mod reference;
 pub mod shaders;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use device::{CounterSnapshot, Gpu, GpuFeatures, GpuOptions};
 pub use dtype::DType;

@@ -8,7 +8,7 @@ use kiln::diffusion::unet::{time_embedding, Unet, UnetConfig};
 use kiln::diffusion::vae::{decode, VaeConfig};
 use kiln::diffusion::weights::ComponentWeights;
 use kiln::formats::safetensors::SafeTensors;
-use kiln::kernels::scheduler::StepValues;
+use kiln::graph::StepValues;
 use kiln::{CompileOptions, DType, Dyn, Graph, Tensor};
 use serde_json::json;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! work with no `--model` and no network. They live in `models/` at the repository root (see
 //! `models/README.md`: what they were trained on, how to reproduce them, how good they are).
 
-use kiln::llm::generate::ModelFiles;
+use kiln::formats::ModelFiles;
 
 macro_rules! embed {
     ($dir:literal, [$($file:literal),* $(,)?]) => {

@@ -7,7 +7,8 @@
 
 use kiln::diffusion::schedulers::{Schedule, SchedulerConfig, SchedulerKind, StepCoeffs};
 use kiln::formats::npy;
-use kiln::kernels::scheduler::{StepValues, COEFFS};
+use kiln::graph::StepValues;
+use kiln::kernels::scheduler::COEFFS;
 use kiln::reference::scheduler::{step as reference_step, StepState};
 use kiln::{CompileOptions, DType, Dyn, Graph, Tensor};
 use kiln_tests::{assert_close, gpu, Rng};

@@ -18,10 +18,7 @@ fn pad_and_length(config: Option<&str>) -> (Option<String>, usize) {
         .and_then(|v| v.as_u64())
         .filter(|&v| v <= 4096)
         .unwrap_or(77) as usize;
-    (
-        crate::llm::tokenizer::token_str(cfg.get("pad_token")),
-        max_len,
-    )
+    (crate::tokenizer::token_str(cfg.get("pad_token")), max_len)
 }
 
 /// CLIP's tokenizer, padded and truncated to the text encoder's length.

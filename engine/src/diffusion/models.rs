@@ -9,8 +9,8 @@ use super::weights::{component_safetensors, ComponentWeights};
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::formats::ModelFiles;
 use crate::graph::Graph;
-use crate::llm::ModelFiles;
 use crate::CompileOptions;
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ pub struct SdModels {
 }
 
 fn text(files: &ModelFiles, name: &str) -> Result<String> {
-    crate::llm::generate::text_file(files, name)?.ok_or_else(|| Error::Data {
+    crate::formats::text_file(files, name)?.ok_or_else(|| Error::Data {
         name: "pipeline".into(),
         msg: format!("missing {name}"),
     })

@@ -8,7 +8,7 @@ use super::unet::{time_embedding, Unet};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::kernels::scheduler::StepValues;
+use crate::graph::StepValues;
 use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn};
 use std::sync::Arc;

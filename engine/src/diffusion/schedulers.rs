@@ -44,7 +44,7 @@
 //! After the last step `in_scale = 1` (unet_in then holds the final latents).
 
 use crate::error::{Error, Result};
-pub use crate::kernels::scheduler::COEFFS;
+pub use crate::kernels::scheduler::{StepCoeffs, COEFFS};
 use serde_json::Value as Json;
 
 /// The schedulers Kiln runs.
@@ -665,82 +665,6 @@ fn interp(t: f64, table: &[f32]) -> f32 {
     }
     let (lo, hi) = (table[j] as f64, table[j + 1] as f64);
     ((hi - lo) * (t - j as f64) + lo) as f32
-}
-
-/// One row of the coefficient table (see the module docs for the update it parametrizes).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct StepCoeffs {
-    /// `x0 = a x + b m`.
-    pub a: f32,
-    pub b: f32,
-    /// `x0` is clamped to `[-clip, clip]` when `clip > 0`.
-    pub clip: f32,
-    /// `x' = p x + q x0 + r x0_prev + s noise + t m`.
-    pub p: f32,
-    pub q: f32,
-    pub r: f32,
-    pub s: f32,
-    pub t: f32,
-    /// `unet_in = in_scale x'` (the next step's `scale_model_input`).
-    pub in_scale: f32,
-}
-
-impl StepCoeffs {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        a: f64,
-        b: f64,
-        clip: f64,
-        p: f64,
-        q: f64,
-        r: f64,
-        s: f64,
-        t: f64,
-        in_scale: f64,
-    ) -> Self {
-        let f = |v: f64| v as f32;
-        StepCoeffs {
-            a: f(a),
-            b: f(b),
-            clip: f(clip),
-            p: f(p),
-            q: f(q),
-            r: f(r),
-            s: f(s),
-            t: f(t),
-            in_scale: f(in_scale),
-        }
-    }
-
-    /// The row as the kernel reads it: `[a, b, clip, p, q, r, s, t, in_scale]`.
-    pub fn to_row(&self) -> [f32; COEFFS] {
-        [
-            self.a,
-            self.b,
-            self.clip,
-            self.p,
-            self.q,
-            self.r,
-            self.s,
-            self.t,
-            self.in_scale,
-        ]
-    }
-
-    /// A row from the kernel's layout.
-    pub fn from_row(r: &[f32]) -> Self {
-        StepCoeffs {
-            a: r[0],
-            b: r[1],
-            clip: r[2],
-            p: r[3],
-            q: r[4],
-            r: r[5],
-            s: r[6],
-            t: r[7],
-            in_scale: r[8],
-        }
-    }
 }
 
 /// A schedule of denoising steps, ready for the GPU.

@@ -7,6 +7,25 @@ pub mod npy;
 pub mod safetensors;
 
 use crate::dtype::DType;
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+
+/// A model's files by name (`config.json`, `model.safetensors`, `unet/config.json`, ... or one
+/// `.gguf`), however they were fetched (disk natively, HTTP in the browser).
+pub type ModelFiles = HashMap<String, Vec<u8>>;
+
+/// A text file of a model's files, if present (an error when it is not UTF-8).
+pub fn text_file(files: &ModelFiles, name: &str) -> Result<Option<String>> {
+    files
+        .get(name)
+        .map(|b| {
+            String::from_utf8(b.clone()).map_err(|_| Error::Data {
+                name: name.into(),
+                msg: "not UTF-8".into(),
+            })
+        })
+        .transpose()
+}
 
 /// One tensor of a checkpoint: dtype, shape (row-major, outermost first) and file-layout bytes.
 #[derive(Clone, Copy, Debug)]

@@ -5,22 +5,59 @@
 mod ops;
 mod plan;
 
-pub use ops::{Act, BinaryOp, Dyn, GluInput, Op, UnaryOp};
+pub use crate::kernels::elementwise::{Act, BinaryOp, UnaryOp};
+pub use crate::kernels::{Dyn, Scalar};
+pub use ops::Op;
 pub use plan::{CompileOptions, Plan};
 
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
+use crate::kernels::attention::Attention;
+use crate::kernels::conv::Conv2d;
+use crate::kernels::elementwise::{
+    Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, Upsample2x,
+};
+use crate::kernels::linear::{Gather, Linear};
+use crate::kernels::norm::{GroupNorm, LayerNorm, RmsNorm, Softmax};
+use crate::kernels::rope::Rope;
+use crate::kernels::sample::{RandNormal, Sample};
+use crate::kernels::scheduler::SchedulerStep;
 use crate::kernels::RUN_SCALARS;
 use crate::tensor::{numel, Tensor};
 use std::sync::Arc;
 
+/// The two ways a gated unit gets its operands.
+#[derive(Clone, Copy, Debug)]
+pub enum GluInput {
+    /// Separate gate and up tensors (Llama's MLP).
+    Pair { gate: Value, up: Value },
+    /// One tensor `[.., 2f]` split in halves (diffusers' GEGLU: hidden first, gate second).
+    Halves { x: Value, gate_first: bool },
+}
+
+/// The values one [`Graph::scheduler_step`] reads and writes. `x`, `x0_prev` and `unet_in` are
+/// state tensors (added with `Graph::tensor`) written in place.
+#[derive(Clone, Copy, Debug)]
+pub struct StepValues {
+    /// Model output `[b, ..]`: `b` = batch of `x` (no guidance) or twice it (`[uncond, cond]`).
+    pub model_out: Value,
+    /// f32 `[steps, COEFFS]`, from `Schedule::coeff_table`.
+    pub coeffs: Value,
+    /// f32 `[1]`: the guidance scale (used when the model output has the CFG batch).
+    pub guidance: Value,
+    /// The scheduler's sample (unscaled latents), updated in place.
+    pub x: Value,
+    /// Previous step's x0 (DPM++ 2M's history), updated in place.
+    pub x0_prev: Value,
+    /// The next U-Net input: `k` copies of `x' * in_scale`, written in place.
+    pub unet_in: Value,
+    /// Standard normal noise like `x` (Euler ancestral, LCM); `None` when the scheduler draws none.
+    pub noise: Option<Value>,
+}
+
 /// A symbolic tensor in a graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Value(pub(crate) usize);
-
-/// A per-run scalar slot (a position, a step index, a seed), set before each `Plan::run`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Scalar(pub(crate) u32);
 
 #[derive(Clone, Debug)]
 pub(crate) enum Source {
@@ -132,15 +169,16 @@ impl Graph {
     /// Adds a node after checking its shapes; returns its output value.
     pub(crate) fn push(
         &mut self,
-        op: Op,
+        op: impl Into<Op>,
         inputs: Vec<Value>,
         writes: Vec<Value>,
     ) -> Result<Option<Value>> {
+        let op = op.into();
         let shapes: Vec<(&[usize], DType)> = inputs
             .iter()
             .map(|v| (self.values[v.0].shape.as_slice(), self.values[v.0].dtype))
             .collect();
-        let out = op.infer(&shapes)?;
+        let out = op.kernel().infer(&shapes)?;
         let out = out.map(|(shape, dtype)| self.add_value(op.name(), shape, dtype, Source::Node));
         self.nodes.push(Node {
             op,
@@ -151,7 +189,8 @@ impl Graph {
         Ok(out)
     }
 
-    fn push1(&mut self, op: Op, inputs: Vec<Value>) -> Result<Value> {
+    fn push1(&mut self, op: impl Into<Op>, inputs: Vec<Value>) -> Result<Value> {
+        let op = op.into();
         let name = op.name();
         self.push(op, inputs, vec![])?
             .ok_or_else(|| shape_err(name, "op has no output"))
@@ -163,7 +202,7 @@ impl Graph {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
         self.push1(
-            Op::Linear {
+            Linear {
                 bias: bias.is_some(),
             },
             inputs,
@@ -189,7 +228,7 @@ impl Graph {
         let head_dim = shape.last().copied().unwrap_or(0) / heads.max(1);
         let scale = 1.0 / (head_dim as f32).sqrt();
         self.push1(
-            Op::Attention {
+            Attention {
                 heads,
                 kv_heads,
                 causal,
@@ -203,17 +242,17 @@ impl Graph {
 
     /// Softmax over the last dimension.
     pub fn softmax(&mut self, x: Value) -> Result<Value> {
-        self.push1(Op::Softmax, vec![x])
+        self.push1(Softmax, vec![x])
     }
 
     /// RMSNorm over the last dimension with weight `w`.
     pub fn rms_norm(&mut self, x: Value, w: Value, eps: f32) -> Result<Value> {
-        self.push1(Op::RmsNorm { eps }, vec![x, w])
+        self.push1(RmsNorm { eps }, vec![x, w])
     }
 
     /// LayerNorm over the last dimension with weight and bias.
     pub fn layer_norm(&mut self, x: Value, w: Value, b: Value, eps: f32) -> Result<Value> {
-        self.push1(Op::LayerNorm { eps }, vec![x, w, b])
+        self.push1(LayerNorm { eps }, vec![x, w, b])
     }
 
     /// GroupNorm over `[b, c, ...]` with per-channel weight and bias, optionally followed by SiLU.
@@ -226,7 +265,7 @@ impl Graph {
         eps: f32,
         silu: bool,
     ) -> Result<Value> {
-        self.push1(Op::GroupNorm { groups, eps, silu }, vec![x, w, b])
+        self.push1(GroupNorm { groups, eps, silu }, vec![x, w, b])
     }
 
     /// Rotary embedding on `[.., l, heads*d]`; `table` is `[positions, rot_dim/2, 2]` (cos, sin)
@@ -241,7 +280,7 @@ impl Graph {
         pos: Dyn,
     ) -> Result<Value> {
         self.push1(
-            Op::Rope {
+            Rope {
                 heads,
                 interleaved,
                 pos,
@@ -262,7 +301,7 @@ impl Graph {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
         self.push1(
-            Op::Conv2d {
+            Conv2d {
                 stride,
                 pad,
                 bias: bias.is_some(),
@@ -273,27 +312,27 @@ impl Graph {
 
     /// Nearest-neighbour 2x upsampling of `[b, c, h, w]`.
     pub fn upsample2x(&mut self, x: Value) -> Result<Value> {
-        self.push1(Op::Upsample2x, vec![x])
+        self.push1(Upsample2x, vec![x])
     }
 
     /// Concatenation along `axis`.
     pub fn concat(&mut self, a: Value, b: Value, axis: usize) -> Result<Value> {
-        self.push1(Op::Concat { axis }, vec![a, b])
+        self.push1(Concat { axis }, vec![a, b])
     }
 
     /// An elementwise activation.
     pub fn unary(&mut self, x: Value, op: UnaryOp) -> Result<Value> {
-        self.push1(Op::Unary(op), vec![x])
+        self.push1(op, vec![x])
     }
 
     /// `x * mul + add`.
     pub fn scale(&mut self, x: Value, mul: f32, add: f32) -> Result<Value> {
-        self.push1(Op::Unary(UnaryOp::Scale { mul, add }), vec![x])
+        self.push1(UnaryOp::Scale { mul, add }, vec![x])
     }
 
     /// Elementwise binary op with numpy broadcasting.
     pub fn binary(&mut self, a: Value, b: Value, op: BinaryOp) -> Result<Value> {
-        self.push1(Op::Binary(op), vec![a, b])
+        self.push1(op, vec![a, b])
     }
 
     /// `a + b` with broadcasting.
@@ -309,9 +348,9 @@ impl Graph {
     /// Gated unit `act(gate) * up`: SwiGLU (`Act::Silu`) or GEGLU (`Act::GeluErf`).
     pub fn glu(&mut self, input: GluInput, act: Act) -> Result<Value> {
         match input {
-            GluInput::Pair { gate, up } => self.push1(Op::Glu { act, split: None }, vec![gate, up]),
+            GluInput::Pair { gate, up } => self.push1(Glu { act, split: None }, vec![gate, up]),
             GluInput::Halves { x, gate_first } => self.push1(
-                Op::Glu {
+                Glu {
                     act,
                     split: Some(gate_first),
                 },
@@ -329,7 +368,7 @@ impl Graph {
         shift: f32,
     ) -> Result<Value> {
         self.push1(
-            Op::TimestepEmbedding {
+            TimestepEmbedding {
                 dim,
                 flip_sin_to_cos,
                 shift,
@@ -343,7 +382,7 @@ impl Graph {
     pub fn gather(&mut self, table: Value, ids: Value) -> Result<Value> {
         let n = self.shape(ids).first().copied().unwrap_or(0);
         self.push1(
-            Op::Gather {
+            Gather {
                 n,
                 ids_offset: Dyn::Static(0),
             },
@@ -355,7 +394,7 @@ impl Graph {
     /// history at the current position) → `[n, d]`.
     pub fn gather_at(&mut self, table: Value, ids: Value, offset: Dyn, n: usize) -> Result<Value> {
         self.push1(
-            Op::Gather {
+            Gather {
                 n,
                 ids_offset: offset,
             },
@@ -391,12 +430,12 @@ impl Graph {
 
     /// `[b, m, n]` → `[b, n, m]` (NCHW feature maps to token sequences and back).
     pub fn transpose(&mut self, x: Value) -> Result<Value> {
-        self.push1(Op::Transpose, vec![x])
+        self.push1(Transpose, vec![x])
     }
 
     /// Rows `[offset, offset + rows)` of `x` viewed as `[r, c]` (c = last dim) → `[rows, c]`.
     pub fn slice_rows(&mut self, x: Value, offset: Dyn, rows: usize) -> Result<Value> {
-        self.push1(Op::SliceRows { offset, rows }, vec![x])
+        self.push1(SliceRows { offset, rows }, vec![x])
     }
 
     /// Samples one token from logits `[v]` with the sampler settings in `settings` (an f32
@@ -413,7 +452,7 @@ impl Graph {
         seed: Dyn,
     ) -> Result<Value> {
         let out = self.push(
-            Op::Sample { counter, seed },
+            Sample { counter, seed },
             vec![logits, settings, history],
             vec![history],
         )?;
@@ -423,7 +462,7 @@ impl Graph {
     /// Standard normal noise `[shape]` from the counter-based RNG (seeded per run).
     pub fn randn(&mut self, shape: &[usize], seed: Dyn, stream: u32) -> Result<Value> {
         self.push1(
-            Op::RandNormal {
+            RandNormal {
                 shape: shape.to_vec(),
                 seed,
                 stream,
@@ -435,11 +474,7 @@ impl Graph {
     /// One denoising step of a scheduler (see [`crate::diffusion::schedulers`]): reads row
     /// `step` of the coefficient table and updates the state tensors `x`, `x0_prev` and
     /// `unet_in` in place, so one compiled graph replays every step.
-    pub fn scheduler_step(
-        &mut self,
-        v: &crate::kernels::scheduler::StepValues,
-        step: Dyn,
-    ) -> Result<()> {
+    pub fn scheduler_step(&mut self, v: &StepValues, step: Dyn) -> Result<()> {
         for s in [v.x, v.x0_prev, v.unet_in] {
             if !matches!(self.info(self.root(s)).source, Source::Tensor(_)) {
                 return Err(shape_err(
@@ -454,7 +489,7 @@ impl Graph {
         let mut inputs = vec![v.model_out, v.coeffs, v.guidance, v.x, v.x0_prev, v.unet_in];
         inputs.extend(v.noise);
         self.push(
-            Op::SchedulerStep {
+            SchedulerStep {
                 step,
                 noise: v.noise.is_some(),
             },
@@ -487,7 +522,7 @@ impl Graph {
                 ));
             }
         }
-        self.push(Op::CopyInto { offset, cap }, vec![src, dst], vec![dst])?;
+        self.push(CopyInto { offset, cap }, vec![src, dst], vec![dst])?;
         Ok(())
     }
 }

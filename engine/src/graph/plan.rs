@@ -126,7 +126,7 @@ impl Graph {
                 })
                 .collect::<Result<_>>()?;
             let out = node.out.and_then(|o| bound[o.0].clone());
-            dispatches.extend(node.op.encode(&Ctx { gpu }, &ins, out.as_ref())?);
+            dispatches.extend(node.op.kernel().encode(&Ctx { gpu }, &ins, out.as_ref())?);
             for v in node.inputs.iter().chain(node.out.iter()) {
                 let v = &self.root(*v);
                 let info = &self.values[v.0];

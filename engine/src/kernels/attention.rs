@@ -2,9 +2,11 @@
 //! (GQA/MQA), causal masking from a run-time query position, a run-time valid KV length, and
 //! split-K over keys when the other dimensions give too few workgroups (decode over a cache).
 
-use super::{grid, Binding, Bound, Ctx, Dispatch, KernelKey, Params};
+use super::{
+    dispatch, f32_out, grid, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn, Inferred, Kernel,
+    KernelKey, Meta,
+};
 use crate::error::{shape_err, Result};
-use crate::graph::Op;
 
 /// Largest head dimension the kernel supports.
 pub const MAX_HEAD_DIM: usize = 512;
@@ -86,89 +88,133 @@ pub fn splits(base: usize, lk: usize) -> usize {
         .max(1)
 }
 
-/// Encodes attention: one dispatch, or a split pass and a reduce pass.
-pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let Op::Attention {
-        heads,
-        kv_heads,
-        causal,
-        scale,
-        q_pos,
-        kv_len,
-    } = op
-    else {
-        return Err(shape_err(op.name(), "not attention"));
-    };
-    let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
-    let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
-    let hd = q.shape[2] / heads;
-    if hd == 0 {
-        return Err(shape_err(op.name(), "head dim 0"));
+crate::params!(
+    /// Uniforms of `attention.wgsl` (both the main pass and the split reduce).
+    AttentionParams, "attention.wgsl", [] {
+        b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,
+        causal: u32, scale: f32, q_add: u32, q_slot: u32, q_mul: u32, kv_add: u32, kv_slot: u32,
+        kv_mul: u32, total: u32,
     }
-    let g = heads / kv_heads;
-    let rows = lq * g;
-    let tiles = Tiles::new(rows, hd);
-    let nblk = rows.div_ceil(tiles.bq);
-    let base = b * kv_heads * nblk;
-    let ns = splits(base, lk);
-    let total = base * ns;
-    let [q_add, q_slot, q_mul] = q_pos.words();
-    let [kv_add, kv_slot, kv_mul] = kv_len.words();
-    let params = |total: usize| {
-        Params::default()
-            .u(b)
-            .u(lq)
-            .u(lk)
-            .u(*heads)
-            .u(*kv_heads)
-            .u(g)
-            .u(nblk)
-            .u(ns)
-            .u(*causal as u32)
-            .f(*scale)
-            .u(q_add)
-            .u(q_slot)
-            .u(q_mul)
-            .u(kv_add)
-            .u(kv_slot)
-            .u(kv_mul)
-            .u(total)
-            .0
-    };
-    let inputs = [
-        Binding::read(q.buf()),
-        Binding::read(k.buf()),
-        Binding::read(v.buf()),
-    ];
-    if ns == 1 {
+);
+
+/// Attention with online softmax. Inputs q `[b, lq, heads*d]`, k and v `[b, lk, kv_heads*d]`
+/// (or a cache with `lk` rows of which `kv_len` are valid). Causal: query `i` sees keys
+/// `j <= q_pos + i`. Output like q.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub causal: bool,
+    pub scale: f32,
+    pub q_pos: Dyn,
+    pub kv_len: Dyn,
+}
+
+impl Kernel for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        let (q, k, v) = (ins[0].0, ins[1].0, ins[2].0);
+        for i in ins {
+            need_f32(self.name(), i.1)?;
+        }
+        if q.len() != 3 || k.len() != 3 || v != k {
+            return Err(err(format!(
+                "expected q [b, lq, h*d], k = v [b, lk, kvh*d]; found {q:?}, {k:?}, {v:?}"
+            )));
+        }
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || q[2] % heads != 0 {
+            return Err(err(format!(
+                "{heads} heads, {kv_heads} kv heads and width {} do not divide",
+                q[2]
+            )));
+        }
+        let d = q[2] / heads;
+        if k[2] != kv_heads * d || k[0] != q[0] {
+            return Err(err(format!(
+                "k {k:?} does not match {kv_heads} kv heads of dim {d} and batch {}",
+                q[0]
+            )));
+        }
+        if d > MAX_HEAD_DIM {
+            return Err(err(format!("head dim {d} exceeds {MAX_HEAD_DIM}")));
+        }
+        f32_out(q)
+    }
+
+    /// One dispatch, or a split pass and a reduce pass.
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
+        let hd = q.shape[2] / self.heads;
+        let g = self.heads / self.kv_heads;
+        let rows = lq * g;
+        let tiles = Tiles::new(rows, hd);
+        let nblk = rows.div_ceil(tiles.bq);
+        let base = b * self.kv_heads * nblk;
+        let ns = splits(base, lk);
+        let total = base * ns;
+        let [q_add, q_slot, q_mul] = self.q_pos.words();
+        let [kv_add, kv_slot, kv_mul] = self.kv_len.words();
+        let params = |total: usize| AttentionParams {
+            b: u(b),
+            lq: u(lq),
+            lk: u(lk),
+            heads: u(self.heads),
+            kv_heads: u(self.kv_heads),
+            g: u(g),
+            nblk: u(nblk),
+            splits: u(ns),
+            causal: self.causal as u32,
+            scale: self.scale,
+            q_add,
+            q_slot,
+            q_mul,
+            kv_add,
+            kv_slot,
+            kv_mul,
+            total: u(total),
+        };
+        let inputs = [
+            Binding::read(q.buf()),
+            Binding::read(k.buf()),
+            Binding::read(v.buf()),
+        ];
+        if ns == 1 {
+            let mut bindings = inputs.to_vec();
+            bindings.push(Binding::write(out.buf()));
+            return Ok(vec![dispatch(
+                tiles.key("main"),
+                &params(total),
+                bindings,
+                grid(u(total)),
+            )]);
+        }
+        let outputs = b * lq * self.heads;
+        let part = ctx.scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64);
         let mut bindings = inputs.to_vec();
-        bindings.push(Binding::write(out.buf()));
-        return Ok(vec![Dispatch {
-            key: tiles.key("main"),
-            params: params(total),
-            bindings,
-            groups: grid(total as u32),
-        }]);
+        bindings.push(Binding::write(&part));
+        let elems = outputs * hd;
+        Ok(vec![
+            dispatch(
+                tiles.key("main").def("SPLIT", ""),
+                &params(total),
+                bindings,
+                grid(u(total)),
+            ),
+            dispatch(
+                KernelKey::new("attention.wgsl", "reduce")
+                    .def("REDUCE", "")
+                    .def("HD", hd),
+                &params(elems),
+                vec![Binding::read(&part), Binding::write(out.buf())],
+                grid(u(elems.div_ceil(256))),
+            ),
+        ])
     }
-    let outputs = b * lq * heads;
-    let part = ctx.scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64);
-    let mut bindings = inputs.to_vec();
-    bindings.push(Binding::write(&part));
-    let elems = outputs * hd;
-    Ok(vec![
-        Dispatch {
-            key: tiles.key("main").def("SPLIT", ""),
-            params: params(total),
-            bindings,
-            groups: grid(total as u32),
-        },
-        Dispatch {
-            key: KernelKey::new("attention.wgsl", "reduce")
-                .def("REDUCE", "")
-                .def("HD", hd),
-            params: params(elems),
-            bindings: vec![Binding::read(&part), Binding::write(out.buf())],
-            groups: grid(elems.div_ceil(256) as u32),
-        },
-    ])
 }

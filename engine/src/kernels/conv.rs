@@ -1,62 +1,108 @@
 //! Convolution (`conv2d.wgsl`, implicit GEMM on the shared tile loop).
 
-use super::{Binding, Bound, Dispatch, Params};
+use super::linear::weight_key;
+use super::{dispatch, need_f32, u, Binding, Bound, Ctx, Dispatch, Inferred, Kernel, Meta};
+use crate::dtype::DType;
 use crate::error::{shape_err, Result};
-use crate::graph::Op;
 
-/// Output height and width of a convolution op for an `h x w` input and kernel size `k`.
-pub fn out_hw(op: &Op, h: usize, w: usize, k: usize) -> Option<(usize, usize)> {
-    let Op::Conv2d { stride, pad, .. } = op else {
-        return None;
-    };
-    let ho = (h + 2 * pad).checked_sub(k)? / stride + 1;
-    let wo = (w + 2 * pad).checked_sub(k)? / stride + 1;
-    Some((ho, wo))
+crate::params!(
+    /// Uniforms of `conv2d.wgsl`.
+    ConvParams, "conv2d.wgsl", [] {
+        m: u32, n: u32, k: u32, ci: u32,
+        h: u32, w: u32, wo: u32, ks: u32,
+        stride: u32, pad: u32, row_words: u32, has_bias: u32,
+    }
+);
+
+/// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, k, k]` (k 1 or 3, any weight dtype),
+/// optional bias `[co]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv2d {
+    pub stride: usize,
+    pub pad: usize,
+    pub bias: bool,
 }
 
-/// Encodes a convolution.
-pub fn conv2d(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let Op::Conv2d { stride, pad, .. } = op else {
-        return Err(shape_err(op.name(), "not a convolution"));
-    };
-    let (x, w) = (&ins[0], &ins[1]);
-    if w.parts.len() != 1 {
-        return Err(shape_err(
-            "conv2d",
-            format!(
-                "weight '{:?}' is split across bindings; convolution weights must fit one",
-                w.shape
-            ),
-        ));
+impl Conv2d {
+    /// Output height and width for an `h x w` input and kernel size `k`.
+    pub fn out_hw(&self, h: usize, w: usize, k: usize) -> Option<(usize, usize)> {
+        let ho = (h + 2 * self.pad).checked_sub(k)? / self.stride + 1;
+        let wo = (w + 2 * self.pad).checked_sub(k)? / self.stride + 1;
+        Some((ho, wo))
     }
-    let (b, ci, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
-    let (co, ks) = (w.shape[0], w.shape[2]);
-    let (ho, wo) = (out.shape[2], out.shape[3]);
-    let k = ci * ks * ks;
-    let m = ho * wo;
-    let bias = ins.get(2);
-    let p = Params::default()
-        .u(m)
-        .u(co)
-        .u(k)
-        .u(ci)
-        .u(h)
-        .u(wd)
-        .u(wo)
-        .u(ks)
-        .u(*stride)
-        .u(*pad)
-        .u(w.dtype.row_words(k))
-        .u(bias.is_some() as u32);
-    Ok(vec![Dispatch {
-        key: super::linear::weight_key("conv2d.wgsl", w.dtype)?,
-        params: p.0,
-        bindings: vec![
-            Binding::read(w.buf()),
-            Binding::read(x.buf()),
-            Binding::read(bias.map(|b| b.buf()).unwrap_or(x.buf())),
-            Binding::write(out.buf()),
-        ],
-        groups: [co.div_ceil(64) as u32, m.div_ceil(64) as u32, b as u32],
-    }])
+}
+
+impl Kernel for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        let (x, w) = (ins[0].0, ins[1].0);
+        need_f32(self.name(), ins[0].1)?;
+        if x.len() != 4 || w.len() != 4 || w[1] != x[1] || w[2] != w[3] || !matches!(w[2], 1 | 3) {
+            return Err(err(format!(
+                "expected x [b, ci, h, w], w [co, ci, k, k] with k 1 or 3; found {x:?}, {w:?}"
+            )));
+        }
+        if !matches!(self.stride, 1 | 2) {
+            return Err(err(format!("stride {} (1 or 2 supported)", self.stride)));
+        }
+        if self.bias && ins[2].0 != [w[0]] {
+            return Err(err(format!(
+                "bias shape {:?}, expected [{}]",
+                ins[2].0, w[0]
+            )));
+        }
+        let (ho, wo) = self
+            .out_hw(x[2], x[3], w[2])
+            .ok_or_else(|| err(format!("input {x:?} too small")))?;
+        Ok(Some((vec![x[0], w[0], ho, wo], DType::F32)))
+    }
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let (x, w) = (&ins[0], &ins[1]);
+        if w.parts.len() != 1 {
+            return Err(shape_err(
+                self.name(),
+                format!(
+                    "weight '{:?}' is split across bindings; convolution weights must fit one",
+                    w.shape
+                ),
+            ));
+        }
+        let (b, ci, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+        let (co, ks) = (w.shape[0], w.shape[2]);
+        let (ho, wo) = (out.shape[2], out.shape[3]);
+        let k = ci * ks * ks;
+        let m = ho * wo;
+        let bias = ins.get(2);
+        let p = ConvParams {
+            m: u(m),
+            n: u(co),
+            k: u(k),
+            ci: u(ci),
+            h: u(h),
+            w: u(wd),
+            wo: u(wo),
+            ks: u(ks),
+            stride: u(self.stride),
+            pad: u(self.pad),
+            row_words: u(w.dtype.row_words(k)),
+            has_bias: bias.is_some() as u32,
+        };
+        Ok(vec![dispatch(
+            weight_key("conv2d.wgsl", w.dtype)?,
+            &p,
+            vec![
+                Binding::read(w.buf()),
+                Binding::read(x.buf()),
+                Binding::read(bias.map(|b| b.buf()).unwrap_or(x.buf())),
+                Binding::write(out.buf()),
+            ],
+            [u(co.div_ceil(64)), u(m.div_ceil(64)), u(b)],
+        )])
+    }
 }

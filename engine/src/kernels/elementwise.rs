@@ -1,21 +1,136 @@
 //! Elementwise family (`shaders/elementwise.wgsl`): activations, broadcast add/mul, gated
-//! units, timestep embedding, copies, nearest upsampling, concatenation.
+//! units, timestep embedding, copies and row slices, nearest upsampling, concatenation,
+//! transposes. One thread per output element.
 
-use super::{elementwise_groups, Binding, Bound, Dispatch, KernelKey, Params};
-use crate::error::{shape_err, Result};
-use crate::graph::{Act, BinaryOp, Dyn, Op, UnaryOp};
+use super::{
+    broadcast, dispatch, elementwise_groups, f32_out, last_dim, need_f32, need_plain, u, Binding,
+    Bound, Ctx, Dispatch, Dyn, Inferred, Kernel, KernelKey, Meta, ShaderParams,
+};
+use crate::error::{shape_err, Error, Result};
+use crate::tensor::numel;
 
 fn key(variant: &str) -> KernelKey {
     KernelKey::new("elementwise.wgsl", "main").def(variant, "")
 }
 
-/// Shader code of an activation (shared by UNARY and GLU).
-pub fn act_code(a: Act) -> u32 {
-    match a {
-        Act::Silu => 0,
-        Act::GeluErf => 1,
-        Act::GeluTanh => 2,
+/// The one dispatch of an elementwise variant over `n` outputs: inputs read, output written.
+fn one<P: ShaderParams>(
+    variant: &str,
+    p: &P,
+    ins: &[&Bound],
+    out: &Bound,
+    n: usize,
+) -> Vec<Dispatch> {
+    let mut b: Vec<Binding> = ins.iter().map(|x| Binding::read(x.buf())).collect();
+    b.push(Binding::write(out.buf()));
+    vec![dispatch(key(variant), p, b, elementwise_groups(n))]
+}
+
+crate::params!(
+    /// Uniforms of the `UNARY` variant.
+    UnaryParams, "elementwise.wgsl", ["UNARY"] { n: u32, op: u32, mul: f32, add: f32 }
+);
+crate::params!(
+    /// Uniforms of the `BINARY` variant (shape and broadcast strides at rank 4).
+    BinaryParams, "elementwise.wgsl", ["BINARY"] {
+        n: u32, op: u32, d1: u32, d2: u32, d3: u32,
+        sa0: u32, sa1: u32, sa2: u32, sa3: u32, sb0: u32, sb1: u32, sb2: u32, sb3: u32,
     }
+);
+crate::params!(
+    /// Uniforms of the `GLU` variant.
+    GluParams, "elementwise.wgsl", ["GLU"] {
+        rows: u32, f: u32, g_off: u32, g_rs: u32, u_off: u32, u_rs: u32, act: u32,
+    }
+);
+crate::params!(
+    /// Uniforms of the `TIMESTEP` variant.
+    TimestepParams, "elementwise.wgsl", ["TIMESTEP"] {
+        b: u32, half: u32, flip: u32, shift: f32, log_max_period: f32,
+    }
+);
+crate::params!(
+    /// Uniforms of the `COPY` variant.
+    CopyParams, "elementwise.wgsl", ["COPY"] {
+        n: u32, cap: u32, dst_add: u32, dst_slot: u32, dst_mul: u32, src_add: u32, src_slot: u32,
+        src_mul: u32,
+    }
+);
+crate::params!(
+    /// Uniforms of the `UPSAMPLE` variant.
+    UpsampleParams, "elementwise.wgsl", ["UPSAMPLE"] { n: u32, h: u32, w: u32 }
+);
+crate::params!(
+    /// Uniforms of the `CONCAT` variant.
+    ConcatParams, "elementwise.wgsl", ["CONCAT"] { n: u32, a: u32, b: u32 }
+);
+crate::params!(
+    /// Uniforms of the `TRANSPOSE` variant.
+    TransposeParams, "elementwise.wgsl", ["TRANSPOSE"] { n: u32, m: u32, k: u32 }
+);
+
+/// Gate activations of [`Glu`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    Silu,
+    GeluErf,
+    GeluTanh,
+}
+
+impl Act {
+    /// Shader code of the activation (shared by `UNARY` and `GLU`).
+    pub fn code(self) -> u32 {
+        match self {
+            Act::Silu => 0,
+            Act::GeluErf => 1,
+            Act::GeluTanh => 2,
+        }
+    }
+}
+
+/// Elementwise activations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    Silu,
+    GeluErf,
+    GeluTanh,
+    QuickGelu,
+    Scale { mul: f32, add: f32 },
+}
+
+impl Kernel for UnaryOp {
+    fn name(&self) -> &'static str {
+        "unary"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        need_f32(self.name(), ins[0].1)?;
+        f32_out(ins[0].0)
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = out.numel();
+        let (op, mul, add) = match *self {
+            UnaryOp::Silu => (Act::Silu.code(), 1.0, 0.0),
+            UnaryOp::GeluErf => (Act::GeluErf.code(), 1.0, 0.0),
+            UnaryOp::GeluTanh => (Act::GeluTanh.code(), 1.0, 0.0),
+            UnaryOp::QuickGelu => (3, 1.0, 0.0),
+            UnaryOp::Scale { mul, add } => (4, mul, add),
+        };
+        let p = UnaryParams {
+            n: u(n),
+            op,
+            mul,
+            add,
+        };
+        Ok(one("UNARY", &p, &[&ins[0]], out, n))
+    }
+}
+
+/// Binary elementwise ops with numpy broadcasting (rank <= 4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BinaryOp {
+    Add,
+    Mul,
 }
 
 /// Strides of `shape` broadcast to a rank-4 `out` (0 where broadcast).
@@ -27,7 +142,7 @@ fn bstrides(shape: &[usize], out: &[usize; 4]) -> [u32; 4] {
         if j >= 0 {
             let d = shape[j as usize];
             if d == out[i] && d != 1 {
-                s[i] = stride as u32;
+                s[i] = u(stride);
             }
             stride *= d;
         }
@@ -35,175 +150,358 @@ fn bstrides(shape: &[usize], out: &[usize; 4]) -> [u32; 4] {
     s
 }
 
-/// Encodes the elementwise ops.
-pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let n = out.numel();
-    let d = match op {
-        Op::Unary(u) => {
-            let (code, mul, add) = match *u {
-                UnaryOp::Silu => (0, 1.0, 0.0),
-                UnaryOp::GeluErf => (1, 1.0, 0.0),
-                UnaryOp::GeluTanh => (2, 1.0, 0.0),
-                UnaryOp::QuickGelu => (3, 1.0, 0.0),
-                UnaryOp::Scale { mul, add } => (4, mul, add),
-            };
-            Dispatch {
-                key: key("UNARY"),
-                params: Params::default().u(n).u(code).f(mul).f(add).0,
-                bindings: vec![Binding::read(ins[0].buf()), Binding::write(out.buf())],
-                groups: elementwise_groups(n),
-            }
-        }
-        Op::Binary(b) => {
-            let mut o4 = [1usize; 4];
-            let r = out.shape.len();
-            o4[4 - r..].copy_from_slice(&out.shape);
-            let (sa, sb) = (bstrides(&ins[0].shape, &o4), bstrides(&ins[1].shape, &o4));
-            let code = match b {
+impl Kernel for BinaryOp {
+    fn name(&self) -> &'static str {
+        "binary"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        need_f32(self.name(), ins[0].1)?;
+        need_f32(self.name(), ins[1].1)?;
+        let s = broadcast(ins[0].0, ins[1].0)
+            .filter(|s| s.len() <= 4)
+            .ok_or_else(|| {
+                shape_err(
+                    self.name(),
+                    format!(
+                        "shapes {:?} and {:?} do not broadcast (rank <= 4)",
+                        ins[0].0, ins[1].0
+                    ),
+                )
+            })?;
+        f32_out(&s)
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = out.numel();
+        let mut o4 = [1usize; 4];
+        let r = out.shape.len();
+        o4[4 - r..].copy_from_slice(&out.shape);
+        let (sa, sb) = (bstrides(&ins[0].shape, &o4), bstrides(&ins[1].shape, &o4));
+        let p = BinaryParams {
+            n: u(n),
+            op: match self {
                 BinaryOp::Add => 0,
                 BinaryOp::Mul => 1,
-            };
-            let mut p = Params::default().u(n).u(code).u(o4[1]).u(o4[2]).u(o4[3]);
-            for s in sa.iter().chain(&sb) {
-                p = p.u(*s);
-            }
-            Dispatch {
-                key: key("BINARY"),
-                params: p.0,
-                bindings: vec![
-                    Binding::read(ins[0].buf()),
-                    Binding::read(ins[1].buf()),
-                    Binding::write(out.buf()),
-                ],
-                groups: elementwise_groups(n),
-            }
+            },
+            d1: u(o4[1]),
+            d2: u(o4[2]),
+            d3: u(o4[3]),
+            sa0: sa[0],
+            sa1: sa[1],
+            sa2: sa[2],
+            sa3: sa[3],
+            sb0: sb[0],
+            sb1: sb[1],
+            sb2: sb[2],
+            sb3: sb[3],
+        };
+        Ok(one("BINARY", &p, &[&ins[0], &ins[1]], out, n))
+    }
+}
+
+/// Gated unit `act(gate) * up`: inputs (gate, up) of one shape when `split` is `None`; one
+/// input `[.., 2f]` split in halves otherwise (`Some(gate_first)`; diffusers' GEGLU has the
+/// hidden half first, the gate second).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Glu {
+    pub act: Act,
+    pub split: Option<bool>,
+}
+
+impl Kernel for Glu {
+    fn name(&self) -> &'static str {
+        "glu"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        for i in ins {
+            need_f32(self.name(), i.1)?;
         }
-        Op::Glu { act, split } => {
-            let f = *out.shape.last().unwrap_or(&1);
-            let rows = n / f.max(1);
-            let (g, u, go, gr, uo, ur) = match split {
-                None => (&ins[0], &ins[1], 0, f, 0, f),
-                Some(gate_first) => {
-                    let (go, uo) = if *gate_first { (0, f) } else { (f, 0) };
-                    (&ins[0], &ins[0], go, 2 * f, uo, 2 * f)
+        match self.split {
+            None => {
+                if ins[0].0 != ins[1].0 {
+                    return Err(shape_err(
+                        self.name(),
+                        format!("gate {:?} and up {:?} differ", ins[0].0, ins[1].0),
+                    ));
                 }
-            };
-            Dispatch {
-                key: key("GLU"),
-                params: Params::default()
-                    .u(rows)
-                    .u(f)
-                    .u(go)
-                    .u(gr)
-                    .u(uo)
-                    .u(ur)
-                    .u(act_code(*act))
-                    .0,
-                bindings: vec![
-                    Binding::read(g.buf()),
-                    Binding::read(u.buf()),
-                    Binding::write(out.buf()),
-                ],
-                groups: elementwise_groups(n),
+                f32_out(ins[0].0)
+            }
+            Some(_) => {
+                let mut s = ins[0].0.to_vec();
+                let last = last_dim(self.name(), &s)?;
+                if !last.is_multiple_of(2) {
+                    return Err(shape_err(self.name(), format!("last dim {last} is odd")));
+                }
+                *s.last_mut().unwrap_or(&mut 0) = last / 2;
+                f32_out(&s)
             }
         }
-        Op::TimestepEmbedding {
-            dim,
-            flip_sin_to_cos,
-            shift,
-            max_period,
-        } => {
-            let half = dim / 2;
-            let b = ins[0].shape[0];
-            Dispatch {
-                key: key("TIMESTEP"),
-                params: Params::default()
-                    .u(b)
-                    .u(half)
-                    .u(*flip_sin_to_cos as u32)
-                    .f(*shift)
-                    .f(max_period.ln())
-                    .0,
-                bindings: vec![Binding::read(ins[0].buf()), Binding::write(out.buf())],
-                groups: elementwise_groups(b * half),
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = out.numel();
+        let f = *out.shape.last().unwrap_or(&1);
+        let (g, up, g_off, g_rs, u_off, u_rs) = match self.split {
+            None => (&ins[0], &ins[1], 0, f, 0, f),
+            Some(gate_first) => {
+                let (go, uo) = if gate_first { (0, f) } else { (f, 0) };
+                (&ins[0], &ins[0], go, 2 * f, uo, 2 * f)
             }
-        }
-        Op::Upsample2x => {
-            let s = &ins[0].shape;
-            Dispatch {
-                key: key("UPSAMPLE"),
-                params: Params::default().u(n).u(s[2]).u(s[3]).0,
-                bindings: vec![Binding::read(ins[0].buf()), Binding::write(out.buf())],
-                groups: elementwise_groups(n),
-            }
-        }
-        Op::Transpose => {
-            let (m, nn) = (ins[0].shape[1], ins[0].shape[2]);
-            Dispatch {
-                key: key("TRANSPOSE"),
-                params: Params::default().u(n).u(m).u(nn).0,
-                bindings: vec![Binding::read(ins[0].buf()), Binding::write(out.buf())],
-                groups: elementwise_groups(n),
-            }
-        }
-        Op::Concat { axis } => {
-            let inner: usize = out.shape[axis + 1..].iter().product();
-            let (a, b) = (ins[0].shape[*axis] * inner, ins[1].shape[*axis] * inner);
-            Dispatch {
-                key: key("CONCAT"),
-                params: Params::default().u(n).u(a).u(b).0,
-                bindings: vec![
-                    Binding::read(ins[0].buf()),
-                    Binding::read(ins[1].buf()),
-                    Binding::write(out.buf()),
-                ],
-                groups: elementwise_groups(n),
-            }
-        }
-        other => return Err(shape_err(other.name(), "not an elementwise op")),
-    };
-    Ok(vec![d])
+        };
+        let p = GluParams {
+            rows: u(n / f.max(1)),
+            f: u(f),
+            g_off: u(g_off),
+            g_rs: u(g_rs),
+            u_off: u(u_off),
+            u_rs: u(u_rs),
+            act: self.act.code(),
+        };
+        Ok(one("GLU", &p, &[g, up], out, n))
+    }
 }
 
-/// `dst[dst_off + i] = src[src_off + i]` for every element of `src` (or of `dst` when
-/// slicing), never writing past `cap`.
-pub fn copy(
-    src: &Bound,
-    dst: &Bound,
-    src_off: Dyn,
-    dst_off: Dyn,
-    cap: usize,
-) -> Result<Vec<Dispatch>> {
-    let n = src.numel().min(dst.numel());
-    let [da, ds, dm] = dst_off.words();
-    let [sa, ss, sm] = src_off.words();
-    Ok(vec![Dispatch {
-        key: key("COPY"),
-        params: Params::default()
-            .u(n)
-            .u(cap)
-            .u(da)
-            .u(ds)
-            .u(dm)
-            .u(sa)
-            .u(ss)
-            .u(sm)
-            .0,
-        bindings: vec![Binding::read(src.buf()), Binding::write(dst.buf())],
-        groups: elementwise_groups(n),
-    }])
+/// Sinusoidal timestep embedding of `t` `[b]` → `[b, dim]` (diffusers' `get_timestep_embedding`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimestepEmbedding {
+    pub dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub shift: f32,
+    pub max_period: f32,
 }
 
-/// Rows of `x` (as `[r, c]`) starting at a run-time row offset.
-pub fn slice_rows(x: &Bound, offset: Dyn, out: &Bound) -> Result<Vec<Dispatch>> {
-    let c = *x.shape.last().unwrap_or(&1) as u32;
-    let src_off = match offset {
-        Dyn::Static(o) => Dyn::Static(o * c),
-        Dyn::Slot { slot, mul, add } => Dyn::Slot {
-            slot,
-            mul: mul * c,
-            add: add * c,
-        },
+impl Kernel for TimestepEmbedding {
+    fn name(&self) -> &'static str {
+        "timestep_embedding"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        need_f32(self.name(), ins[0].1)?;
+        if ins[0].0.len() != 1 || !self.dim.is_multiple_of(2) {
+            return Err(shape_err(
+                self.name(),
+                format!(
+                    "expected t [b] and an even dim, found {:?}, {}",
+                    ins[0].0, self.dim
+                ),
+            ));
+        }
+        f32_out(&[ins[0].0[0], self.dim])
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let (b, half) = (ins[0].shape[0], self.dim / 2);
+        let p = TimestepParams {
+            b: u(b),
+            half: u(half),
+            flip: self.flip_sin_to_cos as u32,
+            shift: self.shift,
+            log_max_period: self.max_period.ln(),
+        };
+        Ok(one("TIMESTEP", &p, &[&ins[0]], out, b * half))
+    }
+}
+
+/// Nearest-neighbour 2x upsampling of `[b, c, h, w]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upsample2x;
+
+impl Kernel for Upsample2x {
+    fn name(&self) -> &'static str {
+        "upsample2x"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let x = ins[0].0;
+        need_f32(self.name(), ins[0].1)?;
+        if x.len() != 4 {
+            return Err(shape_err(
+                self.name(),
+                format!("expected [b, c, h, w], found {x:?}"),
+            ));
+        }
+        f32_out(&[x[0], x[1], 2 * x[2], 2 * x[3]])
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let (n, s) = (out.numel(), &ins[0].shape);
+        let p = UpsampleParams {
+            n: u(n),
+            h: u(s[2]),
+            w: u(s[3]),
+        };
+        Ok(one("UPSAMPLE", &p, &[&ins[0]], out, n))
+    }
+}
+
+/// Concatenation of two tensors of one dtype along `axis`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Concat {
+    pub axis: usize,
+}
+
+impl Kernel for Concat {
+    fn name(&self) -> &'static str {
+        "concat"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let (a, b, axis) = (ins[0].0, ins[1].0, self.axis);
+        need_plain(self.name(), ins[0].1)?;
+        let ok =
+            a.len() == b.len() && axis < a.len() && (0..a.len()).all(|i| i == axis || a[i] == b[i]);
+        if !ok || ins[0].1 != ins[1].1 {
+            return Err(shape_err(
+                self.name(),
+                format!("cannot concatenate {a:?} and {b:?} along axis {axis}"),
+            ));
+        }
+        let mut s = a.to_vec();
+        s[axis] += b[axis];
+        Ok(Some((s, ins[0].1)))
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = out.numel();
+        let inner: usize = out.shape[self.axis + 1..].iter().product();
+        let p = ConcatParams {
+            n: u(n),
+            a: u(ins[0].shape[self.axis] * inner),
+            b: u(ins[1].shape[self.axis] * inner),
+        };
+        Ok(one("CONCAT", &p, &[&ins[0], &ins[1]], out, n))
+    }
+}
+
+/// `[b, m, n]` → `[b, n, m]` (NCHW feature maps to token sequences and back).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transpose;
+
+impl Kernel for Transpose {
+    fn name(&self) -> &'static str {
+        "transpose"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let x = ins[0].0;
+        need_plain(self.name(), ins[0].1)?;
+        if x.len() != 3 {
+            return Err(shape_err(
+                self.name(),
+                format!("expected [b, m, n], found {x:?}"),
+            ));
+        }
+        Ok(Some((vec![x[0], x[2], x[1]], ins[0].1)))
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = out.numel();
+        let p = TransposeParams {
+            n: u(n),
+            m: u(ins[0].shape[1]),
+            k: u(ins[0].shape[2]),
+        };
+        Ok(one("TRANSPOSE", &p, &[&ins[0]], out, n))
+    }
+}
+
+/// `dst[dst_off + i] = src[src_off + i]` for `n` elements, never writing past `cap`.
+fn copy(src: &Bound, dst: &Bound, n: usize, src_off: Dyn, dst_off: Dyn, cap: usize) -> Dispatch {
+    let [dst_add, dst_slot, dst_mul] = dst_off.words();
+    let [src_add, src_slot, src_mul] = src_off.words();
+    let p = CopyParams {
+        n: u(n),
+        cap: u(cap),
+        dst_add,
+        dst_slot,
+        dst_mul,
+        src_add,
+        src_slot,
+        src_mul,
     };
-    copy(x, out, src_off, Dyn::Static(0), out.numel())
+    dispatch(
+        key("COPY"),
+        &p,
+        vec![Binding::read(src.buf()), Binding::write(dst.buf())],
+        elementwise_groups(n),
+    )
+}
+
+/// Rows `[offset, offset + rows)` of x viewed as `[r, c]` (c = last dim) → `[rows, c]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceRows {
+    pub offset: Dyn,
+    pub rows: usize,
+}
+
+impl Kernel for SliceRows {
+    fn name(&self) -> &'static str {
+        "slice_rows"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        need_plain(self.name(), ins[0].1)?;
+        let c = last_dim(self.name(), ins[0].0)?;
+        let r = numel(ins[0].0) / c.max(1);
+        if let Dyn::Static(o) = self.offset {
+            if o as usize + self.rows > r {
+                return Err(shape_err(
+                    self.name(),
+                    format!("rows {o}..{} of {r}", o as usize + self.rows),
+                ));
+            }
+        }
+        Ok(Some((vec![self.rows, c], ins[0].1)))
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let c = *ins[0].shape.last().unwrap_or(&1);
+        let n = out.numel();
+        let src_off = self.offset.times(u(c));
+        Ok(vec![copy(&ins[0], out, n, src_off, Dyn::Static(0), n)])
+    }
+}
+
+/// Copies src into dst (an existing tensor, written in place) starting at element `offset`
+/// (a KV-cache write, a state update). `cap` = elements of dst.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyInto {
+    pub offset: Dyn,
+    pub cap: usize,
+}
+
+impl Kernel for CopyInto {
+    fn name(&self) -> &'static str {
+        "copy_into"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        if ins[0].1 != ins[1].1 {
+            return Err(Error::DType {
+                op: self.name().into(),
+                expected: ins[1].1.to_string(),
+                found: ins[0].1.to_string(),
+            });
+        }
+        need_plain(self.name(), ins[0].1)?;
+        let n = numel(ins[0].0);
+        if let Dyn::Static(o) = self.offset {
+            if o as usize + n > self.cap {
+                return Err(shape_err(
+                    self.name(),
+                    format!(
+                        "{n} elements at offset {o} overflow a destination of {}",
+                        self.cap
+                    ),
+                ));
+            }
+        }
+        Ok(None)
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], _: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let (src, dst) = (&ins[0], &ins[1]);
+        let n = src.numel().min(dst.numel());
+        Ok(vec![copy(
+            src,
+            dst,
+            n,
+            Dyn::Static(0),
+            self.offset,
+            self.cap,
+        )])
+    }
 }

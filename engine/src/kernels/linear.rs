@@ -2,12 +2,38 @@
 //! (`matmul.wgsl` over `gemm.wgsl`) and embedding gathers (`gather.wgsl`), for every weight
 //! dtype. A weight split into parts gets one dispatch per part, each writing its rows.
 
-use super::{elementwise_groups, grid, Binding, Bound, Dispatch, KernelKey, Params};
+use super::{
+    dispatch, elementwise_groups, grid, last_dim, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn,
+    Inferred, Kernel, KernelKey, Meta,
+};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{shape_err, Error, Result};
 
 /// Inputs with at most this many rows use the matvec kernel; more use the GEMM.
 pub const MATVEC_MAX_ROWS: usize = 2;
+
+crate::params!(
+    /// Uniforms of `matvec.wgsl`.
+    MatvecParams, "matvec.wgsl", [] {
+        rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
+    }
+);
+
+crate::params!(
+    /// Uniforms of `matmul.wgsl`.
+    MatmulParams, "matmul.wgsl", [] {
+        m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32,
+        has_bias: u32,
+    }
+);
+
+crate::params!(
+    /// Uniforms of `gather.wgsl`.
+    GatherParams, "gather.wgsl", [] {
+        n: u32, d: u32, row_words: u32, row_start: u32, rows: u32, total_rows: u32,
+        ids_add: u32, ids_slot: u32, ids_mul: u32,
+    }
+);
 
 /// Adds the weight-dtype define of `weights.wgsl`.
 pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
@@ -21,124 +47,208 @@ pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
     Ok(KernelKey::new(shader, "main").def(&format!("W_{}", dtype.name().to_uppercase()), ""))
 }
 
-/// `x @ w^T (+ bias)`.
-pub fn linear(ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let (x, w) = (&ins[0], &ins[1]);
-    let bias = ins.get(2);
-    let k = *x.shape.last().unwrap_or(&1);
-    let m_total = x.numel() / k.max(1);
-    let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
-    let has_bias = bias.is_some() as u32;
-    if w.shape.len() == 3 {
-        // Batched product with an f32 activation as the second operand.
-        let (b, n) = (w.shape[0], w.shape[1]);
-        let m = m_total / b;
-        let p = Params::default()
-            .u(m)
-            .u(n)
-            .u(k)
-            .u(k)
-            .u(n * k)
-            .u(0)
-            .u(n)
-            .u(has_bias);
-        return Ok(vec![Dispatch {
-            key: weight_key("matmul.wgsl", DType::F32)?,
-            params: p.0,
-            bindings: vec![
-                Binding::read(w.buf()),
+/// `x @ w^T (+ bias)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint layout), or
+/// an f32 value `[b, n, k]` for a batched product. Output `[.., n]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear {
+    pub bias: bool,
+}
+
+impl Kernel for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        let (x, w) = (ins[0], ins[1]);
+        need_f32(self.name(), x.1)?;
+        let k = last_dim(self.name(), x.0)?;
+        let (n, wk) = match w.0.len() {
+            2 => (w.0[0], w.0[1]),
+            3 if w.1 == DType::F32 => (w.0[1], w.0[2]),
+            _ => {
+                return Err(err(format!(
+                    "weight shape {:?}: expected [n, k] (or f32 [b, n, k])",
+                    w.0
+                )))
+            }
+        };
+        if wk != k {
+            return Err(err(format!(
+                "input {:?} has k = {k}, weight {:?} has k = {wk}",
+                x.0, w.0
+            )));
+        }
+        if w.0.len() == 3 && (x.0.len() != 3 || x.0[0] != w.0[0]) {
+            return Err(err(format!(
+                "batched product needs x [b, m, k] with b = {}, found {:?}",
+                w.0[0], x.0
+            )));
+        }
+        if self.bias {
+            need_f32("linear bias", ins[2].1)?;
+            if ins[2].0 != [n] {
+                return Err(err(format!("bias shape {:?}, expected [{n}]", ins[2].0)));
+            }
+        }
+        let mut s = x.0.to_vec();
+        if let Some(l) = s.last_mut() {
+            *l = n;
+        }
+        Ok(Some((s, DType::F32)))
+    }
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let (x, w) = (&ins[0], &ins[1]);
+        let bias = ins.get(2);
+        let k = *x.shape.last().unwrap_or(&1);
+        let m_total = x.numel() / k.max(1);
+        let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
+        let has_bias = bias.is_some() as u32;
+        if w.shape.len() == 3 {
+            // Batched product with an f32 activation as the second operand.
+            let (b, n) = (w.shape[0], w.shape[1]);
+            let m = m_total / b;
+            let p = MatmulParams {
+                m: u(m),
+                n: u(n),
+                k: u(k),
+                row_words: u(k),
+                w_batch_words: u(n * k),
+                out_off: 0,
+                n_total: u(n),
+                has_bias,
+            };
+            return Ok(vec![dispatch(
+                weight_key("matmul.wgsl", DType::F32)?,
+                &p,
+                vec![
+                    Binding::read(w.buf()),
+                    Binding::read(x.buf()),
+                    Binding::read(bias_buf),
+                    Binding::write(out.buf()),
+                ],
+                [u(n.div_ceil(64)), u(m.div_ceil(64)), u(b)],
+            )]);
+        }
+        let n_total = w.shape[0];
+        let row_words = w.dtype.row_words(k);
+        let mut ds = Vec::new();
+        for part in &w.parts {
+            let bindings = vec![
+                Binding::read(&part.buffer),
                 Binding::read(x.buf()),
                 Binding::read(bias_buf),
                 Binding::write(out.buf()),
-            ],
-            groups: [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b as u32],
-        }]);
-    }
-    let n_total = w.shape[0];
-    let row_words = w.dtype.row_words(k);
-    let mut ds = Vec::new();
-    for part in &w.parts {
-        let bindings = vec![
-            Binding::read(&part.buffer),
-            Binding::read(x.buf()),
-            Binding::read(bias_buf),
-            Binding::write(out.buf()),
-        ];
-        if m_total <= MATVEC_MAX_ROWS {
-            let p = Params::default()
-                .u(part.rows)
-                .u(k)
-                .u(row_words)
-                .u(part.row_start)
-                .u(m_total)
-                .u(n_total)
-                .u(has_bias);
-            ds.push(Dispatch {
-                key: weight_key("matvec.wgsl", w.dtype)?,
-                params: p.0,
-                bindings,
-                groups: grid((part.rows.div_ceil(4) * m_total) as u32),
-            });
-        } else {
-            let p = Params::default()
-                .u(m_total)
-                .u(part.rows)
-                .u(k)
-                .u(row_words)
-                .u(0)
-                .u(part.row_start)
-                .u(n_total)
-                .u(has_bias);
-            ds.push(Dispatch {
-                key: weight_key("matmul.wgsl", w.dtype)?,
-                params: p.0,
-                bindings,
-                groups: [
-                    part.rows.div_ceil(64) as u32,
-                    m_total.div_ceil(64) as u32,
-                    1,
-                ],
-            });
+            ];
+            if m_total <= MATVEC_MAX_ROWS {
+                let p = MatvecParams {
+                    rows: u(part.rows),
+                    k: u(k),
+                    row_words: u(row_words),
+                    out_off: u(part.row_start),
+                    m: u(m_total),
+                    n_total: u(n_total),
+                    has_bias,
+                };
+                ds.push(dispatch(
+                    weight_key("matvec.wgsl", w.dtype)?,
+                    &p,
+                    bindings,
+                    grid(u(part.rows.div_ceil(4) * m_total)),
+                ));
+            } else {
+                let p = MatmulParams {
+                    m: u(m_total),
+                    n: u(part.rows),
+                    k: u(k),
+                    row_words: u(row_words),
+                    w_batch_words: 0,
+                    out_off: u(part.row_start),
+                    n_total: u(n_total),
+                    has_bias,
+                };
+                ds.push(dispatch(
+                    weight_key("matmul.wgsl", w.dtype)?,
+                    &p,
+                    bindings,
+                    [u(part.rows.div_ceil(64)), u(m_total.div_ceil(64)), 1],
+                ));
+            }
         }
+        Ok(ds)
     }
-    Ok(ds)
 }
 
-/// Embedding rows `table[ids]`.
-pub fn gather(
-    table: &Bound,
-    ids: &Bound,
-    ids_offset: crate::graph::Dyn,
-    out: &Bound,
-) -> Result<Vec<Dispatch>> {
-    let (total, d) = (table.shape[0], table.shape[1]);
-    let n = out.shape[0];
-    let [oa, os, om] = ids_offset.words();
-    let row_words = table.dtype.row_words(d);
-    table
-        .parts
-        .iter()
-        .map(|part| {
-            Ok(Dispatch {
-                key: weight_key("gather.wgsl", table.dtype)?,
-                params: Params::default()
-                    .u(n)
-                    .u(d)
-                    .u(row_words)
-                    .u(part.row_start)
-                    .u(part.rows)
-                    .u(total)
-                    .u(oa)
-                    .u(os)
-                    .u(om)
-                    .0,
-                bindings: vec![
-                    Binding::read(&part.buffer),
-                    Binding::read(ids.buf()),
-                    Binding::write(out.buf()),
-                ],
-                groups: elementwise_groups(n * d),
+/// Embedding rows: table `[v, d]` (any weight dtype), u32 ids; `n` ids are read starting at
+/// `ids_offset` (the token history at the current position) → `[n, d]`. Ids past the table
+/// give zero rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gather {
+    pub n: usize,
+    pub ids_offset: Dyn,
+}
+
+impl Kernel for Gather {
+    fn name(&self) -> &'static str {
+        "gather"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let (t, ids) = (ins[0].0, ins[1]);
+        let err = |m: String| shape_err(self.name(), m);
+        if t.len() != 2 || ids.0.len() != 1 || ids.1 != DType::U32 {
+            return Err(err(format!(
+                "expected table [v, d] and u32 ids [n], found {t:?}, {:?} {}",
+                ids.0, ids.1
+            )));
+        }
+        if let Dyn::Static(o) = self.ids_offset {
+            if o as usize + self.n > ids.0[0] {
+                return Err(err(format!(
+                    "{} ids at offset {o} overflow ids of length {}",
+                    self.n, ids.0[0]
+                )));
+            }
+        }
+        Ok(Some((vec![self.n, t[1]], DType::F32)))
+    }
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let (table, ids) = (&ins[0], &ins[1]);
+        let (total, d) = (table.shape[0], table.shape[1]);
+        let n = out.shape[0];
+        let [ids_add, ids_slot, ids_mul] = self.ids_offset.words();
+        let row_words = table.dtype.row_words(d);
+        table
+            .parts
+            .iter()
+            .map(|part| {
+                let p = GatherParams {
+                    n: u(n),
+                    d: u(d),
+                    row_words: u(row_words),
+                    row_start: u(part.row_start),
+                    rows: u(part.rows),
+                    total_rows: u(total),
+                    ids_add,
+                    ids_slot,
+                    ids_mul,
+                };
+                Ok(dispatch(
+                    weight_key("gather.wgsl", table.dtype)?,
+                    &p,
+                    vec![
+                        Binding::read(&part.buffer),
+                        Binding::read(ids.buf()),
+                        Binding::write(out.buf()),
+                    ],
+                    elementwise_groups(n * d),
+                ))
             })
-        })
-        .collect()
+            .collect()
+    }
 }

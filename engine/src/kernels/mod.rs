@@ -1,11 +1,11 @@
-//! Kernel families: each module turns an op into [`Dispatch`]es (pipeline key, uniform
-//! parameters, bindings, workgroup counts). This module owns the pipeline cache and the
-//! binding convention every shader follows:
+//! The shader ABI. Each family module holds, for each op it computes, a plain parameter struct
+//! (what the op is: `Attention { heads, kv_heads, .. }`) implementing [`Kernel`]: its shape rule
+//! ([`Kernel::infer`]) and its [`Dispatch`]es ([`Kernel::encode`]). Each shader's uniform block
+//! is a `#[repr(C)]` struct declared with [`params!`], whose field names, order and types a test
+//! compares with the WGSL `struct Params` it feeds.
 //!
-//! - `@binding(0)`: `var<uniform> p: Params` — the kernel's static parameters (u32/f32 fields);
-//! - `@binding(1)`: `var<uniform> rs: RunScalars` — per-run scalars (positions, step index,
-//!   seed) written once per `Plan::run`;
-//! - `@binding(2..)`: storage buffers, in the order of [`Dispatch::bindings`].
+//! This layer knows devices, buffers and dtypes; it knows nothing of graphs, models or files.
+//! Run-time integers ([`Dyn`]) refer to a [`Scalar`] slot of the per-run uniform.
 
 pub mod attention;
 pub mod conv;
@@ -16,232 +16,153 @@ pub mod rope;
 pub mod sample;
 pub mod scheduler;
 
-use crate::device::{Counters, Gpu};
-use crate::error::{Error, Result};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+pub use crate::device::{grid, Binding, Dispatch, KernelKey, MAX_GROUPS_X};
 
-/// Workgroups per dimension the engine uses before folding into y (the WebGPU default limit).
-pub const MAX_GROUPS_X: u32 = 65535;
+use crate::device::Gpu;
+use crate::dtype::DType;
+use crate::error::{shape_err, Error, Result};
+use std::sync::Arc;
 
 /// Number of per-run scalar slots (`RunScalars` in `common.wgsl`).
 pub const RUN_SCALARS: usize = 16;
 
-/// Identifies a pipeline: shader file, entry point, preprocessor defines.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct KernelKey {
+/// A per-run scalar slot (a position, a step index, a seed), set before each `Plan::run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Scalar(pub u32);
+
+/// A per-run integer: fixed at compile time, or `add + mul * scalar` read at run time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Dyn {
+    Static(u32),
+    Slot { slot: Scalar, mul: u32, add: u32 },
+}
+
+impl Dyn {
+    /// The value of scalar slot `s`.
+    pub fn slot(s: Scalar) -> Self {
+        Dyn::Slot {
+            slot: s,
+            mul: 1,
+            add: 0,
+        }
+    }
+    /// `add + mul * s`.
+    pub fn affine(s: Scalar, mul: u32, add: u32) -> Self {
+        Dyn::Slot { slot: s, mul, add }
+    }
+    /// `self * k` (a row offset turned into an element offset).
+    pub fn times(self, k: u32) -> Self {
+        match self {
+            Dyn::Static(v) => Dyn::Static(v * k),
+            Dyn::Slot { slot, mul, add } => Dyn::Slot {
+                slot,
+                mul: mul * k,
+                add: add * k,
+            },
+        }
+    }
+    /// The (add, slot, mul) words a shader's `dyn_val` reads; slot `0xffffffff` = static.
+    pub fn words(self) -> [u32; 3] {
+        match self {
+            Dyn::Static(v) => [v, u32::MAX, 0],
+            Dyn::Slot { slot, mul, add } => [add, slot.0, mul],
+        }
+    }
+    /// The value given the run scalars (used by the CPU side and tests).
+    pub fn eval(self, scalars: &[u32]) -> u32 {
+        match self {
+            Dyn::Static(v) => v,
+            Dyn::Slot { slot, mul, add } => add + mul * scalars[slot.0 as usize],
+        }
+    }
+}
+
+/// A uniform parameter block: a `#[repr(C)]` plain-old-data struct whose layout is the WGSL
+/// `struct Params` of one shader variant (declared with [`params!`]).
+pub trait ShaderParams: bytemuck::Pod {
+    /// Shader file.
+    const SHADER: &'static str;
+    /// Defines selecting the variant that declares this `Params` (`#ifdef` branches).
+    const DEFINES: &'static [&'static str];
+    /// `(name, type)` of every field in declaration order (`u32` or `f32`).
+    const FIELDS: &'static [(&'static str, &'static str)];
+    /// The uniform words.
+    fn words(&self) -> Vec<u32> {
+        bytemuck::cast_slice(std::slice::from_ref(self)).to_vec()
+    }
+}
+
+/// Declares a shader's uniform block: `params!(MatvecParams, "matvec.wgsl", [] { rows: u32, .. })`.
+#[macro_export]
+macro_rules! params {
+    ($(#[$m:meta])* $name:ident, $shader:literal, [$($def:literal),*] { $($f:ident : $t:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        pub struct $name { $(pub $f: $t),* }
+        impl $crate::kernels::ShaderParams for $name {
+            const SHADER: &'static str = $shader;
+            const DEFINES: &'static [&'static str] = &[$($def),*];
+            const FIELDS: &'static [(&'static str, &'static str)] = &[$((stringify!($f), stringify!($t))),*];
+        }
+    };
+}
+
+/// The layout of one parameter block, for the WGSL parity test.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamsLayout {
+    pub rust_name: &'static str,
     pub shader: &'static str,
-    pub entry: &'static str,
-    pub defines: Vec<(String, String)>,
+    pub defines: &'static [&'static str],
+    pub fields: &'static [(&'static str, &'static str)],
 }
 
-impl KernelKey {
-    /// A key with no defines.
-    pub fn new(shader: &'static str, entry: &'static str) -> Self {
-        KernelKey {
-            shader,
-            entry,
-            defines: Vec::new(),
-        }
-    }
-    /// Adds a define (`#define name value`).
-    pub fn def(mut self, name: &str, value: impl ToString) -> Self {
-        self.defines.push((name.to_string(), value.to_string()));
-        self
+fn layout<P: ShaderParams>() -> ParamsLayout {
+    ParamsLayout {
+        rust_name: std::any::type_name::<P>(),
+        shader: P::SHADER,
+        defines: P::DEFINES,
+        fields: P::FIELDS,
     }
 }
 
-/// A storage binding: a buffer and whether the kernel writes it.
-#[derive(Clone, Debug)]
-pub struct Binding {
-    pub buffer: Arc<wgpu::Buffer>,
-    pub writable: bool,
-}
-
-impl Binding {
-    /// A read-only binding.
-    pub fn read(buffer: &Arc<wgpu::Buffer>) -> Self {
-        Binding {
-            buffer: buffer.clone(),
-            writable: false,
-        }
-    }
-    /// A read-write binding.
-    pub fn write(buffer: &Arc<wgpu::Buffer>) -> Self {
-        Binding {
-            buffer: buffer.clone(),
-            writable: true,
-        }
-    }
-}
-
-/// One compute dispatch, fully described.
-#[derive(Clone, Debug)]
-pub struct Dispatch {
-    pub key: KernelKey,
-    /// Uniform words (u32 or f32 bits), in the order of the shader's `Params` struct.
-    pub params: Vec<u32>,
-    pub bindings: Vec<Binding>,
-    pub groups: [u32; 3],
-}
-
-/// Builds the uniform words of a `Params` struct.
-#[derive(Default, Clone, Debug)]
-pub struct Params(pub Vec<u32>);
-
-impl Params {
-    /// Appends a u32 field.
-    pub fn u(mut self, v: impl TryInto<u32>) -> Self {
-        self.0.push(v.try_into().unwrap_or(u32::MAX));
-        self
-    }
-    /// Appends an f32 field.
-    pub fn f(mut self, v: f32) -> Self {
-        self.0.push(v.to_bits());
-        self
-    }
-}
-
-/// Spreads `n` workgroups over x and y so no dimension exceeds the limit. Shaders rebuild the
-/// linear index with `wg.x + wg.y * nwg.x` and skip indices past the end.
-pub fn grid(n: u32) -> [u32; 3] {
-    if n <= MAX_GROUPS_X {
-        [n.max(1), 1, 1]
-    } else {
-        let y = n.div_ceil(MAX_GROUPS_X);
-        [n.div_ceil(y), y, 1]
-    }
-}
-
-/// Compiled pipelines and their layouts, created once per device.
-#[derive(Default)]
-pub struct PipelineCache {
-    pipelines: Mutex<HashMap<(KernelKey, Vec<bool>), Arc<wgpu::ComputePipeline>>>,
-    layouts: Mutex<HashMap<Vec<bool>, Arc<wgpu::BindGroupLayout>>>,
-}
-
-fn layout_entry(binding: u32, ty: wgpu::BindingType) -> wgpu::BindGroupLayoutEntry {
-    wgpu::BindGroupLayoutEntry {
-        binding,
-        visibility: wgpu::ShaderStages::COMPUTE,
-        ty,
-        count: None,
-    }
-}
-
-impl Gpu {
-    /// The bind group layout for a given storage access pattern (true = writable).
-    pub(crate) fn bind_group_layout(&self, access: &[bool]) -> Arc<wgpu::BindGroupLayout> {
-        let mut layouts = self
-            .pipelines
-            .layouts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        layouts
-            .entry(access.to_vec())
-            .or_insert_with(|| {
-                let uniform = wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                };
-                let mut entries = vec![layout_entry(0, uniform), layout_entry(1, uniform)];
-                for (i, w) in access.iter().enumerate() {
-                    entries.push(layout_entry(
-                        2 + i as u32,
-                        wgpu::BindingType::Buffer {
-                            ty: wgpu::BufferBindingType::Storage { read_only: !w },
-                            has_dynamic_offset: false,
-                            min_binding_size: None,
-                        },
-                    ));
-                }
-                Arc::new(
-                    self.device
-                        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                            label: Some("kiln"),
-                            entries: &entries,
-                        }),
-                )
-            })
-            .clone()
-    }
-
-    /// Returns the pipeline for a dispatch, compiling it on first use. A WGSL error is an
-    /// [`Error::Shader`] carrying the compiler's message.
-    pub async fn pipeline(
-        &self,
-        key: &KernelKey,
-        access: &[bool],
-    ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let ck = (key.clone(), access.to_vec());
-        if let Some(p) = self
-            .pipelines
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ck)
-        {
-            return Ok(p.clone());
-        }
-        let mut defines = key.defines.clone();
-        if self.features.subgroups {
-            defines.push(("HAS_SUBGROUPS".into(), String::new()));
-        }
-        let src = crate::shaders::dump(key.shader, &defines)?;
-        let bgl = self.bind_group_layout(access);
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(key.shader),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
-        let layout = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(key.shader),
-                bind_group_layouts: &[Some(&bgl)],
-                immediate_size: 0,
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(key.entry),
-                layout: Some(&layout),
-                module: &module,
-                entry_point: Some(key.entry),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        if let Some(e) = scope.pop().await {
-            return Err(Error::Shader {
-                name: format!("{} ({}, {:?})", key.shader, key.entry, key.defines),
-                msg: e.to_string(),
-            });
-        }
-        Counters::add(&self.counters.pipelines_created, 1);
-        let p = Arc::new(pipeline);
-        self.pipelines
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ck, p.clone());
-        Ok(p)
-    }
+/// Every parameter block the kernels write.
+pub fn all_params() -> Vec<ParamsLayout> {
+    vec![
+        layout::<attention::AttentionParams>(),
+        layout::<conv::ConvParams>(),
+        layout::<elementwise::UnaryParams>(),
+        layout::<elementwise::BinaryParams>(),
+        layout::<elementwise::GluParams>(),
+        layout::<elementwise::TimestepParams>(),
+        layout::<elementwise::CopyParams>(),
+        layout::<elementwise::UpsampleParams>(),
+        layout::<elementwise::ConcatParams>(),
+        layout::<elementwise::TransposeParams>(),
+        layout::<linear::MatvecParams>(),
+        layout::<linear::MatmulParams>(),
+        layout::<linear::GatherParams>(),
+        layout::<norm::NormParams>(),
+        layout::<norm::SoftmaxParams>(),
+        layout::<rope::RopeParams>(),
+        layout::<sample::SampleParams>(),
+        layout::<sample::NoiseParams>(),
+        layout::<sample::PhiloxKatParams>(),
+        layout::<scheduler::SchedulerParams>(),
+    ]
 }
 
 /// A value as a kernel sees it: shape, dtype and buffer(s) (several for a split weight).
 #[derive(Clone, Debug)]
 pub struct Bound {
     pub shape: Vec<usize>,
-    pub dtype: crate::dtype::DType,
+    pub dtype: DType,
     pub parts: Vec<crate::tensor::TensorPart>,
 }
 
 impl Bound {
     /// A value held in one buffer.
-    pub fn single(shape: &[usize], dtype: crate::dtype::DType, buffer: Arc<wgpu::Buffer>) -> Self {
+    pub fn single(shape: &[usize], dtype: DType, buffer: Arc<wgpu::Buffer>) -> Self {
         Bound {
             shape: shape.to_vec(),
             dtype,
@@ -278,4 +199,108 @@ impl Ctx<'_> {
     pub fn scratch(&self, name: &str, bytes: u64) -> Arc<wgpu::Buffer> {
         Arc::new(self.gpu.create_buffer(name, bytes, crate::tensor::STORAGE))
     }
+}
+
+/// An input as shape inference sees it.
+pub type Meta<'a> = (&'a [usize], DType);
+
+/// What shape inference returns: the output's shape and dtype, `None` for in-place ops.
+pub type Inferred = Option<(Vec<usize>, DType)>;
+
+/// One operation's parameters, shape rule and encoding.
+pub trait Kernel {
+    /// Short name for messages.
+    fn name(&self) -> &'static str;
+    /// Output shape and dtype from the inputs, or an error naming the op and what is wrong.
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred>;
+    /// The dispatches computing the op (inputs in the order of the graph builder's method).
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>>;
+}
+
+/// A size as a uniform word, saturating (a size past `u32::MAX` cannot be bound anyway).
+pub fn u(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// A one-dispatch encoding.
+pub fn dispatch<P: ShaderParams>(
+    key: KernelKey,
+    params: &P,
+    bindings: Vec<Binding>,
+    groups: [u32; 3],
+) -> Dispatch {
+    Dispatch {
+        key,
+        params: params.words(),
+        bindings,
+        groups,
+    }
+}
+
+/// The output binding an op with an output needs.
+pub fn out<'a>(op: &dyn Kernel, out: Option<&'a Bound>) -> Result<&'a Bound> {
+    out.ok_or_else(|| shape_err(op.name(), "missing output"))
+}
+
+/// An f32 tensor an op requires.
+pub fn need_f32(op: &str, dt: DType) -> Result<()> {
+    if dt != DType::F32 {
+        return Err(Error::DType {
+            op: op.into(),
+            expected: "f32".into(),
+            found: dt.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Ops that move 32-bit words (copies, slices, transposes) need one element per word.
+pub fn need_plain(op: &str, dt: DType) -> Result<()> {
+    if !matches!(dt, DType::F32 | DType::U32) {
+        return Err(Error::DType {
+            op: op.into(),
+            expected: "f32 or u32".into(),
+            found: dt.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// An f32 output of `shape`.
+pub fn f32_out(shape: &[usize]) -> Result<Inferred> {
+    Ok(Some((shape.to_vec(), DType::F32)))
+}
+
+/// The last dimension, or an error for a scalar.
+pub fn last_dim(op: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .last()
+        .copied()
+        .ok_or_else(|| shape_err(op, "input is a scalar"))
+}
+
+/// Numpy broadcasting of two shapes.
+pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return None;
+        };
+    }
+    Some(out)
 }

@@ -2,47 +2,89 @@
 //! is an input made on the CPU by [`table`], so frequency scaling (see [`llama3_inv_freq`]) lives
 //! there and the result does not depend on the backend's `sin`/`cos` accuracy.
 
-use super::{elementwise_groups, Binding, Bound, Dispatch, KernelKey, Params};
+use super::{
+    dispatch, elementwise_groups, f32_out, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn,
+    Inferred, Kernel, KernelKey, Meta,
+};
 use crate::error::{shape_err, Result};
-use crate::graph::Op;
 
-/// Encodes rope.
-pub fn encode(op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    let Op::Rope {
-        heads,
-        interleaved,
-        pos,
-    } = op
-    else {
-        return Err(shape_err(op.name(), "not rope"));
-    };
-    let x = &ins[0];
-    let width = *x.shape.last().unwrap_or(&1);
-    let seq = x.shape[x.shape.len() - 2];
-    let d = width / heads;
-    let (positions, half) = (ins[1].shape[0], ins[1].shape[1]);
-    let [add, slot, mul] = pos.words();
-    let p = Params::default()
-        .u(x.numel())
-        .u(seq)
-        .u(*heads)
-        .u(d)
-        .u(half)
-        .u(positions)
-        .u(*interleaved as u32)
-        .u(add)
-        .u(slot)
-        .u(mul);
-    Ok(vec![Dispatch {
-        key: KernelKey::new("rope.wgsl", "main"),
-        params: p.0,
-        bindings: vec![
-            Binding::read(x.buf()),
-            Binding::read(ins[1].buf()),
-            Binding::write(out.buf()),
-        ],
-        groups: elementwise_groups(x.numel()),
-    }])
+crate::params!(
+    /// Uniforms of `rope.wgsl`.
+    RopeParams, "rope.wgsl", [] {
+        n: u32, seq: u32, heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
+        pos_add: u32, pos_slot: u32, pos_mul: u32,
+    }
+);
+
+/// Rotary embedding on x `[.., l, heads*d]` with a `[positions, half, 2]` (cos, sin) `table`
+/// from [`table`]. Token `i` is at position `pos + i`, which must be below `positions`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rope {
+    pub heads: usize,
+    pub interleaved: bool,
+    pub pos: Dyn,
+}
+
+impl Kernel for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        let x = ins[0].0;
+        need_f32(self.name(), ins[0].1)?;
+        need_f32(self.name(), ins[1].1)?;
+        let w = *x.last().unwrap_or(&0);
+        let heads = self.heads;
+        if x.len() < 2 || heads == 0 || !w.is_multiple_of(heads) {
+            return Err(err(format!(
+                "input {x:?} needs [.., l, heads*d] with {heads} heads"
+            )));
+        }
+        let d = w / heads;
+        let t = ins[1].0;
+        if t.len() != 3 || t[2] != 2 || t[0] == 0 {
+            return Err(err(format!(
+                "table {t:?} needs [positions, half, 2] (cos, sin)"
+            )));
+        }
+        let half = t[1];
+        if 2 * half > d || half == 0 {
+            return Err(err(format!("{half} frequencies do not fit head dim {d}")));
+        }
+        f32_out(x)
+    }
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let x = &ins[0];
+        let width = *x.shape.last().unwrap_or(&1);
+        let seq = x.shape[x.shape.len() - 2];
+        let [pos_add, pos_slot, pos_mul] = self.pos.words();
+        let p = RopeParams {
+            n: u(x.numel()),
+            seq: u(seq),
+            heads: u(self.heads),
+            d: u(width / self.heads),
+            half: u(ins[1].shape[1]),
+            positions: u(ins[1].shape[0]),
+            interleaved: self.interleaved as u32,
+            pos_add,
+            pos_slot,
+            pos_mul,
+        };
+        Ok(vec![dispatch(
+            KernelKey::new("rope.wgsl", "main"),
+            &p,
+            vec![
+                Binding::read(x.buf()),
+                Binding::read(ins[1].buf()),
+                Binding::write(out.buf()),
+            ],
+            elementwise_groups(x.numel()),
+        )])
+    }
 }
 
 /// The rotary table `[positions, half, 2]` of (cos, sin) of the angle `p * inv_freq[i]` for

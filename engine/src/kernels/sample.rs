@@ -2,10 +2,13 @@
 //! the Philox4x32-10 counter-based RNG (`philox.wgsl`), so one seed gives the same tokens and the
 //! same noise natively and in the browser.
 
-use super::{elementwise_groups, Binding, Bound, Ctx, Dispatch, KernelKey, Params};
+use super::{
+    dispatch, elementwise_groups, f32_out, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn,
+    Inferred, Kernel, KernelKey, Meta, ShaderParams,
+};
 use crate::device::Gpu;
+use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
-use crate::graph::Op;
 use crate::tensor::STORAGE;
 use std::sync::Arc;
 
@@ -134,53 +137,125 @@ impl SamplerSettings {
     }
 }
 
-/// Encodes [`Op::Sample`] (one workgroup) and [`Op::RandNormal`] (four values per thread).
-pub fn encode(ctx: &Ctx, op: &Op, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
-    match op {
-        Op::Sample { counter, seed } => {
-            let v = ins[0].numel();
-            if v == 0 || v > (u32::MAX / 2) as usize {
-                return Err(shape_err(
-                    "sample",
-                    format!("vocabulary of {v} ids (1 .. 2^31 supported)"),
-                ));
-            }
-            let work = ctx.scratch("sample-work", 8 * v as u64);
-            let [ca, cs, cm] = counter.words();
-            let [sa, ss, sm] = seed.words();
-            let params = Params::default()
-                .u(v)
-                .u(ins[2].numel())
-                .u(ca)
-                .u(cs)
-                .u(cm)
-                .u(sa)
-                .u(ss)
-                .u(sm);
-            Ok(vec![Dispatch {
-                key: KernelKey::new("sample.wgsl", "main"),
-                params: params.0,
-                bindings: vec![
-                    Binding::read(ins[0].buf()),
-                    Binding::read(ins[1].buf()),
-                    Binding::write(ins[2].buf()),
-                    Binding::write(out.buf()),
-                    Binding::write(&work),
-                ],
-                groups: [1, 1, 1],
-            }])
+crate::params!(
+    /// Uniforms of `sample.wgsl`.
+    SampleParams, "sample.wgsl", [] {
+        v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
+    }
+);
+
+crate::params!(
+    /// Uniforms of `noise.wgsl`.
+    NoiseParams, "noise.wgsl", [] { n: u32, seed_add: u32, seed_slot: u32, seed_mul: u32, stream: u32 }
+);
+
+crate::params!(
+    /// Uniforms of `noise.wgsl`'s known-answer entry point.
+    PhiloxKatParams, "noise.wgsl", ["PHILOX_KAT"] { n: u32 }
+);
+
+/// Samples one token from logits `[v]` with the settings input (f32 `[SETTINGS_LEN]`, see
+/// [`SamplerSettings`]). `history` (u32 `[cap]`) holds previous ids for the repetition penalty;
+/// the drawn id is appended at index `counter` (which also selects the RNG stream). Output: u32
+/// `[2]` = (token id, f32 bits of its log-probability under the unmodified logits).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub counter: Dyn,
+    pub seed: Dyn,
+}
+
+impl Kernel for Sample {
+    fn name(&self) -> &'static str {
+        "sample"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        need_f32(self.name(), ins[0].1)?;
+        if ins[0].0.len() != 1 || ins[1].0 != [SETTINGS_LEN] || ins[2].1 != DType::U32 {
+            return Err(shape_err(
+                self.name(),
+                format!(
+                    "expected logits [v], settings [{SETTINGS_LEN}], u32 history; found {:?}, {:?}, {}",
+                    ins[0].0, ins[1].0, ins[2].1
+                ),
+            ));
         }
-        Op::RandNormal { seed, stream, .. } => {
-            let n = out.numel();
-            let [sa, ss, sm] = seed.words();
-            Ok(vec![Dispatch {
-                key: KernelKey::new("noise.wgsl", "main"),
-                params: Params::default().u(n).u(sa).u(ss).u(sm).u(*stream).0,
-                bindings: vec![Binding::write(out.buf())],
-                groups: elementwise_groups(n.div_ceil(4)),
-            }])
+        Ok(Some((vec![2], DType::U32)))
+    }
+
+    /// One workgroup.
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let v = ins[0].numel();
+        if v == 0 || v > (u32::MAX / 2) as usize {
+            return Err(shape_err(
+                self.name(),
+                format!("vocabulary of {v} ids (1 .. 2^31 supported)"),
+            ));
         }
-        other => Err(shape_err(other.name(), "not a sampling op")),
+        let work = ctx.scratch("sample-work", 8 * v as u64);
+        let [c_add, c_slot, c_mul] = self.counter.words();
+        let [s_add, s_slot, s_mul] = self.seed.words();
+        let p = SampleParams {
+            v: u(v),
+            cap: u(ins[2].numel()),
+            c_add,
+            c_slot,
+            c_mul,
+            s_add,
+            s_slot,
+            s_mul,
+        };
+        Ok(vec![dispatch(
+            KernelKey::new("sample.wgsl", "main"),
+            &p,
+            vec![
+                Binding::read(ins[0].buf()),
+                Binding::read(ins[1].buf()),
+                Binding::write(ins[2].buf()),
+                Binding::write(out.buf()),
+                Binding::write(&work),
+            ],
+            [1, 1, 1],
+        )])
+    }
+}
+
+/// Standard normal noise `[shape]` from the counter-based RNG (seeded per run; `stream`
+/// separates draws of one seed). Four values per thread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RandNormal {
+    pub shape: Vec<usize>,
+    pub seed: Dyn,
+    pub stream: u32,
+}
+
+impl Kernel for RandNormal {
+    fn name(&self) -> &'static str {
+        "randn"
+    }
+
+    fn infer(&self, _: &[Meta]) -> Result<Inferred> {
+        f32_out(&self.shape)
+    }
+
+    fn encode(&self, _: &Ctx, _: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = out.numel();
+        let [seed_add, seed_slot, seed_mul] = self.seed.words();
+        let p = NoiseParams {
+            n: u(n),
+            seed_add,
+            seed_slot,
+            seed_mul,
+            stream: self.stream,
+        };
+        Ok(vec![dispatch(
+            KernelKey::new("noise.wgsl", "main"),
+            &p,
+            vec![Binding::write(out.buf())],
+            elementwise_groups(n.div_ceil(4)),
+        )])
     }
 }
 
@@ -199,7 +274,11 @@ pub async fn philox_on_gpu(gpu: &Gpu, blocks: &[([u32; 4], [u32; 2])]) -> Result
     let layout = gpu.bind_group_layout(&access);
     let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
     let params = gpu.create_buffer("kat-params", 16, uniform);
-    gpu.write_buffer(&params, 0, bytemuck::cast_slice(&[n as u32, 0, 0, 0]));
+    gpu.write_buffer(
+        &params,
+        0,
+        bytemuck::cast_slice(&PhiloxKatParams { n: u(n) }.words()),
+    );
     let scalars = gpu.create_buffer("kat-scalars", (super::RUN_SCALARS * 4) as u64, uniform);
     let inp = Arc::new(gpu.create_buffer("kat-in", (words.len() * 4) as u64, STORAGE));
     gpu.write_buffer(&inp, 0, bytemuck::cast_slice(&words));

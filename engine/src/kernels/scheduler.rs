@@ -1,103 +1,175 @@
 //! Scheduler step (`shaders/scheduler.wgsl`): one elementwise kernel per denoising step that
 //! applies classifier-free guidance, the x0 prediction and the update of any supported
-//! scheduler from one row of a coefficient table (see [`crate::diffusion::schedulers`]).
+//! scheduler from one row of a coefficient table (the rows are made by
+//! `diffusion::schedulers`).
 
-use super::{elementwise_groups, Binding, Bound, Dispatch, KernelKey, Params};
+use super::{
+    dispatch, elementwise_groups, u, Binding, Bound, Ctx, Dispatch, Dyn, Inferred, Kernel,
+    KernelKey, Meta,
+};
+use crate::dtype::DType;
 use crate::error::{shape_err, Result};
-use crate::graph::{Op, Value};
+use crate::tensor::numel;
 
 /// Coefficients per step (one row of the table): `[a, b, clip, p, q, r, s, t, in_scale]`,
-/// see [`crate::diffusion::schedulers::StepCoeffs`].
+/// see [`StepCoeffs`].
 pub const COEFFS: usize = 9;
 
-/// The values one [`crate::Graph::scheduler_step`] reads and writes. `x`, `x0_prev` and
-/// `unet_in` are state tensors (added with `Graph::tensor`) written in place.
-#[derive(Clone, Copy, Debug)]
-pub struct StepValues {
-    /// Model output `[b, ..]`: `b` = batch of `x` (no guidance) or twice it (`[uncond, cond]`).
-    pub model_out: Value,
-    /// f32 `[steps, COEFFS]`, from `Schedule::coeff_table`.
-    pub coeffs: Value,
-    /// f32 `[1]`: the guidance scale (used when the model output has the CFG batch).
-    pub guidance: Value,
-    /// The scheduler's sample (unscaled latents), updated in place.
-    pub x: Value,
-    /// Previous step's x0 (DPM++ 2M's history), updated in place.
-    pub x0_prev: Value,
-    /// The next U-Net input: `k` copies of `x' * in_scale`, written in place.
-    pub unet_in: Value,
-    /// Standard normal noise like `x` (Euler ancestral, LCM); `None` when the scheduler draws none.
-    pub noise: Option<Value>,
+crate::params!(
+    /// Uniforms of `scheduler.wgsl`.
+    SchedulerParams, "scheduler.wgsl", [] {
+        n: u32, cfg: u32, copies: u32, rows: u32, step_add: u32, step_slot: u32, step_mul: u32,
+    }
+);
+
+/// One row of the coefficient table (see [`crate::diffusion::schedulers`] for the update it parametrizes).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepCoeffs {
+    /// `x0 = a x + b m`.
+    pub a: f32,
+    pub b: f32,
+    /// `x0` is clamped to `[-clip, clip]` when `clip > 0`.
+    pub clip: f32,
+    /// `x' = p x + q x0 + r x0_prev + s noise + t m`.
+    pub p: f32,
+    pub q: f32,
+    pub r: f32,
+    pub s: f32,
+    pub t: f32,
+    /// `unet_in = in_scale x'` (the next step's `scale_model_input`).
+    pub in_scale: f32,
 }
 
-/// Encodes [`Op::SchedulerStep`]. Inputs: model_out, coeffs, guidance, x, x0_prev, unet_in
-/// and, with noise, noise.
-pub fn encode(op: &Op, ins: &[Bound]) -> Result<Vec<Dispatch>> {
-    let Op::SchedulerStep { step, noise } = op else {
-        return Err(shape_err(op.name(), "not a scheduler step"));
-    };
-    let n = ins[3].numel();
-    let cfg = ins[0].numel() == 2 * n;
-    let copies = ins[5].numel() / n.max(1);
-    let rows = ins[1].shape[0];
-    let [sa, ss, sm] = step.words();
-    let mut key = KernelKey::new("scheduler.wgsl", "main");
-    let mut bindings = vec![
-        Binding::read(ins[0].buf()),
-        Binding::read(ins[1].buf()),
-        Binding::read(ins[2].buf()),
-        Binding::write(ins[3].buf()),
-        Binding::write(ins[4].buf()),
-        Binding::write(ins[5].buf()),
-    ];
-    if *noise {
-        key = key.def("NOISE", "");
-        bindings.push(Binding::read(ins[6].buf()));
+impl StepCoeffs {
+    /// A row from f64 coefficients (each rounded to f32 once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        a: f64,
+        b: f64,
+        clip: f64,
+        p: f64,
+        q: f64,
+        r: f64,
+        s: f64,
+        t: f64,
+        in_scale: f64,
+    ) -> Self {
+        let f = |v: f64| v as f32;
+        StepCoeffs {
+            a: f(a),
+            b: f(b),
+            clip: f(clip),
+            p: f(p),
+            q: f(q),
+            r: f(r),
+            s: f(s),
+            t: f(t),
+            in_scale: f(in_scale),
+        }
     }
-    Ok(vec![Dispatch {
-        key,
-        params: Params::default()
-            .u(n)
-            .u(cfg as u32)
-            .u(copies)
-            .u(rows)
-            .u(sa)
-            .u(ss)
-            .u(sm)
-            .0,
-        bindings,
-        groups: elementwise_groups(n),
-    }])
+
+    /// The row as the kernel reads it: `[a, b, clip, p, q, r, s, t, in_scale]`.
+    pub fn to_row(&self) -> [f32; COEFFS] {
+        [
+            self.a,
+            self.b,
+            self.clip,
+            self.p,
+            self.q,
+            self.r,
+            self.s,
+            self.t,
+            self.in_scale,
+        ]
+    }
+
+    /// A row from the kernel's layout.
+    pub fn from_row(r: &[f32]) -> Self {
+        StepCoeffs {
+            a: r[0],
+            b: r[1],
+            clip: r[2],
+            p: r[3],
+            q: r[4],
+            r: r[5],
+            s: r[6],
+            t: r[7],
+            in_scale: r[8],
+        }
+    }
 }
 
-/// Shape rules of [`Op::SchedulerStep`] (see [`encode`] for the input order).
-pub(crate) fn check(ins: &[(&[usize], crate::dtype::DType)], noise: bool) -> Result<()> {
-    let err = |m: String| shape_err("scheduler_step", m);
-    let numel = |i: usize| crate::tensor::numel(ins[i].0);
-    if ins.iter().any(|i| i.1 != crate::dtype::DType::F32) {
-        return Err(err("all inputs must be f32".into()));
+/// One denoising step at coefficient row `step`. Inputs: model_out (`[b, ..]`: `b` = batch of
+/// `x`, or twice it for CFG `[uncond, cond]`), coeffs f32 `[steps, COEFFS]`, guidance f32 `[1]`,
+/// then the state written in place: x, x0_prev, unet_in (copies of x), and, with `noise`, a
+/// noise input like x.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerStep {
+    pub step: Dyn,
+    pub noise: bool,
+}
+
+impl Kernel for SchedulerStep {
+    fn name(&self) -> &'static str {
+        "scheduler_step"
     }
-    let n = numel(3);
-    if n == 0 || (numel(0) != n && numel(0) != 2 * n) {
-        return Err(err(format!(
-            "model output {:?} must hold x {:?} once or twice (CFG)",
-            ins[0].0, ins[3].0
-        )));
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        let numel = |i: usize| numel(ins[i].0);
+        if ins.iter().any(|i| i.1 != DType::F32) {
+            return Err(err("all inputs must be f32".into()));
+        }
+        let n = numel(3);
+        if n == 0 || (numel(0) != n && numel(0) != 2 * n) {
+            return Err(err(format!(
+                "model output {:?} must hold x {:?} once or twice (CFG)",
+                ins[0].0, ins[3].0
+            )));
+        }
+        if ins[1].0.len() != 2 || ins[1].0[1] != COEFFS || ins[1].0[0] == 0 {
+            return Err(err(format!(
+                "coefficients {:?}, expected [steps, {COEFFS}]",
+                ins[1].0
+            )));
+        }
+        if numel(2) != 1 {
+            return Err(err(format!("guidance {:?}, expected [1]", ins[2].0)));
+        }
+        if numel(4) != n || numel(5) == 0 || numel(5) % n != 0 || (self.noise && numel(6) != n) {
+            return Err(err(format!(
+                "x {:?}: x0_prev {:?} and noise must match it, unet_in {:?} hold copies of it",
+                ins[3].0, ins[4].0, ins[5].0
+            )));
+        }
+        Ok(None)
     }
-    if ins[1].0.len() != 2 || ins[1].0[1] != COEFFS || ins[1].0[0] == 0 {
-        return Err(err(format!(
-            "coefficients {:?}, expected [steps, {COEFFS}]",
-            ins[1].0
-        )));
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], _: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let n = ins[3].numel();
+        let [step_add, step_slot, step_mul] = self.step.words();
+        let p = SchedulerParams {
+            n: u(n),
+            cfg: (ins[0].numel() == 2 * n) as u32,
+            copies: u(ins[5].numel() / n.max(1)),
+            rows: u(ins[1].shape[0]),
+            step_add,
+            step_slot,
+            step_mul,
+        };
+        let mut key = KernelKey::new("scheduler.wgsl", "main");
+        let mut bindings = vec![
+            Binding::read(ins[0].buf()),
+            Binding::read(ins[1].buf()),
+            Binding::read(ins[2].buf()),
+            Binding::write(ins[3].buf()),
+            Binding::write(ins[4].buf()),
+            Binding::write(ins[5].buf()),
+        ];
+        if self.noise {
+            key = key.def("NOISE", "");
+            bindings.push(Binding::read(ins[6].buf()));
+        }
+        Ok(vec![dispatch(key, &p, bindings, elementwise_groups(n))])
     }
-    if numel(2) != 1 {
-        return Err(err(format!("guidance {:?}, expected [1]", ins[2].0)));
-    }
-    if numel(4) != n || numel(5) == 0 || numel(5) % n != 0 || (noise && numel(6) != n) {
-        return Err(err(format!(
-            "x {:?}: x0_prev {:?} and noise must match it, unet_in {:?} hold copies of it",
-            ins[3].0, ins[4].0, ins[5].0
-        )));
-    }
-    Ok(())
 }

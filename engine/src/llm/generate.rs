@@ -4,15 +4,14 @@
 
 use super::config::LlmConfig;
 use super::model::{build_step, KvCache, Step};
-use super::tokenizer::TextTokenizer;
 use super::weights::{LlmWeights, Quantize};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 use crate::formats::safetensors::{shard_names, SafeTensors};
-use crate::formats::TensorSource;
+use crate::formats::{text_file, ModelFiles, TensorSource};
 use crate::kernels::sample::SamplerSettings;
-use std::collections::HashMap;
+use crate::tokenizer::TextTokenizer;
 use std::sync::Arc;
 
 /// Default prompt tokens processed per prefill run.
@@ -40,10 +39,6 @@ impl Default for LoadOptions {
         }
     }
 }
-
-/// A model's files by name (`config.json`, `model.safetensors`, ... or one `.gguf`), however
-/// they were fetched (disk natively, HTTP in the browser).
-pub type ModelFiles = HashMap<String, Vec<u8>>;
 
 /// Options of one generation.
 #[derive(Clone, Debug)]
@@ -119,19 +114,6 @@ fn sampled(bytes: &[u8]) -> [u32; 2] {
             .unwrap_or(0)
     };
     [w(0), w(1)]
-}
-
-/// A text file of a model's files, if present (an error when it is not UTF-8).
-pub(crate) fn text_file(files: &ModelFiles, name: &str) -> Result<Option<String>> {
-    files
-        .get(name)
-        .map(|b| {
-            String::from_utf8(b.clone()).map_err(|_| Error::Data {
-                name: name.into(),
-                msg: "not UTF-8".into(),
-            })
-        })
-        .transpose()
 }
 
 /// Reads a model from disk: a `.gguf` file, or a folder with config.json, safetensors and

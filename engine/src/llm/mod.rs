@@ -4,10 +4,10 @@
 pub mod config;
 pub mod generate;
 pub mod model;
-pub mod tokenizer;
 pub mod weights;
 
+pub use crate::formats::ModelFiles;
+pub use crate::tokenizer::TextTokenizer;
 pub use config::{Arch, LlmConfig};
-pub use generate::{GenerateOptions, Generation, LoadOptions, ModelFiles, StopReason, TextModel};
-pub use tokenizer::TextTokenizer;
+pub use generate::{GenerateOptions, Generation, LoadOptions, StopReason, TextModel};
 pub use weights::Quantize;

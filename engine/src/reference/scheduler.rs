@@ -1,6 +1,6 @@
 //! CPU reference of `scheduler.wgsl`: one denoising step from a coefficient row, in f64.
 
-use crate::diffusion::schedulers::StepCoeffs;
+use crate::kernels::scheduler::StepCoeffs;
 
 /// The state a step updates in place.
 #[derive(Clone, Debug, PartialEq)]

@@ -39,8 +39,8 @@ impl TextTokenizer {
     /// From a Hugging Face folder's files: `tokenizer.json`, optionally `tokenizer_config.json`
     /// and `chat_template.jinja` (where transformers 5 saves the template; it wins over the
     /// config's `chat_template`, as in transformers).
-    pub fn from_hf_files(files: &super::generate::ModelFiles) -> Result<TextTokenizer> {
-        use super::generate::text_file;
+    pub fn from_hf_files(files: &crate::formats::ModelFiles) -> Result<TextTokenizer> {
+        use crate::formats::text_file;
         let tj = files.get("tokenizer.json").ok_or_else(|| Error::Data {
             name: "model".into(),
             msg: "no tokenizer.json".into(),

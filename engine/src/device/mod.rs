@@ -3,6 +3,10 @@
 //! Environment overrides (native only): `KILN_BACKEND` = `vulkan|metal|dx12|gl`, and
 //! `KILN_ADAPTER` = a case-insensitive substring of the adapter name.
 
+mod pipeline;
+
+pub use pipeline::{grid, Binding, Dispatch, KernelKey, PipelineCache, MAX_GROUPS_X};
+
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -114,7 +118,7 @@ pub struct Gpu {
     pub counters: Counters,
     /// Errors the API reported outside an error scope (validation at encode/submit time).
     uncaptured: Arc<std::sync::Mutex<Vec<String>>>,
-    pub(crate) pipelines: crate::kernels::PipelineCache,
+    pub(crate) pipelines: PipelineCache,
 }
 
 fn backends_from_env() -> Option<wgpu::Backends> {

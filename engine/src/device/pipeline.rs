@@ -1,0 +1,208 @@
+//! Pipelines and the binding convention every shader follows:
+//!
+//! - `@binding(0)`: `var<uniform> p: Params`, the kernel's static parameters (a `#[repr(C)]`
+//!   struct of u32/f32 fields on the Rust side, see [`crate::kernels::ShaderParams`]);
+//! - `@binding(1)`: `var<uniform> rs: RunScalars`, per-run scalars (positions, step index,
+//!   seed) written once per `Plan::run`;
+//! - `@binding(2..)`: storage buffers, in the order of [`Dispatch::bindings`].
+//!
+//! A [`Dispatch`] is the unit the kernels hand to the graph executor: a pipeline key, the
+//! uniform words, the storage bindings and the workgroup counts.
+
+use super::{Counters, Gpu};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Workgroups per dimension the engine uses before folding into y (the WebGPU default limit).
+pub const MAX_GROUPS_X: u32 = 65535;
+
+/// Identifies a pipeline: shader file, entry point, preprocessor defines.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub defines: Vec<(String, String)>,
+}
+
+impl KernelKey {
+    /// A key with no defines.
+    pub fn new(shader: &'static str, entry: &'static str) -> Self {
+        KernelKey {
+            shader,
+            entry,
+            defines: Vec::new(),
+        }
+    }
+    /// Adds a define (`#define name value`).
+    pub fn def(mut self, name: &str, value: impl ToString) -> Self {
+        self.defines.push((name.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A storage binding: a buffer and whether the kernel writes it.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub buffer: Arc<wgpu::Buffer>,
+    pub writable: bool,
+}
+
+impl Binding {
+    /// A read-only binding.
+    pub fn read(buffer: &Arc<wgpu::Buffer>) -> Self {
+        Binding {
+            buffer: buffer.clone(),
+            writable: false,
+        }
+    }
+    /// A read-write binding.
+    pub fn write(buffer: &Arc<wgpu::Buffer>) -> Self {
+        Binding {
+            buffer: buffer.clone(),
+            writable: true,
+        }
+    }
+}
+
+/// One compute dispatch, fully described.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub key: KernelKey,
+    /// Uniform words: the bytes of the shader's `Params` struct.
+    pub params: Vec<u32>,
+    pub bindings: Vec<Binding>,
+    pub groups: [u32; 3],
+}
+
+/// Spreads `n` workgroups over x and y so no dimension exceeds the limit. Shaders rebuild the
+/// linear index with `wg.x + wg.y * nwg.x` and skip indices past the end.
+pub fn grid(n: u32) -> [u32; 3] {
+    if n <= MAX_GROUPS_X {
+        [n.max(1), 1, 1]
+    } else {
+        let y = n.div_ceil(MAX_GROUPS_X);
+        [n.div_ceil(y), y, 1]
+    }
+}
+
+/// A pipeline is compiled per kernel key and storage access pattern.
+type PipelineMap = HashMap<(KernelKey, Vec<bool>), Arc<wgpu::ComputePipeline>>;
+
+/// Compiled pipelines and their layouts, created once per device.
+#[derive(Default)]
+pub struct PipelineCache {
+    pipelines: Mutex<PipelineMap>,
+    layouts: Mutex<HashMap<Vec<bool>, Arc<wgpu::BindGroupLayout>>>,
+}
+
+fn layout_entry(binding: u32, ty: wgpu::BindingType) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty,
+        count: None,
+    }
+}
+
+impl Gpu {
+    /// The bind group layout for a given storage access pattern (true = writable).
+    pub fn bind_group_layout(&self, access: &[bool]) -> Arc<wgpu::BindGroupLayout> {
+        let mut layouts = self
+            .pipelines
+            .layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        layouts
+            .entry(access.to_vec())
+            .or_insert_with(|| {
+                let uniform = wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                };
+                let mut entries = vec![layout_entry(0, uniform), layout_entry(1, uniform)];
+                for (i, w) in access.iter().enumerate() {
+                    entries.push(layout_entry(
+                        2 + i as u32,
+                        wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Storage { read_only: !w },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                    ));
+                }
+                Arc::new(
+                    self.device
+                        .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                            label: Some("kiln"),
+                            entries: &entries,
+                        }),
+                )
+            })
+            .clone()
+    }
+
+    /// Returns the pipeline for a dispatch, compiling it on first use. A WGSL error is an
+    /// [`Error::Shader`] carrying the compiler's message.
+    pub async fn pipeline(
+        &self,
+        key: &KernelKey,
+        access: &[bool],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let ck = (key.clone(), access.to_vec());
+        if let Some(p) = self
+            .pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ck)
+        {
+            return Ok(p.clone());
+        }
+        let mut defines = key.defines.clone();
+        if self.features.subgroups {
+            defines.push(("HAS_SUBGROUPS".into(), String::new()));
+        }
+        let src = crate::shaders::dump(key.shader, &defines)?;
+        let bgl = self.bind_group_layout(access);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(key.shader),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+        let layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(key.shader),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(e) = scope.pop().await {
+            return Err(Error::Shader {
+                name: format!("{} ({}, {:?})", key.shader, key.entry, key.defines),
+                msg: e.to_string(),
+            });
+        }
+        Counters::add(&self.counters.pipelines_created, 1);
+        let p = Arc::new(pipeline);
+        self.pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ck, p.clone());
+        Ok(p)
+    }
+}
