@@ -17,6 +17,7 @@ pub mod reference;
 pub mod shaders;
 pub mod tensor;
 pub mod tokenizer;
+pub mod weights;
 
 pub use device::{CounterSnapshot, Gpu, GpuFeatures, GpuOptions};
 pub use dtype::DType;

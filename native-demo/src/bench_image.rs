@@ -4,11 +4,11 @@
 
 use anyhow::Result;
 use kiln::diffusion::schedulers::SchedulerConfig;
-use kiln::diffusion::unet::{time_embedding, Unet, UnetConfig};
-use kiln::diffusion::vae::{decode, VaeConfig};
-use kiln::diffusion::weights::ComponentWeights;
+use kiln::diffusion::unet::{Unet, UnetConfig};
+use kiln::diffusion::vae::{Vae, VaeConfig};
 use kiln::formats::safetensors::SafeTensors;
 use kiln::graph::StepValues;
+use kiln::weights::Weights;
 use kiln::{CompileOptions, DType, Dyn, Graph, Tensor};
 use serde_json::json;
 use std::sync::Arc;
@@ -211,11 +211,14 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 2,
             "attention_head_dim": heads, "norm_num_groups": groups, "cross_attention_dim": cross, "sample_size": latent
         }).to_string())?;
-        let mut w = ComponentWeights::new(
-            &gpu,
-            "unet",
-            random_safetensors(&unet_params(&ch, 2, cross), 1)?,
-        );
+        let unet = Unet {
+            cfg: ucfg,
+            weights: Weights::new(
+                &gpu,
+                "unet",
+                Box::new(random_safetensors(&unet_params(&ch, 2, cross), 1)?),
+            ),
+        };
         let unet_in = Arc::new(Tensor::from_f32(
             &gpu,
             "unet_in",
@@ -253,15 +256,8 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let tv = g.tensor(&ts);
         let t = g.slice_rows(tv, Dyn::slot(step), 1)?;
         let t = g.reshape(t, &[1])?;
-        let temb = time_embedding(&mut g, &mut w, &ucfg, t)?;
         let (cv, uv) = (g.tensor(&ctx), g.tensor(&unet_in));
-        let out = Unet {
-            w: &mut w,
-            cfg: &ucfg,
-            temb,
-            context: cv,
-        }
-        .forward(&mut g, uv)?;
+        let out = unet.forward(&mut g, uv, t, cv)?;
         let v = StepValues {
             model_out: out,
             coeffs: g.tensor(&coeffs),
@@ -282,15 +278,21 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let c = gpu.counters() - before;
 
         let vcfg = VaeConfig::from_json(&json!({"block_out_channels": vae_ch, "layers_per_block": 2, "norm_num_groups": groups, "latent_channels": 4}).to_string())?;
-        let mut vw =
-            ComponentWeights::new(&gpu, "vae", random_safetensors(&vae_params(&vae_ch, 2), 2)?);
+        let vae = Vae {
+            cfg: vcfg,
+            weights: Weights::new(
+                &gpu,
+                "vae",
+                Box::new(random_safetensors(&vae_params(&vae_ch, 2), 2)?),
+            ),
+        };
         let mut g = Graph::new();
         let xv = g.tensor(&x);
-        let img = decode(&mut g, &mut vw, &vcfg, xv)?;
+        let img = vae.decode(&mut g, xv)?;
         g.output(img);
         let vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
         let vae_ms = crate::bench::time(&gpu, &vplan, iters)?;
-        rows.push(json!({"config": label, "latent": latent, "image": latent * vcfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
+        rows.push(json!({"config": label, "latent": latent, "image": latent * vae.cfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
             "dispatches_per_step": c.dispatches, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
     }
     if as_json {

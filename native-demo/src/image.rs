@@ -75,10 +75,10 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let gpu = crate::gpu()?;
     let t0 = std::time::Instant::now();
     let spinner = crate::spinner(!a.json && !a.window, "loading the pipeline");
-    let mut m = SdModels::load(&gpu, &files)?;
+    let mut m = SdModels::load(&gpu, files)?;
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let f = m.vae_cfg.scale_factor();
+    let f = m.vae.cfg.scale_factor();
     let latents = match &a.latents {
         Some(p) => Some(kiln::formats::npy::parse(
             &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
@@ -91,7 +91,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
             "latents of shape {:?}: expected [1, channels, h, w]",
             l.shape
         ),
-        None => (m.unet_cfg.sample_size * f, m.unet_cfg.sample_size * f),
+        None => (m.unet.cfg.sample_size * f, m.unet.cfg.sample_size * f),
     };
     let opts = ImageOptions {
         prompt: a.prompt.clone(),

@@ -54,7 +54,7 @@ fn default_text_model_matches_transformers_greedy_ids() {
 fn default_image_model_matches_diffusers() {
     let dir = models_dir().join("image-shapes");
     let r = read_json(&dir.join("reference/reference.json"));
-    let mut m = SdModels::load(&kiln_tests::gpu(), &read_pipeline_dir(&dir).unwrap()).unwrap();
+    let mut m = SdModels::load(&kiln_tests::gpu(), read_pipeline_dir(&dir).unwrap()).unwrap();
     let read = |name: &str| read_npy(&dir.join("reference").join(name));
     let latents = read(r["latents"].as_str().unwrap());
     let want = read(r["image"].as_str().unwrap());

@@ -27,7 +27,7 @@ fn array(case: &str, name: &str) -> npy::Npy {
 }
 
 fn models(case: &str) -> SdModels {
-    SdModels::load(&kiln_tests::gpu(), &read_pipeline_dir(&dir(case)).unwrap())
+    SdModels::load(&kiln_tests::gpu(), read_pipeline_dir(&dir(case)).unwrap())
         .unwrap_or_else(|e| panic!("{case}: {e}"))
 }
 
@@ -152,8 +152,8 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
                     guidance: g as f32,
                     scheduler: Some(kind),
                     seed: 0,
-                    width: m.vae_cfg.scale_factor() * latents.shape[3],
-                    height: m.vae_cfg.scale_factor() * latents.shape[2],
+                    width: m.vae.cfg.scale_factor() * latents.shape[3],
+                    height: m.vae.cfg.scale_factor() * latents.shape[2],
                     latents: Some(latents.data.clone()),
                     step_noise,
                 };
@@ -172,8 +172,8 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
 fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     // A device of its own: tests running in parallel would add to shared counters.
     let gpu = kiln_tests::gpu_with(kiln::GpuOptions::default());
-    let mut m = SdModels::load(&gpu, &read_pipeline_dir(&dir("sd1-tiny")).unwrap()).unwrap();
-    let f = m.vae_cfg.scale_factor();
+    let mut m = SdModels::load(&gpu, read_pipeline_dir(&dir("sd1-tiny")).unwrap()).unwrap();
+    let f = m.vae.cfg.scale_factor();
     let opts = ImageOptions {
         prompt: "a red circle".into(),
         steps: 5,
@@ -262,7 +262,7 @@ fn bad_pipeline_input_is_an_error() {
     assert!(e.to_string().contains("latents"), "{e}");
     let mut files = read_pipeline_dir(&dir("sd1-tiny")).unwrap();
     files.insert("unet/config.json".into(), br#"{"block_out_channels": [32], "down_block_types": ["SimpleCrossAttnDownBlock2D"], "up_block_types": ["UpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8}"#.to_vec());
-    let e = SdModels::load(&kiln_tests::gpu(), &files).err().unwrap();
+    let e = SdModels::load(&kiln_tests::gpu(), files).err().unwrap();
     assert!(e.to_string().contains("SimpleCrossAttnDownBlock2D"), "{e}");
 }
 

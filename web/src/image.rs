@@ -57,13 +57,13 @@ impl Device {
     pub fn load_image(&self, files: Files) -> js_sys::Promise {
         let gpu = self.gpu.clone();
         future_to_promise(async move {
-            let m = SdModels::load(&gpu, &files.map).map_err(js_err)?;
-            let size = m.unet_cfg.sample_size * m.vae_cfg.scale_factor();
+            let m = SdModels::load(&gpu, files.map).map_err(js_err)?;
+            let size = m.unet.cfg.sample_size * m.vae.cfg.scale_factor();
             let info = json!({
                 "width": size,
                 "height": size,
-                "sizeMultiple": m.vae_cfg.scale_factor(),
-                "latentChannels": m.unet_cfg.in_channels,
+                "sizeMultiple": m.vae.cfg.scale_factor(),
+                "latentChannels": m.unet.cfg.in_channels,
             })
             .to_string();
             Ok(ImageModel {
@@ -118,7 +118,7 @@ impl ImageModel {
 }
 
 async fn run(m: &mut SdModels, o: GenOpts, on_step: &js_sys::Function) -> Result<JsValue, JsValue> {
-    let size = m.unet_cfg.sample_size * m.vae_cfg.scale_factor();
+    let size = m.unet.cfg.sample_size * m.vae.cfg.scale_factor();
     let opts = ImageOptions {
         prompt: o.prompt,
         negative_prompt: o.negative_prompt,

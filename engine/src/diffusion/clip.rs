@@ -2,9 +2,10 @@
 //! `</w>` word suffix, start/end tokens, padded to 77) and the text encoder (`CLIPTextModel`:
 //! token + position embeddings, pre-norm causal self-attention blocks, final layer norm).
 
-use super::weights::ComponentWeights;
 use crate::error::{Error, Result};
+use crate::formats::config::Keys;
 use crate::graph::{Graph, UnaryOp, Value};
+use crate::weights::Weights;
 use crate::Dyn;
 use serde_json::{json, Value as Json};
 
@@ -143,6 +144,8 @@ impl ClipTokenizer {
 #[derive(Clone, Debug)]
 pub struct ClipConfig {
     pub hidden: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
     pub layers: usize,
     pub heads: usize,
     pub positions: usize,
@@ -153,24 +156,8 @@ pub struct ClipConfig {
 impl ClipConfig {
     /// Parses the config; unsupported activations are errors.
     pub fn from_json(s: &str) -> Result<ClipConfig> {
-        let c: Json = serde_json::from_str(s).map_err(|e| Error::Data {
-            name: "text_encoder/config.json".into(),
-            msg: e.to_string(),
-        })?;
-        let u = |k: &str| {
-            c.get(k)
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| Error::Data {
-                    name: "text_encoder/config.json".into(),
-                    msg: format!("missing '{k}'"),
-                })
-        };
-        let act = c
-            .get("hidden_act")
-            .and_then(|v| v.as_str())
-            .unwrap_or("quick_gelu");
-        let quick_gelu = match act {
+        let c = Keys::parse("text_encoder/config.json", s)?;
+        let quick_gelu = match c.text("hidden_act", "quick_gelu")? {
             "quick_gelu" => true,
             "gelu" => false,
             other => {
@@ -179,66 +166,81 @@ impl ClipConfig {
                 )))
             }
         };
+        let (hidden, heads) = (
+            c.need_count("hidden_size")?,
+            c.need_count("num_attention_heads")?,
+        );
+        if hidden % heads != 0 {
+            return Err(c.err(format!(
+                "hidden_size {hidden} is not a multiple of {heads} heads"
+            )));
+        }
         Ok(ClipConfig {
-            hidden: u("hidden_size")?,
-            layers: u("num_hidden_layers")?,
-            heads: u("num_attention_heads")?,
-            positions: u("max_position_embeddings")?,
-            eps: c
-                .get("layer_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-5) as f32,
+            hidden,
+            heads,
+            intermediate: c.need_count("intermediate_size")?,
+            vocab: c.need_count("vocab_size")?,
+            layers: c.need_count("num_hidden_layers")?,
+            positions: c.need_count("max_position_embeddings")?,
+            eps: c.num("layer_norm_eps", 1e-5)? as f32,
             quick_gelu,
         })
     }
 }
 
-/// Adds the text encoder: ids u32 `[batch * len]` → last hidden state `[batch, len, hidden]`.
-pub fn text_encoder(
-    g: &mut Graph,
-    w: &mut ComponentWeights,
-    cfg: &ClipConfig,
-    ids: Value,
-    batch: usize,
-    len: usize,
-) -> Result<Value> {
-    let p = w.prefix(&["text_model.", ""], "embeddings.token_embedding.weight")?;
-    let tok = w.value(g, &format!("{p}embeddings.token_embedding.weight"))?;
-    let pos_table = w.value_f32(g, &format!("{p}embeddings.position_embedding.weight"))?;
-    let x = g.gather(tok, ids)?; // [batch * len, hidden]
-    let x = g.reshape(x, &[batch, len, cfg.hidden])?;
-    let pos = g.slice_rows(pos_table, Dyn::Static(0), len)?; // [len, hidden]
-    let mut x = g.add(x, pos)?;
-    for i in 0..cfg.layers {
-        let l = format!("{p}encoder.layers.{i}");
-        let h = w.layer_norm(g, &format!("{l}.layer_norm1"), x, cfg.eps)?;
-        let q = w.linear(g, &format!("{l}.self_attn.q_proj"), h)?;
-        let k = w.linear(g, &format!("{l}.self_attn.k_proj"), h)?;
-        let v = w.linear(g, &format!("{l}.self_attn.v_proj"), h)?;
-        let a = g.attention(
-            q,
-            k,
-            v,
-            cfg.heads,
-            cfg.heads,
-            true,
-            Dyn::Static(0),
-            Dyn::Static(len as u32),
-        )?;
-        let o = w.linear(g, &format!("{l}.self_attn.out_proj"), a)?;
-        x = g.add(x, o)?;
-        let h = w.layer_norm(g, &format!("{l}.layer_norm2"), x, cfg.eps)?;
-        let f = w.linear(g, &format!("{l}.mlp.fc1"), h)?;
-        let f = g.unary(
-            f,
-            if cfg.quick_gelu {
+/// CLIP's text model (`CLIPTextModel`): its config and its weights.
+pub struct TextEncoder {
+    pub cfg: ClipConfig,
+    pub weights: Weights,
+}
+
+impl TextEncoder {
+    /// Adds the encoder: ids u32 `[batch * len]` → last hidden state `[batch, len, hidden]`.
+    pub fn forward(&self, g: &mut Graph, ids: Value, batch: usize, len: usize) -> Result<Value> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden;
+        // transformers 4 saves the tensors under `text_model.`, transformers 5 without it.
+        let vb = self
+            .weights
+            .root()
+            .first_of(&["text_model", ""], "embeddings.token_embedding.weight")?;
+        let emb = vb.pp("embeddings");
+        let tok = emb.value(g, "token_embedding.weight", &[cfg.vocab, h])?;
+        let pos_table = g.tensor(&emb.get_f32("position_embedding.weight", &[cfg.positions, h])?);
+        let x = g.gather(tok, ids)?; // [batch * len, hidden]
+        let x = g.reshape(x, &[batch, len, h])?;
+        let pos = g.slice_rows(pos_table, Dyn::Static(0), len)?; // [len, hidden]
+        let mut x = g.add(x, pos)?;
+        for i in 0..cfg.layers {
+            let l = vb.pp("encoder.layers").pp(i);
+            let attn = l.pp("self_attn");
+            let n = l.pp("layer_norm1").layer_norm(g, x, cfg.eps)?;
+            let q = attn.pp("q_proj").linear(g, n, h)?;
+            let k = attn.pp("k_proj").linear(g, n, h)?;
+            let v = attn.pp("v_proj").linear(g, n, h)?;
+            let a = g.attention(
+                q,
+                k,
+                v,
+                cfg.heads,
+                cfg.heads,
+                true,
+                Dyn::Static(0),
+                Dyn::Static(len as u32),
+            )?;
+            let o = attn.pp("out_proj").linear(g, a, h)?;
+            x = g.add(x, o)?;
+            let n = l.pp("layer_norm2").layer_norm(g, x, cfg.eps)?;
+            let f = l.pp("mlp.fc1").linear(g, n, cfg.intermediate)?;
+            let act = if cfg.quick_gelu {
                 UnaryOp::QuickGelu
             } else {
                 UnaryOp::GeluErf
-            },
-        )?;
-        let f = w.linear(g, &format!("{l}.mlp.fc2"), f)?;
-        x = g.add(x, f)?;
+            };
+            let f = g.unary(f, act)?;
+            let f = l.pp("mlp.fc2").linear(g, f, h)?;
+            x = g.add(x, f)?;
+        }
+        vb.pp("final_layer_norm").layer_norm(g, x, cfg.eps)
     }
-    w.layer_norm(g, &format!("{p}final_layer_norm"), x, cfg.eps)
 }

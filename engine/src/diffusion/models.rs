@@ -2,15 +2,16 @@
 //! weights and configs, with one-shot entry points for each component (used by the tests and
 //! by the denoising loop's setup).
 
-use super::clip::{text_encoder, ClipConfig, ClipTokenizer};
-use super::unet::{time_embedding, Unet, UnetConfig};
-use super::vae::{decode, VaeConfig};
-use super::weights::{component_safetensors, ComponentWeights};
+use super::clip::{ClipConfig, ClipTokenizer, TextEncoder};
+use super::unet::{Unet, UnetConfig};
+use super::vae::{Vae, VaeConfig};
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::formats::safetensors::take_checkpoint;
 use crate::formats::ModelFiles;
 use crate::graph::Graph;
+use crate::weights::Weights;
 use crate::CompileOptions;
 use std::sync::Arc;
 
@@ -18,14 +19,11 @@ use std::sync::Arc;
 pub struct SdModels {
     pub gpu: Arc<Gpu>,
     pub tokenizer: ClipTokenizer,
-    pub clip_cfg: ClipConfig,
-    pub unet_cfg: UnetConfig,
-    pub vae_cfg: VaeConfig,
+    pub text_encoder: TextEncoder,
+    pub unet: Unet,
+    pub vae: Vae,
     /// `scheduler/scheduler_config.json` as text.
     pub scheduler_config: String,
-    pub text: ComponentWeights,
-    pub unet: ComponentWeights,
-    pub vae: ComponentWeights,
 }
 
 fn text(files: &ModelFiles, name: &str) -> Result<String> {
@@ -99,9 +97,15 @@ pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
     Ok(files)
 }
 
+/// A component's weights (`unet/diffusion_pytorch_model.safetensors`, ...), taken out of the files.
+fn component(gpu: &Arc<Gpu>, files: &mut ModelFiles, dir: &str, stem: &str) -> Result<Weights> {
+    let st = take_checkpoint(files, dir, stem)?;
+    Ok(Weights::new(gpu, dir, Box::new(st)))
+}
+
 impl SdModels {
     /// Parses configs and weights (uploads happen as graphs are built).
-    pub fn load(gpu: &Arc<Gpu>, files: &ModelFiles) -> Result<SdModels> {
+    pub fn load(gpu: &Arc<Gpu>, mut files: ModelFiles) -> Result<SdModels> {
         let tc = files
             .get("tokenizer/tokenizer_config.json")
             .map(|b| String::from_utf8_lossy(b).to_string());
@@ -111,43 +115,37 @@ impl SdModels {
         ) {
             (None, Some(tj)) => ClipTokenizer::from_tokenizer_json(tj, tc.as_deref())?,
             _ => ClipTokenizer::from_vocab_merges(
-                &text(files, "tokenizer/vocab.json")?,
-                &text(files, "tokenizer/merges.txt")?,
+                &text(&files, "tokenizer/vocab.json")?,
+                &text(&files, "tokenizer/merges.txt")?,
                 tc.as_deref(),
             )?,
         };
         Ok(SdModels {
             gpu: gpu.clone(),
             tokenizer,
-            clip_cfg: ClipConfig::from_json(&text(files, "text_encoder/config.json")?)?,
-            unet_cfg: UnetConfig::from_json(&text(files, "unet/config.json")?)?,
-            vae_cfg: VaeConfig::from_json(&text(files, "vae/config.json")?)?,
-            scheduler_config: text(files, "scheduler/scheduler_config.json")?,
-            text: ComponentWeights::new(
-                gpu,
-                "text_encoder",
-                component_safetensors(files, "text_encoder", "model")?,
-            ),
-            unet: ComponentWeights::new(
-                gpu,
-                "unet",
-                component_safetensors(files, "unet", "diffusion_pytorch_model")?,
-            ),
-            vae: ComponentWeights::new(
-                gpu,
-                "vae",
-                component_safetensors(files, "vae", "diffusion_pytorch_model")?,
-            ),
+            text_encoder: TextEncoder {
+                cfg: ClipConfig::from_json(&text(&files, "text_encoder/config.json")?)?,
+                weights: component(gpu, &mut files, "text_encoder", "model")?,
+            },
+            unet: Unet {
+                cfg: UnetConfig::from_json(&text(&files, "unet/config.json")?)?,
+                weights: component(gpu, &mut files, "unet", "diffusion_pytorch_model")?,
+            },
+            vae: Vae {
+                cfg: VaeConfig::from_json(&text(&files, "vae/config.json")?)?,
+                weights: component(gpu, &mut files, "vae", "diffusion_pytorch_model")?,
+            },
+            scheduler_config: text(&files, "scheduler/scheduler_config.json")?,
         })
     }
 
     /// Last hidden states `[batch, 77, hidden]` of the text encoder for token ids `[batch * 77]`.
-    pub async fn encode_text(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+    pub async fn encode_text(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let len = self.tokenizer.max_len;
         let batch = ids.len() / len;
         let mut g = Graph::new();
         let iv = g.input("ids", &[ids.len()], DType::U32)?;
-        let h = text_encoder(&mut g, &mut self.text, &self.clip_cfg, iv, batch, len)?;
+        let h = self.text_encoder.forward(&mut g, iv, batch, len)?;
         g.output(h);
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         plan.write_u32(iv, ids)?;
@@ -157,7 +155,7 @@ impl SdModels {
 
     /// One U-Net evaluation: sample `[b, c, h, w]`, timestep `t`, text states `[b, n, d]`.
     pub async fn unet_eval(
-        &mut self,
+        &self,
         sample: &[f32],
         shape: [usize; 4],
         t: f32,
@@ -167,17 +165,9 @@ impl SdModels {
         let mut g = Graph::new();
         let xs = g.input("sample", &shape, DType::F32)?;
         let tv = g.input("t", &[1], DType::F32)?;
-        let cd = self.unet_cfg.cross_attention_dim;
+        let cd = self.unet.cfg.cross_attention_dim;
         let cv = g.input("context", &[shape[0], ctx_len, cd], DType::F32)?;
-        let temb = time_embedding(&mut g, &mut self.unet, &self.unet_cfg, tv)?;
-        let cfg = self.unet_cfg.clone();
-        let mut u = Unet {
-            w: &mut self.unet,
-            cfg: &cfg,
-            temb,
-            context: cv,
-        };
-        let y = u.forward(&mut g, xs)?;
+        let y = self.unet.forward(&mut g, xs, tv, cv)?;
         g.output(y);
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         plan.write_f32(xs, sample)?;
@@ -188,10 +178,10 @@ impl SdModels {
     }
 
     /// VAE decode of `z` `[b, latent, h, w]` (already divided by the scaling factor).
-    pub async fn vae_decode(&mut self, z: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
+    pub async fn vae_decode(&self, z: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
         let mut g = Graph::new();
         let zv = g.input("z", &shape, DType::F32)?;
-        let y = decode(&mut g, &mut self.vae, &self.vae_cfg, zv)?;
+        let y = self.vae.decode(&mut g, zv)?;
         g.output(y);
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         plan.write_f32(zv, z)?;

@@ -3,8 +3,8 @@
 //! the seeded GPU RNG), then the VAE decode. Nothing is read back until the image.
 
 use super::models::SdModels;
-use super::schedulers::{SchedulerConfig, SchedulerKind};
-use super::unet::{time_embedding, Unet};
+use super::schedulers::{Schedule, SchedulerConfig, SchedulerKind, COEFFS};
+use crate::device::CounterSnapshot;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
@@ -63,7 +63,7 @@ pub struct Image {
     /// Messages for the user (e.g. a scheduler substitution).
     pub notes: Vec<String>,
     /// What the denoising loop cost in total (submits, dispatches, readback, objects created).
-    pub loop_counters: crate::CounterSnapshot,
+    pub loop_counters: CounterSnapshot,
     /// Denoising steps run.
     pub steps: usize,
 }
@@ -145,8 +145,33 @@ impl SdModels {
         opts: &ImageOptions,
         on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> StepReply,
     ) -> Result<Image> {
-        let f = self.vae_cfg.scale_factor();
-        if opts.width % f != 0 || opts.height % f != 0 || opts.width == 0 || opts.height == 0 {
+        let (lh, lw) = self.latent_size(opts)?;
+        let sc = SchedulerConfig::from_json(&self.scheduler_config, opts.scheduler)?;
+        let notes: Vec<String> = sc.note.iter().cloned().collect();
+        let sched = sc.schedule(opts.steps)?;
+        let state = State::new(self, &sched, opts, lh, lw)?;
+        self.encode_prompts(&state, opts).await?;
+        self.init_latents(&state, &sched, opts).await?;
+        let loop_counters = self.denoise(&state, &sched, opts, on_step).await?;
+        let raw = self.decode_latents(&state.x).await?;
+        Ok(Image::from_decoder(
+            raw,
+            opts.width,
+            opts.height,
+            notes,
+            loop_counters,
+            sched.steps(),
+        ))
+    }
+
+    /// The latent size of the requested image, or an error saying what sizes work.
+    fn latent_size(&self, opts: &ImageOptions) -> Result<(usize, usize)> {
+        let f = self.vae.cfg.scale_factor();
+        if !opts.width.is_multiple_of(f)
+            || !opts.height.is_multiple_of(f)
+            || opts.width == 0
+            || opts.height == 0
+        {
             return Err(Error::Unsupported(format!(
                 "size {}x{} (width and height must be positive multiples of {f})",
                 opts.width, opts.height
@@ -158,148 +183,110 @@ impl SdModels {
                 opts.steps
             )));
         }
-        let gpu = self.gpu.clone();
-        let sc = SchedulerConfig::from_json(&self.scheduler_config, opts.scheduler)?;
-        let mut notes: Vec<String> = sc.note.iter().cloned().collect();
-        let sched = sc.schedule(opts.steps)?;
-        let cfg = opts.guidance > 1.0;
-        let batch = if cfg { 2 } else { 1 };
-        let c = self.unet_cfg.in_channels;
-        let (lh, lw) = (opts.height / f, opts.width / f);
-        let lat_shape = [1, c, lh, lw];
-        let n = c * lh * lw;
-        if let Some(l) = &opts.latents {
-            if l.len() != n {
-                return Err(Error::Data {
-                    name: "latents".into(),
-                    msg: format!("{} values, expected {lat_shape:?} = {n}", l.len()),
-                });
-            }
-        }
+        Ok((opts.height / f, opts.width / f))
+    }
 
-        // Text states of [negative, prompt] (or just the prompt) stay on the GPU.
-        let len = self.tokenizer.max_len;
+    /// Text states of [negative, prompt] (or just the prompt), written into `state.context`.
+    async fn encode_prompts(&self, state: &State, opts: &ImageOptions) -> Result<()> {
         let mut ids = Vec::new();
-        if cfg {
+        if state.batch == 2 {
             ids.extend(self.tokenizer.encode(&opts.negative_prompt)?);
         }
         ids.extend(self.tokenizer.encode(&opts.prompt)?);
-        let hidden = self.clip_cfg.hidden;
-        let context = Arc::new(Tensor::zeros(
-            &gpu,
-            "context",
-            &[batch, len, hidden],
-            DType::F32,
-        )?);
-        {
-            let mut g = Graph::new();
-            let iv = g.input("ids", &[ids.len()], DType::U32)?;
-            let h =
-                super::clip::text_encoder(&mut g, &mut self.text, &self.clip_cfg, iv, batch, len)?;
-            let cv = g.tensor(&context);
-            g.copy_into(h, cv, Dyn::Static(0))?;
-            let plan = g.compile(&gpu, CompileOptions::default()).await?;
-            plan.write_u32(iv, &ids)?;
-            plan.run()?;
-        }
+        let mut g = Graph::new();
+        let iv = g.input("ids", &[ids.len()], DType::U32)?;
+        let h = self
+            .text_encoder
+            .forward(&mut g, iv, state.batch, self.tokenizer.max_len)?;
+        let cv = g.tensor(&state.context);
+        g.copy_into(h, cv, Dyn::Static(0))?;
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_u32(iv, &ids)?;
+        plan.run()
+    }
 
-        // State: the sample, DPM++'s previous x0, the next U-Net input (batch copies).
-        let x = Arc::new(Tensor::zeros(&gpu, "x", &lat_shape, DType::F32)?);
-        let x0_prev = Arc::new(Tensor::zeros(&gpu, "x0_prev", &lat_shape, DType::F32)?);
-        let unet_in = Arc::new(Tensor::zeros(
-            &gpu,
-            "unet_in",
-            &[batch, c, lh, lw],
-            DType::F32,
-        )?);
-        let steps = sched.steps();
-        let coeffs = Arc::new(Tensor::from_f32(
-            &gpu,
-            "coeffs",
-            &[steps, crate::diffusion::schedulers::COEFFS],
-            &sched.coeff_table(),
-        )?);
-        let timesteps = Arc::new(Tensor::from_f32(
-            &gpu,
-            "timesteps",
-            &[steps, 1],
-            &sched.timesteps,
-        )?);
-        let guidance = Arc::new(Tensor::from_f32(&gpu, "guidance", &[1], &[opts.guidance])?);
-
-        // Initial latents: given, or from the GPU RNG; scaled by the init sigma.
-        {
-            let mut g = Graph::new();
-            let seed = g.scalar("seed")?;
-            let (lat, lat_in) = match &opts.latents {
-                Some(_) => {
-                    let v = g.input("latents", &lat_shape, DType::F32)?;
-                    (v, Some(v))
-                }
-                None => (g.randn(&lat_shape, Dyn::slot(seed), 0)?, None),
-            };
-            let xs = g.scale(lat, sched.init_noise_sigma, 0.0)?;
-            let xv = g.tensor(&x);
-            g.copy_into(xs, xv, Dyn::Static(0))?;
-            let first = g.scale(xs, sched.first_input_scale, 0.0)?;
-            let uv = g.tensor(&unet_in);
-            for k in 0..batch {
-                g.copy_into(first, uv, Dyn::Static((k * n) as u32))?;
+    /// Initial latents (given, or from the GPU RNG) scaled by the init sigma into `x`, and the
+    /// first U-Net input.
+    async fn init_latents(
+        &self,
+        state: &State,
+        sched: &Schedule,
+        opts: &ImageOptions,
+    ) -> Result<()> {
+        let mut g = Graph::new();
+        let seed = g.scalar("seed")?;
+        let (lat, lat_in) = match &opts.latents {
+            Some(_) => {
+                let v = g.input("latents", &state.lat_shape, DType::F32)?;
+                (v, Some(v))
             }
-            let mut plan = g.compile(&gpu, CompileOptions::default()).await?;
-            plan.set(seed, opts.seed);
-            if let (Some(l), Some(v)) = (&opts.latents, lat_in) {
-                plan.write_f32(v, l)?;
-            }
-            plan.run()?;
+            None => (g.randn(&state.lat_shape, Dyn::slot(seed), 0)?, None),
+        };
+        let xs = g.scale(lat, sched.init_noise_sigma, 0.0)?;
+        let xv = g.tensor(&state.x);
+        g.copy_into(xs, xv, Dyn::Static(0))?;
+        let first = g.scale(xs, sched.first_input_scale, 0.0)?;
+        let uv = g.tensor(&state.unet_in);
+        for k in 0..state.batch {
+            g.copy_into(first, uv, Dyn::Static((k * state.n) as u32))?;
         }
+        let mut plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.set(seed, opts.seed);
+        if let (Some(l), Some(v)) = (&opts.latents, lat_in) {
+            plan.write_f32(v, l)?;
+        }
+        plan.run()
+    }
 
-        // The step graph, compiled once and replayed.
+    /// The step graph (U-Net on the CFG batch + the scheduler update), compiled once and
+    /// replayed per step. Returns what the loop cost.
+    async fn denoise(
+        &self,
+        state: &State,
+        sched: &Schedule,
+        opts: &ImageOptions,
+        on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> StepReply,
+    ) -> Result<CounterSnapshot> {
+        let gpu = &self.gpu;
         let needs_noise = sched.coeffs.iter().any(|k| k.s != 0.0);
         let mut g = Graph::new();
         let step = g.scalar("step")?;
         let noise_seed = g.scalar("noise_seed")?;
-        let tt = g.tensor(&timesteps);
+        let tt = g.tensor(&state.timesteps);
         let t = g.slice_rows(tt, Dyn::slot(step), 1)?;
         let t = g.reshape(t, &[1])?;
-        let temb = time_embedding(&mut g, &mut self.unet, &self.unet_cfg, t)?;
-        let ctx = g.tensor(&context);
-        let unet_cfg = self.unet_cfg.clone();
-        let uin = g.tensor(&unet_in);
-        let model_out = Unet {
-            w: &mut self.unet,
-            cfg: &unet_cfg,
-            temb,
-            context: ctx,
-        }
-        .forward(&mut g, uin)?;
+        let ctx = g.tensor(&state.context);
+        let uin = g.tensor(&state.unet_in);
+        let model_out = self.unet.forward(&mut g, uin, t, ctx)?;
         let noise_input = opts.step_noise.is_some() && needs_noise;
         let noise = if !needs_noise {
             None
         } else if noise_input {
-            Some(g.input("noise", &lat_shape, DType::F32)?)
+            Some(g.input("noise", &state.lat_shape, DType::F32)?)
         } else {
-            Some(g.randn(&lat_shape, Dyn::slot(noise_seed), 1)?)
+            Some(g.randn(&state.lat_shape, Dyn::slot(noise_seed), 1)?)
         };
         let v = StepValues {
             model_out,
-            coeffs: g.tensor(&coeffs),
-            guidance: g.tensor(&guidance),
-            x: g.tensor(&x),
-            x0_prev: g.tensor(&x0_prev),
+            coeffs: g.tensor(&state.coeffs),
+            guidance: g.tensor(&state.guidance),
+            x: g.tensor(&state.x),
+            x0_prev: g.tensor(&state.x0_prev),
             unet_in: uin,
             noise,
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
-        let mut plan = g.compile(&gpu, CompileOptions::default()).await?;
+        let mut plan = g.compile(gpu, CompileOptions::default()).await?;
+        let n = state.n;
         let preview_staging = gpu.create_buffer(
             "preview",
             (n * 4) as u64,
             wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
         );
+        let [_, c, lh, lw] = state.lat_shape;
         let before = gpu.counters();
         let mut want_preview = false;
-        for i in 0..steps {
+        for i in 0..sched.steps() {
             plan.set(step, i as u32);
             plan.set(noise_seed, step_seed(opts.seed, i));
             if let (true, Some(all), Some(nv)) = (noise_input, &opts.step_noise, noise) {
@@ -312,31 +299,110 @@ impl SdModels {
             plan.run()?;
             let preview = if want_preview {
                 let bytes = gpu
-                    .read_buffer_via(x.buffer()?, 0, (n * 4) as u64, &preview_staging)
+                    .read_buffer_via(state.x.buffer()?, 0, (n * 4) as u64, &preview_staging)
                     .await?;
                 let lat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
                 Some(preview_from_latents(&lat, c, lh, lw))
             } else {
                 None
             };
-            match on_step(i + 1, steps, preview) {
+            match on_step(i + 1, sched.steps(), preview) {
                 StepReply::Continue => want_preview = false,
                 StepReply::Preview => want_preview = true,
                 StepReply::Stop => return Err(Error::Cancelled),
             }
         }
-        let loop_counters = gpu.counters() - before;
+        Ok(gpu.counters() - before)
+    }
 
-        // Decode.
+    /// The VAE decoder's output `[3, h, w]` for the latents in `x`.
+    async fn decode_latents(&self, x: &Arc<Tensor>) -> Result<Vec<f32>> {
         let mut g = Graph::new();
-        let xv = g.tensor(&x);
-        let z = g.scale(xv, 1.0 / self.vae_cfg.scaling_factor, 0.0)?;
-        let img = super::vae::decode(&mut g, &mut self.vae, &self.vae_cfg, z)?;
+        let xv = g.tensor(x);
+        let z = g.scale(xv, 1.0 / self.vae.cfg.scaling_factor, 0.0)?;
+        let img = self.vae.decode(&mut g, z)?;
         g.output(img);
-        let plan = g.compile(&gpu, CompileOptions::default()).await?;
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         let out = plan.run_read(&[img]).await?;
-        let raw: Vec<f32> = bytemuck::pod_collect_to_vec(&out[0]);
-        let (h, w) = (opts.height, opts.width);
+        Ok(bytemuck::pod_collect_to_vec(&out[0]))
+    }
+}
+
+/// The GPU tensors of one generation.
+struct State {
+    /// 2 with classifier-free guidance (`[uncond, cond]`), else 1.
+    batch: usize,
+    /// `[1, c, h, w]` of the latents, and their element count.
+    lat_shape: [usize; 4],
+    n: usize,
+    /// Text states `[batch, tokens, hidden]`.
+    context: Arc<Tensor>,
+    /// The scheduler's sample, DPM++'s previous x0, the next U-Net input (batch copies).
+    x: Arc<Tensor>,
+    x0_prev: Arc<Tensor>,
+    unet_in: Arc<Tensor>,
+    /// The schedule's coefficient rows and timesteps, and the guidance scale.
+    coeffs: Arc<Tensor>,
+    timesteps: Arc<Tensor>,
+    guidance: Arc<Tensor>,
+}
+
+impl State {
+    fn new(
+        m: &SdModels,
+        sched: &Schedule,
+        opts: &ImageOptions,
+        lh: usize,
+        lw: usize,
+    ) -> Result<State> {
+        let gpu = &m.gpu;
+        let batch = if opts.guidance > 1.0 { 2 } else { 1 };
+        let c = m.unet.cfg.in_channels;
+        let lat_shape = [1, c, lh, lw];
+        let n = c * lh * lw;
+        if let Some(l) = &opts.latents {
+            if l.len() != n {
+                return Err(Error::Data {
+                    name: "latents".into(),
+                    msg: format!("{} values, expected {lat_shape:?} = {n}", l.len()),
+                });
+            }
+        }
+        let zeros = |name: &str, shape: &[usize]| -> Result<Arc<Tensor>> {
+            Ok(Arc::new(Tensor::zeros(gpu, name, shape, DType::F32)?))
+        };
+        let table = |name: &str, shape: &[usize], v: &[f32]| -> Result<Arc<Tensor>> {
+            Ok(Arc::new(Tensor::from_f32(gpu, name, shape, v)?))
+        };
+        let steps = sched.steps();
+        Ok(State {
+            batch,
+            lat_shape,
+            n,
+            context: zeros(
+                "context",
+                &[batch, m.tokenizer.max_len, m.text_encoder.cfg.hidden],
+            )?,
+            x: zeros("x", &lat_shape)?,
+            x0_prev: zeros("x0_prev", &lat_shape)?,
+            unet_in: zeros("unet_in", &[batch, c, lh, lw])?,
+            coeffs: table("coeffs", &[steps, COEFFS], &sched.coeff_table())?,
+            timesteps: table("timesteps", &[steps, 1], &sched.timesteps)?,
+            guidance: table("guidance", &[1], &[opts.guidance])?,
+        })
+    }
+}
+
+impl Image {
+    /// The image from the decoder's output `[3, h, w]` in [-1, 1].
+    fn from_decoder(
+        raw: Vec<f32>,
+        w: usize,
+        h: usize,
+        mut notes: Vec<String>,
+        loop_counters: CounterSnapshot,
+        steps: usize,
+    ) -> Image {
         if raw.len() != 3 * h * w {
             notes.push(format!("decoder produced {} values for {w}x{h}", raw.len()));
         }
@@ -347,7 +413,7 @@ impl SdModels {
                 rgb[p * 3 + ch] = (v * 255.0).round() as u8;
             }
         }
-        Ok(Image {
+        Image {
             width: w,
             height: h,
             rgb,
@@ -355,6 +421,6 @@ impl SdModels {
             notes,
             loop_counters,
             steps,
-        })
+        }
     }
 }

@@ -44,6 +44,7 @@
 //! After the last step `in_scale = 1` (unet_in then holds the final latents).
 
 use crate::error::{Error, Result};
+use crate::formats::config::Keys;
 pub use crate::kernels::scheduler::{StepCoeffs, COEFFS};
 use serde_json::Value as Json;
 
@@ -150,69 +151,12 @@ pub struct SchedulerConfig {
     lambda_min_clipped: f64,
 }
 
-/// Reads keys of the config object with diffusers' defaults (`null` counts as absent).
-struct Keys<'a>(&'a serde_json::Map<String, Json>);
-
-fn bad(msg: String) -> Error {
-    Error::Data {
-        name: "scheduler_config.json".into(),
-        msg,
-    }
-}
-
-impl Keys<'_> {
-    fn get(&self, k: &str) -> Option<&Json> {
-        self.0.get(k).filter(|v| !v.is_null())
-    }
-    fn num(&self, k: &str, default: f64) -> Result<f64> {
-        self.get(k).map_or(Ok(default), |v| {
-            v.as_f64()
-                .ok_or_else(|| bad(format!("'{k}': expected a number, found {v}")))
-        })
-    }
-    fn count(&self, k: &str, default: usize) -> Result<usize> {
-        let v = self.num(k, default as f64)?;
-        if v < 0.0 || v.fract() != 0.0 || v > 1e9 {
-            return Err(bad(format!(
-                "'{k}': expected a non-negative integer, found {v}"
-            )));
-        }
-        Ok(v as usize)
-    }
-    fn flag(&self, k: &str, default: bool) -> Result<bool> {
-        self.get(k).map_or(Ok(default), |v| {
-            v.as_bool()
-                .ok_or_else(|| bad(format!("'{k}': expected true or false, found {v}")))
-        })
-    }
-    fn text<'b>(&'b self, k: &str, default: &'b str) -> Result<&'b str> {
-        self.get(k).map_or(Ok(default), |v| {
-            v.as_str()
-                .ok_or_else(|| bad(format!("'{k}': expected a string, found {v}")))
-        })
-    }
-    /// Errors when `k` is set to anything but `default` (a feature Kiln does not implement).
-    fn only(&self, k: &str, default: Json) -> Result<()> {
-        match self.get(k) {
-            Some(v) if *v != default => Err(Error::Unsupported(format!(
-                "scheduler_config.json '{k}' = {v} (only {default} is supported)"
-            ))),
-            _ => Ok(()),
-        }
-    }
-}
-
 impl SchedulerConfig {
     /// Parses a diffusers `scheduler_config.json`. `kind` overrides the file's `_class_name`
     /// (the config's values still apply, as diffusers' `from_config` does); a class Kiln does
     /// not run maps to Euler with a [`Self::note`].
     pub fn from_json(text: &str, kind: Option<SchedulerKind>) -> Result<Self> {
-        let json: Json =
-            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = json
-            .as_object()
-            .ok_or_else(|| bad(format!("expected a JSON object, found {json}")))?;
-        let keys = Keys(obj);
+        let keys = Keys::parse("scheduler_config.json", text)?;
         let class = keys.text("_class_name", "")?;
         let mut note = None;
         let kind = match (kind, SchedulerKind::from_class(class)) {
@@ -307,7 +251,7 @@ impl SchedulerConfig {
         };
         let num_train_timesteps = keys.count("num_train_timesteps", 1000)?;
         if num_train_timesteps < 2 {
-            return Err(bad(format!(
+            return Err(keys.err(format!(
                 "'num_train_timesteps': expected at least 2, found {num_train_timesteps}"
             )));
         }

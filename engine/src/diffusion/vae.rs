@@ -2,11 +2,11 @@
 //! single-head attention, ResNet), up blocks (ResNets, nearest-2x + conv), norm + SiLU +
 //! conv_out. Latents in, RGB in [-1, 1] out.
 
-use super::weights::ComponentWeights;
+use super::blocks::{attention, resnet};
 use crate::error::{Error, Result};
+use crate::formats::config::Keys;
 use crate::graph::{Graph, Value};
-use crate::Dyn;
-use serde_json::Value as Json;
+use crate::weights::{VarBuilder, Weights};
 
 /// The parts of `vae/config.json` the decoder needs.
 #[derive(Clone, Debug)]
@@ -15,6 +15,7 @@ pub struct VaeConfig {
     pub layers_per_block: usize,
     pub groups: usize,
     pub latent_channels: usize,
+    pub out_channels: usize,
     pub scaling_factor: f32,
 }
 
@@ -26,123 +27,91 @@ impl VaeConfig {
 
     /// Parses the config.
     pub fn from_json(s: &str) -> Result<VaeConfig> {
-        let c: Json = serde_json::from_str(s).map_err(|e| Error::Data {
-            name: "vae/config.json".into(),
-            msg: e.to_string(),
-        })?;
-        if c.get("shift_factor")
-            .is_some_and(|v| !v.is_null() && v.as_f64() != Some(0.0))
-        {
+        let c = Keys::parse("vae/config.json", s)?;
+        if c.num("shift_factor", 0.0)? != 0.0 {
             return Err(Error::Unsupported(format!(
                 "VAE shift_factor {}",
-                c["shift_factor"]
+                c.num("shift_factor", 0.0)?
             )));
         }
-        if c.get("mid_block_add_attention").and_then(|v| v.as_bool()) == Some(false) {
+        if !c.flag("mid_block_add_attention", true)? {
             return Err(Error::Unsupported(
                 "VAE without a mid-block attention".into(),
             ));
         }
-        let channels: Vec<usize> = c
-            .get("block_out_channels")
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|x| x as usize))
-                    .collect()
-            })
-            .ok_or_else(|| Error::Data {
-                name: "vae/config.json".into(),
-                msg: "missing 'block_out_channels'".into(),
-            })?;
+        let channels = c
+            .per_block("block_out_channels", 0)?
+            .filter(|v| !v.is_empty() && v.len() <= 8)
+            .ok_or_else(|| c.err("missing 'block_out_channels' (1 to 8 blocks)"))?;
         Ok(VaeConfig {
             block_out_channels: channels,
-            layers_per_block: c
-                .get("layers_per_block")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(2) as usize,
-            groups: c
-                .get("norm_num_groups")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(32) as usize,
-            latent_channels: c
-                .get("latent_channels")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(4) as usize,
-            scaling_factor: c
-                .get("scaling_factor")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(0.18215) as f32,
+            layers_per_block: c.count("layers_per_block", 2)?,
+            groups: c.count("norm_num_groups", 32)?,
+            latent_channels: c.count("latent_channels", 4)?,
+            out_channels: c.count("out_channels", 3)?,
+            scaling_factor: c.num("scaling_factor", 0.18215)? as f32,
         })
     }
 }
 
-fn resnet(
-    g: &mut Graph,
-    w: &mut ComponentWeights,
-    p: &str,
-    x: Value,
-    groups: usize,
-) -> Result<Value> {
-    let h = w.group_norm(g, &format!("{p}.norm1"), x, groups, 1e-6, true)?;
-    let h = w.conv(g, &format!("{p}.conv1"), h, 1)?;
-    let h = w.group_norm(g, &format!("{p}.norm2"), h, groups, 1e-6, true)?;
-    let h = w.conv(g, &format!("{p}.conv2"), h, 1)?;
-    let skip = if w.has(&format!("{p}.conv_shortcut.weight")) {
-        w.conv(g, &format!("{p}.conv_shortcut"), x, 1)?
-    } else {
-        x
-    };
-    g.add(skip, h)
+/// The VAE decoder: its config and its weights.
+pub struct Vae {
+    pub cfg: VaeConfig,
+    pub weights: Weights,
 }
 
-fn attention(
-    g: &mut Graph,
-    w: &mut ComponentWeights,
-    p: &str,
-    x: Value,
-    groups: usize,
-) -> Result<Value> {
-    let s = g.shape(x).to_vec();
-    let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
-    let h = w.group_norm(g, &format!("{p}.group_norm"), x, groups, 1e-6, false)?;
-    let h = g.reshape(h, &[b, c, hw])?;
-    let t = g.transpose(h)?; // [b, hw, c]
-                             // SD 1.x checkpoints keep the pre-0.14 diffusers names (query/key/value/proj_attn).
-    let names = if w.has(&format!("{p}.to_q.weight")) {
-        ["to_q", "to_k", "to_v", "to_out.0"]
-    } else {
-        ["query", "key", "value", "proj_attn"]
-    };
-    let q = w.linear(g, &format!("{p}.{}", names[0]), t)?;
-    let k = w.linear(g, &format!("{p}.{}", names[1]), t)?;
-    let v = w.linear(g, &format!("{p}.{}", names[2]), t)?;
-    let a = g.attention(q, k, v, 1, 1, false, Dyn::Static(0), Dyn::Static(hw as u32))?;
-    let o = w.linear(g, &format!("{p}.{}", names[3]), a)?;
-    let o = g.transpose(o)?;
-    let o = g.reshape(o, &[b, c, s[2], s[3]])?;
-    g.add(o, x)
-}
+/// Diffusers' VAE blocks normalize with eps 1e-6.
+const EPS: f32 = 1e-6;
 
-/// Decodes latents `[b, latent, h, w]` (already divided by the scaling factor) to an image
-/// `[b, 3, 8h, 8w]` in [-1, 1] (for the usual three up-sampling stages).
-pub fn decode(g: &mut Graph, w: &mut ComponentWeights, cfg: &VaeConfig, z: Value) -> Result<Value> {
-    let gr = cfg.groups;
-    let z = w.conv(g, "post_quant_conv", z, 1)?;
-    let mut x = w.conv(g, "decoder.conv_in", z, 1)?;
-    x = resnet(g, w, "decoder.mid_block.resnets.0", x, gr)?;
-    x = attention(g, w, "decoder.mid_block.attentions.0", x, gr)?;
-    x = resnet(g, w, "decoder.mid_block.resnets.1", x, gr)?;
-    let n = cfg.block_out_channels.len();
-    for i in 0..n {
-        for j in 0..=cfg.layers_per_block {
-            x = resnet(g, w, &format!("decoder.up_blocks.{i}.resnets.{j}"), x, gr)?;
-        }
-        if i + 1 < n {
-            x = g.upsample2x(x)?;
-            x = w.conv(g, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), x, 1)?;
-        }
+impl Vae {
+    /// Single-head self-attention over the pixels of `[b, c, h, w]`, with a residual.
+    fn attention(&self, g: &mut Graph, vb: &VarBuilder, x: Value) -> Result<Value> {
+        let s = g.shape(x).to_vec();
+        let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
+        let h = vb
+            .pp("group_norm")
+            .group_norm(g, x, self.cfg.groups, EPS, false)?;
+        let h = g.reshape(h, &[b, c, hw])?;
+        let t = g.transpose(h)?; // [b, hw, c]
+                                 // SD 1.x checkpoints keep the pre-0.14 diffusers names (query/key/value/proj_attn).
+        let names = if vb.has("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let o = attention(g, vb, t, t, 1, c, names)?;
+        let o = g.transpose(o)?;
+        let o = g.reshape(o, &[b, c, s[2], s[3]])?;
+        g.add(o, x)
     }
-    let x = w.group_norm(g, "decoder.conv_norm_out", x, gr, 1e-6, true)?;
-    w.conv(g, "decoder.conv_out", x, 1)
+
+    /// Decodes latents `[b, latent, h, w]` (already divided by the scaling factor) to an image
+    /// `[b, 3, 8h, 8w]` in [-1, 1] (for the usual three up-sampling stages).
+    pub fn decode(&self, g: &mut Graph, z: Value) -> Result<Value> {
+        let cfg = &self.cfg;
+        let (gr, ch) = (cfg.groups, &cfg.block_out_channels);
+        let vb = self.weights.root();
+        let z = vb
+            .pp("post_quant_conv")
+            .conv(g, z, cfg.latent_channels, 1, 1)?;
+        let dec = vb.pp("decoder");
+        let top = ch[ch.len() - 1];
+        let mut x = dec.pp("conv_in").conv(g, z, top, 3, 1)?;
+        let mid = dec.pp("mid_block");
+        x = resnet(g, &mid.pp("resnets.0"), x, top, gr, EPS, None)?;
+        x = self.attention(g, &mid.pp("attentions.0"), x)?;
+        x = resnet(g, &mid.pp("resnets.1"), x, top, gr, EPS, None)?;
+        for (i, &c) in ch.iter().rev().enumerate() {
+            let blk = dec.pp("up_blocks").pp(i);
+            for j in 0..=cfg.layers_per_block {
+                x = resnet(g, &blk.pp("resnets").pp(j), x, c, gr, EPS, None)?;
+            }
+            if i + 1 < ch.len() {
+                x = g.upsample2x(x)?;
+                x = blk.pp("upsamplers.0.conv").conv(g, x, c, 3, 1)?;
+            }
+        }
+        let x = dec.pp("conv_norm_out").group_norm(g, x, gr, EPS, true)?;
+        dec.pp("conv_out").conv(g, x, cfg.out_channels, 3, 1)
+    }
 }

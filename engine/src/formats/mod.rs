@@ -2,6 +2,7 @@
 //! Both parse headers with every size checked against the bytes actually present, so a corrupt
 //! or truncated file is an error naming what was wrong, never a panic or a huge allocation.
 
+pub mod config;
 pub mod gguf;
 pub mod npy;
 pub mod safetensors;

@@ -196,3 +196,51 @@ impl TensorSource for SafeTensors {
         self.names.join(", ")
     }
 }
+
+/// The safetensors of one checkpoint in a model's files, taken out of `files` (no copy):
+/// `{dir}/{stem}.safetensors`, its `.fp16` variant, or the shards a
+/// `{stem}.safetensors.index.json` (or `.index.fp16.json`) lists. `dir` is "" for a model at
+/// the root (`model.safetensors`), a component folder otherwise (`unet`).
+pub fn take_checkpoint(
+    files: &mut super::ModelFiles,
+    dir: &str,
+    stem: &str,
+) -> Result<SafeTensors> {
+    let path = |f: &str| {
+        if dir.is_empty() {
+            f.to_string()
+        } else {
+            format!("{dir}/{f}")
+        }
+    };
+    let mut st = SafeTensors::new();
+    for index in [
+        format!("{stem}.safetensors.index.json"),
+        format!("{stem}.safetensors.index.fp16.json"),
+    ] {
+        let Some(idx) = files.get(&path(&index)) else {
+            continue;
+        };
+        let idx = std::str::from_utf8(idx).map_err(|_| bad(&path(&index), "not UTF-8"))?;
+        for shard in shard_names(idx)? {
+            let bytes = files
+                .remove(&path(&shard))
+                .ok_or_else(|| bad(&path(&shard), format!("shard listed in {index} is missing")))?;
+            st.add_file(&path(&shard), bytes)?;
+        }
+        return Ok(st);
+    }
+    for file in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        if let Some(bytes) = files.remove(&path(&file)) {
+            st.add_file(&path(&file), bytes)?;
+            return Ok(st);
+        }
+    }
+    Err(bad(
+        if dir.is_empty() { "model" } else { dir },
+        format!("no {stem}.safetensors (nor its .fp16 variant or a sharded index)"),
+    ))
+}

@@ -4,14 +4,15 @@
 
 use super::config::LlmConfig;
 use super::model::{build_step, KvCache, Step};
-use super::weights::{LlmWeights, Quantize};
+use super::weights::{gguf_name, LlmWeights};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
-use crate::formats::safetensors::{shard_names, SafeTensors};
+use crate::formats::safetensors::{shard_names, take_checkpoint};
 use crate::formats::{text_file, ModelFiles, TensorSource};
 use crate::kernels::sample::SamplerSettings;
 use crate::tokenizer::TextTokenizer;
+use crate::weights::{Quantize, Weights};
 use std::sync::Arc;
 
 /// Default prompt tokens processed per prefill run.
@@ -163,64 +164,55 @@ pub fn read_model_path(path: &std::path::Path) -> Result<ModelFiles> {
     Ok(files)
 }
 
+/// The config, tokenizer and checkpoint of a model's files: one `.gguf`, or a Hugging Face
+/// folder (config.json, tokenizer files, safetensors or shards).
+fn read_checkpoint(
+    gpu: &Arc<Gpu>,
+    mut files: ModelFiles,
+    quantize: Quantize,
+) -> Result<(LlmConfig, TextTokenizer, Weights)> {
+    let gguf = files.keys().find(|k| k.ends_with(".gguf")).cloned();
+    let (mut config, tokenizer, weights) = if let Some(name) = gguf {
+        let bytes = files.remove(&name).unwrap_or_default();
+        let g = Gguf::parse(&name, bytes)?;
+        let cfg = LlmConfig::from_gguf(&g)?;
+        let tok = TextTokenizer::from_gguf(&g)?;
+        (
+            cfg,
+            tok,
+            Weights::new(gpu, &name, Box::new(g)).with_names(gguf_name),
+        )
+    } else {
+        let config = text_file(&files, "config.json")?.ok_or_else(|| Error::Data {
+            name: "model".into(),
+            msg: "no config.json and no .gguf file".into(),
+        })?;
+        let cfg = LlmConfig::from_hf(
+            &config,
+            text_file(&files, "generation_config.json")?.as_deref(),
+        )?;
+        let tok = TextTokenizer::from_hf_files(&files)?;
+        let st = take_checkpoint(&mut files, "", "model")?;
+        (cfg, tok, Weights::new(gpu, &st.describe(), Box::new(st)))
+    };
+    if config.eos.is_empty() {
+        config.eos = tokenizer.eos.clone();
+    }
+    Ok((config, tokenizer, weights.with_quantize(quantize)))
+}
+
 impl TextModel {
     /// Loads a model from its files. `on_progress(done, total)` reports weight uploads.
     pub async fn load(
         gpu: &Arc<Gpu>,
-        mut files: ModelFiles,
+        files: ModelFiles,
         opts: &LoadOptions,
         on_progress: &mut dyn FnMut(usize, usize),
     ) -> Result<TextModel> {
-        let gguf_name = files.keys().find(|k| k.ends_with(".gguf")).cloned();
-        let (config, tokenizer, source, is_gguf): (
-            LlmConfig,
-            TextTokenizer,
-            Box<dyn TensorSource>,
-            bool,
-        ) = if let Some(name) = gguf_name {
-            let bytes = files.remove(&name).unwrap_or_default();
-            let g = Gguf::parse(&name, bytes)?;
-            let cfg = LlmConfig::from_gguf(&g)?;
-            let tok = TextTokenizer::from_gguf(&g)?;
-            (cfg, tok, Box::new(g), true)
-        } else {
-            let config = text_file(&files, "config.json")?.ok_or_else(|| Error::Data {
-                name: "model".into(),
-                msg: "no config.json and no .gguf file".into(),
-            })?;
-            let cfg = LlmConfig::from_hf(
-                &config,
-                text_file(&files, "generation_config.json")?.as_deref(),
-            )?;
-            let tok = TextTokenizer::from_hf_files(&files)?;
-            let mut st = SafeTensors::new();
-            let shards = match text_file(&files, "model.safetensors.index.json")? {
-                Some(idx) => shard_names(&idx)?,
-                None => vec!["model.safetensors".to_string()],
-            };
-            for s in shards {
-                let b = files.remove(&s).ok_or_else(|| Error::Data {
-                    name: s.clone(),
-                    msg: "weight file missing".into(),
-                })?;
-                st.add_file(&s, b)?;
-            }
-            (cfg, tok, Box::new(st), false)
-        };
-        let mut config = config;
-        if config.eos.is_empty() {
-            config.eos = tokenizer.eos.clone();
-        }
+        let (config, tokenizer, checkpoint) = read_checkpoint(gpu, files, opts.quantize)?;
+        let weights = LlmWeights::load(&checkpoint, &config, on_progress)?;
+        drop(checkpoint); // the file bytes; the GPU tensors live on in `weights`
         let ctx = opts.ctx.min(config.max_positions).max(1);
-        let weights = LlmWeights::load(
-            gpu,
-            &config,
-            source.as_ref(),
-            is_gguf,
-            opts.quantize,
-            on_progress,
-        )?;
-        drop(source);
         let kv = KvCache::new(gpu, &config, &weights.inv_freq, ctx)?;
         let prefill = build_step(
             gpu,

@@ -8,6 +8,6 @@ pub mod weights;
 
 pub use crate::formats::ModelFiles;
 pub use crate::tokenizer::TextTokenizer;
+pub use crate::weights::Quantize;
 pub use config::{Arch, LlmConfig};
 pub use generate::{GenerateOptions, Generation, LoadOptions, StopReason, TextModel};
-pub use weights::Quantize;

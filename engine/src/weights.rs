@@ -1,0 +1,316 @@
+//! The one weight loader every model uses. A [`Weights`] wraps a checkpoint (safetensors, a
+//! sharded safetensors folder, or GGUF, any [`TensorSource`]) with a name map (GGUF's names
+//! for the Hugging Face ones a model asks for) and a dtype policy; tensors are uploaded on first
+//! use and cached. Model code walks it with a [`VarBuilder`]: `vb.pp("layers").pp(3)` is the
+//! prefix `layers.3`, and `vb.get("weight", &[n, k])` returns the GPU tensor after checking the
+//! checkpoint's shape, naming the tensor and both shapes when they differ.
+//!
+//! Dtype policy: vectors (norms, biases) become f32; matrices and convolution kernels keep the
+//! checkpoint's dtype (f16 stays packed f16, GGUF blocks stay blocks), or, with
+//! [`Quantize`], 2-D float matrices whose rows are whole 32-blocks become Q4_0/Q8_0.
+
+use crate::device::Gpu;
+use crate::dtype::{dequantize, quantize, DType};
+use crate::error::{Error, Result};
+use crate::formats::{RawTensor, TensorSource};
+use crate::graph::{Graph, Value};
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// On-load quantization of float matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quantize {
+    #[default]
+    None,
+    Q4,
+    Q8,
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Quantize> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "none" | "no" => Ok(Quantize::None),
+            "q4" | "q4_0" => Ok(Quantize::Q4),
+            "q8" | "q8_0" => Ok(Quantize::Q8),
+            other => Err(Error::Data {
+                name: "quantize".into(),
+                msg: format!("'{other}' is not one of none, q4, q8"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Quantize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quantize::None => "none",
+            Quantize::Q4 => "q4",
+            Quantize::Q8 => "q8",
+        })
+    }
+}
+
+/// A checkpoint's name for the tensor a model asks for by its Hugging Face name.
+pub type NameMap = fn(&str) -> String;
+
+/// A checkpoint's tensors, uploaded on first use.
+pub struct Weights {
+    gpu: Arc<Gpu>,
+    src: Box<dyn TensorSource + Send + Sync>,
+    label: String,
+    names: Option<NameMap>,
+    quantize: Quantize,
+    cache: Mutex<HashMap<String, Arc<Tensor>>>,
+}
+
+impl Weights {
+    /// Wraps a parsed checkpoint; `label` names it in errors (a component, a file).
+    pub fn new(gpu: &Arc<Gpu>, label: &str, src: Box<dyn TensorSource + Send + Sync>) -> Self {
+        Weights {
+            gpu: gpu.clone(),
+            src,
+            label: label.into(),
+            names: None,
+            quantize: Quantize::None,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Maps the names models ask for to the checkpoint's (e.g. GGUF's `blk.0.attn_q.weight`).
+    pub fn with_names(mut self, names: NameMap) -> Self {
+        self.names = Some(names);
+        self
+    }
+
+    /// Quantizes float matrices on upload.
+    pub fn with_quantize(mut self, q: Quantize) -> Self {
+        self.quantize = q;
+        self
+    }
+
+    /// A builder at the root (no prefix).
+    pub fn root(&self) -> VarBuilder<'_> {
+        VarBuilder {
+            w: self,
+            prefix: String::new(),
+        }
+    }
+
+    /// The checkpoint's name for `name`.
+    pub fn file_name(&self, name: &str) -> String {
+        match self.names {
+            Some(f) => f(name),
+            None => name.to_string(),
+        }
+    }
+
+    /// The raw tensor `name` (under the name map), if present.
+    pub fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        self.src.tensor(&self.file_name(name))
+    }
+
+    fn err(&self, name: &str, msg: String) -> Error {
+        Error::Data {
+            name: format!("{}: '{}'", self.label, self.file_name(name)),
+            msg,
+        }
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::Data {
+            name: self.label.clone(),
+            msg: format!("missing tensor '{}'", self.file_name(name)),
+        }
+    }
+
+    /// Uploads (once) under the policy; `f32` forces an f32 copy (tables sliced by rows).
+    fn load(&self, name: &str, shape: Option<&[usize]>, f32: bool) -> Result<Arc<Tensor>> {
+        let key = if f32 {
+            format!("{name}#f32")
+        } else {
+            name.to_string()
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&key) {
+            if let Some(s) = shape.filter(|s| *s != t.shape.as_slice()) {
+                return Err(self.err(name, format!("shape {:?}, expected {s:?}", t.shape)));
+            }
+            return Ok(t.clone());
+        }
+        let raw = self.raw(name).ok_or_else(|| self.missing(name))?;
+        if let Some(s) = shape.filter(|s| *s != raw.shape) {
+            return Err(self.err(name, format!("shape {:?}, expected {s:?}", raw.shape)));
+        }
+        let t = Arc::new(self.upload(name, raw, f32)?);
+        cache.insert(key, t.clone());
+        Ok(t)
+    }
+
+    fn upload(&self, name: &str, raw: RawTensor<'_>, f32: bool) -> Result<Tensor> {
+        let shape = raw.shape;
+        let n: usize = shape.iter().product();
+        let float = matches!(raw.dtype, DType::F32 | DType::F16 | DType::BF16);
+        if f32 || (shape.len() == 1 && raw.dtype != DType::F32) {
+            let v =
+                dequantize(raw.dtype, raw.data, n).map_err(|e| self.err(name, e.to_string()))?;
+            return Tensor::from_f32(&self.gpu, name, shape, &v);
+        }
+        let k = shape.last().copied().unwrap_or(1);
+        let matrix = float && shape.len() == 2 && k % 32 == 0;
+        let target = match self.quantize {
+            Quantize::Q4 if matrix => Some(DType::Q4_0),
+            Quantize::Q8 if matrix => Some(DType::Q8_0),
+            _ => None,
+        };
+        match target {
+            Some(dt) => {
+                let q = quantize(dt, &dequantize(raw.dtype, raw.data, n)?)?;
+                Tensor::upload(&self.gpu, name, shape, dt, &q)
+            }
+            None => Tensor::upload(&self.gpu, name, shape, raw.dtype, raw.data),
+        }
+    }
+}
+
+/// A position in a checkpoint's name tree (see the module docs).
+#[derive(Clone)]
+pub struct VarBuilder<'a> {
+    w: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> VarBuilder<'a> {
+    /// The builder one level down: `pp("attn")` under `layers.0` is `layers.0.attn`.
+    pub fn pp(&self, s: impl std::fmt::Display) -> VarBuilder<'a> {
+        VarBuilder {
+            w: self.w,
+            prefix: self.path(&s.to_string()),
+        }
+    }
+
+    /// The full name of `name` here.
+    pub fn path(&self, name: &str) -> String {
+        match (self.prefix.is_empty(), name.is_empty()) {
+            (true, _) => name.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}.{name}", self.prefix),
+        }
+    }
+
+    /// True when the checkpoint has `name` here.
+    pub fn has(&self, name: &str) -> bool {
+        self.w.raw(&self.path(name)).is_some()
+    }
+
+    /// The checkpoint's shape of `name`.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let p = self.path(name);
+        self.w
+            .raw(&p)
+            .map(|t| t.shape.to_vec())
+            .ok_or_else(|| self.w.missing(&p))
+    }
+
+    /// The GPU tensor `name`, which must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Arc<Tensor>> {
+        self.w.load(&self.path(name), Some(shape), false)
+    }
+
+    /// Like [`VarBuilder::get`], `None` when the checkpoint does not have it.
+    pub fn optional(&self, name: &str, shape: &[usize]) -> Result<Option<Arc<Tensor>>> {
+        if self.has(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// `name` as f32 whatever its checkpoint dtype (a table a graph slices by rows).
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Arc<Tensor>> {
+        self.w.load(&self.path(name), Some(shape), true)
+    }
+
+    /// The first of `prefixes` below here under which the checkpoint holds `probe`: library
+    /// versions name one module differently (transformers 4 saves CLIP's tensors under
+    /// `text_model.`, transformers 5 without it).
+    pub fn first_of(&self, prefixes: &[&str], probe: &str) -> Result<VarBuilder<'a>> {
+        prefixes
+            .iter()
+            .map(|p| {
+                if p.is_empty() {
+                    self.clone()
+                } else {
+                    self.pp(p)
+                }
+            })
+            .find(|vb| vb.has(probe))
+            .ok_or_else(|| Error::Data {
+                name: self.w.label.clone(),
+                msg: format!(
+                    "missing tensor '{}' (looked under the prefixes {prefixes:?})",
+                    self.path(probe)
+                ),
+            })
+    }
+
+    /// The graph value of `name` with `shape`.
+    pub fn value(&self, g: &mut Graph, name: &str, shape: &[usize]) -> Result<Value> {
+        Ok(g.tensor(&self.get(name, shape)?))
+    }
+
+    /// Linear layer here (`weight` `[n, k]`, optional `bias` `[n]`), k = last dim of `x`.
+    pub fn linear(&self, g: &mut Graph, x: Value, n: usize) -> Result<Value> {
+        let k = g.shape(x).last().copied().unwrap_or(0);
+        let w = self.value(g, "weight", &[n, k])?;
+        let b = self.optional("bias", &[n])?.map(|b| g.tensor(&b));
+        g.linear(x, w, b)
+    }
+
+    /// Convolution here (`weight` `[co, ci, k, k]`, optional `bias` `[co]`) with padding k / 2,
+    /// ci = channels of `x`.
+    pub fn conv(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        co: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Value> {
+        let ci = g.shape(x).get(1).copied().unwrap_or(0);
+        let w = self.value(g, "weight", &[co, ci, k, k])?;
+        let b = self.optional("bias", &[co])?.map(|b| g.tensor(&b));
+        g.conv2d(x, w, b, stride, k / 2)
+    }
+
+    /// GroupNorm here (`weight`, `bias` `[c]`), optionally followed by SiLU.
+    pub fn group_norm(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Value> {
+        let c = g.shape(x).get(1).copied().unwrap_or(0);
+        let w = self.value(g, "weight", &[c])?;
+        let b = self.value(g, "bias", &[c])?;
+        g.group_norm(x, w, b, groups, eps, silu)
+    }
+
+    /// LayerNorm here (`weight`, `bias` `[d]`) over the last dimension.
+    pub fn layer_norm(&self, g: &mut Graph, x: Value, eps: f32) -> Result<Value> {
+        let d = g.shape(x).last().copied().unwrap_or(0);
+        let w = self.value(g, "weight", &[d])?;
+        let b = self.value(g, "bias", &[d])?;
+        g.layer_norm(x, w, b, eps)
+    }
+
+    /// RMSNorm here (`weight` `[d]`) over the last dimension.
+    pub fn rms_norm(&self, g: &mut Graph, x: Value, eps: f32) -> Result<Value> {
+        let d = g.shape(x).last().copied().unwrap_or(0);
+        let w = self.value(g, "weight", &[d])?;
+        g.rms_norm(x, w, eps)
+    }
+}
