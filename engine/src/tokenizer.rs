@@ -326,3 +326,51 @@ fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
         .map(|(l, r, _)| format!("{} {}", tokens[l], tokens[r]))
         .collect()
 }
+
+/// Incremental detokenization for streaming, in constant work per token (the approach of
+/// Hugging Face's text-generation-inference): each step decodes only the ids since the last
+/// emitted piece plus one piece of context, and emits the new text once it is complete UTF-8
+/// (no trailing U+FFFD) and extends what the context decoded to.
+#[derive(Clone, Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+    text: String,
+}
+
+impl StreamDecoder {
+    /// An empty stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the text it completes, if any.
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len()
+            && !now.ends_with('\u{FFFD}')
+            && now.is_char_boundary(before.len())
+        {
+            let piece = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            self.text.push_str(&piece);
+            Ok(Some(piece))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The text emitted so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The ids pushed so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}

@@ -18,8 +18,9 @@ use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// On-load quantization of float matrices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// On-load quantization of float matrices (`none`, `q4`, `q8` as text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Quantize {
     #[default]
     None,
@@ -39,6 +40,19 @@ impl std::str::FromStr for Quantize {
                 msg: format!("'{other}' is not one of none, q4, q8"),
             }),
         }
+    }
+}
+
+impl TryFrom<String> for Quantize {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Quantize> {
+        s.parse()
+    }
+}
+
+impl From<Quantize> for String {
+    fn from(q: Quantize) -> String {
+        q.to_string()
     }
 }
 

@@ -86,7 +86,7 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let opts = GenerateOptions {
             max_tokens: decode_len + 1,
-            sampler: SamplerSettings::default(),
+            sampler: SamplerSettings::neutral(),
             seed: 1,
             stop: vec![],
         };

@@ -58,3 +58,25 @@ pub fn text() -> ModelFiles {
 pub fn image() -> ModelFiles {
     files(IMAGE)
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln::formats::files::{collect, pipeline, text_model, FileGroup};
+    use kiln::formats::ModelFiles;
+
+    /// The embedded files are exactly what the engine's plan of the model kind reads.
+    fn plan_reads(plan: &[FileGroup], files: &ModelFiles) {
+        let got = collect(plan, &mut |name| Ok(files.get(name).cloned())).unwrap();
+        let mut want: Vec<&String> = files.keys().collect();
+        let mut read: Vec<&String> = got.keys().collect();
+        want.sort();
+        read.sort();
+        assert_eq!(read, want);
+    }
+
+    #[test]
+    fn embedded_models_follow_the_engines_file_lists() {
+        plan_reads(&text_model(), &super::text());
+        plan_reads(&pipeline(false), &super::image());
+    }
+}

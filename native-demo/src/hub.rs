@@ -28,42 +28,33 @@ pub fn fetch(id: &str) -> Result<ModelFiles> {
         .build()
         .context("Hugging Face Hub client")?;
     let model = api.model(repo.to_string());
-    let mut files = ModelFiles::new();
-    let get = |files: &mut ModelFiles, name: &str, required: bool| -> Result<()> {
-        match model.get(name) {
-            Ok(path) => {
-                files.insert(
-                    name.to_string(),
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-                );
-                Ok(())
-            }
-            Err(e) if required => Err(anyhow::anyhow!("{repo}: could not fetch {name}: {e}")),
-            Err(_) => Ok(()),
-        }
-    };
     if let Some(f) = gguf {
-        get(&mut files, f, true)?;
-        return Ok(files);
+        let path = model
+            .get(f)
+            .with_context(|| format!("{repo}: could not fetch {f}"))?;
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(ModelFiles::from([(f.to_string(), bytes)]));
     }
-    for (name, required) in [
-        ("config.json", true),
-        ("tokenizer.json", true),
-        ("tokenizer_config.json", false),
-        ("chat_template.jinja", false),
-        ("generation_config.json", false),
-    ] {
-        get(&mut files, name, required)?;
-    }
-    get(&mut files, "model.safetensors.index.json", false)?;
-    let shards = match files.get("model.safetensors.index.json") {
-        Some(idx) => {
-            kiln::formats::safetensors::shard_names(std::str::from_utf8(idx).unwrap_or(""))?
-        }
-        None => vec!["model.safetensors".to_string()],
-    };
-    for s in shards {
-        get(&mut files, &s, true)?;
-    }
-    Ok(files)
+    // The engine's list of a model's files; a file the Hub does not give counts as absent, and
+    // the last Hub error is added to the message when a required one is missing.
+    let mut last_err = None;
+    let files =
+        kiln::formats::files::collect(&kiln::formats::files::text_model(), &mut |name| match model
+            .get(name)
+        {
+            Ok(path) => std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| kiln::Error::Data {
+                    name: path.display().to_string(),
+                    msg: e.to_string(),
+                }),
+            Err(e) => {
+                last_err = Some(format!("{name}: {e}"));
+                Ok(None)
+            }
+        });
+    files.map_err(|e| match last_err {
+        Some(h) => anyhow::anyhow!("{repo}: {e} (last Hub error: {h})"),
+        None => anyhow::anyhow!("{repo}: {e}"),
+    })
 }

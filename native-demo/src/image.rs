@@ -8,6 +8,10 @@ use kiln::diffusion::pipeline::ImageOptions;
 use kiln::diffusion::schedulers::SchedulerKind;
 use std::path::PathBuf;
 
+/// The engine's image defaults, which the flags show and use.
+static DEFAULTS: std::sync::LazyLock<ImageOptions> =
+    std::sync::LazyLock::new(ImageOptions::default);
+
 #[derive(Args)]
 pub struct ImageArgs {
     /// A diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/,
@@ -16,17 +20,17 @@ pub struct ImageArgs {
     model: Option<String>,
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value_t = DEFAULTS.negative_prompt.clone())]
     negative_prompt: String,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = DEFAULTS.steps)]
     steps: usize,
     /// Classifier-free guidance scale (1 disables guidance).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = DEFAULTS.guidance)]
     guidance: f32,
     /// ddim, euler, euler-a, dpm++2m or lcm (default: the pipeline's own, Euler if unsupported).
     #[arg(long)]
-    scheduler: Option<String>,
-    #[arg(long, default_value_t = 0)]
+    scheduler: Option<SchedulerKind>,
+    #[arg(long, default_value_t = DEFAULTS.seed)]
     seed: u32,
     /// Image width (default: the U-Net's sample size times the VAE factor).
     #[arg(long)]
@@ -56,6 +60,24 @@ pub fn write_png(path: &std::path::Path, w: usize, h: usize, rgb: &[u8]) -> Resu
     Ok(())
 }
 
+impl ImageArgs {
+    /// The engine's options for these flags (the latents file is read by [`run`]).
+    pub fn options(&self) -> Result<ImageOptions> {
+        Ok(ImageOptions {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler,
+            seed: self.seed,
+            width: self.width,
+            height: self.height,
+            latents: None,
+            step_noise: None,
+        })
+    }
+}
+
 pub fn run(a: ImageArgs) -> Result<()> {
     let files = match &a.model {
         Some(model) => {
@@ -78,37 +100,23 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let mut m = SdModels::load(&gpu, files)?;
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let f = m.vae.cfg.scale_factor();
-    let latents = match &a.latents {
-        Some(p) => Some(kiln::formats::npy::parse(
+    let mut opts = a.options()?;
+    if let Some(p) = &a.latents {
+        let l = kiln::formats::npy::parse(
             &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-        )?),
-        None => None,
-    };
-    let (dw, dh) = match &latents {
-        Some(l) if l.shape.len() == 4 => (l.shape[3] * f, l.shape[2] * f),
-        Some(l) => bail!(
-            "latents of shape {:?}: expected [1, channels, h, w]",
-            l.shape
-        ),
-        None => (m.unet.cfg.sample_size * f, m.unet.cfg.sample_size * f),
-    };
-    let opts = ImageOptions {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        steps: a.steps,
-        guidance: a.guidance,
-        scheduler: a
-            .scheduler
-            .as_deref()
-            .map(SchedulerKind::from_cli)
-            .transpose()?,
-        seed: a.seed,
-        width: a.width.unwrap_or(dw),
-        height: a.height.unwrap_or(dh),
-        latents: latents.map(|l| l.data),
-        step_noise: None,
-    };
+        )?;
+        // The image size follows the latents unless given.
+        let f = m.vae.cfg.scale_factor();
+        let [_, _, h, w] = l.shape[..] else {
+            bail!(
+                "latents of shape {:?}: expected [1, channels, h, w]",
+                l.shape
+            )
+        };
+        opts.width = opts.width.or(Some(w * f));
+        opts.height = opts.height.or(Some(h * f));
+        opts.latents = Some(l.data);
+    }
     if a.window {
         let out = a.out.clone();
         return crate::window::run(move |win| {

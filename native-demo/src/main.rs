@@ -11,8 +11,7 @@ mod window;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln::kernels::sample::SamplerSettings;
-use kiln::llm::{GenerateOptions, LoadOptions, Quantize, TextModel};
+use kiln::llm::{LoadOptions, Quantize, TextModel, TextOptions};
 use kiln::{Gpu, GpuOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,37 +48,65 @@ struct ModelArgs {
     /// repo id. Default: the embedded King James Bible model (models/text-kjv).
     #[arg(long)]
     model: Option<String>,
-    /// Quantize float matrices on load.
-    #[arg(long, value_parser = ["q4", "q8"])]
-    quantize: Option<String>,
+    /// Quantize float matrices on load: none, q4 or q8.
+    #[arg(long, default_value_t = LoadOptions::default().quantize)]
+    quantize: Quantize,
     /// Context length (KV-cache positions).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = LoadOptions::default().ctx)]
     ctx: usize,
 }
 
+/// The sampler flags. Every default is the engine's (`TextOptions::default()`), which the wasm
+/// module and the npm package use too.
 #[derive(Args, Clone)]
 struct SamplingArgs {
     /// Maximum new tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = DEFAULTS.max_tokens)]
     max_tokens: usize,
     /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = DEFAULTS.temperature)]
     temperature: f32,
-    #[arg(long, default_value_t = 40)]
+    /// Keep the k most likely tokens; 0 disables.
+    #[arg(long, default_value_t = DEFAULTS.top_k)]
     top_k: u32,
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus mass in (0, 1]; 1 disables.
+    #[arg(long, default_value_t = DEFAULTS.top_p)]
     top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
+    /// Minimum probability relative to the most likely token; 0 disables.
+    #[arg(long, default_value_t = DEFAULTS.min_p)]
     min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty; 1 disables.
+    #[arg(long, default_value_t = DEFAULTS.repeat_penalty)]
     repeat_penalty: f32,
-    #[arg(long, default_value_t = 64)]
+    /// Previous tokens the penalty looks at.
+    #[arg(long, default_value_t = DEFAULTS.repeat_window)]
     repeat_window: u32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = DEFAULTS.seed)]
     seed: u32,
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+}
+
+/// The engine's option defaults, which the flags show and use.
+static DEFAULTS: std::sync::LazyLock<TextOptions> = std::sync::LazyLock::new(TextOptions::default);
+
+impl SamplingArgs {
+    /// The engine's options for these flags.
+    fn options(&self) -> TextOptions {
+        TextOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_window: self.repeat_window,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ..TextOptions::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -133,27 +160,11 @@ pub fn spinner(show: bool, msg: &str) -> ProgressBar {
     s
 }
 
-fn options(s: &SamplingArgs) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: s.max_tokens,
-        sampler: SamplerSettings {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            min_p: s.min_p,
-            repeat_penalty: s.repeat_penalty,
-            repeat_window: s.repeat_window,
-        },
-        seed: s.seed,
-        stop: s.stop.clone(),
-    }
-}
-
 fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
     let files = if let Some(path) = &m.model {
         let p = PathBuf::from(path);
         if p.exists() {
-            kiln::llm::generate::read_model_path(&p)?
+            kiln::formats::files::read_model_path(&p)?
         } else if hub::looks_like_repo_id(path) {
             hub::fetch(path)?
         } else {
@@ -164,11 +175,6 @@ fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
             eprintln!("model: {}", defaults::TEXT_NAME);
         }
         defaults::text()
-    };
-    let quantize = match m.quantize.as_deref() {
-        Some("q4") => Quantize::Q4,
-        Some("q8") => Quantize::Q8,
-        _ => Quantize::None,
     };
     let bar = if quiet {
         ProgressBar::hidden()
@@ -181,7 +187,7 @@ fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
     );
     let opts = LoadOptions {
         ctx: m.ctx,
-        quantize,
+        quantize: m.quantize,
         ..Default::default()
     };
     let model = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |done, total| {
@@ -197,12 +203,16 @@ fn text(a: TextArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut model = load(&gpu, &a.model, a.json)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let prompt = match (&a.prompt, &a.prompt_ids) {
-        (_, Some(ids)) => ids.clone(),
-        (Some(t), None) => model.tokenizer.encode_prompt(t)?,
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    let request = TextOptions {
+        prompt: a.prompt.clone(),
+        prompt_ids: a.prompt_ids.clone(),
+        ..a.sampling.options()
     };
-    let opts = options(&a.sampling);
+    if request.prompt.is_none() && request.prompt_ids.is_none() {
+        bail!("give --prompt TEXT or --prompt-ids 1,2,3");
+    }
+    let prompt = request.prompt_ids(&model.tokenizer)?;
+    let opts = request.generate_options();
     let json = a.json;
     let mut out = std::io::stdout();
     // The prompt is echoed once the first token is out; until then a spinner shows the prefill.
@@ -221,19 +231,11 @@ fn text(a: TextArgs) -> Result<()> {
     }))?;
     spinner.finish_and_clear();
     if json {
-        let v = serde_json::json!({
-            "prompt_ids": g.prompt_ids,
-            "ids": g.ids,
-            "text": g.text,
-            "logprobs": if a.logprobs { serde_json::json!(g.logprobs) } else { serde_json::Value::Null },
-            "stop": format!("{:?}", g.stop).to_lowercase(),
-            "timings": {
-                "load_ms": load_ms,
-                "ttft_ms": g.timings.ttft_ms,
-                "prefill_tok_s": g.timings.prefill_tok_s,
-                "decode_tok_s": g.timings.decode_tok_s,
-            },
-        });
+        let mut v = g.to_json();
+        v["timings"]["load_ms"] = load_ms.into();
+        if !a.logprobs {
+            v["logprobs"] = serde_json::Value::Null;
+        }
         println!("{v}");
     } else {
         println!();
@@ -241,7 +243,7 @@ fn text(a: TextArgs) -> Result<()> {
             eprintln!("logprobs: {:?}", g.logprobs);
         }
         eprintln!(
-            "[{} prompt + {} generated tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.0} ms; stop: {:?}]",
+            "[{} prompt + {} generated tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.0} ms; stop: {}]",
             g.prompt_ids.len(),
             g.ids.len(),
             g.timings.prefill_tok_s,
@@ -263,7 +265,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     if let Some(s) = &a.system {
         messages.push(("system".into(), s.clone()));
     }
-    let opts = options(&a.sampling);
+    let opts = a.sampling.options().generate_options();
     eprintln!("(chat; an empty line or end of input quits)");
     let stdin = std::io::stdin();
     loop {
@@ -347,5 +349,39 @@ fn main() {
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CLI's defaults are the engine's, and the engine's are what the browser gets for an
+    /// empty options object: one set of defaults for every front end.
+    #[test]
+    fn cli_defaults_are_the_engine_defaults_the_web_uses() {
+        let cli = Cli::try_parse_from(["kiln", "text", "--prompt", "x"]).unwrap();
+        let Cmd::Text(a) = cli.cmd else {
+            panic!("not the text command")
+        };
+        let web = TextOptions::from_json("{}").unwrap();
+        assert_eq!(a.sampling.options(), TextOptions::default());
+        assert_eq!(a.sampling.options(), web);
+        let load = LoadOptions::from_json("{}").unwrap();
+        assert_eq!((a.model.ctx, a.model.quantize), (load.ctx, load.quantize));
+        // The JavaScript spelling reaches the same fields, and a typo is an error.
+        let js =
+            TextOptions::from_json(r#"{"maxTokens": 5, "topK": 3, "promptIds": [1]}"#).unwrap();
+        assert_eq!(
+            (js.max_tokens, js.top_k, js.prompt_ids),
+            (5, 3, Some(vec![1]))
+        );
+        assert!(TextOptions::from_json(r#"{"topk": 3}"#).is_err());
+        let image = Cli::try_parse_from(["kiln", "image", "--prompt", "x"]).unwrap();
+        let Cmd::Image(i) = image.cmd else {
+            panic!("not the image command")
+        };
+        let web = kiln::diffusion::pipeline::ImageOptions::from_json(r#"{"prompt": "x"}"#).unwrap();
+        assert_eq!(i.options().unwrap(), web);
     }
 }

@@ -64,8 +64,8 @@ fn default_image_model_matches_diffusers() {
         steps: r["steps"].as_u64().unwrap() as usize,
         guidance: r["guidance"].as_f64().unwrap() as f32,
         scheduler: None, // the pipeline's own (DPM++ 2M), as `kiln image` with no --scheduler
-        width: w,
-        height: h,
+        width: Some(w),
+        height: Some(h),
         latents: Some(latents.data),
         ..Default::default()
     };

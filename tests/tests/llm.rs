@@ -221,8 +221,8 @@ fn chat_templates_render_like_transformers() {
 
 /// The folder's tokenizer renders `chat.messages` as `chat.rendered`.
 fn check_chat(d: &Path, chat: &Value) {
-    let tok =
-        TextTokenizer::from_hf_files(&kiln::llm::generate::read_model_path(d).unwrap()).unwrap();
+    let files = kiln::formats::files::read_dir(d, &kiln::formats::files::tokenizer()).unwrap();
+    let tok = TextTokenizer::from_hf_files(&files).unwrap();
     {
         let msgs: Vec<(String, String)> = chat["messages"]
             .as_array()

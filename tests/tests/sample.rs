@@ -231,7 +231,7 @@ fn sampling_matches_reference() {
     let mut rng = Rng::new(2);
     let base = SamplerSettings {
         temperature: 0.8,
-        ..Default::default()
+        ..SamplerSettings::neutral()
     };
     let cases = [
         ("temperature", base),
@@ -304,19 +304,19 @@ fn top_k_one_and_tiny_top_p_are_greedy() {
         let k1 = SamplerSettings {
             temperature: 1.5,
             top_k: 1,
-            ..Default::default()
+            ..SamplerSettings::neutral()
         };
         assert_eq!(s.check("top-k 1", &logits, &k1, &hist, 1, seed), argmax);
         let p0 = SamplerSettings {
             temperature: 1.5,
             top_p: 1e-6,
-            ..Default::default()
+            ..SamplerSettings::neutral()
         };
         assert_eq!(s.check("top-p 1e-6", &logits, &p0, &hist, 1, seed), argmax);
         let m1 = SamplerSettings {
             temperature: 1.5,
             min_p: 1.0,
-            ..Default::default()
+            ..SamplerSettings::neutral()
         };
         assert_eq!(s.check("min-p 1", &logits, &m1, &hist, 1, seed), argmax);
     }
@@ -332,7 +332,7 @@ fn history_write_and_determinism() {
     let hist: Vec<u32> = (0..cap as u32).map(|i| 900 + i).collect();
     let st = SamplerSettings {
         repeat_penalty: 1.0,
-        ..Default::default()
+        ..SamplerSettings::neutral()
     };
     let mut ids = Vec::new();
     for c in 0..cap as u32 {

@@ -85,7 +85,7 @@ fn clip_tokenizer_matches_transformers() {
 fn text_encoder_unet_vae_match_diffusers() {
     for case in CASES {
         let e = expected(case);
-        let mut m = models(case);
+        let m = models(case);
         let mut both = ids(&e["negative_prompt_ids"]);
         both.extend(ids(&e["prompt_ids"]));
         let want = array(case, "text_hidden.npy");
@@ -152,15 +152,15 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
                     guidance: g as f32,
                     scheduler: Some(kind),
                     seed: 0,
-                    width: m.vae.cfg.scale_factor() * latents.shape[3],
-                    height: m.vae.cfg.scale_factor() * latents.shape[2],
+                    width: Some(m.vae.cfg.scale_factor() * latents.shape[3]),
+                    height: Some(m.vae.cfg.scale_factor() * latents.shape[2]),
                     latents: Some(latents.data.clone()),
                     step_noise,
                 };
                 let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false))
                     .unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
                 let want = array(case, &format!("image_{name}_g{g}.npy"));
-                let p = psnr(&img.raw, &want.data, opts.height, opts.width);
+                let p = psnr(&img.raw, &want.data, img.height, img.width);
                 eprintln!("{case} {name} g{g}: PSNR {p:.1} dB");
                 assert!(p >= 40.0, "{case} {name} guidance {g}: PSNR {p:.1} dB < 40");
             }
@@ -179,8 +179,8 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
         steps: 5,
         guidance: 3.0,
         seed: 11,
-        width: 8 * f,
-        height: 8 * f,
+        width: Some(8 * f),
+        height: Some(8 * f),
         ..Default::default()
     };
     let mut calls = 0;
@@ -239,8 +239,8 @@ fn bad_pipeline_input_is_an_error() {
     let mut m = models("sd1-tiny");
     let e = pollster::block_on(m.generate(
         &ImageOptions {
-            width: 13,
-            height: 16,
+            width: Some(13),
+            height: Some(16),
             steps: 2,
             ..Default::default()
         },
@@ -250,8 +250,8 @@ fn bad_pipeline_input_is_an_error() {
     assert!(e.to_string().contains("multiples of"), "{e}");
     let e = pollster::block_on(m.generate(
         &ImageOptions {
-            width: 16,
-            height: 16,
+            width: Some(16),
+            height: Some(16),
             steps: 2,
             latents: Some(vec![0.0; 5]),
             ..Default::default()

@@ -65,6 +65,13 @@ export function call(f) {
   });
 }
 
+/** The engine's snake_case result keys in JavaScript's camelCase (`prompt_ids` -> `promptIds`). */
+export function camelKeys(v) {
+  if (Array.isArray(v)) return v.map(camelKeys);
+  if (v === null || typeof v !== "object") return v;
+  return Object.fromEntries(Object.entries(v).map(([k, x]) => [k.replace(/_([a-z])/g, (_, c) => c.toUpperCase()), camelKeys(x)]));
+}
+
 /** Drops undefined and null fields, so the Rust side applies its defaults. */
 export function options(o) {
   return JSON.stringify(Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined && v !== null)));

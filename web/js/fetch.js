@@ -1,6 +1,8 @@
 // Model sources -> file bytes: URL resolution (folders, .gguf files, Hugging Face repo ids,
 // "default"), downloads with progress, and the Cache Storage API so a reload downloads nothing.
 
+import { wasm } from "./core.js";
+
 const CACHE_NAME = "kiln-models-v1";
 const HF = "https://huggingface.co";
 const DEFAULT_FOLDERS = { text: "text-kjv", image: "image-shapes" };
@@ -135,7 +137,14 @@ async function fetchFile(url, name, required, ctx) {
   }
 }
 
-function fileList(ctx) {
+const text = (b) => new TextDecoder().decode(b);
+
+/**
+ * Fetches the files of a plan from the engine (`modelFiles`): each group offers alternatives
+ * (sets of files); the first alternative whose first file exists is taken, the rest of it is
+ * then required; a sharded checkpoint's index brings its shards.
+ */
+async function fetchPlan(ctx, plan) {
   const files = new Map();
   const get = async (name, required) => {
     const bytes = await fetchFile(new URL(name, ctx.base).href, name, required, ctx);
@@ -143,66 +152,48 @@ function fileList(ctx) {
     if (bytes) files.set(name, bytes);
     return bytes;
   };
-  /** The first of the names that exists; an error naming all of them when none does. */
-  const firstOf = async (names) => {
-    for (const n of names) if (await get(n, false)) return n;
-    throw new Error(`${ctx.label}: none of ${names.join(", ")} found under ${ctx.base}`);
-  };
-  return { files, get, firstOf };
+  for (const group of plan) {
+    let found = false;
+    for (const alt of group.any) {
+      const first = await get(alt[0], false);
+      if (!first) continue;
+      for (const name of alt.slice(1)) await get(name, true);
+      for (const name of alt) {
+        if (!name.endsWith(".index.json")) continue;
+        let shards;
+        try {
+          shards = wasm.shardsOf(name, text(files.get(name)));
+        } catch (e) {
+          throw new Error(`${ctx.label}: ${name}: ${e.message ?? e}`);
+        }
+        for (const s of shards) await get(s, true);
+      }
+      found = true;
+      break;
+    }
+    if (!found && group.required) {
+      const names = group.any.map((a) => a.join(" + ")).join(", or ");
+      throw new Error(`${ctx.label}: none of ${names} found under ${ctx.base}`);
+    }
+  }
+  return files;
 }
 
-const text = (b) => new TextDecoder().decode(b);
-
-/** The files of a text model: a folder (config, tokenizer, safetensors or shards) or one .gguf. */
+/** The files of a text model: one .gguf, or a folder as the engine lists it. */
 async function textFiles(ctx) {
-  const { files, get } = fileList(ctx);
   if (ctx.file) {
-    await get(ctx.file, true);
+    const files = new Map();
+    const bytes = await fetchFile(new URL(ctx.file, ctx.base).href, ctx.file, true, ctx);
+    files.set(ctx.file, bytes);
     return files;
   }
-  await get("config.json", true);
-  await get("generation_config.json", false);
-  await get("tokenizer.json", true);
-  await get("tokenizer_config.json", false);
-  await get("chat_template.jinja", false); // transformers 5 saves the template here
-  const index = await get("model.safetensors.index.json", false);
-  if (index) {
-    let shards;
-    try {
-      shards = [...new Set(Object.values(JSON.parse(text(index)).weight_map ?? {}))];
-    } catch (e) {
-      throw new Error(`${ctx.label}: model.safetensors.index.json: ${e.message}`);
-    }
-    for (const s of shards) await get(s, true);
-  } else {
-    await get("model.safetensors", true);
-  }
-  return files;
+  return fetchPlan(ctx, JSON.parse(wasm.modelFiles("text", true)));
 }
 
-/** The files of a diffusers pipeline folder. */
+/** The files of a diffusers pipeline folder (fp16 weights first unless `variant` is "fp32"). */
 async function imageFiles(ctx) {
   if (ctx.file) throw new Error(`${ctx.label}: an image model is a diffusers folder, not a .gguf file`);
-  const { files, get, firstOf } = fileList(ctx);
-  await get("model_index.json", true);
-  await get("scheduler/scheduler_config.json", true);
-  // fp16 first: half the download; the engine reads either.
-  const weights = (dir, stem) =>
-    firstOf(ctx.variant === "fp32" ? [`${dir}/${stem}.safetensors`, `${dir}/${stem}.fp16.safetensors`] : [`${dir}/${stem}.fp16.safetensors`, `${dir}/${stem}.safetensors`]);
-  await get("text_encoder/config.json", true);
-  await weights("text_encoder", "model");
-  if (!(await get("tokenizer/vocab.json", false))) {
-    await get("tokenizer/tokenizer.json", true);
-  } else {
-    await get("tokenizer/merges.txt", true);
-  }
-  await get("tokenizer/tokenizer_config.json", false);
-  await get("tokenizer/special_tokens_map.json", false);
-  await get("unet/config.json", true);
-  await weights("unet", "diffusion_pytorch_model");
-  await get("vae/config.json", true);
-  await weights("vae", "diffusion_pytorch_model");
-  return files;
+  return fetchPlan(ctx, JSON.parse(wasm.modelFiles("image", ctx.variant !== "fp32")));
 }
 
 /**

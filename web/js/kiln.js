@@ -6,7 +6,7 @@
 //   const sd = await kiln.loadImage("default");
 //   const image = await sd.generate("a red circle on a blue background", { seed: 1 }); // ImageData
 
-import { call, init, options, stream, sync, wasm } from "./core.js";
+import { call, camelKeys, init, options, stream, sync, wasm } from "./core.js";
 import { clearCache, fetchModel, resolveSource } from "./fetch.js";
 
 export { clearCache, resolveSource };
@@ -60,7 +60,7 @@ export class TextModel {
 
   async #run(prompt, opts, onPiece) {
     const json = options({ ...promptField(prompt), ...textOptions(opts) });
-    const r = JSON.parse(await call(() => this.#m.generate(json, onPiece)));
+    const r = camelKeys(JSON.parse(await call(() => this.#m.generate(json, onPiece))));
     if (r.stop === "cancelled") opts.signal?.throwIfAborted();
     return r;
   }

@@ -1,45 +1,13 @@
 //! Image generation: load a diffusers pipeline, run the denoising loop with live previews.
 
-use crate::device::{js_err, parse, Device, Files};
+use crate::device::{js_err, Device, Files};
 use kiln::diffusion::models::SdModels;
 use kiln::diffusion::pipeline::{ImageOptions, StepReply};
-use kiln::diffusion::schedulers::SchedulerKind;
-use serde::Deserialize;
 use serde_json::json;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
-
-/// The defaults are the CLI's (`kiln image`), so both give the same image for the same seed.
-#[derive(Deserialize)]
-#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
-struct GenOpts {
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    guidance: f32,
-    scheduler: Option<String>,
-    seed: u32,
-    width: Option<usize>,
-    height: Option<usize>,
-}
-
-impl Default for GenOpts {
-    fn default() -> Self {
-        let d = ImageOptions::default();
-        GenOpts {
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            steps: d.steps,
-            guidance: d.guidance,
-            scheduler: None,
-            seed: d.seed,
-            width: None,
-            height: None,
-        }
-    }
-}
 
 type Shared = Rc<RefCell<Option<SdModels>>>;
 
@@ -106,7 +74,7 @@ impl ImageModel {
     pub fn generate(&self, options: String, on_step: js_sys::Function) -> js_sys::Promise {
         let shared = self.model.clone();
         future_to_promise(async move {
-            let o: GenOpts = parse("image generate", &options)?;
+            let o = ImageOptions::from_json(&options).map_err(js_err)?;
             let mut m = shared.borrow_mut().take().ok_or_else(|| {
                 js_err("the image model is busy with another generation (or disposed)")
             })?;
@@ -117,25 +85,11 @@ impl ImageModel {
     }
 }
 
-async fn run(m: &mut SdModels, o: GenOpts, on_step: &js_sys::Function) -> Result<JsValue, JsValue> {
-    let size = m.unet.cfg.sample_size * m.vae.cfg.scale_factor();
-    let opts = ImageOptions {
-        prompt: o.prompt,
-        negative_prompt: o.negative_prompt,
-        steps: o.steps,
-        guidance: o.guidance,
-        scheduler: o
-            .scheduler
-            .as_deref()
-            .map(SchedulerKind::from_cli)
-            .transpose()
-            .map_err(js_err)?,
-        seed: o.seed,
-        width: o.width.unwrap_or(size),
-        height: o.height.unwrap_or(size),
-        latents: None,
-        step_noise: None,
-    };
+async fn run(
+    m: &mut SdModels,
+    opts: ImageOptions,
+    on_step: &js_sys::Function,
+) -> Result<JsValue, JsValue> {
     let mut failed = None;
     // Every step asks for a preview: the readback waits for the step, so progress is real, the
     // page's event loop runs between steps, and an abort is seen within one step.

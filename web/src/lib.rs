@@ -10,6 +10,8 @@
 #[cfg(target_arch = "wasm32")]
 mod device;
 #[cfg(target_arch = "wasm32")]
+mod files;
+#[cfg(target_arch = "wasm32")]
 mod image;
 #[cfg(target_arch = "wasm32")]
 mod panic;
@@ -20,6 +22,8 @@ mod text;
 
 #[cfg(target_arch = "wasm32")]
 pub use device::{create_device, Device, Files};
+#[cfg(target_arch = "wasm32")]
+pub use files::{model_files, shards_of};
 #[cfg(target_arch = "wasm32")]
 pub use image::ImageModel;
 #[cfg(target_arch = "wasm32")]

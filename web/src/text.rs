@@ -1,66 +1,12 @@
 //! Text generation: load a Llama-family model, stream pieces to a JavaScript callback.
 
 use crate::device::{js_err, parse, Device, Files};
-use kiln::kernels::sample::SamplerSettings;
-use kiln::llm::{GenerateOptions, LoadOptions, Quantize, StopReason};
-use serde::Deserialize;
+use kiln::llm::{LoadOptions, TextOptions};
 use serde_json::json;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
-
-#[derive(Deserialize)]
-#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
-struct LoadOpts {
-    ctx: usize,
-    /// "q4", "q8" or absent.
-    quantize: Option<String>,
-}
-
-impl Default for LoadOpts {
-    fn default() -> Self {
-        LoadOpts {
-            ctx: LoadOptions::default().ctx,
-            quantize: None,
-        }
-    }
-}
-
-/// The sampler defaults are the CLI's (`kiln text`), so both give the same output.
-#[derive(Deserialize)]
-#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
-struct GenOpts {
-    prompt: Option<String>,
-    prompt_ids: Option<Vec<u32>>,
-    max_tokens: usize,
-    temperature: f32,
-    top_k: u32,
-    top_p: f32,
-    min_p: f32,
-    repeat_penalty: f32,
-    repeat_window: u32,
-    seed: u32,
-    stop: Vec<String>,
-}
-
-impl Default for GenOpts {
-    fn default() -> Self {
-        GenOpts {
-            prompt: None,
-            prompt_ids: None,
-            max_tokens: 128,
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_window: 64,
-            seed: 0,
-            stop: Vec::new(),
-        }
-    }
-}
 
 type Shared = Rc<RefCell<Option<kiln::llm::TextModel>>>;
 
@@ -92,18 +38,7 @@ impl Device {
     ) -> js_sys::Promise {
         let gpu = self.gpu.clone();
         future_to_promise(async move {
-            let o: LoadOpts = parse("loadText", &options)?;
-            let quantize = match o.quantize.as_deref() {
-                None | Some("none") => Quantize::None,
-                Some("q4") => Quantize::Q4,
-                Some("q8") => Quantize::Q8,
-                Some(q) => return Err(js_err(format!("quantize '{q}': expected q4 or q8"))),
-            };
-            let opts = LoadOptions {
-                ctx: o.ctx,
-                quantize,
-                ..Default::default()
-            };
+            let opts = LoadOptions::from_json(&options).map_err(js_err)?;
             let m = kiln::llm::TextModel::load(&gpu, files.map, &opts, &mut |done, total| {
                 let _ = on_progress.call2(&JsValue::NULL, &done.into(), &total.into());
             })
@@ -127,16 +62,6 @@ impl Device {
             }
             .into())
         })
-    }
-}
-
-fn stop_name(s: StopReason) -> &'static str {
-    match s {
-        StopReason::Eos => "eos",
-        StopReason::StopString => "stopstring",
-        StopReason::MaxTokens => "maxtokens",
-        StopReason::ContextFull => "contextfull",
-        StopReason::Cancelled => "cancelled",
     }
 }
 
@@ -171,13 +96,14 @@ impl TextModel {
         m.tokenizer.render_chat(&msgs).map_err(js_err)
     }
 
-    /// Generates (`options`: JSON with `prompt` or `promptIds` and the sampler settings).
-    /// `on_piece(text)` receives each new piece; returning `false` stops. Resolves to the
-    /// result as JSON (`promptIds`, `ids`, `logprobs`, `text`, `stop`, `timings`).
+    /// Generates (`options`: the engine's `TextOptions` as JSON: `prompt` or `promptIds` and
+    /// the sampler settings). `on_piece(text)` receives each new piece; returning `false`
+    /// stops. Resolves to the result as JSON (`Generation::to_json`: `prompt_ids`, `ids`,
+    /// `logprobs`, `text`, `stop`, `timings`).
     pub fn generate(&self, options: String, on_piece: js_sys::Function) -> js_sys::Promise {
         let shared = self.model.clone();
         future_to_promise(async move {
-            let o: GenOpts = parse("generate", &options)?;
+            let o = TextOptions::from_json(&options).map_err(js_err)?;
             let mut m = take(&shared)?;
             let r = run(&mut m, &o, &on_piece).await;
             *shared.borrow_mut() = Some(m);
@@ -188,30 +114,13 @@ impl TextModel {
 
 async fn run(
     m: &mut kiln::llm::TextModel,
-    o: &GenOpts,
+    o: &TextOptions,
     on_piece: &js_sys::Function,
 ) -> Result<JsValue, JsValue> {
-    let prompt = match (&o.prompt, &o.prompt_ids) {
-        (_, Some(ids)) => ids.clone(),
-        (Some(p), None) => m.tokenizer.encode_prompt(p).map_err(js_err)?,
-        (None, None) => return Err(js_err("generate: give a prompt or promptIds")),
-    };
-    let opts = GenerateOptions {
-        max_tokens: o.max_tokens,
-        sampler: SamplerSettings {
-            temperature: o.temperature,
-            top_k: o.top_k,
-            top_p: o.top_p,
-            min_p: o.min_p,
-            repeat_penalty: o.repeat_penalty,
-            repeat_window: o.repeat_window,
-        },
-        seed: o.seed,
-        stop: o.stop.clone(),
-    };
+    let prompt = o.prompt_ids(&m.tokenizer).map_err(js_err)?;
     let mut failed = None;
     let g = m
-        .generate(&prompt, &opts, &mut |piece| match on_piece
+        .generate(&prompt, &o.generate_options(), &mut |piece| match on_piece
             .call1(&JsValue::NULL, &JsValue::from_str(piece))
         {
             Ok(v) => v.as_bool() != Some(false),
@@ -225,22 +134,5 @@ async fn run(
     if let Some(e) = failed {
         return Err(e);
     }
-    let t = &g.timings;
-    Ok(JsValue::from_str(
-        &json!({
-            "promptIds": g.prompt_ids,
-            "ids": g.ids,
-            "logprobs": g.logprobs,
-            "text": g.text,
-            "stop": stop_name(g.stop),
-            "timings": {
-                "ttftMs": t.ttft_ms,
-                "prefillMs": t.prefill_ms,
-                "decodeMs": t.decode_ms,
-                "prefillTokS": t.prefill_tok_s,
-                "decodeTokS": t.decode_tok_s,
-            },
-        })
-        .to_string(),
-    ))
+    Ok(JsValue::from_str(&g.to_json().to_string()))
 }

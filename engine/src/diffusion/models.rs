@@ -33,69 +33,8 @@ fn text(files: &ModelFiles, name: &str) -> Result<String> {
     })
 }
 
-/// Reads a diffusers pipeline folder: every file the loader needs, keyed by relative path.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
-    if !dir.join("model_index.json").is_file() {
-        return Err(Error::Data {
-            name: dir.display().to_string(),
-            msg: "not a diffusers pipeline folder (no model_index.json)".into(),
-        });
-    }
-    let mut files = ModelFiles::new();
-    let wanted = [
-        "model_index.json",
-        "text_encoder/config.json",
-        "text_encoder/model.safetensors",
-        "text_encoder/model.fp16.safetensors",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/tokenizer.json",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "unet/diffusion_pytorch_model.fp16.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.fp16.safetensors",
-        "scheduler/scheduler_config.json",
-    ];
-    for name in wanted {
-        let p = dir.join(name);
-        if p.is_file() {
-            files.insert(
-                name.to_string(),
-                std::fs::read(&p).map_err(|e| Error::Data {
-                    name: p.display().to_string(),
-                    msg: e.to_string(),
-                })?,
-            );
-        }
-    }
-    // Older repos (and `save_pretrained(safe_serialization=False)`) hold PyTorch pickles only.
-    for (comp, stem) in [
-        ("text_encoder", "model"),
-        ("unet", "diffusion_pytorch_model"),
-        ("vae", "diffusion_pytorch_model"),
-    ] {
-        let has_st = [".safetensors", ".fp16.safetensors"]
-            .iter()
-            .any(|ext| files.contains_key(&format!("{comp}/{stem}{ext}")));
-        let bin = ["bin", "fp16.bin"]
-            .iter()
-            .map(|ext| format!("{comp}/{stem}.{ext}"))
-            .find(|b| dir.join(b).is_file());
-        if let (false, Some(bin)) = (has_st, bin) {
-            return Err(Error::Unsupported(format!(
-                "{}: only a PyTorch pickle, which Kiln does not read (it runs no pickle code): \
-                 save the pipeline as safetensors, e.g. `StableDiffusionPipeline.from_pretrained(dir)\
-                 .save_pretrained(dir)` with diffusers >= 0.15",
-                dir.join(bin).display()
-            )));
-        }
-    }
-    Ok(files)
-}
+pub use crate::formats::files::read_pipeline_dir;
 
 /// A component's weights (`unet/diffusion_pytorch_model.safetensors`, ...), taken out of the files.
 fn component(gpu: &Arc<Gpu>, files: &mut ModelFiles, dir: &str, stem: &str) -> Result<Weights> {

@@ -13,10 +13,13 @@ use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn};
 use std::sync::Arc;
 
-/// What to generate.
-#[derive(Clone, Debug)]
+/// What to generate: the image front-end contract. `kiln image` and the wasm module take these
+/// (JSON fields snake_case, or the camelCase JavaScript uses) with these defaults.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ImageOptions {
     pub prompt: String,
+    #[serde(alias = "negativePrompt")]
     pub negative_prompt: String,
     pub steps: usize,
     /// Classifier-free guidance scale; at most 1 disables guidance (diffusers' rule).
@@ -24,13 +27,16 @@ pub struct ImageOptions {
     /// `None`: the scheduler named by the pipeline (Euler when it is not supported).
     pub scheduler: Option<SchedulerKind>,
     pub seed: u32,
-    pub width: usize,
-    pub height: usize,
+    /// Image size; `None`: the U-Net's sample size times the VAE factor.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
     /// Initial latents `[1, c, h/8, w/8]` with diffusers' `latents=` meaning (unscaled standard
     /// normal); `None` draws them from the GPU RNG.
+    #[serde(skip)]
     pub latents: Option<Vec<f32>>,
     /// Noise per step for the ancestral/LCM schedulers instead of the GPU RNG (to replay a
     /// reference run exactly).
+    #[serde(skip)]
     pub step_noise: Option<Vec<Vec<f32>>>,
 }
 
@@ -43,11 +49,21 @@ impl Default for ImageOptions {
             guidance: 7.5,
             scheduler: None,
             seed: 0,
-            width: 512,
-            height: 512,
+            width: None,
+            height: None,
             latents: None,
             step_noise: None,
         }
+    }
+}
+
+impl ImageOptions {
+    /// Parses JSON options (unknown fields are errors naming them).
+    pub fn from_json(s: &str) -> Result<ImageOptions> {
+        serde_json::from_str(s).map_err(|e| Error::Data {
+            name: "image options".into(),
+            msg: e.to_string(),
+        })
     }
 }
 
@@ -154,10 +170,11 @@ impl SdModels {
         self.init_latents(&state, &sched, opts).await?;
         let loop_counters = self.denoise(&state, &sched, opts, on_step).await?;
         let raw = self.decode_latents(&state.x).await?;
+        let (w, h) = self.image_size(opts);
         Ok(Image::from_decoder(
             raw,
-            opts.width,
-            opts.height,
+            w,
+            h,
             notes,
             loop_counters,
             sched.steps(),
@@ -167,14 +184,10 @@ impl SdModels {
     /// The latent size of the requested image, or an error saying what sizes work.
     fn latent_size(&self, opts: &ImageOptions) -> Result<(usize, usize)> {
         let f = self.vae.cfg.scale_factor();
-        if !opts.width.is_multiple_of(f)
-            || !opts.height.is_multiple_of(f)
-            || opts.width == 0
-            || opts.height == 0
-        {
+        let (w, h) = self.image_size(opts);
+        if !w.is_multiple_of(f) || !h.is_multiple_of(f) || w == 0 || h == 0 {
             return Err(Error::Unsupported(format!(
-                "size {}x{} (width and height must be positive multiples of {f})",
-                opts.width, opts.height
+                "size {w}x{h} (width and height must be positive multiples of {f})"
             )));
         }
         if opts.steps == 0 || opts.steps > 1000 {
@@ -183,7 +196,14 @@ impl SdModels {
                 opts.steps
             )));
         }
-        Ok((opts.height / f, opts.width / f))
+        Ok((h / f, w / f))
+    }
+
+    /// The size an image of `opts` will have: the requested one, else the pipeline's default
+    /// (the U-Net's sample size times the VAE factor).
+    pub fn image_size(&self, opts: &ImageOptions) -> (usize, usize) {
+        let d = self.unet.cfg.sample_size * self.vae.cfg.scale_factor();
+        (opts.width.unwrap_or(d), opts.height.unwrap_or(d))
     }
 
     /// Text states of [negative, prompt] (or just the prompt), written into `state.context`.

@@ -48,14 +48,42 @@ use crate::formats::config::Keys;
 pub use crate::kernels::scheduler::{StepCoeffs, COEFFS};
 use serde_json::Value as Json;
 
-/// The schedulers Kiln runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The schedulers Kiln runs (as text: their CLI names `ddim`, `euler`, `euler-a`, `dpm++2m`,
+/// `lcm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum SchedulerKind {
     Ddim,
     Euler,
     EulerAncestral,
     DpmSolverMultistep,
     Lcm,
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_cli(s)
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.cli_name())
+    }
+}
+
+impl TryFrom<String> for SchedulerKind {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Self::from_cli(&s)
+    }
+}
+
+impl From<SchedulerKind> for String {
+    fn from(k: SchedulerKind) -> String {
+        k.cli_name().to_string()
+    }
 }
 
 impl SchedulerKind {

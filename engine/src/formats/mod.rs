@@ -3,6 +3,7 @@
 //! or truncated file is an error naming what was wrong, never a panic or a huge allocation.
 
 pub mod config;
+pub mod files;
 pub mod gguf;
 pub mod npy;
 pub mod safetensors;

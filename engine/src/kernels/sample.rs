@@ -60,8 +60,10 @@ pub struct SamplerSettings {
     pub repeat_window: u32,
 }
 
-impl Default for SamplerSettings {
-    fn default() -> Self {
+impl SamplerSettings {
+    /// Settings that change nothing: temperature 1, no top-k/top-p/min-p, no penalty. The
+    /// front ends' defaults are `llm::TextOptions::default()`, not these.
+    pub const fn neutral() -> Self {
         SamplerSettings {
             temperature: 1.0,
             top_k: 0,
@@ -71,9 +73,7 @@ impl Default for SamplerSettings {
             repeat_window: 64,
         }
     }
-}
 
-impl SamplerSettings {
     /// Rejects values that mean nothing (a NaN anywhere, a negative temperature, `top_p` outside
     /// (0, 1], `min_p` outside [0, 1], a repetition penalty that is not a positive number)
     /// instead of sampling with them.
@@ -105,7 +105,7 @@ impl SamplerSettings {
     pub fn greedy() -> Self {
         SamplerSettings {
             temperature: 0.0,
-            ..Default::default()
+            ..Self::neutral()
         }
     }
 

@@ -8,25 +8,28 @@ use super::weights::{gguf_name, LlmWeights};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
-use crate::formats::safetensors::{shard_names, take_checkpoint};
+use crate::formats::safetensors::take_checkpoint;
 use crate::formats::{text_file, ModelFiles, TensorSource};
 use crate::kernels::sample::SamplerSettings;
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::weights::{Quantize, Weights};
 use std::sync::Arc;
 
 /// Default prompt tokens processed per prefill run.
 pub const PREFILL_CHUNK: usize = 64;
 
-/// How to load a text model.
-#[derive(Clone, Debug)]
+/// How to load a text model (JSON: `ctx`, `quantize`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoadOptions {
     /// Context length (KV-cache positions); capped by the model's maximum.
     pub ctx: usize,
     pub quantize: Quantize,
     /// Also keep the last logits readable (tests, debugging).
+    #[serde(skip)]
     pub keep_logits: bool,
     /// Prompt tokens per prefill run.
+    #[serde(skip)]
     pub prefill_chunk: usize,
 }
 
@@ -52,18 +55,16 @@ pub struct GenerateOptions {
 }
 
 impl Default for GenerateOptions {
+    /// The front ends' defaults ([`super::TextOptions::default`]).
     fn default() -> Self {
-        GenerateOptions {
-            max_tokens: 128,
-            sampler: SamplerSettings::default(),
-            seed: 0,
-            stop: Vec::new(),
-        }
+        super::TextOptions::default().generate_options()
     }
 }
 
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why generation ended (serialized as `eos`, `stopstring`, `maxtokens`, `contextfull`,
+/// `cancelled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StopReason {
     Eos,
     StopString,
@@ -73,7 +74,7 @@ pub enum StopReason {
 }
 
 /// Wall-clock timings of a generation.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct Timings {
     pub prefill_ms: f64,
     pub ttft_ms: f64,
@@ -83,7 +84,7 @@ pub struct Timings {
 }
 
 /// The result of a generation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {
     pub prompt_ids: Vec<u32>,
     pub ids: Vec<u32>,
@@ -117,52 +118,8 @@ fn sampled(bytes: &[u8]) -> [u32; 2] {
     [w(0), w(1)]
 }
 
-/// Reads a model from disk: a `.gguf` file, or a folder with config.json, safetensors and
-/// tokenizer files.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn read_model_path(path: &std::path::Path) -> Result<ModelFiles> {
-    let io = |p: &std::path::Path, e: std::io::Error| Error::Data {
-        name: p.display().to_string(),
-        msg: e.to_string(),
-    };
-    let mut files = ModelFiles::new();
-    if path.is_file() {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        files.insert(name, std::fs::read(path).map_err(|e| io(path, e))?);
-        return Ok(files);
-    }
-    if !path.is_dir() {
-        return Err(Error::Data {
-            name: path.display().to_string(),
-            msg: "no such file or folder".into(),
-        });
-    }
-    let mut wanted: Vec<String> = [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "model.safetensors.index.json",
-        "model.safetensors",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Ok(idx) = std::fs::read_to_string(path.join("model.safetensors.index.json")) {
-        wanted.extend(shard_names(&idx)?);
-    }
-    for name in wanted {
-        let p = path.join(&name);
-        if p.is_file() {
-            files.insert(name, std::fs::read(&p).map_err(|e| io(&p, e))?);
-        }
-    }
-    Ok(files)
-}
+pub use crate::formats::files::read_model_path;
 
 /// The config, tokenizer and checkpoint of a model's files: one `.gguf`, or a Hugging Face
 /// folder (config.json, tokenizer files, safetensors or shards).
@@ -248,60 +205,9 @@ impl TextModel {
         opts: &GenerateOptions,
         on_piece: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let ctx = self.kv.ctx;
-        opts.sampler.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::Data {
-                name: "prompt".into(),
-                msg: "empty prompt".into(),
-            });
-        }
-        if prompt.len() >= ctx {
-            return Err(Error::Data { name: "prompt".into(), msg: format!("{} tokens do not fit the context of {ctx} (at least one position must remain for generation)", prompt.len()) });
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.config.vocab) {
-            return Err(Error::Data {
-                name: "prompt".into(),
-                msg: format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.config.vocab
-                ),
-            });
-        }
-        let settings = opts.sampler.to_f32s();
+        self.check_request(prompt, opts)?;
         let t0 = now_ms();
-        self.gpu
-            .write_buffer(self.kv.history.buffer()?, 0, bytemuck::cast_slice(prompt));
-        for step in [&mut self.prefill, &mut self.decode] {
-            step.plan.write_f32(step.settings, &settings)?;
-            step.plan.set(step.seed, opts.seed);
-        }
-        // Prefill in chunks; only the last chunk samples (the others write the id nowhere).
-        let chunk = self.prefill.tokens;
-        let mut first = [0u32; 2];
-        let mut start = 0;
-        while start < prompt.len() {
-            let n = chunk.min(prompt.len() - start);
-            let done = start + n == prompt.len();
-            let p = &mut self.prefill;
-            p.plan.set(p.pos, start as u32);
-            p.plan.set(p.last, (n - 1) as u32);
-            p.plan.set(
-                p.next,
-                if done {
-                    (start + n) as u32
-                } else {
-                    (ctx + 1) as u32
-                },
-            );
-            if done {
-                let out = p.plan.run_read(&[p.out]).await?;
-                first = sampled(&out[0]);
-            } else {
-                p.plan.run()?;
-            }
-            start += n;
-        }
+        let first = self.prefill(prompt, opts).await?;
         let ttft = now_ms() - t0;
         let mut g = Generation {
             prompt_ids: prompt.to_vec(),
@@ -311,11 +217,87 @@ impl TextModel {
             stop: StopReason::MaxTokens,
             timings: Timings::default(),
         };
-        // Text already handed to `on_piece`; a piece is sent once the decoded text extends it
-        // and does not end in an incomplete UTF-8 sequence (decoded as U+FFFD).
-        let mut sent = String::new();
-        let mut tok = first;
         let t1 = now_ms();
+        self.decode_loop(&mut g, first, opts, on_piece).await?;
+        g.timings = Timings::new(prompt.len(), g.ids.len(), ttft, now_ms() - t1);
+        Ok(g)
+    }
+
+    /// A clear error for settings and prompts the model cannot run.
+    fn check_request(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<()> {
+        let ctx = self.kv.ctx;
+        opts.sampler.validate()?;
+        let bad = |msg: String| {
+            Err(Error::Data {
+                name: "prompt".into(),
+                msg,
+            })
+        };
+        if prompt.is_empty() {
+            return bad("empty prompt".into());
+        }
+        if prompt.len() >= ctx {
+            return bad(format!("{} tokens do not fit the context of {ctx} (at least one position must remain for generation)", prompt.len()));
+        }
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= self.config.vocab) {
+            return bad(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.config.vocab
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the prompt into the history and runs the prefill graph over it in chunks; only
+    /// the last chunk samples (the others write the id nowhere). Returns the first sampled
+    /// (id, logprob bits).
+    async fn prefill(&mut self, prompt: &[u32], opts: &GenerateOptions) -> Result<[u32; 2]> {
+        let ctx = self.kv.ctx;
+        let settings = opts.sampler.to_f32s();
+        self.gpu
+            .write_buffer(self.kv.history.buffer()?, 0, bytemuck::cast_slice(prompt));
+        for step in [&mut self.prefill, &mut self.decode] {
+            step.plan.write_f32(step.settings, &settings)?;
+            step.plan.set(step.seed, opts.seed);
+        }
+        let p = &mut self.prefill;
+        let chunk = p.tokens;
+        let mut start = 0;
+        loop {
+            let n = chunk.min(prompt.len() - start);
+            let done = start + n == prompt.len();
+            p.plan.set(p.pos, start as u32);
+            p.plan.set(p.last, (n - 1) as u32);
+            let next = if done { start + n } else { ctx + 1 };
+            p.plan.set(p.next, next as u32);
+            if done {
+                let out = p.plan.run_read(&[p.out]).await?;
+                return Ok(sampled(&out[0]));
+            }
+            p.plan.run()?;
+            start += n;
+        }
+    }
+
+    /// Replays the decode graph once per token from the first sampled one, streaming text
+    /// through a [`StreamDecoder`], until a stop condition; fills `g`.
+    async fn decode_loop(
+        &mut self,
+        g: &mut Generation,
+        first: [u32; 2],
+        opts: &GenerateOptions,
+        on_piece: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<()> {
+        let ctx = self.kv.ctx;
+        let stops: Vec<&str> = opts
+            .stop
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let longest_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut stream = StreamDecoder::new();
+        let mut tok = first;
         loop {
             g.ids.push(tok[0]);
             g.logprobs.push(f32::from_bits(tok[1]));
@@ -323,30 +305,36 @@ impl TextModel {
                 g.stop = StopReason::Eos;
                 break;
             }
-            let mut text = self.tokenizer.decode(&g.ids)?;
-            if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-                g.text = text;
-                g.stop = StopReason::StopString;
-                break;
-            }
-            if !text.ends_with('\u{FFFD}') {
-                if let Some(piece) = text.strip_prefix(sent.as_str()).filter(|p| !p.is_empty()) {
-                    let go_on = on_piece(piece);
-                    sent = text.clone();
-                    if !go_on {
-                        g.text = text;
-                        g.stop = StopReason::Cancelled;
-                        break;
+            if let Some(piece) = stream.push(&self.tokenizer, tok[0])? {
+                let text = stream.text();
+                let sent = text.len() - piece.len();
+                // A stop string not found before can only end in the new piece.
+                let mut from = sent.saturating_sub(longest_stop);
+                while !text.is_char_boundary(from) {
+                    from -= 1;
+                }
+                let cut = stops
+                    .iter()
+                    .filter_map(|s| text[from..].find(s).map(|i| from + i))
+                    .min();
+                if let Some(cut) = cut {
+                    if cut > sent {
+                        on_piece(&text[sent..cut]);
                     }
+                    g.text = text[..cut].to_string();
+                    g.stop = StopReason::StopString;
+                    return Ok(());
+                }
+                if !on_piece(&piece) {
+                    g.stop = StopReason::Cancelled;
+                    break;
                 }
             }
-            g.text = text;
             if g.ids.len() >= opts.max_tokens {
                 g.stop = StopReason::MaxTokens;
                 break;
             }
-            let pos = prompt.len() + g.ids.len() - 1;
+            let pos = g.prompt_ids.len() + g.ids.len() - 1;
             if pos + 1 >= ctx {
                 g.stop = StopReason::ContextFull;
                 break;
@@ -358,23 +346,35 @@ impl TextModel {
             let out = d.plan.run_read(&[d.out]).await?;
             tok = sampled(&out[0]);
         }
-        if let Some(rest) = g.text.strip_prefix(sent.as_str()).filter(|p| !p.is_empty()) {
-            on_piece(rest);
+        // The whole text once (the end-of-sequence id is not part of it), and what of it the
+        // stream has not handed out yet.
+        let kept = g.ids.len() - (g.stop == StopReason::Eos) as usize;
+        g.text = self.tokenizer.decode(&g.ids[..kept])?;
+        if g.stop != StopReason::Cancelled {
+            if let Some(rest) = g.text.strip_prefix(stream.text()).filter(|r| !r.is_empty()) {
+                on_piece(rest);
+            }
         }
-        let decode_ms = now_ms() - t1;
-        let decoded = g.ids.len().saturating_sub(1);
-        g.timings = Timings {
+        Ok(())
+    }
+}
+
+impl Timings {
+    /// Rates from the prompt length, the generated count and the two phases' durations (the
+    /// first token comes from the prefill, so decode rates count the others).
+    fn new(prompt: usize, generated: usize, ttft: f64, decode_ms: f64) -> Timings {
+        let decoded = generated.saturating_sub(1);
+        Timings {
             prefill_ms: ttft,
             ttft_ms: ttft,
             decode_ms,
-            prefill_tok_s: prompt.len() as f64 / (ttft / 1e3).max(1e-9),
+            prefill_tok_s: prompt as f64 / (ttft / 1e3).max(1e-9),
             decode_tok_s: if decoded > 0 {
                 decoded as f64 / (decode_ms / 1e3).max(1e-9)
             } else {
                 0.0
             },
-        };
-        Ok(g)
+        }
     }
 }
 

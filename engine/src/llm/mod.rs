@@ -4,6 +4,7 @@
 pub mod config;
 pub mod generate;
 pub mod model;
+pub mod options;
 pub mod weights;
 
 pub use crate::formats::ModelFiles;
@@ -11,3 +12,4 @@ pub use crate::tokenizer::TextTokenizer;
 pub use crate::weights::Quantize;
 pub use config::{Arch, LlmConfig};
 pub use generate::{GenerateOptions, Generation, LoadOptions, StopReason, TextModel};
+pub use options::TextOptions;

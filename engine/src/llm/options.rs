@@ -1,0 +1,163 @@
+//! The text front-end contract: what a caller asks for (`TextOptions`, `LoadOptions`) with the
+//! defaults every front end uses (`kiln text`, the wasm module, the npm package), and what it
+//! gets back (`Generation::to_json`). Front ends only translate: the CLI's flags default to
+//! `TextOptions::default()`, the browser sends JSON that deserializes into the same types.
+//! Fields are snake_case; the camelCase spelling JavaScript uses is accepted too.
+
+use super::generate::{GenerateOptions, Generation, LoadOptions, StopReason};
+use crate::error::{Error, Result};
+use crate::kernels::sample::SamplerSettings;
+use crate::tokenizer::TextTokenizer;
+use serde::{Deserialize, Serialize};
+
+/// One generation request: the prompt and the sampler.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TextOptions {
+    /// Prompt text (BOS added when the model wants it); `prompt_ids` wins when both are given.
+    pub prompt: Option<String>,
+    #[serde(alias = "promptIds")]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Maximum new tokens (at least 1).
+    #[serde(alias = "maxTokens")]
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 disables.
+    #[serde(alias = "topK")]
+    pub top_k: u32,
+    /// Nucleus mass in (0, 1]; 1 disables.
+    #[serde(alias = "topP")]
+    pub top_p: f32,
+    /// Minimum probability relative to the most likely token, in [0, 1]; 0 disables.
+    #[serde(alias = "minP")]
+    pub min_p: f32,
+    /// Repetition penalty (> 0); 1 disables.
+    #[serde(alias = "repeatPenalty")]
+    pub repeat_penalty: f32,
+    /// Previous tokens the penalty looks at.
+    #[serde(alias = "repeatWindow")]
+    pub repeat_window: u32,
+    pub seed: u32,
+    /// Generation stops when the text contains one of these (cut before it).
+    pub stop: Vec<String>,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        TextOptions {
+            prompt: None,
+            prompt_ids: None,
+            max_tokens: 128,
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_window: 64,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl TextOptions {
+    /// Parses JSON options (unknown fields are errors naming them).
+    pub fn from_json(s: &str) -> Result<TextOptions> {
+        serde_json::from_str(s).map_err(|e| Error::Data {
+            name: "text options".into(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// The sampler part.
+    pub fn sampler(&self) -> SamplerSettings {
+        SamplerSettings {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_window: self.repeat_window,
+        }
+    }
+
+    /// What the decode loop takes.
+    pub fn generate_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampler: self.sampler(),
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// The prompt's token ids (`prompt_ids`, or `prompt` encoded).
+    pub fn prompt_ids(&self, tok: &TextTokenizer) -> Result<Vec<u32>> {
+        match (&self.prompt_ids, &self.prompt) {
+            (Some(ids), _) => Ok(ids.clone()),
+            (None, Some(p)) => tok.encode_prompt(p),
+            (None, None) => Err(Error::Data {
+                name: "prompt".into(),
+                msg: "give a prompt (text) or prompt ids".into(),
+            }),
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Parses JSON load options (`ctx`, `quantize`).
+    pub fn from_json(s: &str) -> Result<LoadOptions> {
+        serde_json::from_str(s).map_err(|e| Error::Data {
+            name: "load options".into(),
+            msg: e.to_string(),
+        })
+    }
+}
+
+impl StopReason {
+    /// The name in results and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::StopString => "stopstring",
+            StopReason::MaxTokens => "maxtokens",
+            StopReason::ContextFull => "contextfull",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for StopReason {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<StopReason> {
+        [
+            StopReason::Eos,
+            StopReason::StopString,
+            StopReason::MaxTokens,
+            StopReason::ContextFull,
+            StopReason::Cancelled,
+        ]
+        .into_iter()
+        .find(|r| r.name() == s)
+        .ok_or_else(|| Error::Data {
+            name: "stop reason".into(),
+            msg: format!("'{s}' is not one of eos, stopstring, maxtokens, contextfull, cancelled"),
+        })
+    }
+}
+
+impl Generation {
+    /// The result as every front end prints it: `prompt_ids`, `ids`, `logprobs`, `text`,
+    /// `stop`, `timings` (`ttft_ms`, `prefill_ms`, `decode_ms`, `prefill_tok_s`,
+    /// `decode_tok_s`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
