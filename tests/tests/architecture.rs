@@ -22,7 +22,6 @@ const LAYERS: &[(&str, u32)] = &[
     ("weights", 6),
     ("llm", 7),
     ("diffusion", 7),
-    ("api", 8),
 ];
 
 fn rank(module: &str) -> Option<u32> {

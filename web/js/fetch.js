@@ -1,8 +1,6 @@
 // Model sources -> file bytes: URL resolution (folders, .gguf files, Hugging Face repo ids,
 // "default"), downloads with progress, and the Cache Storage API so a reload downloads nothing.
 
-import { wasm } from "./core.js";
-
 const CACHE_NAME = "kiln-models-v1";
 const HF = "https://huggingface.co";
 const DEFAULT_FOLDERS = { text: "text-kjv", image: "image-shapes" };
@@ -154,15 +152,17 @@ async function fetchPlan(ctx, plan) {
   };
   for (const group of plan) {
     let found = false;
-    for (const alt of group.any) {
-      const first = await get(alt[0], false);
+    for (const [i, alt] of group.any.entries()) {
+      // The last alternative of a required group is fetched as required: its error (a 404, a
+      // timeout) is the one to report.
+      const first = await get(alt[0], group.required && i === group.any.length - 1);
       if (!first) continue;
       for (const name of alt.slice(1)) await get(name, true);
       for (const name of alt) {
         if (!name.endsWith(".index.json")) continue;
         let shards;
         try {
-          shards = wasm.shardsOf(name, text(files.get(name)));
+          shards = ctx.engine.shardsOf(name, text(files.get(name)));
         } catch (e) {
           throw new Error(`${ctx.label}: ${name}: ${e.message ?? e}`);
         }
@@ -187,21 +187,22 @@ async function textFiles(ctx) {
     files.set(ctx.file, bytes);
     return files;
   }
-  return fetchPlan(ctx, JSON.parse(wasm.modelFiles("text", true)));
+  return fetchPlan(ctx, JSON.parse(ctx.engine.modelFiles("text", true)));
 }
 
 /** The files of a diffusers pipeline folder (fp16 weights first unless `variant` is "fp32"). */
 async function imageFiles(ctx) {
   if (ctx.file) throw new Error(`${ctx.label}: an image model is a diffusers folder, not a .gguf file`);
-  return fetchPlan(ctx, JSON.parse(wasm.modelFiles("image", ctx.variant !== "fp32")));
+  return fetchPlan(ctx, JSON.parse(ctx.engine.modelFiles("image", ctx.variant !== "fp32")));
 }
 
 /**
- * Fetches a model's files: `Map(name -> Uint8Array)`.
+ * Fetches a model's files: `Map(name -> Uint8Array)`. `engine` is the wasm module, which says
+ * which files make a model (`modelFiles`, `shardsOf`: the list the native loaders read too).
  * `kind`: "text" or "image". Options: `modelsBase`, `onProgress`, `signal`, `cache` (default
  * true), `stallMs` (default 60 s), `variant` ("fp16" default, or "fp32").
  */
-export async function fetchModel(source, kind, options = {}) {
+export async function fetchModel(engine, source, kind, options = {}) {
   const r = resolveSource(source, kind, options.modelsBase);
   const ctx = {
     ...r,
@@ -211,6 +212,7 @@ export async function fetchModel(source, kind, options = {}) {
     onProgress: options.onProgress,
     stallMs: options.stallMs ?? 60000,
     variant: options.variant,
+    engine,
   };
   return kind === "text" ? textFiles(ctx) : imageFiles(ctx);
 }

@@ -209,7 +209,7 @@ export class Kiln {
    * Options: `onProgress`, `signal`, `cache`, `ctx`, `quantize` ("q4" | "q8").
    */
   async loadText(source, opts = {}) {
-    const files = await fetchModel(source, "text", { ...opts, modelsBase: this.#modelsBase });
+    const files = await fetchModel(wasm, source, "text", { ...opts, modelsBase: this.#modelsBase });
     opts.signal?.throwIfAborted();
     const progress = (loaded, total) => opts.onProgress?.({ phase: "upload", loaded, total });
     const m = await call(() => this.#device.loadText(toFiles(files), options({ ctx: opts.ctx, quantize: opts.quantize }), progress));
@@ -218,7 +218,7 @@ export class Kiln {
 
   /** Loads a diffusers pipeline folder (URL, Hugging Face repo id or "default"). */
   async loadImage(source, opts = {}) {
-    const files = await fetchModel(source, "image", { ...opts, modelsBase: this.#modelsBase });
+    const files = await fetchModel(wasm, source, "image", { ...opts, modelsBase: this.#modelsBase });
     opts.signal?.throwIfAborted();
     opts.onProgress?.({ phase: "upload", loaded: 0, total: 1 });
     const m = await call(() => this.#device.loadImage(toFiles(files)));
