@@ -358,47 +358,51 @@ fn meaningless_sampler_values_are_errors() {
     pollster::block_on(m.generate(&[5, 6], &opts, &mut |_| true)).unwrap();
 }
 
+/// The message of a load that must fail.
+fn load_err(f: ModelFiles) -> String {
+    let r = pollster::block_on(TextModel::load(
+        &kiln_tests::gpu(),
+        f,
+        &LoadOptions::default(),
+        &mut |_, _| {},
+    ));
+    match r {
+        Ok(_) => panic!("the model loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn bad_model_files_are_errors() {
-    let gpu = kiln_tests::gpu();
     let mut f = files("llama-gqa-f32", "hf");
     f.insert(
         "config.json".into(),
         br#"{"architectures": ["GPTNeoXForCausalLM"]}"#.to_vec(),
     );
-    let e = pollster::block_on(TextModel::load(
-        &gpu,
-        f,
-        &LoadOptions::default(),
-        &mut |_, _| {},
-    ))
-    .err()
-    .unwrap();
+    let e = load_err(f);
     assert!(e.to_string().contains("GPTNeoXForCausalLM"), "{e}");
     let mut f = files("llama-gqa-f32", "hf");
     let st = f.get_mut("model.safetensors").unwrap();
     st.truncate(st.len() / 2);
-    let e = pollster::block_on(TextModel::load(
-        &gpu,
-        f,
-        &LoadOptions::default(),
-        &mut |_, _| {},
-    ))
-    .err()
-    .unwrap();
+    let e = load_err(f);
     assert!(e.to_string().contains("data_offsets"), "{e}");
     let mut g = files("llama-gqa-f32", "model-q8_0.gguf");
     let b = g.get_mut("model-q8_0.gguf").unwrap();
     b.truncate(1000);
-    let e = pollster::block_on(TextModel::load(
-        &gpu,
-        g,
-        &LoadOptions::default(),
-        &mut |_, _| {},
-    ))
-    .err()
-    .unwrap();
+    let e = load_err(g);
     assert!(e.to_string().contains("model-q8_0.gguf"), "{e}");
+    // A config that disagrees with the checkpoint: the loader names the tensor and both shapes.
+    let mut f = files("llama-gqa-f32", "hf");
+    let mut cfg: Value = serde_json::from_slice(&f["config.json"]).unwrap();
+    let inter = cfg["intermediate_size"].as_u64().unwrap();
+    cfg["intermediate_size"] = (inter * 2).into();
+    f.insert("config.json".into(), serde_json::to_vec(&cfg).unwrap());
+    let e = load_err(f);
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains(&format!("expected [{}", inter * 2)),
+        "{e}"
+    );
 }
 
 #[test]

@@ -35,17 +35,7 @@ use kiln_tests::json_ids as ids;
 
 /// max |got - want| / max |want|: the error relative to the tensor's scale.
 fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-12);
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(
-            0f32,
-            |a, b| if b.is_nan() { f32::INFINITY } else { a.max(b) },
-        );
-    worst / scale
+    kiln::reference::rel_err(got, want) as f32
 }
 
 #[test]
@@ -264,6 +254,29 @@ fn bad_pipeline_input_is_an_error() {
     files.insert("unet/config.json".into(), br#"{"block_out_channels": [32], "down_block_types": ["SimpleCrossAttnDownBlock2D"], "up_block_types": ["UpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8}"#.to_vec());
     let e = SdModels::load(&kiln_tests::gpu(), files).err().unwrap();
     assert!(e.to_string().contains("SimpleCrossAttnDownBlock2D"), "{e}");
+    // Configs that disagree with the checkpoint or with each other: the error names the
+    // tensor and both shapes, or the two config values.
+    for (key, delta, want) in [
+        ("in_channels", 1, "conv_in.weight"),
+        ("cross_attention_dim", 8, "cross_attention_dim"),
+    ] {
+        let mut files = read_pipeline_dir(&dir("sd1-tiny")).unwrap();
+        let mut cfg: Value = serde_json::from_slice(&files["unet/config.json"]).unwrap();
+        cfg[key] = (cfg[key].as_u64().unwrap() + delta).into();
+        files.insert("unet/config.json".into(), serde_json::to_vec(&cfg).unwrap());
+        let mut m = SdModels::load(&kiln_tests::gpu(), files).unwrap();
+        let e = pollster::block_on(m.generate(
+            &ImageOptions {
+                prompt: "x".into(),
+                steps: 1,
+                ..Default::default()
+            },
+            &mut |_, _, _| false,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(want), "{key}: {e}");
+    }
 }
 
 /// A component saved as a PyTorch pickle only (`safe_serialization=False`, older repos) is named

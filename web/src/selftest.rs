@@ -29,24 +29,7 @@ fn random(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// Largest |got - want| divided by the largest |want| (a scale-free error).
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let scale = want
-        .iter()
-        .fold(0f64, |a, &v| a.max(v.abs() as f64))
-        .max(1e-30);
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| ((g - w) as f64).abs())
-        .fold(
-            0f64,
-            |a, e| if e.is_nan() { f64::INFINITY } else { a.max(e) },
-        )
-        / scale
-}
+use kiln::reference::rel_err;
 
 /// Builds `x @ w^T` with x `[m, k]` and w `[n, k]` (uploaded in `dtype`), runs it, returns y.
 async fn run_linear(

@@ -130,6 +130,16 @@ impl Unet {
     /// The noise prediction `[b, out, h, w]` for `sample` `[b, in, h, w]` at timestep `t` (f32
     /// `[1]`, one timestep for the batch) given text states `context` `[b, n, cross_dim]`.
     pub fn forward(&self, g: &mut Graph, sample: Value, t: Value, context: Value) -> Result<Value> {
+        let width = g.shape(context).last().copied().unwrap_or(0);
+        if width != self.cfg.cross_attention_dim {
+            return Err(Error::Data {
+                name: "unet/config.json".into(),
+                msg: format!(
+                    "cross_attention_dim is {}, but the text states are {width} wide",
+                    self.cfg.cross_attention_dim
+                ),
+            });
+        }
         let vb = self.weights.root();
         let pass = Pass {
             cfg: &self.cfg,
