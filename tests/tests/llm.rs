@@ -391,6 +391,20 @@ fn bad_model_files_are_errors() {
     b.truncate(1000);
     let e = load_err(g);
     assert!(e.to_string().contains("model-q8_0.gguf"), "{e}");
+    // Values that would run as garbage are refused, naming the key.
+    for (key, v) in [
+        ("rope_theta", Value::from(0.0)),
+        ("rope_theta", Value::from(-10000.0)),
+        ("rms_norm_eps", Value::from(-1.0)),
+        ("rms_norm_eps", Value::from("1e-6")),
+    ] {
+        let mut f = files("llama-gqa-f32", "hf");
+        let mut cfg: Value = serde_json::from_slice(&f["config.json"]).unwrap();
+        cfg[key] = v.clone();
+        f.insert("config.json".into(), serde_json::to_vec(&cfg).unwrap());
+        let e = load_err(f);
+        assert!(e.contains(key), "{key} = {v}: {e}");
+    }
     // A config that disagrees with the checkpoint: the loader names the tensor and both shapes.
     let mut f = files("llama-gqa-f32", "hf");
     let mut cfg: Value = serde_json::from_slice(&f["config.json"]).unwrap();

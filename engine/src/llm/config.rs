@@ -2,6 +2,7 @@
 //! engine does not support is an error naming it.
 
 use crate::error::{Error, Result};
+use crate::formats::config::Keys;
 use crate::formats::gguf::Gguf;
 use serde_json::Value as Json;
 
@@ -49,16 +50,6 @@ fn unsupported(what: impl Into<String>) -> Error {
     Error::Unsupported(what.into())
 }
 
-fn need_usize(c: &Json, key: &str) -> Result<usize> {
-    c.get(key)
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::Data {
-            name: "config.json".into(),
-            msg: format!("missing or non-integer '{key}'"),
-        })
-}
-
 fn ids(v: Option<&Json>) -> Vec<u32> {
     match v {
         Some(Json::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
@@ -73,10 +64,7 @@ fn ids(v: Option<&Json>) -> Vec<u32> {
 impl LlmConfig {
     /// From `config.json` (and `generation_config.json` for EOS ids, when present).
     pub fn from_hf(config: &str, generation: Option<&str>) -> Result<LlmConfig> {
-        let c: Json = serde_json::from_str(config).map_err(|e| Error::Data {
-            name: "config.json".into(),
-            msg: e.to_string(),
-        })?;
+        let c = Keys::parse("config.json", config)?;
         let archs: Vec<&str> = c
             .get("architectures")
             .and_then(|a| a.as_array())
@@ -88,52 +76,38 @@ impl LlmConfig {
             Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"))),
             None => return Err(unsupported("config.json names no architecture")),
         };
-        if let Some(w) = c.get("sliding_window").and_then(|v| v.as_u64()) {
-            let max = c
-                .get("max_position_embeddings")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0);
-            let used = c
-                .get("use_sliding_window")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(arch == Arch::Llama);
+        if c.get("sliding_window").is_some() {
+            let w = c.count("sliding_window", 0)?;
+            let max = c.count("max_position_embeddings", 0)?;
+            let used = c.flag("use_sliding_window", arch == Arch::Llama)?;
             if used && w < max {
                 return Err(unsupported(format!(
                     "sliding_window = {w} (sliding-window attention is not supported)"
                 )));
             }
         }
-        if c.get("mlp_bias").and_then(|v| v.as_bool()) == Some(true) {
+        if c.flag("mlp_bias", false)? {
             return Err(unsupported("mlp_bias = true (MLP projections with biases)"));
         }
-        if let Some(act) = c.get("hidden_act").and_then(|v| v.as_str()) {
-            if act != "silu" {
-                return Err(unsupported(format!("hidden_act '{act}' (only silu)")));
-            }
+        let act = c.text("hidden_act", "silu")?;
+        if act != "silu" {
+            return Err(unsupported(format!("hidden_act '{act}' (only silu)")));
         }
-        let hidden = need_usize(&c, "hidden_size")?;
-        let heads = need_usize(&c, "num_attention_heads")?;
-        let kv_heads = c
-            .get("num_key_value_heads")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .unwrap_or(heads);
-        let head_dim = c
-            .get("head_dim")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .unwrap_or(hidden / heads.max(1));
+        let hidden = c.need_count("hidden_size")?;
+        let heads = c.need_count("num_attention_heads")?;
+        let kv_heads = c.count("num_key_value_heads", heads)?;
+        let head_dim = c.count("head_dim", hidden / heads)?;
         // transformers 5 nests rope settings in `rope_parameters`; 4.x has them at the top.
         let rope = c
             .get("rope_parameters")
             .filter(|v| v.is_object())
             .or_else(|| c.get("rope_scaling"));
-        let rope_theta = c
-            .get("rope_parameters")
-            .and_then(|r| r.get("rope_theta"))
-            .or_else(|| c.get("rope_theta"))
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0) as f32;
+        let rope_theta = match c.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| c.err(format!("rope_parameters.rope_theta: {v} is not a number")))?,
+            None => c.num("rope_theta", 10000.0)?,
+        } as f32;
         let rope_scaling = match rope {
             None | Some(Json::Null) => None,
             Some(s) => {
@@ -182,26 +156,17 @@ impl LlmConfig {
         let cfg = LlmConfig {
             arch,
             hidden,
-            layers: need_usize(&c, "num_hidden_layers")?,
+            layers: c.need_count("num_hidden_layers")?,
             heads,
             kv_heads,
             head_dim,
-            intermediate: need_usize(&c, "intermediate_size")?,
-            vocab: need_usize(&c, "vocab_size")?,
-            rms_eps: c
-                .get("rms_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-6) as f32,
+            intermediate: c.need_count("intermediate_size")?,
+            vocab: c.need_count("vocab_size")?,
+            rms_eps: c.num("rms_norm_eps", 1e-6)? as f32,
             rope_theta,
             rope_scaling,
-            max_positions: c
-                .get("max_position_embeddings")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(2048) as usize,
-            tie_embeddings: c
-                .get("tie_word_embeddings")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            max_positions: c.count("max_position_embeddings", 2048)?,
+            tie_embeddings: c.flag("tie_word_embeddings", false)?,
             rope_interleaved: false,
             bos: ids(c.get("bos_token_id")).first().copied(),
             eos,
@@ -300,6 +265,40 @@ impl LlmConfig {
                 "degenerate sizes: hidden {}, layers {}, vocab {}, intermediate {}",
                 self.hidden, self.layers, self.vocab, self.intermediate
             )));
+        }
+        // Values that would run as silent garbage (all-equal logits, NaN norms).
+        let bad = |what: &str, v: f32, want: &str| {
+            Err(Error::Data {
+                name: "model config".into(),
+                msg: format!("{what} = {v}: {want}"),
+            })
+        };
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return bad(
+                "rope_theta",
+                self.rope_theta,
+                "the rotary base must be a finite number > 1",
+            );
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return bad("rms_norm_eps", self.rms_eps, "must be a finite number >= 0");
+        }
+        if let Some(s) = self.rope_scaling {
+            let f = [
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings,
+            ];
+            if f.iter().any(|x| !(x.is_finite() && *x > 0.0))
+                || s.high_freq_factor <= s.low_freq_factor
+            {
+                return bad(
+                    "rope_scaling factor",
+                    s.factor,
+                    "llama3 scaling needs positive factors and high_freq_factor > low_freq_factor",
+                );
+            }
         }
         Ok(self)
     }
