@@ -468,3 +468,54 @@ fn seeded_sampling_is_reproducible() {
     assert_eq!(s.stop, kiln::llm::StopReason::StopString);
     assert!(!s.text.contains(&stop) && d.text.starts_with(&s.text));
 }
+
+/// Streaming detokenization: pieces arrive only as whole UTF-8, and together they are the text
+/// of all the ids, for text whose characters span several byte-level tokens.
+#[test]
+fn stream_decoder_pieces_make_the_text() {
+    for case in ["qwen2-f32", "llama-gqa-f32"] {
+        stream_decoder_case(case);
+    }
+}
+
+fn stream_decoder_case(case: &str) {
+    let files =
+        kiln::formats::files::read_dir(&dir(case), &kiln::formats::files::tokenizer()).unwrap();
+    let tok = TextTokenizer::from_hf_files(&files).unwrap();
+    for text in [
+        "Hello world, this is a test.",
+        "日本語のテキスト 🎉🎉 emoji and ünïcödé",
+        "  leading spaces\n\nand\ttabs  ",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        let mut s = kiln::tokenizer::StreamDecoder::new();
+        let mut pieces = String::new();
+        for &id in &ids {
+            if let Some(p) = s.push(&tok, id).unwrap() {
+                assert!(!p.contains('\u{FFFD}'), "{text:?}: piece {p:?}");
+                pieces.push_str(&p);
+            }
+        }
+        assert_eq!(pieces, tok.decode(&ids).unwrap(), "{case}: {text:?}");
+    }
+}
+
+/// Paths that are not a model say what they are.
+#[test]
+fn model_paths_are_read_or_named() {
+    let e = kiln::formats::files::read_model_path(Path::new("/dev/zero"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file or folder"), "{e}");
+    // A folder holding one .gguf and no config.json reads the .gguf.
+    let tmp = std::env::temp_dir().join(format!("kiln-gguf-folder-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(
+        dir("llama-gqa-f32").join("model-q8_0.gguf"),
+        tmp.join("m.gguf"),
+    )
+    .unwrap();
+    let files = kiln::formats::files::read_model_path(&tmp).unwrap();
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["m.gguf"]);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
