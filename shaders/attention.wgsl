@@ -60,6 +60,67 @@ fn reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     out[e] = select(0.0, a / l, l > 0.0);
 }
 #else
+#ifdef ROWS
+// Software adapters (lavapipe, SwiftShader): one invocation per output row (batch, query,
+// head), 64 per workgroup, no workgroup memory and no barriers: the keys are a sequential loop
+// with online softmax, the head's q and accumulator in private memory.
+// lavapipe (Mesa's gallivm) stops every loop of an invocation after 65535 iterations in all, so
+// the encoder splits the keys (SPLIT, reduced by `reduce`) to keep each invocation's share
+// under that. Dispatch: ceil(splits * b * lq * heads / 64) workgroups (grid()); `total` =
+// splits * b * lq * heads, split slowest.
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+@group(0) @binding(3) var<storage, read> k: array<f32>;
+@group(0) @binding(4) var<storage, read> v: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dst: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let idx = group_index(wg, nwg) * 64u + li;
+    if (idx >= p.total) { return; }
+    let rows = p.b * p.lq * p.heads;
+    let o = idx % rows;
+    let split = idx / rows;
+    let h = o % p.heads;
+    let i = (o / p.heads) % p.lq;
+    let bi = o / (p.heads * p.lq);
+    let kw = p.kv_heads * HD;
+    let kh = (h / p.g) * HD;
+    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
+    let chunk = (kv_end + p.splits - 1u) / p.splits;
+    let j_begin = min(split * chunk, kv_end);
+    var j_end = min(j_begin + chunk, kv_end);
+    if (p.causal == 1u) { j_end = min(j_end, dyn_val(p.q_add, p.q_slot, p.q_mul) + i + 1u); }
+    var qv: array<f32, HD>;
+    for (var d = 0u; d < HD; d++) { qv[d] = q[o * HD + d] * p.scale; }
+    var acc: array<f32, HD>; // zero-initialized
+    var m = NEG;
+    var l = 0.0;
+    for (var j = j_begin; j < j_end; j++) {
+        let kb = (bi * p.lk + j) * kw + kh;
+        var s = 0.0;
+        for (var d = 0u; d < HD; d++) { s += qv[d] * k[kb + d]; }
+        if (s > m) {
+            // A new maximum: rescale what is summed so far (exp(NEG - s) = 0 the first time).
+            let a = exp(m - s);
+            l *= a;
+            for (var d = 0u; d < HD; d++) { acc[d] *= a; }
+            m = s;
+        }
+        let pk = exp(s - m);
+        l += pk;
+        for (var d = 0u; d < HD; d++) { acc[d] += pk * v[kb + d]; }
+    }
+#ifdef SPLIT
+    let base = (split * rows + o) * (HD + 2u);
+    dst[base] = m;
+    dst[base + 1u] = l;
+    for (var d = 0u; d < HD; d++) { dst[base + 2u + d] = acc[d]; }
+#else
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    for (var d = 0u; d < HD; d++) { dst[o * HD + d] = acc[d] * inv; }
+#endif
+}
+#else
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
@@ -186,4 +247,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
 #endif
 }
+#endif
 #endif

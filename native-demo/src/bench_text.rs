@@ -111,7 +111,13 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
             pollster::block_on(d.plan.run_read(&[d.out]))?;
         }
         let c = gpu.counters() - before;
+        // Where a decode token's GPU time goes (timestamp queries, where the adapter has them).
+        let profile = match crate::bench::best_profile(&m.decode.plan, 5) {
+            Ok(p) => crate::bench::profile_rows(&p),
+            Err(_) => json!(null),
+        };
         rows.push(json!({
+            "profile_decode": profile,
             "weights": label, "load_ms": load_ms,
             "prefill_tokens": prompt_len, "prefill_tok_s": g.timings.prefill_tok_s,
             "decode_tokens": g.ids.len().saturating_sub(1), "decode_tok_s": g.timings.decode_tok_s,
@@ -144,6 +150,12 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
             p["submits"],
             p["readback_bytes"],
             p["objects_created"]
+        );
+    }
+    for r in &rows {
+        crate::bench::print_profile(
+            &format!("decode token, {}", r["weights"].as_str().unwrap_or("")),
+            &r["profile_decode"],
         );
     }
     Ok(())

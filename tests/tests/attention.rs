@@ -55,14 +55,26 @@ fn shape(
     }
 }
 
-/// Runs one case on the GPU and against the reference; returns the GPU output.
+/// Runs one case on the GPU (both kernel variants) and against the reference; returns the
+/// output of the variant this adapter uses by default.
 fn check(what: &str, s: AttnShape, src: Src) -> Vec<f32> {
+    let [hw, sw, _] = kiln_tests::gpu_variants();
+    let a = check_on(&hw, what, s, src);
+    let b = check_on(&sw, &format!("{what} [software variant]"), s, src);
+    if kiln_tests::gpu().features.software {
+        b
+    } else {
+        a
+    }
+}
+
+fn check_on(gpu: &std::sync::Arc<kiln::Gpu>, what: &str, s: AttnShape, src: Src) -> Vec<f32> {
     let mut rng = Rng::new((s.lq * 131 + s.lk * 7 + s.d * 3 + s.heads) as u64);
     // q wider than k/v so the softmax is peaked enough for the max tracking to matter.
     let q = rng.vec(s.batch * s.lq * s.heads * s.d, -2.0, 2.0);
     let k = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
     let v = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
-    let mut t = OpTest::new();
+    let mut t = OpTest::on(gpu.clone());
     let qv = t.input("q", &[s.batch, s.lq, s.heads * s.d], &q);
     let kv = t.input("k", &[s.batch, s.lk, s.kv_heads * s.d], &k);
     let vv = t.input("v", &[s.batch, s.lk, s.kv_heads * s.d], &v);

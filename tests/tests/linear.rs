@@ -30,11 +30,16 @@ fn check_linear(t: OpTest, dtype: DType, m: usize, n: usize, bias: bool, seed: u
     );
 }
 
+/// Every matvec variant, whatever the adapter: the cooperative one GPUs use, and for software
+/// adapters one row per subgroup (with subgroups) or per invocation (without).
 #[test]
 fn matvec_every_dtype() {
-    for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
-        check_linear(OpTest::new(), dt, 1, 67, i % 2 == 0, 10 + i as u64);
-        check_linear(OpTest::new(), dt, 2, 33, true, 20 + i as u64);
+    for gpu in kiln_tests::gpu_variants() {
+        for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
+            let t = || OpTest::on(gpu.clone());
+            check_linear(t(), dt, 1, 67, i % 2 == 0, 10 + i as u64);
+            check_linear(t(), dt, 2, 33, true, 20 + i as u64);
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub struct GpuOptions {
     pub max_binding_size: Option<u64>,
     /// Request `shader-f16` / subgroups when the adapter has them (default true).
     pub disable_optional_features: bool,
+    /// Use the kernel variants written for software adapters (see [`GpuFeatures::software`]);
+    /// `None`: when the adapter is a CPU device, or as `KILN_SOFTWARE=0|1` says.
+    pub software: Option<bool>,
 }
 
 /// Optional adapter capabilities the engine can use.
@@ -34,6 +37,14 @@ pub struct GpuFeatures {
     pub subgroups: bool,
     /// Timestamp queries are available.
     pub timestamps: bool,
+    /// A software adapter (lavapipe, SwiftShader): it runs invocations as SIMD lanes of CPU
+    /// threads, where barriers and workgroup-memory reductions cost far more than on a GPU, so
+    /// kernels that have one use their barrier-free variant (e.g. one invocation per matvec row).
+    pub software: bool,
+    /// Loop iterations one invocation may run in all before the driver cuts its loops short:
+    /// Mesa's llvmpipe/lavapipe (gallivm) stops them after 65535. Kernels that loop long
+    /// split their work to stay under it.
+    pub loop_limit: Option<u32>,
 }
 
 /// Hardware-independent counters. Tests assert on them; benchmarks print them.
@@ -269,10 +280,16 @@ impl Gpu {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(e.to_string());
         }));
+        let software_env = std::env::var("KILN_SOFTWARE").ok().map(|v| v != "0");
         let features = GpuFeatures {
             shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
             subgroups: device.features().contains(wgpu::Features::SUBGROUP),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
+            software: opts
+                .software
+                .or(software_env)
+                .unwrap_or(info.device_type == wgpu::DeviceType::Cpu),
+            loop_limit: info.name.contains("llvmpipe").then_some(65535),
         };
         Ok(Arc::new(Gpu {
             device,
@@ -290,13 +307,14 @@ impl Gpu {
     /// A one-line description: adapter, backend, features.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}) shader-f16={} subgroups={} timestamps={} max-binding={} MiB",
+            "{} ({:?}, {:?}) shader-f16={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.features.shader_f16,
             self.features.subgroups,
             self.features.timestamps,
+            self.features.software,
             self.binding_limit >> 20
         )
     }

@@ -23,6 +23,18 @@ struct Step {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     groups: [u32; 3],
+    /// The kernel, for profiles: `shader:VARIANT` (e.g. `matvec:W_Q4_0`, `norm:RMS`).
+    label: String,
+}
+
+/// A short name of a kernel variant for profiles.
+fn kernel_label(key: &crate::kernels::KernelKey) -> String {
+    let shader = key.shader.trim_end_matches(".wgsl");
+    match key.defines.first() {
+        Some((d, _)) => format!("{shader}:{d}"),
+        None if key.entry != "main" => format!("{shader}:{}", key.entry),
+        None => shader.to_string(),
+    }
 }
 
 /// A compiled graph.
@@ -216,6 +228,7 @@ impl Graph {
                 pipeline,
                 bind_group,
                 groups: d.groups,
+                label: kernel_label(&d.key),
             });
         }
 
@@ -397,6 +410,66 @@ impl Plan {
             );
         }
         Ok(res)
+    }
+
+    /// Runs once with a timestamp query around every dispatch (each in its own compute pass)
+    /// and returns the GPU time of each, in milliseconds, labelled by kernel, in dispatch
+    /// order. Needs the adapter's timestamp queries; for finding bottlenecks, not for speed.
+    pub async fn profile(&self) -> Result<Vec<(String, f64)>> {
+        let gpu = &self.gpu;
+        if !gpu.features.timestamps {
+            return Err(Error::Unsupported(format!(
+                "timestamp queries on '{}'",
+                gpu.info.name
+            )));
+        }
+        let n = self.steps.len() as u32;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if self.scalars_dirty.replace(false) {
+            gpu.write_buffer(&self.scalar_buf, 0, bytemuck::cast_slice(&self.scalars));
+        }
+        let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n,
+        });
+        let bytes = 16 * n as u64;
+        let resolved = gpu.create_buffer(
+            "profile",
+            bytes,
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for (i, s) in self.steps.iter().enumerate() {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("profile"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &queries,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            pass.set_pipeline(&s.pipeline);
+            pass.set_bind_group(0, &s.bind_group, &[]);
+            pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+        }
+        enc.resolve_query_set(&queries, 0..2 * n, &resolved, 0);
+        gpu.submit([enc.finish()]);
+        gpu.check("Plan::profile")?;
+        let raw = gpu.read_buffer(&resolved, 0, bytes).await?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let period = gpu.queue.get_timestamp_period() as f64;
+        Ok(self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
+                (s.label.clone(), dt as f64 * period * 1e-6)
+            })
+            .collect())
     }
 
     /// Reads an output back (its own submit).

@@ -185,6 +185,9 @@ impl Kernel for Attention {
             Binding::read(k.buf()),
             Binding::read(v.buf()),
         ];
+        if ctx.gpu.features.software {
+            return Ok(self.encode_rows(ctx, ins, out, params));
+        }
         if ns == 1 {
             let mut bindings = inputs.to_vec();
             bindings.push(Binding::write(out.buf()));
@@ -216,5 +219,68 @@ impl Kernel for Attention {
                 grid(u(elems.div_ceil(256))),
             ),
         ])
+    }
+}
+
+impl Attention {
+    /// The software-adapter variant (`ROWS` in `attention.wgsl`): one invocation per output
+    /// row, the keys split only as far as the driver's loop limit requires.
+    fn encode_rows(
+        &self,
+        ctx: &Ctx,
+        ins: &[Bound],
+        out: &Bound,
+        params: impl Fn(usize) -> AttentionParams,
+    ) -> Vec<Dispatch> {
+        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
+        let hd = q.shape[2] / self.heads;
+        let rows = b * lq * self.heads;
+        // Loop iterations per key (dot, rescale, accumulate) and per row (q load, store),
+        // against the limit with a margin.
+        let per_key = 3 * hd + 2;
+        let ns = match ctx.gpu.features.loop_limit {
+            Some(limit) => {
+                let budget = (limit as usize * 9 / 10).saturating_sub(2 * hd + 16);
+                lk.div_ceil((budget / per_key).max(1)).max(1)
+            }
+            None => 1,
+        };
+        let key = KernelKey::new("attention.wgsl", "main")
+            .def("ROWS", "")
+            .def("HD", hd);
+        let p = AttentionParams {
+            splits: u(ns),
+            ..params(rows * ns)
+        };
+        let inputs = vec![
+            Binding::read(q.buf()),
+            Binding::read(k.buf()),
+            Binding::read(v.buf()),
+        ];
+        let groups = grid(u((rows * ns).div_ceil(64)));
+        if ns == 1 {
+            let mut bindings = inputs;
+            bindings.push(Binding::write(out.buf()));
+            return vec![dispatch(key, &p, bindings, groups)];
+        }
+        let part = ctx.scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64);
+        let mut bindings = inputs;
+        bindings.push(Binding::write(&part));
+        let elems = rows * hd;
+        vec![
+            dispatch(key.def("SPLIT", ""), &p, bindings, groups),
+            dispatch(
+                KernelKey::new("attention.wgsl", "reduce")
+                    .def("REDUCE", "")
+                    .def("HD", hd),
+                &AttentionParams {
+                    splits: u(ns),
+                    ..params(elems)
+                },
+                vec![Binding::read(&part), Binding::write(out.buf())],
+                grid(u(elems.div_ceil(256))),
+            ),
+        ]
     }
 }

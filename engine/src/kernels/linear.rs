@@ -99,10 +99,11 @@ impl Kernel for Linear {
         Ok(Some((s, DType::F32)))
     }
 
-    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
         let (x, w) = (&ins[0], &ins[1]);
         let bias = ins.get(2);
+        let software = ctx.gpu.features.software;
         let k = *x.shape.last().unwrap_or(&1);
         let m_total = x.numel() / k.max(1);
         let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
@@ -153,12 +154,20 @@ impl Kernel for Linear {
                     n_total: u(n_total),
                     has_bias,
                 };
-                ds.push(dispatch(
-                    weight_key("matvec.wgsl", w.dtype)?,
-                    &p,
-                    bindings,
-                    grid(u(part.rows.div_ceil(4) * m_total)),
-                ));
+                let (key, groups) =
+                    if software && std::env::var("KILN_SG").is_ok() && ctx.gpu.features.subgroups {
+                        let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
+                        (key, grid(u(part.rows.div_ceil(8) * m_total)))
+                    } else if software {
+                        // One invocation per output row, 64 per workgroup.
+                        let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS", "");
+                        (key, grid(u((part.rows * m_total).div_ceil(64))))
+                    } else {
+                        // Four rows per workgroup of 256, 64 lanes each.
+                        let key = weight_key("matvec.wgsl", w.dtype)?;
+                        (key, grid(u(part.rows.div_ceil(4) * m_total)))
+                    };
+                ds.push(dispatch(key, &p, bindings, groups));
             } else {
                 let p = MatmulParams {
                     m: u(m_total),
