@@ -157,7 +157,7 @@ export class WorkerKiln {
     const modelsBase = new URL(opts.modelsBase ?? "/models/", globalThis.location?.href).href;
     const wasmUrl = opts.wasmUrl && new URL(opts.wasmUrl, globalThis.location?.href).href;
     try {
-      const { adapter } = await rpc.request("create", { modelsBase, wasmUrl });
+      const { adapter } = await rpc.request("create", { modelsBase, wasmUrl, softwareKernels: opts.softwareKernels });
       return new WorkerKiln(rpc, adapter);
     } catch (e) {
       rpc.terminate();

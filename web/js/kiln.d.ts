@@ -59,6 +59,9 @@ export interface CreateOptions {
   modelsBase?: string;
   /** URL of kiln_web_bg.wasm (default: next to this module). */
   wasmUrl?: string;
+  /** Use the engine's kernels for software adapters (no barriers; one row per invocation).
+   * Default: when the adapter is SwiftShader or a fallback adapter. */
+  softwareKernels?: boolean;
   /** URL of worker.js (default: next to this module). */
   workerUrl?: string;
 }

@@ -161,7 +161,9 @@ export class Kiln {
 
   /**
    * Creates the device. Options: `worker` (run everything in a Web Worker), `modelsBase` (where
-   * "default" models live; default `/models/` on this origin), `wasmUrl`.
+   * "default" models live; default `/models/` on this origin), `wasmUrl`, `softwareKernels`
+   * (use the kernels written for software adapters; default: when the adapter is SwiftShader or
+   * a fallback adapter).
    */
   static async create(opts = {}) {
     if (opts.worker) {
@@ -180,7 +182,11 @@ export class Kiln {
       );
     }
     await init(opts.wasmUrl);
-    const device = await call(() => wasm.createDevice());
+    // A software adapter (SwiftShader, or any the browser calls a fallback) runs the engine's
+    // barrier-free kernel variants; `softwareKernels` overrides the guess.
+    const i = a.info ?? {};
+    const software = opts.softwareKernels ?? (!!i.isFallbackAdapter || /swiftshader/i.test(`${i.architecture} ${i.description} ${i.vendor}`));
+    const device = await call(() => wasm.createDevice(software));
     const kiln = new Kiln(device, opts);
     kiln.#describeBrowserAdapter(a);
     return kiln;

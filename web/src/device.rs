@@ -23,10 +23,16 @@ pub struct Device {
 }
 
 /// Requests an adapter and a device (the engine picks the limits and optional features).
+/// `software`: the adapter is a software one (SwiftShader, which the browser's adapter info
+/// reveals and wgpu's does not), so the barrier-free kernel variants are used; `None` leaves
+/// the choice to the engine.
 #[wasm_bindgen(js_name = createDevice)]
-pub async fn create_device() -> Result<Device, JsError> {
-    let gpu = Gpu::new(GpuOptions::default())
-        .await
+pub async fn create_device(software: Option<bool>) -> Result<Device, JsError> {
+    let gpu = Gpu::new(GpuOptions {
+        software,
+        ..Default::default()
+    })
+    .await
         .map_err(|e| JsError::new(&e.to_string()))?;
     Ok(Device { gpu })
 }
@@ -48,6 +54,7 @@ impl Device {
                 "shaderF16": g.features.shader_f16,
                 "subgroups": g.features.subgroups,
                 "timestamps": g.features.timestamps,
+                "softwareKernels": g.features.software,
             },
             "limits": {
                 "maxStorageBufferBindingSize": g.limits.max_storage_buffer_binding_size,
