@@ -60,6 +60,11 @@ fn files() -> ModelFiles {
     f
 }
 
+/// Tokens per prefill run (the engine's default chunk).
+fn m_chunk() -> usize {
+    kiln::llm::generate::PREFILL_CHUNK
+}
+
 /// Runs the text benchmark for f16 and Q4 weights.
 pub fn text(quick: bool, as_json: bool) -> Result<()> {
     let gpu = crate::gpu()?;
@@ -116,8 +121,13 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
             Ok(p) => crate::bench::profile_rows(&p),
             Err(_) => json!(null),
         };
+        let profile_prefill = match crate::bench::best_profile(&m.prefill.plan, 2) {
+            Ok(p) => crate::bench::profile_rows(&p),
+            Err(_) => json!(null),
+        };
         rows.push(json!({
             "profile_decode": profile,
+            "profile_prefill": profile_prefill,
             "weights": label, "load_ms": load_ms,
             "prefill_tokens": prompt_len, "prefill_tok_s": g.timings.prefill_tok_s,
             "decode_tokens": g.ids.len().saturating_sub(1), "decode_tok_s": g.timings.decode_tok_s,
@@ -153,9 +163,11 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
         );
     }
     for r in &rows {
+        let w = r["weights"].as_str().unwrap_or("");
+        crate::bench::print_profile(&format!("decode token, {w}"), &r["profile_decode"]);
         crate::bench::print_profile(
-            &format!("decode token, {}", r["weights"].as_str().unwrap_or("")),
-            &r["profile_decode"],
+            &format!("prefill chunk of {} tokens, {w}", m_chunk()),
+            &r["profile_prefill"],
         );
     }
     Ok(())

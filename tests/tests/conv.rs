@@ -15,13 +15,18 @@ fn conv2d_kernels_strides_padding_dtypes() {
         (1, 16, 8, 8, 16, 3, 2, 0, DType::BF16, true),
         (1, 3, 7, 7, 5, 3, 1, 0, DType::F16, false),
     ];
-    for (i, &(b, ci, h, w, co, k, stride, pad, dt, bias)) in cases.iter().enumerate() {
+    // Both variants of the GEMM core: workgroup tiles, and DIRECT for software adapters.
+    let variants = kiln_tests::gpu_variants();
+    let runs = variants
+        .iter()
+        .flat_map(|g| cases.iter().enumerate().map(move |c| (g, c)));
+    for (gpu, (i, &(b, ci, h, w, co, k, stride, pad, dt, bias))) in runs {
         let mut rng = Rng::new(i as u64 + 100);
         let x = rng.vec(b * ci * h * w, -1.0, 1.0);
         let wb = random_weight_bytes(&mut rng, dt, co, ci * k * k);
         let wf = dequantize(dt, &wb, co * ci * k * k).unwrap();
         let bb = rng.vec(co, -0.5, 0.5);
-        let mut t = OpTest::new();
+        let mut t = OpTest::on(gpu.clone());
         let xv = t.input("x", &[b, ci, h, w], &x);
         let wv = t.weight("w", &[co, ci, k, k], dt, &wb);
         let bv = bias.then(|| t.input("b", &[co], &bb));

@@ -43,22 +43,40 @@ fn matvec_every_dtype() {
     }
 }
 
+/// Both GEMM variants (workgroup tiles, and DIRECT for software adapters) on every dtype.
 #[test]
 fn gemm_every_dtype() {
-    for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
-        check_linear(OpTest::new(), dt, 37, 70, i % 2 == 1, 30 + i as u64);
+    for gpu in kiln_tests::gpu_variants() {
+        for (i, dt) in DType::WEIGHTS.into_iter().enumerate() {
+            check_linear(
+                OpTest::on(gpu.clone()),
+                dt,
+                37,
+                70,
+                i % 2 == 1,
+                30 + i as u64,
+            );
+        }
     }
 }
 
 #[test]
 fn gemm_large_tiles() {
     // Several 64x64 tiles in each direction plus ragged edges.
-    check_linear(OpTest::new(), DType::F16, 130, 150, true, 41);
+    for gpu in kiln_tests::gpu_variants() {
+        check_linear(OpTest::on(gpu), DType::F16, 130, 150, true, 41);
+    }
 }
 
 #[test]
 fn batched_activation_product() {
-    let mut t = OpTest::new();
+    for gpu in kiln_tests::gpu_variants() {
+        batched_product_on(gpu);
+    }
+}
+
+fn batched_product_on(gpu: std::sync::Arc<kiln::Gpu>) {
+    let mut t = OpTest::on(gpu);
     let mut rng = Rng::new(5);
     let (b, m, n, k) = (3, 19, 23, 45);
     let x = rng.vec(b * m * k, -1.0, 1.0);

@@ -33,7 +33,7 @@ pub async fn create_device(software: Option<bool>) -> Result<Device, JsError> {
         ..Default::default()
     })
     .await
-        .map_err(|e| JsError::new(&e.to_string()))?;
+    .map_err(|e| JsError::new(&e.to_string()))?;
     Ok(Device { gpu })
 }
 

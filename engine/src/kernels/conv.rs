@@ -1,6 +1,6 @@
 //! Convolution (`conv2d.wgsl`, implicit GEMM on the shared tile loop).
 
-use super::linear::weight_key;
+use super::linear::gemm_key;
 use super::{dispatch, need_f32, u, Binding, Bound, Ctx, Dispatch, Inferred, Kernel, Meta};
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -61,7 +61,7 @@ impl Kernel for Conv2d {
         Ok(Some((vec![x[0], w[0], ho, wo], DType::F32)))
     }
 
-    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
         let (x, w) = (&ins[0], &ins[1]);
         if w.parts.len() != 1 {
@@ -94,7 +94,7 @@ impl Kernel for Conv2d {
             has_bias: bias.is_some() as u32,
         };
         Ok(vec![dispatch(
-            weight_key("conv2d.wgsl", w.dtype)?,
+            gemm_key(ctx, "conv2d.wgsl", w.dtype)?,
             &p,
             vec![
                 Binding::read(w.buf()),

@@ -47,6 +47,17 @@ pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
     Ok(KernelKey::new(shader, "main").def(&format!("W_{}", dtype.name().to_uppercase()), ""))
 }
 
+/// The key of a kernel on the shared GEMM core (`gemm.wgsl`) for weights of `dtype`: its
+/// barrier-free DIRECT variant on software adapters.
+pub fn gemm_key(ctx: &Ctx, shader: &'static str, dtype: DType) -> Result<KernelKey> {
+    let key = weight_key(shader, dtype)?;
+    Ok(if ctx.gpu.features.software {
+        key.def("DIRECT", "")
+    } else {
+        key
+    })
+}
+
 /// `x @ w^T (+ bias)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint layout), or
 /// an f32 value `[b, n, k]` for a batched product. Output `[.., n]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -123,7 +134,7 @@ impl Kernel for Linear {
                 has_bias,
             };
             return Ok(vec![dispatch(
-                weight_key("matmul.wgsl", DType::F32)?,
+                gemm_key(ctx, "matmul.wgsl", DType::F32)?,
                 &p,
                 vec![
                     Binding::read(w.buf()),
@@ -180,7 +191,7 @@ impl Kernel for Linear {
                     has_bias,
                 };
                 ds.push(dispatch(
-                    weight_key("matmul.wgsl", w.dtype)?,
+                    gemm_key(ctx, "matmul.wgsl", w.dtype)?,
                     &p,
                     bindings,
                     [u(part.rows.div_ceil(64)), u(m_total.div_ceil(64)), 1],
