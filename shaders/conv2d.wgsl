@@ -38,4 +38,60 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
     y[(b * p.n + n) * p.m + m] = r;
 }
 
+#ifdef DIRECT
+// Software adapters: a 4 x 4 tile of (pixels, output channels) per invocation straight from
+// x and w, no workgroup memory, no barrier, and no integer division in the loop (CPUs have no
+// vector division): the window is walked channel by row by column. Same dispatch as the GEMM.
+fn pixel(xc: u32, iy: i32, ix: i32) -> f32 {
+    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) { return 0.0; }
+    return x[(xc + u32(iy)) * p.w + u32(ix)];
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let n0 = wg.x * 64u + (li % 16u) * 4u;
+    let m0 = wg.y * 64u + (li / 16u) * 4u;
+    let bi = wg.z;
+    if (m0 >= p.m || n0 >= p.n) { return; }
+    // Window origin of each of the 4 output pixels (-pad may make it negative).
+    var oy: array<i32, 4>;
+    var ox: array<i32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        let m = min(m0 + i, p.m - 1u);
+        oy[i] = i32((m / p.wo) * p.stride) - i32(p.pad);
+        ox[i] = i32((m % p.wo) * p.stride) - i32(p.pad);
+    }
+    var rows: array<u32, 4>;
+    for (var j = 0u; j < 4u; j++) { rows[j] = min(n0 + j, p.n - 1u) * p.row_words; }
+    var acc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
+    var kk = 0u;
+    for (var c = 0u; c < p.ci; c++) {
+        let xc = (bi * p.ci + c) * p.h;
+        for (var ky = 0u; ky < p.ks; ky++) {
+            for (var kx = 0u; kx < p.ks; kx++) {
+                // Unrolled: lavapipe caps an invocation's loop iterations at 65535 in all.
+                let av = vec4<f32>(
+                    pixel(xc, oy[0] + i32(ky), ox[0] + i32(kx)),
+                    pixel(xc, oy[1] + i32(ky), ox[1] + i32(kx)),
+                    pixel(xc, oy[2] + i32(ky), ox[2] + i32(kx)),
+                    pixel(xc, oy[3] + i32(ky), ox[3] + i32(kx)),
+                );
+                let bv = vec4<f32>(w_elem(rows[0], kk), w_elem(rows[1], kk), w_elem(rows[2], kk), w_elem(rows[3], kk));
+                acc[0] += av.x * bv;
+                acc[1] += av.y * bv;
+                acc[2] += av.z * bv;
+                acc[3] += av.w * bv;
+                kk++;
+            }
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
+        }
+    }
+}
+#else
 #include "gemm.wgsl"
+#endif

@@ -272,6 +272,10 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         // The step index only selects a coefficient row: timing does not depend on it.
         plan.set(step, 1);
         let step_ms = crate::bench::time(&gpu, &plan, iters)?;
+        let profile = match crate::bench::best_profile(&plan, 1) {
+            Ok(p) => crate::bench::profile_rows(&p),
+            Err(_) => json!(null),
+        };
         let before = gpu.counters();
         plan.run()?;
         gpu.wait_idle()?;
@@ -293,7 +297,7 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
         let vae_ms = crate::bench::time(&gpu, &vplan, iters)?;
         rows.push(json!({"config": label, "latent": latent, "image": latent * vae.cfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
-            "dispatches_per_step": c.dispatches, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
+            "dispatches_per_step": c.dispatches, "profile_step": profile, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
     }
     if as_json {
         println!("{}", json!({"adapter": gpu.describe(), "rows": rows}));
@@ -316,6 +320,12 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             r["submits_per_step"],
             r["readback_bytes_per_step"],
             r["objects_created_per_step"]
+        );
+    }
+    for r in &rows {
+        crate::bench::print_profile(
+            &format!("U-Net step, {}", r["config"].as_str().unwrap_or("")),
+            &r["profile_step"],
         );
     }
     Ok(())
