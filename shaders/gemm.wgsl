@@ -4,33 +4,7 @@
 // Tiles: 64 x 64 outputs per workgroup, k in steps of 16, 256 threads with 4 x 4 register
 // tiles, f32 accumulation. Loads are coalesced along k (consecutive threads, consecutive k).
 // Dispatch: (ceil(n / 64), ceil(m / 64), batch).
-// Variant DIRECT (software adapters, where barriers cost more than the loads they save): the
-// same 4 x 4 register tiles read straight from the inputs, no workgroup memory, no barrier.
 
-#ifdef DIRECT
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let n0 = wg.x * 64u + (li % 16u) * 4u;
-    let m0 = wg.y * 64u + (li / 16u) * 4u;
-    let bi = wg.z;
-    if (m0 >= p.m || n0 >= p.n) { return; }
-    var acc: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
-    for (var kk = 0u; kk < p.k; kk++) {
-        let av = vec4<f32>(load_a(bi, m0, kk), load_a(bi, m0 + 1u, kk), load_a(bi, m0 + 2u, kk), load_a(bi, m0 + 3u, kk));
-        let bv = vec4<f32>(load_b(bi, n0, kk), load_b(bi, n0 + 1u, kk), load_b(bi, n0 + 2u, kk), load_b(bi, n0 + 3u, kk));
-        acc[0] += av.x * bv;
-        acc[1] += av.y * bv;
-        acc[2] += av.z * bv;
-        acc[3] += av.w * bv;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
-        }
-    }
-}
-#else
 var<workgroup> a_tile: array<f32, 1024>; // [16 k][64 m]
 var<workgroup> b_tile: array<f32, 1024>; // [16 k][64 n]
 
@@ -70,4 +44,3 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 }
-#endif

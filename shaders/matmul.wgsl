@@ -28,4 +28,56 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
     y[(b * p.m + m) * p.n_total + o] = r;
 }
 
+#ifdef DIRECT
+// Software adapters (lavapipe, SwiftShader): 4 x 4 register tiles read straight from x and w,
+// two k at a time (one word of f16/bf16 weights), no workgroup memory, no barrier. Rows past
+// the edge are clamped for reading and not stored. Same dispatch as the GEMM.
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let n0 = wg.x * 64u + (li % 16u) * 4u;
+    let m0 = wg.y * 64u + (li / 16u) * 4u;
+    let bi = wg.z;
+    if (m0 >= p.m || n0 >= p.n) { return; }
+    let x0 = (bi * p.m + m0) * p.k;
+    let x1 = (bi * p.m + min(m0 + 1u, p.m - 1u)) * p.k;
+    let x2 = (bi * p.m + min(m0 + 2u, p.m - 1u)) * p.k;
+    let x3 = (bi * p.m + min(m0 + 3u, p.m - 1u)) * p.k;
+    let wb = bi * p.w_batch_words;
+    let w0 = wb + n0 * p.row_words;
+    let w1 = wb + min(n0 + 1u, p.n - 1u) * p.row_words;
+    let w2 = wb + min(n0 + 2u, p.n - 1u) * p.row_words;
+    let w3 = wb + min(n0 + 3u, p.n - 1u) * p.row_words;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    let k2 = p.k / 2u * 2u;
+    for (var kk = 0u; kk < k2; kk += 2u) {
+        let b0 = w_pair(w0, kk);
+        let b1 = w_pair(w1, kk);
+        let b2 = w_pair(w2, kk);
+        let b3 = w_pair(w3, kk);
+        let be = vec4<f32>(b0.x, b1.x, b2.x, b3.x);
+        let bo = vec4<f32>(b0.y, b1.y, b2.y, b3.y);
+        c0 += x[x0 + kk] * be + x[x0 + kk + 1u] * bo;
+        c1 += x[x1 + kk] * be + x[x1 + kk + 1u] * bo;
+        c2 += x[x2 + kk] * be + x[x2 + kk + 1u] * bo;
+        c3 += x[x3 + kk] * be + x[x3 + kk + 1u] * bo;
+    }
+    if (k2 < p.k) {
+        let b = vec4<f32>(w_elem(w0, k2), w_elem(w1, k2), w_elem(w2, k2), w_elem(w3, k2));
+        c0 += x[x0 + k2] * b;
+        c1 += x[x1 + k2] * b;
+        c2 += x[x2 + k2] * b;
+        c3 += x[x3 + k2] * b;
+    }
+    let acc = array<vec4<f32>, 4>(c0, c1, c2, c3);
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
+        }
+    }
+}
+#else
 #include "gemm.wgsl"
+#endif

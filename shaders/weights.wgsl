@@ -7,6 +7,7 @@
 //                      per group of elements
 //   W_PLAIN            defined for f32/f16/bf16 (rows may end in a partial unit of 32)
 //   w_word_dot(rb, wi, xo, k) (plain types, WITH_DOT) word wi of the row times its x elements
+//   w_pair(rb, k)      elements k, k + 1 (k even) as a vec2
 
 fn byte_of(word: u32, i: u32) -> u32 { return (word >> (8u * i)) & 0xffu; }
 fn sext8(v: u32) -> f32 { return f32(bitcast<i32>(v << 24u) >> 24u); }
@@ -182,5 +183,40 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
           + k6_scale(sb, sc + 2u * qd_hi) * dot4u(q_hi, base + 32u * qd_hi, 32.0);
     return bitcast<f32>(w[sb + 52u]) * s;
 }
+#endif
+#endif
+
+// Elements k and k + 1 (k even, k + 1 < the row length) of the row at word rb: one word for
+// the 16-bit types.
+#ifdef W_F16
+fn w_pair(rb: u32, k: u32) -> vec2<f32> { return unpack2x16float(w[rb + k / 2u]); }
+#else
+#ifdef W_BF16
+fn w_pair(rb: u32, k: u32) -> vec2<f32> { return bf16_pair(w[rb + k / 2u]); }
+#else
+#ifdef W_Q8_0
+// Both elements sit in one quant word of one block.
+fn w_pair(rb: u32, k: u32) -> vec2<f32> {
+    let b = rb + (k / 32u) * 9u;
+    let i = k % 32u;
+    let q = w[b + 1u + i / 4u];
+    return bitcast<f32>(w[b]) * vec2<f32>(sext8(byte_of(q, i % 4u)), sext8(byte_of(q, i % 4u + 1u)));
+}
+#else
+#ifdef W_Q4_0
+// Both elements sit in one quant word of one block (low nibbles: 0..15, high: 16..31).
+fn w_pair(rb: u32, k: u32) -> vec2<f32> {
+    let b = rb + (k / 32u) * 5u;
+    let i = k % 32u;
+    let j = i % 16u;
+    let q = w[b + 1u + j / 4u] >> (4u * u32(i >= 16u));
+    let lo = byte_of(q, j % 4u) & 15u;
+    let hi = byte_of(q, j % 4u + 1u) & 15u;
+    return bitcast<f32>(w[b]) * (vec2<f32>(f32(lo), f32(hi)) - 8.0);
+}
+#else
+fn w_pair(rb: u32, k: u32) -> vec2<f32> { return vec2<f32>(w_elem(rb, k), w_elem(rb, k + 1u)); }
+#endif
+#endif
 #endif
 #endif
