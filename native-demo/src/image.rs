@@ -79,6 +79,16 @@ impl ImageArgs {
 }
 
 pub fn run(a: ImageArgs) -> Result<()> {
+    // A folder that is not there fails now, not after the whole generation.
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!(
+                "--out {}: the folder {} does not exist",
+                a.out.display(),
+                dir.display()
+            );
+        }
+    }
     let files = match &a.model {
         Some(model) => {
             let dir = PathBuf::from(model);

@@ -195,6 +195,13 @@ fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
         bar.set_position(done as u64);
     }))?;
     bar.finish_and_clear();
+    if model.ctx() < m.ctx && !quiet {
+        eprintln!(
+            "note: context of {} positions (the model's maximum), not {}",
+            model.ctx(),
+            m.ctx
+        );
+    }
     Ok(model)
 }
 

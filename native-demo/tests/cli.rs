@@ -167,6 +167,29 @@ fn bad_input_is_a_clear_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An output folder that does not exist fails before any work, naming the folder.
+    let out = kiln(&["image", "--prompt", "x", "--out", "/nonexistent/dir/x.png"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/dir") && err.contains("does not exist"),
+        "{err}"
+    );
+    // Flag values that mean nothing are errors naming the flag's field.
+    for (flag, v, field) in [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "2", "top_p"),
+        ("--min-p", "2", "min_p"),
+        ("--repeat-penalty", "0", "repeat_penalty"),
+        ("--max-tokens", "0", "max_tokens"),
+    ] {
+        let arg = format!("{flag}={v}");
+        let out = kiln(&["text", "--prompt", "And", &arg]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(field),
+            "{flag} {v}: {err}"
+        );
+    }
 }
 
 #[test]

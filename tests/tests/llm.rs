@@ -344,6 +344,22 @@ fn meaningless_sampler_values_are_errors() {
         let e = pollster::block_on(m.generate(&[5, 6], &opts, &mut |_| true)).unwrap_err();
         assert!(e.to_string().contains(field), "{field}: {e}");
     }
+    // No token asked for, or a context that holds nothing: errors, not a token or a clamp.
+    let e = pollster::block_on(m.generate(&[5, 6], &greedy(0), &mut |_| true)).unwrap_err();
+    assert!(e.to_string().contains("max_tokens"), "{e}");
+    for ctx in [0, 1] {
+        let r = pollster::block_on(TextModel::load(
+            &kiln_tests::gpu(),
+            files("llama-gqa-f32", "hf"),
+            &LoadOptions {
+                ctx,
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        ));
+        let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("context of"), "ctx {ctx}: {e}");
+    }
     // The limits themselves are meaningful.
     let edge = SamplerSettings {
         top_p: 1.0,

@@ -238,6 +238,31 @@ fn bad_pipeline_input_is_an_error() {
     ))
     .unwrap_err();
     assert!(e.to_string().contains("multiples of"), "{e}");
+    // 18 is a multiple of the VAE's factor 2 but not of the U-Net's 4 (two levels): the message
+    // says so instead of a shape error inside the U-Net's skip concatenation.
+    let e = pollster::block_on(m.generate(
+        &ImageOptions {
+            width: Some(18),
+            height: Some(16),
+            steps: 2,
+            ..Default::default()
+        },
+        &mut |_, _, _| false,
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("multiples of 4"), "{e}");
+    for g in [-5.0, f32::INFINITY, f32::NAN] {
+        let e = pollster::block_on(m.generate(
+            &ImageOptions {
+                guidance: g,
+                steps: 2,
+                ..Default::default()
+            },
+            &mut |_, _, _| false,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("guidance"), "{g}: {e}");
+    }
     let e = pollster::block_on(m.generate(
         &ImageOptions {
             width: Some(16),

@@ -30,7 +30,7 @@ impl Device {
             let info = json!({
                 "width": size,
                 "height": size,
-                "sizeMultiple": m.vae.cfg.scale_factor(),
+                "sizeMultiple": m.size_multiple(),
                 "latentChannels": m.unet.cfg.in_channels,
             })
             .to_string();

@@ -185,10 +185,20 @@ impl SdModels {
     fn latent_size(&self, opts: &ImageOptions) -> Result<(usize, usize)> {
         let f = self.vae.cfg.scale_factor();
         let (w, h) = self.image_size(opts);
-        if !w.is_multiple_of(f) || !h.is_multiple_of(f) || w == 0 || h == 0 {
+        let mult = self.size_multiple();
+        if !w.is_multiple_of(mult) || !h.is_multiple_of(mult) || w == 0 || h == 0 {
             return Err(Error::Unsupported(format!(
-                "size {w}x{h} (width and height must be positive multiples of {f})"
+                "size {w}x{h}: width and height must be positive multiples of {mult} (the VAE's \
+                 factor {f} times the U-Net's {} halvings)",
+                mult / f
             )));
+        }
+        let g = opts.guidance;
+        if !(g.is_finite() && g >= 0.0) {
+            return Err(Error::Data {
+                name: "guidance".into(),
+                msg: format!("{g}: a finite number >= 0 (at most 1 means no guidance)"),
+            });
         }
         if opts.steps == 0 || opts.steps > 1000 {
             return Err(Error::Unsupported(format!(
@@ -197,6 +207,13 @@ impl SdModels {
             )));
         }
         Ok((h / f, w / f))
+    }
+
+    /// What image sizes must be a multiple of: the VAE's factor times 2 per U-Net downsampling
+    /// (the skip connections need every level's size to halve exactly).
+    pub fn size_multiple(&self) -> usize {
+        let downs = self.unet.cfg.block_out_channels.len().saturating_sub(1);
+        self.vae.cfg.scale_factor() << downs
     }
 
     /// The size an image of `opts` will have: the requested one, else the pipeline's default

@@ -169,7 +169,16 @@ impl TextModel {
         let (config, tokenizer, checkpoint) = read_checkpoint(gpu, files, opts.quantize)?;
         let weights = LlmWeights::load(&checkpoint, &config, on_progress)?;
         drop(checkpoint); // the file bytes; the GPU tensors live on in `weights`
-        let ctx = opts.ctx.min(config.max_positions).max(1);
+        if opts.ctx < 2 {
+            return Err(Error::Data {
+                name: "ctx".into(),
+                msg: format!(
+                    "a context of {} positions holds no prompt and reply (at least 2)",
+                    opts.ctx
+                ),
+            });
+        }
+        let ctx = opts.ctx.min(config.max_positions);
         let kv = KvCache::new(gpu, &config, &weights.inv_freq, ctx)?;
         let prefill = build_step(
             gpu,
@@ -235,6 +244,12 @@ impl TextModel {
         };
         if prompt.is_empty() {
             return bad("empty prompt".into());
+        }
+        if opts.max_tokens == 0 {
+            return Err(Error::Data {
+                name: "max_tokens".into(),
+                msg: "0: at least one token must be generated".into(),
+            });
         }
         if prompt.len() >= ctx {
             return bad(format!("{} tokens do not fit the context of {ctx} (at least one position must remain for generation)", prompt.len()));
