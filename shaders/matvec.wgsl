@@ -1,7 +1,7 @@
 // Decode matrix-vector product with fused dequantization: y[m, off + r] = W[r, :] . x[m, :] (+ bias)
 // Bindings: 2 w: array<u32> [rows x row_words] (one weight part, any dtype of weights.wgsl)
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
-//           5 y: array<f32> [m, n_total]
+//           5 y: array<f32> [m, n_total]   6 res: array<f32> like y, added when has_res (a residual)
 // Two variants. ROWS (software adapters: lavapipe, SwiftShader, which run invocations as SIMD
 // lanes of CPU threads and pay dearly for barriers): one invocation per output row, 64 per
 // workgroup, no workgroup memory; ceil(rows * m / 64) workgroups.
@@ -13,18 +13,21 @@
 #define WITH_DOT
 #include "weights.wgsl"
 
-struct Params { rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32 }
+struct Params { rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read> res: array<f32>;
 
 fn store(mi: u32, r: u32, acc: f32) {
     let o = p.out_off + r;
     var v = acc;
     if (p.has_bias == 1u) { v += bias[o]; }
-    y[mi * p.n_total + o] = v;
+    let i = mi * p.n_total + o;
+    if (p.has_res == 1u) { v += res[i]; }
+    y[i] = v;
 }
 
 #ifdef SUBGROUP_ROWS

@@ -188,3 +188,52 @@ fn bad_weight_bytes_are_errors() {
         "{e}"
     );
 }
+
+/// The residual add in the product's epilogue (`Graph::linear_add`), matvec and GEMM, on
+/// every kernel variant: `r + x @ w^T + b`.
+#[test]
+fn linear_with_residual_every_variant() {
+    for gpu in kiln_tests::gpu_variants() {
+        for (i, (dt, m)) in [
+            (DType::F16, 1),
+            (DType::Q4_0, 2),
+            (DType::F32, 37),
+            (DType::Q8_0, 70),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut t = OpTest::on(gpu.clone());
+            let mut rng = Rng::new(300 + i as u64);
+            let (n, k) = (45, test_k(dt));
+            let wb = random_weight_bytes(&mut rng, dt, n, k);
+            let wf = dequantize(dt, &wb, n * k).unwrap();
+            let (x, b, r) = (
+                rng.vec(m * k, -1.0, 1.0),
+                rng.vec(n, -0.5, 0.5),
+                rng.vec(m * n, -2.0, 2.0),
+            );
+            let xv = t.input("x", &[m, k], &x);
+            let wv = t.weight("w", &[n, k], dt, &wb);
+            let bv = t.input("b", &[n], &b);
+            let rv = t.input("r", &[m, n], &r);
+            let y = t.g.linear_add(xv, wv, Some(bv), rv).unwrap();
+            let got = t.run(y, &[]);
+            let mut want = refl::linear(&x, &wf, Some(b.as_slice()), m, n, k);
+            want.iter_mut().zip(&r).for_each(|(w, r)| *w += r);
+            let tol = dot_tolerance(&x, &wf, m, n, k) + 1e-6;
+            let what = format!(
+                "linear + residual {dt} m={m} (software kernels {})",
+                gpu.features.software
+            );
+            assert_close(&what, &got, &want, tol, 1e-5);
+        }
+    }
+    // A residual of the wrong shape is a shape error naming it.
+    let mut g = kiln::Graph::new();
+    let x = g.input("x", &[2, 8], DType::F32).unwrap();
+    let w = g.input("w", &[4, 8], DType::F32).unwrap();
+    let r = g.input("r", &[2, 5], DType::F32).unwrap();
+    let e = g.linear_add(x, w, None, r).unwrap_err().to_string();
+    assert!(e.contains("residual shape [2, 5]"), "{e}");
+}

@@ -204,6 +204,28 @@ impl Graph {
         self.push1(
             Linear {
                 bias: bias.is_some(),
+                residual: false,
+            },
+            inputs,
+        )
+    }
+
+    /// `residual + x @ w^T (+ bias)` in one op: the residual connection of a transformer block
+    /// added in the product's epilogue. `residual` has the output's shape.
+    pub fn linear_add(
+        &mut self,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        residual: Value,
+    ) -> Result<Value> {
+        let mut inputs = vec![x, w];
+        inputs.extend(bias);
+        inputs.push(residual);
+        self.push1(
+            Linear {
+                bias: bias.is_some(),
+                residual: true,
             },
             inputs,
         )

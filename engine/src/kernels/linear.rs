@@ -16,6 +16,7 @@ crate::params!(
     /// Uniforms of `matvec.wgsl`.
     MatvecParams, "matvec.wgsl", [] {
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
+        has_res: u32,
     }
 );
 
@@ -23,7 +24,7 @@ crate::params!(
     /// Uniforms of `matmul.wgsl`.
     MatmulParams, "matmul.wgsl", [] {
         m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32,
-        has_bias: u32,
+        has_bias: u32, has_res: u32,
     }
 );
 
@@ -58,11 +59,14 @@ pub fn gemm_key(ctx: &Ctx, shader: &'static str, dtype: DType) -> Result<KernelK
     })
 }
 
-/// `x @ w^T (+ bias)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint layout), or
-/// an f32 value `[b, n, k]` for a batched product. Output `[.., n]`.
+/// `x @ w^T (+ bias) (+ residual)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint
+/// layout), or an f32 value `[b, n, k]` for a batched product. Output `[.., n]`. Inputs: x, w,
+/// then the bias `[n]` and the residual (shaped like the output) when present: the residual
+/// add of a transformer block happens in the product's epilogue, not in a dispatch of its own.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Linear {
     pub bias: bool,
+    pub residual: bool,
 }
 
 impl Kernel for Linear {
@@ -107,18 +111,31 @@ impl Kernel for Linear {
         if let Some(l) = s.last_mut() {
             *l = n;
         }
+        if self.residual {
+            let r = ins[2 + self.bias as usize];
+            need_f32("linear residual", r.1)?;
+            if r.0 != s.as_slice() {
+                return Err(err(format!(
+                    "residual shape {:?}, expected the output's {s:?}",
+                    r.0
+                )));
+            }
+        }
         Ok(Some((s, DType::F32)))
     }
 
     fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
         let (x, w) = (&ins[0], &ins[1]);
-        let bias = ins.get(2);
+        let bias = self.bias.then(|| &ins[2]);
+        let residual = self.residual.then(|| &ins[2 + self.bias as usize]);
         let software = ctx.gpu.features.software;
         let k = *x.shape.last().unwrap_or(&1);
         let m_total = x.numel() / k.max(1);
         let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
+        let res_buf = residual.map(|r| r.buf()).unwrap_or(x.buf());
         let has_bias = bias.is_some() as u32;
+        let has_res = residual.is_some() as u32;
         if w.shape.len() == 3 {
             // Batched product with an f32 activation as the second operand.
             let (b, n) = (w.shape[0], w.shape[1]);
@@ -132,6 +149,7 @@ impl Kernel for Linear {
                 out_off: 0,
                 n_total: u(n),
                 has_bias,
+                has_res,
             };
             return Ok(vec![dispatch(
                 gemm_key(ctx, "matmul.wgsl", DType::F32)?,
@@ -141,6 +159,7 @@ impl Kernel for Linear {
                     Binding::read(x.buf()),
                     Binding::read(bias_buf),
                     Binding::write(out.buf()),
+                    Binding::read(res_buf),
                 ],
                 [u(n.div_ceil(64)), u(m.div_ceil(64)), u(b)],
             )]);
@@ -154,6 +173,7 @@ impl Kernel for Linear {
                 Binding::read(x.buf()),
                 Binding::read(bias_buf),
                 Binding::write(out.buf()),
+                Binding::read(res_buf),
             ];
             if m_total <= MATVEC_MAX_ROWS {
                 let p = MatvecParams {
@@ -164,6 +184,7 @@ impl Kernel for Linear {
                     m: u(m_total),
                     n_total: u(n_total),
                     has_bias,
+                    has_res,
                 };
                 let (key, groups) =
                     if software && std::env::var("KILN_SG").is_ok() && ctx.gpu.features.subgroups {
@@ -189,6 +210,7 @@ impl Kernel for Linear {
                     out_off: u(part.row_start),
                     n_total: u(n_total),
                     has_bias,
+                    has_res,
                 };
                 ds.push(dispatch(
                     gemm_key(ctx, "matmul.wgsl", w.dtype)?,

@@ -141,9 +141,8 @@ pub async fn build_step(
             Dyn::affine(pos, 1, tokens as u32),
         )?;
         let bo = tb(&mut g, &lw.bo);
-        let o = g.linear(a, wo, bo)?; // [1, t, h]
-        x = g.add(x, o)?;
-        // Feed-forward block (SwiGLU).
+        x = g.linear_add(a, wo, bo, x)?; // x + o_proj(a), [1, t, h]
+                                         // Feed-forward block (SwiGLU).
         let ffn_norm = t(&mut g, &lw.ffn_norm);
         let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
         let (wg, wu, wd) = (
@@ -154,8 +153,7 @@ pub async fn build_step(
         let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
         let up = g.linear(hn, wu, None)?;
         let m = g.glu(GluInput::Pair { gate, up }, Act::Silu)?;
-        let dn = g.linear(m, wd, None)?; // [1, t, h]
-        x = g.add(x, dn)?;
+        x = g.linear_add(m, wd, None, x)?; // x + down_proj(m), [1, t, h]
     }
     // Only the last valid token needs logits.
     let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
