@@ -7,22 +7,15 @@
 // Bindings: 2 x: array<f32>, 3 table: array<f32> [positions, half, 2] (cos, sin),
 //           4 y: array<f32> (same shape as x). Positions past the table read its last row.
 // Dispatch: one thread per output element (grid()).
+// Variant KV (decoder layers with stacked Q/K/V): x is the output of the stacked projection,
+// rows of [q (heads * d) | k (kv_heads * d) | v (kv_heads * d)] for tokens at pos + row. One
+// dispatch rotates q into y [rows, heads * d], and writes rotated k and plain v into the KV
+// caches at row pos + row (rows past cap_rows are not written). Bindings: 2 x, 3 table,
+// 4 y, 5 k_cache, 6 v_cache: array<f32> [cap_rows, kv_heads * d]. One thread per element of x.
 #include "common.wgsl"
 
-struct Params { n: u32, seq: u32, heads: u32, d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> table: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
-
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let e = group_index(wg, nwg) * 256u + li;
-    if (e >= p.n) { return; }
-    let c = e % p.d;
-    let head_base = e - c;
-    let row = e / (p.heads * p.d);
-    if (c >= 2u * p.half) { y[e] = x[e]; return; }
+// Rotates element c (of d) of the head starting at x[head_base] at table position pos.
+fn rotated(head_base: u32, c: u32, pos: u32) -> f32 {
     var i: u32;
     var partner: u32;
     var first: bool;
@@ -35,11 +28,61 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         first = c < p.half;
         partner = select(c - p.half, c + p.half, first);
     }
-    let pos = min(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq, p.positions - 1u);
     let t = 2u * (pos * p.half + i);
     let cs = table[t];
     let sn = table[t + 1u];
     let v = x[head_base + c];
     let o = x[head_base + partner];
-    y[e] = select(v * cs + o * sn, v * cs - o * sn, first);
+    return select(v * cs + o * sn, v * cs - o * sn, first);
 }
+
+#ifdef KV
+struct Params { n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> table: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(6) var<storage, read_write> v_cache: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = group_index(wg, nwg) * 256u + li;
+    if (e >= p.n) { return; }
+    let qw = p.heads * p.d;
+    let kvw = p.kv_heads * p.d;
+    let width = qw + 2u * kvw;
+    let row = e / width;
+    let col = e % width;
+    let at = dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row;
+    if (col >= qw + kvw) {
+        if (at < p.cap_rows) { v_cache[at * kvw + col - qw - kvw] = x[e]; }
+        return;
+    }
+    let c = col % p.d;
+    var v = x[e];
+    if (c < 2u * p.half) { v = rotated(e - c, c, min(at, p.positions - 1u)); }
+    if (col < qw) {
+        y[row * qw + col] = v;
+    } else if (at < p.cap_rows) {
+        k_cache[at * kvw + col - qw] = v;
+    }
+}
+#else
+struct Params { n: u32, seq: u32, heads: u32, d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> table: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = group_index(wg, nwg) * 256u + li;
+    if (e >= p.n) { return; }
+    let c = e % p.d;
+    let row = e / (p.heads * p.d);
+    if (c >= 2u * p.half) { y[e] = x[e]; return; }
+    let pos = min(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq, p.positions - 1u);
+    y[e] = rotated(e - c, c, pos);
+}
+#endif

@@ -241,6 +241,79 @@ impl<'a> VarBuilder<'a> {
         }
     }
 
+    /// Matrices `names` (each `[n_i, k]`, shapes checked) stacked by rows into one `[sum n_i,
+    /// k]` tensor, so that one product serves several (Q/K/V, gate/up). `None` when their
+    /// checkpoint dtypes differ (GGUF files mix quantizations per tensor), to be used apart.
+    pub fn get_stacked(
+        &self,
+        names: &[&str],
+        shapes: &[[usize; 2]],
+    ) -> Result<Option<Arc<Tensor>>> {
+        let paths: Vec<String> = names.iter().map(|n| self.path(n)).collect();
+        let key = format!("{}#stacked", paths.join("+"));
+        let cached = self
+            .w
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(t) = cached {
+            return Ok(Some(t));
+        }
+        let mut raws = Vec::with_capacity(names.len());
+        for (p, shape) in paths.iter().zip(shapes) {
+            let raw = self.w.raw(p).ok_or_else(|| self.w.missing(p))?;
+            if raw.shape != shape {
+                return Err(self
+                    .w
+                    .err(p, format!("shape {:?}, expected {shape:?}", raw.shape)));
+            }
+            raws.push(raw);
+        }
+        let dtype = raws[0].dtype;
+        let k = shapes[0][1];
+        if raws.iter().any(|r| r.dtype != dtype) || shapes.iter().any(|s| s[1] != k) {
+            return Ok(None);
+        }
+        // Rows are whole in every file layout, so the stacked bytes are the files' bytes in turn.
+        let bytes: Vec<u8> = raws.iter().flat_map(|r| r.data.iter().copied()).collect();
+        let shape = [shapes.iter().map(|s| s[0]).sum(), k];
+        let raw = RawTensor {
+            dtype,
+            shape: &shape,
+            data: &bytes,
+        };
+        let t = Arc::new(self.w.upload(&key, raw, false)?);
+        self.w
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, t.clone());
+        Ok(Some(t))
+    }
+
+    /// Vectors `names` (each `[n_i]`) as one f32 `[sum n_i]` (the biases of stacked matrices).
+    pub fn get_stacked_f32(&self, names: &[&str], lens: &[usize]) -> Result<Arc<Tensor>> {
+        let mut v = Vec::new();
+        for (n, &len) in names.iter().zip(lens) {
+            let p = self.path(n);
+            let raw = self.w.raw(&p).ok_or_else(|| self.w.missing(&p))?;
+            if raw.shape != [len] {
+                return Err(self
+                    .w
+                    .err(&p, format!("shape {:?}, expected [{len}]", raw.shape)));
+            }
+            v.extend(dequantize(raw.dtype, raw.data, len)?);
+        }
+        Ok(Arc::new(Tensor::from_f32(
+            &self.w.gpu,
+            &names.join("+"),
+            &[v.len()],
+            &v,
+        )?))
+    }
+
     /// `name` as f32 whatever its checkpoint dtype (a table a graph slices by rows).
     pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Arc<Tensor>> {
         self.w.load(&self.path(name), Some(shape), true)

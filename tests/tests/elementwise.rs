@@ -191,6 +191,73 @@ fn rope_both_pairings_with_run_time_position() {
     );
 }
 
+/// The stacked-QKV rotary step: q rotated out, k rotated and v copied into the caches at the
+/// run-time position (rows past the cache are not written; other cache rows stay as they were).
+#[test]
+fn rope_kv_matches_rope_and_copies() {
+    let mut rng = Rng::new(9);
+    for (t_len, heads, kv_heads, d, rot, interleaved, pos, cap) in [
+        (5, 4, 2, 16, 16, false, 3u32, 12),
+        (3, 3, 1, 40, 16, true, 10, 12), // partial rotary; the last row falls past the cache
+    ] {
+        let (qw, kvw) = (heads * d, kv_heads * d);
+        let width = qw + 2 * kvw;
+        let x = rng.vec(t_len * width, -1.0, 1.0);
+        let f = inv_freq(rot, 10000.0);
+        let positions = 16;
+        let (kc0, vc0) = (rng.vec(cap * kvw, -1.0, 1.0), rng.vec(cap * kvw, -1.0, 1.0));
+        let mut t = OpTest::new();
+        let xv = t.input("qkv", &[1, t_len, width], &x);
+        let fv = t.input("f", &[positions, rot / 2, 2], &table(&f, positions));
+        let (kcv, kc) = t.state("k_cache", &[1, cap, kvw], &kc0);
+        let (vcv, vc) = t.state("v_cache", &[1, cap, kvw], &vc0);
+        let p = t.g.scalar("pos").unwrap();
+        let q =
+            t.g.rope_kv(
+                xv,
+                fv,
+                kcv,
+                vcv,
+                heads,
+                kv_heads,
+                interleaved,
+                kiln::Dyn::slot(p),
+            )
+            .unwrap();
+        let gpu = t.gpu.clone();
+        let got_q = t.run(q, &[(p, pos)]);
+        // The reference: split the rows, rotate q and k, copy k and v into the caches.
+        let part = |lo: usize, w: usize| -> Vec<f32> {
+            x.chunks(width)
+                .flat_map(|r| r[lo..lo + w].to_vec())
+                .collect()
+        };
+        let q_want = r::rope(&part(0, qw), t_len, heads, d, &f, interleaved, pos);
+        let k_want = r::rope(&part(qw, kvw), t_len, kv_heads, d, &f, interleaved, pos);
+        let v_want = part(qw + kvw, kvw);
+        let what = format!("rope_kv h={heads}/{kv_heads} d={d} rot={rot} pos={pos}");
+        assert_close(&format!("{what}: q"), &got_q, &q_want, 1e-6, 0.0);
+        let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
+        for i in 0..t_len {
+            let row = pos as usize + i;
+            if row < cap {
+                kc_want[row * kvw..(row + 1) * kvw]
+                    .copy_from_slice(&k_want[i * kvw..(i + 1) * kvw]);
+                vc_want[row * kvw..(row + 1) * kvw]
+                    .copy_from_slice(&v_want[i * kvw..(i + 1) * kvw]);
+            }
+        }
+        let read = |t: &std::sync::Arc<kiln::Tensor>| -> Vec<f32> {
+            let b =
+                pollster::block_on(gpu.read_buffer(t.buffer().unwrap(), 0, (cap * kvw * 4) as u64))
+                    .unwrap();
+            bytemuck::pod_collect_to_vec(&b)
+        };
+        assert_close(&format!("{what}: k cache"), &read(&kc), &kc_want, 1e-6, 0.0);
+        assert_close(&format!("{what}: v cache"), &read(&vc), &vc_want, 0.0, 0.0);
+    }
+}
+
 #[test]
 fn upsample_and_concat() {
     let mut rng = Rng::new(5);

@@ -19,7 +19,7 @@ use crate::kernels::elementwise::{
 };
 use crate::kernels::linear::{Gather, Linear};
 use crate::kernels::norm::{GroupNorm, LayerNorm, RmsNorm, Softmax};
-use crate::kernels::rope::Rope;
+use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
 use crate::kernels::scheduler::SchedulerStep;
 use crate::kernels::RUN_SCALARS;
@@ -309,6 +309,46 @@ impl Graph {
             },
             vec![x, table],
         )
+    }
+
+    /// The rotary step of a decoder layer with a stacked Q/K/V projection (see
+    /// [`crate::kernels::rope::RopeKv`]): returns rotated q and writes rotated k and v into the
+    /// caches (tensors added with `Graph::tensor`) at row `pos + token`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv(
+        &mut self,
+        qkv: Value,
+        table: Value,
+        k_cache: Value,
+        v_cache: Value,
+        heads: usize,
+        kv_heads: usize,
+        interleaved: bool,
+        pos: Dyn,
+    ) -> Result<Value> {
+        for c in [k_cache, v_cache] {
+            if !matches!(self.info(self.root(c)).source, Source::Tensor(_)) {
+                return Err(shape_err(
+                    "rope_kv",
+                    format!(
+                        "cache '{}' must be a tensor added with Graph::tensor",
+                        self.info(c).name
+                    ),
+                ));
+            }
+        }
+        let op = RopeKv {
+            heads,
+            kv_heads,
+            interleaved,
+            pos,
+        };
+        self.push(
+            op,
+            vec![qkv, table, k_cache, v_cache],
+            vec![k_cache, v_cache],
+        )?
+        .ok_or_else(|| shape_err("rope_kv", "no output"))
     }
 
     /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, kh, kw]`, optional bias `[co]`.

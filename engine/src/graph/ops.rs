@@ -8,7 +8,7 @@ use crate::kernels::elementwise::{
 };
 use crate::kernels::linear::{Gather, Linear};
 use crate::kernels::norm::{GroupNorm, LayerNorm, RmsNorm, Softmax};
-use crate::kernels::rope::Rope;
+use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
 use crate::kernels::scheduler::SchedulerStep;
 use crate::kernels::Kernel;
@@ -47,6 +47,7 @@ ops!(
     LayerNorm(LayerNorm),
     GroupNorm(GroupNorm),
     Rope(Rope),
+    RopeKv(RopeKv),
     Conv2d(Conv2d),
     Upsample2x(Upsample2x),
     Concat(Concat),

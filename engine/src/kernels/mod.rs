@@ -145,6 +145,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         layout::<norm::NormParams>(),
         layout::<norm::SoftmaxParams>(),
         layout::<rope::RopeParams>(),
+        layout::<rope::RopeKvParams>(),
         layout::<sample::SampleParams>(),
         layout::<sample::NoiseParams>(),
         layout::<sample::PhiloxKatParams>(),

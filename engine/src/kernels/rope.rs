@@ -87,6 +87,108 @@ impl Kernel for Rope {
     }
 }
 
+crate::params!(
+    /// Uniforms of `rope.wgsl`'s KV variant.
+    RopeKvParams, "rope.wgsl", ["KV"] {
+        n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
+        pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32,
+    }
+);
+
+/// A decoder layer's rotary step on the output of its stacked Q/K/V projection, rows of `[q |
+/// k | v]` for tokens at `pos + row`: returns q rotated (`[.., t, heads*d]`) and writes rotated
+/// k and plain v into the KV caches at row `pos + row`, in one dispatch (instead of two
+/// rotations and two copies). Inputs: qkv `[1, t, (heads + 2 kv_heads) d]` (or `[t, ..]`), the
+/// `[positions, half, 2]` table, then the caches `[1, cap, kv_heads d]`, written in place.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeKv {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub interleaved: bool,
+    pub pos: Dyn,
+}
+
+impl RopeKv {
+    fn head_dim(&self, width: usize) -> usize {
+        width / (self.heads + 2 * self.kv_heads).max(1)
+    }
+}
+
+impl Kernel for RopeKv {
+    fn name(&self) -> &'static str {
+        "rope_kv"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        for i in ins {
+            need_f32(self.name(), i.1)?;
+        }
+        let (x, t, kc, vc) = (ins[0].0, ins[1].0, ins[2].0, ins[3].0);
+        let width = *x.last().unwrap_or(&0);
+        let d = self.head_dim(width);
+        let batch_one = x.len() == 2 || (x.len() == 3 && x[0] == 1);
+        if self.heads == 0
+            || self.kv_heads == 0
+            || d == 0
+            || width != (self.heads + 2 * self.kv_heads) * d
+            || !batch_one
+        {
+            return Err(err(format!(
+                "input {x:?} needs [1, t, (heads + 2 kv_heads) * d] with {} heads and {} kv heads",
+                self.heads, self.kv_heads
+            )));
+        }
+        if t.len() != 3 || t[2] != 2 || t[0] == 0 || t[1] == 0 || 2 * t[1] > d {
+            return Err(err(format!(
+                "table {t:?} needs [positions, half, 2] with 2 half <= head dim {d}"
+            )));
+        }
+        let kvw = self.kv_heads * d;
+        if kc != vc || kc.last() != Some(&kvw) {
+            return Err(err(format!(
+                "caches {kc:?} and {vc:?} need [.., cap, {kvw}]"
+            )));
+        }
+        let rows = x.len() - 2;
+        let mut out = x[..rows + 1].to_vec();
+        out.push(self.heads * d);
+        f32_out(&out)
+    }
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let x = &ins[0];
+        let d = self.head_dim(*x.shape.last().unwrap_or(&1));
+        let [pos_add, pos_slot, pos_mul] = self.pos.words();
+        let p = RopeKvParams {
+            n: u(x.numel()),
+            heads: u(self.heads),
+            kv_heads: u(self.kv_heads),
+            d: u(d),
+            half: u(ins[1].shape[1]),
+            positions: u(ins[1].shape[0]),
+            interleaved: self.interleaved as u32,
+            pos_add,
+            pos_slot,
+            pos_mul,
+            cap_rows: u(ins[2].numel() / (self.kv_heads * d).max(1)),
+        };
+        Ok(vec![dispatch(
+            KernelKey::new("rope.wgsl", "main").def("KV", ""),
+            &p,
+            vec![
+                Binding::read(x.buf()),
+                Binding::read(ins[1].buf()),
+                Binding::write(out.buf()),
+                Binding::write(ins[2].buf()),
+                Binding::write(ins[3].buf()),
+            ],
+            elementwise_groups(x.numel()),
+        )])
+    }
+}
+
 /// The rotary table `[positions, half, 2]` of (cos, sin) of the angle `p * inv_freq[i]` for
 /// every position `p < positions`. The angle is rounded to f32 as transformers forms it
 /// (`inv_freq.float() @ position_ids.float()`); cos and sin are evaluated in f64 and rounded, so

@@ -4,7 +4,7 @@
 //! back into it, so decode needs nothing from the CPU but the run scalars.
 
 use super::config::LlmConfig;
-use super::weights::LlmWeights;
+use super::weights::{LlmWeights, Stacked};
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -109,26 +109,42 @@ pub async fn build_step(
     let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
     let mut x = g.reshape(x, &[1, tokens, h])?;
     for (i, lw) in w.layers.iter().enumerate() {
-        let t = |g: &mut Graph, t: &Arc<Tensor>| g.tensor(t);
-        let tb = |g: &mut Graph, t: &Option<Arc<Tensor>>| t.as_ref().map(|t| g.tensor(t));
         // Attention block.
-        let attn_norm = t(&mut g, &lw.attn_norm);
+        let attn_norm = g.tensor(&lw.attn_norm);
         let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
-        let (wq, wk, wv, wo) = (
-            t(&mut g, &lw.wq),
-            t(&mut g, &lw.wk),
-            t(&mut g, &lw.wv),
-            t(&mut g, &lw.wo),
-        );
-        let (bq, bk, bv) = (tb(&mut g, &lw.bq), tb(&mut g, &lw.bk), tb(&mut g, &lw.bv));
-        let q = g.linear(hn, wq, bq)?; // [1, t, heads*d]
-        let k = g.linear(hn, wk, bk)?; // [1, t, kv_heads*d]
-        let v = g.linear(hn, wv, bv)?;
-        let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-        let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
         let (kc, vc) = (g.tensor(&kv.k[i]), g.tensor(&kv.v[i]));
-        g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
-        g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;
+        let q = match &lw.qkv {
+            // One product for Q/K/V, then one kernel rotates q and k and writes k and v into
+            // the caches at the run-time position.
+            Stacked::One { w, bias } => {
+                let (w, b) = (g.tensor(w), bias.as_ref().map(|b| g.tensor(b)));
+                let qkv = g.linear(hn, w, b)?; // [1, t, (heads + 2 kv_heads) d]
+                let interleaved = cfg.rope_interleaved;
+                g.rope_kv(
+                    qkv,
+                    rope,
+                    kc,
+                    vc,
+                    cfg.heads,
+                    cfg.kv_heads,
+                    interleaved,
+                    Dyn::slot(pos),
+                )?
+            }
+            Stacked::Apart(p) => {
+                let mut out = Vec::with_capacity(3);
+                for (w, b) in p {
+                    let (w, b) = (g.tensor(w), b.as_ref().map(|b| g.tensor(b)));
+                    out.push(g.linear(hn, w, b)?);
+                }
+                let (q, k, v) = (out[0], out[1], out[2]);
+                let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+                let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+                g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
+                g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;
+                q
+            }
+        };
         // Query i sits at pos + i and sees keys 0..=pos + i; the cache holds pos + t keys.
         let a = g.attention(
             q,
@@ -140,19 +156,30 @@ pub async fn build_step(
             Dyn::slot(pos),
             Dyn::affine(pos, 1, tokens as u32),
         )?;
-        let bo = tb(&mut g, &lw.bo);
+        let (wo, bo) = (g.tensor(&lw.wo), lw.bo.as_ref().map(|b| g.tensor(b)));
         x = g.linear_add(a, wo, bo, x)?; // x + o_proj(a), [1, t, h]
-                                         // Feed-forward block (SwiGLU).
-        let ffn_norm = t(&mut g, &lw.ffn_norm);
+
+        // Feed-forward block (SwiGLU).
+        let ffn_norm = g.tensor(&lw.ffn_norm);
         let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
-        let (wg, wu, wd) = (
-            t(&mut g, &lw.w_gate),
-            t(&mut g, &lw.w_up),
-            t(&mut g, &lw.w_down),
-        );
-        let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
-        let up = g.linear(hn, wu, None)?;
-        let m = g.glu(GluInput::Pair { gate, up }, Act::Silu)?;
+        let m = match &lw.gate_up {
+            Stacked::One { w, .. } => {
+                let w = g.tensor(w);
+                let gu = g.linear(hn, w, None)?; // [1, t, 2 intermediate]: gate, then up
+                let input = GluInput::Halves {
+                    x: gu,
+                    gate_first: true,
+                };
+                g.glu(input, Act::Silu)?
+            }
+            Stacked::Apart(p) => {
+                let (wg, wu) = (g.tensor(&p[0].0), g.tensor(&p[1].0));
+                let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
+                let up = g.linear(hn, wu, None)?;
+                g.glu(GluInput::Pair { gate, up }, Act::Silu)?
+            }
+        };
+        let wd = g.tensor(&lw.w_down);
         x = g.linear_add(m, wd, None, x)?; // x + down_proj(m), [1, t, h]
     }
     // Only the last valid token needs logits.

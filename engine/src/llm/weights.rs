@@ -9,20 +9,27 @@ use crate::tensor::Tensor;
 use crate::weights::Weights;
 use std::sync::Arc;
 
+/// Projections a layer applies to the same input: stacked by rows into one matrix (one product)
+/// when the checkpoint stores them in one dtype, else apart (a GGUF may quantize Q, K and V
+/// differently).
+pub enum Stacked {
+    One {
+        w: Arc<Tensor>,
+        bias: Option<Arc<Tensor>>,
+    },
+    Apart(Vec<(Arc<Tensor>, Option<Arc<Tensor>>)>),
+}
+
 /// Weights of one decoder layer.
 pub struct LayerWeights {
     pub attn_norm: Arc<Tensor>,
-    pub wq: Arc<Tensor>,
-    pub wk: Arc<Tensor>,
-    pub wv: Arc<Tensor>,
-    pub bq: Option<Arc<Tensor>>,
-    pub bk: Option<Arc<Tensor>>,
-    pub bv: Option<Arc<Tensor>>,
+    /// q_proj, k_proj, v_proj (rows in that order).
+    pub qkv: Stacked,
     pub wo: Arc<Tensor>,
     pub bo: Option<Arc<Tensor>>,
     pub ffn_norm: Arc<Tensor>,
-    pub w_gate: Arc<Tensor>,
-    pub w_up: Arc<Tensor>,
+    /// gate_proj, up_proj.
+    pub gate_up: Stacked,
     pub w_down: Arc<Tensor>,
 }
 
@@ -87,27 +94,56 @@ impl LlmWeights {
         for i in 0..cfg.layers {
             let l = model.pp("layers").pp(i);
             let (attn, mlp) = (l.pp("self_attn"), l.pp("mlp"));
-            let b = |s: &str, n: usize| -> Result<Option<Arc<Tensor>>> {
-                if bias {
-                    attn.get(s, &[n]).map(Some)
-                } else {
-                    attn.optional(s, &[n])
-                }
+            let qkv_rows = [cfg.heads * d, kv * d, kv * d];
+            let qkv = ["q_proj", "k_proj", "v_proj"];
+            let has_bias = bias || attn.has("q_proj.bias");
+            let weights: Vec<String> = qkv.iter().map(|n| format!("{n}.weight")).collect();
+            let biases: Vec<String> = qkv.iter().map(|n| format!("{n}.bias")).collect();
+            let (wn, bn): (Vec<&str>, Vec<&str>) = (
+                weights.iter().map(String::as_str).collect(),
+                biases.iter().map(String::as_str).collect(),
+            );
+            let stacked = attn.get_stacked(&wn, &qkv_rows.map(|r| [r, h]))?;
+            let qkv = match stacked {
+                Some(w) => Stacked::One {
+                    w,
+                    bias: if has_bias {
+                        Some(attn.get_stacked_f32(&bn, &qkv_rows)?)
+                    } else {
+                        None
+                    },
+                },
+                None => Stacked::Apart(
+                    (0..3)
+                        .map(|i| {
+                            let w = attn.get(&weights[i], &[qkv_rows[i], h])?;
+                            let b = if has_bias {
+                                Some(attn.get(&biases[i], &[qkv_rows[i]])?)
+                            } else {
+                                None
+                            };
+                            Ok((w, b))
+                        })
+                        .collect::<Result<_>>()?,
+                ),
+            };
+            let inter = cfg.intermediate;
+            let gu = mlp.get_stacked(&["gate_proj.weight", "up_proj.weight"], &[[inter, h]; 2])?;
+            let gate_up = match gu {
+                Some(w) => Stacked::One { w, bias: None },
+                None => Stacked::Apart(vec![
+                    (mlp.get("gate_proj.weight", &[inter, h])?, None),
+                    (mlp.get("up_proj.weight", &[inter, h])?, None),
+                ]),
             };
             layers.push(LayerWeights {
                 attn_norm: l.get("input_layernorm.weight", &[h])?,
-                wq: attn.get("q_proj.weight", &[cfg.heads * d, h])?,
-                wk: attn.get("k_proj.weight", &[kv * d, h])?,
-                wv: attn.get("v_proj.weight", &[kv * d, h])?,
-                bq: b("q_proj.bias", cfg.heads * d)?,
-                bk: b("k_proj.bias", kv * d)?,
-                bv: b("v_proj.bias", kv * d)?,
+                qkv,
                 wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
                 bo: attn.optional("o_proj.bias", &[h])?,
                 ffn_norm: l.get("post_attention_layernorm.weight", &[h])?,
-                w_gate: mlp.get("gate_proj.weight", &[cfg.intermediate, h])?,
-                w_up: mlp.get("up_proj.weight", &[cfg.intermediate, h])?,
-                w_down: mlp.get("down_proj.weight", &[h, cfg.intermediate])?,
+                gate_up,
+                w_down: mlp.get("down_proj.weight", &[h, inter])?,
             });
             on_progress(i + 2, total);
         }
