@@ -377,7 +377,7 @@ fn sharded_component_matches_single_file() {
         .remove("unet/diffusion_pytorch_model.safetensors")
         .unwrap();
     let tmp = std::env::temp_dir().join(format!("kiln-sharded-{}", std::process::id()));
-    for (name, _) in &files {
+    for name in files.keys() {
         let p = tmp.join(name);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::copy(d.join(name), p).unwrap();
