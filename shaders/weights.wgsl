@@ -1,6 +1,7 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
 // declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
-// One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_K, W_Q6_K.
+// One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1, W_Q5_0,
+// W_Q5_1, W_Q4_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
 //   w_lane_dot(rb, blk, sub, xo) (block formats, WITH_DOT) lane sub's share (of W_LPB lanes) of
 //                      the dot of block blk (W_BLOCK elements) with x[xo..]; scales applied once
@@ -95,6 +96,83 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let q = w[b + 1u + sub];
     let s = dot4u(q & 0x0f0f0f0fu, xo + 4u * sub, 8.0) + dot4u((q >> 4u) & 0x0f0f0f0fu, xo + 16u + 4u * sub, 8.0);
     return bitcast<f32>(w[b]) * s;
+}
+#endif
+#endif
+
+#ifdef W_Q4_1
+// 6 words per block: d, m (f32), then 16 nibble bytes as Q4_0. Element = q * d + m.
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let b = rb + (k / 32u) * 6u;
+    let i = k % 32u;
+    let j = i % 16u;
+    let byte = byte_of(w[b + 2u + j / 4u], j % 4u);
+    let q = select(byte & 15u, byte >> 4u, i >= 16u);
+    return bitcast<f32>(w[b]) * f32(q) + bitcast<f32>(w[b + 1u]);
+}
+#ifdef WITH_DOT
+#define W_LPB 4
+#define W_BLOCK 32
+// Lane `sub` of 4 takes quant word `sub`: d * sum(q x) + m * sum(x).
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let b = rb + blk * 6u;
+    let q = w[b + 2u + sub];
+    let lo = xo + 4u * sub;
+    let hi = xo + 16u + 4u * sub;
+    let s = dot4u(q & 0x0f0f0f0fu, lo, 0.0) + dot4u((q >> 4u) & 0x0f0f0f0fu, hi, 0.0);
+    let sx = x[lo] + x[lo + 1u] + x[lo + 2u] + x[lo + 3u] + x[hi] + x[hi + 1u] + x[hi + 2u] + x[hi + 3u];
+    return bitcast<f32>(w[b]) * s + bitcast<f32>(w[b + 1u]) * sx;
+}
+#endif
+#endif
+
+#ifdef W_Q5_0
+#define W_Q5
+#define Q5_WORDS 6u
+#define Q5_QH 1u
+#endif
+#ifdef W_Q5_1
+#define W_Q5
+#define Q5_WORDS 7u
+#define Q5_QH 2u
+#endif
+#ifdef W_Q5
+// Q5_0: d, qh, 16 nibble bytes (element = d * (q - 16)); Q5_1: d, m, qh, nibbles (q * d + m).
+// The fifth bit of element j is bit j of qh.
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let b = rb + (k / 32u) * Q5_WORDS;
+    let i = k % 32u;
+    let j = i % 16u;
+    let byte = byte_of(w[b + Q5_QH + 1u + j / 4u], j % 4u);
+    let q = select(byte & 15u, byte >> 4u, i >= 16u) | (((w[b + Q5_QH] >> i) & 1u) << 4u);
+#ifdef W_Q5_0
+    return bitcast<f32>(w[b]) * (f32(q) - 16.0);
+#else
+    return bitcast<f32>(w[b]) * f32(q) + bitcast<f32>(w[b + 1u]);
+#endif
+}
+#ifdef WITH_DOT
+#define W_LPB 4
+#define W_BLOCK 32
+// Bits 0..3 of `h` moved to bit 4 of each byte.
+fn q5_spread(h: u32) -> u32 {
+    return ((h & 1u) << 4u) | ((h & 2u) << 11u) | ((h & 4u) << 18u) | ((h & 8u) << 25u);
+}
+// Lane `sub` of 4 takes quant word `sub` and the matching eight bits of qh.
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let b = rb + blk * Q5_WORDS;
+    let q = w[b + Q5_QH + 1u + sub];
+    let qh = w[b + Q5_QH];
+    let lo_q = (q & 0x0f0f0f0fu) | q5_spread((qh >> (4u * sub)) & 15u);
+    let hi_q = ((q >> 4u) & 0x0f0f0f0fu) | q5_spread((qh >> (16u + 4u * sub)) & 15u);
+    let lo = xo + 4u * sub;
+    let hi = xo + 16u + 4u * sub;
+#ifdef W_Q5_0
+    return bitcast<f32>(w[b]) * (dot4u(lo_q, lo, 16.0) + dot4u(hi_q, hi, 16.0));
+#else
+    let sx = x[lo] + x[lo + 1u] + x[lo + 2u] + x[lo + 3u] + x[hi] + x[hi + 1u] + x[hi + 2u] + x[hi + 3u];
+    return bitcast<f32>(w[b]) * (dot4u(lo_q, lo, 0.0) + dot4u(hi_q, hi, 0.0)) + bitcast<f32>(w[b + 1u]) * sx;
+#endif
 }
 #endif
 #endif

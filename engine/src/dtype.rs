@@ -8,6 +8,11 @@
 //! - `Q8_0` (32 elements): 9 words = scale `d` as f32, then the 32 int8 quants as in GGUF.
 //! - `Q4_0` (32 elements): 5 words = scale `d` as f32, then GGUF's 16 nibble bytes
 //!   (byte `j`: element `j` in the low nibble, element `j + 16` in the high one).
+//! - `Q4_1` (32 elements): 6 words = `d`, `m` as f32, then GGUF's 16 nibble bytes (as Q4_0;
+//!   element = q * d + m).
+//! - `Q5_0` (32 elements): 6 words = `d` as f32, the 32 high bits `qh` (bit `j` for element `j`),
+//!   then the 16 nibble bytes of the low four bits (as Q4_0); element = d * (q - 16).
+//! - `Q5_1` (32 elements): 7 words = `d`, `m` as f32, `qh`, the 16 nibble bytes; q * d + m.
 //! - `Q4_K` (256 elements): GGUF's 144-byte block unchanged (36 words: `d`,`dmin` as f16
 //!   pair, 12 bytes of 6-bit scales/mins, 128 nibble bytes).
 //! - `Q6_K` (256 elements): 53 words = GGUF's `ql`(128 B) `qh`(64 B) `scales`(16 x i8),
@@ -26,18 +31,24 @@ pub enum DType {
     U32,
     Q8_0,
     Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
     Q4_K,
     Q6_K,
 }
 
 impl DType {
     /// All weight dtypes the matvec/matmul/gather kernels accept.
-    pub const WEIGHTS: [DType; 7] = [
+    pub const WEIGHTS: [DType; 10] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q8_0,
         DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
         DType::Q4_K,
         DType::Q6_K,
     ];
@@ -45,7 +56,7 @@ impl DType {
     /// Elements per block (1 for plain types).
     pub fn block_elems(self) -> usize {
         match self {
-            DType::Q8_0 | DType::Q4_0 => 32,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
             DType::Q4_K | DType::Q6_K => 256,
             _ => 1,
         }
@@ -58,6 +69,9 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
             DType::Q4_K => 144,
             DType::Q6_K => 210,
         }
@@ -68,6 +82,8 @@ impl DType {
         match self {
             DType::Q8_0 => 9,
             DType::Q4_0 => 5,
+            DType::Q4_1 | DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
             DType::Q4_K => 36,
             DType::Q6_K => 53,
             _ => 0,
@@ -88,6 +104,9 @@ impl DType {
             DType::U32 => "u32",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
             DType::Q4_K => "q4_k",
             DType::Q6_K => "q6_k",
         }
@@ -180,6 +199,40 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 let qs = &b[2..];
                 y.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
                 y.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+        }
+        DType::Q4_1 => {
+            for b in bytes.chunks_exact(20) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qs = &b[4..];
+                y.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
+                y.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+        }
+        DType::Q5_0 | DType::Q5_1 => {
+            let (fb, hm) = if dtype == DType::Q5_0 {
+                (22, 2)
+            } else {
+                (24, 4)
+            };
+            for b in bytes.chunks_exact(fb) {
+                let d = f16_at(b, 0);
+                let m = if dtype == DType::Q5_1 {
+                    f16_at(b, 2)
+                } else {
+                    0.0
+                };
+                let qh = u32::from_le_bytes([b[hm], b[hm + 1], b[hm + 2], b[hm + 3]]);
+                let qs = &b[hm + 4..];
+                for j in 0..32 {
+                    let nib = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+                    let q = (nib as u32 | ((qh >> j) & 1) << 4) as i32;
+                    y.push(if dtype == DType::Q5_0 {
+                        d * (q - 16) as f32
+                    } else {
+                        d * q as f32 + m
+                    });
+                }
             }
         }
         DType::Q4_K => {
@@ -316,6 +369,20 @@ pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result
                     g[0] = f16_at(blk, 0).to_bits();
                     for w in 1..gw {
                         g[w] = word(blk, 2 + 4 * (w - 1));
+                    }
+                }
+            }
+            DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
+                // Scales widened to f32 words, then the (unaligned in the file) words as they come.
+                let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
+                let scales = if dtype == DType::Q5_0 { 1 } else { 2 };
+                for (b, blk) in src.chunks_exact(fb).enumerate() {
+                    let g = &mut dst[b * gw..(b + 1) * gw];
+                    for (i, gs) in g.iter_mut().take(scales).enumerate() {
+                        *gs = f16_at(blk, 2 * i).to_bits();
+                    }
+                    for w in scales..gw {
+                        g[w] = word(blk, 2 * scales + 4 * (w - scales));
                     }
                 }
             }

@@ -176,6 +176,17 @@ pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -
             }
             out
         }
+        DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
+            let mut out = Vec::new();
+            for _ in 0..n / 32 {
+                out.extend(scale(rng, 0.002, 0.05));
+                if dtype != DType::Q5_0 {
+                    out.extend(scale(rng, -0.3, 0.3)); // the min
+                }
+                out.extend(rng.bytes(if dtype == DType::Q4_1 { 16 } else { 20 }));
+            }
+            out
+        }
         DType::Q4_K => {
             let mut out = Vec::new();
             for _ in 0..n / 256 {

@@ -18,7 +18,15 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(b)
 }
 
-const TYPES: [DType; 4] = [DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K];
+const TYPES: [DType; 7] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q4_K,
+    DType::Q6_K,
+];
 
 #[test]
 fn cpu_dequantize_equals_gguf_py_bitwise() {
