@@ -69,6 +69,12 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
 /// f32 rounding may legitimately flip the argmax), and their log-probabilities agree within 2e-3.
 fn check_run(case: &str, run: &Value, prompt: &[u32], chunk: usize) {
     let weights = run["weights"].as_str().unwrap();
+    check_run_files(case, files(case, weights), run, prompt, chunk);
+}
+
+/// [`check_run`] on given model files.
+fn check_run_files(case: &str, files: ModelFiles, run: &Value, prompt: &[u32], chunk: usize) {
+    let weights = run["weights"].as_str().unwrap();
     let want = ids(&run["ids"]);
     let want_lp: Vec<f64> = run["logprobs"]
         .as_array()
@@ -82,15 +88,18 @@ fn check_run(case: &str, run: &Value, prompt: &[u32], chunk: usize) {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    let mut m = load(
-        case,
-        weights,
-        LoadOptions {
-            ctx: 128,
-            prefill_chunk: chunk,
-            ..Default::default()
-        },
-    );
+    let opts = LoadOptions {
+        ctx: 128,
+        prefill_chunk: chunk,
+        ..Default::default()
+    };
+    let mut m = pollster::block_on(TextModel::load(
+        &kiln_tests::gpu(),
+        files,
+        &opts,
+        &mut |_, _| {},
+    ))
+    .unwrap_or_else(|e| panic!("{case} {weights}: {e}"));
     let g = pollster::block_on(m.generate(prompt, &greedy(want.len()), &mut |_| true)).unwrap();
     let firm = margins.iter().position(|&x| x < 0.01).unwrap_or(want.len());
     let n = firm.min(g.ids.len());
@@ -127,6 +136,24 @@ fn check_case(case: &str) {
     let prompt = ids(&e["prompt_ids"]);
     for run in e["runs"].as_array().unwrap() {
         check_run(case, run, &prompt, 64);
+    }
+}
+
+/// GGUF block types beyond the main fixtures (Q4_1, Q5_0, Q5_1): the llama-q-256 model in each,
+/// against transformers on the same file as gguf-py dequantizes it
+/// (tools/make_gguf_type_fixtures.py).
+#[test]
+fn parity_gguf_q4_1_q5_0_q5_1() {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm-gguf-types");
+    let e = kiln_tests::read_json(&d.join("expected.json"));
+    let prompt = ids(&e["prompt_ids"]);
+    let runs = e["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for run in runs {
+        let path = d.join(run["weights"].as_str().unwrap());
+        let files = kiln::formats::files::read_model_path(&path).unwrap();
+        check_run_files("llama-q-256", files.clone(), run, &prompt, 64);
+        check_run_files("llama-q-256", files, run, &prompt, 3);
     }
 }
 
