@@ -118,10 +118,12 @@ fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
         DType::F16 | DType::BF16 | DType::F32 => {
             return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap_or_default()
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1 | DType::Q4_K => {
+            // The f16 scale first, and the f16 min (or dmin) next where the format has one.
+            let two = matches!(dtype, DType::Q4_1 | DType::Q5_1 | DType::Q4_K);
             for blk in b.chunks_mut(bb) {
                 blk[..2].copy_from_slice(&scale);
-                if dtype == DType::Q4_K {
+                if two {
                     blk[2..4].copy_from_slice(&scale);
                 }
             }
