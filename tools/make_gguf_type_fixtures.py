@@ -21,7 +21,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-import make_llm_fixtures as base  # noqa: E402  (greedy, load_reference, gguf_state_dict)
+import make_llm_fixtures as base  # noqa: E402  (copy_fields, greedy, load_reference, gguf_state_dict)
 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -38,13 +38,7 @@ TYPES = {
 def requantize(src, dst, qt, ftype):
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
-    for field in r.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        val = int(ftype) if field.name == "general.file_type" else field.contents()
-        w.add_key_value(field.name, val, vtype, sub_type=sub)
+    base.copy_fields(r, w, ftype)
     for t in r.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if data.ndim == 1:

@@ -483,13 +483,9 @@ def quantize(x2d, qtype):
     return blocks.reshape(rows, -1)
 
 
-def repack(src, dst, scheme):
+def copy_fields(r, w, ftype):
+    """Every metadata key of reader `r` into writer `w`, with general.file_type set to `ftype`."""
     import gguf
-    from gguf import GGMLQuantizationType as Q
-    r = gguf.GGUFReader(str(src))
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(str(dst), arch)
-    ftype = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[scheme]
     for field in r.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
             continue
@@ -497,6 +493,16 @@ def repack(src, dst, scheme):
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         val = int(ftype) if field.name == "general.file_type" else field.contents()
         w.add_key_value(field.name, val, vtype, sub_type=sub)
+
+
+def repack(src, dst, scheme):
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    ftype = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[scheme]
+    copy_fields(r, w, ftype)
     for t in r.tensors:
         assert t.tensor_type == Q.F32, t.name
         data = np.array(t.data, dtype=np.float32)
