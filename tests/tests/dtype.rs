@@ -18,19 +18,14 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(b)
 }
 
-const TYPES: [DType; 7] = [
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q4_K,
-    DType::Q6_K,
-];
+/// Every block-quantized weight type the engine has.
+fn types() -> impl Iterator<Item = DType> {
+    DType::WEIGHTS.into_iter().filter(|d| d.is_quantized())
+}
 
 #[test]
 fn cpu_dequantize_equals_gguf_py_bitwise() {
-    for dt in TYPES {
+    for dt in types() {
         let blocks = fixture(&format!("{dt}.blocks.bin"));
         let want = f32s(&fixture(&format!("{dt}.dequant.f32")));
         let got = dequantize(dt, &blocks, want.len()).unwrap();
@@ -64,7 +59,7 @@ fn quantize_on_load_equals_gguf_py_bytes() {
 
 #[test]
 fn gpu_dequantization_matches_gguf_py() {
-    for dt in TYPES {
+    for dt in types() {
         let blocks = fixture(&format!("{dt}.blocks.bin"));
         let want = f32s(&fixture(&format!("{dt}.dequant.f32")));
         let rows = 8;

@@ -186,19 +186,19 @@ impl Kernel for Linear {
                     has_bias,
                     has_res,
                 };
-                let (key, groups) =
-                    if software && std::env::var("KILN_SG").is_ok() && ctx.gpu.features.subgroups {
-                        let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
-                        (key, grid(u(part.rows.div_ceil(8) * m_total)))
-                    } else if software {
-                        // One invocation per output row, 64 per workgroup.
-                        let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS", "");
-                        (key, grid(u((part.rows * m_total).div_ceil(64))))
-                    } else {
-                        // Four rows per workgroup of 256, 64 lanes each.
-                        let key = weight_key("matvec.wgsl", w.dtype)?;
-                        (key, grid(u(part.rows.div_ceil(4) * m_total)))
-                    };
+                let (key, groups) = if software && ctx.gpu.features.subgroups {
+                    // One row per subgroup, 8 rows per workgroup of 64.
+                    let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
+                    (key, grid(u(part.rows.div_ceil(8) * m_total)))
+                } else if software {
+                    // One invocation per output row, 64 per workgroup.
+                    let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS", "");
+                    (key, grid(u((part.rows * m_total).div_ceil(64))))
+                } else {
+                    // Four rows per workgroup of 256, 64 lanes each.
+                    let key = weight_key("matvec.wgsl", w.dtype)?;
+                    (key, grid(u(part.rows.div_ceil(4) * m_total)))
+                };
                 ds.push(dispatch(key, &p, bindings, groups));
             } else {
                 let p = MatmulParams {

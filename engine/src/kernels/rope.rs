@@ -8,6 +8,19 @@ use super::{
 };
 use crate::error::{shape_err, Result};
 
+/// The rotary table `[positions, half, 2]` (cos, sin) must have a position and fit head dim `d`.
+fn check_table(op: &str, t: &[usize], d: usize) -> Result<()> {
+    if t.len() != 3 || t[2] != 2 || t[0] == 0 || t[1] == 0 || 2 * t[1] > d {
+        return Err(shape_err(
+            op,
+            format!(
+                "table {t:?} needs [positions, half, 2] (cos, sin) with 2 half <= head dim {d}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 crate::params!(
     /// Uniforms of `rope.wgsl`.
     RopeParams, "rope.wgsl", [] {
@@ -43,16 +56,7 @@ impl Kernel for Rope {
             )));
         }
         let d = w / heads;
-        let t = ins[1].0;
-        if t.len() != 3 || t[2] != 2 || t[0] == 0 {
-            return Err(err(format!(
-                "table {t:?} needs [positions, half, 2] (cos, sin)"
-            )));
-        }
-        let half = t[1];
-        if 2 * half > d || half == 0 {
-            return Err(err(format!("{half} frequencies do not fit head dim {d}")));
-        }
+        check_table(self.name(), ins[1].0, d)?;
         f32_out(x)
     }
 
@@ -139,11 +143,7 @@ impl Kernel for RopeKv {
                 self.heads, self.kv_heads
             )));
         }
-        if t.len() != 3 || t[2] != 2 || t[0] == 0 || t[1] == 0 || 2 * t[1] > d {
-            return Err(err(format!(
-                "table {t:?} needs [positions, half, 2] with 2 half <= head dim {d}"
-            )));
-        }
+        check_table(self.name(), t, d)?;
         let kvw = self.kv_heads * d;
         if kc != vc || kc.last() != Some(&kvw) {
             return Err(err(format!(
