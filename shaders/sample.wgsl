@@ -1,8 +1,9 @@
 // Token sampling on the GPU; the semantics are documented on kernels::sample::SamplerSettings
 // and mirrored by reference::sample::sample.
-// Bindings: 2 logits: array<f32> [V]; 3 settings: array<f32> [8] (SamplerSettings::to_f32s);
+// Bindings: 2 logits: array<f32> [V]; 3 settings: array<f32> [9] (SamplerSettings::to_f32s);
 //           4 history: array<u32> [cap] (window read, then history[c] = id if c < cap);
-//           5 out: array<u32> [2] = (id, f32 bits of log_softmax(raw logits)[id]);
+//           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
+//             settings[8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
 //           6 work: array<u32> [2V] scratch: [0, V) f32 bits of the penalized, scaled logits s,
 //             [V, 2V) integer weights w = floor(exp(s - max s) * 2^31).
 // Params: V, cap, counter c and seed as Dyn words (add, slot, mul).
@@ -111,6 +112,18 @@ fn sum64(li: u32, v: vec2<u32>) -> vec2<u32> {
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (li < s) { red64[li] = add64(red64[li], red64[li + s]); }
+        workgroupBarrier();
+    }
+    return workgroupUniformLoad(&red64[0]);
+}
+
+// The largest (hi, lo) pair, compared as one 64-bit number.
+fn max64(li: u32, v: vec2<u32>) -> vec2<u32> {
+    workgroupBarrier();
+    red64[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (li < s && !ge64(red64[li], red64[li + s])) { red64[li] = red64[li + s]; }
         workgroupBarrier();
     }
     return workgroupUniformLoad(&red64[0]);
@@ -253,6 +266,24 @@ fn main(@builtin(local_invocation_index) li: u32) {
             }
         }
     }
+    // The most likely ids for top_logprobs: round r finds the largest (key, -index) below the
+    // one of round r - 1, so ties go to the lower index as in the greedy path.
+    let top_n = min(u32(max(settings[8], 0.0)), min(v, 20u));
+    var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
+    for (var r = 0u; r < top_n; r++) {
+        var best = vec2<u32>(0u, 0u);
+        for (var i = li; i < v; i += WG) {
+            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[i]))));
+            if (!ge64(cand, prev) && ge64(cand, best)) { best = cand; }
+        }
+        prev = max64(li, best);
+        if (li == 0u) {
+            let id = ~prev.x;
+            out[2u + 2u * r] = id;
+            out[3u + 2u * r] = bitcast<u32>(clean(logits[id]) - log_z);
+        }
+    }
+
     workgroupBarrier();
     if (li == 0u) {
         let id = min(chosen, v - 1u);

@@ -232,6 +232,12 @@ impl TextTokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// The text of one token as a reply shows it (special tokens included; bytes that do not
+    /// form whole characters become U+FFFD).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

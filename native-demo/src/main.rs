@@ -6,12 +6,16 @@ mod bench_text;
 mod defaults;
 mod hub;
 mod image;
+mod serve;
 mod window;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln::llm::{LoadOptions, Quantize, TextModel, TextOptions};
+use kiln::llm::chat::{Overflow, Sampling};
+use kiln::llm::{
+    ChatRequest, LoadOptions, Message, Prepared, Quantize, ResponseMeta, TextModel, TextOptions,
+};
 use kiln::{Gpu, GpuOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +40,8 @@ enum Cmd {
     Chat(ChatArgs),
     /// Generate an image with a Stable Diffusion pipeline.
     Image(image::ImageArgs),
+    /// Serve the models over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Benchmarks: `kernels` or `text`.
     Bench(bench::BenchArgs),
     /// List adapters, features and limits.
@@ -46,7 +52,7 @@ enum Cmd {
 struct ModelArgs {
     /// A model folder (config.json + safetensors + tokenizer.json), a .gguf file or a Hugging Face
     /// repo id. Default: the embedded King James Bible model (models/text-kjv).
-    #[arg(long)]
+    #[arg(short, long)]
     model: Option<String>,
     /// Quantize float matrices on load: none, q4 or q8.
     #[arg(long, default_value_t = LoadOptions::default().quantize)]
@@ -61,7 +67,7 @@ struct ModelArgs {
 #[derive(Args, Clone)]
 struct SamplingArgs {
     /// Maximum new tokens.
-    #[arg(long, default_value_t = DEFAULTS.max_tokens)]
+    #[arg(short = 'n', long, default_value_t = DEFAULTS.max_tokens)]
     max_tokens: usize,
     /// Temperature; 0 is greedy.
     #[arg(long, default_value_t = DEFAULTS.temperature)]
@@ -81,8 +87,9 @@ struct SamplingArgs {
     /// Previous tokens the penalty looks at.
     #[arg(long, default_value_t = DEFAULTS.repeat_window)]
     repeat_window: u32,
-    #[arg(long, default_value_t = DEFAULTS.seed)]
-    seed: u32,
+    /// Sampler seed (default: a random one, printed so the run can be repeated).
+    #[arg(long)]
+    seed: Option<u32>,
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -115,9 +122,12 @@ struct TextArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// The prompt text.
-    #[arg(long, conflicts_with = "prompt_ids")]
+    /// The prompt text; `-` reads it from standard input.
+    #[arg(short, long, conflicts_with_all = ["prompt_ids", "prompt_file"])]
     prompt: Option<String>,
+    /// Read the prompt from this file.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt_file: Option<PathBuf>,
     /// The prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
@@ -127,6 +137,9 @@ struct TextArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Print only the generated text (no progress, echo or summary).
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -140,9 +153,51 @@ struct ChatArgs {
     system: Option<String>,
 }
 
+/// Exit status of a usage error (bad flags or values; clap uses it too).
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status when the model cannot be found or loaded.
+pub const EXIT_MODEL: i32 = 3;
+/// Exit status when generation fails.
+pub const EXIT_GENERATION: i32 = 4;
+
+/// An error with the exit status of the stage that failed.
+#[derive(Debug)]
+pub struct Failed {
+    pub code: i32,
+    pub err: anyhow::Error,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.err)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+/// Tags errors with the exit status of their stage.
+pub trait Stage<T> {
+    fn stage(self, code: i32) -> Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> Stage<T> for std::result::Result<T, E> {
+    fn stage(self, code: i32) -> Result<T> {
+        self.map_err(|e| {
+            let err: anyhow::Error = e.into();
+            if err.is::<Failed>() {
+                err
+            } else {
+                Failed { code, err }.into()
+            }
+        })
+    }
+}
+
 /// The GPU, or an error that says how to get a driver.
 pub fn gpu() -> Result<Arc<Gpu>> {
-    pollster::block_on(Gpu::new(GpuOptions::default())).context("no usable GPU adapter")
+    pollster::block_on(Gpu::new(GpuOptions::default()))
+        .context("no usable GPU adapter")
+        .stage(EXIT_MODEL)
 }
 
 /// A spinner on stderr for work without a known length (hidden when `show` is false).
@@ -161,21 +216,32 @@ pub fn spinner(show: bool, msg: &str) -> ProgressBar {
 }
 
 fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
-    let files = if let Some(path) = &m.model {
+    load_model(gpu, m, quiet).stage(EXIT_MODEL)
+}
+
+/// The files of the text model `--model` names (the embedded one when absent) and its display
+/// name.
+pub fn text_files(model: Option<&str>) -> Result<(kiln::formats::ModelFiles, String)> {
+    Ok(if let Some(path) = model {
         let p = PathBuf::from(path);
-        if p.exists() {
+        let files = if p.exists() {
             kiln::formats::files::read_model_path(&p)?
         } else if hub::looks_like_repo_id(path) {
             hub::fetch(path)?
         } else {
             bail!("model '{path}' not found: pass a local folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or a Hugging Face repo id (owner/name, or owner/name:file.gguf)");
-        }
+        };
+        (files, path.to_string())
     } else {
-        if !quiet {
-            eprintln!("model: {}", defaults::TEXT_NAME);
-        }
-        defaults::text()
-    };
+        (defaults::text(), defaults::TEXT_NAME.to_string())
+    })
+}
+
+fn load_model(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
+    let (files, name) = text_files(m.model.as_deref())?;
+    if m.model.is_none() && !quiet {
+        eprintln!("model: {name}");
+    }
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -205,26 +271,52 @@ fn load(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
     Ok(model)
 }
 
+/// The prompt of `kiln text`: `--prompt` (`-` reads standard input) or `--prompt-file`.
+fn prompt_text(a: &TextArgs) -> Result<Option<String>> {
+    Ok(match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) if p == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading the prompt from standard input")?;
+            Some(s)
+        }
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the prompt file {}", f.display()))?,
+        ),
+        (None, None) => None,
+    })
+}
+
 fn text(a: TextArgs) -> Result<()> {
-    let gpu = gpu()?;
-    let t0 = std::time::Instant::now();
-    let mut model = load(&gpu, &a.model, a.json)?;
-    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let prompt_text = prompt_text(&a).stage(EXIT_USAGE)?;
+    if prompt_text.is_none() && a.prompt_ids.is_none() {
+        return Err(anyhow::anyhow!(
+            "give --prompt TEXT (or -p -, --prompt-file FILE) or --prompt-ids 1,2,3"
+        ))
+        .stage(EXIT_USAGE);
+    }
     let request = TextOptions {
-        prompt: a.prompt.clone(),
+        prompt: prompt_text.clone(),
         prompt_ids: a.prompt_ids.clone(),
         ..a.sampling.options()
     };
-    if request.prompt.is_none() && request.prompt_ids.is_none() {
-        bail!("give --prompt TEXT or --prompt-ids 1,2,3");
-    }
-    let prompt = request.prompt_ids(&model.tokenizer)?;
+    request.sampler().validate().stage(EXIT_USAGE)?;
+    let gpu = gpu()?;
+    let t0 = std::time::Instant::now();
+    let quiet = a.json || a.quiet;
+    let mut model = load(&gpu, &a.model, quiet)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let prompt = request
+        .prompt_ids(&model.tokenizer)
+        .stage(EXIT_GENERATION)?;
     let opts = request.generate_options();
     let json = a.json;
     let mut out = std::io::stdout();
     // The prompt is echoed once the first token is out; until then a spinner shows the prefill.
-    let mut echo = if json { None } else { a.prompt.clone() };
-    let spinner = spinner(!json, &format!("prefill of {} tokens", prompt.len()));
+    let mut echo = if quiet { None } else { prompt_text };
+    let spinner = spinner(!quiet, &format!("prefill of {} tokens", prompt.len()));
     let g = pollster::block_on(model.generate(&prompt, &opts, &mut |piece| {
         spinner.finish_and_clear();
         if !json {
@@ -235,7 +327,8 @@ fn text(a: TextArgs) -> Result<()> {
             let _ = out.flush();
         }
         true
-    }))?;
+    }))
+    .stage(EXIT_GENERATION)?;
     spinner.finish_and_clear();
     if json {
         let mut v = g.to_json();
@@ -249,31 +342,44 @@ fn text(a: TextArgs) -> Result<()> {
         if a.logprobs {
             eprintln!("logprobs: {:?}", g.logprobs);
         }
-        eprintln!(
-            "[{} prompt + {} generated tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.0} ms; stop: {}]",
-            g.prompt_ids.len(),
-            g.ids.len(),
-            g.timings.prefill_tok_s,
-            g.timings.decode_tok_s,
-            g.timings.ttft_ms,
-            g.stop
-        );
+        if !a.quiet {
+            eprintln!(
+                "[{} prompt + {} generated tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.0} ms; stop: {}; seed: {}]",
+                g.prompt_ids.len(),
+                g.ids.len(),
+                g.timings.prefill_tok_s,
+                g.timings.decode_tok_s,
+                g.timings.ttft_ms,
+                g.stop,
+                g.seed
+            );
+        }
     }
     Ok(())
 }
 
+/// `kiln chat`: the conversation goes through the engine's chat-completion core (the one
+/// `kiln serve` and the npm package use), so each turn reuses the keys and values of the
+/// conversation so far and prefills only the new turn; the oldest messages are dropped when
+/// the context is full.
 fn chat(a: ChatArgs) -> Result<()> {
     let gpu = gpu()?;
     let mut model = load(&gpu, &a.model, false)?;
     if model.tokenizer.chat_template.is_none() {
-        bail!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')");
+        return Err(anyhow::anyhow!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')")).stage(EXIT_MODEL);
     }
-    let mut messages: Vec<(String, String)> = Vec::new();
+    let mut messages: Vec<Message> = Vec::new();
     if let Some(s) = &a.system {
-        messages.push(("system".into(), s.clone()));
+        messages.push(Message::new("system", s));
     }
-    let opts = a.sampling.options().generate_options();
-    eprintln!("(chat; an empty line or end of input quits)");
+    let mut sampling = Sampling::from_options(&a.sampling.options());
+    sampling.stream = Some(true);
+    // One seed for the whole conversation, printed so it can be repeated.
+    let seed = sampling
+        .seed
+        .unwrap_or_else(kiln::llm::options::random_seed);
+    sampling.seed = Some(seed);
+    eprintln!("(chat; seed {seed}; an empty line or end of input quits)");
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -281,39 +387,46 @@ fn chat(a: ChatArgs) -> Result<()> {
         if stdin.read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        messages.push(("user".into(), line.trim_end().to_string()));
-        // Keep room for a reply: forget the oldest exchanges while the conversation does not fit.
-        let room = opts.max_tokens.min(model.ctx() / 4).max(1);
-        let first = usize::from(a.system.is_some());
-        let ids = loop {
-            let ids = model
-                .tokenizer
-                .encode(&model.tokenizer.render_chat(&messages)?)?;
-            if ids.len() + room <= model.ctx() || messages.len() <= first + 1 {
-                break ids;
-            }
-            let n = if messages.len() > first + 2 { 2 } else { 1 };
-            messages.drain(first..first + n);
-            eprintln!(
-                "(context of {} tokens full: the oldest exchange is forgotten)",
-                model.ctx()
-            );
+        messages.push(Message::new("user", line.trim_end()));
+        let req = ChatRequest {
+            messages: messages.clone(),
+            context_overflow: Some(Overflow::DropOldest),
+            sampling: sampling.clone(),
+            ..Default::default()
         };
         let mut out = std::io::stdout();
-        let r = pollster::block_on(model.generate(&ids, &opts, &mut |p| {
-            let _ = out.write_all(p.as_bytes());
-            let _ = out.flush();
-            true
-        }));
+        let r = Prepared::chat(&model, &req, ResponseMeta::new("chatcmpl", "kiln")).and_then(|p| {
+            pollster::block_on(p.run(&mut model, &mut |chunk| {
+                if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+                    let _ = out.write_all(t.as_bytes());
+                    let _ = out.flush();
+                }
+                true
+            }))
+        });
         println!();
         match r {
-            Ok(g) => messages.push(("assistant".into(), g.text)),
-            Err(e @ kiln::Error::Data { .. }) => {
+            Ok(v) => {
+                let dropped = v["kiln"]["dropped_messages"].as_u64().unwrap_or(0) as usize;
+                if dropped > 0 {
+                    let first = usize::from(a.system.is_some());
+                    messages.drain(first..first + dropped);
+                    eprintln!(
+                        "(context of {} tokens full: {dropped} oldest messages forgotten)",
+                        model.ctx()
+                    );
+                }
+                let text = v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap_or_default();
+                messages.push(Message::new("assistant", text));
+            }
+            Err(e @ (kiln::Error::Data { .. } | kiln::Error::Unsupported(_))) => {
                 // A message that cannot fit: say so and keep the conversation going.
                 eprintln!("error: {e}");
                 messages.pop();
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e).stage(EXIT_GENERATION),
         }
     }
     Ok(())
@@ -350,12 +463,13 @@ fn main() {
         Cmd::Text(a) => text(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Image(a) => image::run(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info => info(),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(e.downcast_ref::<Failed>().map_or(1, |f| f.code));
     }
 }
 

@@ -13,7 +13,15 @@ use crate::tensor::STORAGE;
 use std::sync::Arc;
 
 /// Number of f32 sampler settings (the `settings` input of [`crate::Graph::sample`]).
-pub const SETTINGS_LEN: usize = 8;
+pub const SETTINGS_LEN: usize = 9;
+
+/// Most alternatives the sampler reports with their log-probabilities (OpenAI's limit for
+/// `top_logprobs`).
+pub const TOP_LOGPROBS_MAX: usize = 20;
+
+/// Words of the sampler's output: the id and its log-probability, then
+/// [`TOP_LOGPROBS_MAX`] (id, log-probability) pairs of the most likely ids.
+pub const SAMPLE_OUT_LEN: usize = 2 + 2 * TOP_LOGPROBS_MAX;
 
 /// Sampler settings, passed to the graph as a plain f32 input ([`SamplerSettings::to_f32s`]) so
 /// they change between tokens without recompiling.
@@ -41,7 +49,11 @@ pub const SETTINGS_LEN: usize = 8;
 ///    `floor(u * W / 2^32)`, `W` the total kept weight (so `u / 2^32` is uniform in [0, 1)).
 ///
 /// Finally the id is written to `history[c]` (when `c < cap`) and to the output together with
-/// `log_softmax(x_raw)[id]`, the log-probability under the raw, unmodified logits.
+/// `log_softmax(x_raw)[id]`, the log-probability under the raw, unmodified logits. With
+/// `top_logprobs = n > 0` the output also holds the `n` ids of the largest raw logits (in
+/// descending order, the lower index first on ties) with their log-probabilities; this is what
+/// OpenAI's `top_logprobs` reports, found on the GPU (n passes over the logits), so the logits
+/// are never read back.
 /// Steps 4-8 are integer arithmetic (exact on every adapter); the floats are the scalings,
 /// `exp` and the log-probability. NaN logits count as `-inf`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,6 +70,9 @@ pub struct SamplerSettings {
     pub repeat_penalty: f32,
     /// How many previous ids the penalty looks at.
     pub repeat_window: u32,
+    /// How many of the most likely ids to report with their log-probabilities (at most
+    /// [`TOP_LOGPROBS_MAX`]); 0 reports none. Changes nothing about the draw.
+    pub top_logprobs: u32,
 }
 
 impl SamplerSettings {
@@ -71,6 +86,7 @@ impl SamplerSettings {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_window: 64,
+            top_logprobs: 0,
         }
     }
 
@@ -98,6 +114,15 @@ impl SamplerSettings {
         if !(r.is_finite() && r > 0.0) {
             return bad("repeat_penalty", r, "a finite number > 0 (1 disables it)");
         }
+        if self.top_logprobs as usize > TOP_LOGPROBS_MAX {
+            return Err(Error::Data {
+                name: "sampler".into(),
+                msg: format!(
+                    "top_logprobs {} is out of range: 0 ..= {TOP_LOGPROBS_MAX}",
+                    self.top_logprobs
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -110,7 +135,7 @@ impl SamplerSettings {
     }
 
     /// The settings input: `[temperature, top_k, top_p, min_p, repeat_penalty, repeat_window,
-    /// 1/temperature (0 when greedy), 1/repeat_penalty]`. Counts saturate at 2^24, where f32
+    /// 1/temperature (0 when greedy), 1/repeat_penalty, top_logprobs]`. Counts saturate at 2^24, where f32
     /// stops being exact.
     pub fn to_f32s(&self) -> [f32; SETTINGS_LEN] {
         let inv_t = if self.temperature > 0.0 {
@@ -133,6 +158,7 @@ impl SamplerSettings {
             count(self.repeat_window),
             inv_t,
             inv_r,
+            self.top_logprobs.min(TOP_LOGPROBS_MAX as u32) as f32,
         ]
     }
 }
@@ -157,7 +183,8 @@ crate::params!(
 /// Samples one token from logits `[v]` with the settings input (f32 `[SETTINGS_LEN]`, see
 /// [`SamplerSettings`]). `history` (u32 `[cap]`) holds previous ids for the repetition penalty;
 /// the drawn id is appended at index `counter` (which also selects the RNG stream). Output: u32
-/// `[2]` = (token id, f32 bits of its log-probability under the unmodified logits).
+/// `[SAMPLE_OUT_LEN]` = (token id, f32 bits of its log-probability under the unmodified logits),
+/// then the `top_logprobs` most likely (id, log-probability bits) pairs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub counter: Dyn,
@@ -180,7 +207,7 @@ impl Kernel for Sample {
                 ),
             ));
         }
-        Ok(Some((vec![2], DType::U32)))
+        Ok(Some((vec![SAMPLE_OUT_LEN], DType::U32)))
     }
 
     /// One workgroup.

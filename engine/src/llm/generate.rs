@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 use crate::formats::safetensors::take_checkpoint;
 use crate::formats::{text_file, ModelFiles, TensorSource};
-use crate::kernels::sample::SamplerSettings;
+use crate::kernels::sample::{SamplerSettings, SAMPLE_OUT_LEN};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::weights::{Quantize, Weights};
 use std::sync::Arc;
@@ -87,11 +87,20 @@ pub struct Timings {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {
     pub prompt_ids: Vec<u32>,
+    /// Leading prompt tokens whose keys and values were kept from the previous generation
+    /// (not prefilled again).
+    pub reused: usize,
     pub ids: Vec<u32>,
     /// Natural-log probability of each generated id under the unmodified logits.
     pub logprobs: Vec<f32>,
+    /// Per generated id, the `top_logprobs` most likely (id, log-probability) pairs (empty
+    /// lists when none were asked for).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub text: String,
     pub stop: StopReason,
+    /// The sampler seed used (the random one when none was given).
+    pub seed: u32,
     pub timings: Timings,
 }
 
@@ -99,23 +108,41 @@ pub struct Generation {
 pub struct TextModel {
     pub gpu: Arc<Gpu>,
     pub config: LlmConfig,
-    pub tokenizer: TextTokenizer,
+    pub tokenizer: Arc<TextTokenizer>,
     pub weights: LlmWeights,
     pub kv: KvCache,
     pub prefill: Step,
     pub decode: Step,
+    /// The tokens whose keys and values are in the cache, position by position: a new prompt
+    /// sharing a prefix with them prefills only the rest.
+    cached: Vec<u32>,
 }
 
-/// The sampler's output words (id, logprob bits) from its read-back bytes.
-fn sampled(bytes: &[u8]) -> [u32; 2] {
-    let w = |i: usize| {
-        bytes
-            .get(4 * i..4 * i + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-            .unwrap_or(0)
-    };
-    [w(0), w(1)]
+/// One draw of the sampler, from its read-back words.
+struct Draw {
+    id: u32,
+    logprob: f32,
+    top: Vec<(u32, f32)>,
+}
+
+impl Draw {
+    fn new(bytes: &[u8], top_n: u32) -> Draw {
+        let w = |i: usize| {
+            bytes
+                .get(4 * i..4 * i + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .unwrap_or(0)
+        };
+        let n = (top_n as usize).min((SAMPLE_OUT_LEN - 2) / 2);
+        Draw {
+            id: w(0),
+            logprob: f32::from_bits(w(1)),
+            top: (0..n)
+                .map(|r| (w(2 + 2 * r), f32::from_bits(w(3 + 2 * r))))
+                .collect(),
+        }
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -193,12 +220,19 @@ impl TextModel {
         Ok(TextModel {
             gpu: gpu.clone(),
             config,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             weights,
             kv,
             prefill,
             decode,
+            cached: Vec::new(),
         })
+    }
+
+    /// Forgets which tokens the KV cache holds, so the next generation prefills its whole
+    /// prompt (the cache is otherwise reused for the longest common prefix).
+    pub fn reset_cache(&mut self) {
+        self.cached.clear();
     }
 
     /// Context length.
@@ -214,21 +248,52 @@ impl TextModel {
         opts: &GenerateOptions,
         on_piece: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
+        self.generate_with(prompt, opts, &mut |piece, _| on_piece(piece))
+            .await
+    }
+
+    /// [`TextModel::generate`] whose callback also sees the generation so far (the ids and
+    /// log-probabilities up to the piece). The keys and values of the longest prefix `prompt`
+    /// shares with the previous generation's tokens are reused (at least the last prompt token
+    /// is run again, for its logits).
+    pub async fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_piece: &mut dyn FnMut(&str, &Generation) -> bool,
+    ) -> Result<Generation> {
         self.check_request(prompt, opts)?;
+        let reused = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        // Until this generation ends well, the cache holds only the shared prefix for sure.
+        self.cached.truncate(reused);
         let t0 = now_ms();
-        let first = self.prefill(prompt, opts).await?;
+        let first = self.prefill(prompt, reused, opts).await?;
+        self.cached = prompt.to_vec();
         let ttft = now_ms() - t0;
         let mut g = Generation {
             prompt_ids: prompt.to_vec(),
+            reused,
             ids: Vec::new(),
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             text: String::new(),
             stop: StopReason::MaxTokens,
+            seed: opts.seed,
             timings: Timings::default(),
         };
         let t1 = now_ms();
-        self.decode_loop(&mut g, first, opts, on_piece).await?;
-        g.timings = Timings::new(prompt.len(), g.ids.len(), ttft, now_ms() - t1);
+        let r = self.decode_loop(&mut g, first, opts, on_piece).await;
+        if r.is_err() {
+            self.cached.clear();
+        }
+        r?;
+        g.timings = Timings::new(prompt.len() - reused, g.ids.len(), ttft, now_ms() - t1);
         Ok(g)
     }
 
@@ -263,10 +328,15 @@ impl TextModel {
         Ok(())
     }
 
-    /// Writes the prompt into the history and runs the prefill graph over it in chunks; only
-    /// the last chunk samples (the others write the id nowhere). Returns the first sampled
-    /// (id, logprob bits).
-    async fn prefill(&mut self, prompt: &[u32], opts: &GenerateOptions) -> Result<[u32; 2]> {
+    /// Writes the prompt into the history and runs the prefill graph over `prompt[start..]` in
+    /// chunks (the cache holds the keys and values before `start`); only the last chunk samples
+    /// (the others write the id nowhere). Returns the first draw.
+    async fn prefill(
+        &mut self,
+        prompt: &[u32],
+        start: usize,
+        opts: &GenerateOptions,
+    ) -> Result<Draw> {
         let ctx = self.kv.ctx;
         let settings = opts.sampler.to_f32s();
         self.gpu
@@ -277,7 +347,7 @@ impl TextModel {
         }
         let p = &mut self.prefill;
         let chunk = p.tokens;
-        let mut start = 0;
+        let mut start = start;
         loop {
             let n = chunk.min(prompt.len() - start);
             let done = start + n == prompt.len();
@@ -287,7 +357,7 @@ impl TextModel {
             p.plan.set(p.next, next as u32);
             if done {
                 let out = p.plan.run_read(&[p.out]).await?;
-                return Ok(sampled(&out[0]));
+                return Ok(Draw::new(&out[0], opts.sampler.top_logprobs));
             }
             p.plan.run()?;
             start += n;
@@ -299,9 +369,9 @@ impl TextModel {
     async fn decode_loop(
         &mut self,
         g: &mut Generation,
-        first: [u32; 2],
+        first: Draw,
         opts: &GenerateOptions,
-        on_piece: &mut dyn FnMut(&str) -> bool,
+        on_piece: &mut dyn FnMut(&str, &Generation) -> bool,
     ) -> Result<()> {
         let ctx = self.kv.ctx;
         let stops: Vec<&str> = opts
@@ -314,13 +384,16 @@ impl TextModel {
         let mut stream = StreamDecoder::new();
         let mut tok = first;
         loop {
-            g.ids.push(tok[0]);
-            g.logprobs.push(f32::from_bits(tok[1]));
-            if self.config.eos.contains(&tok[0]) {
+            g.ids.push(tok.id);
+            g.logprobs.push(tok.logprob);
+            if opts.sampler.top_logprobs > 0 {
+                g.top_logprobs.push(tok.top);
+            }
+            if self.config.eos.contains(&tok.id) {
                 g.stop = StopReason::Eos;
                 break;
             }
-            if let Some(piece) = stream.push(&self.tokenizer, tok[0])? {
+            if let Some(piece) = stream.push(&self.tokenizer, tok.id)? {
                 let text = stream.text();
                 let sent = text.len() - piece.len();
                 // A stop string not found before can only end in the new piece.
@@ -334,13 +407,13 @@ impl TextModel {
                     .min();
                 if let Some(cut) = cut {
                     if cut > sent {
-                        on_piece(&text[sent..cut]);
+                        on_piece(&text[sent..cut], g);
                     }
                     g.text = text[..cut].to_string();
                     g.stop = StopReason::StopString;
                     return Ok(());
                 }
-                if !on_piece(&piece) {
+                if !on_piece(&piece, g) {
                     g.stop = StopReason::Cancelled;
                     break;
                 }
@@ -359,15 +432,18 @@ impl TextModel {
             d.plan.set(d.last, 0);
             d.plan.set(d.next, (pos + 1) as u32);
             let out = d.plan.run_read(&[d.out]).await?;
-            tok = sampled(&out[0]);
+            // The id fed at `pos` now has its keys and values in the cache.
+            self.cached.push(g.ids[g.ids.len() - 1]);
+            tok = Draw::new(&out[0], opts.sampler.top_logprobs);
         }
         // The whole text once (the end-of-sequence id is not part of it), and what of it the
         // stream has not handed out yet.
         let kept = g.ids.len() - (g.stop == StopReason::Eos) as usize;
         g.text = self.tokenizer.decode(&g.ids[..kept])?;
         if g.stop != StopReason::Cancelled {
-            if let Some(rest) = g.text.strip_prefix(stream.text()).filter(|r| !r.is_empty()) {
-                on_piece(rest);
+            let rest = g.text.strip_prefix(stream.text()).unwrap_or("").to_string();
+            if !rest.is_empty() {
+                on_piece(&rest, g);
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! Llama-family text generation: configs, weights, the decoder graph, tokenizers and chat
 //! templates, and the decode loop.
 
+pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod model;
@@ -10,6 +11,7 @@ pub mod weights;
 pub use crate::formats::ModelFiles;
 pub use crate::tokenizer::TextTokenizer;
 pub use crate::weights::Quantize;
+pub use chat::{ChatRequest, CompletionRequest, Message, Prepared, ResponseMeta};
 pub use config::{Arch, LlmConfig};
 pub use generate::{GenerateOptions, Generation, LoadOptions, StopReason, TextModel};
 pub use options::TextOptions;

@@ -38,7 +38,11 @@ pub struct TextOptions {
     /// Previous tokens the penalty looks at.
     #[serde(alias = "repeatWindow")]
     pub repeat_window: u32,
-    pub seed: u32,
+    /// Also report this many most likely alternatives per token (0 ..= 20).
+    #[serde(alias = "topLogprobs")]
+    pub top_logprobs: u32,
+    /// Sampler seed; a random one when absent (the result says which).
+    pub seed: Option<u32>,
     /// Generation stops when the text contains one of these (cut before it).
     pub stop: Vec<String>,
 }
@@ -55,7 +59,8 @@ impl Default for TextOptions {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_window: 64,
-            seed: 0,
+            top_logprobs: 0,
+            seed: None,
             stop: Vec::new(),
         }
     }
@@ -79,6 +84,7 @@ impl TextOptions {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_window: self.repeat_window,
+            top_logprobs: self.top_logprobs,
         }
     }
 
@@ -87,7 +93,7 @@ impl TextOptions {
         GenerateOptions {
             max_tokens: self.max_tokens,
             sampler: self.sampler(),
-            seed: self.seed,
+            seed: self.seed.unwrap_or_else(random_seed),
             stop: self.stop.clone(),
         }
     }
@@ -102,6 +108,21 @@ impl TextOptions {
                 msg: "give a prompt (text) or prompt ids".into(),
             }),
         }
+    }
+}
+
+/// A fresh random seed (from the OS-seeded hasher natively, `Math.random` in the browser).
+pub fn random_seed() -> u32 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(super::generate::now_ms().to_bits());
+        h.finish() as u32
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        (js_sys::Math::random() * 4294967296.0) as u32
     }
 }
 

@@ -46,12 +46,15 @@ fn clean(x: f32) -> f32 {
 }
 
 /// The result of one draw.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     /// The chosen token id.
     pub id: u32,
     /// Its log-probability under the raw logits (f64 accumulation).
     pub logprob: f64,
+    /// The `top_logprobs` (settings word 8) most likely ids under the raw logits, highest
+    /// first and the lower index first on ties, with their log-probabilities.
+    pub top: Vec<(u32, f64)>,
 }
 
 /// Samples one token exactly as `sample.wgsl` does, given the settings words
@@ -143,9 +146,18 @@ pub fn sample(
     }
     let mx = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = raw.iter().map(|&x| (x as f64 - mx).exp()).sum();
+    let logprob = |i: usize| raw[i] as f64 - mx - z.ln();
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(key_of(raw[i])), i));
+    let n = (settings[8].max(0.0) as usize).min(crate::kernels::sample::TOP_LOGPROBS_MAX);
     Sampled {
         id: id as u32,
-        logprob: raw[id] as f64 - mx - z.ln(),
+        logprob: logprob(id),
+        top: order
+            .into_iter()
+            .take(n)
+            .map(|i| (i as u32, logprob(i)))
+            .collect(),
     }
 }
 

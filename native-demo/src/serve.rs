@@ -1,0 +1,672 @@
+//! `kiln serve`: an OpenAI-compatible HTTP server (axum on tokio).
+//!
+//! Every loaded model lives on its own worker thread, which takes requests from a queue in the
+//! order they came (one at a time per model; a text and an image model work side by side).
+//! A request hands the worker a channel; the worker sends chunks or the response back and checks
+//! after every token (or denoising step) whether the client is still there, so a disconnect
+//! cancels the generation at the next token or step.
+//!
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (SSE with `"stream": true`),
+//! `POST /v1/images/generations` (`b64_json` PNG), `GET /v1/models`, `GET /health`.
+//! The request logic (templates, defaults, response shapes) is the engine's
+//! [`kiln::llm::chat`] core; this file only routes, queues and frames.
+
+use crate::{Stage, EXIT_MODEL, EXIT_USAGE};
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use kiln::diffusion::models::{read_pipeline_dir, SdModels};
+use kiln::diffusion::pipeline::{ImageOptions, StepReply};
+use kiln::diffusion::schedulers::SchedulerKind;
+use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, ResponseMeta, TextModel};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The text model (a folder, a .gguf file or a Hugging Face repo id). With neither this nor
+    /// --image-model, the embedded default text and image models are served.
+    #[arg(short, long)]
+    model: Option<String>,
+    /// A diffusers pipeline folder for /v1/images/generations.
+    #[arg(long)]
+    image_model: Option<String>,
+    /// Address to bind (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on the /v1 endpoints.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Context length of the text model (KV-cache positions).
+    #[arg(long, default_value_t = LoadOptions::default().ctx)]
+    ctx: usize,
+    /// Quantize the text model's float matrices on load: none, q4 or q8.
+    #[arg(long, default_value_t = LoadOptions::default().quantize)]
+    quantize: kiln::llm::Quantize,
+}
+
+/// What a worker sends back for one request.
+enum Event {
+    Chunk(Value),
+    Done(Value),
+    Failed(ApiError),
+}
+
+/// An OpenAI-style error: status and `{"error": {message, type, param, code}}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    fn code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+    }
+
+    /// The engine's errors: what the request asked for is a 400, the rest a 500.
+    fn from_engine(e: kiln::Error) -> ApiError {
+        match e {
+            kiln::Error::Data { .. } | kiln::Error::Unsupported(_) | kiln::Error::Shape { .. } => {
+                Self::bad_request(e.to_string())
+            }
+            kiln::Error::Cancelled => Self::new(
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "cancelled",
+                "cancelled",
+            ),
+            e => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// A request for a text worker.
+enum TextJob {
+    Chat(ChatRequest),
+    Completion(CompletionRequest),
+}
+
+/// A request for the image worker (`POST /v1/images/generations`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageRequest {
+    prompt: String,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    n: Option<u32>,
+    /// `"WIDTHxHEIGHT"`.
+    #[serde(default)]
+    size: Option<String>,
+    #[serde(default)]
+    response_format: Option<String>,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    steps: Option<usize>,
+    #[serde(default)]
+    guidance: Option<f32>,
+    #[serde(default)]
+    scheduler: Option<SchedulerKind>,
+    #[serde(default)]
+    seed: Option<u32>,
+    /// Accepted and ignored (OpenAI's end-user id).
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+}
+
+/// A loaded model: its id and the queue of its worker thread.
+struct Worker<J> {
+    id: String,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<(J, String, UnboundedSender<Event>)>>,
+}
+
+impl<J: Send + 'static> Worker<J> {
+    /// Starts a thread that owns `model` and runs `handle` for each job in order.
+    fn start<M: 'static>(
+        id: String,
+        model: M,
+        mut handle: impl FnMut(&mut M, J, &str, &UnboundedSender<Event>) + Send + 'static,
+    ) -> Worker<J>
+    where
+        M: Send,
+    {
+        let (tx, rx) = std::sync::mpsc::channel::<(J, String, UnboundedSender<Event>)>();
+        let mut model = model;
+        std::thread::spawn(move || {
+            for (job, model_id, reply) in rx {
+                if reply.is_closed() {
+                    continue; // the client left while the request waited
+                }
+                handle(&mut model, job, &model_id, &reply);
+            }
+        });
+        Worker {
+            id,
+            queue: std::sync::Mutex::new(tx),
+        }
+    }
+
+    fn submit(&self, job: J, reply: UnboundedSender<Event>) -> Result<(), ApiError> {
+        self.queue
+            .lock()
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "worker lost",
+                )
+            })?
+            .send((job, self.id.clone(), reply))
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the model's worker stopped",
+                )
+            })
+    }
+}
+
+struct App {
+    text: Option<Worker<TextJob>>,
+    image: Option<Worker<ImageRequest>>,
+    api_key: Option<String>,
+    created: u64,
+}
+
+/// The text worker's handler: prepare, run, stream.
+fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &UnboundedSender<Event>) {
+    let (prepared, what) = match &job {
+        TextJob::Chat(r) => (
+            Prepared::chat(model, r, ResponseMeta::new("chatcmpl", model_id)),
+            "chat",
+        ),
+        TextJob::Completion(r) => (
+            Prepared::completion(model, r, ResponseMeta::new("cmpl", model_id)),
+            "completion",
+        ),
+    };
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = reply.send(Event::Failed(ApiError::from_engine(e)));
+            return;
+        }
+    };
+    let r = pollster::block_on(p.run(model, &mut |chunk| {
+        if chunk.is_null() {
+            !reply.is_closed()
+        } else {
+            reply.send(Event::Chunk(chunk)).is_ok()
+        }
+    }));
+    match r {
+        Ok(v) => {
+            let k = &v["kiln"];
+            eprintln!(
+                "{} {what}: {} prompt tokens ({} reused) + {} generated, {}",
+                p.meta.id,
+                k["prompt_ids"].as_array().map_or(0, Vec::len),
+                k["reused_tokens"],
+                k["ids"].as_array().map_or(0, Vec::len),
+                if reply.is_closed() {
+                    "cancelled: the client disconnected".to_string()
+                } else {
+                    format!("stop: {}", k["stop"].as_str().unwrap_or(""))
+                }
+            );
+            let _ = reply.send(Event::Done(v));
+        }
+        Err(e) => {
+            eprintln!("{} {what}: error: {e}", p.meta.id);
+            let _ = reply.send(Event::Failed(ApiError::from_engine(e)));
+        }
+    }
+}
+
+/// The image worker's handler.
+fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &UnboundedSender<Event>) {
+    let result = (|| -> Result<Value, ApiError> {
+        if r.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("n other than 1 is not supported"));
+        }
+        if let Some(f) = r.response_format.as_deref().filter(|f| *f != "b64_json") {
+            return Err(ApiError::bad_request(format!(
+                "response_format '{f}': only b64_json is supported (no image hosting)"
+            )));
+        }
+        let (width, height) = match r.size.as_deref() {
+            None | Some("auto") => (None, None),
+            Some(s) => {
+                let parsed = s
+                    .split_once('x')
+                    .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
+                let Some((w, h)) = parsed else {
+                    return Err(ApiError::bad_request(format!(
+                        "size '{s}': expected WIDTHxHEIGHT, e.g. 512x512"
+                    )));
+                };
+                (Some(w), Some(h))
+            }
+        };
+        let d = ImageOptions::default();
+        let seed = r.seed.unwrap_or_else(kiln::llm::options::random_seed);
+        let opts = ImageOptions {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone().unwrap_or(d.negative_prompt),
+            steps: r.steps.unwrap_or(d.steps),
+            guidance: r.guidance.unwrap_or(d.guidance),
+            scheduler: r.scheduler,
+            seed,
+            width,
+            height,
+            ..ImageOptions::default()
+        };
+        let img = pollster::block_on(m.generate_with(&opts, &mut |_, _, _| {
+            if reply.is_closed() {
+                StepReply::Stop
+            } else {
+                StepReply::Continue
+            }
+        }))
+        .map_err(ApiError::from_engine)?;
+        let mut png_bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut png_bytes, img.width as u32, img.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.write_header()
+                .and_then(|mut w| w.write_image_data(&img.rgb))
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        e.to_string(),
+                    )
+                })?;
+        }
+        Ok(json!({
+            "created": kiln::llm::chat::unix_seconds(),
+            "data": [{"b64_json": base64::engine::general_purpose::STANDARD.encode(&png_bytes)}],
+            "kiln": {"model": model_id, "seed": seed, "width": img.width, "height": img.height,
+                     "steps": img.steps, "notes": img.notes},
+        }))
+    })();
+    match result {
+        Ok(v) => {
+            eprintln!("image: {model_id}, seed {}", v["kiln"]["seed"]);
+            let _ = reply.send(Event::Done(v));
+        }
+        Err(e) => {
+            eprintln!("image: error: {}", e.message);
+            let _ = reply.send(Event::Failed(e));
+        }
+    }
+}
+
+impl App {
+    /// `Authorization: Bearer KEY` when a key is set.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(key) = &self.api_key else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if g == key => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "Incorrect API key provided.",
+            )
+            .code("invalid_api_key")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "Missing API key: send the header 'Authorization: Bearer KEY'.",
+            )
+            .code("invalid_api_key")),
+        }
+    }
+
+    /// The worker a request's `model` names: its id, or `default` (or nothing) for the loaded
+    /// one of that kind.
+    fn pick<'a, J>(
+        worker: &'a Option<Worker<J>>,
+        kind: &str,
+        model: Option<&str>,
+    ) -> Result<&'a Worker<J>, ApiError> {
+        let w = worker.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("this server has no {kind} model loaded"),
+            )
+            .code("model_not_found")
+        })?;
+        match model {
+            None | Some("default") => Ok(w),
+            Some(m) if m == w.id => Ok(w),
+            Some(m) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "The model '{m}' does not exist: this server's {kind} model is '{}' ('default' names it too; see GET /v1/models).",
+                    w.id
+                ),
+            )
+            .code("model_not_found")),
+        }
+    }
+}
+
+/// The request body, or the OpenAI-style error for a body that is too large or unreadable.
+fn body_text(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let bytes = body.map_err(|e| {
+        let status = e.status();
+        ApiError::new(
+            status,
+            "invalid_request_error",
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "the request body is larger than this server accepts (kiln serve --max-body)"
+                    .to_string()
+            } else {
+                e.body_text()
+            },
+        )
+    })?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 JSON"))
+}
+
+/// Sends a job and answers with the response, or an SSE stream of chunks.
+async fn respond<J: Send + 'static>(worker: &Worker<J>, job: J, stream: bool) -> Response {
+    let (tx, mut rx) = unbounded_channel();
+    if let Err(e) = worker.submit(job, tx) {
+        return e.into_response();
+    }
+    if !stream {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Done(v) => return axum::Json(v).into_response(),
+                Event::Failed(e) => return e.into_response(),
+                Event::Chunk(_) => {}
+            }
+        }
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "no response",
+        )
+        .into_response();
+    }
+    // The first event decides the status: an error before any chunk is a plain error response.
+    let first = match rx.recv().await {
+        Some(Event::Failed(e)) => return e.into_response(),
+        Some(ev) => ev,
+        None => {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "no response",
+            )
+            .into_response()
+        }
+    };
+    let frame = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
+    let events = futures_util::stream::unfold(
+        (Some(first), rx, false),
+        move |(pending, mut rx, done)| async move {
+            if done {
+                return None;
+            }
+            let ev = match pending {
+                Some(ev) => Some(ev),
+                None => rx.recv().await,
+            };
+            let bytes = match ev {
+                Some(Event::Chunk(v)) => frame(&v),
+                Some(Event::Failed(e)) => {
+                    let mut b = frame(&e.body()).to_vec();
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(Bytes::from(b)),
+                        (None, rx, true),
+                    ));
+                }
+                Some(Event::Done(_)) | None => {
+                    return Some((
+                        Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                        (None, rx, true),
+                    ))
+                }
+            };
+            Some((Ok(bytes), (None, rx, false)))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(events))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        app.authorize(&headers)?;
+        let req = ChatRequest::from_json(&body_text(body)?).map_err(ApiError::from_engine)?;
+        let w = App::pick(&app.text, "text", req.sampling.model.as_deref())?;
+        let stream = req.sampling.stream();
+        Ok::<_, ApiError>(respond(w, TextJob::Chat(req), stream).await)
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        app.authorize(&headers)?;
+        let req = CompletionRequest::from_json(&body_text(body)?).map_err(ApiError::from_engine)?;
+        let w = App::pick(&app.text, "text", req.sampling.model.as_deref())?;
+        let stream = req.sampling.stream();
+        Ok::<_, ApiError>(respond(w, TextJob::Completion(req), stream).await)
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn images(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        app.authorize(&headers)?;
+        let req: ImageRequest = serde_json::from_str(&body_text(body)?)
+            .map_err(|e| ApiError::bad_request(format!("image request: {e}")))?;
+        let w = App::pick(&app.image, "image", req.model.as_deref())?;
+        Ok::<_, ApiError>(respond(w, req, false).await)
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = app.authorize(&headers) {
+        return e.into_response();
+    }
+    let mut data = Vec::new();
+    let mut entry = |id: &str, kind: &str| {
+        data.push(json!({"id": id, "object": "model", "created": app.created, "owned_by": "kiln", "kiln": {"kind": kind}}));
+    };
+    if let Some(w) = &app.text {
+        entry(&w.id, "text");
+    }
+    if let Some(w) = &app.image {
+        entry(&w.id, "image");
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations; GET /v1/models, /health)",
+    )
+    .into_response()
+}
+
+/// The id of a model path: its last component (a file without its extension).
+fn model_id(path: &str) -> String {
+    let p = std::path::Path::new(path.trim_end_matches('/'));
+    let name = if p.extension().is_some_and(|e| e == "gguf") {
+        p.file_stem()
+    } else {
+        p.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| path.to_string())
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let gpu = crate::gpu()?;
+    let defaults = a.model.is_none() && a.image_model.is_none();
+    let text = if a.model.is_some() || defaults {
+        let (files, _) = crate::text_files(a.model.as_deref()).stage(EXIT_MODEL)?;
+        let id = a.model.as_deref().map_or("text-kjv".to_string(), model_id);
+        let opts = LoadOptions {
+            ctx: a.ctx,
+            quantize: a.quantize,
+            ..Default::default()
+        };
+        let model = pollster::block_on(TextModel::load(&gpu, files, &opts, &mut |_, _| {}))
+            .with_context(|| format!("loading the text model {id}"))
+            .stage(EXIT_MODEL)?;
+        eprintln!("text model: {id} (context {})", model.ctx());
+        Some(Worker::start(id, model, run_text))
+    } else {
+        None
+    };
+    let image = if a.image_model.is_some() || defaults {
+        let files = match &a.image_model {
+            Some(dir) => {
+                let d = PathBuf::from(dir);
+                if !d.is_dir() {
+                    return Err(anyhow::anyhow!(
+                        "image model '{dir}' not found: pass a diffusers pipeline folder"
+                    ))
+                    .stage(EXIT_MODEL);
+                }
+                read_pipeline_dir(&d).stage(EXIT_MODEL)?
+            }
+            None => crate::defaults::image(),
+        };
+        let id = a
+            .image_model
+            .as_deref()
+            .map_or("image-shapes".to_string(), model_id);
+        let m = SdModels::load(&gpu, files)
+            .with_context(|| format!("loading the image model {id}"))
+            .stage(EXIT_MODEL)?;
+        eprintln!("image model: {id}");
+        Some(Worker::start(id, m, run_image))
+    } else {
+        None
+    };
+    let app = Arc::new(App {
+        text,
+        image,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        created: kiln::llm::chat::unix_seconds(),
+    });
+    let router = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/images/generations", post(images))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(a.max_body))
+        .with_state(app);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.host, a.port))
+            .stage(EXIT_USAGE)?;
+        let addr = listener.local_addr()?;
+        eprintln!("listening on http://{addr}");
+        if a.host != "127.0.0.1" && a.host != "localhost" && a.api_key.is_none() {
+            eprintln!("warning: bound to {} without --api-key: anyone who can reach this address can use the models", a.host);
+        }
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving")?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}

@@ -1,0 +1,214 @@
+// `kiln serve` driven by the official OpenAI client library and by plain HTTP: streaming and
+// non-streaming chat, completions, an image, bad requests, a wrong API key, a client that
+// disconnects mid-stream, two concurrent requests; greedy ids equal to `kiln text --json` and the
+// image equal to `kiln image`. Run by native-demo/tests/serve.rs (which builds the binary):
+//   KILN_BIN=target/debug/kiln node web/tests/serve.test.mjs
+import OpenAI from "openai";
+import { spawn, execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import assert from "node:assert/strict";
+import { readPng } from "./png.mjs";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "../..");
+const bin = process.env.KILN_BIN ?? join(root, "target/debug/kiln");
+const textModel = join(root, "tests/fixtures/llm/llama-gqa-f32");
+const imageModel = join(root, "models/image-shapes");
+const KEY = "sk-kiln-test";
+const run = promisify(execFile);
+const env = { ...process.env, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR ?? tmpdir() };
+
+let log = "";
+const server = spawn(bin, ["serve", "--port", "0", "-m", textModel, "--image-model", imageModel, "--api-key", KEY, "--ctx", "256"], { env });
+server.stdout.on("data", (d) => (log += d));
+const base = await new Promise((resolve, reject) => {
+  const timer = setTimeout(() => reject(new Error(`kiln serve did not start:\n${log}`)), 120_000);
+  server.stderr.on("data", (d) => {
+    log += d;
+    const m = /listening on (http:\/\/\S+)/.exec(log);
+    if (m) clearTimeout(timer), resolve(m[1]);
+  });
+  server.on("exit", (code) => reject(new Error(`kiln serve exited (${code}):\n${log}`)));
+});
+const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: KEY, maxRetries: 0, timeout: 600_000 });
+const tests = [];
+const test = (name, fn) => tests.push([name, fn]);
+const post = (path, body, headers = {}) =>
+  fetch(`${base}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${KEY}`, ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+
+/** `kiln text --json` for the same greedy request. */
+async function kilnText(promptIds, maxTokens) {
+  const { stdout } = await run(bin, ["text", "-m", textModel, "--prompt-ids", promptIds.join(","), "--temperature", "0", "-n", String(maxTokens), "--json"], { env, maxBuffer: 1 << 24 });
+  return JSON.parse(stdout);
+}
+
+const messages = [
+  { role: "system", content: "You are a helpful assistant." },
+  { role: "user", content: "Name three colours." },
+];
+const greedy = { model: "default", messages, temperature: 0, max_tokens: 12 };
+
+test("models and health", async () => {
+  const ids = [];
+  for await (const m of client.models.list()) ids.push(m.id);
+  assert.deepEqual(ids, ["llama-gqa-f32", "image-shapes"]);
+  const h = await fetch(`${base}/health`);
+  assert.equal(h.status, 200);
+  assert.equal((await h.json()).status, "ok");
+});
+
+let reference;
+test("chat, not streaming: OpenAI shape, ids equal to kiln text --json, top_logprobs", async () => {
+  const r = await client.chat.completions.create({ ...greedy, logprobs: true, top_logprobs: 3 });
+  assert.equal(r.object, "chat.completion");
+  assert.equal(r.model, "llama-gqa-f32");
+  const c = r.choices[0];
+  assert.equal(c.message.role, "assistant");
+  assert.ok(["stop", "length"].includes(c.finish_reason), c.finish_reason);
+  assert.equal(r.usage.prompt_tokens, r.kiln.prompt_ids.length);
+  assert.equal(r.usage.completion_tokens, r.kiln.ids.length);
+  assert.equal(c.logprobs.content.length, r.kiln.ids.length);
+  for (const t of c.logprobs.content) {
+    assert.equal(t.top_logprobs.length, 3);
+    assert.equal(t.top_logprobs[0].logprob, t.logprob, "greedy: the chosen token is the most likely");
+    assert.ok(t.top_logprobs[1].logprob <= t.top_logprobs[0].logprob);
+  }
+  const cli = await kilnText(r.kiln.prompt_ids, 12);
+  assert.deepEqual(r.kiln.ids, cli.ids);
+  assert.equal(c.message.content, cli.text);
+  reference = r;
+});
+
+test("chat, streaming: the deltas add up to the same text and ids", async () => {
+  const stream = await client.chat.completions.create({ ...greedy, stream: true, stream_options: { include_usage: true } });
+  let text = "", finish = null, last = null, usage = null, n = 0;
+  for await (const chunk of stream) {
+    n++;
+    assert.equal(chunk.object, "chat.completion.chunk");
+    if (chunk.usage) usage = chunk.usage;
+    const ch = chunk.choices[0];
+    if (!ch) continue;
+    text += ch.delta.content ?? "";
+    if (ch.finish_reason) (finish = ch.finish_reason), (last = chunk);
+  }
+  assert.ok(n > 3, `${n} chunks`);
+  assert.equal(text, reference.choices[0].message.content);
+  assert.equal(finish, reference.choices[0].finish_reason);
+  assert.deepEqual(last.kiln.ids, reference.kiln.ids);
+  assert.equal(usage.completion_tokens, reference.kiln.ids.length);
+  // The conversation was the same: its keys and values were reused.
+  assert.equal(usage.prompt_tokens_details.cached_tokens, reference.kiln.prompt_ids.length - 1);
+});
+
+test("completions: ids equal to kiln text --json with the same prompt", async () => {
+  const r = await client.completions.create({ model: "llama-gqa-f32", prompt: "Once upon a time", temperature: 0, max_tokens: 10, logprobs: 2 });
+  assert.equal(r.object, "text_completion");
+  const cli = await kilnText(r.kiln.prompt_ids, 10);
+  assert.deepEqual(r.kiln.ids, cli.ids);
+  assert.equal(r.choices[0].text, cli.text);
+  assert.equal(r.choices[0].logprobs.token_logprobs.length, cli.ids.length);
+  const s = await client.completions.create({ prompt: "Once upon a time", temperature: 0, max_tokens: 10, stream: true });
+  let text = "";
+  for await (const chunk of s) text += chunk.choices[0]?.text ?? "";
+  assert.equal(text, cli.text);
+});
+
+test("image: a PNG equal to kiln image with the same seed", async () => {
+  const r = await client.images.generate({ model: "default", prompt: "a red circle", size: "64x64", steps: 2, seed: 7, response_format: "b64_json" });
+  const png = readPng(Buffer.from(r.data[0].b64_json, "base64"));
+  assert.equal(png.width, 64);
+  const out = join(mkdtempSync(join(tmpdir(), "kiln-serve-")), "cli.png");
+  await run(bin, ["image", "--model", imageModel, "--prompt", "a red circle", "--width", "64", "--height", "64", "--steps", "2", "--seed", "7", "--out", out, "--json"], { env });
+  const cli = readPng(readFileSync(out));
+  assert.deepEqual(Buffer.from(png.data), Buffer.from(cli.data));
+});
+
+test("bad requests get OpenAI error objects with the right status", async () => {
+  const cases = [
+    [await post("/v1/chat/completions", "{not json"), 400],
+    [await post("/v1/chat/completions", { messages, temprature: 0 }), 400],
+    [await post("/v1/chat/completions", { messages, n: 2 }), 400],
+    [await post("/v1/chat/completions", { messages, top_p: 7 }), 400],
+    [await post("/v1/chat/completions", { messages: [] }), 400],
+    [await post("/v1/chat/completions", { messages, model: "gpt-4o" }), 404],
+    [await post("/v1/images/generations", { prompt: "x", size: "big" }), 400],
+    [await post("/v1/chat/completions", JSON.stringify({ messages, pad: "x".repeat(2 << 20) })), 413],
+    [await post("/v1/nothing", {}), 404],
+  ];
+  for (const [res, status] of cases) {
+    const body = await res.json();
+    assert.equal(res.status, status, JSON.stringify(body));
+    assert.equal(typeof body.error.message, "string");
+    assert.ok(body.error.type);
+  }
+  await assert.rejects(client.chat.completions.create({ ...greedy, temperature: -1 }), (e) => e.status === 400 && /temperature/.test(e.message));
+  await assert.rejects(client.chat.completions.create({ ...greedy, model: "nope" }), (e) => e.status === 404 && e.code === "model_not_found");
+});
+
+test("a wrong or missing API key is refused", async () => {
+  const wrong = new OpenAI({ baseURL: `${base}/v1`, apiKey: "sk-wrong", maxRetries: 0 });
+  await assert.rejects(wrong.chat.completions.create(greedy), (e) => e.status === 401 && e.code === "invalid_api_key");
+  const res = await post("/v1/models", "", { authorization: "" });
+  assert.equal(res.status, 405); // GET only
+  const none = await fetch(`${base}/v1/models`);
+  assert.equal(none.status, 401);
+});
+
+test("a client that disconnects mid-stream cancels its generation", async () => {
+  const before = (log.match(/cancelled: the client disconnected/g) ?? []).length;
+  const ac = new AbortController();
+  const res = await post("/v1/chat/completions", { ...greedy, max_tokens: 200, stream: true, messages: [{ role: "user", content: "Tell me a long story." }] });
+  const reader = res.body.getReader();
+  let got = "";
+  while ((got.match(/data:/g) ?? []).length < 3) got += new TextDecoder().decode((await reader.read()).value);
+  await reader.cancel();
+  ac.abort();
+  // The worker notices at its next token; the log says so, and the next request is served.
+  for (let i = 0; i < 200 && (log.match(/cancelled: the client disconnected/g) ?? []).length === before; i++) await new Promise((r) => setTimeout(r, 100));
+  assert.ok((log.match(/cancelled: the client disconnected/g) ?? []).length > before, log);
+  const m = /(\d+) generated, cancelled: the client disconnected/.exec(log.split("\n").reverse().join("\n"));
+  assert.ok(Number(m[1]) < 200, `${m[1]} tokens generated before the cancel`);
+  const r = await client.chat.completions.create(greedy);
+  assert.deepEqual(r.kiln.ids, reference.kiln.ids);
+});
+
+test("two concurrent requests queue and both match their serial results", async () => {
+  const other = { ...greedy, messages: [{ role: "user", content: "What is the sky like?" }] };
+  const serial = await client.chat.completions.create(other);
+  const [a, b] = await Promise.all([client.chat.completions.create(greedy), client.chat.completions.create(other)]);
+  assert.deepEqual(a.kiln.ids, reference.kiln.ids);
+  assert.deepEqual(b.kiln.ids, serial.kiln.ids);
+});
+
+let failed = 0;
+for (const [name, fn] of tests) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    console.log(`ok   ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    failed++;
+    console.log(`FAIL ${name}\n${e.stack ?? e}`);
+  }
+}
+// Ctrl-C stops the server; it must exit on its own.
+const exited = new Promise((resolve) => server.on("exit", resolve));
+server.kill("SIGINT");
+const code = await Promise.race([exited, new Promise((r) => setTimeout(() => r("timeout"), 10_000))]);
+if (code === "timeout") {
+  server.kill("SIGKILL");
+  console.log("FAIL kiln serve did not exit within 10 s of SIGINT");
+  failed++;
+}
+if (failed) {
+  console.log(`--- kiln serve log ---\n${log}`);
+  process.exit(1);
+}
+console.log(`${tests.length} serve tests passed`);
