@@ -13,6 +13,8 @@ use std::time::Instant;
 pub enum What {
     Kernels,
     Text,
+    /// A five-turn chat with and without KV-cache reuse.
+    Chat,
     Image,
 }
 
@@ -33,6 +35,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         What::Kernels => kernels(a.quick),
         What::Text => crate::bench_text::text(a.quick, a.json),
+        What::Chat => crate::bench_text::chat(a.quick, a.json),
         What::Image => crate::bench_image::image(a.quick, a.json),
     }
 }

@@ -113,7 +113,7 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
             let pos = (prompt_len + decode_len + i) as u32;
             d.plan.set(d.pos, pos);
             d.plan.set(d.next, pos + 1);
-            pollster::block_on(d.plan.run_read(&[d.out]))?;
+            pollster::block_on(d.plan.run_read_heads(&[(d.out, 8)]))?;
         }
         let c = gpu.counters() - before;
         // Where a decode token's GPU time goes (timestamp queries, where the adapter has them).
@@ -168,6 +168,86 @@ pub fn text(quick: bool, as_json: bool) -> Result<()> {
         crate::bench::print_profile(
             &format!("prefill chunk of {} tokens, {w}", m_chunk()),
             &r["profile_prefill"],
+        );
+    }
+    Ok(())
+}
+
+/// `kiln bench chat`: a five-turn conversation through the engine's chat-completion core on the
+/// same random model (a plain chat template added), with the KV cache reused across turns and
+/// without: time to first token and tokens prefilled per turn, and whether the greedy replies
+/// are the same.
+pub fn chat(quick: bool, as_json: bool) -> Result<()> {
+    use kiln::llm::{ChatRequest, Prepared, ResponseMeta};
+    let gpu = crate::gpu()?;
+    let (user_len, reply_len) = if quick { (24, 8) } else { (64, 32) };
+    let mut f = files();
+    f.insert(
+        "tokenizer_config.json".into(),
+        json!({"chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"})
+            .to_string()
+            .into_bytes(),
+    );
+    let load = || {
+        pollster::block_on(TextModel::load(
+            &gpu,
+            f.clone(),
+            &LoadOptions {
+                ctx: 2048,
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        ))
+    };
+    let (mut with, mut without) = (load()?, load()?);
+    let mut messages: Vec<serde_json::Value> = Vec::new();
+    let mut rows = Vec::new();
+    for turn in 0..5u32 {
+        let words: Vec<String> = (0..user_len as u32)
+            .map(|i| format!("t{}", (turn * 1000 + i * 7919 + 13) % VOCAB as u32))
+            .collect();
+        messages.push(json!({"role": "user", "content": words.join(" ")}));
+        let req = ChatRequest::from_json(
+            &json!({"messages": messages, "temperature": 0, "max_tokens": reply_len}).to_string(),
+        )?;
+        let run = |m: &mut TextModel| -> Result<serde_json::Value> {
+            let p = Prepared::chat(m, &req, ResponseMeta::new("chatcmpl", "bench"))?;
+            Ok(pollster::block_on(p.run(m, &mut |_| true))?)
+        };
+        let a = run(&mut with)?;
+        without.reset_cache();
+        let b = run(&mut without)?;
+        let k = &a["kiln"];
+        let prompt = a["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        let reused = k["reused_tokens"].as_u64().unwrap_or(0);
+        rows.push(json!({
+            "turn": turn + 1, "prompt_tokens": prompt, "prefilled_with_reuse": prompt - reused,
+            "ttft_ms_with_reuse": k["timings"]["ttft_ms"], "ttft_ms_without": b["kiln"]["timings"]["ttft_ms"],
+            "same_reply": a["kiln"]["ids"] == b["kiln"]["ids"],
+        }));
+        let reply = a["choices"][0]["message"]["content"].clone();
+        messages.push(json!({"role": "assistant", "content": reply}));
+    }
+    if as_json {
+        println!(
+            "{}",
+            json!({"adapter": gpu.describe(), "model": "random SmolLM2-135M shapes, f16", "turns": rows})
+        );
+        return Ok(());
+    }
+    println!("adapter: {}", gpu.describe());
+    println!("model: random weights, SmolLM2-135M shapes, f16; {user_len}-token user turns, {reply_len}-token greedy replies\n");
+    println!("| turn | prompt tokens | prefilled (reuse) | TTFT with reuse | TTFT without | same reply |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.0} ms | {:.0} ms | {} |",
+            r["turn"],
+            r["prompt_tokens"],
+            r["prefilled_with_reuse"],
+            r["ttft_ms_with_reuse"].as_f64().unwrap_or(0.0),
+            r["ttft_ms_without"].as_f64().unwrap_or(0.0),
+            r["same_reply"]
         );
     }
     Ok(())

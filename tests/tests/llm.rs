@@ -292,7 +292,7 @@ fn one_submit_and_no_objects_per_decode_token() {
         let d = &mut m.decode;
         d.plan.set(d.pos, pos as u32);
         d.plan.set(d.next, pos as u32 + 1);
-        let out = pollster::block_on(d.plan.run_read(&[d.out])).unwrap();
+        let out = pollster::block_on(d.plan.run_read_heads(&[(d.out, 8)])).unwrap();
         let c = gpu.counters() - before;
         assert_eq!(c.submits, 1, "submits per token");
         assert_eq!(c.objects_created(), 0, "objects created per token: {c:?}");
@@ -482,6 +482,7 @@ fn seeded_sampling_is_reproducible() {
             min_p: 0.0,
             repeat_penalty: 1.1,
             repeat_window: 16,
+            top_logprobs: 0,
         },
         seed,
         stop: vec![],

@@ -2,7 +2,7 @@
 //! reference (exact ids, close log-probabilities), the history write, determinism, and the
 //! normal noise generator.
 
-use kiln::kernels::sample::{philox_on_gpu, SamplerSettings};
+use kiln::kernels::sample::{philox_on_gpu, SamplerSettings, SAMPLE_OUT_LEN};
 use kiln::reference::sample as reference;
 use kiln::{CompileOptions, DType, Dyn, Graph, Plan, Scalar, Tensor, Value};
 use kiln_tests::{assert_close, gpu, Rng};
@@ -45,6 +45,8 @@ struct Sampler {
     hist: Arc<Tensor>,
     counter: Scalar,
     seed: Scalar,
+    /// The top alternatives of the last draw.
+    top: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -83,10 +85,12 @@ impl Sampler {
             hist,
             counter,
             seed,
+            top: Vec::new(),
         }
     }
 
-    /// Runs one draw on the GPU; returns (id, logprob, history after the run).
+    /// Runs one draw on the GPU; returns (id, logprob, history after the run); the top
+    /// alternatives go to `self.top`.
     fn draw(
         &mut self,
         logits: &[f32],
@@ -99,12 +103,17 @@ impl Sampler {
         self.plan.write_f32(self.settings, &st.to_f32s()).unwrap();
         self.plan.write_u32(self.history, history).unwrap();
         // Poison the output so a kernel that writes nothing is caught.
-        self.plan.write_u32(self.out, &[u32::MAX; 2]).unwrap();
+        self.plan
+            .write_u32(self.out, &[u32::MAX; SAMPLE_OUT_LEN])
+            .unwrap();
         self.plan.set(self.counter, c);
         self.plan.set(self.seed, seed);
         self.plan.run().unwrap();
         let out = pollster::block_on(self.plan.read_u32(self.out)).unwrap();
         let hist = pollster::block_on(self.hist.to_u32(&gpu())).unwrap();
+        self.top = (0..st.top_logprobs as usize)
+            .map(|r| (out[2 + 2 * r], f32::from_bits(out[3 + 2 * r])))
+            .collect();
         (out[0], f32::from_bits(out[1]), hist)
     }
 
@@ -134,6 +143,18 @@ impl Sampler {
             LOGPROB_RTOL,
         );
         assert_eq!(hist, want_hist, "{what}: c {c}: history");
+        let top_ids: Vec<u32> = self.top.iter().map(|t| t.0).collect();
+        let want_ids: Vec<u32> = want.top.iter().map(|t| t.0).collect();
+        assert_eq!(top_ids, want_ids, "{what}: c {c}: top_logprobs ids");
+        for (r, (got, want)) in self.top.iter().zip(&want.top).enumerate() {
+            assert_close(
+                &format!("{what}: c {c}: top_logprobs[{r}]"),
+                &[got.1],
+                &[want.1 as f32],
+                LOGPROB_ATOL,
+                LOGPROB_RTOL,
+            );
+        }
         id
     }
 }
@@ -203,12 +224,21 @@ fn greedy_is_argmax_lowest_index_on_ties() {
                 s.check(
                     "greedy",
                     &logits,
-                    &SamplerSettings::greedy(),
+                    &SamplerSettings {
+                        top_logprobs: 4,
+                        ..SamplerSettings::greedy()
+                    },
                     &hist,
                     0,
                     seed
                 ),
                 a as u32
+            );
+            let ties: Vec<u32> = s.top[..2].iter().map(|t| t.0).collect();
+            assert_eq!(
+                ties,
+                [a as u32, b as u32],
+                "tied alternatives, lower index first"
             );
         }
         // Penalizing the tied winners moves the argmax elsewhere, as the reference says.
@@ -256,6 +286,7 @@ fn sampling_matches_reference() {
             SamplerSettings {
                 repeat_penalty: 1.3,
                 repeat_window: 8,
+                top_logprobs: 5,
                 ..base
             },
         ),
@@ -267,6 +298,7 @@ fn sampling_matches_reference() {
                 min_p: 0.02,
                 repeat_penalty: 1.1,
                 repeat_window: 32,
+                top_logprobs: 20,
                 ..base
             },
         ),

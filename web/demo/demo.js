@@ -97,6 +97,7 @@ $("text-load").onclick = async () => {
     const i = demo.llm.info;
     $("text-info").textContent = `${i.arch}: ${i.layers} layers, hidden ${i.hidden}, vocab ${i.vocab}, context ${i.ctx} — loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`;
     $("generate").disabled = false;
+    $("chat-send").disabled = false;
     setState("text-section", "loaded");
   } catch (e) {
     showError("text-error", e);
@@ -148,6 +149,85 @@ $("generate").onclick = async () => {
 };
 
 $("text-stop").onclick = () => textAbort?.abort();
+
+// ---- chat: the OpenAI-shaped API on the loaded text model
+let chatAbort = null;
+const chat = (demo.chat = { messages: [] });
+
+function bubble(role, text) {
+  const el = document.createElement("div");
+  el.className = `msg ${role}`;
+  el.textContent = text;
+  $("chat-history").append(el);
+  return el;
+}
+
+$("chat-send").onclick = async () => {
+  const text = $("chat-input").value.trim();
+  if (!text || !demo.llm) return;
+  showError("chat-error", null);
+  setState("chat-section", "generating");
+  $("chat-send").disabled = true;
+  $("chat-stop").disabled = false;
+  chat.messages.push({ role: "user", content: text });
+  bubble("user", text);
+  $("chat-input").value = "";
+  const reply = bubble("assistant", "");
+  chatAbort = new AbortController();
+  const t0 = performance.now();
+  let ttft = null, last = null;
+  try {
+    const stream = await demo.llm.chat.completions.create(
+      {
+        messages: chat.messages,
+        stream: true,
+        max_tokens: +$("max-tokens").value,
+        temperature: +$("temperature").value,
+        top_k: +$("top-k").value,
+        top_p: +$("top-p").value,
+        seed: +$("text-seed").value,
+        context_overflow: "drop_oldest",
+      },
+      { signal: chatAbort.signal },
+    );
+    for await (const chunk of stream) {
+      const c = chunk.choices[0];
+      if (c?.delta?.content) {
+        ttft ??= performance.now() - t0;
+        reply.textContent += c.delta.content;
+      }
+      if (chunk.kiln) last = chunk;
+    }
+    const k = last.kiln;
+    chat.messages.splice(chat.messages[0]?.role === "system" ? 1 : 0, k.dropped_messages);
+    chat.messages.push({ role: "assistant", content: reply.textContent });
+    chat.last = last;
+    $("chat-stats").textContent = `${k.ids.length} tokens; prompt ${k.prompt_ids.length} tokens (${k.reused_tokens} reused, ${k.prompt_ids.length - k.reused_tokens} prefilled); first token after ${(ttft ?? 0).toFixed(0)} ms; ${k.timings.decode_tok_s.toFixed(1)} tok/s (${last.choices[0].finish_reason})`;
+    setState("chat-section", "done");
+  } catch (e) {
+    chat.messages.pop();
+    if (e.name === "AbortError") {
+      reply.textContent += " [stopped]";
+      $("chat-stats").textContent = "stopped";
+      setState("chat-section", "stopped");
+    } else {
+      showError("chat-error", e);
+      setState("chat-section", "error");
+    }
+  }
+  $("chat-send").disabled = false;
+  $("chat-stop").disabled = true;
+};
+
+$("chat-input").onkeydown = (e) => {
+  if (e.key === "Enter") $("chat-send").click();
+};
+$("chat-stop").onclick = () => chatAbort?.abort();
+$("chat-clear").onclick = () => {
+  chat.messages = [];
+  $("chat-history").textContent = "";
+  $("chat-stats").textContent = "";
+};
 
 // ---- image
 let imageAbort = null;

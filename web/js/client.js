@@ -1,7 +1,7 @@
 // The page side of Kiln.create({ worker: true }): the same API as kiln.js, with the engine in a
 // module Web Worker (worker.js) so generation never blocks the page.
 
-import { stream } from "./core.js";
+import { openaiApi, stream, TextModels } from "./core.js";
 
 class Rpc {
   #worker;
@@ -73,6 +73,18 @@ class WorkerTextModel {
     this.#rpc = rpc;
     this.#handle = handle;
     this.info = info;
+    Object.assign(this, openaiApi((kind) => (json, onChunk, signal) => this.openaiRun(kind, json, onChunk, signal)));
+  }
+
+  /** One request through the engine's chat-completion core in the worker. */
+  openaiRun(kind, json, onChunk, signal) {
+    // A consumer that stops (onChunk returns false) stops the generation in the worker too.
+    const stop = new AbortController();
+    const sig = signal ? AbortSignal.any([signal, stop.signal]) : stop.signal;
+    const piece = (c) => {
+      if (onChunk(c) === false) stop.abort();
+    };
+    return this.#rpc.request("openai", { handle: this.#handle, kind, json }, { signal: sig, onPiece: piece });
   }
 
   generate(prompt, opts = {}) {
@@ -144,11 +156,13 @@ class WorkerImageModel {
 /** Kiln with the engine in a worker. Same methods as Kiln; sync helpers return promises. */
 export class WorkerKiln {
   #rpc;
+  #texts = new TextModels();
   adapter;
 
   constructor(rpc, adapter) {
     this.#rpc = rpc;
     this.adapter = adapter;
+    Object.assign(this, this.#texts.api());
   }
 
   static async create(opts = {}) {
@@ -168,7 +182,9 @@ export class WorkerKiln {
   async loadText(source, opts = {}) {
     const { hooks, rest } = split(opts);
     const { handle, info } = await this.#rpc.request("loadText", { source, options: rest }, hooks);
-    return new WorkerTextModel(this.#rpc, handle, info);
+    const model = new WorkerTextModel(this.#rpc, handle, info);
+    this.#texts.add(source, model);
+    return model;
   }
 
   async loadImage(source, opts = {}) {

@@ -123,3 +123,73 @@ export async function* stream(run, signal) {
   signal?.throwIfAborted();
   return result;
 }
+
+/**
+ * The OpenAI-shaped `create(body, { signal })` over `run(json, onChunk, signal) -> Promise<json>`
+ * (the engine's chat-completion core, in this thread or in the worker). With `stream: true` it
+ * resolves to an async iterable of chunk objects (leaving the loop early or aborting stops the
+ * generation); otherwise to the response object. `signal` may also be given in the body.
+ */
+export function openaiCreate(run, body = {}, opts = {}) {
+  const { signal: bodySignal, ...req } = body;
+  const signal = opts.signal ?? bodySignal;
+  const json = JSON.stringify(req);
+  if (req.stream) {
+    const chunks = stream((onChunk) => run(json, onChunk, signal), signal);
+    return Promise.resolve(parsed(chunks));
+  }
+  if (signal?.aborted) return Promise.reject(signal.reason);
+  return run(json, () => !signal?.aborted, signal).then((r) => {
+    signal?.throwIfAborted();
+    return JSON.parse(r);
+  });
+}
+
+async function* parsed(chunks) {
+  for await (const c of chunks) yield JSON.parse(c);
+}
+
+/** `chat.completions.create` and `completions.create` over `runner(kind)`. */
+export function openaiApi(runner) {
+  return {
+    chat: { completions: { create: (body, opts) => openaiCreate(runner("chat", body), body, opts) } },
+    completions: { create: (body, opts) => openaiCreate(runner("completion", body), body, opts) },
+  };
+}
+
+/**
+ * The loaded text models of a Kiln by name, for its own `chat.completions.create`: a request's
+ * `model` names one by the source it was loaded from; absent or "default", the latest loaded.
+ */
+export class TextModels {
+  #models = new Map();
+
+  add(source, model) {
+    this.#models.delete(source);
+    this.#models.set(source, model);
+    const dispose = model.dispose.bind(model);
+    model.dispose = () => {
+      if (this.#models.get(source) === model) this.#models.delete(source);
+      return dispose();
+    };
+  }
+
+  pick(name) {
+    if (name === undefined || name === null || name === "default") {
+      const all = [...this.#models.values()];
+      if (!all.length) throw new Error("no text model is loaded: call loadText first");
+      return all[all.length - 1];
+    }
+    const m = this.#models.get(name);
+    if (!m) throw new Error(`the model '${name}' is not loaded (loaded: ${[...this.#models.keys()].join(", ") || "none"})`);
+    return m;
+  }
+
+  /** The API of the Kiln object: each request goes to the model it names. */
+  api() {
+    return openaiApi((kind, body) => {
+      const m = this.pick(body?.model);
+      return (json, onChunk, signal) => m.openaiRun(kind, json, onChunk, signal);
+    });
+  }
+}

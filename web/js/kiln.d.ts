@@ -103,8 +103,10 @@ export interface GenerateOptions {
   repeatPenalty?: number;
   /** Default 64. */
   repeatWindow?: number;
-  /** Default 0. */
+  /** Default: a random seed (the result's `seed` says which). */
   seed?: number;
+  /** Also report this many most likely alternatives per token (0..20), in `topLogprobs`. */
+  topLogprobs?: number;
   /** Stop when the text contains one of these (it is cut before it). */
   stop?: string[];
   signal?: AbortSignal;
@@ -122,6 +124,12 @@ export interface Completion {
   /** Natural-log probability of each generated id under the unmodified logits. */
   logprobs: number[];
   promptIds: number[];
+  /** Leading prompt tokens whose keys and values came from the previous generation. */
+  reused: number;
+  /** Per generated id, `[id, logprob]` of the `topLogprobs` most likely ids (when asked for). */
+  topLogprobs?: [number, number][][];
+  /** The sampler seed used. */
+  seed: number;
   stop: "eos" | "stopstring" | "maxtokens" | "contextfull" | "cancelled";
   timings: { ttftMs: number; prefillMs: number; decodeMs: number; prefillTokS: number; decodeTokS: number };
 }
@@ -140,7 +148,171 @@ export interface TextModelInfo {
 /** A prompt: text, or token ids. */
 export type Prompt = string | number[] | Uint32Array;
 
-export interface TextModel {
+// ---- OpenAI-shaped API (`chat.completions.create`, `completions.create`) ----
+// The shapes of OpenAI's REST API; Kiln's defaults for what a request leaves out are those of
+// `GenerateOptions`. Every response (and the last chunk of a stream) also carries `kiln`.
+
+export interface ChatMessage {
+  role: "system" | "developer" | "user" | "assistant" | (string & {});
+  /** Text, or text parts. */
+  content: string | { type: "text"; text: string }[];
+  name?: string;
+}
+
+/** Fields chat and completion requests share. `null` counts as absent. */
+export interface SamplingRequest {
+  /** A loaded model's source (the one passed to `loadText`), or "default" (the latest loaded). Ignored on a TextModel. */
+  model?: string;
+  /** Default 128. `max_completion_tokens` wins when both are given. */
+  max_tokens?: number | null;
+  max_completion_tokens?: number | null;
+  /** 0 is greedy. Default 0.8. */
+  temperature?: number | null;
+  /** Default 0.95. */
+  top_p?: number | null;
+  /** Kiln extension. Default 40. */
+  top_k?: number | null;
+  /** Kiln extension. Default 0.05. */
+  min_p?: number | null;
+  /** Kiln extension (multiplicative, as llama.cpp and transformers). Default 1 (off). */
+  repeat_penalty?: number | null;
+  repeat_window?: number | null;
+  /** Only 0 is accepted (use `repeat_penalty`). */
+  frequency_penalty?: number | null;
+  presence_penalty?: number | null;
+  /** Default: a random seed (the response's `kiln.seed` says which). */
+  seed?: number | null;
+  /** Up to 4 stop strings. */
+  stop?: string | string[] | null;
+  /** Only 1. */
+  n?: number | null;
+  stream?: boolean | null;
+  stream_options?: { include_usage?: boolean } | null;
+  user?: string;
+  /** Alternative to the second argument's `signal`. */
+  signal?: AbortSignal;
+}
+
+export interface ChatCompletionRequest extends SamplingRequest {
+  messages: ChatMessage[];
+  /** Per-token log-probabilities of the reply. */
+  logprobs?: boolean | null;
+  /** 0..20 most likely alternatives per token (needs `logprobs: true`); computed on the GPU. */
+  top_logprobs?: number | null;
+  /** "error" (default): a conversation longer than the context is refused; "drop_oldest": the
+   * oldest messages after the leading system messages are dropped until it fits. */
+  context_overflow?: "error" | "drop_oldest";
+}
+
+export interface CompletionRequest extends SamplingRequest {
+  /** Text (BOS added as the model wants), a list of one text, or token ids. */
+  prompt: string | [string] | number[];
+  /** Number of alternatives per token (0..20). */
+  logprobs?: number | null;
+}
+
+export type FinishReason = "stop" | "length" | "contextfull" | "cancelled";
+
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+}
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** Prompt tokens whose keys and values were reused from the previous request. */
+  prompt_tokens_details: { cached_tokens: number };
+}
+
+/** Kiln's extension on every response and on a stream's last chunk. */
+export interface KilnDetails {
+  prompt_ids: number[];
+  ids: number[];
+  seed: number;
+  stop: Completion["stop"];
+  reused_tokens: number;
+  dropped_messages: number;
+  timings: { ttft_ms: number; prefill_ms: number; decode_ms: number; prefill_tok_s: number; decode_tok_s: number };
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: "chat.completion";
+  created: number;
+  model: string;
+  system_fingerprint: string;
+  choices: {
+    index: 0;
+    message: { role: "assistant"; content: string };
+    logprobs: { content: (TokenLogprob & { top_logprobs: TokenLogprob[] })[] } | null;
+    finish_reason: FinishReason;
+  }[];
+  usage: Usage;
+  kiln: KilnDetails;
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: "chat.completion.chunk";
+  created: number;
+  model: string;
+  system_fingerprint: string;
+  /** Empty in the usage chunk (`stream_options.include_usage`). */
+  choices: {
+    index: 0;
+    delta: { role?: "assistant"; content?: string };
+    logprobs: { content: (TokenLogprob & { top_logprobs: TokenLogprob[] })[] } | null;
+    finish_reason: FinishReason | null;
+  }[];
+  usage?: Usage;
+  kiln?: KilnDetails;
+}
+
+export interface TextCompletion {
+  id: string;
+  object: "text_completion";
+  created: number;
+  model: string;
+  system_fingerprint: string;
+  choices: {
+    index: 0;
+    text: string;
+    logprobs: { tokens: string[]; token_logprobs: number[]; top_logprobs: Record<string, number>[] } | null;
+    finish_reason: FinishReason | null;
+  }[];
+  usage?: Usage;
+  kiln?: KilnDetails;
+}
+
+export interface RequestOptions {
+  /** Aborting stops the generation at the next token; the promise (or the stream) rejects. */
+  signal?: AbortSignal;
+}
+
+/** `for await (const chunk of stream)`; leaving the loop early stops the generation. */
+export type ChunkStream<T> = AsyncGenerator<T, unknown, undefined>;
+
+export interface OpenAIApi {
+  chat: {
+    completions: {
+      create(body: ChatCompletionRequest & { stream: true }, options?: RequestOptions): Promise<ChunkStream<ChatCompletionChunk>>;
+      create(body: ChatCompletionRequest & { stream?: false | null }, options?: RequestOptions): Promise<ChatCompletion>;
+      create(body: ChatCompletionRequest, options?: RequestOptions): Promise<ChatCompletion | ChunkStream<ChatCompletionChunk>>;
+    };
+  };
+  completions: {
+    create(body: CompletionRequest & { stream: true }, options?: RequestOptions): Promise<ChunkStream<TextCompletion>>;
+    create(body: CompletionRequest & { stream?: false | null }, options?: RequestOptions): Promise<TextCompletion>;
+    create(body: CompletionRequest, options?: RequestOptions): Promise<TextCompletion | ChunkStream<TextCompletion>>;
+  };
+}
+
+/** A loaded text model; `chat.completions.create` and `completions.create` run on it. Each
+ * request reuses the keys and values of the longest prefix it shares with the previous one. */
+export interface TextModel extends OpenAIApi {
   readonly info: TextModelInfo;
   /** Streams the text piece by piece; leaving the loop early stops the generation. */
   generate(prompt: Prompt, options?: GenerateOptions): AsyncGenerator<string, Completion, undefined>;
@@ -185,7 +357,11 @@ export interface KernelCheck {
   n: number;
 }
 
-export declare class Kiln {
+/** `kiln.chat.completions.create({ model, ... })` runs on the loaded text model `model` names
+ * (its `loadText` source), or on the latest one loaded. */
+export declare class Kiln implements OpenAIApi {
+  chat: OpenAIApi["chat"];
+  completions: OpenAIApi["completions"];
   /** Requests a WebGPU adapter and device (in this thread, or in a worker with `{ worker: true }`). */
   static create(options?: CreateOptions): Promise<Kiln>;
   readonly adapter: AdapterInfo;

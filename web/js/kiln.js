@@ -6,7 +6,7 @@
 //   const sd = await kiln.loadImage("default");
 //   const image = await sd.generate("a red circle on a blue background", { seed: 1 }); // ImageData
 
-import { call, camelKeys, init, options, stream, sync, wasm } from "./core.js";
+import { call, camelKeys, init, openaiApi, options, stream, sync, TextModels, wasm } from "./core.js";
 import { clearCache, fetchModel, resolveSource } from "./fetch.js";
 
 export { clearCache, resolveSource };
@@ -22,6 +22,7 @@ function textOptions(o) {
     minP: o.minP,
     repeatPenalty: o.repeatPenalty,
     repeatWindow: o.repeatWindow,
+    topLogprobs: o.topLogprobs,
     seed: o.seed,
     stop: o.stop,
   };
@@ -36,12 +37,21 @@ function promptField(prompt) {
 /** A loaded text model (in this thread). */
 export class TextModel {
   #m;
+  #id;
   /** Architecture, sizes, context length. */
   info;
 
-  constructor(m) {
+  constructor(m, id = "default") {
     this.#m = m;
+    this.#id = id;
     this.info = JSON.parse(m.info());
+    // OpenAI-shaped: `chat.completions.create(...)`, `completions.create(...)`.
+    Object.assign(this, openaiApi((kind) => (json, onChunk, signal) => this.openaiRun(kind, json, onChunk, signal)));
+  }
+
+  /** One request through the engine's chat-completion core; resolves to the response JSON. */
+  openaiRun(kind, json, onChunk, _signal) {
+    return call(() => this.#m.openai(kind, json, this.#id, onChunk));
   }
 
   /** Streams the generated text piece by piece; the generator's return value is the result. */
@@ -153,10 +163,15 @@ export class Kiln {
   /** The adapter: name, backend, features (shaderF16, subgroups), limits. */
   adapter;
 
+  #texts = new TextModels();
+
   constructor(device, opts) {
     this.#device = device;
     this.#modelsBase = opts.modelsBase ?? defaultModelsBase();
     this.adapter = JSON.parse(device.info());
+    // `kiln.chat.completions.create({ model, messages, ... })`: `model` names a loaded text
+    // model by its source; absent or "default", the latest one loaded.
+    Object.assign(this, this.#texts.api());
   }
 
   /**
@@ -219,7 +234,9 @@ export class Kiln {
     opts.signal?.throwIfAborted();
     const progress = (loaded, total) => opts.onProgress?.({ phase: "upload", loaded, total });
     const m = await call(() => this.#device.loadText(toFiles(files), options({ ctx: opts.ctx, quantize: opts.quantize }), progress));
-    return new TextModel(m);
+    const model = new TextModel(m, source);
+    this.#texts.add(source, model);
+    return model;
   }
 
   /** Loads a diffusers pipeline folder (URL, Hugging Face repo id or "default"). */

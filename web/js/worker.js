@@ -31,6 +31,11 @@ const ops = {
   async complete(id, { handle, prompt, options }, signal) {
     return model(handle).complete(prompt, { ...options, signal, onPiece: (piece) => send(id, { piece }) });
   },
+  // Non-streaming requests get null probes: answer them here (is the request still wanted?).
+  async openai(id, { handle, kind, json }, signal) {
+    const onChunk = (c) => (c === null ? !signal.aborted : (send(id, { piece: c }), !signal.aborted));
+    return model(handle).openaiRun(kind, json, onChunk, signal);
+  },
   async image(id, { handle, prompt, options, previews }, signal) {
     const onStep = ({ step, steps, preview }) => {
       const p = previews && preview ? { width: preview.width, height: preview.height, data: preview.data } : null;

@@ -112,6 +112,61 @@ impl TextModel {
     }
 }
 
+#[wasm_bindgen]
+impl TextModel {
+    /// An OpenAI-shaped request through the engine's chat-completion core: `kind` is "chat"
+    /// (`/v1/chat/completions`) or "completion" (`/v1/completions`), `request` its JSON body,
+    /// `model_id` the name responses carry. When streaming, `on_chunk(json)` receives each chunk;
+    /// otherwise `on_chunk(null)` is called once per piece. Returning `false` cancels. Resolves
+    /// to the whole response as JSON.
+    pub fn openai(
+        &self,
+        kind: String,
+        request: String,
+        model_id: String,
+        on_chunk: js_sys::Function,
+    ) -> js_sys::Promise {
+        use kiln::llm::{ChatRequest, CompletionRequest, Prepared, ResponseMeta};
+        let shared = self.model.clone();
+        future_to_promise(async move {
+            let mut m = take(&shared)?;
+            let prepared = match kind.as_str() {
+                "chat" => ChatRequest::from_json(&request)
+                    .and_then(|r| Prepared::chat(&m, &r, ResponseMeta::new("chatcmpl", &model_id))),
+                _ => CompletionRequest::from_json(&request).and_then(|r| {
+                    Prepared::completion(&m, &r, ResponseMeta::new("cmpl", &model_id))
+                }),
+            };
+            let mut failed = None;
+            let r = match prepared {
+                Ok(p) => {
+                    p.run(&mut m, &mut |chunk| {
+                        let arg = if chunk.is_null() {
+                            JsValue::NULL
+                        } else {
+                            JsValue::from_str(&chunk.to_string())
+                        };
+                        match on_chunk.call1(&JsValue::NULL, &arg) {
+                            Ok(v) => v.as_bool() != Some(false),
+                            Err(e) => {
+                                failed = Some(e);
+                                false
+                            }
+                        }
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            *shared.borrow_mut() = Some(m);
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            Ok(JsValue::from_str(&r.map_err(js_err)?.to_string()))
+        })
+    }
+}
+
 async fn run(
     m: &mut kiln::llm::TextModel,
     o: &TextOptions,

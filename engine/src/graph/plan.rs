@@ -380,22 +380,21 @@ impl Plan {
 
     /// Runs and reads the given outputs back, still in one submit.
     pub async fn run_read(&self, outs: &[Value]) -> Result<Vec<Vec<u8>>> {
+        let all: Vec<(Value, u64)> = outs.iter().map(|&v| (v, u64::MAX)).collect();
+        self.run_read_heads(&all).await
+    }
+
+    /// [`Plan::run_read`] that reads back only the first `bytes` of each output (rounded up to
+    /// 4), e.g. the sampler's id and log-probability without its optional extras.
+    pub async fn run_read_heads(&self, outs: &[(Value, u64)]) -> Result<Vec<Vec<u8>>> {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         self.encode(&mut enc);
         let mut sizes = Vec::new();
-        for v in outs {
+        for &(v, head) in outs {
             let st = self.staging.get(&v.0).ok_or_else(|| Error::Data {
                 name: format!("value {}", v.0),
                 msg: "not marked as an output".into(),
             })?;
-            let size = st.size();
-            enc.copy_buffer_to_buffer(&self.value_buffer(*v)?.buffer, 0, st, 0, size);
-            sizes.push(size);
-        }
-        self.gpu.submit([enc.finish()]);
-        self.gpu.check("Plan::run_read")?;
-        let mut res = Vec::new();
-        for (v, size) in outs.iter().zip(sizes) {
             let n = numel(
                 &self.bound[v.0]
                     .as_ref()
@@ -403,11 +402,15 @@ impl Plan {
                     .unwrap_or_default(),
             ) as u64
                 * 4;
-            res.push(
-                self.gpu
-                    .map_read(&self.staging[&v.0], size.min(n.max(4)))
-                    .await?,
-            );
+            let size = st.size().min(head.div_ceil(4).saturating_mul(4)).max(4);
+            enc.copy_buffer_to_buffer(&self.value_buffer(v)?.buffer, 0, st, 0, size);
+            sizes.push(size.min(n.max(4)));
+        }
+        self.gpu.submit([enc.finish()]);
+        self.gpu.check("Plan::run_read")?;
+        let mut res = Vec::new();
+        for (&(v, _), size) in outs.iter().zip(sizes) {
+            res.push(self.gpu.map_read(&self.staging[&v.0], size).await?);
         }
         Ok(res)
     }

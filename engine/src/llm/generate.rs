@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 use crate::formats::safetensors::take_checkpoint;
 use crate::formats::{text_file, ModelFiles, TensorSource};
-use crate::kernels::sample::{SamplerSettings, SAMPLE_OUT_LEN};
+use crate::kernels::sample::{SamplerSettings, SAMPLE_OUT_LEN, TOP_LOGPROBS_MAX};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::weights::{Quantize, Weights};
 use std::sync::Arc;
@@ -52,6 +52,14 @@ pub struct GenerateOptions {
     pub seed: u32,
     /// Generation stops when the text contains one of these (it is cut before it).
     pub stop: Vec<String>,
+}
+
+impl GenerateOptions {
+    /// Bytes of the sampler's output a token reads back: the id and its log-probability, plus
+    /// the top_logprobs pairs when asked for.
+    fn readback(&self) -> u64 {
+        8 * (1 + self.sampler.top_logprobs.min(TOP_LOGPROBS_MAX as u32) as u64)
+    }
 }
 
 impl Default for GenerateOptions {
@@ -356,7 +364,7 @@ impl TextModel {
             let next = if done { start + n } else { ctx + 1 };
             p.plan.set(p.next, next as u32);
             if done {
-                let out = p.plan.run_read(&[p.out]).await?;
+                let out = p.plan.run_read_heads(&[(p.out, opts.readback())]).await?;
                 return Ok(Draw::new(&out[0], opts.sampler.top_logprobs));
             }
             p.plan.run()?;
@@ -431,7 +439,7 @@ impl TextModel {
             d.plan.set(d.pos, pos as u32);
             d.plan.set(d.last, 0);
             d.plan.set(d.next, (pos + 1) as u32);
-            let out = d.plan.run_read(&[d.out]).await?;
+            let out = d.plan.run_read_heads(&[(d.out, opts.readback())]).await?;
             // The id fed at `pos` now has its keys and values in the cache.
             self.cached.push(g.ids[g.ids.len() - 1]);
             tok = Draw::new(&out[0], opts.sampler.top_logprobs);

@@ -78,7 +78,7 @@ pub struct Step {
     pub seed: Scalar,
     /// Sampler settings input (f32 `[SETTINGS_LEN]`).
     pub settings: Value,
-    /// Sampler output (u32 `[2]`: id, logprob bits).
+    /// Sampler output (u32 `[SAMPLE_OUT_LEN]`: id, logprob bits, the top_logprobs pairs).
     pub out: Value,
     /// Logits of the last valid token (when built with `keep_logits`).
     pub logits: Option<Value>,

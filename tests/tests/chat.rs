@@ -1,0 +1,299 @@
+//! The chat-completion core (`llm/chat.rs`) on the transformers fixtures: `top_logprobs` against
+//! the full softmax of the model's logits and transformers' log-probabilities, KV-cache reuse
+//! (turn 5 of a conversation prefills only its own tokens, and greedy output is the same without
+//! reuse), prompts without a double BOS, request parsing, context policies and stop reasons.
+
+use kiln::kernels::sample::SamplerSettings;
+use kiln::llm::chat::{chat_ids, fit_conversation, Overflow};
+use kiln::llm::{
+    ChatRequest, CompletionRequest, GenerateOptions, LoadOptions, Message, Prepared, ResponseMeta,
+    TextModel,
+};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/llm")
+        .join(case)
+}
+
+fn load(case: &str, ctx: usize, keep_logits: bool) -> TextModel {
+    let files = kiln::llm::generate::read_model_path(&dir(case)).unwrap();
+    let opts = LoadOptions {
+        ctx,
+        keep_logits,
+        ..Default::default()
+    };
+    pollster::block_on(TextModel::load(
+        &kiln_tests::gpu(),
+        files,
+        &opts,
+        &mut |_, _| {},
+    ))
+    .unwrap_or_else(|e| panic!("{case}: {e}"))
+}
+
+fn chat(model: &mut TextModel, body: &str) -> kiln::Result<Value> {
+    let req = ChatRequest::from_json(body)?;
+    let p = Prepared::chat(model, &req, ResponseMeta::new("chatcmpl", "test"))?;
+    pollster::block_on(p.run(model, &mut |_| true))
+}
+
+/// Log-softmax in f64, and the ids by descending logit (lower index first on ties).
+fn full_softmax(logits: &[f32]) -> (Vec<f64>, Vec<usize>) {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    let lp: Vec<f64> = logits.iter().map(|&x| x as f64 - m - z.ln()).collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    (lp, order)
+}
+
+#[test]
+fn top_logprobs_equal_the_full_softmax() {
+    let case = "llama-gqa-f32";
+    let e = kiln_tests::read_json(&dir(case).join("expected.json"));
+    let want_lp = e["runs"][0]["logprobs"].as_array().unwrap().clone();
+    let mut m = load(case, 128, true);
+    let mut ids = kiln_tests::json_ids(&e["prompt_ids"]);
+    let opts = GenerateOptions {
+        max_tokens: 1,
+        sampler: SamplerSettings {
+            top_logprobs: 20,
+            ..SamplerSettings::greedy()
+        },
+        seed: 0,
+        stop: vec![],
+    };
+    let mut worst = 0f64;
+    for step in 0..6 {
+        // One token per call: each call prefills only the new id (the cache is reused) and
+        // keeps the logits of the last position.
+        let g = pollster::block_on(m.generate(&ids, &opts, &mut |_| true)).unwrap();
+        assert_eq!(g.reused, if step == 0 { 0 } else { ids.len() - 1 });
+        let logits =
+            pollster::block_on(m.prefill.plan.read_f32(m.prefill.logits.unwrap())).unwrap();
+        let (lp, order) = full_softmax(&logits);
+        let top = &g.top_logprobs[0];
+        assert_eq!(top.len(), 20);
+        for (r, &(id, got)) in top.iter().enumerate() {
+            assert_eq!(id as usize, order[r], "step {step}: rank {r}");
+            let err = (got as f64 - lp[id as usize]).abs();
+            worst = worst.max(err);
+            assert!(
+                err <= 2e-3,
+                "step {step} rank {r}: {got} vs {}",
+                lp[id as usize]
+            );
+        }
+        // The chosen (greedy) id is rank 0, with transformers' log-probability.
+        assert_eq!(top[0], (g.ids[0], g.logprobs[0]));
+        let tf = want_lp[step].as_f64().unwrap();
+        assert!(
+            (g.logprobs[0] as f64 - tf).abs() <= 2e-3,
+            "step {step}: vs transformers {tf}"
+        );
+        ids.push(g.ids[0]);
+    }
+    eprintln!("top_logprobs: largest error against the f64 softmax {worst:.2e}");
+}
+
+/// A five-turn conversation with and without reuse: the same greedy replies, and each later turn
+/// prefills only what the conversation added.
+#[test]
+fn multi_turn_reuses_the_cache_with_identical_output() {
+    let questions = [
+        "Hello!",
+        "What is your name?",
+        "Tell me about the sea.",
+        "And the sky?",
+        "Thank you, goodbye.",
+    ];
+    let mut with = load("llama-gqa-f32", 256, false);
+    let mut without = load("llama-gqa-f32", 256, false);
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "Be brief."})];
+    let mut prev_prompt = 0;
+    for (turn, q) in questions.iter().enumerate() {
+        messages.push(serde_json::json!({"role": "user", "content": q}));
+        let body = serde_json::json!({"messages": messages, "temperature": 0, "max_tokens": 8})
+            .to_string();
+        let a = chat(&mut with, &body).unwrap();
+        without.reset_cache();
+        let b = chat(&mut without, &body).unwrap();
+        assert_eq!(a["kiln"]["ids"], b["kiln"]["ids"], "turn {}", turn + 1);
+        assert_eq!(b["kiln"]["reused_tokens"], 0);
+        let prompt = a["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+        let reused = a["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap() as usize;
+        eprintln!(
+            "turn {}: prompt {prompt} tokens, {reused} reused, {} prefilled; ttft {:.1} ms with reuse, {:.1} ms without",
+            turn + 1,
+            prompt - reused,
+            a["kiln"]["timings"]["ttft_ms"].as_f64().unwrap(),
+            b["kiln"]["timings"]["ttft_ms"].as_f64().unwrap()
+        );
+        if turn > 0 {
+            // Everything up to the previous prompt (and the part of the reply the template
+            // renders as it was generated) is in the cache.
+            assert!(
+                reused >= prev_prompt,
+                "turn {}: {reused} < {prev_prompt}",
+                turn + 1
+            );
+        }
+        prev_prompt = prompt;
+        let reply = a["choices"][0]["message"]["content"].as_str().unwrap();
+        messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+    }
+}
+
+#[test]
+fn chat_prompts_have_one_bos() {
+    for case in [
+        "llama-gqa-f32",
+        "llama3-rope-f16",
+        "qwen2-f32",
+        "llama-mqa-tied-bf16",
+    ] {
+        let m = load(case, 64, false);
+        let tok = &m.tokenizer;
+        let msgs = [Message::new("user", "Hi")];
+        let ids = chat_ids(tok, &msgs).unwrap();
+        let rendered = tok.render_chat(&[("user".into(), "Hi".into())]).unwrap();
+        let plain = tok.encode(&rendered).unwrap();
+        match tok.bos.filter(|_| tok.add_bos) {
+            Some(bos) => {
+                assert_eq!(ids[0], bos, "{case}");
+                assert_ne!(ids.get(1), Some(&bos), "{case}: double BOS");
+                let want: Vec<u32> = if plain.first() == Some(&bos) {
+                    plain
+                } else {
+                    std::iter::once(bos).chain(plain).collect()
+                };
+                assert_eq!(ids, want, "{case}");
+            }
+            None => assert_eq!(ids, plain, "{case}"),
+        }
+    }
+}
+
+#[test]
+fn requests_that_mean_nothing_are_errors() {
+    let mut m = load("llama-gqa-f32", 64, false);
+    let msgs = r#""messages": [{"role": "user", "content": "Hi"}]"#;
+    for (body, want) in [
+        (
+            format!("{{{msgs}, \"temprature\": 0}}"),
+            "unknown field 'temprature'",
+        ),
+        (format!("{{{msgs}, \"n\": 2}}"), "n other than 1"),
+        (
+            format!("{{{msgs}, \"top_logprobs\": 3}}"),
+            "needs \"logprobs\": true",
+        ),
+        (
+            format!("{{{msgs}, \"logprobs\": true, \"top_logprobs\": 21}}"),
+            "top_logprobs 21",
+        ),
+        (
+            format!("{{{msgs}, \"frequency_penalty\": 0.5}}"),
+            "repeat_penalty",
+        ),
+        (
+            format!("{{{msgs}, \"stop\": [\"a\",\"b\",\"c\",\"d\",\"e\"]}}"),
+            "at most 4",
+        ),
+        (format!("{{{msgs}, \"temperature\": -1}}"), "temperature"),
+        (format!("{{{msgs}, \"max_tokens\": 0}}"), "max_tokens"),
+        (r#"{"messages": []}"#.to_string(), "at least one message"),
+        (
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#.to_string(),
+            "image_url",
+        ),
+        ("[1]".to_string(), "JSON object"),
+    ] {
+        let e = chat(&mut m, &body).unwrap_err().to_string();
+        assert!(e.contains(want), "{body}: {e}");
+    }
+    // Text parts and OpenAI's nulls are accepted.
+    let ok = chat(
+        &mut m,
+        r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "stop": null, "seed": null, "max_tokens": 2}"#,
+    )
+    .unwrap();
+    assert_eq!(ok["usage"]["completion_tokens"], 2);
+    let e = CompletionRequest::from_json(r#"{"prompt": "x", "echo": true}"#)
+        .map(|r| Prepared::completion(&m, &r, ResponseMeta::new("cmpl", "t")).map(|_| ()));
+    assert!(e.unwrap().unwrap_err().to_string().contains("echo"));
+}
+
+#[test]
+fn long_conversations_are_refused_or_trimmed_as_asked() {
+    let m = load("llama-gqa-f32", 64, false);
+    let tok = &m.tokenizer;
+    let mut msgs = vec![Message::new("system", "Be brief.")];
+    for i in 0..12 {
+        msgs.push(Message::new(
+            "user",
+            &format!("Question number {i} about the sea?"),
+        ));
+        msgs.push(Message::new("assistant", "The sea is wide and deep."));
+    }
+    msgs.push(Message::new("user", "Last one?"));
+    let e = fit_conversation(tok, &msgs, 64, 8, Overflow::Error).unwrap_err();
+    assert!(e.to_string().contains("the context holds 64"), "{e}");
+    assert!(e.to_string().contains("drop_oldest"), "{e}");
+    let (ids, dropped) = fit_conversation(tok, &msgs, 64, 8, Overflow::DropOldest).unwrap();
+    assert!(ids.len() + 8 <= 64, "{} tokens", ids.len());
+    assert!(dropped > 0 && dropped < msgs.len() - 1);
+    // The system message and the last message survive.
+    let kept: Vec<Message> = msgs[..1]
+        .iter()
+        .chain(&msgs[1 + dropped..])
+        .cloned()
+        .collect();
+    assert_eq!(chat_ids(tok, &kept).unwrap(), ids);
+    // One message that cannot fit even alone is an error under either policy.
+    let huge = vec![Message::new("user", &"sea ".repeat(200))];
+    assert!(fit_conversation(tok, &huge, 64, 8, Overflow::DropOldest).is_err());
+}
+
+#[test]
+fn finish_reasons_and_stop_strings() {
+    let mut m = load("llama-gqa-f32", 256, false);
+    let base = r#""messages": [{"role": "user", "content": "Hi"}], "temperature": 0"#;
+    let full = chat(&mut m, &format!("{{{base}, \"max_tokens\": 6}}")).unwrap();
+    assert_eq!(full["choices"][0]["finish_reason"], "length");
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A stop string taken from the greedy text cuts the reply before it.
+    let cut = text.char_indices().nth(2).map(|(i, _)| i).unwrap_or(0);
+    let stop = &text[cut..];
+    if !stop.trim().is_empty() {
+        let s = chat(
+            &mut m,
+            &format!(
+                "{{{base}, \"max_tokens\": 6, \"stop\": {}}}",
+                serde_json::json!(stop)
+            ),
+        )
+        .unwrap();
+        assert_eq!(s["choices"][0]["finish_reason"], "stop");
+        assert!(text.starts_with(s["choices"][0]["message"]["content"].as_str().unwrap()));
+    }
+    // A streaming request that the caller stops ends as "cancelled".
+    let req = ChatRequest::from_json(&format!("{{{base}, \"max_tokens\": 6, \"stream\": true}}"))
+        .unwrap();
+    let p = Prepared::chat(&m, &req, ResponseMeta::new("chatcmpl", "t")).unwrap();
+    let mut n = 0;
+    let r = pollster::block_on(p.run(&mut m, &mut |_| {
+        n += 1;
+        n < 3
+    }))
+    .unwrap();
+    assert_eq!(r["choices"][0]["finish_reason"], "cancelled");
+}
