@@ -37,8 +37,8 @@ fi
 echo "== adapters" >&2
 "$kiln" info
 echo >&2
-echo "== kiln text --prompt \"And God said\"" >&2
-"$kiln" text --prompt "And God said" --max-tokens 48
+echo "== kiln text --prompt \"And God said\" --seed 0" >&2
+"$kiln" text --prompt "And God said" --max-tokens 48 --seed 0
 echo >&2
 echo "== kiln image --prompt \"a red circle on a blue background\" --out red-circle.png" >&2
 "$kiln" image --prompt "a red circle on a blue background" --out "$out_dir/red-circle.png"

@@ -151,10 +151,14 @@ async function* parsed(chunks) {
 
 /** `chat.completions.create` and `completions.create` over `runner(kind)`. */
 export function openaiApi(runner) {
-  return {
-    chat: { completions: { create: (body, opts) => openaiCreate(runner("chat", body), body, opts) } },
-    completions: { create: (body, opts) => openaiCreate(runner("completion", body), body, opts) },
+  const create = (kind) => (body, opts) => {
+    try {
+      return openaiCreate(runner(kind, body), body, opts);
+    } catch (e) {
+      return Promise.reject(e); // e.g. no such model: a rejected promise, as for every other error
+    }
   };
+  return { chat: { completions: { create: create("chat") } }, completions: { create: create("completion") } };
 }
 
 /**

@@ -370,6 +370,73 @@ test("text: AbortSignal and leaving the loop stop generation; the model stays us
   }
 });
 
+test("chat.completions.create and completions.create: streaming and not, page and worker, ids equal native", 600000, async () => {
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const r = await page.evaluate(async (src) => {
+      const k = window.demo.kiln;
+      await k.loadText(src);
+      const body = { messages: [{ role: "system", content: "Be brief." }, { role: "user", content: "Name three colours." }], temperature: 0, max_tokens: 12 };
+      const whole = await k.chat.completions.create({ ...body, model: src, logprobs: true, top_logprobs: 2 });
+      let text = "", last = null, chunks = 0;
+      for await (const c of await k.chat.completions.create({ ...body, stream: true })) {
+        chunks++;
+        text += c.choices[0]?.delta?.content ?? "";
+        if (c.kiln) last = c;
+      }
+      const ac = new AbortController();
+      let got = 0, abortError = null;
+      try {
+        for await (const _ of await k.chat.completions.create({ ...body, max_tokens: 200, stream: true }, { signal: ac.signal })) if (++got === 3) ac.abort();
+      } catch (e) {
+        abortError = e.name;
+      }
+      const unknown = await k.chat.completions.create({ ...body, model: "nope" }).then(() => null, (e) => e.message);
+      const bad = await k.chat.completions.create({ ...body, temprature: 1 }).then(() => null, (e) => e.message);
+      const completion = await k.completions.create({ prompt: "The quick brown fox", max_tokens: 8, temperature: 0 });
+      return { whole, text, chunks, lastIds: last.kiln.ids, cached: last.kiln.reused_tokens, abortError, unknown, bad, completion };
+    }, FIXTURE_TEXT.source);
+    await page.close();
+    const w = r.whole;
+    const want = await native(["text", ...FIXTURE_TEXT.native, "--json", "--temperature", "0", "--prompt-ids", w.kiln.prompt_ids.join(","), "-n", "12"]);
+    const mode = worker ? "worker" : "page";
+    log(`${mode}: ${w.kiln.ids.length} ids, ${r.chunks} chunks, streaming reused ${r.cached} prompt tokens; ${JSON.stringify(w.choices[0].message.content)}`);
+    assert(w.object === "chat.completion" && w.choices[0].logprobs.content[0].top_logprobs.length === 2, `${mode}: shape ${JSON.stringify(w).slice(0, 300)}`);
+    assert(JSON.stringify(w.kiln.ids) === JSON.stringify(want.ids), `${mode}: chat ids ${w.kiln.ids}, native ${want.ids}`);
+    assert(w.choices[0].message.content === want.text, `${mode}: text differs from native`);
+    assert(r.text === w.choices[0].message.content && JSON.stringify(r.lastIds) === JSON.stringify(want.ids), `${mode}: streamed ${JSON.stringify(r.text)}`);
+    assert(r.cached === w.kiln.prompt_ids.length - 1, `${mode}: the same conversation reused ${r.cached} tokens`);
+    assert(r.abortError === "AbortError", `${mode}: abort gave ${r.abortError}`);
+    assert(/not loaded/.test(r.unknown) && /unknown field 'temprature'/.test(r.bad), `${mode}: errors ${r.unknown} / ${r.bad}`);
+    const c = await native(["text", ...FIXTURE_TEXT.native, "--json", "--temperature", "0", "--prompt", "The quick brown fox", "-n", "8"]);
+    assert(JSON.stringify(r.completion.kiln.ids) === JSON.stringify(c.ids) && r.completion.choices[0].text === c.text, `${mode}: completion ${r.completion.kiln.ids} vs ${c.ids}`);
+  }
+});
+
+test("demo chat panel: two streamed turns, the second prefills only its own tokens", 600000, async () => {
+  needs(DEFAULT_TEXT);
+  const page = await openDemo(true);
+  await page.fill("#text-source", "default");
+  await page.click("#text-load");
+  if ((await waitState(page, "text-section", ["loaded", "error"], 300000)) === "error") throw new Error(await page.textContent("#text-error"));
+  await page.fill("#max-tokens", "16");
+  await page.fill("#temperature", "0");
+  const turns = [];
+  for (const say of ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void."]) {
+    await page.fill("#chat-input", say);
+    await page.click("#chat-send");
+    if ((await waitState(page, "chat-section", ["done", "error"], 300000)) === "error") throw new Error(await page.textContent("#chat-error"));
+    turns.push(await page.evaluate(() => ({ k: window.demo.chat.last.kiln, stats: document.querySelector("#chat-stats").textContent, bubbles: document.querySelectorAll("#chat-history .msg").length })));
+  }
+  await page.close();
+  const [a, b] = turns;
+  log(`turn 1: ${a.stats}`);
+  log(`turn 2: ${b.stats}`);
+  assert(a.bubbles === 2 && b.bubbles === 4, `history bubbles ${a.bubbles}, ${b.bubbles}`);
+  assert(b.k.reused_tokens >= a.k.prompt_ids.length, `turn 2 reused ${b.k.reused_tokens} of turn 1's ${a.k.prompt_ids.length} prompt tokens`);
+  assert(/tok\/s/.test(b.stats), b.stats);
+});
+
 test("image: fixture pipeline equals native (worker, with previews)", 600000, () => imageParity(FIXTURE_IMAGE, true, false));
 test("image: a pipeline as diffusers 0.42 saves it equals native (page)", 600000, () => imageParity(SAVED_IMAGE, false, false));
 test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
