@@ -287,3 +287,122 @@ fn image_without_model_uses_the_embedded_default() {
     let psnr = png_psnr(&out, &want.data, want.shape[0], want.shape[1]);
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
 }
+
+/// Runs `kiln` with `stdin` as its standard input.
+fn kiln_stdin(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// CLI habits: a random default seed that is printed and in `--json` (and repeats the run with
+/// `--seed`), `-m`/`-p`/`-n`, the prompt from stdin or a file, `--quiet`, distinct exit codes.
+#[test]
+fn seeds_short_flags_prompt_sources_and_exit_codes() {
+    let m = fixture("qwen2-f32");
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let sample = [
+        "--temperature",
+        "1",
+        "--top-k",
+        "0",
+        "--min-p",
+        "0",
+        "-n",
+        "8",
+        "--json",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["text", "-m", &m, "-p", "Hello world"];
+        a.extend(sample);
+        a.extend(extra);
+        json(kiln(&a))
+    };
+    let (a, b) = (run(&[]), run(&[]));
+    assert_ne!(
+        a["seed"], b["seed"],
+        "two runs without --seed drew the same seed"
+    );
+    let seed = a["seed"].to_string();
+    let again = run(&["--seed", &seed]);
+    assert_eq!(again["ids"], a["ids"], "--seed {seed} repeats the run");
+    // The summary line names the seed.
+    let out = kiln(&["text", "-m", &m, "-p", "Hello", "-n", "2", "--seed", "77"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seed: 77"));
+    // The prompt from stdin (-p -) and from a file give the same ids as -p TEXT.
+    let greedy = ["--temperature", "0", "-n", "6", "--json"];
+    let mut args = vec!["text", "-m", &m, "-p", "-"];
+    args.extend(greedy);
+    let from_stdin = json(kiln_stdin(&args, "Hello world"));
+    let file = std::env::temp_dir().join(format!("kiln-prompt-{}.txt", std::process::id()));
+    std::fs::write(&file, "Hello world").unwrap();
+    let f = file.to_string_lossy().to_string();
+    let mut args = vec!["text", "-m", &m, "--prompt-file", &f];
+    args.extend(greedy);
+    let from_file = json(kiln(&args));
+    let mut args = vec!["text", "-m", &m, "-p", "Hello world"];
+    args.extend(greedy);
+    let from_flag = json(kiln(&args));
+    assert_eq!(from_stdin["prompt_ids"], from_flag["prompt_ids"]);
+    assert_eq!(from_file["ids"], from_flag["ids"]);
+    // --quiet: only the generated text on stdout, nothing on stderr.
+    let q = kiln(&[
+        "text",
+        "-m",
+        &m,
+        "-p",
+        "Hello world",
+        "-n",
+        "6",
+        "--temperature",
+        "0",
+        "-q",
+    ]);
+    assert!(q.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&q.stdout).trim_end_matches('\n'),
+        from_flag["text"].as_str().unwrap()
+    );
+    assert!(
+        q.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&q.stderr)
+    );
+    // Exit codes: usage 2, model 3, generation 4.
+    let code = |args: &[&str]| kiln(args).status.code();
+    assert_eq!(code(&["text", "--bogus-flag"]), Some(2));
+    assert_eq!(code(&["text", "-m", &m]), Some(2), "no prompt");
+    assert_eq!(
+        code(&["text", "-m", &m, "-p", "x", "--top-p", "2"]),
+        Some(2)
+    );
+    assert_eq!(
+        code(&["text", "-m", "/nonexistent/model", "-p", "x"]),
+        Some(3)
+    );
+    assert_eq!(
+        code(&["text", "-m", &m, "--prompt-ids", "999999999", "-n", "2"]),
+        Some(4),
+        "a token id outside the vocabulary"
+    );
+}
