@@ -2,9 +2,10 @@
 //!
 //! Every loaded model lives on its own worker thread, which takes requests from a queue in the
 //! order they came (one at a time per model; a text and an image model work side by side).
-//! A request hands the worker a channel; the worker sends chunks or the response back and checks
-//! after every token (or denoising step) whether the client is still there, so a disconnect
-//! cancels the generation at the next token or step.
+//! A request hands the worker a bounded channel; the worker sends chunks or the response back
+//! (waiting when the client reads slowly) and checks after every token (or denoising step)
+//! whether the client is still there, so a disconnect cancels the generation at the next token
+//! or step.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (SSE with `"stream": true`),
 //! `POST /v1/images/generations` (`b64_json` PNG), `GET /v1/models`, `GET /health`.
@@ -28,7 +29,7 @@ use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, ResponseM
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::{channel, Sender};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -58,6 +59,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = LoadOptions::default().quantize)]
     quantize: kiln::llm::Quantize,
 }
+
+/// Chunks a worker may run ahead of the client reading them.
+const CHUNK_QUEUE: usize = 16;
 
 /// What a worker sends back for one request.
 enum Event {
@@ -162,7 +166,7 @@ struct ImageRequest {
 /// A loaded model: its id and the queue of its worker thread.
 struct Worker<J> {
     id: String,
-    queue: std::sync::Mutex<std::sync::mpsc::Sender<(J, String, UnboundedSender<Event>)>>,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<(J, String, Sender<Event>)>>,
 }
 
 impl<J: Send + 'static> Worker<J> {
@@ -170,12 +174,12 @@ impl<J: Send + 'static> Worker<J> {
     fn start<M: 'static>(
         id: String,
         model: M,
-        mut handle: impl FnMut(&mut M, J, &str, &UnboundedSender<Event>) + Send + 'static,
+        mut handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + 'static,
     ) -> Worker<J>
     where
         M: Send,
     {
-        let (tx, rx) = std::sync::mpsc::channel::<(J, String, UnboundedSender<Event>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(J, String, Sender<Event>)>();
         let mut model = model;
         std::thread::spawn(move || {
             for (job, model_id, reply) in rx {
@@ -191,7 +195,7 @@ impl<J: Send + 'static> Worker<J> {
         }
     }
 
-    fn submit(&self, job: J, reply: UnboundedSender<Event>) -> Result<(), ApiError> {
+    fn submit(&self, job: J, reply: Sender<Event>) -> Result<(), ApiError> {
         self.queue
             .lock()
             .map_err(|_| {
@@ -220,7 +224,7 @@ struct App {
 }
 
 /// The text worker's handler: prepare, run, stream.
-fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &UnboundedSender<Event>) {
+fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Sender<Event>) {
     let (prepared, what) = match &job {
         TextJob::Chat(r) => (
             Prepared::chat(model, r, ResponseMeta::new("chatcmpl", model_id)),
@@ -234,7 +238,7 @@ fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Unbound
     let p = match prepared {
         Ok(p) => p,
         Err(e) => {
-            let _ = reply.send(Event::Failed(ApiError::from_engine(e)));
+            let _ = reply.blocking_send(Event::Failed(ApiError::from_engine(e)));
             return;
         }
     };
@@ -242,7 +246,7 @@ fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Unbound
         if chunk.is_null() {
             !reply.is_closed()
         } else {
-            reply.send(Event::Chunk(chunk)).is_ok()
+            reply.blocking_send(Event::Chunk(chunk)).is_ok()
         }
     }));
     match r {
@@ -260,17 +264,17 @@ fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Unbound
                     format!("stop: {}", k["stop"].as_str().unwrap_or(""))
                 }
             );
-            let _ = reply.send(Event::Done(v));
+            let _ = reply.blocking_send(Event::Done(v));
         }
         Err(e) => {
             eprintln!("{} {what}: error: {e}", p.meta.id);
-            let _ = reply.send(Event::Failed(ApiError::from_engine(e)));
+            let _ = reply.blocking_send(Event::Failed(ApiError::from_engine(e)));
         }
     }
 }
 
 /// The image worker's handler.
-fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &UnboundedSender<Event>) {
+fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<Event>) {
     let result = (|| -> Result<Value, ApiError> {
         if r.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request("n other than 1 is not supported"));
@@ -340,11 +344,14 @@ fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Unbounde
     match result {
         Ok(v) => {
             eprintln!("image: {model_id}, seed {}", v["kiln"]["seed"]);
-            let _ = reply.send(Event::Done(v));
+            let _ = reply.blocking_send(Event::Done(v));
+        }
+        Err(e) if reply.is_closed() => {
+            eprintln!("image: cancelled: the client disconnected ({})", e.message);
         }
         Err(e) => {
             eprintln!("image: error: {}", e.message);
-            let _ = reply.send(Event::Failed(e));
+            let _ = reply.blocking_send(Event::Failed(e));
         }
     }
 }
@@ -428,7 +435,9 @@ fn body_text(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
 
 /// Sends a job and answers with the response, or an SSE stream of chunks.
 async fn respond<J: Send + 'static>(worker: &Worker<J>, job: J, stream: bool) -> Response {
-    let (tx, mut rx) = unbounded_channel();
+    // A bounded queue: a client that reads slowly holds the worker back (instead of chunks
+    // piling up in memory), and one that leaves fails the worker's next send.
+    let (tx, mut rx) = channel(CHUNK_QUEUE);
     if let Err(e) = worker.submit(job, tx) {
         return e.into_response();
     }

@@ -62,8 +62,11 @@ async function fetchFile(url, name, required, ctx) {
     const hit = await cache.match(url);
     if (hit) {
       const bytes = new Uint8Array(await hit.arrayBuffer());
-      report(bytes.length, bytes.length, true);
-      return bytes;
+      if (!isHtml(bytes)) {
+        report(bytes.length, bytes.length, true);
+        return bytes;
+      }
+      await cache.delete(url); // an HTML page cached by an older version: fetch again
     }
   }
   signal?.throwIfAborted();
@@ -91,6 +94,16 @@ async function fetchFile(url, name, required, ctx) {
     if (res.status === 404 && !required) {
       report(0, 0, false);
       return null;
+    }
+    // An HTML answer for a model file is a missing file behind a fallback page: absent when the
+    // file is optional, a clear error when it is required.
+    if (res.ok && /text\/html/i.test(res.headers.get("content-type") ?? "")) {
+      await res.body?.cancel().catch(() => {});
+      if (!required) {
+        report(0, 0, false);
+        return null;
+      }
+      throw htmlError(name, url, ctx.base);
     }
     if (!res.ok) {
       const hint = res.status === 401 || res.status === 403 ? " (a private or gated repository, or none by that name)" : "";
@@ -121,6 +134,13 @@ async function fetchFile(url, name, required, ctx) {
       bytes.set(c, off);
       off += c.length;
     }
+    if (isHtml(bytes)) {
+      if (!required) {
+        report(0, 0, false);
+        return null;
+      }
+      throw htmlError(name, url, ctx.base);
+    }
     report(loaded, loaded, false);
     if (cache) {
       // A full quota only costs the next reload a download.
@@ -136,6 +156,19 @@ async function fetchFile(url, name, required, ctx) {
 }
 
 const text = (b) => new TextDecoder().decode(b);
+
+/** Whether bytes are an HTML page (what SPA fallbacks and many hosts send for a missing file). */
+function isHtml(bytes) {
+  const head = new TextDecoder().decode(bytes.subarray(0, 64)).trimStart().toLowerCase();
+  return head.startsWith("<!doctype html") || head.startsWith("<html");
+}
+
+function htmlError(name, url, base) {
+  return new Error(
+    `got an HTML page for ${name} (${url}), not the file: is the model folder served at ${base}? ` +
+      "(a server that answers missing files with index.html and status 200, as SPA fallbacks do, hides the real 404)",
+  );
+}
 
 /**
  * Fetches the files of a plan from the engine (`modelFiles`): each group offers alternatives

@@ -461,6 +461,27 @@ test("image: AbortSignal stops the denoising loop; the pipeline stays usable", 3
   }
 });
 
+test("a server that answers missing files with index.html (SPA fallback): optional files count as absent, a missing model is a clear error", 300000, async () => {
+  const page = await openDemo(false);
+  const r = await page.evaluate(async (src) => {
+    const k = window.demo.kiln;
+    const load = async (s) => {
+      const m = await k.loadText(s, { cache: false });
+      const out = await m.complete([1, 2, 3], { maxTokens: 6, temperature: 0 });
+      m.dispose();
+      return out.ids;
+    };
+    const plain = await load(src);
+    const spa = await load(`/__spa${src}`);
+    const missing = await k.loadText("/__spa/fixtures/llm/no-such-model/", { cache: false }).then(() => null, (e) => e.message);
+    return { plain, spa, missing };
+  }, FIXTURE_TEXT.source);
+  await page.close();
+  log(`behind the fallback: ${r.spa}; missing model: ${r.missing}`);
+  assert(JSON.stringify(r.spa) === JSON.stringify(r.plain), `ids behind the SPA fallback ${r.spa}, direct ${r.plain}`);
+  assert(/got an HTML page for config\.json/.test(r.missing) && /is the model folder served at/.test(r.missing), r.missing);
+});
+
 test("bad model sources give an Error, not a hang", 180000, async () => {
   const page = await openDemo(false);
   const r = await page.evaluate(async () => {

@@ -4,6 +4,8 @@
 //   /fixtures/   -> tests/fixtures/ (small models the browser tests load)
 //   /__stall/    -> answers 200 and then sends nothing (tests the stalled-download error)
 //   /__garbage/  -> 4 KiB of noise for any name (tests the errors of the parsers)
+//   /__spa/...   -> the same files, but a missing one is answered with the demo's index.html and
+//                   status 200, as SPA fallbacks (Vite, common static hosts) do
 import { createReadStream, statSync } from "node:fs";
 import { createServer } from "node:http";
 import { dirname, extname, join, normalize, sep } from "node:path";
@@ -58,7 +60,8 @@ export function startServer({ port = 8080, host = "127.0.0.1", log = false } = {
       res.flushHeaders();
       return; // never sends the body
     }
-    let p = file(path);
+    const spa = path.startsWith("/__spa/");
+    let p = file(spa ? path.slice("/__spa".length) : path);
     let st;
     try {
       st = p && statSync(p);
@@ -68,6 +71,10 @@ export function startServer({ port = 8080, host = "127.0.0.1", log = false } = {
       }
     } catch {
       st = null;
+    }
+    if ((!st || !st.isFile()) && spa) {
+      p = join(web, "demo", "index.html");
+      st = statSync(p);
     }
     if (!st || !st.isFile()) {
       res.writeHead(404, { "content-type": "text/plain" });

@@ -68,9 +68,10 @@ pub fn text_model() -> Vec<FileGroup> {
     ];
     plan.extend(tokenizer());
     plan.push(FileGroup {
+        // The single file first: a folder that has it needs no probe for an index.
         any: vec![
-            vec!["model.safetensors.index.json".into()],
             vec!["model.safetensors".into()],
+            vec!["model.safetensors.index.json".into()],
         ],
         required: true,
     });

@@ -503,8 +503,9 @@ impl Graph {
     /// Samples one token from logits `[v]` with the sampler settings in `settings` (an f32
     /// input of [`crate::kernels::sample::SETTINGS_LEN`] values, see [`crate::kernels::sample::SamplerSettings`]).
     /// `history` (u32 `[cap]`) holds previous ids for the repetition penalty; the drawn id is
-    /// appended at index `counter` (which also selects the RNG stream). Output: u32 `[2]` =
-    /// (token id, f32 bits of its log-probability under the unmodified logits).
+    /// appended at index `counter` (which also selects the RNG stream). Output: u32
+    /// `[SAMPLE_OUT_LEN]` = (token id, f32 bits of its log-probability under the unmodified
+    /// logits), then the `top_logprobs` (id, log-probability bits) pairs.
     pub fn sample(
         &mut self,
         logits: Value,

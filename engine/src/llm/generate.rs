@@ -18,6 +18,10 @@ use std::sync::Arc;
 /// Default prompt tokens processed per prefill run.
 pub const PREFILL_CHUNK: usize = 64;
 
+/// Prompt tails this short run through the one-token decode graph, one token per run, instead
+/// of a whole prefill chunk (whose cost does not shrink with its valid rows).
+pub const TAIL_VIA_DECODE: usize = 4;
+
 /// How to load a text model (JSON: `ctx`, `quantize`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -353,12 +357,18 @@ impl TextModel {
             step.plan.write_f32(step.settings, &settings)?;
             step.plan.set(step.seed, opts.seed);
         }
-        let p = &mut self.prefill;
-        let chunk = p.tokens;
         let mut start = start;
         loop {
-            let n = chunk.min(prompt.len() - start);
-            let done = start + n == prompt.len();
+            let left = prompt.len() - start;
+            // A prefill run costs its whole chunk however few rows are valid: a short tail (the
+            // common case when a chat turn reuses the cache) goes through the one-token graph.
+            let p = if left <= TAIL_VIA_DECODE {
+                &mut self.decode
+            } else {
+                &mut self.prefill
+            };
+            let n = p.tokens.min(left);
+            let done = n == left;
             p.plan.set(p.pos, start as u32);
             p.plan.set(p.last, (n - 1) as u32);
             let next = if done { start + n } else { ctx + 1 };
