@@ -166,7 +166,11 @@ export class WorkerKiln {
   }
 
   static async create(opts = {}) {
-    const worker = new Worker(opts.workerUrl ?? new URL("./worker.js", import.meta.url), { type: "module" });
+    // Written literally, `new Worker(new URL("./worker.js", import.meta.url), ...)` is the
+    // pattern bundlers (Vite, webpack 5, Parcel, esbuild) recognize and emit the worker for.
+    const worker = opts.workerUrl
+      ? new Worker(opts.workerUrl, { type: "module" })
+      : new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     const rpc = new Rpc(worker);
     const modelsBase = new URL(opts.modelsBase ?? "/models/", globalThis.location?.href).href;
     const wasmUrl = opts.wasmUrl && new URL(opts.wasmUrl, globalThis.location?.href).href;
