@@ -2,7 +2,7 @@
 // client.js. Each request carries an id; replies carry it back with progress, pieces, steps,
 // and finally a result or an error.
 
-import { Kiln } from "./kiln.js";
+import { Kiln } from "./page.js";
 
 let kiln = null;
 const models = new Map();
