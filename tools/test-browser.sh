@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Browser tests: builds the wasm module and the npm package (web/pkg), the native `kiln` binary
 # the tests compare against, then runs web/tests/browser.test.mjs in headless Chromium with
-# WebGPU on SwiftShader. Exits non-zero when a test fails, including when no adapter appears.
+# WebGPU on SwiftShader, and web/tests/bundlers.test.mjs (the packed package inside Vite and
+# webpack production builds and a no-bundler page; installs vite and webpack from the npm
+# registry). Exits non-zero when a test fails, including when no adapter appears.
 #
 # Needs: the wasm32 target, wasm-bindgen-cli at Cargo.lock's version, Node >= 18, chromium,
 # lavapipe (for the native side); `bash .ci/run` installs them.
@@ -25,4 +27,6 @@ cargo build -p kiln-demo
     [ -d node_modules/playwright-core ] || npm ci
     if [ "${KILN_WEB_PROFILE:-release}" = dev ]; then npm run build:dev; else npm run build; fi
     node tests/browser.test.mjs "$@"
+    # Only for a full run (a --grep run is a single browser test).
+    [ $# -gt 0 ] || node tests/bundlers.test.mjs
 )

@@ -1,0 +1,18 @@
+// webpack 5 finds the worker (`new Worker(new URL(...))`) and the wasm (`new URL(...)`) itself.
+const path = require("node:path");
+const fs = require("node:fs");
+
+module.exports = {
+  mode: "production",
+  entry: "./src/main.js",
+  output: { path: path.resolve(__dirname, "dist"), filename: "main.js", clean: true },
+  devServer: { static: path.resolve(__dirname, "dist"), historyApiFallback: true },
+  plugins: [
+    {
+      apply: (compiler) =>
+        compiler.hooks.afterEmit.tap("copy-html", () =>
+          fs.copyFileSync(path.resolve(__dirname, "index.html"), path.resolve(__dirname, "dist/index.html")),
+        ),
+    },
+  ],
+};
