@@ -46,14 +46,20 @@ await sh("tar", ["-xzf", tarball, "-C", unpacked]); // -> unpacked/package/pkg/.
 
 /** Copies an example, installs the tarball (and its build tools) and builds it: its dist/. */
 async function build(name) {
+  const dir = await install(name);
+  await sh("npm", ["run", "build"], dir);
+  return join(dir, "dist");
+}
+
+/** Copies an example and installs the tarball and its build tools: the app's folder. */
+async function install(name) {
   const dir = join(work, name);
   cpSync(join(web, "examples", name), dir, { recursive: true, filter: (p) => !p.includes("node_modules") && !p.includes(`${sep}dist`) });
   const pkg = JSON.parse(readFileSync(join(dir, "package.json"), "utf8"));
   pkg.dependencies["kiln-gpu"] = `file:${tarball}`;
   writeFileSync(join(dir, "package.json"), JSON.stringify(pkg, null, 2));
   await sh("npm", ["install", "--no-audit", "--no-fund", "--loglevel=error"], dir);
-  await sh("npm", ["run", "build"], dir);
-  return join(dir, "dist");
+  return dir;
 }
 
 // ---- a static server with an SPA fallback; /models/ holds the default models
@@ -84,9 +90,9 @@ const FLAGS = ["--no-sandbox", "--enable-unsafe-webgpu", "--enable-unsafe-swifts
 const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--headless=new", ...FLAGS] });
 let failed = 0;
 
-async function check(name, dist) {
-  const server = await serve(dist);
-  const url = `http://127.0.0.1:${server.address().port}/`;
+async function check(name, dist, devUrl) {
+  const server = devUrl ? { close() {} } : await serve(dist);
+  const url = devUrl ?? `http://127.0.0.1:${server.address().port}/`;
   try {
     for (const worker of [true, false]) {
       const t0 = Date.now();
@@ -122,6 +128,26 @@ for (const name of ["vite", "webpack"]) {
   }
   await check(name, dist);
 }
+// Vite's dev server (the models come from the example's public/ folder there).
+{
+  const dir = join(work, "vite");
+  cpSync(join(root, "models"), join(dir, "public", "models"), { recursive: true });
+  const { spawn } = await import("node:child_process");
+  // Its own process group, so that stopping it stops vite under npx too.
+  const dev = spawn("npx", ["vite", "--port", "0", "--strictPort=false", "--host", "127.0.0.1"], { cwd: dir, env, detached: true });
+  let out = "";
+  const devUrl = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`vite dev did not start: ${out}`)), 60_000);
+    dev.stdout.on("data", (d) => {
+      out += d;
+      const m = /Local:\s+(http:\/\/\S+)/.exec(out.replace(/\x1b\[[0-9;]*m/g, ""));
+      if (m) clearTimeout(timer), resolve(m[1]);
+    });
+  }).catch((e) => (console.log(`FAIL vite dev: ${e.message}`), failed++, null));
+  if (devUrl) await check("vite dev server", null, devUrl);
+  process.kill(-dev.pid, "SIGTERM");
+  await new Promise((r) => setTimeout(r, 500));
+}
 // The no-bundler page, its import map pointed at the unpacked package on this server.
 const plain = join(work, "no-bundler");
 mkdirSync(plain);
@@ -130,7 +156,7 @@ writeFileSync(join(plain, "index.html"), html.replace(/https:\/\/unpkg\.com\/kil
 await check("no-bundler", plain);
 
 await browser.close();
-rmSync(work, { recursive: true, force: true });
+rmSync(work, { recursive: true, force: true, maxRetries: 5 });
 if (failed) {
   console.log(`${failed} bundler check(s) FAILED`);
   process.exit(1);
