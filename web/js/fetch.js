@@ -5,8 +5,11 @@ const CACHE_NAME = "kiln-models-v1";
 const HF = "https://huggingface.co";
 const DEFAULT_FOLDERS = { text: "text-kjv", image: "image-shapes" };
 
-/** Resolves a model source to `{ base, file?, label }`; `base` is an absolute folder URL ending in "/". */
-export function resolveSource(source, kind, modelsBase) {
+/**
+ * Resolves a model source to `{ base, file?, label, hf }`; `base` is an absolute folder URL
+ * ending in "/". `revision` (a branch, tag or commit) applies to Hugging Face repo ids.
+ */
+export function resolveSource(source, kind, modelsBase, revision = "main") {
   if (typeof source !== "string" || source.trim() === "") {
     throw new Error(`model source must be a non-empty string, got ${typeof source === "string" ? "an empty string" : typeof source}`);
   }
@@ -26,12 +29,13 @@ export function resolveSource(source, kind, modelsBase) {
   // Hugging Face: "owner/name" (a folder at the repo root) or "owner/name/path/to/file.gguf".
   const m = /^([A-Za-z0-9][\w.-]*\/[\w.-]+)(?:\/(.+\.gguf))?$/i.exec(s);
   if (m) {
-    const base = `${HF}/${m[1]}/resolve/main/`;
+    const base = `${HF}/${m[1]}/resolve/${encodeURIComponent(revision ?? "main")}/`;
+    const label = revision && revision !== "main" ? `${s}@${revision}` : s;
     if (m[2]) {
       const cut = m[2].lastIndexOf("/") + 1;
-      return { base: base + m[2].slice(0, cut), file: m[2].slice(cut), label: s };
+      return { base: base + m[2].slice(0, cut), file: m[2].slice(cut), label, hf: true };
     }
-    return { base, label: s };
+    return { base, label, hf: true };
   }
   throw new Error(`model source "${s}" is not a URL of a model folder or .gguf file, a Hugging Face repo id ("owner/name") or "default"`);
 }
@@ -55,9 +59,8 @@ export async function clearCache() {
  * A download that receives nothing for `stallMs` is aborted with an error (never a hang).
  */
 async function fetchFile(url, name, required, ctx) {
-  const { cache, signal, onProgress, stallMs } = ctx;
-  const report = (loaded, total, cached) =>
-    onProgress?.({ phase: "download", file: name, url, loaded, total, cached, fileIndex: ctx.index });
+  const { cache, signal, stallMs } = ctx;
+  const report = (loaded, total, cached) => ctx.report(name, url, loaded, total, cached);
   if (cache) {
     const hit = await cache.match(url);
     if (hit) {
@@ -87,7 +90,7 @@ async function fetchFile(url, name, required, ctx) {
     arm();
     let res;
     try {
-      res = await fetch(url, { signal: ctrl.signal });
+      res = await fetch(url, { signal: ctrl.signal, headers: ctx.headers });
     } catch (e) {
       throw fail(e);
     }
@@ -171,62 +174,146 @@ function htmlError(name, url, base) {
 }
 
 /**
- * Fetches the files of a plan from the engine (`modelFiles`): each group offers alternatives
- * (sets of files); the first alternative whose first file exists is taken, the rest of it is
- * then required; a sharded checkpoint's index brings its shards.
+ * Whether a file is there, and its size, without downloading it: the cache, or a HEAD request.
+ * Returns `{ size, bytes? }` (bytes when cached), `null` when absent (404, or an HTML page from a
+ * fallback: see `isHtml`), or `{ html: true }` for an HTML answer.
  */
-async function fetchPlan(ctx, plan) {
-  const files = new Map();
-  const get = async (name, required) => {
-    const bytes = await fetchFile(new URL(name, ctx.base).href, name, required, ctx);
-    ctx.index++;
-    if (bytes) files.set(name, bytes);
-    return bytes;
+async function probe(ctx, name) {
+  const url = new URL(name, ctx.base).href;
+  if (ctx.cache) {
+    const hit = await ctx.cache.match(url);
+    if (hit) {
+      const bytes = new Uint8Array(await hit.arrayBuffer());
+      if (!isHtml(bytes)) return { url, size: bytes.length, bytes, cached: true };
+      await ctx.cache.delete(url);
+    }
+  }
+  ctx.signal?.throwIfAborted();
+  let res;
+  try {
+    res = await fetch(url, { method: "HEAD", headers: ctx.headers, signal: ctx.signal });
+  } catch (e) {
+    if (ctx.signal?.aborted) throw ctx.signal.reason;
+    throw new Error(`could not fetch ${name} from ${url}: ${e?.message ?? e}`);
+  }
+  if (res.status === 404) return null;
+  if (res.status === 405 || res.status === 501) return { url, size: null }; // no HEAD: find out by GET
+  if (!res.ok) {
+    const hint = res.status === 401 || res.status === 403 ? " (a private or gated repository: pass a token, or none by that name)" : "";
+    throw new Error(`could not fetch ${name} from ${url}: HTTP ${res.status} ${res.statusText}${hint}`);
+  }
+  if (/text\/html/i.test(res.headers.get("content-type") ?? "")) return { url, html: true };
+  const size = res.headers.get("content-encoding") ? null : Number(res.headers.get("content-length")) || null;
+  return { url, size };
+}
+
+/**
+ * The files of a plan from the engine (`modelFiles`), found before any download: each group
+ * offers alternatives (sets of files); the first alternative whose first file exists is taken,
+ * the rest of it is then required; a sharded checkpoint's index (downloaded here) brings its
+ * shards. Returns `[{ name, url, size, bytes? }]` and the index files' bytes.
+ */
+async function resolvePlan(ctx, plan) {
+  const list = [];
+  const want = async (name) => {
+    const p = await probe(ctx, name);
+    if (!p) throw new Error(`${ctx.label}: ${name} not found under ${ctx.base} (HTTP 404)`);
+    if (p.html) throw htmlError(name, p.url, ctx.base);
+    list.push({ name, ...p });
+    return list[list.length - 1];
   };
   for (const group of plan) {
     let found = false;
     for (const [i, alt] of group.any.entries()) {
-      // The last alternative of a required group is fetched as required: its error (a 404, a
-      // timeout) is the one to report.
-      const first = await get(alt[0], group.required && i === group.any.length - 1);
-      if (!first) continue;
-      for (const name of alt.slice(1)) await get(name, true);
+      const last = group.required && i === group.any.length - 1;
+      const p = await probe(ctx, alt[0]);
+      if (!p || p.html) {
+        if (last && p?.html) throw htmlError(alt[0], p.url, ctx.base);
+        if (last) {
+          const names = group.any.map((a) => a.join(" + ")).join(", or ");
+          throw new Error(`${ctx.label}: ${group.any.length > 1 ? `none of ${names} found` : `${names} not found`} under ${ctx.base} (HTTP 404)`);
+        }
+        continue;
+      }
+      list.push({ name: alt[0], ...p });
+      for (const name of alt.slice(1)) await want(name);
       for (const name of alt) {
         if (!name.endsWith(".index.json")) continue;
+        const entry = list.find((f) => f.name === name);
+        entry.bytes ??= await fetchFile(entry.url, name, true, ctx);
         let shards;
         try {
-          shards = ctx.engine.shardsOf(name, text(files.get(name)));
+          shards = ctx.engine.shardsOf(name, text(entry.bytes));
         } catch (e) {
           throw new Error(`${ctx.label}: ${name}: ${e.message ?? e}`);
         }
-        for (const s of shards) await get(s, true);
+        for (const s of shards) await want(s);
       }
       found = true;
       break;
     }
     if (!found && group.required) {
-      const names = group.any.map((a) => a.join(" + ")).join(", or ");
-      throw new Error(`${ctx.label}: none of ${names} found under ${ctx.base}`);
+      throw new Error(`${ctx.label}: none of ${group.any.map((a) => a.join(" + ")).join(", or ")} found under ${ctx.base}`);
     }
   }
+  return list;
+}
+
+/** Downloads what the list does not hold yet, with per-file and overall progress. */
+async function download(ctx, list) {
+  const sizes = new Map(list.map((f) => [f.name, f.size]));
+  const loaded = new Map();
+  const total = list.every((f) => f.size !== null) ? list.reduce((a, f) => a + f.size, 0) : null;
+  ctx.report = (file, url, done, size, cached) => {
+    loaded.set(file, done);
+    if (size !== null && size !== undefined) sizes.set(file, size);
+    const sum = [...loaded.values()].reduce((a, b) => a + b, 0);
+    ctx.onProgress?.({
+      phase: "download",
+      file,
+      url,
+      loaded: done,
+      total: size,
+      cached,
+      fileIndex: list.findIndex((f) => f.name === file),
+      files: list.length,
+      overall: { loaded: sum, total },
+    });
+  };
+  const files = new Map();
+  for (const f of list) {
+    if (f.bytes) ctx.report(f.name, f.url, f.bytes.length, f.bytes.length, !!f.cached);
+    files.set(f.name, f.bytes ?? (await fetchFile(f.url, f.name, true, ctx)));
+  }
   return files;
+}
+
+/** Records in the cache which files make a model, for `cache.has/list/delete`. */
+async function writeManifest(ctx, kind, list, files) {
+  if (!ctx.cache) return;
+  const manifest = { source: ctx.source, label: ctx.label, kind, base: ctx.base, file: ctx.file ?? null, files: list.map((f) => ({ name: f.name, url: f.url, size: files.get(f.name)?.length ?? f.size })), date: new Date().toISOString() };
+  manifest.bytes = manifest.files.reduce((a, f) => a + (f.size ?? 0), 0);
+  await ctx.cache.put(manifestKey(ctx, kind), new Response(JSON.stringify(manifest), { headers: { "content-type": "application/json" } })).catch(() => {});
+}
+
+function manifestKey(r, kind) {
+  return `${r.base}?kiln-manifest=${kind}${r.file ? `&file=${encodeURIComponent(r.file)}` : ""}`;
 }
 
 /** The files of a text model: one .gguf, or a folder as the engine lists it. */
 async function textFiles(ctx) {
   if (ctx.file) {
-    const files = new Map();
-    const bytes = await fetchFile(new URL(ctx.file, ctx.base).href, ctx.file, true, ctx);
-    files.set(ctx.file, bytes);
-    return files;
+    const p = await probe(ctx, ctx.file);
+    if (p?.html) throw htmlError(ctx.file, p.url, ctx.base);
+    return [{ name: ctx.file, url: new URL(ctx.file, ctx.base).href, size: p?.size ?? null, bytes: p?.bytes }];
   }
-  return fetchPlan(ctx, JSON.parse(ctx.engine.modelFiles("text", true)));
+  return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("text", true)));
 }
 
 /** The files of a diffusers pipeline folder (fp16 weights first unless `variant` is "fp32"). */
 async function imageFiles(ctx) {
   if (ctx.file) throw new Error(`${ctx.label}: an image model is a diffusers folder, not a .gguf file`);
-  return fetchPlan(ctx, JSON.parse(ctx.engine.modelFiles("image", ctx.variant !== "fp32")));
+  return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("image", ctx.variant !== "fp32")));
 }
 
 /**
@@ -236,16 +323,74 @@ async function imageFiles(ctx) {
  * true), `stallMs` (default 60 s), `variant` ("fp16" default, or "fp32").
  */
 export async function fetchModel(engine, source, kind, options = {}) {
-  const r = resolveSource(source, kind, options.modelsBase);
+  const r = resolveSource(source, kind, options.modelsBase, options.revision);
   const ctx = {
     ...r,
-    index: 0,
+    source,
     cache: await openCache(options.cache !== false),
     signal: options.signal,
     onProgress: options.onProgress,
+    // A Hugging Face token goes to huggingface.co only.
+    headers: options.token && r.hf ? { authorization: `Bearer ${options.token}` } : undefined,
     stallMs: options.stallMs ?? 60000,
     variant: options.variant,
     engine,
+    report: () => {},
   };
-  return kind === "text" ? textFiles(ctx) : imageFiles(ctx);
+  const list = kind === "text" ? await textFiles(ctx) : await imageFiles(ctx);
+  const files = await download(ctx, list);
+  await writeManifest(ctx, kind, list, files);
+  return files;
+}
+
+/**
+ * The cache of downloaded models (the Cache Storage API), per model source. `opts`: `kind`
+ * ("text" default, or "image"; it matters for "default"), `modelsBase`, `revision`.
+ */
+export const cache = {
+  /** Whether every file of the model is cached (so loading it downloads nothing). */
+  async has(source, opts = {}) {
+    const c = await openCache(true);
+    const m = c && (await readManifest(c, source, opts));
+    if (!m) return false;
+    for (const f of m.files) if (!(await c.match(f.url))) return false;
+    return true;
+  },
+  /** Deletes the model's files; resolves to whether anything was cached. */
+  async delete(source, opts = {}) {
+    const c = await openCache(true);
+    const m = c && (await readManifest(c, source, opts));
+    if (!m) return false;
+    for (const f of m.files) await c.delete(f.url);
+    await c.delete(manifestKey(m, m.kind));
+    return true;
+  },
+  /** The cached models: `[{ source, label, kind, base, file, files, bytes, date }]`. */
+  async list() {
+    const c = await openCache(true);
+    if (!c) return [];
+    const out = [];
+    for (const req of await c.keys()) {
+      if (!req.url.includes("?kiln-manifest=")) continue;
+      const res = await c.match(req);
+      if (res) out.push(await res.json());
+    }
+    return out;
+  },
+  /** Asks the browser to keep the cache under storage pressure (`navigator.storage.persist`). */
+  async persist() {
+    return (await globalThis.navigator?.storage?.persist?.()) ?? false;
+  },
+  /** `{ usage, quota }` in bytes for this origin, as the browser estimates them. */
+  async estimate() {
+    return (await globalThis.navigator?.storage?.estimate?.()) ?? { usage: null, quota: null };
+  },
+  /** Deletes every cached model file. */
+  clear: () => clearCache(),
+};
+
+async function readManifest(c, source, opts) {
+  const r = resolveSource(source, opts.kind ?? "text", opts.modelsBase ?? new URL("/models/", globalThis.location?.href ?? "http://localhost/").href, opts.revision);
+  const res = await c.match(manifestKey(r, opts.kind ?? "text"));
+  return res ? res.json() : null;
 }

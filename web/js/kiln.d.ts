@@ -14,6 +14,10 @@ export type Progress =
       /** True when the file came from the Cache Storage API (no download). */
       cached: boolean;
       fileIndex: number;
+      /** Files the model has (known before any weight is downloaded). */
+      files: number;
+      /** All files together: bytes so far, and the total (null when a server gave no size). */
+      overall: { loaded: number; total: number | null };
     }
   | {
       /** Weights going to the GPU: `loaded` of `total` tensors. */
@@ -73,7 +77,46 @@ export interface LoadOptions {
   cache?: boolean;
   /** Abort a download that receives nothing for this long (default 60000 ms). */
   stallMs?: number;
+  /** Hugging Face sources: a branch, tag or commit (default "main"). */
+  revision?: string;
+  /** Hugging Face sources: an access token (private or gated repositories); sent to huggingface.co only. */
+  token?: string;
 }
+
+export interface CachedModel {
+  source: string;
+  label: string;
+  kind: "text" | "image";
+  base: string;
+  file: string | null;
+  files: { name: string; url: string; size: number | null }[];
+  bytes: number;
+  /** ISO date of the download. */
+  date: string;
+}
+
+/** Which model a cache call means: `kind` matters for "default"; `modelsBase` and `revision` as when loading. */
+export interface CacheQuery {
+  kind?: "text" | "image";
+  modelsBase?: string;
+  revision?: string;
+}
+
+export interface ModelCache {
+  /** Whether every file of the model is cached (loading it downloads nothing). */
+  has(source: string, query?: CacheQuery): Promise<boolean>;
+  /** Deletes the model's cached files; resolves to whether there were any. */
+  delete(source: string, query?: CacheQuery): Promise<boolean>;
+  list(): Promise<CachedModel[]>;
+  /** `navigator.storage.persist()`: asks the browser not to evict the cache. */
+  persist(): Promise<boolean>;
+  /** `navigator.storage.estimate()`. */
+  estimate(): Promise<{ usage: number | null; quota: number | null }>;
+  /** Deletes every cached model file. */
+  clear(): Promise<void>;
+}
+
+export declare const cache: ModelCache;
 
 export interface TextLoadOptions extends LoadOptions {
   /** Context length (KV-cache positions), capped by the model's maximum. Default 2048. */
@@ -360,6 +403,8 @@ export interface KernelCheck {
 /** `kiln.chat.completions.create({ model, ... })` runs on the loaded text model `model` names
  * (its `loadText` source), or on the latest one loaded. */
 export declare class Kiln implements OpenAIApi {
+  /** Downloaded models in the Cache Storage API. */
+  static readonly cache: ModelCache;
   chat: OpenAIApi["chat"];
   completions: OpenAIApi["completions"];
   /** Requests a WebGPU adapter and device (in this thread, or in a worker with `{ worker: true }`). */
@@ -376,7 +421,7 @@ export declare class Kiln implements OpenAIApi {
 }
 
 /** Where a source's files come from: `{ base, file?, label }`. */
-export declare function resolveSource(source: string, kind: "text" | "image", modelsBase: string): { base: string; file?: string; label: string };
+export declare function resolveSource(source: string, kind: "text" | "image", modelsBase: string, revision?: string): { base: string; file?: string; label: string; hf?: boolean };
 
 /** Deletes every cached model file. */
 export declare function clearCache(): Promise<void>;

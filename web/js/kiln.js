@@ -13,7 +13,7 @@
 import { WorkerKiln } from "./client.js";
 import { Kiln as PageKiln } from "./page.js";
 
-export { clearCache, debugPanic, ImageModel, resolveSource, TextModel } from "./page.js";
+export { cache, clearCache, debugPanic, ImageModel, resolveSource, TextModel } from "./page.js";
 
 /** The entry point: a WebGPU device and the models loaded on it, in this thread or a worker. */
 export class Kiln extends PageKiln {

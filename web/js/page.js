@@ -2,9 +2,9 @@
 // the worker mode on top; `worker.js` imports this module, so a bundled worker needs no code
 // splitting and never contains itself.
 import { call, camelKeys, init, openaiApi, options, stream, sync, TextModels, wasm } from "./core.js";
-import { clearCache, fetchModel, resolveSource } from "./fetch.js";
+import { cache, clearCache, fetchModel, resolveSource } from "./fetch.js";
 
-export { clearCache, resolveSource };
+export { cache, clearCache, resolveSource };
 
 const defaultModelsBase = () => new URL("/models/", globalThis.location?.href ?? "http://localhost/").href;
 
@@ -159,6 +159,8 @@ export class Kiln {
   adapter;
 
   #texts = new TextModels();
+  /** Downloaded models in the Cache Storage API: `has`, `delete`, `list`, `persist`, `estimate`. */
+  static cache = cache;
 
   constructor(device, opts) {
     this.#device = device;

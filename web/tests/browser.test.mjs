@@ -196,6 +196,8 @@ test("model sources resolve to URLs (folders, .gguf, Hugging Face ids, default)"
     const got = resolveSource(src, kind, base);
     assert(got.base === want.base && got.file === want.file, `${src}: ${JSON.stringify(got)}`);
   }
+  const rev = resolveSource("owner/name", "text", base, "v1.0");
+  assert(rev.base === "https://huggingface.co/owner/name/resolve/v1.0/" && rev.hf && rev.label === "owner/name@v1.0", JSON.stringify(rev));
   for (const bad of ["", "just-a-name", "a/b/c"]) {
     let msg = null;
     try {
@@ -340,6 +342,33 @@ test("text: a reload loads from the Cache Storage API, not the network", 300000,
   log(`${files.length} files after the reload, all from the cache: ${files.every((f) => f.cached)}; model bytes served: ${fetched.length} requests`);
   assert(files.length >= 3 && files.every((f) => f.cached), `files not from the cache: ${files.filter((f) => !f.cached).map((f) => f.file)}`);
   assert(fetched.length === 0, `downloaded again: ${fetched.map((h) => h.path)}`);
+});
+
+test("overall download progress and the cache API (has, list, delete)", 300000, async () => {
+  const page = await openDemo(false);
+  const r = await page.evaluate(async (src) => {
+    const { Kiln } = await import("/pkg/kiln.js");
+    await Kiln.cache.delete(src);
+    const before = await Kiln.cache.has(src);
+    const events = [];
+    const m = await window.demo.kiln.loadText(src, { onProgress: (p) => p.phase === "download" && events.push(p) });
+    m.dispose();
+    const last = events[events.length - 1];
+    const perFile = {};
+    for (const e of events) perFile[e.file] = e.loaded;
+    const after = await Kiln.cache.has(src);
+    const listed = (await Kiln.cache.list()).find((x) => x.source === src);
+    const deleted = await Kiln.cache.delete(src);
+    const gone = await Kiln.cache.has(src);
+    const monotonic = events.every((e, i) => i === 0 || e.overall.loaded >= events[i - 1].overall.loaded);
+    return { before, after, deleted, gone, last, sum: Object.values(perFile).reduce((a, b) => a + b, 0), files: events[0].files, listed, monotonic, persist: typeof (await Kiln.cache.persist()) };
+  }, FIXTURE_TEXT.source);
+  await page.close();
+  log(`${r.files} files, overall ${r.last.overall.loaded} / ${r.last.overall.total} bytes; cached ${r.after}, listed ${r.listed?.files.length} files (${r.listed?.bytes} bytes), deleted ${r.deleted}`);
+  assert(!r.before && r.after && r.deleted && !r.gone, JSON.stringify({ before: r.before, after: r.after, deleted: r.deleted, gone: r.gone }));
+  assert(r.last.overall.total !== null && r.last.overall.loaded === r.last.overall.total && r.last.overall.total === r.sum, JSON.stringify(r.last));
+  assert(r.monotonic && r.listed && r.listed.files.length === r.files && r.listed.bytes === r.sum, JSON.stringify(r.listed));
+  assert(r.persist === "boolean", r.persist);
 });
 
 test("text: AbortSignal and leaving the loop stop generation; the model stays usable", 300000, async () => {
