@@ -197,6 +197,11 @@ export class WorkerKiln {
     return new WorkerImageModel(this.#rpc, handle, info);
   }
 
+  textMemory(source, opts = {}) {
+    const { hooks, rest } = split(opts);
+    return this.#rpc.request("textMemory", { source, options: rest }, hooks);
+  }
+
   kernelParity() {
     return this.#rpc.request("kernelParity");
   }

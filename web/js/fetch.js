@@ -394,3 +394,28 @@ async function readManifest(c, source, opts) {
   const res = await c.match(manifestKey(r, opts.kind ?? "text"));
   return res ? res.json() : null;
 }
+
+/**
+ * What a text model will take on the GPU before loading it: the files are found (cache or HEAD)
+ * and only `config.json` is downloaded. `{ ctx, weightsBytes, kvCacheBytes, totalBytes }`;
+ * for a single `.gguf` file only `weightsBytes` (its size) is known.
+ */
+export async function textMemory(engine, source, options = {}) {
+  const r = resolveSource(source, "text", options.modelsBase, options.revision);
+  const ctx = {
+    ...r,
+    source,
+    cache: await openCache(options.cache !== false),
+    signal: options.signal,
+    headers: options.token && r.hf ? { authorization: `Bearer ${options.token}` } : undefined,
+    stallMs: options.stallMs ?? 60000,
+    engine,
+    report: () => {},
+  };
+  const list = await textFiles(ctx);
+  const weights = list.filter((f) => /\.(safetensors|gguf)$/.test(f.name)).reduce((a, f) => a + (f.size ?? 0), 0);
+  if (ctx.file) return { ctx: null, weightsBytes: weights, kvCacheBytes: null, totalBytes: null };
+  const cfg = list.find((f) => f.name === "config.json");
+  const bytes = cfg.bytes ?? (await fetchFile(cfg.url, "config.json", true, ctx));
+  return JSON.parse(engine.textMemory(text(bytes), weights, options.ctx ?? 2048));
+}

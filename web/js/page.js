@@ -2,7 +2,7 @@
 // the worker mode on top; `worker.js` imports this module, so a bundled worker needs no code
 // splitting and never contains itself.
 import { call, camelKeys, init, openaiApi, options, stream, sync, TextModels, wasm } from "./core.js";
-import { cache, clearCache, fetchModel, resolveSource } from "./fetch.js";
+import { cache, clearCache, fetchModel, resolveSource, textMemory } from "./fetch.js";
 
 export { cache, clearCache, resolveSource };
 
@@ -231,6 +231,14 @@ export class Kiln {
     const model = new TextModel(m, source);
     this.#texts.add(source, model);
     return model;
+  }
+
+  /**
+   * What loading a text model will take on the GPU (weights as stored + the KV cache for `ctx`),
+   * found without downloading the weights: `{ ctx, weightsBytes, kvCacheBytes, totalBytes }`.
+   */
+  textMemory(source, opts = {}) {
+    return textMemory(wasm, source, { ...opts, modelsBase: this.#modelsBase });
   }
 
   /** Loads a diffusers pipeline folder (URL, Hugging Face repo id or "default"). */

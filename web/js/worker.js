@@ -47,6 +47,7 @@ const ops = {
   encode: (id, { handle, text }) => model(handle).encode(text),
   decode: (id, { handle, ids }) => model(handle).decode(ids),
   renderChat: (id, { handle, messages }) => model(handle).renderChat(messages),
+  textMemory: (id, { source, options }, signal) => kiln.textMemory(source, { ...options, signal }),
   kernelParity: () => kiln.kernelParity(),
   counters: () => kiln.counters(),
   dispose(id, { handle }) {

@@ -26,3 +26,22 @@ pub fn model_files(kind: &str, prefer_fp16: bool) -> Result<String, JsValue> {
 pub fn shards_of(index_path: &str, index_json: &str) -> Result<Vec<String>, JsValue> {
     kiln::formats::files::shards(index_path, index_json).map_err(js_err)
 }
+
+/// What loading a Hugging Face text model will take on the GPU, before loading it: JSON
+/// `{ ctx, kvCacheBytes, weightsBytes, totalBytes }` for the folder's `config.json`
+/// (and `generation_config.json` when given), the checkpoint's bytes as stored, and the context
+/// asked for (capped by the model's maximum, as loading does). Weights are counted as stored;
+/// `--quantize`-style conversion on load makes them smaller.
+#[wasm_bindgen(js_name = textMemory)]
+pub fn text_memory(config_json: &str, weights_bytes: f64, ctx: usize) -> Result<String, JsValue> {
+    let cfg = kiln::llm::LlmConfig::from_hf(config_json, None).map_err(js_err)?;
+    let ctx = ctx.clamp(2, cfg.max_positions.max(2));
+    let kv = kiln::llm::model::KvCache::bytes(&cfg, ctx) as f64;
+    Ok(serde_json::json!({
+        "ctx": ctx,
+        "kvCacheBytes": kv,
+        "weightsBytes": weights_bytes,
+        "totalBytes": kv + weights_bytes,
+    })
+    .to_string())
+}

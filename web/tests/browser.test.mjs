@@ -344,7 +344,7 @@ test("text: a reload loads from the Cache Storage API, not the network", 300000,
   assert(fetched.length === 0, `downloaded again: ${fetched.map((h) => h.path)}`);
 });
 
-test("overall download progress and the cache API (has, list, delete)", 300000, async () => {
+test("overall download progress, the cache API (has, list, delete) and textMemory", 300000, async () => {
   const page = await openDemo(false);
   const r = await page.evaluate(async (src) => {
     const { Kiln } = await import("/pkg/kiln.js");
@@ -369,6 +369,19 @@ test("overall download progress and the cache API (has, list, delete)", 300000, 
   assert(r.last.overall.total !== null && r.last.overall.loaded === r.last.overall.total && r.last.overall.total === r.sum, JSON.stringify(r.last));
   assert(r.monotonic && r.listed && r.listed.files.length === r.files && r.listed.bytes === r.sum, JSON.stringify(r.listed));
   assert(r.persist === "boolean", r.persist);
+  // The memory a model needs, before loading it (page and worker).
+  const cfg = JSON.parse(readFileSync(join(root, "tests/fixtures/llm/llama-gqa-f32/config.json"), "utf8"));
+  const weights = statSync(join(root, "tests/fixtures/llm/llama-gqa-f32/model.safetensors")).size;
+  for (const worker of [false, true]) {
+    const p = await openDemo(worker);
+    const mem = await p.evaluate((src) => window.demo.kiln.textMemory(src, { ctx: 64 }), FIXTURE_TEXT.source);
+    await p.close();
+    const hd = cfg.head_dim ?? cfg.hidden_size / cfg.num_attention_heads;
+    // f32 keys and values per layer, the token history, the rotary table.
+    const kv = 2 * cfg.num_hidden_layers * 64 * cfg.num_key_value_heads * hd * 4 + 65 * 4 + 64 * Math.ceil(hd / 2) * 2 * 4;
+    log(`textMemory (${worker ? "worker" : "page"}): ${JSON.stringify(mem)}`);
+    assert(mem.ctx === 64 && mem.weightsBytes === weights && mem.kvCacheBytes === kv && mem.totalBytes === mem.weightsBytes + mem.kvCacheBytes, JSON.stringify(mem));
+  }
 });
 
 test("text: AbortSignal and leaving the loop stop generation; the model stays usable", 300000, async () => {

@@ -26,6 +26,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Bytes the caches of `ctx` positions take on the GPU (f32 keys and values for every layer,
+    /// the history, the rotary table): what [`KvCache::new`] allocates.
+    pub fn bytes(cfg: &LlmConfig, ctx: usize) -> u64 {
+        let kv = 2 * cfg.layers * ctx * cfg.kv_heads * cfg.head_dim * 4;
+        let rope = ctx * cfg.head_dim.div_ceil(2) * 2 * 4;
+        (kv + (ctx + 1) * 4 + rope) as u64
+    }
+
     /// Allocates the caches for `ctx` positions and the rotary table of `inv_freq`.
     pub fn new(gpu: &Gpu, cfg: &LlmConfig, inv_freq: &[f32], ctx: usize) -> Result<KvCache> {
         let w = cfg.kv_heads * cfg.head_dim;
