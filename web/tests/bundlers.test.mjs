@@ -128,23 +128,32 @@ for (const name of ["vite", "webpack"]) {
   }
   await check(name, dist);
 }
-// Vite's dev server (the models come from the example's public/ folder there).
-{
-  const dir = join(work, "vite");
+// The dev servers (the models come from the examples' public/ folders there).
+const { spawn } = await import("node:child_process");
+for (const [name, args, pattern] of [
+  ["vite", ["vite", "--port", "0", "--strictPort=false", "--host", "127.0.0.1"], /Local:\s+(http:\/\/\S+)/],
+  ["webpack", ["webpack", "serve", "--mode", "development", "--port", "auto", "--host", "127.0.0.1"], /Loopback:\s+(http:\/\/\S+)/],
+]) {
+  const dir = join(work, name);
   cpSync(join(root, "models"), join(dir, "public", "models"), { recursive: true });
-  const { spawn } = await import("node:child_process");
-  // Its own process group, so that stopping it stops vite under npx too.
-  const dev = spawn("npx", ["vite", "--port", "0", "--strictPort=false", "--host", "127.0.0.1"], { cwd: dir, env, detached: true });
+  // Its own process group, so that stopping it stops the server under npx too.
+  const dev = spawn("npx", args, { cwd: dir, env, detached: true });
   let out = "";
   const devUrl = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`vite dev did not start: ${out}`)), 60_000);
-    dev.stdout.on("data", (d) => {
+    const timer = setTimeout(() => reject(new Error(`${name} dev server did not start: ${out}`)), 120_000);
+    const scan = (d) => {
       out += d;
-      const m = /Local:\s+(http:\/\/\S+)/.exec(out.replace(/\x1b\[[0-9;]*m/g, ""));
+      const m = pattern.exec(out.replace(/\x1b\[[0-9;]*m/g, ""));
       if (m) clearTimeout(timer), resolve(m[1]);
-    });
-  }).catch((e) => (console.log(`FAIL vite dev: ${e.message}`), failed++, null));
-  if (devUrl) await check("vite dev server", null, devUrl);
+    };
+    dev.stdout.on("data", scan);
+    dev.stderr.on("data", scan);
+  }).catch((e) => (console.log(`FAIL ${name} dev server: ${e.message}`), failed++, null));
+  // webpack serve answers before its first compilation is done: wait for it.
+  if (devUrl && name === "webpack") {
+    for (let i = 0; i < 240 && !/compiled (successfully|with)/i.test(out); i++) await new Promise((r) => setTimeout(r, 500));
+  }
+  if (devUrl) await check(`${name} dev server`, null, devUrl);
   process.kill(-dev.pid, "SIGTERM");
   await new Promise((r) => setTimeout(r, 500));
 }

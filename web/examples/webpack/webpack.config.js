@@ -6,13 +6,14 @@ module.exports = {
   mode: "production",
   entry: "./src/main.js",
   output: { path: path.resolve(__dirname, "dist"), filename: "main.js", clean: true },
-  devServer: { static: path.resolve(__dirname, "dist"), historyApiFallback: true },
+  // `npm run dev`: the bundle from memory, index.html from this folder, models from ./public.
+  devServer: { static: [__dirname, path.resolve(__dirname, "public")], historyApiFallback: true },
   plugins: [
     {
       apply: (compiler) =>
-        compiler.hooks.afterEmit.tap("copy-html", () =>
-          fs.copyFileSync(path.resolve(__dirname, "index.html"), path.resolve(__dirname, "dist/index.html")),
-        ),
+        compiler.hooks.afterEmit.tap("copy-html", () => {
+          if (fs.existsSync(path.resolve(__dirname, "dist"))) fs.copyFileSync(path.resolve(__dirname, "index.html"), path.resolve(__dirname, "dist/index.html"));
+        }),
     },
   ],
 };
