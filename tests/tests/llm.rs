@@ -563,3 +563,46 @@ fn model_paths_are_read_or_named() {
     assert_eq!(files.keys().collect::<Vec<_>>(), ["m.gguf"]);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `Gguf::parse_metadata` reads a GGUF file's metadata from its first bytes (what the browser
+/// fetches to tell a model's memory need): `None` while the prefix ends inside the metadata, then
+/// the same metadata and config as the whole file; a file that is not GGUF is an error at once.
+#[test]
+fn gguf_metadata_from_a_prefix() {
+    use kiln::formats::gguf::Gguf;
+    let path = dir("llama-gqa-f32").join("model-f32.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    let whole = Gguf::parse("m.gguf", bytes.clone()).unwrap();
+    let want = kiln::llm::LlmConfig::from_gguf(&whole).unwrap();
+    let mut first_whole = None;
+    for n in (0..bytes.len()).step_by(97).chain([bytes.len()]) {
+        match Gguf::parse_metadata("m.gguf", &bytes[..n]) {
+            Ok(None) => assert!(
+                first_whole.is_none(),
+                "{n}: incomplete after a complete prefix"
+            ),
+            Ok(Some(g)) => {
+                first_whole.get_or_insert(n);
+                assert_eq!(g.meta.len(), whole.meta.len(), "{n}");
+                let cfg = kiln::llm::LlmConfig::from_gguf(&g).unwrap();
+                assert_eq!(
+                    (cfg.layers, cfg.kv_heads, cfg.head_dim, cfg.max_positions),
+                    (
+                        want.layers,
+                        want.kv_heads,
+                        want.head_dim,
+                        want.max_positions
+                    )
+                );
+            }
+            Err(e) => panic!("{n}: {e}"),
+        }
+    }
+    let n = first_whole.expect("the whole file has whole metadata");
+    assert!(
+        n < bytes.len() / 2,
+        "metadata complete only after {n} of {} bytes",
+        bytes.len()
+    );
+    assert!(Gguf::parse_metadata("x.gguf", b"NOTAGGUF........").is_err());
+}

@@ -397,8 +397,8 @@ async function readManifest(c, source, opts) {
 
 /**
  * What a text model will take on the GPU before loading it: the files are found (cache or HEAD)
- * and only `config.json` is downloaded. `{ ctx, weightsBytes, kvCacheBytes, totalBytes }`;
- * for a single `.gguf` file only `weightsBytes` (its size) is known.
+ * and only `config.json` (or a `.gguf` file's metadata, from its first bytes) is downloaded:
+ * `{ ctx, weightsBytes, kvCacheBytes, totalBytes }`.
  */
 export async function textMemory(engine, source, options = {}) {
   const r = resolveSource(source, "text", options.modelsBase, options.revision);
@@ -414,8 +414,42 @@ export async function textMemory(engine, source, options = {}) {
   };
   const list = await textFiles(ctx);
   const weights = list.filter((f) => /\.(safetensors|gguf)$/.test(f.name)).reduce((a, f) => a + (f.size ?? 0), 0);
-  if (ctx.file) return { ctx: null, weightsBytes: weights, kvCacheBytes: null, totalBytes: null };
+  if (ctx.file) {
+    // The metadata sits at the start of the file: read growing prefixes until it is whole.
+    const f = list[0];
+    for (let n = 1 << 20; ; n *= 4) {
+      const prefix = f.bytes ?? (await fetchPrefix(f.url, n, ctx));
+      const r = engine.ggufTextMemory(f.name, prefix, f.size ?? prefix.length, options.ctx ?? 2048);
+      if (r !== undefined) return JSON.parse(r);
+      if (f.bytes || prefix.length < n) throw new Error(`${ctx.label}: the GGUF metadata of ${f.name} ends past the end of the file`);
+    }
+  }
   const cfg = list.find((f) => f.name === "config.json");
   const bytes = cfg.bytes ?? (await fetchFile(cfg.url, "config.json", true, ctx));
   return JSON.parse(engine.textMemory(text(bytes), weights, options.ctx ?? 2048));
+}
+
+/** The first `n` bytes of a file (a Range request; a server that ignores it is read only that far). */
+async function fetchPrefix(url, n, ctx) {
+  const ctrl = new AbortController();
+  const onAbort = () => ctrl.abort(ctx.signal.reason);
+  ctx.signal?.addEventListener("abort", onAbort);
+  try {
+    const res = await fetch(url, { headers: { ...ctx.headers, range: `bytes=0-${n - 1}` }, signal: ctrl.signal });
+    if (!res.ok) throw new Error(`could not fetch ${url}: HTTP ${res.status} ${res.statusText}`);
+    const reader = res.body.getReader();
+    const out = new Uint8Array(n);
+    let got = 0;
+    while (got < n) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const take = Math.min(value.length, n - got);
+      out.set(value.subarray(0, take), got);
+      got += take;
+    }
+    await reader.cancel().catch(() => {});
+    return out.subarray(0, got);
+  } finally {
+    ctx.signal?.removeEventListener("abort", onAbort);
+  }
 }

@@ -413,9 +413,9 @@ export declare class Kiln implements OpenAIApi {
   /** A model folder URL, a .gguf URL, a Hugging Face repo id ("owner/name" or "owner/name/file.gguf"), or "default". */
   loadText(source: string, options?: TextLoadOptions): Promise<TextModel>;
   /** What loading a text model will take on the GPU, found without downloading its weights
-   * (weights as stored + the f32 KV cache for `ctx`, default 2048 capped by the model). For a
-   * single .gguf file only `weightsBytes` is known. */
-  textMemory(source: string, options?: TextLoadOptions): Promise<{ ctx: number | null; weightsBytes: number; kvCacheBytes: number | null; totalBytes: number | null }>;
+   * (weights as stored + the f32 KV cache for `ctx`, default 2048 capped by the model); for a
+   * .gguf file its metadata is read from the first bytes of the file. */
+  textMemory(source: string, options?: TextLoadOptions): Promise<{ ctx: number; weightsBytes: number; kvCacheBytes: number; totalBytes: number }>;
   /** A diffusers folder URL, a Hugging Face repo id, or "default". */
   loadImage(source: string, options?: ImageLoadOptions): Promise<ImageModel>;
   /** A few kernels against the engine's CPU reference, on this device. */

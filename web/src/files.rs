@@ -35,8 +35,32 @@ pub fn shards_of(index_path: &str, index_json: &str) -> Result<Vec<String>, JsVa
 #[wasm_bindgen(js_name = textMemory)]
 pub fn text_memory(config_json: &str, weights_bytes: f64, ctx: usize) -> Result<String, JsValue> {
     let cfg = kiln::llm::LlmConfig::from_hf(config_json, None).map_err(js_err)?;
+    memory_json(&cfg, weights_bytes, ctx)
+}
+
+/// [`text_memory`] for a `.gguf` file from its first bytes (`prefix`) and its size; `undefined`
+/// when the prefix ends inside the metadata (fetch more and ask again).
+#[wasm_bindgen(js_name = ggufTextMemory)]
+pub fn gguf_text_memory(
+    name: &str,
+    prefix: &[u8],
+    file_bytes: f64,
+    ctx: usize,
+) -> Result<Option<String>, JsValue> {
+    let Some(g) = kiln::formats::gguf::Gguf::parse_metadata(name, prefix).map_err(js_err)? else {
+        return Ok(None);
+    };
+    let cfg = kiln::llm::LlmConfig::from_gguf(&g).map_err(js_err)?;
+    memory_json(&cfg, file_bytes, ctx).map(Some)
+}
+
+fn memory_json(
+    cfg: &kiln::llm::LlmConfig,
+    weights_bytes: f64,
+    ctx: usize,
+) -> Result<String, JsValue> {
     let ctx = ctx.clamp(2, cfg.max_positions.max(2));
-    let kv = kiln::llm::model::KvCache::bytes(&cfg, ctx) as f64;
+    let kv = kiln::llm::model::KvCache::bytes(cfg, ctx) as f64;
     Ok(serde_json::json!({
         "ctx": ctx,
         "kvCacheBytes": kv,

@@ -382,6 +382,13 @@ test("overall download progress, the cache API (has, list, delete) and textMemor
     log(`textMemory (${worker ? "worker" : "page"}): ${JSON.stringify(mem)}`);
     assert(mem.ctx === 64 && mem.weightsBytes === weights && mem.kvCacheBytes === kv && mem.totalBytes === mem.weightsBytes + mem.kvCacheBytes, JSON.stringify(mem));
   }
+  // A .gguf file: the metadata from its first bytes gives the same KV cache.
+  const p = await openDemo(false);
+  const gguf = await p.evaluate((src) => window.demo.kiln.textMemory(`${src}model-f32.gguf`, { ctx: 64 }), FIXTURE_TEXT.source);
+  await p.close();
+  log(`textMemory (gguf): ${JSON.stringify(gguf)}`);
+  const size = statSync(join(root, "tests/fixtures/llm/llama-gqa-f32/model-f32.gguf")).size;
+  assert(gguf.weightsBytes === size && gguf.ctx === 64 && gguf.totalBytes === size + gguf.kvCacheBytes && gguf.kvCacheBytes > 0, JSON.stringify(gguf));
 });
 
 test("text: AbortSignal and leaving the loop stop generation; the model stays usable", 300000, async () => {

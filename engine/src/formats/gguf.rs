@@ -75,6 +75,8 @@ struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
     name: &'a str,
+    /// A read went past the end (a truncated file, or a prefix of one).
+    ran_out: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -89,6 +91,7 @@ impl<'a> Reader<'a> {
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.left() {
+            self.ran_out = true;
             return Err(self.err(format!("needs {n} more bytes, file has {}", self.left())));
         }
         let s = &self.b[self.pos..self.pos + n];
@@ -108,6 +111,7 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         if n > self.left() as u64 {
+            self.ran_out = true;
             return Err(self.err(format!(
                 "string of {n} bytes, file has {} left",
                 self.left()
@@ -147,6 +151,7 @@ impl<'a> Reader<'a> {
                 let et = self.u32()?;
                 let n = self.u64()?;
                 if n.saturating_mul(Self::min_size(et) as u64) > self.left() as u64 {
+                    self.ran_out = true;
                     return Err(self.err(format!(
                         "array of {n} elements of type {et} does not fit in {} bytes",
                         self.left()
@@ -183,39 +188,73 @@ fn ggml_type(t: u32) -> Option<DType> {
     })
 }
 
+/// The magic, version, counts and metadata; `whole` when `r` holds the whole file (then the
+/// tensor count is checked against its length too). Returns the metadata and the tensor count.
+fn read_header(r: &mut Reader<'_>, whole: bool) -> Result<(HashMap<String, Value>, u64)> {
+    let name = r.name;
+    if r.take(4)? != b"GGUF" {
+        return Err(r.err("not a GGUF file (magic is not 'GGUF')"));
+    }
+    let version = r.u32()?;
+    if version != 3 {
+        return Err(Error::Unsupported(format!(
+            "{name}: GGUF version {version} (only version 3 is supported)"
+        )));
+    }
+    let n_tensors = r.u64()?;
+    let n_kv = r.u64()?;
+    // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at
+    // least 8 + 4 + 4 + 8.
+    if whole
+        && (n_kv.saturating_mul(13) > r.left() as u64
+            || n_tensors.saturating_mul(24) > r.left() as u64)
+    {
+        return Err(r.err(format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")));
+    }
+    let mut meta = HashMap::new();
+    for _ in 0..n_kv {
+        let key = r.string()?;
+        let t = r.u32()?;
+        let v = r.value(t, 0)?;
+        meta.insert(key, v);
+    }
+    Ok((meta, n_tensors))
+}
+
 impl Gguf {
+    /// The metadata of a GGUF file from its first bytes (no tensors): enough for
+    /// [`crate::llm::LlmConfig::from_gguf`] before the file is downloaded. `Ok(None)` when
+    /// `prefix` ends inside the metadata (read more and try again).
+    pub fn parse_metadata(name: &str, prefix: &[u8]) -> Result<Option<Gguf>> {
+        let mut r = Reader {
+            b: prefix,
+            pos: 0,
+            name,
+            ran_out: false,
+        };
+        match read_header(&mut r, false) {
+            Ok((meta, _)) => Ok(Some(Gguf {
+                name: name.into(),
+                bytes: Vec::new(),
+                meta,
+                tensors: HashMap::new(),
+                tensor_names: Vec::new(),
+            })),
+            // Truncation shows up as a read past the end; anything else is a real error.
+            Err(_) if r.ran_out => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Parses a whole GGUF file (named `name` in errors).
     pub fn parse(name: &str, bytes: Vec<u8>) -> Result<Gguf> {
         let mut r = Reader {
             b: &bytes,
             pos: 0,
             name,
+            ran_out: false,
         };
-        if r.take(4)? != b"GGUF" {
-            return Err(r.err("not a GGUF file (magic is not 'GGUF')"));
-        }
-        let version = r.u32()?;
-        if version != 3 {
-            return Err(Error::Unsupported(format!(
-                "{name}: GGUF version {version} (only version 3 is supported)"
-            )));
-        }
-        let n_tensors = r.u64()?;
-        let n_kv = r.u64()?;
-        // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at
-        // least 8 + 4 + 4 + 8.
-        if n_kv.saturating_mul(13) > r.left() as u64
-            || n_tensors.saturating_mul(24) > r.left() as u64
-        {
-            return Err(r.err(format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file holds")));
-        }
-        let mut meta = HashMap::new();
-        for _ in 0..n_kv {
-            let key = r.string()?;
-            let t = r.u32()?;
-            let v = r.value(t, 0)?;
-            meta.insert(key, v);
-        }
+        let (meta, n_tensors) = read_header(&mut r, true)?;
         let mut raw = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
             let tname = r.string()?;
