@@ -31,8 +31,23 @@ setTimeout(() => {
   process.exit(1);
 }, 300_000).unref();
 
-/** Starts `kiln serve --port 0 ...args`; resolves to its base URL. Its log goes to `log`. */
-function startServe(args) {
+/**
+ * Starts `kiln serve --port 0 ...args`; resolves to its base URL. Its log goes to `log`. On this
+ * machine something else sometimes answers on the port the OS picked ("403 resolve_deny"): a
+ * server whose /health is not Kiln's is replaced by one on another port.
+ */
+async function startServe(args) {
+  for (let attempt = 1; ; attempt++) {
+    const base = await spawnServe(args);
+    const h = await fetch(`${base}/health`).then((r) => r.text(), (e) => String(e));
+    if (h.includes('"status":"ok"')) return base;
+    log += `[${base}/health answered ${JSON.stringify(h.slice(0, 100))}: not kiln; trying another port]\n`;
+    servers.pop().kill("SIGKILL");
+    if (attempt === 3) throw new Error(`kiln serve is not reachable on its port:\n${log}`);
+  }
+}
+
+function spawnServe(args) {
   const server = spawn(bin, ["serve", "--port", "0", ...args], { env });
   servers.push(server);
   let own = "";
