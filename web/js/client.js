@@ -1,7 +1,7 @@
 // The page side of Kiln.create({ worker: true }): the same API as kiln.js, with the engine in a
 // module Web Worker (worker.js) so generation never blocks the page.
 
-import { openaiApi, stream, TextModels } from "./core.js";
+import { openaiApi, packageFile, stream, TextModels } from "./core.js";
 
 class Rpc {
   #worker;
@@ -168,9 +168,9 @@ export class WorkerKiln {
   static async create(opts = {}) {
     // Written literally, `new Worker(new URL("./worker.js", import.meta.url), ...)` is the
     // pattern bundlers (Vite, webpack 5, Parcel, esbuild) recognize and emit the worker for.
-    const worker = opts.workerUrl
-      ? new Worker(opts.workerUrl, { type: "module" })
-      : new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    // (Under Vite's dev server the package's worker.js is used from the package folder.)
+    const own = opts.workerUrl ?? packageFile("worker.js");
+    const worker = own ? new Worker(own, { type: "module" }) : new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     const rpc = new Rpc(worker);
     const modelsBase = new URL(opts.modelsBase ?? "/models/", globalThis.location?.href).href;
     const wasmUrl = opts.wasmUrl && new URL(opts.wasmUrl, globalThis.location?.href).href;

@@ -16,9 +16,22 @@ function panicError(msg) {
   return e;
 }
 
+/**
+ * Where this package's own files are when a dev server moved this module away from them: Vite's
+ * dependency pre-bundler serves it from `node_modules/.vite/deps/` without `worker.js` and the
+ * wasm, which stay in the package folder (served as `/node_modules/kiln-gpu/pkg/...`). `null`
+ * when the module is where the package put it (production builds, no bundler).
+ */
+export function packageFile(name) {
+  const here = import.meta.url;
+  if (!/\/node_modules\/\.vite\/deps\//.test(here)) return null;
+  return new URL(`/node_modules/kiln-gpu/pkg/${name}`, here);
+}
+
 /** Loads and instantiates the wasm module (once). */
 export function init(wasmUrl) {
-  ready ??= initWasm({ module_or_path: wasmUrl ?? new URL("./wasm/kiln_web_bg.wasm", import.meta.url) }).then(() => {
+  const url = wasmUrl ?? packageFile("wasm/kiln_web_bg.wasm") ?? new URL("./wasm/kiln_web_bg.wasm", import.meta.url);
+  ready ??= initWasm({ module_or_path: url }).then(() => {
     wasm.setPanicHandler((msg) => {
       crashed = msg;
       const err = panicError(msg);
