@@ -163,23 +163,23 @@ struct ImageRequest {
     _user: Option<String>,
 }
 
+/// A job for a worker: the request, the model id responses carry, the reply channel.
+type Job<J> = (J, String, Sender<Event>);
+
 /// A loaded model: its id and the queue of its worker thread.
 struct Worker<J> {
     id: String,
-    queue: std::sync::Mutex<std::sync::mpsc::Sender<(J, String, Sender<Event>)>>,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<Job<J>>>,
 }
 
 impl<J: Send + 'static> Worker<J> {
     /// Starts a thread that owns `model` and runs `handle` for each job in order.
-    fn start<M: 'static>(
+    fn start<M: Send + 'static>(
         id: String,
         model: M,
         mut handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + 'static,
-    ) -> Worker<J>
-    where
-        M: Send,
-    {
-        let (tx, rx) = std::sync::mpsc::channel::<(J, String, Sender<Event>)>();
+    ) -> Worker<J> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job<J>>();
         let mut model = model;
         std::thread::spawn(move || {
             for (job, model_id, reply) in rx {
@@ -507,19 +507,36 @@ async fn respond<J: Send + 'static>(worker: &Worker<J>, job: J, stream: bool) ->
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// A text request: parsed into a [`TextJob`] and queued on the text model it names.
+async fn text_request(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&str) -> kiln::Result<TextJob>,
+) -> Response {
+    let r = async {
+        app.authorize(headers)?;
+        let job = parse(&body_text(body)?).map_err(ApiError::from_engine)?;
+        let sampling = match &job {
+            TextJob::Chat(r) => &r.sampling,
+            TextJob::Completion(r) => &r.sampling,
+        };
+        let w = App::pick(&app.text, "text", sampling.model.as_deref())?;
+        let stream = sampling.stream();
+        Ok::<_, ApiError>(respond(w, job, stream).await)
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn chat_completions(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
-        app.authorize(&headers)?;
-        let req = ChatRequest::from_json(&body_text(body)?).map_err(ApiError::from_engine)?;
-        let w = App::pick(&app.text, "text", req.sampling.model.as_deref())?;
-        let stream = req.sampling.stream();
-        Ok::<_, ApiError>(respond(w, TextJob::Chat(req), stream).await)
-    };
-    r.await.unwrap_or_else(IntoResponse::into_response)
+    text_request(&app, &headers, body, |s| {
+        ChatRequest::from_json(s).map(TextJob::Chat)
+    })
+    .await
 }
 
 async fn completions(
@@ -527,14 +544,10 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
-        app.authorize(&headers)?;
-        let req = CompletionRequest::from_json(&body_text(body)?).map_err(ApiError::from_engine)?;
-        let w = App::pick(&app.text, "text", req.sampling.model.as_deref())?;
-        let stream = req.sampling.stream();
-        Ok::<_, ApiError>(respond(w, TextJob::Completion(req), stream).await)
-    };
-    r.await.unwrap_or_else(IntoResponse::into_response)
+    text_request(&app, &headers, body, |s| {
+        CompletionRequest::from_json(s).map(TextJob::Completion)
+    })
+    .await
 }
 
 async fn images(

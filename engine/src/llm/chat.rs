@@ -291,6 +291,13 @@ impl Sampling {
     pub fn stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
+
+    /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
 }
 
 /// Prompt ids of a conversation: the template rendered with the generation prompt, encoded
@@ -454,11 +461,7 @@ impl Prepared {
             prompt_ids,
             options,
             stream: req.sampling.stream(),
-            include_usage: req
-                .sampling
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.include_usage),
+            include_usage: req.sampling.include_usage(),
             logprobs,
             dropped,
             meta,
@@ -505,11 +508,7 @@ impl Prepared {
             prompt_ids,
             options,
             stream: req.sampling.stream(),
-            include_usage: req
-                .sampling
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.include_usage),
+            include_usage: req.sampling.include_usage(),
             logprobs: req.logprobs.is_some(),
             dropped: 0,
             meta,
