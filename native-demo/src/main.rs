@@ -193,6 +193,38 @@ impl<T, E: Into<anyhow::Error>> Stage<T> for std::result::Result<T, E> {
     }
 }
 
+/// A flag that Ctrl-C (SIGINT) sets instead of killing the process, so long work can stop
+/// cleanly; a second Ctrl-C exits at once (status 130).
+pub fn on_interrupt() -> Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = std::thread::Builder::new()
+        .name("ctrl-c".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                for _ in 0..2 {
+                    if tokio::signal::ctrl_c().await.is_err() {
+                        return;
+                    }
+                    if f.swap(true, Ordering::Relaxed) {
+                        std::process::exit(130);
+                    }
+                    eprintln!(
+                        "\n(interrupted: stopping after this token; Ctrl-C again to quit now)"
+                    );
+                }
+            });
+        });
+    flag
+}
+
 /// The GPU, or an error that says how to get a driver.
 pub fn gpu() -> Result<Arc<Gpu>> {
     pollster::block_on(Gpu::new(GpuOptions::default()))
@@ -317,6 +349,8 @@ fn text(a: TextArgs) -> Result<()> {
     // The prompt is echoed once the first token is out; until then a spinner shows the prefill.
     let mut echo = if quiet { None } else { prompt_text };
     let spinner = spinner(!quiet, &format!("prefill of {} tokens", prompt.len()));
+    // Ctrl-C ends the generation at the next token, with the summary (stop: cancelled).
+    let interrupted = on_interrupt();
     let g = pollster::block_on(model.generate(&prompt, &opts, &mut |piece| {
         spinner.finish_and_clear();
         if !json {
@@ -326,7 +360,7 @@ fn text(a: TextArgs) -> Result<()> {
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         }
-        true
+        !interrupted.load(std::sync::atomic::Ordering::Relaxed)
     }))
     .stage(EXIT_GENERATION)?;
     spinner.finish_and_clear();

@@ -406,3 +406,40 @@ fn seeds_short_flags_prompt_sources_and_exit_codes() {
         "a token id outside the vocabulary"
     );
 }
+
+/// Ctrl-C during `kiln text` stops at the next token and still prints the summary line (stop:
+/// cancelled), exiting 0 with the text so far.
+#[test]
+fn interrupt_ends_text_generation_cleanly() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["text", "-p", "And God said", "-n", "400", "--seed", "1"])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln");
+    // Wait for the first streamed text, then interrupt.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    let n = stdout.read(&mut first).unwrap();
+    assert!(n > 0, "no output before the interrupt");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.contains("stop: cancelled"), "{err}");
+    let generated: usize = err
+        .split(" generated tokens")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(usize::MAX);
+    assert!(generated < 400, "{generated} tokens: {err}");
+}
