@@ -50,14 +50,20 @@ pub struct ImageArgs {
     json: bool,
 }
 
-/// Writes 8-bit RGB as a PNG.
-pub fn write_png(path: &std::path::Path, w: usize, h: usize, rgb: &[u8]) -> Result<()> {
-    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w as u32, h as u32);
+/// Encodes 8-bit RGB as a PNG (`kiln image` files, `kiln serve`'s `b64_json`).
+pub fn png_bytes(w: usize, h: usize, rgb: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()?.write_image_data(rgb)?;
-    Ok(())
+    Ok(out)
+}
+
+/// Writes 8-bit RGB as a PNG.
+pub fn write_png(path: &std::path::Path, w: usize, h: usize, rgb: &[u8]) -> Result<()> {
+    std::fs::write(path, png_bytes(w, h, rgb)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 impl ImageArgs {

@@ -319,21 +319,13 @@ fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<E
             }
         }))
         .map_err(ApiError::from_engine)?;
-        let mut png_bytes = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut png_bytes, img.width as u32, img.height as u32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.write_header()
-                .and_then(|mut w| w.write_image_data(&img.rgb))
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        e.to_string(),
-                    )
-                })?;
-        }
+        let png_bytes = crate::image::png_bytes(img.width, img.height, &img.rgb).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            )
+        })?;
         Ok(json!({
             "created": kiln::llm::chat::unix_seconds(),
             "data": [{"b64_json": base64::engine::general_purpose::STANDARD.encode(&png_bytes)}],

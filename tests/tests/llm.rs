@@ -606,3 +606,35 @@ fn gguf_metadata_from_a_prefix() {
     );
     assert!(Gguf::parse_metadata("x.gguf", b"NOTAGGUF........").is_err());
 }
+
+/// `KvCache::bytes` (what `textMemory` reports before loading) is what loading allocates: the
+/// caches, the history and the rotary table of the model as loaded.
+#[test]
+fn kv_cache_bytes_match_the_allocation() {
+    for (case, ctx) in [
+        ("llama-gqa-f32", 64),
+        ("qwen2-f32", 100),
+        ("llama3-rope-f16", 37),
+    ] {
+        let m = load(
+            case,
+            "hf",
+            LoadOptions {
+                ctx,
+                ..Default::default()
+            },
+        );
+        let kv = &m.kv;
+        let allocated: usize =
+            kv.k.iter()
+                .chain(&kv.v)
+                .chain([&kv.history, &kv.rope])
+                .map(|t| kiln::tensor::numel(&t.shape) * 4)
+                .sum();
+        assert_eq!(
+            kiln::llm::model::KvCache::bytes(&m.config, m.ctx()),
+            allocated as u64,
+            "{case}"
+        );
+    }
+}

@@ -316,15 +316,10 @@ async function imageFiles(ctx) {
   return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("image", ctx.variant !== "fp32")));
 }
 
-/**
- * Fetches a model's files: `Map(name -> Uint8Array)`. `engine` is the wasm module, which says
- * which files make a model (`modelFiles`, `shardsOf`: the list the native loaders read too).
- * `kind`: "text" or "image". Options: `modelsBase`, `onProgress`, `signal`, `cache` (default
- * true), `stallMs` (default 60 s), `variant` ("fp16" default, or "fp32").
- */
-export async function fetchModel(engine, source, kind, options = {}) {
+/** What every fetch of one model source shares: its URLs, the cache, the options. */
+async function fetchContext(engine, source, kind, options) {
   const r = resolveSource(source, kind, options.modelsBase, options.revision);
-  const ctx = {
+  return {
     ...r,
     source,
     cache: await openCache(options.cache !== false),
@@ -337,6 +332,16 @@ export async function fetchModel(engine, source, kind, options = {}) {
     engine,
     report: () => {},
   };
+}
+
+/**
+ * Fetches a model's files: `Map(name -> Uint8Array)`. `engine` is the wasm module, which says
+ * which files make a model (`modelFiles`, `shardsOf`: the list the native loaders read too).
+ * `kind`: "text" or "image". Options: `modelsBase`, `onProgress`, `signal`, `cache` (default
+ * true), `stallMs` (default 60 s), `variant` ("fp16" default, or "fp32").
+ */
+export async function fetchModel(engine, source, kind, options = {}) {
+  const ctx = await fetchContext(engine, source, kind, options);
   const list = kind === "text" ? await textFiles(ctx) : await imageFiles(ctx);
   const files = await download(ctx, list);
   await writeManifest(ctx, kind, list, files);
@@ -401,17 +406,7 @@ async function readManifest(c, source, opts) {
  * `{ ctx, weightsBytes, kvCacheBytes, totalBytes }`.
  */
 export async function textMemory(engine, source, options = {}) {
-  const r = resolveSource(source, "text", options.modelsBase, options.revision);
-  const ctx = {
-    ...r,
-    source,
-    cache: await openCache(options.cache !== false),
-    signal: options.signal,
-    headers: options.token && r.hf ? { authorization: `Bearer ${options.token}` } : undefined,
-    stallMs: options.stallMs ?? 60000,
-    engine,
-    report: () => {},
-  };
+  const ctx = await fetchContext(engine, source, "text", options);
   const list = await textFiles(ctx);
   const weights = list.filter((f) => /\.(safetensors|gguf)$/.test(f.name)).reduce((a, f) => a + (f.size ?? 0), 0);
   if (ctx.file) {

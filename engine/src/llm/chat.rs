@@ -536,7 +536,6 @@ impl Prepared {
         let g = {
             let tok = model.tokenizer.clone();
             let tok = &*tok;
-            let mut chunks: Vec<Value> = Vec::new();
             let mut on_piece = |piece: &str, g: &Generation| {
                 if !self.stream {
                     return on_chunk(Value::Null);
@@ -545,8 +544,7 @@ impl Prepared {
                     .logprobs
                     .then(|| self.logprobs_json(tok, g, sent..g.ids.len()));
                 sent = g.ids.len();
-                chunks.push(self.piece_chunk(piece, lp));
-                chunks.drain(..).all(&mut *on_chunk)
+                on_chunk(self.piece_chunk(piece, lp))
             };
             model
                 .generate_with(&self.prompt_ids, &self.options, &mut on_piece)
