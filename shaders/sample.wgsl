@@ -4,6 +4,7 @@
 //           4 history: array<u32> [cap] (window read, then history[c] = id if c < cap);
 //           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
 //             settings[8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
+//             when any logit is NaN or infinite: (0xffffffff, how many), and no history write;
 //           6 work: array<u32> [2V] scratch: [0, V) f32 bits of the penalized, scaled logits s,
 //             [V, 2V) integer weights w = floor(exp(s - max s) * 2^31).
 // Params: V, cap, counter c and seed as Dyn words (add, slot, mul).
@@ -142,13 +143,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
     let inv_r = settings[7];
 
     // Pass 1: s = logits * scale, and the max of the raw logits for the log-probability.
+    // Non-finite logits (overflowed activations) are counted and reported instead of a draw.
     var raw_max = 0u;
+    var bad = 0u;
     for (var i = li; i < v; i += WG) {
         let x = clean(logits[i]);
         work[i] = bitcast<u32>(x * scale);
         raw_max = max(raw_max, key_of(bitcast<u32>(x)));
+        bad += select(0u, 1u, (bitcast<u32>(logits[i]) & 0x7f800000u) == 0x7f800000u);
     }
     let raw_m = bitcast<f32>(bits_of_key(reduce_u32(li, raw_max, 1u)));
+    let n_bad = reduce_u32(li, bad, 0u);
     storageBarrier();
 
     // Repetition penalty: duplicates in the window write identical bits, so each distinct id
@@ -286,9 +291,14 @@ fn main(@builtin(local_invocation_index) li: u32) {
 
     workgroupBarrier();
     if (li == 0u) {
-        let id = min(chosen, v - 1u);
-        out[0] = id;
-        out[1] = bitcast<u32>(clean(logits[id]) - log_z);
-        if (c < p.cap) { history[c] = id; }
+        if (n_bad > 0u) {
+            out[0] = 0xffffffffu;
+            out[1] = n_bad;
+        } else {
+            let id = min(chosen, v - 1u);
+            out[0] = id;
+            out[1] = bitcast<u32>(clean(logits[id]) - log_z);
+            if (c < p.cap) { history[c] = id; }
+        }
     }
 }

@@ -5,7 +5,9 @@
 //             5 x: array<f32> [n]              read and written in place
 //             6 x0_prev: array<f32> [n]        read and written in place
 //             7 unet_in: array<f32> [copies, n] written
-//             8 noise: array<f32> [n]          NOISE variant only
+//             8 status: array<atomic<u32>> [1] the first step whose model output or update was
+//                                              NaN/infinite (atomicMin of the row; start at 0xffffffff)
+//             9 noise: array<f32> [n]          NOISE variant only
 //   Params: n, cfg, copies, rows, step row as a Dyn (add, slot, mul).
 //   Per element, with row = coeffs[step]:
 //     m  = cfg && g > 1 ? m_u + g (m_c - m_u) : m_c
@@ -25,9 +27,14 @@ struct Params { n: u32, cfg: u32, copies: u32, rows: u32, step_add: u32, step_sl
 @group(0) @binding(5) var<storage, read_write> x: array<f32>;
 @group(0) @binding(6) var<storage, read_write> x0_prev: array<f32>;
 @group(0) @binding(7) var<storage, read_write> unet_in: array<f32>;
+@group(0) @binding(8) var<storage, read_write> status: array<atomic<u32>>;
 #ifdef NOISE
-@group(0) @binding(8) var<storage, read> noise: array<f32>;
+@group(0) @binding(9) var<storage, read> noise: array<f32>;
 #endif
+
+fn special(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u;
+}
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -63,6 +70,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (cs != 0.0) { y += cs * noise[i]; }
 #endif
     if (ct != 0.0) { y += ct * mv; }
+    // Checked before the clamp can hide a NaN; the atomic runs only on the failing path.
+    if (special(mv) || special(y)) { atomicMin(&status[0], row); }
     x[i] = y;
     x0_prev[i] = x0;
     let u = y * in_scale;

@@ -327,7 +327,13 @@ pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
 }
 
 /// Repacks `rows x k` elements from file layout to the GPU words of the packing spec.
-pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result<Vec<u32>> {
+pub fn pack_for_gpu(
+    dtype: DType,
+    bytes: &[u8],
+    rows: usize,
+    k: usize,
+    check_finite: bool,
+) -> Result<Vec<u32>> {
     let file_row = dtype.file_bytes(k)?;
     if bytes.len() != file_row * rows {
         return Err(Error::Data {
@@ -341,6 +347,7 @@ pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result
     }
     let rw = dtype.row_words(k);
     let mut out = vec![0u32; rw * rows];
+    let (scale_words, block_words) = scale_words(dtype);
     let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     for r in 0..rows {
         let src = &bytes[r * file_row..(r + 1) * file_row];
@@ -396,8 +403,54 @@ pub fn pack_for_gpu(dtype: DType, bytes: &[u8], rows: usize, k: usize) -> Result
                 }
             }
         }
+        // While the row is in cache: its floats (the scales of block formats) must be finite.
+        let non_finite = match dtype {
+            _ if !check_finite => false,
+            DType::U32 => false,
+            DType::F32 => dst.iter().any(|&w| f32_special(w)),
+            DType::F16 => dst.iter().any(|&w| f16_special(w) || f16_special(w >> 16)),
+            DType::BF16 => dst
+                .iter()
+                .any(|&w| bf16_special(w) || bf16_special(w >> 16)),
+            DType::Q4_K => dst
+                .iter()
+                .step_by(block_words)
+                .any(|&w| f16_special(w) || f16_special(w >> 16)),
+            _ => dst
+                .chunks_exact(block_words)
+                .any(|b| scale_words.clone().any(|i| f32_special(b[i]))),
+        };
+        if non_finite {
+            return Err(Error::NonFinite {
+                what: dtype.name().into(),
+                row: r,
+            });
+        }
     }
     Ok(out)
+}
+
+/// The words of a GPU block that hold f32 scales, and the block's size in words.
+fn scale_words(dtype: DType) -> (std::ops::Range<usize>, usize) {
+    let gw = dtype.gpu_block_words().max(1);
+    match dtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 => (0..1, gw),
+        DType::Q4_1 | DType::Q5_1 => (0..2, gw),
+        DType::Q6_K => (52..53, gw),
+        _ => (0..0, gw),
+    }
+}
+
+fn f32_special(w: u32) -> bool {
+    w & 0x7f80_0000 == 0x7f80_0000
+}
+
+fn f16_special(w: u32) -> bool {
+    w & 0x7c00 == 0x7c00
+}
+
+fn bf16_special(w: u32) -> bool {
+    w & 0x7f80 == 0x7f80
 }
 
 /// f32 values as file-layout bytes of a plain dtype (F32/F16/BF16), rounding to nearest.

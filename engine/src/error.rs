@@ -44,6 +44,14 @@ pub enum Error {
     /// A configuration value that is not supported.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A tensor whose values include NaN or infinity (found while it was uploaded): a damaged
+    /// checkpoint, or a conversion that overflowed.
+    #[error("{what} holds NaN or infinity (row {row}): the file is damaged or its values overflowed when it was converted")]
+    NonFinite { what: String, row: usize },
+    /// Values that became NaN or infinite while running (finite weights, overflowing
+    /// activations): the generation stops with this instead of producing garbage.
+    #[error("{what} became NaN or infinite {when}")]
+    Overflow { what: String, when: String },
     /// The caller stopped the work (e.g. the step callback of the denoising loop).
     #[error("cancelled")]
     Cancelled,

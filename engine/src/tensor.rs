@@ -55,6 +55,30 @@ impl Tensor {
         dtype: DType,
         bytes: &[u8],
     ) -> Result<Tensor> {
+        Self::upload_with(gpu, name, shape, dtype, bytes, false)
+    }
+
+    /// Like [`Tensor::upload`] for weights: a NaN or infinity (in block formats, in a scale)
+    /// is an [`Error::NonFinite`] naming the row, found while each row is packed (no second
+    /// pass over the bytes).
+    pub fn upload_weight(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Tensor> {
+        Self::upload_with(gpu, name, shape, dtype, bytes, true)
+    }
+
+    fn upload_with(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+        check_finite: bool,
+    ) -> Result<Tensor> {
         let rows = shape.first().copied().unwrap_or(1);
         let k = if rows == 0 { 0 } else { numel(shape) / rows };
         let bad = |msg: String| Error::Data {
@@ -99,7 +123,15 @@ impl Tensor {
                 &bytes[start * file_row..(start + n_rows) * file_row],
                 n_rows,
                 k,
-            )?;
+                check_finite,
+            )
+            .map_err(|e| match e {
+                Error::NonFinite { row, .. } => Error::NonFinite {
+                    what: format!("'{name}'"),
+                    row: start + row,
+                },
+                e => e,
+            })?;
             let buf = gpu.create_buffer(name, (words.len() * 4) as u64, STORAGE);
             gpu.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
             parts.push(TensorPart {

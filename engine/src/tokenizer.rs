@@ -99,18 +99,32 @@ impl TextTokenizer {
             .unwrap_or("")
             .to_string();
         let strs = |key: &str| -> Result<Vec<String>> {
-            Ok(g.require(key)?
-                .as_array()
-                .unwrap_or(&[])
-                .iter()
-                .map(|v| v.as_str().unwrap_or("").to_string())
-                .collect())
+            let a = g.require(key)?.as_array();
+            Ok(a.and_then(|a| a.strs())
+                .map(|s| s.map(String::from).collect())
+                .unwrap_or_default())
         };
+        // The largest real vocabularies hold about 260 000 tokens; a list far past that is a
+        // damaged or hostile file, and building a tokenizer from it costs many times its bytes.
+        const MAX_VOCAB: usize = 1 << 22;
+        let n = g
+            .require("tokenizer.ggml.tokens")?
+            .as_array()
+            .and_then(|a| a.strs().map(|_| a.len()));
+        if !n.is_some_and(|n| (1..=MAX_VOCAB).contains(&n)) {
+            return Err(Error::Data {
+                name: "tokenizer.ggml.tokens".into(),
+                msg: match n {
+                    Some(n) => format!("{n} strings (a vocabulary holds 1 to {MAX_VOCAB})"),
+                    None => "not a list of strings".into(),
+                },
+            });
+        }
         let tokens = strs("tokenizer.ggml.tokens")?;
         let types: Vec<u64> = g
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.as_array())
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .map(|a| a.values().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_else(|| vec![1; tokens.len()]);
         let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
         let (bos, eos_id) = (
@@ -156,10 +170,8 @@ impl TextTokenizer {
                 let scores: Vec<f64> = g
                     .require("tokenizer.ggml.scores")?
                     .as_array()
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|v| v.as_f64().unwrap_or(0.0))
-                    .collect();
+                    .map(|a| a.values().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+                    .unwrap_or_default();
                 let merges = spm_merges(&tokens, &scores);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
                 json!({
@@ -255,30 +267,48 @@ impl TextTokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Unsupported("this model has no chat template".into()))?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", tpl).map_err(|e| Error::Data {
-            name: "chat_template".into(),
-            msg: e.to_string(),
-        })?;
-        let msgs: Vec<Json> = messages
-            .iter()
-            .map(|(r, c)| json!({"role": r, "content": c}))
-            .collect();
-        env.get_template("chat")
-            .and_then(|t| t.render(minijinja::context! { messages => msgs, add_generation_prompt => true, bos_token => self.bos_token, eos_token => self.eos_token }))
-            .map_err(|e| Error::Data { name: "chat_template".into(), msg: e.to_string() })
+        render_chat_template(tpl, messages, &self.bos_token, &self.eos_token)
     }
+}
+
+/// Instructions a chat template may run per rendering: a real template spends a few hundred
+/// per message, so this bounds a looping (hostile) template to a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Renders a Jinja chat template (as transformers does: `messages`, `add_generation_prompt`,
+/// `bos_token`, `eos_token`, `raise_exception`, Python string methods) within
+/// [`TEMPLATE_FUEL`].
+pub fn render_chat_template(
+    tpl: &str,
+    messages: &[(String, String)],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    let err = |e: minijinja::Error| Error::Data {
+        name: "chat_template".into(),
+        msg: e.to_string(),
+    };
+    env.add_template("chat", tpl).map_err(err)?;
+    let msgs: Vec<Json> = messages
+        .iter()
+        .map(|(r, c)| json!({"role": r, "content": c}))
+        .collect();
+    env.get_template("chat")
+        .and_then(|t| t.render(minijinja::context! { messages => msgs, add_generation_prompt => true, bos_token => bos_token, eos_token => eos_token }))
+        .map_err(err)
 }
 
 /// The pre-tokenizer of a `gpt2`-type GGUF vocabulary, by llama.cpp's `tokenizer.ggml.pre` name.

@@ -120,6 +120,11 @@ impl Weights {
         }
     }
 
+    /// What the weights are (a component, a file), for messages.
+    pub fn describe(&self) -> String {
+        self.label.clone()
+    }
+
     /// The raw tensor `name` (under the name map), if present.
     pub fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
         self.src.tensor(&self.file_name(name))
@@ -157,9 +162,30 @@ impl Weights {
         if let Some(s) = shape.filter(|s| *s != raw.shape) {
             return Err(self.err(name, format!("shape {:?}, expected {s:?}", raw.shape)));
         }
-        let t = Arc::new(self.upload(name, raw, f32)?);
+        let t =
+            Arc::new(self.upload(name, raw, f32).map_err(|e| {
+                self.non_finite(e, &[(name, raw.shape.first().copied().unwrap_or(1))])
+            })?);
         cache.insert(key, t.clone());
         Ok(t)
+    }
+
+    /// A NaN/infinity found in row `row` of an upload of `parts` (names and row counts, stacked
+    /// in order) named after the checkpoint's tensor that holds it.
+    fn non_finite(&self, e: Error, parts: &[(&str, usize)]) -> Error {
+        let Error::NonFinite { mut row, what } = e else {
+            return e;
+        };
+        for (name, rows) in parts {
+            if row < *rows || parts.len() == 1 {
+                return Error::NonFinite {
+                    what: format!("{}: tensor '{}'", self.label, self.file_name(name)),
+                    row,
+                };
+            }
+            row -= rows;
+        }
+        Error::NonFinite { what, row }
     }
 
     fn upload(&self, name: &str, raw: RawTensor<'_>, f32: bool) -> Result<Tensor> {
@@ -169,7 +195,13 @@ impl Weights {
         if f32 || (shape.len() == 1 && raw.dtype != DType::F32) {
             let v =
                 dequantize(raw.dtype, raw.data, n).map_err(|e| self.err(name, e.to_string()))?;
-            return Tensor::from_f32(&self.gpu, name, shape, &v);
+            return Tensor::upload_weight(
+                &self.gpu,
+                name,
+                shape,
+                DType::F32,
+                bytemuck::cast_slice(&v),
+            );
         }
         let k = shape.last().copied().unwrap_or(1);
         let matrix = float && shape.len() == 2 && k % 32 == 0;
@@ -180,10 +212,18 @@ impl Weights {
         };
         match target {
             Some(dt) => {
-                let q = quantize(dt, &dequantize(raw.dtype, raw.data, n)?)?;
-                Tensor::upload(&self.gpu, name, shape, dt, &q)
+                let v = dequantize(raw.dtype, raw.data, n)?;
+                // Quantizing would hide a NaN (block maxima skip it), so look first.
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::NonFinite {
+                        what: name.into(),
+                        row: i / k.max(1),
+                    });
+                }
+                let q = quantize(dt, &v)?;
+                Tensor::upload_weight(&self.gpu, name, shape, dt, &q)
             }
-            None => Tensor::upload(&self.gpu, name, shape, raw.dtype, raw.data),
+            None => Tensor::upload_weight(&self.gpu, name, shape, raw.dtype, raw.data),
         }
     }
 }
@@ -284,7 +324,16 @@ impl<'a> VarBuilder<'a> {
             shape: &shape,
             data: &bytes,
         };
-        let t = Arc::new(self.w.upload(&key, raw, false)?);
+        let parts: Vec<(&str, usize)> = paths
+            .iter()
+            .zip(shapes)
+            .map(|(p, s)| (p.as_str(), s[0]))
+            .collect();
+        let t = Arc::new(
+            self.w
+                .upload(&key, raw, false)
+                .map_err(|e| self.w.non_finite(e, &parts))?,
+        );
         self.w
             .cache
             .lock()
@@ -305,6 +354,21 @@ impl<'a> VarBuilder<'a> {
                     .err(&p, format!("shape {:?}, expected [{len}]", raw.shape)));
             }
             v.extend(dequantize(raw.dtype, raw.data, len)?);
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            let (mut row, mut k) = (i, 0);
+            while row >= lens[k] {
+                row -= lens[k];
+                k += 1;
+            }
+            let name = self.path(names[k]);
+            return Err(self.w.non_finite(
+                Error::NonFinite {
+                    what: name.clone(),
+                    row,
+                },
+                &[(&name, lens[k])],
+            ));
         }
         Ok(Arc::new(Tensor::from_f32(
             &self.w.gpu,

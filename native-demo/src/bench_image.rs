@@ -251,6 +251,7 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         )?);
         let ts = Arc::new(Tensor::from_f32(&gpu, "ts", &[4, 1], &sched.timesteps)?);
         let guidance = Arc::new(Tensor::from_f32(&gpu, "g", &[1], &[7.5])?);
+        let status = Arc::new(Tensor::from_u32(&gpu, "status", &[1], &[u32::MAX])?);
         let mut g = Graph::new();
         let step = g.scalar("step")?;
         let tv = g.tensor(&ts);
@@ -265,6 +266,7 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             x: g.tensor(&x),
             x0_prev: g.tensor(&x0),
             unet_in: uv,
+            status: g.tensor(&status),
             noise: None,
         };
         g.scheduler_step(&v, Dyn::slot(step))?;

@@ -2,6 +2,9 @@
 //! deterministic random generator, a one-op graph harness that poisons outputs, and closeness
 //! checks that report index, expected and got.
 
+pub mod fuzz;
+pub mod surgery;
+
 use kiln::{CompileOptions, DType, Gpu, GpuOptions, Graph, Scalar, Tensor, Value};
 use std::sync::{Arc, OnceLock};
 

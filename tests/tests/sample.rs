@@ -2,7 +2,7 @@
 //! reference (exact ids, close log-probabilities), the history write, determinism, and the
 //! normal noise generator.
 
-use kiln::kernels::sample::{philox_on_gpu, SamplerSettings, SAMPLE_OUT_LEN};
+use kiln::kernels::sample::{philox_on_gpu, SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN};
 use kiln::reference::sample as reference;
 use kiln::{CompileOptions, DType, Dyn, Graph, Plan, Scalar, Tensor, Value};
 use kiln_tests::{assert_close, gpu, Rng};
@@ -104,7 +104,7 @@ impl Sampler {
         self.plan.write_u32(self.history, history).unwrap();
         // Poison the output so a kernel that writes nothing is caught.
         self.plan
-            .write_u32(self.out, &[u32::MAX; SAMPLE_OUT_LEN])
+            .write_u32(self.out, &[0xdead_beef; SAMPLE_OUT_LEN])
             .unwrap();
         self.plan.set(self.counter, c);
         self.plan.set(self.seed, seed);
@@ -171,6 +171,41 @@ fn lm_logits(rng: &mut Rng, v: usize) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Logits holding NaN or infinity (an overflowed activation) are reported, greedy or not: the
+/// id is NON_FINITE_ID, the second word the count, and the history is not written.
+#[test]
+fn non_finite_logits_are_reported() {
+    let v = 1000;
+    let mut s = Sampler::new(v, 8);
+    let mut rng = Rng::new(5);
+    let sampling = SamplerSettings {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        top_logprobs: 3,
+        ..SamplerSettings::greedy()
+    };
+    for (bad, count) in [
+        (vec![(0, f32::NAN)], 1),
+        (vec![(999, f32::INFINITY), (17, f32::NAN)], 2),
+        (vec![(500, f32::NEG_INFINITY)], 1),
+    ] {
+        let mut logits = lm_logits(&mut rng, v);
+        for &(i, x) in &bad {
+            logits[i] = x;
+        }
+        for st in [SamplerSettings::greedy(), sampling] {
+            let history = [7u32; 8];
+            let (id, n, hist) = s.draw(&logits, &st, &history, 2, 9);
+            assert_eq!(id, NON_FINITE_ID, "{bad:?}");
+            assert_eq!(n.to_bits(), count, "{bad:?}: count");
+            assert_eq!(hist, history, "{bad:?}: no history write");
+            let want = reference::sample(&logits, &st.to_f32s(), &mut [7u32; 8], 2, 9);
+            assert_eq!((want.id, want.logprob), (NON_FINITE_ID, count as f64));
+        }
+    }
 }
 
 #[test]

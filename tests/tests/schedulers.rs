@@ -235,6 +235,7 @@ fn gpu_loop(fx: &Fixtures, c: &Case) -> f32 {
     let guidance = g.input("guidance", &[1], DType::F32).unwrap();
     let noise = g.input("noise", &[1, 4, 8, 8], DType::F32).unwrap();
     let (x, x0_prev, unet_in) = (g.tensor(&x_t), g.tensor(&prev_t), g.tensor(&unet_t));
+    let status_t = Arc::new(Tensor::from_u32(&gpu, "status", &[1], &[u32::MAX]).unwrap());
     let v = StepValues {
         model_out,
         coeffs,
@@ -242,6 +243,7 @@ fn gpu_loop(fx: &Fixtures, c: &Case) -> f32 {
         x,
         x0_prev,
         unet_in,
+        status: g.tensor(&status_t),
         noise: Some(noise),
     };
     g.scheduler_step(&v, Dyn::slot(step)).unwrap();
@@ -324,6 +326,7 @@ fn kernel_matches_reference_on_random_rows() {
         let unet_t = Arc::new(
             Tensor::from_f32(&gpu, "unet_in", &[copies, n], &vec![f32::NAN; copies * n]).unwrap(),
         );
+        let status_t = Arc::new(Tensor::from_u32(&gpu, "status", &[1], &[u32::MAX]).unwrap());
         let mut g = Graph::new();
         let step = g.scalar("step").unwrap();
         let model_out = g.input("m", &[copies, n], DType::F32).unwrap();
@@ -331,6 +334,7 @@ fn kernel_matches_reference_on_random_rows() {
         let guidance = g.input("guidance", &[1], DType::F32).unwrap();
         let noise = with_noise.then(|| g.input("noise", &[n], DType::F32).unwrap());
         let (x, x0_prev, unet_in) = (g.tensor(&x_t), g.tensor(&prev_t), g.tensor(&unet_t));
+        let status = g.tensor(&status_t);
         g.scheduler_step(
             &StepValues {
                 model_out,
@@ -339,6 +343,7 @@ fn kernel_matches_reference_on_random_rows() {
                 x,
                 x0_prev,
                 unet_in,
+                status,
                 noise,
             },
             Dyn::affine(step, 1, 1),
@@ -385,6 +390,19 @@ fn kernel_matches_reference_on_random_rows() {
                 1e-6,
             );
         }
+        let status = pollster::block_on(status_t.to_u32(&gpu)).unwrap();
+        assert_eq!(status, [u32::MAX], "{cfg}: finite steps flag nothing");
+        // A NaN in the model output (the conditional half with CFG) is flagged with the row;
+        // the status keeps the smallest (rows 2 then 1 run: 1).
+        let mut bad = m.clone();
+        bad[copies * n - 7] = f32::NAN;
+        plan.write_f32(model_out, &bad).unwrap();
+        for slot in [1, 0] {
+            plan.set(step, slot);
+            plan.run().unwrap();
+        }
+        let status = pollster::block_on(status_t.to_u32(&gpu)).unwrap();
+        assert_eq!(status, [1], "{cfg}: the first non-finite row");
     }
 }
 

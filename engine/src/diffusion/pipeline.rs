@@ -169,7 +169,26 @@ impl SdModels {
         self.encode_prompts(&state, opts).await?;
         self.init_latents(&state, &sched, opts).await?;
         let loop_counters = self.denoise(&state, &sched, opts, on_step).await?;
+        // One 4-byte readback: the first step (if any) whose values stopped being finite.
+        let first_bad = state.status.to_u32(&self.gpu).await?;
+        if let Some(&step) = first_bad.first().filter(|&&s| s != u32::MAX) {
+            return Err(Error::Overflow {
+                what: "the latents".into(),
+                when: format!(
+                    "at step {} of {} (the U-Net's output or the scheduler's update overflowed)",
+                    step + 1,
+                    sched.steps()
+                ),
+            });
+        }
         let raw = self.decode_latents(&state.x).await?;
+        let bad = raw.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::Overflow {
+                what: "the VAE decoder's output".into(),
+                when: format!("({bad} of {} values; the latents were finite)", raw.len()),
+            });
+        }
         let (w, h) = self.image_size(opts);
         Ok(Image::from_decoder(
             raw,
@@ -310,6 +329,7 @@ impl SdModels {
             x: g.tensor(&state.x),
             x0_prev: g.tensor(&state.x0_prev),
             unet_in: uin,
+            status: g.tensor(&state.status),
             noise,
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
@@ -378,6 +398,8 @@ struct State {
     x: Arc<Tensor>,
     x0_prev: Arc<Tensor>,
     unet_in: Arc<Tensor>,
+    /// u32 `[1]`: the first step whose values were NaN or infinite (`u32::MAX`: none).
+    status: Arc<Tensor>,
     /// The schedule's coefficient rows and timesteps, and the guidance scale.
     coeffs: Arc<Tensor>,
     timesteps: Arc<Tensor>,
@@ -405,6 +427,19 @@ impl State {
                 });
             }
         }
+        let given = opts.latents.iter().chain(opts.step_noise.iter().flatten());
+        for (k, v) in given.enumerate() {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::Data {
+                    name: if k == 0 && opts.latents.is_some() {
+                        "latents".into()
+                    } else {
+                        "step_noise".into()
+                    },
+                    msg: format!("value {i} is {} (values must be finite)", v[i]),
+                });
+            }
+        }
         let zeros = |name: &str, shape: &[usize]| -> Result<Arc<Tensor>> {
             Ok(Arc::new(Tensor::zeros(gpu, name, shape, DType::F32)?))
         };
@@ -423,6 +458,7 @@ impl State {
             x: zeros("x", &lat_shape)?,
             x0_prev: zeros("x0_prev", &lat_shape)?,
             unet_in: zeros("unet_in", &[batch, c, lh, lw])?,
+            status: Arc::new(Tensor::from_u32(gpu, "status", &[1], &[u32::MAX])?),
             coeffs: table("coeffs", &[steps, COEFFS], &sched.coeff_table())?,
             timesteps: table("timesteps", &[steps, 1], &sched.timesteps)?,
             guidance: table("guidance", &[1], &[opts.guidance])?,

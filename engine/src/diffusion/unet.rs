@@ -55,8 +55,47 @@ impl UnetConfig {
             }
         }
         c.only("mid_block_type", Json::from("UNetMidBlock2DCrossAttn"))?;
-        for k in ["class_embed_type", "addition_embed_type", "encoder_hid_dim"] {
+        // Keys that change the math (LCM's guidance embedding, class and added-time embeddings,
+        // other time embeddings or activations) are refused at their defaults' values only.
+        for k in [
+            "class_embed_type",
+            "addition_embed_type",
+            "encoder_hid_dim",
+            "encoder_hid_dim_type",
+            "time_cond_proj_dim",
+            "num_class_embeds",
+            "projection_class_embeddings_input_dim",
+            "addition_time_embed_dim",
+            "time_embedding_act_fn",
+            "timestep_post_act",
+            "cross_attention_norm",
+            "reverse_transformer_layers_per_block",
+        ] {
             c.only(k, Json::Null)?;
+        }
+        for k in [
+            "dual_cross_attention",
+            "only_cross_attention",
+            "center_input_sample",
+            "class_embeddings_concat",
+            "mid_block_only_cross_attention",
+            "resnet_skip_time_act",
+        ] {
+            c.off(k)?;
+        }
+        c.only("time_embedding_type", Json::from("positional"))?;
+        c.only("act_fn", Json::from("silu"))?;
+        c.only("resnet_time_scale_shift", Json::from("default"))?;
+        c.only("attention_type", Json::from("default"))?;
+        for k in ["conv_in_kernel", "conv_out_kernel"] {
+            c.only(k, Json::from(3))?;
+        }
+        for k in [
+            "downsample_padding",
+            "mid_block_scale_factor",
+            "resnet_out_scale_factor",
+        ] {
+            c.only_num(k, 1.0)?;
         }
         let heads = match c.per_block("num_attention_heads", n)? {
             Some(h) => h,

@@ -39,6 +39,14 @@ impl VaeConfig {
                 "VAE without a mid-block attention".into(),
             ));
         }
+        c.only("act_fn", serde_json::Value::from("silu"))?;
+        if let Some(b) = c
+            .strings("up_block_types")?
+            .iter()
+            .find(|b| b.as_str() != "UpDecoderBlock2D")
+        {
+            return Err(Error::Unsupported(format!("VAE up block type '{b}'")));
+        }
         let channels = c
             .per_block("block_out_channels", 0)?
             .filter(|v| !v.is_empty() && v.len() <= 8)

@@ -135,4 +135,28 @@ impl Keys {
             _ => Ok(()),
         }
     }
+
+    /// Like [`Keys::only`] for a number (`1` and `1.0` are the same value).
+    pub fn only_num(&self, k: &str, default: f64) -> Result<()> {
+        match self.get(k) {
+            Some(v) if v.as_f64() != Some(default) => Err(Error::Unsupported(format!(
+                "{} '{k}' = {v} (only {default} is supported)",
+                self.file
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Errors unless the switch `k` is off: absent, null, false, or a list of false (per block).
+    pub fn off(&self, k: &str) -> Result<()> {
+        let off = |v: &Json| matches!(v, Json::Null | Json::Bool(false));
+        match self.get(k) {
+            Some(Json::Array(a)) if a.iter().all(off) => Ok(()),
+            Some(v) if !off(v) => Err(Error::Unsupported(format!(
+                "{} '{k}' = {v} (only false is supported)",
+                self.file
+            ))),
+            _ => Ok(()),
+        }
+    }
 }

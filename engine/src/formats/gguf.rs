@@ -16,7 +16,100 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     Str(String),
-    Array(Vec<Value>),
+    Array(Array),
+}
+
+/// A metadata array, stored about as compactly as the file stores it (a tokenizer's 150 000
+/// scores stay 600 KB, not 150 000 enum values), so memory follows the bytes actually present.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    /// Numbers or booleans: the GGUF value type and the little-endian bytes.
+    Raw { ty: u32, bytes: Vec<u8> },
+    /// Strings, concatenated; string `i` is `text[ends[i - 1]..ends[i]]`.
+    Strs { text: String, ends: Vec<usize> },
+    /// Arrays of arrays.
+    Nested(Vec<Value>),
+}
+
+/// Encoded size of a scalar GGUF value type (0 for strings and arrays).
+fn scalar_size(t: u32) -> usize {
+    match t {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        10..=12 => 8,
+        _ => 0,
+    }
+}
+
+/// A scalar of type `t` from its little-endian bytes.
+fn scalar(t: u32, b: &[u8]) -> Value {
+    let u = |n: usize| {
+        b.iter()
+            .take(n)
+            .rev()
+            .fold(0u64, |a, &x| (a << 8) | x as u64)
+    };
+    match t {
+        0 | 2 | 4 | 10 => Value::U64(u(scalar_size(t))),
+        1 => Value::I64(u(1) as u8 as i8 as i64),
+        3 => Value::I64(u(2) as u16 as i16 as i64),
+        5 => Value::I64(u(4) as u32 as i32 as i64),
+        11 => Value::I64(u(8) as i64),
+        6 => Value::F64(f32::from_bits(u(4) as u32) as f64),
+        12 => Value::F64(f64::from_bits(u(8))),
+        _ => Value::Bool(u(1) != 0),
+    }
+}
+
+impl Array {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Array::Raw { ty, bytes } => bytes.len() / scalar_size(*ty).max(1),
+            Array::Strs { ends, .. } => ends.len(),
+            Array::Nested(v) => v.len(),
+        }
+    }
+
+    /// True when the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// String `i` (`None` past the end or when the elements are not strings).
+    pub fn str(&self, i: usize) -> Option<&str> {
+        match self {
+            Array::Strs { text, ends } => {
+                let start = if i == 0 { 0 } else { *ends.get(i - 1)? };
+                text.get(start..*ends.get(i)?)
+            }
+            _ => None,
+        }
+    }
+
+    /// The strings in order (`None` when the elements are not strings).
+    pub fn strs(&self) -> Option<impl Iterator<Item = &str> + '_> {
+        matches!(self, Array::Strs { .. })
+            .then(|| (0..self.len()).map(|i| self.str(i).unwrap_or_default()))
+    }
+
+    /// Element `i` as a value.
+    pub fn get(&self, i: usize) -> Option<Value> {
+        match self {
+            Array::Raw { ty, bytes } => {
+                let n = scalar_size(*ty);
+                bytes.get(i * n..(i + 1) * n).map(|b| scalar(*ty, b))
+            }
+            Array::Strs { .. } => self.str(i).map(|s| Value::Str(s.into())),
+            Array::Nested(v) => v.get(i).cloned(),
+        }
+    }
+
+    /// The elements as values, in order.
+    pub fn values(&self) -> impl Iterator<Item = Value> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
 }
 
 impl Value {
@@ -45,7 +138,7 @@ impl Value {
         }
     }
     /// As an array.
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_array(&self) -> Option<&Array> {
         match self {
             Value::Array(a) => Some(a),
             _ => None,
@@ -79,6 +172,11 @@ struct Reader<'a> {
     ran_out: bool,
 }
 
+/// The most bytes a GGUF header (metadata and tensor infos) may take. Real files hold a few
+/// megabytes (a 256k-token vocabulary is about 10 MB); past this the file is refused before the
+/// header is copied into memory.
+pub const MAX_HEADER_BYTES: usize = 256 << 20;
+
 impl<'a> Reader<'a> {
     fn err(&self, msg: impl Into<String>) -> Error {
         Error::Data {
@@ -89,11 +187,27 @@ impl<'a> Reader<'a> {
     fn left(&self) -> usize {
         self.b.len() - self.pos
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if n > self.left() {
-            self.ran_out = true;
-            return Err(self.err(format!("needs {n} more bytes, file has {}", self.left())));
+    /// Checks that `n` more bytes (`what`) are present and within the header cap.
+    fn room(&mut self, n: u64, what: impl FnOnce() -> String) -> Result<usize> {
+        if (self.pos as u64).saturating_add(n) > MAX_HEADER_BYTES as u64 {
+            return Err(self.err(format!(
+                "{} would take the header past {} MiB; real GGUF headers take a few MB",
+                what(),
+                MAX_HEADER_BYTES >> 20
+            )));
         }
+        if n > self.left() as u64 {
+            self.ran_out = true;
+            return Err(self.err(format!(
+                "{} needs {n} bytes, file has {} left",
+                what(),
+                self.left()
+            )));
+        }
+        Ok(n as usize)
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        self.room(n as u64, || "a value".into())?;
         let s = &self.b[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
@@ -109,63 +223,60 @@ impl<'a> Reader<'a> {
         ))
     }
     fn string(&mut self) -> Result<String> {
+        self.str_ref().map(String::from)
+    }
+    fn str_ref(&mut self) -> Result<&'a str> {
         let n = self.u64()?;
-        if n > self.left() as u64 {
-            self.ran_out = true;
-            return Err(self.err(format!(
-                "string of {n} bytes, file has {} left",
-                self.left()
-            )));
-        }
-        let s = self.take(n as usize)?;
-        String::from_utf8(s.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+        let n = self.room(n, || format!("a string of {n} bytes"))?;
+        let s = self.take(n)?;
+        std::str::from_utf8(s).map_err(|_| self.err("string is not UTF-8"))
     }
     /// Smallest encoded size of a value of type `t` (to bound array lengths).
     fn min_size(t: u32) -> usize {
-        match t {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            _ => 8,
+        match scalar_size(t) {
+            0 => 8,
+            n => n,
         }
     }
     fn value(&mut self, t: u32, depth: usize) -> Result<Value> {
         Ok(match t {
-            0 => Value::U64(self.take(1)?[0] as u64),
-            1 => Value::I64(self.take(1)?[0] as i8 as i64),
-            2 => {
-                Value::U64(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as u64)
-            }
-            3 => {
-                Value::I64(i16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()) as i64)
-            }
-            4 => Value::U64(self.u32()? as u64),
-            5 => Value::I64(self.u32()? as i32 as i64),
-            6 => Value::F64(f32::from_bits(self.u32()?) as f64),
-            7 => Value::Bool(self.take(1)?[0] != 0),
             8 => Value::Str(self.string()?),
-            9 => {
-                if depth > 2 {
-                    return Err(self.err("arrays nested too deeply"));
-                }
-                let et = self.u32()?;
-                let n = self.u64()?;
-                if n.saturating_mul(Self::min_size(et) as u64) > self.left() as u64 {
-                    self.ran_out = true;
-                    return Err(self.err(format!(
-                        "array of {n} elements of type {et} does not fit in {} bytes",
-                        self.left()
-                    )));
-                }
-                let mut v = Vec::with_capacity(n as usize);
+            9 => Value::Array(self.array(depth)?),
+            t if scalar_size(t) > 0 => scalar(t, self.take(scalar_size(t))?),
+            other => return Err(self.err(format!("unknown metadata type {other}"))),
+        })
+    }
+    /// An array (type, count, elements): scalars are copied as one slice, strings into one
+    /// buffer; the count is checked against the bytes left before anything is allocated.
+    fn array(&mut self, depth: usize) -> Result<Array> {
+        if depth > 2 {
+            return Err(self.err("arrays nested too deeply"));
+        }
+        let et = self.u32()?;
+        let n = self.u64()?;
+        self.room(n.saturating_mul(Self::min_size(et) as u64), || {
+            format!("an array of {n} elements of type {et}")
+        })?;
+        let n = n as usize;
+        Ok(match et {
+            8 => {
+                let mut ends = Vec::with_capacity(n);
+                let mut text = String::new();
                 for _ in 0..n {
-                    v.push(self.value(et, depth + 1)?);
+                    text.push_str(self.str_ref()?);
+                    ends.push(text.len());
                 }
-                Value::Array(v)
+                Array::Strs { text, ends }
             }
-            10 => Value::U64(self.u64()?),
-            11 => Value::I64(self.u64()? as i64),
-            12 => Value::F64(f64::from_bits(self.u64()?)),
+            9 => Array::Nested(
+                (0..n)
+                    .map(|_| Ok(Value::Array(self.array(depth + 1)?)))
+                    .collect::<Result<_>>()?,
+            ),
+            t if scalar_size(t) > 0 => Array::Raw {
+                ty: t,
+                bytes: self.take(n * scalar_size(t))?.to_vec(),
+            },
             other => return Err(self.err(format!("unknown metadata type {other}"))),
         })
     }
@@ -281,6 +392,7 @@ impl Gguf {
         let data_len = bytes.len().saturating_sub(data_start);
         let mut tensors = HashMap::new();
         let mut tensor_names = Vec::new();
+        let mut spans = Vec::with_capacity(raw.len());
         for (tname, dims, t, off) in raw {
             let what = format!("{name}: tensor '{tname}'");
             let dtype = ggml_type(t).ok_or_else(|| {
@@ -315,6 +427,13 @@ impl Gguf {
                     msg: format!("data at offset {off} ({len} bytes of {dtype} {shape:?}) is outside the {data_len} data bytes or misaligned"),
                 });
             }
+            if tensors.contains_key(&tname) {
+                return Err(Error::Data {
+                    name: what,
+                    msg: "is listed twice".into(),
+                });
+            }
+            spans.push((start, start + len, tname.clone()));
             tensor_names.push(tname.clone());
             tensors.insert(
                 tname,
@@ -326,6 +445,7 @@ impl Gguf {
                 },
             );
         }
+        super::check_disjoint(name, &mut spans)?;
         Ok(Gguf {
             name: name.into(),
             bytes,
@@ -338,6 +458,11 @@ impl Gguf {
     /// A metadata value.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.meta.get(key)
+    }
+
+    /// Where tensor `name`'s bytes are in the file.
+    pub fn data_range(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        self.tensors.get(name).map(|i| i.start..i.start + i.len)
     }
 
     /// A required metadata value, with an error naming the key.

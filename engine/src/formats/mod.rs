@@ -44,3 +44,25 @@ pub trait TensorSource {
     /// A description for error messages (e.g. the file path).
     fn describe(&self) -> String;
 }
+
+/// Checks that no two tensors of file `name` share bytes (`spans`: start, end, tensor name; any
+/// order): two tensors over the same bytes would run as a different model than the one saved.
+pub(crate) fn check_disjoint(name: &str, spans: &mut [(usize, usize, String)]) -> Result<()> {
+    spans.sort();
+    let mut reach: Option<(usize, &str)> = None;
+    for (start, end, t) in spans.iter() {
+        if let Some((r, a)) = reach.filter(|&(r, _)| *start < r && start < end) {
+            return Err(Error::Data {
+                name: name.into(),
+                msg: format!(
+                    "tensors '{a}' and '{t}' overlap (bytes {start}..{} belong to both)",
+                    r.min(*end)
+                ),
+            });
+        }
+        if reach.is_none_or(|(r, _)| *end > r) {
+            reach = Some((*end, t));
+        }
+    }
+    Ok(())
+}

@@ -23,6 +23,84 @@ pub struct SafeTensors {
     entries: HashMap<String, Entry>,
 }
 
+/// The largest header the safetensors format allows (its reference implementation's limit).
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
+/// A tensor's header entry.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderEntry {
+    dtype: String,
+    #[serde(deserialize_with = "shape")]
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// A shape of at most 8 dimensions (refused while parsing, before a long list is built).
+fn shape<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u64>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of at most 8 dimensions")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Vec<u64>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(d) = seq.next_element()? {
+                if v.len() == 8 {
+                    return Err(serde::de::Error::custom("more than 8 dimensions"));
+                }
+                v.push(d);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(V)
+}
+
+/// The header's tensor entries in file order; `__metadata__` is skipped without being built
+/// (its size is bounded only by the header's), so memory follows the tensors, not the header.
+struct Header(Vec<(String, HeaderEntry)>);
+
+impl Header {
+    fn parse(json: &[u8]) -> serde_json::Result<Header> {
+        serde_json::from_slice(json)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Header, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Header, A::Error> {
+                let mut v = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "__metadata__" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                    let e = map
+                        .next_value::<HeaderEntry>()
+                        .map_err(|e| serde::de::Error::custom(format!("tensor '{key}': {e}")))?;
+                    v.push((key, e));
+                }
+                Ok(Header(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 fn bad(name: &str, msg: impl Into<String>) -> Error {
     Error::Data {
         name: name.into(),
@@ -59,24 +137,23 @@ impl SafeTensors {
                 format!("header length {n} exceeds the file size {}", bytes.len()),
             ));
         }
-        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize])
-            .map_err(|e| bad(name, format!("header is not valid JSON: {e}")))?;
-        let obj = header
-            .as_object()
-            .ok_or_else(|| bad(name, "header is not a JSON object"))?;
+        if n > MAX_HEADER_BYTES as u64 {
+            return Err(bad(
+                name,
+                format!(
+                    "header of {n} bytes is over the {MAX_HEADER_BYTES}-byte limit of the safetensors format"
+                ),
+            ));
+        }
+        let header = Header::parse(&bytes[8..8 + n as usize])
+            .map_err(|e| bad(name, format!("header: {e}")))?;
         let data_start = 8 + n as usize;
         let data_len = bytes.len() - data_start;
         let file = self.files.len();
-        for (tname, v) in obj {
-            if tname == "__metadata__" {
-                continue;
-            }
+        let mut spans = Vec::with_capacity(header.0.len());
+        for (tname, h) in header.0 {
             let what = format!("{name}: tensor '{tname}'");
-            let dt = v
-                .get("dtype")
-                .and_then(|d| d.as_str())
-                .ok_or_else(|| bad(&what, "missing dtype"))?;
-            let dtype = match dt {
+            let dtype = match h.dtype.as_str() {
                 "F32" => DType::F32,
                 "F16" => DType::F16,
                 "BF16" => DType::BF16,
@@ -86,28 +163,8 @@ impl SafeTensors {
                     )))
                 }
             };
-            let shape: Vec<usize> = v
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .ok_or_else(|| bad(&what, "missing shape"))?
-                .iter()
-                .map(|d| {
-                    d.as_u64()
-                        .map(|d| d as usize)
-                        .ok_or_else(|| bad(&what, "shape entries must be integers"))
-                })
-                .collect::<Result<_>>()?;
-            let offs = v
-                .get("data_offsets")
-                .and_then(|o| o.as_array())
-                .ok_or_else(|| bad(&what, "missing data_offsets"))?;
-            let (start, end) = match offs.as_slice() {
-                [a, b] => (
-                    a.as_u64().unwrap_or(u64::MAX) as usize,
-                    b.as_u64().unwrap_or(0) as usize,
-                ),
-                _ => return Err(bad(&what, "data_offsets must be [begin, end]")),
-            };
+            let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
+            let [start, end] = h.data_offsets.map(|o| o as usize);
             let count = shape
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -118,11 +175,18 @@ impl SafeTensors {
             if start > end || end > data_len || end - start != need {
                 return Err(bad(
                     &what,
-                    format!("data_offsets [{start}, {end}) do not hold shape {shape:?} of {dt} ({need} bytes) within {data_len} data bytes"),
+                    format!("data_offsets [{start}, {end}) do not hold shape {shape:?} of {} ({need} bytes) within {data_len} data bytes", h.dtype),
                 ));
             }
+            if self.entries.contains_key(&tname) {
+                return Err(bad(
+                    &what,
+                    "is stored twice (in this file or an earlier shard)",
+                ));
+            }
+            spans.push((start, end, tname.clone()));
             self.entries.insert(
-                tname.clone(),
+                tname,
                 Entry {
                     file,
                     dtype,
@@ -132,10 +196,16 @@ impl SafeTensors {
                 },
             );
         }
+        super::check_disjoint(name, &mut spans)?;
         self.names.push(name.to_string());
         self.files.push(bytes);
         self.data_start.push(data_start);
         Ok(())
+    }
+
+    /// The tensor names (in no particular order).
+    pub fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
     }
 
     /// Number of tensors.

@@ -51,6 +51,9 @@ pub struct StepValues {
     pub x0_prev: Value,
     /// The next U-Net input: `k` copies of `x' * in_scale`, written in place.
     pub unet_in: Value,
+    /// u32 `[1]` state: the first step whose model output or update was NaN or infinite (an
+    /// atomic minimum; start it at `u32::MAX`, which means none).
+    pub status: Value,
     /// Standard normal noise like `x` (Euler ancestral, LCM); `None` when the scheduler draws none.
     pub noise: Option<Value>,
 }
@@ -538,7 +541,7 @@ impl Graph {
     /// `step` of the coefficient table and updates the state tensors `x`, `x0_prev` and
     /// `unet_in` in place, so one compiled graph replays every step.
     pub fn scheduler_step(&mut self, v: &StepValues, step: Dyn) -> Result<()> {
-        for s in [v.x, v.x0_prev, v.unet_in] {
+        for s in [v.x, v.x0_prev, v.unet_in, v.status] {
             if !matches!(self.info(self.root(s)).source, Source::Tensor(_)) {
                 return Err(shape_err(
                     "scheduler_step",
@@ -549,7 +552,15 @@ impl Graph {
                 ));
             }
         }
-        let mut inputs = vec![v.model_out, v.coeffs, v.guidance, v.x, v.x0_prev, v.unet_in];
+        let mut inputs = vec![
+            v.model_out,
+            v.coeffs,
+            v.guidance,
+            v.x,
+            v.x0_prev,
+            v.unet_in,
+            v.status,
+        ];
         inputs.extend(v.noise);
         self.push(
             SchedulerStep {
@@ -557,7 +568,7 @@ impl Graph {
                 noise: v.noise.is_some(),
             },
             inputs,
-            vec![v.x, v.x0_prev, v.unet_in],
+            vec![v.x, v.x0_prev, v.unet_in, v.status],
         )?;
         Ok(())
     }

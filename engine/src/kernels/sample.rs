@@ -15,6 +15,10 @@ use std::sync::Arc;
 /// Number of f32 sampler settings (the `settings` input of [`crate::Graph::sample`]).
 pub const SETTINGS_LEN: usize = 9;
 
+/// The id the sampler writes when the logits hold NaN or infinity (its second word is then
+/// how many do): the decode loop stops with [`crate::Error::Overflow`].
+pub const NON_FINITE_ID: u32 = u32::MAX;
+
 /// Most alternatives the sampler reports with their log-probabilities (OpenAI's limit for
 /// `top_logprobs`).
 pub const TOP_LOGPROBS_MAX: usize = 20;

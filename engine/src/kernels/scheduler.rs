@@ -101,8 +101,9 @@ impl StepCoeffs {
 
 /// One denoising step at coefficient row `step`. Inputs: model_out (`[b, ..]`: `b` = batch of
 /// `x`, or twice it for CFG `[uncond, cond]`), coeffs f32 `[steps, COEFFS]`, guidance f32 `[1]`,
-/// then the state written in place: x, x0_prev, unet_in (copies of x), and, with `noise`, a
-/// noise input like x.
+/// then the state written in place: x, x0_prev, unet_in (copies of x), status u32 `[1]` (the
+/// first step whose values were NaN or infinite, by atomic minimum; start it at `u32::MAX`),
+/// and, with `noise`, a noise input like x.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerStep {
     pub step: Dyn,
@@ -117,8 +118,15 @@ impl Kernel for SchedulerStep {
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         let err = |m: String| shape_err(self.name(), m);
         let numel = |i: usize| numel(ins[i].0);
-        if ins.iter().any(|i| i.1 != DType::F32) {
-            return Err(err("all inputs must be f32".into()));
+        if ins
+            .iter()
+            .enumerate()
+            .any(|(k, i)| i.1 != [DType::F32, DType::U32][(k == 6) as usize])
+        {
+            return Err(err("inputs must be f32 (the status u32)".into()));
+        }
+        if numel(6) != 1 {
+            return Err(err(format!("status {:?}, expected [1]", ins[6].0)));
         }
         let n = numel(3);
         if n == 0 || (numel(0) != n && numel(0) != 2 * n) {
@@ -136,7 +144,7 @@ impl Kernel for SchedulerStep {
         if numel(2) != 1 {
             return Err(err(format!("guidance {:?}, expected [1]", ins[2].0)));
         }
-        if numel(4) != n || numel(5) == 0 || numel(5) % n != 0 || (self.noise && numel(6) != n) {
+        if numel(4) != n || numel(5) == 0 || numel(5) % n != 0 || (self.noise && numel(7) != n) {
             return Err(err(format!(
                 "x {:?}: x0_prev {:?} and noise must match it, unet_in {:?} hold copies of it",
                 ins[3].0, ins[4].0, ins[5].0
@@ -165,10 +173,11 @@ impl Kernel for SchedulerStep {
             Binding::write(ins[3].buf()),
             Binding::write(ins[4].buf()),
             Binding::write(ins[5].buf()),
+            Binding::write(ins[6].buf()),
         ];
         if self.noise {
             key = key.def("NOISE", "");
-            bindings.push(Binding::read(ins[6].buf()));
+            bindings.push(Binding::read(ins[7].buf()));
         }
         Ok(vec![dispatch(key, &p, bindings, elementwise_groups(n))])
     }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 use crate::formats::safetensors::take_checkpoint;
 use crate::formats::{text_file, ModelFiles, TensorSource};
-use crate::kernels::sample::{SamplerSettings, SAMPLE_OUT_LEN, TOP_LOGPROBS_MAX};
+use crate::kernels::sample::{SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN, TOP_LOGPROBS_MAX};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::weights::{Quantize, Weights};
 use std::sync::Arc;
@@ -138,7 +138,8 @@ struct Draw {
 }
 
 impl Draw {
-    fn new(bytes: &[u8], top_n: u32) -> Draw {
+    /// The draw for generated token `at` (0: the one the prompt's prefill samples).
+    fn new(bytes: &[u8], top_n: u32, at: usize) -> Result<Draw> {
         let w = |i: usize| {
             bytes
                 .get(4 * i..4 * i + 4)
@@ -146,14 +147,23 @@ impl Draw {
                 .map(u32::from_le_bytes)
                 .unwrap_or(0)
         };
+        if w(0) == NON_FINITE_ID {
+            return Err(Error::Overflow {
+                what: format!("the logits of generated token {at}"),
+                when: format!(
+                    "({} values; the weights are finite, so an activation overflowed)",
+                    w(1)
+                ),
+            });
+        }
         let n = (top_n as usize).min((SAMPLE_OUT_LEN - 2) / 2);
-        Draw {
+        Ok(Draw {
             id: w(0),
             logprob: f32::from_bits(w(1)),
             top: (0..n)
                 .map(|r| (w(2 + 2 * r), f32::from_bits(w(3 + 2 * r))))
                 .collect(),
-        }
+        })
     }
 }
 
@@ -375,7 +385,7 @@ impl TextModel {
             p.plan.set(p.next, next as u32);
             if done {
                 let out = p.plan.run_read_heads(&[(p.out, opts.readback())]).await?;
-                return Ok(Draw::new(&out[0], opts.sampler.top_logprobs));
+                return Draw::new(&out[0], opts.sampler.top_logprobs, 0);
             }
             p.plan.run()?;
             start += n;
@@ -452,7 +462,7 @@ impl TextModel {
             let out = d.plan.run_read_heads(&[(d.out, opts.readback())]).await?;
             // The id fed at `pos` now has its keys and values in the cache.
             self.cached.push(g.ids[g.ids.len() - 1]);
-            tok = Draw::new(&out[0], opts.sampler.top_logprobs);
+            tok = Draw::new(&out[0], opts.sampler.top_logprobs, g.ids.len())?;
         }
         // The whole text once (the end-of-sequence id is not part of it), and what of it the
         // stream has not handed out yet.

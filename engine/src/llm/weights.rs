@@ -147,6 +147,18 @@ impl LlmWeights {
             });
             on_progress(i + 2, total);
         }
+        // A config claiming fewer layers than the checkpoint holds would silently skip some.
+        let extra = model.pp("layers").pp(cfg.layers);
+        if extra.has("input_layernorm.weight") {
+            return Err(Error::Data {
+                name: w.describe(),
+                msg: format!(
+                    "the checkpoint holds layer {n} ('{}') but the config says {n} layers (num_hidden_layers / block_count)",
+                    w.file_name(&extra.path("input_layernorm.weight")),
+                    n = cfg.layers
+                ),
+            });
+        }
         let norm = model.get("norm.weight", &[h])?;
         // Tied embeddings: no separate head in the checkpoint, the embedding serves both.
         let lm_head = if cfg.tie_embeddings {

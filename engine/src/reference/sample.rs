@@ -2,7 +2,7 @@
 //! [`crate::kernels::sample::SamplerSettings`] (same f32 scalings and integer weights as the
 //! shader, f64 for the log-probability) and the normal noise of `noise.wgsl`.
 
-use crate::kernels::sample::SETTINGS_LEN;
+use crate::kernels::sample::{NON_FINITE_ID, SETTINGS_LEN};
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -36,7 +36,7 @@ fn key_of(x: f32) -> u32 {
     }
 }
 
-/// NaN counts as -inf, as in the shader.
+/// NaN counts as -inf, as in the shader (a draw over non-finite logits is refused first).
 fn clean(x: f32) -> f32 {
     if x.is_nan() {
         f32::NEG_INFINITY
@@ -57,7 +57,8 @@ pub struct Sampled {
     pub top: Vec<(u32, f64)>,
 }
 
-/// Samples one token exactly as `sample.wgsl` does, given the settings words
+/// Samples one token exactly as `sample.wgsl` does (any NaN or infinite logit makes the draw
+/// [`NON_FINITE_ID`] with the count of such logits as its `logprob`), given the settings words
 /// ([`crate::kernels::sample::SamplerSettings::to_f32s`]), the history, the counter `c` and the
 /// seed. Writes the id into `history[c]` when `c < history.len()`.
 pub fn sample(
@@ -68,6 +69,14 @@ pub fn sample(
     seed: u32,
 ) -> Sampled {
     let v = logits.len();
+    let bad = logits.iter().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        return Sampled {
+            id: NON_FINITE_ID,
+            logprob: bad as f64,
+            top: Vec::new(),
+        };
+    }
     let raw: Vec<f32> = logits.iter().map(|&x| clean(x)).collect();
     let greedy = settings[0].is_nan() || settings[0] <= 0.0;
     let scale = if greedy { 1.0 } else { settings[6] };
