@@ -346,6 +346,10 @@ pub fn pack_for_gpu(
         });
     }
     let rw = dtype.row_words(k);
+    if rw == 0 || rows == 0 {
+        // Empty rows: nothing to pack (however many a shape like [10^12, 0] claims).
+        return Ok(Vec::new());
+    }
     let mut out = vec![0u32; rw * rows];
     let (scale_words, block_words) = scale_words(dtype);
     let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);

@@ -52,6 +52,10 @@ pub enum Error {
     /// activations): the generation stops with this instead of producing garbage.
     #[error("{what} became NaN or infinite {when}")]
     Overflow { what: String, when: String },
+    /// The GPU device is gone (destroyed, a driver reset, the browser's GPU process lost):
+    /// nothing more runs on it; make a new `Gpu` (or `Kiln`) to go on.
+    #[error("the GPU device was lost ({0}); create a new one to go on")]
+    DeviceLost(String),
     /// The caller stopped the work (e.g. the step callback of the denoising loop).
     #[error("cancelled")]
     Cancelled,

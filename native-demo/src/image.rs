@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
-use kiln::diffusion::pipeline::ImageOptions;
+use kiln::diffusion::pipeline::{ImageOptions, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
 use std::path::PathBuf;
 
@@ -174,11 +174,27 @@ pub fn run(a: ImageArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let t1 = std::time::Instant::now();
-    let img = pollster::block_on(m.generate(&opts, &mut |done, _, _| {
+    // The bar counts steps the GPU has finished; Ctrl-C stops after the current step and the
+    // model's estimate at that step is decoded and written (a partial image, noted).
+    let interrupted = crate::on_interrupt("finishing this step, then writing the partial image");
+    let mut decoding = None;
+    let img = pollster::block_on(m.generate_with(&opts, &mut |done, total, _| {
         bar.set_position(done as u64);
-        false
+        let stop = interrupted.load(std::sync::atomic::Ordering::Relaxed);
+        if done == total || stop {
+            bar.finish_and_clear();
+            decoding = Some(crate::spinner(!a.json, "decoding the image"));
+        }
+        if stop {
+            StepReply::Finish
+        } else {
+            StepReply::Continue
+        }
     }))?;
     bar.finish_and_clear();
+    if let Some(s) = decoding {
+        s.finish_and_clear();
+    }
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     write_png(&a.out, img.width, img.height, &img.rgb)?;
     if a.json {

@@ -194,8 +194,9 @@ impl<T, E: Into<anyhow::Error>> Stage<T> for std::result::Result<T, E> {
 }
 
 /// A flag that Ctrl-C (SIGINT) sets instead of killing the process, so long work can stop
-/// cleanly; a second Ctrl-C exits at once (status 130).
-pub fn on_interrupt() -> Arc<std::sync::atomic::AtomicBool> {
+/// cleanly (`what` says how, e.g. "stopping after this token"); a second Ctrl-C exits at once
+/// (status 130).
+pub fn on_interrupt(what: &'static str) -> Arc<std::sync::atomic::AtomicBool> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
@@ -216,9 +217,7 @@ pub fn on_interrupt() -> Arc<std::sync::atomic::AtomicBool> {
                     if f.swap(true, Ordering::Relaxed) {
                         std::process::exit(130);
                     }
-                    eprintln!(
-                        "\n(interrupted: stopping after this token; Ctrl-C again to quit now)"
-                    );
+                    eprintln!("\n(interrupted: {what}; Ctrl-C again to quit now)");
                 }
             });
         });
@@ -350,7 +349,7 @@ fn text(a: TextArgs) -> Result<()> {
     let mut echo = if quiet { None } else { prompt_text };
     let spinner = spinner(!quiet, &format!("prefill of {} tokens", prompt.len()));
     // Ctrl-C ends the generation at the next token, with the summary (stop: cancelled).
-    let interrupted = on_interrupt();
+    let interrupted = on_interrupt("stopping after this token");
     let g = pollster::block_on(model.generate(&prompt, &opts, &mut |piece| {
         spinner.finish_and_clear();
         if !json {

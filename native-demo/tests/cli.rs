@@ -443,3 +443,42 @@ fn interrupt_ends_text_generation_cleanly() {
         .unwrap_or(usize::MAX);
     assert!(generated < 400, "{generated} tokens: {err}");
 }
+
+/// Ctrl-C during `kiln image` finishes the current step, decodes the model's estimate at that
+/// step and writes it (a partial image, noted), exiting 0.
+#[test]
+fn interrupt_writes_a_partial_image() {
+    let out = std::env::temp_dir().join(format!("kiln-partial-{}.png", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "image",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "500",
+            "--seed",
+            "3",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln");
+    // Past loading, into the denoising loop (500 steps take far longer than this).
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{:?}: {err}", done.status);
+    assert!(err.contains("of 500 steps"), "{err}");
+    let png = std::fs::read(&out).expect("the partial image was written");
+    let _ = std::fs::remove_file(&out);
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+}

@@ -403,3 +403,42 @@ fn sharded_component_matches_single_file() {
     };
     assert_eq!(run(&sharded), run(&single));
 }
+
+/// `StepReply::Finish` stops the loop and decodes the last step's estimate of the clean image
+/// (a partial result): the image says how many steps ran, and the steps are reported in order
+/// as the GPU finishes them.
+#[test]
+fn finishing_early_decodes_a_partial_image() {
+    use kiln::diffusion::pipeline::StepReply;
+    let mut m = models("sd1-tiny");
+    let opts = ImageOptions {
+        prompt: "a cat".into(),
+        steps: 6,
+        seed: 5,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let img = pollster::block_on(m.generate_with(&opts, &mut |done, total, _| {
+        seen.push((done, total));
+        if done == 2 {
+            StepReply::Finish
+        } else {
+            StepReply::Continue
+        }
+    }))
+    .unwrap();
+    assert_eq!(seen, [(1, 6), (2, 6)]);
+    // Step 3 was already queued behind step 2 when the reply came: it ran too.
+    assert_eq!(img.steps, 3);
+    assert!(
+        img.notes
+            .iter()
+            .any(|n| n.contains("stopped after 3 of 6 steps")),
+        "{:?}",
+        img.notes
+    );
+    let full = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap();
+    assert_eq!(full.steps, 6);
+    assert_ne!(img.rgb, full.rgb, "a partial image is not the final one");
+    assert!(img.raw.iter().all(|v| v.is_finite()));
+}

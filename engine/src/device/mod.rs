@@ -129,7 +129,18 @@ pub struct Gpu {
     pub counters: Counters,
     /// Errors the API reported outside an error scope (validation at encode/submit time).
     uncaptured: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Why the device was lost (destroyed, a driver reset, a browser's GPU process crash).
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+    /// The latest submission, which a [`Fence`] waits for.
+    last_submit: std::sync::Mutex<Option<wgpu::SubmissionIndex>>,
     pub(crate) pipelines: PipelineCache,
+}
+
+/// The completion of the work submitted before it was made ([`Gpu::fence`], [`Gpu::wait`]):
+/// lets a loop keep one step queued on the GPU while it reports the one before as done.
+pub struct Fence {
+    done: crate::oneshot::Receiver<()>,
+    index: Option<wgpu::SubmissionIndex>,
 }
 
 fn backends_from_env() -> Option<wgpu::Backends> {
@@ -280,6 +291,15 @@ impl Gpu {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(e.to_string());
         }));
+        let lost: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let on_lost = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let why = match msg.is_empty() {
+                true => format!("{reason:?}"),
+                false => format!("{reason:?}: {msg}"),
+            };
+            *on_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        });
         let software_env = std::env::var("KILN_SOFTWARE").ok().map(|v| v != "0");
         let features = GpuFeatures {
             shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
@@ -300,6 +320,8 @@ impl Gpu {
             binding_limit,
             counters: Counters::default(),
             uncaptured,
+            lost,
+            last_submit: Default::default(),
             pipelines: Default::default(),
         }))
     }
@@ -347,7 +369,61 @@ impl Gpu {
     /// Submits command buffers, counting the submit.
     pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) {
         Counters::add(&self.counters.submits, 1);
-        self.queue.submit(cmds);
+        let i = self.queue.submit(cmds);
+        *self.last_submit.lock().unwrap_or_else(|p| p.into_inner()) = Some(i);
+    }
+
+    /// A fence on the work submitted so far.
+    pub fn fence(&self) -> Fence {
+        let (tx, rx) = crate::oneshot::channel();
+        self.queue.on_submitted_work_done(move || tx.send(()));
+        Fence {
+            done: rx,
+            index: self
+                .last_submit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Waits until the work before `fence` has finished (natively by polling for its
+    /// submission; in the browser the event loop completes it). A lost device is an error.
+    pub async fn wait(&self, fence: Fence) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: fence.index,
+                timeout: None,
+            })
+            .map_err(|e| {
+                self.lost_or(Error::Gpu {
+                    context: "waiting for a step".into(),
+                    msg: e.to_string(),
+                })
+            })?;
+        if fence.done.await.is_none() {
+            return Err(self.lost_or(Error::Gpu {
+                context: "waiting for a step".into(),
+                msg: "the completion callback was dropped".into(),
+            }));
+        }
+        self.check("Gpu::wait")
+    }
+
+    /// [`Error::DeviceLost`] when the device is gone, else `e`.
+    fn lost_or(&self, e: Error) -> Error {
+        match self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(why) => Error::DeviceLost(why),
+            None => e,
+        }
+    }
+
+    /// Queues a copy of the first `size` bytes of `src` into `dst` (e.g. a staging buffer to
+    /// map later with [`Gpu::map_read`]).
+    pub fn copy_buffer(&self, src: &wgpu::Buffer, dst: &wgpu::Buffer, size: u64) {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, 0, dst, 0, size.next_multiple_of(4));
+        self.submit([enc.finish()]);
     }
 
     /// Copies `size` bytes at `offset` of `src` back to the CPU (async).
@@ -382,10 +458,10 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Readback(e.to_string()))?;
+            .map_err(|e| self.lost_or(Error::Readback(e.to_string())))?;
         rx.await
-            .ok_or_else(|| Error::Readback("map callback dropped".into()))?
-            .map_err(|e| Error::Readback(e.to_string()))?;
+            .ok_or_else(|| self.lost_or(Error::Readback("map callback dropped".into())))?
+            .map_err(|e| self.lost_or(Error::Readback(e.to_string())))?;
         let out = {
             let view = slice
                 .get_mapped_range()
@@ -411,6 +487,9 @@ impl Gpu {
     /// Returns the first error the API reported since the last check (native validation is
     /// synchronous, so a bad dispatch shows up right after its submit).
     pub fn check(&self, context: &str) -> Result<()> {
+        if let Some(why) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(Error::DeviceLost(why));
+        }
         let mut errs = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
         if errs.is_empty() {
             return Ok(());

@@ -4,7 +4,7 @@
 
 use super::models::SdModels;
 use super::schedulers::{Schedule, SchedulerConfig, SchedulerKind, COEFFS};
-use crate::device::CounterSnapshot;
+use crate::device::{CounterSnapshot, Fence};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
@@ -135,6 +135,9 @@ pub enum StepReply {
     Preview,
     /// Stop: `generate_with` returns [`Error::Cancelled`].
     Stop,
+    /// Stop denoising and decode the model's current estimate of the clean image (a partial
+    /// result, e.g. after Ctrl-C); the image says how many steps ran.
+    Finish,
 }
 
 impl SdModels {
@@ -168,7 +171,7 @@ impl SdModels {
         let state = State::new(self, &sched, opts, lh, lw)?;
         self.encode_prompts(&state, opts).await?;
         self.init_latents(&state, &sched, opts).await?;
-        let loop_counters = self.denoise(&state, &sched, opts, on_step).await?;
+        let (loop_counters, ran) = self.denoise(&state, &sched, opts, on_step).await?;
         // One 4-byte readback: the first step (if any) whose values stopped being finite.
         let first_bad = state.status.to_u32(&self.gpu).await?;
         if let Some(&step) = first_bad.first().filter(|&&s| s != u32::MAX) {
@@ -181,7 +184,19 @@ impl SdModels {
                 ),
             });
         }
-        let raw = self.decode_latents(&state.x).await?;
+        // Stopped early: the last step's x0 (the model's estimate of the clean latents) makes a
+        // cleaner picture than the still-noisy sample.
+        let mut notes = notes;
+        let latents = if ran < sched.steps() {
+            notes.push(format!(
+                "stopped after {ran} of {} steps: the image is the model's estimate at that step",
+                sched.steps()
+            ));
+            &state.x0_prev
+        } else {
+            &state.x
+        };
+        let raw = self.decode_latents(latents).await?;
         let bad = raw.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
             return Err(Error::Overflow {
@@ -190,14 +205,7 @@ impl SdModels {
             });
         }
         let (w, h) = self.image_size(opts);
-        Ok(Image::from_decoder(
-            raw,
-            w,
-            h,
-            notes,
-            loop_counters,
-            sched.steps(),
-        ))
+        Ok(Image::from_decoder(raw, w, h, notes, loop_counters, ran))
     }
 
     /// The latent size of the requested image, or an error saying what sizes work.
@@ -295,14 +303,14 @@ impl SdModels {
     }
 
     /// The step graph (U-Net on the CFG batch + the scheduler update), compiled once and
-    /// replayed per step. Returns what the loop cost.
+    /// replayed per step. Returns what the loop cost and how many steps ran.
     async fn denoise(
         &self,
         state: &State,
         sched: &Schedule,
         opts: &ImageOptions,
         on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> StepReply,
-    ) -> Result<CounterSnapshot> {
+    ) -> Result<(CounterSnapshot, usize)> {
         let gpu = &self.gpu;
         let needs_noise = sched.coeffs.iter().any(|k| k.s != 0.0);
         let mut g = Graph::new();
@@ -342,34 +350,58 @@ impl SdModels {
         );
         let [_, c, lh, lw] = state.lat_shape;
         let before = gpu.counters();
-        let mut want_preview = false;
-        for i in 0..sched.steps() {
-            plan.set(step, i as u32);
-            plan.set(noise_seed, step_seed(opts.seed, i));
-            if let (true, Some(all), Some(nv)) = (noise_input, &opts.step_noise, noise) {
-                let nz = all.get(i).ok_or_else(|| Error::Data {
-                    name: "step_noise".into(),
-                    msg: format!("no noise for step {i}"),
-                })?;
-                plan.write_f32(nv, nz)?;
+        let total = sched.steps();
+        // Step i is reported done (`on_step(i + 1, ..)`) once the GPU has finished it, while
+        // step i + 1 is already queued: the GPU never waits for the callback. A preview asked
+        // for at step i is a copy of the latents queued right then (after step i + 1), mapped
+        // when step i + 1 is reported.
+        let mut pending: Option<(Fence, bool)> = None;
+        let mut run = 0;
+        for i in 0..=total {
+            if i < total {
+                plan.set(step, i as u32);
+                plan.set(noise_seed, step_seed(opts.seed, i));
+                if let (true, Some(all), Some(nv)) = (noise_input, &opts.step_noise, noise) {
+                    let nz = all.get(i).ok_or_else(|| Error::Data {
+                        name: "step_noise".into(),
+                        msg: format!("no noise for step {i}"),
+                    })?;
+                    plan.write_f32(nv, nz)?;
+                }
+                plan.run()?;
+                run = i + 1;
             }
-            plan.run()?;
-            let preview = if want_preview {
-                let bytes = gpu
-                    .read_buffer_via(state.x.buffer()?, 0, (n * 4) as u64, &preview_staging)
-                    .await?;
+            let queued = (i < total).then(|| (gpu.fence(), false));
+            let Some((fence, copied)) = std::mem::replace(&mut pending, queued) else {
+                continue;
+            };
+            gpu.wait(fence).await?;
+            let preview = if copied {
+                let bytes = gpu.map_read(&preview_staging, (n * 4) as u64).await?;
                 let lat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
                 Some(preview_from_latents(&lat, c, lh, lw))
             } else {
                 None
             };
-            match on_step(i + 1, sched.steps(), preview) {
-                StepReply::Continue => want_preview = false,
-                StepReply::Preview => want_preview = true,
-                StepReply::Stop => return Err(Error::Cancelled),
+            match on_step(i, total, preview) {
+                StepReply::Continue => {}
+                StepReply::Preview => {
+                    if let Some(p) = pending.as_mut() {
+                        gpu.copy_buffer(state.x.buffer()?, &preview_staging, (n * 4) as u64);
+                        p.1 = true;
+                    }
+                }
+                StepReply::Stop => {
+                    gpu.wait_idle()?;
+                    return Err(Error::Cancelled);
+                }
+                StepReply::Finish => break,
             }
         }
-        Ok(gpu.counters() - before)
+        if let Some((fence, _)) = pending {
+            gpu.wait(fence).await?;
+        }
+        Ok((gpu.counters() - before, run))
     }
 
     /// The VAE decoder's output `[3, h, w]` for the latents in `x`.
