@@ -52,6 +52,13 @@ pub enum Error {
     /// activations): the generation stops with this instead of producing garbage.
     #[error("{what} became NaN or infinite {when}")]
     Overflow { what: String, when: String },
+    /// A buffer larger than the adapter can bind (e.g. the activations of a very large image).
+    #[error("'{what}' needs {bytes} bytes, more than this adapter binds in one buffer ({limit} bytes): use a smaller size")]
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
     /// The GPU device is gone (destroyed, a driver reset, the browser's GPU process lost):
     /// nothing more runs on it; make a new `Gpu` (or `Kiln`) to go on.
     #[error("the GPU device was lost ({0}); create a new one to go on")]

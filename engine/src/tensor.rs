@@ -169,15 +169,7 @@ impl Tensor {
             });
         }
         let bytes = numel(shape) as u64 * 4;
-        if bytes > gpu.binding_limit {
-            return Err(Error::Data {
-                name: name.into(),
-                msg: format!(
-                    "{bytes} bytes exceed the binding limit {}",
-                    gpu.binding_limit
-                ),
-            });
-        }
+        gpu.fits(name, bytes)?;
         let buf = gpu.create_buffer(name, bytes, STORAGE);
         Ok(Tensor {
             name: name.into(),

@@ -16,6 +16,8 @@ pub enum What {
     /// A five-turn chat with and without KV-cache reuse.
     Chat,
     Image,
+    /// 10 000 tokens and 200 images in one process: resident memory and GPU allocations.
+    Soak,
 }
 
 #[derive(Args)]
@@ -37,6 +39,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Text => crate::bench_text::text(a.quick, a.json),
         What::Chat => crate::bench_text::chat(a.quick, a.json),
         What::Image => crate::bench_image::image(a.quick, a.json),
+        What::Soak => match a.quick {
+            true => crate::bench_soak::soak(2000, 40, a.json),
+            false => crate::bench_soak::soak(10_000, 200, a.json),
+        },
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_image;
+mod bench_soak;
 mod bench_text;
 mod defaults;
 mod hub;

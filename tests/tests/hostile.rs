@@ -399,3 +399,35 @@ fn unimplemented_diffusion_features_are_refused() {
     let e = sd_err(f);
     assert!(e.contains("act_fn"), "{e}");
 }
+
+/// A size whose activations need a bigger buffer than the adapter binds is an error naming the
+/// value and the limit, before the denoising loop (not a raw wgpu binding error at the VAE).
+#[test]
+fn sizes_past_the_adapter_limits_are_refused_before_any_work() {
+    let gpu = kiln_tests::gpu_with(kiln::GpuOptions {
+        max_binding_size: Some(1 << 20),
+        ..Default::default()
+    });
+    let mut m = SdModels::load(&gpu, sd_files()).unwrap();
+    let mut steps = 0;
+    let e = pollster::block_on(m.generate(
+        &ImageOptions {
+            width: Some(512),
+            height: Some(512),
+            steps: 2,
+            ..Default::default()
+        },
+        &mut |_, _, _| {
+            steps += 1;
+            false
+        },
+    ))
+    .err()
+    .unwrap();
+    assert_eq!(steps, 0, "no step ran");
+    assert!(matches!(e, kiln::Error::TooLarge { .. }), "{e}");
+    assert!(
+        e.to_string().contains("1048576 bytes") && e.to_string().contains("smaller size"),
+        "{e}"
+    );
+}

@@ -206,6 +206,10 @@ export class WorkerKiln {
     return this.#rpc.request("kernelParity");
   }
 
+  loseDevice() {
+    return this.#rpc.request("loseDevice");
+  }
+
   counters() {
     return this.#rpc.request("counters");
   }

@@ -421,6 +421,9 @@ export declare class Kiln implements OpenAIApi {
   /** A few kernels against the engine's CPU reference, on this device. */
   kernelParity(): Promise<KernelCheck[]>;
   counters(): Record<string, number> | Promise<Record<string, number>>;
+  /** Destroys the GPU device, as a driver reset or a GPU-process crash would (for tests): work
+   * in progress ends with an error naming the loss; create a new Kiln to go on. */
+  loseDevice(): void | Promise<void>;
   dispose(): void;
 }
 

@@ -261,6 +261,12 @@ export class Kiln {
     return JSON.parse(sync(() => this.#device.counters()));
   }
 
+  /** Destroys the GPU device (what a driver reset or a GPU-process crash does; for tests):
+   * work in progress ends with an error naming the loss; create a new Kiln to go on. */
+  loseDevice() {
+    sync(() => this.#device.loseDevice());
+  }
+
   dispose() {
     this.#device?.free();
     this.#device = null;

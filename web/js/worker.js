@@ -50,6 +50,7 @@ const ops = {
   textMemory: (id, { source, options }, signal) => kiln.textMemory(source, { ...options, signal }),
   kernelParity: () => kiln.kernelParity(),
   counters: () => kiln.counters(),
+  loseDevice: () => kiln.loseDevice(),
   dispose(id, { handle }) {
     model(handle).dispose();
     models.delete(handle);

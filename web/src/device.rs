@@ -69,6 +69,13 @@ impl Device {
         .to_string()
     }
 
+    /// Destroys the GPU device, as a driver reset or a crash of the browser's GPU process would
+    /// lose it: work in progress ends with an error; a new device works.
+    #[wasm_bindgen(js_name = loseDevice)]
+    pub fn lose_device(&self) {
+        self.gpu.device.destroy();
+    }
+
     /// The engine's counters (dispatches, submits, readback bytes, objects created), as JSON.
     pub fn counters(&self) -> String {
         let c = self.gpu.counters();

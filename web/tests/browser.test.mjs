@@ -513,6 +513,44 @@ test("image: AbortSignal stops the denoising loop; the pipeline stays usable", 3
   }
 });
 
+test("a lost GPU device ends generation with an Error, not a hang; a new Kiln works (page and worker)", 300000, async () => {
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const r = await page.evaluate(
+      async ([t, im, worker]) => {
+        const { Kiln } = await import("/pkg/kiln.js");
+        const fail = (e) => e?.message ?? String(e);
+        let k = await Kiln.create({ worker });
+        const llm = await k.loadText(t.source);
+        let pieces = 0;
+        let text = null;
+        try {
+          for await (const _ of llm.generate(t.prompt, { maxTokens: 200, temperature: 0 })) {
+            if (++pieces === 2) await k.loseDevice();
+          }
+        } catch (e) {
+          text = fail(e);
+        }
+        k = await Kiln.create({ worker });
+        const sd = await k.loadImage(im.source);
+        let last = 0;
+        const image = await sd
+          .generate(im.prompt, { steps: 50, onStep: async ({ step }) => (last = step) === 2 && (await k.loseDevice()) })
+          .then(() => null, fail);
+        k = await Kiln.create({ worker });
+        const again = await (await k.loadText(t.source)).complete(t.prompt, { maxTokens: 4, temperature: 0 });
+        return { pieces, text, last, image, after: again.ids.length };
+      },
+      [FIXTURE_TEXT, FIXTURE_IMAGE, worker],
+    );
+    await page.close();
+    log(`${worker ? "worker" : "page  "}: ${JSON.stringify(r)}`);
+    assert(/lost/.test(r.text ?? "") && r.pieces < 10, `text: ${JSON.stringify(r)}`);
+    assert(/lost/.test(r.image ?? "") && r.last < 10, `image: ${JSON.stringify(r)}`);
+    assert(r.after === 4, `a new Kiln: ${JSON.stringify(r)}`);
+  }
+});
+
 test("a server that answers missing files with index.html (SPA fallback): optional files count as absent, a missing model is a clear error", 300000, async () => {
   const page = await openDemo(false);
   const r = await page.evaluate(async (src) => {

@@ -373,6 +373,19 @@ impl Gpu {
         *self.last_submit.lock().unwrap_or_else(|p| p.into_inner()) = Some(i);
     }
 
+    /// Errors when one buffer of `bytes` (for `what`) is more than the adapter binds at once:
+    /// checked before anything is allocated, so the message names what was too big.
+    pub fn fits(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.binding_limit {
+            return Err(Error::TooLarge {
+                what: what.into(),
+                bytes,
+                limit: self.binding_limit,
+            });
+        }
+        Ok(())
+    }
+
     /// A fence on the work submitted so far.
     pub fn fence(&self) -> Fence {
         let (tx, rx) = crate::oneshot::channel();
@@ -402,12 +415,32 @@ impl Gpu {
                 })
             })?;
         if fence.done.await.is_none() {
-            return Err(self.lost_or(Error::Gpu {
-                context: "waiting for a step".into(),
-                msg: "the completion callback was dropped".into(),
-            }));
+            return Err(self
+                .settled_lost_or(Error::Gpu {
+                    context: "waiting for a step".into(),
+                    msg: "the completion callback was dropped".into(),
+                })
+                .await);
         }
         self.check("Gpu::wait")
+    }
+
+    /// [`Gpu::lost_or`] after letting the browser deliver a device loss: a failed map or wait
+    /// can settle before the `device.lost` promise does.
+    async fn settled_lost_or(&self, e: Error) -> Error {
+        #[cfg(target_arch = "wasm32")]
+        for _ in 0..2 {
+            if self
+                .lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            {
+                break;
+            }
+            next_task().await;
+        }
+        self.lost_or(e)
     }
 
     /// [`Error::DeviceLost`] when the device is gone, else `e`.
@@ -459,9 +492,13 @@ impl Gpu {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| self.lost_or(Error::Readback(e.to_string())))?;
-        rx.await
-            .ok_or_else(|| self.lost_or(Error::Readback("map callback dropped".into())))?
-            .map_err(|e| self.lost_or(Error::Readback(e.to_string())))?;
+        let mapped = match rx.await {
+            None => Err("map callback dropped".to_string()),
+            Some(r) => r.map_err(|e| e.to_string()),
+        };
+        if let Err(e) = mapped {
+            return Err(self.settled_lost_or(Error::Readback(e)).await);
+        }
         let out = {
             let view = slice
                 .get_mapped_range()
@@ -506,4 +543,21 @@ impl Gpu {
     pub fn counters(&self) -> CounterSnapshot {
         self.counters.snapshot()
     }
+}
+
+/// Resolves on the browser's next task (`setTimeout(0)`), after pending promise callbacks.
+#[cfg(target_arch = "wasm32")]
+async fn next_task() {
+    use wasm_bindgen::JsCast;
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let g = js_sys::global();
+        let set_timeout = js_sys::Reflect::get(&g, &"setTimeout".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<js_sys::Function>().ok());
+        match set_timeout {
+            Some(f) => drop(f.call2(&g, &resolve, &0.into())),
+            None => drop(resolve.call0(&g)),
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
 }

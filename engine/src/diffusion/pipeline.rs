@@ -169,6 +169,8 @@ impl SdModels {
         let notes: Vec<String> = sc.note.iter().cloned().collect();
         let sched = sc.schedule(opts.steps)?;
         let state = State::new(self, &sched, opts, lh, lw)?;
+        // A size too large for the adapter fails here, not after the whole loop.
+        self.decode_graph(&state.x)?.0.check_fits(&self.gpu)?;
         self.encode_prompts(&state, opts).await?;
         self.init_latents(&state, &sched, opts).await?;
         let (loop_counters, ran) = self.denoise(&state, &sched, opts, on_step).await?;
@@ -404,13 +406,19 @@ impl SdModels {
         Ok((gpu.counters() - before, run))
     }
 
-    /// The VAE decoder's output `[3, h, w]` for the latents in `x`.
-    async fn decode_latents(&self, x: &Arc<Tensor>) -> Result<Vec<f32>> {
+    /// The VAE decoder's graph for the latents in `x` and its output value.
+    fn decode_graph(&self, x: &Arc<Tensor>) -> Result<(Graph, crate::Value)> {
         let mut g = Graph::new();
         let xv = g.tensor(x);
         let z = g.scale(xv, 1.0 / self.vae.cfg.scaling_factor, 0.0)?;
         let img = self.vae.decode(&mut g, z)?;
         g.output(img);
+        Ok((g, img))
+    }
+
+    /// The VAE decoder's output `[3, h, w]` for the latents in `x`.
+    async fn decode_latents(&self, x: &Arc<Tensor>) -> Result<Vec<f32>> {
+        let (g, img) = self.decode_graph(x)?;
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         let out = plan.run_read(&[img]).await?;
         Ok(bytemuck::pod_collect_to_vec(&out[0]))

@@ -54,8 +54,25 @@ pub struct Plan {
 }
 
 impl Graph {
+    /// Errors when an input or an op's output would need a bigger buffer than the adapter
+    /// binds at once (before anything is allocated): compile does this first, and a caller
+    /// can check a graph it will only compile later (the VAE decode after a long loop).
+    pub fn check_fits(&self, gpu: &Gpu) -> Result<()> {
+        for v in &self.values {
+            if matches!(v.source, Source::Input | Source::Node) {
+                let n = v
+                    .shape
+                    .iter()
+                    .fold(1u64, |a, &d| a.saturating_mul(d as u64));
+                gpu.fits(&format!("{} {:?}", v.name, v.shape), n.saturating_mul(4))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Compiles the graph for `gpu`: allocates, builds pipelines and bind groups.
     pub async fn compile(&self, gpu: &Arc<Gpu>, opts: CompileOptions) -> Result<Plan> {
+        self.check_fits(gpu)?;
         let nv = self.values.len();
         let mut last_use = vec![None::<usize>; nv];
         for (i, n) in self.nodes.iter().enumerate() {

@@ -186,7 +186,7 @@ impl Kernel for Attention {
             Binding::read(v.buf()),
         ];
         if ctx.gpu.features.software {
-            return Ok(self.encode_rows(ctx, ins, out, params));
+            return self.encode_rows(ctx, ins, out, params);
         }
         if ns == 1 {
             let mut bindings = inputs.to_vec();
@@ -199,7 +199,7 @@ impl Kernel for Attention {
             )]);
         }
         let outputs = b * lq * self.heads;
-        let part = ctx.scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64);
+        let part = ctx.scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64)?;
         let mut bindings = inputs.to_vec();
         bindings.push(Binding::write(&part));
         let elems = outputs * hd;
@@ -231,7 +231,7 @@ impl Attention {
         ins: &[Bound],
         out: &Bound,
         params: impl Fn(usize) -> AttentionParams,
-    ) -> Vec<Dispatch> {
+    ) -> Result<Vec<Dispatch>> {
         let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
         let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
         let hd = q.shape[2] / self.heads;
@@ -262,13 +262,13 @@ impl Attention {
         if ns == 1 {
             let mut bindings = inputs;
             bindings.push(Binding::write(out.buf()));
-            return vec![dispatch(key, &p, bindings, groups)];
+            return Ok(vec![dispatch(key, &p, bindings, groups)]);
         }
-        let part = ctx.scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64);
+        let part = ctx.scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
         let mut bindings = inputs;
         bindings.push(Binding::write(&part));
         let elems = rows * hd;
-        vec![
+        Ok(vec![
             dispatch(key.def("SPLIT", ""), &p, bindings, groups),
             dispatch(
                 KernelKey::new("attention.wgsl", "reduce")
@@ -281,6 +281,6 @@ impl Attention {
                 vec![Binding::read(&part), Binding::write(out.buf())],
                 grid(u(elems.div_ceil(256))),
             ),
-        ]
+        ])
     }
 }

@@ -197,8 +197,13 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// A storage buffer of `bytes` for intermediate results private to one op.
-    pub fn scratch(&self, name: &str, bytes: u64) -> Arc<wgpu::Buffer> {
-        Arc::new(self.gpu.create_buffer(name, bytes, crate::tensor::STORAGE))
+    pub fn scratch(&self, name: &str, bytes: u64) -> Result<Arc<wgpu::Buffer>> {
+        self.gpu.fits(name, bytes)?;
+        Ok(Arc::new(self.gpu.create_buffer(
+            name,
+            bytes,
+            crate::tensor::STORAGE,
+        )))
     }
 }
 

@@ -224,7 +224,7 @@ impl Kernel for Sample {
                 format!("vocabulary of {v} ids (1 .. 2^31 supported)"),
             ));
         }
-        let work = ctx.scratch("sample-work", 8 * v as u64);
+        let work = ctx.scratch("sample-work", 8 * v as u64)?;
         let [c_add, c_slot, c_mul] = self.counter.words();
         let [s_add, s_slot, s_mul] = self.seed.words();
         let p = SampleParams {
