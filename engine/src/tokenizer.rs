@@ -27,6 +27,34 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// A `tokenizers` tokenizer from `tokenizer.json` bytes. The JSON's syntax is checked first:
+/// the library panics (instead of returning an error) on some malformed files, e.g. a syntax
+/// error inside `decoder`. Natively a panic left in the library is caught and becomes an error.
+pub(crate) fn build_tokenizer(json: &[u8]) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(json)
+        .map_err(|e| tok_err(format!("tokenizer.json is not valid JSON: {e}")))?;
+    guard_panics(|| tokenizers::Tokenizer::from_bytes(json).map_err(tok_err))
+}
+
+/// Runs a call into the tokenizers library; natively a panic inside it becomes an error.
+pub(crate) fn guard_panics<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(tok_err(format!(
+                "the tokenizers library failed on this file: {msg}"
+            )))
+        })
+    }
+    #[cfg(target_arch = "wasm32")]
+    f()
+}
+
 /// A special-token entry of tokenizer_config.json: a string or `{"content": ...}`.
 pub(crate) fn token_str(v: Option<&Json>) -> Option<String> {
     match v? {
@@ -54,7 +82,7 @@ impl TextTokenizer {
 
     /// From `tokenizer.json` and (optionally) `tokenizer_config.json`.
     pub fn from_hf(tokenizer_json: &[u8], tokenizer_config: Option<&str>) -> Result<TextTokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
+        let inner = build_tokenizer(tokenizer_json)?;
         let cfg: Json = match tokenizer_config {
             Some(s) => serde_json::from_str(s).map_err(|e| Error::Data {
                 name: "tokenizer_config.json".into(),
@@ -198,7 +226,7 @@ impl TextTokenizer {
             }
         };
         let bytes = serde_json::to_vec(&spec).map_err(tok_err)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(tok_err)?;
+        let inner = build_tokenizer(&bytes)?;
         let add_bos = g
             .get("tokenizer.ggml.add_bos_token")
             .map(|v| *v == Value::Bool(true))
@@ -220,12 +248,14 @@ impl TextTokenizer {
 
     /// Token ids of `text` without adding BOS/EOS; special tokens in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(tok_err)?
-            .get_ids()
-            .to_vec())
+        guard_panics(|| {
+            Ok(self
+                .inner
+                .encode(text, false)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec())
+        })
     }
 
     /// Ids of a plain prompt: BOS (when the model adds one) then the text.
@@ -241,7 +271,7 @@ impl TextTokenizer {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(tok_err)
+        guard_panics(|| self.inner.decode(ids, true).map_err(tok_err))
     }
 
     /// The text of one token as a reply shows it (special tokens included; bytes that do not

@@ -84,7 +84,7 @@ impl ClipTokenizer {
                       "vocab": vocab, "merges": merges}
         });
         let bytes = serde_json::to_vec(&spec).map_err(|e| err(e.to_string()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+        let inner = crate::tokenizer::build_tokenizer(&bytes)?;
         Ok(ClipTokenizer {
             inner,
             bos,
@@ -105,7 +105,7 @@ impl ClipTokenizer {
             o.insert("truncation".into(), Json::Null);
         }
         let bytes = serde_json::to_vec(&spec).map_err(|e| err(e.to_string()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+        let inner = crate::tokenizer::build_tokenizer(&bytes)?;
         let id = |t: &str| inner.token_to_id(t);
         let bos =
             id("<|startoftext|>").ok_or_else(|| err("tokenizer.json has no <|startoftext|>"))?;
