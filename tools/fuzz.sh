@@ -7,7 +7,8 @@
 #                                             into its corpus; prints execs, crashes, peak RSS
 #   tools/fuzz.sh ci                          10 s per target when nightly and cargo-fuzz are
 #                                             there (CI); otherwise says so and does nothing
-#   tools/fuzz.sh cmin [target...]            minimizes the corpora (seeds merged in)
+#   tools/fuzz.sh cmin [target...]            minimizes the corpora (seeds merged in; at most
+#                                             2 MB each, smallest inputs first)
 #
 # Memory limits make allocation bombs crashes: -rss_limit_mb=2048 -malloc_limit_mb=1024.
 # Crashing inputs land in fuzz/artifacts/<target>/.
@@ -82,9 +83,19 @@ cmin)
         mkdir "fuzz/corpus/$t.min"
         cargo +nightly fuzz run "$t" "fuzz/corpus/$t.min" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
             -merge=1 "${LIMITS[@]}" >/dev/null 2>&1
+        # Named regression inputs stay whatever the merge thinks of them.
+        cp fuzz/corpus/"$t"/regression-* "fuzz/corpus/$t.min/" 2>/dev/null || true
         rm -rf "fuzz/corpus/$t"
         mv "fuzz/corpus/$t.min" "fuzz/corpus/$t"
-        echo "$t: $(ls "fuzz/corpus/$t" | wc -l) inputs, $(du -sh "fuzz/corpus/$t" | cut -f1)"
+        # The committed corpus stays small: past 2 MB, the largest inputs go (a tokenizer seed
+        # is tens of KB; the local fuzzing corpus keeps them in fuzz/seeds).
+        total=0
+        while read -r size f; do
+            total=$((total + size))
+            case "$f" in */regression-*) continue ;; esac
+            [ $total -le 2000000 ] || rm "$f"
+        done < <(find "fuzz/corpus/$t" -type f -printf '%s %p\n' | sort -n)
+        echo "$t: $(ls "fuzz/corpus/$t" | wc -l) inputs, $(du -sb "fuzz/corpus/$t" | cut -f1) bytes"
     done
     ;;
 *)

@@ -27,13 +27,64 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// A `tokenizers` tokenizer from `tokenizer.json` bytes. The JSON's syntax is checked first:
-/// the library panics (instead of returning an error) on some malformed files, e.g. a syntax
-/// error inside `decoder`. Natively a panic left in the library is caught and becomes an error.
+/// A `tokenizers` tokenizer from `tokenizer.json` bytes. The JSON is validated first: the
+/// library panics (instead of returning an error) on some malformed files, e.g. a syntax error
+/// or a lone surrogate escape inside `decoder` (found by fuzzing). Natively a panic left in the library is caught and becomes an error.
 pub(crate) fn build_tokenizer(json: &[u8]) -> Result<tokenizers::Tokenizer> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(json)
+    serde_json::from_slice::<ValidJson>(json)
         .map_err(|e| tok_err(format!("tokenizer.json is not valid JSON: {e}")))?;
     guard_panics(|| tokenizers::Tokenizer::from_bytes(json).map_err(tok_err))
+}
+
+/// Validates JSON without building it: unlike `IgnoredAny`, every string (and key) is decoded,
+/// so escapes such as a lone surrogate are caught here rather than inside the library.
+struct ValidJson;
+
+impl<'de> serde::Deserialize<'de> for ValidJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(ValidJsonVisitor)
+    }
+}
+
+struct ValidJsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValidJsonVisitor {
+    type Value = ValidJson;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<ValidJson, A::Error> {
+        while seq.next_element::<ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<ValidJson, A::Error> {
+        while map.next_entry::<ValidJson, ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
 }
 
 /// Runs a call into the tokenizers library; natively a panic inside it becomes an error.

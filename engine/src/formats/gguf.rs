@@ -402,13 +402,10 @@ impl Gguf {
             })?;
             // GGUF lists ne[0] (contiguous) first; engine shapes are outermost first.
             let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
-            let count = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| Error::Data {
-                    name: what.clone(),
-                    msg: "shape overflows".into(),
-                })?;
+            let count = super::checked_count(&dims).ok_or_else(|| Error::Data {
+                name: what.clone(),
+                msg: "shape overflows".into(),
+            })?;
             if !(dims[0] as usize).is_multiple_of(dtype.block_elems()) {
                 return Err(Error::Data {
                     name: what,

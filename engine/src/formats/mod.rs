@@ -66,3 +66,14 @@ pub(crate) fn check_disjoint(name: &str, spans: &mut [(usize, usize, String)]) -
     }
     Ok(())
 }
+
+/// The element count of a checkpoint shape, or `None` when some order of multiplying its
+/// dimensions overflows (`[0, 2^40, 2^40]` holds nothing, but code that multiplies from the
+/// other end would overflow): such shapes are refused when a file is parsed.
+pub(crate) fn checked_count(dims: &[u64]) -> Option<u64> {
+    dims.iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d.max(1)))?;
+    usize::try_from(dims.iter().product::<u64>())
+        .ok()
+        .map(|n| n as u64)
+}

@@ -165,10 +165,8 @@ impl SafeTensors {
             };
             let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
             let [start, end] = h.data_offsets.map(|o| o as usize);
-            let count = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| bad(&what, "shape overflows"))?;
+            let count = super::checked_count(&h.shape)
+                .ok_or_else(|| bad(&what, "shape overflows"))? as usize;
             let need = count
                 .checked_mul(dtype.block_bytes())
                 .ok_or_else(|| bad(&what, "size overflows"))?;
