@@ -376,11 +376,13 @@ impl Gpu {
     /// Errors when one buffer of `bytes` (for `what`) is more than the adapter binds at once:
     /// checked before anything is allocated, so the message names what was too big.
     pub fn fits(&self, what: &str, bytes: u64) -> Result<()> {
-        if bytes > self.binding_limit {
+        // The adapter's own limit: `binding_limit` may be set lower to split weights (tests).
+        let limit = (self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size);
+        if bytes > limit {
             return Err(Error::TooLarge {
                 what: what.into(),
                 bytes,
-                limit: self.binding_limit,
+                limit,
             });
         }
         Ok(())

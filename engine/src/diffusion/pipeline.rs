@@ -168,9 +168,9 @@ impl SdModels {
         let sc = SchedulerConfig::from_json(&self.scheduler_config, opts.scheduler)?;
         let notes: Vec<String> = sc.note.iter().cloned().collect();
         let sched = sc.schedule(opts.steps)?;
-        let state = State::new(self, &sched, opts, lh, lw)?;
         // A size too large for the adapter fails here, not after the whole loop.
-        self.decode_graph(&state.x)?.0.check_fits(&self.gpu)?;
+        self.check_size(lh, lw, if opts.guidance > 1.0 { 2 } else { 1 })?;
+        let state = State::new(self, &sched, opts, lh, lw)?;
         self.encode_prompts(&state, opts).await?;
         self.init_latents(&state, &sched, opts).await?;
         let (loop_counters, ran) = self.denoise(&state, &sched, opts, on_step).await?;
@@ -406,19 +406,30 @@ impl SdModels {
         Ok((gpu.counters() - before, run))
     }
 
-    /// The VAE decoder's graph for the latents in `x` and its output value.
-    fn decode_graph(&self, x: &Arc<Tensor>) -> Result<(Graph, crate::Value)> {
-        let mut g = Graph::new();
-        let xv = g.tensor(x);
-        let z = g.scale(xv, 1.0 / self.vae.cfg.scaling_factor, 0.0)?;
-        let img = self.vae.decode(&mut g, z)?;
+    /// Adds the VAE decoder for latents `x` to `g`: the image `[1, 3, h, w]`.
+    fn decode_graph(&self, g: &mut Graph, x: crate::Value) -> Result<crate::Value> {
+        let z = g.scale(x, 1.0 / self.vae.cfg.scaling_factor, 0.0)?;
+        let img = self.vae.decode(g, z)?;
         g.output(img);
-        Ok((g, img))
+        Ok(img)
+    }
+
+    /// Errors when an image of this latent size needs buffers larger than the adapter binds
+    /// (checked on the U-Net's state and the VAE decoder, before anything is allocated).
+    fn check_size(&self, lh: usize, lw: usize, batch: usize) -> Result<()> {
+        let c = self.unet.cfg.in_channels;
+        self.gpu.fits("unet_in", (batch * c * lh * lw * 4) as u64)?;
+        let mut g = Graph::new();
+        let x = g.input("latents", &[1, c, lh, lw], DType::F32)?;
+        self.decode_graph(&mut g, x)?;
+        g.check_fits(&self.gpu)
     }
 
     /// The VAE decoder's output `[3, h, w]` for the latents in `x`.
     async fn decode_latents(&self, x: &Arc<Tensor>) -> Result<Vec<f32>> {
-        let (g, img) = self.decode_graph(x)?;
+        let mut g = Graph::new();
+        let xv = g.tensor(x);
+        let img = self.decode_graph(&mut g, xv)?;
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         let out = plan.run_read(&[img]).await?;
         Ok(bytemuck::pod_collect_to_vec(&out[0]))

@@ -383,12 +383,28 @@ impl Gguf {
             let off = r.u64()?;
             raw.push((tname, dims, t, off));
         }
-        let align = meta
-            .get("general.alignment")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(32)
-            .max(1) as usize;
+        let align = match meta.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => {
+                    return Err(Error::Data {
+                        name: name.into(),
+                        msg: format!("general.alignment {v:?} is not a power of two up to 1 MiB"),
+                    })
+                }
+            },
+        };
         let data_start = r.pos.next_multiple_of(align);
+        if data_start > bytes.len() && !raw.is_empty() {
+            return Err(Error::Data {
+                name: name.into(),
+                msg: format!(
+                    "the file ends at byte {} before its tensor data (byte {data_start})",
+                    bytes.len()
+                ),
+            });
+        }
         let data_len = bytes.len().saturating_sub(data_start);
         let mut tensors = HashMap::new();
         let mut tensor_names = Vec::new();
