@@ -32,9 +32,9 @@ setTimeout(() => {
 }, 300_000).unref();
 
 /**
- * Starts `kiln serve --port 0 ...args`; resolves to its base URL. Its log goes to `log`. On this
- * machine something else sometimes answers on the port the OS picked ("403 resolve_deny"): a
- * server whose /health is not Kiln's is replaced by one on another port.
+ * Starts `kiln serve --port 0 ...args`; resolves to its base URL. Its log goes to `log`. A
+ * server whose /health is not Kiln's (something else answering, "403 resolve_deny") is replaced
+ * by one on another port.
  */
 async function startServe(args) {
   for (let attempt = 1; ; attempt++) {
@@ -57,7 +57,8 @@ function spawnServe(args) {
     server.stderr.on("data", (d) => {
       log += d;
       own += d;
-      const m = /listening on (http:\/\/\S+)/.exec(own);
+      // The whole line: stderr can arrive in pieces ("...http://127" then ".0.0.1:4000").
+      const m = /listening on (http:\/\/\S+)\r?\n/.exec(own);
       if (m) clearTimeout(timer), resolve(m[1]);
     });
     server.on("exit", (code, signal) => {

@@ -420,7 +420,11 @@ impl SdModels {
         let c = self.unet.cfg.in_channels;
         self.gpu.fits("unet_in", (batch * c * lh * lw * 4) as u64)?;
         let mut g = Graph::new();
-        let x = g.input("latents", &[1, c, lh, lw], DType::F32)?;
+        let x = g.input(
+            "latents",
+            &[1, self.vae.cfg.latent_channels, lh, lw],
+            DType::F32,
+        )?;
         self.decode_graph(&mut g, x)?;
         g.check_fits(&self.gpu)
     }
