@@ -33,7 +33,8 @@ run() {
     [ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
     seeds
     cargo +nightly fuzz build >/dev/null
-    printf '%-18s %12s %10s %8s %s\n' target execs "execs/s" "rss MB" result
+    # "last new": the exec count at which the corpus last grew (a plateau when far below execs).
+    printf '%-18s %12s %10s %8s %8s %12s %s\n' target execs "execs/s" "rss MB" cov "last new" result
     local failed=0
     for t in "${targets[@]}"; do
         mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t"
@@ -42,9 +43,11 @@ run() {
         local rc=0
         cargo +nightly fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
             "${LIMITS[@]}" -max_total_time="$secs" -print_final_stats=1 >"$log" 2>&1 || rc=$?
-        local execs rss
+        local execs rss cov last
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
         rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
+        cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
+        last=$(grep -E '^#[0-9]+[[:space:]]+NEW' "$log" | tail -1 | cut -d' ' -f1 | tr -d '#\t')
         local result=ok
         if [ $rc -ne 0 ]; then
             result="CRASH (see fuzz/artifacts/$t; log $log)"
@@ -53,7 +56,7 @@ run() {
         else
             rm -f "$log"
         fi
-        printf '%-18s %12s %10s %8s %s\n' "$t" "${execs:-?}" "$(( ${execs:-0} / secs ))" "${rss:-?}" "$result"
+        printf '%-18s %12s %10s %8s %8s %12s %s\n' "$t" "${execs:-?}" "$(( ${execs:-0} / secs ))" "${rss:-?}" "${cov:-?}" "${last:-?}" "$result"
     done
     return $failed
 }

@@ -251,6 +251,13 @@ impl TextTokenizer {
                     .as_array()
                     .map(|a| a.values().map(|v| v.as_f64().unwrap_or(0.0)).collect())
                     .unwrap_or_default();
+                // The merge order sorts by score: a NaN has no place in it (found by fuzzing).
+                if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+                    return Err(Error::Data {
+                        name: "tokenizer.ggml.scores".into(),
+                        msg: format!("score {i} is NaN"),
+                    });
+                }
                 let merges = spm_merges(&tokens, &scores);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
                 json!({
