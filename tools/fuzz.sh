@@ -47,7 +47,7 @@ run() {
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
         rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
         cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
-        last=$(grep -E '^#[0-9]+[[:space:]]+NEW' "$log" | tail -1 | cut -d' ' -f1 | tr -d '#\t')
+        last=$(grep -E '^#[0-9]+[[:space:]]+NEW' "$log" | tail -1 | awk '{print substr($1, 2)}')
         local result=ok
         if [ $rc -ne 0 ]; then
             result="CRASH (see fuzz/artifacts/$t; log $log)"
