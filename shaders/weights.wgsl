@@ -1,7 +1,7 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
 // declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1, W_Q5_0,
-// W_Q5_1, W_Q4_K, W_Q6_K.
+// W_Q5_1, W_Q4_K, W_Q5_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
 //   w_lane_dot(rb, blk, sub, xo) (block formats, WITH_DOT) lane sub's share (of W_LPB lanes) of
 //                      the dot of block blk (W_BLOCK elements) with x[xo..]; scales applied once
@@ -177,7 +177,14 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
 #endif
 #endif
 
+// The 6-bit scale/min packing Q4_K and Q5_K share.
 #ifdef W_Q4_K
+#define K4_SCALES
+#endif
+#ifdef W_Q5_K
+#define K4_SCALES
+#endif
+#ifdef K4_SCALES
 // Byte i of the 12 packed scale bytes of the super-block at word sb.
 fn k4_sbyte(sb: u32, i: u32) -> u32 { return byte_of(w[sb + 1u + i / 4u], i % 4u); }
 // (scale, min) of sub-block j, as ggml's get_scale_min_k4.
@@ -189,6 +196,9 @@ fn k4_scale_min(sb: u32, j: u32) -> vec2<f32> {
     let m = (k4_sbyte(sb, j + 4u) >> 4u) | ((k4_sbyte(sb, j) >> 6u) << 4u);
     return vec2<f32>(f32(sc), f32(m));
 }
+#endif
+
+#ifdef W_Q4_K
 fn w_elem(rb: u32, k: u32) -> f32 {
     let sb = rb + (k / 256u) * 36u;
     let r = k % 256u;
@@ -216,6 +226,47 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let sm_hi = k4_scale_min(sb, 2u * c + 1u);
     let s_lo = dot4u(q & 0x0f0f0f0fu, o_lo, 0.0);
     let s_hi = dot4u((q >> 4u) & 0x0f0f0f0fu, o_hi, 0.0);
+    let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
+    let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
+    return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
+}
+#endif
+#endif
+
+#ifdef W_Q5_K
+// Words: d|dmin 0, scales 1..4, qh 4..12, qs 12..44. Element 64c + 32h + l: nibble h of qs byte
+// 32c + l, fifth bit = bit 2c + h of qh byte l, sub-block 2c + h.
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let sb = rb + (k / 256u) * 44u;
+    let r = k % 256u;
+    let j = r / 32u;
+    let l = r % 32u;
+    let byte = byte_of(w[sb + 12u + (j / 2u) * 8u + l / 4u], l % 4u);
+    let lo = select(byte & 15u, byte >> 4u, (j & 1u) == 1u);
+    let hi = (byte_of(w[sb + 4u + l / 4u], l % 4u) >> j) & 1u;
+    let dm = unpack2x16float(w[sb]);
+    let sm = k4_scale_min(sb, j);
+    return dm.x * sm.x * f32(lo | (hi << 4u)) - dm.y * sm.y;
+}
+#ifdef WITH_DOT
+// 32 lanes per super-block, as Q4_K: lane `sub` takes qs word `sub` (positions l0..l0 + 3 of
+// chunk c = sub / 8) and the qh word of those positions.
+#define W_LPB 32
+#define W_BLOCK 256
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 44u;
+    let dm = unpack2x16float(w[sb]);
+    let c = sub / 8u;
+    let q = w[sb + 12u + sub];
+    let h = w[sb + 4u + sub % 8u];
+    let o_lo = xo + 64u * c + 4u * (sub % 8u);
+    let o_hi = o_lo + 32u;
+    let sm_lo = k4_scale_min(sb, 2u * c);
+    let sm_hi = k4_scale_min(sb, 2u * c + 1u);
+    let q_lo = (q & 0x0f0f0f0fu) | (((h >> (2u * c)) & 0x01010101u) << 4u);
+    let q_hi = ((q >> 4u) & 0x0f0f0f0fu) | (((h >> (2u * c + 1u)) & 0x01010101u) << 4u);
+    let s_lo = dot4u(q_lo, o_lo, 0.0);
+    let s_hi = dot4u(q_hi, o_hi, 0.0);
     let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
     let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
     return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);

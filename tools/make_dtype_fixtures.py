@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden files for Kiln's GGUF block formats, made with llama.cpp's own gguf-py.
 
-For each block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): random blocks (random quant bits, sane random f16 scales) and gguf-py's
+For each block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): random blocks (random quant bits, sane random f16 scales) and gguf-py's
 dequantization of them; for the quantize-on-load types (Q8_0, Q4_0) random f32 rows and
 gguf-py's quantization of them. Deterministic (seed 1234).
 
@@ -30,9 +30,14 @@ LATER = {
     "q5_1": (Q.Q5_1, 32, 24, [0, 2], (0.002, 0.05)),
 }
 
+# Added after LATER, drawn after it.
+K_LATER = {
+    "q5_k": (Q.Q5_K, 256, 176, [0, 2], (0.001, 0.01)),
+}
+
 
 def random_blocks(name, nblocks):
-    qt, _, nbytes, scale_offs, (lo, hi) = {**LAYOUT, **LATER}[name]
+    qt, _, nbytes, scale_offs, (lo, hi) = {**LAYOUT, **LATER, **K_LATER}[name]
     raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
     for off in scale_offs:
         s = rng.uniform(lo, hi, size=nblocks).astype(np.float16)
@@ -62,6 +67,12 @@ def main():
         raw = random_blocks(name, 64)
         deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
         assert deq.size == 64 * elems
+        (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
+        (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
+    for name, (qt, elems, nbytes, _, _) in K_LATER.items():
+        raw = random_blocks(name, 16)
+        deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
+        assert deq.size == 16 * elems
         (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
         (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
     print("wrote", sorted(p.name for p in OUT.iterdir()))

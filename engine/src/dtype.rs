@@ -15,6 +15,9 @@
 //! - `Q5_1` (32 elements): 7 words = `d`, `m` as f32, `qh`, the 16 nibble bytes; q * d + m.
 //! - `Q4_K` (256 elements): GGUF's 144-byte block unchanged (36 words: `d`,`dmin` as f16
 //!   pair, 12 bytes of 6-bit scales/mins, 128 nibble bytes).
+//! - `Q5_K` (256 elements): GGUF's 176-byte block unchanged (44 words: `d`,`dmin` as f16 pair,
+//!   12 bytes of 6-bit scales/mins, 32 bytes `qh` (bit `i` of byte `l`: the fifth bit of element
+//!   `32 i + l`), 128 nibble bytes laid out as Q4_K's).
 //! - `Q6_K` (256 elements): 53 words = GGUF's `ql`(128 B) `qh`(64 B) `scales`(16 x i8),
 //!   then `d` widened to f32 (GGUF stores it as a trailing f16, which breaks alignment).
 
@@ -35,12 +38,13 @@ pub enum DType {
     Q5_0,
     Q5_1,
     Q4_K,
+    Q5_K,
     Q6_K,
 }
 
 impl DType {
     /// All weight dtypes the matvec/matmul/gather kernels accept.
-    pub const WEIGHTS: [DType; 10] = [
+    pub const WEIGHTS: [DType; 11] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -50,6 +54,7 @@ impl DType {
         DType::Q5_0,
         DType::Q5_1,
         DType::Q4_K,
+        DType::Q5_K,
         DType::Q6_K,
     ];
 
@@ -57,7 +62,7 @@ impl DType {
     pub fn block_elems(self) -> usize {
         match self {
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
-            DType::Q4_K | DType::Q6_K => 256,
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
             _ => 1,
         }
     }
@@ -73,6 +78,7 @@ impl DType {
             DType::Q5_0 => 22,
             DType::Q5_1 => 24,
             DType::Q4_K => 144,
+            DType::Q5_K => 176,
             DType::Q6_K => 210,
         }
     }
@@ -85,6 +91,7 @@ impl DType {
             DType::Q4_1 | DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q4_K => 36,
+            DType::Q5_K => 44,
             DType::Q6_K => 53,
             _ => 0,
         }
@@ -108,6 +115,7 @@ impl DType {
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
             DType::Q4_K => "q4_k",
+            DType::Q5_K => "q5_k",
             DType::Q6_K => "q6_k",
         }
     }
@@ -255,6 +263,26 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 }
             }
         }
+        DType::Q5_K => {
+            for b in bytes.chunks_exact(176) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let qs = &b[48..];
+                for c in 0..4 {
+                    let q = &qs[32 * c..32 * c + 32];
+                    for half in 0..2 {
+                        let j = 2 * c + half;
+                        let (s, m) = scale_min_k4(j, scales);
+                        let (ds, dm) = (d * s as f32, dmin * m as f32);
+                        y.extend(q.iter().zip(qh).map(|(&v, &h)| {
+                            let lo = if half == 0 { v & 0xF } else { v >> 4 };
+                            ds * (lo | ((h >> j) & 1) << 4) as f32 - dm
+                        }));
+                    }
+                }
+            }
+        }
         DType::Q6_K => {
             for b in bytes.chunks_exact(210) {
                 let d = f16_at(b, 208);
@@ -357,7 +385,7 @@ pub fn pack_for_gpu(
         let src = &bytes[r * file_row..(r + 1) * file_row];
         let dst = &mut out[r * rw..(r + 1) * rw];
         match dtype {
-            DType::F32 | DType::U32 | DType::Q4_K => {
+            DType::F32 | DType::U32 | DType::Q4_K | DType::Q5_K => {
                 for (i, d) in dst.iter_mut().enumerate() {
                     *d = word(src, 4 * i);
                 }
@@ -416,7 +444,7 @@ pub fn pack_for_gpu(
             DType::BF16 => dst
                 .iter()
                 .any(|&w| bf16_special(w) || bf16_special(w >> 16)),
-            DType::Q4_K => dst
+            DType::Q4_K | DType::Q5_K => dst
                 .iter()
                 .step_by(block_words)
                 .any(|&w| f16_special(w) || f16_special(w >> 16)),

@@ -190,12 +190,16 @@ pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -
             }
             out
         }
-        DType::Q4_K => {
+        DType::Q4_K | DType::Q5_K => {
             let mut out = Vec::new();
             for _ in 0..n / 256 {
                 out.extend(scale(rng, 0.001, 0.01));
                 out.extend(scale(rng, 0.001, 0.01));
-                out.extend(rng.bytes(12 + 128));
+                out.extend(rng.bytes(if dtype == DType::Q4_K {
+                    12 + 128
+                } else {
+                    12 + 32 + 128
+                }));
             }
             out
         }
