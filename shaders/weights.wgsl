@@ -1,7 +1,7 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
 // declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1, W_Q5_0,
-// W_Q5_1, W_Q4_K, W_Q5_K, W_Q6_K.
+// W_Q5_1, W_Q2_K, W_Q4_K, W_Q5_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
 //   w_lane_dot(rb, blk, sub, xo) (block formats, WITH_DOT) lane sub's share (of W_LPB lanes) of
 //                      the dot of block blk (W_BLOCK elements) with x[xo..]; scales applied once
@@ -173,6 +173,43 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let sx = x[lo] + x[lo + 1u] + x[lo + 2u] + x[lo + 3u] + x[hi] + x[hi + 1u] + x[hi + 2u] + x[hi + 3u];
     return bitcast<f32>(w[b]) * (dot4u(lo_q, lo, 0.0) + dot4u(hi_q, hi, 0.0)) + bitcast<f32>(w[b + 1u]) * sx;
 #endif
+}
+#endif
+#endif
+
+#ifdef W_Q2_K
+// Words: scales 0..4 (byte g: low nibble scale, high nibble min of elements 16g..16g + 15),
+// qs 4..20, d|dmin 20. Element 128h + 32s + l: bits 2s..2s + 1 of qs byte 32h + l.
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let sb = rb + (k / 256u) * 21u;
+    let r = k % 256u;
+    let l = r % 32u;
+    let qb = 32u * (r / 128u) + l;
+    let q = (byte_of(w[sb + 4u + qb / 4u], qb % 4u) >> (2u * ((r % 128u) / 32u))) & 3u;
+    let sc = byte_of(w[sb + r / 64u], (r / 16u) % 4u);
+    let dm = unpack2x16float(w[sb + 20u]);
+    return dm.x * f32(sc & 15u) * f32(q) - dm.y * f32(sc >> 4u);
+}
+#ifdef WITH_DOT
+// 16 lanes per super-block: lane `sub` takes qs word `sub` (positions l0..l0 + 3 of half
+// h = sub / 8), which holds 4 elements at each of the 4 shifts.
+#define W_LPB 16
+#define W_BLOCK 256
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 21u;
+    let dm = unpack2x16float(w[sb + 20u]);
+    let h = sub / 8u;
+    let l0 = 4u * (sub % 8u);
+    let q = w[sb + 4u + sub];
+    var acc = 0.0;
+    for (var s = 0u; s < 4u; s++) {
+        let o = xo + 128u * h + 32u * s + l0;
+        let g = 8u * h + 2u * s + l0 / 16u;
+        let sc = byte_of(w[sb + g / 4u], g % 4u);
+        let xs = x[o] + x[o + 1u] + x[o + 2u] + x[o + 3u];
+        acc += dm.x * f32(sc & 15u) * dot4u((q >> (2u * s)) & 0x03030303u, o, 0.0) - dm.y * f32(sc >> 4u) * xs;
+    }
+    return acc;
 }
 #endif
 #endif

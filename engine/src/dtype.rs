@@ -15,6 +15,9 @@
 //! - `Q5_1` (32 elements): 7 words = `d`, `m` as f32, `qh`, the 16 nibble bytes; q * d + m.
 //! - `Q4_K` (256 elements): GGUF's 144-byte block unchanged (36 words: `d`,`dmin` as f16
 //!   pair, 12 bytes of 6-bit scales/mins, 128 nibble bytes).
+//! - `Q2_K` (256 elements): GGUF's 84-byte block unchanged (21 words: 16 scale bytes, low
+//!   nibble the scale and high nibble the min of each 16 elements; 64 bytes of 2-bit quants, four
+//!   per byte at shifts 0, 2, 4, 6 for elements 32s + l of each 128; `d`,`dmin` as f16 pair).
 //! - `Q5_K` (256 elements): GGUF's 176-byte block unchanged (44 words: `d`,`dmin` as f16 pair,
 //!   12 bytes of 6-bit scales/mins, 32 bytes `qh` (bit `i` of byte `l`: the fifth bit of element
 //!   `32 i + l`), 128 nibble bytes laid out as Q4_K's).
@@ -37,6 +40,7 @@ pub enum DType {
     Q4_1,
     Q5_0,
     Q5_1,
+    Q2_K,
     Q4_K,
     Q5_K,
     Q6_K,
@@ -44,7 +48,7 @@ pub enum DType {
 
 impl DType {
     /// All weight dtypes the matvec/matmul/gather kernels accept.
-    pub const WEIGHTS: [DType; 11] = [
+    pub const WEIGHTS: [DType; 12] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -53,6 +57,7 @@ impl DType {
         DType::Q4_1,
         DType::Q5_0,
         DType::Q5_1,
+        DType::Q2_K,
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
@@ -62,7 +67,7 @@ impl DType {
     pub fn block_elems(self) -> usize {
         match self {
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
-            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::Q2_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
             _ => 1,
         }
     }
@@ -77,6 +82,7 @@ impl DType {
             DType::Q4_1 => 20,
             DType::Q5_0 => 22,
             DType::Q5_1 => 24,
+            DType::Q2_K => 84,
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
@@ -90,6 +96,7 @@ impl DType {
             DType::Q4_0 => 5,
             DType::Q4_1 | DType::Q5_0 => 6,
             DType::Q5_1 => 7,
+            DType::Q2_K => 21,
             DType::Q4_K => 36,
             DType::Q5_K => 44,
             DType::Q6_K => 53,
@@ -114,6 +121,7 @@ impl DType {
             DType::Q4_1 => "q4_1",
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
+            DType::Q2_K => "q2_k",
             DType::Q4_K => "q4_k",
             DType::Q5_K => "q5_k",
             DType::Q6_K => "q6_k",
@@ -263,6 +271,18 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 }
             }
         }
+        DType::Q2_K => {
+            for b in bytes.chunks_exact(84) {
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                let (scales, qs) = (&b[..16], &b[16..80]);
+                for r in 0..256 {
+                    let sc = scales[r / 16];
+                    let q = (qs[32 * (r / 128) + r % 32] >> (2 * ((r % 128) / 32))) & 3;
+                    let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                    y.push(dl * q as f32 - ml);
+                }
+            }
+        }
         DType::Q5_K => {
             for b in bytes.chunks_exact(176) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
@@ -385,7 +405,7 @@ pub fn pack_for_gpu(
         let src = &bytes[r * file_row..(r + 1) * file_row];
         let dst = &mut out[r * rw..(r + 1) * rw];
         match dtype {
-            DType::F32 | DType::U32 | DType::Q4_K | DType::Q5_K => {
+            DType::F32 | DType::U32 | DType::Q2_K | DType::Q4_K | DType::Q5_K => {
                 for (i, d) in dst.iter_mut().enumerate() {
                     *d = word(src, 4 * i);
                 }
@@ -444,10 +464,13 @@ pub fn pack_for_gpu(
             DType::BF16 => dst
                 .iter()
                 .any(|&w| bf16_special(w) || bf16_special(w >> 16)),
-            DType::Q4_K | DType::Q5_K => dst
-                .iter()
-                .step_by(block_words)
-                .any(|&w| f16_special(w) || f16_special(w >> 16)),
+            // d and dmin as an f16 pair: word 0 of the K-quant blocks kept as GGUF stores them
+            // (the last word for Q2_K).
+            DType::Q4_K | DType::Q5_K | DType::Q2_K => {
+                let at = if dtype == DType::Q2_K { 20 } else { 0 };
+                dst.chunks_exact(block_words)
+                    .any(|b| f16_special(b[at]) || f16_special(b[at] >> 16))
+            }
             _ => dst
                 .chunks_exact(block_words)
                 .any(|b| scale_words.clone().any(|i| f32_special(b[i]))),

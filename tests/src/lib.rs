@@ -203,6 +203,15 @@ pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -
             }
             out
         }
+        DType::Q2_K => {
+            let mut out = Vec::new();
+            for _ in 0..n / 256 {
+                out.extend(rng.bytes(16 + 64));
+                out.extend(scale(rng, 0.001, 0.01));
+                out.extend(scale(rng, 0.001, 0.01));
+            }
+            out
+        }
         DType::Q6_K => {
             let mut out = Vec::new();
             for _ in 0..n / 256 {
