@@ -1,7 +1,7 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
 // declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1, W_Q5_0,
-// W_Q5_1, W_Q2_K, W_Q4_K, W_Q5_K, W_Q6_K.
+// W_Q5_1, W_Q2_K, W_Q3_K, W_Q4_K, W_Q5_K, W_Q6_K.
 //   w_elem(rb, k)      element k of the row starting at word rb
 //   w_lane_dot(rb, blk, sub, xo) (block formats, WITH_DOT) lane sub's share (of W_LPB lanes) of
 //                      the dot of block blk (W_BLOCK elements) with x[xo..]; scales applied once
@@ -210,6 +210,44 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
         acc += dm.x * f32(sc & 15u) * dot4u((q >> (2u * s)) & 0x03030303u, o, 0.0) - dm.y * f32(sc >> 4u) * xs;
     }
     return acc;
+}
+#endif
+#endif
+
+#ifdef W_Q3_K
+// Words: hmask 0..8, qs 8..24, scales (i8, minus 32 already) 24..28, d (f32) 28. Element
+// 128h + 32s + l: bits 2s..2s + 1 of qs byte 32h + l, minus 4 unless bit 4h + s of hmask byte l.
+fn k3_scale(sb: u32, g: u32) -> f32 { return sext8(byte_of(w[sb + 24u + g / 4u], g % 4u)); }
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let sb = rb + (k / 256u) * 29u;
+    let r = k % 256u;
+    let h = r / 128u;
+    let s = (r % 128u) / 32u;
+    let l = r % 32u;
+    let qb = 32u * h + l;
+    let low = (byte_of(w[sb + 8u + qb / 4u], qb % 4u) >> (2u * s)) & 3u;
+    let hi = (byte_of(w[sb + l / 4u], l % 4u) >> (4u * h + s)) & 1u;
+    return bitcast<f32>(w[sb + 28u]) * k3_scale(sb, r / 16u) * (f32(low) - select(4.0, 0.0, hi == 1u));
+}
+#ifdef WITH_DOT
+// 16 lanes per super-block: lane `sub` takes qs word `sub` (positions l0..l0 + 3 of half
+// h = sub / 8) at the four shifts, with the hmask word of those positions.
+#define W_LPB 16
+#define W_BLOCK 256
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 29u;
+    let h = sub / 8u;
+    let l0 = 4u * (sub % 8u);
+    let q = w[sb + 8u + sub];
+    let m = w[sb + sub % 8u];
+    var acc = 0.0;
+    for (var s = 0u; s < 4u; s++) {
+        let o = xo + 128u * h + 32u * s + l0;
+        // (low | 4 * hbit) - 4 is the signed quant: add the high bit as 4, subtract 4 for all.
+        let qv = ((q >> (2u * s)) & 0x03030303u) | (((m >> (4u * h + s)) & 0x01010101u) << 2u);
+        acc += k3_scale(sb, 8u * h + 2u * s + l0 / 16u) * dot4u(qv, o, 4.0);
+    }
+    return bitcast<f32>(w[sb + 28u]) * acc;
 }
 #endif
 #endif

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden files for Kiln's GGUF block formats, made with llama.cpp's own gguf-py.
 
-For each block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q4_K, Q5_K, Q6_K): random blocks (random quant bits, sane random f16 scales) and gguf-py's
+For each block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): random blocks (random quant bits, sane random f16 scales) and gguf-py's
 dequantization of them; for the quantize-on-load types (Q8_0, Q4_0) random f32 rows and
 gguf-py's quantization of them. Deterministic (seed 1234).
 
@@ -34,6 +34,7 @@ LATER = {
 K_LATER = {
     "q5_k": (Q.Q5_K, 256, 176, [0, 2], (0.001, 0.01)),
     "q2_k": (Q.Q2_K, 256, 84, [80, 82], (0.001, 0.01)),
+    "q3_k": (Q.Q3_K, 256, 110, [108], (0.0005, 0.005)),
 }
 
 

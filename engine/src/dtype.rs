@@ -18,6 +18,10 @@
 //! - `Q2_K` (256 elements): GGUF's 84-byte block unchanged (21 words: 16 scale bytes, low
 //!   nibble the scale and high nibble the min of each 16 elements; 64 bytes of 2-bit quants, four
 //!   per byte at shifts 0, 2, 4, 6 for elements 32s + l of each 128; `d`,`dmin` as f16 pair).
+//! - `Q3_K` (256 elements): 29 words = GGUF's `hmask` (32 B) and `qs` (64 B), then the 16
+//!   6-bit scales unpacked to i8 minus 32 (16 B; GGUF packs them into 12), then `d` widened to f32
+//!   (GGUF's 110-byte block is not word-aligned). Element 128h + 32s + l: bits 2s..2s + 1 of `qs`
+//!   byte 32h + l, minus 4 unless bit 4h + s of `hmask` byte l is set; scale r / 16.
 //! - `Q5_K` (256 elements): GGUF's 176-byte block unchanged (44 words: `d`,`dmin` as f16 pair,
 //!   12 bytes of 6-bit scales/mins, 32 bytes `qh` (bit `i` of byte `l`: the fifth bit of element
 //!   `32 i + l`), 128 nibble bytes laid out as Q4_K's).
@@ -41,6 +45,7 @@ pub enum DType {
     Q5_0,
     Q5_1,
     Q2_K,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
@@ -48,7 +53,7 @@ pub enum DType {
 
 impl DType {
     /// All weight dtypes the matvec/matmul/gather kernels accept.
-    pub const WEIGHTS: [DType; 12] = [
+    pub const WEIGHTS: [DType; 13] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -58,6 +63,7 @@ impl DType {
         DType::Q5_0,
         DType::Q5_1,
         DType::Q2_K,
+        DType::Q3_K,
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
@@ -67,7 +73,7 @@ impl DType {
     pub fn block_elems(self) -> usize {
         match self {
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
-            DType::Q2_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
             _ => 1,
         }
     }
@@ -83,6 +89,7 @@ impl DType {
             DType::Q5_0 => 22,
             DType::Q5_1 => 24,
             DType::Q2_K => 84,
+            DType::Q3_K => 110,
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
@@ -97,6 +104,7 @@ impl DType {
             DType::Q4_1 | DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q2_K => 21,
+            DType::Q3_K => 29,
             DType::Q4_K => 36,
             DType::Q5_K => 44,
             DType::Q6_K => 53,
@@ -122,6 +130,7 @@ impl DType {
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
             DType::Q2_K => "q2_k",
+            DType::Q3_K => "q3_k",
             DType::Q4_K => "q4_k",
             DType::Q5_K => "q5_k",
             DType::Q6_K => "q6_k",
@@ -170,6 +179,17 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
     }
+}
+
+/// Q3_K's 16 scales (minus 32) from their 12 packed bytes: low nibbles in bytes 0..8 (scale i
+/// at shift 4 (i / 8) of byte i % 8), high two bits in bytes 8..12 (shift 2 (i / 4) of byte
+/// 8 + i % 4).
+fn q3k_scales(p: &[u8]) -> [i8; 16] {
+    std::array::from_fn(|i| {
+        let lo = (p[i % 8] >> (4 * (i / 8))) & 0xF;
+        let hi = (p[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (lo | hi << 4) as i8 - 32
+    })
 }
 
 /// Dequantizes file-layout bytes of `n` elements to f32 (the CPU reference of every format).
@@ -280,6 +300,24 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                     let q = (qs[32 * (r / 128) + r % 32] >> (2 * ((r % 128) / 32))) & 3;
                     let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
                     y.push(dl * q as f32 - ml);
+                }
+            }
+        }
+        DType::Q3_K => {
+            for b in bytes.chunks_exact(110) {
+                let d = f16_at(b, 108);
+                let (hm, qs) = (&b[..32], &b[32..96]);
+                let sc = q3k_scales(&b[96..108]);
+                for r in 0..256 {
+                    let (h, s, l) = (r / 128, (r % 128) / 32, r % 32);
+                    let low = ((qs[32 * h + l] >> (2 * s)) & 3) as i32;
+                    let q = low
+                        - if (hm[l] >> (4 * h + s)) & 1 == 1 {
+                            0
+                        } else {
+                            4
+                        };
+                    y.push(d * sc[r / 16] as f32 * q as f32);
                 }
             }
         }
@@ -445,6 +483,19 @@ pub fn pack_for_gpu(
                     }
                 }
             }
+            DType::Q3_K => {
+                for (b, blk) in src.chunks_exact(110).enumerate() {
+                    let g = &mut dst[b * 29..(b + 1) * 29];
+                    for (w, gw) in g.iter_mut().take(24).enumerate() {
+                        *gw = word(blk, 4 * w);
+                    }
+                    let sc = q3k_scales(&blk[96..108]).map(|v| v as u8);
+                    for (w, gw) in g[24..28].iter_mut().enumerate() {
+                        *gw = word(&sc, 4 * w);
+                    }
+                    g[28] = f16_at(blk, 108).to_bits();
+                }
+            }
             DType::Q6_K => {
                 for (b, blk) in src.chunks_exact(210).enumerate() {
                     let g = &mut dst[b * 53..(b + 1) * 53];
@@ -492,6 +543,7 @@ fn scale_words(dtype: DType) -> (std::ops::Range<usize>, usize) {
         DType::Q8_0 | DType::Q4_0 | DType::Q5_0 => (0..1, gw),
         DType::Q4_1 | DType::Q5_1 => (0..2, gw),
         DType::Q6_K => (52..53, gw),
+        DType::Q3_K => (28..29, gw),
         _ => (0..0, gw),
     }
 }

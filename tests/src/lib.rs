@@ -203,6 +203,14 @@ pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -
             }
             out
         }
+        DType::Q3_K => {
+            let mut out = Vec::new();
+            for _ in 0..n / 256 {
+                out.extend(rng.bytes(32 + 64 + 12));
+                out.extend(scale(rng, 0.0005, 0.005));
+            }
+            out
+        }
         DType::Q2_K => {
             let mut out = Vec::new();
             for _ in 0..n / 256 {

@@ -293,6 +293,7 @@ fn ggml_type(t: u32) -> Option<DType> {
         7 => DType::Q5_1,
         8 => DType::Q8_0,
         10 => DType::Q2_K,
+        11 => DType::Q3_K,
         12 => DType::Q4_K,
         13 => DType::Q5_K,
         14 => DType::Q6_K,
@@ -415,7 +416,7 @@ impl Gguf {
             let what = format!("{name}: tensor '{tname}'");
             let dtype = ggml_type(t).ok_or_else(|| {
                 Error::Unsupported(format!(
-                    "{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q4_K, Q5_K, Q6_K)"
+                    "{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
                 ))
             })?;
             // GGUF lists ne[0] (contiguous) first; engine shapes are outermost first.
