@@ -1,7 +1,7 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
 // declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1, W_Q5_0,
-// W_Q5_1, W_Q2_K, W_Q3_K, W_Q4_K, W_Q5_K, W_Q6_K.
+// W_Q5_1, W_Q2_K, W_Q3_K, W_Q4_K, W_Q5_K, W_Q6_K, W_IQ4_NL, W_IQ4_XS.
 //   w_elem(rb, k)      element k of the row starting at word rb
 //   w_lane_dot(rb, blk, sub, xo) (block formats, WITH_DOT) lane sub's share (of W_LPB lanes) of
 //                      the dot of block blk (W_BLOCK elements) with x[xo..]; scales applied once
@@ -248,6 +248,80 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
         acc += k3_scale(sb, 8u * h + 2u * s + l0 / 16u) * dot4u(qv, o, 4.0);
     }
     return bitcast<f32>(w[sb + 28u]) * acc;
+}
+#endif
+#endif
+
+// The non-linear values of IQ4_NL / IQ4_XS (llama.cpp's kvalues_iq4nl) as i8 bytes, four per
+// word; selected rather than indexed (a run-time index into a constant array is not portable).
+#ifdef W_IQ4_NL
+#define IQ4_TABLE
+#endif
+#ifdef W_IQ4_XS
+#define IQ4_TABLE
+#endif
+#ifdef IQ4_TABLE
+fn iq4(q: u32) -> f32 {
+    let i = q / 4u;
+    let word = select(select(0xbfad9881u, 0xf6eaddcfu, i == 1u), select(0x26190d01u, 0x71594535u, i == 3u), i >= 2u);
+    return sext8(byte_of(word, q % 4u));
+}
+#ifdef WITH_DOT
+// The four nibbles in the low halves of q's bytes, as table values, times x[xo..xo + 3].
+fn iq4_dot4(q: u32, xo: u32) -> f32 {
+    return iq4(q & 15u) * x[xo] + iq4((q >> 8u) & 15u) * x[xo + 1u]
+         + iq4((q >> 16u) & 15u) * x[xo + 2u] + iq4(q >> 24u) * x[xo + 3u];
+}
+#endif
+#endif
+
+#ifdef W_IQ4_NL
+// 5 words per block: d (f32), then 16 nibble bytes as Q4_0; element = d * iq4(q).
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let b = rb + (k / 32u) * 5u;
+    let i = k % 32u;
+    let j = i % 16u;
+    let byte = byte_of(w[b + 1u + j / 4u], j % 4u);
+    return bitcast<f32>(w[b]) * iq4(select(byte & 15u, byte >> 4u, i >= 16u));
+}
+#ifdef WITH_DOT
+#define W_LPB 4
+#define W_BLOCK 32
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let b = rb + blk * 5u;
+    let q = w[b + 1u + sub];
+    let s = iq4_dot4(q & 0x0f0f0f0fu, xo + 4u * sub) + iq4_dot4((q >> 4u) & 0x0f0f0f0fu, xo + 16u + 4u * sub);
+    return bitcast<f32>(w[b]) * s;
+}
+#endif
+#endif
+
+#ifdef W_IQ4_XS
+// Words: d (f16, low half) | high scale bits (high half) 0, low scale nibbles 1, then 16 nibble
+// bytes per 32-element sub-block i (words 2 + 4i..), as Q4_0. Scale of i: 6 bits minus 32.
+fn ixs_scale(sb: u32, i: u32) -> f32 {
+    let lo = (byte_of(w[sb + 1u], i / 2u) >> (4u * (i % 2u))) & 15u;
+    let hi = (w[sb] >> (16u + 2u * i)) & 3u;
+    return unpack2x16float(w[sb]).x * (f32(lo | (hi << 4u)) - 32.0);
+}
+fn w_elem(rb: u32, k: u32) -> f32 {
+    let sb = rb + (k / 256u) * 34u;
+    let r = k % 256u;
+    let i = r / 32u;
+    let j = r % 32u;
+    let byte = byte_of(w[sb + 2u + 4u * i + (j % 16u) / 4u], j % 4u);
+    return ixs_scale(sb, i) * iq4(select(byte & 15u, byte >> 4u, j >= 16u));
+}
+#ifdef WITH_DOT
+// 32 lanes per super-block: lane `sub` takes quant word `sub` of sub-block sub / 4.
+#define W_LPB 32
+#define W_BLOCK 256
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 34u;
+    let i = sub / 4u;
+    let q = w[sb + 2u + sub];
+    let o = xo + 32u * i + 4u * (sub % 4u);
+    return ixs_scale(sb, i) * (iq4_dot4(q & 0x0f0f0f0fu, o) + iq4_dot4((q >> 4u) & 0x0f0f0f0fu, o + 16u));
 }
 #endif
 #endif

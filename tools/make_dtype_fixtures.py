@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden files for Kiln's GGUF block formats, made with llama.cpp's own gguf-py.
 
-For each block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): random blocks (random quant bits, sane random f16 scales) and gguf-py's
+For each block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS): random blocks (random quant bits, sane random f16 scales) and gguf-py's
 dequantization of them; for the quantize-on-load types (Q8_0, Q4_0) random f32 rows and
 gguf-py's quantization of them. Deterministic (seed 1234).
 
@@ -35,6 +35,8 @@ K_LATER = {
     "q5_k": (Q.Q5_K, 256, 176, [0, 2], (0.001, 0.01)),
     "q2_k": (Q.Q2_K, 256, 84, [80, 82], (0.001, 0.01)),
     "q3_k": (Q.Q3_K, 256, 110, [108], (0.0005, 0.005)),
+    "iq4_nl": (Q.IQ4_NL, 32, 18, [0], (0.002, 0.05)),
+    "iq4_xs": (Q.IQ4_XS, 256, 136, [0], (0.0002, 0.002)),
 }
 
 
@@ -72,9 +74,10 @@ def main():
         (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
         (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
     for name, (qt, elems, nbytes, _, _) in K_LATER.items():
-        raw = random_blocks(name, 16)
+        nblocks = 16 if elems == 256 else 64
+        raw = random_blocks(name, nblocks)
         deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
-        assert deq.size == 16 * elems
+        assert deq.size == nblocks * elems
         (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
         (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
     print("wrote", sorted(p.name for p in OUT.iterdir()))

@@ -22,6 +22,11 @@
 //!   6-bit scales unpacked to i8 minus 32 (16 B; GGUF packs them into 12), then `d` widened to f32
 //!   (GGUF's 110-byte block is not word-aligned). Element 128h + 32s + l: bits 2s..2s + 1 of `qs`
 //!   byte 32h + l, minus 4 unless bit 4h + s of `hmask` byte l is set; scale r / 16.
+//! - `IQ4_NL` (32 elements): 5 words = `d` as f32, then 16 nibble bytes as Q4_0; element =
+//!   d * IQ4_VALUES[q] (a fixed non-linear table).
+//! - `IQ4_XS` (256 elements): GGUF's 136-byte block unchanged (34 words: `d` (f16) and the u16
+//!   high scale bits, 4 bytes of low scale nibbles, 128 nibble bytes, 16 per 32-element
+//!   sub-block as Q4_0); sub-block i's scale is 6 bits minus 32.
 //! - `Q5_K` (256 elements): GGUF's 176-byte block unchanged (44 words: `d`,`dmin` as f16 pair,
 //!   12 bytes of 6-bit scales/mins, 32 bytes `qh` (bit `i` of byte `l`: the fifth bit of element
 //!   `32 i + l`), 128 nibble bytes laid out as Q4_K's).
@@ -49,11 +54,13 @@ pub enum DType {
     Q4_K,
     Q5_K,
     Q6_K,
+    IQ4_NL,
+    IQ4_XS,
 }
 
 impl DType {
     /// All weight dtypes the matvec/matmul/gather kernels accept.
-    pub const WEIGHTS: [DType; 13] = [
+    pub const WEIGHTS: [DType; 15] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -67,13 +74,19 @@ impl DType {
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::IQ4_NL,
+        DType::IQ4_XS,
     ];
 
     /// Elements per block (1 for plain types).
     pub fn block_elems(self) -> usize {
         match self {
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
-            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => {
+                32
+            }
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                256
+            }
             _ => 1,
         }
     }
@@ -93,6 +106,8 @@ impl DType {
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
+            DType::IQ4_NL => 18,
+            DType::IQ4_XS => 136,
         }
     }
 
@@ -100,7 +115,7 @@ impl DType {
     pub fn gpu_block_words(self) -> usize {
         match self {
             DType::Q8_0 => 9,
-            DType::Q4_0 => 5,
+            DType::Q4_0 | DType::IQ4_NL => 5,
             DType::Q4_1 | DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q2_K => 21,
@@ -108,6 +123,7 @@ impl DType {
             DType::Q4_K => 36,
             DType::Q5_K => 44,
             DType::Q6_K => 53,
+            DType::IQ4_XS => 34,
             _ => 0,
         }
     }
@@ -134,6 +150,8 @@ impl DType {
             DType::Q4_K => "q4_k",
             DType::Q5_K => "q5_k",
             DType::Q6_K => "q6_k",
+            DType::IQ4_NL => "iq4_nl",
+            DType::IQ4_XS => "iq4_xs",
         }
     }
 
@@ -180,6 +198,11 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
         )
     }
 }
+
+/// The non-linear 4-bit values of IQ4_NL and IQ4_XS (llama.cpp's `kvalues_iq4nl`).
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Q3_K's 16 scales (minus 32) from their 12 packed bytes: low nibbles in bytes 0..8 (scale i
 /// at shift 4 (i / 8) of byte i % 8), high two bits in bytes 8..12 (shift 2 (i / 4) of byte
@@ -235,6 +258,37 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 let qs = &b[2..];
                 y.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
                 y.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+        }
+        DType::IQ4_NL => {
+            for b in bytes.chunks_exact(18) {
+                let d = f16_at(b, 0);
+                let qs = &b[2..];
+                y.extend(
+                    qs.iter()
+                        .map(|&q| d * IQ4_VALUES[(q & 0xF) as usize] as f32),
+                );
+                y.extend(qs.iter().map(|&q| d * IQ4_VALUES[(q >> 4) as usize] as f32));
+            }
+        }
+        DType::IQ4_XS => {
+            for b in bytes.chunks_exact(136) {
+                let d = f16_at(b, 0);
+                let sh = u16::from_le_bytes([b[2], b[3]]);
+                for i in 0..8 {
+                    let lo = (b[4 + i / 2] >> (4 * (i % 2))) & 0xF;
+                    let hi = ((sh >> (2 * i)) & 3) as u8;
+                    let dl = d * ((lo | hi << 4) as i32 - 32) as f32;
+                    let qs = &b[8 + 16 * i..24 + 16 * i];
+                    y.extend(
+                        qs.iter()
+                            .map(|&q| dl * IQ4_VALUES[(q & 0xF) as usize] as f32),
+                    );
+                    y.extend(
+                        qs.iter()
+                            .map(|&q| dl * IQ4_VALUES[(q >> 4) as usize] as f32),
+                    );
+                }
             }
         }
         DType::Q4_1 => {
@@ -443,7 +497,7 @@ pub fn pack_for_gpu(
         let src = &bytes[r * file_row..(r + 1) * file_row];
         let dst = &mut out[r * rw..(r + 1) * rw];
         match dtype {
-            DType::F32 | DType::U32 | DType::Q2_K | DType::Q4_K | DType::Q5_K => {
+            DType::F32 | DType::U32 | DType::Q2_K | DType::Q4_K | DType::Q5_K | DType::IQ4_XS => {
                 for (i, d) in dst.iter_mut().enumerate() {
                     *d = word(src, 4 * i);
                 }
@@ -459,7 +513,7 @@ pub fn pack_for_gpu(
                     *d = lo | (hi << 16);
                 }
             }
-            DType::Q8_0 | DType::Q4_0 => {
+            DType::Q8_0 | DType::Q4_0 | DType::IQ4_NL => {
                 let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
                 for (b, blk) in src.chunks_exact(fb).enumerate() {
                     let g = &mut dst[b * gw..(b + 1) * gw];
@@ -522,6 +576,8 @@ pub fn pack_for_gpu(
                 dst.chunks_exact(block_words)
                     .any(|b| f16_special(b[at]) || f16_special(b[at] >> 16))
             }
+            // d alone in the low half of word 0 (the high half holds scale bits).
+            DType::IQ4_XS => dst.chunks_exact(block_words).any(|b| f16_special(b[0])),
             _ => dst
                 .chunks_exact(block_words)
                 .any(|b| scale_words.clone().any(|i| f32_special(b[i]))),
@@ -540,7 +596,7 @@ pub fn pack_for_gpu(
 fn scale_words(dtype: DType) -> (std::ops::Range<usize>, usize) {
     let gw = dtype.gpu_block_words().max(1);
     match dtype {
-        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 => (0..1, gw),
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL => (0..1, gw),
         DType::Q4_1 | DType::Q5_1 => (0..2, gw),
         DType::Q6_K => (52..53, gw),
         DType::Q3_K => (28..29, gw),

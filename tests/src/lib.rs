@@ -171,11 +171,19 @@ pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -
         DType::F32 | DType::F16 | DType::BF16 => {
             kiln::dtype::encode_plain(dtype, &rng.vec(n, -1.0, 1.0)).unwrap()
         }
-        DType::Q8_0 | DType::Q4_0 => {
+        DType::Q8_0 | DType::Q4_0 | DType::IQ4_NL => {
             let mut out = Vec::new();
             for _ in 0..n / 32 {
                 out.extend(scale(rng, 0.002, 0.05));
                 out.extend(rng.bytes(if dtype == DType::Q8_0 { 32 } else { 16 }));
+            }
+            out
+        }
+        DType::IQ4_XS => {
+            let mut out = Vec::new();
+            for _ in 0..n / 256 {
+                out.extend(scale(rng, 0.0002, 0.002));
+                out.extend(rng.bytes(2 + 4 + 128));
             }
             out
         }

@@ -297,6 +297,8 @@ fn ggml_type(t: u32) -> Option<DType> {
         12 => DType::Q4_K,
         13 => DType::Q5_K,
         14 => DType::Q6_K,
+        20 => DType::IQ4_NL,
+        23 => DType::IQ4_XS,
         30 => DType::BF16,
         _ => return None,
     })
@@ -416,7 +418,7 @@ impl Gguf {
             let what = format!("{name}: tensor '{tname}'");
             let dtype = ggml_type(t).ok_or_else(|| {
                 Error::Unsupported(format!(
-                    "{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+                    "{what}: ggml type {t} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)"
                 ))
             })?;
             // GGUF lists ne[0] (contiguous) first; engine shapes are outermost first.
