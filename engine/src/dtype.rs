@@ -128,6 +128,19 @@ impl DType {
         }
     }
 
+    /// Byte offsets of the f16 scale fields (`d`, and the min where there is one) in one file
+    /// block; empty for plain types.
+    pub fn scale_offsets(self) -> &'static [usize] {
+        match self {
+            DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
+            DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+            DType::Q2_K => &[80, 82],
+            DType::Q3_K => &[108],
+            DType::Q6_K => &[208],
+            DType::F32 | DType::F16 | DType::BF16 | DType::U32 => &[],
+        }
+    }
+
     /// Is this a block-quantized type?
     pub fn is_quantized(self) -> bool {
         self.block_elems() > 1

@@ -123,26 +123,14 @@ fn weight_bytes(dtype: DType, rows: usize, k: usize) -> Vec<u8> {
     let mut b = random_bytes(dtype.file_bytes(n).unwrap_or(0), 7);
     let scale = half::f16::from_f32(0.01).to_le_bytes();
     let bb = dtype.block_bytes();
-    match dtype {
-        DType::F16 | DType::BF16 | DType::F32 => {
-            return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap_or_default()
+    if !dtype.is_quantized() {
+        return kiln::dtype::encode_plain(dtype, &random_f32(n, 3)).unwrap_or_default();
+    }
+    // Random quants; every f16 scale (and min) field small.
+    for blk in b.chunks_mut(bb) {
+        for &o in dtype.scale_offsets() {
+            blk[o..o + 2].copy_from_slice(&scale);
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1 | DType::Q4_K => {
-            // The f16 scale first, and the f16 min (or dmin) next where the format has one.
-            let two = matches!(dtype, DType::Q4_1 | DType::Q5_1 | DType::Q4_K);
-            for blk in b.chunks_mut(bb) {
-                blk[..2].copy_from_slice(&scale);
-                if two {
-                    blk[2..4].copy_from_slice(&scale);
-                }
-            }
-        }
-        DType::Q6_K => {
-            for blk in b.chunks_mut(bb) {
-                blk[208..210].copy_from_slice(&scale);
-            }
-        }
-        DType::U32 => {}
     }
     b
 }
