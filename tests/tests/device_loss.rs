@@ -69,14 +69,10 @@ fn image(lose_at: Option<usize>) -> kiln::Result<usize> {
 
 #[test]
 fn a_lost_device_ends_the_work_with_an_error() {
-    let e = within("text", || text(Some(2)))
-        .err()
-        .expect("generation went on");
+    let e = within("text", || text(Some(2))).expect_err("generation went on");
     eprintln!("text: {e}");
     assert!(e.to_string().contains("lost"), "{e}");
-    let e = within("image", || image(Some(2)))
-        .err()
-        .expect("denoising went on");
+    let e = within("image", || image(Some(2))).expect_err("denoising went on");
     eprintln!("image: {e}");
     assert!(e.to_string().contains("lost"), "{e}");
     // A new device works.
