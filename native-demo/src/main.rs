@@ -7,6 +7,7 @@ mod bench_text;
 mod defaults;
 mod hub;
 mod image;
+mod inspect;
 mod serve;
 mod window;
 
@@ -45,8 +46,16 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// Benchmarks: `kernels` or `text`.
     Bench(bench::BenchArgs),
-    /// List adapters, features and limits.
-    Info,
+    /// List adapters, features and limits; with --model, what a model file holds and whether
+    /// Kiln can load it (from its headers, before loading anything).
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// A .gguf file or a model folder to inspect instead of the adapters.
+    #[arg(short, long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -499,7 +508,8 @@ fn main() {
         Cmd::Image(a) => image::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Bench(a) => bench::run(a),
-        Cmd::Info => info(),
+        Cmd::Info(InfoArgs { model: Some(m) }) => inspect::model(&m).stage(EXIT_MODEL),
+        Cmd::Info(InfoArgs { model: None }) => info(),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -482,3 +482,48 @@ fn interrupt_writes_a_partial_image() {
     let _ = std::fs::remove_file(&out);
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
 }
+
+/// `kiln info --model F` reports a file's tensor types and config from its headers, and exits 3
+/// naming what Kiln cannot load.
+#[test]
+fn info_reports_types_and_whether_a_model_loads() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ok = root.join("tests/fixtures/llm/llama-q-256/model-q4_k_m.gguf");
+    let out = kiln(&["info", "--model", ok.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Q4_K") && text.contains("Q6_K") && text.contains("can load"),
+        "{text}"
+    );
+    // A GGUF header listing an IQ2_XXS tensor (ggml type 16) beside an F32 one.
+    let mut b = b"GGUF".to_vec();
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    b.extend(3u32.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    for (name, dim, ty, off) in [("a", 32u64, 0u32, 0u64), ("b", 256, 16, 128)] {
+        s(&mut b, name);
+        b.extend(1u32.to_le_bytes());
+        b.extend(dim.to_le_bytes());
+        b.extend(ty.to_le_bytes());
+        b.extend(off.to_le_bytes());
+    }
+    let f = std::env::temp_dir().join(format!("kiln-info-{}.gguf", std::process::id()));
+    std::fs::write(&f, &b).unwrap();
+    let out = kiln(&["info", "--model", f.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&f);
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(3), "{text}{err}");
+    assert!(text.contains("IQ2_XXS") && text.contains("no"), "{text}");
+    assert!(err.contains("1 tensors of type IQ2_XXS"), "{err}");
+}

@@ -282,6 +282,65 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A tensor as a GGUF header lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions, fastest-varying first (GGUF's order).
+    pub dims: Vec<u64>,
+    /// ggml type id (see [`ggml_type_name`]).
+    pub ggml_type: u32,
+    /// Offset in the data section.
+    pub offset: u64,
+}
+
+/// The tensor infos after the metadata.
+fn read_tensor_infos(r: &mut Reader<'_>, n: u64) -> Result<Vec<TensorInfo>> {
+    // A tensor info takes at least 24 bytes: never reserve more than the bytes could hold.
+    let mut out = Vec::with_capacity((n as usize).min(r.left() / 24));
+    for _ in 0..n {
+        let name = r.string()?;
+        let nd = r.u32()?;
+        if nd == 0 || nd > 4 {
+            return Err(r.err(format!(
+                "tensor '{name}' has {nd} dimensions (1 to 4 expected)"
+            )));
+        }
+        let mut dims = Vec::with_capacity(nd as usize);
+        for _ in 0..nd {
+            dims.push(r.u64()?);
+        }
+        let ggml_type = r.u32()?;
+        let offset = r.u64()?;
+        out.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+        });
+    }
+    Ok(out)
+}
+
+/// ggml's name of a type id (as llama.cpp prints it), `type N` for ids it does not define.
+pub fn ggml_type_name(t: u32) -> String {
+    const NAMES: [&str; 40] = [
+        "F32", "F16", "Q4_0", "Q4_1", "", "", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
+        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
+        "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "", "", "", "TQ1_0",
+        "TQ2_0", "", "", "", "MXFP4",
+    ];
+    match NAMES.get(t as usize) {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => format!("type {t}"),
+    }
+}
+
+/// The engine dtype of a ggml type id, `None` when Kiln does not support it.
+pub fn ggml_dtype(t: u32) -> Option<DType> {
+    ggml_type(t)
+}
+
 /// ggml type id → engine dtype.
 fn ggml_type(t: u32) -> Option<DType> {
     Some(match t {
@@ -362,6 +421,34 @@ impl Gguf {
         }
     }
 
+    /// The metadata and the tensor list of a GGUF file from its first bytes (no tensor data):
+    /// what `kiln info` shows before anything is loaded. `Ok(None)` when `prefix` ends inside
+    /// the header (read more and try again).
+    pub fn parse_header(name: &str, prefix: &[u8]) -> Result<Option<(Gguf, Vec<TensorInfo>)>> {
+        let mut r = Reader {
+            b: prefix,
+            pos: 0,
+            name,
+            ran_out: false,
+        };
+        let header = read_header(&mut r, false)
+            .and_then(|(meta, n)| Ok((meta, read_tensor_infos(&mut r, n)?)));
+        match header {
+            Ok((meta, infos)) => Ok(Some((
+                Gguf {
+                    name: name.into(),
+                    bytes: Vec::new(),
+                    meta,
+                    tensors: HashMap::new(),
+                    tensor_names: Vec::new(),
+                },
+                infos,
+            ))),
+            Err(_) if r.ran_out => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Parses a whole GGUF file (named `name` in errors).
     pub fn parse(name: &str, bytes: Vec<u8>) -> Result<Gguf> {
         let mut r = Reader {
@@ -371,23 +458,7 @@ impl Gguf {
             ran_out: false,
         };
         let (meta, n_tensors) = read_header(&mut r, true)?;
-        let mut raw = Vec::with_capacity(n_tensors as usize);
-        for _ in 0..n_tensors {
-            let tname = r.string()?;
-            let nd = r.u32()?;
-            if nd == 0 || nd > 4 {
-                return Err(r.err(format!(
-                    "tensor '{tname}' has {nd} dimensions (1 to 4 expected)"
-                )));
-            }
-            let mut dims = Vec::with_capacity(nd as usize);
-            for _ in 0..nd {
-                dims.push(r.u64()?);
-            }
-            let t = r.u32()?;
-            let off = r.u64()?;
-            raw.push((tname, dims, t, off));
-        }
+        let raw = read_tensor_infos(&mut r, n_tensors)?;
         let align = match meta.get("general.alignment") {
             None => 32,
             Some(v) => match v.as_u64() {
@@ -414,7 +485,13 @@ impl Gguf {
         let mut tensors = HashMap::new();
         let mut tensor_names = Vec::new();
         let mut spans = Vec::with_capacity(raw.len());
-        for (tname, dims, t, off) in raw {
+        for TensorInfo {
+            name: tname,
+            dims,
+            ggml_type: t,
+            offset: off,
+        } in raw
+        {
             let what = format!("{name}: tensor '{tname}'");
             let dtype = ggml_type(t).ok_or_else(|| {
                 Error::Unsupported(format!(
