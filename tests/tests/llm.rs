@@ -139,22 +139,32 @@ fn check_case(case: &str) {
     }
 }
 
-/// GGUF block types beyond the main fixtures (Q4_1, Q5_0, Q5_1): the llama-q-256 model in each,
-/// against transformers on the same file as gguf-py dequantizes it
-/// (tools/make_gguf_type_fixtures.py).
-#[test]
-fn parity_gguf_q4_1_q5_0_q5_1() {
+/// GGUF block types beyond the main fixtures: the llama-q-256 model in each, against
+/// transformers on the same file as gguf-py dequantizes it (tools/make_gguf_type_fixtures.py).
+fn check_gguf_types(expected: &str, n_runs: usize) {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm-gguf-types");
-    let e = kiln_tests::read_json(&d.join("expected.json"));
+    let e = kiln_tests::read_json(&d.join(expected));
     let prompt = ids(&e["prompt_ids"]);
     let runs = e["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 3);
+    assert_eq!(runs.len(), n_runs);
     for run in runs {
         let path = d.join(run["weights"].as_str().unwrap());
         let files = kiln::formats::files::read_model_path(&path).unwrap();
         check_run_files("llama-q-256", files.clone(), run, &prompt, 64);
         check_run_files("llama-q-256", files, run, &prompt, 3);
     }
+}
+
+/// Q4_1, Q5_0, Q5_1, written by gguf-py's quantizers.
+#[test]
+fn parity_gguf_q4_1_q5_0_q5_1() {
+    check_gguf_types("expected.json", 3);
+}
+
+/// Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS, written by llama.cpp's llama-quantize (--pure).
+#[test]
+fn parity_gguf_k_quants_and_iq4() {
+    check_gguf_types("expected-llama-quantize.json", 5);
 }
 
 #[test]
