@@ -267,34 +267,42 @@ test("text: ids and logprobs match the transformers / gguf-py reference files (w
   const page = await openDemo(true);
   let worst = 0;
   let runs = 0;
+  const check = async (source, prompt, run) => {
+    const got = await page.evaluate(
+      async ({ source, ids, n }) => {
+        const llm = await window.demo.kiln.loadText(source, { ctx: 128 });
+        const r = await llm.complete(ids, { maxTokens: n, temperature: 0 });
+        llm.dispose();
+        return r;
+      },
+      { source, ids: prompt, n: run.ids.length },
+    );
+    const firm = run.margins.findIndex((m) => m < 0.01);
+    const n = Math.min(firm < 0 ? run.ids.length : firm, got.ids.length);
+    assert(n > 0 || firm === 0, `${source}: nothing generated`);
+    let err = 0;
+    for (let i = 0; i < n; i++) {
+      assert(got.ids[i] === run.ids[i], `${source}: step ${i}: expected id ${run.ids[i]}, got ${got.ids[i]} (ids so far ${got.ids.slice(0, i + 1)})`);
+      const d = Math.abs(got.logprobs[i] - run.logprobs[i]);
+      assert(d <= 1e-4, `${source}: step ${i}: logprob expected ${run.logprobs[i]}, got ${got.logprobs[i]} (|err| ${d})`);
+      err = Math.max(err, d);
+    }
+    log(`${source}: ${n} ids equal to the reference, max |logprob err| ${err.toExponential(2)}`);
+    worst = Math.max(worst, err);
+    runs++;
+  };
   for (const c of cases) {
     const e = JSON.parse(readFileSync(join(dir, c, "expected.json"), "utf8"));
     for (const run of e.runs) {
-      const source = `/fixtures/llm/${c}/${run.weights === "hf" ? "" : run.weights}`;
-      const got = await page.evaluate(
-        async ({ source, ids, n }) => {
-          const llm = await window.demo.kiln.loadText(source, { ctx: 128 });
-          const r = await llm.complete(ids, { maxTokens: n, temperature: 0 });
-          llm.dispose();
-          return r;
-        },
-        { source, ids: e.prompt_ids, n: run.ids.length },
-      );
-      const firm = run.margins.findIndex((m) => m < 0.01);
-      const n = Math.min(firm < 0 ? run.ids.length : firm, got.ids.length);
-      assert(n > 0 || firm === 0, `${source}: nothing generated`);
-      let err = 0;
-      for (let i = 0; i < n; i++) {
-        assert(got.ids[i] === run.ids[i], `${source}: step ${i}: expected id ${run.ids[i]}, got ${got.ids[i]} (ids so far ${got.ids.slice(0, i + 1)})`);
-        const d = Math.abs(got.logprobs[i] - run.logprobs[i]);
-        assert(d <= 1e-4, `${source}: step ${i}: logprob expected ${run.logprobs[i]}, got ${got.logprobs[i]} (|err| ${d})`);
-        err = Math.max(err, d);
-      }
-      log(`${source}: ${n} ids equal to the reference, max |logprob err| ${err.toExponential(2)}`);
-      worst = Math.max(worst, err);
-      runs++;
+      await check(`/fixtures/llm/${c}/${run.weights === "hf" ? "" : run.weights}`, e.prompt_ids, run);
     }
   }
+  // Two of the types llama.cpp's quantizer wrote (a K-quant with its own GPU repacking, and
+  // IQ4_XS with its non-linear table), through the browser's WGSL compiler.
+  const q = JSON.parse(readFileSync(join(root, "tests/fixtures/llm-gguf-types/expected-llama-quantize.json"), "utf8"));
+  const picked = q.runs.filter((r) => /model-(q3_k|iq4_xs)\.gguf/.test(r.weights));
+  assert(picked.length === 2, `Q3_K and IQ4_XS runs: ${picked.map((r) => r.weights)}`);
+  for (const run of picked) await check(`/fixtures/llm-gguf-types/${run.weights}`, q.prompt_ids, run);
   await page.close();
   log(`${runs} runs; worst |logprob err| against the reference files: ${worst.toExponential(2)} (bound 1e-4)`);
 });
