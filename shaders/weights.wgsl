@@ -345,6 +345,23 @@ fn k4_scale_min(sb: u32, j: u32) -> vec2<f32> {
     let m = (k4_sbyte(sb, j + 4u) >> 4u) | ((k4_sbyte(sb, j) >> 6u) << 4u);
     return vec2<f32>(f32(sc), f32(m));
 }
+#ifdef WITH_DOT
+// Lane `sub` of 32 in the super-block at word sb: q_lo / q_hi are its four quants (one per
+// byte) of sub-blocks 2c and 2c + 1 (c = sub / 8), at positions 4 (sub % 8).. of each.
+fn k4_lane(sb: u32, sub: u32, xo: u32, q_lo: u32, q_hi: u32) -> f32 {
+    let dm = unpack2x16float(w[sb]);
+    let c = sub / 8u;
+    let o_lo = xo + 64u * c + 4u * (sub % 8u);
+    let o_hi = o_lo + 32u;
+    let sm_lo = k4_scale_min(sb, 2u * c);
+    let sm_hi = k4_scale_min(sb, 2u * c + 1u);
+    let s_lo = dot4u(q_lo, o_lo, 0.0);
+    let s_hi = dot4u(q_hi, o_hi, 0.0);
+    let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
+    let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
+    return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
+}
+#endif
 #endif
 
 #ifdef W_Q4_K
@@ -365,19 +382,8 @@ fn w_elem(rb: u32, k: u32) -> f32 {
 #define W_LPB 32
 #define W_BLOCK 256
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
-    let sb = rb + blk * 36u;
-    let dm = unpack2x16float(w[sb]);
-    let c = sub / 8u;
-    let q = w[sb + 4u + sub];
-    let o_lo = xo + 64u * c + 4u * (sub % 8u);
-    let o_hi = o_lo + 32u;
-    let sm_lo = k4_scale_min(sb, 2u * c);
-    let sm_hi = k4_scale_min(sb, 2u * c + 1u);
-    let s_lo = dot4u(q & 0x0f0f0f0fu, o_lo, 0.0);
-    let s_hi = dot4u((q >> 4u) & 0x0f0f0f0fu, o_hi, 0.0);
-    let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
-    let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
-    return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
+    let q = w[rb + blk * 36u + 4u + sub];
+    return k4_lane(rb + blk * 36u, sub, xo, q & 0x0f0f0f0fu, (q >> 4u) & 0x0f0f0f0fu);
 }
 #endif
 #endif
@@ -404,21 +410,12 @@ fn w_elem(rb: u32, k: u32) -> f32 {
 #define W_BLOCK 256
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let sb = rb + blk * 44u;
-    let dm = unpack2x16float(w[sb]);
     let c = sub / 8u;
     let q = w[sb + 12u + sub];
     let h = w[sb + 4u + sub % 8u];
-    let o_lo = xo + 64u * c + 4u * (sub % 8u);
-    let o_hi = o_lo + 32u;
-    let sm_lo = k4_scale_min(sb, 2u * c);
-    let sm_hi = k4_scale_min(sb, 2u * c + 1u);
     let q_lo = (q & 0x0f0f0f0fu) | (((h >> (2u * c)) & 0x01010101u) << 4u);
     let q_hi = ((q >> 4u) & 0x0f0f0f0fu) | (((h >> (2u * c + 1u)) & 0x01010101u) << 4u);
-    let s_lo = dot4u(q_lo, o_lo, 0.0);
-    let s_hi = dot4u(q_hi, o_hi, 0.0);
-    let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
-    let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
-    return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
+    return k4_lane(sb, sub, xo, q_lo, q_hi);
 }
 #endif
 #endif

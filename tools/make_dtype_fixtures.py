@@ -51,15 +51,20 @@ def random_blocks(name, nblocks):
     return raw
 
 
+def dequant_fixture(name, nblocks):
+    """Random blocks of `name` and gguf-py's dequantization of them."""
+    qt, elems = {**LAYOUT, **LATER, **K_LATER}[name][:2]
+    raw = random_blocks(name, nblocks)
+    deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
+    assert deq.size == nblocks * elems
+    (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
+    (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, (qt, elems, nbytes, _, _) in LAYOUT.items():
-        nblocks = 64 if elems == 32 else 16
-        raw = random_blocks(name, nblocks)
-        deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
-        assert deq.size == nblocks * elems
-        (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
-        (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
+    for name, (_, elems, _, _, _) in LAYOUT.items():
+        dequant_fixture(name, 64 if elems == 32 else 16)
     for name in ["q8_0", "q4_0"]:
         qt = LAYOUT[name][0]
         x = rng.normal(0, 1, size=(8, 256)).astype(np.float32)
@@ -67,19 +72,10 @@ def main():
         q = quants.quantize(x, qt)
         (OUT / f"{name}.quant_in.f32").write_bytes(x.tobytes())
         (OUT / f"{name}.quant_out.bin").write_bytes(q.tobytes())
-    for name, (qt, elems, nbytes, _, _) in LATER.items():
-        raw = random_blocks(name, 64)
-        deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
-        assert deq.size == 64 * elems
-        (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
-        (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
-    for name, (qt, elems, nbytes, _, _) in K_LATER.items():
-        nblocks = 16 if elems == 256 else 64
-        raw = random_blocks(name, nblocks)
-        deq = quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
-        assert deq.size == nblocks * elems
-        (OUT / f"{name}.blocks.bin").write_bytes(raw.tobytes())
-        (OUT / f"{name}.dequant.f32").write_bytes(deq.tobytes())
+    for name in LATER:
+        dequant_fixture(name, 64)
+    for name, (_, elems, _, _, _) in K_LATER.items():
+        dequant_fixture(name, 16 if elems == 256 else 64)
     print("wrote", sorted(p.name for p in OUT.iterdir()))
 
 

@@ -164,80 +164,32 @@ impl Default for OpTest {
 /// random quants with sane random scales for the block formats (every bit pattern of the
 /// quants is a valid block).
 pub fn random_weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, k: usize) -> Vec<u8> {
-    use half::f16;
+    assert!(dtype != DType::U32, "u32 is not a weight dtype");
     let n = rows * k;
-    let scale = |rng: &mut Rng, lo: f32, hi: f32| f16::from_f32(rng.uniform(lo, hi)).to_le_bytes();
-    match dtype {
-        DType::F32 | DType::F16 | DType::BF16 => {
-            kiln::dtype::encode_plain(dtype, &rng.vec(n, -1.0, 1.0)).unwrap()
-        }
-        DType::Q8_0 | DType::Q4_0 | DType::IQ4_NL => {
-            let mut out = Vec::new();
-            for _ in 0..n / 32 {
-                out.extend(scale(rng, 0.002, 0.05));
-                out.extend(rng.bytes(if dtype == DType::Q8_0 { 32 } else { 16 }));
-            }
-            out
-        }
-        DType::IQ4_XS => {
-            let mut out = Vec::new();
-            for _ in 0..n / 256 {
-                out.extend(scale(rng, 0.0002, 0.002));
-                out.extend(rng.bytes(2 + 4 + 128));
-            }
-            out
-        }
-        DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
-            let mut out = Vec::new();
-            for _ in 0..n / 32 {
-                out.extend(scale(rng, 0.002, 0.05));
-                if dtype != DType::Q5_0 {
-                    out.extend(scale(rng, -0.3, 0.3)); // the min
-                }
-                out.extend(rng.bytes(if dtype == DType::Q4_1 { 16 } else { 20 }));
-            }
-            out
-        }
-        DType::Q4_K | DType::Q5_K => {
-            let mut out = Vec::new();
-            for _ in 0..n / 256 {
-                out.extend(scale(rng, 0.001, 0.01));
-                out.extend(scale(rng, 0.001, 0.01));
-                out.extend(rng.bytes(if dtype == DType::Q4_K {
-                    12 + 128
-                } else {
-                    12 + 32 + 128
-                }));
-            }
-            out
-        }
-        DType::Q3_K => {
-            let mut out = Vec::new();
-            for _ in 0..n / 256 {
-                out.extend(rng.bytes(32 + 64 + 12));
-                out.extend(scale(rng, 0.0005, 0.005));
-            }
-            out
-        }
-        DType::Q2_K => {
-            let mut out = Vec::new();
-            for _ in 0..n / 256 {
-                out.extend(rng.bytes(16 + 64));
-                out.extend(scale(rng, 0.001, 0.01));
-                out.extend(scale(rng, 0.001, 0.01));
-            }
-            out
-        }
-        DType::Q6_K => {
-            let mut out = Vec::new();
-            for _ in 0..n / 256 {
-                out.extend(rng.bytes(128 + 64 + 16));
-                out.extend(scale(rng, 0.0005, 0.005));
-            }
-            out
-        }
-        DType::U32 => panic!("u32 is not a weight dtype"),
+    if !dtype.is_quantized() {
+        return kiln::dtype::encode_plain(dtype, &rng.vec(n, -1.0, 1.0)).unwrap();
     }
+    // The scale range keeps a product of K ~ 1000 random quants near 1; Q4_1/Q5_1's second
+    // field is an additive min, the K-quants' a dmin (scaled like d).
+    let d = match dtype.block_elems() {
+        32 => (0.002, 0.05),
+        _ if matches!(dtype, DType::Q3_K | DType::Q6_K) => (0.0005, 0.005),
+        _ if dtype == DType::IQ4_XS => (0.0002, 0.002),
+        _ => (0.001, 0.01),
+    };
+    let min = if matches!(dtype, DType::Q4_1 | DType::Q5_1) {
+        (-0.3, 0.3)
+    } else {
+        d
+    };
+    let mut out = rng.bytes(dtype.file_bytes(n).unwrap());
+    for blk in out.chunks_mut(dtype.block_bytes()) {
+        for (i, &o) in dtype.scale_offsets().iter().enumerate() {
+            let (lo, hi) = if i == 0 { d } else { min };
+            blk[o..o + 2].copy_from_slice(&half::f16::from_f32(rng.uniform(lo, hi)).to_le_bytes());
+        }
+    }
+    out
 }
 
 /// Row length used by tests for a dtype: a multiple of its block, and odd for plain types so
