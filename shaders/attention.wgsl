@@ -1,7 +1,9 @@
 // Flash attention (online softmax) with grouped KV heads and optional split-K.
 //   out[b, i, h*D + :] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h / G]) v[b, j, h / G]
 //   G = heads / kv_heads; valid keys j < kv_end = min(kv_len, lk), and j <= q_pos + i if causal;
-//   a query with no valid key outputs zeros.
+//   with a sliding window W > 0 also j > q_pos + i - W (the W newest positions, itself included,
+//   as transformers' sliding_window_overlay); a query with no valid key outputs zeros.
+//   Soft-capping (Gemma 2) replaces each scaled score s by cap * tanh(s / cap) when cap > 0.
 // A workgroup owns one (batch, kv head, block of BQ rows, key split). Rows are (query, head of
 // the group) pairs, row = i * G + hg, so the G query heads sharing a KV head read each K/V tile
 // once (GQA/MQA decode has G rows per query). Per tile of BK keys: K tile -> workgroup memory,
@@ -27,13 +29,26 @@
 struct Params {
     b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,
     causal: u32, scale: f32, q_add: u32, q_slot: u32, q_mul: u32, kv_add: u32, kv_slot: u32, kv_mul: u32,
-    total: u32,
+    total: u32, window: u32, softcap: f32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
 // Masked-score sentinel; finite because WGSL has no infinity literal, and tested explicitly so
 // that a fully masked row never computes exp(NEG - NEG) = 1.
 const NEG: f32 = -3.0e38;
+
+// A scaled score after optional soft-capping. tanh saturates to +-1 in f32 past |x| = 9, so the
+// clamp changes nothing but keeps exp-based tanh implementations away from inf / inf.
+fn capped(s: f32) -> f32 {
+    if (p.softcap > 0.0) { return p.softcap * tanh(clamp(s / p.softcap, -15.0, 15.0)); }
+    return s;
+}
+
+// First key a query at position qp may see under the sliding window (0 without one).
+fn window_start(qp: u32) -> u32 {
+    if (p.window > 0u && qp + 1u > p.window) { return qp + 1u - p.window; }
+    return 0u;
+}
 
 #ifdef REDUCE
 @group(0) @binding(2) var<storage, read> part: array<f32>;
@@ -86,10 +101,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let kw = p.kv_heads * HD;
     let kh = (h / p.g) * HD;
     let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
-    let chunk = (kv_end + p.splits - 1u) / p.splits;
-    let j_begin = min(split * chunk, kv_end);
-    var j_end = min(j_begin + chunk, kv_end);
-    if (p.causal == 1u) { j_end = min(j_end, dyn_val(p.q_add, p.q_slot, p.q_mul) + i + 1u); }
+    let qp = dyn_val(p.q_add, p.q_slot, p.q_mul) + i;
+    // This row's keys [lo, hi), split evenly.
+    let lo = min(window_start(qp), kv_end);
+    var hi = kv_end;
+    if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
+    let chunk = (hi - lo + p.splits - 1u) / p.splits;
+    let j_begin = min(lo + split * chunk, hi);
+    let j_end = min(j_begin + chunk, hi);
     var qv: array<f32, HD>;
     for (var d = 0u; d < HD; d++) { qv[d] = q[o * HD + d] * p.scale; }
     var acc: array<f32, HD>; // zero-initialized
@@ -99,6 +118,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         let kb = (bi * p.lk + j) * kw + kh;
         var s = 0.0;
         for (var d = 0u; d < HD; d++) { s += qv[d] * k[kb + d]; }
+        s = capped(s);
         if (s > m) {
             // A new maximum: rescale what is summed so far (exp(NEG - s) = 0 the first time).
             let a = exp(m - s);
@@ -159,8 +179,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 
     let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
     let q_pos = dyn_val(p.q_add, p.q_slot, p.q_mul);
-    let chunk = (kv_end + p.splits - 1u) / p.splits;
-    let j_begin = min(split * chunk, kv_end);
+    // The block's keys start where its first row's window does; the splits share [lo, kv_end).
+    let lo = min(window_start(q_pos + row0 / p.g), kv_end);
+    let chunk = (kv_end - lo + p.splits - 1u) / p.splits;
+    let j_begin = min(lo + split * chunk, kv_end);
     var j_end = min(j_begin + chunk, kv_end);
     if (p.causal == 1u) {
         // Keys past the last row's causal limit are masked for every row of the block.
@@ -190,10 +212,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             let row = row0 + sr;
             let j = j0 + sk;
             var s = NEG;
-            let ok = row < rows && j < j_end && (p.causal == 0u || j <= q_pos + row / p.g);
+            let qp = q_pos + row / p.g;
+            let ok = row < rows && j < j_end && (p.causal == 0u || j <= qp) && j >= window_start(qp);
             if (ok) {
                 s = 0.0;
                 for (var d = 0u; d < HD; d++) { s += q_s[sr * HD + d] * kv_s[sk * KST + d]; }
+                s = capped(s);
             }
             s_s[idx] = s;
         }

@@ -1,6 +1,8 @@
 //! Attention (online softmax, GQA/MQA, causal from a run-time position, run-time KV length,
-//! split-K decode) against the f64 CPU reference.
+//! split-K decode, sliding windows, soft-capped scores, custom scales) against the f64 CPU
+//! reference.
 
+use kiln::graph::AttentionOptions;
 use kiln::kernels::attention::{splits, Tiles, MAX_HEAD_DIM, SHARED_WORDS};
 use kiln::reference::attention::{attention, AttnShape};
 use kiln::Dyn;
@@ -52,6 +54,8 @@ fn shape(
         scale,
         q_pos: 0,
         kv_len: lk,
+        window: 0,
+        softcap: 0.0,
     }
 }
 
@@ -93,8 +97,14 @@ fn check_on(gpu: &std::sync::Arc<kiln::Gpu>, what: &str, s: AttnShape, src: Src)
     } else {
         Dyn::Static(s.kv_len as u32)
     };
+    let opts = AttentionOptions {
+        causal: s.causal,
+        scale: Some(s.scale),
+        window: (s.window > 0).then_some(s.window),
+        softcap: (s.softcap > 0.0).then_some(s.softcap),
+    };
     let y =
-        t.g.attention(qv, kv, vv, s.heads, s.kv_heads, s.causal, q_pos, kv_len)
+        t.g.attention_with(qv, kv, vv, s.heads, s.kv_heads, q_pos, kv_len, &opts)
             .unwrap();
     let got = t.run(y, &scalars);
     let ns = split_count(&s);
@@ -192,6 +202,58 @@ fn no_valid_keys_gives_zeros() {
         let got = check(&format!("kv_len 0 lq={lq} lk={lk}"), s, SLOTS);
         assert!(got.iter().all(|&x| x == 0.0));
     }
+}
+
+#[test]
+fn sliding_window_prefill_and_decode() {
+    // Windows shorter than the prompt (so early keys drop out for later queries), a window
+    // equal to 1 (each query sees itself), and decode over a long cache where the window is
+    // a small part of it (split-K over the window only). Gemma's query_pre_attn_scalar scale.
+    for (lq, lk, pos, heads, kv_heads, d, window) in [
+        (40, 40, 0, 4, 2, 64, 7),
+        (19, 19, 0, 2, 1, 32, 1),
+        (13, 300, 120, 8, 2, 128, 50),
+        (1, 1100, 1029, 8, 1, 256, 512),
+        (1, 1100, 1029, 4, 4, 40, 3),
+    ] {
+        let mut s = shape(1, lq, lk, heads, kv_heads, d, true);
+        s.q_pos = pos;
+        s.kv_len = pos + lq;
+        s.window = window;
+        s.scale = 1.0 / 12.0;
+        check(
+            &format!("window {window} lq={lq} at {pos} lk={lk} h={heads}/{kv_heads} d={d}"),
+            s,
+            SLOTS,
+        );
+    }
+}
+
+#[test]
+fn soft_capped_scores() {
+    // Gemma 2's cap of 50 only bites on large scores: a wide scale makes them large. Prefill
+    // with a window, and split-K decode.
+    for (lq, lk, pos, window) in [(24, 24, 0, 9), (1, 700, 650, 0)] {
+        let mut s = shape(1, lq, lk, 4, 2, 64, true);
+        s.q_pos = pos;
+        s.kv_len = pos + lq;
+        s.window = window;
+        s.scale = 6.0;
+        s.softcap = 5.0;
+        let got = check(&format!("softcap 5 lq={lq} lk={lk}"), s, SLOTS);
+        // The cap must change the result (else this case tests nothing).
+        let plain = attention_uncapped(&s);
+        assert!(got.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-2));
+    }
+}
+
+/// The reference without the cap, on the inputs `check_on` makes for `s`.
+fn attention_uncapped(s: &AttnShape) -> Vec<f32> {
+    let mut rng = Rng::new((s.lq * 131 + s.lk * 7 + s.d * 3 + s.heads) as u64);
+    let q = rng.vec(s.batch * s.lq * s.heads * s.d, -2.0, 2.0);
+    let k = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
+    let v = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
+    attention(&q, &k, &v, &AttnShape { softcap: 0.0, ..*s })
 }
 
 #[test]

@@ -35,6 +35,19 @@ pub enum GluInput {
     Halves { x: Value, gate_first: bool },
 }
 
+/// Masking and scaling of [`Graph::attention_with`] beyond the defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttentionOptions {
+    /// Query `i` sees keys `j <= q_pos + i` only.
+    pub causal: bool,
+    /// Score scale (default `1 / sqrt(head_dim)`; Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: Option<f32>,
+    /// Sliding window: query `i` sees only keys `j > q_pos + i - window`.
+    pub window: Option<usize>,
+    /// Soft-capping of the scaled scores: `cap * tanh(s / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
 /// The values one [`Graph::scheduler_step`] reads and writes. `x`, `x0_prev` and `unet_in` are
 /// state tensors (added with `Graph::tensor`) written in place.
 #[derive(Clone, Copy, Debug)]
@@ -249,17 +262,40 @@ impl Graph {
         q_pos: Dyn,
         kv_len: Dyn,
     ) -> Result<Value> {
+        let opts = AttentionOptions {
+            causal,
+            ..Default::default()
+        };
+        self.attention_with(q, k, v, heads, kv_heads, q_pos, kv_len, &opts)
+    }
+
+    /// [`Graph::attention`] with a score scale other than `1 / sqrt(head_dim)`, a sliding
+    /// window or soft-capped scores (see [`AttentionOptions`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with(
+        &mut self,
+        q: Value,
+        k: Value,
+        v: Value,
+        heads: usize,
+        kv_heads: usize,
+        q_pos: Dyn,
+        kv_len: Dyn,
+        opts: &AttentionOptions,
+    ) -> Result<Value> {
         let shape = self.shape(q);
         let head_dim = shape.last().copied().unwrap_or(0) / heads.max(1);
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        let scale = opts.scale.unwrap_or_else(|| 1.0 / (head_dim as f32).sqrt());
         self.push1(
             Attention {
                 heads,
                 kv_heads,
-                causal,
+                causal: opts.causal,
                 scale,
                 q_pos,
                 kv_len,
+                window: opts.window.unwrap_or(0),
+                softcap: opts.softcap.unwrap_or(0.0),
             },
             vec![q, k, v],
         )

@@ -93,13 +93,14 @@ crate::params!(
     AttentionParams, "attention.wgsl", [] {
         b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,
         causal: u32, scale: f32, q_add: u32, q_slot: u32, q_mul: u32, kv_add: u32, kv_slot: u32,
-        kv_mul: u32, total: u32,
+        kv_mul: u32, total: u32, window: u32, softcap: f32,
     }
 );
 
 /// Attention with online softmax. Inputs q `[b, lq, heads*d]`, k and v `[b, lk, kv_heads*d]`
 /// (or a cache with `lk` rows of which `kv_len` are valid). Causal: query `i` sees keys
-/// `j <= q_pos + i`. Output like q.
+/// `j <= q_pos + i`; a sliding `window` (> 0) also hides keys `j <= q_pos + i - window`.
+/// `softcap` (> 0) caps each scaled score `s` to `softcap * tanh(s / softcap)`. Output like q.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
     pub heads: usize,
@@ -108,6 +109,10 @@ pub struct Attention {
     pub scale: f32,
     pub q_pos: Dyn,
     pub kv_len: Dyn,
+    /// Sliding-window size in keys (0: none).
+    pub window: usize,
+    /// Score soft-cap (0: none).
+    pub softcap: f32,
 }
 
 impl Kernel for Attention {
@@ -179,6 +184,8 @@ impl Kernel for Attention {
             kv_slot,
             kv_mul,
             total: u(total),
+            window: u(self.window),
+            softcap: self.softcap,
         };
         let inputs = [
             Binding::read(q.buf()),

@@ -23,6 +23,10 @@ pub struct AttnShape {
     pub q_pos: usize,
     /// Valid keys: `j < min(kv_len, lk)`.
     pub kv_len: usize,
+    /// Sliding window (0: none): query `i` sees only keys `j > q_pos + i - window`.
+    pub window: usize,
+    /// Score soft-cap (0: none): each scaled score `s` becomes `softcap * tanh(s / softcap)`.
+    pub softcap: f32,
 }
 
 /// Attention: q `[batch, lq, heads*d]`, k and v `[batch, lk, kv_heads*d]`, output
@@ -40,19 +44,30 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f32> {
             } else {
                 kv_end
             };
+            let start = if s.window > 0 {
+                (s.q_pos + i + 1).saturating_sub(s.window).min(end)
+            } else {
+                0
+            };
             for h in 0..s.heads {
                 let hk = h / g;
                 let qo = (b * s.lq + i) * qw + h * d;
                 let qv = &q[qo..qo + d];
                 let krow = |j: usize| (b * s.lk + j) * kw + hk * d;
-                let scores: Vec<f64> = (0..end)
+                let scores: Vec<f64> = (start..end)
                     .map(|j| {
                         let kr = &k[krow(j)..krow(j) + d];
-                        s.scale as f64
+                        let x = s.scale as f64
                             * qv.iter()
                                 .zip(kr)
                                 .map(|(&a, &b)| a as f64 * b as f64)
-                                .sum::<f64>()
+                                .sum::<f64>();
+                        if s.softcap > 0.0 {
+                            let c = s.softcap as f64;
+                            c * (x / c).tanh()
+                        } else {
+                            x
+                        }
                     })
                     .collect();
                 let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
@@ -62,9 +77,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f32> {
                     let acc: f64 = e
                         .iter()
                         .enumerate()
-                        .map(|(j, &w)| w * v[krow(j) + c] as f64)
+                        .map(|(j, &w)| w * v[krow(start + j) + c] as f64)
                         .sum();
-                    *o = if end == 0 { 0.0 } else { (acc / sum) as f32 };
+                    *o = if end == start {
+                        0.0
+                    } else {
+                        (acc / sum) as f32
+                    };
                 }
             }
         }
