@@ -1,5 +1,10 @@
 // Normalizations, one variant define each:
 //   RMS    y[r, :] = x[r, :] / sqrt(mean(x^2) + eps) * w                       one workgroup per row
+//   RMS+QK per-head RMSNorm of a stacked Q/K/V projection (Qwen3, Gemma 3): x is rows of
+//          spatial = heads + 2 kv_heads heads of d; row r is head r % spatial of a token. Heads
+//          below groups (= heads, the q heads) use w[0, :], the next ones below channels
+//          (= heads + kv_heads, the k heads) use w[1, :], v heads are copied. w: [2, d].
+//                                                                              one workgroup per head
 //   LAYER  y[r, :] = (x - mean) / sqrt(var + eps) * w + b                      one workgroup per row
 //   GROUP  x [b, c, s]: per (b, group of c/groups channels) mean/var over (c/groups) * s elements,
 //          y = (x - mean) / sqrt(var + eps) * w[c] + b[c], then SiLU if silu == 1
@@ -50,10 +55,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let base = row * p.d;
 #endif
 #ifdef RMS
+#ifdef QK
+    let head = row % p.spatial;
+    if (head >= p.channels) {
+        for (var i = li; i < n; i += 256u) { y[base + i] = x[base + i]; }
+        return;
+    }
+    let wo = select(0u, p.d, head >= p.groups);
+#else
+    let wo = 0u;
+#endif
     var ss = 0.0;
     for (var i = li; i < n; i += 256u) { let v = x[base + i]; ss += v * v; }
     let inv = inverseSqrt(wg_sum(ss, li) / f32(n) + p.eps);
-    for (var i = li; i < n; i += 256u) { y[base + i] = x[base + i] * inv * w[i]; }
+    for (var i = li; i < n; i += 256u) { y[base + i] = x[base + i] * inv * w[wo + i]; }
 #else
     var s = 0.0;
     for (var i = li; i < n; i += 256u) { s += x[base + i]; }

@@ -28,6 +28,18 @@ fn activations() {
     let y = t.g.scale(xv, 0.18215, -1.5).unwrap();
     let want: Vec<f32> = x.iter().map(|v| v * 0.18215 - 1.5).collect();
     assert_close("scale", &t.run(y, &[]), &want, 1e-6, 1e-6);
+    // Soft-capping (Gemma 2's final logits): large values saturate, small ones pass nearly as
+    // they are; 1e9 checks the saturation does not turn into inf / inf.
+    let mut xs = Rng::new(3).vec(999, -90.0, 90.0);
+    xs.push(1e9);
+    let mut t = OpTest::new();
+    let xv = t.input("x", &[1000], &xs);
+    let y = t.g.unary(xv, UnaryOp::Softcap { cap: 30.0 }).unwrap();
+    let want: Vec<f32> = xs
+        .iter()
+        .map(|&v| (30.0 * (v as f64 / 30.0).tanh()) as f32)
+        .collect();
+    assert_close("softcap 30", &t.run(y, &[]), &want, 1e-5, 1e-6);
 }
 
 #[test]

@@ -102,3 +102,36 @@ fn norm_shape_errors() {
     let e = g.rms_norm(x, w, 1e-5).unwrap_err();
     assert!(e.to_string().contains("expected [4]"), "{e}");
 }
+
+#[test]
+fn per_head_qk_norm() {
+    // Rows of [q heads | k heads | v heads] (Qwen3 / Gemma 3 stacked projections): q heads
+    // normalized with w[0], k heads with w[1], v copied. Head dims 128 and 256 (Gemma), odd 40.
+    for (t, heads, kv_heads, d) in [(1, 4, 1, 256), (7, 8, 2, 128), (3, 2, 2, 40)] {
+        let n = heads + 2 * kv_heads;
+        let mut rng = Rng::new((t * 31 + d) as u64);
+        let (x, w) = (rng.vec(t * n * d, -3.0, 3.0), rng.vec(2 * d, 0.5, 1.5));
+        let mut t_ = OpTest::new();
+        let (xv, wv) = (
+            t_.input("qkv", &[1, t, n * d], &x),
+            t_.input("w", &[2, d], &w),
+        );
+        let y = t_.g.qk_norm(xv, wv, heads, kv_heads, 1e-6).unwrap();
+        let want: Vec<f32> = x
+            .chunks(d)
+            .enumerate()
+            .flat_map(|(r, head)| match r % n {
+                h if h < heads => r::rms_norm(head, &w[..d], 1e-6),
+                h if h < heads + kv_heads => r::rms_norm(head, &w[d..], 1e-6),
+                _ => head.to_vec(),
+            })
+            .collect();
+        assert_close(
+            &format!("qk_norm t={t} {heads}/{kv_heads} d={d}"),
+            &t_.run(y, &[]),
+            &want,
+            TOL,
+            1e-5,
+        );
+    }
+}

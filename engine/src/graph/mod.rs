@@ -18,7 +18,7 @@ use crate::kernels::elementwise::{
     Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, Upsample2x,
 };
 use crate::kernels::linear::{Gather, Linear};
-use crate::kernels::norm::{GroupNorm, LayerNorm, RmsNorm, Softmax};
+use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
 use crate::kernels::scheduler::SchedulerStep;
@@ -309,6 +309,26 @@ impl Graph {
     /// RMSNorm over the last dimension with weight `w`.
     pub fn rms_norm(&mut self, x: Value, w: Value, eps: f32) -> Result<Value> {
         self.push1(RmsNorm { eps }, vec![x, w])
+    }
+
+    /// Per-head RMSNorm of the q and k heads of a stacked Q/K/V projection `[.., (heads + 2
+    /// kv_heads) d]` with `w` `[2, d]` (q_norm, k_norm); v heads pass through.
+    pub fn qk_norm(
+        &mut self,
+        qkv: Value,
+        w: Value,
+        heads: usize,
+        kv_heads: usize,
+        eps: f32,
+    ) -> Result<Value> {
+        self.push1(
+            QkNorm {
+                heads,
+                kv_heads,
+                eps,
+            },
+            vec![qkv, w],
+        )
     }
 
     /// LayerNorm over the last dimension with weight and bias.

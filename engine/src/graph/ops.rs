@@ -7,7 +7,7 @@ use crate::kernels::elementwise::{
     BinaryOp, Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, UnaryOp, Upsample2x,
 };
 use crate::kernels::linear::{Gather, Linear};
-use crate::kernels::norm::{GroupNorm, LayerNorm, RmsNorm, Softmax};
+use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
 use crate::kernels::scheduler::SchedulerStep;
@@ -44,6 +44,7 @@ ops!(
     Attention(Attention),
     Softmax(Softmax),
     RmsNorm(RmsNorm),
+    QkNorm(QkNorm),
     LayerNorm(LayerNorm),
     GroupNorm(GroupNorm),
     Rope(Rope),

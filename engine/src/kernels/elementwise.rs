@@ -96,6 +96,8 @@ pub enum UnaryOp {
     GeluTanh,
     QuickGelu,
     Scale { mul: f32, add: f32 },
+    /// `cap * tanh(x / cap)`: Gemma 2's soft-capping of the final logits.
+    Softcap { cap: f32 },
 }
 
 impl Kernel for UnaryOp {
@@ -115,6 +117,7 @@ impl Kernel for UnaryOp {
             UnaryOp::GeluTanh => (Act::GeluTanh.code(), 1.0, 0.0),
             UnaryOp::QuickGelu => (3, 1.0, 0.0),
             UnaryOp::Scale { mul, add } => (4, mul, add),
+            UnaryOp::Softcap { cap } => (5, cap, 0.0),
         };
         let p = UnaryParams {
             n: u(n),

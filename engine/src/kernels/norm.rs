@@ -82,6 +82,68 @@ pub struct RmsNorm {
     pub eps: f32,
 }
 
+/// The per-head RMSNorm of Qwen3 and Gemma 3 on a stacked Q/K/V projection `[.., (heads + 2
+/// kv_heads) d]`: each q head is normalized over its `d` dims with `w[0]`, each k head with
+/// `w[1]` (`w` is `[2, d]`, the checkpoint's q_norm and k_norm), v heads pass through. One
+/// dispatch, one workgroup per head of every token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkNorm {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub eps: f32,
+}
+
+impl QkNorm {
+    fn per_row(&self) -> usize {
+        self.heads + 2 * self.kv_heads
+    }
+}
+
+impl Kernel for QkNorm {
+    fn name(&self) -> &'static str {
+        "qk_norm"
+    }
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let (x, w) = (ins[0].0, ins[1].0);
+        need_f32(self.name(), ins[0].1)?;
+        need_f32(self.name(), ins[1].1)?;
+        let width = last_dim(self.name(), x)?;
+        let n = self.per_row();
+        let d = width / n.max(1);
+        if self.heads == 0 || self.kv_heads == 0 || d == 0 || width != n * d || w != [2, d] {
+            return Err(shape_err(
+                self.name(),
+                format!(
+                    "input {x:?} and weights {w:?} need [.., ({} + 2 * {}) d] and [2, d]",
+                    self.heads, self.kv_heads
+                ),
+            ));
+        }
+        f32_out(x)
+    }
+    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let out = super::out(self, out)?;
+        let n = self.per_row();
+        let d = *ins[0].shape.last().unwrap_or(&1) / n;
+        let rows = ins[0].numel() / d.max(1);
+        let p = NormParams {
+            rows: u(rows),
+            d: u(d),
+            eps: self.eps,
+            groups: u(self.heads),
+            channels: u(self.heads + self.kv_heads),
+            spatial: u(n),
+            silu: 0,
+        };
+        Ok(vec![dispatch(
+            KernelKey::new("norm.wgsl", "main").def("RMS", "").def("QK", ""),
+            &p,
+            bindings(ins, out),
+            grid(u(rows)),
+        )])
+    }
+}
+
 /// LayerNorm over the last dimension: x, weight `[d]`, bias `[d]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerNorm {
