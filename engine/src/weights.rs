@@ -344,6 +344,17 @@ impl<'a> VarBuilder<'a> {
 
     /// Vectors `names` (each `[n_i]`) as one f32 `[sum n_i]` (the biases of stacked matrices).
     pub fn get_stacked_f32(&self, names: &[&str], lens: &[usize]) -> Result<Arc<Tensor>> {
+        self.get_vectors_plus(names, lens, 0.0)
+    }
+
+    /// [`VarBuilder::get_stacked_f32`] with `add` added to every element (Gemma's `(1 + w)`
+    /// norm weights).
+    pub fn get_vectors_plus(
+        &self,
+        names: &[&str],
+        lens: &[usize],
+        add: f32,
+    ) -> Result<Arc<Tensor>> {
         let mut v = Vec::new();
         for (n, &len) in names.iter().zip(lens) {
             let p = self.path(n);
@@ -369,6 +380,9 @@ impl<'a> VarBuilder<'a> {
                 },
                 &[(&name, lens[k])],
             ));
+        }
+        if add != 0.0 {
+            v.iter_mut().for_each(|x| *x += add);
         }
         Ok(Arc::new(Tensor::from_f32(
             &self.w.gpu,

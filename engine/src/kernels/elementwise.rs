@@ -95,9 +95,14 @@ pub enum UnaryOp {
     GeluErf,
     GeluTanh,
     QuickGelu,
-    Scale { mul: f32, add: f32 },
+    Scale {
+        mul: f32,
+        add: f32,
+    },
     /// `cap * tanh(x / cap)`: Gemma 2's soft-capping of the final logits.
-    Softcap { cap: f32 },
+    Softcap {
+        cap: f32,
+    },
 }
 
 impl Kernel for UnaryOp {

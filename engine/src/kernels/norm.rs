@@ -136,7 +136,9 @@ impl Kernel for QkNorm {
             silu: 0,
         };
         Ok(vec![dispatch(
-            KernelKey::new("norm.wgsl", "main").def("RMS", "").def("QK", ""),
+            KernelKey::new("norm.wgsl", "main")
+                .def("RMS", "")
+                .def("QK", ""),
             &p,
             bindings(ins, out),
             grid(u(rows)),

@@ -4,7 +4,7 @@
 
 use super::config::LlmConfig;
 use super::model::{build_step, KvCache, Step};
-use super::weights::{gguf_name, LlmWeights};
+use super::weights::{gguf_name, gguf_name_gemma, LlmWeights};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
@@ -182,11 +182,16 @@ fn read_checkpoint(
         let bytes = files.remove(&name).unwrap_or_default();
         let g = Gguf::parse(&name, bytes)?;
         let cfg = LlmConfig::from_gguf(&g)?;
+        let names = if cfg.arch.is_gemma() {
+            gguf_name_gemma
+        } else {
+            gguf_name
+        };
         let tok = TextTokenizer::from_gguf(&g)?;
         (
             cfg,
             tok,
-            Weights::new(gpu, &name, Box::new(g)).with_names(gguf_name),
+            Weights::new(gpu, &name, Box::new(g)).with_names(names),
         )
     } else {
         let config = text_file(&files, "config.json")?.ok_or_else(|| Error::Data {
@@ -228,7 +233,7 @@ impl TextModel {
             });
         }
         let ctx = opts.ctx.min(config.max_positions);
-        let kv = KvCache::new(gpu, &config, &weights.inv_freq, ctx)?;
+        let kv = KvCache::new(gpu, &config, &weights.ropes, ctx)?;
         let prefill = build_step(
             gpu,
             &config,

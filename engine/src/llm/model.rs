@@ -3,39 +3,46 @@
 //! compilations of it. Token ids come from the history tensor on the GPU and the sampled id goes
 //! back into it, so decode needs nothing from the CPU but the run scalars.
 
-use super::config::LlmConfig;
-use super::weights::{LlmWeights, Stacked};
+use super::config::{LlmConfig, Rotary};
+use super::weights::{LlmWeights, QkNorms, Stacked};
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::graph::{Act, GluInput};
+use crate::graph::{AttentionOptions, GluInput, UnaryOp};
 use crate::kernels::sample::SETTINGS_LEN;
 use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn, Graph, Plan, Scalar, Value};
 use std::sync::Arc;
 
 /// Per-layer key and value caches `[1, ctx, kv_heads * head_dim]`, the token history
-/// `[ctx + 1]` (prompt ids, then every sampled id at its position) and the rotary cos/sin table
-/// of those `ctx` positions.
+/// `[ctx + 1]` (prompt ids, then every sampled id at its position) and the rotary cos/sin
+/// tables of those `ctx` positions (one per rotary embedding: global, then Gemma 3's local one).
 pub struct KvCache {
     pub k: Vec<Arc<Tensor>>,
     pub v: Vec<Arc<Tensor>>,
     pub history: Arc<Tensor>,
-    pub rope: Arc<Tensor>,
+    pub rope: Vec<Arc<Tensor>>,
     pub ctx: usize,
 }
 
 impl KvCache {
     /// Bytes the caches of `ctx` positions take on the GPU (f32 keys and values for every layer,
-    /// the history, the rotary table): what [`KvCache::new`] allocates.
+    /// the history, the rotary tables): what [`KvCache::new`] allocates.
     pub fn bytes(cfg: &LlmConfig, ctx: usize) -> u64 {
         let kv = 2 * cfg.layers * ctx * cfg.kv_heads * cfg.head_dim * 4;
-        let rope = ctx * cfg.head_dim.div_ceil(2) * 2 * 4;
+        let tables = 1 + usize::from(cfg.rope_local.is_some());
+        let rope = tables * ctx * cfg.rope.dims.div_ceil(2) * 2 * 4;
         (kv + (ctx + 1) * 4 + rope) as u64
     }
 
-    /// Allocates the caches for `ctx` positions and the rotary table of `inv_freq`.
-    pub fn new(gpu: &Gpu, cfg: &LlmConfig, inv_freq: &[f32], ctx: usize) -> Result<KvCache> {
+    /// Allocates the caches for `ctx` positions and the rotary table of each of `ropes`
+    /// (the embedding and its inverse frequencies, as [`LlmWeights`] holds them).
+    pub fn new(
+        gpu: &Gpu,
+        cfg: &LlmConfig,
+        ropes: &[(Rotary, Vec<f32>)],
+        ctx: usize,
+    ) -> Result<KvCache> {
         let w = cfg.kv_heads * cfg.head_dim;
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
@@ -54,13 +61,20 @@ impl KvCache {
             )?));
         }
         let history = Arc::new(Tensor::zeros(gpu, "history", &[ctx + 1], DType::U32)?);
-        let table = crate::kernels::rope::table(inv_freq, ctx);
-        let rope = Arc::new(Tensor::from_f32(
-            gpu,
-            "rope_table",
-            &[ctx, inv_freq.len(), 2],
-            &table,
-        )?);
+        let rope = ropes
+            .iter()
+            .enumerate()
+            .map(|(i, (r, inv_freq))| {
+                let table = r.table(inv_freq, ctx);
+                Tensor::from_f32(
+                    gpu,
+                    &format!("rope_table.{i}"),
+                    &[ctx, inv_freq.len(), 2],
+                    &table,
+                )
+                .map(Arc::new)
+            })
+            .collect::<Result<_>>()?;
         Ok(KvCache {
             k,
             v,
@@ -112,11 +126,15 @@ pub async fn build_step(
     let kvw = cfg.kv_heads * d;
     let history = g.tensor(&kv.history);
     let embed = g.tensor(&w.embed);
-    let rope = g.tensor(&kv.rope);
+    let ropes: Vec<Value> = kv.rope.iter().map(|t| g.tensor(t)).collect();
 
     let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
     let mut x = g.reshape(x, &[1, tokens, h])?;
+    if let Some(s) = cfg.embed_scale {
+        x = g.scale(x, s, 0.0)?;
+    }
     for (i, lw) in w.layers.iter().enumerate() {
+        let rope = ropes[cfg.rope_index(i)];
         // Attention block.
         let attn_norm = g.tensor(&lw.attn_norm);
         let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
@@ -126,8 +144,12 @@ pub async fn build_step(
             // the caches at the run-time position.
             Stacked::One { w, bias } => {
                 let (w, b) = (g.tensor(w), bias.as_ref().map(|b| g.tensor(b)));
-                let qkv = g.linear(hn, w, b)?; // [1, t, (heads + 2 kv_heads) d]
-                let interleaved = cfg.rope_interleaved;
+                let mut qkv = g.linear(hn, w, b)?; // [1, t, (heads + 2 kv_heads) d]
+                if let Some(QkNorms::Stacked(n)) = &lw.qk_norm {
+                    let n = g.tensor(n);
+                    let n = g.reshape(n, &[2, d])?;
+                    qkv = g.qk_norm(qkv, n, cfg.heads, cfg.kv_heads, cfg.rms_eps)?;
+                }
                 g.rope_kv(
                     qkv,
                     rope,
@@ -135,7 +157,7 @@ pub async fn build_step(
                     vc,
                     cfg.heads,
                     cfg.kv_heads,
-                    interleaved,
+                    cfg.rope_interleaved,
                     Dyn::slot(pos),
                 )?
             }
@@ -145,7 +167,12 @@ pub async fn build_step(
                     let (w, b) = (g.tensor(w), b.as_ref().map(|b| g.tensor(b)));
                     out.push(g.linear(hn, w, b)?);
                 }
-                let (q, k, v) = (out[0], out[1], out[2]);
+                let (mut q, mut k, v) = (out[0], out[1], out[2]);
+                if let Some(QkNorms::Apart(qn, kn)) = &lw.qk_norm {
+                    let (qn, kn) = (g.tensor(qn), g.tensor(kn));
+                    q = head_norm(&mut g, q, qn, cfg.heads, d, cfg.rms_eps)?;
+                    k = head_norm(&mut g, k, kn, cfg.kv_heads, d, cfg.rms_eps)?;
+                }
                 let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
                 let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
                 g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
@@ -153,21 +180,38 @@ pub async fn build_step(
                 q
             }
         };
-        // Query i sits at pos + i and sees keys 0..=pos + i; the cache holds pos + t keys.
-        let a = g.attention(
+        // Query i sits at pos + i and sees keys 0..=pos + i (the last `window` of them in a
+        // sliding-window layer); the cache holds pos + t keys.
+        let opts = AttentionOptions {
+            causal: true,
+            scale: Some(cfg.attn_scale),
+            window: cfg.window(i),
+            softcap: cfg.attn_softcap,
+        };
+        let a = g.attention_with(
             q,
             kc,
             vc,
             cfg.heads,
             cfg.kv_heads,
-            true,
             Dyn::slot(pos),
             Dyn::affine(pos, 1, tokens as u32),
+            &opts,
         )?;
         let (wo, bo) = (g.tensor(&lw.wo), lw.bo.as_ref().map(|b| g.tensor(b)));
-        x = g.linear_add(a, wo, bo, x)?; // x + o_proj(a), [1, t, h]
+        x = match &lw.post_attn_norm {
+            // x + o_proj(a), [1, t, h]
+            None => g.linear_add(a, wo, bo, x)?,
+            // Gemma: x + norm(o_proj(a)).
+            Some(n) => {
+                let o = g.linear(a, wo, bo)?;
+                let n = g.tensor(n);
+                let o = g.rms_norm(o, n, cfg.rms_eps)?;
+                g.add(x, o)?
+            }
+        };
 
-        // Feed-forward block (SwiGLU).
+        // Feed-forward block (SwiGLU; Gemma's GELU-tanh gate).
         let ffn_norm = g.tensor(&lw.ffn_norm);
         let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
         let m = match &lw.gate_up {
@@ -178,24 +222,35 @@ pub async fn build_step(
                     x: gu,
                     gate_first: true,
                 };
-                g.glu(input, Act::Silu)?
+                g.glu(input, cfg.act)?
             }
             Stacked::Apart(p) => {
                 let (wg, wu) = (g.tensor(&p[0].0), g.tensor(&p[1].0));
                 let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
                 let up = g.linear(hn, wu, None)?;
-                g.glu(GluInput::Pair { gate, up }, Act::Silu)?
+                g.glu(GluInput::Pair { gate, up }, cfg.act)?
             }
         };
         let wd = g.tensor(&lw.w_down);
-        x = g.linear_add(m, wd, None, x)?; // x + down_proj(m), [1, t, h]
+        x = match &lw.post_ffn_norm {
+            None => g.linear_add(m, wd, None, x)?, // x + down_proj(m), [1, t, h]
+            Some(n) => {
+                let o = g.linear(m, wd, None)?;
+                let n = g.tensor(n);
+                let o = g.rms_norm(o, n, cfg.rms_eps)?;
+                g.add(x, o)?
+            }
+        };
     }
     // Only the last valid token needs logits.
     let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
     let norm = g.tensor(&w.norm);
     let xl = g.rms_norm(xl, norm, cfg.rms_eps)?;
     let head = g.tensor(&w.lm_head);
-    let logits = g.linear(xl, head, None)?; // [1, vocab]
+    let mut logits = g.linear(xl, head, None)?; // [1, vocab]
+    if let Some(cap) = cfg.final_softcap {
+        logits = g.unary(logits, UnaryOp::Softcap { cap })?;
+    }
     let logits = g.reshape(logits, &[cfg.vocab])?;
     let settings = g.input("sampler", &[SETTINGS_LEN], DType::F32)?;
     let out = g.sample(logits, settings, history, Dyn::slot(next), Dyn::slot(seed))?;
@@ -215,4 +270,13 @@ pub async fn build_step(
         out,
         logits: keep_logits.then_some(logits),
     })
+}
+
+/// RMSNorm of each head of `x` `[1, t, heads d]` over its `d` dims (q/k norms of projections
+/// that are apart).
+fn head_norm(g: &mut Graph, x: Value, w: Value, heads: usize, d: usize, eps: f32) -> Result<Value> {
+    let t = g.shape(x)[1];
+    let y = g.reshape(x, &[t, heads, d])?;
+    let y = g.rms_norm(y, w, eps)?;
+    g.reshape(y, &[1, t, heads * d])
 }

@@ -2,7 +2,7 @@
 //! ([`crate::weights`]): safetensors as they are, GGUF through [`gguf_name`]. Every tensor is
 //! shape-checked against the config.
 
-use super::config::{Arch, LlmConfig};
+use super::config::{Arch, LlmConfig, RopeScaling, Rotary};
 use crate::dtype::dequantize;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -20,31 +20,55 @@ pub enum Stacked {
     Apart(Vec<(Arc<Tensor>, Option<Arc<Tensor>>)>),
 }
 
+/// Per-head q/k norm weights (Qwen3, Gemma 3): one f32 `[2 d]` (q_norm, k_norm) for a stacked
+/// projection, or the two `[d]` vectors when Q/K/V are apart.
+pub enum QkNorms {
+    Stacked(Arc<Tensor>),
+    Apart(Arc<Tensor>, Arc<Tensor>),
+}
+
 /// Weights of one decoder layer.
 pub struct LayerWeights {
     pub attn_norm: Arc<Tensor>,
     /// q_proj, k_proj, v_proj (rows in that order).
     pub qkv: Stacked,
+    pub qk_norm: Option<QkNorms>,
     pub wo: Arc<Tensor>,
     pub bo: Option<Arc<Tensor>>,
+    /// Gemma: the norm of the attention output before the residual add.
+    pub post_attn_norm: Option<Arc<Tensor>>,
     pub ffn_norm: Arc<Tensor>,
     /// gate_proj, up_proj.
     pub gate_up: Stacked,
     pub w_down: Arc<Tensor>,
+    /// Gemma: the norm of the MLP output before the residual add.
+    pub post_ffn_norm: Option<Arc<Tensor>>,
 }
 
-/// All weights of a model, on the GPU, and the rotary frequencies (with any scaling the config
-/// or a GGUF `rope_freqs.weight` applies) from which the KV cache makes its cos/sin table.
+/// All weights of a model, on the GPU, and each rotary embedding (global, then Gemma 3's local
+/// one) with its inverse frequencies (any GGUF `rope_freqs.weight` applied), from which the KV
+/// cache makes its cos/sin tables.
 pub struct LlmWeights {
     pub embed: Arc<Tensor>,
     pub layers: Vec<LayerWeights>,
     pub norm: Arc<Tensor>,
     pub lm_head: Arc<Tensor>,
-    pub inv_freq: Vec<f32>,
+    pub ropes: Vec<(Rotary, Vec<f32>)>,
 }
 
 /// GGUF's name (llama.cpp's) for a tensor given its Hugging Face name.
 pub fn gguf_name(hf: &str) -> String {
+    gguf_name_for(hf, false)
+}
+
+/// [`gguf_name`] for Gemma 2/3, whose four layer norms map differently: HF's
+/// `post_attention_layernorm` follows attention there (GGUF `post_attention_norm`), and the
+/// MLP's input norm is `pre_feedforward_layernorm` (GGUF `ffn_norm`).
+pub fn gguf_name_gemma(hf: &str) -> String {
+    gguf_name_for(hf, true)
+}
+
+fn gguf_name_for(hf: &str, gemma: bool) -> String {
     let map = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
@@ -59,17 +83,25 @@ pub fn gguf_name(hf: &str) -> String {
     let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
     let t = match tail {
         "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" if gemma => "post_attention_norm.weight",
+        "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
         "post_attention_layernorm.weight" => "ffn_norm.weight",
         "self_attn.q_proj.weight" => "attn_q.weight",
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.qkv_proj.weight" => "attn_qkv.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
         "self_attn.q_proj.bias" => "attn_q.bias",
         "self_attn.k_proj.bias" => "attn_k.bias",
         "self_attn.v_proj.bias" => "attn_v.bias",
         "self_attn.o_proj.bias" => "attn_output.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
+        // Phi-3: llama.cpp keeps the fused gate/up matrix under ffn_up.
+        "mlp.gate_up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
         other => other,
     };
@@ -91,59 +123,111 @@ impl LlmWeights {
         on_progress(1, total);
         let mut layers = Vec::with_capacity(cfg.layers);
         let bias = cfg.arch == Arch::Qwen2;
+        let norm_plus = |vb: &crate::weights::VarBuilder, name: &str, len: usize| {
+            if cfg.norm_offset == 0.0 {
+                vb.get(name, &[len])
+            } else {
+                vb.get_vectors_plus(&[name], &[len], cfg.norm_offset)
+            }
+        };
         for i in 0..cfg.layers {
             let l = model.pp("layers").pp(i);
             let (attn, mlp) = (l.pp("self_attn"), l.pp("mlp"));
             let qkv_rows = [cfg.heads * d, kv * d, kv * d];
-            let qkv = ["q_proj", "k_proj", "v_proj"];
-            let has_bias = bias || attn.has("q_proj.bias");
-            let weights: Vec<String> = qkv.iter().map(|n| format!("{n}.weight")).collect();
-            let biases: Vec<String> = qkv.iter().map(|n| format!("{n}.bias")).collect();
-            let (wn, bn): (Vec<&str>, Vec<&str>) = (
-                weights.iter().map(String::as_str).collect(),
-                biases.iter().map(String::as_str).collect(),
-            );
-            let stacked = attn.get_stacked(&wn, &qkv_rows.map(|r| [r, h]))?;
-            let qkv = match stacked {
-                Some(w) => Stacked::One {
-                    w,
-                    bias: if has_bias {
-                        Some(attn.get_stacked_f32(&bn, &qkv_rows)?)
-                    } else {
-                        None
+            let qkv = if cfg.arch == Arch::Phi3 {
+                Stacked::One {
+                    w: attn.get("qkv_proj.weight", &[qkv_rows.iter().sum(), h])?,
+                    bias: None,
+                }
+            } else {
+                let names = ["q_proj", "k_proj", "v_proj"];
+                let has_bias = bias || attn.has("q_proj.bias");
+                let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+                let biases: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
+                let (wn, bn): (Vec<&str>, Vec<&str>) = (
+                    weights.iter().map(String::as_str).collect(),
+                    biases.iter().map(String::as_str).collect(),
+                );
+                match attn.get_stacked(&wn, &qkv_rows.map(|r| [r, h]))? {
+                    Some(w) => Stacked::One {
+                        w,
+                        bias: if has_bias {
+                            Some(attn.get_stacked_f32(&bn, &qkv_rows)?)
+                        } else {
+                            None
+                        },
                     },
-                },
-                None => Stacked::Apart(
-                    (0..3)
-                        .map(|i| {
-                            let w = attn.get(&weights[i], &[qkv_rows[i], h])?;
-                            let b = if has_bias {
-                                Some(attn.get(&biases[i], &[qkv_rows[i]])?)
-                            } else {
-                                None
-                            };
-                            Ok((w, b))
-                        })
-                        .collect::<Result<_>>()?,
-                ),
+                    None => Stacked::Apart(
+                        (0..3)
+                            .map(|i| {
+                                let w = attn.get(&weights[i], &[qkv_rows[i], h])?;
+                                let b = if has_bias {
+                                    Some(attn.get(&biases[i], &[qkv_rows[i]])?)
+                                } else {
+                                    None
+                                };
+                                Ok((w, b))
+                            })
+                            .collect::<Result<_>>()?,
+                    ),
+                }
+            };
+            let qk_norm = if !cfg.qk_norm {
+                None
+            } else if matches!(qkv, Stacked::One { .. }) {
+                Some(QkNorms::Stacked(attn.get_vectors_plus(
+                    &["q_norm.weight", "k_norm.weight"],
+                    &[d, d],
+                    cfg.norm_offset,
+                )?))
+            } else {
+                Some(QkNorms::Apart(
+                    norm_plus(&attn, "q_norm.weight", d)?,
+                    norm_plus(&attn, "k_norm.weight", d)?,
+                ))
             };
             let inter = cfg.intermediate;
-            let gu = mlp.get_stacked(&["gate_proj.weight", "up_proj.weight"], &[[inter, h]; 2])?;
-            let gate_up = match gu {
-                Some(w) => Stacked::One { w, bias: None },
-                None => Stacked::Apart(vec![
-                    (mlp.get("gate_proj.weight", &[inter, h])?, None),
-                    (mlp.get("up_proj.weight", &[inter, h])?, None),
-                ]),
+            let gate_up = if cfg.arch == Arch::Phi3 {
+                Stacked::One {
+                    w: mlp.get("gate_up_proj.weight", &[2 * inter, h])?,
+                    bias: None,
+                }
+            } else {
+                let gu =
+                    mlp.get_stacked(&["gate_proj.weight", "up_proj.weight"], &[[inter, h]; 2])?;
+                match gu {
+                    Some(w) => Stacked::One { w, bias: None },
+                    None => Stacked::Apart(vec![
+                        (mlp.get("gate_proj.weight", &[inter, h])?, None),
+                        (mlp.get("up_proj.weight", &[inter, h])?, None),
+                    ]),
+                }
+            };
+            let gemma = cfg.arch.is_gemma();
+            let (post_attn_norm, ffn_norm, post_ffn_norm) = if gemma {
+                (
+                    Some(norm_plus(&l, "post_attention_layernorm.weight", h)?),
+                    norm_plus(&l, "pre_feedforward_layernorm.weight", h)?,
+                    Some(norm_plus(&l, "post_feedforward_layernorm.weight", h)?),
+                )
+            } else {
+                (
+                    None,
+                    norm_plus(&l, "post_attention_layernorm.weight", h)?,
+                    None,
+                )
             };
             layers.push(LayerWeights {
-                attn_norm: l.get("input_layernorm.weight", &[h])?,
+                attn_norm: norm_plus(&l, "input_layernorm.weight", h)?,
                 qkv,
+                qk_norm,
                 wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
                 bo: attn.optional("o_proj.bias", &[h])?,
-                ffn_norm: l.get("post_attention_layernorm.weight", &[h])?,
+                post_attn_norm,
+                ffn_norm,
                 gate_up,
                 w_down: mlp.get("down_proj.weight", &[h, inter])?,
+                post_ffn_norm,
             });
             on_progress(i + 2, total);
         }
@@ -159,23 +243,55 @@ impl LlmWeights {
                 ),
             });
         }
-        let norm = model.get("norm.weight", &[h])?;
+        let norm = norm_plus(&model, "norm.weight", h)?;
         // Tied embeddings: no separate head in the checkpoint, the embedding serves both.
         let lm_head = if cfg.tie_embeddings {
             embed.clone()
         } else {
             root.get("lm_head.weight", &[cfg.vocab, h])?
         };
-        let mut freqs = cfg.inv_freq();
-        if let Some(raw) = w.raw("rope_freqs.weight") {
+        let mut freqs = cfg.rope.inv_freq();
+        let n_freq = freqs.len();
+        let factors = |name: &str| -> Result<Option<Vec<f32>>> {
+            let Some(raw) = w.raw(name) else {
+                return Ok(None);
+            };
             let f = dequantize(raw.dtype, raw.data, raw.shape.iter().product())?;
-            if f.len() != freqs.len() {
+            if f.len() != n_freq || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
                 return Err(Error::Data {
-                    name: "rope_freqs.weight".into(),
-                    msg: format!("{} factors for {} frequencies", f.len(), freqs.len()),
+                    name: name.into(),
+                    msg: format!(
+                        "{} factors for {} frequencies (each positive and finite)",
+                        f.len(),
+                        n_freq
+                    ),
                 });
             }
+            Ok(Some(f))
+        };
+        // llama.cpp's llama3 scaling: divisors of the base frequencies.
+        if let Some(f) = factors("rope_freqs.weight")? {
             freqs.iter_mut().zip(&f).for_each(|(a, b)| *a /= b);
+        }
+        // llama.cpp's Phi-3 LongRoPE factors are tensors (config lists in a HF folder): the
+        // GGUF config comes with empty lists for them to fill.
+        let mut rope = cfg.rope.clone();
+        if let Some(RopeScaling::LongRope { short, long, .. }) = &mut rope.scaling {
+            if short.is_empty() || long.is_empty() {
+                let need = |name: &str| {
+                    factors(name)?.ok_or_else(|| Error::Data {
+                        name: w.describe(),
+                        msg: format!("LongRoPE scaling without the tensor '{name}'"),
+                    })
+                };
+                *short = need("rope_factors_short.weight")?;
+                *long = need("rope_factors_long.weight")?;
+                freqs = rope.inv_freq();
+            }
+        }
+        let mut ropes = vec![(rope, freqs)];
+        if let Some(local) = &cfg.rope_local {
+            ropes.push((local.clone(), local.inv_freq()));
         }
         on_progress(total, total);
         Ok(LlmWeights {
@@ -183,7 +299,7 @@ impl LlmWeights {
             layers,
             norm,
             lm_head,
-            inv_freq: freqs,
+            ropes,
         })
     }
 }
