@@ -16,10 +16,16 @@ const CASES: [&str; 5] = [
     "llama-q-256",
 ];
 
+/// The case's folder: fixtures/llm (tools/make_llm_fixtures.py) or fixtures/llm-arch
+/// (tools/make_arch_fixtures.py).
 fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/llm")
-        .join(case)
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let main = root.join("llm").join(case);
+    if main.exists() {
+        main
+    } else {
+        root.join("llm-arch").join(case)
+    }
 }
 
 fn expected(case: &str) -> Value {
@@ -190,6 +196,46 @@ fn parity_qwen2_bias_f32() {
 #[test]
 fn parity_gguf_quantized_q8_q4_q4k() {
     check_case("llama-q-256");
+}
+
+/// Per-head q/k norms, head_dim 32 over hidden 64 / 4 heads; folder and GGUF.
+#[test]
+fn parity_qwen3_f32() {
+    check_case("qwen3-f32");
+}
+
+/// Gemma 3: (1 + w) and sandwich norms, scaled embeddings, q/k norms, GELU-tanh, 5 sliding
+/// layers (window 8) and a global one on another rotary base; bf16 folder and BF16 GGUF.
+#[test]
+fn parity_gemma3_bf16() {
+    check_case("gemma3-bf16");
+}
+
+/// Gemma 3 beyond the GGUF case: query_pre_attn_scalar 24, explicit layer_types, linear rope
+/// scaling on the global layer, final-logit soft-capping, untied head, and an
+/// attn_logit_softcapping that Gemma 3 ignores (as transformers and llama.cpp do).
+#[test]
+fn parity_gemma3_variants_f32() {
+    check_case("gemma3-variants-f32");
+}
+
+/// Gemma 2: alternating windows and soft-capping; folder and GGUF.
+#[test]
+fn parity_gemma2_f32() {
+    check_case("gemma2-f32");
+}
+
+/// Phi-3: fused qkv_proj and gate_up_proj, LongRoPE crossing original_max (24), partial rotary,
+/// sliding window 12.
+#[test]
+fn parity_phi3_longrope_f32() {
+    check_case("phi3-longrope-f32");
+}
+
+/// Mistral with sliding_window 6 (shorter than the run), formerly refused.
+#[test]
+fn parity_mistral_sliding_window_f32() {
+    check_case("mistral-window-f32");
 }
 
 #[test]

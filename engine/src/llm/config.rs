@@ -466,7 +466,9 @@ impl LlmConfig {
             // In the embedding's dtype, as transformers multiplies (f32 here).
             embed_scale: gemma.then(|| (hidden as f32).sqrt()),
             attn_scale,
-            attn_softcap: if gemma {
+            // Gemma 3's config carries attn_logit_softcapping, but neither transformers nor
+            // llama.cpp applies it: only Gemma 2 caps attention scores.
+            attn_softcap: if arch == Arch::Gemma2 {
                 softcap("attn_logit_softcapping")?
             } else {
                 None
