@@ -260,18 +260,35 @@ impl TextTokenizer {
                 }
                 let merges = spm_merges(&tokens, &scores);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
+                // SentencePiece's dummy prefix ("▁" before the text, stripped again when
+                // decoding): on unless the file says otherwise (Gemma's vocabularies).
+                let prefix = g
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .map(|v| *v == Value::Bool(true))
+                    .unwrap_or(true);
+                let space =
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+                let normalizer = if prefix {
+                    json!({"type": "Sequence", "normalizers": [
+                        {"type": "Prepend", "prepend": "\u{2581}"}, space]})
+                } else {
+                    space
+                };
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if prefix {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
                 json!({
                     "version": "1.0",
                     "added_tokens": added,
-                    "normalizer": {"type": "Sequence", "normalizers": [
-                        {"type": "Prepend", "prepend": "\u{2581}"},
-                        {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+                    "normalizer": normalizer,
                     "pre_tokenizer": null,
                     "post_processor": null,
-                    "decoder": {"type": "Sequence", "decoders": [
-                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                        {"type": "ByteFallback"}, {"type": "Fuse"},
-                        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                    "decoder": {"type": "Sequence", "decoders": decoders},
                     "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                               "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                               "vocab": vocab, "merges": merges}
@@ -359,6 +376,44 @@ impl TextTokenizer {
     }
 }
 
+/// Chat templates by name, for files that carry none (a base model's GGUF) or to override one
+/// (`kiln chat --chat-template NAME`): the turn formats of the model families Kiln runs.
+pub const BUILTIN_CHAT_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "chatml",
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}\
+         {% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    ),
+    (
+        // Gemma 2/3: a system message is folded into the first user turn; the assistant is
+        // "model".
+        "gemma",
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}\
+         {% set msgs = messages[1:] %}{% else %}{% set prefix = '' %}{% set msgs = messages %}{% endif %}\
+         {% for m in msgs %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}\
+         {{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}\
+         {% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+    ),
+    (
+        "llama3",
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}\
+         {% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    ),
+    (
+        "phi3",
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}\
+         {% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}",
+    ),
+];
+
+/// The built-in template `name`, or `name` itself (Jinja text).
+pub fn chat_template_named(name: &str) -> &str {
+    BUILTIN_CHAT_TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(name, |(_, t)| t)
+}
+
 /// Instructions a chat template may run per rendering: a real template spends a few hundred
 /// per message, so this bounds a looping (hostile) template to a fraction of a second.
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
@@ -425,7 +480,7 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<Json> {
 /// BPE merges of a SentencePiece vocabulary, as transformers' `SentencePieceExtractor`: every
 /// split of a piece into two known pieces, ordered by the merged piece's score (stable, ties by
 /// the ids of the halves).
-fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
+fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<Json> {
     let vocab: HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
@@ -445,9 +500,10 @@ fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
         merges.extend(local);
     }
     merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
+    // Pairs, not "left right" strings: SentencePiece pieces may hold spaces (Gemma's do).
     merges
         .into_iter()
-        .map(|(l, r, _)| format!("{} {}", tokens[l], tokens[r]))
+        .map(|(l, r, _)| json!([tokens[l], tokens[r]]))
         .collect()
 }
 

@@ -70,6 +70,10 @@ struct ModelArgs {
     /// Context length (KV-cache positions).
     #[arg(long, default_value_t = LoadOptions::default().ctx)]
     ctx: usize,
+    /// Chat template instead of the model's: chatml, gemma, llama3, phi3, or a Jinja file.
+    /// Without it a model with no template of its own gets its architecture's (Gemma's).
+    #[arg(long)]
+    chat_template: Option<String>,
 }
 
 /// The sampler flags. Every default is the engine's (`TextOptions::default()`), which the wasm
@@ -292,9 +296,31 @@ fn load_model(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
         ProgressStyle::with_template("loading {bar:30} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let chat_template = match &m.chat_template {
+        Some(t) if std::path::Path::new(t).is_file() => Some(
+            std::fs::read_to_string(t).with_context(|| format!("reading the chat template {t}"))?,
+        ),
+        Some(t)
+            if kiln::tokenizer::BUILTIN_CHAT_TEMPLATES
+                .iter()
+                .any(|(n, _)| n == t) =>
+        {
+            Some(t.clone())
+        }
+        Some(t) => bail!(
+            "--chat-template '{t}' is neither a file nor a built-in template ({})",
+            kiln::tokenizer::BUILTIN_CHAT_TEMPLATES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => None,
+    };
     let opts = LoadOptions {
         ctx: m.ctx,
         quantize: m.quantize,
+        chat_template,
         ..Default::default()
     };
     let model = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |done, total| {
@@ -409,7 +435,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let gpu = gpu()?;
     let mut model = load(&gpu, &a.model, false)?;
     if model.tokenizer.chat_template.is_none() {
-        return Err(anyhow::anyhow!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template')")).stage(EXIT_MODEL);
+        return Err(anyhow::anyhow!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template'); name one with --chat-template (chatml, gemma, llama3, phi3, or a Jinja file)")).stage(EXIT_MODEL);
     }
     let mut messages: Vec<Message> = Vec::new();
     if let Some(s) = &a.system {

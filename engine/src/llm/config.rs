@@ -532,6 +532,24 @@ impl LlmConfig {
                 eos.push(e);
             }
         }
+        // The end-of-turn token of chat formats, which llama.cpp also stops at (by its text)
+        // when the file does not name it.
+        let turn_end = match arch {
+            Arch::Gemma2 | Arch::Gemma3 => Some("<end_of_turn>"),
+            Arch::Phi3 => Some("<|end|>"),
+            _ => None,
+        };
+        if let Some(t) = turn_end {
+            let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
+            if let Some(i) = tokens
+                .and_then(|a| a.strs())
+                .and_then(|mut s| s.position(|x| x == t))
+            {
+                if !eos.contains(&(i as u32)) {
+                    eos.push(i as u32);
+                }
+            }
+        }
         let max_positions = u("context_length").unwrap_or(2048);
         let dims = u("rope.dimension_count").unwrap_or(head_dim);
         let theta = f("rope.freq_base").unwrap_or(10000.0) as f32;

@@ -35,6 +35,10 @@ pub struct LoadOptions {
     /// Prompt tokens per prefill run.
     #[serde(skip)]
     pub prefill_chunk: usize,
+    /// A chat template to use instead of the model's: a built-in name (see
+    /// [`crate::tokenizer::BUILTIN_CHAT_TEMPLATES`]) or Jinja text. Without one, a model whose
+    /// files carry no template gets its architecture's (Gemma's turns for Gemma 2/3).
+    pub chat_template: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +48,7 @@ impl Default for LoadOptions {
             quantize: Quantize::None,
             keep_logits: false,
             prefill_chunk: PREFILL_CHUNK,
+            chat_template: None,
         }
     }
 }
@@ -220,7 +225,13 @@ impl TextModel {
         opts: &LoadOptions,
         on_progress: &mut dyn FnMut(usize, usize),
     ) -> Result<TextModel> {
-        let (config, tokenizer, checkpoint) = read_checkpoint(gpu, files, opts.quantize)?;
+        let (config, mut tokenizer, checkpoint) = read_checkpoint(gpu, files, opts.quantize)?;
+        if let Some(t) = &opts.chat_template {
+            tokenizer.chat_template = Some(crate::tokenizer::chat_template_named(t).to_string());
+        } else if tokenizer.chat_template.is_none() && config.arch.is_gemma() {
+            tokenizer.chat_template =
+                Some(crate::tokenizer::chat_template_named("gemma").to_string());
+        }
         let weights = LlmWeights::load(&checkpoint, &config, on_progress)?;
         drop(checkpoint); // the file bytes; the GPU tensors live on in `weights`
         if opts.ctx < 2 {
