@@ -26,6 +26,8 @@ What each case covers:
     crosses it: long factors from position 24 on), partial_rotary_factor 0.5, window 12.
     transformers switches to the long factors when the sequence passes original_max; with a KV
     cache (as here) earlier keys keep the short ones, which is what Kiln's per-position table does.
+  * phi3-f32: Phi-3 as llama.cpp converts it: LongRoPE factors as GGUF tensors (rope_factors_long /
+    _short) with the attention factor as a key; no window (llama.cpp runs Phi-3 without one).
   * mistral-window-f32: MistralForCausalLM with sliding_window 6.
 GGUF references: transformers loading the GGUF itself (gguf-py dequantization, its own name
 mapping and Gemma's norm - 1), whose weights are checked equal to the folder's.
@@ -81,6 +83,15 @@ CASES = [
                                    "short_factor": [1.0, 1.2, 1.7, 2.6],
                                    "long_factor": [1.0, 2.1, 5.3, 14.8]}),
          gguf=[]),
+    dict(name="phi3-f32", arch="phi3", tok="spm", std=0.15, cached=True,
+         cfg=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=24,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 24,
+                                   "short_factor": [1.0, 1.1, 1.2, 1.4, 1.7, 2.0, 2.4, 2.9],
+                                   "long_factor": [1.0, 1.4, 2.0, 2.9, 4.1, 5.8, 8.3, 11.7]}),
+         gguf=["model-f32.gguf"]),
     dict(name="mistral-window-f32", arch="mistral", tok="spm", std=0.15,
          cfg=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, sliding_window=6,

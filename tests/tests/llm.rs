@@ -232,6 +232,13 @@ fn parity_phi3_longrope_f32() {
     check_case("phi3-longrope-f32");
 }
 
+/// Phi-3 as llama.cpp converts it: LongRoPE factors as GGUF tensors, the attention factor as a
+/// key (MHA, full rotary, no window); folder and GGUF.
+#[test]
+fn parity_phi3_f32() {
+    check_case("phi3-f32");
+}
+
 /// Mistral with sliding_window 6 (shorter than the run), formerly refused.
 #[test]
 fn parity_mistral_sliding_window_f32() {
