@@ -16,7 +16,7 @@ import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { gzipSync } from "node:zlib";
 import { chromium } from "playwright-core";
-import { startServer } from "../tools/serve.mjs";
+import { modelCache, startServer } from "../tools/serve.mjs";
 import { psnr, readPng } from "./png.mjs";
 
 const web = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -261,9 +261,14 @@ test("text: a .gguf URL (Q4_K_M), a sharded f16 folder and a Qwen2 folder equal 
 // under 0.01, log-probabilities within 1e-4 (tighter than the native test's 2e-3; 6.7e-6 seen,
 // and up to 3.1e-3 before the rotary table replaced the backend's sin/cos).
 test("text: ids and logprobs match the transformers / gguf-py reference files (worker)", 900000, async () => {
-  const dir = join(root, "tests/fixtures/llm");
-  const cases = readdirSync(dir).filter((c) => existsSync(join(dir, c, "expected.json"))).sort();
-  assert(cases.length >= 5, `only ${cases.length} LLM fixtures found in ${dir}`);
+  // The Llama/Qwen2 fixtures and the architecture fixtures (Qwen3, Gemma 2/3, Phi-3, Mistral).
+  const cases = ["llm", "llm-arch"].flatMap((d) =>
+    readdirSync(join(root, "tests/fixtures", d))
+      .filter((c) => existsSync(join(root, "tests/fixtures", d, c, "expected.json")))
+      .sort()
+      .map((c) => `${d}/${c}`),
+  );
+  assert(cases.length >= 12, `only ${cases.length} LLM fixtures found`);
   const page = await openDemo(true);
   let worst = 0;
   let runs = 0;
@@ -292,9 +297,9 @@ test("text: ids and logprobs match the transformers / gguf-py reference files (w
     runs++;
   };
   for (const c of cases) {
-    const e = JSON.parse(readFileSync(join(dir, c, "expected.json"), "utf8"));
+    const e = JSON.parse(readFileSync(join(root, "tests/fixtures", c, "expected.json"), "utf8"));
     for (const run of e.runs) {
-      await check(`/fixtures/llm/${c}/${run.weights === "hf" ? "" : run.weights}`, e.prompt_ids, run);
+      await check(`/fixtures/${c}/${run.weights === "hf" ? "" : run.weights}`, e.prompt_ids, run);
     }
   }
   // Two of the types llama.cpp's quantizer wrote (a K-quant with its own GPU repacking, and
@@ -495,6 +500,35 @@ test("demo chat panel: two streamed turns, the second prefills only its own toke
   assert(a.bubbles === 2 && b.bubbles === 4, `history bubbles ${a.bubbles}, ${b.bubbles}`);
   assert(b.k.reused_tokens >= a.k.prompt_ids.length, `turn 2 reused ${b.k.reused_tokens} of turn 1's ${a.k.prompt_ids.length} prompt tokens`);
   assert(/tok\/s/.test(b.stats), b.stats);
+});
+
+// A real checkpoint (tools/fetch-real-model.sh; reported NOT RUN when it is not in the cache,
+// a failure when KILN_REQUIRE_REAL_MODELS=1): SmolLM2-135M-Instruct Q4_1 from its GGUF URL in
+// the demo's chat panel answers a question as transformers does on the same file.
+test("demo chat panel: a real checkpoint (SmolLM2-135M-Instruct Q4_1) answers like transformers", 900000, async () => {
+  const ref = JSON.parse(readFileSync(join(root, "tests/fixtures/real/SmolLM2-135M-Instruct.Q4_1.json"), "utf8"));
+  if (!existsSync(join(modelCache, ref.file))) {
+    assert(process.env.KILN_REQUIRE_REAL_MODELS !== "1", `${ref.file} is not in ${modelCache} (KILN_REQUIRE_REAL_MODELS=1)`);
+    log(`NOT RUN: ${ref.file} is not in ${modelCache}: run tools/fetch-real-model.sh`);
+    return;
+  }
+  const chat = ref.runs.find((r) => typeof r.prompt === "object");
+  const page = await openDemo(true);
+  await page.fill("#text-source", `/cache/${ref.file}`);
+  await page.click("#text-load");
+  if ((await waitState(page, "text-section", ["loaded", "error"], 600000)) === "error") throw new Error(await page.textContent("#text-error"));
+  await page.fill("#max-tokens", "24");
+  await page.fill("#temperature", "0");
+  await page.fill("#chat-input", chat.prompt.chat[0].content);
+  await page.click("#chat-send");
+  if ((await waitState(page, "chat-section", ["done", "error"], 600000)) === "error") throw new Error(await page.textContent("#chat-error"));
+  const got = await page.evaluate(() => ({ k: window.demo.chat.last.kiln, bubbles: [...document.querySelectorAll("#chat-history .msg")].map((m) => m.textContent) }));
+  await page.close();
+  log(`answer: ${JSON.stringify(got.bubbles.at(-1))}`);
+  assert(JSON.stringify(got.k.prompt_ids) === JSON.stringify(chat.prompt_ids), `prompt ids ${got.k.prompt_ids} vs transformers' ${chat.prompt_ids}`);
+  const n = got.k.ids.length;
+  assert(n >= 8 && JSON.stringify(got.k.ids) === JSON.stringify(chat.ids.slice(0, n)), `ids ${got.k.ids} vs transformers' ${chat.ids}`);
+  assert(/Paris/.test(got.bubbles.at(-1)), `the answer does not name Paris: ${got.bubbles.at(-1)}`);
 });
 
 test("image: fixture pipeline equals native (worker, with previews)", 600000, () => imageParity(FIXTURE_IMAGE, true, false));

@@ -2,20 +2,25 @@
 //   /            -> web/ (the demo is /demo/, the package /pkg/)
 //   /models/     -> models/ at the repository root (the "default" models)
 //   /fixtures/   -> tests/fixtures/ (small models the browser tests load)
+//   /cache/      -> the real checkpoints tools/fetch-real-model.sh fetched ($KILN_MODEL_CACHE or
+//                   ~/.cache/kiln/models)
 //   /__stall/    -> answers 200 and then sends nothing (tests the stalled-download error)
 //   /__garbage/  -> 4 KiB of noise for any name (tests the errors of the parsers)
 //   /__spa/...   -> the same files, but a missing one is answered with the demo's index.html and
 //                   status 200, as SPA fallbacks (Vite, common static hosts) do
 import { createReadStream, statSync } from "node:fs";
 import { createServer } from "node:http";
+import { homedir } from "node:os";
 import { dirname, extname, join, normalize, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const web = join(dirname(fileURLToPath(import.meta.url)), "..");
 const root = join(web, "..");
+export const modelCache = process.env.KILN_MODEL_CACHE ?? join(homedir(), ".cache", "kiln", "models");
 const mounts = [
   ["/models/", join(root, "models")],
   ["/fixtures/", join(root, "tests", "fixtures")],
+  ["/cache/", modelCache],
   ["/", web],
 ];
 const types = {
