@@ -233,15 +233,16 @@ impl TextTokenizer {
                     .get("tokenizer.ggml.pre")
                     .and_then(|v| v.as_str())
                     .unwrap_or("default");
+                let (pre_tokenizer, ignore_merges) = bpe_pre_tokenizer(pre)?;
                 json!({
                     "version": "1.0",
                     "added_tokens": added,
                     "normalizer": null,
-                    "pre_tokenizer": bpe_pre_tokenizer(pre)?,
+                    "pre_tokenizer": pre_tokenizer,
                     "post_processor": null,
                     "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                     "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre == "llama-bpe",
+                              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
                               "vocab": vocab, "merges": merges}
                 })
             }
@@ -454,25 +455,47 @@ pub fn render_chat_template(
         .map_err(err)
 }
 
-/// The pre-tokenizer of a `gpt2`-type GGUF vocabulary, by llama.cpp's `tokenizer.ggml.pre` name.
-fn bpe_pre_tokenizer(pre: &str) -> Result<Json> {
+/// The pre-tokenizer of a `gpt2`-type GGUF vocabulary, by llama.cpp's `tokenizer.ggml.pre` name
+/// (the aliases llama.cpp groups together share one entry), with the regexes of the models'
+/// own `tokenizer.json` files. Also whether BPE skips the merges for whole-vocabulary words
+/// (`ignore_merges`, as llama.cpp sets it).
+fn bpe_pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
     let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    let split = |re: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+        byte_level(false)]})
+    };
     Ok(match pre {
-        "default" | "gpt2" | "gpt-2" => byte_level(true),
-        "smollm" => {
-            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
-        }
-        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+        "default" | "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" => (byte_level(true), false),
+        "smollm" => (
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            false,
+        ),
+        // Llama 3, Falcon 3, Pixtral.
+        "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" => (
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-            byte_level(false)]}),
-        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            true,
+        ),
+        // Qwen 2/2.5/3, DeepSeek-R1 distills of Qwen, StableLM 2.
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-            byte_level(false)]}),
+            false,
+        ),
+        // Mistral Nemo and later Mistral models.
+        "tekken" => (
+            split(r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            true,
+        ),
+        // Phi-4, Llama 4 (GPT-4o's o200k pattern).
+        "gpt-4o" | "llama4" => (
+            split(r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            false,
+        ),
         other => {
             return Err(Error::Unsupported(format!(
-            "GGUF BPE pre-tokenizer '{other}' (supported: default/gpt2, smollm, llama-bpe, qwen2)"
-        )))
+                "GGUF BPE pre-tokenizer '{other}' (supported: default/gpt-2/phi-2/mpt/olmo, smollm, llama-bpe/llama3/falcon3/pixtral, qwen2/deepseek-r1-qwen/stablelm2, tekken, gpt-4o/llama4)"
+            )))
         }
     })
 }

@@ -702,3 +702,48 @@ fn kv_cache_bytes_match_the_allocation() {
         );
     }
 }
+
+/// llama.cpp's aliases of a `tokenizer.ggml.pre` name build the same tokenizer (DeepSeek-R1's
+/// Qwen distills write `deepseek-r1-qwen`, Qwen3 files `qwen2`); an unknown name is refused
+/// with the supported list.
+#[test]
+fn gguf_pre_tokenizer_aliases() {
+    use kiln::formats::gguf::{Gguf, Value as G};
+    let path = dir("qwen2-f32").join("model-f32.gguf");
+    let e = expected("qwen2-f32");
+    let with_pre = |pre: &str| {
+        let mut g = Gguf::parse("model-f32.gguf", std::fs::read(&path).unwrap()).unwrap();
+        g.meta
+            .insert("tokenizer.ggml.pre".into(), G::Str(pre.into()));
+        TextTokenizer::from_gguf(&g)
+    };
+    for alias in ["qwen2", "deepseek-r1-qwen", "stablelm2"] {
+        let t = with_pre(alias).unwrap();
+        for case in e["tokenizer"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(
+                t.encode(text).unwrap(),
+                ids(&case["ids"]),
+                "{alias}: {text:?}"
+            );
+        }
+    }
+    // The other families build (their regexes compile in the tokenizers crate) and tokenize.
+    for pre in [
+        "llama-bpe",
+        "llama3",
+        "tekken",
+        "gpt-4o",
+        "llama4",
+        "phi-2",
+        "smollm",
+    ] {
+        let t = with_pre(pre).unwrap_or_else(|e| panic!("{pre}: {e}"));
+        assert!(!t.encode("12345 and Hello").unwrap().is_empty(), "{pre}");
+    }
+    let err = with_pre("no-such-pre").err().unwrap().to_string();
+    assert!(
+        err.contains("no-such-pre") && err.contains("tekken"),
+        "{err}"
+    );
+}
