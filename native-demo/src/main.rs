@@ -64,7 +64,7 @@ struct ModelArgs {
     /// repo id. Default: the embedded King James Bible model (models/text-kjv).
     #[arg(short, long)]
     model: Option<String>,
-    /// Quantize float matrices on load: none, q4 or q8.
+    /// Quantize float matrices on load: none, q4, q8, q4_k or q6_k (llama.cpp's bytes).
     #[arg(long, default_value_t = LoadOptions::default().quantize)]
     quantize: Quantize,
     /// Context length (KV-cache positions).

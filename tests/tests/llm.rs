@@ -167,10 +167,10 @@ fn parity_gguf_q4_1_q5_0_q5_1() {
     check_gguf_types("expected.json", 3);
 }
 
-/// Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS, written by llama.cpp's llama-quantize (--pure).
+/// Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS, Q4_K, Q6_K, written by llama.cpp's llama-quantize (--pure).
 #[test]
 fn parity_gguf_k_quants_and_iq4() {
-    check_gguf_types("expected-llama-quantize.json", 5);
+    check_gguf_types("expected-llama-quantize.json", 7);
 }
 
 #[test]
@@ -746,4 +746,87 @@ fn gguf_pre_tokenizer_aliases() {
         err.contains("no-such-pre") && err.contains("tekken"),
         "{err}"
     );
+}
+
+/// `--quantize q4_k` / `q6_k` of the f32 folder writes llama.cpp's bytes: every matrix whose
+/// rows are not permuted by the converter (llama GGUFs permute Q/K rows) equals the tensor
+/// `llama-quantize --pure` wrote from an F32 conversion of the same folder, and the quantized
+/// model generates transformers' run on that file.
+#[test]
+fn quantize_on_load_k_quants_are_llama_quantize() {
+    use kiln::dtype::{quantize, DType};
+    use kiln::formats::gguf::Gguf;
+    use kiln::weights::Quantize;
+    let types = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm-gguf-types");
+    let folder = kiln::formats::files::read_model_path(&dir("llama-q-256")).unwrap();
+    use kiln::formats::TensorSource;
+    let mut st = kiln::formats::safetensors::SafeTensors::new();
+    st.add_file("model.safetensors", folder["model.safetensors"].clone())
+        .unwrap();
+    let e = kiln_tests::read_json(&types.join("expected-llama-quantize.json"));
+    for (dtype, file, q) in [
+        (DType::Q4_K, "model-q4_k.gguf", Quantize::Q4K),
+        (DType::Q6_K, "model-q6_k.gguf", Quantize::Q6K),
+    ] {
+        let g = Gguf::parse(file, std::fs::read(types.join(file)).unwrap()).unwrap();
+        let mut compared = 0;
+        for hf in st.names() {
+            let gname = kiln::llm::weights::gguf_name(&hf);
+            if hf.contains("q_proj") || hf.contains("k_proj") || hf.contains("norm") {
+                continue;
+            }
+            let raw = st.tensor(&hf).unwrap();
+            let values =
+                kiln::dtype::dequantize(raw.dtype, raw.data, raw.shape.iter().product()).unwrap();
+            let ours = quantize(dtype, &values).unwrap();
+            let theirs = g
+                .tensor(&gname)
+                .unwrap_or_else(|| panic!("{file}: no {gname}"));
+            assert_eq!(theirs.dtype, dtype, "{file} {gname}");
+            assert!(
+                ours == theirs.data,
+                "{file} {gname}: Kiln's {dtype} bytes differ from llama-quantize's"
+            );
+            compared += 1;
+        }
+        assert!(compared >= 8, "{file}: {compared} tensors compared");
+        let run = e["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["weights"] == file)
+            .unwrap();
+        let opts = LoadOptions {
+            ctx: 128,
+            quantize: q,
+            ..Default::default()
+        };
+        let mut m = pollster::block_on(TextModel::load(
+            &kiln_tests::gpu(),
+            folder.clone(),
+            &opts,
+            &mut |_, _| {},
+        ))
+        .unwrap();
+        let want = ids(&run["ids"]);
+        let g = pollster::block_on(m.generate(
+            &ids(&e["prompt_ids"]),
+            &greedy(want.len()),
+            &mut |_| true,
+        ))
+        .unwrap();
+        let margins: Vec<f64> = run["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let firm = margins.iter().position(|&x| x < 0.01).unwrap_or(want.len());
+        assert!(firm >= 8, "{file}: only {firm} firm steps");
+        assert_eq!(&g.ids[..firm], &want[..firm], "--quantize {q} vs {file}");
+        for i in 0..firm {
+            let err = (g.logprobs[i] as f64 - run["logprobs"][i].as_f64().unwrap()).abs();
+            assert!(err <= 2e-3, "--quantize {q}: step {i}: |logprob err| {err}");
+        }
+    }
 }

@@ -122,7 +122,7 @@ export interface TextLoadOptions extends LoadOptions {
   /** Context length (KV-cache positions), capped by the model's maximum. Default 2048. */
   ctx?: number;
   /** Quantize float matrices on load. */
-  quantize?: "q4" | "q8";
+  quantize?: "q4" | "q8" | "q4_k" | "q6_k";
 }
 
 export interface ImageLoadOptions extends LoadOptions {

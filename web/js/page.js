@@ -221,7 +221,7 @@ export class Kiln {
 
   /**
    * Loads a text model: a model folder URL, a .gguf URL, a Hugging Face repo id or "default".
-   * Options: `onProgress`, `signal`, `cache`, `ctx`, `quantize` ("q4" | "q8").
+   * Options: `onProgress`, `signal`, `cache`, `ctx`, `quantize` ("q4" | "q8" | "q4_k" | "q6_k").
    */
   async loadText(source, opts = {}) {
     const files = await fetchModel(wasm, source, "text", { ...opts, modelsBase: this.#modelsBase });
