@@ -830,3 +830,41 @@ fn quantize_on_load_k_quants_are_llama_quantize() {
         }
     }
 }
+
+/// Byte-level vocabularies with the pre-tokenizers of Llama 3 (`llama-bpe`), Mistral Nemo
+/// (`tekken`) and Phi-4 / Llama 4 (`gpt-4o`), rebuilt from GGUF metadata alone, give
+/// transformers' ids from the matching tokenizer.json (tools/make_pre_tokenizer_fixtures.py);
+/// another pre-tokenizer name gives other ids, so the name matters.
+#[test]
+fn gguf_pre_tokenizers_match_transformers() {
+    use kiln::formats::gguf::{Gguf, Value as G};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm-pre-tokenizers");
+    let e = kiln_tests::read_json(&root.join("expected.json"));
+    for (pre, cases) in e.as_object().unwrap() {
+        let bytes = std::fs::read(root.join(pre).join("vocab.gguf")).unwrap();
+        let g = Gguf::parse("vocab.gguf", bytes.clone()).unwrap();
+        let t = TextTokenizer::from_gguf(&g).unwrap();
+        for case in cases.as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(
+                t.encode(text).unwrap(),
+                ids(&case["ids"]),
+                "{pre}: {text:?}"
+            );
+        }
+        let mut other = Gguf::parse("vocab.gguf", bytes).unwrap();
+        other
+            .meta
+            .insert("tokenizer.ggml.pre".into(), G::Str("gpt-2".into()));
+        let o = TextTokenizer::from_gguf(&other).unwrap();
+        let differs = cases
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| o.encode(c["text"].as_str().unwrap()).unwrap() != ids(&c["ids"]));
+        assert!(
+            differs,
+            "{pre}: gpt-2's pre-tokenizer gives the same ids on every string"
+        );
+    }
+}
