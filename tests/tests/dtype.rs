@@ -111,6 +111,45 @@ fn malformed_block_data_is_an_error() {
             .contains("not a multiple of the block size 256"),
         "{e}"
     );
-    let e = quantize(DType::Q4_K, &[0.0; 256]).unwrap_err();
-    assert!(e.to_string().contains("q4_k"), "{e}");
+    let e = quantize(DType::Q2_K, &[0.0; 256]).unwrap_err();
+    assert!(e.to_string().contains("q2_k"), "{e}");
+}
+
+/// The K-quant encoders (llama.cpp's reference quantizers; byte equality with llama-quantize is
+/// checked in tests/tests/llm.rs) on edge blocks: zeros stay zeros, constant, one-outlier,
+/// all-negative and denormal-sized blocks come back finite and within the block's step.
+#[test]
+fn k_quant_encoders_on_edge_blocks() {
+    let mut rng = Rng::new(77);
+    let mut outlier = rng.vec(256, -0.01, 0.01);
+    outlier[17] = 40.0;
+    let blocks: Vec<(&str, Vec<f32>)> = vec![
+        ("zeros", vec![0.0; 256]),
+        ("constant", vec![0.75; 256]),
+        ("negative", rng.vec(256, -3.0, -1.0)),
+        ("outlier", outlier),
+        ("tiny", rng.vec(256, -1e-20, 1e-20)),
+        ("normal", rng.vec(256, -1.0, 1.0)),
+    ];
+    for dtype in [DType::Q4_K, DType::Q6_K] {
+        for (what, x) in &blocks {
+            let q = quantize(dtype, x).unwrap();
+            let back = dequantize(dtype, &q, 256).unwrap();
+            let range = x.iter().fold(0f32, |a, v| a.max(v.abs())) * 2.0;
+            // 4 bits: 15 steps over the sub-block's range, with 6-bit scales; 6 bits: 63 steps.
+            // Scales are f16: below its resolution (~6e-8) a block rounds to zeros.
+            let steps = if dtype == DType::Q4_K { 15.0 } else { 63.0 };
+            let bound = (range / steps).max(1e-6);
+            for (i, (a, b)) in back.iter().zip(x).enumerate() {
+                assert!(a.is_finite(), "{dtype} {what}: value {i} is {a}");
+                assert!(
+                    (a - b).abs() <= bound,
+                    "{dtype} {what}: value {i}: {a} for {b} (bound {bound})"
+                );
+            }
+            if *what == "zeros" {
+                assert!(back.iter().all(|&v| v == 0.0), "{dtype}: zeros");
+            }
+        }
+    }
 }
