@@ -33,8 +33,9 @@ run() {
     [ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
     seeds
     cargo +nightly fuzz build >/dev/null
-    # "last new": the exec count at which the corpus last grew (a plateau when far below execs).
-    printf '%-18s %12s %10s %8s %8s %12s %s\n' target execs "execs/s" "rss MB" cov "last new" result
+    # "last new": the exec count at which the corpus last grew; "cov at ½": the coverage when
+    # half the execs had run (a plateau when cov barely grew over the second half).
+    printf '%-18s %12s %10s %8s %8s %9s %12s %s\n' target execs "execs/s" "rss MB" cov "cov at ½" "last new" result
     local failed=0
     for t in "${targets[@]}"; do
         mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t"
@@ -48,6 +49,8 @@ run() {
         rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
         cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
         last=$(grep -E '^#[0-9]+[[:space:]]+NEW' "$log" | tail -1 | awk '{print substr($1, 2)}')
+        half=$(grep -E '^#[0-9]+[[:space:]].*cov: [0-9]+' "$log" |
+            awk -v h="$(( ${execs:-0} / 2 ))" '{n = substr($1, 2) + 0; if (n <= h) { match($0, /cov: [0-9]+/); c = substr($0, RSTART + 5, RLENGTH - 5) } } END { print c }')
         local result=ok
         if [ $rc -ne 0 ]; then
             result="CRASH (see fuzz/artifacts/$t; log $log)"
@@ -56,7 +59,7 @@ run() {
         else
             rm -f "$log"
         fi
-        printf '%-18s %12s %10s %8s %8s %12s %s\n' "$t" "${execs:-?}" "$(( ${execs:-0} / secs ))" "${rss:-?}" "${cov:-?}" "${last:-?}" "$result"
+        printf '%-18s %12s %10s %8s %8s %9s %12s %s\n' "$t" "${execs:-?}" "$(( ${execs:-0} / secs ))" "${rss:-?}" "${cov:-?}" "${half:-?}" "${last:-?}" "$result"
     done
     return $failed
 }
