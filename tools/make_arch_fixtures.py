@@ -131,25 +131,6 @@ def build_model(case, idx, tokinfo):
     return model
 
 
-def greedy_cached(model, prompt):
-    """mlf.greedy with a KV cache (prefill, then one token per step), as generate() runs."""
-    out, lps, margins = [], [], []
-    with torch.no_grad():
-        r = model(torch.tensor([prompt]), use_cache=True)
-        past, logits = r.past_key_values, r.logits[0, -1]
-        for _ in range(mlf.NEW_TOKENS):
-            logits = logits.double()
-            lp = torch.log_softmax(logits, -1)
-            top = torch.topk(logits, 2)
-            nxt = int(top.indices[0])
-            out.append(nxt)
-            lps.append(float(lp[nxt]))
-            margins.append(float(top.values[0] - top.values[1]))
-            r = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past, logits = r.past_key_values, r.logits[0, -1]
-    return {"ids": out, "logprobs": lps, "margins": margins}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, type=pathlib.Path,
@@ -194,7 +175,7 @@ def main():
             probe = torch.arange(0, 40).unsqueeze(0) % tokinfo["vocab"]
             a, b = model(probe).logits, ref(probe).logits
             assert torch.allclose(a, b, atol=1e-5, rtol=0), (name, (a - b).abs().max())
-        runner = greedy_cached if case.get("cached") else mlf.greedy
+        runner = mlf.greedy_cached if case.get("cached") else mlf.greedy
         runs_models = [("hf", ref)]
         for fname in case["gguf"]:
             pre = {"qwen2": "qwen2", "spm": "default"}[case["tok"]]

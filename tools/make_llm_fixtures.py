@@ -397,6 +397,26 @@ def greedy(model, prompt):
     return {"ids": out, "logprobs": lps, "margins": margins}
 
 
+def greedy_cached(model, prompt, new_tokens=NEW_TOKENS):
+    """greedy() with a KV cache (prefill, then one token per step), as generate() runs: what
+    differs for models whose rotary embedding depends on the sequence length (LongRoPE)."""
+    out, lps, margins = [], [], []
+    with torch.no_grad():
+        r = model(torch.tensor([prompt]), use_cache=True)
+        past, logits = r.past_key_values, r.logits[0, -1]
+        for _ in range(new_tokens):
+            logits = logits.double()
+            lp = torch.log_softmax(logits, -1)
+            top = torch.topk(logits, 2)
+            nxt = int(top.indices[0])
+            out.append(nxt)
+            lps.append(float(lp[nxt]))
+            margins.append(float(top.values[0] - top.values[1]))
+            r = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, logits = r.past_key_values, r.logits[0, -1]
+    return {"ids": out, "logprobs": lps, "margins": margins}
+
+
 # --------------------------------------------------------------------------------------------
 # GGUF
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M): tokenizer ids of tricky strings, greedy ids and
 log-probabilities of a few prompts (and, where the file has a chat template, of a chat question),
 from transformers loading the GGUF itself (its tokenizer converter, gguf-py dequantization to f32,
-its graph in eager f32, a KV cache as generate() uses). Writes tests/fixtures/real/<file>.json,
+its graph in eager f32, a KV cache as generate() uses; one deterministic thread, so a rerun writes
+the same file). Writes tests/fixtures/real/<file>.json,
 which tests/tests/real_model.rs compares Kiln with when the GGUF is in the cache.
 
     pip install torch==2.15.0 transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0 sentencepiece protobuf
@@ -14,10 +15,12 @@ import json
 import pathlib
 import sys
 
-import torch
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import make_llm_fixtures as mlf  # noqa: E402  (the greedy loop; sets torch threads on import)
 
-torch.set_num_threads(2)
-REPO = pathlib.Path(__file__).resolve().parent.parent
+import torch  # noqa: E402
+
+REPO = mlf.REPO
 OUT = REPO / "tests" / "fixtures" / "real"
 NEW_TOKENS = 24
 STRINGS = [
@@ -43,24 +46,6 @@ PROMPTS = [
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def greedy(model, ids):
-    out, lps, margins = [], [], []
-    with torch.no_grad():
-        r = model(torch.tensor([ids]), use_cache=True)
-        past, logits = r.past_key_values, r.logits[0, -1]
-        for _ in range(NEW_TOKENS):
-            logits = logits.double()
-            lp = torch.log_softmax(logits, -1)
-            top = torch.topk(logits, 2)
-            nxt = int(top.indices[0])
-            out.append(nxt)
-            lps.append(float(lp[nxt]))
-            margins.append(float(top.values[0] - top.values[1]))
-            r = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past, logits = r.past_key_values, r.logits[0, -1]
-    return {"ids": out, "logprobs": lps, "margins": margins}
-
-
 def main():
     for arg in sys.argv[1:]:
         reference(pathlib.Path(arg))
@@ -82,7 +67,7 @@ def reference(path):
                                        tokenize=False)
         prompts.append(({"chat": CHAT, "rendered": chat}, tok.encode(chat, add_special_tokens=False)))
     for text, ids in prompts:
-        r = greedy(model, ids)
+        r = mlf.greedy_cached(model, ids, NEW_TOKENS)
         runs.append({"prompt": text, "prompt_ids": ids, **r, "text": tok.decode(r["ids"])})
         print(repr(text), "->", repr(tok.decode(r["ids"])), "min margin", min(r["margins"]), flush=True)
     tokenizer = [{"text": s, "ids": tok.encode(s, add_special_tokens=False)} for s in STRINGS]

@@ -253,3 +253,48 @@ pub fn image_psnr(raw: &[f32], want_hwc: &[f32], h: usize, w: usize) -> f64 {
         10.0 * (1.0 / mse).log10()
     }
 }
+
+/// Greedy ids and log-probabilities against a reference run as the fixture scripts write it
+/// (`ids`, `logprobs`, `margins` per step): ids equal up to the first step whose reference top-2
+/// margin is under 0.01 (where f32 rounding may legitimately flip the argmax), log-probabilities
+/// within `tol` there. Returns the steps compared and the largest |logprob error|.
+pub fn check_greedy_run(
+    what: &str,
+    ids: &[u32],
+    logprobs: &[f32],
+    run: &serde_json::Value,
+    tol: f64,
+) -> (usize, f64) {
+    let want = json_ids(&run["ids"]);
+    let num = |k: &str| -> Vec<f64> {
+        run[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no '{k}' in the reference run"))
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect()
+    };
+    let (want_lp, margins) = (num("logprobs"), num("margins"));
+    let firm = margins.iter().position(|&x| x < 0.01).unwrap_or(want.len());
+    let n = firm.min(ids.len());
+    let mut worst = 0f64;
+    for i in 0..n {
+        assert_eq!(
+            ids[i],
+            want[i],
+            "{what}: step {i}: expected id {}, got {} (ids so far {:?})",
+            want[i],
+            ids[i],
+            &ids[..=i]
+        );
+        let err = (logprobs[i] as f64 - want_lp[i]).abs();
+        assert!(
+            err <= tol,
+            "{what}: step {i}: logprob expected {}, got {} (|err| {err})",
+            want_lp[i],
+            logprobs[i]
+        );
+        worst = worst.max(err);
+    }
+    (n, worst)
+}

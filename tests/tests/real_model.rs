@@ -78,18 +78,6 @@ fn check(reference: &str) -> Option<(TextModel, Value)> {
     for run in r["runs"].as_array().unwrap() {
         let prompt = ids(&run["prompt_ids"]);
         let want = ids(&run["ids"]);
-        let lps: Vec<f64> = run["logprobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        let margins: Vec<f64> = run["margins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
         let opts = GenerateOptions {
             max_tokens: want.len(),
             sampler: SamplerSettings::greedy(),
@@ -97,36 +85,17 @@ fn check(reference: &str) -> Option<(TextModel, Value)> {
             stop: vec![],
         };
         let gen = pollster::block_on(m.generate(&prompt, &opts, &mut |_| true)).unwrap();
-        let firm = margins.iter().position(|&x| x < 0.01).unwrap_or(want.len());
-        let n = firm.min(gen.ids.len());
-        let mut worst = 0f64;
-        for i in 0..n {
-            assert_eq!(
-                gen.ids[i],
-                want[i],
-                "{reference} {:?}: step {i} (ids so far {:?})",
-                run["prompt"],
-                &gen.ids[..=i]
-            );
-            let err = (gen.logprobs[i] as f64 - lps[i]).abs();
-            worst = worst.max(err);
-            assert!(
-                err <= 2e-3,
-                "{reference} {:?}: step {i}: logprob {} vs {}",
-                run["prompt"],
-                gen.logprobs[i],
-                lps[i]
-            );
-        }
+        let what = format!("{reference} {:?}", run["prompt"]);
+        let (n, worst) = kiln_tests::check_greedy_run(&what, &gen.ids, &gen.logprobs, run, 2e-3);
         // transformers runs on past the end of turn; Kiln stops there.
         let eos = gen.stop == StopReason::Eos && gen.ids.len() < want.len();
         assert!(
             n >= want.len().min(8) || eos,
-            "{reference}: only {n} steps compared"
+            "{what}: only {n} steps compared"
         );
         eprintln!(
-            "{reference} {:?}: {n} ids equal, max logprob err {worst:.2e}: {:?}",
-            run["prompt"], gen.text
+            "{what}: {n} ids equal, max logprob err {worst:.2e}: {:?}",
+            gen.text
         );
     }
     Some((m, r))
