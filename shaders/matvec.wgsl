@@ -9,14 +9,27 @@
 // plain dtypes: each lane takes every 64th word; block formats: W_LPB lanes share a block, one
 // word each. Either way consecutive lanes read consecutive words. Partial sums are reduced in
 // workgroup memory.
+// Variant ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a
+// multiple of 4/8/8; Q8_0/Q4_0, whose rows are padded to 16 bytes): one invocation per row, weights read
+// 16 bytes at a time and x through indices that are the same for the whole workgroup (the
+// activation row comes from the workgroup index). llvmpipe turns a load whose index differs per
+// lane into a loop over the lanes, and a uniform one into a single load: this variant makes
+// 4x fewer per-lane loads than ROWS and none for x. ceil(rows / 64) * m workgroups (grid()).
 #include "common.wgsl"
+#ifndef ROWS_V4
 #define WITH_DOT
 #include "weights.wgsl"
+#endif
 
 struct Params { rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
+#ifdef ROWS_V4
+@group(0) @binding(2) var<storage, read> w4: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> x4: array<vec4<f32>>;
+#else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
+#endif
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> res: array<f32>;
@@ -30,6 +43,94 @@ fn store(mi: u32, r: u32, acc: f32) {
     y[i] = v;
 }
 
+#ifdef ROWS_V4
+fn lo4(q: u32) -> vec4<f32> { return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u)); }
+fn sb4(q: u32) -> vec4<f32> {
+    let v = bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u);
+    return vec4<f32>(v);
+}
+fn bf2(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u)); }
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let g = group_index(wg, nwg);
+    let per_m = (p.rows + 63u) / 64u;
+    let mi = g / per_m;
+    let r = (g % per_m) * 64u + li;
+    if (r >= p.rows || mi >= p.m) { return; }
+    let rb = r * (p.row_words / 4u);
+    let xo = mi * (p.k / 4u);
+    var acc = vec4<f32>(0.0);
+#ifdef W_F32
+    for (var i = 0u; i < p.row_words / 4u; i++) {
+        acc += bitcast<vec4<f32>>(w4[rb + i]) * x4[xo + i];
+    }
+#endif
+#ifdef W_F16
+    for (var i = 0u; i < p.row_words / 4u; i++) {
+        let q = w4[rb + i];
+        let a = unpack2x16float(q.x);
+        let b = unpack2x16float(q.y);
+        let c = unpack2x16float(q.z);
+        let d = unpack2x16float(q.w);
+        acc += vec4<f32>(a, b) * x4[xo + 2u * i] + vec4<f32>(c, d) * x4[xo + 2u * i + 1u];
+    }
+#endif
+#ifdef W_BF16
+    for (var i = 0u; i < p.row_words / 4u; i++) {
+        let q = w4[rb + i];
+        acc += vec4<f32>(bf2(q.x), bf2(q.y)) * x4[xo + 2u * i] + vec4<f32>(bf2(q.z), bf2(q.w)) * x4[xo + 2u * i + 1u];
+    }
+#endif
+#ifdef W_Q8_0
+    // Four blocks (4 x 9 words = 9 units) per step: block j is words 9j..9j+8 = scale, 8 quant
+    // words; quant word s holds elements 4s..4s+3.
+    // The last group may hold fewer than 4 blocks: its other words are padding or the next
+    // row (or, past the buffer's end, whatever robust access returns), so those blocks are
+    // dropped with select (their scale words may be any bits, NaN included).
+    let nb = p.k / 32u;
+    for (var gi = 0u; gi < (nb + 3u) / 4u; gi++) {
+        let u = rb + 9u * gi;
+        let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
+        let v5 = w4[u + 5u]; let v6 = w4[u + 6u]; let v7 = w4[u + 7u]; let v8 = w4[u + 8u];
+        let xb = xo + 32u * gi;
+        let s0 = dot(sb4(v0.y), x4[xb]) + dot(sb4(v0.z), x4[xb + 1u]) + dot(sb4(v0.w), x4[xb + 2u]) + dot(sb4(v1.x), x4[xb + 3u])
+               + dot(sb4(v1.y), x4[xb + 4u]) + dot(sb4(v1.z), x4[xb + 5u]) + dot(sb4(v1.w), x4[xb + 6u]) + dot(sb4(v2.x), x4[xb + 7u]);
+        let s1 = dot(sb4(v2.z), x4[xb + 8u]) + dot(sb4(v2.w), x4[xb + 9u]) + dot(sb4(v3.x), x4[xb + 10u]) + dot(sb4(v3.y), x4[xb + 11u])
+               + dot(sb4(v3.z), x4[xb + 12u]) + dot(sb4(v3.w), x4[xb + 13u]) + dot(sb4(v4.x), x4[xb + 14u]) + dot(sb4(v4.y), x4[xb + 15u]);
+        let s2 = dot(sb4(v4.w), x4[xb + 16u]) + dot(sb4(v5.x), x4[xb + 17u]) + dot(sb4(v5.y), x4[xb + 18u]) + dot(sb4(v5.z), x4[xb + 19u])
+               + dot(sb4(v5.w), x4[xb + 20u]) + dot(sb4(v6.x), x4[xb + 21u]) + dot(sb4(v6.y), x4[xb + 22u]) + dot(sb4(v6.z), x4[xb + 23u]);
+        let s3 = dot(sb4(v7.x), x4[xb + 24u]) + dot(sb4(v7.y), x4[xb + 25u]) + dot(sb4(v7.z), x4[xb + 26u]) + dot(sb4(v7.w), x4[xb + 27u])
+               + dot(sb4(v8.x), x4[xb + 28u]) + dot(sb4(v8.y), x4[xb + 29u]) + dot(sb4(v8.z), x4[xb + 30u]) + dot(sb4(v8.w), x4[xb + 31u]);
+        let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
+        acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v2.y) * s1, bitcast<f32>(v4.z) * s2, bitcast<f32>(v6.w) * s3), t < vec4<u32>(nb));
+    }
+#endif
+#ifdef W_Q4_0
+    // Four blocks (4 x 5 words = 5 units) per step: block j is words 5j..5j+4 = scale, 4 quant
+    // words; quant word s holds elements 4s.. (low nibbles) and 16 + 4s.. (high), each minus 8.
+    let eight = vec4<f32>(8.0);
+    let nb = p.k / 32u;
+    for (var gi = 0u; gi < (nb + 3u) / 4u; gi++) {
+        let u = rb + 5u * gi;
+        let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
+        let xb = xo + 32u * gi;
+        // Block j's quant words and x units (8 per block).
+        let s0 = dot(lo4(v0.y) - eight, x4[xb]) + dot(lo4(v0.z) - eight, x4[xb + 1u]) + dot(lo4(v0.w) - eight, x4[xb + 2u]) + dot(lo4(v1.x) - eight, x4[xb + 3u])
+               + dot(lo4(v0.y >> 4u) - eight, x4[xb + 4u]) + dot(lo4(v0.z >> 4u) - eight, x4[xb + 5u]) + dot(lo4(v0.w >> 4u) - eight, x4[xb + 6u]) + dot(lo4(v1.x >> 4u) - eight, x4[xb + 7u]);
+        let s1 = dot(lo4(v1.z) - eight, x4[xb + 8u]) + dot(lo4(v1.w) - eight, x4[xb + 9u]) + dot(lo4(v2.x) - eight, x4[xb + 10u]) + dot(lo4(v2.y) - eight, x4[xb + 11u])
+               + dot(lo4(v1.z >> 4u) - eight, x4[xb + 12u]) + dot(lo4(v1.w >> 4u) - eight, x4[xb + 13u]) + dot(lo4(v2.x >> 4u) - eight, x4[xb + 14u]) + dot(lo4(v2.y >> 4u) - eight, x4[xb + 15u]);
+        let s2 = dot(lo4(v2.w) - eight, x4[xb + 16u]) + dot(lo4(v3.x) - eight, x4[xb + 17u]) + dot(lo4(v3.y) - eight, x4[xb + 18u]) + dot(lo4(v3.z) - eight, x4[xb + 19u])
+               + dot(lo4(v2.w >> 4u) - eight, x4[xb + 20u]) + dot(lo4(v3.x >> 4u) - eight, x4[xb + 21u]) + dot(lo4(v3.y >> 4u) - eight, x4[xb + 22u]) + dot(lo4(v3.z >> 4u) - eight, x4[xb + 23u]);
+        let s3 = dot(lo4(v4.x) - eight, x4[xb + 24u]) + dot(lo4(v4.y) - eight, x4[xb + 25u]) + dot(lo4(v4.z) - eight, x4[xb + 26u]) + dot(lo4(v4.w) - eight, x4[xb + 27u])
+               + dot(lo4(v4.x >> 4u) - eight, x4[xb + 28u]) + dot(lo4(v4.y >> 4u) - eight, x4[xb + 29u]) + dot(lo4(v4.z >> 4u) - eight, x4[xb + 30u]) + dot(lo4(v4.w >> 4u) - eight, x4[xb + 31u]);
+        let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
+        acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(nb));
+    }
+#endif
+    store(mi, r, acc.x + acc.y + acc.z + acc.w);
+}
+#else
 #ifdef SUBGROUP_ROWS
 // One row per subgroup at a time (8 rows per workgroup of 64): lanes read consecutive words of
 // the row and x, and one subgroupAdd reduces them, with no barrier and no workgroup memory.
@@ -126,5 +227,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         store(mi, r, partial[li]);
     }
 }
+#endif
 #endif
 #endif

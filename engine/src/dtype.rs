@@ -8,6 +8,7 @@
 //! - `Q8_0` (32 elements): 9 words = scale `d` as f32, then the 32 int8 quants as in GGUF.
 //! - `Q4_0` (32 elements): 5 words = scale `d` as f32, then GGUF's 16 nibble bytes
 //!   (byte `j`: element `j` in the low nibble, element `j + 16` in the high one).
+//!   Q8_0 and Q4_0 rows end with zero words up to a multiple of 4 words (16 bytes).
 //! - `Q4_1` (32 elements): 6 words = `d`, `m` as f32, then GGUF's 16 nibble bytes (as Q4_0;
 //!   element = q * d + m).
 //! - `Q5_0` (32 elements): 6 words = `d` as f32, the 32 high bits `qh` (bit `j` for element `j`),
@@ -173,6 +174,9 @@ impl DType {
         match self {
             DType::F32 | DType::U32 => k,
             DType::F16 | DType::BF16 => k.div_ceil(2),
+            // Rows padded to whole 16-byte units, so that the software matvec reads them with
+            // 16-byte loads (matvec.wgsl, ROWS_V4); at most 3 words a row.
+            DType::Q8_0 | DType::Q4_0 => (k / 32 * self.gpu_block_words()).next_multiple_of(4),
             q => k / q.block_elems() * q.gpu_block_words(),
         }
     }

@@ -43,6 +43,49 @@ fn matvec_every_dtype() {
     }
 }
 
+/// The software adapters' 16-byte-load matvec (ROWS_V4) for the dtypes and row lengths it
+/// serves (k a multiple of 8 for plain types; Q8_0/Q4_0 rows padded to 16 bytes, with a last
+/// group of 1 to 4 blocks), m = 1 and 2; every adapter variant runs the same shapes.
+#[test]
+fn matvec_wide_loads() {
+    use kiln::kernels::linear::rows_v4;
+    for gpu in kiln_tests::gpu_variants() {
+        for (i, (dt, k)) in [
+            (DType::F32, 204),
+            (DType::F16, 208),
+            (DType::BF16, 576),
+            (DType::Q8_0, 384),
+            (DType::Q8_0, 160),
+            (DType::Q4_0, 256),
+            (DType::Q4_0, 576),
+            (DType::Q4_0, 1536),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(rows_v4(dt, k), "{dt} k={k}");
+            for m in [1, 2] {
+                let mut t = OpTest::on(gpu.clone());
+                let mut rng = Rng::new(500 + i as u64 * 7 + m as u64);
+                let n = 131;
+                let wb = random_weight_bytes(&mut rng, dt, n, k);
+                let wf = dequantize(dt, &wb, n * k).unwrap();
+                let x = rng.vec(m * k, -1.0, 1.0);
+                let xv = t.input("x", &[m, k], &x);
+                let wv = t.weight("w", &[n, k], dt, &wb);
+                let y = t.g.linear(xv, wv, None).unwrap();
+                let got = t.run(y, &[]);
+                let want = refl::linear(&x, &wf, None, m, n, k);
+                let what = format!(
+                    "wide-load matvec {dt} m={m} k={k} (software kernels {})",
+                    gpu.features.software
+                );
+                assert_close(&what, &got, &want, dot_tolerance(&x, &wf, m, n, k), 1e-5);
+            }
+        }
+    }
+}
+
 /// Both GEMM variants (workgroup tiles, and DIRECT for software adapters) on every dtype.
 #[test]
 fn gemm_every_dtype() {

@@ -48,6 +48,18 @@ pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
     Ok(KernelKey::new(shader, "main").def(&format!("W_{}", dtype.name().to_uppercase()), ""))
 }
 
+/// Whether the software matvec's ROWS_V4 variant serves rows of `k` elements of `dtype`: rows
+/// of whole 16-byte units (`matvec.wgsl`).
+pub fn rows_v4(dtype: DType, k: usize) -> bool {
+    match dtype {
+        DType::F32 => k.is_multiple_of(4),
+        DType::F16 | DType::BF16 => k.is_multiple_of(8),
+        // Rows padded to 16 bytes (DType::row_words); the last group of 4 blocks may be partial.
+        DType::Q8_0 | DType::Q4_0 => k.is_multiple_of(32),
+        _ => false,
+    }
+}
+
 /// The key of a kernel on the shared GEMM core (`gemm.wgsl`) for weights of `dtype`: its
 /// barrier-free DIRECT variant on software adapters.
 pub fn gemm_key(ctx: &Ctx, shader: &'static str, dtype: DType) -> Result<KernelKey> {
@@ -186,7 +198,11 @@ impl Kernel for Linear {
                     has_bias,
                     has_res,
                 };
-                let (key, groups) = if software && ctx.gpu.features.subgroups {
+                let (key, groups) = if software && rows_v4(w.dtype, k) {
+                    // One row per invocation, 16-byte weight loads, workgroup-uniform x.
+                    let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS_V4", "");
+                    (key, grid(u(part.rows.div_ceil(64) * m_total)))
+                } else if software && ctx.gpu.features.subgroups {
                     // One row per subgroup, 8 rows per workgroup of 64.
                     let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
                     (key, grid(u(part.rows.div_ceil(8) * m_total)))
