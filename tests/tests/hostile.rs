@@ -433,3 +433,27 @@ fn sizes_past_the_adapter_limits_are_refused_before_any_work() {
         "{e}"
     );
 }
+
+/// A tokenizer.json whose Strip decoder also strips at the end makes the tokenizers library
+/// underflow (a panic, uncatchable in the browser) on an empty decoded piece (found by
+/// fuzzing): refused with the reason when the tokenizer is built.
+#[test]
+fn tokenizer_strip_at_the_end_is_refused() {
+    let path = fixture("llm/llama-mqa-tied-bf16/tokenizer.json");
+    let mut tj: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let ok = serde_json::to_vec(&tj).unwrap();
+    assert!(kiln::llm::TextTokenizer::from_hf(&ok, None).is_ok());
+    let strip = tj["decoder"]["decoders"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|d| d["type"] == "Strip")
+        .expect("the fixture's decoder strips");
+    strip["stop"] = json!(1);
+    let bad = serde_json::to_vec(&tj).unwrap();
+    let e = kiln::llm::TextTokenizer::from_hf(&bad, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("Strip") && e.contains("stop"), "{e}");
+}
