@@ -10,7 +10,8 @@
 // word each. Either way consecutive lanes read consecutive words. Partial sums are reduced in
 // workgroup memory.
 // Variant ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a
-// multiple of 4/8/8; Q8_0/Q4_0, whose rows are padded to 16 bytes): one invocation per row, weights read
+// multiple of 4/8/8; Q8_0/Q4_0, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks):
+// one invocation per row, weights read
 // 16 bytes at a time and x through indices that are the same for the whole workgroup (the
 // activation row comes from the workgroup index). llvmpipe turns a load whose index differs per
 // lane into a loop over the lanes, and a uniform one into a single load: this variant makes
@@ -50,6 +51,17 @@ fn sb4(q: u32) -> vec4<f32> {
     return vec4<f32>(v);
 }
 fn bf2(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u)); }
+// Q4_K: (scale, min) of sub-block j from the 12 packed scale bytes in three words (ggml's
+// get_scale_min_k4).
+fn k4v_byte(sc: vec3<u32>, i: u32) -> u32 { return (sc[i / 4u] >> (8u * (i % 4u))) & 255u; }
+fn k4v_scale_min(sc: vec3<u32>, j: u32) -> vec2<f32> {
+    if (j < 4u) {
+        return vec2<f32>(f32(k4v_byte(sc, j) & 63u), f32(k4v_byte(sc, j + 4u) & 63u));
+    }
+    let s = (k4v_byte(sc, j + 4u) & 15u) | ((k4v_byte(sc, j - 4u) >> 6u) << 4u);
+    let m = (k4v_byte(sc, j + 4u) >> 4u) | ((k4v_byte(sc, j) >> 6u) << 4u);
+    return vec2<f32>(f32(s), f32(m));
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -126,6 +138,37 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                + dot(lo4(v4.x >> 4u) - eight, x4[xb + 28u]) + dot(lo4(v4.y >> 4u) - eight, x4[xb + 29u]) + dot(lo4(v4.z >> 4u) - eight, x4[xb + 30u]) + dot(lo4(v4.w >> 4u) - eight, x4[xb + 31u]);
         let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
         acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(nb));
+    }
+#endif
+#ifdef W_Q4_K
+    // Super-blocks of 9 units: unit 0 = d|dmin (f16 pair) and the 12 scale bytes; units
+    // 1 + 2c, 2 + 2c = the 8 quant words of chunk c (64 elements): byte l of the chunk holds
+    // element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c + 1) high.
+    let ones = vec4<f32>(1.0);
+    for (var sbi = 0u; sbi < p.row_words / 36u; sbi++) {
+        let u = rb + 9u * sbi;
+        let h = w4[u];
+        let dm = unpack2x16float(h.x);
+        let sc = vec3<u32>(h.y, h.z, h.w);
+        let xb = xo + 64u * sbi;
+        var sums = vec4<f32>(0.0); // d * scale * dot, per chunk pair
+        var mins = vec4<f32>(0.0); // dmin * min * sum(x)
+        for (var c = 0u; c < 4u; c++) {
+            let qa = w4[u + 1u + 2u * c];
+            let qb = w4[u + 2u + 2u * c];
+            let xl = xb + 16u * c;
+            let s_lo = dot(lo4(qa.x), x4[xl]) + dot(lo4(qa.y), x4[xl + 1u]) + dot(lo4(qa.z), x4[xl + 2u]) + dot(lo4(qa.w), x4[xl + 3u])
+                     + dot(lo4(qb.x), x4[xl + 4u]) + dot(lo4(qb.y), x4[xl + 5u]) + dot(lo4(qb.z), x4[xl + 6u]) + dot(lo4(qb.w), x4[xl + 7u]);
+            let s_hi = dot(lo4(qa.x >> 4u), x4[xl + 8u]) + dot(lo4(qa.y >> 4u), x4[xl + 9u]) + dot(lo4(qa.z >> 4u), x4[xl + 10u]) + dot(lo4(qa.w >> 4u), x4[xl + 11u])
+                     + dot(lo4(qb.x >> 4u), x4[xl + 12u]) + dot(lo4(qb.y >> 4u), x4[xl + 13u]) + dot(lo4(qb.z >> 4u), x4[xl + 14u]) + dot(lo4(qb.w >> 4u), x4[xl + 15u]);
+            let x_lo = dot(x4[xl] + x4[xl + 1u] + x4[xl + 2u] + x4[xl + 3u] + x4[xl + 4u] + x4[xl + 5u] + x4[xl + 6u] + x4[xl + 7u], ones);
+            let x_hi = dot(x4[xl + 8u] + x4[xl + 9u] + x4[xl + 10u] + x4[xl + 11u] + x4[xl + 12u] + x4[xl + 13u] + x4[xl + 14u] + x4[xl + 15u], ones);
+            let a = k4v_scale_min(sc, 2u * c);
+            let b = k4v_scale_min(sc, 2u * c + 1u);
+            sums[c] = a.x * s_lo + b.x * s_hi;
+            mins[c] = a.y * x_lo + b.y * x_hi;
+        }
+        acc += dm.x * sums - dm.y * mins;
     }
 #endif
     store(mi, r, acc.x + acc.y + acc.z + acc.w);
