@@ -121,8 +121,13 @@ export declare const cache: ModelCache;
 export interface TextLoadOptions extends LoadOptions {
   /** Context length (KV-cache positions), capped by the model's maximum. Default 2048. */
   ctx?: number;
-  /** Quantize float matrices on load. */
+  /** Quantize float matrices on load (Q4_K/Q6_K byte for byte as llama.cpp's quantizer). */
   quantize?: "q4" | "q8" | "q4_k" | "q6_k";
+  /**
+   * A chat template instead of the model's: a built-in name or Jinja text. A model without one
+   * gets its architecture's (Gemma's turns for Gemma files).
+   */
+  chatTemplate?: "chatml" | "gemma" | "llama3" | "phi3" | (string & {});
 }
 
 export interface ImageLoadOptions extends LoadOptions {

@@ -478,6 +478,29 @@ test("chat.completions.create and completions.create: streaming and not, page an
   }
 });
 
+test("loadText's chatTemplate replaces the model's template (a built-in name or Jinja text)", 300000, async () => {
+  const page = await openDemo(true);
+  const r = await page.evaluate(async (src) => {
+    const { Kiln } = await import("/pkg/kiln.js");
+    const k = await Kiln.create({ worker: true });
+    const ids = async (chatTemplate) => {
+      await k.loadText(src, { chatTemplate });
+      const c = await k.chat.completions.create({ messages: [{ role: "user", content: "hi there" }], max_tokens: 1, temperature: 0 });
+      return c.kiln.prompt_ids;
+    };
+    const jinja = await ids("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}");
+    const chatml = await ids("chatml");
+    const own = await ids(undefined);
+    const raw = (await k.completions.create({ prompt: "<<hi there>>", max_tokens: 1, temperature: 0 })).kiln.prompt_ids;
+    const rawChatml = (await k.completions.create({ prompt: "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n", max_tokens: 1, temperature: 0 })).kiln.prompt_ids;
+    return { jinja, chatml, own, raw, rawChatml };
+  }, FIXTURE_TEXT.source);
+  await page.close();
+  log(`jinja ${r.jinja.length} ids, chatml ${r.chatml.length}, the model's own ${r.own.length}`);
+  assert(JSON.stringify(r.jinja) === JSON.stringify(r.raw), `Jinja template: ${r.jinja} vs the rendered text's ${r.raw}`);
+  assert(JSON.stringify(r.chatml) === JSON.stringify(r.rawChatml), `chatml: ${r.chatml} vs ${r.rawChatml}`);
+});
+
 test("demo chat panel: two streamed turns, the second prefills only its own tokens", 600000, async () => {
   needs(DEFAULT_TEXT);
   const page = await openDemo(true);
