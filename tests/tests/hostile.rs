@@ -457,3 +457,27 @@ fn tokenizer_strip_at_the_end_is_refused() {
         .to_string();
     assert!(e.contains("Strip") && e.contains("stop"), "{e}");
 }
+
+/// A layer count no decoder has is refused before per-layer tables are sized by it (found by
+/// fuzzing: 4 billion layers asked for 4 GB while reading the config).
+#[test]
+fn absurd_layer_counts_are_refused() {
+    use kiln::formats::gguf::Value as G;
+    let path = fixture("llm/qwen2-f32/model-f32.gguf");
+    let mut g = Gguf::parse("model-f32.gguf", std::fs::read(path).unwrap()).unwrap();
+    g.meta
+        .insert("qwen2.block_count".into(), G::U64(4_000_000_000));
+    let e = kiln::llm::LlmConfig::from_gguf(&g)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("block_count") && e.contains("4000000000"), "{e}");
+    let cfg = std::fs::read_to_string(fixture("llm/qwen2-f32/config.json")).unwrap();
+    let mut c: Value = serde_json::from_str(&cfg).unwrap();
+    c["num_hidden_layers"] = json!(900_000_000);
+    let e = kiln::llm::LlmConfig::from_hf(&c.to_string(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("num_hidden_layers"), "{e}");
+}

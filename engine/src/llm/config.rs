@@ -165,6 +165,21 @@ pub struct LlmConfig {
     pub final_softcap: Option<f32>,
 }
 
+/// More decoder layers than any real checkpoint has (the largest have a few hundred): a
+/// header claiming more is damaged, and per-layer tables are sized by it (found by fuzzing: a
+/// 4-billion-layer GGUF header asked for 4 GB before any tensor was looked at).
+const MAX_LAYERS: usize = 4096;
+
+fn check_layers(layers: usize, key: &str) -> Result<usize> {
+    if layers > MAX_LAYERS {
+        return Err(Error::Data {
+            name: key.into(),
+            msg: format!("{layers} layers (a decoder has at most {MAX_LAYERS})"),
+        });
+    }
+    Ok(layers)
+}
+
 fn unsupported(what: impl Into<String>) -> Error {
     Error::Unsupported(what.into())
 }
@@ -332,7 +347,7 @@ impl LlmConfig {
         let heads = c.need_count("num_attention_heads")?;
         let kv_heads = c.count("num_key_value_heads", heads)?;
         let head_dim = c.count("head_dim", hidden / heads)?;
-        let layers = c.need_count("num_hidden_layers")?;
+        let layers = check_layers(c.need_count("num_hidden_layers")?, "num_hidden_layers")?;
         let max_positions = c.count("max_position_embeddings", 2048)?;
 
         // Rotary: transformers 5 nests the settings in `rope_parameters` (per layer type for
@@ -517,7 +532,7 @@ impl LlmConfig {
         let heads = u("attention.head_count")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
         let head_dim = u("attention.key_length").unwrap_or(hidden / heads.max(1));
-        let layers = u("block_count")?;
+        let layers = check_layers(u("block_count")?, &key("block_count"))?;
         let f = |k: &str| g.get(&key(k)).and_then(|v| v.as_f64());
         let tokens = g
             .require("tokenizer.ggml.tokens")?
