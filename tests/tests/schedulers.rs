@@ -472,6 +472,13 @@ fn config_parsing_and_errors() {
         4,
         "num_train_timesteps",
     );
+    // A count the tables would be sized by (found by fuzzing: 4 GB of betas).
+    err(
+        r#"{"num_train_timesteps": 900000000}"#,
+        None,
+        4,
+        "expected 2 to 100000",
+    );
     err(r#"{"steps_offset": -1}"#, None, 4, "steps_offset");
     err("[1, 2]", None, 4, "JSON object");
     err("{", None, 4, "not valid JSON");

@@ -48,6 +48,9 @@ use crate::formats::config::Keys;
 pub use crate::kernels::scheduler::{StepCoeffs, COEFFS};
 use serde_json::Value as Json;
 
+/// The most training timesteps a scheduler config may claim.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The schedulers Kiln runs (as text: their CLI names `ddim`, `euler`, `euler-a`, `dpm++2m`,
 /// `lcm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -278,9 +281,11 @@ impl SchedulerConfig {
             _ => false,
         };
         let num_train_timesteps = keys.count("num_train_timesteps", 1000)?;
-        if num_train_timesteps < 2 {
+        // Every released pipeline trains on 1000 steps; the tables are sized by this number, so
+        // a damaged value is refused rather than allocated (found by fuzzing: 4 GB of betas).
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&num_train_timesteps) {
             return Err(keys.err(format!(
-                "'num_train_timesteps': expected at least 2, found {num_train_timesteps}"
+                "'num_train_timesteps': expected 2 to {MAX_TRAIN_TIMESTEPS}, found {num_train_timesteps}"
             )));
         }
         let clip_default = kind == Ddim;
