@@ -47,9 +47,10 @@ run() {
         local execs rss cov last
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
         rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
-        cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
-        last=$(grep -E '^#[0-9]+[[:space:]]+NEW' "$log" | tail -1 | awk '{print substr($1, 2)}')
-        half=$(grep -E '^#[0-9]+[[:space:]].*cov: [0-9]+' "$log" |
+        cov=$( (grep -o 'cov: [0-9]*' "$log" || true) | tail -1 | cut -d' ' -f2)
+        # (A short run may end before the corpus is loaded: no such lines, no failure.)
+        last=$( (grep -E '^#[0-9]+[[:space:]]+NEW' "$log" || true) | tail -1 | awk '{print substr($1, 2)}')
+        half=$( (grep -E '^#[0-9]+[[:space:]].*cov: [0-9]+' "$log" || true) |
             awk -v h="$(( ${execs:-0} / 2 ))" '{n = substr($1, 2) + 0; if (n <= h) { match($0, /cov: [0-9]+/); c = substr($0, RSTART + 5, RLENGTH - 5) } } END { print c }')
         local result=ok
         if [ $rc -ne 0 ]; then
