@@ -298,3 +298,14 @@ pub fn check_greedy_run(
     }
     (n, worst)
 }
+
+/// Options of a greedy generation of `max_tokens` tokens (no stop strings), as the parity tests
+/// run them.
+pub fn greedy(max_tokens: usize) -> kiln::llm::GenerateOptions {
+    kiln::llm::GenerateOptions {
+        max_tokens,
+        sampler: kiln::kernels::sample::SamplerSettings::greedy(),
+        seed: 0,
+        stop: vec![],
+    }
+}

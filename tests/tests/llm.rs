@@ -62,14 +62,7 @@ fn load_on(
     .unwrap_or_else(|e| panic!("{case} {weights}: {e}"))
 }
 
-fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        sampler: SamplerSettings::greedy(),
-        seed: 0,
-        stop: vec![],
-    }
-}
+use kiln_tests::greedy;
 
 /// Greedy ids equal the reference up to the first step whose top-2 margin is under 0.01 (where
 /// f32 rounding may legitimately flip the argmax), and their log-probabilities agree within 2e-3.
@@ -830,4 +823,49 @@ fn gguf_pre_tokenizers_match_transformers() {
             "{pre}: gpt-2's pre-tokenizer gives the same ids on every string"
         );
     }
+}
+
+/// The GGUF keys that place Gemma 3's sliding layers, as llama.cpp reads them: the default
+/// pattern (every 6th layer global), a number n, a list of per-layer flags (of the wrong
+/// length: an error), and the local rotary base.
+#[test]
+fn gguf_sliding_window_keys() {
+    use kiln::formats::gguf::{Array, Gguf, Value as G};
+    use kiln::llm::LlmConfig;
+    let path = dir("gemma3-bf16").join("model-bf16.gguf");
+    let parse = || Gguf::parse("model-bf16.gguf", std::fs::read(&path).unwrap()).unwrap();
+    let g = parse();
+    let c = LlmConfig::from_gguf(&g).unwrap();
+    assert_eq!(c.sliding_layers, [true, true, true, true, true, false]);
+    assert_eq!(
+        (c.sliding_window, c.rope_local.as_ref().map(|r| r.theta)),
+        (Some(8), Some(10000.0))
+    );
+    let mut g = parse();
+    g.meta
+        .insert("gemma3.attention.sliding_window_pattern".into(), G::U64(2));
+    g.meta
+        .insert("gemma3.rope.freq_base_swa".into(), G::F64(5000.0));
+    let c = LlmConfig::from_gguf(&g).unwrap();
+    assert_eq!(c.sliding_layers, [true, false, true, false, true, false]);
+    assert_eq!(c.rope_local.as_ref().map(|r| r.theta), Some(5000.0));
+    let flags = |v: &[u8]| {
+        G::Array(Array::Raw {
+            ty: 7,
+            bytes: v.to_vec(),
+        })
+    };
+    let mut g = parse();
+    g.meta.insert(
+        "gemma3.attention.sliding_window_pattern".into(),
+        flags(&[0, 1, 1, 0, 0, 1]),
+    );
+    let c = LlmConfig::from_gguf(&g).unwrap();
+    assert_eq!(c.sliding_layers, [false, true, true, false, false, true]);
+    g.meta.insert(
+        "gemma3.attention.sliding_window_pattern".into(),
+        flags(&[1, 1]),
+    );
+    let e = LlmConfig::from_gguf(&g).err().unwrap().to_string();
+    assert!(e.contains("2 flags for 6 layers"), "{e}");
 }

@@ -8,8 +8,7 @@
 //! (set by .ci/run once the fetch succeeded) its absence fails the test instead.
 
 use kiln::formats::gguf::Gguf;
-use kiln::kernels::sample::SamplerSettings;
-use kiln::llm::{GenerateOptions, LoadOptions, StopReason, TextModel, TextTokenizer};
+use kiln::llm::{LoadOptions, StopReason, TextModel, TextTokenizer};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -78,12 +77,7 @@ fn check(reference: &str) -> Option<(TextModel, Value)> {
     for run in r["runs"].as_array().unwrap() {
         let prompt = ids(&run["prompt_ids"]);
         let want = ids(&run["ids"]);
-        let opts = GenerateOptions {
-            max_tokens: want.len(),
-            sampler: SamplerSettings::greedy(),
-            seed: 0,
-            stop: vec![],
-        };
+        let opts = kiln_tests::greedy(want.len());
         let gen = pollster::block_on(m.generate(&prompt, &opts, &mut |_| true)).unwrap();
         let what = format!("{reference} {:?}", run["prompt"]);
         let (n, worst) = kiln_tests::check_greedy_run(&what, &gen.ids, &gen.logprobs, run, 2e-3);
@@ -130,12 +124,7 @@ fn smollm2_135m_instruct_q4_1() {
         m.tokenizer.encode(&rendered).unwrap(),
         ids(&chat["prompt_ids"])
     );
-    let opts = GenerateOptions {
-        max_tokens: 24,
-        sampler: SamplerSettings::greedy(),
-        seed: 0,
-        stop: vec![],
-    };
+    let opts = kiln_tests::greedy(24);
     let g =
         pollster::block_on(m.generate(&ids(&chat["prompt_ids"]), &opts, &mut |_| true)).unwrap();
     assert!(g.text.contains("Paris"), "answer: {:?}", g.text);
