@@ -34,6 +34,15 @@ fn gelu_tanh(x: f32) -> f32 {
     return 0.5 * x * (1.0 + (e - 1.0) / (e + 1.0));
 }
 fn quick_gelu(x: f32) -> f32 { return x / (1.0 + exp(-1.702 * x)); }
+// The activation of a gated unit (kernels::elementwise::Act codes): 0 silu, 1 gelu(erf),
+// 2 gelu(tanh).
+fn glu_act(v: f32, code: u32) -> f32 {
+    switch code {
+        case 0u: { return silu(v); }
+        case 1u: { return gelu_erf(v); }
+        default: { return gelu_tanh(v); }
+    }
+}
 
 // x mod 2*pi into [-pi, pi] with a two-constant (Cody-Waite) reduction: sin/cos of an angle of
 // thousands of radians (rope positions, diffusion timesteps) keep f32 accuracy on every driver.

@@ -18,9 +18,7 @@ struct Params { n: u32, op: u32, mul: f32, add: f32 }
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 fn act(v: f32, op: u32) -> f32 {
     switch op {
-        case 0u: { return silu(v); }
-        case 1u: { return gelu_erf(v); }
-        case 2u: { return gelu_tanh(v); }
+        case 0u, 1u, 2u: { return glu_act(v, op); }
         case 3u: { return quick_gelu(v); }
         case 5u: { return p.mul * tanh(clamp(v / p.mul, -15.0, 15.0)); }
         default: { return v * p.mul + p.add; }
@@ -71,14 +69,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (i >= p.rows * p.f) { return; }
     let r = i / p.f;
     let c = i % p.f;
-    let gv = g[p.g_off + r * p.g_rs + c];
-    var a: f32;
-    switch p.act {
-        case 0u: { a = silu(gv); }
-        case 1u: { a = gelu_erf(gv); }
-        default: { a = gelu_tanh(gv); }
-    }
-    y[i] = a * u[p.u_off + r * p.u_rs + c];
+    y[i] = glu_act(g[p.g_off + r * p.g_rs + c], p.act) * u[p.u_off + r * p.u_rs + c];
 }
 #endif
 

@@ -1,48 +1,96 @@
 // Decode matrix-vector product with fused dequantization: y[m, off + r] = W[r, :] . x[m, :] (+ bias)
-// Bindings: 2 w: array<u32> [rows x row_words] (one weight part, any dtype of weights.wgsl)
+// (+ res), for every weight dtype of weights.wgsl, with two optional fusions the graph's fusion
+// pass chooses (graph/fuse.rs):
+//   NORM  (GPU variant, m = 1) x is first RMS-normalized with weight nw: y = (W . (x * nw)) /
+//         rms(x). The normalized row is staged once per workgroup in workgroup memory (XS_LEN
+//         floats, k rounded up to 128, zero past k), so the dot loops read it as they read x.
+//   glu   (p.glu = 1 + activation code, see common.wgsl's glu_act) output row r is
+//         act(W[r + gate_row] . x) * (W[r + up_row] . x): a gated unit on a stacked gate/up
+//         weight, with `rows` = the output rows.
+// Bindings: 2 w: array<u32> [rows x row_words] (one weight part)
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
 //           5 y: array<f32> [m, n_total]   6 res: array<f32> like y, added when has_res (a residual)
-// Two variants. ROWS (software adapters: lavapipe, SwiftShader, which run invocations as SIMD
-// lanes of CPU threads and pay dearly for barriers): one invocation per output row, 64 per
-// workgroup, no workgroup memory; ceil(rows * m / 64) workgroups.
-// Otherwise: ceil(rows / 4) * m workgroups (folded by grid()); 256 threads = 4 rows x 64 lanes,
-// plain dtypes: each lane takes every 64th word; block formats: W_LPB lanes share a block, one
-// word each. Either way consecutive lanes read consecutive words. Partial sums are reduced in
-// workgroup memory.
-// Variant ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a
-// multiple of 4/8/8; Q8_0/Q4_0, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks):
-// one invocation per row, weights read
-// 16 bytes at a time and x through indices that are the same for the whole workgroup (the
-// activation row comes from the workgroup index). llvmpipe turns a load whose index differs per
-// lane into a loop over the lanes, and a uniform one into a single load: this variant makes
-// 4x fewer per-lane loads than ROWS and none for x. ceil(rows / 64) * m workgroups (grid()).
+//           7 nw: array<f32> [k], the RMSNorm weight (NORM)
+// Variants:
+// ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a multiple of
+//   4/8/8; Q8_0/Q4_0, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks): one
+//   invocation per row, weights read 16 bytes at a time and x through indices that are the same
+//   for the whole workgroup (the activation row comes from the workgroup index). llvmpipe turns
+//   a load whose index differs per lane into a loop over the lanes, and a uniform one into a
+//   single load: this variant makes 4x fewer per-lane loads than ROWS and none for x.
+//   ceil(rows / 64) * m workgroups (folded by grid()).
+// SUBGROUP_ROWS (software adapters with subgroups, other dtypes): one row per subgroup at a time,
+//   8 rows per workgroup of 64, one subgroupAdd per row. ceil(rows / 8) * m workgroups.
+// ROWS (software adapters without subgroups): one invocation per output row, 64 per workgroup,
+//   no workgroup memory; ceil(rows * m / 64) workgroups.
+// Otherwise (GPUs): ceil(rows / 4) * m workgroups; 256 threads = 4 rows x 64 lanes. Plain
+//   dtypes: each lane takes every 64th word; block formats: W_LPB lanes share a block, one word
+//   each. Either way consecutive lanes read consecutive words. Partial sums are reduced in
+//   workgroup memory.
 #include "common.wgsl"
 #ifndef ROWS_V4
 #define WITH_DOT
 #include "weights.wgsl"
 #endif
 
-struct Params { rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32 }
+struct Params {
+    rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32,
+    glu: u32, gate_row: u32, up_row: u32, eps: f32,
+}
 @group(0) @binding(0) var<uniform> p: Params;
 #ifdef ROWS_V4
 @group(0) @binding(2) var<storage, read> w4: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 #else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#ifdef NORM
+@group(0) @binding(3) var<storage, read> xin: array<f32>;
+@group(0) @binding(7) var<storage, read> nw: array<f32>;
+var<workgroup> x: array<f32, XS_LEN>;
+#else
 @group(0) @binding(3) var<storage, read> x: array<f32>;
+#endif
 #endif
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> res: array<f32>;
 
-fn store(mi: u32, r: u32, acc: f32) {
+// `acc` (a row's dot, or a pair's under glu) scaled by `inv` (NORM), plus bias and residual.
+fn store(mi: u32, r: u32, acc: vec2<f32>, inv: f32) {
     let o = p.out_off + r;
-    var v = acc;
+    var v = acc.x * inv;
+    if (p.glu != 0u) { v = glu_act(v, p.glu - 1u) * (acc.y * inv); }
     if (p.has_bias == 1u) { v += bias[o]; }
     let i = mi * p.n_total + o;
     if (p.has_res == 1u) { v += res[i]; }
     y[i] = v;
 }
+
+// The weight rows output row r reads: (r, -) or, under glu, (gate, up).
+fn rows_of(r: u32) -> vec2<u32> {
+    if (p.glu != 0u) { return vec2<u32>(r + p.gate_row, r + p.up_row); }
+    return vec2<u32>(r, r);
+}
+
+#ifdef NORM
+var<workgroup> red: array<f32, 256>;
+// Stages x[mi] * nw in x (zero past k) and returns 1 / rms(x[mi]); 256 invocations.
+fn stage_x(mi: u32, li: u32) -> f32 {
+    let xb = mi * p.k;
+    var s = 0.0;
+    for (var i = li; i < p.k; i += 256u) { let v = xin[xb + i]; s += v * v; }
+    red[li] = s;
+    workgroupBarrier();
+    for (var h = 128u; h > 0u; h >>= 1u) {
+        if (li < h) { red[li] += red[li + h]; }
+        workgroupBarrier();
+    }
+    let ss = red[0];
+    for (var i = li; i < XS_LEN; i += 256u) { x[i] = select(0.0, xin[xb + i] * nw[i], i < p.k); }
+    workgroupBarrier();
+    return inverseSqrt(ss / f32(p.k) + p.eps);
+}
+#endif
 
 #ifdef ROWS_V4
 fn lo4(q: u32) -> vec4<f32> { return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u)); }
@@ -63,15 +111,8 @@ fn k4v_scale_min(sc: vec3<u32>, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(s), f32(m));
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let g = group_index(wg, nwg);
-    let per_m = (p.rows + 63u) / 64u;
-    let mi = g / per_m;
-    let r = (g % per_m) * 64u + li;
-    if (r >= p.rows || mi >= p.m) { return; }
-    let rb = r * (p.row_words / 4u);
-    let xo = mi * (p.k / 4u);
+// The dot of the row starting at unit rb with x4[xo..].
+fn row_dot(rb: u32, xo: u32) -> f32 {
     var acc = vec4<f32>(0.0);
 #ifdef W_F32
     for (var i = 0u; i < p.row_words / 4u; i++) {
@@ -171,12 +212,43 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         acc += dm.x * sums - dm.y * mins;
     }
 #endif
-    store(mi, r, acc.x + acc.y + acc.z + acc.w);
+    return acc.x + acc.y + acc.z + acc.w;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let g = group_index(wg, nwg);
+    let per_m = (p.rows + 63u) / 64u;
+    let mi = g / per_m;
+    let r = (g % per_m) * 64u + li;
+    let xo = mi * (p.k / 4u);
+    if (r >= p.rows || mi >= p.m) { return; }
+    let rr = rows_of(r);
+    let ru = p.row_words / 4u;
+    var acc = vec2<f32>(row_dot(rr.x * ru, xo), 0.0);
+    if (p.glu != 0u) { acc.y = row_dot(rr.y * ru, xo); }
+    store(mi, r, acc, 1.0);
 }
 #else
+// Lane `lane` of `nl`'s share of the dot of the row starting at word rb with x[xo..]: plain
+// dtypes take every nl-th word, block formats give W_LPB lanes one block (one word each), so
+// consecutive lanes read consecutive words.
+fn lane_dot(rb: u32, xo: u32, lane: u32, nl: u32) -> f32 {
+    var acc = 0.0;
+#ifdef W_PLAIN
+    for (var wi = lane; wi < p.row_words; wi += nl) {
+        acc += w_word_dot(rb, wi, xo, p.k);
+    }
+#else
+    for (var t = lane; t < (p.k / W_BLOCK) * W_LPB; t += nl) {
+        let u = t / W_LPB;
+        acc += w_lane_dot(rb, u, t % W_LPB, xo + W_BLOCK * u);
+    }
+#endif
+    return acc;
+}
+
 #ifdef SUBGROUP_ROWS
-// One row per subgroup at a time (8 rows per workgroup of 64): lanes read consecutive words of
-// the row and x, and one subgroupAdd reduces them, with no barrier and no workgroup memory.
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg: u32) {
@@ -184,27 +256,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let row_groups = (p.rows + 7u) / 8u;
     let mi = g / row_groups;
     let first = (g % row_groups) * 8u;
+    let xo = mi * p.k;
     let nsg = (64u + sg - 1u) / sg;
     for (var j = li / sg; j < 8u; j += nsg) {
         let r = first + j;
-        var acc = 0.0;
+        var acc = vec2<f32>(0.0);
         if (r < p.rows && mi < p.m) {
-            let rb = r * p.row_words;
-            let xo = mi * p.k;
-#ifdef W_PLAIN
-            for (var wi = lane; wi < p.row_words; wi += sg) {
-                acc += w_word_dot(rb, wi, xo, p.k);
-            }
-#else
-            for (var t = lane; t < (p.k / W_BLOCK) * W_LPB; t += sg) {
-                let u = t / W_LPB;
-                acc += w_lane_dot(rb, u, t % W_LPB, xo + W_BLOCK * u);
-            }
-#endif
+            let rr = rows_of(r) * p.row_words;
+            acc.x = lane_dot(rr.x, xo, lane, sg);
+            if (p.glu != 0u) { acc.y = lane_dot(rr.y, xo, lane, sg); }
         }
-        let sum = subgroupAdd(acc);
+        let sum = vec2<f32>(subgroupAdd(acc.x), subgroupAdd(acc.y));
         if (lane == 0u && r < p.rows && mi < p.m) {
-            store(mi, r, sum);
+            store(mi, r, sum, 1.0);
         }
     }
 }
@@ -216,24 +280,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (i >= p.rows * p.m) { return; }
     let mi = i / p.rows;
     let r = i % p.rows;
-    let rb = r * p.row_words;
     let xo = mi * p.k;
-    var acc = 0.0;
-#ifdef W_PLAIN
-    for (var wi = 0u; wi < p.row_words; wi++) {
-        acc += w_word_dot(rb, wi, xo, p.k);
-    }
-#else
-    for (var u = 0u; u < p.k / W_BLOCK; u++) {
-        for (var sub = 0u; sub < W_LPB; sub++) {
-            acc += w_lane_dot(rb, u, sub, xo + W_BLOCK * u);
-        }
-    }
-#endif
-    store(mi, r, acc);
+    let rr = rows_of(r) * p.row_words;
+    var acc = vec2<f32>(lane_dot(rr.x, xo, 0u, 1u), 0.0);
+    if (p.glu != 0u) { acc.y = lane_dot(rr.y, xo, 0u, 1u); }
+    store(mi, r, acc, 1.0);
 }
 #else
-var<workgroup> partial: array<f32, 256>;
+var<workgroup> partial: array<vec2<f32>, 256>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -242,23 +296,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let mi = g / row_groups;
     let r = (g % row_groups) * 4u + li / 64u;
     let lane = li % 64u;
-    var acc = 0.0;
-    if (r < p.rows && mi < p.m) {
-        let rb = r * p.row_words;
-        let xo = mi * p.k;
-#ifdef W_PLAIN
-        // Lanes take consecutive words, so each step of the loop reads one contiguous span.
-        for (var wi = lane; wi < p.row_words; wi += 64u) {
-            acc += w_word_dot(rb, wi, xo, p.k);
-        }
+#ifdef NORM
+    let inv = stage_x(mi, li);
+    let xo = 0u;
 #else
-        // W_LPB lanes share a block, each reading one of its words: consecutive lanes read
-        // consecutive words.
-        let sub = lane % W_LPB;
-        for (var u = lane / W_LPB; u < p.k / W_BLOCK; u += 64u / W_LPB) {
-            acc += w_lane_dot(rb, u, sub, xo + W_BLOCK * u);
-        }
+    let inv = 1.0;
+    let xo = mi * p.k;
 #endif
+    var acc = vec2<f32>(0.0);
+    if (r < p.rows && mi < p.m) {
+        let rr = rows_of(r) * p.row_words;
+        acc.x = lane_dot(rr.x, xo, lane, 64u);
+        if (p.glu != 0u) { acc.y = lane_dot(rr.y, xo, lane, 64u); }
     }
     partial[li] = acc;
     workgroupBarrier();
@@ -267,7 +316,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         workgroupBarrier();
     }
     if (lane == 0u && r < p.rows && mi < p.m) {
-        store(mi, r, partial[li]);
+        store(mi, r, partial[li], inv);
     }
 }
 #endif

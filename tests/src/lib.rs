@@ -141,8 +141,14 @@ impl OpTest {
     /// Compiles with poisoned outputs, writes inputs, sets scalars, runs, reads `out` as f32.
     pub fn run(mut self, out: Value, scalars: &[(Scalar, u32)]) -> Vec<f32> {
         self.g.output(out);
-        let mut plan =
-            pollster::block_on(self.g.compile(&self.gpu, CompileOptions { poison: true })).unwrap();
+        let mut plan = pollster::block_on(self.g.compile(
+            &self.gpu,
+            CompileOptions {
+                poison: true,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
         for (v, d) in &self.inputs {
             plan.write_u32(*v, d).unwrap();
         }

@@ -3,7 +3,7 @@
 
 use kiln::dtype::dequantize;
 use kiln::reference::linear as refl;
-use kiln::{DType, GpuOptions};
+use kiln::{DType, GpuOptions, Tensor};
 use kiln_tests::{assert_close, dot_tolerance, gpu_with, random_weight_bytes, test_k, OpTest, Rng};
 
 fn check_linear(t: OpTest, dtype: DType, m: usize, n: usize, bias: bool, seed: u64) {
@@ -281,4 +281,141 @@ fn linear_with_residual_every_variant() {
     let r = g.input("r", &[2, 5], DType::F32).unwrap();
     let e = g.linear_add(x, w, None, r).unwrap_err().to_string();
     assert!(e.contains("residual shape [2, 5]"), "{e}");
+}
+
+/// The fusion pass on decode products (`graph/fuse.rs`), on every kernel variant and weight
+/// dtype: `rms_norm` followed by a product (with a residual), and by a stacked gate/up product
+/// whose halves feed a gated unit (SiLU gate first, GELU-tanh up first). The fused plans must
+/// match the CPU reference of the ops as written and the unfused plan of the same graph, in 1
+/// dispatch instead of 2 and 3 (software kernels keep the norm's dispatch: 2 and 2). Rows of
+/// two activations and a norm with another reader stay unfused.
+#[test]
+fn fused_norm_and_gated_unit_every_variant() {
+    use kiln::graph::{Act, GluInput};
+    use kiln::reference::elementwise::{gelu_tanh, silu};
+    use kiln::reference::norm::rms_norm;
+    use kiln::CompileOptions;
+    let run = |gpu: &std::sync::Arc<kiln::Gpu>,
+               g: &kiln::Graph,
+               ins: &[(kiln::Value, &[f32])],
+               out,
+               unfused| {
+        let mut g = g.clone();
+        g.output(out);
+        let opts = CompileOptions {
+            poison: true,
+            unfused,
+        };
+        let mut plan = pollster::block_on(g.compile(gpu, opts)).unwrap();
+        for (v, d) in ins {
+            plan.write_f32(*v, d).unwrap();
+        }
+        plan.run().unwrap();
+        let n = plan.dispatch_count();
+        (pollster::block_on(plan.read_f32(out)).unwrap(), n)
+    };
+    for gpu in kiln_tests::gpu_variants() {
+        let dtypes = DType::WEIGHTS.into_iter().map(|d| (d, test_k(d)));
+        // Row lengths the 16-byte variant serves too (576: SmolLM2's hidden size).
+        let wide = [
+            (DType::Q4_0, 576),
+            (DType::F16, 576),
+            (DType::Q4_K, 256),
+            (DType::Q8_0, 160),
+        ];
+        for (i, (dt, k)) in dtypes.chain(wide).enumerate() {
+            let mut rng = Rng::new(900 + i as u64);
+            let (f, eps) = (37, 1e-5);
+            let wb = random_weight_bytes(&mut rng, dt, 2 * f, k);
+            let wf = dequantize(dt, &wb, 2 * f * k).unwrap();
+            let (x, nw, r) = (
+                rng.vec(k, -2.0, 2.0),
+                rng.vec(k, 0.5, 1.5),
+                rng.vec(2 * f, -1.0, 1.0),
+            );
+            let xn = rms_norm(&x, &nw, eps);
+            let (act, gate_first) = if i % 2 == 0 {
+                (Act::Silu, true)
+            } else {
+                (Act::GeluTanh, false)
+            };
+            // One graph per case: norm -> product + residual, or norm -> product -> gated unit.
+            let build = |glu: bool| {
+                let mut g = kiln::Graph::new();
+                let xv = g.input("x", &[1, k], DType::F32).unwrap();
+                let nv = g.input("nw", &[k], DType::F32).unwrap();
+                let rv = g.input("r", &[1, 2 * f], DType::F32).unwrap();
+                let t = Tensor::upload(&gpu, "w", &[2 * f, k], dt, &wb).unwrap();
+                let wv = g.tensor(&std::sync::Arc::new(t));
+                let h = g.rms_norm(xv, nv, eps).unwrap();
+                let y = if glu {
+                    let gu = g.linear(h, wv, None).unwrap();
+                    g.glu(GluInput::Halves { x: gu, gate_first }, act).unwrap()
+                } else {
+                    g.linear_add(h, wv, None, rv).unwrap()
+                };
+                (g, y, [xv, nv, rv])
+            };
+            let prod = refl::linear(&xn, &wf, None, 1, 2 * f, k);
+            let want_res: Vec<f32> = prod.iter().zip(&r).map(|(p, r)| p + r).collect();
+            let (gate, up) = if gate_first {
+                (&prod[..f], &prod[f..])
+            } else {
+                (&prod[f..], &prod[..f])
+            };
+            let a = |v: f32| match act {
+                Act::Silu => silu(v as f64) as f32,
+                _ => gelu_tanh(v as f64) as f32,
+            };
+            let want_glu: Vec<f32> = gate.iter().zip(up).map(|(g, u)| a(*g) * u).collect();
+            let tol = dot_tolerance(&xn, &wf, 1, 2 * f, k) * 4.0 + 1e-6;
+            let what = |s: &str| {
+                format!(
+                    "{s} {dt} k={k} (software kernels {})",
+                    gpu.features.software
+                )
+            };
+            for (glu, want, plain) in [(false, &want_res, 2), (true, &want_glu, 3)] {
+                let (g, y, [xv, nv, rv]) = build(glu);
+                let ins: [(kiln::Value, &[f32]); 3] = [(xv, &x), (nv, &nw), (rv, &r)];
+                let (got, n) = run(&gpu, &g, &ins, y, false);
+                let (unfused, n0) = run(&gpu, &g, &ins, y, true);
+                assert_close(&what("fused"), &got, want, tol, 1e-4);
+                assert_close(&what("fused vs unfused"), &got, &unfused, tol, 1e-4);
+                // Software kernels keep the norm: only the gated unit fuses there.
+                let fused = if gpu.features.software { 2 } else { 1 };
+                assert_eq!(
+                    (n, n0),
+                    (fused, plain),
+                    "{}: dispatches fused/unfused",
+                    what("")
+                );
+            }
+        }
+    }
+    // Left as written: a norm over two rows (the GEMM's input), and a norm another op reads too.
+    let gpu = kiln_tests::gpu();
+    let mut g = kiln::Graph::new();
+    let x = g.input("x", &[2, 64], DType::F32).unwrap();
+    let nw = g.input("nw", &[64], DType::F32).unwrap();
+    let t = Tensor::upload(&gpu, "w", &[16, 64], DType::F32, &vec![0u8; 16 * 64 * 4]).unwrap();
+    let w = g.tensor(&std::sync::Arc::new(t));
+    let h = g.rms_norm(x, nw, 1e-6).unwrap();
+    let y = g.linear(h, w, None).unwrap();
+    g.output(y);
+    let plan = pollster::block_on(g.compile(&gpu, CompileOptions::default())).unwrap();
+    assert_eq!(plan.dispatch_count(), 2, "two rows: norm + product");
+    let mut g = kiln::Graph::new();
+    let x = g.input("x", &[1, 64], DType::F32).unwrap();
+    let nw = g.input("nw", &[64], DType::F32).unwrap();
+    let t = Tensor::upload(&gpu, "w", &[16, 64], DType::F32, &vec![0u8; 16 * 64 * 4]).unwrap();
+    let w = g.tensor(&std::sync::Arc::new(t));
+    let h = g.rms_norm(x, nw, 1e-6).unwrap();
+    let y = g.linear(h, w, None).unwrap();
+    let z = g.add(y, y).unwrap();
+    let s = g.add(h, h).unwrap();
+    g.output(z);
+    g.output(s);
+    let plan = pollster::block_on(g.compile(&gpu, CompileOptions::default())).unwrap();
+    assert_eq!(plan.dispatch_count(), 4, "a norm with another reader stays");
 }

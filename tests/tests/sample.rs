@@ -75,7 +75,14 @@ impl Sampler {
             )
             .unwrap();
         g.output(out);
-        let plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+        let plan = pollster::block_on(g.compile(
+            &gpu,
+            CompileOptions {
+                poison: true,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
         Sampler {
             plan,
             logits,
@@ -444,7 +451,14 @@ fn randn_matches_reference_and_is_standard_normal() {
     let z0 = g.randn(&[8], Dyn::Static(0), 0).unwrap();
     g.output(z);
     g.output(z0);
-    let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+    let mut plan = pollster::block_on(g.compile(
+        &gpu,
+        CompileOptions {
+            poison: true,
+            ..Default::default()
+        },
+    ))
+    .unwrap();
     plan.set(seed, 2024);
     plan.run().unwrap();
     let got = pollster::block_on(plan.read_f32(z)).unwrap();

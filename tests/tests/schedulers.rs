@@ -247,7 +247,14 @@ fn gpu_loop(fx: &Fixtures, c: &Case) -> f32 {
         noise: Some(noise),
     };
     g.scheduler_step(&v, Dyn::slot(step)).unwrap();
-    let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+    let mut plan = pollster::block_on(g.compile(
+        &gpu,
+        CompileOptions {
+            poison: true,
+            ..Default::default()
+        },
+    ))
+    .unwrap();
     assert_eq!(plan.dispatch_count(), 1, "one kernel per step");
     plan.write_f32(coeffs, &s.coeff_table()).unwrap();
     plan.write_f32(guidance, &[c.guidance]).unwrap();
@@ -349,8 +356,14 @@ fn kernel_matches_reference_on_random_rows() {
             Dyn::affine(step, 1, 1),
         )
         .unwrap();
-        let mut plan =
-            pollster::block_on(g.compile(&gpu, CompileOptions { poison: true })).unwrap();
+        let mut plan = pollster::block_on(g.compile(
+            &gpu,
+            CompileOptions {
+                poison: true,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
         plan.write_f32(model_out, &m).unwrap();
         plan.write_f32(coeffs, &table).unwrap();
         plan.write_f32(guidance, &[g_scale]).unwrap();

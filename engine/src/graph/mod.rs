@@ -2,6 +2,7 @@
 //! nodes are added, so a mismatch is reported at the op that caused it. [`Graph::compile`]
 //! turns the graph into a [`Plan`] that replays with one compute pass and one submit.
 
+mod fuse;
 mod ops;
 mod plan;
 
@@ -217,13 +218,7 @@ impl Graph {
     pub fn linear(&mut self, x: Value, w: Value, bias: Option<Value>) -> Result<Value> {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        self.push1(
-            Linear {
-                bias: bias.is_some(),
-                residual: false,
-            },
-            inputs,
-        )
+        self.push1(Linear::new(bias.is_some(), false), inputs)
     }
 
     /// `residual + x @ w^T (+ bias)` in one op: the residual connection of a transformer block
@@ -238,13 +233,7 @@ impl Graph {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
         inputs.push(residual);
-        self.push1(
-            Linear {
-                bias: bias.is_some(),
-                residual: true,
-            },
-            inputs,
-        )
+        self.push1(Linear::new(bias.is_some(), true), inputs)
     }
 
     /// Attention with online softmax. q `[b, lq, heads*d]`, k/v `[b, lk, kv_heads*d]` (or a

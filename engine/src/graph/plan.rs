@@ -17,6 +17,9 @@ pub struct CompileOptions {
     /// Fill every intermediate and output buffer with NaN bits after allocation, so that a
     /// kernel that fails to write an element is caught by the tests.
     pub poison: bool,
+    /// Compile the ops as written, without the fusion pass (`graph/fuse.rs`): for tests that
+    /// compare the fused plan with the plain one.
+    pub unfused: bool,
 }
 
 struct Step {
@@ -72,6 +75,15 @@ impl Graph {
 
     /// Compiles the graph for `gpu`: allocates, builds pipelines and bind groups.
     pub async fn compile(&self, gpu: &Arc<Gpu>, opts: CompileOptions) -> Result<Plan> {
+        if opts.unfused {
+            self.compile_ops(gpu, opts).await
+        } else {
+            self.fused(gpu).compile_ops(gpu, opts).await
+        }
+    }
+
+    /// Compiles the op list as it stands.
+    async fn compile_ops(&self, gpu: &Arc<Gpu>, opts: CompileOptions) -> Result<Plan> {
         self.check_fits(gpu)?;
         let nv = self.values.len();
         let mut last_use = vec![None::<usize>; nv];

@@ -2,10 +2,12 @@
 //! (`matmul.wgsl` over `gemm.wgsl`) and embedding gathers (`gather.wgsl`), for every weight
 //! dtype. A weight split into parts gets one dispatch per part, each writing its rows.
 
+use super::elementwise::Act;
 use super::{
     dispatch, elementwise_groups, grid, last_dim, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn,
     Inferred, Kernel, KernelKey, Meta,
 };
+use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
 
@@ -16,7 +18,7 @@ crate::params!(
     /// Uniforms of `matvec.wgsl`.
     MatvecParams, "matvec.wgsl", [] {
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
-        has_res: u32,
+        has_res: u32, glu: u32, gate_row: u32, up_row: u32, eps: f32,
     }
 );
 
@@ -73,14 +75,56 @@ pub fn gemm_key(ctx: &Ctx, shader: &'static str, dtype: DType) -> Result<KernelK
     })
 }
 
+/// Workgroup-memory floats the matvec's NORM prologue stages for rows of `k`: `k` rounded up to
+/// whole groups of four 32-element blocks (the 16-byte variant reads them 4 blocks at a time).
+fn staged_len(k: usize) -> usize {
+    k.next_multiple_of(128)
+}
+
+/// Whether the matvec should compute an RMSNorm over rows of `k` in its prologue on this
+/// adapter (the fusion pass asks): the normalized row is staged in workgroup memory, beside the
+/// 3 KiB the reducing variant uses, so it must fit. Not on software adapters: there the staged
+/// row costs more than the norm's own dispatch (lavapipe, SmolLM2-135M shapes, decode: Q4_0 10.3
+/// -> 8.1 tok/s, f16 unchanged; a multiply per element in the loop instead of staging: 6.7).
+pub fn fuses_norm(gpu: &Gpu, k: usize) -> bool {
+    !gpu.features.software
+        && (staged_len(k) * 4 + 3072) as u64 <= gpu.limits.max_compute_workgroup_storage_size as u64
+}
+
+/// A gated unit computed in a product's epilogue: the weight stacks the gate and up rows (`n`
+/// rows, gate first when `gate_first`), and the output is `act(gate) * up` `[.., n / 2]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GluEpilogue {
+    pub act: Act,
+    pub gate_first: bool,
+}
+
 /// `x @ w^T (+ bias) (+ residual)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint
 /// layout), or an f32 value `[b, n, k]` for a batched product. Output `[.., n]`. Inputs: x, w,
 /// then the bias `[n]` and the residual (shaped like the output) when present: the residual
 /// add of a transformer block happens in the product's epilogue, not in a dispatch of its own.
+///
+/// Two more fusions serve the decode matvec (one activation row; the graph's fusion pass sets
+/// them, see `graph/fuse.rs`): `norm` RMS-normalizes x with weight `[k]` (the last input) and
+/// epsilon `norm` first, and `glu` turns a stacked gate/up product into the gated unit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Linear {
     pub bias: bool,
     pub residual: bool,
+    pub norm: Option<f32>,
+    pub glu: Option<GluEpilogue>,
+}
+
+impl Linear {
+    /// The plain product (with optional bias and residual).
+    pub fn new(bias: bool, residual: bool) -> Self {
+        Linear {
+            bias,
+            residual,
+            norm: None,
+            glu: None,
+        }
+    }
 }
 
 impl Kernel for Linear {
@@ -121,9 +165,35 @@ impl Kernel for Linear {
                 return Err(err(format!("bias shape {:?}, expected [{n}]", ins[2].0)));
             }
         }
+        let rows = x.0.iter().product::<usize>() / k.max(1);
+        if (self.norm.is_some() || self.glu.is_some()) && w.0.len() != 2 {
+            return Err(err(
+                "a fused norm or gated unit needs a weight [n, k]".into()
+            ));
+        }
+        if let Some(eps) = self.norm {
+            let nw = ins[ins.len() - 1];
+            need_f32("linear norm weight", nw.1)?;
+            if nw.0 != [k] || rows != 1 || !eps.is_finite() {
+                return Err(err(format!(
+                    "a fused RMSNorm needs one row and a weight [{k}], found {rows} rows, weight {:?}",
+                    nw.0
+                )));
+            }
+        }
+        let mut out_n = n;
+        if self.glu.is_some() {
+            if self.bias || n % 2 != 0 || rows > MATVEC_MAX_ROWS {
+                return Err(err(format!(
+                    "a fused gated unit needs an even n without bias and at most \
+                     {MATVEC_MAX_ROWS} rows, found n = {n}, {rows} rows"
+                )));
+            }
+            out_n = n / 2;
+        }
         let mut s = x.0.to_vec();
         if let Some(l) = s.last_mut() {
-            *l = n;
+            *l = out_n;
         }
         if self.residual {
             let r = ins[2 + self.bias as usize];
@@ -143,6 +213,7 @@ impl Kernel for Linear {
         let (x, w) = (&ins[0], &ins[1]);
         let bias = self.bias.then(|| &ins[2]);
         let residual = self.residual.then(|| &ins[2 + self.bias as usize]);
+        let norm_w = self.norm.map(|_| &ins[ins.len() - 1]);
         let software = ctx.gpu.features.software;
         let k = *x.shape.last().unwrap_or(&1);
         let m_total = x.numel() / k.max(1);
@@ -180,9 +251,23 @@ impl Kernel for Linear {
         }
         let n_total = w.shape[0];
         let row_words = w.dtype.row_words(k);
+        if self.norm.is_some() && software {
+            return Err(Error::Unsupported(
+                "linear: a fused norm runs on the GPU matvec only (see fuses_norm)".into(),
+            ));
+        }
+        if (self.norm.is_some() || self.glu.is_some())
+            && (m_total > MATVEC_MAX_ROWS || w.parts.len() != 1)
+        {
+            return Err(Error::Unsupported(format!(
+                "linear: a fused norm or gated unit needs the matvec ({m_total} rows) and a \
+                 weight in one part ({} parts)",
+                w.parts.len()
+            )));
+        }
         let mut ds = Vec::new();
         for part in &w.parts {
-            let bindings = vec![
+            let mut bindings = vec![
                 Binding::read(&part.buffer),
                 Binding::read(x.buf()),
                 Binding::read(bias_buf),
@@ -190,32 +275,51 @@ impl Kernel for Linear {
                 Binding::read(res_buf),
             ];
             if m_total <= MATVEC_MAX_ROWS {
+                bindings.push(Binding::read(norm_w.map(|b| b.buf()).unwrap_or(x.buf())));
+                // Under a gated unit the dispatch computes half as many (output) rows, each from
+                // a gate row and an up row.
+                let (rows, out_n, gate_row, up_row, glu) = match self.glu {
+                    Some(e) => {
+                        let half = part.rows / 2;
+                        let (g, up) = if e.gate_first { (0, half) } else { (half, 0) };
+                        (half, n_total / 2, g, up, 1 + e.act.code())
+                    }
+                    None => (part.rows, n_total, 0, 0, 0),
+                };
                 let p = MatvecParams {
-                    rows: u(part.rows),
+                    rows: u(rows),
                     k: u(k),
                     row_words: u(row_words),
                     out_off: u(part.row_start),
                     m: u(m_total),
-                    n_total: u(n_total),
+                    n_total: u(out_n),
                     has_bias,
                     has_res,
+                    glu,
+                    gate_row: u(gate_row),
+                    up_row: u(up_row),
+                    eps: self.norm.unwrap_or(0.0),
                 };
                 let (key, groups) = if software && rows_v4(w.dtype, k) {
                     // One row per invocation, 16-byte weight loads, workgroup-uniform x.
                     let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS_V4", "");
-                    (key, grid(u(part.rows.div_ceil(64) * m_total)))
+                    (key, grid(u(rows.div_ceil(64) * m_total)))
                 } else if software && ctx.gpu.features.subgroups {
                     // One row per subgroup, 8 rows per workgroup of 64.
                     let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
-                    (key, grid(u(part.rows.div_ceil(8) * m_total)))
+                    (key, grid(u(rows.div_ceil(8) * m_total)))
                 } else if software {
                     // One invocation per output row, 64 per workgroup.
                     let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS", "");
-                    (key, grid(u((part.rows * m_total).div_ceil(64))))
+                    (key, grid(u((rows * m_total).div_ceil(64))))
                 } else {
                     // Four rows per workgroup of 256, 64 lanes each.
                     let key = weight_key("matvec.wgsl", w.dtype)?;
-                    (key, grid(u(part.rows.div_ceil(4) * m_total)))
+                    (key, grid(u(rows.div_ceil(4) * m_total)))
+                };
+                let key = match self.norm {
+                    Some(_) => key.def("NORM", "").def("XS_LEN", staged_len(k)),
+                    None => key,
                 };
                 ds.push(dispatch(key, &p, bindings, groups));
             } else {

@@ -1,0 +1,158 @@
+//! The fusion pass: before a graph is compiled, ops whose combination one kernel computes are
+//! merged, so model code writes plain ops (`rms_norm`, `linear`, `glu`) and the plan gets the
+//! fewest dispatches the kernels and the adapter allow. Each rule checks shapes, consumers and
+//! the adapter, and leaves the ops as written when any check fails:
+//!
+//! - **RMSNorm into the products that read it.** A norm whose output feeds only products of one
+//!   activation row (the decode matvec) is computed in each product's prologue
+//!   ([`Linear::norm`]); its own dispatch goes. With Q/K/V stacked that is one product. GPUs
+//!   only: see [`fuses_norm`] for why software adapters keep the norm's dispatch.
+//! - **Gated unit into the stacked gate/up product.** A `glu` over the halves of a matvec's
+//!   output (SwiGLU / GEGLU on a stacked gate/up weight) becomes the product's epilogue
+//!   ([`Linear::glu`]): output row `r` reads weight rows `r` and `r + n/2`.
+//!
+//! Residual adds are fused by the model builder already (`Graph::linear_add`).
+
+use super::{Graph, Node, Op, Source, Value};
+use crate::device::Gpu;
+use crate::kernels::elementwise::Glu;
+use crate::kernels::linear::{fuses_norm, GluEpilogue, Linear, MATVEC_MAX_ROWS};
+use crate::kernels::norm::RmsNorm;
+use crate::tensor::numel;
+
+/// Who reads each value: `(node, input position)` per root value; writes count as reads at
+/// position `usize::MAX`. A value read through a reshaped view is recorded under its root with
+/// the view's own id, so rules can require direct reads.
+struct Uses(Vec<Vec<(usize, usize, Value)>>);
+
+impl Uses {
+    /// The reads of the nodes not `removed`.
+    fn of(g: &Graph, removed: &[bool]) -> Uses {
+        let mut uses = vec![Vec::new(); g.values.len()];
+        for (i, n) in g.nodes.iter().enumerate().filter(|(i, _)| !removed[*i]) {
+            for (pos, &v) in n.inputs.iter().enumerate() {
+                uses[g.root(v).0].push((i, pos, v));
+            }
+            for &v in &n.writes {
+                uses[g.root(v).0].push((i, usize::MAX, v));
+            }
+        }
+        Uses(uses)
+    }
+
+    /// The nodes reading `v`, when every read is of `v` itself (no view) at input `pos`.
+    fn only_direct(&self, v: Value, pos: usize) -> Option<Vec<usize>> {
+        let reads = &self.0[v.0];
+        reads
+            .iter()
+            .all(|&(_, p, via)| p == pos && via == v)
+            .then(|| reads.iter().map(|&(n, ..)| n).collect())
+    }
+}
+
+impl Graph {
+    /// The graph with the fusion rules applied (see the module notes).
+    pub(crate) fn fused(&self, gpu: &Gpu) -> Graph {
+        let mut g = self.clone();
+        let mut removed = vec![false; g.nodes.len()];
+        g.fuse_norms(gpu, &mut removed);
+        g.fuse_glus(&mut removed);
+        let nodes = std::mem::take(&mut g.nodes);
+        g.nodes = nodes
+            .into_iter()
+            .zip(removed)
+            .filter_map(|(n, r)| (!r).then_some(n))
+            .collect();
+        g
+    }
+
+    /// Whether `v` is an intermediate nothing outside the graph sees.
+    fn internal(&self, v: Value) -> bool {
+        let info = &self.values[v.0];
+        matches!(info.source, Source::Node) && !info.output
+    }
+
+    /// A one-row product of x `[.., k]` with a weight `[n, k]` in one buffer.
+    fn one_part_matvec(&self, node: &Node, max_rows: usize) -> Option<Linear> {
+        let Op::Linear(l) = &node.op else { return None };
+        let (x, w) = (node.inputs[0], node.inputs[1]);
+        let k = *self.shape(x).last()?;
+        let parts = match &self.info(self.root(w)).source {
+            Source::Tensor(t) => t.parts.len(),
+            _ => return None,
+        };
+        let ok = self.shape(w).len() == 2 && parts == 1 && numel(self.shape(x)) / k <= max_rows;
+        ok.then(|| l.clone())
+    }
+
+    fn fuse_norms(&mut self, gpu: &Gpu, removed: &mut [bool]) {
+        let uses = Uses::of(self, removed);
+        for i in 0..self.nodes.len() {
+            let Op::RmsNorm(RmsNorm { eps }) = self.nodes[i].op else {
+                continue;
+            };
+            let (x, nw) = (self.nodes[i].inputs[0], self.nodes[i].inputs[1]);
+            let Some(out) = self.nodes[i].out else {
+                continue;
+            };
+            let k = self.shape(x).last().copied().unwrap_or(0);
+            if !self.internal(out) || self.shape(nw) != [k] || !fuses_norm(gpu, k) {
+                continue;
+            }
+            let Some(readers) = uses.only_direct(out, 0) else {
+                continue;
+            };
+            let fusable = !readers.is_empty()
+                && readers.iter().all(|&r| {
+                    self.one_part_matvec(&self.nodes[r], 1)
+                        .is_some_and(|l| l.norm.is_none() && l.glu.is_none())
+                });
+            if !fusable {
+                continue;
+            }
+            for r in readers {
+                let node = &mut self.nodes[r];
+                if let Op::Linear(l) = &mut node.op {
+                    l.norm = Some(eps);
+                }
+                node.inputs[0] = x;
+                node.inputs.push(nw);
+            }
+            removed[i] = true;
+        }
+    }
+
+    fn fuse_glus(&mut self, removed: &mut [bool]) {
+        let uses = Uses::of(self, removed);
+        let mut producer = vec![None; self.values.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(o) = n.out {
+                producer[o.0] = Some(i);
+            }
+        }
+        for j in 0..self.nodes.len() {
+            let Op::Glu(Glu {
+                act,
+                split: Some(gate_first),
+            }) = self.nodes[j].op
+            else {
+                continue;
+            };
+            let v = self.nodes[j].inputs[0];
+            let Some(p) = producer[v.0] else { continue };
+            if removed[p] || !self.internal(v) || uses.only_direct(v, 0) != Some(vec![j]) {
+                continue;
+            }
+            let Some(mut l) = self.one_part_matvec(&self.nodes[p], MATVEC_MAX_ROWS) else {
+                continue;
+            };
+            if l.bias || l.residual || l.glu.is_some() {
+                continue;
+            }
+            l.glu = Some(GluEpilogue { act, gate_first });
+            self.nodes[p].op = Op::Linear(l);
+            self.nodes[p].out = self.nodes[j].out;
+            removed[j] = true;
+        }
+    }
+}
