@@ -13,7 +13,7 @@
 //           7 nw: array<f32> [k], the RMSNorm weight (NORM)
 // Variants:
 // ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a multiple of
-//   4/8/8; Q8_0/Q4_0, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks): one
+//   4/8/8; Q8_0/Q4_0/Q4_1, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks): one
 //   invocation per row, weights read 16 bytes at a time and x through indices that are the same
 //   for the whole workgroup (the activation row comes from the workgroup index). llvmpipe turns
 //   a load whose index differs per lane into a loop over the lanes, and a uniform one into a
@@ -179,6 +179,27 @@ fn row_dot(rb: u32, xo: u32) -> f32 {
                + dot(lo4(v4.x >> 4u) - eight, x4[xb + 28u]) + dot(lo4(v4.y >> 4u) - eight, x4[xb + 29u]) + dot(lo4(v4.z >> 4u) - eight, x4[xb + 30u]) + dot(lo4(v4.w >> 4u) - eight, x4[xb + 31u]);
         let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
         acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(nb));
+    }
+#endif
+#ifdef W_Q4_1
+    // Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d, m (f32), then
+    // 4 quant words as Q4_0's; element = q * d + m. An odd last block pairs with the row's
+    // padding (or the next row): that half is dropped with select.
+    let ones = vec4<f32>(1.0);
+    let nb = p.k / 32u;
+    for (var gi = 0u; gi < (nb + 1u) / 2u; gi++) {
+        let u = rb + 3u * gi;
+        let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
+        let xb = xo + 16u * gi;
+        let q0 = dot(lo4(v0.z), x4[xb]) + dot(lo4(v0.w), x4[xb + 1u]) + dot(lo4(v1.x), x4[xb + 2u]) + dot(lo4(v1.y), x4[xb + 3u])
+               + dot(lo4(v0.z >> 4u), x4[xb + 4u]) + dot(lo4(v0.w >> 4u), x4[xb + 5u]) + dot(lo4(v1.x >> 4u), x4[xb + 6u]) + dot(lo4(v1.y >> 4u), x4[xb + 7u]);
+        let q1 = dot(lo4(v2.x), x4[xb + 8u]) + dot(lo4(v2.y), x4[xb + 9u]) + dot(lo4(v2.z), x4[xb + 10u]) + dot(lo4(v2.w), x4[xb + 11u])
+               + dot(lo4(v2.x >> 4u), x4[xb + 12u]) + dot(lo4(v2.y >> 4u), x4[xb + 13u]) + dot(lo4(v2.z >> 4u), x4[xb + 14u]) + dot(lo4(v2.w >> 4u), x4[xb + 15u]);
+        let sx0 = dot(x4[xb] + x4[xb + 1u] + x4[xb + 2u] + x4[xb + 3u] + x4[xb + 4u] + x4[xb + 5u] + x4[xb + 6u] + x4[xb + 7u], ones);
+        let sx1 = dot(x4[xb + 8u] + x4[xb + 9u] + x4[xb + 10u] + x4[xb + 11u] + x4[xb + 12u] + x4[xb + 13u] + x4[xb + 14u] + x4[xb + 15u], ones);
+        let part = vec2<f32>(bitcast<f32>(v0.x) * q0 + bitcast<f32>(v0.y) * sx0, bitcast<f32>(v1.z) * q1 + bitcast<f32>(v1.w) * sx1);
+        let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
+        acc += vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(nb)), 0.0, 0.0);
     }
 #endif
 #ifdef W_Q4_K

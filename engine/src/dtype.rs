@@ -10,7 +10,7 @@
 //!   (byte `j`: element `j` in the low nibble, element `j + 16` in the high one).
 //!   Q8_0 and Q4_0 rows end with zero words up to a multiple of 4 words (16 bytes).
 //! - `Q4_1` (32 elements): 6 words = `d`, `m` as f32, then GGUF's 16 nibble bytes (as Q4_0;
-//!   element = q * d + m).
+//!   element = q * d + m). Rows end with zero words up to a multiple of 4 words, as Q4_0's.
 //! - `Q5_0` (32 elements): 6 words = `d` as f32, the 32 high bits `qh` (bit `j` for element `j`),
 //!   then the 16 nibble bytes of the low four bits (as Q4_0); element = d * (q - 16).
 //! - `Q5_1` (32 elements): 7 words = `d`, `m` as f32, `qh`, the 16 nibble bytes; q * d + m.
@@ -176,7 +176,9 @@ impl DType {
             DType::F16 | DType::BF16 => k.div_ceil(2),
             // Rows padded to whole 16-byte units, so that the software matvec reads them with
             // 16-byte loads (matvec.wgsl, ROWS_V4); at most 3 words a row.
-            DType::Q8_0 | DType::Q4_0 => (k / 32 * self.gpu_block_words()).next_multiple_of(4),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                (k / 32 * self.gpu_block_words()).next_multiple_of(4)
+            }
             q => k / q.block_elems() * q.gpu_block_words(),
         }
     }

@@ -72,7 +72,11 @@ fn top_logprobs_equal_the_full_softmax() {
         // short goes through the one-token graph) and keeps the logits of the last position.
         let g = pollster::block_on(m.generate(&ids, &opts, &mut |_| true)).unwrap();
         assert_eq!(g.reused, if step == 0 { 0 } else { ids.len() - 1 });
-        let ran = if step == 0 { &m.prefill } else { &m.decode };
+        let ran = if ids.len() - g.reused <= m.tail_via_decode() {
+            &m.decode
+        } else {
+            &m.prefill
+        };
         let logits = pollster::block_on(ran.plan.read_f32(ran.logits.unwrap())).unwrap();
         let (lp, order) = full_softmax(&logits);
         let top = &g.top_logprobs[0];

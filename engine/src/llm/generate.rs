@@ -19,8 +19,13 @@ use std::sync::Arc;
 pub const PREFILL_CHUNK: usize = 64;
 
 /// Prompt tails this short run through the one-token decode graph, one token per run, instead
-/// of a whole prefill chunk (whose cost does not shrink with its valid rows).
+/// of a whole prefill chunk (whose cost does not shrink with its valid rows)...
 pub const TAIL_VIA_DECODE: usize = 4;
+
+/// ... and on a software adapter, tails up to this fraction of a chunk: there a chunk of 64
+/// costs 20-40 one-token runs (lavapipe: a 6-token prompt of SmolLM2-135M Q4_1 took 3.6 s to
+/// its first token through a chunk, 0.6 s through 6 decode runs).
+const SOFTWARE_TAIL_FRACTION: usize = 4;
 
 /// How to load a text model (JSON: `ctx`, `quantize`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -366,6 +371,16 @@ impl TextModel {
         Ok(())
     }
 
+    /// Prompt tails of at most this many tokens run through the decode graph, one token per
+    /// run (see [`TAIL_VIA_DECODE`]).
+    pub fn tail_via_decode(&self) -> usize {
+        if self.gpu.features.software {
+            (self.prefill.tokens / SOFTWARE_TAIL_FRACTION).max(TAIL_VIA_DECODE)
+        } else {
+            TAIL_VIA_DECODE
+        }
+    }
+
     /// Writes the prompt into the history and runs the prefill graph over `prompt[start..]` in
     /// chunks (the cache holds the keys and values before `start`); only the last chunk samples
     /// (the others write the id nowhere). Returns the first draw.
@@ -388,7 +403,7 @@ impl TextModel {
             let left = prompt.len() - start;
             // A prefill run costs its whole chunk however few rows are valid: a short tail (the
             // common case when a chat turn reuses the cache) goes through the one-token graph.
-            let p = if left <= TAIL_VIA_DECODE {
+            let p = if left <= self.tail_via_decode() {
                 &mut self.decode
             } else {
                 &mut self.prefill
