@@ -7,10 +7,16 @@
 //   glu   (p.glu = 1 + activation code, see common.wgsl's glu_act) output row r is
 //         act(W[r + gate_row] . x) * (W[r + up_row] . x): a gated unit on a stacked gate/up
 //         weight, with `rows` = the output rows.
+//   ROPE  (m = 1) the rotary step of a stacked Q/K/V projection (rope.wgsl's KV variant) in
+//         the epilogue: work item r is a rotary pair of rows of a q or k head (or a single row
+//         past the rotary dims, or of a v head); q goes to y [heads * d], k (rotated) and v
+//         into the caches at row pos (not past cap_rows). `rows` = the work items.
 // Bindings: 2 w: array<u32> [rows x row_words] (one weight part)
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
 //           5 y: array<f32> [m, n_total]   6 res: array<f32> like y, added when has_res (a residual)
 //           7 nw: array<f32> [k], the RMSNorm weight (NORM)
+//           ROPE: 6 table: array<f32> [positions, half, 2] (cos, sin) in place of res,
+//           8 k_cache, 9 v_cache: array<f32> [cap_rows, kv_heads * d]
 // Variants:
 // ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a multiple of
 //   4/8/8; Q8_0/Q4_0/Q4_1, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks): one
@@ -36,6 +42,8 @@
 struct Params {
     rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32,
     glu: u32, gate_row: u32, up_row: u32, eps: f32,
+    heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
+    pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 #ifdef ROWS_V4
@@ -53,6 +61,58 @@ var<workgroup> x: array<f32, XS_LEN>;
 #endif
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+#ifdef ROPE
+@group(0) @binding(6) var<storage, read> table: array<f32>;
+@group(0) @binding(8) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(9) var<storage, read_write> v_cache: array<f32>;
+
+// Work item r: its rows (a, b) of the projection and whether b is a rotary partner. Each q and
+// k head has d - half items (half pairs, then its dims past the rotary ones); v heads one per
+// row. Pairs are (i, i + half) (rotate_half) or (2i, 2i + 1) (interleaved).
+fn rope_item(r: u32) -> vec3<u32> {
+    let per = p.d - p.half;
+    let rotated = (p.heads + p.kv_heads) * per;
+    if (r >= rotated) {
+        let row = (p.heads + p.kv_heads) * p.d + r - rotated;
+        return vec3<u32>(row, row, 0u);
+    }
+    let base = (r / per) * p.d;
+    let a = r % per;
+    if (a >= p.half) { return vec3<u32>(base + a + p.half, base + a + p.half, 0u); }
+    if (p.interleaved == 1u) { return vec3<u32>(base + 2u * a, base + 2u * a + 1u, 1u); }
+    return vec3<u32>(base + a, base + a + p.half, 1u);
+}
+
+// Row `row` of the projection: q to y, k and v to the caches at the run's position.
+fn put(row: u32, v: f32, at: u32) {
+    let qw = p.heads * p.d;
+    let kvw = p.kv_heads * p.d;
+    if (row < qw) {
+        y[row] = v;
+    } else if (at < p.cap_rows) {
+        if (row < qw + kvw) { k_cache[at * kvw + row - qw] = v; } else { v_cache[at * kvw + row - qw - kvw] = v; }
+    }
+}
+
+fn store(mi: u32, r: u32, acc: vec2<f32>, inv: f32) {
+    let it = rope_item(r);
+    var a = acc.x * inv;
+    var b = acc.y * inv;
+    if (p.has_bias == 1u) { a += bias[it.x]; b += bias[it.y]; }
+    let at = dyn_val(p.pos_add, p.pos_slot, p.pos_mul);
+    if (it.z == 1u) {
+        let t = 2u * (min(at, p.positions - 1u) * p.half + (r % (p.d - p.half)));
+        let cs = table[t];
+        let sn = table[t + 1u];
+        put(it.y, b * cs + a * sn, at);
+        a = a * cs - b * sn;
+    }
+    put(it.x, a, at);
+}
+
+fn rows_of(r: u32) -> vec2<u32> { return rope_item(r).xy; }
+fn has_second(r: u32) -> bool { return rope_item(r).z == 1u; }
+#else
 @group(0) @binding(6) var<storage, read> res: array<f32>;
 
 // `acc` (a row's dot, or a pair's under glu) scaled by `inv` (NORM), plus bias and residual.
@@ -71,6 +131,8 @@ fn rows_of(r: u32) -> vec2<u32> {
     if (p.glu != 0u) { return vec2<u32>(r + p.gate_row, r + p.up_row); }
     return vec2<u32>(r, r);
 }
+fn has_second(r: u32) -> bool { return p.glu != 0u; }
+#endif
 
 #ifdef NORM
 var<workgroup> red: array<f32, 256>;
@@ -247,7 +309,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let rr = rows_of(r);
     let ru = p.row_words / 4u;
     var acc = vec2<f32>(row_dot(rr.x * ru, xo), 0.0);
-    if (p.glu != 0u) { acc.y = row_dot(rr.y * ru, xo); }
+    if (has_second(r)) { acc.y = row_dot(rr.y * ru, xo); }
     store(mi, r, acc, 1.0);
 }
 #else
@@ -285,7 +347,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (r < p.rows && mi < p.m) {
             let rr = rows_of(r) * p.row_words;
             acc.x = lane_dot(rr.x, xo, lane, sg);
-            if (p.glu != 0u) { acc.y = lane_dot(rr.y, xo, lane, sg); }
+            if (has_second(r)) { acc.y = lane_dot(rr.y, xo, lane, sg); }
         }
         let sum = vec2<f32>(subgroupAdd(acc.x), subgroupAdd(acc.y));
         if (lane == 0u && r < p.rows && mi < p.m) {
@@ -304,7 +366,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let xo = mi * p.k;
     let rr = rows_of(r) * p.row_words;
     var acc = vec2<f32>(lane_dot(rr.x, xo, 0u, 1u), 0.0);
-    if (p.glu != 0u) { acc.y = lane_dot(rr.y, xo, 0u, 1u); }
+    if (has_second(r)) { acc.y = lane_dot(rr.y, xo, 0u, 1u); }
     store(mi, r, acc, 1.0);
 }
 #else
@@ -328,7 +390,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (r < p.rows && mi < p.m) {
         let rr = rows_of(r) * p.row_words;
         acc.x = lane_dot(rr.x, xo, lane, 64u);
-        if (p.glu != 0u) { acc.y = lane_dot(rr.y, xo, lane, 64u); }
+        if (has_second(r)) { acc.y = lane_dot(rr.y, xo, lane, 64u); }
     }
     partial[li] = acc;
     workgroupBarrier();

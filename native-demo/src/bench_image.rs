@@ -180,6 +180,27 @@ fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
     Ok(st)
 }
 
+/// The U-Net and VAE configs of one benchmark row, as diffusers writes them.
+fn row_configs(
+    ch: &[usize],
+    cross: usize,
+    heads: usize,
+    groups: usize,
+    vae_ch: &[usize],
+    latent: usize,
+) -> Result<(UnetConfig, VaeConfig)> {
+    let unet = UnetConfig::from_json(&json!({
+        "block_out_channels": ch, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 2,
+        "attention_head_dim": heads, "norm_num_groups": groups, "cross_attention_dim": cross, "sample_size": latent
+    }).to_string())?;
+    let vae = VaeConfig::from_json(&json!({
+        "block_out_channels": vae_ch, "layers_per_block": 2, "norm_num_groups": groups, "latent_channels": 4,
+        "up_block_types": vec!["UpDecoderBlock2D"; vae_ch.len()]
+    }).to_string())?;
+    Ok((unet, vae))
+}
+
 /// Runs the image benchmark.
 pub fn image(quick: bool, as_json: bool) -> Result<()> {
     let gpu = crate::gpu()?;
@@ -206,11 +227,7 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
     let sched = SchedulerConfig::from_json(r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "clip_sample": false, "set_alpha_to_one": false}"#, None)?.schedule(4)?;
     let mut rows = Vec::new();
     for (label, ch, cross, heads, groups, vae_ch) in configs {
-        let ucfg = UnetConfig::from_json(&json!({
-            "block_out_channels": ch, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 2,
-            "attention_head_dim": heads, "norm_num_groups": groups, "cross_attention_dim": cross, "sample_size": latent
-        }).to_string())?;
+        let (ucfg, vcfg) = row_configs(&ch, cross, heads, groups, &vae_ch, latent)?;
         let unet = Unet {
             cfg: ucfg,
             weights: Weights::new(
@@ -283,7 +300,6 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         gpu.wait_idle()?;
         let c = gpu.counters() - before;
 
-        let vcfg = VaeConfig::from_json(&json!({"block_out_channels": vae_ch, "layers_per_block": 2, "norm_num_groups": groups, "latent_channels": 4}).to_string())?;
         let vae = Vae {
             cfg: vcfg,
             weights: Weights::new(
@@ -331,4 +347,21 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The benchmark's configs load (a stricter config reader once broke `kiln bench image`).
+    #[test]
+    fn configs_load() {
+        super::row_configs(
+            &[320, 640, 1280, 1280],
+            768,
+            8,
+            32,
+            &[128, 256, 512, 512],
+            8,
+        )
+        .unwrap();
+    }
 }

@@ -421,3 +421,115 @@ fn fused_norm_and_gated_unit_every_variant() {
     let plan = pollster::block_on(g.compile(&gpu, CompileOptions::default())).unwrap();
     assert_eq!(plan.dispatch_count(), 4, "a norm with another reader stays");
 }
+
+/// The rotary step fused into the stacked Q/K/V matvec (`Epilogue::RopeKv`), on every kernel
+/// variant: rotate_half with full rotary dims and a bias (Qwen2), interleaved with partial
+/// rotary dims, a position past the cache (k and v not written). q and both caches must match
+/// the CPU reference and the unfused plan (product, then `rope_kv`), in 1 dispatch instead of 2.
+#[test]
+fn fused_rotary_step_every_variant() {
+    use kiln::reference::elementwise::rope;
+    use kiln::CompileOptions;
+    use std::sync::Arc;
+    let inv_freq = |rot: usize| -> Vec<f32> {
+        (0..rot / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
+            .collect()
+    };
+    for gpu in kiln_tests::gpu_variants() {
+        for (case, (dt, k, heads, kv_heads, d, rot, interleaved, bias, pos)) in [
+            (DType::Q4_0, 576, 3, 1, 32, 32, false, true, 5u32),
+            (DType::F16, 208, 2, 2, 24, 16, true, false, 9),
+            (DType::Q6_K, 256, 4, 2, 16, 16, false, false, 7),
+            (DType::F32, 203, 2, 1, 16, 8, true, true, 12), // past the cache of 12 rows
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut rng = Rng::new(1200 + case as u64);
+            let (qw, kvw) = (heads * d, kv_heads * d);
+            let n = qw + 2 * kvw;
+            let (cap, positions) = (12, 16);
+            let wb = random_weight_bytes(&mut rng, dt, n, k);
+            let wf = dequantize(dt, &wb, n * k).unwrap();
+            let x = rng.vec(k, -1.0, 1.0);
+            let b = rng.vec(n, -0.5, 0.5);
+            let f = inv_freq(rot);
+            let tab = kiln::kernels::rope::table(&f, positions);
+            let (kc0, vc0) = (rng.vec(cap * kvw, -1.0, 1.0), rng.vec(cap * kvw, -1.0, 1.0));
+            let run = |unfused: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>, usize) {
+                let mut g = kiln::Graph::new();
+                let xv = g.input("x", &[1, 1, k], DType::F32).unwrap();
+                let bv = g.input("b", &[n], DType::F32).unwrap();
+                let fv = g.input("f", &[positions, rot / 2, 2], DType::F32).unwrap();
+                let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wb).unwrap();
+                let wv = g.tensor(&Arc::new(w));
+                let kc = Arc::new(Tensor::from_f32(&gpu, "kc", &[1, cap, kvw], &kc0).unwrap());
+                let vc = Arc::new(Tensor::from_f32(&gpu, "vc", &[1, cap, kvw], &vc0).unwrap());
+                let (kcv, vcv) = (g.tensor(&kc), g.tensor(&vc));
+                let p = g.scalar("pos").unwrap();
+                let qkv = g.linear(xv, wv, bias.then_some(bv)).unwrap();
+                let q = g
+                    .rope_kv(
+                        qkv,
+                        fv,
+                        kcv,
+                        vcv,
+                        heads,
+                        kv_heads,
+                        interleaved,
+                        kiln::Dyn::slot(p),
+                    )
+                    .unwrap();
+                g.output(q);
+                let opts = CompileOptions {
+                    poison: true,
+                    unfused,
+                };
+                let mut plan = pollster::block_on(g.compile(&gpu, opts)).unwrap();
+                plan.write_f32(xv, &x).unwrap();
+                plan.write_f32(bv, &b).unwrap();
+                plan.write_f32(fv, &tab).unwrap();
+                plan.set(p, pos);
+                plan.run().unwrap();
+                let read = |t: &Arc<Tensor>| -> Vec<f32> {
+                    let bytes = pollster::block_on(gpu.read_buffer(
+                        t.buffer().unwrap(),
+                        0,
+                        (cap * kvw * 4) as u64,
+                    ))
+                    .unwrap();
+                    bytemuck::pod_collect_to_vec(&bytes)
+                };
+                let q = pollster::block_on(plan.read_f32(q)).unwrap();
+                (q, read(&kc), read(&vc), plan.dispatch_count())
+            };
+            let (q, kc, vc, n_fused) = run(false);
+            let (q0, kc_0, vc_0, n_plain) = run(true);
+            // CPU reference: the product, then the rotary step and the cache writes.
+            let y = refl::linear(&x, &wf, bias.then_some(b.as_slice()), 1, n, k);
+            let q_want = rope(&y[..qw], 1, heads, d, &f, interleaved, pos);
+            let k_want = rope(&y[qw..qw + kvw], 1, kv_heads, d, &f, interleaved, pos);
+            let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
+            let at = pos as usize;
+            if at < cap {
+                kc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&k_want);
+                vc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&y[qw + kvw..]);
+            }
+            let tol = dot_tolerance(&x, &wf, 1, n, k) * 2.0 + 1e-6;
+            let what = format!(
+                "fused rotary {dt} h={heads}/{kv_heads} d={d} rot={rot} (software kernels {})",
+                gpu.features.software
+            );
+            for (name, got, plain, want) in [
+                ("q", &q, &q0, &q_want),
+                ("k cache", &kc, &kc_0, &kc_want),
+                ("v cache", &vc, &vc_0, &vc_want),
+            ] {
+                assert_close(&format!("{what}: {name}"), got, want, tol, 1e-5);
+                assert_close(&format!("{what}: {name} vs unfused"), got, plain, tol, 1e-5);
+            }
+            assert_eq!((n_fused, n_plain), (1, 2), "{what}: dispatches");
+        }
+    }
+}

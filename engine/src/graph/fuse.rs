@@ -9,14 +9,17 @@
 //!   only: see [`fuses_norm`] for why software adapters keep the norm's dispatch.
 //! - **Gated unit into the stacked gate/up product.** A `glu` over the halves of a matvec's
 //!   output (SwiGLU / GEGLU on a stacked gate/up weight) becomes the product's epilogue
-//!   ([`Linear::glu`]): output row `r` reads weight rows `r` and `r + n/2`.
+//!   ([`Epilogue::Glu`]): output row `r` reads weight rows `r` and `r + n/2`.
+//! - **Rotary step into the stacked Q/K/V product.** A `rope_kv` on a matvec's output becomes
+//!   its epilogue ([`Epilogue::RopeKv`]): each invocation computes a rotary pair of rows,
+//!   rotates it and writes q out, k and v into the caches.
 //!
 //! Residual adds are fused by the model builder already (`Graph::linear_add`).
 
 use super::{Graph, Node, Op, Source, Value};
 use crate::device::Gpu;
 use crate::kernels::elementwise::Glu;
-use crate::kernels::linear::{fuses_norm, GluEpilogue, Linear, MATVEC_MAX_ROWS};
+use crate::kernels::linear::{fuses_norm, Epilogue, Linear, MATVEC_MAX_ROWS};
 use crate::kernels::norm::RmsNorm;
 use crate::tensor::numel;
 
@@ -56,7 +59,7 @@ impl Graph {
         let mut g = self.clone();
         let mut removed = vec![false; g.nodes.len()];
         g.fuse_norms(gpu, &mut removed);
-        g.fuse_glus(&mut removed);
+        g.fuse_epilogues(&mut removed);
         let nodes = std::mem::take(&mut g.nodes);
         g.nodes = nodes
             .into_iter()
@@ -105,7 +108,7 @@ impl Graph {
             let fusable = !readers.is_empty()
                 && readers.iter().all(|&r| {
                     self.one_part_matvec(&self.nodes[r], 1)
-                        .is_some_and(|l| l.norm.is_none() && l.glu.is_none())
+                        .is_some_and(|l| l.norm.is_none() && l.epilogue.is_none())
                 });
             if !fusable {
                 continue;
@@ -122,7 +125,8 @@ impl Graph {
         }
     }
 
-    fn fuse_glus(&mut self, removed: &mut [bool]) {
+    /// Gated units and rotary steps whose input is a matvec's output that nothing else reads.
+    fn fuse_epilogues(&mut self, removed: &mut [bool]) {
         let uses = Uses::of(self, removed);
         let mut producer = vec![None; self.values.len()];
         for (i, n) in self.nodes.iter().enumerate() {
@@ -131,27 +135,44 @@ impl Graph {
             }
         }
         for j in 0..self.nodes.len() {
-            let Op::Glu(Glu {
-                act,
-                split: Some(gate_first),
-            }) = self.nodes[j].op
-            else {
-                continue;
+            let (epilogue, rows) = match &self.nodes[j].op {
+                Op::Glu(Glu {
+                    act,
+                    split: Some(gate_first),
+                }) => (
+                    Epilogue::Glu {
+                        act: *act,
+                        gate_first: *gate_first,
+                    },
+                    MATVEC_MAX_ROWS,
+                ),
+                Op::RopeKv(r) => (Epilogue::RopeKv(r.clone()), 1),
+                _ => continue,
             };
             let v = self.nodes[j].inputs[0];
             let Some(p) = producer[v.0] else { continue };
             if removed[p] || !self.internal(v) || uses.only_direct(v, 0) != Some(vec![j]) {
                 continue;
             }
-            let Some(mut l) = self.one_part_matvec(&self.nodes[p], MATVEC_MAX_ROWS) else {
+            let Some(mut l) = self.one_part_matvec(&self.nodes[p], rows) else {
                 continue;
             };
-            if l.bias || l.residual || l.glu.is_some() {
+            let glu = matches!(epilogue, Epilogue::Glu { .. });
+            if (glu && l.bias) || l.residual || l.epilogue.is_some() {
                 continue;
             }
-            l.glu = Some(GluEpilogue { act, gate_first });
-            self.nodes[p].op = Op::Linear(l);
-            self.nodes[p].out = self.nodes[j].out;
+            l.epilogue = Some(epilogue);
+            // The rotary step's table and caches follow the product's inputs; it writes the caches.
+            let (extra, writes) = (
+                self.nodes[j].inputs[1..].to_vec(),
+                self.nodes[j].writes.clone(),
+            );
+            let out = self.nodes[j].out;
+            let node = &mut self.nodes[p];
+            node.op = Op::Linear(l);
+            node.inputs.extend(extra);
+            node.writes = writes;
+            node.out = out;
             removed[j] = true;
         }
     }

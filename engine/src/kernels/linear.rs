@@ -3,6 +3,7 @@
 //! dtype. A weight split into parts gets one dispatch per part, each writing its rows.
 
 use super::elementwise::Act;
+use super::rope::RopeKv;
 use super::{
     dispatch, elementwise_groups, grid, last_dim, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn,
     Inferred, Kernel, KernelKey, Meta,
@@ -18,7 +19,9 @@ crate::params!(
     /// Uniforms of `matvec.wgsl`.
     MatvecParams, "matvec.wgsl", [] {
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
-        has_res: u32, glu: u32, gate_row: u32, up_row: u32, eps: f32,
+        has_res: u32, glu: u32, gate_row: u32, up_row: u32, eps: f32, heads: u32, kv_heads: u32,
+        d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32,
+        pos_mul: u32, cap_rows: u32,
     }
 );
 
@@ -92,12 +95,16 @@ pub fn fuses_norm(gpu: &Gpu, k: usize) -> bool {
         && (staged_len(k) * 4 + 3072) as u64 <= gpu.limits.max_compute_workgroup_storage_size as u64
 }
 
-/// A gated unit computed in a product's epilogue: the weight stacks the gate and up rows (`n`
-/// rows, gate first when `gate_first`), and the output is `act(gate) * up` `[.., n / 2]`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GluEpilogue {
-    pub act: Act,
-    pub gate_first: bool,
+/// An op computed in a decode product's epilogue (set by the fusion pass).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Epilogue {
+    /// A gated unit: the weight stacks the gate and up rows (`n` rows, gate first when
+    /// `gate_first`), and the output is `act(gate) * up` `[.., n / 2]`.
+    Glu { act: Act, gate_first: bool },
+    /// The rotary step of a stacked Q/K/V projection ([`RopeKv`]), one token: the output is
+    /// q rotated, and k (rotated) and v go into the caches. Three more inputs: the rotary table
+    /// and the two caches (written in place).
+    RopeKv(RopeKv),
 }
 
 /// `x @ w^T (+ bias) (+ residual)`: x `[.., k]` f32, w `[n, k]` in any weight dtype (checkpoint
@@ -105,15 +112,16 @@ pub struct GluEpilogue {
 /// then the bias `[n]` and the residual (shaped like the output) when present: the residual
 /// add of a transformer block happens in the product's epilogue, not in a dispatch of its own.
 ///
-/// Two more fusions serve the decode matvec (one activation row; the graph's fusion pass sets
-/// them, see `graph/fuse.rs`): `norm` RMS-normalizes x with weight `[k]` (the last input) and
-/// epsilon `norm` first, and `glu` turns a stacked gate/up product into the gated unit.
+/// More fusions serve the decode matvec (the graph's fusion pass sets them, see
+/// `graph/fuse.rs`): `norm` RMS-normalizes x (one row) with epsilon `norm` and a weight `[k]`
+/// (the input after the residual) first, and an [`Epilogue`] (its inputs last) turns the output
+/// into a gated unit or runs the rotary step on it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Linear {
     pub bias: bool,
     pub residual: bool,
     pub norm: Option<f32>,
-    pub glu: Option<GluEpilogue>,
+    pub epilogue: Option<Epilogue>,
 }
 
 impl Linear {
@@ -123,8 +131,18 @@ impl Linear {
             bias,
             residual,
             norm: None,
-            glu: None,
+            epilogue: None,
         }
+    }
+
+    /// Index of the norm weight input (after x, w, bias and residual).
+    fn norm_input(&self) -> usize {
+        2 + self.bias as usize + self.residual as usize
+    }
+
+    /// Index of the epilogue's first input (the rotary table).
+    fn epilogue_input(&self) -> usize {
+        self.norm_input() + self.norm.is_some() as usize
     }
 }
 
@@ -167,13 +185,11 @@ impl Kernel for Linear {
             }
         }
         let rows = x.0.iter().product::<usize>() / k.max(1);
-        if (self.norm.is_some() || self.glu.is_some()) && w.0.len() != 2 {
-            return Err(err(
-                "a fused norm or gated unit needs a weight [n, k]".into()
-            ));
+        if (self.norm.is_some() || self.epilogue.is_some()) && w.0.len() != 2 {
+            return Err(err("a fused norm or epilogue needs a weight [n, k]".into()));
         }
         if let Some(eps) = self.norm {
-            let nw = ins[ins.len() - 1];
+            let nw = ins[self.norm_input()];
             need_f32("linear norm weight", nw.1)?;
             if nw.0 != [k] || rows != 1 || !eps.is_finite() {
                 return Err(err(format!(
@@ -182,19 +198,35 @@ impl Kernel for Linear {
                 )));
             }
         }
-        let mut out_n = n;
-        if self.glu.is_some() {
-            if self.bias || n % 2 != 0 || rows > MATVEC_MAX_ROWS {
-                return Err(err(format!(
-                    "a fused gated unit needs an even n without bias and at most \
-                     {MATVEC_MAX_ROWS} rows, found n = {n}, {rows} rows"
-                )));
-            }
-            out_n = n / 2;
-        }
         let mut s = x.0.to_vec();
         if let Some(l) = s.last_mut() {
-            *l = out_n;
+            *l = n;
+        }
+        match &self.epilogue {
+            Some(Epilogue::Glu { .. }) => {
+                if self.bias || n % 2 != 0 || rows > MATVEC_MAX_ROWS {
+                    return Err(err(format!(
+                        "a fused gated unit needs an even n without bias and at most \
+                         {MATVEC_MAX_ROWS} rows, found n = {n}, {rows} rows"
+                    )));
+                }
+                if let Some(l) = s.last_mut() {
+                    *l = n / 2;
+                }
+            }
+            Some(Epilogue::RopeKv(rope)) => {
+                let e = self.epilogue_input();
+                if self.residual || rows != 1 || ins.len() != e + 3 {
+                    return Err(err(format!(
+                        "a fused rotary step needs one row, no residual, and the table and \
+                         caches as inputs, found {rows} rows"
+                    )));
+                }
+                let mut rope_ins = vec![(s.as_slice(), DType::F32)];
+                rope_ins.extend(ins[e..].iter().copied());
+                return rope.infer(&rope_ins);
+            }
+            None => {}
         }
         if self.residual {
             let r = ins[2 + self.bias as usize];
@@ -214,7 +246,7 @@ impl Kernel for Linear {
         let (x, w) = (&ins[0], &ins[1]);
         let bias = self.bias.then(|| &ins[2]);
         let residual = self.residual.then(|| &ins[2 + self.bias as usize]);
-        let norm_w = self.norm.map(|_| &ins[ins.len() - 1]);
+        let norm_w = self.norm.map(|_| &ins[self.norm_input()]);
         let software = ctx.gpu.features.software;
         let k = *x.shape.last().unwrap_or(&1);
         let m_total = x.numel() / k.max(1);
@@ -257,11 +289,11 @@ impl Kernel for Linear {
                 "linear: a fused norm runs on the GPU matvec only (see fuses_norm)".into(),
             ));
         }
-        if (self.norm.is_some() || self.glu.is_some())
+        if (self.norm.is_some() || self.epilogue.is_some())
             && (m_total > MATVEC_MAX_ROWS || w.parts.len() != 1)
         {
             return Err(Error::Unsupported(format!(
-                "linear: a fused norm or gated unit needs the matvec ({m_total} rows) and a \
+                "linear: a fused norm or epilogue needs the matvec ({m_total} rows) and a \
                  weight in one part ({} parts)",
                 w.parts.len()
             )));
@@ -277,30 +309,51 @@ impl Kernel for Linear {
             ];
             if m_total <= MATVEC_MAX_ROWS {
                 bindings.push(Binding::read(norm_w.map(|b| b.buf()).unwrap_or(x.buf())));
-                // Under a gated unit the dispatch computes half as many (output) rows, each from
-                // a gate row and an up row.
-                let (rows, out_n, gate_row, up_row, glu) = match self.glu {
-                    Some(e) => {
-                        let half = part.rows / 2;
-                        let (g, up) = if e.gate_first { (0, half) } else { (half, 0) };
-                        (half, n_total / 2, g, up, 1 + e.act.code())
-                    }
-                    None => (part.rows, n_total, 0, 0, 0),
-                };
-                let p = MatvecParams {
-                    rows: u(rows),
+                let mut p = MatvecParams {
+                    rows: u(part.rows),
                     k: u(k),
                     row_words: u(row_words),
                     out_off: u(part.row_start),
                     m: u(m_total),
-                    n_total: u(out_n),
+                    n_total: u(n_total),
                     has_bias,
                     has_res,
-                    glu,
-                    gate_row: u(gate_row),
-                    up_row: u(up_row),
                     eps: self.norm.unwrap_or(0.0),
+                    ..Default::default()
                 };
+                let mut rope = false;
+                match &self.epilogue {
+                    // Half as many (output) rows, each from a gate row and an up row.
+                    Some(Epilogue::Glu { act, gate_first }) => {
+                        let half = part.rows / 2;
+                        (p.rows, p.n_total, p.glu) = (u(half), u(n_total / 2), 1 + act.code());
+                        if *gate_first {
+                            p.up_row = u(half);
+                        } else {
+                            p.gate_row = u(half);
+                        }
+                    }
+                    // Work items: a rotary pair or a single row each (see matvec.wgsl).
+                    Some(Epilogue::RopeKv(r)) => {
+                        let e = self.epilogue_input();
+                        let (table, kc, vc) = (&ins[e], &ins[e + 1], &ins[e + 2]);
+                        let d = n_total / (r.heads + 2 * r.kv_heads);
+                        let half = table.shape[1];
+                        let [pos_add, pos_slot, pos_mul] = r.pos.words();
+                        p.rows = u((r.heads + r.kv_heads) * (d - half) + r.kv_heads * d);
+                        (p.heads, p.kv_heads, p.d, p.half) =
+                            (u(r.heads), u(r.kv_heads), u(d), u(half));
+                        (p.positions, p.interleaved) = (u(table.shape[0]), r.interleaved as u32);
+                        (p.pos_add, p.pos_slot, p.pos_mul) = (pos_add, pos_slot, pos_mul);
+                        p.cap_rows = u(kc.numel() / (r.kv_heads * d).max(1));
+                        bindings[4] = Binding::read(table.buf());
+                        bindings.push(Binding::write(kc.buf()));
+                        bindings.push(Binding::write(vc.buf()));
+                        rope = true;
+                    }
+                    None => {}
+                }
+                let rows = p.rows as usize;
                 let (key, groups) = if software && rows_v4(w.dtype, k) {
                     // One row per invocation, 16-byte weight loads, workgroup-uniform x.
                     let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS_V4", "");
@@ -322,6 +375,7 @@ impl Kernel for Linear {
                     Some(_) => key.def("NORM", "").def("XS_LEN", staged_len(k)),
                     None => key,
                 };
+                let key = if rope { key.def("ROPE", "") } else { key };
                 ds.push(dispatch(key, &p, bindings, groups));
             } else {
                 let p = MatmulParams {
