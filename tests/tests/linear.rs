@@ -308,7 +308,7 @@ fn fused_norm_and_gated_unit_every_variant() {
             poison: true,
             unfused,
         };
-        let mut plan = pollster::block_on(g.compile(gpu, opts)).unwrap();
+        let plan = pollster::block_on(g.compile(gpu, opts)).unwrap();
         for (v, d) in ins {
             plan.write_f32(*v, d).unwrap();
         }
