@@ -33,19 +33,27 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
 }
 
 #ifdef DIRECT
-// Software adapters (lavapipe, SwiftShader): 4 x 4 register tiles read straight from x and w,
-// two k at a time (one word of f16/bf16 weights), no workgroup memory, no barrier. Rows past
-// the edge are clamped for reading and not stored. Same dispatch as the GEMM.
-@compute @workgroup_size(256)
+// Software adapters (lavapipe, SwiftShader): no workgroup memory, no barrier. An invocation
+// computes 4 weight rows x 8 activation rows, two k at a time (one word of f16/bf16 weights).
+// The 8 activation rows come from the workgroup index, so every x load is workgroup-uniform:
+// llvmpipe turns a load whose address differs per lane into a loop over the lanes and a uniform
+// one into one load; and each weight pair read serves 8 rows. Rows past the edge are clamped
+// for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8), batch), 64 threads.
+@compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let n0 = wg.x * 64u + (li % 16u) * 4u;
-    let m0 = wg.y * 64u + (li / 16u) * 4u;
+    let n0 = wg.x * 256u + li * 4u;
+    let m0 = wg.y * 8u;
     let bi = wg.z;
     if (m0 >= p.m || n0 >= p.n) { return; }
-    let x0 = (bi * p.m + m0) * p.k;
-    let x1 = (bi * p.m + min(m0 + 1u, p.m - 1u)) * p.k;
-    let x2 = (bi * p.m + min(m0 + 2u, p.m - 1u)) * p.k;
-    let x3 = (bi * p.m + min(m0 + 3u, p.m - 1u)) * p.k;
+    let xb = bi * p.m;
+    let x0 = (xb + m0) * p.k;
+    let x1 = (xb + min(m0 + 1u, p.m - 1u)) * p.k;
+    let x2 = (xb + min(m0 + 2u, p.m - 1u)) * p.k;
+    let x3 = (xb + min(m0 + 3u, p.m - 1u)) * p.k;
+    let x4 = (xb + min(m0 + 4u, p.m - 1u)) * p.k;
+    let x5 = (xb + min(m0 + 5u, p.m - 1u)) * p.k;
+    let x6 = (xb + min(m0 + 6u, p.m - 1u)) * p.k;
+    let x7 = (xb + min(m0 + 7u, p.m - 1u)) * p.k;
     let wb = bi * p.w_batch_words;
     let w0 = wb + n0 * p.row_words;
     let w1 = wb + min(n0 + 1u, p.n - 1u) * p.row_words;
@@ -55,6 +63,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0);
+    var c5 = vec4<f32>(0.0);
+    var c6 = vec4<f32>(0.0);
+    var c7 = vec4<f32>(0.0);
     let k2 = p.k / 2u * 2u;
     for (var kk = 0u; kk < k2; kk += 2u) {
         let b0 = w_pair(w0, kk);
@@ -67,6 +79,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         c1 += x[x1 + kk] * be + x[x1 + kk + 1u] * bo;
         c2 += x[x2 + kk] * be + x[x2 + kk + 1u] * bo;
         c3 += x[x3 + kk] * be + x[x3 + kk + 1u] * bo;
+        c4 += x[x4 + kk] * be + x[x4 + kk + 1u] * bo;
+        c5 += x[x5 + kk] * be + x[x5 + kk + 1u] * bo;
+        c6 += x[x6 + kk] * be + x[x6 + kk + 1u] * bo;
+        c7 += x[x7 + kk] * be + x[x7 + kk + 1u] * bo;
     }
     if (k2 < p.k) {
         let b = vec4<f32>(w_elem(w0, k2), w_elem(w1, k2), w_elem(w2, k2), w_elem(w3, k2));
@@ -74,9 +90,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         c1 += x[x1 + k2] * b;
         c2 += x[x2 + k2] * b;
         c3 += x[x3 + k2] * b;
+        c4 += x[x4 + k2] * b;
+        c5 += x[x5 + k2] * b;
+        c6 += x[x6 + k2] * b;
+        c7 += x[x7 + k2] * b;
     }
-    let acc = array<vec4<f32>, 4>(c0, c1, c2, c3);
-    for (var i = 0u; i < 4u; i++) {
+    let acc = array<vec4<f32>, 8>(c0, c1, c2, c3, c4, c5, c6, c7);
+    for (var i = 0u; i < 8u; i++) {
         for (var j = 0u; j < 4u; j++) {
             if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
         }

@@ -318,9 +318,10 @@ test("text: a decode token costs one submit, 8 bytes of readback and no new obje
     const k = window.demo.kiln;
     const llm = await k.loadText(src);
     const diff = (x, y) => Object.fromEntries(Object.keys(x).map((key) => [key, y[key] - x[key]]));
-    // Eight prompt tokens: one prefill run, then (the cache reused) a one-token tail run and
-    // four decode tokens; each run is one submit.
-    const prompt = [1, 2, 3, 4, 5, 6, 7, 8];
+    // 24 prompt tokens (more than a software adapter sends through the decode graph): one
+    // prefill run, then (the cache reused) a one-token tail run and four decode tokens; each run
+    // is one submit.
+    const prompt = Array.from({ length: 24 }, (_, i) => i + 1);
     const a = k.counters();
     await llm.complete(prompt, { maxTokens: 1, temperature: 0 });
     const b = k.counters();

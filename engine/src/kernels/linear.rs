@@ -79,6 +79,16 @@ pub fn gemm_key(ctx: &Ctx, shader: &'static str, dtype: DType) -> Result<KernelK
     })
 }
 
+/// Workgroups of `matmul.wgsl` for an `m x n` output, `b` batches: 64 x 64 tiles, or (the
+/// software DIRECT variant) 256 weight rows by 8 activation rows.
+fn matmul_groups(ctx: &Ctx, m: usize, n: usize, b: usize) -> [u32; 3] {
+    if ctx.gpu.features.software {
+        [u(n.div_ceil(256)), u(m.div_ceil(8)), u(b)]
+    } else {
+        [u(n.div_ceil(64)), u(m.div_ceil(64)), u(b)]
+    }
+}
+
 /// Workgroup-memory floats the matvec's NORM prologue stages for rows of `k`: `k` rounded up to
 /// whole groups of four 32-element blocks (the 16-byte variant reads them 4 blocks at a time).
 fn staged_len(k: usize) -> usize {
@@ -279,7 +289,7 @@ impl Kernel for Linear {
                     Binding::write(out.buf()),
                     Binding::read(res_buf),
                 ],
-                [u(n.div_ceil(64)), u(m.div_ceil(64)), u(b)],
+                matmul_groups(ctx, m, n, b),
             )]);
         }
         let n_total = w.shape[0];
@@ -393,7 +403,7 @@ impl Kernel for Linear {
                     gemm_key(ctx, "matmul.wgsl", w.dtype)?,
                     &p,
                     bindings,
-                    [u(part.rows.div_ceil(64)), u(m_total.div_ceil(64)), 1],
+                    matmul_groups(ctx, m_total, part.rows, 1),
                 ));
             }
         }
