@@ -44,14 +44,17 @@ fn matvec_every_dtype() {
 }
 
 /// The software adapters' 16-byte-load matvec (ROWS_V4) for the dtypes and row lengths it
-/// serves (k a multiple of 8 for plain types; Q8_0/Q4_0 rows padded to 16 bytes, with a last
-/// group of 1 to 4 blocks), m = 1 and 2; every adapter variant runs the same shapes.
+/// serves (k a multiple of 8 for plain types; Q8_0/Q4_0/Q4_1 rows padded to 16 bytes, with a
+/// partial last group of blocks), m = 1 and 2, and the same rows through the GEMM (m = 37: 8
+/// activation rows per workgroup of the software GEMM, the last group partial); every adapter
+/// variant runs the same shapes.
 #[test]
 fn matvec_wide_loads() {
     use kiln::kernels::linear::rows_v4;
     for gpu in kiln_tests::gpu_variants() {
         for (i, (dt, k)) in [
             (DType::F32, 204),
+            (DType::F32, 208),
             (DType::F16, 208),
             (DType::BF16, 576),
             (DType::Q8_0, 384),
@@ -68,7 +71,7 @@ fn matvec_wide_loads() {
         .enumerate()
         {
             assert!(rows_v4(dt, k), "{dt} k={k}");
-            for m in [1, 2] {
+            for m in [1, 2, 37] {
                 let mut t = OpTest::on(gpu.clone());
                 let mut rng = Rng::new(500 + i as u64 * 7 + m as u64);
                 let n = 131;
@@ -81,7 +84,7 @@ fn matvec_wide_loads() {
                 let got = t.run(y, &[]);
                 let want = refl::linear(&x, &wf, None, m, n, k);
                 let what = format!(
-                    "wide-load matvec {dt} m={m} k={k} (software kernels {})",
+                    "padded-row product {dt} m={m} k={k} (software kernels {})",
                     gpu.features.software
                 );
                 assert_close(&what, &got, &want, dot_tolerance(&x, &wf, m, n, k), 1e-5);
