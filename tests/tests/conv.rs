@@ -14,12 +14,18 @@ fn conv2d_kernels_strides_padding_dtypes() {
         (2, 32, 13, 10, 67, 1, 1, 0, DType::F32, false),
         (1, 16, 8, 8, 16, 3, 2, 0, DType::BF16, true),
         (1, 3, 7, 7, 5, 3, 1, 0, DType::F16, false),
+        // At least DIRECT_PIXELS_MIN output pixels (software adapters: pixel groups of 8, the
+        // last one partial; channels in groups of 4, the last one partial).
+        (1, 6, 20, 17, 9, 3, 1, 1, DType::F16, true),
+        (2, 8, 16, 18, 5, 1, 1, 0, DType::F32, false),
+        (1, 4, 34, 33, 7, 3, 2, 1, DType::BF16, true),
         // SD 1.5's widest input (skip concatenation of 1280 + 1280 channels): 23040 products
         // per output, past lavapipe's cap of 65535 loop iterations per invocation if a kernel
         // spent more than two per product.
         (1, 2560, 4, 4, 8, 3, 1, 1, DType::F16, true),
     ];
-    // Both variants of the GEMM core: workgroup tiles, and DIRECT for software adapters.
+    // Every variant: the GEMM core's workgroup tiles, and for software adapters DIRECT (4 x 4
+    // lanes) and DIRECT_PIXELS (uniform pixel groups).
     let variants = kiln_tests::gpu_variants();
     let runs = variants
         .iter()
