@@ -73,6 +73,18 @@ fn check_run(case: &str, run: &Value, prompt: &[u32], chunk: usize) {
 
 /// [`check_run`] on given model files.
 fn check_run_files(case: &str, files: ModelFiles, run: &Value, prompt: &[u32], chunk: usize) {
+    check_run_on(&kiln_tests::gpu(), case, files, run, prompt, chunk);
+}
+
+/// [`check_run_files`] on a given GPU (kernel variants).
+fn check_run_on(
+    gpu: &std::sync::Arc<kiln::Gpu>,
+    case: &str,
+    files: ModelFiles,
+    run: &Value,
+    prompt: &[u32],
+    chunk: usize,
+) {
     let weights = run["weights"].as_str().unwrap();
     let want = ids(&run["ids"]);
     let opts = LoadOptions {
@@ -80,15 +92,11 @@ fn check_run_files(case: &str, files: ModelFiles, run: &Value, prompt: &[u32], c
         prefill_chunk: chunk,
         ..Default::default()
     };
-    let mut m = pollster::block_on(TextModel::load(
-        &kiln_tests::gpu(),
-        files,
-        &opts,
-        &mut |_, _| {},
-    ))
-    .unwrap_or_else(|e| panic!("{case} {weights}: {e}"));
+    let mut m = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |_, _| {}))
+        .unwrap_or_else(|e| panic!("{case} {weights}: {e}"));
     let g = pollster::block_on(m.generate(prompt, &greedy(want.len()), &mut |_| true)).unwrap();
-    let what = format!("{case} {weights} (chunk {chunk})");
+    let software = gpu.features.software;
+    let what = format!("{case} {weights} (chunk {chunk}, software kernels {software})");
     let (n, worst) = kiln_tests::check_greedy_run(&what, &g.ids, &g.logprobs, run, 2e-3);
     assert!(
         n > 0 || run["margins"][0].as_f64() < Some(0.01),
@@ -137,6 +145,28 @@ fn parity_gguf_q4_1_q5_0_q5_1() {
 #[test]
 fn parity_gguf_k_quants_and_iq4() {
     check_gguf_types("expected-llama-quantize.json", 7);
+}
+
+/// The GPU kernels on this adapter, whatever it is: their decode graph fuses the norms into the
+/// products (`graph/fuse.rs`), which the software kernels do not. Llama (GQA, f32), Qwen2 (q/k/v
+/// biases in the fused rotary epilogue) and the quantized GGUF (Q8_0/Q4_0/Q4_K products).
+#[test]
+fn parity_gpu_kernels_fused_decode() {
+    let gpu = &kiln_tests::gpu_variants()[0];
+    assert!(!gpu.features.software);
+    for (case, run) in [
+        ("llama-gqa-f32", 0),
+        ("qwen2-f32", 0),
+        ("llama-q-256", 1),
+        ("llama-q-256", 2),
+        ("llama-q-256", 3),
+    ] {
+        let e = expected(case);
+        let prompt = ids(&e["prompt_ids"]);
+        let run = &e["runs"][run];
+        let weights = run["weights"].as_str().unwrap();
+        check_run_on(gpu, case, files(case, weights), run, &prompt, 64);
+    }
 }
 
 #[test]

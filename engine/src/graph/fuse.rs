@@ -43,6 +43,11 @@ impl Uses {
         Uses(uses)
     }
 
+    /// Whether no node strictly between `a` and `b` reads or writes `v` (or a view of it).
+    fn untouched_between(&self, g: &Graph, v: Value, a: usize, b: usize) -> bool {
+        self.0[g.root(v).0].iter().all(|&(n, ..)| n <= a || n >= b)
+    }
+
     /// The nodes reading `v`, when every read is of `v` itself (no view) at input `pos`.
     fn only_direct(&self, v: Value, pos: usize) -> Option<Vec<usize>> {
         let reads = &self.0[v.0];
@@ -79,7 +84,7 @@ impl Graph {
     fn one_part_matvec(&self, node: &Node, max_rows: usize) -> Option<Linear> {
         let Op::Linear(l) = &node.op else { return None };
         let (x, w) = (node.inputs[0], node.inputs[1]);
-        let k = *self.shape(x).last()?;
+        let k = *self.shape(x).last().filter(|&&k| k > 0)?;
         let parts = match &self.info(self.root(w)).source {
             Source::Tensor(t) => t.parts.len(),
             _ => return None,
@@ -100,6 +105,12 @@ impl Graph {
             };
             let k = self.shape(x).last().copied().unwrap_or(0);
             if !self.internal(out) || self.shape(nw) != [k] || !fuses_norm(gpu, k) {
+                continue;
+            }
+            // The products read x (and the norm weight) later than the norm did: nothing may
+            // write them in between.
+            let written = |v: Value| matches!(self.info(self.root(v)).source, Source::Tensor(_));
+            if written(x) || written(nw) {
                 continue;
             }
             let Some(readers) = uses.only_direct(out, 0) else {
@@ -159,6 +170,15 @@ impl Graph {
             };
             let glu = matches!(epilogue, Epilogue::Glu { .. });
             if (glu && l.bias) || l.residual || l.epilogue.is_some() {
+                continue;
+            }
+            // The epilogue's own inputs (the rotary table, the caches it writes) are used at
+            // the product's place: no node in between may touch them.
+            let inputs = &self.nodes[j].inputs[1..];
+            if !inputs
+                .iter()
+                .all(|&v| uses.untouched_between(self, v, p, j))
+            {
                 continue;
             }
             l.epilogue = Some(epilogue);
