@@ -77,20 +77,21 @@ fn reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 #else
 #ifdef ROWS
 // Software adapters (lavapipe, SwiftShader): one invocation per output row (batch, query,
-// head), 64 per workgroup, no workgroup memory and no barriers: the keys are a sequential loop
-// with online softmax, the head's q and accumulator in private memory.
+// head), ROWS_WG (8: one SIMD batch) per workgroup so that decode's few rows spread over the
+// CPU threads, no workgroup memory and no barriers: the keys are a sequential loop with online
+// softmax, the head's q and accumulator in private memory.
 // lavapipe (Mesa's gallivm) stops every loop of an invocation after 65535 iterations in all, so
 // the encoder splits the keys (SPLIT, reduced by `reduce`) to keep each invocation's share
-// under that. Dispatch: ceil(splits * b * lq * heads / 64) workgroups (grid()); `total` =
+// under that. Dispatch: ceil(splits * b * lq * heads / ROWS_WG) workgroups (grid()); `total` =
 // splits * b * lq * heads, split slowest.
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dst: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(ROWS_WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let idx = group_index(wg, nwg) * 64u + li;
+    let idx = group_index(wg, nwg) * ROWS_WG + li;
     if (idx >= p.total) { return; }
     let rows = p.b * p.lq * p.heads;
     let o = idx % rows;

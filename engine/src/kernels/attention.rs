@@ -22,6 +22,11 @@ const TARGET_GROUPS: usize = 512;
 /// the parallelism gains.
 const MIN_SPLIT_KEYS: usize = 256;
 
+/// Invocations per workgroup of the software variant: one SIMD batch of a CPU thread, so that
+/// decode's few rows (one per head and split) spread over the driver's threads instead of
+/// filling one workgroup.
+const ROWS_WG: usize = 8;
+
 /// Static tile sizes of one attention variant (the shader's defines).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
@@ -255,7 +260,8 @@ impl Attention {
         };
         let key = KernelKey::new("attention.wgsl", "main")
             .def("ROWS", "")
-            .def("HD", hd);
+            .def("HD", hd)
+            .def("ROWS_WG", format!("{ROWS_WG}u"));
         let p = AttentionParams {
             splits: u(ns),
             ..params(rows * ns)
@@ -265,7 +271,7 @@ impl Attention {
             Binding::read(k.buf()),
             Binding::read(v.buf()),
         ];
-        let groups = grid(u((rows * ns).div_ceil(64)));
+        let groups = grid(u((rows * ns).div_ceil(ROWS_WG)));
         if ns == 1 {
             let mut bindings = inputs;
             bindings.push(Binding::write(out.buf()));
