@@ -1,7 +1,7 @@
 //! The fusion pass: before a graph is compiled, ops whose combination one kernel computes are
-//! merged, so model code writes plain ops (`rms_norm`, `linear`, `glu`) and the plan gets the
-//! fewest dispatches the kernels and the adapter allow. Each rule checks shapes, consumers and
-//! the adapter, and leaves the ops as written when any check fails:
+//! merged, so model code writes plain ops (`rms_norm`, `linear`, `rope_kv`, `glu`) and the plan
+//! gets the fewest dispatches the kernels and the adapter allow. Each rule checks shapes,
+//! consumers and the adapter, and leaves the ops as written when any check fails:
 //!
 //! - **RMSNorm into the products that read it.** A norm whose output feeds only products of one
 //!   activation row (the decode matvec) is computed in each product's prologue
