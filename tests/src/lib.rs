@@ -32,6 +32,16 @@ pub fn gpu_variants() -> [Arc<Gpu>; 3] {
     .clone()
 }
 
+/// Compiles `g` with intermediate and output buffers poisoned with NaN bits, so that a kernel
+/// that leaves an element unwritten fails the test reading it.
+pub fn compile_poisoned(gpu: &Arc<Gpu>, g: &Graph) -> kiln::Plan {
+    let opts = CompileOptions {
+        poison: true,
+        ..Default::default()
+    };
+    pollster::block_on(g.compile(gpu, opts)).unwrap()
+}
+
 /// A GPU with specific options (e.g. a forced small binding limit).
 pub fn gpu_with(opts: GpuOptions) -> Arc<Gpu> {
     match pollster::block_on(Gpu::new(opts)) {
@@ -141,14 +151,7 @@ impl OpTest {
     /// Compiles with poisoned outputs, writes inputs, sets scalars, runs, reads `out` as f32.
     pub fn run(mut self, out: Value, scalars: &[(Scalar, u32)]) -> Vec<f32> {
         self.g.output(out);
-        let mut plan = pollster::block_on(self.g.compile(
-            &self.gpu,
-            CompileOptions {
-                poison: true,
-                ..Default::default()
-            },
-        ))
-        .unwrap();
+        let mut plan = compile_poisoned(&self.gpu, &self.g);
         for (v, d) in &self.inputs {
             plan.write_u32(*v, d).unwrap();
         }

@@ -143,14 +143,7 @@ fn poisoned_outputs_show_unwritten_elements() {
     let d = g.tensor(&dst);
     g.copy_into(y, d, Dyn::Static(3)).unwrap();
     g.output(y);
-    let plan = pollster::block_on(g.compile(
-        &gpu,
-        CompileOptions {
-            poison: true,
-            ..Default::default()
-        },
-    ))
-    .unwrap();
+    let plan = kiln_tests::compile_poisoned(&gpu, &g);
     plan.write_f32(x, &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
     plan.run().unwrap();
     assert_eq!(

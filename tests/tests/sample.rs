@@ -4,7 +4,7 @@
 
 use kiln::kernels::sample::{philox_on_gpu, SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN};
 use kiln::reference::sample as reference;
-use kiln::{CompileOptions, DType, Dyn, Graph, Plan, Scalar, Tensor, Value};
+use kiln::{DType, Dyn, Graph, Plan, Scalar, Tensor, Value};
 use kiln_tests::{assert_close, gpu, Rng};
 use std::sync::Arc;
 
@@ -75,14 +75,7 @@ impl Sampler {
             )
             .unwrap();
         g.output(out);
-        let plan = pollster::block_on(g.compile(
-            &gpu,
-            CompileOptions {
-                poison: true,
-                ..Default::default()
-            },
-        ))
-        .unwrap();
+        let plan = kiln_tests::compile_poisoned(&gpu, &g);
         Sampler {
             plan,
             logits,
@@ -451,14 +444,7 @@ fn randn_matches_reference_and_is_standard_normal() {
     let z0 = g.randn(&[8], Dyn::Static(0), 0).unwrap();
     g.output(z);
     g.output(z0);
-    let mut plan = pollster::block_on(g.compile(
-        &gpu,
-        CompileOptions {
-            poison: true,
-            ..Default::default()
-        },
-    ))
-    .unwrap();
+    let mut plan = kiln_tests::compile_poisoned(&gpu, &g);
     plan.set(seed, 2024);
     plan.run().unwrap();
     let got = pollster::block_on(plan.read_f32(z)).unwrap();

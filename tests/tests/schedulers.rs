@@ -10,7 +10,7 @@ use kiln::formats::npy;
 use kiln::graph::StepValues;
 use kiln::kernels::scheduler::COEFFS;
 use kiln::reference::scheduler::{step as reference_step, StepState};
-use kiln::{CompileOptions, DType, Dyn, Graph, Tensor};
+use kiln::{DType, Dyn, Graph, Tensor};
 use kiln_tests::{assert_close, gpu, Rng};
 use serde_json::Value as Json;
 use std::path::PathBuf;
@@ -247,14 +247,7 @@ fn gpu_loop(fx: &Fixtures, c: &Case) -> f32 {
         noise: Some(noise),
     };
     g.scheduler_step(&v, Dyn::slot(step)).unwrap();
-    let mut plan = pollster::block_on(g.compile(
-        &gpu,
-        CompileOptions {
-            poison: true,
-            ..Default::default()
-        },
-    ))
-    .unwrap();
+    let mut plan = kiln_tests::compile_poisoned(&gpu, &g);
     assert_eq!(plan.dispatch_count(), 1, "one kernel per step");
     plan.write_f32(coeffs, &s.coeff_table()).unwrap();
     plan.write_f32(guidance, &[c.guidance]).unwrap();
@@ -356,14 +349,7 @@ fn kernel_matches_reference_on_random_rows() {
             Dyn::affine(step, 1, 1),
         )
         .unwrap();
-        let mut plan = pollster::block_on(g.compile(
-            &gpu,
-            CompileOptions {
-                poison: true,
-                ..Default::default()
-            },
-        ))
-        .unwrap();
+        let mut plan = kiln_tests::compile_poisoned(&gpu, &g);
         plan.write_f32(model_out, &m).unwrap();
         plan.write_f32(coeffs, &table).unwrap();
         plan.write_f32(guidance, &[g_scale]).unwrap();
