@@ -54,10 +54,9 @@ fn pixel(xc: u32, iy: i32, ix: i32) -> f32 {
 #ifdef DIRECT_PIXELS
 // Software adapters, outputs of at least 256 pixels: 4 output channels x 8 output pixels per
 // invocation, straight from x and w, no workgroup memory, no barrier, and no integer division
-// in the loop (CPUs have no vector division). The 8 pixels come from the
-// workgroup index, so every x load is workgroup-uniform (llvmpipe turns a load whose address
-// differs per lane into a loop over the lanes, a uniform one into one load) and each weight
-// element read serves 8 pixels. Dispatch: (ceil(co / 256), ceil(ho * wo / 8), batch), 64 threads.
+// in the loop (CPUs have no vector division). The layout of matmul.wgsl's DIRECT: the 8 pixels
+// come from the workgroup index, so every x load is workgroup-uniform, and each weight element
+// read serves 8 pixels. Dispatch: (ceil(co / 256), ceil(ho * wo / 8), batch), 64 threads.
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
