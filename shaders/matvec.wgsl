@@ -173,6 +173,17 @@ fn k4v_scale_min(sc: vec3<u32>, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(s), f32(m));
 }
 
+// A Q4_0/Q4_1 block's 4 quant words q (word s: elements 4s.. in the low nibbles, 16 + 4s.. in
+// the high ones), each quant minus `zero`, dotted with its 8 x units from xb.
+fn nib_dot(q: vec4<u32>, zero: vec4<f32>, xb: u32) -> f32 {
+    return dot(lo4(q.x) - zero, x4[xb]) + dot(lo4(q.y) - zero, x4[xb + 1u]) + dot(lo4(q.z) - zero, x4[xb + 2u]) + dot(lo4(q.w) - zero, x4[xb + 3u])
+         + dot(lo4(q.x >> 4u) - zero, x4[xb + 4u]) + dot(lo4(q.y >> 4u) - zero, x4[xb + 5u]) + dot(lo4(q.z >> 4u) - zero, x4[xb + 6u]) + dot(lo4(q.w >> 4u) - zero, x4[xb + 7u]);
+}
+// The sum of the 32 elements of x units xb..xb + 8 (the min terms of Q4_1 and Q4_K).
+fn x_sum8(xb: u32) -> f32 {
+    return dot(x4[xb] + x4[xb + 1u] + x4[xb + 2u] + x4[xb + 3u] + x4[xb + 4u] + x4[xb + 5u] + x4[xb + 6u] + x4[xb + 7u], vec4<f32>(1.0));
+}
+
 // The dot of the row starting at unit rb with x4[xo..].
 fn row_dot(rb: u32, xo: u32) -> f32 {
     var acc = vec4<f32>(0.0);
@@ -230,15 +241,10 @@ fn row_dot(rb: u32, xo: u32) -> f32 {
         let u = rb + 5u * gi;
         let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
         let xb = xo + 32u * gi;
-        // Block j's quant words and x units (8 per block).
-        let s0 = dot(lo4(v0.y) - eight, x4[xb]) + dot(lo4(v0.z) - eight, x4[xb + 1u]) + dot(lo4(v0.w) - eight, x4[xb + 2u]) + dot(lo4(v1.x) - eight, x4[xb + 3u])
-               + dot(lo4(v0.y >> 4u) - eight, x4[xb + 4u]) + dot(lo4(v0.z >> 4u) - eight, x4[xb + 5u]) + dot(lo4(v0.w >> 4u) - eight, x4[xb + 6u]) + dot(lo4(v1.x >> 4u) - eight, x4[xb + 7u]);
-        let s1 = dot(lo4(v1.z) - eight, x4[xb + 8u]) + dot(lo4(v1.w) - eight, x4[xb + 9u]) + dot(lo4(v2.x) - eight, x4[xb + 10u]) + dot(lo4(v2.y) - eight, x4[xb + 11u])
-               + dot(lo4(v1.z >> 4u) - eight, x4[xb + 12u]) + dot(lo4(v1.w >> 4u) - eight, x4[xb + 13u]) + dot(lo4(v2.x >> 4u) - eight, x4[xb + 14u]) + dot(lo4(v2.y >> 4u) - eight, x4[xb + 15u]);
-        let s2 = dot(lo4(v2.w) - eight, x4[xb + 16u]) + dot(lo4(v3.x) - eight, x4[xb + 17u]) + dot(lo4(v3.y) - eight, x4[xb + 18u]) + dot(lo4(v3.z) - eight, x4[xb + 19u])
-               + dot(lo4(v2.w >> 4u) - eight, x4[xb + 20u]) + dot(lo4(v3.x >> 4u) - eight, x4[xb + 21u]) + dot(lo4(v3.y >> 4u) - eight, x4[xb + 22u]) + dot(lo4(v3.z >> 4u) - eight, x4[xb + 23u]);
-        let s3 = dot(lo4(v4.x) - eight, x4[xb + 24u]) + dot(lo4(v4.y) - eight, x4[xb + 25u]) + dot(lo4(v4.z) - eight, x4[xb + 26u]) + dot(lo4(v4.w) - eight, x4[xb + 27u])
-               + dot(lo4(v4.x >> 4u) - eight, x4[xb + 28u]) + dot(lo4(v4.y >> 4u) - eight, x4[xb + 29u]) + dot(lo4(v4.z >> 4u) - eight, x4[xb + 30u]) + dot(lo4(v4.w >> 4u) - eight, x4[xb + 31u]);
+        let s0 = nib_dot(vec4<u32>(v0.yzw, v1.x), eight, xb);
+        let s1 = nib_dot(vec4<u32>(v1.zw, v2.xy), eight, xb + 8u);
+        let s2 = nib_dot(vec4<u32>(v2.w, v3.xyz), eight, xb + 16u);
+        let s3 = nib_dot(v4, eight, xb + 24u);
         let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
         acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(nb));
     }
@@ -247,18 +253,16 @@ fn row_dot(rb: u32, xo: u32) -> f32 {
     // Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d, m (f32), then
     // 4 quant words as Q4_0's; element = q * d + m. An odd last block pairs with the row's
     // padding (or the next row): that half is dropped with select.
-    let ones = vec4<f32>(1.0);
     let nb = p.k / 32u;
     for (var gi = 0u; gi < (nb + 1u) / 2u; gi++) {
         let u = rb + 3u * gi;
         let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
         let xb = xo + 16u * gi;
-        let q0 = dot(lo4(v0.z), x4[xb]) + dot(lo4(v0.w), x4[xb + 1u]) + dot(lo4(v1.x), x4[xb + 2u]) + dot(lo4(v1.y), x4[xb + 3u])
-               + dot(lo4(v0.z >> 4u), x4[xb + 4u]) + dot(lo4(v0.w >> 4u), x4[xb + 5u]) + dot(lo4(v1.x >> 4u), x4[xb + 6u]) + dot(lo4(v1.y >> 4u), x4[xb + 7u]);
-        let q1 = dot(lo4(v2.x), x4[xb + 8u]) + dot(lo4(v2.y), x4[xb + 9u]) + dot(lo4(v2.z), x4[xb + 10u]) + dot(lo4(v2.w), x4[xb + 11u])
-               + dot(lo4(v2.x >> 4u), x4[xb + 12u]) + dot(lo4(v2.y >> 4u), x4[xb + 13u]) + dot(lo4(v2.z >> 4u), x4[xb + 14u]) + dot(lo4(v2.w >> 4u), x4[xb + 15u]);
-        let sx0 = dot(x4[xb] + x4[xb + 1u] + x4[xb + 2u] + x4[xb + 3u] + x4[xb + 4u] + x4[xb + 5u] + x4[xb + 6u] + x4[xb + 7u], ones);
-        let sx1 = dot(x4[xb + 8u] + x4[xb + 9u] + x4[xb + 10u] + x4[xb + 11u] + x4[xb + 12u] + x4[xb + 13u] + x4[xb + 14u] + x4[xb + 15u], ones);
+        let zero = vec4<f32>(0.0);
+        let q0 = nib_dot(vec4<u32>(v0.zw, v1.xy), zero, xb);
+        let q1 = nib_dot(v2, zero, xb + 8u);
+        let sx0 = x_sum8(xb);
+        let sx1 = x_sum8(xb + 8u);
         let part = vec2<f32>(bitcast<f32>(v0.x) * q0 + bitcast<f32>(v0.y) * sx0, bitcast<f32>(v1.z) * q1 + bitcast<f32>(v1.w) * sx1);
         let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
         acc += vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(nb)), 0.0, 0.0);
@@ -268,7 +272,6 @@ fn row_dot(rb: u32, xo: u32) -> f32 {
     // Super-blocks of 9 units: unit 0 = d|dmin (f16 pair) and the 12 scale bytes; units
     // 1 + 2c, 2 + 2c = the 8 quant words of chunk c (64 elements): byte l of the chunk holds
     // element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c + 1) high.
-    let ones = vec4<f32>(1.0);
     for (var sbi = 0u; sbi < p.row_words / 36u; sbi++) {
         let u = rb + 9u * sbi;
         let h = w4[u];
@@ -285,8 +288,8 @@ fn row_dot(rb: u32, xo: u32) -> f32 {
                      + dot(lo4(qb.x), x4[xl + 4u]) + dot(lo4(qb.y), x4[xl + 5u]) + dot(lo4(qb.z), x4[xl + 6u]) + dot(lo4(qb.w), x4[xl + 7u]);
             let s_hi = dot(lo4(qa.x >> 4u), x4[xl + 8u]) + dot(lo4(qa.y >> 4u), x4[xl + 9u]) + dot(lo4(qa.z >> 4u), x4[xl + 10u]) + dot(lo4(qa.w >> 4u), x4[xl + 11u])
                      + dot(lo4(qb.x >> 4u), x4[xl + 12u]) + dot(lo4(qb.y >> 4u), x4[xl + 13u]) + dot(lo4(qb.z >> 4u), x4[xl + 14u]) + dot(lo4(qb.w >> 4u), x4[xl + 15u]);
-            let x_lo = dot(x4[xl] + x4[xl + 1u] + x4[xl + 2u] + x4[xl + 3u] + x4[xl + 4u] + x4[xl + 5u] + x4[xl + 6u] + x4[xl + 7u], ones);
-            let x_hi = dot(x4[xl + 8u] + x4[xl + 9u] + x4[xl + 10u] + x4[xl + 11u] + x4[xl + 12u] + x4[xl + 13u] + x4[xl + 14u] + x4[xl + 15u], ones);
+            let x_lo = x_sum8(xl);
+            let x_hi = x_sum8(xl + 8u);
             let a = k4v_scale_min(sc, 2u * c);
             let b = k4v_scale_min(sc, 2u * c + 1u);
             sums[c] = a.x * s_lo + b.x * s_hi;
