@@ -95,7 +95,7 @@ impl Graph {
 
     fn fuse_norms(&mut self, gpu: &Gpu, removed: &mut [bool]) {
         let uses = Uses::of(self, removed);
-        for i in 0..self.nodes.len() {
+        for (i, gone) in removed.iter_mut().enumerate() {
             let Op::RmsNorm(RmsNorm { eps }) = self.nodes[i].op else {
                 continue;
             };
@@ -132,7 +132,7 @@ impl Graph {
                 node.inputs[0] = x;
                 node.inputs.push(nw);
             }
-            removed[i] = true;
+            *gone = true;
         }
     }
 
