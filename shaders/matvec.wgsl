@@ -184,136 +184,168 @@ fn x_sum8(xb: u32) -> f32 {
     return dot(x4[xb] + x4[xb + 1u] + x4[xb + 2u] + x4[xb + 3u] + x4[xb + 4u] + x4[xb + 5u] + x4[xb + 6u] + x4[xb + 7u], vec4<f32>(1.0));
 }
 
-// The dot of the row starting at unit rb with x4[xo..].
-fn row_dot(rb: u32, xo: u32) -> f32 {
-    var acc = vec4<f32>(0.0);
+// One loop step of a row's dot: v4_steps() steps cover the row starting at unit rb; step i's
+// partial dot with x4[xo..] (any split over the four lanes of the result).
 #ifdef W_F32
-    for (var i = 0u; i < p.row_words / 4u; i++) {
-        acc += bitcast<vec4<f32>>(w4[rb + i]) * x4[xo + i];
-    }
+fn v4_steps() -> u32 { return p.row_words / 4u; }
+fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> { return bitcast<vec4<f32>>(w4[rb + i]) * x4[xo + i]; }
 #endif
 #ifdef W_F16
-    for (var i = 0u; i < p.row_words / 4u; i++) {
-        let q = w4[rb + i];
-        let a = unpack2x16float(q.x);
-        let b = unpack2x16float(q.y);
-        let c = unpack2x16float(q.z);
-        let d = unpack2x16float(q.w);
-        acc += vec4<f32>(a, b) * x4[xo + 2u * i] + vec4<f32>(c, d) * x4[xo + 2u * i + 1u];
-    }
+fn v4_steps() -> u32 { return p.row_words / 4u; }
+fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> {
+    let q = w4[rb + i];
+    return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)) * x4[xo + 2u * i] + vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)) * x4[xo + 2u * i + 1u];
+}
 #endif
 #ifdef W_BF16
-    for (var i = 0u; i < p.row_words / 4u; i++) {
-        let q = w4[rb + i];
-        acc += vec4<f32>(bf2(q.x), bf2(q.y)) * x4[xo + 2u * i] + vec4<f32>(bf2(q.z), bf2(q.w)) * x4[xo + 2u * i + 1u];
-    }
+fn v4_steps() -> u32 { return p.row_words / 4u; }
+fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> {
+    let q = w4[rb + i];
+    return vec4<f32>(bf2(q.x), bf2(q.y)) * x4[xo + 2u * i] + vec4<f32>(bf2(q.z), bf2(q.w)) * x4[xo + 2u * i + 1u];
+}
 #endif
 #ifdef W_Q8_0
-    // Four blocks (4 x 9 words = 9 units) per step: block j is words 9j..9j+8 = scale, 8 quant
-    // words; quant word s holds elements 4s..4s+3.
-    // The last group may hold fewer than 4 blocks: its other words are padding or the next
-    // row (or, past the buffer's end, whatever robust access returns), so those blocks are
-    // dropped with select (their scale words may be any bits, NaN included).
-    let nb = p.k / 32u;
-    for (var gi = 0u; gi < (nb + 3u) / 4u; gi++) {
-        let u = rb + 9u * gi;
-        let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
-        let v5 = w4[u + 5u]; let v6 = w4[u + 6u]; let v7 = w4[u + 7u]; let v8 = w4[u + 8u];
-        let xb = xo + 32u * gi;
-        let s0 = dot(sb4(v0.y), x4[xb]) + dot(sb4(v0.z), x4[xb + 1u]) + dot(sb4(v0.w), x4[xb + 2u]) + dot(sb4(v1.x), x4[xb + 3u])
-               + dot(sb4(v1.y), x4[xb + 4u]) + dot(sb4(v1.z), x4[xb + 5u]) + dot(sb4(v1.w), x4[xb + 6u]) + dot(sb4(v2.x), x4[xb + 7u]);
-        let s1 = dot(sb4(v2.z), x4[xb + 8u]) + dot(sb4(v2.w), x4[xb + 9u]) + dot(sb4(v3.x), x4[xb + 10u]) + dot(sb4(v3.y), x4[xb + 11u])
-               + dot(sb4(v3.z), x4[xb + 12u]) + dot(sb4(v3.w), x4[xb + 13u]) + dot(sb4(v4.x), x4[xb + 14u]) + dot(sb4(v4.y), x4[xb + 15u]);
-        let s2 = dot(sb4(v4.w), x4[xb + 16u]) + dot(sb4(v5.x), x4[xb + 17u]) + dot(sb4(v5.y), x4[xb + 18u]) + dot(sb4(v5.z), x4[xb + 19u])
-               + dot(sb4(v5.w), x4[xb + 20u]) + dot(sb4(v6.x), x4[xb + 21u]) + dot(sb4(v6.y), x4[xb + 22u]) + dot(sb4(v6.z), x4[xb + 23u]);
-        let s3 = dot(sb4(v7.x), x4[xb + 24u]) + dot(sb4(v7.y), x4[xb + 25u]) + dot(sb4(v7.z), x4[xb + 26u]) + dot(sb4(v7.w), x4[xb + 27u])
-               + dot(sb4(v8.x), x4[xb + 28u]) + dot(sb4(v8.y), x4[xb + 29u]) + dot(sb4(v8.z), x4[xb + 30u]) + dot(sb4(v8.w), x4[xb + 31u]);
-        let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
-        acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v2.y) * s1, bitcast<f32>(v4.z) * s2, bitcast<f32>(v6.w) * s3), t < vec4<u32>(nb));
-    }
+// Four blocks (4 x 9 words = 9 units) per step: block j is words 9j..9j+8 = scale, 8 quant
+// words; quant word s holds elements 4s..4s+3.
+// The last group may hold fewer than 4 blocks: its other words are padding or the next
+// row (or, past the buffer's end, whatever robust access returns), so those blocks are
+// dropped with select (their scale words may be any bits, NaN included).
+fn v4_steps() -> u32 { return (p.k / 32u + 3u) / 4u; }
+fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
+    let u = rb + 9u * gi;
+    let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
+    let v5 = w4[u + 5u]; let v6 = w4[u + 6u]; let v7 = w4[u + 7u]; let v8 = w4[u + 8u];
+    let xb = xo + 32u * gi;
+    let s0 = dot(sb4(v0.y), x4[xb]) + dot(sb4(v0.z), x4[xb + 1u]) + dot(sb4(v0.w), x4[xb + 2u]) + dot(sb4(v1.x), x4[xb + 3u])
+           + dot(sb4(v1.y), x4[xb + 4u]) + dot(sb4(v1.z), x4[xb + 5u]) + dot(sb4(v1.w), x4[xb + 6u]) + dot(sb4(v2.x), x4[xb + 7u]);
+    let s1 = dot(sb4(v2.z), x4[xb + 8u]) + dot(sb4(v2.w), x4[xb + 9u]) + dot(sb4(v3.x), x4[xb + 10u]) + dot(sb4(v3.y), x4[xb + 11u])
+           + dot(sb4(v3.z), x4[xb + 12u]) + dot(sb4(v3.w), x4[xb + 13u]) + dot(sb4(v4.x), x4[xb + 14u]) + dot(sb4(v4.y), x4[xb + 15u]);
+    let s2 = dot(sb4(v4.w), x4[xb + 16u]) + dot(sb4(v5.x), x4[xb + 17u]) + dot(sb4(v5.y), x4[xb + 18u]) + dot(sb4(v5.z), x4[xb + 19u])
+           + dot(sb4(v5.w), x4[xb + 20u]) + dot(sb4(v6.x), x4[xb + 21u]) + dot(sb4(v6.y), x4[xb + 22u]) + dot(sb4(v6.z), x4[xb + 23u]);
+    let s3 = dot(sb4(v7.x), x4[xb + 24u]) + dot(sb4(v7.y), x4[xb + 25u]) + dot(sb4(v7.z), x4[xb + 26u]) + dot(sb4(v7.w), x4[xb + 27u])
+           + dot(sb4(v8.x), x4[xb + 28u]) + dot(sb4(v8.y), x4[xb + 29u]) + dot(sb4(v8.z), x4[xb + 30u]) + dot(sb4(v8.w), x4[xb + 31u]);
+    let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
+    return select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v2.y) * s1, bitcast<f32>(v4.z) * s2, bitcast<f32>(v6.w) * s3), t < vec4<u32>(p.k / 32u));
+}
 #endif
 #ifdef W_Q4_0
-    // Four blocks (4 x 5 words = 5 units) per step: block j is words 5j..5j+4 = scale, 4 quant
-    // words; quant word s holds elements 4s.. (low nibbles) and 16 + 4s.. (high), each minus 8.
+// Four blocks (4 x 5 words = 5 units) per step: block j is words 5j..5j+4 = scale, 4 quant
+// words; quant word s holds elements 4s.. (low nibbles) and 16 + 4s.. (high), each minus 8.
+// A partial last group: as Q8_0's.
+fn v4_steps() -> u32 { return (p.k / 32u + 3u) / 4u; }
+fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
     let eight = vec4<f32>(8.0);
-    let nb = p.k / 32u;
-    for (var gi = 0u; gi < (nb + 3u) / 4u; gi++) {
-        let u = rb + 5u * gi;
-        let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
-        let xb = xo + 32u * gi;
-        let s0 = nib_dot(vec4<u32>(v0.yzw, v1.x), eight, xb);
-        let s1 = nib_dot(vec4<u32>(v1.zw, v2.xy), eight, xb + 8u);
-        let s2 = nib_dot(vec4<u32>(v2.w, v3.xyz), eight, xb + 16u);
-        let s3 = nib_dot(v4, eight, xb + 24u);
-        let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
-        acc += select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(nb));
-    }
+    let u = rb + 5u * gi;
+    let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
+    let xb = xo + 32u * gi;
+    let s0 = nib_dot(vec4<u32>(v0.yzw, v1.x), eight, xb);
+    let s1 = nib_dot(vec4<u32>(v1.zw, v2.xy), eight, xb + 8u);
+    let s2 = nib_dot(vec4<u32>(v2.w, v3.xyz), eight, xb + 16u);
+    let s3 = nib_dot(v4, eight, xb + 24u);
+    let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
+    return select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(p.k / 32u));
+}
 #endif
 #ifdef W_Q4_1
-    // Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d, m (f32), then
-    // 4 quant words as Q4_0's; element = q * d + m. An odd last block pairs with the row's
-    // padding (or the next row): that half is dropped with select.
-    let nb = p.k / 32u;
-    for (var gi = 0u; gi < (nb + 1u) / 2u; gi++) {
-        let u = rb + 3u * gi;
-        let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
-        let xb = xo + 16u * gi;
-        let zero = vec4<f32>(0.0);
-        let q0 = nib_dot(vec4<u32>(v0.zw, v1.xy), zero, xb);
-        let q1 = nib_dot(v2, zero, xb + 8u);
-        let sx0 = x_sum8(xb);
-        let sx1 = x_sum8(xb + 8u);
-        let part = vec2<f32>(bitcast<f32>(v0.x) * q0 + bitcast<f32>(v0.y) * sx0, bitcast<f32>(v1.z) * q1 + bitcast<f32>(v1.w) * sx1);
-        let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
-        acc += vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(nb)), 0.0, 0.0);
-    }
+// Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d, m (f32), then
+// 4 quant words as Q4_0's; element = q * d + m. An odd last block pairs with the row's
+// padding (or the next row): that half is dropped with select.
+fn v4_steps() -> u32 { return (p.k / 32u + 1u) / 2u; }
+fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
+    let u = rb + 3u * gi;
+    let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
+    let xb = xo + 16u * gi;
+    let zero = vec4<f32>(0.0);
+    let q0 = nib_dot(vec4<u32>(v0.zw, v1.xy), zero, xb);
+    let q1 = nib_dot(v2, zero, xb + 8u);
+    let sx0 = x_sum8(xb);
+    let sx1 = x_sum8(xb + 8u);
+    let part = vec2<f32>(bitcast<f32>(v0.x) * q0 + bitcast<f32>(v0.y) * sx0, bitcast<f32>(v1.z) * q1 + bitcast<f32>(v1.w) * sx1);
+    let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
+    return vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(p.k / 32u)), 0.0, 0.0);
+}
 #endif
 #ifdef W_Q4_K
-    // Super-blocks of 9 units: unit 0 = d|dmin (f16 pair) and the 12 scale bytes; units
-    // 1 + 2c, 2 + 2c = the 8 quant words of chunk c (64 elements): byte l of the chunk holds
-    // element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c + 1) high.
-    for (var sbi = 0u; sbi < p.row_words / 36u; sbi++) {
-        let u = rb + 9u * sbi;
-        let h = w4[u];
-        let dm = unpack2x16float(h.x);
-        let sc = vec3<u32>(h.y, h.z, h.w);
-        let xb = xo + 64u * sbi;
-        var sums = vec4<f32>(0.0); // d * scale * dot, per chunk pair
-        var mins = vec4<f32>(0.0); // dmin * min * sum(x)
-        for (var c = 0u; c < 4u; c++) {
-            let qa = w4[u + 1u + 2u * c];
-            let qb = w4[u + 2u + 2u * c];
-            let xl = xb + 16u * c;
-            let s_lo = dot(lo4(qa.x), x4[xl]) + dot(lo4(qa.y), x4[xl + 1u]) + dot(lo4(qa.z), x4[xl + 2u]) + dot(lo4(qa.w), x4[xl + 3u])
-                     + dot(lo4(qb.x), x4[xl + 4u]) + dot(lo4(qb.y), x4[xl + 5u]) + dot(lo4(qb.z), x4[xl + 6u]) + dot(lo4(qb.w), x4[xl + 7u]);
-            let s_hi = dot(lo4(qa.x >> 4u), x4[xl + 8u]) + dot(lo4(qa.y >> 4u), x4[xl + 9u]) + dot(lo4(qa.z >> 4u), x4[xl + 10u]) + dot(lo4(qa.w >> 4u), x4[xl + 11u])
-                     + dot(lo4(qb.x >> 4u), x4[xl + 12u]) + dot(lo4(qb.y >> 4u), x4[xl + 13u]) + dot(lo4(qb.z >> 4u), x4[xl + 14u]) + dot(lo4(qb.w >> 4u), x4[xl + 15u]);
-            let x_lo = x_sum8(xl);
-            let x_hi = x_sum8(xl + 8u);
-            let a = k4v_scale_min(sc, 2u * c);
-            let b = k4v_scale_min(sc, 2u * c + 1u);
-            sums[c] = a.x * s_lo + b.x * s_hi;
-            mins[c] = a.y * x_lo + b.y * x_hi;
-        }
-        acc += dm.x * sums - dm.y * mins;
+// One super-block of 9 units per step: unit 0 = d|dmin (f16 pair) and the 12 scale bytes;
+// units 1 + 2c, 2 + 2c = the 8 quant words of chunk c (64 elements): byte l of the chunk holds
+// element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c + 1) high.
+fn v4_steps() -> u32 { return p.row_words / 36u; }
+fn step_dot(rb: u32, sbi: u32, xo: u32) -> vec4<f32> {
+    let u = rb + 9u * sbi;
+    let h = w4[u];
+    let dm = unpack2x16float(h.x);
+    let sc = vec3<u32>(h.y, h.z, h.w);
+    let xb = xo + 64u * sbi;
+    var sums = vec4<f32>(0.0); // d * scale * dot, per chunk pair
+    var mins = vec4<f32>(0.0); // dmin * min * sum(x)
+    for (var c = 0u; c < 4u; c++) {
+        let qa = w4[u + 1u + 2u * c];
+        let qb = w4[u + 2u + 2u * c];
+        let xl = xb + 16u * c;
+        let s_lo = dot(lo4(qa.x), x4[xl]) + dot(lo4(qa.y), x4[xl + 1u]) + dot(lo4(qa.z), x4[xl + 2u]) + dot(lo4(qa.w), x4[xl + 3u])
+                 + dot(lo4(qb.x), x4[xl + 4u]) + dot(lo4(qb.y), x4[xl + 5u]) + dot(lo4(qb.z), x4[xl + 6u]) + dot(lo4(qb.w), x4[xl + 7u]);
+        let s_hi = dot(lo4(qa.x >> 4u), x4[xl + 8u]) + dot(lo4(qa.y >> 4u), x4[xl + 9u]) + dot(lo4(qa.z >> 4u), x4[xl + 10u]) + dot(lo4(qa.w >> 4u), x4[xl + 11u])
+                 + dot(lo4(qb.x >> 4u), x4[xl + 12u]) + dot(lo4(qb.y >> 4u), x4[xl + 13u]) + dot(lo4(qb.z >> 4u), x4[xl + 14u]) + dot(lo4(qb.w >> 4u), x4[xl + 15u]);
+        let x_lo = x_sum8(xl);
+        let x_hi = x_sum8(xl + 8u);
+        let a = k4v_scale_min(sc, 2u * c);
+        let b = k4v_scale_min(sc, 2u * c + 1u);
+        sums[c] = a.x * s_lo + b.x * s_hi;
+        mins[c] = a.y * x_lo + b.y * x_hi;
     }
-#endif
-    return acc.x + acc.y + acc.z + acc.w;
+    return dm.x * sums - dm.y * mins;
 }
+#endif
 
-@compute @workgroup_size(64)
+fn hsum(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
+#ifdef ROPE
+fn paired() -> bool { return true; }
+#else
+fn paired() -> bool { return p.glu != 0u; }
+#endif
+
+// An invocation makes four dots in one loop, so the loop's overhead and every x load (the same
+// for the four) are paid once per four rows: four output rows, or two rows of pairs (glu's
+// gate and up, a rotary pair; a ROPE item without a partner dots its row twice). Rows past the
+// end are clamped for reading and not stored. ceil(rows / (V4_WG * items)) * m workgroups.
+@compute @workgroup_size(V4_WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let g = group_index(wg, nwg);
-    let per_m = (p.rows + 63u) / 64u;
+    let items = select(4u, 2u, paired());
+    let per_wg = items * V4_WG;
+    let per_m = (p.rows + per_wg - 1u) / per_wg;
     let mi = g / per_m;
-    let r = (g % per_m) * 64u + li;
-    let xo = mi * (p.k / 4u);
+    let r = (g % per_m) * per_wg + li * items;
     if (r >= p.rows || mi >= p.m) { return; }
-    let rr = rows_of(r);
-    let ru = p.row_words / 4u;
-    var acc = vec2<f32>(row_dot(rr.x * ru, xo), 0.0);
-    if (has_second(r)) { acc.y = row_dot(rr.y * ru, xo); }
-    store(mi, r, acc, 1.0);
+    let last = p.rows - 1u;
+    var s: vec4<u32>;
+    if (paired()) {
+        s = vec4<u32>(rows_of(r), rows_of(min(r + 1u, last)));
+    } else {
+        s = vec4<u32>(r, min(r + 1u, last), min(r + 2u, last), min(r + 3u, last));
+    }
+    s *= p.row_words / 4u;
+    let xo = mi * (p.k / 4u);
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    for (var i = 0u; i < v4_steps(); i++) {
+        a0 += step_dot(s.x, i, xo);
+        a1 += step_dot(s.y, i, xo);
+        a2 += step_dot(s.z, i, xo);
+        a3 += step_dot(s.w, i, xo);
+    }
+    let d = vec4<f32>(hsum(a0), hsum(a1), hsum(a2), hsum(a3));
+    if (paired()) {
+        store(mi, r, d.xy, 1.0);
+        if (r + 1u < p.rows) { store(mi, r + 1u, d.zw, 1.0); }
+    } else {
+        store(mi, r, vec2<f32>(d.x, 0.0), 1.0);
+        if (r + 1u < p.rows) { store(mi, r + 1u, vec2<f32>(d.y, 0.0), 1.0); }
+        if (r + 2u < p.rows) { store(mi, r + 2u, vec2<f32>(d.z, 0.0), 1.0); }
+        if (r + 3u < p.rows) { store(mi, r + 3u, vec2<f32>(d.w, 0.0), 1.0); }
+    }
 }
 #else
 // Lane `lane` of `nl`'s share of the dot of the row starting at word rb with x[xo..]: plain

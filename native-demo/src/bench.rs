@@ -30,13 +30,17 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// `text`: a model file or folder (as `kiln text --model`) instead of the random-weight
+    /// SmolLM2-135M-shaped one, benchmarked in its own weight types.
+    #[arg(long)]
+    model: Option<String>,
 }
 
 /// Runs the chosen benchmark.
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         What::Kernels => kernels(a.quick),
-        What::Text => crate::bench_text::text(a.quick, a.json),
+        What::Text => crate::bench_text::text(a.quick, a.json, a.model.as_deref()),
         What::Chat => crate::bench_text::chat(a.quick, a.json),
         What::Image => crate::bench_image::image(a.quick, a.json),
         What::Soak => match a.quick {

@@ -53,6 +53,10 @@ pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
     Ok(KernelKey::new(shader, "main").def(&format!("W_{}", dtype.name().to_uppercase()), ""))
 }
 
+/// Invocations per workgroup of the software matvec's ROWS_V4 variant: small, so that the few
+/// hundred rows of a small model's products still make a workgroup for every CPU thread.
+const V4_WG: usize = 16;
+
 /// Whether the software matvec's ROWS_V4 variant serves rows of `k` elements of `dtype`: rows
 /// of whole 16-byte units (`matvec.wgsl`).
 pub fn rows_v4(dtype: DType, k: usize) -> bool {
@@ -365,9 +369,13 @@ impl Kernel for Linear {
                 }
                 let rows = p.rows as usize;
                 let (key, groups) = if software && rows_v4(w.dtype, k) {
-                    // One row per invocation, 16-byte weight loads, workgroup-uniform x.
-                    let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS_V4", "");
-                    (key, grid(u(rows.div_ceil(64) * m_total)))
+                    // Four dots per invocation (four rows, or two pairs of rows), 16-byte
+                    // weight loads, workgroup-uniform x.
+                    let items = if p.glu != 0 || rope { 2 } else { 4 };
+                    let key = weight_key("matvec.wgsl", w.dtype)?
+                        .def("ROWS_V4", "")
+                        .def("V4_WG", V4_WG);
+                    (key, grid(u(rows.div_ceil(V4_WG * items) * m_total)))
                 } else if software && ctx.gpu.features.subgroups {
                     // One row per subgroup, 8 rows per workgroup of 64.
                     let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
