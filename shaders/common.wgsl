@@ -11,6 +11,14 @@ fn dyn_val(add: u32, slot: u32, mul: u32) -> u32 {
     return add + mul * rs.s[slot / 4u][slot % 4u];
 }
 
+// The four bytes of a quant word as floats: low nibbles, unsigned, signed.
+fn lo4(q: u32) -> vec4<f32> { return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u)); }
+fn bytes4(q: u32) -> vec4<f32> { return vec4<f32>(f32(q & 255u), f32((q >> 8u) & 255u), f32((q >> 16u) & 255u), f32(q >> 24u)); }
+fn sb4(q: u32) -> vec4<f32> {
+    let v = bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u);
+    return vec4<f32>(v);
+}
+
 // Linear workgroup index of a dispatch folded over x and y (kernels::grid).
 fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wg.x + wg.y * nwg.x;

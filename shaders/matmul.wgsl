@@ -34,11 +34,51 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
 
 #ifdef DIRECT
 // Software adapters (lavapipe, SwiftShader): no workgroup memory, no barrier. An invocation
-// computes 4 weight rows x 8 activation rows, two k at a time (one word of f16/bf16 weights).
-// The 8 activation rows come from the workgroup index, so every x load is workgroup-uniform:
-// llvmpipe turns a load whose address differs per lane into a loop over the lanes and a uniform
-// one into one load; and each weight pair read serves 8 rows. Rows past the edge are clamped
-// for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8), batch), 64 threads.
+// computes 4 weight rows x 8 activation rows. The 8 activation rows come from the workgroup
+// index, so every x load is workgroup-uniform: llvmpipe turns a load whose address differs per
+// lane into a loop over the lanes and a uniform one into one load; and each weight read serves
+// 8 rows. Block formats with w_oct read one quant word (eight elements) per row at a time and
+// dequantize it once; the others read two elements (one word of f16/bf16) at a time. Rows past
+// the edge are clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8),
+// batch), 64 threads.
+// The accumulators (activation row i, weight rows n0..n0 + 3) and the activation rows' offsets.
+var<private> c0: vec4<f32>;
+var<private> c1: vec4<f32>;
+var<private> c2: vec4<f32>;
+var<private> c3: vec4<f32>;
+var<private> c4: vec4<f32>;
+var<private> c5: vec4<f32>;
+var<private> c6: vec4<f32>;
+var<private> c7: vec4<f32>;
+var<private> x0: u32;
+var<private> x1: u32;
+var<private> x2: u32;
+var<private> x3: u32;
+var<private> x4: u32;
+var<private> x5: u32;
+var<private> x6: u32;
+var<private> x7: u32;
+// Element k of the 4 weight rows (b) times element k of each activation row.
+fn fma_k(k: u32, b: vec4<f32>) {
+    c0 += x[x0 + k] * b;
+    c1 += x[x1 + k] * b;
+    c2 += x[x2 + k] * b;
+    c3 += x[x3 + k] * b;
+    c4 += x[x4 + k] * b;
+    c5 += x[x5 + k] * b;
+    c6 += x[x6 + k] * b;
+    c7 += x[x7 + k] * b;
+}
+#ifdef W_OCT
+// Four consecutive elements from k of the 4 weight rows (a..d).
+fn fma_4(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
+    fma_k(k, vec4<f32>(a.x, b.x, c.x, d.x));
+    fma_k(k + 1u, vec4<f32>(a.y, b.y, c.y, d.y));
+    fma_k(k + 2u, vec4<f32>(a.z, b.z, c.z, d.z));
+    fma_k(k + 3u, vec4<f32>(a.w, b.w, c.w, d.w));
+}
+#endif
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let n0 = wg.x * 256u + li * 4u;
@@ -46,55 +86,53 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bi = wg.z;
     if (m0 >= p.m || n0 >= p.n) { return; }
     let xb = bi * p.m;
-    let x0 = (xb + m0) * p.k;
-    let x1 = (xb + min(m0 + 1u, p.m - 1u)) * p.k;
-    let x2 = (xb + min(m0 + 2u, p.m - 1u)) * p.k;
-    let x3 = (xb + min(m0 + 3u, p.m - 1u)) * p.k;
-    let x4 = (xb + min(m0 + 4u, p.m - 1u)) * p.k;
-    let x5 = (xb + min(m0 + 5u, p.m - 1u)) * p.k;
-    let x6 = (xb + min(m0 + 6u, p.m - 1u)) * p.k;
-    let x7 = (xb + min(m0 + 7u, p.m - 1u)) * p.k;
+    x0 = (xb + m0) * p.k;
+    x1 = (xb + min(m0 + 1u, p.m - 1u)) * p.k;
+    x2 = (xb + min(m0 + 2u, p.m - 1u)) * p.k;
+    x3 = (xb + min(m0 + 3u, p.m - 1u)) * p.k;
+    x4 = (xb + min(m0 + 4u, p.m - 1u)) * p.k;
+    x5 = (xb + min(m0 + 5u, p.m - 1u)) * p.k;
+    x6 = (xb + min(m0 + 6u, p.m - 1u)) * p.k;
+    x7 = (xb + min(m0 + 7u, p.m - 1u)) * p.k;
     let wb = bi * p.w_batch_words;
     let w0 = wb + n0 * p.row_words;
     let w1 = wb + min(n0 + 1u, p.n - 1u) * p.row_words;
     let w2 = wb + min(n0 + 2u, p.n - 1u) * p.row_words;
     let w3 = wb + min(n0 + 3u, p.n - 1u) * p.row_words;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
-    var c4 = vec4<f32>(0.0);
-    var c5 = vec4<f32>(0.0);
-    var c6 = vec4<f32>(0.0);
-    var c7 = vec4<f32>(0.0);
+    c0 = vec4<f32>(0.0);
+    c1 = vec4<f32>(0.0);
+    c2 = vec4<f32>(0.0);
+    c3 = vec4<f32>(0.0);
+    c4 = vec4<f32>(0.0);
+    c5 = vec4<f32>(0.0);
+    c6 = vec4<f32>(0.0);
+    c7 = vec4<f32>(0.0);
+#ifdef W_OCT
+    for (var blk = 0u; blk < p.k / W_BLOCK; blk++) {
+        for (var s = 0u; s < W_BLOCK / 8u; s++) {
+            let a = w_oct(w0, blk, s);
+            let b = w_oct(w1, blk, s);
+            let c = w_oct(w2, blk, s);
+            let d = w_oct(w3, blk, s);
+            let o = blk * W_BLOCK + a.o;
+            fma_4(o.x, a.lo, b.lo, c.lo, d.lo);
+            fma_4(o.y, a.hi, b.hi, c.hi, d.hi);
+        }
+    }
+#else
     let k2 = p.k / 2u * 2u;
     for (var kk = 0u; kk < k2; kk += 2u) {
         let b0 = w_pair(w0, kk);
         let b1 = w_pair(w1, kk);
         let b2 = w_pair(w2, kk);
         let b3 = w_pair(w3, kk);
-        let be = vec4<f32>(b0.x, b1.x, b2.x, b3.x);
-        let bo = vec4<f32>(b0.y, b1.y, b2.y, b3.y);
-        c0 += x[x0 + kk] * be + x[x0 + kk + 1u] * bo;
-        c1 += x[x1 + kk] * be + x[x1 + kk + 1u] * bo;
-        c2 += x[x2 + kk] * be + x[x2 + kk + 1u] * bo;
-        c3 += x[x3 + kk] * be + x[x3 + kk + 1u] * bo;
-        c4 += x[x4 + kk] * be + x[x4 + kk + 1u] * bo;
-        c5 += x[x5 + kk] * be + x[x5 + kk + 1u] * bo;
-        c6 += x[x6 + kk] * be + x[x6 + kk + 1u] * bo;
-        c7 += x[x7 + kk] * be + x[x7 + kk + 1u] * bo;
+        fma_k(kk, vec4<f32>(b0.x, b1.x, b2.x, b3.x));
+        fma_k(kk + 1u, vec4<f32>(b0.y, b1.y, b2.y, b3.y));
     }
     if (k2 < p.k) {
-        let b = vec4<f32>(w_elem(w0, k2), w_elem(w1, k2), w_elem(w2, k2), w_elem(w3, k2));
-        c0 += x[x0 + k2] * b;
-        c1 += x[x1 + k2] * b;
-        c2 += x[x2 + k2] * b;
-        c3 += x[x3 + k2] * b;
-        c4 += x[x4 + k2] * b;
-        c5 += x[x5 + k2] * b;
-        c6 += x[x6 + k2] * b;
-        c7 += x[x7 + k2] * b;
+        fma_k(k2, vec4<f32>(w_elem(w0, k2), w_elem(w1, k2), w_elem(w2, k2), w_elem(w3, k2)));
     }
+#endif
     let acc = array<vec4<f32>, 8>(c0, c1, c2, c3, c4, c5, c6, c7);
     for (var i = 0u; i < 8u; i++) {
         for (var j = 0u; j < 4u; j++) {

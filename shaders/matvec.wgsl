@@ -19,7 +19,7 @@
 //           8 k_cache, 9 v_cache: array<f32> [cap_rows, kv_heads * d]
 // Variants:
 // ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a multiple of
-//   4/8/8; Q8_0/Q4_0/Q4_1, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks): one
+//   4/8/8; Q8_0/Q4_0/Q4_1/Q5_0, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks): one
 //   invocation per row, weights read 16 bytes at a time and x through indices that are the same
 //   for the whole workgroup (the activation row comes from the workgroup index). llvmpipe turns
 //   a load whose index differs per lane into a loop over the lanes, and a uniform one into a
@@ -155,11 +155,6 @@ fn stage_x(mi: u32, li: u32) -> f32 {
 #endif
 
 #ifdef ROWS_V4
-fn lo4(q: u32) -> vec4<f32> { return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u)); }
-fn sb4(q: u32) -> vec4<f32> {
-    let v = bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u);
-    return vec4<f32>(v);
-}
 fn bf2(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u)); }
 // Q4_K: (scale, min) of sub-block j from the 12 packed scale bytes in three words (ggml's
 // get_scale_min_k4).
@@ -261,6 +256,31 @@ fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
     let sx0 = x_sum8(xb);
     let sx1 = x_sum8(xb + 8u);
     let part = vec2<f32>(bitcast<f32>(v0.x) * q0 + bitcast<f32>(v0.y) * sx0, bitcast<f32>(v1.z) * q1 + bitcast<f32>(v1.w) * sx1);
+    let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
+    return vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(p.k / 32u)), 0.0, 0.0);
+}
+#endif
+#ifdef W_Q5_0
+// Bits 0..3 of h moved to bit 4 of each byte (the fifth bits of four elements).
+fn spread4(h: u32) -> u32 { return ((h & 1u) << 4u) | ((h & 2u) << 11u) | ((h & 4u) << 18u) | ((h & 8u) << 25u); }
+// A Q5_0 block's quant words q (as Q4_0's) with its fifth bits qh (bit j: element j), each
+// quant minus 16, dotted with its 8 x units from xb.
+fn q5_dot(q: vec4<u32>, qh: u32, xb: u32) -> f32 {
+    let m = 0x0f0f0f0fu;
+    let z = vec4<f32>(16.0);
+    return dot(bytes4((q.x & m) | spread4(qh)) - z, x4[xb]) + dot(bytes4((q.y & m) | spread4(qh >> 4u)) - z, x4[xb + 1u])
+         + dot(bytes4((q.z & m) | spread4(qh >> 8u)) - z, x4[xb + 2u]) + dot(bytes4((q.w & m) | spread4(qh >> 12u)) - z, x4[xb + 3u])
+         + dot(bytes4(((q.x >> 4u) & m) | spread4(qh >> 16u)) - z, x4[xb + 4u]) + dot(bytes4(((q.y >> 4u) & m) | spread4(qh >> 20u)) - z, x4[xb + 5u])
+         + dot(bytes4(((q.z >> 4u) & m) | spread4(qh >> 24u)) - z, x4[xb + 6u]) + dot(bytes4(((q.w >> 4u) & m) | spread4(qh >> 28u)) - z, x4[xb + 7u]);
+}
+// Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d (f32), qh, then
+// 4 quant words as Q4_0's. An odd last block: as Q4_1's.
+fn v4_steps() -> u32 { return (p.k / 32u + 1u) / 2u; }
+fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
+    let u = rb + 3u * gi;
+    let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
+    let xb = xo + 16u * gi;
+    let part = vec2<f32>(bitcast<f32>(v0.x) * q5_dot(vec4<u32>(v0.zw, v1.xy), v0.y, xb), bitcast<f32>(v1.z) * q5_dot(v2, v1.w, xb + 8u));
     let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
     return vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(p.k / 32u)), 0.0, 0.0);
 }

@@ -9,6 +9,10 @@
 //   W_PLAIN            defined for f32/f16/bf16 (rows may end in a partial unit of 32)
 //   w_word_dot(rb, wi, xo, k) (plain types, WITH_DOT) word wi of the row times its x elements
 //   w_pair(rb, k)      elements k, k + 1 (k even) as a vec2
+//   W_OCT, w_oct(rb, blk, s) (block formats but Q2_K/Q3_K) the s-th of W_BLOCK / 8 groups
+//                      of eight elements of block blk (one quant word, or two for Q8_0),
+//                      dequantized: four consecutive elements at block offset o.x and four at
+//                      o.y (the GEMM's unit of weight reads)
 
 fn byte_of(word: u32, i: u32) -> u32 { return (word >> (8u * i)) & 0xffu; }
 fn sext8(v: u32) -> f32 { return f32(bitcast<i32>(v << 24u) >> 24u); }
@@ -58,16 +62,24 @@ fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 {
 #endif
 #endif
 
+struct Oct { lo: vec4<f32>, hi: vec4<f32>, o: vec2<u32> }
+
 #ifdef W_Q8_0
 fn w_elem(rb: u32, k: u32) -> f32 {
     let b = rb + (k / 32u) * 9u;
     let i = k % 32u;
     return bitcast<f32>(w[b]) * sext8(byte_of(w[b + 1u + i / 4u], i % 4u));
 }
+#define W_OCT
+#define W_BLOCK 32
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let b = rb + blk * 9u;
+    let d = bitcast<f32>(w[b]);
+    return Oct(d * sb4(w[b + 1u + 2u * s]), d * sb4(w[b + 2u + 2u * s]), vec2<u32>(8u * s, 8u * s + 4u));
+}
 #ifdef WITH_DOT
 // Lanes per block in the matvec: lane `sub` of a block takes its quant word `sub`.
 #define W_LPB 8
-#define W_BLOCK 32
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * 9u;
     let q = w[b + 1u + sub];
@@ -87,10 +99,17 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let q = select(byte & 15u, byte >> 4u, i >= 16u);
     return bitcast<f32>(w[b]) * (f32(q) - 8.0);
 }
+#define W_OCT
+#define W_BLOCK 32
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let b = rb + blk * 5u;
+    let d = bitcast<f32>(w[b]);
+    let q = w[b + 1u + s];
+    return Oct(d * (lo4(q) - 8.0), d * (lo4(q >> 4u) - 8.0), vec2<u32>(4u * s, 16u + 4u * s));
+}
 #ifdef WITH_DOT
 // Lane `sub` of 4 takes quant word `sub`: elements 4sub.. (low nibbles) and 16 + 4sub.. (high).
 #define W_LPB 4
-#define W_BLOCK 32
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * 5u;
     let q = w[b + 1u + sub];
@@ -110,9 +129,17 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let q = select(byte & 15u, byte >> 4u, i >= 16u);
     return bitcast<f32>(w[b]) * f32(q) + bitcast<f32>(w[b + 1u]);
 }
+#define W_OCT
+#define W_BLOCK 32
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let b = rb + blk * 6u;
+    let d = bitcast<f32>(w[b]);
+    let m = bitcast<f32>(w[b + 1u]);
+    let q = w[b + 2u + s];
+    return Oct(d * lo4(q) + m, d * lo4(q >> 4u) + m, vec2<u32>(4u * s, 16u + 4u * s));
+}
 #ifdef WITH_DOT
 #define W_LPB 4
-#define W_BLOCK 32
 // Lane `sub` of 4 takes quant word `sub`: d * sum(q x) + m * sum(x).
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * 6u;
@@ -151,13 +178,29 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     return bitcast<f32>(w[b]) * f32(q) + bitcast<f32>(w[b + 1u]);
 #endif
 }
-#ifdef WITH_DOT
-#define W_LPB 4
-#define W_BLOCK 32
 // Bits 0..3 of `h` moved to bit 4 of each byte.
 fn q5_spread(h: u32) -> u32 {
     return ((h & 1u) << 4u) | ((h & 2u) << 11u) | ((h & 4u) << 18u) | ((h & 8u) << 25u);
 }
+#define W_OCT
+#define W_BLOCK 32
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let b = rb + blk * Q5_WORDS;
+    let q = w[b + Q5_QH + 1u + s];
+    let qh = w[b + Q5_QH];
+    let lo = bytes4((q & 0x0f0f0f0fu) | q5_spread((qh >> (4u * s)) & 15u));
+    let hi = bytes4(((q >> 4u) & 0x0f0f0f0fu) | q5_spread((qh >> (16u + 4u * s)) & 15u));
+    let d = bitcast<f32>(w[b]);
+    let o = vec2<u32>(4u * s, 16u + 4u * s);
+#ifdef W_Q5_0
+    return Oct(d * (lo - 16.0), d * (hi - 16.0), o);
+#else
+    let m = bitcast<f32>(w[b + 1u]);
+    return Oct(d * lo + m, d * hi + m, o);
+#endif
+}
+#ifdef WITH_DOT
+#define W_LPB 4
 // Lane `sub` of 4 takes quant word `sub` and the matching eight bits of qh.
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * Q5_WORDS;
@@ -266,6 +309,8 @@ fn iq4(q: u32) -> f32 {
     let word = select(select(0xbfad9881u, 0xf6eaddcfu, i == 1u), select(0x26190d01u, 0x71594535u, i == 3u), i >= 2u);
     return sext8(byte_of(word, q % 4u));
 }
+// The four nibbles in the low halves of q's bytes, as table values.
+fn iq4x4(q: u32) -> vec4<f32> { return vec4<f32>(iq4(q & 15u), iq4((q >> 8u) & 15u), iq4((q >> 16u) & 15u), iq4((q >> 24u) & 15u)); }
 #ifdef WITH_DOT
 // The four nibbles in the low halves of q's bytes, as table values, times x[xo..xo + 3].
 fn iq4_dot4(q: u32, xo: u32) -> f32 {
@@ -284,9 +329,16 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let byte = byte_of(w[b + 1u + j / 4u], j % 4u);
     return bitcast<f32>(w[b]) * iq4(select(byte & 15u, byte >> 4u, i >= 16u));
 }
+#define W_OCT
+#define W_BLOCK 32
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let b = rb + blk * 5u;
+    let d = bitcast<f32>(w[b]);
+    let q = w[b + 1u + s];
+    return Oct(d * iq4x4(q), d * iq4x4(q >> 4u), vec2<u32>(4u * s, 16u + 4u * s));
+}
 #ifdef WITH_DOT
 #define W_LPB 4
-#define W_BLOCK 32
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let b = rb + blk * 5u;
     let q = w[b + 1u + sub];
@@ -312,10 +364,19 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let byte = byte_of(w[sb + 2u + 4u * i + (j % 16u) / 4u], j % 4u);
     return ixs_scale(sb, i) * iq4(select(byte & 15u, byte >> 4u, j >= 16u));
 }
+#define W_OCT
+#define W_BLOCK 256
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let sb = rb + blk * 34u;
+    let i = s / 4u;
+    let q = w[sb + 2u + s];
+    let sc = ixs_scale(sb, i);
+    let o = 32u * i + 4u * (s % 4u);
+    return Oct(sc * iq4x4(q), sc * iq4x4(q >> 4u), vec2<u32>(o, o + 16u));
+}
 #ifdef WITH_DOT
 // 32 lanes per super-block: lane `sub` takes quant word `sub` of sub-block sub / 4.
 #define W_LPB 32
-#define W_BLOCK 256
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let sb = rb + blk * 34u;
     let i = sub / 4u;
@@ -345,6 +406,18 @@ fn k4_scale_min(sb: u32, j: u32) -> vec2<f32> {
     let m = (k4_sbyte(sb, j + 4u) >> 4u) | ((k4_sbyte(sb, j) >> 6u) << 4u);
     return vec2<f32>(f32(sc), f32(m));
 }
+// Group s of the super-block at word sb (chunk c = s / 8): the quants q_lo of sub-block 2c and
+// q_hi of sub-block 2c + 1 (one per byte), at positions 4 (s % 8).. of each, dequantized.
+fn k4_oct(sb: u32, s: u32, q_lo: u32, q_hi: u32) -> Oct {
+    let dm = unpack2x16float(w[sb]);
+    let c = s / 8u;
+    let a = k4_scale_min(sb, 2u * c);
+    let b = k4_scale_min(sb, 2u * c + 1u);
+    let o = 64u * c + 4u * (s % 8u);
+    return Oct(dm.x * a.x * bytes4(q_lo) - dm.y * a.y, dm.x * b.x * bytes4(q_hi) - dm.y * b.y, vec2<u32>(o, o + 32u));
+}
+#define W_OCT
+#define W_BLOCK 256
 #ifdef WITH_DOT
 // Lane `sub` of 32 in the super-block at word sb: q_lo / q_hi are its four quants (one per
 // byte) of sub-blocks 2c and 2c + 1 (c = sub / 8), at positions 4 (sub % 8).. of each.
@@ -376,11 +449,14 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let sm = k4_scale_min(sb, j);
     return dm.x * sm.x * f32(q) - dm.y * sm.y;
 }
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let q = w[rb + blk * 36u + 4u + s];
+    return k4_oct(rb + blk * 36u, s, q & 0x0f0f0f0fu, (q >> 4u) & 0x0f0f0f0fu);
+}
 #ifdef WITH_DOT
 // 32 lanes per super-block: lane `sub` takes quant word `sub` (chunk sub / 8 of 64 elements):
 // its low nibbles belong to sub-block 2c, its high nibbles to sub-block 2c + 1.
 #define W_LPB 32
-#define W_BLOCK 256
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let q = w[rb + blk * 36u + 4u + sub];
     return k4_lane(rb + blk * 36u, sub, xo, q & 0x0f0f0f0fu, (q >> 4u) & 0x0f0f0f0fu);
@@ -403,19 +479,25 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let sm = k4_scale_min(sb, j);
     return dm.x * sm.x * f32(lo | (hi << 4u)) - dm.y * sm.y;
 }
-#ifdef WITH_DOT
-// 32 lanes per super-block, as Q4_K: lane `sub` takes qs word `sub` (positions l0..l0 + 3 of
-// chunk c = sub / 8) and the qh word of those positions.
-#define W_LPB 32
-#define W_BLOCK 256
-fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
-    let sb = rb + blk * 44u;
+// qs word `sub` (positions l0..l0 + 3 of chunk c = sub / 8) with the fifth bits from the qh
+// word of those positions: the quants of sub-blocks 2c and 2c + 1.
+fn k5_quants(sb: u32, sub: u32) -> vec2<u32> {
     let c = sub / 8u;
     let q = w[sb + 12u + sub];
     let h = w[sb + 4u + sub % 8u];
-    let q_lo = (q & 0x0f0f0f0fu) | (((h >> (2u * c)) & 0x01010101u) << 4u);
-    let q_hi = ((q >> 4u) & 0x0f0f0f0fu) | (((h >> (2u * c + 1u)) & 0x01010101u) << 4u);
-    return k4_lane(sb, sub, xo, q_lo, q_hi);
+    return vec2<u32>((q & 0x0f0f0f0fu) | (((h >> (2u * c)) & 0x01010101u) << 4u),
+                     ((q >> 4u) & 0x0f0f0f0fu) | (((h >> (2u * c + 1u)) & 0x01010101u) << 4u));
+}
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let q = k5_quants(rb + blk * 44u, s);
+    return k4_oct(rb + blk * 44u, s, q.x, q.y);
+}
+#ifdef WITH_DOT
+// 32 lanes per super-block, as Q4_K.
+#define W_LPB 32
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let q = k5_quants(rb + blk * 44u, sub);
+    return k4_lane(rb + blk * 44u, sub, xo, q.x, q.y);
 }
 #endif
 #endif
@@ -436,13 +518,11 @@ fn w_elem(rb: u32, k: u32) -> f32 {
     let q = f32(ql | (qh << 4u)) - 32.0;
     return bitcast<f32>(w[sb + 52u]) * k6_scale(sb, 8u * h + 2u * qd + l / 16u) * q;
 }
-#ifdef WITH_DOT
-// 32 lanes per super-block: lane `sub` takes ql word `sub`. In half h = sub / 16, words 0..7
-// hold q1 (low nibbles) and q3 (high), words 8..15 q2 and q4, for 4 positions l0..l0 + 3.
-#define W_LPB 32
-#define W_BLOCK 256
-fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
-    let sb = rb + blk * 53u;
+// ql word `sub` of the super-block at word sb: in half h = sub / 16, words 0..7 hold q1 (low
+// nibbles) and q3 (high), words 8..15 q2 and q4, for 4 positions l0..l0 + 3. Returns the two
+// groups' 6-bit quants (one per byte) and their element offsets in the super-block.
+struct K6 { q: vec2<u32>, o: vec2<u32>, scale: vec2<f32> }
+fn k6_group(sb: u32, sub: u32) -> K6 {
     let h = sub / 16u;
     let r = sub % 16u;
     let l0 = 4u * (r % 8u);
@@ -452,10 +532,26 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let qh = w[sb + 32u + 8u * h + r % 8u];
     let q_lo = (ql & 0x0f0f0f0fu) | (((qh >> (2u * qd_lo)) & 0x03030303u) << 4u);
     let q_hi = ((ql >> 4u) & 0x0f0f0f0fu) | (((qh >> (2u * qd_hi)) & 0x03030303u) << 4u);
-    let base = xo + 128u * h + l0;
+    let base = 128u * h + l0;
     let sc = 8u * h + l0 / 16u;
-    let s = k6_scale(sb, sc + 2u * qd_lo) * dot4u(q_lo, base + 32u * qd_lo, 32.0)
-          + k6_scale(sb, sc + 2u * qd_hi) * dot4u(q_hi, base + 32u * qd_hi, 32.0);
+    return K6(vec2<u32>(q_lo, q_hi), vec2<u32>(base + 32u * qd_lo, base + 32u * qd_hi),
+              vec2<f32>(k6_scale(sb, sc + 2u * qd_lo), k6_scale(sb, sc + 2u * qd_hi)));
+}
+#define W_OCT
+#define W_BLOCK 256
+fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
+    let sb = rb + blk * 53u;
+    let g = k6_group(sb, s);
+    let d = bitcast<f32>(w[sb + 52u]);
+    return Oct(d * g.scale.x * (bytes4(g.q.x) - 32.0), d * g.scale.y * (bytes4(g.q.y) - 32.0), g.o);
+}
+#ifdef WITH_DOT
+// 32 lanes per super-block: lane `sub` takes ql word `sub`.
+#define W_LPB 32
+fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
+    let sb = rb + blk * 53u;
+    let g = k6_group(sb, sub);
+    let s = g.scale.x * dot4u(g.q.x, xo + g.o.x, 32.0) + g.scale.y * dot4u(g.q.y, xo + g.o.y, 32.0);
     return bitcast<f32>(w[sb + 52u]) * s;
 }
 #endif

@@ -12,7 +12,8 @@
 //! - `Q4_1` (32 elements): 6 words = `d`, `m` as f32, then GGUF's 16 nibble bytes (as Q4_0;
 //!   element = q * d + m). Rows end with zero words up to a multiple of 4 words, as Q4_0's.
 //! - `Q5_0` (32 elements): 6 words = `d` as f32, the 32 high bits `qh` (bit `j` for element `j`),
-//!   then the 16 nibble bytes of the low four bits (as Q4_0); element = d * (q - 16).
+//!   then the 16 nibble bytes of the low four bits (as Q4_0); element = d * (q - 16). Rows
+//!   padded as Q4_1's.
 //! - `Q5_1` (32 elements): 7 words = `d`, `m` as f32, `qh`, the 16 nibble bytes; q * d + m.
 //! - `Q4_K` (256 elements): GGUF's 144-byte block unchanged (36 words: `d`,`dmin` as f16
 //!   pair, 12 bytes of 6-bit scales/mins, 128 nibble bytes).
@@ -176,7 +177,7 @@ impl DType {
             DType::F16 | DType::BF16 => k.div_ceil(2),
             // Rows padded to whole 16-byte units, so that the software matvec reads them with
             // 16-byte loads (matvec.wgsl, ROWS_V4); at most 3 words a row.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 => {
                 (k / 32 * self.gpu_block_words()).next_multiple_of(4)
             }
             q => k / q.block_elems() * q.gpu_block_words(),

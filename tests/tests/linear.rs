@@ -64,6 +64,8 @@ fn matvec_wide_loads() {
             (DType::Q4_0, 1536),
             (DType::Q4_1, 160),
             (DType::Q4_1, 576),
+            (DType::Q5_0, 160),
+            (DType::Q5_0, 640),
             (DType::Q4_K, 256),
             (DType::Q4_K, 1536),
         ]
