@@ -41,7 +41,7 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
 #ifdef DIRECT_PIXELS
 #define SOFTWARE
 #endif
-#ifdef DIRECT
+#ifdef IM2COL
 #define SOFTWARE
 #endif
 #ifdef SOFTWARE
@@ -51,6 +51,25 @@ fn pixel(xc: u32, iy: i32, ix: i32) -> f32 {
 }
 #endif
 
+#ifdef IM2COL
+// Software adapters, outputs of fewer than 256 pixels (the U-Net's deep levels): the input
+// windows as a matrix [n, k] in y, n = batch * m rows (image * m + output pixel), columns (ci,
+// ky, kx) as W's, zero outside the input; matmul.wgsl's DIRECT GEMM then multiplies it by W
+// and stores NCHW (out_pix). One invocation per element, ceil(n * k / 256) workgroups (grid()).
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = group_index(wg, nwg) * 256u + li;
+    if (e >= p.n * p.k) { return; }
+    let row = e / p.k;
+    let col = e % p.k;
+    let pix = row % p.m;
+    let kk = p.ks * p.ks;
+    let r = col % kk;
+    let iy = i32((pix / p.wo) * p.stride + r / p.ks) - i32(p.pad);
+    let ix = i32((pix % p.wo) * p.stride + r % p.ks) - i32(p.pad);
+    y[e] = pixel(((row / p.m) * p.ci + col / kk) * p.h, iy, ix);
+}
+#else
 #ifdef DIRECT_PIXELS
 // Software adapters, outputs of at least 256 pixels: 4 output channels x 8 output pixels per
 // invocation, straight from x and w, no workgroup memory, no barrier, and no integer division
@@ -123,58 +142,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let acc = array<vec4<f32>, 8>(c0, c1, c2, c3, c4, c5, c6, c7);
     for (var i = 0u; i < 8u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
-        }
-    }
-}
-#else
-#ifdef DIRECT
-// Software adapters: a 4 x 4 tile of (pixels, output channels) per invocation straight from
-// x and w, no workgroup memory, no barrier, and no integer division in the loop (CPUs have no
-// vector division): the window is walked channel by row by column. Same dispatch as the GEMM.
-// (Smaller outputs: 8-pixel groups would leave lanes idle on the U-Net's deepest levels.)
-
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let n0 = wg.x * 64u + (li % 16u) * 4u;
-    let m0 = wg.y * 64u + (li / 16u) * 4u;
-    let bi = wg.z;
-    if (m0 >= p.m || n0 >= p.n) { return; }
-    // Window origin of each of the 4 output pixels (-pad may make it negative).
-    var oy: array<i32, 4>;
-    var ox: array<i32, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        let m = min(m0 + i, p.m - 1u);
-        oy[i] = i32((m / p.wo) * p.stride) - i32(p.pad);
-        ox[i] = i32((m % p.wo) * p.stride) - i32(p.pad);
-    }
-    var rows: array<u32, 4>;
-    for (var j = 0u; j < 4u; j++) { rows[j] = min(n0 + j, p.n - 1u) * p.row_words; }
-    var acc: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
-    var kk = 0u;
-    for (var c = 0u; c < p.ci; c++) {
-        let xc = (bi * p.ci + c) * p.h;
-        for (var ky = 0u; ky < p.ks; ky++) {
-            for (var kx = 0u; kx < p.ks; kx++) {
-                // Unrolled: lavapipe caps an invocation's loop iterations at 65535 in all.
-                let av = vec4<f32>(
-                    pixel(xc, oy[0] + i32(ky), ox[0] + i32(kx)),
-                    pixel(xc, oy[1] + i32(ky), ox[1] + i32(kx)),
-                    pixel(xc, oy[2] + i32(ky), ox[2] + i32(kx)),
-                    pixel(xc, oy[3] + i32(ky), ox[3] + i32(kx)),
-                );
-                let bv = vec4<f32>(w_elem(rows[0], kk), w_elem(rows[1], kk), w_elem(rows[2], kk), w_elem(rows[3], kk));
-                acc[0] += av.x * bv;
-                acc[1] += av.y * bv;
-                acc[2] += av.z * bv;
-                acc[3] += av.w * bv;
-                kk++;
-            }
-        }
-    }
-    for (var i = 0u; i < 4u; i++) {
         for (var j = 0u; j < 4u; j++) {
             if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
         }

@@ -1,12 +1,15 @@
 //! Convolution (`conv2d.wgsl`, implicit GEMM on the shared tile loop).
 
-use super::linear::{gemm_key, weight_key};
-use super::{dispatch, need_f32, u, Binding, Bound, Ctx, Dispatch, Inferred, Kernel, Meta};
+use super::linear::{gemm_key, matmul_groups, weight_key, MatmulParams};
+use super::{
+    dispatch, elementwise_groups, need_f32, u, Binding, Bound, Ctx, Dispatch, Inferred, Kernel,
+    Meta,
+};
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 
 /// Output pixels from which software adapters run the convolution in workgroup-uniform pixel
-/// groups (`DIRECT_PIXELS`).
+/// groups (`DIRECT_PIXELS`); below it, as the GEMM of its input windows (`IM2COL`).
 pub const DIRECT_PIXELS_MIN: usize = 256;
 
 crate::params!(
@@ -97,14 +100,64 @@ impl Kernel for Conv2d {
             row_words: u(w.dtype.row_words(k)),
             has_bias: bias.is_some() as u32,
         };
-        // Software adapters: pixels in workgroup-uniform groups of 8 for large outputs (lavapipe,
-        // SD 1.5-layout VAE decode to 64 px: 7985 -> 6302 ms), 4 x 4 tiles of lanes otherwise
-        // (the same U-Net step at an 8x8 latent: 4547 -> 5180 ms with groups of 8).
-        let pixel_groups = ctx.gpu.features.software && m >= DIRECT_PIXELS_MIN;
+        let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
+        if ctx.gpu.features.software && m < DIRECT_PIXELS_MIN {
+            // Few output pixels (the U-Net's deep levels): the windows of all images as a
+            // matrix [b * m, k] in scratch, then the software GEMM (weights read once per 8
+            // window rows, straight from their dtype), stored NCHW. lavapipe, SD 1.5-layout
+            // U-Net step at an 8x8 latent: see the README's figures.
+            let rows = b * m;
+            let cols = ctx.scratch("conv-windows", (rows * k * 4) as u64)?;
+            let windows = ConvParams {
+                n: u(rows),
+                has_bias: 0,
+                ..p
+            };
+            let gemm = MatmulParams {
+                m: u(rows),
+                n: u(co),
+                k: u(k),
+                row_words: p.row_words,
+                w_batch_words: 0,
+                out_off: 0,
+                n_total: u(co),
+                has_bias: p.has_bias,
+                has_res: 0,
+                out_pix: u(m),
+            };
+            return Ok(vec![
+                dispatch(
+                    weight_key("conv2d.wgsl", w.dtype)?.def("IM2COL", ""),
+                    &windows,
+                    vec![
+                        Binding::read(w.buf()),
+                        Binding::read(x.buf()),
+                        Binding::read(x.buf()),
+                        Binding::write(&cols),
+                    ],
+                    elementwise_groups(rows * k),
+                ),
+                dispatch(
+                    gemm_key(ctx, "matmul.wgsl", w.dtype)?,
+                    &gemm,
+                    vec![
+                        Binding::read(w.buf()),
+                        Binding::read(&cols),
+                        Binding::read(bias_buf),
+                        Binding::write(out.buf()),
+                        Binding::read(&cols),
+                    ],
+                    matmul_groups(ctx, rows, co, 1),
+                ),
+            ]);
+        }
+        // Software adapters, large outputs: pixels in workgroup-uniform groups of 8 (lavapipe,
+        // SD 1.5-layout VAE decode to 64 px: 7985 -> 6302 ms).
+        let pixel_groups = ctx.gpu.features.software;
         let key = if pixel_groups {
             weight_key("conv2d.wgsl", w.dtype)?.def("DIRECT_PIXELS", "")
         } else {
-            gemm_key(ctx, "conv2d.wgsl", w.dtype)?
+            weight_key("conv2d.wgsl", w.dtype)?
         };
         Ok(vec![dispatch(
             key,
@@ -112,7 +165,7 @@ impl Kernel for Conv2d {
             vec![
                 Binding::read(w.buf()),
                 Binding::read(x.buf()),
-                Binding::read(bias.map(|b| b.buf()).unwrap_or(x.buf())),
+                Binding::read(bias_buf),
                 Binding::write(out.buf()),
             ],
             if pixel_groups {

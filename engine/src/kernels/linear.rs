@@ -29,7 +29,7 @@ crate::params!(
     /// Uniforms of `matmul.wgsl`.
     MatmulParams, "matmul.wgsl", [] {
         m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32,
-        has_bias: u32, has_res: u32,
+        has_bias: u32, has_res: u32, out_pix: u32,
     }
 );
 
@@ -85,7 +85,7 @@ pub fn gemm_key(ctx: &Ctx, shader: &'static str, dtype: DType) -> Result<KernelK
 
 /// Workgroups of `matmul.wgsl` for an `m x n` output, `b` batches: 64 x 64 tiles, or (the
 /// software DIRECT variant) 256 weight rows by 8 activation rows.
-fn matmul_groups(ctx: &Ctx, m: usize, n: usize, b: usize) -> [u32; 3] {
+pub fn matmul_groups(ctx: &Ctx, m: usize, n: usize, b: usize) -> [u32; 3] {
     if ctx.gpu.features.software {
         [u(n.div_ceil(256)), u(m.div_ceil(8)), u(b)]
     } else {
@@ -282,6 +282,7 @@ impl Kernel for Linear {
                 n_total: u(n),
                 has_bias,
                 has_res,
+                out_pix: 0,
             };
             return Ok(vec![dispatch(
                 gemm_key(ctx, "matmul.wgsl", DType::F32)?,
@@ -406,6 +407,7 @@ impl Kernel for Linear {
                     n_total: u(n_total),
                     has_bias,
                     has_res,
+                    out_pix: 0,
                 };
                 ds.push(dispatch(
                     gemm_key(ctx, "matmul.wgsl", w.dtype)?,
