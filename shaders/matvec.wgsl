@@ -160,41 +160,46 @@ fn bf2(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f
 // get_scale_min_k4).
 fn k4v_byte(sc: vec3<u32>, i: u32) -> u32 { return (sc[i / 4u] >> (8u * (i % 4u))) & 255u; }
 fn k4v_scale_min(sc: vec3<u32>, j: u32) -> vec2<f32> {
-    if (j < 4u) {
-        return vec2<f32>(f32(k4v_byte(sc, j) & 63u), f32(k4v_byte(sc, j + 4u) & 63u));
-    }
-    let s = (k4v_byte(sc, j + 4u) & 15u) | ((k4v_byte(sc, j - 4u) >> 6u) << 4u);
-    let m = (k4v_byte(sc, j + 4u) >> 4u) | ((k4v_byte(sc, j) >> 6u) << 4u);
-    return vec2<f32>(f32(s), f32(m));
+    // Branch-free (j is the same for every lane, but a branch still costs both sides' masks).
+    let lo = vec2<u32>(k4v_byte(sc, j) & 63u, k4v_byte(sc, j + 4u) & 63u);
+    let jj = max(j, 4u);
+    let hi = vec2<u32>((k4v_byte(sc, jj + 4u) & 15u) | ((k4v_byte(sc, jj - 4u) >> 6u) << 4u),
+                       (k4v_byte(sc, jj + 4u) >> 4u) | ((k4v_byte(sc, jj) >> 6u) << 4u));
+    return vec2<f32>(select(hi, lo, j < 4u));
 }
 
 // A Q4_0/Q4_1 block's 4 quant words q (word s: elements 4s.. in the low nibbles, 16 + 4s.. in
-// the high ones), each quant minus `zero`, dotted with its 8 x units from xb.
-fn nib_dot(q: vec4<u32>, zero: vec4<f32>, xb: u32) -> f32 {
-    return dot(lo4(q.x) - zero, x4[xb]) + dot(lo4(q.y) - zero, x4[xb + 1u]) + dot(lo4(q.z) - zero, x4[xb + 2u]) + dot(lo4(q.w) - zero, x4[xb + 3u])
-         + dot(lo4(q.x >> 4u) - zero, x4[xb + 4u]) + dot(lo4(q.y >> 4u) - zero, x4[xb + 5u]) + dot(lo4(q.z >> 4u) - zero, x4[xb + 6u]) + dot(lo4(q.w >> 4u) - zero, x4[xb + 7u]);
+// the high ones), as unsigned quants, dotted with its 8 x units from xb.
+fn nib_dot(q: vec4<u32>, xb: u32) -> f32 {
+    return dot(lo4(q.x), x4[xb]) + dot(lo4(q.y), x4[xb + 1u]) + dot(lo4(q.z), x4[xb + 2u]) + dot(lo4(q.w), x4[xb + 3u])
+         + dot(lo4(q.x >> 4u), x4[xb + 4u]) + dot(lo4(q.y >> 4u), x4[xb + 5u]) + dot(lo4(q.z >> 4u), x4[xb + 6u]) + dot(lo4(q.w >> 4u), x4[xb + 7u]);
 }
-// The sum of the 32 elements of x units xb..xb + 8 (the min terms of Q4_1 and Q4_K).
+// The sum of the 32 elements of x units xb..xb + 8: the zero-point and min terms (a block's dot
+// is d * (q . x) - zero * d * sum(x)), computed once per step for the invocation's four rows.
 fn x_sum8(xb: u32) -> f32 {
     return dot(x4[xb] + x4[xb + 1u] + x4[xb + 2u] + x4[xb + 3u] + x4[xb + 4u] + x4[xb + 5u] + x4[xb + 6u] + x4[xb + 7u], vec4<f32>(1.0));
 }
 
 // One loop step of a row's dot: v4_steps() steps cover the row starting at unit rb; step i's
-// partial dot with x4[xo..] (any split over the four lanes of the result).
+// partial dot with x4[xo..] (any split over the four lanes of the result). step_x(i, xo) is
+// what the step needs from x alone (sums of x per block), shared by the four rows.
 #ifdef W_F32
 fn v4_steps() -> u32 { return p.row_words / 4u; }
-fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> { return bitcast<vec4<f32>>(w4[rb + i]) * x4[xo + i]; }
+fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
+fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> { return bitcast<vec4<f32>>(w4[rb + i]) * x4[xo + i]; }
 #endif
 #ifdef W_F16
 fn v4_steps() -> u32 { return p.row_words / 4u; }
-fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> {
+fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
+fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let q = w4[rb + i];
     return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)) * x4[xo + 2u * i] + vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)) * x4[xo + 2u * i + 1u];
 }
 #endif
 #ifdef W_BF16
 fn v4_steps() -> u32 { return p.row_words / 4u; }
-fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> {
+fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
+fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let q = w4[rb + i];
     return vec4<f32>(bf2(q.x), bf2(q.y)) * x4[xo + 2u * i] + vec4<f32>(bf2(q.z), bf2(q.w)) * x4[xo + 2u * i + 1u];
 }
@@ -206,7 +211,8 @@ fn step_dot(rb: u32, i: u32, xo: u32) -> vec4<f32> {
 // row (or, past the buffer's end, whatever robust access returns), so those blocks are
 // dropped with select (their scale words may be any bits, NaN included).
 fn v4_steps() -> u32 { return (p.k / 32u + 3u) / 4u; }
-fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
+fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
+fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let u = rb + 9u * gi;
     let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
     let v5 = w4[u + 5u]; let v6 = w4[u + 6u]; let v7 = w4[u + 7u]; let v8 = w4[u + 8u];
@@ -228,17 +234,19 @@ fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
 // words; quant word s holds elements 4s.. (low nibbles) and 16 + 4s.. (high), each minus 8.
 // A partial last group: as Q8_0's.
 fn v4_steps() -> u32 { return (p.k / 32u + 3u) / 4u; }
-fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
-    let eight = vec4<f32>(8.0);
+fn step_x(gi: u32, xo: u32) -> vec4<f32> {
+    let xb = xo + 32u * gi;
+    return 8.0 * vec4<f32>(x_sum8(xb), x_sum8(xb + 8u), x_sum8(xb + 16u), x_sum8(xb + 24u));
+}
+fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let u = rb + 5u * gi;
     let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
     let xb = xo + 32u * gi;
-    let s0 = nib_dot(vec4<u32>(v0.yzw, v1.x), eight, xb);
-    let s1 = nib_dot(vec4<u32>(v1.zw, v2.xy), eight, xb + 8u);
-    let s2 = nib_dot(vec4<u32>(v2.w, v3.xyz), eight, xb + 16u);
-    let s3 = nib_dot(v4, eight, xb + 24u);
+    let q = vec4<f32>(nib_dot(vec4<u32>(v0.yzw, v1.x), xb), nib_dot(vec4<u32>(v1.zw, v2.xy), xb + 8u),
+                      nib_dot(vec4<u32>(v2.w, v3.xyz), xb + 16u), nib_dot(v4, xb + 24u));
+    let d = vec4<f32>(bitcast<f32>(v0.x), bitcast<f32>(v1.y), bitcast<f32>(v2.z), bitcast<f32>(v3.w));
     let t = vec4<u32>(4u * gi) + vec4<u32>(0u, 1u, 2u, 3u);
-    return select(vec4<f32>(0.0), vec4<f32>(bitcast<f32>(v0.x) * s0, bitcast<f32>(v1.y) * s1, bitcast<f32>(v2.z) * s2, bitcast<f32>(v3.w) * s3), t < vec4<u32>(p.k / 32u));
+    return select(vec4<f32>(0.0), d * (q - sx), t < vec4<u32>(p.k / 32u));
 }
 #endif
 #ifdef W_Q4_1
@@ -246,16 +254,16 @@ fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
 // 4 quant words as Q4_0's; element = q * d + m. An odd last block pairs with the row's
 // padding (or the next row): that half is dropped with select.
 fn v4_steps() -> u32 { return (p.k / 32u + 1u) / 2u; }
-fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
+fn step_x(gi: u32, xo: u32) -> vec4<f32> {
+    let xb = xo + 16u * gi;
+    return vec4<f32>(x_sum8(xb), x_sum8(xb + 8u), 0.0, 0.0);
+}
+fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let u = rb + 3u * gi;
     let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
     let xb = xo + 16u * gi;
-    let zero = vec4<f32>(0.0);
-    let q0 = nib_dot(vec4<u32>(v0.zw, v1.xy), zero, xb);
-    let q1 = nib_dot(v2, zero, xb + 8u);
-    let sx0 = x_sum8(xb);
-    let sx1 = x_sum8(xb + 8u);
-    let part = vec2<f32>(bitcast<f32>(v0.x) * q0 + bitcast<f32>(v0.y) * sx0, bitcast<f32>(v1.z) * q1 + bitcast<f32>(v1.w) * sx1);
+    let q = vec2<f32>(nib_dot(vec4<u32>(v0.zw, v1.xy), xb), nib_dot(v2, xb + 8u));
+    let part = vec2<f32>(bitcast<f32>(v0.x), bitcast<f32>(v1.z)) * q + vec2<f32>(bitcast<f32>(v0.y), bitcast<f32>(v1.w)) * sx.xy;
     let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
     return vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(p.k / 32u)), 0.0, 0.0);
 }
@@ -263,57 +271,57 @@ fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
 #ifdef W_Q5_0
 // Bits 0..3 of h moved to bit 4 of each byte (the fifth bits of four elements).
 fn spread4(h: u32) -> u32 { return ((h & 1u) << 4u) | ((h & 2u) << 11u) | ((h & 4u) << 18u) | ((h & 8u) << 25u); }
-// A Q5_0 block's quant words q (as Q4_0's) with its fifth bits qh (bit j: element j), each
-// quant minus 16, dotted with its 8 x units from xb.
+// A Q5_0 block's quant words q (as Q4_0's) with its fifth bits qh (bit j: element j), as
+// unsigned quants, dotted with its 8 x units from xb.
 fn q5_dot(q: vec4<u32>, qh: u32, xb: u32) -> f32 {
     let m = 0x0f0f0f0fu;
-    let z = vec4<f32>(16.0);
-    return dot(bytes4((q.x & m) | spread4(qh)) - z, x4[xb]) + dot(bytes4((q.y & m) | spread4(qh >> 4u)) - z, x4[xb + 1u])
-         + dot(bytes4((q.z & m) | spread4(qh >> 8u)) - z, x4[xb + 2u]) + dot(bytes4((q.w & m) | spread4(qh >> 12u)) - z, x4[xb + 3u])
-         + dot(bytes4(((q.x >> 4u) & m) | spread4(qh >> 16u)) - z, x4[xb + 4u]) + dot(bytes4(((q.y >> 4u) & m) | spread4(qh >> 20u)) - z, x4[xb + 5u])
-         + dot(bytes4(((q.z >> 4u) & m) | spread4(qh >> 24u)) - z, x4[xb + 6u]) + dot(bytes4(((q.w >> 4u) & m) | spread4(qh >> 28u)) - z, x4[xb + 7u]);
+    return dot(bytes4((q.x & m) | spread4(qh)), x4[xb]) + dot(bytes4((q.y & m) | spread4(qh >> 4u)), x4[xb + 1u])
+         + dot(bytes4((q.z & m) | spread4(qh >> 8u)), x4[xb + 2u]) + dot(bytes4((q.w & m) | spread4(qh >> 12u)), x4[xb + 3u])
+         + dot(bytes4(((q.x >> 4u) & m) | spread4(qh >> 16u)), x4[xb + 4u]) + dot(bytes4(((q.y >> 4u) & m) | spread4(qh >> 20u)), x4[xb + 5u])
+         + dot(bytes4(((q.z >> 4u) & m) | spread4(qh >> 24u)), x4[xb + 6u]) + dot(bytes4(((q.w >> 4u) & m) | spread4(qh >> 28u)), x4[xb + 7u]);
 }
 // Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d (f32), qh, then
 // 4 quant words as Q4_0's. An odd last block: as Q4_1's.
 fn v4_steps() -> u32 { return (p.k / 32u + 1u) / 2u; }
-fn step_dot(rb: u32, gi: u32, xo: u32) -> vec4<f32> {
+fn step_x(gi: u32, xo: u32) -> vec4<f32> {
+    let xb = xo + 16u * gi;
+    return 16.0 * vec4<f32>(x_sum8(xb), x_sum8(xb + 8u), 0.0, 0.0);
+}
+fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let u = rb + 3u * gi;
     let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u];
     let xb = xo + 16u * gi;
-    let part = vec2<f32>(bitcast<f32>(v0.x) * q5_dot(vec4<u32>(v0.zw, v1.xy), v0.y, xb), bitcast<f32>(v1.z) * q5_dot(v2, v1.w, xb + 8u));
+    let q = vec2<f32>(q5_dot(vec4<u32>(v0.zw, v1.xy), v0.y, xb), q5_dot(v2, v1.w, xb + 8u));
+    let part = vec2<f32>(bitcast<f32>(v0.x), bitcast<f32>(v1.z)) * (q - sx.xy);
     let t = vec2<u32>(2u * gi) + vec2<u32>(0u, 1u);
     return vec4<f32>(select(vec2<f32>(0.0), part, t < vec2<u32>(p.k / 32u)), 0.0, 0.0);
 }
 #endif
 #ifdef W_Q4_K
-// One super-block of 9 units per step: unit 0 = d|dmin (f16 pair) and the 12 scale bytes;
-// units 1 + 2c, 2 + 2c = the 8 quant words of chunk c (64 elements): byte l of the chunk holds
+// One chunk c of 64 elements per step, 4 per super-block of 9 units: unit 0 = d|dmin (f16
+// pair) and the 12 scale bytes; units 1 + 2c, 2 + 2c = the chunk's 8 quant words: byte l holds
 // element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c + 1) high.
-fn v4_steps() -> u32 { return p.row_words / 36u; }
-fn step_dot(rb: u32, sbi: u32, xo: u32) -> vec4<f32> {
-    let u = rb + 9u * sbi;
+fn v4_steps() -> u32 { return p.row_words / 9u; }
+fn step_x(i: u32, xo: u32) -> vec4<f32> {
+    let xl = xo + 16u * i;
+    return vec4<f32>(x_sum8(xl), x_sum8(xl + 8u), 0.0, 0.0);
+}
+fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
+    let c = i % 4u;
+    let u = rb + 9u * (i / 4u);
     let h = w4[u];
-    let dm = unpack2x16float(h.x);
+    let qa = w4[u + 1u + 2u * c];
+    let qb = w4[u + 2u + 2u * c];
+    let xl = xo + 16u * i;
+    let s_lo = dot(lo4(qa.x), x4[xl]) + dot(lo4(qa.y), x4[xl + 1u]) + dot(lo4(qa.z), x4[xl + 2u]) + dot(lo4(qa.w), x4[xl + 3u])
+             + dot(lo4(qb.x), x4[xl + 4u]) + dot(lo4(qb.y), x4[xl + 5u]) + dot(lo4(qb.z), x4[xl + 6u]) + dot(lo4(qb.w), x4[xl + 7u]);
+    let s_hi = dot(lo4(qa.x >> 4u), x4[xl + 8u]) + dot(lo4(qa.y >> 4u), x4[xl + 9u]) + dot(lo4(qa.z >> 4u), x4[xl + 10u]) + dot(lo4(qa.w >> 4u), x4[xl + 11u])
+             + dot(lo4(qb.x >> 4u), x4[xl + 12u]) + dot(lo4(qb.y >> 4u), x4[xl + 13u]) + dot(lo4(qb.z >> 4u), x4[xl + 14u]) + dot(lo4(qb.w >> 4u), x4[xl + 15u]);
     let sc = vec3<u32>(h.y, h.z, h.w);
-    let xb = xo + 64u * sbi;
-    var sums = vec4<f32>(0.0); // d * scale * dot, per chunk pair
-    var mins = vec4<f32>(0.0); // dmin * min * sum(x)
-    for (var c = 0u; c < 4u; c++) {
-        let qa = w4[u + 1u + 2u * c];
-        let qb = w4[u + 2u + 2u * c];
-        let xl = xb + 16u * c;
-        let s_lo = dot(lo4(qa.x), x4[xl]) + dot(lo4(qa.y), x4[xl + 1u]) + dot(lo4(qa.z), x4[xl + 2u]) + dot(lo4(qa.w), x4[xl + 3u])
-                 + dot(lo4(qb.x), x4[xl + 4u]) + dot(lo4(qb.y), x4[xl + 5u]) + dot(lo4(qb.z), x4[xl + 6u]) + dot(lo4(qb.w), x4[xl + 7u]);
-        let s_hi = dot(lo4(qa.x >> 4u), x4[xl + 8u]) + dot(lo4(qa.y >> 4u), x4[xl + 9u]) + dot(lo4(qa.z >> 4u), x4[xl + 10u]) + dot(lo4(qa.w >> 4u), x4[xl + 11u])
-                 + dot(lo4(qb.x >> 4u), x4[xl + 12u]) + dot(lo4(qb.y >> 4u), x4[xl + 13u]) + dot(lo4(qb.z >> 4u), x4[xl + 14u]) + dot(lo4(qb.w >> 4u), x4[xl + 15u]);
-        let x_lo = x_sum8(xl);
-        let x_hi = x_sum8(xl + 8u);
-        let a = k4v_scale_min(sc, 2u * c);
-        let b = k4v_scale_min(sc, 2u * c + 1u);
-        sums[c] = a.x * s_lo + b.x * s_hi;
-        mins[c] = a.y * x_lo + b.y * x_hi;
-    }
-    return dm.x * sums - dm.y * mins;
+    let a = k4v_scale_min(sc, 2u * c);
+    let b = k4v_scale_min(sc, 2u * c + 1u);
+    let dm = unpack2x16float(h.x);
+    return vec4<f32>(dm.x * (a.x * s_lo + b.x * s_hi) - dm.y * (a.y * sx.x + b.y * sx.y), 0.0, 0.0, 0.0);
 }
 #endif
 
@@ -351,10 +359,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
     for (var i = 0u; i < v4_steps(); i++) {
-        a0 += step_dot(s.x, i, xo);
-        a1 += step_dot(s.y, i, xo);
-        a2 += step_dot(s.z, i, xo);
-        a3 += step_dot(s.w, i, xo);
+        let sx = step_x(i, xo);
+        a0 += step_dot(s.x, i, xo, sx);
+        a1 += step_dot(s.y, i, xo, sx);
+        a2 += step_dot(s.z, i, xo, sx);
+        a3 += step_dot(s.w, i, xo, sx);
     }
     let d = vec4<f32>(hsum(a0), hsum(a1), hsum(a2), hsum(a3));
     if (paired()) {
