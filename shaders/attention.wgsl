@@ -84,9 +84,31 @@ fn reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 // the encoder splits the keys (SPLIT, reduced by `reduce`) to keep each invocation's share
 // under that. Dispatch: ceil(splits * b * lq * heads / ROWS_WG) workgroups (grid()); `total` =
 // splits * b * lq * heads, split slowest.
-@group(0) @binding(2) var<storage, read> q: array<f32>;
+// K and V are read in units U of UNIT elements: vec4 when the head dim is a multiple of 4
+// (HU = HD / 4 units per head; the encoder sets UNIT4), f32 otherwise. llvmpipe loads storage
+// one lane at a time either way; a vec4 load pays that loop once for four elements.
+#ifdef UNIT4
+alias U = vec4<f32>;
+const UNIT: u32 = 4u;
+fn qload(i: u32) -> U { return vec4<f32>(q[i], q[i + 1u], q[i + 2u], q[i + 3u]); }
+fn usum(u: U) -> f32 { return u.x + u.y + u.z + u.w; }
+fn ustore(i: u32, u: U) { dst[i] = u.x; dst[i + 1u] = u.y; dst[i + 2u] = u.z; dst[i + 3u] = u.w; }
+@group(0) @binding(3) var<storage, read> k4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> v4: array<vec4<f32>>;
+fn kload(e: u32) -> U { return k4[e / 4u]; }
+fn vload(e: u32) -> U { return v4[e / 4u]; }
+#else
+alias U = f32;
+const UNIT: u32 = 1u;
+fn qload(i: u32) -> U { return q[i]; }
+fn usum(u: U) -> f32 { return u; }
+fn ustore(i: u32, u: U) { dst[i] = u; }
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
+fn kload(e: u32) -> U { return k[e]; }
+fn vload(e: u32) -> U { return v[e]; }
+#endif
+@group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dst: array<f32>;
 
 @compute @workgroup_size(ROWS_WG)
@@ -110,35 +132,36 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let chunk = (hi - lo + p.splits - 1u) / p.splits;
     let j_begin = min(lo + split * chunk, hi);
     let j_end = min(j_begin + chunk, hi);
-    var qv: array<f32, HD>;
-    for (var d = 0u; d < HD; d++) { qv[d] = q[o * HD + d] * p.scale; }
-    var acc: array<f32, HD>; // zero-initialized
+    const HU = HD / UNIT;
+    var qv: array<U, HU>;
+    for (var d = 0u; d < HU; d++) { qv[d] = qload(o * HD + d * UNIT) * p.scale; }
+    var acc: array<U, HU>; // zero-initialized
     var m = NEG;
     var l = 0.0;
     for (var j = j_begin; j < j_end; j++) {
         let kb = (bi * p.lk + j) * kw + kh;
-        var s = 0.0;
-        for (var d = 0u; d < HD; d++) { s += qv[d] * k[kb + d]; }
-        s = capped(s);
+        var su = U(0.0);
+        for (var d = 0u; d < HU; d++) { su += qv[d] * kload(kb + d * UNIT); }
+        let s = capped(usum(su));
         if (s > m) {
             // A new maximum: rescale what is summed so far (exp(NEG - s) = 0 the first time).
             let a = exp(m - s);
             l *= a;
-            for (var d = 0u; d < HD; d++) { acc[d] *= a; }
+            for (var d = 0u; d < HU; d++) { acc[d] *= a; }
             m = s;
         }
         let pk = exp(s - m);
         l += pk;
-        for (var d = 0u; d < HD; d++) { acc[d] += pk * v[kb + d]; }
+        for (var d = 0u; d < HU; d++) { acc[d] += pk * vload(kb + d * UNIT); }
     }
 #ifdef SPLIT
     let base = (split * rows + o) * (HD + 2u);
     dst[base] = m;
     dst[base + 1u] = l;
-    for (var d = 0u; d < HD; d++) { dst[base + 2u + d] = acc[d]; }
+    for (var d = 0u; d < HU; d++) { ustore(base + 2u + d * UNIT, acc[d]); }
 #else
     let inv = select(0.0, 1.0 / l, l > 0.0);
-    for (var d = 0u; d < HD; d++) { dst[o * HD + d] = acc[d] * inv; }
+    for (var d = 0u; d < HU; d++) { ustore(o * HD + d * UNIT, acc[d] * inv); }
 #endif
 }
 #else

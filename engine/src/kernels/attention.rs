@@ -248,20 +248,24 @@ impl Attention {
         let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
         let hd = q.shape[2] / self.heads;
         let rows = b * lq * self.heads;
+        // K and V rows in vec4 units where the head dim allows (their offsets are then
+        // multiples of 4 elements).
+        let unit = if hd.is_multiple_of(4) { 4 } else { 1 };
         // Loop iterations per key (dot, rescale, accumulate) and per row (q load, store),
         // against the limit with a margin.
-        let per_key = 3 * hd + 2;
+        let per_key = 3 * (hd / unit) + 2;
         let ns = match ctx.gpu.features.loop_limit {
             Some(limit) => {
-                let budget = (limit as usize * 9 / 10).saturating_sub(2 * hd + 16);
+                let budget = (limit as usize * 9 / 10).saturating_sub(2 * (hd / unit) + 16);
                 lk.div_ceil((budget / per_key).max(1)).max(1)
             }
             None => 1,
         };
         let key = KernelKey::new("attention.wgsl", "main")
             .def("ROWS", "")
-            .def("HD", hd)
+            .def("HD", format!("{hd}u"))
             .def("ROWS_WG", format!("{ROWS_WG}u"));
+        let key = if unit == 4 { key.def("UNIT4", "") } else { key };
         let p = AttentionParams {
             splits: u(ns),
             ..params(rows * ns)
