@@ -3,13 +3,14 @@
 // activation [b, n, k] (w_batch_words = n * k) for a batched product.
 // Bindings: 2 w: array<u32>, 3 x: array<f32> [b, m, k], 4 bias: array<f32>, 5 y: array<f32> [b, m, n_total],
 //           6 res: array<f32> like y, added to it (a residual connection) when has_res
-// out_pix > 0 stores y as images [m / out_pix, n_total, out_pix] instead (NCHW: the GEMM of a
-// convolution over the windows of out_pix pixels per image, see conv2d.wgsl's IM2COL).
+// out_pix > 0 stores y as images [rows / out_pix, n_total, out_pix] instead, row m being row
+// out_row0 + m of all images' pixels (NCHW: the GEMM of a convolution over a chunk of its
+// windows, see conv2d.wgsl's IM2COL).
 // Dispatch: see gemm.wgsl.
 #include "common.wgsl"
 #include "weights.wgsl"
 
-struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32, has_bias: u32, has_res: u32, out_pix: u32 }
+struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32, has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
@@ -30,7 +31,10 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
     var r = v;
     if (p.has_bias == 1u) { r += bias[o]; }
     var i = (b * p.m + m) * p.n_total + o;
-    if (p.out_pix != 0u) { i = ((m / p.out_pix) * p.n_total + o) * p.out_pix + m % p.out_pix; }
+    if (p.out_pix != 0u) {
+        let g = p.out_row0 + m;
+        i = ((g / p.out_pix) * p.n_total + o) * p.out_pix + g % p.out_pix;
+    }
     if (p.has_res == 1u) { r += res[i]; }
     y[i] = r;
 }

@@ -17,7 +17,7 @@ fn conv2d_kernels_strides_padding_dtypes() {
         // Block formats (k = ci * 9 whole blocks) through the software GEMM's quant-word reads.
         (2, 32, 5, 6, 9, 3, 1, 1, DType::Q8_0, true),
         (1, 256, 5, 4, 6, 3, 2, 1, DType::Q4_K, false),
-        // At least DIRECT_PIXELS_MIN output pixels (software adapters: pixel groups of 8, the
+        // At least 256 output pixels (software adapters: window rows in GEMM groups of 8, the
         // last one partial; channels in groups of 4, the last one partial).
         (1, 6, 20, 17, 9, 3, 1, 1, DType::F16, true),
         (2, 8, 16, 18, 5, 1, 1, 0, DType::F32, false),
@@ -28,7 +28,7 @@ fn conv2d_kernels_strides_padding_dtypes() {
         (1, 2560, 4, 4, 8, 3, 1, 1, DType::F16, true),
     ];
     // Every variant: the GEMM core's workgroup tiles, and for software adapters IM2COL (the
-    // windows through matmul.wgsl's DIRECT GEMM) and DIRECT_PIXELS (uniform pixel groups).
+    // windows through matmul.wgsl's DIRECT GEMM, in chunks of rows for large outputs).
     let variants = kiln_tests::gpu_variants();
     let runs = variants
         .iter()

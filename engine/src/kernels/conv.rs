@@ -8,16 +8,13 @@ use super::{
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 
-/// Output pixels from which software adapters run the convolution in workgroup-uniform pixel
-/// groups (`DIRECT_PIXELS`); below it, as the GEMM of its input windows (`IM2COL`).
-pub const DIRECT_PIXELS_MIN: usize = 256;
-
 crate::params!(
     /// Uniforms of `conv2d.wgsl`.
     ConvParams, "conv2d.wgsl", [] {
         m: u32, n: u32, k: u32, ci: u32,
         h: u32, w: u32, wo: u32, ks: u32,
         stride: u32, pad: u32, row_words: u32, has_bias: u32,
+        row0: u32,
     }
 );
 
@@ -99,68 +96,17 @@ impl Kernel for Conv2d {
             pad: u(self.pad),
             row_words: u(w.dtype.row_words(k)),
             has_bias: bias.is_some() as u32,
+            row0: 0,
         };
         let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
-        if ctx.gpu.features.software && m < DIRECT_PIXELS_MIN {
-            // Few output pixels (the U-Net's deep levels): the windows of all images as a
-            // matrix [b * m, k] in scratch, then the software GEMM (weights read once per 8
-            // window rows, straight from their dtype), stored NCHW. lavapipe, SD 1.5-layout
-            // U-Net step at an 8x8 latent: see the README's figures.
-            let rows = b * m;
-            let cols = ctx.scratch("conv-windows", (rows * k * 4) as u64)?;
-            let windows = ConvParams {
-                n: u(rows),
-                has_bias: 0,
-                ..p
-            };
-            let gemm = MatmulParams {
-                m: u(rows),
-                n: u(co),
-                k: u(k),
-                row_words: p.row_words,
-                w_batch_words: 0,
-                out_off: 0,
-                n_total: u(co),
-                has_bias: p.has_bias,
-                has_res: 0,
-                out_pix: u(m),
-            };
-            return Ok(vec![
-                dispatch(
-                    weight_key("conv2d.wgsl", w.dtype)?.def("IM2COL", ""),
-                    &windows,
-                    vec![
-                        Binding::read(w.buf()),
-                        Binding::read(x.buf()),
-                        Binding::read(x.buf()),
-                        Binding::write(&cols),
-                    ],
-                    elementwise_groups(rows * k),
-                ),
-                dispatch(
-                    gemm_key(ctx, "matmul.wgsl", w.dtype)?,
-                    &gemm,
-                    vec![
-                        Binding::read(w.buf()),
-                        Binding::read(&cols),
-                        Binding::read(bias_buf),
-                        Binding::write(out.buf()),
-                        Binding::read(&cols),
-                    ],
-                    matmul_groups(ctx, rows, co, 1),
-                ),
-            ]);
+        if ctx.gpu.features.software {
+            // The GEMM of the input windows (lavapipe, against the barrier-free direct
+            // convolution this replaced: SD 1.5-layout U-Net step at an 8x8 latent 4736 -> 2777
+            // ms, VAE decode to 64 px 6174 -> 3263 ms).
+            return self.encode_windows(ctx, w, x, bias_buf, out, p, b * m);
         }
-        // Software adapters, large outputs: pixels in workgroup-uniform groups of 8 (lavapipe,
-        // SD 1.5-layout VAE decode to 64 px: 7985 -> 6302 ms).
-        let pixel_groups = ctx.gpu.features.software;
-        let key = if pixel_groups {
-            weight_key("conv2d.wgsl", w.dtype)?.def("DIRECT_PIXELS", "")
-        } else {
-            weight_key("conv2d.wgsl", w.dtype)?
-        };
         Ok(vec![dispatch(
-            key,
+            weight_key("conv2d.wgsl", w.dtype)?,
             &p,
             vec![
                 Binding::read(w.buf()),
@@ -168,11 +114,80 @@ impl Kernel for Conv2d {
                 Binding::read(bias_buf),
                 Binding::write(out.buf()),
             ],
-            if pixel_groups {
-                [u(co.div_ceil(256)), u(m.div_ceil(8)), u(b)]
-            } else {
-                [u(co.div_ceil(64)), u(m.div_ceil(64)), u(b)]
-            },
+            [u(co.div_ceil(64)), u(m.div_ceil(64)), u(b)],
         )])
+    }
+}
+
+/// Bytes of scratch one convolution's window matrix may take: larger outputs go in chunks of
+/// rows.
+const WINDOWS_BYTES: usize = 16 << 20;
+
+impl Conv2d {
+    /// Software adapters: the windows of all images as a matrix [rows, k] (`IM2COL`, in chunks
+    /// of rows that fit WINDOWS_BYTES), each chunk then through the software GEMM (weights read
+    /// once per 8 window rows, straight from their dtype), stored NCHW.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_windows(
+        &self,
+        ctx: &Ctx,
+        w: &Bound,
+        x: &Bound,
+        bias: &std::sync::Arc<wgpu::Buffer>,
+        out: &Bound,
+        p: ConvParams,
+        rows: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let k = p.k as usize;
+        let chunk = (WINDOWS_BYTES / (4 * k)).max(8) / 8 * 8;
+        let chunk = chunk.min(rows.next_multiple_of(8));
+        let cols = ctx.scratch("conv-windows", (chunk * k * 4) as u64)?;
+        let mut ds = Vec::new();
+        for row0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - row0);
+            let windows = ConvParams {
+                n: u(n),
+                row0: u(row0),
+                has_bias: 0,
+                ..p
+            };
+            let gemm = MatmulParams {
+                m: u(n),
+                n: p.n,
+                k: p.k,
+                row_words: p.row_words,
+                w_batch_words: 0,
+                out_off: 0,
+                n_total: p.n,
+                has_bias: p.has_bias,
+                has_res: 0,
+                out_pix: p.m,
+                out_row0: u(row0),
+            };
+            ds.push(dispatch(
+                weight_key("conv2d.wgsl", w.dtype)?.def("IM2COL", ""),
+                &windows,
+                vec![
+                    Binding::read(w.buf()),
+                    Binding::read(x.buf()),
+                    Binding::read(x.buf()),
+                    Binding::write(&cols),
+                ],
+                elementwise_groups(n * k),
+            ));
+            ds.push(dispatch(
+                gemm_key(ctx, "matmul.wgsl", w.dtype)?,
+                &gemm,
+                vec![
+                    Binding::read(w.buf()),
+                    Binding::read(&cols),
+                    Binding::read(bias),
+                    Binding::write(out.buf()),
+                    Binding::read(&cols),
+                ],
+                matmul_groups(ctx, n, p.n as usize, 1),
+            ));
+        }
+        Ok(ds)
     }
 }

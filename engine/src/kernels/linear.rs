@@ -29,7 +29,7 @@ crate::params!(
     /// Uniforms of `matmul.wgsl`.
     MatmulParams, "matmul.wgsl", [] {
         m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32,
-        has_bias: u32, has_res: u32, out_pix: u32,
+        has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32,
     }
 );
 
@@ -283,6 +283,7 @@ impl Kernel for Linear {
                 has_bias,
                 has_res,
                 out_pix: 0,
+                out_row0: 0,
             };
             return Ok(vec![dispatch(
                 gemm_key(ctx, "matmul.wgsl", DType::F32)?,
@@ -408,6 +409,7 @@ impl Kernel for Linear {
                     has_bias,
                     has_res,
                     out_pix: 0,
+                    out_row0: 0,
                 };
                 ds.push(dispatch(
                     gemm_key(ctx, "matmul.wgsl", w.dtype)?,
