@@ -13,11 +13,16 @@
 struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32, has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#ifdef X4
+@group(0) @binding(3) var<storage, read> x4: array<vec4<f32>>;
+#else
 @group(0) @binding(3) var<storage, read> x: array<f32>;
+#endif
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> res: array<f32>;
 
+#ifndef DIRECT
 fn load_a(b: u32, m: u32, k: u32) -> f32 {
     if (m >= p.m || k >= p.k) { return 0.0; }
     return x[(b * p.m + m) * p.k + k];
@@ -26,6 +31,7 @@ fn load_b(b: u32, n: u32, k: u32) -> f32 {
     if (n >= p.n || k >= p.k) { return 0.0; }
     return w_elem(b * p.w_batch_words + n * p.row_words, k);
 }
+#endif
 fn store_c(b: u32, m: u32, n: u32, v: f32) {
     let o = p.out_off + n;
     var r = v;
@@ -61,22 +67,50 @@ var<private> x0: u32;
 var<private> x1: u32;
 var<private> x2: u32;
 var<private> x3: u32;
-var<private> x4: u32;
+var<private> x4_: u32;
 var<private> x5: u32;
 var<private> x6: u32;
 var<private> x7: u32;
+#ifdef X4
+// With k a multiple of 4 (X4), x is read 16 bytes at a time: llvmpipe loads storage one lane
+// at a time, and a vec4 load pays that loop once for four elements. x0.. are then in units.
+// Elements k..k + 3 (k a multiple of 4) of the 4 weight rows (a..d) times those of each
+// activation row.
+fn fma_4(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
+    let e0 = vec4<f32>(a.x, b.x, c.x, d.x);
+    let e1 = vec4<f32>(a.y, b.y, c.y, d.y);
+    let e2 = vec4<f32>(a.z, b.z, c.z, d.z);
+    let e3 = vec4<f32>(a.w, b.w, c.w, d.w);
+    let u = k / 4u;
+    var v = x4[x0 + u];
+    c0 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x1 + u];
+    c1 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x2 + u];
+    c2 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x3 + u];
+    c3 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x4_ + u];
+    c4 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x5 + u];
+    c5 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x6 + u];
+    c6 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    v = x4[x7 + u];
+    c7 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+}
+#else
 // Element k of the 4 weight rows (b) times element k of each activation row.
 fn fma_k(k: u32, b: vec4<f32>) {
     c0 += x[x0 + k] * b;
     c1 += x[x1 + k] * b;
     c2 += x[x2 + k] * b;
     c3 += x[x3 + k] * b;
-    c4 += x[x4 + k] * b;
+    c4 += x[x4_ + k] * b;
     c5 += x[x5 + k] * b;
     c6 += x[x6 + k] * b;
     c7 += x[x7 + k] * b;
 }
-#ifdef W_OCT
 // Four consecutive elements from k of the 4 weight rows (a..d).
 fn fma_4(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
     fma_k(k, vec4<f32>(a.x, b.x, c.x, d.x));
@@ -93,14 +127,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bi = wg.z;
     if (m0 >= p.m || n0 >= p.n) { return; }
     let xb = bi * p.m;
-    x0 = (xb + m0) * p.k;
-    x1 = (xb + min(m0 + 1u, p.m - 1u)) * p.k;
-    x2 = (xb + min(m0 + 2u, p.m - 1u)) * p.k;
-    x3 = (xb + min(m0 + 3u, p.m - 1u)) * p.k;
-    x4 = (xb + min(m0 + 4u, p.m - 1u)) * p.k;
-    x5 = (xb + min(m0 + 5u, p.m - 1u)) * p.k;
-    x6 = (xb + min(m0 + 6u, p.m - 1u)) * p.k;
-    x7 = (xb + min(m0 + 7u, p.m - 1u)) * p.k;
+#ifdef X4
+    let xs = p.k / 4u;
+#else
+    let xs = p.k;
+#endif
+    x0 = (xb + m0) * xs;
+    x1 = (xb + min(m0 + 1u, p.m - 1u)) * xs;
+    x2 = (xb + min(m0 + 2u, p.m - 1u)) * xs;
+    x3 = (xb + min(m0 + 3u, p.m - 1u)) * xs;
+    x4_ = (xb + min(m0 + 4u, p.m - 1u)) * xs;
+    x5 = (xb + min(m0 + 5u, p.m - 1u)) * xs;
+    x6 = (xb + min(m0 + 6u, p.m - 1u)) * xs;
+    x7 = (xb + min(m0 + 7u, p.m - 1u)) * xs;
     let wb = bi * p.w_batch_words;
     let w0 = wb + n0 * p.row_words;
     let w1 = wb + min(n0 + 1u, p.n - 1u) * p.row_words;
@@ -127,6 +166,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 #else
+#ifdef X4
+    for (var kk = 0u; kk < p.k; kk += 4u) {
+        fma_4(kk, vec4<f32>(w_pair(w0, kk), w_pair(w0, kk + 2u)), vec4<f32>(w_pair(w1, kk), w_pair(w1, kk + 2u)),
+              vec4<f32>(w_pair(w2, kk), w_pair(w2, kk + 2u)), vec4<f32>(w_pair(w3, kk), w_pair(w3, kk + 2u)));
+    }
+#else
     let k2 = p.k / 2u * 2u;
     for (var kk = 0u; kk < k2; kk += 2u) {
         let b0 = w_pair(w0, kk);
@@ -139,6 +184,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (k2 < p.k) {
         fma_k(k2, vec4<f32>(w_elem(w0, k2), w_elem(w1, k2), w_elem(w2, k2), w_elem(w3, k2)));
     }
+#endif
 #endif
     let acc = array<vec4<f32>, 8>(c0, c1, c2, c3, c4, c5, c6, c7);
     for (var i = 0u; i < 8u; i++) {

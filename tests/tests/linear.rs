@@ -7,9 +7,12 @@ use kiln::{DType, GpuOptions, Tensor};
 use kiln_tests::{assert_close, dot_tolerance, gpu_with, random_weight_bytes, test_k, OpTest, Rng};
 
 fn check_linear(t: OpTest, dtype: DType, m: usize, n: usize, bias: bool, seed: u64) {
+    check_linear_k(t, dtype, m, n, test_k(dtype), bias, seed)
+}
+
+fn check_linear_k(t: OpTest, dtype: DType, m: usize, n: usize, k: usize, bias: bool, seed: u64) {
     let mut t = t;
     let mut rng = Rng::new(seed);
-    let k = test_k(dtype);
     let wb = random_weight_bytes(&mut rng, dtype, n, k);
     let wf = dequantize(dtype, &wb, n * k).unwrap();
     let x = rng.vec(m * k, -1.0, 1.0);
@@ -107,6 +110,27 @@ fn gemm_every_dtype() {
                 70,
                 i % 2 == 1,
                 30 + i as u64,
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_wide_x_loads() {
+    // Rows of a multiple of 4 elements: the software GEMM reads x 16 bytes at a time (X4).
+    for gpu in kiln_tests::gpu_variants() {
+        for (i, dt) in [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .enumerate()
+        {
+            check_linear_k(
+                OpTest::on(gpu.clone()),
+                dt,
+                19,
+                37,
+                212,
+                i == 1,
+                60 + i as u64,
             );
         }
     }

@@ -1,6 +1,6 @@
 //! Convolution (`conv2d.wgsl`, implicit GEMM on the shared tile loop).
 
-use super::linear::{gemm_key, matmul_groups, weight_key, MatmulParams};
+use super::linear::{matmul_groups, matmul_key, weight_key, MatmulParams};
 use super::{
     dispatch, elementwise_groups, need_f32, u, Binding, Bound, Ctx, Dispatch, Inferred, Kernel,
     Meta,
@@ -176,7 +176,7 @@ impl Conv2d {
                 elementwise_groups(n * k),
             ));
             ds.push(dispatch(
-                gemm_key(ctx, "matmul.wgsl", w.dtype)?,
+                matmul_key(ctx, w.dtype, k)?,
                 &gemm,
                 vec![
                     Binding::read(w.buf()),
