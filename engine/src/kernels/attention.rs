@@ -26,6 +26,8 @@ const MIN_SPLIT_KEYS: usize = 256;
 /// decode's few rows (one per head and split) spread over the driver's threads instead of
 /// filling one workgroup.
 const ROWS_WG: usize = 8;
+/// Rows (times key splits) the software attention makes at least, in workgroups of ROWS_WG.
+const SPREAD_ROWS: usize = 64;
 
 /// Static tile sizes of one attention variant (the shader's defines).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,6 +263,10 @@ impl Attention {
             }
             None => 1,
         };
+        // Few rows (decode: one per head) fill few SIMD batches: split the keys so that there
+        // are at least SPREAD_ROWS, for every CPU thread to take a share (lavapipe, SmolLM2-135M
+        // shapes, 9 heads: the 8 + 1 rows of two workgroups left one thread with 8 / 9 of it).
+        let ns = ns.max(SPREAD_ROWS.div_ceil(rows.max(1))).min(lk.max(1));
         let key = KernelKey::new("attention.wgsl", "main")
             .def("ROWS", "")
             .def("HD", format!("{hd}u"))
