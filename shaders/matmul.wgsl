@@ -47,13 +47,13 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
 
 #ifdef DIRECT
 // Software adapters (lavapipe, SwiftShader): no workgroup memory, no barrier. An invocation
-// computes 4 weight rows x 8 activation rows. The 8 activation rows come from the workgroup
-// index, so every x load is workgroup-uniform: llvmpipe turns a load whose address differs per
-// lane into a loop over the lanes and a uniform one into one load; and each weight read serves
-// 8 rows. Block formats with w_oct read one quant word (eight elements) per row at a time and
-// dequantize it once; the others read two elements (one word of f16/bf16) at a time. Rows past
-// the edge are clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8),
-// batch), 64 threads.
+// computes 4 weight rows x 8 activation rows (the 8 from the workgroup index), so each weight
+// read serves 8 rows and each x read 4. llvmpipe (Mesa 22.3) loads storage one lane at a time
+// in a loop with a bounds check per element, so fewer and wider loads are what counts. Block
+// formats with w_oct read one quant word (eight elements) per row at a time and dequantize it
+// once; the others read two elements (one word of f16/bf16) at a time. Rows past the edge are
+// clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8), batch), 64
+// threads.
 // The accumulators (activation row i, weight rows n0..n0 + 3) and the activation rows' offsets.
 var<private> c0: vec4<f32>;
 var<private> c1: vec4<f32>;

@@ -9,7 +9,11 @@ fn main() {
     let gpu = pollster::block_on(kiln::Gpu::new(kiln::GpuOptions::default())).unwrap();
     let dev = &gpu.device;
     let q = &gpu.queue;
-    println!("{}", gpu.describe()); println!("ubo max {}", gpu.limits.max_uniform_buffer_binding_size); if std::env::var("ONLY_LIMITS").is_ok() { return; }
+    println!("{}", gpu.describe());
+    println!("ubo max {}", gpu.limits.max_uniform_buffer_binding_size);
+    if std::env::var("ONLY_LIMITS").is_ok() {
+        return;
+    }
     let units = K / 8;
     let words: Vec<u32> = (0..ROWS * units * 4)
         .map(|i| i.wrapping_mul(2654435761) & 0x3bff3bff)

@@ -55,7 +55,7 @@ pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
 
 /// Invocations per workgroup of the software matvec's ROWS_V4 variant: small, so that the few
 /// hundred rows of a small model's products still make a workgroup for every CPU thread.
-const V4_WG: usize = 16;
+const V4_WG: usize = 8;
 
 /// Whether the software matvec's ROWS_V4 variant serves rows of `k` elements of `dtype`: rows
 /// of whole 16-byte units (`matvec.wgsl`).
@@ -375,9 +375,9 @@ impl Kernel for Linear {
                 }
                 let rows = p.rows as usize;
                 let (key, groups) = if software && rows_v4(w.dtype, k) {
-                    // Four dots per invocation (four rows, or two pairs of rows), 16-byte
-                    // weight loads, workgroup-uniform x.
-                    let items = if p.glu != 0 || rope { 2 } else { 4 };
+                    // Eight dots per invocation (eight rows, or four pairs of rows), 16-byte
+                    // loads.
+                    let items = if p.glu != 0 || rope { 4 } else { 8 };
                     let key = weight_key("matvec.wgsl", w.dtype)?
                         .def("ROWS_V4", "")
                         .def("V4_WG", V4_WG);
