@@ -47,14 +47,16 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
 
 #ifdef DIRECT
 // Software adapters (lavapipe, SwiftShader): no workgroup memory, no barrier. An invocation
-// computes 4 weight rows x 8 activation rows (the 8 from the workgroup index), so each weight
-// read serves 8 rows and each x read 4. llvmpipe (Mesa 22.3) loads storage one lane at a time
-// in a loop with a bounds check per element, so fewer and wider loads are what counts. Block
-// formats with w_oct read one quant word (eight elements) per row at a time and dequantize it
-// once; the others read two elements (one word of f16/bf16) at a time. Rows past the edge are
-// clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8), batch), 64
-// threads.
-// The accumulators (activation row i, weight rows n0..n0 + 3) and the activation rows' offsets.
+// computes 8 weight rows (4 without X4) x 8 activation rows (the 8 from the workgroup index), so
+// each weight read serves 8 rows and each x read 8 (4). llvmpipe (Mesa 22.3) loads storage one
+// lane at a time in a loop with a bounds check per element, so fewer and wider loads are what
+// counts (lavapipe, 1024^3 f16 GEMM: 4 weight rows 20.8, 8 rows 23.2 GFLOP/s). Block formats
+// with w_oct read one quant word (eight elements) per row at a time and dequantize it once;
+// the others read two elements (one word of f16/bf16) at a time. Rows past the edge are
+// clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8), batch), 32
+// threads with X4, 64 without.
+// The accumulators (activation row i: c weight rows n0..n0 + 3, d n0 + 4..n0 + 7) and the
+// activation rows' offsets.
 var<private> c0: vec4<f32>;
 var<private> c1: vec4<f32>;
 var<private> c2: vec4<f32>;
@@ -63,6 +65,14 @@ var<private> c4: vec4<f32>;
 var<private> c5: vec4<f32>;
 var<private> c6: vec4<f32>;
 var<private> c7: vec4<f32>;
+var<private> d0: vec4<f32>;
+var<private> d1: vec4<f32>;
+var<private> d2: vec4<f32>;
+var<private> d3: vec4<f32>;
+var<private> d4: vec4<f32>;
+var<private> d5: vec4<f32>;
+var<private> d6: vec4<f32>;
+var<private> d7: vec4<f32>;
 var<private> x0: u32;
 var<private> x1: u32;
 var<private> x2: u32;
@@ -74,30 +84,42 @@ var<private> x7: u32;
 #ifdef X4
 // With k a multiple of 4 (X4), x is read 16 bytes at a time: llvmpipe loads storage one lane
 // at a time, and a vec4 load pays that loop once for four elements. x0.. are then in units.
-// Elements k..k + 3 (k a multiple of 4) of the 4 weight rows (a..d) times those of each
+// Elements k..k + 3 (k a multiple of 4) of the 8 weight rows (a..h) times those of each
 // activation row.
-fn fma_4(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
+fn fma_8(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, e: vec4<f32>, f: vec4<f32>, g: vec4<f32>, h: vec4<f32>) {
     let e0 = vec4<f32>(a.x, b.x, c.x, d.x);
     let e1 = vec4<f32>(a.y, b.y, c.y, d.y);
     let e2 = vec4<f32>(a.z, b.z, c.z, d.z);
     let e3 = vec4<f32>(a.w, b.w, c.w, d.w);
+    let f0 = vec4<f32>(e.x, f.x, g.x, h.x);
+    let f1 = vec4<f32>(e.y, f.y, g.y, h.y);
+    let f2 = vec4<f32>(e.z, f.z, g.z, h.z);
+    let f3 = vec4<f32>(e.w, f.w, g.w, h.w);
     let u = k / 4u;
     var v = x4[x0 + u];
     c0 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d0 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x1 + u];
     c1 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d1 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x2 + u];
     c2 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d2 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x3 + u];
     c3 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d3 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x4_ + u];
     c4 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d4 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x5 + u];
     c5 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d5 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x6 + u];
     c6 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d6 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
     v = x4[x7 + u];
     c7 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
+    d7 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
 }
 #else
 // Element k of the 4 weight rows (b) times element k of each activation row.
@@ -120,9 +142,18 @@ fn fma_4(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
 }
 #endif
 
+#ifdef X4
+// With X4, 8 weight rows per invocation (c: n0..n0 + 3, d: n0 + 4..n0 + 7), 32 invocations.
+@compute @workgroup_size(32)
+#else
 @compute @workgroup_size(64)
+#endif
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+#ifdef X4
+    let n0 = wg.x * 256u + li * 8u;
+#else
     let n0 = wg.x * 256u + li * 4u;
+#endif
     let m0 = wg.y * 8u;
     let bi = wg.z;
     if (m0 >= p.m || n0 >= p.n) { return; }
@@ -145,14 +176,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let w1 = wb + min(n0 + 1u, p.n - 1u) * p.row_words;
     let w2 = wb + min(n0 + 2u, p.n - 1u) * p.row_words;
     let w3 = wb + min(n0 + 3u, p.n - 1u) * p.row_words;
-    c0 = vec4<f32>(0.0);
-    c1 = vec4<f32>(0.0);
-    c2 = vec4<f32>(0.0);
-    c3 = vec4<f32>(0.0);
-    c4 = vec4<f32>(0.0);
-    c5 = vec4<f32>(0.0);
-    c6 = vec4<f32>(0.0);
-    c7 = vec4<f32>(0.0);
+#ifdef X4
+    let w4 = wb + min(n0 + 4u, p.n - 1u) * p.row_words;
+    let w5 = wb + min(n0 + 5u, p.n - 1u) * p.row_words;
+    let w6 = wb + min(n0 + 6u, p.n - 1u) * p.row_words;
+    let w7 = wb + min(n0 + 7u, p.n - 1u) * p.row_words;
+#endif
 #ifdef W_OCT
     for (var blk = 0u; blk < p.k / W_BLOCK; blk++) {
         for (var s = 0u; s < W_BLOCK / 8u; s++) {
@@ -160,16 +189,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let b = w_oct(w1, blk, s);
             let c = w_oct(w2, blk, s);
             let d = w_oct(w3, blk, s);
+            let e = w_oct(w4, blk, s);
+            let f = w_oct(w5, blk, s);
+            let g = w_oct(w6, blk, s);
+            let h = w_oct(w7, blk, s);
             let o = blk * W_BLOCK + a.o;
-            fma_4(o.x, a.lo, b.lo, c.lo, d.lo);
-            fma_4(o.y, a.hi, b.hi, c.hi, d.hi);
+            fma_8(o.x, a.lo, b.lo, c.lo, d.lo, e.lo, f.lo, g.lo, h.lo);
+            fma_8(o.y, a.hi, b.hi, c.hi, d.hi, e.hi, f.hi, g.hi, h.hi);
         }
     }
 #else
 #ifdef X4
     for (var kk = 0u; kk < p.k; kk += 4u) {
-        fma_4(kk, vec4<f32>(w_pair(w0, kk), w_pair(w0, kk + 2u)), vec4<f32>(w_pair(w1, kk), w_pair(w1, kk + 2u)),
-              vec4<f32>(w_pair(w2, kk), w_pair(w2, kk + 2u)), vec4<f32>(w_pair(w3, kk), w_pair(w3, kk + 2u)));
+        fma_8(kk, vec4<f32>(w_pair(w0, kk), w_pair(w0, kk + 2u)), vec4<f32>(w_pair(w1, kk), w_pair(w1, kk + 2u)),
+              vec4<f32>(w_pair(w2, kk), w_pair(w2, kk + 2u)), vec4<f32>(w_pair(w3, kk), w_pair(w3, kk + 2u)),
+              vec4<f32>(w_pair(w4, kk), w_pair(w4, kk + 2u)), vec4<f32>(w_pair(w5, kk), w_pair(w5, kk + 2u)),
+              vec4<f32>(w_pair(w6, kk), w_pair(w6, kk + 2u)), vec4<f32>(w_pair(w7, kk), w_pair(w7, kk + 2u)));
     }
 #else
     let k2 = p.k / 2u * 2u;
@@ -192,6 +227,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
         }
     }
+#ifdef X4
+    let acc2 = array<vec4<f32>, 8>(d0, d1, d2, d3, d4, d5, d6, d7);
+    for (var i = 0u; i < 8u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            if (m0 + i < p.m && n0 + 4u + j < p.n) { store_c(bi, m0 + i, n0 + 4u + j, acc2[i][j]); }
+        }
+    }
+#endif
 }
 #else
 #include "gemm.wgsl"
