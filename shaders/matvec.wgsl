@@ -9,7 +9,7 @@
 //         weight, with `rows` = the output rows.
 //   ROPE  (m = 1) the rotary step of a stacked Q/K/V projection (rope.wgsl's KV variant) in
 //         the epilogue: work item r is a rotary pair of rows of a q or k head (or a single row
-//         past the rotary dims, or of a v head); q goes to y [heads * d], k (rotated) and v
+//         past the rotary dims, or two rows of v heads); q goes to y [heads * d], k (rotated) and v
 //         into the caches at row pos (not past cap_rows). `rows` = the work items.
 // Bindings: 2 w: array<u32> [rows x row_words] (one weight part)
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
@@ -65,14 +65,17 @@ var<workgroup> x: array<f32, XS_LEN>;
 @group(0) @binding(8) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(9) var<storage, read_write> v_cache: array<f32>;
 
-// Work item r: its rows (a, b) of the projection and whether b is a rotary partner. Each q and
-// k head has d - half items (half pairs, then its dims past the rotary ones); v heads one per
-// row. Pairs are (i, i + half) (rotate_half) or (2i, 2i + 1) (interleaved).
+// Work item r: its rows (a, b) of the projection and what b is: 1 a rotary partner, 2 an
+// independent row, 0 none (b = a). Each q and k head has d - half items (half pairs, then its
+// dims past the rotary ones, one row each); the v rows go two to an item. Pairs are
+// (i, i + half) (rotate_half) or (2i, 2i + 1) (interleaved).
 fn rope_item(r: u32) -> vec3<u32> {
     let per = p.d - p.half;
     let rotated = (p.heads + p.kv_heads) * per;
     if (r >= rotated) {
-        let row = (p.heads + p.kv_heads) * p.d + r - rotated;
+        let v_end = (p.heads + 2u * p.kv_heads) * p.d;
+        let row = (p.heads + p.kv_heads) * p.d + 2u * (r - rotated);
+        if (row + 1u < v_end) { return vec3<u32>(row, row + 1u, 2u); }
         return vec3<u32>(row, row, 0u);
     }
     let base = (r / per) * p.d;
@@ -106,11 +109,12 @@ fn store(mi: u32, r: u32, acc: vec2<f32>, inv: f32) {
         put(it.y, b * cs + a * sn, at);
         a = a * cs - b * sn;
     }
+    if (it.z == 2u) { put(it.y, b, at); }
     put(it.x, a, at);
 }
 
 fn rows_of(r: u32) -> vec2<u32> { return rope_item(r).xy; }
-fn has_second(r: u32) -> bool { return rope_item(r).z == 1u; }
+fn has_second(r: u32) -> bool { return rope_item(r).z != 0u; }
 #else
 @group(0) @binding(6) var<storage, read> res: array<f32>;
 

@@ -360,7 +360,10 @@ impl Kernel for Linear {
                         let d = n_total / (r.heads + 2 * r.kv_heads);
                         let half = table.shape[1];
                         let [pos_add, pos_slot, pos_mul] = r.pos.words();
-                        p.rows = u((r.heads + r.kv_heads) * (d - half) + r.kv_heads * d);
+                        // A rotary pair (or a single row past the rotary dims) of each q and k
+                        // head, two v rows.
+                        p.rows =
+                            u((r.heads + r.kv_heads) * (d - half) + (r.kv_heads * d).div_ceil(2));
                         (p.heads, p.kv_heads, p.d, p.half) =
                             (u(r.heads), u(r.kv_heads), u(d), u(half));
                         (p.positions, p.interleaved) = (u(table.shape[0]), r.interleaved as u32);
