@@ -130,6 +130,7 @@ impl Graph {
         let (mut arena_bytes, mut unshared_bytes) = (0u64, 0u64);
         let mut arena: Vec<Arc<wgpu::Buffer>> = Vec::new();
         let mut dispatches: Vec<Dispatch> = Vec::new();
+        let shared_scratch = crate::kernels::SharedScratch::default();
         for (i, node) in self.nodes.iter().enumerate() {
             if let Some(out) = node.out {
                 if bound[out.0].is_none() {
@@ -167,7 +168,11 @@ impl Graph {
                 })
                 .collect::<Result<_>>()?;
             let out = node.out.and_then(|o| bound[o.0].clone());
-            dispatches.extend(node.op.kernel().encode(&Ctx { gpu }, &ins, out.as_ref())?);
+            let ctx = Ctx {
+                gpu,
+                shared: &shared_scratch,
+            };
+            dispatches.extend(node.op.kernel().encode(&ctx, &ins, out.as_ref())?);
             for v in node.inputs.iter().chain(node.out.iter()) {
                 let v = &self.root(*v);
                 let info = &self.values[v.0];

@@ -213,7 +213,8 @@ impl Kernel for Attention {
             )]);
         }
         let outputs = b * lq * self.heads;
-        let part = ctx.scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64)?;
+        let part =
+            ctx.shared_scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64)?;
         let mut bindings = inputs.to_vec();
         bindings.push(Binding::write(&part));
         let elems = outputs * hd;
@@ -287,7 +288,7 @@ impl Attention {
             bindings.push(Binding::write(out.buf()));
             return Ok(vec![dispatch(key, &p, bindings, groups)]);
         }
-        let part = ctx.scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
+        let part = ctx.shared_scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
         let mut bindings = inputs;
         bindings.push(Binding::write(&part));
         let elems = rows * hd;

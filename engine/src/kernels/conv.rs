@@ -1,4 +1,5 @@
-//! Convolution (`conv2d.wgsl`, implicit GEMM on the shared tile loop).
+//! Convolution (`conv2d.wgsl`): an implicit GEMM on the shared tile loop on GPUs; on software
+//! adapters the GEMM of its input windows (`IM2COL`, then matmul.wgsl's DIRECT variant).
 
 use super::linear::{matmul_groups, matmul_key, weight_key, MatmulParams};
 use super::{
@@ -141,7 +142,7 @@ impl Conv2d {
         let k = p.k as usize;
         let chunk = (WINDOWS_BYTES / (4 * k)).max(8) / 8 * 8;
         let chunk = chunk.min(rows.next_multiple_of(8));
-        let cols = ctx.scratch("conv-windows", (chunk * k * 4) as u64)?;
+        let cols = ctx.shared_scratch("conv-windows", (chunk * k * 4) as u64)?;
         let mut ds = Vec::new();
         for row0 in (0..rows).step_by(chunk) {
             let n = chunk.min(rows - row0);

@@ -189,10 +189,15 @@ pub fn elementwise_groups(n: usize) -> [u32; 3] {
     grid((n as u32).div_ceil(256))
 }
 
+/// Scratch buffers the ops of one plan share, by name (see [`Ctx::shared_scratch`]).
+pub type SharedScratch =
+    std::cell::RefCell<std::collections::HashMap<&'static str, Arc<wgpu::Buffer>>>;
+
 /// What an op's encoder may use besides its inputs and output: the device, to create scratch
 /// buffers (partial results, statistics). They are created once, at compile time.
 pub struct Ctx<'a> {
     pub gpu: &'a Gpu,
+    pub shared: &'a SharedScratch,
 }
 
 impl Ctx<'_> {
@@ -204,6 +209,20 @@ impl Ctx<'_> {
             bytes,
             crate::tensor::STORAGE,
         )))
+    }
+
+    /// Scratch of at least `bytes` that every op of the plan asking for `name` shares: an op
+    /// writes it and reads it back within its own dispatches, and a plan's dispatches run in
+    /// order, so one buffer serves them all. A request larger than the current one makes a new
+    /// buffer (rounded up to a power of two, so there are few) that later requests share.
+    pub fn shared_scratch(&self, name: &'static str, bytes: u64) -> Result<Arc<wgpu::Buffer>> {
+        let mut shared = self.shared.borrow_mut();
+        if let Some(b) = shared.get(name).filter(|b| b.size() >= bytes) {
+            return Ok(b.clone());
+        }
+        let b = self.scratch(name, bytes.next_power_of_two())?;
+        shared.insert(name, b.clone());
+        Ok(b)
     }
 }
 
