@@ -53,8 +53,10 @@ pub fn weight_key(shader: &'static str, dtype: DType) -> Result<KernelKey> {
     Ok(KernelKey::new(shader, "main").def(&format!("W_{}", dtype.name().to_uppercase()), ""))
 }
 
-/// Invocations per workgroup of the software matvec's ROWS_V4 variant: small, so that the few
-/// hundred rows of a small model's products still make a workgroup for every CPU thread.
+/// Invocations per workgroup of the software matvec's ROWS_V4 variant: one SIMD batch of
+/// llvmpipe's 8 lanes, so that the few hundred rows of a small model's products still make a
+/// workgroup for every CPU thread (SmolLM2-shaped Q4_0 products per decode token: 4 invocations
+/// 60-64 ms, half of each batch idle; 8 39 ms; 16 39-41 ms).
 const V4_WG: usize = 8;
 
 /// Whether the software matvec's ROWS_V4 variant serves rows of `k` elements of `dtype`: rows
