@@ -19,7 +19,8 @@
 //           8 k_cache, 9 v_cache: array<f32> [cap_rows, kv_heads * d]
 // Variants:
 // ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a multiple of
-//   4/8/8; Q8_0/Q4_0/Q4_1/Q5_0, whose rows are padded to 16 bytes; Q4_K's 36-word super-blocks):
+//   4/8/8; Q8_0/Q4_0/Q4_1/Q5_0, whose rows are padded to 16 bytes; Q4_K's 36-word and Q6_K's
+//   56-word super-blocks):
 //   eight row dots per invocation in one loop, weights and x read 16 bytes at a time. llvmpipe
 //   (Mesa 22.3) loads storage one lane at a time in a loop with a bounds check per element,
 //   whether or not the address is uniform: a 16-byte load pays that loop once for four words,
@@ -325,6 +326,42 @@ fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let b = k4v_scale_min(sc, 2u * c + 1u);
     let dm = unpack2x16float(h.x);
     return vec4<f32>(dm.x * (a.x * s_lo + b.x * s_hi) - dm.y * (a.y * sx.x + b.y * sx.y), 0.0, 0.0, 0.0);
+}
+#endif
+#ifdef W_Q6_K
+// One half (128 elements) of a 14-unit super-block per step: units 0..8 = ql, 8..12 = qh,
+// 12 = the 16 i8 scales, 13 = d (f32) and padding. ql word r of half h (units 4h..4h + 4)
+// holds positions l0 = 4 (r % 8).. of quarter qd = r / 8 (low nibbles) and qd + 2 (high), with
+// their high bit pairs in qh word 8h + r % 8 at shifts 2 qd and 2 qd + 4; each 16 elements
+// have a scale.
+fn q6_bytes(ql: u32, qh: u32, shift: u32) -> vec4<f32> {
+    return bytes4((ql & 0x0f0f0f0fu) | (((qh >> shift) & 0x03030303u) << 4u)) - 32.0;
+}
+fn v4_steps() -> u32 { return p.row_words / 56u * 2u; }
+fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
+fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
+    let h = i % 2u;
+    let u = rb + 14u * (i / 2u);
+    let sc = w4[u + 12u];
+    let xb = xo + 32u * i;
+    var acc = 0.0;
+    for (var t = 0u; t < 4u; t++) {
+        // ql words 4t.. of the half: quarter qd = t / 2, positions 16 (t % 2)..
+        let ql = w4[u + 4u * h + t];
+        let qh = w4[u + 8u + 2u * h + t % 2u];
+        let qd = t / 2u;
+        let xl = xb + 4u * (t % 2u) + 8u * qd;
+        let s_lo = dot(q6_bytes(ql.x, qh.x, 2u * qd), x4[xl]) + dot(q6_bytes(ql.y, qh.y, 2u * qd), x4[xl + 1u])
+                 + dot(q6_bytes(ql.z, qh.z, 2u * qd), x4[xl + 2u]) + dot(q6_bytes(ql.w, qh.w, 2u * qd), x4[xl + 3u]);
+        let s_hi = dot(q6_bytes(ql.x >> 4u, qh.x, 2u * qd + 4u), x4[xl + 16u]) + dot(q6_bytes(ql.y >> 4u, qh.y, 2u * qd + 4u), x4[xl + 17u])
+                 + dot(q6_bytes(ql.z >> 4u, qh.z, 2u * qd + 4u), x4[xl + 18u]) + dot(q6_bytes(ql.w >> 4u, qh.w, 2u * qd + 4u), x4[xl + 19u]);
+        // Scales 8h + t % 2 + 2 qd (low) and 4 more (high): bytes of sc's words.
+        let j = 8u * h + t % 2u + 2u * qd;
+        let lo = bitcast<i32>(sc[j / 4u] << (24u - 8u * (j % 4u))) >> 24u;
+        let hi = bitcast<i32>(sc[j / 4u + 1u] << (24u - 8u * (j % 4u))) >> 24u;
+        acc += f32(lo) * s_lo + f32(hi) * s_hi;
+    }
+    return vec4<f32>(bitcast<f32>(w4[u + 13u].x) * acc, 0.0, 0.0, 0.0);
 }
 #endif
 

@@ -503,10 +503,10 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
 #endif
 
 #ifdef W_Q6_K
-// Words: ql 0..32, qh 32..48, scales (i8) 48..52, d (f32) 52.
+// Words: ql 0..32, qh 32..48, scales (i8) 48..52, d (f32) 52, zero 53..56.
 fn k6_scale(sb: u32, i: u32) -> f32 { return sext8(byte_of(w[sb + 48u + i / 4u], i % 4u)); }
 fn w_elem(rb: u32, k: u32) -> f32 {
-    let sb = rb + (k / 256u) * 53u;
+    let sb = rb + (k / 256u) * 56u;
     let r = k % 256u;
     let h = r / 128u;
     let qd = (r % 128u) / 32u;
@@ -540,7 +540,7 @@ fn k6_group(sb: u32, sub: u32) -> K6 {
 #define W_OCT
 #define W_BLOCK 256
 fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
-    let sb = rb + blk * 53u;
+    let sb = rb + blk * 56u;
     let g = k6_group(sb, s);
     let d = bitcast<f32>(w[sb + 52u]);
     return Oct(d * g.scale.x * (bytes4(g.q.x) - 32.0), d * g.scale.y * (bytes4(g.q.y) - 32.0), g.o);
@@ -549,7 +549,7 @@ fn w_oct(rb: u32, blk: u32, s: u32) -> Oct {
 // 32 lanes per super-block: lane `sub` takes ql word `sub`.
 #define W_LPB 32
 fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
-    let sb = rb + blk * 53u;
+    let sb = rb + blk * 56u;
     let g = k6_group(sb, sub);
     let s = g.scale.x * dot4u(g.q.x, xo + g.o.x, 32.0) + g.scale.y * dot4u(g.q.y, xo + g.o.y, 32.0);
     return bitcast<f32>(w[sb + 52u]) * s;

@@ -32,8 +32,9 @@
 //! - `Q5_K` (256 elements): GGUF's 176-byte block unchanged (44 words: `d`,`dmin` as f16 pair,
 //!   12 bytes of 6-bit scales/mins, 32 bytes `qh` (bit `i` of byte `l`: the fifth bit of element
 //!   `32 i + l`), 128 nibble bytes laid out as Q4_K's).
-//! - `Q6_K` (256 elements): 53 words = GGUF's `ql`(128 B) `qh`(64 B) `scales`(16 x i8),
-//!   then `d` widened to f32 (GGUF stores it as a trailing f16, which breaks alignment).
+//! - `Q6_K` (256 elements): 56 words = GGUF's `ql`(128 B) `qh`(64 B) `scales`(16 x i8),
+//!   then `d` widened to f32 (GGUF stores it as a trailing f16, which breaks alignment), then 3
+//!   zero words, so that blocks are whole 16-byte units for the software matvec.
 
 use crate::error::{Error, Result};
 use half::{bf16, f16};
@@ -124,7 +125,7 @@ impl DType {
             DType::Q3_K => 29,
             DType::Q4_K => 36,
             DType::Q5_K => 44,
-            DType::Q6_K => 53,
+            DType::Q6_K => 56,
             DType::IQ4_XS => 34,
             _ => 0,
         }
@@ -817,7 +818,7 @@ pub fn pack_for_gpu(
             }
             DType::Q6_K => {
                 for (b, blk) in src.chunks_exact(210).enumerate() {
-                    let g = &mut dst[b * 53..(b + 1) * 53];
+                    let g = &mut dst[b * 56..(b + 1) * 56];
                     for (w, gw) in g.iter_mut().take(52).enumerate() {
                         *gw = word(blk, 4 * w);
                     }

@@ -71,6 +71,8 @@ fn matvec_wide_loads() {
             (DType::Q5_0, 640),
             (DType::Q4_K, 256),
             (DType::Q4_K, 1536),
+            (DType::Q6_K, 256),
+            (DType::Q6_K, 1536),
         ]
         .into_iter()
         .enumerate()

@@ -68,8 +68,8 @@ pub fn rows_v4(dtype: DType, k: usize) -> bool {
         // Rows padded to 16 bytes (DType::row_words); the last group of 4 (Q4_1, Q5_0: 2) blocks may be
         // partial.
         DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 => k.is_multiple_of(32),
-        // 36-word super-blocks.
-        DType::Q4_K => true,
+        // 36- and 56-word super-blocks.
+        DType::Q4_K | DType::Q6_K => true,
         _ => false,
     }
 }
