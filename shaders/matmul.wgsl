@@ -133,13 +133,6 @@ fn fma_k(k: u32, b: vec4<f32>) {
     c6 += x[x6 + k] * b;
     c7 += x[x7 + k] * b;
 }
-// Four consecutive elements from k of the 4 weight rows (a..d).
-fn fma_4(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
-    fma_k(k, vec4<f32>(a.x, b.x, c.x, d.x));
-    fma_k(k + 1u, vec4<f32>(a.y, b.y, c.y, d.y));
-    fma_k(k + 2u, vec4<f32>(a.z, b.z, c.z, d.z));
-    fma_k(k + 3u, vec4<f32>(a.w, b.w, c.w, d.w));
-}
 #endif
 
 #ifdef X4
@@ -182,6 +175,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let w6 = wb + min(n0 + 6u, p.n - 1u) * p.row_words;
     let w7 = wb + min(n0 + 7u, p.n - 1u) * p.row_words;
 #endif
+#ifdef X4
 #ifdef W_OCT
     for (var blk = 0u; blk < p.k / W_BLOCK; blk++) {
         for (var s = 0u; s < W_BLOCK / 8u; s++) {
@@ -199,14 +193,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 #else
-#ifdef X4
     for (var kk = 0u; kk < p.k; kk += 4u) {
         fma_8(kk, vec4<f32>(w_pair(w0, kk), w_pair(w0, kk + 2u)), vec4<f32>(w_pair(w1, kk), w_pair(w1, kk + 2u)),
               vec4<f32>(w_pair(w2, kk), w_pair(w2, kk + 2u)), vec4<f32>(w_pair(w3, kk), w_pair(w3, kk + 2u)),
               vec4<f32>(w_pair(w4, kk), w_pair(w4, kk + 2u)), vec4<f32>(w_pair(w5, kk), w_pair(w5, kk + 2u)),
               vec4<f32>(w_pair(w6, kk), w_pair(w6, kk + 2u)), vec4<f32>(w_pair(w7, kk), w_pair(w7, kk + 2u)));
     }
+#endif
 #else
+    // Rows of any length (every block format's rows are whole blocks, so X4 serves them).
     let k2 = p.k / 2u * 2u;
     for (var kk = 0u; kk < k2; kk += 2u) {
         let b0 = w_pair(w0, kk);
@@ -219,7 +214,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (k2 < p.k) {
         fma_k(k2, vec4<f32>(w_elem(w0, k2), w_elem(w1, k2), w_elem(w2, k2), w_elem(w3, k2)));
     }
-#endif
 #endif
     let acc = array<vec4<f32>, 8>(c0, c1, c2, c3, c4, c5, c6, c7);
     for (var i = 0u; i < 8u; i++) {

@@ -187,14 +187,13 @@ fn x_sum8(xb: u32) -> f32 {
 // One loop step of a row's dot: v4_steps() steps cover the row starting at unit rb; step i's
 // partial dot with x4[xo..] (any split over the four lanes of the result). step_x(i, xo) is
 // what the step needs from x alone (sums of x per block), shared by the invocation's rows.
+// (Formats without one get a zero step_x; those with one define HAS_STEP_X.)
 #ifdef W_F32
 fn v4_steps() -> u32 { return p.row_words / 4u; }
-fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> { return bitcast<vec4<f32>>(w4[rb + i]) * x4[xo + i]; }
 #endif
 #ifdef W_F16
 fn v4_steps() -> u32 { return p.row_words / 4u; }
-fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let q = w4[rb + i];
     return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)) * x4[xo + 2u * i] + vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)) * x4[xo + 2u * i + 1u];
@@ -202,7 +201,6 @@ fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
 #endif
 #ifdef W_BF16
 fn v4_steps() -> u32 { return p.row_words / 4u; }
-fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let q = w4[rb + i];
     return vec4<f32>(bf2(q.x), bf2(q.y)) * x4[xo + 2u * i] + vec4<f32>(bf2(q.z), bf2(q.w)) * x4[xo + 2u * i + 1u];
@@ -215,7 +213,6 @@ fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
 // row (or, past the buffer's end, whatever robust access returns), so those blocks are
 // dropped with select (their scale words may be any bits, NaN included).
 fn v4_steps() -> u32 { return (p.k / 32u + 3u) / 4u; }
-fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let u = rb + 9u * gi;
     let v0 = w4[u]; let v1 = w4[u + 1u]; let v2 = w4[u + 2u]; let v3 = w4[u + 3u]; let v4 = w4[u + 4u];
@@ -238,6 +235,7 @@ fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
 // words; quant word s holds elements 4s.. (low nibbles) and 16 + 4s.. (high), each minus 8.
 // A partial last group: as Q8_0's.
 fn v4_steps() -> u32 { return (p.k / 32u + 3u) / 4u; }
+#define HAS_STEP_X
 fn step_x(gi: u32, xo: u32) -> vec4<f32> {
     let xb = xo + 32u * gi;
     return 8.0 * vec4<f32>(x_sum8(xb), x_sum8(xb + 8u), x_sum8(xb + 16u), x_sum8(xb + 24u));
@@ -258,6 +256,7 @@ fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
 // 4 quant words as Q4_0's; element = q * d + m. An odd last block pairs with the row's
 // padding (or the next row): that half is dropped with select.
 fn v4_steps() -> u32 { return (p.k / 32u + 1u) / 2u; }
+#define HAS_STEP_X
 fn step_x(gi: u32, xo: u32) -> vec4<f32> {
     let xb = xo + 16u * gi;
     return vec4<f32>(x_sum8(xb), x_sum8(xb + 8u), 0.0, 0.0);
@@ -287,6 +286,7 @@ fn q5_dot(q: vec4<u32>, qh: u32, xb: u32) -> f32 {
 // Two blocks (2 x 6 words = 3 units) per step: block j is words 6j..6j+5 = d (f32), qh, then
 // 4 quant words as Q4_0's. An odd last block: as Q4_1's.
 fn v4_steps() -> u32 { return (p.k / 32u + 1u) / 2u; }
+#define HAS_STEP_X
 fn step_x(gi: u32, xo: u32) -> vec4<f32> {
     let xb = xo + 16u * gi;
     return 16.0 * vec4<f32>(x_sum8(xb), x_sum8(xb + 8u), 0.0, 0.0);
@@ -306,6 +306,7 @@ fn step_dot(rb: u32, gi: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
 // pair) and the 12 scale bytes; units 1 + 2c, 2 + 2c = the chunk's 8 quant words: byte l holds
 // element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c + 1) high.
 fn v4_steps() -> u32 { return p.row_words / 9u; }
+#define HAS_STEP_X
 fn step_x(i: u32, xo: u32) -> vec4<f32> {
     let xl = xo + 16u * i;
     return vec4<f32>(x_sum8(xl), x_sum8(xl + 8u), 0.0, 0.0);
@@ -338,7 +339,6 @@ fn q6_bytes(ql: u32, qh: u32, shift: u32) -> vec4<f32> {
     return bytes4((ql & 0x0f0f0f0fu) | (((qh >> shift) & 0x03030303u) << 4u)) - 32.0;
 }
 fn v4_steps() -> u32 { return p.row_words / 56u * 2u; }
-fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     let h = i % 2u;
     let u = rb + 14u * (i / 2u);
@@ -363,6 +363,9 @@ fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
     }
     return vec4<f32>(bitcast<f32>(w4[u + 13u].x) * acc, 0.0, 0.0, 0.0);
 }
+#endif
+#ifndef HAS_STEP_X
+fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 #endif
 
 fn hsum(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }

@@ -65,8 +65,8 @@ pub fn rows_v4(dtype: DType, k: usize) -> bool {
     match dtype {
         DType::F32 => k.is_multiple_of(4),
         DType::F16 | DType::BF16 => k.is_multiple_of(8),
-        // Rows padded to 16 bytes (DType::row_words); the last group of 4 (Q4_1, Q5_0: 2) blocks may be
-        // partial.
+        // Rows padded to 16 bytes (DType::row_words); the last group of 4 (Q4_1, Q5_0: 2)
+        // blocks may be partial.
         DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 => k.is_multiple_of(32),
         // 36- and 56-word super-blocks.
         DType::Q4_K | DType::Q6_K => true,
