@@ -527,3 +527,47 @@ fn info_reports_types_and_whether_a_model_loads() {
     assert!(text.contains("IQ2_XXS") && text.contains("no"), "{text}");
     assert!(err.contains("1 tensors of type IQ2_XXS"), "{err}");
 }
+
+/// A config whose context is 0 positions is refused at load, naming the key, by every command
+/// that loads a text model (it used to panic in text, chat and serve while `info` said the
+/// model could load).
+#[test]
+fn a_context_of_zero_is_refused_by_every_command() {
+    let dir = std::env::temp_dir().join(format!("kiln-ctx0-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = std::path::PathBuf::from(fixture("llama-gqa-f32"));
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    c["max_position_embeddings"] = serde_json::json!(0);
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+    let model = dir.to_str().unwrap();
+    let runs = [
+        kiln(&["text", "-m", model, "--prompt-ids", "1,2"]),
+        kiln_stdin(&["chat", "-m", model], "hello\n"),
+        kiln(&["serve", "-m", model, "--port", "0"]),
+        kiln(&["info", "--model", model]),
+    ];
+    let _ = std::fs::remove_dir_all(&dir);
+    for (what, out) in ["text", "chat", "serve", "info"].iter().zip(runs) {
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "kiln {what} succeeded:\n{all}");
+        assert!(
+            all.contains("max_position_embeddings")
+                && all.contains("0 positions")
+                && !all.contains("panicked"),
+            "kiln {what}:\n{all}"
+        );
+    }
+}

@@ -481,3 +481,30 @@ fn absurd_layer_counts_are_refused() {
         .to_string();
     assert!(e.contains("num_hidden_layers"), "{e}");
 }
+
+/// A context of 0 positions (a damaged `context_length` or `max_position_embeddings`) is
+/// refused when the config is read, naming the key, instead of panicking when the KV cache is
+/// sized.
+#[test]
+fn a_context_of_zero_is_refused() {
+    use kiln::formats::gguf::Value as G;
+    let path = fixture("llm/qwen2-f32/model-f32.gguf");
+    let mut g = Gguf::parse("model-f32.gguf", std::fs::read(path).unwrap()).unwrap();
+    g.meta.insert("qwen2.context_length".into(), G::U64(0));
+    let e = kiln::llm::LlmConfig::from_gguf(&g)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("qwen2.context_length") && e.contains("0 positions"),
+        "{e}"
+    );
+    let cfg = std::fs::read_to_string(fixture("llm/qwen2-f32/config.json")).unwrap();
+    let mut c: Value = serde_json::from_str(&cfg).unwrap();
+    c["max_position_embeddings"] = json!(0);
+    let e = kiln::llm::LlmConfig::from_hf(&c.to_string(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("max_position_embeddings"), "{e}");
+}

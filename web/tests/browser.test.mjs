@@ -8,7 +8,7 @@
 // Env: CHROMIUM (default /usr/bin/chromium), CHROMIUM_EXTRA_FLAGS, KILN_BIN (default
 // target/debug/kiln), VERBOSE=1.
 
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -672,6 +672,60 @@ test("bad model sources give an Error, not a hang", 180000, async () => {
   assert(await page.isVisible("#text-error"), "the error is not shown");
   log(`shown: ${await page.textContent("#text-error")}`);
   await page.close();
+});
+
+/** Starts `kiln serve --port 0 ...args` (the native binary); resolves to { base, proc, log() }. */
+function startKilnServe(args) {
+  assert(existsSync(KILN), `native binary ${KILN} not found: build it with \`cargo build -p kiln-demo\``);
+  const env = { ...process.env, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR ?? tmpdir() };
+  const proc = spawn(KILN, ["serve", "--port", "0", ...args], { env, stdio: ["ignore", "ignore", "pipe"] });
+  let log = "";
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`kiln serve did not start:\n${log}`)), 120000);
+    proc.stderr.on("data", (d) => {
+      log += d;
+      const m = /listening on (http:\/\/\S+)\r?\n/.exec(log);
+      if (m) clearTimeout(timer), resolve({ base: m[1], proc, log: () => log });
+    });
+    proc.on("exit", (code) => reject(new Error(`kiln serve exited (${code}):\n${log}`)));
+  });
+}
+
+test("kiln serve --cors-origin: the demo page on an allowed origin calls it; a page on another origin cannot", 300000, async () => {
+  const KEY = "sk-cors";
+  const serve = await startKilnServe(["-m", join(root, "tests/fixtures/llm/llama-gqa-f32"), "--ctx", "128", "--api-key", KEY, "--cors-origin", new URL(url).origin]);
+  const other = await startServer({ port: 0, log: false });
+  try {
+    const call = (base, key, contentType) =>
+      fetch(`${base}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": contentType, authorization: `Bearer ${key}` },
+        body: JSON.stringify({ messages: [{ role: "user", content: "Hello" }], max_tokens: 4, temperature: 0 }),
+      }).then(async (r) => ({ status: r.status, body: await r.json() }), (e) => ({ error: String(e) }));
+    // The allowed page: a preflighted JSON request with a key, as an OpenAI client sends it.
+    const page = await openDemo(false);
+    const ok = await page.evaluate(`(${call})(${JSON.stringify(serve.base)}, ${JSON.stringify(KEY)}, "application/json")`);
+    await page.close();
+    assert(ok.status === 200 && ok.body.choices?.[0]?.message?.role === "assistant", JSON.stringify(ok));
+    log(`allowed origin ${new URL(url).origin}: 200, ${JSON.stringify(ok.body.choices[0].message.content)}`);
+    // The same demo page from another origin: the preflight is refused, so fetch fails, and a
+    // "simple" text/plain POST (no preflight) is refused by the server before it runs.
+    const foreign = await context.newPage();
+    await foreign.goto(`${other.url}/demo/?worker=0`);
+    const refused = await foreign.evaluate(`(${call})(${JSON.stringify(serve.base)}, ${JSON.stringify(KEY)}, "application/json")`);
+    assert(refused.error && !refused.status, `a foreign origin read an answer: ${JSON.stringify(refused)}`);
+    const before = (serve.log().match(/ chat: /g) ?? []).length;
+    await foreign.evaluate(`fetch(${JSON.stringify(serve.base + "/v1/chat/completions")}, { method: "POST", mode: "no-cors", headers: { "content-type": "text/plain" }, body: JSON.stringify({ messages: [{ role: "user", content: "Hello" }], max_tokens: 4 }) }).catch(() => null)`);
+    await foreign.close();
+    await new Promise((r) => setTimeout(r, 500));
+    const after = (serve.log().match(/ chat: /g) ?? []).length;
+    assert(after === before, `the foreign page's text/plain POST ran a generation:\n${serve.log()}`);
+    log(`foreign origin ${other.url}: ${refused.error}; its text/plain POST did not run`);
+  } finally {
+    serve.proc.kill("SIGKILL");
+    other.server.closeAllConnections();
+    other.server.close();
+  }
 });
 
 test("a Rust panic reaches JavaScript as an Error with its message", 60000, async () => {

@@ -191,8 +191,10 @@ test("bad requests get OpenAI error objects with the right status", async () => 
 test("a wrong or missing API key is refused", async () => {
   const wrong = new OpenAI({ baseURL: `${base}/v1`, apiKey: "sk-wrong", maxRetries: 0 });
   await assert.rejects(wrong.chat.completions.create(greedy), (e) => e.status === 401 && e.code === "invalid_api_key");
-  const res = await post("/v1/models", "", { authorization: "" });
+  const res = await post("/v1/models", "");
   assert.equal(res.status, 405); // GET only
+  const keyless = await post("/v1/models", "", { authorization: "" });
+  assert.equal(keyless.status, 401); // the key is checked first
   const none = await fetch(`${base}/v1/models`);
   assert.equal(none.status, 401);
 });
@@ -229,14 +231,14 @@ test("with no --model the embedded defaults are served; a client that disconnect
   assert.ok(m && Number(m[1]) < 400, `${m?.[1]} tokens generated before the cancel`);
   // An image request whose client leaves stops at the next denoising step.
   before = cancels();
-  const img = http.request(`${defaults}/v1/images/generations`, { method: "POST" });
+  const img = http.request(`${defaults}/v1/images/generations`, { method: "POST", headers: { "content-type": "application/json" } });
   img.on("error", () => {});
   img.end(JSON.stringify({ prompt: "a red circle", steps: 500 }));
   await new Promise((r) => setTimeout(r, 1500));
   img.destroy();
   await waitCancel(before);
   // The server goes on serving.
-  const r = await fetch(`${defaults}/v1/completions`, { method: "POST", body: JSON.stringify({ prompt: "And God said", max_tokens: 4 }) });
+  const r = await fetch(`${defaults}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ prompt: "And God said", max_tokens: 4 }) });
   assert.equal(r.status, 200);
 });
 

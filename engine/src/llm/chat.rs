@@ -34,11 +34,30 @@ fn bad(name: &str, msg: impl Into<String>) -> Error {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
+    /// One of [`ROLES`].
+    #[serde(deserialize_with = "known_role")]
     pub role: String,
     pub content: Content,
     /// Accepted and ignored (OpenAI's participant name).
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// The roles a chat message may have: what chat templates know. (`tool` comes with tool calls.)
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant"];
+
+/// A role from [`ROLES`]; any other is the client's mistake, refused with the list (a template
+/// would otherwise render it as it pleases, or drop the message silently).
+fn known_role<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    let role = String::deserialize(d)?;
+    if ROLES.contains(&role.as_str()) {
+        Ok(role)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "unknown role '{role}' (expected one of: {})",
+            ROLES.join(", ")
+        )))
+    }
 }
 
 /// Message content.

@@ -180,6 +180,20 @@ fn check_layers(layers: usize, key: &str) -> Result<usize> {
     Ok(layers)
 }
 
+/// A context length (`max_position_embeddings`, `{arch}.context_length`) that can hold a prompt
+/// and a reply: at least 2 positions. A 0 in a damaged header would leave no KV-cache position.
+fn check_context(positions: usize, key: &str) -> Result<usize> {
+    if positions < 2 {
+        return Err(Error::Data {
+            name: key.into(),
+            msg: format!(
+                "a context of {positions} positions holds no prompt and reply (at least 2)"
+            ),
+        });
+    }
+    Ok(positions)
+}
+
 fn unsupported(what: impl Into<String>) -> Error {
     Error::Unsupported(what.into())
 }
@@ -348,7 +362,10 @@ impl LlmConfig {
         let kv_heads = c.count("num_key_value_heads", heads)?;
         let head_dim = c.count("head_dim", hidden / heads)?;
         let layers = check_layers(c.need_count("num_hidden_layers")?, "num_hidden_layers")?;
-        let max_positions = c.count("max_position_embeddings", 2048)?;
+        let max_positions = check_context(
+            c.count("max_position_embeddings", 2048)?,
+            "max_position_embeddings",
+        )?;
 
         // Rotary: transformers 5 nests the settings in `rope_parameters` (per layer type for
         // Gemma 3); 4.x has rope_theta / rope_scaling / rope_local_base_freq at the top.
@@ -565,7 +582,8 @@ impl LlmConfig {
                 }
             }
         }
-        let max_positions = u("context_length").unwrap_or(2048);
+        let max_positions =
+            check_context(u("context_length").unwrap_or(2048), &key("context_length"))?;
         let dims = u("rope.dimension_count").unwrap_or(head_dim);
         let theta = f("rope.freq_base").unwrap_or(10000.0) as f32;
         // llama.cpp keeps llama3 scaling as a `rope_freqs.weight` tensor of divisors and

@@ -10,14 +10,17 @@
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (SSE with `"stream": true`),
 //! `POST /v1/images/generations` (`b64_json` PNG), `GET /v1/models`, `GET /health`.
 //! The request logic (templates, defaults, response shapes) is the engine's
-//! [`kiln::llm::chat`] core; this file only routes, queues and frames.
+//! [`kiln::llm::chat`] core; this file only routes, queues and frames. What a request must get
+//! right before its body is read is [`guard`]; connections and their deadlines are [`listen`].
+
+mod guard;
+mod listen;
 
 use crate::{Stage, EXIT_MODEL, EXIT_USAGE};
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -29,6 +32,7 @@ use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, ResponseM
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc::{channel, Sender};
 
 #[derive(clap::Args)]
@@ -49,15 +53,44 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on the /v1 endpoints.
     #[arg(long)]
     api_key: Option<String>,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes (a larger declared Content-Length is refused
+    /// before the body is read).
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
+    /// Seconds a client has to send a request's headers, counted from connecting or from the
+    /// end of its previous response (so also how long an idle keep-alive connection stays).
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body once its headers arrived.
+    #[arg(long, default_value_t = 30.0, value_parser = seconds)]
+    body_timeout: f64,
+    /// Open connections at most; more are answered 503 at once.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// A host name this server answers to besides localhost, IP addresses and --host
+    /// (repeatable): requests naming another Host are refused, against DNS rebinding.
+    #[arg(long, value_name = "NAME")]
+    allowed_host: Vec<String>,
+    /// A web page origin allowed to call this server from a browser, e.g.
+    /// http://localhost:5173 (repeatable; none by default: other pages are refused).
+    #[arg(long, value_name = "ORIGIN")]
+    cors_origin: Vec<String>,
     /// Context length of the text model (KV-cache positions).
     #[arg(long, default_value_t = LoadOptions::default().ctx)]
     ctx: usize,
-    /// Quantize the text model's float matrices on load: none, q4 or q8.
+    /// Quantize the text model's float matrices on load: none, q4, q8, q4_k or q6_k.
     #[arg(long, default_value_t = LoadOptions::default().quantize)]
     quantize: kiln::llm::Quantize,
+}
+
+/// A positive, finite number of seconds.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "'{s}': a number of seconds, more than 0 and at most 86400"
+        )),
+    }
 }
 
 /// Chunks a worker may run ahead of the client reading them.
@@ -102,12 +135,15 @@ impl ApiError {
         json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
     }
 
-    /// The engine's errors: what the request asked for is a 400, the rest a 500.
+    /// The engine's errors: what the request asked for is a 400 (a size past the adapter's
+    /// limits included: models are loaded at start-up, so here it is the request's size), the
+    /// rest a 500.
     fn from_engine(e: kiln::Error) -> ApiError {
         match e {
-            kiln::Error::Data { .. } | kiln::Error::Unsupported(_) | kiln::Error::Shape { .. } => {
-                Self::bad_request(e.to_string())
-            }
+            kiln::Error::Data { .. }
+            | kiln::Error::Unsupported(_)
+            | kiln::Error::Shape { .. }
+            | kiln::Error::TooLarge { .. } => Self::bad_request(e.to_string()),
             kiln::Error::Cancelled => Self::new(
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
                 "cancelled",
@@ -219,7 +255,7 @@ impl<J: Send + 'static> Worker<J> {
 struct App {
     text: Option<Worker<TextJob>>,
     image: Option<Worker<ImageRequest>>,
-    api_key: Option<String>,
+    guard: guard::Guard,
     created: u64,
 }
 
@@ -349,32 +385,6 @@ fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<E
 }
 
 impl App {
-    /// `Authorization: Bearer KEY` when a key is set.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(key) = &self.api_key else {
-            return Ok(());
-        };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if g == key => Ok(()),
-            Some(_) => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "Incorrect API key provided.",
-            )
-            .code("invalid_api_key")),
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "Missing API key: send the header 'Authorization: Bearer KEY'.",
-            )
-            .code("invalid_api_key")),
-        }
-    }
-
     /// The worker a request's `model` names: its id, or `default` (or nothing) for the loaded
     /// one of that kind.
     fn pick<'a, J>(
@@ -404,25 +414,6 @@ impl App {
             .code("model_not_found")),
         }
     }
-}
-
-/// The request body, or the OpenAI-style error for a body that is too large or unreadable.
-fn body_text(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
-    let bytes = body.map_err(|e| {
-        let status = e.status();
-        ApiError::new(
-            status,
-            "invalid_request_error",
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "the request body is larger than this server accepts (kiln serve --max-body)"
-                    .to_string()
-            } else {
-                e.body_text()
-            },
-        )
-    })?;
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 JSON"))
 }
 
 /// Sends a job and answers with the response, or an SSE stream of chunks.
@@ -500,15 +491,9 @@ async fn respond<J: Send + 'static>(worker: &Worker<J>, job: J, stream: bool) ->
 }
 
 /// A text request: parsed into a [`TextJob`] and queued on the text model it names.
-async fn text_request(
-    app: &App,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    parse: fn(&str) -> kiln::Result<TextJob>,
-) -> Response {
+async fn text_request(app: &App, body: Body, parse: fn(&str) -> kiln::Result<TextJob>) -> Response {
     let r = async {
-        app.authorize(headers)?;
-        let job = parse(&body_text(body)?).map_err(ApiError::from_engine)?;
+        let job = parse(&app.guard.read_body(body).await?).map_err(ApiError::from_engine)?;
         let sampling = match &job {
             TextJob::Chat(r) => &r.sampling,
             TextJob::Completion(r) => &r.sampling,
@@ -520,36 +505,20 @@ async fn text_request(
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    text_request(&app, &headers, body, |s| {
-        ChatRequest::from_json(s).map(TextJob::Chat)
-    })
-    .await
+async fn chat_completions(State(app): State<Arc<App>>, body: Body) -> Response {
+    text_request(&app, body, |s| ChatRequest::from_json(s).map(TextJob::Chat)).await
 }
 
-async fn completions(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    text_request(&app, &headers, body, |s| {
+async fn completions(State(app): State<Arc<App>>, body: Body) -> Response {
+    text_request(&app, body, |s| {
         CompletionRequest::from_json(s).map(TextJob::Completion)
     })
     .await
 }
 
-async fn images(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn images(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
-        app.authorize(&headers)?;
-        let req: ImageRequest = serde_json::from_str(&body_text(body)?)
+        let req: ImageRequest = serde_json::from_str(&app.guard.read_body(body).await?)
             .map_err(|e| ApiError::bad_request(format!("image request: {e}")))?;
         let w = App::pick(&app.image, "image", req.model.as_deref())?;
         Ok::<_, ApiError>(respond(w, req, false).await)
@@ -557,10 +526,7 @@ async fn images(
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(e) = app.authorize(&headers) {
-        return e.into_response();
-    }
+async fn models(State(app): State<Arc<App>>) -> Response {
     let mut data = Vec::new();
     let mut entry = |id: &str, kind: &str| {
         data.push(json!({"id": id, "object": "model", "created": app.created, "owned_by": "kiln", "kiln": {"kind": kind}}));
@@ -648,7 +614,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let app = Arc::new(App {
         text,
         image,
-        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        guard: guard::Guard::new(
+            &a.host,
+            &a.allowed_host,
+            &a.cors_origin,
+            a.api_key.clone(),
+            a.max_body,
+            Duration::from_secs_f64(a.body_timeout),
+        ),
         created: kiln::llm::chat::unix_seconds(),
     });
     let router = Router::new()
@@ -658,8 +631,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(a.max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            guard::check,
+        ))
         .with_state(app);
+    let limits = listen::Limits {
+        max_connections: a.max_connections as usize,
+        header_timeout: Duration::from_secs_f64(a.header_timeout),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -674,12 +654,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         if a.host != "127.0.0.1" && a.host != "localhost" && a.api_key.is_none() {
             eprintln!("warning: bound to {} without --api-key: anyone who can reach this address can use the models", a.host);
         }
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving")?;
+        listen::serve(listener, router, limits, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
