@@ -196,7 +196,7 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
 /// without: time to first token and tokens prefilled per turn, and whether the greedy replies
 /// are the same.
 pub fn chat(quick: bool, as_json: bool) -> Result<()> {
-    use kiln::llm::{ChatRequest, Prepared, ResponseMeta};
+    use kiln::llm::{ChatRequest, Prepared};
     let gpu = crate::gpu()?;
     let (user_len, reply_len) = if quick { (24, 8) } else { (64, 32) };
     let mut f = files();
@@ -223,7 +223,7 @@ pub fn chat(quick: bool, as_json: bool) -> Result<()> {
         let warm = ChatRequest::from_json(
             r#"{"messages": [{"role": "user", "content": "t1 t2 t3"}], "max_tokens": 2, "temperature": 0}"#,
         )?;
-        let p = Prepared::chat(m, &warm, ResponseMeta::new("chatcmpl", "bench"))?;
+        let p = Prepared::chat(m, &warm, "bench")?;
         pollster::block_on(p.run(m, &mut |_| true))?;
         m.reset_cache();
     }
@@ -238,7 +238,7 @@ pub fn chat(quick: bool, as_json: bool) -> Result<()> {
             &json!({"messages": messages, "temperature": 0, "max_tokens": reply_len}).to_string(),
         )?;
         let run = |m: &mut TextModel| -> Result<serde_json::Value> {
-            let p = Prepared::chat(m, &req, ResponseMeta::new("chatcmpl", "bench"))?;
+            let p = Prepared::chat(m, &req, "bench")?;
             Ok(pollster::block_on(p.run(m, &mut |_| true))?)
         };
         let a = run(&mut with)?;

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::llm::chat::{Overflow, Sampling};
 use kiln::llm::{
-    ChatRequest, LoadOptions, Message, Prepared, Quantize, ResponseMeta, TextModel, TextOptions,
+    ChatRequest, LoadOptions, Message, Prepared, Quantize, TextModel, TextOptions,
 };
 use kiln::{Gpu, GpuOptions};
 use std::io::Write;
@@ -44,7 +44,7 @@ enum Cmd {
     Image(image::ImageArgs),
     /// Serve the models over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
-    /// Benchmarks: `kernels` or `text`.
+    /// Benchmarks: kernels, text, chat, image or soak.
     Bench(bench::BenchArgs),
     /// List adapters, features and limits; with --model, what a model file holds and whether
     /// Kiln can load it (from its headers, before loading anything).
@@ -464,7 +464,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             ..Default::default()
         };
         let mut out = std::io::stdout();
-        let r = Prepared::chat(&model, &req, ResponseMeta::new("chatcmpl", "kiln")).and_then(|p| {
+        let r = Prepared::chat(&model, &req, "kiln").and_then(|p| {
             pollster::block_on(p.run(&mut model, &mut |chunk| {
                 if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
                     let _ = out.write_all(t.as_bytes());

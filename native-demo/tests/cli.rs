@@ -571,3 +571,110 @@ fn a_context_of_zero_is_refused_by_every_command() {
         );
     }
 }
+
+/// The long flags a help text lists (`--model`, ...), without `--help`/`--version`.
+fn help_flags(help: &str) -> Vec<String> {
+    help.lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let l = l
+                .strip_prefix('-')
+                .filter(|r| !r.starts_with('-'))
+                .map_or(l, |r| r.split_once(", ").map_or(l, |(_, rest)| rest));
+            let flag = l.strip_prefix("--")?;
+            let name: String = flag
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            (!name.is_empty() && name != "help" && name != "version").then(|| format!("--{name}"))
+        })
+        .collect()
+}
+
+/// The README and the binary agree: the commands `kiln --help` lists are the ones in the README's
+/// command list (and `kiln bench`'s benchmarks too), every flag of every command is documented,
+/// and `--quantize` lists the same types everywhere.
+#[test]
+fn help_and_readme_agree() {
+    let readme =
+        std::fs::read_to_string(format!("{}/../README.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let help = |args: &[&str]| {
+        let out = kiln(args);
+        assert!(out.status.success(), "kiln {args:?} --help failed");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let set = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<_>>();
+    // `kiln X ...` lines of the README's code blocks.
+    let readme_cmds = |depth: usize, first: Option<&str>| {
+        set(readme
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.first() == Some(&"kiln")
+                    && w.len() > depth
+                    && first.is_none_or(|f| w.get(1) == Some(&f))
+                    && w[depth].chars().all(|c| c.is_ascii_lowercase()))
+                .then(|| w[depth].to_string())
+            })
+            .collect())
+    };
+    let top = help(&["--help"]);
+    let cmds = set(top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect());
+    assert_eq!(
+        cmds,
+        readme_cmds(1, None),
+        "kiln --help's commands vs the README's"
+    );
+    let bench = help(&["bench", "--help"]);
+    let benches = set(bench
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- "))
+        .filter_map(|l| l.split([':', ' ']).next().map(str::to_string))
+        .collect());
+    assert_eq!(
+        benches,
+        readme_cmds(2, Some("bench")),
+        "kiln bench's benchmarks vs the README's"
+    );
+    let quantize = |h: &str| {
+        h.lines()
+            .skip_while(|l| !l.trim_start().starts_with("--quantize"))
+            .nth(1)
+            .map(|l| {
+                l.split_once(": ")
+                    .map_or("", |(_, v)| v)
+                    .split(" [")
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    for cmd in cmds.iter().map(String::as_str).chain(["bench"]) {
+        let h = help(&[cmd, "--help"]);
+        for flag in help_flags(&h) {
+            assert!(
+                readme.contains(&flag),
+                "kiln {cmd} {flag} is not in the README"
+            );
+        }
+        if h.contains("--quantize") {
+            let q = quantize(&h);
+            assert!(
+                q.starts_with("none, q4, q8, q4_k or q6_k"),
+                "kiln {cmd} --quantize lists {q:?}"
+            );
+            assert!(
+                readme.contains("--quantize q4|q8|q4_k|q6_k"),
+                "the README's --quantize"
+            );
+        }
+    }
+}

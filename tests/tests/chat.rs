@@ -6,8 +6,7 @@
 use kiln::kernels::sample::SamplerSettings;
 use kiln::llm::chat::{chat_ids, fit_conversation, Overflow};
 use kiln::llm::{
-    ChatRequest, CompletionRequest, GenerateOptions, LoadOptions, Message, Prepared, ResponseMeta,
-    TextModel,
+    ChatRequest, CompletionRequest, GenerateOptions, LoadOptions, Message, Prepared, TextModel,
 };
 use serde_json::Value;
 use std::path::PathBuf;
@@ -36,7 +35,7 @@ fn load(case: &str, ctx: usize, keep_logits: bool) -> TextModel {
 
 fn chat(model: &mut TextModel, body: &str) -> kiln::Result<Value> {
     let req = ChatRequest::from_json(body)?;
-    let p = Prepared::chat(model, &req, ResponseMeta::new("chatcmpl", "test"))?;
+    let p = Prepared::chat(model, &req, "test")?;
     pollster::block_on(p.run(model, &mut |_| true))
 }
 
@@ -229,7 +228,7 @@ fn requests_that_mean_nothing_are_errors() {
     .unwrap();
     assert_eq!(ok["usage"]["completion_tokens"], 2);
     let e = CompletionRequest::from_json(r#"{"prompt": "x", "echo": true}"#)
-        .map(|r| Prepared::completion(&m, &r, ResponseMeta::new("cmpl", "t")).map(|_| ()));
+        .map(|r| Prepared::completion(&m, &r, "t").map(|_| ()));
     assert!(e.unwrap().unwrap_err().to_string().contains("echo"));
 }
 
@@ -292,7 +291,7 @@ fn finish_reasons_and_stop_strings() {
     // A streaming request that the caller stops ends as "cancelled".
     let req = ChatRequest::from_json(&format!("{{{base}, \"max_tokens\": 6, \"stream\": true}}"))
         .unwrap();
-    let p = Prepared::chat(&m, &req, ResponseMeta::new("chatcmpl", "t")).unwrap();
+    let p = Prepared::chat(&m, &req, "t").unwrap();
     let mut n = 0;
     let r = pollster::block_on(p.run(&mut m, &mut |_| {
         n += 1;

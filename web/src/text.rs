@@ -126,15 +126,15 @@ impl TextModel {
         model_id: String,
         on_chunk: js_sys::Function,
     ) -> js_sys::Promise {
-        use kiln::llm::{ChatRequest, CompletionRequest, Prepared, ResponseMeta};
+        use kiln::llm::{ChatRequest, CompletionRequest, Prepared};
         let shared = self.model.clone();
         future_to_promise(async move {
             let mut m = take(&shared)?;
             let prepared = match kind.as_str() {
                 "chat" => ChatRequest::from_json(&request)
-                    .and_then(|r| Prepared::chat(&m, &r, ResponseMeta::new("chatcmpl", &model_id))),
+                    .and_then(|r| Prepared::chat(&m, &r, &model_id)),
                 _ => CompletionRequest::from_json(&request).and_then(|r| {
-                    Prepared::completion(&m, &r, ResponseMeta::new("cmpl", &model_id))
+                    Prepared::completion(&m, &r, &model_id)
                 }),
             };
             let mut failed = None;

@@ -395,8 +395,9 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    /// A fresh id with `prefix`, the current time, and the model id.
-    pub fn new(prefix: &str, model: &str) -> ResponseMeta {
+    /// A fresh id with `prefix` (OpenAI's `chatcmpl` or `cmpl`, chosen by [`Prepared::chat`] and
+    /// [`Prepared::completion`]), the current time, and the model id.
+    fn new(prefix: &str, model: &str) -> ResponseMeta {
         ResponseMeta {
             id: format!("{prefix}-{:08x}{:08x}", random_seed(), random_seed()),
             created: unix_seconds(),
@@ -453,7 +454,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// A chat request against a model.
-    pub fn chat(model: &TextModel, req: &ChatRequest, meta: ResponseMeta) -> Result<Prepared> {
+    pub fn chat(model: &TextModel, req: &ChatRequest, model_id: &str) -> Result<Prepared> {
         let logprobs = req.logprobs.unwrap_or(false);
         let top = req.top_logprobs.unwrap_or(0);
         if top > 0 && !logprobs {
@@ -483,7 +484,7 @@ impl Prepared {
             include_usage: req.sampling.include_usage(),
             logprobs,
             dropped,
-            meta,
+            meta: ResponseMeta::new("chatcmpl", model_id),
         })
     }
 
@@ -491,7 +492,7 @@ impl Prepared {
     pub fn completion(
         model: &TextModel,
         req: &CompletionRequest,
-        meta: ResponseMeta,
+        model_id: &str,
     ) -> Result<Prepared> {
         if req.echo == Some(true) {
             return Err(Error::Unsupported("echo".into()));
@@ -530,7 +531,7 @@ impl Prepared {
             include_usage: req.sampling.include_usage(),
             logprobs: req.logprobs.is_some(),
             dropped: 0,
-            meta,
+            meta: ResponseMeta::new("cmpl", model_id),
         })
     }
 

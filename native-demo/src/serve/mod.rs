@@ -28,7 +28,7 @@ use base64::Engine as _;
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
 use kiln::diffusion::pipeline::{ImageOptions, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
-use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, ResponseMeta, TextModel};
+use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, TextModel};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -263,11 +263,11 @@ struct App {
 fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Sender<Event>) {
     let (prepared, what) = match &job {
         TextJob::Chat(r) => (
-            Prepared::chat(model, r, ResponseMeta::new("chatcmpl", model_id)),
+            Prepared::chat(model, r, model_id),
             "chat",
         ),
         TextJob::Completion(r) => (
-            Prepared::completion(model, r, ResponseMeta::new("cmpl", model_id)),
+            Prepared::completion(model, r, model_id),
             "completion",
         ),
     };
