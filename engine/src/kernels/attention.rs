@@ -95,7 +95,7 @@ pub fn splits(base: usize, lk: usize) -> usize {
         .max(1)
 }
 
-crate::params!(
+super::params!(
     /// Uniforms of `attention.wgsl` (both the main pass and the split reduce).
     AttentionParams, "attention.wgsl", [] {
         b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,

@@ -9,7 +9,7 @@ use super::{
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 
-crate::params!(
+super::params!(
     /// Uniforms of `conv2d.wgsl`.
     ConvParams, "conv2d.wgsl", [] {
         m: u32, n: u32, k: u32, ci: u32,

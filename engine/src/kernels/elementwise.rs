@@ -26,45 +26,45 @@ fn one<P: ShaderParams>(
     vec![dispatch(key(variant), p, b, elementwise_groups(n))]
 }
 
-crate::params!(
+super::params!(
     /// Uniforms of the `UNARY` variant.
     UnaryParams, "elementwise.wgsl", ["UNARY"] { n: u32, op: u32, mul: f32, add: f32 }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `BINARY` variant (shape and broadcast strides at rank 4).
     BinaryParams, "elementwise.wgsl", ["BINARY"] {
         n: u32, op: u32, d1: u32, d2: u32, d3: u32,
         sa0: u32, sa1: u32, sa2: u32, sa3: u32, sb0: u32, sb1: u32, sb2: u32, sb3: u32,
     }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `GLU` variant.
     GluParams, "elementwise.wgsl", ["GLU"] {
         rows: u32, f: u32, g_off: u32, g_rs: u32, u_off: u32, u_rs: u32, act: u32,
     }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `TIMESTEP` variant.
     TimestepParams, "elementwise.wgsl", ["TIMESTEP"] {
         b: u32, half: u32, flip: u32, shift: f32, log_max_period: f32,
     }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `COPY` variant.
     CopyParams, "elementwise.wgsl", ["COPY"] {
         n: u32, cap: u32, dst_add: u32, dst_slot: u32, dst_mul: u32, src_add: u32, src_slot: u32,
         src_mul: u32,
     }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `UPSAMPLE` variant.
     UpsampleParams, "elementwise.wgsl", ["UPSAMPLE"] { n: u32, h: u32, w: u32 }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `CONCAT` variant.
     ConcatParams, "elementwise.wgsl", ["CONCAT"] { n: u32, a: u32, b: u32 }
 );
-crate::params!(
+super::params!(
     /// Uniforms of the `TRANSPOSE` variant.
     TransposeParams, "elementwise.wgsl", ["TRANSPOSE"] { n: u32, m: u32, k: u32 }
 );

@@ -15,7 +15,7 @@ use crate::error::{shape_err, Error, Result};
 /// Inputs with at most this many rows use the matvec kernel; more use the GEMM.
 pub const MATVEC_MAX_ROWS: usize = 2;
 
-crate::params!(
+super::params!(
     /// Uniforms of `matvec.wgsl`.
     MatvecParams, "matvec.wgsl", [] {
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
@@ -25,7 +25,7 @@ crate::params!(
     }
 );
 
-crate::params!(
+super::params!(
     /// Uniforms of `matmul.wgsl`.
     MatmulParams, "matmul.wgsl", [] {
         m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32,
@@ -33,7 +33,7 @@ crate::params!(
     }
 );
 
-crate::params!(
+super::params!(
     /// Uniforms of `gather.wgsl`.
     GatherParams, "gather.wgsl", [] {
         n: u32, d: u32, row_words: u32, row_start: u32, rows: u32, total_rows: u32,

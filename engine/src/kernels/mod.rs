@@ -93,7 +93,8 @@ pub trait ShaderParams: bytemuck::Pod {
 }
 
 /// Declares a shader's uniform block: `params!(MatvecParams, "matvec.wgsl", [] { rows: u32, .. })`.
-#[macro_export]
+/// Crate-private and used as `super::params!` by the kernel files, so they import nothing above
+/// the kernels layer.
 macro_rules! params {
     ($(#[$m:meta])* $name:ident, $shader:literal, [$($def:literal),*] { $($f:ident : $t:ident),* $(,)? }) => {
         $(#[$m])*
@@ -107,6 +108,7 @@ macro_rules! params {
         }
     };
 }
+pub(crate) use params;
 
 /// The layout of one parameter block, for the WGSL parity test.
 #[derive(Clone, Copy, Debug)]

@@ -7,14 +7,14 @@ use super::{
 };
 use crate::error::{shape_err, Result};
 
-crate::params!(
+super::params!(
     /// Uniforms of `norm.wgsl` (every variant).
     NormParams, "norm.wgsl", ["RMS"] {
         rows: u32, d: u32, eps: f32, groups: u32, channels: u32, spatial: u32, silu: u32,
     }
 );
 
-crate::params!(
+super::params!(
     /// Uniforms of `softmax.wgsl`.
     SoftmaxParams, "softmax.wgsl", [] { rows: u32, d: u32 }
 );

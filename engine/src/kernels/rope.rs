@@ -21,7 +21,7 @@ fn check_table(op: &str, t: &[usize], d: usize) -> Result<()> {
     Ok(())
 }
 
-crate::params!(
+super::params!(
     /// Uniforms of `rope.wgsl`.
     RopeParams, "rope.wgsl", [] {
         n: u32, seq: u32, heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
@@ -91,7 +91,7 @@ impl Kernel for Rope {
     }
 }
 
-crate::params!(
+super::params!(
     /// Uniforms of `rope.wgsl`'s KV variant.
     RopeKvParams, "rope.wgsl", ["KV"] {
         n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,

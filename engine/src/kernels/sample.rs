@@ -167,19 +167,19 @@ impl SamplerSettings {
     }
 }
 
-crate::params!(
+super::params!(
     /// Uniforms of `sample.wgsl`.
     SampleParams, "sample.wgsl", [] {
         v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
     }
 );
 
-crate::params!(
+super::params!(
     /// Uniforms of `noise.wgsl`.
     NoiseParams, "noise.wgsl", [] { n: u32, seed_add: u32, seed_slot: u32, seed_mul: u32, stream: u32 }
 );
 
-crate::params!(
+super::params!(
     /// Uniforms of `noise.wgsl`'s known-answer entry point.
     PhiloxKatParams, "noise.wgsl", ["PHILOX_KAT"] { n: u32 }
 );

@@ -15,7 +15,7 @@ use crate::tensor::numel;
 /// see [`StepCoeffs`].
 pub const COEFFS: usize = 9;
 
-crate::params!(
+super::params!(
     /// Uniforms of `scheduler.wgsl`.
     SchedulerParams, "scheduler.wgsl", [] {
         n: u32, cfg: u32, copies: u32, rows: u32, step_add: u32, step_slot: u32, step_mul: u32,
