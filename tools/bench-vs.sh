@@ -36,13 +36,9 @@ sdist_source() { # package version subdir
     local work=${TMPDIR:-/tmp}/$1-$2
     mkdir -p "$work"
     if [ ! -d "$work/src" ]; then
-        local api="https://pypi.org/pypi/$1/json"
-        local url
-        url=$(curl -fsSL "$api" | python3 -c '
-import json, sys, urllib.parse
-files = json.load(sys.stdin)["releases"][sys.argv[2]]
-print(urllib.parse.urljoin(sys.argv[1], next(u["url"] for u in files if u["packagetype"] == "sdist")))' "$api" "$2")
-        curl -fsSL -o "$work/sdist.tar.gz" "$url"
+        # The ordinary client fetches the sdist (only it, not its build dependencies, from source).
+        python3 -m pip download --quiet --no-deps --no-binary "$1" -d "$work/dl" "$1==$2" >&2
+        mv "$work"/dl/*.tar.gz "$work/sdist.tar.gz"
         mkdir -p "$work/src"
         tar xzf "$work/sdist.tar.gz" -C "$work/src" --strip-components=1
     fi

