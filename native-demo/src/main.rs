@@ -301,7 +301,7 @@ fn load_model(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
             std::fs::read_to_string(t).with_context(|| format!("reading the chat template {t}"))?,
         ),
         Some(t)
-            if kiln::tokenizer::BUILTIN_CHAT_TEMPLATES
+            if kiln::llm::BUILTIN_CHAT_TEMPLATES
                 .iter()
                 .any(|(n, _)| n == t) =>
         {
@@ -309,7 +309,7 @@ fn load_model(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
         }
         Some(t) => bail!(
             "--chat-template '{t}' is neither a file nor a built-in template ({})",
-            kiln::tokenizer::BUILTIN_CHAT_TEMPLATES
+            kiln::llm::BUILTIN_CHAT_TEMPLATES
                 .iter()
                 .map(|(n, _)| *n)
                 .collect::<Vec<_>>()

@@ -261,3 +261,160 @@ fn params_check_catches_mismatches() {
         assert!(compare(&l, &bad).is_err(), "not caught:\n{bad}");
     }
 }
+
+/// Engine paths a front-end source names: `kiln::a::b` and the entries of `use kiln::{..}`
+/// groups (one level of nesting), comments removed.
+fn kiln_paths(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = src.as_bytes();
+    let mut i = 0;
+    while let Some(j) = src[i..].find("kiln::") {
+        let at = i + j;
+        i = at + 6;
+        if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+            continue;
+        }
+        let rest = &src[i..];
+        let path_end = |r: &str| {
+            r.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(r.len())
+        };
+        if let Some(group) = rest.strip_prefix('{') {
+            // Split at top-level commas; a nested `a::{b, c}` expands to `a::b`, `a::c`.
+            let mut depth = 0;
+            let mut cur = String::new();
+            let mut items = Vec::new();
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        items.push(std::mem::take(&mut cur));
+                        continue;
+                    }
+                    _ => {}
+                }
+                cur.push(c);
+            }
+            items.push(cur);
+            for it in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+                match it.split_once("::{") {
+                    Some((prefix, inner)) => out.extend(
+                        inner
+                            .trim_end_matches('}')
+                            .split(',')
+                            .map(|x| format!("{prefix}::{}", x.trim())),
+                    ),
+                    None => out.push(it.to_string()),
+                }
+            }
+        } else {
+            out.push(rest[..path_end(rest)].trim_end_matches(':').to_string());
+        }
+    }
+    out
+}
+
+/// Whether an engine path is below the front ends' contract (ARCHITECTURE.md, "The layers").
+fn below_contract(path: &str) -> bool {
+    const CONTRACT: &[&str] = &[
+        "llm",
+        "diffusion",
+        "Error",
+        "Result",
+        "error",
+        "device",
+        "Gpu",
+        "GpuOptions",
+        "GpuFeatures",
+        "CounterSnapshot",
+        "formats::ModelFiles",
+        "formats::files",
+    ];
+    !CONTRACT
+        .iter()
+        .any(|c| path == *c || path.starts_with(&format!("{c}::")))
+}
+
+/// The files ARCHITECTURE.md lists as reaching below the contract.
+fn documented_below_contract() -> BTreeSet<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ARCHITECTURE.md"))
+            .unwrap();
+    let start = doc
+        .find("<!-- below-contract")
+        .expect("ARCHITECTURE.md's below-contract list");
+    let end = doc
+        .find("<!-- end below-contract")
+        .expect("the list's end marker");
+    doc[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("- `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A front-end file that uses formats, graph, kernels, the reference (anything below the
+/// contract) must be on ARCHITECTURE.md's list, and every listed file must still need to be.
+#[test]
+fn front_ends_reach_below_the_contract_only_where_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in ["native-demo/src", "web/src"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let mut below = BTreeMap::new();
+    for f in &files {
+        let src = code(&std::fs::read_to_string(f).unwrap());
+        let paths: Vec<String> = kiln_paths(&src)
+            .into_iter()
+            .filter(|p| below_contract(p))
+            .collect();
+        if !paths.is_empty() {
+            let rel = f
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            below.insert(rel, paths);
+        }
+    }
+    let listed = documented_below_contract();
+    let undocumented: Vec<String> = below
+        .iter()
+        .filter(|(f, _)| !listed.contains(*f))
+        .map(|(f, p)| format!("{f}: {p:?}"))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "front-end files reaching below the contract without a reason in ARCHITECTURE.md \
+         (route them through llm/diffusion, or list them):\n{}",
+        undocumented.join("\n")
+    );
+    let stale: Vec<&String> = listed.iter().filter(|f| !below.contains_key(*f)).collect();
+    assert!(
+        stale.is_empty(),
+        "listed in ARCHITECTURE.md but no longer below the contract: {stale:?}"
+    );
+}
+
+/// The path reader sees plain paths and groups, nested one level.
+#[test]
+fn front_end_paths_are_read() {
+    let src = "use kiln::{formats::{gguf, ModelFiles}, Gpu};\nlet p: kiln::Plan = kiln::llm::x();";
+    let got = kiln_paths(src);
+    assert_eq!(
+        got,
+        [
+            "formats::gguf",
+            "formats::ModelFiles",
+            "Gpu",
+            "Plan",
+            "llm::x"
+        ]
+    );
+    let below: Vec<&String> = got.iter().filter(|p| below_contract(p)).collect();
+    assert_eq!(below, ["formats::gguf", "Plan"]);
+}

@@ -47,10 +47,9 @@ pub fn gguf_text_memory(
     file_bytes: f64,
     ctx: usize,
 ) -> Result<Option<String>, JsValue> {
-    let Some(g) = kiln::formats::gguf::Gguf::parse_metadata(name, prefix).map_err(js_err)? else {
+    let Some(cfg) = kiln::llm::LlmConfig::from_gguf_prefix(name, prefix).map_err(js_err)? else {
         return Ok(None);
     };
-    let cfg = kiln::llm::LlmConfig::from_gguf(&g).map_err(js_err)?;
     memory_json(&cfg, file_bytes, ctx).map(Some)
 }
 

@@ -707,6 +707,14 @@ impl LlmConfig {
         cfg.validate()
     }
 
+    /// From the first bytes of a `.gguf` file (a browser fetches only those to size a model):
+    /// `None` when `prefix` ends inside the metadata (read more and ask again).
+    pub fn from_gguf_prefix(name: &str, prefix: &[u8]) -> Result<Option<LlmConfig>> {
+        Gguf::parse_metadata(name, prefix)?
+            .map(|g| LlmConfig::from_gguf(&g))
+            .transpose()
+    }
+
     /// Whether layer `i` attends through the sliding window.
     pub fn window(&self, layer: usize) -> Option<usize> {
         self.sliding_window

@@ -9,7 +9,7 @@ pub mod options;
 pub mod weights;
 
 pub use crate::formats::ModelFiles;
-pub use crate::tokenizer::TextTokenizer;
+pub use crate::tokenizer::{TextTokenizer, BUILTIN_CHAT_TEMPLATES};
 pub use crate::weights::Quantize;
 pub use chat::{ChatRequest, CompletionRequest, Message, Prepared, ResponseMeta};
 pub use config::{Arch, LlmConfig};
