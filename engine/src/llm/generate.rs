@@ -4,6 +4,7 @@
 
 use super::config::LlmConfig;
 use super::model::{build_step, KvCache, Step};
+use super::options::LoadOptions;
 use super::weights::{gguf_name, gguf_name_gemma, LlmWeights};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -26,37 +27,6 @@ pub const TAIL_VIA_DECODE: usize = 4;
 /// costs 20-40 one-token runs (lavapipe: a 6-token prompt of SmolLM2-135M Q4_1 took 3.6 s to
 /// its first token through a chunk, 0.6 s through 6 decode runs).
 const SOFTWARE_TAIL_FRACTION: usize = 4;
-
-/// How to load a text model (JSON: `ctx`, `quantize`).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LoadOptions {
-    /// Context length (KV-cache positions); capped by the model's maximum.
-    pub ctx: usize,
-    pub quantize: Quantize,
-    /// Also keep the last logits readable (tests, debugging).
-    #[serde(skip)]
-    pub keep_logits: bool,
-    /// Prompt tokens per prefill run.
-    #[serde(skip)]
-    pub prefill_chunk: usize,
-    /// A chat template to use instead of the model's: a built-in name (see
-    /// [`crate::tokenizer::BUILTIN_CHAT_TEMPLATES`]) or Jinja text. Without one, a model whose
-    /// files carry no template gets its architecture's (Gemma's turns for Gemma 2/3).
-    pub chat_template: Option<String>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            ctx: 2048,
-            quantize: Quantize::None,
-            keep_logits: false,
-            prefill_chunk: PREFILL_CHUNK,
-            chat_template: None,
-        }
-    }
-}
 
 /// Options of one generation.
 #[derive(Clone, Debug)]

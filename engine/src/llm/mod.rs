@@ -1,5 +1,7 @@
-//! Llama-family text generation: configs, weights, the decoder graph, tokenizers and chat
-//! templates, and the decode loop.
+//! Text generation for the decoder families Kiln reads (Llama, Mistral, Qwen2/3, Gemma 2/3,
+//! Phi-3): `config` (HF and GGUF configs), `weights` (checkpoint names to tensors), `model` (the
+//! decoder graph and KV cache), `generate` (`TextModel`: load, prefill, the decode loop),
+//! `chat` (the OpenAI-shaped request core) and `options` (the front-end contract).
 
 pub mod chat;
 pub mod config;
@@ -13,5 +15,5 @@ pub use crate::tokenizer::{TextTokenizer, BUILTIN_CHAT_TEMPLATES};
 pub use crate::weights::Quantize;
 pub use chat::{ChatRequest, CompletionRequest, Message, Prepared, ResponseMeta};
 pub use config::{Arch, LlmConfig};
-pub use generate::{GenerateOptions, Generation, LoadOptions, StopReason, TextModel};
-pub use options::TextOptions;
+pub use generate::{GenerateOptions, Generation, StopReason, TextModel};
+pub use options::{LoadOptions, TextOptions};

@@ -1,4 +1,4 @@
-//! The Llama/Qwen2 decoder as a graph: one function builds the graph of a step over `t` tokens
+//! The decoder of every family in `config::Arch` as a graph: one function builds the graph of a step over `t` tokens
 //! at a run-time position. The prefill graph (t = chunk) and the decode graph (t = 1) are two
 //! compilations of it. Token ids come from the history tensor on the GPU and the sampled id goes
 //! back into it, so decode needs nothing from the CPU but the run scalars.

@@ -4,11 +4,43 @@
 //! `TextOptions::default()`, the browser sends JSON that deserializes into the same types.
 //! Fields are snake_case; the camelCase spelling JavaScript uses is accepted too.
 
-use super::generate::{GenerateOptions, Generation, LoadOptions, StopReason};
+use super::generate::{GenerateOptions, Generation, StopReason, PREFILL_CHUNK};
 use crate::error::{Error, Result};
 use crate::kernels::sample::SamplerSettings;
 use crate::tokenizer::TextTokenizer;
+use crate::weights::Quantize;
 use serde::{Deserialize, Serialize};
+
+/// How to load a text model (JSON: `ctx`, `quantize`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadOptions {
+    /// Context length (KV-cache positions); capped by the model's maximum.
+    pub ctx: usize,
+    pub quantize: Quantize,
+    /// Also keep the last logits readable (tests, debugging).
+    #[serde(skip)]
+    pub keep_logits: bool,
+    /// Prompt tokens per prefill run.
+    #[serde(skip)]
+    pub prefill_chunk: usize,
+    /// A chat template to use instead of the model's: a built-in name (see
+    /// [`crate::tokenizer::BUILTIN_CHAT_TEMPLATES`]) or Jinja text. Without one, a model whose
+    /// files carry no template gets its architecture's (Gemma's turns for Gemma 2/3).
+    pub chat_template: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ctx: 2048,
+            quantize: Quantize::None,
+            keep_logits: false,
+            prefill_chunk: PREFILL_CHUNK,
+            chat_template: None,
+        }
+    }
+}
 
 /// One generation request: the prompt and the sampler.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
