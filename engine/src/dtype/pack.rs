@@ -65,98 +65,12 @@ pub fn pack_for_gpu(
         return Ok(Vec::new());
     }
     let mut out = vec![0u32; rw * rows];
-    let (scale_words, block_words) = scale_words(dtype);
-    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     for r in 0..rows {
         let src = &bytes[r * file_row..(r + 1) * file_row];
         let dst = &mut out[r * rw..(r + 1) * rw];
-        match dtype {
-            DType::F32 | DType::U32 | DType::Q2_K | DType::Q4_K | DType::Q5_K | DType::IQ4_XS => {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = word(src, 4 * i);
-                }
-            }
-            DType::F16 | DType::BF16 => {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    let lo = u16::from_le_bytes([src[4 * i], src[4 * i + 1]]) as u32;
-                    let hi = if 4 * i + 2 < src.len() {
-                        u16::from_le_bytes([src[4 * i + 2], src[4 * i + 3]]) as u32
-                    } else {
-                        0
-                    };
-                    *d = lo | (hi << 16);
-                }
-            }
-            DType::Q8_0 | DType::Q4_0 | DType::IQ4_NL => {
-                let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
-                for (b, blk) in src.chunks_exact(fb).enumerate() {
-                    let g = &mut dst[b * gw..(b + 1) * gw];
-                    g[0] = f16_at(blk, 0).to_bits();
-                    for w in 1..gw {
-                        g[w] = word(blk, 2 + 4 * (w - 1));
-                    }
-                }
-            }
-            DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
-                // Scales widened to f32 words, then the (unaligned in the file) words as they come.
-                let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
-                let scales = if dtype == DType::Q5_0 { 1 } else { 2 };
-                for (b, blk) in src.chunks_exact(fb).enumerate() {
-                    let g = &mut dst[b * gw..(b + 1) * gw];
-                    for (i, gs) in g.iter_mut().take(scales).enumerate() {
-                        *gs = f16_at(blk, 2 * i).to_bits();
-                    }
-                    for w in scales..gw {
-                        g[w] = word(blk, 2 * scales + 4 * (w - scales));
-                    }
-                }
-            }
-            DType::Q3_K => {
-                for (b, blk) in src.chunks_exact(110).enumerate() {
-                    let g = &mut dst[b * 29..(b + 1) * 29];
-                    for (w, gw) in g.iter_mut().take(24).enumerate() {
-                        *gw = word(blk, 4 * w);
-                    }
-                    let sc = q3k_scales(&blk[96..108]).map(|v| v as u8);
-                    for (w, gw) in g[24..28].iter_mut().enumerate() {
-                        *gw = word(&sc, 4 * w);
-                    }
-                    g[28] = f16_at(blk, 108).to_bits();
-                }
-            }
-            DType::Q6_K => {
-                for (b, blk) in src.chunks_exact(210).enumerate() {
-                    let g = &mut dst[b * 56..(b + 1) * 56];
-                    for (w, gw) in g.iter_mut().take(52).enumerate() {
-                        *gw = word(blk, 4 * w);
-                    }
-                    g[52] = f16_at(blk, 208).to_bits();
-                }
-            }
-        }
+        pack_row(dtype, src, dst);
         // While the row is in cache: its floats (the scales of block formats) must be finite.
-        let non_finite = match dtype {
-            _ if !check_finite => false,
-            DType::U32 => false,
-            DType::F32 => dst.iter().any(|&w| f32_special(w)),
-            DType::F16 => dst.iter().any(|&w| f16_special(w) || f16_special(w >> 16)),
-            DType::BF16 => dst
-                .iter()
-                .any(|&w| bf16_special(w) || bf16_special(w >> 16)),
-            // d and dmin as an f16 pair: word 0 of the K-quant blocks kept as GGUF stores them
-            // (the last word for Q2_K).
-            DType::Q4_K | DType::Q5_K | DType::Q2_K => {
-                let at = if dtype == DType::Q2_K { 20 } else { 0 };
-                dst.chunks_exact(block_words)
-                    .any(|b| f16_special(b[at]) || f16_special(b[at] >> 16))
-            }
-            // d alone in the low half of word 0 (the high half holds scale bits).
-            DType::IQ4_XS => dst.chunks_exact(block_words).any(|b| f16_special(b[0])),
-            _ => dst
-                .chunks_exact(block_words)
-                .any(|b| scale_words.clone().any(|i| f32_special(b[i]))),
-        };
-        if non_finite {
+        if check_finite && !row_finite(dtype, dst) {
             return Err(Error::NonFinite {
                 what: dtype.name().into(),
                 row: r,
@@ -164,6 +78,104 @@ pub fn pack_for_gpu(
         }
     }
     Ok(out)
+}
+
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// One row from file layout (`src`) to GPU words (`dst`, zero-padded).
+fn pack_row(dtype: DType, src: &[u8], dst: &mut [u32]) {
+    match dtype {
+        DType::F32 | DType::U32 | DType::Q2_K | DType::Q4_K | DType::Q5_K | DType::IQ4_XS => {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = word(src, 4 * i);
+            }
+        }
+        DType::F16 | DType::BF16 => {
+            for (i, d) in dst.iter_mut().enumerate() {
+                let lo = u16::from_le_bytes([src[4 * i], src[4 * i + 1]]) as u32;
+                let hi = if 4 * i + 2 < src.len() {
+                    u16::from_le_bytes([src[4 * i + 2], src[4 * i + 3]]) as u32
+                } else {
+                    0
+                };
+                *d = lo | (hi << 16);
+            }
+        }
+        DType::Q8_0 | DType::Q4_0 | DType::IQ4_NL => {
+            let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
+            for (b, blk) in src.chunks_exact(fb).enumerate() {
+                let g = &mut dst[b * gw..(b + 1) * gw];
+                g[0] = f16_at(blk, 0).to_bits();
+                for w in 1..gw {
+                    g[w] = word(blk, 2 + 4 * (w - 1));
+                }
+            }
+        }
+        DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
+            // Scales widened to f32 words, then the (unaligned in the file) words as they come.
+            let (fb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
+            let scales = if dtype == DType::Q5_0 { 1 } else { 2 };
+            for (b, blk) in src.chunks_exact(fb).enumerate() {
+                let g = &mut dst[b * gw..(b + 1) * gw];
+                for (i, gs) in g.iter_mut().take(scales).enumerate() {
+                    *gs = f16_at(blk, 2 * i).to_bits();
+                }
+                for w in scales..gw {
+                    g[w] = word(blk, 2 * scales + 4 * (w - scales));
+                }
+            }
+        }
+        DType::Q3_K => {
+            for (b, blk) in src.chunks_exact(110).enumerate() {
+                let g = &mut dst[b * 29..(b + 1) * 29];
+                for (w, gw) in g.iter_mut().take(24).enumerate() {
+                    *gw = word(blk, 4 * w);
+                }
+                let sc = q3k_scales(&blk[96..108]).map(|v| v as u8);
+                for (w, gw) in g[24..28].iter_mut().enumerate() {
+                    *gw = word(&sc, 4 * w);
+                }
+                g[28] = f16_at(blk, 108).to_bits();
+            }
+        }
+        DType::Q6_K => {
+            for (b, blk) in src.chunks_exact(210).enumerate() {
+                let g = &mut dst[b * 56..(b + 1) * 56];
+                for (w, gw) in g.iter_mut().take(52).enumerate() {
+                    *gw = word(blk, 4 * w);
+                }
+                g[52] = f16_at(blk, 208).to_bits();
+            }
+        }
+    }
+}
+
+/// Whether a packed row's floats (every value, or the scales of a block format) are finite.
+fn row_finite(dtype: DType, dst: &[u32]) -> bool {
+    let (scale_words, block_words) = scale_words(dtype);
+    let non_finite = match dtype {
+        DType::U32 => false,
+        DType::F32 => dst.iter().any(|&w| f32_special(w)),
+        DType::F16 => dst.iter().any(|&w| f16_special(w) || f16_special(w >> 16)),
+        DType::BF16 => dst
+            .iter()
+            .any(|&w| bf16_special(w) || bf16_special(w >> 16)),
+        // d and dmin as an f16 pair: word 0 of the K-quant blocks kept as GGUF stores them
+        // (the last word for Q2_K).
+        DType::Q4_K | DType::Q5_K | DType::Q2_K => {
+            let at = if dtype == DType::Q2_K { 20 } else { 0 };
+            dst.chunks_exact(block_words)
+                .any(|b| f16_special(b[at]) || f16_special(b[at] >> 16))
+        }
+        // d alone in the low half of word 0 (the high half holds scale bits).
+        DType::IQ4_XS => dst.chunks_exact(block_words).any(|b| f16_special(b[0])),
+        _ => dst
+            .chunks_exact(block_words)
+            .any(|b| scale_words.clone().any(|i| f32_special(b[i]))),
+    };
+    !non_finite
 }
 
 /// The words of a GPU block that hold f32 scales, and the block's size in words.
