@@ -1,9 +1,6 @@
 //! `kiln`: the native command-line front end of the engine.
 
 mod bench;
-mod bench_image;
-mod bench_soak;
-mod bench_text;
 mod defaults;
 mod hub;
 mod image;

@@ -176,7 +176,10 @@ fn vae_params(ch: &[usize], layers: usize) -> Params {
 
 fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
     let mut st = SafeTensors::new();
-    st.add_file("random", crate::bench::random_f16_safetensors(params, seed))?;
+    st.add_file(
+        "random",
+        super::common::random_f16_safetensors(params, seed),
+    )?;
     Ok(st)
 }
 
@@ -290,9 +293,9 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let mut plan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
         // The step index only selects a coefficient row: timing does not depend on it.
         plan.set(step, 1);
-        let step_ms = crate::bench::time(&gpu, &plan, iters)?;
-        let profile = match crate::bench::best_profile(&plan, 1) {
-            Ok(p) => crate::bench::profile_rows(&p),
+        let step_ms = super::common::time(&gpu, &plan, iters)?;
+        let profile = match super::common::best_profile(&plan, 1) {
+            Ok(p) => super::common::profile_rows(&p),
             Err(_) => json!(null),
         };
         let before = gpu.counters();
@@ -313,7 +316,7 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let img = vae.decode(&mut g, xv)?;
         g.output(img);
         let vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
-        let vae_ms = crate::bench::time(&gpu, &vplan, iters)?;
+        let vae_ms = super::common::time(&gpu, &vplan, iters)?;
         rows.push(json!({"config": label, "latent": latent, "image": latent * vae.cfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
             "dispatches_per_step": c.dispatches, "profile_step": profile, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
     }
@@ -341,7 +344,7 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         );
     }
     for r in &rows {
-        crate::bench::print_profile(
+        super::common::print_profile(
             &format!("U-Net step, {}", r["config"].as_str().unwrap_or("")),
             &r["profile_step"],
         );

@@ -39,7 +39,7 @@ fn random_safetensors(seed: u64) -> Vec<u8> {
         tensors.push((p("mlp.up_proj.weight"), vec![INTER, HIDDEN]));
         tensors.push((p("mlp.down_proj.weight"), vec![HIDDEN, INTER]));
     }
-    crate::bench::random_f16_safetensors(&tensors, seed)
+    super::common::random_f16_safetensors(&tensors, seed)
 }
 
 fn files() -> ModelFiles {
@@ -135,12 +135,12 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
         }
         let c = gpu.counters() - before;
         // Where a decode token's GPU time goes (timestamp queries, where the adapter has them).
-        let profile = match crate::bench::best_profile(&m.decode.plan, 5) {
-            Ok(p) => crate::bench::profile_rows(&p),
+        let profile = match super::common::best_profile(&m.decode.plan, 5) {
+            Ok(p) => super::common::profile_rows(&p),
             Err(_) => json!(null),
         };
-        let profile_prefill = match crate::bench::best_profile(&m.prefill.plan, 2) {
-            Ok(p) => crate::bench::profile_rows(&p),
+        let profile_prefill = match super::common::best_profile(&m.prefill.plan, 2) {
+            Ok(p) => super::common::profile_rows(&p),
             Err(_) => json!(null),
         };
         rows.push(json!({
@@ -182,8 +182,8 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
     }
     for r in &rows {
         let w = r["weights"].as_str().unwrap_or("");
-        crate::bench::print_profile(&format!("decode token, {w}"), &r["profile_decode"]);
-        crate::bench::print_profile(
+        super::common::print_profile(&format!("decode token, {w}"), &r["profile_decode"]);
+        super::common::print_profile(
             &format!("prefill chunk of {} tokens, {w}", m_chunk()),
             &r["profile_prefill"],
         );

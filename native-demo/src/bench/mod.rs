@@ -1,0 +1,58 @@
+//! `kiln bench`: kernel rates against the measured copy roofline, text generation on a
+//! random-weight model of SmolLM2-135M's shapes, and U-Net steps / VAE decodes. Every figure in a table is measured in one run;
+//! nothing here is asserted.
+
+//!
+//! The commands (`kernels`, `text` and `chat`, `image`, `soak`) sit above `common`, the helpers
+//! they share (random weights, timing, per-kernel profiles); nothing imports back up.
+
+mod common;
+mod image;
+mod kernels;
+mod soak;
+mod text;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+/// What to benchmark.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum What {
+    Kernels,
+    Text,
+    /// A five-turn chat with and without KV-cache reuse.
+    Chat,
+    Image,
+    /// 10 000 tokens and 200 images in one process: resident memory and GPU allocations.
+    Soak,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(value_enum, default_value = "kernels")]
+    what: What,
+    /// Fewer iterations (for slow software adapters).
+    #[arg(long)]
+    quick: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// `text`: a model file or folder (as `kiln text --model`) instead of the random-weight
+    /// SmolLM2-135M-shaped one, benchmarked in its own weight types.
+    #[arg(long)]
+    model: Option<String>,
+}
+
+/// Runs the chosen benchmark.
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        What::Kernels => kernels::kernels(a.quick),
+        What::Text => text::text(a.quick, a.json, a.model.as_deref()),
+        What::Chat => text::chat(a.quick, a.json),
+        What::Image => image::image(a.quick, a.json),
+        What::Soak => match a.quick {
+            true => soak::soak(2000, 40, a.json),
+            false => soak::soak(10_000, 200, a.json),
+        },
+    }
+}
