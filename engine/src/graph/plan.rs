@@ -82,16 +82,49 @@ impl Graph {
         }
     }
 
-    /// Compiles the op list as it stands.
+    /// Compiles the op list as it stands: bind what has a buffer of its own, encode the nodes
+    /// in order over a pooled arena, then one uniform buffer of parameters, pipelines and bind
+    /// groups, and staging buffers for the outputs.
     async fn compile_ops(&self, gpu: &Arc<Gpu>, opts: CompileOptions) -> Result<Plan> {
         self.check_fits(gpu)?;
-        let nv = self.values.len();
-        let mut last_use = vec![None::<usize>; nv];
-        for (i, n) in self.nodes.iter().enumerate() {
-            for v in n.inputs.iter().chain(&n.writes) {
-                last_use[self.root(*v).0] = Some(i);
+        let mut bound = self.bind_fixed(gpu);
+        let encoded = self.encode_nodes(gpu, &mut bound)?;
+        for i in 0..self.values.len() {
+            if matches!(self.values[i].source, Source::Alias(_)) {
+                bound[i] = self.view(&bound, Value(i));
             }
         }
+        let scalar_buf = gpu.create_buffer(
+            "run-scalars",
+            (RUN_SCALARS * 4) as u64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        let (param_buf, slots) = pack_params(gpu, &encoded.dispatches);
+        let mut steps = Vec::with_capacity(encoded.dispatches.len());
+        for (d, slot) in encoded.dispatches.iter().zip(slots) {
+            steps.push(step(gpu, d, &param_buf, slot, &scalar_buf).await?);
+        }
+        let staging = self.staging_buffers(gpu);
+        if opts.poison {
+            self.poison(gpu, &bound, &encoded.arena);
+        }
+        Ok(Plan {
+            gpu: gpu.clone(),
+            bound,
+            steps,
+            scalars: [0; RUN_SCALARS],
+            scalar_names: self.scalars.clone(),
+            scalars_dirty: std::cell::Cell::new(true),
+            scalar_buf,
+            staging,
+            arena_bytes: encoded.arena_bytes,
+            unshared_bytes: encoded.unshared_bytes,
+        })
+    }
+
+    /// Buffers that are not the arena's: inputs and outputs get their own, graph tensors bring
+    /// theirs. Node values and aliases stay unbound here.
+    fn bind_fixed(&self, gpu: &Gpu) -> Vec<Option<Bound>> {
         let own = |name: &str, shape: &[usize], dtype: DType| -> Bound {
             let buf = gpu.create_buffer(
                 name,
@@ -100,68 +133,61 @@ impl Graph {
             );
             Bound::single(shape, dtype, Arc::new(buf))
         };
-        let mut bound: Vec<Option<Bound>> = vec![None; nv];
-        for (i, v) in self.values.iter().enumerate() {
-            match &v.source {
-                Source::Input => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
-                Source::Tensor(t) => {
-                    bound[i] = Some(Bound {
-                        shape: t.shape.clone(),
-                        dtype: t.dtype,
-                        parts: t.parts.clone(),
-                    })
-                }
-                Source::Node if v.output => bound[i] = Some(own(&v.name, &v.shape, v.dtype)),
-                Source::Node | Source::Alias(_) => {}
+        self.values
+            .iter()
+            .map(|v| match &v.source {
+                Source::Input => Some(own(&v.name, &v.shape, v.dtype)),
+                Source::Tensor(t) => Some(Bound {
+                    shape: t.shape.clone(),
+                    dtype: t.dtype,
+                    parts: t.parts.clone(),
+                }),
+                Source::Node if v.output => Some(own(&v.name, &v.shape, v.dtype)),
+                Source::Node | Source::Alias(_) => None,
+            })
+            .collect()
+    }
+
+    /// A view takes its root's buffer(s) with its own shape.
+    fn view(&self, bound: &[Option<Bound>], v: Value) -> Option<Bound> {
+        let root = self.root(v);
+        bound[root.0].clone().map(|b| Bound {
+            shape: self.values[v.0].shape.clone(),
+            ..b
+        })
+    }
+
+    /// Encodes every node in order, binding each output to an arena buffer. Liveness: a buffer
+    /// returns to the pool after its value's last reader is encoded; the output is allocated
+    /// before the inputs are released, so no op reads and writes the same buffer.
+    fn encode_nodes(&self, gpu: &Arc<Gpu>, bound: &mut [Option<Bound>]) -> Result<Encoded> {
+        let mut last_use = vec![None::<usize>; self.values.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for v in n.inputs.iter().chain(&n.writes) {
+                last_use[self.root(*v).0] = Some(i);
             }
         }
-        // A view takes its root's buffer(s) with its own shape.
-        let view = |bound: &[Option<Bound>], v: Value| -> Option<Bound> {
-            let root = self.root(v);
-            bound[root.0].clone().map(|b| Bound {
-                shape: self.values[v.0].shape.clone(),
-                ..b
-            })
-        };
-        // Liveness: a buffer returns to the pool after its value's last reader is encoded;
-        // the output is allocated before the inputs are released, so no op reads and writes
-        // the same buffer.
         let mut pool: Vec<Arc<wgpu::Buffer>> = Vec::new();
-        let (mut arena_bytes, mut unshared_bytes) = (0u64, 0u64);
-        let mut arena: Vec<Arc<wgpu::Buffer>> = Vec::new();
-        let mut dispatches: Vec<Dispatch> = Vec::new();
+        let mut e = Encoded::default();
         let shared_scratch = crate::kernels::SharedScratch::default();
         for (i, node) in self.nodes.iter().enumerate() {
-            if let Some(out) = node.out {
-                if bound[out.0].is_none() {
-                    let info = &self.values[out.0];
-                    let size = (numel(&info.shape) as u64 * 4).max(4);
-                    unshared_bytes += size;
-                    let pos = pool
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, b)| {
-                            b.size() >= size && b.size() <= size.saturating_mul(2).max(1024)
-                        })
-                        .min_by_key(|(_, b)| b.size())
-                        .map(|(j, _)| j);
-                    let buf = match pos {
-                        Some(j) => pool.swap_remove(j),
-                        None => {
-                            arena_bytes += size;
-                            let b = Arc::new(gpu.create_buffer(&info.name, size, STORAGE));
-                            arena.push(b.clone());
-                            b
-                        }
-                    };
-                    bound[out.0] = Some(Bound::single(&info.shape, info.dtype, buf));
-                }
+            if let Some(out) = node.out.filter(|o| bound[o.0].is_none()) {
+                let info = &self.values[out.0];
+                let size = (numel(&info.shape) as u64 * 4).max(4);
+                e.unshared_bytes += size;
+                let buf = take_pooled(&mut pool, size).unwrap_or_else(|| {
+                    e.arena_bytes += size;
+                    let b = Arc::new(gpu.create_buffer(&info.name, size, STORAGE));
+                    e.arena.push(b.clone());
+                    b
+                });
+                bound[out.0] = Some(Bound::single(&info.shape, info.dtype, buf));
             }
             let ins: Vec<Bound> = node
                 .inputs
                 .iter()
                 .map(|v| {
-                    view(&bound, *v).ok_or_else(|| Error::Gpu {
+                    self.view(bound, *v).ok_or_else(|| Error::Gpu {
                         context: "compile".into(),
                         msg: format!("value {} unbound", v.0),
                     })
@@ -172,7 +198,8 @@ impl Graph {
                 gpu,
                 shared: &shared_scratch,
             };
-            dispatches.extend(node.op.kernel().encode(&ctx, &ins, out.as_ref())?);
+            e.dispatches
+                .extend(node.op.kernel().encode(&ctx, &ins, out.as_ref())?);
             for v in node.inputs.iter().chain(node.out.iter()) {
                 let v = &self.root(*v);
                 let info = &self.values[v.0];
@@ -187,85 +214,11 @@ impl Graph {
                 }
             }
         }
+        Ok(e)
+    }
 
-        for i in 0..nv {
-            if matches!(self.values[i].source, Source::Alias(_)) {
-                bound[i] = view(&bound, Value(i));
-            }
-        }
-
-        let scalar_buf = gpu.create_buffer(
-            "run-scalars",
-            (RUN_SCALARS * 4) as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        );
-        // All dispatch parameters in one uniform buffer, at aligned offsets.
-        let align = gpu.limits.min_uniform_buffer_offset_alignment as usize;
-        let mut param_words: Vec<u32> = Vec::new();
-        let mut offsets = Vec::with_capacity(dispatches.len());
-        for d in &dispatches {
-            let start = (param_words.len() * 4).next_multiple_of(align);
-            param_words.resize(start / 4, 0);
-            // Each block spans a whole aligned slot, so a shader's Params struct may be larger
-            // than the words an encoder wrote (trailing fields read as zero).
-            let slot = (d.params.len() * 4).next_multiple_of(align).max(align);
-            offsets.push((start as u64, slot as u64));
-            param_words.extend(&d.params);
-            param_words.resize((start + slot) / 4, 0);
-        }
-        let param_buf = gpu.create_buffer(
-            "params",
-            (param_words.len() * 4) as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        );
-        gpu.write_buffer(&param_buf, 0, bytemuck::cast_slice(&param_words));
-
-        let mut steps = Vec::with_capacity(dispatches.len());
-        for (d, (off, size)) in dispatches.iter().zip(offsets) {
-            let access: Vec<bool> = d.bindings.iter().map(|b| b.writable).collect();
-            let pipeline = gpu.pipeline(&d.key, &access).await?;
-            let layout = gpu.bind_group_layout(&access);
-            let mut entries = vec![
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &param_buf,
-                        offset: off,
-                        size: std::num::NonZeroU64::new(size),
-                    }),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: scalar_buf.as_entire_binding(),
-                },
-            ];
-            for (i, b) in d.bindings.iter().enumerate() {
-                entries.push(wgpu::BindGroupEntry {
-                    binding: 2 + i as u32,
-                    resource: b.buffer.as_entire_binding(),
-                });
-            }
-            let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(d.key.entry),
-                layout: &layout,
-                entries: &entries,
-            });
-            if let Some(e) = scope.pop().await {
-                return Err(Error::Gpu {
-                    context: format!("bind group for {} ({})", d.key.shader, d.key.entry),
-                    msg: e.to_string(),
-                });
-            }
-            Counters::add(&gpu.counters.bind_groups_created, 1);
-            steps.push(Step {
-                pipeline,
-                bind_group,
-                groups: d.groups,
-                label: kernel_label(&d.key),
-            });
-        }
-
+    /// A mapped staging buffer for each output.
+    fn staging_buffers(&self, gpu: &Gpu) -> HashMap<usize, wgpu::Buffer> {
         let mut staging = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             if v.output {
@@ -277,40 +230,130 @@ impl Graph {
                 staging.insert(i, b);
             }
         }
-        if opts.poison {
-            for (i, v) in self.values.iter().enumerate() {
-                if v.output {
-                    if let Some(b) = &bound[i] {
-                        let n = numel(&v.shape);
-                        gpu.write_buffer(
-                            &b.parts[0].buffer,
-                            0,
-                            bytemuck::cast_slice(&vec![u32::MAX; n.max(1)]),
-                        );
-                    }
+        staging
+    }
+
+    /// Fills the outputs and the arena with NaN bits, so a kernel that leaves an element
+    /// unwritten shows up in the tests.
+    fn poison(&self, gpu: &Gpu, bound: &[Option<Bound>], arena: &[Arc<wgpu::Buffer>]) {
+        for (i, v) in self.values.iter().enumerate() {
+            if v.output {
+                if let Some(b) = &bound[i] {
+                    let n = numel(&v.shape);
+                    gpu.write_buffer(
+                        &b.parts[0].buffer,
+                        0,
+                        bytemuck::cast_slice(&vec![u32::MAX; n.max(1)]),
+                    );
                 }
             }
-            for b in &arena {
-                gpu.write_buffer(
-                    b,
-                    0,
-                    bytemuck::cast_slice(&vec![u32::MAX; (b.size() / 4) as usize]),
-                );
-            }
         }
-        Ok(Plan {
-            gpu: gpu.clone(),
-            bound,
-            steps,
-            scalars: [0; RUN_SCALARS],
-            scalar_names: self.scalars.clone(),
-            scalars_dirty: std::cell::Cell::new(true),
-            scalar_buf,
-            staging,
-            arena_bytes,
-            unshared_bytes,
-        })
+        for b in arena {
+            gpu.write_buffer(
+                b,
+                0,
+                bytemuck::cast_slice(&vec![u32::MAX; (b.size() / 4) as usize]),
+            );
+        }
     }
+}
+
+/// What encoding the nodes gave: the dispatches and the arena they run in.
+#[derive(Default)]
+struct Encoded {
+    dispatches: Vec<Dispatch>,
+    arena: Vec<Arc<wgpu::Buffer>>,
+    arena_bytes: u64,
+    unshared_bytes: u64,
+}
+
+/// The smallest pooled buffer of at least `size` bytes and not more than twice that (small
+/// values may take up to 1 KiB), removed from the pool.
+fn take_pooled(pool: &mut Vec<Arc<wgpu::Buffer>>, size: u64) -> Option<Arc<wgpu::Buffer>> {
+    let pos = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.size() >= size && b.size() <= size.saturating_mul(2).max(1024))
+        .min_by_key(|(_, b)| b.size())
+        .map(|(j, _)| j)?;
+    Some(pool.swap_remove(pos))
+}
+
+/// All dispatch parameters in one uniform buffer, each block in a whole aligned slot (so a
+/// shader's Params struct may be larger than the words an encoder wrote: trailing fields read
+/// as zero). Returns the buffer and each dispatch's (offset, size).
+fn pack_params(gpu: &Gpu, dispatches: &[Dispatch]) -> (wgpu::Buffer, Vec<(u64, u64)>) {
+    let align = gpu.limits.min_uniform_buffer_offset_alignment as usize;
+    let mut param_words: Vec<u32> = Vec::new();
+    let mut slots = Vec::with_capacity(dispatches.len());
+    for d in dispatches {
+        let start = (param_words.len() * 4).next_multiple_of(align);
+        param_words.resize(start / 4, 0);
+        let slot = (d.params.len() * 4).next_multiple_of(align).max(align);
+        slots.push((start as u64, slot as u64));
+        param_words.extend(&d.params);
+        param_words.resize((start + slot) / 4, 0);
+    }
+    let param_buf = gpu.create_buffer(
+        "params",
+        (param_words.len() * 4) as u64,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    );
+    gpu.write_buffer(&param_buf, 0, bytemuck::cast_slice(&param_words));
+    (param_buf, slots)
+}
+
+/// One dispatch's pipeline and bind group: its parameter slot, the run scalars, then its
+/// buffers. A bind group the device refuses is an error naming the kernel.
+async fn step(
+    gpu: &Gpu,
+    d: &Dispatch,
+    param_buf: &wgpu::Buffer,
+    (offset, size): (u64, u64),
+    scalar_buf: &wgpu::Buffer,
+) -> Result<Step> {
+    let access: Vec<bool> = d.bindings.iter().map(|b| b.writable).collect();
+    let pipeline = gpu.pipeline(&d.key, &access).await?;
+    let layout = gpu.bind_group_layout(&access);
+    let mut entries = vec![
+        wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: param_buf,
+                offset,
+                size: std::num::NonZeroU64::new(size),
+            }),
+        },
+        wgpu::BindGroupEntry {
+            binding: 1,
+            resource: scalar_buf.as_entire_binding(),
+        },
+    ];
+    for (i, b) in d.bindings.iter().enumerate() {
+        entries.push(wgpu::BindGroupEntry {
+            binding: 2 + i as u32,
+            resource: b.buffer.as_entire_binding(),
+        });
+    }
+    let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(d.key.entry),
+        layout: &layout,
+        entries: &entries,
+    });
+    if let Some(e) = scope.pop().await {
+        return Err(Error::Gpu {
+            context: format!("bind group for {} ({})", d.key.shader, d.key.entry),
+            msg: e.to_string(),
+        });
+    }
+    Counters::add(&gpu.counters.bind_groups_created, 1);
+    Ok(Step {
+        pipeline,
+        bind_group,
+        groups: d.groups,
+        label: kernel_label(&d.key),
+    })
 }
 
 impl Plan {
