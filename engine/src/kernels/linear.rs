@@ -11,6 +11,7 @@ use super::{
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
+use std::sync::Arc;
 
 /// Inputs with at most this many rows use the matvec kernel; more use the GEMM.
 pub const MATVEC_MAX_ROWS: usize = 2;
@@ -263,173 +264,251 @@ impl Kernel for Linear {
 
     fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
+        let o = self.operands(ins);
+        if o.w.shape.len() == 3 {
+            return Ok(vec![self.batched(ctx, &o, out)?]);
+        }
+        self.check_fusable(ctx, &o)?;
+        o.w.parts
+            .iter()
+            .map(|part| {
+                let bindings = vec![
+                    Binding::read(&part.buffer),
+                    Binding::read(o.x.buf()),
+                    Binding::read(o.bias),
+                    Binding::write(out.buf()),
+                    Binding::read(o.residual),
+                ];
+                if o.m_total <= MATVEC_MAX_ROWS {
+                    self.matvec(ctx, ins, &o, part, bindings)
+                } else {
+                    Ok(matmul_part(ctx, &o, part, bindings)?)
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a [`Linear`]'s dispatches read: the operands, with `x` standing in for an absent
+/// bias, residual or norm weight (their flags say they are absent), and the product's size.
+struct Operands<'a> {
+    x: &'a Bound,
+    w: &'a Bound,
+    bias: &'a Arc<wgpu::Buffer>,
+    residual: &'a Arc<wgpu::Buffer>,
+    norm_w: &'a Arc<wgpu::Buffer>,
+    has_bias: u32,
+    has_res: u32,
+    k: usize,
+    m_total: usize,
+}
+
+impl Linear {
+    fn operands<'a>(&self, ins: &'a [Bound]) -> Operands<'a> {
         let (x, w) = (&ins[0], &ins[1]);
         let bias = self.bias.then(|| &ins[2]);
         let residual = self.residual.then(|| &ins[2 + self.bias as usize]);
         let norm_w = self.norm.map(|_| &ins[self.norm_input()]);
-        let software = ctx.gpu.features.software;
         let k = *x.shape.last().unwrap_or(&1);
-        let m_total = x.numel() / k.max(1);
-        let bias_buf = bias.map(|b| b.buf()).unwrap_or(x.buf());
-        let res_buf = residual.map(|r| r.buf()).unwrap_or(x.buf());
-        let has_bias = bias.is_some() as u32;
-        let has_res = residual.is_some() as u32;
-        if w.shape.len() == 3 {
-            // Batched product with an f32 activation as the second operand.
-            let (b, n) = (w.shape[0], w.shape[1]);
-            let m = m_total / b;
-            let p = MatmulParams {
-                m: u(m),
-                n: u(n),
-                k: u(k),
-                row_words: u(k),
-                w_batch_words: u(n * k),
-                out_off: 0,
-                n_total: u(n),
-                has_bias,
-                has_res,
-                out_pix: 0,
-                out_row0: 0,
-            };
-            return Ok(vec![dispatch(
-                matmul_key(ctx, DType::F32, k)?,
-                &p,
-                vec![
-                    Binding::read(w.buf()),
-                    Binding::read(x.buf()),
-                    Binding::read(bias_buf),
-                    Binding::write(out.buf()),
-                    Binding::read(res_buf),
-                ],
-                matmul_groups(ctx, m, n, b),
-            )]);
+        Operands {
+            x,
+            w,
+            bias: bias.map_or(x.buf(), |b| b.buf()),
+            residual: residual.map_or(x.buf(), |r| r.buf()),
+            norm_w: norm_w.map_or(x.buf(), |n| n.buf()),
+            has_bias: bias.is_some() as u32,
+            has_res: residual.is_some() as u32,
+            k,
+            m_total: x.numel() / k.max(1),
         }
-        let n_total = w.shape[0];
-        let row_words = w.dtype.row_words(k);
-        if self.norm.is_some() && software {
+    }
+
+    /// Batched product with an f32 activation as the second operand (`w` is `[b, n, k]`).
+    fn batched(&self, ctx: &Ctx, o: &Operands, out: &Bound) -> Result<Dispatch> {
+        let (b, n) = (o.w.shape[0], o.w.shape[1]);
+        let m = o.m_total / b;
+        let p = MatmulParams {
+            m: u(m),
+            n: u(n),
+            k: u(o.k),
+            row_words: u(o.k),
+            w_batch_words: u(n * o.k),
+            out_off: 0,
+            n_total: u(n),
+            has_bias: o.has_bias,
+            has_res: o.has_res,
+            out_pix: 0,
+            out_row0: 0,
+        };
+        Ok(dispatch(
+            matmul_key(ctx, DType::F32, o.k)?,
+            &p,
+            vec![
+                Binding::read(o.w.buf()),
+                Binding::read(o.x.buf()),
+                Binding::read(o.bias),
+                Binding::write(out.buf()),
+                Binding::read(o.residual),
+            ],
+            matmul_groups(ctx, m, n, b),
+        ))
+    }
+
+    /// A fused norm runs in the GPU matvec only; a fused norm or epilogue needs the matvec and
+    /// a weight in one part.
+    fn check_fusable(&self, ctx: &Ctx, o: &Operands) -> Result<()> {
+        if self.norm.is_some() && ctx.gpu.features.software {
             return Err(Error::Unsupported(
                 "linear: a fused norm runs on the GPU matvec only (see fuses_norm)".into(),
             ));
         }
         if (self.norm.is_some() || self.epilogue.is_some())
-            && (m_total > MATVEC_MAX_ROWS || w.parts.len() != 1)
+            && (o.m_total > MATVEC_MAX_ROWS || o.w.parts.len() != 1)
         {
             return Err(Error::Unsupported(format!(
-                "linear: a fused norm or epilogue needs the matvec ({m_total} rows) and a \
+                "linear: a fused norm or epilogue needs the matvec ({} rows) and a \
                  weight in one part ({} parts)",
-                w.parts.len()
+                o.m_total,
+                o.w.parts.len()
             )));
         }
-        let mut ds = Vec::new();
-        for part in &w.parts {
-            let mut bindings = vec![
-                Binding::read(&part.buffer),
-                Binding::read(x.buf()),
-                Binding::read(bias_buf),
-                Binding::write(out.buf()),
-                Binding::read(res_buf),
-            ];
-            if m_total <= MATVEC_MAX_ROWS {
-                bindings.push(Binding::read(norm_w.map(|b| b.buf()).unwrap_or(x.buf())));
-                let mut p = MatvecParams {
-                    rows: u(part.rows),
-                    k: u(k),
-                    row_words: u(row_words),
-                    out_off: u(part.row_start),
-                    m: u(m_total),
-                    n_total: u(n_total),
-                    has_bias,
-                    has_res,
-                    eps: self.norm.unwrap_or(0.0),
-                    ..Default::default()
-                };
-                let mut rope = false;
-                match &self.epilogue {
-                    // Half as many (output) rows, each from a gate row and an up row.
-                    Some(Epilogue::Glu { act, gate_first }) => {
-                        let half = part.rows / 2;
-                        (p.rows, p.n_total, p.glu) = (u(half), u(n_total / 2), 1 + act.code());
-                        if *gate_first {
-                            p.up_row = u(half);
-                        } else {
-                            p.gate_row = u(half);
-                        }
-                    }
-                    // Work items: a rotary pair or a single row each (see matvec.wgsl).
-                    Some(Epilogue::RopeKv(r)) => {
-                        let e = self.epilogue_input();
-                        let (table, kc, vc) = (&ins[e], &ins[e + 1], &ins[e + 2]);
-                        let d = n_total / (r.heads + 2 * r.kv_heads);
-                        let half = table.shape[1];
-                        let [pos_add, pos_slot, pos_mul] = r.pos.words();
-                        // A rotary pair (or a single row past the rotary dims) of each q and k
-                        // head, two v rows.
-                        p.rows =
-                            u((r.heads + r.kv_heads) * (d - half) + (r.kv_heads * d).div_ceil(2));
-                        (p.heads, p.kv_heads, p.d, p.half) =
-                            (u(r.heads), u(r.kv_heads), u(d), u(half));
-                        (p.positions, p.interleaved) = (u(table.shape[0]), r.interleaved as u32);
-                        (p.pos_add, p.pos_slot, p.pos_mul) = (pos_add, pos_slot, pos_mul);
-                        p.cap_rows = u(kc.numel() / (r.kv_heads * d).max(1));
-                        bindings[4] = Binding::read(table.buf());
-                        bindings.push(Binding::write(kc.buf()));
-                        bindings.push(Binding::write(vc.buf()));
-                        rope = true;
-                    }
-                    None => {}
-                }
-                let rows = p.rows as usize;
-                let (key, groups) = if software && rows_v4(w.dtype, k) {
-                    // Eight dots per invocation (eight rows, or four pairs of rows), 16-byte
-                    // loads.
-                    let items = if p.glu != 0 || rope { 4 } else { 8 };
-                    let key = weight_key("matvec.wgsl", w.dtype)?
-                        .def("ROWS_V4", "")
-                        .def("V4_WG", V4_WG);
-                    (key, grid(u(rows.div_ceil(V4_WG * items) * m_total)))
-                } else if software && ctx.gpu.features.subgroups {
-                    // One row per subgroup, 8 rows per workgroup of 64.
-                    let key = weight_key("matvec.wgsl", w.dtype)?.def("SUBGROUP_ROWS", "");
-                    (key, grid(u(rows.div_ceil(8) * m_total)))
-                } else if software {
-                    // One invocation per output row, 64 per workgroup.
-                    let key = weight_key("matvec.wgsl", w.dtype)?.def("ROWS", "");
-                    (key, grid(u((rows * m_total).div_ceil(64))))
-                } else {
-                    // Four rows per workgroup of 256, 64 lanes each.
-                    let key = weight_key("matvec.wgsl", w.dtype)?;
-                    (key, grid(u(rows.div_ceil(4) * m_total)))
-                };
-                let key = match self.norm {
-                    Some(_) => key.def("NORM", "").def("XS_LEN", staged_len(k)),
-                    None => key,
-                };
-                let key = if rope { key.def("ROPE", "") } else { key };
-                ds.push(dispatch(key, &p, bindings, groups));
-            } else {
-                let p = MatmulParams {
-                    m: u(m_total),
-                    n: u(part.rows),
-                    k: u(k),
-                    row_words: u(row_words),
-                    w_batch_words: 0,
-                    out_off: u(part.row_start),
-                    n_total: u(n_total),
-                    has_bias,
-                    has_res,
-                    out_pix: 0,
-                    out_row0: 0,
-                };
-                ds.push(dispatch(
-                    matmul_key(ctx, w.dtype, k)?,
-                    &p,
-                    bindings,
-                    matmul_groups(ctx, m_total, part.rows, 1),
-                ));
-            }
-        }
-        Ok(ds)
+        Ok(())
     }
+
+    /// The matvec of one weight part, with its fused norm and epilogue.
+    fn matvec(
+        &self,
+        ctx: &Ctx,
+        ins: &[Bound],
+        o: &Operands,
+        part: &crate::tensor::TensorPart,
+        mut bindings: Vec<Binding>,
+    ) -> Result<Dispatch> {
+        let n_total = o.w.shape[0];
+        bindings.push(Binding::read(o.norm_w));
+        let mut p = MatvecParams {
+            rows: u(part.rows),
+            k: u(o.k),
+            row_words: u(o.w.dtype.row_words(o.k)),
+            out_off: u(part.row_start),
+            m: u(o.m_total),
+            n_total: u(n_total),
+            has_bias: o.has_bias,
+            has_res: o.has_res,
+            eps: self.norm.unwrap_or(0.0),
+            ..Default::default()
+        };
+        let rope = self.epilogue_params(ins, &mut p, &mut bindings, part.rows, n_total);
+        let (key, groups) = matvec_variant(ctx, o, p.rows as usize, p.glu != 0 || rope)?;
+        let key = match self.norm {
+            Some(_) => key.def("NORM", "").def("XS_LEN", staged_len(o.k)),
+            None => key,
+        };
+        let key = if rope { key.def("ROPE", "") } else { key };
+        Ok(dispatch(key, &p, bindings, groups))
+    }
+
+    /// The epilogue's fields and bindings; whether it is the rotary one.
+    fn epilogue_params(
+        &self,
+        ins: &[Bound],
+        p: &mut MatvecParams,
+        bindings: &mut Vec<Binding>,
+        rows: usize,
+        n_total: usize,
+    ) -> bool {
+        match &self.epilogue {
+            // Half as many (output) rows, each from a gate row and an up row.
+            Some(Epilogue::Glu { act, gate_first }) => {
+                let half = rows / 2;
+                (p.rows, p.n_total, p.glu) = (u(half), u(n_total / 2), 1 + act.code());
+                if *gate_first {
+                    p.up_row = u(half);
+                } else {
+                    p.gate_row = u(half);
+                }
+                false
+            }
+            // Work items: a rotary pair or a single row each (see matvec.wgsl).
+            Some(Epilogue::RopeKv(r)) => {
+                let e = self.epilogue_input();
+                let (table, kc, vc) = (&ins[e], &ins[e + 1], &ins[e + 2]);
+                let d = n_total / (r.heads + 2 * r.kv_heads);
+                let half = table.shape[1];
+                let [pos_add, pos_slot, pos_mul] = r.pos.words();
+                // A rotary pair (or a single row past the rotary dims) of each q and k head,
+                // two v rows.
+                p.rows = u((r.heads + r.kv_heads) * (d - half) + (r.kv_heads * d).div_ceil(2));
+                (p.heads, p.kv_heads, p.d, p.half) = (u(r.heads), u(r.kv_heads), u(d), u(half));
+                (p.positions, p.interleaved) = (u(table.shape[0]), r.interleaved as u32);
+                (p.pos_add, p.pos_slot, p.pos_mul) = (pos_add, pos_slot, pos_mul);
+                p.cap_rows = u(kc.numel() / (r.kv_heads * d).max(1));
+                bindings[4] = Binding::read(table.buf());
+                bindings.push(Binding::write(kc.buf()));
+                bindings.push(Binding::write(vc.buf()));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The matvec variant for the adapter and its dispatch grid over `rows` work items; `paired`
+/// items (gate/up or rotary pairs) take two rows each.
+fn matvec_variant(
+    ctx: &Ctx,
+    o: &Operands,
+    rows: usize,
+    paired: bool,
+) -> Result<(KernelKey, [u32; 3])> {
+    let (dtype, m_total, software) = (o.w.dtype, o.m_total, ctx.gpu.features.software);
+    let key = weight_key("matvec.wgsl", dtype)?;
+    Ok(if software && rows_v4(dtype, o.k) {
+        // Eight dots per invocation (eight rows, or four pairs of rows), 16-byte loads.
+        let items = if paired { 4 } else { 8 };
+        let key = key.def("ROWS_V4", "").def("V4_WG", V4_WG);
+        (key, grid(u(rows.div_ceil(V4_WG * items) * m_total)))
+    } else if software && ctx.gpu.features.subgroups {
+        // One row per subgroup, 8 rows per workgroup of 64.
+        (
+            key.def("SUBGROUP_ROWS", ""),
+            grid(u(rows.div_ceil(8) * m_total)),
+        )
+    } else if software {
+        // One invocation per output row, 64 per workgroup.
+        (key.def("ROWS", ""), grid(u((rows * m_total).div_ceil(64))))
+    } else {
+        // Four rows per workgroup of 256, 64 lanes each.
+        (key, grid(u(rows.div_ceil(4) * m_total)))
+    })
+}
+
+/// The tiled GEMM of one weight part (more rows than the matvec takes).
+fn matmul_part(
+    ctx: &Ctx,
+    o: &Operands,
+    part: &crate::tensor::TensorPart,
+    bindings: Vec<Binding>,
+) -> Result<Dispatch> {
+    let p = MatmulParams {
+        m: u(o.m_total),
+        n: u(part.rows),
+        k: u(o.k),
+        row_words: u(o.w.dtype.row_words(o.k)),
+        w_batch_words: 0,
+        out_off: u(part.row_start),
+        n_total: u(o.w.shape[0]),
+        has_bias: o.has_bias,
+        has_res: o.has_res,
+        out_pix: 0,
+        out_row0: 0,
+    };
+    Ok(dispatch(
+        matmul_key(ctx, o.w.dtype, o.k)?,
+        &p,
+        bindings,
+        matmul_groups(ctx, o.m_total, part.rows, 1),
+    ))
 }
 
 /// Embedding rows: table `[v, d]` (any weight dtype), u32 ids; `n` ids are read starting at
