@@ -4,7 +4,7 @@
 //! back into it, so decode needs nothing from the CPU but the run scalars.
 
 use super::config::{LlmConfig, Rotary};
-use super::weights::{LlmWeights, QkNorms, Stacked};
+use super::weights::{LayerWeights, LlmWeights, QkNorms, Stacked};
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -106,7 +106,9 @@ pub struct Step {
     pub logits: Option<Value>,
 }
 
-/// Builds and compiles the step graph over `tokens` tokens.
+/// Builds and compiles the step graph over `tokens` tokens: the embedding rows at the run-time
+/// position, each layer's attention and feed-forward blocks, the head on the last valid token
+/// and the sampler.
 pub async fn build_step(
     gpu: &Arc<Gpu>,
     cfg: &LlmConfig,
@@ -122,125 +124,26 @@ pub async fn build_step(
         g.scalar("next")?,
         g.scalar("seed")?,
     );
-    let (h, d) = (cfg.hidden, cfg.head_dim);
-    let kvw = cfg.kv_heads * d;
     let history = g.tensor(&kv.history);
     let embed = g.tensor(&w.embed);
     let ropes: Vec<Value> = kv.rope.iter().map(|t| g.tensor(t)).collect();
 
     let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
-    let mut x = g.reshape(x, &[1, tokens, h])?;
+    let mut x = g.reshape(x, &[1, tokens, cfg.hidden])?;
     if let Some(s) = cfg.embed_scale {
         x = g.scale(x, s, 0.0)?;
     }
     for (i, lw) in w.layers.iter().enumerate() {
-        let rope = ropes[cfg.rope_index(i)];
-        // Attention block.
-        let attn_norm = g.tensor(&lw.attn_norm);
-        let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
-        let (kc, vc) = (g.tensor(&kv.k[i]), g.tensor(&kv.v[i]));
-        let q = match &lw.qkv {
-            // One product for Q/K/V, then one kernel rotates q and k and writes k and v into
-            // the caches at the run-time position.
-            Stacked::One { w, bias } => {
-                let (w, b) = (g.tensor(w), bias.as_ref().map(|b| g.tensor(b)));
-                let mut qkv = g.linear(hn, w, b)?; // [1, t, (heads + 2 kv_heads) d]
-                if let Some(QkNorms::Stacked(n)) = &lw.qk_norm {
-                    let n = g.tensor(n);
-                    let n = g.reshape(n, &[2, d])?;
-                    qkv = g.qk_norm(qkv, n, cfg.heads, cfg.kv_heads, cfg.rms_eps)?;
-                }
-                g.rope_kv(
-                    qkv,
-                    rope,
-                    kc,
-                    vc,
-                    cfg.heads,
-                    cfg.kv_heads,
-                    cfg.rope_interleaved,
-                    Dyn::slot(pos),
-                )?
-            }
-            Stacked::Apart(p) => {
-                let mut out = Vec::with_capacity(3);
-                for (w, b) in p {
-                    let (w, b) = (g.tensor(w), b.as_ref().map(|b| g.tensor(b)));
-                    out.push(g.linear(hn, w, b)?);
-                }
-                let (mut q, mut k, v) = (out[0], out[1], out[2]);
-                if let Some(QkNorms::Apart(qn, kn)) = &lw.qk_norm {
-                    let (qn, kn) = (g.tensor(qn), g.tensor(kn));
-                    q = head_norm(&mut g, q, qn, cfg.heads, d, cfg.rms_eps)?;
-                    k = head_norm(&mut g, k, kn, cfg.kv_heads, d, cfg.rms_eps)?;
-                }
-                let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-                let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-                g.copy_into(k, kc, Dyn::affine(pos, kvw as u32, 0))?;
-                g.copy_into(v, vc, Dyn::affine(pos, kvw as u32, 0))?;
-                q
-            }
+        let at = LayerAt {
+            index: i,
+            rope: ropes[cfg.rope_index(i)],
+            k_cache: g.tensor(&kv.k[i]),
+            v_cache: g.tensor(&kv.v[i]),
+            pos,
+            tokens,
         };
-        // Query i sits at pos + i and sees keys 0..=pos + i (the last `window` of them in a
-        // sliding-window layer); the cache holds pos + t keys.
-        let opts = AttentionOptions {
-            causal: true,
-            scale: Some(cfg.attn_scale),
-            window: cfg.window(i),
-            softcap: cfg.attn_softcap,
-        };
-        let a = g.attention_with(
-            q,
-            kc,
-            vc,
-            cfg.heads,
-            cfg.kv_heads,
-            Dyn::slot(pos),
-            Dyn::affine(pos, 1, tokens as u32),
-            &opts,
-        )?;
-        let (wo, bo) = (g.tensor(&lw.wo), lw.bo.as_ref().map(|b| g.tensor(b)));
-        x = match &lw.post_attn_norm {
-            // x + o_proj(a), [1, t, h]
-            None => g.linear_add(a, wo, bo, x)?,
-            // Gemma: x + norm(o_proj(a)).
-            Some(n) => {
-                let o = g.linear(a, wo, bo)?;
-                let n = g.tensor(n);
-                let o = g.rms_norm(o, n, cfg.rms_eps)?;
-                g.add(x, o)?
-            }
-        };
-
-        // Feed-forward block (SwiGLU; Gemma's GELU-tanh gate).
-        let ffn_norm = g.tensor(&lw.ffn_norm);
-        let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
-        let m = match &lw.gate_up {
-            Stacked::One { w, .. } => {
-                let w = g.tensor(w);
-                let gu = g.linear(hn, w, None)?; // [1, t, 2 intermediate]: gate, then up
-                let input = GluInput::Halves {
-                    x: gu,
-                    gate_first: true,
-                };
-                g.glu(input, cfg.act)?
-            }
-            Stacked::Apart(p) => {
-                let (wg, wu) = (g.tensor(&p[0].0), g.tensor(&p[1].0));
-                let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
-                let up = g.linear(hn, wu, None)?;
-                g.glu(GluInput::Pair { gate, up }, cfg.act)?
-            }
-        };
-        let wd = g.tensor(&lw.w_down);
-        x = match &lw.post_ffn_norm {
-            None => g.linear_add(m, wd, None, x)?, // x + down_proj(m), [1, t, h]
-            Some(n) => {
-                let o = g.linear(m, wd, None)?;
-                let n = g.tensor(n);
-                let o = g.rms_norm(o, n, cfg.rms_eps)?;
-                g.add(x, o)?
-            }
-        };
+        x = attention_block(&mut g, cfg, lw, &at, x)?;
+        x = ffn_block(&mut g, cfg, lw, x)?;
     }
     // Only the last valid token needs logits.
     let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
@@ -270,6 +173,152 @@ pub async fn build_step(
         out,
         logits: keep_logits.then_some(logits),
     })
+}
+
+/// Where a layer's block runs: its index, rotary table, KV caches and the step's position.
+struct LayerAt {
+    index: usize,
+    rope: Value,
+    k_cache: Value,
+    v_cache: Value,
+    pos: Scalar,
+    tokens: usize,
+}
+
+/// `x + o_proj(attention(norm(x)))` (Gemma: `x + norm(o_proj(..))`), `[1, t, h]`; the step's
+/// keys and values are written into the caches on the way.
+fn attention_block(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    lw: &LayerWeights,
+    at: &LayerAt,
+    x: Value,
+) -> Result<Value> {
+    let attn_norm = g.tensor(&lw.attn_norm);
+    let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
+    let q = project_qkv(g, cfg, lw, at, hn)?;
+    // Query i sits at pos + i and sees keys 0..=pos + i (the last `window` of them in a
+    // sliding-window layer); the cache holds pos + t keys.
+    let opts = AttentionOptions {
+        causal: true,
+        scale: Some(cfg.attn_scale),
+        window: cfg.window(at.index),
+        softcap: cfg.attn_softcap,
+    };
+    let a = g.attention_with(
+        q,
+        at.k_cache,
+        at.v_cache,
+        cfg.heads,
+        cfg.kv_heads,
+        Dyn::slot(at.pos),
+        Dyn::affine(at.pos, 1, at.tokens as u32),
+        &opts,
+    )?;
+    let (wo, bo) = (g.tensor(&lw.wo), lw.bo.as_ref().map(|b| g.tensor(b)));
+    residual_product(g, cfg, a, wo, bo, lw.post_attn_norm.as_ref(), x)
+}
+
+/// The rotated queries `[1, t, heads d]`, after writing the rotated keys and the values into
+/// the caches at the run-time position.
+fn project_qkv(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    lw: &LayerWeights,
+    at: &LayerAt,
+    hn: Value,
+) -> Result<Value> {
+    let d = cfg.head_dim;
+    let (rope, kc, vc, pos) = (at.rope, at.k_cache, at.v_cache, at.pos);
+    match &lw.qkv {
+        // One product for Q/K/V, then one kernel rotates q and k and writes k and v into the
+        // caches at the run-time position.
+        Stacked::One { w, bias } => {
+            let (w, b) = (g.tensor(w), bias.as_ref().map(|b| g.tensor(b)));
+            let mut qkv = g.linear(hn, w, b)?; // [1, t, (heads + 2 kv_heads) d]
+            if let Some(QkNorms::Stacked(n)) = &lw.qk_norm {
+                let n = g.tensor(n);
+                let n = g.reshape(n, &[2, d])?;
+                qkv = g.qk_norm(qkv, n, cfg.heads, cfg.kv_heads, cfg.rms_eps)?;
+            }
+            g.rope_kv(
+                qkv,
+                rope,
+                kc,
+                vc,
+                cfg.heads,
+                cfg.kv_heads,
+                cfg.rope_interleaved,
+                Dyn::slot(pos),
+            )
+        }
+        Stacked::Apart(p) => {
+            let mut out = Vec::with_capacity(3);
+            for (w, b) in p {
+                let (w, b) = (g.tensor(w), b.as_ref().map(|b| g.tensor(b)));
+                out.push(g.linear(hn, w, b)?);
+            }
+            let (mut q, mut k, v) = (out[0], out[1], out[2]);
+            if let Some(QkNorms::Apart(qn, kn)) = &lw.qk_norm {
+                let (qn, kn) = (g.tensor(qn), g.tensor(kn));
+                q = head_norm(g, q, qn, cfg.heads, d, cfg.rms_eps)?;
+                k = head_norm(g, k, kn, cfg.kv_heads, d, cfg.rms_eps)?;
+            }
+            let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+            let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+            let kvw = (cfg.kv_heads * d) as u32;
+            g.copy_into(k, kc, Dyn::affine(pos, kvw, 0))?;
+            g.copy_into(v, vc, Dyn::affine(pos, kvw, 0))?;
+            Ok(q)
+        }
+    }
+}
+
+/// `x + down_proj(glu(gate, up))` of `norm(x)` (SwiGLU; Gemma's GELU-tanh gate, and its
+/// post-norm), `[1, t, h]`.
+fn ffn_block(g: &mut Graph, cfg: &LlmConfig, lw: &LayerWeights, x: Value) -> Result<Value> {
+    let ffn_norm = g.tensor(&lw.ffn_norm);
+    let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
+    let m = match &lw.gate_up {
+        Stacked::One { w, .. } => {
+            let w = g.tensor(w);
+            let gu = g.linear(hn, w, None)?; // [1, t, 2 intermediate]: gate, then up
+            let input = GluInput::Halves {
+                x: gu,
+                gate_first: true,
+            };
+            g.glu(input, cfg.act)?
+        }
+        Stacked::Apart(p) => {
+            let (wg, wu) = (g.tensor(&p[0].0), g.tensor(&p[1].0));
+            let gate = g.linear(hn, wg, None)?; // [1, t, intermediate]
+            let up = g.linear(hn, wu, None)?;
+            g.glu(GluInput::Pair { gate, up }, cfg.act)?
+        }
+    };
+    let wd = g.tensor(&lw.w_down);
+    residual_product(g, cfg, m, wd, None, lw.post_ffn_norm.as_ref(), x)
+}
+
+/// `x + a w^T (+ b)`, or with a post-norm (Gemma) `x + norm(a w^T (+ b))`.
+fn residual_product(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    a: Value,
+    w: Value,
+    b: Option<Value>,
+    post_norm: Option<&Arc<Tensor>>,
+    x: Value,
+) -> Result<Value> {
+    match post_norm {
+        None => g.linear_add(a, w, b, x),
+        Some(n) => {
+            let o = g.linear(a, w, b)?;
+            let n = g.tensor(n);
+            let o = g.rms_norm(o, n, cfg.rms_eps)?;
+            g.add(x, o)
+        }
+    }
 }
 
 /// RMSNorm of each head of `x` `[1, t, heads d]` over its `d` dims (q/k norms of projections
