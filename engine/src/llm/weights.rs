@@ -6,7 +6,7 @@ use super::config::{Arch, LlmConfig, RopeScaling, Rotary};
 use crate::dtype::dequantize;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::weights::Weights;
+use crate::weights::{VarBuilder, Weights};
 use std::sync::Arc;
 
 /// Projections a layer applies to the same input: stacked by rows into one matrix (one product)
@@ -109,126 +109,23 @@ fn gguf_name_for(hf: &str, gemma: bool) -> String {
 }
 
 impl LlmWeights {
-    /// Uploads every tensor the architecture needs, checking names and shapes.
+    /// Uploads every tensor the architecture needs, checking names and shapes: the embedding,
+    /// each layer, the final norm and head, and the rotary tables (with the frequency factors a
+    /// GGUF file may carry as tensors).
     pub fn load(
         w: &Weights,
         cfg: &LlmConfig,
         on_progress: &mut dyn FnMut(usize, usize),
     ) -> Result<LlmWeights> {
-        let (h, d, kv) = (cfg.hidden, cfg.head_dim, cfg.kv_heads);
+        let h = cfg.hidden;
         let total = cfg.layers + 2;
         let root = w.root();
         let model = root.pp("model");
         let embed = model.get("embed_tokens.weight", &[cfg.vocab, h])?;
         on_progress(1, total);
         let mut layers = Vec::with_capacity(cfg.layers);
-        let bias = cfg.arch == Arch::Qwen2;
-        let norm_plus = |vb: &crate::weights::VarBuilder, name: &str, len: usize| {
-            if cfg.norm_offset == 0.0 {
-                vb.get(name, &[len])
-            } else {
-                vb.get_vectors_plus(&[name], &[len], cfg.norm_offset)
-            }
-        };
         for i in 0..cfg.layers {
-            let l = model.pp("layers").pp(i);
-            let (attn, mlp) = (l.pp("self_attn"), l.pp("mlp"));
-            let qkv_rows = [cfg.heads * d, kv * d, kv * d];
-            let qkv = if cfg.arch == Arch::Phi3 {
-                Stacked::One {
-                    w: attn.get("qkv_proj.weight", &[qkv_rows.iter().sum(), h])?,
-                    bias: None,
-                }
-            } else {
-                let names = ["q_proj", "k_proj", "v_proj"];
-                let has_bias = bias || attn.has("q_proj.bias");
-                let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
-                let biases: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
-                let (wn, bn): (Vec<&str>, Vec<&str>) = (
-                    weights.iter().map(String::as_str).collect(),
-                    biases.iter().map(String::as_str).collect(),
-                );
-                match attn.get_stacked(&wn, &qkv_rows.map(|r| [r, h]))? {
-                    Some(w) => Stacked::One {
-                        w,
-                        bias: if has_bias {
-                            Some(attn.get_stacked_f32(&bn, &qkv_rows)?)
-                        } else {
-                            None
-                        },
-                    },
-                    None => Stacked::Apart(
-                        (0..3)
-                            .map(|i| {
-                                let w = attn.get(&weights[i], &[qkv_rows[i], h])?;
-                                let b = if has_bias {
-                                    Some(attn.get(&biases[i], &[qkv_rows[i]])?)
-                                } else {
-                                    None
-                                };
-                                Ok((w, b))
-                            })
-                            .collect::<Result<_>>()?,
-                    ),
-                }
-            };
-            let qk_norm = if !cfg.qk_norm {
-                None
-            } else if matches!(qkv, Stacked::One { .. }) {
-                Some(QkNorms::Stacked(attn.get_vectors_plus(
-                    &["q_norm.weight", "k_norm.weight"],
-                    &[d, d],
-                    cfg.norm_offset,
-                )?))
-            } else {
-                Some(QkNorms::Apart(
-                    norm_plus(&attn, "q_norm.weight", d)?,
-                    norm_plus(&attn, "k_norm.weight", d)?,
-                ))
-            };
-            let inter = cfg.intermediate;
-            let gate_up = if cfg.arch == Arch::Phi3 {
-                Stacked::One {
-                    w: mlp.get("gate_up_proj.weight", &[2 * inter, h])?,
-                    bias: None,
-                }
-            } else {
-                let gu =
-                    mlp.get_stacked(&["gate_proj.weight", "up_proj.weight"], &[[inter, h]; 2])?;
-                match gu {
-                    Some(w) => Stacked::One { w, bias: None },
-                    None => Stacked::Apart(vec![
-                        (mlp.get("gate_proj.weight", &[inter, h])?, None),
-                        (mlp.get("up_proj.weight", &[inter, h])?, None),
-                    ]),
-                }
-            };
-            let gemma = cfg.arch.is_gemma();
-            let (post_attn_norm, ffn_norm, post_ffn_norm) = if gemma {
-                (
-                    Some(norm_plus(&l, "post_attention_layernorm.weight", h)?),
-                    norm_plus(&l, "pre_feedforward_layernorm.weight", h)?,
-                    Some(norm_plus(&l, "post_feedforward_layernorm.weight", h)?),
-                )
-            } else {
-                (
-                    None,
-                    norm_plus(&l, "post_attention_layernorm.weight", h)?,
-                    None,
-                )
-            };
-            layers.push(LayerWeights {
-                attn_norm: norm_plus(&l, "input_layernorm.weight", h)?,
-                qkv,
-                qk_norm,
-                wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
-                bo: attn.optional("o_proj.bias", &[h])?,
-                post_attn_norm,
-                ffn_norm,
-                gate_up,
-                w_down: mlp.get("down_proj.weight", &[h, inter])?,
-                post_ffn_norm,
-            });
+            layers.push(load_layer(cfg, &model.pp("layers").pp(i))?);
             on_progress(i + 2, total);
         }
         // A config claiming fewer layers than the checkpoint holds would silently skip some.
@@ -243,56 +140,14 @@ impl LlmWeights {
                 ),
             });
         }
-        let norm = norm_plus(&model, "norm.weight", h)?;
+        let norm = norm_weight(cfg, &model, "norm.weight", h)?;
         // Tied embeddings: no separate head in the checkpoint, the embedding serves both.
         let lm_head = if cfg.tie_embeddings {
             embed.clone()
         } else {
             root.get("lm_head.weight", &[cfg.vocab, h])?
         };
-        let mut freqs = cfg.rope.inv_freq();
-        let n_freq = freqs.len();
-        let factors = |name: &str| -> Result<Option<Vec<f32>>> {
-            let Some(raw) = w.raw(name) else {
-                return Ok(None);
-            };
-            let f = dequantize(raw.dtype, raw.data, raw.shape.iter().product())?;
-            if f.len() != n_freq || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
-                return Err(Error::Data {
-                    name: name.into(),
-                    msg: format!(
-                        "{} factors for {} frequencies (each positive and finite)",
-                        f.len(),
-                        n_freq
-                    ),
-                });
-            }
-            Ok(Some(f))
-        };
-        // llama.cpp's llama3 scaling: divisors of the base frequencies.
-        if let Some(f) = factors("rope_freqs.weight")? {
-            freqs.iter_mut().zip(&f).for_each(|(a, b)| *a /= b);
-        }
-        // llama.cpp's Phi-3 LongRoPE factors are tensors (config lists in a HF folder): the
-        // GGUF config comes with empty lists for them to fill.
-        let mut rope = cfg.rope.clone();
-        if let Some(RopeScaling::LongRope { short, long, .. }) = &mut rope.scaling {
-            if short.is_empty() || long.is_empty() {
-                let need = |name: &str| {
-                    factors(name)?.ok_or_else(|| Error::Data {
-                        name: w.describe(),
-                        msg: format!("LongRoPE scaling without the tensor '{name}'"),
-                    })
-                };
-                *short = need("rope_factors_short.weight")?;
-                *long = need("rope_factors_long.weight")?;
-                freqs = rope.inv_freq();
-            }
-        }
-        let mut ropes = vec![(rope, freqs)];
-        if let Some(local) = &cfg.rope_local {
-            ropes.push((local.clone(), local.inv_freq()));
-        }
+        let ropes = rotary_tables(w, cfg)?;
         on_progress(total, total);
         Ok(LlmWeights {
             embed,
@@ -302,4 +157,168 @@ impl LlmWeights {
             ropes,
         })
     }
+}
+
+/// A norm weight (`1 +` it where the architecture stores offsets: Gemma).
+fn norm_weight(cfg: &LlmConfig, vb: &VarBuilder, name: &str, len: usize) -> Result<Arc<Tensor>> {
+    if cfg.norm_offset == 0.0 {
+        vb.get(name, &[len])
+    } else {
+        vb.get_vectors_plus(&[name], &[len], cfg.norm_offset)
+    }
+}
+
+/// One decoder layer (`model.layers.{i}`).
+fn load_layer(cfg: &LlmConfig, l: &VarBuilder) -> Result<LayerWeights> {
+    let (h, d) = (cfg.hidden, cfg.head_dim);
+    let (attn, mlp) = (l.pp("self_attn"), l.pp("mlp"));
+    let qkv = load_qkv(cfg, &attn)?;
+    let qk_norm = if !cfg.qk_norm {
+        None
+    } else if matches!(qkv, Stacked::One { .. }) {
+        Some(QkNorms::Stacked(attn.get_vectors_plus(
+            &["q_norm.weight", "k_norm.weight"],
+            &[d, d],
+            cfg.norm_offset,
+        )?))
+    } else {
+        Some(QkNorms::Apart(
+            norm_weight(cfg, &attn, "q_norm.weight", d)?,
+            norm_weight(cfg, &attn, "k_norm.weight", d)?,
+        ))
+    };
+    let inter = cfg.intermediate;
+    let gate_up = if cfg.arch == Arch::Phi3 {
+        Stacked::One {
+            w: mlp.get("gate_up_proj.weight", &[2 * inter, h])?,
+            bias: None,
+        }
+    } else {
+        let gu = mlp.get_stacked(&["gate_proj.weight", "up_proj.weight"], &[[inter, h]; 2])?;
+        match gu {
+            Some(w) => Stacked::One { w, bias: None },
+            None => Stacked::Apart(vec![
+                (mlp.get("gate_proj.weight", &[inter, h])?, None),
+                (mlp.get("up_proj.weight", &[inter, h])?, None),
+            ]),
+        }
+    };
+    // Gemma norms the attention and feed-forward outputs too; its pre-feed-forward norm is
+    // what the others call post_attention_layernorm.
+    let norm = |name: &str| norm_weight(cfg, l, name, h);
+    let (post_attn_norm, ffn_norm, post_ffn_norm) = if cfg.arch.is_gemma() {
+        (
+            Some(norm("post_attention_layernorm.weight")?),
+            norm("pre_feedforward_layernorm.weight")?,
+            Some(norm("post_feedforward_layernorm.weight")?),
+        )
+    } else {
+        (None, norm("post_attention_layernorm.weight")?, None)
+    };
+    Ok(LayerWeights {
+        attn_norm: norm("input_layernorm.weight")?,
+        qkv,
+        qk_norm,
+        wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
+        bo: attn.optional("o_proj.bias", &[h])?,
+        post_attn_norm,
+        ffn_norm,
+        gate_up,
+        w_down: mlp.get("down_proj.weight", &[h, inter])?,
+        post_ffn_norm,
+    })
+}
+
+/// Q/K/V as one stacked product where the three can be stacked (Phi-3 stores them so), else
+/// three; biases for Qwen2 and checkpoints that carry them.
+fn load_qkv(cfg: &LlmConfig, attn: &VarBuilder) -> Result<Stacked> {
+    let (h, d, kv) = (cfg.hidden, cfg.head_dim, cfg.kv_heads);
+    let qkv_rows = [cfg.heads * d, kv * d, kv * d];
+    if cfg.arch == Arch::Phi3 {
+        return Ok(Stacked::One {
+            w: attn.get("qkv_proj.weight", &[qkv_rows.iter().sum(), h])?,
+            bias: None,
+        });
+    }
+    let names = ["q_proj", "k_proj", "v_proj"];
+    let has_bias = cfg.arch == Arch::Qwen2 || attn.has("q_proj.bias");
+    let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+    let biases: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
+    let (wn, bn): (Vec<&str>, Vec<&str>) = (
+        weights.iter().map(String::as_str).collect(),
+        biases.iter().map(String::as_str).collect(),
+    );
+    Ok(match attn.get_stacked(&wn, &qkv_rows.map(|r| [r, h]))? {
+        Some(w) => Stacked::One {
+            w,
+            bias: if has_bias {
+                Some(attn.get_stacked_f32(&bn, &qkv_rows)?)
+            } else {
+                None
+            },
+        },
+        None => Stacked::Apart(
+            (0..3)
+                .map(|i| {
+                    let w = attn.get(&weights[i], &[qkv_rows[i], h])?;
+                    let b = if has_bias {
+                        Some(attn.get(&biases[i], &[qkv_rows[i]])?)
+                    } else {
+                        None
+                    };
+                    Ok((w, b))
+                })
+                .collect::<Result<_>>()?,
+        ),
+    })
+}
+
+/// The rotary embeddings and their inverse frequencies: the global one (with llama.cpp's
+/// llama3 divisors or Phi-3 LongRoPE factors when the file carries them as tensors), and the
+/// local one of sliding-window layers.
+fn rotary_tables(w: &Weights, cfg: &LlmConfig) -> Result<Vec<(Rotary, Vec<f32>)>> {
+    let mut freqs = cfg.rope.inv_freq();
+    let n_freq = freqs.len();
+    let factors = |name: &str| -> Result<Option<Vec<f32>>> {
+        let Some(raw) = w.raw(name) else {
+            return Ok(None);
+        };
+        let f = dequantize(raw.dtype, raw.data, raw.shape.iter().product())?;
+        if f.len() != n_freq || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+            return Err(Error::Data {
+                name: name.into(),
+                msg: format!(
+                    "{} factors for {} frequencies (each positive and finite)",
+                    f.len(),
+                    n_freq
+                ),
+            });
+        }
+        Ok(Some(f))
+    };
+    // llama.cpp's llama3 scaling: divisors of the base frequencies.
+    if let Some(f) = factors("rope_freqs.weight")? {
+        freqs.iter_mut().zip(&f).for_each(|(a, b)| *a /= b);
+    }
+    // llama.cpp's Phi-3 LongRoPE factors are tensors (config lists in a HF folder): the GGUF
+    // config comes with empty lists for them to fill.
+    let mut rope = cfg.rope.clone();
+    if let Some(RopeScaling::LongRope { short, long, .. }) = &mut rope.scaling {
+        if short.is_empty() || long.is_empty() {
+            let need = |name: &str| {
+                factors(name)?.ok_or_else(|| Error::Data {
+                    name: w.describe(),
+                    msg: format!("LongRoPE scaling without the tensor '{name}'"),
+                })
+            };
+            *short = need("rope_factors_short.weight")?;
+            *long = need("rope_factors_long.weight")?;
+            freqs = rope.inv_freq();
+        }
+    }
+    let mut ropes = vec![(rope, freqs)];
+    if let Some(local) = &cfg.rope_local {
+        ropes.push((local.clone(), local.inv_freq()));
+    }
+    Ok(ropes)
 }
