@@ -1,0 +1,250 @@
+//! GGUF metadata as llama.cpp's converter writes it, with llama.cpp's defaults for what a file
+//! leaves out.
+
+use super::{
+    check_context, check_layers, unsupported, Arch, Facts, LlmConfig, RopeScaling, Rotary,
+};
+use crate::error::{Error, Result};
+use crate::formats::gguf::{Gguf, Value};
+use crate::kernels::elementwise::Act;
+
+/// Reads `{arch}.{key}` values.
+struct Keys<'a> {
+    g: &'a Gguf,
+    arch: &'a str,
+}
+
+impl Keys<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    /// A required integer.
+    fn u(&self, k: &str) -> Result<usize> {
+        self.g
+            .require(&self.key(k))?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Data {
+                name: self.key(k),
+                msg: "not an integer".into(),
+            })
+    }
+
+    fn f(&self, k: &str) -> Option<f64> {
+        self.g.get(&self.key(k)).and_then(|v| v.as_f64())
+    }
+}
+
+impl LlmConfig {
+    /// From GGUF metadata (`general.architecture`: llama, qwen2, qwen3, gemma2, gemma3, phi3),
+    /// with llama.cpp's defaults for what a file leaves out.
+    pub fn from_gguf(g: &Gguf) -> Result<LlmConfig> {
+        let arch_name = g
+            .require("general.architecture")?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
+            "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
+            other => {
+                return Err(unsupported(format!(
+                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)"
+                )))
+            }
+        };
+        let k = Keys {
+            g,
+            arch: &arch_name,
+        };
+        let hidden = k.u("embedding_length")?;
+        let heads = k.u("attention.head_count")?;
+        let head_dim = k.u("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let layers = check_layers(k.u("block_count")?, &k.key("block_count"))?;
+        let tokens = g
+            .require("tokenizer.ggml.tokens")?
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(0);
+        let max_positions = check_context(
+            k.u("context_length").unwrap_or(2048),
+            &k.key("context_length"),
+        )?;
+        let dims = k.u("rope.dimension_count").unwrap_or(head_dim);
+        let (sliding_window, sliding_layers) = sliding(&k, arch, layers)?;
+        let gemma = arch.is_gemma();
+        let softcap = |key: &str, default: f64| {
+            let v = k.f(key).unwrap_or(default);
+            (v > 0.0).then_some(v as f32)
+        };
+        // llama.cpp: 1/sqrt(head_dim), except Gemma 2/3 27B's 1/sqrt(hidden / heads).
+        let big_gemma =
+            (arch == Arch::Gemma2 && layers == 46) || (arch == Arch::Gemma3 && layers == 62);
+        let attn_scale = if big_gemma {
+            ((hidden / heads.max(1)) as f32).powf(-0.5)
+        } else {
+            (head_dim as f32).powf(-0.5)
+        };
+        Facts {
+            arch,
+            hidden,
+            layers,
+            heads,
+            kv_heads: k.u("attention.head_count_kv").unwrap_or(heads),
+            head_dim,
+            intermediate: k.u("feed_forward_length")?,
+            vocab: k.u("vocab_size").unwrap_or(tokens),
+            rms_eps: k.f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+            rope: rotary(&k, dims, max_positions),
+            rope_local: Rotary {
+                theta: k.f("rope.freq_base_swa").unwrap_or(10000.0) as f32,
+                dims,
+                scaling: None,
+            },
+            sliding_window,
+            sliding_layers,
+            max_positions,
+            tie_embeddings: g.tensor_names.iter().all(|n| n != "output.weight"),
+            // The converter permutes llama's Q and K rows for interleaved rotary pairs.
+            rope_interleaved: arch == Arch::Llama,
+            bos: id(g, "tokenizer.ggml.bos_token_id"),
+            eos: eos(g, arch),
+            act: if gemma { Act::GeluTanh } else { Act::Silu },
+            // The converter adds Gemma's 1 into the norm weights.
+            norm_offset: 0.0,
+            attn_scale,
+            attn_softcap: softcap("attn_logit_softcapping", 50.0),
+            final_softcap: match arch {
+                Arch::Gemma2 => softcap("final_logit_softcapping", 30.0),
+                _ => softcap("final_logit_softcapping", 0.0),
+            },
+        }
+        .into_config()
+    }
+
+    /// From the first bytes of a `.gguf` file (a browser fetches only those to size a model):
+    /// `None` when `prefix` ends inside the metadata (read more and ask again).
+    pub fn from_gguf_prefix(name: &str, prefix: &[u8]) -> Result<Option<LlmConfig>> {
+        Gguf::parse_metadata(name, prefix)?
+            .map(|g| LlmConfig::from_gguf(&g))
+            .transpose()
+    }
+}
+
+fn id(g: &Gguf, k: &str) -> Option<u32> {
+    g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32)
+}
+
+/// EOS and end-of-turn ids, plus the end-of-turn token of chat formats that llama.cpp also
+/// stops at (by its text) when the file does not name it.
+fn eos(g: &Gguf, arch: Arch) -> Vec<u32> {
+    let mut eos: Vec<u32> = id(g, "tokenizer.ggml.eos_token_id").into_iter().collect();
+    if let Some(e) = id(g, "tokenizer.ggml.eot_token_id") {
+        if !eos.contains(&e) {
+            eos.push(e);
+        }
+    }
+    let turn_end = match arch {
+        Arch::Gemma2 | Arch::Gemma3 => Some("<end_of_turn>"),
+        Arch::Phi3 => Some("<|end|>"),
+        _ => None,
+    };
+    if let Some(t) = turn_end {
+        let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
+        if let Some(i) = tokens
+            .and_then(|a| a.strs())
+            .and_then(|mut s| s.position(|x| x == t))
+        {
+            if !eos.contains(&(i as u32)) {
+                eos.push(i as u32);
+            }
+        }
+    }
+    eos
+}
+
+/// The global rotary embedding. llama.cpp keeps llama3 scaling as a `rope_freqs.weight` tensor
+/// of divisors and Phi-3's LongRoPE factors as tensors too (applied by `LlmWeights::load`);
+/// linear scaling is a key.
+fn rotary(k: &Keys, dims: usize, max_positions: usize) -> Rotary {
+    let scaling = match k
+        .g
+        .get(&k.key("rope.scaling.type"))
+        .and_then(|v| v.as_str())
+    {
+        Some("linear") => k
+            .f("rope.scaling.factor")
+            .filter(|&x| x > 0.0 && x != 1.0)
+            .map(|factor| RopeScaling::Linear {
+                factor: factor as f32,
+            }),
+        // Phi-3: the factor lists are the tensors rope_factors_short/long (LlmWeights::load).
+        _ if k
+            .g
+            .tensor_names
+            .iter()
+            .any(|n| n == "rope_factors_long.weight") =>
+        {
+            let original_max = k
+                .u("rope.scaling.original_context_length")
+                .unwrap_or(max_positions);
+            let factor = max_positions as f64 / original_max.max(1) as f64;
+            let attention_factor = k.f("rope.scaling.attn_factor").unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / (original_max as f64).ln()).sqrt()
+            }) as f32;
+            Some(RopeScaling::LongRope {
+                short: Vec::new(),
+                long: Vec::new(),
+                original_max,
+                attention_factor,
+            })
+        }
+        _ => None,
+    };
+    Rotary {
+        theta: k.f("rope.freq_base").unwrap_or(10000.0) as f32,
+        dims,
+        scaling,
+    }
+}
+
+/// Sliding windows as llama.cpp reads them: a window size and a per-layer pattern (a list of
+/// flags, or n: every n-th layer is global), with these defaults per architecture.
+fn sliding(k: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+    let (default_window, default_pattern) = match arch {
+        Arch::Gemma2 => (4096, 2),
+        Arch::Gemma3 => (0, 6),
+        _ => (0, 0),
+    };
+    let window = k.u("attention.sliding_window").unwrap_or(default_window);
+    let pattern_key = k.key("attention.sliding_window_pattern");
+    let sliding_layers: Vec<bool> = match k.g.get(&pattern_key) {
+        Some(Value::Array(a)) => {
+            let flags: Vec<bool> = a.values().map(|v| v == Value::Bool(true)).collect();
+            if flags.len() != layers {
+                return Err(Error::Data {
+                    name: pattern_key,
+                    msg: format!("{} flags for {layers} layers", flags.len()),
+                });
+            }
+            flags
+        }
+        other => {
+            let n = other.and_then(|v| v.as_u64()).unwrap_or(default_pattern) as usize;
+            (0..layers).map(|i| n == 0 || i % n < n - 1).collect()
+        }
+    };
+    // llama.cpp leaves Phi-3's window off ("Phi SWA is currently disabled"): so does Kiln, to
+    // answer as the engine that wrote the file does.
+    Ok((
+        (window > 0 && arch != Arch::Phi3).then_some(window),
+        sliding_layers,
+    ))
+}

@@ -1,0 +1,338 @@
+//! `config.json` (and `generation_config.json`) as transformers writes them, 4.x and 5.
+
+use super::{
+    check_context, check_layers, unsupported, Arch, Facts, LlmConfig, RopeScaling, Rotary,
+};
+use crate::error::{Error, Result};
+use crate::formats::config::Keys;
+use crate::kernels::elementwise::Act;
+use serde_json::Value as Json;
+
+impl LlmConfig {
+    /// From `config.json` (and `generation_config.json` for EOS ids, when present).
+    pub fn from_hf(config: &str, generation: Option<&str>) -> Result<LlmConfig> {
+        let c = Keys::parse("config.json", config)?;
+        let arch = arch(&c)?;
+        if c.flag("mlp_bias", false)? {
+            return Err(unsupported("mlp_bias = true (MLP projections with biases)"));
+        }
+        if c.flag("use_bidirectional_attention", false)? {
+            return Err(unsupported(
+                "use_bidirectional_attention = true (an encoder, not a decoder)",
+            ));
+        }
+        let hidden = c.need_count("hidden_size")?;
+        let heads = c.need_count("num_attention_heads")?;
+        let head_dim = c.count("head_dim", hidden / heads)?;
+        let layers = check_layers(c.need_count("num_hidden_layers")?, "num_hidden_layers")?;
+        let max_positions = check_context(
+            c.count("max_position_embeddings", 2048)?,
+            "max_position_embeddings",
+        )?;
+        let (rope, rope_local) = rotaries(&c, arch, head_dim, max_positions)?;
+        let (sliding_window, sliding_layers) = sliding(&c, arch, layers)?;
+        let gemma = arch.is_gemma();
+        let softcap = |k: &str| -> Result<Option<f32>> {
+            let v = c.num(k, 0.0)?;
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(c.err(format!("{k} = {v}: must be a positive number or null")));
+            }
+            Ok((v > 0.0).then_some(v as f32))
+        };
+        let attn_scale = if gemma {
+            let q = c.num("query_pre_attn_scalar", 256.0)?;
+            if !(q.is_finite() && q > 0.0) {
+                return Err(c.err(format!("query_pre_attn_scalar = {q}: must be positive")));
+            }
+            q.powf(-0.5) as f32
+        } else {
+            (head_dim as f32).powf(-0.5)
+        };
+        Facts {
+            arch,
+            hidden,
+            layers,
+            heads,
+            kv_heads: c.count("num_key_value_heads", heads)?,
+            head_dim,
+            intermediate: c.need_count("intermediate_size")?,
+            vocab: c.need_count("vocab_size")?,
+            rms_eps: c.num("rms_norm_eps", 1e-6)? as f32,
+            rope,
+            rope_local,
+            sliding_window,
+            sliding_layers,
+            max_positions,
+            tie_embeddings: c.flag("tie_word_embeddings", gemma)?,
+            rope_interleaved: false,
+            bos: ids(c.get("bos_token_id")).first().copied(),
+            eos: eos(&c, generation)?,
+            act: act(&c)?,
+            // transformers' Gemma norms multiply by (1 + w).
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            attn_scale,
+            attn_softcap: if arch == Arch::Gemma2 {
+                softcap("attn_logit_softcapping")?
+            } else {
+                None
+            },
+            final_softcap: if gemma {
+                softcap("final_logit_softcapping")?
+            } else {
+                None
+            },
+        }
+        .into_config()
+    }
+}
+
+/// The architecture `architectures` (or `model_type`) names.
+fn arch(c: &Keys) -> Result<Arch> {
+    let archs: Vec<&str> = c
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    let named = archs
+        .first()
+        .copied()
+        .or_else(|| c.get("model_type").and_then(|m| m.as_str()));
+    Ok(match named {
+        Some("LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral") => Arch::Llama,
+        Some("Qwen2ForCausalLM" | "qwen2") => Arch::Qwen2,
+        Some("Qwen3ForCausalLM" | "qwen3") => Arch::Qwen3,
+        Some("Gemma2ForCausalLM" | "gemma2") => Arch::Gemma2,
+        Some("Gemma3ForCausalLM" | "gemma3_text") => Arch::Gemma3,
+        Some("Phi3ForCausalLM" | "phi3") => Arch::Phi3,
+        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)"))),
+        None => return Err(unsupported("config.json names no architecture")),
+    })
+}
+
+/// The MLP activation (Gemma names it `hidden_activation`; `hidden_act` elsewhere).
+fn act(c: &Keys) -> Result<Act> {
+    let name = match c.get("hidden_activation") {
+        Some(_) => c.text("hidden_activation", "")?,
+        None => c.text("hidden_act", "silu")?,
+    };
+    Ok(match name {
+        "silu" | "swish" => Act::Silu,
+        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Act::GeluTanh,
+        "gelu" => Act::GeluErf,
+        other => {
+            return Err(unsupported(format!(
+                "hidden activation '{other}' (supported: silu, gelu, gelu_pytorch_tanh)"
+            )))
+        }
+    })
+}
+
+/// The global and the local rotary embeddings. transformers 5 nests the settings in
+/// `rope_parameters` (per layer type for Gemma 3); 4.x has rope_theta / rope_scaling /
+/// rope_local_base_freq at the top.
+fn rotaries(
+    c: &Keys,
+    arch: Arch,
+    head_dim: usize,
+    max_positions: usize,
+) -> Result<(Rotary, Rotary)> {
+    let params = c.get("rope_parameters").filter(|v| v.is_object());
+    let partial = params
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(|v| v.as_f64())
+        .map_or_else(|| c.num("partial_rotary_factor", 1.0), Ok)?;
+    if !(partial > 0.0 && partial <= 1.0) {
+        return Err(c.err(format!(
+            "partial_rotary_factor = {partial}: must be in (0, 1]"
+        )));
+    }
+    let dims = (head_dim as f64 * partial) as usize;
+    let top_theta = c.num("rope_theta", if arch == Arch::Gemma3 { 1e6 } else { 1e4 })? as f32;
+    let (global, local) = match params {
+        Some(p) if p.get("full_attention").is_some() || p.get("sliding_attention").is_some() => (
+            p.get("full_attention").cloned(),
+            p.get("sliding_attention").cloned(),
+        ),
+        Some(p) => (Some(p.clone()), None),
+        None => (c.get("rope_scaling").cloned(), None),
+    };
+    let rope = rotary_from(c, global.as_ref(), top_theta, dims, max_positions)?;
+    let local_theta = c.num("rope_local_base_freq", 10000.0)? as f32;
+    let rope_local = rotary_from(c, local.as_ref(), local_theta, dims, max_positions)?;
+    Ok((rope, rope_local))
+}
+
+/// The window and which layers slide: `layer_types` (transformers 5) says, older configs imply
+/// it per architecture.
+fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+    let window = c.count("sliding_window", 0)?;
+    let types = match c.get("layer_types") {
+        Some(_) => Some(c.strings("layer_types")?),
+        None => None,
+    };
+    let sliding_layers: Vec<bool> = match (&types, arch) {
+        (Some(t), _) => {
+            if t.len() != layers {
+                return Err(c.err(format!(
+                    "layer_types lists {} layers, num_hidden_layers is {layers}",
+                    t.len()
+                )));
+            }
+            t.iter()
+                .map(|x| match x.as_str() {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => Err(unsupported(format!(
+                        "layer type '{other}' (supported: full_attention, sliding_attention)"
+                    ))),
+                })
+                .collect::<Result<_>>()?
+        }
+        (None, Arch::Gemma2) => (0..layers).map(|i| i % 2 == 0).collect(),
+        (None, Arch::Gemma3) => {
+            let n = c.count("sliding_window_pattern", 6)?.max(1);
+            (0..layers).map(|i| (i + 1) % n != 0).collect()
+        }
+        (None, Arch::Qwen2 | Arch::Qwen3) => {
+            let from = c.count("max_window_layers", layers)?;
+            (0..layers)
+                .map(|i| c.flag("use_sliding_window", false).unwrap_or(false) && i >= from)
+                .collect()
+        }
+        (None, Arch::Llama | Arch::Phi3) => vec![true; layers],
+    };
+    // Qwen's configs carry a window with use_sliding_window = false: it does not apply.
+    let qwen_off =
+        matches!(arch, Arch::Qwen2 | Arch::Qwen3) && !c.flag("use_sliding_window", false)?;
+    let sliding_window =
+        (window > 0 && !qwen_off && sliding_layers.iter().any(|&s| s)).then_some(window);
+    Ok((sliding_window, sliding_layers))
+}
+
+/// EOS ids: generation_config.json's when it names any, else config.json's.
+fn eos(c: &Keys, generation: Option<&str>) -> Result<Vec<u32>> {
+    if let Some(g) = generation {
+        let gj: Json = serde_json::from_str(g).map_err(|e| Error::Data {
+            name: "generation_config.json".into(),
+            msg: e.to_string(),
+        })?;
+        let ge = ids(gj.get("eos_token_id"));
+        if !ge.is_empty() {
+            return Ok(ge);
+        }
+    }
+    Ok(ids(c.get("eos_token_id")))
+}
+
+fn ids(v: Option<&Json>) -> Vec<u32> {
+    match v {
+        Some(Json::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Json::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A rotary embedding from a `rope_parameters` / `rope_scaling` object (`None`: no scaling
+/// entry) and the defaults found beside it.
+fn rotary_from(
+    c: &Keys,
+    params: Option<&Json>,
+    theta: f32,
+    dims: usize,
+    max_positions: usize,
+) -> Result<Rotary> {
+    let s = match params {
+        None | Some(Json::Null) => {
+            return Ok(Rotary {
+                theta,
+                dims,
+                scaling: None,
+            })
+        }
+        Some(s) => s,
+    };
+    let theta = match s.get("rope_theta") {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| c.err(format!("rope_theta: {v} is not a number")))?
+            as f32,
+        None => theta,
+    };
+    let t = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| s.get(k).and_then(|v| v.as_f64());
+    let need = |k: &str| {
+        num(k)
+            .map(|v| v as f32)
+            .ok_or_else(|| unsupported(format!("{t} rope scaling without '{k}'")))
+    };
+    let factors = |k: &str| -> Result<Vec<f32>> {
+        let a = s
+            .get(k)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| unsupported(format!("{t} rope scaling without '{k}' (a list)")))?;
+        let f: Vec<f32> = a
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .map(|x| x as f32)
+            .collect();
+        if f.len() != dims / 2 || a.len() != f.len() {
+            return Err(c.err(format!(
+                "rope scaling '{k}': {} numbers for {} frequencies",
+                a.len(),
+                dims / 2
+            )));
+        }
+        Ok(f)
+    };
+    let scaling = match t {
+        "default" => None,
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")?,
+        }),
+        "linear" => Some(RopeScaling::Linear {
+            factor: need("factor")?,
+        }),
+        "longrope" | "su" => {
+            let original_max = num("original_max_position_embeddings")
+                .or_else(|| {
+                    c.get("original_max_position_embeddings")
+                        .and_then(|v| v.as_f64())
+                })
+                .ok_or_else(|| {
+                    unsupported("longrope scaling without 'original_max_position_embeddings'")
+                })? as usize;
+            let factor = num("factor").unwrap_or(max_positions as f64 / original_max.max(1) as f64);
+            let attention_factor = match num("attention_factor") {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original_max as f64).ln()).sqrt(),
+            } as f32;
+            Some(RopeScaling::LongRope {
+                short: factors("short_factor")?,
+                long: factors("long_factor")?,
+                original_max,
+                attention_factor,
+            })
+        }
+        other => {
+            return Err(unsupported(format!(
+                "rope scaling type '{other}' (supported: llama3, linear, longrope)"
+            )))
+        }
+    };
+    Ok(Rotary {
+        theta,
+        dims,
+        scaling,
+    })
+}

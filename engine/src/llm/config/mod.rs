@@ -1,0 +1,396 @@
+//! Model hyper-parameters, read from a Hugging Face `config.json` ([`hf`]) or GGUF metadata
+//! ([`gguf`]). Each source is read with its own keys and defaults into [`Facts`]; the rules of
+//! an architecture (q/k norms, embedding scale, which soft-caps and rotary bases apply) are
+//! applied once, in [`Facts::into_config`]. A value the engine does not support is an error
+//! naming it.
+
+mod gguf;
+mod hf;
+
+use crate::error::{Error, Result};
+use crate::kernels::elementwise::Act;
+
+/// Supported architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM` / GGUF `llama` (Llama 2/3, SmolLM, TinyLlama, Mistral).
+    Llama,
+    /// `Qwen2ForCausalLM` / GGUF `qwen2` (q/k/v biases).
+    Qwen2,
+    /// `Qwen3ForCausalLM` / GGUF `qwen3` (per-head q/k RMSNorm).
+    Qwen3,
+    /// `Gemma2ForCausalLM` / GGUF `gemma2` (sandwich norms, soft-capping, alternating windows).
+    Gemma2,
+    /// `Gemma3ForCausalLM` / GGUF `gemma3` (Gemma 2 without soft-capping, with q/k norms and
+    /// local layers on their own rotary base).
+    Gemma3,
+    /// `Phi3ForCausalLM` / GGUF `phi3` (fused qkv_proj and gate_up_proj, LongRoPE).
+    Phi3,
+}
+
+impl Arch {
+    /// Gemma's layer: norms after attention and after the MLP too (`post_attention_layernorm`
+    /// normalizes the attention output, not the MLP input), embeddings scaled by sqrt(hidden).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+}
+
+/// Rotary frequency scaling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type = "llama3"`.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: f32,
+    },
+    /// `rope_type = "linear"`: every frequency divided by `factor`.
+    Linear { factor: f32 },
+    /// `rope_type = "longrope"` (Phi-3's "su"): per-frequency divisors, `short` for positions
+    /// below `original_max` and `long` from there on, and cos/sin scaled by `attention_factor`.
+    LongRope {
+        short: Vec<f32>,
+        long: Vec<f32>,
+        original_max: usize,
+        attention_factor: f32,
+    },
+}
+
+/// One rotary embedding: base, rotated dims of each head, scaling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rotary {
+    pub theta: f32,
+    /// Rotated dims per head (`head_dim * partial_rotary_factor`); the rest pass through.
+    pub dims: usize,
+    pub scaling: Option<RopeScaling>,
+}
+
+impl Rotary {
+    /// Inverse frequencies as transformers computes them (f32), scaling applied; LongRoPE's
+    /// short factors (see [`Rotary::table`] for the long ones).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let base = crate::kernels::rope::inv_freq(self.dims, self.theta);
+        match &self.scaling {
+            None => base,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => crate::kernels::rope::llama3_inv_freq(
+                &base,
+                *factor,
+                *low_freq_factor,
+                *high_freq_factor,
+                *original_max_position_embeddings,
+            ),
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::LongRope { short, .. }) => self.long_rope(short),
+        }
+    }
+
+    /// `1 / (factor_i * theta^(2i / dims))`, in f32 as transformers' `_compute_longrope_parameters`.
+    fn long_rope(&self, factors: &[f32]) -> Vec<f32> {
+        (0..self.dims / 2)
+            .map(|i| {
+                let e = factors.get(i).copied().unwrap_or(1.0);
+                1.0 / (e * self.theta.powf((2 * i) as f32 / self.dims as f32))
+            })
+            .collect()
+    }
+
+    /// The `[positions, dims / 2, 2]` cos/sin table of `inv_freq` (as [`Rotary::inv_freq`],
+    /// or a GGUF's adjusted copy). LongRoPE: positions from `original_max` on use the long
+    /// factors (what transformers uses once a sequence grows past it), and every entry is
+    /// scaled by the attention factor.
+    pub fn table(&self, inv_freq: &[f32], positions: usize) -> Vec<f32> {
+        match &self.scaling {
+            Some(RopeScaling::LongRope {
+                long,
+                original_max,
+                attention_factor,
+                ..
+            }) => {
+                let short_end = positions.min(*original_max);
+                let mut t = crate::kernels::rope::table(inv_freq, positions);
+                if positions > short_end {
+                    let lt = crate::kernels::rope::table(&self.long_rope(long), positions);
+                    let row = inv_freq.len() * 2;
+                    t[short_end * row..].copy_from_slice(&lt[short_end * row..]);
+                }
+                t.iter_mut().for_each(|x| *x *= attention_factor);
+                t
+            }
+            _ => crate::kernels::rope::table(inv_freq, positions),
+        }
+    }
+}
+
+/// Everything the graph builder needs to know about a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlmConfig {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub rms_eps: f32,
+    /// The rotary embedding of full-attention layers (of every layer without `rope_local`).
+    pub rope: Rotary,
+    /// Gemma 3's sliding-window layers rotate with their own base.
+    pub rope_local: Option<Rotary>,
+    /// Keys a sliding-window layer sees (the query's own included), and which layers slide.
+    pub sliding_window: Option<usize>,
+    pub sliding_layers: Vec<bool>,
+    pub max_positions: usize,
+    pub tie_embeddings: bool,
+    /// GGUF llama files store Q/K rows permuted for interleaved rotary pairs.
+    pub rope_interleaved: bool,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    /// The MLP's gate activation (SiLU; Gemma's GELU-tanh).
+    pub act: Act,
+    /// Per-head RMSNorm of q and k before the rotation (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Added to every RMSNorm weight on load: Gemma's `(1 + w)` norms in a Hugging Face folder
+    /// (llama.cpp's converter adds the 1 into the GGUF's weights).
+    pub norm_offset: f32,
+    /// Embeddings multiplied by this (Gemma: sqrt(hidden)).
+    pub embed_scale: Option<f32>,
+    /// Attention score scale (1 / sqrt(head_dim); Gemma: query_pre_attn_scalar^-0.5).
+    pub attn_scale: f32,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+}
+
+/// More decoder layers than any real checkpoint has (the largest have a few hundred): a
+/// header claiming more is damaged, and per-layer tables are sized by it (found by fuzzing: a
+/// 4-billion-layer GGUF header asked for 4 GB before any tensor was looked at).
+const MAX_LAYERS: usize = 4096;
+
+fn check_layers(layers: usize, key: &str) -> Result<usize> {
+    if layers > MAX_LAYERS {
+        return Err(Error::Data {
+            name: key.into(),
+            msg: format!("{layers} layers (a decoder has at most {MAX_LAYERS})"),
+        });
+    }
+    Ok(layers)
+}
+
+/// A context length (`max_position_embeddings`, `{arch}.context_length`) that can hold a prompt
+/// and a reply: at least 2 positions. A 0 in a damaged header would leave no KV-cache position.
+fn check_context(positions: usize, key: &str) -> Result<usize> {
+    if positions < 2 {
+        return Err(Error::Data {
+            name: key.into(),
+            msg: format!(
+                "a context of {positions} positions holds no prompt and reply (at least 2)"
+            ),
+        });
+    }
+    Ok(positions)
+}
+
+fn unsupported(what: impl Into<String>) -> Error {
+    Error::Unsupported(what.into())
+}
+
+/// What a config source says of a checkpoint, read with that source's keys and defaults.
+struct Facts {
+    arch: Arch,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    vocab: usize,
+    rms_eps: f32,
+    rope: Rotary,
+    /// The rotary embedding of sliding-window layers, where the architecture has its own.
+    rope_local: Rotary,
+    sliding_window: Option<usize>,
+    sliding_layers: Vec<bool>,
+    max_positions: usize,
+    tie_embeddings: bool,
+    rope_interleaved: bool,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    act: Act,
+    norm_offset: f32,
+    attn_scale: f32,
+    /// The soft-caps the source gives (or defaults), before the architecture says which apply.
+    attn_softcap: Option<f32>,
+    final_softcap: Option<f32>,
+}
+
+impl Facts {
+    /// The architecture's rules, the same whichever source the facts came from.
+    fn into_config(self) -> Result<LlmConfig> {
+        let arch = self.arch;
+        let gemma = arch.is_gemma();
+        LlmConfig {
+            arch,
+            hidden: self.hidden,
+            layers: self.layers,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            intermediate: self.intermediate,
+            vocab: self.vocab,
+            rms_eps: self.rms_eps,
+            rope: self.rope,
+            // Gemma 3's local layers rotate with their own base.
+            rope_local: (arch == Arch::Gemma3).then_some(self.rope_local),
+            sliding_window: self.sliding_window,
+            sliding_layers: self.sliding_layers,
+            max_positions: self.max_positions,
+            tie_embeddings: self.tie_embeddings,
+            rope_interleaved: self.rope_interleaved,
+            bos: self.bos,
+            eos: self.eos,
+            act: self.act,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            norm_offset: self.norm_offset,
+            // In the embedding's dtype, as transformers multiplies (f32 here).
+            embed_scale: gemma.then(|| (self.hidden as f32).sqrt()),
+            attn_scale: self.attn_scale,
+            // Gemma 3's config carries attn_logit_softcapping, but neither transformers nor
+            // llama.cpp applies it: only Gemma 2 caps attention scores.
+            attn_softcap: self.attn_softcap.filter(|_| arch == Arch::Gemma2),
+            final_softcap: self.final_softcap.filter(|_| gemma),
+        }
+        .validate()
+    }
+}
+
+impl LlmConfig {
+    /// Whether layer `i` attends through the sliding window.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
+    }
+
+    /// The rotary embedding of layer `i`: 0 the global one, 1 `rope_local`.
+    pub fn rope_index(&self, layer: usize) -> usize {
+        usize::from(
+            self.rope_local.is_some() && self.sliding_layers.get(layer).copied().unwrap_or(false),
+        )
+    }
+
+    fn validate(self) -> Result<Self> {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(unsupported(format!(
+                "{} heads with {} kv heads (heads must be a multiple of kv heads)",
+                self.heads, self.kv_heads
+            )));
+        }
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(2)
+            || self.head_dim > crate::kernels::attention::MAX_HEAD_DIM
+        {
+            return Err(unsupported(format!(
+                "head_dim {} (even, at most {})",
+                self.head_dim,
+                crate::kernels::attention::MAX_HEAD_DIM
+            )));
+        }
+        if self.hidden == 0 || self.layers == 0 || self.vocab == 0 || self.intermediate == 0 {
+            return Err(unsupported(format!(
+                "degenerate sizes: hidden {}, layers {}, vocab {}, intermediate {}",
+                self.hidden, self.layers, self.vocab, self.intermediate
+            )));
+        }
+        // Values that would run as silent garbage (all-equal logits, NaN norms).
+        let bad = |what: &str, v: f32, want: &str| {
+            Err(Error::Data {
+                name: "model config".into(),
+                msg: format!("{what} = {v}: {want}"),
+            })
+        };
+        for r in std::iter::once(&self.rope).chain(&self.rope_local) {
+            if !(r.theta.is_finite() && r.theta > 1.0) {
+                return bad(
+                    "rope_theta",
+                    r.theta,
+                    "the rotary base must be a finite number > 1",
+                );
+            }
+            if r.dims == 0 || !r.dims.is_multiple_of(2) || r.dims > self.head_dim {
+                return Err(unsupported(format!(
+                    "{} rotary dims of head_dim {} (an even number, at most head_dim)",
+                    r.dims, self.head_dim
+                )));
+            }
+            let ok = match &r.scaling {
+                None => true,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                }) => {
+                    [
+                        *factor,
+                        *low_freq_factor,
+                        *high_freq_factor,
+                        *original_max_position_embeddings,
+                    ]
+                    .iter()
+                    .all(|x| x.is_finite() && *x > 0.0)
+                        && high_freq_factor > low_freq_factor
+                }
+                Some(RopeScaling::Linear { factor }) => factor.is_finite() && *factor > 0.0,
+                Some(RopeScaling::LongRope {
+                    short,
+                    long,
+                    original_max,
+                    attention_factor,
+                }) => {
+                    short.iter().chain(long).all(|x| x.is_finite() && *x > 0.0)
+                        && *original_max > 0
+                        && attention_factor.is_finite()
+                        && *attention_factor > 0.0
+                }
+            };
+            if !ok {
+                return Err(Error::Data {
+                    name: "model config".into(),
+                    msg: format!("rope scaling {:?}: factors must be positive and finite (llama3: high_freq_factor > low_freq_factor)", r.scaling),
+                });
+            }
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return bad("rms_norm_eps", self.rms_eps, "must be a finite number >= 0");
+        }
+        if !(self.attn_scale.is_finite() && self.attn_scale > 0.0) {
+            return bad(
+                "attention scale",
+                self.attn_scale,
+                "must be a positive number",
+            );
+        }
+        if self.sliding_layers.len() != self.layers {
+            return Err(Error::Data {
+                name: "model config".into(),
+                msg: format!(
+                    "{} sliding-window flags for {} layers",
+                    self.sliding_layers.len(),
+                    self.layers
+                ),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Rotary inverse frequencies of the global rotary embedding (scaling applied).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        self.rope.inv_freq()
+    }
+}
