@@ -193,41 +193,16 @@ impl TextTokenizer {
         })
     }
 
-    /// Rebuilds the tokenizer from GGUF metadata.
+    /// Rebuilds the tokenizer from GGUF metadata: the vocabulary and its token types, then a
+    /// tokenizer.json of the file's model (`gpt2`: byte-level BPE with its pre-tokenizer;
+    /// `llama`: SentencePiece BPE with merges from the scores) for the tokenizers library.
     pub fn from_gguf(g: &Gguf) -> Result<TextTokenizer> {
         let model = g
             .require("tokenizer.ggml.model")?
             .as_str()
             .unwrap_or("")
             .to_string();
-        let strs = |key: &str| -> Result<Vec<String>> {
-            let a = g.require(key)?.as_array();
-            Ok(a.and_then(|a| a.strs())
-                .map(|s| s.map(String::from).collect())
-                .unwrap_or_default())
-        };
-        // The largest real vocabularies hold about 260 000 tokens; a list far past that is a
-        // damaged or hostile file, and building a tokenizer from it costs many times its bytes.
-        const MAX_VOCAB: usize = 1 << 22;
-        let n = g
-            .require("tokenizer.ggml.tokens")?
-            .as_array()
-            .and_then(|a| a.strs().map(|_| a.len()));
-        if !n.is_some_and(|n| (1..=MAX_VOCAB).contains(&n)) {
-            return Err(Error::Data {
-                name: "tokenizer.ggml.tokens".into(),
-                msg: match n {
-                    Some(n) => format!("{n} strings (a vocabulary holds 1 to {MAX_VOCAB})"),
-                    None => "not a list of strings".into(),
-                },
-            });
-        }
-        let tokens = strs("tokenizer.ggml.tokens")?;
-        let types: Vec<u64> = g
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-            .map(|a| a.values().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_else(|| vec![1; tokens.len()]);
+        let (tokens, types) = gguf_vocab(g)?;
         let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
         let (bos, eos_id) = (
             id("tokenizer.ggml.bos_token_id"),
@@ -250,73 +225,10 @@ impl TextTokenizer {
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
         let spec = match model.as_str() {
-            "gpt2" => {
-                let merges = strs("tokenizer.ggml.merges")?;
-                let pre = g
-                    .get("tokenizer.ggml.pre")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
-                let (pre_tokenizer, ignore_merges) = bpe_pre_tokenizer(pre)?;
-                json!({
-                    "version": "1.0",
-                    "added_tokens": added,
-                    "normalizer": null,
-                    "pre_tokenizer": pre_tokenizer,
-                    "post_processor": null,
-                    "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
-                              "vocab": vocab, "merges": merges}
-                })
-            }
+            "gpt2" => gpt2_spec(g, added, vocab)?,
             "llama" => {
-                let scores: Vec<f64> = g
-                    .require("tokenizer.ggml.scores")?
-                    .as_array()
-                    .map(|a| a.values().map(|v| v.as_f64().unwrap_or(0.0)).collect())
-                    .unwrap_or_default();
-                // The merge order sorts by score: a NaN has no place in it (found by fuzzing).
-                if let Some(i) = scores.iter().position(|s| s.is_nan()) {
-                    return Err(Error::Data {
-                        name: "tokenizer.ggml.scores".into(),
-                        msg: format!("score {i} is NaN"),
-                    });
-                }
-                let merges = spm_merges(&tokens, &scores);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
-                // SentencePiece's dummy prefix ("▁" before the text, stripped again when
-                // decoding): on unless the file says otherwise (Gemma's vocabularies).
-                let prefix = g
-                    .get("tokenizer.ggml.add_space_prefix")
-                    .map(|v| *v == Value::Bool(true))
-                    .unwrap_or(true);
-                let space =
-                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
-                let normalizer = if prefix {
-                    json!({"type": "Sequence", "normalizers": [
-                        {"type": "Prepend", "prepend": "\u{2581}"}, space]})
-                } else {
-                    space
-                };
-                let mut decoders = vec![
-                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                    json!({"type": "ByteFallback"}),
-                    json!({"type": "Fuse"}),
-                ];
-                if prefix {
-                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-                }
-                json!({
-                    "version": "1.0",
-                    "added_tokens": added,
-                    "normalizer": normalizer,
-                    "pre_tokenizer": null,
-                    "post_processor": null,
-                    "decoder": {"type": "Sequence", "decoders": decoders},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                              "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                              "vocab": vocab, "merges": merges}
-                })
+                spm_spec(g, &tokens, added, vocab, unk)?
             }
             other => {
                 return Err(Error::Unsupported(format!(
@@ -476,6 +388,120 @@ pub fn render_chat_template(
     env.get_template("chat")
         .and_then(|t| t.render(minijinja::context! { messages => msgs, add_generation_prompt => true, bos_token => bos_token, eos_token => eos_token }))
         .map_err(err)
+}
+
+/// A GGUF file's tokens and their types (1 normal, 3 control, 4 user-defined; all normal
+/// when the file lists none), the vocabulary's size checked first.
+fn gguf_vocab(g: &Gguf) -> Result<(Vec<String>, Vec<u64>)> {
+    // The largest real vocabularies hold about 260 000 tokens; a list far past that is a
+    // damaged or hostile file, and building a tokenizer from it costs many times its bytes.
+    const MAX_VOCAB: usize = 1 << 22;
+    let n = g
+        .require("tokenizer.ggml.tokens")?
+        .as_array()
+        .and_then(|a| a.strs().map(|_| a.len()));
+    if !n.is_some_and(|n| (1..=MAX_VOCAB).contains(&n)) {
+        return Err(Error::Data {
+            name: "tokenizer.ggml.tokens".into(),
+            msg: match n {
+                Some(n) => format!("{n} strings (a vocabulary holds 1 to {MAX_VOCAB})"),
+                None => "not a list of strings".into(),
+            },
+        });
+    }
+    let tokens = gguf_strs(g, "tokenizer.ggml.tokens")?;
+    let types: Vec<u64> = g
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+        .map(|a| a.values().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    Ok((tokens, types))
+}
+
+/// A required GGUF list of strings (empty when it holds other values).
+fn gguf_strs(g: &Gguf, key: &str) -> Result<Vec<String>> {
+    let a = g.require(key)?.as_array();
+    Ok(a.and_then(|a| a.strs())
+        .map(|s| s.map(String::from).collect())
+        .unwrap_or_default())
+}
+
+/// tokenizer.json of a `gpt2` GGUF vocabulary: byte-level BPE with the file's merges and the
+/// pre-tokenizer its `tokenizer.ggml.pre` names.
+fn gpt2_spec(g: &Gguf, added: Vec<Json>, vocab: serde_json::Map<String, Json>) -> Result<Json> {
+    let merges = gguf_strs(g, "tokenizer.ggml.merges")?;
+    let pre = g
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let (pre_tokenizer, ignore_merges) = bpe_pre_tokenizer(pre)?;
+    Ok(json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// tokenizer.json of a `llama` (SentencePiece) GGUF vocabulary: BPE with merges ordered by the
+/// tokens' scores, byte fallback, and SentencePiece's dummy prefix unless the file turns it off.
+fn spm_spec(
+    g: &Gguf,
+    tokens: &[String],
+    added: Vec<Json>,
+    vocab: serde_json::Map<String, Json>,
+    unk: Option<String>,
+) -> Result<Json> {
+    let scores: Vec<f64> = g
+        .require("tokenizer.ggml.scores")?
+        .as_array()
+        .map(|a| a.values().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    // The merge order sorts by score: a NaN has no place in it (found by fuzzing).
+    if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+        return Err(Error::Data {
+            name: "tokenizer.ggml.scores".into(),
+            msg: format!("score {i} is NaN"),
+        });
+    }
+    let merges = spm_merges(tokens, &scores);
+    // SentencePiece's dummy prefix ("▁" before the text, stripped again when decoding): on
+    // unless the file says otherwise (Gemma's vocabularies).
+    let prefix = g
+        .get("tokenizer.ggml.add_space_prefix")
+        .map(|v| *v == Value::Bool(true))
+        .unwrap_or(true);
+    let space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if prefix {
+        json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"}, space]})
+    } else {
+        space
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
 }
 
 /// The pre-tokenizer of a `gpt2`-type GGUF vocabulary, by llama.cpp's `tokenizer.ggml.pre` name
