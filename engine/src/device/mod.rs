@@ -203,50 +203,11 @@ impl Gpu {
         Self::from_adapter(adapter, &opts).await
     }
 
+    /// The device of `adapter`: its limits checked and requested, the optional features
+    /// requested where offered, errors captured instead of wgpu's panicking default.
     async fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
-        let have = adapter.limits();
-        for (limit, need, got) in [
-            (
-                "maxComputeInvocationsPerWorkgroup",
-                NEED_INVOCATIONS,
-                have.max_compute_invocations_per_workgroup,
-            ),
-            (
-                "maxComputeWorkgroupStorageSize",
-                NEED_WG_STORAGE,
-                have.max_compute_workgroup_storage_size,
-            ),
-            (
-                "maxStorageBuffersPerShaderStage",
-                NEED_STORAGE_BUFFERS,
-                have.max_storage_buffers_per_shader_stage,
-            ),
-            (
-                "maxComputeWorkgroupSizeX",
-                NEED_INVOCATIONS,
-                have.max_compute_workgroup_size_x,
-            ),
-        ] {
-            if got < need {
-                return Err(Error::MissingLimit {
-                    adapter: info.name.clone(),
-                    limit,
-                    need: need as u64,
-                    have: got as u64,
-                });
-            }
-        }
-        // Ask for what the adapter offers where size matters (big weights, big workgroup
-        // memory); the WebGPU defaults elsewhere.
-        let mut req = wgpu::Limits::default().using_resolution(have.clone());
-        req.max_storage_buffer_binding_size = have.max_storage_buffer_binding_size;
-        req.max_buffer_size = have.max_buffer_size;
-        req.max_compute_workgroup_storage_size = have.max_compute_workgroup_storage_size;
-        req.max_storage_buffers_per_shader_stage = have.max_storage_buffers_per_shader_stage;
-        req.max_compute_workgroups_per_dimension = have.max_compute_workgroups_per_dimension;
-        req.max_uniform_buffer_binding_size = have.max_uniform_buffer_binding_size;
-
+        let req = required_limits(&adapter)?;
         let af = adapter.features();
         let mut want = wgpu::Features::empty();
         if !opts.disable_optional_features {
@@ -264,7 +225,7 @@ impl Gpu {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("kiln"),
                 required_features: want,
-                required_limits: req.clone(),
+                required_limits: req,
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
@@ -283,23 +244,7 @@ impl Gpu {
         }
         // Keep bindings 16-byte aligned in size so vec4 loads never straddle the end.
         binding_limit &= !15;
-        // wgpu's default handler panics; the engine turns these into errors instead.
-        let uncaptured: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
-        let sink = uncaptured.clone();
-        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            sink.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(e.to_string());
-        }));
-        let lost: Arc<std::sync::Mutex<Option<String>>> = Default::default();
-        let on_lost = lost.clone();
-        device.set_device_lost_callback(move |reason, msg| {
-            let why = match msg.is_empty() {
-                true => format!("{reason:?}"),
-                false => format!("{reason:?}: {msg}"),
-            };
-            *on_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-        });
+        let (uncaptured, lost) = capture_errors(&device);
         let software_env = std::env::var("KILN_SOFTWARE").ok().map(|v| v != "0");
         let features = GpuFeatures {
             shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
@@ -567,4 +512,78 @@ async fn next_task() {
         }
     });
     let _ = wasm_bindgen_futures::JsFuture::from(p).await;
+}
+
+/// The limits to request: the kernels' minimums checked (an error naming the first the
+/// adapter lacks), what the adapter offers where size matters (big weights, big workgroup
+/// memory), the WebGPU defaults elsewhere.
+fn required_limits(adapter: &wgpu::Adapter) -> Result<wgpu::Limits> {
+    let have = adapter.limits();
+    for (limit, need, got) in [
+        (
+            "maxComputeInvocationsPerWorkgroup",
+            NEED_INVOCATIONS,
+            have.max_compute_invocations_per_workgroup,
+        ),
+        (
+            "maxComputeWorkgroupStorageSize",
+            NEED_WG_STORAGE,
+            have.max_compute_workgroup_storage_size,
+        ),
+        (
+            "maxStorageBuffersPerShaderStage",
+            NEED_STORAGE_BUFFERS,
+            have.max_storage_buffers_per_shader_stage,
+        ),
+        (
+            "maxComputeWorkgroupSizeX",
+            NEED_INVOCATIONS,
+            have.max_compute_workgroup_size_x,
+        ),
+    ] {
+        if got < need {
+            return Err(Error::MissingLimit {
+                adapter: adapter.get_info().name,
+                limit,
+                need: need as u64,
+                have: got as u64,
+            });
+        }
+    }
+    let mut req = wgpu::Limits::default().using_resolution(have.clone());
+    req.max_storage_buffer_binding_size = have.max_storage_buffer_binding_size;
+    req.max_buffer_size = have.max_buffer_size;
+    req.max_compute_workgroup_storage_size = have.max_compute_workgroup_storage_size;
+    req.max_storage_buffers_per_shader_stage = have.max_storage_buffers_per_shader_stage;
+    req.max_compute_workgroups_per_dimension = have.max_compute_workgroups_per_dimension;
+    req.max_uniform_buffer_binding_size = have.max_uniform_buffer_binding_size;
+    Ok(req)
+}
+
+/// Validation errors and device loss, kept for the engine to report as errors (wgpu's default
+/// handler panics).
+#[allow(clippy::type_complexity)]
+fn capture_errors(
+    device: &wgpu::Device,
+) -> (
+    Arc<std::sync::Mutex<Vec<String>>>,
+    Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let uncaptured: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let sink = uncaptured.clone();
+    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        sink.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e.to_string());
+    }));
+    let lost: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let on_lost = lost.clone();
+    device.set_device_lost_callback(move |reason, msg| {
+        let why = match msg.is_empty() {
+            true => format!("{reason:?}"),
+            false => format!("{reason:?}: {msg}"),
+        };
+        *on_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    });
+    (uncaptured, lost)
 }
