@@ -54,34 +54,12 @@ fn code(src: &str) -> String {
 /// at the crate root (`crate::Graph`) count as their defining module, read from lib.rs.
 fn uses(src: &str, root_items: &BTreeMap<String, String>) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
-    let bytes = src.as_bytes();
-    let mut i = 0;
-    while let Some(j) = src[i..].find("crate::") {
-        let at = i + j;
-        i = at + 7;
-        // `$crate::` inside a macro is the crate too.
-        if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
-            continue;
-        }
-        let rest = &src[i..];
-        let names: Vec<String> = if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            group[..end]
-                .split(',')
-                .map(|s| s.trim().split("::").next().unwrap_or("").trim().to_string())
-                .collect()
-        } else {
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            vec![rest[..end].to_string()]
-        };
-        for n in names.into_iter().filter(|n| !n.is_empty()) {
-            if rank(&n).is_some() {
-                found.insert(n);
-            } else if let Some(m) = root_items.get(&n) {
-                found.insert(m.clone());
-            }
+    for path in paths_after(src, "crate::") {
+        let n = path.split("::").next().unwrap_or("").trim().to_string();
+        if rank(&n).is_some() {
+            found.insert(n);
+        } else if let Some(m) = root_items.get(&n) {
+            found.insert(m.clone());
         }
     }
     found
@@ -262,15 +240,16 @@ fn params_check_catches_mismatches() {
     }
 }
 
-/// Engine paths a front-end source names: `kiln::a::b` and the entries of `use kiln::{..}`
-/// groups (one level of nesting), comments removed.
-fn kiln_paths(src: &str) -> Vec<String> {
+/// The paths a source names after `prefix` (`crate::`, `kiln::`): `prefix a::b` and the
+/// entries of `use prefix{..}` groups (one level of nesting). `$crate::` inside a macro counts
+/// as `crate::`; `xkiln::` does not count as `kiln::`.
+fn paths_after(src: &str, prefix: &str) -> Vec<String> {
     let mut out = Vec::new();
     let bytes = src.as_bytes();
     let mut i = 0;
-    while let Some(j) = src[i..].find("kiln::") {
+    while let Some(j) = src[i..].find(prefix) {
         let at = i + j;
-        i = at + 6;
+        i = at + prefix.len();
         if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
             continue;
         }
@@ -368,7 +347,7 @@ fn front_ends_reach_below_the_contract_only_where_documented() {
     let mut below = BTreeMap::new();
     for f in &files {
         let src = code(&std::fs::read_to_string(f).unwrap());
-        let paths: Vec<String> = kiln_paths(&src)
+        let paths: Vec<String> = paths_after(&src, "kiln::")
             .into_iter()
             .filter(|p| below_contract(p))
             .collect();
@@ -404,7 +383,7 @@ fn front_ends_reach_below_the_contract_only_where_documented() {
 #[test]
 fn front_end_paths_are_read() {
     let src = "use kiln::{formats::{gguf, ModelFiles}, Gpu};\nlet p: kiln::Plan = kiln::llm::x();";
-    let got = kiln_paths(src);
+    let got = paths_after(src, "kiln::");
     assert_eq!(
         got,
         [
