@@ -1,9 +1,14 @@
 """Makes tests/fixtures/schedulers/: diffusers' schedules and step loops for Kiln's scheduler tests.
 
-    python3 tools/make_scheduler_fixtures.py
+    python3 tools/make_scheduler_fixtures.py               # everything
+    python3 tools/make_scheduler_fixtures.py high_counts   # high_counts.json only
 
-Versions used for the committed files: Python 3.11.7, diffusers 0.42.1, torch 2.15.0 (CPU), numpy.
-Deterministic: running it twice gives identical files.
+Versions used for the committed files: Python 3.11.7, diffusers 0.42.1, torch 2.15.0 (CPU), numpy;
+high_counts.json (made later, alone) with the same diffusers and torch (PyPI's default wheel, run
+on the CPU) and numpy 2.4.6. Deterministic on one machine: running it twice gives identical files.
+On another CPU torch's f32 kernels may round differently by an ulp (regenerating everything on the
+machine that made high_counts.json changed a few sigmas in cases.json and values in the .npy loops
+by one ulp), which the tests' tolerances absorb; so only high_counts.json was regenerated.
 
 Shared inputs (seeded torch CPU generator 1234):
   sample.npy          [1, 4, 8, 8]      initial unscaled latents (standard normal)
@@ -19,10 +24,26 @@ cases.json lists every case: scheduler class, the scheduler_config.json text giv
 has them, init_noise_sigma), plus the file of its step loop:
   <case>.npy          [steps, 2, 4, 8, 8]  [:, 0] = scale_model_input(sample_i, t_i) (the UNet
                                            input of step i, one copy), [:, 1] = prev_sample of step i
+
+high_counts.json: set_timesteps at every step count 1..=num_train_timesteps, for each scheduler
+class and config above (epsilon; the prediction type does not change timesteps). Per class and
+config:
+  refused    runs [first, last, why] of the counts whose schedule diffusers refuses
+             (set_timesteps raises ValueError) or that degenerate: a timestep outside
+             0..num_train_timesteps-1, or one repeated (a step of size zero)
+  schedules  for the counts 500, 998, 999, 1000 (LCM: original_inference_steps - 1 and itself)
+             that do not degenerate: the number of timesteps, the first and last 4, and an
+             FNV-1a 64 digest of them all as little-endian f32 (every schedule in full would be
+             over 1 MB); sigmas (Euler, Euler a, DPM++) at 16 evenly spaced indices and their
+             sum in f64 (torch's f32 sigma table differs by an ulp between CPUs, so no digest)
+  loops      for those counts, degenerate or not: how diffusers' own step loop ends, run on
+             [1, 4, 2, 2] random model outputs ("finite", "NaN or infinite at step i" or the
+             exception), which shows that the refused schedules really fail in diffusers
 """
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -40,6 +61,7 @@ OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "schedu
 SHAPE = (1, 4, 8, 8)
 MAX_STEPS = 10
 GUIDANCE = 3.0
+HIGH_COUNTS = [500, 998, 999, 1000]
 
 CLASSES = {
     "ddim": DDIMScheduler,
@@ -127,8 +149,109 @@ def run_case(cls, config, steps, cfg, pred, sample0, outs, noise):
     }, torch.stack(rows).numpy().astype(np.float32)
 
 
+def fnv1a64(values):
+    """FNV-1a 64 of the values as little-endian f32 (the Rust test computes the same)."""
+    h = 0xCBF29CE484222325
+    for b in np.asarray(values, dtype="<f4").tobytes():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def sigmas_of(cls, sched):
+    if cls in (DDIMScheduler, LCMScheduler):
+        return None  # no sigma schedule
+    return sched.sigmas.numpy().astype(np.float32)
+
+
+def degenerate(cls, config, steps):
+    """Why diffusers' schedule of `steps` steps cannot be run, or None (and the scheduler)."""
+    sched = cls.from_config({**config, "prediction_type": "epsilon"})
+    try:
+        sched.set_timesteps(steps)
+    except ValueError:
+        return "set_timesteps raises ValueError", None
+    ts = sched.timesteps.numpy().astype(np.float64)
+    top = config["num_train_timesteps"] - 1
+    out = [t for t in ts if not 0 <= t <= top]
+    if out:
+        return f"timestep {out[0]:g} outside 0..={top}", sched
+    same = [a for a, b in zip(ts, ts[1:]) if b >= a]
+    if same:
+        return f"timestep {same[0]:g} repeated", sched
+    return None, sched
+
+
+def diffusers_loop(sched, cls):
+    """Runs diffusers' step loop on small random model outputs: how it ends."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn((1, 4, 2, 2), generator=g) * sched.init_noise_sigma
+    try:
+        for i, t in enumerate(sched.timesteps):
+            sched.scale_model_input(x, t)
+            m = torch.randn((1, 4, 2, 2), generator=g)
+            kw = {"generator": g} if cls in (EulerAncestralDiscreteScheduler, LCMScheduler) else {}
+            x = sched.step(m, t, x, return_dict=False, **kw)[0]
+            if not torch.isfinite(x).all():
+                return f"NaN or infinite at step {i + 1}"
+    except Exception as e:  # noqa: BLE001 - recorded as the outcome
+        return f"{type(e).__name__}: {e}"
+    return "finite"
+
+
+def high_counts():
+    """set_timesteps at every count for every class and config (see the docstring)."""
+    scheduling_euler_ancestral_discrete.randn_tensor = ORIGINAL_RANDN[0]
+    scheduling_lcm.randn_tensor = ORIGINAL_RANDN[1]
+    out = []
+    for cname, cls in CLASSES.items():
+        for kname, (config, _) in CONFIGS.items():
+            if ONLY.get(kname, cls) is not cls:
+                continue
+            tt = config["num_train_timesteps"]
+            refused = []
+            for steps in range(1, tt + 1):
+                why, _ = degenerate(cls, config, steps)
+                if why and refused and refused[-1][1] == steps - 1 and refused[-1][2] == why:
+                    refused[-1][1] = steps
+                elif why:
+                    refused.append([steps, steps, why])
+            orig = config.get("original_inference_steps", 50)
+            counts = [orig - 1, orig] if cls is LCMScheduler else HIGH_COUNTS
+            schedules, loops = [], []
+            for steps in counts:
+                why, sched = degenerate(cls, config, steps)
+                loops.append([steps, "refused by set_timesteps" if sched is None else diffusers_loop(sched, cls)])
+                if why:
+                    continue
+                sched.set_timesteps(steps)  # the loop above advanced its state
+                ts = sched.timesteps.numpy().astype(np.float32)
+                sg = sigmas_of(cls, sched)
+                at = np.unique(np.linspace(0, len(sg) - 1, 16).round().astype(int)) if sg is not None else []
+                schedules.append({
+                    "steps": steps, "len": len(ts),
+                    "timesteps_head": [float(t) for t in ts[:4]], "timesteps_tail": [float(t) for t in ts[-4:]],
+                    "timesteps_fnv": fnv1a64(ts),
+                    "sigmas_at": None if sg is None else [[int(i), float(sg[i])] for i in at],
+                    "sigmas_sum": None if sg is None else float(sg.astype(np.float64).sum()),
+                })
+            cfg_json = json.dumps({"_class_name": cls.__name__, **config, "prediction_type": "epsilon"})
+            out.append({"name": f"{cname}-{kname}", "class": cls.__name__, "config": cfg_json,
+                        "refused": refused, "schedules": schedules, "loops": loops})
+    with open(os.path.join(OUT, "high_counts.json"), "w") as f:
+        json.dump({"diffusers": diffusers.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                   "configs": out}, f, indent=1)
+        f.write("\n")
+    print(f"{len(out)} high-count configs")
+
+
+ORIGINAL_RANDN = (scheduling_euler_ancestral_discrete.randn_tensor, scheduling_lcm.randn_tensor)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["high_counts"]:
+        high_counts()
+        return
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1234)
     sample0 = torch.randn(SHAPE, generator=g, dtype=torch.float32)
@@ -155,6 +278,7 @@ def main():
         json.dump({"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": cases}, f, indent=1)
         f.write("\n")
     print(f"{len(cases)} cases")
+    high_counts()
 
 
 if __name__ == "__main__":

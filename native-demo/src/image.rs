@@ -6,7 +6,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
 use kiln::diffusion::pipeline::{ImageOptions, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// The engine's image defaults, which the flags show and use.
 static DEFAULTS: std::sync::LazyLock<ImageOptions> =
@@ -133,6 +135,9 @@ pub fn run(a: ImageArgs) -> Result<()> {
         opts.height = opts.height.or(Some(h * f));
         opts.latents = Some(l.data);
     }
+    // The client's mistakes (a size too large for this adapter, a degenerate step count, ...)
+    // before any work or note.
+    m.check(&opts)?;
     if a.window {
         let out = a.out.clone();
         return crate::window::run(move |win| {
@@ -164,37 +169,33 @@ pub fn run(a: ImageArgs) -> Result<()> {
             }
         });
     }
-    let bar = if a.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(opts.steps as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let t1 = std::time::Instant::now();
+    if !a.json {
+        slow_size_note(&gpu, &m, &opts);
+    }
+    let progress = Progress::new(!a.json, opts.steps);
+    let t1 = Instant::now();
     // The bar counts steps the GPU has finished; Ctrl-C stops after the current step and the
     // model's estimate at that step is decoded and written (a partial image, noted).
     let interrupted = crate::on_interrupt("finishing this step, then writing the partial image");
     let mut decoding = None;
     let img = pollster::block_on(m.generate_with(&opts, &mut |done, total, _| {
-        bar.set_position(done as u64);
+        progress.step(done, total);
         let stop = interrupted.load(std::sync::atomic::Ordering::Relaxed);
         if done == total || stop {
-            bar.finish_and_clear();
-            decoding = Some(crate::spinner(!a.json, "decoding the image"));
+            progress.finish();
+            decoding = Some(progress.decoding());
         }
         if stop {
             StepReply::Finish
         } else {
             StepReply::Continue
         }
-    }))?;
-    bar.finish_and_clear();
+    }));
+    progress.finish();
     if let Some(s) = decoding {
         s.finish_and_clear();
     }
+    let img = img?;
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     write_png(&a.out, img.width, img.height, &img.rgb)?;
     if a.json {
@@ -220,4 +221,116 @@ pub fn run(a: ImageArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Image area (pixels) from which a software adapter takes minutes. Measured on lavapipe (2
+/// cores) with the embedded model and guidance (a batch of 2): 256x256 took 6 s for 2 steps and
+/// the decode; 512x512 8 s a step, 54 s for 6 steps, 10 s of decode; 1024x1024 50 s a step,
+/// 3 min until the first step was done, 80 s of decode (20 steps: about 20 min). A Stable
+/// Diffusion checkpoint is slower still at any size.
+const SLOW_SOFTWARE_PIXELS: usize = 512 * 512;
+
+/// A note on stderr, before any work, when the image will be slow on this adapter: one running
+/// on the CPU (lavapipe, SwiftShader) and a size from [`SLOW_SOFTWARE_PIXELS`].
+fn slow_size_note(gpu: &kiln::Gpu, m: &SdModels, opts: &ImageOptions) {
+    let (w, h) = m.image_size(opts);
+    if gpu.info.device_type == wgpu::DeviceType::Cpu && w * h >= SLOW_SOFTWARE_PIXELS {
+        eprintln!(
+            "note: {w}x{h} on a software adapter ({}, the CPU) takes minutes; the progress \
+             below estimates how long",
+            gpu.info.name
+        );
+    }
+}
+
+/// Denoising progress on stderr (stdout is --json's): on a terminal a bar with the steps done,
+/// the time elapsed and an estimate of the time left; elsewhere (a log, a pipe), where a bar
+/// draws nothing, a plain line at step 1 and then at most every [`Progress::LINE_EVERY`].
+struct Progress {
+    bar: ProgressBar,
+    /// Plain lines instead of the bar.
+    lines: bool,
+    start: Instant,
+    /// When step 1 was reported: the estimate leaves out what came before it (encoding the
+    /// prompt, compiling the step graph), which later steps do not repeat.
+    first: std::cell::Cell<Option<Instant>>,
+    last_line: std::cell::Cell<Option<Instant>>,
+}
+
+impl Progress {
+    const LINE_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(show: bool, steps: usize) -> Progress {
+        let lines = show && !std::io::stderr().is_terminal();
+        let bar = if show && !lines {
+            ProgressBar::new(steps as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}{prefix}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        // Shown from the start: before step 1 is done the prompt is encoded and the step graph
+        // compiled, which on a software adapter at a large size takes minutes of its own.
+        bar.set_message("starting");
+        bar.enable_steady_tick(Duration::from_millis(500));
+        if lines {
+            eprintln!("denoising {steps} steps (the first also encodes the prompt and compiles)");
+        }
+        Progress {
+            bar,
+            lines,
+            start: Instant::now(),
+            first: None.into(),
+            last_line: None.into(),
+        }
+    }
+
+    /// Step `done` of `total` is finished.
+    fn step(&self, done: usize, total: usize) {
+        let now = Instant::now();
+        let first = *self.first.get().get_or_insert(now);
+        self.first.set(Some(first));
+        // Steps cost the same: the mean since step 1 times the steps left.
+        let left =
+            (done > 1).then(|| (now - first).mul_f64((total - done) as f64 / (done - 1) as f64));
+        let left = left.map_or(String::new(), |d| format!(", ~{} left", short(d)));
+        self.bar.set_message("denoising");
+        self.bar.set_prefix(left.clone());
+        self.bar.set_position(done as u64);
+        let due = self
+            .last_line
+            .get()
+            .is_none_or(|t| now - t >= Self::LINE_EVERY);
+        if self.lines && (due || done == total) {
+            self.last_line.set(Some(now));
+            eprintln!(
+                "denoising: step {done}/{total}, {} elapsed{left}",
+                short(now - self.start)
+            );
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// The decode after the loop: a spinner, or a line.
+    fn decoding(&self) -> ProgressBar {
+        if self.lines {
+            eprintln!("decoding the image");
+        }
+        crate::spinner(!self.bar.is_hidden(), "decoding the image")
+    }
+}
+
+/// A duration as 45s, 3m05s or 1h02m.
+fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
 }

@@ -224,7 +224,8 @@ fn image_writes_the_png_diffusers_makes() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["per_step"]["readback_bytes"], 0);
+    // Nothing read back during the 4 steps but the 4-byte NaN flag, once (after step 2).
+    assert_eq!(v["per_step"]["readback_bytes"], 1);
     let want =
         kiln::formats::npy::parse(&std::fs::read(format!("{sd}/image_ddim_g3.npy")).unwrap())
             .unwrap();

@@ -3,7 +3,8 @@
 //! (one compiled graph with one `SchedulerStep`, replayed with the step slot set) reproduce
 //! diffusers' samples for DDIM, Euler, Euler ancestral, DPM++ 2M and LCM, epsilon and
 //! v-prediction, with and without classifier-free guidance. Also: the kernel against its CPU
-//! reference on random rows, and bad configs.
+//! reference on random rows, and bad configs. High step counts (up to 1000, where "leading"
+//! and "trailing" spacing degenerate for some counts) against diffusers' `set_timesteps`.
 
 use kiln::diffusion::schedulers::{Schedule, SchedulerConfig, SchedulerKind, StepCoeffs};
 use kiln::formats::npy;
@@ -479,6 +480,16 @@ fn config_parsing_and_errors() {
         "expected 2 to 100000",
     );
     err(r#"{"steps_offset": -1}"#, None, 4, "steps_offset");
+    // An offset that pushes "leading" timesteps past the training range: DDIM indexed its
+    // alphas table with them (a panic); now refused like diffusers' degenerate counts.
+    for offset in ["5000", "1000000000"] {
+        err(
+            &format!(r#"{{"_class_name": "DDIMScheduler", "steps_offset": {offset}}}"#),
+            None,
+            4,
+            "outside the training range 0..=999",
+        );
+    }
     err("[1, 2]", None, 4, "JSON object");
     err("{", None, 4, "not valid JSON");
     err("{}", None, 0, "0 inference steps");
@@ -488,5 +499,144 @@ fn config_parsing_and_errors() {
         Some(SchedulerKind::Lcm),
         51,
         "original_inference_steps 50",
+    );
+}
+
+/// FNV-1a 64 of the values as little-endian f32 (tools/make_scheduler_fixtures.py's digest of
+/// a whole schedule).
+fn fnv1a64(values: &[f32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in values.iter().flat_map(|v| v.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Every step count from 1 to 1000 for every class and config of the fixtures: Kiln refuses
+/// exactly the counts whose diffusers schedule degenerates (a timestep outside the training
+/// range, a repeated one) or that diffusers refuses, naming the timestep; at 500, 998, 999 and
+/// 1000 steps (LCM: its two largest counts) the schedules it runs are diffusers': timesteps
+/// bit for bit (a digest of the whole, the first and last four values shown), sigmas within an
+/// ulp (sampled, and their sum).
+#[test]
+fn high_step_counts_match_diffusers_or_are_refused() {
+    let text = std::fs::read_to_string(dir().join("high_counts.json")).unwrap();
+    let json: Json = serde_json::from_str(&text).unwrap();
+    let configs = json["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 21);
+    let mut refused_total = 0;
+    for c in configs {
+        let name = c["name"].as_str().unwrap();
+        let cfg = SchedulerConfig::from_json(c["config"].as_str().unwrap(), None).unwrap();
+        assert_eq!(
+            cfg.kind.class_name(),
+            c["class"].as_str().unwrap(),
+            "{name}"
+        );
+        let refused: Vec<(usize, usize, &str)> = c["refused"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let n = |i: usize| r[i].as_u64().unwrap() as usize;
+                (n(0), n(1), r[2].as_str().unwrap())
+            })
+            .collect();
+        for steps in 1..=1000 {
+            let want = refused.iter().find(|r| (r.0..=r.1).contains(&steps));
+            match (cfg.schedule(steps), want) {
+                (Ok(s), None) => assert_eq!(s.steps(), steps, "{name} {steps}"),
+                (Err(e), Some((_, _, why))) => {
+                    refused_total += 1;
+                    let e = e.to_string();
+                    // "timestep T outside 0..=999" / "timestep T repeated": Kiln names T and
+                    // the same reason; diffusers' own refusals are LCM's.
+                    let (needle, reason) = match why.split(' ').collect::<Vec<_>>()[..] {
+                        ["timestep", t, "outside", ..] => {
+                            (format!("timestep {t}, "), "outside the training range")
+                        }
+                        ["timestep", t, "repeated"] => {
+                            (format!("repeats timestep {t} "), "a step of size zero")
+                        }
+                        _ => (String::new(), "original_inference_steps"),
+                    };
+                    assert!(
+                        e.contains(&needle) && e.contains(reason),
+                        "{name} {steps}: diffusers: {why}; Kiln: {e}"
+                    );
+                }
+                (Ok(_), Some((_, _, why))) => {
+                    panic!("{name} {steps}: diffusers' schedule degenerates ({why}), Kiln runs it")
+                }
+                (Err(e), None) => panic!("{name} {steps}: diffusers runs it, Kiln refuses: {e}"),
+            }
+        }
+        for w in c["schedules"].as_array().unwrap() {
+            let steps = w["steps"].as_u64().unwrap() as usize;
+            let s = cfg.schedule(steps).unwrap();
+            let what = format!("{name} {steps} steps");
+            assert_eq!(
+                s.timesteps.len(),
+                w["len"].as_u64().unwrap() as usize,
+                "{what}"
+            );
+            let ends = |v: &[f32]| [v[..4].to_vec(), v[v.len() - 4..].to_vec()];
+            let want_ends = |key: &str| {
+                [
+                    floats(&w[format!("{key}_head")]),
+                    floats(&w[format!("{key}_tail")]),
+                ]
+            };
+            assert_eq!(
+                ends(&s.timesteps),
+                want_ends("timesteps"),
+                "{what}: timesteps"
+            );
+            assert_eq!(
+                fnv1a64(&s.timesteps),
+                w["timesteps_fnv"].as_str().unwrap(),
+                "{what}: timesteps"
+            );
+            if !w["sigmas_at"].is_null() {
+                // torch's f32 sigma table differs by an ulp between CPUs (Kiln's is within one
+                // ulp of it, see schedule_matches_diffusers): sampled values and the sum.
+                for p in w["sigmas_at"].as_array().unwrap() {
+                    let i = p[0].as_u64().unwrap() as usize;
+                    assert_close(
+                        &format!("{what}: sigma {i}"),
+                        &s.sigmas[i..=i],
+                        &[p[1].as_f64().unwrap() as f32],
+                        0.0,
+                        1.2e-7,
+                    );
+                }
+                let sum: f64 = s.sigmas.iter().map(|&v| v as f64).sum();
+                let want = w["sigmas_sum"].as_f64().unwrap();
+                assert!(
+                    (sum - want).abs() <= 1.2e-7 * want,
+                    "{what}: sum of sigmas {sum}, diffusers {want}"
+                );
+            }
+        }
+    }
+    eprintln!("{refused_total} degenerate (config, count) pairs refused");
+    // The default pipeline's config (DPM++ 2M, leading, steps_offset 1): 999 and 1000 steps
+    // ended in NaN after the whole run; now refused up front, saying what works.
+    let e = SchedulerConfig::from_json(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/image-shapes/scheduler/scheduler_config.json"),
+        )
+        .unwrap(),
+        None,
+    )
+    .unwrap()
+    .schedule(999)
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("timestep 1000, outside the training range 0..=999")
+            && e.contains("at most 998 steps"),
+        "{e}"
     );
 }

@@ -1,10 +1,11 @@
 //! Stable Diffusion against diffusers (fixtures in tests/fixtures/sd, made by
 //! tools/make_sd_fixtures.py): CLIP tokenizer ids, text-encoder states, one U-Net evaluation and
 //! a VAE decode within 1e-3 relative error, and whole pipelines (every scheduler, guidance 1
-//! and 3) at PSNR >= 40 dB.
+//! and 3) at PSNR >= 40 dB. Also: what the denoising loop costs, the client's mistakes refused
+//! before any work, and a diverging generation stopped within a few steps.
 
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
-use kiln::diffusion::pipeline::ImageOptions;
+use kiln::diffusion::pipeline::{ImageOptions, MAX_GUIDANCE};
 use kiln::diffusion::schedulers::SchedulerKind;
 use kiln::formats::npy;
 use serde_json::Value;
@@ -159,7 +160,7 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
 }
 
 #[test]
-fn denoising_loop_reads_nothing_back_and_creates_nothing() {
+fn denoising_loop_reads_only_the_nan_flag_and_creates_nothing() {
     // A device of its own: tests running in parallel would add to shared counters.
     let gpu = kiln_tests::gpu_with(kiln::GpuOptions::default());
     let mut m = SdModels::load(&gpu, read_pipeline_dir(&dir("sd1-tiny")).unwrap()).unwrap();
@@ -181,9 +182,15 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     .unwrap();
     let c = img.loop_counters;
     assert_eq!(calls, 5);
-    assert_eq!(c.bytes_read_back, 0, "no readback during denoising: {c:?}");
+    // The NaN flag is read after steps 2 and 4 (every second step; the last step's after the
+    // loop): a 4-byte copy in a submit of its own each time, nothing else.
+    assert_eq!(
+        c.bytes_read_back,
+        2 * 4,
+        "only the NaN flag during denoising: {c:?}"
+    );
     assert_eq!(c.objects_created(), 0, "no objects created per step: {c:?}");
-    assert_eq!(c.submits, 5, "one submit per step");
+    assert_eq!(c.submits, 5 + 2, "one submit per step and per flag read");
     assert!(
         img.notes.iter().any(|n| n.contains("PNDMScheduler")),
         "SD 1.5's PNDM falls back to Euler with a note: {:?}",
@@ -219,8 +226,8 @@ fn denoising_loop_reads_nothing_back_and_creates_nothing() {
     );
     assert_eq!(
         c.bytes_read_back,
-        4 * 4 * 8 * 8 * 4,
-        "four latent previews and nothing else: {c:?}"
+        4 * 4 * 8 * 8 * 4 + 2 * 4,
+        "four latent previews and the two flag reads: {c:?}"
     );
 }
 
@@ -251,7 +258,9 @@ fn bad_pipeline_input_is_an_error() {
     ))
     .unwrap_err();
     assert!(e.to_string().contains("multiples of 4"), "{e}");
-    for g in [-5.0, f32::INFINITY, f32::NAN] {
+    // Guidance outside 0..=MAX_GUIDANCE is the client's mistake (a 400 from the server), named:
+    // 1e38 used to run the whole loop and end in "the latents became NaN".
+    for g in [-5.0, f32::INFINITY, f32::NAN, 1e38, MAX_GUIDANCE + 0.5] {
         let e = pollster::block_on(m.generate(
             &ImageOptions {
                 guidance: g,
@@ -261,8 +270,23 @@ fn bad_pipeline_input_is_an_error() {
             &mut |_, _, _| false,
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("guidance"), "{g}: {e}");
+        assert!(
+            matches!(&e, kiln::Error::Data { name, msg } if name == "guidance" && msg.contains("from 0 to 100")),
+            "{g}: {e}"
+        );
     }
+    // The largest guidance runs and stays finite.
+    let img = pollster::block_on(m.generate(
+        &ImageOptions {
+            prompt: "a red circle".into(),
+            guidance: MAX_GUIDANCE,
+            steps: 3,
+            ..Default::default()
+        },
+        &mut |_, _, _| false,
+    ))
+    .unwrap();
+    assert!(img.raw.iter().all(|v| v.is_finite()));
     let e = pollster::block_on(m.generate(
         &ImageOptions {
             width: Some(16),
@@ -441,4 +465,92 @@ fn finishing_early_decodes_a_partial_image() {
     assert_eq!(full.steps, 6);
     assert_ne!(img.rgb, full.rgb, "a partial image is not the final one");
     assert!(img.raw.iter().all(|v| v.is_finite()));
+}
+
+/// A size whose buffers exceed the adapter's binding limit is refused before any work as the
+/// client's mistake (`Unsupported`, a 400 from the server), naming the largest square size the
+/// adapter holds; that size passes the same check and the next multiple does not.
+#[test]
+fn too_large_a_size_is_refused_naming_the_largest_that_fits() {
+    let m = models("sd1-tiny");
+    let mult = m.size_multiple();
+    let at = |side: usize, guidance: f32| ImageOptions {
+        prompt: "x".into(),
+        steps: 2,
+        guidance,
+        width: Some(side),
+        height: Some(side),
+        ..Default::default()
+    };
+    for guidance in [1.0, 3.0] {
+        let t0 = std::time::Instant::now();
+        let e = m.check(&at(64 * 1024, guidance)).unwrap_err();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let kiln::Error::Unsupported(msg) = &e else {
+            panic!("expected Unsupported, got {e:?}")
+        };
+        assert!(
+            msg.contains("more than this adapter binds in one buffer"),
+            "{msg}"
+        );
+        let side: usize = msg
+            .split("the largest square image it holds is ")
+            .nth(1)
+            .and_then(|r| r.split('x').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no largest size in: {msg}"));
+        eprintln!("guidance {guidance}: largest square {side}x{side} ({ms:.0} ms to find): {msg}");
+        assert!(side > 0 && side.is_multiple_of(mult), "{side}");
+        m.check(&at(side, guidance))
+            .unwrap_or_else(|e| panic!("{side}x{side}: {e}"));
+        let e = m.check(&at(side + mult, guidance)).unwrap_err().to_string();
+        assert!(e.contains(&format!("{side}x{side}")), "{e}");
+    }
+    // The generation refuses it the same way, before any GPU work.
+    let mut m = m;
+    let e =
+        pollster::block_on(m.generate(&at(64 * 1024, 3.0), &mut |_, _, _| panic!("no step runs")))
+            .unwrap_err();
+    assert!(matches!(e, kiln::Error::Unsupported(_)), "{e}");
+}
+
+/// A generation that diverges mid-run (the noise of step 10 of 40 is as large as f32 goes,
+/// through the public `step_noise` option) stops within a few steps of it with the step named,
+/// instead of running all 40 and saying so at the end.
+#[test]
+fn a_diverging_generation_stops_within_a_few_steps() {
+    let mut m = models("sd1-tiny");
+    let f = m.vae.cfg.scale_factor();
+    let n = 4 * 8 * 8;
+    let mut noise: Vec<Vec<f32>> = (0..40)
+        .map(|i| (0..n).map(|j| ((i * n + j) as f32 * 0.618).sin()).collect())
+        .collect();
+    noise[9] = vec![f32::MAX; n];
+    let opts = ImageOptions {
+        prompt: "a red circle".into(),
+        steps: 40,
+        guidance: 3.0,
+        scheduler: Some(SchedulerKind::EulerAncestral),
+        width: Some(8 * f),
+        height: Some(8 * f),
+        step_noise: Some(noise),
+        ..Default::default()
+    };
+    let mut reported = 0;
+    let e = pollster::block_on(m.generate(&opts, &mut |done, _, _| {
+        reported = done;
+        false
+    }))
+    .unwrap_err();
+    assert!(
+        matches!(&e, kiln::Error::Overflow { when, .. } if when.contains("at step 10 of 40")),
+        "{e}"
+    );
+    // Step 10 is flagged by the read queued right after it (every second step), which is
+    // taken once step 9 is done (if the copy has landed by then) or step 10: no step after
+    // 10 is reported.
+    assert!(
+        (8..=10).contains(&reported),
+        "steps reported before stopping: {reported}"
+    );
 }

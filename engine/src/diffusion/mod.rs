@@ -4,6 +4,7 @@
 
 pub mod blocks;
 pub mod clip;
+pub mod limits;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;

@@ -47,6 +47,9 @@ use crate::error::{Error, Result};
 use crate::formats::config::Keys;
 pub use crate::kernels::scheduler::{StepCoeffs, COEFFS};
 use serde_json::Value as Json;
+use timesteps::interp;
+
+mod timesteps;
 
 /// The most training timesteps a scheduler config may claim.
 pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
@@ -363,6 +366,8 @@ impl SchedulerConfig {
     }
 
     /// The schedule of `steps` denoising steps (diffusers' `set_timesteps` + every `step`).
+    /// A count whose schedule degenerates (a timestep outside the training range or a repeated
+    /// one) is an error naming the counts that work.
     pub fn schedule(&self, steps: usize) -> Result<Schedule> {
         let tt = self.num_train_timesteps;
         if steps == 0 || steps > tt {
@@ -373,11 +378,17 @@ impl SchedulerConfig {
         let ac = self.alphas_cumprod();
         // diffusers' sigma table: torch f32 ((1 - ac) / ac) ** 0.5.
         let train_sigmas: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        let last = match self.kind {
+            SchedulerKind::DpmSolverMultistep => self.dpm_last(&ac)?,
+            _ => tt,
+        };
+        let timesteps = self.timesteps(steps, last)?;
         let final_ac = if self.set_alpha_to_one {
             1.0
         } else {
             ac[0] as f64
         };
+        // Timesteps are checked to lie in 0..tt; a previous timestep below 0 is the final one.
         let ac_at = |t: f64| {
             if t >= 0.0 {
                 ac[t as usize] as f64
@@ -385,14 +396,14 @@ impl SchedulerConfig {
                 final_ac
             }
         };
-        match self.kind {
-            SchedulerKind::Ddim => Ok(self.ddim(steps, &ac_at)),
+        Ok(match self.kind {
+            SchedulerKind::Ddim => self.ddim(steps, &timesteps, &ac_at),
             SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
-                Ok(self.euler(steps, &train_sigmas))
+                self.euler(&timesteps, &train_sigmas)
             }
-            SchedulerKind::DpmSolverMultistep => self.dpm(steps, &ac, &train_sigmas),
-            SchedulerKind::Lcm => self.lcm(steps, &ac_at),
-        }
+            SchedulerKind::DpmSolverMultistep => self.dpm(&timesteps, &train_sigmas),
+            SchedulerKind::Lcm => self.lcm(&timesteps, &ac_at),
+        })
     }
 
     fn x0_from_alpha(&self, ap: f64) -> (f64, f64) {
@@ -406,17 +417,8 @@ impl SchedulerConfig {
         self.clip.unwrap_or(0.0)
     }
 
-    fn ddim(&self, steps: usize, ac_at: &dyn Fn(f64) -> f64) -> Schedule {
+    fn ddim(&self, steps: usize, timesteps: &[f64], ac_at: &dyn Fn(f64) -> f64) -> Schedule {
         let tt = self.num_train_timesteps;
-        let timesteps: Vec<f64> = match self.spacing {
-            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps)
-                .iter()
-                .rev()
-                .map(|t| t.round_ties_even())
-                .collect(),
-            Spacing::Leading => leading(steps, tt / steps, self.steps_offset),
-            Spacing::Trailing => trailing(tt as f64, tt as f64 / steps as f64),
-        };
         let ratio = (tt / steps) as f64;
         let coeffs = timesteps.iter().map(|&t| {
             let (ap, prev) = (ac_at(t), ac_at(t - ratio));
@@ -434,21 +436,10 @@ impl SchedulerConfig {
             .iter()
             .map(|&t| ac_at(t))
             .chain([ac_at(timesteps[timesteps.len() - 1] - ratio)]);
-        Schedule::vp(self.kind, &timesteps, sigmas, coeffs.collect())
+        Schedule::vp(self.kind, timesteps, sigmas, coeffs.collect())
     }
 
-    fn lcm(&self, steps: usize, ac_at: &dyn Fn(f64) -> f64) -> Result<Schedule> {
-        let tt = self.num_train_timesteps;
-        let orig = self.original_inference_steps;
-        if orig == 0 || orig > tt || steps > orig {
-            return Err(Error::Unsupported(format!("{steps} LCM steps with original_inference_steps {orig} (need steps <= {orig} <= {tt})")));
-        }
-        let k = tt / orig;
-        // lcm_origin_timesteps reversed, sampled at floor(linspace(0, len, steps, endpoint=False)).
-        let origin: Vec<f64> = (1..=orig).rev().map(|i| (i * k - 1) as f64).collect();
-        let timesteps: Vec<f64> = (0..steps)
-            .map(|i| origin[(i as f64 * (orig as f64 / steps as f64)).floor() as usize])
-            .collect();
+    fn lcm(&self, timesteps: &[f64], ac_at: &dyn Fn(f64) -> f64) -> Schedule {
         let n = timesteps.len();
         let mut coeffs = Vec::with_capacity(n);
         for (i, &t) in timesteps.iter().enumerate() {
@@ -475,21 +466,10 @@ impl SchedulerConfig {
             });
         }
         let sigmas = timesteps.iter().map(|&t| ac_at(t)).chain([1.0]);
-        Ok(Schedule::vp(self.kind, &timesteps, sigmas, coeffs))
+        Schedule::vp(self.kind, timesteps, sigmas, coeffs)
     }
 
-    fn euler(&self, steps: usize, train_sigmas: &[f32]) -> Schedule {
-        let tt = self.num_train_timesteps;
-        // Euler keeps fractional linspace timesteps (f32), unlike DDIM.
-        let timesteps: Vec<f64> = match self.spacing {
-            Spacing::Linspace => linspace(0.0, (tt - 1) as f64, steps)
-                .iter()
-                .rev()
-                .map(|&t| t as f32 as f64)
-                .collect(),
-            Spacing::Leading => leading(steps, tt / steps, self.steps_offset),
-            Spacing::Trailing => trailing(tt as f64, tt as f64 / steps as f64),
-        };
+    fn euler(&self, timesteps: &[f64], train_sigmas: &[f32]) -> Schedule {
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
         sigmas.push(0.0);
         let max = sigmas.iter().fold(0f32, |m, &s| m.max(s)) as f64;
@@ -526,34 +506,24 @@ impl SchedulerConfig {
         }
     }
 
-    fn dpm(&self, steps: usize, ac: &[f32], train_sigmas: &[f32]) -> Result<Schedule> {
-        let tt = self.num_train_timesteps;
-        // lambda_min_clipped: drop the timesteps whose log-SNR is below it.
+    /// The timesteps DPM++ keeps: those whose log-SNR is at least `lambda_min_clipped`.
+    fn dpm_last(&self, ac: &[f32]) -> Result<usize> {
         let lambda = |a: f32| ((a as f64).sqrt()).ln() - ((1.0 - a as f64).sqrt()).ln();
         let clipped = ac
             .iter()
             .filter(|&&a| lambda(a) < self.lambda_min_clipped)
             .count();
-        let last = tt - clipped;
+        let last = self.num_train_timesteps - clipped;
         if last < 2 {
             return Err(Error::Unsupported(format!(
                 "lambda_min_clipped {} leaves {last} timesteps",
                 self.lambda_min_clipped
             )));
         }
-        let timesteps: Vec<f64> = match self.spacing {
-            Spacing::Linspace => linspace(0.0, (last - 1) as f64, steps + 1)
-                .iter()
-                .rev()
-                .take(steps)
-                .map(|t| t.round_ties_even())
-                .collect(),
-            Spacing::Leading => leading(steps + 1, last / (steps + 1), self.steps_offset)
-                .into_iter()
-                .take(steps)
-                .collect(),
-            Spacing::Trailing => trailing(last as f64, tt as f64 / steps as f64),
-        };
+        Ok(last)
+    }
+
+    fn dpm(&self, timesteps: &[f64], train_sigmas: &[f32]) -> Schedule {
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
         sigmas.push(0.0);
         let n = timesteps.len();
@@ -594,54 +564,15 @@ impl SchedulerConfig {
             };
             coeffs.push(c);
         }
-        Ok(Schedule {
+        Schedule {
             kind: self.kind,
             timesteps: timesteps.iter().map(|&t| t as f32).collect(),
             sigmas,
             init_noise_sigma: 1.0,
             first_input_scale: 1.0,
             coeffs,
-        })
+        }
     }
-}
-
-/// `np.linspace(a, b, n)` in f64 (the last value is exactly `b`).
-fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
-    let step = if n > 1 { (b - a) / (n - 1) as f64 } else { 0.0 };
-    (0..n)
-        .map(|i| {
-            if i + 1 == n && n > 1 {
-                b
-            } else {
-                a + i as f64 * step
-            }
-        })
-        .collect()
-}
-
-/// "leading": `arange(0, n) * ratio` reversed, plus `steps_offset`.
-fn leading(n: usize, ratio: usize, offset: usize) -> Vec<f64> {
-    (0..n).rev().map(|i| (i * ratio + offset) as f64).collect()
-}
-
-/// "trailing": `round(np.arange(start, 0, -ratio)) - 1`, with numpy's arange length and fill
-/// rule (so a few step counts get one extra timestep, as in diffusers).
-fn trailing(start: f64, ratio: f64) -> Vec<f64> {
-    let len = ((0.0 - start) / -ratio).ceil().max(0.0) as usize;
-    let delta = (start - ratio) - start;
-    (0..len)
-        .map(|i| (start + i as f64 * delta).round_ties_even() - 1.0)
-        .collect()
-}
-
-/// `np.interp(t, arange(len), table)` rounded to f32.
-fn interp(t: f64, table: &[f32]) -> f32 {
-    let j = (t.floor().max(0.0) as usize).min(table.len() - 1);
-    if j + 1 >= table.len() || t == j as f64 {
-        return table[j];
-    }
-    let (lo, hi) = (table[j] as f64, table[j + 1] as f64);
-    ((hi - lo) * (t - j as f64) + lo) as f32
 }
 
 /// A schedule of denoising steps, ready for the GPU.
