@@ -325,16 +325,14 @@ impl SdModels {
         plan.run()
     }
 
-    /// The step graph (U-Net on the CFG batch + the scheduler update), compiled once and
-    /// replayed per step. Returns what the loop cost and how many steps ran.
-    async fn denoise(
+    /// The step graph: the U-Net on the CFG batch at the step's timestep, then the scheduler
+    /// update (with its noise from the seeded GPU RNG, or from `step_noise` when given).
+    async fn step_plan(
         &self,
         state: &State,
         sched: &Schedule,
         opts: &ImageOptions,
-        on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> StepReply,
-    ) -> Result<(CounterSnapshot, usize)> {
-        let gpu = &self.gpu;
+    ) -> Result<StepPlan> {
         let needs_noise = sched.coeffs.iter().any(|k| k.s != 0.0);
         let mut g = Graph::new();
         let step = g.scalar("step")?;
@@ -364,7 +362,30 @@ impl SdModels {
             noise,
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
-        let mut plan = g.compile(gpu, CompileOptions::default()).await?;
+        Ok(StepPlan {
+            plan: g.compile(&self.gpu, CompileOptions::default()).await?,
+            step,
+            noise_seed,
+            noise_in: noise.filter(|_| noise_input),
+        })
+    }
+
+    /// The denoising loop: the step plan replayed per step, each reported once the GPU has
+    /// finished it. Returns what the loop cost and how many steps ran.
+    async fn denoise(
+        &self,
+        state: &State,
+        sched: &Schedule,
+        opts: &ImageOptions,
+        on_step: &mut dyn FnMut(usize, usize, Option<Preview>) -> StepReply,
+    ) -> Result<(CounterSnapshot, usize)> {
+        let gpu = &self.gpu;
+        let StepPlan {
+            mut plan,
+            step,
+            noise_seed,
+            noise_in,
+        } = self.step_plan(state, sched, opts).await?;
         let n = state.n;
         let preview_staging = gpu.create_buffer(
             "preview",
@@ -390,7 +411,7 @@ impl SdModels {
             if i < total {
                 plan.set(step, i as u32);
                 plan.set(noise_seed, step_seed(opts.seed, i));
-                if let (true, Some(all), Some(nv)) = (noise_input, &opts.step_noise, noise) {
+                if let (Some(all), Some(nv)) = (&opts.step_noise, noise_in) {
                     let nz = all.get(i).ok_or_else(|| Error::Data {
                         name: "step_noise".into(),
                         msg: format!("no noise for step {i}"),
@@ -465,6 +486,15 @@ impl SdModels {
         let out = plan.run_read(&[img]).await?;
         Ok(bytemuck::pod_collect_to_vec(&out[0]))
     }
+}
+
+/// The compiled step graph and its run-time values.
+struct StepPlan {
+    plan: crate::Plan,
+    step: crate::Scalar,
+    noise_seed: crate::Scalar,
+    /// The noise input when `step_noise` replaces the GPU RNG.
+    noise_in: Option<crate::Value>,
 }
 
 /// The GPU tensors of one generation.

@@ -191,82 +191,15 @@ impl SchedulerConfig {
     /// not run maps to Euler with a [`Self::note`].
     pub fn from_json(text: &str, kind: Option<SchedulerKind>) -> Result<Self> {
         let keys = Keys::parse("scheduler_config.json", text)?;
-        let class = keys.text("_class_name", "")?;
-        let mut note = None;
-        let kind = match (kind, SchedulerKind::from_class(class)) {
-            (Some(k), _) | (None, Some(k)) => k,
-            (None, None) => {
-                let name = if class.is_empty() {
-                    "a config without _class_name"
-                } else {
-                    class
-                };
-                note = Some(format!(
-                    "{name} is not supported; using EulerDiscreteScheduler"
-                ));
-                SchedulerKind::Euler
-            }
-        };
+        let (kind, note) = scheduler_kind(&keys, kind)?;
         use SchedulerKind::*;
         let (start, end, schedule, spacing) = match kind {
             Lcm => (0.00085, 0.012, "scaled_linear", "leading"),
             Ddim => (0.0001, 0.02, "linear", "leading"),
             _ => (0.0001, 0.02, "linear", "linspace"),
         };
-        let prediction = match keys.text("prediction_type", "epsilon")? {
-            "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "prediction_type '{other}' (expected epsilon or v_prediction)"
-                )))
-            }
-        };
-        let beta_schedule = match keys.text("beta_schedule", schedule)? {
-            "linear" => BetaSchedule::Linear,
-            "scaled_linear" => BetaSchedule::ScaledLinear,
-            "squaredcos_cap_v2" => BetaSchedule::SquaredCos,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "beta_schedule '{other}' (expected linear, scaled_linear or squaredcos_cap_v2)"
-                )))
-            }
-        };
-        let spacing = match keys.text("timestep_spacing", spacing)? {
-            "leading" => Spacing::Leading,
-            "trailing" => Spacing::Trailing,
-            "linspace" => Spacing::Linspace,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "timestep_spacing '{other}' (expected leading, trailing or linspace)"
-                )))
-            }
-        };
-        keys.only("trained_betas", Json::Null)?;
-        keys.only("rescale_betas_zero_snr", false.into())?;
-        if matches!(kind, Ddim | Lcm | DpmSolverMultistep) {
-            keys.only("thresholding", false.into())?;
-        }
-        if matches!(kind, Euler | DpmSolverMultistep) {
-            for k in [
-                "use_karras_sigmas",
-                "use_exponential_sigmas",
-                "use_beta_sigmas",
-            ] {
-                keys.only(k, false.into())?;
-            }
-            keys.only("final_sigmas_type", "zero".into())?;
-        }
-        if kind == Euler {
-            keys.only("interpolation_type", "linear".into())?;
-            keys.only("timestep_type", "discrete".into())?;
-        }
-        if kind == DpmSolverMultistep {
-            keys.only("algorithm_type", "dpmsolver++".into())?;
-            keys.only("use_lu_lambdas", false.into())?;
-            keys.only("use_flow_sigmas", false.into())?;
-            keys.only("variance_type", Json::Null)?;
-        }
+        let (prediction, beta_schedule, spacing) = named_choices(&keys, schedule, spacing)?;
+        refuse_unsupported_options(&keys, kind)?;
         let solver_order = keys.count("solver_order", 2)?;
         if kind == DpmSolverMultistep && !matches!(solver_order, 1 | 2) {
             return Err(Error::Unsupported(format!(
@@ -620,4 +553,99 @@ impl Schedule {
     pub fn coeff_table(&self) -> Vec<f32> {
         self.coeffs.iter().flat_map(|c| c.to_row()).collect()
     }
+}
+
+/// The scheduler to run: `kind` when given, else the config's `_class_name`; a class Kiln does
+/// not run maps to Euler, with a note saying so.
+fn scheduler_kind(
+    keys: &Keys,
+    kind: Option<SchedulerKind>,
+) -> Result<(SchedulerKind, Option<String>)> {
+    let class = keys.text("_class_name", "")?;
+    Ok(match (kind, SchedulerKind::from_class(class)) {
+        (Some(k), _) | (None, Some(k)) => (k, None),
+        (None, None) => {
+            let name = if class.is_empty() {
+                "a config without _class_name"
+            } else {
+                class
+            };
+            (
+                SchedulerKind::Euler,
+                Some(format!(
+                    "{name} is not supported; using EulerDiscreteScheduler"
+                )),
+            )
+        }
+    })
+}
+
+/// `prediction_type`, `beta_schedule` and `timestep_spacing`, with the scheduler's defaults.
+fn named_choices(
+    keys: &Keys,
+    schedule: &str,
+    spacing: &str,
+) -> Result<(Prediction, BetaSchedule, Spacing)> {
+    let prediction = match keys.text("prediction_type", "epsilon")? {
+        "epsilon" => Prediction::Epsilon,
+        "v_prediction" => Prediction::VPrediction,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "prediction_type '{other}' (expected epsilon or v_prediction)"
+            )))
+        }
+    };
+    let beta_schedule = match keys.text("beta_schedule", schedule)? {
+        "linear" => BetaSchedule::Linear,
+        "scaled_linear" => BetaSchedule::ScaledLinear,
+        "squaredcos_cap_v2" => BetaSchedule::SquaredCos,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "beta_schedule '{other}' (expected linear, scaled_linear or squaredcos_cap_v2)"
+            )))
+        }
+    };
+    let spacing = match keys.text("timestep_spacing", spacing)? {
+        "leading" => Spacing::Leading,
+        "trailing" => Spacing::Trailing,
+        "linspace" => Spacing::Linspace,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "timestep_spacing '{other}' (expected leading, trailing or linspace)"
+            )))
+        }
+    };
+    Ok((prediction, beta_schedule, spacing))
+}
+
+/// Options that change the schedule in ways Kiln does not run, refused unless at their
+/// defaults (per scheduler, as diffusers reads them).
+fn refuse_unsupported_options(keys: &Keys, kind: SchedulerKind) -> Result<()> {
+    use SchedulerKind::*;
+    keys.only("trained_betas", Json::Null)?;
+    keys.only("rescale_betas_zero_snr", false.into())?;
+    if matches!(kind, Ddim | Lcm | DpmSolverMultistep) {
+        keys.only("thresholding", false.into())?;
+    }
+    if matches!(kind, Euler | DpmSolverMultistep) {
+        for k in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+        ] {
+            keys.only(k, false.into())?;
+        }
+        keys.only("final_sigmas_type", "zero".into())?;
+    }
+    if kind == Euler {
+        keys.only("interpolation_type", "linear".into())?;
+        keys.only("timestep_type", "discrete".into())?;
+    }
+    if kind == DpmSolverMultistep {
+        keys.only("algorithm_type", "dpmsolver++".into())?;
+        keys.only("use_lu_lambdas", false.into())?;
+        keys.only("use_flow_sigmas", false.into())?;
+        keys.only("variance_type", Json::Null)?;
+    }
+    Ok(())
 }
