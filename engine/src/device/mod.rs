@@ -314,8 +314,13 @@ impl Gpu {
     /// Submits command buffers, counting the submit.
     pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) {
         Counters::add(&self.counters.submits, 1);
-        let i = self.queue.submit(cmds);
-        *self.last_submit.lock().unwrap_or_else(|p| p.into_inner()) = Some(i);
+        // The lock spans the submit and the index it returns, and `fence` takes it too, so a
+        // fence's callback and the index it polls for belong to the same submission even when
+        // threads share the device. (Without it, a fence could register its callback on a
+        // submission whose index was not stored yet, poll only up to the older one, and wait
+        // forever: parallel tests did.)
+        let mut last = self.last_submit.lock().unwrap_or_else(|p| p.into_inner());
+        *last = Some(self.queue.submit(cmds));
     }
 
     /// Errors when one buffer of `bytes` (for `what`) is more than the adapter binds at once:
@@ -335,15 +340,12 @@ impl Gpu {
 
     /// A fence on the work submitted so far.
     pub fn fence(&self) -> Fence {
+        let last = self.last_submit.lock().unwrap_or_else(|p| p.into_inner());
         let (tx, rx) = crate::oneshot::channel();
         self.queue.on_submitted_work_done(move || tx.send(()));
         Fence {
             done: rx,
-            index: self
-                .last_submit
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            index: last.clone(),
         }
     }
 
