@@ -44,6 +44,14 @@ impl<T> Drop for Sender<T> {
     }
 }
 
+impl<T> Receiver<T> {
+    /// Whether a value (or the sender's drop) has arrived, without waiting.
+    pub(crate) fn is_ready(&self) -> bool {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.value.is_some() || s.closed
+    }
+}
+
 impl<T> Future for Receiver<T> {
     type Output = Option<T>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {

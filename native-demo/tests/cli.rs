@@ -679,3 +679,74 @@ fn help_and_readme_agree() {
         }
     }
 }
+
+/// `kiln image` says how the denoising goes on stderr (plain lines when stderr is not a
+/// terminal), and warns before any work when a size will be slow on a software adapter.
+#[test]
+fn image_progress_and_slow_size_note() {
+    let out = std::env::temp_dir().join(format!("kiln-progress-{}.png", std::process::id()));
+    let run = kiln(&[
+        "image",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&out);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    for want in [
+        "denoising 3 steps",
+        "step 1/3",
+        "step 3/3",
+        "decoding the image",
+    ] {
+        assert!(err.contains(want), "no '{want}' in:\n{err}");
+    }
+    assert!(
+        !err.contains("software adapter"),
+        "64x64 is not slow:\n{err}"
+    );
+    // 512x512 on lavapipe: the note comes first; the run is stopped once it has been read.
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "image", "--prompt", "x", "--width", "512", "--height", "512", "--out",
+        ])
+        .arg(std::env::temp_dir().join("kiln-slow-note.png"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run kiln");
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        seen += &line;
+        seen += "\n";
+        if line.starts_with("note:") || line.contains("step 1/") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Only a CPU adapter is slow at this size (on a GPU the note must not appear).
+    let info = String::from_utf8_lossy(&kiln(&["info"]).stdout).to_string();
+    let cpu = info
+        .lines()
+        .find(|l| l.starts_with("selected:"))
+        .is_some_and(|l| l.contains(", Cpu)"));
+    assert_eq!(
+        seen.contains("note: 512x512 on a software adapter") && seen.contains("takes minutes"),
+        cpu,
+        "{info}\n{seen}"
+    );
+}

@@ -352,17 +352,24 @@ impl Gpu {
     /// Waits until the work before `fence` has finished (natively by polling for its
     /// submission; in the browser the event loop completes it). A lost device is an error.
     pub async fn wait(&self, fence: Fence) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: fence.index,
-                timeout: None,
-            })
-            .map_err(|e| {
+        let poll = |kind: wgpu::PollType| {
+            self.device.poll(kind).map_err(|e| {
                 self.lost_or(Error::Gpu {
                     context: "waiting for a step".into(),
                     msg: e.to_string(),
                 })
-            })?;
+            })
+        };
+        poll(wgpu::PollType::Wait {
+            submission_index: fence.index,
+            timeout: None,
+        })?;
+        // With threads sharing the device, the callback can belong to a later submission than
+        // the index (parallel tests hung here): then wait for everything submitted so far,
+        // which fires it. A single thread never gets here, so the next step stays queued.
+        if !fence.done.is_ready() {
+            poll(wgpu::PollType::wait_indefinitely())?;
+        }
         if fence.done.await.is_none() {
             return Err(self
                 .settled_lost_or(Error::Gpu {
