@@ -12,9 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::llm::chat::{Overflow, Sampling};
-use kiln::llm::{
-    ChatRequest, LoadOptions, Message, Prepared, Quantize, TextModel, TextOptions,
-};
+use kiln::llm::{ChatRequest, LoadOptions, Message, Prepared, Quantize, TextModel, TextOptions};
 use kiln::{Gpu, GpuOptions};
 use std::io::Write;
 use std::path::PathBuf;

@@ -131,11 +131,11 @@ impl TextModel {
         future_to_promise(async move {
             let mut m = take(&shared)?;
             let prepared = match kind.as_str() {
-                "chat" => ChatRequest::from_json(&request)
-                    .and_then(|r| Prepared::chat(&m, &r, &model_id)),
-                _ => CompletionRequest::from_json(&request).and_then(|r| {
-                    Prepared::completion(&m, &r, &model_id)
-                }),
+                "chat" => {
+                    ChatRequest::from_json(&request).and_then(|r| Prepared::chat(&m, &r, &model_id))
+                }
+                _ => CompletionRequest::from_json(&request)
+                    .and_then(|r| Prepared::completion(&m, &r, &model_id)),
             };
             let mut failed = None;
             let r = match prepared {

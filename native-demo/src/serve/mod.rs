@@ -262,14 +262,8 @@ struct App {
 /// The text worker's handler: prepare, run, stream.
 fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Sender<Event>) {
     let (prepared, what) = match &job {
-        TextJob::Chat(r) => (
-            Prepared::chat(model, r, model_id),
-            "chat",
-        ),
-        TextJob::Completion(r) => (
-            Prepared::completion(model, r, model_id),
-            "completion",
-        ),
+        TextJob::Chat(r) => (Prepared::chat(model, r, model_id), "chat"),
+        TextJob::Completion(r) => (Prepared::completion(model, r, model_id), "completion"),
     };
     let p = match prepared {
         Ok(p) => p,
