@@ -1,9 +1,9 @@
 // Decode matrix-vector product with fused dequantization: y[m, off + r] = W[r, :] . x[m, :] (+ bias)
 // (+ res), for every weight dtype of weights.wgsl, with two optional fusions the graph's fusion
 // pass chooses (graph/fuse.rs):
-//   NORM  (GPU variant, m = 1) x is first RMS-normalized with weight nw: y = (W . (x * nw)) /
-//         rms(x). The normalized row is staged once per workgroup in workgroup memory (XS_LEN
-//         floats, k rounded up to 128, zero past k), so the dot loops read it as they read x.
+//   NORM  (GPU variant, m = 1) x is first RMS-normalized with weight nw: y = (W . (x * nw))
+//         / rms(x). Each workgroup sums x^2 in a first pass and reads x * nw in the dots (no
+//         staging, so no limit on k from workgroup memory).
 //   glu   (p.glu = 1 + activation code, see common.wgsl's glu_act) output row r is
 //         act(W[r + gate_row] . x) * (W[r + up_row] . x): a gated unit on a stacked gate/up
 //         weight, with `rows` = the output rows.
@@ -29,10 +29,8 @@
 //   8 rows per workgroup of 64, one subgroupAdd per row. ceil(rows / 8) * m workgroups.
 // ROWS (software adapters without subgroups): one invocation per output row, 64 per workgroup,
 //   no workgroup memory; ceil(rows * m / 64) workgroups.
-// Otherwise (GPUs): ceil(rows / 4) * m workgroups; 256 threads = 4 rows x 64 lanes. Plain
-//   dtypes: each lane takes every 64th word; block formats: W_LPB lanes share a block, one word
-//   each. Either way consecutive lanes read consecutive words. Partial sums are reduced in
-//   workgroup memory.
+// Otherwise (GPUs): MV_R items per workgroup of MV_WG invocations sharing every x load, x read
+//   16 bytes at a time where k is a multiple of 4 (X4); see the variant's main.
 #include "common.wgsl"
 #ifndef ROWS_V4
 #define WITH_DOT
@@ -51,12 +49,26 @@ struct Params {
 @group(0) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 #else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#ifdef X4
+// x as 16-byte units (k a multiple of 4); under NORM each element times the norm weight (the
+// 1 / rms factor is applied to the dot, once per row).
+@group(0) @binding(3) var<storage, read> xv: array<vec4<f32>>;
 #ifdef NORM
-@group(0) @binding(3) var<storage, read> xin: array<f32>;
-@group(0) @binding(7) var<storage, read> nw: array<f32>;
-var<workgroup> x: array<f32, XS_LEN>;
+@group(0) @binding(7) var<storage, read> nwv: array<vec4<f32>>;
+fn xq(o: u32) -> vec4<f32> { return xv[o >> 2u] * nwv[o >> 2u]; }
+#else
+fn xq(o: u32) -> vec4<f32> { return xv[o >> 2u]; }
+#endif
+fn xs(i: u32) -> f32 { return xq(i & ~3u)[i & 3u]; }
 #else
 @group(0) @binding(3) var<storage, read> x: array<f32>;
+#ifdef NORM
+@group(0) @binding(7) var<storage, read> nw: array<f32>;
+fn xs(i: u32) -> f32 { return x[i] * nw[i]; }
+#else
+fn xs(i: u32) -> f32 { return x[i]; }
+#endif
+fn xq(o: u32) -> vec4<f32> { return vec4<f32>(xs(o), xs(o + 1u), xs(o + 2u), xs(o + 3u)); }
 #endif
 #endif
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
@@ -138,27 +150,16 @@ fn rows_of(r: u32) -> vec2<u32> {
 fn has_second(r: u32) -> bool { return p.glu != 0u; }
 #endif
 
-#ifdef NORM
-var<workgroup> red: array<f32, 256>;
-// Stages x[mi] * nw in x (zero past k) and returns 1 / rms(x[mi]); 256 invocations.
-fn stage_x(mi: u32, li: u32) -> f32 {
-    let xb = mi * p.k;
-    var s = 0.0;
-    for (var i = li; i < p.k; i += 256u) { let v = xin[xb + i]; s += v * v; }
-    red[li] = s;
-    workgroupBarrier();
-    for (var h = 128u; h > 0u; h >>= 1u) {
-        if (li < h) { red[li] += red[li + h]; }
-        workgroupBarrier();
-    }
-    let ss = red[0];
-    for (var i = li; i < XS_LEN; i += 256u) { x[i] = select(0.0, xin[xb + i] * nw[i], i < p.k); }
-    workgroupBarrier();
-    return inverseSqrt(ss / f32(p.k) + p.eps);
-}
+
+// Whether each work item dots two rows (glu's gate and up, a rotary pair).
+#ifdef ROPE
+fn paired() -> bool { return true; }
+#else
+fn paired() -> bool { return p.glu != 0u; }
 #endif
 
 #ifdef ROWS_V4
+fn hsum(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
 fn bf2(v: u32) -> vec2<f32> { return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u)); }
 // Q4_K: (scale, min) of sub-block j from the 12 packed scale bytes in three words (ggml's
 // get_scale_min_k4).
@@ -368,12 +369,6 @@ fn step_dot(rb: u32, i: u32, xo: u32, sx: vec4<f32>) -> vec4<f32> {
 fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 #endif
 
-fn hsum(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
-#ifdef ROPE
-fn paired() -> bool { return true; }
-#else
-fn paired() -> bool { return p.glu != 0u; }
-#endif
 
 // An invocation makes eight dots in one loop, so the loop's overhead and every x load (the same
 // for the eight) are paid once per eight rows: eight output rows, or four rows of pairs (glu's
@@ -498,36 +493,90 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     store(mi, r, acc, 1.0);
 }
 #else
-var<workgroup> partial: array<vec2<f32>, 256>;
+// The GPU variant: MV_R work items (rows, or pairs) per workgroup of MV_WG invocations. The
+// invocations stride over the row's units (W_LPB-lane shares of blocks, or words) so that
+// consecutive invocations read consecutive weight words and x units; each invocation loads
+// a unit's x once (16-byte loads) for all MV_R items, whose dots it keeps in registers.
+// ONE_SUBGROUP (MV_WG = the adapter's fixed subgroup size): the dots are summed with
+// subgroupAdd, no workgroup memory or barrier. Otherwise a tree in workgroup memory sums all
+// MV_R at once. NORM: the invocations first sum x^2 the same way. ceil(rows / MV_R) * m
+// workgroups.
+#ifdef W_PLAIN
+fn units() -> u32 { return p.row_words; }
+fn unit_dot(rb: u32, t: u32, xo: u32) -> f32 { return w_word_dot(rb, t, xo, p.k); }
+#else
+fn units() -> u32 { return (p.k / W_BLOCK) * W_LPB; }
+fn unit_dot(rb: u32, t: u32, xo: u32) -> f32 {
+    let u = t / W_LPB;
+    return w_lane_dot(rb, u, t % W_LPB, xo + W_BLOCK * u);
+}
+#endif
 
-@compute @workgroup_size(256)
+#ifdef ONE_SUBGROUP
+fn sum_all(li: u32, acc: array<vec2<f32>, MV_R>) -> array<vec2<f32>, MV_R> {
+    var out: array<vec2<f32>, MV_R>;
+    for (var j = 0u; j < MV_R; j++) { out[j] = subgroupAdd(acc[j]); }
+    return out;
+}
+#else
+var<workgroup> red: array<vec2<f32>, MV_R * MV_WG>;
+// The workgroup's sums of acc, slot by slot (log2(MV_WG) barriers for all MV_R together).
+fn sum_all(li: u32, acc: array<vec2<f32>, MV_R>) -> array<vec2<f32>, MV_R> {
+    workgroupBarrier();
+    for (var j = 0u; j < MV_R; j++) { red[j * MV_WG + li] = acc[j]; }
+    workgroupBarrier();
+    for (var h = MV_WG / 2u; h > 0u; h >>= 1u) {
+        if (li < h) {
+            for (var j = 0u; j < MV_R; j++) { red[j * MV_WG + li] += red[j * MV_WG + li + h]; }
+        }
+        workgroupBarrier();
+    }
+    var out: array<vec2<f32>, MV_R>;
+    for (var j = 0u; j < MV_R; j++) { out[j] = red[j * MV_WG]; }
+    return out;
+}
+#endif
+
+@compute @workgroup_size(MV_WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let g = group_index(wg, nwg);
-    let row_groups = (p.rows + 3u) / 4u;
-    let mi = g / row_groups;
-    let r = (g % row_groups) * 4u + li / 64u;
-    let lane = li % 64u;
+    let groups = (p.rows + MV_R - 1u) / MV_R;
+    // Workgroups past the end read valid rows and store nothing (barriers stay uniform).
+    let live = g < groups * p.m;
+    let mi = min(g / groups, p.m - 1u);
+    let first = (g % groups) * MV_R;
 #ifdef NORM
-    let inv = stage_x(mi, li);
+    var ss: array<vec2<f32>, MV_R>;
+#ifdef X4
+    for (var i = li; i < p.k / 4u; i += MV_WG) { let v = xv[i]; ss[0].x += dot(v, v); }
+#else
+    for (var i = li; i < p.k; i += MV_WG) { let v = x[i]; ss[0].x += v * v; }
+#endif
+    let inv = inverseSqrt(sum_all(li, ss)[0].x / f32(p.k) + p.eps);
     let xo = 0u;
 #else
     let inv = 1.0;
     let xo = mi * p.k;
 #endif
-    var acc = vec2<f32>(0.0);
-    if (r < p.rows && mi < p.m) {
-        let rr = rows_of(r) * p.row_words;
-        acc.x = lane_dot(rr.x, xo, lane, 64u);
-        if (has_second(r)) { acc.y = lane_dot(rr.y, xo, lane, 64u); }
+    var rb: array<vec2<u32>, MV_R>;
+    for (var j = 0u; j < MV_R; j++) { rb[j] = rows_of(min(first + j, p.rows - 1u)) * p.row_words; }
+    var acc: array<vec2<f32>, MV_R>;
+    let n = units();
+    if (paired()) {
+        for (var t = li; t < n; t += MV_WG) {
+            for (var j = 0u; j < MV_R; j++) {
+                acc[j] += vec2<f32>(unit_dot(rb[j].x, t, xo), unit_dot(rb[j].y, t, xo));
+            }
+        }
+    } else {
+        for (var t = li; t < n; t += MV_WG) {
+            for (var j = 0u; j < MV_R; j++) { acc[j].x += unit_dot(rb[j].x, t, xo); }
+        }
     }
-    partial[li] = acc;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (lane < s) { partial[li] += partial[li + s]; }
-        workgroupBarrier();
-    }
-    if (lane == 0u && r < p.rows && mi < p.m) {
-        store(mi, r, partial[li], inv);
+    let sums = sum_all(li, acc);
+    // Invocation j stores item j.
+    for (var j = 0u; j < MV_R; j++) {
+        if (li == j && live && first + j < p.rows) { store(mi, first + j, sums[j], inv); }
     }
 }
 #endif

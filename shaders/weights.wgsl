@@ -1,5 +1,7 @@
 // Weight access for every weight dtype (packing spec in engine/src/dtype.rs). The includer
-// declares `w: array<u32>` (the weight words) and, with WITH_DOT, `x: array<f32>`.
+// declares `w: array<u32>` (the weight words) and, with WITH_DOT, the activation accessors
+// `xq(o)` (x[o..o + 4] as a vec4, o a multiple of 4: one 16-byte load where x is bound as
+// vec4s) and `xs(i)` (x[i]).
 // One variant define selects the dtype: W_F32, W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1, W_Q5_0,
 // W_Q5_1, W_Q2_K, W_Q3_K, W_Q4_K, W_Q5_K, W_Q6_K, W_IQ4_NL, W_IQ4_XS.
 //   w_elem(rb, k)      element k of the row starting at word rb
@@ -18,10 +20,9 @@ fn byte_of(word: u32, i: u32) -> u32 { return (word >> (8u * i)) & 0xffu; }
 fn sext8(v: u32) -> f32 { return f32(bitcast<i32>(v << 24u) >> 24u); }
 #ifdef WITH_DOT
 // Sum of the four bytes of `q` (as unsigned), each times x[xo + i], minus `zero` each.
-fn dot4u(q: u32, xo: u32, zero: f32) -> f32 {
-    return (f32(q & 0xffu) - zero) * x[xo] + (f32((q >> 8u) & 0xffu) - zero) * x[xo + 1u]
-         + (f32((q >> 16u) & 0xffu) - zero) * x[xo + 2u] + (f32(q >> 24u) - zero) * x[xo + 3u];
-}
+fn dot4u(q: u32, xo: u32, zero: f32) -> f32 { return dot(bytes4(q) - zero, xq(xo)); }
+// The sum of x[o..o + 4].
+fn xsum4(o: u32) -> f32 { return dot(xq(o), vec4<f32>(1.0)); }
 #endif
 
 #ifdef W_F32
@@ -29,7 +30,7 @@ fn dot4u(q: u32, xo: u32, zero: f32) -> f32 {
 fn w_elem(rb: u32, k: u32) -> f32 { return bitcast<f32>(w[rb + k]); }
 #ifdef WITH_DOT
 // Word wi of the row (one element) times its x.
-fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 { return bitcast<f32>(w[rb + wi]) * x[xo + wi]; }
+fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 { return bitcast<f32>(w[rb + wi]) * xs(xo + wi); }
 #endif
 #endif
 
@@ -42,8 +43,8 @@ fn w_elem(rb: u32, k: u32) -> f32 { let v = unpack2x16float(w[rb + k / 2u]); ret
 fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 {
     let v = unpack2x16float(w[rb + wi]);
     let e = 2u * wi;
-    if (e + 1u < k) { return v.x * x[xo + e] + v.y * x[xo + e + 1u]; }
-    return v.x * x[xo + e];
+    if (e + 1u < k) { return v.x * xs(xo + e) + v.y * xs(xo + e + 1u); }
+    return v.x * xs(xo + e);
 }
 #endif
 #endif
@@ -56,8 +57,8 @@ fn w_elem(rb: u32, k: u32) -> f32 { let v = w[rb + k / 2u]; return bitcast<f32>(
 fn w_word_dot(rb: u32, wi: u32, xo: u32, k: u32) -> f32 {
     let v = bf16_pair(w[rb + wi]);
     let e = 2u * wi;
-    if (e + 1u < k) { return v.x * x[xo + e] + v.y * x[xo + e + 1u]; }
-    return v.x * x[xo + e];
+    if (e + 1u < k) { return v.x * xs(xo + e) + v.y * xs(xo + e + 1u); }
+    return v.x * xs(xo + e);
 }
 #endif
 #endif
@@ -85,7 +86,7 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let q = w[b + 1u + sub];
     let o = xo + 4u * sub;
     let v = vec4<f32>(sext8(q & 0xffu), sext8((q >> 8u) & 0xffu), sext8((q >> 16u) & 0xffu), sext8(q >> 24u));
-    return bitcast<f32>(w[b]) * dot(v, vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]));
+    return bitcast<f32>(w[b]) * dot(v, xq(o));
 }
 #endif
 #endif
@@ -147,7 +148,7 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
     let lo = xo + 4u * sub;
     let hi = xo + 16u + 4u * sub;
     let s = dot4u(q & 0x0f0f0f0fu, lo, 0.0) + dot4u((q >> 4u) & 0x0f0f0f0fu, hi, 0.0);
-    let sx = x[lo] + x[lo + 1u] + x[lo + 2u] + x[lo + 3u] + x[hi] + x[hi + 1u] + x[hi + 2u] + x[hi + 3u];
+    let sx = xsum4(lo) + xsum4(hi);
     return bitcast<f32>(w[b]) * s + bitcast<f32>(w[b + 1u]) * sx;
 }
 #endif
@@ -213,7 +214,7 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
 #ifdef W_Q5_0
     return bitcast<f32>(w[b]) * (dot4u(lo_q, lo, 16.0) + dot4u(hi_q, hi, 16.0));
 #else
-    let sx = x[lo] + x[lo + 1u] + x[lo + 2u] + x[lo + 3u] + x[hi] + x[hi + 1u] + x[hi + 2u] + x[hi + 3u];
+    let sx = xsum4(lo) + xsum4(hi);
     return bitcast<f32>(w[b]) * (dot4u(lo_q, lo, 0.0) + dot4u(hi_q, hi, 0.0)) + bitcast<f32>(w[b + 1u]) * sx;
 #endif
 }
@@ -249,8 +250,8 @@ fn w_lane_dot(rb: u32, blk: u32, sub: u32, xo: u32) -> f32 {
         let o = xo + 128u * h + 32u * s + l0;
         let g = 8u * h + 2u * s + l0 / 16u;
         let sc = byte_of(w[sb + g / 4u], g % 4u);
-        let xs = x[o] + x[o + 1u] + x[o + 2u] + x[o + 3u];
-        acc += dm.x * f32(sc & 15u) * dot4u((q >> (2u * s)) & 0x03030303u, o, 0.0) - dm.y * f32(sc >> 4u) * xs;
+        let xsum = xsum4(o);
+        acc += dm.x * f32(sc & 15u) * dot4u((q >> (2u * s)) & 0x03030303u, o, 0.0) - dm.y * f32(sc >> 4u) * xsum;
     }
     return acc;
 }
@@ -314,8 +315,7 @@ fn iq4x4(q: u32) -> vec4<f32> { return vec4<f32>(iq4(q & 15u), iq4((q >> 8u) & 1
 #ifdef WITH_DOT
 // The four nibbles in the low halves of q's bytes, as table values, times x[xo..xo + 3].
 fn iq4_dot4(q: u32, xo: u32) -> f32 {
-    return iq4(q & 15u) * x[xo] + iq4((q >> 8u) & 15u) * x[xo + 1u]
-         + iq4((q >> 16u) & 15u) * x[xo + 2u] + iq4(q >> 24u) * x[xo + 3u];
+    return dot(iq4x4(q), xq(xo));
 }
 #endif
 #endif
@@ -430,8 +430,8 @@ fn k4_lane(sb: u32, sub: u32, xo: u32, q_lo: u32, q_hi: u32) -> f32 {
     let sm_hi = k4_scale_min(sb, 2u * c + 1u);
     let s_lo = dot4u(q_lo, o_lo, 0.0);
     let s_hi = dot4u(q_hi, o_hi, 0.0);
-    let x_lo = x[o_lo] + x[o_lo + 1u] + x[o_lo + 2u] + x[o_lo + 3u];
-    let x_hi = x[o_hi] + x[o_hi + 1u] + x[o_hi + 2u] + x[o_hi + 3u];
+    let x_lo = xsum4(o_lo);
+    let x_hi = xsum4(o_hi);
     return dm.x * (sm_lo.x * s_lo + sm_hi.x * s_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
 }
 #endif

@@ -14,14 +14,14 @@ pub fn gpu() -> Arc<Gpu> {
     GPU.get_or_init(|| gpu_with(GpuOptions::default())).clone()
 }
 
-/// The shared adapter three times: with the kernels written for GPUs, with those for software
-/// adapters (`GpuFeatures::software`), and with those for software adapters without the
-/// optional features (no subgroups, as in a browser), so every kernel variant is tested
-/// whatever the adapter.
-pub fn gpu_variants() -> [Arc<Gpu>; 3] {
-    static GPUS: OnceLock<[Arc<Gpu>; 3]> = OnceLock::new();
+/// The shared adapter four times: with the kernels written for GPUs, with and without the
+/// optional features (subgroups, shader-f16), and with those for software adapters
+/// (`GpuFeatures::software`), with and without them (no subgroups, as in a browser before
+/// wgpu mapped them), so every kernel variant is tested whatever the adapter.
+pub fn gpu_variants() -> [Arc<Gpu>; 4] {
+    static GPUS: OnceLock<[Arc<Gpu>; 4]> = OnceLock::new();
     GPUS.get_or_init(|| {
-        [(false, false), (true, false), (true, true)].map(|(software, plain)| {
+        [(false, false), (false, true), (true, false), (true, true)].map(|(software, plain)| {
             gpu_with(GpuOptions {
                 software: Some(software),
                 disable_optional_features: plain,

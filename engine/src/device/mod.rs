@@ -274,7 +274,7 @@ impl Gpu {
     /// A one-line description: adapter, backend, features.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}) shader-f16={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB",
+            "{} ({:?}, {:?}) shader-f16={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB unchecked={}",
             self.info.name,
             self.info.backend,
             self.info.device_type,
@@ -282,7 +282,8 @@ impl Gpu {
             self.features.subgroups,
             self.features.timestamps,
             self.features.software,
-            self.binding_limit >> 20
+            self.binding_limit >> 20,
+            self.dropped_checks().unwrap_or("none"),
         )
     }
 

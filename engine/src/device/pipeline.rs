@@ -164,15 +164,17 @@ impl Gpu {
         if self.features.subgroups {
             defines.push(("HAS_SUBGROUPS".into(), String::new()));
         }
-        let src = crate::shaders::dump(key.shader, &defines)?;
+        #[allow(unused_mut)]
+        let mut src = crate::shaders::dump(key.shader, &defines)?;
+        // The browser (wgpu hands it the WGSL as is) requires the extension enabled in the
+        // source; naga 30 refuses the directive and needs none.
+        #[cfg(target_arch = "wasm32")]
+        if self.features.subgroups && src.contains("subgroup") {
+            src.insert_str(0, "enable subgroups;\n");
+        }
         let bgl = self.bind_group_layout(access);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(key.shader),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
+        let module = self.shader_module(key.shader, src);
         let layout = self
             .device
             .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -187,7 +189,14 @@ impl Gpu {
                 layout: Some(&layout),
                 module: &module,
                 entry_point: Some(key.entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    // Every kernel writes its workgroup memory before reading it (each
+                    // `var<workgroup>` is filled by the invocations that read it, behind a
+                    // barrier), so the zeroing prologue wgpu adds by default is dead work.
+                    // The browser's implementation zeroes on its own terms.
+                    zero_initialize_workgroup_memory: false,
+                    ..Default::default()
+                },
                 cache: None,
             });
         if let Some(e) = scope.pop().await {
@@ -204,5 +213,43 @@ impl Gpu {
             .unwrap_or_else(|e| e.into_inner())
             .insert(ck, p.clone());
         Ok(p)
+    }
+
+    /// The run-time checks wgpu leaves out of a module on this backend, `None` for all kept.
+    /// Where the backend bounds every buffer access itself (Vulkan, whose robustBufferAccess
+    /// is a core feature wgpu enables on every device, and D3D12, whose descriptors bound
+    /// reads and writes), neither naga's index clamps nor its loop-bound counter (wgpu issue
+    /// 7698: up to 100x on loop-heavy shaders); Metal keeps the clamps (its buffers are
+    /// unbounded) and drops only the counter; GL and the browser keep everything (the
+    /// browser's Dawn guards what it is given itself). Integer division keeps its guard
+    /// everywhere (WGSL defines x / 0).
+    pub fn dropped_checks(&self) -> Option<&'static str> {
+        match self.info.backend {
+            wgpu::Backend::Vulkan | wgpu::Backend::Dx12 => Some("bounds, loop-bound"),
+            wgpu::Backend::Metal => Some("loop-bound"),
+            _ => None,
+        }
+    }
+
+    /// Builds a WGSL module without the checks [`Gpu::dropped_checks`] names.
+    #[allow(unsafe_code)]
+    fn shader_module(&self, label: &str, src: String) -> wgpu::ShaderModule {
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
+        let Some(dropped) = self.dropped_checks() else {
+            return self.device.create_shader_module(desc);
+        };
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = false;
+        checks.bounds_checks = !dropped.contains("bounds");
+        // SAFETY: wgpu's contract for dropping a check is that the shader does not need it.
+        // Bounds: on Vulkan (robustBufferAccess) and D3D12 an out-of-range index reads zero or
+        // an in-range value and writes nothing out of range, which is all the kernels rely on
+        // (matvec.wgsl's padded last block group). Loops: every kernel loop runs to a bound
+        // computed from its uniforms, so none is infinite, the undefined behaviour the counter
+        // guards against.
+        unsafe { self.device.create_shader_module_trusted(desc, checks) }
     }
 }

@@ -104,7 +104,7 @@ impl Graph {
                 continue;
             };
             let k = self.shape(x).last().copied().unwrap_or(0);
-            if !self.internal(out) || self.shape(nw) != [k] || !fuses_norm(gpu, k) {
+            if !self.internal(out) || self.shape(nw) != [k] || !fuses_norm(gpu) {
                 continue;
             }
             // The products read x (and the norm weight) later than the norm did: nothing may

@@ -100,20 +100,42 @@ pub fn matmul_groups(ctx: &Ctx, m: usize, n: usize, b: usize) -> [u32; 3] {
     }
 }
 
-/// Workgroup-memory floats the matvec's NORM prologue stages for rows of `k`: `k` rounded up to
-/// whole groups of four 32-element blocks (the 16-byte variant reads them 4 blocks at a time).
-fn staged_len(k: usize) -> usize {
-    k.next_multiple_of(128)
+/// Whether the matvec should compute an RMSNorm over rows of `k` in its prologue on this
+/// adapter (the fusion pass asks): on GPUs (each workgroup sums x^2 in a first pass over x,
+/// which the caches hold for the dots). Not on software adapters: there the prologue costs more than the norm's own dispatch (lavapipe, SmolLM2-135M
+/// shapes, decode: Q4_0 10.3 -> 8.1 tok/s, f16 unchanged; a multiply per element in the loop
+/// instead of staging: 6.7).
+pub fn fuses_norm(gpu: &Gpu) -> bool {
+    !gpu.features.software
 }
 
-/// Whether the matvec should compute an RMSNorm over rows of `k` in its prologue on this
-/// adapter (the fusion pass asks): the normalized row is staged in workgroup memory, beside the
-/// 3 KiB the reducing variant uses, so it must fit. Not on software adapters: there the staged
-/// row costs more than the norm's own dispatch (lavapipe, SmolLM2-135M shapes, decode: Q4_0 10.3
-/// -> 8.1 tok/s, f16 unchanged; a multiply per element in the loop instead of staging: 6.7).
-pub fn fuses_norm(gpu: &Gpu, k: usize) -> bool {
-    !gpu.features.software
-        && (staged_len(k) * 4 + 3072) as u64 <= gpu.limits.max_compute_workgroup_storage_size as u64
+/// The GPU matvec's shape on this adapter: (invocations per workgroup, work items per
+/// workgroup, whether one subgroup makes the workgroup). Where the adapter's subgroups have one
+/// fixed size (NVIDIA, Apple: 32) the workgroup is one subgroup and sums with subgroupAdd;
+/// otherwise 64 invocations sum in workgroup memory. Four items (rows, or two pairs of rows
+/// under a gated unit or rotary epilogue) share every x load. `KILN_MATVEC=WG,ITEMS`
+/// overrides the sizes (device tuning; WG a power of two, ignored where it is not).
+pub fn matvec_shape(gpu: &Gpu, paired: bool) -> (usize, usize, bool) {
+    let (lo, hi) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    let one = gpu.features.subgroups && lo == hi && (4..=128).contains(&lo);
+    let (mut wg, mut items) = (
+        if one { lo as usize } else { 64 },
+        if paired { 2 } else { 4 },
+    );
+    if let Some((w, r)) = std::env::var("KILN_MATVEC").ok().and_then(|v| {
+        v.split_once(',')
+            .map(|(a, b)| (a.parse().ok(), b.parse().ok()))
+    }) {
+        if let (Some(w), false) = (w, one) {
+            wg = if usize::is_power_of_two(w) && w <= 256 {
+                w
+            } else {
+                wg
+            };
+        }
+        items = r.filter(|r: &usize| (1..=16).contains(r)).unwrap_or(items);
+    }
+    (wg, items, one)
 }
 
 /// An op computed in a decode product's epilogue (set by the fusion pass).
@@ -401,7 +423,7 @@ impl Linear {
         let rope = self.epilogue_params(ins, &mut p, &mut bindings, part.rows, n_total);
         let (key, groups) = matvec_variant(ctx, o, p.rows as usize, p.glu != 0 || rope)?;
         let key = match self.norm {
-            Some(_) => key.def("NORM", "").def("XS_LEN", staged_len(o.k)),
+            Some(_) => key.def("NORM", ""),
             None => key,
         };
         let key = if rope { key.def("ROPE", "") } else { key };
@@ -478,8 +500,17 @@ fn matvec_variant(
         // One invocation per output row, 64 per workgroup.
         (key.def("ROWS", ""), grid(u((rows * m_total).div_ceil(64))))
     } else {
-        // Four rows per workgroup of 256, 64 lanes each.
-        (key, grid(u(rows.div_ceil(4) * m_total)))
+        let (wg, items, one) = matvec_shape(ctx.gpu, paired);
+        let mut key = key
+            .def("MV_WG", format!("{wg}u"))
+            .def("MV_R", format!("{items}u"));
+        if one {
+            key = key.def("ONE_SUBGROUP", "");
+        }
+        if o.k.is_multiple_of(4) {
+            key = key.def("X4", "");
+        }
+        (key, grid(u(rows.div_ceil(items) * m_total)))
     })
 }
 
