@@ -316,5 +316,6 @@ pub fn greedy(max_tokens: usize) -> kiln::llm::GenerateOptions {
         sampler: kiln::kernels::sample::SamplerSettings::greedy(),
         seed: 0,
         stop: vec![],
+        pipelined: true,
     }
 }

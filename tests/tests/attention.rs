@@ -62,7 +62,7 @@ fn shape(
 /// Runs one case on the GPU (both kernel variants) and against the reference; returns the
 /// output of the variant this adapter uses by default.
 fn check(what: &str, s: AttnShape, src: Src) -> Vec<f32> {
-    let [hw, sw, _] = kiln_tests::gpu_variants();
+    let [hw, _, sw, _] = kiln_tests::gpu_variants();
     let a = check_on(&hw, what, s, src);
     let b = check_on(&sw, &format!("{what} [software variant]"), s, src);
     if kiln_tests::gpu().features.software {

@@ -64,6 +64,7 @@ fn top_logprobs_equal_the_full_softmax() {
         },
         seed: 0,
         stop: vec![],
+        pipelined: true,
     };
     let mut worst = 0f64;
     for (step, tf) in want_lp.iter().take(6).enumerate() {

@@ -545,6 +545,7 @@ fn seeded_sampling_is_reproducible() {
         },
         seed,
         stop: vec![],
+        pipelined: true,
     };
     let a = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
     let b = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
@@ -898,4 +899,75 @@ fn gguf_sliding_window_keys() {
     );
     let e = LlmConfig::from_gguf(&g).err().unwrap().to_string();
     assert!(e.contains("2 flags for 6 layers"), "{e}");
+}
+
+/// The pipelined decode loop (the run for token n + 1 submitted before token n is read back)
+/// gives the serial loop's ids, log-probabilities and text exactly, whatever ends the
+/// generation: the token limit, a stop string or the context (a run in flight past the stop
+/// is discarded), and a next generation that reuses the cache after such a stop.
+#[test]
+fn pipelined_decode_matches_serial() {
+    let mut m = load(
+        "llama-gqa-f32",
+        "hf",
+        LoadOptions {
+            ctx: 40,
+            ..Default::default()
+        },
+    );
+    let prompt = ids(&expected("llama-gqa-f32")["prompt_ids"]);
+    let opts = |pipelined, max_tokens, stop: &[String]| GenerateOptions {
+        max_tokens,
+        sampler: SamplerSettings {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.0,
+            repeat_penalty: 1.1,
+            repeat_window: 8,
+            top_logprobs: 3,
+        },
+        seed: 11,
+        stop: stop.to_vec(),
+        pipelined,
+    };
+    // Two generations in a row, the second's prompt extending the first's text: returns both.
+    let mut pair = |pipelined: bool, stop: &[String], max_tokens: usize| {
+        m.reset_cache();
+        let a = pollster::block_on(m.generate(
+            &prompt,
+            &opts(pipelined, max_tokens, stop),
+            &mut |_| true,
+        ))
+        .unwrap();
+        let mut next = prompt.clone();
+        next.extend(&a.ids[..a.ids.len().min(3)]);
+        next.push(5);
+        let b = pollster::block_on(m.generate(&next, &opts(pipelined, 64, &[]), &mut |_| true))
+            .unwrap();
+        (a, b)
+    };
+    let (probe, _) = pair(false, &[], 12);
+    let stop: String = probe.text.chars().skip(3).take(2).collect();
+    let mut ends = Vec::new();
+    for (stop, max_tokens) in [(vec![], 12), (vec![stop], 12), (vec![], 64)] {
+        let (sa, sb) = pair(false, &stop, max_tokens);
+        ends.extend([sa.stop, sb.stop]);
+        let (pa, pb) = pair(true, &stop, max_tokens);
+        for (s, p) in [(&sa, &pa), (&sb, &pb)] {
+            let what = format!("stop {stop:?}, max_tokens {max_tokens}: {:?}", s.stop);
+            assert_eq!(
+                (&s.ids, &s.text, s.stop),
+                (&p.ids, &p.text, p.stop),
+                "{what}"
+            );
+            assert_eq!(s.logprobs, p.logprobs, "{what}");
+            assert_eq!(s.top_logprobs, p.top_logprobs, "{what}");
+        }
+    }
+    // The cases end by each cause, so each path was taken.
+    use kiln::llm::StopReason::*;
+    for why in [MaxTokens, StopString, ContextFull] {
+        assert!(ends.contains(&why), "no case ended by {why:?}: {ends:?}");
+    }
 }

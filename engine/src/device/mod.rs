@@ -313,7 +313,10 @@ impl Gpu {
     }
 
     /// Submits command buffers, counting the submit.
-    pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) {
+    pub fn submit(
+        &self,
+        cmds: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> wgpu::SubmissionIndex {
         Counters::add(&self.counters.submits, 1);
         // The lock spans the submit and the index it returns, and `fence` takes it too, so a
         // fence's callback and the index it polls for belong to the same submission even when
@@ -321,7 +324,9 @@ impl Gpu {
         // submission whose index was not stored yet, poll only up to the older one, and wait
         // forever: parallel tests did.)
         let mut last = self.last_submit.lock().unwrap_or_else(|p| p.into_inner());
-        *last = Some(self.queue.submit(cmds));
+        let index = self.queue.submit(cmds);
+        *last = Some(index.clone());
+        index
     }
 
     /// Errors when one buffer of `bytes` (for `what`) is more than the adapter binds at once:
@@ -448,12 +453,45 @@ impl Gpu {
 
     /// Maps a MAP_READ buffer, copies out `size` bytes, unmaps.
     pub async fn map_read(&self, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        self.map_read_at(staging, size, None).await
+    }
+
+    /// [`Gpu::map_read`] of a buffer whose last writer is submission `index`: natively it
+    /// polls only until that submission is done, so work submitted after it keeps running.
+    pub async fn map_read_after(
+        &self,
+        staging: &wgpu::Buffer,
+        size: u64,
+        index: wgpu::SubmissionIndex,
+    ) -> Result<Vec<u8>> {
+        self.map_read_at(staging, size, Some(index)).await
+    }
+
+    async fn map_read_at(
+        &self,
+        staging: &wgpu::Buffer,
+        size: u64,
+        index: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>> {
         let (tx, rx) = crate::oneshot::channel();
         let slice = staging.slice(..size.next_multiple_of(4));
         slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| self.lost_or(Error::Readback(e.to_string())))?;
+        let poll = |kind| {
+            self.device
+                .poll(kind)
+                .map_err(|e| self.lost_or(Error::Readback(e.to_string())))
+        };
+        if let Some(index) = index {
+            poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })?;
+        }
+        // Without an index, or when the callback did not fire by then (threads sharing the
+        // device, as in `Gpu::wait`): everything submitted so far.
+        if !rx.is_ready() {
+            poll(wgpu::PollType::wait_indefinitely())?;
+        }
         let mapped = match rx.await {
             None => Err("map callback dropped".to_string()),
             Some(r) => r.map_err(|e| e.to_string()),
@@ -596,4 +634,21 @@ fn capture_errors(
         *on_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     });
     (uncaptured, lost)
+}
+
+/// Milliseconds from an arbitrary origin (`Date.now()` in the browser).
+pub fn now_ms() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static T0: OnceLock<std::time::Instant> = OnceLock::new();
+        T0.get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1e3
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now()
+    }
 }

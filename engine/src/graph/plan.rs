@@ -50,6 +50,9 @@ pub struct Plan {
     scalars_dirty: std::cell::Cell<bool>,
     scalar_buf: wgpu::Buffer,
     staging: HashMap<usize, wgpu::Buffer>,
+    /// A second set like `staging`, made on first use: a pipelined loop copies one run's
+    /// outputs into it while the other set is mapped ([`Plan::submit_read_heads`]).
+    staging_b: std::cell::OnceCell<HashMap<usize, wgpu::Buffer>>,
     /// Bytes of intermediate buffers after liveness reuse.
     pub arena_bytes: u64,
     /// Bytes the intermediates would need without reuse.
@@ -117,6 +120,7 @@ impl Graph {
             scalars_dirty: std::cell::Cell::new(true),
             scalar_buf,
             staging,
+            staging_b: Default::default(),
             arena_bytes: encoded.arena_bytes,
             unshared_bytes: encoded.unshared_bytes,
         })
@@ -464,11 +468,30 @@ impl Plan {
     /// [`Plan::run_read`] that reads back only the first `bytes` of each output (rounded up to
     /// 4), e.g. the sampler's id and log-probability without its optional extras.
     pub async fn run_read_heads(&self, outs: &[(Value, u64)]) -> Result<Vec<Vec<u8>>> {
+        let pending = self.submit_read_heads(outs, 0)?;
+        self.finish_read(pending).await
+    }
+
+    /// The first half of [`Plan::run_read_heads`]: encodes and submits the run with copies of
+    /// the outputs' heads into staging set `slot` (0 or 1), and returns without waiting. A
+    /// loop can submit the next run (into the other set) before [`Plan::finish_read`] maps this
+    /// one, so the GPU works while the host handles the result. The run scalars set before
+    /// each submit are the ones its run sees (queued writes land between submissions).
+    pub fn submit_read_heads(&self, outs: &[(Value, u64)], slot: usize) -> Result<PendingRead> {
+        let t0 = crate::device::now_ms();
+        let staging = match slot {
+            0 => &self.staging,
+            _ => self.staging_b.get_or_init(|| {
+                let usage = wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ;
+                let make = |b: &wgpu::Buffer| self.gpu.create_buffer("staging", b.size(), usage);
+                self.staging.iter().map(|(&i, b)| (i, make(b))).collect()
+            }),
+        };
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         self.encode(&mut enc);
-        let mut sizes = Vec::new();
+        let mut reads = Vec::new();
         for &(v, head) in outs {
-            let st = self.staging.get(&v.0).ok_or_else(|| Error::Data {
+            let st = staging.get(&v.0).ok_or_else(|| Error::Data {
                 name: format!("value {}", v.0),
                 msg: "not marked as an output".into(),
             })?;
@@ -481,13 +504,36 @@ impl Plan {
                 * 4;
             let size = st.size().min(head.div_ceil(4).saturating_mul(4)).max(4);
             enc.copy_buffer_to_buffer(&self.value_buffer(v)?.buffer, 0, st, 0, size);
-            sizes.push(size.min(n.max(4)));
+            reads.push((v.0, size.min(n.max(4))));
         }
-        self.gpu.submit([enc.finish()]);
+        let cmd = enc.finish();
+        let t1 = crate::device::now_ms();
+        let index = self.gpu.submit([cmd]);
+        let t2 = crate::device::now_ms();
         self.gpu.check("Plan::run_read")?;
+        Ok(PendingRead {
+            slot,
+            reads,
+            index,
+            encode_ms: t1 - t0,
+            submit_ms: t2 - t1,
+        })
+    }
+
+    /// Waits for a run [`Plan::submit_read_heads`] submitted (only for it, not for runs
+    /// submitted after it) and reads its outputs back.
+    pub async fn finish_read(&self, pending: PendingRead) -> Result<Vec<Vec<u8>>> {
+        let staging = match pending.slot {
+            0 => &self.staging,
+            _ => self.staging_b.get().unwrap_or(&self.staging),
+        };
         let mut res = Vec::new();
-        for (&(v, _), size) in outs.iter().zip(sizes) {
-            res.push(self.gpu.map_read(&self.staging[&v.0], size).await?);
+        for (i, size) in pending.reads {
+            res.push(
+                self.gpu
+                    .map_read_after(&staging[&i], size, pending.index.clone())
+                    .await?,
+            );
         }
         Ok(res)
     }
@@ -574,4 +620,16 @@ impl Plan {
             .map(|f| f.to_bits())
             .collect())
     }
+}
+
+/// A submitted run whose outputs [`Plan::finish_read`] reads back, and what its submission
+/// cost the host.
+pub struct PendingRead {
+    slot: usize,
+    /// (value index, bytes) of each output to read.
+    reads: Vec<(usize, u64)>,
+    index: wgpu::SubmissionIndex,
+    /// Host milliseconds spent recording the commands, and in the submit call.
+    pub encode_ms: f64,
+    pub submit_ms: f64,
 }

@@ -6,6 +6,7 @@ use super::config::LlmConfig;
 use super::model::{build_step, KvCache, Step};
 use super::options::LoadOptions;
 use super::weights::{gguf_name, gguf_name_gemma, LlmWeights};
+pub use crate::device::now_ms;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
@@ -36,6 +37,10 @@ pub struct GenerateOptions {
     pub seed: u32,
     /// Generation stops when the text contains one of these (it is cut before it).
     pub stop: Vec<String>,
+    /// Submit the run for token n + 1 before reading token n back, so the GPU computes while
+    /// the host handles a token (default). The ids and log-probabilities are the same either
+    /// way; a stop found with a run in flight discards that run's token.
+    pub pipelined: bool,
 }
 
 impl GenerateOptions {
@@ -73,6 +78,11 @@ pub struct Timings {
     pub decode_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
+    /// The decode loop's host cost per run, in milliseconds: recording the commands, the
+    /// submit call, and waiting for the token (blocked on the GPU: the part pipelining hides).
+    pub encode_ms_per_token: f64,
+    pub submit_ms_per_token: f64,
+    pub wait_ms_per_token: f64,
 }
 
 /// The result of a generation.
@@ -306,7 +316,8 @@ impl TextModel {
             self.cached.clear();
         }
         r?;
-        g.timings = Timings::new(prompt.len() - reused, g.ids.len(), ttft, now_ms() - t1);
+        g.timings = Timings::new(prompt.len() - reused, g.ids.len(), ttft, now_ms() - t1)
+            .with_host(&g.timings);
         Ok(g)
     }
 
@@ -393,8 +404,31 @@ impl TextModel {
         }
     }
 
+    /// Submits the decode run that feeds the id at `pos` (staging set `pos % 2`, so two runs
+    /// in flight never share one), adding its host cost to `cost`.
+    fn submit_decode(
+        &mut self,
+        pos: usize,
+        opts: &GenerateOptions,
+        cost: &mut HostCost,
+    ) -> Result<crate::graph::PendingRead> {
+        let d = &mut self.decode;
+        d.plan.set(d.pos, pos as u32);
+        d.plan.set(d.last, 0);
+        d.plan.set(d.next, (pos + 1) as u32);
+        let run = d
+            .plan
+            .submit_read_heads(&[(d.out, opts.readback())], pos % 2)?;
+        cost.encode_ms += run.encode_ms;
+        cost.submit_ms += run.submit_ms;
+        cost.runs += 1;
+        Ok(run)
+    }
+
     /// Replays the decode graph once per token from the first sampled one, streaming text
-    /// through a [`StreamDecoder`], until a stop condition; fills `g`.
+    /// through a [`StreamDecoder`], until a stop condition; fills `g`. Pipelined, the run
+    /// for the next position is submitted before the current token is read back: its id is
+    /// sampled into the token history on the GPU, so the run needs nothing from the host.
     async fn decode_loop(
         &mut self,
         g: &mut Generation,
@@ -412,6 +446,13 @@ impl TextModel {
         let longest_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut stream = StreamDecoder::new();
         let mut tok = first;
+        // Runs submitted and not read back yet: (position, the run), oldest first.
+        let mut inflight: std::collections::VecDeque<(usize, crate::graph::PendingRead)> =
+            Default::default();
+        let mut cost = HostCost::default();
+        // The run at `pos` feeds the id at `pos` and samples the next one: allowed while the
+        // generation could still want that token.
+        let runnable = |pos: usize, ids: usize| ids < opts.max_tokens && pos + 1 < ctx;
         loop {
             g.ids.push(tok.id);
             g.logprobs.push(tok.logprob);
@@ -440,30 +481,45 @@ impl TextModel {
                     }
                     g.text = text[..cut].to_string();
                     g.stop = StopReason::StopString;
-                    return Ok(());
+                    break;
                 }
                 if !on_piece(&piece, g) {
                     g.stop = StopReason::Cancelled;
                     break;
                 }
             }
-            if g.ids.len() >= opts.max_tokens {
+            let n = g.ids.len();
+            let pos = g.prompt_ids.len() + n - 1;
+            if n >= opts.max_tokens {
                 g.stop = StopReason::MaxTokens;
                 break;
             }
-            let pos = g.prompt_ids.len() + g.ids.len() - 1;
             if pos + 1 >= ctx {
                 g.stop = StopReason::ContextFull;
                 break;
             }
-            let d = &mut self.decode;
-            d.plan.set(d.pos, pos as u32);
-            d.plan.set(d.last, 0);
-            d.plan.set(d.next, (pos + 1) as u32);
-            let out = d.plan.run_read_heads(&[(d.out, opts.readback())]).await?;
+            if inflight.is_empty() {
+                inflight.push_back((pos, self.submit_decode(pos, opts, &mut cost)?));
+            }
+            if opts.pipelined && inflight.len() < 2 && runnable(pos + 1, n + 1) {
+                inflight.push_back((pos + 1, self.submit_decode(pos + 1, opts, &mut cost)?));
+            }
+            let Some((at, run)) = inflight.pop_front() else {
+                break;
+            };
+            debug_assert_eq!(at, pos);
+            let t0 = now_ms();
+            let out = self.decode.plan.finish_read(run).await?;
+            cost.wait_ms += now_ms() - t0;
             // The id fed at `pos` now has its keys and values in the cache.
-            self.cached.push(g.ids[g.ids.len() - 1]);
-            tok = Draw::new(&out[0], opts.sampler.top_logprobs, g.ids.len())?;
+            self.cached.push(g.ids[n - 1]);
+            tok = Draw::new(&out[0], opts.sampler.top_logprobs, n)?;
+        }
+        // A run still in flight computed a token past the stop: its keys and values sit past
+        // what `cached` records, and the next generation overwrites them.
+        g.timings = cost.per_token();
+        if g.stop == StopReason::StopString {
+            return Ok(());
         }
         // The whole text once (the end-of-sequence id is not part of it), and what of it the
         // stream has not handed out yet.
@@ -479,7 +535,39 @@ impl TextModel {
     }
 }
 
+/// The decode loop's host time, summed over its runs.
+#[derive(Default)]
+struct HostCost {
+    encode_ms: f64,
+    submit_ms: f64,
+    wait_ms: f64,
+    runs: usize,
+}
+
+impl HostCost {
+    /// Per-run averages in a [`Timings`] (the rates are filled in later).
+    fn per_token(&self) -> Timings {
+        let n = self.runs.max(1) as f64;
+        Timings {
+            encode_ms_per_token: self.encode_ms / n,
+            submit_ms_per_token: self.submit_ms / n,
+            wait_ms_per_token: self.wait_ms / n,
+            ..Default::default()
+        }
+    }
+}
+
 impl Timings {
+    /// These timings with the host-cost fields of `host`.
+    fn with_host(self, host: &Timings) -> Timings {
+        Timings {
+            encode_ms_per_token: host.encode_ms_per_token,
+            submit_ms_per_token: host.submit_ms_per_token,
+            wait_ms_per_token: host.wait_ms_per_token,
+            ..self
+        }
+    }
+
     /// Rates from the prompt length, the generated count and the two phases' durations (the
     /// first token comes from the prefill, so decode rates count the others).
     fn new(prompt: usize, generated: usize, ttft: f64, decode_ms: f64) -> Timings {
@@ -494,23 +582,7 @@ impl Timings {
             } else {
                 0.0
             },
+            ..Default::default()
         }
-    }
-}
-
-/// Milliseconds from an arbitrary origin (`Date.now()` in the browser).
-pub fn now_ms() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static T0: OnceLock<std::time::Instant> = OnceLock::new();
-        T0.get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64()
-            * 1e3
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        js_sys::Date::now()
     }
 }

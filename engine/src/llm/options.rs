@@ -127,6 +127,7 @@ impl TextOptions {
             sampler: self.sampler(),
             seed: self.seed.unwrap_or_else(random_seed),
             stop: self.stop.clone(),
+            pipelined: true,
         }
     }
 

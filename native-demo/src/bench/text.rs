@@ -112,6 +112,7 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             sampler: SamplerSettings::neutral(),
             seed: 1,
             stop: vec![],
+            pipelined: true,
         };
         // Warm-up (first submits page in memory and driver state).
         pollster::block_on(m.generate(
@@ -122,7 +123,18 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             },
             &mut |_| true,
         ))?;
+        // The decode loop serial (each token read back before the next run is submitted),
+        // then pipelined (the default): same ids, different host waits.
+        let serial = GenerateOptions {
+            pipelined: false,
+            ..opts.clone()
+        };
+        let gs = pollster::block_on(m.generate(&prompt, &serial, &mut |_| true))?;
         let g = pollster::block_on(m.generate(&prompt, &opts, &mut |_| true))?;
+        let host = |t: &kiln::llm::generate::Timings| {
+            json!({"encode_ms": t.encode_ms_per_token, "submit_ms": t.submit_ms_per_token,
+                   "wait_ms": t.wait_ms_per_token, "decode_tok_s": t.decode_tok_s})
+        };
         // Counters of single decode tokens, driven by hand.
         let steps = 16;
         let before = gpu.counters();
@@ -149,6 +161,8 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             "weights": label, "load_ms": load_ms,
             "prefill_tokens": prompt_len, "prefill_tok_s": g.timings.prefill_tok_s,
             "decode_tokens": g.ids.len().saturating_sub(1), "decode_tok_s": g.timings.decode_tok_s,
+            "host_per_token": {"serial": host(&gs.timings), "pipelined": host(&g.timings),
+                               "same_ids": gs.ids == g.ids},
             "per_token": {
                 "dispatches": c.dispatches / steps as u64, "submits": c.submits as f64 / steps as f64,
                 "readback_bytes": c.bytes_read_back / steps as u64, "upload_bytes": c.bytes_uploaded / steps as u64,
@@ -179,6 +193,25 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             p["readback_bytes"],
             p["objects_created"]
         );
+    }
+    println!("\nThe decode loop's host cost per token, serial (read each token back before submitting the next run) and pipelined (the default):\n");
+    println!("| weights | loop | decode tok/s | encode ms | submit ms | wait ms | same ids |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let h = &r["host_per_token"];
+        for mode in ["serial", "pipelined"] {
+            let t = &h[mode];
+            let f = |k: &str| t[k].as_f64().unwrap_or(0.0);
+            println!(
+                "| {} | {mode} | {:.1} | {:.3} | {:.3} | {:.2} | {} |",
+                r["weights"].as_str().unwrap_or(""),
+                f("decode_tok_s"),
+                f("encode_ms"),
+                f("submit_ms"),
+                f("wait_ms"),
+                h["same_ids"]
+            );
+        }
     }
     for r in &rows {
         let w = r["weights"].as_str().unwrap_or("");
