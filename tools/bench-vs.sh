@@ -19,6 +19,7 @@
 # without them.
 #
 #   tools/bench-vs.sh [kiln-binary]          default: target/release/kiln (built if missing)
+#   BENCH_VS_BUILD_ONLY=1 tools/bench-vs.sh   only build the llama.cpp benchmarks
 #
 # Needs a C++ compiler and cmake (`pip install cmake`) for the first run (several minutes for
 # the Vulkan shaders); builds are kept under $TMPDIR. Prints Markdown tables.
@@ -64,8 +65,12 @@ cpu_bench=$(build_bench "$cpu_src" "$cpu_src/build-bench")
 vk_bench=""
 if command -v glslc >/dev/null && [ -f /usr/include/vulkan/vulkan.h ]; then
     vk_src=$(sdist_source llama-cpp-python "$VULKAN_VERSION" vendor/llama.cpp)
-    vk_bench=$(build_bench "$vk_src" "$vk_src/build-vulkan" -DGGML_VULKAN=ON) || vk_bench=""
+    # Static and portable: the same build tools/device-prepare.sh carries to a device.
+    vk_bench=$(build_bench "$vk_src" "$vk_src/build-vulkan-static" -DGGML_VULKAN=ON \
+        -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF) || vk_bench=""
 fi
+
+[ -z "${BENCH_VS_BUILD_ONLY:-}" ] || exit 0
 
 mapfile -t models < <(tools/fetch-real-model.sh all)
 random=${TMPDIR:-/tmp}/smollm2-135m-random-q4_0.gguf

@@ -1,36 +1,83 @@
 #!/usr/bin/env bash
-# Runs prebuilt test binaries and the kernel benchmark on a machine with a real GPU, through
-# Vulkan. Expects: .devbin/tests/* (from `cargo test --workspace --profile device --no-run`),
-# .devbin/kiln (the CLI), and optionally .gl/*.deb (the Vulkan loader) when the machine lacks it.
+# The device run, on a machine with a real GPU, from what tools/device-prepare.sh put in .devbin/
+# (and .gl/): about 6 minutes, every step under its own timeout, everything it prints also
+# written under $OUT.
+#
+#   1. the kernel tests (every variant against its CPU reference, the cooperative-matrix ones
+#      where the adapter has them);
+#   2. `kiln bench kernels`, `kiln bench text` (per-kernel GPU time, dispatches, host cost
+#      serial and pipelined), `kiln bench image`;
+#   3. the same GGUF files through llama.cpp's llama-bench (Vulkan, all layers on the GPU) and
+#      `kiln bench text --model`: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M rebuilt
+#      from their headers with random data, and a random Llama-3.2-1B-shaped Q4_K_M; a table of
+#      tok/s and Kiln / llama.cpp ratios.
+#
+#   bash tools/device-check.sh            (the `run` tool: carry [".devbin", ".gl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
+out="${OUT:-/tmp}"
+t_start=$(date +%s)
+log() { echo "== $* ($(($(date +%s) - t_start)) s)"; }
+
+# The Vulkan loader and the NVIDIA driver's ICD.
 if ! ldconfig -p | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done
     ldconfig
 fi
-nv=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-[ -f "$nv" ] && export VK_DRIVER_FILES="$nv"
-# Binaries may travel gzipped to fit transfer limits.
-for z in .devbin/*.gz .devbin/tests/*.gz; do [ -e "$z" ] && gunzip -f "$z"; done
-chmod +x .devbin/kiln .devbin/tests/* 2>/dev/null
+for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
+    [ -f "$icd" ] && export VK_DRIVER_FILES="$icd" && break
+done
+find .devbin -name '*.gz' -exec gunzip -f {} \;
+chmod +x .devbin/kiln .devbin/llama-bench .devbin/tests/* 2>/dev/null
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-# The fixtures are found through the path the tests were built in (DEVICE_SRC_PATHS lists it).
+# The tests find their fixtures through the path they were built in.
 for src in ${DEVICE_SRC_PATHS:-/work/main}; do
     mkdir -p "$(dirname "$src")" && [ -e "$src" ] || ln -s "$PWD" "$src"
 done
-nvidia-smi -L 2>/dev/null || true
-out="${OUT:-/tmp}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null || true
+.devbin/kiln info 2>&1 | grep -v XDG | head -5 | tee "$out/adapter.txt"
 status=0
+
+log "kernel tests"
 for t in .devbin/tests/*; do
-    case "$(basename "$t")" in cli-*) continue;; esac  # needs the kiln binary at its build path
-    echo "== $(basename "$t")"
-    "$t" --test-threads=4 2>&1 | grep -E "^test |test result|panicked|GPU error|expected" | grep -v "^test .* ok$" | tee -a "$out/tests.log" || true
+    echo "-- $(basename "$t")"
+    timeout 120 "$t" --test-threads=4 2>&1 | grep -E "^test |test result|panicked|GPU error|expected|left|right" |
+        grep -v "^test .* ok$" | tee -a "$out/tests.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
-echo "== bench kernels"
-timeout 240 .devbin/kiln bench kernels 2>&1 | grep -v XDG | tee "$out/bench.md"
-echo "== bench text"
-timeout 240 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"
-echo "== bench image"
-timeout 300 .devbin/kiln bench image 2>&1 | grep -v XDG | tee "$out/bench-image.md"
+
+log "bench kernels"
+timeout 90 .devbin/kiln bench kernels 2>&1 | grep -v XDG | tee "$out/bench-kernels.md"
+log "bench text"
+timeout 90 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"
+log "bench image"
+timeout 90 .devbin/kiln bench image 2>&1 | grep -v XDG | tee "$out/bench-image.md"
+
+log "GGUF files"
+models=$(mktemp -d)
+for h in .devbin/models/*.hdr.gguf; do
+    [ -e "$h" ] || continue
+    timeout 60 .devbin/kiln bench gguf --like "$h" --out "$models/$(basename "$h" .hdr.gguf).gguf" || status=1
+done
+timeout 60 .devbin/kiln bench gguf --llama-1b --out "$models/llama-3.2-1b-shaped-q4_k_m.gguf" || status=1
+
+log "Kiln and llama.cpp on the same files"
+{
+    echo "| model (random weights, the real file's layout) | Kiln prefill tok/s | llama.cpp prefill | Kiln decode tok/s | llama.cpp decode | Kiln / llama.cpp (prefill, decode) |"
+    echo "|---|---|---|---|---|---|"
+} | tee "$out/vs-llama.md"
+# (No Python on the device: the JSON and llama-bench's Markdown are read with grep and awk.)
+num() { grep -o "\"$1\":[0-9.e+-]*" | head -1 | cut -d: -f2; }
+for m in "$models"/*.gguf; do
+    k=$(timeout 90 .devbin/kiln bench text --model "$m" --json 2>/dev/null | tail -1)
+    kp=$(echo "$k" | num prefill_tok_s)
+    kd=$(echo "$k" | num decode_tok_s)
+    l=""
+    [ -x .devbin/llama-bench ] && l=$(timeout 90 .devbin/llama-bench -m "$m" -p 128 -n 128 -ngl 99 -r 3 -o md 2>/dev/null)
+    lp=$(echo "$l" | grep "pp128" | awk -F'|' '{print $(NF-1)}' | awk '{print $1}')
+    ld=$(echo "$l" | grep "tg128" | awk -F'|' '{print $(NF-1)}' | awk '{print $1}')
+    ratio=$(awk -v a="$kp" -v b="$lp" -v c="$kd" -v d="$ld" 'BEGIN { if (b > 0 && d > 0) printf "%.2fx, %.2fx", a / b, c / d; else print "-" }')
+    echo "| $(basename "$m" .gguf) | ${kp:--} | ${lp:--} | ${kd:--} | ${ld:--} | $ratio |" | tee -a "$out/vs-llama.md"
+done
+log "done, status $status"
 exit $status

@@ -283,7 +283,7 @@ export interface KilnDetails {
   stop: Completion["stop"];
   reused_tokens: number;
   dropped_messages: number;
-  timings: { ttft_ms: number; prefill_ms: number; decode_ms: number; prefill_tok_s: number; decode_tok_s: number };
+  timings: { ttft_ms: number; prefill_ms: number; decode_ms: number; prefill_tok_s: number; decode_tok_s: number; encode_ms_per_token: number; submit_ms_per_token: number; wait_ms_per_token: number };
 }
 
 export interface ChatCompletion {

@@ -162,6 +162,9 @@ pub struct Gguf {
     tensors: HashMap<String, Info>,
     /// Tensor names in file order.
     pub tensor_names: Vec<String>,
+    /// Where the tensor data starts (the header's end, aligned); 0 from
+    /// [`Gguf::parse_metadata`], which stops before the tensor list.
+    pub data_start: usize,
 }
 
 struct Reader<'a> {
@@ -294,6 +297,20 @@ pub struct TensorInfo {
     pub offset: u64,
 }
 
+/// The data section's alignment (`general.alignment`, 32 when absent).
+fn alignment(meta: &HashMap<String, Value>, name: &str) -> Result<usize> {
+    match meta.get("general.alignment") {
+        None => Ok(32),
+        Some(v) => match v.as_u64() {
+            Some(a) if a.is_power_of_two() && a <= 1 << 20 => Ok(a as usize),
+            _ => Err(Error::Data {
+                name: name.into(),
+                msg: format!("general.alignment {v:?} is not a power of two up to 1 MiB"),
+            }),
+        },
+    }
+}
+
 /// The tensor infos after the metadata.
 fn read_tensor_infos(r: &mut Reader<'_>, n: u64) -> Result<Vec<TensorInfo>> {
     // A tensor info takes at least 24 bytes: never reserve more than the bytes could hold.
@@ -411,6 +428,7 @@ impl Gguf {
             Ok((meta, _)) => Ok(Some(Gguf {
                 name: name.into(),
                 bytes: Vec::new(),
+                data_start: 0,
                 meta,
                 tensors: HashMap::new(),
                 tensor_names: Vec::new(),
@@ -438,6 +456,7 @@ impl Gguf {
                 Gguf {
                     name: name.into(),
                     bytes: Vec::new(),
+                    data_start: r.pos.next_multiple_of(alignment(&meta, name)?),
                     meta,
                     tensors: HashMap::new(),
                     tensor_names: Vec::new(),
@@ -459,18 +478,7 @@ impl Gguf {
         };
         let (meta, n_tensors) = read_header(&mut r, true)?;
         let raw = read_tensor_infos(&mut r, n_tensors)?;
-        let align = match meta.get("general.alignment") {
-            None => 32,
-            Some(v) => match v.as_u64() {
-                Some(a) if a.is_power_of_two() && a <= 1 << 20 => a as usize,
-                _ => {
-                    return Err(Error::Data {
-                        name: name.into(),
-                        msg: format!("general.alignment {v:?} is not a power of two up to 1 MiB"),
-                    })
-                }
-            },
-        };
+        let align = alignment(&meta, name)?;
         let data_start = r.pos.next_multiple_of(align);
         if data_start > bytes.len() && !raw.is_empty() {
             return Err(Error::Data {
@@ -547,6 +555,7 @@ impl Gguf {
             meta,
             tensors,
             tensor_names,
+            data_start,
         })
     }
 

@@ -7,6 +7,7 @@
 //! they share (random weights, timing, per-kernel profiles); nothing imports back up.
 
 mod common;
+mod gguf;
 mod image;
 mod kernels;
 mod soak;
@@ -25,6 +26,9 @@ pub enum What {
     Image,
     /// 10 000 tokens and 200 images in one process: resident memory and GPU allocations.
     Soak,
+    /// Writes a random-weight GGUF for speed comparisons (`--like FILE` or `--llama-1b`,
+    /// `--out FILE`; `--header-only`).
+    Gguf,
 }
 
 #[derive(Args)]
@@ -41,6 +45,18 @@ pub struct BenchArgs {
     /// SmolLM2-135M-shaped one, benchmarked in its own weight types.
     #[arg(long)]
     model: Option<String>,
+    /// `gguf`: copy this GGUF's header (metadata, tensor names, shapes, types).
+    #[arg(long)]
+    like: Option<std::path::PathBuf>,
+    /// `gguf`: Llama-3.2-1B's shapes in llama.cpp's Q4_K_M mix.
+    #[arg(long)]
+    llama_1b: bool,
+    /// `gguf`: write only the header (what `--like` needs to rebuild the file elsewhere).
+    #[arg(long)]
+    header_only: bool,
+    /// `gguf`: the file to write.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// Runs the chosen benchmark.
@@ -50,6 +66,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Text => text::text(a.quick, a.json, a.model.as_deref()),
         What::Chat => text::chat(a.quick, a.json),
         What::Image => image::image(a.quick, a.json),
+        What::Gguf => gguf::make(gguf::GgufArgs {
+            like: a.like.as_deref(),
+            llama_1b: a.llama_1b,
+            header_only: a.header_only,
+            out: a
+                .out
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("kiln bench gguf needs --out FILE"))?,
+        }),
         What::Soak => match a.quick {
             true => soak::soak(2000, 40, a.json),
             false => soak::soak(10_000, 200, a.json),
