@@ -15,6 +15,7 @@
 // Entry `main` (default): writes out directly.
 //   Bindings: 2 q: array<f32> [b, lq, heads*D]   3 k: array<f32> [b, lk, kv_heads*D]
 //             4 v: array<f32> [b, lk, kv_heads*D] 5 out: array<f32> [b, lq, heads*D]
+//   (F16KV: k and v are f16 caches, two elements to a word, see common.wgsl's half_read.)
 //   Dispatch: splits * b * kv_heads * ceil(lq * G / BQ) workgroups of 256 (grid()), block fastest.
 // Variant SPLIT (entry `main`): split s takes keys [s*c, min((s+1)*c, kv_end)), c = ceil(kv_end /
 //   splits), and binding 5 is part: array<f32> [splits, b*lq*heads, D + 2] = (max, sum, acc[D]),
@@ -93,20 +94,35 @@ const UNIT: u32 = 4u;
 fn qload(i: u32) -> U { return vec4<f32>(q[i], q[i + 1u], q[i + 2u], q[i + 3u]); }
 fn usum(u: U) -> f32 { return u.x + u.y + u.z + u.w; }
 fn ustore(i: u32, u: U) { dst[i] = u.x; dst[i + 1u] = u.y; dst[i + 2u] = u.z; dst[i + 3u] = u.w; }
+#ifdef F16KV
+@group(0) @binding(3) var<storage, read> k4: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read> v4: array<vec2<u32>>;
+fn h4(u: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)); }
+fn kload(e: u32) -> U { return h4(k4[e / 4u]); }
+fn vload(e: u32) -> U { return h4(v4[e / 4u]); }
+#else
 @group(0) @binding(3) var<storage, read> k4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> v4: array<vec4<f32>>;
 fn kload(e: u32) -> U { return k4[e / 4u]; }
 fn vload(e: u32) -> U { return v4[e / 4u]; }
+#endif
 #else
 alias U = f32;
 const UNIT: u32 = 1u;
 fn qload(i: u32) -> U { return q[i]; }
 fn usum(u: U) -> f32 { return u; }
 fn ustore(i: u32, u: U) { dst[i] = u; }
+#ifdef F16KV
+@group(0) @binding(3) var<storage, read> k: array<u32>;
+@group(0) @binding(4) var<storage, read> v: array<u32>;
+fn kload(e: u32) -> U { return half_read(k[e >> 1u], e); }
+fn vload(e: u32) -> U { return half_read(v[e >> 1u], e); }
+#else
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
 fn kload(e: u32) -> U { return k[e]; }
 fn vload(e: u32) -> U { return v[e]; }
+#endif
 #endif
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dst: array<f32>;
@@ -166,8 +182,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 }
 #else
 @group(0) @binding(2) var<storage, read> q: array<f32>;
+#ifdef F16KV
+@group(0) @binding(3) var<storage, read> k: array<u32>;
+@group(0) @binding(4) var<storage, read> v: array<u32>;
+fn kf(e: u32) -> f32 { return half_read(k[e >> 1u], e); }
+fn vf(e: u32) -> f32 { return half_read(v[e >> 1u], e); }
+#else
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
+fn kf(e: u32) -> f32 { return k[e]; }
+fn vf(e: u32) -> f32 { return v[e]; }
+#endif
 @group(0) @binding(5) var<storage, read_write> dst: array<f32>;
 
 const T: u32 = 256u / BQ;
@@ -226,7 +251,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         for (var idx = li; idx < BK * HD; idx += 256u) {
             let j = j0 + idx / HD;
             var x = 0.0;
-            if (j < j_end) { x = k[(bi * p.lk + j) * kw + hk * HD + idx % HD]; }
+            if (j < j_end) { x = kf((bi * p.lk + j) * kw + hk * HD + idx % HD); }
             kv_s[(idx / HD) * KST + idx % HD] = x;
         }
         workgroupBarrier();
@@ -255,7 +280,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         for (var idx = li; idx < BK * HD; idx += 256u) {
             let j = j0 + idx / HD;
             var x = 0.0;
-            if (j < j_end) { x = v[(bi * p.lk + j) * kw + hk * HD + idx % HD]; }
+            if (j < j_end) { x = vf((bi * p.lk + j) * kw + hk * HD + idx % HD); }
             kv_s[(idx / HD) * KST + idx % HD] = x;
         }
         workgroupBarrier();

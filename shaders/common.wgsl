@@ -19,6 +19,18 @@ fn sb4(q: u32) -> vec4<f32> {
     return vec4<f32>(v);
 }
 
+// f16 KV caches hold two elements to a word (element i in the low half of word i / 2 when i
+// is even, the high half when odd). Invocations writing the two halves of one word at once
+// each clear their half and set it with two atomics (binding `array<atomic<u32>>`):
+//   let h = half_write(i, v); atomicAnd(&c[h.word], h.keep); atomicOr(&c[h.word], h.bits);
+struct HalfWrite { word: u32, keep: u32, bits: u32 }
+fn half_write(i: u32, v: f32) -> HalfWrite {
+    let s = 16u * (i & 1u);
+    return HalfWrite(i >> 1u, ~(0xffffu << s), (pack2x16float(vec2<f32>(v, 0.0)) & 0xffffu) << s);
+}
+// Element i of an f16 cache from its word.
+fn half_read(word: u32, i: u32) -> f32 { return unpack2x16float(word)[i & 1u]; }
+
 // Linear workgroup index of a dispatch folded over x and y (kernels::grid).
 fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wg.x + wg.y * nwg.x;

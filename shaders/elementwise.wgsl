@@ -5,6 +5,7 @@
 //   GLU       y[r, c] = act(gate[r, c]) * up[r, c], gate/up at (offset + r*row_stride + c); act as UNARY codes 0..2
 //   TIMESTEP  y[b, :] = sinusoidal embedding of t[b] (diffusers get_timestep_embedding)
 //   COPY      dst[dst_off + i] = src[src_off + i] for i < n, never past `cap` or the end of src
+//             (F16DST: f32 src into an f16 dst, two elements to a word: an f16 KV cache)
 //   UPSAMPLE  y[bc, y, x] = x[bc, y/2, x/2]
 //   TRANSPOSE y[b, j, i] = x[b, i, j] for x [b, m, n]
 //   CONCAT    y[o, j] = j < A ? a[o, j] : b[o, j - A]  (rows of the outer dims)
@@ -103,14 +104,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 struct Params { n: u32, cap: u32, dst_add: u32, dst_slot: u32, dst_mul: u32, src_add: u32, src_slot: u32, src_mul: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> src: array<u32>;
+#ifdef F16DST
+@group(0) @binding(3) var<storage, read_write> dst: array<atomic<u32>>;
+fn put(o: u32, v: u32) { let h = half_write(o, bitcast<f32>(v)); atomicAnd(&dst[h.word], h.keep); atomicOr(&dst[h.word], h.bits); }
+#else
 @group(0) @binding(3) var<storage, read_write> dst: array<u32>;
+fn put(o: u32, v: u32) { dst[o] = v; }
+#endif
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let i = group_index(wg, nwg) * 256u + li;
     let o = dyn_val(p.dst_add, p.dst_slot, p.dst_mul) + i;
     let s = dyn_val(p.src_add, p.src_slot, p.src_mul) + i;
     if (i >= p.n || o >= p.cap || s >= arrayLength(&src)) { return; }
-    dst[o] = src[s];
+    put(o, src[s]);
 }
 #endif
 

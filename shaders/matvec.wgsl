@@ -16,7 +16,7 @@
 //           5 y: array<f32> [m, n_total]   6 res: array<f32> like y, added when has_res (a residual)
 //           7 nw: array<f32> [k], the RMSNorm weight (NORM)
 //           ROPE: 6 table: array<f32> [positions, half, 2] (cos, sin) in place of res,
-//           8 k_cache, 9 v_cache: array<f32> [cap_rows, kv_heads * d]
+//           8 k_cache, 9 v_cache: array<f32> [cap_rows, kv_heads * d] (F16KV: f16 pairs)
 // Variants:
 // ROWS_V4 (software adapters, rows of whole 16-byte units: f32/f16/bf16 with k a multiple of
 //   4/8/8; Q8_0/Q4_0/Q4_1/Q5_0, whose rows are padded to 16 bytes; Q4_K's 36-word and Q6_K's
@@ -75,8 +75,17 @@ fn xq(o: u32) -> vec4<f32> { return vec4<f32>(xs(o), xs(o + 1u), xs(o + 2u), xs(
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 #ifdef ROPE
 @group(0) @binding(6) var<storage, read> table: array<f32>;
+#ifdef F16KV
+@group(0) @binding(8) var<storage, read_write> k_cache: array<atomic<u32>>;
+@group(0) @binding(9) var<storage, read_write> v_cache: array<atomic<u32>>;
+fn put_k(i: u32, v: f32) { let h = half_write(i, v); atomicAnd(&k_cache[h.word], h.keep); atomicOr(&k_cache[h.word], h.bits); }
+fn put_v(i: u32, v: f32) { let h = half_write(i, v); atomicAnd(&v_cache[h.word], h.keep); atomicOr(&v_cache[h.word], h.bits); }
+#else
 @group(0) @binding(8) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(9) var<storage, read_write> v_cache: array<f32>;
+fn put_k(i: u32, v: f32) { k_cache[i] = v; }
+fn put_v(i: u32, v: f32) { v_cache[i] = v; }
+#endif
 
 // Work item r: its rows (a, b) of the projection and what b is: 1 a rotary partner, 2 an
 // independent row, 0 none (b = a). Each q and k head has d - half items (half pairs, then its
@@ -105,7 +114,7 @@ fn put(row: u32, v: f32, at: u32) {
     if (row < qw) {
         y[row] = v;
     } else if (at < p.cap_rows) {
-        if (row < qw + kvw) { k_cache[at * kvw + row - qw] = v; } else { v_cache[at * kvw + row - qw - kvw] = v; }
+        if (row < qw + kvw) { put_k(at * kvw + row - qw, v); } else { put_v(at * kvw + row - qw - kvw, v); }
     }
 }
 

@@ -11,7 +11,8 @@
 // rows of [q (heads * d) | k (kv_heads * d) | v (kv_heads * d)] for tokens at pos + row. One
 // dispatch rotates q into y [rows, heads * d], and writes rotated k and plain v into the KV
 // caches at row pos + row (rows past cap_rows are not written). Bindings: 2 x, 3 table,
-// 4 y, 5 k_cache, 6 v_cache: array<f32> [cap_rows, kv_heads * d]. One thread per element of x.
+// 4 y, 5 k_cache, 6 v_cache: array<f32> [cap_rows, kv_heads * d] (F16KV: f16, two to a word,
+// see common.wgsl's half_write). One thread per element of x.
 #include "common.wgsl"
 
 // Rotates element c (of d) of the head starting at x[head_base] at table position pos.
@@ -42,8 +43,17 @@ struct Params { n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions:
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> table: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+#ifdef F16KV
+@group(0) @binding(5) var<storage, read_write> k_cache: array<atomic<u32>>;
+@group(0) @binding(6) var<storage, read_write> v_cache: array<atomic<u32>>;
+fn put_k(i: u32, v: f32) { let h = half_write(i, v); atomicAnd(&k_cache[h.word], h.keep); atomicOr(&k_cache[h.word], h.bits); }
+fn put_v(i: u32, v: f32) { let h = half_write(i, v); atomicAnd(&v_cache[h.word], h.keep); atomicOr(&v_cache[h.word], h.bits); }
+#else
 @group(0) @binding(5) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(6) var<storage, read_write> v_cache: array<f32>;
+fn put_k(i: u32, v: f32) { k_cache[i] = v; }
+fn put_v(i: u32, v: f32) { v_cache[i] = v; }
+#endif
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -56,7 +66,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let col = e % width;
     let at = dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row;
     if (col >= qw + kvw) {
-        if (at < p.cap_rows) { v_cache[at * kvw + col - qw - kvw] = x[e]; }
+        if (at < p.cap_rows) { put_v(at * kvw + col - qw - kvw, x[e]); }
         return;
     }
     let c = col % p.d;
@@ -65,7 +75,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (col < qw) {
         y[row * qw + col] = v;
     } else if (at < p.cap_rows) {
-        k_cache[at * kvw + col - qw] = v;
+        put_k(at * kvw + col - qw, v);
     }
 }
 #else

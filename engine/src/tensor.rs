@@ -161,14 +161,19 @@ impl Tensor {
 
     /// A zero-filled f32/u32 tensor in one buffer (state such as a KV cache).
     pub fn zeros(gpu: &Gpu, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        if !matches!(dtype, DType::F32 | DType::U32) {
-            return Err(Error::DType {
-                op: "Tensor::zeros".into(),
-                expected: "f32 or u32".into(),
-                found: dtype.to_string(),
-            });
-        }
-        let bytes = numel(shape) as u64 * 4;
+        let bytes = match dtype {
+            DType::F32 | DType::U32 => numel(shape) as u64 * 4,
+            // Two to a word in order (an f16 KV cache): rows of even length, so that this is
+            // also the layout `upload` gives them.
+            DType::F16 if shape.last().is_some_and(|d| d % 2 == 0) => numel(shape) as u64 * 2,
+            _ => {
+                return Err(Error::DType {
+                    op: "Tensor::zeros".into(),
+                    expected: "f32, u32 or f16 (rows of even length)".into(),
+                    found: dtype.to_string(),
+                })
+            }
+        };
         gpu.fits(name, bytes)?;
         let buf = gpu.create_buffer(name, bytes, STORAGE);
         Ok(Tensor {
@@ -197,19 +202,30 @@ impl Tensor {
         }
     }
 
-    /// Reads an f32 tensor back (async).
+    /// Reads an f32 (or f16) tensor back (async).
     pub async fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        if self.dtype != DType::F32 {
-            return Err(Error::DType {
+        let n = numel(&self.shape);
+        match self.dtype {
+            DType::F32 => {
+                let bytes = gpu.read_buffer(self.buffer()?, 0, n as u64 * 4).await?;
+                Ok(bytemuck::pod_collect_to_vec(&bytes))
+            }
+            // Two to a word in order (rows of even length: an f16 KV cache from `zeros`).
+            DType::F16 => {
+                let bytes = gpu
+                    .read_buffer(self.buffer()?, 0, n.div_ceil(2) as u64 * 4)
+                    .await?;
+                Ok(bytes[..2 * n]
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect())
+            }
+            other => Err(Error::DType {
                 op: "to_f32".into(),
-                expected: "f32".into(),
-                found: self.dtype.to_string(),
-            });
+                expected: "f32 or f16".into(),
+                found: other.to_string(),
+            }),
         }
-        let bytes = gpu
-            .read_buffer(self.buffer()?, 0, numel(&self.shape) as u64 * 4)
-            .await?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Reads a u32 tensor back (async).

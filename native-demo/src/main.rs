@@ -65,6 +65,9 @@ struct ModelArgs {
     /// Context length (KV-cache positions).
     #[arg(long, default_value_t = LoadOptions::default().ctx)]
     ctx: usize,
+    /// KV-cache element type: auto (f16 on GPUs, f32 on software adapters), f32 or f16.
+    #[arg(long, default_value_t = LoadOptions::default().kv_cache)]
+    kv_cache: kiln::llm::KvCacheType,
     /// Chat template instead of the model's: chatml, gemma, llama3, phi3, or a Jinja file.
     /// Without it a model with no template of its own gets its architecture's (Gemma's).
     #[arg(long)]
@@ -316,6 +319,7 @@ fn load_model(gpu: &Arc<Gpu>, m: &ModelArgs, quiet: bool) -> Result<TextModel> {
         ctx: m.ctx,
         quantize: m.quantize,
         chat_template,
+        kv_cache: m.kv_cache,
         ..Default::default()
     };
     let model = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |done, total| {
@@ -554,7 +558,10 @@ mod tests {
         assert_eq!(a.sampling.options(), TextOptions::default());
         assert_eq!(a.sampling.options(), web);
         let load = LoadOptions::from_json("{}").unwrap();
-        assert_eq!((a.model.ctx, a.model.quantize), (load.ctx, load.quantize));
+        assert_eq!(
+            (a.model.ctx, a.model.quantize, a.model.kv_cache),
+            (load.ctx, load.quantize, load.kv_cache)
+        );
         // The JavaScript spelling reaches the same fields, and a typo is an error.
         let js =
             TextOptions::from_json(r#"{"maxTokens": 5, "topK": 3, "promptIds": [1]}"#).unwrap();

@@ -73,15 +73,42 @@ fn check(what: &str, s: AttnShape, src: Src) -> Vec<f32> {
 }
 
 fn check_on(gpu: &std::sync::Arc<kiln::Gpu>, what: &str, s: AttnShape, src: Src) -> Vec<f32> {
+    check_kv(gpu, what, s, src, false)
+}
+
+/// [`check_on`] with the keys and values in f32 inputs, or (`f16`) in f16 caches, two elements
+/// to a word (an f16 KV cache); the reference then sees the values rounded to f16.
+fn check_kv(
+    gpu: &std::sync::Arc<kiln::Gpu>,
+    what: &str,
+    s: AttnShape,
+    src: Src,
+    f16: bool,
+) -> Vec<f32> {
     let mut rng = Rng::new((s.lq * 131 + s.lk * 7 + s.d * 3 + s.heads) as u64);
     // q wider than k/v so the softmax is peaked enough for the max tracking to matter.
     let q = rng.vec(s.batch * s.lq * s.heads * s.d, -2.0, 2.0);
-    let k = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
-    let v = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
+    let mut k = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
+    let mut v = rng.vec(s.batch * s.lk * s.kv_heads * s.d, -1.0, 1.0);
     let mut t = OpTest::on(gpu.clone());
     let qv = t.input("q", &[s.batch, s.lq, s.heads * s.d], &q);
-    let kv = t.input("k", &[s.batch, s.lk, s.kv_heads * s.d], &k);
-    let vv = t.input("v", &[s.batch, s.lk, s.kv_heads * s.d], &v);
+    let kv_shape = [s.batch, s.lk, s.kv_heads * s.d];
+    let (kv, vv) = if f16 {
+        let half = |x: &mut Vec<f32>| -> Vec<u8> {
+            x.iter_mut()
+                .for_each(|e| *e = half::f16::from_f32(*e).to_f32());
+            x.iter()
+                .flat_map(|e| half::f16::from_f32(*e).to_le_bytes())
+                .collect()
+        };
+        let (kb, vb) = (half(&mut k), half(&mut v));
+        (
+            t.weight("k", &kv_shape, kiln::DType::F16, &kb),
+            t.weight("v", &kv_shape, kiln::DType::F16, &vb),
+        )
+    } else {
+        (t.input("k", &kv_shape, &k), t.input("v", &kv_shape, &v))
+    };
     let mut scalars = Vec::new();
     let q_pos = if src.pos_slot {
         let slot = t.g.scalar("pos").unwrap();
@@ -266,6 +293,31 @@ fn tiles_fit_workgroup_limits() {
                 t.bk >= 1 && t.bq.is_power_of_two() && t.bq <= 16 && t.dj * (256 / t.bq) >= hd,
                 "{t:?}"
             );
+        }
+    }
+}
+
+/// f16 KV caches (two elements to a word, `LoadOptions::kv_cache`): prefill over a cache at a
+/// run-time position and split-K decode, GQA and MHA, head dims with and without vec4 units,
+/// both kernel variants, against the reference on the same f16 values.
+#[test]
+fn f16_kv_caches() {
+    let variants = kiln_tests::gpu_variants();
+    for (lq, lk, heads, kv_heads, d, pos) in [
+        (13, 300, 8, 2, 128, 50),
+        (1, 1100, 8, 2, 64, 1029),
+        (1, 700, 4, 4, 42, 650),
+        (6, 64, 2, 1, 80, 20),
+    ] {
+        let mut s = shape(1, lq, lk, heads, kv_heads, d, true);
+        s.q_pos = pos;
+        s.kv_len = pos + lq;
+        for gpu in &variants {
+            let what = format!(
+                "f16 cache lq={lq} at {pos} of {lk} h={heads}/{kv_heads} d={d} (software kernels {})",
+                gpu.features.software
+            );
+            check_kv(gpu, &what, s, SLOTS, true);
         }
     }
 }

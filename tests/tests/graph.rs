@@ -154,6 +154,32 @@ fn poisoned_outputs_show_unwritten_elements() {
     assert!(e.to_string().contains("overflow"), "{e}");
 }
 
+/// `copy_into` an f16 tensor (an f16 KV cache, two elements to a word): the copied elements
+/// rounded, the elements sharing their first and last words untouched, on every variant.
+#[test]
+fn copy_into_an_f16_cache() {
+    // Rows of even length: uploaded two to a word in order, as the caches are laid out.
+    let before: Vec<f32> = (0..12).map(|i| -(i as f32) - 0.5).collect();
+    let bytes: Vec<u8> = before
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    for gpu in kiln_tests::gpu_variants() {
+        let dst = Arc::new(Tensor::upload(&gpu, "dst", &[2, 6], DType::F16, &bytes).unwrap());
+        let mut g = Graph::new();
+        let x = g.input("x", &[5], DType::F32).unwrap();
+        let d = g.tensor(&dst);
+        g.copy_into(x, d, Dyn::Static(3)).unwrap();
+        g.output(x);
+        let plan = kiln_tests::compile_poisoned(&gpu, &g);
+        plan.write_f32(x, &[1.0, 2.0, 3.0001, 4.0, 5.0]).unwrap();
+        plan.run().unwrap();
+        let mut want = before.clone();
+        want[3..8].copy_from_slice(&[1.0, 2.0, half::f16::from_f32(3.0001).to_f32(), 4.0, 5.0]);
+        assert_eq!(pollster::block_on(dst.to_f32(&gpu)).unwrap(), want);
+    }
+}
+
 #[test]
 fn shader_errors_are_errors() {
     let gpu = gpu();

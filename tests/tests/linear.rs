@@ -488,79 +488,120 @@ fn fused_rotary_step_every_variant() {
             let f = inv_freq(rot);
             let tab = kiln::kernels::rope::table(&f, positions);
             let (kc0, vc0) = (rng.vec(cap * kvw, -1.0, 1.0), rng.vec(cap * kvw, -1.0, 1.0));
-            let run = |unfused: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>, usize) {
-                let mut g = kiln::Graph::new();
-                let xv = g.input("x", &[1, 1, k], DType::F32).unwrap();
-                let bv = g.input("b", &[n], DType::F32).unwrap();
-                let fv = g.input("f", &[positions, rot / 2, 2], DType::F32).unwrap();
-                let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wb).unwrap();
-                let wv = g.tensor(&Arc::new(w));
-                let kc = Arc::new(Tensor::from_f32(&gpu, "kc", &[1, cap, kvw], &kc0).unwrap());
-                let vc = Arc::new(Tensor::from_f32(&gpu, "vc", &[1, cap, kvw], &vc0).unwrap());
-                let (kcv, vcv) = (g.tensor(&kc), g.tensor(&vc));
-                let p = g.scalar("pos").unwrap();
-                let qkv = g.linear(xv, wv, bias.then_some(bv)).unwrap();
-                let q = g
-                    .rope_kv(
-                        qkv,
-                        fv,
-                        kcv,
-                        vcv,
-                        heads,
-                        kv_heads,
-                        interleaved,
-                        kiln::Dyn::slot(p),
-                    )
-                    .unwrap();
-                g.output(q);
-                let opts = CompileOptions {
-                    poison: true,
-                    unfused,
+            // The caches in f32, then in f16 (two to a word; the reference rounds to f16).
+            for f16 in [false, true] {
+                let cache = |name: &str, data: &[f32]| -> Arc<Tensor> {
+                    Arc::new(match f16 {
+                        false => Tensor::from_f32(&gpu, name, &[1, cap, kvw], data).unwrap(),
+                        true => {
+                            Tensor::upload(&gpu, name, &[1, cap, kvw], DType::F16, &to_f16(data))
+                                .unwrap()
+                        }
+                    })
                 };
-                let mut plan = pollster::block_on(g.compile(&gpu, opts)).unwrap();
-                plan.write_f32(xv, &x).unwrap();
-                plan.write_f32(bv, &b).unwrap();
-                plan.write_f32(fv, &tab).unwrap();
-                plan.set(p, pos);
-                plan.run().unwrap();
-                let read = |t: &Arc<Tensor>| -> Vec<f32> {
-                    let bytes = pollster::block_on(gpu.read_buffer(
-                        t.buffer().unwrap(),
-                        0,
-                        (cap * kvw * 4) as u64,
-                    ))
-                    .unwrap();
-                    bytemuck::pod_collect_to_vec(&bytes)
+                let run = |unfused: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>, usize) {
+                    let mut g = kiln::Graph::new();
+                    let xv = g.input("x", &[1, 1, k], DType::F32).unwrap();
+                    let bv = g.input("b", &[n], DType::F32).unwrap();
+                    let fv = g.input("f", &[positions, rot / 2, 2], DType::F32).unwrap();
+                    let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wb).unwrap();
+                    let wv = g.tensor(&Arc::new(w));
+                    let (kc, vc) = (cache("kc", &kc0), cache("vc", &vc0));
+                    let (kcv, vcv) = (g.tensor(&kc), g.tensor(&vc));
+                    let p = g.scalar("pos").unwrap();
+                    let qkv = g.linear(xv, wv, bias.then_some(bv)).unwrap();
+                    let q = g
+                        .rope_kv(
+                            qkv,
+                            fv,
+                            kcv,
+                            vcv,
+                            heads,
+                            kv_heads,
+                            interleaved,
+                            kiln::Dyn::slot(p),
+                        )
+                        .unwrap();
+                    g.output(q);
+                    let opts = CompileOptions {
+                        poison: true,
+                        unfused,
+                    };
+                    let mut plan = pollster::block_on(g.compile(&gpu, opts)).unwrap();
+                    plan.write_f32(xv, &x).unwrap();
+                    plan.write_f32(bv, &b).unwrap();
+                    plan.write_f32(fv, &tab).unwrap();
+                    plan.set(p, pos);
+                    plan.run().unwrap();
+                    let read = |t: &Arc<Tensor>| read_cache(&gpu, t, cap * kvw, f16);
+                    let q = pollster::block_on(plan.read_f32(q)).unwrap();
+                    (q, read(&kc), read(&vc), plan.dispatch_count())
                 };
-                let q = pollster::block_on(plan.read_f32(q)).unwrap();
-                (q, read(&kc), read(&vc), plan.dispatch_count())
-            };
-            let (q, kc, vc, n_fused) = run(false);
-            let (q0, kc_0, vc_0, n_plain) = run(true);
-            // CPU reference: the product, then the rotary step and the cache writes.
-            let y = refl::linear(&x, &wf, bias.then_some(b.as_slice()), 1, n, k);
-            let q_want = rope(&y[..qw], 1, heads, d, &f, interleaved, pos);
-            let k_want = rope(&y[qw..qw + kvw], 1, kv_heads, d, &f, interleaved, pos);
-            let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
-            let at = pos as usize;
-            if at < cap {
-                kc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&k_want);
-                vc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&y[qw + kvw..]);
-            }
-            let tol = dot_tolerance(&x, &wf, 1, n, k) * 2.0 + 1e-6;
-            let what = format!(
-                "fused rotary {dt} h={heads}/{kv_heads} d={d} rot={rot} (software kernels {})",
+                let (q, kc, vc, n_fused) = run(false);
+                let (q0, kc_0, vc_0, n_plain) = run(true);
+                // CPU reference: the product, then the rotary step and the cache writes.
+                let y = refl::linear(&x, &wf, bias.then_some(b.as_slice()), 1, n, k);
+                let q_want = rope(&y[..qw], 1, heads, d, &f, interleaved, pos);
+                let k_want = rope(&y[qw..qw + kvw], 1, kv_heads, d, &f, interleaved, pos);
+                let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
+                let at = pos as usize;
+                if at < cap {
+                    kc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&k_want);
+                    vc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&y[qw + kvw..]);
+                }
+                if f16 {
+                    round_f16(&mut kc_want);
+                    round_f16(&mut vc_want);
+                }
+                let tol = dot_tolerance(&x, &wf, 1, n, k) * 2.0 + 1e-6;
+                // A cache value rounds to f16 once: half an f16 ulp more, one ulp where the two
+                // sides land on either side of a rounding boundary.
+                let cache_rtol = if f16 { 1e-3 } else { 1e-5 };
+                let what = format!(
+                "fused rotary {dt} h={heads}/{kv_heads} d={d} rot={rot} f16 caches {f16} (software kernels {})",
                 gpu.features.software
             );
-            for (name, got, plain, want) in [
-                ("q", &q, &q0, &q_want),
-                ("k cache", &kc, &kc_0, &kc_want),
-                ("v cache", &vc, &vc_0, &vc_want),
-            ] {
-                assert_close(&format!("{what}: {name}"), got, want, tol, 1e-5);
-                assert_close(&format!("{what}: {name} vs unfused"), got, plain, tol, 1e-5);
+                for (name, got, plain, want, rtol) in [
+                    ("q", &q, &q0, &q_want, 1e-5),
+                    ("k cache", &kc, &kc_0, &kc_want, cache_rtol),
+                    ("v cache", &vc, &vc_0, &vc_want, cache_rtol),
+                ] {
+                    assert_close(&format!("{what}: {name}"), got, want, tol, rtol);
+                    assert_close(&format!("{what}: {name} vs unfused"), got, plain, tol, rtol);
+                }
+                assert_eq!((n_fused, n_plain), (1, 2), "{what}: dispatches");
             }
-            assert_eq!((n_fused, n_plain), (1, 2), "{what}: dispatches");
         }
+    }
+}
+
+/// f32 values as f16 bytes (an f16 KV cache's upload).
+fn to_f16(data: &[f32]) -> Vec<u8> {
+    data.iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect()
+}
+
+/// Rounds values to f16 in place.
+fn round_f16(data: &mut [f32]) {
+    data.iter_mut()
+        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+}
+
+/// The `n` elements of a KV cache as f32 (read as f16 when `f16`).
+fn read_cache(gpu: &kiln::Gpu, t: &kiln::Tensor, n: usize, f16: bool) -> Vec<f32> {
+    let bytes = if f16 { 2 * n } else { 4 * n };
+    let b = pollster::block_on(gpu.read_buffer(
+        t.buffer().unwrap(),
+        0,
+        bytes.next_multiple_of(4) as u64,
+    ))
+    .unwrap();
+    match f16 {
+        false => bytemuck::pod_collect_to_vec(&b),
+        true => b[..bytes]
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
     }
 }

@@ -4,7 +4,7 @@
 //! chat templates; plus the decode loop's costs and errors.
 
 use kiln::kernels::sample::SamplerSettings;
-use kiln::llm::{GenerateOptions, LoadOptions, ModelFiles, TextModel, TextTokenizer};
+use kiln::llm::{GenerateOptions, KvCacheType, LoadOptions, ModelFiles, TextModel, TextTokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -76,7 +76,8 @@ fn check_run_files(case: &str, files: ModelFiles, run: &Value, prompt: &[u32], c
     check_run_on(&kiln_tests::gpu(), case, files, run, prompt, chunk);
 }
 
-/// [`check_run_files`] on a given GPU (kernel variants).
+/// [`check_run_files`] on a given GPU (kernel variants), with an f32 KV cache: f32 math on
+/// dequantized weights is the parity contract.
 fn check_run_on(
     gpu: &std::sync::Arc<kiln::Gpu>,
     case: &str,
@@ -85,19 +86,37 @@ fn check_run_on(
     prompt: &[u32],
     chunk: usize,
 ) {
+    check_run_kv(gpu, case, files, run, prompt, chunk, KvCacheType::F32, 2e-3);
+}
+
+/// [`check_run_on`] with a KV cache of `kv_cache` and a log-probability tolerance `tol`.
+#[allow(clippy::too_many_arguments)]
+fn check_run_kv(
+    gpu: &std::sync::Arc<kiln::Gpu>,
+    case: &str,
+    files: ModelFiles,
+    run: &Value,
+    prompt: &[u32],
+    chunk: usize,
+    kv_cache: KvCacheType,
+    tol: f64,
+) {
     let weights = run["weights"].as_str().unwrap();
     let want = ids(&run["ids"]);
     let opts = LoadOptions {
         ctx: 128,
         prefill_chunk: chunk,
+        kv_cache,
         ..Default::default()
     };
     let mut m = pollster::block_on(TextModel::load(gpu, files, &opts, &mut |_, _| {}))
         .unwrap_or_else(|e| panic!("{case} {weights}: {e}"));
     let g = pollster::block_on(m.generate(prompt, &greedy(want.len()), &mut |_| true)).unwrap();
     let software = gpu.features.software;
-    let what = format!("{case} {weights} (chunk {chunk}, software kernels {software})");
-    let (n, worst) = kiln_tests::check_greedy_run(&what, &g.ids, &g.logprobs, run, 2e-3);
+    let what = format!(
+        "{case} {weights} (chunk {chunk}, software kernels {software}, {kv_cache} KV cache)"
+    );
+    let (n, worst) = kiln_tests::check_greedy_run(&what, &g.ids, &g.logprobs, run, tol);
     assert!(
         n > 0 || run["margins"][0].as_f64() < Some(0.01),
         "{what}: nothing generated"
@@ -166,6 +185,25 @@ fn parity_gpu_kernels_fused_decode() {
         let run = &e["runs"][run];
         let weights = run["weights"].as_str().unwrap();
         check_run_on(gpu, case, files(case, weights), run, &prompt, 64);
+    }
+}
+
+/// An f16 KV cache (the default on GPUs) against transformers, on the GPU and the software
+/// kernels: stacked Q/K/V with the rotary step fused into the product (Llama, Qwen2's biases)
+/// and the GGUF's separate projections copied into the cache. Keys and values rounded to f16
+/// move the log-probabilities by ~1e-3 where the f32 cache matches to 1e-5.
+#[test]
+fn parity_f16_kv_cache() {
+    let variants = kiln_tests::gpu_variants();
+    for gpu in [&variants[0], &variants[2]] {
+        for (case, run) in [("llama-gqa-f32", 0), ("qwen2-f32", 0), ("llama-q-256", 1)] {
+            let e = expected(case);
+            let prompt = ids(&e["prompt_ids"]);
+            let run = &e["runs"][run];
+            let weights = run["weights"].as_str().unwrap();
+            let f = files(case, weights);
+            check_run_kv(gpu, case, f, run, &prompt, 64, KvCacheType::F16, 1e-2);
+        }
     }
 }
 
@@ -671,30 +709,33 @@ fn gguf_metadata_from_a_prefix() {
 /// caches, the history and the rotary table of the model as loaded.
 #[test]
 fn kv_cache_bytes_match_the_allocation() {
-    for (case, ctx) in [
-        ("llama-gqa-f32", 64),
-        ("qwen2-f32", 100),
-        ("llama3-rope-f16", 37),
+    use kiln::llm::KvCacheType;
+    for (case, ctx, kv_cache) in [
+        ("llama-gqa-f32", 64, KvCacheType::F32),
+        ("qwen2-f32", 100, KvCacheType::F16),
+        ("llama3-rope-f16", 37, KvCacheType::F16),
     ] {
         let m = load(
             case,
             "hf",
             LoadOptions {
                 ctx,
+                kv_cache,
                 ..Default::default()
             },
         );
         let kv = &m.kv;
-        let allocated: usize =
+        let allocated: u64 =
             kv.k.iter()
                 .chain(&kv.v)
                 .chain([&kv.history])
                 .chain(&kv.rope)
-                .map(|t| kiln::tensor::numel(&t.shape) * 4)
+                .map(|t| t.parts.iter().map(|p| p.buffer.size()).sum::<u64>())
                 .sum();
+        let f16 = kv.k[0].dtype == kiln::DType::F16;
         assert_eq!(
-            kiln::llm::model::KvCache::bytes(&m.config, m.ctx()),
-            allocated as u64,
+            kiln::llm::model::KvCache::bytes(&m.config, m.ctx(), f16),
+            allocated,
             "{case}"
         );
     }

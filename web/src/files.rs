@@ -59,7 +59,8 @@ fn memory_json(
     ctx: usize,
 ) -> Result<String, JsValue> {
     let ctx = ctx.clamp(2, cfg.max_positions.max(2));
-    let kv = kiln::llm::model::KvCache::bytes(cfg, ctx) as f64;
+    // At most: an f32 cache (GPUs get the f16 one, half of this).
+    let kv = kiln::llm::model::KvCache::bytes(cfg, ctx, false) as f64;
     Ok(serde_json::json!({
         "ctx": ctx,
         "kvCacheBytes": kv,

@@ -6,7 +6,29 @@ use super::{
     dispatch, f32_out, grid, need_f32, u, Binding, Bound, Ctx, Dispatch, Dyn, Inferred, Kernel,
     KernelKey, Meta,
 };
-use crate::error::{shape_err, Result};
+use crate::dtype::DType;
+use crate::error::{shape_err, Error, Result};
+
+/// Keys and values: f32, or an f16 cache (two elements to a word), both the same.
+pub fn need_kv(op: &str, k: DType, v: DType) -> Result<()> {
+    if k != v || !matches!(k, DType::F32 | DType::F16) {
+        return Err(Error::DType {
+            op: op.into(),
+            expected: "f32 or f16 keys and values (the same)".into(),
+            found: format!("{k} and {v}"),
+        });
+    }
+    Ok(())
+}
+
+/// `key` with the F16KV define where the caches are f16.
+pub fn kv_def(key: KernelKey, f16: bool) -> KernelKey {
+    if f16 {
+        key.def("F16KV", "")
+    } else {
+        key
+    }
+}
 
 /// Largest head dimension the kernel supports.
 pub const MAX_HEAD_DIM: usize = 512;
@@ -130,9 +152,8 @@ impl Kernel for Attention {
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         let err = |m: String| shape_err(self.name(), m);
         let (q, k, v) = (ins[0].0, ins[1].0, ins[2].0);
-        for i in ins {
-            need_f32(self.name(), i.1)?;
-        }
+        need_f32(self.name(), ins[0].1)?;
+        need_kv(self.name(), ins[1].1, ins[2].1)?;
         if q.len() != 3 || k.len() != 3 || v != k {
             return Err(err(format!(
                 "expected q [b, lq, h*d], k = v [b, lk, kvh*d]; found {q:?}, {k:?}, {v:?}"
@@ -167,6 +188,7 @@ impl Kernel for Attention {
         let g = self.heads / self.kv_heads;
         let rows = lq * g;
         let tiles = Tiles::new(rows, hd);
+        let f16 = k.dtype == DType::F16;
         let nblk = rows.div_ceil(tiles.bq);
         let base = b * self.kv_heads * nblk;
         let ns = splits(base, lk);
@@ -206,7 +228,7 @@ impl Kernel for Attention {
             let mut bindings = inputs.to_vec();
             bindings.push(Binding::write(out.buf()));
             return Ok(vec![dispatch(
-                tiles.key("main"),
+                kv_def(tiles.key("main"), f16),
                 &params(total),
                 bindings,
                 grid(u(total)),
@@ -220,7 +242,7 @@ impl Kernel for Attention {
         let elems = outputs * hd;
         Ok(vec![
             dispatch(
-                tiles.key("main").def("SPLIT", ""),
+                kv_def(tiles.key("main"), f16).def("SPLIT", ""),
                 &params(total),
                 bindings,
                 grid(u(total)),
@@ -273,6 +295,7 @@ impl Attention {
             .def("HD", format!("{hd}u"))
             .def("ROWS_WG", format!("{ROWS_WG}u"));
         let key = if unit == 4 { key.def("UNIT4", "") } else { key };
+        let key = kv_def(key, k.dtype == DType::F16);
         let p = AttentionParams {
             splits: u(ns),
             ..params(rows * ns)

@@ -6,6 +6,7 @@ use super::{
     broadcast, dispatch, elementwise_groups, f32_out, last_dim, need_f32, need_plain, u, Binding,
     Bound, Ctx, Dispatch, Dyn, Inferred, Kernel, KernelKey, Meta, ShaderParams,
 };
+use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
 use crate::tensor::numel;
 
@@ -478,7 +479,9 @@ impl Kernel for CopyInto {
         "copy_into"
     }
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
-        if ins[0].1 != ins[1].1 {
+        // Same types, or f32 into an f16 KV cache.
+        let into_f16 = ins[0].1 == DType::F32 && ins[1].1 == DType::F16;
+        if ins[0].1 != ins[1].1 && !into_f16 {
             return Err(Error::DType {
                 op: self.name().into(),
                 expected: ins[1].1.to_string(),
@@ -503,13 +506,10 @@ impl Kernel for CopyInto {
     fn encode(&self, _: &Ctx, ins: &[Bound], _: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let (src, dst) = (&ins[0], &ins[1]);
         let n = src.numel().min(dst.numel());
-        Ok(vec![copy(
-            src,
-            dst,
-            n,
-            Dyn::Static(0),
-            self.offset,
-            self.cap,
-        )])
+        let mut d = copy(src, dst, n, Dyn::Static(0), self.offset, self.cap);
+        if dst.dtype == DType::F16 {
+            d.key = d.key.def("F16DST", "");
+        }
+        Ok(vec![d])
     }
 }

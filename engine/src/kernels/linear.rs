@@ -426,7 +426,13 @@ impl Linear {
             Some(_) => key.def("NORM", ""),
             None => key,
         };
-        let key = if rope { key.def("ROPE", "") } else { key };
+        let key = match &self.epilogue {
+            Some(Epilogue::RopeKv(_)) => {
+                let f16 = ins[self.epilogue_input() + 1].dtype == DType::F16;
+                super::attention::kv_def(key.def("ROPE", ""), f16)
+            }
+            _ => key,
+        };
         Ok(dispatch(key, &p, bindings, groups))
     }
 

@@ -125,9 +125,9 @@ impl Kernel for RopeKv {
 
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         let err = |m: String| shape_err(self.name(), m);
-        for i in ins {
-            need_f32(self.name(), i.1)?;
-        }
+        need_f32(self.name(), ins[0].1)?;
+        need_f32(self.name(), ins[1].1)?;
+        super::attention::need_kv(self.name(), ins[2].1, ins[3].1)?;
         let (x, t, kc, vc) = (ins[0].0, ins[1].0, ins[2].0, ins[3].0);
         let width = *x.last().unwrap_or(&0);
         let d = self.head_dim(width);
@@ -175,7 +175,10 @@ impl Kernel for RopeKv {
             cap_rows: u(ins[2].numel() / (self.kv_heads * d).max(1)),
         };
         Ok(vec![dispatch(
-            KernelKey::new("rope.wgsl", "main").def("KV", ""),
+            super::attention::kv_def(
+                KernelKey::new("rope.wgsl", "main").def("KV", ""),
+                ins[2].dtype == crate::dtype::DType::F16,
+            ),
             &p,
             vec![
                 Binding::read(x.buf()),

@@ -16,4 +16,4 @@ pub use crate::weights::Quantize;
 pub use chat::{ChatRequest, CompletionRequest, Message, Prepared, ResponseMeta};
 pub use config::{Arch, LlmConfig};
 pub use generate::{GenerateOptions, Generation, StopReason, TextModel};
-pub use options::{LoadOptions, TextOptions};
+pub use options::{KvCacheType, LoadOptions, TextOptions};

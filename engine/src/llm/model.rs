@@ -26,24 +26,28 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Bytes the caches of `ctx` positions take on the GPU (f32 keys and values for every layer,
-    /// the history, the rotary tables): what [`KvCache::new`] allocates.
-    pub fn bytes(cfg: &LlmConfig, ctx: usize) -> u64 {
-        let kv = 2 * cfg.layers * ctx * cfg.kv_heads * cfg.head_dim * 4;
+    /// Bytes the caches of `ctx` positions take on the GPU (keys and values for every layer, 2
+    /// bytes an element when `f16`, else 4; the history, the rotary tables): what
+    /// [`KvCache::new`] allocates.
+    pub fn bytes(cfg: &LlmConfig, ctx: usize, f16: bool) -> u64 {
+        let el = if f16 { 2 } else { 4 };
+        let kv = 2 * cfg.layers * (ctx * cfg.kv_heads * cfg.head_dim).next_multiple_of(2) * el;
         let tables = 1 + usize::from(cfg.rope_local.is_some());
         let rope = tables * ctx * cfg.rope.dims.div_ceil(2) * 2 * 4;
         (kv + (ctx + 1) * 4 + rope) as u64
     }
 
-    /// Allocates the caches for `ctx` positions and the rotary table of each of `ropes`
-    /// (the embedding and its inverse frequencies, as [`LlmWeights`] holds them).
+    /// Allocates the caches for `ctx` positions (f16 or f32) and the rotary table of each of
+    /// `ropes` (the embedding and its inverse frequencies, as [`LlmWeights`] holds them).
     pub fn new(
         gpu: &Gpu,
         cfg: &LlmConfig,
         ropes: &[(Rotary, Vec<f32>)],
         ctx: usize,
+        f16: bool,
     ) -> Result<KvCache> {
         let w = cfg.kv_heads * cfg.head_dim;
+        let dtype = if f16 { DType::F16 } else { DType::F32 };
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -51,13 +55,13 @@ impl KvCache {
                 gpu,
                 &format!("k_cache.{i}"),
                 &[1, ctx, w],
-                DType::F32,
+                dtype,
             )?));
             v.push(Arc::new(Tensor::zeros(
                 gpu,
                 &format!("v_cache.{i}"),
                 &[1, ctx, w],
-                DType::F32,
+                dtype,
             )?));
         }
         let history = Arc::new(Tensor::zeros(gpu, "history", &[ctx + 1], DType::U32)?);

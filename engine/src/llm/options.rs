@@ -28,6 +28,59 @@ pub struct LoadOptions {
     /// [`crate::tokenizer::BUILTIN_CHAT_TEMPLATES`]) or Jinja text. Without one, a model whose
     /// files carry no template gets its architecture's (Gemma's turns for Gemma 2/3).
     pub chat_template: Option<String>,
+    /// How the KV cache stores keys and values (JSON `kv_cache`: "auto", "f32", "f16").
+    #[serde(alias = "kvCache")]
+    pub kv_cache: KvCacheType,
+}
+
+/// The element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    /// f16 on GPUs, where decode reads the whole live cache every token and half the bytes
+    /// is what counts; f32 on software adapters (their unpacking costs more than the bytes).
+    #[default]
+    Auto,
+    /// f32: exact as computed (the parity tests' choice).
+    F32,
+    /// f16, two elements to a word (as llama.cpp's default cache).
+    F16,
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<KvCacheType> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(KvCacheType::Auto),
+            "f32" => Ok(KvCacheType::F32),
+            "f16" => Ok(KvCacheType::F16),
+            other => Err(Error::Data {
+                name: "kv_cache".into(),
+                msg: format!("'{other}' is not one of auto, f32, f16"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvCacheType::Auto => "auto",
+            KvCacheType::F32 => "f32",
+            KvCacheType::F16 => "f16",
+        })
+    }
+}
+
+impl KvCacheType {
+    /// Whether the cache is f16 on `gpu`.
+    pub fn is_f16(self, gpu: &crate::device::Gpu) -> bool {
+        match self {
+            KvCacheType::Auto => !gpu.features.software,
+            KvCacheType::F32 => false,
+            KvCacheType::F16 => true,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -38,6 +91,7 @@ impl Default for LoadOptions {
             keep_logits: false,
             prefill_chunk: PREFILL_CHUNK,
             chat_template: None,
+            kv_cache: KvCacheType::Auto,
         }
     }
 }

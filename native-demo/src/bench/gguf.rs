@@ -128,7 +128,7 @@ fn random_tensor(t: &TensorInfo, rng: &mut Rng) -> Result<Vec<u8>> {
                     ggml_type_name(ty)
                 );
             };
-            if n % per != 0 {
+            if !n.is_multiple_of(per) {
                 bail!(
                     "tensor '{}': {n} elements are not whole blocks of {per}",
                     t.name

@@ -81,6 +81,9 @@ pub struct ServeArgs {
     /// Quantize the text model's float matrices on load: none, q4, q8, q4_k or q6_k.
     #[arg(long, default_value_t = LoadOptions::default().quantize)]
     quantize: kiln::llm::Quantize,
+    /// KV-cache element type: auto (f16 on GPUs, f32 on software adapters), f32 or f16.
+    #[arg(long, default_value_t = LoadOptions::default().kv_cache)]
+    kv_cache: kiln::llm::KvCacheType,
 }
 
 /// A positive, finite number of seconds.
@@ -569,6 +572,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let opts = LoadOptions {
             ctx: a.ctx,
             quantize: a.quantize,
+            kv_cache: a.kv_cache,
             ..Default::default()
         };
         let model = pollster::block_on(TextModel::load(&gpu, files, &opts, &mut |_, _| {}))
