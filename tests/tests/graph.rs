@@ -216,3 +216,34 @@ fn every_shader_variant_preprocesses() {
         );
     }
 }
+
+/// The plan's traffic accounting: a tied table read as one gathered row and as a whole head,
+/// activations once per reader and writer, and a cache written in place (not counted as read)
+/// and read by an op.
+#[test]
+fn traffic_accounting() {
+    let gpu = gpu();
+    let (v, d) = (8usize, 16usize);
+    let table = Arc::new(Tensor::from_f32(&gpu, "table", &[v, d], &vec![0.5; v * d]).unwrap());
+    let cache = Arc::new(Tensor::zeros(&gpu, "cache", &[4, d], DType::F32).unwrap());
+    let mut g = Graph::new();
+    let ids = g.input("ids", &[1], DType::U32).unwrap();
+    let t = g.tensor(&table);
+    let c = g.tensor(&cache);
+    let x = g.gather(t, ids).unwrap(); // [1, d]: one row of the table
+    g.copy_into(x, c, Dyn::Static(0)).unwrap(); // the cache, written in place
+    let y = g.linear(c, t, None).unwrap(); // [4, v]: the cache and the whole table read
+    g.output(y);
+    let plan = pollster::block_on(g.compile(&gpu, CompileOptions::default())).unwrap();
+    let tr = plan.traffic;
+    let (row, whole, cache_bytes) = (4 * d as u64, 4 * (v * d) as u64, 4 * 4 * d as u64);
+    assert_eq!((tr.weights_read, tr.weights_needed), (row + whole, whole));
+    assert_eq!(
+        (tr.cache_read, tr.cache_bytes, tr.cache_elems),
+        (cache_bytes, cache_bytes, 4 * d as u64)
+    );
+    // ids (4) and x (gather writes it, copy_into reads it), y (written once).
+    let (x_bytes, y_bytes) = (4 * d as u64, 4 * 4 * v as u64);
+    assert_eq!(tr.activations_moved, 4 + 2 * x_bytes + y_bytes);
+    assert_eq!(tr.activations_once, 4 + x_bytes + y_bytes);
+}

@@ -123,6 +123,8 @@ export interface TextLoadOptions extends LoadOptions {
   ctx?: number;
   /** Quantize float matrices on load (Q4_K/Q6_K byte for byte as llama.cpp's quantizer). */
   quantize?: "q4" | "q8" | "q4_k" | "q6_k";
+  /** KV-cache element type: "auto" (default: f16 on GPUs, f32 on software adapters). */
+  kvCache?: "auto" | "f32" | "f16";
   /**
    * A chat template instead of the model's: a built-in name or Jinja text. A model without one
    * gets its architecture's (Gemma's turns for Gemma files).

@@ -222,13 +222,14 @@ export class Kiln {
   /**
    * Loads a text model: a model folder URL, a .gguf URL, a Hugging Face repo id or "default".
    * Options: `onProgress`, `signal`, `cache`, `ctx`, `quantize` ("q4" | "q8" | "q4_k" | "q6_k"),
+   * `kvCache` ("auto": f16 on GPUs, f32 on software adapters; "f32" | "f16"),
    * `chatTemplate` (a built-in name: "chatml", "gemma", "llama3", "phi3", or Jinja text).
    */
   async loadText(source, opts = {}) {
     const files = await fetchModel(wasm, source, "text", { ...opts, modelsBase: this.#modelsBase });
     opts.signal?.throwIfAborted();
     const progress = (loaded, total) => opts.onProgress?.({ phase: "upload", loaded, total });
-    const m = await call(() => this.#device.loadText(toFiles(files), options({ ctx: opts.ctx, quantize: opts.quantize, chat_template: opts.chatTemplate }), progress));
+    const m = await call(() => this.#device.loadText(toFiles(files), options({ ctx: opts.ctx, quantize: opts.quantize, chat_template: opts.chatTemplate, kv_cache: opts.kvCache }), progress));
     const model = new TextModel(m, source);
     this.#texts.add(source, model);
     return model;

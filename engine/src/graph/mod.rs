@@ -9,7 +9,7 @@ mod plan;
 pub use crate::kernels::elementwise::{Act, BinaryOp, UnaryOp};
 pub use crate::kernels::{Dyn, Scalar};
 pub use ops::Op;
-pub use plan::{CompileOptions, PendingRead, Plan};
+pub use plan::{CompileOptions, PendingRead, Plan, Traffic};
 
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};

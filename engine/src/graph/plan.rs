@@ -53,13 +53,94 @@ pub struct Plan {
     /// A second set like `staging`, made on first use: a pipelined loop copies one run's
     /// outputs into it while the other set is mapped ([`Plan::submit_read_heads`]).
     staging_b: std::cell::OnceCell<HashMap<usize, wgpu::Buffer>>,
+    /// What a run moves through memory (the plan's own accounting).
+    pub traffic: Traffic,
     /// Bytes of intermediate buffers after liveness reuse.
     pub arena_bytes: u64,
     /// Bytes the intermediates would need without reuse.
     pub unshared_bytes: u64,
 }
 
+/// What one run of a plan moves through memory, by kind of value, counting every value an op
+/// reads or writes once per op (what the caches hold within a dispatch is not counted again).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Weight bytes the ops read (a gather: its rows), and the least a run can read: each
+    /// weight once, as much of it as its largest reader reads (a table only gathered from: its
+    /// rows; tied to the output head: all of it).
+    pub weights_read: u64,
+    pub weights_needed: u64,
+    /// Cache bytes (tensors an op writes in place: the KV caches) the ops read, counted at the
+    /// caches' capacity (a run reads the live rows: scale by the live fraction); the caches'
+    /// capacity in bytes and in elements.
+    pub cache_read: u64,
+    pub cache_bytes: u64,
+    pub cache_elems: u64,
+    /// Activation bytes read and written (inputs, intermediates and outputs, 4 bytes an
+    /// element), and every activation once.
+    pub activations_moved: u64,
+    pub activations_once: u64,
+}
+
 impl Graph {
+    /// The plan's traffic accounting (see [`Traffic`]).
+    fn traffic(&self) -> Traffic {
+        let written: std::collections::HashSet<usize> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.writes.iter().map(|w| self.root(*w).0))
+            .collect();
+        let bytes = |v: usize| -> u64 {
+            match &self.values[v].source {
+                Source::Tensor(t) => t.parts.iter().map(|p| p.buffer.size()).sum(),
+                _ => numel(&self.values[v].shape) as u64 * 4,
+            }
+        };
+        let (mut t, mut seen) = (Traffic::default(), std::collections::HashSet::new());
+        let mut needed: HashMap<usize, u64> = HashMap::new();
+        for node in &self.nodes {
+            let metas: Vec<crate::kernels::Meta> = node
+                .inputs
+                .iter()
+                .map(|v| (self.values[v.0].shape.as_slice(), self.values[v.0].dtype))
+                .collect();
+            // A tensor an op writes in place (a cache row) is not read by it: the caller counts
+            // the rows written.
+            let in_place = |v: &Value| node.writes.iter().any(|w| self.root(*w) == self.root(*v));
+            let reads = node.inputs.iter().enumerate();
+            let reads = reads
+                .filter(|(_, v)| !in_place(v))
+                .map(|(i, v)| (Some(i), *v));
+            for (i, v) in reads.chain(node.out.map(|o| (None, o))) {
+                let r = self.root(v).0;
+                let whole = bytes(r);
+                let first = seen.insert(r);
+                match (&self.values[r].source, written.contains(&r)) {
+                    (Source::Tensor(_), true) => {
+                        t.cache_read += whole;
+                        if first {
+                            t.cache_bytes += whole;
+                            t.cache_elems += numel(&self.values[r].shape) as u64;
+                        }
+                    }
+                    (Source::Tensor(_), false) => {
+                        let op = node.op.kernel();
+                        let read = i.map_or(whole, |i| op.input_bytes(i, whole, &metas));
+                        t.weights_read += read;
+                        let n = needed.entry(r).or_default();
+                        *n = (*n).max(read);
+                    }
+                    _ => {
+                        t.activations_moved += whole;
+                        t.activations_once += if first { whole } else { 0 };
+                    }
+                }
+            }
+        }
+        t.weights_needed = needed.values().sum();
+        t
+    }
+
     /// Errors when an input or an op's output would need a bigger buffer than the adapter
     /// binds at once (before anything is allocated): compile does this first, and a caller
     /// can check a graph it will only compile later (the VAE decode after a long loop).
@@ -121,6 +202,7 @@ impl Graph {
             scalar_buf,
             staging,
             staging_b: Default::default(),
+            traffic: self.traffic(),
             arena_bytes: encoded.arena_bytes,
             unshared_bytes: encoded.unshared_bytes,
         })

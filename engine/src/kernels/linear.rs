@@ -194,6 +194,16 @@ impl Kernel for Linear {
         "linear"
     }
 
+    /// The rotary epilogue's table: the one row of the run's position.
+    fn input_bytes(&self, i: usize, whole: u64, ins: &[Meta]) -> u64 {
+        match &self.epilogue {
+            Some(Epilogue::RopeKv(_)) if i == self.epilogue_input() => {
+                super::rope::table_bytes(whole, ins[i].0, 1)
+            }
+            _ => whole,
+        }
+    }
+
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         let err = |m: String| shape_err(self.name(), m);
         let (x, w) = (ins[0], ins[1]);
@@ -580,6 +590,15 @@ impl Kernel for Gather {
             }
         }
         Ok(Some((vec![self.n, t[1]], DType::F32)))
+    }
+
+    /// The table's `n` rows (all of the ids).
+    fn input_bytes(&self, i: usize, whole: u64, ins: &[Meta]) -> u64 {
+        let rows = ins[0].0.first().copied().unwrap_or(1).max(1) as u64;
+        match i {
+            0 => whole / rows * (self.n as u64).min(rows),
+            _ => whole,
+        }
     }
 
     fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {

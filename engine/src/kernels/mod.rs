@@ -242,6 +242,11 @@ pub trait Kernel {
     fn infer(&self, ins: &[Meta]) -> Result<Inferred>;
     /// The dispatches computing the op (inputs in the order of the graph builder's method).
     fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>>;
+    /// Bytes of input `i` (of `whole` bytes, shaped `ins[i]`) one run reads: all of it, unless
+    /// the op reads a part (a gather reads its rows). For the plan's traffic accounting.
+    fn input_bytes(&self, _i: usize, whole: u64, _ins: &[Meta]) -> u64 {
+        whole
+    }
 }
 
 /// A size as a uniform word, saturating (a size past `u32::MAX` cannot be bound anyway).

@@ -38,9 +38,29 @@ pub struct Rope {
     pub pos: Dyn,
 }
 
+/// Bytes of a rotary table `[positions, half, 2]` (of `whole` bytes) that `tokens` consecutive
+/// positions read: their rows.
+pub fn table_bytes(whole: u64, table: &[usize], tokens: usize) -> u64 {
+    let rows = table.first().copied().unwrap_or(1).max(1);
+    whole / rows as u64 * tokens.min(rows) as u64
+}
+
+/// Rows of `x` (all dims but the last).
+fn rows(x: &[usize]) -> usize {
+    x[..x.len().saturating_sub(1)].iter().product()
+}
+
 impl Kernel for Rope {
     fn name(&self) -> &'static str {
         "rope"
+    }
+
+    /// The table's rows of the run's positions (at most one per row of x).
+    fn input_bytes(&self, i: usize, whole: u64, ins: &[Meta]) -> u64 {
+        match i {
+            1 => table_bytes(whole, ins[1].0, rows(ins[0].0)),
+            _ => whole,
+        }
     }
 
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
@@ -121,6 +141,14 @@ impl RopeKv {
 impl Kernel for RopeKv {
     fn name(&self) -> &'static str {
         "rope_kv"
+    }
+
+    /// The table's rows of the run's tokens.
+    fn input_bytes(&self, i: usize, whole: u64, ins: &[Meta]) -> u64 {
+        match i {
+            1 => table_bytes(whole, ins[1].0, rows(ins[0].0)),
+            _ => whole,
+        }
     }
 
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {

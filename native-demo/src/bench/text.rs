@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use kiln::kernels::sample::SamplerSettings;
-use kiln::llm::{GenerateOptions, LoadOptions, ModelFiles, Quantize, TextModel};
+use kiln::llm::{GenerateOptions, KvCacheType, LoadOptions, ModelFiles, Quantize, TextModel};
 use serde_json::json;
 
 const HIDDEN: usize = 576;
@@ -70,14 +70,16 @@ fn m_chunk() -> usize {
 pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
     let gpu = crate::gpu()?;
     let (prompt_len, decode_len) = if quick { (32, 16) } else { (128, 128) };
-    let (runs, model_name) = match model {
+    let auto = KvCacheType::Auto;
+    let (mut runs, model_name) = match model {
         None => (
             vec![
-                ("f16".to_string(), files(), Quantize::None),
+                ("f16".to_string(), files(), Quantize::None, auto),
                 (
                     "q4_0 (quantized on load)".to_string(),
                     files(),
                     Quantize::Q4,
+                    auto,
                 ),
             ],
             "random weights, SmolLM2-135M shapes (30 layers, 576 hidden, 9/3 heads, vocab 49152)"
@@ -85,11 +87,20 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
         ),
         Some(path) => {
             let (f, name) = crate::text_files(Some(path))?;
-            (vec![("as stored".to_string(), f, Quantize::None)], name)
+            (
+                vec![("as stored".to_string(), f, Quantize::None, auto)],
+                name,
+            )
         }
     };
+    // Where the cache is f32 by default (software adapters), the Q4_0 model with the f16
+    // cache GPUs get too.
+    if model.is_none() && !auto.is_f16(&gpu) {
+        let f16 = KvCacheType::F16;
+        runs.push(("q4_0, f16 KV cache".to_string(), files(), Quantize::Q4, f16));
+    }
     let mut rows = Vec::new();
-    for (label, files, q) in runs {
+    for (label, files, q, kv_cache) in runs {
         let t0 = std::time::Instant::now();
         let mut m = pollster::block_on(TextModel::load(
             &gpu,
@@ -97,6 +108,7 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             &LoadOptions {
                 ctx: 1024,
                 quantize: q,
+                kv_cache,
                 ..Default::default()
             },
             &mut |_, _| {},
@@ -156,6 +168,7 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             Err(_) => json!(null),
         };
         rows.push(json!({
+            "traffic": traffic(&m),
             "profile_decode": profile,
             "profile_prefill": profile_prefill,
             "weights": label, "load_ms": load_ms,
@@ -213,6 +226,7 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             );
         }
     }
+    print_traffic(&rows);
     for r in &rows {
         let w = r["weights"].as_str().unwrap_or("");
         super::common::print_profile(&format!("decode token, {w}"), &r["profile_decode"]);
@@ -222,6 +236,64 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Positions the traffic accounting is printed at.
+const TRAFFIC_AT: [usize; 2] = [128, 2048];
+
+/// Bytes a decode token moves, from the decode plan's own accounting ([`kiln::graph::Traffic`]),
+/// against the least it could: every weight as stored (a gathered table: its row), the live KV
+/// cache at 2 bytes an element, every activation once. At each of [`TRAFFIC_AT`] live positions
+/// (the caches' reads scale with the live rows; a token also writes one row of each).
+fn traffic(m: &TextModel) -> serde_json::Value {
+    let t = m.decode.plan.traffic;
+    let cap = m.ctx() as f64;
+    let at: Vec<_> = TRAFFIC_AT
+        .iter()
+        .map(|&pos| {
+            let live = pos as f64 / cap;
+            let row_bytes = t.cache_bytes as f64 / cap;
+            let moved = t.weights_read as f64
+                + t.cache_read as f64 * live
+                + row_bytes
+                + t.activations_moved as f64;
+            let min = t.weights_needed as f64
+                + 2.0 * t.cache_elems as f64 * live
+                + 2.0 * t.cache_elems as f64 / cap
+                + t.activations_once as f64;
+            json!({"positions": pos, "moved_mb": moved / 1e6, "minimum_mb": min / 1e6, "ratio": moved / min})
+        })
+        .collect();
+    json!({"kv_bytes_per_element": t.cache_bytes as f64 / t.cache_elems.max(1) as f64, "at": at,
+           "weights_read": t.weights_read, "weights_needed": t.weights_needed,
+           "activations_moved": t.activations_moved, "activations_once": t.activations_once,
+           "cache_capacity_bytes": t.cache_bytes})
+}
+
+fn print_traffic(rows: &[serde_json::Value]) {
+    println!("\nBytes a decode token moves (the decode plan's own accounting) against the least it could (weights as stored, the live KV cache at 2 bytes an element, activations once):\n");
+    println!(
+        "| weights | KV cache | positions | moved MB/token | minimum MB/token | moved / minimum |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        let t = &r["traffic"];
+        let kv = match t["kv_bytes_per_element"].as_f64() {
+            Some(b) if b < 3.0 => "f16",
+            _ => "f32",
+        };
+        for a in t["at"].as_array().into_iter().flatten() {
+            let f = |k: &str| a[k].as_f64().unwrap_or(0.0);
+            println!(
+                "| {} | {kv} | {} | {:.2} | {:.2} | {:.3} |",
+                r["weights"].as_str().unwrap_or(""),
+                a["positions"],
+                f("moved_mb"),
+                f("minimum_mb"),
+                f("ratio")
+            );
+        }
+    }
 }
 
 /// `kiln bench chat`: a five-turn conversation through the engine's chat-completion core on the
