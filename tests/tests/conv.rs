@@ -26,6 +26,9 @@ fn conv2d_kernels_strides_padding_dtypes() {
         // per output, past lavapipe's cap of 65535 loop iterations per invocation if a kernel
         // spent more than two per product.
         (1, 2560, 4, 4, 8, 3, 1, 1, DType::F16, true),
+        // Enough pixels and channels for the GEMM core's 64 x 128 tiles (`gemm_wide`), ragged
+        // in the channels.
+        (2, 4, 64, 64, 136, 3, 1, 1, DType::F16, true),
     ];
     // Every variant: the GEMM core's workgroup tiles, and for software adapters IM2COL (the
     // windows through matmul.wgsl's DIRECT GEMM, in chunks of rows for large outputs).

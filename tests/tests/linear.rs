@@ -146,6 +146,27 @@ fn gemm_large_tiles() {
     }
 }
 
+/// Products big enough for the GEMM core's 64 x 128 tiles (`gemm_wide`), with ragged edges in
+/// both directions, a k that is not a multiple of the 16-element step, and block formats
+/// (a 32-element and a 256-element block).
+#[test]
+fn gemm_wide_tiles() {
+    use kiln::kernels::linear::gemm_wide;
+    for (i, (dt, m, n, k)) in [
+        (DType::F16, 1030, 1100, 72),
+        (DType::Q4_0, 1030, 1100, 96),
+        (DType::Q4_K, 700, 2400, 256),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(gemm_wide(m, n, 1), "{dt} {m}x{n}");
+        for gpu in &kiln_tests::gpu_variants()[..2] {
+            check_linear_k(OpTest::on(gpu.clone()), dt, m, n, k, i == 0, 70 + i as u64);
+        }
+    }
+}
+
 #[test]
 fn batched_activation_product() {
     for gpu in kiln_tests::gpu_variants() {

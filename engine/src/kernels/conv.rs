@@ -107,7 +107,7 @@ impl Kernel for Conv2d {
             return self.encode_windows(ctx, w, x, bias_buf, out, p, b * m);
         }
         Ok(vec![dispatch(
-            weight_key("conv2d.wgsl", w.dtype)?,
+            super::linear::gemm_key(weight_key("conv2d.wgsl", w.dtype)?, m, co, b),
             &p,
             vec![
                 Binding::read(w.buf()),
@@ -115,7 +115,7 @@ impl Kernel for Conv2d {
                 Binding::read(bias_buf),
                 Binding::write(out.buf()),
             ],
-            [u(co.div_ceil(64)), u(m.div_ceil(64)), u(b)],
+            super::linear::gemm_groups(m, co, b),
         )])
     }
 }
@@ -177,7 +177,7 @@ impl Conv2d {
                 elementwise_groups(n * k),
             ));
             ds.push(dispatch(
-                matmul_key(ctx, w.dtype, k)?,
+                matmul_key(ctx, w.dtype, k, n, p.n as usize, 1)?,
                 &gemm,
                 vec![
                     Binding::read(w.buf()),

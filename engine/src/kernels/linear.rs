@@ -81,23 +81,52 @@ pub fn rows_v4(dtype: DType, k: usize) -> bool {
 /// so a 16-byte load pays that loop once for four words (lavapipe, 1024^3 f16 GEMM: 13.3 ->
 /// 20.2 GFLOP/s). The same for the 16-bit weights (8 elements a load) measured slower: the
 /// SmolLM2-135M-shaped f16 prefill chunk's products 732 -> 870 ms.
-pub fn matmul_key(ctx: &Ctx, dtype: DType, k: usize) -> Result<KernelKey> {
+pub fn matmul_key(
+    ctx: &Ctx,
+    dtype: DType,
+    k: usize,
+    m: usize,
+    n: usize,
+    b: usize,
+) -> Result<KernelKey> {
     let key = weight_key("matmul.wgsl", dtype)?;
     Ok(match ctx.gpu.features.software {
         true if k.is_multiple_of(4) => key.def("DIRECT", "").def("X4", ""),
         true => key.def("DIRECT", ""),
-        false => key,
+        false => gemm_key(key, m, n, b),
     })
 }
 
-/// Workgroups of `matmul.wgsl` for an `m x n` output, `b` batches: 64 x 64 tiles, or (the
-/// software DIRECT variant) 256 weight rows by 8 activation rows.
+/// Workgroups of `matmul.wgsl` for an `m x n` output, `b` batches: the GEMM core's tiles
+/// ([`gemm_groups`]), or (the software DIRECT variant) 256 weight rows by 8 activation rows.
 pub fn matmul_groups(ctx: &Ctx, m: usize, n: usize, b: usize) -> [u32; 3] {
     if ctx.gpu.features.software {
         [u(n.div_ceil(256)), u(m.div_ceil(8)), u(b)]
     } else {
-        [u(n.div_ceil(64)), u(m.div_ceil(64)), u(b)]
+        gemm_groups(m, n, b)
     }
+}
+
+/// Whether the GEMM core (`gemm.wgsl`) takes 64 x 128 tiles (WIDE, 4 x 8 per thread) for an
+/// `m x n` output of `b` batches: where they still make enough workgroups to fill a large GPU
+/// (128, one per multiprocessor of the largest); smaller products keep 64 x 64 tiles, twice as
+/// many workgroups.
+pub fn gemm_wide(m: usize, n: usize, b: usize) -> bool {
+    m.div_ceil(64) * n.div_ceil(128) * b >= 128
+}
+
+/// `key` (a shader including `gemm.wgsl`) with its tile width for the product's size.
+pub fn gemm_key(key: KernelKey, m: usize, n: usize, b: usize) -> KernelKey {
+    match gemm_wide(m, n, b) {
+        true => key.def("WIDE", ""),
+        false => key,
+    }
+}
+
+/// The GEMM core's workgroups for an `m x n` output of `b` batches.
+pub fn gemm_groups(m: usize, n: usize, b: usize) -> [u32; 3] {
+    let bn = if gemm_wide(m, n, b) { 128 } else { 64 };
+    [u(n.div_ceil(bn)), u(m.div_ceil(64)), u(b)]
 }
 
 /// Whether the matvec should compute an RMSNorm over rows of `k` in its prologue on this
@@ -373,7 +402,7 @@ impl Linear {
             out_row0: 0,
         };
         Ok(dispatch(
-            matmul_key(ctx, DType::F32, o.k)?,
+            matmul_key(ctx, DType::F32, o.k, m, n, b)?,
             &p,
             vec![
                 Binding::read(o.w.buf()),
@@ -551,7 +580,7 @@ fn matmul_part(
         out_row0: 0,
     };
     Ok(dispatch(
-        matmul_key(ctx, o.w.dtype, o.k)?,
+        matmul_key(ctx, o.w.dtype, o.k, o.m_total, part.rows, 1)?,
         &p,
         bindings,
         matmul_groups(ctx, o.m_total, part.rows, 1),
