@@ -1,6 +1,7 @@
 //! The decode loop: load a model, prefill the prompt in chunks, then replay the decode graph
 //! once per token. Sampling happens on the GPU; each token costs one submit and an 8-byte
-//! readback (the id and its log-probability).
+//! readback (the id and its log-probability), and the next token's run is submitted before
+//! that readback (the decode loop is pipelined).
 
 use super::config::LlmConfig;
 use super::model::{build_step, KvCache, Step};
