@@ -473,16 +473,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let first = (g % row_groups) * 8u;
     let xo = mi * p.k;
     let nsg = (64u + sg - 1u) / sg;
-    for (var j = li / sg; j < 8u; j += nsg) {
+    // The loop runs the same steps in every invocation (subgroupAdd needs uniform control
+    // flow, which the browser's compiler checks); subgroup s takes row jj + s of each step.
+    for (var jj = 0u; jj < 8u; jj += nsg) {
+        let j = jj + li / sg;
         let r = first + j;
+        let live = j < 8u && r < p.rows && mi < p.m;
         var acc = vec2<f32>(0.0);
-        if (r < p.rows && mi < p.m) {
+        if (live) {
             let rr = rows_of(r) * p.row_words;
             acc.x = lane_dot(rr.x, xo, lane, sg);
             if (has_second(r)) { acc.y = lane_dot(rr.y, xo, lane, sg); }
         }
         let sum = vec2<f32>(subgroupAdd(acc.x), subgroupAdd(acc.y));
-        if (lane == 0u && r < p.rows && mi < p.m) {
+        if (lane == 0u && live) {
             store(mi, r, sum, 1.0);
         }
     }

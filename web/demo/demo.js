@@ -5,7 +5,7 @@ import { Kiln } from "../pkg/kiln.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const useWorker = params.get("worker") !== "0";
-const demo = (window.demo = { kiln: null, llm: null, sd: null });
+const demo = (window.demo = { Kiln, kiln: null, llm: null, sd: null });
 
 $("use-worker").checked = useWorker;
 $("use-worker").onchange = (e) => {

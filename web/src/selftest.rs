@@ -166,6 +166,14 @@ impl Device {
                     run_linear(&gpu, 9, 50, 96, true).await,
                     1e-4,
                 ),
+                // Rows that are not whole 16-byte units: with the software kernels, one row per
+                // subgroup where the browser has subgroups (`enable subgroups;` in the source),
+                // one per invocation without.
+                (
+                    "matvec f16 1x90 @ 77x90 (rows not of whole 16-byte units)",
+                    run_linear(&gpu, 1, 77, 90, true).await,
+                    1e-4,
+                ),
                 // exp/division in f32: a few ulp of the largest probability.
                 ("softmax 7x333", run_softmax(&gpu, 7, 333).await, 1e-5),
                 ("rms_norm 5x96", run_rms_norm(&gpu, 5, 96).await, 1e-5),

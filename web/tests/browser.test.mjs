@@ -215,6 +215,11 @@ test("WebGPU adapter on SwiftShader (main thread and worker)", 120000, async () 
     const a = await page.evaluate(() => window.demo.kiln.adapter);
     log(`${worker ? "worker" : "page  "}: ${a.description}`);
     assert(a.features.shaderF16 === false || a.features.shaderF16 === true, "no feature report");
+    // The engine gets subgroups wherever the browser's adapter offers them (wgpu 30 dropped
+    // them until vendor/wgpu mapped the feature).
+    const offered = a.browser.features.includes("subgroups");
+    log(`subgroups: browser ${offered}, engine ${a.features.subgroups}`);
+    assert(a.features.subgroups === offered, `subgroups: the browser offers ${offered}, the engine got ${a.features.subgroups}`);
     await page.close();
   }
 });
@@ -225,6 +230,22 @@ test("kernel parity in the browser (GPU vs CPU reference)", 120000, async () => 
   await page.close();
   for (const c of r) log(`${c.ok ? "ok  " : "FAIL"} ${c.name}: ${c.relErr.toExponential(2)} (tol ${c.tol})`);
   assert(r.length > 0 && r.every((c) => c.ok), "a kernel is outside its tolerance");
+});
+
+// The kernels written for GPUs (what Chrome runs on a real GPU: the one-subgroup matvec where
+// the subgroup size is fixed, the tiled GEMM) through the browser's own WGSL compiler, whose
+// checks (uniformity among them) are stricter than naga's.
+test("kernel parity in the browser with the GPU kernels", 120000, async () => {
+  const page = await openDemo(false);
+  const r = await page.evaluate(async () => {
+    const k = await window.demo.Kiln.create({ softwareKernels: false });
+    return { adapter: k.adapter.description, cases: await k.kernelParity() };
+  });
+  await page.close();
+  log(r.adapter);
+  for (const c of r.cases) log(`${c.ok ? "ok  " : "FAIL"} ${c.name}: ${c.relErr.toExponential(2)} (tol ${c.tol})`);
+  assert(/software-kernels=false/.test(r.adapter), "the GPU kernels were not chosen");
+  assert(r.cases.length > 0 && r.cases.every((c) => c.ok), "a kernel is outside its tolerance");
 });
 
 test("text: fixture model, greedy ids equal native (page)", 600000, () => textParity(FIXTURE_TEXT, false));
