@@ -563,11 +563,7 @@ impl Plan {
         let t0 = crate::device::now_ms();
         let staging = match slot {
             0 => &self.staging,
-            _ => self.staging_b.get_or_init(|| {
-                let usage = wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ;
-                let make = |b: &wgpu::Buffer| self.gpu.create_buffer("staging", b.size(), usage);
-                self.staging.iter().map(|(&i, b)| (i, make(b))).collect()
-            }),
+            _ => self.second_staging(),
         };
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         self.encode(&mut enc);
@@ -599,6 +595,21 @@ impl Plan {
             index,
             encode_ms: t1 - t0,
             submit_ms: t2 - t1,
+        })
+    }
+
+    /// Makes the second staging set now: a loop that will alternate sets calls this up front,
+    /// so that none of its runs creates a buffer.
+    pub fn prepare_pipelined(&self) {
+        self.second_staging();
+    }
+
+    /// The second staging set, made on first use.
+    fn second_staging(&self) -> &HashMap<usize, wgpu::Buffer> {
+        self.staging_b.get_or_init(|| {
+            let usage = wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ;
+            let make = |b: &wgpu::Buffer| self.gpu.create_buffer("staging", b.size(), usage);
+            self.staging.iter().map(|(&i, b)| (i, make(b))).collect()
         })
     }
 

@@ -243,6 +243,8 @@ impl TextModel {
         )
         .await?;
         let decode = build_step(gpu, &config, &weights, &kv, 1, opts.keep_logits).await?;
+        // The pipelined loop alternates two staging sets.
+        decode.plan.prepare_pipelined();
         Ok(TextModel {
             gpu: gpu.clone(),
             config,
