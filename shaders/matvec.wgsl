@@ -587,9 +587,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
     }
     let sums = sum_all(li, acc);
-    // Invocation j stores item j.
+    // Every invocation holds every sum; invocation j % MV_WG stores item j.
     for (var j = 0u; j < MV_R; j++) {
-        if (li == j && live && first + j < p.rows) { store(mi, first + j, sums[j], inv); }
+        if (li == j % MV_WG && live && first + j < p.rows) { store(mi, first + j, sums[j], inv); }
     }
 }
 #endif

@@ -5,7 +5,7 @@
 #
 #   1. the kernel tests (every variant against its CPU reference, the cooperative-matrix ones
 #      where the adapter has them);
-#   2. `kiln bench kernels`, `kiln bench text` (per-kernel GPU time, dispatches, host cost
+#   2. `kiln bench kernels` (and its matvec rows at 1, 2, 4 and 8 per workgroup), `kiln bench text` (per-kernel GPU time, dispatches, host cost
 #      serial and pipelined), `kiln bench image`;
 #   3. the same GGUF files through llama.cpp's llama-bench (Vulkan, all layers on the GPU) and
 #      `kiln bench text --model`: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M rebuilt
@@ -48,6 +48,12 @@ done
 
 log "bench kernels"
 timeout 90 .devbin/kiln bench kernels 2>&1 | grep -v XDG | tee "$out/bench-kernels.md"
+# The matvec's rows per workgroup (KILN_MATVEC=WG,ITEMS; WG is the subgroup size where the
+# adapter's is fixed): which of 1, 2, 4 and 8 reads fastest here.
+for items in 1 2 4 8; do
+    echo "-- matvec, $items rows per workgroup"
+    KILN_MATVEC="64,$items" timeout 60 .devbin/kiln bench kernels 2>&1 | grep -i "matvec" | tee -a "$out/matvec-sweep.md"
+done
 log "bench text"
 timeout 90 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"
 log "bench image"

@@ -131,9 +131,9 @@ pub fn gemm_groups(m: usize, n: usize, b: usize) -> [u32; 3] {
 
 /// Whether the matvec should compute an RMSNorm over rows of `k` in its prologue on this
 /// adapter (the fusion pass asks): on GPUs (each workgroup sums x^2 in a first pass over x,
-/// which the caches hold for the dots). Not on software adapters: there the prologue costs more than the norm's own dispatch (lavapipe, SmolLM2-135M
-/// shapes, decode: Q4_0 10.3 -> 8.1 tok/s, f16 unchanged; a multiply per element in the loop
-/// instead of staging: 6.7).
+/// which the caches hold for the dots). Not on software adapters: there the prologue costs
+/// more than the norm's own dispatch (lavapipe, SmolLM2-135M shapes, decode: Q4_0 10.3 -> 8.1
+/// tok/s, f16 unchanged; a multiply per element in the loop instead of staging: 6.7).
 pub fn fuses_norm(gpu: &Gpu) -> bool {
     !gpu.features.software
 }
@@ -143,7 +143,8 @@ pub fn fuses_norm(gpu: &Gpu) -> bool {
 /// fixed size (NVIDIA, Apple: 32) the workgroup is one subgroup and sums with subgroupAdd;
 /// otherwise 64 invocations sum in workgroup memory. Four items (rows, or two pairs of rows
 /// under a gated unit or rotary epilogue) share every x load. `KILN_MATVEC=WG,ITEMS`
-/// overrides the sizes (device tuning; WG a power of two, ignored where it is not).
+/// overrides the sizes (device tuning; WG a power of two up to 256, ignored where the
+/// workgroup is one subgroup; ITEMS 1 to 16, as the tree's workgroup memory allows).
 pub fn matvec_shape(gpu: &Gpu, paired: bool) -> (usize, usize, bool) {
     let (lo, hi) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
     let one = gpu.features.subgroups && lo == hi && (4..=128).contains(&lo);
@@ -163,6 +164,10 @@ pub fn matvec_shape(gpu: &Gpu, paired: bool) -> (usize, usize, bool) {
             };
         }
         items = r.filter(|r: &usize| (1..=16).contains(r)).unwrap_or(items);
+    }
+    // The tree's workgroup memory (8 bytes per invocation and item) stays within 16 KiB.
+    if !one {
+        items = items.min(2048 / wg).max(1);
     }
     (wg, items, one)
 }
