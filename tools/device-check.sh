@@ -61,6 +61,7 @@ timeout 90 .devbin/kiln bench image 2>&1 | grep -v XDG | tee "$out/bench-image.m
 
 log "GGUF files"
 models=$(mktemp -d)
+trap 'rm -rf "$models"' EXIT
 for h in .devbin/models/*.hdr.gguf; do
     [ -e "$h" ] || continue
     timeout 60 .devbin/kiln bench gguf --like "$h" --out "$models/$(basename "$h" .hdr.gguf).gguf" || status=1
@@ -76,8 +77,8 @@ log "Kiln and llama.cpp on the same files"
 num() { grep -o "\"$1\":[0-9.e+-]*" | head -1 | cut -d: -f2; }
 for m in "$models"/*.gguf; do
     k=$(timeout 90 .devbin/kiln bench text --model "$m" --json 2>/dev/null | tail -1)
-    kp=$(echo "$k" | num prefill_tok_s)
-    kd=$(echo "$k" | num decode_tok_s)
+    kp=$(echo "$k" | num prefill_tok_s | awk 'NF {printf "%.1f", $1}')
+    kd=$(echo "$k" | num decode_tok_s | awk 'NF {printf "%.1f", $1}')
     l=""
     [ -x .devbin/llama-bench ] && l=$(timeout 90 .devbin/llama-bench -m "$m" -p 128 -n 128 -ngl 99 -r 3 -o md 2>/dev/null)
     lp=$(echo "$l" | grep "pp128" | awk -F'|' '{print $(NF-1)}' | awk '{print $1}')
