@@ -299,9 +299,16 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             Err(_) => json!(null),
         };
         let before = gpu.counters();
+        let t0 = std::time::Instant::now();
         plan.run()?;
+        let host_ms = t0.elapsed().as_secs_f64() * 1e3;
         gpu.wait_idle()?;
         let c = gpu.counters() - before;
+        // The plan's own accounting: what a step moves against each weight once and each
+        // activation once.
+        let t = plan.traffic;
+        let moved = (t.weights_read + t.activations_moved + t.cache_read) as f64 / 1e6;
+        let minimum = (t.weights_needed + t.activations_once + t.cache_bytes) as f64 / 1e6;
 
         let vae = Vae {
             cfg: vcfg,
@@ -318,7 +325,8 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
         let vae_ms = super::common::time(&gpu, &vplan, iters)?;
         rows.push(json!({"config": label, "latent": latent, "image": latent * vae.cfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
-            "dispatches_per_step": c.dispatches, "profile_step": profile, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
+            "dispatches_per_step": c.dispatches, "profile_step": profile, "host_ms_per_step": host_ms,
+            "moved_mb_per_step": moved, "minimum_mb_per_step": minimum, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
     }
     if as_json {
         println!("{}", json!({"adapter": gpu.describe(), "rows": rows}));
@@ -341,6 +349,20 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             r["submits_per_step"],
             r["readback_bytes_per_step"],
             r["objects_created_per_step"]
+        );
+    }
+    println!("\nWhat a step moves (the step plan's own accounting: every op's reads and writes) against each weight and activation once, and the host's time to record and submit it:\n");
+    println!("| U-Net | moved MB / step | minimum MB / step | moved / minimum | host ms / step |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            r["config"].as_str().unwrap_or(""),
+            f("moved_mb_per_step"),
+            f("minimum_mb_per_step"),
+            f("moved_mb_per_step") / f("minimum_mb_per_step").max(1e-9),
+            f("host_ms_per_step")
         );
     }
     for r in &rows {
