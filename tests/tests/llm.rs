@@ -834,9 +834,11 @@ fn quantize_on_load_k_quants_are_llama_quantize() {
             .iter()
             .find(|r| r["weights"] == file)
             .unwrap();
+        // The f32 cache: the reference comparison's contract (GPUs default to f16).
         let opts = LoadOptions {
             ctx: 128,
             quantize: q,
+            kv_cache: KvCacheType::F32,
             ..Default::default()
         };
         let mut m = pollster::block_on(TextModel::load(

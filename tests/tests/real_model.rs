@@ -8,7 +8,7 @@
 //! (set by .ci/run once the fetch succeeded) its absence fails the test instead.
 
 use kiln::formats::gguf::Gguf;
-use kiln::llm::{LoadOptions, StopReason, TextModel, TextTokenizer};
+use kiln::llm::{KvCacheType, LoadOptions, StopReason, TextModel, TextTokenizer};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -63,8 +63,10 @@ fn check(reference: &str) -> Option<(TextModel, Value)> {
         );
     }
     let files = kiln::formats::files::read_model_path(&path).unwrap();
+    // The f32 cache: the reference comparison's contract (GPUs default to f16).
     let opts = LoadOptions {
         ctx: 256,
+        kv_cache: KvCacheType::F32,
         ..Default::default()
     };
     let mut m = pollster::block_on(TextModel::load(
