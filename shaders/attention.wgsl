@@ -181,6 +181,119 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #endif
 }
 #else
+#ifdef DECODE
+// GPUs with a fixed subgroup size, decode (one query per batch and head), head dim a multiple
+// of 4, GQ <= 8 query heads per KV head: one subgroup (SG invocations) per (batch, kv head, key
+// split), no workgroup memory, no barrier. Lane l holds dims 4 l + 4 SG u (u < NU) of the GQ
+// query rows (scaled) and of their accumulators. Per key: one 16-byte K load per unit, each
+// row's partial dot summed with subgroupAdd (every lane gets the score), the online-softmax
+// update kept alike by every lane, one 16-byte V load per unit and GQ multiply-adds. The keys
+// of a split are [lo, hi) of the live ones, shared evenly (so the work follows the position);
+// SPLIT writes (max, sum, acc) partials that `reduce` merges.
+// Dispatch: splits * b * kv_heads workgroups (grid()), kv head fastest, split slowest.
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+#ifdef F16KV
+@group(0) @binding(3) var<storage, read> k2: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read> v2: array<vec2<u32>>;
+fn h4(u: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)); }
+fn kload(e: u32) -> vec4<f32> { return h4(k2[e / 4u]); }
+fn vload(e: u32) -> vec4<f32> { return h4(v2[e / 4u]); }
+#else
+@group(0) @binding(3) var<storage, read> k4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> v4: array<vec4<f32>>;
+fn kload(e: u32) -> vec4<f32> { return k4[e / 4u]; }
+fn vload(e: u32) -> vec4<f32> { return v4[e / 4u]; }
+#endif
+@group(0) @binding(5) var<storage, read_write> dst: array<f32>;
+
+const NU: u32 = (HD + 4u * SG - 1u) / (4u * SG);
+
+@compute @workgroup_size(SG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let gi = group_index(wg, nwg);
+    if (gi >= p.total) { return; }
+    let hk = gi % p.kv_heads;
+    let bi = (gi / p.kv_heads) % p.b;
+    let split = gi / (p.kv_heads * p.b);
+    let kw = p.kv_heads * HD;
+    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
+    let qp = dyn_val(p.q_add, p.q_slot, p.q_mul);
+    let lo = min(window_start(qp), kv_end);
+    var hi = kv_end;
+    if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
+    let chunk = (hi - lo + p.splits - 1u) / p.splits;
+    let j_begin = min(lo + split * chunk, hi);
+    let j_end = min(j_begin + chunk, hi);
+    var qv: array<vec4<f32>, GQ * NU>;
+    var acc: array<vec4<f32>, GQ * NU>;
+    var m: array<f32, GQ>;
+    var l: array<f32, GQ>;
+    for (var g = 0u; g < GQ; g++) {
+        m[g] = NEG;
+        let qb = (bi * p.heads + hk * GQ + g) * HD;
+        for (var u = 0u; u < NU; u++) {
+            let d = 4u * lane + 4u * SG * u;
+            if (d < HD) { qv[g * NU + u] = vec4<f32>(q[qb + d], q[qb + d + 1u], q[qb + d + 2u], q[qb + d + 3u]) * p.scale; }
+        }
+    }
+    for (var j = j_begin; j < j_end; j++) {
+        let kb = (bi * p.lk + j) * kw + hk * HD;
+        var kv: array<vec4<f32>, NU>;
+        for (var u = 0u; u < NU; u++) {
+            let d = 4u * lane + 4u * SG * u;
+            if (d < HD) { kv[u] = kload(kb + d); }
+        }
+        var pk: array<f32, GQ>;
+        for (var g = 0u; g < GQ; g++) {
+            var part = 0.0;
+            for (var u = 0u; u < NU; u++) { part += dot(qv[g * NU + u], kv[u]); }
+            let s = capped(subgroupAdd(part));
+            if (s > m[g]) {
+                // A new maximum: rescale what is summed so far (exp(NEG - s) = 0 the first time).
+                let a = exp(m[g] - s);
+                l[g] *= a;
+                for (var u = 0u; u < NU; u++) { acc[g * NU + u] *= a; }
+                m[g] = s;
+            }
+            pk[g] = exp(s - m[g]);
+            l[g] += pk[g];
+        }
+        for (var u = 0u; u < NU; u++) {
+            let d = 4u * lane + 4u * SG * u;
+            if (d < HD) {
+                let vv = vload(kb + d);
+                for (var g = 0u; g < GQ; g++) { acc[g * NU + u] += pk[g] * vv; }
+            }
+        }
+    }
+    for (var g = 0u; g < GQ; g++) {
+        let o = bi * p.heads + hk * GQ + g;
+#ifdef SPLIT
+        let base = (split * p.b * p.heads + o) * (HD + 2u);
+        if (lane == 0u) {
+            dst[base] = m[g];
+            dst[base + 1u] = l[g];
+        }
+        for (var u = 0u; u < NU; u++) {
+            let d = 4u * lane + 4u * SG * u;
+            if (d < HD) {
+                let a = acc[g * NU + u];
+                dst[base + 2u + d] = a.x; dst[base + 3u + d] = a.y; dst[base + 4u + d] = a.z; dst[base + 5u + d] = a.w;
+            }
+        }
+#else
+        let inv = select(0.0, 1.0 / l[g], l[g] > 0.0);
+        for (var u = 0u; u < NU; u++) {
+            let d = 4u * lane + 4u * SG * u;
+            if (d < HD) {
+                let a = acc[g * NU + u] * inv;
+                dst[o * HD + d] = a.x; dst[o * HD + d + 1u] = a.y; dst[o * HD + d + 2u] = a.z; dst[o * HD + d + 3u] = a.w;
+            }
+        }
+#endif
+    }
+}
+#else
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 #ifdef F16KV
 @group(0) @binding(3) var<storage, read> k: array<u32>;
@@ -320,5 +433,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
 #endif
 }
+#endif
 #endif
 #endif

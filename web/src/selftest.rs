@@ -124,6 +124,56 @@ async fn run_rope(
     ))
 }
 
+/// Decode attention: one query per head over `lk` cached keys (GQA, `heads / kv_heads` query
+/// heads per KV head), causal at position `lk - 1`.
+async fn run_decode_attention(
+    gpu: &Arc<Gpu>,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    lk: usize,
+) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    use kiln::reference::attention::{attention, AttnShape};
+    let q: Vec<f32> = random(heads * d, 7).iter().map(|v| v * 2.0).collect();
+    let (k, v) = (random(lk * kv_heads * d, 8), random(lk * kv_heads * d, 9));
+    let mut g = Graph::new();
+    let qv = g.input("q", &[1, 1, heads * d], DType::F32)?;
+    let kv = g.input("k", &[1, lk, kv_heads * d], DType::F32)?;
+    let vv = g.input("v", &[1, lk, kv_heads * d], DType::F32)?;
+    let pos = kiln::Dyn::Static(lk as u32 - 1);
+    let y = g.attention(
+        qv,
+        kv,
+        vv,
+        heads,
+        kv_heads,
+        true,
+        pos,
+        kiln::Dyn::Static(lk as u32),
+    )?;
+    g.output(y);
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(qv, &q)?;
+    plan.write_f32(kv, &k)?;
+    plan.write_f32(vv, &v)?;
+    let out = plan.run_read(&[y]).await?;
+    let s = AttnShape {
+        batch: 1,
+        lq: 1,
+        lk,
+        heads,
+        kv_heads,
+        d,
+        causal: true,
+        scale: 1.0 / (d as f32).sqrt(),
+        q_pos: lk - 1,
+        kv_len: lk,
+        window: 0,
+        softcap: 0.0,
+    };
+    Ok((bytemuck_f32(&out[0]), attention(&q, &k, &v, &s)))
+}
+
 /// GPU output and CPU reference of one case.
 type Outputs = kiln::Result<(Vec<f32>, Vec<f32>)>;
 
@@ -173,6 +223,12 @@ impl Device {
                     "matvec f16 1x90 @ 77x90 (rows not of whole 16-byte units)",
                     run_linear(&gpu, 1, 77, 90, true).await,
                     1e-4,
+                ),
+                // Softmax-weighted sums of values in [-1, 1]: f32 rounding over 300 keys.
+                (
+                    "decode attention 8/2 heads x 64, 300 keys",
+                    run_decode_attention(&gpu, 8, 2, 64, 300).await,
+                    1e-5,
                 ),
                 // exp/division in f32: a few ulp of the largest probability.
                 ("softmax 7x333", run_softmax(&gpu, 7, 333).await, 1e-5),

@@ -224,6 +224,9 @@ impl Kernel for Attention {
         if ctx.gpu.features.software {
             return self.encode_rows(ctx, ins, out, params);
         }
+        if let Some(sg) = decode_subgroup(ctx, lq, hd, g) {
+            return self.encode_decode(ctx, ins, out, params, sg, f16);
+        }
         if ns == 1 {
             let mut bindings = inputs.to_vec();
             bindings.push(Binding::write(out.buf()));
@@ -259,7 +262,86 @@ impl Kernel for Attention {
     }
 }
 
+/// Most query heads per KV head the DECODE variant keeps in registers.
+const DECODE_MAX_GROUP: usize = 8;
+
+/// Key splits the DECODE variant aims for, in one-subgroup workgroups: enough to fill a large
+/// GPU several times over (each is 32 invocations where the ROWS-less tiled kernel's are 256)...
+const DECODE_TARGET_GROUPS: usize = 1024;
+/// ... but never fewer keys per split than this.
+const DECODE_MIN_SPLIT_KEYS: usize = 32;
+
+/// The subgroup size the DECODE variant (`attention.wgsl`) runs with, where it serves: GPUs
+/// whose subgroups have one fixed size, one query row per head (decode), a head dim of whole
+/// vec4s and at most [`DECODE_MAX_GROUP`] query heads per KV head.
+fn decode_subgroup(ctx: &Ctx, lq: usize, hd: usize, g: usize) -> Option<u32> {
+    let info = &ctx.gpu.info;
+    let (lo, hi) = (info.subgroup_min_size, info.subgroup_max_size);
+    let fixed = ctx.gpu.features.subgroups && lo == hi && (4..=128).contains(&lo);
+    (fixed && lq == 1 && hd.is_multiple_of(4) && g <= DECODE_MAX_GROUP).then_some(lo)
+}
+
 impl Attention {
+    /// The DECODE variant: one subgroup per (batch, kv head, key split), scores summed with
+    /// subgroupAdd, then the split partials' reduce pass where there are several.
+    fn encode_decode(
+        &self,
+        ctx: &Ctx,
+        ins: &[Bound],
+        out: &Bound,
+        params: impl Fn(usize) -> AttentionParams,
+        sg: u32,
+        f16: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        let (b, lk) = (q.shape[0], k.shape[1]);
+        let hd = q.shape[2] / self.heads;
+        let g = self.heads / self.kv_heads;
+        let base = b * self.kv_heads;
+        let ns = DECODE_TARGET_GROUPS
+            .div_ceil(base.max(1))
+            .min(lk.div_ceil(DECODE_MIN_SPLIT_KEYS))
+            .max(1);
+        let key = KernelKey::new("attention.wgsl", "main")
+            .def("DECODE", "")
+            .def("HD", format!("{hd}u"))
+            .def("GQ", format!("{g}u"))
+            .def("SG", format!("{sg}u"));
+        let key = kv_def(key, f16);
+        let p = AttentionParams {
+            splits: u(ns),
+            ..params(base * ns)
+        };
+        let mut bindings = vec![
+            Binding::read(q.buf()),
+            Binding::read(k.buf()),
+            Binding::read(v.buf()),
+        ];
+        let groups = grid(u(base * ns));
+        if ns == 1 {
+            bindings.push(Binding::write(out.buf()));
+            return Ok(vec![dispatch(key, &p, bindings, groups)]);
+        }
+        let rows = b * self.heads;
+        let part = ctx.shared_scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
+        bindings.push(Binding::write(&part));
+        let elems = rows * hd;
+        Ok(vec![
+            dispatch(key.def("SPLIT", ""), &p, bindings, groups),
+            dispatch(
+                KernelKey::new("attention.wgsl", "reduce")
+                    .def("REDUCE", "")
+                    .def("HD", hd),
+                &AttentionParams {
+                    splits: u(ns),
+                    ..params(elems)
+                },
+                vec![Binding::read(&part), Binding::write(out.buf())],
+                grid(u(elems.div_ceil(256))),
+            ),
+        ])
+    }
+
     /// The software-adapter variant (`ROWS` in `attention.wgsl`): one invocation per output
     /// row, the keys split only as far as the driver's loop limit requires.
     fn encode_rows(
