@@ -51,6 +51,28 @@ fn window_start(qp: u32) -> u32 {
     return 0u;
 }
 
+// The keys [lo, hi) a query at position qp sees: the valid ones, past its window's start and
+// (causal) not after it.
+fn key_range(qp: u32) -> vec2<u32> {
+    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
+    let lo = min(window_start(qp), kv_end);
+    var hi = kv_end;
+    if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
+    return vec2<u32>(lo, hi);
+}
+
+// Splits in use for a decode query (LIVE_SPLIT_KEYS): as many as give each about that many of
+// its live keys, at most the dispatched p.splits. The others stop at once and the reduce pass
+// reads only these, so a short context in a long cache costs what its keys cost.
+fn used_splits() -> u32 {
+#ifdef LIVE_SPLIT_KEYS
+    let r = key_range(dyn_val(p.q_add, p.q_slot, p.q_mul));
+    return clamp((r.y - r.x + LIVE_SPLIT_KEYS - 1u) / LIVE_SPLIT_KEYS, 1u, p.splits);
+#else
+    return p.splits;
+#endif
+}
+
 #ifdef REDUCE
 @group(0) @binding(2) var<storage, read> part: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
@@ -63,11 +85,12 @@ fn reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let d = e % HD;
     let no = p.b * p.lq * p.heads;
     let st = HD + 2u;
+    let ns = used_splits();
     var m = NEG;
-    for (var s = 0u; s < p.splits; s++) { m = max(m, part[(s * no + o) * st]); }
+    for (var s = 0u; s < ns; s++) { m = max(m, part[(s * no + o) * st]); }
     var l = 0.0;
     var a = 0.0;
-    for (var s = 0u; s < p.splits; s++) {
+    for (var s = 0u; s < ns; s++) {
         let base = (s * no + o) * st;
         let w = exp(part[base] - m);
         l += part[base + 1u] * w;
@@ -188,8 +211,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 // query rows (scaled) and of their accumulators. Per key: one 16-byte K load per unit, each
 // row's partial dot summed with subgroupAdd (every lane gets the score), the online-softmax
 // update kept alike by every lane, one 16-byte V load per unit and GQ multiply-adds. The keys
-// of a split are [lo, hi) of the live ones, shared evenly (so the work follows the position);
-// SPLIT writes (max, sum, acc) partials that `reduce` merges.
+// of a split are [lo, hi) of the live ones, shared evenly, and only as many splits run as give
+// each LIVE_SPLIT_KEYS of them (so the work follows the position); SPLIT writes (max, sum, acc)
+// partials that `reduce` merges.
 // Dispatch: splits * b * kv_heads workgroups (grid()), kv head fastest, split slowest.
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 #ifdef F16KV
@@ -215,15 +239,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let hk = gi % p.kv_heads;
     let bi = (gi / p.kv_heads) % p.b;
     let split = gi / (p.kv_heads * p.b);
+    let ns = used_splits();
+    if (split >= ns) { return; }
     let kw = p.kv_heads * HD;
-    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
-    let qp = dyn_val(p.q_add, p.q_slot, p.q_mul);
-    let lo = min(window_start(qp), kv_end);
-    var hi = kv_end;
-    if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
-    let chunk = (hi - lo + p.splits - 1u) / p.splits;
-    let j_begin = min(lo + split * chunk, hi);
-    let j_end = min(j_begin + chunk, hi);
+    let r = key_range(dyn_val(p.q_add, p.q_slot, p.q_mul));
+    let chunk = (r.y - r.x + ns - 1u) / ns;
+    let j_begin = min(r.x + split * chunk, r.y);
+    let j_end = min(j_begin + chunk, r.y);
     var qv: array<vec4<f32>, GQ * NU>;
     var acc: array<vec4<f32>, GQ * NU>;
     var m: array<f32, GQ>;

@@ -197,6 +197,28 @@ fn decode_long_cache_split_k() {
     }
 }
 
+/// Decode over a few live keys of a long cache (the GPU decode kernel runs only the splits the
+/// live keys fill, and its reduce pass reads only those), down to a single key, and a window.
+#[test]
+fn decode_short_context_in_long_cache() {
+    for (heads, kv_heads, d, live, window) in [
+        (8, 2, 128, 70, 0),
+        (8, 1, 64, 1, 0),
+        (4, 4, 40, 33, 0),
+        (8, 2, 64, 900, 100),
+    ] {
+        let mut s = shape(1, 1, 1100, heads, kv_heads, d, true);
+        s.kv_len = live;
+        s.q_pos = live - 1;
+        s.window = window;
+        check(
+            &format!("decode kv={live}/1100 h={heads}/{kv_heads} d={d} window={window}"),
+            s,
+            SLOTS,
+        );
+    }
+}
+
 #[test]
 fn cross_attention_batched() {
     // U-Net/CLIP-like: more queries than keys, non-causal, batch 2, head dims 40 and 160; and

@@ -265,10 +265,11 @@ impl Kernel for Attention {
 /// Most query heads per KV head the DECODE variant keeps in registers.
 const DECODE_MAX_GROUP: usize = 8;
 
-/// Key splits the DECODE variant aims for, in one-subgroup workgroups: enough to fill a large
-/// GPU several times over (each is 32 invocations where the ROWS-less tiled kernel's are 256)...
+/// Key splits the DECODE variant dispatches, in one-subgroup workgroups: enough to fill a
+/// large GPU several times over (each is 32 invocations where the tiled kernel's are 256)...
 const DECODE_TARGET_GROUPS: usize = 1024;
-/// ... but never fewer keys per split than this.
+/// ... but no more than give each this many of the cache's keys; at run time only the splits
+/// that the live keys fill this way run (`used_splits` in `attention.wgsl`).
 const DECODE_MIN_SPLIT_KEYS: usize = 32;
 
 /// The subgroup size the DECODE variant (`attention.wgsl`) runs with, where it serves: GPUs
@@ -326,12 +327,20 @@ impl Attention {
         let part = ctx.shared_scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
         bindings.push(Binding::write(&part));
         let elems = rows * hd;
+        // Both passes use only the splits the live keys fill (`used_splits`).
+        let live = format!("{DECODE_MIN_SPLIT_KEYS}u");
         Ok(vec![
-            dispatch(key.def("SPLIT", ""), &p, bindings, groups),
+            dispatch(
+                key.def("SPLIT", "").def("LIVE_SPLIT_KEYS", &live),
+                &p,
+                bindings,
+                groups,
+            ),
             dispatch(
                 KernelKey::new("attention.wgsl", "reduce")
                     .def("REDUCE", "")
-                    .def("HD", hd),
+                    .def("HD", hd)
+                    .def("LIVE_SPLIT_KEYS", &live),
                 &AttentionParams {
                     splits: u(ns),
                     ..params(elems)
