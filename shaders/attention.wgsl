@@ -120,9 +120,8 @@ fn ustore(i: u32, u: U) { dst[i] = u.x; dst[i + 1u] = u.y; dst[i + 2u] = u.z; ds
 #ifdef F16KV
 @group(0) @binding(3) var<storage, read> k4: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read> v4: array<vec2<u32>>;
-fn h4(u: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)); }
-fn kload(e: u32) -> U { return h4(k4[e / 4u]); }
-fn vload(e: u32) -> U { return h4(v4[e / 4u]); }
+fn kload(e: u32) -> U { return half4(k4[e / 4u]); }
+fn vload(e: u32) -> U { return half4(v4[e / 4u]); }
 #else
 @group(0) @binding(3) var<storage, read> k4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> v4: array<vec4<f32>>;
@@ -219,9 +218,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #ifdef F16KV
 @group(0) @binding(3) var<storage, read> k2: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read> v2: array<vec2<u32>>;
-fn h4(u: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)); }
-fn kload(e: u32) -> vec4<f32> { return h4(k2[e / 4u]); }
-fn vload(e: u32) -> vec4<f32> { return h4(v2[e / 4u]); }
+fn kload(e: u32) -> vec4<f32> { return half4(k2[e / 4u]); }
+fn vload(e: u32) -> vec4<f32> { return half4(v2[e / 4u]); }
 #else
 @group(0) @binding(3) var<storage, read> k4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> v4: array<vec4<f32>>;

@@ -30,6 +30,8 @@ fn half_write(i: u32, v: f32) -> HalfWrite {
 }
 // Element i of an f16 cache from its word.
 fn half_read(word: u32, i: u32) -> f32 { return unpack2x16float(word)[i & 1u]; }
+// Four f16 elements (two words: one 8-byte load of an f16 cache).
+fn half4(u: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)); }
 
 // Linear workgroup index of a dispatch folded over x and y (kernels::grid).
 fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {

@@ -319,3 +319,13 @@ pub fn greedy(max_tokens: usize) -> kiln::llm::GenerateOptions {
         pipelined: true,
     }
 }
+
+/// Rounds values to f16 in place and returns their f16 bytes: what an f16 tensor (a KV cache)
+/// is uploaded from, with the values a reference should then see.
+pub fn to_f16(data: &mut [f32]) -> Vec<u8> {
+    data.iter_mut()
+        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+    data.iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect()
+}

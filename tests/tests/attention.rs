@@ -94,14 +94,7 @@ fn check_kv(
     let qv = t.input("q", &[s.batch, s.lq, s.heads * s.d], &q);
     let kv_shape = [s.batch, s.lk, s.kv_heads * s.d];
     let (kv, vv) = if f16 {
-        let half = |x: &mut Vec<f32>| -> Vec<u8> {
-            x.iter_mut()
-                .for_each(|e| *e = half::f16::from_f32(*e).to_f32());
-            x.iter()
-                .flat_map(|e| half::f16::from_f32(*e).to_le_bytes())
-                .collect()
-        };
-        let (kb, vb) = (half(&mut k), half(&mut v));
+        let (kb, vb) = (kiln_tests::to_f16(&mut k), kiln_tests::to_f16(&mut v));
         (
             t.weight("k", &kv_shape, kiln::DType::F16, &kb),
             t.weight("v", &kv_shape, kiln::DType::F16, &vb),

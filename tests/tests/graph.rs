@@ -159,11 +159,8 @@ fn poisoned_outputs_show_unwritten_elements() {
 #[test]
 fn copy_into_an_f16_cache() {
     // Rows of even length: uploaded two to a word in order, as the caches are laid out.
-    let before: Vec<f32> = (0..12).map(|i| -(i as f32) - 0.5).collect();
-    let bytes: Vec<u8> = before
-        .iter()
-        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-        .collect();
+    let mut before: Vec<f32> = (0..12).map(|i| -(i as f32) - 0.5).collect();
+    let bytes = kiln_tests::to_f16(&mut before);
     for gpu in kiln_tests::gpu_variants() {
         let dst = Arc::new(Tensor::upload(&gpu, "dst", &[2, 6], DType::F16, &bytes).unwrap());
         let mut g = Graph::new();

@@ -4,7 +4,9 @@
 use kiln::dtype::dequantize;
 use kiln::reference::linear as refl;
 use kiln::{DType, GpuOptions, Tensor};
-use kiln_tests::{assert_close, dot_tolerance, gpu_with, random_weight_bytes, test_k, OpTest, Rng};
+use kiln_tests::{
+    assert_close, dot_tolerance, gpu_with, random_weight_bytes, test_k, to_f16, OpTest, Rng,
+};
 
 fn check_linear(t: OpTest, dtype: DType, m: usize, n: usize, bias: bool, seed: u64) {
     check_linear_k(t, dtype, m, n, test_k(dtype), bias, seed)
@@ -514,10 +516,14 @@ fn fused_rotary_step_every_variant() {
                 let cache = |name: &str, data: &[f32]| -> Arc<Tensor> {
                     Arc::new(match f16 {
                         false => Tensor::from_f32(&gpu, name, &[1, cap, kvw], data).unwrap(),
-                        true => {
-                            Tensor::upload(&gpu, name, &[1, cap, kvw], DType::F16, &to_f16(data))
-                                .unwrap()
-                        }
+                        true => Tensor::upload(
+                            &gpu,
+                            name,
+                            &[1, cap, kvw],
+                            DType::F16,
+                            &to_f16(&mut data.to_vec()),
+                        )
+                        .unwrap(),
                     })
                 };
                 let run = |unfused: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>, usize) {
@@ -554,7 +560,7 @@ fn fused_rotary_step_every_variant() {
                     plan.write_f32(fv, &tab).unwrap();
                     plan.set(p, pos);
                     plan.run().unwrap();
-                    let read = |t: &Arc<Tensor>| read_cache(&gpu, t, cap * kvw, f16);
+                    let read = |t: &Arc<Tensor>| pollster::block_on(t.to_f32(&gpu)).unwrap();
                     let q = pollster::block_on(plan.read_f32(q)).unwrap();
                     (q, read(&kc), read(&vc), plan.dispatch_count())
                 };
@@ -571,8 +577,8 @@ fn fused_rotary_step_every_variant() {
                     vc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&y[qw + kvw..]);
                 }
                 if f16 {
-                    round_f16(&mut kc_want);
-                    round_f16(&mut vc_want);
+                    to_f16(&mut kc_want);
+                    to_f16(&mut vc_want);
                 }
                 let tol = dot_tolerance(&x, &wf, 1, n, k) * 2.0 + 1e-6;
                 // A cache value rounds to f16 once: half an f16 ulp more, one ulp where the two
@@ -593,36 +599,5 @@ fn fused_rotary_step_every_variant() {
                 assert_eq!((n_fused, n_plain), (1, 2), "{what}: dispatches");
             }
         }
-    }
-}
-
-/// f32 values as f16 bytes (an f16 KV cache's upload).
-fn to_f16(data: &[f32]) -> Vec<u8> {
-    data.iter()
-        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-        .collect()
-}
-
-/// Rounds values to f16 in place.
-fn round_f16(data: &mut [f32]) {
-    data.iter_mut()
-        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
-}
-
-/// The `n` elements of a KV cache as f32 (read as f16 when `f16`).
-fn read_cache(gpu: &kiln::Gpu, t: &kiln::Tensor, n: usize, f16: bool) -> Vec<f32> {
-    let bytes = if f16 { 2 * n } else { 4 * n };
-    let b = pollster::block_on(gpu.read_buffer(
-        t.buffer().unwrap(),
-        0,
-        bytes.next_multiple_of(4) as u64,
-    ))
-    .unwrap();
-    match f16 {
-        false => bytemuck::pod_collect_to_vec(&b),
-        true => b[..bytes]
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
     }
 }

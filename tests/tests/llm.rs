@@ -950,7 +950,10 @@ fn gguf_sliding_window_keys() {
 /// is discarded), and a next generation that reuses the cache after such a stop.
 #[test]
 fn pipelined_decode_matches_serial() {
-    let mut m = load(
+    // A device of its own, so that its submit counter counts this test's runs only.
+    let gpu = kiln_tests::gpu_with(Default::default());
+    let mut m = load_on(
+        gpu.clone(),
         "llama-gqa-f32",
         "hf",
         LoadOptions {
@@ -994,9 +997,19 @@ fn pipelined_decode_matches_serial() {
     let stop: String = probe.text.chars().skip(3).take(2).collect();
     let mut ends = Vec::new();
     for (stop, max_tokens) in [(vec![], 12), (vec![stop], 12), (vec![], 64)] {
+        let submits = |gpu: &kiln::Gpu| gpu.counters().submits;
+        let before = submits(&gpu);
         let (sa, sb) = pair(false, &stop, max_tokens);
+        let serial = submits(&gpu) - before;
         ends.extend([sa.stop, sb.stop]);
+        let before = submits(&gpu);
         let (pa, pb) = pair(true, &stop, max_tokens);
+        let pipelined = submits(&gpu) - before;
+        // The pipelined loop really ran ahead: past a stop string its run in flight is an
+        // extra submit (the other ends are known before the next run is submitted).
+        let ahead = usize::from(sa.stop == kiln::llm::StopReason::StopString)
+            + usize::from(sb.stop == kiln::llm::StopReason::StopString);
+        assert_eq!(pipelined, serial + ahead as u64, "submits, stop {stop:?}");
         for (s, p) in [(&sa, &pa), (&sb, &pb)] {
             let what = format!("stop {stop:?}, max_tokens {max_tokens}: {:?}", s.stop);
             assert_eq!(

@@ -182,7 +182,7 @@ impl Kernel for Attention {
     /// One dispatch, or a split pass and a reduce pass.
     fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
-        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        let (q, k) = (&ins[0], &ins[1]);
         let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
         let hd = q.shape[2] / self.heads;
         let g = self.heads / self.kv_heads;
@@ -216,45 +216,74 @@ impl Kernel for Attention {
             window: u(self.window),
             softcap: self.softcap,
         };
-        let inputs = [
-            Binding::read(q.buf()),
-            Binding::read(k.buf()),
-            Binding::read(v.buf()),
-        ];
         if ctx.gpu.features.software {
             return self.encode_rows(ctx, ins, out, params);
         }
         if let Some(sg) = decode_subgroup(ctx, lq, hd, g) {
             return self.encode_decode(ctx, ins, out, params, sg, f16);
         }
+        let main = Pass {
+            key: kv_def(tiles.key("main"), f16),
+            params: params(total),
+            groups: grid(u(total)),
+        };
+        main.finish(ctx, ins, out, b * lq * self.heads, hd, ns, None)
+    }
+}
+
+/// The main pass of one attention variant: its key, uniforms and workgroups.
+struct Pass {
+    key: KernelKey,
+    params: AttentionParams,
+    groups: [u32; 3],
+}
+
+impl Pass {
+    /// The pass reading q, k and v (`ins`) and writing `out` directly (one split), or writing
+    /// the partials of `ns` splits (SPLIT) that the reduce pass merges into the `rows` outputs
+    /// of `hd`. With `live`, both passes use only the splits the live keys fill at `live` keys
+    /// each (LIVE_SPLIT_KEYS).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        self,
+        ctx: &Ctx,
+        ins: &[Bound],
+        out: &Bound,
+        rows: usize,
+        hd: usize,
+        ns: usize,
+        live: Option<usize>,
+    ) -> Result<Vec<Dispatch>> {
+        let mut bindings: Vec<Binding> = ins[..3].iter().map(|t| Binding::read(t.buf())).collect();
         if ns == 1 {
-            let mut bindings = inputs.to_vec();
             bindings.push(Binding::write(out.buf()));
             return Ok(vec![dispatch(
-                kv_def(tiles.key("main"), f16),
-                &params(total),
+                self.key,
+                &self.params,
                 bindings,
-                grid(u(total)),
+                self.groups,
             )]);
         }
-        let outputs = b * lq * self.heads;
-        let part =
-            ctx.shared_scratch("attention-partials", (ns * outputs * (hd + 2) * 4) as u64)?;
-        let mut bindings = inputs.to_vec();
+        let part = ctx.shared_scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
         bindings.push(Binding::write(&part));
-        let elems = outputs * hd;
+        let elems = rows * hd;
+        let mut key = self.key.def("SPLIT", "");
+        let mut reduce = KernelKey::new("attention.wgsl", "reduce")
+            .def("REDUCE", "")
+            .def("HD", hd);
+        if let Some(n) = live {
+            key = key.def("LIVE_SPLIT_KEYS", format!("{n}u"));
+            reduce = reduce.def("LIVE_SPLIT_KEYS", format!("{n}u"));
+        }
+        let reduce_params = AttentionParams {
+            total: u(elems),
+            ..self.params
+        };
         Ok(vec![
+            dispatch(key, &self.params, bindings, self.groups),
             dispatch(
-                kv_def(tiles.key("main"), f16).def("SPLIT", ""),
-                &params(total),
-                bindings,
-                grid(u(total)),
-            ),
-            dispatch(
-                KernelKey::new("attention.wgsl", "reduce")
-                    .def("REDUCE", "")
-                    .def("HD", hd),
-                &params(elems),
+                reduce,
+                &reduce_params,
                 vec![Binding::read(&part), Binding::write(out.buf())],
                 grid(u(elems.div_ceil(256))),
             ),
@@ -294,7 +323,7 @@ impl Attention {
         sg: u32,
         f16: bool,
     ) -> Result<Vec<Dispatch>> {
-        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        let (q, k) = (&ins[0], &ins[1]);
         let (b, lk) = (q.shape[0], k.shape[1]);
         let hd = q.shape[2] / self.heads;
         let g = self.heads / self.kv_heads;
@@ -309,46 +338,17 @@ impl Attention {
             .def("GQ", format!("{g}u"))
             .def("SG", format!("{sg}u"));
         let key = kv_def(key, f16);
-        let p = AttentionParams {
-            splits: u(ns),
-            ..params(base * ns)
+        let main = Pass {
+            key,
+            params: AttentionParams {
+                splits: u(ns),
+                ..params(base * ns)
+            },
+            groups: grid(u(base * ns)),
         };
-        let mut bindings = vec![
-            Binding::read(q.buf()),
-            Binding::read(k.buf()),
-            Binding::read(v.buf()),
-        ];
-        let groups = grid(u(base * ns));
-        if ns == 1 {
-            bindings.push(Binding::write(out.buf()));
-            return Ok(vec![dispatch(key, &p, bindings, groups)]);
-        }
-        let rows = b * self.heads;
-        let part = ctx.shared_scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
-        bindings.push(Binding::write(&part));
-        let elems = rows * hd;
         // Both passes use only the splits the live keys fill (`used_splits`).
-        let live = format!("{DECODE_MIN_SPLIT_KEYS}u");
-        Ok(vec![
-            dispatch(
-                key.def("SPLIT", "").def("LIVE_SPLIT_KEYS", &live),
-                &p,
-                bindings,
-                groups,
-            ),
-            dispatch(
-                KernelKey::new("attention.wgsl", "reduce")
-                    .def("REDUCE", "")
-                    .def("HD", hd)
-                    .def("LIVE_SPLIT_KEYS", &live),
-                &AttentionParams {
-                    splits: u(ns),
-                    ..params(elems)
-                },
-                vec![Binding::read(&part), Binding::write(out.buf())],
-                grid(u(elems.div_ceil(256))),
-            ),
-        ])
+        let live = Some(DECODE_MIN_SPLIT_KEYS);
+        main.finish(ctx, ins, out, b * self.heads, hd, ns, live)
     }
 
     /// The software-adapter variant (`ROWS` in `attention.wgsl`): one invocation per output
@@ -360,7 +360,7 @@ impl Attention {
         out: &Bound,
         params: impl Fn(usize) -> AttentionParams,
     ) -> Result<Vec<Dispatch>> {
-        let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+        let (q, k) = (&ins[0], &ins[1]);
         let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
         let hd = q.shape[2] / self.heads;
         let rows = b * lq * self.heads;
@@ -386,39 +386,14 @@ impl Attention {
             .def("HD", format!("{hd}u"))
             .def("ROWS_WG", format!("{ROWS_WG}u"));
         let key = if unit == 4 { key.def("UNIT4", "") } else { key };
-        let key = kv_def(key, k.dtype == DType::F16);
-        let p = AttentionParams {
-            splits: u(ns),
-            ..params(rows * ns)
+        let main = Pass {
+            key: kv_def(key, k.dtype == DType::F16),
+            params: AttentionParams {
+                splits: u(ns),
+                ..params(rows * ns)
+            },
+            groups: grid(u((rows * ns).div_ceil(ROWS_WG))),
         };
-        let inputs = vec![
-            Binding::read(q.buf()),
-            Binding::read(k.buf()),
-            Binding::read(v.buf()),
-        ];
-        let groups = grid(u((rows * ns).div_ceil(ROWS_WG)));
-        if ns == 1 {
-            let mut bindings = inputs;
-            bindings.push(Binding::write(out.buf()));
-            return Ok(vec![dispatch(key, &p, bindings, groups)]);
-        }
-        let part = ctx.shared_scratch("attention-partials", (ns * rows * (hd + 2) * 4) as u64)?;
-        let mut bindings = inputs;
-        bindings.push(Binding::write(&part));
-        let elems = rows * hd;
-        Ok(vec![
-            dispatch(key.def("SPLIT", ""), &p, bindings, groups),
-            dispatch(
-                KernelKey::new("attention.wgsl", "reduce")
-                    .def("REDUCE", "")
-                    .def("HD", hd),
-                &AttentionParams {
-                    splits: u(ns),
-                    ..params(elems)
-                },
-                vec![Binding::read(&part), Binding::write(out.buf())],
-                grid(u(elems.div_ceil(256))),
-            ),
-        ])
+        main.finish(ctx, ins, out, rows, hd, ns, None)
     }
 }

@@ -320,9 +320,9 @@ impl TextModel {
         if r.is_err() {
             self.cached.clear();
         }
-        r?;
-        g.timings = Timings::new(prompt.len() - reused, g.ids.len(), ttft, now_ms() - t1)
-            .with_host(&g.timings);
+        let cost = r?;
+        let decode_ms = now_ms() - t1;
+        g.timings = Timings::new(prompt.len() - reused, g.ids.len(), ttft, decode_ms, &cost);
         Ok(g)
     }
 
@@ -431,16 +431,17 @@ impl TextModel {
     }
 
     /// Replays the decode graph once per token from the first sampled one, streaming text
-    /// through a [`StreamDecoder`], until a stop condition; fills `g`. Pipelined, the run
-    /// for the next position is submitted before the current token is read back: its id is
-    /// sampled into the token history on the GPU, so the run needs nothing from the host.
+    /// through a [`StreamDecoder`], until a stop condition; fills `g` and returns the loop's
+    /// host cost. Pipelined, the run for the next position is submitted before the current
+    /// token is read back: its id is sampled into the token history on the GPU, so the run
+    /// needs nothing from the host.
     async fn decode_loop(
         &mut self,
         g: &mut Generation,
         first: Draw,
         opts: &GenerateOptions,
         on_piece: &mut dyn FnMut(&str, &Generation) -> bool,
-    ) -> Result<()> {
+    ) -> Result<HostCost> {
         let ctx = self.kv.ctx;
         let stops: Vec<&str> = opts
             .stop
@@ -522,9 +523,8 @@ impl TextModel {
         }
         // A run still in flight computed a token past the stop: its keys and values sit past
         // what `cached` records, and the next generation overwrites them.
-        g.timings = cost.per_token();
         if g.stop == StopReason::StopString {
-            return Ok(());
+            return Ok(cost);
         }
         // The whole text once (the end-of-sequence id is not part of it), and what of it the
         // stream has not handed out yet.
@@ -536,7 +536,7 @@ impl TextModel {
                 on_piece(&rest, g);
             }
         }
-        Ok(())
+        Ok(cost)
     }
 }
 
@@ -549,35 +549,17 @@ struct HostCost {
     runs: usize,
 }
 
-impl HostCost {
-    /// Per-run averages in a [`Timings`] (the rates are filled in later).
-    fn per_token(&self) -> Timings {
-        let n = self.runs.max(1) as f64;
-        Timings {
-            encode_ms_per_token: self.encode_ms / n,
-            submit_ms_per_token: self.submit_ms / n,
-            wait_ms_per_token: self.wait_ms / n,
-            ..Default::default()
-        }
-    }
-}
-
 impl Timings {
-    /// These timings with the host-cost fields of `host`.
-    fn with_host(self, host: &Timings) -> Timings {
-        Timings {
-            encode_ms_per_token: host.encode_ms_per_token,
-            submit_ms_per_token: host.submit_ms_per_token,
-            wait_ms_per_token: host.wait_ms_per_token,
-            ..self
-        }
-    }
-
     /// Rates from the prompt length, the generated count and the two phases' durations (the
-    /// first token comes from the prefill, so decode rates count the others).
-    fn new(prompt: usize, generated: usize, ttft: f64, decode_ms: f64) -> Timings {
+    /// first token comes from the prefill, so decode rates count the others), and the decode
+    /// loop's host cost per run.
+    fn new(prompt: usize, generated: usize, ttft: f64, decode_ms: f64, cost: &HostCost) -> Timings {
         let decoded = generated.saturating_sub(1);
+        let runs = cost.runs.max(1) as f64;
         Timings {
+            encode_ms_per_token: cost.encode_ms / runs,
+            submit_ms_per_token: cost.submit_ms / runs,
+            wait_ms_per_token: cost.wait_ms / runs,
             prefill_ms: ttft,
             ttft_ms: ttft,
             decode_ms,

@@ -14,8 +14,11 @@
 //! Random data is valid for its type: every block's f16 scales are small positive values (the
 //! other bytes are random), floats are uniform in +-0.05 (1-D tensors, the norms, around 1).
 
+use super::common::{random_bytes, random_f32};
 use anyhow::{bail, Context, Result};
-use kiln::formats::gguf::{ggml_type_name, Gguf, TensorInfo};
+use half::{bf16, f16};
+use kiln::dtype::DType;
+use kiln::formats::gguf::{ggml_dtype, ggml_type_name, Gguf, TensorInfo};
 use std::io::Write;
 use std::path::Path;
 
@@ -40,15 +43,14 @@ pub fn make(a: GgufArgs) -> Result<()> {
     f.write_all(&header)?;
     let mut data = 0u64;
     if !a.header_only {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut infos = infos.clone();
         infos.sort_by_key(|t| t.offset);
-        for t in &infos {
+        for (i, t) in infos.iter().enumerate() {
             if t.offset < data {
                 bail!("tensor '{}' overlaps the one before it", t.name);
             }
             f.write_all(&vec![0u8; (t.offset - data) as usize])?;
-            let bytes = random_tensor(t, &mut rng)?;
+            let bytes = random_tensor(t, 0x9e37_79b9 + i as u64)?;
             f.write_all(&bytes)?;
             data = t.offset + bytes.len() as u64;
         }
@@ -71,76 +73,51 @@ fn read_header(path: &Path) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
     Ok((header, infos))
 }
 
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+/// Where a block type keeps its f16 scale fields (byte offsets in a block, from
+/// ggml-common.h); the other bytes of a block may be anything.
+fn scale_offsets(d: DType) -> &'static [usize] {
+    match d {
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        _ => &[0], // Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS: d first
     }
 }
 
-/// ggml block layouts: (type id, bytes per block, elements per block, offsets of its f16
-/// scale fields), from ggml-common.h.
-const BLOCKS: &[(u32, usize, usize, &[usize])] = &[
-    (2, 18, 32, &[0]),        // Q4_0
-    (3, 20, 32, &[0, 2]),     // Q4_1
-    (6, 22, 32, &[0]),        // Q5_0
-    (7, 24, 32, &[0, 2]),     // Q5_1
-    (8, 34, 32, &[0]),        // Q8_0
-    (10, 84, 256, &[80, 82]), // Q2_K
-    (11, 110, 256, &[108]),   // Q3_K
-    (12, 144, 256, &[0, 2]),  // Q4_K
-    (13, 176, 256, &[0, 2]),  // Q5_K
-    (14, 210, 256, &[208]),   // Q6_K
-    (20, 18, 32, &[0]),       // IQ4_NL
-    (23, 136, 256, &[0]),     // IQ4_XS
-];
-
-/// Random data of a tensor's type and size.
-fn random_tensor(t: &TensorInfo, rng: &mut Rng) -> Result<Vec<u8>> {
+/// Random data of a tensor's type and size (`seed` varies it between tensors).
+fn random_tensor(t: &TensorInfo, seed: u64) -> Result<Vec<u8>> {
     let n = t.dims.iter().product::<u64>() as usize;
+    let Some(dtype) = ggml_dtype(t.ggml_type) else {
+        bail!(
+            "tensor '{}': type {} has no random generator",
+            t.name,
+            ggml_type_name(t.ggml_type)
+        );
+    };
+    // Floats in +-0.05 (around 1 for the 1-D norms).
     let around = if t.dims.len() == 1 { 1.0 } else { 0.0 };
-    let mut floats =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| around + (rng.unit() - 0.5) * 0.1).collect() };
-    Ok(match t.ggml_type {
-        0 => floats(n).iter().flat_map(|v| v.to_le_bytes()).collect(),
-        1 => floats(n)
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+    let floats = || {
+        random_f32(n, seed)
+            .into_iter()
+            .map(move |v| around + v * 0.1)
+    };
+    Ok(match dtype {
+        DType::F32 => floats().flat_map(f32::to_le_bytes).collect(),
+        DType::F16 => floats()
+            .flat_map(|v| f16::from_f32(v).to_le_bytes())
             .collect(),
-        30 => floats(n)
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        DType::BF16 => floats()
+            .flat_map(|v| bf16::from_f32(v).to_le_bytes())
             .collect(),
-        ty => {
-            let Some(&(_, size, per, scales)) = BLOCKS.iter().find(|b| b.0 == ty) else {
-                bail!(
-                    "tensor '{}': type {} has no random generator",
-                    t.name,
-                    ggml_type_name(ty)
-                );
-            };
-            if !n.is_multiple_of(per) {
-                bail!(
-                    "tensor '{}': {n} elements are not whole blocks of {per}",
-                    t.name
-                );
-            }
-            let mut out = Vec::with_capacity(n / per * size);
-            for _ in 0..n / per {
-                let start = out.len();
-                out.extend((0..size).map(|_| rng.next() as u8));
-                for &o in scales {
-                    let d = half::f16::from_f32(0.001 + 0.003 * rng.unit());
-                    out[start + o..start + o + 2].copy_from_slice(&d.to_le_bytes());
+        _ => {
+            let mut out = random_bytes(dtype.file_bytes(n)?, seed);
+            let size = dtype.block_bytes();
+            let scales = random_f32(out.len() / size, seed ^ 1);
+            for (block, r) in out.chunks_exact_mut(size).zip(scales) {
+                for &o in scale_offsets(dtype) {
+                    let d = f16::from_f32(0.001 + 0.003 * (r + 0.5));
+                    block[o..o + 2].copy_from_slice(&d.to_le_bytes());
                 }
             }
             out
@@ -213,14 +190,12 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend(s.as_bytes());
 }
 
-/// Bytes of a tensor of `dims` in type `ty`.
+/// Bytes of a tensor of `dims` in ggml type `ty` (a type Kiln knows: the header is Kiln's own).
 fn tensor_bytes(dims: &[u64], ty: u32) -> u64 {
-    let n: u64 = dims.iter().product();
-    match BLOCKS.iter().find(|b| b.0 == ty) {
-        Some(&(_, size, per, _)) => n / per as u64 * size as u64,
-        None if ty == 0 => 4 * n,
-        None => 2 * n,
-    }
+    let n = dims.iter().product::<u64>() as usize;
+    ggml_dtype(ty)
+        .and_then(|d| d.file_bytes(n).ok())
+        .unwrap_or(0) as u64
 }
 
 /// Llama-3.2-1B's header in llama.cpp's Q4_K_M mix (see the module notes).
