@@ -5,40 +5,81 @@
 //           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
 //             settings[8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
 //             when any logit is NaN or infinite: (0xffffffff, how many), and no history write;
-//           6 work: array<u32> [2V] scratch: [0, V) f32 bits of the penalized, scaled logits s,
-//             [V, 2V) integer weights w = floor(exp(s - max s) * 2^31).
-// Params: V, cap, counter c and seed as Dyn words (add, slot, mul).
-// Dispatch: one workgroup of 256 threads (no variants).
+//           6 work: array<u32> scratch: [0, V) f32 bits of the penalized, scaled logits s,
+//             [V, 2V) integer weights w = floor(exp(s - max s) * 2^31), then per-chunk
+//             statistics (PART), per-chunk top_logprobs candidates (TOPS) and the state the
+//             selection passes hand on (STATE);
+//           7 hist: array<atomic<u32>> [8 * 512] digit histograms of the selections; all zero
+//             between runs (the finish pass clears them; wgpu zeroes new buffers).
+// Params: V, cap, counter c and seed as Dyn words (add, slot, mul); G chunks of `chunk` ids;
+//         `round` of a selection pass.
 //
-// Thresholds are exact without sorting: f32 values map to order-preserving u32 keys and a
-// 32-step bisection over the key bits, each step one counting pass over V, finds the k-th
-// largest key (top-k) and the top-p cut. Masses, the top-p target and the draw are integer
-// (64-bit as vec2<u32> (lo, hi)) sums of the weights, so they are exact and order-independent;
-// the only floats are the scaling, exp() of each logit and the log-probability.
+// Dispatches (kernels::sample::Sample::encode), in order; each of G workgroups works on one
+// contiguous chunk of the vocabulary, and a pass with nothing to do (greedy decoding, top-k or
+// top-p off) returns at once:
+//   prep          s with the repetition penalty; per chunk: the max key of s and its first
+//                 index, max and sum of exp of the raw logits, the non-finite count, the
+//                 top_logprobs candidates; the top-k digit histogram, round 0
+//   kround 1..3   resolve the previous top-k round; histogram of the next digit
+//   weights       resolve top-k (tk); weights w; top-p mass histogram, round 0
+//   pround 1..3   resolve the previous top-p round; histogram of the next digit
+//   kept          resolve top-p (t); each chunk's kept weight
+//   finish        one workgroup: merges the chunks (log Z, the greedy argmax, the draw in
+//                 index order, top_logprobs), writes out and history, clears hist
+//
+// Thresholds are exact without sorting: f32 values map to order-preserving u32 keys, and a
+// radix select (four 8-bit digits, most significant first) finds the largest key t with
+// count(key >= t) >= k (the k-th largest: top-k) or mass(key >= t) >= need (the top-p cut).
+// Every workgroup of a pass resolves the previous round from the global histogram itself (the
+// same 256 bins, so the same answer) and workgroup 0 records it for the passes after. Masses,
+// the top-p target and the draw are integer (64-bit as vec2<u32> (lo, hi)) sums of the weights,
+// so they are exact and order-independent; the only floats are the scaling, exp() of each
+// logit and the log-probability.
 #include "common.wgsl"
 #include "philox.wgsl"
 
-struct Params { v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32 }
+struct Params {
+    v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
+    groups: u32, chunk: u32, round: u32,
+}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 @group(0) @binding(3) var<storage, read> settings: array<f32>;
 @group(0) @binding(4) var<storage, read_write> history: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;
 @group(0) @binding(6) var<storage, read_write> work: array<u32>;
+@group(0) @binding(7) var<storage, read_write> hist: array<atomic<u32>>;
 
 const WG: u32 = 256u;
 const NEG_INF_BITS: u32 = 0xff800000u;
+// Words of one chunk's statistics: max key of s, its first index, max key of the raw logits,
+// f32 bits of sum(exp(raw - that max)), non-finite count, kept weight (lo, hi).
+const PART_W: u32 = 8u;
+// Words of one chunk's top_logprobs candidates: 20 (lo = ~index, hi = key) pairs.
+const TOPS_W: u32 = 40u;
+// STATE slots (4 words: prefix, need lo, need hi): r = the top-k select before round r
+// (1..3), TK, 4 + r = the top-p select before round r (5..7), T.
+const TK: u32 = 4u;
+const T_CUT: u32 = 8u;
+// hist: round q's 256 bins at q * 512 (counts: one word a bin; masses: (lo, hi) pairs);
+// q = r for the top-k rounds, 4 + r for the top-p rounds.
+const HIST_WORDS: u32 = 4096u;
 
 var<workgroup> red_u: array<u32, 256>;
 var<workgroup> red_f: array<f32, 256>;
 var<workgroup> red64: array<vec2<u32>, 256>;
-var<workgroup> pre64: array<vec2<u32>, 256>;
-var<workgroup> target64: vec2<u32>;
+var<workgroup> h_lo: array<atomic<u32>, 256>;
+var<workgroup> h_hi: array<atomic<u32>, 256>;
+var<workgroup> pick: vec4<u32>;
 var<workgroup> chosen: u32;
 
 fn add64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
     let lo = a.x + b.x;
     return vec2<u32>(lo, a.y + b.y + select(0u, 1u, lo < a.x));
+}
+
+fn sub64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+    return vec2<u32>(a.x - b.x, a.y - b.y - select(0u, 1u, a.x < b.x));
 }
 
 fn ge64(a: vec2<u32>, b: vec2<u32>) -> bool {
@@ -70,12 +111,14 @@ fn clean(x: f32) -> f32 {
     return select(x, bitcast<f32>(NEG_INF_BITS | (b & 0u)), (b & 0x7fffffffu) > 0x7f800000u);
 }
 
+fn is_neg_inf(x: f32) -> bool { return bitcast<u32>(x) == NEG_INF_BITS; }
+
 fn penalize(x: f32, r: f32, inv_r: f32) -> f32 {
     return select(x * r, x * inv_r, x > 0.0);
 }
 
 fn weight(s: f32, m: f32) -> u32 {
-    if (bitcast<u32>(s) == NEG_INF_BITS) { return 0u; }
+    if (is_neg_inf(s)) { return 0u; }
     return u32(ldexp(min(exp(s - m), 1.0), 31));
 }
 
@@ -130,140 +173,346 @@ fn max64(li: u32, v: vec2<u32>) -> vec2<u32> {
     return workgroupUniformLoad(&red64[0]);
 }
 
-fn s_at(i: u32) -> f32 { return bitcast<f32>(work[i]); }
+// Inclusive prefix sum over the invocations (Hillis-Steele); afterwards red64[255] is the total.
+fn scan64(li: u32, v: vec2<u32>) -> vec2<u32> {
+    workgroupBarrier();
+    red64[li] = v;
+    workgroupBarrier();
+    var acc = v;
+    for (var s = 1u; s < WG; s <<= 1u) {
+        if (li >= s) { acc = add64(acc, red64[li - s]); }
+        workgroupBarrier();
+        red64[li] = acc;
+        workgroupBarrier();
+    }
+    return acc;
+}
 
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
-    let v = p.v;
+// Bin b of round q as a 64-bit number.
+fn bin(q: u32, b: u32, mass: bool) -> vec2<u32> {
+    let at = q * 512u;
+    if (mass) { return vec2<u32>(atomicLoad(&hist[at + 2u * b]), atomicLoad(&hist[at + 2u * b + 1u])); }
+    return vec2<u32>(atomicLoad(&hist[at + b]), 0u);
+}
+
+// The total of round q's histogram.
+fn hist_total(li: u32, q: u32, mass: bool) -> vec2<u32> {
+    scan64(li, bin(q, li, mass));
+    return workgroupUniformLoad(&red64[255]);
+}
+
+// One radix step: the digit of round q holding the `need`-th unit counted from the top, and
+// the need left inside that digit's bin: (digit, need lo, need hi).
+fn resolve(li: u32, q: u32, mass: bool, need: vec2<u32>) -> vec3<u32> {
+    let d = 255u - li;
+    let val = bin(q, d, mass);
+    let incl = scan64(li, val);
+    let excl = sub64(incl, val);
+    if (!ge64(excl, need) && ge64(incl, need)) { pick = vec4<u32>(d, sub64(need, excl), 0u); }
+    return workgroupUniformLoad(&pick).xyz;
+}
+
+fn state(slot: u32) -> vec3<u32> {
+    let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
+    return vec3<u32>(work[at], work[at + 1u], work[at + 2u]);
+}
+
+fn set_state(slot: u32, s: vec3<u32>, g: u32, li: u32) {
+    if (g == 0u && li == 0u) {
+        let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
+        work[at] = s.x;
+        work[at + 1u] = s.y;
+        work[at + 2u] = s.z;
+    }
+}
+
+fn part_at(g: u32) -> u32 { return 2u * p.v + g * PART_W; }
+fn tops_at(g: u32) -> u32 { return 2u * p.v + p.groups * PART_W + g * TOPS_W; }
+
+// The state after resolving round r - 1 of a select whose state before it is `prev`.
+fn advance(li: u32, q: u32, mass: bool, r: u32, prev: vec3<u32>) -> vec3<u32> {
+    let got = resolve(li, q, mass, prev.yz);
+    return vec3<u32>(prev.x | (got.x << (32u - 8u * r)), got.yz);
+}
+
+// Workgroup digit histogram, added into hist round q.
+fn local_clear(li: u32) {
+    atomicStore(&h_lo[li], 0u);
+    atomicStore(&h_hi[li], 0u);
+    workgroupBarrier();
+}
+
+fn local_add(b: u32, w: u32) {
+    let old = atomicAdd(&h_lo[b], w);
+    if (old + w < old) { atomicAdd(&h_hi[b], 1u); }
+}
+
+fn local_flush(li: u32, q: u32, mass: bool) {
+    workgroupBarrier();
+    let lo = atomicLoad(&h_lo[li]);
+    let hi = atomicLoad(&h_hi[li]);
+    let at = q * 512u;
+    if (mass) {
+        if ((lo | hi) != 0u) {
+            let old = atomicAdd(&hist[at + 2u * li], lo);
+            atomicAdd(&hist[at + 2u * li + 1u], hi + select(0u, 1u, old + lo < old));
+        }
+    } else if (lo != 0u) {
+        atomicAdd(&hist[at + li], lo);
+    }
+}
+
+struct Chunk { start: u32, end: u32 }
+fn chunk_of(g: u32) -> Chunk {
+    let start = min(g * p.chunk, p.v);
+    return Chunk(start, min(start + p.chunk, p.v));
+}
+
+fn is_greedy() -> bool { return !(settings[0] > 0.0); }
+fn top_k() -> u32 { return u32(max(settings[1], 0.0)); }
+fn top_k_on() -> bool { let k = top_k(); return k > 0u && k < p.v; }
+fn top_p_on() -> bool { return settings[2] < 1.0; }
+
+// The mask of the digits above round r's (r = 1..3).
+fn high_mask(r: u32) -> u32 { return 0xffffffffu << (32u - 8u * r); }
+
+fn prep_pass(li: u32, g: u32) {
+    let ch = chunk_of(g);
     let c = dyn_val(p.c_add, p.c_slot, p.c_mul);
-    let temp = settings[0];
-    let greedy = !(temp > 0.0);
+    let greedy = is_greedy();
     let scale = select(settings[6], 1.0, greedy);
     let r = settings[4];
     let inv_r = settings[7];
 
-    // Pass 1: s = logits * scale, and the max of the raw logits for the log-probability.
-    // Non-finite logits (overflowed activations) are counted and reported instead of a draw.
+    // s = logits * scale; non-finite logits (overflowed activations) are counted and
+    // reported instead of a draw.
     var raw_max = 0u;
     var bad = 0u;
-    for (var i = li; i < v; i += WG) {
+    for (var i = ch.start + li; i < ch.end; i += WG) {
         let x = clean(logits[i]);
         work[i] = bitcast<u32>(x * scale);
         raw_max = max(raw_max, key_of(bitcast<u32>(x)));
         bad += select(0u, 1u, (bitcast<u32>(logits[i]) & 0x7f800000u) == 0x7f800000u);
     }
-    let raw_m = bitcast<f32>(bits_of_key(reduce_u32(li, raw_max, 1u)));
+    let rm = reduce_u32(li, raw_max, 1u);
+    let m = bitcast<f32>(bits_of_key(rm));
     let n_bad = reduce_u32(li, bad, 0u);
     storageBarrier();
-
-    // Repetition penalty: duplicates in the window write identical bits, so each distinct id
-    // is penalized once without deduplication.
+    // Repetition penalty on this chunk's ids: duplicates in the window write identical bits,
+    // so each distinct id is penalized once without deduplication.
     let win = u32(max(settings[5], 0.0));
     let hi = min(c, p.cap);
     let lo = c - min(c, win);
     for (var j = lo + li; j < hi; j += WG) {
         let id = history[j];
-        if (id < v) { work[id] = bitcast<u32>(penalize(clean(logits[id]), r, inv_r) * scale); }
+        if (id >= ch.start && id < ch.end) {
+            work[id] = bitcast<u32>(penalize(clean(logits[id]), r, inv_r) * scale);
+        }
     }
     storageBarrier();
 
-    // Pass 2: max key of s; the normalizer of the raw logits.
-    var kmax = 0u;
+    // The max key of s with its first index, as one 64-bit (key, ~index); the normalizer of
+    // the raw logits.
+    var best = vec2<u32>(0u, 0u);
     var raw_sum = 0.0;
-    for (var i = li; i < v; i += WG) {
-        kmax = max(kmax, key_of(work[i]));
-        raw_sum += exp(clean(logits[i]) - raw_m);
+    for (var i = ch.start + li; i < ch.end; i += WG) {
+        let cand = vec2<u32>(~i, key_of(work[i]));
+        if (!ge64(best, cand)) { best = cand; }
+        let x = clean(logits[i]);
+        raw_sum += select(exp(x - m), 0.0, is_neg_inf(x));
     }
-    kmax = reduce_u32(li, kmax, 1u);
+    best = max64(li, best);
+    raw_sum = sum_f32(li, raw_sum);
+    if (li == 0u) {
+        let at = part_at(g);
+        work[at] = best.y;
+        work[at + 1u] = ~best.x;
+        work[at + 2u] = rm;
+        work[at + 3u] = bitcast<u32>(raw_sum);
+        work[at + 4u] = n_bad;
+    }
+
+    // This chunk's top_logprobs candidates: round n finds the largest (key, ~index) below
+    // the one of round n - 1.
+    let top_n = min(u32(max(settings[8], 0.0)), min(p.v, 20u));
+    var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
+    for (var n = 0u; n < top_n; n++) {
+        var cand_best = vec2<u32>(0u, 0u);
+        for (var i = ch.start + li; i < ch.end; i += WG) {
+            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[i]))));
+            if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
+        }
+        prev = max64(li, cand_best);
+        if (li == 0u) {
+            work[tops_at(g) + 2u * n] = prev.x;
+            work[tops_at(g) + 2u * n + 1u] = prev.y;
+        }
+    }
+
+    // Round 0 of the top-k select: the top digit of every key.
+    if (!greedy && top_k_on()) {
+        local_clear(li);
+        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[i]) >> 24u, 1u); }
+        local_flush(li, 0u, false);
+    }
+}
+
+fn kround_pass(li: u32, g: u32, r: u32) {
+    if (is_greedy() || !top_k_on()) { return; }
+    let ch = chunk_of(g);
+    let prev = select(state(r - 1u), vec3<u32>(0u, top_k(), 0u), r == 1u);
+    let st = advance(li, r - 1u, false, r, prev);
+    set_state(r, st, g, li);
+    let mask = high_mask(r);
+    let shift = 24u - 8u * r;
+    local_clear(li);
+    for (var i = ch.start + li; i < ch.end; i += WG) {
+        let key = key_of(work[i]);
+        if ((key & mask) == st.x) { local_add((key >> shift) & 255u, 1u); }
+    }
+    local_flush(li, r, false);
+}
+
+// The max s of all chunks (its key).
+fn max_key(li: u32) -> u32 {
+    var k = 0u;
+    for (var g = li; g < p.groups; g += WG) { k = max(k, work[part_at(g)]); }
+    return reduce_u32(li, k, 1u);
+}
+
+fn weights_pass(li: u32, g: u32) {
+    if (is_greedy()) { return; }
+    let ch = chunk_of(g);
+    let m = bitcast<f32>(bits_of_key(max_key(li)));
+    var tk = 0u;
+    if (top_k_on()) { tk = advance(li, 3u, false, 4u, state(3u)).x; }
+    set_state(TK, vec3<u32>(tk, 0u, 0u), g, li);
+    let mass = top_p_on();
+    if (mass) { local_clear(li); }
+    for (var i = ch.start + li; i < ch.end; i += WG) {
+        let key = key_of(work[i]);
+        let w = weight(bitcast<f32>(work[i]), m);
+        work[p.v + i] = w;
+        if (mass && key >= tk) { local_add(key >> 24u, w); }
+    }
+    if (mass) { local_flush(li, 4u, true); }
+}
+
+fn pround_pass(li: u32, g: u32, r: u32) {
+    if (is_greedy() || !top_p_on()) { return; }
+    let ch = chunk_of(g);
+    let tk = state(TK).x;
+    var prev: vec3<u32>;
+    if (r == 1u) {
+        // The target: ceil(P * mass_k / 2^32), at least 1 (so the maximum always survives);
+        // p enters as a 32-bit binary fraction.
+        let pf = u32(ldexp(max(settings[2], 0.0), 32));
+        let q = mul64_frac(hist_total(li, 4u, true), pf);
+        var need = add64(q.xy, vec2<u32>(select(0u, 1u, q.z != 0u), 0u));
+        need = select(need, vec2<u32>(1u, 0u), need.x == 0u && need.y == 0u);
+        prev = vec3<u32>(0u, need);
+    } else {
+        prev = state(4u + r - 1u);
+    }
+    let st = advance(li, 4u + r - 1u, true, r, prev);
+    set_state(4u + r, st, g, li);
+    let mask = high_mask(r);
+    let shift = 24u - 8u * r;
+    local_clear(li);
+    for (var i = ch.start + li; i < ch.end; i += WG) {
+        let key = key_of(work[i]);
+        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[p.v + i]); }
+    }
+    local_flush(li, 4u + r, true);
+}
+
+// Min-p on the integer weights: keep w >= ceil(min_p * 2^31) (the max has w = 2^31).
+fn min_p_weight() -> u32 { return u32(ceil(ldexp(clamp(settings[3], 0.0, 1.0), 31))); }
+
+fn kept_pass(li: u32, g: u32) {
+    if (is_greedy()) { return; }
+    let ch = chunk_of(g);
+    // The top-p cut is the largest key whose kept mass reaches the target; it is never
+    // below tk (the select only counts keys >= tk).
+    var t = state(TK).x;
+    if (top_p_on()) { t = advance(li, 7u, true, 4u, state(7u)).x; }
+    set_state(T_CUT, vec3<u32>(t, 0u, 0u), g, li);
+    let mp = min_p_weight();
+    var mass = vec2<u32>(0u, 0u);
+    for (var i = ch.start + li; i < ch.end; i += WG) {
+        let w = work[p.v + i];
+        if (key_of(work[i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
+    }
+    mass = sum64(li, mass);
+    if (li == 0u) {
+        work[part_at(g) + 5u] = mass.x;
+        work[part_at(g) + 6u] = mass.y;
+    }
+}
+
+fn finish_pass(li: u32) {
+    let v = p.v;
+    let c = dyn_val(p.c_add, p.c_slot, p.c_mul);
+    let ng = p.groups;
+
+    // Merge the chunks: the argmax of s (lowest index on ties), log Z of the raw logits.
+    var best = vec2<u32>(0u, 0u);
+    var rmax = 0u;
+    var bad = 0u;
+    for (var g = li; g < ng; g += WG) {
+        let at = part_at(g);
+        let cand = vec2<u32>(~work[at + 1u], work[at]);
+        if (!ge64(best, cand)) { best = cand; }
+        rmax = max(rmax, work[at + 2u]);
+        bad += work[at + 4u];
+    }
+    best = max64(li, best);
+    rmax = reduce_u32(li, rmax, 1u);
+    let n_bad = reduce_u32(li, bad, 0u);
+    let raw_m = bitcast<f32>(bits_of_key(rmax));
+    var raw_sum = 0.0;
+    for (var g = li; g < ng; g += WG) {
+        let at = part_at(g);
+        let mg = bitcast<f32>(bits_of_key(work[at + 2u]));
+        raw_sum += select(bitcast<f32>(work[at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
+    }
     let log_z = raw_m + log(sum_f32(li, raw_sum));
 
-    if (greedy) {
-        var first = 0xffffffffu;
-        for (var i = li; i < v; i += WG) {
-            if (key_of(work[i]) == kmax) { first = min(first, i); }
-        }
-        first = reduce_u32(li, first, 2u);
-        if (li == 0u) { chosen = first; }
+    if (is_greedy()) {
+        if (li == 0u) { chosen = ~best.x; }
     } else {
-        // top-k: the largest key t with count(key >= t) >= k is the k-th largest value.
-        let k = u32(max(settings[1], 0.0));
-        var tk = 0u;
-        if (k > 0u && k < v) {
-            for (var b = 0u; b < 32u; b++) {
-                let cand = tk | (0x80000000u >> b);
-                var n = 0u;
-                for (var i = li; i < v; i += WG) { n += select(0u, 1u, key_of(work[i]) >= cand); }
-                tk = select(tk, cand, reduce_u32(li, n, 0u) >= k);
-            }
-        }
-        let m = bitcast<f32>(bits_of_key(kmax));
-        var mass = vec2<u32>(0u, 0u);
-        for (var i = li; i < v; i += WG) {
-            let w = weight(s_at(i), m);
-            work[v + i] = w;
-            if (key_of(work[i]) >= tk) { mass = add64(mass, vec2<u32>(w, 0u)); }
-        }
-        let mass_k = sum64(li, mass);
-        storageBarrier();
-
-        // top-p: the largest cut t whose kept mass still reaches ceil(p * mass_k) (at least 1,
-        // so the maximum always survives); p enters as a 32-bit binary fraction.
-        let top_p = settings[2];
-        var t = tk;
-        if (top_p < 1.0) {
-            let pf = u32(ldexp(max(top_p, 0.0), 32));
-            let q = mul64_frac(mass_k, pf);
-            var need = add64(q.xy, vec2<u32>(select(0u, 1u, q.z != 0u), 0u));
-            need = select(need, vec2<u32>(1u, 0u), need.x == 0u && need.y == 0u);
-            var tp = 0u;
-            for (var b = 0u; b < 32u; b++) {
-                let cand = tp | (0x80000000u >> b);
-                let cut = max(cand, tk);
-                var acc = vec2<u32>(0u, 0u);
-                for (var i = li; i < v; i += WG) {
-                    if (key_of(work[i]) >= cut) { acc = add64(acc, vec2<u32>(work[v + i], 0u)); }
-                }
-                tp = select(tp, cand, ge64(sum64(li, acc), need));
-            }
-            t = max(tk, tp);
-        }
-        // min-p on the integer weights: keep w >= ceil(min_p * 2^31) (the max has w = 2^31).
-        let mp = u32(ceil(ldexp(clamp(settings[3], 0.0, 1.0), 31)));
-
-        // The draw: contiguous chunks so that chunk order is index order.
-        let chunk = (v + WG - 1u) / WG;
-        let start = min(li * chunk, v);
-        let end = min(start + chunk, v);
+        let t = state(T_CUT).x;
+        let mp = min_p_weight();
+        // The draw: the chunk holding the target in index order, then the thread's run in it.
+        var kept_g = vec2<u32>(0u, 0u);
+        if (li < ng) { kept_g = vec2<u32>(work[part_at(li) + 5u], work[part_at(li) + 6u]); }
+        let incl = scan64(li, kept_g);
+        let total = workgroupUniformLoad(&red64[255]);
+        let seed = dyn_val(p.s_add, p.s_slot, p.s_mul);
+        let u = philox4x32_10(vec4<u32>(c, 0u, 1u, 0u), vec2<u32>(seed, 0u)).x;
+        let tg = mul64_frac(total, u).xy;
+        let excl = sub64(incl, kept_g);
+        if (li < ng && ge64(tg, excl) && !ge64(tg, incl)) { pick = vec4<u32>(li, sub64(tg, excl), 0u); }
+        let sel = workgroupUniformLoad(&pick).xyz;
+        let ch = chunk_of(sel.x);
+        let local_tg = sel.yz;
+        let sub = (ch.end - ch.start + WG - 1u) / WG;
+        let start = min(ch.start + li * sub, ch.end);
+        let end = min(start + sub, ch.end);
         var part = vec2<u32>(0u, 0u);
         for (var i = start; i < end; i++) {
             let w = work[v + i];
             if (key_of(work[i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
         }
-        workgroupBarrier();
-        pre64[li] = part;
-        workgroupBarrier();
-        if (li == 0u) {
-            var acc = vec2<u32>(0u, 0u);
-            for (var j = 0u; j < WG; j++) {
-                let x = pre64[j];
-                pre64[j] = acc;
-                acc = add64(acc, x);
-            }
-            let seed = dyn_val(p.s_add, p.s_slot, p.s_mul);
-            let u = philox4x32_10(vec4<u32>(c, 0u, 1u, 0u), vec2<u32>(seed, 0u)).x;
-            target64 = mul64_frac(acc, u).xy;
-            chosen = v;
-        }
-        workgroupBarrier();
-        let tg = target64;
-        let base = pre64[li];
-        if (ge64(tg, base) && !ge64(tg, add64(base, part))) {
+        if (li == 0u) { chosen = v; }
+        let base = sub64(scan64(li, part), part);
+        if (ge64(local_tg, base) && !ge64(local_tg, add64(base, part))) {
             var run = base;
             for (var i = start; i < end; i++) {
                 let w = work[v + i];
                 if (key_of(work[i]) >= t && w >= mp) {
                     run = add64(run, vec2<u32>(w, 0u));
-                    if (!ge64(tg, run)) {
+                    if (!ge64(local_tg, run)) {
                         chosen = i;
                         break;
                     }
@@ -271,21 +520,24 @@ fn main(@builtin(local_invocation_index) li: u32) {
             }
         }
     }
-    // The most likely ids for top_logprobs: round r finds the largest (key, -index) below the
-    // one of round r - 1, so ties go to the lower index as in the greedy path.
+
+    // The most likely ids for top_logprobs, from the chunks' candidates: round n finds the
+    // largest (key, ~index) below the one of round n - 1, so ties go to the lower index as in
+    // the greedy path.
     let top_n = min(u32(max(settings[8], 0.0)), min(v, 20u));
     var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
-    for (var r = 0u; r < top_n; r++) {
-        var best = vec2<u32>(0u, 0u);
-        for (var i = li; i < v; i += WG) {
-            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[i]))));
-            if (!ge64(cand, prev) && ge64(cand, best)) { best = cand; }
+    for (var n = 0u; n < top_n; n++) {
+        var cand_best = vec2<u32>(0u, 0u);
+        for (var e = li; e < ng * top_n; e += WG) {
+            let at = tops_at(e / top_n) + 2u * (e % top_n);
+            let cand = vec2<u32>(work[at], work[at + 1u]);
+            if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
         }
-        prev = max64(li, best);
+        prev = max64(li, cand_best);
         if (li == 0u) {
             let id = ~prev.x;
-            out[2u + 2u * r] = id;
-            out[3u + 2u * r] = bitcast<u32>(clean(logits[id]) - log_z);
+            out[2u + 2u * n] = id;
+            out[3u + 2u * n] = bitcast<u32>(clean(logits[id]) - log_z);
         }
     }
 
@@ -301,4 +553,39 @@ fn main(@builtin(local_invocation_index) li: u32) {
             if (c < p.cap) { history[c] = id; }
         }
     }
+    for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[i], 0u); }
+}
+
+@compute @workgroup_size(256)
+fn prep(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { prep_pass(li, wid.x); }
+@compute @workgroup_size(256)
+fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { kround_pass(li, wid.x, p.round); }
+@compute @workgroup_size(256)
+fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { weights_pass(li, wid.x); }
+@compute @workgroup_size(256)
+fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { pround_pass(li, wid.x, p.round); }
+@compute @workgroup_size(256)
+fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { kept_pass(li, wid.x); }
+@compute @workgroup_size(256)
+fn finish(@builtin(local_invocation_index) li: u32) { finish_pass(li); }
+
+// Every pass in one workgroup and one dispatch (one chunk: G = 1), for software adapters,
+// where a dispatch costs more than the parallelism buys.
+@compute @workgroup_size(256)
+fn single(@builtin(local_invocation_index) li: u32) {
+    prep_pass(li, 0u);
+    for (var r = 1u; r < 4u; r++) {
+        storageBarrier();
+        kround_pass(li, 0u, r);
+    }
+    storageBarrier();
+    weights_pass(li, 0u);
+    for (var r = 1u; r < 4u; r++) {
+        storageBarrier();
+        pround_pass(li, 0u, r);
+    }
+    storageBarrier();
+    kept_pass(li, 0u);
+    storageBarrier();
+    finish_pass(li);
 }

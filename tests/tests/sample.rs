@@ -47,11 +47,19 @@ struct Sampler {
     seed: Scalar,
     /// The top alternatives of the last draw.
     top: Vec<(u32, f32)>,
+    gpu: Arc<kiln::Gpu>,
+}
+
+/// The two sampler variants: the chunked passes (GPUs) and the single dispatch (software
+/// adapters); neither uses optional features.
+fn variants() -> [Arc<kiln::Gpu>; 2] {
+    let [gpu, _, software, _] = kiln_tests::gpu_variants();
+    [gpu, software]
 }
 
 impl Sampler {
-    fn new(v: usize, cap: usize) -> Self {
-        let gpu = gpu();
+    fn new(gpu: &Arc<kiln::Gpu>, v: usize, cap: usize) -> Self {
+        let gpu = gpu.clone();
         let mut g = Graph::new();
         let logits = g.input("logits", &[v], DType::F32).unwrap();
         let settings = g
@@ -86,6 +94,7 @@ impl Sampler {
             counter,
             seed,
             top: Vec::new(),
+            gpu,
         }
     }
 
@@ -110,7 +119,7 @@ impl Sampler {
         self.plan.set(self.seed, seed);
         self.plan.run().unwrap();
         let out = pollster::block_on(self.plan.read_u32(self.out)).unwrap();
-        let hist = pollster::block_on(self.hist.to_u32(&gpu())).unwrap();
+        let hist = pollster::block_on(self.hist.to_u32(&self.gpu)).unwrap();
         self.top = (0..st.top_logprobs as usize)
             .map(|r| (out[2 + 2 * r], f32::from_bits(out[3 + 2 * r])))
             .collect();
@@ -177,33 +186,35 @@ fn lm_logits(rng: &mut Rng, v: usize) -> Vec<f32> {
 /// id is NON_FINITE_ID, the second word the count, and the history is not written.
 #[test]
 fn non_finite_logits_are_reported() {
-    let v = 1000;
-    let mut s = Sampler::new(v, 8);
-    let mut rng = Rng::new(5);
-    let sampling = SamplerSettings {
-        temperature: 0.8,
-        top_k: 40,
-        top_p: 0.9,
-        top_logprobs: 3,
-        ..SamplerSettings::greedy()
-    };
-    for (bad, count) in [
-        (vec![(0, f32::NAN)], 1),
-        (vec![(999, f32::INFINITY), (17, f32::NAN)], 2),
-        (vec![(500, f32::NEG_INFINITY)], 1),
-    ] {
-        let mut logits = lm_logits(&mut rng, v);
-        for &(i, x) in &bad {
-            logits[i] = x;
-        }
-        for st in [SamplerSettings::greedy(), sampling] {
-            let history = [7u32; 8];
-            let (id, n, hist) = s.draw(&logits, &st, &history, 2, 9);
-            assert_eq!(id, NON_FINITE_ID, "{bad:?}");
-            assert_eq!(n.to_bits(), count, "{bad:?}: count");
-            assert_eq!(hist, history, "{bad:?}: no history write");
-            let want = reference::sample(&logits, &st.to_f32s(), &mut [7u32; 8], 2, 9);
-            assert_eq!((want.id, want.logprob), (NON_FINITE_ID, count as f64));
+    for gpu in variants() {
+        let v = 1000;
+        let mut s = Sampler::new(&gpu, v, 8);
+        let mut rng = Rng::new(5);
+        let sampling = SamplerSettings {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            top_logprobs: 3,
+            ..SamplerSettings::greedy()
+        };
+        for (bad, count) in [
+            (vec![(0, f32::NAN)], 1),
+            (vec![(999, f32::INFINITY), (17, f32::NAN)], 2),
+            (vec![(500, f32::NEG_INFINITY)], 1),
+        ] {
+            let mut logits = lm_logits(&mut rng, v);
+            for &(i, x) in &bad {
+                logits[i] = x;
+            }
+            for st in [SamplerSettings::greedy(), sampling] {
+                let history = [7u32; 8];
+                let (id, n, hist) = s.draw(&logits, &st, &history, 2, 9);
+                assert_eq!(id, NON_FINITE_ID, "{bad:?}");
+                assert_eq!(n.to_bits(), count, "{bad:?}: count");
+                assert_eq!(hist, history, "{bad:?}: no history write");
+                let want = reference::sample(&logits, &st.to_f32s(), &mut [7u32; 8], 2, 9);
+                assert_eq!((want.id, want.logprob), (NON_FINITE_ID, count as f64));
+            }
         }
     }
 }
@@ -245,113 +256,117 @@ fn philox_known_answers_gpu() {
 
 #[test]
 fn greedy_is_argmax_lowest_index_on_ties() {
-    let mut rng = Rng::new(1);
-    for v in [1000, 32000] {
-        let mut s = Sampler::new(v, 16);
-        let mut logits = lm_logits(&mut rng, v);
-        let top = logits.iter().copied().fold(f32::MIN, f32::max) + 1.0;
-        let (a, b) = (v / 3, 2 * v / 3);
-        logits[b] = top;
-        logits[a] = top;
-        let hist = vec![0u32; 16];
-        for seed in [0, 99] {
-            assert_eq!(
-                s.check(
-                    "greedy",
-                    &logits,
-                    &SamplerSettings {
-                        top_logprobs: 4,
-                        ..SamplerSettings::greedy()
-                    },
-                    &hist,
-                    0,
-                    seed
-                ),
-                a as u32
-            );
-            let ties: Vec<u32> = s.top[..2].iter().map(|t| t.0).collect();
-            assert_eq!(
-                ties,
-                [a as u32, b as u32],
-                "tied alternatives, lower index first"
+    for gpu in variants() {
+        let mut rng = Rng::new(1);
+        for v in [1000, 32000] {
+            let mut s = Sampler::new(&gpu, v, 16);
+            let mut logits = lm_logits(&mut rng, v);
+            let top = logits.iter().copied().fold(f32::MIN, f32::max) + 1.0;
+            let (a, b) = (v / 3, 2 * v / 3);
+            logits[b] = top;
+            logits[a] = top;
+            let hist = vec![0u32; 16];
+            for seed in [0, 99] {
+                assert_eq!(
+                    s.check(
+                        "greedy",
+                        &logits,
+                        &SamplerSettings {
+                            top_logprobs: 4,
+                            ..SamplerSettings::greedy()
+                        },
+                        &hist,
+                        0,
+                        seed
+                    ),
+                    a as u32
+                );
+                let ties: Vec<u32> = s.top[..2].iter().map(|t| t.0).collect();
+                assert_eq!(
+                    ties,
+                    [a as u32, b as u32],
+                    "tied alternatives, lower index first"
+                );
+            }
+            // Penalizing the tied winners moves the argmax elsewhere, as the reference says.
+            let mut hist = vec![a as u32, b as u32];
+            hist.resize(16, 0);
+            let st = SamplerSettings {
+                repeat_penalty: 1.5,
+                ..SamplerSettings::greedy()
+            };
+            let id = s.check("greedy+penalty", &logits, &st, &hist, 2, 0);
+            assert!(
+                id != a as u32 && id != b as u32,
+                "penalty ignored: got {id}"
             );
         }
-        // Penalizing the tied winners moves the argmax elsewhere, as the reference says.
-        let mut hist = vec![a as u32, b as u32];
-        hist.resize(16, 0);
-        let st = SamplerSettings {
-            repeat_penalty: 1.5,
-            ..SamplerSettings::greedy()
-        };
-        let id = s.check("greedy+penalty", &logits, &st, &hist, 2, 0);
-        assert!(
-            id != a as u32 && id != b as u32,
-            "penalty ignored: got {id}"
-        );
     }
 }
 
 #[test]
 fn sampling_matches_reference() {
-    let mut rng = Rng::new(2);
-    let base = SamplerSettings {
-        temperature: 0.8,
-        ..SamplerSettings::neutral()
-    };
-    let cases = [
-        ("temperature", base),
-        (
-            "temperature 2",
-            SamplerSettings {
-                temperature: 2.0,
-                ..base
-            },
-        ),
-        ("top-k", SamplerSettings { top_k: 40, ..base }),
-        ("top-p", SamplerSettings { top_p: 0.9, ..base }),
-        (
-            "min-p",
-            SamplerSettings {
-                min_p: 0.05,
-                ..base
-            },
-        ),
-        (
-            "penalty",
-            SamplerSettings {
-                repeat_penalty: 1.3,
-                repeat_window: 8,
-                top_logprobs: 5,
-                ..base
-            },
-        ),
-        (
-            "all",
-            SamplerSettings {
-                top_k: 50,
-                top_p: 0.8,
-                min_p: 0.02,
-                repeat_penalty: 1.1,
-                repeat_window: 32,
-                top_logprobs: 20,
-                ..base
-            },
-        ),
-    ];
-    for (v, draws) in [(1000usize, 6u32), (32000, 3), (152_000, 1)] {
-        let cap = 64;
-        let mut s = Sampler::new(v, cap);
-        for (name, st) in cases {
-            let logits = lm_logits(&mut rng, v);
-            // History holds the strongest ids so the penalty changes the distribution.
-            let mut order: Vec<u32> = (0..v as u32).collect();
-            order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-            let mut hist: Vec<u32> = (0..cap).map(|i| order[i % 12]).collect();
-            hist[5] = v as u32 + 7; // an out-of-range id is ignored
-            for d in 0..draws {
-                let (c, seed) = (10 + 3 * d, 1234 + 77 * d);
-                hist[c as usize] = u32::MAX;
-                s.check(&format!("{name} V={v}"), &logits, &st, &hist, c, seed);
+    for gpu in variants() {
+        let mut rng = Rng::new(2);
+        let base = SamplerSettings {
+            temperature: 0.8,
+            ..SamplerSettings::neutral()
+        };
+        let cases = [
+            ("temperature", base),
+            (
+                "temperature 2",
+                SamplerSettings {
+                    temperature: 2.0,
+                    ..base
+                },
+            ),
+            ("top-k", SamplerSettings { top_k: 40, ..base }),
+            ("top-p", SamplerSettings { top_p: 0.9, ..base }),
+            (
+                "min-p",
+                SamplerSettings {
+                    min_p: 0.05,
+                    ..base
+                },
+            ),
+            (
+                "penalty",
+                SamplerSettings {
+                    repeat_penalty: 1.3,
+                    repeat_window: 8,
+                    top_logprobs: 5,
+                    ..base
+                },
+            ),
+            (
+                "all",
+                SamplerSettings {
+                    top_k: 50,
+                    top_p: 0.8,
+                    min_p: 0.02,
+                    repeat_penalty: 1.1,
+                    repeat_window: 32,
+                    top_logprobs: 20,
+                    ..base
+                },
+            ),
+        ];
+        for (v, draws) in [(1000usize, 6u32), (32000, 3), (152_000, 1)] {
+            let cap = 64;
+            let mut s = Sampler::new(&gpu, v, cap);
+            for (name, st) in cases {
+                let logits = lm_logits(&mut rng, v);
+                // History holds the strongest ids so the penalty changes the distribution.
+                let mut order: Vec<u32> = (0..v as u32).collect();
+                order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+                let mut hist: Vec<u32> = (0..cap).map(|i| order[i % 12]).collect();
+                hist[5] = v as u32 + 7; // an out-of-range id is ignored
+                for d in 0..draws {
+                    let (c, seed) = (10 + 3 * d, 1234 + 77 * d);
+                    hist[c as usize] = u32::MAX;
+                    s.check(&format!("{name} V={v}"), &logits, &st, &hist, c, seed);
+                }
             }
         }
     }
@@ -359,79 +374,83 @@ fn sampling_matches_reference() {
 
 #[test]
 fn top_k_one_and_tiny_top_p_are_greedy() {
-    let mut rng = Rng::new(3);
-    let v = 5000;
-    let mut s = Sampler::new(v, 8);
-    let logits = lm_logits(&mut rng, v);
-    let argmax = (0..v)
-        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-        .unwrap() as u32;
-    let hist = vec![0u32; 8];
-    for seed in 0..4 {
-        let k1 = SamplerSettings {
-            temperature: 1.5,
-            top_k: 1,
-            ..SamplerSettings::neutral()
-        };
-        assert_eq!(s.check("top-k 1", &logits, &k1, &hist, 1, seed), argmax);
-        let p0 = SamplerSettings {
-            temperature: 1.5,
-            top_p: 1e-6,
-            ..SamplerSettings::neutral()
-        };
-        assert_eq!(s.check("top-p 1e-6", &logits, &p0, &hist, 1, seed), argmax);
-        let m1 = SamplerSettings {
-            temperature: 1.5,
-            min_p: 1.0,
-            ..SamplerSettings::neutral()
-        };
-        assert_eq!(s.check("min-p 1", &logits, &m1, &hist, 1, seed), argmax);
+    for gpu in variants() {
+        let mut rng = Rng::new(3);
+        let v = 5000;
+        let mut s = Sampler::new(&gpu, v, 8);
+        let logits = lm_logits(&mut rng, v);
+        let argmax = (0..v)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+            .unwrap() as u32;
+        let hist = vec![0u32; 8];
+        for seed in 0..4 {
+            let k1 = SamplerSettings {
+                temperature: 1.5,
+                top_k: 1,
+                ..SamplerSettings::neutral()
+            };
+            assert_eq!(s.check("top-k 1", &logits, &k1, &hist, 1, seed), argmax);
+            let p0 = SamplerSettings {
+                temperature: 1.5,
+                top_p: 1e-6,
+                ..SamplerSettings::neutral()
+            };
+            assert_eq!(s.check("top-p 1e-6", &logits, &p0, &hist, 1, seed), argmax);
+            let m1 = SamplerSettings {
+                temperature: 1.5,
+                min_p: 1.0,
+                ..SamplerSettings::neutral()
+            };
+            assert_eq!(s.check("min-p 1", &logits, &m1, &hist, 1, seed), argmax);
+        }
     }
 }
 
 #[test]
 fn history_write_and_determinism() {
-    let v = 1000;
-    let cap = 8;
-    let mut s = Sampler::new(v, cap);
-    // Equal logits: the draw is uniform, id = floor(u * V / 2^32) from the Philox word alone.
-    let logits = vec![0.25f32; v];
-    let hist: Vec<u32> = (0..cap as u32).map(|i| 900 + i).collect();
-    let st = SamplerSettings {
-        repeat_penalty: 1.0,
-        ..SamplerSettings::neutral()
-    };
-    let mut ids = Vec::new();
-    for c in 0..cap as u32 {
-        let (id, lp, after) = s.draw(&logits, &st, &hist, c, 42);
-        let u = reference::philox4x32_10([c, 0, 1, 0], [42, 0])[0];
-        assert_eq!(
-            id as u64,
-            (u as u64 * v as u64) >> 32,
-            "c {c}: uniform draw"
+    for gpu in variants() {
+        let v = 1000;
+        let cap = 8;
+        let mut s = Sampler::new(&gpu, v, cap);
+        // Equal logits: the draw is uniform, id = floor(u * V / 2^32) from the Philox word alone.
+        let logits = vec![0.25f32; v];
+        let hist: Vec<u32> = (0..cap as u32).map(|i| 900 + i).collect();
+        let st = SamplerSettings {
+            repeat_penalty: 1.0,
+            ..SamplerSettings::neutral()
+        };
+        let mut ids = Vec::new();
+        for c in 0..cap as u32 {
+            let (id, lp, after) = s.draw(&logits, &st, &hist, c, 42);
+            let u = reference::philox4x32_10([c, 0, 1, 0], [42, 0])[0];
+            assert_eq!(
+                id as u64,
+                (u as u64 * v as u64) >> 32,
+                "c {c}: uniform draw"
+            );
+            // ln(1/1000) from an exact-equal f32 sum: only log's rounding remains.
+            assert_close("uniform logprob", &[lp], &[-(v as f32).ln()], 1e-5, 1e-6);
+            let mut want = hist.clone();
+            want[c as usize] = id;
+            assert_eq!(after, want, "c {c}: history[c] = id, the rest untouched");
+            let (again, _, _) = s.draw(&logits, &st, &hist, c, 42);
+            assert_eq!(again, id, "c {c}: same seed and counter, same id");
+            ids.push(id);
+        }
+        ids.dedup();
+        assert!(
+            ids.len() > 4,
+            "different counters must give different draws: {ids:?}"
         );
-        // ln(1/1000) from an exact-equal f32 sum: only log's rounding remains.
-        assert_close("uniform logprob", &[lp], &[-(v as f32).ln()], 1e-5, 1e-6);
-        let mut want = hist.clone();
-        want[c as usize] = id;
-        assert_eq!(after, want, "c {c}: history[c] = id, the rest untouched");
-        let (again, _, _) = s.draw(&logits, &st, &hist, c, 42);
-        assert_eq!(again, id, "c {c}: same seed and counter, same id");
-        ids.push(id);
+        // A counter past the history capacity still samples but writes nothing.
+        let (_, _, after) = s.draw(&logits, &st, &hist, cap as u32, 42);
+        assert_eq!(after, hist, "c = cap must not write");
+        // Another seed, another stream.
+        let other: Vec<u32> = (0..cap as u32)
+            .map(|c| s.draw(&logits, &st, &hist, c, 43).0)
+            .collect();
+        assert_ne!(other, ids, "seed 43 repeated seed 42's draws");
     }
-    ids.dedup();
-    assert!(
-        ids.len() > 4,
-        "different counters must give different draws: {ids:?}"
-    );
-    // A counter past the history capacity still samples but writes nothing.
-    let (_, _, after) = s.draw(&logits, &st, &hist, cap as u32, 42);
-    assert_eq!(after, hist, "c = cap must not write");
-    // Another seed, another stream.
-    let other: Vec<u32> = (0..cap as u32)
-        .map(|c| s.draw(&logits, &st, &hist, c, 43).0)
-        .collect();
-    assert_ne!(other, ids, "seed 43 repeated seed 42's draws");
 }
 
 #[test]
@@ -480,4 +499,79 @@ fn randn_matches_reference_and_is_standard_normal() {
         other.iter().zip(&got).filter(|(a, b)| a == b).count() < 10,
         "seed did not change the noise"
     );
+}
+
+/// The radix selects and the chunked draw at their edges: many chunks (up to 256, and a
+/// chunk length that is not a power of two), logits with many exact ties at the top-k and
+/// top-p cuts, masked (-inf) ids, flat logits (a random-weight model's), k from 1 to V - 1,
+/// top-p close to 0 and to 1; the ids must equal the reference's.
+#[test]
+fn selects_and_draw_at_the_edges() {
+    for gpu in variants() {
+        let mut rng = Rng::new(11);
+        for v in [3000usize, 262_144, 300_001] {
+            let mut s = Sampler::new(&gpu, v, 16);
+            let hist = vec![0u32; 16];
+            // Quantized logits (steps of 0.5 over [-4, 4]): thousands of ties at every cut.
+            let tied: Vec<f32> = (0..v)
+                .map(|_| rng.uniform(-8.0, 8.0).round() * 0.5)
+                .collect();
+            // Mostly out of reach (weight 0), as under a grammar: a few hundred live ids.
+            let masked: Vec<f32> = (0..v)
+                .map(|i| {
+                    if i % 997 == 3 {
+                        rng.uniform(-2.0, 2.0)
+                    } else {
+                        -1e9
+                    }
+                })
+                .collect();
+            let flat: Vec<f32> = (0..v).map(|_| rng.uniform(-0.01, 0.01)).collect();
+            let cases = [
+                (1, 1.0, 0.0),
+                (2, 1.0, 0.0),
+                (37, 1.0, 0.0),
+                (1000, 1.0, 0.0),
+                (v as u32 - 1, 1.0, 0.0),
+                (0, 0.5, 0.0),
+                (0, 0.95, 0.0),
+                (0, 0.999, 0.0),
+                (0, 1e-3, 0.0),
+                (400, 0.9, 0.05),
+                (0, 1.0, 0.3),
+            ];
+            for (name, logits) in [("tied", &tied), ("masked", &masked), ("flat", &flat)] {
+                for (n, &(top_k, top_p, min_p)) in cases.iter().enumerate() {
+                    let st = SamplerSettings {
+                        temperature: 1.3,
+                        top_k,
+                        top_p,
+                        min_p,
+                        top_logprobs: if n == 0 { 20 } else { 0 },
+                        ..SamplerSettings::neutral()
+                    };
+                    let seed = 100 + n as u32;
+                    s.check(
+                        &format!("{name} V={v} k={top_k} p={top_p} min_p={min_p}"),
+                        logits,
+                        &st,
+                        &hist,
+                        3,
+                        seed,
+                    );
+                }
+            }
+            // Equal logits: the draw is uniform over all chunks, id = floor(u * V / 2^32).
+            let equal = vec![1.5f32; v];
+            for c in 0..4u32 {
+                let (id, _, _) = s.draw(&equal, &SamplerSettings::neutral(), &hist, c, 9);
+                let u = reference::philox4x32_10([c, 0, 1, 0], [9, 0])[0];
+                assert_eq!(
+                    id as u64,
+                    (u as u64 * v as u64) >> 32,
+                    "V={v} c {c}: uniform draw"
+                );
+            }
+        }
+    }
 }

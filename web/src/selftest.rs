@@ -174,6 +174,55 @@ async fn run_decode_attention(
     Ok((bytemuck_f32(&out[0]), attention(&q, &k, &v, &s)))
 }
 
+/// Draws over `v` ids with top-k/top-p/min-p, greedy and a penalty, several counters: the ids
+/// (as f32, exact) and log-probabilities, against the CPU reference.
+async fn run_sample(gpu: &Arc<Gpu>, v: usize) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    use kiln::kernels::sample::{SamplerSettings, SETTINGS_LEN};
+    let logits: Vec<f32> = random(v, 11).iter().map(|x| (x * 12.0).round() * 0.5).collect();
+    let cap = 16;
+    let mut g = Graph::new();
+    let lv = g.input("logits", &[v], DType::F32)?;
+    let sv = g.input("settings", &[SETTINGS_LEN], DType::F32)?;
+    let hist = Arc::new(Tensor::from_u32(gpu, "history", &[cap], &vec![0; cap])?);
+    let hv = g.tensor(&hist);
+    let counter = g.scalar("counter")?;
+    let out = g.sample(lv, sv, hv, kiln::Dyn::slot(counter), kiln::Dyn::Static(5))?;
+    g.output(out);
+    let mut plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(lv, &logits)?;
+    let base = SamplerSettings {
+        temperature: 0.9,
+        ..SamplerSettings::neutral()
+    };
+    let cases = [
+        SamplerSettings::greedy(),
+        SamplerSettings { top_k: 40, ..base },
+        SamplerSettings { top_p: 0.8, ..base },
+        SamplerSettings {
+            top_k: 300,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.3,
+            ..base
+        },
+    ];
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let mut history = vec![0u32; cap];
+    for (c, st) in cases.iter().enumerate() {
+        plan.write_f32(sv, &st.to_f32s())?;
+        plan.set(counter, c as u32);
+        let o = plan.run_read(&[out]).await?;
+        let w: Vec<u32> = o[0]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        got.extend([w[0] as f32, f32::from_bits(w[1])]);
+        let r = kiln::reference::sample::sample(&logits, &st.to_f32s(), &mut history, c as u32, 5);
+        want.extend([r.id as f32, r.logprob as f32]);
+    }
+    Ok((got, want))
+}
+
 /// GPU output and CPU reference of one case.
 type Outputs = kiln::Result<(Vec<f32>, Vec<f32>)>;
 
@@ -229,6 +278,13 @@ impl Device {
                     "decode attention 8/2 heads x 64, 300 keys",
                     run_decode_attention(&gpu, 8, 2, 64, 300).await,
                     1e-5,
+                ),
+                // Ids exact (a wrong one is off by at least 1 in 5000: 2e-4 relative), the
+                // log-probabilities to f32 rounding of log Z.
+                (
+                    "sampler, 5000 ids (5 chunks), greedy/top-k/top-p/min-p/penalty",
+                    run_sample(&gpu, 5000).await,
+                    1e-6,
                 ),
                 // exp/division in f32: a few ulp of the largest probability.
                 ("softmax 7x333", run_softmax(&gpu, 7, 333).await, 1e-5),

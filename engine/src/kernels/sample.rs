@@ -171,8 +171,26 @@ super::params!(
     /// Uniforms of `sample.wgsl`.
     SampleParams, "sample.wgsl", [] {
         v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
+        groups: u32, chunk: u32, round: u32,
     }
 );
+
+/// Words of `sample.wgsl`'s per-chunk statistics and top_logprobs candidates, its selection
+/// state, and its digit histograms (eight rounds of 256 bins of one or two words).
+const PART_WORDS: usize = 8;
+const TOPS_WORDS: usize = 2 * TOP_LOGPROBS_MAX;
+const STATE_WORDS: usize = 4 * 9;
+const HIST_WORDS: usize = 8 * 512;
+
+/// The sampler's chunks: `(chunk, groups)`, at least 1024 ids a chunk and at most 256 chunks
+/// (the finish pass merges one chunk per invocation); one chunk on software adapters.
+fn sample_chunks(v: usize, software: bool) -> (usize, usize) {
+    if software {
+        return (v, 1);
+    }
+    let chunk = v.div_ceil(256).max(1024);
+    (chunk, v.div_ceil(chunk))
+}
 
 super::params!(
     /// Uniforms of `noise.wgsl`.
@@ -214,20 +232,27 @@ impl Kernel for Sample {
         Ok(Some((vec![SAMPLE_OUT_LEN], DType::U32)))
     }
 
-    /// One workgroup.
+    /// Ten passes over the vocabulary in chunks (`sample.wgsl` lists them): the statistics,
+    /// two four-round radix selects (top-k, top-p), the weights and the draw. On software
+    /// adapters, where a dispatch costs more than the parallelism buys, the same passes run
+    /// one after another in one workgroup and one dispatch (`single`).
     fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
         let v = ins[0].numel();
-        if v == 0 || v > (u32::MAX / 2) as usize {
+        if v == 0 || v > (u32::MAX / 4) as usize {
             return Err(shape_err(
                 self.name(),
-                format!("vocabulary of {v} ids (1 .. 2^31 supported)"),
+                format!("vocabulary of {v} ids (1 .. 2^30 supported)"),
             ));
         }
-        let work = ctx.scratch("sample-work", 8 * v as u64)?;
+        let software = ctx.gpu.features.software;
+        let (chunk, groups) = sample_chunks(v, software);
+        let words = 2 * v + groups * (PART_WORDS + TOPS_WORDS) + STATE_WORDS;
+        let work = ctx.scratch("sample-work", 4 * words as u64)?;
+        let hist = ctx.scratch("sample-hist", 4 * HIST_WORDS as u64)?;
         let [c_add, c_slot, c_mul] = self.counter.words();
         let [s_add, s_slot, s_mul] = self.seed.words();
-        let p = SampleParams {
+        let params = |round: usize| SampleParams {
             v: u(v),
             cap: u(ins[2].numel()),
             c_add,
@@ -236,19 +261,35 @@ impl Kernel for Sample {
             s_add,
             s_slot,
             s_mul,
+            groups: u(groups),
+            chunk: u(chunk),
+            round: u(round),
         };
-        Ok(vec![dispatch(
-            KernelKey::new("sample.wgsl", "main"),
-            &p,
-            vec![
-                Binding::read(ins[0].buf()),
-                Binding::read(ins[1].buf()),
-                Binding::write(ins[2].buf()),
-                Binding::write(out.buf()),
-                Binding::write(&work),
-            ],
-            [1, 1, 1],
-        )])
+        let pass = |entry: &'static str, round: usize, wgs: usize| {
+            dispatch(
+                KernelKey::new("sample.wgsl", entry),
+                &params(round),
+                vec![
+                    Binding::read(ins[0].buf()),
+                    Binding::read(ins[1].buf()),
+                    Binding::write(ins[2].buf()),
+                    Binding::write(out.buf()),
+                    Binding::write(&work),
+                    Binding::write(&hist),
+                ],
+                [u(wgs), 1, 1],
+            )
+        };
+        if software {
+            return Ok(vec![pass("single", 0, 1)]);
+        }
+        let mut passes = vec![pass("prep", 0, groups)];
+        passes.extend((1..4).map(|r| pass("kround", r, groups)));
+        passes.push(pass("weights", 0, groups));
+        passes.extend((1..4).map(|r| pass("pround", r, groups)));
+        passes.push(pass("kept", 0, groups));
+        passes.push(pass("finish", 0, 1));
+        Ok(passes)
     }
 }
 

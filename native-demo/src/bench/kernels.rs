@@ -2,6 +2,7 @@
 
 use super::common::{random_bytes, random_f32, time};
 use anyhow::Result;
+use kiln::kernels::sample::{SamplerSettings, SETTINGS_LEN};
 use kiln::{CompileOptions, DType, Dyn, Gpu, Graph, Tensor};
 use std::sync::Arc;
 
@@ -176,6 +177,41 @@ pub fn kernels(quick: bool) -> Result<()> {
         ms,
         bytes,
     });
+
+    // The sampler over a 262k vocabulary (Gemma 3's), greedy and with top-k/top-p.
+    let v = 262_144;
+    for (what, st) in [
+        ("greedy", SamplerSettings::greedy()),
+        (
+            "T 0.8, top-k 40, top-p 0.95",
+            SamplerSettings {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.95,
+                ..SamplerSettings::neutral()
+            },
+        ),
+    ] {
+        let hist = Arc::new(Tensor::from_u32(&gpu, "history", &[64], &[0; 64])?);
+        let mut g = Graph::new();
+        let logits = g.input("logits", &[v], DType::F32)?;
+        let settings = g.input("settings", &[SETTINGS_LEN], DType::F32)?;
+        let h = g.tensor(&hist);
+        for r in 0..REPS {
+            g.sample(logits, settings, h, Dyn::Static(r as u32), Dyn::Static(1))?;
+        }
+        let plan = compile(&gpu, &g)?;
+        let spread: Vec<f32> = random_f32(v, 9).iter().map(|x| x * 20.0).collect();
+        plan.write_f32(logits, &spread)?;
+        plan.write_f32(settings, &st.to_f32s())?;
+        let ms = time(&gpu, &plan, iters * 5)? / REPS as f64;
+        rows.push(Row {
+            name: format!("sampler V=262144, {what}"),
+            rate: format!("{:.3} ms", ms),
+            ms,
+            bytes: (v * 4) as f64,
+        });
+    }
 
     println!();
     println!("| kernel | rate | ms | fraction of copy bandwidth |");
