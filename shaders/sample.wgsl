@@ -1,6 +1,6 @@
 // Token sampling on the GPU; the semantics are documented on kernels::sample::SamplerSettings
 // and mirrored by reference::sample::sample.
-// Bindings: 2 logits: array<f32> [V]; 3 settings: array<f32> [9] (SamplerSettings::to_f32s);
+// Bindings: 2 logits: array<f32> [V]; 3 settings: array<f32> [11] (SamplerSettings::to_f32s);
 //           4 history: array<u32> [cap] (window read, then history[c] = id if c < cap);
 //           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
 //             settings[8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
@@ -10,7 +10,10 @@
 //             statistics (PART), per-chunk top_logprobs candidates (TOPS) and the state the
 //             selection passes hand on (STATE);
 //           7 hist: array<atomic<u32>> [8 * 512] digit histograms of the selections; all zero
-//             between runs (the finish pass clears them; wgpu zeroes new buffers).
+//             between runs (the finish pass clears them; wgpu zeroes new buffers);
+//           8 constraint: array<u32> [ceil(V / 32) + 2 * MAX_BIAS]: the allowed-id bitmask (bit
+//             i % 32 of word i / 32; read when settings[9] != 0), then settings[10] (id, f32 bits
+//             of a bias) pairs sorted by id (kernels::sample::constraint_words).
 // Params: V, cap, counter c and seed as Dyn words (add, slot, mul); G chunks of `chunk` ids;
 //         `round` of a selection pass.
 //
@@ -49,6 +52,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;
 @group(0) @binding(6) var<storage, read_write> work: array<u32>;
 @group(0) @binding(7) var<storage, read_write> hist: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read> constraint: array<u32>;
 
 const WG: u32 = 256u;
 const NEG_INF_BITS: u32 = 0xff800000u;
@@ -112,6 +116,32 @@ fn clean(x: f32) -> f32 {
 }
 
 fn is_neg_inf(x: f32) -> bool { return bitcast<u32>(x) == NEG_INF_BITS; }
+
+// Whether the constraint's bitmask allows id i (every id when there is none).
+fn allowed(i: u32) -> bool {
+    if (settings[9] == 0.0) { return true; }
+    return ((constraint[i >> 5u] >> (i & 31u)) & 1u) != 0u;
+}
+
+// The logit bias of id i: a binary search of the sorted (id, bias) pairs.
+fn bias_of(i: u32) -> f32 {
+    let base = (p.v + 31u) / 32u;
+    var lo = 0u;
+    var hi = u32(max(settings[10], 0.0));
+    while (lo < hi) {
+        let mid = (lo + hi) / 2u;
+        let id = constraint[base + 2u * mid];
+        if (id == i) { return bitcast<f32>(constraint[base + 2u * mid + 1u]); }
+        if (id < i) { lo = mid + 1u; } else { hi = mid; }
+    }
+    return 0.0;
+}
+
+// The sampling logit of id i from its (biased, penalized) logit x: scaled, or -inf where the
+// constraint forbids i.
+fn sampled(i: u32, x: f32, scale: f32) -> f32 {
+    return select(bitcast<f32>(NEG_INF_BITS | (bitcast<u32>(x) & 0u)), x * scale, allowed(i));
+}
 
 fn penalize(x: f32, r: f32, inv_r: f32) -> f32 {
     return select(x * r, x * inv_r, x > 0.0);
@@ -290,7 +320,7 @@ fn prep_pass(li: u32, g: u32) {
     var bad = 0u;
     for (var i = ch.start + li; i < ch.end; i += WG) {
         let x = clean(logits[i]);
-        work[i] = bitcast<u32>(x * scale);
+        work[i] = bitcast<u32>(sampled(i, x, scale));
         raw_max = max(raw_max, key_of(bitcast<u32>(x)));
         bad += select(0u, 1u, (bitcast<u32>(logits[i]) & 0x7f800000u) == 0x7f800000u);
     }
@@ -298,15 +328,27 @@ fn prep_pass(li: u32, g: u32) {
     let m = bitcast<f32>(bits_of_key(rm));
     let n_bad = reduce_u32(li, bad, 0u);
     storageBarrier();
-    // Repetition penalty on this chunk's ids: duplicates in the window write identical bits,
-    // so each distinct id is penalized once without deduplication.
+    // Logit bias on this chunk's ids, then the repetition penalty on the biased logits:
+    // duplicates in the window write identical bits, so each distinct id is penalized once
+    // without deduplication.
+    let n_bias = u32(max(settings[10], 0.0));
+    let base = (p.v + 31u) / 32u;
+    for (var j = li; j < n_bias; j += WG) {
+        let id = constraint[base + 2u * j];
+        if (id >= ch.start && id < ch.end) {
+            let x = clean(logits[id]) + bitcast<f32>(constraint[base + 2u * j + 1u]);
+            work[id] = bitcast<u32>(sampled(id, x, scale));
+        }
+    }
+    storageBarrier();
     let win = u32(max(settings[5], 0.0));
     let hi = min(c, p.cap);
     let lo = c - min(c, win);
     for (var j = lo + li; j < hi; j += WG) {
         let id = history[j];
         if (id >= ch.start && id < ch.end) {
-            work[id] = bitcast<u32>(penalize(clean(logits[id]), r, inv_r) * scale);
+            let x = clean(logits[id]) + select(0.0, bias_of(id), n_bias > 0u);
+            work[id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
         }
     }
     storageBarrier();

@@ -291,6 +291,11 @@ impl TextTokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
+    /// The tokenizer as `tokenizer.json` holds it.
+    pub fn to_json(&self) -> Result<Json> {
+        serde_json::to_value(&self.inner).map_err(tok_err)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::llm::chat::{Overflow, Sampling};
-use kiln::llm::{ChatRequest, LoadOptions, Message, Prepared, Quantize, TextModel, TextOptions};
+use kiln::llm::{
+    ChatRequest, Grammar, LoadOptions, Message, Prepared, Quantize, TextModel, TextOptions,
+};
 use kiln::{Gpu, GpuOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -105,15 +107,59 @@ struct SamplingArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// The output must be JSON valid under the JSON schema in this file.
+    #[arg(long, conflicts_with_all = ["grammar", "json_object"])]
+    json_schema: Option<PathBuf>,
+    /// The output must be a JSON object.
+    #[arg(long, conflicts_with = "grammar")]
+    json_object: bool,
+    /// The output must match the grammar in this file (llguidance's Lark dialect).
+    #[arg(long)]
+    grammar: Option<PathBuf>,
+    /// Add BIAS to token ID's logit before sampling, as ID=BIAS (repeatable; -100 bans, 100
+    /// forces).
+    #[arg(long, value_parser = parse_bias)]
+    logit_bias: Vec<(u32, f32)>,
+}
+
+/// `ID=BIAS` of `--logit-bias`.
+fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected ID=BIAS"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}' is not a token id"))?;
+    let b: f32 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{b}' is not a number"))?;
+    if !(-100.0..=100.0).contains(&b) {
+        return Err(format!("bias {b} is outside [-100, 100]"));
+    }
+    Ok((id, b))
 }
 
 /// The engine's option defaults, which the flags show and use.
 static DEFAULTS: std::sync::LazyLock<TextOptions> = std::sync::LazyLock::new(TextOptions::default);
 
 impl SamplingArgs {
-    /// The engine's options for these flags.
-    fn options(&self) -> TextOptions {
-        TextOptions {
+    /// The engine's options for these flags (the grammar files read).
+    fn options(&self) -> Result<TextOptions> {
+        let read = |f: &PathBuf| {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+        };
+        let grammar = if let Some(f) = &self.json_schema {
+            let schema = serde_json::from_str(&read(f)?)
+                .with_context(|| format!("{} is not JSON", f.display()))?;
+            Some(Grammar::JsonSchema { schema })
+        } else if let Some(f) = &self.grammar {
+            Some(Grammar::Lark { grammar: read(f)? })
+        } else {
+            self.json_object.then_some(Grammar::JsonObject)
+        };
+        Ok(TextOptions {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             top_k: self.top_k,
@@ -123,8 +169,10 @@ impl SamplingArgs {
             repeat_window: self.repeat_window,
             seed: self.seed,
             stop: self.stop.clone(),
+            grammar,
+            logit_bias: self.logit_bias.iter().copied().collect(),
             ..TextOptions::default()
-        }
+        })
     }
 }
 
@@ -366,7 +414,7 @@ fn text(a: TextArgs) -> Result<()> {
     let request = TextOptions {
         prompt: prompt_text.clone(),
         prompt_ids: a.prompt_ids.clone(),
-        ..a.sampling.options()
+        ..a.sampling.options().stage(EXIT_USAGE)?
     };
     request.sampler().validate().stage(EXIT_USAGE)?;
     let gpu = gpu()?;
@@ -440,7 +488,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     if let Some(s) = &a.system {
         messages.push(Message::new("system", s));
     }
-    let mut sampling = Sampling::from_options(&a.sampling.options());
+    let mut sampling = Sampling::from_options(&a.sampling.options().stage(EXIT_USAGE)?);
     sampling.stream = Some(true);
     // One seed for the whole conversation, printed so it can be repeated.
     let seed = sampling
@@ -555,8 +603,8 @@ mod tests {
             panic!("not the text command")
         };
         let web = TextOptions::from_json("{}").unwrap();
-        assert_eq!(a.sampling.options(), TextOptions::default());
-        assert_eq!(a.sampling.options(), web);
+        assert_eq!(a.sampling.options().unwrap(), TextOptions::default());
+        assert_eq!(a.sampling.options().unwrap(), web);
         let load = LoadOptions::from_json("{}").unwrap();
         assert_eq!(
             (a.model.ctx, a.model.quantize, a.model.kv_cache),

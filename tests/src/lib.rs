@@ -317,6 +317,8 @@ pub fn greedy(max_tokens: usize) -> kiln::llm::GenerateOptions {
         seed: 0,
         stop: vec![],
         pipelined: true,
+        grammar: None,
+        logit_bias: vec![],
     }
 }
 

@@ -580,10 +580,13 @@ fn seeded_sampling_is_reproducible() {
             repeat_penalty: 1.1,
             repeat_window: 16,
             top_logprobs: 0,
+            ..SamplerSettings::neutral()
         },
         seed,
         stop: vec![],
         pipelined: true,
+        grammar: None,
+        logit_bias: vec![],
     };
     let a = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
     let b = pollster::block_on(m.generate(&prompt, &opts(7), &mut |_| true)).unwrap();
@@ -972,10 +975,13 @@ fn pipelined_decode_matches_serial() {
             repeat_penalty: 1.1,
             repeat_window: 8,
             top_logprobs: 3,
+            ..SamplerSettings::neutral()
         },
         seed: 11,
         stop: stop.to_vec(),
         pipelined,
+        grammar: None,
+        logit_bias: vec![],
     };
     // Two generations in a row, the second's prompt extending the first's text: returns both.
     let mut pair = |pipelined: bool, stop: &[String], max_tokens: usize| {

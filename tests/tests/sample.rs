@@ -2,7 +2,9 @@
 //! reference (exact ids, close log-probabilities), the history write, determinism, and the
 //! normal noise generator.
 
-use kiln::kernels::sample::{philox_on_gpu, SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN};
+use kiln::kernels::sample::{
+    bias_words, constraint_words, philox_on_gpu, SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN,
+};
 use kiln::reference::sample as reference;
 use kiln::{DType, Dyn, Graph, Plan, Scalar, Tensor, Value};
 use kiln_tests::{assert_close, gpu, Rng};
@@ -41,6 +43,9 @@ struct Sampler {
     logits: Value,
     settings: Value,
     history: Value,
+    constraint: Value,
+    /// The constraint input's words for the next draws (bitmask, logit biases).
+    words: Vec<u32>,
     out: Value,
     hist: Arc<Tensor>,
     counter: Scalar,
@@ -71,6 +76,9 @@ impl Sampler {
             .unwrap();
         let hist = Arc::new(Tensor::from_u32(&gpu, "history", &[cap], &vec![0; cap]).unwrap());
         let history = g.tensor(&hist);
+        let constraint = g
+            .input("constraint", &[constraint_words(v)], DType::U32)
+            .unwrap();
         let counter = g.scalar("counter").unwrap();
         let seed = g.scalar("seed").unwrap();
         let out = g
@@ -78,6 +86,7 @@ impl Sampler {
                 logits,
                 settings,
                 history,
+                constraint,
                 Dyn::slot(counter),
                 Dyn::slot(seed),
             )
@@ -89,6 +98,8 @@ impl Sampler {
             logits,
             settings,
             history,
+            constraint,
+            words: vec![0; constraint_words(v)],
             out,
             hist,
             counter,
@@ -111,6 +122,7 @@ impl Sampler {
         self.plan.write_f32(self.logits, logits).unwrap();
         self.plan.write_f32(self.settings, &st.to_f32s()).unwrap();
         self.plan.write_u32(self.history, history).unwrap();
+        self.plan.write_u32(self.constraint, &self.words).unwrap();
         // Poison the output so a kernel that writes nothing is caught.
         self.plan
             .write_u32(self.out, &[0xdead_beef; SAMPLE_OUT_LEN])
@@ -138,7 +150,7 @@ impl Sampler {
     ) -> u32 {
         let (id, lp, hist) = self.draw(logits, st, history, c, seed);
         let mut want_hist = history.to_vec();
-        let want = reference::sample(logits, &st.to_f32s(), &mut want_hist, c, seed);
+        let want = reference::sample(logits, &st.to_f32s(), &mut want_hist, &self.words, c, seed);
         assert_eq!(
             id, want.id,
             "{what}: c {c} seed {seed}: id expected {}, got {id}",
@@ -212,7 +224,14 @@ fn non_finite_logits_are_reported() {
                 assert_eq!(id, NON_FINITE_ID, "{bad:?}");
                 assert_eq!(n.to_bits(), count, "{bad:?}: count");
                 assert_eq!(hist, history, "{bad:?}: no history write");
-                let want = reference::sample(&logits, &st.to_f32s(), &mut [7u32; 8], 2, 9);
+                let want = reference::sample(
+                    &logits,
+                    &st.to_f32s(),
+                    &mut [7u32; 8],
+                    &vec![0; constraint_words(v)],
+                    2,
+                    9,
+                );
                 assert_eq!((want.id, want.logprob), (NON_FINITE_ID, count as f64));
             }
         }
@@ -571,6 +590,103 @@ fn selects_and_draw_at_the_edges() {
                     (u as u64 * v as u64) >> 32,
                     "V={v} c {c}: uniform draw"
                 );
+            }
+        }
+    }
+}
+
+/// A grammar's bitmask and logit biases: masked ids are never drawn (greedy or sampled, even
+/// when they hold the largest logits), biases move the draw and combine with the repetition
+/// penalty as the reference says, and the log-probabilities stay those of the raw logits.
+#[test]
+fn mask_and_logit_bias_match_reference() {
+    for gpu in variants() {
+        let mut rng = Rng::new(21);
+        for v in [1000usize, 49_152, 262_144] {
+            let cap = 16;
+            let mut s = Sampler::new(&gpu, v, cap);
+            let logits = lm_logits(&mut rng, v);
+            let mut order: Vec<u32> = (0..v as u32).collect();
+            order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            // Allow a sparse set that leaves out the 50 strongest ids.
+            let mut mask = vec![0u32; v.div_ceil(32)];
+            let mut allowed = Vec::new();
+            for (rank, &id) in order.iter().enumerate() {
+                if rank >= 50 && (id % 7 == 1 || rank % 97 == 0) {
+                    mask[id as usize / 32] |= 1 << (id % 32);
+                    allowed.push(id);
+                }
+            }
+            // Biases: lift two weak allowed ids, sink a strong one, touch a masked one.
+            let biases = [
+                (allowed[allowed.len() - 1], 30.0),
+                (allowed[allowed.len() / 2], 9.5),
+                (allowed[0], -100.0),
+                (order[0], 50.0),
+            ];
+            let bias = bias_words(v, &biases).unwrap();
+            let mut hist: Vec<u32> = (0..cap as u32).map(|i| allowed[i as usize % 5]).collect();
+            hist[2] = allowed[allowed.len() / 2];
+            let base = SamplerSettings {
+                temperature: 0.9,
+                top_logprobs: 3,
+                ..SamplerSettings::neutral()
+            };
+            for (name, st, use_mask, use_bias) in [
+                (
+                    "mask greedy",
+                    SamplerSettings {
+                        top_logprobs: 3,
+                        ..SamplerSettings::greedy()
+                    },
+                    true,
+                    false,
+                ),
+                ("mask", base, true, false),
+                (
+                    "mask top-k top-p",
+                    SamplerSettings {
+                        top_k: 20,
+                        top_p: 0.9,
+                        ..base
+                    },
+                    true,
+                    false,
+                ),
+                ("bias greedy", SamplerSettings::greedy(), false, true),
+                ("bias", base, false, true),
+                (
+                    "mask bias penalty",
+                    SamplerSettings {
+                        repeat_penalty: 1.5,
+                        repeat_window: 8,
+                        top_k: 40,
+                        ..base
+                    },
+                    true,
+                    true,
+                ),
+            ] {
+                let st = SamplerSettings {
+                    mask: use_mask,
+                    biases: if use_bias { biases.len() as u32 } else { 0 },
+                    ..st
+                };
+                s.words.fill(0);
+                s.words[..mask.len()].copy_from_slice(&mask);
+                s.words[mask.len()..mask.len() + bias.len()].copy_from_slice(&bias);
+                for d in 0..3u32 {
+                    let id = s.check(&format!("{name} V={v}"), &logits, &st, &hist, 8, 40 + d);
+                    if use_mask {
+                        assert!(
+                            mask[id as usize / 32] >> (id % 32) & 1 == 1,
+                            "{name}: masked id {id} drawn"
+                        );
+                    }
+                    if use_bias && !use_mask && st.temperature == 0.0 {
+                        assert_eq!(id, order[0], "{name}: +50 on the argmax keeps it");
+                    }
+                }
             }
         }
     }

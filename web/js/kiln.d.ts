@@ -159,8 +159,19 @@ export interface GenerateOptions {
   topLogprobs?: number;
   /** Stop when the text contains one of these (it is cut before it). */
   stop?: string[];
+  /** What the output must match; the sampler draws only tokens the grammar allows. */
+  grammar?: Grammar;
+  /** Token id to a bias added to its logit before sampling (-100 bans, 100 forces). */
+  logitBias?: Record<number, number>;
   signal?: AbortSignal;
 }
+
+/** An output constraint: any JSON object, JSON valid under a JSON schema, or a grammar in
+ * llguidance's Lark dialect (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md). */
+export type Grammar =
+  | { type: "json_object" }
+  | { type: "json_schema"; schema: object }
+  | { type: "lark"; grammar: string };
 
 export interface CompleteOptions extends GenerateOptions {
   /** Receives each new piece of text. */
@@ -239,6 +250,20 @@ export interface SamplingRequest {
   stream?: boolean | null;
   stream_options?: { include_usage?: boolean } | null;
   user?: string;
+  /** Constrained output, as OpenAI defines it: `{type: "json_object"}`, or `{type:
+   * "json_schema", json_schema: {name, schema, strict?, description?}}`. */
+  response_format?:
+    | { type: "text" }
+    | { type: "json_object" }
+    | { type: "json_schema"; json_schema: { name: string; schema: object; strict?: boolean | null; description?: string } }
+    | null;
+  /** Kiln extension: the output matches this grammar (llguidance's Lark dialect; llama-server's
+   * field of the same name takes GBNF). One of `response_format`, `grammar`, `json_schema`. */
+  grammar?: string | null;
+  /** llama-server's spelling of a JSON-schema constraint. */
+  json_schema?: object | null;
+  /** Token id (a decimal string, as OpenAI's) to a bias in [-100, 100] added to its logit. */
+  logit_bias?: Record<string, number> | null;
   /** Alternative to the second argument's `signal`. */
   signal?: AbortSignal;
 }
@@ -285,7 +310,7 @@ export interface KilnDetails {
   stop: Completion["stop"];
   reused_tokens: number;
   dropped_messages: number;
-  timings: { ttft_ms: number; prefill_ms: number; decode_ms: number; prefill_tok_s: number; decode_tok_s: number; encode_ms_per_token: number; submit_ms_per_token: number; wait_ms_per_token: number };
+  timings: { ttft_ms: number; prefill_ms: number; decode_ms: number; prefill_tok_s: number; decode_tok_s: number; encode_ms_per_token: number; submit_ms_per_token: number; wait_ms_per_token: number; mask_ms_per_token: number };
 }
 
 export interface ChatCompletion {

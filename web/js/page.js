@@ -20,6 +20,8 @@ function textOptions(o) {
     topLogprobs: o.topLogprobs,
     seed: o.seed,
     stop: o.stop,
+    grammar: o.grammar,
+    logitBias: o.logitBias,
   };
 }
 

@@ -177,16 +177,27 @@ async fn run_decode_attention(
 /// Draws over `v` ids with top-k/top-p/min-p, greedy and a penalty, several counters: the ids
 /// (as f32, exact) and log-probabilities, against the CPU reference.
 async fn run_sample(gpu: &Arc<Gpu>, v: usize) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
-    use kiln::kernels::sample::{SamplerSettings, SETTINGS_LEN};
-    let logits: Vec<f32> = random(v, 11).iter().map(|x| (x * 12.0).round() * 0.5).collect();
+    use kiln::kernels::sample::{constraint_words, SamplerSettings, SETTINGS_LEN};
+    let logits: Vec<f32> = random(v, 11)
+        .iter()
+        .map(|x| (x * 12.0).round() * 0.5)
+        .collect();
     let cap = 16;
     let mut g = Graph::new();
     let lv = g.input("logits", &[v], DType::F32)?;
     let sv = g.input("settings", &[SETTINGS_LEN], DType::F32)?;
     let hist = Arc::new(Tensor::from_u32(gpu, "history", &[cap], &vec![0; cap])?);
     let hv = g.tensor(&hist);
+    let cv = g.input("constraint", &[constraint_words(v)], DType::U32)?;
     let counter = g.scalar("counter")?;
-    let out = g.sample(lv, sv, hv, kiln::Dyn::slot(counter), kiln::Dyn::Static(5))?;
+    let out = g.sample(
+        lv,
+        sv,
+        hv,
+        cv,
+        kiln::Dyn::slot(counter),
+        kiln::Dyn::Static(5),
+    )?;
     g.output(out);
     let mut plan = g.compile(gpu, CompileOptions::default()).await?;
     plan.write_f32(lv, &logits)?;
@@ -217,7 +228,15 @@ async fn run_sample(gpu: &Arc<Gpu>, v: usize) -> kiln::Result<(Vec<f32>, Vec<f32
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         got.extend([w[0] as f32, f32::from_bits(w[1])]);
-        let r = kiln::reference::sample::sample(&logits, &st.to_f32s(), &mut history, c as u32, 5);
+        let words = vec![0; constraint_words(v)];
+        let r = kiln::reference::sample::sample(
+            &logits,
+            &st.to_f32s(),
+            &mut history,
+            &words,
+            c as u32,
+            5,
+        );
         want.extend([r.id as f32, r.logprob as f32]);
     }
     Ok((got, want))

@@ -4,7 +4,8 @@
 // image equal to `kiln image`. Run by native-demo/tests/serve.rs (which builds the binary):
 //   KILN_BIN=target/debug/kiln node web/tests/serve.test.mjs
 import OpenAI from "openai";
-import { spawn, execFile } from "node:child_process";
+import { execFile } from "node:child_process";
+import { KilnServers } from "./kiln-serve.mjs";
 import http from "node:http";
 import { promisify } from "node:util";
 import { mkdtempSync, readFileSync } from "node:fs";
@@ -22,51 +23,14 @@ const KEY = "sk-kiln-test";
 const run = promisify(execFile);
 const env = { ...process.env, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR ?? tmpdir() };
 
-let log = "";
-const servers = [];
+const kiln = new KilnServers(bin, env);
 // Never hang: the whole script has five minutes.
 setTimeout(() => {
-  console.log(`FAIL the serve tests did not finish in 5 minutes\n--- kiln serve log ---\n${log}`);
-  for (const s of servers) s.kill("SIGKILL");
+  console.log(`FAIL the serve tests did not finish in 5 minutes\n--- kiln serve log ---\n${kiln.log}`);
+  kiln.killAll();
   process.exit(1);
 }, 300_000).unref();
-
-/**
- * Starts `kiln serve --port 0 ...args`; resolves to its base URL. Its log goes to `log`. A
- * server whose /health is not Kiln's (something else answering, "403 resolve_deny") is replaced
- * by one on another port.
- */
-async function startServe(args) {
-  for (let attempt = 1; ; attempt++) {
-    const base = await spawnServe(args);
-    const h = await fetch(`${base}/health`).then((r) => r.text(), (e) => String(e));
-    if (h.includes('"status":"ok"')) return base;
-    log += `[${base}/health answered ${JSON.stringify(h.slice(0, 100))}: not kiln; trying another port]\n`;
-    servers.pop().kill("SIGKILL");
-    if (attempt === 3) throw new Error(`kiln serve is not reachable on its port:\n${log}`);
-  }
-}
-
-function spawnServe(args) {
-  const server = spawn(bin, ["serve", "--port", "0", ...args], { env });
-  servers.push(server);
-  let own = "";
-  server.stdout.on("data", (d) => (log += d));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`kiln serve did not start:\n${own}`)), 120_000);
-    server.stderr.on("data", (d) => {
-      log += d;
-      own += d;
-      // The whole line: stderr can arrive in pieces ("...http://127" then ".0.0.1:4000").
-      const m = /listening on (http:\/\/\S+)\r?\n/.exec(own);
-      if (m) clearTimeout(timer), resolve(m[1]);
-    });
-    server.on("exit", (code, signal) => {
-      log += `[kiln serve exited: code ${code}, signal ${signal}]\n`;
-      reject(new Error(`kiln serve exited (${code}):\n${own}`));
-    });
-  });
-}
+const startServe = (args) => kiln.start(args);
 
 const base = await startServe(["-m", textModel, "--image-model", imageModel, "--api-key", KEY, "--ctx", "256", "--max-body", "65536"]);
 const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: KEY, maxRetries: 0, timeout: 600_000 });
@@ -205,10 +169,10 @@ test("with no --model the embedded defaults are served; a client that disconnect
   const defaults = await startServe([]);
   const ids = (await (await fetch(`${defaults}/v1/models`)).json()).data.map((m) => m.id);
   assert.deepEqual(ids, ["text-kjv", "image-shapes"]);
-  const cancels = () => (log.match(/cancelled: the client disconnected|image: cancelled/g) ?? []).length;
+  const cancels = () => (kiln.log.match(/cancelled: the client disconnected|image: cancelled/g) ?? []).length;
   const waitCancel = async (before) => {
     for (let i = 0; i < 300 && cancels() === before; i++) await new Promise((r) => setTimeout(r, 100));
-    assert.ok(cancels() > before, log);
+    assert.ok(cancels() > before, kiln.log);
   };
   let before = cancels();
   // node:http, so that leaving closes the socket (fetch may drain a cancelled body to reuse
@@ -227,7 +191,7 @@ test("with no --model the embedded defaults are served; a client that disconnect
     req.end(body);
   });
   await waitCancel(before);
-  const m = /(\d+) generated, cancelled: the client disconnected/.exec(log.split("\n").reverse().join("\n"));
+  const m = /(\d+) generated, cancelled: the client disconnected/.exec(kiln.log.split("\n").reverse().join("\n"));
   assert.ok(m && Number(m[1]) < 400, `${m?.[1]} tokens generated before the cancel`);
   // An image request whose client leaves stops at the next denoising step.
   before = cancels();
@@ -262,7 +226,7 @@ for (const [name, fn] of tests) {
   }
 }
 // Ctrl-C stops a server; it must exit on its own.
-for (const server of servers) {
+for (const server of kiln.procs) {
   const exited = new Promise((resolve) => server.on("exit", resolve));
   server.kill("SIGINT");
   const code = await Promise.race([exited, new Promise((r) => setTimeout(() => r("timeout"), 10_000))]);
@@ -273,7 +237,7 @@ for (const server of servers) {
   }
 }
 if (failed) {
-  console.log(`--- kiln serve log ---\n${log}`);
+  console.log(`--- kiln serve log ---\n${kiln.log}`);
   process.exit(1);
 }
 console.log(`${tests.length} serve tests passed`);

@@ -553,18 +553,21 @@ impl Graph {
     /// `history` (u32 `[cap]`) holds previous ids for the repetition penalty; the drawn id is
     /// appended at index `counter` (which also selects the RNG stream). Output: u32
     /// `[SAMPLE_OUT_LEN]` = (token id, f32 bits of its log-probability under the unmodified
-    /// logits), then the `top_logprobs` (id, log-probability bits) pairs.
+    /// logits), then the `top_logprobs` (id, log-probability bits) pairs. `constraint` (u32
+    /// `[constraint_words(v)]`, [`crate::kernels::sample::constraint_words`]) holds the
+    /// allowed-id bitmask and the logit biases the settings switch on.
     pub fn sample(
         &mut self,
         logits: Value,
         settings: Value,
         history: Value,
+        constraint: Value,
         counter: Dyn,
         seed: Dyn,
     ) -> Result<Value> {
         let out = self.push(
             Sample { counter, seed },
-            vec![logits, settings, history],
+            vec![logits, settings, history, constraint],
             vec![history],
         )?;
         out.ok_or_else(|| shape_err("sample", "no output"))

@@ -506,6 +506,25 @@ impl Plan {
         Ok(())
     }
 
+    /// Writes `words` into an input from word `at` on (the rest stays as it was).
+    pub fn write_words_at(&self, v: Value, at: usize, words: &[u32]) -> Result<()> {
+        let b = self.value_buffer(v)?;
+        let n = self
+            .bound
+            .get(v.0)
+            .and_then(|b| b.as_ref())
+            .map_or(0, |b| numel(&b.shape));
+        if at + words.len() > n {
+            return Err(Error::Data {
+                name: format!("value {}", v.0),
+                msg: format!("{} words at {at} do not fit its {n}", words.len()),
+            });
+        }
+        self.gpu
+            .write_buffer(&b.buffer, 4 * at as u64, bytemuck::cast_slice(words));
+        Ok(())
+    }
+
     /// Writes f32 data into an input.
     pub fn write_f32(&self, v: Value, data: &[f32]) -> Result<()> {
         self.write_words(v, bytemuck::cast_slice(data))

@@ -13,7 +13,43 @@ use crate::tensor::STORAGE;
 use std::sync::Arc;
 
 /// Number of f32 sampler settings (the `settings` input of [`crate::Graph::sample`]).
-pub const SETTINGS_LEN: usize = 9;
+pub const SETTINGS_LEN: usize = 11;
+
+/// Most logit biases one draw takes (the `constraint` input's pairs).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Words of the sampler's `constraint` input over a vocabulary of `v` ids: the allowed-id
+/// bitmask (bit `i % 32` of word `i / 32`), then [`MAX_LOGIT_BIAS`] (id, f32 bits of the bias)
+/// pairs, sorted by id ([`bias_words`]).
+pub fn constraint_words(v: usize) -> usize {
+    v.div_ceil(32) + 2 * MAX_LOGIT_BIAS
+}
+
+/// The bias part of the `constraint` input: the pairs sorted by id, the last bias of an id
+/// repeated winning; ids outside the vocabulary of `v`, more than [`MAX_LOGIT_BIAS`] ids or a
+/// bias that is not finite are errors.
+pub fn bias_words(v: usize, biases: &[(u32, f32)]) -> Result<Vec<u32>> {
+    let mut by_id = std::collections::BTreeMap::new();
+    for &(id, b) in biases {
+        if id as usize >= v || !b.is_finite() {
+            return Err(Error::Data {
+                name: "logit_bias".into(),
+                msg: format!("token {id}: bias {b} (ids below {v}, finite biases)"),
+            });
+        }
+        by_id.insert(id, b);
+    }
+    if by_id.len() > MAX_LOGIT_BIAS {
+        return Err(Error::Data {
+            name: "logit_bias".into(),
+            msg: format!("{} tokens (at most {MAX_LOGIT_BIAS})", by_id.len()),
+        });
+    }
+    Ok(by_id
+        .into_iter()
+        .flat_map(|(id, b)| [id, b.to_bits()])
+        .collect())
+}
 
 /// The id the sampler writes when the logits hold NaN or infinity (its second word is then
 /// how many do): the decode loop stops with [`crate::Error::Overflow`].
@@ -32,6 +68,7 @@ pub const SAMPLE_OUT_LEN: usize = 2 + 2 * TOP_LOGPROBS_MAX;
 ///
 /// With `c` the counter of the draw, `V` the vocabulary size and `x` the logits:
 ///
+/// 0. **Logit bias**: `x[j] += bias[j]` for the `biases` pairs of the `constraint` input.
 /// 1. **Repetition penalty** (HF / llama.cpp): every distinct id `j < V` in
 ///    `history[max(0, c - repeat_window) .. min(c, cap)]` gets `x[j] > 0 ? x[j] * (1/r) : x[j] * r`
 ///    with `r = repeat_penalty` (`1` disables). `1/r` is rounded to f32 once on the CPU, so the
@@ -39,6 +76,8 @@ pub const SAMPLE_OUT_LEN: usize = 2 + 2 * TOP_LOGPROBS_MAX;
 /// 2. `temperature <= 0` is **greedy**: the argmax of the penalized logits, the lowest index
 ///    on ties. Steps 3-7 are skipped.
 /// 3. **Temperature**: `s = x * (1/temperature)` (the reciprocal again rounded on the CPU).
+///    With `mask` set, ids whose bit in the `constraint` input's bitmask is 0 get `s = -inf`
+///    (greedy decoding included): they are never drawn.
 /// 4. **Top-k** (`0` or `>= V` disables): keep ids with `s >=` the k-th largest `s`, ties
 ///    included.
 /// 5. **Weights**: `w = floor(min(exp(s - max s), 1) * 2^31)` as integers; probabilities are
@@ -77,6 +116,11 @@ pub struct SamplerSettings {
     /// How many of the most likely ids to report with their log-probabilities (at most
     /// [`TOP_LOGPROBS_MAX`]); 0 reports none. Changes nothing about the draw.
     pub top_logprobs: u32,
+    /// Apply the `constraint` input's bitmask (a grammar's allowed tokens); set by the decode
+    /// loop for constrained requests.
+    pub mask: bool,
+    /// How many (id, bias) pairs of the `constraint` input apply (at most [`MAX_LOGIT_BIAS`]).
+    pub biases: u32,
 }
 
 impl SamplerSettings {
@@ -91,6 +135,8 @@ impl SamplerSettings {
             repeat_penalty: 1.0,
             repeat_window: 64,
             top_logprobs: 0,
+            mask: false,
+            biases: 0,
         }
     }
 
@@ -139,8 +185,8 @@ impl SamplerSettings {
     }
 
     /// The settings input: `[temperature, top_k, top_p, min_p, repeat_penalty, repeat_window,
-    /// 1/temperature (0 when greedy), 1/repeat_penalty, top_logprobs]`. Counts saturate at 2^24, where f32
-    /// stops being exact.
+    /// 1/temperature (0 when greedy), 1/repeat_penalty, top_logprobs, mask (0 or 1), biases]`.
+    /// Counts saturate at 2^24, where f32 stops being exact.
     pub fn to_f32s(&self) -> [f32; SETTINGS_LEN] {
         let inv_t = if self.temperature > 0.0 {
             1.0 / self.temperature
@@ -163,6 +209,8 @@ impl SamplerSettings {
             inv_t,
             inv_r,
             self.top_logprobs.min(TOP_LOGPROBS_MAX as u32) as f32,
+            self.mask as u32 as f32,
+            self.biases.min(MAX_LOGIT_BIAS as u32) as f32,
         ]
     }
 }
@@ -220,12 +268,18 @@ impl Kernel for Sample {
 
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         need_f32(self.name(), ins[0].1)?;
-        if ins[0].0.len() != 1 || ins[1].0 != [SETTINGS_LEN] || ins[2].1 != DType::U32 {
+        let v = ins[0].0.first().copied().unwrap_or(0);
+        if ins[0].0.len() != 1
+            || ins[1].0 != [SETTINGS_LEN]
+            || ins[2].1 != DType::U32
+            || ins[3].1 != DType::U32
+            || ins[3].0 != [constraint_words(v)]
+        {
             return Err(shape_err(
                 self.name(),
                 format!(
-                    "expected logits [v], settings [{SETTINGS_LEN}], u32 history; found {:?}, {:?}, {}",
-                    ins[0].0, ins[1].0, ins[2].1
+                    "expected logits [v], settings [{SETTINGS_LEN}], u32 history, u32 constraint [{}]; found {:?}, {:?}, {}, {} {:?}",
+                    constraint_words(v), ins[0].0, ins[1].0, ins[2].1, ins[3].1, ins[3].0
                 ),
             ));
         }
@@ -276,6 +330,7 @@ impl Kernel for Sample {
                     Binding::write(out.buf()),
                     Binding::write(&work),
                     Binding::write(&hist),
+                    Binding::read(ins[3].buf()),
                 ],
                 [u(wgs), 1, 1],
             )

@@ -16,6 +16,7 @@
 //! - Every response carries a `kiln` object (prompt and generated ids, seed, Kiln's stop reason,
 //!   timings) beside the OpenAI fields.
 
+use super::constrain::Grammar;
 use super::generate::{GenerateOptions, Generation, StopReason, TextModel};
 use super::options::{random_seed, TextOptions};
 use crate::error::{Error, Result};
@@ -153,6 +154,16 @@ pub struct Sampling {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {"name",
+    /// "schema", "strict", "description"}}`, as OpenAI defines them.
+    pub response_format: Option<Value>,
+    /// A grammar the output must match, in llguidance's Lark dialect (llama-server's `grammar`
+    /// field takes GBNF; Kiln's takes Lark).
+    pub grammar: Option<String>,
+    /// A JSON schema the output must match (llama-server's spelling of `response_format`'s).
+    pub json_schema: Option<Value>,
+    /// Token id (as a string, as OpenAI sends it) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 const SAMPLING_FIELDS: &[&str] = &[
@@ -173,6 +184,10 @@ const SAMPLING_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "user",
+    "response_format",
+    "grammar",
+    "json_schema",
+    "logit_bias",
 ];
 
 /// A chat-completion request (`POST /v1/chat/completions`).
@@ -256,6 +271,22 @@ impl Sampling {
             repeat_window: Some(t.repeat_window),
             seed: t.seed,
             stop: Some(Stop::Many(t.stop.clone())),
+            response_format: matches!(t.grammar, Some(Grammar::JsonObject))
+                .then(|| json!({"type": "json_object"})),
+            json_schema: match &t.grammar {
+                Some(Grammar::JsonSchema { schema }) => Some(schema.clone()),
+                _ => None,
+            },
+            grammar: match &t.grammar {
+                Some(Grammar::Lark { grammar }) => Some(grammar.clone()),
+                _ => None,
+            },
+            logit_bias: (!t.logit_bias.is_empty()).then(|| {
+                t.logit_bias
+                    .iter()
+                    .map(|(id, &b)| (id.to_string(), b))
+                    .collect()
+            }),
             ..Sampling::default()
         }
     }
@@ -301,9 +332,93 @@ impl Sampling {
             stop,
             ..d
         };
-        let opts = t.generate_options();
+        let mut opts = t.generate_options();
         opts.sampler.validate()?;
+        opts.grammar = self.grammar()?;
+        opts.logit_bias = self.logit_bias()?;
         Ok(opts)
+    }
+
+    /// The output constraint of `response_format`, `grammar` or `json_schema` (one of them).
+    fn grammar(&self) -> Result<Option<Grammar>> {
+        let format = match &self.response_format {
+            None | Some(Value::Null) => None,
+            Some(f) => {
+                let field = |k: &str| f.get(k).filter(|v| !v.is_null());
+                match field("type").and_then(|t| t.as_str()) {
+                    Some("text") => None,
+                    Some("json_object") => Some(Grammar::JsonObject),
+                    Some("json_schema") => {
+                        let schema = field("json_schema")
+                            .and_then(|j| j.get("schema"))
+                            .filter(|v| !v.is_null())
+                            .ok_or_else(|| {
+                                bad(
+                                    "response_format",
+                                    "type json_schema needs json_schema.schema (the JSON schema)",
+                                )
+                            })?;
+                        Some(Grammar::JsonSchema {
+                            schema: schema.clone(),
+                        })
+                    }
+                    other => {
+                        return Err(bad(
+                            "response_format",
+                            format!(
+                                "type {} (text, json_object or json_schema)",
+                                other.map_or("missing".to_string(), |t| format!("'{t}'"))
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
+        let grammar = self
+            .grammar
+            .as_ref()
+            .map(|g| Grammar::Lark { grammar: g.clone() });
+        let schema = match &self.json_schema {
+            None | Some(Value::Null) => None,
+            Some(s) => Some(Grammar::JsonSchema { schema: s.clone() }),
+        };
+        let mut set: Vec<(&str, Grammar)> = [
+            ("response_format", format),
+            ("grammar", grammar),
+            ("json_schema", schema),
+        ]
+        .into_iter()
+        .filter_map(|(k, g)| g.map(|g| (k, g)))
+        .collect();
+        if set.len() > 1 {
+            let names: Vec<&str> = set.iter().map(|(k, _)| *k).collect();
+            return Err(bad(
+                names[1],
+                format!("give one output constraint, not {}", names.join(" and ")),
+            ));
+        }
+        Ok(set.pop().map(|(_, g)| g))
+    }
+
+    /// `logit_bias` as (id, bias) pairs: ids as decimal strings, biases in [-100, 100].
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>> {
+        let Some(map) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        map.iter()
+            .map(|(k, &b)| {
+                let id = k
+                    .parse::<u32>()
+                    .map_err(|_| bad("logit_bias", format!("key '{k}' is not a token id")))?;
+                if !(-100.0..=100.0).contains(&b) {
+                    return Err(bad(
+                        "logit_bias",
+                        format!("token {id}: bias {b} is outside [-100, 100]"),
+                    ));
+                }
+                Ok((id, b))
+            })
+            .collect()
     }
 
     /// Whether chunks are wanted.

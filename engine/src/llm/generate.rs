@@ -4,6 +4,7 @@
 //! that readback (the decode loop is pipelined).
 
 use super::config::LlmConfig;
+use super::constrain::{Constraint, Grammar, Grammars};
 use super::model::{build_step, KvCache, Step};
 use super::options::LoadOptions;
 use super::weights::{gguf_name, gguf_name_gemma, LlmWeights};
@@ -13,7 +14,9 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 use crate::formats::safetensors::take_checkpoint;
 use crate::formats::{text_file, ModelFiles, TensorSource};
-use crate::kernels::sample::{SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN, TOP_LOGPROBS_MAX};
+use crate::kernels::sample::{
+    bias_words, constraint_words, SamplerSettings, NON_FINITE_ID, SAMPLE_OUT_LEN, TOP_LOGPROBS_MAX,
+};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::weights::{Quantize, Weights};
 use std::sync::Arc;
@@ -40,8 +43,14 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Submit the run for token n + 1 before reading token n back, so the GPU computes while
     /// the host handles a token (default). The ids and log-probabilities are the same either
-    /// way; a stop found with a run in flight discards that run's token.
+    /// way; a stop found with a run in flight discards that run's token. Constrained
+    /// generation is serial (each token's mask needs the token before).
     pub pipelined: bool,
+    /// What the output must match: before every draw the sampler gets the grammar's allowed
+    /// tokens as a bitmask.
+    pub grammar: Option<Grammar>,
+    /// (token id, bias) added to the logits before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl GenerateOptions {
@@ -84,6 +93,8 @@ pub struct Timings {
     pub encode_ms_per_token: f64,
     pub submit_ms_per_token: f64,
     pub wait_ms_per_token: f64,
+    /// Computing the grammar's mask of allowed tokens, per token (constrained requests).
+    pub mask_ms_per_token: f64,
 }
 
 /// The result of a generation.
@@ -119,6 +130,8 @@ pub struct TextModel {
     /// The tokens whose keys and values are in the cache, position by position: a new prompt
     /// sharing a prefix with them prefills only the rest.
     cached: Vec<u32>,
+    /// The tokens as the grammar engine sees them, built on the first constrained request.
+    grammars: Option<Grammars>,
 }
 
 /// One draw of the sampler, from its read-back words.
@@ -254,6 +267,7 @@ impl TextModel {
             prefill,
             decode,
             cached: Vec::new(),
+            grammars: None,
         })
     }
 
@@ -291,6 +305,8 @@ impl TextModel {
         on_piece: &mut dyn FnMut(&str, &Generation) -> bool,
     ) -> Result<Generation> {
         self.check_request(prompt, opts)?;
+        let (opts, mut constraint) = self.constrain(opts)?;
+        let opts = &opts;
         let reused = self
             .cached
             .iter()
@@ -316,14 +332,59 @@ impl TextModel {
             timings: Timings::default(),
         };
         let t1 = now_ms();
-        let r = self.decode_loop(&mut g, first, opts, on_piece).await;
+        let r = self
+            .decode_loop(&mut g, first, opts, &mut constraint, on_piece)
+            .await;
         if r.is_err() {
             self.cached.clear();
         }
         let cost = r?;
         let decode_ms = now_ms() - t1;
         g.timings = Timings::new(prompt.len() - reused, g.ids.len(), ttft, decode_ms, &cost);
+        if let Some(c) = &constraint {
+            g.timings.mask_ms_per_token = c.mask_ms / c.masks.max(1) as f64;
+        }
         Ok(g)
+    }
+
+    /// The request's grammar and logit biases: its [`Constraint`] (the first mask computed),
+    /// the constraint input of both steps written (that mask, the biases), and options whose
+    /// sampler settings switch them on. Unconstrained requests write nothing.
+    fn constrain(
+        &mut self,
+        opts: &GenerateOptions,
+    ) -> Result<(GenerateOptions, Option<Constraint>)> {
+        let mut opts = opts.clone();
+        if opts.grammar.is_none() && opts.logit_bias.is_empty() {
+            return Ok((opts, None));
+        }
+        let vocab = self.config.vocab;
+        let bias = bias_words(vocab, &opts.logit_bias)?;
+        let mut constraint = match &opts.grammar {
+            None => None,
+            Some(g) => {
+                if self.grammars.is_none() {
+                    self.grammars = Some(Grammars::new(&self.tokenizer, &self.config.eos, vocab)?);
+                }
+                self.grammars
+                    .as_ref()
+                    .map(|gs| gs.constraint(g))
+                    .transpose()?
+            }
+        };
+        let mut words = vec![0u32; constraint_words(vocab)];
+        let mask_words = vocab.div_ceil(32);
+        if let Some(c) = constraint.as_mut() {
+            words[..mask_words].copy_from_slice(&c.mask()?);
+        }
+        words[mask_words..mask_words + bias.len()].copy_from_slice(&bias);
+        for step in [&self.prefill, &self.decode] {
+            step.plan.write_u32(step.constraint, &words)?;
+        }
+        opts.sampler.mask = constraint.is_some();
+        opts.sampler.biases = (bias.len() / 2) as u32;
+        opts.pipelined &= constraint.is_none();
+        Ok((opts, constraint))
     }
 
     /// A clear error for settings and prompts the model cannot run.
@@ -440,6 +501,7 @@ impl TextModel {
         g: &mut Generation,
         first: Draw,
         opts: &GenerateOptions,
+        constraint: &mut Option<Constraint>,
         on_piece: &mut dyn FnMut(&str, &Generation) -> bool,
     ) -> Result<HostCost> {
         let ctx = self.kv.ctx;
@@ -468,6 +530,9 @@ impl TextModel {
             if self.config.eos.contains(&tok.id) {
                 g.stop = StopReason::Eos;
                 break;
+            }
+            if let Some(c) = constraint.as_mut() {
+                c.commit(tok.id)?;
             }
             if let Some(piece) = stream.push(&self.tokenizer, tok.id)? {
                 let text = stream.text();
@@ -503,6 +568,12 @@ impl TextModel {
             if pos + 1 >= ctx {
                 g.stop = StopReason::ContextFull;
                 break;
+            }
+            if let Some(c) = constraint.as_mut() {
+                // The next draw's allowed tokens (constrained runs are serial: none in flight).
+                let mask = c.mask()?;
+                let d = &self.decode;
+                d.plan.write_words_at(d.constraint, 0, &mask)?;
             }
             if inflight.is_empty() {
                 inflight.push_back((pos, self.submit_decode(pos, opts, &mut cost)?));

@@ -9,7 +9,7 @@ use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::graph::{AttentionOptions, GluInput, UnaryOp};
-use crate::kernels::sample::SETTINGS_LEN;
+use crate::kernels::sample::{constraint_words, SETTINGS_LEN};
 use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn, Graph, Plan, Scalar, Value};
 use std::sync::Arc;
@@ -104,6 +104,9 @@ pub struct Step {
     pub seed: Scalar,
     /// Sampler settings input (f32 `[SETTINGS_LEN]`).
     pub settings: Value,
+    /// Sampler constraint input (u32 `[constraint_words(vocab)]`: a grammar's allowed-id
+    /// bitmask, the logit biases), read only when the settings switch them on.
+    pub constraint: Value,
     /// Sampler output (u32 `[SAMPLE_OUT_LEN]`: id, logprob bits, the top_logprobs pairs).
     pub out: Value,
     /// Logits of the last valid token (when built with `keep_logits`).
@@ -160,7 +163,15 @@ pub async fn build_step(
     }
     let logits = g.reshape(logits, &[cfg.vocab])?;
     let settings = g.input("sampler", &[SETTINGS_LEN], DType::F32)?;
-    let out = g.sample(logits, settings, history, Dyn::slot(next), Dyn::slot(seed))?;
+    let constraint = g.input("constraint", &[constraint_words(cfg.vocab)], DType::U32)?;
+    let out = g.sample(
+        logits,
+        settings,
+        history,
+        constraint,
+        Dyn::slot(next),
+        Dyn::slot(seed),
+    )?;
     g.output(out);
     if keep_logits {
         g.output(logits);
@@ -174,6 +185,7 @@ pub async fn build_step(
         next,
         seed,
         settings,
+        constraint,
         out,
         logits: keep_logits.then_some(logits),
     })

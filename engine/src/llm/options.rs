@@ -4,12 +4,14 @@
 //! `TextOptions::default()`, the browser sends JSON that deserializes into the same types.
 //! Fields are snake_case; the camelCase spelling JavaScript uses is accepted too.
 
+use super::constrain::Grammar;
 use super::generate::{GenerateOptions, Generation, StopReason, PREFILL_CHUNK};
 use crate::error::{Error, Result};
 use crate::kernels::sample::SamplerSettings;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Quantize;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// How to load a text model (JSON: `ctx`, `quantize`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -131,6 +133,11 @@ pub struct TextOptions {
     pub seed: Option<u32>,
     /// Generation stops when the text contains one of these (cut before it).
     pub stop: Vec<String>,
+    /// What the output must match (a JSON schema, any JSON object or a Lark grammar).
+    pub grammar: Option<Grammar>,
+    /// Added to the logits of these token ids before sampling (-100 bans, 100 forces).
+    #[serde(alias = "logitBias")]
+    pub logit_bias: BTreeMap<u32, f32>,
 }
 
 impl Default for TextOptions {
@@ -148,6 +155,8 @@ impl Default for TextOptions {
             top_logprobs: 0,
             seed: None,
             stop: Vec::new(),
+            grammar: None,
+            logit_bias: BTreeMap::new(),
         }
     }
 }
@@ -171,6 +180,8 @@ impl TextOptions {
             repeat_penalty: self.repeat_penalty,
             repeat_window: self.repeat_window,
             top_logprobs: self.top_logprobs,
+            mask: false,
+            biases: 0,
         }
     }
 
@@ -182,6 +193,8 @@ impl TextOptions {
             seed: self.seed.unwrap_or_else(random_seed),
             stop: self.stop.clone(),
             pipelined: true,
+            grammar: self.grammar.clone(),
+            logit_bias: self.logit_bias.iter().map(|(&id, &b)| (id, b)).collect(),
         }
     }
 

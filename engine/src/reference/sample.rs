@@ -59,12 +59,15 @@ pub struct Sampled {
 
 /// Samples one token exactly as `sample.wgsl` does (any NaN or infinite logit makes the draw
 /// [`NON_FINITE_ID`] with the count of such logits as its `logprob`), given the settings words
-/// ([`crate::kernels::sample::SamplerSettings::to_f32s`]), the history, the counter `c` and the
-/// seed. Writes the id into `history[c]` when `c < history.len()`.
+/// ([`crate::kernels::sample::SamplerSettings::to_f32s`]), the history, the `constraint` input
+/// (bitmask and logit biases, [`crate::kernels::sample::constraint_words`]; read only as the
+/// settings say), the counter `c` and the seed. Writes the id into `history[c]` when
+/// `c < history.len()`.
 pub fn sample(
     logits: &[f32],
     settings: &[f32; SETTINGS_LEN],
     history: &mut [u32],
+    constraint: &[u32],
     c: u32,
     seed: u32,
 ) -> Sampled {
@@ -81,14 +84,34 @@ pub fn sample(
     let greedy = settings[0].is_nan() || settings[0] <= 0.0;
     let scale = if greedy { 1.0 } else { settings[6] };
     let (r, inv_r) = (settings[4], settings[7]);
-    let mut s: Vec<f32> = raw.iter().map(|&x| x * scale).collect();
+    let base = v.div_ceil(32);
+    let allowed = |i: usize| settings[9] == 0.0 || (constraint[i / 32] >> (i % 32)) & 1 != 0;
+    let sampled = |i: usize, x: f32| {
+        if allowed(i) {
+            x * scale
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let mut biased = raw.clone();
+    for pair in constraint[base..]
+        .chunks_exact(2)
+        .take(settings[10].max(0.0) as usize)
+    {
+        biased[pair[0] as usize] += f32::from_bits(pair[1]);
+    }
+    let mut s: Vec<f32> = biased
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| sampled(i, x))
+        .collect();
     let win = settings[5].max(0.0) as u32;
     let (lo, hi) = (c - c.min(win), c.min(history.len() as u32));
     for j in lo..hi {
         let id = history[j as usize] as usize;
         if id < v {
-            let x = raw[id];
-            s[id] = if x > 0.0 { x * inv_r } else { x * r } * scale;
+            let x = biased[id];
+            s[id] = sampled(id, if x > 0.0 { x * inv_r } else { x * r });
         }
     }
     let keys: Vec<u32> = s.iter().map(|&x| key_of(x)).collect();

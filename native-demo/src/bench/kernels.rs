@@ -2,7 +2,7 @@
 
 use super::common::{random_bytes, random_f32, time};
 use anyhow::Result;
-use kiln::kernels::sample::{SamplerSettings, SETTINGS_LEN};
+use kiln::kernels::sample::{constraint_words, SamplerSettings, SETTINGS_LEN};
 use kiln::{CompileOptions, DType, Dyn, Gpu, Graph, Tensor};
 use std::sync::Arc;
 
@@ -197,8 +197,16 @@ pub fn kernels(quick: bool) -> Result<()> {
         let logits = g.input("logits", &[v], DType::F32)?;
         let settings = g.input("settings", &[SETTINGS_LEN], DType::F32)?;
         let h = g.tensor(&hist);
+        let constraint = g.input("constraint", &[constraint_words(v)], DType::U32)?;
         for r in 0..REPS {
-            g.sample(logits, settings, h, Dyn::Static(r as u32), Dyn::Static(1))?;
+            g.sample(
+                logits,
+                settings,
+                h,
+                constraint,
+                Dyn::Static(r as u32),
+                Dyn::Static(1),
+            )?;
         }
         let plan = compile(&gpu, &g)?;
         let spread: Vec<f32> = random_f32(v, 9).iter().map(|x| x * 20.0).collect();

@@ -125,6 +125,8 @@ pub fn text(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             seed: 1,
             stop: vec![],
             pipelined: true,
+            grammar: None,
+            logit_bias: vec![],
         };
         // Warm-up (first submits page in memory and driver state).
         pollster::block_on(m.generate(
