@@ -309,11 +309,19 @@ impl TextTokenizer {
     /// Renders the chat template for `messages` (`(role, content)` pairs) with the generation
     /// prompt appended.
     pub fn render_chat(&self, messages: &[(String, String)]) -> Result<String> {
+        self.render_messages(&pair_messages(messages), None)
+    }
+
+    /// Renders the chat template for messages as templates see them (objects with `role`,
+    /// `content`, and `tool_calls`, `tool_call_id` or `name` where a message has them) and a
+    /// request's `tools` (OpenAI's list, which transformers passes as `tools`; `none` without),
+    /// with the generation prompt appended.
+    pub fn render_messages(&self, messages: &[Json], tools: Option<&Json>) -> Result<String> {
         let tpl = self
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Unsupported("this model has no chat template".into()))?;
-        render_chat_template(tpl, messages, &self.bos_token, &self.eos_token)
+        render_template(tpl, messages, tools, &self.bos_token, &self.eos_token)
     }
 }
 
@@ -359,12 +367,31 @@ pub fn chat_template_named(name: &str) -> &str {
 /// per message, so this bounds a looping (hostile) template to a fraction of a second.
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
 
-/// Renders a Jinja chat template (as transformers does: `messages`, `add_generation_prompt`,
-/// `bos_token`, `eos_token`, `raise_exception`, Python string methods) within
-/// [`TEMPLATE_FUEL`].
+/// `(role, content)` pairs as template messages.
+fn pair_messages(messages: &[(String, String)]) -> Vec<Json> {
+    messages
+        .iter()
+        .map(|(r, c)| json!({"role": r, "content": c}))
+        .collect()
+}
+
+/// Renders a Jinja chat template for `(role, content)` pairs (see [`render_template`]).
 pub fn render_chat_template(
     tpl: &str,
     messages: &[(String, String)],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    render_template(tpl, &pair_messages(messages), None, bos_token, eos_token)
+}
+
+/// Renders a Jinja chat template as transformers does (`messages`, `tools`,
+/// `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, Python string
+/// methods) within [`TEMPLATE_FUEL`].
+pub fn render_template(
+    tpl: &str,
+    messages: &[Json],
+    tools: Option<&Json>,
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
@@ -381,18 +408,96 @@ pub fn render_chat_template(
             ))
         },
     );
+    env.add_filter("tojson", tojson);
     let err = |e: minijinja::Error| Error::Data {
         name: "chat_template".into(),
         msg: e.to_string(),
     };
     env.add_template("chat", tpl).map_err(err)?;
-    let msgs: Vec<Json> = messages
-        .iter()
-        .map(|(r, c)| json!({"role": r, "content": c}))
-        .collect();
     env.get_template("chat")
-        .and_then(|t| t.render(minijinja::context! { messages => msgs, add_generation_prompt => true, bos_token => bos_token, eos_token => eos_token }))
+        .and_then(|t| t.render(minijinja::context! { messages => messages, tools => tools, add_generation_prompt => true, bos_token => bos_token, eos_token => eos_token }))
         .map_err(err)
+}
+
+/// transformers' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False, indent=indent,
+/// separators=separators, sort_keys=sort_keys)`, keys in their order (tool schemas render as
+/// the client sent them).
+fn tojson(
+    v: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match separators.as_deref() {
+        Some([i, k]) => (i.clone(), k.clone()),
+        _ if indent.is_some() => (",".to_string(), ": ".to_string()),
+        _ => (", ".to_string(), ": ".to_string()),
+    };
+    let json: Json = serde_json::to_value(&v).map_err(|e| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    })?;
+    let mut out = String::new();
+    py_dumps(
+        &json,
+        indent,
+        sort_keys.unwrap_or(false),
+        (&item, &key),
+        0,
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// One value as Python's `json.dumps` writes it (see [`tojson`]).
+fn py_dumps(
+    v: &Json,
+    indent: Option<usize>,
+    sort: bool,
+    sep: (&str, &str),
+    level: usize,
+    out: &mut String,
+) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    match v {
+        Json::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep.0);
+                }
+                newline(out, level + 1);
+                py_dumps(x, indent, sort, sep, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Json::Object(o) if !o.is_empty() => {
+            let mut entries: Vec<(&String, &Json)> = o.iter().collect();
+            if sort {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep.0);
+                }
+                newline(out, level + 1);
+                out.push_str(&Json::String(k.clone()).to_string());
+                out.push_str(sep.1);
+                py_dumps(x, indent, sort, sep, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 /// A GGUF file's tokens and their types (1 normal, 3 control, 4 user-defined; all normal

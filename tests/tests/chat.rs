@@ -166,7 +166,7 @@ fn chat_prompts_have_one_bos() {
         let m = load(case, 64, false);
         let tok = &m.tokenizer;
         let msgs = [Message::new("user", "Hi")];
-        let ids = chat_ids(tok, &msgs).unwrap();
+        let ids = chat_ids(tok, &msgs, None).unwrap();
         let rendered = tok.render_chat(&[("user".into(), "Hi".into())]).unwrap();
         let plain = tok.encode(&rendered).unwrap();
         match tok.bos.filter(|_| tok.add_bos) {
@@ -248,10 +248,10 @@ fn long_conversations_are_refused_or_trimmed_as_asked() {
         msgs.push(Message::new("assistant", "The sea is wide and deep."));
     }
     msgs.push(Message::new("user", "Last one?"));
-    let e = fit_conversation(tok, &msgs, 64, 8, Overflow::Error).unwrap_err();
+    let e = fit_conversation(tok, &msgs, None, 64, 8, Overflow::Error).unwrap_err();
     assert!(e.to_string().contains("the context holds 64"), "{e}");
     assert!(e.to_string().contains("drop_oldest"), "{e}");
-    let (ids, dropped) = fit_conversation(tok, &msgs, 64, 8, Overflow::DropOldest).unwrap();
+    let (ids, dropped) = fit_conversation(tok, &msgs, None, 64, 8, Overflow::DropOldest).unwrap();
     assert!(ids.len() + 8 <= 64, "{} tokens", ids.len());
     assert!(dropped > 0 && dropped < msgs.len() - 1);
     // The system message and the last message survive.
@@ -260,10 +260,10 @@ fn long_conversations_are_refused_or_trimmed_as_asked() {
         .chain(&msgs[1 + dropped..])
         .cloned()
         .collect();
-    assert_eq!(chat_ids(tok, &kept).unwrap(), ids);
+    assert_eq!(chat_ids(tok, &kept, None).unwrap(), ids);
     // One message that cannot fit even alone is an error under either policy.
     let huge = vec![Message::new("user", &"sea ".repeat(200))];
-    assert!(fit_conversation(tok, &huge, 64, 8, Overflow::DropOldest).is_err());
+    assert!(fit_conversation(tok, &huge, None, 64, 8, Overflow::DropOldest).is_err());
 }
 
 #[test]
@@ -406,5 +406,231 @@ fn bad_constraints_are_refused() {
         let body = format!(r#"{{"messages": [{{"role": "user", "content": "x"}}], {extra}}}"#);
         let e = chat(&mut m, &body).expect_err(extra).to_string();
         assert!(e.contains(want), "{extra}: {e}");
+    }
+}
+
+/// Tool-using chat templates of published checkpoints (Qwen3, Llama 3.1, Mistral Nemo, Hermes 3,
+/// from llama.cpp's models/templates) render a request's `tools`, an assistant's `tool_calls`
+/// (arguments sent as JSON strings, as OpenAI clients send them) and `tool` results exactly as
+/// transformers renders them (tests/fixtures/tools, tools/make_tool_template_fixtures.py).
+#[test]
+fn tool_templates_render_as_transformers() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tools");
+    let e = kiln_tests::read_json(&root.join("expected.json"));
+    let mut checked = 0;
+    for (name, t) in e["templates"].as_object().unwrap() {
+        let tpl = std::fs::read_to_string(root.join(t["file"].as_str().unwrap())).unwrap();
+        for (conv, want) in t["rendered"].as_object().unwrap() {
+            let c = &e["conversations"][conv];
+            let msgs: Vec<Message> = serde_json::from_value(c["messages"].clone()).unwrap();
+            let msgs: Vec<Value> = msgs.iter().map(|m| m.to_template().unwrap()).collect();
+            let tools = (!c["tools"].is_null()).then_some(&c["tools"]);
+            let got = kiln::tokenizer::render_template(
+                &tpl,
+                &msgs,
+                tools,
+                t["bos_token"].as_str().unwrap(),
+                t["eos_token"].as_str().unwrap(),
+            )
+            .unwrap_or_else(|e| panic!("{name} {conv}: {e}"));
+            assert_eq!(got, want.as_str().unwrap(), "{name} {conv}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 11);
+}
+
+/// Each template's own rendering of an assistant tool call (from transformers, above) parses
+/// back into the call: the format Kiln reads from the template is the one it teaches.
+#[test]
+fn tool_calls_parse_back_from_each_template() {
+    use kiln::llm::tools::ToolFormat;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tools");
+    let e = kiln_tests::read_json(&root.join("expected.json"));
+    let want = vec![(
+        "get_weather".to_string(),
+        serde_json::json!({"city": "Paris", "unit": "celsius"}),
+    )];
+    for (name, t) in e["templates"].as_object().unwrap() {
+        let tpl = std::fs::read_to_string(root.join(t["file"].as_str().unwrap())).unwrap();
+        let (format, renders) = ToolFormat::of_template(&tpl);
+        assert!(renders, "{name}: its template renders tools");
+        let rendered = t["rendered"]["tool_result"].as_str().unwrap();
+        // The assistant turn: from the call's start to the end of its turn.
+        let (start, end) = match format {
+            ToolFormat::Hermes => ("<tool_call>", "</tool_call>"),
+            ToolFormat::Llama3 => ("{\"name\"", "<|eot_id|>"),
+            ToolFormat::Mistral => ("[TOOL_CALLS]", "</s>"),
+        };
+        let user = rendered.rfind("Paris?").unwrap();
+        let at = user
+            + rendered[user..]
+                .find(start)
+                .unwrap_or_else(|| panic!("{name}: no call in {rendered}"));
+        let len = rendered[at..].find(end).unwrap()
+            + if format == ToolFormat::Hermes {
+                end.len()
+            } else {
+                0
+            };
+        let turn = &rendered[at..at + len];
+        // Text may come before a marked call; a Llama 3 call is the whole reply.
+        let before = if format == ToolFormat::Llama3 {
+            ""
+        } else {
+            "Let me check."
+        };
+        let text = format!("{before}\n{turn}");
+        let (content, calls) = format.parse(&text);
+        assert_eq!(calls, want, "{name} ({format:?}): {turn}");
+        assert_eq!(content, before, "{name}");
+        // Streaming shows the text before the call and holds the call back.
+        assert_eq!(text[..format.content_len(&text)].trim(), before, "{name}");
+    }
+    // Replies that are not calls stay text.
+    for f in [ToolFormat::Hermes, ToolFormat::Llama3, ToolFormat::Mistral] {
+        let (content, calls) = f.parse("It is sunny in Paris.");
+        assert!(
+            calls.is_empty() && content == "It is sunny in Paris.",
+            "{f:?}"
+        );
+        let (_, calls) = f.parse("<tool_call>\n{\"name\": broken\n</tool_call>");
+        assert!(calls.is_empty(), "{f:?}: a broken call is no call");
+    }
+}
+
+/// Tool calls in the chat core on a random-weight fixture (its template has no tools: they go
+/// into the system message, in the Hermes format): `"required"` and a named function give a
+/// valid call whose arguments match the tool's schema, `"none"` gives text, a tool result in
+/// the history is accepted, and a stream carries the call as a tool_calls delta.
+#[test]
+fn tool_calls_in_the_chat_core() {
+    let mut m = load("llama3-rope-f16", 512, false);
+    let tools = r#"[{"type": "function", "function": {"name": "add",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+        "b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "b"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "shout", "parameters": {"type": "object",
+        "properties": {"word": {"enum": ["hi", "yo"]}}, "required": ["word"], "additionalProperties": false}}}]"#;
+    let ask = |choice: &str, seed: u32, extra: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "add 2 and 3"}}], "tools": {tools}, "tool_choice": {choice},
+               "max_tokens": 60, "seed": {seed}{extra}}}"#
+        )
+    };
+    for seed in 0..6 {
+        // (Allowed several calls, a random-weight model goes on calling to the token limit.)
+        let r = chat(
+            &mut m,
+            &ask(r#""required""#, seed, r#", "parallel_tool_calls": false"#),
+        )
+        .unwrap();
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+        let call = &c["message"]["tool_calls"][0];
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        match call["function"]["name"].as_str().unwrap() {
+            "add" => assert!(
+                args["a"].as_i64().is_some_and(|a| (0..=99).contains(&a)) && args["b"].is_i64(),
+                "{args}"
+            ),
+            "shout" => assert!(args["word"] == "hi" || args["word"] == "yo", "{args}"),
+            other => panic!("unknown tool {other}"),
+        }
+        assert_eq!(call["id"].as_str().unwrap().len(), 9);
+        assert_eq!(call["type"], "function");
+    }
+    let named = chat(
+        &mut m,
+        &ask(
+            r#"{"type": "function", "function": {"name": "shout"}}"#,
+            1,
+            r#", "parallel_tool_calls": false"#,
+        ),
+    )
+    .unwrap();
+    let calls = named["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap();
+    assert!(
+        calls.len() == 1 && calls[0]["function"]["name"] == "shout",
+        "{named}"
+    );
+    let none = chat(&mut m, &ask(r#""none""#, 1, "")).unwrap();
+    assert!(none["choices"][0]["message"]["tool_calls"].is_null());
+    // A tool result in the history.
+    let history = format!(
+        r#"{{"messages": [{{"role": "user", "content": "add 2 and 3"}},
+            {{"role": "assistant", "content": null, "tool_calls": [{{"id": "abc123def", "type": "function", "function": {{"name": "add", "arguments": "{{\"a\": 2, \"b\": 3}}"}}}}]}},
+            {{"role": "tool", "tool_call_id": "abc123def", "content": "5"}}], "tools": {tools}, "max_tokens": 8, "seed": 1}}"#
+    );
+    let r = chat(&mut m, &history).unwrap();
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    // Streaming: the call arrives as one tool_calls delta, then finish_reason tool_calls.
+    let req = ChatRequest::from_json(&ask(
+        r#""required""#,
+        2,
+        r#", "stream": true, "parallel_tool_calls": false"#,
+    ))
+    .unwrap();
+    let p = Prepared::chat(&m, &req, "test").unwrap();
+    let mut chunks = Vec::new();
+    pollster::block_on(p.run(&mut m, &mut |c| {
+        if !c.is_null() {
+            chunks.push(c);
+        }
+        true
+    }))
+    .unwrap();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["delta"]["tool_calls"].is_null())
+        .collect();
+    assert_eq!(deltas.len(), 1, "{chunks:?}");
+    assert_eq!(
+        deltas[0]["choices"][0]["delta"]["tool_calls"][0]["index"],
+        0
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.contains("<tool_call>"), "held back: {text:?}");
+    // Refusals.
+    for (body, want) in [
+        (ask(r#""sometimes""#, 0, ""), "tool_choice"),
+        (
+            ask(
+                r#"{"type": "function", "function": {"name": "nope"}}"#,
+                0,
+                "",
+            ),
+            "nope",
+        ),
+        (
+            ask(
+                r#""required""#,
+                0,
+                r#", "response_format": {"type": "json_object"}"#,
+            ),
+            "tool_choice",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#
+                .to_string(),
+            "no tools",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#
+                .to_string(),
+            "tools[0]",
+        ),
+    ] {
+        let e = chat(&mut m, &body).expect_err(&body).to_string();
+        assert!(e.contains(want), "{body}: {e}");
     }
 }

@@ -103,7 +103,8 @@ export async function* stream(run, signal) {
   let error = null;
   let result;
   const onPiece = (piece) => {
-    queue.push(piece);
+    // null: a token that produced nothing to send yet (held-back text of a possible tool call).
+    if (piece !== null) queue.push(piece);
     wake?.();
     return !stopped && !signal?.aborted;
   };

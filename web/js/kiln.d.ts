@@ -214,10 +214,27 @@ export type Prompt = string | number[] | Uint32Array;
 // `GenerateOptions`. Every response (and the last chunk of a stream) also carries `kiln`.
 
 export interface ChatMessage {
-  role: "system" | "developer" | "user" | "assistant" | (string & {});
-  /** Text, or text parts. */
-  content: string | { type: "text"; text: string }[];
+  role: "system" | "developer" | "user" | "assistant" | "tool" | (string & {});
+  /** Text, or text parts; null in an assistant message that only calls tools. */
+  content: string | { type: "text"; text: string }[] | null;
   name?: string;
+  /** An assistant message's calls (as a response returned them). */
+  tool_calls?: ToolCall[];
+  /** A `tool` message: the call it answers. */
+  tool_call_id?: string;
+}
+
+export interface ToolCall {
+  /** 9 letters and digits. */
+  id: string;
+  type: "function";
+  /** `arguments`: a JSON object as a string. */
+  function: { name: string; arguments: string };
+}
+
+export interface Tool {
+  type: "function";
+  function: { name: string; description?: string; parameters?: object };
 }
 
 /** Fields chat and completion requests share. `null` counts as absent. */
@@ -270,6 +287,14 @@ export interface SamplingRequest {
 
 export interface ChatCompletionRequest extends SamplingRequest {
   messages: ChatMessage[];
+  /** Functions the model may call: rendered through the model's chat template (or a system
+   * message where the template has none), the reply parsed into `tool_calls`. */
+  tools?: Tool[] | null;
+  /** "auto" (default), "none", "required" or a named function: the last two constrain the reply
+   * to a valid call whose arguments match the function's `parameters`. */
+  tool_choice?: "none" | "auto" | "required" | { type: "function"; function: { name: string } } | null;
+  /** Whether a required call may be several (default true). */
+  parallel_tool_calls?: boolean | null;
   /** Per-token log-probabilities of the reply. */
   logprobs?: boolean | null;
   /** 0..20 most likely alternatives per token (needs `logprobs: true`); computed on the GPU. */
@@ -286,7 +311,7 @@ export interface CompletionRequest extends SamplingRequest {
   logprobs?: number | null;
 }
 
-export type FinishReason = "stop" | "length" | "contextfull" | "cancelled";
+export type FinishReason = "stop" | "length" | "tool_calls" | "contextfull" | "cancelled";
 
 export interface TokenLogprob {
   token: string;
@@ -321,7 +346,7 @@ export interface ChatCompletion {
   system_fingerprint: string;
   choices: {
     index: 0;
-    message: { role: "assistant"; content: string };
+    message: { role: "assistant"; content: string | null; tool_calls?: ToolCall[] };
     logprobs: { content: (TokenLogprob & { top_logprobs: TokenLogprob[] })[] } | null;
     finish_reason: FinishReason;
   }[];
@@ -338,7 +363,7 @@ export interface ChatCompletionChunk {
   /** Empty in the usage chunk (`stream_options.include_usage`). */
   choices: {
     index: 0;
-    delta: { role?: "assistant"; content?: string };
+    delta: { role?: "assistant"; content?: string; tool_calls?: (ToolCall & { index: number })[] };
     logprobs: { content: (TokenLogprob & { top_logprobs: TokenLogprob[] })[] } | null;
     finish_reason: FinishReason | null;
   }[];

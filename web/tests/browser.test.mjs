@@ -9,7 +9,7 @@
 // target/debug/kiln), VERBOSE=1.
 
 import { execFile, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,6 +18,8 @@ import { gzipSync } from "node:zlib";
 import { chromium } from "playwright-core";
 import { modelCache, startServer } from "../tools/serve.mjs";
 import { psnr, readPng } from "./png.mjs";
+import { SCHEMAS } from "./schemas.mjs";
+import Ajv from "ajv";
 
 const web = join(dirname(fileURLToPath(import.meta.url)), "..");
 const root = join(web, "..");
@@ -498,6 +500,50 @@ test("chat.completions.create and completions.create: streaming and not, page an
     const c = await native(["text", ...FIXTURE_TEXT.native, "--json", "--temperature", "0", "--prompt", "The quick brown fox", "-n", "8"]);
     assert(JSON.stringify(r.completion.kiln.ids) === JSON.stringify(c.ids) && r.completion.choices[0].text === c.text, `${mode}: completion ${r.completion.kiln.ids} vs ${c.ids}`);
   }
+});
+
+test("structured output and a tool call in the browser: JSON schemas validate (Ajv), greedy ids equal native", 600000, async () => {
+  const page = await openDemo(true);
+  const r = await page.evaluate(async ([src, schemas]) => {
+    const k = window.demo.kiln;
+    await k.loadText(src);
+    const out = [];
+    for (let i = 0; i < schemas.length; i++) {
+      const c = await k.chat.completions.create({
+        messages: [{ role: "user", content: `JSON ${i}` }],
+        response_format: { type: "json_schema", json_schema: { name: `s${i}`, schema: schemas[i] } },
+        temperature: i === 0 ? 0 : 1,
+        max_tokens: 200,
+        seed: i,
+      });
+      out.push({ text: c.choices[0].message.content, finish: c.choices[0].finish_reason, ids: c.kiln.ids, promptIds: c.kiln.prompt_ids });
+    }
+    const llm = await k.loadText(src);
+    const lark = await llm.complete("?", { grammar: { type: "lark", grammar: 'start: "id-" /[0-9]{3}/' }, maxTokens: 20, seed: 2 });
+    const bad = await k.chat.completions.create({ messages: [{ role: "user", content: "x" }], response_format: { type: "json_schema", json_schema: { name: "x" } } }).then(() => null, (e) => e.message);
+    const tool = { type: "function", function: { name: "pick", parameters: { type: "object", properties: { x: { enum: ["a", "b"] } }, required: ["x"], additionalProperties: false } } };
+    const call = await k.chat.completions.create({ messages: [{ role: "user", content: "pick" }], tools: [tool], tool_choice: "required", parallel_tool_calls: false, max_tokens: 60, seed: 1 });
+    return { out, lark: lark.text, bad, call: call.choices[0] };
+  }, [FIXTURE_TEXT.source, SCHEMAS]);
+  await page.close();
+  const ajv = new Ajv({ strict: false });
+  r.out.forEach((o, i) => {
+    assert(o.finish === "stop", `schema ${i}: finish ${o.finish}: ${o.text}`);
+    const v = JSON.parse(o.text);
+    assert(ajv.validate(SCHEMAS[i], v), `schema ${i}: ${ajv.errorsText()}: ${o.text}`);
+  });
+  assert(/^id-[0-9]{3}$/.test(r.lark), `lark: ${JSON.stringify(r.lark)}`);
+  assert(/json_schema\.schema/.test(r.bad), `bad: ${r.bad}`);
+  const call = r.call.message.tool_calls?.[0];
+  assert(r.call.finish_reason === "tool_calls" && call.function.name === "pick" && ["a", "b"].includes(JSON.parse(call.function.arguments).x), `tool call: ${JSON.stringify(r.call)}`);
+  // The greedy constrained reply equals the native binary's for the same prompt ids.
+  const dir = mkdtempSync(join(tmpdir(), "kiln-schema-"));
+  writeFileSync(join(dir, "s.json"), JSON.stringify(SCHEMAS[0]));
+  const o = r.out[0];
+  const want = await native(["text", ...FIXTURE_TEXT.native, "--json", "--temperature", "0", "--prompt-ids", o.promptIds.join(","), "-n", "200", "--json-schema", join(dir, "s.json")]);
+  rmSync(dir, { recursive: true });
+  assert(JSON.stringify(o.ids) === JSON.stringify(want.ids), `greedy constrained ids ${o.ids} vs native ${want.ids}`);
+  log(`10 schemas valid; greedy: ${o.ids.length} ids equal native: ${JSON.stringify(o.text)}`);
 });
 
 test("loadText's chatTemplate replaces the model's template (a built-in name or Jinja text)", 300000, async () => {

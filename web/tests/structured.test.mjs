@@ -1,7 +1,8 @@
-// Structured output against `kiln serve`, with the clients apps use: the official `openai`
-// client (response_format json_schema / json_object, the Lark `grammar` extension, logit_bias,
-// streaming under a constraint, the 400s) and the Vercel AI SDK (`generateObject` with a zod
-// schema through @ai-sdk/openai-compatible). Every constrained output is parsed and validated
+// Structured output and tool calls against `kiln serve`, with the clients apps use: the official
+// `openai` client (response_format json_schema / json_object, the Lark `grammar` extension,
+// logit_bias, streaming under a constraint, the 400s; tools with required and named calls,
+// streamed tool_calls deltas, a tool result) and the Vercel AI SDK (`generateObject` with a zod
+// schema, `generateText` with a tool and its result, through @ai-sdk/openai-compatible). Every constrained output is parsed and validated
 // against its schema by Ajv, a validator independent of the engine that enforced it.
 //
 // Validity by construction: on a random-weight fixture (whose unconstrained output is noise, so
@@ -12,10 +13,11 @@
 //   KILN_BIN=target/release/kiln node web/tests/structured.test.mjs
 import OpenAI from "openai";
 import Ajv from "ajv";
-import { generateObject } from "ai";
+import { generateObject, generateText, stepCountIs, tool } from "ai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import { z } from "zod";
 import { KilnServers } from "./kiln-serve.mjs";
+import { SCHEMAS } from "./schemas.mjs";
 import { existsSync } from "node:fs";
 import { homedir, tmpdir } from "node:os";
 import { join, dirname } from "node:path";
@@ -25,6 +27,8 @@ import assert from "node:assert/strict";
 const root = join(dirname(fileURLToPath(import.meta.url)), "../..");
 const bin = process.env.KILN_BIN ?? join(root, "target/release/kiln");
 const fixture = join(root, "tests/fixtures/llm/llama-gqa-f32");
+// A fixture with a 512-token context: tool definitions fill a system message.
+const toolFixture = join(root, "tests/fixtures/llm/llama3-rope-f16");
 const realModel = join(homedir(), ".cache/kiln/models/SmolLM2-135M-Instruct.Q4_1.gguf");
 const realRuns = Number(process.env.KILN_STRUCTURED_REAL_RUNS ?? 20);
 const env = { ...process.env, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR ?? tmpdir() };
@@ -35,32 +39,6 @@ setTimeout(() => {
   kiln.killAll();
   process.exit(1);
 }, 900_000).unref();
-
-// Ten schemas: nested objects, arrays with min/max items, enums, bounded numbers,
-// required/optional properties, anyOf, strings with patterns and lengths.
-const name = { type: "string", minLength: 1, maxLength: 12 };
-const SCHEMAS = [
-  { type: "object", properties: { name, age: { type: "integer", minimum: 0, maximum: 120 } }, required: ["name", "age"], additionalProperties: false },
-  { type: "object", properties: { color: { enum: ["red", "green", "blue"] }, shade: { type: "number", minimum: 0, maximum: 1 } }, required: ["color"], additionalProperties: false },
-  { type: "object", properties: { tags: { type: "array", items: { type: "string", maxLength: 6 }, minItems: 2, maxItems: 4 } }, required: ["tags"], additionalProperties: false },
-  {
-    type: "object",
-    properties: { user: { type: "object", properties: { id: { type: "integer", minimum: 1, maximum: 9999 }, email: { type: "string", pattern: "^[a-z]{1,8}@[a-z]{1,8}\\.(com|org)$" } }, required: ["id", "email"], additionalProperties: false } },
-    required: ["user"],
-    additionalProperties: false,
-  },
-  { type: "object", properties: { value: { anyOf: [{ type: "integer", minimum: -50, maximum: 50 }, { type: "string", maxLength: 8 }, { type: "boolean" }] } }, required: ["value"], additionalProperties: false },
-  { type: "array", items: { type: "integer", minimum: 0, maximum: 99 }, minItems: 1, maxItems: 5 },
-  { type: "object", properties: { code: { type: "string", pattern: "^[A-Z]{3}-[0-9]{2}$" }, ok: { type: "boolean" }, note: { type: "string", maxLength: 10 } }, required: ["code", "ok"], additionalProperties: false },
-  {
-    type: "object",
-    properties: { point: { type: "object", properties: { x: { type: "number", minimum: -10, maximum: 10 }, y: { type: "number", minimum: -10, maximum: 10 } }, required: ["x", "y"], additionalProperties: false }, label: { enum: ["a", "b", null] } },
-    required: ["point", "label"],
-    additionalProperties: false,
-  },
-  { type: "object", properties: { items: { type: "array", items: { type: "object", properties: { n: { type: "integer", minimum: 1, maximum: 9 }, s: { enum: ["x", "y"] } }, required: ["n", "s"], additionalProperties: false }, minItems: 1, maxItems: 3 } }, required: ["items"], additionalProperties: false },
-  { type: "object", properties: { kind: { const: "event" }, day: { type: "integer", minimum: 1, maximum: 31 }, month: { enum: ["jan", "feb", "mar"] }, title: name }, required: ["kind", "day", "month", "title"], additionalProperties: false },
-];
 
 const ajv = new Ajv({ allErrors: true, strict: false });
 const validators = SCHEMAS.map((s) => ajv.compile(s));
@@ -182,6 +160,84 @@ test("Vercel AI SDK: generateObject with a zod schema", async () => {
     assert.deepEqual(Object.keys(object).sort(), ["city", "coastal", "population"]);
     assert.ok(schema.safeParse(object).success, JSON.stringify(object));
   }
+});
+
+const ADD = {
+  type: "function",
+  function: {
+    name: "add",
+    description: "Add two digits.",
+    parameters: { type: "object", properties: { a: { type: "integer", minimum: 0, maximum: 9 }, b: { type: "integer", minimum: 0, maximum: 9 } }, required: ["a", "b"], additionalProperties: false },
+  },
+};
+
+test("tools with the openai client: required and named calls, a stream's tool_calls delta, a tool result", async () => {
+  const base = await kiln.start(["-m", toolFixture, "--ctx", "512"]);
+  const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: "none", maxRetries: 0, timeout: 600_000 });
+  const messages = [{ role: "user", content: "What is 2 + 3?" }];
+  for (let seed = 0; seed < 4; seed++) {
+    const r = await client.chat.completions.create({ messages, tools: [ADD], tool_choice: "required", parallel_tool_calls: false, max_tokens: 60, seed });
+    const c = r.choices[0];
+    assert.equal(c.finish_reason, "tool_calls", JSON.stringify(c));
+    const call = c.message.tool_calls[0];
+    assert.equal(call.function.name, "add");
+    const args = JSON.parse(call.function.arguments);
+    assert.ok(Number.isInteger(args.a) && args.a >= 0 && args.a <= 9 && Number.isInteger(args.b), call.function.arguments);
+  }
+  const stream = await client.chat.completions.create({ messages, tools: [ADD], tool_choice: { type: "function", function: { name: "add" } }, max_tokens: 60, seed: 9, stream: true });
+  const calls = [];
+  let finish = null;
+  for await (const c of stream) {
+    for (const d of c.choices[0]?.delta?.tool_calls ?? []) {
+      calls[d.index] ??= { id: d.id, name: "", arguments: "" };
+      calls[d.index].name += d.function?.name ?? "";
+      calls[d.index].arguments += d.function?.arguments ?? "";
+    }
+    finish = c.choices[0]?.finish_reason ?? finish;
+  }
+  assert.equal(finish, "tool_calls");
+  assert.equal(calls[0].name, "add");
+  JSON.parse(calls[0].arguments);
+  // The call and its result go back in the history.
+  const followUp = await client.chat.completions.create({
+    messages: [...messages, { role: "assistant", content: null, tool_calls: [{ id: calls[0].id, type: "function", function: { name: "add", arguments: calls[0].arguments } }] }, { role: "tool", tool_call_id: calls[0].id, content: "5" }],
+    tools: [ADD],
+    tool_choice: "none",
+    max_tokens: 8,
+    seed: 1,
+  });
+  assert.equal(typeof followUp.choices[0].message.content, "string");
+});
+
+test("Vercel AI SDK: generateText with a tool and a tool-result round trip", async () => {
+  const base = await kiln.start(["-m", toolFixture, "--ctx", "512"]);
+  const provider = createOpenAICompatible({ name: "kiln", baseURL: `${base}/v1`, supportsStructuredOutputs: true });
+  let executed = null;
+  const result = await generateText({
+    model: provider("default"),
+    tools: {
+      add: tool({
+        description: "Add two digits.",
+        inputSchema: z.object({ a: z.number().int().min(0).max(9), b: z.number().int().min(0).max(9) }),
+        execute: async ({ a, b }) => ((executed = [a, b]), a + b),
+      }),
+    },
+    prompt: "What is 2 + 3?",
+    stopWhen: stepCountIs(2),
+    prepareStep: ({ stepNumber }) => ({ toolChoice: stepNumber === 0 ? "required" : "none" }),
+    // A call takes ~45 tokens of this fixture's small vocabulary; allowed several, a
+    // random-weight model goes on calling until the token limit (the SDK passes provider
+    // options through as request fields).
+    maxOutputTokens: 100,
+    providerOptions: { kiln: { parallel_tool_calls: false } },
+    seed: 3,
+    maxRetries: 0,
+  });
+  assert.equal(result.steps.length, 2, JSON.stringify(result.steps.map((s) => s.finishReason)));
+  assert.equal(result.steps[0].toolCalls[0].toolName, "add");
+  assert.ok(executed, "the tool ran");
+  assert.equal(result.steps[0].toolResults[0].output, executed[0] + executed[1]);
+  assert.equal(typeof result.text, "string");
 });
 
 if (existsSync(realModel)) {

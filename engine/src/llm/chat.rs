@@ -19,6 +19,7 @@
 use super::constrain::Grammar;
 use super::generate::{GenerateOptions, Generation, StopReason, TextModel};
 use super::options::{random_seed, TextOptions};
+use super::tools::{check_tools, choice as tool_choice, fallback_system, ToolFormat};
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 use serde::Deserialize;
@@ -31,21 +32,30 @@ fn bad(name: &str, msg: impl Into<String>) -> Error {
     }
 }
 
-/// One chat message (`content` a string or a list of `{"type": "text", "text": ...}` parts).
+/// One chat message (`content` a string or a list of `{"type": "text", "text": ...}` parts;
+/// `null` or absent in an assistant message that only calls tools).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     /// One of [`ROLES`].
     #[serde(deserialize_with = "known_role")]
     pub role: String,
-    pub content: Content,
-    /// Accepted and ignored (OpenAI's participant name).
+    #[serde(default)]
+    pub content: Option<Content>,
+    /// OpenAI's participant name (a tool message's function name); templates that use it get it.
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant message's tool calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments": a JSON string}}]`.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
-/// The roles a chat message may have: what chat templates know. (`tool` comes with tool calls.)
-pub const ROLES: &[&str] = &["system", "developer", "user", "assistant"];
+/// The roles a chat message may have: what chat templates know.
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
 /// A role from [`ROLES`]; any other is the client's mistake, refused with the list (a template
 /// would otherwise render it as it pleases, or drop the message silently).
@@ -83,16 +93,54 @@ impl Message {
     pub fn new(role: &str, content: &str) -> Message {
         Message {
             role: role.into(),
-            content: Content::Text(content.into()),
+            content: Some(Content::Text(content.into())),
             name: None,
+            tool_calls: None,
+            tool_call_id: None,
         }
+    }
+
+    /// The message as chat templates see it (transformers' message dicts): the text as
+    /// `content` (an empty string when absent: templates such as Qwen3's fail on `None`), and
+    /// the tool calls with their `arguments` as objects, as templates expect them (OpenAI sends
+    /// them as JSON strings).
+    pub fn to_template(&self) -> Result<Value> {
+        let mut m = json!({"role": self.role, "content": self.text()?});
+        if let Some(calls) = &self.tool_calls {
+            let calls = calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut c = c.clone();
+                    if let Some(Value::String(a)) = c.pointer("/function/arguments") {
+                        let parsed: Value = serde_json::from_str(a).map_err(|e| {
+                            bad(
+                                "messages",
+                                format!("tool_calls[{i}].function.arguments is not JSON: {e}"),
+                            )
+                        })?;
+                        c["function"]["arguments"] = parsed;
+                    }
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            m["tool_calls"] = calls.into();
+        }
+        if let Some(id) = &self.tool_call_id {
+            m["tool_call_id"] = id.clone().into();
+        }
+        if let Some(n) = &self.name {
+            m["name"] = n.clone().into();
+        }
+        Ok(m)
     }
 
     /// The text of the content (text parts joined).
     pub fn text(&self) -> Result<String> {
         match &self.content {
-            Content::Text(s) => Ok(s.clone()),
-            Content::Parts(parts) => parts
+            None => Ok(String::new()),
+            Some(Content::Text(s)) => Ok(s.clone()),
+            Some(Content::Parts(parts)) => parts
                 .iter()
                 .map(|p| match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => Ok(t.as_str()),
@@ -198,6 +246,14 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub context_overflow: Option<Overflow>,
+    /// Functions the model may call: `[{"type": "function", "function": {"name",
+    /// "description", "parameters"}}]`.
+    pub tools: Option<Vec<Value>>,
+    /// `"none"`, `"auto"` (the default with tools), `"required"`, or `{"type": "function",
+    /// "function": {"name"}}`.
+    pub tool_choice: Option<Value>,
+    /// Whether a forced reply may hold several calls (default true).
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -242,7 +298,15 @@ impl ChatRequest {
         parse_request(
             "chat request",
             body,
-            &["messages", "logprobs", "top_logprobs", "context_overflow"],
+            &[
+                "messages",
+                "logprobs",
+                "top_logprobs",
+                "context_overflow",
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+            ],
         )
     }
 }
@@ -437,12 +501,16 @@ impl Sampling {
 /// Prompt ids of a conversation: the template rendered with the generation prompt, encoded
 /// without special tokens, BOS prepended when the model wants one and the template did not
 /// write it.
-pub fn chat_ids(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
-    let pairs = messages
+pub fn chat_ids(
+    tok: &TextTokenizer,
+    messages: &[Message],
+    tools: Option<&Value>,
+) -> Result<Vec<u32>> {
+    let msgs = messages
         .iter()
-        .map(|m| Ok((m.role.clone(), m.text()?)))
+        .map(Message::to_template)
         .collect::<Result<Vec<_>>>()?;
-    let mut ids = tok.encode(&tok.render_chat(&pairs)?)?;
+    let mut ids = tok.encode(&tok.render_messages(&msgs, tools)?)?;
     if let Some(bos) = tok.bos.filter(|_| tok.add_bos) {
         if ids.first() != Some(&bos) {
             ids.insert(0, bos);
@@ -455,6 +523,7 @@ pub fn chat_ids(tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
 pub fn fit_conversation(
     tok: &TextTokenizer,
     messages: &[Message],
+    tools: Option<&Value>,
     ctx: usize,
     max_tokens: usize,
     policy: Overflow,
@@ -474,7 +543,7 @@ pub fn fit_conversation(
             .chain(&messages[first + dropped..])
             .cloned()
             .collect();
-        let ids = chat_ids(tok, &kept)?;
+        let ids = chat_ids(tok, &kept, tools)?;
         let fits = ids.len() + max_tokens.max(1) <= ctx;
         let can_drop = first + dropped + 1 < messages.len();
         if fits || policy == Overflow::Error || !can_drop {
@@ -565,6 +634,8 @@ pub struct Prepared {
     /// Messages dropped to fit the context.
     pub dropped: usize,
     pub meta: ResponseMeta,
+    /// With tools: the format the model writes its calls in (the reply is parsed for them).
+    tools: Option<ToolFormat>,
 }
 
 impl Prepared {
@@ -578,15 +649,61 @@ impl Prepared {
                 "needs \"logprobs\": true (as in OpenAI's API)",
             ));
         }
-        let options = req.sampling.options(top)?;
-        if model.tokenizer.chat_template.is_none() {
+        let mut options = req.sampling.options(top)?;
+        let Some(template) = model.tokenizer.chat_template.as_deref() else {
             return Err(Error::Unsupported(
                 "this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template'); use a completion with a raw prompt".into(),
             ));
+        };
+        let mut messages = std::borrow::Cow::Borrowed(&req.messages);
+        let mut tools_value = None;
+        let mut format = None;
+        match req.tools.as_deref().filter(|t| !t.is_empty()) {
+            Some(tools) => {
+                check_tools(tools)?;
+                if let Some((allowed, forced)) = tool_choice(tools, req.tool_choice.as_ref())? {
+                    let (f, renders) = ToolFormat::of_template(template);
+                    if renders {
+                        tools_value = Some(Value::Array(tools.to_vec()));
+                    } else {
+                        // A template without tools: they go into the system message.
+                        let m = messages.to_mut();
+                        let sys = fallback_system(tools);
+                        match m.first_mut().filter(|m| m.role == "system") {
+                            Some(first) => {
+                                first.content =
+                                    Some(Content::Text(format!("{}\n\n{sys}", first.text()?)))
+                            }
+                            None => m.insert(0, Message::new("system", &sys)),
+                        }
+                    }
+                    if forced {
+                        if options.grammar.is_some() {
+                            return Err(bad(
+                                "tool_choice",
+                                "a required tool call cannot be combined with response_format, grammar or json_schema",
+                            ));
+                        }
+                        options.grammar =
+                            Some(f.grammar(&allowed, req.parallel_tool_calls.unwrap_or(true)));
+                    }
+                    format = Some(f);
+                }
+            }
+            None => {
+                if matches!(&req.tool_choice, Some(c) if !c.is_null() && c != "none" && c != "auto")
+                {
+                    return Err(bad(
+                        "tool_choice",
+                        "a tool call was required, but the request has no tools",
+                    ));
+                }
+            }
         }
         let (prompt_ids, dropped) = fit_conversation(
             &model.tokenizer,
-            &req.messages,
+            &messages,
+            tools_value.as_ref(),
             model.ctx(),
             options.max_tokens,
             req.context_overflow.unwrap_or_default(),
@@ -600,6 +717,7 @@ impl Prepared {
             logprobs,
             dropped,
             meta: ResponseMeta::new("chatcmpl", model_id),
+            tools: format,
         })
     }
 
@@ -647,6 +765,7 @@ impl Prepared {
             logprobs: req.logprobs.is_some(),
             dropped: 0,
             meta: ResponseMeta::new("cmpl", model_id),
+            tools: None,
         })
     }
 
@@ -668,6 +787,10 @@ impl Prepared {
         if !go_on {
             return Err(Error::Cancelled);
         }
+        // With tools, the reply so far and how much of it went out as content: text that may
+        // be the start of a tool call is held back until it is clear.
+        let mut reply = String::new();
+        let mut shown = 0;
         let g = {
             let tok = model.tokenizer.clone();
             let tok = &*tok;
@@ -675,6 +798,19 @@ impl Prepared {
                 if !self.stream {
                     return on_chunk(Value::Null);
                 }
+                let piece = match self.tools {
+                    None => piece,
+                    Some(f) => {
+                        reply.push_str(piece);
+                        let upto = f.content_len(&reply).max(shown);
+                        let new = &reply[shown..upto];
+                        shown = upto;
+                        if new.is_empty() {
+                            return on_chunk(Value::Null);
+                        }
+                        new
+                    }
+                };
                 let lp = self
                     .logprobs
                     .then(|| self.logprobs_json(tok, g, sent..g.ids.len()));
@@ -692,13 +828,39 @@ impl Prepared {
             let lp = self
                 .logprobs
                 .then(|| self.logprobs_json(tok, &g, sent..g.ids.len()));
+            let mut finish = finish_reason(g.stop);
+            if self.tools.is_some() {
+                // What was held back: the rest of the text, then the calls.
+                let message = &response["choices"][0]["message"];
+                let content = message["content"].as_str().unwrap_or("");
+                if content.len() > shown && content.is_char_boundary(shown) {
+                    on_chunk(self.piece_chunk(&content[shown..], None));
+                }
+                if let Some(calls) = message.get("tool_calls") {
+                    let deltas: Vec<Value> = calls
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let mut c = c.clone();
+                            c["index"] = i.into();
+                            c
+                        })
+                        .collect();
+                    on_chunk(self.chunk(json!({"tool_calls": deltas}), None, None));
+                    finish = response["choices"][0]["finish_reason"]
+                        .as_str()
+                        .unwrap_or(finish);
+                }
+            }
             let mut last = self.chunk(
                 if self.kind == Kind::Chat {
                     json!({})
                 } else {
                     Value::Null
                 },
-                Some(finish_reason(g.stop)),
+                Some(finish),
                 lp,
             );
             last["kiln"] = self.kiln_json(&g);
@@ -825,11 +987,39 @@ impl Prepared {
         let lp = self
             .logprobs
             .then(|| self.logprobs_json(tok, g, 0..g.ids.len()));
-        let finish = finish_reason(g.stop);
+        let mut finish = finish_reason(g.stop);
+        let mut message = json!({"role": "assistant", "content": g.text});
+        if let Some(f) = self.tools {
+            let (content, calls) = f.parse(&g.text);
+            if !calls.is_empty() {
+                // Ids of 9 letters and digits (Mistral's templates require them on the way back).
+                let base: String = self
+                    .meta
+                    .id
+                    .chars()
+                    .rev()
+                    .filter(char::is_ascii_alphanumeric)
+                    .take(8)
+                    .collect();
+                let calls: Vec<Value> = calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (name, args))| {
+                        json!({"id": format!("{base}{}", i % 10), "type": "function",
+                               "function": {"name": name, "arguments": args.to_string()}})
+                    })
+                    .collect();
+                message = json!({"role": "assistant", "content": (!content.is_empty()).then_some(content), "tool_calls": calls});
+                // A reply cut by the token limit keeps saying so (its whole calls are kept).
+                if g.stop != StopReason::MaxTokens {
+                    finish = "tool_calls";
+                }
+            }
+        }
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
-                "message": {"role": "assistant", "content": g.text},
+                "message": message,
                 "logprobs": lp,
                 "finish_reason": finish,
             }),

@@ -1,8 +1,8 @@
 //! Text generation for the decoder families Kiln reads (Llama, Mistral, Qwen2/3, Gemma 2/3,
 //! Phi-3): `config` (HF and GGUF configs), `weights` (checkpoint names to tensors), `model` (the
 //! decoder graph and KV cache), `generate` (`TextModel`: load, prefill, the decode loop),
-//! `chat` (the OpenAI-shaped request core), `constrain` (grammars: the tokens allowed next) and
-//! `options` (the front-end contract).
+//! `chat` (the OpenAI-shaped request core), `constrain` (grammars: the tokens allowed next),
+//! `tools` (tool calls: templates, parsing, forced calls) and `options` (the front-end contract).
 
 pub mod chat;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod constrain;
 pub mod generate;
 pub mod model;
 pub mod options;
+pub mod tools;
 pub mod weights;
 
 pub use crate::formats::ModelFiles;

@@ -3,11 +3,12 @@
 //! nothing here is asserted.
 
 //!
-//! The commands (`kernels`, `text` and `chat`, `image`, `soak`) sit above `common`, the helpers
+//! The commands (`kernels`, `text` and `chat`, `grammar`, `image`, `soak`, `gguf`) sit above `common`, the helpers
 //! they share (random weights, timing, per-kernel profiles); nothing imports back up.
 
 mod common;
 mod gguf;
+mod grammar;
 mod image;
 mod kernels;
 mod soak;
@@ -23,6 +24,9 @@ pub enum What {
     Text,
     /// A five-turn chat with and without KV-cache reuse.
     Chat,
+    /// JSON-schema constrained chat requests against the same unconstrained (`--model`: a
+    /// model with a real tokenizer; default the embedded one).
+    Grammar,
     Image,
     /// 10 000 tokens and 200 images in one process: resident memory and GPU allocations.
     Soak,
@@ -42,7 +46,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// `text`: a model file or folder (as `kiln text --model`) instead of the random-weight
-    /// SmolLM2-135M-shaped one, benchmarked in its own weight types.
+    /// SmolLM2-135M-shaped one, benchmarked in its own weight types; `grammar`: the model.
     #[arg(long)]
     model: Option<String>,
     /// `gguf`: copy this GGUF's header (metadata, tensor names, shapes, types).
@@ -65,6 +69,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Kernels => kernels::kernels(a.quick),
         What::Text => text::text(a.quick, a.json, a.model.as_deref()),
         What::Chat => text::chat(a.quick, a.json),
+        What::Grammar => grammar::grammar(a.quick, a.json, a.model.as_deref()),
         What::Image => image::image(a.quick, a.json),
         What::Gguf => gguf::make(gguf::GgufArgs {
             like: a.like.as_deref(),
