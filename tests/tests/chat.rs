@@ -356,6 +356,19 @@ fn constrained_replies_follow_their_grammar() {
                 .starts_with(cut)
     );
     assert_eq!(s["choices"][0]["finish_reason"], "stop");
+    // Cancelling a constrained stream after two pieces ends it there.
+    let req = ChatRequest::from_json(&body(3, r#", "stream": true"#)).unwrap();
+    let p = Prepared::chat(&m, &req, "test").unwrap();
+    let mut pieces = 0;
+    let r = pollster::block_on(p.run(&mut m, &mut |c| {
+        pieces += c["choices"][0]["delta"]["content"].is_string() as usize;
+        pieces < 3
+    }))
+    .unwrap();
+    assert_eq!(r["choices"][0]["finish_reason"], "cancelled");
+    assert!(
+        r["kiln"]["ids"].as_array().unwrap().len() < a["kiln"]["ids"].as_array().unwrap().len()
+    );
     // A Lark grammar.
     for seed in 0..4 {
         let r = chat(
