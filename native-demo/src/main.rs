@@ -46,6 +46,53 @@ enum Cmd {
     /// List adapters, features and limits; with --model, what a model file holds and whether
     /// Kiln can load it (from its headers, before loading anything).
     Info(InfoArgs),
+    /// Token ids of a text as a model's tokenizer encodes it (as llama.cpp's llama-tokenize).
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// A model folder, a .gguf file or a Hugging Face repo id (only its tokenizer is read).
+    /// Default: the embedded text model.
+    #[arg(short, long)]
+    model: Option<String>,
+    /// The text; `-` reads it from standard input.
+    text: String,
+    /// Print JSON: the ids and each token's text.
+    #[arg(long)]
+    json: bool,
+    /// Do not add the BOS token the model's prompts start with.
+    #[arg(long)]
+    no_bos: bool,
+}
+
+/// `kiln tokenize`: ids as `kiln text --prompt-ids` takes them (comma-separated), or JSON with
+/// each token's text.
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = if a.text == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the text from standard input")?;
+        s
+    } else {
+        a.text.clone()
+    };
+    let (files, _) = text_files(a.model.as_deref()).stage(EXIT_MODEL)?;
+    let tok = kiln::llm::generate::read_tokenizer(&files).stage(EXIT_MODEL)?;
+    let ids = if a.no_bos {
+        tok.encode(&text)
+    } else {
+        tok.encode_prompt(&text)
+    }
+    .stage(EXIT_GENERATION)?;
+    if a.json {
+        let pieces: Vec<String> = ids.iter().map(|&i| tok.token_text(i)).collect();
+        println!("{}", serde_json::json!({"ids": ids, "pieces": pieces}));
+    } else {
+        let s: Vec<String> = ids.iter().map(u32::to_string).collect();
+        println!("{}", s.join(","));
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -583,6 +630,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info(InfoArgs { model: Some(m) }) => inspect::model(&m).stage(EXIT_MODEL),
         Cmd::Info(InfoArgs { model: None }) => info(),
+        Cmd::Tokenize(a) => tokenize(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -750,3 +750,57 @@ fn image_progress_and_slow_size_note() {
         "{info}\n{seen}"
     );
 }
+
+/// `kiln tokenize` gives transformers' ids for the fixture's tokenizer cases, from the folder and
+/// from its GGUF (only the tokenizer is read); without `--no-bos` the model's BOS leads; the
+/// default output is what `kiln text --prompt-ids` takes.
+#[test]
+fn tokenize_matches_transformers() {
+    let e = expected();
+    for model in [
+        fixture("llama-gqa-f32"),
+        fixture("llama-gqa-f32/model-f32.gguf"),
+    ] {
+        for case in e["tokenizer"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            if text.is_empty() || text.starts_with('-') {
+                continue;
+            }
+            let out = kiln(&["tokenize", "-m", &model, "--no-bos", "--json", text]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["ids"], case["ids"], "{model}: {text:?}");
+            let pieces: String = v["pieces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap())
+                .collect();
+            assert!(!pieces.is_empty(), "{text:?}");
+        }
+    }
+    let out = kiln(&["tokenize", "-m", &fixture("llama-gqa-f32"), "Hello world"]);
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ids: Vec<u32> = line.split(',').map(|s| s.parse().unwrap()).collect();
+    let want: Vec<u32> = serde_json::from_value(e["tokenizer"][0]["ids"].clone()).unwrap();
+    let cfg = kiln_cfg_bos();
+    assert_eq!(ids[ids.len() - want.len()..], want[..], "{line}");
+    assert_eq!(
+        ids.len() == want.len() + 1,
+        cfg,
+        "BOS as the model's prompts have it: {line}"
+    );
+}
+
+/// Whether the fixture's tokenizer config adds BOS to prompts.
+fn kiln_cfg_bos() -> bool {
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama-gqa-f32/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    c["add_bos_token"].as_bool().unwrap_or(false)
+}

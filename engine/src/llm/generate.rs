@@ -176,6 +176,21 @@ pub use crate::formats::files::read_model_path;
 
 /// The config, tokenizer and checkpoint of a model's files: one `.gguf`, or a Hugging Face
 /// folder (config.json, tokenizer files, safetensors or shards).
+/// The tokenizer of a model's files alone (a GGUF's metadata, or a folder's tokenizer files),
+/// without its weights: what `kiln tokenize` needs.
+pub fn read_tokenizer(files: &ModelFiles) -> Result<TextTokenizer> {
+    match files.iter().find(|(k, _)| k.ends_with(".gguf")) {
+        Some((name, bytes)) => match Gguf::parse_metadata(name, bytes)? {
+            Some(g) => TextTokenizer::from_gguf(&g),
+            None => Err(Error::Data {
+                name: name.clone(),
+                msg: "the file ends inside its metadata".into(),
+            }),
+        },
+        None => TextTokenizer::from_hf_files(files),
+    }
+}
+
 fn read_checkpoint(
     gpu: &Arc<Gpu>,
     mut files: ModelFiles,
