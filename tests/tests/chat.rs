@@ -578,7 +578,16 @@ fn tool_calls_in_the_chat_core() {
             {{"role": "tool", "tool_call_id": "abc123def", "content": "5"}}], "tools": {tools}, "max_tokens": 8, "seed": 1}}"#
     );
     let r = chat(&mut m, &history).unwrap();
-    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    // This template has no place for tools: the call became the assistant's text and the
+    // result a user turn, in the format the fallback teaches.
+    let ids: Vec<u32> = serde_json::from_value(r["kiln"]["prompt_ids"].clone()).unwrap();
+    let prompt = m.tokenizer.decode(&ids).unwrap();
+    assert!(
+        prompt.contains(
+            "<tool_call>\n{\"name\":\"add\",\"arguments\":{\"a\":2,\"b\":3}}\n</tool_call>"
+        ) && prompt.contains("user\n<tool_response>\n5\n</tool_response>"),
+        "{prompt}"
+    );
     // Streaming: the call arrives as one tool_calls delta, then finish_reason tool_calls.
     let req = ChatRequest::from_json(&ask(
         r#""required""#,

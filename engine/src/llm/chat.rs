@@ -519,6 +519,41 @@ pub fn chat_ids(
     Ok(ids)
 }
 
+/// For a template with no place for tools: earlier calls become the assistant's text in the
+/// Hermes format Kiln's fallback teaches, and tool results user turns, so that templates that
+/// know only user and assistant turns render the history.
+fn plain_tool_turns(messages: &mut [Message]) -> Result<()> {
+    for m in messages.iter_mut() {
+        if m.role == "tool" {
+            *m = Message::new(
+                "user",
+                &format!("<tool_response>\n{}\n</tool_response>", m.text()?),
+            );
+        } else if let Some(calls) = m.tool_calls.take() {
+            let mut text = m.text()?;
+            let with_calls = Message {
+                tool_calls: Some(calls),
+                ..Message::new("assistant", "")
+            };
+            for c in with_calls.to_template()?["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let f = &c["function"];
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                let call = json!({"name": f["name"], "arguments": f["arguments"]});
+                text.push_str(&format!("<tool_call>\n{call}\n</tool_call>"));
+            }
+            m.content = Some(Content::Text(text));
+            m.tool_call_id = None;
+        }
+    }
+    Ok(())
+}
+
 /// The prompt of a chat request under its overflow policy: (ids, messages dropped).
 pub fn fit_conversation(
     tok: &TextTokenizer,
@@ -666,7 +701,8 @@ impl Prepared {
                     if renders {
                         tools_value = Some(Value::Array(tools.to_vec()));
                     } else {
-                        // A template without tools: they go into the system message.
+                        // A template without tools: they go into the system message (and the
+                        // history's calls and results into plain turns, below).
                         let m = messages.to_mut();
                         let sys = fallback_system(tools);
                         match m.first_mut().filter(|m| m.role == "system") {
@@ -699,6 +735,12 @@ impl Prepared {
                     ));
                 }
             }
+        }
+        let tool_turns = messages
+            .iter()
+            .any(|m| m.role == "tool" || m.tool_calls.is_some());
+        if tool_turns && !ToolFormat::of_template(template).1 {
+            plain_tool_turns(messages.to_mut())?;
         }
         let (prompt_ids, dropped) = fit_conversation(
             &model.tokenizer,
