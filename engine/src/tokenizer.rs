@@ -694,11 +694,6 @@ fn spm_like_spec(
 /// (`ignore_merges`, as llama.cpp sets it).
 fn bpe_pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
     let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-    let split = |re: &str| {
-        json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
-        byte_level(false)]})
-    };
     // Several regexes in turn, each splitting the pieces the one before left (llama.cpp's
     // `regex_exprs` lists), then the byte-level mapping.
     let splits = |res: &[&str]| {
@@ -709,6 +704,7 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
         seq.push(byte_level(false));
         json!({"type": "Sequence", "pretokenizers": seq})
     };
+    let split = |re: &str| splits(&[re]);
     const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" => (byte_level(true), false),

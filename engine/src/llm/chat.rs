@@ -25,7 +25,8 @@ use crate::tokenizer::TextTokenizer;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-fn bad(name: &str, msg: impl Into<String>) -> Error {
+/// A data error naming the request field (or file) that is wrong.
+pub(crate) fn bad(name: &str, msg: impl Into<String>) -> Error {
     Error::Data {
         name: name.into(),
         msg: msg.into(),

@@ -70,11 +70,9 @@ impl Grammar {
     }
 }
 
+/// A grammar's error, named by the request field that carried it.
 fn grammar_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Data {
-        name: what.into(),
-        msg: e.to_string(),
-    }
+    super::chat::bad(what, e.to_string())
 }
 
 /// A model's tokens as llguidance sees them, and its parser factory.
@@ -134,6 +132,7 @@ impl Grammars {
             what,
             mask_ms: 0.0,
             masks: 0,
+            buf: Vec::new(),
         })
     }
 }
@@ -146,25 +145,28 @@ pub struct Constraint {
     /// Time spent computing masks, and how many.
     pub mask_ms: f64,
     pub masks: usize,
+    /// The last mask (reused from token to token).
+    buf: Vec<u32>,
 }
 
 impl Constraint {
     /// The allowed-id bitmask for the next token (bit `i % 32` of word `i / 32`, over the
     /// model's vocabulary); only the end-of-sequence ids once the grammar is complete.
-    pub fn mask(&mut self) -> Result<Vec<u32>> {
+    pub fn mask(&mut self) -> Result<&[u32]> {
         let t0 = crate::device::now_ms();
         let v = self
             .m
             .compute_mask_or_eos()
             .map_err(|e| grammar_err(self.what, e))?;
-        let mut words = v.as_slice().to_vec();
-        words.resize(self.words, 0);
-        if words.iter().all(|&w| w == 0) {
+        self.buf.clear();
+        self.buf.extend_from_slice(v.as_slice());
+        self.buf.resize(self.words, 0);
+        if self.buf.iter().all(|&w| w == 0) {
             return Err(grammar_err(self.what, "no token can continue the output"));
         }
         self.mask_ms += crate::device::now_ms() - t0;
         self.masks += 1;
-        Ok(words)
+        Ok(&self.buf)
     }
 
     /// Follows a drawn token (one the last mask allowed).

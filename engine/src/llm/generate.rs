@@ -390,7 +390,7 @@ impl TextModel {
         let mut words = vec![0u32; constraint_words(vocab)];
         let mask_words = vocab.div_ceil(32);
         if let Some(c) = constraint.as_mut() {
-            words[..mask_words].copy_from_slice(&c.mask()?);
+            words[..mask_words].copy_from_slice(c.mask()?);
         }
         words[mask_words..mask_words + bias.len()].copy_from_slice(&bias);
         for step in [&self.prefill, &self.decode] {
@@ -586,9 +586,8 @@ impl TextModel {
             }
             if let Some(c) = constraint.as_mut() {
                 // The next draw's allowed tokens (constrained runs are serial: none in flight).
-                let mask = c.mask()?;
                 let d = &self.decode;
-                d.plan.write_words_at(d.constraint, 0, &mask)?;
+                d.plan.write_words_at(d.constraint, 0, c.mask()?)?;
             }
             if inflight.is_empty() {
                 inflight.push_back((pos, self.submit_decode(pos, opts, &mut cost)?));

@@ -5,16 +5,10 @@
 //! named function constrains the reply to a valid call (a grammar whose arguments are the
 //! function's parameter schema).
 
+use super::chat::bad;
 use super::constrain::Grammar;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use serde_json::{json, Value};
-
-fn bad(name: &str, msg: impl Into<String>) -> Error {
-    Error::Data {
-        name: name.into(),
-        msg: msg.into(),
-    }
-}
 
 /// How a model writes its tool calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,19 +24,22 @@ pub enum ToolFormat {
 }
 
 impl ToolFormat {
-    /// The format a chat template teaches, and whether the template renders `tools` at all.
+    /// The format a chat template teaches, and whether it renders `tools` in a format Kiln
+    /// parses (otherwise Kiln's fallback, the Hermes format in the system message, applies).
     pub fn of_template(t: &str) -> (ToolFormat, bool) {
-        let renders = t.contains("tools");
-        let format = if t.contains("[TOOL_CALLS]") {
-            ToolFormat::Mistral
+        let found = if t.contains("[TOOL_CALLS]") {
+            Some(ToolFormat::Mistral)
         } else if t.contains("<tool_call>") {
-            ToolFormat::Hermes
+            Some(ToolFormat::Hermes)
         } else if t.contains("\"parameters\"") || t.contains("ipython") {
-            ToolFormat::Llama3
+            Some(ToolFormat::Llama3)
         } else {
-            ToolFormat::Hermes
+            None
         };
-        (format, renders && format_supported(t, format))
+        (
+            found.unwrap_or(ToolFormat::Hermes),
+            found.is_some() && t.contains("tools"),
+        )
     }
 
     /// Where a reply's calls begin: the marker (Hermes, Mistral), or `{` at the start of the
@@ -63,7 +60,7 @@ impl ToolFormat {
             let t = text.trim_start();
             let lead = text.len() - t.len();
             return match t.strip_prefix("<|python_tag|>").unwrap_or(t).chars().next() {
-                None => lead.min(text.len()), // only blanks so far: wait
+                None => lead, // only blanks so far
                 Some('{') => lead,
                 Some(_) if "<|python_tag|>".starts_with(t) => lead,
                 Some(_) => text.len(),
@@ -94,7 +91,7 @@ impl ToolFormat {
                 while let Some(s) = r.find("<tool_call>") {
                     let body = &r[s + "<tool_call>".len()..];
                     let end = body.find("</tool_call>");
-                    match call_of(body[..end.unwrap_or(body.len())].trim(), "arguments") {
+                    match call_of(body[..end.unwrap_or(body.len())].trim()) {
                         Some(c) => calls.push(c),
                         // A last call cut short (the token limit) after whole ones is dropped.
                         None if end.is_none() && !calls.is_empty() => break,
@@ -111,7 +108,7 @@ impl ToolFormat {
                 // One call, or several separated by ';' as some Llama replies do.
                 let mut calls = Vec::new();
                 for part in serde_json::Deserializer::from_str(t).into_iter::<Value>() {
-                    match part.ok().and_then(|v| call_from(&v, "parameters")) {
+                    match part.ok().and_then(|v| call_from(&v)) {
                         Some(c) => calls.push(c),
                         None => return (text.to_string(), Vec::new()),
                     }
@@ -126,8 +123,7 @@ impl ToolFormat {
                     .trim();
                 match serde_json::from_str::<Value>(t) {
                     Ok(Value::Array(a)) => {
-                        let c: Option<Vec<_>> =
-                            a.iter().map(|v| call_from(v, "arguments")).collect();
+                        let c: Option<Vec<_>> = a.iter().map(call_from).collect();
                         match c {
                             Some(c) => c,
                             None => return (text.to_string(), Vec::new()),
@@ -184,27 +180,18 @@ impl ToolFormat {
     }
 }
 
-/// Whether the template's tool support is one Kiln parses (its format's marker is in it).
-fn format_supported(t: &str, f: ToolFormat) -> bool {
-    match f {
-        ToolFormat::Hermes => t.contains("<tool_call>"),
-        ToolFormat::Llama3 => true,
-        ToolFormat::Mistral => true,
-    }
-}
-
-fn call_of(s: &str, key: &str) -> Option<(String, Value)> {
+fn call_of(s: &str) -> Option<(String, Value)> {
     serde_json::from_str::<Value>(s)
         .ok()
-        .and_then(|v| call_from(&v, key))
+        .and_then(|v| call_from(&v))
 }
 
-/// `{"name": ..., key: {...}}` as (name, arguments); `arguments` may also come as a JSON string.
-fn call_from(v: &Value, key: &str) -> Option<(String, Value)> {
+/// `{"name": ..., "arguments" or "parameters": {...}}` as (name, arguments); the arguments may
+/// also come as a JSON string.
+fn call_from(v: &Value) -> Option<(String, Value)> {
     let name = v.get("name")?.as_str()?.to_string();
     let args = v
-        .get(key)
-        .or_else(|| v.get("arguments"))
+        .get("arguments")
         .or_else(|| v.get("parameters"))
         .cloned()
         .unwrap_or(json!({}));
