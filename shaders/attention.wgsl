@@ -203,18 +203,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #endif
 }
 #else
-#ifdef DECODE
-// GPUs with a fixed subgroup size, decode (one query per batch and head), head dim a multiple
-// of 4, GQ <= 8 query heads per KV head: one subgroup (SG invocations) per (batch, kv head, key
-// split), no workgroup memory, no barrier. Lane l holds dims 4 l + 4 SG u (u < NU) of the GQ
-// query rows (scaled) and of their accumulators. Per key: one 16-byte K load per unit, each
-// row's partial dot summed with subgroupAdd (every lane gets the score), the online-softmax
-// update kept alike by every lane, one 16-byte V load per unit and GQ multiply-adds. The keys
-// of a split are [lo, hi) of the live ones, shared evenly, and only as many splits run as give
-// each LIVE_SPLIT_KEYS of them (so the work follows the position); SPLIT writes (max, sum, acc)
-// partials that `reduce` merges.
-// Dispatch: splits * b * kv_heads workgroups (grid()), kv head fastest, split slowest.
-@group(0) @binding(2) var<storage, read> q: array<f32>;
+#ifdef KV4
+// DECODE and FLASH: K and V (e, a multiple of 4) read 16 bytes at a time, f32 or f16 caches.
 #ifdef F16KV
 @group(0) @binding(3) var<storage, read> k2: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read> v2: array<vec2<u32>>;
@@ -227,6 +217,19 @@ fn kload(e: u32) -> vec4<f32> { return k4[e / 4u]; }
 fn vload(e: u32) -> vec4<f32> { return v4[e / 4u]; }
 #endif
 @group(0) @binding(5) var<storage, read_write> dst: array<f32>;
+#endif
+#ifdef DECODE
+// GPUs with a fixed subgroup size, decode (one query per batch and head), head dim a multiple
+// of 4, GQ <= 8 query heads per KV head: one subgroup (SG invocations) per (batch, kv head, key
+// split), no workgroup memory, no barrier. Lane l holds dims 4 l + 4 SG u (u < NU) of the GQ
+// query rows (scaled) and of their accumulators. Per key: one 16-byte K load per unit, each
+// row's partial dot summed with subgroupAdd (every lane gets the score), the online-softmax
+// update kept alike by every lane, one 16-byte V load per unit and GQ multiply-adds. The keys
+// of a split are [lo, hi) of the live ones, shared evenly, and only as many splits run as give
+// each LIVE_SPLIT_KEYS of them (so the work follows the position); SPLIT writes (max, sum, acc)
+// partials that `reduce` merges.
+// Dispatch: splits * b * kv_heads workgroups (grid()), kv head fastest, split slowest.
+@group(0) @binding(2) var<storage, read> q: array<f32>;
 
 const NU: u32 = (HD + 4u * SG - 1u) / (4u * SG);
 
@@ -312,6 +315,145 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
 #endif
     }
+}
+#else
+#ifdef FLASH
+// GPUs with subgroups (of a multiple of 4 invocations), head dim a multiple of 4 (HU = HD / 4
+// vec4 units), prefill and U-Net attention: tiled flash attention. A workgroup of 256 owns 64
+// rows (query, head of the group: row = i * G + hg, as above) of one (batch, kv head, key
+// split); each row is a quad of consecutive invocations, lane t of the quad holding units
+// t, t + 4, .. (NU of them) of the row's scaled q and of its f32 accumulator in registers.
+// Per tile of BC keys: the K and V tiles go to workgroup memory (f16 with HALF, else f32; 16
+// KiB together), then each key's score is the quad's partial dots summed by two subgroup
+// shuffles (every row of a subgroup reads the same K unit: a broadcast), all BC scores of the
+// tile stay in registers, the row's maximum moves once per tile, and the V tile is
+// accumulated with the probabilities. Every invocation runs every shuffle (rows past the end
+// compute masked scores and store nothing). SPLIT as for the tiled kernel below.
+// Dispatch: splits * b * kv_heads * ceil(lq * G / 64) workgroups of 256 (grid()), block fastest.
+@group(0) @binding(2) var<storage, read> q4: array<vec4<f32>>;
+
+#ifdef HALF
+alias T4 = vec4<f16>;
+#else
+alias T4 = vec4<f32>;
+#endif
+const HU: u32 = HD / 4u;
+const NU: u32 = (HU + 3u) / 4u;
+var<workgroup> kt: array<T4, BC * HU>;
+var<workgroup> vt: array<T4, BC * HU>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let gi = group_index(wg, nwg);
+    // The grid is exact in whole workgroups (total = its size), so no invocation leaves before
+    // the shuffles; this only guards a padded 2D grid, whose extra groups are whole.
+    if (gi >= p.total) { return; }
+    let blk = gi % p.nblk;
+    let hk = (gi / p.nblk) % p.kv_heads;
+    let bi = (gi / (p.nblk * p.kv_heads)) % p.b;
+    let split = gi / (p.nblk * p.kv_heads * p.b);
+    let rows = p.lq * p.g;
+    let row0 = blk * 64u;
+    let row = row0 + li / 4u;
+    let t = li % 4u;
+    let kw = p.kv_heads * HD;
+    let live = row < rows;
+    let i = min(row, rows - 1u) / p.g;
+    let h = hk * p.g + min(row, rows - 1u) % p.g;
+    let o = (bi * p.lq + i) * p.heads + h;
+    var qv: array<vec4<f32>, NU>;
+    var acc: array<vec4<f32>, NU>;
+    for (var n = 0u; n < NU; n++) {
+        let u = t + 4u * n;
+        if (u < HU) { qv[n] = q4[o * HU + u] * p.scale; }
+    }
+
+    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
+    let q_pos = dyn_val(p.q_add, p.q_slot, p.q_mul);
+    let lo = min(window_start(q_pos + row0 / p.g), kv_end);
+    let chunk = (kv_end - lo + p.splits - 1u) / p.splits;
+    let j_begin = min(lo + split * chunk, kv_end);
+    var j_end = min(j_begin + chunk, kv_end);
+    if (p.causal == 1u) {
+        let i_last = (min(row0 + 64u, rows) - 1u) / p.g;
+        j_end = min(j_end, q_pos + i_last + 1u);
+    }
+    let qp = q_pos + i;
+    let ws = window_start(qp);
+    var m = NEG;
+    var l = 0.0;
+    for (var j0 = j_begin; j0 < j_end; j0 += BC) {
+        workgroupBarrier();
+        for (var idx = li; idx < BC * HU; idx += 256u) {
+            let j = j0 + idx / HU;
+            var kx = vec4<f32>(0.0);
+            var vx = vec4<f32>(0.0);
+            if (j < j_end) {
+                let e = (bi * p.lk + j) * kw + hk * HD + 4u * (idx % HU);
+                kx = kload(e);
+                vx = vload(e);
+            }
+            kt[idx] = T4(kx);
+            vt[idx] = T4(vx);
+        }
+        workgroupBarrier();
+        var s: array<f32, BC>;
+        var mt = m;
+        for (var jj = 0u; jj < BC; jj++) {
+            var part = 0.0;
+            for (var n = 0u; n < NU; n++) {
+                let u = t + 4u * n;
+                if (u < HU) { part += dot(qv[n], vec4<f32>(kt[jj * HU + u])); }
+            }
+            part += subgroupShuffleXor(part, 1u);
+            part += subgroupShuffleXor(part, 2u);
+            let j = j0 + jj;
+            let ok = live && j < j_end && (p.causal == 0u || j <= qp) && j >= ws;
+            s[jj] = select(NEG, capped(part), ok);
+            mt = max(mt, s[jj]);
+        }
+        // A new maximum rescales what is summed so far (exp(NEG - x) = 0 the first time; a row
+        // with nothing valid yet keeps l = 0 and acc = 0).
+        let alpha = exp(m - mt);
+        m = mt;
+        l *= alpha;
+        for (var n = 0u; n < NU; n++) { acc[n] *= alpha; }
+        for (var jj = 0u; jj < BC; jj++) {
+            let pk = select(exp(s[jj] - mt), 0.0, s[jj] == NEG);
+            l += pk;
+            for (var n = 0u; n < NU; n++) {
+                let u = t + 4u * n;
+                if (u < HU) { acc[n] += pk * vec4<f32>(vt[jj * HU + u]); }
+            }
+        }
+    }
+
+    if (!live) { return; }
+#ifdef SPLIT
+    let base = (split * p.b * p.lq * p.heads + o) * (HD + 2u);
+    if (t == 0u) {
+        dst[base] = m;
+        dst[base + 1u] = l;
+    }
+    for (var n = 0u; n < NU; n++) {
+        let u = t + 4u * n;
+        if (u < HU) {
+            let a = acc[n];
+            let d = base + 2u + 4u * u;
+            dst[d] = a.x; dst[d + 1u] = a.y; dst[d + 2u] = a.z; dst[d + 3u] = a.w;
+        }
+    }
+#else
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    for (var n = 0u; n < NU; n++) {
+        let u = t + 4u * n;
+        if (u < HU) {
+            let a = acc[n] * inv;
+            let d = o * HD + 4u * u;
+            dst[d] = a.x; dst[d + 1u] = a.y; dst[d + 2u] = a.z; dst[d + 3u] = a.w;
+        }
+    }
+#endif
 }
 #else
 @group(0) @binding(2) var<storage, read> q: array<f32>;
@@ -453,6 +595,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
 #endif
 }
+#endif
 #endif
 #endif
 #endif

@@ -3,7 +3,9 @@
 // GEMM view: m = oy * wo + ox, n = co, k = (ci, ky, kx) flattened — W in checkpoint layout is
 // already [n, k]. Kernel 1x1 or 3x3, stride 1 or 2, zero padding.
 // Bindings: 2 w: array<u32> (weights.wgsl dtype), 3 x: array<f32>, 4 bias: array<f32>, 5 y: array<f32>.
-// Dispatch: (ceil(co / 64), ceil(ho * wo / 64), batch). Software adapters use IM2COL below.
+// The GEMM's A rows are windows read by load_a8: eight consecutive (ci, ky, kx) per load, found
+// with one set of divisions and then stepped (no division per element).
+// Dispatch: gemm.wgsl's over m = ho * wo, n = co. Software adapters use IM2COL below.
 #include "common.wgsl"
 #include "weights.wgsl"
 
@@ -19,19 +21,37 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
-fn load_a(b: u32, m: u32, k: u32) -> f32 {
-    if (m >= p.m || k >= p.k) { return 0.0; }
-    let kk = p.ks * p.ks;
-    let c = k / kk;
-    let r = k % kk;
-    let iy = i32((m / p.wo) * p.stride + r / p.ks) - i32(p.pad);
-    let ix = i32((m % p.wo) * p.stride + r % p.ks) - i32(p.pad);
-    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) { return 0.0; }
-    return x[((b * p.ci + c) * p.h + u32(iy)) * p.w + u32(ix)];
+// Elements k..k + 7 of window row m: (channel, ky, kx) found once by division, then stepped.
+fn load_a8(b: u32, m: u32, k: u32) -> Run8 {
+    var e: array<f32, 8>;
+    if (m < p.m) {
+        let kk = p.ks * p.ks;
+        var c = k / kk;
+        let r = k % kk;
+        var ky = r / p.ks;
+        var kx = r % p.ks;
+        let oy = i32((m / p.wo) * p.stride) - i32(p.pad);
+        let ox = i32((m % p.wo) * p.stride) - i32(p.pad);
+        for (var j = 0u; j < 8u; j++) {
+            let iy = oy + i32(ky);
+            let ix = ox + i32(kx);
+            if (k + j < p.k && iy >= 0 && ix >= 0 && iy < i32(p.h) && ix < i32(p.w)) {
+                e[j] = x[((b * p.ci + c) * p.h + u32(iy)) * p.w + u32(ix)];
+            }
+            kx += 1u;
+            if (kx == p.ks) {
+                kx = 0u;
+                ky += 1u;
+                if (ky == p.ks) { ky = 0u; c += 1u; }
+            }
+        }
+    }
+    return run8(e);
 }
-fn load_b(b: u32, n: u32, k: u32) -> f32 {
-    if (n >= p.n || k >= p.k) { return 0.0; }
-    return w_elem(n * p.row_words, k);
+fn load_b8(b: u32, n: u32, k: u32) -> Run8 {
+    if (n >= p.n) { return Run8(vec4<f32>(0.0), vec4<f32>(0.0)); }
+    if (k + 8u <= p.k) { return w_run8(n * p.row_words, k); }
+    return w_tail8(n * p.row_words, k, p.k);
 }
 fn store_c(b: u32, m: u32, n: u32, v: f32) {
     var r = v;

@@ -1,28 +1,56 @@
 // Tiled GEMM core shared by matmul.wgsl and conv2d.wgsl: C[b, m, n] = sum_k A[b, m, k] B[b, n, k].
-// The includer defines Params (with fields m, n, k), load_a(b, m, k), load_b(b, n, k) (both
-// returning 0 outside the matrix) and store_c(b, m, n, v).
-// Tiles: BM = 64 rows by BN columns per workgroup (BN = 128 with WIDE, else 64), k in steps of
-// BK = 16; 256 threads, each accumulating a 4 x (BN / 16) block in registers (f32). The tiles
-// sit in workgroup memory as vec4s ([BK][BM / 4] and [BK][BN / 4], 12 KiB with WIDE), so a
-// thread's inner step is 1 + BN / 64 16-byte loads for 4 * BN / 16 multiply-adds (WIDE: 3 for
-// 32; the 4 x 4 blocking before: 8 scalar loads for 16). Its columns are tx * 4.. and, WIDE,
-// 64 + tx * 4..: consecutive threads read consecutive vec4s. Global loads are coalesced along
-// k (consecutive threads, consecutive k) and issued for the next k-step before the current
-// one's multiply-adds (register prefetch), so their latency overlaps the arithmetic.
-// Dispatch: (ceil(n / BN), ceil(m / 64), batch).
-#ifdef WIDE
-const BN: u32 = 128u;
-#else
-const BN: u32 = 64u;
-#endif
-const BM: u32 = 64u;
+// The includer defines Params (with fields m, n, k), load_a8(b, m, k) and load_b8(b, n, k)
+// (elements k..k + 7 of a row as a Run8, k a multiple of 8, zeros outside the matrix) and
+// store_c(b, m, n, v).
+// Tiles: BM = 16 TM rows by BN = 16 TN columns per workgroup (TM, TN = 4 or 8: 128 x 128 tiles
+// with 8 x 8 blocks for large products, 64 x 64 with 4 x 4 for small ones), k in steps of
+// BK = 16; 256 threads as a 16 x 16 grid, each accumulating a TM x TN block in registers (f32).
+// Thread (ty, tx) owns rows 4 ty.. (and 64 + 4 ty.. with TM = 8) and the same columns by tx, so
+// its inner step is TM / 4 + TN / 4 vec4 loads from workgroup memory for TM * TN multiply-adds
+// (8 x 8: 4 loads for 64), consecutive threads reading consecutive vec4s.
+// Loads: each k-step, thread li < 2 BM loads 8 consecutive k of row li / 2 of A (two 16-byte
+// loads where the includer can) and thread li < 2 BN the same of B, dequantized once
+// (weights.wgsl's w_run8: one scale per run); the next step's loads are issued before the
+// current step's multiply-adds, so their latency overlaps the arithmetic.
+// Workgroup memory: HALF (adapters with shader-f16, unless the device keeps f32 math) stores the
+// tiles as f16 (converted back to f32 for the f32 multiply-adds) and double-buffers them, one
+// barrier per k-step: 2 x (BM + BN) x 16 x 2 bytes = 16 KiB at 128 x 128. Without HALF the f32
+// tiles fit once (16 KiB), with a second barrier before they are overwritten.
+// Dispatch: (ceil(n / BN), ceil(m / BM), batch).
+const BM: u32 = 16u * TM;
+const BN: u32 = 16u * TN;
 const BK: u32 = 16u;
-// Elements of each tile a thread loads per k-step.
-const LA: u32 = BM * BK / 256u;
-const LB: u32 = BN * BK / 256u;
+#ifdef HALF
+alias T = f16;
+alias T4 = vec4<f16>;
+const NBUF: u32 = 2u;
+#else
+alias T = f32;
+alias T4 = vec4<f32>;
+const NBUF: u32 = 1u;
+#endif
+const A_WORDS: u32 = BK * BM / 4u; // one buffer of the A tile, [BK][BM / 4] vec4s
+const B_WORDS: u32 = BK * BN / 4u;
+var<workgroup> a_tile: array<T4, NBUF * A_WORDS>;
+var<workgroup> b_tile: array<T4, NBUF * B_WORDS>;
 
-var<workgroup> a_tile: array<vec4<f32>, 256>; // [BK][BM / 4]
-var<workgroup> b_tile: array<vec4<f32>, 512>; // [BK][BN / 4] (the first half without WIDE)
+// Writes a loaded run (row `row`, k offsets kq..kq + 7 of the step) into buffer `base`.
+fn put_a(base: u32, row: u32, kq: u32, v: Run8) {
+    let c = row % 4u;
+    let i = base + kq * (BM / 4u) + row / 4u;
+    a_tile[i][c] = T(v.lo.x); a_tile[i + BM / 4u][c] = T(v.lo.y);
+    a_tile[i + 2u * (BM / 4u)][c] = T(v.lo.z); a_tile[i + 3u * (BM / 4u)][c] = T(v.lo.w);
+    a_tile[i + 4u * (BM / 4u)][c] = T(v.hi.x); a_tile[i + 5u * (BM / 4u)][c] = T(v.hi.y);
+    a_tile[i + 6u * (BM / 4u)][c] = T(v.hi.z); a_tile[i + 7u * (BM / 4u)][c] = T(v.hi.w);
+}
+fn put_b(base: u32, row: u32, kq: u32, v: Run8) {
+    let c = row % 4u;
+    let i = base + kq * (BN / 4u) + row / 4u;
+    b_tile[i][c] = T(v.lo.x); b_tile[i + BN / 4u][c] = T(v.lo.y);
+    b_tile[i + 2u * (BN / 4u)][c] = T(v.lo.z); b_tile[i + 3u * (BN / 4u)][c] = T(v.lo.w);
+    b_tile[i + 4u * (BN / 4u)][c] = T(v.hi.x); b_tile[i + 5u * (BN / 4u)][c] = T(v.hi.y);
+    b_tile[i + 6u * (BN / 4u)][c] = T(v.hi.z); b_tile[i + 7u * (BN / 4u)][c] = T(v.hi.w);
+}
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -31,54 +59,61 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bi = wg.z;
     let tx = li % 16u;
     let ty = li / 16u;
-    // Element e = li + 256 r of a tile: row e / BK, k e % BK.
-    var pa: array<f32, LA>;
-    var pb: array<f32, LB>;
-    for (var r = 0u; r < LA; r++) { let e = li + 256u * r; pa[r] = load_a(bi, m0 + e / BK, e % BK); }
-    for (var r = 0u; r < LB; r++) { let e = li + 256u * r; pb[r] = load_b(bi, n0 + e / BK, e % BK); }
-    var acc: array<vec4<f32>, 8>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        for (var r = 0u; r < LA; r++) {
-            let e = li + 256u * r;
-            let row = e / BK;
-            a_tile[(e % BK) * (BM / 4u) + row / 4u][row % 4u] = pa[r];
-        }
-        for (var r = 0u; r < LB; r++) {
-            let e = li + 256u * r;
-            let row = e / BK;
-            b_tile[(e % BK) * (BN / 4u) + row / 4u][row % 4u] = pb[r];
-        }
+    // This thread's share of the loads: row li / 2, k offsets 8 (li % 2)..
+    let lr = li / 2u;
+    let lk = 8u * (li % 2u);
+    let loads_a = lr < BM;
+    let loads_b = lr < BN;
+    var ra = Run8(vec4<f32>(0.0), vec4<f32>(0.0));
+    var rb = Run8(vec4<f32>(0.0), vec4<f32>(0.0));
+    if (loads_a) { ra = load_a8(bi, m0 + lr, lk); }
+    if (loads_b) { rb = load_b8(bi, n0 + lr, lk); }
+    var acc: array<vec4<f32>, TM * TN / 4u>;
+    let steps = (p.k + BK - 1u) / BK;
+    for (var s = 0u; s < steps; s++) {
+        let buf = s % NBUF;
+#ifndef HALF
+        // One buffer: everyone must be done reading the previous step's tiles.
         workgroupBarrier();
-        let k1 = k0 + BK;
-        if (k1 < p.k) {
-            for (var r = 0u; r < LA; r++) { let e = li + 256u * r; pa[r] = load_a(bi, m0 + e / BK, k1 + e % BK); }
-            for (var r = 0u; r < LB; r++) { let e = li + 256u * r; pb[r] = load_b(bi, n0 + e / BK, k1 + e % BK); }
+#endif
+        if (loads_a) { put_a(buf * A_WORDS, lr, lk, ra); }
+        if (loads_b) { put_b(buf * B_WORDS, lr, lk, rb); }
+        workgroupBarrier();
+        if (s + 1u < steps) {
+            let k1 = (s + 1u) * BK + lk;
+            if (loads_a) { ra = load_a8(bi, m0 + lr, k1); }
+            if (loads_b) { rb = load_b8(bi, n0 + lr, k1); }
         }
+        let ab = buf * A_WORDS;
+        let bb = buf * B_WORDS;
         for (var kk = 0u; kk < BK; kk++) {
-            let a = a_tile[kk * (BM / 4u) + ty];
-            let b = b_tile[kk * (BN / 4u) + tx];
-            acc[0] += a.x * b;
-            acc[1] += a.y * b;
-            acc[2] += a.z * b;
-            acc[3] += a.w * b;
-#ifdef WIDE
-            let c = b_tile[kk * (BN / 4u) + 16u + tx];
-            acc[4] += a.x * c;
-            acc[5] += a.y * c;
-            acc[6] += a.z * c;
-            acc[7] += a.w * c;
-#endif
+            var a: array<vec4<f32>, TM / 4u>;
+            var b: array<vec4<f32>, TN / 4u>;
+            for (var i = 0u; i < TM / 4u; i++) { a[i] = vec4<f32>(a_tile[ab + kk * (BM / 4u) + 16u * i + ty]); }
+            for (var j = 0u; j < TN / 4u; j++) { b[j] = vec4<f32>(b_tile[bb + kk * (BN / 4u) + 16u * j + tx]); }
+            for (var i = 0u; i < TM / 4u; i++) {
+                for (var j = 0u; j < TN / 4u; j++) {
+                    let o = (4u * i) * (TN / 4u) + j;
+                    acc[o] += a[i].x * b[j];
+                    acc[o + TN / 4u] += a[i].y * b[j];
+                    acc[o + 2u * (TN / 4u)] += a[i].z * b[j];
+                    acc[o + 3u * (TN / 4u)] += a[i].w * b[j];
+                }
+            }
         }
-        workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + ty * 4u + i;
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + tx * 4u + j;
-            if (m < p.m && n < p.n) { store_c(bi, m, n, acc[i][j]); }
-#ifdef WIDE
-            if (m < p.m && n + 64u < p.n) { store_c(bi, m, n + 64u, acc[4u + i][j]); }
-#endif
+    // acc[(4 i + r) * TN / 4 + j][c]: row m0 + 64 i + 4 ty + r, column n0 + 64 j + 4 tx + c.
+    for (var i = 0u; i < TM / 4u; i++) {
+        for (var r = 0u; r < 4u; r++) {
+            let m = m0 + 64u * i + 4u * ty + r;
+            if (m >= p.m) { continue; }
+            for (var j = 0u; j < TN / 4u; j++) {
+                let v = acc[(4u * i + r) * (TN / 4u) + j];
+                for (var c = 0u; c < 4u; c++) {
+                    let n = n0 + 64u * j + 4u * tx + c;
+                    if (n < p.n) { store_c(bi, m, n, v[c]); }
+                }
+            }
         }
     }
 }

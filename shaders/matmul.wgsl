@@ -23,13 +23,29 @@ struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_
 @group(0) @binding(6) var<storage, read> res: array<f32>;
 
 #ifndef DIRECT
-fn load_a(b: u32, m: u32, k: u32) -> f32 {
-    if (m >= p.m || k >= p.k) { return 0.0; }
-    return x[(b * p.m + m) * p.k + k];
+// The GEMM core's loads: x 16 bytes at a time with X4 (k a multiple of 4), the weights through
+// w_run8 (w_tail8 for a plain row's last partial run).
+fn load_a8(b: u32, m: u32, k: u32) -> Run8 {
+    if (m >= p.m) { return Run8(vec4<f32>(0.0), vec4<f32>(0.0)); }
+    let i = (b * p.m + m) * p.k + k;
+#ifdef X4
+    var r = Run8(vec4<f32>(0.0), vec4<f32>(0.0));
+    if (k < p.k) { r.lo = x4[i / 4u]; }
+    if (k + 4u < p.k) { r.hi = x4[i / 4u + 1u]; }
+    return r;
+#else
+    var e: array<f32, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        if (k + j < p.k) { e[j] = x[i + j]; }
+    }
+    return run8(e);
+#endif
 }
-fn load_b(b: u32, n: u32, k: u32) -> f32 {
-    if (n >= p.n || k >= p.k) { return 0.0; }
-    return w_elem(b * p.w_batch_words + n * p.row_words, k);
+fn load_b8(b: u32, n: u32, k: u32) -> Run8 {
+    if (n >= p.n) { return Run8(vec4<f32>(0.0), vec4<f32>(0.0)); }
+    let rb = b * p.w_batch_words + n * p.row_words;
+    if (k + 8u <= p.k) { return w_run8(rb, k); }
+    return w_tail8(rb, k, p.k);
 }
 #endif
 fn store_c(b: u32, m: u32, n: u32, v: f32) {

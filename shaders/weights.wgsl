@@ -591,3 +591,106 @@ fn w_pair(rb: u32, k: u32) -> vec2<f32> { return vec2<f32>(w_elem(rb, k), w_elem
 #endif
 #endif
 #endif
+
+// Elements k..k + 7 (k a multiple of 8, k + 7 < the row length) of the row at word rb, each
+// scale read once (the GEMM's unit of weight loads).
+struct Run8 { lo: vec4<f32>, hi: vec4<f32> }
+fn run8(e: array<f32, 8>) -> Run8 { return Run8(vec4<f32>(e[0], e[1], e[2], e[3]), vec4<f32>(e[4], e[5], e[6], e[7])); }
+// Elements k..k + 7 of a row of `len` elements, zeros past its end.
+fn w_tail8(rb: u32, k: u32, len: u32) -> Run8 {
+    var e: array<f32, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        if (k + j < len) { e[j] = w_elem(rb, k + j); }
+    }
+    return run8(e);
+}
+#ifdef W_F32
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let i = rb + k;
+    return Run8(bitcast<vec4<f32>>(vec4<u32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u])),
+                bitcast<vec4<f32>>(vec4<u32>(w[i + 4u], w[i + 5u], w[i + 6u], w[i + 7u])));
+}
+#else
+#ifdef W_F16
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let i = rb + k / 2u;
+    return Run8(half4(vec2<u32>(w[i], w[i + 1u])), half4(vec2<u32>(w[i + 2u], w[i + 3u])));
+}
+#else
+#ifdef W_BF16
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let i = rb + k / 2u;
+    return Run8(vec4<f32>(bf16_pair(w[i]), bf16_pair(w[i + 1u])), vec4<f32>(bf16_pair(w[i + 2u]), bf16_pair(w[i + 3u])));
+}
+#else
+#ifdef W_Q8_0
+// The run is one oct: quant words 2s, 2s + 1 of its block.
+fn w_run8(rb: u32, k: u32) -> Run8 { let o = w_oct(rb, k / 32u, (k % 32u) / 8u); return Run8(o.lo, o.hi); }
+#else
+#ifdef W_Q4_0
+// Elements j..j + 7 of a half (low nibbles: 0..15, high: 16..31) are two quant words' nibbles.
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let b = rb + (k / 32u) * 5u;
+    let i = k % 32u;
+    let q = b + 1u + (i % 16u) / 4u;
+    let sh = 4u * u32(i >= 16u);
+    let d = bitcast<f32>(w[b]);
+    return Run8(d * (lo4(w[q] >> sh) - 8.0), d * (lo4(w[q + 1u] >> sh) - 8.0));
+}
+#else
+#ifdef W_Q4_1
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let b = rb + (k / 32u) * 6u;
+    let i = k % 32u;
+    let q = b + 2u + (i % 16u) / 4u;
+    let sh = 4u * u32(i >= 16u);
+    let d = bitcast<f32>(w[b]);
+    let m = bitcast<f32>(w[b + 1u]);
+    return Run8(d * lo4(w[q] >> sh) + m, d * lo4(w[q + 1u] >> sh) + m);
+}
+#else
+#ifdef W_Q4_K
+// Sub-block j = r / 32 (chunk j / 2, nibble j % 2) positions l..l + 7: qs bytes 32 (j / 2) + l..
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let sb = rb + (k / 256u) * 36u;
+    let r = k % 256u;
+    let j = r / 32u;
+    let q = sb + 4u + (j / 2u) * 8u + (r % 32u) / 4u;
+    let sh = 4u * (j & 1u);
+    let dm = unpack2x16float(w[sb]);
+    let sm = k4_scale_min(sb, j);
+    let a = dm.x * sm.x;
+    let c = dm.y * sm.y;
+    return Run8(a * bytes4((w[q] >> sh) & 0x0f0f0f0fu) - c, a * bytes4((w[q + 1u] >> sh) & 0x0f0f0f0fu) - c);
+}
+#else
+#ifdef W_Q6_K
+// Half h = r / 128, quarter qd = (r % 128) / 32, positions l..l + 7 (one 16-element scale).
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    let sb = rb + (k / 256u) * 56u;
+    let r = k % 256u;
+    let h = r / 128u;
+    let qd = (r % 128u) / 32u;
+    let l = r % 32u;
+    let ql = sb + (64u * h + (qd & 1u) * 32u + l) / 4u;
+    let qh = sb + 32u + 8u * h + l / 4u;
+    let s1 = 4u * (qd / 2u);
+    let s2 = 2u * qd;
+    let q0 = ((w[ql] >> s1) & 0x0f0f0f0fu) | (((w[qh] >> s2) & 0x03030303u) << 4u);
+    let q1 = ((w[ql + 1u] >> s1) & 0x0f0f0f0fu) | (((w[qh + 1u] >> s2) & 0x03030303u) << 4u);
+    let d = bitcast<f32>(w[sb + 52u]) * k6_scale(sb, 8u * h + 2u * qd + l / 16u);
+    return Run8(d * (bytes4(q0) - 32.0), d * (bytes4(q1) - 32.0));
+}
+#else
+fn w_run8(rb: u32, k: u32) -> Run8 {
+    return Run8(vec4<f32>(w_elem(rb, k), w_elem(rb, k + 1u), w_elem(rb, k + 2u), w_elem(rb, k + 3u)),
+                vec4<f32>(w_elem(rb, k + 4u), w_elem(rb, k + 5u), w_elem(rb, k + 6u), w_elem(rb, k + 7u)));
+}
+#endif
+#endif
+#endif
+#endif
+#endif
+#endif
+#endif
+#endif

@@ -8,10 +8,17 @@ pub mod surgery;
 use kiln::{CompileOptions, DType, Gpu, GpuOptions, Graph, Scalar, Tensor, Value};
 use std::sync::{Arc, OnceLock};
 
-/// The shared GPU of a test binary. Panics (fails the test) when no adapter is found.
+/// The shared GPU of a test binary, keeping f32 math (`GpuOptions::f32_math`: the parity
+/// tests' contract). Panics (fails the test) when no adapter is found.
 pub fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| gpu_with(GpuOptions::default())).clone()
+    GPU.get_or_init(|| {
+        gpu_with(GpuOptions {
+            f32_math: true,
+            ..Default::default()
+        })
+    })
+    .clone()
 }
 
 /// The shared adapter four times: with the kernels written for GPUs, with and without the
@@ -27,6 +34,20 @@ pub fn gpu_variants() -> [Arc<Gpu>; 4] {
                 disable_optional_features: plain,
                 ..Default::default()
             })
+        })
+    })
+    .clone()
+}
+
+/// The GPU kernels with the optional features but f32 math (no f16 GEMM tiles): the parity
+/// tests' contract, on the kernels written for GPUs whatever the adapter.
+pub fn gpu_kernels_f32_math() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        gpu_with(GpuOptions {
+            software: Some(false),
+            f32_math: true,
+            ..Default::default()
         })
     })
     .clone()
@@ -222,6 +243,27 @@ pub fn dot_tolerance(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> f32 
         }
     }
     1e-5 * worst + 1e-6
+}
+
+/// [`dot_tolerance`] for a product on `gpu`: with f16 GEMM tiles (`GpuFeatures::half_tiles`)
+/// both operands are rounded to f16 (either neighbour, as WGSL allows: at most 2^-10 relative
+/// each), so the bound grows to 2e-3 * sum|x*w|; an indexing error still costs O(|y|).
+pub fn product_tolerance(gpu: &Gpu, x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> f32 {
+    let t = dot_tolerance(x, w, m, n, k);
+    if gpu.features.half_tiles {
+        t * 200.0
+    } else {
+        t
+    }
+}
+
+/// `v` as the GPU GEMM core holds it in its tiles on `gpu`: rounded to the nearest f16 where
+/// the tiles are f16 (`GpuFeatures::half_tiles`), unchanged otherwise.
+pub fn as_tile_operands(gpu: &Gpu, v: &[f32]) -> Vec<f32> {
+    match gpu.features.half_tiles {
+        true => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        false => v.to_vec(),
+    }
 }
 
 /// Reads a JSON fixture; a missing or bad file fails the test with its path.

@@ -3,7 +3,9 @@
 //! reference.
 
 use kiln::graph::AttentionOptions;
-use kiln::kernels::attention::{splits, Tiles, MAX_HEAD_DIM, SHARED_WORDS};
+use kiln::kernels::attention::{
+    flash_keys, flash_serves, splits, Tiles, MAX_HEAD_DIM, SHARED_WORDS,
+};
 use kiln::reference::attention::{attention, AttnShape};
 use kiln::Dyn;
 use kiln_tests::{assert_close, OpTest, Rng};
@@ -61,9 +63,19 @@ fn shape(
 
 /// Runs one case on the GPU (both kernel variants) and against the reference; returns the
 /// output of the variant this adapter uses by default.
+/// The GPU kernels run three ways: with every optional feature (FLASH prefill with f16 tiles
+/// where the adapter has subgroups and shader-f16), with f32 math (FLASH's f32 tiles), and
+/// without the features (the tiled kernel).
 fn check(what: &str, s: AttnShape, src: Src) -> Vec<f32> {
-    let [hw, _, sw, _] = kiln_tests::gpu_variants();
+    let [hw, plain, sw, _] = kiln_tests::gpu_variants();
     let a = check_on(&hw, what, s, src);
+    check_on(
+        &kiln_tests::gpu_kernels_f32_math(),
+        &format!("{what} [f32 math]"),
+        s,
+        src,
+    );
+    check_on(&plain, &format!("{what} [no optional features]"), s, src);
     let b = check_on(&sw, &format!("{what} [software variant]"), s, src);
     if kiln_tests::gpu().features.software {
         b
@@ -128,6 +140,12 @@ fn check_kv(
             .unwrap();
     let got = t.run(y, &scalars);
     let ns = split_count(&s);
+    // FLASH with f16 tiles holds f32 keys and values as f16 (rounded to nearest): the
+    // reference takes the same values.
+    if gpu.features.half_tiles && flash_serves(gpu, s.lq, s.d) {
+        kiln_tests::to_f16(&mut k);
+        kiln_tests::to_f16(&mut v);
+    }
     assert_close(
         &format!("{what} ({} split{})", ns, if ns == 1 { "" } else { "s" }),
         &got,
@@ -307,6 +325,21 @@ fn tiles_fit_workgroup_limits() {
             assert!(
                 t.bk >= 1 && t.bq.is_power_of_two() && t.bq <= 16 && t.dj * (256 / t.bq) >= hd,
                 "{t:?}"
+            );
+        }
+    }
+}
+
+/// The FLASH variant's K and V tiles fit the WebGPU default of workgroup memory for every head
+/// dim it serves, f16 and f32 tiles.
+#[test]
+fn flash_tiles_fit_workgroup_limits() {
+    for hd in (4..=256).step_by(4) {
+        for (half, elem) in [(true, 2), (false, 4)] {
+            let bc = flash_keys(hd, half);
+            assert!(
+                bc >= 1 && 2 * bc * hd * elem <= SHARED_WORDS * 4,
+                "hd {hd} bc {bc}"
             );
         }
     }

@@ -124,23 +124,26 @@ async fn run_rope(
     ))
 }
 
-/// Decode attention: one query per head over `lk` cached keys (GQA, `heads / kv_heads` query
-/// heads per KV head), causal at position `lk - 1`.
-async fn run_decode_attention(
+/// Causal attention of `lq` queries at the end of `lk` keys (GQA, `heads / kv_heads` query
+/// heads per KV head): decode with `lq` = 1, a prefill (the FLASH variant on GPUs with
+/// subgroups) with more. Where the FLASH tiles are f16, the reference sees the keys and values
+/// rounded to f16 as the kernel holds them.
+async fn run_attention(
     gpu: &Arc<Gpu>,
+    lq: usize,
     heads: usize,
     kv_heads: usize,
     d: usize,
     lk: usize,
 ) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
     use kiln::reference::attention::{attention, AttnShape};
-    let q: Vec<f32> = random(heads * d, 7).iter().map(|v| v * 2.0).collect();
-    let (k, v) = (random(lk * kv_heads * d, 8), random(lk * kv_heads * d, 9));
+    let q: Vec<f32> = random(lq * heads * d, 7).iter().map(|v| v * 2.0).collect();
+    let (mut k, mut v) = (random(lk * kv_heads * d, 8), random(lk * kv_heads * d, 9));
     let mut g = Graph::new();
-    let qv = g.input("q", &[1, 1, heads * d], DType::F32)?;
+    let qv = g.input("q", &[1, lq, heads * d], DType::F32)?;
     let kv = g.input("k", &[1, lk, kv_heads * d], DType::F32)?;
     let vv = g.input("v", &[1, lk, kv_heads * d], DType::F32)?;
-    let pos = kiln::Dyn::Static(lk as u32 - 1);
+    let pos = kiln::Dyn::Static((lk - lq) as u32);
     let y = g.attention(
         qv,
         kv,
@@ -157,16 +160,21 @@ async fn run_decode_attention(
     plan.write_f32(kv, &k)?;
     plan.write_f32(vv, &v)?;
     let out = plan.run_read(&[y]).await?;
+    if gpu.features.half_tiles && kiln::kernels::attention::flash_serves(gpu, lq, d) {
+        for x in k.iter_mut().chain(v.iter_mut()) {
+            *x = half::f16::from_f32(*x).to_f32();
+        }
+    }
     let s = AttnShape {
         batch: 1,
-        lq: 1,
+        lq,
         lk,
         heads,
         kv_heads,
         d,
         causal: true,
         scale: 1.0 / (d as f32).sqrt(),
-        q_pos: lk - 1,
+        q_pos: lk - lq,
         kv_len: lk,
         window: 0,
         softcap: 0.0,
@@ -284,6 +292,13 @@ impl Device {
                     run_linear(&gpu, 9, 50, 96, true).await,
                     1e-4,
                 ),
+                // The GEMM core's 128 x 128 tiles (64 workgroups and more); with f16 tiles the
+                // operands are rounded to f16 (2^-11 relative each).
+                (
+                    "gemm f32 1030x24 @ 1030x24 (128 x 128 tiles)",
+                    run_linear(&gpu, 1030, 1030, 24, false).await,
+                    if gpu.features.half_tiles { 3e-3 } else { 1e-4 },
+                ),
                 // Rows that are not whole 16-byte units: with the software kernels, one row per
                 // subgroup where the browser has subgroups (`enable subgroups;` in the source),
                 // one per invocation without.
@@ -295,7 +310,12 @@ impl Device {
                 // Softmax-weighted sums of values in [-1, 1]: f32 rounding over 300 keys.
                 (
                     "decode attention 8/2 heads x 64, 300 keys",
-                    run_decode_attention(&gpu, 8, 2, 64, 300).await,
+                    run_attention(&gpu, 1, 8, 2, 64, 300).await,
+                    1e-5,
+                ),
+                (
+                    "prefill attention 70 queries, 4/2 heads x 64, 300 keys",
+                    run_attention(&gpu, 70, 4, 2, 64, 300).await,
                     1e-5,
                 ),
                 // Ids exact (a wrong one is off by at least 1 in 5000: 2e-4 relative), the

@@ -26,6 +26,10 @@ pub struct GpuOptions {
     /// Use the kernel variants written for software adapters (see [`GpuFeatures::software`]);
     /// `None`: when the adapter is a CPU device, or as `KILN_SOFTWARE=0|1` says.
     pub software: Option<bool>,
+    /// Keep every product's operands in f32 (no f16 GEMM tiles, see
+    /// [`GpuFeatures::half_tiles`]): f32 math on dequantized weights, the contract of the
+    /// parity tests. Also `KILN_F32_MATH=1`.
+    pub f32_math: bool,
 }
 
 /// Optional adapter capabilities the engine can use.
@@ -37,6 +41,11 @@ pub struct GpuFeatures {
     pub subgroups: bool,
     /// Timestamp queries are available.
     pub timestamps: bool,
+    /// The GPU GEMM core keeps its workgroup tiles in f16 (f32 accumulation): half the
+    /// workgroup memory, so 128 x 128 tiles fit twice (double buffering) in WebGPU's 16 KiB.
+    /// Activations and dequantized weights are rounded to f16 on the way (relative error
+    /// ~5e-4 a product); shader-f16 present, GPU kernels, and not [`GpuOptions::f32_math`].
+    pub half_tiles: bool,
     /// A software adapter (lavapipe, SwiftShader): it runs invocations as SIMD lanes of CPU
     /// threads, where barriers and workgroup-memory reductions cost far more than on a GPU, so
     /// kernels that have one use their barrier-free variant (e.g. one invocation per matvec row).
@@ -246,14 +255,18 @@ impl Gpu {
         binding_limit &= !15;
         let (uncaptured, lost) = capture_errors(&device);
         let software_env = std::env::var("KILN_SOFTWARE").ok().map(|v| v != "0");
+        let shader_f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let software = opts
+            .software
+            .or(software_env)
+            .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
+        let f32_math = opts.f32_math || std::env::var("KILN_F32_MATH").is_ok_and(|v| v != "0");
         let features = GpuFeatures {
-            shader_f16: device.features().contains(wgpu::Features::SHADER_F16),
+            shader_f16,
             subgroups: device.features().contains(wgpu::Features::SUBGROUP),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
-            software: opts
-                .software
-                .or(software_env)
-                .unwrap_or(info.device_type == wgpu::DeviceType::Cpu),
+            half_tiles: shader_f16 && !software && !f32_math,
+            software,
             loop_limit: info.name.contains("llvmpipe").then_some(65535),
         };
         Ok(Arc::new(Gpu {
@@ -274,11 +287,12 @@ impl Gpu {
     /// A one-line description: adapter, backend, features.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}) shader-f16={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB unchecked={}",
+            "{} ({:?}, {:?}) shader-f16={} f16-tiles={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB unchecked={}",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.features.shader_f16,
+            self.features.half_tiles,
             self.features.subgroups,
             self.features.timestamps,
             self.features.software,

@@ -222,6 +222,9 @@ impl Kernel for Attention {
         if let Some(sg) = decode_subgroup(ctx, lq, hd, g) {
             return self.encode_decode(ctx, ins, out, params, sg, f16);
         }
+        if flash_serves(ctx.gpu, lq, hd) {
+            return self.encode_flash(ctx, ins, out, params, f16);
+        }
         let main = Pass {
             key: kv_def(tiles.key("main"), f16),
             params: params(total),
@@ -311,7 +314,75 @@ fn decode_subgroup(ctx: &Ctx, lq: usize, hd: usize, g: usize) -> Option<u32> {
     (fixed && lq == 1 && hd.is_multiple_of(4) && g <= DECODE_MAX_GROUP).then_some(lo)
 }
 
+/// Rows (query, head-of-group pairs) per workgroup of the FLASH variant: 64 quads of lanes.
+const FLASH_ROWS: usize = 64;
+
+/// Whether the FLASH variant (`attention.wgsl`) serves: GPUs with subgroups of a multiple of
+/// 4 invocations (a row's quad of lanes must share one) and head dims of whole vec4s up to 256
+/// (its registers: half the head's q and accumulator per lane, plus one tile's scores).
+fn flash_ok(gpu: &crate::Gpu, hd: usize) -> bool {
+    let lo = gpu.info.subgroup_min_size;
+    !gpu.features.software
+        && gpu.features.subgroups
+        && lo >= 4
+        && lo.is_power_of_two()
+        && hd.is_multiple_of(4)
+        && hd <= 256
+}
+
+/// Whether attention with `lq` queries of head dim `hd` runs the FLASH variant on `gpu` (a
+/// prefill: decode keeps its own kernels). Its tiles hold f32 keys and values as f16 where
+/// [`crate::GpuFeatures::half_tiles`].
+pub fn flash_serves(gpu: &crate::Gpu, lq: usize, hd: usize) -> bool {
+    lq > 1 && flash_ok(gpu, hd)
+}
+
+/// Keys per tile of the FLASH variant for head dim `hd`: the K and V tiles together fill the
+/// WebGPU default of 16 KiB of workgroup memory (f16 tiles: twice the keys), at most 64.
+pub fn flash_keys(hd: usize, half: bool) -> usize {
+    let elem = if half { 2 } else { 4 };
+    (SHARED_WORDS * 4 / (2 * hd * elem)).clamp(1, 64)
+}
+
 impl Attention {
+    /// The FLASH variant: 64 rows per workgroup of 256, a quad of lanes per row, the key splits
+    /// as for the tiled kernel.
+    fn encode_flash(
+        &self,
+        ctx: &Ctx,
+        ins: &[Bound],
+        out: &Bound,
+        params: impl Fn(usize) -> AttentionParams,
+        f16: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (q, k) = (&ins[0], &ins[1]);
+        let (b, lq, lk) = (q.shape[0], q.shape[1], k.shape[1]);
+        let hd = q.shape[2] / self.heads;
+        let g = self.heads / self.kv_heads;
+        let nblk = (lq * g).div_ceil(FLASH_ROWS);
+        let base = b * self.kv_heads * nblk;
+        let ns = splits(base, lk);
+        let half = ctx.gpu.features.half_tiles;
+        let mut key = KernelKey::new("attention.wgsl", "main")
+            .def("FLASH", "")
+            .def("KV4", "")
+            .def("HD", format!("{hd}u"))
+            .def("BC", format!("{}u", flash_keys(hd, half)));
+        if half {
+            key = key.def("HALF", "");
+        }
+        let main = Pass {
+            key: kv_def(key, f16),
+            params: AttentionParams {
+                nblk: u(nblk),
+                splits: u(ns),
+                ..params(base * ns)
+            },
+            groups: grid(u(base * ns)),
+        };
+        main.finish(ctx, ins, out, b * lq * self.heads, hd, ns, None)
+    }
+
     /// The DECODE variant: one subgroup per (batch, kv head, key split), scores summed with
     /// subgroupAdd, then the split partials' reduce pass where there are several.
     fn encode_decode(
@@ -334,6 +405,7 @@ impl Attention {
             .max(1);
         let key = KernelKey::new("attention.wgsl", "main")
             .def("DECODE", "")
+            .def("KV4", "")
             .def("HD", format!("{hd}u"))
             .def("GQ", format!("{g}u"))
             .def("SG", format!("{sg}u"));

@@ -107,7 +107,7 @@ impl Kernel for Conv2d {
             return self.encode_windows(ctx, w, x, bias_buf, out, p, b * m);
         }
         Ok(vec![dispatch(
-            super::linear::gemm_key(weight_key("conv2d.wgsl", w.dtype)?, m, co, b),
+            super::linear::gemm_key(ctx.gpu, weight_key("conv2d.wgsl", w.dtype)?, m, co, b),
             &p,
             vec![
                 Binding::read(w.buf()),

@@ -93,7 +93,8 @@ pub fn matmul_key(
     Ok(match ctx.gpu.features.software {
         true if k.is_multiple_of(4) => key.def("DIRECT", "").def("X4", ""),
         true => key.def("DIRECT", ""),
-        false => gemm_key(key, m, n, b),
+        false if k.is_multiple_of(4) => gemm_key(ctx.gpu, key, m, n, b).def("X4", ""),
+        false => gemm_key(ctx.gpu, key, m, n, b),
     })
 }
 
@@ -107,26 +108,33 @@ pub fn matmul_groups(ctx: &Ctx, m: usize, n: usize, b: usize) -> [u32; 3] {
     }
 }
 
-/// Whether the GEMM core (`gemm.wgsl`) takes 64 x 128 tiles (WIDE, 4 x 8 per thread) for an
-/// `m x n` output of `b` batches: where they still make enough workgroups to fill a large GPU
-/// (128, one per multiprocessor of the largest); smaller products keep 64 x 64 tiles, twice as
-/// many workgroups.
-pub fn gemm_wide(m: usize, n: usize, b: usize) -> bool {
-    m.div_ceil(64) * n.div_ceil(128) * b >= 128
+/// The GEMM core's (`gemm.wgsl`) register block (rows, columns per thread; the tile is 16 times
+/// that) for an `m x n` output of `b` batches: the largest of 8 x 8 (128 x 128 tiles), 4 x 8
+/// and 4 x 4 that still makes 64 workgroups, so a large GPU has work for every
+/// multiprocessor; smaller products take smaller tiles and waste fewer edge threads.
+pub fn gemm_block(m: usize, n: usize, b: usize) -> (usize, usize) {
+    let groups = |tm: usize, tn: usize| m.div_ceil(16 * tm) * n.div_ceil(16 * tn) * b;
+    [(8, 8), (4, 8), (4, 4)]
+        .into_iter()
+        .find(|&(tm, tn)| groups(tm, tn) >= 64)
+        .unwrap_or((4, 4))
 }
 
-/// `key` (a shader including `gemm.wgsl`) with its tile width for the product's size.
-pub fn gemm_key(key: KernelKey, m: usize, n: usize, b: usize) -> KernelKey {
-    match gemm_wide(m, n, b) {
-        true => key.def("WIDE", ""),
+/// `key` (a shader including `gemm.wgsl`) with its register block for the product's size, and
+/// f16 tiles (HALF) where the device allows them ([`crate::GpuFeatures::half_tiles`]).
+pub fn gemm_key(gpu: &Gpu, key: KernelKey, m: usize, n: usize, b: usize) -> KernelKey {
+    let (tm, tn) = gemm_block(m, n, b);
+    let key = key.def("TM", format!("{tm}u")).def("TN", format!("{tn}u"));
+    match gpu.features.half_tiles {
+        true => key.def("HALF", ""),
         false => key,
     }
 }
 
 /// The GEMM core's workgroups for an `m x n` output of `b` batches.
 pub fn gemm_groups(m: usize, n: usize, b: usize) -> [u32; 3] {
-    let bn = if gemm_wide(m, n, b) { 128 } else { 64 };
-    [u(n.div_ceil(bn)), u(m.div_ceil(64)), u(b)]
+    let (tm, tn) = gemm_block(m, n, b);
+    [u(n.div_ceil(16 * tn)), u(m.div_ceil(16 * tm)), u(b)]
 }
 
 /// Whether the matvec should compute an RMSNorm over rows of `k` in its prologue on this
