@@ -30,7 +30,9 @@
 // ROWS (software adapters without subgroups): one invocation per output row, 64 per workgroup,
 //   no workgroup memory; ceil(rows * m / 64) workgroups.
 // Otherwise (GPUs): MV_R items per workgroup of MV_WG invocations sharing every x load, x read
-//   16 bytes at a time where k is a multiple of 4 (X4); see the variant's main.
+//   16 bytes at a time where k is a multiple of 4 (X4), the weights too for f32/f16/bf16 rows
+//   of whole 16-byte units and Q4_K/Q6_K (W4: binding 8, or 10 under ROPE, is w again as
+//   vec4<u32>); see the variant's main.
 #include "common.wgsl"
 #ifndef ROWS_V4
 #define WITH_DOT
@@ -49,6 +51,14 @@ struct Params {
 @group(0) @binding(3) var<storage, read> x4: array<vec4<f32>>;
 #else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#ifdef W4
+// The weight words again, as 16-byte units (weights.wgsl's w_quad_dot), after the other bindings.
+#ifdef ROPE
+@group(0) @binding(10) var<storage, read> w4: array<vec4<u32>>;
+#else
+@group(0) @binding(8) var<storage, read> w4: array<vec4<u32>>;
+#endif
+#endif
 #ifdef X4
 // x as 16-byte units (k a multiple of 4); under NORM each element times the norm weight (the
 // 1 / rms factor is applied to the dot, once per row).
@@ -514,6 +524,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 // subgroupAdd, no workgroup memory or barrier. Otherwise a tree in workgroup memory sums all
 // MV_R at once. NORM: the invocations first sum x^2 the same way. ceil(rows / MV_R) * m
 // workgroups.
+#ifdef W4
+// W4: the units are weights.wgsl's quads, four words read at once.
+fn units() -> u32 { return w_quads(p.k); }
+fn unit_dot(rb: u32, t: u32, xo: u32) -> f32 { return w_quad_dot(rb, t, xo); }
+#else
 #ifdef W_PLAIN
 fn units() -> u32 { return p.row_words; }
 fn unit_dot(rb: u32, t: u32, xo: u32) -> f32 { return w_word_dot(rb, t, xo, p.k); }
@@ -523,6 +538,7 @@ fn unit_dot(rb: u32, t: u32, xo: u32) -> f32 {
     let u = t / W_LPB;
     return w_lane_dot(rb, u, t % W_LPB, xo + W_BLOCK * u);
 }
+#endif
 #endif
 
 #ifdef ONE_SUBGROUP

@@ -694,3 +694,85 @@ fn w_run8(rb: u32, k: u32) -> Run8 {
 #endif
 #endif
 #endif
+
+#ifdef W4
+#ifdef WITH_DOT
+// Sixteen-byte weight loads for the GPU matvec (W4): lane share t of w_quads(k) per row is
+// four consecutive words, the includer binding the weight words a second time as
+// `w4: array<vec4<u32>>` (rows start on 16-byte boundaries: see w4_serves in kernels/linear.rs).
+#ifdef W_F32
+fn w_quads(k: u32) -> u32 { return k / 4u; }
+fn w_quad_dot(rb: u32, t: u32, xo: u32) -> f32 { return dot(bitcast<vec4<f32>>(w4[rb / 4u + t]), xq(xo + 4u * t)); }
+#endif
+#ifdef W_F16
+fn w_quads(k: u32) -> u32 { return k / 8u; }
+fn w_quad_dot(rb: u32, t: u32, xo: u32) -> f32 {
+    let q = w4[rb / 4u + t];
+    let o = xo + 8u * t;
+    return dot(half4(q.xy), xq(o)) + dot(half4(q.zw), xq(o + 4u));
+}
+#endif
+#ifdef W_BF16
+fn w_quads(k: u32) -> u32 { return k / 8u; }
+fn w_quad_dot(rb: u32, t: u32, xo: u32) -> f32 {
+    let q = w4[rb / 4u + t];
+    let o = xo + 8u * t;
+    return dot(vec4<f32>(bf16_pair(q.x), bf16_pair(q.y)), xq(o)) + dot(vec4<f32>(bf16_pair(q.z), bf16_pair(q.w)), xq(o + 4u));
+}
+#endif
+#ifdef W_Q4_K
+// Eight quads per super-block: quad s holds quant words 4s.. of chunk c = s / 2, positions
+// 16 (s % 2).. of sub-blocks 2c (low nibbles) and 2c + 1 (high): two runs of 16 elements,
+// one pair of scales.
+fn w_quads(k: u32) -> u32 { return k / 256u * 8u; }
+fn w_quad_dot(rb: u32, t: u32, xo: u32) -> f32 {
+    let s = t % 8u;
+    let sb = rb + (t / 8u) * 36u;
+    let q = w4[(sb + 4u) / 4u + s];
+    let c = s / 2u;
+    let o_lo = xo + (t / 8u) * 256u + 64u * c + 16u * (s % 2u);
+    let o_hi = o_lo + 32u;
+    var d_lo = 0.0;
+    var d_hi = 0.0;
+    var x_lo = 0.0;
+    var x_hi = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        d_lo += dot4u(q[i] & 0x0f0f0f0fu, o_lo + 4u * i, 0.0);
+        d_hi += dot4u((q[i] >> 4u) & 0x0f0f0f0fu, o_hi + 4u * i, 0.0);
+        x_lo += xsum4(o_lo + 4u * i);
+        x_hi += xsum4(o_hi + 4u * i);
+    }
+    let dm = unpack2x16float(w[sb]);
+    let a = k4_scale_min(sb, 2u * c);
+    let b = k4_scale_min(sb, 2u * c + 1u);
+    return dm.x * (a.x * d_lo + b.x * d_hi) - dm.y * (a.y * x_lo + b.y * x_hi);
+}
+#endif
+#ifdef W_Q6_K
+// Eight quads per super-block over its 32 ql words: quad s (half h = s / 4) holds ql words
+// 4s.. and takes the aligned quad of qh words 32 + 8h + 4 (s % 2)..; its elements are two
+// runs of 16, 128h + 16 (s % 2) + 32 qd.. for qd = (s % 4) / 2 and qd + 2, one scale each.
+fn w_quads(k: u32) -> u32 { return k / 256u * 8u; }
+fn w_quad_dot(rb: u32, t: u32, xo: u32) -> f32 {
+    let s = t % 8u;
+    let sb = rb + (t / 8u) * 56u;
+    let h = s / 4u;
+    let ql = w4[sb / 4u + s];
+    let qh = w4[(sb + 32u + 8u * h + 4u * (s % 2u)) / 4u];
+    let qd = (s % 4u) / 2u;
+    let o_lo = xo + (t / 8u) * 256u + 128u * h + 16u * (s % 2u) + 32u * qd;
+    let o_hi = o_lo + 64u;
+    var d_lo = 0.0;
+    var d_hi = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let q_lo = (ql[i] & 0x0f0f0f0fu) | (((qh[i] >> (2u * qd)) & 0x03030303u) << 4u);
+        let q_hi = ((ql[i] >> 4u) & 0x0f0f0f0fu) | (((qh[i] >> (2u * qd + 4u)) & 0x03030303u) << 4u);
+        d_lo += dot4u(q_lo, o_lo + 4u * i, 32.0);
+        d_hi += dot4u(q_hi, o_hi + 4u * i, 32.0);
+    }
+    let sc = 8u * h + s % 2u;
+    return bitcast<f32>(w[sb + 52u]) * (k6_scale(sb, sc + 2u * qd) * d_lo + k6_scale(sb, sc + 2u * qd + 4u) * d_hi);
+}
+#endif
+#endif
+#endif

@@ -314,7 +314,11 @@ impl Device {
                     1e-5,
                 ),
                 (
-                    "prefill attention 70 queries, 4/2 heads x 64, 300 keys",
+                    if kiln::kernels::attention::flash_serves(&gpu, 70, 64) {
+                        "prefill attention 70 queries, 4/2 heads x 64, 300 keys (FLASH)"
+                    } else {
+                        "prefill attention 70 queries, 4/2 heads x 64, 300 keys"
+                    },
                     run_attention(&gpu, 70, 4, 2, 64, 300).await,
                     1e-5,
                 ),

@@ -473,7 +473,15 @@ impl Linear {
             ..Default::default()
         };
         let rope = self.epilogue_params(ins, &mut p, &mut bindings, part.rows, n_total);
-        let (key, groups) = matvec_variant(ctx, o, p.rows as usize, p.glu != 0 || rope)?;
+        let (mut key, groups) = matvec_variant(ctx, o, p.rows as usize, p.glu != 0 || rope)?;
+        // 16-byte weight loads: the weight bound again after the others (one more storage
+        // buffer, which the rotary epilogue's nine may not have).
+        let storage = ctx.gpu.limits.max_storage_buffers_per_shader_stage as usize;
+        if !ctx.gpu.features.software && w4_serves(o.w.dtype, o.k) && bindings.len() < storage {
+            let w = bindings[0].buffer.clone();
+            bindings.push(Binding::read(&w));
+            key = key.def("W4", "");
+        }
         let key = match self.norm {
             Some(_) => key.def("NORM", ""),
             None => key,
@@ -530,6 +538,18 @@ impl Linear {
             }
             None => false,
         }
+    }
+}
+
+/// Whether the GPU matvec reads rows of `k` elements of `dtype` 16 bytes at a time (W4,
+/// `weights.wgsl`'s quads): plain rows of whole 16-byte units, and the K-quants whose
+/// super-blocks are (Q4_K 36 words, Q6_K 56) with a quad layout written for them.
+pub fn w4_serves(dtype: DType, k: usize) -> bool {
+    match dtype {
+        DType::F32 => k.is_multiple_of(4),
+        DType::F16 | DType::BF16 => k.is_multiple_of(8),
+        DType::Q4_K | DType::Q6_K => true,
+        _ => false,
     }
 }
 
