@@ -31,29 +31,66 @@ const NBUF: u32 = 1u;
 #endif
 const A_WORDS: u32 = BK * BM / 4u; // one buffer of the A tile, [BK][BM / 4] vec4s
 const B_WORDS: u32 = BK * BN / 4u;
+#ifdef COOP
+// The same tiles as scalars, for coopLoad's element pointers: A[k][m] (a column-major M x K
+// matrix of stride BM), B[k][n] (a row-major K x N matrix of stride BN).
+var<workgroup> a_tile: array<T, 4u * NBUF * A_WORDS>;
+var<workgroup> b_tile: array<T, 4u * NBUF * B_WORDS>;
+fn set_a(i: u32, c: u32, v: f32) { a_tile[4u * i + c] = T(v); }
+fn set_b(i: u32, c: u32, v: f32) { b_tile[4u * i + c] = T(v); }
+#else
 var<workgroup> a_tile: array<T4, NBUF * A_WORDS>;
 var<workgroup> b_tile: array<T4, NBUF * B_WORDS>;
+fn set_a(i: u32, c: u32, v: f32) { a_tile[i][c] = T(v); }
+fn set_b(i: u32, c: u32, v: f32) { b_tile[i][c] = T(v); }
+#endif
 
 // Writes a loaded run (row `row`, k offsets kq..kq + 7 of the step) into buffer `base`.
 fn put_a(base: u32, row: u32, kq: u32, v: Run8) {
     let c = row % 4u;
     let i = base + kq * (BM / 4u) + row / 4u;
-    a_tile[i][c] = T(v.lo.x); a_tile[i + BM / 4u][c] = T(v.lo.y);
-    a_tile[i + 2u * (BM / 4u)][c] = T(v.lo.z); a_tile[i + 3u * (BM / 4u)][c] = T(v.lo.w);
-    a_tile[i + 4u * (BM / 4u)][c] = T(v.hi.x); a_tile[i + 5u * (BM / 4u)][c] = T(v.hi.y);
-    a_tile[i + 6u * (BM / 4u)][c] = T(v.hi.z); a_tile[i + 7u * (BM / 4u)][c] = T(v.hi.w);
+    set_a(i, c, v.lo.x); set_a(i + BM / 4u, c, v.lo.y);
+    set_a(i + 2u * (BM / 4u), c, v.lo.z); set_a(i + 3u * (BM / 4u), c, v.lo.w);
+    set_a(i + 4u * (BM / 4u), c, v.hi.x); set_a(i + 5u * (BM / 4u), c, v.hi.y);
+    set_a(i + 6u * (BM / 4u), c, v.hi.z); set_a(i + 7u * (BM / 4u), c, v.hi.w);
 }
 fn put_b(base: u32, row: u32, kq: u32, v: Run8) {
     let c = row % 4u;
     let i = base + kq * (BN / 4u) + row / 4u;
-    b_tile[i][c] = T(v.lo.x); b_tile[i + BN / 4u][c] = T(v.lo.y);
-    b_tile[i + 2u * (BN / 4u)][c] = T(v.lo.z); b_tile[i + 3u * (BN / 4u)][c] = T(v.lo.w);
-    b_tile[i + 4u * (BN / 4u)][c] = T(v.hi.x); b_tile[i + 5u * (BN / 4u)][c] = T(v.hi.y);
-    b_tile[i + 6u * (BN / 4u)][c] = T(v.hi.z); b_tile[i + 7u * (BN / 4u)][c] = T(v.hi.w);
+    set_b(i, c, v.lo.x); set_b(i + BN / 4u, c, v.lo.y);
+    set_b(i + 2u * (BN / 4u), c, v.lo.z); set_b(i + 3u * (BN / 4u), c, v.lo.w);
+    set_b(i + 4u * (BN / 4u), c, v.hi.x); set_b(i + 5u * (BN / 4u), c, v.hi.y);
+    set_b(i + 6u * (BN / 4u), c, v.hi.z); set_b(i + 7u * (BN / 4u), c, v.hi.w);
 }
 
+#ifdef COOP
+// The epilogue's staging: one 16 x 16 f32 block per subgroup (8 KiB).
+var<workgroup> stage: array<f32, 8u * 256u>;
+alias MA = coop_mat16x16<f16, A>;
+alias MB = coop_mat16x16<f16, B>;
+alias MC = coop_mat16x16<f32, C>;
+// Stores accumulator block c (rows r0.., columns c0.. of the output) through subgroup sg's
+// staging block: every subgroup calls it alike (workgroup barriers), lane l stores 8 elements.
+fn store_block(bi: u32, sg: u32, lane: u32, c: MC, r0: u32, c0: u32) {
+    coopStoreT(c, &stage[sg * 256u], 16u);
+    workgroupBarrier();
+    for (var e = 0u; e < 8u; e++) {
+        let i = lane + 32u * e;
+        let m = r0 + i / 16u;
+        let n = c0 + i % 16u;
+        if (m < p.m && n < p.n) { store_c(bi, m, n, stage[sg * 256u + i]); }
+    }
+    workgroupBarrier();
+}
+#endif
+
 @compute @workgroup_size(256)
+#ifdef COOP
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+        @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+#else
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+#endif
     let n0 = wg.x * BN;
     let m0 = wg.y * BM;
     let bi = wg.z;
@@ -68,7 +105,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var rb = Run8(vec4<f32>(0.0), vec4<f32>(0.0));
     if (loads_a) { ra = load_a8(bi, m0 + lr, lk); }
     if (loads_b) { rb = load_b8(bi, n0 + lr, lk); }
+#ifdef COOP
+    // Subgroup sg (of 8) owns rows 32 (sg / 2).. (two blocks) and columns 64 (sg % 2).. (four).
+    let sr = 32u * (sg / 2u);
+    let sc = 64u * (sg % 2u);
+    var c0 = MC();
+    var c1 = MC();
+    var c2 = MC();
+    var c3 = MC();
+    var c4 = MC();
+    var c5 = MC();
+    var c6 = MC();
+    var c7 = MC();
+#else
     var acc: array<vec4<f32>, TM * TN / 4u>;
+#endif
     let steps = (p.k + BK - 1u) / BK;
     for (var s = 0u; s < steps; s++) {
         let buf = s % NBUF;
@@ -86,6 +137,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         let ab = buf * A_WORDS;
         let bb = buf * B_WORDS;
+#ifdef COOP
+        let a0 = coopLoad<MA>(&a_tile[4u * ab + sr], BM);
+        let a1 = coopLoad<MA>(&a_tile[4u * ab + sr + 16u], BM);
+        let b0 = coopLoadT<MB>(&b_tile[4u * bb + sc], BN);
+        let b1 = coopLoadT<MB>(&b_tile[4u * bb + sc + 16u], BN);
+        let b2 = coopLoadT<MB>(&b_tile[4u * bb + sc + 32u], BN);
+        let b3 = coopLoadT<MB>(&b_tile[4u * bb + sc + 48u], BN);
+        c0 = coopMultiplyAdd(a0, b0, c0);
+        c1 = coopMultiplyAdd(a0, b1, c1);
+        c2 = coopMultiplyAdd(a0, b2, c2);
+        c3 = coopMultiplyAdd(a0, b3, c3);
+        c4 = coopMultiplyAdd(a1, b0, c4);
+        c5 = coopMultiplyAdd(a1, b1, c5);
+        c6 = coopMultiplyAdd(a1, b2, c6);
+        c7 = coopMultiplyAdd(a1, b3, c7);
+#else
         for (var kk = 0u; kk < BK; kk++) {
             var a: array<vec4<f32>, TM / 4u>;
             var b: array<vec4<f32>, TN / 4u>;
@@ -101,7 +168,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
             }
         }
+#endif
     }
+#ifdef COOP
+    let r0 = m0 + sr;
+    let q0 = n0 + sc;
+    store_block(bi, sg, lane, c0, r0, q0);
+    store_block(bi, sg, lane, c1, r0, q0 + 16u);
+    store_block(bi, sg, lane, c2, r0, q0 + 32u);
+    store_block(bi, sg, lane, c3, r0, q0 + 48u);
+    store_block(bi, sg, lane, c4, r0 + 16u, q0);
+    store_block(bi, sg, lane, c5, r0 + 16u, q0 + 16u);
+    store_block(bi, sg, lane, c6, r0 + 16u, q0 + 32u);
+    store_block(bi, sg, lane, c7, r0 + 16u, q0 + 48u);
+#else
     // acc[(4 i + r) * TN / 4 + j][c]: row m0 + 64 i + 4 ty + r, column n0 + 64 j + 4 tx + c.
     for (var i = 0u; i < TM / 4u; i++) {
         for (var r = 0u; r < 4u; r++) {
@@ -116,4 +196,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
     }
+#endif
 }

@@ -54,6 +54,34 @@ pub fn dump(name: &str, defines: &[(String, String)]) -> Result<String> {
     Ok(out)
 }
 
+/// The WGSL of a kernel variant as the device compiles it: `shader` preprocessed with its
+/// `defines` (plus HAS_SUBGROUPS where the device has subgroups), behind the `enable`
+/// directives its variant needs — f16 for HALF tiles, wgpu's cooperative matrices for COOP,
+/// and in the browser subgroups (naga 30 refuses that directive natively and needs none).
+pub fn kernel_source(
+    shader: &str,
+    defines: &[(String, String)],
+    subgroups: bool,
+) -> Result<String> {
+    let mut defines = defines.to_vec();
+    if subgroups {
+        defines.push(("HAS_SUBGROUPS".into(), String::new()));
+    }
+    let has = |d: &str| defines.iter().any(|(n, _)| n == d);
+    let mut enables = String::new();
+    if has("HALF") {
+        enables.push_str("enable f16;\n");
+    }
+    if has("COOP") {
+        enables.push_str("enable wgpu_cooperative_matrix;\n");
+    }
+    let src = dump(shader, &defines)?;
+    if cfg!(target_arch = "wasm32") && subgroups && src.contains("subgroup") {
+        enables.push_str("enable subgroups;\n");
+    }
+    Ok(enables + &src)
+}
+
 fn substitute(line: &str, defs: &HashMap<String, String>) -> String {
     if defs.values().all(|v| v.is_empty()) {
         return line.to_string();

@@ -184,6 +184,47 @@ fn gemm_wide_tiles() {
     }
 }
 
+/// The cooperative-matrix GEMM (gemm.wgsl's COOP: 16 x 16 f16 blocks, f32 accumulation) as the
+/// device would compile it, for the matmul and the convolution and a plain and two block
+/// formats, through naga's WGSL front end, validator (with the capabilities the feature
+/// brings) and SPIR-V back end, on every machine. It runs where an adapter reports the feature
+/// (`GpuFeatures::coop_matrix`): there `gemm_wide_tiles` and the other GEMM tests take it for
+/// their 128 x 128 tiles.
+#[test]
+fn coop_matrix_gemm_compiles() {
+    use kiln::kernels::linear::weight_key;
+    use naga::valid::{Capabilities, ValidationFlags, Validator};
+    for shader in ["matmul.wgsl", "conv2d.wgsl"] {
+        for dt in [DType::F16, DType::Q4_0, DType::Q4_K] {
+            let key = weight_key(shader, dt)
+                .unwrap()
+                .def("TM", "8u")
+                .def("TN", "8u")
+                .def("HALF", "")
+                .def("COOP", "")
+                .def("X4", "");
+            let src = kiln::shaders::kernel_source(key.shader, &key.defines, true).unwrap();
+            let what = format!("{shader} {dt} COOP");
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+            let caps = Capabilities::COOPERATIVE_MATRIX
+                | Capabilities::SHADER_FLOAT16
+                | Capabilities::SHADER_FLOAT16_IN_FLOAT32
+                | Capabilities::SUBGROUP;
+            let info = Validator::new(ValidationFlags::all(), caps)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+            let opts = naga::back::spv::Options {
+                lang_version: (1, 4),
+                ..Default::default()
+            };
+            let spv = naga::back::spv::write_vec(&module, &info, &opts, None)
+                .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+            assert!(spv.len() > 100, "{what}: {} words", spv.len());
+        }
+    }
+}
+
 #[test]
 fn batched_activation_product() {
     for gpu in kiln_tests::gpu_variants() {

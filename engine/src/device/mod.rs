@@ -46,6 +46,12 @@ pub struct GpuFeatures {
     /// Activations and dequantized weights are rounded to f16 on the way (relative error
     /// ~5e-4 a product); shader-f16 present, GPU kernels, and not [`GpuOptions::f32_math`].
     pub half_tiles: bool,
+    /// The GEMM core's 128 x 128 tiles multiply with cooperative matrices (16 x 16 x 16, f16
+    /// operands, f32 accumulation; wgpu's experimental feature, Vulkan's
+    /// VK_KHR_cooperative_matrix): requested where the adapter reports that shape, subgroups
+    /// of a fixed 32 and 24 KiB of workgroup memory, with [`GpuFeatures::half_tiles`];
+    /// `KILN_COOP=0` leaves it off. Native only (WebGPU has no such feature yet).
+    pub coop_matrix: bool,
     /// A software adapter (lavapipe, SwiftShader): it runs invocations as SIMD lanes of CPU
     /// threads, where barriers and workgroup-memory reductions cost far more than on a GPU, so
     /// kernels that have one use their barrier-free variant (e.g. one invocation per matvec row).
@@ -218,6 +224,12 @@ impl Gpu {
         let info = adapter.get_info();
         let req = required_limits(&adapter)?;
         let af = adapter.features();
+        let software_env = std::env::var("KILN_SOFTWARE").ok().map(|v| v != "0");
+        let software = opts
+            .software
+            .or(software_env)
+            .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
+        let f32_math = opts.f32_math || std::env::var("KILN_F32_MATH").is_ok_and(|v| v != "0");
         let mut want = wgpu::Features::empty();
         if !opts.disable_optional_features {
             for f in [
@@ -230,12 +242,23 @@ impl Gpu {
                 }
             }
         }
+        let coop = !opts.disable_optional_features
+            && !software
+            && !f32_math
+            && coop_matrix_offered(&adapter, &req);
+        if coop {
+            want |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("kiln"),
                 required_features: want,
                 required_limits: req,
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                experimental_features: if coop {
+                    experimental_features()
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -254,18 +277,15 @@ impl Gpu {
         // Keep bindings 16-byte aligned in size so vec4 loads never straddle the end.
         binding_limit &= !15;
         let (uncaptured, lost) = capture_errors(&device);
-        let software_env = std::env::var("KILN_SOFTWARE").ok().map(|v| v != "0");
         let shader_f16 = device.features().contains(wgpu::Features::SHADER_F16);
-        let software = opts
-            .software
-            .or(software_env)
-            .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
-        let f32_math = opts.f32_math || std::env::var("KILN_F32_MATH").is_ok_and(|v| v != "0");
         let features = GpuFeatures {
             shader_f16,
             subgroups: device.features().contains(wgpu::Features::SUBGROUP),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
             half_tiles: shader_f16 && !software && !f32_math,
+            coop_matrix: device
+                .features()
+                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
             software,
             loop_limit: info.name.contains("llvmpipe").then_some(65535),
         };
@@ -287,12 +307,13 @@ impl Gpu {
     /// A one-line description: adapter, backend, features.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}) shader-f16={} f16-tiles={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB unchecked={}",
+            "{} ({:?}, {:?}) shader-f16={} f16-tiles={} coop-matrix={} subgroups={} timestamps={} software-kernels={} max-binding={} MiB unchecked={}",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.features.shader_f16,
             self.features.half_tiles,
+            self.features.coop_matrix,
             self.features.subgroups,
             self.features.timestamps,
             self.features.software,
@@ -665,4 +686,40 @@ pub fn now_ms() -> f64 {
     {
         js_sys::Date::now()
     }
+}
+
+/// Whether `adapter` offers what the GEMM core's cooperative-matrix variant (gemm.wgsl's COOP)
+/// needs: the feature with 16 x 16 x 16 f16 x f16 -> f32 products, shader-f16, subgroups of a
+/// fixed 32 invocations (the shader's eight subgroups of a workgroup of 256) and 24 KiB of
+/// workgroup memory (`req`, the limits to be requested). `KILN_COOP=0` says no.
+fn coop_matrix_offered(adapter: &wgpu::Adapter, req: &wgpu::Limits) -> bool {
+    let need = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP;
+    let info = adapter.get_info();
+    std::env::var("KILN_COOP").map_or(true, |v| v != "0")
+        && adapter.features().contains(need)
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+        && req.max_compute_workgroup_storage_size >= COOP_SHARED_BYTES
+        && adapter.cooperative_matrix_properties().iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
+}
+
+/// Workgroup memory of the cooperative-matrix GEMM: the double-buffered f16 tiles (16 KiB) and
+/// a 16 x 16 f32 staging block per subgroup for the epilogue (8 KiB).
+pub const COOP_SHARED_BYTES: u32 = 24 << 10;
+
+/// wgpu's experimental features switched on, for the cooperative matrices.
+#[allow(unsafe_code)]
+fn experimental_features() -> wgpu::ExperimentalFeatures {
+    // SAFETY: wgpu asks callers to accept that experimental features may be incomplete. Only
+    // the cooperative-matrix feature is requested, only where the adapter reports the one
+    // shape and types gemm.wgsl's COOP variant uses (coop_matrix_offered), and that variant
+    // is tested against the CPU reference on such adapters (tests/tests/linear.rs), and
+    // compiled and validated by naga everywhere.
+    unsafe { wgpu::ExperimentalFeatures::enabled() }
 }

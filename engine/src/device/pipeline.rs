@@ -160,20 +160,7 @@ impl Gpu {
         {
             return Ok(p.clone());
         }
-        let mut defines = key.defines.clone();
-        if self.features.subgroups {
-            defines.push(("HAS_SUBGROUPS".into(), String::new()));
-        }
-        let mut src = crate::shaders::dump(key.shader, &defines)?;
-        // The browser (wgpu hands it the WGSL as is) requires the extension enabled in the
-        // source; naga 30 refuses the directive and needs none.
-        #[cfg(target_arch = "wasm32")]
-        if self.features.subgroups && src.contains("subgroup") {
-            src.insert_str(0, "enable subgroups;\n");
-        }
-        if key.defines.iter().any(|(d, _)| d == "HALF") {
-            src.insert_str(0, "enable f16;\n");
-        }
+        let src = crate::shaders::kernel_source(key.shader, &key.defines, self.features.subgroups)?;
         let bgl = self.bind_group_layout(access);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.shader_module(key.shader, src);

@@ -120,11 +120,16 @@ pub fn gemm_block(m: usize, n: usize, b: usize) -> (usize, usize) {
         .unwrap_or((4, 4))
 }
 
-/// `key` (a shader including `gemm.wgsl`) with its register block for the product's size, and
-/// f16 tiles (HALF) where the device allows them ([`crate::GpuFeatures::half_tiles`]).
+/// `key` (a shader including `gemm.wgsl`) with its register block for the product's size, f16
+/// tiles (HALF) where the device allows them ([`crate::GpuFeatures::half_tiles`]), and for
+/// 128 x 128 tiles cooperative matrices (COOP) where it has them
+/// ([`crate::GpuFeatures::coop_matrix`]).
 pub fn gemm_key(gpu: &Gpu, key: KernelKey, m: usize, n: usize, b: usize) -> KernelKey {
     let (tm, tn) = gemm_block(m, n, b);
     let key = key.def("TM", format!("{tm}u")).def("TN", format!("{tn}u"));
+    if gpu.features.coop_matrix && (tm, tn) == (8, 8) {
+        return key.def("HALF", "").def("COOP", "");
+    }
     match gpu.features.half_tiles {
         true => key.def("HALF", ""),
         false => key,
