@@ -16,6 +16,11 @@
 // tiles as f16 (converted back to f32 for the f32 multiply-adds) and double-buffers them, one
 // barrier per k-step: 2 x (BM + BN) x 16 x 2 bytes = 16 KiB at 128 x 128. Without HALF the f32
 // tiles fit once (16 KiB), with a second barrier before they are overwritten.
+// COOP (with HALF and TM = TN = 8, where the device has wgpu's experimental cooperative
+// matrices and subgroups of 32): the same loads and tiles, multiplied as 16 x 16 x 16 f16
+// matrices with f32 accumulators — subgroup s of 8 owns rows 32 (s / 2).. and columns
+// 64 (s % 2).. of the tile, 2 x 4 blocks — and each block goes out through an 8 KiB f32
+// staging area to store_c (24 KiB of workgroup memory in all).
 // Dispatch: (ceil(n / BN), ceil(m / BM), batch).
 const BM: u32 = 16u * TM;
 const BN: u32 = 16u * TN;
@@ -109,14 +114,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Subgroup sg (of 8) owns rows 32 (sg / 2).. (two blocks) and columns 64 (sg % 2).. (four).
     let sr = 32u * (sg / 2u);
     let sc = 64u * (sg % 2u);
-    var c0 = MC();
-    var c1 = MC();
-    var c2 = MC();
-    var c3 = MC();
-    var c4 = MC();
-    var c5 = MC();
-    var c6 = MC();
-    var c7 = MC();
+    // The accumulators start as a zeroed staging block (a loaded matrix rather than a null
+    // constant, which not every driver takes for cooperative matrices).
+    for (var i = li; i < 8u * 256u; i += 256u) { stage[i] = 0.0; }
+    workgroupBarrier();
+    var c0 = coopLoad<MC>(&stage[0], 16u);
+    var c1 = c0;
+    var c2 = c0;
+    var c3 = c0;
+    var c4 = c0;
+    var c5 = c0;
+    var c6 = c0;
+    var c7 = c0;
+    workgroupBarrier();
 #else
     var acc: array<vec4<f32>, TM * TN / 4u>;
 #endif

@@ -5,8 +5,9 @@
 #
 #   1. the kernel tests (every variant against its CPU reference, the cooperative-matrix ones
 #      where the adapter has them);
-#   2. `kiln bench kernels` (and its matvec rows at 1, 2, 4 and 8 per workgroup), `kiln bench text` (per-kernel GPU time, dispatches, host cost
-#      serial and pipelined), `kiln bench image`;
+#   2. `kiln bench kernels` (its matvec rows at 1, 2, 4 and 8 per workgroup; its GEMM and
+#      attention rows with f32 tiles and without cooperative matrices), `kiln bench text`
+#      (per-kernel GPU time, dispatches, host cost serial and pipelined), `kiln bench image`;
 #   3. the same GGUF files through llama.cpp's llama-bench (Vulkan, all layers on the GPU) and
 #      `kiln bench text --model`: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M rebuilt
 #      from their headers with random data, and a random Llama-3.2-1B-shaped Q4_K_M; a table of
@@ -53,6 +54,12 @@ timeout 90 .devbin/kiln bench kernels 2>&1 | grep -v XDG | tee "$out/bench-kerne
 for items in 1 2 4 8; do
     echo "-- matvec, $items rows per workgroup"
     KILN_MATVEC="64,$items" timeout 60 .devbin/kiln bench kernels 2>&1 | grep -i "matvec" | tee -a "$out/matvec-sweep.md"
+done
+# The GEMM, convolution and prefill attention with f32 tiles (KILN_F32_MATH=1) and with f16
+# tiles but no cooperative matrices (KILN_COOP=0), against the default run above.
+for v in KILN_F32_MATH=1 KILN_COOP=0; do
+    echo "-- $v"
+    env "$v" timeout 60 .devbin/kiln bench kernels 2>&1 | grep -E "adapter|GEMM|conv|attention" | tee -a "$out/gemm-variants.md"
 done
 log "bench text"
 timeout 90 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"

@@ -160,6 +160,29 @@ impl Gpu {
         {
             return Ok(p.clone());
         }
+        let pipeline = match self.build(key, access).await {
+            // The experimental cooperative matrices: where the driver refuses them, the same
+            // kernel with f16 tiles (same bindings and grid) serves instead, once said.
+            Err(e) if key.defines.iter().any(|(d, _)| d == "COOP") => {
+                eprintln!("kiln: cooperative-matrix GEMM refused, using f16 tiles: {e}");
+                let mut plain = key.clone();
+                plain.defines.retain(|(d, _)| d != "COOP");
+                self.build(&plain, access).await?
+            }
+            r => r?,
+        };
+        Counters::add(&self.counters.pipelines_created, 1);
+        let p = Arc::new(pipeline);
+        self.pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ck, p.clone());
+        Ok(p)
+    }
+
+    /// Compiles the pipeline of `key`; a WGSL or validation error is an [`Error::Shader`].
+    async fn build(&self, key: &KernelKey, access: &[bool]) -> Result<wgpu::ComputePipeline> {
         let src = crate::shaders::kernel_source(key.shader, &key.defines, self.features.subgroups)?;
         let bgl = self.bind_group_layout(access);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -194,14 +217,7 @@ impl Gpu {
                 msg: e.to_string(),
             });
         }
-        Counters::add(&self.counters.pipelines_created, 1);
-        let p = Arc::new(pipeline);
-        self.pipelines
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ck, p.clone());
-        Ok(p)
+        Ok(pipeline)
     }
 
     /// The run-time checks wgpu leaves out of a module on this backend, `None` for all kept.

@@ -65,9 +65,9 @@ pub fn kernels(quick: bool) -> Result<()> {
         bytes: 2.0 * n as f64 * 4.0,
     });
 
-    // GEMM 1024^3, f32 and f16 weights.
+    // GEMM 1024^3, f32, f16 and Q4_K weights.
     let s = 1024;
-    for dt in [DType::F32, DType::F16] {
+    for dt in [DType::F32, DType::F16, DType::Q4_K] {
         let w = Arc::new(Tensor::upload(
             &gpu,
             "w",
@@ -152,6 +152,47 @@ pub fn kernels(quick: bool) -> Result<()> {
         ms,
         bytes,
     });
+
+    // Prefill attention (an LLM's causal prompt, and a U-Net's self-attention at 32 x 32
+    // latents): FLOPs of the score and value products, half of them masked when causal.
+    let reps = if gpu.features.software { 1 } else { REPS };
+    for (name, lq, heads, kvh, hd, causal) in [
+        (
+            "prefill attention, 512 tokens causal, 32/8 heads x 128",
+            512,
+            32,
+            8,
+            128,
+            true,
+        ),
+        (
+            "U-Net self-attention, 1024 tokens, 8 heads x 40",
+            1024,
+            8,
+            8,
+            40,
+            false,
+        ),
+    ] {
+        let mut g = Graph::new();
+        let q = g.input("q", &[1, lq, heads * hd], DType::F32)?;
+        let k = g.input("k", &[1, lq, kvh * hd], DType::F32)?;
+        let len = Dyn::Static(lq as u32);
+        for _ in 0..reps {
+            g.attention(q, k, k, heads, kvh, causal, Dyn::Static(0), len)?;
+        }
+        let plan = compile(&gpu, &g)?;
+        plan.write_f32(q, &random_f32(lq * heads * hd, 6))?;
+        plan.write_f32(k, &random_f32(lq * kvh * hd, 7))?;
+        let ms = time(&gpu, &plan, iters)? / reps as f64;
+        let flops = 4.0 * (lq * lq * hd * heads) as f64 / if causal { 2.0 } else { 1.0 };
+        rows.push(Row {
+            name: name.into(),
+            rate: format!("{:.1} GFLOP/s", flops / ms / 1e6),
+            ms,
+            bytes: (4 * lq * (heads + kvh) * hd * 4) as f64,
+        });
+    }
 
     // 3x3 convolution 64 -> 64 channels on 64 x 64.
     let (c, hw) = (64, 64);
