@@ -43,7 +43,7 @@ struct Params {
     rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32,
     glu: u32, gate_row: u32, up_row: u32, eps: f32,
     heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
-    pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32,
+    pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32, partials: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 #ifdef ROWS_V4
@@ -52,12 +52,18 @@ struct Params {
 #else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 #ifdef W4
-// The weight words again, as 16-byte units (weights.wgsl's w_quad_dot), after the other bindings.
-#ifdef ROPE
-@group(0) @binding(10) var<storage, read> w4: array<vec4<u32>>;
-#else
-@group(0) @binding(8) var<storage, read> w4: array<vec4<u32>>;
+// The weight words again, as 16-byte units (weights.wgsl's w_quad_dot), after the other
+// bindings (W4_AT: the binding the encoder gave it).
+@group(0) @binding(W4_AT) var<storage, read> w4: array<vec4<u32>>;
 #endif
+// Sums of squares of the hidden state, one per workgroup of the product that wrote it
+// (PARTIALS_OUT), which the fused norm of the next products adds up instead of summing x^2
+// itself (PARTIALS_IN, p.partials of them). PARTIALS_AT: the binding the encoder gave it.
+#ifdef PARTIALS_OUT
+@group(0) @binding(PARTIALS_AT) var<storage, read_write> partials: array<f32>;
+#endif
+#ifdef PARTIALS_IN
+@group(0) @binding(PARTIALS_AT) var<storage, read> partials: array<f32>;
 #endif
 #ifdef X4
 // x as 16-byte units (k a multiple of 4); under NORM each element times the norm weight (the
@@ -151,14 +157,16 @@ fn has_second(r: u32) -> bool { return rope_item(r).z != 0u; }
 @group(0) @binding(6) var<storage, read> res: array<f32>;
 
 // `acc` (a row's dot, or a pair's under glu) scaled by `inv` (NORM), plus bias and residual.
-fn store(mi: u32, r: u32, acc: vec2<f32>, inv: f32) {
+fn out_value(mi: u32, r: u32, acc: vec2<f32>, inv: f32) -> f32 {
     let o = p.out_off + r;
     var v = acc.x * inv;
     if (p.glu != 0u) { v = glu_act(v, p.glu - 1u) * (acc.y * inv); }
     if (p.has_bias == 1u) { v += bias[o]; }
-    let i = mi * p.n_total + o;
-    if (p.has_res == 1u) { v += res[i]; }
-    y[i] = v;
+    if (p.has_res == 1u) { v += res[mi * p.n_total + o]; }
+    return v;
+}
+fn store(mi: u32, r: u32, acc: vec2<f32>, inv: f32) {
+    y[mi * p.n_total + p.out_off + r] = out_value(mi, r, acc, inv);
 }
 
 // The weight rows output row r reads: (r, -) or, under glu, (gate, up).
@@ -576,10 +584,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let first = (g % groups) * MV_R;
 #ifdef NORM
     var ss: array<vec2<f32>, MV_R>;
+#ifdef PARTIALS_IN
+    for (var i = li; i < p.partials; i += MV_WG) { ss[0].x += partials[i]; }
+#else
 #ifdef X4
     for (var i = li; i < p.k / 4u; i += MV_WG) { let v = xv[i]; ss[0].x += dot(v, v); }
 #else
     for (var i = li; i < p.k; i += MV_WG) { let v = x[i]; ss[0].x += v * v; }
+#endif
 #endif
     let inv = inverseSqrt(sum_all(li, ss)[0].x / f32(p.k) + p.eps);
     let xo = 0u;
@@ -607,6 +619,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     for (var j = 0u; j < MV_R; j++) {
         if (li == j % MV_WG && live && first + j < p.rows) { store(mi, first + j, sums[j], inv); }
     }
+#ifdef PARTIALS_OUT
+    // The squares of this workgroup's outputs (one activation row: g is its row group).
+    if (li == 0u && live) {
+        var q = 0.0;
+        for (var j = 0u; j < MV_R; j++) {
+            if (first + j < p.rows) { let v = out_value(mi, first + j, sums[j], inv); q += v * v; }
+        }
+        partials[g] = q;
+    }
+#endif
 }
 #endif
 #endif

@@ -18,8 +18,10 @@
 //         `round` of a selection pass.
 //
 // Dispatches (kernels::sample::Sample::encode), in order; each of G workgroups works on one
-// contiguous chunk of the vocabulary, and a pass with nothing to do (greedy decoding, top-k or
-// top-p off) returns at once:
+// contiguous chunk of the vocabulary. A pass with nothing to do (greedy decoding, top-k or
+// top-p off) returns at once, and on GPUs is not even launched: prep writes the selection
+// passes' workgroup counts (binding 9, `args`), which their indirect dispatches read, zero for
+// those with nothing to do:
 //   prep          s with the repetition penalty; per chunk: the max key of s and its first
 //                 index, max and sum of exp of the raw logits, the non-finite count, the
 //                 top_logprobs candidates; the top-k digit histogram, round 0
@@ -154,6 +156,74 @@ fn weight(s: f32, m: f32) -> u32 {
 
 // Workgroup reductions; the leading barrier keeps a new round from overwriting slot 0
 // before every thread has read the previous result.
+#ifdef HAS_SUBGROUPS
+// With subgroups: each subgroup reduces in registers, and its first active invocation
+// (subgroupBroadcastFirst(li) == li) folds the subgroup's result into a workgroup atomic — no
+// assumption about which invocations share a subgroup, four barriers instead of ten. Integer
+// results, so the same as the trees below bit for bit.
+var<workgroup> red_at: array<atomic<u32>, 4>;
+
+fn first_of_subgroup(li: u32) -> bool { return subgroupBroadcastFirst(li) == li; }
+
+// u32 sum (op 0), max (1) or min (2).
+fn reduce_u32(li: u32, v: u32, op: u32) -> u32 {
+    let s = select(select(subgroupMin(v), subgroupMax(v), op == 1u), subgroupAdd(v), op == 0u);
+    workgroupBarrier();
+    if (li == 0u) { atomicStore(&red_at[0], select(select(0xffffffffu, 0u, op == 1u), 0u, op == 0u)); }
+    workgroupBarrier();
+    if (first_of_subgroup(li)) {
+        if (op == 0u) {
+            atomicAdd(&red_at[0], s);
+        } else if (op == 1u) {
+            atomicMax(&red_at[0], s);
+        } else {
+            atomicMin(&red_at[0], s);
+        }
+    }
+    workgroupBarrier();
+    if (li == 0u) { red_u[0] = atomicLoad(&red_at[0]); }
+    return workgroupUniformLoad(&red_u[0]);
+}
+
+// 64-bit sums in 16-bit limbs: a subgroup's limb sums stay under 2^23 and the workgroup's
+// under 2^24, so no carry is lost; the limbs are recombined once.
+fn sum64(li: u32, v: vec2<u32>) -> vec2<u32> {
+    let s = subgroupAdd(vec4<u32>(v.x & 0xffffu, v.x >> 16u, v.y & 0xffffu, v.y >> 16u));
+    workgroupBarrier();
+    if (li < 4u) { atomicStore(&red_at[li], 0u); }
+    workgroupBarrier();
+    if (first_of_subgroup(li)) {
+        atomicAdd(&red_at[0], s.x);
+        atomicAdd(&red_at[1], s.y);
+        atomicAdd(&red_at[2], s.z);
+        atomicAdd(&red_at[3], s.w);
+    }
+    workgroupBarrier();
+    if (li == 0u) {
+        let a1 = atomicLoad(&red_at[1]);
+        let lo = add64(vec2<u32>(atomicLoad(&red_at[0]), 0u), vec2<u32>(a1 << 16u, a1 >> 16u));
+        red64[0] = add64(lo, vec2<u32>(0u, atomicLoad(&red_at[2]) + (atomicLoad(&red_at[3]) << 16u)));
+    }
+    return workgroupUniformLoad(&red64[0]);
+}
+
+// The largest (hi, lo) pair, compared as one 64-bit number: the largest hi, then the largest
+// lo among the pairs with that hi.
+fn max64(li: u32, v: vec2<u32>) -> vec2<u32> {
+    let hi = subgroupMax(v.y);
+    let lo = subgroupMax(select(0u, v.x, v.y == hi));
+    workgroupBarrier();
+    if (li < 2u) { atomicStore(&red_at[li], 0u); }
+    workgroupBarrier();
+    if (first_of_subgroup(li)) { atomicMax(&red_at[0], hi); }
+    workgroupBarrier();
+    let top = atomicLoad(&red_at[0]);
+    if (first_of_subgroup(li) && hi == top) { atomicMax(&red_at[1], lo); }
+    workgroupBarrier();
+    if (li == 0u) { red64[0] = vec2<u32>(atomicLoad(&red_at[1]), top); }
+    return workgroupUniformLoad(&red64[0]);
+}
+#else
 fn reduce_u32(li: u32, v: u32, op: u32) -> u32 {
     workgroupBarrier();
     red_u[li] = v;
@@ -167,17 +237,6 @@ fn reduce_u32(li: u32, v: u32, op: u32) -> u32 {
         workgroupBarrier();
     }
     return workgroupUniformLoad(&red_u[0]);
-}
-
-fn sum_f32(li: u32, v: f32) -> f32 {
-    workgroupBarrier();
-    red_f[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (li < s) { red_f[li] += red_f[li + s]; }
-        workgroupBarrier();
-    }
-    return workgroupUniformLoad(&red_f[0]);
 }
 
 fn sum64(li: u32, v: vec2<u32>) -> vec2<u32> {
@@ -201,6 +260,19 @@ fn max64(li: u32, v: vec2<u32>) -> vec2<u32> {
         workgroupBarrier();
     }
     return workgroupUniformLoad(&red64[0]);
+}
+
+#endif
+
+fn sum_f32(li: u32, v: f32) -> f32 {
+    workgroupBarrier();
+    red_f[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (li < s) { red_f[li] += red_f[li + s]; }
+        workgroupBarrier();
+    }
+    return workgroupUniformLoad(&red_f[0]);
 }
 
 // Inclusive prefix sum over the invocations (Hillis-Steele); afterwards red64[255] is the total.
@@ -598,8 +670,27 @@ fn finish_pass(li: u32) {
     for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[i], 0u); }
 }
 
+// The GPU variant's workgroup counts for the passes a run may skip (read by indirect
+// dispatches): [0..3) the top-k rounds, [3..6) weights and kept, [6..9) the top-p rounds; zero
+// groups where the pass would return at once (greedy decoding, top-k or top-p off).
+@group(0) @binding(9) var<storage, read_write> args: array<u32>;
+
+fn write_args() {
+    let sampling = !is_greedy();
+    args[0] = select(0u, p.groups, sampling && top_k_on());
+    args[3] = select(0u, p.groups, sampling);
+    args[6] = select(0u, p.groups, sampling && top_p_on());
+    for (var i = 0u; i < 3u; i++) {
+        args[3u * i + 1u] = 1u;
+        args[3u * i + 2u] = 1u;
+    }
+}
+
 @compute @workgroup_size(256)
-fn prep(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { prep_pass(li, wid.x); }
+fn prep(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (wid.x == 0u && li == 0u) { write_args(); }
+    prep_pass(li, wid.x);
+}
 @compute @workgroup_size(256)
 fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { kround_pass(li, wid.x, p.round); }
 @compute @workgroup_size(256)

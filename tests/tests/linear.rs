@@ -659,3 +659,80 @@ fn fused_rotary_step_every_variant() {
         }
     }
 }
+
+/// The fused norm's sums of squares handed on from the residual product that made its input
+/// (`NormPartials`): two producer/reader rounds (the second producer's residual is the first's
+/// output, as in a transformer layer), two readers of the first, for f32 and Q4_K weights, on
+/// the GPU kernels: the fused plan equals the unfused one, and the fusion pass paired them
+/// (software kernels keep their norms, so nothing is handed on there).
+#[test]
+fn norm_partials_handed_on() {
+    use kiln::CompileOptions;
+    for gpu in kiln_tests::gpu_variants() {
+        for (i, (dt, k)) in [(DType::F32, 96), (DType::Q4_K, 256)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rng = Rng::new(1200 + i as u64);
+            let (k0, n2) = (64, 72);
+            let mut g = kiln::Graph::new();
+            let mut weight = |g: &mut kiln::Graph, n: usize, kk: usize, dt: DType| {
+                let wb = random_weight_bytes(&mut rng, dt, n, kk);
+                let t = Tensor::upload(&gpu, "w", &[n, kk], dt, &wb).unwrap();
+                g.tensor(&std::sync::Arc::new(t))
+            };
+            let w1 = weight(&mut g, k, k0, DType::F32);
+            let w2 = weight(&mut g, n2, k, dt);
+            let w3 = weight(&mut g, 40, k, dt);
+            let w4 = weight(&mut g, k, n2, DType::F32);
+            let w5 = weight(&mut g, 24, k, dt);
+            let a = g.input("a", &[1, k0], DType::F32).unwrap();
+            let r = g.input("r", &[1, k], DType::F32).unwrap();
+            let nw = g.input("nw", &[k], DType::F32).unwrap();
+            let h = g.linear_add(a, w1, None, r).unwrap();
+            let n1 = g.rms_norm(h, nw, 1e-5).unwrap();
+            let y1 = g.linear(n1, w2, None).unwrap();
+            let y2 = g.linear(n1, w3, None).unwrap();
+            let h2 = g.linear_add(y1, w4, None, h).unwrap();
+            let n2n = g.rms_norm(h2, nw, 1e-5).unwrap();
+            let y3 = g.linear(n2n, w5, None).unwrap();
+            g.output(y2);
+            g.output(y3);
+            let ins = [
+                (a, rng.vec(k0, -1.0, 1.0)),
+                (r, rng.vec(k, -1.0, 1.0)),
+                (nw, rng.vec(k, 0.5, 1.5)),
+            ];
+            let run = |unfused| {
+                let opts = CompileOptions {
+                    poison: true,
+                    unfused,
+                };
+                let plan = pollster::block_on(g.compile(&gpu, opts)).unwrap();
+                for (v, d) in &ins {
+                    plan.write_f32(*v, d).unwrap();
+                }
+                plan.run().unwrap();
+                [y2, y3].map(|y| pollster::block_on(plan.read_f32(y)).unwrap())
+            };
+            let (fused, plain) = (run(false), run(true));
+            let what = format!("{dt} (software kernels {})", gpu.features.software);
+            for (f, p) in fused.iter().zip(&plain) {
+                let scale = p.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_close(&what, f, p, 1e-4 * scale + 1e-5, 1e-4);
+            }
+            let ops = g.fused_ops(&gpu);
+            let count = |s: &str| ops.iter().filter(|o| o.contains(s)).count();
+            let want = if gpu.features.software {
+                (0, 0)
+            } else {
+                (2, 3)
+            };
+            assert_eq!(
+                (count("partials: Write"), count("partials: Read")),
+                want,
+                "{what}: {ops:#?}"
+            );
+        }
+    }
+}

@@ -73,6 +73,10 @@ pub struct Dispatch {
     pub params: Vec<u32>,
     pub bindings: Vec<Binding>,
     pub groups: [u32; 3],
+    /// Workgroup counts read on the GPU from this buffer at this byte offset (three u32s an
+    /// earlier dispatch of the run wrote) instead of `groups`: passes whose work a run decides
+    /// (the sampler's selection passes, zero groups when greedy).
+    pub indirect: Option<(Arc<wgpu::Buffer>, u64)>,
 }
 
 /// Spreads `n` workgroups over x and y so no dimension exceeds the limit. Shaders rebuild the

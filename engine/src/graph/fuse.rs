@@ -14,12 +14,18 @@
 //!   its epilogue ([`Epilogue::RopeKv`]): each invocation computes a rotary pair of rows,
 //!   rotates it and writes q out, k and v into the caches.
 //!
+//! - **The norm's sum of squares from the product that made its input.** A matvec with a
+//!   residual (the hidden state's update) writes each workgroup's sum of squares of its
+//!   outputs, and the fused norms of the products right after it that read that state add
+//!   those up instead of summing x^2 in every workgroup ([`NormPartials`]). One buffer holds
+//!   the latest producer's sums, so a reader is paired only with the producer just before it.
+//!
 //! Residual adds are fused by the model builder already (`Graph::linear_add`).
 
 use super::{Graph, Node, Op, Source, Value};
 use crate::device::Gpu;
 use crate::kernels::elementwise::Glu;
-use crate::kernels::linear::{fuses_norm, Epilogue, Linear, MATVEC_MAX_ROWS};
+use crate::kernels::linear::{fuses_norm, Epilogue, Linear, NormPartials, MATVEC_MAX_ROWS};
 use crate::kernels::norm::RmsNorm;
 use crate::tensor::numel;
 
@@ -65,6 +71,7 @@ impl Graph {
         let mut removed = vec![false; g.nodes.len()];
         g.fuse_norms(gpu, &mut removed);
         g.fuse_epilogues(&mut removed);
+        g.hand_on_norm_partials(gpu, &removed);
         let nodes = std::mem::take(&mut g.nodes);
         g.nodes = nodes
             .into_iter()
@@ -195,5 +202,60 @@ impl Graph {
             node.out = out;
             removed[j] = true;
         }
+    }
+
+    /// Pairs fused-norm products with the residual product that wrote their input (see the
+    /// module notes): walking the nodes in order, the latest eligible producer's output is the
+    /// one whose partial sums the buffer holds.
+    fn hand_on_norm_partials(&mut self, gpu: &Gpu, removed: &[bool]) {
+        if gpu.features.software {
+            return;
+        }
+        let limit = gpu.limits.max_storage_buffers_per_shader_stage as usize;
+        let mut live: Option<(usize, usize)> = None;
+        let mut role = vec![NormPartials::None; self.nodes.len()];
+        for i in (0..self.nodes.len()).filter(|&i| !removed[i]) {
+            let Op::Linear(l) = &self.nodes[i].op else {
+                continue;
+            };
+            // The matvec's storage buffers: w, x, bias, y, residual (or table), norm weight,
+            // the caches under the rotary epilogue, and the partial sums.
+            let rope = matches!(l.epilogue, Some(Epilogue::RopeKv(_)));
+            let fits = 7 + 2 * rope as usize <= limit;
+            let reads = l.norm.is_some()
+                && fits
+                && live.is_some_and(|(_, v)| self.root(self.nodes[i].inputs[0]).0 == v);
+            if reads {
+                role[i] = NormPartials::Read;
+                if let Some((p, _)) = live {
+                    role[p] = NormPartials::Write;
+                }
+                // A product that reads the sums does not also write them (its workgroups
+                // would overwrite what the others still read).
+                continue;
+            }
+            let produces = l.residual
+                && l.epilogue.is_none()
+                && fits
+                && self.one_part_matvec(&self.nodes[i], 1).is_some();
+            if let (true, Some(out)) = (produces, self.nodes[i].out) {
+                live = Some((i, out.0));
+            }
+        }
+        for (node, r) in self.nodes.iter_mut().zip(role) {
+            if let Op::Linear(l) = &mut node.op {
+                l.partials = r;
+            }
+        }
+    }
+
+    /// The ops of the graph as the plan for `gpu` runs them, after the fusion pass: for tests
+    /// and for seeing what was fused.
+    pub fn fused_ops(&self, gpu: &Gpu) -> Vec<String> {
+        self.fused(gpu)
+            .nodes
+            .iter()
+            .map(|n| format!("{:?}", n.op))
+            .collect()
     }
 }

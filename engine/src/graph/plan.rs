@@ -26,8 +26,20 @@ struct Step {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     groups: [u32; 3],
+    /// Workgroup counts from a buffer (`Dispatch::indirect`) instead of `groups`.
+    indirect: Option<(Arc<wgpu::Buffer>, u64)>,
     /// The kernel, for profiles: `shader:VARIANT` (e.g. `matvec:W_Q4_0`, `norm:RMS`).
     label: String,
+}
+
+impl Step {
+    /// Records the step's dispatch in `pass`.
+    fn dispatch(&self, pass: &mut wgpu::ComputePass) {
+        match &self.indirect {
+            Some((buf, offset)) => pass.dispatch_workgroups_indirect(buf, *offset),
+            None => pass.dispatch_workgroups(self.groups[0], self.groups[1], self.groups[2]),
+        }
+    }
 }
 
 /// A short name of a kernel variant for profiles.
@@ -438,6 +450,7 @@ async fn step(
         pipeline,
         bind_group,
         groups: d.groups,
+        indirect: d.indirect.clone(),
         label: kernel_label(&d.key),
     })
 }
@@ -547,7 +560,7 @@ impl Plan {
         for s in &self.steps {
             pass.set_pipeline(&s.pipeline);
             pass.set_bind_group(0, &s.bind_group, &[]);
-            pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+            s.dispatch(&mut pass);
         }
         Counters::add(&self.gpu.counters.dispatches, self.steps.len() as u64);
     }
@@ -691,7 +704,7 @@ impl Plan {
             });
             pass.set_pipeline(&s.pipeline);
             pass.set_bind_group(0, &s.bind_group, &[]);
-            pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+            s.dispatch(&mut pass);
         }
         enc.resolve_query_set(&queries, 0..2 * n, &resolved, 0);
         gpu.submit([enc.finish()]);

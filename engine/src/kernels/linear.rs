@@ -22,7 +22,7 @@ super::params!(
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
         has_res: u32, glu: u32, gate_row: u32, up_row: u32, eps: f32, heads: u32, kv_heads: u32,
         d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32,
-        pos_mul: u32, cap_rows: u32,
+        pos_mul: u32, cap_rows: u32, partials: u32,
     }
 );
 
@@ -212,6 +212,24 @@ pub struct Linear {
     pub residual: bool,
     pub norm: Option<f32>,
     pub epilogue: Option<Epilogue>,
+    /// The fused norm's sums of squares handed from the product that made the hidden state
+    /// to the products that normalize it (set by the fusion pass, GPU matvecs only).
+    pub partials: NormPartials,
+}
+
+/// A GPU matvec's part in handing on a fused RMSNorm's sum of squares (llama.cpp's partial
+/// sums, PR 15281): the product writing the hidden state stores the sum of squares of each
+/// workgroup's outputs, and the products whose fused norm reads that state add those up
+/// instead of summing x^2 over the row in every workgroup. One buffer (`norm-partials`) holds
+/// the latest producer's sums; the fusion pass pairs a reader with the producer just before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NormPartials {
+    #[default]
+    None,
+    /// Writes its workgroups' sums of squares.
+    Write,
+    /// Its fused norm reads them.
+    Read,
 }
 
 impl Linear {
@@ -222,6 +240,7 @@ impl Linear {
             residual,
             norm: None,
             epilogue: None,
+            partials: NormPartials::None,
         }
     }
 
@@ -479,13 +498,32 @@ impl Linear {
         };
         let rope = self.epilogue_params(ins, &mut p, &mut bindings, part.rows, n_total);
         let (mut key, groups) = matvec_variant(ctx, o, p.rows as usize, p.glu != 0 || rope)?;
+        let storage = ctx.gpu.limits.max_storage_buffers_per_shader_stage as usize;
+        if !ctx.gpu.features.software && self.partials != NormPartials::None {
+            // The producer's workgroups: one partial sum each (one activation row).
+            let (_, items, _) = matvec_shape(ctx.gpu, false);
+            let (n, write) = match self.partials {
+                NormPartials::Write => (part.rows.div_ceil(items), true),
+                _ => (o.k.div_ceil(items), false),
+            };
+            let buf = ctx.shared_scratch("norm-partials", 4 * n as u64)?;
+            let at = format!("{}", 2 + bindings.len());
+            if write {
+                bindings.push(Binding::write(&buf));
+                key = key.def("PARTIALS_OUT", "").def("PARTIALS_AT", at);
+            } else {
+                bindings.push(Binding::read(&buf));
+                key = key.def("PARTIALS_IN", "").def("PARTIALS_AT", at);
+                p.partials = u(n);
+            }
+        }
         // 16-byte weight loads: the weight bound again after the others (one more storage
         // buffer, which the rotary epilogue's nine may not have).
-        let storage = ctx.gpu.limits.max_storage_buffers_per_shader_stage as usize;
         if !ctx.gpu.features.software && w4_serves(o.w.dtype, o.k) && bindings.len() < storage {
             let w = bindings[0].buffer.clone();
+            let at = format!("{}", 2 + bindings.len());
             bindings.push(Binding::read(&w));
-            key = key.def("W4", "");
+            key = key.def("W4", "").def("W4_AT", at);
         }
         let key = match self.norm {
             Some(_) => key.def("NORM", ""),

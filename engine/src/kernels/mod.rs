@@ -266,6 +266,7 @@ pub fn dispatch<P: ShaderParams>(
         params: params.words(),
         bindings,
         groups,
+        indirect: None,
     }
 }
 

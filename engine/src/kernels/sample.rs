@@ -338,11 +338,27 @@ impl Kernel for Sample {
         if software {
             return Ok(vec![pass("single", 0, 1)]);
         }
-        let mut passes = vec![pass("prep", 0, groups)];
-        passes.extend((1..4).map(|r| pass("kround", r, groups)));
-        passes.push(pass("weights", 0, groups));
-        passes.extend((1..4).map(|r| pass("pround", r, groups)));
-        passes.push(pass("kept", 0, groups));
+        // The selection passes' workgroup counts, written by prep (zero where a pass has
+        // nothing to do) and read by their indirect dispatches: top-k rounds at byte 0,
+        // weights and kept at 12, top-p rounds at 24.
+        let args = Arc::new(ctx.gpu.create_buffer(
+            "sample-args",
+            36,
+            STORAGE | wgpu::BufferUsages::INDIRECT,
+        ));
+        // (Not bound to the passes that read it as counts: a dispatch may not write what it
+        // takes its counts from.)
+        let indirect = |mut d: Dispatch, offset: u64| {
+            d.indirect = Some((args.clone(), offset));
+            d
+        };
+        let mut prep = pass("prep", 0, groups);
+        prep.bindings.push(Binding::write(&args));
+        let mut passes = vec![prep];
+        passes.extend((1..4).map(|r| indirect(pass("kround", r, groups), 0)));
+        passes.push(indirect(pass("weights", 0, groups), 12));
+        passes.extend((1..4).map(|r| indirect(pass("pround", r, groups), 24)));
+        passes.push(indirect(pass("kept", 0, groups), 12));
         passes.push(pass("finish", 0, 1));
         Ok(passes)
     }
