@@ -92,6 +92,37 @@ async fn run_rms_norm(gpu: &Arc<Gpu>, rows: usize, d: usize) -> kiln::Result<(Ve
     Ok((bytemuck_f32(&out[0]), rms_norm(&x, &w, 1e-5)))
 }
 
+/// A decode step's residual product, norm and next product (`[1, 64]` -> 96 -> 50): on GPU
+/// kernels the norm runs in the second product's prologue from the first product's partial sums
+/// of squares, with 16-byte weight loads where the storage-buffer limit allows.
+async fn run_fused_norm(gpu: &Arc<Gpu>) -> kiln::Result<(Vec<f32>, Vec<f32>)> {
+    let (k0, k, n) = (64, 96, 50);
+    let (a, r, nw) = (random(k0, 10), random(k, 11), random(k, 12));
+    let (w1, w2) = (random(k * k0, 13), random(n * k, 14));
+    let w1t = Arc::new(Tensor::from_f32(gpu, "w1", &[k, k0], &w1)?);
+    let w2t = Arc::new(Tensor::from_f32(gpu, "w2", &[n, k], &w2)?);
+    let nwt = Arc::new(Tensor::from_f32(gpu, "nw", &[k], &nw)?);
+    let mut g = Graph::new();
+    let av = g.input("a", &[1, k0], DType::F32)?;
+    let rv = g.input("r", &[1, k], DType::F32)?;
+    let (w1v, w2v, nwv) = (g.tensor(&w1t), g.tensor(&w2t), g.tensor(&nwt));
+    let h = g.linear_add(av, w1v, None, rv)?;
+    let hn = g.rms_norm(h, nwv, 1e-5)?;
+    let y = g.linear(hn, w2v, None)?;
+    g.output(y);
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    plan.write_f32(av, &a)?;
+    plan.write_f32(rv, &r)?;
+    let out = plan.run_read(&[y]).await?;
+    let hw: Vec<f32> = linear(&a, &w1, None, 1, k, k0)
+        .iter()
+        .zip(&r)
+        .map(|(p, r)| p + r)
+        .collect();
+    let want = linear(&rms_norm(&hw, &nw, 1e-5), &w2, None, 1, n, k);
+    Ok((bytemuck_f32(&out[0]), want))
+}
+
 async fn run_rope(
     gpu: &Arc<Gpu>,
     seq: usize,
@@ -332,6 +363,12 @@ impl Device {
                 // exp/division in f32: a few ulp of the largest probability.
                 ("softmax 7x333", run_softmax(&gpu, 7, 333).await, 1e-5),
                 ("rms_norm 5x96", run_rms_norm(&gpu, 5, 96).await, 1e-5),
+                // Two products of k <= 96 and a norm: f32 rounding, a few 1e-7 per term.
+                (
+                    "residual product, RMSNorm, product (fused, partial sums)",
+                    run_fused_norm(&gpu).await,
+                    1e-4,
+                ),
                 // cos/sin come from the CPU table, not the backend's sin/cos (which WGSL lets be
                 // off by 2^-11; SwiftShader's were, 1.5e-4 here): only f32 rounding of
                 // x0 * c - x1 * s is left, a few ulp.

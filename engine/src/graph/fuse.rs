@@ -54,6 +54,13 @@ impl Uses {
         self.0[g.root(v).0].iter().all(|&(n, ..)| n <= a || n >= b)
     }
 
+    /// Whether any node writes `v` (or a view of it) in place.
+    fn written(&self, g: &Graph, v: Value) -> bool {
+        self.0[g.root(v).0]
+            .iter()
+            .any(|&(_, pos, _)| pos == usize::MAX)
+    }
+
     /// The nodes reading `v`, when every read is of `v` itself (no view) at input `pos`.
     fn only_direct(&self, v: Value, pos: usize) -> Option<Vec<usize>> {
         let reads = &self.0[v.0];
@@ -115,9 +122,9 @@ impl Graph {
                 continue;
             }
             // The products read x (and the norm weight) later than the norm did: nothing may
-            // write them in between.
-            let written = |v: Value| matches!(self.info(self.root(v)).source, Source::Tensor(_));
-            if written(x) || written(nw) {
+            // write them (a tensor written in place, as the caches are) anywhere in the graph.
+            // Weights and the hidden state are never written so.
+            if uses.written(self, x) || uses.written(self, nw) {
                 continue;
             }
             let Some(readers) = uses.only_direct(out, 0) else {
