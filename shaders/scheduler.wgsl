@@ -17,7 +17,44 @@
 //     x = x', x0_prev = x0, unet_in[k] = in_scale x' for k < copies.
 //   A step past the table writes nothing.
 //   Dispatch: ceil(n / 256) workgroups of 256, folded by grid().
+//
+// BLEND (inpainting with an ordinary U-Net, after each step): the kept pixels are put back,
+// noised to the next step's level; the repainted ones keep the step's result.
+//   Bindings: 2 table: array<f32> [rows, 3]  per-step [a, b, in_scale]
+//             3 init: array<f32> [n]          the image's latents
+//             4 noise: array<f32> [n]         the generation's initial noise
+//             5 mask: array<f32> [hw]         1 = repaint, broadcast over the n / hw channels
+//             6 x: array<f32> [n]             read and written in place
+//             7 unet_in: array<f32> [copies, n] written
+//     x = (1 - mask) (a init + b noise) + mask x,  unet_in[k] = in_scale x.
 #include "common.wgsl"
+
+#ifdef BLEND
+struct Params { n: u32, hw: u32, copies: u32, rows: u32, step_add: u32, step_slot: u32, step_mul: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> table: array<f32>;
+@group(0) @binding(3) var<storage, read> init: array<f32>;
+@group(0) @binding(4) var<storage, read> noise: array<f32>;
+@group(0) @binding(5) var<storage, read> mask: array<f32>;
+@group(0) @binding(6) var<storage, read_write> x: array<f32>;
+@group(0) @binding(7) var<storage, read_write> unet_in: array<f32>;
+
+@compute @workgroup_size(256)
+fn blend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let i = group_index(wg, nwg) * 256u + li;
+    let row = dyn_val(p.step_add, p.step_slot, p.step_mul);
+    if (i >= p.n || row >= p.rows) { return; }
+    let a = table[row * 3u];
+    let b = table[row * 3u + 1u];
+    let in_scale = table[row * 3u + 2u];
+    let m = mask[i % p.hw];
+    let y = (1.0 - m) * (a * init[i] + b * noise[i]) + m * x[i];
+    x[i] = y;
+    for (var k = 0u; k < p.copies; k++) {
+        unet_in[k * p.n + i] = y * in_scale;
+    }
+}
+#else
 
 struct Params { n: u32, cfg: u32, copies: u32, rows: u32, step_add: u32, step_slot: u32, step_mul: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -79,3 +116,4 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         unet_in[k * p.n + i] = u;
     }
 }
+#endif

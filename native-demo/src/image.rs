@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
-use kiln::diffusion::pipeline::{ImageOptions, StepReply};
+use kiln::diffusion::pipeline::{ImageOptions, RgbImage, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -42,6 +42,16 @@ pub struct ImageArgs {
     /// Initial latents (.npy, [1, 4, h/8, w/8], unscaled standard normal — diffusers' `latents=`).
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// img2img: start from this image (PNG) instead of noise; its size is the default size.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// Inpainting: repaint where this mask (PNG, the init image's size) is white.
+    #[arg(long, requires = "init_image")]
+    mask: Option<PathBuf>,
+    /// How much of the init image to repaint, 0 to 1: the share of the steps run (default 0.8,
+    /// 1 with --mask).
+    #[arg(long, requires = "init_image")]
+    strength: Option<f32>,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
     /// Show the denoising live in a desktop window, then the final image (X11; Xvfb works).
@@ -62,6 +72,56 @@ pub fn png_bytes(w: usize, h: usize, rgb: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Decodes a PNG (any colour type and depth) to 8-bit RGB: gray is repeated, alpha dropped,
+/// 16-bit samples take their high byte. `what` names the input in errors.
+pub fn decode_png(bytes: &[u8], what: &str) -> Result<RgbImage> {
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    // A header may claim any size: refuse what no generation could use before allocating it.
+    dec.set_limits(png::Limits {
+        bytes: 4 * kiln::diffusion::edit::MAX_SIDE * kiln::diffusion::edit::MAX_SIDE,
+    });
+    let mut rd = dec
+        .read_info()
+        .with_context(|| format!("{what}: not a PNG image"))?;
+    let (w, h) = rd.info().size();
+    let max = kiln::diffusion::edit::MAX_SIDE as u32;
+    if w > max || h > max {
+        bail!("{what}: {w}x{h} pixels (each side at most {max})");
+    }
+    let mut buf = vec![0; rd.output_buffer_size().context("PNG too large")?];
+    let info = rd
+        .next_frame(&mut buf)
+        .with_context(|| format!("{what}: reading the PNG"))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let px = &buf[..info.buffer_size()];
+    let per = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => bail!("{what}: an indexed PNG was not expanded"),
+    };
+    let rgb = px
+        .chunks_exact(per)
+        .flat_map(|p| {
+            if per < 3 {
+                [p[0]; 3]
+            } else {
+                [p[0], p[1], p[2]]
+            }
+        })
+        .collect();
+    Ok(RgbImage::new(w, h, rgb, what)?)
+}
+
+/// Reads a PNG file as 8-bit RGB (see [`decode_png`]).
+pub fn read_png(path: &std::path::Path, what: &str) -> Result<RgbImage> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{what}: reading {}", path.display()))?;
+    decode_png(&bytes, what)
+}
+
 /// Writes 8-bit RGB as a PNG.
 pub fn write_png(path: &std::path::Path, w: usize, h: usize, rgb: &[u8]) -> Result<()> {
     std::fs::write(path, png_bytes(w, h, rgb)?)
@@ -80,8 +140,16 @@ impl ImageArgs {
             seed: self.seed,
             width: self.width,
             height: self.height,
-            latents: None,
-            step_noise: None,
+            init_image: match &self.init_image {
+                Some(p) => Some(read_png(p, "--init-image")?),
+                None => None,
+            },
+            mask: match &self.mask {
+                Some(p) => Some(read_png(p, "--mask")?),
+                None => None,
+            },
+            strength: self.strength,
+            ..Default::default()
         })
     }
 }
@@ -332,5 +400,30 @@ fn short(d: Duration) -> String {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_of_any_colour_type_decodes_to_rgb() {
+        let rgb: Vec<u8> = (0..2 * 3 * 3).map(|v| v as u8 * 10).collect();
+        let img = decode_png(&png_bytes(3, 2, &rgb).unwrap(), "x").unwrap();
+        assert_eq!((img.width, img.height, img.rgb), (3, 2, rgb));
+        // Gray with alpha, 16 bits: gray repeated, alpha dropped, high bytes kept.
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, 2, 1);
+        enc.set_color(png::ColorType::GrayscaleAlpha);
+        enc.set_depth(png::BitDepth::Sixteen);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[0x12, 0x34, 0xff, 0xff, 0xab, 0xcd, 0, 0])
+            .unwrap();
+        let img = decode_png(&out, "x").unwrap();
+        assert_eq!(img.rgb, vec![0x12, 0x12, 0x12, 0xab, 0xab, 0xab]);
+        let e = decode_png(b"GIF89a....", "--mask").unwrap_err();
+        assert!(format!("{e:#}").contains("--mask: not a PNG"), "{e:#}");
     }
 }

@@ -574,6 +574,70 @@ fn a_context_of_zero_is_refused_by_every_command() {
 }
 
 /// The long flags a help text lists (`--model`, ...), without `--help`/`--version`.
+/// `kiln image --init-image --mask --strength`: inpainting from PNG files with an inpainting
+/// U-Net equals diffusers' StableDiffusionInpaintPipeline; bad edits are errors naming the flag.
+#[test]
+fn image_inpaints_from_png_files_as_diffusers_does() {
+    let d = format!("{}/../tests/fixtures/sd-edit", env!("CARGO_MANIFEST_DIR"));
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{d}/expected.json")).unwrap())
+            .unwrap();
+    let out = std::env::temp_dir().join("kiln-cli-inpaint.png");
+    let (init, mask) = (format!("{d}/init.png"), format!("{d}/mask.png"));
+    let model = format!("{d}/sd1-inpaint-tiny");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "image",
+            "--model",
+            &model,
+            "--prompt",
+            e["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            e["negative_prompt"].as_str().unwrap(),
+            "--init-image",
+            &init,
+            "--latents",
+            &format!("{d}/noise.npy"),
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--guidance",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        kiln(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run(&["--mask", &mask, "--strength", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want =
+        kiln::formats::npy::parse(&std::fs::read(format!("{d}/inpaint9_ddim_s1_g3.npy")).unwrap())
+            .unwrap();
+    let psnr = png_psnr(&out, &want.data, want.shape[1], want.shape[2]);
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    for (extra, says) in [
+        (vec!["--mask", &mask, "--strength", "2"], "strength"),
+        (vec!["--mask", &init[..init.len() - 3]], "--mask"),
+        (vec![], "needs an init image and a mask"),
+    ] {
+        let o = run(&extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+}
+
 fn help_flags(help: &str) -> Vec<String> {
     help.lines()
         .filter_map(|l| {

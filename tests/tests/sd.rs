@@ -1,11 +1,13 @@
 //! Stable Diffusion against diffusers (fixtures in tests/fixtures/sd, made by
 //! tools/make_sd_fixtures.py): CLIP tokenizer ids, text-encoder states, one U-Net evaluation and
 //! a VAE decode within 1e-3 relative error, and whole pipelines (every scheduler, guidance 1
-//! and 3) at PSNR >= 40 dB. Also: what the denoising loop costs, the client's mistakes refused
-//! before any work, and a diverging generation stopped within a few steps.
+//! and 3) at PSNR >= 40 dB; img2img and inpainting (an ordinary and an inpainting U-Net) against
+//! diffusers' pipelines (tests/fixtures/sd-edit, tools/make_sd_edit_fixtures.py), the VAE encoder
+//! within 1e-3. Also: what the denoising loop costs, the client's mistakes refused before any
+//! work, and a diverging generation stopped within a few steps.
 
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
-use kiln::diffusion::pipeline::{ImageOptions, MAX_GUIDANCE};
+use kiln::diffusion::pipeline::{ImageOptions, RgbImage, MAX_GUIDANCE};
 use kiln::diffusion::schedulers::SchedulerKind;
 use kiln::formats::npy;
 use serde_json::Value;
@@ -171,6 +173,7 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
                     height: Some(m.vae.cfg.scale_factor() * latents.shape[2]),
                     latents: Some(latents.data.clone()),
                     step_noise,
+                    ..Default::default()
                 };
                 let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false))
                     .unwrap_or_else(|e| panic!("{case} {name} g{g}: {e}"));
@@ -330,7 +333,7 @@ fn bad_pipeline_input_is_an_error() {
     // Configs that disagree with the checkpoint or with each other: the error names the
     // tensor and both shapes, or the two config values.
     for (key, delta, want) in [
-        ("in_channels", 1, "conv_in.weight"),
+        ("in_channels", 1, "5 input channels"),
         ("cross_attention_dim", 8, "cross_attention_dim"),
     ] {
         let mut files = read_pipeline_dir(&dir("sd1-tiny")).unwrap();
@@ -577,4 +580,154 @@ fn a_diverging_generation_stops_within_a_few_steps() {
         (8..=10).contains(&reported),
         "steps reported before stopping: {reported}"
     );
+}
+
+fn edit_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd-edit")
+}
+
+/// An 8-bit image stored as f32 values `[h, w, 3]`.
+fn edit_image(name: &str) -> RgbImage {
+    let a = kiln_tests::read_npy(&edit_dir().join(name));
+    let rgb = a.data.iter().map(|&v| v as u8).collect();
+    RgbImage::new(a.shape[1], a.shape[0], rgb, name).unwrap()
+}
+
+fn edit_models(model: &str) -> SdModels {
+    let d = match model {
+        "sd1-tiny" => dir(model),
+        _ => edit_dir().join(model),
+    };
+    SdModels::load(&kiln_tests::gpu(), read_pipeline_dir(&d).unwrap())
+        .unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+#[test]
+fn vae_encoder_matches_diffusers() {
+    let m = models("sd1-tiny");
+    let img = edit_image("init.npy");
+    let want = kiln_tests::read_npy(&edit_dir().join("encoder_mean.npy"));
+    let got =
+        pollster::block_on(m.vae_encode(&img.to_planar(), [1, 3, img.height, img.width])).unwrap();
+    assert_eq!(got.len(), want.data.len());
+    let e = rel_err(&got, &want.data);
+    eprintln!("VAE encoder mean: rel err {e:.2e}");
+    assert!(e < 1e-3, "VAE encoder: rel err {e}");
+}
+
+#[test]
+fn img2img_and_inpainting_match_diffusers() {
+    let e = kiln_tests::read_json(&edit_dir().join("expected.json"));
+    let noise = kiln_tests::read_npy(&edit_dir().join("noise.npy"));
+    let (init, mask) = (edit_image("init.npy"), edit_image("mask.npy"));
+    let mut loaded: Vec<(String, SdModels)> = Vec::new();
+    let runs = e["runs"].as_object().unwrap();
+    assert_eq!(runs.len(), 9);
+    for (name, run) in runs {
+        let model = run["model"].as_str().unwrap();
+        if !loaded.iter().any(|(k, _)| k == model) {
+            loaded.push((model.to_string(), edit_models(model)));
+        }
+        let m = &mut loaded.iter_mut().find(|(k, _)| k == model).unwrap().1;
+        let kind = match run["scheduler"].as_str().unwrap() {
+            "DDIMScheduler" => SchedulerKind::Ddim,
+            "EulerDiscreteScheduler" => SchedulerKind::Euler,
+            "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverMultistep,
+            other => panic!("{other}"),
+        };
+        let opts = ImageOptions {
+            prompt: e["prompt"].as_str().unwrap().into(),
+            negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
+            steps: run["steps"].as_u64().unwrap() as usize,
+            guidance: run["guidance"].as_f64().unwrap() as f32,
+            scheduler: Some(kind),
+            latents: Some(noise.data.clone()),
+            init_image: Some(init.clone()),
+            mask: (run["pipeline"] == "inpaint").then(|| mask.clone()),
+            strength: Some(run["strength"].as_f64().unwrap() as f32),
+            ..Default::default()
+        };
+        let mut steps = 0;
+        let img = pollster::block_on(m.generate(&opts, &mut |_, total, _| {
+            steps = total;
+            false
+        }))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(steps, run["steps_run"].as_u64().unwrap() as usize, "{name}");
+        let want = kiln_tests::read_npy(&edit_dir().join(format!("{name}.npy")));
+        let p = psnr(&img.raw, &want.data, img.height, img.width);
+        eprintln!("{name}: PSNR {p:.1} dB");
+        assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
+    }
+}
+
+#[test]
+fn bad_edit_input_is_an_error_naming_the_field() {
+    let mut m = models("sd1-tiny");
+    let init = edit_image("init.npy");
+    let other = RgbImage::new(8, 16, vec![255; 8 * 16 * 3], "mask").unwrap();
+    let cases: [(ImageOptions, &str, &str); 5] = [
+        (
+            ImageOptions {
+                init_image: Some(init.clone()),
+                mask: Some(other),
+                ..Default::default()
+            },
+            "mask",
+            "must match",
+        ),
+        (
+            ImageOptions {
+                init_image: Some(init.clone()),
+                strength: Some(1.5),
+                ..Default::default()
+            },
+            "strength",
+            "from 0 to 1",
+        ),
+        (
+            ImageOptions {
+                init_image: Some(init.clone()),
+                strength: Some(0.1),
+                steps: 4,
+                ..Default::default()
+            },
+            "strength",
+            "runs no step",
+        ),
+        (
+            ImageOptions {
+                mask: Some(init.clone()),
+                ..Default::default()
+            },
+            "mask",
+            "needs an init image",
+        ),
+        (
+            ImageOptions {
+                strength: Some(0.5),
+                ..Default::default()
+            },
+            "strength",
+            "needs an init image",
+        ),
+    ];
+    for (opts, field, says) in cases {
+        let e = pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap_err();
+        assert!(
+            matches!(&e, kiln::Error::Data { name, msg } if name == field && msg.contains(says)),
+            "{field}: {e}"
+        );
+    }
+    // An inpainting U-Net without a mask.
+    let mut m = edit_models("sd1-inpaint-tiny");
+    let e = pollster::block_on(m.generate(
+        &ImageOptions {
+            init_image: Some(init),
+            ..Default::default()
+        },
+        &mut |_, _, _| false,
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("inpainting U-Net"), "{e}");
 }

@@ -116,6 +116,19 @@ impl SdModels {
         plan.read_f32(y).await
     }
 
+    /// The VAE encoder's latent mean `[1, latent, h/f, w/f]` of an image `[1, 3, h, w]` in
+    /// [-1, 1] (not multiplied by the scaling factor).
+    pub async fn vae_encode(&self, image: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
+        let mut g = Graph::new();
+        let iv = g.input("image", &shape, DType::F32)?;
+        let y = self.vae.encode_mean(&mut g, iv)?;
+        g.output(y);
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_f32(iv, image)?;
+        plan.run()?;
+        plan.read_f32(y).await
+    }
+
     /// VAE decode of `z` `[b, latent, h, w]` (already divided by the scaling factor).
     pub async fn vae_decode(&self, z: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
         let mut g = Graph::new();

@@ -3,15 +3,15 @@
 //! the seeded GPU RNG), then the VAE decode. Nothing is read back until the image but a
 //! 4-byte NaN flag every second step, so that a diverged run stops early.
 
-use super::limits::Checked;
-pub use super::limits::{MAX_GUIDANCE, MAX_STEPS};
+pub use super::edit::RgbImage;
+use super::limits::{Checked, Edit};
+pub use super::limits::{UnetKind, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS};
 use super::models::SdModels;
 use super::schedulers::{Schedule, SchedulerKind, COEFFS};
 use crate::device::{CounterSnapshot, Counters, Fence, Gpu};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::graph::Graph;
-use crate::graph::StepValues;
+use crate::graph::{Graph, StepValues, Value};
 use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -43,6 +43,16 @@ pub struct ImageOptions {
     /// reference run exactly).
     #[serde(skip)]
     pub step_noise: Option<Vec<Vec<f32>>>,
+    /// img2img and inpainting: the image to start from (its size is the default size; another
+    /// size resizes it). With an init image, `latents` is the noise added to its latents.
+    #[serde(skip)]
+    pub init_image: Option<RgbImage>,
+    /// Inpainting: the mask (white = repaint), the init image's size.
+    #[serde(skip)]
+    pub mask: Option<RgbImage>,
+    /// How much of the init image is repainted, 0 to 1: the share of the steps run, from
+    /// the noise level they start at (default [`DEFAULT_STRENGTH`], 1 with a mask).
+    pub strength: Option<f32>,
 }
 
 impl Default for ImageOptions {
@@ -58,6 +68,9 @@ impl Default for ImageOptions {
             height: None,
             latents: None,
             step_noise: None,
+            init_image: None,
+            mask: None,
+            strength: None,
         }
     }
 }
@@ -238,10 +251,15 @@ impl SdModels {
             lw,
             sched,
             mut notes,
+            edit,
         } = self.checked(opts)?;
-        let state = State::new(self, &sched, opts, lh, lw)?;
+        let state = State::new(self, &sched, opts, lh, lw, edit.as_ref())?;
         self.encode_prompts(&state, opts).await?;
-        self.init_latents(&state, &sched, opts).await?;
+        if let Some(e) = &edit {
+            self.encode_images(&state, e).await?;
+        }
+        self.init_latents(&state, &sched, opts, edit.as_ref())
+            .await?;
         let (loop_counters, ran) = self.denoise(&state, &sched, opts, on_step).await?;
         // One 4-byte readback: the first step (if any) whose values stopped being finite (the
         // loop reads it every STATUS_EVERY steps too, so that a diverged run stops early; this
@@ -292,13 +310,53 @@ impl SdModels {
         plan.run()
     }
 
-    /// Initial latents (given, or from the GPU RNG) scaled by the init sigma into `x`, and the
-    /// first U-Net input.
+    /// The init image's latents (scaled) into `state.init`; for an inpainting U-Net, the
+    /// latent mask and the masked image's latents into every batch copy of `state.cond`.
+    async fn encode_images(&self, state: &State, edit: &Edit) -> Result<()> {
+        let (Some(init), [_, _, lh, lw]) = (&state.init, state.lat_shape) else {
+            return Ok(());
+        };
+        let f = self.vae.cfg.scale_factor();
+        let shape = [1, self.vae.cfg.in_channels, lh * f, lw * f];
+        let mut g = Graph::new();
+        let encoded = |g: &mut Graph, name: &str| -> Result<(Value, Value)> {
+            let img = g.input(name, &shape, DType::F32)?;
+            let mean = self.vae.encode_mean(g, img)?;
+            Ok((img, g.scale(mean, self.vae.cfg.scaling_factor, 0.0)?))
+        };
+        let (img, lat) = encoded(&mut g, "init image")?;
+        let iv = g.tensor(init);
+        g.copy_into(lat, iv, Dyn::Static(0))?;
+        let mut masked_in = None;
+        if let (Some(cond), Some((mask, _))) = (&state.cond, &edit.mask) {
+            let (mimg, mlat) = encoded(&mut g, "masked image")?;
+            let mv = g.input("mask", &[1, 1, lh, lw], DType::F32)?;
+            let both = g.concat(mv, mlat, 1)?;
+            let cv = g.tensor(cond);
+            let per = g.shape(both).iter().product::<usize>();
+            for k in 0..state.batch {
+                g.copy_into(both, cv, Dyn::Static((k * per) as u32))?;
+            }
+            masked_in = Some((mimg, mv, mask));
+        }
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_f32(img, &edit.image)?;
+        if let (Some((mimg, mv, mask)), Some((_, masked))) = (masked_in, &edit.mask) {
+            plan.write_f32(mimg, masked)?;
+            plan.write_f32(mv, mask)?;
+        }
+        plan.run()
+    }
+
+    /// Initial latents into `x` and the first U-Net input: the noise (given, or from the GPU
+    /// RNG) scaled by the init sigma, or for an edit the init image's latents noised to the
+    /// first step's level (the noise also kept in `state.noise` for inpainting's blend).
     async fn init_latents(
         &self,
         state: &State,
         sched: &Schedule,
         opts: &ImageOptions,
+        edit: Option<&Edit>,
     ) -> Result<()> {
         let mut g = Graph::new();
         let seed = g.scalar("seed")?;
@@ -309,7 +367,21 @@ impl SdModels {
             }
             None => (g.randn(&state.lat_shape, Dyn::slot(seed), 0)?, None),
         };
-        let xs = g.scale(lat, sched.init_noise_sigma, 0.0)?;
+        if let Some(nv) = &state.noise {
+            let t = g.tensor(nv);
+            g.copy_into(lat, t, Dyn::Static(0))?;
+        }
+        let xs = match (edit, &state.init) {
+            (Some(e), Some(init)) if !e.from_noise => {
+                // The scheduler's add_noise at the first step run.
+                let (a, b) = sched.noise_coeffs(0);
+                let iv = g.tensor(init);
+                let x0 = g.scale(iv, a, 0.0)?;
+                let n = g.scale(lat, b, 0.0)?;
+                g.add(x0, n)?
+            }
+            _ => g.scale(lat, sched.init_noise_sigma, 0.0)?,
+        };
         let xv = g.tensor(&state.x);
         g.copy_into(xs, xv, Dyn::Static(0))?;
         let first = g.scale(xs, sched.first_input_scale, 0.0)?;
@@ -342,7 +414,15 @@ impl SdModels {
         let t = g.reshape(t, &[1])?;
         let ctx = g.tensor(&state.context);
         let uin = g.tensor(&state.unet_in);
-        let model_out = self.unet.forward(&mut g, uin, t, ctx)?;
+        // An inpainting U-Net takes the mask and the masked image's latents beside the latents.
+        let unet_x = match &state.cond {
+            Some(c) => {
+                let cv = g.tensor(c);
+                g.concat(uin, cv, 1)?
+            }
+            None => uin,
+        };
+        let model_out = self.unet.forward(&mut g, unet_x, t, ctx)?;
         let noise_input = opts.step_noise.is_some() && needs_noise;
         let noise = if !needs_noise {
             None
@@ -362,6 +442,17 @@ impl SdModels {
             noise,
         };
         g.scheduler_step(&v, Dyn::slot(step))?;
+        if let (Some(table), Some(init), Some(noise), Some(mask)) =
+            (&state.blend, &state.init, &state.noise, &state.mask)
+        {
+            let (tv, iv, nv, mv) = (
+                g.tensor(table),
+                g.tensor(init),
+                g.tensor(noise),
+                g.tensor(mask),
+            );
+            g.latent_blend(tv, iv, nv, mv, v.x, uin, Dyn::slot(step))?;
+        }
         Ok(StepPlan {
             plan: g.compile(&self.gpu, CompileOptions::default()).await?,
             step,
@@ -516,6 +607,15 @@ struct State {
     coeffs: Arc<Tensor>,
     timesteps: Arc<Tensor>,
     guidance: Arc<Tensor>,
+    /// An edit: the init image's latents `[1, c, h, w]` (scaled) and the initial noise.
+    init: Option<Arc<Tensor>>,
+    noise: Option<Arc<Tensor>>,
+    /// Inpainting with an ordinary U-Net: the latent mask `[1, 1, h, w]` and the blend table
+    /// `[steps, 3]` (see [`crate::Graph::latent_blend`]).
+    mask: Option<Arc<Tensor>>,
+    blend: Option<Arc<Tensor>>,
+    /// An inpainting U-Net's extra input `[batch, 1 + c, h, w]`: mask, masked image latents.
+    cond: Option<Arc<Tensor>>,
 }
 
 impl State {
@@ -525,10 +625,11 @@ impl State {
         opts: &ImageOptions,
         lh: usize,
         lw: usize,
+        edit: Option<&Edit>,
     ) -> Result<State> {
         let gpu = &m.gpu;
         let batch = if opts.guidance > 1.0 { 2 } else { 1 };
-        let c = m.unet.cfg.in_channels;
+        let c = m.vae.cfg.latent_channels;
         let lat_shape = [1, c, lh, lw];
         let n = c * lh * lw;
         if let Some(l) = &opts.latents {
@@ -559,7 +660,34 @@ impl State {
             Ok(Arc::new(Tensor::from_f32(gpu, name, shape, v)?))
         };
         let steps = sched.steps();
+        let inpainting_unet = m.unet_kind()? == UnetKind::Inpainting;
+        let latent_mask = edit.and_then(|e| e.mask.as_ref()).map(|(mask, _)| mask);
+        let blend = match latent_mask.filter(|_| !inpainting_unet) {
+            Some(mask) => {
+                let rows: Vec<f32> = (0..steps)
+                    .flat_map(|i| {
+                        let (a, b) = sched.noise_coeffs(i + 1);
+                        [a, b, sched.coeffs[i].in_scale]
+                    })
+                    .collect();
+                Some((
+                    table("latent mask", &[1, 1, lh, lw], mask)?,
+                    table("blend", &[steps, 3], &rows)?,
+                ))
+            }
+            None => None,
+        };
+        let (mask, blend) = blend.unzip();
         Ok(State {
+            init: edit
+                .map(|_| zeros("init latents", &lat_shape))
+                .transpose()?,
+            noise: edit.map(|_| zeros("noise", &lat_shape)).transpose()?,
+            mask,
+            blend,
+            cond: inpainting_unet
+                .then(|| zeros("inpainting input", &[batch, c + 1, lh, lw]))
+                .transpose()?,
             batch,
             lat_shape,
             n,

@@ -302,6 +302,24 @@ impl SchedulerConfig {
     /// A count whose schedule degenerates (a timestep outside the training range or a repeated
     /// one) is an error naming the counts that work.
     pub fn schedule(&self, steps: usize) -> Result<Schedule> {
+        self.schedule_from(steps, 0)
+    }
+
+    /// The steps of a `steps`-step schedule from index `start` on, as diffusers runs them after
+    /// `set_begin_index(start)` (img2img and inpainting with `strength` < 1): the same
+    /// timesteps, sigmas and updates, except that DPM++'s first step here is first order (it
+    /// has no previous x0 yet) and the first U-Net input is scaled for this step.
+    pub fn schedule_from(&self, steps: usize, start: usize) -> Result<Schedule> {
+        let full = self.full_schedule(steps, start)?;
+        if start >= full.steps() {
+            return Err(Error::Unsupported(format!(
+                "starting at step {start} of {steps} (no step left)"
+            )));
+        }
+        Ok(full.starting_at(start))
+    }
+
+    fn full_schedule(&self, steps: usize, start: usize) -> Result<Schedule> {
         let tt = self.num_train_timesteps;
         if steps == 0 || steps > tt {
             return Err(Error::Unsupported(format!(
@@ -334,7 +352,7 @@ impl SchedulerConfig {
             SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
                 self.euler(&timesteps, &train_sigmas)
             }
-            SchedulerKind::DpmSolverMultistep => self.dpm(&timesteps, &train_sigmas),
+            SchedulerKind::DpmSolverMultistep => self.dpm(&timesteps, &train_sigmas, start),
             SchedulerKind::Lcm => self.lcm(&timesteps, &ac_at),
         })
     }
@@ -456,7 +474,8 @@ impl SchedulerConfig {
         Ok(last)
     }
 
-    fn dpm(&self, timesteps: &[f64], train_sigmas: &[f32]) -> Schedule {
+    /// `start`: the first step run (first order, with no history).
+    fn dpm(&self, timesteps: &[f64], train_sigmas: &[f32], start: usize) -> Schedule {
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, train_sigmas)).collect();
         sigmas.push(0.0);
         let n = timesteps.len();
@@ -481,7 +500,7 @@ impl SchedulerConfig {
             } else {
                 let h = l_t - l_s;
                 let em1 = (-h).exp() - 1.0;
-                let (q, r) = if self.solver_order == 1 || i == 0 {
+                let (q, r) = if self.solver_order == 1 || i <= start {
                     (-a_t * em1, 0.0)
                 } else {
                     let (_, _, l_s1) = vp(sigmas[i - 1]);
@@ -547,6 +566,60 @@ impl Schedule {
     /// Number of steps.
     pub fn steps(&self) -> usize {
         self.coeffs.len()
+    }
+
+    /// The steps from `start` on (`start` < [`Schedule::steps`]).
+    fn starting_at(mut self, start: usize) -> Schedule {
+        if start == 0 {
+            return self;
+        }
+        self.timesteps.drain(..start);
+        self.sigmas.drain(..start);
+        self.coeffs.drain(..start);
+        if matches!(
+            self.kind,
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral
+        ) {
+            // scale_model_input at the first step run: 1/√(σ²+1) of its sigma.
+            let s = self.sigmas[0] as f64;
+            self.first_input_scale = (1.0 / (s * s + 1.0).sqrt()) as f32;
+        }
+        self
+    }
+
+    /// The first step of `steps` that `strength` runs, as diffusers' img2img and inpainting
+    /// pipelines choose it (`get_timesteps`): `steps - floor(steps * strength)`. An error when
+    /// that leaves no step.
+    pub fn start_for_strength(steps: usize, strength: f32) -> Result<usize> {
+        // Python's int(num_inference_steps * strength), with the f32 strength as a double.
+        let run = ((steps as f64 * strength as f64).floor() as usize).min(steps);
+        if run == 0 {
+            return Err(Error::Data {
+                name: "strength".into(),
+                msg: format!(
+                    "{strength} with {steps} steps runs no step (steps x strength must be at                      least 1)"
+                ),
+            });
+        }
+        Ok(steps - run)
+    }
+
+    /// The scheduler's `add_noise` at step `k` of this schedule as `(a, b)`: a sample at that
+    /// step is `a x0 + b noise`. Euler and Euler ancestral keep unscaled samples (`a = 1`,
+    /// `b = σ`); DDIM, LCM and DPM++ variance-preserving ones (`a = √ᾱ = 1/√(σ²+1)`,
+    /// `b = √(1-ᾱ) = σ/√(σ²+1)`). `k` = [`Schedule::steps`] is the clean end: `(1, 0)`.
+    pub fn noise_coeffs(&self, k: usize) -> (f32, f32) {
+        if k >= self.steps() {
+            return (1.0, 0.0);
+        }
+        let s = self.sigmas[k] as f64;
+        match self.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => (1.0, s as f32),
+            _ => {
+                let a = 1.0 / (s * s + 1.0).sqrt();
+                (a as f32, (s * a) as f32)
+            }
+        }
     }
 
     /// The `[steps, COEFFS]` coefficient table input of [`crate::Graph::scheduler_step`].

@@ -22,7 +22,7 @@ use crate::kernels::linear::{Gather, Linear};
 use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
-use crate::kernels::scheduler::SchedulerStep;
+use crate::kernels::scheduler::{LatentBlend, SchedulerStep};
 use crate::kernels::RUN_SCALARS;
 use crate::tensor::{numel, Tensor};
 use std::sync::Arc;
@@ -206,6 +206,24 @@ impl Graph {
         Ok(out)
     }
 
+    /// An error unless every value in `vals` is (a view of) a tensor added with
+    /// [`Graph::tensor`]: what an op writing in place needs.
+    fn need_tensors(&self, op: &str, what: &str, vals: &[Value]) -> Result<()> {
+        match vals
+            .iter()
+            .find(|&&v| !matches!(self.info(self.root(v)).source, Source::Tensor(_)))
+        {
+            Some(&v) => Err(shape_err(
+                op,
+                format!(
+                    "{what} '{}' must be a tensor added with Graph::tensor",
+                    self.info(v).name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn push1(&mut self, op: impl Into<Op>, inputs: Vec<Value>) -> Result<Value> {
         let op = op.into();
         let name = op.name();
@@ -374,17 +392,7 @@ impl Graph {
         interleaved: bool,
         pos: Dyn,
     ) -> Result<Value> {
-        for c in [k_cache, v_cache] {
-            if !matches!(self.info(self.root(c)).source, Source::Tensor(_)) {
-                return Err(shape_err(
-                    "rope_kv",
-                    format!(
-                        "cache '{}' must be a tensor added with Graph::tensor",
-                        self.info(c).name
-                    ),
-                ));
-            }
-        }
+        self.need_tensors("rope_kv", "cache", &[k_cache, v_cache])?;
         let op = RopeKv {
             heads,
             kv_heads,
@@ -408,12 +416,27 @@ impl Graph {
         stride: usize,
         pad: usize,
     ) -> Result<Value> {
+        self.conv2d_padded(x, w, bias, stride, pad, 0)
+    }
+
+    /// [`Graph::conv2d`] with `pad_end` more zero rows and columns after the input (diffusers'
+    /// `Downsample2D` with `padding=0` pads (0, 1, 0, 1)).
+    pub fn conv2d_padded(
+        &mut self,
+        x: Value,
+        w: Value,
+        bias: Option<Value>,
+        stride: usize,
+        pad: usize,
+        pad_end: usize,
+    ) -> Result<Value> {
         let mut inputs = vec![x, w];
         inputs.extend(bias);
         self.push1(
             Conv2d {
                 stride,
                 pad,
+                pad_end,
                 bias: bias.is_some(),
             },
             inputs,
@@ -589,17 +612,11 @@ impl Graph {
     /// `step` of the coefficient table and updates the state tensors `x`, `x0_prev` and
     /// `unet_in` in place, so one compiled graph replays every step.
     pub fn scheduler_step(&mut self, v: &StepValues, step: Dyn) -> Result<()> {
-        for s in [v.x, v.x0_prev, v.unet_in, v.status] {
-            if !matches!(self.info(self.root(s)).source, Source::Tensor(_)) {
-                return Err(shape_err(
-                    "scheduler_step",
-                    format!(
-                        "state '{}' must be a tensor added with Graph::tensor",
-                        self.info(s).name
-                    ),
-                ));
-            }
-        }
+        self.need_tensors(
+            "scheduler_step",
+            "state",
+            &[v.x, v.x0_prev, v.unet_in, v.status],
+        )?;
         let mut inputs = vec![
             v.model_out,
             v.coeffs,
@@ -621,17 +638,32 @@ impl Graph {
         Ok(())
     }
 
+    /// Inpainting with an ordinary U-Net, after [`Graph::scheduler_step`] at row `step`: the
+    /// pixels outside `mask` go back to `init` noised as the table's row says (see
+    /// [`LatentBlend`]); `x` and `unet_in` (tensors of the step state) are written in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn latent_blend(
+        &mut self,
+        table: Value,
+        init: Value,
+        noise: Value,
+        mask: Value,
+        x: Value,
+        unet_in: Value,
+        step: Dyn,
+    ) -> Result<()> {
+        self.need_tensors("latent_blend", "state", &[x, unet_in])?;
+        self.push(
+            LatentBlend { step },
+            vec![table, init, noise, mask, x, unet_in],
+            vec![x, unet_in],
+        )?;
+        Ok(())
+    }
+
     /// Copies `src` into `dst` starting at element `offset` (a KV-cache write, a state update).
     pub fn copy_into(&mut self, src: Value, dst: Value, offset: Dyn) -> Result<()> {
-        if !matches!(self.info(self.root(dst)).source, Source::Tensor(_)) {
-            return Err(shape_err(
-                "copy_into",
-                format!(
-                    "destination '{}' must be a tensor added with Graph::tensor",
-                    self.info(dst).name
-                ),
-            ));
-        }
+        self.need_tensors("copy_into", "destination", &[dst])?;
         let (n, cap) = (numel(self.shape(src)), numel(self.shape(dst)));
         if let Dyn::Static(o) = offset {
             if o as usize + n > cap {

@@ -10,7 +10,7 @@ use crate::kernels::linear::{Gather, Linear};
 use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
-use crate::kernels::scheduler::SchedulerStep;
+use crate::kernels::scheduler::{LatentBlend, SchedulerStep};
 use crate::kernels::Kernel;
 
 macro_rules! ops {
@@ -62,6 +62,7 @@ ops!(
     Sample(Sample),
     RandNormal(RandNormal),
     SchedulerStep(SchedulerStep),
+    LatentBlend(LatentBlend),
 );
 
 impl Op {

@@ -20,19 +20,22 @@ super::params!(
 );
 
 /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, k, k]` (k 1 or 3, any weight dtype),
-/// optional bias `[co]`.
+/// optional bias `[co]`. Zero padding of `pad` on every side and `pad_end` more after the last
+/// row and column (the VAE encoder's down-sampling pads (0, 1, 0, 1): `pad` 0, `pad_end` 1).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conv2d {
     pub stride: usize,
     pub pad: usize,
+    pub pad_end: usize,
     pub bias: bool,
 }
 
 impl Conv2d {
     /// Output height and width for an `h x w` input and kernel size `k`.
     pub fn out_hw(&self, h: usize, w: usize, k: usize) -> Option<(usize, usize)> {
-        let ho = (h + 2 * self.pad).checked_sub(k)? / self.stride + 1;
-        let wo = (w + 2 * self.pad).checked_sub(k)? / self.stride + 1;
+        let extra = 2 * self.pad + self.pad_end;
+        let ho = (h + extra).checked_sub(k)? / self.stride + 1;
+        let wo = (w + extra).checked_sub(k)? / self.stride + 1;
         Some((ho, wo))
     }
 }

@@ -152,6 +152,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         layout::<sample::NoiseParams>(),
         layout::<sample::PhiloxKatParams>(),
         layout::<scheduler::SchedulerParams>(),
+        layout::<scheduler::BlendParams>(),
     ]
 }
 

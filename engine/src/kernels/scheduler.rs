@@ -22,6 +22,13 @@ super::params!(
     }
 );
 
+super::params!(
+    /// Uniforms of `scheduler.wgsl`'s BLEND entry point.
+    BlendParams, "scheduler.wgsl", ["BLEND"] {
+        n: u32, hw: u32, copies: u32, rows: u32, step_add: u32, step_slot: u32, step_mul: u32,
+    }
+);
+
 /// One row of the coefficient table (see [`crate::diffusion::schedulers`] for the update it parametrizes).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepCoeffs {
@@ -180,5 +187,79 @@ impl Kernel for SchedulerStep {
             bindings.push(Binding::read(ins[7].buf()));
         }
         Ok(vec![dispatch(key, &p, bindings, elementwise_groups(n))])
+    }
+}
+
+/// Inpainting with an ordinary U-Net, after the step at row `step`: the pixels outside the
+/// mask go back to the image's latents at the next step's noise level. Inputs: table f32
+/// `[steps, 3]` (per step `[a, b, in_scale]`), init `[1, c, h, w]` (the image's latents),
+/// noise (like init), mask `[1, 1, h, w]` (1 = repaint); then the state written in place: x
+/// (like init) and unet_in (copies of x):
+/// `x = (1 - mask) (a init + b noise) + mask x`, `unet_in[k] = in_scale x`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentBlend {
+    pub step: Dyn,
+}
+
+impl Kernel for LatentBlend {
+    fn name(&self) -> &'static str {
+        "latent_blend"
+    }
+
+    fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
+        let err = |m: String| shape_err(self.name(), m);
+        if ins.iter().any(|i| i.1 != DType::F32) {
+            return Err(err("inputs must be f32".into()));
+        }
+        let t = ins[0].0;
+        if t.len() != 2 || t[1] != 3 || t[0] == 0 {
+            return Err(err(format!("table {t:?}, expected [steps, 3]")));
+        }
+        let x = ins[4].0;
+        let (m, n) = (ins[3].0, numel(x));
+        let ok = x.len() == 4
+            && x[0] == 1
+            && ins[1].0 == x
+            && ins[2].0 == x
+            && m == [1, 1, x[2], x[3]]
+            && n > 0
+            && numel(ins[5].0).is_multiple_of(n)
+            && numel(ins[5].0) > 0;
+        if !ok {
+            return Err(err(format!(
+                "x {x:?}: init and noise must match it, the mask be [1, 1, h, w] ({m:?}), \
+                 unet_in {:?} hold copies of it",
+                ins[5].0
+            )));
+        }
+        Ok(None)
+    }
+
+    fn encode(&self, _: &Ctx, ins: &[Bound], _: Option<&Bound>) -> Result<Vec<Dispatch>> {
+        let n = ins[4].numel();
+        let [step_add, step_slot, step_mul] = self.step.words();
+        let p = BlendParams {
+            n: u(n),
+            hw: u(ins[3].numel()),
+            copies: u(ins[5].numel() / n.max(1)),
+            rows: u(ins[0].shape[0]),
+            step_add,
+            step_slot,
+            step_mul,
+        };
+        let bindings = vec![
+            Binding::read(ins[0].buf()),
+            Binding::read(ins[1].buf()),
+            Binding::read(ins[2].buf()),
+            Binding::read(ins[3].buf()),
+            Binding::write(ins[4].buf()),
+            Binding::write(ins[5].buf()),
+        ];
+        Ok(vec![dispatch(
+            KernelKey::new("scheduler.wgsl", "blend").def("BLEND", ""),
+            &p,
+            bindings,
+            elementwise_groups(n),
+        )])
     }
 }

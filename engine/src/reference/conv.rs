@@ -15,8 +15,27 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Vec<f32> {
-    let ho = (h + 2 * pad - ks) / stride + 1;
-    let wo = (wd + 2 * pad - ks) / stride + 1;
+    conv2d_padded(x, w, bias, b, ci, h, wd, co, ks, stride, pad, 0)
+}
+
+/// [`conv2d`] with `pad_end` more zero rows and columns after the input.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_padded(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    b: usize,
+    ci: usize,
+    h: usize,
+    wd: usize,
+    co: usize,
+    ks: usize,
+    stride: usize,
+    pad: usize,
+    pad_end: usize,
+) -> Vec<f32> {
+    let ho = (h + 2 * pad + pad_end - ks) / stride + 1;
+    let wo = (wd + 2 * pad + pad_end - ks) / stride + 1;
     let mut y = vec![0f32; b * co * ho * wo];
     for bi in 0..b {
         for o in 0..co {
