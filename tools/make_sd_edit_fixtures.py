@@ -11,6 +11,10 @@ Writes tests/fixtures/sd-edit/ (see tests/fixtures/README.md, section `sd-edit/`
   init.png, mask.png   the 16 x 16 init image and mask (white = repaint, a few gray pixels either
                        side of the 0.5 threshold), as PNG and as init.npy / mask.npy (8-bit values
                        as f32, [h, w, 3])
+  mask64.png,          masks for the embedded default image model (models/image-shapes, 64 x 64),
+  mask64-alpha.png     used by the server and browser tests: a white square on black, and the
+                       same square as transparent pixels in an opaque RGBA image (OpenAI's
+                       image-edit masks: transparent = repaint)
   noise.npy            the noise [1, 4, 8, 8] every run adds (diffusers draws it with randn_tensor;
                        the script hands this tensor back instead)
   encoder_mean.npy     sd1-tiny's VAE encoder on the init image: the latent distribution's mean
@@ -44,6 +48,10 @@ torch.use_deterministic_algorithms(True)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from make_sd_fixtures import init_weights, write_json  # noqa: E402
+
+import diffusers  # noqa: E402
+
+diffusers.utils.logging.set_verbosity_error()
 
 SD1 = REPO / "tests" / "fixtures" / "sd" / "sd1-tiny"
 OUT = REPO / "tests" / "fixtures" / "sd-edit"
@@ -162,6 +170,13 @@ def main():
     mask_pil = Image.open(build / "mask.png").convert("RGB")
     assert np.array_equal(np.asarray(init_pil), img) and np.array_equal(np.asarray(mask_pil), mask)
     arrays = {"init": f32(img), "mask": f32(mask)}
+    m64 = np.zeros((64, 64, 3), np.uint8)
+    m64[16:48, 20:44] = 255
+    Image.fromarray(m64, "RGB").save(build / "mask64.png")
+    a64 = np.full((64, 64, 4), 255, np.uint8)
+    a64[..., :3] = (10, 20, 30)
+    a64[16:48, 20:44, 3] = 0
+    Image.fromarray(a64, "RGBA").save(build / "mask64-alpha.png")
 
     noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(SEED))
     arrays["noise"] = f32(noise)
@@ -181,6 +196,7 @@ def main():
         else:
             pipe, mod = StableDiffusionInpaintPipeline(**comps), inpaint_mod
             kw = dict(mask_image=mask_pil, height=SIZE, width=SIZE)
+        pipe.set_progress_bar_config(disable=True)
         with patched(mod, noise) as p, torch.no_grad():
             out = pipe(PROMPT, image=init_pil, strength=strength, num_inference_steps=STEPS,
                        guidance_scale=guidance, negative_prompt=NEGATIVE, output_type="np", **kw)

@@ -75,6 +75,24 @@ pub fn png_bytes(w: usize, h: usize, rgb: &[u8]) -> Result<Vec<u8>> {
 /// Decodes a PNG (any colour type and depth) to 8-bit RGB: gray is repeated, alpha dropped,
 /// 16-bit samples take their high byte. `what` names the input in errors.
 pub fn decode_png(bytes: &[u8], what: &str) -> Result<RgbImage> {
+    decode_png_alpha(bytes, what).map(|(img, _)| img)
+}
+
+/// A mask PNG: white = repaint; or, as OpenAI's image edits define a mask, where it has
+/// transparent pixels, fully transparent = repaint (made white, the rest black).
+pub fn decode_mask_png(bytes: &[u8], what: &str) -> Result<RgbImage> {
+    let (mut img, alpha) = decode_png_alpha(bytes, what)?;
+    if let Some(alpha) = alpha.filter(|a| a.iter().any(|&v| v < 255)) {
+        img.rgb = alpha
+            .iter()
+            .flat_map(|&a| [if a == 0 { 255 } else { 0 }; 3])
+            .collect();
+    }
+    Ok(img)
+}
+
+/// [`decode_png`] and the alpha channel, where the PNG has one.
+fn decode_png_alpha(bytes: &[u8], what: &str) -> Result<(RgbImage, Option<Vec<u8>>)> {
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     // A header may claim any size: refuse what no generation could use before allocating it.
@@ -112,7 +130,8 @@ pub fn decode_png(bytes: &[u8], what: &str) -> Result<RgbImage> {
             }
         })
         .collect();
-    Ok(RgbImage::new(w, h, rgb, what)?)
+    let alpha = (per % 2 == 0).then(|| px.chunks_exact(per).map(|p| p[per - 1]).collect());
+    Ok((RgbImage::new(w, h, rgb, what)?, alpha))
 }
 
 /// Reads a PNG file as 8-bit RGB (see [`decode_png`]).
@@ -423,6 +442,26 @@ mod tests {
             .unwrap();
         let img = decode_png(&out, "x").unwrap();
         assert_eq!(img.rgb, vec![0x12, 0x12, 0x12, 0xab, 0xab, 0xab]);
+        // A mask with transparency: fully transparent = repaint (white), the rest black; an
+        // opaque RGBA mask keeps its colours (white = repaint).
+        let rgba = |a: [u8; 2]| {
+            let mut out = Vec::new();
+            let mut enc = png::Encoder::new(&mut out, 2, 1);
+            enc.set_color(png::ColorType::Rgba);
+            enc.write_header()
+                .unwrap()
+                .write_image_data(&[9, 9, 9, a[0], 255, 255, 255, a[1]])
+                .unwrap();
+            out
+        };
+        assert_eq!(
+            decode_mask_png(&rgba([0, 128]), "m").unwrap().rgb,
+            [255, 255, 255, 0, 0, 0]
+        );
+        assert_eq!(
+            decode_mask_png(&rgba([255, 255]), "m").unwrap().rgb,
+            [9, 9, 9, 255, 255, 255]
+        );
         let e = decode_png(b"GIF89a....", "--mask").unwrap_err();
         assert!(format!("{e:#}").contains("--mask: not a PNG"), "{e:#}");
     }

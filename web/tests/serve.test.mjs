@@ -3,7 +3,7 @@
 // disconnects mid-stream, two concurrent requests; greedy ids equal to `kiln text --json` and the
 // image equal to `kiln image`. Run by native-demo/tests/serve.rs (which builds the binary):
 //   KILN_BIN=target/debug/kiln node web/tests/serve.test.mjs
-import OpenAI from "openai";
+import OpenAI, { toFile } from "openai";
 import { execFile } from "node:child_process";
 import { KilnServers } from "./kiln-serve.mjs";
 import http from "node:http";
@@ -128,6 +128,47 @@ test("image: a PNG equal to kiln image with the same seed", async () => {
   await run(bin, ["image", "--model", imageModel, "--prompt", "a red circle", "--width", "64", "--height", "64", "--steps", "2", "--seed", "7", "--out", out, "--json"], { env });
   const cli = readPng(readFileSync(out));
   assert.deepEqual(Buffer.from(png.data), Buffer.from(cli.data));
+});
+
+test("image edits: inpainting through the OpenAI client equal to kiln image --init-image --mask", async () => {
+  const fx = join(root, "tests/fixtures/sd-edit");
+  const init = join(imageModel, "reference/image.png");
+  const file = (p, name) => toFile(readFileSync(p), name, { type: "image/png" });
+  // OpenAI's mask (transparent = repaint) and Kiln's (white = repaint) say the same here.
+  const r = await client.images.edit({ model: "default", image: await file(init, "init.png"), mask: await file(join(fx, "mask64-alpha.png"), "mask.png"), prompt: "a blue square", size: "64x64", steps: 2, seed: 7, response_format: "b64_json" });
+  const png = readPng(Buffer.from(r.data[0].b64_json, "base64"));
+  assert.equal(png.width, 64);
+  const out = join(mkdtempSync(join(tmpdir(), "kiln-serve-")), "cli-edit.png");
+  await run(bin, ["image", "--model", imageModel, "--prompt", "a blue square", "--init-image", init, "--mask", join(fx, "mask64.png"), "--width", "64", "--height", "64", "--steps", "2", "--seed", "7", "--out", out, "--json"], { env });
+  assert.deepEqual(Buffer.from(png.data), Buffer.from(readPng(readFileSync(out)).data));
+  // img2img: no mask, strength 0.5 of 4 steps.
+  const i2i = await client.images.edit({ image: await file(init, "init.png"), prompt: "a red circle", steps: 4, strength: 0.5, seed: 3 });
+  assert.equal(i2i.kiln.steps, 2);
+  // Bad edits: errors that name the field.
+  const form = (fields) => {
+    const f = new FormData();
+    for (const [k, v] of Object.entries(fields)) {
+      if (v instanceof Uint8Array) f.append(k, new Blob([v], { type: "image/png" }), `${k}.png`);
+      else f.append(k, v);
+    }
+    return fetch(`${base}/v1/images/edits`, { method: "POST", headers: { authorization: `Bearer ${KEY}` }, body: f });
+  };
+  const initPng = readFileSync(init);
+  const cases = [
+    [{ image: initPng, mask: readFileSync(join(fx, "mask.png")), prompt: "x" }, /mask/],
+    [{ image: new TextEncoder().encode("not a png"), prompt: "x" }, /image: .*not a PNG/],
+    [{ image: initPng, prompt: "x", strength: "2" }, /strength/],
+    [{ image: initPng, prompt: "x", strength: "lots" }, /strength/],
+    [{ prompt: "x" }, /image/],
+  ];
+  for (const [fields, says] of cases) {
+    const res = await form(fields);
+    const body = await res.json();
+    assert.equal(res.status, 400, JSON.stringify(body));
+    assert.match(body.error.message, says);
+  }
+  const json = await post("/v1/images/edits", { prompt: "x" });
+  assert.equal(json.status, 415);
 });
 
 test("bad requests get OpenAI error objects with the right status", async () => {

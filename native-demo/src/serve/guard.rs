@@ -27,8 +27,13 @@ pub struct Guard {
     origins: Vec<String>,
     api_key: Option<String>,
     max_body: usize,
+    /// The limit for multipart uploads (`/v1/images/edits`).
+    max_upload: usize,
     body_timeout: Duration,
 }
+
+/// The path whose bodies are multipart forms (OpenAI's image edits) instead of JSON.
+pub const UPLOAD_PATH: &str = "/v1/images/edits";
 
 impl Guard {
     pub fn new(
@@ -37,6 +42,7 @@ impl Guard {
         origins: &[String],
         api_key: Option<String>,
         max_body: usize,
+        max_upload: usize,
         body_timeout: Duration,
     ) -> Guard {
         let mut hosts: Vec<String> = ["localhost", bind_host]
@@ -54,6 +60,7 @@ impl Guard {
                 .collect(),
             api_key: api_key.filter(|k| !k.is_empty()),
             max_body,
+            max_upload,
             body_timeout,
         }
     }
@@ -132,14 +139,26 @@ impl Guard {
         }
     }
 
-    /// A body is JSON, said so, and no longer than `--max-body` by its declared length.
-    fn check_body_headers(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// A body is JSON (a multipart form on [`UPLOAD_PATH`]), said so, and no longer than
+    /// `--max-body` (`--max-upload`) by its declared length.
+    fn check_body_headers(&self, headers: &HeaderMap, path: &str) -> Result<(), ApiError> {
         let ctype = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let media = ctype.split(';').next().unwrap_or("").trim();
-        if !media.eq_ignore_ascii_case("application/json") {
+        if path == UPLOAD_PATH {
+            if !media.eq_ignore_ascii_case("multipart/form-data") {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request_error",
+                    format!(
+                        "Content-Type '{ctype}': image edits are multipart forms \
+                         ('Content-Type: multipart/form-data; boundary=...')"
+                    ),
+                ));
+            }
+        } else if !media.eq_ignore_ascii_case("application/json") {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
@@ -153,20 +172,30 @@ impl Guard {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body as u64) {
-            return Err(self.too_large());
+        let upload = path == UPLOAD_PATH;
+        if declared.is_some_and(|n| n > self.limit(upload) as u64) {
+            return Err(self.too_large(upload));
         }
         Ok(())
     }
 
-    fn too_large(&self) -> ApiError {
+    fn limit(&self, upload: bool) -> usize {
+        if upload {
+            self.max_upload
+        } else {
+            self.max_body
+        }
+    }
+
+    fn too_large(&self, upload: bool) -> ApiError {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             format!(
                 "the request body is larger than this server accepts ({} bytes; kiln serve \
-                 --max-body)",
-                self.max_body
+                 --max-{})",
+                self.limit(upload),
+                if upload { "upload" } else { "body" }
             ),
         )
     }
@@ -174,14 +203,23 @@ impl Guard {
     /// The body as UTF-8, read within `--body-timeout` and at most `--max-body` bytes (a
     /// chunked body declares no length).
     pub async fn read_body(&self, body: Body) -> Result<String, ApiError> {
+        let bytes = self.read_bytes(body, false).await?;
+        String::from_utf8(bytes)
+            .map_err(|_| ApiError::bad_request("the request body is not UTF-8 JSON"))
+    }
+
+    /// The body's bytes, read within `--body-timeout` and at most `--max-body` bytes
+    /// (`--max-upload` for an `upload`).
+    pub async fn read_bytes(&self, body: Body, upload: bool) -> Result<Vec<u8>, ApiError> {
+        let limit = self.limit(upload);
         let read = async {
             let mut bytes = Vec::new();
             let mut stream = body.into_data_stream();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk
                     .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
-                if bytes.len() + chunk.len() > self.max_body {
-                    return Err(self.too_large());
+                if bytes.len() + chunk.len() > limit {
+                    return Err(self.too_large(upload));
                 }
                 bytes.extend_from_slice(&chunk);
             }
@@ -199,8 +237,7 @@ impl Guard {
                     ),
                 )
             })??;
-        String::from_utf8(bytes)
-            .map_err(|_| ApiError::bad_request("the request body is not UTF-8 JSON"))
+        Ok(bytes)
     }
 }
 
@@ -251,7 +288,7 @@ pub async fn check(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
                     g.authorize(h)?;
                 }
                 if req.method() == Method::POST {
-                    g.check_body_headers(h)?;
+                    g.check_body_headers(h, req.uri().path())?;
                 }
                 Ok::<_, ApiError>(())
             })();

@@ -8,7 +8,8 @@
 //! or step.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (SSE with `"stream": true`),
-//! `POST /v1/images/generations` (`b64_json` PNG), `GET /v1/models`, `GET /health`.
+//! `POST /v1/images/generations` (`b64_json` PNG), `POST /v1/images/edits` (OpenAI's multipart
+//! form: img2img, and inpainting with a mask), `GET /v1/models`, `GET /health`.
 //! The request logic (templates, defaults, response shapes) is the engine's
 //! [`kiln::llm::chat`] core; this file only routes, queues and frames. What a request must get
 //! right before its body is read is [`guard`]; connections and their deadlines are [`listen`].
@@ -26,7 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use kiln::diffusion::models::{read_pipeline_dir, SdModels};
-use kiln::diffusion::pipeline::{ImageOptions, StepReply};
+use kiln::diffusion::pipeline::{ImageOptions, RgbImage, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
 use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, TextModel};
 use serde_json::{json, Value};
@@ -57,6 +58,10 @@ pub struct ServeArgs {
     /// before the body is read).
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
+    /// Largest multipart upload accepted (POST /v1/images/edits: an image and a mask), in
+    /// bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_upload: usize,
     /// Seconds a client has to send a request's headers, counted from connecting or from the
     /// end of its previous response (so also how long an idle keep-alive connection stays).
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
@@ -200,6 +205,75 @@ struct ImageRequest {
     /// Accepted and ignored (OpenAI's end-user id).
     #[serde(default, rename = "user")]
     _user: Option<String>,
+    /// An edit (`/v1/images/edits`): the share of the steps run.
+    #[serde(default)]
+    strength: Option<f32>,
+    /// An edit's image and mask (from the multipart form).
+    #[serde(skip)]
+    init_image: Option<RgbImage>,
+    #[serde(skip)]
+    mask: Option<RgbImage>,
+}
+
+impl ImageRequest {
+    /// An edit request from OpenAI's multipart form: the files `image` (or `image[]`) and
+    /// `mask`, every other field a text value parsed as its JSON counterpart.
+    async fn from_form(body: Vec<u8>, content_type: &str) -> Result<ImageRequest, ApiError> {
+        let bad = |m: String| ApiError::bad_request(m);
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|e| bad(format!("multipart form: {e}")))?;
+        let stream = futures_util::stream::once(async move {
+            Ok::<_, std::convert::Infallible>(Bytes::from(body))
+        });
+        let mut form = multer::Multipart::new(stream, boundary);
+        let mut fields = serde_json::Map::new();
+        let (mut image, mut mask) = (None, None);
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| bad(format!("multipart form: {e}")))?
+        {
+            let name = field.name().unwrap_or("").to_string();
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| bad(format!("multipart form, field '{name}': {e}")))?;
+            match name.as_str() {
+                "image" | "image[]" if image.is_none() => {
+                    image = Some(
+                        crate::image::decode_png(&data, "image")
+                            .map_err(|e| bad(format!("image: {e:#} (upload a PNG)")))?,
+                    )
+                }
+                "mask" => {
+                    mask = Some(
+                        crate::image::decode_mask_png(&data, "mask")
+                            .map_err(|e| bad(format!("mask: {e:#} (upload a PNG)")))?,
+                    )
+                }
+                _ => {
+                    let text = String::from_utf8(data.to_vec())
+                        .map_err(|_| bad(format!("field '{name}' is not UTF-8 text")))?;
+                    // Numbers as numbers, everything else as the string it is.
+                    let v = match name.as_str() {
+                        "n" | "steps" | "seed" | "guidance" | "strength" => {
+                            serde_json::from_str(&text).map_err(|_| {
+                                bad(format!("field '{name}': '{text}' is not a number"))
+                            })?
+                        }
+                        _ => Value::String(text),
+                    };
+                    fields.insert(name, v);
+                }
+            }
+        }
+        let mut r: ImageRequest = serde_json::from_value(Value::Object(fields))
+            .map_err(|e| bad(format!("image edit request: {e}")))?;
+        r.init_image =
+            Some(image.ok_or_else(|| bad("image edit request: no 'image' file".into()))?);
+        r.mask = mask;
+        Ok(r)
+    }
 }
 
 /// A job for a worker: the request, the model id responses carry, the reply channel.
@@ -342,6 +416,9 @@ fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<E
             seed,
             width,
             height,
+            init_image: r.init_image.clone(),
+            mask: r.mask.clone(),
+            strength: r.strength,
             ..ImageOptions::default()
         };
         let img = pollster::block_on(m.generate_with(&opts, &mut |_, _, _| {
@@ -523,6 +600,27 @@ async fn images(State(app): State<Arc<App>>, body: Body) -> Response {
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// `POST /v1/images/edits`: OpenAI's multipart form, queued on the image model like a
+/// generation.
+async fn image_edits(
+    State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let r = async {
+        let ctype = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let bytes = app.guard.read_bytes(body, true).await?;
+        let req = ImageRequest::from_form(bytes, &ctype).await?;
+        let w = App::pick(&app.image, "image", req.model.as_deref())?;
+        Ok::<_, ApiError>(respond(w, req, false).await)
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn models(State(app): State<Arc<App>>) -> Response {
     let mut data = Vec::new();
     let mut entry = |id: &str, kind: &str| {
@@ -545,7 +643,7 @@ async fn not_found() -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations; GET /v1/models, /health)",
+        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits; GET /v1/models, /health)",
     )
     .into_response()
 }
@@ -618,6 +716,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             &a.cors_origin,
             a.api_key.clone(),
             a.max_body,
+            a.max_upload,
             Duration::from_secs_f64(a.body_timeout),
         ),
         created: kiln::llm::chat::unix_seconds(),
@@ -626,6 +725,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/images/generations", post(images))
+        .route(guard::UPLOAD_PATH, post(image_edits))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
