@@ -437,13 +437,35 @@ export interface ImageOptions {
   /** Default: the U-Net's sample size times the VAE factor (see `info`). */
   width?: number;
   height?: number;
+  /**
+   * img2img: the image to start from (its size is the default size). ImageData, a Blob (PNG,
+   * JPEG, ...), an ImageBitmap or anything a canvas draws.
+   */
+  initImage?: ImageSource;
+  /**
+   * Inpainting: white = repaint, the init image's size; transparent pixels count as black (so
+   * white strokes on a transparent canvas mark what to repaint).
+   */
+  mask?: ImageSource;
+  /** With `initImage`: the share of the steps run, 0 to 1 (default 0.8, 1 with a mask). */
+  strength?: number;
   /** After each step; `preview` is the latents as a small RGB image (null after the first step). */
   onStep?: (s: { step: number; steps: number; preview: ImageData | null }) => void;
   signal?: AbortSignal;
 }
 
+export type ImageSource =
+  | ImageData
+  | Blob
+  | ImageBitmap
+  | HTMLCanvasElement
+  | OffscreenCanvas
+  | HTMLImageElement
+  | { width: number; height: number; data: Uint8Array | Uint8ClampedArray };
+
 export interface ImageModel {
-  readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number };
+  /** `inpainting`: a U-Net made for inpainting (9 input channels), which needs `initImage` and `mask`. */
+  readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number; inpainting: boolean };
   /** The image; `notes` carries messages such as a scheduler substitution. */
   generate(prompt: string, options?: ImageOptions): Promise<ImageData & { notes: string[] }>;
   dispose(): void;

@@ -117,7 +117,13 @@ export class ImageModel {
       seed: opts.seed,
       width: opts.width,
       height: opts.height,
+      strength: opts.strength,
     });
+    // img2img and inpainting: the pixels of the init image and the mask, as RGBA.
+    const images =
+      opts.initImage || opts.mask
+        ? { init: opts.initImage ? await toPixels(opts.initImage, "initImage") : null, mask: opts.mask ? await toPixels(opts.mask, "mask") : null }
+        : null;
     const step = (done, total, p) => {
       if (signal?.aborted) return false;
       onStep?.({ step: done, steps: total, preview: p && toImageData(p) });
@@ -125,7 +131,7 @@ export class ImageModel {
     };
     let r;
     try {
-      r = await call(() => this.#m.generate(json, step));
+      r = await call(() => this.#m.generate(json, step, images));
     } catch (e) {
       signal?.throwIfAborted();
       throw e;
@@ -139,6 +145,31 @@ export class ImageModel {
     this.#m?.free();
     this.#m = null;
   }
+}
+
+/**
+ * `{ width, height, data }` (RGBA bytes) of an image given as ImageData (or any object of that
+ * shape), a Blob (PNG, JPEG, ...), or anything `drawImage` takes (ImageBitmap, canvas, <img>),
+ * decoded without colour-space conversion or premultiplication.
+ */
+async function toPixels(src, what) {
+  if (src && typeof src.width === "number" && typeof src.height === "number" && src.data) {
+    return { width: src.width, height: src.height, data: new Uint8Array(src.data.buffer, src.data.byteOffset, src.data.byteLength) };
+  }
+  let bitmap = src;
+  if (typeof Blob !== "undefined" && src instanceof Blob) {
+    try {
+      bitmap = await createImageBitmap(src, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+    } catch (e) {
+      throw new Error(`${what}: not an image the browser can decode (${e.message ?? e})`);
+    }
+  }
+  const w = bitmap?.width, h = bitmap?.height;
+  if (!w || !h || typeof OffscreenCanvas === "undefined") throw new Error(`${what}: expected ImageData, a Blob or an ImageBitmap`);
+  const ctx = new OffscreenCanvas(w, h).getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(bitmap, 0, 0);
+  const d = ctx.getImageData(0, 0, w, h, { colorSpace: "srgb" });
+  return { width: w, height: h, data: new Uint8Array(d.data.buffer) };
 }
 
 function toImageData({ width, height, data }) {

@@ -2,7 +2,7 @@
 
 use crate::device::{js_err, Device, Files};
 use kiln::diffusion::models::SdModels;
-use kiln::diffusion::pipeline::{ImageOptions, StepReply};
+use kiln::diffusion::pipeline::{ImageOptions, RgbImage, StepReply, UnetKind};
 use serde_json::json;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -31,7 +31,8 @@ impl Device {
                 "width": size,
                 "height": size,
                 "sizeMultiple": m.size_multiple(),
-                "latentChannels": m.unet.cfg.in_channels,
+                "latentChannels": m.vae.cfg.latent_channels,
+                "inpainting": m.unet_kind().ok() == Some(UnetKind::Inpainting),
             })
             .to_string();
             Ok(ImageModel {
@@ -71,10 +72,23 @@ impl ImageModel {
     /// called with a latent preview (`{ width, height, data }`, RGBA; `null` after the first
     /// step); returning `false` stops with an error. Resolves to `{ width, height, data,
     /// notes, steps }`.
-    pub fn generate(&self, options: String, on_step: js_sys::Function) -> js_sys::Promise {
+    ///
+    /// `images`: `null`, or `{ init, mask }` for img2img and inpainting, each `null` or `{ width,
+    /// height, data }` with RGBA bytes (the init image's alpha is ignored; the mask is taken
+    /// over black, white = repaint).
+    pub fn generate(
+        &self,
+        options: String,
+        on_step: js_sys::Function,
+        images: JsValue,
+    ) -> js_sys::Promise {
         let shared = self.model.clone();
         future_to_promise(async move {
-            let o = ImageOptions::from_json(&options).map_err(js_err)?;
+            let mut o = ImageOptions::from_json(&options).map_err(js_err)?;
+            if !images.is_null() && !images.is_undefined() {
+                o.init_image = rgb_image(&images, "init", false)?;
+                o.mask = rgb_image(&images, "mask", true)?;
+            }
             let mut m = shared.borrow_mut().take().ok_or_else(|| {
                 js_err("the image model is busy with another generation (or disposed)")
             })?;
@@ -83,6 +97,40 @@ impl ImageModel {
             r
         })
     }
+}
+
+/// The RGB image in field `key` of `images` (`{ width, height, data }`, RGBA), `None` when
+/// absent; `over_black`: alpha multiplies the colour (a mask drawn on a transparent canvas).
+fn rgb_image(images: &JsValue, key: &str, over_black: bool) -> Result<Option<RgbImage>, JsValue> {
+    let v = js_sys::Reflect::get(images, &key.into())?;
+    if v.is_null() || v.is_undefined() {
+        return Ok(None);
+    }
+    let what = if key == "init" { "initImage" } else { "mask" };
+    let num = |k: &str| -> Result<usize, JsValue> {
+        js_sys::Reflect::get(&v, &k.into())?
+            .as_f64()
+            .filter(|n| *n >= 0.0 && n.fract() == 0.0)
+            .map(|n| n as usize)
+            .ok_or_else(|| js_err(format!("{what}: '{k}' must be a whole number")))
+    };
+    let (w, h) = (num("width")?, num("height")?);
+    let data = js_sys::Uint8Array::new(&js_sys::Reflect::get(&v, &"data".into())?).to_vec();
+    if data.len() != w * h * 4 {
+        return Err(js_err(format!(
+            "{what}: {} bytes of RGBA for {w}x{h} (expected {})",
+            data.len(),
+            w * h * 4
+        )));
+    }
+    let rgb = data
+        .chunks_exact(4)
+        .flat_map(|p| {
+            let a = if over_black { p[3] as u32 } else { 255 };
+            [0, 1, 2].map(|c| ((p[c] as u32 * a + 127) / 255) as u8)
+        })
+        .collect();
+    RgbImage::new(w, h, rgb, what).map(Some).map_err(js_err)
 }
 
 async fn run(

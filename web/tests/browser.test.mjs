@@ -626,6 +626,50 @@ test("image: fixture pipeline equals native (worker, with previews)", 600000, ()
 test("image: a pipeline as diffusers 0.42 saves it equals native (page)", 600000, () => imageParity(SAVED_IMAGE, false, false));
 test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
 
+test("image edits: img2img and inpainting (both U-Net kinds) from a Blob, ImageData and a transparent-canvas mask equal native (page and worker)", 600000, async () => {
+  const fx = join(root, "tests/fixtures/sd-edit");
+  const runs = [
+    // [model folder under /fixtures, native folder, native extra flags, browser options, worker]
+    ["sd/sd1-tiny", "tests/fixtures/sd/sd1-tiny", ["--strength", "0.6", "--scheduler", "euler"], { strength: 0.6, scheduler: "euler", blobs: false, mask: false }, false],
+    ["sd/sd1-tiny", "tests/fixtures/sd/sd1-tiny", ["--mask", join(fx, "mask.png"), "--scheduler", "ddim"], { scheduler: "ddim", blobs: true, mask: true }, true],
+    ["sd-edit/sd1-inpaint-tiny", "tests/fixtures/sd-edit/sd1-inpaint-tiny", ["--mask", join(fx, "mask.png"), "--strength", "0.75", "--scheduler", "dpm++2m"], { strength: 0.75, scheduler: "dpm++2m", blobs: false, mask: true }, false],
+  ];
+  for (const [source, dir, flags, o, worker] of runs) {
+    const out = join(userDir, `edit-${worker}-${o.scheduler}.png`);
+    await native(["image", "--model", join(root, dir), "--prompt", "a red door", "--init-image", join(fx, "init.png"), "--steps", "4", "--guidance", "3", "--seed", "5", ...flags, "--out", out, "--json"]);
+    const page = await openDemo(worker);
+    const got = await page.evaluate(async ({ source, o }) => {
+      const blob = async (name) => (await fetch(`/fixtures/sd-edit/${name}`)).blob();
+      const decoded = async (name) => {
+        const b = await createImageBitmap(await blob(name), { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+        const c = new OffscreenCanvas(b.width, b.height).getContext("2d");
+        c.drawImage(b, 0, 0);
+        return c.getImageData(0, 0, b.width, b.height);
+      };
+      // The mask as a brush would leave it: white where mask.png is white, transparent elsewhere.
+      const maskOnTransparent = async () => {
+        const m = await decoded("mask.png");
+        for (let i = 0; i < m.data.length; i += 4) if (m.data[i] < 128) m.data.fill(0, i, i + 4);
+        return m;
+      };
+      const sd = await window.demo.kiln.loadImage(`/fixtures/${source}/`);
+      const img = await sd.generate("a red door", {
+        steps: 4, guidance: 3, seed: 5, scheduler: o.scheduler, strength: o.strength,
+        initImage: o.blobs ? await blob("init.png") : await decoded("init.png"),
+        mask: o.mask ? (o.blobs ? await blob("mask.png") : await maskOnTransparent()) : undefined,
+      });
+      const info = sd.info;
+      sd.dispose();
+      return { width: img.width, height: img.height, data: Array.from(img.data), info };
+    }, { source, o });
+    await page.close();
+    const db = psnr({ ...got, channels: 4 }, readPng(readFileSync(out)));
+    log(`${worker ? "worker" : "page  "} ${source} ${o.mask ? "inpainting" : "img2img"} (${o.scheduler}${o.blobs ? ", Blobs" : ", ImageData"}): PSNR ${db.toFixed(1)} dB against native`);
+    assert(got.info.inpainting === source.includes("inpaint"), `info.inpainting ${got.info.inpainting}`);
+    assert(db >= 40, `PSNR ${db.toFixed(2)} dB < 40 dB`);
+  }
+});
+
 test("image: AbortSignal stops the denoising loop; the pipeline stays usable", 300000, async () => {
   for (const worker of [false, true]) {
     const page = await openDemo(worker);
