@@ -260,6 +260,61 @@ $("image-load").onclick = async () => {
   $("image-load").disabled = false;
 };
 
+// img2img and inpainting: an init image (uploaded or the last result) and a mask painted over it.
+const initCanvas = $("init-canvas");
+const maskCanvas = $("mask-canvas");
+const maskCtx = maskCanvas.getContext("2d", { willReadFrequently: true });
+demo.init = null;
+demo.maskPainted = false;
+
+function setInit(image) {
+  demo.init = image;
+  for (const c of [initCanvas, maskCanvas]) [c.width, c.height] = [image?.width ?? 64, image?.height ?? 64];
+  if (image) initCanvas.getContext("2d").putImageData(image, 0, 0);
+  maskCtx.clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+  demo.maskPainted = false;
+  $("edit").hidden = $("edit-hint").hidden = !image;
+  $("init-clear").disabled = $("mask-clear").disabled = !image;
+}
+
+$("init-file").onchange = async (e) => {
+  const file = e.target.files[0];
+  if (!file) return;
+  try {
+    const b = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+    const c = new OffscreenCanvas(b.width, b.height).getContext("2d");
+    c.drawImage(b, 0, 0);
+    setInit(c.getImageData(0, 0, b.width, b.height));
+  } catch (err) {
+    showError("image-error", new Error(`that file is not an image the browser can read (${err.message})`));
+  }
+};
+$("init-from-result").onclick = () => demo.lastImage && setInit(demo.lastImage);
+$("init-clear").onclick = () => {
+  $("init-file").value = "";
+  setInit(null);
+};
+$("mask-clear").onclick = () => {
+  maskCtx.clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+  demo.maskPainted = false;
+};
+function paint(e) {
+  if (!(e.buttons & 1)) return;
+  const r = maskCanvas.getBoundingClientRect();
+  const x = ((e.clientX - r.left) * maskCanvas.width) / r.width;
+  const y = ((e.clientY - r.top) * maskCanvas.height) / r.height;
+  maskCtx.fillStyle = "#fff";
+  maskCtx.beginPath();
+  maskCtx.arc(x, y, +$("brush").value || 4, 0, 2 * Math.PI);
+  maskCtx.fill();
+  demo.maskPainted = true;
+}
+maskCanvas.onpointerdown = (e) => {
+  maskCanvas.setPointerCapture(e.pointerId);
+  paint(e);
+};
+maskCanvas.onpointermove = paint;
+
 $("image-generate").onclick = async () => {
   showError("image-error", null);
   setState("image-section", "generating");
@@ -276,6 +331,9 @@ $("image-generate").onclick = async () => {
       seed: num("image-seed"),
       width: num("width"),
       height: num("height"),
+      initImage: demo.init ?? undefined,
+      mask: demo.init && demo.maskPainted ? maskCtx.getImageData(0, 0, maskCanvas.width, maskCanvas.height) : undefined,
+      strength: demo.init ? num("strength") : undefined,
       signal: imageAbort.signal,
       onStep: ({ step, steps, preview }) => {
         $("image-stats").textContent = `step ${step} / ${steps}`;
@@ -286,6 +344,8 @@ $("image-generate").onclick = async () => {
     canvas.height = image.height;
     ctx2d.putImageData(image, 0, 0);
     demo.lastImage = image;
+    demo.lastEdit = demo.init ? { init: [demo.init.width, demo.init.height], masked: demo.maskPainted } : null;
+    $("init-from-result").disabled = false;
     const notes = image.notes?.length ? ` — ${image.notes.join("; ")}` : "";
     $("image-stats").textContent = `${image.width}x${image.height} in ${((performance.now() - t0) / 1000).toFixed(1)} s${notes}`;
     setState("image-section", "done");

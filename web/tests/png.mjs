@@ -1,5 +1,6 @@
-// A minimal PNG reader for the tests: 8-bit RGB or RGBA, non-interlaced (what `kiln image` writes).
-import { inflateSync } from "node:zlib";
+// A minimal PNG reader for the tests: 8-bit RGB or RGBA, non-interlaced (what `kiln image` writes);
+// and a writer of 8-bit RGBA.
+import { crc32, deflateSync, inflateSync } from "node:zlib";
 
 export function readPng(buf) {
   if (buf.readUInt32BE(0) !== 0x89504e47) throw new Error("not a PNG");
@@ -57,4 +58,24 @@ export function psnr(a, b) {
   }
   const mse = se / (3 * n);
   return mse === 0 ? Infinity : 10 * Math.log10((255 * 255) / mse);
+}
+
+/** An 8-bit RGBA PNG of `{ width, height, data }` (filter 0 on every row). */
+export function writePng({ width, height, data }) {
+  const chunk = (type, body) => {
+    const out = Buffer.alloc(12 + body.length);
+    out.writeUInt32BE(body.length, 0);
+    out.write(type, 4, "ascii");
+    body.copy(out, 8);
+    out.writeUInt32BE(crc32(out.subarray(4, 8 + body.length)) >>> 0, 8 + body.length);
+    return out;
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr.set([8, 6, 0, 0, 0], 8);
+  const raw = Buffer.alloc(height * (width * 4 + 1));
+  for (let y = 0; y < height; y++) raw.set(data.subarray(y * width * 4, (y + 1) * width * 4), y * (width * 4 + 1) + 1);
+  const sig = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  return Buffer.concat([sig, chunk("IHDR", ihdr), chunk("IDAT", deflateSync(raw)), chunk("IEND", Buffer.alloc(0))]);
 }
