@@ -24,11 +24,12 @@ pub struct ImageArgs {
     prompt: String,
     #[arg(long, default_value_t = DEFAULTS.negative_prompt.clone())]
     negative_prompt: String,
-    #[arg(long, default_value_t = DEFAULTS.steps)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 disables guidance).
-    #[arg(long, default_value_t = DEFAULTS.guidance)]
-    guidance: f32,
+    /// Denoising steps [default: 20, or the model's: 4 for LCM, 1 for SD-Turbo]
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (1 disables guidance) [default: 7.5, or the model's]
+    #[arg(long)]
+    guidance: Option<f32>,
     /// ddim, euler, euler-a, dpm++2m or lcm (default: the pipeline's own, Euler if unsupported).
     #[arg(long)]
     scheduler: Option<SchedulerKind>,
@@ -153,8 +154,8 @@ impl ImageArgs {
         Ok(ImageOptions {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
-            steps: self.steps,
-            guidance: self.guidance,
+            steps: self.steps.unwrap_or(DEFAULTS.steps),
+            guidance: self.guidance.unwrap_or(DEFAULTS.guidance),
             scheduler: self.scheduler,
             seed: self.seed,
             width: self.width,
@@ -206,6 +207,15 @@ pub fn run(a: ImageArgs) -> Result<()> {
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut opts = a.options()?;
+    // A few-step model's own steps and guidance where the flags leave them out.
+    let (steps, guidance, why) = m.defaults();
+    if a.steps.is_none() || a.guidance.is_none() {
+        opts.steps = a.steps.unwrap_or(steps);
+        opts.guidance = a.guidance.unwrap_or(guidance);
+        if let Some(why) = why.filter(|_| !a.json) {
+            eprintln!("{why}");
+        }
+    }
     if let Some(p) = &a.latents {
         let l = kiln::formats::npy::parse(
             &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,

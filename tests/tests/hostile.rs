@@ -359,12 +359,11 @@ fn header_claims_are_checked_before_allocating() {
 }
 
 /// U-Net and VAE configs with keys that change the math Kiln does not implement are refused
-/// naming the key (an LCM-distilled U-Net's guidance embedding, class or added-time
-/// embeddings, other time embeddings, activations or kernel sizes).
+/// naming the key (class or added-time embeddings, other time embeddings, activations or
+/// kernel sizes).
 #[test]
 fn unimplemented_diffusion_features_are_refused() {
     for (key, v) in [
-        ("time_cond_proj_dim", json!(256)),
         ("class_embed_type", json!("timestep")),
         ("addition_embed_type", json!("text_time")),
         ("num_class_embeds", json!(10)),

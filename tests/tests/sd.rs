@@ -261,6 +261,7 @@ fn denoising_loop_reads_only_the_nan_flag_and_creates_nothing() {
 #[test]
 fn bad_pipeline_input_is_an_error() {
     let mut m = models("sd1-tiny");
+    assert_eq!(m.defaults(), (20, 7.5, None));
     let e = pollster::block_on(m.generate(
         &ImageOptions {
             width: Some(13),
@@ -730,4 +731,59 @@ fn bad_edit_input_is_an_error_naming_the_field() {
     ))
     .unwrap_err();
     assert!(e.to_string().contains("inpainting U-Net"), "{e}");
+}
+
+/// Few-step pipelines against diffusers (tests/fixtures/sd-fewstep, tools/make_sd_fewstep_fixtures.py):
+/// an LCM-distilled U-Net (the guidance scale as an embedding, no classifier-free guidance) and
+/// the SD-Turbo layout (Euler with trailing timesteps, one step, guidance off).
+#[test]
+fn lcm_and_turbo_pipelines_match_diffusers() {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd-fewstep");
+    let e = kiln_tests::read_json(&d.join("expected.json"));
+    let latents = kiln_tests::read_npy(&d.join("latents.npy"));
+    for (name, run) in e["runs"].as_object().unwrap() {
+        let model = run["model"].as_str().unwrap();
+        let mut m = SdModels::load(
+            &kiln_tests::gpu(),
+            read_pipeline_dir(&d.join(model)).unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{model}: {e}"));
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        let noise = d.join(format!("noise_{name}.npy"));
+        let step_noise = noise.is_file().then(|| {
+            let n = kiln_tests::read_npy(&noise);
+            let per = n.data.len() / n.shape[0];
+            let mut v: Vec<Vec<f32>> = n.data.chunks(per).map(|c| c.to_vec()).collect();
+            v.resize(steps, vec![0.0; per]);
+            v
+        });
+        let opts = ImageOptions {
+            prompt: e["prompt"].as_str().unwrap().into(),
+            negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
+            steps,
+            guidance: run["guidance"].as_f64().unwrap() as f32,
+            latents: Some(latents.data.clone()),
+            step_noise,
+            ..Default::default()
+        };
+        assert_eq!(
+            m.cfg_batch(&opts) == 2,
+            run["cfg"].as_bool().unwrap(),
+            "{name}"
+        );
+        // What a request that says nothing gets: the model's few-step defaults.
+        let (s, g, why) = m.defaults();
+        let want = if model.contains("lcm") {
+            (4, 8.0)
+        } else {
+            (1, 0.0)
+        };
+        assert_eq!((s, g), want, "{model}: {why:?}");
+        let img = pollster::block_on(m.generate(&opts, &mut |_, _, _| false))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = kiln_tests::read_npy(&d.join(format!("{name}.npy")));
+        let p = psnr(&img.raw, &want.data, img.height, img.width);
+        eprintln!("{name}: PSNR {p:.1} dB");
+        assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
+    }
 }

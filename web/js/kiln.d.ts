@@ -426,9 +426,9 @@ export interface TextModel extends OpenAIApi {
 
 export interface ImageOptions {
   negativePrompt?: string;
-  /** Default 20. */
+  /** Default 20, or the model's (`info.steps`). */
   steps?: number;
-  /** Classifier-free guidance; 1 or less disables it. Default 7.5. */
+  /** Classifier-free guidance; 1 or less disables it. Default 7.5, or the model's (`info.guidance`). */
   guidance?: number;
   /** Default: the pipeline's own (Euler when it is not supported). */
   scheduler?: "ddim" | "euler" | "euler-a" | "dpm++2m" | "lcm";
@@ -464,8 +464,12 @@ export type ImageSource =
   | { width: number; height: number; data: Uint8Array | Uint8ClampedArray };
 
 export interface ImageModel {
-  /** `inpainting`: a U-Net made for inpainting (9 input channels), which needs `initImage` and `mask`. */
-  readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number; inpainting: boolean };
+  /**
+   * `inpainting`: a U-Net made for inpainting (9 input channels), which needs `initImage` and
+   * `mask`. `steps`, `guidance`: what a generation that leaves them out gets (few-step models:
+   * 4 for LCM, 1 step at guidance 0 for SD-Turbo's scheduler; else 20 and 7.5).
+   */
+  readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number; inpainting: boolean; steps: number; guidance: number };
   /** The image; `notes` carries messages such as a scheduler substitution. */
   generate(prompt: string, options?: ImageOptions): Promise<ImageData & { notes: string[] }>;
   dispose(): void;

@@ -33,6 +33,8 @@ impl Device {
                 "sizeMultiple": m.size_multiple(),
                 "latentChannels": m.vae.cfg.latent_channels,
                 "inpainting": m.unet_kind().ok() == Some(UnetKind::Inpainting),
+                "steps": m.defaults().0,
+                "guidance": m.defaults().1,
             })
             .to_string();
             Ok(ImageModel {
@@ -85,6 +87,17 @@ impl ImageModel {
         let shared = self.model.clone();
         future_to_promise(async move {
             let mut o = ImageOptions::from_json(&options).map_err(js_err)?;
+            // A few-step model's own steps and guidance where the options leave them out.
+            let given: serde_json::Value = serde_json::from_str(&options).map_err(js_err)?;
+            if let Some(m) = shared.borrow().as_ref() {
+                let (steps, guidance, _) = m.defaults();
+                if given.get("steps").is_none() {
+                    o.steps = steps;
+                }
+                if given.get("guidance").is_none() {
+                    o.guidance = guidance;
+                }
+            }
             if !images.is_null() && !images.is_undefined() {
                 o.init_image = rgb_image(&images, "init", false)?;
                 o.mask = rgb_image(&images, "mask", true)?;

@@ -80,12 +80,7 @@ impl SdModels {
         };
         let sched = sc.schedule_from(opts.steps, start)?;
         let edit = self.edit(opts, kind, lh, lw, strength, &mut notes)?;
-        self.check_size(
-            lh,
-            lw,
-            if opts.guidance > 1.0 { 2 } else { 1 },
-            edit.is_some(),
-        )?;
+        self.check_size(lh, lw, self.cfg_batch(opts), edit.is_some())?;
         Ok(Checked {
             lh,
             lw,
@@ -93,6 +88,55 @@ impl SdModels {
             notes,
             edit,
         })
+    }
+
+    /// The steps and guidance this pipeline is made for when a request does not say: few-step
+    /// models from their folder (an LCM-distilled U-Net: 4 steps at guidance 8, given to the
+    /// U-Net as an embedding; an LCM scheduler with an ordinary U-Net, as after merging
+    /// LCM-LoRA: 4 steps, guidance 1; Euler with "trailing" timesteps, SD-Turbo's: 1 step,
+    /// guidance 0), else [`ImageOptions::default`]'s; with a note saying why, for few-step ones.
+    pub fn defaults(&self) -> (usize, f32, Option<String>) {
+        let sc = SchedulerConfig::from_json(&self.scheduler_config, None).ok();
+        let kind = sc.as_ref().map(|c| c.kind);
+        let few = if self.unet.cfg.time_cond_proj_dim.is_some() {
+            Some((4, 8.0, "an LCM-distilled U-Net"))
+        } else if kind == Some(super::schedulers::SchedulerKind::Lcm) {
+            Some((4, 1.0, "an LCM scheduler"))
+        } else if sc.as_ref().is_some_and(|c| c.trailing())
+            && kind == Some(super::schedulers::SchedulerKind::Euler)
+        {
+            Some((
+                1,
+                0.0,
+                "Euler with trailing timesteps (SD-Turbo's scheduler)",
+            ))
+        } else {
+            None
+        };
+        match few {
+            Some((steps, guidance, why)) => (
+                steps,
+                guidance,
+                Some(format!(
+                    "defaults for {why}: {steps} step{}, guidance {guidance}",
+                    if steps == 1 { "" } else { "s" }
+                )),
+            ),
+            None => {
+                let d = ImageOptions::default();
+                (d.steps, d.guidance, None)
+            }
+        }
+    }
+
+    /// 2 with classifier-free guidance (a guidance above 1, and a U-Net without LCM's guidance
+    /// embedding, which takes the scale as an input instead, as diffusers decides), else 1.
+    pub fn cfg_batch(&self, opts: &ImageOptions) -> usize {
+        if opts.guidance > 1.0 && self.unet.cfg.time_cond_proj_dim.is_none() {
+            2
+        } else {
+            1
+        }
     }
 
     /// Plain or inpainting, from the U-Net's input channels (the VAE's latent channels, or

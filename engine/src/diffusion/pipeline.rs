@@ -8,6 +8,7 @@ use super::limits::{Checked, Edit};
 pub use super::limits::{UnetKind, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS};
 use super::models::SdModels;
 use super::schedulers::{Schedule, SchedulerKind, COEFFS};
+use super::unet::guidance_embedding;
 use crate::device::{CounterSnapshot, Counters, Fence, Gpu};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -422,7 +423,8 @@ impl SdModels {
             }
             None => uin,
         };
-        let model_out = self.unet.forward(&mut g, unet_x, t, ctx)?;
+        let cond = state.guidance_embedding.as_ref().map(|e| g.tensor(e));
+        let model_out = self.unet.forward_cond(&mut g, unet_x, t, ctx, cond)?;
         let noise_input = opts.step_noise.is_some() && needs_noise;
         let noise = if !needs_noise {
             None
@@ -616,6 +618,8 @@ struct State {
     blend: Option<Arc<Tensor>>,
     /// An inpainting U-Net's extra input `[batch, 1 + c, h, w]`: mask, masked image latents.
     cond: Option<Arc<Tensor>>,
+    /// An LCM U-Net's guidance-scale embedding `[1, time_cond_proj_dim]`.
+    guidance_embedding: Option<Arc<Tensor>>,
 }
 
 impl State {
@@ -628,7 +632,7 @@ impl State {
         edit: Option<&Edit>,
     ) -> Result<State> {
         let gpu = &m.gpu;
-        let batch = if opts.guidance > 1.0 { 2 } else { 1 };
+        let batch = m.cfg_batch(opts);
         let c = m.vae.cfg.latent_channels;
         let lat_shape = [1, c, lh, lw];
         let n = c * lh * lw;
@@ -687,6 +691,18 @@ impl State {
             blend,
             cond: inpainting_unet
                 .then(|| zeros("inpainting input", &[batch, c + 1, lh, lw]))
+                .transpose()?,
+            guidance_embedding: m
+                .unet
+                .cfg
+                .time_cond_proj_dim
+                .map(|d| {
+                    table(
+                        "guidance embedding",
+                        &[1, d],
+                        &guidance_embedding(opts.guidance, d),
+                    )
+                })
                 .transpose()?,
             batch,
             lat_shape,

@@ -249,6 +249,11 @@ impl SchedulerConfig {
         })
     }
 
+    /// Whether the timesteps are spaced "trailing" (SD-Turbo's, and few-step schedules').
+    pub fn trailing(&self) -> bool {
+        self.spacing == Spacing::Trailing
+    }
+
     /// diffusers' `alphas_cumprod`, bit for bit: betas in f32 as torch computes them
     /// (`linspace` with an f32 step and fused multiply-adds), `1 - beta` in f32, the cumulative
     /// product accumulated in f64 and rounded to f32 (torch's CPU `cumprod`).

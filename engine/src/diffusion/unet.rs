@@ -33,6 +33,9 @@ pub struct UnetConfig {
     pub time_embed_dim: usize,
     /// Default latent size (`sample_size`).
     pub sample_size: usize,
+    /// LCM-distilled U-Nets: the width of the guidance-scale embedding added to the time
+    /// embedding (`time_cond_proj_dim`); such a U-Net runs without classifier-free guidance.
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 impl UnetConfig {
@@ -62,7 +65,6 @@ impl UnetConfig {
             "addition_embed_type",
             "encoder_hid_dim",
             "encoder_hid_dim_type",
-            "time_cond_proj_dim",
             "num_class_embeds",
             "projection_class_embeddings_input_dim",
             "addition_time_embed_dim",
@@ -134,6 +136,10 @@ impl UnetConfig {
             in_channels: c.count("in_channels", 4)?,
             out_channels: c.count("out_channels", 4)?,
             time_embed_dim: c.count("time_embedding_dim", 4 * block_out_channels[0])?,
+            time_cond_proj_dim: match c.get("time_cond_proj_dim") {
+                None | Some(Json::Null) => None,
+                Some(_) => Some(c.count("time_cond_proj_dim", 0)?).filter(|&d| d > 0),
+            },
             block_out_channels,
             down_blocks,
             up_blocks,
@@ -169,6 +175,19 @@ impl Unet {
     /// The noise prediction `[b, out, h, w]` for `sample` `[b, in, h, w]` at timestep `t` (f32
     /// `[1]`, one timestep for the batch) given text states `context` `[b, n, cross_dim]`.
     pub fn forward(&self, g: &mut Graph, sample: Value, t: Value, context: Value) -> Result<Value> {
+        self.forward_cond(g, sample, t, context, None)
+    }
+
+    /// [`Unet::forward`] with an LCM U-Net's guidance-scale embedding `cond` `[1,
+    /// time_cond_proj_dim]` ([`guidance_embedding`]); `None` leaves it out.
+    pub fn forward_cond(
+        &self,
+        g: &mut Graph,
+        sample: Value,
+        t: Value,
+        context: Value,
+        cond: Option<Value>,
+    ) -> Result<Value> {
         let width = g.shape(context).last().copied().unwrap_or(0);
         if width != self.cfg.cross_attention_dim {
             return Err(Error::Data {
@@ -182,22 +201,33 @@ impl Unet {
         let vb = self.weights.root();
         let pass = Pass {
             cfg: &self.cfg,
-            temb: self.time_embedding(g, &vb, t)?,
+            temb: self.time_embedding(g, &vb, t, cond)?,
             context,
         };
         pass.forward(g, &vb, sample)
     }
 
     /// Time embedding of timestep value `t` `[1]`: sinusoidal projection, linear, SiLU, linear.
-    fn time_embedding(&self, g: &mut Graph, vb: &VarBuilder, t: Value) -> Result<Value> {
+    /// An LCM U-Net adds `cond_proj` of the guidance embedding before `linear_1`.
+    fn time_embedding(
+        &self,
+        g: &mut Graph,
+        vb: &VarBuilder,
+        t: Value,
+        cond: Option<Value>,
+    ) -> Result<Value> {
         let cfg = &self.cfg;
-        let e = g.timestep_embedding(
+        let mut e = g.timestep_embedding(
             t,
             cfg.block_out_channels[0],
             cfg.flip_sin_to_cos,
             cfg.freq_shift,
         )?;
         let vb = vb.pp("time_embedding");
+        if let (Some(c), Some(_)) = (cond, cfg.time_cond_proj_dim) {
+            let p = vb.pp("cond_proj").linear(g, c, cfg.block_out_channels[0])?;
+            e = g.add(e, p)?;
+        }
         let e = vb.pp("linear_1").linear(g, e, cfg.time_embed_dim)?;
         let e = g.unary(e, UnaryOp::Silu)?;
         vb.pp("linear_2").linear(g, e, cfg.time_embed_dim)
@@ -316,4 +346,20 @@ impl Pass<'_> {
             .group_norm(g, x, cfg.groups, cfg.eps, true)?;
         vb.pp("conv_out").conv(g, x, cfg.out_channels, 3, 1)
     }
+}
+
+/// The guidance-scale embedding of an LCM U-Net (diffusers' `get_guidance_scale_embedding` of
+/// `w = guidance - 1`, in f32 as torch computes it): `[sin(1000 w f_i), cos(1000 w f_i)]` with
+/// `f_i = exp(-i ln(10000) / (dim/2 - 1))`, zero-padded to an odd `dim`.
+pub fn guidance_embedding(guidance: f32, dim: usize) -> Vec<f32> {
+    let w = (guidance - 1.0) * 1000.0;
+    let half = dim / 2;
+    let step = (10000f32).ln() / (half.max(2) - 1) as f32;
+    let args: Vec<f32> = (0..half)
+        .map(|i| w * ((i as f32 * -step) as f64).exp() as f32)
+        .collect();
+    let mut out: Vec<f32> = args.iter().map(|&a| (a as f64).sin() as f32).collect();
+    out.extend(args.iter().map(|&a| (a as f64).cos() as f32));
+    out.resize(dim, 0.0);
+    out
 }

@@ -406,12 +406,14 @@ fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<E
             }
         };
         let d = ImageOptions::default();
+        // A few-step model's own steps and guidance where the request leaves them out.
+        let (steps, guidance, _) = m.defaults();
         let seed = r.seed.unwrap_or_else(kiln::llm::options::random_seed);
         let opts = ImageOptions {
             prompt: r.prompt.clone(),
             negative_prompt: r.negative_prompt.clone().unwrap_or(d.negative_prompt),
-            steps: r.steps.unwrap_or(d.steps),
-            guidance: r.guidance.unwrap_or(d.guidance),
+            steps: r.steps.unwrap_or(steps),
+            guidance: r.guidance.unwrap_or(guidance),
             scheduler: r.scheduler,
             seed,
             width,
