@@ -138,6 +138,18 @@ fn unet_and_vae_with_f16_tiles() {
 
 use kiln_tests::image_psnr as psnr;
 
+/// The noise a diffusers scheduler drew at each step (`[draws, ..]`, recorded by the fixture
+/// scripts), one entry per step (zeros for steps that drew none); `None` when there is no file.
+fn recorded_noise(path: &std::path::Path, steps: usize) -> Option<Vec<Vec<f32>>> {
+    path.is_file().then(|| {
+        let n = kiln_tests::read_npy(path);
+        let per = n.data.len() / n.shape[0];
+        let mut v: Vec<Vec<f32>> = n.data.chunks(per).map(|c| c.to_vec()).collect();
+        v.resize(steps, vec![0.0; per]);
+        v
+    })
+}
+
 #[test]
 fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
     let kinds = [
@@ -154,14 +166,8 @@ fn pipelines_match_diffusers_for_every_scheduler_and_guidance() {
         let steps = e["steps"].as_u64().unwrap() as usize;
         for (name, kind) in kinds {
             for g in [1, 3] {
-                let noise = dir(case).join(format!("noise_{name}_g{g}.npy"));
-                let step_noise = noise.is_file().then(|| {
-                    let n = array(case, &format!("noise_{name}_g{g}.npy"));
-                    let per = n.data.len() / n.shape[0];
-                    let mut v: Vec<Vec<f32>> = n.data.chunks(per).map(|c| c.to_vec()).collect();
-                    v.resize(steps, vec![0.0; per]);
-                    v
-                });
+                let step_noise =
+                    recorded_noise(&dir(case).join(format!("noise_{name}_g{g}.npy")), steps);
                 let opts = ImageOptions {
                     prompt: e["prompt"].as_str().unwrap().into(),
                     negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
@@ -749,14 +755,7 @@ fn lcm_and_turbo_pipelines_match_diffusers() {
         )
         .unwrap_or_else(|e| panic!("{model}: {e}"));
         let steps = run["steps"].as_u64().unwrap() as usize;
-        let noise = d.join(format!("noise_{name}.npy"));
-        let step_noise = noise.is_file().then(|| {
-            let n = kiln_tests::read_npy(&noise);
-            let per = n.data.len() / n.shape[0];
-            let mut v: Vec<Vec<f32>> = n.data.chunks(per).map(|c| c.to_vec()).collect();
-            v.resize(steps, vec![0.0; per]);
-            v
-        });
+        let step_noise = recorded_noise(&d.join(format!("noise_{name}.npy")), steps);
         let opts = ImageOptions {
             prompt: e["prompt"].as_str().unwrap().into(),
             negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
