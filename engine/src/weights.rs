@@ -77,6 +77,16 @@ impl std::fmt::Display for Quantize {
 /// A checkpoint's name for the tensor a model asks for by its Hugging Face name.
 pub type NameMap = fn(&str) -> String;
 
+/// A low-rank update merged into a tensor when it is uploaded (a LoRA module):
+/// `W += factor * up @ down`, `up` `[out, rank]`, `down` `[rank, numel(W) / out]`.
+#[derive(Clone, Debug)]
+pub struct Delta {
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+    pub rank: usize,
+    pub factor: f32,
+}
+
 /// A checkpoint's tensors, uploaded on first use.
 pub struct Weights {
     gpu: Arc<Gpu>,
@@ -85,6 +95,8 @@ pub struct Weights {
     names: Option<NameMap>,
     quantize: Quantize,
     cache: Mutex<HashMap<String, Arc<Tensor>>>,
+    /// Updates merged at upload, by checkpoint name.
+    deltas: Mutex<HashMap<String, Vec<Delta>>>,
 }
 
 impl Weights {
@@ -97,7 +109,70 @@ impl Weights {
             names: None,
             quantize: Quantize::None,
             cache: Mutex::new(HashMap::new()),
+            deltas: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The checkpoint's tensor names (where its format lists them).
+    pub fn names(&self) -> Vec<String> {
+        self.src.names()
+    }
+
+    /// Replaces the updates merged at upload (LoRAs), by checkpoint name. Tensors already
+    /// uploaded whose updates change are dropped from the cache, so the next graph built uploads
+    /// them again from the checkpoint (un-merging what the previous set added).
+    pub fn set_deltas(&self, deltas: HashMap<String, Vec<Delta>>) {
+        let mut old = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        let changed: Vec<String> = old.keys().chain(deltas.keys()).cloned().collect();
+        *old = deltas;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|k, _| {
+            let base = k.split('#').next().unwrap_or(k);
+            !changed.iter().any(|c| c == base || k.contains(c.as_str()))
+        });
+    }
+
+    /// The tensor `name`'s data with its updates merged, in the checkpoint's float dtype;
+    /// `None` when it has none.
+    fn merged(&self, name: &str, raw: &RawTensor<'_>) -> Result<Option<Vec<u8>>> {
+        let deltas = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ds) = deltas.get(&self.file_name(name)).filter(|d| !d.is_empty()) else {
+            return Ok(None);
+        };
+        let n: usize = raw.shape.iter().product();
+        let out = raw.shape.first().copied().unwrap_or(1).max(1);
+        let inn = n / out;
+        let mut w = dequantize(raw.dtype, raw.data, n)?;
+        for d in ds {
+            for o in 0..out {
+                let row = &mut w[o * inn..(o + 1) * inn];
+                for r in 0..d.rank {
+                    let u = d.up[o * d.rank + r] * d.factor;
+                    if u == 0.0 {
+                        continue;
+                    }
+                    let down = &d.down[r * inn..(r + 1) * inn];
+                    row.iter_mut().zip(down).for_each(|(x, &v)| *x += u * v);
+                }
+            }
+        }
+        Ok(Some(match raw.dtype {
+            DType::F16 => w
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            DType::BF16 => w
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            DType::F32 => bytemuck::cast_slice(&w).to_vec(),
+            other => {
+                return Err(self.err(
+                    name,
+                    format!("a LoRA cannot be merged into a {other} tensor (float weights only)"),
+                ))
+            }
+        }))
     }
 
     /// Maps the names models ask for to the checkpoint's (e.g. GGUF's `blk.0.attn_q.weight`).
@@ -197,6 +272,15 @@ impl Weights {
     }
 
     fn upload(&self, name: &str, raw: RawTensor<'_>, f32: bool) -> Result<Tensor> {
+        let merged = self.merged(name, &raw)?;
+        let raw = match &merged {
+            Some(data) => RawTensor {
+                dtype: raw.dtype,
+                shape: raw.shape,
+                data,
+            },
+            None => raw,
+        };
         let shape = raw.shape;
         let n: usize = shape.iter().product();
         let float = matches!(raw.dtype, DType::F32 | DType::F16 | DType::BF16);
@@ -311,6 +395,16 @@ impl<'a> VarBuilder<'a> {
             .cloned();
         if let Some(t) = cached {
             return Ok(Some(t));
+        }
+        {
+            let deltas = self.w.deltas.lock().unwrap_or_else(|e| e.into_inner());
+            if paths
+                .iter()
+                .any(|p| deltas.contains_key(&self.w.file_name(p)))
+            {
+                // Updated parts are uploaded one by one (with their updates merged).
+                return Ok(None);
+            }
         }
         let mut raws = Vec::with_capacity(names.len());
         for (p, shape) in paths.iter().zip(shapes) {

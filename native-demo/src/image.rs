@@ -53,6 +53,10 @@ pub struct ImageArgs {
     /// 1 with --mask).
     #[arg(long, requires = "init_image")]
     strength: Option<f32>,
+    /// A LoRA file to merge into the U-Net and text encoder (diffusers/PEFT or kohya
+    /// safetensors), with an optional scale (default 1); repeat for several.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
     /// Show the denoising live in a desktop window, then the final image (X11; Xvfb works).
@@ -71,6 +75,20 @@ pub fn png_bytes(w: usize, h: usize, rgb: &[u8]) -> Result<Vec<u8>> {
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()?.write_image_data(rgb)?;
     Ok(out)
+}
+
+/// `FILE[:SCALE]` arguments read into `set_loras`'s `(label, bytes, scale)`.
+pub fn read_loras(args: &[String]) -> Result<Vec<(String, Vec<u8>, f32)>> {
+    args.iter()
+        .map(|a| {
+            let (path, scale) = match a.rsplit_once(':') {
+                Some((p, s)) if s.parse::<f32>().is_ok() => (p, s.parse::<f32>()?),
+                _ => (a.as_str(), 1.0),
+            };
+            let bytes = std::fs::read(path).with_context(|| format!("--lora: reading {path}"))?;
+            Ok((path.to_string(), bytes, scale))
+        })
+        .collect()
 }
 
 /// Decodes a PNG (any colour type and depth) to 8-bit RGB: gray is repeated, alpha dropped,
@@ -206,6 +224,12 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let mut m = SdModels::load(&gpu, files)?;
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if !a.loras.is_empty() {
+        let n = m.set_loras(read_loras(&a.loras)?)?;
+        if !a.json {
+            eprintln!("LoRA: {n} modules merged from {}", a.loras.join(", "));
+        }
+    }
     let mut opts = a.options()?;
     // A few-step model's own steps and guidance where the flags leave them out.
     let (steps, guidance, why) = m.defaults();

@@ -638,6 +638,46 @@ fn image_inpaints_from_png_files_as_diffusers_does() {
     }
 }
 
+/// `kiln image --lora FILE:SCALE` equals diffusers with the LoRA fused at that scale.
+#[test]
+fn image_with_a_lora_equals_diffusers() {
+    let root = format!("{}/../tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let sd = format!("{root}/sd/sd1-tiny");
+    let e: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/sd-lora/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let out = std::env::temp_dir().join("kiln-cli-lora.png");
+    let o = kiln(&[
+        "image",
+        "--model",
+        &sd,
+        "--prompt",
+        e["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        e["negative_prompt"].as_str().unwrap(),
+        "--latents",
+        &format!("{sd}/latents.npy"),
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--guidance",
+        "3",
+        "--lora",
+        &format!("{root}/sd-lora/kohya.safetensors:0.7"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = kiln::formats::npy::parse(
+        &std::fs::read(format!("{root}/sd-lora/kohya_s0.7.npy")).unwrap(),
+    )
+    .unwrap();
+    let psnr = png_psnr(&out, &want.data, want.shape[1], want.shape[2]);
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+}
+
 fn help_flags(help: &str) -> Vec<String> {
     help.lines()
         .filter_map(|l| {

@@ -786,3 +786,76 @@ fn lcm_and_turbo_pipelines_match_diffusers() {
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
     }
 }
+
+/// LoRAs merged at load against diffusers' fused ones (tests/fixtures/sd-lora,
+/// tools/make_sd_lora_fixtures.py): the diffusers/PEFT layout and the kohya layout, one and two
+/// files with scales; scale 0 equals none; changing the set un-merges; a key that fits no
+/// tensor is an error naming it.
+#[test]
+fn loras_match_diffusers() {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd-lora");
+    let e = kiln_tests::read_json(&d.join("expected.json"));
+    let mut m = models("sd1-tiny");
+    let latents = array("sd1-tiny", "latents.npy");
+    let opts = ImageOptions {
+        prompt: e["prompt"].as_str().unwrap().into(),
+        negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
+        steps: e["steps"].as_u64().unwrap() as usize,
+        guidance: e["guidance"].as_f64().unwrap() as f32,
+        scheduler: Some(SchedulerKind::Ddim),
+        latents: Some(latents.data.clone()),
+        ..Default::default()
+    };
+    let file = |f: &str| std::fs::read(d.join(f)).unwrap();
+    let run = |m: &mut SdModels, loras: Vec<(String, Vec<u8>, f32)>| {
+        m.set_loras(loras).unwrap();
+        pollster::block_on(m.generate(&opts, &mut |_, _, _| false)).unwrap()
+    };
+    let none = run(&mut m, vec![]);
+    let want = kiln_tests::read_npy(&d.join("no_lora.npy"));
+    assert!(psnr(&none.raw, &want.data, 16, 16) >= 40.0);
+    for (name, r) in e["runs"].as_object().unwrap() {
+        let loras = r["loras"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let f = l[0].as_str().unwrap();
+                (f.to_string(), file(f), l[1].as_f64().unwrap() as f32)
+            })
+            .collect();
+        let img = run(&mut m, loras);
+        let want = kiln_tests::read_npy(&d.join(format!("{name}.npy")));
+        let p = psnr(&img.raw, &want.data, img.height, img.width);
+        eprintln!("{name}: PSNR {p:.1} dB");
+        assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
+    }
+    // Scale 0 is no LoRA, and dropping the set gives the checkpoint's weights back.
+    let zero = run(&mut m, vec![("peft".into(), file("peft.safetensors"), 0.0)]);
+    assert_eq!(zero.raw, none.raw);
+    let again = run(&mut m, vec![]);
+    assert_eq!(again.raw, none.raw);
+    // A key that fits no tensor of the model.
+    let (mut header, data) = kiln_tests::surgery::st_split(&file("unet-only.safetensors"));
+    for ab in ["A", "B"] {
+        let key = format!(
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_{ab}.weight"
+        );
+        let v = header.remove(&key).unwrap();
+        header.insert(key.replace("to_q", "to_zz"), v);
+    }
+    let bad = kiln_tests::surgery::st_join(&header, &data);
+    let e = m
+        .set_loras(vec![("bad.safetensors".into(), bad, 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.safetensors") && e.contains("to_zz"), "{e}");
+    // A file that is not a LoRA at all (a U-Net checkpoint).
+    let unet =
+        std::fs::read(dir("sd1-tiny").join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let e = m
+        .set_loras(vec![("unet.safetensors".into(), unet, 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a LoRA tensor"), "{e}");
+}

@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod clip;
 pub mod edit;
 pub mod limits;
+pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;

@@ -78,6 +78,46 @@ impl SdModels {
         })
     }
 
+    /// Merges LoRA files (`(label, bytes, scale)`, in order; several add up) into the U-Net's
+    /// and the text encoder's weights, replacing the previous set: tensors they change are
+    /// uploaded again with the updates merged, those they no longer change from the checkpoint.
+    /// A scale of 0 leaves a file out. Returns the number of modules merged. Errors name the
+    /// file and the key when one fits no tensor of the model.
+    pub fn set_loras(&mut self, loras: Vec<(String, Vec<u8>, f32)>) -> Result<usize> {
+        use super::lora::{deltas, Deltas, Part};
+        let mut all = Deltas::new();
+        let mut n = 0;
+        for (label, bytes, scale) in loras {
+            // Read even at scale 0, so a file that does not fit the model is still an error.
+            let mut one = Deltas::new();
+            let k = deltas(
+                &label,
+                bytes,
+                scale,
+                &self.unet.weights,
+                &self.text_encoder.weights,
+                &mut one,
+            )?;
+            if scale == 0.0 {
+                continue;
+            }
+            n += k;
+            for (part, map) in one {
+                let dst = all.entry(part).or_default();
+                for (name, mut ds) in map {
+                    dst.entry(name).or_default().append(&mut ds);
+                }
+            }
+        }
+        self.unet
+            .weights
+            .set_deltas(all.remove(&Part::Unet).unwrap_or_default());
+        self.text_encoder
+            .weights
+            .set_deltas(all.remove(&Part::TextEncoder).unwrap_or_default());
+        Ok(n)
+    }
+
     /// Last hidden states `[batch, 77, hidden]` of the text encoder for token ids `[batch * 77]`.
     pub async fn encode_text(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let len = self.tokenizer.max_len;

@@ -43,6 +43,10 @@ pub trait TensorSource {
     fn tensor(&self, name: &str) -> Option<RawTensor<'_>>;
     /// A description for error messages (e.g. the file path).
     fn describe(&self) -> String;
+    /// The tensor names, where the format lists them (none by default).
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Checks that no two tensors of file `name` share bytes (`spans`: start, end, tensor name; any

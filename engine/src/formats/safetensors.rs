@@ -263,6 +263,9 @@ impl TensorSource for SafeTensors {
     fn describe(&self) -> String {
         self.names.join(", ")
     }
+    fn names(&self) -> Vec<String> {
+        SafeTensors::names(self)
+    }
 }
 
 /// The safetensors of one checkpoint in a model's files, taken out of `files` (no copy):

@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// A diffusers pipeline folder for /v1/images/generations.
     #[arg(long)]
     image_model: Option<String>,
+    /// A LoRA merged into the image model (FILE[:SCALE], repeatable).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
     /// Address to bind (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -701,9 +704,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .image_model
             .as_deref()
             .map_or("image-shapes".to_string(), model_id);
-        let m = SdModels::load(&gpu, files)
+        let mut m = SdModels::load(&gpu, files)
             .with_context(|| format!("loading the image model {id}"))
             .stage(EXIT_MODEL)?;
+        if !a.loras.is_empty() {
+            let n = crate::image::read_loras(&a.loras)
+                .and_then(|l| Ok(m.set_loras(l)?))
+                .stage(EXIT_MODEL)?;
+            eprintln!("LoRA: {n} modules merged from {}", a.loras.join(", "));
+        }
         eprintln!("image model: {id}");
         Some(Worker::start(id, m, run_image))
     } else {

@@ -1,0 +1,369 @@
+//! LoRA files for Stable Diffusion pipelines, merged into the U-Net's and the text encoder's
+//! weights as they are uploaded: `W + scale * alpha / rank * up @ down` per target tensor (a
+//! convolution's kernel flattened to `[out, in * k * k]`; a 1x1 `up`).
+//!
+//! Two layouts, as people download them:
+//! - diffusers / PEFT (`StableDiffusionPipeline.save_lora_weights`): `unet.<module>.lora_A.weight`
+//!   (down) and `lora_B.weight` (up), `text_encoder.<module>...`; older files
+//!   `<module>.lora.down.weight` / `lora.up.weight`. Rank and alpha come from the header's
+//!   `lora_adapter_metadata` (`unet.r`, `unet.lora_alpha`, their `rank_pattern` /
+//!   `alpha_pattern`); without it alpha is the rank (a factor of 1).
+//! - kohya-ss (`sd-scripts`): `lora_unet_<module with _ for .>.lora_down.weight` /
+//!   `lora_up.weight` / `alpha`, `lora_te_...` for the text encoder.
+//!
+//! Every key must name a tensor of the model: a file for another architecture is refused,
+//! naming the first key that fits nothing.
+
+use crate::dtype::dequantize;
+use crate::error::{Error, Result};
+use crate::formats::safetensors::SafeTensors;
+use crate::formats::TensorSource;
+use crate::weights::{Delta, Weights};
+use std::collections::HashMap;
+
+/// The component a LoRA module belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    Unet,
+    TextEncoder,
+}
+
+impl Part {
+    fn describe(self) -> &'static str {
+        match self {
+            Part::Unet => "the U-Net",
+            Part::TextEncoder => "the text encoder",
+        }
+    }
+}
+
+/// One LoRA module read from a file: its component, module path (dots, as the file says it),
+/// down `[rank, in...]` and up `[out, rank, ...]` matrices and alpha.
+struct Module {
+    part: Part,
+    /// The module as the file names it (for messages).
+    key: String,
+    path: String,
+    down: (Vec<f32>, Vec<usize>),
+    up: (Vec<f32>, Vec<usize>),
+    alpha: Option<f32>,
+}
+
+/// The deltas of LoRA files for each component, keyed by the checkpoint's tensor name.
+pub type Deltas = HashMap<Part, HashMap<String, Vec<Delta>>>;
+
+/// Reads a LoRA file (`label` names it in errors) and maps every module onto the tensors of
+/// `unet` and `text_encoder`; the deltas carry `scale`.
+pub fn deltas(
+    label: &str,
+    bytes: Vec<u8>,
+    scale: f32,
+    unet: &Weights,
+    text_encoder: &Weights,
+    out: &mut Deltas,
+) -> Result<usize> {
+    let bad = |msg: String| Error::Data {
+        name: format!("LoRA {label}"),
+        msg,
+    };
+    if !scale.is_finite() {
+        return Err(bad(format!("scale {scale} (expected a finite number)")));
+    }
+    let meta = adapter_metadata(&bytes);
+    let mut st = SafeTensors::new();
+    st.add_file(label, bytes)?;
+    let modules = read_modules(&st, &bad)?;
+    if modules.is_empty() {
+        return Err(bad(
+            "no LoRA tensors (expected diffusers' '.lora_A.weight' / '.lora_B.weight' or \
+             kohya's '.lora_down.weight' / '.lora_up.weight' names)"
+                .into(),
+        ));
+    }
+    let flat = |w: &Weights| -> HashMap<String, String> {
+        w.names()
+            .into_iter()
+            .filter_map(|n| {
+                let stem = n.strip_suffix(".weight")?.to_string();
+                Some((stem.replace('.', "_"), n))
+            })
+            .collect()
+    };
+    let (unet_flat, te_flat) = (flat(unet), flat(text_encoder));
+    let count = modules.len();
+    for m in modules {
+        let w = match m.part {
+            Part::Unet => unet,
+            Part::TextEncoder => text_encoder,
+        };
+        let target = target_name(&m, w, &unet_flat, &te_flat).ok_or_else(|| {
+            bad(format!(
+                "'{}' names no tensor of {}",
+                m.key,
+                m.part.describe()
+            ))
+        })?;
+        let shape = w.raw(&target).map(|r| r.shape.to_vec()).unwrap_or_default();
+        let (rank, inn) = (m.down.1[0], m.down.1[1..].iter().product::<usize>());
+        let outn = m.up.1[0];
+        let up_ok = m.up.1.len() >= 2 && m.up.1[1] == rank && m.up.1[2..].iter().all(|&d| d == 1);
+        let numel: usize = shape.iter().product();
+        if !up_ok || shape.first() != Some(&outn) || numel != outn * inn || rank == 0 {
+            return Err(bad(format!(
+                "'{}': up {:?} and down {:?} do not make the shape of '{target}' {shape:?}",
+                m.key, m.up.1, m.down.1
+            )));
+        }
+        let alpha = m
+            .alpha
+            .or_else(|| meta.as_ref().and_then(|j| meta_alpha(j, m.part, &m.path)))
+            .unwrap_or(rank as f32);
+        let rank_meta = meta
+            .as_ref()
+            .and_then(|j| meta_rank(j, m.part, &m.path))
+            .unwrap_or(rank);
+        let factor = scale * alpha / rank_meta as f32;
+        out.entry(m.part)
+            .or_default()
+            .entry(target)
+            .or_default()
+            .push(Delta {
+                up: m.up.0,
+                down: m.down.0,
+                rank,
+                factor,
+            });
+    }
+    Ok(count)
+}
+
+/// The checkpoint tensor a module targets: its path (under `text_model.` or without it, as
+/// transformers 4 and 5 name CLIP's modules) + `.weight`; kohya's flattened names by lookup.
+fn target_name(
+    m: &Module,
+    w: &Weights,
+    unet_flat: &HashMap<String, String>,
+    te_flat: &HashMap<String, String>,
+) -> Option<String> {
+    if let Some(flat) = m.path.strip_prefix('#') {
+        let map = match m.part {
+            Part::Unet => unet_flat,
+            Part::TextEncoder => te_flat,
+        };
+        return map
+            .get(flat)
+            .or_else(|| map.get(flat.strip_prefix("text_model_")?))
+            .or_else(|| map.get(&format!("text_model_{flat}")))
+            .cloned();
+    }
+    let p = &m.path;
+    let bare = p.strip_prefix("text_model.").unwrap_or(p);
+    [p.clone(), bare.to_string(), format!("text_model.{bare}")]
+        .into_iter()
+        .map(|c| format!("{c}.weight"))
+        .find(|c| w.raw(c).is_some())
+}
+
+/// The modules of a LoRA file; kohya's flattened paths are kept with a leading `#`.
+fn read_modules(st: &SafeTensors, bad: &dyn Fn(String) -> Error) -> Result<Vec<Module>> {
+    // (part, path) -> (down, up, alpha)
+    type Slot = (
+        Option<(Vec<f32>, Vec<usize>)>,
+        Option<(Vec<f32>, Vec<usize>)>,
+        Option<f32>,
+        String,
+    );
+    let mut slots: HashMap<(Part, String), Slot> = HashMap::new();
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        let Some((part, path, kind)) = parse_key(&name) else {
+            return Err(bad(format!(
+                "tensor '{name}' is not a LoRA tensor of a U-Net or text encoder (expected \
+                 'unet.' / 'text_encoder.' or 'lora_unet_' / 'lora_te_' names)"
+            )));
+        };
+        let Some(raw) = st.tensor(&name) else {
+            continue;
+        };
+        let n: usize = raw.shape.iter().product();
+        let v = dequantize(raw.dtype, raw.data, n)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!("tensor '{name}': value {i} is {}", v[i])));
+        }
+        let slot = slots.entry((part, path)).or_default();
+        if slot.3.is_empty() {
+            slot.3 = module_key(&name);
+        }
+        match kind {
+            Kind::Down | Kind::Up if raw.shape.len() < 2 || raw.shape.len() > 4 => {
+                return Err(bad(format!(
+                    "tensor '{name}': shape {:?} (2 to 4 dimensions)",
+                    raw.shape
+                )))
+            }
+            Kind::Down => slot.0 = Some((v, raw.shape.to_vec())),
+            Kind::Up => slot.1 = Some((v, raw.shape.to_vec())),
+            Kind::Alpha if v.len() == 1 => slot.2 = Some(v[0]),
+            Kind::Alpha => {
+                return Err(bad(format!(
+                    "tensor '{name}': an alpha of {} values",
+                    v.len()
+                )))
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut keys: Vec<_> = slots.into_iter().collect();
+    keys.sort_by(|a, b| a.0 .1.cmp(&b.0 .1));
+    for ((part, path), (down, up, alpha, key)) in keys {
+        let (Some(down), Some(up)) = (down, up) else {
+            return Err(bad(format!(
+                "module '{key}' has only one of its two LoRA matrices"
+            )));
+        };
+        out.push(Module {
+            part,
+            key,
+            path,
+            down,
+            up,
+            alpha,
+        });
+    }
+    Ok(out)
+}
+
+/// A LoRA tensor's name without its matrix suffix: the module as the file names it.
+fn module_key(name: &str) -> String {
+    [
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora.down.weight",
+        ".lora.up.weight",
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".alpha",
+    ]
+    .iter()
+    .find_map(|s| name.strip_suffix(s))
+    .unwrap_or(name)
+    .to_string()
+}
+
+enum Kind {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// (component, module path, tensor kind) of a LoRA tensor name.
+fn parse_key(name: &str) -> Option<(Part, String, Kind)> {
+    for (suffix, kind) in [
+        (".lora_A.weight", Kind::Down),
+        (".lora_B.weight", Kind::Up),
+        (".lora.down.weight", Kind::Down),
+        (".lora.up.weight", Kind::Up),
+        (".lora_down.weight", Kind::Down),
+        (".lora_up.weight", Kind::Up),
+        (".alpha", Kind::Alpha),
+    ] {
+        let Some(stem) = name.strip_suffix(suffix) else {
+            continue;
+        };
+        for (prefix, part, flat) in [
+            ("unet.", Part::Unet, false),
+            ("text_encoder.", Part::TextEncoder, false),
+            ("lora_unet_", Part::Unet, true),
+            ("lora_te_", Part::TextEncoder, true),
+            ("lora_te1_", Part::TextEncoder, true),
+        ] {
+            if let Some(path) = stem.strip_prefix(prefix) {
+                let path = if flat {
+                    format!("#{path}")
+                } else {
+                    path.to_string()
+                };
+                return Some((part, path, kind));
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// The header's `lora_adapter_metadata` (diffusers' rank and alpha per component), parsed.
+fn adapter_metadata(bytes: &[u8]) -> Option<serde_json::Value> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let text = header
+        .get("__metadata__")?
+        .get("lora_adapter_metadata")?
+        .as_str()?;
+    serde_json::from_str(text).ok()
+}
+
+fn meta_prefix(part: Part) -> &'static str {
+    match part {
+        Part::Unet => "unet",
+        Part::TextEncoder => "text_encoder",
+    }
+}
+
+/// A per-module pattern value (`alpha_pattern`/`rank_pattern`: module name suffixes), else the
+/// component's default (`lora_alpha`/`r`).
+fn meta_value(
+    meta: &serde_json::Value,
+    part: Part,
+    path: &str,
+    pattern: &str,
+    default: &str,
+) -> Option<f64> {
+    let p = meta_prefix(part);
+    let pat = meta
+        .get(format!("{p}.{pattern}"))
+        .and_then(|v| v.as_object());
+    if let Some(v) = pat.and_then(|m| {
+        m.iter()
+            .filter(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}")))
+            .max_by_key(|(k, _)| k.len())
+            .and_then(|(_, v)| v.as_f64())
+    }) {
+        return Some(v);
+    }
+    meta.get(format!("{p}.{default}")).and_then(|v| v.as_f64())
+}
+
+fn meta_alpha(meta: &serde_json::Value, part: Part, path: &str) -> Option<f32> {
+    meta_value(meta, part, path, "alpha_pattern", "lora_alpha").map(|v| v as f32)
+}
+
+fn meta_rank(meta: &serde_json::Value, part: Part, path: &str) -> Option<usize> {
+    meta_value(meta, part, path, "rank_pattern", "r")
+        .filter(|&r| r >= 1.0)
+        .map(|r| r as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_both_layouts() {
+        let k = |n| parse_key(n).map(|(p, path, _)| (p, path));
+        assert_eq!(
+            k("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"),
+            Some((Part::Unet, "down_blocks.0.attentions.0.proj_in".into()))
+        );
+        assert_eq!(
+            k("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"),
+            Some((
+                Part::TextEncoder,
+                "#text_model_encoder_layers_0_self_attn_q_proj".into()
+            ))
+        );
+        assert_eq!(k("model.diffusion_model.input_blocks.1.weight"), None);
+        assert_eq!(k("lora_vae_decoder_conv_in.lora_up.weight"), None);
+    }
+}
