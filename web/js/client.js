@@ -135,6 +135,12 @@ class WorkerImageModel {
     this.info = info;
   }
 
+  setLoras(loras = []) {
+    // URLs are fetched by the worker (relative ones against this page).
+    const abs = loras.map((l) => (typeof l.source === "string" ? { ...l, source: new URL(l.source, globalThis.location?.href).href } : l));
+    return this.#rpc.request("setLoras", { handle: this.#handle, loras: abs });
+  }
+
   async generate(prompt, opts = {}) {
     const { hooks, rest } = split(opts);
     const onStep = hooks.onStep && ((s) => hooks.onStep({ ...s, preview: s.preview && toImageData(s.preview) }));

@@ -472,6 +472,12 @@ export interface ImageModel {
   readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number; inpainting: boolean; steps: number; guidance: number };
   /** The image; `notes` carries messages such as a scheduler substitution. */
   generate(prompt: string, options?: ImageOptions): Promise<ImageData & { notes: string[] }>;
+  /**
+   * Merges LoRA files (diffusers/PEFT or kohya safetensors) into the U-Net and text encoder,
+   * replacing the previous set (`[]` removes them); scale defaults to 1. Resolves to the number
+   * of modules merged; a file whose keys fit no tensor of the model is an Error naming the key.
+   */
+  setLoras(loras: { source: string | Blob | ArrayBuffer | Uint8Array; scale?: number; name?: string }[]): Promise<number>;
   dispose(): void;
 }
 

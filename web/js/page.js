@@ -104,6 +104,16 @@ export class ImageModel {
     this.info = JSON.parse(m.info());
   }
 
+  /**
+   * Merges LoRA files into the pipeline, replacing the previous set (`[]` removes them):
+   * `[{ source, scale }]`, `source` a URL, a Blob or bytes. Resolves to the modules merged.
+   */
+  async setLoras(loras = []) {
+    const list = [];
+    for (const { source, scale = 1, name } of loras) list.push({ name: name ?? (typeof source === "string" ? source : "LoRA"), data: await loraBytes(source), scale });
+    return call(() => this.#m.setLoras(list));
+  }
+
   /** Generates an image: an `ImageData`. `onStep({ step, steps, preview })` gets live previews. */
   async generate(prompt, opts = {}) {
     const { signal, onStep } = opts;
@@ -145,6 +155,19 @@ export class ImageModel {
     this.#m?.free();
     this.#m = null;
   }
+}
+
+/** The bytes of a LoRA file given as a URL, a Blob or bytes. */
+async function loraBytes(source) {
+  if (typeof source === "string") {
+    const r = await fetch(source);
+    if (!r.ok) throw new Error(`LoRA ${source}: HTTP ${r.status}`);
+    return new Uint8Array(await r.arrayBuffer());
+  }
+  if (typeof Blob !== "undefined" && source instanceof Blob) return new Uint8Array(await source.arrayBuffer());
+  if (source instanceof ArrayBuffer) return new Uint8Array(source);
+  if (ArrayBuffer.isView(source)) return new Uint8Array(source.buffer, source.byteOffset, source.byteLength);
+  throw new Error("a LoRA's source must be a URL, a Blob or bytes");
 }
 
 /**

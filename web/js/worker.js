@@ -51,6 +51,7 @@ const ops = {
   kernelParity: () => kiln.kernelParity(),
   counters: () => kiln.counters(),
   loseDevice: () => kiln.loseDevice(),
+  setLoras: (id, { handle, loras }) => model(handle).setLoras(loras),
   dispose(id, { handle }) {
     model(handle).dispose();
     models.delete(handle);

@@ -69,6 +69,30 @@ impl ImageModel {
         self.info.clone()
     }
 
+    /// Merges LoRA files into the U-Net and text encoder, replacing the previous set (an
+    /// empty list removes them): `loras` is an array of `{ name, data: Uint8Array, scale }`.
+    /// Resolves to the number of modules merged.
+    #[wasm_bindgen(js_name = setLoras)]
+    pub fn set_loras(&self, loras: js_sys::Array) -> js_sys::Promise {
+        let shared = self.model.clone();
+        future_to_promise(async move {
+            let mut list = Vec::new();
+            for l in loras.iter() {
+                let get = |k: &str| js_sys::Reflect::get(&l, &k.into());
+                let name = get("name")?.as_string().unwrap_or_else(|| "LoRA".into());
+                let data = js_sys::Uint8Array::new(&get("data")?).to_vec();
+                let scale = get("scale")?.as_f64().unwrap_or(1.0) as f32;
+                list.push((name, data, scale));
+            }
+            let mut guard = shared.borrow_mut();
+            let m = guard
+                .as_mut()
+                .ok_or_else(|| js_err("the image model is busy with a generation (or disposed)"))?;
+            let n = m.set_loras(list).map_err(js_err)?;
+            Ok(JsValue::from(n as u32))
+        })
+    }
+
     /// Generates an image (`options`: JSON `{ prompt, negativePrompt, steps, guidance,
     /// scheduler, seed, width, height }`). After each step `on_step(done, total, preview)` is
     /// called with a latent preview (`{ width, height, data }`, RGBA; `null` after the first

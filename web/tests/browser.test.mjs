@@ -670,6 +670,33 @@ test("image edits: img2img and inpainting (both U-Net kinds) from a Blob, ImageD
   }
 });
 
+test("image LoRAs: setLoras (a URL, page; bytes, worker) equals native kiln image --lora; a LoRA for another model is an Error naming the key", 600000, async () => {
+  const lora = join(root, "tests/fixtures/sd-lora/peft.safetensors");
+  const out = join(userDir, "lora.png");
+  await native(["image", "--model", join(root, "tests/fixtures/sd/sd1-tiny"), "--prompt", "a red door", "--steps", "4", "--guidance", "3", "--scheduler", "ddim", "--seed", "5", "--lora", `${lora}:0.7`, "--out", out, "--json"]);
+  const ref = readPng(readFileSync(out));
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const got = await page.evaluate(async (worker) => {
+      const sd = await window.demo.kiln.loadImage("/fixtures/sd/sd1-tiny/");
+      const url = "/fixtures/sd-lora/peft.safetensors";
+      const source = worker ? new Uint8Array(await (await fetch(url)).arrayBuffer()) : url;
+      const merged = await sd.setLoras([{ source, scale: 0.7 }]);
+      const img = await sd.generate("a red door", { steps: 4, guidance: 3, scheduler: "ddim", seed: 5 });
+      const def = await window.demo.kiln.loadImage("default");
+      const error = await def.setLoras([{ source: "/fixtures/sd-lora/kohya.safetensors" }]).then(() => null, (e) => e.message);
+      sd.dispose();
+      def.dispose();
+      return { merged, error, width: img.width, height: img.height, data: Array.from(img.data) };
+    }, worker);
+    await page.close();
+    const db = psnr({ ...got, channels: 4 }, ref);
+    log(`${worker ? "worker" : "page  "}: ${got.merged} modules merged; PSNR ${db.toFixed(1)} dB against native; another model's LoRA: ${got.error?.slice(0, 90)}`);
+    assert(got.merged > 0 && db >= 40, `merged ${got.merged}, PSNR ${db.toFixed(2)} dB`);
+    assert(/lora_unet_/.test(got.error ?? ""), `error: ${got.error}`);
+  }
+});
+
 test("demo page: an uploaded image inpainted where the brush painted equals native (default model); screenshot", 900000, async () => {
   needs(DEFAULT_IMAGE);
   const init = join(root, "models/image-shapes/reference/image.png");
