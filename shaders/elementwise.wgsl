@@ -22,6 +22,7 @@ fn act(v: f32, op: u32) -> f32 {
         case 0u, 1u, 2u: { return glu_act(v, op); }
         case 3u: { return quick_gelu(v); }
         case 5u: { return p.mul * tanh(clamp(v / p.mul, -15.0, 15.0)); }
+        case 6u: { return max(v, 0.0); }
         default: { return v * p.mul + p.add; }
     }
 }

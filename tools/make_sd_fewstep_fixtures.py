@@ -10,6 +10,11 @@ Writes tests/fixtures/sd-fewstep/ (see tests/fixtures/README.md, section `sd-few
                        and tokenizer of tests/fixtures/sd/sd1-tiny
   sd1-turbo-tiny/      the same with a plain random U-Net and the scheduler SD-Turbo ships
                        (Euler, "trailing" timesteps)
+  taesd-tiny/          a tiny autoencoder (AutoencoderTiny, TAESD's architecture) with random
+                       weights, factor 2 and 4 latent channels to fit sd1-tiny, as
+                       AutoencoderTiny.save_pretrained writes it; taesd_decode.npy its decoder's
+                       image of latents.npy, taesd_pipeline.npy sd1-tiny's DDIM run (4 steps,
+                       guidance 3) decoded by it instead of the VAE
   latents.npy          the initial latents [1, 4, 8, 8] of every run
   <run>.npy            each run's image [1, 16, 16, 3] in [0, 1]; noise_<run>.npy the noise the
                        LCM scheduler drew at each step (replayed by the test)
@@ -123,12 +128,31 @@ def main():
                           noise_draws=len(rec.drawn), image_std=round(float(im.std()), 4))
         print(name, runs[name], flush=True)
     assert not runs["lcm_4_g8"]["cfg"] and runs["turbo_1_g0"]["timesteps"] == [999]
+    # The tiny autoencoder.
+    from diffusers import AutoencoderTiny, DDIMScheduler
+    taesd = AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                            num_encoder_blocks=(1, 1), num_decoder_blocks=(2, 1), latent_channels=4).eval()
+    init_weights(taesd, g, 1.3)
+    taesd.save_pretrained(str(build / "taesd-tiny"), safe_serialization=True)
+    taesd = AutoencoderTiny.from_pretrained(str(build / "taesd-tiny")).eval()
+    with torch.no_grad():
+        arrays["taesd_decode"] = f32(taesd.decode(latents).sample)
+    sd1.scheduler = DDIMScheduler.from_config(sd1.scheduler.config)
+    sd1.vae = taesd
+    sd1.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        im = sd1(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0,
+                 latents=latents.clone(), output_type="np").images
+    arrays["taesd_pipeline"] = f32(im)
+    taesd_run = dict(model="sd1-tiny", decoder="taesd-tiny", steps=4, guidance=3.0,
+                                  scheduler="DDIMScheduler", image_std=round(float(im.std()), 4))
     for k, v in sorted(arrays.items()):
         np.save(build / f"{k}.npy", v, allow_pickle=False)
     import transformers
     write_json(build / "expected.json", {
         "diffusers_version": diffusers.__version__, "transformers_version": transformers.__version__,
         "torch_version": torch.__version__, "prompt": PROMPT, "negative_prompt": NEGATIVE, "runs": runs,
+        "taesd": taesd_run,
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })

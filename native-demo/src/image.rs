@@ -53,6 +53,13 @@ pub struct ImageArgs {
     /// 1 with --mask).
     #[arg(long, requires = "init_image")]
     strength: Option<f32>,
+    /// A tiny autoencoder folder (diffusers' AutoencoderTiny, e.g. madebyollin/taesd) for the
+    /// window's live previews (full-size pictures of the current estimate).
+    #[arg(long, value_name = "DIR")]
+    taesd: Option<PathBuf>,
+    /// Decode the final image with --taesd's decoder instead of the VAE (faster, less detail).
+    #[arg(long, requires = "taesd")]
+    tiny_decoder: bool,
     /// A LoRA file to merge into the U-Net and text encoder (diffusers/PEFT or kohya
     /// safetensors), with an optional scale (default 1); repeat for several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
@@ -187,6 +194,7 @@ impl ImageArgs {
                 None => None,
             },
             strength: self.strength,
+            tiny_decoder: self.tiny_decoder,
             ..Default::default()
         })
     }
@@ -224,6 +232,10 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let mut m = SdModels::load(&gpu, files)?;
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(dir) = &a.taesd {
+        m.set_tiny_decoder(kiln::formats::files::read_model_dir(dir)?)
+            .with_context(|| format!("--taesd {}", dir.display()))?;
+    }
     if !a.loras.is_empty() {
         let n = m.set_loras(read_loras(&a.loras)?)?;
         if !a.json {

@@ -8,8 +8,9 @@ use kiln_tests::{assert_close, OpTest, Rng};
 #[test]
 fn activations() {
     let x = Rng::new(1).vec(1000, -9.0, 9.0);
-    let cases: [(UnaryOp, fn(f64) -> f64); 4] = [
+    let cases: [(UnaryOp, fn(f64) -> f64); 5] = [
         (UnaryOp::Silu, r::silu),
+        (UnaryOp::Relu, r::relu),
         (UnaryOp::GeluErf, r::gelu_erf),
         (UnaryOp::GeluTanh, r::gelu_tanh),
         (UnaryOp::QuickGelu, r::quick_gelu),

@@ -859,3 +859,55 @@ fn loras_match_diffusers() {
         .to_string();
     assert!(e.contains("not a LoRA tensor"), "{e}");
 }
+
+/// The tiny decoder (TAESD's architecture, tests/fixtures/sd-fewstep/taesd-tiny) against
+/// diffusers' AutoencoderTiny: its decode, and a pipeline decoding the final image with it;
+/// previews are its full-size decode of the current estimate.
+#[test]
+fn tiny_decoder_matches_diffusers_and_makes_previews() {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd-fewstep");
+    let e = kiln_tests::read_json(&d.join("expected.json"));
+    let mut m = models("sd1-tiny");
+    m.set_tiny_decoder(kiln::formats::files::read_model_dir(&d.join("taesd-tiny")).unwrap())
+        .unwrap();
+    let latents = kiln_tests::read_npy(&d.join("latents.npy"));
+    let got = pollster::block_on(m.tiny_decode(&latents.data, [1, 4, 8, 8])).unwrap();
+    let want = kiln_tests::read_npy(&d.join("taesd_decode.npy"));
+    let err = rel_err(&got, &want.data);
+    eprintln!("tiny decoder: rel err {err:.2e}");
+    assert!(err < 1e-3, "tiny decoder: rel err {err}");
+    let opts = ImageOptions {
+        prompt: e["prompt"].as_str().unwrap().into(),
+        negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
+        steps: 4,
+        guidance: 3.0,
+        scheduler: Some(SchedulerKind::Ddim),
+        latents: Some(latents.data.clone()),
+        tiny_decoder: true,
+        ..Default::default()
+    };
+    let mut previews = Vec::new();
+    let img = pollster::block_on(m.generate(&opts, &mut |_, _, p| {
+        previews.extend(p.map(|p| (p.width, p.height, p.rgb.len())));
+        true
+    }))
+    .unwrap();
+    let want = kiln_tests::read_npy(&d.join("taesd_pipeline.npy"));
+    let p = psnr(&img.raw, &want.data, img.height, img.width);
+    eprintln!("pipeline with the tiny decoder: PSNR {p:.1} dB; previews {previews:?}");
+    assert!(p >= 40.0, "PSNR {p:.1} dB < 40");
+    assert!(
+        previews.len() == 3
+            && previews
+                .iter()
+                .all(|&(w, h, n)| (w, h, n) == (16, 16, 16 * 16 * 3)),
+        "{previews:?}"
+    );
+    // A tiny decoder of another latent size is refused.
+    let mut files = kiln::formats::files::read_model_dir(&d.join("taesd-tiny")).unwrap();
+    let mut cfg: Value = serde_json::from_slice(&files["config.json"]).unwrap();
+    cfg["latent_channels"] = 16.into();
+    files.insert("config.json".into(), serde_json::to_vec(&cfg).unwrap());
+    let e = m.set_tiny_decoder(files).unwrap_err().to_string();
+    assert!(e.contains("latent channels"), "{e}");
+}

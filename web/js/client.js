@@ -135,6 +135,10 @@ class WorkerImageModel {
     this.info = info;
   }
 
+  setTinyDecoder(folder) {
+    return this.#rpc.request("setTinyDecoder", { handle: this.#handle, folder: new URL(folder, globalThis.location?.href).href });
+  }
+
   setLoras(loras = []) {
     // URLs are fetched by the worker (relative ones against this page).
     const abs = loras.map((l) => (typeof l.source === "string" ? { ...l, source: new URL(l.source, globalThis.location?.href).href } : l));

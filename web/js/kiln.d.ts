@@ -135,6 +135,8 @@ export interface TextLoadOptions extends LoadOptions {
 export interface ImageLoadOptions extends LoadOptions {
   /** Which weights to fetch when a folder has both: "fp16" (default, half the bytes) or "fp32". */
   variant?: "fp16" | "fp32";
+  /** The URL of a tiny autoencoder folder (diffusers' AutoencoderTiny, e.g. a copy of madebyollin/taesd): see `ImageModel.setTinyDecoder`. */
+  taesd?: string;
 }
 
 /** Sampler settings; the defaults are the `kiln text` CLI's. */
@@ -449,6 +451,8 @@ export interface ImageOptions {
   mask?: ImageSource;
   /** With `initImage`: the share of the steps run, 0 to 1 (default 0.8, 1 with a mask). */
   strength?: number;
+  /** Decode the final image with the tiny decoder (`setTinyDecoder`) instead of the VAE. */
+  tinyDecoder?: boolean;
   /** After each step; `preview` is the latents as a small RGB image (null after the first step). */
   onStep?: (s: { step: number; steps: number; preview: ImageData | null }) => void;
   signal?: AbortSignal;
@@ -477,6 +481,8 @@ export interface ImageModel {
    * replacing the previous set (`[]` removes them); scale defaults to 1. Resolves to the number
    * of modules merged; a file whose keys fit no tensor of the model is an Error naming the key.
    */
+  /** Loads a tiny autoencoder folder (URL): full-size previews, and `tinyDecoder`. */
+  setTinyDecoder(folder: string): Promise<void>;
   setLoras(loras: { source: string | Blob | ArrayBuffer | Uint8Array; scale?: number; name?: string }[]): Promise<number>;
   dispose(): void;
 }

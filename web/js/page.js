@@ -105,6 +105,23 @@ export class ImageModel {
   }
 
   /**
+   * Loads a tiny autoencoder (the URL of a diffusers `AutoencoderTiny` folder, e.g. a copy of
+   * madebyollin/taesd): previews become its full-size decode of the current estimate, and
+   * `generate(..., { tinyDecoder: true })` decodes the final image with it.
+   */
+  async setTinyDecoder(folder) {
+    const base = folder.endsWith("/") ? folder : `${folder}/`;
+    const get = async (name) => {
+      const r = await fetch(new URL(name, new URL(base, globalThis.location?.href)));
+      if (!r.ok) throw new Error(`tiny decoder ${base}${name}: HTTP ${r.status}`);
+      return r;
+    };
+    const config = await (await get("config.json")).text();
+    const weights = new Uint8Array(await (await get("diffusion_pytorch_model.safetensors")).arrayBuffer());
+    sync(() => this.#m.setTinyDecoder(config, weights));
+  }
+
+  /**
    * Merges LoRA files into the pipeline, replacing the previous set (`[]` removes them):
    * `[{ source, scale }]`, `source` a URL, a Blob or bytes. Resolves to the modules merged.
    */
@@ -128,6 +145,7 @@ export class ImageModel {
       width: opts.width,
       height: opts.height,
       strength: opts.strength,
+      tinyDecoder: opts.tinyDecoder,
     });
     // img2img and inpainting: the pixels of the init image and the mask, as RGBA.
     const images =
@@ -306,7 +324,9 @@ export class Kiln {
     opts.onProgress?.({ phase: "upload", loaded: 0, total: 1 });
     const m = await call(() => this.#device.loadImage(toFiles(files)));
     opts.onProgress?.({ phase: "upload", loaded: 1, total: 1 });
-    return new ImageModel(m);
+    const model = new ImageModel(m);
+    if (opts.taesd) await model.setTinyDecoder(opts.taesd);
+    return model;
   }
 
   /** Runs a few kernels against the engine's CPU reference: `[{ name, relErr, tol, ok }]`. */

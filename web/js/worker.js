@@ -52,6 +52,7 @@ const ops = {
   counters: () => kiln.counters(),
   loseDevice: () => kiln.loseDevice(),
   setLoras: (id, { handle, loras }) => model(handle).setLoras(loras),
+  setTinyDecoder: (id, { handle, folder }) => model(handle).setTinyDecoder(folder),
   dispose(id, { handle }) {
     model(handle).dispose();
     models.delete(handle);

@@ -69,6 +69,20 @@ impl ImageModel {
         self.info.clone()
     }
 
+    /// Loads a tiny decoder (an `AutoencoderTiny` folder's `config.json` text and
+    /// `diffusion_pytorch_model.safetensors` bytes) for previews and `tinyDecoder`.
+    #[wasm_bindgen(js_name = setTinyDecoder)]
+    pub fn set_tiny_decoder(&self, config: String, weights: Vec<u8>) -> Result<(), JsValue> {
+        let mut guard = self.model.borrow_mut();
+        let m = guard
+            .as_mut()
+            .ok_or_else(|| js_err("the image model is busy with a generation (or disposed)"))?;
+        let mut files = kiln::formats::ModelFiles::new();
+        files.insert("config.json".into(), config.into_bytes());
+        files.insert("diffusion_pytorch_model.safetensors".into(), weights);
+        m.set_tiny_decoder(files).map_err(js_err)
+    }
+
     /// Merges LoRA files into the U-Net and text encoder, replacing the previous set (an
     /// empty list removes them): `loras` is an array of `{ name, data: Uint8Array, scale }`.
     /// Resolves to the number of modules merged.

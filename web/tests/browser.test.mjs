@@ -697,6 +697,24 @@ test("image LoRAs: setLoras (a URL, page; bytes, worker) equals native kiln imag
   }
 });
 
+test("image TAESD: full-size previews and the final decode with the tiny decoder equal native (worker)", 600000, async () => {
+  const out = join(userDir, "taesd.png");
+  await native(["image", "--model", join(root, "tests/fixtures/sd/sd1-tiny"), "--prompt", "a red door", "--steps", "4", "--guidance", "3", "--seed", "5", "--taesd", join(root, "tests/fixtures/sd-fewstep/taesd-tiny"), "--tiny-decoder", "--out", out, "--json"]);
+  const page = await openDemo(true);
+  const got = await page.evaluate(async () => {
+    const sd = await window.demo.kiln.loadImage("/fixtures/sd/sd1-tiny/", { taesd: "/fixtures/sd-fewstep/taesd-tiny/" });
+    const previews = [];
+    const img = await sd.generate("a red door", { steps: 4, guidance: 3, seed: 5, tinyDecoder: true, onStep: ({ preview }) => preview && previews.push([preview.width, preview.height]) });
+    sd.dispose();
+    return { previews, width: img.width, height: img.height, data: Array.from(img.data) };
+  });
+  await page.close();
+  const db = psnr({ ...got, channels: 4 }, readPng(readFileSync(out)));
+  log(`previews ${JSON.stringify(got.previews)}; PSNR ${db.toFixed(1)} dB against native`);
+  assert(got.previews.length === 3 && got.previews.every(([w, h]) => w === 16 && h === 16), JSON.stringify(got.previews));
+  assert(db >= 40, `PSNR ${db.toFixed(2)} dB < 40 dB`);
+});
+
 test("demo page: an uploaded image inpainted where the brush painted equals native (default model); screenshot", 900000, async () => {
   needs(DEFAULT_IMAGE);
   const init = join(root, "models/image-shapes/reference/image.png");

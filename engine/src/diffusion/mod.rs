@@ -11,5 +11,6 @@ pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;
+pub mod taesd;
 pub mod unet;
 pub mod vae;

@@ -3,6 +3,7 @@
 //! by the denoising loop's setup).
 
 use super::clip::{ClipConfig, ClipTokenizer, TextEncoder};
+use super::taesd::{TinyConfig, TinyDecoder};
 use super::unet::{Unet, UnetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::device::Gpu;
@@ -24,6 +25,8 @@ pub struct SdModels {
     pub vae: Vae,
     /// `scheduler/scheduler_config.json` as text.
     pub scheduler_config: String,
+    /// A tiny decoder (TAESD) for previews and, when asked, the final image.
+    pub taesd: Option<TinyDecoder>,
 }
 
 fn text(files: &ModelFiles, name: &str) -> Result<String> {
@@ -75,7 +78,49 @@ impl SdModels {
                 weights: component(gpu, &mut files, "vae", "diffusion_pytorch_model")?,
             },
             scheduler_config: text(&files, "scheduler/scheduler_config.json")?,
+            taesd: None,
         })
+    }
+
+    /// Loads a tiny decoder (diffusers' `AutoencoderTiny` folder: `config.json` and
+    /// `diffusion_pytorch_model.safetensors`, e.g. madebyollin/taesd) for previews and the
+    /// option of decoding the final image with it. Its latent channels and scale must match.
+    pub fn set_tiny_decoder(&mut self, mut files: ModelFiles) -> Result<()> {
+        let cfg = TinyConfig::from_json(&text(&files, "config.json")?)?;
+        let (lat, f) = (self.vae.cfg.latent_channels, self.vae.cfg.scale_factor());
+        if cfg.latent_channels != lat || cfg.scale_factor() != f {
+            return Err(Error::Data {
+                name: "tiny decoder".into(),
+                msg: format!(
+                    "{} latent channels and a factor of {} do not fit this pipeline's VAE ({lat}, {f}): \
+                     taesd is for SD 1.x/2.x, taesdxl for SDXL",
+                    cfg.latent_channels,
+                    cfg.scale_factor()
+                ),
+            });
+        }
+        let st = take_checkpoint(&mut files, "", "diffusion_pytorch_model")?;
+        self.taesd = Some(TinyDecoder {
+            cfg,
+            weights: Weights::new(&self.gpu, "taesd", Box::new(st)),
+        });
+        Ok(())
+    }
+
+    /// The tiny decoder's image `[b, 3, h, w]` for latents `z` `[b, c, h/f, w/f]`.
+    pub async fn tiny_decode(&self, z: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
+        let t = self.taesd.as_ref().ok_or_else(|| Error::Data {
+            name: "tiny decoder".into(),
+            msg: "none loaded".into(),
+        })?;
+        let mut g = Graph::new();
+        let zv = g.input("z", &shape, DType::F32)?;
+        let y = t.decode(&mut g, zv)?;
+        g.output(y);
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_f32(zv, z)?;
+        plan.run()?;
+        plan.read_f32(y).await
     }
 
     /// Merges LoRA files (`(label, bytes, scale)`, in order; several add up) into the U-Net's

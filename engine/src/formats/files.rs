@@ -101,6 +101,21 @@ pub fn pipeline(prefer_fp16: bool) -> Vec<FileGroup> {
     ]
 }
 
+/// The files of one diffusers model folder (`config.json` and its weights), e.g. a tiny
+/// autoencoder (madebyollin/taesd).
+pub fn diffusers_model(prefer_fp16: bool) -> Vec<FileGroup> {
+    vec![
+        one("config.json", true),
+        checkpoint("", "diffusion_pytorch_model", prefer_fp16),
+    ]
+}
+
+/// Reads a diffusers model folder ([`diffusers_model`]).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn read_model_dir(dir: &std::path::Path) -> Result<ModelFiles> {
+    read_dir(dir, &diffusers_model(false))
+}
+
 /// The shards a sharded checkpoint's index lists, as paths beside the index.
 pub fn shards(index_path: &str, index_json: &str) -> Result<Vec<String>> {
     let dir = index_path.rsplit_once('/').map(|(d, _)| d);

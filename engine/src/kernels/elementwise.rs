@@ -104,6 +104,8 @@ pub enum UnaryOp {
     Softcap {
         cap: f32,
     },
+    /// `max(x, 0)` (the tiny autoencoder's activation).
+    Relu,
 }
 
 impl Kernel for UnaryOp {
@@ -124,6 +126,7 @@ impl Kernel for UnaryOp {
             UnaryOp::QuickGelu => (3, 1.0, 0.0),
             UnaryOp::Scale { mul, add } => (4, mul, add),
             UnaryOp::Softcap { cap } => (5, cap, 0.0),
+            UnaryOp::Relu => (6, 1.0, 0.0),
         };
         let p = UnaryParams {
             n: u(n),

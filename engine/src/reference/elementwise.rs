@@ -16,6 +16,10 @@ pub fn gelu_tanh(x: f64) -> f64 {
 }
 
 /// CLIP's quick GELU.
+pub fn relu(x: f64) -> f64 {
+    x.max(0.0)
+}
+
 pub fn quick_gelu(x: f64) -> f64 {
     x / (1.0 + (-1.702 * x).exp())
 }
