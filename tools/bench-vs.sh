@@ -13,10 +13,11 @@
 #     `apt-get install glslc libvulkan-dev spirv-headers glslang-tools`; skipped without them.
 # Kiln runs `kiln text` on whatever adapter wgpu picks (KILN_BACKEND / KILN_ADAPTER choose).
 #
-# Image: `kiln bench image --quick` (random f16 U-Net with SD 1.5's layout, 8x8 latent, CFG
-# batch of 2, one step) against diffusers' UNet2DConditionModel of the same config on the CPU
-# in fp32 (PyTorch with every core), same latent and batch. Needs torch and diffusers; skipped
-# without them.
+# Image: `kiln bench image --quick` (random f16 U-Net with SD 1.5's layout, 8x8 latent: a step
+# with the CFG batch of 2 and one of batch 1, as SD-Turbo and LCM run; SD 1.5's VAE encode and
+# decode at 64 px; TAESD's decode) against diffusers' UNet2DConditionModel, AutoencoderKL and
+# AutoencoderTiny of the same configs on the CPU in fp32 (PyTorch with every core), same sizes.
+# Needs torch and diffusers; skipped without them.
 #
 #   tools/bench-vs.sh [kiln-binary]          default: target/release/kiln (built if missing)
 #   BENCH_VS_BUILD_ONLY=1 tools/bench-vs.sh   only build the llama.cpp benchmarks
@@ -140,28 +141,41 @@ if ! python3 -c 'import torch, diffusers' 2>/dev/null; then
     echo "image: skipped (needs torch and diffusers)"
     exit 0
 fi
-kiln_ms=$("$KILN" bench image --quick --json 2>/dev/null | tail -1 | python3 -c '
+read -r kiln_ms kiln_b1 kiln_enc kiln_dec kiln_tiny < <("$KILN" bench image --quick --json 2>/dev/null | tail -1 | python3 -c '
 import json, sys
-rows = json.load(sys.stdin)["rows"]
-print("%.0f" % next(r["unet_step_ms"] for r in rows if r["config"] == "SD 1.5 layout"))')
-torch_ms=$(python3 - "$threads" <<'EOF'
+r = next(r for r in json.load(sys.stdin)["rows"] if r["config"] == "SD 1.5 layout")
+print(" ".join("%.0f" % r[k] for k in ["unet_step_ms", "unet_step_batch1_ms", "vae_encode_ms", "vae_decode_ms", "taesd_decode_ms"]))')
+read -r torch_ms torch_b1 torch_enc torch_dec torch_tiny < <(python3 - "$threads" <<'EOF'
 import sys, time, torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 torch.set_num_threads(int(sys.argv[1]))
 torch.manual_seed(0)
-# SD 1.5's U-Net config (diffusers' defaults are SD 1.x's layout), random weights, fp32.
+def best(f):
+    with torch.no_grad():
+        f()
+        times = []
+        for _ in range(3):
+            s = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - s)
+    return 1000 * min(times)
+# SD 1.5's U-Net and VAE configs, random weights, fp32; TAESD's (AutoencoderTiny's defaults).
 unet = UNet2DConditionModel(sample_size=8, cross_attention_dim=768, attention_head_dim=8).eval()
+vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
+tiny = AutoencoderTiny().eval()
 x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 77, 768)
-with torch.no_grad():
-    unet(x, t, ctx)
-    times = []
-    for _ in range(3):
-        s = time.perf_counter()
-        unet(x, t, ctx)
-        times.append(time.perf_counter() - s)
-print("%.0f" % (1000 * min(times)))
+img = torch.rand(1, 3, 64, 64) * 2 - 1
+print(" ".join("%.0f" % v for v in [
+    best(lambda: unet(x, t, ctx)), best(lambda: unet(x[:1], t[:1], ctx[:1])),
+    best(lambda: vae.encode(img).latent_dist.mean), best(lambda: vae.decode(x[:1])),
+    best(lambda: tiny.decode(x[:1]))]))
 EOF
 )
-echo "| U-Net step, SD 1.5 layout, 8x8 latent, batch 2 (CFG) | Kiln (f16 weights) | diffusers $(python3 -c 'import diffusers; print(diffusers.__version__)') CPU fp32, $threads threads | Kiln / diffusers time |"
+echo "| SD 1.5 layout, 8x8 latent (64 px) | Kiln (f16 weights) | diffusers $(python3 -c 'import diffusers; print(diffusers.__version__)') CPU fp32, $threads threads | Kiln / diffusers time |"
 echo "|---|---|---|---|"
-echo "| one step | $kiln_ms ms | $torch_ms ms | $(ratio "$kiln_ms" "$torch_ms") |"
+echo "| U-Net step, batch 2 (CFG) | $kiln_ms ms | $torch_ms ms | $(ratio "$kiln_ms" "$torch_ms") |"
+echo "| U-Net step, batch 1 (SD-Turbo, LCM) | $kiln_b1 ms | $torch_b1 ms | $(ratio "$kiln_b1" "$torch_b1") |"
+echo "| VAE encode (img2img, inpainting) | $kiln_enc ms | $torch_enc ms | $(ratio "$kiln_enc" "$torch_enc") |"
+echo "| VAE decode | $kiln_dec ms | $torch_dec ms | $(ratio "$kiln_dec" "$torch_dec") |"
+echo "| TAESD decode (AutoencoderTiny) | $kiln_tiny ms | $torch_tiny ms | $(ratio "$kiln_tiny" "$torch_tiny") |"

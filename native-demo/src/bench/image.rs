@@ -1,9 +1,13 @@
 //! `kiln bench image`: a random-weight U-Net with SD 1.5's channel layout (and a scaled-down
 //! one) at a small latent size, replayed as the denoising loop runs it (CFG batch of 2 + the
-//! scheduler update), and the matching VAE decode. Weights are made here (f16, no download).
+//! scheduler update), and without guidance (batch 1: a one-step SD-Turbo image is one of
+//! these and a decode); the matching VAE decode and encode (img2img and inpainting encode the
+//! image first), and the tiny autoencoder's decode (TAESD's layout) at the same size. Weights
+//! are made here (f16, no download).
 
 use anyhow::Result;
 use kiln::diffusion::schedulers::SchedulerConfig;
+use kiln::diffusion::taesd::{TinyConfig, TinyDecoder};
 use kiln::diffusion::unet::{Unet, UnetConfig};
 use kiln::diffusion::vae::{Vae, VaeConfig};
 use kiln::formats::safetensors::SafeTensors;
@@ -174,6 +178,75 @@ fn vae_params(ch: &[usize], layers: usize) -> Params {
     p
 }
 
+/// The encoder half of `AutoencoderKL` (added to the decoder's parameters).
+fn encoder_params(p: &mut Params, ch: &[usize], layers: usize) {
+    let last = *ch.last().unwrap_or(&1);
+    layer(p, "encoder.conv_in", &[ch[0], 3, 3, 3], true);
+    let mut x = ch[0];
+    for (i, &c) in ch.iter().enumerate() {
+        for j in 0..layers {
+            resnet(
+                p,
+                &format!("encoder.down_blocks.{i}.resnets.{j}"),
+                x,
+                c,
+                None,
+            );
+            x = c;
+        }
+        if i + 1 < ch.len() {
+            layer(
+                p,
+                &format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
+                &[c, c, 3, 3],
+                true,
+            );
+        }
+    }
+    resnet(p, "encoder.mid_block.resnets.0", last, last, None);
+    let a = "encoder.mid_block.attentions.0";
+    norm(p, &format!("{a}.group_norm"), last);
+    for k in ["to_q", "to_k", "to_v", "to_out.0"] {
+        layer(p, &format!("{a}.{k}"), &[last, last], true);
+    }
+    resnet(p, "encoder.mid_block.resnets.1", last, last, None);
+    norm(p, "encoder.conv_norm_out", last);
+    layer(p, "encoder.conv_out", &[8, last, 3, 3], true);
+    layer(p, "quant_conv", &[8, 8, 1, 1], true);
+}
+
+/// TAESD's decoder (diffusers' `AutoencoderTiny` defaults: 64 channels, blocks 3, 3, 3, 1).
+fn taesd_params() -> Params {
+    let mut p = Params::new();
+    let mut i = 0;
+    let conv = |p: &mut Params, i: &mut usize, co: usize, ci: usize, bias: bool| {
+        layer(p, &format!("decoder.layers.{i}"), &[co, ci, 3, 3], bias);
+        *i += 1;
+    };
+    conv(&mut p, &mut i, 64, 4, true);
+    i += 1; // ReLU
+    for (b, blocks) in [3, 3, 3, 1].into_iter().enumerate() {
+        for _ in 0..blocks {
+            for k in [0, 2, 4] {
+                layer(
+                    &mut p,
+                    &format!("decoder.layers.{i}.conv.{k}"),
+                    &[64, 64, 3, 3],
+                    true,
+                );
+            }
+            i += 1;
+        }
+        if b < 3 {
+            i += 1; // up-sampling
+            conv(&mut p, &mut i, 64, 64, false);
+        } else {
+            conv(&mut p, &mut i, 3, 64, true);
+        }
+    }
+    p
+}
+
 fn random_safetensors(params: &Params, seed: u64) -> Result<SafeTensors> {
     let mut st = SafeTensors::new();
     st.add_file(
@@ -310,13 +383,21 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         let moved = (t.weights_read + t.activations_moved + t.cache_read) as f64 / 1e6;
         let minimum = (t.weights_needed + t.activations_once + t.cache_bytes) as f64 / 1e6;
 
+        // Without guidance (batch 1): SD-Turbo's one step, LCM's steps.
+        let mut g = Graph::new();
+        let u1 = g.input("unet_in", &[1, 4, latent, latent], DType::F32)?;
+        let c1 = g.input("ctx", &[1, 77, cross], DType::F32)?;
+        let t1 = g.input("t", &[1], DType::F32)?;
+        let o1 = unet.forward(&mut g, u1, t1, c1)?;
+        g.output(o1);
+        let plan1 = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
+        let step1_ms = super::common::time(&gpu, &plan1, iters)?;
+
+        let mut vp = vae_params(&vae_ch, 2);
+        encoder_params(&mut vp, &vae_ch, 2);
         let vae = Vae {
             cfg: vcfg,
-            weights: Weights::new(
-                &gpu,
-                "vae",
-                Box::new(random_safetensors(&vae_params(&vae_ch, 2), 2)?),
-            ),
+            weights: Weights::new(&gpu, "vae", Box::new(random_safetensors(&vp, 2)?)),
         };
         let mut g = Graph::new();
         let xv = g.tensor(&x);
@@ -324,7 +405,29 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
         g.output(img);
         let vplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
         let vae_ms = super::common::time(&gpu, &vplan, iters)?;
-        rows.push(json!({"config": label, "latent": latent, "image": latent * vae.cfg.scale_factor(), "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
+        let px = latent * vae.cfg.scale_factor();
+        let mut g = Graph::new();
+        let iv = g.input("image", &[1, 3, px, px], DType::F32)?;
+        let mean = vae.encode_mean(&mut g, iv)?;
+        g.output(mean);
+        let eplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
+        let encode_ms = super::common::time(&gpu, &eplan, iters)?;
+        let tiny = TinyDecoder {
+            cfg: TinyConfig::from_json("{}")?,
+            weights: Weights::new(
+                &gpu,
+                "taesd",
+                Box::new(random_safetensors(&taesd_params(), 3)?),
+            ),
+        };
+        let mut g = Graph::new();
+        let xv = g.tensor(&x);
+        let img = tiny.decode(&mut g, xv)?;
+        g.output(img);
+        let tplan = pollster::block_on(g.compile(&gpu, CompileOptions::default()))?;
+        let taesd_ms = super::common::time(&gpu, &tplan, iters)?;
+        rows.push(json!({"config": label, "latent": latent, "image": px, "unet_step_ms": step_ms, "vae_decode_ms": vae_ms,
+            "unet_step_batch1_ms": step1_ms, "vae_encode_ms": encode_ms, "taesd_decode_ms": taesd_ms,
             "dispatches_per_step": c.dispatches, "profile_step": profile, "host_ms_per_step": host_ms,
             "moved_mb_per_step": moved, "minimum_mb_per_step": minimum, "submits_per_step": c.submits, "readback_bytes_per_step": c.bytes_read_back, "objects_created_per_step": c.objects_created()}));
     }
@@ -363,6 +466,22 @@ pub fn image(quick: bool, as_json: bool) -> Result<()> {
             f("minimum_mb_per_step"),
             f("moved_mb_per_step") / f("minimum_mb_per_step").max(1e-9),
             f("host_ms_per_step")
+        );
+    }
+    println!("\nWithout guidance (batch 1, as SD-Turbo and LCM run), the encoder img2img and inpainting add, and the tiny decoder against the VAE's:\n");
+    println!("| U-Net | U-Net step, batch 1 ms | one-step image (step + VAE decode) ms | VAE encode ms | VAE decode ms | TAESD decode ms | VAE / TAESD |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}x |",
+            r["config"].as_str().unwrap_or(""),
+            f("unet_step_batch1_ms"),
+            f("unet_step_batch1_ms") + f("vae_decode_ms"),
+            f("vae_encode_ms"),
+            f("vae_decode_ms"),
+            f("taesd_decode_ms"),
+            f("vae_decode_ms") / f("taesd_decode_ms").max(1e-9)
         );
     }
     for r in &rows {

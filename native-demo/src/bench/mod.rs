@@ -27,6 +27,8 @@ pub enum What {
     /// JSON-schema constrained chat requests against the same unconstrained (`--model`: a
     /// model with a real tokenizer; default the embedded one).
     Grammar,
+    /// A random U-Net with SD 1.5's layout: steps with and without guidance, the VAE's decode
+    /// and encode, TAESD's decode.
     Image,
     /// 10 000 tokens and 200 images in one process: resident memory and GPU allocations.
     Soak,
