@@ -1,5 +1,6 @@
-//! Models by Hugging Face repo id (`owner/name`, or `owner/name:file.gguf`), downloaded with
-//! `hf-hub` into its usual cache, with progress bars. Needs the network, so the test suite
+//! Models by Hugging Face repo id (`owner/name`, or `owner/name:file.gguf`; image pipelines
+//! and tiny autoencoders too), downloaded with `hf-hub` into its usual cache, with progress
+//! bars. Needs the network, so the test suite
 //! cannot exercise it; everything after the download is the same code as for a local folder.
 
 use anyhow::{Context, Result};
@@ -17,8 +18,24 @@ pub fn looks_like_repo_id(s: &str) -> bool {
         })
 }
 
-/// Downloads (or finds in the cache) the files of a model repo.
+/// What a repo holds: a text model (or one GGUF file of it), a diffusers pipeline, or one
+/// diffusers model folder (a tiny autoencoder).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Pipeline,
+    DiffusersModel,
+}
+
+/// Downloads (or finds in the cache) the files of a text model repo.
 pub fn fetch(id: &str) -> Result<ModelFiles> {
+    fetch_kind(id, Kind::Text)
+}
+
+/// Downloads (or finds in the cache) the files a model of `kind` needs from a repo: the
+/// engine's list for that kind (a pipeline's fp16 variant files first, as the browser fetches
+/// them).
+pub fn fetch_kind(id: &str, kind: Kind) -> Result<ModelFiles> {
     let (repo, gguf) = match id.split_once(':') {
         Some((r, f)) => (r, Some(f)),
         None => (id, None),
@@ -38,10 +55,12 @@ pub fn fetch(id: &str) -> Result<ModelFiles> {
     // The engine's list of a model's files; a file the Hub does not give counts as absent, and
     // the last Hub error is added to the message when a required one is missing.
     let mut last_err = None;
-    let files =
-        kiln::formats::files::collect(&kiln::formats::files::text_model(), &mut |name| match model
-            .get(name)
-        {
+    let plan = match kind {
+        Kind::Text => kiln::formats::files::text_model(),
+        Kind::Pipeline => kiln::formats::files::pipeline(true),
+        Kind::DiffusersModel => kiln::formats::files::diffusers_model(true),
+    };
+    let files = kiln::formats::files::collect(&plan, &mut |name| match model.get(name) {
             Ok(path) => std::fs::read(&path)
                 .map(Some)
                 .map_err(|e| kiln::Error::Data {

@@ -17,7 +17,8 @@ static DEFAULTS: std::sync::LazyLock<ImageOptions> =
 #[derive(Args)]
 pub struct ImageArgs {
     /// A diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/, unet/, vae/,
-    /// scheduler/). Default: the embedded coloured-shapes model (models/image-shapes).
+    /// scheduler/) or a Hugging Face repo id (owner/name, downloaded with hf-hub). Default: the
+    /// embedded coloured-shapes model (models/image-shapes).
     #[arg(long)]
     model: Option<String>,
     #[arg(long)]
@@ -82,6 +83,18 @@ pub fn png_bytes(w: usize, h: usize, rgb: &[u8]) -> Result<Vec<u8>> {
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()?.write_image_data(rgb)?;
     Ok(out)
+}
+
+/// A pipeline's files from a folder or a Hugging Face repo id (`owner/name`).
+pub fn pipeline_files(model: &str) -> Result<kiln::formats::ModelFiles> {
+    let dir = PathBuf::from(model);
+    if dir.is_dir() {
+        Ok(read_pipeline_dir(&dir)?)
+    } else if crate::hub::looks_like_repo_id(model) {
+        crate::hub::fetch_kind(model, crate::hub::Kind::Pipeline)
+    } else {
+        bail!("model '{model}' not found: pass a diffusers pipeline folder or a Hugging Face repo id (owner/name)")
+    }
 }
 
 /// `FILE[:SCALE]` arguments read into `set_loras`'s `(label, bytes, scale)`.
@@ -212,13 +225,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
         }
     }
     let files = match &a.model {
-        Some(model) => {
-            let dir = PathBuf::from(model);
-            if !dir.is_dir() {
-                bail!("model '{model}' not found: pass a diffusers pipeline folder");
-            }
-            read_pipeline_dir(&dir)?
-        }
+        Some(model) => pipeline_files(model)?,
         None => {
             if !a.json {
                 eprintln!("model: {}", crate::defaults::IMAGE_NAME);
@@ -233,7 +240,14 @@ pub fn run(a: ImageArgs) -> Result<()> {
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(dir) = &a.taesd {
-        m.set_tiny_decoder(kiln::formats::files::read_model_dir(dir)?)
+        let files = if dir.is_dir() {
+            kiln::formats::files::read_model_dir(dir)?
+        } else if crate::hub::looks_like_repo_id(&dir.to_string_lossy()) {
+            crate::hub::fetch_kind(&dir.to_string_lossy(), crate::hub::Kind::DiffusersModel)?
+        } else {
+            bail!("--taesd {}: not a folder or a Hugging Face repo id", dir.display());
+        };
+        m.set_tiny_decoder(files)
             .with_context(|| format!("--taesd {}", dir.display()))?;
     }
     if !a.loras.is_empty() {

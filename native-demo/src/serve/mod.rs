@@ -26,12 +26,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use kiln::diffusion::models::{read_pipeline_dir, SdModels};
+use kiln::diffusion::models::SdModels;
 use kiln::diffusion::pipeline::{ImageOptions, RgbImage, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
 use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, TextModel};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{channel, Sender};
@@ -688,16 +687,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     let image = if a.image_model.is_some() || defaults {
         let files = match &a.image_model {
-            Some(dir) => {
-                let d = PathBuf::from(dir);
-                if !d.is_dir() {
-                    return Err(anyhow::anyhow!(
-                        "image model '{dir}' not found: pass a diffusers pipeline folder"
-                    ))
-                    .stage(EXIT_MODEL);
-                }
-                read_pipeline_dir(&d).stage(EXIT_MODEL)?
-            }
+            Some(dir) => crate::image::pipeline_files(dir).stage(EXIT_MODEL)?,
             None => crate::defaults::image(),
         };
         let id = a
