@@ -15,6 +15,8 @@ Writes tests/fixtures/sd-edit/ (see tests/fixtures/README.md, section `sd-edit/`
   mask64-alpha.png     used by the server and browser tests: a white square on black, and the
                        same square as transparent pixels in an opaque RGBA image (OpenAI's
                        image-edit masks: transparent = repaint)
+  encode_noise.npy     the noise of the one run that encodes to a draw from the latent distribution
+                       (diffusers' default) instead of its mean
   noise.npy            the noise [1, 4, 8, 8] every run adds (diffusers draws it with randn_tensor;
                        the script hands this tensor back instead)
   encoder_mean.npy     sd1-tiny's VAE encoder on the init image: the latent distribution's mean
@@ -22,7 +24,8 @@ Writes tests/fixtures/sd-edit/ (see tests/fixtures/README.md, section `sd-edit/`
   expected.json        the runs (pipeline, model, scheduler, strength, guidance, steps) and versions
 
 The VAE encodings take the latent distribution's mean (diffusers' retrieve_latents with
-sample_mode "argmax"), as Kiln does; diffusers' own default draws a sample from it.
+sample_mode "argmax"), as Kiln does by default; one run draws a sample from it as diffusers does
+by default, with recorded noise.
 
 How to run (CPU only, no network beyond PyPI, about 20 s; needs tests/fixtures/sd from
 tools/make_sd_fixtures.py):
@@ -80,6 +83,8 @@ RUNS = [
     ("inpaint4_dpmpp_2m_s0.75_g1", "sd1-tiny", "inpaint", "DPMSolverMultistepScheduler", 0.75, 1.0),
     ("inpaint9_ddim_s1_g3", "sd1-inpaint-tiny", "inpaint", "DDIMScheduler", 1.0, 3.0),
     ("inpaint9_euler_s0.5_g1", "sd1-inpaint-tiny", "inpaint", "EulerDiscreteScheduler", 0.5, 1.0),
+    # diffusers' default encoding: a draw from the latent distribution, with encode_noise.npy.
+    ("img2img_euler_s0.6_g3_sample", "sd1-tiny", "img2img", "EulerDiscreteScheduler", 0.6, 3.0),
 ]
 
 
@@ -101,9 +106,10 @@ def images():
     return img, mask
 
 
-def patched(module, noise):
+def patched(module, noise, encode_noise=None):
     """The pipeline module with randn_tensor returning `noise` and retrieve_latents taking the
-    latent distribution's mean; restores them on exit."""
+    latent distribution's mean, or with `encode_noise` its draw `mean + std * encode_noise`
+    (DiagonalGaussianDistribution.sample with that noise); restores them on exit."""
     class Patch:
         def __enter__(self):
             self.saved = module.randn_tensor, module.retrieve_latents
@@ -114,7 +120,11 @@ def patched(module, noise):
                 self.calls += 1
                 return noise.clone()
             module.randn_tensor = randn
-            module.retrieve_latents = lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode()
+            if encode_noise is None:
+                module.retrieve_latents = lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode()
+            else:
+                module.retrieve_latents = lambda enc, generator=None, sample_mode="sample": (
+                    enc.latent_dist.mean + enc.latent_dist.std * encode_noise)
             return self
 
         def __exit__(self, *exc):
@@ -180,6 +190,8 @@ def main():
 
     noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(SEED))
     arrays["noise"] = f32(noise)
+    encode_noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(SEED + 1))
+    arrays["encode_noise"] = f32(encode_noise)
     with torch.no_grad():
         pix = sd1.image_processor.preprocess(init_pil)
         assert tuple(pix.shape) == (1, 3, SIZE, SIZE)
@@ -197,7 +209,8 @@ def main():
             pipe, mod = StableDiffusionInpaintPipeline(**comps), inpaint_mod
             kw = dict(mask_image=mask_pil, height=SIZE, width=SIZE)
         pipe.set_progress_bar_config(disable=True)
-        with patched(mod, noise) as p, torch.no_grad():
+        sampled = name.endswith("_sample")
+        with patched(mod, noise, encode_noise if sampled else None) as p, torch.no_grad():
             out = pipe(PROMPT, image=init_pil, strength=strength, num_inference_steps=STEPS,
                        guidance_scale=guidance, negative_prompt=NEGATIVE, output_type="np", **kw)
         assert p.calls == 1, (name, p.calls)
@@ -205,6 +218,7 @@ def main():
         assert im.shape == (1, SIZE, SIZE, 3), im.shape
         arrays[name] = f32(im)
         runs[name] = dict(model=model, pipeline=kind, scheduler=sched_cls, strength=strength,
+                          encoding="sample" if sampled else "mean",
                           guidance=guidance, steps=STEPS, image_std=round(float(im.std()), 4),
                           steps_run=min(int(STEPS * strength), STEPS))
         print(name, runs[name], flush=True)

@@ -61,17 +61,17 @@ pub fn fetch_kind(id: &str, kind: Kind) -> Result<ModelFiles> {
         Kind::DiffusersModel => kiln::formats::files::diffusers_model(true),
     };
     let files = kiln::formats::files::collect(&plan, &mut |name| match model.get(name) {
-            Ok(path) => std::fs::read(&path)
-                .map(Some)
-                .map_err(|e| kiln::Error::Data {
-                    name: path.display().to_string(),
-                    msg: e.to_string(),
-                }),
-            Err(e) => {
-                last_err = Some(format!("{name}: {e}"));
-                Ok(None)
-            }
-        });
+        Ok(path) => std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| kiln::Error::Data {
+                name: path.display().to_string(),
+                msg: e.to_string(),
+            }),
+        Err(e) => {
+            last_err = Some(format!("{name}: {e}"));
+            Ok(None)
+        }
+    });
     files.map_err(|e| match last_err {
         Some(h) => anyhow::anyhow!("{repo}: {e} (last Hub error: {h})"),
         None => anyhow::anyhow!("{repo}: {e}"),

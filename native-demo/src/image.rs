@@ -54,6 +54,10 @@ pub struct ImageArgs {
     /// 1 with --mask).
     #[arg(long, requires = "init_image")]
     strength: Option<f32>,
+    /// Encode the init image to a seeded draw from the VAE's latent distribution (diffusers'
+    /// default) instead of its mean.
+    #[arg(long, requires = "init_image")]
+    sample_encoding: bool,
     /// A tiny autoencoder folder (diffusers' AutoencoderTiny, e.g. madebyollin/taesd) for the
     /// window's live previews (full-size pictures of the current estimate).
     #[arg(long, value_name = "DIR")]
@@ -207,6 +211,7 @@ impl ImageArgs {
                 None => None,
             },
             strength: self.strength,
+            sample_encoding: self.sample_encoding,
             tiny_decoder: self.tiny_decoder,
             ..Default::default()
         })
@@ -245,7 +250,10 @@ pub fn run(a: ImageArgs) -> Result<()> {
         } else if crate::hub::looks_like_repo_id(&dir.to_string_lossy()) {
             crate::hub::fetch_kind(&dir.to_string_lossy(), crate::hub::Kind::DiffusersModel)?
         } else {
-            bail!("--taesd {}: not a folder or a Hugging Face repo id", dir.display());
+            bail!(
+                "--taesd {}: not a folder or a Hugging Face repo id",
+                dir.display()
+            );
         };
         m.set_tiny_decoder(files)
             .with_context(|| format!("--taesd {}", dir.display()))?;

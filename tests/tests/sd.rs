@@ -628,8 +628,9 @@ fn img2img_and_inpainting_match_diffusers() {
     let noise = kiln_tests::read_npy(&edit_dir().join("noise.npy"));
     let (init, mask) = (edit_image("init.npy"), edit_image("mask.npy"));
     let mut loaded: Vec<(String, SdModels)> = Vec::new();
+    let encode_noise = kiln_tests::read_npy(&edit_dir().join("encode_noise.npy"));
     let runs = e["runs"].as_object().unwrap();
-    assert_eq!(runs.len(), 9);
+    assert_eq!(runs.len(), 10);
     for (name, run) in runs {
         let model = run["model"].as_str().unwrap();
         if !loaded.iter().any(|(k, _)| k == model) {
@@ -652,6 +653,8 @@ fn img2img_and_inpainting_match_diffusers() {
             init_image: Some(init.clone()),
             mask: (run["pipeline"] == "inpaint").then(|| mask.clone()),
             strength: Some(run["strength"].as_f64().unwrap() as f32),
+            sample_encoding: run["encoding"] == "sample",
+            encoding_noise: (run["encoding"] == "sample").then(|| encode_noise.data.clone()),
             ..Default::default()
         };
         let mut steps = 0;
@@ -665,6 +668,37 @@ fn img2img_and_inpainting_match_diffusers() {
         let p = psnr(&img.raw, &want.data, img.height, img.width);
         eprintln!("{name}: PSNR {p:.1} dB");
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
+    }
+}
+
+/// The sampled encoding with the GPU RNG's noise: fixed by the seed, different across seeds,
+/// and different from the mean's; an inpainting U-Net's masked image is sampled too.
+#[test]
+fn sampled_encoding_follows_the_seed() {
+    let (init, mask) = (edit_image("init.npy"), edit_image("mask.npy"));
+    for (model, mask) in [("sd1-tiny", None), ("sd1-inpaint-tiny", Some(mask))] {
+        let mut m = edit_models(model);
+        let mut run = |seed: u32, sample: bool| {
+            let opts = ImageOptions {
+                steps: 4,
+                seed,
+                init_image: Some(init.clone()),
+                mask: mask.clone(),
+                strength: Some(0.75),
+                sample_encoding: sample,
+                ..Default::default()
+            };
+            pollster::block_on(m.generate(&opts, &mut |_, _, _| false))
+                .unwrap_or_else(|e| panic!("{model}: {e}"))
+                .raw
+        };
+        let (a, b, c, mean) = (run(1, true), run(1, true), run(2, true), run(1, false));
+        assert_eq!(a, b, "{model}: same seed");
+        assert!(
+            a != c && a != mean,
+            "{model}: the draw must follow the seed"
+        );
+        assert!(a.iter().all(|v| v.is_finite()));
     }
 }
 

@@ -451,6 +451,8 @@ export interface ImageOptions {
   mask?: ImageSource;
   /** With `initImage`: the share of the steps run, 0 to 1 (default 0.8, 1 with a mask). */
   strength?: number;
+  /** Encode `initImage` to a seeded draw from the VAE's latent distribution (diffusers' default) instead of its mean. */
+  sampleEncoding?: boolean;
   /** Decode the final image with the tiny decoder (`setTinyDecoder`) instead of the VAE. */
   tinyDecoder?: boolean;
   /** After each step; `preview` is the latents as a small RGB image (null after the first step). */

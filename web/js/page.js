@@ -145,6 +145,7 @@ export class ImageModel {
       width: opts.width,
       height: opts.height,
       strength: opts.strength,
+      sampleEncoding: opts.sampleEncoding,
       tinyDecoder: opts.tinyDecoder,
     });
     // img2img and inpainting: the pixels of the init image and the mask, as RGBA.

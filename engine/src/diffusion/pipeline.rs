@@ -54,6 +54,15 @@ pub struct ImageOptions {
     /// How much of the init image is repainted, 0 to 1: the share of the steps run, from
     /// the noise level they start at (default [`DEFAULT_STRENGTH`], 1 with a mask).
     pub strength: Option<f32>,
+    /// Encode the init image (and the masked image) to a seeded draw from the VAE's latent
+    /// distribution instead of its mean (diffusers' default `sample_mode`; the mean is
+    /// deterministic and what Kiln does by default).
+    #[serde(alias = "sampleEncoding")]
+    pub sample_encoding: bool,
+    /// The standard normal noise of that draw `[c, h, w]` instead of the GPU RNG's (to replay a
+    /// reference run exactly).
+    #[serde(skip)]
+    pub encoding_noise: Option<Vec<f32>>,
     /// Decode the final image with the tiny decoder (TAESD, [`SdModels::set_tiny_decoder`])
     /// instead of the VAE: faster, a little less detailed.
     #[serde(alias = "tinyDecoder")]
@@ -76,6 +85,8 @@ impl Default for ImageOptions {
             init_image: None,
             mask: None,
             strength: None,
+            sample_encoding: false,
+            encoding_noise: None,
             tiny_decoder: false,
         }
     }
@@ -262,7 +273,7 @@ impl SdModels {
         let state = State::new(self, &sched, opts, lh, lw, edit.as_ref())?;
         self.encode_prompts(&state, opts).await?;
         if let Some(e) = &edit {
-            self.encode_images(&state, e).await?;
+            self.encode_images(&state, e, opts).await?;
         }
         self.init_latents(&state, &sched, opts, edit.as_ref())
             .await?;
@@ -318,10 +329,13 @@ impl SdModels {
 
     /// The init image's latents (scaled) into `state.init`; for an inpainting U-Net, the
     /// latent mask and the masked image's latents into every batch copy of `state.cond`.
-    async fn encode_images(&self, state: &State, edit: &Edit) -> Result<()> {
+    async fn encode_images(&self, state: &State, edit: &Edit, opts: &ImageOptions) -> Result<()> {
         let (Some(init), [_, _, lh, lw]) = (&state.init, state.lat_shape) else {
             return Ok(());
         };
+        if opts.sample_encoding {
+            return self.encode_images_sampled(state, edit, opts, init).await;
+        }
         let f = self.vae.cfg.scale_factor();
         let shape = [1, self.vae.cfg.in_channels, lh * f, lw * f];
         let mut g = Graph::new();
@@ -352,6 +366,72 @@ impl SdModels {
             plan.write_f32(mv, mask)?;
         }
         plan.run()
+    }
+
+    /// [`SdModels::encode_images`] with seeded draws from the latent distributions: the moments
+    /// come back to the host (a few KB), the draw is made there with the GPU RNG's noise (or the
+    /// given one) and goes up again.
+    async fn encode_images_sampled(
+        &self,
+        state: &State,
+        edit: &Edit,
+        opts: &ImageOptions,
+        init: &Arc<Tensor>,
+    ) -> Result<()> {
+        let [_, c, lh, lw] = state.lat_shape;
+        let f = self.vae.cfg.scale_factor();
+        let shape = [1, self.vae.cfg.in_channels, lh * f, lw * f];
+        let n = c * lh * lw;
+        if let Some(v) = opts.encoding_noise.as_ref().filter(|v| v.len() != n) {
+            return Err(Error::Data {
+                name: "encoding_noise".into(),
+                msg: format!("{} values, expected {n}", v.len()),
+            });
+        }
+        let images = std::iter::once(&edit.image).chain(
+            edit.mask
+                .as_ref()
+                .filter(|_| state.cond.is_some())
+                .map(|(_, m)| m),
+        );
+        let mut latents = Vec::new();
+        for (k, image) in images.enumerate() {
+            let mut g = Graph::new();
+            let seed = g.scalar("seed")?;
+            let img = g.input("image", &shape, DType::F32)?;
+            let moments = self.vae.encode_moments(&mut g, img)?;
+            g.output(moments);
+            let noise = g.randn(&[1, c, lh, lw], Dyn::slot(seed), 2 + k as u32)?;
+            g.output(noise);
+            let mut plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+            plan.set(seed, opts.seed);
+            plan.write_f32(img, image)?;
+            let out = plan.run_read(&[moments, noise]).await?;
+            let m: Vec<f32> = bytemuck::pod_collect_to_vec(&out[0]);
+            let drawn: Vec<f32> = bytemuck::pod_collect_to_vec(&out[1]);
+            let eps = match (&opts.encoding_noise, k) {
+                (Some(v), 0) => v.clone(),
+                _ => drawn,
+            };
+            let z = super::vae::sample_latents(&m, &eps);
+            latents.push(
+                z.iter()
+                    .map(|v| v * self.vae.cfg.scaling_factor)
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        self.gpu
+            .write_buffer(init.buffer()?, 0, bytemuck::cast_slice(&latents[0]));
+        if let (Some(cond), Some((mask, _)), Some(masked)) =
+            (&state.cond, &edit.mask, latents.get(1))
+        {
+            let mut per: Vec<f32> = mask.clone();
+            per.extend(masked);
+            let all: Vec<f32> = (0..state.batch).flat_map(|_| per.iter().copied()).collect();
+            self.gpu
+                .write_buffer(cond.buffer()?, 0, bytemuck::cast_slice(&all));
+        }
+        Ok(())
     }
 
     /// Initial latents into `x` and the first U-Net input: the noise (given, or from the GPU

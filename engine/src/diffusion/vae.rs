@@ -156,6 +156,18 @@ impl Vae {
     /// `[1, latent, H/f, W/f]` (not yet multiplied by the scaling factor), `f` =
     /// [`VaeConfig::scale_factor`].
     pub fn encode_mean(&self, g: &mut Graph, img: Value) -> Result<Value> {
+        let moments = self.encode_moments(g, img)?;
+        let lat = self.cfg.latent_channels;
+        // The mean is the first half of the channels (batch 1: rows of [2 lat, h w]).
+        let (h, w) = (g.shape(moments)[2], g.shape(moments)[3]);
+        let m = g.reshape(moments, &[2 * lat, h * w])?;
+        let mean = g.slice_rows(m, crate::Dyn::Static(0), lat)?;
+        g.reshape(mean, &[1, lat, h, w])
+    }
+
+    /// The latent distribution's moments `[1, 2 latent, H/f, W/f]`: the mean, then the
+    /// log-variance (diffusers' `DiagonalGaussianDistribution` parameters).
+    pub fn encode_moments(&self, g: &mut Graph, img: Value) -> Result<Value> {
         let cfg = &self.cfg;
         if let Some(why) = &cfg.encoder_unsupported {
             return Err(Error::Unsupported(why.clone()));
@@ -189,15 +201,23 @@ impl Vae {
         let x = enc.pp("conv_norm_out").group_norm(g, x, gr, EPS, true)?;
         let lat = cfg.latent_channels;
         let moments = enc.pp("conv_out").conv(g, x, 2 * lat, 3, 1)?;
-        let moments = if cfg.quant_conv {
-            vb.pp("quant_conv").conv(g, moments, 2 * lat, 1, 1)?
+        if cfg.quant_conv {
+            vb.pp("quant_conv").conv(g, moments, 2 * lat, 1, 1)
         } else {
-            moments
-        };
-        // The mean is the first half of the channels (batch 1: rows of [2 lat, h w]).
-        let (h, w) = (g.shape(moments)[2], g.shape(moments)[3]);
-        let m = g.reshape(moments, &[2 * lat, h * w])?;
-        let mean = g.slice_rows(m, crate::Dyn::Static(0), lat)?;
-        g.reshape(mean, &[1, lat, h, w])
+            Ok(moments)
+        }
     }
+}
+
+/// A draw from the latent distribution with `moments` `[2 n]` (mean, log-variance) and standard
+/// normal `noise` `[n]`, as diffusers' `DiagonalGaussianDistribution.sample` computes it:
+/// `mean + exp(0.5 clamp(logvar, -30, 20)) noise`.
+pub fn sample_latents(moments: &[f32], noise: &[f32]) -> Vec<f32> {
+    let n = noise.len();
+    (0..n)
+        .map(|i| {
+            let logvar = moments[n + i].clamp(-30.0, 20.0);
+            moments[i] + (0.5 * logvar).exp() * noise[i]
+        })
+        .collect()
 }

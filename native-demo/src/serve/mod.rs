@@ -210,6 +210,9 @@ struct ImageRequest {
     /// An edit (`/v1/images/edits`): the share of the steps run.
     #[serde(default)]
     strength: Option<f32>,
+    /// An edit: encode to a seeded draw from the VAE's distribution instead of its mean.
+    #[serde(default)]
+    sample_encoding: Option<bool>,
     /// An edit's image and mask (from the multipart form).
     #[serde(skip)]
     init_image: Option<RgbImage>,
@@ -258,7 +261,7 @@ impl ImageRequest {
                         .map_err(|_| bad(format!("field '{name}' is not UTF-8 text")))?;
                     // Numbers as numbers, everything else as the string it is.
                     let v = match name.as_str() {
-                        "n" | "steps" | "seed" | "guidance" | "strength" => {
+                        "n" | "steps" | "seed" | "guidance" | "strength" | "sample_encoding" => {
                             serde_json::from_str(&text).map_err(|_| {
                                 bad(format!("field '{name}': '{text}' is not a number"))
                             })?
@@ -423,6 +426,7 @@ fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<E
             init_image: r.init_image.clone(),
             mask: r.mask.clone(),
             strength: r.strength,
+            sample_encoding: r.sample_encoding.unwrap_or(false),
             ..ImageOptions::default()
         };
         let img = pollster::block_on(m.generate_with(&opts, &mut |_, _, _| {
