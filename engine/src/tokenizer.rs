@@ -293,6 +293,11 @@ impl TextTokenizer {
         guard_panics(|| self.inner.decode(ids, true).map_err(tok_err))
     }
 
+    /// Text of `ids` with special tokens rendered (llama-server's `/detokenize`).
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        guard_panics(|| self.inner.decode(ids, false).map_err(tok_err))
+    }
+
     /// The text of one token as a reply shows it (special tokens included; bytes that do not
     /// form whole characters become U+FFFD).
     pub fn token_text(&self, id: u32) -> String {

@@ -171,6 +171,26 @@ test("image edits: inpainting through the OpenAI client equal to kiln image --in
   assert.equal(json.status, 415);
 });
 
+test("/tokenize and /detokenize as llama-server has them: ids and pieces equal kiln tokenize", async () => {
+  const text = "Once upon a time, in 1999!";
+  const { stdout } = await run(bin, ["tokenize", "--model", textModel, "--json", text], { env });
+  const cli = JSON.parse(stdout);
+  const res = await post("/tokenize", { content: text, add_special: true, with_pieces: true });
+  assert.equal(res.status, 200);
+  const got = (await res.json()).tokens;
+  assert.deepEqual(got.map((t) => t.id), cli.ids);
+  assert.deepEqual(got.map((t) => t.piece), cli.pieces);
+  const plain = await (await post("/tokenize", { content: text })).json();
+  assert.ok(plain.tokens.every((t) => typeof t === "number") && plain.tokens.length <= cli.ids.length);
+  const back = await (await post("/detokenize", { tokens: plain.tokens })).json();
+  assert.equal(back.content, text);
+  const bad = await post("/detokenize", { tokens: [1, 999999999] });
+  assert.equal(bad.status, 400);
+  assert.match((await bad.json()).error.message, /999999999/);
+  assert.equal((await post("/tokenize", { text })).status, 400); // llama-server's field is `content`
+  assert.equal((await post("/tokenize", { content: "x" }, { authorization: "" })).status, 401);
+});
+
 test("bad requests get OpenAI error objects with the right status", async () => {
   const cases = [
     [await post("/v1/chat/completions", "{not json"), 400],

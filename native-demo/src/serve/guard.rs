@@ -284,7 +284,8 @@ pub async fn check(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         }
         _ => {
             let early = (|| {
-                if req.uri().path().starts_with("/v1/") {
+                let path = req.uri().path();
+                if path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" {
                     g.authorize(h)?;
                 }
                 if req.method() == Method::POST {

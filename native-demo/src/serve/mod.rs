@@ -9,7 +9,9 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (SSE with `"stream": true`),
 //! `POST /v1/images/generations` (`b64_json` PNG), `POST /v1/images/edits` (OpenAI's multipart
-//! form: img2img, and inpainting with a mask), `GET /v1/models`, `GET /health`.
+//! form: img2img, and inpainting with a mask), `GET /v1/models`, `GET /health`, and
+//! llama-server's `POST /tokenize` and `POST /detokenize` (with the text model's tokenizer, on
+//! the request's own thread: no queue).
 //! The request logic (templates, defaults, response shapes) is the engine's
 //! [`kiln::llm::chat`] core; this file only routes, queues and frames. What a request must get
 //! right before its body is read is [`guard`]; connections and their deadlines are [`listen`].
@@ -336,6 +338,8 @@ impl<J: Send + 'static> Worker<J> {
 
 struct App {
     text: Option<Worker<TextJob>>,
+    /// The text model's tokenizer (shared with its worker) for /tokenize and /detokenize.
+    tokenizer: Option<Arc<kiln::llm::TextTokenizer>>,
     image: Option<Worker<ImageRequest>>,
     guard: guard::Guard,
     created: u64,
@@ -629,6 +633,92 @@ async fn image_edits(
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// llama-server's `/tokenize` request.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    content: String,
+    /// Add the model's BOS as a prompt gets it.
+    #[serde(default)]
+    add_special: bool,
+    /// Each token as `{ id, piece }`.
+    #[serde(default)]
+    with_pieces: bool,
+}
+
+/// llama-server's `/detokenize` request.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    tokens: Vec<u32>,
+}
+
+/// The text model's tokenizer, or a 404 saying there is none.
+fn text_tokenizer(app: &App) -> Result<&Arc<kiln::llm::TextTokenizer>, ApiError> {
+    app.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this server has no text model loaded",
+        )
+        .code("model_not_found")
+    })
+}
+
+/// A JSON body as `T`, a 400 naming what is wrong otherwise.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    body: Body,
+    what: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_str(&app.guard.read_body(body).await?)
+        .map_err(|e| ApiError::bad_request(format!("{what} request: {e}")))
+}
+
+/// `POST /tokenize`: `{ content, add_special, with_pieces }` -> `{ tokens }` (ids, or `{ id,
+/// piece }` objects).
+async fn tokenize(State(app): State<Arc<App>>, body: Body) -> Response {
+    let r = async {
+        let req: TokenizeRequest = json_body(&app, body, "tokenize").await?;
+        let tok = text_tokenizer(&app)?;
+        let ids = if req.add_special {
+            tok.encode_prompt(&req.content)
+        } else {
+            tok.encode(&req.content)
+        }
+        .map_err(ApiError::from_engine)?;
+        let tokens: Vec<Value> = if req.with_pieces {
+            ids.iter()
+                .map(|&id| json!({"id": id, "piece": tok.token_text(id)}))
+                .collect()
+        } else {
+            ids.iter().map(|&id| json!(id)).collect()
+        };
+        Ok::<_, ApiError>(axum::Json(json!({ "tokens": tokens })).into_response())
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /detokenize`: `{ tokens }` -> `{ content }` (special tokens rendered).
+async fn detokenize(State(app): State<Arc<App>>, body: Body) -> Response {
+    let r = async {
+        let req: DetokenizeRequest = json_body(&app, body, "detokenize").await?;
+        let tok = text_tokenizer(&app)?;
+        let n = tok.vocab_size();
+        if let Some(bad) = req.tokens.iter().find(|&&id| id as usize >= n) {
+            return Err(ApiError::bad_request(format!(
+                "tokens: id {bad} is outside the vocabulary (0 to {})",
+                n - 1
+            )));
+        }
+        let content = tok
+            .decode_with_special(&req.tokens)
+            .map_err(ApiError::from_engine)?;
+        Ok::<_, ApiError>(axum::Json(json!({ "content": content })).into_response())
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn models(State(app): State<Arc<App>>) -> Response {
     let mut data = Vec::new();
     let mut entry = |id: &str, kind: &str| {
@@ -651,7 +741,7 @@ async fn not_found() -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits; GET /v1/models, /health)",
+        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits, /tokenize, /detokenize; GET /v1/models, /health)",
     )
     .into_response()
 }
@@ -672,6 +762,7 @@ fn model_id(path: &str) -> String {
 pub fn run(a: ServeArgs) -> Result<()> {
     let gpu = crate::gpu()?;
     let defaults = a.model.is_none() && a.image_model.is_none();
+    let mut tokenizer = None;
     let text = if a.model.is_some() || defaults {
         let (files, _) = crate::text_files(a.model.as_deref()).stage(EXIT_MODEL)?;
         let id = a.model.as_deref().map_or("text-kjv".to_string(), model_id);
@@ -685,6 +776,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("loading the text model {id}"))
             .stage(EXIT_MODEL)?;
         eprintln!("text model: {id} (context {})", model.ctx());
+        tokenizer = Some(model.tokenizer.clone());
         Some(Worker::start(id, model, run_text))
     } else {
         None
@@ -714,6 +806,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     let app = Arc::new(App {
         text,
+        tokenizer,
         image,
         guard: guard::Guard::new(
             &a.host,
@@ -732,6 +825,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .route("/v1/images/generations", post(images))
         .route(guard::UPLOAD_PATH, post(image_edits))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
