@@ -50,7 +50,7 @@ torch.use_deterministic_algorithms(True)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from make_sd_fixtures import init_weights, write_json  # noqa: E402
+from make_sd_fixtures import as_f32, finish_build, init_weights, load_sd1, new_build, write_json  # noqa: E402
 
 import diffusers  # noqa: E402
 
@@ -132,9 +132,6 @@ def patched(module, noise, encode_noise=None):
     return Patch()
 
 
-def f32(a):
-    return np.ascontiguousarray(np.asarray(a), dtype="<f4")
-
 
 def build_inpaint_pipeline(sd1, out_dir):
     from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
@@ -164,12 +161,8 @@ def main():
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_mod
     from PIL import Image
 
-    build = OUT.parent / (OUT.name + ".new")
-    if build.exists():
-        shutil.rmtree(build)
-    build.mkdir(parents=True)
-    sd1 = StableDiffusionPipeline.from_pretrained(str(SD1), safety_checker=None, requires_safety_checker=False)
-    sd1 = sd1.to(torch.float32)
+    build = new_build(OUT)
+    sd1 = load_sd1(SD1)
     inpaint = build_inpaint_pipeline(sd1, build / "sd1-inpaint-tiny")
     models = {"sd1-tiny": sd1, "sd1-inpaint-tiny": inpaint}
 
@@ -179,7 +172,7 @@ def main():
     init_pil = Image.open(build / "init.png").convert("RGB")
     mask_pil = Image.open(build / "mask.png").convert("RGB")
     assert np.array_equal(np.asarray(init_pil), img) and np.array_equal(np.asarray(mask_pil), mask)
-    arrays = {"init": f32(img), "mask": f32(mask)}
+    arrays = {"init": as_f32(img), "mask": as_f32(mask)}
     m64 = np.zeros((64, 64, 3), np.uint8)
     m64[16:48, 20:44] = 255
     Image.fromarray(m64, "RGB").save(build / "mask64.png")
@@ -189,13 +182,13 @@ def main():
     Image.fromarray(a64, "RGBA").save(build / "mask64-alpha.png")
 
     noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(SEED))
-    arrays["noise"] = f32(noise)
+    arrays["noise"] = as_f32(noise)
     encode_noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(SEED + 1))
-    arrays["encode_noise"] = f32(encode_noise)
+    arrays["encode_noise"] = as_f32(encode_noise)
     with torch.no_grad():
         pix = sd1.image_processor.preprocess(init_pil)
         assert tuple(pix.shape) == (1, 3, SIZE, SIZE)
-        arrays["encoder_mean"] = f32(sd1.vae.encode(pix).latent_dist.mean)
+        arrays["encoder_mean"] = as_f32(sd1.vae.encode(pix).latent_dist.mean)
 
     runs = {}
     for name, model, kind, sched_cls, strength, guidance in RUNS:
@@ -216,7 +209,7 @@ def main():
         assert p.calls == 1, (name, p.calls)
         im = out.images
         assert im.shape == (1, SIZE, SIZE, 3), im.shape
-        arrays[name] = f32(im)
+        arrays[name] = as_f32(im)
         runs[name] = dict(model=model, pipeline=kind, scheduler=sched_cls, strength=strength,
                           encoding="sample" if sampled else "mean",
                           guidance=guidance, steps=STEPS, image_std=round(float(im.std()), 4),
@@ -236,11 +229,7 @@ def main():
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })
-    total = sum(p.stat().st_size for p in build.rglob("*") if p.is_file())
-    assert total < 4e6, total
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    build.rename(OUT)
+    total = finish_build(build, OUT, 4e6)
     print("total bytes", total)
 
 

@@ -39,7 +39,7 @@ torch.use_deterministic_algorithms(True)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from make_sd_fixtures import NoiseRecorder, init_weights, write_json  # noqa: E402
+from make_sd_fixtures import NoiseRecorder, as_f32, finish_build, init_weights, load_sd1, new_build, write_json  # noqa: E402
 
 import diffusers  # noqa: E402
 
@@ -77,18 +77,11 @@ RUNS = [
 ]
 
 
-def f32(a):
-    return np.ascontiguousarray(np.asarray(a), dtype="<f4")
-
 
 def main():
     from diffusers import EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    build = OUT.parent / (OUT.name + ".new")
-    if build.exists():
-        shutil.rmtree(build)
-    build.mkdir(parents=True)
-    sd1 = StableDiffusionPipeline.from_pretrained(str(SD1), safety_checker=None, requires_safety_checker=False)
-    sd1 = sd1.to(torch.float32)
+    build = new_build(OUT)
+    sd1 = load_sd1(SD1)
     from diffusers import AutoencoderKL
     g = torch.Generator().manual_seed(SEED)
     made = {}
@@ -110,7 +103,7 @@ def main():
     assert models["sd1-lcm-tiny"].unet.config.time_cond_proj_dim == 32
 
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(SEED + 1))
-    arrays = {"latents": f32(latents)}
+    arrays = {"latents": as_f32(latents)}
     runs = {}
     for name, model, steps, guidance in RUNS:
         pipe = models[model]
@@ -119,9 +112,9 @@ def main():
                        latents=latents.clone(), generator=torch.Generator().manual_seed(0), output_type="np")
         im = out.images
         assert im.shape == (1, 16, 16, 3)
-        arrays[name] = f32(im)
+        arrays[name] = as_f32(im)
         if rec.drawn:
-            arrays["noise_" + name] = f32(torch.stack(rec.drawn))
+            arrays["noise_" + name] = as_f32(torch.stack(rec.drawn))
         sched = pipe.scheduler
         runs[name] = dict(model=model, steps=steps, guidance=guidance, scheduler=type(sched).__name__,
                           timesteps=[int(t) for t in sched.timesteps], cfg=bool(pipe.do_classifier_free_guidance),
@@ -136,14 +129,14 @@ def main():
     taesd.save_pretrained(str(build / "taesd-tiny"), safe_serialization=True)
     taesd = AutoencoderTiny.from_pretrained(str(build / "taesd-tiny")).eval()
     with torch.no_grad():
-        arrays["taesd_decode"] = f32(taesd.decode(latents).sample)
+        arrays["taesd_decode"] = as_f32(taesd.decode(latents).sample)
     sd1.scheduler = DDIMScheduler.from_config(sd1.scheduler.config)
     sd1.vae = taesd
     sd1.set_progress_bar_config(disable=True)
     with torch.no_grad():
         im = sd1(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0,
                  latents=latents.clone(), output_type="np").images
-    arrays["taesd_pipeline"] = f32(im)
+    arrays["taesd_pipeline"] = as_f32(im)
     taesd_run = dict(model="sd1-tiny", decoder="taesd-tiny", steps=4, guidance=3.0,
                                   scheduler="DDIMScheduler", image_std=round(float(im.std()), 4))
     for k, v in sorted(arrays.items()):
@@ -156,11 +149,7 @@ def main():
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })
-    total = sum(p.stat().st_size for p in build.rglob("*") if p.is_file())
-    assert total < 4e6, total
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    build.rename(OUT)
+    total = finish_build(build, OUT, 4e6)
     print("total bytes", total)
 
 

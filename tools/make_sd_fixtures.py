@@ -526,6 +526,47 @@ def cls_restore(config):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
+
+# --------------------------------------------------------------------------------------------
+# Shared with the scripts that build on these fixtures (make_sd_edit/fewstep/lora_fixtures.py)
+# --------------------------------------------------------------------------------------------
+
+def as_f32(a):
+    """A torch tensor or numpy array as contiguous little-endian f32 (what the .npy files hold)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().to(torch.float32).cpu().numpy()
+    return np.ascontiguousarray(np.asarray(a), dtype="<f4")
+
+
+def new_build(out):
+    """An empty `<out>.new` folder to build into (the old one removed)."""
+    build = out.parent / (out.name + ".new")
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir(parents=True)
+    return build
+
+
+def finish_build(build, out, limit):
+    """Checks the build's size against `limit` bytes and puts it in place of `out`; the size."""
+    total = sum(p.stat().st_size for p in build.rglob("*") if p.is_file())
+    assert total < limit, total
+    if out.exists():
+        shutil.rmtree(out)
+    build.rename(out)
+    return total
+
+
+def load_sd1(path, scheduler=None):
+    """The sd1-tiny pipeline in f32 (optionally with another scheduler class), progress bars off."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)
+
+
 def main():
     build = OUT.parent / (OUT.name + ".new")
     if build.exists():

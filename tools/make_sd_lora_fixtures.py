@@ -36,7 +36,7 @@ torch.use_deterministic_algorithms(True)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from make_sd_fixtures import write_json  # noqa: E402
+from make_sd_fixtures import as_f32, finish_build, load_sd1, new_build, write_json  # noqa: E402
 
 import diffusers  # noqa: E402
 
@@ -62,11 +62,8 @@ RUNS = [
 
 
 def pipeline():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(str(SD1), safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.float32)
+    from diffusers import DDIMScheduler
+    return load_sd1(SD1, DDIMScheduler)
 
 
 def randomize(module, g, scale):
@@ -74,6 +71,14 @@ def randomize(module, g, scale):
         for name, p in sorted(module.named_parameters()):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p[0].numel()) ** 0.5)
+
+
+def metadata(cfg):
+    """A LoraConfig as save_lora_weights records it, its module set sorted (Python's set order
+    follows the hash seed, and the file should not change between runs)."""
+    d = cfg.to_dict()
+    d["target_modules"] = sorted(d["target_modules"])
+    return d
 
 
 def kohya(sd, meta):
@@ -99,10 +104,7 @@ def main():
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    build = OUT.parent / (OUT.name + ".new")
-    if build.exists():
-        shutil.rmtree(build)
-    build.mkdir(parents=True)
+    build = new_build(OUT)
     g = torch.Generator().manual_seed(SEED)
 
     # The LoRA as training would leave it, saved by diffusers.
@@ -119,7 +121,7 @@ def main():
     StableDiffusionPipeline.save_lora_weights(
         str(build), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict(),
+        unet_lora_adapter_metadata=metadata(ucfg), text_encoder_lora_adapter_metadata=metadata(tcfg),
         weight_name="peft.safetensors", safe_serialization=True)
     with safe_open(str(build / "peft.safetensors"), "pt") as f:
         header_meta = f.metadata()
@@ -134,7 +136,7 @@ def main():
     pipe2.unet.add_adapter(u2)
     randomize(pipe2.unet, g, 0.8)
     StableDiffusionPipeline.save_lora_weights(
-        str(build), unet_lora_layers=get_peft_model_state_dict(pipe2.unet), unet_lora_adapter_metadata=u2.to_dict(),
+        str(build), unet_lora_layers=get_peft_model_state_dict(pipe2.unet), unet_lora_adapter_metadata=metadata(u2),
         weight_name="unet-only.safetensors", safe_serialization=True)
 
     latents = torch.from_numpy(np.load(SD1 / "latents.npy"))
@@ -142,7 +144,7 @@ def main():
     with torch.no_grad():
         base = pipeline()(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                           latents=latents.clone(), output_type="np").images
-    arrays["no_lora"] = np.ascontiguousarray(base, dtype="<f4")
+    arrays["no_lora"] = as_f32(base)
     for name, loras in RUNS:
         p = pipeline()
         names = []
@@ -155,7 +157,7 @@ def main():
         with torch.no_grad():
             im = p(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                    latents=latents.clone(), output_type="np").images
-        arrays[name] = np.ascontiguousarray(im, dtype="<f4")
+        arrays[name] = as_f32(im)
         runs[name] = dict(loras=[[f, s] for f, s in loras], diff_from_no_lora=round(float(np.abs(im - base).max()), 4))
         print(name, runs[name], flush=True)
     # The kohya file says what the PEFT one says.
@@ -174,11 +176,7 @@ def main():
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })
-    total = sum(p.stat().st_size for p in build.rglob("*") if p.is_file())
-    assert total < 2e6, total
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    build.rename(OUT)
+    total = finish_build(build, OUT, 2e6)
     print("total bytes", total)
 
 

@@ -122,13 +122,18 @@ impl Weights {
     /// uploaded whose updates change are dropped from the cache, so the next graph built uploads
     /// them again from the checkpoint (un-merging what the previous set added).
     pub fn set_deltas(&self, deltas: HashMap<String, Vec<Delta>>) {
-        let mut old = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
-        let changed: Vec<String> = old.keys().chain(deltas.keys()).cloned().collect();
-        *old = deltas;
+        // One lock at a time: `load` takes the cache's, then (uploading) the deltas'.
+        let changed: std::collections::HashSet<String> = {
+            let mut old = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = old.keys().chain(deltas.keys()).cloned().collect();
+            *old = deltas;
+            changed
+        };
+        // Cache keys are a name, `name#f32`, or `a+b+c#stacked`.
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|k, _| {
             let base = k.split('#').next().unwrap_or(k);
-            !changed.iter().any(|c| c == base || k.contains(c.as_str()))
+            !base.split('+').any(|n| changed.contains(n))
         });
     }
 

@@ -1,6 +1,6 @@
 // A minimal PNG reader for the tests: 8-bit RGB or RGBA, non-interlaced (what `kiln image` writes);
 // and a writer of 8-bit RGBA.
-import { crc32, deflateSync, inflateSync } from "node:zlib";
+import { deflateSync, inflateSync } from "node:zlib";
 
 export function readPng(buf) {
   if (buf.readUInt32BE(0) !== 0x89504e47) throw new Error("not a PNG");
@@ -58,6 +58,18 @@ export function psnr(a, b) {
   }
   const mse = se / (3 * n);
   return mse === 0 ? Infinity : 10 * Math.log10((255 * 255) / mse);
+}
+
+// CRC-32 (PNG's chunk checksum); node:zlib's own crc32 needs Node 20.15 or newer.
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+function crc32(buf) {
+  let c = 0xffffffff;
+  for (const b of buf) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
 }
 
 /** An 8-bit RGBA PNG of `{ width, height, data }` (filter 0 on every row). */

@@ -160,6 +160,7 @@ test("image edits: inpainting through the OpenAI client equal to kiln image --in
     [{ image: initPng, prompt: "x", strength: "2" }, /strength/],
     [{ image: initPng, prompt: "x", strength: "lots" }, /strength/],
     [{ prompt: "x" }, /image/],
+    [{ image: initPng, "image[]": initPng, prompt: "x" }, /one 'image'/],
   ];
   for (const [fields, says] of cases) {
     const res = await form(fields);

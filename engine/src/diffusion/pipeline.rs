@@ -578,17 +578,9 @@ impl SdModels {
         let mut status_read: Option<StatusRead> = None;
         let [_, c, lh, lw] = state.lat_shape;
         // With a tiny decoder loaded, previews are its decode of the model's current estimate of
-        // the clean latents (full size), else the latents projected to RGB (one pixel each).
-        let tiny = match &self.taesd {
-            Some(t) => {
-                let mut g = Graph::new();
-                let xv = g.tensor(&state.x0_prev);
-                let img = t.decode(&mut g, xv)?;
-                g.output(img);
-                Some((g.compile(gpu, CompileOptions::default()).await?, img))
-            }
-            None => None,
-        };
+        // the clean latents (full size), else the latents projected to RGB (one pixel each). Its
+        // plan is compiled at the first preview asked for.
+        let mut tiny: Option<(crate::Plan, Value)> = None;
         let mut tiny_read = None;
         let before = gpu.counters();
         let total = sched.steps();
@@ -656,6 +648,13 @@ impl SdModels {
                 StepReply::Continue => {}
                 StepReply::Preview => {
                     if let Some(p) = pending.as_mut() {
+                        if let (Some(t), None) = (&self.taesd, &tiny) {
+                            let mut g = Graph::new();
+                            let xv = g.tensor(&state.x0_prev);
+                            let img = t.decode(&mut g, xv)?;
+                            g.output(img);
+                            tiny = Some((g.compile(gpu, CompileOptions::default()).await?, img));
+                        }
                         match &tiny {
                             Some((plan, img)) => {
                                 tiny_read = Some(plan.submit_read_heads(&[(*img, u64::MAX)], 0)?)

@@ -246,7 +246,10 @@ impl ImageRequest {
                 .await
                 .map_err(|e| bad(format!("multipart form, field '{name}': {e}")))?;
             match name.as_str() {
-                "image" | "image[]" if image.is_none() => {
+                "image" | "image[]" if image.is_some() => {
+                    return Err(bad("image edit request: one 'image' only (n = 1)".into()))
+                }
+                "image" | "image[]" => {
                     image = Some(
                         crate::image::decode_png(&data, "image")
                             .map_err(|e| bad(format!("image: {e:#} (upload a PNG)")))?,
