@@ -244,3 +244,29 @@ fn traffic_accounting() {
     assert_eq!(tr.activations_moved, 4 + 2 * x_bytes + y_bytes);
     assert_eq!(tr.activations_once, 4 + x_bytes + y_bytes);
 }
+
+/// A gather from a reshaped activation reads every row of the view: `[b, l, d]` viewed as
+/// `[b * l, d]` has `b * l` rows, not the `b` of the value it views (SDXL's pooled text
+/// embedding gathers row `b * 77 + eos` of the final states).
+#[test]
+fn gather_reads_every_row_of_a_reshaped_activation() {
+    let gpu = gpu();
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 3, 4], DType::F32).unwrap();
+    let y = g.scale(x, 2.0, 0.0).unwrap();
+    let flat = g.reshape(y, &[6, 4]).unwrap();
+    let rows = g.input("rows", &[3], DType::U32).unwrap();
+    let p = g.gather(flat, rows).unwrap();
+    g.output(p);
+    let plan = pollster::block_on(g.compile(&gpu, CompileOptions::default())).unwrap();
+    let xs: Vec<f32> = (0..24).map(|v| v as f32).collect();
+    plan.write_f32(x, &xs).unwrap();
+    plan.write_u32(rows, &[1, 4, 5]).unwrap();
+    let out = pollster::block_on(plan.run_read(&[p])).unwrap();
+    let got: Vec<f32> = bytemuck::pod_collect_to_vec(&out[0]);
+    let want: Vec<f32> = [1usize, 4, 5]
+        .iter()
+        .flat_map(|&r| xs[r * 4..r * 4 + 4].iter().map(|v| v * 2.0))
+        .collect();
+    assert_eq!(got, want);
+}

@@ -209,7 +209,8 @@ async function probe(ctx, name) {
 
 /**
  * The files of a plan from the engine (`modelFiles`), found before any download: each group
- * offers alternatives (sets of files); the first alternative whose first file exists is taken,
+ * offers alternatives (sets of files), looked for only when its `when` file (if any) was found;
+ * the first alternative whose first file exists is taken,
  * the rest of it is then required; a sharded checkpoint's index (downloaded here) brings its
  * shards. Returns `[{ name, url, size, bytes? }]` and the index files' bytes.
  */
@@ -223,6 +224,9 @@ async function resolvePlan(ctx, plan) {
     return list[list.length - 1];
   };
   for (const group of plan) {
+    // A part that only some models have (SDXL's second text encoder): looked for when its
+    // marker file was found.
+    if (group.when && !list.some((f) => f.name === group.when)) continue;
     let found = false;
     for (const [i, alt] of group.any.entries()) {
       const last = group.required && i === group.any.length - 1;

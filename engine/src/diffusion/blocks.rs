@@ -21,8 +21,9 @@ pub fn resnet(
     let mut h = vb.pp("conv1").conv(g, h, out, 3, 1)?; // [b, out, h, w]
     if let Some(temb) = temb {
         let t = g.unary(temb, UnaryOp::Silu)?;
-        let t = vb.pp("time_emb_proj").linear(g, t, out)?; // [1, out]
-        let t = g.reshape(t, &[1, out, 1, 1])?;
+        let t = vb.pp("time_emb_proj").linear(g, t, out)?; // [1 or b, out]
+        let tb = g.shape(t)[0];
+        let t = g.reshape(t, &[tb, out, 1, 1])?;
         h = g.add(h, t)?;
     }
     let h = vb.pp("norm2").group_norm(g, h, groups, eps, true)?;

@@ -151,6 +151,11 @@ pub struct ClipConfig {
     pub positions: usize,
     pub eps: f32,
     pub quick_gelu: bool,
+    /// `CLIPTextModelWithProjection` (SDXL's second encoder): the width of `text_projection`,
+    /// applied to the pooled output.
+    pub projection_dim: Option<usize>,
+    /// Which token's state is the pooled output (see [`TextEncoder::pool_rows`]).
+    pub eos_token_id: u64,
 }
 
 impl ClipConfig {
@@ -184,6 +189,13 @@ impl ClipConfig {
             positions: c.need_count("max_position_embeddings")?,
             eps: c.num("layer_norm_eps", 1e-5)? as f32,
             quick_gelu,
+            projection_dim: match c.strings("architectures") {
+                Ok(a) if a.iter().any(|a| a == "CLIPTextModelWithProjection") => {
+                    Some(c.need_count("projection_dim")?)
+                }
+                _ => None,
+            },
+            eos_token_id: c.count("eos_token_id", 2)? as u64,
         })
     }
 }
@@ -194,9 +206,53 @@ pub struct TextEncoder {
     pub weights: Weights,
 }
 
+/// What a text encoder pass gives: the states the U-Net attends to and, when asked, the pooled
+/// output through `text_projection` (SDXL's second encoder's `text_embeds`).
+pub struct TextStates {
+    /// `[batch, len, hidden]`: the final layer norm's output, or with `penultimate` the hidden
+    /// state before the last layer (`hidden_states[-2]`, what SDXL's pipelines take).
+    pub hidden: Value,
+    /// `[batch, projection_dim]`.
+    pub pooled: Option<Value>,
+}
+
 impl TextEncoder {
     /// Adds the encoder: ids u32 `[batch * len]` → last hidden state `[batch, len, hidden]`.
     pub fn forward(&self, g: &mut Graph, ids: Value, batch: usize, len: usize) -> Result<Value> {
+        Ok(self.states(g, ids, batch, len, false, None)?.hidden)
+    }
+
+    /// The rows of the pooled output for token ids `[batch * len]`, as transformers picks them:
+    /// per sequence, the first `eos_token_id`, or (for configs that keep the legacy
+    /// `eos_token_id` 2) the first occurrence of the largest id, as an index into the flattened
+    /// `[batch * len]` states.
+    pub fn pool_rows(&self, ids: &[u32], len: usize) -> Vec<u32> {
+        ids.chunks(len.max(1))
+            .enumerate()
+            .map(|(b, seq)| {
+                let pos = if self.cfg.eos_token_id == 2 {
+                    let max = seq.iter().copied().max().unwrap_or(0);
+                    seq.iter().position(|&t| t == max)
+                } else {
+                    seq.iter().position(|&t| t as u64 == self.cfg.eos_token_id)
+                };
+                (b * len + pos.unwrap_or(0)) as u32
+            })
+            .collect()
+    }
+
+    /// Adds the encoder with SDXL's options: the penultimate hidden state instead of the final
+    /// one, and the pooled output of the rows `pool_rows` u32 `[batch]` ([`TextEncoder::pool_rows`])
+    /// through the final layer norm and `text_projection`.
+    pub fn states(
+        &self,
+        g: &mut Graph,
+        ids: Value,
+        batch: usize,
+        len: usize,
+        penultimate: bool,
+        pool_rows: Option<Value>,
+    ) -> Result<TextStates> {
         let cfg = &self.cfg;
         let h = cfg.hidden;
         // transformers 4 saves the tensors under `text_model.`, transformers 5 without it.
@@ -211,7 +267,15 @@ impl TextEncoder {
         let x = g.reshape(x, &[batch, len, h])?;
         let pos = g.slice_rows(pos_table, Dyn::Static(0), len)?; // [len, hidden]
         let mut x = g.add(x, pos)?;
+        // hidden_states[-2]: the input of the last layer.
+        let mut before_last = x;
         for i in 0..cfg.layers {
+            if i + 1 == cfg.layers {
+                before_last = x;
+                if penultimate && pool_rows.is_none() {
+                    break;
+                }
+            }
             let l = vb.pp("encoder.layers").pp(i);
             let attn = l.pp("self_attn");
             let n = l.pp("layer_norm1").layer_norm(g, x, cfg.eps)?;
@@ -241,6 +305,33 @@ impl TextEncoder {
             let f = l.pp("mlp.fc2").linear(g, f, h)?;
             x = g.add(x, f)?;
         }
-        vb.pp("final_layer_norm").layer_norm(g, x, cfg.eps)
+        let last = match (penultimate, pool_rows) {
+            (true, None) => None,
+            _ => Some(vb.pp("final_layer_norm").layer_norm(g, x, cfg.eps)?),
+        };
+        let pooled = match (pool_rows, last) {
+            (Some(rows), Some(last)) => {
+                let dim = cfg.projection_dim.ok_or_else(|| {
+                    Error::Unsupported(
+                        "a pooled text embedding from a text encoder without text_projection \
+                         (CLIPTextModelWithProjection)"
+                            .into(),
+                    )
+                })?;
+                let flat = g.reshape(last, &[batch * len, h])?;
+                let p = g.gather(flat, rows)?; // [batch, hidden]
+                let w = self
+                    .weights
+                    .root()
+                    .value(g, "text_projection.weight", &[dim, h])?;
+                Some(g.linear(p, w, None)?)
+            }
+            _ => None,
+        };
+        let hidden = match (penultimate, last) {
+            (false, Some(last)) => last,
+            _ => before_last,
+        };
+        Ok(TextStates { hidden, pooled })
     }
 }

@@ -345,9 +345,16 @@ impl SdModels {
         let mut g = Graph::new();
         let x = g.input("unet_in", &[batch, c, lh, lw], DType::F32)?;
         let t = g.input("t", &[1], DType::F32)?;
-        let ctx_shape = [batch, self.tokenizer.max_len, self.text_encoder.cfg.hidden];
+        let ctx_shape = [batch, self.tokenizer.max_len, self.context_dim()];
         let ctx = g.input("context", &ctx_shape, DType::F32)?;
-        self.unet.forward(&mut g, x, t, ctx)?;
+        let mut extra = super::unet::UnetExtra::default();
+        if let Some(tt) = self.unet.cfg.text_time {
+            extra.text_embeds =
+                Some(g.input("text embeds", &[batch, tt.pooled_dim], DType::F32)?);
+            let n = batch * super::unet::TIME_IDS;
+            extra.time_ids = Some(g.input("time ids", &[n], DType::F32)?);
+        }
+        self.unet.forward_cond(&mut g, x, t, ctx, &extra)?;
         g.check_fits(&self.gpu)
             .map_err(|e| named(e, "the U-Net's"))?;
         let mut g = Graph::new();

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::formats::safetensors::take_checkpoint;
 use crate::formats::ModelFiles;
 use crate::graph::Graph;
-use crate::weights::Weights;
+use crate::weights::{Quantize, Weights};
 use crate::CompileOptions;
 use std::sync::Arc;
 
@@ -21,12 +21,26 @@ pub struct SdModels {
     pub gpu: Arc<Gpu>,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: TextEncoder,
+    /// SDXL's second text encoder, with its tokenizer.
+    pub xl: Option<XlText>,
     pub unet: Unet,
     pub vae: Vae,
     /// `scheduler/scheduler_config.json` as text.
     pub scheduler_config: String,
     /// A tiny decoder (TAESD) for previews and, when asked, the final image.
     pub taesd: Option<TinyDecoder>,
+}
+
+/// SDXL's second text encoder (OpenCLIP ViT-bigG with its projection in the real model) and
+/// what the pipeline does with it: the U-Net attends to both encoders' penultimate hidden states
+/// side by side, and takes this one's projected pooled output as an added embedding.
+pub struct XlText {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: TextEncoder,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (true for SDXL): without a negative
+    /// prompt, classifier-free guidance's unconditional embeddings are zeros, not the encoding
+    /// of "".
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 fn text(files: &ModelFiles, name: &str) -> Result<String> {
@@ -39,6 +53,25 @@ fn text(files: &ModelFiles, name: &str) -> Result<String> {
 #[cfg(not(target_arch = "wasm32"))]
 pub use crate::formats::files::read_pipeline_dir;
 
+/// A CLIP tokenizer folder (`tokenizer`, `tokenizer_2`): `vocab.json` and `merges.txt`, or a
+/// `tokenizer.json` (what transformers 5 saves), with `tokenizer_config.json`.
+fn clip_tokenizer(files: &ModelFiles, dir: &str) -> Result<ClipTokenizer> {
+    let tc = files
+        .get(&format!("{dir}/tokenizer_config.json"))
+        .map(|b| String::from_utf8_lossy(b).to_string());
+    match (
+        files.get(&format!("{dir}/vocab.json")),
+        files.get(&format!("{dir}/tokenizer.json")),
+    ) {
+        (None, Some(tj)) => ClipTokenizer::from_tokenizer_json(tj, tc.as_deref()),
+        _ => ClipTokenizer::from_vocab_merges(
+            &text(files, &format!("{dir}/vocab.json"))?,
+            &text(files, &format!("{dir}/merges.txt"))?,
+            tc.as_deref(),
+        ),
+    }
+}
+
 /// A component's weights (`unet/diffusion_pytorch_model.safetensors`, ...), taken out of the files.
 fn component(gpu: &Arc<Gpu>, files: &mut ModelFiles, dir: &str, stem: &str) -> Result<Weights> {
     let st = take_checkpoint(files, dir, stem)?;
@@ -47,31 +80,51 @@ fn component(gpu: &Arc<Gpu>, files: &mut ModelFiles, dir: &str, stem: &str) -> R
 
 impl SdModels {
     /// Parses configs and weights (uploads happen as graphs are built).
-    pub fn load(gpu: &Arc<Gpu>, mut files: ModelFiles) -> Result<SdModels> {
-        let tc = files
-            .get("tokenizer/tokenizer_config.json")
-            .map(|b| String::from_utf8_lossy(b).to_string());
-        let tokenizer = match (
-            files.get("tokenizer/vocab.json"),
-            files.get("tokenizer/tokenizer.json"),
-        ) {
-            (None, Some(tj)) => ClipTokenizer::from_tokenizer_json(tj, tc.as_deref())?,
-            _ => ClipTokenizer::from_vocab_merges(
-                &text(&files, "tokenizer/vocab.json")?,
-                &text(&files, "tokenizer/merges.txt")?,
-                tc.as_deref(),
-            )?,
+    pub fn load(gpu: &Arc<Gpu>, files: ModelFiles) -> Result<SdModels> {
+        Self::load_with(gpu, files, Quantize::None)
+    }
+
+    /// [`SdModels::load`] with the U-Net's and text encoders' float matrices quantized as they
+    /// are uploaded (`--quantize`, as for text models; convolutions and the VAE stay as stored).
+    pub fn load_with(gpu: &Arc<Gpu>, mut files: ModelFiles, q: Quantize) -> Result<SdModels> {
+        let tokenizer = clip_tokenizer(&files, "tokenizer")?;
+        let text_encoder = TextEncoder {
+            cfg: ClipConfig::from_json(&text(&files, "text_encoder/config.json")?)?,
+            weights: component(gpu, &mut files, "text_encoder", "model")?.with_quantize(q),
         };
-        Ok(SdModels {
+        let xl = match files.get("text_encoder_2/config.json") {
+            None => None,
+            Some(_) => {
+                let index: serde_json::Value =
+                    serde_json::from_str(&text(&files, "model_index.json")?).map_err(|e| {
+                        Error::Data {
+                            name: "model_index.json".into(),
+                            msg: e.to_string(),
+                        }
+                    })?;
+                Some(XlText {
+                    tokenizer: clip_tokenizer(&files, "tokenizer_2")?,
+                    text_encoder: TextEncoder {
+                        cfg: ClipConfig::from_json(&text(&files, "text_encoder_2/config.json")?)?,
+                        weights: component(gpu, &mut files, "text_encoder_2", "model")?
+                            .with_quantize(q),
+                    },
+                    force_zeros_for_empty_prompt: index
+                        .get("force_zeros_for_empty_prompt")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(false),
+                })
+            }
+        };
+        let m = SdModels {
             gpu: gpu.clone(),
             tokenizer,
-            text_encoder: TextEncoder {
-                cfg: ClipConfig::from_json(&text(&files, "text_encoder/config.json")?)?,
-                weights: component(gpu, &mut files, "text_encoder", "model")?,
-            },
+            text_encoder,
+            xl,
             unet: Unet {
                 cfg: UnetConfig::from_json(&text(&files, "unet/config.json")?)?,
-                weights: component(gpu, &mut files, "unet", "diffusion_pytorch_model")?,
+                weights: component(gpu, &mut files, "unet", "diffusion_pytorch_model")?
+                    .with_quantize(q),
             },
             vae: Vae {
                 cfg: VaeConfig::from_json(&text(&files, "vae/config.json")?)?,
@@ -79,7 +132,74 @@ impl SdModels {
             },
             scheduler_config: text(&files, "scheduler/scheduler_config.json")?,
             taesd: None,
-        })
+        };
+        m.check_text_fits_unet()?;
+        Ok(m)
+    }
+
+    /// The width of the text states the U-Net attends to: the text encoder's hidden size, or
+    /// with SDXL's second encoder both side by side.
+    pub fn context_dim(&self) -> usize {
+        self.text_encoder.cfg.hidden + self.xl.as_ref().map_or(0, |x| x.text_encoder.cfg.hidden)
+    }
+
+    /// The text encoders' widths against the U-Net's `cross_attention_dim` and added
+    /// conditioning, so that a mismatched folder fails at load, naming both.
+    fn check_text_fits_unet(&self) -> Result<()> {
+        let u = &self.unet.cfg;
+        let bad = |msg: String| Error::Data {
+            name: "unet/config.json".into(),
+            msg,
+        };
+        if let Some(xl) = self
+            .xl
+            .as_ref()
+            .filter(|x| x.tokenizer.max_len != self.tokenizer.max_len)
+        {
+            return Err(Error::Data {
+                name: "tokenizer_2".into(),
+                msg: format!(
+                    "pads to {} tokens, the first tokenizer to {}: the encoders' states go side \
+                     by side, so they must be equally long",
+                    xl.tokenizer.max_len, self.tokenizer.max_len
+                ),
+            });
+        }
+        let parts = match (&u.text_time, &self.xl) {
+            (None, None) => Ok(()),
+            (Some(tt), Some(xl)) => match xl.text_encoder.cfg.projection_dim {
+                Some(p) if p == tt.pooled_dim => Ok(()),
+                p => Err(bad(format!(
+                    "the added embedding takes a pooled text embedding {} wide, but \
+                     text_encoder_2 gives {}",
+                    tt.pooled_dim,
+                    p.map_or("none (not a CLIPTextModelWithProjection)".into(), |p| {
+                        format!("{p}")
+                    })
+                ))),
+            },
+            (Some(_), None) => Err(bad(
+                "an SDXL U-Net (addition_embed_type \"text_time\") without text_encoder_2 \
+                 (the pipeline's second text encoder)"
+                    .into(),
+            )),
+            (None, Some(_)) => Err(bad(
+                "a second text encoder (text_encoder_2) beside a U-Net without SDXL's added \
+                 conditioning"
+                    .into(),
+            )),
+        };
+        parts?;
+        if self.context_dim() != u.cross_attention_dim {
+            return Err(bad(format!(
+                "cross_attention_dim is {}, but the text encoder{} give{} {} wide states",
+                u.cross_attention_dim,
+                if self.xl.is_some() { "s" } else { "" },
+                if self.xl.is_some() { "" } else { "s" },
+                self.context_dim()
+            )));
+        }
+        Ok(())
     }
 
     /// Loads a tiny decoder (diffusers' `AutoencoderTiny` folder: `config.json` and

@@ -8,7 +8,7 @@ use super::limits::{Checked, Edit};
 pub use super::limits::{UnetKind, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS};
 use super::models::SdModels;
 use super::schedulers::{Schedule, SchedulerKind, COEFFS};
-use super::unet::guidance_embedding;
+use super::unet::{guidance_embedding, UnetExtra, TIME_IDS};
 use crate::device::{CounterSnapshot, Counters, Fence, Gpu};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -308,23 +308,93 @@ impl SdModels {
         Ok(Image::from_decoder(raw, w, h, notes, loop_counters, ran))
     }
 
-    /// Text states of [negative, prompt] (or just the prompt), written into `state.context`.
+    /// Text states of [negative, prompt] (or just the prompt), written into `state.context`;
+    /// for SDXL both encoders' penultimate states side by side, and the second one's pooled
+    /// output into `state.text_embeds` (the negative rows left at zero when the pipeline forces
+    /// zeros for an empty negative prompt).
     async fn encode_prompts(&self, state: &State, opts: &ImageOptions) -> Result<()> {
-        let mut ids = Vec::new();
-        if state.batch == 2 {
-            ids.extend(self.tokenizer.encode(&opts.negative_prompt)?);
+        let zero_negative = state.batch == 2
+            && opts.negative_prompt.is_empty()
+            && self
+                .xl
+                .as_ref()
+                .is_some_and(|x| x.force_zeros_for_empty_prompt);
+        let mut prompts = Vec::new();
+        if state.batch == 2 && !zero_negative {
+            prompts.push(opts.negative_prompt.as_str());
         }
-        ids.extend(self.tokenizer.encode(&opts.prompt)?);
+        prompts.push(opts.prompt.as_str());
+        let first_row = state.batch - prompts.len();
         let mut g = Graph::new();
-        let iv = g.input("ids", &[ids.len()], DType::U32)?;
-        let h = self
-            .text_encoder
-            .forward(&mut g, iv, state.batch, self.tokenizer.max_len)?;
+        let t = self.text_graph(&mut g, &prompts)?;
         let cv = g.tensor(&state.context);
-        g.copy_into(h, cv, Dyn::Static(0))?;
+        let at = first_row * self.tokenizer.max_len * self.context_dim();
+        g.copy_into(t.context, cv, Dyn::Static(at as u32))?;
+        if let (Some(pooled), Some(te)) = (t.pooled, &state.text_embeds) {
+            let tv = g.tensor(te);
+            let width = g.shape(pooled)[1];
+            g.copy_into(pooled, tv, Dyn::Static((first_row * width) as u32))?;
+        }
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
-        plan.write_u32(iv, &ids)?;
+        for (v, ids) in &t.inputs {
+            plan.write_u32(*v, ids)?;
+        }
         plan.run()
+    }
+
+    /// The text states `[1, len, context_dim]` the U-Net attends to for `prompt` and, for SDXL,
+    /// the pooled embedding `[1, pooled]` (diffusers' `encode_prompt` outputs).
+    pub async fn prompt_states(&self, prompt: &str) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut g = Graph::new();
+        let t = self.text_graph(&mut g, &[prompt])?;
+        g.output(t.context);
+        let outs: Vec<Value> = std::iter::once(t.context).chain(t.pooled).collect();
+        if let Some(p) = t.pooled {
+            g.output(p);
+        }
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        for (v, ids) in &t.inputs {
+            plan.write_u32(*v, ids)?;
+        }
+        let mut out = plan.run_read(&outs).await?.into_iter();
+        let mut next = || {
+            out.next()
+                .map(|b| bytemuck::pod_collect_to_vec::<u8, f32>(&b))
+        };
+        Ok((next().unwrap_or_default(), next()))
+    }
+
+    /// Adds the text encoder(s) for `prompts`: the states `[n, len, context_dim]`, the pooled
+    /// embedding `[n, pooled]` (SDXL) and the token-id inputs to write.
+    fn text_graph(&self, g: &mut Graph, prompts: &[&str]) -> Result<TextGraph> {
+        let (n, len) = (prompts.len(), self.tokenizer.max_len);
+        let encode = |tok: &super::clip::ClipTokenizer| -> Result<Vec<u32>> {
+            let mut ids = Vec::new();
+            for p in prompts {
+                ids.extend(tok.encode(p)?);
+            }
+            Ok(ids)
+        };
+        let ids = encode(&self.tokenizer)?;
+        let iv = g.input("ids", &[ids.len()], DType::U32)?;
+        let Some(xl) = &self.xl else {
+            return Ok(TextGraph {
+                context: self.text_encoder.forward(g, iv, n, len)?,
+                pooled: None,
+                inputs: vec![(iv, ids)],
+            });
+        };
+        let ids2 = encode(&xl.tokenizer)?;
+        let rows = xl.text_encoder.pool_rows(&ids2, len);
+        let iv2 = g.input("ids_2", &[ids2.len()], DType::U32)?;
+        let rv = g.input("pool rows", &[n], DType::U32)?;
+        let h1 = self.text_encoder.states(g, iv, n, len, true, None)?;
+        let s2 = xl.text_encoder.states(g, iv2, n, len, true, Some(rv))?;
+        Ok(TextGraph {
+            context: g.concat(h1.hidden, s2.hidden, 2)?,
+            pooled: s2.pooled,
+            inputs: vec![(iv, ids), (iv2, ids2), (rv, rows)],
+        })
     }
 
     /// The init image's latents (scaled) into `state.init`; for an inpainting U-Net, the
@@ -508,8 +578,12 @@ impl SdModels {
             }
             None => uin,
         };
-        let cond = state.guidance_embedding.as_ref().map(|e| g.tensor(e));
-        let model_out = self.unet.forward_cond(&mut g, unet_x, t, ctx, cond)?;
+        let extra = UnetExtra {
+            guidance: state.guidance_embedding.as_ref().map(|e| g.tensor(e)),
+            text_embeds: state.text_embeds.as_ref().map(|e| g.tensor(e)),
+            time_ids: state.time_ids.as_ref().map(|e| g.tensor(e)),
+        };
+        let model_out = self.unet.forward_cond(&mut g, unet_x, t, ctx, &extra)?;
         let noise_input = opts.step_noise.is_some() && needs_noise;
         let noise = if !needs_noise {
             None
@@ -712,6 +786,14 @@ impl SdModels {
     }
 }
 
+/// The text encoders in a graph: the U-Net's text states, SDXL's pooled embedding, and the
+/// u32 inputs (token ids, pooled rows) with their values.
+struct TextGraph {
+    context: Value,
+    pooled: Option<Value>,
+    inputs: Vec<(Value, Vec<u32>)>,
+}
+
 /// The compiled step graph and its run-time values.
 struct StepPlan {
     plan: crate::Plan,
@@ -751,6 +833,11 @@ struct State {
     cond: Option<Arc<Tensor>>,
     /// An LCM U-Net's guidance-scale embedding `[1, time_cond_proj_dim]`.
     guidance_embedding: Option<Arc<Tensor>>,
+    /// SDXL: the pooled text embeddings `[batch, pooled]` and the size numbers `[batch * 6]`
+    /// (original height and width, crop top and left, target height and width: the image's
+    /// size, no crop, as diffusers' defaults).
+    text_embeds: Option<Arc<Tensor>>,
+    time_ids: Option<Arc<Tensor>>,
 }
 
 impl State {
@@ -835,13 +922,27 @@ impl State {
                     )
                 })
                 .transpose()?,
+            text_embeds: m
+                .unet
+                .cfg
+                .text_time
+                .map(|tt| zeros("text embeds", &[batch, tt.pooled_dim]))
+                .transpose()?,
+            time_ids: m
+                .unet
+                .cfg
+                .text_time
+                .map(|_| {
+                    let f = m.vae.cfg.scale_factor();
+                    let (h, w) = ((lh * f) as f32, (lw * f) as f32);
+                    let ids: Vec<f32> = (0..batch).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+                    table("time ids", &[batch * TIME_IDS], &ids)
+                })
+                .transpose()?,
             batch,
             lat_shape,
             n,
-            context: zeros(
-                "context",
-                &[batch, m.tokenizer.max_len, m.text_encoder.cfg.hidden],
-            )?,
+            context: zeros("context", &[batch, m.tokenizer.max_len, m.context_dim()])?,
             x: zeros("x", &lat_shape)?,
             x0_prev: zeros("x0_prev", &lat_shape)?,
             unet_in: zeros("unet_in", &[batch, c, lh, lw])?,

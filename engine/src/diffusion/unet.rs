@@ -36,7 +36,27 @@ pub struct UnetConfig {
     /// LCM-distilled U-Nets: the width of the guidance-scale embedding added to the time
     /// embedding (`time_cond_proj_dim`); such a U-Net runs without classifier-free guidance.
     pub time_cond_proj_dim: Option<usize>,
+    /// Transformer blocks in each level's cross-attention layers (`transformer_layers_per_block`;
+    /// SDXL's 1, 2, 10), down the U-Net; the up blocks take them reversed, the mid block the last.
+    pub transformer_layers: Vec<usize>,
+    /// SDXL's added conditioning (`addition_embed_type` "text_time").
+    pub text_time: Option<TextTime>,
 }
+
+/// SDXL's added conditioning: the pooled text embedding and six size numbers (`add_time_ids`:
+/// original height and width, crop top and left, target height and width), each number
+/// embedded sinusoidally, concatenated and projected by `add_embedding` into the time embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextTime {
+    /// The sinusoidal width per number (`addition_time_embed_dim`, 256 for SDXL).
+    pub time_dim: usize,
+    /// The pooled text embedding's width: `projection_class_embeddings_input_dim` less the six
+    /// numbers' embeddings (1280 for SDXL).
+    pub pooled_dim: usize,
+}
+
+/// The number of SDXL's `add_time_ids` per image.
+pub const TIME_IDS: usize = 6;
 
 impl UnetConfig {
     /// Parses the config, rejecting what the graph does not implement.
@@ -62,12 +82,9 @@ impl UnetConfig {
         // other time embeddings or activations) are refused at their defaults' values only.
         for k in [
             "class_embed_type",
-            "addition_embed_type",
             "encoder_hid_dim",
             "encoder_hid_dim_type",
             "num_class_embeds",
-            "projection_class_embeddings_input_dim",
-            "addition_time_embed_dim",
             "time_embedding_act_fn",
             "timestep_post_act",
             "cross_attention_norm",
@@ -105,20 +122,56 @@ impl UnetConfig {
                 .per_block("attention_head_dim", n)?
                 .ok_or_else(|| c.err("missing 'attention_head_dim'"))?,
         };
-        let tl = c
+        let transformer_layers = c
             .per_block("transformer_layers_per_block", n)?
             .unwrap_or(vec![1; n]);
-        if tl.iter().any(|&t| t != 1) {
-            return Err(Error::Unsupported(format!(
-                "transformer_layers_per_block {tl:?} (only 1)"
+        if transformer_layers.iter().any(|&t| t == 0 || t > 64) {
+            return Err(c.err(format!(
+                "transformer_layers_per_block {transformer_layers:?} (1 to 64 each)"
             )));
         }
-        if down_blocks.len() != n || up_blocks.len() != n || heads.len() != n {
+        let text_time = match c.get("addition_embed_type") {
+            None | Some(Json::Null) => {
+                c.only("addition_time_embed_dim", Json::Null)?;
+                c.only("projection_class_embeddings_input_dim", Json::Null)?;
+                None
+            }
+            Some(Json::String(t)) if t == "text_time" => {
+                let time_dim = c.need_count("addition_time_embed_dim")?;
+                let input = c.need_count("projection_class_embeddings_input_dim")?;
+                let pooled_dim = input
+                    .checked_sub(TIME_IDS * time_dim)
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| {
+                        c.err(format!(
+                            "projection_class_embeddings_input_dim {input} leaves no room for a \
+                             pooled text embedding beside {TIME_IDS} x addition_time_embed_dim \
+                             {time_dim}"
+                        ))
+                    })?;
+                Some(TextTime {
+                    time_dim,
+                    pooled_dim,
+                })
+            }
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "U-Net addition_embed_type {other} (only \"text_time\", SDXL's)"
+                )))
+            }
+        };
+        if down_blocks.len() != n
+            || up_blocks.len() != n
+            || heads.len() != n
+            || transformer_layers.len() != n
+        {
             return Err(c.err(format!(
-                "{n} block_out_channels but {} down, {} up blocks, {} head counts",
+                "{n} block_out_channels but {} down, {} up blocks, {} head counts, {} \
+                 transformer_layers_per_block",
                 down_blocks.len(),
                 up_blocks.len(),
-                heads.len()
+                heads.len(),
+                transformer_layers.len()
             )));
         }
         let groups = c.count("norm_num_groups", 32)?;
@@ -152,6 +205,8 @@ impl UnetConfig {
             flip_sin_to_cos: c.flag("flip_sin_to_cos", true)?,
             freq_shift: c.num("freq_shift", 0.0)? as f32,
             sample_size: c.count("sample_size", 64)?,
+            transformer_layers,
+            text_time,
         })
     }
 }
@@ -165,7 +220,8 @@ pub struct Unet {
 /// What every block of one forward pass reads.
 struct Pass<'a> {
     cfg: &'a UnetConfig,
-    /// Time embedding `[1, temb]` (one timestep for the whole batch).
+    /// Time embedding `[1, temb]` (one timestep for the whole batch), or `[b, temb]` with
+    /// SDXL's per-image added conditioning.
     temb: Value,
     /// Text states `[batch, tokens, cross_attention_dim]`.
     context: Value,
@@ -175,18 +231,17 @@ impl Unet {
     /// The noise prediction `[b, out, h, w]` for `sample` `[b, in, h, w]` at timestep `t` (f32
     /// `[1]`, one timestep for the batch) given text states `context` `[b, n, cross_dim]`.
     pub fn forward(&self, g: &mut Graph, sample: Value, t: Value, context: Value) -> Result<Value> {
-        self.forward_cond(g, sample, t, context, None)
+        self.forward_cond(g, sample, t, context, &UnetExtra::default())
     }
 
-    /// [`Unet::forward`] with an LCM U-Net's guidance-scale embedding `cond` `[1,
-    /// time_cond_proj_dim]` ([`guidance_embedding`]); `None` leaves it out.
+    /// [`Unet::forward`] with the conditioning some U-Nets take beside the text states.
     pub fn forward_cond(
         &self,
         g: &mut Graph,
         sample: Value,
         t: Value,
         context: Value,
-        cond: Option<Value>,
+        extra: &UnetExtra,
     ) -> Result<Value> {
         let width = g.shape(context).last().copied().unwrap_or(0);
         if width != self.cfg.cross_attention_dim {
@@ -201,20 +256,21 @@ impl Unet {
         let vb = self.weights.root();
         let pass = Pass {
             cfg: &self.cfg,
-            temb: self.time_embedding(g, &vb, t, cond)?,
+            temb: self.time_embedding(g, &vb, t, extra)?,
             context,
         };
         pass.forward(g, &vb, sample)
     }
 
     /// Time embedding of timestep value `t` `[1]`: sinusoidal projection, linear, SiLU, linear.
-    /// An LCM U-Net adds `cond_proj` of the guidance embedding before `linear_1`.
+    /// An LCM U-Net adds `cond_proj` of the guidance embedding before `linear_1`; SDXL adds
+    /// `add_embedding` of its pooled text embedding and embedded size numbers after `linear_2`.
     fn time_embedding(
         &self,
         g: &mut Graph,
         vb: &VarBuilder,
         t: Value,
-        cond: Option<Value>,
+        extra: &UnetExtra,
     ) -> Result<Value> {
         let cfg = &self.cfg;
         let mut e = g.timestep_embedding(
@@ -223,15 +279,48 @@ impl Unet {
             cfg.flip_sin_to_cos,
             cfg.freq_shift,
         )?;
-        let vb = vb.pp("time_embedding");
-        if let (Some(c), Some(_)) = (cond, cfg.time_cond_proj_dim) {
-            let p = vb.pp("cond_proj").linear(g, c, cfg.block_out_channels[0])?;
+        let tvb = vb.pp("time_embedding");
+        if let (Some(c), Some(_)) = (extra.guidance, cfg.time_cond_proj_dim) {
+            let p = tvb
+                .pp("cond_proj")
+                .linear(g, c, cfg.block_out_channels[0])?;
             e = g.add(e, p)?;
         }
-        let e = vb.pp("linear_1").linear(g, e, cfg.time_embed_dim)?;
+        let e = tvb.pp("linear_1").linear(g, e, cfg.time_embed_dim)?;
         let e = g.unary(e, UnaryOp::Silu)?;
-        vb.pp("linear_2").linear(g, e, cfg.time_embed_dim)
+        let e = tvb.pp("linear_2").linear(g, e, cfg.time_embed_dim)?;
+        let Some(tt) = cfg.text_time else {
+            return Ok(e);
+        };
+        let (Some(pooled), Some(ids)) = (extra.text_embeds, extra.time_ids) else {
+            return Err(Error::Data {
+                name: "unet".into(),
+                msg: "an SDXL U-Net (addition_embed_type \"text_time\") needs a pooled text \
+                      embedding and the size numbers (add_time_ids)"
+                    .into(),
+            });
+        };
+        let b = g.shape(pooled)[0];
+        let te = g.timestep_embedding(ids, tt.time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?;
+        let te = g.reshape(te, &[b, TIME_IDS * tt.time_dim])?;
+        let add = g.concat(pooled, te, 1)?;
+        let avb = vb.pp("add_embedding");
+        let a = avb.pp("linear_1").linear(g, add, cfg.time_embed_dim)?;
+        let a = g.unary(a, UnaryOp::Silu)?;
+        let a = avb.pp("linear_2").linear(g, a, cfg.time_embed_dim)?;
+        g.add(e, a)
     }
+}
+
+/// Conditioning some U-Nets take beside the text states (all `None` for SD 1.x/2.x).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnetExtra {
+    /// An LCM U-Net's guidance-scale embedding `[1, time_cond_proj_dim]` ([`guidance_embedding`]).
+    pub guidance: Option<Value>,
+    /// SDXL: the pooled text embedding `[b, pooled_dim]`, and the size numbers f32
+    /// `[b * 6]` (`add_time_ids`).
+    pub text_embeds: Option<Value>,
+    pub time_ids: Option<Value>,
 }
 
 impl Pass<'_> {
@@ -247,9 +336,16 @@ impl Pass<'_> {
         )
     }
 
-    /// Transformer2DModel with one BasicTransformerBlock: self-attention, cross-attention on
-    /// the text, GEGLU feed-forward, each pre-LayerNorm with a residual.
-    fn transformer(&self, g: &mut Graph, vb: &VarBuilder, x: Value, heads: usize) -> Result<Value> {
+    /// Transformer2DModel with `layers` BasicTransformerBlocks: self-attention, cross-attention
+    /// on the text, GEGLU feed-forward, each pre-LayerNorm with a residual.
+    fn transformer(
+        &self,
+        g: &mut Graph,
+        vb: &VarBuilder,
+        x: Value,
+        heads: usize,
+        layers: usize,
+    ) -> Result<Value> {
         let s = g.shape(x).to_vec(); // [b, c, h, w]
         let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
         let inner = c; // heads x (c / heads)
@@ -265,26 +361,28 @@ impl Pass<'_> {
             let t = g.reshape(t, &[b, inner, hw])?;
             g.transpose(t)?
         }; // [b, hw, inner]
-        let blk = vb.pp("transformer_blocks.0");
-        let names = ["to_q", "to_k", "to_v", "to_out.0"];
-        let n = blk.pp("norm1").layer_norm(g, t, 1e-5)?;
-        let a = attention(g, &blk.pp("attn1"), n, n, heads, inner, names)?;
-        t = g.add(t, a)?;
-        let n = blk.pp("norm2").layer_norm(g, t, 1e-5)?;
-        let a = attention(g, &blk.pp("attn2"), n, self.context, heads, inner, names)?;
-        t = g.add(t, a)?;
-        let n = blk.pp("norm3").layer_norm(g, t, 1e-5)?;
-        let ff = 4 * inner;
-        let f = blk.pp("ff.net.0.proj").linear(g, n, 2 * ff)?; // [b, hw, 2 * ff]
-        let f = g.glu(
-            GluInput::Halves {
-                x: f,
-                gate_first: false,
-            },
-            Act::GeluErf,
-        )?;
-        let f = blk.pp("ff.net.2").linear(g, f, inner)?;
-        t = g.add(t, f)?;
+        for k in 0..layers {
+            let blk = vb.pp("transformer_blocks").pp(k);
+            let names = ["to_q", "to_k", "to_v", "to_out.0"];
+            let n = blk.pp("norm1").layer_norm(g, t, 1e-5)?;
+            let a = attention(g, &blk.pp("attn1"), n, n, heads, inner, names)?;
+            t = g.add(t, a)?;
+            let n = blk.pp("norm2").layer_norm(g, t, 1e-5)?;
+            let a = attention(g, &blk.pp("attn2"), n, self.context, heads, inner, names)?;
+            t = g.add(t, a)?;
+            let n = blk.pp("norm3").layer_norm(g, t, 1e-5)?;
+            let ff = 4 * inner;
+            let f = blk.pp("ff.net.0.proj").linear(g, n, 2 * ff)?; // [b, hw, 2 * ff]
+            let f = g.glu(
+                GluInput::Halves {
+                    x: f,
+                    gate_first: false,
+                },
+                Act::GeluErf,
+            )?;
+            let f = blk.pp("ff.net.2").linear(g, f, inner)?;
+            t = g.add(t, f)?;
+        }
         let out = if self.cfg.linear_projection {
             let o = vb.pp("proj_out").linear(g, t, c)?; // [b, hw, c]
             let o = g.transpose(o)?;
@@ -310,7 +408,8 @@ impl Pass<'_> {
             for j in 0..cfg.layers_per_block {
                 x = self.resnet(g, &blk.pp("resnets").pp(j), x, ch[i])?;
                 if cross {
-                    x = self.transformer(g, &blk.pp("attentions").pp(j), x, cfg.heads[i])?;
+                    let tl = cfg.transformer_layers[i];
+                    x = self.transformer(g, &blk.pp("attentions").pp(j), x, cfg.heads[i], tl)?;
                 }
                 skips.push(x);
             }
@@ -321,9 +420,11 @@ impl Pass<'_> {
         }
         let mid = vb.pp("mid_block");
         x = self.resnet(g, &mid.pp("resnets.0"), x, ch[n - 1])?;
-        x = self.transformer(g, &mid.pp("attentions.0"), x, cfg.heads[n - 1])?;
+        let tl = cfg.transformer_layers[n - 1];
+        x = self.transformer(g, &mid.pp("attentions.0"), x, cfg.heads[n - 1], tl)?;
         x = self.resnet(g, &mid.pp("resnets.1"), x, ch[n - 1])?;
         for (i, (&c, &heads)) in ch.iter().rev().zip(cfg.heads.iter().rev()).enumerate() {
+            let tl = cfg.transformer_layers[n - 1 - i];
             let blk = vb.pp("up_blocks").pp(i);
             let cross = cfg.up_blocks[i].starts_with("CrossAttn");
             for j in 0..=cfg.layers_per_block {
@@ -333,7 +434,7 @@ impl Pass<'_> {
                 x = g.concat(x, skip, 1)?;
                 x = self.resnet(g, &blk.pp("resnets").pp(j), x, c)?;
                 if cross {
-                    x = self.transformer(g, &blk.pp("attentions").pp(j), x, heads)?;
+                    x = self.transformer(g, &blk.pp("attentions").pp(j), x, heads, tl)?;
                 }
             }
             if i + 1 < n {

@@ -3,7 +3,8 @@
 //!
 //! A plan is a list of [`FileGroup`]s. A group offers alternatives, each a set of files; the
 //! first alternative whose first file exists is taken (its other files are then required); a
-//! required group with no alternative present is an error naming them all. A file ending in
+//! required group with no alternative present is an error naming them all; a group with a
+//! `when` file is looked for only if that file was found. A file ending in
 //! `.index.json` is a sharded checkpoint's index: the shards it lists are fetched too.
 
 use super::safetensors::shard_names;
@@ -16,12 +17,17 @@ use serde::Serialize;
 pub struct FileGroup {
     pub any: Vec<Vec<String>>,
     pub required: bool,
+    /// The group is looked for only when this file (of an earlier group) was found: the
+    /// components of an optional part, e.g. SDXL's second text encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
 }
 
 fn one(name: &str, required: bool) -> FileGroup {
     FileGroup {
         any: vec![vec![name.to_string()]],
         required,
+        when: None,
     }
 }
 
@@ -47,6 +53,7 @@ fn checkpoint(dir: &str, stem: &str, prefer_fp16: bool) -> FileGroup {
     FileGroup {
         any: files,
         required: true,
+        when: None,
     }
 }
 
@@ -74,31 +81,50 @@ pub fn text_model() -> Vec<FileGroup> {
             vec!["model.safetensors.index.json".into()],
         ],
         required: true,
+        when: None,
     });
     plan
 }
 
-/// A diffusers Stable Diffusion pipeline folder.
+/// A diffusers Stable Diffusion pipeline folder (SD 1.x/2.x, or SDXL with its second text
+/// encoder and tokenizer).
 pub fn pipeline(prefer_fp16: bool) -> Vec<FileGroup> {
-    vec![
+    let tokenizer = |dir: &str| {
+        vec![
+            FileGroup {
+                any: vec![
+                    vec![format!("{dir}/vocab.json"), format!("{dir}/merges.txt")],
+                    vec![format!("{dir}/tokenizer.json")],
+                ],
+                required: true,
+                when: None,
+            },
+            one(&format!("{dir}/tokenizer_config.json"), false),
+            one(&format!("{dir}/special_tokens_map.json"), false),
+        ]
+    };
+    let mut plan = vec![
         one("model_index.json", true),
         one("scheduler/scheduler_config.json", true),
         one("text_encoder/config.json", true),
         checkpoint("text_encoder", "model", prefer_fp16),
-        FileGroup {
-            any: vec![
-                vec!["tokenizer/vocab.json".into(), "tokenizer/merges.txt".into()],
-                vec!["tokenizer/tokenizer.json".into()],
-            ],
-            required: true,
-        },
-        one("tokenizer/tokenizer_config.json", false),
-        one("tokenizer/special_tokens_map.json", false),
+    ];
+    plan.extend(tokenizer("tokenizer"));
+    plan.extend([
         one("unet/config.json", true),
         checkpoint("unet", "diffusion_pytorch_model", prefer_fp16),
         one("vae/config.json", true),
         checkpoint("vae", "diffusion_pytorch_model", prefer_fp16),
-    ]
+        one("text_encoder_2/config.json", false),
+    ]);
+    let second = "text_encoder_2/config.json";
+    let mut xl = vec![checkpoint("text_encoder_2", "model", prefer_fp16)];
+    xl.extend(tokenizer("tokenizer_2"));
+    plan.extend(xl.into_iter().map(|g| FileGroup {
+        when: Some(second.into()),
+        ..g
+    }));
+    plan
 }
 
 /// The files of one diffusers model folder (`config.json` and its weights), e.g. a tiny
@@ -135,6 +161,9 @@ pub fn collect(
 ) -> Result<ModelFiles> {
     let mut files = ModelFiles::new();
     for group in plan {
+        if group.when.as_ref().is_some_and(|w| !files.contains_key(w)) {
+            continue;
+        }
         let mut found = false;
         for alt in &group.any {
             let Some(first) = get(&alt[0])? else {
@@ -262,9 +291,13 @@ pub fn read_pipeline_dir(dir: &std::path::Path) -> Result<ModelFiles> {
     // Older repos (and `save_pretrained(safe_serialization=False)`) hold PyTorch pickles only.
     for (comp, stem) in [
         ("text_encoder", "model"),
+        ("text_encoder_2", "model"),
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
     ] {
+        if !dir.join(comp).join("config.json").is_file() && comp == "text_encoder_2" {
+            continue;
+        }
         let has = |ext: &str| dir.join(format!("{comp}/{stem}{ext}")).is_file();
         let st = [
             ".safetensors",

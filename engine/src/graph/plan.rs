@@ -246,12 +246,17 @@ impl Graph {
             .collect()
     }
 
-    /// A view takes its root's buffer(s) with its own shape.
+    /// A view takes its root's buffer(s) with its own shape; a buffer holding the whole value
+    /// holds all of the view's rows (a gather from `[b * l, d]` reshaped from `[b, l, d]` reads
+    /// rows past `b`).
     fn view(&self, bound: &[Option<Bound>], v: Value) -> Option<Bound> {
         let root = self.root(v);
-        bound[root.0].clone().map(|b| Bound {
-            shape: self.values[v.0].shape.clone(),
-            ..b
+        let shape = self.values[v.0].shape.clone();
+        bound[root.0].clone().map(|mut b| {
+            if let [part] = b.parts.as_mut_slice() {
+                part.rows = shape.first().copied().unwrap_or(1);
+            }
+            Bound { shape, ..b }
         })
     }
 
