@@ -69,6 +69,10 @@ pub struct ImageArgs {
     /// safetensors), with an optional scale (default 1); repeat for several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
+    /// Quantize the U-Net's and text encoders' float matrices on load: none, q4, q8, q4_k or
+    /// q6_k (for SDXL where its f16 weights do not fit; q8 stays closest to the image).
+    #[arg(long, default_value_t = kiln::llm::Quantize::None)]
+    quantize: kiln::llm::Quantize,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
     /// Show the denoising live in a desktop window, then the final image (X11; Xvfb works).
@@ -241,7 +245,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let gpu = crate::gpu()?;
     let t0 = std::time::Instant::now();
     let spinner = crate::spinner(!a.json && !a.window, "loading the pipeline");
-    let mut m = SdModels::load(&gpu, files)?;
+    let mut m = SdModels::load_with(&gpu, files, a.quantize)?;
     spinner.finish_and_clear();
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(dir) = &a.taesd {

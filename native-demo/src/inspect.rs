@@ -89,11 +89,34 @@ fn gguf(path: &Path) -> Result<Vec<String>> {
 
 fn folder(dir: &Path) -> Result<Vec<String>> {
     if dir.join("model_index.json").is_file() {
+        let class = std::fs::read_to_string(dir.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|j| j["_class_name"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "a diffusers pipeline".into());
         println!(
-            "{}: a diffusers pipeline (generate with `kiln image --model`)",
+            "{}: {class} (generate with `kiln image --model`)",
             dir.display()
         );
-        return Ok(Vec::new());
+        // Whether it loads: configs and tensor names, weights read but not uploaded.
+        let gpu = crate::gpu()?;
+        let loaded = kiln::formats::files::read_pipeline_dir(dir)
+            .and_then(|files| kiln::diffusion::models::SdModels::load(&gpu, files));
+        return Ok(match loaded {
+            Ok(m) => {
+                let xl = if m.xl.is_some() {
+                    ", two text encoders (SDXL)"
+                } else {
+                    ""
+                };
+                println!(
+                    "U-Net: {} input channels, blocks {:?}{xl}; VAE scaling {}",
+                    m.unet.cfg.in_channels, m.unet.cfg.block_out_channels, m.vae.cfg.scaling_factor
+                );
+                Vec::new()
+            }
+            Err(e) => vec![e.to_string()],
+        });
     }
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let Some(config) = read("config.json") else {

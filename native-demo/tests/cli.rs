@@ -233,6 +233,50 @@ fn image_writes_the_png_diffusers_makes() {
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
 }
 
+/// An SDXL-Turbo-layout folder (tests/fixtures/sdxl): the model's own one step and guidance
+/// 0 when the flags say nothing, the PNG diffusers makes; `--quantize q8` loads and differs
+/// little; `kiln info` names the pipeline class and its two text encoders.
+#[test]
+fn image_runs_sdxl_turbo_as_diffusers_does() {
+    let d = format!("{}/../tests/fixtures/sdxl", env!("CARGO_MANIFEST_DIR"));
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{d}/expected.json")).unwrap())
+            .unwrap();
+    let want =
+        kiln::formats::npy::parse(&std::fs::read(format!("{d}/turbo_1_g0.npy")).unwrap()).unwrap();
+    let model = format!("{d}/sdxl-turbo-tiny");
+    for (q, floor) in [("none", 40.0), ("q8", 30.0)] {
+        let out = std::env::temp_dir().join(format!("kiln-cli-sdxl-{q}.png"));
+        let o = kiln(&[
+            "image",
+            "--model",
+            &model,
+            "--prompt",
+            e["prompt"].as_str().unwrap(),
+            "--latents",
+            &format!("{d}/latents.npy"),
+            "--scheduler",
+            "euler",
+            "--quantize",
+            q,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("1 step, guidance 0"), "{err}");
+        let psnr = png_psnr(&out, &want.data, want.shape[1], want.shape[2]);
+        assert!(psnr >= floor, "{q}: PSNR {psnr:.1} dB");
+    }
+    let o = kiln(&["info", "--model", &format!("{d}/sdxl-tiny")]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("StableDiffusionXLPipeline") && text.contains("two text encoders"),
+        "{text}"
+    );
+}
+
 fn default_model(p: &str) -> String {
     format!("{}/../models/{p}", env!("CARGO_MANIFEST_DIR"))
 }

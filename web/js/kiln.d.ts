@@ -473,9 +473,10 @@ export interface ImageModel {
   /**
    * `inpainting`: a U-Net made for inpainting (9 input channels), which needs `initImage` and
    * `mask`. `steps`, `guidance`: what a generation that leaves them out gets (few-step models:
-   * 4 for LCM, 1 step at guidance 0 for SD-Turbo's scheduler; else 20 and 7.5).
+   * 4 for LCM, 1 step at guidance 0 for SD-Turbo's scheduler; else 20 and 7.5). `sdxl`: a
+   * Stable Diffusion XL pipeline (two text encoders).
    */
-  readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number; inpainting: boolean; steps: number; guidance: number };
+  readonly info: { width: number; height: number; sizeMultiple: number; latentChannels: number; inpainting: boolean; sdxl: boolean; steps: number; guidance: number };
   /** The image; `notes` carries messages such as a scheduler substitution. */
   generate(prompt: string, options?: ImageOptions): Promise<ImageData & { notes: string[] }>;
   /**

@@ -33,6 +33,7 @@ impl Device {
                 "sizeMultiple": m.size_multiple(),
                 "latentChannels": m.vae.cfg.latent_channels,
                 "inpainting": m.unet_kind().ok() == Some(UnetKind::Inpainting),
+                "sdxl": m.xl.is_some(),
                 "steps": m.defaults().0,
                 "guidance": m.defaults().1,
             })

@@ -626,6 +626,33 @@ test("image: fixture pipeline equals native (worker, with previews)", 600000, ()
 test("image: a pipeline as diffusers 0.42 saves it equals native (page)", 600000, () => imageParity(SAVED_IMAGE, false, false));
 test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
 
+test("image SDXL: two text encoders, added conditioning and SDXL-Turbo's defaults equal native (page and worker)", 600000, async () => {
+  // [folder under /fixtures/sdxl, browser options (steps/guidance left out: the model's defaults), worker]
+  const runs = [
+    ["sdxl-tiny", { steps: 3, guidance: 5, negativePrompt: "blurry", width: 16, height: 24 }, false],
+    ["sdxl-turbo-tiny", {}, true],
+  ];
+  for (const [model, o, worker] of runs) {
+    const out = join(userDir, `sdxl-${model}.png`);
+    const flags = [];
+    if (o.steps) flags.push("--steps", String(o.steps), "--guidance", String(o.guidance), "--negative-prompt", o.negativePrompt, "--width", String(o.width), "--height", String(o.height));
+    await native(["image", "--model", join(root, "tests/fixtures/sdxl", model), "--prompt", "a red door", "--seed", "5", ...flags, "--out", out, "--json"]);
+    const page = await openDemo(worker);
+    const got = await page.evaluate(async ({ model, o }) => {
+      const sd = await window.demo.kiln.loadImage(`/fixtures/sdxl/${model}/`);
+      const img = await sd.generate("a red door", { seed: 5, ...o });
+      const info = sd.info;
+      sd.dispose();
+      return { width: img.width, height: img.height, data: Array.from(img.data), info };
+    }, { model, o });
+    await page.close();
+    const db = psnr({ ...got, channels: 4 }, readPng(readFileSync(out)));
+    log(`${worker ? "worker" : "page  "} ${model} ${got.width}x${got.height} (steps ${got.info.steps}, guidance ${got.info.guidance}): PSNR ${db.toFixed(1)} dB against native`);
+    assert(got.info.sdxl === true, `info.sdxl ${got.info.sdxl}`);
+    assert(db >= 40, `PSNR ${db.toFixed(2)} dB < 40 dB`);
+  }
+});
+
 test("image edits: img2img and inpainting (both U-Net kinds) from a Blob, ImageData and a transparent-canvas mask equal native (page and worker)", 600000, async () => {
   const fx = join(root, "tests/fixtures/sd-edit");
   const runs = [

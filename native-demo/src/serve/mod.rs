@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// Quantize the text model's float matrices on load: none, q4, q8, q4_k or q6_k.
     #[arg(long, default_value_t = LoadOptions::default().quantize)]
     quantize: kiln::llm::Quantize,
+    /// Quantize the image model's U-Net and text encoders on load (as `kiln image --quantize`).
+    #[arg(long, default_value_t = kiln::llm::Quantize::None)]
+    image_quantize: kiln::llm::Quantize,
     /// KV-cache element type: auto (f16 on GPUs, f32 on software adapters), f32 or f16.
     #[arg(long, default_value_t = LoadOptions::default().kv_cache)]
     kv_cache: kiln::llm::KvCacheType,
@@ -793,7 +796,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .image_model
             .as_deref()
             .map_or("image-shapes".to_string(), model_id);
-        let mut m = SdModels::load(&gpu, files)
+        let mut m = SdModels::load_with(&gpu, files, a.image_quantize)
             .with_context(|| format!("loading the image model {id}"))
             .stage(EXIT_MODEL)?;
         if !a.loras.is_empty() {
