@@ -21,6 +21,10 @@ Writes tests/fixtures/sdxl/ (see tests/fixtures/README.md, section `sdxl/`):
   latents.npy,         the initial latents of the 16 x 16 runs and of the 16 x 24 (h x w) one
   latents_wide.npy
   noise.npy            the noise the img2img run adds (randn_tensor handed this tensor)
+  lora.safetensors     a random LoRA on the U-Net and both text encoders as
+                       StableDiffusionXLPipeline.save_lora_weights writes it (PEFT names:
+                       unet., text_encoder., text_encoder_2.); lora_s0.8.npy the euler_g5 run with
+                       it fused at scale 0.8
   <run>.npy            each run's image [1, h, w, 3] in [0, 1]
   expected.json        the runs and versions
 
@@ -126,6 +130,53 @@ def load(path):
     return pipe
 
 
+def lora(out, base, arrays, runs):
+    """A LoRA on all three parts saved by diffusers, and the euler_g5 run with it fused."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_sd_lora_fixtures import metadata, randomize
+    g = torch.Generator().manual_seed(SEED + 10)
+    pipe = load(out / "sdxl-tiny")
+    ucfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=True,
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "ff.net.2"])
+    tcfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=True)
+    pipe.unet.add_adapter(ucfg)
+    # transformers 5's add_adapter wants peft >= 0.22, which PyPI's mirror here lacks: PEFT's
+    # injection is what it calls.
+    inject_adapter_in_model(tcfg, pipe.text_encoder)
+    inject_adapter_in_model(tcfg, pipe.text_encoder_2)
+    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        randomize(m, g, 0.15)
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(out), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2),
+        unet_lora_adapter_metadata=metadata(ucfg), text_encoder_lora_adapter_metadata=metadata(tcfg),
+        text_encoder_2_lora_adapter_metadata=metadata(tcfg), weight_name="lora.safetensors",
+        safe_serialization=True)
+    p = load(out / "sdxl-tiny")
+    p.load_lora_weights(str(out), weight_name="lora.safetensors", adapter_name="a")
+    p.set_adapters(["a"], [0.8])
+    p.fuse_lora(adapter_names=["a"], lora_scale=1.0)
+    p.unload_lora_weights()
+    run = dict(RUNS_BY_NAME["euler_g5"])
+    with torch.no_grad():
+        im = p(PROMPT, negative_prompt=run["negative_prompt"], num_inference_steps=run["steps"],
+               guidance_scale=run["guidance"], height=16, width=16,
+               latents=torch.from_numpy(arrays["latents"]).clone(), output_type="np").images
+    arrays["lora_s0.8"] = as_f32(im)
+    diff = float(np.abs(im - arrays["euler_g5"]).max())
+    assert diff > 0.05, diff
+    runs["lora_s0.8"] = dict(run, lora="lora.safetensors", lora_scale=0.8, diff_from_no_lora=round(diff, 4))
+    print("lora_s0.8", runs["lora_s0.8"], flush=True)
+
+
+RUNS_BY_NAME = {r[0]: dict(model=r[1], pipeline=r[2], scheduler=r[3], steps=r[4], guidance=r[5],
+                           negative_prompt=r[6], height=r[7][0], width=r[7][1], strength=r[8]) for r in RUNS}
+
+
 def main():
     import PIL
     import transformers
@@ -176,6 +227,7 @@ def main():
                           negative_prompt=negative, height=h, width=w, strength=strength,
                           image_std=round(float(im.std()), 4))
         print(name, runs[name], flush=True)
+    lora(out, base, arrays, runs)
     # Zero negative embeddings are not the same as an encoded empty prompt's, and the runs differ.
     assert np.abs(arrays["euler_g5"] - arrays["euler_g5_zero_negative"]).max() > 0.02
 
@@ -188,7 +240,7 @@ def main():
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })
-    total = finish_build(out, OUT, 4e6)
+    total = finish_build(out, OUT, 5e6)
     print("total bytes", total)
 
 

@@ -1,15 +1,18 @@
-//! LoRA files for Stable Diffusion pipelines, merged into the U-Net's and the text encoder's
+//! LoRA files for Stable Diffusion pipelines, merged into the U-Net's and the text encoders'
 //! weights as they are uploaded: `W + scale * alpha / rank * up @ down` per target tensor (a
 //! convolution's kernel flattened to `[out, in * k * k]`; a 1x1 `up`).
 //!
 //! Two layouts, as people download them:
 //! - diffusers / PEFT (`StableDiffusionPipeline.save_lora_weights`): `unet.<module>.lora_A.weight`
-//!   (down) and `lora_B.weight` (up), `text_encoder.<module>...`; older files
+//!   (down) and `lora_B.weight` (up), `text_encoder.<module>...` (SDXL's second encoder:
+//!   `text_encoder_2.`); older files
 //!   `<module>.lora.down.weight` / `lora.up.weight`. Rank and alpha come from the header's
 //!   `lora_adapter_metadata` (`unet.r`, `unet.lora_alpha`, their `rank_pattern` /
 //!   `alpha_pattern`); without it alpha is the rank (a factor of 1).
 //! - kohya-ss (`sd-scripts`): `lora_unet_<module with _ for .>.lora_down.weight` /
-//!   `lora_up.weight` / `alpha`, `lora_te_...` for the text encoder.
+//!   `lora_up.weight` / `alpha`, `lora_te_...` (or `lora_te1_`, `lora_te2_` for SDXL's two)
+//!   for the text encoders. kohya's SDXL U-Nets use the original SGM names (`input_blocks`, ...),
+//!   which are refused with a note on converting the file with diffusers.
 //!
 //! Every key must name a tensor of the model: a file for another architecture is refused,
 //! naming the first key that fits nothing.
@@ -26,6 +29,8 @@ use std::collections::HashMap;
 pub enum Part {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Part {
@@ -33,6 +38,7 @@ impl Part {
         match self {
             Part::Unet => "the U-Net",
             Part::TextEncoder => "the text encoder",
+            Part::TextEncoder2 => "the second text encoder (SDXL's text_encoder_2)",
         }
     }
 }
@@ -53,13 +59,12 @@ struct Module {
 pub type Deltas = HashMap<Part, HashMap<String, Vec<Delta>>>;
 
 /// Reads a LoRA file (`label` names it in errors) and maps every module onto the tensors of
-/// `unet` and `text_encoder`; the deltas carry `scale`.
+/// the model's `parts` (U-Net, text encoder(s)); the deltas carry `scale`.
 pub fn deltas(
     label: &str,
     bytes: Vec<u8>,
     scale: f32,
-    unet: &Weights,
-    text_encoder: &Weights,
+    parts: &[(Part, &Weights)],
     out: &mut Deltas,
 ) -> Result<usize> {
     let bad = |msg: String| Error::Data {
@@ -89,14 +94,30 @@ pub fn deltas(
             })
             .collect()
     };
-    let (unet_flat, te_flat) = (flat(unet), flat(text_encoder));
+    let flats: HashMap<Part, HashMap<String, String>> =
+        parts.iter().map(|&(p, w)| (p, flat(w))).collect();
     let count = modules.len();
     for m in modules {
-        let w = match m.part {
-            Part::Unet => unet,
-            Part::TextEncoder => text_encoder,
+        let (w, flat) = match (parts.iter().find(|(p, _)| *p == m.part), flats.get(&m.part)) {
+            (Some(&(_, w)), Some(f)) => (w, f),
+            _ => {
+                return Err(bad(format!(
+                    "'{}' is for {}, which this pipeline does not have",
+                    m.key,
+                    m.part.describe()
+                )))
+            }
         };
-        let target = target_name(&m, w, &unet_flat, &te_flat).ok_or_else(|| {
+        let sgm = ["#input_blocks_", "#middle_block_", "#output_blocks_"];
+        if m.part == Part::Unet && sgm.iter().any(|p| m.path.starts_with(p)) {
+            return Err(Error::Unsupported(format!(
+                "LoRA {label}: '{}' uses the original (SGM) U-Net names that kohya's SDXL LoRAs \
+                 have; Kiln maps diffusers' names: convert the file with diffusers \
+                 (load_lora_weights, then save_lora_weights)",
+                m.key
+            )));
+        }
+        let target = target_name(&m, w, flat).ok_or_else(|| {
             bad(format!(
                 "'{}' names no tensor of {}",
                 m.key,
@@ -139,17 +160,8 @@ pub fn deltas(
 
 /// The checkpoint tensor a module targets: its path (under `text_model.` or without it, as
 /// transformers 4 and 5 name CLIP's modules) + `.weight`; kohya's flattened names by lookup.
-fn target_name(
-    m: &Module,
-    w: &Weights,
-    unet_flat: &HashMap<String, String>,
-    te_flat: &HashMap<String, String>,
-) -> Option<String> {
+fn target_name(m: &Module, w: &Weights, map: &HashMap<String, String>) -> Option<String> {
     if let Some(flat) = m.path.strip_prefix('#') {
-        let map = match m.part {
-            Part::Unet => unet_flat,
-            Part::TextEncoder => te_flat,
-        };
         return map
             .get(flat)
             .or_else(|| map.get(flat.strip_prefix("text_model_")?))
@@ -274,9 +286,11 @@ fn parse_key(name: &str) -> Option<(Part, String, Kind)> {
         for (prefix, part, flat) in [
             ("unet.", Part::Unet, false),
             ("text_encoder.", Part::TextEncoder, false),
+            ("text_encoder_2.", Part::TextEncoder2, false),
             ("lora_unet_", Part::Unet, true),
             ("lora_te_", Part::TextEncoder, true),
             ("lora_te1_", Part::TextEncoder, true),
+            ("lora_te2_", Part::TextEncoder2, true),
         ] {
             if let Some(path) = stem.strip_prefix(prefix) {
                 let path = if flat {
@@ -308,6 +322,7 @@ fn meta_prefix(part: Part) -> &'static str {
     match part {
         Part::Unet => "unet",
         Part::TextEncoder => "text_encoder",
+        Part::TextEncoder2 => "text_encoder_2",
     }
 }
 
@@ -361,6 +376,20 @@ mod tests {
             Some((
                 Part::TextEncoder,
                 "#text_model_encoder_layers_0_self_attn_q_proj".into()
+            ))
+        );
+        assert_eq!(
+            k("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
+            Some((
+                Part::TextEncoder2,
+                "#text_model_encoder_layers_0_mlp_fc1".into()
+            ))
+        );
+        assert_eq!(
+            k("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"),
+            Some((
+                Part::TextEncoder2,
+                "text_model.encoder.layers.0.self_attn.q_proj".into()
             ))
         );
         assert_eq!(k("model.diffusion_model.input_blocks.1.weight"), None);

@@ -244,7 +244,7 @@ impl SdModels {
     }
 
     /// Merges LoRA files (`(label, bytes, scale)`, in order; several add up) into the U-Net's
-    /// and the text encoder's weights, replacing the previous set: tensors they change are
+    /// and the text encoders' weights, replacing the previous set: tensors they change are
     /// uploaded again with the updates merged, those they no longer change from the checkpoint.
     /// A scale of 0 leaves a file out. Returns the number of modules merged. Errors name the
     /// file and the key when one fits no tensor of the model.
@@ -255,14 +255,14 @@ impl SdModels {
         for (label, bytes, scale) in loras {
             // Read even at scale 0, so a file that does not fit the model is still an error.
             let mut one = Deltas::new();
-            let k = deltas(
-                &label,
-                bytes,
-                scale,
-                &self.unet.weights,
-                &self.text_encoder.weights,
-                &mut one,
-            )?;
+            let mut parts = vec![
+                (Part::Unet, &self.unet.weights),
+                (Part::TextEncoder, &self.text_encoder.weights),
+            ];
+            if let Some(xl) = &self.xl {
+                parts.push((Part::TextEncoder2, &xl.text_encoder.weights));
+            }
+            let k = deltas(&label, bytes, scale, &parts, &mut one)?;
             if scale == 0.0 {
                 continue;
             }
@@ -280,6 +280,11 @@ impl SdModels {
         self.text_encoder
             .weights
             .set_deltas(all.remove(&Part::TextEncoder).unwrap_or_default());
+        if let Some(xl) = &self.xl {
+            xl.text_encoder
+                .weights
+                .set_deltas(all.remove(&Part::TextEncoder2).unwrap_or_default());
+        }
         Ok(n)
     }
 
