@@ -128,22 +128,44 @@ pub struct Preview {
     pub rgb: Vec<u8>,
 }
 
-/// Stable Diffusion 1.x/2.x latent-to-RGB factors (the usual approximation used for previews).
-const LATENT_RGB: [[f32; 3]; 4] = [
-    [0.298, 0.207, 0.208],
-    [0.187, 0.286, 0.173],
-    [-0.158, 0.189, 0.264],
-    [-0.184, -0.271, -0.473],
-];
+/// A linear map from latents to RGB in [-1, 1] for previews (the usual approximations).
+#[derive(Clone, Copy, Debug)]
+pub struct LatentRgb {
+    pub factors: [[f32; 3]; 4],
+    pub bias: [f32; 3],
+}
+
+/// Stable Diffusion 1.x/2.x's latent space.
+pub const SD_LATENT_RGB: LatentRgb = LatentRgb {
+    factors: [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ],
+    bias: [0.0; 3],
+};
+
+/// SDXL's latent space (its VAE's; ComfyUI's factors).
+pub const SDXL_LATENT_RGB: LatentRgb = LatentRgb {
+    factors: [
+        [0.3651, 0.4232, 0.4341],
+        [-0.2533, -0.0042, 0.1068],
+        [0.1076, 0.1111, -0.0362],
+        [-0.3165, -0.2492, -0.2188],
+    ],
+    bias: [0.1084, -0.0175, -0.0011],
+};
 
 /// Projects latents `[c, h, w]` to an RGB preview.
-pub fn preview_from_latents(x: &[f32], c: usize, h: usize, w: usize) -> Preview {
+pub fn preview_from_latents(x: &[f32], c: usize, h: usize, w: usize, map: &LatentRgb) -> Preview {
     let mut rgb = vec![0u8; 3 * h * w];
     for p in 0..h * w {
         for k in 0..3 {
             let v: f32 = (0..c.min(4))
-                .map(|ch| x[ch * h * w + p] * LATENT_RGB[ch][k])
-                .sum();
+                .map(|ch| x[ch * h * w + p] * map.factors[ch][k])
+                .sum::<f32>()
+                + map.bias[k];
             rgb[p * 3 + k] = ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8;
         }
     }
@@ -715,7 +737,12 @@ impl SdModels {
                 (true, _, _) => {
                     let bytes = gpu.map_read(&preview_staging, (n * 4) as u64).await?;
                     let lat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-                    Some(preview_from_latents(&lat, c, lh, lw))
+                    let map = if self.xl.is_some() {
+                        &SDXL_LATENT_RGB
+                    } else {
+                        &SD_LATENT_RGB
+                    };
+                    Some(preview_from_latents(&lat, c, lh, lw, map))
                 }
             };
             match on_step(i, total, preview) {
