@@ -172,6 +172,29 @@ test("image edits: inpainting through the OpenAI client equal to kiln image --in
   assert.equal(json.status, 415);
 });
 
+test("image LoRAs by name (--lora-dir): equal to kiln image --lora; the set changes per request; unknown names are 400s", async () => {
+  const sd = join(root, "tests/fixtures/sd/sd1-tiny");
+  const loras = join(root, "tests/fixtures/sd-lora");
+  const s = await startServe(["--image-model", sd, "--lora-dir", loras]);
+  const lc = new OpenAI({ baseURL: `${s}/v1`, apiKey: "none", maxRetries: 0, timeout: 600_000 });
+  const gen = async (extra) => readPng(Buffer.from((await lc.images.generate({ prompt: "a red door", size: "16x16", steps: 3, guidance: 3, seed: 4, ...extra })).data[0].b64_json, "base64"));
+  const cli = async (flags) => {
+    const out = join(mkdtempSync(join(tmpdir(), "kiln-serve-")), "cli.png");
+    await run(bin, ["image", "--model", sd, "--prompt", "a red door", "--width", "16", "--height", "16", "--steps", "3", "--guidance", "3", "--seed", "4", ...flags, "--out", out, "--json"], { env });
+    return readPng(readFileSync(out));
+  };
+  const plain = await gen({});
+  const two = await gen({ loras: [{ name: "peft", scale: 0.7 }, { name: "unet-only", scale: 1.5 }] });
+  assert.deepEqual(Buffer.from(two.data), Buffer.from((await cli(["--lora", `${loras}/peft.safetensors:0.7`, "--lora", `${loras}/unet-only.safetensors:1.5`])).data));
+  assert.notDeepEqual(Buffer.from(two.data), Buffer.from(plain.data));
+  // Back to none: un-merged, the plain image again, bit for bit.
+  assert.deepEqual(Buffer.from((await gen({ loras: [] })).data), Buffer.from(plain.data));
+  const bad = await fetch(`${s}/v1/images/generations`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ prompt: "x", loras: [{ name: "nope" }] }) });
+  assert.equal(bad.status, 400);
+  const msg = (await bad.json()).error.message;
+  assert.match(msg, /loras\[0\]\.name 'nope'.*peft/, msg);
+});
+
 test("/tokenize and /detokenize as llama-server has them: ids and pieces equal kiln tokenize", async () => {
   const text = "Once upon a time, in 1999!";
   const { stdout } = await run(bin, ["tokenize", "--model", textModel, "--json", text], { env });

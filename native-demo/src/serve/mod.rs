@@ -33,6 +33,7 @@ use kiln::diffusion::pipeline::{ImageOptions, RgbImage, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
 use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, TextModel};
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{channel, Sender};
@@ -46,9 +47,15 @@ pub struct ServeArgs {
     /// A diffusers pipeline folder for /v1/images/generations.
     #[arg(long)]
     image_model: Option<String>,
-    /// A LoRA merged into the image model (FILE[:SCALE], repeatable).
+    /// A LoRA merged into the image model (FILE[:SCALE], repeatable): what requests that name
+    /// no `loras` get.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
+    /// A folder of LoRA files (`*.safetensors`) that an image request may choose by name (the
+    /// file's stem): `"loras": [{"name": "...", "scale": 0.8}]`; the set is merged when it
+    /// changes from the previous request's.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
     /// Address to bind (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -218,11 +225,116 @@ struct ImageRequest {
     /// An edit: encode to a seeded draw from the VAE's distribution instead of its mean.
     #[serde(default)]
     sample_encoding: Option<bool>,
+    /// LoRAs from `--lora-dir` by name, each with a scale (default 1), instead of the
+    /// server's `--lora` set; `[]` for none.
+    #[serde(default)]
+    loras: Option<Vec<LoraRef>>,
     /// An edit's image and mask (from the multipart form).
     #[serde(skip)]
     init_image: Option<RgbImage>,
     #[serde(skip)]
     mask: Option<RgbImage>,
+}
+
+/// A LoRA a request names: a file of `--lora-dir` by its stem.
+#[derive(serde::Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct LoraRef {
+    name: String,
+    #[serde(default = "one")]
+    scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// The image worker's state: the pipeline, the LoRA files requests may name, the server's own
+/// set, and the set merged now (`(path, scale)` in order).
+struct ImageWorker {
+    m: SdModels,
+    available: std::collections::BTreeMap<String, PathBuf>,
+    default_set: Vec<(PathBuf, f32)>,
+    merged: Vec<(PathBuf, f32)>,
+}
+
+impl ImageWorker {
+    /// The LoRA files of `--lora-dir` by stem.
+    fn available(
+        dir: Option<&std::path::Path>,
+    ) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+        let mut out = std::collections::BTreeMap::new();
+        let Some(dir) = dir else {
+            return Ok(out);
+        };
+        for e in std::fs::read_dir(dir).with_context(|| format!("--lora-dir {}", dir.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                    out.insert(stem.to_string(), p.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Merges the request's LoRAs (or the server's set) when they differ from what is merged.
+    fn use_loras(&mut self, wanted: Option<&[LoraRef]>) -> Result<(), ApiError> {
+        let set: Vec<(PathBuf, f32)> =
+            match wanted {
+                None => self.default_set.clone(),
+                Some(refs) => {
+                    if !refs.is_empty() && self.available.is_empty() {
+                        return Err(ApiError::bad_request(
+                        "loras: this server takes no LoRAs by name (start it with --lora-dir DIR)",
+                    ));
+                    }
+                    refs.iter()
+                        .enumerate()
+                        .map(|(i, r)| {
+                            if !r.scale.is_finite() {
+                                return Err(ApiError::bad_request(format!(
+                                    "loras[{i}].scale: {} (expected a finite number)",
+                                    r.scale
+                                )));
+                            }
+                            match self.available.get(&r.name) {
+                                Some(p) => Ok((p.clone(), r.scale)),
+                                None => {
+                                    Err(ApiError::bad_request(format!(
+                                "loras[{i}].name '{}': no such LoRA in --lora-dir (there: {})",
+                                r.name,
+                                self.available.keys().cloned().collect::<Vec<_>>().join(", ")
+                            )))
+                                }
+                            }
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+            };
+        if set == self.merged {
+            return Ok(());
+        }
+        let mut files = Vec::new();
+        for (p, scale) in &set {
+            let bytes = std::fs::read(p).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    format!("reading {}: {e}", p.display()),
+                )
+            })?;
+            let label = p
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into());
+            files.push((label, bytes, *scale));
+        }
+        // A file that does not fit leaves the previous set merged (set_loras checks every file
+        // before changing anything).
+        self.m.set_loras(files).map_err(ApiError::from_engine)?;
+        self.merged = set;
+        Ok(())
+    }
 }
 
 impl ImageRequest {
@@ -274,6 +386,12 @@ impl ImageRequest {
                                 bad(format!("field '{name}': '{text}' is not a number"))
                             })?
                         }
+                        // A JSON list, e.g. `[{"name": "style", "scale": 0.8}]`.
+                        "loras" => serde_json::from_str(&text).map_err(|e| {
+                            bad(format!(
+                                "field 'loras': not a JSON list of {{name, scale}}: {e}"
+                            ))
+                        })?,
                         _ => Value::String(text),
                     };
                     fields.insert(name, v);
@@ -396,8 +514,10 @@ fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Sender<
 }
 
 /// The image worker's handler.
-fn run_image(m: &mut SdModels, r: ImageRequest, model_id: &str, reply: &Sender<Event>) {
+fn run_image(w: &mut ImageWorker, r: ImageRequest, model_id: &str, reply: &Sender<Event>) {
     let result = (|| -> Result<Value, ApiError> {
+        w.use_loras(r.loras.as_deref())?;
+        let m = &mut w.m;
         if r.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request("n other than 1 is not supported"));
         }
@@ -799,14 +919,28 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let mut m = SdModels::load_with(&gpu, files, a.image_quantize)
             .with_context(|| format!("loading the image model {id}"))
             .stage(EXIT_MODEL)?;
-        if !a.loras.is_empty() {
-            let n = crate::image::read_loras(&a.loras)
-                .and_then(|l| Ok(m.set_loras(l)?))
-                .stage(EXIT_MODEL)?;
+        let loras = crate::image::read_loras(&a.loras).stage(EXIT_MODEL)?;
+        let default_set: Vec<(PathBuf, f32)> = loras
+            .iter()
+            .map(|(p, _, s)| (PathBuf::from(p), *s))
+            .collect();
+        if !loras.is_empty() {
+            let n = m.set_loras(loras).stage(EXIT_MODEL)?;
             eprintln!("LoRA: {n} modules merged from {}", a.loras.join(", "));
         }
+        let available = ImageWorker::available(a.lora_dir.as_deref()).stage(EXIT_MODEL)?;
+        if !available.is_empty() {
+            let names: Vec<&str> = available.keys().map(String::as_str).collect();
+            eprintln!("LoRAs requests may name: {}", names.join(", "));
+        }
         eprintln!("image model: {id}");
-        Some(Worker::start(id, m, run_image))
+        let w = ImageWorker {
+            m,
+            available,
+            merged: default_set.clone(),
+            default_set,
+        };
+        Some(Worker::start(id, w, run_image))
     } else {
         None
     };
