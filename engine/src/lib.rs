@@ -7,6 +7,7 @@
 pub mod device;
 pub mod diffusion;
 pub mod dtype;
+pub mod embed;
 pub mod error;
 pub mod formats;
 pub mod graph;

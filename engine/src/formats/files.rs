@@ -127,6 +127,31 @@ pub fn pipeline(prefer_fp16: bool) -> Vec<FileGroup> {
     plan
 }
 
+/// A sentence-transformers folder: `modules.json`, the encoder's `config.json`, weights and
+/// tokenizer, the Pooling config and up to two Dense layers at the paths sentence-transformers
+/// gives them (`2_Dense`, `3_Dense`).
+pub fn embedding_model() -> Vec<FileGroup> {
+    let mut plan = vec![
+        one("modules.json", true),
+        one("config.json", true),
+        one("tokenizer.json", true),
+        one("tokenizer_config.json", false),
+        one("sentence_bert_config.json", false),
+        one("config_sentence_transformers.json", false),
+        checkpoint("", "model", false),
+        one("1_Pooling/config.json", false),
+    ];
+    for dense in ["2_Dense", "3_Dense"] {
+        let cfg = format!("{dense}/config.json");
+        plan.push(one(&cfg, false));
+        plan.push(FileGroup {
+            when: Some(cfg),
+            ..checkpoint(dense, "model", false)
+        });
+    }
+    plan
+}
+
 /// The files of one diffusers model folder (`config.json` and its weights), e.g. a tiny
 /// autoencoder (madebyollin/taesd).
 pub fn diffusers_model(prefer_fp16: bool) -> Vec<FileGroup> {

@@ -1,0 +1,522 @@
+//! Sentence embeddings from sentence-transformers folders (`modules.json`: a Transformer, a
+//! Pooling, optional Dense layers, an optional Normalize), with BERT-family encoders
+//! (all-MiniLM, bge): token, position and token-type embeddings, post-norm blocks of
+//! bidirectional attention and a GELU feed-forward, on the same kernels as the rest.
+//!
+//! Many inputs run as one forward pass, packed without padding: every product sees all the
+//! batch's tokens at once (`[T, hidden]`), attention runs per input on its rows, and pooling is
+//! one product with a `[inputs, T]` matrix (the mean's 1/len over an input's rows, or a one at
+//! its first (CLS) or last token). Dense layers run on the GPU too; the L2 normalisation on the
+//! host, on the few numbers that come back.
+
+use crate::device::Gpu;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::formats::config::Keys;
+use crate::formats::safetensors::take_checkpoint;
+use crate::formats::ModelFiles;
+use crate::graph::{Graph, UnaryOp, Value};
+use crate::tensor::Tensor;
+use crate::weights::{Quantize, VarBuilder, Weights};
+use crate::{CompileOptions, Dyn};
+use serde_json::Value as Json;
+use std::sync::Arc;
+
+/// The most tokens one forward pass packs (larger batches run as several passes).
+pub const MAX_PASS_TOKENS: usize = 8192;
+
+/// How token states become one vector per input (sentence-transformers' `Pooling`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The mean over the input's tokens (all-MiniLM, nomic).
+    Mean,
+    /// The first token's state (`[CLS]`; bge).
+    Cls,
+    /// The last token's state (decoder embedders).
+    LastToken,
+}
+
+/// A BERT encoder's hyper-parameters (`config.json`).
+#[derive(Clone, Debug)]
+pub struct BertConfig {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub positions: usize,
+    pub type_vocab: usize,
+    pub eps: f32,
+    pub act: UnaryOp,
+}
+
+impl BertConfig {
+    pub fn from_json(s: &str) -> Result<BertConfig> {
+        let c = Keys::parse("config.json", s)?;
+        let ty = c.text("model_type", "")?;
+        if ty != "bert" {
+            return Err(Error::Unsupported(format!(
+                "embedding model type '{ty}' (Kiln's encoder is BERT's: model_type \"bert\")"
+            )));
+        }
+        c.only("position_embedding_type", Json::from("absolute"))?;
+        let act = match c.text("hidden_act", "gelu")? {
+            "gelu" => UnaryOp::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => UnaryOp::GeluTanh,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "BERT hidden_act '{other}' (gelu, gelu_new)"
+                )))
+            }
+        };
+        let (hidden, heads) = (
+            c.need_count("hidden_size")?,
+            c.need_count("num_attention_heads")?,
+        );
+        if hidden % heads != 0 {
+            return Err(c.err(format!(
+                "hidden_size {hidden} is not a multiple of {heads} heads"
+            )));
+        }
+        Ok(BertConfig {
+            vocab: c.need_count("vocab_size")?,
+            hidden,
+            heads,
+            layers: c.need_count("num_hidden_layers")?,
+            intermediate: c.need_count("intermediate_size")?,
+            positions: c.count("max_position_embeddings", 512)?,
+            type_vocab: c.count("type_vocab_size", 2)?,
+            eps: c.num("layer_norm_eps", 1e-12)? as f32,
+            act,
+        })
+    }
+}
+
+/// A `Dense` module: `act(x W^T + b)`.
+pub struct DenseLayer {
+    pub inputs: usize,
+    pub outputs: usize,
+    pub tanh: bool,
+    pub weights: Weights,
+}
+
+/// A loaded embedding model.
+pub struct Embedder {
+    pub gpu: Arc<Gpu>,
+    pub cfg: BertConfig,
+    pub pooling: Pooling,
+    pub dense: Vec<DenseLayer>,
+    pub normalize: bool,
+    /// Tokens per input at most (longer inputs are truncated, the end token kept).
+    pub max_len: usize,
+    tokenizer: tokenizers::Tokenizer,
+    weights: Weights,
+}
+
+fn data_err(name: &str, msg: impl Into<String>) -> Error {
+    Error::Data {
+        name: name.into(),
+        msg: msg.into(),
+    }
+}
+
+fn text(files: &ModelFiles, name: &str) -> Result<String> {
+    crate::formats::text_file(files, name)?
+        .ok_or_else(|| data_err("embedding model", format!("missing {name}")))
+}
+
+/// `modules.json`'s entries: (type, path), in order.
+fn modules(files: &ModelFiles) -> Result<Vec<(String, String)>> {
+    let j: Json = serde_json::from_str(&text(files, "modules.json")?)
+        .map_err(|e| data_err("modules.json", e.to_string()))?;
+    let list = j
+        .as_array()
+        .ok_or_else(|| data_err("modules.json", "expected a list of modules"))?;
+    let mut out: Vec<(u64, String, String)> = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let ty = m["type"]
+            .as_str()
+            .ok_or_else(|| data_err("modules.json", format!("module {i} has no type")))?;
+        let path = m["path"].as_str().unwrap_or("").trim_end_matches('/');
+        out.push((
+            m["idx"].as_u64().unwrap_or(i as u64),
+            ty.into(),
+            path.into(),
+        ));
+    }
+    out.sort_by_key(|m| m.0);
+    Ok(out.into_iter().map(|(_, t, p)| (t, p)).collect())
+}
+
+/// A Pooling module's mode: sentence-transformers 6's `pooling_mode`, or the older booleans.
+fn pooling(cfg: &str) -> Result<Pooling> {
+    let j: Json =
+        serde_json::from_str(cfg).map_err(|e| data_err("Pooling config", e.to_string()))?;
+    let mode = match j.get("pooling_mode").and_then(|v| v.as_str()) {
+        Some(m) => m.to_string(),
+        None => {
+            let on: Vec<&str> = [
+                ("pooling_mode_cls_token", "cls"),
+                ("pooling_mode_mean_tokens", "mean"),
+                ("pooling_mode_max_tokens", "max"),
+                ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+                ("pooling_mode_weightedmean_tokens", "weightedmean"),
+                ("pooling_mode_lasttoken", "lasttoken"),
+            ]
+            .iter()
+            .filter(|(k, _)| j.get(k).and_then(|v| v.as_bool()) == Some(true))
+            .map(|(_, m)| *m)
+            .collect();
+            match on.as_slice() {
+                [one] => one.to_string(),
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "Pooling with modes {on:?} (one of mean, cls, lasttoken)"
+                    )))
+                }
+            }
+        }
+    };
+    match mode.as_str() {
+        "mean" => Ok(Pooling::Mean),
+        "cls" => Ok(Pooling::Cls),
+        "lasttoken" => Ok(Pooling::LastToken),
+        other => Err(Error::Unsupported(format!(
+            "pooling mode '{other}' (mean, cls or lasttoken)"
+        ))),
+    }
+}
+
+/// The longest input: sentence-transformers' `max_seq_length` (older `sentence_bert_config.json`),
+/// else the tokenizer's `model_max_length`, capped by the position table.
+fn max_len(files: &ModelFiles, positions: usize) -> usize {
+    let num = |file: &str, key: &str| -> Option<usize> {
+        let t = crate::formats::text_file(files, file).ok()??;
+        let j: Json = serde_json::from_str(&t).ok()?;
+        j.get(key)?.as_u64().map(|v| v as usize)
+    };
+    num("sentence_bert_config.json", "max_seq_length")
+        .or_else(|| num("tokenizer_config.json", "model_max_length"))
+        .unwrap_or(positions)
+        .clamp(2, positions)
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers folder's files ([`crate::formats::files::embedding_model`]).
+    pub fn load(gpu: &Arc<Gpu>, mut files: ModelFiles, q: Quantize) -> Result<Embedder> {
+        let mods = modules(&files)?;
+        let mut pooling_mode = None;
+        let mut dense = Vec::new();
+        let mut normalize = false;
+        let mut transformer = false;
+        for (ty, path) in &mods {
+            let kind = ty.rsplit('.').next().unwrap_or(ty);
+            let at = |f: &str| {
+                if path.is_empty() {
+                    f.to_string()
+                } else {
+                    format!("{path}/{f}")
+                }
+            };
+            match kind {
+                "Transformer" if path.is_empty() => transformer = true,
+                "Pooling" => pooling_mode = Some(pooling(&text(&files, &at("config.json"))?)?),
+                "Dense" => {
+                    let c = Keys::parse(&at("config.json"), &text(&files, &at("config.json"))?)?;
+                    let act = c.text("activation_function", "torch.nn.modules.linear.Identity")?;
+                    let tanh = match act.rsplit('.').next().unwrap_or(act) {
+                        "Tanh" => true,
+                        "Identity" => false,
+                        other => {
+                            return Err(Error::Unsupported(format!(
+                                "{path}: Dense activation '{other}' (Tanh or Identity)"
+                            )))
+                        }
+                    };
+                    let st = take_checkpoint(&mut files, path, "model")?;
+                    dense.push(DenseLayer {
+                        inputs: c.need_count("in_features")?,
+                        outputs: c.need_count("out_features")?,
+                        tanh,
+                        weights: Weights::new(gpu, path, Box::new(st)),
+                    });
+                }
+                "Normalize" => normalize = true,
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "sentence-transformers module '{ty}' at '{path}' (Kiln runs Transformer, \
+                         Pooling, Dense and Normalize)"
+                    )))
+                }
+            }
+        }
+        if !transformer {
+            return Err(data_err(
+                "modules.json",
+                "no Transformer module at the folder's root",
+            ));
+        }
+        let pooling = pooling_mode.ok_or_else(|| data_err("modules.json", "no Pooling module"))?;
+        let cfg = BertConfig::from_json(&text(&files, "config.json")?)?;
+        let max_len = max_len(&files, cfg.positions);
+        let mut tokenizer = crate::tokenizer::build_tokenizer(
+            files
+                .get("tokenizer.json")
+                .ok_or_else(|| data_err("embedding model", "missing tokenizer.json"))?,
+        )?;
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| data_err("tokenizer.json", e.to_string()))?;
+        tokenizer.with_padding(None);
+        let mut width = cfg.hidden;
+        for d in &dense {
+            if d.inputs != width {
+                return Err(data_err(
+                    "Dense config",
+                    format!("in_features {} after a {width}-wide embedding", d.inputs),
+                ));
+            }
+            width = d.outputs;
+        }
+        let st = take_checkpoint(&mut files, "", "model")?;
+        Ok(Embedder {
+            gpu: gpu.clone(),
+            weights: Weights::new(gpu, "embedding model", Box::new(st)).with_quantize(q),
+            cfg,
+            pooling,
+            dense,
+            normalize,
+            max_len,
+            tokenizer,
+        })
+    }
+
+    /// The embedding's width.
+    pub fn dim(&self) -> usize {
+        self.dense.last().map_or(self.cfg.hidden, |d| d.outputs)
+    }
+
+    /// An input's token ids as the model's tokenizer makes them (start and end tokens,
+    /// truncated to [`Embedder::max_len`]).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| data_err("tokenizer", e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Embeddings of texts (one vector each), batched into as few passes as fit.
+    pub async fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<_>>>()?;
+        self.embed_ids(&ids).await
+    }
+
+    /// Embeddings of token-id inputs. Each must be non-empty, within the vocabulary and at
+    /// most [`Embedder::max_len`] long (an error names the input otherwise).
+    pub async fn embed_ids(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        for (i, ids) in inputs.iter().enumerate() {
+            let bad = |msg: String| data_err("input", format!("input {i}: {msg}"));
+            if ids.is_empty() {
+                return Err(bad("no tokens".into()));
+            }
+            if ids.len() > self.max_len {
+                return Err(bad(format!(
+                    "{} tokens, more than the model's {}",
+                    ids.len(),
+                    self.max_len
+                )));
+            }
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
+                return Err(bad(format!(
+                    "token id {id} is outside the vocabulary ({})",
+                    self.cfg.vocab
+                )));
+            }
+        }
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        while start < inputs.len() {
+            let mut end = start;
+            let mut total = 0;
+            while end < inputs.len()
+                && (end == start || total + inputs[end].len() <= MAX_PASS_TOKENS)
+            {
+                total += inputs[end].len();
+                end += 1;
+            }
+            out.extend(self.pass(&inputs[start..end]).await?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// One packed forward pass over `inputs`.
+    async fn pass(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let (n, h) = (inputs.len(), self.cfg.hidden);
+        let lens: Vec<usize> = inputs.iter().map(Vec::len).collect();
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |s, &l| {
+                let at = *s;
+                *s += l;
+                Some(at)
+            })
+            .collect();
+        let t: usize = lens.iter().sum();
+        let ids: Vec<u32> = inputs.concat();
+        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let mut pool = vec![0f32; n * t];
+        for (i, (&s, &l)) in starts.iter().zip(&lens).enumerate() {
+            let row = &mut pool[i * t..(i + 1) * t];
+            match self.pooling {
+                Pooling::Mean => row[s..s + l].fill(1.0 / l as f32),
+                Pooling::Cls => row[s] = 1.0,
+                Pooling::LastToken => row[s + l - 1] = 1.0,
+            }
+        }
+        let mut g = Graph::new();
+        let iv = g.input("ids", &[t], DType::U32)?;
+        let pv = g.input("positions", &[t], DType::U32)?;
+        let mv = g.input("pooling", &[1, n, t], DType::F32)?;
+        let x = self.encoder(&mut g, iv, pv, &starts, &lens)?; // [t, h]
+        let x = g.reshape(x, &[1, t, h])?;
+        let xt = g.transpose(x)?; // [1, h, t]
+        let mut e = g.linear(mv, xt, None)?; // [1, n, h]
+        for d in &self.dense {
+            e = d.weights.root().pp("linear").linear(&mut g, e, d.outputs)?;
+            if d.tanh {
+                e = g.unary(e, UnaryOp::Softcap { cap: 1.0 })?;
+            }
+        }
+        g.output(e);
+        let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+        plan.write_u32(iv, &ids)?;
+        plan.write_u32(pv, &positions)?;
+        plan.write_f32(mv, &pool)?;
+        let bytes = plan.run_read(&[e]).await?;
+        let flat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
+        let dim = self.dim();
+        Ok(flat
+            .chunks(dim)
+            .map(|v| {
+                if self.normalize {
+                    l2_normalized(v)
+                } else {
+                    v.to_vec()
+                }
+            })
+            .collect())
+    }
+
+    /// The encoder over packed inputs: ids and positions `[t]` → last hidden states `[t, h]`.
+    fn encoder(
+        &self,
+        g: &mut Graph,
+        ids: Value,
+        pos: Value,
+        starts: &[usize],
+        lens: &[usize],
+    ) -> Result<Value> {
+        let c = &self.cfg;
+        let (h, t) = (c.hidden, lens.iter().sum::<usize>());
+        let vb = self
+            .weights
+            .root()
+            .first_of(&["", "bert"], "embeddings.word_embeddings.weight")?;
+        let emb = vb.pp("embeddings");
+        let words = emb.value(g, "word_embeddings.weight", &[c.vocab, h])?;
+        let table = g.tensor(&emb.get_f32("position_embeddings.weight", &[c.positions, h])?);
+        let types = g.tensor(&emb.get_f32("token_type_embeddings.weight", &[c.type_vocab, h])?);
+        let x = g.gather(words, ids)?;
+        let p = g.gather(table, pos)?;
+        let x = g.add(x, p)?;
+        let type0 = g.slice_rows(types, Dyn::Static(0), 1)?; // every token is of type 0
+        let x = g.add(x, type0)?;
+        let mut x = emb.pp("LayerNorm").layer_norm(g, x, c.eps)?;
+        for i in 0..c.layers {
+            let l = vb.pp("encoder.layer").pp(i);
+            let a = self.attention(g, &l.pp("attention.self"), x, starts, lens, t)?;
+            let o = l.pp("attention.output.dense").linear(g, a, h)?;
+            let o = g.add(o, x)?;
+            x = l.pp("attention.output.LayerNorm").layer_norm(g, o, c.eps)?;
+            let f = l.pp("intermediate.dense").linear(g, x, c.intermediate)?;
+            let f = g.unary(f, c.act)?;
+            let f = l.pp("output.dense").linear(g, f, h)?;
+            let f = g.add(f, x)?;
+            x = l.pp("output.LayerNorm").layer_norm(g, f, c.eps)?;
+        }
+        Ok(x)
+    }
+
+    /// Bidirectional multi-head attention of each input over its own rows of `x` `[t, h]`.
+    fn attention(
+        &self,
+        g: &mut Graph,
+        vb: &VarBuilder,
+        x: Value,
+        starts: &[usize],
+        lens: &[usize],
+        t: usize,
+    ) -> Result<Value> {
+        let (h, heads) = (self.cfg.hidden, self.cfg.heads);
+        let q = vb.pp("query").linear(g, x, h)?;
+        let k = vb.pp("key").linear(g, x, h)?;
+        let v = vb.pp("value").linear(g, x, h)?;
+        if let [l] = lens {
+            let r = |g: &mut Graph, v| g.reshape(v, &[1, *l, h]);
+            let (q, k, v) = (r(g, q)?, r(g, k)?, r(g, v)?);
+            let a = g.attention(
+                q,
+                k,
+                v,
+                heads,
+                heads,
+                false,
+                Dyn::Static(0),
+                Dyn::Static(*l as u32),
+            )?;
+            return g.reshape(a, &[*l, h]);
+        }
+        // Each input attends over its own rows; the outputs land in one [t, h] buffer.
+        let out = Arc::new(Tensor::zeros(&self.gpu, "attention", &[t, h], DType::F32)?);
+        let ov = g.tensor(&out);
+        for (&s, &l) in starts.iter().zip(lens) {
+            let rows = |g: &mut Graph, v| -> Result<Value> {
+                let r = g.slice_rows(v, Dyn::Static(s as u32), l)?;
+                g.reshape(r, &[1, l, h])
+            };
+            let (qi, ki, vi) = (rows(g, q)?, rows(g, k)?, rows(g, v)?);
+            let a = g.attention(
+                qi,
+                ki,
+                vi,
+                heads,
+                heads,
+                false,
+                Dyn::Static(0),
+                Dyn::Static(l as u32),
+            )?;
+            g.copy_into(a, ov, Dyn::Static((s * h) as u32))?;
+        }
+        Ok(ov)
+    }
+}
+
+/// `v / max(|v|, 1e-12)` (torch's `F.normalize`), in f64.
+pub fn l2_normalized(v: &[f32]) -> Vec<f32> {
+    let norm = v
+        .iter()
+        .map(|&x| (x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-12);
+    v.iter().map(|&x| (x as f64 / norm) as f32).collect()
+}

@@ -1,0 +1,102 @@
+//! Sentence embeddings against sentence-transformers (fixtures in tests/fixtures/embed, made by
+//! tools/make_embed_fixtures.py): the tokenizer's ids with truncation, and each model's
+//! embeddings (mean, CLS, a Dense layer; normalised) at cosine >= 0.9999 with the maximum absolute
+//! error reported, for a batch in one pass and for each input alone; bad inputs are errors
+//! naming the input.
+
+use kiln::embed::Embedder;
+use kiln::formats::files::{embedding_model, read_dir};
+use kiln::llm::Quantize;
+use std::path::PathBuf;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/embed")
+}
+
+fn load(model: &str) -> Embedder {
+    let files = read_dir(&dir().join(model), &embedding_model()).unwrap();
+    Embedder::load(&kiln_tests::gpu(), files, Quantize::None)
+        .unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let e = kiln_tests::read_json(&dir().join("expected.json"));
+    let sentences: Vec<&str> = e["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for model in ["minilm-tiny", "bge-tiny", "dense-tiny"] {
+        let m = load(model);
+        if model == "minilm-tiny" {
+            for (s, want) in sentences.iter().zip(e["token_ids"].as_array().unwrap()) {
+                assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(want), "{s}");
+            }
+        }
+        let want = kiln_tests::read_npy(&dir().join(format!("{model}.npy")));
+        let dim = want.shape[1];
+        assert_eq!(m.dim(), dim, "{model}");
+        let batch = pollster::block_on(m.embed_texts(&sentences)).unwrap();
+        let mut worst = (1.0f64, 0.0f32);
+        for (i, got) in batch.iter().enumerate() {
+            let w = &want.data[i * dim..(i + 1) * dim];
+            let c = cosine(got, w);
+            let abs = got
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            worst = (worst.0.min(c), worst.1.max(abs));
+            assert!(c >= 0.9999, "{model} input {i}: cosine {c}");
+            // Alone, the same vector (the packed batch changes nothing).
+            let one = pollster::block_on(m.embed_texts(&[sentences[i]])).unwrap();
+            let d = one[0]
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-5, "{model} input {i}: alone differs by {d}");
+        }
+        eprintln!(
+            "{model}: worst cosine {:.7}, max abs error {:.2e}",
+            worst.0, worst.1
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_naming_the_input() {
+    let m = load("minilm-tiny");
+    let cases: [(Vec<Vec<u32>>, &str); 3] = [
+        (vec![vec![2, 5, 3], vec![]], "input 1: no tokens"),
+        (vec![vec![2, 100_000, 3]], "outside the vocabulary"),
+        (vec![vec![2; 25]], "more than the model's 24"),
+    ];
+    for (ids, want) in cases {
+        let err = pollster::block_on(m.embed_ids(&ids))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    // A module Kiln does not run is refused naming it.
+    let mut files = read_dir(&dir().join("minilm-tiny"), &embedding_model()).unwrap();
+    let mods = String::from_utf8(files["modules.json"].clone()).unwrap();
+    files.insert(
+        "modules.json".into(),
+        mods.replace("normalize.Normalize", "layer_norm.LayerNorm")
+            .into_bytes(),
+    );
+    let err = Embedder::load(&kiln_tests::gpu(), files, Quantize::None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("LayerNorm"), "{err}");
+}

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Sentence-embedding parity fixtures for Kiln: tiny random-weight BERT encoders saved as
+sentence-transformers saves them, and their embeddings of a few sentences.
+
+Writes tests/fixtures/embed/ (see tests/fixtures/README.md, section `embed/`):
+  minilm-tiny/     SentenceTransformer.save of [Transformer(BertModel), Pooling(mean), Normalize]
+                   (all-MiniLM-L6-v2's layout): config.json, model.safetensors, tokenizer.json and
+                   friends (a WordPiece vocabulary, lower-cased), modules.json,
+                   sentence_bert_config.json (max_seq_length 24), 1_Pooling/config.json
+  bge-tiny/        the same encoder with CLS pooling (bge-small's layout)
+  dense-tiny/      mean pooling, then a Dense layer (32 -> 24, tanh) in 2_Dense, then Normalize
+  expected.json    the sentences, each model's token ids (after truncation) and versions
+  <model>.npy      SentenceTransformer.encode of the sentences [n, dim], f32
+
+How to run (CPU only, a few seconds):
+
+    pip install torch transformers sentence-transformers safetensors numpy
+    python3 tools/make_embed_fixtures.py
+"""
+import hashlib
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from make_sd_fixtures import as_f32, finish_build, new_build, write_json  # noqa: E402
+
+OUT = REPO / "tests" / "fixtures" / "embed"
+SEED = 99
+MAX_SEQ = 24
+WORDS = ("the a an of to and in is it that on for with as was at by this be are from or have not "
+         "cat dog sat mat red blue green sky sea ship moon sun star light dark quick brown fox jumps "
+         "over lazy river tree house door window book read write code run fast slow").split()
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A quick brown fox jumps over the lazy dog",
+    "sky",
+    "Light from the moon, light from the sun, and the dark sea between them.",
+    "Unseen words: zebra, quartz, xylophone!",
+    # Past max_seq_length: truncated to 24 tokens, [SEP] last.
+    "the red ship and the blue ship and the green ship sail on the sea by the light of the moon "
+    "and of every star over the dark river",
+]
+
+
+def vocab():
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    punct = list(".,!?;:'\"-()")
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + letters + punct
+            + ["##" + c for c in letters] + ["##s", "##ed", "##ing"])
+
+
+def init(model, g):
+    """Seeded weights large enough that every layer matters: linear N(0, 1/fan_in), LayerNorm
+    weights U(0.6, 1.4), biases N(0, 0.1^2), embeddings N(0, 0.5^2)."""
+    with torch.no_grad():
+        for _, m in sorted(model.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.8 + 0.6)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
+
+
+def main():
+    import sentence_transformers
+    import transformers
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    build = new_build(OUT)
+    g = torch.Generator().manual_seed(SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        (tmp / "vocab.txt").write_text("\n".join(vocab()) + "\n")
+        tok = BertTokenizerFast(vocab_file=str(tmp / "vocab.txt"), do_lower_case=True)
+        cfg = BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+                         hidden_act="gelu")
+        bert = BertModel(cfg, add_pooling_layer=False).eval()
+        init(bert, g)
+        hf = tmp / "hf"
+        bert.save_pretrained(str(hf))
+        tok.save_pretrained(str(hf))
+
+        def make(name, pooling, dense=None):
+            word = models.Transformer(str(hf), max_seq_length=MAX_SEQ)
+            mods = [word, models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)]
+            if dense:
+                d = models.Dense(32, dense, activation_function=torch.nn.Tanh())
+                init(d, g)
+                mods.append(d)
+            mods.append(models.Normalize())
+            SentenceTransformer(modules=mods, device="cpu").save(str(build / name))
+            return SentenceTransformer(str(build / name), device="cpu")
+
+        made = {"minilm-tiny": make("minilm-tiny", "mean"), "bge-tiny": make("bge-tiny", "cls"),
+                "dense-tiny": make("dense-tiny", "mean", dense=24)}
+    arrays, ids = {}, {}
+    for name, st in made.items():
+        st.eval()
+        with torch.no_grad():
+            e = st.encode(SENTENCES, batch_size=4, convert_to_numpy=True, normalize_embeddings=False)
+        arrays[name] = as_f32(e)
+        assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+        ids[name] = [st.tokenize([s])["input_ids"][0].tolist() for s in SENTENCES]
+        print(name, e.shape, [len(i) for i in ids[name]], flush=True)
+    assert ids["minilm-tiny"][5][-1] == 3 and len(ids["minilm-tiny"][5]) == MAX_SEQ
+    for k, v in sorted(arrays.items()):
+        np.save(build / f"{k}.npy", v, allow_pickle=False)
+    write_json(build / "expected.json", {
+        "sentence_transformers_version": sentence_transformers.__version__,
+        "transformers_version": transformers.__version__, "torch_version": torch.__version__,
+        "sentences": SENTENCES, "max_seq_length": MAX_SEQ, "token_ids": ids["minilm-tiny"],
+        "models": {"minilm-tiny": "mean", "bge-tiny": "cls", "dense-tiny": "mean + dense 24 tanh"},
+        "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
+                   for k, v in sorted(arrays.items())},
+    })
+    print("total bytes", finish_build(build, OUT, 1e6))
+
+
+if __name__ == "__main__":
+    main()
