@@ -25,6 +25,8 @@ pub enum Kind {
     Text,
     Pipeline,
     DiffusersModel,
+    /// A sentence-transformers model.
+    Embedding,
 }
 
 /// Downloads (or finds in the cache) the files of a text model repo.
@@ -59,6 +61,7 @@ pub fn fetch_kind(id: &str, kind: Kind) -> Result<ModelFiles> {
         Kind::Text => kiln::formats::files::text_model(),
         Kind::Pipeline => kiln::formats::files::pipeline(true),
         Kind::DiffusersModel => kiln::formats::files::diffusers_model(true),
+        Kind::Embedding => kiln::formats::files::embedding_model(),
     };
     let files = kiln::formats::files::collect(&plan, &mut |name| match model.get(name) {
         Ok(path) => std::fs::read(&path)

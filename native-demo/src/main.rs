@@ -2,6 +2,7 @@
 
 mod bench;
 mod defaults;
+mod embed;
 mod hub;
 mod image;
 mod inspect;
@@ -48,6 +49,8 @@ enum Cmd {
     Info(InfoArgs),
     /// Token ids of a text as a model's tokenizer encodes it (as llama.cpp's llama-tokenize).
     Tokenize(TokenizeArgs),
+    /// Sentence embeddings with a sentence-transformers model (one vector per text).
+    Embed(embed::EmbedArgs),
 }
 
 #[derive(Args)]
@@ -631,6 +634,7 @@ fn main() {
         Cmd::Info(InfoArgs { model: Some(m) }) => inspect::model(&m).stage(EXIT_MODEL),
         Cmd::Info(InfoArgs { model: None }) => info(),
         Cmd::Tokenize(a) => tokenize(a),
+        Cmd::Embed(a) => embed::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

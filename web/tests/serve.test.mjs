@@ -195,6 +195,31 @@ test("image LoRAs by name (--lora-dir): equal to kiln image --lora; the set chan
   assert.match(msg, /loras\[0\]\.name 'nope'.*peft/, msg);
 });
 
+test("embeddings through the OpenAI client (base64 by default, floats, dimensions, token ids) equal kiln embed", async () => {
+  const model = join(root, "tests/fixtures/embed/minilm-tiny");
+  const s = await startServe(["-m", textModel, "--embedding-model", model]);
+  const ec = new OpenAI({ baseURL: `${s}/v1`, apiKey: "none", maxRetries: 0 });
+  const ids = (await (await fetch(`${s}/v1/models`)).json()).data.map((m) => `${m.id}:${m.kiln.kind}`);
+  assert.deepEqual(ids, ["llama-gqa-f32:text", "minilm-tiny:embedding"]);
+  const texts = ["The cat sat on the mat.", "sky", "A quick brown fox jumps over the lazy dog"];
+  const { stdout } = await run(bin, ["embed", "-m", model, "--json", ...texts], { env });
+  const want = JSON.parse(stdout);
+  const close = (a, b) => a.length === b.length && a.every((x, i) => Math.abs(x - b[i]) < 1e-6);
+  const r = await ec.embeddings.create({ model: "minilm-tiny", input: texts });
+  assert.equal(r.data.length, 3);
+  r.data.forEach((d, i) => assert.ok(close(d.embedding, want.embeddings[i]), `input ${i}`));
+  assert.equal(r.usage.prompt_tokens, want.tokens.reduce((a, b) => a + b, 0));
+  const f = await ec.embeddings.create({ input: "sky", encoding_format: "float", dimensions: 8 });
+  const short = want.embeddings[1].slice(0, 8);
+  const n = Math.hypot(...short);
+  assert.ok(close(f.data[0].embedding, short.map((x) => x / n)), JSON.stringify(f.data[0].embedding));
+  const byIds = await ec.embeddings.create({ input: [[2, 50, 3], [2, 51, 3]], encoding_format: "float" });
+  assert.equal(byIds.data.length, 2);
+  const bad = await fetch(`${s}/v1/embeddings`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ input: [[2, 99999, 3]] }) });
+  assert.equal(bad.status, 400);
+  assert.match((await bad.json()).error.message, /input 0: token id 99999/);
+});
+
 test("/tokenize and /detokenize as llama-server has them: ids and pieces equal kiln tokenize", async () => {
   const text = "Once upon a time, in 1999!";
   const { stdout } = await run(bin, ["tokenize", "--model", textModel, "--json", text], { env });

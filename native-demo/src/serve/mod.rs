@@ -16,6 +16,7 @@
 //! [`kiln::llm::chat`] core; this file only routes, queues and frames. What a request must get
 //! right before its body is read is [`guard`]; connections and their deadlines are [`listen`].
 
+mod embeddings;
 mod guard;
 mod listen;
 
@@ -47,6 +48,9 @@ pub struct ServeArgs {
     /// A diffusers pipeline folder for /v1/images/generations.
     #[arg(long)]
     image_model: Option<String>,
+    /// A sentence-transformers folder or Hub repo id for /v1/embeddings.
+    #[arg(long)]
+    embedding_model: Option<String>,
     /// A LoRA merged into the image model (FILE[:SCALE], repeatable): what requests that name
     /// no `loras` get.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
@@ -465,6 +469,7 @@ struct App {
     /// The text model's tokenizer (shared with its worker) for /tokenize and /detokenize.
     tokenizer: Option<Arc<kiln::llm::TextTokenizer>>,
     image: Option<Worker<ImageRequest>>,
+    embedding: Option<Worker<embeddings::EmbeddingRequest>>,
     guard: guard::Guard,
     created: u64,
 }
@@ -856,6 +861,9 @@ async fn models(State(app): State<Arc<App>>) -> Response {
     if let Some(w) = &app.image {
         entry(&w.id, "image");
     }
+    if let Some(w) = &app.embedding {
+        entry(&w.id, "embedding");
+    }
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -867,7 +875,7 @@ async fn not_found() -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits, /tokenize, /detokenize; GET /v1/models, /health)",
+        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits, /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health)",
     )
     .into_response()
 }
@@ -887,7 +895,7 @@ fn model_id(path: &str) -> String {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let gpu = crate::gpu()?;
-    let defaults = a.model.is_none() && a.image_model.is_none();
+    let defaults = a.model.is_none() && a.image_model.is_none() && a.embedding_model.is_none();
     let mut tokenizer = None;
     let text = if a.model.is_some() || defaults {
         let (files, _) = crate::text_files(a.model.as_deref()).stage(EXIT_MODEL)?;
@@ -944,10 +952,23 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         None
     };
+    let embedding = match &a.embedding_model {
+        Some(model) => {
+            let files = crate::embed::embedding_files(model).stage(EXIT_MODEL)?;
+            let m = kiln::embed::Embedder::load(&gpu, files, a.quantize)
+                .with_context(|| format!("loading the embedding model {model}"))
+                .stage(EXIT_MODEL)?;
+            let id = model_id(model);
+            eprintln!("embedding model: {id} ({} dimensions)", m.dim());
+            Some(Worker::start(id, m, embeddings::run))
+        }
+        None => None,
+    };
     let app = Arc::new(App {
         text,
         tokenizer,
         image,
+        embedding,
         guard: guard::Guard::new(
             &a.host,
             &a.allowed_host,
@@ -963,6 +984,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/images/generations", post(images))
+        .route("/v1/embeddings", post(embeddings::handler))
         .route(guard::UPLOAD_PATH, post(image_edits))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
