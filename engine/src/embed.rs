@@ -360,6 +360,30 @@ impl Embedder {
 
     /// One packed forward pass over `inputs`.
     async fn pass(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let p = self.pass_plan(inputs).await?;
+        let bytes = p.plan.run_read(&[p.out]).await?;
+        let flat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
+        let dim = self.dim();
+        Ok(flat
+            .chunks(dim)
+            .map(|v| {
+                if self.normalize {
+                    l2_normalized(v)
+                } else {
+                    v.to_vec()
+                }
+            })
+            .collect())
+    }
+
+    /// The GPU time of one pass over `inputs` by kernel (timestamp queries; for benchmarks).
+    pub async fn profile(&self, inputs: &[Vec<u32>]) -> Result<Vec<(String, f64)>> {
+        self.pass_plan(inputs).await?.plan.profile().await
+    }
+
+    /// The compiled pass over `inputs` with its inputs written: the pooled (and Dense)
+    /// embeddings `[1, n, dim]` before normalisation in `out`.
+    async fn pass_plan(&self, inputs: &[Vec<u32>]) -> Result<PassPlan> {
         let (n, h) = (inputs.len(), self.cfg.hidden);
         let lens: Vec<usize> = inputs.iter().map(Vec::len).collect();
         let starts: Vec<usize> = lens
@@ -401,19 +425,7 @@ impl Embedder {
         plan.write_u32(iv, &ids)?;
         plan.write_u32(pv, &positions)?;
         plan.write_f32(mv, &pool)?;
-        let bytes = plan.run_read(&[e]).await?;
-        let flat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
-        let dim = self.dim();
-        Ok(flat
-            .chunks(dim)
-            .map(|v| {
-                if self.normalize {
-                    l2_normalized(v)
-                } else {
-                    v.to_vec()
-                }
-            })
-            .collect())
+        Ok(PassPlan { plan, out: e })
     }
 
     /// The encoder over packed inputs: ids and positions `[t]` → last hidden states `[t, h]`.
@@ -510,6 +522,12 @@ impl Embedder {
     }
 }
 
+/// A compiled pass and its output value.
+struct PassPlan {
+    plan: crate::Plan,
+    out: Value,
+}
+
 /// `v / max(|v|, 1e-12)` (torch's `F.normalize`), in f64.
 pub fn l2_normalized(v: &[f32]) -> Vec<f32> {
     let norm = v
@@ -519,4 +537,108 @@ pub fn l2_normalized(v: &[f32]) -> Vec<f32> {
         .sqrt()
         .max(1e-12);
     v.iter().map(|&x| (x as f64 / norm) as f32).collect()
+}
+
+/// Inputs per request at most (OpenAI's limit).
+pub const MAX_INPUTS: usize = 2048;
+
+/// OpenAI's `input`: a string, strings, token ids, or lists of token ids.
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// OpenAI's embeddings request (`POST /v1/embeddings`, `embeddings.create`).
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingRequest {
+    pub input: EmbeddingInput,
+    #[serde(default)]
+    pub model: Option<String>,
+    /// `float` (default) or `base64` (little-endian f32 bytes).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    /// Keep the first N values, renormalised (Matryoshka-trained models).
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    /// Accepted and ignored (OpenAI's end-user id).
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+}
+
+impl EmbeddingRequest {
+    pub fn from_json(s: &str) -> Result<EmbeddingRequest> {
+        serde_json::from_str(s).map_err(|e| data_err("embedding request", e.to_string()))
+    }
+}
+
+/// Truncates `v` to `dims` values and renormalises them (OpenAI's `dimensions`).
+pub fn shorten(v: &mut Vec<f32>, dims: usize) -> Result<()> {
+    if dims == 0 || dims > v.len() {
+        return Err(data_err(
+            "dimensions",
+            format!("{dims}: the model's embeddings have {} (1 to {0})", v.len()),
+        ));
+    }
+    v.truncate(dims);
+    *v = l2_normalized(v);
+    Ok(())
+}
+
+impl Embedder {
+    /// Answers an OpenAI embeddings request: every input in one batched pass, the response
+    /// object (`data[i].embedding` floats or base64, `usage`) with `model_id` as its model.
+    pub async fn openai(&self, req: &EmbeddingRequest, model_id: &str) -> Result<Json> {
+        let ids: Vec<Vec<u32>> = match &req.input {
+            EmbeddingInput::One(s) => vec![self.tokenize(s)?],
+            EmbeddingInput::Many(v) => v.iter().map(|s| self.tokenize(s)).collect::<Result<_>>()?,
+            EmbeddingInput::Ids(v) => vec![v.clone()],
+            EmbeddingInput::IdLists(v) => v.clone(),
+        };
+        if ids.is_empty() || ids.len() > MAX_INPUTS {
+            return Err(data_err(
+                "input",
+                format!("{} inputs (1 to {MAX_INPUTS})", ids.len()),
+            ));
+        }
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(f) => {
+                return Err(data_err(
+                    "encoding_format",
+                    format!("'{f}': float or base64"),
+                ))
+            }
+        };
+        let mut vs = self.embed_ids(&ids).await?;
+        if let Some(d) = req.dimensions {
+            for v in &mut vs {
+                shorten(v, d)?;
+            }
+        }
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        let data: Vec<Json> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let e = if base64 {
+                    use base64::Engine as _;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    Json::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    serde_json::json!(v)
+                };
+                serde_json::json!({"object": "embedding", "index": i, "embedding": e})
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "object": "list", "data": data, "model": model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+    }
 }

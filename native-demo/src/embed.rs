@@ -40,20 +40,6 @@ pub fn embedding_files(model: &str) -> Result<ModelFiles> {
     bail!("model '{model}' not found: pass a sentence-transformers folder or a Hugging Face repo id (owner/name)")
 }
 
-/// Truncates `v` to `dims` values and renormalises them (OpenAI's `dimensions`); `dims` above
-/// the width is an error.
-pub fn shorten(v: &mut Vec<f32>, dims: usize) -> Result<(), String> {
-    if dims == 0 || dims > v.len() {
-        return Err(format!(
-            "dimensions {dims}: the model's embeddings have {} (1 to {0})",
-            v.len()
-        ));
-    }
-    v.truncate(dims);
-    *v = kiln::embed::l2_normalized(v);
-    Ok(())
-}
-
 pub fn run(a: EmbedArgs) -> Result<()> {
     let mut texts = Vec::new();
     for t in &a.texts {
@@ -84,9 +70,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(d) = a.dimensions {
         for v in &mut vs {
-            shorten(v, d)
-                .map_err(anyhow::Error::msg)
-                .stage(EXIT_GENERATION)?;
+            kiln::embed::shorten(v, d).stage(EXIT_GENERATION)?;
         }
     }
     if a.json {

@@ -163,16 +163,48 @@ class WorkerImageModel {
   }
 }
 
+class WorkerEmbeddingModel {
+  #rpc;
+  #handle;
+  info;
+
+  constructor(rpc, handle, info) {
+    this.#rpc = rpc;
+    this.#handle = handle;
+    this.info = info;
+    this.embeddings = { create: (body = {}) => this.openaiRun(JSON.stringify(body)).then((r) => JSON.parse(r)) };
+  }
+
+  openaiRun(json) {
+    return this.#rpc.request("embed", { handle: this.#handle, json });
+  }
+
+  async embed(texts, opts = {}) {
+    const r = JSON.parse(await this.openaiRun(JSON.stringify({ input: Array.isArray(texts) ? texts : [texts], dimensions: opts.dimensions })));
+    return r.data.map((d) => Float32Array.from(d.embedding));
+  }
+
+  tokenize(text) {
+    return this.#rpc.request("tokenize", { handle: this.#handle, text });
+  }
+
+  dispose() {
+    return this.#rpc.request("dispose", { handle: this.#handle }).catch(() => {});
+  }
+}
+
 /** Kiln with the engine in a worker. Same methods as Kiln; sync helpers return promises. */
 export class WorkerKiln {
   #rpc;
   #texts = new TextModels();
+  #embedders = new TextModels("embedding", "loadEmbedding");
   adapter;
 
   constructor(rpc, adapter) {
     this.#rpc = rpc;
     this.adapter = adapter;
     Object.assign(this, this.#texts.api());
+    this.embeddings = { create: (body = {}) => this.#embedders.pickAsync(body.model).then((m) => m.embeddings.create(body)) };
   }
 
   static async create(opts = {}) {
@@ -205,6 +237,14 @@ export class WorkerKiln {
     const { hooks, rest } = split(opts);
     const { handle, info } = await this.#rpc.request("loadImage", { source, options: rest }, hooks);
     return new WorkerImageModel(this.#rpc, handle, info);
+  }
+
+  async loadEmbedding(source, opts = {}) {
+    const { hooks, rest } = split(opts);
+    const { handle, info } = await this.#rpc.request("loadEmbedding", { source, options: rest }, hooks);
+    const model = new WorkerEmbeddingModel(this.#rpc, handle, info);
+    this.#embedders.add(source, model);
+    return model;
   }
 
   textMemory(source, opts = {}) {

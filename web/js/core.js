@@ -176,11 +176,19 @@ export function openaiApi(runner) {
 }
 
 /**
- * The loaded text models of a Kiln by name, for its own `chat.completions.create`: a request's
+ * The loaded text (or embedding) models of a Kiln by name, for its own `chat.completions.create`
+ * (`embeddings.create`): a request's
  * `model` names one by the source it was loaded from; absent or "default", the latest loaded.
  */
 export class TextModels {
   #models = new Map();
+  #kind;
+  #load;
+
+  constructor(kind = "text", load = "loadText") {
+    this.#kind = kind;
+    this.#load = load;
+  }
 
   add(source, model) {
     this.#models.delete(source);
@@ -195,12 +203,21 @@ export class TextModels {
   pick(name) {
     if (name === undefined || name === null || name === "default") {
       const all = [...this.#models.values()];
-      if (!all.length) throw new Error("no text model is loaded: call loadText first");
+      if (!all.length) throw new Error(`no ${this.#kind} model is loaded: call ${this.#load} first`);
       return all[all.length - 1];
     }
     const m = this.#models.get(name);
     if (!m) throw new Error(`the model '${name}' is not loaded (loaded: ${[...this.#models.keys()].join(", ") || "none"})`);
     return m;
+  }
+
+  /** `pick` as a promise (a missing model is a rejection). */
+  pickAsync(name) {
+    try {
+      return Promise.resolve(this.pick(name));
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** The API of the Kiln object: each request goes to the model it names. */

@@ -15,6 +15,7 @@ export function resolveSource(source, kind, modelsBase, revision = "main") {
   }
   const s = source.trim();
   if (s === "default") {
+    if (!DEFAULT_FOLDERS[kind]) throw new Error(`there is no default ${kind} model: give a URL or a Hugging Face repo id`);
     return { base: new URL(`${DEFAULT_FOLDERS[kind]}/`, modelsBase).href, label: `default (${DEFAULT_FOLDERS[kind]})` };
   }
   const isUrl = /^[a-z][a-z0-9+.-]*:\/\//i.test(s) || /^(\/|\.\/|\.\.\/)/.test(s);
@@ -320,6 +321,12 @@ async function imageFiles(ctx) {
   return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("image", ctx.variant !== "fp32")));
 }
 
+/** The files of a sentence-transformers folder (embeddings). */
+async function embeddingFiles(ctx) {
+  if (ctx.file) throw new Error(`${ctx.label}: an embedding model is a sentence-transformers folder, not a .gguf file`);
+  return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("embedding", true)));
+}
+
 /** What every fetch of one model source shares: its URLs, the cache, the options. */
 async function fetchContext(engine, source, kind, options) {
   const r = resolveSource(source, kind, options.modelsBase, options.revision);
@@ -341,12 +348,12 @@ async function fetchContext(engine, source, kind, options) {
 /**
  * Fetches a model's files: `Map(name -> Uint8Array)`. `engine` is the wasm module, which says
  * which files make a model (`modelFiles`, `shardsOf`: the list the native loaders read too).
- * `kind`: "text" or "image". Options: `modelsBase`, `onProgress`, `signal`, `cache` (default
+ * `kind`: "text", "image" or "embedding". Options: `modelsBase`, `onProgress`, `signal`, `cache` (default
  * true), `stallMs` (default 60 s), `variant` ("fp16" default, or "fp32").
  */
 export async function fetchModel(engine, source, kind, options = {}) {
   const ctx = await fetchContext(engine, source, kind, options);
-  const list = kind === "text" ? await textFiles(ctx) : await imageFiles(ctx);
+  const list = kind === "text" ? await textFiles(ctx) : kind === "embedding" ? await embeddingFiles(ctx) : await imageFiles(ctx);
   const files = await download(ctx, list);
   await writeManifest(ctx, kind, list, files);
   return files;

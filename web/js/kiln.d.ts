@@ -490,6 +490,38 @@ export interface ImageModel {
   dispose(): void;
 }
 
+/** OpenAI's embeddings request: `input` a string, strings, token ids or lists of token ids. */
+export interface EmbeddingRequest {
+  model?: string;
+  input: string | string[] | number[] | number[][];
+  /** "float" (default) or "base64" (little-endian f32 bytes). */
+  encoding_format?: "float" | "base64";
+  /** Keep the first N values, renormalised (Matryoshka-trained models). */
+  dimensions?: number;
+  user?: string;
+}
+
+export interface EmbeddingResponse {
+  object: "list";
+  data: { object: "embedding"; index: number; embedding: number[] | string }[];
+  model: string;
+  usage: { prompt_tokens: number; total_tokens: number };
+}
+
+export interface EmbeddingsApi {
+  embeddings: { create(body: EmbeddingRequest): Promise<EmbeddingResponse> };
+}
+
+/** A sentence-transformers model (BERT-family encoder, pooling, optional Dense, Normalize). */
+export interface EmbeddingModel extends EmbeddingsApi {
+  readonly info: { dim: number; maxTokens: number; pooling: "mean" | "cls" | "lasttoken"; normalized: boolean; layers: number; hidden: number };
+  /** One vector per text, in one batched pass. */
+  embed(texts: string | string[], options?: { dimensions?: number }): Promise<Float32Array[]>;
+  /** Token ids with the start and end tokens, truncated to `info.maxTokens`. */
+  tokenize(text: string): number[] | Promise<number[]>;
+  dispose(): void;
+}
+
 export interface KernelCheck {
   name: string;
   relErr: number;
@@ -500,11 +532,14 @@ export interface KernelCheck {
 
 /** `kiln.chat.completions.create({ model, ... })` runs on the loaded text model `model` names
  * (its `loadText` source), or on the latest one loaded. */
-export declare class Kiln implements OpenAIApi {
+export declare class Kiln implements OpenAIApi, EmbeddingsApi {
   /** Downloaded models in the Cache Storage API. */
   static readonly cache: ModelCache;
   chat: OpenAIApi["chat"];
   completions: OpenAIApi["completions"];
+  /** `kiln.embeddings.create({ model, input })` runs on the loaded embedding model `model`
+   * names (its `loadEmbedding` source), or on the latest one loaded. */
+  embeddings: EmbeddingsApi["embeddings"];
   /** Requests a WebGPU adapter and device (in this thread, or in a worker with `{ worker: true }`). */
   static create(options?: CreateOptions): Promise<Kiln>;
   readonly adapter: AdapterInfo;
@@ -516,6 +551,8 @@ export declare class Kiln implements OpenAIApi {
   textMemory(source: string, options?: TextLoadOptions): Promise<{ ctx: number; weightsBytes: number; kvCacheBytes: number; totalBytes: number }>;
   /** A diffusers folder URL, a Hugging Face repo id, or "default". */
   loadImage(source: string, options?: ImageLoadOptions): Promise<ImageModel>;
+  /** A sentence-transformers folder URL or a Hugging Face repo id. */
+  loadEmbedding(source: string, options?: LoadOptions): Promise<EmbeddingModel>;
   /** A few kernels against the engine's CPU reference, on this device. */
   kernelParity(): Promise<KernelCheck[]>;
   counters(): Record<string, number> | Promise<Record<string, number>>;
@@ -526,7 +563,7 @@ export declare class Kiln implements OpenAIApi {
 }
 
 /** Where a source's files come from: `{ base, file?, label }`. */
-export declare function resolveSource(source: string, kind: "text" | "image", modelsBase: string, revision?: string): { base: string; file?: string; label: string; hf?: boolean };
+export declare function resolveSource(source: string, kind: "text" | "image" | "embedding", modelsBase: string, revision?: string): { base: string; file?: string; label: string; hf?: boolean };
 
 /** Deletes every cached model file. */
 export declare function clearCache(): Promise<void>;

@@ -176,6 +176,43 @@ export class ImageModel {
   }
 }
 
+/** A loaded embedding model (in this thread). */
+export class EmbeddingModel {
+  #m;
+  #id;
+  /** `{ dim, maxTokens, pooling, normalized, layers, hidden }`. */
+  info;
+
+  constructor(m, id = "default") {
+    this.#m = m;
+    this.#id = id;
+    this.info = JSON.parse(m.info());
+    // OpenAI-shaped: `embeddings.create({ input, encoding_format, dimensions })`.
+    this.embeddings = { create: (body = {}) => this.openaiRun(JSON.stringify(body)).then((r) => JSON.parse(r)) };
+  }
+
+  /** One request through the engine's embeddings core; resolves to the response JSON text. */
+  openaiRun(json) {
+    return call(() => this.#m.openai(json, this.#id));
+  }
+
+  /** The embeddings of texts, one `Float32Array` each, in one batched pass. */
+  async embed(texts, opts = {}) {
+    const r = JSON.parse(await this.openaiRun(JSON.stringify({ input: Array.isArray(texts) ? texts : [texts], dimensions: opts.dimensions })));
+    return r.data.map((d) => Float32Array.from(d.embedding));
+  }
+
+  /** An input's token ids (start and end tokens, truncated as embedding does). */
+  tokenize(text) {
+    return Array.from(sync(() => this.#m.tokenize(text)));
+  }
+
+  dispose() {
+    this.#m?.free();
+    this.#m = null;
+  }
+}
+
 /** The bytes of a LoRA file given as a URL, a Blob or bytes. */
 async function loraBytes(source) {
   if (typeof source === "string") {
@@ -234,6 +271,7 @@ export class Kiln {
   adapter;
 
   #texts = new TextModels();
+  #embedders = new TextModels("embedding", "loadEmbedding");
   /** Downloaded models in the Cache Storage API: `has`, `delete`, `list`, `persist`, `estimate`. */
   static cache = cache;
 
@@ -244,6 +282,9 @@ export class Kiln {
     // `kiln.chat.completions.create({ model, messages, ... })`: `model` names a loaded text
     // model by its source; absent or "default", the latest one loaded.
     Object.assign(this, this.#texts.api());
+    // `kiln.embeddings.create({ model, input, ... })`: `model` names a loaded embedding model by
+    // its source; absent or "default", the latest one loaded.
+    this.embeddings = { create: (body = {}) => this.#embedders.pickAsync(body.model).then((m) => m.embeddings.create(body)) };
   }
 
   /**
@@ -327,6 +368,16 @@ export class Kiln {
     opts.onProgress?.({ phase: "upload", loaded: 1, total: 1 });
     const model = new ImageModel(m);
     if (opts.taesd) await model.setTinyDecoder(opts.taesd);
+    return model;
+  }
+
+  /** Loads a sentence-transformers folder (URL or Hugging Face repo id) for embeddings. */
+  async loadEmbedding(source, opts = {}) {
+    const files = await fetchModel(wasm, source, "embedding", { ...opts, modelsBase: this.#modelsBase });
+    opts.signal?.throwIfAborted();
+    const m = await call(() => this.#device.loadEmbedding(toFiles(files)));
+    const model = new EmbeddingModel(m, source);
+    this.#embedders.add(source, model);
     return model;
   }
 

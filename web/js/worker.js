@@ -28,6 +28,13 @@ const ops = {
     models.set(nextHandle, m);
     return { handle: nextHandle++, info: m.info };
   },
+  async loadEmbedding(id, { source, options }, signal) {
+    const m = await kiln.loadEmbedding(source, { ...options, signal, onProgress: (p) => send(id, { progress: p }) });
+    models.set(nextHandle, m);
+    return { handle: nextHandle++, info: m.info };
+  },
+  embed: (id, { handle, json }) => model(handle).openaiRun(json),
+  tokenize: (id, { handle, text }) => model(handle).tokenize(text),
   async complete(id, { handle, prompt, options }, signal) {
     return model(handle).complete(prompt, { ...options, signal, onPiece: (piece) => send(id, { piece }) });
   },

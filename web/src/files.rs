@@ -5,16 +5,18 @@ use crate::device::js_err;
 use wasm_bindgen::prelude::*;
 
 /// The file plan of a model kind (`"text"`: a Hugging Face folder; `"image"`: a diffusers
-/// pipeline, fp16 weights first unless `prefer_fp16` is false) as JSON: `[{ any: [[name,
+/// pipeline, fp16 weights first unless `prefer_fp16` is false; `"embedding"`: a
+/// sentence-transformers folder) as JSON: `[{ any: [[name,
 /// ...], ...], required }]`. See `kiln::formats::files` for how a plan is walked.
 #[wasm_bindgen(js_name = modelFiles)]
 pub fn model_files(kind: &str, prefer_fp16: bool) -> Result<String, JsValue> {
     let plan = match kind {
         "text" => kiln::formats::files::text_model(),
         "image" => kiln::formats::files::pipeline(prefer_fp16),
+        "embedding" => kiln::formats::files::embedding_model(),
         other => {
             return Err(js_err(format!(
-                "model kind '{other}': expected text or image"
+                "model kind '{other}': expected text, image or embedding"
             )))
         }
     };

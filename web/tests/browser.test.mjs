@@ -626,6 +626,43 @@ test("image: fixture pipeline equals native (worker, with previews)", 600000, ()
 test("image: a pipeline as diffusers 0.42 saves it equals native (page)", 600000, () => imageParity(SAVED_IMAGE, false, false));
 test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
 
+test("embeddings: embeddings.create (page and worker) equals kiln embed; base64, dimensions, token ids, errors", 300000, async () => {
+  const model = join(root, "tests/fixtures/embed/minilm-tiny");
+  const texts = ["The cat sat on the mat.", "sky", "Light from the moon, light from the sun, and the dark sea between them."];
+  const want = await native(["embed", "-m", model, "--json", ...texts]);
+  for (const worker of [false, true]) {
+    const page = await openDemo(worker);
+    const got = await page.evaluate(async (texts) => {
+      const k = window.demo.kiln;
+      const m = await k.loadEmbedding("/fixtures/embed/minilm-tiny/");
+      const r = await k.embeddings.create({ input: texts });
+      const b64 = await m.embeddings.create({ input: "sky", encoding_format: "base64" });
+      const bytes = Uint8Array.from(atob(b64.data[0].embedding), (c) => c.charCodeAt(0));
+      const short = await m.embed(["sky"], { dimensions: 8 });
+      const ids = await m.embeddings.create({ input: [[2, 50, 3]] });
+      const error = await k.embeddings.create({ input: [[2, 99999, 3]] }).then(() => null, (e) => e.message);
+      const missing = await k.embeddings.create({ model: "nope", input: "x" }).then(() => null, (e) => e.message);
+      const info = m.info;
+      m.dispose();
+      return { data: r.data.map((d) => d.embedding), usage: r.usage, b64: Array.from(new Float32Array(bytes.buffer)), short: Array.from(short[0]), ids: ids.data.length, error, missing, info };
+    }, texts);
+    await page.close();
+    const close = (a, b, tol) => a.length === b.length && a.every((x, i) => Math.abs(x - b[i]) <= tol);
+    let worst = 0;
+    got.data.forEach((v, i) => {
+      worst = Math.max(worst, ...v.map((x, j) => Math.abs(x - want.embeddings[i][j])));
+      assert(close(v, want.embeddings[i], 1e-5), `input ${i}: ${v.slice(0, 4)} vs native ${want.embeddings[i].slice(0, 4)}`);
+    });
+    log(`${worker ? "worker" : "page  "}: ${got.data.length} embeddings of ${got.info.dim}, max abs difference from native ${worst.toExponential(1)}`);
+    assert(close(got.b64, want.embeddings[1], 1e-5), "base64");
+    const s = want.embeddings[1].slice(0, 8);
+    const n = Math.hypot(...s);
+    assert(close(got.short, s.map((x) => x / n), 1e-5), "dimensions");
+    assert(got.usage.prompt_tokens === want.tokens.reduce((a, b) => a + b, 0), JSON.stringify(got.usage));
+    assert(got.ids === 1 && /input 0: token id 99999/.test(got.error) && /'nope' is not loaded/.test(got.missing), `${got.error} / ${got.missing}`);
+  }
+});
+
 test("image SDXL: two text encoders, added conditioning and SDXL-Turbo's defaults equal native (page and worker)", 600000, async () => {
   // [folder under /fixtures/sdxl, browser options (steps/guidance left out: the model's defaults), worker]
   const runs = [

@@ -7,6 +7,7 @@
 //! they share (random weights, timing, per-kernel profiles); nothing imports back up.
 
 mod common;
+mod embed;
 mod gguf;
 mod grammar;
 mod image;
@@ -32,6 +33,9 @@ pub enum What {
     Image,
     /// 10 000 tokens and 200 images in one process: resident memory and GPU allocations.
     Soak,
+    /// 64 short inputs embedded in one batched pass against 64 single calls (`--model`: a
+    /// sentence-transformers folder; default a random all-MiniLM-L6-v2-shaped BERT).
+    Embed,
     /// Writes a random-weight GGUF for speed comparisons (`--like FILE` or `--llama-1b`,
     /// `--out FILE`; `--header-only`).
     Gguf,
@@ -73,6 +77,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Chat => text::chat(a.quick, a.json),
         What::Grammar => grammar::grammar(a.quick, a.json, a.model.as_deref()),
         What::Image => image::image(a.quick, a.json),
+        What::Embed => embed::embed(a.quick, a.json, a.model.as_deref()),
         What::Gguf => gguf::make(gguf::GgufArgs {
             like: a.like.as_deref(),
             llama_1b: a.llama_1b,

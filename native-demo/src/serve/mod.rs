@@ -469,7 +469,7 @@ struct App {
     /// The text model's tokenizer (shared with its worker) for /tokenize and /detokenize.
     tokenizer: Option<Arc<kiln::llm::TextTokenizer>>,
     image: Option<Worker<ImageRequest>>,
-    embedding: Option<Worker<embeddings::EmbeddingRequest>>,
+    embedding: Option<Worker<kiln::embed::EmbeddingRequest>>,
     guard: guard::Guard,
     created: u64,
 }
