@@ -365,7 +365,7 @@ fn header_claims_are_checked_before_allocating() {
 fn unimplemented_diffusion_features_are_refused() {
     for (key, v) in [
         ("class_embed_type", json!("timestep")),
-        ("addition_embed_type", json!("text_time")),
+        ("addition_embed_type", json!("image")),
         ("num_class_embeds", json!(10)),
         ("time_embedding_type", json!("fourier")),
         ("resnet_time_scale_shift", json!("scale_shift")),
