@@ -14,6 +14,7 @@ import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { readPng } from "./png.mjs";
+import parsePrometheus from "parse-prometheus-text-format";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "../..");
 const bin = process.env.KILN_BIN ?? join(root, "target/debug/kiln");
@@ -220,6 +221,44 @@ test("embeddings through the OpenAI client (base64 by default, floats, dimension
   assert.match((await bad.json()).error.message, /input 0: token id 99999/);
 });
 
+test("/metrics in Prometheus' text format (parsed by a Prometheus parser) after a burst of 50 requests; request log lines", async () => {
+  const s = await startServe(["-m", textModel, "--api-key", KEY, "--ctx", "256", "--log-format", "json"]);
+  const call = (i) =>
+    fetch(`${s}/v1/completions`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${KEY}` }, body: JSON.stringify({ prompt: `number ${i}`, max_tokens: 3, temperature: 0 }) });
+  const statuses = (await Promise.all(Array.from({ length: 50 }, (_, i) => call(i)))).map((r) => r.status);
+  assert.deepEqual([...new Set(statuses)], [200]);
+  await fetch(`${s}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" }); // 401
+  assert.equal((await fetch(`${s}/metrics`)).status, 401);
+  const res = await fetch(`${s}/metrics`, { headers: { authorization: `Bearer ${KEY}` } });
+  assert.match(res.headers.get("content-type"), /^text\/plain; version=0.0.4/);
+  const families = parsePrometheus(await res.text());
+  const family = (name) => families.find((f) => f.name === name) ?? assert.fail(`no ${name}`);
+  const value = (name, labels = {}) => {
+    const f = family(name);
+    const m = f.metrics.find((m) => Object.entries(labels).every(([k, v]) => m.labels?.[k] === v));
+    return Number(m?.value ?? m?.count ?? NaN);
+  };
+  assert.equal(family("kiln_http_requests_total").type, "COUNTER");
+  assert.equal(value("kiln_http_requests_total", { route: "/v1/completions", status: "200" }), 50);
+  assert.equal(value("kiln_http_requests_total", { route: "/v1/completions", status: "401" }), 1);
+  assert.equal(value("kiln_generated_tokens_total"), 150);
+  assert.ok(value("kiln_prompt_tokens_total") >= 100);
+  const ttft = family("kiln_time_to_first_token_seconds");
+  assert.equal(ttft.type, "HISTOGRAM");
+  assert.equal(Number(ttft.metrics[0].count), 50);
+  assert.equal(Number(family("kiln_time_per_output_token_seconds").metrics[0].count), 50);
+  assert.equal(value("kiln_queue_depth", { model: "llama-gqa-f32" }), 0);
+  assert.equal(value("kiln_model_loaded", { model: "llama-gqa-f32", kind: "text" }), 1);
+  assert.equal(value("kiln_kv_cache_capacity_tokens"), 256);
+  // One JSON line per request with id, model, tokens, timings and finish reason.
+  const lines = kiln.log.split("\n").filter((l) => l.startsWith("{") && l.includes('"endpoint":"completion"'));
+  assert.ok(lines.length >= 50, kiln.log);
+  const r = JSON.parse(lines.at(-1));
+  assert.ok(r.id.startsWith("cmpl-") && r.model === "llama-gqa-f32" && r.completion_tokens === 3 && r.finish_reason === "length" && r.ttft_ms > 0 && r.duration_ms >= r.ttft_ms, JSON.stringify(r));
+  // Still answering after the burst.
+  assert.equal((await call(99)).status, 200);
+});
+
 test("/tokenize and /detokenize as llama-server has them: ids and pieces equal kiln tokenize", async () => {
   const text = "Once upon a time, in 1999!";
   const { stdout } = await run(bin, ["tokenize", "--model", textModel, "--json", text], { env });
@@ -279,7 +318,7 @@ test("with no --model the embedded defaults are served; a client that disconnect
   const defaults = await startServe([]);
   const ids = (await (await fetch(`${defaults}/v1/models`)).json()).data.map((m) => m.id);
   assert.deepEqual(ids, ["text-kjv", "image-shapes"]);
-  const cancels = () => (kiln.log.match(/cancelled: the client disconnected|image: cancelled/g) ?? []).length;
+  const cancels = () => (kiln.log.match(/finish_reason=cancelled/g) ?? []).length;
   const waitCancel = async (before) => {
     for (let i = 0; i < 300 && cancels() === before; i++) await new Promise((r) => setTimeout(r, 100));
     assert.ok(cancels() > before, kiln.log);
@@ -301,7 +340,7 @@ test("with no --model the embedded defaults are served; a client that disconnect
     req.end(body);
   });
   await waitCancel(before);
-  const m = /(\d+) generated, cancelled: the client disconnected/.exec(kiln.log.split("\n").reverse().join("\n"));
+  const m = /endpoint=chat .*completion_tokens=(\d+) .*finish_reason=cancelled/.exec(kiln.log.split("\n").reverse().join("\n"));
   assert.ok(m && Number(m[1]) < 400, `${m?.[1]} tokens generated before the cancel`);
   // An image request whose client leaves stops at the next denoising step.
   before = cancels();

@@ -293,6 +293,11 @@ impl TextModel {
     }
 
     /// Context length.
+    /// Tokens whose keys and values the cache keeps for the next generation to reuse.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
     pub fn ctx(&self) -> usize {
         self.kv.ctx
     }

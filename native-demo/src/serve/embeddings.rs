@@ -9,17 +9,38 @@ use kiln::embed::{Embedder, EmbeddingRequest};
 use std::sync::Arc;
 
 /// The worker's handler.
-pub fn run(m: &mut Embedder, r: EmbeddingRequest, model_id: &str, reply: &Sender<Event>) {
+pub fn run(
+    m: &mut Embedder,
+    r: EmbeddingRequest,
+    model_id: &str,
+    reply: &Sender<Event>,
+    metrics: &super::metrics::Metrics,
+) {
     let t0 = std::time::Instant::now();
     let result = pollster::block_on(m.openai(&r, model_id)).map_err(ApiError::from_engine);
-    if let Ok(v) = &result {
-        eprintln!(
-            "embeddings: {} inputs, {} tokens, {:.0} ms",
-            v["data"].as_array().map_or(0, Vec::len),
-            v["usage"]["prompt_tokens"],
-            t0.elapsed().as_secs_f64() * 1e3
-        );
-    }
+    let id = format!("emb-{}", super::metrics::next_id());
+    let mut log = super::metrics::RequestLog {
+        id: &id,
+        endpoint: "embeddings",
+        model: model_id,
+        finish_reason: "done",
+        duration_ms: t0.elapsed().as_secs_f64() * 1e3,
+        ..Default::default()
+    };
+    let msg;
+    let inputs = match &result {
+        Ok(v) => {
+            log.prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+            v["data"].as_array().map_or(0, Vec::len)
+        }
+        Err(e) => {
+            msg = e.message.clone();
+            log.finish_reason = "error";
+            log.error = Some(&msg);
+            0
+        }
+    };
+    metrics.embeddings_done(&log, inputs);
     let _ = reply.blocking_send(match result {
         Ok(v) => Event::Done(v),
         Err(e) => Event::Failed(e),

@@ -3,7 +3,7 @@
 //! In order: the `Host` the client named (a DNS-rebinding page names its own domain, so only this
 //! machine's names, IP literals and `--allowed-host` are answered); the page `Origin` a browser
 //! sends (only `--cors-origin` pages may call; their preflights are answered here); the API key
-//! on `/v1/`; for a body, `Content-Type: application/json` (a cross-site page can send
+//! on `/v1/`, `/tokenize`, `/detokenize` and `/metrics`; for a body, `Content-Type: application/json` (a cross-site page can send
 //! `text/plain` without a preflight) and the declared `Content-Length` against `--max-body`.
 //! The body itself is then read under a deadline ([`Guard::read_body`]).
 
@@ -285,7 +285,9 @@ pub async fn check(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         _ => {
             let early = (|| {
                 let path = req.uri().path();
-                if path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" {
+                if path.starts_with("/v1/")
+                    || matches!(path, "/tokenize" | "/detokenize" | "/metrics")
+                {
                     g.authorize(h)?;
                 }
                 if req.method() == Method::POST {

@@ -19,6 +19,7 @@
 mod embeddings;
 mod guard;
 mod listen;
+mod metrics;
 
 use crate::{Stage, EXIT_MODEL, EXIT_USAGE};
 use anyhow::{Context, Result};
@@ -51,6 +52,9 @@ pub struct ServeArgs {
     /// A sentence-transformers folder or Hub repo id for /v1/embeddings.
     #[arg(long)]
     embedding_model: Option<String>,
+    /// The request log's lines: text (key=value pairs) or json (one object per request).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// A LoRA merged into the image model (FILE[:SCALE], repeatable): what requests that name
     /// no `loras` get.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
@@ -417,6 +421,8 @@ type Job<J> = (J, String, Sender<Event>);
 /// A loaded model: its id and the queue of its worker thread.
 struct Worker<J> {
     id: String,
+    /// Requests queued or running.
+    depth: Arc<std::sync::atomic::AtomicUsize>,
     queue: std::sync::Mutex<std::sync::mpsc::Sender<Job<J>>>,
 }
 
@@ -429,38 +435,43 @@ impl<J: Send + 'static> Worker<J> {
     ) -> Worker<J> {
         let (tx, rx) = std::sync::mpsc::channel::<Job<J>>();
         let mut model = model;
+        let depth = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let d = depth.clone();
         std::thread::spawn(move || {
             for (job, model_id, reply) in rx {
-                if reply.is_closed() {
-                    continue; // the client left while the request waited
+                // A client that left while the request waited: skipped.
+                if !reply.is_closed() {
+                    handle(&mut model, job, &model_id, &reply);
                 }
-                handle(&mut model, job, &model_id, &reply);
+                d.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
         });
         Worker {
             id,
+            depth,
             queue: std::sync::Mutex::new(tx),
         }
     }
 
     fn submit(&self, job: J, reply: Sender<Event>) -> Result<(), ApiError> {
-        self.queue
-            .lock()
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "worker lost",
-                )
-            })?
-            .send((job, self.id.clone(), reply))
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "the model's worker stopped",
-                )
-            })
+        use std::sync::atomic::Ordering::Relaxed;
+        let q = self.queue.lock().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "worker lost",
+            )
+        })?;
+        // Counted before the worker can take it (it counts down when done).
+        self.depth.fetch_add(1, Relaxed);
+        q.send((job, self.id.clone(), reply)).map_err(|_| {
+            self.depth.fetch_sub(1, Relaxed);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the model's worker stopped",
+            )
+        })
     }
 }
 
@@ -470,12 +481,20 @@ struct App {
     tokenizer: Option<Arc<kiln::llm::TextTokenizer>>,
     image: Option<Worker<ImageRequest>>,
     embedding: Option<Worker<kiln::embed::EmbeddingRequest>>,
+    metrics: Arc<metrics::Metrics>,
     guard: guard::Guard,
     created: u64,
 }
 
 /// The text worker's handler: prepare, run, stream.
-fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Sender<Event>) {
+fn run_text(
+    model: &mut TextModel,
+    job: TextJob,
+    model_id: &str,
+    reply: &Sender<Event>,
+    metrics: &metrics::Metrics,
+) {
+    let t0 = std::time::Instant::now();
     let (prepared, what) = match &job {
         TextJob::Chat(r) => (Prepared::chat(model, r, model_id), "chat"),
         TextJob::Completion(r) => (Prepared::completion(model, r, model_id), "completion"),
@@ -494,32 +513,55 @@ fn run_text(model: &mut TextModel, job: TextJob, model_id: &str, reply: &Sender<
             reply.blocking_send(Event::Chunk(chunk)).is_ok()
         }
     }));
+    let mut log = metrics::RequestLog {
+        id: &p.meta.id,
+        endpoint: what,
+        model: model_id,
+        ..Default::default()
+    };
+    let err;
     match r {
         Ok(v) => {
             let k = &v["kiln"];
-            eprintln!(
-                "{} {what}: {} prompt tokens ({} reused) + {} generated, {}",
-                p.meta.id,
-                k["prompt_ids"].as_array().map_or(0, Vec::len),
-                k["reused_tokens"],
-                k["ids"].as_array().map_or(0, Vec::len),
-                if reply.is_closed() {
-                    "cancelled: the client disconnected".to_string()
-                } else {
-                    format!("stop: {}", k["stop"].as_str().unwrap_or(""))
-                }
-            );
+            let reason = v["choices"][0]["finish_reason"]
+                .as_str()
+                .or(k["stop"].as_str())
+                .unwrap_or("")
+                .to_string();
+            log.prompt_tokens = k["prompt_ids"].as_array().map_or(0, Vec::len);
+            log.cached_tokens = k["reused_tokens"].as_u64().unwrap_or(0) as usize;
+            log.completion_tokens = k["ids"].as_array().map_or(0, Vec::len);
+            log.ttft_ms = k["timings"]["ttft_ms"].as_f64().unwrap_or(0.0);
+            log.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
+            log.finish_reason = if reply.is_closed() {
+                "cancelled"
+            } else {
+                &reason
+            };
+            metrics.text_done(&log, k["timings"]["decode_ms"].as_f64().unwrap_or(0.0));
             let _ = reply.blocking_send(Event::Done(v));
         }
         Err(e) => {
-            eprintln!("{} {what}: error: {e}", p.meta.id);
+            err = e.to_string();
+            log.finish_reason = "error";
+            log.error = Some(&err);
+            log.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
+            metrics.text_done(&log, 0.0);
             let _ = reply.blocking_send(Event::Failed(ApiError::from_engine(e)));
         }
     }
+    metrics.kv_cache(model.cached_tokens(), model.ctx());
 }
 
 /// The image worker's handler.
-fn run_image(w: &mut ImageWorker, r: ImageRequest, model_id: &str, reply: &Sender<Event>) {
+fn run_image(
+    w: &mut ImageWorker,
+    r: ImageRequest,
+    model_id: &str,
+    reply: &Sender<Event>,
+    metrics: &metrics::Metrics,
+) {
+    let t0 = std::time::Instant::now();
     let result = (|| -> Result<Value, ApiError> {
         w.use_loras(r.loras.as_deref())?;
         let m = &mut w.m;
@@ -586,22 +628,59 @@ fn run_image(w: &mut ImageWorker, r: ImageRequest, model_id: &str, reply: &Sende
                      "steps": img.steps, "notes": img.notes},
         }))
     })();
+    let id = format!("img-{}", metrics::next_id());
+    let mut log = metrics::RequestLog {
+        id: &id,
+        endpoint: "image",
+        model: model_id,
+        finish_reason: "done",
+        ..Default::default()
+    };
+    let msg;
+    log.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
     match result {
         Ok(v) => {
-            eprintln!("image: {model_id}, seed {}", v["kiln"]["seed"]);
+            metrics.image_done(&log);
             let _ = reply.blocking_send(Event::Done(v));
         }
-        Err(e) if reply.is_closed() => {
-            eprintln!("image: cancelled: the client disconnected ({})", e.message);
-        }
         Err(e) => {
-            eprintln!("image: error: {}", e.message);
-            let _ = reply.blocking_send(Event::Failed(e));
+            msg = e.message.clone();
+            log.finish_reason = if reply.is_closed() {
+                "cancelled"
+            } else {
+                "error"
+            };
+            log.error = Some(&msg);
+            metrics.image_done(&log);
+            if !reply.is_closed() {
+                let _ = reply.blocking_send(Event::Failed(e));
+            }
         }
     }
 }
 
 impl App {
+    /// Each loaded model's kind, id and queue depth.
+    fn workers(&self) -> Vec<(&'static str, (String, usize))> {
+        let d = |id: &str, depth: &Arc<std::sync::atomic::AtomicUsize>| {
+            (
+                id.to_string(),
+                depth.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        };
+        let mut out = Vec::new();
+        if let Some(w) = &self.text {
+            out.push(("text", d(&w.id, &w.depth)));
+        }
+        if let Some(w) = &self.image {
+            out.push(("image", d(&w.id, &w.depth)));
+        }
+        if let Some(w) = &self.embedding {
+            out.push(("embedding", d(&w.id, &w.depth)));
+        }
+        out
+    }
+
     /// The worker a request's `model` names: its id, or `default` (or nothing) for the loaded
     /// one of that kind.
     fn pick<'a, J>(
@@ -875,7 +954,7 @@ async fn not_found() -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits, /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health)",
+        "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits, /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health, /metrics)",
     )
     .into_response()
 }
@@ -895,6 +974,7 @@ fn model_id(path: &str) -> String {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let gpu = crate::gpu()?;
+    let metrics = metrics::Metrics::new(a.log_format == "json");
     let defaults = a.model.is_none() && a.image_model.is_none() && a.embedding_model.is_none();
     let mut tokenizer = None;
     let text = if a.model.is_some() || defaults {
@@ -911,7 +991,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .stage(EXIT_MODEL)?;
         eprintln!("text model: {id} (context {})", model.ctx());
         tokenizer = Some(model.tokenizer.clone());
-        Some(Worker::start(id, model, run_text))
+        let mt = metrics.clone();
+        Some(Worker::start(id, model, move |m, job, id, reply| {
+            run_text(m, job, id, reply, &mt)
+        }))
     } else {
         None
     };
@@ -948,7 +1031,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
             merged: default_set.clone(),
             default_set,
         };
-        Some(Worker::start(id, w, run_image))
+        let mt = metrics.clone();
+        Some(Worker::start(id, w, move |m, job, id, reply| {
+            run_image(m, job, id, reply, &mt)
+        }))
     } else {
         None
     };
@@ -960,7 +1046,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .stage(EXIT_MODEL)?;
             let id = model_id(model);
             eprintln!("embedding model: {id} ({} dimensions)", m.dim());
-            Some(Worker::start(id, m, embeddings::run))
+            let mt = metrics.clone();
+            Some(Worker::start(id, m, move |m, job, id, reply| {
+                embeddings::run(m, job, id, reply, &mt)
+            }))
         }
         None => None,
     };
@@ -969,6 +1058,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         tokenizer,
         image,
         embedding,
+        metrics,
         guard: guard::Guard::new(
             &a.host,
             &a.allowed_host,
@@ -990,10 +1080,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
+        .route("/metrics", get(metrics::handler))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             guard::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            metrics::track,
         ))
         .with_state(app);
     let limits = listen::Limits {
