@@ -792,19 +792,19 @@ fn help_and_readme_agree() {
         readme_cmds(2, Some("bench")),
         "kiln bench's benchmarks vs the README's"
     );
+    // The flag's description: on its line (clap's compact help) or the next (the long form).
     let quantize = |h: &str| {
-        h.lines()
-            .skip_while(|l| !l.trim_start().starts_with("--quantize"))
-            .nth(1)
-            .map(|l| {
-                l.split_once(": ")
-                    .map_or("", |(_, v)| v)
-                    .split(" [")
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-            })
-            .unwrap_or_default()
+        let mut it = h
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("--quantize"));
+        let (flag, next) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+        let line = if flag.contains(": ") { flag } else { next };
+        line.split_once(": ")
+            .map_or("", |(_, v)| v)
+            .split(" [")
+            .next()
+            .unwrap_or("")
+            .to_string()
     };
     for cmd in cmds.iter().map(String::as_str).chain(["bench"]) {
         let h = help(&[cmd, "--help"]);
