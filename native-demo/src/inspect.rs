@@ -200,3 +200,92 @@ pub fn model(path: &Path) -> Result<()> {
         bail!("Kiln cannot load this model: {}", problems.join("; "))
     }
 }
+
+/// Why Kiln cannot load the model at `p` of `kind` (`None`: it can), from its configs and
+/// headers: a text model's config (a folder's config.json, a GGUF's metadata), a pipeline's
+/// component configs, a sentence-transformers folder's modules and encoder config.
+fn refusal(p: &Path, kind: crate::serve::registry::Kind) -> Option<String> {
+    use crate::serve::registry::Kind;
+    let read = |f: &str| std::fs::read_to_string(p.join(f)).map_err(|e| format!("{f}: {e}"));
+    let r: std::result::Result<(), String> = (|| match kind {
+        Kind::Text if p.is_file() => {
+            let head = prefix(p, 64 << 20).map_err(|e| e.to_string())?;
+            match LlmConfig::from_gguf_prefix(&p.to_string_lossy(), &head) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("the GGUF metadata is larger than 64 MiB".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Kind::Text => {
+            if !p.join("config.json").is_file() {
+                return Ok(()); // a folder holding one .gguf: `kiln info` on it says more
+            }
+            LlmConfig::from_hf(
+                &read("config.json")?,
+                read("generation_config.json").ok().as_deref(),
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
+        }
+        Kind::Image => {
+            use kiln::diffusion::{clip::ClipConfig, unet::UnetConfig, vae::VaeConfig};
+            UnetConfig::from_json(&read("unet/config.json")?).map_err(|e| e.to_string())?;
+            VaeConfig::from_json(&read("vae/config.json")?).map_err(|e| e.to_string())?;
+            ClipConfig::from_json(&read("text_encoder/config.json")?).map_err(|e| e.to_string())?;
+            if p.join("text_encoder_2/config.json").is_file() {
+                ClipConfig::from_json(&read("text_encoder_2/config.json")?)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        Kind::Embedding => {
+            let files = kiln::formats::files::read_dir(p, &kiln::formats::files::embedding_model())
+                .map_err(|e| e.to_string())?;
+            let gpu = crate::gpu().map_err(|e| e.to_string())?;
+            kiln::embed::Embedder::load(&gpu, files, kiln::llm::Quantize::None)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    })();
+    r.err()
+}
+
+/// `kiln list DIR`: each model in a folder (as `kiln serve --models-dir` offers them), its
+/// kind, weights size and whether Kiln can load it, or why not.
+pub fn list(dir: &Path) -> Result<()> {
+    let (found, skipped) = crate::serve::registry::scan(dir)?;
+    println!("{:<32} {:<10} {:>10}  loads", "model", "kind", "weights");
+    let mut refused = 0;
+    for spec in &found {
+        let crate::serve::registry::Source::Path(path) = &spec.source else {
+            continue;
+        };
+        let p = Path::new(path);
+        let mb = crate::serve::registry::estimate(spec, 0) as f64 / (1 << 20) as f64;
+        let verdict = match refusal(p, spec.kind) {
+            None => "yes".to_string(),
+            Some(why) => {
+                refused += 1;
+                format!("no: {why}")
+            }
+        };
+        println!(
+            "{:<32} {:<10} {:>7.1} MB  {verdict}",
+            spec.id,
+            spec.kind.name(),
+            mb
+        );
+    }
+    for (p, why) in &skipped {
+        let name = p
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().to_string());
+        println!("{name:<32} {:<10} {:>10}  no: {why}", "-", "-");
+    }
+    println!(
+        "{} of {} entries load",
+        found.len() - refused,
+        found.len() + skipped.len()
+    );
+    Ok(())
+}

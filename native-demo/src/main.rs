@@ -51,6 +51,15 @@ enum Cmd {
     Tokenize(TokenizeArgs),
     /// Sentence embeddings with a sentence-transformers model (one vector per text).
     Embed(embed::EmbedArgs),
+    /// The models in a folder (as `kiln serve --models-dir` offers them): kind, size, and
+    /// whether Kiln can load each, or why not.
+    List(ListArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// The folder.
+    dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -635,6 +644,7 @@ fn main() {
         Cmd::Info(InfoArgs { model: None }) => info(),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Embed(a) => embed::run(a),
+        Cmd::List(a) => inspect::list(&a.dir).stage(EXIT_MODEL),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -277,6 +277,56 @@ fn image_runs_sdxl_turbo_as_diffusers_does() {
     );
 }
 
+/// `kiln list DIR`: each entry's kind and whether it loads, or why not.
+#[test]
+fn list_says_what_loads_in_a_folder() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::temp_dir().join(format!("kiln-list-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("mamba-tiny")).unwrap();
+    std::fs::write(
+        dir.join("mamba-tiny/config.json"),
+        r#"{"model_type": "mamba", "hidden_size": 8}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("notes.txt"), "x").unwrap();
+    for (link, target) in [
+        ("llama-gqa-f32", "tests/fixtures/llm/llama-gqa-f32"),
+        ("minilm-tiny", "tests/fixtures/embed/minilm-tiny"),
+        ("sdxl-tiny", "tests/fixtures/sdxl/sdxl-tiny"),
+    ] {
+        std::os::unix::fs::symlink(root.join(target), dir.join(link)).unwrap();
+    }
+    let o = kiln(&["list", dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        line("llama-gqa-f32").contains("text") && line("llama-gqa-f32").ends_with("yes"),
+        "{text}"
+    );
+    assert!(
+        line("minilm-tiny").contains("embedding") && line("minilm-tiny").ends_with("yes"),
+        "{text}"
+    );
+    assert!(
+        line("sdxl-tiny").contains("image") && line("sdxl-tiny").ends_with("yes"),
+        "{text}"
+    );
+    assert!(
+        line("mamba-tiny").contains("no: ") && line("mamba-tiny").contains("mamba"),
+        "{text}"
+    );
+    assert!(line("notes.txt").contains("no: "), "{text}");
+    assert!(text.contains("3 of 5 entries load"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn default_model(p: &str) -> String {
     format!("{}/../models/{p}", env!("CARGO_MANIFEST_DIR"))
 }

@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("weights", 6),
     ("llm", 7),
     ("diffusion", 7),
+    ("embed", 7),
 ];
 
 fn rank(module: &str) -> Option<u32> {
@@ -300,6 +301,7 @@ fn below_contract(path: &str) -> bool {
     const CONTRACT: &[&str] = &[
         "llm",
         "diffusion",
+        "embed",
         "Error",
         "Result",
         "error",

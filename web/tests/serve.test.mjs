@@ -8,7 +8,7 @@ import { execFile } from "node:child_process";
 import { KilnServers } from "./kiln-serve.mjs";
 import http from "node:http";
 import { promisify } from "node:util";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -257,6 +257,45 @@ test("/metrics in Prometheus' text format (parsed by a Prometheus parser) after 
   assert.ok(r.id.startsWith("cmpl-") && r.model === "llama-gqa-f32" && r.completion_tokens === 3 && r.finish_reason === "length" && r.ttft_ms > 0 && r.duration_ms >= r.ttft_ms, JSON.stringify(r));
   // Still answering after the burst.
   assert.equal((await call(99)).status, 200);
+});
+
+test("several models: --models-dir offers them, requests load them on demand, --max-memory unloads the least recently used idle one", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "kiln-models-"));
+  symlinkSync(textModel, join(dir, "llama-gqa-f32"));
+  symlinkSync(join(root, "tests/fixtures/embed/minilm-tiny"), join(dir, "minilm-tiny"));
+  symlinkSync(join(root, "tests/fixtures/sd/sd1-tiny"), join(dir, "sd1-tiny"));
+  writeFileSync(join(dir, "notes.txt"), "not a model");
+  const listed = async (base) => (await (await fetch(`${base}/v1/models`)).json()).data;
+  const first = await startServe(["--models-dir", dir, "--ctx", "256"]);
+  const all = await listed(first);
+  assert.deepEqual(all.map((m) => `${m.id}:${m.kiln.kind}:${m.kiln.loaded}`), ["llama-gqa-f32:text:false", "minilm-tiny:embedding:false", "sd1-tiny:image:false"]);
+  const est = Object.fromEntries(all.map((m) => [m.id, m.kiln.estimated_bytes]));
+  assert.ok(Object.values(est).every((b) => b > 0), JSON.stringify(est));
+  // Room for any two of the three, not all three.
+  const budget = est["llama-gqa-f32"] + est["minilm-tiny"] + est["sd1-tiny"] - 1;
+  const s = await startServe(["--models-dir", dir, "--ctx", "256", "--max-memory", String(budget)]);
+  const loaded = async () => (await (await fetch(`${s}/health`)).json()).models.filter((m) => m.loaded).map((m) => m.id);
+  assert.deepEqual(await loaded(), []);
+  const mc = new OpenAI({ baseURL: `${s}/v1`, apiKey: "none", maxRetries: 0 });
+  const chat = await mc.chat.completions.create({ ...greedy, model: "llama-gqa-f32" });
+  assert.equal(chat.model, "llama-gqa-f32");
+  const e = await mc.embeddings.create({ model: "minilm-tiny", input: "sky", encoding_format: "float" });
+  assert.equal(e.data[0].embedding.length, 32);
+  assert.deepEqual(await loaded(), ["llama-gqa-f32", "minilm-tiny"]); // a chat model and an embedder at once
+  await mc.images.generate({ model: "sd1-tiny", prompt: "a red door", size: "16x16", steps: 1 });
+  assert.deepEqual(await loaded(), ["minilm-tiny", "sd1-tiny"]); // the chat model was the least recently used
+  assert.ok((await listed(s)).find((m) => m.id === "llama-gqa-f32").kiln.loaded === false);
+  // Named again, it loads again (and the same greedy answer comes back).
+  const again = await mc.chat.completions.create({ ...greedy, model: "llama-gqa-f32" });
+  assert.equal(again.choices[0].message.content, chat.choices[0].message.content);
+  assert.match(kiln.log, /unloading text model llama-gqa-f32 \(least recently used\) to make room for sd1-tiny/);
+  // Unknown ids are 404s naming what there is; a model of another kind is a 400.
+  const r = await fetch(`${s}/v1/embeddings`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "nope", input: "x" }) });
+  assert.equal(r.status, 404);
+  assert.match((await r.json()).error.message, /embedding models are minilm-tiny/);
+  const k = await fetch(`${s}/v1/embeddings`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "sd1-tiny", input: "x" }) });
+  assert.equal(k.status, 400);
+  assert.match((await k.json()).error.message, /is an image model, not an embedding model/);
 });
 
 test("/tokenize and /detokenize as llama-server has them: ids and pieces equal kiln tokenize", async () => {

@@ -52,8 +52,8 @@ pub async fn handler(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
         let req = EmbeddingRequest::from_json(&app.guard.read_body(body).await?)
             .map_err(ApiError::from_engine)?;
-        let w = App::pick(&app.embedding, "embedding", req.model.as_deref())?;
-        Ok::<_, ApiError>(super::respond(w, req, false).await)
+        let w = app.embedding(req.model.as_deref()).await?;
+        Ok::<_, ApiError>(super::respond(&w, req, false).await)
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -20,6 +20,7 @@ mod embeddings;
 mod guard;
 mod listen;
 mod metrics;
+pub(crate) mod registry;
 
 use crate::{Stage, EXIT_MODEL, EXIT_USAGE};
 use anyhow::{Context, Result};
@@ -42,16 +43,26 @@ use tokio::sync::mpsc::{channel, Sender};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// The text model (a folder, a .gguf file or a Hugging Face repo id). With neither this nor
-    /// --image-model, the embedded default text and image models are served.
+    /// A text model (a folder, a .gguf file or a Hugging Face repo id), loaded at start;
+    /// repeatable. With no model flag and no --models-dir, the embedded default text and image
+    /// models are served.
     #[arg(short, long)]
-    model: Option<String>,
-    /// A diffusers pipeline folder for /v1/images/generations.
+    model: Vec<String>,
+    /// A diffusers pipeline folder for /v1/images/generations, loaded at start; repeatable.
     #[arg(long)]
-    image_model: Option<String>,
-    /// A sentence-transformers folder or Hub repo id for /v1/embeddings.
+    image_model: Vec<String>,
+    /// A sentence-transformers folder or Hub repo id for /v1/embeddings, loaded at start;
+    /// repeatable.
     #[arg(long)]
-    embedding_model: Option<String>,
+    embedding_model: Vec<String>,
+    /// A folder of models (pipeline folders, sentence-transformers folders, text model folders
+    /// and .gguf files), each offered by its name and loaded when a request names it.
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    /// GPU memory the loaded models may take (bytes, or with K, M or G): loading one unloads
+    /// the least recently used idle ones until its estimate fits.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    max_memory: Option<u64>,
     /// The request log's lines: text (key=value pairs) or json (one object per request).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -476,11 +487,8 @@ impl<J: Send + 'static> Worker<J> {
 }
 
 struct App {
-    text: Option<Worker<TextJob>>,
-    /// The text model's tokenizer (shared with its worker) for /tokenize and /detokenize.
-    tokenizer: Option<Arc<kiln::llm::TextTokenizer>>,
-    image: Option<Worker<ImageRequest>>,
-    embedding: Option<Worker<kiln::embed::EmbeddingRequest>>,
+    /// The models offered, loaded or not.
+    models: registry::Registry,
     metrics: Arc<metrics::Metrics>,
     guard: guard::Guard,
     created: u64,
@@ -662,52 +670,40 @@ fn run_image(
 impl App {
     /// Each loaded model's kind, id and queue depth.
     fn workers(&self) -> Vec<(&'static str, (String, usize))> {
-        let d = |id: &str, depth: &Arc<std::sync::atomic::AtomicUsize>| {
-            (
-                id.to_string(),
-                depth.load(std::sync::atomic::Ordering::Relaxed),
-            )
-        };
-        let mut out = Vec::new();
-        if let Some(w) = &self.text {
-            out.push(("text", d(&w.id, &w.depth)));
-        }
-        if let Some(w) = &self.image {
-            out.push(("image", d(&w.id, &w.depth)));
-        }
-        if let Some(w) = &self.embedding {
-            out.push(("embedding", d(&w.id, &w.depth)));
-        }
-        out
+        self.models
+            .list()
+            .into_iter()
+            .filter(|m| m.loaded)
+            .map(|m| (m.kind.name(), (m.id, m.queued)))
+            .collect()
     }
 
-    /// The worker a request's `model` names: its id, or `default` (or nothing) for the loaded
-    /// one of that kind.
-    fn pick<'a, J>(
-        worker: &'a Option<Worker<J>>,
-        kind: &str,
+    /// The text model a request's `model` names (`default` or nothing: the one in use), loaded
+    /// if it is not, with its tokenizer.
+    async fn text(
+        &self,
         model: Option<&str>,
-    ) -> Result<&'a Worker<J>, ApiError> {
-        let w = worker.as_ref().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!("this server has no {kind} model loaded"),
-            )
-            .code("model_not_found")
-        })?;
-        match model {
-            None | Some("default") => Ok(w),
-            Some(m) if m == w.id => Ok(w),
-            Some(m) => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!(
-                    "The model '{m}' does not exist: this server's {kind} model is '{}' ('default' names it too; see GET /v1/models).",
-                    w.id
-                ),
-            )
-            .code("model_not_found")),
+    ) -> Result<(Arc<Worker<TextJob>>, Arc<kiln::llm::TextTokenizer>), ApiError> {
+        match self.models.pick(registry::Kind::Text, model).await? {
+            registry::Handle::Text(w, t) => Ok((w, t)),
+            _ => Err(ApiError::bad_request("not a text model")),
+        }
+    }
+
+    async fn image(&self, model: Option<&str>) -> Result<Arc<Worker<ImageRequest>>, ApiError> {
+        match self.models.pick(registry::Kind::Image, model).await? {
+            registry::Handle::Image(w) => Ok(w),
+            _ => Err(ApiError::bad_request("not an image model")),
+        }
+    }
+
+    async fn embedding(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Arc<Worker<kiln::embed::EmbeddingRequest>>, ApiError> {
+        match self.models.pick(registry::Kind::Embedding, model).await? {
+            registry::Handle::Embedding(w) => Ok(w),
+            _ => Err(ApiError::bad_request("not an embedding model")),
         }
     }
 }
@@ -794,9 +790,9 @@ async fn text_request(app: &App, body: Body, parse: fn(&str) -> kiln::Result<Tex
             TextJob::Chat(r) => &r.sampling,
             TextJob::Completion(r) => &r.sampling,
         };
-        let w = App::pick(&app.text, "text", sampling.model.as_deref())?;
+        let (w, _) = app.text(sampling.model.as_deref()).await?;
         let stream = sampling.stream();
-        Ok::<_, ApiError>(respond(w, job, stream).await)
+        Ok::<_, ApiError>(respond(&w, job, stream).await)
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -816,8 +812,8 @@ async fn images(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
         let req: ImageRequest = serde_json::from_str(&app.guard.read_body(body).await?)
             .map_err(|e| ApiError::bad_request(format!("image request: {e}")))?;
-        let w = App::pick(&app.image, "image", req.model.as_deref())?;
-        Ok::<_, ApiError>(respond(w, req, false).await)
+        let w = app.image(req.model.as_deref()).await?;
+        Ok::<_, ApiError>(respond(&w, req, false).await)
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -837,8 +833,8 @@ async fn image_edits(
             .to_string();
         let bytes = app.guard.read_bytes(body, true).await?;
         let req = ImageRequest::from_form(bytes, &ctype).await?;
-        let w = App::pick(&app.image, "image", req.model.as_deref())?;
-        Ok::<_, ApiError>(respond(w, req, false).await)
+        let w = app.image(req.model.as_deref()).await?;
+        Ok::<_, ApiError>(respond(&w, req, false).await)
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -863,18 +859,6 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-/// The text model's tokenizer, or a 404 saying there is none.
-fn text_tokenizer(app: &App) -> Result<&Arc<kiln::llm::TextTokenizer>, ApiError> {
-    app.tokenizer.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "this server has no text model loaded",
-        )
-        .code("model_not_found")
-    })
-}
-
 /// A JSON body as `T`, a 400 naming what is wrong otherwise.
 async fn json_body<T: serde::de::DeserializeOwned>(
     app: &App,
@@ -890,7 +874,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 async fn tokenize(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
         let req: TokenizeRequest = json_body(&app, body, "tokenize").await?;
-        let tok = text_tokenizer(&app)?;
+        let (_, tok) = app.text(None).await?;
         let ids = if req.add_special {
             tok.encode_prompt(&req.content)
         } else {
@@ -913,7 +897,7 @@ async fn tokenize(State(app): State<Arc<App>>, body: Body) -> Response {
 async fn detokenize(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
         let req: DetokenizeRequest = json_body(&app, body, "detokenize").await?;
-        let tok = text_tokenizer(&app)?;
+        let (_, tok) = app.text(None).await?;
         let n = tok.vocab_size();
         if let Some(bad) = req.tokens.iter().find(|&&id| id as usize >= n) {
             return Err(ApiError::bad_request(format!(
@@ -929,25 +913,29 @@ async fn detokenize(State(app): State<Arc<App>>, body: Body) -> Response {
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn models(State(app): State<Arc<App>>) -> Response {
-    let mut data = Vec::new();
-    let mut entry = |id: &str, kind: &str| {
-        data.push(json!({"id": id, "object": "model", "created": app.created, "owned_by": "kiln", "kiln": {"kind": kind}}));
-    };
-    if let Some(w) = &app.text {
-        entry(&w.id, "text");
-    }
-    if let Some(w) = &app.image {
-        entry(&w.id, "image");
-    }
-    if let Some(w) = &app.embedding {
-        entry(&w.id, "embedding");
-    }
+/// `GET /v1/models`: every model offered, loaded or not (`kiln.loaded`), with its kind.
+async fn list_models(State(app): State<Arc<App>>) -> Response {
+    let data: Vec<Value> = app
+        .models
+        .list()
+        .iter()
+        .map(|m| {
+            json!({"id": m.id, "object": "model", "created": app.created, "owned_by": "kiln",
+                   "kiln": {"kind": m.kind.name(), "loaded": m.loaded, "estimated_bytes": m.bytes}})
+        })
+        .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn health() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+/// `GET /health`: `{ status: "ok", models: [{ id, kind, loaded, queued }] }`.
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let models: Vec<Value> = app
+        .models
+        .list()
+        .iter()
+        .map(|m| json!({"id": m.id, "kind": m.kind.name(), "loaded": m.loaded, "queued": m.queued}))
+        .collect();
+    axum::Json(json!({"status": "ok", "models": models})).into_response()
 }
 
 async fn not_found() -> Response {
@@ -957,6 +945,30 @@ async fn not_found() -> Response {
         "no such endpoint (POST /v1/chat/completions, /v1/completions, /v1/images/generations, /v1/images/edits, /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health, /metrics)",
     )
     .into_response()
+}
+
+/// `BYTES` with an optional K, M or G suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("'{s}': expected bytes, or a number with K, M or G");
+    let (num, mul) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(bad()),
+            };
+            (&t[..t.len() - 1], m)
+        }
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| (v * mul as f64) as u64)
+        .ok_or_else(bad)
 }
 
 /// The id of a model path: its last component (a file without its extension).
@@ -972,92 +984,168 @@ fn model_id(path: &str) -> String {
         .unwrap_or_else(|| path.to_string())
 }
 
+/// What loading a model needs beside its spec: the device and the load flags.
+struct LoadContext {
+    gpu: Arc<kiln::Gpu>,
+    text: LoadOptions,
+    image_quantize: kiln::llm::Quantize,
+    embedding_quantize: kiln::llm::Quantize,
+    loras: Vec<String>,
+    lora_dir: Option<PathBuf>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+/// Loads a model and starts its worker.
+fn load_model(c: &LoadContext, spec: &registry::Spec) -> Result<registry::Handle> {
+    use registry::{Handle, Kind, Source};
+    let path = match &spec.source {
+        Source::Path(p) => Some(p.as_str()),
+        Source::Default => None,
+    };
+    let id = spec.id.clone();
+    let what = format!("loading the {} model {id}", spec.kind.name());
+    let mt = c.metrics.clone();
+    Ok(match spec.kind {
+        Kind::Text => {
+            let (files, _) = crate::text_files(path).context(what.clone())?;
+            let model = pollster::block_on(TextModel::load(&c.gpu, files, &c.text, &mut |_, _| {}))
+                .context(what)?;
+            eprintln!("text model: {id} (context {})", model.ctx());
+            let tokenizer = model.tokenizer.clone();
+            let w = Worker::start(id, model, move |m, job, id, reply| {
+                run_text(m, job, id, reply, &mt)
+            });
+            Handle::Text(Arc::new(w), tokenizer)
+        }
+        Kind::Image => {
+            let files = match path {
+                Some(p) => crate::image::pipeline_files(p).context(what.clone())?,
+                None => crate::defaults::image(),
+            };
+            let mut m =
+                SdModels::load_with(&c.gpu, files, c.image_quantize).context(what.clone())?;
+            let loras = crate::image::read_loras(&c.loras)?;
+            let default_set: Vec<(PathBuf, f32)> = loras
+                .iter()
+                .map(|(p, _, s)| (PathBuf::from(p), *s))
+                .collect();
+            if !loras.is_empty() {
+                let n = m.set_loras(loras).context(what)?;
+                eprintln!("LoRA: {n} modules merged from {}", c.loras.join(", "));
+            }
+            let available = ImageWorker::available(c.lora_dir.as_deref())?;
+            if !available.is_empty() {
+                let names: Vec<&str> = available.keys().map(String::as_str).collect();
+                eprintln!("LoRAs requests may name: {}", names.join(", "));
+            }
+            eprintln!("image model: {id}");
+            let w = ImageWorker {
+                m,
+                available,
+                merged: default_set.clone(),
+                default_set,
+            };
+            Handle::Image(Arc::new(Worker::start(id, w, move |m, job, id, reply| {
+                run_image(m, job, id, reply, &mt)
+            })))
+        }
+        Kind::Embedding => {
+            let p = path.ok_or_else(|| anyhow::anyhow!("there is no default embedding model"))?;
+            let files = crate::embed::embedding_files(p).context(what.clone())?;
+            let m =
+                kiln::embed::Embedder::load(&c.gpu, files, c.embedding_quantize).context(what)?;
+            eprintln!("embedding model: {id} ({} dimensions)", m.dim());
+            Handle::Embedding(Arc::new(Worker::start(id, m, move |m, job, id, reply| {
+                embeddings::run(m, job, id, reply, &mt)
+            })))
+        }
+    })
+}
+
 pub fn run(a: ServeArgs) -> Result<()> {
+    use registry::{Kind, Source, Spec};
     let gpu = crate::gpu()?;
     let metrics = metrics::Metrics::new(a.log_format == "json");
-    let defaults = a.model.is_none() && a.image_model.is_none() && a.embedding_model.is_none();
-    let mut tokenizer = None;
-    let text = if a.model.is_some() || defaults {
-        let (files, _) = crate::text_files(a.model.as_deref()).stage(EXIT_MODEL)?;
-        let id = a.model.as_deref().map_or("text-kjv".to_string(), model_id);
-        let opts = LoadOptions {
+    let ctx = LoadContext {
+        gpu: gpu.clone(),
+        text: LoadOptions {
             ctx: a.ctx,
             quantize: a.quantize,
             kv_cache: a.kv_cache,
             ..Default::default()
-        };
-        let model = pollster::block_on(TextModel::load(&gpu, files, &opts, &mut |_, _| {}))
-            .with_context(|| format!("loading the text model {id}"))
-            .stage(EXIT_MODEL)?;
-        eprintln!("text model: {id} (context {})", model.ctx());
-        tokenizer = Some(model.tokenizer.clone());
-        let mt = metrics.clone();
-        Some(Worker::start(id, model, move |m, job, id, reply| {
-            run_text(m, job, id, reply, &mt)
-        }))
-    } else {
-        None
+        },
+        image_quantize: a.image_quantize,
+        embedding_quantize: a.quantize,
+        loras: a.loras.clone(),
+        lora_dir: a.lora_dir.clone(),
+        metrics: metrics.clone(),
     };
-    let image = if a.image_model.is_some() || defaults {
-        let files = match &a.image_model {
-            Some(dir) => crate::image::pipeline_files(dir).stage(EXIT_MODEL)?,
-            None => crate::defaults::image(),
-        };
-        let id = a
-            .image_model
-            .as_deref()
-            .map_or("image-shapes".to_string(), model_id);
-        let mut m = SdModels::load_with(&gpu, files, a.image_quantize)
-            .with_context(|| format!("loading the image model {id}"))
-            .stage(EXIT_MODEL)?;
-        let loras = crate::image::read_loras(&a.loras).stage(EXIT_MODEL)?;
-        let default_set: Vec<(PathBuf, f32)> = loras
-            .iter()
-            .map(|(p, _, s)| (PathBuf::from(p), *s))
-            .collect();
-        if !loras.is_empty() {
-            let n = m.set_loras(loras).stage(EXIT_MODEL)?;
-            eprintln!("LoRA: {n} modules merged from {}", a.loras.join(", "));
+    let models = registry::Registry::new(
+        a.max_memory,
+        a.ctx,
+        Arc::new(move |spec: &Spec| load_model(&ctx, spec)),
+    );
+    // Models named by flags (or the embedded defaults) load now; --models-dir's on demand.
+    let defaults = a.model.is_empty()
+        && a.image_model.is_empty()
+        && a.embedding_model.is_empty()
+        && a.models_dir.is_none();
+    let mut now = Vec::new();
+    let mut add = |spec: Spec, load: bool| -> Result<()> {
+        if load {
+            now.push(spec.id.clone());
         }
-        let available = ImageWorker::available(a.lora_dir.as_deref()).stage(EXIT_MODEL)?;
-        if !available.is_empty() {
-            let names: Vec<&str> = available.keys().map(String::as_str).collect();
-            eprintln!("LoRAs requests may name: {}", names.join(", "));
-        }
-        eprintln!("image model: {id}");
-        let w = ImageWorker {
-            m,
-            available,
-            merged: default_set.clone(),
-            default_set,
-        };
-        let mt = metrics.clone();
-        Some(Worker::start(id, w, move |m, job, id, reply| {
-            run_image(m, job, id, reply, &mt)
-        }))
-    } else {
-        None
+        models.add(spec).stage(EXIT_USAGE)
     };
-    let embedding = match &a.embedding_model {
-        Some(model) => {
-            let files = crate::embed::embedding_files(model).stage(EXIT_MODEL)?;
-            let m = kiln::embed::Embedder::load(&gpu, files, a.quantize)
-                .with_context(|| format!("loading the embedding model {model}"))
-                .stage(EXIT_MODEL)?;
-            let id = model_id(model);
-            eprintln!("embedding model: {id} ({} dimensions)", m.dim());
-            let mt = metrics.clone();
-            Some(Worker::start(id, m, move |m, job, id, reply| {
-                embeddings::run(m, job, id, reply, &mt)
-            }))
+    if defaults {
+        add(
+            Spec {
+                id: "text-kjv".into(),
+                kind: Kind::Text,
+                source: Source::Default,
+            },
+            true,
+        )?;
+        add(
+            Spec {
+                id: "image-shapes".into(),
+                kind: Kind::Image,
+                source: Source::Default,
+            },
+            true,
+        )?;
+    }
+    for (list, kind) in [
+        (&a.model, Kind::Text),
+        (&a.image_model, Kind::Image),
+        (&a.embedding_model, Kind::Embedding),
+    ] {
+        for m in list {
+            add(
+                Spec {
+                    id: model_id(m),
+                    kind,
+                    source: Source::Path(m.clone()),
+                },
+                true,
+            )?;
         }
-        None => None,
-    };
+    }
+    if let Some(dir) = &a.models_dir {
+        let (found, skipped) = registry::scan(dir).stage(EXIT_USAGE)?;
+        for (p, why) in skipped {
+            eprintln!("--models-dir: skipping {}: {why}", p.display());
+        }
+        for spec in found {
+            eprintln!("offered on demand: {} model {}", spec.kind.name(), spec.id);
+            add(spec, false)?;
+        }
+    }
+    for id in now {
+        models.load_now(&id).stage(EXIT_MODEL)?;
+    }
     let app = Arc::new(App {
-        text,
-        tokenizer,
-        image,
-        embedding,
+        models,
         metrics,
         guard: guard::Guard::new(
             &a.host,
@@ -1076,7 +1164,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .route("/v1/images/generations", post(images))
         .route("/v1/embeddings", post(embeddings::handler))
         .route(guard::UPLOAD_PATH, post(image_edits))
-        .route("/v1/models", get(models))
+        .route("/v1/models", get(list_models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
