@@ -7,7 +7,8 @@
 #      where the adapter has them);
 #   2. `kiln bench kernels` (its matvec rows at 1, 2, 4 and 8 per workgroup; its GEMM and
 #      attention rows with f32 tiles and without cooperative matrices), `kiln bench text`
-#      (per-kernel GPU time, dispatches, host cost serial and pipelined), `kiln bench image`;
+#      (per-kernel GPU time, dispatches, host cost serial and pipelined), `kiln bench image`,
+#      `kiln bench embed` (64 inputs batched against 64 single calls);
 #   3. the same GGUF files through llama.cpp's llama-bench (Vulkan, all layers on the GPU) and
 #      `kiln bench text --model`: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M rebuilt
 #      from their headers with random data, and a random Llama-3.2-1B-shaped Q4_K_M; a table of
@@ -65,6 +66,8 @@ log "bench text"
 timeout 90 .devbin/kiln bench text 2>&1 | grep -v XDG | tee "$out/bench-text.md"
 log "bench image"
 timeout 90 .devbin/kiln bench image 2>&1 | grep -v XDG | tee "$out/bench-image.md"
+log "bench embed (issue 28: 64 inputs batched vs 64 single calls, target >= 8x)"
+timeout 60 .devbin/kiln bench embed --quick 2>&1 | grep -v XDG | tee "$out/bench-embed.md"
 
 log "GGUF files"
 models=$(mktemp -d)
