@@ -9,6 +9,11 @@ Writes tests/fixtures/embed/ (see tests/fixtures/README.md, section `embed/`):
                    sentence_bert_config.json (max_seq_length 24), 1_Pooling/config.json
   bge-tiny/        the same encoder with CLS pooling (bge-small's layout)
   dense-tiny/      mean pooling, then a Dense layer (32 -> 24, tanh) in 2_Dense, then Normalize
+  qwen3-emb-tiny/  Qwen3-Embedding's layout: the random Qwen3 of tests/fixtures/llm-arch/qwen3-f32
+                   as a Transformer (Qwen3Model, causal), lasttoken Pooling, Normalize; its
+                   tokenizer appends <|endoftext|> (as Qwen3-Embedding's does) and the model has a
+                   "query" prompt (an instruction prefix); qwen3-emb-tiny_query.npy the sentences
+                   encoded with prompt_name="query"
   expected.json    the sentences, each model's token ids (after truncation) and versions
   <model>.npy      SentenceTransformer.encode of the sentences [n, dim], f32
 
@@ -107,6 +112,32 @@ def main():
 
         made = {"minilm-tiny": make("minilm-tiny", "mean"), "bge-tiny": make("bge-tiny", "cls"),
                 "dense-tiny": make("dense-tiny", "mean", dense=24)}
+        # A decoder embedder: Qwen3 with an end-of-text token appended, last-token pooling.
+        import json
+        import shutil
+        qw = tmp / "qwen3"
+        shutil.copytree(REPO / "tests" / "fixtures" / "llm-arch" / "qwen3-f32", qw,
+                        ignore=shutil.ignore_patterns("*.gguf", "expected.json", "chat_template.jinja"))
+        tj = json.loads((qw / "tokenizer.json").read_text())
+        eot = next(a["id"] for a in tj["added_tokens"] if a["content"] == "<|endoftext|>")
+        tj["post_processor"] = {"type": "TemplateProcessing",
+                                "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                           {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}],
+                                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eot], "tokens": ["<|endoftext|>"]}}}
+        (qw / "tokenizer.json").write_text(json.dumps(tj))
+        # transformers 5 rebuilds the post-processor from these flags, so they say the same.
+        tc = json.loads((qw / "tokenizer_config.json").read_text())
+        tc.update(add_eos_token=True, eos_token="<|endoftext|>")
+        # No chat template: sentence-transformers 6 would wrap each text in a chat turn.
+        tc.pop("chat_template", None)
+        (qw / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+        word = models.Transformer(str(qw), max_seq_length=48)
+        st = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), pooling_mode="lasttoken"),
+                                          models.Normalize()], device="cpu",
+                                 prompts={"query": "Instruct: Given a question, find passages that answer it\nQuery:"})
+        st.save(str(build / "qwen3-emb-tiny"))
+        made["qwen3-emb-tiny"] = SentenceTransformer(str(build / "qwen3-emb-tiny"), device="cpu")
     arrays, ids = {}, {}
     for name, st in made.items():
         st.eval()
@@ -117,17 +148,23 @@ def main():
         ids[name] = [st.tokenize([s])["input_ids"][0].tolist() for s in SENTENCES]
         print(name, e.shape, [len(i) for i in ids[name]], flush=True)
     assert ids["minilm-tiny"][5][-1] == 3 and len(ids["minilm-tiny"][5]) == MAX_SEQ
+    q = made["qwen3-emb-tiny"]
+    assert ids["qwen3-emb-tiny"][0][-1] == q.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    with torch.no_grad():
+        arrays["qwen3-emb-tiny_query"] = as_f32(q.encode(SENTENCES, prompt_name="query", batch_size=4, convert_to_numpy=True))
     for k, v in sorted(arrays.items()):
         np.save(build / f"{k}.npy", v, allow_pickle=False)
     write_json(build / "expected.json", {
         "sentence_transformers_version": sentence_transformers.__version__,
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
         "sentences": SENTENCES, "max_seq_length": MAX_SEQ, "token_ids": ids["minilm-tiny"],
-        "models": {"minilm-tiny": "mean", "bge-tiny": "cls", "dense-tiny": "mean + dense 24 tanh"},
+        "models": {"minilm-tiny": "mean", "bge-tiny": "cls", "dense-tiny": "mean + dense 24 tanh",
+                   "qwen3-emb-tiny": "qwen3 decoder, lasttoken"},
+        "qwen3_token_ids": ids["qwen3-emb-tiny"],
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })
-    print("total bytes", finish_build(build, OUT, 1e6))
+    print("total bytes", finish_build(build, OUT, 2e6))
 
 
 if __name__ == "__main__":

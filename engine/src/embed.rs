@@ -1,7 +1,9 @@
 //! Sentence embeddings from sentence-transformers folders (`modules.json`: a Transformer, a
 //! Pooling, optional Dense layers, an optional Normalize), with BERT-family encoders
 //! (all-MiniLM, bge): token, position and token-type embeddings, post-norm blocks of
-//! bidirectional attention and a GELU feed-forward, on the same kernels as the rest.
+//! bidirectional attention and a GELU feed-forward, on the same kernels as the rest; or with a
+//! decoder Kiln runs for text (Qwen3-Embedding: causal, last-token pooling), one input per pass
+//! through the text model's own graph, its final-norm states pooled on the host.
 //!
 //! Many inputs run as one forward pass, packed without padding: every product sees all the
 //! batch's tokens at once (`[T, hidden]`), attention runs per input on its rows, and pooling is
@@ -101,17 +103,29 @@ pub struct DenseLayer {
     pub weights: Weights,
 }
 
+/// The most tokens per input for decoder embedders (each position costs a KV-cache row).
+pub const MAX_DECODER_TOKENS: usize = 2048;
+
+/// The network under the pooling.
+enum Encoder {
+    Bert { cfg: BertConfig, weights: Weights },
+    Decoder(Box<crate::llm::TextModel>),
+}
+
 /// A loaded embedding model.
 pub struct Embedder {
     pub gpu: Arc<Gpu>,
-    pub cfg: BertConfig,
+    encoder: Encoder,
     pub pooling: Pooling,
     pub dense: Vec<DenseLayer>,
     pub normalize: bool,
     /// Tokens per input at most (longer inputs are truncated, the end token kept).
     pub max_len: usize,
+    /// sentence-transformers' named prompts (`config_sentence_transformers.json`), e.g.
+    /// Qwen3-Embedding's `query` instruction, and the one used when a request names none.
+    pub prompts: std::collections::BTreeMap<String, String>,
+    pub default_prompt: Option<String>,
     tokenizer: tokenizers::Tokenizer,
-    weights: Weights,
 }
 
 fn data_err(name: &str, msg: impl Into<String>) -> Error {
@@ -188,6 +202,29 @@ fn pooling(cfg: &str) -> Result<Pooling> {
     }
 }
 
+/// The named prompts of `config_sentence_transformers.json` and its `default_prompt_name`.
+fn prompts(files: &ModelFiles) -> (std::collections::BTreeMap<String, String>, Option<String>) {
+    let j: Json = crate::formats::text_file(files, "config_sentence_transformers.json")
+        .ok()
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Json::Null);
+    let prompts = j
+        .get("prompts")
+        .and_then(|p| p.as_object())
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let default = j
+        .get("default_prompt_name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    (prompts, default)
+}
+
 /// The longest input: sentence-transformers' `max_seq_length` (older `sentence_bert_config.json`),
 /// else the tokenizer's `model_max_length`, capped by the position table.
 fn max_len(files: &ModelFiles, positions: usize) -> usize {
@@ -204,7 +241,7 @@ fn max_len(files: &ModelFiles, positions: usize) -> usize {
 
 impl Embedder {
     /// Loads a sentence-transformers folder's files ([`crate::formats::files::embedding_model`]).
-    pub fn load(gpu: &Arc<Gpu>, mut files: ModelFiles, q: Quantize) -> Result<Embedder> {
+    pub async fn load(gpu: &Arc<Gpu>, mut files: ModelFiles, q: Quantize) -> Result<Embedder> {
         let mods = modules(&files)?;
         let mut pooling_mode = None;
         let mut dense = Vec::new();
@@ -258,13 +295,46 @@ impl Embedder {
             ));
         }
         let pooling = pooling_mode.ok_or_else(|| data_err("modules.json", "no Pooling module"))?;
-        let cfg = BertConfig::from_json(&text(&files, "config.json")?)?;
-        let max_len = max_len(&files, cfg.positions);
+        let config = text(&files, "config.json")?;
+        let is_bert = serde_json::from_str::<Json>(&config)
+            .ok()
+            .and_then(|j| {
+                j.get("model_type")
+                    .and_then(|t| t.as_str())
+                    .map(|t| t == "bert")
+            })
+            .unwrap_or(false);
+        let (prompts, default_prompt) = prompts(&files);
         let mut tokenizer = crate::tokenizer::build_tokenizer(
             files
                 .get("tokenizer.json")
                 .ok_or_else(|| data_err("embedding model", "missing tokenizer.json"))?,
         )?;
+        let (encoder, max_len, hidden) = if is_bert {
+            let cfg = BertConfig::from_json(&config)?;
+            let max_len = max_len(&files, cfg.positions);
+            let st = take_checkpoint(&mut files, "", "model")?;
+            let weights = Weights::new(gpu, "embedding model", Box::new(st)).with_quantize(q);
+            let h = cfg.hidden;
+            (Encoder::Bert { cfg, weights }, max_len, h)
+        } else {
+            // A decoder Kiln runs for text; its config says which (or why not).
+            let cfg = crate::llm::LlmConfig::from_hf(&config, None)?;
+            let max_len = max_len(&files, cfg.max_positions).min(MAX_DECODER_TOKENS);
+            if !dense.is_empty() {
+                return Err(Error::Unsupported(
+                    "Dense modules after a decoder embedder".into(),
+                ));
+            }
+            let opts = crate::llm::LoadOptions {
+                ctx: max_len,
+                quantize: q,
+                ..Default::default()
+            };
+            let m = crate::llm::TextModel::load(gpu, files, &opts, &mut |_, _| {}).await?;
+            let h = m.config.hidden;
+            (Encoder::Decoder(Box::new(m)), max_len, h)
+        };
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
                 max_length: max_len,
@@ -272,7 +342,7 @@ impl Embedder {
             }))
             .map_err(|e| data_err("tokenizer.json", e.to_string()))?;
         tokenizer.with_padding(None);
-        let mut width = cfg.hidden;
+        let mut width = hidden;
         for d in &dense {
             if d.inputs != width {
                 return Err(data_err(
@@ -282,22 +352,63 @@ impl Embedder {
             }
             width = d.outputs;
         }
-        let st = take_checkpoint(&mut files, "", "model")?;
         Ok(Embedder {
             gpu: gpu.clone(),
-            weights: Weights::new(gpu, "embedding model", Box::new(st)).with_quantize(q),
-            cfg,
+            encoder,
             pooling,
             dense,
             normalize,
             max_len,
+            prompts,
+            default_prompt,
             tokenizer,
+        })
+    }
+
+    /// The encoder's hidden size.
+    pub fn hidden(&self) -> usize {
+        match &self.encoder {
+            Encoder::Bert { cfg, .. } => cfg.hidden,
+            Encoder::Decoder(m) => m.config.hidden,
+        }
+    }
+
+    /// The encoder's layers.
+    pub fn layers(&self) -> usize {
+        match &self.encoder {
+            Encoder::Bert { cfg, .. } => cfg.layers,
+            Encoder::Decoder(m) => m.config.layers,
+        }
+    }
+
+    /// The vocabulary size.
+    pub fn vocab(&self) -> usize {
+        match &self.encoder {
+            Encoder::Bert { cfg, .. } => cfg.vocab,
+            Encoder::Decoder(m) => m.config.vocab,
+        }
+    }
+
+    /// A named prompt's text (an error naming the ones there are otherwise).
+    pub fn prompt(&self, name: &str) -> Result<&str> {
+        self.prompts.get(name).map(String::as_str).ok_or_else(|| {
+            data_err(
+                "prompt_name",
+                format!(
+                    "'{name}': this model's prompts are {}",
+                    if self.prompts.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            )
         })
     }
 
     /// The embedding's width.
     pub fn dim(&self) -> usize {
-        self.dense.last().map_or(self.cfg.hidden, |d| d.outputs)
+        self.dense.last().map_or(self.hidden(), |d| d.outputs)
     }
 
     /// An input's token ids as the model's tokenizer makes them (start and end tokens,
@@ -334,10 +445,10 @@ impl Embedder {
                     self.max_len
                 )));
             }
-            if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab()) {
                 return Err(bad(format!(
                     "token id {id} is outside the vocabulary ({})",
-                    self.cfg.vocab
+                    self.vocab()
                 )));
             }
         }
@@ -358,8 +469,15 @@ impl Embedder {
         Ok(out)
     }
 
-    /// One packed forward pass over `inputs`.
+    /// One packed forward pass over `inputs` (a decoder: one pass per input).
     async fn pass(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if let Encoder::Decoder(m) = &self.encoder {
+            let mut out = Vec::with_capacity(inputs.len());
+            for ids in inputs {
+                out.push(self.decoder_pass(m, ids).await?);
+            }
+            return Ok(out);
+        }
         let p = self.pass_plan(inputs).await?;
         let bytes = p.plan.run_read(&[p.out]).await?;
         let flat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
@@ -376,6 +494,28 @@ impl Embedder {
             .collect())
     }
 
+    /// A decoder embedder's vector of one input: its final-norm states, pooled on the host.
+    async fn decoder_pass(&self, m: &crate::llm::TextModel, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = m.config.hidden;
+        let p = crate::llm::model::build_hidden(&self.gpu, &m.config, &m.weights, &m.kv, ids.len())
+            .await?;
+        self.gpu
+            .write_buffer(m.kv.history.buffer()?, 0, bytemuck::cast_slice(ids));
+        let mut plan = p.plan;
+        plan.set(p.pos, 0);
+        let bytes = plan.run_read(&[p.out]).await?;
+        let states: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
+        let n = ids.len();
+        let v: Vec<f32> = match self.pooling {
+            Pooling::Cls => states[..h].to_vec(),
+            Pooling::LastToken => states[(n - 1) * h..n * h].to_vec(),
+            Pooling::Mean => (0..h)
+                .map(|c| ((0..n).map(|t| states[t * h + c] as f64).sum::<f64>() / n as f64) as f32)
+                .collect(),
+        };
+        Ok(if self.normalize { l2_normalized(&v) } else { v })
+    }
+
     /// The GPU time of one pass over `inputs` by kernel (timestamp queries; for benchmarks).
     pub async fn profile(&self, inputs: &[Vec<u32>]) -> Result<Vec<(String, f64)>> {
         self.pass_plan(inputs).await?.plan.profile().await
@@ -384,7 +524,7 @@ impl Embedder {
     /// The compiled pass over `inputs` with its inputs written: the pooled (and Dense)
     /// embeddings `[1, n, dim]` before normalisation in `out`.
     async fn pass_plan(&self, inputs: &[Vec<u32>]) -> Result<PassPlan> {
-        let (n, h) = (inputs.len(), self.cfg.hidden);
+        let (n, h) = (inputs.len(), self.hidden());
         let lens: Vec<usize> = inputs.iter().map(Vec::len).collect();
         let starts: Vec<usize> = lens
             .iter()
@@ -437,10 +577,13 @@ impl Embedder {
         starts: &[usize],
         lens: &[usize],
     ) -> Result<Value> {
-        let c = &self.cfg;
+        let Encoder::Bert { cfg: c, weights } = &self.encoder else {
+            return Err(Error::Unsupported(
+                "a packed pass of a decoder embedder".into(),
+            ));
+        };
         let (h, t) = (c.hidden, lens.iter().sum::<usize>());
-        let vb = self
-            .weights
+        let vb = weights
             .root()
             .first_of(&["", "bert"], "embeddings.word_embeddings.weight")?;
         let emb = vb.pp("embeddings");
@@ -478,7 +621,12 @@ impl Embedder {
         lens: &[usize],
         t: usize,
     ) -> Result<Value> {
-        let (h, heads) = (self.cfg.hidden, self.cfg.heads);
+        let (h, heads) = match &self.encoder {
+            Encoder::Bert { cfg, .. } => (cfg.hidden, cfg.heads),
+            Encoder::Decoder(_) => {
+                return Err(Error::Unsupported("BERT attention of a decoder".into()))
+            }
+        };
         let q = vb.pp("query").linear(g, x, h)?;
         let k = vb.pp("key").linear(g, x, h)?;
         let v = vb.pp("value").linear(g, x, h)?;
@@ -565,6 +713,11 @@ pub struct EmbeddingRequest {
     /// Keep the first N values, renormalised (Matryoshka-trained models).
     #[serde(default)]
     pub dimensions: Option<usize>,
+    /// Kiln's extension: a prompt of the model's `config_sentence_transformers.json` put before
+    /// each text input (e.g. Qwen3-Embedding's `query` instruction), as sentence-transformers'
+    /// `encode(prompt_name=...)`; without it the model's default prompt, if it names one.
+    #[serde(default)]
+    pub prompt_name: Option<String>,
     /// Accepted and ignored (OpenAI's end-user id).
     #[serde(default, rename = "user")]
     _user: Option<String>,
@@ -593,9 +746,14 @@ impl Embedder {
     /// Answers an OpenAI embeddings request: every input in one batched pass, the response
     /// object (`data[i].embedding` floats or base64, `usage`) with `model_id` as its model.
     pub async fn openai(&self, req: &EmbeddingRequest, model_id: &str) -> Result<Json> {
+        let prefix = match req.prompt_name.as_ref().or(self.default_prompt.as_ref()) {
+            Some(name) => self.prompt(name)?,
+            None => "",
+        };
+        let tok = |s: &String| self.tokenize(&format!("{prefix}{s}"));
         let ids: Vec<Vec<u32>> = match &req.input {
-            EmbeddingInput::One(s) => vec![self.tokenize(s)?],
-            EmbeddingInput::Many(v) => v.iter().map(|s| self.tokenize(s)).collect::<Result<_>>()?,
+            EmbeddingInput::One(s) => vec![tok(s)?],
+            EmbeddingInput::Many(v) => v.iter().map(tok).collect::<Result<_>>()?,
             EmbeddingInput::Ids(v) => vec![v.clone()],
             EmbeddingInput::IdLists(v) => v.clone(),
         };

@@ -19,6 +19,10 @@ pub struct EmbedArgs {
     /// Keep the first N dimensions (for Matryoshka-trained models), renormalised.
     #[arg(long)]
     pub dimensions: Option<usize>,
+    /// Put the model's named prompt before each text (e.g. Qwen3-Embedding's `query`
+    /// instruction; see its config_sentence_transformers.json).
+    #[arg(long)]
+    pub prompt_name: Option<String>,
     /// Quantize the encoder's matrices on load: none, q4, q8, q4_k or q6_k.
     #[arg(long, default_value_t = Quantize::None)]
     pub quantize: Quantize,
@@ -58,7 +62,12 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     let files = embedding_files(&a.model).stage(EXIT_MODEL)?;
     let gpu = crate::gpu()?;
-    let m = Embedder::load(&gpu, files, a.quantize).stage(EXIT_MODEL)?;
+    let m = pollster::block_on(Embedder::load(&gpu, files, a.quantize)).stage(EXIT_MODEL)?;
+    let prefix = match a.prompt_name.as_ref().or(m.default_prompt.as_ref()) {
+        Some(name) => m.prompt(name).stage(EXIT_GENERATION)?.to_string(),
+        None => String::new(),
+    };
+    let texts: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let tokens: Vec<usize> = refs
         .iter()

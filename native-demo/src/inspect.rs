@@ -242,9 +242,13 @@ fn refusal(p: &Path, kind: crate::serve::registry::Kind) -> Option<String> {
             let files = kiln::formats::files::read_dir(p, &kiln::formats::files::embedding_model())
                 .map_err(|e| e.to_string())?;
             let gpu = crate::gpu().map_err(|e| e.to_string())?;
-            kiln::embed::Embedder::load(&gpu, files, kiln::llm::Quantize::None)
-                .map(drop)
-                .map_err(|e| e.to_string())
+            pollster::block_on(kiln::embed::Embedder::load(
+                &gpu,
+                files,
+                kiln::llm::Quantize::None,
+            ))
+            .map(drop)
+            .map_err(|e| e.to_string())
         }
     })();
     r.err()

@@ -15,7 +15,7 @@ fn dir() -> PathBuf {
 
 fn load(model: &str) -> Embedder {
     let files = read_dir(&dir().join(model), &embedding_model()).unwrap();
-    Embedder::load(&kiln_tests::gpu(), files, Quantize::None)
+    pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None))
         .unwrap_or_else(|e| panic!("{model}: {e}"))
 }
 
@@ -72,6 +72,66 @@ fn embeddings_match_sentence_transformers() {
     }
 }
 
+/// A decoder embedder (Qwen3-Embedding's layout: causal, last-token pooling, an end-of-text
+/// token appended, a `query` instruction prompt) through the text model's own graph.
+#[test]
+fn decoder_embeddings_match_sentence_transformers() {
+    let e = kiln_tests::read_json(&dir().join("expected.json"));
+    let sentences: Vec<&str> = e["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let m = load("qwen3-emb-tiny");
+    for (s, want) in sentences
+        .iter()
+        .zip(e["qwen3_token_ids"].as_array().unwrap())
+    {
+        assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(want), "{s}");
+    }
+    for (name, prompt) in [
+        ("qwen3-emb-tiny", None),
+        ("qwen3-emb-tiny_query", Some("query")),
+    ] {
+        let want = kiln_tests::read_npy(&dir().join(format!("{name}.npy")));
+        let req = kiln::embed::EmbeddingRequest::from_json(
+            &serde_json::json!({"input": sentences, "prompt_name": prompt}).to_string(),
+        )
+        .unwrap();
+        let r = pollster::block_on(m.openai(&req, "x")).unwrap();
+        let dim = want.shape[1];
+        let mut worst = (1.0f64, 0.0f32);
+        for (i, d) in r["data"].as_array().unwrap().iter().enumerate() {
+            let got: Vec<f32> = d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let w = &want.data[i * dim..(i + 1) * dim];
+            let c = cosine(&got, w);
+            let abs = got
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            worst = (worst.0.min(c), worst.1.max(abs));
+            assert!(c >= 0.9999, "{name} input {i}: cosine {c}");
+        }
+        eprintln!(
+            "{name}: worst cosine {:.7}, max abs error {:.2e}",
+            worst.0, worst.1
+        );
+    }
+    let bad = kiln::embed::EmbeddingRequest::from_json(r#"{"input": "x", "prompt_name": "nope"}"#)
+        .unwrap();
+    let err = pollster::block_on(m.openai(&bad, "x"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("'nope'") && err.contains("query"), "{err}");
+}
+
 #[test]
 fn bad_inputs_are_errors_naming_the_input() {
     let m = load("minilm-tiny");
@@ -94,7 +154,7 @@ fn bad_inputs_are_errors_naming_the_input() {
         mods.replace("normalize.Normalize", "layer_norm.LayerNorm")
             .into_bytes(),
     );
-    let err = Embedder::load(&kiln_tests::gpu(), files, Quantize::None)
+    let err = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None))
         .err()
         .unwrap()
         .to_string();

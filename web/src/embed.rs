@@ -22,14 +22,16 @@ impl Device {
     pub fn load_embedding(&self, files: Files) -> js_sys::Promise {
         let gpu = self.gpu.clone();
         future_to_promise(async move {
-            let m = Embedder::load(&gpu, files.map, Quantize::None).map_err(js_err)?;
+            let m = Embedder::load(&gpu, files.map, Quantize::None)
+                .await
+                .map_err(js_err)?;
             let info = json!({
                 "dim": m.dim(),
                 "maxTokens": m.max_len,
                 "pooling": m.pooling,
                 "normalized": m.normalize,
-                "layers": m.cfg.layers,
-                "hidden": m.cfg.hidden,
+                "layers": m.layers(),
+                "hidden": m.hidden(),
             })
             .to_string();
             Ok(EmbeddingModel {

@@ -132,26 +132,7 @@ pub async fn build_step(
         g.scalar("seed")?,
     );
     let history = g.tensor(&kv.history);
-    let embed = g.tensor(&w.embed);
-    let ropes: Vec<Value> = kv.rope.iter().map(|t| g.tensor(t)).collect();
-
-    let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
-    let mut x = g.reshape(x, &[1, tokens, cfg.hidden])?;
-    if let Some(s) = cfg.embed_scale {
-        x = g.scale(x, s, 0.0)?;
-    }
-    for (i, lw) in w.layers.iter().enumerate() {
-        let at = LayerAt {
-            index: i,
-            rope: ropes[cfg.rope_index(i)],
-            k_cache: g.tensor(&kv.k[i]),
-            v_cache: g.tensor(&kv.v[i]),
-            pos,
-            tokens,
-        };
-        x = attention_block(&mut g, cfg, lw, &at, x)?;
-        x = ffn_block(&mut g, cfg, lw, x)?;
-    }
+    let x = decoder(&mut g, cfg, w, kv, tokens, pos)?;
     // Only the last valid token needs logits.
     let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
     let norm = g.tensor(&w.norm);
@@ -188,6 +169,71 @@ pub async fn build_step(
         constraint,
         out,
         logits: keep_logits.then_some(logits),
+    })
+}
+
+/// The decoder over `tokens` tokens read from the cache's token history at run-time position
+/// `pos`: the embedding rows and every layer (keys and values written into the caches) →
+/// hidden states `[1, tokens, h]` before the final norm.
+fn decoder(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    w: &LlmWeights,
+    kv: &KvCache,
+    tokens: usize,
+    pos: Scalar,
+) -> Result<Value> {
+    let history = g.tensor(&kv.history);
+    let embed = g.tensor(&w.embed);
+    let ropes: Vec<Value> = kv.rope.iter().map(|t| g.tensor(t)).collect();
+    let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
+    let mut x = g.reshape(x, &[1, tokens, cfg.hidden])?;
+    if let Some(s) = cfg.embed_scale {
+        x = g.scale(x, s, 0.0)?;
+    }
+    for (i, lw) in w.layers.iter().enumerate() {
+        let at = LayerAt {
+            index: i,
+            rope: ropes[cfg.rope_index(i)],
+            k_cache: g.tensor(&kv.k[i]),
+            v_cache: g.tensor(&kv.v[i]),
+            pos,
+            tokens,
+        };
+        x = attention_block(g, cfg, lw, &at, x)?;
+        x = ffn_block(g, cfg, lw, x)?;
+    }
+    Ok(x)
+}
+
+/// A compiled pass that gives the final-norm hidden states of `tokens` tokens (a decoder
+/// embedder's token embeddings): the ids are read from the cache's history at `pos`.
+pub struct Hidden {
+    pub plan: Plan,
+    pub pos: Scalar,
+    /// `[tokens, h]`.
+    pub out: Value,
+}
+
+/// Builds and compiles [`Hidden`] for `tokens` tokens.
+pub async fn build_hidden(
+    gpu: &Arc<Gpu>,
+    cfg: &LlmConfig,
+    w: &LlmWeights,
+    kv: &KvCache,
+    tokens: usize,
+) -> Result<Hidden> {
+    let mut g = Graph::new();
+    let pos = g.scalar("pos")?;
+    let x = decoder(&mut g, cfg, w, kv, tokens, pos)?;
+    let norm = g.tensor(&w.norm);
+    let x = g.rms_norm(x, norm, cfg.rms_eps)?;
+    let out = g.reshape(x, &[tokens, cfg.hidden])?;
+    g.output(out);
+    Ok(Hidden {
+        plan: g.compile(gpu, CompileOptions::default()).await?,
+        pos,
+        out,
     })
 }
 

@@ -120,7 +120,11 @@ impl LlmWeights {
         let h = cfg.hidden;
         let total = cfg.layers + 2;
         let root = w.root();
-        let model = root.pp("model");
+        // Causal-LM checkpoints keep the decoder under `model.`; a bare decoder (`Qwen3Model`,
+        // as sentence-transformers saves Qwen3-Embedding) has it at the root.
+        let model = root
+            .first_of(&["model", ""], "embed_tokens.weight")
+            .unwrap_or_else(|_| root.pp("model"));
         let embed = model.get("embed_tokens.weight", &[cfg.vocab, h])?;
         on_progress(1, total);
         let mut layers = Vec::with_capacity(cfg.layers);

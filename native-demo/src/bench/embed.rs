@@ -99,12 +99,12 @@ pub fn embed(quick: bool, as_json: bool, model: Option<&str>) -> Result<()> {
             "random all-MiniLM-L6-v2-shaped BERT (f16)".to_string(),
         ),
     };
-    let m = Embedder::load(&gpu, files, Quantize::None)?;
+    let m = pollster::block_on(Embedder::load(&gpu, files, Quantize::None))?;
     // 64 inputs of 10 to 17 tokens: [CLS], words, [SEP].
     let inputs: Vec<Vec<u32>> = (0..64u32)
         .map(|i| {
             let n = 8 + (i as usize * 7) % 8;
-            let words = (0..n as u32).map(|j| 5 + (i * 131 + j * 17) % (m.cfg.vocab as u32 - 5));
+            let words = (0..n as u32).map(|j| 5 + (i * 131 + j * 17) % (m.vocab() as u32 - 5));
             std::iter::once(2).chain(words).chain([3]).collect()
         })
         .collect();

@@ -1052,8 +1052,12 @@ fn load_model(c: &LoadContext, spec: &registry::Spec) -> Result<registry::Handle
         Kind::Embedding => {
             let p = path.ok_or_else(|| anyhow::anyhow!("there is no default embedding model"))?;
             let files = crate::embed::embedding_files(p).context(what.clone())?;
-            let m =
-                kiln::embed::Embedder::load(&c.gpu, files, c.embedding_quantize).context(what)?;
+            let m = pollster::block_on(kiln::embed::Embedder::load(
+                &c.gpu,
+                files,
+                c.embedding_quantize,
+            ))
+            .context(what)?;
             eprintln!("embedding model: {id} ({} dimensions)", m.dim());
             Handle::Embedding(Arc::new(Worker::start(id, m, move |m, job, id, reply| {
                 embeddings::run(m, job, id, reply, &mt)

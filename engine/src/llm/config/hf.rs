@@ -98,12 +98,16 @@ fn arch(c: &Keys) -> Result<Arch> {
         .copied()
         .or_else(|| c.get("model_type").and_then(|m| m.as_str()));
     Ok(match named {
-        Some("LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral") => Arch::Llama,
-        Some("Qwen2ForCausalLM" | "qwen2") => Arch::Qwen2,
-        Some("Qwen3ForCausalLM" | "qwen3") => Arch::Qwen3,
-        Some("Gemma2ForCausalLM" | "gemma2") => Arch::Gemma2,
-        Some("Gemma3ForCausalLM" | "gemma3_text") => Arch::Gemma3,
-        Some("Phi3ForCausalLM" | "phi3") => Arch::Phi3,
+        // `...Model`: the decoder without its head, as embedders (Qwen3-Embedding) save it.
+        Some(
+            "LlamaForCausalLM" | "MistralForCausalLM" | "LlamaModel" | "MistralModel" | "llama"
+            | "mistral",
+        ) => Arch::Llama,
+        Some("Qwen2ForCausalLM" | "Qwen2Model" | "qwen2") => Arch::Qwen2,
+        Some("Qwen3ForCausalLM" | "Qwen3Model" | "qwen3") => Arch::Qwen3,
+        Some("Gemma2ForCausalLM" | "Gemma2Model" | "gemma2") => Arch::Gemma2,
+        Some("Gemma3ForCausalLM" | "Gemma3TextModel" | "gemma3_text") => Arch::Gemma3,
+        Some("Phi3ForCausalLM" | "Phi3Model" | "phi3") => Arch::Phi3,
         Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)"))),
         None => return Err(unsupported("config.json names no architecture")),
     })
