@@ -68,6 +68,8 @@ log "bench image"
 timeout 90 .devbin/kiln bench image 2>&1 | grep -v XDG | tee "$out/bench-image.md"
 log "bench embed (issue 28: 64 inputs batched vs 64 single calls, target >= 8x)"
 timeout 60 .devbin/kiln bench embed --quick 2>&1 | grep -v XDG | tee "$out/bench-embed.md"
+log "bench parallel (issue 28: 4 slots' aggregate decode vs one stream)"
+timeout 60 .devbin/kiln bench parallel 2>&1 | grep -v XDG | tee "$out/bench-parallel.md"
 
 log "GGUF files"
 models=$(mktemp -d)

@@ -402,6 +402,43 @@ test("two concurrent requests queue and both match their serial results", async 
   assert.deepEqual(b.kiln.ids, serial.kiln.ids);
 });
 
+test("--parallel 4: four concurrent greedy streams give the ids of four serial runs; they run at once; a client that leaves frees its slot", async () => {
+  const prompts = ["Name three colours.", "What is the sky like?", "Count to five.", "Say hello."];
+  const reqs = prompts.map((p, i) => ({ ...greedy, max_tokens: 16 + i, messages: [{ role: "user", content: p }] }));
+  const serial = [];
+  for (const r of reqs) serial.push((await client.chat.completions.create(r)).kiln.ids);
+  const p4 = await startServe(["-m", textModel, "--ctx", "256", "--parallel", "4"]);
+  const pc = new OpenAI({ baseURL: `${p4}/v1`, apiKey: "none", maxRetries: 0 });
+  const collect = async (r) => {
+    const s = await pc.chat.completions.create({ ...r, stream: true });
+    let n = 0, ids = null;
+    for await (const c of s) {
+      n++;
+      if (c.kiln) ids = c.kiln.ids;
+    }
+    return { n, ids };
+  };
+  const t0 = Date.now();
+  const got = await Promise.all(reqs.map(collect));
+  const ms = Date.now() - t0;
+  got.forEach((g, i) => assert.deepEqual(g.ids, serial[i], `stream ${i}`));
+  // The four ran in their own slots: each log line's duration is shorter than the whole.
+  const lines = kiln.log.split("\n").filter((l) => l.includes("endpoint=chat model=llama-gqa-f32")).slice(-4);
+  const durations = lines.map((l) => Number(/duration_ms=([\d.]+)/.exec(l)[1]));
+  assert.equal(durations.length, 4);
+  const total = durations.reduce((a, b) => a + b, 0);
+  assert.ok(total > 1.5 * ms, `the streams did not overlap: ${durations} ms each, ${ms} ms in all`);
+  const health = await (await fetch(`${p4}/health`)).json();
+  assert.equal(health.models[0].queued, 0);
+  // A client that leaves mid-stream: its slot serves the next request.
+  const ctrl = new AbortController();
+  const long = await pc.chat.completions.create({ ...greedy, max_tokens: 200, stream: true }, { signal: ctrl.signal });
+  for await (const _ of long) { ctrl.abort(); break; }
+  const after = await Promise.all(reqs.map((r) => pc.chat.completions.create(r)));
+  after.forEach((r, i) => assert.deepEqual(r.kiln.ids, serial[i], `after the cancel, request ${i}`));
+  console.log(`      4 streams at once in ${ms} ms; per-request durations ${durations.map((d) => d.toFixed(0)).join(", ")} ms`);
+});
+
 let failed = 0;
 for (const [name, fn] of tests) {
   const t0 = Date.now();

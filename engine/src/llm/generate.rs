@@ -123,10 +123,14 @@ pub struct TextModel {
     pub gpu: Arc<Gpu>,
     pub config: LlmConfig,
     pub tokenizer: Arc<TextTokenizer>,
-    pub weights: LlmWeights,
+    /// Shared by [`TextModel::fork`]s.
+    pub weights: Arc<LlmWeights>,
     pub kv: KvCache,
     pub prefill: Step,
     pub decode: Step,
+    /// How the caches and steps were built (what a fork repeats): an f16 cache, logits kept.
+    kv_f16: bool,
+    keep_logits: bool,
     /// The tokens whose keys and values are in the cache, position by position: a new prompt
     /// sharing a prefix with them prefills only the rest.
     cached: Vec<u32>,
@@ -277,10 +281,36 @@ impl TextModel {
             gpu: gpu.clone(),
             config,
             tokenizer: Arc::new(tokenizer),
-            weights,
+            weights: Arc::new(weights),
             kv,
             prefill,
             decode,
+            kv_f16: f16,
+            keep_logits: opts.keep_logits,
+            cached: Vec::new(),
+            grammars: None,
+        })
+    }
+
+    /// Another model on the same weights and tokenizer with its own KV cache and compiled
+    /// steps: a parallel slot of a server, which generates while this one does.
+    pub async fn fork(&self) -> Result<TextModel> {
+        let (gpu, cfg, ctx) = (&self.gpu, &self.config, self.kv.ctx);
+        let kv = KvCache::new(gpu, cfg, &self.weights.ropes, ctx, self.kv_f16)?;
+        let chunk = self.prefill.tokens;
+        let prefill = build_step(gpu, cfg, &self.weights, &kv, chunk, self.keep_logits).await?;
+        let decode = build_step(gpu, cfg, &self.weights, &kv, 1, self.keep_logits).await?;
+        decode.plan.prepare_pipelined();
+        Ok(TextModel {
+            gpu: gpu.clone(),
+            config: cfg.clone(),
+            tokenizer: self.tokenizer.clone(),
+            weights: self.weights.clone(),
+            kv,
+            prefill,
+            decode,
+            kv_f16: self.kv_f16,
+            keep_logits: self.keep_logits,
             cached: Vec::new(),
             grammars: None,
         })
@@ -292,12 +322,12 @@ impl TextModel {
         self.cached.clear();
     }
 
-    /// Context length.
     /// Tokens whose keys and values the cache keeps for the next generation to reuse.
     pub fn cached_tokens(&self) -> usize {
         self.cached.len()
     }
 
+    /// Context length.
     pub fn ctx(&self) -> usize {
         self.kv.ctx
     }

@@ -12,6 +12,7 @@ mod gguf;
 mod grammar;
 mod image;
 mod kernels;
+mod parallel;
 mod soak;
 mod text;
 
@@ -36,6 +37,9 @@ pub enum What {
     /// 64 short inputs embedded in one batched pass against 64 single calls (`--model`: a
     /// sentence-transformers folder; default a random all-MiniLM-L6-v2-shaped BERT).
     Embed,
+    /// One decode stream against four at once on parallel slots (`kiln serve --parallel`):
+    /// aggregate tokens per second (`--model`; default the embedded text model).
+    Parallel,
     /// Writes a random-weight GGUF for speed comparisons (`--like FILE` or `--llama-1b`,
     /// `--out FILE`; `--header-only`).
     Gguf,
@@ -78,6 +82,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Grammar => grammar::grammar(a.quick, a.json, a.model.as_deref()),
         What::Image => image::image(a.quick, a.json),
         What::Embed => embed::embed(a.quick, a.json, a.model.as_deref()),
+        What::Parallel => parallel::parallel(a.quick, a.json, a.model.as_deref()),
         What::Gguf => gguf::make(gguf::GgufArgs {
             like: a.like.as_deref(),
             llama_1b: a.llama_1b,

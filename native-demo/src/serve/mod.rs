@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// Quantize the image model's U-Net and text encoders on load (as `kiln image --quantize`).
     #[arg(long, default_value_t = kiln::llm::Quantize::None)]
     image_quantize: kiln::llm::Quantize,
+    /// Requests each text model runs at once: slots sharing its weights, each with its own KV
+    /// cache (and prefix reuse); a request waits only when every slot is busy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    parallel: u32,
     /// KV-cache element type: auto (f16 on GPUs, f32 on software adapters), f32 or f16.
     #[arg(long, default_value_t = LoadOptions::default().kv_cache)]
     kv_cache: kiln::llm::KvCacheType,
@@ -442,21 +446,36 @@ impl<J: Send + 'static> Worker<J> {
     fn start<M: Send + 'static>(
         id: String,
         model: M,
-        mut handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + 'static,
+        handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + Clone + 'static,
+    ) -> Worker<J> {
+        Self::start_pool(id, vec![model], handle)
+    }
+
+    /// Starts one thread per model (parallel slots of one model: forks sharing its weights),
+    /// each taking the next queued job when it is free.
+    fn start_pool<M: Send + 'static>(
+        id: String,
+        models: Vec<M>,
+        handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + Clone + 'static,
     ) -> Worker<J> {
         let (tx, rx) = std::sync::mpsc::channel::<Job<J>>();
-        let mut model = model;
+        let rx = Arc::new(std::sync::Mutex::new(rx));
         let depth = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let d = depth.clone();
-        std::thread::spawn(move || {
-            for (job, model_id, reply) in rx {
+        for mut model in models {
+            let (rx, d, mut handle) = (rx.clone(), depth.clone(), handle.clone());
+            std::thread::spawn(move || loop {
+                // The lock is held only while waiting for the next job.
+                let next = rx.lock().map_err(drop).and_then(|r| r.recv().map_err(drop));
+                let Ok((job, model_id, reply)) = next else {
+                    return; // the server dropped the queue (unloaded)
+                };
                 // A client that left while the request waited: skipped.
                 if !reply.is_closed() {
                     handle(&mut model, job, &model_id, &reply);
                 }
                 d.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
+            });
+        }
         Worker {
             id,
             depth,
@@ -988,6 +1007,7 @@ fn model_id(path: &str) -> String {
 struct LoadContext {
     gpu: Arc<kiln::Gpu>,
     text: LoadOptions,
+    parallel: usize,
     image_quantize: kiln::llm::Quantize,
     embedding_quantize: kiln::llm::Quantize,
     loras: Vec<String>,
@@ -1010,9 +1030,19 @@ fn load_model(c: &LoadContext, spec: &registry::Spec) -> Result<registry::Handle
             let (files, _) = crate::text_files(path).context(what.clone())?;
             let model = pollster::block_on(TextModel::load(&c.gpu, files, &c.text, &mut |_, _| {}))
                 .context(what)?;
-            eprintln!("text model: {id} (context {})", model.ctx());
+            eprintln!(
+                "text model: {id} (context {}, {} slot{})",
+                model.ctx(),
+                c.parallel,
+                if c.parallel == 1 { "" } else { "s" }
+            );
             let tokenizer = model.tokenizer.clone();
-            let w = Worker::start(id, model, move |m, job, id, reply| {
+            let mut slots = Vec::with_capacity(c.parallel);
+            for _ in 1..c.parallel {
+                slots.push(pollster::block_on(model.fork()).context("a parallel slot")?);
+            }
+            slots.insert(0, model);
+            let w = Worker::start_pool(id, slots, move |m, job, id, reply| {
                 run_text(m, job, id, reply, &mt)
             });
             Handle::Text(Arc::new(w), tokenizer)
@@ -1078,6 +1108,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             kv_cache: a.kv_cache,
             ..Default::default()
         },
+        parallel: a.parallel as usize,
         image_quantize: a.image_quantize,
         embedding_quantize: a.quantize,
         loras: a.loras.clone(),
