@@ -265,7 +265,7 @@ pub fn list(dir: &Path) -> Result<()> {
             continue;
         };
         let p = Path::new(path);
-        let mb = crate::serve::registry::estimate(spec, 0) as f64 / (1 << 20) as f64;
+        let mb = crate::serve::registry::estimate(spec, 0, 0) as f64 / (1 << 20) as f64;
         let verdict = match refusal(p, spec.kind) {
             None => "yes".to_string(),
             Some(why) => {

@@ -1118,6 +1118,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let models = registry::Registry::new(
         a.max_memory,
         a.ctx,
+        a.parallel as usize,
         Arc::new(move |spec: &Spec| load_model(&ctx, spec)),
     );
     // Models named by flags (or the embedded defaults) load now; --models-dir's on demand.

@@ -91,6 +91,8 @@ pub(super) struct Registry {
     max_memory: Option<u64>,
     loader: Arc<Loader>,
     ctx: usize,
+    /// KV caches per text model (`--parallel`).
+    slots_per_text: usize,
 }
 
 /// A model as `/v1/models` and `/health` describe it.
@@ -104,12 +106,13 @@ pub(super) struct Listed {
 }
 
 impl Registry {
-    pub fn new(max_memory: Option<u64>, ctx: usize, loader: Arc<Loader>) -> Registry {
+    pub fn new(max_memory: Option<u64>, ctx: usize, slots: usize, loader: Arc<Loader>) -> Registry {
         Registry {
             slots: Mutex::new(Vec::new()),
             max_memory,
             loader,
             ctx,
+            slots_per_text: slots,
         }
     }
 
@@ -125,7 +128,7 @@ impl Registry {
             );
         }
         slots.push(Slot {
-            bytes: estimate(&spec, self.ctx),
+            bytes: estimate(&spec, self.ctx, self.slots_per_text),
             spec,
             handle: None,
             last_used: Instant::now(),
@@ -319,8 +322,8 @@ impl Registry {
 }
 
 /// A model's GPU bytes, estimated before loading: its files' sizes (weights as stored) and for
-/// a text model the f32 KV cache of `ctx` positions (capped by the model).
-pub fn estimate(spec: &Spec, ctx: usize) -> u64 {
+/// a text model `slots` f32 KV caches of `ctx` positions (capped by the model).
+pub fn estimate(spec: &Spec, ctx: usize, slots: usize) -> u64 {
     let Source::Path(p) = &spec.source else {
         return 0;
     };
@@ -347,7 +350,7 @@ pub fn estimate(spec: &Spec, ctx: usize) -> u64 {
     files
         + cfg.map_or(0, |c| {
             let ctx = ctx.clamp(2, c.max_positions.max(2));
-            kiln::llm::model::KvCache::bytes(&c, ctx, false)
+            slots as u64 * kiln::llm::model::KvCache::bytes(&c, ctx, false)
         })
 }
 
