@@ -134,23 +134,25 @@ fn sdxl_quantized_at_load_stays_close() {
     }
 }
 
-/// A LoRA on the U-Net and both text encoders as diffusers saves SDXL LoRAs, merged at load,
-/// against diffusers' `fuse_lora`; the same file on an SD 1.x pipeline is an error naming the
+/// A LoRA on the U-Net and both text encoders as diffusers saves SDXL LoRAs and in kohya's
+/// SDXL names, merged at load, against diffusers' `fuse_lora`; the same file on an SD 1.x pipeline is an error naming the
 /// second text encoder it lacks.
 #[test]
 fn sdxl_lora_matches_diffusers() {
     let e = kiln_tests::read_json(&dir().join("expected.json"));
     let run = &e["runs"]["lora_s0.8"];
     let bytes = std::fs::read(dir().join("lora.safetensors")).unwrap();
-    let mut m = load("sdxl-tiny", Quantize::None);
-    let n = m
-        .set_loras(vec![("lora.safetensors".into(), bytes.clone(), 0.8)])
-        .unwrap();
-    let img = pollster::block_on(m.generate(&options(&e, run), &mut |_, _, _| false)).unwrap();
     let want = kiln_tests::read_npy(&dir().join("lora_s0.8.npy"));
-    let p = psnr(&img.raw, &want.data, img.height, img.width);
-    eprintln!("lora_s0.8 ({n} modules): PSNR {p:.1} dB");
-    assert!(p >= 40.0, "PSNR {p:.1} dB < 40");
+    let mut m = load("sdxl-tiny", Quantize::None);
+    // The same LoRA as diffusers saves it and in kohya's SDXL names (the U-Net's SGM paths).
+    for file in ["lora.safetensors", "lora-kohya.safetensors"] {
+        let b = std::fs::read(dir().join(file)).unwrap();
+        let n = m.set_loras(vec![(file.into(), b, 0.8)]).unwrap();
+        let img = pollster::block_on(m.generate(&options(&e, run), &mut |_, _, _| false)).unwrap();
+        let p = psnr(&img.raw, &want.data, img.height, img.width);
+        eprintln!("{file} at 0.8 ({n} modules): PSNR {p:.1} dB");
+        assert!(p >= 40.0, "{file}: PSNR {p:.1} dB < 40");
+    }
     let sd1 = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd/sd1-tiny");
     let mut m = SdModels::load(&kiln_tests::gpu(), read_pipeline_dir(&sd1).unwrap()).unwrap();
     let err = m

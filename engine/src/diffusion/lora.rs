@@ -65,6 +65,7 @@ pub fn deltas(
     bytes: Vec<u8>,
     scale: f32,
     parts: &[(Part, &Weights)],
+    layout: Option<&UnetLayout>,
     out: &mut Deltas,
 ) -> Result<usize> {
     let bad = |msg: String| Error::Data {
@@ -108,15 +109,23 @@ pub fn deltas(
                 )))
             }
         };
+        // kohya's SDXL files name U-Net modules by their original (SGM) paths.
         let sgm = ["#input_blocks_", "#middle_block_", "#output_blocks_"];
-        if m.part == Part::Unet && sgm.iter().any(|p| m.path.starts_with(p)) {
-            return Err(Error::Unsupported(format!(
-                "LoRA {label}: '{}' uses the original (SGM) U-Net names that kohya's SDXL LoRAs \
-                 have; Kiln maps diffusers' names: convert the file with diffusers \
-                 (load_lora_weights, then save_lora_weights)",
-                m.key
-            )));
-        }
+        let m = match (m.part, layout) {
+            (Part::Unet, Some(l)) if sgm.iter().any(|p| m.path.starts_with(p)) => {
+                let path = sgm_to_diffusers(&m.path[1..], l).ok_or_else(|| {
+                    bad(format!(
+                        "'{}': an original (SGM) U-Net path that fits no block of this U-Net",
+                        m.key
+                    ))
+                })?;
+                Module {
+                    path: format!("#{path}"),
+                    ..m
+                }
+            }
+            _ => m,
+        };
         let target = target_name(&m, w, flat).ok_or_else(|| {
             bad(format!(
                 "'{}' names no tensor of {}",
@@ -156,6 +165,89 @@ pub fn deltas(
             });
     }
     Ok(count)
+}
+
+/// What mapping the U-Net's original (SGM) module paths needs: ResNets per down block, and
+/// which up blocks have attentions.
+#[derive(Clone, Debug)]
+pub struct UnetLayout {
+    pub layers_per_block: usize,
+    pub up_cross: Vec<bool>,
+}
+
+/// An SGM U-Net path (kohya's SDXL names, underscores for dots:
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_q`) as diffusers' flattened path
+/// (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`), as diffusers'
+/// `_maybe_map_sgm_blocks_to_diffusers` maps them: input block `1 + level (L + 1) + i` holds
+/// down level `level`'s ResNet (`.0`) and attention (`.1`) `i` (`i == L`: its downsampler),
+/// output block `level (L + 1) + i` up level `level`'s (`.2`, or `.1` without attentions: the
+/// upsampler), the middle block ResNet, attention, ResNet; ResNet layers renamed
+/// (`in_layers_0` norm1, `in_layers_2` conv1, `emb_layers_1` time_emb_proj, `out_layers_0`
+/// norm2, `out_layers_3` conv2, `skip_connection` conv_shortcut).
+pub fn sgm_to_diffusers(flat: &str, l: &UnetLayout) -> Option<String> {
+    let per = l.layers_per_block + 1;
+    fn num(s: &str) -> Option<(usize, &str)> {
+        let end = s.find('_').unwrap_or(s.len());
+        Some((s[..end].parse().ok()?, s.get(end + 1..).unwrap_or("")))
+    }
+    let resnet = |rest: &str| -> String {
+        for (from, to) in [
+            ("in_layers_0", "norm1"),
+            ("in_layers_2", "conv1"),
+            ("emb_layers_1", "time_emb_proj"),
+            ("out_layers_0", "norm2"),
+            ("out_layers_3", "conv2"),
+            ("skip_connection", "conv_shortcut"),
+        ] {
+            if let Some(r) = rest.strip_prefix(from) {
+                return format!("{to}{r}");
+            }
+        }
+        rest.to_string()
+    };
+    let join = |head: String, rest: &str| {
+        if rest.is_empty() {
+            head
+        } else {
+            format!("{head}_{rest}")
+        }
+    };
+    if let Some(r) = flat.strip_prefix("input_blocks_") {
+        let (k, r) = num(r)?;
+        let (j, rest) = num(r)?;
+        let (level, i) = ((k.checked_sub(1)?) / per, (k.checked_sub(1)?) % per);
+        return Some(match (i == l.layers_per_block, j) {
+            (true, 0) => join(
+                format!("down_blocks_{level}_downsamplers_0_conv"),
+                rest.strip_prefix("op")
+                    .unwrap_or(rest)
+                    .trim_start_matches('_'),
+            ),
+            (false, 0) => join(format!("down_blocks_{level}_resnets_{i}"), &resnet(rest)),
+            (false, 1) => join(format!("down_blocks_{level}_attentions_{i}"), rest),
+            _ => return None,
+        });
+    }
+    if let Some(r) = flat.strip_prefix("output_blocks_") {
+        let (k, r) = num(r)?;
+        let (j, rest) = num(r)?;
+        let (level, i) = (k / per, k % per);
+        let cross = *l.up_cross.get(level)?;
+        return Some(match j {
+            0 => join(format!("up_blocks_{level}_resnets_{i}"), &resnet(rest)),
+            1 if cross => join(format!("up_blocks_{level}_attentions_{i}"), rest),
+            1 | 2 => join(format!("up_blocks_{level}_upsamplers_0"), rest),
+            _ => return None,
+        });
+    }
+    let r = flat.strip_prefix("middle_block_")?;
+    let (j, rest) = num(r)?;
+    Some(match j {
+        0 => join("mid_block_resnets_0".into(), &resnet(rest)),
+        1 => join("mid_block_attentions_0".into(), rest),
+        2 => join("mid_block_resnets_1".into(), &resnet(rest)),
+        _ => return None,
+    })
 }
 
 /// The checkpoint tensor a module targets: its path (under `text_model.` or without it, as
@@ -393,6 +485,42 @@ mod tests {
             ))
         );
         assert_eq!(k("model.diffusion_model.input_blocks.1.weight"), None);
+        let l = UnetLayout {
+            layers_per_block: 2,
+            up_cross: vec![true, true, false],
+        };
+        for (sgm, diffusers) in [
+            (
+                "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            (
+                "input_blocks_2_0_in_layers_2",
+                "down_blocks_0_resnets_1_conv1",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
+            (
+                "middle_block_2_emb_layers_1",
+                "mid_block_resnets_1_time_emb_proj",
+            ),
+            (
+                "output_blocks_5_1_proj_out",
+                "up_blocks_1_attentions_2_proj_out",
+            ),
+            ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+            ("output_blocks_8_1_conv", "up_blocks_2_upsamplers_0_conv"),
+            (
+                "output_blocks_6_0_skip_connection",
+                "up_blocks_2_resnets_0_conv_shortcut",
+            ),
+        ] {
+            assert_eq!(
+                sgm_to_diffusers(sgm, &l).as_deref(),
+                Some(diffusers),
+                "{sgm}"
+            );
+        }
         assert_eq!(k("lora_vae_decoder_conv_in.lora_up.weight"), None);
     }
 }

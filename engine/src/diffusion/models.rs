@@ -262,7 +262,17 @@ impl SdModels {
             if let Some(xl) = &self.xl {
                 parts.push((Part::TextEncoder2, &xl.text_encoder.weights));
             }
-            let k = deltas(&label, bytes, scale, &parts, &mut one)?;
+            let layout = super::lora::UnetLayout {
+                layers_per_block: self.unet.cfg.layers_per_block,
+                up_cross: self
+                    .unet
+                    .cfg
+                    .up_blocks
+                    .iter()
+                    .map(|b| b.starts_with("CrossAttn"))
+                    .collect(),
+            };
+            let k = deltas(&label, bytes, scale, &parts, Some(&layout), &mut one)?;
             if scale == 0.0 {
                 continue;
             }
