@@ -98,25 +98,34 @@ fn folder(dir: &Path) -> Result<Vec<String>> {
             "{}: {class} (generate with `kiln image --model`)",
             dir.display()
         );
-        // Whether it loads: configs and tensor names, weights read but not uploaded.
-        let gpu = crate::gpu()?;
-        let loaded = kiln::formats::files::read_pipeline_dir(dir)
-            .and_then(|files| kiln::diffusion::models::SdModels::load(&gpu, files));
-        return Ok(match loaded {
-            Ok(m) => {
-                let xl = if m.xl.is_some() {
-                    ", two text encoders (SDXL)"
-                } else {
-                    ""
-                };
-                println!(
-                    "U-Net: {} input channels, blocks {:?}{xl}; VAE scaling {}",
-                    m.unet.cfg.in_channels, m.unet.cfg.block_out_channels, m.vae.cfg.scaling_factor
-                );
-                Vec::new()
-            }
-            Err(e) => vec![e.to_string()],
-        });
+        // Whether it loads, from the components' configs (no weights read).
+        let text = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        if let (Ok(u), Ok(v)) = (
+            kiln::diffusion::unet::UnetConfig::from_json(&text("unet/config.json")),
+            kiln::diffusion::vae::VaeConfig::from_json(&text("vae/config.json")),
+        ) {
+            let xl = if dir.join("text_encoder_2/config.json").is_file() {
+                ", two text encoders (SDXL)"
+            } else {
+                ""
+            };
+            println!(
+                "U-Net: {} input channels, blocks {:?}{xl}; VAE scaling {}",
+                u.in_channels, u.block_out_channels, v.scaling_factor
+            );
+        }
+        return Ok(refusal(dir, crate::serve::registry::Kind::Image)
+            .into_iter()
+            .collect());
+    }
+    if dir.join("modules.json").is_file() {
+        println!(
+            "{}: a sentence-transformers model (embed with `kiln embed --model`)",
+            dir.display()
+        );
+        return Ok(refusal(dir, crate::serve::registry::Kind::Embedding)
+            .into_iter()
+            .collect());
     }
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let Some(config) = read("config.json") else {
