@@ -10,6 +10,9 @@
 //          y = (x - mean) / sqrt(var + eps) * w[c] + b[c], then SiLU if silu == 1
 //                                                                              one workgroup per (b, group)
 // Statistics use two passes (mean, then centred variance) for accuracy. 256 threads.
+// ROWWISE (with RMS or LAYER, software adapters, many rows): one invocation per row, 64 rows a
+// workgroup, no barriers (a software rasterizer runs a workgroup's barriers as loops over its
+// invocations: 256 of them per row cost more than the row's arithmetic).
 // Bindings: 2 x: array<f32>, 3 w: array<f32>, 4 b: array<f32> (LAYER/GROUP), last y: array<f32>.
 // Dispatch: rows (or b * groups) workgroups, folded by grid().
 #include "common.wgsl"
@@ -25,6 +28,29 @@ struct Params { rows: u32, d: u32, eps: f32, groups: u32, channels: u32, spatial
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 #endif
 
+#ifdef ROWWISE
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let row = group_index(wg, nwg) * 64u + li;
+    if (row >= p.rows) { return; }
+    let n = p.d;
+    let base = row * p.d;
+#ifdef RMS
+    var ss = 0.0;
+    for (var i = 0u; i < n; i++) { let v = x[base + i]; ss += v * v; }
+    let inv = inverseSqrt(ss / f32(n) + p.eps);
+    for (var i = 0u; i < n; i++) { y[base + i] = x[base + i] * inv * w[i]; }
+#else
+    var s = 0.0;
+    for (var i = 0u; i < n; i++) { s += x[base + i]; }
+    let mean = s / f32(n);
+    var vs = 0.0;
+    for (var i = 0u; i < n; i++) { let dv = x[base + i] - mean; vs += dv * dv; }
+    let inv = inverseSqrt(vs / f32(n) + p.eps);
+    for (var i = 0u; i < n; i++) { y[base + i] = (x[base + i] - mean) * inv * w[i] + b[i]; }
+#endif
+}
+#else
 var<workgroup> red: array<f32, 256>;
 
 fn wg_sum(v: f32, li: u32) -> f32 {
@@ -90,3 +116,4 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
 #endif
 }
+#endif

@@ -60,6 +60,47 @@ fn rms_and_layer_norm() {
     }
 }
 
+/// Many rows on every kernel variant: software adapters take the barrier-free one-row-per-
+/// invocation variant from 64 rows (the embedders' and the U-Net's token norms).
+#[test]
+fn rms_and_layer_norm_of_many_rows_on_every_variant() {
+    let (rows, d) = (kiln::kernels::norm::ROWWISE_MIN_ROWS * 3 + 5, 384);
+    let mut rng = Rng::new(11);
+    let (x, w, b) = (
+        rng.vec(rows * d, -2.0, 3.0),
+        rng.vec(d, 0.5, 1.5),
+        rng.vec(d, -0.5, 0.5),
+    );
+    for gpu in kiln_tests::gpu_variants() {
+        let mut t = OpTest::on(gpu.clone());
+        let (xv, wv) = (t.input("x", &[rows, d], &x), t.input("w", &[d], &w));
+        let y = t.g.rms_norm(xv, wv, 1e-6).unwrap();
+        let what = format!(
+            "rms_norm {rows}x{d} (software kernels {})",
+            gpu.features.software
+        );
+        assert_close(&what, &t.run(y, &[]), &r::rms_norm(&x, &w, 1e-6), TOL, 1e-5);
+        let mut t = OpTest::on(gpu.clone());
+        let (xv, wv, bv) = (
+            t.input("x", &[rows, d], &x),
+            t.input("w", &[d], &w),
+            t.input("b", &[d], &b),
+        );
+        let y = t.g.layer_norm(xv, wv, bv, 1e-5).unwrap();
+        let what = format!(
+            "layer_norm {rows}x{d} (software kernels {})",
+            gpu.features.software
+        );
+        assert_close(
+            &what,
+            &t.run(y, &[]),
+            &r::layer_norm(&x, &w, &b, 1e-5),
+            TOL,
+            1e-5,
+        );
+    }
+}
+
 #[test]
 fn group_norm_with_and_without_silu() {
     for (b, c, h, w, groups, silu) in [

@@ -152,7 +152,17 @@ pub struct LayerNorm {
     pub eps: f32,
 }
 
-fn encode_row_norm(variant: &str, eps: f32, ins: &[Bound], out: &Bound) -> Vec<Dispatch> {
+/// Rows from which software adapters take the barrier-free one-row-per-invocation variant
+/// (ROWWISE; fewer rows would leave most of a 64-wide workgroup idle).
+pub const ROWWISE_MIN_ROWS: usize = 64;
+
+fn encode_row_norm(
+    ctx: &Ctx,
+    variant: &str,
+    eps: f32,
+    ins: &[Bound],
+    out: &Bound,
+) -> Vec<Dispatch> {
     let (rows, d) = rows_d(&ins[0]);
     let p = NormParams {
         rows: u(rows),
@@ -160,12 +170,13 @@ fn encode_row_norm(variant: &str, eps: f32, ins: &[Bound], out: &Bound) -> Vec<D
         eps,
         ..Default::default()
     };
-    vec![dispatch(
-        KernelKey::new("norm.wgsl", "main").def(variant, ""),
-        &p,
-        bindings(ins, out),
-        grid(u(rows)),
-    )]
+    let key = KernelKey::new("norm.wgsl", "main").def(variant, "");
+    let (key, groups) = if ctx.gpu.features.software && rows >= ROWWISE_MIN_ROWS {
+        (key.def("ROWWISE", ""), rows.div_ceil(64))
+    } else {
+        (key, rows)
+    };
+    vec![dispatch(key, &p, bindings(ins, out), grid(u(groups)))]
 }
 
 impl Kernel for RmsNorm {
@@ -175,8 +186,9 @@ impl Kernel for RmsNorm {
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         infer_last_dim(self.name(), ins)
     }
-    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         Ok(encode_row_norm(
+            ctx,
             "RMS",
             self.eps,
             ins,
@@ -192,8 +204,9 @@ impl Kernel for LayerNorm {
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         infer_last_dim(self.name(), ins)
     }
-    fn encode(&self, _: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
+    fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         Ok(encode_row_norm(
+            ctx,
             "LAYER",
             self.eps,
             ins,
