@@ -22,7 +22,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("weights", 6),
     ("llm", 7),
     ("diffusion", 7),
-    ("embed", 7),
+    ("embed", 8),
 ];
 
 fn rank(module: &str) -> Option<u32> {
