@@ -81,14 +81,24 @@ impl BertConfig {
                 "hidden_size {hidden} is not a multiple of {heads} heads"
             )));
         }
+        let (positions, type_vocab) = (
+            c.count("max_position_embeddings", 512)?,
+            c.count("type_vocab_size", 2)?,
+        );
+        if positions < 2 || type_vocab == 0 {
+            return Err(c.err(format!(
+                "max_position_embeddings {positions} and type_vocab_size {type_vocab} (at least 2 \
+                 positions and 1 token type)"
+            )));
+        }
         Ok(BertConfig {
             vocab: c.need_count("vocab_size")?,
             hidden,
             heads,
             layers: c.need_count("num_hidden_layers")?,
             intermediate: c.need_count("intermediate_size")?,
-            positions: c.count("max_position_embeddings", 512)?,
-            type_vocab: c.count("type_vocab_size", 2)?,
+            positions,
+            type_vocab,
             eps: c.num("layer_norm_eps", 1e-12)? as f32,
             act,
         })
@@ -236,7 +246,7 @@ fn max_len(files: &ModelFiles, positions: usize) -> usize {
     num("sentence_bert_config.json", "max_seq_length")
         .or_else(|| num("tokenizer_config.json", "model_max_length"))
         .unwrap_or(positions)
-        .clamp(2, positions)
+        .clamp(2, positions.max(2))
 }
 
 impl Embedder {

@@ -146,6 +146,22 @@ fn bad_inputs_are_errors_naming_the_input() {
             .to_string();
         assert!(err.contains(want), "{err}");
     }
+    // A position table too short for an input is a config error, not a panic.
+    let mut files = read_dir(&dir().join("minilm-tiny"), &embedding_model()).unwrap();
+    let cfg = String::from_utf8(files["config.json"].clone()).unwrap();
+    files.insert(
+        "config.json".into(),
+        cfg.replace(
+            "\"max_position_embeddings\": 64",
+            "\"max_position_embeddings\": 1",
+        )
+        .into_bytes(),
+    );
+    let err = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("max_position_embeddings 1"), "{err}");
     // A module Kiln does not run is refused naming it.
     let mut files = read_dir(&dir().join("minilm-tiny"), &embedding_model()).unwrap();
     let mods = String::from_utf8(files["modules.json"].clone()).unwrap();
