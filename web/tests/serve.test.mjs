@@ -221,12 +221,22 @@ test("embeddings through the OpenAI client (base64 by default, floats, dimension
   assert.match((await bad.json()).error.message, /input 0: token id 99999/);
 });
 
-test("/metrics in Prometheus' text format (parsed by a Prometheus parser) after a burst of 50 requests; request log lines", async () => {
-  const s = await startServe(["-m", textModel, "--api-key", KEY, "--ctx", "256", "--log-format", "json"]);
+test("/metrics in Prometheus' text format (parsed by a Prometheus parser) after two bursts of 50 requests against 4 slots (resident memory flat between them); request log lines", async () => {
+  const s = await startServe(["-m", textModel, "--api-key", KEY, "--ctx", "256", "--log-format", "json", "--parallel", "4"]);
   const call = (i) =>
     fetch(`${s}/v1/completions`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${KEY}` }, body: JSON.stringify({ prompt: `number ${i}`, max_tokens: 3, temperature: 0 }) });
-  const statuses = (await Promise.all(Array.from({ length: 50 }, (_, i) => call(i)))).map((r) => r.status);
+  const burst = async () => (await Promise.all(Array.from({ length: 50 }, (_, i) => call(i)))).map((r) => r.status);
+  // Resident memory (Linux) after a first burst, and after a second: requests leave nothing
+  // behind (the first one also warms the allocator and the pipeline cache).
+  const pid = kiln.procs.at(-1).pid;
+  const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? NaN);
+  assert.deepEqual([...new Set(await burst())], [200]);
+  const after1 = rss();
+  const statuses = await burst();
   assert.deepEqual([...new Set(statuses)], [200]);
+  const after2 = rss();
+  console.log(`      resident memory after 50 requests ${(after1 / 1024).toFixed(1)} MiB, after 50 more ${(after2 / 1024).toFixed(1)} MiB`);
+  assert.ok(after2 <= after1 * 1.05 + 2048, `memory grew from ${after1} to ${after2} KiB over 50 requests`);
   await fetch(`${s}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" }); // 401
   assert.equal((await fetch(`${s}/metrics`)).status, 401);
   const res = await fetch(`${s}/metrics`, { headers: { authorization: `Bearer ${KEY}` } });
@@ -239,20 +249,20 @@ test("/metrics in Prometheus' text format (parsed by a Prometheus parser) after 
     return Number(m?.value ?? m?.count ?? NaN);
   };
   assert.equal(family("kiln_http_requests_total").type, "COUNTER");
-  assert.equal(value("kiln_http_requests_total", { route: "/v1/completions", status: "200" }), 50);
+  assert.equal(value("kiln_http_requests_total", { route: "/v1/completions", status: "200" }), 100);
   assert.equal(value("kiln_http_requests_total", { route: "/v1/completions", status: "401" }), 1);
-  assert.equal(value("kiln_generated_tokens_total"), 150);
-  assert.ok(value("kiln_prompt_tokens_total") >= 100);
+  assert.equal(value("kiln_generated_tokens_total"), 300);
+  assert.ok(value("kiln_prompt_tokens_total") >= 200);
   const ttft = family("kiln_time_to_first_token_seconds");
   assert.equal(ttft.type, "HISTOGRAM");
-  assert.equal(Number(ttft.metrics[0].count), 50);
-  assert.equal(Number(family("kiln_time_per_output_token_seconds").metrics[0].count), 50);
+  assert.equal(Number(ttft.metrics[0].count), 100);
+  assert.equal(Number(family("kiln_time_per_output_token_seconds").metrics[0].count), 100);
   assert.equal(value("kiln_queue_depth", { model: "llama-gqa-f32" }), 0);
   assert.equal(value("kiln_model_loaded", { model: "llama-gqa-f32", kind: "text" }), 1);
   assert.equal(value("kiln_kv_cache_capacity_tokens"), 256);
   // One JSON line per request with id, model, tokens, timings and finish reason.
   const lines = kiln.log.split("\n").filter((l) => l.startsWith("{") && l.includes('"endpoint":"completion"'));
-  assert.ok(lines.length >= 50, kiln.log);
+  assert.ok(lines.length >= 100, kiln.log);
   const r = JSON.parse(lines.at(-1));
   assert.ok(r.id.startsWith("cmpl-") && r.model === "llama-gqa-f32" && r.completion_tokens === 3 && r.finish_reason === "length" && r.ttft_ms > 0 && r.duration_ms >= r.ttft_ms, JSON.stringify(r));
   // Still answering after the burst.
