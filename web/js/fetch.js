@@ -321,9 +321,9 @@ async function imageFiles(ctx) {
   return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("image", ctx.variant !== "fp32")));
 }
 
-/** The files of a sentence-transformers folder (embeddings). */
+/** The files of a sentence-transformers folder (embeddings), or one BERT .gguf file. */
 async function embeddingFiles(ctx) {
-  if (ctx.file) throw new Error(`${ctx.label}: an embedding model is a sentence-transformers folder, not a .gguf file`);
+  if (ctx.file) return textFiles(ctx); // a BERT .gguf: one file
   return resolvePlan(ctx, JSON.parse(ctx.engine.modelFiles("embedding", true)));
 }
 

@@ -626,7 +626,7 @@ test("image: fixture pipeline equals native (worker, with previews)", 600000, ()
 test("image: a pipeline as diffusers 0.42 saves it equals native (page)", 600000, () => imageParity(SAVED_IMAGE, false, false));
 test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
 
-test("embeddings: embeddings.create (page and worker) equals kiln embed; base64, dimensions, token ids, errors", 300000, async () => {
+test("embeddings: embeddings.create (page and worker) equals kiln embed; base64, dimensions, token ids, errors; a BERT .gguf", 300000, async () => {
   const model = join(root, "tests/fixtures/embed/minilm-tiny");
   const texts = ["The cat sat on the mat.", "sky", "Light from the moon, light from the sun, and the dark sea between them."];
   const want = await native(["embed", "-m", model, "--json", ...texts]);
@@ -661,6 +661,18 @@ test("embeddings: embeddings.create (page and worker) equals kiln embed; base64,
     assert(got.usage.prompt_tokens === want.tokens.reduce((a, b) => a + b, 0), JSON.stringify(got.usage));
     assert(got.ids === 1 && /input 0: token id 99999/.test(got.error) && /'nope' is not loaded/.test(got.missing), `${got.error} / ${got.missing}`);
   }
+  // The GGUF llama.cpp's converter makes of the same model, by URL.
+  const wantGguf = await native(["embed", "-m", join(root, "tests/fixtures/embed/minilm-tiny.gguf"), "--json", ...texts]);
+  const page = await openDemo(false);
+  const gguf = await page.evaluate(async (texts) => {
+    const m = await window.demo.kiln.loadEmbedding("/fixtures/embed/minilm-tiny.gguf");
+    const r = await m.embeddings.create({ input: texts });
+    m.dispose();
+    return r.data.map((d) => d.embedding);
+  }, texts);
+  await page.close();
+  gguf.forEach((v, i) => assert(v.every((x, j) => Math.abs(x - wantGguf.embeddings[i][j]) <= 1e-5), `gguf input ${i}`));
+  log(`page  : minilm-tiny.gguf equals native`);
 });
 
 test("image SDXL: two text encoders, added conditioning and SDXL-Turbo's defaults equal native (page and worker)", 600000, async () => {

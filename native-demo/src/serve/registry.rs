@@ -401,10 +401,14 @@ fn walk(p: &Path, out: &mut Vec<PathBuf>) {
 /// pipeline), `modules.json` (sentence-transformers), `config.json` or a `.gguf` (a text model).
 pub fn classify(p: &Path) -> Option<Kind> {
     if p.is_file() {
-        return p
-            .extension()
-            .is_some_and(|e| e == "gguf")
-            .then_some(Kind::Text);
+        if !p.extension().is_some_and(|e| e == "gguf") {
+            return None;
+        }
+        // A BERT GGUF (llama.cpp's converter's embedding files) is an embedder.
+        return Some(match gguf_architecture(p).as_deref() {
+            Some("bert") => Kind::Embedding,
+            _ => Kind::Text,
+        });
     }
     if p.join("model_index.json").is_file() {
         Some(Kind::Image)
@@ -422,6 +426,23 @@ pub fn classify(p: &Path) -> Option<Kind> {
     } else {
         None
     }
+}
+
+/// A GGUF's `general.architecture`, read from the start of its metadata (the key, a u32 value
+/// type 8 = string, a u64 length, the bytes).
+fn gguf_architecture(p: &Path) -> Option<String> {
+    let mut head = vec![0u8; 1 << 16];
+    let n = std::io::Read::read(&mut std::fs::File::open(p).ok()?, &mut head).ok()?;
+    let head = &head[..n];
+    let key = b"general.architecture";
+    let at = head.windows(key.len()).position(|w| w == key)? + key.len();
+    let word = |i: usize, k: usize| head.get(i..i + k);
+    let ty = u32::from_le_bytes(word(at, 4)?.try_into().ok()?);
+    let len = u64::from_le_bytes(word(at + 4, 8)?.try_into().ok()?) as usize;
+    if ty != 8 || len > 256 {
+        return None;
+    }
+    String::from_utf8(word(at + 12, len)?.to_vec()).ok()
 }
 
 /// The models in a folder: every entry [`classify`] recognises, sorted by name, with its id
