@@ -91,6 +91,9 @@ def main():
 
     build = new_build(OUT)
     g = torch.Generator().manual_seed(SEED)
+    # sentence-transformers loads the encoder with a pooler layer it never uses (initialised by
+    # torch's global generator): seeded, so that a rerun writes the same bytes.
+    torch.manual_seed(SEED)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "vocab.txt").write_text("\n".join(vocab()) + "\n")
