@@ -72,15 +72,7 @@ impl BertConfig {
                 )))
             }
         };
-        let (hidden, heads) = (
-            c.need_count("hidden_size")?,
-            c.need_count("num_attention_heads")?,
-        );
-        if hidden % heads != 0 {
-            return Err(c.err(format!(
-                "hidden_size {hidden} is not a multiple of {heads} heads"
-            )));
-        }
+        let (hidden, heads) = c.hidden_and_heads()?;
         let (positions, type_vocab) = (
             c.count("max_position_embeddings", 512)?,
             c.count("type_vocab_size", 2)?,
@@ -136,7 +128,13 @@ pub struct Embedder {
     pub prompts: std::collections::BTreeMap<String, String>,
     pub default_prompt: Option<String>,
     tokenizer: EmbedTokenizer,
+    /// A decoder embedder's compiled passes by input length (compiled at the first input of
+    /// each length, replayed after).
+    hidden_plans: std::sync::Mutex<std::collections::HashMap<usize, crate::llm::model::Hidden>>,
 }
+
+/// Input lengths whose decoder passes are kept compiled at most (then the cache starts over).
+const MAX_HIDDEN_PLANS: usize = 64;
 
 /// How an input becomes ids: a `tokenizer.json` (its post-processor adds the start and end
 /// tokens; truncation set to the longest input), or a GGUF's vocabulary with the start and end
@@ -390,6 +388,7 @@ impl Embedder {
             prompts,
             default_prompt,
             tokenizer: EmbedTokenizer::Json(tokenizer),
+            hidden_plans: Default::default(),
         })
     }
 
@@ -484,6 +483,7 @@ impl Embedder {
             prompts: Default::default(),
             default_prompt: None,
             tokenizer: EmbedTokenizer::Gguf { tok, start, end },
+            hidden_plans: Default::default(),
         })
     }
 
@@ -628,16 +628,25 @@ impl Embedder {
 
     /// A decoder embedder's vector of one input: its final-norm states, pooled on the host.
     async fn decoder_pass(&self, m: &crate::llm::TextModel, ids: &[u32]) -> Result<Vec<f32>> {
-        let h = m.config.hidden;
-        let p = crate::llm::model::build_hidden(&self.gpu, &m.config, &m.weights, &m.kv, ids.len())
-            .await?;
+        let (h, n) = (m.config.hidden, ids.len());
+        let cached = self.hidden_plans.lock().ok().and_then(|mut c| c.remove(&n));
+        let mut p = match cached {
+            Some(p) => p,
+            None => {
+                crate::llm::model::build_hidden(&self.gpu, &m.config, &m.weights, &m.kv, n).await?
+            }
+        };
         self.gpu
             .write_buffer(m.kv.history.buffer()?, 0, bytemuck::cast_slice(ids));
-        let mut plan = p.plan;
-        plan.set(p.pos, 0);
-        let bytes = plan.run_read(&[p.out]).await?;
+        p.plan.set(p.pos, 0);
+        let bytes = p.plan.run_read(&[p.out]).await?;
+        if let Ok(mut c) = self.hidden_plans.lock() {
+            if c.len() >= MAX_HIDDEN_PLANS {
+                c.clear();
+            }
+            c.insert(n, p);
+        }
         let states: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
-        let n = ids.len();
         let v: Vec<f32> = match self.pooling {
             Pooling::Cls => states[..h].to_vec(),
             Pooling::LastToken => states[(n - 1) * h..n * h].to_vec(),

@@ -7,6 +7,7 @@
 use kiln::embed::Embedder;
 use kiln::formats::files::{embedding_model, read_dir};
 use kiln::llm::Quantize;
+use serde_json::Value;
 use std::path::PathBuf;
 
 fn dir() -> PathBuf {
@@ -25,15 +26,44 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (n(a) * n(b))
 }
 
-#[test]
-fn embeddings_match_sentence_transformers() {
-    let e = kiln_tests::read_json(&dir().join("expected.json"));
-    let sentences: Vec<&str> = e["sentences"]
+/// The fixture's sentences.
+fn sentences(e: &Value) -> Vec<&str> {
+    e["sentences"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s.as_str().unwrap())
-        .collect();
+        .collect()
+}
+
+/// Each vector against its row of sentence-transformers' `[n, dim]` array: cosine >= 0.9999
+/// asserted, the worst cosine and largest absolute error reported.
+fn assert_matches(name: &str, got: &[Vec<f32>], want: &kiln::formats::npy::Npy) {
+    let dim = want.shape[1];
+    let mut worst = (1.0f64, 0.0f32);
+    for (i, v) in got.iter().enumerate() {
+        let w = &want.data[i * dim..(i + 1) * dim];
+        let c = cosine(v, w);
+        let abs = v
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        worst = (worst.0.min(c), worst.1.max(abs));
+        assert!(c >= 0.9999, "{name} input {i}: cosine {c}");
+    }
+    eprintln!(
+        "{name}: {} inputs, worst cosine {:.7}, max abs error {:.2e}",
+        got.len(),
+        worst.0,
+        worst.1
+    );
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let e = kiln_tests::read_json(&dir().join("expected.json"));
+    let sentences = sentences(&e);
     for model in ["minilm-tiny", "bge-tiny", "dense-tiny"] {
         let m = load(model);
         if model == "minilm-tiny" {
@@ -42,21 +72,11 @@ fn embeddings_match_sentence_transformers() {
             }
         }
         let want = kiln_tests::read_npy(&dir().join(format!("{model}.npy")));
-        let dim = want.shape[1];
-        assert_eq!(m.dim(), dim, "{model}");
+        assert_eq!(m.dim(), want.shape[1], "{model}");
         let batch = pollster::block_on(m.embed_texts(&sentences)).unwrap();
-        let mut worst = (1.0f64, 0.0f32);
+        assert_matches(model, &batch, &want);
+        // Alone, each input gets the same vector (the packed batch changes nothing).
         for (i, got) in batch.iter().enumerate() {
-            let w = &want.data[i * dim..(i + 1) * dim];
-            let c = cosine(got, w);
-            let abs = got
-                .iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            worst = (worst.0.min(c), worst.1.max(abs));
-            assert!(c >= 0.9999, "{model} input {i}: cosine {c}");
-            // Alone, the same vector (the packed batch changes nothing).
             let one = pollster::block_on(m.embed_texts(&[sentences[i]])).unwrap();
             let d = one[0]
                 .iter()
@@ -65,10 +85,6 @@ fn embeddings_match_sentence_transformers() {
                 .fold(0.0, f32::max);
             assert!(d < 1e-5, "{model} input {i}: alone differs by {d}");
         }
-        eprintln!(
-            "{model}: worst cosine {:.7}, max abs error {:.2e}",
-            worst.0, worst.1
-        );
     }
 }
 
@@ -77,12 +93,7 @@ fn embeddings_match_sentence_transformers() {
 #[test]
 fn decoder_embeddings_match_sentence_transformers() {
     let e = kiln_tests::read_json(&dir().join("expected.json"));
-    let sentences: Vec<&str> = e["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let sentences = sentences(&e);
     let m = load("qwen3-emb-tiny");
     for (s, want) in sentences
         .iter()
@@ -100,30 +111,23 @@ fn decoder_embeddings_match_sentence_transformers() {
         )
         .unwrap();
         let r = pollster::block_on(m.openai(&req, "x")).unwrap();
-        let dim = want.shape[1];
-        let mut worst = (1.0f64, 0.0f32);
-        for (i, d) in r["data"].as_array().unwrap().iter().enumerate() {
-            let got: Vec<f32> = d["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            let w = &want.data[i * dim..(i + 1) * dim];
-            let c = cosine(&got, w);
-            let abs = got
-                .iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            worst = (worst.0.min(c), worst.1.max(abs));
-            assert!(c >= 0.9999, "{name} input {i}: cosine {c}");
-        }
-        eprintln!(
-            "{name}: worst cosine {:.7}, max abs error {:.2e}",
-            worst.0, worst.1
-        );
+        let got: Vec<Vec<f32>> = r["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let e = d["embedding"].as_array().unwrap();
+                e.iter().map(|v| v.as_f64().unwrap() as f32).collect()
+            })
+            .collect();
+        assert_matches(name, &got, &want);
     }
+    // Passes are compiled once per input length and replayed: inputs of one length give their
+    // own vectors, the same input the same vector.
+    let one = |ids: Vec<u32>| pollster::block_on(m.embed_ids(&[ids])).unwrap().remove(0);
+    let (d1, a, d2) = (one(vec![5, 6, 7]), one(vec![8, 9, 10]), one(vec![5, 6, 7]));
+    assert_eq!(d1, d2);
+    assert_ne!(a, d1);
     let bad = kiln::embed::EmbeddingRequest::from_json(r#"{"input": "x", "prompt_name": "nope"}"#)
         .unwrap();
     let err = pollster::block_on(m.openai(&bad, "x"))
@@ -138,12 +142,7 @@ fn decoder_embeddings_match_sentence_transformers() {
 #[test]
 fn gguf_embedding_file_matches_sentence_transformers() {
     let e = kiln_tests::read_json(&dir().join("expected.json"));
-    let sentences: Vec<&str> = e["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let sentences = sentences(&e);
     let bytes = std::fs::read(dir().join("minilm-tiny.gguf")).unwrap();
     let files = kiln::formats::ModelFiles::from([("minilm-tiny.gguf".to_string(), bytes)]);
     let m = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None)).unwrap();
@@ -153,12 +152,7 @@ fn gguf_embedding_file_matches_sentence_transformers() {
         assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(ids), "{s}");
     }
     let got = pollster::block_on(m.embed_texts(&short)).unwrap();
-    let dim = want.shape[1];
-    for (i, v) in got.iter().enumerate() {
-        let c = cosine(v, &want.data[i * dim..(i + 1) * dim]);
-        assert!(c >= 0.9999, "input {i}: cosine {c}");
-    }
-    eprintln!("minilm-tiny.gguf: {} inputs at cosine >= 0.9999", got.len());
+    assert_matches("minilm-tiny.gguf", &got, &want);
 }
 
 #[test]

@@ -171,15 +171,7 @@ impl ClipConfig {
                 )))
             }
         };
-        let (hidden, heads) = (
-            c.need_count("hidden_size")?,
-            c.need_count("num_attention_heads")?,
-        );
-        if hidden % heads != 0 {
-            return Err(c.err(format!(
-                "hidden_size {hidden} is not a multiple of {heads} heads"
-            )));
-        }
+        let (hidden, heads) = c.hidden_and_heads()?;
         Ok(ClipConfig {
             hidden,
             heads,

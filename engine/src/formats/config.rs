@@ -70,6 +70,21 @@ impl Keys {
         }
     }
 
+    /// `hidden_size` and `num_attention_heads` of an encoder whose heads split the width
+    /// evenly (CLIP's, BERT's).
+    pub fn hidden_and_heads(&self) -> Result<(usize, usize)> {
+        let (hidden, heads) = (
+            self.need_count("hidden_size")?,
+            self.need_count("num_attention_heads")?,
+        );
+        if hidden % heads != 0 {
+            return Err(self.err(format!(
+                "hidden_size {hidden} is not a multiple of {heads} heads"
+            )));
+        }
+        Ok((hidden, heads))
+    }
+
     /// A boolean, `default` when absent.
     pub fn flag(&self, k: &str, default: bool) -> Result<bool> {
         self.get(k).map_or(Ok(default), |v| {

@@ -428,21 +428,17 @@ pub fn classify(p: &Path) -> Option<Kind> {
     }
 }
 
-/// A GGUF's `general.architecture`, read from the start of its metadata (the key, a u32 value
-/// type 8 = string, a u64 length, the bytes).
+/// A GGUF's `general.architecture`, from the metadata at the start of the file (the engine's
+/// prefix parser; `None` when it is not within the first MiB).
 fn gguf_architecture(p: &Path) -> Option<String> {
-    let mut head = vec![0u8; 1 << 16];
-    let n = std::io::Read::read(&mut std::fs::File::open(p).ok()?, &mut head).ok()?;
-    let head = &head[..n];
-    let key = b"general.architecture";
-    let at = head.windows(key.len()).position(|w| w == key)? + key.len();
-    let word = |i: usize, k: usize| head.get(i..i + k);
-    let ty = u32::from_le_bytes(word(at, 4)?.try_into().ok()?);
-    let len = u64::from_le_bytes(word(at + 4, 8)?.try_into().ok()?) as usize;
-    if ty != 8 || len > 256 {
-        return None;
-    }
-    String::from_utf8(word(at + 12, len)?.to_vec()).ok()
+    let mut head = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(p).ok()?, 1 << 20),
+        &mut head,
+    )
+    .ok()?;
+    let g = kiln::formats::gguf::Gguf::parse_metadata(&p.to_string_lossy(), &head).ok()??;
+    g.get("general.architecture")?.as_str().map(str::to_string)
 }
 
 /// The models in a folder: every entry [`classify`] recognises, sorted by name, with its id
