@@ -348,11 +348,9 @@ impl SdModels {
         let ctx_shape = [batch, self.tokenizer.max_len, self.context_dim()];
         let ctx = g.input("context", &ctx_shape, DType::F32)?;
         let mut extra = super::unet::UnetExtra::default();
-        if let Some(tt) = self.unet.cfg.text_time {
-            extra.text_embeds =
-                Some(g.input("text embeds", &[batch, tt.pooled_dim], DType::F32)?);
-            let n = batch * super::unet::TIME_IDS;
-            extra.time_ids = Some(g.input("time ids", &[n], DType::F32)?);
+        if self.unet.cfg.text_time.is_some() {
+            let shape = [batch, self.unet.cfg.time_embed_dim];
+            extra.added = Some(g.input("added embedding", &shape, DType::F32)?);
         }
         self.unet.forward_cond(&mut g, x, t, ctx, &extra)?;
         g.check_fits(&self.gpu)

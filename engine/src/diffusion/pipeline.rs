@@ -333,7 +333,8 @@ impl SdModels {
     /// Text states of [negative, prompt] (or just the prompt), written into `state.context`;
     /// for SDXL both encoders' penultimate states side by side, and the second one's pooled
     /// output into `state.text_embeds` (the negative rows left at zero when the pipeline forces
-    /// zeros for an empty negative prompt).
+    /// zeros for an empty negative prompt), and from those and the size numbers the U-Net's added
+    /// embedding into `state.added`.
     async fn encode_prompts(&self, state: &State, opts: &ImageOptions) -> Result<()> {
         let zero_negative = state.batch == 2
             && opts.negative_prompt.is_empty()
@@ -352,10 +353,17 @@ impl SdModels {
         let cv = g.tensor(&state.context);
         let at = first_row * self.tokenizer.max_len * self.context_dim();
         g.copy_into(t.context, cv, Dyn::Static(at as u32))?;
-        if let (Some(pooled), Some(te)) = (t.pooled, &state.text_embeds) {
+        if let (Some(pooled), Some(te), Some(ti), Some(ad)) =
+            (t.pooled, &state.text_embeds, &state.time_ids, &state.added)
+        {
             let tv = g.tensor(te);
             let width = g.shape(pooled)[1];
             g.copy_into(pooled, tv, Dyn::Static((first_row * width) as u32))?;
+            // SDXL's added embedding, the same at every step: computed here, once.
+            let tiv = g.tensor(ti);
+            let a = self.unet.added_embedding(&mut g, tv, tiv)?;
+            let av = g.tensor(ad);
+            g.copy_into(a, av, Dyn::Static(0))?;
         }
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         for (v, ids) in &t.inputs {
@@ -602,8 +610,7 @@ impl SdModels {
         };
         let extra = UnetExtra {
             guidance: state.guidance_embedding.as_ref().map(|e| g.tensor(e)),
-            text_embeds: state.text_embeds.as_ref().map(|e| g.tensor(e)),
-            time_ids: state.time_ids.as_ref().map(|e| g.tensor(e)),
+            added: state.added.as_ref().map(|e| g.tensor(e)),
         };
         let model_out = self.unet.forward_cond(&mut g, unet_x, t, ctx, &extra)?;
         let noise_input = opts.step_noise.is_some() && needs_noise;
@@ -865,6 +872,8 @@ struct State {
     /// size, no crop, as diffusers' defaults).
     text_embeds: Option<Arc<Tensor>>,
     time_ids: Option<Arc<Tensor>>,
+    /// SDXL: the U-Net's added embedding `[batch, time_embed_dim]`, computed once from those.
+    added: Option<Arc<Tensor>>,
 }
 
 impl State {
@@ -965,6 +974,12 @@ impl State {
                     let ids: Vec<f32> = (0..batch).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
                     table("time ids", &[batch * TIME_IDS], &ids)
                 })
+                .transpose()?,
+            added: m
+                .unet
+                .cfg
+                .text_time
+                .map(|_| zeros("added embedding", &[batch, m.unet.cfg.time_embed_dim]))
                 .transpose()?,
             batch,
             lat_shape,

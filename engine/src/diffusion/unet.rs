@@ -263,8 +263,8 @@ impl Unet {
     }
 
     /// Time embedding of timestep value `t` `[1]`: sinusoidal projection, linear, SiLU, linear.
-    /// An LCM U-Net adds `cond_proj` of the guidance embedding before `linear_1`; SDXL adds
-    /// `add_embedding` of its pooled text embedding and embedded size numbers after `linear_2`.
+    /// An LCM U-Net adds `cond_proj` of the guidance embedding before `linear_1`; SDXL adds its
+    /// added embedding after `linear_2`.
     fn time_embedding(
         &self,
         g: &mut Graph,
@@ -289,26 +289,38 @@ impl Unet {
         let e = tvb.pp("linear_1").linear(g, e, cfg.time_embed_dim)?;
         let e = g.unary(e, UnaryOp::Silu)?;
         let e = tvb.pp("linear_2").linear(g, e, cfg.time_embed_dim)?;
-        let Some(tt) = cfg.text_time else {
+        if cfg.text_time.is_none() {
             return Ok(e);
-        };
-        let (Some(pooled), Some(ids)) = (extra.text_embeds, extra.time_ids) else {
+        }
+        let Some(a) = extra.added else {
             return Err(Error::Data {
                 name: "unet".into(),
-                msg: "an SDXL U-Net (addition_embed_type \"text_time\") needs a pooled text \
-                      embedding and the size numbers (add_time_ids)"
+                msg: "an SDXL U-Net (addition_embed_type \"text_time\") needs its added \
+                      embedding ([`Unet::added_embedding`] of the pooled text embedding and the \
+                      size numbers)"
                     .into(),
             });
         };
+        g.add(e, a)
+    }
+
+    /// SDXL's added embedding `[b, time_embed_dim]`: `add_embedding` of the pooled text
+    /// embedding `[b, pooled_dim]` beside the sinusoidal embedding of each size number (f32
+    /// `[b * 6]`, `add_time_ids`). The same at every step, so a generation computes it once.
+    pub fn added_embedding(&self, g: &mut Graph, pooled: Value, time_ids: Value) -> Result<Value> {
+        let cfg = &self.cfg;
+        let tt = cfg.text_time.ok_or_else(|| {
+            Error::Unsupported("an added embedding for a U-Net without SDXL's text_time".into())
+        })?;
         let b = g.shape(pooled)[0];
-        let te = g.timestep_embedding(ids, tt.time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?;
+        let te =
+            g.timestep_embedding(time_ids, tt.time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?;
         let te = g.reshape(te, &[b, TIME_IDS * tt.time_dim])?;
         let add = g.concat(pooled, te, 1)?;
-        let avb = vb.pp("add_embedding");
+        let avb = self.weights.root().pp("add_embedding");
         let a = avb.pp("linear_1").linear(g, add, cfg.time_embed_dim)?;
         let a = g.unary(a, UnaryOp::Silu)?;
-        let a = avb.pp("linear_2").linear(g, a, cfg.time_embed_dim)?;
-        g.add(e, a)
+        avb.pp("linear_2").linear(g, a, cfg.time_embed_dim)
     }
 }
 
@@ -317,10 +329,8 @@ impl Unet {
 pub struct UnetExtra {
     /// An LCM U-Net's guidance-scale embedding `[1, time_cond_proj_dim]` ([`guidance_embedding`]).
     pub guidance: Option<Value>,
-    /// SDXL: the pooled text embedding `[b, pooled_dim]`, and the size numbers f32
-    /// `[b * 6]` (`add_time_ids`).
-    pub text_embeds: Option<Value>,
-    pub time_ids: Option<Value>,
+    /// SDXL: the added embedding `[b, time_embed_dim]` ([`Unet::added_embedding`]).
+    pub added: Option<Value>,
 }
 
 impl Pass<'_> {
