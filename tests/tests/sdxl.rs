@@ -159,7 +159,11 @@ fn sdxl_lora_matches_diffusers() {
         .set_loras(vec![("lora.safetensors".into(), bytes, 1.0)])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("lora.safetensors"), "{err}");
+    // The first module that does not fit is named, with both shapes.
+    assert!(
+        err.contains("LoRA lora.safetensors") && err.contains("do not make the shape of"),
+        "{err}"
+    );
 }
 
 #[test]
