@@ -152,6 +152,13 @@ pub fn embedding_model() -> Vec<FileGroup> {
     plan
 }
 
+/// A GGUF's `general.architecture` from its first bytes (`None` when the metadata does not
+/// parse from them): what kind of model a `.gguf` in a models folder is (`bert`: an embedder).
+pub fn gguf_architecture(name: &str, prefix: &[u8]) -> Option<String> {
+    let g = super::gguf::Gguf::parse_metadata(name, prefix).ok()??;
+    g.get("general.architecture")?.as_str().map(str::to_string)
+}
+
 /// The files of one diffusers model folder (`config.json` and its weights), e.g. a tiny
 /// autoencoder (madebyollin/taesd).
 pub fn diffusers_model(prefer_fp16: bool) -> Vec<FileGroup> {

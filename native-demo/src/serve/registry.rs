@@ -428,8 +428,7 @@ pub fn classify(p: &Path) -> Option<Kind> {
     }
 }
 
-/// A GGUF's `general.architecture`, from the metadata at the start of the file (the engine's
-/// prefix parser; `None` when it is not within the first MiB).
+/// A GGUF's `general.architecture`, from the metadata in the file's first MiB.
 fn gguf_architecture(p: &Path) -> Option<String> {
     let mut head = Vec::new();
     std::io::Read::read_to_end(
@@ -437,8 +436,7 @@ fn gguf_architecture(p: &Path) -> Option<String> {
         &mut head,
     )
     .ok()?;
-    let g = kiln::formats::gguf::Gguf::parse_metadata(&p.to_string_lossy(), &head).ok()??;
-    g.get("general.architecture")?.as_str().map(str::to_string)
+    kiln::formats::files::gguf_architecture(&p.to_string_lossy(), &head)
 }
 
 /// The models in a folder: every entry [`classify`] recognises, sorted by name, with its id
