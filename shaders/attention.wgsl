@@ -30,7 +30,7 @@
 struct Params {
     b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,
     causal: u32, scale: f32, q_add: u32, q_slot: u32, q_mul: u32, kv_add: u32, kv_slot: u32, kv_mul: u32,
-    total: u32, window: u32, softcap: f32,
+    total: u32, window: u32, softcap: f32, s_add: u32, s_slot: u32, s_mul: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -51,10 +51,18 @@ fn window_start(qp: u32) -> u32 {
     return 0u;
 }
 
-// The keys [lo, hi) a query at position qp sees: the valid ones, past its window's start and
-// (causal) not after it.
-fn key_range(qp: u32) -> vec2<u32> {
-    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
+// Batch row bi's first query position, its valid keys, and the cache sequence it reads (bi
+// itself by default; per-row values for a batch of decoding sequences, see graph::Dyn::Rows).
+fn q_pos_of(bi: u32) -> u32 { return dyn_row(p.q_add, p.q_slot, p.q_mul, bi); }
+fn kv_end_of(bi: u32) -> u32 { return min(dyn_row(p.kv_add, p.kv_slot, p.kv_mul, bi), p.lk); }
+fn seq_of(bi: u32) -> u32 {
+    return dyn_row(p.s_add, p.s_slot, p.s_mul, bi) + select(bi, 0u, is_rows(p.s_slot));
+}
+
+// The keys [lo, hi) a query of batch row bi at position qp sees: the valid ones, past its
+// window's start and (causal) not after it.
+fn key_range(qp: u32, bi: u32) -> vec2<u32> {
+    let kv_end = kv_end_of(bi);
     let lo = min(window_start(qp), kv_end);
     var hi = kv_end;
     if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
@@ -64,9 +72,9 @@ fn key_range(qp: u32) -> vec2<u32> {
 // Splits in use for a decode query (LIVE_SPLIT_KEYS): as many as give each about that many of
 // its live keys, at most the dispatched p.splits. The others stop at once and the reduce pass
 // reads only these, so a short context in a long cache costs what its keys cost.
-fn used_splits() -> u32 {
+fn used_splits(bi: u32) -> u32 {
 #ifdef LIVE_SPLIT_KEYS
-    let r = key_range(dyn_val(p.q_add, p.q_slot, p.q_mul));
+    let r = key_range(q_pos_of(bi), bi);
     return clamp((r.y - r.x + LIVE_SPLIT_KEYS - 1u) / LIVE_SPLIT_KEYS, 1u, p.splits);
 #else
     return p.splits;
@@ -85,7 +93,7 @@ fn reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let d = e % HD;
     let no = p.b * p.lq * p.heads;
     let st = HD + 2u;
-    let ns = used_splits();
+    let ns = used_splits(o / (p.lq * p.heads));
     var m = NEG;
     for (var s = 0u; s < ns; s++) { m = max(m, part[(s * no + o) * st]); }
     var l = 0.0;
@@ -161,8 +169,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let bi = o / (p.heads * p.lq);
     let kw = p.kv_heads * HD;
     let kh = (h / p.g) * HD;
-    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
-    let qp = dyn_val(p.q_add, p.q_slot, p.q_mul) + i;
+    let kv_end = kv_end_of(bi);
+    let qp = q_pos_of(bi) + i;
     // This row's keys [lo, hi), split evenly.
     let lo = min(window_start(qp), kv_end);
     var hi = kv_end;
@@ -177,7 +185,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var m = NEG;
     var l = 0.0;
     for (var j = j_begin; j < j_end; j++) {
-        let kb = (bi * p.lk + j) * kw + kh;
+        let kb = (seq_of(bi) * p.lk + j) * kw + kh;
         var su = U(0.0);
         for (var d = 0u; d < HU; d++) { su += qv[d] * kload(kb + d * UNIT); }
         let s = capped(usum(su));
@@ -240,10 +248,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let hk = gi % p.kv_heads;
     let bi = (gi / p.kv_heads) % p.b;
     let split = gi / (p.kv_heads * p.b);
-    let ns = used_splits();
+    let ns = used_splits(bi);
     if (split >= ns) { return; }
     let kw = p.kv_heads * HD;
-    let r = key_range(dyn_val(p.q_add, p.q_slot, p.q_mul));
+    let r = key_range(q_pos_of(bi), bi);
     let chunk = (r.y - r.x + ns - 1u) / ns;
     let j_begin = min(r.x + split * chunk, r.y);
     let j_end = min(j_begin + chunk, r.y);
@@ -260,7 +268,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
     }
     for (var j = j_begin; j < j_end; j++) {
-        let kb = (bi * p.lk + j) * kw + hk * HD;
+        let kb = (seq_of(bi) * p.lk + j) * kw + hk * HD;
         var kv: array<vec4<f32>, NU>;
         for (var u = 0u; u < NU; u++) {
             let d = 4u * lane + 4u * SG * u;
@@ -368,8 +376,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (u < HU) { qv[n] = q4[o * HU + u] * p.scale; }
     }
 
-    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
-    let q_pos = dyn_val(p.q_add, p.q_slot, p.q_mul);
+    let kv_end = kv_end_of(bi);
+    let q_pos = q_pos_of(bi);
     let lo = min(window_start(q_pos + row0 / p.g), kv_end);
     let chunk = (kv_end - lo + p.splits - 1u) / p.splits;
     let j_begin = min(lo + split * chunk, kv_end);
@@ -389,7 +397,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             var kx = vec4<f32>(0.0);
             var vx = vec4<f32>(0.0);
             if (j < j_end) {
-                let e = (bi * p.lk + j) * kw + hk * HD + 4u * (idx % HU);
+                let e = (seq_of(bi) * p.lk + j) * kw + hk * HD + 4u * (idx % HU);
                 kx = kload(e);
                 vx = vload(e);
             }
@@ -501,8 +509,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         q_s[idx] = x;
     }
 
-    let kv_end = min(dyn_val(p.kv_add, p.kv_slot, p.kv_mul), p.lk);
-    let q_pos = dyn_val(p.q_add, p.q_slot, p.q_mul);
+    let kv_end = kv_end_of(bi);
+    let q_pos = q_pos_of(bi);
     // The block's keys start where its first row's window does; the splits share [lo, kv_end).
     let lo = min(window_start(q_pos + row0 / p.g), kv_end);
     let chunk = (kv_end - lo + p.splits - 1u) / p.splits;
@@ -526,7 +534,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         for (var idx = li; idx < BK * HD; idx += 256u) {
             let j = j0 + idx / HD;
             var x = 0.0;
-            if (j < j_end) { x = kf((bi * p.lk + j) * kw + hk * HD + idx % HD); }
+            if (j < j_end) { x = kf((seq_of(bi) * p.lk + j) * kw + hk * HD + idx % HD); }
             kv_s[(idx / HD) * KST + idx % HD] = x;
         }
         workgroupBarrier();
@@ -555,7 +563,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         for (var idx = li; idx < BK * HD; idx += 256u) {
             let j = j0 + idx / HD;
             var x = 0.0;
-            if (j < j_end) { x = vf((bi * p.lk + j) * kw + hk * HD + idx % HD); }
+            if (j < j_end) { x = vf((seq_of(bi) * p.lk + j) * kw + hk * HD + idx % HD); }
             kv_s[(idx / HD) * KST + idx % HD] = x;
         }
         workgroupBarrier();

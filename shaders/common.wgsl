@@ -1,6 +1,6 @@
 // Shared declarations included by every kernel.
-// binding 1: per-run scalars (positions, kv length, step index, seed), 16 u32 slots.
-struct RunScalars { s: array<vec4<u32>, 4> }
+// binding 1: per-run scalars (positions, kv length, step index, seed), 64 u32 slots.
+struct RunScalars { s: array<vec4<u32>, 16> }
 @group(0) @binding(1) var<uniform> rs: RunScalars;
 
 const NONE: u32 = 0xffffffffu;
@@ -9,6 +9,18 @@ const NONE: u32 = 0xffffffffu;
 fn dyn_val(add: u32, slot: u32, mul: u32) -> u32 {
     if (slot == NONE) { return add; }
     return add + mul * rs.s[slot / 4u][slot % 4u];
+}
+
+// Slot words with this bit read one scalar per batch row (graph::Dyn::Rows).
+const ROWS: u32 = 0x80000000u;
+fn is_rows(slot: u32) -> bool { return slot != NONE && (slot & ROWS) != 0u; }
+
+// A per-run integer of batch row r: `add + mul * rs[first + r]` for a per-row Dyn, else
+// dyn_val (the same for every row).
+fn dyn_row(add: u32, slot: u32, mul: u32, r: u32) -> u32 {
+    if (!is_rows(slot)) { return dyn_val(add, slot, mul); }
+    let s = (slot & ~ROWS) + r;
+    return add + mul * rs.s[s / 4u][s % 4u];
 }
 
 // The four bytes of a quant word as floats: low nibbles, unsigned, signed.

@@ -17,7 +17,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (e >= p.n * p.d) { return; }
     let i = e / p.d;
     let c = e % p.d;
-    let id = ids[dyn_val(p.ids_add, p.ids_slot, p.ids_mul) + i];
+    // Row i reads ids[off + i], or with per-row offsets (graph::Dyn::Rows) ids[off[i]].
+    let id = ids[dyn_row(p.ids_add, p.ids_slot, p.ids_mul, i) + select(i, 0u, is_rows(p.ids_slot))];
     if (id >= p.row_start && id < p.row_start + p.rows) {
         y[e] = w_elem((id - p.row_start) * p.row_words, c);
     } else if (p.row_start == 0u && id >= p.total_rows) {

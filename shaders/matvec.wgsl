@@ -10,7 +10,7 @@
 //   ROPE  (m = 1) the rotary step of a stacked Q/K/V projection (rope.wgsl's KV variant) in
 //         the epilogue: work item r is a rotary pair of rows of a q or k head (or a single row
 //         past the rotary dims, or two rows of v heads); q goes to y [heads * d], k (rotated) and v
-//         into the caches at row pos (not past cap_rows). `rows` = the work items.
+//         into the caches at row pos (not past cap_rows) of the sequence starting at cache row cache_row0. `rows` = the work items.
 // Bindings: 2 w: array<u32> [rows x row_words] (one weight part)
 //           3 x: array<f32> [m, k]   4 bias: array<f32> [n_total] (unused unless has_bias)
 //           5 y: array<f32> [m, n_total]   6 res: array<f32> like y, added when has_res (a residual)
@@ -25,6 +25,7 @@
 //   (Mesa 22.3) loads storage one lane at a time in a loop with a bounds check per element,
 //   whether or not the address is uniform: a 16-byte load pays that loop once for four words,
 //   and the eight dots share the loop and the x loads. See main for the dispatch.
+//   With COLS (2, 4 or 8): m rows of x in one pass, see that main.
 // SUBGROUP_ROWS (software adapters with subgroups, other dtypes): one row per subgroup at a time,
 //   8 rows per workgroup of 64, one subgroupAdd per row. ceil(rows / 8) * m workgroups.
 // ROWS (software adapters without subgroups): one invocation per output row, 64 per workgroup,
@@ -43,7 +44,7 @@ struct Params {
     rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32, has_res: u32,
     glu: u32, gate_row: u32, up_row: u32, eps: f32,
     heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
-    pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32, partials: u32,
+    pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32, partials: u32, cache_row0: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 #ifdef ROWS_V4
@@ -130,7 +131,8 @@ fn put(row: u32, v: f32, at: u32) {
     if (row < qw) {
         y[row] = v;
     } else if (at < p.cap_rows) {
-        if (row < qw + kvw) { put_k(at * kvw + row - qw, v); } else { put_v(at * kvw + row - qw - kvw, v); }
+        let c = (p.cache_row0 + at) * kvw;
+        if (row < qw + kvw) { put_k(c + row - qw, v); } else { put_v(c + row - qw - kvw, v); }
     }
 }
 
@@ -397,6 +399,75 @@ fn step_x(i: u32, xo: u32) -> vec4<f32> { return vec4<f32>(0.0); }
 #endif
 
 
+#ifdef COLS
+// A step's eight elements of a plain row as two units (f32 rows: one, the other zero), and the
+// x units they meet: step_dot's products, split so that the batch loads each once.
+struct Units { a: vec4<f32>, b: vec4<f32> }
+#ifdef W_F32
+#define HAS_UNITS
+fn w_units(rb: u32, i: u32) -> Units { return Units(bitcast<vec4<f32>>(w4[rb + i]), vec4<f32>(0.0)); }
+fn x_units(xo: u32, i: u32) -> Units { return Units(x4[xo + i], vec4<f32>(0.0)); }
+#endif
+#ifdef W_F16
+#define HAS_UNITS
+fn w_units(rb: u32, i: u32) -> Units {
+    let q = w4[rb + i];
+    return Units(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)));
+}
+fn x_units(xo: u32, i: u32) -> Units { return Units(x4[xo + 2u * i], x4[xo + 2u * i + 1u]); }
+#endif
+#ifdef W_BF16
+#define HAS_UNITS
+fn w_units(rb: u32, i: u32) -> Units {
+    let q = w4[rb + i];
+    return Units(vec4<f32>(bf2(q.x), bf2(q.y)), vec4<f32>(bf2(q.z), bf2(q.w)));
+}
+fn x_units(xo: u32, i: u32) -> Units { return Units(x4[xo + 2u * i], x4[xo + 2u * i + 1u]); }
+#endif
+// A batch of COLS x rows (one token of each of several decoding sequences, plain rows only): an
+// invocation makes eight dots, R = 8 / COLS weight rows with COLS x rows, so each weight step
+// is loaded once for all the sequences. Every dot adds its steps in the order main's does, so a
+// row's outputs are the same bits as in a product of its own. x rows past m are clamped for
+// reading and not stored. ceil(rows / (V4_WG * R)) * ceil(m / COLS) workgroups.
+const R = 8u / COLS;
+@compute @workgroup_size(V4_WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let g = group_index(wg, nwg);
+    let per_wg = R * V4_WG;
+    let per_m = (p.rows + per_wg - 1u) / per_wg;
+    let m0 = (g / per_m) * COLS;
+    let r = (g % per_m) * per_wg + li * R;
+    if (r >= p.rows || m0 >= p.m) { return; }
+    var rb: array<u32, R>;
+    for (var j = 0u; j < R; j++) { rb[j] = min(r + j, p.rows - 1u) * (p.row_words / 4u); }
+    var xo: array<u32, COLS>;
+    for (var c = 0u; c < COLS; c++) { xo[c] = min(m0 + c, p.m - 1u) * (p.k / 4u); }
+    var acc: array<vec4<f32>, 8>;
+#ifdef HAS_UNITS
+    // Plain rows: each step's weight units and x units loaded once, then every dot.
+    for (var i = 0u; i < v4_steps(); i++) {
+        var xs: array<Units, COLS>;
+        for (var c = 0u; c < COLS; c++) { xs[c] = x_units(xo[c], i); }
+        for (var j = 0u; j < R; j++) {
+            let w = w_units(rb[j], i);
+            for (var c = 0u; c < COLS; c++) { acc[j * COLS + c] += w.a * xs[c].a + w.b * xs[c].b; }
+        }
+    }
+#else
+    for (var i = 0u; i < v4_steps(); i++) {
+        for (var c = 0u; c < COLS; c++) {
+            let sx = step_x(i, xo[c]);
+            for (var j = 0u; j < R; j++) { acc[j * COLS + c] += step_dot(rb[j], i, xo[c], sx); }
+        }
+    }
+#endif
+    for (var j = 0u; j < R; j++) {
+        for (var c = 0u; c < COLS; c++) {
+            if (r + j < p.rows && m0 + c < p.m) { store(m0 + c, r + j, vec2<f32>(hsum(acc[j * COLS + c]), 0.0), 1.0); }
+        }
+    }
+}
+#else
 // An invocation makes eight dots in one loop, so the loop's overhead and every x load (the same
 // for the eight) are paid once per eight rows: eight output rows, or four rows of pairs (glu's
 // gate and up, a rotary pair; a ROPE item without a partner dots its row twice). Rows past the
@@ -462,6 +533,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (r + 7u < p.rows) { store(mi, r + 7u, vec2<f32>(e.w, 0.0), 1.0); }
     }
 }
+#endif
 #else
 // Lane `lane` of `nl`'s share of the dot of the row starting at word rb with x[xo..]: plain
 // dtypes take every nl-th word, block formats give W_LPB lanes one block (one word each), so

@@ -10,8 +10,9 @@
 // Variant KV (decoder layers with stacked Q/K/V): x is the output of the stacked projection,
 // rows of [q (heads * d) | k (kv_heads * d) | v (kv_heads * d)] for tokens at pos + row. One
 // dispatch rotates q into y [rows, heads * d], and writes rotated k and plain v into the KV
-// caches at row pos + row (rows past cap_rows are not written). Bindings: 2 x, 3 table,
-// 4 y, 5 k_cache, 6 v_cache: array<f32> [cap_rows, kv_heads * d] (F16KV: f16, two to a word,
+// caches at row pos + row (rows past cap_rows are not written) of cache sequence seq; x
+// [b, seq_len, ..] with per-row pos and seq is a batch of sequences (see graph::Dyn::Rows).
+// Bindings: 2 x, 3 table, 4 y, 5 k_cache, 6 v_cache: array<f32> [seqs, cap_rows, kv_heads * d] (F16KV: f16, two to a word,
 // see common.wgsl's half_write). One thread per element of x.
 #include "common.wgsl"
 
@@ -38,7 +39,7 @@ fn rotated(head_base: u32, c: u32, pos: u32) -> f32 {
 }
 
 #ifdef KV
-struct Params { n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32 }
+struct Params { n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32, seq_len: u32, s_add: u32, s_slot: u32, s_mul: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> table: array<f32>;
@@ -64,18 +65,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let width = qw + 2u * kvw;
     let row = e / width;
     let col = e % width;
-    let at = dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row;
+    // Token i of batch row b sits at pos[b] + i of cache sequence seq[b] (one sequence and
+    // position for all rows unless they are per-row, see graph::Dyn::Rows).
+    let b = row / p.seq_len;
+    let at = dyn_row(p.pos_add, p.pos_slot, p.pos_mul, b) + row % p.seq_len;
+    let c = (dyn_row(p.s_add, p.s_slot, p.s_mul, b) * p.cap_rows + at) * kvw;
     if (col >= qw + kvw) {
-        if (at < p.cap_rows) { put_v(at * kvw + col - qw - kvw, x[e]); }
+        if (at < p.cap_rows) { put_v(c + col - qw - kvw, x[e]); }
         return;
     }
-    let c = col % p.d;
+    let hc = col % p.d;
     var v = x[e];
-    if (c < 2u * p.half) { v = rotated(e - c, c, min(at, p.positions - 1u)); }
+    if (hc < 2u * p.half) { v = rotated(e - hc, hc, min(at, p.positions - 1u)); }
     if (col < qw) {
         y[row * qw + col] = v;
     } else if (at < p.cap_rows) {
-        put_k(at * kvw + col - qw, v);
+        put_k(c + col - qw, v);
     }
 }
 #else

@@ -1,7 +1,8 @@
 // Token sampling on the GPU; the semantics are documented on kernels::sample::SamplerSettings
 // and mirrored by reference::sample::sample.
 // Bindings: 2 logits: array<f32> [V]; 3 settings: array<f32> [11] (SamplerSettings::to_f32s);
-//           4 history: array<u32> [cap] (window read, then history[c] = id if c < cap);
+//           4 history: array<u32>, this sequence's [cap] ids from index hist_base() (window
+//             read, then history[base + c] = id if c < cap);
 //           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
 //             settings[8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
 //             when any logit is NaN or infinite: (0xffffffff, how many), and no history write;
@@ -45,9 +46,12 @@
 
 struct Params {
     v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
-    groups: u32, chunk: u32, round: u32,
+    groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
+
+// Where this sequence's ids start in the history (several sequences may share one buffer).
+fn hist_base() -> u32 { return dyn_val(p.h_add, p.h_slot, p.h_mul); }
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 @group(0) @binding(3) var<storage, read> settings: array<f32>;
 @group(0) @binding(4) var<storage, read_write> history: array<u32>;
@@ -417,7 +421,7 @@ fn prep_pass(li: u32, g: u32) {
     let hi = min(c, p.cap);
     let lo = c - min(c, win);
     for (var j = lo + li; j < hi; j += WG) {
-        let id = history[j];
+        let id = history[hist_base() + j];
         if (id >= ch.start && id < ch.end) {
             let x = clean(logits[id]) + select(0.0, bias_of(id), n_bias > 0u);
             work[id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
@@ -664,7 +668,7 @@ fn finish_pass(li: u32) {
             let id = min(chosen, v - 1u);
             out[0] = id;
             out[1] = bitcast<u32>(clean(logits[id]) - log_z);
-            if (c < p.cap) { history[c] = id; }
+            if (c < p.cap) { history[hist_base() + c] = id; }
         }
     }
     for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[i], 0u); }

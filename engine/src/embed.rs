@@ -636,8 +636,11 @@ impl Embedder {
                 crate::llm::model::build_hidden(&self.gpu, &m.config, &m.weights, &m.kv, n).await?
             }
         };
-        self.gpu
-            .write_buffer(m.kv.history.buffer()?, 0, bytemuck::cast_slice(ids));
+        self.gpu.write_buffer(
+            m.kv.history.buffer()?,
+            m.kv.history_bytes(),
+            bytemuck::cast_slice(ids),
+        );
         p.plan.set(p.pos, 0);
         let bytes = p.plan.run_read(&[p.out]).await?;
         if let Ok(mut c) = self.hidden_plans.lock() {

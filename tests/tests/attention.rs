@@ -134,6 +134,7 @@ fn check_kv(
         scale: Some(s.scale),
         window: (s.window > 0).then_some(s.window),
         softcap: (s.softcap > 0.0).then_some(s.softcap),
+        seq: None,
     };
     let y =
         t.g.attention_with(qv, kv, vv, s.heads, s.kv_heads, q_pos, kv_len, &opts)
@@ -366,6 +367,89 @@ fn f16_kv_caches() {
                 gpu.features.software
             );
             check_kv(gpu, &what, s, SLOTS, true);
+        }
+    }
+}
+
+/// A batch of decoding sequences (continuous batching): one query per batch row, each row
+/// reading its own sequence of caches that hold more sequences than the batch has rows, at its
+/// own position and valid length (per-row run scalars, `Dyn::Rows`). Long enough for split-K
+/// (each row uses the splits its own keys fill), f32 and f16 caches, every kernel variant,
+/// against the reference run row by row on the sequence's keys.
+#[test]
+fn batch_of_sequences_with_per_row_positions() {
+    let (seqs, lk, heads, kv_heads, d) = (5, 700, 8, 2, 64);
+    // (sequence, position) per row; the last row's window test is below.
+    let rows = [(3usize, 650usize), (0, 9), (4, 300), (1, 0)];
+    let mut rng = Rng::new(77);
+    let q = rng.vec(rows.len() * heads * d, -2.0, 2.0);
+    let kw = kv_heads * d;
+    for f16 in [false, true] {
+        let mut k = rng.vec(seqs * lk * kw, -1.0, 1.0);
+        let mut v = rng.vec(seqs * lk * kw, -1.0, 1.0);
+        if f16 {
+            kiln_tests::to_f16(&mut k);
+            kiln_tests::to_f16(&mut v);
+        }
+        for window in [0, 40] {
+            for gpu in kiln_tests::gpu_variants() {
+                let mut t = OpTest::on(gpu.clone());
+                let qv = t.input("q", &[rows.len(), 1, heads * d], &q);
+                let kv_shape = [seqs, lk, kw];
+                let (kc, vc) = if f16 {
+                    let (mut k2, mut v2) = (k.clone(), v.clone());
+                    let (kb, vb) = (kiln_tests::to_f16(&mut k2), kiln_tests::to_f16(&mut v2));
+                    (
+                        t.weight("k", &kv_shape, kiln::DType::F16, &kb),
+                        t.weight("v", &kv_shape, kiln::DType::F16, &vb),
+                    )
+                } else {
+                    (t.input("k", &kv_shape, &k), t.input("v", &kv_shape, &v))
+                };
+                let seq0 = t.g.scalars("seq", rows.len()).unwrap();
+                let pos0 = t.g.scalars("pos", rows.len()).unwrap();
+                let mut scalars = Vec::new();
+                for (r, &(sq, pos)) in rows.iter().enumerate() {
+                    scalars.push((kiln::Scalar(seq0.0 + r as u32), sq as u32));
+                    scalars.push((kiln::Scalar(pos0.0 + r as u32), pos as u32));
+                }
+                let opts = AttentionOptions {
+                    causal: true,
+                    scale: None,
+                    window: (window > 0).then_some(window),
+                    softcap: None,
+                    seq: Some(Dyn::rows(seq0)),
+                };
+                let y =
+                    t.g.attention_with(
+                        qv,
+                        kc,
+                        vc,
+                        heads,
+                        kv_heads,
+                        Dyn::rows(pos0),
+                        Dyn::rows(pos0).plus(1),
+                        &opts,
+                    )
+                    .unwrap();
+                let got = t.run(y, &scalars);
+                let qw = heads * d;
+                for (r, &(sq, pos)) in rows.iter().enumerate() {
+                    let mut s = shape(1, 1, lk, heads, kv_heads, d, true);
+                    (s.q_pos, s.kv_len, s.window) = (pos, pos + 1, window);
+                    let part = |x: &[f32]| x[sq * lk * kw..(sq + 1) * lk * kw].to_vec();
+                    assert_close(
+                        &format!(
+                            "row {r} (sequence {sq} at {pos}, window {window}, f16 {f16}, software {})",
+                            gpu.features.software
+                        ),
+                        &got[r * qw..(r + 1) * qw],
+                        &attention(&q[r * qw..(r + 1) * qw], &part(&k), &part(&v), &s),
+                        ATOL,
+                        RTOL,
+                    );
+                }
+            }
         }
     }
 }

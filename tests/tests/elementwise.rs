@@ -271,6 +271,105 @@ fn rope_kv_matches_rope_and_copies() {
     }
 }
 
+/// rope_kv into caches holding several sequences: a run of two tokens into sequence 1 (a
+/// parallel slot's prefill), and a batch of one token of each of three sequences with per-row
+/// positions and sequences (continuous batching's decode); every other cache row unchanged.
+#[test]
+fn rope_kv_into_sequences_and_batches() {
+    let (heads, kv_heads, d, seqs, cap) = (2, 1, 16, 3, 12);
+    let (qw, kvw) = (heads * d, kv_heads * d);
+    let width = qw + 2 * kvw;
+    let f = inv_freq(d, 10000.0);
+    let mut rng = Rng::new(19);
+    // (rows, per-row (sequence, position)): rows of one run share a sequence.
+    let cases: [(bool, Vec<(usize, u32)>); 2] = [
+        (false, vec![(1, 4), (1, 5)]),
+        (true, vec![(2, 5), (0, 0), (1, 11)]),
+    ];
+    for (batch, rows) in cases {
+        let n = rows.len();
+        let x = rng.vec(n * width, -1.0, 1.0);
+        let (kc0, vc0) = (
+            rng.vec(seqs * cap * kvw, -1.0, 1.0),
+            rng.vec(seqs * cap * kvw, -1.0, 1.0),
+        );
+        let mut t = OpTest::new();
+        let shape = if batch { [n, 1, width] } else { [1, n, width] };
+        let xv = t.input("qkv", &shape, &x);
+        let fv = t.input("f", &[cap, d / 2, 2], &table(&f, cap));
+        let (kcv, kc) = t.state("k_cache", &[seqs, cap, kvw], &kc0);
+        let (vcv, vc) = t.state("v_cache", &[seqs, cap, kvw], &vc0);
+        let mut scalars = vec![];
+        let (pos, seq) = if batch {
+            let (s0, p0) = (
+                t.g.scalars("seq", n).unwrap(),
+                t.g.scalars("pos", n).unwrap(),
+            );
+            for (r, &(sq, ps)) in rows.iter().enumerate() {
+                scalars.push((kiln::Scalar(s0.0 + r as u32), sq as u32));
+                scalars.push((kiln::Scalar(p0.0 + r as u32), ps));
+            }
+            (kiln::Dyn::rows(p0), kiln::Dyn::rows(s0))
+        } else {
+            let p = t.g.scalar("pos").unwrap();
+            scalars.push((p, rows[0].1));
+            (kiln::Dyn::slot(p), kiln::Dyn::Static(rows[0].0 as u32))
+        };
+        let q =
+            t.g.rope_kv_seq(xv, fv, kcv, vcv, (heads, kv_heads), false, pos, seq)
+                .unwrap();
+        let gpu = t.gpu.clone();
+        let got_q = t.run(q, &scalars);
+        let (mut q_want, mut kc_want, mut vc_want) = (vec![], kc0.clone(), vc0.clone());
+        for (r, &(sq, ps)) in rows.iter().enumerate() {
+            let row = &x[r * width..(r + 1) * width];
+            q_want.extend(r::rope(&row[..qw], 1, heads, d, &f, false, ps));
+            let k = r::rope(&row[qw..qw + kvw], 1, kv_heads, d, &f, false, ps);
+            let at = (sq * cap + ps as usize) * kvw;
+            kc_want[at..at + kvw].copy_from_slice(&k);
+            vc_want[at..at + kvw].copy_from_slice(&row[qw + kvw..]);
+        }
+        let read = |t: &std::sync::Arc<kiln::Tensor>| -> Vec<f32> {
+            let bytes = (seqs * cap * kvw * 4) as u64;
+            let b = pollster::block_on(gpu.read_buffer(t.buffer().unwrap(), 0, bytes)).unwrap();
+            bytemuck::pod_collect_to_vec(&b)
+        };
+        let what = format!("rope_kv into sequences {rows:?} (batch {batch})");
+        assert_close(&format!("{what}: q"), &got_q, &q_want, 1e-6, 0.0);
+        assert_close(&format!("{what}: k cache"), &read(&kc), &kc_want, 1e-6, 0.0);
+        assert_close(&format!("{what}: v cache"), &read(&vc), &vc_want, 0.0, 0.0);
+    }
+}
+
+/// A gather with per-row offsets: row i reads the id at its own index (one token of each of
+/// several sequences in a shared history).
+#[test]
+fn gather_with_per_row_offsets() {
+    let (vocab, dim) = (10, 8);
+    let mut rng = Rng::new(23);
+    let table_data = rng.vec(vocab * dim, -1.0, 1.0);
+    let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8];
+    let at = [7u32, 0, 11];
+    let mut t = OpTest::new();
+    let tv = t.input("table", &[vocab, dim], &table_data);
+    let iv = t.input_u32("ids", &[ids.len()], &ids);
+    let first = t.g.scalars("tok", at.len()).unwrap();
+    let y =
+        t.g.gather_at(tv, iv, kiln::Dyn::rows(first), at.len())
+            .unwrap();
+    let scalars: Vec<_> = (0..at.len())
+        .map(|r| (kiln::Scalar(first.0 + r as u32), at[r]))
+        .collect();
+    let want: Vec<f32> = at
+        .iter()
+        .flat_map(|&i| {
+            let id = ids[i as usize] as usize;
+            table_data[id * dim..(id + 1) * dim].to_vec()
+        })
+        .collect();
+    assert_close("gather per row", &t.run(y, &scalars), &want, 0.0, 0.0);
+}
+
 #[test]
 fn upsample_and_concat() {
     let mut rng = Rng::new(5);

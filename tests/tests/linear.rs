@@ -52,7 +52,8 @@ fn matvec_every_dtype() {
 
 /// The software adapters' 16-byte-load matvec (ROWS_V4) for the dtypes and row lengths it
 /// serves (k a multiple of 8 for plain types; Q8_0/Q4_0/Q4_1 rows padded to 16 bytes, with a
-/// partial last group of blocks), m = 1 and 2, and the same rows through the GEMM (m = 37: 8
+/// partial last group of blocks), m = 1 and 2, a batch of decoding sequences (m = 3, 5, 8: the
+/// COLS variant, the last column group partial), and the same rows through the GEMM (m = 37: 8
 /// activation rows per workgroup of the software GEMM, the last group partial); every adapter
 /// variant runs the same shapes.
 #[test]
@@ -82,7 +83,7 @@ fn matvec_wide_loads() {
         .enumerate()
         {
             assert!(rows_v4(dt, k), "{dt} k={k}");
-            for m in [1, 2, 37] {
+            for m in [1, 2, 3, 5, 8, 37] {
                 let mut t = OpTest::on(gpu.clone());
                 let mut rng = Rng::new(500 + i as u64 * 7 + m as u64);
                 let n = 131;
@@ -111,6 +112,54 @@ fn matvec_wide_loads() {
 }
 
 /// Both GEMM variants (workgroup tiles, and DIRECT for software adapters) on every dtype.
+/// On software adapters a batch of activation rows (continuous batching's decode, COLS) gives
+/// each row the same bits as a product of that row alone, with a bias and a residual: a slot's
+/// tokens do not depend on which others decode beside it.
+#[test]
+fn matvec_batch_rows_equal_single_rows() {
+    let [_, _, sw, sw_plain] = kiln_tests::gpu_variants();
+    for gpu in [sw, sw_plain] {
+        for (i, (dt, k)) in [
+            (DType::F32, 208),
+            (DType::F16, 208),
+            (DType::BF16, 576),
+            (DType::Q4_0, 576),
+            (DType::Q6_K, 256),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (n, m) = (131, 6);
+            let mut rng = Rng::new(900 + i as u64);
+            let wb = random_weight_bytes(&mut rng, dt, n, k);
+            let x = rng.vec(m * k, -1.0, 1.0);
+            let (b, res) = (rng.vec(n, -0.5, 0.5), rng.vec(m * n, -1.0, 1.0));
+            let run = |rows: std::ops::Range<usize>| {
+                let mut t = OpTest::on(gpu.clone());
+                let r = rows.len();
+                let xv = t.input("x", &[r, k], &x[rows.start * k..rows.end * k]);
+                let wv = t.weight("w", &[n, k], dt, &wb);
+                let bv = t.input("b", &[n], &b);
+                let rv = t.input("res", &[r, n], &res[rows.start * n..rows.end * n]);
+                let y = t.g.linear_add(xv, wv, Some(bv), rv).unwrap();
+                t.run(y, &[])
+            };
+            let batch = run(0..m);
+            for row in 0..m {
+                let one = run(row..row + 1);
+                let same = one
+                    .iter()
+                    .zip(&batch[row * n..(row + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{dt} k={k}: row {row} of a batch of {m} differs from its own product"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn gemm_every_dtype() {
     for gpu in kiln_tests::gpu_variants() {

@@ -1035,3 +1035,155 @@ fn pipelined_decode_matches_serial() {
         assert!(ends.contains(&why), "no case ended by {why:?}: {ends:?}");
     }
 }
+
+/// Parallel slots decoding together (continuous batching, `TextModel::into_slots`): four
+/// greedy requests of different prompts and lengths at once, one of them starting while the
+/// others decode, give the ids of four serial runs (log-probabilities within 1e-4) and the
+/// transformers reference on the fixture's prompt; the batch ran several tokens per run. On
+/// an HF folder (stacked Q/K/V) and a llama-quantize Q4_K_M file (Q/K/V of two block types, so
+/// apart), every kernel variant (f32 math: the parity contract).
+#[test]
+fn parallel_slots_decode_together_like_serial_runs() {
+    let [_, plain, sw, _] = kiln_tests::gpu_variants();
+    let hw = kiln_tests::gpu_kernels_f32_math();
+    let e = expected("llama-gqa-f32");
+    let prompt = ids(&e["prompt_ids"]);
+    let file_cases = [
+        (
+            "llama-gqa-f32 hf",
+            files("llama-gqa-f32", "hf"),
+            Some(&e["runs"][0]),
+        ),
+        (
+            "llama-q-256 Q4_K_M",
+            files("llama-q-256", "model-q4_k_m.gguf"),
+            None,
+        ),
+    ];
+    for (name, files, reference) in file_cases {
+        for gpu in [&sw, &hw, &plain] {
+            let what = format!("{name} (software kernels {})", gpu.features.software);
+            // f32 caches: the parity contract (an f16 cache's rounding would amplify the
+            // batch's different summation order).
+            let opts = LoadOptions {
+                ctx: 96,
+                kv_cache: KvCacheType::F32,
+                ..Default::default()
+            };
+            let load = || {
+                pollster::block_on(TextModel::load(gpu, files.clone(), &opts, &mut |_, _| {}))
+                    .unwrap()
+            };
+            let vocab = load().config.vocab as u32;
+            // Four prompts (the fixture's, a prefix, two others) and lengths: the short ones
+            // leave the batch early.
+            let prompts: Vec<Vec<u32>> = vec![
+                prompt.clone(),
+                prompt[..4].to_vec(),
+                (0..23).map(|i| (i * 37 + 5) % vocab).collect(),
+                vec![7, 3],
+            ];
+            let lengths = [32, 12, 24, 20];
+            let opts_for = |n: usize| GenerateOptions {
+                // Every run to its length: no end-of-text.
+                logit_bias: load_eos(gpu, &files)
+                    .into_iter()
+                    .map(|t| (t, -100.0))
+                    .collect(),
+                ..greedy(n)
+            };
+            let mut serial_model = load();
+            let serial: Vec<_> = prompts
+                .iter()
+                .zip(lengths)
+                .map(|(p, n)| {
+                    serial_model.reset_cache();
+                    pollster::block_on(serial_model.generate(p, &opts_for(n), &mut |_| true))
+                        .unwrap()
+                })
+                .collect();
+            let mut slots = pollster::block_on(load().into_slots(4)).unwrap();
+            let apart = matches!(
+                slots[0].weights.layers[0].qkv,
+                kiln::llm::weights::Stacked::Apart(_)
+            );
+            assert_eq!(apart, name.contains("Q4_K_M"), "{what}: Q/K/V layout");
+            let batch = slots[0].batch().expect("slots decode together").clone();
+            // The fourth request starts once the first has streamed six pieces.
+            let started = std::sync::Barrier::new(2);
+            let together: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = slots
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let (p, o, started) = (&prompts[i], opts_for(lengths[i]), &started);
+                        s.spawn(move || {
+                            if i == 3 {
+                                started.wait();
+                            }
+                            let mut pieces = 0;
+                            pollster::block_on(m.generate(p, &o, &mut |_| {
+                                pieces += 1;
+                                if i == 0 && pieces == 6 {
+                                    started.wait();
+                                }
+                                true
+                            }))
+                            .unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            if let Some(run) = reference {
+                let (_, w0) = kiln_tests::check_greedy_run(
+                    &what,
+                    &serial[0].ids,
+                    &serial[0].logprobs,
+                    run,
+                    2e-3,
+                );
+                let (_, w1) = kiln_tests::check_greedy_run(
+                    &what,
+                    &together[0].ids,
+                    &together[0].logprobs,
+                    run,
+                    2e-3,
+                );
+                eprintln!("{what}: vs transformers serial {w0:.2e} batched {w1:.2e}");
+            }
+            // The GPU kernels run a batch's products as a GEMM (the decode matvec with a fused
+            // norm alone): other rounding, well within this.
+            let tol = 1e-4;
+            for (i, (a, b)) in serial.iter().zip(&together).enumerate() {
+                assert_eq!(
+                    a.ids, b.ids,
+                    "{what}: request {i}: batched ids differ from serial"
+                );
+                for (j, (x, y)) in a.logprobs.iter().zip(&b.logprobs).enumerate() {
+                    assert!(
+                        (x - y).abs() <= tol,
+                        "{what}: request {i} token {j}: logprob {y} batched, {x} serial"
+                    );
+                }
+            }
+
+            let (runs, tokens) = batch.stats();
+            eprintln!("{what}: {tokens} tokens in {runs} batch runs");
+            assert!(
+                runs > 0 && tokens as f64 / runs as f64 > 1.5,
+                "{what}: the slots did not decode together ({tokens} tokens in {runs} runs)"
+            );
+        }
+    }
+}
+
+/// The end-of-text ids of a model's files.
+fn load_eos(gpu: &std::sync::Arc<kiln::Gpu>, files: &ModelFiles) -> Vec<u32> {
+    let opts = LoadOptions {
+        ctx: 8,
+        ..Default::default()
+    };
+    let m = pollster::block_on(TextModel::load(gpu, files.clone(), &opts, &mut |_, _| {})).unwrap();
+    m.config.eos.clone()
+}

@@ -171,7 +171,7 @@ impl Graph {
                     },
                     MATVEC_MAX_ROWS,
                 ),
-                Op::RopeKv(r) => (Epilogue::RopeKv(r.clone()), 1),
+                Op::RopeKv(r) if r.fusable() => (Epilogue::RopeKv(r.clone()), 1),
                 _ => continue,
             };
             let v = self.nodes[j].inputs[0];

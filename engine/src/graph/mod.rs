@@ -47,6 +47,9 @@ pub struct AttentionOptions {
     pub window: Option<usize>,
     /// Soft-capping of the scaled scores: `cap * tanh(s / cap)` (Gemma 2).
     pub softcap: Option<f32>,
+    /// The cache sequence batch row 0 reads (row `b` reads `seq + b`), or per row with
+    /// [`Dyn::Rows`] (default: row `b` reads cache row `b`).
+    pub seq: Option<Dyn>,
 }
 
 /// The values one [`Graph::scheduler_step`] reads and writes. `x`, `x0_prev` and `unet_in` are
@@ -160,6 +163,21 @@ impl Graph {
     /// An existing GPU tensor (a weight, a cache).
     pub fn tensor(&mut self, t: &Arc<Tensor>) -> Value {
         self.add_value(&t.name, t.shape.clone(), t.dtype, Source::Tensor(t.clone()))
+    }
+
+    /// `n` per-run scalar slots in a row, `name0` .. (one per batch row of a [`Dyn::Rows`]):
+    /// the first.
+    pub fn scalars(&mut self, name: &str, n: usize) -> Result<Scalar> {
+        let first = self.scalar(&format!("{name}0"))?;
+        for i in 1..n {
+            let s = self.scalar(&format!("{name}{i}"))?;
+            if s.0 != first.0 + i as u32 {
+                return Err(Error::Unsupported(format!(
+                    "run scalars '{name}0..{n}' are not consecutive"
+                )));
+            }
+        }
+        Ok(first)
     }
 
     /// A per-run scalar slot.
@@ -303,6 +321,7 @@ impl Graph {
                 kv_len,
                 window: opts.window.unwrap_or(0),
                 softcap: opts.softcap.unwrap_or(0.0),
+                seq: opts.seq,
             },
             vec![q, k, v],
         )
@@ -392,12 +411,41 @@ impl Graph {
         interleaved: bool,
         pos: Dyn,
     ) -> Result<Value> {
+        let heads = (heads, kv_heads);
+        self.rope_kv_seq(
+            qkv,
+            table,
+            k_cache,
+            v_cache,
+            heads,
+            interleaved,
+            pos,
+            Dyn::Static(0),
+        )
+    }
+
+    /// [`Graph::rope_kv`] into sequence `seq` of caches holding several (`[s, cap, kv_heads
+    /// d]`); with per-row `pos` and `seq` ([`Dyn::Rows`]) qkv `[b, 1, ..]` is one token of each
+    /// of `b` sequences.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_seq(
+        &mut self,
+        qkv: Value,
+        table: Value,
+        k_cache: Value,
+        v_cache: Value,
+        (heads, kv_heads): (usize, usize),
+        interleaved: bool,
+        pos: Dyn,
+        seq: Dyn,
+    ) -> Result<Value> {
         self.need_tensors("rope_kv", "cache", &[k_cache, v_cache])?;
         let op = RopeKv {
             heads,
             kv_heads,
             interleaved,
             pos,
+            seq,
         };
         self.push(
             op,
@@ -524,7 +572,8 @@ impl Graph {
     }
 
     /// Embedding rows for `n` ids read from `ids` starting at a run-time offset (e.g. the token
-    /// history at the current position) → `[n, d]`.
+    /// history at the current position) → `[n, d]`; with a per-row offset ([`Dyn::Rows`]) row
+    /// `i` reads `ids[offset[i]]` (one token of each of `n` sequences).
     pub fn gather_at(&mut self, table: Value, ids: Value, offset: Dyn, n: usize) -> Result<Value> {
         self.push1(
             Gather {
@@ -588,8 +637,28 @@ impl Graph {
         counter: Dyn,
         seed: Dyn,
     ) -> Result<Value> {
+        self.sample_at(logits, settings, history, None, constraint, counter, seed)
+    }
+
+    /// [`Graph::sample`] for one of several sequences whose ids share `history`: its part is
+    /// `history_at` = (first index, length), and `counter` counts from that index.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_at(
+        &mut self,
+        logits: Value,
+        settings: Value,
+        history: Value,
+        history_at: Option<(Dyn, usize)>,
+        constraint: Value,
+        counter: Dyn,
+        seed: Dyn,
+    ) -> Result<Value> {
         let out = self.push(
-            Sample { counter, seed },
+            Sample {
+                counter,
+                seed,
+                history_at,
+            },
             vec![logits, settings, history, constraint],
             vec![history],
         )?;

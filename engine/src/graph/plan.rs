@@ -474,6 +474,15 @@ impl Plan {
         &self.scalars
     }
 
+    /// The scalars a run uploads: the graph's, in whole blocks of 16 (the rest stay zero).
+    fn used_scalars(&self) -> &[u32] {
+        &self.scalars[..self
+            .scalar_names
+            .len()
+            .next_multiple_of(16)
+            .min(RUN_SCALARS)]
+    }
+
     /// Names of the run scalars, by slot.
     pub fn scalar_names(&self) -> &[String] {
         &self.scalar_names
@@ -555,8 +564,11 @@ impl Plan {
 
     fn encode(&self, enc: &mut wgpu::CommandEncoder) {
         if self.scalars_dirty.replace(false) {
-            self.gpu
-                .write_buffer(&self.scalar_buf, 0, bytemuck::cast_slice(&self.scalars));
+            self.gpu.write_buffer(
+                &self.scalar_buf,
+                0,
+                bytemuck::cast_slice(self.used_scalars()),
+            );
         }
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("kiln"),
@@ -684,7 +696,11 @@ impl Plan {
             return Ok(Vec::new());
         }
         if self.scalars_dirty.replace(false) {
-            gpu.write_buffer(&self.scalar_buf, 0, bytemuck::cast_slice(&self.scalars));
+            gpu.write_buffer(
+                &self.scalar_buf,
+                0,
+                bytemuck::cast_slice(self.used_scalars()),
+            );
         }
         let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),

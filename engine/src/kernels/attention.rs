@@ -122,7 +122,7 @@ super::params!(
     AttentionParams, "attention.wgsl", [] {
         b: u32, lq: u32, lk: u32, heads: u32, kv_heads: u32, g: u32, nblk: u32, splits: u32,
         causal: u32, scale: f32, q_add: u32, q_slot: u32, q_mul: u32, kv_add: u32, kv_slot: u32,
-        kv_mul: u32, total: u32, window: u32, softcap: f32,
+        kv_mul: u32, total: u32, window: u32, softcap: f32, s_add: u32, s_slot: u32, s_mul: u32,
     }
 );
 
@@ -130,6 +130,9 @@ super::params!(
 /// (or a cache with `lk` rows of which `kv_len` are valid). Causal: query `i` sees keys
 /// `j <= q_pos + i`; a sliding `window` (> 0) also hides keys `j <= q_pos + i - window`.
 /// `softcap` (> 0) caps each scaled score `s` to `softcap * tanh(s / softcap)`. Output like q.
+/// The caches may hold more sequences than q has batch rows: batch row `b` reads sequence
+/// `seq + b`, or with a per-row `seq` ([`Dyn::Rows`]) sequence `seq[b]`; per-row `q_pos` and
+/// `kv_len` give each row its own position and length (a batch of decoding sequences).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
     pub heads: usize,
@@ -142,6 +145,8 @@ pub struct Attention {
     pub window: usize,
     /// Score soft-cap (0: none).
     pub softcap: f32,
+    /// The cache sequence of batch row 0 (`None`: row b reads cache row b of as many).
+    pub seq: Option<Dyn>,
 }
 
 impl Kernel for Attention {
@@ -167,10 +172,15 @@ impl Kernel for Attention {
             )));
         }
         let d = q[2] / heads;
-        if k[2] != kv_heads * d || k[0] != q[0] {
+        let batch_fits = match self.seq {
+            None => q[0] == k[0],
+            Some(Dyn::Static(s)) => s as usize + q[0] <= k[0],
+            Some(_) => k[0] >= 1,
+        };
+        if k[2] != kv_heads * d || !batch_fits {
             return Err(err(format!(
-                "k {k:?} does not match {kv_heads} kv heads of dim {d} and batch {}",
-                q[0]
+                "k {k:?} does not match {kv_heads} kv heads of dim {d} and batch {} (sequence {:?})",
+                q[0], self.seq
             )));
         }
         if d > MAX_HEAD_DIM {
@@ -195,6 +205,7 @@ impl Kernel for Attention {
         let total = base * ns;
         let [q_add, q_slot, q_mul] = self.q_pos.words();
         let [kv_add, kv_slot, kv_mul] = self.kv_len.words();
+        let [s_add, s_slot, s_mul] = self.seq.unwrap_or(Dyn::Static(0)).words();
         let params = |total: usize| AttentionParams {
             b: u(b),
             lq: u(lq),
@@ -215,6 +226,9 @@ impl Kernel for Attention {
             total: u(total),
             window: u(self.window),
             softcap: self.softcap,
+            s_add,
+            s_slot,
+            s_mul,
         };
         if ctx.gpu.features.software {
             return self.encode_rows(ctx, ins, out, params);

@@ -13,8 +13,13 @@ use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
 use std::sync::Arc;
 
-/// Inputs with at most this many rows use the matvec kernel; more use the GEMM.
+/// Inputs with at most this many rows use the matvec kernel; more use the GEMM...
 pub const MATVEC_MAX_ROWS: usize = 2;
+
+/// ... except on software adapters, where plain products (no fused norm or epilogue) of up to
+/// this many rows (a batch of decoding sequences) use the matvec's COLS variant, which loads
+/// each weight step once for all rows: the GEMM's tiles would compute 64 rows for a few.
+pub const MATVEC_COLS_MAX_ROWS: usize = 8;
 
 super::params!(
     /// Uniforms of `matvec.wgsl`.
@@ -22,7 +27,7 @@ super::params!(
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
         has_res: u32, glu: u32, gate_row: u32, up_row: u32, eps: f32, heads: u32, kv_heads: u32,
         d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32,
-        pos_mul: u32, cap_rows: u32, partials: u32,
+        pos_mul: u32, cap_rows: u32, partials: u32, cache_row0: u32,
     }
 );
 
@@ -377,7 +382,7 @@ impl Kernel for Linear {
                     Binding::write(out.buf()),
                     Binding::read(o.residual),
                 ];
-                if o.m_total <= MATVEC_MAX_ROWS {
+                if o.m_total <= MATVEC_MAX_ROWS || self.cols_serve(ctx, &o) {
                     self.matvec(ctx, ins, &o, part, bindings)
                 } else {
                     Ok(matmul_part(ctx, &o, part, bindings)?)
@@ -471,6 +476,15 @@ impl Linear {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the matvec's COLS variant takes this product (see [`MATVEC_COLS_MAX_ROWS`]).
+    fn cols_serve(&self, ctx: &Ctx, o: &Operands) -> bool {
+        ctx.gpu.features.software
+            && rows_v4(o.w.dtype, o.k)
+            && o.m_total <= MATVEC_COLS_MAX_ROWS
+            && self.norm.is_none()
+            && self.epilogue.is_none()
     }
 
     /// The matvec of one weight part, with its fused norm and epilogue.
@@ -567,13 +581,15 @@ impl Linear {
                 let d = n_total / (r.heads + 2 * r.kv_heads);
                 let half = table.shape[1];
                 let [pos_add, pos_slot, pos_mul] = r.pos.words();
+                // The fusion pass takes one sequence at a static index (see RopeKv::fusable).
+                let (cap, seq) = r.cache_rows(&kc.shape);
                 // A rotary pair (or a single row past the rotary dims) of each q and k head,
                 // two v rows.
                 p.rows = u((r.heads + r.kv_heads) * (d - half) + (r.kv_heads * d).div_ceil(2));
                 (p.heads, p.kv_heads, p.d, p.half) = (u(r.heads), u(r.kv_heads), u(d), u(half));
                 (p.positions, p.interleaved) = (u(table.shape[0]), r.interleaved as u32);
                 (p.pos_add, p.pos_slot, p.pos_mul) = (pos_add, pos_slot, pos_mul);
-                p.cap_rows = u(kc.numel() / (r.kv_heads * d).max(1));
+                (p.cap_rows, p.cache_row0) = (u(cap), u(seq * cap));
                 bindings[4] = Binding::read(table.buf());
                 bindings.push(Binding::write(kc.buf()));
                 bindings.push(Binding::write(vc.buf()));
@@ -606,33 +622,44 @@ fn matvec_variant(
 ) -> Result<(KernelKey, [u32; 3])> {
     let (dtype, m_total, software) = (o.w.dtype, o.m_total, ctx.gpu.features.software);
     let key = weight_key("matvec.wgsl", dtype)?;
-    Ok(if software && rows_v4(dtype, o.k) {
-        // Eight dots per invocation (eight rows, or four pairs of rows), 16-byte loads.
-        let items = if paired { 4 } else { 8 };
-        let key = key.def("ROWS_V4", "").def("V4_WG", V4_WG);
-        (key, grid(u(rows.div_ceil(V4_WG * items) * m_total)))
-    } else if software && ctx.gpu.features.subgroups {
-        // One row per subgroup, 8 rows per workgroup of 64.
-        (
-            key.def("SUBGROUP_ROWS", ""),
-            grid(u(rows.div_ceil(8) * m_total)),
-        )
-    } else if software {
-        // One invocation per output row, 64 per workgroup.
-        (key.def("ROWS", ""), grid(u((rows * m_total).div_ceil(64))))
-    } else {
-        let (wg, items, one) = matvec_shape(ctx.gpu, paired);
-        let mut key = key
-            .def("MV_WG", format!("{wg}u"))
-            .def("MV_R", format!("{items}u"));
-        if one {
-            key = key.def("ONE_SUBGROUP", "");
-        }
-        if o.k.is_multiple_of(4) {
-            key = key.def("X4", "");
-        }
-        (key, grid(u(rows.div_ceil(items) * m_total)))
-    })
+    Ok(
+        if software && rows_v4(dtype, o.k) && !paired && m_total > 1 {
+            // Eight dots per invocation: 8 / cols rows with cols rows of x each.
+            let cols = m_total.next_power_of_two().min(8);
+            let key = key
+                .def("ROWS_V4", "")
+                .def("V4_WG", V4_WG)
+                .def("COLS", format!("{cols}u"));
+            let per_wg = V4_WG * (8 / cols);
+            (key, grid(u(rows.div_ceil(per_wg) * m_total.div_ceil(cols))))
+        } else if software && rows_v4(dtype, o.k) {
+            // Eight dots per invocation (eight rows, or four pairs of rows), 16-byte loads.
+            let items = if paired { 4 } else { 8 };
+            let key = key.def("ROWS_V4", "").def("V4_WG", V4_WG);
+            (key, grid(u(rows.div_ceil(V4_WG * items) * m_total)))
+        } else if software && ctx.gpu.features.subgroups {
+            // One row per subgroup, 8 rows per workgroup of 64.
+            (
+                key.def("SUBGROUP_ROWS", ""),
+                grid(u(rows.div_ceil(8) * m_total)),
+            )
+        } else if software {
+            // One invocation per output row, 64 per workgroup.
+            (key.def("ROWS", ""), grid(u((rows * m_total).div_ceil(64))))
+        } else {
+            let (wg, items, one) = matvec_shape(ctx.gpu, paired);
+            let mut key = key
+                .def("MV_WG", format!("{wg}u"))
+                .def("MV_R", format!("{items}u"));
+            if one {
+                key = key.def("ONE_SUBGROUP", "");
+            }
+            if o.k.is_multiple_of(4) {
+                key = key.def("X4", "");
+            }
+            (key, grid(u(rows.div_ceil(items) * m_total)))
+        },
+    )
 }
 
 /// The tiled GEMM of one weight part (more rows than the matvec takes).

@@ -24,18 +24,25 @@ use crate::error::{shape_err, Error, Result};
 use std::sync::Arc;
 
 /// Number of per-run scalar slots (`RunScalars` in `common.wgsl`).
-pub const RUN_SCALARS: usize = 16;
+pub const RUN_SCALARS: usize = 64;
 
 /// A per-run scalar slot (a position, a step index, a seed), set before each `Plan::run`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Scalar(pub u32);
 
-/// A per-run integer: fixed at compile time, or `add + mul * scalar` read at run time.
+/// A per-run integer: fixed at compile time, or `add + mul * scalar` read at run time, or
+/// (`Rows`, for a batch of sequences in one run) `add + mul * scalar[first + r]` for batch row
+/// `r`: one scalar per row, in consecutive slots ([`crate::Graph::scalars`]). Only the kernels
+/// that index rows by sequence read `Rows` (attention, rope_kv, gather); the others refuse it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Dyn {
     Static(u32),
     Slot { slot: Scalar, mul: u32, add: u32 },
+    Rows { first: Scalar, mul: u32, add: u32 },
 }
+
+/// The slot word's flag of a per-row [`Dyn`] (`ROWS` in `common.wgsl`).
+pub const ROWS_FLAG: u32 = 0x8000_0000;
 
 impl Dyn {
     /// The value of scalar slot `s`.
@@ -50,6 +57,14 @@ impl Dyn {
     pub fn affine(s: Scalar, mul: u32, add: u32) -> Self {
         Dyn::Slot { slot: s, mul, add }
     }
+    /// Row `r`'s value is scalar `first + r`.
+    pub fn rows(first: Scalar) -> Self {
+        Dyn::Rows {
+            first,
+            mul: 1,
+            add: 0,
+        }
+    }
     /// `self * k` (a row offset turned into an element offset).
     pub fn times(self, k: u32) -> Self {
         match self {
@@ -59,22 +74,66 @@ impl Dyn {
                 mul: mul * k,
                 add: add * k,
             },
+            Dyn::Rows { first, mul, add } => Dyn::Rows {
+                first,
+                mul: mul * k,
+                add: add * k,
+            },
         }
     }
-    /// The (add, slot, mul) words a shader's `dyn_val` reads; slot `0xffffffff` = static.
+    /// `self + k`.
+    pub fn plus(self, k: u32) -> Self {
+        match self {
+            Dyn::Static(v) => Dyn::Static(v + k),
+            Dyn::Slot { slot, mul, add } => Dyn::Slot {
+                slot,
+                mul,
+                add: add + k,
+            },
+            Dyn::Rows { first, mul, add } => Dyn::Rows {
+                first,
+                mul,
+                add: add + k,
+            },
+        }
+    }
+    /// Whether each batch row reads its own scalar.
+    pub fn per_row(self) -> bool {
+        matches!(self, Dyn::Rows { .. })
+    }
+    /// The (add, slot, mul) words a shader's `dyn_val` / `dyn_row` reads; slot `0xffffffff` =
+    /// static, slot with [`ROWS_FLAG`] = per row.
     pub fn words(self) -> [u32; 3] {
         match self {
             Dyn::Static(v) => [v, u32::MAX, 0],
             Dyn::Slot { slot, mul, add } => [add, slot.0, mul],
+            Dyn::Rows { first, mul, add } => [add, first.0 | ROWS_FLAG, mul],
         }
     }
-    /// The value given the run scalars (used by the CPU side and tests).
-    pub fn eval(self, scalars: &[u32]) -> u32 {
+    /// The value for batch row `row` given the run scalars (used by the CPU side and tests).
+    pub fn eval_row(self, scalars: &[u32], row: usize) -> u32 {
         match self {
             Dyn::Static(v) => v,
             Dyn::Slot { slot, mul, add } => add + mul * scalars[slot.0 as usize],
+            Dyn::Rows { first, mul, add } => add + mul * scalars[first.0 as usize + row],
         }
     }
+    /// The value given the run scalars (row 0 of a per-row value).
+    pub fn eval(self, scalars: &[u32]) -> u32 {
+        self.eval_row(scalars, 0)
+    }
+}
+
+/// An error unless `d` is the same for every row: kernels that read `dyn_val` take no
+/// per-row values.
+pub fn need_uniform_dyn(op: &str, what: &str, d: Dyn) -> Result<()> {
+    if d.per_row() {
+        return Err(shape_err(
+            op,
+            format!("{what} cannot differ per batch row here"),
+        ));
+    }
+    Ok(())
 }
 
 /// A uniform parameter block: a `#[repr(C)]` plain-old-data struct whose layout is the WGSL

@@ -85,6 +85,7 @@ impl Kernel for Rope {
         let x = &ins[0];
         let width = *x.shape.last().unwrap_or(&1);
         let seq = x.shape[x.shape.len() - 2];
+        super::need_uniform_dyn(self.name(), "the position", self.pos)?;
         let [pos_add, pos_slot, pos_mul] = self.pos.words();
         let p = RopeParams {
             n: u(x.numel()),
@@ -115,7 +116,8 @@ super::params!(
     /// Uniforms of `rope.wgsl`'s KV variant.
     RopeKvParams, "rope.wgsl", ["KV"] {
         n: u32, heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
-        pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32,
+        pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32, seq_len: u32, s_add: u32,
+        s_slot: u32, s_mul: u32,
     }
 );
 
@@ -124,17 +126,40 @@ super::params!(
 /// k and plain v into the KV caches at row `pos + row`, in one dispatch (instead of two
 /// rotations and two copies). Inputs: qkv `[1, t, (heads + 2 kv_heads) d]` (or `[t, ..]`), the
 /// `[positions, half, 2]` table, then the caches `[1, cap, kv_heads d]`, written in place.
+///
+/// The caches may hold several sequences (`[s, cap, kv_heads d]`): the tokens go to sequence
+/// `seq`. A batch of decoding sequences passes qkv `[b, 1, ..]` with per-row `pos` and `seq`
+/// ([`Dyn::Rows`]): row `r` is the token at `pos[r]` of sequence `seq[r]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeKv {
     pub heads: usize,
     pub kv_heads: usize,
     pub interleaved: bool,
     pub pos: Dyn,
+    /// The cache sequence (`Static(0)` for a one-sequence cache).
+    pub seq: Dyn,
 }
 
 impl RopeKv {
     fn head_dim(&self, width: usize) -> usize {
         width / (self.heads + 2 * self.kv_heads).max(1)
+    }
+
+    /// Rows per sequence of a cache of `shape` (`[.., cap, width]`) and the sequence written
+    /// when it is the same for every token (0 otherwise).
+    pub fn cache_rows(&self, shape: &[usize]) -> (usize, usize) {
+        let cap = shape.len().checked_sub(2).map_or(1, |i| shape[i]);
+        let seq = match self.seq {
+            Dyn::Static(s) => s as usize,
+            _ => 0,
+        };
+        (cap, seq)
+    }
+
+    /// Whether one matvec's epilogue can do this step (one token, one sequence known when the
+    /// graph is built: see `graph::fuse`).
+    pub fn fusable(&self) -> bool {
+        matches!(self.seq, Dyn::Static(_)) && !self.pos.per_row()
     }
 }
 
@@ -159,12 +184,13 @@ impl Kernel for RopeKv {
         let (x, t, kc, vc) = (ins[0].0, ins[1].0, ins[2].0, ins[3].0);
         let width = *x.last().unwrap_or(&0);
         let d = self.head_dim(width);
-        let batch_one = x.len() == 2 || (x.len() == 3 && x[0] == 1);
+        // Several batch rows only with a sequence per row (each its own position).
+        let batch_ok = x.len() == 2 || (x.len() == 3 && (x[0] == 1 || self.seq.per_row()));
         if self.heads == 0
             || self.kv_heads == 0
             || d == 0
             || width != (self.heads + 2 * self.kv_heads) * d
-            || !batch_one
+            || !batch_ok
         {
             return Err(err(format!(
                 "input {x:?} needs [1, t, (heads + 2 kv_heads) * d] with {} heads and {} kv heads",
@@ -173,10 +199,18 @@ impl Kernel for RopeKv {
         }
         check_table(self.name(), t, d)?;
         let kvw = self.kv_heads * d;
-        if kc != vc || kc.last() != Some(&kvw) {
+        if kc != vc || kc.last() != Some(&kvw) || kc.len() < 2 {
             return Err(err(format!(
                 "caches {kc:?} and {vc:?} need [.., cap, {kvw}]"
             )));
+        }
+        let seqs = kc[..kc.len() - 2].iter().product::<usize>();
+        if let Dyn::Static(s) = self.seq {
+            if s as usize >= seqs {
+                return Err(err(format!(
+                    "sequence {s} is past the caches' {seqs} ({kc:?})"
+                )));
+            }
         }
         let rows = x.len() - 2;
         let mut out = x[..rows + 1].to_vec();
@@ -189,6 +223,8 @@ impl Kernel for RopeKv {
         let x = &ins[0];
         let d = self.head_dim(*x.shape.last().unwrap_or(&1));
         let [pos_add, pos_slot, pos_mul] = self.pos.words();
+        let [s_add, s_slot, s_mul] = self.seq.words();
+        let seq_len = x.shape[x.shape.len() - 2];
         let p = RopeKvParams {
             n: u(x.numel()),
             heads: u(self.heads),
@@ -200,7 +236,11 @@ impl Kernel for RopeKv {
             pos_add,
             pos_slot,
             pos_mul,
-            cap_rows: u(ins[2].numel() / (self.kv_heads * d).max(1)),
+            cap_rows: u(self.cache_rows(&ins[2].shape).0),
+            seq_len: u(seq_len),
+            s_add,
+            s_slot,
+            s_mul,
         };
         Ok(vec![dispatch(
             super::attention::kv_def(

@@ -219,7 +219,7 @@ super::params!(
     /// Uniforms of `sample.wgsl`.
     SampleParams, "sample.wgsl", [] {
         v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
-        groups: u32, chunk: u32, round: u32,
+        groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32,
     }
 );
 
@@ -254,11 +254,15 @@ super::params!(
 /// [`SamplerSettings`]). `history` (u32 `[cap]`) holds previous ids for the repetition penalty;
 /// the drawn id is appended at index `counter` (which also selects the RNG stream). Output: u32
 /// `[SAMPLE_OUT_LEN]` = (token id, f32 bits of its log-probability under the unmodified logits),
-/// then the `top_logprobs` most likely (id, log-probability bits) pairs.
+/// then the `top_logprobs` most likely (id, log-probability bits) pairs. A history buffer
+/// holding several sequences' ids gives this one's as `history_at` (its first index, and its
+/// length `cap`): the counter and the window are relative to it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub counter: Dyn,
     pub seed: Dyn,
+    /// This sequence's part of the history: (first index, length); `None`: all of it.
+    pub history_at: Option<(Dyn, usize)>,
 }
 
 impl Kernel for Sample {
@@ -304,11 +308,17 @@ impl Kernel for Sample {
         let words = 2 * v + groups * (PART_WORDS + TOPS_WORDS) + STATE_WORDS;
         let work = ctx.scratch("sample-work", 4 * words as u64)?;
         let hist = ctx.scratch("sample-hist", 4 * HIST_WORDS as u64)?;
+        for (what, d) in [("the counter", self.counter), ("the seed", self.seed)] {
+            super::need_uniform_dyn(self.name(), what, d)?;
+        }
         let [c_add, c_slot, c_mul] = self.counter.words();
         let [s_add, s_slot, s_mul] = self.seed.words();
+        let (base, cap) = self.history_at.unwrap_or((Dyn::Static(0), ins[2].numel()));
+        super::need_uniform_dyn(self.name(), "the history's start", base)?;
+        let [h_add, h_slot, h_mul] = base.words();
         let params = |round: usize| SampleParams {
             v: u(v),
-            cap: u(ins[2].numel()),
+            cap: u(cap),
             c_add,
             c_slot,
             c_mul,
@@ -318,6 +328,9 @@ impl Kernel for Sample {
             groups: u(groups),
             chunk: u(chunk),
             round: u(round),
+            h_add,
+            h_slot,
+            h_mul,
         };
         let pass = |entry: &'static str, round: usize, wgs: usize| {
             dispatch(

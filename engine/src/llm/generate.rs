@@ -3,6 +3,7 @@
 //! readback (the id and its log-probability), and the next token's run is submitted before
 //! that readback (the decode loop is pipelined).
 
+use super::batch::{Batch, Post};
 use super::config::LlmConfig;
 use super::constrain::{Constraint, Grammar, Grammars};
 use super::model::{build_step, KvCache, Step};
@@ -136,6 +137,11 @@ pub struct TextModel {
     cached: Vec<u32>,
     /// The tokens as the grammar engine sees them, built on the first constrained request.
     grammars: Option<Grammars>,
+    /// The parallel slots this one decodes together with ([`TextModel::into_slots`]).
+    batch: Option<Arc<Batch>>,
+    /// This request's constraint words (mask, biases) while it has any: what a batched decode
+    /// row is given.
+    constraint_words: Option<Vec<u32>>,
 }
 
 /// One draw of the sampler, from its read-back words.
@@ -289,6 +295,8 @@ impl TextModel {
             keep_logits: opts.keep_logits,
             cached: Vec::new(),
             grammars: None,
+            batch: None,
+            constraint_words: None,
         })
     }
 
@@ -313,7 +321,62 @@ impl TextModel {
             keep_logits: self.keep_logits,
             cached: Vec::new(),
             grammars: None,
+            batch: None,
+            constraint_words: None,
         })
+    }
+
+    /// `n` parallel slots on this model's weights (this model's own cache is dropped): slots
+    /// that generate at the same time decode together, one run for a token of each
+    /// ([`super::batch`]), sharing one set of KV caches with a sequence each. Where the shared
+    /// caches would be more than the adapter binds at once, the slots are [`TextModel::fork`]s
+    /// that decode apart.
+    pub async fn into_slots(self, n: usize) -> Result<Vec<TextModel>> {
+        if n <= 1 {
+            return Ok(vec![self]);
+        }
+        let (gpu, cfg, ctx) = (&self.gpu, &self.config, self.kv.ctx);
+        let kvs = match KvCache::shared(gpu, cfg, &self.weights.ropes, ctx, self.kv_f16, n) {
+            Ok(k) => k,
+            Err(Error::TooLarge { .. }) => {
+                let mut slots = Vec::with_capacity(n);
+                for _ in 1..n {
+                    slots.push(self.fork().await?);
+                }
+                slots.insert(0, self);
+                return Ok(slots);
+            }
+            Err(e) => return Err(e),
+        };
+        let batch = Arc::new(Batch::new(gpu, cfg, &self.weights, &kvs).await?);
+        let chunk = self.prefill.tokens;
+        let mut slots = Vec::with_capacity(n);
+        for kv in kvs {
+            let prefill = build_step(gpu, cfg, &self.weights, &kv, chunk, self.keep_logits).await?;
+            let decode = build_step(gpu, cfg, &self.weights, &kv, 1, self.keep_logits).await?;
+            decode.plan.prepare_pipelined();
+            slots.push(TextModel {
+                gpu: gpu.clone(),
+                config: cfg.clone(),
+                tokenizer: self.tokenizer.clone(),
+                weights: self.weights.clone(),
+                kv,
+                prefill,
+                decode,
+                kv_f16: self.kv_f16,
+                keep_logits: self.keep_logits,
+                cached: Vec::new(),
+                grammars: None,
+                batch: Some(batch.clone()),
+                constraint_words: None,
+            });
+        }
+        Ok(slots)
+    }
+
+    /// The batch this slot decodes in ([`TextModel::into_slots`]).
+    pub fn batch(&self) -> Option<&Arc<Batch>> {
+        self.batch.as_ref()
     }
 
     /// Forgets which tokens the KV cache holds, so the next generation prefills its whole
@@ -382,9 +445,12 @@ impl TextModel {
             timings: Timings::default(),
         };
         let t1 = now_ms();
+        // Decoding together with the other slots while this loop runs.
+        let member = self.batch.as_ref().map(|b| b.member(self.kv.seq));
         let r = self
             .decode_loop(&mut g, first, opts, &mut constraint, on_piece)
             .await;
+        drop(member);
         if r.is_err() {
             self.cached.clear();
         }
@@ -405,6 +471,7 @@ impl TextModel {
         opts: &GenerateOptions,
     ) -> Result<(GenerateOptions, Option<Constraint>)> {
         let mut opts = opts.clone();
+        self.constraint_words = None;
         if opts.grammar.is_none() && opts.logit_bias.is_empty() {
             return Ok((opts, None));
         }
@@ -431,6 +498,7 @@ impl TextModel {
         for step in [&self.prefill, &self.decode] {
             step.plan.write_u32(step.constraint, &words)?;
         }
+        self.constraint_words = Some(words);
         opts.sampler.mask = constraint.is_some();
         opts.sampler.biases = (bias.len() / 2) as u32;
         opts.pipelined &= constraint.is_none();
@@ -489,8 +557,11 @@ impl TextModel {
     ) -> Result<Draw> {
         let ctx = self.kv.ctx;
         let settings = opts.sampler.to_f32s();
-        self.gpu
-            .write_buffer(self.kv.history.buffer()?, 0, bytemuck::cast_slice(prompt));
+        self.gpu.write_buffer(
+            self.kv.history.buffer()?,
+            self.kv.history_bytes(),
+            bytemuck::cast_slice(prompt),
+        );
         for step in [&mut self.prefill, &mut self.decode] {
             step.plan.write_f32(step.settings, &settings)?;
             step.plan.set(step.seed, opts.seed);
@@ -622,12 +693,36 @@ impl TextModel {
             if let Some(c) = constraint.as_mut() {
                 // The next draw's allowed tokens (constrained runs are serial: none in flight).
                 let d = &self.decode;
-                d.plan.write_words_at(d.constraint, 0, c.mask()?)?;
+                let mask = c.mask()?;
+                d.plan.write_words_at(d.constraint, 0, mask)?;
+                if let Some(w) = self.constraint_words.as_mut() {
+                    w[..mask.len()].copy_from_slice(mask);
+                }
             }
+            // With other slots decoding, this token runs in their batch (once the runs of its
+            // own already in flight are read).
+            let together = self.batch.clone().filter(|b| b.members() > 1);
+            if let (Some(batch), true) = (&together, inflight.is_empty()) {
+                let post = Post {
+                    pos,
+                    seed: opts.seed,
+                    settings: opts.sampler.to_f32s(),
+                    constraint: self.constraint_words.clone(),
+                    readback: opts.readback(),
+                };
+                let t0 = now_ms();
+                let out = batch.step(self.kv.seq, post).await?;
+                cost.wait_ms += now_ms() - t0;
+                cost.runs += 1;
+                self.cached.push(g.ids[n - 1]);
+                tok = Draw::new(&out, opts.sampler.top_logprobs, n)?;
+                continue;
+            }
+            let alone = together.is_none();
             if inflight.is_empty() {
                 inflight.push_back((pos, self.submit_decode(pos, opts, &mut cost)?));
             }
-            if opts.pipelined && inflight.len() < 2 && runnable(pos + 1, n + 1) {
+            if opts.pipelined && alone && inflight.len() < 2 && runnable(pos + 1, n + 1) {
                 inflight.push_back((pos + 1, self.submit_decode(pos + 1, opts, &mut cost)?));
             }
             let Some((at, run)) = inflight.pop_front() else {

@@ -1,9 +1,11 @@
 //! Text generation for the decoder families Kiln reads (Llama, Mistral, Qwen2/3, Gemma 2/3,
 //! Phi-3): `config` (HF and GGUF configs), `weights` (checkpoint names to tensors), `model` (the
-//! decoder graph and KV cache), `generate` (`TextModel`: load, prefill, the decode loop),
+//! decoder graph and KV cache), `generate` (`TextModel`: load, prefill, the decode loop), `batch`
+//! (parallel slots decoding together),
 //! `chat` (the OpenAI-shaped request core), `constrain` (grammars: the tokens allowed next),
 //! `tools` (tool calls: templates, parsing, forced calls) and `options` (the front-end contract).
 
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod constrain;

@@ -14,15 +14,20 @@ use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn, Graph, Plan, Scalar, Value};
 use std::sync::Arc;
 
-/// Per-layer key and value caches `[1, ctx, kv_heads * head_dim]`, the token history
-/// `[ctx + 1]` (prompt ids, then every sampled id at its position) and the rotary cos/sin
-/// tables of those `ctx` positions (one per rotary embedding: global, then Gemma 3's local one).
+/// Per-layer key and value caches `[seqs, ctx, kv_heads * head_dim]`, the token history
+/// `[seqs * (ctx + 1)]` (per sequence: prompt ids, then every sampled id at its position) and
+/// the rotary cos/sin tables of those `ctx` positions (one per rotary embedding: global, then
+/// Gemma 3's local one). The tensors may hold several sequences (parallel slots sharing them, so
+/// that one decode run serves all: [`KvCache::shared`]); this cache is sequence `seq`.
 pub struct KvCache {
     pub k: Vec<Arc<Tensor>>,
     pub v: Vec<Arc<Tensor>>,
     pub history: Arc<Tensor>,
     pub rope: Vec<Arc<Tensor>>,
     pub ctx: usize,
+    /// This cache's sequence in the tensors, and how many they hold.
+    pub seq: usize,
+    pub seqs: usize,
 }
 
 impl KvCache {
@@ -46,26 +51,41 @@ impl KvCache {
         ctx: usize,
         f16: bool,
     ) -> Result<KvCache> {
+        let mut one = Self::shared(gpu, cfg, ropes, ctx, f16, 1)?;
+        Ok(one.remove(0))
+    }
+
+    /// Caches for `seqs` sequences of `ctx` positions in one set of tensors: one [`KvCache`]
+    /// per sequence. An f16 cache needs an even row width (sequences start on whole words).
+    pub fn shared(
+        gpu: &Gpu,
+        cfg: &LlmConfig,
+        ropes: &[(Rotary, Vec<f32>)],
+        ctx: usize,
+        f16: bool,
+        seqs: usize,
+    ) -> Result<Vec<KvCache>> {
         let w = cfg.kv_heads * cfg.head_dim;
         let dtype = if f16 { DType::F16 } else { DType::F32 };
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            k.push(Arc::new(Tensor::zeros(
-                gpu,
-                &format!("k_cache.{i}"),
-                &[1, ctx, w],
-                dtype,
-            )?));
-            v.push(Arc::new(Tensor::zeros(
-                gpu,
-                &format!("v_cache.{i}"),
-                &[1, ctx, w],
-                dtype,
-            )?));
+            for (caches, name) in [(&mut k, "k_cache"), (&mut v, "v_cache")] {
+                caches.push(Arc::new(Tensor::zeros(
+                    gpu,
+                    &format!("{name}.{i}"),
+                    &[seqs, ctx, w],
+                    dtype,
+                )?));
+            }
         }
-        let history = Arc::new(Tensor::zeros(gpu, "history", &[ctx + 1], DType::U32)?);
-        let rope = ropes
+        let history = Arc::new(Tensor::zeros(
+            gpu,
+            "history",
+            &[seqs * (ctx + 1)],
+            DType::U32,
+        )?);
+        let rope: Vec<Arc<Tensor>> = ropes
             .iter()
             .enumerate()
             .map(|(i, (r, inv_freq))| {
@@ -79,13 +99,27 @@ impl KvCache {
                 .map(Arc::new)
             })
             .collect::<Result<_>>()?;
-        Ok(KvCache {
-            k,
-            v,
-            history,
-            rope,
-            ctx,
-        })
+        Ok((0..seqs)
+            .map(|seq| KvCache {
+                k: k.clone(),
+                v: v.clone(),
+                history: history.clone(),
+                rope: rope.clone(),
+                ctx,
+                seq,
+                seqs,
+            })
+            .collect())
+    }
+
+    /// Index of this sequence's first id in the history.
+    pub fn history_start(&self) -> usize {
+        self.seq * (self.ctx + 1)
+    }
+
+    /// Byte offset of this sequence's first id in the history buffer.
+    pub fn history_bytes(&self) -> u64 {
+        4 * self.history_start() as u64
     }
 }
 
@@ -132,23 +166,18 @@ pub async fn build_step(
         g.scalar("seed")?,
     );
     let history = g.tensor(&kv.history);
-    let x = decoder(&mut g, cfg, w, kv, tokens, pos)?;
+    let x = decoder(&mut g, cfg, w, kv, Tokens::Run { pos, tokens })?;
     // Only the last valid token needs logits.
     let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
-    let norm = g.tensor(&w.norm);
-    let xl = g.rms_norm(xl, norm, cfg.rms_eps)?;
-    let head = g.tensor(&w.lm_head);
-    let mut logits = g.linear(xl, head, None)?; // [1, vocab]
-    if let Some(cap) = cfg.final_softcap {
-        logits = g.unary(logits, UnaryOp::Softcap { cap })?;
-    }
+    let logits = head(&mut g, cfg, w, xl)?; // [1, vocab]
     let logits = g.reshape(logits, &[cfg.vocab])?;
     let settings = g.input("sampler", &[SETTINGS_LEN], DType::F32)?;
     let constraint = g.input("constraint", &[constraint_words(cfg.vocab)], DType::U32)?;
-    let out = g.sample(
+    let out = g.sample_at(
         logits,
         settings,
         history,
+        Some((Dyn::Static(kv.history_start() as u32), kv.ctx + 1)),
         constraint,
         Dyn::slot(next),
         Dyn::slot(seed),
@@ -172,22 +201,147 @@ pub async fn build_step(
     })
 }
 
-/// The decoder over `tokens` tokens read from the cache's token history at run-time position
-/// `pos`: the embedding rows and every layer (keys and values written into the caches) →
-/// hidden states `[1, tokens, h]` before the final norm.
+/// The final norm, the head and Gemma 2's soft-cap on hidden rows `[r, h]` → logits `[r, vocab]`.
+fn head(g: &mut Graph, cfg: &LlmConfig, w: &LlmWeights, x: Value) -> Result<Value> {
+    let norm = g.tensor(&w.norm);
+    let x = g.rms_norm(x, norm, cfg.rms_eps)?;
+    let head = g.tensor(&w.lm_head);
+    let mut logits = g.linear(x, head, None)?;
+    if let Some(cap) = cfg.final_softcap {
+        logits = g.unary(logits, UnaryOp::Softcap { cap })?;
+    }
+    Ok(logits)
+}
+
+/// A compiled decode step of several sequences at once (continuous batching of parallel slots
+/// that share one [`KvCache::shared`] set): one token of each of `rows` sequences per run, one
+/// product per weight matrix for all of them. Per row `r` the run scalars give its sequence,
+/// position, history index and seed; the row samples into its sequence's history with its own
+/// sampler settings and constraint.
+pub struct BatchStep {
+    pub plan: Plan,
+    pub rows: usize,
+    /// First of `rows` consecutive scalars each: the cache sequence, the position of the token
+    /// fed, its index in the shared history (`seq * (ctx + 1) + pos`), the sampler seed.
+    pub seq: Scalar,
+    pub pos: Scalar,
+    pub tok: Scalar,
+    pub seed: Scalar,
+    /// Per row: sampler settings, constraint, output (as [`Step`]'s).
+    pub settings: Vec<Value>,
+    pub constraint: Vec<Value>,
+    pub out: Vec<Value>,
+}
+
+/// Builds and compiles [`BatchStep`] for `rows` sequences of the caches `kv` belongs to.
+pub async fn build_batch(
+    gpu: &Arc<Gpu>,
+    cfg: &LlmConfig,
+    w: &LlmWeights,
+    kv: &KvCache,
+    rows: usize,
+) -> Result<BatchStep> {
+    let mut g = Graph::new();
+    let seq = g.scalars("seq", rows)?;
+    let pos = g.scalars("pos", rows)?;
+    let tok = g.scalars("tok", rows)?;
+    let seed = g.scalars("seed", rows)?;
+    let history = g.tensor(&kv.history);
+    let x = decoder(
+        &mut g,
+        cfg,
+        w,
+        kv,
+        Tokens::Batch {
+            rows,
+            seq,
+            pos,
+            tok,
+        },
+    )?;
+    let x = g.reshape(x, &[rows, cfg.hidden])?;
+    let logits = head(&mut g, cfg, w, x)?; // [rows, vocab]
+    let hist_len = (kv.ctx + 1) as u32;
+    let (mut settings, mut constraint, mut out) = (vec![], vec![], vec![]);
+    for r in 0..rows as u32 {
+        let l = g.slice_rows(logits, Dyn::Static(r), 1)?;
+        let l = g.reshape(l, &[cfg.vocab])?;
+        let s = g.input(&format!("sampler{r}"), &[SETTINGS_LEN], DType::F32)?;
+        let c = g.input(
+            &format!("constraint{r}"),
+            &[constraint_words(cfg.vocab)],
+            DType::U32,
+        )?;
+        let (row_seq, row_pos) = (Scalar(seq.0 + r), Scalar(pos.0 + r));
+        let o = g.sample_at(
+            l,
+            s,
+            history,
+            Some((Dyn::affine(row_seq, hist_len, 0), kv.ctx + 1)),
+            c,
+            Dyn::affine(row_pos, 1, 1),
+            Dyn::slot(Scalar(seed.0 + r)),
+        )?;
+        g.output(o);
+        settings.push(s);
+        constraint.push(c);
+        out.push(o);
+    }
+    let plan = g.compile(gpu, CompileOptions::default()).await?;
+    Ok(BatchStep {
+        plan,
+        rows,
+        seq,
+        pos,
+        tok,
+        seed,
+        settings,
+        constraint,
+        out,
+    })
+}
+
+/// The tokens a decoder graph runs: `tokens` of one sequence (the cache's) from run-time
+/// position `pos`, or one token of each of `rows` sequences (per-row scalars, see
+/// [`BatchStep`]).
+#[derive(Clone, Copy)]
+enum Tokens {
+    Run {
+        pos: Scalar,
+        tokens: usize,
+    },
+    Batch {
+        rows: usize,
+        seq: Scalar,
+        pos: Scalar,
+        tok: Scalar,
+    },
+}
+
+/// The decoder over the tokens read from the cache's token history: the embedding rows and
+/// every layer (keys and values written into the caches) → hidden states `[1, tokens, h]`
+/// (a batch: `[rows, 1, h]`) before the final norm.
 fn decoder(
     g: &mut Graph,
     cfg: &LlmConfig,
     w: &LlmWeights,
     kv: &KvCache,
-    tokens: usize,
-    pos: Scalar,
+    tokens: Tokens,
 ) -> Result<Value> {
     let history = g.tensor(&kv.history);
     let embed = g.tensor(&w.embed);
     let ropes: Vec<Value> = kv.rope.iter().map(|t| g.tensor(t)).collect();
-    let x = g.gather_at(embed, history, Dyn::slot(pos), tokens)?; // [t, h]
-    let mut x = g.reshape(x, &[1, tokens, cfg.hidden])?;
+    let (x, (b, t)) = match tokens {
+        Tokens::Run { pos, tokens } => {
+            let at = Dyn::slot(pos).plus(kv.history_start() as u32);
+            (g.gather_at(embed, history, at, tokens)?, (1, tokens))
+        }
+        Tokens::Batch { rows, tok, .. } => (
+            g.gather_at(embed, history, Dyn::rows(tok), rows)?,
+            (rows, 1),
+        ),
+    };
+    let mut x = g.reshape(x, &[b, t, cfg.hidden])?;
     if let Some(s) = cfg.embed_scale {
         x = g.scale(x, s, 0.0)?;
     }
@@ -197,8 +351,7 @@ fn decoder(
             rope: ropes[cfg.rope_index(i)],
             k_cache: g.tensor(&kv.k[i]),
             v_cache: g.tensor(&kv.v[i]),
-            pos,
-            tokens,
+            place: Place::new(tokens, kv),
         };
         x = attention_block(g, cfg, lw, &at, x)?;
         x = ffn_block(g, cfg, lw, x)?;
@@ -225,7 +378,7 @@ pub async fn build_hidden(
 ) -> Result<Hidden> {
     let mut g = Graph::new();
     let pos = g.scalar("pos")?;
-    let x = decoder(&mut g, cfg, w, kv, tokens, pos)?;
+    let x = decoder(&mut g, cfg, w, kv, Tokens::Run { pos, tokens })?;
     let norm = g.tensor(&w.norm);
     let x = g.rms_norm(x, norm, cfg.rms_eps)?;
     let out = g.reshape(x, &[tokens, cfg.hidden])?;
@@ -237,17 +390,46 @@ pub async fn build_hidden(
     })
 }
 
-/// Where a layer's block runs: its index, rotary table, KV caches and the step's position.
+/// Where a layer's tokens sit in the caches: the position of each row's first token, the
+/// cache sequence, the keys valid after the step, and for one sequence its run.
+#[derive(Clone, Copy)]
+struct Place {
+    pos: Dyn,
+    seq: Dyn,
+    kv_len: Dyn,
+    /// (position scalar, tokens, sequence) of a one-sequence run.
+    run: Option<(Scalar, usize, usize)>,
+}
+
+impl Place {
+    fn new(tokens: Tokens, kv: &KvCache) -> Place {
+        match tokens {
+            Tokens::Run { pos, tokens } => Place {
+                pos: Dyn::slot(pos),
+                seq: Dyn::Static(kv.seq as u32),
+                kv_len: Dyn::affine(pos, 1, tokens as u32),
+                run: Some((pos, tokens, kv.seq)),
+            },
+            Tokens::Batch { seq, pos, .. } => Place {
+                pos: Dyn::rows(pos),
+                seq: Dyn::rows(seq),
+                kv_len: Dyn::rows(pos).plus(1),
+                run: None,
+            },
+        }
+    }
+}
+
+/// Where a layer's block runs: its index, rotary table, KV caches and the tokens' place.
 struct LayerAt {
     index: usize,
     rope: Value,
     k_cache: Value,
     v_cache: Value,
-    pos: Scalar,
-    tokens: usize,
+    place: Place,
 }
 
-/// `x + o_proj(attention(norm(x)))` (Gemma: `x + norm(o_proj(..))`), `[1, t, h]`; the step's
+/// `x + o_proj(attention(norm(x)))` (Gemma: `x + norm(o_proj(..))`), `[b, t, h]`; the step's
 /// keys and values are written into the caches on the way.
 fn attention_block(
     g: &mut Graph,
@@ -266,23 +448,25 @@ fn attention_block(
         scale: Some(cfg.attn_scale),
         window: cfg.window(at.index),
         softcap: cfg.attn_softcap,
+        seq: Some(at.place.seq),
     };
+    let p = at.place;
     let a = g.attention_with(
         q,
         at.k_cache,
         at.v_cache,
         cfg.heads,
         cfg.kv_heads,
-        Dyn::slot(at.pos),
-        Dyn::affine(at.pos, 1, at.tokens as u32),
+        p.pos,
+        p.kv_len,
         &opts,
     )?;
     let (wo, bo) = (g.tensor(&lw.wo), lw.bo.as_ref().map(|b| g.tensor(b)));
     residual_product(g, cfg, a, wo, bo, lw.post_attn_norm.as_ref(), x)
 }
 
-/// The rotated queries `[1, t, heads d]`, after writing the rotated keys and the values into
-/// the caches at the run-time position.
+/// The rotated queries `[b, t, heads d]`, after writing the rotated keys and the values into
+/// the caches at the tokens' place.
 fn project_qkv(
     g: &mut Graph,
     cfg: &LlmConfig,
@@ -291,32 +475,24 @@ fn project_qkv(
     hn: Value,
 ) -> Result<Value> {
     let d = cfg.head_dim;
-    let (rope, kc, vc, pos) = (at.rope, at.k_cache, at.v_cache, at.pos);
-    match &lw.qkv {
+    let (rope, kc, vc, p) = (at.rope, at.k_cache, at.v_cache, at.place);
+    let heads = (cfg.heads, cfg.kv_heads);
+    let qkv = match &lw.qkv {
         // One product for Q/K/V, then one kernel rotates q and k and writes k and v into the
         // caches at the run-time position.
         Stacked::One { w, bias } => {
             let (w, b) = (g.tensor(w), bias.as_ref().map(|b| g.tensor(b)));
-            let mut qkv = g.linear(hn, w, b)?; // [1, t, (heads + 2 kv_heads) d]
+            let mut qkv = g.linear(hn, w, b)?; // [b, t, (heads + 2 kv_heads) d]
             if let Some(QkNorms::Stacked(n)) = &lw.qk_norm {
                 let n = g.tensor(n);
                 let n = g.reshape(n, &[2, d])?;
                 qkv = g.qk_norm(qkv, n, cfg.heads, cfg.kv_heads, cfg.rms_eps)?;
             }
-            g.rope_kv(
-                qkv,
-                rope,
-                kc,
-                vc,
-                cfg.heads,
-                cfg.kv_heads,
-                cfg.rope_interleaved,
-                Dyn::slot(pos),
-            )
+            qkv
         }
-        Stacked::Apart(p) => {
+        Stacked::Apart(ps) => {
             let mut out = Vec::with_capacity(3);
-            for (w, b) in p {
+            for (w, b) in ps {
                 let (w, b) = (g.tensor(w), b.as_ref().map(|b| g.tensor(b)));
                 out.push(g.linear(hn, w, b)?);
             }
@@ -326,14 +502,22 @@ fn project_qkv(
                 q = head_norm(g, q, qn, cfg.heads, d, cfg.rms_eps)?;
                 k = head_norm(g, k, kn, cfg.kv_heads, d, cfg.rms_eps)?;
             }
+            let Some((pos, _, seq)) = p.run else {
+                // A batch of sequences: one rotary step over [q | k | v] as if stacked.
+                let qk = g.concat(q, k, 2)?;
+                let qkv = g.concat(qk, v, 2)?;
+                return g.rope_kv_seq(qkv, rope, kc, vc, heads, cfg.rope_interleaved, p.pos, p.seq);
+            };
             let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
             let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
             let kvw = (cfg.kv_heads * d) as u32;
-            g.copy_into(k, kc, Dyn::affine(pos, kvw, 0))?;
-            g.copy_into(v, vc, Dyn::affine(pos, kvw, 0))?;
-            Ok(q)
+            let first = (seq * g.shape(kc)[1]) as u32 * kvw;
+            g.copy_into(k, kc, Dyn::affine(pos, kvw, 0).plus(first))?;
+            g.copy_into(v, vc, Dyn::affine(pos, kvw, 0).plus(first))?;
+            return Ok(q);
         }
-    }
+    };
+    g.rope_kv_seq(qkv, rope, kc, vc, heads, cfg.rope_interleaved, p.pos, p.seq)
 }
 
 /// `x + down_proj(glu(gate, up))` of `norm(x)` (SwiGLU; Gemma's GELU-tanh gate, and its
@@ -383,11 +567,12 @@ fn residual_product(
     }
 }
 
-/// RMSNorm of each head of `x` `[1, t, heads d]` over its `d` dims (q/k norms of projections
+/// RMSNorm of each head of `x` `[b, t, heads d]` over its `d` dims (q/k norms of projections
 /// that are apart).
 fn head_norm(g: &mut Graph, x: Value, w: Value, heads: usize, d: usize, eps: f32) -> Result<Value> {
-    let t = g.shape(x)[1];
-    let y = g.reshape(x, &[t, heads, d])?;
+    let shape = g.shape(x).to_vec();
+    let (b, t) = (shape[0], shape[1]);
+    let y = g.reshape(x, &[b * t, heads, d])?;
     let y = g.rms_norm(y, w, eps)?;
-    g.reshape(y, &[1, t, heads * d])
+    g.reshape(y, &[b, t, heads * d])
 }

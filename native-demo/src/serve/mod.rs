@@ -1037,11 +1037,9 @@ fn load_model(c: &LoadContext, spec: &registry::Spec) -> Result<registry::Handle
                 if c.parallel == 1 { "" } else { "s" }
             );
             let tokenizer = model.tokenizer.clone();
-            let mut slots = Vec::with_capacity(c.parallel);
-            for _ in 1..c.parallel {
-                slots.push(pollster::block_on(model.fork()).context("a parallel slot")?);
-            }
-            slots.insert(0, model);
+            // Slots decoding at once run together (continuous batching).
+            let slots =
+                pollster::block_on(model.into_slots(c.parallel)).context("the parallel slots")?;
             let w = Worker::start_pool(id, slots, move |m, job, id, reply| {
                 run_text(m, job, id, reply, &mt)
             });
