@@ -4,7 +4,7 @@
 //           4 history: array<u32>, this sequence's [cap] ids from index hist_base() (window
 //             read, then history[base + c] = id if c < cap);
 //           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
-//             settings[8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
+//             settings[row_ * SETTINGS_N + 8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
 //             when any logit is NaN or infinite: (0xffffffff, how many), and no history write;
 //           6 work: array<u32> scratch: [0, V) f32 bits of the penalized, scaled logits s,
 //             [V, 2V) integer weights w = floor(exp(s - max s) * 2^31), then per-chunk
@@ -13,7 +13,7 @@
 //           7 hist: array<atomic<u32>> [8 * 512] digit histograms of the selections; all zero
 //             between runs (the finish pass clears them; wgpu zeroes new buffers);
 //           8 constraint: array<u32> [ceil(V / 32) + 2 * MAX_BIAS]: the allowed-id bitmask (bit
-//             i % 32 of word i / 32; read when settings[9] != 0), then settings[10] (id, f32 bits
+//             i % 32 of word i / 32; read when settings[row_ * SETTINGS_N + 9] != 0), then settings[row_ * SETTINGS_N + 10] (id, f32 bits
 //             of a bias) pairs sorted by id (kernels::sample::constraint_words).
 // Params: V, cap, counter c and seed as Dyn words (add, slot, mul); G chunks of `chunk` ids;
 //         `round` of a selection pass.
@@ -46,12 +46,20 @@
 
 struct Params {
     v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
-    groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32,
+    groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32, row: u32, cw: u32,
+    ww: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
+// Rows: one sampler per row of logits (a batch of decoding sequences), each with its own
+// settings, constraint, output, scratch and history part; counter, seed and history start may
+// be per row (graph::Dyn::Rows). GPU passes run once per row (p.row); `single` takes row =
+// workgroup. Every entry sets row_ first.
+var<private> row_: u32;
+const SETTINGS_N: u32 = 11u;
+const OUT_N: u32 = 42u;
 // Where this sequence's ids start in the history (several sequences may share one buffer).
-fn hist_base() -> u32 { return dyn_val(p.h_add, p.h_slot, p.h_mul); }
+fn hist_base() -> u32 { return dyn_row(p.h_add, p.h_slot, p.h_mul, row_); }
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 @group(0) @binding(3) var<storage, read> settings: array<f32>;
 @group(0) @binding(4) var<storage, read_write> history: array<u32>;
@@ -125,19 +133,19 @@ fn is_neg_inf(x: f32) -> bool { return bitcast<u32>(x) == NEG_INF_BITS; }
 
 // Whether the constraint's bitmask allows id i (every id when there is none).
 fn allowed(i: u32) -> bool {
-    if (settings[9] == 0.0) { return true; }
-    return ((constraint[i >> 5u] >> (i & 31u)) & 1u) != 0u;
+    if (settings[row_ * SETTINGS_N + 9] == 0.0) { return true; }
+    return ((constraint[row_ * p.cw + (i >> 5u)] >> (i & 31u)) & 1u) != 0u;
 }
 
 // The logit bias of id i: a binary search of the sorted (id, bias) pairs.
 fn bias_of(i: u32) -> f32 {
     let base = (p.v + 31u) / 32u;
     var lo = 0u;
-    var hi = u32(max(settings[10], 0.0));
+    var hi = u32(max(settings[row_ * SETTINGS_N + 10], 0.0));
     while (lo < hi) {
         let mid = (lo + hi) / 2u;
-        let id = constraint[base + 2u * mid];
-        if (id == i) { return bitcast<f32>(constraint[base + 2u * mid + 1u]); }
+        let id = constraint[row_ * p.cw + base + 2u * mid];
+        if (id == i) { return bitcast<f32>(constraint[row_ * p.cw + base + 2u * mid + 1u]); }
         if (id < i) { lo = mid + 1u; } else { hi = mid; }
     }
     return 0.0;
@@ -297,8 +305,8 @@ fn scan64(li: u32, v: vec2<u32>) -> vec2<u32> {
 // Bin b of round q as a 64-bit number.
 fn bin(q: u32, b: u32, mass: bool) -> vec2<u32> {
     let at = q * 512u;
-    if (mass) { return vec2<u32>(atomicLoad(&hist[at + 2u * b]), atomicLoad(&hist[at + 2u * b + 1u])); }
-    return vec2<u32>(atomicLoad(&hist[at + b]), 0u);
+    if (mass) { return vec2<u32>(atomicLoad(&hist[row_ * HIST_WORDS + at + 2u * b]), atomicLoad(&hist[row_ * HIST_WORDS + at + 2u * b + 1u])); }
+    return vec2<u32>(atomicLoad(&hist[row_ * HIST_WORDS + at + b]), 0u);
 }
 
 // The total of round q's histogram.
@@ -320,15 +328,15 @@ fn resolve(li: u32, q: u32, mass: bool, need: vec2<u32>) -> vec3<u32> {
 
 fn state(slot: u32) -> vec3<u32> {
     let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
-    return vec3<u32>(work[at], work[at + 1u], work[at + 2u]);
+    return vec3<u32>(work[row_ * p.ww + at], work[row_ * p.ww + at + 1u], work[row_ * p.ww + at + 2u]);
 }
 
 fn set_state(slot: u32, s: vec3<u32>, g: u32, li: u32) {
     if (g == 0u && li == 0u) {
         let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
-        work[at] = s.x;
-        work[at + 1u] = s.y;
-        work[at + 2u] = s.z;
+        work[row_ * p.ww + at] = s.x;
+        work[row_ * p.ww + at + 1u] = s.y;
+        work[row_ * p.ww + at + 2u] = s.z;
     }
 }
 
@@ -360,11 +368,11 @@ fn local_flush(li: u32, q: u32, mass: bool) {
     let at = q * 512u;
     if (mass) {
         if ((lo | hi) != 0u) {
-            let old = atomicAdd(&hist[at + 2u * li], lo);
-            atomicAdd(&hist[at + 2u * li + 1u], hi + select(0u, 1u, old + lo < old));
+            let old = atomicAdd(&hist[row_ * HIST_WORDS + at + 2u * li], lo);
+            atomicAdd(&hist[row_ * HIST_WORDS + at + 2u * li + 1u], hi + select(0u, 1u, old + lo < old));
         }
     } else if (lo != 0u) {
-        atomicAdd(&hist[at + li], lo);
+        atomicAdd(&hist[row_ * HIST_WORDS + at + li], lo);
     }
 }
 
@@ -374,31 +382,31 @@ fn chunk_of(g: u32) -> Chunk {
     return Chunk(start, min(start + p.chunk, p.v));
 }
 
-fn is_greedy() -> bool { return !(settings[0] > 0.0); }
-fn top_k() -> u32 { return u32(max(settings[1], 0.0)); }
+fn is_greedy() -> bool { return !(settings[row_ * SETTINGS_N + 0] > 0.0); }
+fn top_k() -> u32 { return u32(max(settings[row_ * SETTINGS_N + 1], 0.0)); }
 fn top_k_on() -> bool { let k = top_k(); return k > 0u && k < p.v; }
-fn top_p_on() -> bool { return settings[2] < 1.0; }
+fn top_p_on() -> bool { return settings[row_ * SETTINGS_N + 2] < 1.0; }
 
 // The mask of the digits above round r's (r = 1..3).
 fn high_mask(r: u32) -> u32 { return 0xffffffffu << (32u - 8u * r); }
 
 fn prep_pass(li: u32, g: u32) {
     let ch = chunk_of(g);
-    let c = dyn_val(p.c_add, p.c_slot, p.c_mul);
+    let c = dyn_row(p.c_add, p.c_slot, p.c_mul, row_);
     let greedy = is_greedy();
-    let scale = select(settings[6], 1.0, greedy);
-    let r = settings[4];
-    let inv_r = settings[7];
+    let scale = select(settings[row_ * SETTINGS_N + 6], 1.0, greedy);
+    let r = settings[row_ * SETTINGS_N + 4];
+    let inv_r = settings[row_ * SETTINGS_N + 7];
 
     // s = logits * scale; non-finite logits (overflowed activations) are counted and
     // reported instead of a draw.
     var raw_max = 0u;
     var bad = 0u;
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let x = clean(logits[i]);
-        work[i] = bitcast<u32>(sampled(i, x, scale));
+        let x = clean(logits[row_ * p.v + i]);
+        work[row_ * p.ww + i] = bitcast<u32>(sampled(i, x, scale));
         raw_max = max(raw_max, key_of(bitcast<u32>(x)));
-        bad += select(0u, 1u, (bitcast<u32>(logits[i]) & 0x7f800000u) == 0x7f800000u);
+        bad += select(0u, 1u, (bitcast<u32>(logits[row_ * p.v + i]) & 0x7f800000u) == 0x7f800000u);
     }
     let rm = reduce_u32(li, raw_max, 1u);
     let m = bitcast<f32>(bits_of_key(rm));
@@ -407,24 +415,24 @@ fn prep_pass(li: u32, g: u32) {
     // Logit bias on this chunk's ids, then the repetition penalty on the biased logits:
     // duplicates in the window write identical bits, so each distinct id is penalized once
     // without deduplication.
-    let n_bias = u32(max(settings[10], 0.0));
+    let n_bias = u32(max(settings[row_ * SETTINGS_N + 10], 0.0));
     let base = (p.v + 31u) / 32u;
     for (var j = li; j < n_bias; j += WG) {
-        let id = constraint[base + 2u * j];
+        let id = constraint[row_ * p.cw + base + 2u * j];
         if (id >= ch.start && id < ch.end) {
-            let x = clean(logits[id]) + bitcast<f32>(constraint[base + 2u * j + 1u]);
-            work[id] = bitcast<u32>(sampled(id, x, scale));
+            let x = clean(logits[row_ * p.v + id]) + bitcast<f32>(constraint[row_ * p.cw + base + 2u * j + 1u]);
+            work[row_ * p.ww + id] = bitcast<u32>(sampled(id, x, scale));
         }
     }
     storageBarrier();
-    let win = u32(max(settings[5], 0.0));
+    let win = u32(max(settings[row_ * SETTINGS_N + 5], 0.0));
     let hi = min(c, p.cap);
     let lo = c - min(c, win);
     for (var j = lo + li; j < hi; j += WG) {
         let id = history[hist_base() + j];
         if (id >= ch.start && id < ch.end) {
-            let x = clean(logits[id]) + select(0.0, bias_of(id), n_bias > 0u);
-            work[id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
+            let x = clean(logits[row_ * p.v + id]) + select(0.0, bias_of(id), n_bias > 0u);
+            work[row_ * p.ww + id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
         }
     }
     storageBarrier();
@@ -434,43 +442,43 @@ fn prep_pass(li: u32, g: u32) {
     var best = vec2<u32>(0u, 0u);
     var raw_sum = 0.0;
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let cand = vec2<u32>(~i, key_of(work[i]));
+        let cand = vec2<u32>(~i, key_of(work[row_ * p.ww + i]));
         if (!ge64(best, cand)) { best = cand; }
-        let x = clean(logits[i]);
+        let x = clean(logits[row_ * p.v + i]);
         raw_sum += select(exp(x - m), 0.0, is_neg_inf(x));
     }
     best = max64(li, best);
     raw_sum = sum_f32(li, raw_sum);
     if (li == 0u) {
         let at = part_at(g);
-        work[at] = best.y;
-        work[at + 1u] = ~best.x;
-        work[at + 2u] = rm;
-        work[at + 3u] = bitcast<u32>(raw_sum);
-        work[at + 4u] = n_bad;
+        work[row_ * p.ww + at] = best.y;
+        work[row_ * p.ww + at + 1u] = ~best.x;
+        work[row_ * p.ww + at + 2u] = rm;
+        work[row_ * p.ww + at + 3u] = bitcast<u32>(raw_sum);
+        work[row_ * p.ww + at + 4u] = n_bad;
     }
 
     // This chunk's top_logprobs candidates: round n finds the largest (key, ~index) below
     // the one of round n - 1.
-    let top_n = min(u32(max(settings[8], 0.0)), min(p.v, 20u));
+    let top_n = min(u32(max(settings[row_ * SETTINGS_N + 8], 0.0)), min(p.v, 20u));
     var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
     for (var n = 0u; n < top_n; n++) {
         var cand_best = vec2<u32>(0u, 0u);
         for (var i = ch.start + li; i < ch.end; i += WG) {
-            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[i]))));
+            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[row_ * p.v + i]))));
             if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
         }
         prev = max64(li, cand_best);
         if (li == 0u) {
-            work[tops_at(g) + 2u * n] = prev.x;
-            work[tops_at(g) + 2u * n + 1u] = prev.y;
+            work[row_ * p.ww + tops_at(g) + 2u * n] = prev.x;
+            work[row_ * p.ww + tops_at(g) + 2u * n + 1u] = prev.y;
         }
     }
 
     // Round 0 of the top-k select: the top digit of every key.
     if (!greedy && top_k_on()) {
         local_clear(li);
-        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[i]) >> 24u, 1u); }
+        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[row_ * p.ww + i]) >> 24u, 1u); }
         local_flush(li, 0u, false);
     }
 }
@@ -485,7 +493,7 @@ fn kround_pass(li: u32, g: u32, r: u32) {
     let shift = 24u - 8u * r;
     local_clear(li);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[i]);
+        let key = key_of(work[row_ * p.ww + i]);
         if ((key & mask) == st.x) { local_add((key >> shift) & 255u, 1u); }
     }
     local_flush(li, r, false);
@@ -494,7 +502,7 @@ fn kround_pass(li: u32, g: u32, r: u32) {
 // The max s of all chunks (its key).
 fn max_key(li: u32) -> u32 {
     var k = 0u;
-    for (var g = li; g < p.groups; g += WG) { k = max(k, work[part_at(g)]); }
+    for (var g = li; g < p.groups; g += WG) { k = max(k, work[row_ * p.ww + part_at(g)]); }
     return reduce_u32(li, k, 1u);
 }
 
@@ -508,9 +516,9 @@ fn weights_pass(li: u32, g: u32) {
     let mass = top_p_on();
     if (mass) { local_clear(li); }
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[i]);
-        let w = weight(bitcast<f32>(work[i]), m);
-        work[p.v + i] = w;
+        let key = key_of(work[row_ * p.ww + i]);
+        let w = weight(bitcast<f32>(work[row_ * p.ww + i]), m);
+        work[row_ * p.ww + p.v + i] = w;
         if (mass && key >= tk) { local_add(key >> 24u, w); }
     }
     if (mass) { local_flush(li, 4u, true); }
@@ -524,7 +532,7 @@ fn pround_pass(li: u32, g: u32, r: u32) {
     if (r == 1u) {
         // The target: ceil(P * mass_k / 2^32), at least 1 (so the maximum always survives);
         // p enters as a 32-bit binary fraction.
-        let pf = u32(ldexp(max(settings[2], 0.0), 32));
+        let pf = u32(ldexp(max(settings[row_ * SETTINGS_N + 2], 0.0), 32));
         let q = mul64_frac(hist_total(li, 4u, true), pf);
         var need = add64(q.xy, vec2<u32>(select(0u, 1u, q.z != 0u), 0u));
         need = select(need, vec2<u32>(1u, 0u), need.x == 0u && need.y == 0u);
@@ -538,14 +546,14 @@ fn pround_pass(li: u32, g: u32, r: u32) {
     let shift = 24u - 8u * r;
     local_clear(li);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[i]);
-        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[p.v + i]); }
+        let key = key_of(work[row_ * p.ww + i]);
+        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[row_ * p.ww + p.v + i]); }
     }
     local_flush(li, 4u + r, true);
 }
 
 // Min-p on the integer weights: keep w >= ceil(min_p * 2^31) (the max has w = 2^31).
-fn min_p_weight() -> u32 { return u32(ceil(ldexp(clamp(settings[3], 0.0, 1.0), 31))); }
+fn min_p_weight() -> u32 { return u32(ceil(ldexp(clamp(settings[row_ * SETTINGS_N + 3], 0.0, 1.0), 31))); }
 
 fn kept_pass(li: u32, g: u32) {
     if (is_greedy()) { return; }
@@ -558,19 +566,19 @@ fn kept_pass(li: u32, g: u32) {
     let mp = min_p_weight();
     var mass = vec2<u32>(0u, 0u);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let w = work[p.v + i];
-        if (key_of(work[i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
+        let w = work[row_ * p.ww + p.v + i];
+        if (key_of(work[row_ * p.ww + i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
     }
     mass = sum64(li, mass);
     if (li == 0u) {
-        work[part_at(g) + 5u] = mass.x;
-        work[part_at(g) + 6u] = mass.y;
+        work[row_ * p.ww + part_at(g) + 5u] = mass.x;
+        work[row_ * p.ww + part_at(g) + 6u] = mass.y;
     }
 }
 
 fn finish_pass(li: u32) {
     let v = p.v;
-    let c = dyn_val(p.c_add, p.c_slot, p.c_mul);
+    let c = dyn_row(p.c_add, p.c_slot, p.c_mul, row_);
     let ng = p.groups;
 
     // Merge the chunks: the argmax of s (lowest index on ties), log Z of the raw logits.
@@ -579,10 +587,10 @@ fn finish_pass(li: u32) {
     var bad = 0u;
     for (var g = li; g < ng; g += WG) {
         let at = part_at(g);
-        let cand = vec2<u32>(~work[at + 1u], work[at]);
+        let cand = vec2<u32>(~work[row_ * p.ww + at + 1u], work[row_ * p.ww + at]);
         if (!ge64(best, cand)) { best = cand; }
-        rmax = max(rmax, work[at + 2u]);
-        bad += work[at + 4u];
+        rmax = max(rmax, work[row_ * p.ww + at + 2u]);
+        bad += work[row_ * p.ww + at + 4u];
     }
     best = max64(li, best);
     rmax = reduce_u32(li, rmax, 1u);
@@ -591,8 +599,8 @@ fn finish_pass(li: u32) {
     var raw_sum = 0.0;
     for (var g = li; g < ng; g += WG) {
         let at = part_at(g);
-        let mg = bitcast<f32>(bits_of_key(work[at + 2u]));
-        raw_sum += select(bitcast<f32>(work[at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
+        let mg = bitcast<f32>(bits_of_key(work[row_ * p.ww + at + 2u]));
+        raw_sum += select(bitcast<f32>(work[row_ * p.ww + at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
     }
     let log_z = raw_m + log(sum_f32(li, raw_sum));
 
@@ -603,10 +611,10 @@ fn finish_pass(li: u32) {
         let mp = min_p_weight();
         // The draw: the chunk holding the target in index order, then the thread's run in it.
         var kept_g = vec2<u32>(0u, 0u);
-        if (li < ng) { kept_g = vec2<u32>(work[part_at(li) + 5u], work[part_at(li) + 6u]); }
+        if (li < ng) { kept_g = vec2<u32>(work[row_ * p.ww + part_at(li) + 5u], work[row_ * p.ww + part_at(li) + 6u]); }
         let incl = scan64(li, kept_g);
         let total = workgroupUniformLoad(&red64[255]);
-        let seed = dyn_val(p.s_add, p.s_slot, p.s_mul);
+        let seed = dyn_row(p.s_add, p.s_slot, p.s_mul, row_);
         let u = philox4x32_10(vec4<u32>(c, 0u, 1u, 0u), vec2<u32>(seed, 0u)).x;
         let tg = mul64_frac(total, u).xy;
         let excl = sub64(incl, kept_g);
@@ -619,16 +627,16 @@ fn finish_pass(li: u32) {
         let end = min(start + sub, ch.end);
         var part = vec2<u32>(0u, 0u);
         for (var i = start; i < end; i++) {
-            let w = work[v + i];
-            if (key_of(work[i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
+            let w = work[row_ * p.ww + v + i];
+            if (key_of(work[row_ * p.ww + i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
         }
         if (li == 0u) { chosen = v; }
         let base = sub64(scan64(li, part), part);
         if (ge64(local_tg, base) && !ge64(local_tg, add64(base, part))) {
             var run = base;
             for (var i = start; i < end; i++) {
-                let w = work[v + i];
-                if (key_of(work[i]) >= t && w >= mp) {
+                let w = work[row_ * p.ww + v + i];
+                if (key_of(work[row_ * p.ww + i]) >= t && w >= mp) {
                     run = add64(run, vec2<u32>(w, 0u));
                     if (!ge64(local_tg, run)) {
                         chosen = i;
@@ -642,36 +650,36 @@ fn finish_pass(li: u32) {
     // The most likely ids for top_logprobs, from the chunks' candidates: round n finds the
     // largest (key, ~index) below the one of round n - 1, so ties go to the lower index as in
     // the greedy path.
-    let top_n = min(u32(max(settings[8], 0.0)), min(v, 20u));
+    let top_n = min(u32(max(settings[row_ * SETTINGS_N + 8], 0.0)), min(v, 20u));
     var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
     for (var n = 0u; n < top_n; n++) {
         var cand_best = vec2<u32>(0u, 0u);
         for (var e = li; e < ng * top_n; e += WG) {
             let at = tops_at(e / top_n) + 2u * (e % top_n);
-            let cand = vec2<u32>(work[at], work[at + 1u]);
+            let cand = vec2<u32>(work[row_ * p.ww + at], work[row_ * p.ww + at + 1u]);
             if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
         }
         prev = max64(li, cand_best);
         if (li == 0u) {
             let id = ~prev.x;
-            out[2u + 2u * n] = id;
-            out[3u + 2u * n] = bitcast<u32>(clean(logits[id]) - log_z);
+            out[row_ * OUT_N + 2u + 2u * n] = id;
+            out[row_ * OUT_N + 3u + 2u * n] = bitcast<u32>(clean(logits[row_ * p.v + id]) - log_z);
         }
     }
 
     workgroupBarrier();
     if (li == 0u) {
         if (n_bad > 0u) {
-            out[0] = 0xffffffffu;
-            out[1] = n_bad;
+            out[row_ * OUT_N + 0] = 0xffffffffu;
+            out[row_ * OUT_N + 1] = n_bad;
         } else {
             let id = min(chosen, v - 1u);
-            out[0] = id;
-            out[1] = bitcast<u32>(clean(logits[id]) - log_z);
+            out[row_ * OUT_N + 0] = id;
+            out[row_ * OUT_N + 1] = bitcast<u32>(clean(logits[row_ * p.v + id]) - log_z);
             if (c < p.cap) { history[hist_base() + c] = id; }
         }
     }
-    for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[i], 0u); }
+    for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[row_ * HIST_WORDS + i], 0u); }
 }
 
 // The GPU variant's workgroup counts for the passes a run may skip (read by indirect
@@ -692,24 +700,26 @@ fn write_args() {
 
 @compute @workgroup_size(256)
 fn prep(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    row_ = p.row;
     if (wid.x == 0u && li == 0u) { write_args(); }
     prep_pass(li, wid.x);
 }
 @compute @workgroup_size(256)
-fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { kround_pass(li, wid.x, p.round); }
+fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; kround_pass(li, wid.x, p.round); }
 @compute @workgroup_size(256)
-fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { weights_pass(li, wid.x); }
+fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; weights_pass(li, wid.x); }
 @compute @workgroup_size(256)
-fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { pround_pass(li, wid.x, p.round); }
+fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; pround_pass(li, wid.x, p.round); }
 @compute @workgroup_size(256)
-fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { kept_pass(li, wid.x); }
+fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; kept_pass(li, wid.x); }
 @compute @workgroup_size(256)
-fn finish(@builtin(local_invocation_index) li: u32) { finish_pass(li); }
+fn finish(@builtin(local_invocation_index) li: u32) { row_ = p.row; finish_pass(li); }
 
 // Every pass in one workgroup and one dispatch (one chunk: G = 1), for software adapters,
-// where a dispatch costs more than the parallelism buys.
+// where a dispatch costs more than the parallelism buys; a workgroup per row.
 @compute @workgroup_size(256)
-fn single(@builtin(local_invocation_index) li: u32) {
+fn single(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    row_ = wid.x;
     prep_pass(li, 0u);
     for (var r = 1u; r < 4u; r++) {
         storageBarrier();

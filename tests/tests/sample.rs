@@ -691,3 +691,122 @@ fn mask_and_logit_bias_match_reference() {
         }
     }
 }
+
+/// A batch of samplers (continuous batching: one per decoding sequence) in one op: logits
+/// `[rows, v]`, per-row settings, constraints, counters, seeds and history parts of a shared
+/// history (per-row `Dyn::Rows`, the rows' sequences out of order): each row's output words and
+/// history part are exactly those of the same draw alone, on both sampler variants.
+#[test]
+fn batch_of_rows_draws_as_each_row_alone() {
+    for gpu in variants() {
+        let (v, cap, rows) = (3000usize, 24usize, 3usize);
+        let mut rng = Rng::new(31);
+        let logits: Vec<Vec<f32>> = (0..rows).map(|_| lm_logits(&mut rng, v)).collect();
+        let mut mask = vec![0u32; v.div_ceil(32)];
+        for id in (0..v as u32).filter(|i| i % 3 == 0) {
+            mask[id as usize / 32] |= 1 << (id % 32);
+        }
+        let bias = bias_words(v, &[(5, 20.0), (600, -3.0)]).unwrap();
+        let mut masked = vec![0u32; constraint_words(v)];
+        masked[..mask.len()].copy_from_slice(&mask);
+        masked[mask.len()..mask.len() + bias.len()].copy_from_slice(&bias);
+        let settings = [
+            SamplerSettings {
+                repeat_penalty: 1.3,
+                repeat_window: 6,
+                top_logprobs: 2,
+                ..SamplerSettings::greedy()
+            },
+            SamplerSettings {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.9,
+                top_logprobs: 3,
+                ..SamplerSettings::neutral()
+            },
+            SamplerSettings {
+                temperature: 1.1,
+                min_p: 0.02,
+                mask: true,
+                biases: 2,
+                ..SamplerSettings::neutral()
+            },
+        ];
+        let words = [
+            vec![0u32; constraint_words(v)],
+            vec![0; constraint_words(v)],
+            masked,
+        ];
+        // Row r samples for sequence seqs[r], its counter and seed.
+        let (seqs, counters, seeds) = ([2usize, 0, 1], [9u32, 3, 17], [11u32, 12, 13]);
+        let history: Vec<u32> = (0..3 * cap as u32).map(|i| (i * 131) % v as u32).collect();
+
+        // Each row alone.
+        let mut alone = Vec::new();
+        for r in 0..rows {
+            let mut s = Sampler::new(&gpu, v, cap);
+            s.words = words[r].clone();
+            let part = &history[seqs[r] * cap..(seqs[r] + 1) * cap];
+            let (id, lp, h) = s.draw(&logits[r], &settings[r], part, counters[r], seeds[r]);
+            alone.push((id, lp.to_bits(), s.top.clone(), h));
+        }
+
+        // All rows at once.
+        let mut g = Graph::new();
+        let lv = g.input("logits", &[rows, v], DType::F32).unwrap();
+        let sl = kiln::kernels::sample::SETTINGS_LEN;
+        let sv = g.input("settings", &[rows, sl], DType::F32).unwrap();
+        let hist = Arc::new(Tensor::from_u32(&gpu, "history", &[3 * cap], &history).unwrap());
+        let hv = g.tensor(&hist);
+        let cv = g
+            .input("constraint", &[rows, constraint_words(v)], DType::U32)
+            .unwrap();
+        let (seq0, c0, s0) = (
+            g.scalars("seq", rows).unwrap(),
+            g.scalars("counter", rows).unwrap(),
+            g.scalars("seed", rows).unwrap(),
+        );
+        let at = Dyn::Rows {
+            first: seq0,
+            mul: cap as u32,
+            add: 0,
+        };
+        let out = g
+            .sample_at(
+                lv,
+                sv,
+                hv,
+                Some((at, cap)),
+                cv,
+                Dyn::rows(c0),
+                Dyn::rows(s0),
+            )
+            .unwrap();
+        g.output(out);
+        let mut plan = kiln_tests::compile_poisoned(&gpu, &g);
+        plan.write_f32(lv, &logits.concat()).unwrap();
+        let st: Vec<f32> = settings.iter().flat_map(|s| s.to_f32s()).collect();
+        plan.write_f32(sv, &st).unwrap();
+        plan.write_u32(cv, &words.concat()).unwrap();
+        for r in 0..rows {
+            plan.set(Scalar(seq0.0 + r as u32), seqs[r] as u32);
+            plan.set(Scalar(c0.0 + r as u32), counters[r]);
+            plan.set(Scalar(s0.0 + r as u32), seeds[r]);
+        }
+        plan.run().unwrap();
+        let got = pollster::block_on(plan.read_u32(out)).unwrap();
+        let h = pollster::block_on(hist.to_u32(&gpu)).unwrap();
+        for r in 0..rows {
+            let o = &got[r * SAMPLE_OUT_LEN..(r + 1) * SAMPLE_OUT_LEN];
+            let top: Vec<(u32, f32)> = (0..settings[r].top_logprobs as usize)
+                .map(|k| (o[2 + 2 * k], f32::from_bits(o[3 + 2 * k])))
+                .collect();
+            let (id, lp, ref want_top, ref want_h) = alone[r];
+            let what = format!("row {r} (software {})", gpu.features.software);
+            assert_eq!((o[0], o[1]), (id, lp), "{what}: id and logprob bits");
+            assert_eq!(&top, want_top, "{what}: top_logprobs");
+            let part = &h[seqs[r] * cap..(seqs[r] + 1) * cap];
+            assert_eq!(part, want_h.as_slice(), "{what}: its history part");
+        }
+    }
+}

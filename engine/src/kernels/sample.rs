@@ -219,7 +219,8 @@ super::params!(
     /// Uniforms of `sample.wgsl`.
     SampleParams, "sample.wgsl", [] {
         v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
-        groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32,
+        groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32, row: u32,
+        cw: u32, ww: u32,
     }
 );
 
@@ -257,6 +258,10 @@ super::params!(
 /// then the `top_logprobs` most likely (id, log-probability bits) pairs. A history buffer
 /// holding several sequences' ids gives this one's as `history_at` (its first index, and its
 /// length `cap`): the counter and the window are relative to it.
+///
+/// Logits `[r, v]` are `r` samplers at once (a batch of decoding sequences): settings
+/// `[r, SETTINGS_LEN]`, constraint `[r, ..]`, output `[r, SAMPLE_OUT_LEN]`, and per-row counter,
+/// seed and history start ([`Dyn::Rows`]); each row draws as it would alone.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub counter: Dyn,
@@ -272,22 +277,31 @@ impl Kernel for Sample {
 
     fn infer(&self, ins: &[Meta]) -> Result<Inferred> {
         need_f32(self.name(), ins[0].1)?;
-        let v = ins[0].0.first().copied().unwrap_or(0);
-        if ins[0].0.len() != 1
-            || ins[1].0 != [SETTINGS_LEN]
+        let l = ins[0].0;
+        let (rows, v) = match l {
+            [v] => (None, *v),
+            [r, v] => (Some(*r), *v),
+            _ => (None, 0),
+        };
+        let per_row = |n: usize| match rows {
+            None => vec![n],
+            Some(r) => vec![r, n],
+        };
+        if v == 0
+            || ins[1].0 != per_row(SETTINGS_LEN)
             || ins[2].1 != DType::U32
             || ins[3].1 != DType::U32
-            || ins[3].0 != [constraint_words(v)]
+            || ins[3].0 != per_row(constraint_words(v))
         {
             return Err(shape_err(
                 self.name(),
                 format!(
-                    "expected logits [v], settings [{SETTINGS_LEN}], u32 history, u32 constraint [{}]; found {:?}, {:?}, {}, {} {:?}",
-                    constraint_words(v), ins[0].0, ins[1].0, ins[2].1, ins[3].1, ins[3].0
+                    "expected logits [v] or [rows, v], settings [{SETTINGS_LEN}], u32 history, u32 constraint [{}] (per row); found {:?}, {:?}, {}, {} {:?}",
+                    constraint_words(v), l, ins[1].0, ins[2].1, ins[3].1, ins[3].0
                 ),
             ));
         }
-        Ok(Some((vec![SAMPLE_OUT_LEN], DType::U32)))
+        Ok(Some((per_row(SAMPLE_OUT_LEN), DType::U32)))
     }
 
     /// Ten passes over the vocabulary in chunks (`sample.wgsl` lists them): the statistics,
@@ -296,7 +310,8 @@ impl Kernel for Sample {
     /// one after another in one workgroup and one dispatch (`single`).
     fn encode(&self, ctx: &Ctx, ins: &[Bound], out: Option<&Bound>) -> Result<Vec<Dispatch>> {
         let out = super::out(self, out)?;
-        let v = ins[0].numel();
+        let v = ins[0].shape.last().copied().unwrap_or(0);
+        let rows = ins[0].numel() / v.max(1);
         if v == 0 || v > (u32::MAX / 4) as usize {
             return Err(shape_err(
                 self.name(),
@@ -306,17 +321,13 @@ impl Kernel for Sample {
         let software = ctx.gpu.features.software;
         let (chunk, groups) = sample_chunks(v, software);
         let words = 2 * v + groups * (PART_WORDS + TOPS_WORDS) + STATE_WORDS;
-        let work = ctx.scratch("sample-work", 4 * words as u64)?;
-        let hist = ctx.scratch("sample-hist", 4 * HIST_WORDS as u64)?;
-        for (what, d) in [("the counter", self.counter), ("the seed", self.seed)] {
-            super::need_uniform_dyn(self.name(), what, d)?;
-        }
+        let work = ctx.scratch("sample-work", 4 * (rows * words) as u64)?;
+        let hist = ctx.scratch("sample-hist", 4 * (rows * HIST_WORDS) as u64)?;
         let [c_add, c_slot, c_mul] = self.counter.words();
         let [s_add, s_slot, s_mul] = self.seed.words();
         let (base, cap) = self.history_at.unwrap_or((Dyn::Static(0), ins[2].numel()));
-        super::need_uniform_dyn(self.name(), "the history's start", base)?;
         let [h_add, h_slot, h_mul] = base.words();
-        let params = |round: usize| SampleParams {
+        let params = |round: usize, row: usize| SampleParams {
             v: u(v),
             cap: u(cap),
             c_add,
@@ -331,11 +342,14 @@ impl Kernel for Sample {
             h_add,
             h_slot,
             h_mul,
+            row: u(row),
+            cw: u(constraint_words(v)),
+            ww: u(words),
         };
-        let pass = |entry: &'static str, round: usize, wgs: usize| {
+        let pass = |entry: &'static str, round: usize, wgs: usize, row: usize| {
             dispatch(
                 KernelKey::new("sample.wgsl", entry),
-                &params(round),
+                &params(round, row),
                 vec![
                     Binding::read(ins[0].buf()),
                     Binding::read(ins[1].buf()),
@@ -349,7 +363,8 @@ impl Kernel for Sample {
             )
         };
         if software {
-            return Ok(vec![pass("single", 0, 1)]);
+            // A workgroup per row.
+            return Ok(vec![pass("single", 0, rows, 0)]);
         }
         // The selection passes' workgroup counts, written by prep (zero where a pass has
         // nothing to do) and read by their indirect dispatches: top-k rounds at byte 0,
@@ -365,14 +380,18 @@ impl Kernel for Sample {
             d.indirect = Some((args.clone(), offset));
             d
         };
-        let mut prep = pass("prep", 0, groups);
-        prep.bindings.push(Binding::write(&args));
-        let mut passes = vec![prep];
-        passes.extend((1..4).map(|r| indirect(pass("kround", r, groups), 0)));
-        passes.push(indirect(pass("weights", 0, groups), 12));
-        passes.extend((1..4).map(|r| indirect(pass("pround", r, groups), 24)));
-        passes.push(indirect(pass("kept", 0, groups), 12));
-        passes.push(pass("finish", 0, 1));
+        // Row after row (the arguments buffer is each row's in turn).
+        let mut passes = Vec::with_capacity(12 * rows);
+        for row in 0..rows {
+            let mut prep = pass("prep", 0, groups, row);
+            prep.bindings.push(Binding::write(&args));
+            passes.push(prep);
+            passes.extend((1..4).map(|r| indirect(pass("kround", r, groups, row), 0)));
+            passes.push(indirect(pass("weights", 0, groups, row), 12));
+            passes.extend((1..4).map(|r| indirect(pass("pround", r, groups, row), 24)));
+            passes.push(indirect(pass("kept", 0, groups, row), 12));
+            passes.push(pass("finish", 0, 1, row));
+        }
         Ok(passes)
     }
 }

@@ -17,7 +17,7 @@ use super::model::{build_batch, BatchStep, KvCache};
 use super::weights::LlmWeights;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::kernels::sample::SETTINGS_LEN;
+use crate::kernels::sample::{SAMPLE_OUT_LEN, SETTINGS_LEN};
 use crate::Scalar;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -233,27 +233,38 @@ impl Batch {
     }
 
     /// One run of `step` for `rows` (slot, its token): the per-row scalars, settings and
-    /// constraints, then the samplers' outputs.
+    /// constraints, then each row's sampler output.
     async fn run(&self, step: &mut BatchStep, rows: &[(usize, Post)]) -> Result<Vec<Vec<u8>>> {
         let at = |first: Scalar, r: usize| Scalar(first.0 + r as u32);
+        let plan = &mut step.plan;
+        let mut settings = Vec::with_capacity(rows.len() * SETTINGS_LEN);
         for (r, (seq, p)) in rows.iter().enumerate() {
-            let plan = &mut step.plan;
             plan.set(at(step.seq, r), *seq as u32);
             plan.set(at(step.pos, r), p.pos as u32);
             plan.set(at(step.tok, r), (seq * (self.ctx + 1) + p.pos) as u32);
             plan.set(at(step.seed, r), p.seed);
-            plan.write_f32(step.settings[r], &p.settings)?;
+            settings.extend(p.settings);
             if let Some(c) = &p.constraint {
-                plan.write_u32(step.constraint[r], c)?;
+                plan.write_words_at(step.constraint, r * c.len(), c)?;
             }
         }
-        let plan = &step.plan;
-        let heads: Vec<_> = rows
+        plan.write_f32(step.settings, &settings)?;
+        // Every row's output (the top_logprobs pairs included: a few hundred bytes).
+        let row_bytes = (4 * SAMPLE_OUT_LEN) as u64;
+        let all = plan
+            .run_read_heads(&[(step.out, row_bytes * rows.len() as u64)])
+            .await?;
+        let all = all.into_iter().next().unwrap_or_default();
+        Ok(rows
             .iter()
             .enumerate()
-            .map(|(r, (_, p))| (step.out[r], p.readback))
-            .collect();
-        plan.run_read_heads(&heads).await
+            .map(|(r, (_, p))| {
+                let start = (r as u64 * row_bytes) as usize;
+                all.get(start..start + p.readback as usize)
+                    .unwrap_or_default()
+                    .to_vec()
+            })
+            .collect())
     }
 }
 

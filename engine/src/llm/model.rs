@@ -227,10 +227,11 @@ pub struct BatchStep {
     pub pos: Scalar,
     pub tok: Scalar,
     pub seed: Scalar,
-    /// Per row: sampler settings, constraint, output (as [`Step`]'s).
-    pub settings: Vec<Value>,
-    pub constraint: Vec<Value>,
-    pub out: Vec<Value>,
+    /// Sampler settings `[rows, SETTINGS_LEN]`, constraints `[rows, ..]` and outputs
+    /// `[rows, SAMPLE_OUT_LEN]`: a row each, as [`Step`]'s.
+    pub settings: Value,
+    pub constraint: Value,
+    pub out: Value,
 }
 
 /// Builds and compiles [`BatchStep`] for `rows` sequences of the caches `kv` belongs to.
@@ -261,32 +262,25 @@ pub async fn build_batch(
     )?;
     let x = g.reshape(x, &[rows, cfg.hidden])?;
     let logits = head(&mut g, cfg, w, x)?; // [rows, vocab]
-    let hist_len = (kv.ctx + 1) as u32;
-    let (mut settings, mut constraint, mut out) = (vec![], vec![], vec![]);
-    for r in 0..rows as u32 {
-        let l = g.slice_rows(logits, Dyn::Static(r), 1)?;
-        let l = g.reshape(l, &[cfg.vocab])?;
-        let s = g.input(&format!("sampler{r}"), &[SETTINGS_LEN], DType::F32)?;
-        let c = g.input(
-            &format!("constraint{r}"),
-            &[constraint_words(cfg.vocab)],
-            DType::U32,
-        )?;
-        let (row_seq, row_pos) = (Scalar(seq.0 + r), Scalar(pos.0 + r));
-        let o = g.sample_at(
-            l,
-            s,
-            history,
-            Some((Dyn::affine(row_seq, hist_len, 0), kv.ctx + 1)),
-            c,
-            Dyn::affine(row_pos, 1, 1),
-            Dyn::slot(Scalar(seed.0 + r)),
-        )?;
-        g.output(o);
-        settings.push(s);
-        constraint.push(c);
-        out.push(o);
-    }
+                                           // One sampler per row, each into its sequence's part of the history.
+    let settings = g.input("sampler", &[rows, SETTINGS_LEN], DType::F32)?;
+    let cw = constraint_words(cfg.vocab);
+    let constraint = g.input("constraint", &[rows, cw], DType::U32)?;
+    let history_at = Dyn::Rows {
+        first: seq,
+        mul: (kv.ctx + 1) as u32,
+        add: 0,
+    };
+    let out = g.sample_at(
+        logits,
+        settings,
+        history,
+        Some((history_at, kv.ctx + 1)),
+        constraint,
+        Dyn::rows(pos).plus(1),
+        Dyn::rows(seed),
+    )?;
+    g.output(out);
     let plan = g.compile(gpu, CompileOptions::default()).await?;
     Ok(BatchStep {
         plan,
