@@ -47,15 +47,18 @@
 struct Params {
     v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
     groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32, row: u32, cw: u32,
-    ww: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
 // Rows: one sampler per row of logits (a batch of decoding sequences), each with its own
 // settings, constraint, output, scratch and history part; counter, seed and history start may
 // be per row (graph::Dyn::Rows). GPU passes run once per row (p.row); `single` takes row =
-// workgroup. Every entry sets row_ first.
-var<private> row_: u32;
+// workgroup. Every entry sets row_ first (set_row).
+var<workgroup> row_: u32;
+fn set_row(li: u32, r: u32) {
+    if (li == 0u) { row_ = r; }
+    workgroupBarrier();
+}
 const SETTINGS_N: u32 = 11u;
 const OUT_N: u32 = 42u;
 // Where this sequence's ids start in the history (several sequences may share one buffer).
@@ -64,7 +67,9 @@ fn hist_base() -> u32 { return dyn_row(p.h_add, p.h_slot, p.h_mul, row_); }
 @group(0) @binding(3) var<storage, read> settings: array<f32>;
 @group(0) @binding(4) var<storage, read_write> history: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;
-@group(0) @binding(6) var<storage, read_write> work: array<u32>;
+// A row's scratch is work[row]: WW words (set by the encoder). (Written as one flat array at a
+// run-time row offset, this shader made llvmpipe (Mesa 22.3) leak ~1.5 MB a dispatch.)
+@group(0) @binding(6) var<storage, read_write> work: array<array<u32, WW>>;
 @group(0) @binding(7) var<storage, read_write> hist: array<atomic<u32>>;
 @group(0) @binding(8) var<storage, read> constraint: array<u32>;
 
@@ -328,15 +333,15 @@ fn resolve(li: u32, q: u32, mass: bool, need: vec2<u32>) -> vec3<u32> {
 
 fn state(slot: u32) -> vec3<u32> {
     let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
-    return vec3<u32>(work[row_ * p.ww + at], work[row_ * p.ww + at + 1u], work[row_ * p.ww + at + 2u]);
+    return vec3<u32>(work[row_][at], work[row_][at + 1u], work[row_][at + 2u]);
 }
 
 fn set_state(slot: u32, s: vec3<u32>, g: u32, li: u32) {
     if (g == 0u && li == 0u) {
         let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
-        work[row_ * p.ww + at] = s.x;
-        work[row_ * p.ww + at + 1u] = s.y;
-        work[row_ * p.ww + at + 2u] = s.z;
+        work[row_][at] = s.x;
+        work[row_][at + 1u] = s.y;
+        work[row_][at + 2u] = s.z;
     }
 }
 
@@ -404,7 +409,7 @@ fn prep_pass(li: u32, g: u32) {
     var bad = 0u;
     for (var i = ch.start + li; i < ch.end; i += WG) {
         let x = clean(logits[row_ * p.v + i]);
-        work[row_ * p.ww + i] = bitcast<u32>(sampled(i, x, scale));
+        work[row_][i] = bitcast<u32>(sampled(i, x, scale));
         raw_max = max(raw_max, key_of(bitcast<u32>(x)));
         bad += select(0u, 1u, (bitcast<u32>(logits[row_ * p.v + i]) & 0x7f800000u) == 0x7f800000u);
     }
@@ -421,7 +426,7 @@ fn prep_pass(li: u32, g: u32) {
         let id = constraint[row_ * p.cw + base + 2u * j];
         if (id >= ch.start && id < ch.end) {
             let x = clean(logits[row_ * p.v + id]) + bitcast<f32>(constraint[row_ * p.cw + base + 2u * j + 1u]);
-            work[row_ * p.ww + id] = bitcast<u32>(sampled(id, x, scale));
+            work[row_][id] = bitcast<u32>(sampled(id, x, scale));
         }
     }
     storageBarrier();
@@ -432,7 +437,7 @@ fn prep_pass(li: u32, g: u32) {
         let id = history[hist_base() + j];
         if (id >= ch.start && id < ch.end) {
             let x = clean(logits[row_ * p.v + id]) + select(0.0, bias_of(id), n_bias > 0u);
-            work[row_ * p.ww + id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
+            work[row_][id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
         }
     }
     storageBarrier();
@@ -442,7 +447,7 @@ fn prep_pass(li: u32, g: u32) {
     var best = vec2<u32>(0u, 0u);
     var raw_sum = 0.0;
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let cand = vec2<u32>(~i, key_of(work[row_ * p.ww + i]));
+        let cand = vec2<u32>(~i, key_of(work[row_][i]));
         if (!ge64(best, cand)) { best = cand; }
         let x = clean(logits[row_ * p.v + i]);
         raw_sum += select(exp(x - m), 0.0, is_neg_inf(x));
@@ -451,11 +456,11 @@ fn prep_pass(li: u32, g: u32) {
     raw_sum = sum_f32(li, raw_sum);
     if (li == 0u) {
         let at = part_at(g);
-        work[row_ * p.ww + at] = best.y;
-        work[row_ * p.ww + at + 1u] = ~best.x;
-        work[row_ * p.ww + at + 2u] = rm;
-        work[row_ * p.ww + at + 3u] = bitcast<u32>(raw_sum);
-        work[row_ * p.ww + at + 4u] = n_bad;
+        work[row_][at] = best.y;
+        work[row_][at + 1u] = ~best.x;
+        work[row_][at + 2u] = rm;
+        work[row_][at + 3u] = bitcast<u32>(raw_sum);
+        work[row_][at + 4u] = n_bad;
     }
 
     // This chunk's top_logprobs candidates: round n finds the largest (key, ~index) below
@@ -470,15 +475,15 @@ fn prep_pass(li: u32, g: u32) {
         }
         prev = max64(li, cand_best);
         if (li == 0u) {
-            work[row_ * p.ww + tops_at(g) + 2u * n] = prev.x;
-            work[row_ * p.ww + tops_at(g) + 2u * n + 1u] = prev.y;
+            work[row_][tops_at(g) + 2u * n] = prev.x;
+            work[row_][tops_at(g) + 2u * n + 1u] = prev.y;
         }
     }
 
     // Round 0 of the top-k select: the top digit of every key.
     if (!greedy && top_k_on()) {
         local_clear(li);
-        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[row_ * p.ww + i]) >> 24u, 1u); }
+        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[row_][i]) >> 24u, 1u); }
         local_flush(li, 0u, false);
     }
 }
@@ -493,7 +498,7 @@ fn kround_pass(li: u32, g: u32, r: u32) {
     let shift = 24u - 8u * r;
     local_clear(li);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[row_ * p.ww + i]);
+        let key = key_of(work[row_][i]);
         if ((key & mask) == st.x) { local_add((key >> shift) & 255u, 1u); }
     }
     local_flush(li, r, false);
@@ -502,7 +507,7 @@ fn kround_pass(li: u32, g: u32, r: u32) {
 // The max s of all chunks (its key).
 fn max_key(li: u32) -> u32 {
     var k = 0u;
-    for (var g = li; g < p.groups; g += WG) { k = max(k, work[row_ * p.ww + part_at(g)]); }
+    for (var g = li; g < p.groups; g += WG) { k = max(k, work[row_][part_at(g)]); }
     return reduce_u32(li, k, 1u);
 }
 
@@ -516,9 +521,9 @@ fn weights_pass(li: u32, g: u32) {
     let mass = top_p_on();
     if (mass) { local_clear(li); }
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[row_ * p.ww + i]);
-        let w = weight(bitcast<f32>(work[row_ * p.ww + i]), m);
-        work[row_ * p.ww + p.v + i] = w;
+        let key = key_of(work[row_][i]);
+        let w = weight(bitcast<f32>(work[row_][i]), m);
+        work[row_][p.v + i] = w;
         if (mass && key >= tk) { local_add(key >> 24u, w); }
     }
     if (mass) { local_flush(li, 4u, true); }
@@ -546,8 +551,8 @@ fn pround_pass(li: u32, g: u32, r: u32) {
     let shift = 24u - 8u * r;
     local_clear(li);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[row_ * p.ww + i]);
-        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[row_ * p.ww + p.v + i]); }
+        let key = key_of(work[row_][i]);
+        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[row_][p.v + i]); }
     }
     local_flush(li, 4u + r, true);
 }
@@ -566,13 +571,13 @@ fn kept_pass(li: u32, g: u32) {
     let mp = min_p_weight();
     var mass = vec2<u32>(0u, 0u);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let w = work[row_ * p.ww + p.v + i];
-        if (key_of(work[row_ * p.ww + i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
+        let w = work[row_][p.v + i];
+        if (key_of(work[row_][i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
     }
     mass = sum64(li, mass);
     if (li == 0u) {
-        work[row_ * p.ww + part_at(g) + 5u] = mass.x;
-        work[row_ * p.ww + part_at(g) + 6u] = mass.y;
+        work[row_][part_at(g) + 5u] = mass.x;
+        work[row_][part_at(g) + 6u] = mass.y;
     }
 }
 
@@ -587,10 +592,10 @@ fn finish_pass(li: u32) {
     var bad = 0u;
     for (var g = li; g < ng; g += WG) {
         let at = part_at(g);
-        let cand = vec2<u32>(~work[row_ * p.ww + at + 1u], work[row_ * p.ww + at]);
+        let cand = vec2<u32>(~work[row_][at + 1u], work[row_][at]);
         if (!ge64(best, cand)) { best = cand; }
-        rmax = max(rmax, work[row_ * p.ww + at + 2u]);
-        bad += work[row_ * p.ww + at + 4u];
+        rmax = max(rmax, work[row_][at + 2u]);
+        bad += work[row_][at + 4u];
     }
     best = max64(li, best);
     rmax = reduce_u32(li, rmax, 1u);
@@ -599,8 +604,8 @@ fn finish_pass(li: u32) {
     var raw_sum = 0.0;
     for (var g = li; g < ng; g += WG) {
         let at = part_at(g);
-        let mg = bitcast<f32>(bits_of_key(work[row_ * p.ww + at + 2u]));
-        raw_sum += select(bitcast<f32>(work[row_ * p.ww + at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
+        let mg = bitcast<f32>(bits_of_key(work[row_][at + 2u]));
+        raw_sum += select(bitcast<f32>(work[row_][at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
     }
     let log_z = raw_m + log(sum_f32(li, raw_sum));
 
@@ -611,7 +616,7 @@ fn finish_pass(li: u32) {
         let mp = min_p_weight();
         // The draw: the chunk holding the target in index order, then the thread's run in it.
         var kept_g = vec2<u32>(0u, 0u);
-        if (li < ng) { kept_g = vec2<u32>(work[row_ * p.ww + part_at(li) + 5u], work[row_ * p.ww + part_at(li) + 6u]); }
+        if (li < ng) { kept_g = vec2<u32>(work[row_][part_at(li) + 5u], work[row_][part_at(li) + 6u]); }
         let incl = scan64(li, kept_g);
         let total = workgroupUniformLoad(&red64[255]);
         let seed = dyn_row(p.s_add, p.s_slot, p.s_mul, row_);
@@ -627,16 +632,16 @@ fn finish_pass(li: u32) {
         let end = min(start + sub, ch.end);
         var part = vec2<u32>(0u, 0u);
         for (var i = start; i < end; i++) {
-            let w = work[row_ * p.ww + v + i];
-            if (key_of(work[row_ * p.ww + i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
+            let w = work[row_][v + i];
+            if (key_of(work[row_][i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
         }
         if (li == 0u) { chosen = v; }
         let base = sub64(scan64(li, part), part);
         if (ge64(local_tg, base) && !ge64(local_tg, add64(base, part))) {
             var run = base;
             for (var i = start; i < end; i++) {
-                let w = work[row_ * p.ww + v + i];
-                if (key_of(work[row_ * p.ww + i]) >= t && w >= mp) {
+                let w = work[row_][v + i];
+                if (key_of(work[row_][i]) >= t && w >= mp) {
                     run = add64(run, vec2<u32>(w, 0u));
                     if (!ge64(local_tg, run)) {
                         chosen = i;
@@ -656,7 +661,7 @@ fn finish_pass(li: u32) {
         var cand_best = vec2<u32>(0u, 0u);
         for (var e = li; e < ng * top_n; e += WG) {
             let at = tops_at(e / top_n) + 2u * (e % top_n);
-            let cand = vec2<u32>(work[row_ * p.ww + at], work[row_ * p.ww + at + 1u]);
+            let cand = vec2<u32>(work[row_][at], work[row_][at + 1u]);
             if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
         }
         prev = max64(li, cand_best);
@@ -700,26 +705,26 @@ fn write_args() {
 
 @compute @workgroup_size(256)
 fn prep(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    row_ = p.row;
+    set_row(li, p.row);
     if (wid.x == 0u && li == 0u) { write_args(); }
     prep_pass(li, wid.x);
 }
 @compute @workgroup_size(256)
-fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; kround_pass(li, wid.x, p.round); }
+fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); kround_pass(li, wid.x, p.round); }
 @compute @workgroup_size(256)
-fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; weights_pass(li, wid.x); }
+fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); weights_pass(li, wid.x); }
 @compute @workgroup_size(256)
-fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; pround_pass(li, wid.x, p.round); }
+fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); pround_pass(li, wid.x, p.round); }
 @compute @workgroup_size(256)
-fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { row_ = p.row; kept_pass(li, wid.x); }
+fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); kept_pass(li, wid.x); }
 @compute @workgroup_size(256)
-fn finish(@builtin(local_invocation_index) li: u32) { row_ = p.row; finish_pass(li); }
+fn finish(@builtin(local_invocation_index) li: u32) { set_row(li, p.row); finish_pass(li); }
 
 // Every pass in one workgroup and one dispatch (one chunk: G = 1), for software adapters,
 // where a dispatch costs more than the parallelism buys; a workgroup per row.
 @compute @workgroup_size(256)
 fn single(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    row_ = wid.x;
+    set_row(li, wid.x);
     prep_pass(li, 0u);
     for (var r = 1u; r < 4u; r++) {
         storageBarrier();

@@ -220,7 +220,7 @@ super::params!(
     SampleParams, "sample.wgsl", [] {
         v: u32, cap: u32, c_add: u32, c_slot: u32, c_mul: u32, s_add: u32, s_slot: u32, s_mul: u32,
         groups: u32, chunk: u32, round: u32, h_add: u32, h_slot: u32, h_mul: u32, row: u32,
-        cw: u32, ww: u32,
+        cw: u32,
     }
 );
 
@@ -344,11 +344,10 @@ impl Kernel for Sample {
             h_mul,
             row: u(row),
             cw: u(constraint_words(v)),
-            ww: u(words),
         };
         let pass = |entry: &'static str, round: usize, wgs: usize, row: usize| {
             dispatch(
-                KernelKey::new("sample.wgsl", entry),
+                KernelKey::new("sample.wgsl", entry).def("WW", format!("{words}u")),
                 &params(round, row),
                 vec![
                     Binding::read(ins[0].buf()),
