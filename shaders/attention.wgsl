@@ -2,7 +2,8 @@
 //   out[b, i, h*D + :] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h / G]) v[b, j, h / G]
 //   G = heads / kv_heads; valid keys j < kv_end = min(kv_len, lk), and j <= q_pos + i if causal;
 //   with a sliding window W > 0 also j > q_pos + i - W (the W newest positions, itself included,
-//   as transformers' sliding_window_overlay); a query with no valid key outputs zeros.
+//   as transformers' sliding_window_overlay), and when not causal also j < q_pos + i + W (a
+//   bidirectional window: |q - j| < W); a query with no valid key outputs zeros.
 //   Soft-capping (Gemma 2) replaces each scaled score s by cap * tanh(s / cap) when cap > 0.
 // A workgroup owns one (batch, kv head, block of BQ rows, key split). Rows are (query, head of
 // the group) pairs, row = i * G + hg, so the G query heads sharing a KV head read each K/V tile
@@ -59,14 +60,21 @@ fn seq_of(bi: u32) -> u32 {
     return dyn_row(p.s_add, p.s_slot, p.s_mul, bi) + select(bi, 0u, is_rows(p.s_slot));
 }
 
+// One past the last key a query at position qp may see under a bidirectional window
+// (non-causal with W > 0: |qp - j| < W, as transformers' bidirectional sliding layers).
+fn window_end(qp: u32) -> u32 {
+    if (p.causal == 0u && p.window > 0u) { return qp + p.window; }
+    return 0xffffffffu;
+}
+
 // The keys [lo, hi) a query of batch row bi at position qp sees: the valid ones, past its
 // window's start and (causal) not after it.
 fn key_range(qp: u32, bi: u32) -> vec2<u32> {
     let kv_end = kv_end_of(bi);
     let lo = min(window_start(qp), kv_end);
-    var hi = kv_end;
-    if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
-    return vec2<u32>(lo, hi);
+    var hi = min(kv_end, window_end(qp));
+    if (p.causal == 1u) { hi = min(hi, qp + 1u); }
+    return vec2<u32>(lo, max(lo, hi));
 }
 
 // Splits in use for a decode query (LIVE_SPLIT_KEYS): as many as give each about that many of
@@ -173,8 +181,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let qp = q_pos_of(bi) + i;
     // This row's keys [lo, hi), split evenly.
     let lo = min(window_start(qp), kv_end);
-    var hi = kv_end;
-    if (p.causal == 1u) { hi = max(lo, min(hi, qp + 1u)); }
+    var hi = min(kv_end, window_end(qp));
+    if (p.causal == 1u) { hi = min(hi, qp + 1u); }
+    hi = max(lo, hi);
     let chunk = (hi - lo + p.splits - 1u) / p.splits;
     let j_begin = min(lo + split * chunk, hi);
     let j_end = min(j_begin + chunk, hi);
@@ -416,7 +425,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             part += subgroupShuffleXor(part, 1u);
             part += subgroupShuffleXor(part, 2u);
             let j = j0 + jj;
-            let ok = live && j < j_end && (p.causal == 0u || j <= qp) && j >= ws;
+            let ok = live && j < j_end && (p.causal == 0u || j <= qp) && j >= ws && j < window_end(qp);
             s[jj] = select(NEG, capped(part), ok);
             mt = max(mt, s[jj]);
         }
@@ -545,7 +554,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             let j = j0 + sk;
             var s = NEG;
             let qp = q_pos + row / p.g;
-            let ok = row < rows && j < j_end && (p.causal == 0u || j <= qp) && j >= window_start(qp);
+            let ok = row < rows && j < j_end && (p.causal == 0u || j <= qp) && j >= window_start(qp) && j < window_end(qp);
             if (ok) {
                 s = 0.0;
                 for (var d = 0u; d < HD; d++) { s += q_s[sr * HD + d] * kv_s[sk * KST + d]; }

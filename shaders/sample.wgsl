@@ -1,10 +1,10 @@
 // Token sampling on the GPU; the semantics are documented on kernels::sample::SamplerSettings
 // and mirrored by reference::sample::sample.
 // Bindings: 2 logits: array<f32> [V]; 3 settings: array<f32> [11] (SamplerSettings::to_f32s);
-//           4 history: array<u32>, this sequence's [cap] ids from index hist_base() (window
+//           4 history: array<u32>, this sequence's [cap] ids from index hist_base(row) (window
 //             read, then history[base + c] = id if c < cap);
 //           5 out: array<u32> [42] = (id, f32 bits of log_softmax(raw logits)[id]), then
-//             settings[row_ * SETTINGS_N + 8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
+//             settings[row * SETTINGS_N + 8] (<= 20) pairs (id, log-probability bits) of the largest raw logits;
 //             when any logit is NaN or infinite: (0xffffffff, how many), and no history write;
 //           6 work: array<u32> scratch: [0, V) f32 bits of the penalized, scaled logits s,
 //             [V, 2V) integer weights w = floor(exp(s - max s) * 2^31), then per-chunk
@@ -13,7 +13,7 @@
 //           7 hist: array<atomic<u32>> [8 * 512] digit histograms of the selections; all zero
 //             between runs (the finish pass clears them; wgpu zeroes new buffers);
 //           8 constraint: array<u32> [ceil(V / 32) + 2 * MAX_BIAS]: the allowed-id bitmask (bit
-//             i % 32 of word i / 32; read when settings[row_ * SETTINGS_N + 9] != 0), then settings[row_ * SETTINGS_N + 10] (id, f32 bits
+//             i % 32 of word i / 32; read when settings[row * SETTINGS_N + 9] != 0), then settings[row * SETTINGS_N + 10] (id, f32 bits
 //             of a bias) pairs sorted by id (kernels::sample::constraint_words).
 // Params: V, cap, counter c and seed as Dyn words (add, slot, mul); G chunks of `chunk` ids;
 //         `round` of a selection pass.
@@ -53,16 +53,13 @@ struct Params {
 // Rows: one sampler per row of logits (a batch of decoding sequences), each with its own
 // settings, constraint, output, scratch and history part; counter, seed and history start may
 // be per row (graph::Dyn::Rows). GPU passes run once per row (p.row); `single` takes row =
-// workgroup. Every entry sets row_ first (set_row).
-var<workgroup> row_: u32;
-fn set_row(li: u32, r: u32) {
-    if (li == 0u) { row_ = r; }
-    workgroupBarrier();
-}
+// workgroup. The row goes to every function that indexes by it as a parameter (so that the
+// uniformity analysis sees settings read at a uniform index: branches on them may precede
+// barriers).
 const SETTINGS_N: u32 = 11u;
 const OUT_N: u32 = 42u;
 // Where this sequence's ids start in the history (several sequences may share one buffer).
-fn hist_base() -> u32 { return dyn_row(p.h_add, p.h_slot, p.h_mul, row_); }
+fn hist_base(row: u32) -> u32 { return dyn_row(p.h_add, p.h_slot, p.h_mul, row); }
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 @group(0) @binding(3) var<storage, read> settings: array<f32>;
 @group(0) @binding(4) var<storage, read_write> history: array<u32>;
@@ -137,20 +134,20 @@ fn clean(x: f32) -> f32 {
 fn is_neg_inf(x: f32) -> bool { return bitcast<u32>(x) == NEG_INF_BITS; }
 
 // Whether the constraint's bitmask allows id i (every id when there is none).
-fn allowed(i: u32) -> bool {
-    if (settings[row_ * SETTINGS_N + 9] == 0.0) { return true; }
-    return ((constraint[row_ * p.cw + (i >> 5u)] >> (i & 31u)) & 1u) != 0u;
+fn allowed(i: u32, row: u32) -> bool {
+    if (settings[row * SETTINGS_N + 9] == 0.0) { return true; }
+    return ((constraint[row * p.cw + (i >> 5u)] >> (i & 31u)) & 1u) != 0u;
 }
 
 // The logit bias of id i: a binary search of the sorted (id, bias) pairs.
-fn bias_of(i: u32) -> f32 {
+fn bias_of(i: u32, row: u32) -> f32 {
     let base = (p.v + 31u) / 32u;
     var lo = 0u;
-    var hi = u32(max(settings[row_ * SETTINGS_N + 10], 0.0));
+    var hi = u32(max(settings[row * SETTINGS_N + 10], 0.0));
     while (lo < hi) {
         let mid = (lo + hi) / 2u;
-        let id = constraint[row_ * p.cw + base + 2u * mid];
-        if (id == i) { return bitcast<f32>(constraint[row_ * p.cw + base + 2u * mid + 1u]); }
+        let id = constraint[row * p.cw + base + 2u * mid];
+        if (id == i) { return bitcast<f32>(constraint[row * p.cw + base + 2u * mid + 1u]); }
         if (id < i) { lo = mid + 1u; } else { hi = mid; }
     }
     return 0.0;
@@ -158,8 +155,8 @@ fn bias_of(i: u32) -> f32 {
 
 // The sampling logit of id i from its (biased, penalized) logit x: scaled, or -inf where the
 // constraint forbids i.
-fn sampled(i: u32, x: f32, scale: f32) -> f32 {
-    return select(bitcast<f32>(NEG_INF_BITS | (bitcast<u32>(x) & 0u)), x * scale, allowed(i));
+fn sampled(i: u32, x: f32, scale: f32, row: u32) -> f32 {
+    return select(bitcast<f32>(NEG_INF_BITS | (bitcast<u32>(x) & 0u)), x * scale, allowed(i, row));
 }
 
 fn penalize(x: f32, r: f32, inv_r: f32) -> f32 {
@@ -308,40 +305,40 @@ fn scan64(li: u32, v: vec2<u32>) -> vec2<u32> {
 }
 
 // Bin b of round q as a 64-bit number.
-fn bin(q: u32, b: u32, mass: bool) -> vec2<u32> {
+fn bin(q: u32, b: u32, mass: bool, row: u32) -> vec2<u32> {
     let at = q * 512u;
-    if (mass) { return vec2<u32>(atomicLoad(&hist[row_ * HIST_WORDS + at + 2u * b]), atomicLoad(&hist[row_ * HIST_WORDS + at + 2u * b + 1u])); }
-    return vec2<u32>(atomicLoad(&hist[row_ * HIST_WORDS + at + b]), 0u);
+    if (mass) { return vec2<u32>(atomicLoad(&hist[row * HIST_WORDS + at + 2u * b]), atomicLoad(&hist[row * HIST_WORDS + at + 2u * b + 1u])); }
+    return vec2<u32>(atomicLoad(&hist[row * HIST_WORDS + at + b]), 0u);
 }
 
 // The total of round q's histogram.
-fn hist_total(li: u32, q: u32, mass: bool) -> vec2<u32> {
-    scan64(li, bin(q, li, mass));
+fn hist_total(li: u32, q: u32, mass: bool, row: u32) -> vec2<u32> {
+    scan64(li, bin(q, li, mass, row));
     return workgroupUniformLoad(&red64[255]);
 }
 
 // One radix step: the digit of round q holding the `need`-th unit counted from the top, and
 // the need left inside that digit's bin: (digit, need lo, need hi).
-fn resolve(li: u32, q: u32, mass: bool, need: vec2<u32>) -> vec3<u32> {
+fn resolve(li: u32, q: u32, mass: bool, need: vec2<u32>, row: u32) -> vec3<u32> {
     let d = 255u - li;
-    let val = bin(q, d, mass);
+    let val = bin(q, d, mass, row);
     let incl = scan64(li, val);
     let excl = sub64(incl, val);
     if (!ge64(excl, need) && ge64(incl, need)) { pick = vec4<u32>(d, sub64(need, excl), 0u); }
     return workgroupUniformLoad(&pick).xyz;
 }
 
-fn state(slot: u32) -> vec3<u32> {
+fn state(slot: u32, row: u32) -> vec3<u32> {
     let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
-    return vec3<u32>(work[row_][at], work[row_][at + 1u], work[row_][at + 2u]);
+    return vec3<u32>(work[row][at], work[row][at + 1u], work[row][at + 2u]);
 }
 
-fn set_state(slot: u32, s: vec3<u32>, g: u32, li: u32) {
+fn set_state(slot: u32, s: vec3<u32>, g: u32, li: u32, row: u32) {
     if (g == 0u && li == 0u) {
         let at = 2u * p.v + p.groups * (PART_W + TOPS_W) + 4u * slot;
-        work[row_][at] = s.x;
-        work[row_][at + 1u] = s.y;
-        work[row_][at + 2u] = s.z;
+        work[row][at] = s.x;
+        work[row][at + 1u] = s.y;
+        work[row][at + 2u] = s.z;
     }
 }
 
@@ -349,8 +346,8 @@ fn part_at(g: u32) -> u32 { return 2u * p.v + g * PART_W; }
 fn tops_at(g: u32) -> u32 { return 2u * p.v + p.groups * PART_W + g * TOPS_W; }
 
 // The state after resolving round r - 1 of a select whose state before it is `prev`.
-fn advance(li: u32, q: u32, mass: bool, r: u32, prev: vec3<u32>) -> vec3<u32> {
-    let got = resolve(li, q, mass, prev.yz);
+fn advance(li: u32, q: u32, mass: bool, r: u32, prev: vec3<u32>, row: u32) -> vec3<u32> {
+    let got = resolve(li, q, mass, prev.yz, row);
     return vec3<u32>(prev.x | (got.x << (32u - 8u * r)), got.yz);
 }
 
@@ -366,18 +363,18 @@ fn local_add(b: u32, w: u32) {
     if (old + w < old) { atomicAdd(&h_hi[b], 1u); }
 }
 
-fn local_flush(li: u32, q: u32, mass: bool) {
+fn local_flush(li: u32, q: u32, mass: bool, row: u32) {
     workgroupBarrier();
     let lo = atomicLoad(&h_lo[li]);
     let hi = atomicLoad(&h_hi[li]);
     let at = q * 512u;
     if (mass) {
         if ((lo | hi) != 0u) {
-            let old = atomicAdd(&hist[row_ * HIST_WORDS + at + 2u * li], lo);
-            atomicAdd(&hist[row_ * HIST_WORDS + at + 2u * li + 1u], hi + select(0u, 1u, old + lo < old));
+            let old = atomicAdd(&hist[row * HIST_WORDS + at + 2u * li], lo);
+            atomicAdd(&hist[row * HIST_WORDS + at + 2u * li + 1u], hi + select(0u, 1u, old + lo < old));
         }
     } else if (lo != 0u) {
-        atomicAdd(&hist[row_ * HIST_WORDS + at + li], lo);
+        atomicAdd(&hist[row * HIST_WORDS + at + li], lo);
     }
 }
 
@@ -387,31 +384,31 @@ fn chunk_of(g: u32) -> Chunk {
     return Chunk(start, min(start + p.chunk, p.v));
 }
 
-fn is_greedy() -> bool { return !(settings[row_ * SETTINGS_N + 0] > 0.0); }
-fn top_k() -> u32 { return u32(max(settings[row_ * SETTINGS_N + 1], 0.0)); }
-fn top_k_on() -> bool { let k = top_k(); return k > 0u && k < p.v; }
-fn top_p_on() -> bool { return settings[row_ * SETTINGS_N + 2] < 1.0; }
+fn is_greedy(row: u32) -> bool { return !(settings[row * SETTINGS_N + 0] > 0.0); }
+fn top_k(row: u32) -> u32 { return u32(max(settings[row * SETTINGS_N + 1], 0.0)); }
+fn top_k_on(row: u32) -> bool { let k = top_k(row); return k > 0u && k < p.v; }
+fn top_p_on(row: u32) -> bool { return settings[row * SETTINGS_N + 2] < 1.0; }
 
 // The mask of the digits above round r's (r = 1..3).
 fn high_mask(r: u32) -> u32 { return 0xffffffffu << (32u - 8u * r); }
 
-fn prep_pass(li: u32, g: u32) {
+fn prep_pass(li: u32, g: u32, row: u32) {
     let ch = chunk_of(g);
-    let c = dyn_row(p.c_add, p.c_slot, p.c_mul, row_);
-    let greedy = is_greedy();
-    let scale = select(settings[row_ * SETTINGS_N + 6], 1.0, greedy);
-    let r = settings[row_ * SETTINGS_N + 4];
-    let inv_r = settings[row_ * SETTINGS_N + 7];
+    let c = dyn_row(p.c_add, p.c_slot, p.c_mul, row);
+    let greedy = is_greedy(row);
+    let scale = select(settings[row * SETTINGS_N + 6], 1.0, greedy);
+    let r = settings[row * SETTINGS_N + 4];
+    let inv_r = settings[row * SETTINGS_N + 7];
 
     // s = logits * scale; non-finite logits (overflowed activations) are counted and
     // reported instead of a draw.
     var raw_max = 0u;
     var bad = 0u;
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let x = clean(logits[row_ * p.v + i]);
-        work[row_][i] = bitcast<u32>(sampled(i, x, scale));
+        let x = clean(logits[row * p.v + i]);
+        work[row][i] = bitcast<u32>(sampled(i, x, scale, row));
         raw_max = max(raw_max, key_of(bitcast<u32>(x)));
-        bad += select(0u, 1u, (bitcast<u32>(logits[row_ * p.v + i]) & 0x7f800000u) == 0x7f800000u);
+        bad += select(0u, 1u, (bitcast<u32>(logits[row * p.v + i]) & 0x7f800000u) == 0x7f800000u);
     }
     let rm = reduce_u32(li, raw_max, 1u);
     let m = bitcast<f32>(bits_of_key(rm));
@@ -420,24 +417,24 @@ fn prep_pass(li: u32, g: u32) {
     // Logit bias on this chunk's ids, then the repetition penalty on the biased logits:
     // duplicates in the window write identical bits, so each distinct id is penalized once
     // without deduplication.
-    let n_bias = u32(max(settings[row_ * SETTINGS_N + 10], 0.0));
+    let n_bias = u32(max(settings[row * SETTINGS_N + 10], 0.0));
     let base = (p.v + 31u) / 32u;
     for (var j = li; j < n_bias; j += WG) {
-        let id = constraint[row_ * p.cw + base + 2u * j];
+        let id = constraint[row * p.cw + base + 2u * j];
         if (id >= ch.start && id < ch.end) {
-            let x = clean(logits[row_ * p.v + id]) + bitcast<f32>(constraint[row_ * p.cw + base + 2u * j + 1u]);
-            work[row_][id] = bitcast<u32>(sampled(id, x, scale));
+            let x = clean(logits[row * p.v + id]) + bitcast<f32>(constraint[row * p.cw + base + 2u * j + 1u]);
+            work[row][id] = bitcast<u32>(sampled(id, x, scale, row));
         }
     }
     storageBarrier();
-    let win = u32(max(settings[row_ * SETTINGS_N + 5], 0.0));
+    let win = u32(max(settings[row * SETTINGS_N + 5], 0.0));
     let hi = min(c, p.cap);
     let lo = c - min(c, win);
     for (var j = lo + li; j < hi; j += WG) {
-        let id = history[hist_base() + j];
+        let id = history[hist_base(row) + j];
         if (id >= ch.start && id < ch.end) {
-            let x = clean(logits[row_ * p.v + id]) + select(0.0, bias_of(id), n_bias > 0u);
-            work[row_][id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale));
+            let x = clean(logits[row * p.v + id]) + select(0.0, bias_of(id, row), n_bias > 0u);
+            work[row][id] = bitcast<u32>(sampled(id, penalize(x, r, inv_r), scale, row));
         }
     }
     storageBarrier();
@@ -447,143 +444,143 @@ fn prep_pass(li: u32, g: u32) {
     var best = vec2<u32>(0u, 0u);
     var raw_sum = 0.0;
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let cand = vec2<u32>(~i, key_of(work[row_][i]));
+        let cand = vec2<u32>(~i, key_of(work[row][i]));
         if (!ge64(best, cand)) { best = cand; }
-        let x = clean(logits[row_ * p.v + i]);
+        let x = clean(logits[row * p.v + i]);
         raw_sum += select(exp(x - m), 0.0, is_neg_inf(x));
     }
     best = max64(li, best);
     raw_sum = sum_f32(li, raw_sum);
     if (li == 0u) {
         let at = part_at(g);
-        work[row_][at] = best.y;
-        work[row_][at + 1u] = ~best.x;
-        work[row_][at + 2u] = rm;
-        work[row_][at + 3u] = bitcast<u32>(raw_sum);
-        work[row_][at + 4u] = n_bad;
+        work[row][at] = best.y;
+        work[row][at + 1u] = ~best.x;
+        work[row][at + 2u] = rm;
+        work[row][at + 3u] = bitcast<u32>(raw_sum);
+        work[row][at + 4u] = n_bad;
     }
 
     // This chunk's top_logprobs candidates: round n finds the largest (key, ~index) below
     // the one of round n - 1.
-    let top_n = min(u32(max(settings[row_ * SETTINGS_N + 8], 0.0)), min(p.v, 20u));
+    let top_n = min(u32(max(settings[row * SETTINGS_N + 8], 0.0)), min(p.v, 20u));
     var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
     for (var n = 0u; n < top_n; n++) {
         var cand_best = vec2<u32>(0u, 0u);
         for (var i = ch.start + li; i < ch.end; i += WG) {
-            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[row_ * p.v + i]))));
+            let cand = vec2<u32>(~i, key_of(bitcast<u32>(clean(logits[row * p.v + i]))));
             if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
         }
         prev = max64(li, cand_best);
         if (li == 0u) {
-            work[row_][tops_at(g) + 2u * n] = prev.x;
-            work[row_][tops_at(g) + 2u * n + 1u] = prev.y;
+            work[row][tops_at(g) + 2u * n] = prev.x;
+            work[row][tops_at(g) + 2u * n + 1u] = prev.y;
         }
     }
 
     // Round 0 of the top-k select: the top digit of every key.
-    if (!greedy && top_k_on()) {
+    if (!greedy && top_k_on(row)) {
         local_clear(li);
-        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[row_][i]) >> 24u, 1u); }
-        local_flush(li, 0u, false);
+        for (var i = ch.start + li; i < ch.end; i += WG) { local_add(key_of(work[row][i]) >> 24u, 1u); }
+        local_flush(li, 0u, false, row);
     }
 }
 
-fn kround_pass(li: u32, g: u32, r: u32) {
-    if (is_greedy() || !top_k_on()) { return; }
+fn kround_pass(li: u32, g: u32, r: u32, row: u32) {
+    if (is_greedy(row) || !top_k_on(row)) { return; }
     let ch = chunk_of(g);
-    let prev = select(state(r - 1u), vec3<u32>(0u, top_k(), 0u), r == 1u);
-    let st = advance(li, r - 1u, false, r, prev);
-    set_state(r, st, g, li);
+    let prev = select(state(r - 1u, row), vec3<u32>(0u, top_k(row), 0u), r == 1u);
+    let st = advance(li, r - 1u, false, r, prev, row);
+    set_state(r, st, g, li, row);
     let mask = high_mask(r);
     let shift = 24u - 8u * r;
     local_clear(li);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[row_][i]);
+        let key = key_of(work[row][i]);
         if ((key & mask) == st.x) { local_add((key >> shift) & 255u, 1u); }
     }
-    local_flush(li, r, false);
+    local_flush(li, r, false, row);
 }
 
 // The max s of all chunks (its key).
-fn max_key(li: u32) -> u32 {
+fn max_key(li: u32, row: u32) -> u32 {
     var k = 0u;
-    for (var g = li; g < p.groups; g += WG) { k = max(k, work[row_][part_at(g)]); }
+    for (var g = li; g < p.groups; g += WG) { k = max(k, work[row][part_at(g)]); }
     return reduce_u32(li, k, 1u);
 }
 
-fn weights_pass(li: u32, g: u32) {
-    if (is_greedy()) { return; }
+fn weights_pass(li: u32, g: u32, row: u32) {
+    if (is_greedy(row)) { return; }
     let ch = chunk_of(g);
-    let m = bitcast<f32>(bits_of_key(max_key(li)));
+    let m = bitcast<f32>(bits_of_key(max_key(li, row)));
     var tk = 0u;
-    if (top_k_on()) { tk = advance(li, 3u, false, 4u, state(3u)).x; }
-    set_state(TK, vec3<u32>(tk, 0u, 0u), g, li);
-    let mass = top_p_on();
+    if (top_k_on(row)) { tk = advance(li, 3u, false, 4u, state(3u, row), row).x; }
+    set_state(TK, vec3<u32>(tk, 0u, 0u), g, li, row);
+    let mass = top_p_on(row);
     if (mass) { local_clear(li); }
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[row_][i]);
-        let w = weight(bitcast<f32>(work[row_][i]), m);
-        work[row_][p.v + i] = w;
+        let key = key_of(work[row][i]);
+        let w = weight(bitcast<f32>(work[row][i]), m);
+        work[row][p.v + i] = w;
         if (mass && key >= tk) { local_add(key >> 24u, w); }
     }
-    if (mass) { local_flush(li, 4u, true); }
+    if (mass) { local_flush(li, 4u, true, row); }
 }
 
-fn pround_pass(li: u32, g: u32, r: u32) {
-    if (is_greedy() || !top_p_on()) { return; }
+fn pround_pass(li: u32, g: u32, r: u32, row: u32) {
+    if (is_greedy(row) || !top_p_on(row)) { return; }
     let ch = chunk_of(g);
-    let tk = state(TK).x;
+    let tk = state(TK, row).x;
     var prev: vec3<u32>;
     if (r == 1u) {
         // The target: ceil(P * mass_k / 2^32), at least 1 (so the maximum always survives);
         // p enters as a 32-bit binary fraction.
-        let pf = u32(ldexp(max(settings[row_ * SETTINGS_N + 2], 0.0), 32));
-        let q = mul64_frac(hist_total(li, 4u, true), pf);
+        let pf = u32(ldexp(max(settings[row * SETTINGS_N + 2], 0.0), 32));
+        let q = mul64_frac(hist_total(li, 4u, true, row), pf);
         var need = add64(q.xy, vec2<u32>(select(0u, 1u, q.z != 0u), 0u));
         need = select(need, vec2<u32>(1u, 0u), need.x == 0u && need.y == 0u);
         prev = vec3<u32>(0u, need);
     } else {
-        prev = state(4u + r - 1u);
+        prev = state(4u + r - 1u, row);
     }
-    let st = advance(li, 4u + r - 1u, true, r, prev);
-    set_state(4u + r, st, g, li);
+    let st = advance(li, 4u + r - 1u, true, r, prev, row);
+    set_state(4u + r, st, g, li, row);
     let mask = high_mask(r);
     let shift = 24u - 8u * r;
     local_clear(li);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let key = key_of(work[row_][i]);
-        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[row_][p.v + i]); }
+        let key = key_of(work[row][i]);
+        if (key >= tk && (key & mask) == st.x) { local_add((key >> shift) & 255u, work[row][p.v + i]); }
     }
-    local_flush(li, 4u + r, true);
+    local_flush(li, 4u + r, true, row);
 }
 
 // Min-p on the integer weights: keep w >= ceil(min_p * 2^31) (the max has w = 2^31).
-fn min_p_weight() -> u32 { return u32(ceil(ldexp(clamp(settings[row_ * SETTINGS_N + 3], 0.0, 1.0), 31))); }
+fn min_p_weight(row: u32) -> u32 { return u32(ceil(ldexp(clamp(settings[row * SETTINGS_N + 3], 0.0, 1.0), 31))); }
 
-fn kept_pass(li: u32, g: u32) {
-    if (is_greedy()) { return; }
+fn kept_pass(li: u32, g: u32, row: u32) {
+    if (is_greedy(row)) { return; }
     let ch = chunk_of(g);
     // The top-p cut is the largest key whose kept mass reaches the target; it is never
     // below tk (the select only counts keys >= tk).
-    var t = state(TK).x;
-    if (top_p_on()) { t = advance(li, 7u, true, 4u, state(7u)).x; }
-    set_state(T_CUT, vec3<u32>(t, 0u, 0u), g, li);
-    let mp = min_p_weight();
+    var t = state(TK, row).x;
+    if (top_p_on(row)) { t = advance(li, 7u, true, 4u, state(7u, row), row).x; }
+    set_state(T_CUT, vec3<u32>(t, 0u, 0u), g, li, row);
+    let mp = min_p_weight(row);
     var mass = vec2<u32>(0u, 0u);
     for (var i = ch.start + li; i < ch.end; i += WG) {
-        let w = work[row_][p.v + i];
-        if (key_of(work[row_][i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
+        let w = work[row][p.v + i];
+        if (key_of(work[row][i]) >= t && w >= mp) { mass = add64(mass, vec2<u32>(w, 0u)); }
     }
     mass = sum64(li, mass);
     if (li == 0u) {
-        work[row_][part_at(g) + 5u] = mass.x;
-        work[row_][part_at(g) + 6u] = mass.y;
+        work[row][part_at(g) + 5u] = mass.x;
+        work[row][part_at(g) + 6u] = mass.y;
     }
 }
 
-fn finish_pass(li: u32) {
+fn finish_pass(li: u32, row: u32) {
     let v = p.v;
-    let c = dyn_row(p.c_add, p.c_slot, p.c_mul, row_);
+    let c = dyn_row(p.c_add, p.c_slot, p.c_mul, row);
     let ng = p.groups;
 
     // Merge the chunks: the argmax of s (lowest index on ties), log Z of the raw logits.
@@ -592,10 +589,10 @@ fn finish_pass(li: u32) {
     var bad = 0u;
     for (var g = li; g < ng; g += WG) {
         let at = part_at(g);
-        let cand = vec2<u32>(~work[row_][at + 1u], work[row_][at]);
+        let cand = vec2<u32>(~work[row][at + 1u], work[row][at]);
         if (!ge64(best, cand)) { best = cand; }
-        rmax = max(rmax, work[row_][at + 2u]);
-        bad += work[row_][at + 4u];
+        rmax = max(rmax, work[row][at + 2u]);
+        bad += work[row][at + 4u];
     }
     best = max64(li, best);
     rmax = reduce_u32(li, rmax, 1u);
@@ -604,22 +601,22 @@ fn finish_pass(li: u32) {
     var raw_sum = 0.0;
     for (var g = li; g < ng; g += WG) {
         let at = part_at(g);
-        let mg = bitcast<f32>(bits_of_key(work[row_][at + 2u]));
-        raw_sum += select(bitcast<f32>(work[row_][at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
+        let mg = bitcast<f32>(bits_of_key(work[row][at + 2u]));
+        raw_sum += select(bitcast<f32>(work[row][at + 3u]) * exp(mg - raw_m), 0.0, is_neg_inf(mg));
     }
     let log_z = raw_m + log(sum_f32(li, raw_sum));
 
-    if (is_greedy()) {
+    if (is_greedy(row)) {
         if (li == 0u) { chosen = ~best.x; }
     } else {
-        let t = state(T_CUT).x;
-        let mp = min_p_weight();
+        let t = state(T_CUT, row).x;
+        let mp = min_p_weight(row);
         // The draw: the chunk holding the target in index order, then the thread's run in it.
         var kept_g = vec2<u32>(0u, 0u);
-        if (li < ng) { kept_g = vec2<u32>(work[row_][part_at(li) + 5u], work[row_][part_at(li) + 6u]); }
+        if (li < ng) { kept_g = vec2<u32>(work[row][part_at(li) + 5u], work[row][part_at(li) + 6u]); }
         let incl = scan64(li, kept_g);
         let total = workgroupUniformLoad(&red64[255]);
-        let seed = dyn_row(p.s_add, p.s_slot, p.s_mul, row_);
+        let seed = dyn_row(p.s_add, p.s_slot, p.s_mul, row);
         let u = philox4x32_10(vec4<u32>(c, 0u, 1u, 0u), vec2<u32>(seed, 0u)).x;
         let tg = mul64_frac(total, u).xy;
         let excl = sub64(incl, kept_g);
@@ -632,16 +629,16 @@ fn finish_pass(li: u32) {
         let end = min(start + sub, ch.end);
         var part = vec2<u32>(0u, 0u);
         for (var i = start; i < end; i++) {
-            let w = work[row_][v + i];
-            if (key_of(work[row_][i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
+            let w = work[row][v + i];
+            if (key_of(work[row][i]) >= t && w >= mp) { part = add64(part, vec2<u32>(w, 0u)); }
         }
         if (li == 0u) { chosen = v; }
         let base = sub64(scan64(li, part), part);
         if (ge64(local_tg, base) && !ge64(local_tg, add64(base, part))) {
             var run = base;
             for (var i = start; i < end; i++) {
-                let w = work[row_][v + i];
-                if (key_of(work[row_][i]) >= t && w >= mp) {
+                let w = work[row][v + i];
+                if (key_of(work[row][i]) >= t && w >= mp) {
                     run = add64(run, vec2<u32>(w, 0u));
                     if (!ge64(local_tg, run)) {
                         chosen = i;
@@ -655,36 +652,36 @@ fn finish_pass(li: u32) {
     // The most likely ids for top_logprobs, from the chunks' candidates: round n finds the
     // largest (key, ~index) below the one of round n - 1, so ties go to the lower index as in
     // the greedy path.
-    let top_n = min(u32(max(settings[row_ * SETTINGS_N + 8], 0.0)), min(v, 20u));
+    let top_n = min(u32(max(settings[row * SETTINGS_N + 8], 0.0)), min(v, 20u));
     var prev = vec2<u32>(0xffffffffu, 0xffffffffu);
     for (var n = 0u; n < top_n; n++) {
         var cand_best = vec2<u32>(0u, 0u);
         for (var e = li; e < ng * top_n; e += WG) {
             let at = tops_at(e / top_n) + 2u * (e % top_n);
-            let cand = vec2<u32>(work[row_][at], work[row_][at + 1u]);
+            let cand = vec2<u32>(work[row][at], work[row][at + 1u]);
             if (!ge64(cand, prev) && ge64(cand, cand_best)) { cand_best = cand; }
         }
         prev = max64(li, cand_best);
         if (li == 0u) {
             let id = ~prev.x;
-            out[row_ * OUT_N + 2u + 2u * n] = id;
-            out[row_ * OUT_N + 3u + 2u * n] = bitcast<u32>(clean(logits[row_ * p.v + id]) - log_z);
+            out[row * OUT_N + 2u + 2u * n] = id;
+            out[row * OUT_N + 3u + 2u * n] = bitcast<u32>(clean(logits[row * p.v + id]) - log_z);
         }
     }
 
     workgroupBarrier();
     if (li == 0u) {
         if (n_bad > 0u) {
-            out[row_ * OUT_N + 0] = 0xffffffffu;
-            out[row_ * OUT_N + 1] = n_bad;
+            out[row * OUT_N + 0] = 0xffffffffu;
+            out[row * OUT_N + 1] = n_bad;
         } else {
             let id = min(chosen, v - 1u);
-            out[row_ * OUT_N + 0] = id;
-            out[row_ * OUT_N + 1] = bitcast<u32>(clean(logits[row_ * p.v + id]) - log_z);
-            if (c < p.cap) { history[hist_base() + c] = id; }
+            out[row * OUT_N + 0] = id;
+            out[row * OUT_N + 1] = bitcast<u32>(clean(logits[row * p.v + id]) - log_z);
+            if (c < p.cap) { history[hist_base(row) + c] = id; }
         }
     }
-    for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[row_ * HIST_WORDS + i], 0u); }
+    for (var i = li; i < HIST_WORDS; i += WG) { atomicStore(&hist[row * HIST_WORDS + i], 0u); }
 }
 
 // The GPU variant's workgroup counts for the passes a run may skip (read by indirect
@@ -692,11 +689,11 @@ fn finish_pass(li: u32) {
 // groups where the pass would return at once (greedy decoding, top-k or top-p off).
 @group(0) @binding(9) var<storage, read_write> args: array<u32>;
 
-fn write_args() {
-    let sampling = !is_greedy();
-    args[0] = select(0u, p.groups, sampling && top_k_on());
+fn write_args(row: u32) {
+    let sampling = !is_greedy(row);
+    args[0] = select(0u, p.groups, sampling && top_k_on(row));
     args[3] = select(0u, p.groups, sampling);
-    args[6] = select(0u, p.groups, sampling && top_p_on());
+    args[6] = select(0u, p.groups, sampling && top_p_on(row));
     for (var i = 0u; i < 3u; i++) {
         args[3u * i + 1u] = 1u;
         args[3u * i + 2u] = 1u;
@@ -705,39 +702,39 @@ fn write_args() {
 
 @compute @workgroup_size(256)
 fn prep(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    set_row(li, p.row);
-    if (wid.x == 0u && li == 0u) { write_args(); }
-    prep_pass(li, wid.x);
+    let row = p.row;
+    if (wid.x == 0u && li == 0u) { write_args(row); }
+    prep_pass(li, wid.x, row);
 }
 @compute @workgroup_size(256)
-fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); kround_pass(li, wid.x, p.round); }
+fn kround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { let row = p.row; kround_pass(li, wid.x, p.round, row); }
 @compute @workgroup_size(256)
-fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); weights_pass(li, wid.x); }
+fn weights(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { let row = p.row; weights_pass(li, wid.x, row); }
 @compute @workgroup_size(256)
-fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); pround_pass(li, wid.x, p.round); }
+fn pround(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { let row = p.row; pround_pass(li, wid.x, p.round, row); }
 @compute @workgroup_size(256)
-fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { set_row(li, p.row); kept_pass(li, wid.x); }
+fn kept(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) { let row = p.row; kept_pass(li, wid.x, row); }
 @compute @workgroup_size(256)
-fn finish(@builtin(local_invocation_index) li: u32) { set_row(li, p.row); finish_pass(li); }
+fn finish(@builtin(local_invocation_index) li: u32) { let row = p.row; finish_pass(li, row); }
 
 // Every pass in one workgroup and one dispatch (one chunk: G = 1), for software adapters,
 // where a dispatch costs more than the parallelism buys; a workgroup per row.
 @compute @workgroup_size(256)
 fn single(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    set_row(li, wid.x);
-    prep_pass(li, 0u);
+    let row = wid.x;
+    prep_pass(li, 0u, row);
     for (var r = 1u; r < 4u; r++) {
         storageBarrier();
-        kround_pass(li, 0u, r);
+        kround_pass(li, 0u, r, row);
     }
     storageBarrier();
-    weights_pass(li, 0u);
+    weights_pass(li, 0u, row);
     for (var r = 1u; r < 4u; r++) {
         storageBarrier();
-        pround_pass(li, 0u, r);
+        pround_pass(li, 0u, r, row);
     }
     storageBarrier();
-    kept_pass(li, 0u);
+    kept_pass(li, 0u, row);
     storageBarrier();
-    finish_pass(li);
+    finish_pass(li, row);
 }

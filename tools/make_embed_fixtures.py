@@ -14,6 +14,12 @@ Writes tests/fixtures/embed/ (see tests/fixtures/README.md, section `embed/`):
                    tokenizer appends <|endoftext|> (as Qwen3-Embedding's does) and the model has a
                    "query" prompt (an instruction prefix); qwen3-emb-tiny_query.npy the sentences
                    encoded with prompt_name="query"
+  gemma-emb-tiny/  EmbeddingGemma's layout: a random Gemma3TextModel with
+                   use_bidirectional_attention (sliding_window 4, which transformers turns into
+                   |q - k| < 4 / 2 + 1 = 3, so sentences cross it both ways), mean Pooling, two Dense modules (64 -> 128 -> 64, no bias, Identity) in
+                   2_Dense and 3_Dense, Normalize; its tokenizer (tests/fixtures/llm-arch/gemma3-bf16's)
+                   adds <s> and </s>; "query"/"document" prompts as EmbeddingGemma's;
+                   gemma-emb-tiny_query.npy the sentences with prompt_name="query"
   minilm-tiny.gguf minilm-tiny converted by llama.cpp's convert_hf_to_gguf.py (f32; the `bert`
                    architecture, mean pooling, its WordPiece vocabulary), the converter of the
                    llama.cpp source tools/build-llama-quantize.sh unpacks (--llama-cpp DIR)
@@ -81,6 +87,56 @@ def init(model, g):
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
             elif isinstance(m, torch.nn.Embedding):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
+            elif type(m).__name__.endswith("RMSNorm"):
+                # Gemma's (1 + w) norms: w around 0.
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.8 - 0.4)
+
+
+def make_gemma(tmp, build, g):
+    """EmbeddingGemma's layout at a tiny size (see the module docstring)."""
+    import json
+    import shutil
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+    src = REPO / "tests" / "fixtures" / "llm-arch" / "gemma3-bf16"
+    d = tmp / "gemma"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(src / f, d / f)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["post_processor"] = {"type": "TemplateProcessing",
+                            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                     {"SpecialToken": {"id": "</s>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                                     {"SpecialToken": {"id": "</s>", "type_id": 1}}],
+                            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                                               "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.update(add_bos_token=True, add_eos_token=True, pad_token="<unk>")
+    tc.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    base = json.loads((src / "config.json").read_text())
+    cfg = Gemma3TextConfig(vocab_size=base["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           max_position_embeddings=128, query_pre_attn_scalar=32, rope_theta=1000.0,
+                           use_bidirectional_attention=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Gemma3TextModel(cfg).eval()
+    init(model, g)
+    model.save_pretrained(str(d))
+    word = models.Transformer(str(d), max_seq_length=48)
+    h = word.get_word_embedding_dimension()
+    d1 = models.Dense(h, 2 * h, bias=False, activation_function=torch.nn.Identity())
+    d2 = models.Dense(2 * h, h, bias=False, activation_function=torch.nn.Identity())
+    init(d1, g)
+    init(d2, g)
+    st = SentenceTransformer(modules=[word, models.Pooling(h, pooling_mode="mean"), d1, d2, models.Normalize()],
+                             device="cpu", prompts={"query": "task: search result | query: ",
+                                                    "document": "title: none | text: "})
+    st.save(str(build / "gemma-emb-tiny"))
+    return SentenceTransformer(str(build / "gemma-emb-tiny"), device="cpu")
 
 
 def main():
@@ -146,6 +202,7 @@ def main():
                                  prompts={"query": "Instruct: Given a question, find passages that answer it\nQuery:"})
         st.save(str(build / "qwen3-emb-tiny"))
         made["qwen3-emb-tiny"] = SentenceTransformer(str(build / "qwen3-emb-tiny"), device="cpu")
+        made["gemma-emb-tiny"] = make_gemma(tmp, build, g)
     arrays, ids = {}, {}
     for name, st in made.items():
         st.eval()
@@ -160,6 +217,11 @@ def main():
     assert ids["qwen3-emb-tiny"][0][-1] == q.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.no_grad():
         arrays["qwen3-emb-tiny_query"] = as_f32(q.encode(SENTENCES, prompt_name="query", batch_size=4, convert_to_numpy=True))
+        arrays["gemma-emb-tiny_query"] = as_f32(made["gemma-emb-tiny"].encode(
+            SENTENCES, prompt_name="query", batch_size=4, convert_to_numpy=True))
+    gm = made["gemma-emb-tiny"]
+    assert ids["gemma-emb-tiny"][0][0] == 1 and ids["gemma-emb-tiny"][0][-1] == 2, ids["gemma-emb-tiny"][0]
+    assert max(len(i) for i in ids["gemma-emb-tiny"]) > 2 * gm[0].auto_model.config.sliding_window
     # The GGUF a llama.cpp user would make of minilm-tiny (the tiny vocabulary's pre-tokenizer
     # hash is unknown to the converter: "default", as llama.cpp's own BERT vocabularies use).
     llama = pathlib.Path(sys.argv[sys.argv.index("--llama-cpp") + 1])
@@ -171,8 +233,10 @@ def main():
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
         "sentences": SENTENCES, "max_seq_length": MAX_SEQ, "token_ids": ids["minilm-tiny"],
         "models": {"minilm-tiny": "mean", "bge-tiny": "cls", "dense-tiny": "mean + dense 24 tanh",
-                   "qwen3-emb-tiny": "qwen3 decoder, lasttoken"},
+                   "qwen3-emb-tiny": "qwen3 decoder, lasttoken",
+                   "gemma-emb-tiny": "gemma3 bidirectional, mean + dense 128 + dense 64"},
         "qwen3_token_ids": ids["qwen3-emb-tiny"],
+        "gemma_token_ids": ids["gemma-emb-tiny"],
         "arrays": {k: {"shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()[:16]}
                    for k, v in sorted(arrays.items())},
     })

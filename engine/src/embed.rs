@@ -108,6 +108,15 @@ pub struct DenseLayer {
 /// The most tokens per input for decoder embedders (each position costs a KV-cache row).
 pub const MAX_DECODER_TOKENS: usize = 2048;
 
+/// A decoder embedder's compiled pass for inputs of one length: the run position, the pooling
+/// weights input and the pooled (Dense) output.
+struct DecoderPass {
+    plan: crate::Plan,
+    pos: crate::Scalar,
+    pool: Value,
+    out: Value,
+}
+
 /// The network under the pooling.
 enum Encoder {
     Bert { cfg: BertConfig, weights: Weights },
@@ -130,7 +139,7 @@ pub struct Embedder {
     tokenizer: EmbedTokenizer,
     /// A decoder embedder's compiled passes by input length (compiled at the first input of
     /// each length, replayed after).
-    hidden_plans: std::sync::Mutex<std::collections::HashMap<usize, crate::llm::model::Hidden>>,
+    hidden_plans: std::sync::Mutex<std::collections::HashMap<usize, DecoderPass>>,
 }
 
 /// Input lengths whose decoder passes are kept compiled at most (then the cache starts over).
@@ -347,11 +356,6 @@ impl Embedder {
             // A decoder Kiln runs for text; its config says which (or why not).
             let cfg = crate::llm::LlmConfig::from_hf(&config, None)?;
             let max_len = max_len(&files, cfg.max_positions).min(MAX_DECODER_TOKENS);
-            if !dense.is_empty() {
-                return Err(Error::Unsupported(
-                    "Dense modules after a decoder embedder".into(),
-                ));
-            }
             let opts = crate::llm::LoadOptions {
                 ctx: max_len,
                 quantize: q,
@@ -626,14 +630,29 @@ impl Embedder {
             .collect())
     }
 
-    /// A decoder embedder's vector of one input: its final-norm states, pooled on the host.
+    /// A decoder embedder's vector of one input: its final-norm states, pooled and through the
+    /// Dense modules in the same pass (compiled once per input length).
     async fn decoder_pass(&self, m: &crate::llm::TextModel, ids: &[u32]) -> Result<Vec<f32>> {
-        let (h, n) = (m.config.hidden, ids.len());
+        let n = ids.len();
         let cached = self.hidden_plans.lock().ok().and_then(|mut c| c.remove(&n));
         let mut p = match cached {
             Some(p) => p,
             None => {
-                crate::llm::model::build_hidden(&self.gpu, &m.config, &m.weights, &m.kv, n).await?
+                let mut g = Graph::new();
+                let pos = g.scalar("pos")?;
+                let x =
+                    crate::llm::model::final_states(&mut g, &m.config, &m.weights, &m.kv, n, pos)?;
+                let x = g.reshape(x, &[1, n, m.config.hidden])?;
+                let pool = g.input("pooling", &[1, 1, n], DType::F32)?;
+                let out = self.pooled(&mut g, x, pool)?;
+                g.output(out);
+                let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
+                DecoderPass {
+                    plan,
+                    pos,
+                    pool,
+                    out,
+                }
             }
         };
         self.gpu.write_buffer(
@@ -642,6 +661,7 @@ impl Embedder {
             bytemuck::cast_slice(ids),
         );
         p.plan.set(p.pos, 0);
+        p.plan.write_f32(p.pool, &self.pooling_rows(&[n])[..n])?;
         let bytes = p.plan.run_read(&[p.out]).await?;
         if let Ok(mut c) = self.hidden_plans.lock() {
             if c.len() >= MAX_HIDDEN_PLANS {
@@ -649,15 +669,40 @@ impl Embedder {
             }
             c.insert(n, p);
         }
-        let states: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
-        let v: Vec<f32> = match self.pooling {
-            Pooling::Cls => states[..h].to_vec(),
-            Pooling::LastToken => states[(n - 1) * h..n * h].to_vec(),
-            Pooling::Mean => (0..h)
-                .map(|c| ((0..n).map(|t| states[t * h + c] as f64).sum::<f64>() / n as f64) as f32)
-                .collect(),
-        };
+        let v: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[0]);
         Ok(if self.normalize { l2_normalized(&v) } else { v })
+    }
+
+    /// The pooling weights of inputs of `lens` tokens packed one after another: a row per input
+    /// over all the tokens (mean: 1 / len over its own; CLS: its first; last token: its last).
+    fn pooling_rows(&self, lens: &[usize]) -> Vec<f32> {
+        let t: usize = lens.iter().sum();
+        let mut pool = vec![0f32; lens.len() * t];
+        let mut s = 0;
+        for (i, &l) in lens.iter().enumerate() {
+            let row = &mut pool[i * t..(i + 1) * t];
+            match self.pooling {
+                Pooling::Mean => row[s..s + l].fill(1.0 / l as f32),
+                Pooling::Cls => row[s] = 1.0,
+                Pooling::LastToken => row[s + l - 1] = 1.0,
+            }
+            s += l;
+        }
+        pool
+    }
+
+    /// Pooling (weights `pool` `[1, n, t]` over the states `x` `[1, t, h]`, one product) and the
+    /// Dense modules → `[1, n, dim]` before normalisation.
+    fn pooled(&self, g: &mut Graph, x: Value, pool: Value) -> Result<Value> {
+        let xt = g.transpose(x)?; // [1, h, t]
+        let mut e = g.linear(pool, xt, None)?; // [1, n, h]
+        for d in &self.dense {
+            e = d.weights.root().pp("linear").linear(g, e, d.outputs)?;
+            if d.tanh {
+                e = g.unary(e, UnaryOp::Softcap { cap: 1.0 })?;
+            }
+        }
+        Ok(e)
     }
 
     /// The GPU time of one pass over `inputs` by kernel (timestamp queries; for benchmarks).
@@ -681,29 +726,14 @@ impl Embedder {
         let t: usize = lens.iter().sum();
         let ids: Vec<u32> = inputs.concat();
         let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let mut pool = vec![0f32; n * t];
-        for (i, (&s, &l)) in starts.iter().zip(&lens).enumerate() {
-            let row = &mut pool[i * t..(i + 1) * t];
-            match self.pooling {
-                Pooling::Mean => row[s..s + l].fill(1.0 / l as f32),
-                Pooling::Cls => row[s] = 1.0,
-                Pooling::LastToken => row[s + l - 1] = 1.0,
-            }
-        }
+        let pool = self.pooling_rows(&lens);
         let mut g = Graph::new();
         let iv = g.input("ids", &[t], DType::U32)?;
         let pv = g.input("positions", &[t], DType::U32)?;
         let mv = g.input("pooling", &[1, n, t], DType::F32)?;
         let x = self.encoder(&mut g, iv, pv, &starts, &lens)?; // [t, h]
         let x = g.reshape(x, &[1, t, h])?;
-        let xt = g.transpose(x)?; // [1, h, t]
-        let mut e = g.linear(mv, xt, None)?; // [1, n, h]
-        for d in &self.dense {
-            e = d.weights.root().pp("linear").linear(&mut g, e, d.outputs)?;
-            if d.tanh {
-                e = g.unary(e, UnaryOp::Softcap { cap: 1.0 })?;
-            }
-        }
+        let e = self.pooled(&mut g, x, mv)?;
         g.output(e);
         let plan = g.compile(&self.gpu, CompileOptions::default()).await?;
         plan.write_u32(iv, &ids)?;

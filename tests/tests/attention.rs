@@ -290,6 +290,27 @@ fn sliding_window_prefill_and_decode() {
     }
 }
 
+/// Bidirectional sliding windows (EmbeddingGemma's sliding layers: not causal, keys with
+/// |q - j| < W): a whole input in one pass, windows shorter than it, GQA, every kernel variant.
+#[test]
+fn bidirectional_sliding_window() {
+    for (lq, heads, kv_heads, d, window) in [
+        (40, 4, 2, 64, 7),
+        (19, 2, 1, 32, 1),
+        (33, 4, 2, 128, 16),
+        (5, 2, 2, 64, 512),
+    ] {
+        let mut s = shape(1, lq, lq, heads, kv_heads, d, false);
+        s.window = window;
+        s.scale = 1.0 / 12.0;
+        check(
+            &format!("bidirectional window {window} lq={lq} h={heads}/{kv_heads} d={d}"),
+            s,
+            STATIC,
+        );
+    }
+}
+
 #[test]
 fn soft_capped_scores() {
     // Gemma 2's cap of 50 only bites on large scores: a wide scale makes them large. Prefill

@@ -88,22 +88,60 @@ fn embeddings_match_sentence_transformers() {
     }
 }
 
-/// A decoder embedder (Qwen3-Embedding's layout: causal, last-token pooling, an end-of-text
-/// token appended, a `query` instruction prompt) through the text model's own graph.
+/// Decoder embedders through the text model's own graph: Qwen3-Embedding's layout (causal,
+/// last-token pooling, an end-of-text token appended, a `query` instruction prompt) and
+/// EmbeddingGemma's (Gemma 3 with bidirectional attention, its sliding layers a window both
+/// ways, mean pooling, two Dense modules, `query` and `document` prompts).
 #[test]
 fn decoder_embeddings_match_sentence_transformers() {
     let e = kiln_tests::read_json(&dir().join("expected.json"));
     let sentences = sentences(&e);
-    let m = load("qwen3-emb-tiny");
-    for (s, want) in sentences
-        .iter()
-        .zip(e["qwen3_token_ids"].as_array().unwrap())
-    {
-        assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(want), "{s}");
+    for (model, ids_key) in [
+        ("qwen3-emb-tiny", "qwen3_token_ids"),
+        ("gemma-emb-tiny", "gemma_token_ids"),
+    ] {
+        let m = load(model);
+        for (s, want) in sentences.iter().zip(e[ids_key].as_array().unwrap()) {
+            assert_eq!(
+                m.tokenize(s).unwrap(),
+                kiln_tests::json_ids(want),
+                "{model}: {s}"
+            );
+        }
+        check_decoder(&m, model, &sentences);
     }
+    // Text generation refuses a model whose attention looks both ways.
+    let files = read_dir(
+        &dir().join("gemma-emb-tiny"),
+        &kiln::formats::files::text_model(),
+    )
+    .unwrap();
+    let opts = kiln::llm::LoadOptions {
+        ctx: 32,
+        ..Default::default()
+    };
+    let mut t = pollster::block_on(kiln::llm::TextModel::load(
+        &kiln_tests::gpu(),
+        files,
+        &opts,
+        &mut |_, _| {},
+    ))
+    .unwrap();
+    let err = pollster::block_on(t.generate(&[1, 5], &kiln_tests::greedy(2), &mut |_| true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("both ways") && err.contains("kiln embed"),
+        "{err}"
+    );
+}
+
+/// A decoder embedder's vectors with and without its `query` prompt, per-length passes replayed,
+/// and an unknown prompt name refused.
+fn check_decoder(m: &Embedder, model: &str, sentences: &[&str]) {
     for (name, prompt) in [
-        ("qwen3-emb-tiny", None),
-        ("qwen3-emb-tiny_query", Some("query")),
+        (model.to_string(), None),
+        (format!("{model}_query"), Some("query")),
     ] {
         let want = kiln_tests::read_npy(&dir().join(format!("{name}.npy")));
         let req = kiln::embed::EmbeddingRequest::from_json(
@@ -120,7 +158,7 @@ fn decoder_embeddings_match_sentence_transformers() {
                 e.iter().map(|v| v.as_f64().unwrap() as f32).collect()
             })
             .collect();
-        assert_matches(name, &got, &want);
+        assert_matches(&name, &got, &want);
     }
     // Passes are compiled once per input length and replayed: inputs of one length give their
     // own vectors, the same input the same vector.

@@ -518,6 +518,11 @@ impl TextModel {
         if prompt.is_empty() {
             return bad("empty prompt".into());
         }
+        if self.config.bidirectional {
+            return Err(Error::Unsupported(
+                "text generation with a model whose attention looks both ways (use_bidirectional_attention: an embedding model such as EmbeddingGemma; use kiln embed)".into(),
+            ));
+        }
         if opts.max_tokens == 0 {
             return Err(Error::Data {
                 name: "max_tokens".into(),

@@ -353,35 +353,20 @@ fn decoder(
     Ok(x)
 }
 
-/// A compiled pass that gives the final-norm hidden states of `tokens` tokens (a decoder
-/// embedder's token embeddings): the ids are read from the cache's history at `pos`.
-pub struct Hidden {
-    pub plan: Plan,
-    pub pos: Scalar,
-    /// `[tokens, h]`.
-    pub out: Value,
-}
-
-/// Builds and compiles [`Hidden`] for `tokens` tokens.
-pub async fn build_hidden(
-    gpu: &Arc<Gpu>,
+/// The final-norm hidden states `[tokens, h]` of `tokens` tokens read from the cache's history
+/// at run-time position `pos` (a decoder embedder's token embeddings), added to `g`.
+pub fn final_states(
+    g: &mut Graph,
     cfg: &LlmConfig,
     w: &LlmWeights,
     kv: &KvCache,
     tokens: usize,
-) -> Result<Hidden> {
-    let mut g = Graph::new();
-    let pos = g.scalar("pos")?;
-    let x = decoder(&mut g, cfg, w, kv, Tokens::Run { pos, tokens })?;
+    pos: Scalar,
+) -> Result<Value> {
+    let x = decoder(g, cfg, w, kv, Tokens::Run { pos, tokens })?;
     let norm = g.tensor(&w.norm);
     let x = g.rms_norm(x, norm, cfg.rms_eps)?;
-    let out = g.reshape(x, &[tokens, cfg.hidden])?;
-    g.output(out);
-    Ok(Hidden {
-        plan: g.compile(gpu, CompileOptions::default()).await?,
-        pos,
-        out,
-    })
+    g.reshape(x, &[tokens, cfg.hidden])
 }
 
 /// Where a layer's tokens sit in the caches: the position of each row's first token, the
@@ -436,9 +421,10 @@ fn attention_block(
     let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
     let q = project_qkv(g, cfg, lw, at, hn)?;
     // Query i sits at pos + i and sees keys 0..=pos + i (the last `window` of them in a
-    // sliding-window layer); the cache holds pos + t keys.
+    // sliding-window layer); the cache holds pos + t keys. A bidirectional model (an
+    // embedder) sees every key of its input, within `window` either side in sliding layers.
     let opts = AttentionOptions {
-        causal: true,
+        causal: !cfg.bidirectional,
         scale: Some(cfg.attn_scale),
         window: cfg.window(at.index),
         softcap: cfg.attn_softcap,

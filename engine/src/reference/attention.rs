@@ -23,7 +23,8 @@ pub struct AttnShape {
     pub q_pos: usize,
     /// Valid keys: `j < min(kv_len, lk)`.
     pub kv_len: usize,
-    /// Sliding window (0: none): query `i` sees only keys `j > q_pos + i - window`.
+    /// Sliding window (0: none): query `i` sees only keys `j > q_pos + i - window`, and when
+    /// not causal also `j < q_pos + i + window` (a bidirectional window).
     pub window: usize,
     /// Score soft-cap (0: none): each scaled score `s` becomes `softcap * tanh(s / softcap)`.
     pub softcap: f32,
@@ -39,8 +40,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Vec<f32> {
     let mut out = vec![0f32; s.batch * s.lq * qw];
     for b in 0..s.batch {
         for i in 0..s.lq {
+            // Causal: keys up to the query; a bidirectional window (not causal, W > 0): the
+            // keys within W on either side, |q - j| < W.
             let end = if s.causal {
                 kv_end.min(s.q_pos + i + 1)
+            } else if s.window > 0 {
+                kv_end.min(s.q_pos + i + s.window)
             } else {
                 kv_end
             };

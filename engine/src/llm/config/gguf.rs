@@ -123,6 +123,7 @@ impl LlmConfig {
                 Arch::Gemma2 => softcap("final_logit_softcapping", 30.0),
                 _ => softcap("final_logit_softcapping", 0.0),
             },
+            bidirectional: false,
         }
         .into_config()
     }

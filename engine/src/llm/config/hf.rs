@@ -16,11 +16,6 @@ impl LlmConfig {
         if c.flag("mlp_bias", false)? {
             return Err(unsupported("mlp_bias = true (MLP projections with biases)"));
         }
-        if c.flag("use_bidirectional_attention", false)? {
-            return Err(unsupported(
-                "use_bidirectional_attention = true (an encoder, not a decoder)",
-            ));
-        }
         let hidden = c.need_count("hidden_size")?;
         let heads = c.need_count("num_attention_heads")?;
         let head_dim = c.count("head_dim", hidden / heads)?;
@@ -30,7 +25,13 @@ impl LlmConfig {
             "max_position_embeddings",
         )?;
         let (rope, rope_local) = rotaries(&c, arch, head_dim, max_positions)?;
-        let (sliding_window, sliding_layers) = sliding(&c, arch, layers)?;
+        let (mut sliding_window, sliding_layers) = sliding(&c, arch, layers)?;
+        let bidirectional = c.flag("use_bidirectional_attention", false)?;
+        if bidirectional {
+            // transformers turns a bidirectional model's window W into W / 2 + 1 keys either
+            // side (|q - k| < W / 2 + 1: EmbeddingGemma's 512 sees 256 each way).
+            sliding_window = sliding_window.map(|w| w / 2 + 1);
+        }
         let gemma = arch.is_gemma();
         let softcap = |k: &str| -> Result<Option<f32>> {
             let v = c.num(k, 0.0)?;
@@ -81,6 +82,7 @@ impl LlmConfig {
             } else {
                 None
             },
+            bidirectional,
         }
         .into_config()
     }

@@ -166,6 +166,10 @@ pub struct LlmConfig {
     pub attn_scale: f32,
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
+    /// Attention sees the whole input both ways (EmbeddingGemma's
+    /// `use_bidirectional_attention`; sliding layers then see |q - k| < window): an embedder
+    /// that generates no text.
+    pub bidirectional: bool,
 }
 
 /// More decoder layers than any real checkpoint has (the largest have a few hundred): a
@@ -228,6 +232,7 @@ struct Facts {
     /// The soft-caps the source gives (or defaults), before the architecture says which apply.
     attn_softcap: Option<f32>,
     final_softcap: Option<f32>,
+    bidirectional: bool,
 }
 
 impl Facts {
@@ -265,6 +270,7 @@ impl Facts {
             // llama.cpp applies it: only Gemma 2 caps attention scores.
             attn_softcap: self.attn_softcap.filter(|_| arch == Arch::Gemma2),
             final_softcap: self.final_softcap.filter(|_| gemma),
+            bidirectional: self.bidirectional,
         }
         .validate()
     }
