@@ -425,11 +425,11 @@ fn w_units(rb: u32, i: u32) -> Units {
 fn x_units(xo: u32, i: u32) -> Units { return Units(x4[xo + 2u * i], x4[xo + 2u * i + 1u]); }
 #endif
 // A batch of COLS x rows (one token of each of several decoding sequences, plain rows only): an
-// invocation makes eight dots, R = 8 / COLS weight rows with COLS x rows, so each weight step
-// is loaded once for all the sequences. Every dot adds its steps in the order main's does, so a
+// invocation makes DOTS dots (8 or 16, kernels::linear::cols_dots), R = DOTS / COLS weight rows
+// with COLS x rows, so each weight step is loaded once for all the sequences. Every dot adds its steps in the order main's does, so a
 // row's outputs are the same bits as in a product of its own. x rows past m are clamped for
 // reading and not stored. ceil(rows / (V4_WG * R)) * ceil(m / COLS) workgroups.
-const R = 8u / COLS;
+const R = DOTS / COLS;
 @compute @workgroup_size(V4_WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let g = group_index(wg, nwg);
@@ -442,7 +442,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     for (var j = 0u; j < R; j++) { rb[j] = min(r + j, p.rows - 1u) * (p.row_words / 4u); }
     var xo: array<u32, COLS>;
     for (var c = 0u; c < COLS; c++) { xo[c] = min(m0 + c, p.m - 1u) * (p.k / 4u); }
-    var acc: array<vec4<f32>, 8>;
+    var acc: array<vec4<f32>, DOTS>;
 #ifdef HAS_UNITS
     // Plain rows: each step's weight units and x units loaded once, then every dot.
     for (var i = 0u; i < v4_steps(); i++) {

@@ -21,6 +21,18 @@ pub const MATVEC_MAX_ROWS: usize = 2;
 /// each weight step once for all rows: the GEMM's tiles would compute 64 rows for a few.
 pub const MATVEC_COLS_MAX_ROWS: usize = 8;
 
+/// Dots per invocation of the COLS variant (weight rows times x rows): 16 for plain rows, whose
+/// weight and x units the variant loads once per step (lavapipe, text-kjv's f16 products for
+/// four rows: 8 dots 6.3-7.5 ms, 16 dots 3.2-5.2, 32 dots 7.5-9.0: spilled); 8 for block
+/// formats, whose dequantizing steps hold more (Q6_K's were slower at 16).
+fn cols_dots(dtype: DType) -> usize {
+    if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        16
+    } else {
+        8
+    }
+}
+
 super::params!(
     /// Uniforms of `matvec.wgsl`.
     MatvecParams, "matvec.wgsl", [] {
@@ -624,13 +636,14 @@ fn matvec_variant(
     let key = weight_key("matvec.wgsl", dtype)?;
     Ok(
         if software && rows_v4(dtype, o.k) && !paired && m_total > 1 {
-            // Eight dots per invocation: 8 / cols rows with cols rows of x each.
-            let cols = m_total.next_power_of_two().min(8);
+            // `dots` per invocation: dots / cols weight rows with cols rows of x each.
+            let (cols, dots) = (m_total.next_power_of_two().min(8), cols_dots(dtype));
             let key = key
                 .def("ROWS_V4", "")
                 .def("V4_WG", V4_WG)
-                .def("COLS", format!("{cols}u"));
-            let per_wg = V4_WG * (8 / cols);
+                .def("COLS", format!("{cols}u"))
+                .def("DOTS", format!("{dots}u"));
+            let per_wg = V4_WG * (dots / cols);
             (key, grid(u(rows.div_ceil(per_wg) * m_total.div_ceil(cols))))
         } else if software && rows_v4(dtype, o.k) {
             // Eight dots per invocation (eight rows, or four pairs of rows), 16-byte loads.

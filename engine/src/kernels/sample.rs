@@ -346,8 +346,14 @@ impl Kernel for Sample {
             cw: u(constraint_words(v)),
         };
         let pass = |entry: &'static str, round: usize, wgs: usize, row: usize| {
+            let key = KernelKey::new("sample.wgsl", entry).def("WW", format!("{words}u"));
+            let key = if rows == 1 {
+                key.def("ONE_ROW", "")
+            } else {
+                key
+            };
             dispatch(
-                KernelKey::new("sample.wgsl", entry).def("WW", format!("{words}u")),
+                key,
                 &params(round, row),
                 vec![
                     Binding::read(ins[0].buf()),

@@ -301,29 +301,17 @@ impl TextModel {
     }
 
     /// Another model on the same weights and tokenizer with its own KV cache and compiled
-    /// steps: a parallel slot of a server, which generates while this one does.
+    /// steps: a parallel slot of a server, which generates while this one does (apart: see
+    /// [`TextModel::into_slots`] for slots that decode together).
     pub async fn fork(&self) -> Result<TextModel> {
-        let (gpu, cfg, ctx) = (&self.gpu, &self.config, self.kv.ctx);
-        let kv = KvCache::new(gpu, cfg, &self.weights.ropes, ctx, self.kv_f16)?;
-        let chunk = self.prefill.tokens;
-        let prefill = build_step(gpu, cfg, &self.weights, &kv, chunk, self.keep_logits).await?;
-        let decode = build_step(gpu, cfg, &self.weights, &kv, 1, self.keep_logits).await?;
-        decode.plan.prepare_pipelined();
-        Ok(TextModel {
-            gpu: gpu.clone(),
-            config: cfg.clone(),
-            tokenizer: self.tokenizer.clone(),
-            weights: self.weights.clone(),
-            kv,
-            prefill,
-            decode,
-            kv_f16: self.kv_f16,
-            keep_logits: self.keep_logits,
-            cached: Vec::new(),
-            grammars: None,
-            batch: None,
-            constraint_words: None,
-        })
+        let kv = KvCache::new(
+            &self.gpu,
+            &self.config,
+            &self.weights.ropes,
+            self.kv.ctx,
+            self.kv_f16,
+        )?;
+        self.on_cache(kv, None).await
     }
 
     /// `n` parallel slots on this model's weights (this model's own cache is dropped): slots
@@ -349,29 +337,36 @@ impl TextModel {
             Err(e) => return Err(e),
         };
         let batch = Arc::new(Batch::new(gpu, cfg, &self.weights, &kvs).await?);
-        let chunk = self.prefill.tokens;
         let mut slots = Vec::with_capacity(n);
         for kv in kvs {
-            let prefill = build_step(gpu, cfg, &self.weights, &kv, chunk, self.keep_logits).await?;
-            let decode = build_step(gpu, cfg, &self.weights, &kv, 1, self.keep_logits).await?;
-            decode.plan.prepare_pipelined();
-            slots.push(TextModel {
-                gpu: gpu.clone(),
-                config: cfg.clone(),
-                tokenizer: self.tokenizer.clone(),
-                weights: self.weights.clone(),
-                kv,
-                prefill,
-                decode,
-                kv_f16: self.kv_f16,
-                keep_logits: self.keep_logits,
-                cached: Vec::new(),
-                grammars: None,
-                batch: Some(batch.clone()),
-                constraint_words: None,
-            });
+            slots.push(self.on_cache(kv, Some(batch.clone())).await?);
         }
         Ok(slots)
+    }
+
+    /// A model on this one's weights with the cache `kv` (steps compiled for it, as this
+    /// model's were), decoding in `batch` when given.
+    async fn on_cache(&self, kv: KvCache, batch: Option<Arc<Batch>>) -> Result<TextModel> {
+        let (gpu, cfg) = (&self.gpu, &self.config);
+        let chunk = self.prefill.tokens;
+        let prefill = build_step(gpu, cfg, &self.weights, &kv, chunk, self.keep_logits).await?;
+        let decode = build_step(gpu, cfg, &self.weights, &kv, 1, self.keep_logits).await?;
+        decode.plan.prepare_pipelined();
+        Ok(TextModel {
+            gpu: gpu.clone(),
+            config: cfg.clone(),
+            tokenizer: self.tokenizer.clone(),
+            weights: self.weights.clone(),
+            kv,
+            prefill,
+            decode,
+            kv_f16: self.kv_f16,
+            keep_logits: self.keep_logits,
+            cached: Vec::new(),
+            grammars: None,
+            batch,
+            constraint_words: None,
+        })
     }
 
     /// The batch this slot decodes in ([`TextModel::into_slots`]).
