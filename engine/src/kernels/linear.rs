@@ -23,7 +23,7 @@ pub const MATVEC_COLS_MAX_ROWS: usize = 8;
 
 /// Dots per invocation of the COLS variant (weight rows times x rows): 16 for plain rows, whose
 /// weight and x units the variant loads once per step (lavapipe, text-kjv's f16 products for
-/// four rows: 8 dots 6.3-7.5 ms, 16 dots 3.2-5.2, 32 dots 7.5-9.0: spilled); 8 for block
+/// four rows: 8 dots 6.3-7.5 ms, 16 dots 3.2-6.5, 32 dots 7.5-9.0: spilled); 8 for block
 /// formats, whose dequantizing steps hold more (Q6_K's were slower at 16).
 fn cols_dots(dtype: DType) -> usize {
     if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
