@@ -1187,3 +1187,82 @@ fn load_eos(gpu: &std::sync::Arc<kiln::Gpu>, files: &ModelFiles) -> Vec<u32> {
     let m = pollster::block_on(TextModel::load(gpu, files.clone(), &opts, &mut |_, _| {})).unwrap();
     m.config.eos.clone()
 }
+
+/// A slot whose client stops reading (its callback blocks) does not hold up the slots decoding
+/// beside it: they run without it after the batch's patience, and it rejoins when it posts
+/// again; both get the ids of serial runs.
+#[test]
+fn a_stalled_slot_does_not_hold_up_the_others() {
+    let gpu = kiln_tests::gpu();
+    let opts = LoadOptions {
+        ctx: 96,
+        kv_cache: KvCacheType::F32,
+        ..Default::default()
+    };
+    let load = || {
+        pollster::block_on(TextModel::load(
+            &gpu,
+            files("llama-gqa-f32", "hf"),
+            &opts,
+            &mut |_, _| {},
+        ))
+        .unwrap()
+    };
+    let mut serial = load();
+    let no_eos: Vec<(u32, f32)> = serial.config.eos.iter().map(|&t| (t, -100.0)).collect();
+    let o = GenerateOptions {
+        logit_bias: no_eos,
+        ..greedy(24)
+    };
+    let prompts = [vec![1u32, 5, 9, 13], vec![2, 4, 6, 8, 10]];
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            serial.reset_cache();
+            pollster::block_on(serial.generate(p, &o, &mut |_| true))
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let mut slots = pollster::block_on(load().into_slots(2)).unwrap();
+    // Slot 0's client stops reading after a few tokens until slot 1 has finished: were the
+    // batch to wait for slot 0, slot 1 would never finish and slot 0 would give up waiting.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (s0, s1) = {
+        let (a, b) = slots.split_at_mut(1);
+        (&mut a[0], &mut b[0])
+    };
+    let (ids, heard) = std::thread::scope(|s| {
+        let (o0, o1) = (o.clone(), o.clone());
+        let (p0, p1) = (&prompts[0], &prompts[1]);
+        let h0 = s.spawn(move || {
+            let (mut pieces, mut heard) = (0, None);
+            let g = pollster::block_on(s0.generate(p0, &o0, &mut |_| {
+                pieces += 1;
+                if pieces == 3 {
+                    heard = Some(
+                        done_rx
+                            .recv_timeout(std::time::Duration::from_secs(60))
+                            .is_ok(),
+                    );
+                }
+                true
+            }))
+            .unwrap();
+            (g.ids, heard)
+        });
+        let h1 = s.spawn(move || {
+            let g = pollster::block_on(s1.generate(p1, &o1, &mut |_| true)).unwrap();
+            let _ = done_tx.send(());
+            g.ids
+        });
+        let (ids0, heard) = h0.join().unwrap();
+        (vec![ids0, h1.join().unwrap()], heard)
+    });
+    assert_eq!(
+        heard,
+        Some(true),
+        "slot 1 did not finish while slot 0's client was stalled"
+    );
+    assert_eq!(ids, want, "batched ids differ from serial runs");
+}

@@ -8,7 +8,9 @@
 //! loop would run its own decode step it posts its token's inputs here instead and waits. When
 //! every decoding slot has posted, the last one to post runs the batch for all of them and hands
 //! each its sampler output: the slots advance in lockstep, one token each per run (fair
-//! interleaving). A slot that is prefilling is not a member, so its prefill runs between the
+//! interleaving). A slot that has not posted [`PATIENCE_MS`] after the first of a run did (its
+//! client reads slowly, its grammar mask takes long) is not waited for: the others run without it
+//! and it joins the next run, so no client can hold the others up. A slot that is prefilling is not a member, so its prefill runs between the
 //! batch runs; a slot that finishes or is cancelled leaves at once and the others go on
 //! without it. A slot decoding alone uses its own one-token step (pipelined as usual).
 
@@ -21,6 +23,10 @@ use crate::kernels::sample::{SAMPLE_OUT_LEN, SETTINGS_LEN};
 use crate::Scalar;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// How long the slots that have posted wait for the other decoding slots before running
+/// without them (a slot's host work between tokens takes well under a millisecond).
+pub const PATIENCE_MS: f64 = 2.0;
 
 /// One slot's next decode token: what its row of the batch needs.
 pub struct Post {
@@ -53,6 +59,8 @@ struct State {
     posted: Vec<Option<Post>>,
     results: Vec<Option<std::result::Result<Vec<u8>, String>>>,
     running: bool,
+    /// When the earliest of the posts waiting for the next run arrived.
+    first_post: Option<f64>,
 }
 
 impl Batch {
@@ -75,6 +83,7 @@ impl Batch {
                 posted: (0..n).map(|_| None).collect(),
                 results: (0..n).map(|_| None).collect(),
                 running: false,
+                first_post: None,
             }),
             turn: Condvar::new(),
             ctx: kvs[0].ctx,
@@ -84,10 +93,7 @@ impl Batch {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
-        self.state.lock().map_err(|_| Error::Gpu {
-            context: "batched decode".into(),
-            msg: "a slot panicked while holding the batch".into(),
-        })
+        self.state.lock().map_err(poisoned)
     }
 
     /// Batch runs so far and the tokens they computed (a run computes one token of each slot
@@ -119,6 +125,9 @@ impl Batch {
             s.members[seq] = false;
             s.posted[seq] = None;
             s.results[seq] = None;
+            if s.posted.iter().all(Option::is_none) {
+                s.first_post = None;
+            }
         }
         // The others may all have posted now: one of them leads.
         self.turn.notify_all();
@@ -146,12 +155,14 @@ impl Batch {
         }
     }
 
-    /// Posts `post` (when given) and waits until slot `seq`'s output is ready, or until every
-    /// decoding slot has posted and no run is going: then this slot leads the next run.
+    /// Posts `post` (when given) and waits until slot `seq`'s output is ready, or until no run
+    /// is going and every decoding slot has posted (or the first post has waited
+    /// [`PATIENCE_MS`]): then this slot leads the next run.
     fn turn(&self, seq: usize, post: Option<Post>) -> Result<Turn> {
         let mut s = self.lock()?;
         if let Some(p) = post {
             s.posted[seq] = Some(p);
+            s.first_post.get_or_insert_with(crate::device::now_ms);
         }
         loop {
             if let Some(r) = s.results[seq].take() {
@@ -162,7 +173,9 @@ impl Batch {
                 .iter()
                 .zip(&s.posted)
                 .all(|(&m, p)| !m || p.is_some());
-            if !s.running && all_posted {
+            let waited = s.first_post.map_or(0.0, |t| crate::device::now_ms() - t);
+            let pending = s.posted.iter().any(Option::is_some);
+            if !s.running && pending && (all_posted || waited >= PATIENCE_MS) {
                 let rows: Vec<(usize, Post)> = (0..s.posted.len())
                     .filter_map(|i| s.posted[i].take().map(|p| (i, p)))
                     .collect();
@@ -171,12 +184,17 @@ impl Batch {
                     msg: format!("no step for {} rows", rows.len()),
                 })?;
                 s.running = true;
+                s.first_post = None;
                 return Ok(Turn::Lead(Box::new(step), rows));
             }
-            s = self.turn.wait(s).map_err(|_| Error::Gpu {
-                context: "batched decode".into(),
-                msg: "a slot panicked while holding the batch".into(),
-            })?;
+            s = if !s.running && pending {
+                // Woken by a post or a leave, or when the patience runs out.
+                let left = (PATIENCE_MS - waited).max(0.1);
+                let wait = std::time::Duration::from_micros((left * 1e3) as u64);
+                self.turn.wait_timeout(s, wait).map_err(poisoned)?.0
+            } else {
+                self.turn.wait(s).map_err(poisoned)?
+            };
         }
     }
 
@@ -190,6 +208,10 @@ impl Batch {
         let mut s = self.lock()?;
         s.steps[rows.len() - 1] = Some(step);
         s.running = false;
+        // Posts that came during the run wait from now: the run's own slots are about to post.
+        if s.posted.iter().any(Option::is_some) {
+            s.first_post = Some(crate::device::now_ms());
+        }
         match r {
             Ok(outs) => {
                 for ((i, _), out) in rows.iter().zip(outs) {
@@ -265,6 +287,14 @@ impl Batch {
                     .to_vec()
             })
             .collect())
+    }
+}
+
+/// The error of a lock a panicking slot left poisoned.
+fn poisoned<T>(_: T) -> Error {
+    Error::Gpu {
+        context: "batched decode".into(),
+        msg: "a slot panicked while holding the batch".into(),
     }
 }
 
