@@ -1037,8 +1037,8 @@ fn pipelined_decode_matches_serial() {
 }
 
 /// Parallel slots decoding together (continuous batching, `TextModel::into_slots`): four
-/// greedy requests of different prompts and lengths at once, one of them starting while the
-/// others decode, give the ids of four serial runs (log-probabilities within 1e-4) and the
+/// greedy requests of different prompts and lengths at once (one under a grammar), one of them
+/// starting while the others decode, give the ids of four serial runs (log-probabilities within 1e-4) and the
 /// transformers reference on the fixture's prompt; the batch ran several tokens per run. On
 /// an HF folder (stacked Q/K/V) and a llama-quantize Q4_K_M file (Q/K/V of two block types, so
 /// apart), every kernel variant (f32 math: the parity contract).
@@ -1084,24 +1084,34 @@ fn parallel_slots_decode_together_like_serial_runs() {
                 vec![7, 3],
             ];
             let lengths = [32, 12, 24, 20];
-            let opts_for = |n: usize| GenerateOptions {
-                // Every run to its length: no end-of-text.
-                logit_bias: load_eos(gpu, &files)
-                    .into_iter()
-                    .map(|t| (t, -100.0))
-                    .collect(),
-                ..greedy(n)
+            // Every run to its length (no end-of-text); the third under a grammar (its mask
+            // goes with its row each step).
+            let no_eos: Vec<(u32, f32)> = load_eos(gpu, &files)
+                .into_iter()
+                .map(|t| (t, -100.0))
+                .collect();
+            let opts_for = |i: usize| GenerateOptions {
+                logit_bias: no_eos.clone(),
+                grammar: (i == 2).then(|| kiln::llm::Grammar::Lark {
+                    grammar: "start: /[a-z ]{1,300}/".into(),
+                }),
+                ..greedy(lengths[i])
             };
             let mut serial_model = load();
             let serial: Vec<_> = prompts
                 .iter()
-                .zip(lengths)
-                .map(|(p, n)| {
+                .enumerate()
+                .map(|(i, p)| {
                     serial_model.reset_cache();
-                    pollster::block_on(serial_model.generate(p, &opts_for(n), &mut |_| true))
+                    pollster::block_on(serial_model.generate(p, &opts_for(i), &mut |_| true))
                         .unwrap()
                 })
                 .collect();
+            let t = &serial[2].text;
+            assert!(
+                serial[2].ids.len() > 3 && t.chars().all(|c| c.is_ascii_lowercase() || c == ' '),
+                "{what}: the grammar's run: {t:?}"
+            );
             let mut slots = pollster::block_on(load().into_slots(4)).unwrap();
             let apart = matches!(
                 slots[0].weights.layers[0].qkv,
@@ -1116,7 +1126,7 @@ fn parallel_slots_decode_together_like_serial_runs() {
                     .iter_mut()
                     .enumerate()
                     .map(|(i, m)| {
-                        let (p, o, started) = (&prompts[i], opts_for(lengths[i]), &started);
+                        let (p, o, started) = (&prompts[i], opts_for(i), &started);
                         s.spawn(move || {
                             if i == 3 {
                                 started.wait();
