@@ -412,7 +412,7 @@ test("two concurrent requests queue and both match their serial results", async 
   assert.deepEqual(b.kiln.ids, serial.kiln.ids);
 });
 
-test("--parallel 4: four concurrent greedy streams give the ids of four serial runs; they run at once; a client that leaves frees its slot", async () => {
+test("--parallel 4: four concurrent greedy streams give the ids of four serial runs; they run at once; a client that leaves frees its slot; a conversation's next turn returns to its slot", async () => {
   const prompts = ["Name three colours.", "What is the sky like?", "Count to five.", "Say hello."];
   const reqs = prompts.map((p, i) => ({ ...greedy, max_tokens: 16 + i, messages: [{ role: "user", content: p }] }));
   const serial = [];
@@ -446,6 +446,14 @@ test("--parallel 4: four concurrent greedy streams give the ids of four serial r
   for await (const _ of long) { ctrl.abort(); break; }
   const after = await Promise.all(reqs.map((r) => pc.chat.completions.create(r)));
   after.forEach((r, i) => assert.deepEqual(r.kiln.ids, serial[i], `after the cancel, request ${i}`));
+  // Each conversation's next turn, one at a time (every slot idle), goes back to the slot that
+  // holds its history: its whole first prompt is reused, not just the template's first tokens.
+  for (const i of [3, 1, 2, 0]) {
+    const messages = [...reqs[i].messages, after[i].choices[0].message, { role: "user", content: "And then?" }];
+    const next = await pc.chat.completions.create({ ...greedy, max_tokens: 4, messages });
+    const cached = next.usage.prompt_tokens_details.cached_tokens;
+    assert.ok(cached >= after[i].usage.prompt_tokens, `conversation ${i}: ${cached} of its ${after[i].usage.prompt_tokens} first-turn tokens reused`);
+  }
   console.log(`      4 streams at once in ${ms} ms; per-request durations ${durations.map((d) => d.toFixed(0)).join(", ")} ms`);
 });
 

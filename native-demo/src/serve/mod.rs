@@ -20,6 +20,7 @@ mod embeddings;
 mod guard;
 mod listen;
 mod metrics;
+mod pool;
 pub(crate) mod registry;
 
 use crate::{Stage, EXIT_MODEL, EXIT_USAGE};
@@ -35,6 +36,7 @@ use kiln::diffusion::models::SdModels;
 use kiln::diffusion::pipeline::{ImageOptions, RgbImage, StepReply};
 use kiln::diffusion::schedulers::SchedulerKind;
 use kiln::llm::{ChatRequest, CompletionRequest, LoadOptions, Prepared, TextModel};
+use pool::Worker;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -213,6 +215,27 @@ impl IntoResponse for ApiError {
 enum TextJob {
     Chat(ChatRequest),
     Completion(CompletionRequest),
+}
+
+impl TextJob {
+    /// What the request starts with, for sending a conversation's next turn to the slot that
+    /// holds its history ([`pool::Worker`]): a chat's messages, a prompt in 64-byte pieces.
+    fn key(&self) -> pool::Key {
+        match self {
+            TextJob::Chat(r) => r
+                .messages
+                .iter()
+                .map(|m| pool::part_hash(&format!("{m:?}")))
+                .collect(),
+            TextJob::Completion(r) => {
+                let p = r.prompt.as_ref().map(|p| p.to_string()).unwrap_or_default();
+                p.as_bytes()
+                    .chunks(64)
+                    .map(|c| pool::part_hash(&String::from_utf8_lossy(c)))
+                    .collect()
+            }
+        }
+    }
 }
 
 /// A request for the image worker (`POST /v1/images/generations`).
@@ -427,81 +450,6 @@ impl ImageRequest {
             Some(image.ok_or_else(|| bad("image edit request: no 'image' file".into()))?);
         r.mask = mask;
         Ok(r)
-    }
-}
-
-/// A job for a worker: the request, the model id responses carry, the reply channel.
-type Job<J> = (J, String, Sender<Event>);
-
-/// A loaded model: its id and the queue of its worker thread.
-struct Worker<J> {
-    id: String,
-    /// Requests queued or running.
-    depth: Arc<std::sync::atomic::AtomicUsize>,
-    queue: std::sync::Mutex<std::sync::mpsc::Sender<Job<J>>>,
-}
-
-impl<J: Send + 'static> Worker<J> {
-    /// Starts a thread that owns `model` and runs `handle` for each job in order.
-    fn start<M: Send + 'static>(
-        id: String,
-        model: M,
-        handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + Clone + 'static,
-    ) -> Worker<J> {
-        Self::start_pool(id, vec![model], handle)
-    }
-
-    /// Starts one thread per model (parallel slots of one model: forks sharing its weights),
-    /// each taking the next queued job when it is free.
-    fn start_pool<M: Send + 'static>(
-        id: String,
-        models: Vec<M>,
-        handle: impl FnMut(&mut M, J, &str, &Sender<Event>) + Send + Clone + 'static,
-    ) -> Worker<J> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job<J>>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        let depth = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        for mut model in models {
-            let (rx, d, mut handle) = (rx.clone(), depth.clone(), handle.clone());
-            std::thread::spawn(move || loop {
-                // The lock is held only while waiting for the next job.
-                let next = rx.lock().map_err(drop).and_then(|r| r.recv().map_err(drop));
-                let Ok((job, model_id, reply)) = next else {
-                    return; // the server dropped the queue (unloaded)
-                };
-                // A client that left while the request waited: skipped.
-                if !reply.is_closed() {
-                    handle(&mut model, job, &model_id, &reply);
-                }
-                d.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            });
-        }
-        Worker {
-            id,
-            depth,
-            queue: std::sync::Mutex::new(tx),
-        }
-    }
-
-    fn submit(&self, job: J, reply: Sender<Event>) -> Result<(), ApiError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let q = self.queue.lock().map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "worker lost",
-            )
-        })?;
-        // Counted before the worker can take it (it counts down when done).
-        self.depth.fetch_add(1, Relaxed);
-        q.send((job, self.id.clone(), reply)).map_err(|_| {
-            self.depth.fetch_sub(1, Relaxed);
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "the model's worker stopped",
-            )
-        })
     }
 }
 
@@ -1040,7 +988,7 @@ fn load_model(c: &LoadContext, spec: &registry::Spec) -> Result<registry::Handle
             // Slots decoding at once run together (continuous batching).
             let slots =
                 pollster::block_on(model.into_slots(c.parallel)).context("the parallel slots")?;
-            let w = Worker::start_pool(id, slots, move |m, job, id, reply| {
+            let w = Worker::start_pool(id, slots, TextJob::key, move |m, job, id, reply| {
                 run_text(m, job, id, reply, &mt)
             });
             Handle::Text(Arc::new(w), tokenizer)
