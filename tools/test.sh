@@ -8,6 +8,6 @@ cargo test --workspace
 # The model-level tests again with the kernels written for GPUs (lavapipe runs the software
 # ones by default): the fused decode graph, the GEMM tiles and the f16 KV cache against
 # transformers and diffusers.
-KILN_SOFTWARE=0 cargo test -p kiln-tests --test llm --test chat --test sd --test sdxl --test embed --test default_models
+KILN_SOFTWARE=0 cargo test -p kiln-tests --test llm --test slots --test chat --test sd --test sdxl --test embed --test default_models
 # The npm package in headless Chromium (WebGPU on SwiftShader), compared with the native binary.
 bash tools/test-browser.sh
