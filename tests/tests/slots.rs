@@ -2,7 +2,7 @@
 //! serial runs and the transformers reference (fixtures in tests/fixtures/llm). Its own test
 //! binary, its tests one at a time: several threads submitting to one lavapipe device while
 //! other tests' devices worked beside them once gave a wrong first token (1 run in 10-20, not
-//! seen with these tests alone in 16 runs); see the issue notes of 2026-12-07.
+//! seen with these tests alone in 11 runs); see the issue notes of 2026-12-07.
 
 use kiln::llm::{GenerateOptions, KvCacheType, LoadOptions, ModelFiles, TextModel};
 use kiln_tests::{greedy, json_ids as ids};
