@@ -373,3 +373,23 @@ pub fn to_f16(data: &mut [f32]) -> Vec<u8> {
         .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
         .collect()
 }
+
+/// An LLM fixture's folder: tests/fixtures/llm (tools/make_llm_fixtures.py) or
+/// tests/fixtures/llm-arch (tools/make_arch_fixtures.py).
+pub fn llm_fixture_dir(case: &str) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let main = root.join("llm").join(case);
+    if main.exists() {
+        main
+    } else {
+        root.join("llm-arch").join(case)
+    }
+}
+
+/// The files of one run of an LLM fixture: its HF folder (`weights` = "hf"), or just the named
+/// GGUF file in it.
+pub fn llm_fixture_files(case: &str, weights: &str) -> kiln::llm::ModelFiles {
+    let d = llm_fixture_dir(case);
+    let path = if weights == "hf" { d } else { d.join(weights) };
+    kiln::llm::generate::read_model_path(&path).unwrap()
+}

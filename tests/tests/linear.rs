@@ -586,7 +586,8 @@ fn fused_norm_and_gated_unit_every_variant() {
 /// The rotary step fused into the stacked Q/K/V matvec (`Epilogue::RopeKv`), on every kernel
 /// variant: rotate_half with full rotary dims and a bias (Qwen2), interleaved with partial
 /// rotary dims, a position past the cache (k and v not written). q and both caches must match
-/// the CPU reference and the unfused plan (product, then `rope_kv`), in 1 dispatch instead of 2.
+/// the CPU reference and the unfused plan (product, then `rope_kv`), in 1 dispatch instead of 2;
+/// the caches hold two sequences and the step writes the second (a parallel slot's cache).
 #[test]
 fn fused_rotary_step_every_variant() {
     use kiln::reference::elementwise::rope;
@@ -617,16 +618,20 @@ fn fused_rotary_step_every_variant() {
             let b = rng.vec(n, -0.5, 0.5);
             let f = inv_freq(rot);
             let tab = kiln::kernels::rope::table(&f, positions);
-            let (kc0, vc0) = (rng.vec(cap * kvw, -1.0, 1.0), rng.vec(cap * kvw, -1.0, 1.0));
+            // Caches of two sequences; the step writes the second (a parallel slot's).
+            let (kc0, vc0) = (
+                rng.vec(2 * cap * kvw, -1.0, 1.0),
+                rng.vec(2 * cap * kvw, -1.0, 1.0),
+            );
             // The caches in f32, then in f16 (two to a word; the reference rounds to f16).
             for f16 in [false, true] {
                 let cache = |name: &str, data: &[f32]| -> Arc<Tensor> {
                     Arc::new(match f16 {
-                        false => Tensor::from_f32(&gpu, name, &[1, cap, kvw], data).unwrap(),
+                        false => Tensor::from_f32(&gpu, name, &[2, cap, kvw], data).unwrap(),
                         true => Tensor::upload(
                             &gpu,
                             name,
-                            &[1, cap, kvw],
+                            &[2, cap, kvw],
                             DType::F16,
                             &to_f16(&mut data.to_vec()),
                         )
@@ -645,15 +650,15 @@ fn fused_rotary_step_every_variant() {
                     let p = g.scalar("pos").unwrap();
                     let qkv = g.linear(xv, wv, bias.then_some(bv)).unwrap();
                     let q = g
-                        .rope_kv(
+                        .rope_kv_seq(
                             qkv,
                             fv,
                             kcv,
                             vcv,
-                            heads,
-                            kv_heads,
+                            (heads, kv_heads),
                             interleaved,
                             kiln::Dyn::slot(p),
+                            kiln::Dyn::Static(1),
                         )
                         .unwrap();
                     g.output(q);
@@ -680,6 +685,7 @@ fn fused_rotary_step_every_variant() {
                 let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
                 let at = pos as usize;
                 if at < cap {
+                    let at = cap + at; // sequence 1
                     kc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&k_want);
                     vc_want[at * kvw..(at + 1) * kvw].copy_from_slice(&y[qw + kvw..]);
                 }

@@ -6,7 +6,7 @@
 use kiln::kernels::sample::SamplerSettings;
 use kiln::llm::{GenerateOptions, KvCacheType, LoadOptions, ModelFiles, TextModel, TextTokenizer};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const CASES: [&str; 5] = [
     "llama-gqa-f32",
@@ -16,17 +16,7 @@ const CASES: [&str; 5] = [
     "llama-q-256",
 ];
 
-/// The case's folder: fixtures/llm (tools/make_llm_fixtures.py) or fixtures/llm-arch
-/// (tools/make_arch_fixtures.py).
-fn dir(case: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let main = root.join("llm").join(case);
-    if main.exists() {
-        main
-    } else {
-        root.join("llm-arch").join(case)
-    }
-}
+use kiln_tests::llm_fixture_dir as dir;
 
 fn expected(case: &str) -> Value {
     kiln_tests::read_json(&dir(case).join("expected.json"))
@@ -34,14 +24,7 @@ fn expected(case: &str) -> Value {
 
 use kiln_tests::json_ids as ids;
 
-/// The files of one run: the HF folder, or just the named GGUF file.
-fn files(case: &str, weights: &str) -> ModelFiles {
-    if weights == "hf" {
-        kiln::llm::generate::read_model_path(&dir(case)).unwrap()
-    } else {
-        kiln::llm::generate::read_model_path(&dir(case).join(weights)).unwrap()
-    }
-}
+use kiln_tests::llm_fixture_files as files;
 
 fn load(case: &str, weights: &str, opts: LoadOptions) -> TextModel {
     load_on(kiln_tests::gpu(), case, weights, opts)

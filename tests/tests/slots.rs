@@ -5,32 +5,15 @@
 //! seen with these tests alone in 11 runs); see the issue notes of 2026-12-07.
 
 use kiln::llm::{GenerateOptions, KvCacheType, LoadOptions, ModelFiles, TextModel};
-use kiln_tests::{greedy, json_ids as ids};
+use kiln_tests::{greedy, json_ids as ids, llm_fixture_files as files};
 use serde_json::Value;
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// Held by each test: they run one after another.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join("llm")
-        .join(case)
-}
-
 fn expected(case: &str) -> Value {
-    kiln_tests::read_json(&dir(case).join("expected.json"))
-}
-
-/// The files of one run: the HF folder, or just the named GGUF file.
-fn files(case: &str, weights: &str) -> ModelFiles {
-    if weights == "hf" {
-        kiln::llm::generate::read_model_path(&dir(case)).unwrap()
-    } else {
-        kiln::llm::generate::read_model_path(&dir(case).join(weights)).unwrap()
-    }
+    kiln_tests::read_json(&kiln_tests::llm_fixture_dir(case).join("expected.json"))
 }
 
 /// Parallel slots decoding together (continuous batching, `TextModel::into_slots`): four
@@ -144,21 +127,12 @@ fn parallel_slots_decode_together_like_serial_runs() {
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
             if let Some(run) = reference {
-                let (_, w0) = kiln_tests::check_greedy_run(
-                    &format!("{what}, serial"),
-                    &serial[0].ids,
-                    &serial[0].logprobs,
-                    run,
-                    2e-3,
-                );
-                let (_, w1) = kiln_tests::check_greedy_run(
-                    &format!("{what}, batched"),
-                    &together[0].ids,
-                    &together[0].logprobs,
-                    run,
-                    2e-3,
-                );
-                eprintln!("{what}: vs transformers serial {w0:.2e} batched {w1:.2e}");
+                for (side, g) in [("serial", &serial[0]), ("batched", &together[0])] {
+                    let what = format!("{what}, {side}");
+                    let (_, worst) =
+                        kiln_tests::check_greedy_run(&what, &g.ids, &g.logprobs, run, 2e-3);
+                    eprintln!("{what}: vs transformers {worst:.2e}");
+                }
             }
             // The GPU kernels run a batch's products as a GEMM (the decode matvec with a fused
             // norm alone): other rounding, well within this.
