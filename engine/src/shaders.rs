@@ -26,6 +26,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention.wgsl"),
     ),
     ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
+    ("delta.wgsl", include_str!("../../shaders/delta.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sample.wgsl", include_str!("../../shaders/sample.wgsl")),
     ("noise.wgsl", include_str!("../../shaders/noise.wgsl")),

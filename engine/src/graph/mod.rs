@@ -15,6 +15,7 @@ use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::attention::Attention;
 use crate::kernels::conv::Conv2d;
+use crate::kernels::delta::{CausalConv, GatedDelta};
 use crate::kernels::elementwise::{
     Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, Upsample2x,
 };
@@ -453,6 +454,48 @@ impl Graph {
             vec![k_cache, v_cache],
         )?
         .ok_or_else(|| shape_err("rope_kv", "no output"))
+    }
+
+    /// The short causal convolution of a linear-attention layer with SiLU (see
+    /// [`CausalConv`]): the first `channels` columns of x `[b, t, width]` convolved over time
+    /// with `w` `[channels, k]`, continuing from and updating `state` `[seqs, k - 1, channels]`
+    /// (a tensor added with `Graph::tensor`) for the first `valid` tokens of each row, of
+    /// sequence `seq`. Output `[b, t, channels]`.
+    pub fn causal_conv(
+        &mut self,
+        x: Value,
+        w: Value,
+        state: Value,
+        channels: usize,
+        valid: Dyn,
+        seq: Dyn,
+    ) -> Result<Value> {
+        self.need_tensors("causal_conv", "state", &[state])?;
+        let op = CausalConv {
+            channels,
+            valid,
+            seq,
+        };
+        self.push(op, vec![x, w, state], vec![state])?
+            .ok_or_else(|| shape_err("causal_conv", "no output"))
+    }
+
+    /// The gated delta rule and gated RMSNorm of a linear-attention layer (see [`GatedDelta`]
+    /// for the inputs), updating `state` (a tensor added with `Graph::tensor`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gated_delta(
+        &mut self,
+        op: GatedDelta,
+        qkv: Value,
+        proj: Value,
+        a: Value,
+        dt: Value,
+        norm_w: Value,
+        state: Value,
+    ) -> Result<Value> {
+        self.need_tensors("gated_delta", "state", &[state])?;
+        self.push(op, vec![qkv, proj, a, dt, norm_w, state], vec![state])?
+            .ok_or_else(|| shape_err("gated_delta", "no output"))
     }
 
     /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, kh, kw]`, optional bias `[co]`.

@@ -3,6 +3,7 @@
 
 use crate::kernels::attention::Attention;
 use crate::kernels::conv::Conv2d;
+use crate::kernels::delta::{CausalConv, GatedDelta};
 use crate::kernels::elementwise::{
     BinaryOp, Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, UnaryOp, Upsample2x,
 };
@@ -50,6 +51,8 @@ ops!(
     Rope(Rope),
     RopeKv(RopeKv),
     Conv2d(Conv2d),
+    CausalConv(CausalConv),
+    GatedDelta(GatedDelta),
     Upsample2x(Upsample2x),
     Concat(Concat),
     Unary(UnaryOp),

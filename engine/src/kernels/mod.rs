@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod delta;
 pub mod elementwise;
 pub mod linear;
 pub mod norm;
@@ -194,6 +195,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
     vec![
         layout::<attention::AttentionParams>(),
         layout::<conv::ConvParams>(),
+        layout::<delta::ConvStateParams>(),
+        layout::<delta::DeltaParams>(),
         layout::<elementwise::UnaryParams>(),
         layout::<elementwise::BinaryParams>(),
         layout::<elementwise::GluParams>(),

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod delta;
 pub mod elementwise;
 pub mod linear;
 pub mod norm;
