@@ -69,12 +69,13 @@ fn gelu_tanh(x: f32) -> f32 {
 }
 fn quick_gelu(x: f32) -> f32 { return x / (1.0 + exp(-1.702 * x)); }
 // The activation of a gated unit (kernels::elementwise::Act codes): 0 silu, 1 gelu(erf),
-// 2 gelu(tanh).
+// 2 gelu(tanh), 3 sigmoid (an output gate).
 fn glu_act(v: f32, code: u32) -> f32 {
     switch code {
         case 0u: { return silu(v); }
         case 1u: { return gelu_erf(v); }
-        default: { return gelu_tanh(v); }
+        case 2u: { return gelu_tanh(v); }
+        default: { return 1.0 / (1.0 + exp(-v)); }
     }
 }
 

@@ -11,7 +11,8 @@
 // inputs), 5 y: array<f32> [b, t, c]. One thread per (channel, row); grid over c, y = row.
 //
 // Variant RECUR: the gated delta rule one token after the other (decode), then the gated
-// RMSNorm. Per value head h (query/key head h / (v_heads / k_heads)) and token:
+// RMSNorm. Per value head h (query/key head h / (v_heads / k_heads), or h % k_heads where
+// `tiled`) and token:
 //   q, k l2-normalized (eps 1e-6), q scaled by dk^-1/2; decay = exp(a[h] * softplus(araw + dt[h]));
 //   beta = sigmoid(braw); S = S * decay; delta = (v - S^T k) * beta; S += k delta^T; o = S^T q;
 //   y = o / sqrt(mean(o^2) + eps) * norm_w * silu(z).
@@ -70,7 +71,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 #else
-struct Params { kh: u32, vh: u32, dk: u32, dv: u32, t: u32, rows: u32, eps: f32, v_add: u32, v_slot: u32, v_mul: u32, s_add: u32, s_slot: u32, s_mul: u32, chunks: u32 }
+struct Params { kh: u32, vh: u32, dk: u32, dv: u32, t: u32, rows: u32, eps: f32, v_add: u32, v_slot: u32, v_mul: u32, s_add: u32, s_slot: u32, s_mul: u32, chunks: u32, tiled: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;
 @group(0) @binding(3) var<storage, read> proj: array<f32>;
@@ -105,7 +106,10 @@ fn wg_sum(v: f32, li: u32) -> f32 {
 fn qkv_width() -> u32 { return 2u * p.kh * p.dk + p.vh * p.dv; }
 fn proj_width() -> u32 { return 2u * p.kh * p.dk + 2u * p.vh * p.dv + 2u * p.vh; }
 // Offsets in a qkv row of head h's query, key and value.
-fn q_at(row: u32, h: u32) -> u32 { return row * qkv_width() + (h / (p.vh / p.kh)) * p.dk; }
+// Value head h reads key head h / (vh / kh) (transformers' repeat_interleave), or h % kh where
+// the value heads are tiled (llama.cpp's GGUF order).
+fn key_head(h: u32) -> u32 { return select(h / (p.vh / p.kh), h % p.kh, p.tiled != 0u); }
+fn q_at(row: u32, h: u32) -> u32 { return row * qkv_width() + key_head(h) * p.dk; }
 fn k_at(row: u32, h: u32) -> u32 { return q_at(row, h) + p.kh * p.dk; }
 fn v_at(row: u32, h: u32) -> u32 { return row * qkv_width() + 2u * p.kh * p.dk + h * p.dv; }
 fn z_at(row: u32, h: u32) -> u32 { return row * proj_width() + 2u * p.kh * p.dk + p.vh * p.dv + h * p.dv; }

@@ -328,6 +328,14 @@ impl Weights {
     }
 }
 
+/// Rows of one matrix for [`VarBuilder::get_rows`]: its name here, its `[rows, k]` shape, and
+/// the row ranges taken, in order.
+pub struct RowPart<'n> {
+    pub name: &'n str,
+    pub shape: [usize; 2],
+    pub rows: Vec<std::ops::Range<usize>>,
+}
+
 /// A position in a checkpoint's name tree (see the module docs).
 #[derive(Clone)]
 pub struct VarBuilder<'a> {
@@ -389,8 +397,32 @@ impl<'a> VarBuilder<'a> {
         names: &[&str],
         shapes: &[[usize; 2]],
     ) -> Result<Option<Arc<Tensor>>> {
+        let parts: Vec<RowPart> = names
+            .iter()
+            .zip(shapes)
+            .map(|(n, s)| RowPart {
+                name: n,
+                shape: *s,
+                rows: vec![0..s[0]],
+            })
+            .collect();
+        self.get_rows(&parts)
+    }
+
+    /// Row ranges of matrices stacked into one tensor in the order given (each part's ranges in
+    /// turn): [`VarBuilder::get_stacked`] of whole matrices, or rows picked and reordered
+    /// (Qwen 3.5's q_proj interleaves each head's query and gate rows). `None` when the
+    /// checkpoint dtypes differ.
+    pub fn get_rows(&self, parts: &[RowPart]) -> Result<Option<Arc<Tensor>>> {
+        let names: Vec<&str> = parts.iter().map(|p| p.name).collect();
+        let shapes: Vec<[usize; 2]> = parts.iter().map(|p| p.shape).collect();
         let paths: Vec<String> = names.iter().map(|n| self.path(n)).collect();
-        let key = format!("{}#stacked", paths.join("+"));
+        let picks: Vec<String> = parts
+            .iter()
+            .filter(|p| p.rows != [0..p.shape[0]])
+            .map(|p| format!("{}{:?}", p.name, p.rows))
+            .collect();
+        let key = format!("{}#stacked{}", paths.join("+"), picks.join(""));
         let cached = self
             .w
             .cache
@@ -412,7 +444,7 @@ impl<'a> VarBuilder<'a> {
             }
         }
         let mut raws = Vec::with_capacity(names.len());
-        for (p, shape) in paths.iter().zip(shapes) {
+        for (p, shape) in paths.iter().zip(&shapes) {
             let raw = self.w.raw(p).ok_or_else(|| self.w.missing(p))?;
             if raw.shape != shape {
                 return Err(self
@@ -426,9 +458,23 @@ impl<'a> VarBuilder<'a> {
         if raws.iter().any(|r| r.dtype != dtype) || shapes.iter().any(|s| s[1] != k) {
             return Ok(None);
         }
-        // Rows are whole in every file layout, so the stacked bytes are the files' bytes in turn.
-        let bytes: Vec<u8> = raws.iter().flat_map(|r| r.data.iter().copied()).collect();
-        let shape = [shapes.iter().map(|s| s[0]).sum(), k];
+        // Rows are whole in every file layout, so the stacked bytes are the files' rows in turn.
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut rows = 0;
+        for (raw, part) in raws.iter().zip(parts) {
+            let row_bytes = raw.data.len() / part.shape[0].max(1);
+            for r in &part.rows {
+                if r.end > part.shape[0] || r.start > r.end {
+                    return Err(self.w.err(
+                        &self.path(part.name),
+                        format!("rows {r:?} of {}", part.shape[0]),
+                    ));
+                }
+                bytes.extend_from_slice(&raw.data[r.start * row_bytes..r.end * row_bytes]);
+                rows += r.len();
+            }
+        }
+        let shape = [rows, k];
         let raw = RawTensor {
             dtype,
             shape: &shape,
@@ -436,8 +482,8 @@ impl<'a> VarBuilder<'a> {
         };
         let parts: Vec<(&str, usize)> = paths
             .iter()
-            .zip(shapes)
-            .map(|(p, s)| (p.as_str(), s[0]))
+            .zip(parts)
+            .map(|(p, s)| (p.as_str(), s.rows.iter().map(|r| r.len()).sum()))
             .collect();
         let t = Arc::new(
             self.w
@@ -465,6 +511,20 @@ impl<'a> VarBuilder<'a> {
         lens: &[usize],
         add: f32,
     ) -> Result<Arc<Tensor>> {
+        if add == 0.0 {
+            return self.get_vectors_map(names, lens, &|x| x);
+        }
+        self.get_vectors_map(names, lens, &|x| x + add)
+    }
+
+    /// Vectors `names` as one f32 `[sum n_i]` with `f` applied to every element (checked
+    /// finite before and after).
+    pub fn get_vectors_map(
+        &self,
+        names: &[&str],
+        lens: &[usize],
+        f: &dyn Fn(f32) -> f32,
+    ) -> Result<Arc<Tensor>> {
         let mut v = Vec::new();
         for (n, &len) in names.iter().zip(lens) {
             let p = self.path(n);
@@ -491,8 +551,12 @@ impl<'a> VarBuilder<'a> {
                 &[(&name, lens[k])],
             ));
         }
-        if add != 0.0 {
-            v.iter_mut().for_each(|x| *x += add);
+        v.iter_mut().for_each(|x| *x = f(*x));
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(self.w.err(
+                &self.path(names[0]),
+                format!("element {i} is not finite once transformed"),
+            ));
         }
         Ok(Arc::new(Tensor::from_f32(
             &self.w.gpu,

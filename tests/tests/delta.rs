@@ -142,6 +142,7 @@ fn check_delta(gpu: &Arc<kiln::Gpu>, vi: usize, s: DeltaShape, rows: &Rows, chun
         dk,
         dv,
         eps: s.eps,
+        tiled: s.tiled,
         valid,
         seq,
         chunked,
@@ -180,7 +181,7 @@ fn check_delta(gpu: &Arc<kiln::Gpu>, vi: usize, s: DeltaShape, rows: &Rows, chun
 
 /// Token by token: a run into one sequence of three (padding rows past `valid` leave the state
 /// alone), and a batch of three sequences out of order; grouped value heads (4 over 2 key
-/// heads), value dim unlike the key dim.
+/// heads, and in llama.cpp's tiled order), value dim unlike the key dim.
 #[test]
 fn gated_delta_recurrent_against_f64_every_variant() {
     let s = DeltaShape {
@@ -189,6 +190,7 @@ fn gated_delta_recurrent_against_f64_every_variant() {
         dk: 16,
         dv: 24,
         eps: 1e-6,
+        tiled: false,
     };
     for (vi, gpu) in gpu_variants().iter().enumerate() {
         let run = Rows::Run {
@@ -198,6 +200,9 @@ fn gated_delta_recurrent_against_f64_every_variant() {
         };
         check_delta(gpu, vi, s, &run, false);
         check_delta(gpu, vi, s, &Rows::Batch(vec![2, 0, 1]), false);
+        // llama.cpp's value-head order (a GGUF's).
+        let tiled = DeltaShape { tiled: true, ..s };
+        check_delta(gpu, vi, tiled, &run, false);
     }
 }
 
@@ -212,6 +217,7 @@ fn gated_delta_chunked_against_f64_every_variant() {
         dk: 16,
         dv: 24,
         eps: 1e-6,
+        tiled: false,
     };
     let real = DeltaShape {
         k_heads: 1,
@@ -219,14 +225,21 @@ fn gated_delta_chunked_against_f64_every_variant() {
         dk: 128,
         dv: 256,
         eps: 1e-6,
+        tiled: false,
     };
     for (vi, gpu) in gpu_variants().iter().enumerate() {
-        for (s, t, valid) in [
+        let tiled = DeltaShape {
+            tiled: true,
+            ..small
+        };
+        let cases = [
             (small, 70, 67),
             (small, 33, 33),
             (small, 4, 4),
+            (tiled, 35, 35),
             (real, 40, 37),
-        ] {
+        ];
+        for (s, t, valid) in cases {
             let run = Rows::Run { t, valid, seq: 2 };
             check_delta(gpu, vi, s, &run, true);
         }

@@ -258,6 +258,14 @@ fn parity_phi3_f32() {
     check_case("phi3-f32");
 }
 
+/// Qwen 3.5: three Gated DeltaNet layers (grouped value heads, causal convolution, gated delta
+/// rule, gated RMSNorm) and a gated full-attention layer (q/k norms, a quarter of each head
+/// rotated), `(1 + w)` norms; folder and llama.cpp's GGUF (value heads reordered).
+#[test]
+fn parity_qwen35_f32() {
+    check_case("qwen35-f32");
+}
+
 /// Mistral with sliding_window 6 (shorter than the run), formerly refused.
 #[test]
 fn parity_mistral_sliding_window_f32() {

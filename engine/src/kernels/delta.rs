@@ -142,13 +142,14 @@ super::params!(
     /// Uniforms of `delta.wgsl`'s delta rule (every variant).
     DeltaParams, "delta.wgsl", ["RECUR"] {
         kh: u32, vh: u32, dk: u32, dv: u32, t: u32, rows: u32, eps: f32, v_add: u32, v_slot: u32,
-        v_mul: u32, s_add: u32, s_slot: u32, s_mul: u32, chunks: u32,
+        v_mul: u32, s_add: u32, s_slot: u32, s_mul: u32, chunks: u32, tiled: u32,
     }
 );
 
 /// The gated delta rule of one linear-attention layer and its gated RMSNorm:
 ///
-/// - per value head `h` (query/key head `h / (v_heads / k_heads)`) and token: q and k
+/// - per value head `h` (query/key head `h / (v_heads / k_heads)`, or `h % k_heads` when
+///   `tiled`: llama.cpp orders the value heads so in a GGUF) and token: q and k
 ///   l2-normalized (eps 1e-6), q scaled by `dk^-1/2`, `decay = exp(a[h] * softplus(a_in + dt[h]))`,
 ///   `beta = sigmoid(b_in)`; `S = decay S; S += k ((v - S^T k) beta)^T; o = S^T q`;
 /// - `y = o / sqrt(mean(o^2) + eps) * norm_w * silu(z)` per head.
@@ -165,6 +166,8 @@ pub struct GatedDelta {
     pub dk: usize,
     pub dv: usize,
     pub eps: f32,
+    /// Value heads in llama.cpp's tiled order (value head `h` reads key head `h % k_heads`).
+    pub tiled: bool,
     pub valid: Dyn,
     pub seq: Dyn,
     pub chunked: bool,
@@ -189,6 +192,7 @@ impl GatedDelta {
             s_slot,
             s_mul,
             chunks: u(t.div_ceil(CHUNK)),
+            tiled: self.tiled as u32,
         }
     }
 

@@ -76,15 +76,18 @@ pub enum Act {
     Silu,
     GeluErf,
     GeluTanh,
+    /// `sigmoid(gate) * x`: an output gate (Qwen 3.5's gated attention).
+    Sigmoid,
 }
 
 impl Act {
-    /// Shader code of the activation (shared by `UNARY` and `GLU`).
+    /// Shader code of the activation (`glu_act` in `common.wgsl`; `UNARY` shares 0-2).
     pub fn code(self) -> u32 {
         match self {
             Act::Silu => 0,
             Act::GeluErf => 1,
             Act::GeluTanh => 2,
+            Act::Sigmoid => 3,
         }
     }
 }

@@ -4,11 +4,14 @@
 //! back into it, so decode needs nothing from the CPU but the run scalars.
 
 use super::config::{LlmConfig, Rotary};
-use super::weights::{LayerWeights, LlmWeights, QkNorms, Stacked};
+use super::weights::{
+    AttnWeights, DeltaWeights, LayerWeights, LlmWeights, Mixer, QkNorms, Stacked,
+};
 use crate::device::Gpu;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::graph::{AttentionOptions, GluInput, UnaryOp};
+use crate::graph::{Act, AttentionOptions, GluInput, UnaryOp};
+use crate::kernels::delta::GatedDelta;
 use crate::kernels::sample::{constraint_words, SETTINGS_LEN};
 use crate::tensor::Tensor;
 use crate::{CompileOptions, Dyn, Graph, Plan, Scalar, Value};
@@ -19,9 +22,17 @@ use std::sync::Arc;
 /// the rotary cos/sin tables of those `ctx` positions (one per rotary embedding: global, then
 /// Gemma 3's local one). The tensors may hold several sequences (parallel slots sharing them, so
 /// that one decode run serves all: [`KvCache::shared`]); this cache is sequence `seq`.
+///
+/// Qwen 3.5's linear-attention layers keep no keys and values but two states per sequence,
+/// which every token updates in place: `conv` `[seqs, taps - 1, channels]` (the convolution's
+/// last inputs) and `delta` `[seqs, v_heads, k_dim, v_dim]` (the recurrent state).
 pub struct KvCache {
+    /// Keys and values of each attention layer, in layer order (`LlmConfig::mixer_index`).
     pub k: Vec<Arc<Tensor>>,
     pub v: Vec<Arc<Tensor>>,
+    /// The states of each linear-attention layer, in layer order.
+    pub conv: Vec<Arc<Tensor>>,
+    pub delta: Vec<Arc<Tensor>>,
     pub history: Arc<Tensor>,
     pub rope: Vec<Arc<Tensor>>,
     pub ctx: usize,
@@ -36,10 +47,15 @@ impl KvCache {
     /// [`KvCache::new`] allocates.
     pub fn bytes(cfg: &LlmConfig, ctx: usize, f16: bool) -> u64 {
         let el = if f16 { 2 } else { 4 };
-        let kv = 2 * cfg.layers * (ctx * cfg.kv_heads * cfg.head_dim).next_multiple_of(2) * el;
+        let attn = cfg.attention_layers();
+        let kv = 2 * attn * (ctx * cfg.kv_heads * cfg.head_dim).next_multiple_of(2) * el;
         let tables = 1 + usize::from(cfg.rope_local.is_some());
         let rope = tables * ctx * cfg.rope.dims.div_ceil(2) * 2 * 4;
-        (kv + (ctx + 1) * 4 + rope) as u64
+        let states = cfg.linear.as_ref().map_or(0, |la| {
+            let (c, d) = la.state_len();
+            (cfg.layers - attn) * (c + d) * 4
+        });
+        (kv + (ctx + 1) * 4 + rope + states) as u64
     }
 
     /// Allocates the caches for `ctx` positions (f16 or f32) and the rotary table of each of
@@ -69,7 +85,25 @@ impl KvCache {
         let dtype = if f16 { DType::F16 } else { DType::F32 };
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
+        let (mut conv, mut delta) = (Vec::new(), Vec::new());
         for i in 0..cfg.layers {
+            if let Some(la) = cfg.linear.as_ref().filter(|_| cfg.is_linear(i)) {
+                let (taps, c) = (la.conv_kernel - 1, la.conv_channels());
+                let dshape = [seqs, la.v_heads, la.k_dim, la.v_dim];
+                conv.push(Arc::new(Tensor::zeros(
+                    gpu,
+                    &format!("conv_state.{i}"),
+                    &[seqs, taps, c],
+                    DType::F32,
+                )?));
+                delta.push(Arc::new(Tensor::zeros(
+                    gpu,
+                    &format!("delta_state.{i}"),
+                    &dshape,
+                    DType::F32,
+                )?));
+                continue;
+            }
             for (caches, name) in [(&mut k, "k_cache"), (&mut v, "v_cache")] {
                 caches.push(Arc::new(Tensor::zeros(
                     gpu,
@@ -103,6 +137,8 @@ impl KvCache {
             .map(|seq| KvCache {
                 k: k.clone(),
                 v: v.clone(),
+                conv: conv.clone(),
+                delta: delta.clone(),
                 history: history.clone(),
                 rope: rope.clone(),
                 ctx,
@@ -120,6 +156,19 @@ impl KvCache {
     /// Byte offset of this sequence's first id in the history buffer.
     pub fn history_bytes(&self) -> u64 {
         4 * self.history_start() as u64
+    }
+
+    /// This sequence's part of every recurrent state tensor (linear-attention layers): the
+    /// tensor, the byte offset and the bytes. Empty for models without such layers.
+    pub fn state_regions(&self) -> Vec<(&Arc<Tensor>, u64, u64)> {
+        self.conv
+            .iter()
+            .chain(&self.delta)
+            .map(|t| {
+                let per_seq = (t.shape[1..].iter().product::<usize>() * 4) as u64;
+                (t, self.seq as u64 * per_seq, per_seq)
+            })
+            .collect()
     }
 }
 
@@ -166,7 +215,8 @@ pub async fn build_step(
         g.scalar("seed")?,
     );
     let history = g.tensor(&kv.history);
-    let x = decoder(&mut g, cfg, w, kv, Tokens::Run { pos, tokens })?;
+    let valid = Dyn::affine(last, 1, 1);
+    let x = decoder(&mut g, cfg, w, kv, Tokens::Run { pos, tokens, valid })?;
     // Only the last valid token needs logits.
     let xl = g.slice_rows(x, Dyn::slot(last), 1)?; // [1, h]
     let logits = head(&mut g, cfg, w, xl)?; // [1, vocab]
@@ -296,13 +346,15 @@ pub async fn build_batch(
 }
 
 /// The tokens a decoder graph runs: `tokens` of one sequence (the cache's) from run-time
-/// position `pos`, or one token of each of `rows` sequences (per-row scalars, see
-/// [`BatchStep`]).
+/// position `pos`, of which the first `valid` are real (the rest a prefill run's padding, which
+/// recurrent states must not see), or one token of each of `rows` sequences (per-row scalars,
+/// see [`BatchStep`]).
 #[derive(Clone, Copy)]
 enum Tokens {
     Run {
         pos: Scalar,
         tokens: usize,
+        valid: Dyn,
     },
     Batch {
         rows: usize,
@@ -326,7 +378,7 @@ fn decoder(
     let embed = g.tensor(&w.embed);
     let ropes: Vec<Value> = kv.rope.iter().map(|t| g.tensor(t)).collect();
     let (x, (b, t)) = match tokens {
-        Tokens::Run { pos, tokens } => {
+        Tokens::Run { pos, tokens, .. } => {
             let at = Dyn::slot(pos).plus(kv.history_start() as u32);
             (g.gather_at(embed, history, at, tokens)?, (1, tokens))
         }
@@ -340,14 +392,24 @@ fn decoder(
         x = g.scale(x, s, 0.0)?;
     }
     for (i, lw) in w.layers.iter().enumerate() {
-        let at = LayerAt {
-            index: i,
-            rope: ropes[cfg.rope_index(i)],
-            k_cache: g.tensor(&kv.k[i]),
-            v_cache: g.tensor(&kv.v[i]),
-            place: Place::new(tokens, kv),
+        let place = Place::new(tokens, kv);
+        let j = cfg.mixer_index(i);
+        x = match &lw.mixer {
+            Mixer::Attention(aw) => {
+                let at = LayerAt {
+                    index: i,
+                    rope: ropes[cfg.rope_index(i)],
+                    k_cache: g.tensor(&kv.k[j]),
+                    v_cache: g.tensor(&kv.v[j]),
+                    place,
+                };
+                attention_block(g, cfg, lw, aw, &at, x)?
+            }
+            Mixer::Linear(dw) => {
+                let states = (g.tensor(&kv.conv[j]), g.tensor(&kv.delta[j]));
+                delta_block(g, cfg, lw, dw, states, place, x)?
+            }
         };
-        x = attention_block(g, cfg, lw, &at, x)?;
         x = ffn_block(g, cfg, lw, x)?;
     }
     Ok(x)
@@ -363,7 +425,8 @@ pub fn final_states(
     tokens: usize,
     pos: Scalar,
 ) -> Result<Value> {
-    let x = decoder(g, cfg, w, kv, Tokens::Run { pos, tokens })?;
+    let valid = Dyn::Static(tokens as u32);
+    let x = decoder(g, cfg, w, kv, Tokens::Run { pos, tokens, valid })?;
     let norm = g.tensor(&w.norm);
     let x = g.rms_norm(x, norm, cfg.rms_eps)?;
     g.reshape(x, &[tokens, cfg.hidden])
@@ -376,6 +439,8 @@ struct Place {
     pos: Dyn,
     seq: Dyn,
     kv_len: Dyn,
+    /// Real tokens of each row (recurrent states update through these only).
+    valid: Dyn,
     /// (position scalar, tokens, sequence) of a one-sequence run.
     run: Option<(Scalar, usize, usize)>,
 }
@@ -383,16 +448,18 @@ struct Place {
 impl Place {
     fn new(tokens: Tokens, kv: &KvCache) -> Place {
         match tokens {
-            Tokens::Run { pos, tokens } => Place {
+            Tokens::Run { pos, tokens, valid } => Place {
                 pos: Dyn::slot(pos),
                 seq: Dyn::Static(kv.seq as u32),
                 kv_len: Dyn::affine(pos, 1, tokens as u32),
+                valid,
                 run: Some((pos, tokens, kv.seq)),
             },
             Tokens::Batch { seq, pos, .. } => Place {
                 pos: Dyn::rows(pos),
                 seq: Dyn::rows(seq),
                 kv_len: Dyn::rows(pos).plus(1),
+                valid: Dyn::Static(1),
                 run: None,
             },
         }
@@ -414,12 +481,13 @@ fn attention_block(
     g: &mut Graph,
     cfg: &LlmConfig,
     lw: &LayerWeights,
+    aw: &AttnWeights,
     at: &LayerAt,
     x: Value,
 ) -> Result<Value> {
     let attn_norm = g.tensor(&lw.attn_norm);
     let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
-    let q = project_qkv(g, cfg, lw, at, hn)?;
+    let q = project_qkv(g, cfg, aw, at, hn)?;
     // Query i sits at pos + i and sees keys 0..=pos + i (the last `window` of them in a
     // sliding-window layer); the cache holds pos + t keys. A bidirectional model (an
     // embedder) sees every key of its input, within `window` either side in sliding layers.
@@ -441,8 +509,76 @@ fn attention_block(
         p.kv_len,
         &opts,
     )?;
-    let (wo, bo) = (g.tensor(&lw.wo), lw.bo.as_ref().map(|b| g.tensor(b)));
+    // Qwen 3.5: the output gated by sigmoid of its own projection.
+    let a = match &aw.gate {
+        Some(w) => {
+            let w = g.tensor(w);
+            let gate = g.linear(hn, w, None)?;
+            g.glu(GluInput::Pair { gate, up: a }, Act::Sigmoid)?
+        }
+        None => a,
+    };
+    let (wo, bo) = (g.tensor(&aw.wo), aw.bo.as_ref().map(|b| g.tensor(b)));
     residual_product(g, cfg, a, wo, bo, lw.post_attn_norm.as_ref(), x)
+}
+
+/// A linear-attention (Gated DeltaNet) layer: `x + out_proj(gated_norm(delta_rule(conv(q, k,
+/// v))))` of `norm(x)`, `[b, t, h]`, updating the sequence's convolution and recurrent states
+/// (`states`) with its valid tokens. Runs of several tokens take the chunked delta rule.
+fn delta_block(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    lw: &LayerWeights,
+    dw: &DeltaWeights,
+    (conv_state, delta_state): (Value, Value),
+    p: Place,
+    x: Value,
+) -> Result<Value> {
+    let Some(la) = &cfg.linear else {
+        return Err(crate::error::Error::Unsupported(
+            "a linear-attention layer in a config without its sizes".into(),
+        ));
+    };
+    let attn_norm = g.tensor(&lw.attn_norm);
+    let hn = g.rms_norm(x, attn_norm, cfg.rms_eps)?;
+    // q | k | v | z | b | a in one row per token.
+    let proj = match &dw.proj {
+        Stacked::One { w, .. } => {
+            let w = g.tensor(w);
+            g.linear(hn, w, None)?
+        }
+        Stacked::Apart(ps) => {
+            let mut out: Option<Value> = None;
+            for (w, _) in ps {
+                let w = g.tensor(w);
+                let y = g.linear(hn, w, None)?;
+                out = Some(match out {
+                    None => y,
+                    Some(o) => g.concat(o, y, 2)?,
+                });
+            }
+            out.ok_or_else(|| crate::error::shape_err("delta_block", "no projections"))?
+        }
+    };
+    let c = la.conv_channels();
+    let conv_w = g.tensor(&dw.conv);
+    let conv_w = g.reshape(conv_w, &[c, la.conv_kernel])?;
+    let qkv = g.causal_conv(proj, conv_w, conv_state, c, p.valid, p.seq)?;
+    let op = GatedDelta {
+        k_heads: la.k_heads,
+        v_heads: la.v_heads,
+        dk: la.k_dim,
+        dv: la.v_dim,
+        eps: cfg.rms_eps,
+        tiled: la.v_tiled,
+        valid: p.valid,
+        seq: p.seq,
+        chunked: g.shape(x)[1] > 1,
+    };
+    let (a, dt, norm) = (g.tensor(&dw.a), g.tensor(&dw.dt_bias), g.tensor(&dw.norm));
+    let y = g.gated_delta(op, qkv, proj, a, dt, norm, delta_state)?;
+    let out = g.tensor(&dw.out);
+    residual_product(g, cfg, y, out, None, lw.post_attn_norm.as_ref(), x)
 }
 
 /// The rotated queries `[b, t, heads d]`, after writing the rotated keys and the values into
@@ -450,7 +586,7 @@ fn attention_block(
 fn project_qkv(
     g: &mut Graph,
     cfg: &LlmConfig,
-    lw: &LayerWeights,
+    lw: &AttnWeights,
     at: &LayerAt,
     hn: Value,
 ) -> Result<Value> {

@@ -2,11 +2,11 @@
 //! ([`crate::weights`]): safetensors as they are, GGUF through [`gguf_name`]. Every tensor is
 //! shape-checked against the config.
 
-use super::config::{Arch, LlmConfig, RopeScaling, Rotary};
+use super::config::{Arch, LinearAttn, LlmConfig, RopeScaling, Rotary};
 use crate::dtype::dequantize;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::weights::{VarBuilder, Weights};
+use crate::weights::{RowPart, VarBuilder, Weights};
 use std::sync::Arc;
 
 /// Projections a layer applies to the same input: stacked by rows into one matrix (one product)
@@ -27,14 +27,44 @@ pub enum QkNorms {
     Apart(Arc<Tensor>, Arc<Tensor>),
 }
 
-/// Weights of one decoder layer.
-pub struct LayerWeights {
-    pub attn_norm: Arc<Tensor>,
+/// The token mixer of a layer: attention over the KV cache, or Qwen 3.5's linear attention.
+pub enum Mixer {
+    Attention(AttnWeights),
+    Linear(DeltaWeights),
+}
+
+/// An attention layer's projections.
+pub struct AttnWeights {
     /// q_proj, k_proj, v_proj (rows in that order).
     pub qkv: Stacked,
     pub qk_norm: Option<QkNorms>,
     pub wo: Arc<Tensor>,
     pub bo: Option<Arc<Tensor>>,
+    /// Qwen 3.5: the output gate's projection (the gate halves of q_proj's heads).
+    pub gate: Option<Arc<Tensor>>,
+}
+
+/// A Gated DeltaNet layer (Qwen 3.5's `linear_attn`).
+pub struct DeltaWeights {
+    /// in_proj_qkv, in_proj_z, in_proj_b, in_proj_a: one product `[proj_width, h]` when their
+    /// dtypes agree.
+    pub proj: Stacked,
+    /// conv1d.weight `[channels, 1, taps]`, f32.
+    pub conv: Arc<Tensor>,
+    /// `-exp(A_log)` `[v_heads]`, f32.
+    pub a: Arc<Tensor>,
+    /// dt_bias `[v_heads]`.
+    pub dt_bias: Arc<Tensor>,
+    /// The gated RMSNorm's weight `[v_dim]` (plain, not `1 + w`).
+    pub norm: Arc<Tensor>,
+    /// out_proj `[h, v_heads v_dim]`.
+    pub out: Arc<Tensor>,
+}
+
+/// Weights of one decoder layer.
+pub struct LayerWeights {
+    pub attn_norm: Arc<Tensor>,
+    pub mixer: Mixer,
     /// Gemma: the norm of the attention output before the residual add.
     pub post_attn_norm: Option<Arc<Tensor>>,
     pub ffn_norm: Arc<Tensor>,
@@ -123,13 +153,16 @@ impl LlmWeights {
         // Causal-LM checkpoints keep the decoder under `model.`; a bare decoder (`Qwen3Model`,
         // as sentence-transformers saves Qwen3-Embedding) has it at the root.
         let model = root
-            .first_of(&["model", ""], "embed_tokens.weight")
+            .first_of(
+                &["model", "model.language_model", ""],
+                "embed_tokens.weight",
+            )
             .unwrap_or_else(|_| root.pp("model"));
         let embed = model.get("embed_tokens.weight", &[cfg.vocab, h])?;
         on_progress(1, total);
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            layers.push(load_layer(cfg, &model.pp("layers").pp(i))?);
+            layers.push(load_layer(cfg, i, &model.pp("layers").pp(i))?);
             on_progress(i + 2, total);
         }
         // A config claiming fewer layers than the checkpoint holds would silently skip some.
@@ -173,23 +206,12 @@ fn norm_weight(cfg: &LlmConfig, vb: &VarBuilder, name: &str, len: usize) -> Resu
 }
 
 /// One decoder layer (`model.layers.{i}`).
-fn load_layer(cfg: &LlmConfig, l: &VarBuilder) -> Result<LayerWeights> {
-    let (h, d) = (cfg.hidden, cfg.head_dim);
-    let (attn, mlp) = (l.pp("self_attn"), l.pp("mlp"));
-    let qkv = load_qkv(cfg, &attn)?;
-    let qk_norm = if !cfg.qk_norm {
-        None
-    } else if matches!(qkv, Stacked::One { .. }) {
-        Some(QkNorms::Stacked(attn.get_vectors_plus(
-            &["q_norm.weight", "k_norm.weight"],
-            &[d, d],
-            cfg.norm_offset,
-        )?))
-    } else {
-        Some(QkNorms::Apart(
-            norm_weight(cfg, &attn, "q_norm.weight", d)?,
-            norm_weight(cfg, &attn, "k_norm.weight", d)?,
-        ))
+fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights> {
+    let h = cfg.hidden;
+    let mlp = l.pp("mlp");
+    let mixer = match &cfg.linear {
+        Some(la) if cfg.is_linear(i) => Mixer::Linear(load_delta(cfg, la, &l.pp("linear_attn"))?),
+        _ => Mixer::Attention(load_attention(cfg, &l.pp("self_attn"))?),
     };
     let inter = cfg.intermediate;
     let gate_up = if cfg.arch == Arch::Phi3 {
@@ -221,15 +243,96 @@ fn load_layer(cfg: &LlmConfig, l: &VarBuilder) -> Result<LayerWeights> {
     };
     Ok(LayerWeights {
         attn_norm: norm("input_layernorm.weight")?,
-        qkv,
-        qk_norm,
-        wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
-        bo: attn.optional("o_proj.bias", &[h])?,
+        mixer,
         post_attn_norm,
         ffn_norm,
         gate_up,
         w_down: mlp.get("down_proj.weight", &[h, inter])?,
         post_ffn_norm,
+    })
+}
+
+/// An attention layer's projections (`self_attn`).
+fn load_attention(cfg: &LlmConfig, attn: &VarBuilder) -> Result<AttnWeights> {
+    let (h, d) = (cfg.hidden, cfg.head_dim);
+    let qkv = load_qkv(cfg, attn)?;
+    let qk_norm = if !cfg.qk_norm {
+        None
+    } else if matches!(qkv, Stacked::One { .. }) {
+        Some(QkNorms::Stacked(attn.get_vectors_plus(
+            &["q_norm.weight", "k_norm.weight"],
+            &[d, d],
+            cfg.norm_offset,
+        )?))
+    } else {
+        Some(QkNorms::Apart(
+            norm_weight(cfg, attn, "q_norm.weight", d)?,
+            norm_weight(cfg, attn, "k_norm.weight", d)?,
+        ))
+    };
+    let gate = if cfg.attn_gate {
+        Some(gated_query_part(cfg, attn, 1)?)
+    } else {
+        None
+    };
+    Ok(AttnWeights {
+        qkv,
+        qk_norm,
+        wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
+        bo: attn.optional("o_proj.bias", &[h])?,
+        gate,
+    })
+}
+
+/// One of the halves of each head of a gated q_proj (`[heads * 2 d, h]`: per head d query rows,
+/// then d gate rows): 0 the queries, 1 the gates, `[heads d, h]`.
+fn gated_query_part(cfg: &LlmConfig, attn: &VarBuilder, half: usize) -> Result<Arc<Tensor>> {
+    let (d, heads) = (cfg.head_dim, cfg.heads);
+    let part = RowPart {
+        name: "q_proj.weight",
+        shape: [2 * heads * d, cfg.hidden],
+        rows: (0..heads)
+            .map(|hd| (2 * hd + half) * d..(2 * hd + half + 1) * d)
+            .collect(),
+    };
+    attn.get_rows(&[part])?.ok_or_else(|| {
+        Error::Unsupported(format!(
+            "adapters on '{}' (the gated query projection is split by rows)",
+            attn.path("q_proj.weight")
+        ))
+    })
+}
+
+/// A Gated DeltaNet layer (`model.layers.{i}.linear_attn`).
+fn load_delta(cfg: &LlmConfig, la: &LinearAttn, l: &VarBuilder) -> Result<DeltaWeights> {
+    let h = cfg.hidden;
+    let (vh, vd) = (la.v_heads, la.v_heads * la.v_dim);
+    let c = la.conv_channels();
+    let names = [
+        "in_proj_qkv.weight",
+        "in_proj_z.weight",
+        "in_proj_b.weight",
+        "in_proj_a.weight",
+    ];
+    let shapes = [[c, h], [vd, h], [vh, h], [vh, h]];
+    let proj = match l.get_stacked(&names, &shapes)? {
+        Some(w) => Stacked::One { w, bias: None },
+        None => Stacked::Apart(
+            names
+                .iter()
+                .zip(&shapes)
+                .map(|(n, s)| Ok((l.get(n, s)?, None)))
+                .collect::<Result<_>>()?,
+        ),
+    };
+    Ok(DeltaWeights {
+        proj,
+        conv: l.get_f32("conv1d.weight", &[c, 1, la.conv_kernel])?,
+        // transformers: `-self.A_log.float().exp()`.
+        a: l.get_vectors_map(&["A_log"], &[vh], &|x| -x.exp())?,
+        dt_bias: l.get_f32("dt_bias", &[vh])?,
+        norm: l.get_f32("norm.weight", &[la.v_dim])?,
+        out: l.get("out_proj.weight", &[h, vd])?,
     })
 }
 
@@ -243,6 +346,9 @@ fn load_qkv(cfg: &LlmConfig, attn: &VarBuilder) -> Result<Stacked> {
             w: attn.get("qkv_proj.weight", &[qkv_rows.iter().sum(), h])?,
             bias: None,
         });
+    }
+    if cfg.attn_gate {
+        return load_gated_qkv(cfg, attn);
     }
     let names = ["q_proj", "k_proj", "v_proj"];
     let has_bias = cfg.arch == Arch::Qwen2 || attn.has("q_proj.bias");
@@ -274,6 +380,42 @@ fn load_qkv(cfg: &LlmConfig, attn: &VarBuilder) -> Result<Stacked> {
                 })
                 .collect::<Result<_>>()?,
         ),
+    })
+}
+
+/// Q/K/V of a gated attention layer (Qwen 3.5): the query halves of q_proj's heads, k_proj and
+/// v_proj, stacked where their dtypes agree.
+fn load_gated_qkv(cfg: &LlmConfig, attn: &VarBuilder) -> Result<Stacked> {
+    let (h, d, kv) = (cfg.hidden, cfg.head_dim, cfg.kv_heads);
+    if attn.has("q_proj.bias") {
+        return Err(Error::Unsupported(format!(
+            "biases on a gated attention layer ('{}')",
+            attn.path("q_proj.bias")
+        )));
+    }
+    let whole = |name, rows| RowPart {
+        name,
+        shape: [rows, h],
+        rows: vec![0..rows],
+    };
+    let heads = cfg.heads;
+    let q = RowPart {
+        name: "q_proj.weight",
+        shape: [2 * heads * d, h],
+        rows: (0..heads).map(|i| 2 * i * d..(2 * i + 1) * d).collect(),
+    };
+    let parts = [
+        q,
+        whole("k_proj.weight", kv * d),
+        whole("v_proj.weight", kv * d),
+    ];
+    Ok(match attn.get_rows(&parts)? {
+        Some(w) => Stacked::One { w, bias: None },
+        None => Stacked::Apart(vec![
+            (gated_query_part(cfg, attn, 0)?, None),
+            (attn.get("k_proj.weight", &[kv * d, h])?, None),
+            (attn.get("v_proj.weight", &[kv * d, h])?, None),
+        ]),
     })
 }
 

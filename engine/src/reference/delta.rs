@@ -43,6 +43,8 @@ pub struct DeltaShape {
     pub dk: usize,
     pub dv: usize,
     pub eps: f32,
+    /// Value head h reads key head h % k_heads (else h / (v_heads / k_heads)).
+    pub tiled: bool,
 }
 
 fn l2_normalized(x: &[f32]) -> Vec<f64> {
@@ -75,7 +77,7 @@ pub fn gated_delta(
         let row = &qkv[i * qw..(i + 1) * qw];
         let pr = &proj[i * pw..(i + 1) * pw];
         for h in 0..vh {
-            let g = h / (vh / kh);
+            let g = if s.tiled { h % kh } else { h / (vh / kh) };
             let q = l2_normalized(&row[g * dk..(g + 1) * dk]);
             let k = l2_normalized(&row[kd + g * dk..kd + (g + 1) * dk]);
             let v = &row[2 * kd + h * dv..2 * kd + (h + 1) * dv];

@@ -124,6 +124,8 @@ impl LlmConfig {
                 _ => softcap("final_logit_softcapping", 0.0),
             },
             bidirectional: false,
+            linear: None,
+            linear_layers: vec![false; layers],
         }
         .into_config()
     }

@@ -1,7 +1,8 @@
 //! `config.json` (and `generation_config.json`) as transformers writes them, 4.x and 5.
 
 use super::{
-    check_context, check_layers, unsupported, Arch, Facts, LlmConfig, RopeScaling, Rotary,
+    check_context, check_layers, unsupported, Arch, Facts, LinearAttn, LlmConfig, RopeScaling,
+    Rotary,
 };
 use crate::error::{Error, Result};
 use crate::formats::config::Keys;
@@ -12,6 +13,24 @@ impl LlmConfig {
     /// From `config.json` (and `generation_config.json` for EOS ids, when present).
     pub fn from_hf(config: &str, generation: Option<&str>) -> Result<LlmConfig> {
         let c = Keys::parse("config.json", config)?;
+        // Qwen 3.5 is published as a vision-language model: its text model's config is
+        // `text_config` (the weights under `model.language_model`).
+        if let Some(text) = c.get("text_config").filter(|t| t.is_object()) {
+            if arch(&c).is_err() || c.get("model_type").and_then(|m| m.as_str()) == Some("qwen3_5")
+            {
+                let mut text = text.clone();
+                if text.get("model_type").is_none() {
+                    text["model_type"] = "qwen3_5_text".into();
+                }
+                if let Some(t) = c
+                    .get("tie_word_embeddings")
+                    .filter(|_| text.get("tie_word_embeddings").is_none())
+                {
+                    text["tie_word_embeddings"] = t.clone();
+                }
+                return Self::from_hf(&text.to_string(), generation);
+            }
+        }
         let arch = arch(&c)?;
         if c.flag("mlp_bias", false)? {
             return Err(unsupported("mlp_bias = true (MLP projections with biases)"));
@@ -25,7 +44,19 @@ impl LlmConfig {
             "max_position_embeddings",
         )?;
         let (rope, rope_local) = rotaries(&c, arch, head_dim, max_positions)?;
-        let (mut sliding_window, sliding_layers) = sliding(&c, arch, layers)?;
+        let (mut sliding_window, sliding_layers, linear_layers) = sliding(&c, arch, layers)?;
+        let linear = (arch == Arch::Qwen35)
+            .then(|| -> Result<LinearAttn> {
+                Ok(LinearAttn {
+                    conv_kernel: c.count("linear_conv_kernel_dim", 4)?,
+                    k_heads: c.count("linear_num_key_heads", 16)?,
+                    v_heads: c.count("linear_num_value_heads", 32)?,
+                    k_dim: c.count("linear_key_head_dim", 128)?,
+                    v_dim: c.count("linear_value_head_dim", 128)?,
+                    v_tiled: false,
+                })
+            })
+            .transpose()?;
         let bidirectional = c.flag("use_bidirectional_attention", false)?;
         if bidirectional {
             // transformers turns a bidirectional model's window W into W / 2 + 1 keys either
@@ -69,8 +100,12 @@ impl LlmConfig {
             bos: ids(c.get("bos_token_id")).first().copied(),
             eos: eos(&c, generation)?,
             act: act(&c)?,
-            // transformers' Gemma norms multiply by (1 + w).
-            norm_offset: if gemma { 1.0 } else { 0.0 },
+            // transformers' Gemma and Qwen 3.5 norms multiply by (1 + w).
+            norm_offset: if gemma || arch == Arch::Qwen35 {
+                1.0
+            } else {
+                0.0
+            },
             attn_scale,
             attn_softcap: if arch == Arch::Gemma2 {
                 softcap("attn_logit_softcapping")?
@@ -83,6 +118,8 @@ impl LlmConfig {
                 None
             },
             bidirectional,
+            linear,
+            linear_layers,
         }
         .into_config()
     }
@@ -110,7 +147,8 @@ fn arch(c: &Keys) -> Result<Arch> {
         Some("Gemma2ForCausalLM" | "Gemma2Model" | "gemma2") => Arch::Gemma2,
         Some("Gemma3ForCausalLM" | "Gemma3TextModel" | "gemma3_text") => Arch::Gemma3,
         Some("Phi3ForCausalLM" | "Phi3Model" | "phi3") => Arch::Phi3,
-        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)"))),
+        Some("Qwen3_5ForCausalLM" | "Qwen3_5TextModel" | "qwen3_5_text") => Arch::Qwen35,
+        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)"))),
         None => return Err(unsupported("config.json names no architecture")),
     })
 }
@@ -143,10 +181,12 @@ fn rotaries(
     max_positions: usize,
 ) -> Result<(Rotary, Rotary)> {
     let params = c.get("rope_parameters").filter(|v| v.is_object());
+    // Qwen 3.5 rotates a quarter of each head unless its config says otherwise.
+    let default_partial = if arch == Arch::Qwen35 { 0.25 } else { 1.0 };
     let partial = params
         .and_then(|p| p.get("partial_rotary_factor"))
         .and_then(|v| v.as_f64())
-        .map_or_else(|| c.num("partial_rotary_factor", 1.0), Ok)?;
+        .map_or_else(|| c.num("partial_rotary_factor", default_partial), Ok)?;
     if !(partial > 0.0 && partial <= 1.0) {
         return Err(c.err(format!(
             "partial_rotary_factor = {partial}: must be in (0, 1]"
@@ -168,14 +208,28 @@ fn rotaries(
     Ok((rope, rope_local))
 }
 
-/// The window and which layers slide: `layer_types` (transformers 5) says, older configs imply
-/// it per architecture.
-fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+/// The window, which layers slide and which are linear attention: `layer_types` (transformers 5)
+/// says, older configs imply it per architecture (Qwen 3.5: every `full_attention_interval`-th
+/// layer attends, the others are linear).
+fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>, Vec<bool>)> {
     let window = c.count("sliding_window", 0)?;
     let types = match c.get("layer_types") {
         Some(_) => Some(c.strings("layer_types")?),
         None => None,
     };
+    let linear_layers: Vec<bool> = match (&types, arch) {
+        (Some(t), _) => t.iter().map(|x| x == "linear_attention").collect(),
+        (None, Arch::Qwen35) => {
+            let n = c.count("full_attention_interval", 4)?.max(1);
+            (0..layers).map(|i| (i + 1) % n != 0).collect()
+        }
+        (None, _) => vec![false; layers],
+    };
+    if arch != Arch::Qwen35 && linear_layers.iter().any(|&l| l) {
+        return Err(unsupported(
+            "layer type 'linear_attention' outside Qwen 3.5 (Qwen3_5ForCausalLM)",
+        ));
+    }
     let sliding_layers: Vec<bool> = match (&types, arch) {
         (Some(t), _) => {
             if t.len() != layers {
@@ -187,13 +241,14 @@ fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bo
             t.iter()
                 .map(|x| match x.as_str() {
                     "sliding_attention" => Ok(true),
-                    "full_attention" => Ok(false),
+                    "full_attention" | "linear_attention" => Ok(false),
                     other => Err(unsupported(format!(
-                        "layer type '{other}' (supported: full_attention, sliding_attention)"
+                        "layer type '{other}' (supported: full_attention, sliding_attention, linear_attention)"
                     ))),
                 })
                 .collect::<Result<_>>()?
         }
+        (None, Arch::Qwen35) => vec![false; layers],
         (None, Arch::Gemma2) => (0..layers).map(|i| i % 2 == 0).collect(),
         (None, Arch::Gemma3) => {
             let n = c.count("sliding_window_pattern", 6)?.max(1);
@@ -212,7 +267,7 @@ fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bo
         matches!(arch, Arch::Qwen2 | Arch::Qwen3) && !c.flag("use_sliding_window", false)?;
     let sliding_window =
         (window > 0 && !qwen_off && sliding_layers.iter().any(|&s| s)).then_some(window);
-    Ok((sliding_window, sliding_layers))
+    Ok((sliding_window, sliding_layers, linear_layers))
 }
 
 /// EOS ids: generation_config.json's when it names any, else config.json's.

