@@ -355,6 +355,11 @@ impl Embedder {
         } else {
             // A decoder Kiln runs for text; its config says which (or why not).
             let cfg = crate::llm::LlmConfig::from_hf(&config, None)?;
+            if cfg.linear.is_some() {
+                return Err(Error::Unsupported(
+                    "embeddings from a model with linear-attention layers (Qwen 3.5)".into(),
+                ));
+            }
             let max_len = max_len(&files, cfg.max_positions).min(MAX_DECODER_TOKENS);
             let opts = crate::llm::LoadOptions {
                 ctx: max_len,

@@ -266,6 +266,74 @@ fn parity_qwen35_f32() {
     check_case("qwen35-f32");
 }
 
+/// Qwen 3.5 beyond one short prompt, on the software and the GPU kernels, folder and GGUF: a
+/// 150-token prompt (three prefill runs of 64 through the chunked delta rule, the recurrent
+/// states carried from run to run), then a chat-like second turn that extends the first
+/// (resuming the live states: only the new tokens run), the same turn again (the states
+/// restored from the snapshot taken before its last prefill run), and an unrelated prompt
+/// (states zeroed); each against transformers' fresh run of that prompt.
+#[test]
+fn qwen35_long_prompts_and_resumed_states() {
+    let case = "qwen35-f32";
+    let e = expected(case);
+    let check = |what: &str, g: &kiln::llm::Generation, run: &Value| {
+        let (n, worst) = kiln_tests::check_greedy_run(what, &g.ids, &g.logprobs, run, 1e-4);
+        assert_eq!(n, ids(&run["ids"]).len(), "{what}: every id is firm");
+        eprintln!(
+            "{what}: {n} ids equal, max logprob err {worst:.2e}, {} reused",
+            g.reused
+        );
+    };
+    let gpus = [kiln_tests::gpu(), kiln_tests::gpu_kernels_f32_math()];
+    for (gpu, weights) in [
+        (&gpus[0], "hf"),
+        (&gpus[1], "hf"),
+        (&gpus[1], "model-f32.gguf"),
+    ] {
+        let opts = LoadOptions {
+            ctx: 256,
+            prefill_chunk: 64,
+            kv_cache: KvCacheType::F32,
+            ..Default::default()
+        };
+        let mut m = load_on(gpu.clone(), case, weights, opts);
+        let software = gpu.features.software;
+        let what = |s: &str| format!("{case} {weights} (software kernels {software}): {s}");
+        let gen = |m: &mut TextModel, prompt: &[u32], n: usize| {
+            pollster::block_on(m.generate(prompt, &greedy(n), &mut |_| true)).unwrap()
+        };
+        let long = &e["long"];
+        let g = gen(&mut m, &ids(&long["prompt_ids"]), 32);
+        check(&what("150-token prompt"), &g, &long["runs"][0]);
+        let r = &e["reuse"];
+        let (first, second) = (ids(&r["first_prompt_ids"]), ids(&r["second_prompt_ids"]));
+        let g = gen(&mut m, &first, 8);
+        assert_eq!(g.reused, 0, "{}", what("the first turn shares nothing"));
+        check(&what("first turn"), &g, &r["first"]);
+        // The eighth id was sampled, never fed: the live states hold the prompt and seven.
+        let g = gen(&mut m, &second, 16);
+        assert_eq!(
+            g.reused,
+            first.len() + 7,
+            "{}",
+            what("second turn resumes the live states")
+        );
+        check(&what("second turn"), &g, &r["second"]);
+        let g = gen(&mut m, &second, 16);
+        let tail = m.tail_via_decode().max(1);
+        assert!(
+            g.reused > 0 && second.len() - g.reused <= m.prefill.tokens.max(tail),
+            "{}: reused {}",
+            what("the same turn again restores the snapshot"),
+            g.reused
+        );
+        check(&what("second turn again"), &g, &r["second"]);
+        let g = gen(&mut m, &ids(&e["prompt_ids"]), 32);
+        assert_eq!(g.reused, 0, "{}", what("an unrelated prompt starts afresh"));
+        check(&what("unrelated prompt"), &g, &e["runs"][0]);
+    }
+}
+
 /// Mistral with sliding_window 6 (shorter than the run), formerly refused.
 #[test]
 fn parity_mistral_sliding_window_f32() {

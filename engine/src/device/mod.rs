@@ -461,6 +461,25 @@ impl Gpu {
         self.submit([enc.finish()]);
     }
 
+    /// Queues copies of byte regions between buffers: (src, src offset, dst, dst offset, bytes),
+    /// in one submit (a sequence's recurrent states saved or restored).
+    pub fn copy_regions(&self, regions: &[(&wgpu::Buffer, u64, &wgpu::Buffer, u64, u64)]) {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        for &(src, so, dst, d, size) in regions {
+            enc.copy_buffer_to_buffer(src, so, dst, d, size);
+        }
+        self.submit([enc.finish()]);
+    }
+
+    /// Queues zeroing of byte regions (buffer, offset, bytes; multiples of 4), in one submit.
+    pub fn clear_regions(&self, regions: &[(&wgpu::Buffer, u64, u64)]) {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        for &(buf, off, size) in regions {
+            enc.clear_buffer(buf, off, Some(size));
+        }
+        self.submit([enc.finish()]);
+    }
+
     /// Copies `size` bytes at `offset` of `src` back to the CPU (async).
     pub async fn read_buffer(&self, src: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         let staging = self.create_buffer(

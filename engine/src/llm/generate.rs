@@ -8,7 +8,7 @@ use super::config::LlmConfig;
 use super::constrain::{Constraint, Grammar, Grammars};
 use super::model::{build_step, KvCache, Step};
 use super::options::LoadOptions;
-use super::weights::{gguf_name, gguf_name_gemma, LlmWeights};
+use super::weights::{gguf_names, LlmWeights};
 pub use crate::device::now_ms;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -142,6 +142,16 @@ pub struct TextModel {
     /// This request's constraint words (mask, biases) while it has any: what a batched decode
     /// row is given.
     constraint_words: Option<Vec<u32>>,
+    /// Linear-attention layers (Qwen 3.5): a copy of this sequence's recurrent states, saved
+    /// before a prompt's last prefill run (see [`TextModel::resume_states`]).
+    snapshot: Option<Snapshot>,
+}
+
+/// Recurrent states saved at a point of a token sequence: one tensor per state region of the
+/// cache ([`KvCache::state_regions`]), and the tokens the states had consumed.
+struct Snapshot {
+    states: Vec<crate::tensor::Tensor>,
+    tokens: Vec<u32>,
 }
 
 /// One draw of the sampler, from its read-back words.
@@ -211,11 +221,7 @@ fn read_checkpoint(
         let bytes = files.remove(&name).unwrap_or_default();
         let g = Gguf::parse(&name, bytes)?;
         let cfg = LlmConfig::from_gguf(&g)?;
-        let names = if cfg.arch.is_gemma() {
-            gguf_name_gemma
-        } else {
-            gguf_name
-        };
+        let names = gguf_names(cfg.arch);
         let tok = TextTokenizer::from_gguf(&g)?;
         (
             cfg,
@@ -297,6 +303,7 @@ impl TextModel {
             grammars: None,
             batch: None,
             constraint_words: None,
+            snapshot: None,
         })
     }
 
@@ -366,6 +373,7 @@ impl TextModel {
             grammars: None,
             batch,
             constraint_words: None,
+            snapshot: None,
         })
     }
 
@@ -378,6 +386,9 @@ impl TextModel {
     /// prompt (the cache is otherwise reused for the longest common prefix).
     pub fn reset_cache(&mut self) {
         self.cached.clear();
+        if let Some(s) = &mut self.snapshot {
+            s.tokens.clear();
+        }
     }
 
     /// Tokens whose keys and values the cache keeps for the next generation to reuse.
@@ -422,6 +433,12 @@ impl TextModel {
             .take_while(|(a, b)| a == b)
             .count()
             .min(prompt.len() - 1);
+        // Recurrent states continue only from a point they were at.
+        let reused = if self.kv.state_regions().is_empty() {
+            reused
+        } else {
+            self.resume_states(prompt, reused)?
+        };
         // Until this generation ends well, the cache holds only the shared prefix for sure.
         self.cached.truncate(reused);
         let t0 = now_ms();
@@ -456,6 +473,77 @@ impl TextModel {
             g.timings.mask_ms_per_token = c.mask_ms / c.masks.max(1) as f64;
         }
         Ok(g)
+    }
+
+    /// Where a prompt sharing `common` leading tokens with the cache can start, for a model with
+    /// recurrent states (linear attention), which hold one point of a sequence and cannot be
+    /// rewound: the live states when they consumed exactly the cached tokens and the prompt
+    /// extends those; else the snapshot taken before the last prompt's final prefill run when
+    /// the prompt extends its tokens (restored); else the start (states zeroed). A restart
+    /// never recomputes a state from a guess: it resumes one the model computed.
+    fn resume_states(&mut self, prompt: &[u32], common: usize) -> Result<usize> {
+        // `cached` is what the live states consumed (the decode loop keeps it so, a run in
+        // flight at a stop included).
+        if common > 0 && common == self.cached.len() {
+            return Ok(common);
+        }
+        let regions = self.kv.state_regions();
+        if let Some(s) = &self.snapshot {
+            let n = s.tokens.len();
+            if n > 0 && n <= common && prompt.starts_with(&s.tokens) {
+                let copies: Vec<_> = regions
+                    .iter()
+                    .zip(&s.states)
+                    .map(|(&(t, off, size), saved)| {
+                        Ok((saved.buffer()?.as_ref(), 0, t.buffer()?.as_ref(), off, size))
+                    })
+                    .collect::<Result<_>>()?;
+                self.gpu.copy_regions(&copies);
+                return Ok(n);
+            }
+        }
+        let clears: Vec<_> = regions
+            .iter()
+            .map(|&(t, off, size)| Ok((t.buffer()?.as_ref(), off, size)))
+            .collect::<Result<_>>()?;
+        self.gpu.clear_regions(&clears);
+        Ok(0)
+    }
+
+    /// Saves this sequence's recurrent states as the snapshot of `tokens` (the states have
+    /// consumed exactly those).
+    fn save_states(&mut self, tokens: &[u32]) -> Result<()> {
+        let regions = self.kv.state_regions();
+        if self.snapshot.is_none() {
+            let states = regions
+                .iter()
+                .map(|&(t, _, size)| {
+                    crate::tensor::Tensor::zeros(
+                        &self.gpu,
+                        &format!("{}.saved", t.name),
+                        &[size as usize / 4],
+                        crate::dtype::DType::F32,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            self.snapshot = Some(Snapshot {
+                states,
+                tokens: Vec::new(),
+            });
+        }
+        let Some(s) = &mut self.snapshot else {
+            return Ok(());
+        };
+        let copies: Vec<_> = regions
+            .iter()
+            .zip(&s.states)
+            .map(|(&(t, off, size), saved)| {
+                Ok((t.buffer()?.as_ref(), off, saved.buffer()?.as_ref(), 0, size))
+            })
+            .collect::<Result<_>>()?;
+        self.gpu.copy_regions(&copies);
+        s.tokens = tokens.to_vec();
+        Ok(())
     }
 
     /// The request's grammar and logit biases: its [`Constraint`] (the first mask computed),
@@ -583,6 +671,17 @@ impl TextModel {
             let next = if done { start + n } else { ctx + 1 };
             p.plan.set(p.next, next as u32);
             if done {
+                // Recurrent states: saved where the prompt's last run starts, so that a later
+                // prompt extending this point (the same prompt again, a chat's next turn)
+                // resumes there.
+                if start > 0 && !self.kv.state_regions().is_empty() {
+                    self.save_states(&prompt[..start])?;
+                }
+                let p = if left <= self.tail_via_decode() {
+                    &mut self.decode
+                } else {
+                    &mut self.prefill
+                };
                 let out = p.plan.run_read_heads(&[(p.out, opts.readback())]).await?;
                 return Draw::new(&out[0], opts.sampler.top_logprobs, 0);
             }
@@ -736,8 +835,18 @@ impl TextModel {
             self.cached.push(g.ids[n - 1]);
             tok = Draw::new(&out[0], opts.sampler.top_logprobs, n)?;
         }
-        // A run still in flight computed a token past the stop: its keys and values sit past
-        // what `cached` records, and the next generation overwrites them.
+        // A run still in flight feeds a token past the stop: it runs whatever comes next, so the
+        // caches (and recurrent states) hold that token too.
+        for (pos, _) in &inflight {
+            let all = g.prompt_ids.len() + g.ids.len();
+            if *pos == self.cached.len() && *pos < all {
+                let id = match pos.checked_sub(g.prompt_ids.len()) {
+                    Some(i) => g.ids[i],
+                    None => g.prompt_ids[*pos],
+                };
+                self.cached.push(id);
+            }
+        }
         if g.stop == StopReason::StopString {
             return Ok(cost);
         }

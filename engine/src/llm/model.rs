@@ -570,7 +570,7 @@ fn delta_block(
         dk: la.k_dim,
         dv: la.v_dim,
         eps: cfg.rms_eps,
-        tiled: la.v_tiled,
+        tiled: la.gguf_layout,
         valid: p.valid,
         seq: p.seq,
         chunked: g.shape(x)[1] > 1,

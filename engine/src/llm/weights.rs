@@ -91,11 +91,20 @@ pub fn gguf_name(hf: &str) -> String {
     gguf_name_for(hf, false)
 }
 
-/// [`gguf_name`] for Gemma 2/3, whose four layer norms map differently: HF's
-/// `post_attention_layernorm` follows attention there (GGUF `post_attention_norm`), and the
-/// MLP's input norm is `pre_feedforward_layernorm` (GGUF `ffn_norm`).
+/// [`gguf_name`] for Gemma 2/3 and Qwen 3.5, whose `post_attention_layernorm` llama.cpp calls
+/// `post_attention_norm` (Gemma's follows attention; its MLP's input norm is
+/// `pre_feedforward_layernorm`, GGUF `ffn_norm`).
 pub fn gguf_name_gemma(hf: &str) -> String {
     gguf_name_for(hf, true)
+}
+
+/// The GGUF name map of an architecture.
+pub fn gguf_names(arch: Arch) -> fn(&str) -> String {
+    if arch.is_gemma() || arch == Arch::Qwen35 {
+        gguf_name_gemma
+    } else {
+        gguf_name
+    }
 }
 
 fn gguf_name_for(hf: &str, gemma: bool) -> String {
@@ -133,6 +142,16 @@ fn gguf_name_for(hf: &str, gemma: bool) -> String {
         // Phi-3: llama.cpp keeps the fused gate/up matrix under ffn_up.
         "mlp.gate_up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        // Qwen 3.5's linear attention (the values in llama.cpp's layout: see LinearAttn).
+        "linear_attn.in_proj_qkv.weight" => "attn_qkv.weight",
+        "linear_attn.in_proj_z.weight" => "attn_gate.weight",
+        "linear_attn.in_proj_b.weight" => "ssm_beta.weight",
+        "linear_attn.in_proj_a.weight" => "ssm_alpha.weight",
+        "linear_attn.A_log" => "ssm_a",
+        "linear_attn.dt_bias" => "ssm_dt.bias",
+        "linear_attn.conv1d.weight" => "ssm_conv1d.weight",
+        "linear_attn.norm.weight" => "ssm_norm.weight",
+        "linear_attn.out_proj.weight" => "ssm_out.weight",
         other => other,
     };
     format!("blk.{layer}.{t}")
@@ -325,11 +344,17 @@ fn load_delta(cfg: &LlmConfig, la: &LinearAttn, l: &VarBuilder) -> Result<DeltaW
                 .collect::<Result<_>>()?,
         ),
     };
+    // llama.cpp stores -exp(A_log) and the convolution squeezed.
+    let (conv_shape, a_of): (&[usize], &dyn Fn(f32) -> f32) = if la.gguf_layout {
+        (&[c, la.conv_kernel], &|x| x)
+    } else {
+        // transformers: `-self.A_log.float().exp()`.
+        (&[c, 1, la.conv_kernel], &|x| -x.exp())
+    };
     Ok(DeltaWeights {
         proj,
-        conv: l.get_f32("conv1d.weight", &[c, 1, la.conv_kernel])?,
-        // transformers: `-self.A_log.float().exp()`.
-        a: l.get_vectors_map(&["A_log"], &[vh], &|x| -x.exp())?,
+        conv: l.get_f32("conv1d.weight", conv_shape)?,
+        a: l.get_vectors_map(&["A_log"], &[vh], a_of)?,
         dt_bias: l.get_f32("dt_bias", &[vh])?,
         norm: l.get_f32("norm.weight", &[la.v_dim])?,
         out: l.get("out_proj.weight", &[h, vd])?,

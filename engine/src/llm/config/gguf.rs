@@ -2,7 +2,8 @@
 //! leaves out.
 
 use super::{
-    check_context, check_layers, unsupported, Arch, Facts, LlmConfig, RopeScaling, Rotary,
+    check_context, check_layers, unsupported, Arch, Facts, LinearAttn, LlmConfig, RopeScaling,
+    Rotary,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::{Gguf, Value};
@@ -52,9 +53,10 @@ impl LlmConfig {
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
+            "qwen35" => Arch::Qwen35,
             other => {
                 return Err(unsupported(format!(
-                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)"
+                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, qwen35, gemma2, gemma3, phi3)"
                 )))
             }
         };
@@ -77,6 +79,11 @@ impl LlmConfig {
         )?;
         let dims = k.u("rope.dimension_count").unwrap_or(head_dim);
         let (sliding_window, sliding_layers) = sliding(&k, arch, layers)?;
+        let (linear, linear_layers) = if arch == Arch::Qwen35 {
+            linear_attention(&k, layers)?
+        } else {
+            (None, vec![false; layers])
+        };
         let gemma = arch.is_gemma();
         let softcap = |key: &str, default: f64| {
             let v = k.f(key).unwrap_or(default);
@@ -124,8 +131,8 @@ impl LlmConfig {
                 _ => softcap("final_logit_softcapping", 0.0),
             },
             bidirectional: false,
-            linear: None,
-            linear_layers: vec![false; layers],
+            linear,
+            linear_layers,
         }
         .into_config()
     }
@@ -216,6 +223,44 @@ fn rotary(k: &Keys, dims: usize, max_positions: usize) -> Rotary {
         dims,
         scaling,
     }
+}
+
+/// Qwen 3.5's linear-attention sizes and layers as llama.cpp writes them: `ssm.conv_kernel`
+/// taps, `ssm.group_count` key heads of `ssm.state_size` dims, `ssm.time_step_rank` value heads
+/// sharing `ssm.inner_size`; which layers are recurrent from `attention.recurrent_layers` (else
+/// every `full_attention_interval`-th layer attends). Tensors in llama.cpp's layout.
+fn linear_attention(k: &Keys, layers: usize) -> Result<(Option<LinearAttn>, Vec<bool>)> {
+    let v_heads = k.u("ssm.time_step_rank")?;
+    let inner = k.u("ssm.inner_size")?;
+    if v_heads == 0 || !inner.is_multiple_of(v_heads) {
+        return Err(Error::Data {
+            name: k.key("ssm.inner_size"),
+            msg: format!("{inner} is not a whole number of dims for {v_heads} value heads"),
+        });
+    }
+    let la = LinearAttn {
+        conv_kernel: k.u("ssm.conv_kernel")?,
+        k_heads: k.u("ssm.group_count")?,
+        v_heads,
+        k_dim: k.u("ssm.state_size")?,
+        v_dim: inner / v_heads,
+        gguf_layout: true,
+    };
+    let key = k.key("attention.recurrent_layers");
+    let flags: Vec<bool> = match k.g.get(&key) {
+        Some(Value::Array(a)) => a.values().map(|v| v == Value::Bool(true)).collect(),
+        _ => {
+            let n = k.u("full_attention_interval").unwrap_or(4).max(1);
+            (0..layers).map(|i| (i + 1) % n != 0).collect()
+        }
+    };
+    if flags.len() != layers {
+        return Err(Error::Data {
+            name: key,
+            msg: format!("{} flags for {layers} layers", flags.len()),
+        });
+    }
+    Ok((Some(la), flags))
 }
 
 /// Sliding windows as llama.cpp reads them: a window size and a per-layer pattern (a list of

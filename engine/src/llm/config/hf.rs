@@ -53,7 +53,7 @@ impl LlmConfig {
                     v_heads: c.count("linear_num_value_heads", 32)?,
                     k_dim: c.count("linear_key_head_dim", 128)?,
                     v_dim: c.count("linear_value_head_dim", 128)?,
-                    v_tiled: false,
+                    gguf_layout: false,
                 })
             })
             .transpose()?;

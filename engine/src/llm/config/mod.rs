@@ -140,9 +140,10 @@ pub struct LinearAttn {
     pub v_heads: usize,
     pub k_dim: usize,
     pub v_dim: usize,
-    /// The value heads (and their rows in every tensor) in llama.cpp's tiled order: value head
-    /// `h` reads key head `h % k_heads` (transformers: `h / (v_heads / k_heads)`).
-    pub v_tiled: bool,
+    /// The tensors as llama.cpp's converter writes them: the value heads (their rows in every
+    /// tensor) in tiled order, value head `h` reading key head `h % k_heads` (transformers:
+    /// `h / (v_heads / k_heads)`); `ssm_a` = `-exp(A_log)`; the convolution `[channels, taps]`.
+    pub gguf_layout: bool,
 }
 
 impl LinearAttn {
