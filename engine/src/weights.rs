@@ -336,6 +336,21 @@ pub struct RowPart<'n> {
     pub rows: Vec<std::ops::Range<usize>>,
 }
 
+impl<'n> RowPart<'n> {
+    /// Every row of a matrix.
+    pub fn whole(name: &'n str, shape: [usize; 2]) -> Self {
+        RowPart {
+            name,
+            shape,
+            rows: std::iter::once(0..shape[0]).collect(),
+        }
+    }
+
+    fn is_whole(&self) -> bool {
+        self.rows.len() == 1 && self.rows[0] == (0..self.shape[0])
+    }
+}
+
 /// A position in a checkpoint's name tree (see the module docs).
 #[derive(Clone)]
 pub struct VarBuilder<'a> {
@@ -400,11 +415,7 @@ impl<'a> VarBuilder<'a> {
         let parts: Vec<RowPart> = names
             .iter()
             .zip(shapes)
-            .map(|(n, s)| RowPart {
-                name: n,
-                shape: *s,
-                rows: vec![0..s[0]],
-            })
+            .map(|(n, s)| RowPart::whole(n, *s))
             .collect();
         self.get_rows(&parts)
     }
@@ -419,7 +430,7 @@ impl<'a> VarBuilder<'a> {
         let paths: Vec<String> = names.iter().map(|n| self.path(n)).collect();
         let picks: Vec<String> = parts
             .iter()
-            .filter(|p| p.rows != [0..p.shape[0]])
+            .filter(|p| !p.is_whole())
             .map(|p| format!("{}{:?}", p.name, p.rows))
             .collect();
         let key = format!("{}#stacked{}", paths.join("+"), picks.join(""));

@@ -20,28 +20,37 @@ fn expected(case: &str) -> Value {
 /// greedy requests of different prompts and lengths at once (one under a grammar), one of them
 /// starting while the others decode, give the ids of four serial runs (log-probabilities within 1e-4) and the
 /// transformers reference on the fixture's prompt; the batch ran several tokens per run. On
-/// an HF folder (stacked Q/K/V) and a llama-quantize Q4_K_M file (Q/K/V of two block types, so
-/// apart), every kernel variant (f32 math: the parity contract).
+/// an HF folder (stacked Q/K/V), a llama-quantize Q4_K_M file (Q/K/V of two block types, so
+/// apart) and Qwen 3.5 (linear-attention layers: each slot's recurrent states, a row each in
+/// the batch), every kernel variant (f32 math: the parity contract).
 #[test]
 fn parallel_slots_decode_together_like_serial_runs() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let [_, plain, sw, _] = kiln_tests::gpu_variants();
     let hw = kiln_tests::gpu_kernels_f32_math();
     let e = expected("llama-gqa-f32");
-    let prompt = ids(&e["prompt_ids"]);
+    let e35 = expected("qwen35-f32");
     let file_cases = [
         (
             "llama-gqa-f32 hf",
             files("llama-gqa-f32", "hf"),
             Some(&e["runs"][0]),
+            ids(&e["prompt_ids"]),
         ),
         (
             "llama-q-256 Q4_K_M",
             files("llama-q-256", "model-q4_k_m.gguf"),
             None,
+            ids(&e["prompt_ids"]),
+        ),
+        (
+            "qwen35-f32 hf",
+            files("qwen35-f32", "hf"),
+            Some(&e35["runs"][0]),
+            ids(&e35["prompt_ids"]),
         ),
     ];
-    for (name, files, reference) in file_cases {
+    for (name, files, reference, prompt) in file_cases {
         for gpu in [&sw, &hw, &plain] {
             let what = format!("{name} (software kernels {})", gpu.features.software);
             // f32 caches: the parity contract (an f16 cache's rounding would amplify the
@@ -94,10 +103,10 @@ fn parallel_slots_decode_together_like_serial_runs() {
                 "{what}: the grammar's run: {t:?}"
             );
             let mut slots = pollster::block_on(load().into_slots(4)).unwrap();
-            let apart = matches!(
-                slots[0].weights.layers[0].qkv,
-                kiln::llm::weights::Stacked::Apart(_)
-            );
+            let apart = slots[0].weights.layers.iter().any(|l| {
+                matches!(&l.mixer, kiln::llm::weights::Mixer::Attention(a)
+                    if matches!(a.qkv, kiln::llm::weights::Stacked::Apart(_)))
+            });
             assert_eq!(apart, name.contains("Q4_K_M"), "{what}: Q/K/V layout");
             let batch = slots[0].batch().expect("slots decode together").clone();
             // The fourth request starts once the first has streamed six pieces.

@@ -418,11 +418,7 @@ fn load_gated_qkv(cfg: &LlmConfig, attn: &VarBuilder) -> Result<Stacked> {
             attn.path("q_proj.bias")
         )));
     }
-    let whole = |name, rows| RowPart {
-        name,
-        shape: [rows, h],
-        rows: vec![0..rows],
-    };
+    let whole = |name, rows| RowPart::whole(name, [rows, h]);
     let heads = cfg.heads;
     let q = RowPart {
         name: "q_proj.weight",
