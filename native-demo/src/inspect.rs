@@ -22,10 +22,20 @@ fn prefix(path: &Path, limit: u64) -> Result<Vec<u8>> {
 /// One line about a config: what it describes, or why it is refused.
 fn describe(cfg: kiln::Result<LlmConfig>, problems: &mut Vec<String>) -> String {
     match cfg {
-        Ok(c) => format!(
-            "{:?}, {} layers, hidden {}, {} heads ({} for keys/values) of {}, vocabulary {}, context {}",
-            c.arch, c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.vocab, c.max_positions
-        ),
+        Ok(c) => {
+            let mut s = format!(
+                "{:?}, {} layers, hidden {}, {} heads ({} for keys/values) of {}, vocabulary {}, context {}",
+                c.arch, c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.vocab, c.max_positions
+            );
+            if let Some(la) = &c.linear {
+                let n = c.layers - c.attention_layers();
+                s += &format!(
+                    "; {n} linear-attention layers (Gated DeltaNet: {} key heads of {}, {} value heads of {}, convolution of {} taps)",
+                    la.k_heads, la.k_dim, la.v_heads, la.v_dim, la.conv_kernel
+                );
+            }
+            s
+        }
         Err(e) => {
             problems.push(e.to_string());
             format!("refused: {e}")
