@@ -97,7 +97,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let c = e % p.d;
     let row = e / (p.heads * p.d);
     if (c >= 2u * p.half) { y[e] = x[e]; return; }
-    let pos = min(dyn_val(p.pos_add, p.pos_slot, p.pos_mul) + row % p.seq, p.positions - 1u);
+    // Rows of batch row b = row / seq at pos[b] + row % seq (a per-row position: one token of
+    // each of several sequences, graph::Dyn::Rows).
+    let pos = min(dyn_row(p.pos_add, p.pos_slot, p.pos_mul, row / p.seq) + row % p.seq, p.positions - 1u);
     y[e] = rotated(e - c, c, pos);
 }
 #endif

@@ -390,6 +390,28 @@ impl<'a> VarBuilder<'a> {
             .ok_or_else(|| self.w.missing(&p))
     }
 
+    /// The device the tensors go to.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.w.gpu
+    }
+
+    /// The values of `name` (which must have `shape`) on the CPU, as f32 (a scalar a graph
+    /// folds in, such as Gemma 4's `layer_scalar`).
+    pub fn get_cpu(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let p = self.path(name);
+        let raw = self.w.raw(&p).ok_or_else(|| self.w.missing(&p))?;
+        if raw.shape != shape {
+            return Err(self
+                .w
+                .err(&p, format!("shape {:?}, expected {shape:?}", raw.shape)));
+        }
+        let v = dequantize(raw.dtype, raw.data, shape.iter().product())?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(self.w.err(&p, "a value is not finite".into()));
+        }
+        Ok(v)
+    }
+
     /// The GPU tensor `name`, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Arc<Tensor>> {
         self.w.load(&self.path(name), Some(shape), false)

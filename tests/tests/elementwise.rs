@@ -271,6 +271,41 @@ fn rope_kv_matches_rope_and_copies() {
     }
 }
 
+/// rope with a position per batch row (one token of each of several sequences: a Gemma 4
+/// layer reading another's keys rotates its queries alone), and Gemma 4's proportional
+/// frequencies (a quarter of the pairs turn, over the whole head; the rest have frequency 0).
+#[test]
+fn rope_per_row_positions_and_proportional_frequencies() {
+    let (heads, d) = (2, 16);
+    let mut rng = Rng::new(29);
+    let mut f = inv_freq(d, 10000.0);
+    f.iter_mut().skip(2).for_each(|x| *x = 0.0);
+    let pos = [9u32, 0, 4];
+    let x = rng.vec(pos.len() * heads * d, -1.0, 1.0);
+    let mut t = OpTest::new();
+    let xv = t.input("x", &[pos.len(), 1, heads * d], &x);
+    let fv = t.input("f", &[12, d / 2, 2], &table(&f, 12));
+    let first = t.g.scalars("pos", pos.len()).unwrap();
+    let y =
+        t.g.rope(xv, fv, heads, false, kiln::Dyn::rows(first))
+            .unwrap();
+    let scalars: Vec<_> = (0..pos.len())
+        .map(|i| (kiln::Scalar(first.0 + i as u32), pos[i]))
+        .collect();
+    let got = t.run(y, &scalars);
+    let w = heads * d;
+    let want: Vec<f32> = (0..pos.len())
+        .flat_map(|i| r::rope(&x[i * w..(i + 1) * w], 1, heads, d, &f, false, pos[i]))
+        .collect();
+    assert_close("rope, per-row positions", &got, &want, 1e-6, 0.0);
+    // Frequency 0: those dims pass through.
+    for (i, row) in got.chunks(d).enumerate() {
+        for c in [3, 7, 11, 15] {
+            assert_eq!(row[c], x[i * d + c], "row {i} dim {c} turned");
+        }
+    }
+}
+
 /// rope_kv into caches holding several sequences: a run of two tokens into sequence 1 (a
 /// parallel slot's prefill), and a batch of one token of each of three sequences with per-row
 /// positions and sequences (continuous batching's decode); every other cache row unchanged.

@@ -34,9 +34,9 @@ pub struct Scalar(pub u32);
 /// A per-run integer: fixed at compile time, or `add + mul * scalar` read at run time, or
 /// (`Rows`, for a batch of sequences in one run) `add + mul * scalar[first + r]` for batch row
 /// `r`: one scalar per row, in consecutive slots ([`crate::Graph::scalars`]). Only the kernels
-/// that index rows by sequence read `Rows` (attention, rope_kv, gather, sample); rope refuses it
-/// ([`need_uniform_dyn`]), and no other op is given one (only `llm::model::build_batch` makes
-/// them).
+/// that index rows by sequence read `Rows` (attention, rope, rope_kv, gather, sample, and the
+/// linear-attention ops of `kernels::delta`); kernels reading `dyn_val` refuse it
+/// ([`need_uniform_dyn`]), and only `llm::model::build_batch` makes them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Dyn {
     Static(u32),

@@ -30,7 +30,8 @@ super::params!(
 );
 
 /// Rotary embedding on x `[.., l, heads*d]` with a `[positions, half, 2]` (cos, sin) `table`
-/// from [`table`]. Token `i` is at position `pos + i`, which must be below `positions`.
+/// from [`table`]. Token `i` is at position `pos + i`, which must be below `positions`; with a
+/// per-row `pos` ([`Dyn::Rows`]) batch row `b` starts at its own.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub heads: usize,
@@ -85,7 +86,6 @@ impl Kernel for Rope {
         let x = &ins[0];
         let width = *x.shape.last().unwrap_or(&1);
         let seq = x.shape[x.shape.len() - 2];
-        super::need_uniform_dyn(self.name(), "the position", self.pos)?;
         let [pos_add, pos_slot, pos_mul] = self.pos.words();
         let p = RopeParams {
             n: u(x.numel()),

@@ -275,7 +275,11 @@ impl TextModel {
         }
         let ctx = opts.ctx.min(config.max_positions);
         // Rows of an f16 cache hold whole words.
-        let f16 = opts.kv_cache.is_f16(gpu) && (config.kv_heads * config.head_dim) % 2 == 0;
+        let f16 = opts.kv_cache.is_f16(gpu)
+            && (0..config.layers).all(|i| {
+                let (kv, d) = config.attn_dims(i);
+                (kv * d) % 2 == 0
+            });
         let kv = KvCache::new(gpu, &config, &weights.ropes, ctx, f16)?;
         let prefill = build_step(
             gpu,

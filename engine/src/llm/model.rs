@@ -27,7 +27,8 @@ use std::sync::Arc;
 /// which every token updates in place: `conv` `[seqs, taps - 1, channels]` (the convolution's
 /// last inputs) and `delta` `[seqs, v_heads, k_dim, v_dim]` (the recurrent state).
 pub struct KvCache {
-    /// Keys and values of each attention layer, in layer order (`LlmConfig::mixer_index`).
+    /// Keys and values of each attention layer that keeps its own, in layer order
+    /// (`LlmConfig::kv_index`).
     pub k: Vec<Arc<Tensor>>,
     pub v: Vec<Arc<Tensor>>,
     /// The states of each linear-attention layer, in layer order.
@@ -48,7 +49,13 @@ impl KvCache {
     pub fn bytes(cfg: &LlmConfig, ctx: usize, f16: bool) -> u64 {
         let el = if f16 { 2 } else { 4 };
         let attn = cfg.attention_layers();
-        let kv = 2 * attn * (ctx * cfg.kv_heads * cfg.head_dim).next_multiple_of(2) * el;
+        let kv: usize = (0..cfg.layers)
+            .filter(|&i| cfg.keeps_kv(i))
+            .map(|i| {
+                let (kv, d) = cfg.attn_dims(i);
+                2 * (ctx * kv * d).next_multiple_of(2) * el
+            })
+            .sum();
         let tables = 1 + usize::from(cfg.rope_local.is_some());
         let rope = tables * ctx * cfg.rope.dims.div_ceil(2) * 2 * 4;
         let states = cfg.linear.as_ref().map_or(0, |la| {
@@ -81,7 +88,6 @@ impl KvCache {
         f16: bool,
         seqs: usize,
     ) -> Result<Vec<KvCache>> {
-        let w = cfg.kv_heads * cfg.head_dim;
         let dtype = if f16 { DType::F16 } else { DType::F32 };
         let mut k = Vec::with_capacity(cfg.layers);
         let mut v = Vec::with_capacity(cfg.layers);
@@ -104,6 +110,11 @@ impl KvCache {
                 )?));
                 continue;
             }
+            if !cfg.keeps_kv(i) {
+                continue; // reads another layer's (Gemma 4's KV-shared layers)
+            }
+            let (kv_heads, d) = cfg.attn_dims(i);
+            let w = kv_heads * d;
             for (caches, name) in [(&mut k, "k_cache"), (&mut v, "v_cache")] {
                 caches.push(Arc::new(Tensor::zeros(
                     gpu,
@@ -391,17 +402,23 @@ fn decoder(
     if let Some(s) = cfg.embed_scale {
         x = g.scale(x, s, 0.0)?;
     }
+    let per_layer = match &w.per_layer {
+        Some(p) => per_layer_inputs(g, cfg, p, kv, tokens, x)?,
+        None => Vec::new(),
+    };
     for (i, lw) in w.layers.iter().enumerate() {
         let place = Place::new(tokens, kv);
         let j = cfg.mixer_index(i);
         x = match &lw.mixer {
             Mixer::Attention(aw) => {
+                let c = cfg.kv_index(i);
                 let at = LayerAt {
                     index: i,
                     rope: ropes[cfg.rope_index(i)],
-                    k_cache: g.tensor(&kv.k[j]),
-                    v_cache: g.tensor(&kv.v[j]),
+                    k_cache: g.tensor(&kv.k[c]),
+                    v_cache: g.tensor(&kv.v[c]),
                     place,
+                    dims: cfg.attn_dims(i),
                 };
                 attention_block(g, cfg, lw, aw, &at, x)?
             }
@@ -411,8 +428,81 @@ fn decoder(
             }
         };
         x = ffn_block(g, cfg, lw, x)?;
+        if let (Some(pb), Some(&input)) = (&lw.per_layer, per_layer.get(i)) {
+            x = per_layer_block(g, cfg, pb, input, x)?;
+        }
+        if let Some(s) = lw.scale {
+            x = g.scale(x, s, 0.0)?;
+        }
     }
     Ok(x)
+}
+
+/// Gemma 4's per-layer inputs `[b, t, dim]` of every layer: the token's row of the per-layer
+/// table (scaled by `sqrt(dim)`) and the projection of the scaled embeddings `x` (by
+/// `hidden^-1/2`, RMS-normed per layer), summed and scaled by `2^-1/2`.
+fn per_layer_inputs(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    p: &super::weights::PerLayerInputs,
+    kv: &KvCache,
+    tokens: Tokens,
+    x: Value,
+) -> Result<Vec<Value>> {
+    let Some((dim, _)) = cfg.per_layer_input else {
+        return Ok(Vec::new());
+    };
+    let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
+    let (n, width) = (b * t, cfg.layers * dim);
+    let history = g.tensor(&kv.history);
+    let table = g.tensor(&p.embed);
+    let tok = match tokens {
+        Tokens::Run { pos, tokens, .. } => {
+            let at = Dyn::slot(pos).plus(kv.history_start() as u32);
+            g.gather_at(table, history, at, tokens)?
+        }
+        Tokens::Batch { rows, tok, .. } => g.gather_at(table, history, Dyn::rows(tok), rows)?,
+    }; // [n, layers dim]
+    let tok = g.scale(tok, (dim as f32).sqrt(), 0.0)?;
+    let proj = g.tensor(&p.proj);
+    let ctx = g.linear(x, proj, None)?; // [b, t, layers dim]
+    let ctx = g.scale(ctx, (cfg.hidden as f32).powf(-0.5), 0.0)?;
+    let ctx = g.reshape(ctx, &[n * cfg.layers, dim])?;
+    let norm = g.tensor(&p.norm);
+    let ctx = g.rms_norm(ctx, norm, cfg.rms_eps)?;
+    let ctx = g.reshape(ctx, &[n, width])?;
+    let both = g.add(ctx, tok)?;
+    let both = g.scale(both, 0.5f32.sqrt(), 0.0)?;
+    // Layer i's inputs are columns [i dim, (i + 1) dim): rows of the transpose.
+    let both = g.reshape(both, &[1, n, width])?;
+    let cols = g.transpose(both)?; // [1, layers dim, n]
+    let cols = g.reshape(cols, &[width, n])?;
+    (0..cfg.layers)
+        .map(|i| {
+            let s = g.slice_rows(cols, Dyn::Static((i * dim) as u32), dim)?; // [dim, n]
+            let s = g.reshape(s, &[1, dim, n])?;
+            let s = g.transpose(s)?; // [1, n, dim]
+            g.reshape(s, &[b, t, dim])
+        })
+        .collect()
+}
+
+/// Gemma 4's per-layer input block: `x + norm(proj(act(gate(x)) * input))`.
+fn per_layer_block(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    pb: &super::weights::PerLayerBlock,
+    input: Value,
+    x: Value,
+) -> Result<Value> {
+    let gw = g.tensor(&pb.gate);
+    let gate = g.linear(x, gw, None)?;
+    let m = g.glu(GluInput::Pair { gate, up: input }, cfg.act)?;
+    let pw = g.tensor(&pb.proj);
+    let y = g.linear(m, pw, None)?;
+    let n = g.tensor(&pb.norm);
+    let y = g.rms_norm(y, n, cfg.rms_eps)?;
+    g.add(x, y)
 }
 
 /// The final-norm hidden states `[tokens, h]` of `tokens` tokens read from the cache's history
@@ -466,13 +556,15 @@ impl Place {
     }
 }
 
-/// Where a layer's block runs: its index, rotary table, KV caches and the tokens' place.
+/// Where a layer's block runs: its index, rotary table, KV caches, the tokens' place, and its
+/// key/value heads and head size.
 struct LayerAt {
     index: usize,
     rope: Value,
     k_cache: Value,
     v_cache: Value,
     place: Place,
+    dims: (usize, usize),
 }
 
 /// `x + o_proj(attention(norm(x)))` (Gemma: `x + norm(o_proj(..))`), `[b, t, h]`; the step's
@@ -500,14 +592,7 @@ fn attention_block(
     };
     let p = at.place;
     let a = g.attention_with(
-        q,
-        at.k_cache,
-        at.v_cache,
-        cfg.heads,
-        cfg.kv_heads,
-        p.pos,
-        p.kv_len,
-        &opts,
+        q, at.k_cache, at.v_cache, cfg.heads, at.dims.0, p.pos, p.kv_len, &opts,
     )?;
     // Qwen 3.5: the output gated by sigmoid of its own projection.
     let a = match &aw.gate {
@@ -590,9 +675,9 @@ fn project_qkv(
     at: &LayerAt,
     hn: Value,
 ) -> Result<Value> {
-    let d = cfg.head_dim;
+    let (kv_heads, d) = at.dims;
     let (rope, kc, vc, p) = (at.rope, at.k_cache, at.v_cache, at.place);
-    let heads = (cfg.heads, cfg.kv_heads);
+    let heads = (cfg.heads, kv_heads);
     let qkv = match &lw.qkv {
         // One product for Q/K/V, then one kernel rotates q and k and writes k and v into the
         // caches at the run-time position.
@@ -602,7 +687,7 @@ fn project_qkv(
             if let Some(QkNorms::Stacked(n)) = &lw.qk_norm {
                 let n = g.tensor(n);
                 let n = g.reshape(n, &[2, d])?;
-                qkv = g.qk_norm(qkv, n, cfg.heads, cfg.kv_heads, cfg.rms_eps)?;
+                qkv = g.qk_norm(qkv, n, cfg.heads, kv_heads, cfg.rms_eps)?;
             }
             qkv
         }
@@ -612,12 +697,32 @@ fn project_qkv(
                 let (w, b) = (g.tensor(w), b.as_ref().map(|b| g.tensor(b)));
                 out.push(g.linear(hn, w, b)?);
             }
-            let (mut q, mut k, v) = (out[0], out[1], out[2]);
-            if let Some(QkNorms::Apart(qn, kn)) = &lw.qk_norm {
-                let (qn, kn) = (g.tensor(qn), g.tensor(kn));
-                q = head_norm(g, q, qn, cfg.heads, d, cfg.rms_eps)?;
-                k = head_norm(g, k, kn, cfg.kv_heads, d, cfg.rms_eps)?;
+            // Gemma 4: q alone where the layer reads another's keys and values; k as v in
+            // full-attention layers with keys as values (before k's norm).
+            let (mut q, mut k) = (out[0], out.get(1).copied());
+            let mut v = out.get(2).copied().or(k);
+            match &lw.qk_norm {
+                Some(QkNorms::Apart(qn, kn)) => {
+                    let (qn, kn) = (g.tensor(qn), g.tensor(kn));
+                    q = head_norm(g, q, qn, cfg.heads, d, cfg.rms_eps)?;
+                    if let Some(kk) = k {
+                        k = Some(head_norm(g, kk, kn, kv_heads, d, cfg.rms_eps)?);
+                    }
+                }
+                Some(QkNorms::Query(qn)) => {
+                    let qn = g.tensor(qn);
+                    q = head_norm(g, q, qn, cfg.heads, d, cfg.rms_eps)?;
+                }
+                _ => {}
             }
+            if let (Some(vv), Some(vn)) = (v, &lw.v_norm) {
+                let vn = g.tensor(vn);
+                v = Some(head_norm(g, vv, vn, kv_heads, d, cfg.rms_eps)?);
+            }
+            let (Some(k), Some(v)) = (k, v) else {
+                let pos = p.run.map_or(p.pos, |(pos, _, _)| Dyn::slot(pos));
+                return g.rope(q, rope, cfg.heads, cfg.rope_interleaved, pos);
+            };
             let Some((pos, _, seq)) = p.run else {
                 // A batch of sequences: one rotary step over [q | k | v] as if stacked.
                 let qk = g.concat(q, k, 2)?;
@@ -625,8 +730,8 @@ fn project_qkv(
                 return g.rope_kv_seq(qkv, rope, kc, vc, heads, cfg.rope_interleaved, p.pos, p.seq);
             };
             let q = g.rope(q, rope, cfg.heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-            let k = g.rope(k, rope, cfg.kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
-            let kvw = (cfg.kv_heads * d) as u32;
+            let k = g.rope(k, rope, kv_heads, cfg.rope_interleaved, Dyn::slot(pos))?;
+            let kvw = (kv_heads * d) as u32;
             let first = (seq * g.shape(kc)[1]) as u32 * kvw;
             g.copy_into(k, kc, Dyn::affine(pos, kvw, 0).plus(first))?;
             g.copy_into(v, vc, Dyn::affine(pos, kvw, 0).plus(first))?;

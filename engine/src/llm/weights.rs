@@ -21,10 +21,12 @@ pub enum Stacked {
 }
 
 /// Per-head q/k norm weights (Qwen3, Gemma 3): one f32 `[2 d]` (q_norm, k_norm) for a stacked
-/// projection, or the two `[d]` vectors when Q/K/V are apart.
+/// projection, or the two `[d]` vectors when Q/K/V are apart, or the query's alone (a Gemma 4
+/// layer reading another layer's keys and values).
 pub enum QkNorms {
     Stacked(Arc<Tensor>),
     Apart(Arc<Tensor>, Arc<Tensor>),
+    Query(Arc<Tensor>),
 }
 
 /// The token mixer of a layer: attention over the KV cache, or Qwen 3.5's linear attention.
@@ -42,6 +44,29 @@ pub struct AttnWeights {
     pub bo: Option<Arc<Tensor>>,
     /// Qwen 3.5: the output gate's projection (the gate halves of q_proj's heads).
     pub gate: Option<Arc<Tensor>>,
+    /// Gemma 4: the value norm's weight (ones: the norm has none).
+    pub v_norm: Option<Arc<Tensor>>,
+}
+
+/// Gemma 4's per-layer input embeddings: a token table of every layer's inputs, the projection
+/// of the embeddings to them and its norm.
+pub struct PerLayerInputs {
+    /// embed_tokens_per_layer `[vocab, layers * dim]`.
+    pub embed: Arc<Tensor>,
+    /// per_layer_model_projection `[layers * dim, hidden]`.
+    pub proj: Arc<Tensor>,
+    /// per_layer_projection_norm `[dim]`.
+    pub norm: Arc<Tensor>,
+}
+
+/// A Gemma 4 layer's use of its per-layer input: gate, projection back, norm.
+pub struct PerLayerBlock {
+    /// per_layer_input_gate `[dim, hidden]`.
+    pub gate: Arc<Tensor>,
+    /// per_layer_projection `[hidden, dim]`.
+    pub proj: Arc<Tensor>,
+    /// post_per_layer_input_norm `[hidden]`.
+    pub norm: Arc<Tensor>,
 }
 
 /// A Gated DeltaNet layer (Qwen 3.5's `linear_attn`).
@@ -73,6 +98,9 @@ pub struct LayerWeights {
     pub w_down: Arc<Tensor>,
     /// Gemma: the norm of the MLP output before the residual add.
     pub post_ffn_norm: Option<Arc<Tensor>>,
+    /// Gemma 4: the per-layer input block, and the layer's output scale (`layer_scalar`).
+    pub per_layer: Option<PerLayerBlock>,
+    pub scale: Option<f32>,
 }
 
 /// All weights of a model, on the GPU, and each rotary embedding (global, then Gemma 3's local
@@ -84,6 +112,8 @@ pub struct LlmWeights {
     pub norm: Arc<Tensor>,
     pub lm_head: Arc<Tensor>,
     pub ropes: Vec<(Rotary, Vec<f32>)>,
+    /// Gemma 4's per-layer input embeddings.
+    pub per_layer: Option<PerLayerInputs>,
 }
 
 /// GGUF's name (llama.cpp's) for a tensor given its Hugging Face name.
@@ -204,6 +234,14 @@ impl LlmWeights {
             root.get("lm_head.weight", &[cfg.vocab, h])?
         };
         let ropes = rotary_tables(w, cfg)?;
+        let per_layer = match cfg.per_layer_input {
+            Some((dim, vocab)) => Some(PerLayerInputs {
+                embed: model.get("embed_tokens_per_layer.weight", &[vocab, cfg.layers * dim])?,
+                proj: model.get("per_layer_model_projection.weight", &[cfg.layers * dim, h])?,
+                norm: norm_weight(cfg, &model, "per_layer_projection_norm.weight", dim)?,
+            }),
+            None => None,
+        };
         on_progress(total, total);
         Ok(LlmWeights {
             embed,
@@ -211,6 +249,7 @@ impl LlmWeights {
             norm,
             lm_head,
             ropes,
+            per_layer,
         })
     }
 }
@@ -230,9 +269,12 @@ fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights>
     let mlp = l.pp("mlp");
     let mixer = match &cfg.linear {
         Some(la) if cfg.is_linear(i) => Mixer::Linear(load_delta(cfg, la, &l.pp("linear_attn"))?),
+        _ if cfg.arch == Arch::Gemma4 => {
+            Mixer::Attention(load_gemma4_attention(cfg, i, &l.pp("self_attn"))?)
+        }
         _ => Mixer::Attention(load_attention(cfg, &l.pp("self_attn"))?),
     };
-    let inter = cfg.intermediate;
+    let inter = cfg.mlp_widths[i];
     let gate_up = if cfg.arch == Arch::Phi3 {
         Stacked::One {
             w: mlp.get("gate_up_proj.weight", &[2 * inter, h])?,
@@ -260,6 +302,19 @@ fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights>
     } else {
         (None, norm("post_attention_layernorm.weight")?, None)
     };
+    let per_layer = match cfg.per_layer_input {
+        Some((dim, _)) => Some(PerLayerBlock {
+            gate: l.get("per_layer_input_gate.weight", &[dim, h])?,
+            proj: l.get("per_layer_projection.weight", &[h, dim])?,
+            norm: norm("post_per_layer_input_norm.weight")?,
+        }),
+        None => None,
+    };
+    // Gemma 4's layer_scalar (a buffer transformers saves; llama.cpp's layer_output_scale).
+    let scale = match l.has("layer_scalar") {
+        true => Some(l.get_cpu("layer_scalar", &[1])?[0]).filter(|&s| s != 1.0),
+        false => None,
+    };
     Ok(LayerWeights {
         attn_norm: norm("input_layernorm.weight")?,
         mixer,
@@ -268,6 +323,8 @@ fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights>
         gate_up,
         w_down: mlp.get("down_proj.weight", &[h, inter])?,
         post_ffn_norm,
+        per_layer,
+        scale,
     })
 }
 
@@ -300,6 +357,43 @@ fn load_attention(cfg: &LlmConfig, attn: &VarBuilder) -> Result<AttnWeights> {
         wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
         bo: attn.optional("o_proj.bias", &[h])?,
         gate,
+        v_norm: None,
+    })
+}
+
+/// A Gemma 4 attention layer: q, and unless it reads another layer's keys and values, k and v
+/// (none in full-attention layers with keys as values), apart; their norms, v's without weight.
+fn load_gemma4_attention(cfg: &LlmConfig, i: usize, attn: &VarBuilder) -> Result<AttnWeights> {
+    let h = cfg.hidden;
+    let (kv, d) = cfg.attn_dims(i);
+    let mut parts = vec![(attn.get("q_proj.weight", &[cfg.heads * d, h])?, None)];
+    let q_norm = norm_weight(cfg, attn, "q_norm.weight", d)?;
+    let (qk_norm, v_norm) = if cfg.keeps_kv(i) {
+        parts.push((attn.get("k_proj.weight", &[kv * d, h])?, None));
+        let k_eq_v = cfg.k_eq_v && cfg.window(i).is_none() && !attn.has("v_proj.weight");
+        if !k_eq_v {
+            parts.push((attn.get("v_proj.weight", &[kv * d, h])?, None));
+        }
+        let ones = Arc::new(Tensor::from_f32(
+            attn.gpu(),
+            "v_norm.ones",
+            &[d],
+            &vec![1.0; d],
+        )?);
+        (
+            QkNorms::Apart(q_norm, norm_weight(cfg, attn, "k_norm.weight", d)?),
+            Some(ones),
+        )
+    } else {
+        (QkNorms::Query(q_norm), None)
+    };
+    Ok(AttnWeights {
+        qkv: Stacked::Apart(parts),
+        qk_norm: Some(qk_norm),
+        wo: attn.get("o_proj.weight", &[h, cfg.heads * d])?,
+        bo: None,
+        gate: None,
+        v_norm,
     })
 }
 

@@ -133,6 +133,7 @@ impl LlmConfig {
             bidirectional: false,
             linear,
             linear_layers,
+            gemma4: None,
         }
         .into_config()
     }

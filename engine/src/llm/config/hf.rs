@@ -1,8 +1,8 @@
 //! `config.json` (and `generation_config.json`) as transformers writes them, 4.x and 5.
 
 use super::{
-    check_context, check_layers, unsupported, Arch, Facts, LinearAttn, LlmConfig, RopeScaling,
-    Rotary,
+    check_context, check_layers, unsupported, Arch, Facts, Gemma4Facts, LinearAttn, LlmConfig,
+    RopeScaling, Rotary,
 };
 use crate::error::{Error, Result};
 use crate::formats::config::Keys;
@@ -15,12 +15,18 @@ impl LlmConfig {
         let c = Keys::parse("config.json", config)?;
         // Qwen 3.5 is published as a vision-language model: its text model's config is
         // `text_config` (the weights under `model.language_model`).
+        // So are Gemma 4's (`Gemma4ForConditionalGeneration`, `model.language_model`).
         if let Some(text) = c.get("text_config").filter(|t| t.is_object()) {
-            if arch(&c).is_err() || c.get("model_type").and_then(|m| m.as_str()) == Some("qwen3_5")
-            {
+            let outer = c.get("model_type").and_then(|m| m.as_str());
+            if arch(&c).is_err() || matches!(outer, Some("qwen3_5" | "gemma4")) {
                 let mut text = text.clone();
                 if text.get("model_type").is_none() {
-                    text["model_type"] = "qwen3_5_text".into();
+                    let inner = if outer == Some("gemma4") {
+                        "gemma4_text"
+                    } else {
+                        "qwen3_5_text"
+                    };
+                    text["model_type"] = inner.into();
                 }
                 if let Some(t) = c
                     .get("tie_word_embeddings")
@@ -38,13 +44,21 @@ impl LlmConfig {
         let hidden = c.need_count("hidden_size")?;
         let heads = c.need_count("num_attention_heads")?;
         let head_dim = c.count("head_dim", hidden / heads)?;
+        let kv_heads = c.count("num_key_value_heads", heads)?;
         let layers = check_layers(c.need_count("num_hidden_layers")?, "num_hidden_layers")?;
         let max_positions = check_context(
             c.count("max_position_embeddings", 2048)?,
             "max_position_embeddings",
         )?;
-        let (rope, rope_local) = rotaries(&c, arch, head_dim, max_positions)?;
         let (mut sliding_window, sliding_layers, linear_layers) = sliding(&c, arch, layers)?;
+        let gemma4 = (arch == Arch::Gemma4)
+            .then(|| gemma4_facts(&c, &sliding_layers, heads, (kv_heads, head_dim), layers))
+            .transpose()?;
+        let global_dim = gemma4
+            .as_ref()
+            .and_then(|g| g.global_attn)
+            .map_or(head_dim, |g| g.1);
+        let (rope, rope_local) = rotaries(&c, arch, (head_dim, global_dim), max_positions)?;
         let linear = (arch == Arch::Qwen35)
             .then(|| -> Result<LinearAttn> {
                 Ok(LinearAttn {
@@ -57,7 +71,12 @@ impl LlmConfig {
                 })
             })
             .transpose()?;
-        let bidirectional = c.flag("use_bidirectional_attention", false)?;
+        // A flag, or Gemma 4's "all" / "vision" (only image tokens look both ways: text is causal).
+        let bidirectional = match c.get("use_bidirectional_attention") {
+            Some(serde_json::Value::String(s)) => s == "all",
+            Some(serde_json::Value::Null) | None => false,
+            Some(_) => c.flag("use_bidirectional_attention", false)?,
+        };
         if bidirectional {
             // transformers turns a bidirectional model's window W into W / 2 + 1 keys either
             // side (|q - k| < W / 2 + 1: EmbeddingGemma's 512 sees 256 each way).
@@ -71,7 +90,10 @@ impl LlmConfig {
             }
             Ok((v > 0.0).then_some(v as f32))
         };
-        let attn_scale = if gemma {
+        let attn_scale = if arch == Arch::Gemma4 {
+            // q and k are RMS-normed: transformers' Gemma 4 attention is unscaled.
+            1.0
+        } else if gemma {
             let q = c.num("query_pre_attn_scalar", 256.0)?;
             if !(q.is_finite() && q > 0.0) {
                 return Err(c.err(format!("query_pre_attn_scalar = {q}: must be positive")));
@@ -85,7 +107,7 @@ impl LlmConfig {
             hidden,
             layers,
             heads,
-            kv_heads: c.count("num_key_value_heads", heads)?,
+            kv_heads,
             head_dim,
             intermediate: c.need_count("intermediate_size")?,
             vocab: c.need_count("vocab_size")?,
@@ -100,8 +122,8 @@ impl LlmConfig {
             bos: ids(c.get("bos_token_id")).first().copied(),
             eos: eos(&c, generation)?,
             act: act(&c)?,
-            // transformers' Gemma and Qwen 3.5 norms multiply by (1 + w).
-            norm_offset: if gemma || arch == Arch::Qwen35 {
+            // transformers' Gemma 2/3 and Qwen 3.5 norms multiply by (1 + w); Gemma 4's by w.
+            norm_offset: if (gemma && arch != Arch::Gemma4) || arch == Arch::Qwen35 {
                 1.0
             } else {
                 0.0
@@ -120,6 +142,7 @@ impl LlmConfig {
             bidirectional,
             linear,
             linear_layers,
+            gemma4,
         }
         .into_config()
     }
@@ -148,7 +171,8 @@ fn arch(c: &Keys) -> Result<Arch> {
         Some("Gemma3ForCausalLM" | "Gemma3TextModel" | "gemma3_text") => Arch::Gemma3,
         Some("Phi3ForCausalLM" | "Phi3Model" | "phi3") => Arch::Phi3,
         Some("Qwen3_5ForCausalLM" | "Qwen3_5TextModel" | "qwen3_5_text") => Arch::Qwen35,
-        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)"))),
+        Some("Gemma4ForCausalLM" | "Gemma4TextModel" | "gemma4_text") => Arch::Gemma4,
+        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Phi3ForCausalLM)"))),
         None => return Err(unsupported("config.json names no architecture")),
     })
 }
@@ -177,7 +201,7 @@ fn act(c: &Keys) -> Result<Act> {
 fn rotaries(
     c: &Keys,
     arch: Arch,
-    head_dim: usize,
+    (head_dim, global_head_dim): (usize, usize),
     max_positions: usize,
 ) -> Result<(Rotary, Rotary)> {
     let params = c.get("rope_parameters").filter(|v| v.is_object());
@@ -193,6 +217,7 @@ fn rotaries(
         )));
     }
     let dims = (head_dim as f64 * partial) as usize;
+    let global_dims = (global_head_dim as f64 * partial) as usize;
     let top_theta = c.num("rope_theta", if arch == Arch::Gemma3 { 1e6 } else { 1e4 })? as f32;
     let (global, local) = match params {
         Some(p) if p.get("full_attention").is_some() || p.get("sliding_attention").is_some() => (
@@ -202,7 +227,7 @@ fn rotaries(
         Some(p) => (Some(p.clone()), None),
         None => (c.get("rope_scaling").cloned(), None),
     };
-    let rope = rotary_from(c, global.as_ref(), top_theta, dims, max_positions)?;
+    let rope = rotary_from(c, global.as_ref(), top_theta, global_dims, max_positions)?;
     let local_theta = c.num("rope_local_base_freq", 10000.0)? as f32;
     let rope_local = rotary_from(c, local.as_ref(), local_theta, dims, max_positions)?;
     Ok((rope, rope_local))
@@ -250,7 +275,7 @@ fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bo
         }
         (None, Arch::Qwen35) => vec![false; layers],
         (None, Arch::Gemma2) => (0..layers).map(|i| i % 2 == 0).collect(),
-        (None, Arch::Gemma3) => {
+        (None, Arch::Gemma3 | Arch::Gemma4) => {
             let n = c.count("sliding_window_pattern", 6)?.max(1);
             (0..layers).map(|i| (i + 1) % n != 0).collect()
         }
@@ -268,6 +293,83 @@ fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bo
     let sliding_window =
         (window > 0 && !qwen_off && sliding_layers.iter().any(|&s| s)).then_some(window);
     Ok((sliding_window, sliding_layers, linear_layers))
+}
+
+/// Gemma 4's extras: the full-attention layers' head size and key/value heads
+/// (`per_layer_config` as transformers 5.25 saves it, else `global_head_dim` and
+/// `num_global_key_value_heads`), keys as values, KV-shared layers, double-wide MLPs and the
+/// per-layer input embeddings. A mixture-of-experts block is refused.
+fn gemma4_facts(
+    c: &Keys,
+    sliding: &[bool],
+    heads: usize,
+    (kv_heads, head_dim): (usize, usize),
+    layers: usize,
+) -> Result<Gemma4Facts> {
+    if c.flag("enable_moe_block", false)? {
+        return Err(unsupported(
+            "Gemma 4's mixture-of-experts block (enable_moe_block: the 26B-A4B model)",
+        ));
+    }
+    let k_eq_v = c.flag("attention_k_eq_v", false)?;
+    let full: Vec<usize> = (0..layers).filter(|&i| !sliding[i]).collect();
+    let global_attn = match c.get("per_layer_config").and_then(|p| p.as_object()) {
+        Some(per_layer) => {
+            let mut dims = None;
+            for (k, v) in per_layer {
+                let i: usize = k
+                    .parse()
+                    .map_err(|_| c.err(format!("per_layer_config key '{k}' is not a layer")))?;
+                let d = v
+                    .get("head_dim")
+                    .and_then(|x| x.as_u64())
+                    .map_or(head_dim, |x| x as usize);
+                let kv = v
+                    .get("num_key_value_heads")
+                    .and_then(|x| x.as_u64())
+                    .map_or(kv_heads, |x| x as usize);
+                if !full.contains(&i) || dims.is_some_and(|o| o != (kv, d)) {
+                    return Err(unsupported(format!(
+                        "per_layer_config for layer {i}: only the full-attention layers may differ, all alike"
+                    )));
+                }
+                dims = Some((kv, d));
+            }
+            dims
+        }
+        None => {
+            let d = c.count("global_head_dim", 512)?;
+            let kv = if k_eq_v {
+                c.count("num_global_key_value_heads", kv_heads)?
+            } else {
+                kv_heads
+            };
+            (!full.is_empty()).then_some((kv, d))
+        }
+    };
+    if let Some((kv, _)) = global_attn {
+        if kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(unsupported(format!(
+                "{heads} heads with {kv} kv heads in full-attention layers"
+            )));
+        }
+    }
+    let ple_dim = match c.get("hidden_size_per_layer_input") {
+        Some(serde_json::Value::Null) => 0,
+        _ => c.count("hidden_size_per_layer_input", 256)?,
+    };
+    Ok(Gemma4Facts {
+        global_attn,
+        k_eq_v,
+        kv_shared_layers: c.count("num_kv_shared_layers", 0)?,
+        double_wide_mlp: c.flag("use_double_wide_mlp", false)?,
+        per_layer_input: (ple_dim > 0)
+            .then(|| {
+                c.count("vocab_size_per_layer_input", 262_144)
+                    .map(|v| (ple_dim, v))
+            })
+            .transpose()?,
+    })
 }
 
 /// EOS ids: generation_config.json's when it names any, else config.json's.
@@ -363,6 +465,19 @@ fn rotary_from(
         "linear" => Some(RopeScaling::Linear {
             factor: need("factor")?,
         }),
+        // Gemma 4: `partial_rotary_factor` of the head's frequencies turn, over the whole head.
+        "proportional" => {
+            let partial = num("partial_rotary_factor").unwrap_or(1.0);
+            if !(partial > 0.0 && partial <= 1.0) {
+                return Err(c.err(format!(
+                    "proportional rope: partial_rotary_factor = {partial}: must be in (0, 1]"
+                )));
+            }
+            Some(RopeScaling::Proportional {
+                rotated: (partial * dims as f64 / 2.0) as usize,
+                factor: num("factor").unwrap_or(1.0) as f32,
+            })
+        }
         "longrope" | "su" => {
             let original_max = num("original_max_position_embeddings")
                 .or_else(|| {
@@ -387,7 +502,7 @@ fn rotary_from(
         }
         other => {
             return Err(unsupported(format!(
-                "rope scaling type '{other}' (supported: llama3, linear, longrope)"
+                "rope scaling type '{other}' (supported: llama3, linear, longrope, proportional)"
             )))
         }
     };

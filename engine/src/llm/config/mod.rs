@@ -26,6 +26,11 @@ pub enum Arch {
     Gemma3,
     /// `Phi3ForCausalLM` / GGUF `phi3` (fused qkv_proj and gate_up_proj, LongRoPE).
     Phi3,
+    /// `Gemma4ForCausalLM` / GGUF `gemma4` (Gemma 4's text model): Gemma 3's layer with plain
+    /// (`w`) norms, values normed too, attention unscaled, full-attention layers with their own
+    /// head size (and keys as values), per-layer input embeddings, the last layers reading
+    /// earlier layers' keys and values.
+    Gemma4,
     /// `Qwen3_5ForCausalLM` / GGUF `qwen35` (Qwen 3.5): Gated DeltaNet linear-attention layers
     /// between gated full-attention layers (q/k norms, partial rotary), `(1 + w)` norms.
     Qwen35,
@@ -35,7 +40,7 @@ impl Arch {
     /// Gemma's layer: norms after attention and after the MLP too (`post_attention_layernorm`
     /// normalizes the attention output, not the MLP input), embeddings scaled by sqrt(hidden).
     pub fn is_gemma(self) -> bool {
-        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+        matches!(self, Arch::Gemma2 | Arch::Gemma3 | Arch::Gemma4)
     }
 }
 
@@ -51,6 +56,10 @@ pub enum RopeScaling {
     },
     /// `rope_type = "linear"`: every frequency divided by `factor`.
     Linear { factor: f32 },
+    /// `rope_type = "proportional"` (Gemma 4's full attention): the first `rotated` of the
+    /// head's `dims / 2` frequencies are `theta^(-2i / dims) / factor`, the rest 0 (their dims
+    /// pass through); pairs are (i, i + dims / 2) over the whole head.
+    Proportional { rotated: usize, factor: f32 },
     /// `rope_type = "longrope"` (Phi-3's "su"): per-frequency divisors, `short` for positions
     /// below `original_max` and `long` from there on, and cos/sin scaled by `attention_factor`.
     LongRope {
@@ -90,6 +99,11 @@ impl Rotary {
                 *original_max_position_embeddings,
             ),
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Proportional { rotated, factor }) => base
+                .iter()
+                .enumerate()
+                .map(|(i, f)| if i < *rotated { f / factor } else { 0.0 })
+                .collect(),
             Some(RopeScaling::LongRope { short, .. }) => self.long_rope(short),
         }
     }
@@ -215,6 +229,20 @@ pub struct LlmConfig {
     pub linear_layers: Vec<bool>,
     /// Full attention gated by `sigmoid` of a second half of q_proj (Qwen 3.5).
     pub attn_gate: bool,
+    /// Gemma 4's full-attention layers: their key/value heads and head size, where not the
+    /// sliding layers' (`kv_heads`, `head_dim`).
+    pub global_attn: Option<(usize, usize)>,
+    /// Gemma 4: full-attention layers take their keys as values (`attention_k_eq_v`).
+    pub k_eq_v: bool,
+    /// Gemma 4: values RMS-normed per head, without a weight.
+    pub v_norm: bool,
+    /// The layer whose keys and values each layer attends over: itself, or (Gemma 4's
+    /// `num_kv_shared_layers`) the last earlier layer of its type that keeps them.
+    pub kv_source: Vec<usize>,
+    /// Each layer's MLP width (Gemma 4 doubles it in the layers that share keys and values).
+    pub mlp_widths: Vec<usize>,
+    /// Gemma 4's per-layer inputs: (dims per layer, the table's vocabulary).
+    pub per_layer_input: Option<(usize, usize)>,
 }
 
 /// More decoder layers than any real checkpoint has (the largest have a few hundred): a
@@ -280,6 +308,17 @@ struct Facts {
     bidirectional: bool,
     linear: Option<LinearAttn>,
     linear_layers: Vec<bool>,
+    /// Gemma 4's extras (absent for every other architecture).
+    gemma4: Option<Gemma4Facts>,
+}
+
+/// What Gemma 4 adds to a config.
+struct Gemma4Facts {
+    global_attn: Option<(usize, usize)>,
+    k_eq_v: bool,
+    kv_shared_layers: usize,
+    double_wide_mlp: bool,
+    per_layer_input: Option<(usize, usize)>,
 }
 
 impl Facts {
@@ -287,6 +326,42 @@ impl Facts {
     fn into_config(self) -> Result<LlmConfig> {
         let arch = self.arch;
         let gemma = arch.is_gemma();
+        let layers = self.layers;
+        let g4 = self.gemma4.as_ref();
+        let shared = g4.map_or(0, |g| g.kv_shared_layers);
+        if shared >= layers && shared > 0 {
+            return Err(unsupported(format!(
+                "{shared} KV-shared layers of {layers} (some layer must keep keys and values)"
+            )));
+        }
+        let first_shared = layers - shared;
+        // A shared layer reads the last earlier layer of its type (sliding or full) that keeps
+        // keys and values (transformers' kv_sharing_modes).
+        let kv_source = (0..layers)
+            .map(|i| {
+                if i < first_shared {
+                    return Ok(i);
+                }
+                (0..first_shared)
+                    .rev()
+                    .find(|&j| self.sliding_layers.get(j) == self.sliding_layers.get(i))
+                    .ok_or_else(|| {
+                        unsupported(format!(
+                            "KV-shared layer {i}: no earlier layer of its type keeps keys and values"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let wide = g4.is_some_and(|g| g.double_wide_mlp);
+        let mlp_widths = (0..layers)
+            .map(|i| {
+                if wide && i >= first_shared {
+                    2 * self.intermediate
+                } else {
+                    self.intermediate
+                }
+            })
+            .collect();
         LlmConfig {
             arch,
             hidden: self.hidden,
@@ -308,7 +383,10 @@ impl Facts {
             bos: self.bos,
             eos: self.eos,
             act: self.act,
-            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3 | Arch::Qwen35),
+            qk_norm: matches!(
+                arch,
+                Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma4 | Arch::Qwen35
+            ),
             norm_offset: self.norm_offset,
             // In the embedding's dtype, as transformers multiplies (f32 here).
             embed_scale: gemma.then(|| (self.hidden as f32).sqrt()),
@@ -321,6 +399,12 @@ impl Facts {
             linear: self.linear,
             linear_layers: self.linear_layers,
             attn_gate: arch == Arch::Qwen35,
+            global_attn: g4.and_then(|g| g.global_attn),
+            k_eq_v: g4.is_some_and(|g| g.k_eq_v),
+            v_norm: arch == Arch::Gemma4,
+            kv_source,
+            mlp_widths,
+            per_layer_input: g4.and_then(|g| g.per_layer_input),
         }
         .validate()
     }
@@ -331,6 +415,31 @@ impl LlmConfig {
     pub fn window(&self, layer: usize) -> Option<usize> {
         self.sliding_window
             .filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
+    }
+
+    /// Layer `i`'s key/value heads and head size (Gemma 4's full-attention layers have their
+    /// own).
+    pub fn attn_dims(&self, layer: usize) -> (usize, usize) {
+        match self.global_attn {
+            Some(g) if !self.sliding_layers.get(layer).copied().unwrap_or(false) => g,
+            _ => (self.kv_heads, self.head_dim),
+        }
+    }
+
+    /// Whether layer `i` writes keys and values of its own (not a KV-shared layer).
+    pub fn keeps_kv(&self, layer: usize) -> bool {
+        !self.is_linear(layer) && self.kv_source.get(layer) == Some(&layer)
+    }
+
+    /// Index of the KV cache layer `i` attends over, among the layers that keep one.
+    pub fn kv_index(&self, layer: usize) -> usize {
+        let src = self.kv_source.get(layer).copied().unwrap_or(layer);
+        (0..src).filter(|&j| self.keeps_kv(j)).count()
+    }
+
+    /// Layers keeping a KV cache.
+    pub fn kv_layers(&self) -> usize {
+        (0..self.layers).filter(|&i| self.keeps_kv(i)).count()
     }
 
     /// Whether layer `i` is a linear-attention (Gated DeltaNet) layer.
@@ -364,15 +473,29 @@ impl LlmConfig {
                 self.heads, self.kv_heads
             )));
         }
-        if self.head_dim == 0
-            || !self.head_dim.is_multiple_of(2)
-            || self.head_dim > crate::kernels::attention::MAX_HEAD_DIM
-        {
-            return Err(unsupported(format!(
-                "head_dim {} (even, at most {})",
-                self.head_dim,
-                crate::kernels::attention::MAX_HEAD_DIM
-            )));
+        for (kv, d) in std::iter::once((self.kv_heads, self.head_dim)).chain(self.global_attn) {
+            if d == 0 || !d.is_multiple_of(2) || d > crate::kernels::attention::MAX_HEAD_DIM {
+                return Err(unsupported(format!(
+                    "head_dim {d} (even, at most {})",
+                    crate::kernels::attention::MAX_HEAD_DIM
+                )));
+            }
+            if kv == 0 || !self.heads.is_multiple_of(kv) {
+                return Err(unsupported(format!(
+                    "{} heads with {kv} kv heads (heads must be a multiple of kv heads)",
+                    self.heads
+                )));
+            }
+        }
+        if self.kv_source.len() != self.layers || self.mlp_widths.len() != self.layers {
+            return Err(Error::Data {
+                name: "model config".into(),
+                msg: format!(
+                    "per-layer tables of {} entries for {} layers",
+                    self.kv_source.len(),
+                    self.layers
+                ),
+            });
         }
         if self.hidden == 0 || self.layers == 0 || self.vocab == 0 || self.intermediate == 0 {
             return Err(unsupported(format!(
@@ -395,10 +518,13 @@ impl LlmConfig {
                     "the rotary base must be a finite number > 1",
                 );
             }
-            if r.dims == 0 || !r.dims.is_multiple_of(2) || r.dims > self.head_dim {
+            let max_d = self
+                .global_attn
+                .map_or(self.head_dim, |g| g.1.max(self.head_dim));
+            if r.dims == 0 || !r.dims.is_multiple_of(2) || r.dims > max_d {
                 return Err(unsupported(format!(
                     "{} rotary dims of head_dim {} (an even number, at most head_dim)",
-                    r.dims, self.head_dim
+                    r.dims, max_d
                 )));
             }
             let ok = match &r.scaling {
@@ -420,6 +546,9 @@ impl LlmConfig {
                         && high_freq_factor > low_freq_factor
                 }
                 Some(RopeScaling::Linear { factor }) => factor.is_finite() && *factor > 0.0,
+                Some(RopeScaling::Proportional { rotated, factor }) => {
+                    factor.is_finite() && *factor > 0.0 && *rotated <= r.dims / 2
+                }
                 Some(RopeScaling::LongRope {
                     short,
                     long,
