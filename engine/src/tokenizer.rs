@@ -357,6 +357,13 @@ pub const BUILTIN_CHAT_TEMPLATES: &[(&str, &str)] = &[
          {% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
     ),
     (
+        // Gemma 4: `<|turn>role ... <turn|>` turns, a system turn of its own, "model".
+        "gemma4",
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}\
+         {{ '<|turn>' + role + '\n' + m['content'] | trim + '<turn|>\n' }}\
+         {% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}",
+    ),
+    (
         "llama3",
         "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}\
          {% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",

@@ -129,7 +129,7 @@ struct ModelArgs {
     /// KV-cache element type: auto (f16 on GPUs, f32 on software adapters), f32 or f16.
     #[arg(long, default_value_t = LoadOptions::default().kv_cache)]
     kv_cache: kiln::llm::KvCacheType,
-    /// Chat template instead of the model's: chatml, gemma, llama3, phi3, or a Jinja file.
+    /// Chat template instead of the model's: chatml, gemma, gemma4, llama3, phi3, or a Jinja file.
     /// Without it a model with no template of its own gets its architecture's (Gemma's).
     #[arg(long)]
     chat_template: Option<String>,
@@ -541,7 +541,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let gpu = gpu()?;
     let mut model = load(&gpu, &a.model, false)?;
     if model.tokenizer.chat_template.is_none() {
-        return Err(anyhow::anyhow!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template'); name one with --chat-template (chatml, gemma, llama3, phi3, or a Jinja file)")).stage(EXIT_MODEL);
+        return Err(anyhow::anyhow!("this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or GGUF 'tokenizer.chat_template'); name one with --chat-template (chatml, gemma, gemma4, llama3, phi3, or a Jinja file)")).stage(EXIT_MODEL);
     }
     let mut messages: Vec<Message> = Vec::new();
     if let Some(s) = &a.system {

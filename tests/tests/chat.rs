@@ -656,3 +656,24 @@ fn tool_calls_in_the_chat_core() {
         assert!(e.contains(want), "{body}: {e}");
     }
 }
+
+/// The built-in Gemma 4 template (for files without one): `<|turn>role ... <turn|>` turns with
+/// the system message a turn of its own, the assistant as "model", and the model's turn opened.
+#[test]
+fn builtin_gemma4_template_renders_its_turns() {
+    let msgs: Vec<(String, String)> = [
+        ("system", "Be brief."),
+        ("user", " Hi "),
+        ("assistant", "Hello."),
+        ("user", "Bye"),
+    ]
+    .iter()
+    .map(|(r, c)| (r.to_string(), c.to_string()))
+    .collect();
+    let tpl = kiln::tokenizer::chat_template_named("gemma4");
+    let out = kiln::tokenizer::render_chat_template(tpl, &msgs, "<bos>", "<eos>").unwrap();
+    assert_eq!(
+        out,
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello.<turn|>\n<|turn>user\nBye<turn|>\n<|turn>model\n"
+    );
+}

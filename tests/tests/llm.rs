@@ -266,6 +266,41 @@ fn parity_qwen35_f32() {
     check_case("qwen35-f32");
 }
 
+/// Gemma 4: plain (w) norms, value norms, unscaled attention, full-attention layers with their
+/// own head size (64 against 32), keys as values and proportional rotary frequencies, the last
+/// three layers reading earlier layers' keys and values with double-wide MLPs, per-layer input
+/// embeddings, layer_scalar, final soft-cap; folder and llama.cpp's GGUF; a prompt past the
+/// sliding window too.
+#[test]
+fn parity_gemma4_f32() {
+    check_case("gemma4-f32");
+    let e = expected("gemma4-f32");
+    let long = &e["long"];
+    check_run(
+        "gemma4-f32",
+        &long["runs"][0],
+        &ids(&long["prompt_ids"]),
+        64,
+    );
+    check_run("gemma4-f32", &long["runs"][0], &ids(&long["prompt_ids"]), 5);
+    // The GPU kernels (fused decode graph, GEMM prefill).
+    let gpu = &kiln_tests::gpu_kernels_f32_math();
+    for (prompt, run) in [
+        (&e["prompt_ids"], &e["runs"][1]),
+        (&long["prompt_ids"], &long["runs"][0]),
+    ] {
+        let weights = run["weights"].as_str().unwrap();
+        check_run_on(
+            gpu,
+            "gemma4-f32",
+            files("gemma4-f32", weights),
+            run,
+            &ids(prompt),
+            64,
+        );
+    }
+}
+
 /// Qwen 3.5 beyond one short prompt, on the software and the GPU kernels, folder and GGUF: a
 /// 150-token prompt (three prefill runs of 64 through the chunked delta rule, the recurrent
 /// states carried from run to run), then a chat-like second turn that extends the first

@@ -21,8 +21,10 @@ fn expected(case: &str) -> Value {
 /// starting while the others decode, give the ids of four serial runs (log-probabilities within 1e-4) and the
 /// transformers reference on the fixture's prompt; the batch ran several tokens per run. On
 /// an HF folder (stacked Q/K/V), a llama-quantize Q4_K_M file (Q/K/V of two block types, so
-/// apart) and Qwen 3.5 (linear-attention layers: each slot's recurrent states, a row each in
-/// the batch), every kernel variant (f32 math: the parity contract).
+/// apart), Qwen 3.5 (linear-attention layers: each slot's recurrent states, a row each in
+/// the batch) and Gemma 4 (per-layer inputs gathered per row, layers reading other layers'
+/// caches rotating their queries at each row's position), every kernel variant (f32 math: the
+/// parity contract).
 #[test]
 fn parallel_slots_decode_together_like_serial_runs() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -30,6 +32,7 @@ fn parallel_slots_decode_together_like_serial_runs() {
     let hw = kiln_tests::gpu_kernels_f32_math();
     let e = expected("llama-gqa-f32");
     let e35 = expected("qwen35-f32");
+    let e4 = expected("gemma4-f32");
     let file_cases = [
         (
             "llama-gqa-f32 hf",
@@ -48,6 +51,12 @@ fn parallel_slots_decode_together_like_serial_runs() {
             files("qwen35-f32", "hf"),
             Some(&e35["runs"][0]),
             ids(&e35["prompt_ids"]),
+        ),
+        (
+            "gemma4-f32 GGUF",
+            files("gemma4-f32", "model-f32.gguf"),
+            Some(&e4["runs"][1]),
+            ids(&e4["prompt_ids"]),
         ),
     ];
     for (name, files, reference, prompt) in file_cases {
@@ -107,7 +116,8 @@ fn parallel_slots_decode_together_like_serial_runs() {
                 matches!(&l.mixer, kiln::llm::weights::Mixer::Attention(a)
                     if matches!(a.qkv, kiln::llm::weights::Stacked::Apart(_)))
             });
-            assert_eq!(apart, name.contains("Q4_K_M"), "{what}: Q/K/V layout");
+            let want_apart = name.contains("Q4_K_M") || name.contains("gemma4");
+            assert_eq!(apart, want_apart, "{what}: Q/K/V layout");
             let batch = slots[0].batch().expect("slots decode together").clone();
             // The fourth request starts once the first has streamed six pieces.
             let started = std::sync::Barrier::new(2);

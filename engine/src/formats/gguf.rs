@@ -564,6 +564,11 @@ impl Gguf {
         self.meta.get(key)
     }
 
+    /// Tensor `name`'s shape (rows first), when the tensor infos were read.
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|i| i.shape.as_slice())
+    }
+
     /// Where tensor `name`'s bytes are in the file.
     pub fn data_range(&self, name: &str) -> Option<std::ops::Range<usize>> {
         self.tensors.get(name).map(|i| i.start..i.start + i.len)

@@ -259,8 +259,12 @@ impl TextModel {
         if let Some(t) = &opts.chat_template {
             tokenizer.chat_template = Some(crate::tokenizer::chat_template_named(t).to_string());
         } else if tokenizer.chat_template.is_none() && config.arch.is_gemma() {
-            tokenizer.chat_template =
-                Some(crate::tokenizer::chat_template_named("gemma").to_string());
+            let name = if config.arch == super::config::Arch::Gemma4 {
+                "gemma4"
+            } else {
+                "gemma"
+            };
+            tokenizer.chat_template = Some(crate::tokenizer::chat_template_named(name).to_string());
         }
         let weights = LlmWeights::load(&checkpoint, &config, on_progress)?;
         drop(checkpoint); // the file bytes; the GPU tensors live on in `weights`

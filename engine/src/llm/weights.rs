@@ -142,6 +142,19 @@ fn gguf_name_for(hf: &str, gemma: bool) -> String {
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
         ("lm_head.weight", "output.weight"),
+        // Gemma 4's per-layer inputs.
+        (
+            "model.embed_tokens_per_layer.weight",
+            "per_layer_token_embd.weight",
+        ),
+        (
+            "model.per_layer_model_projection.weight",
+            "per_layer_model_proj.weight",
+        ),
+        (
+            "model.per_layer_projection_norm.weight",
+            "per_layer_proj_norm.weight",
+        ),
     ];
     if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
         return g.to_string();
@@ -172,6 +185,11 @@ fn gguf_name_for(hf: &str, gemma: bool) -> String {
         // Phi-3: llama.cpp keeps the fused gate/up matrix under ffn_up.
         "mlp.gate_up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        // Gemma 4's per-layer input block and output scale.
+        "per_layer_input_gate.weight" => "inp_gate.weight",
+        "per_layer_projection.weight" => "proj.weight",
+        "post_per_layer_input_norm.weight" => "post_norm.weight",
+        "layer_scalar" => "layer_output_scale.weight",
         // Qwen 3.5's linear attention (the values in llama.cpp's layout: see LinearAttn).
         "linear_attn.in_proj_qkv.weight" => "attn_qkv.weight",
         "linear_attn.in_proj_z.weight" => "attn_gate.weight",

@@ -2,8 +2,8 @@
 //! leaves out.
 
 use super::{
-    check_context, check_layers, unsupported, Arch, Facts, LinearAttn, LlmConfig, RopeScaling,
-    Rotary,
+    check_context, check_layers, unsupported, Arch, Facts, Gemma4Facts, LinearAttn, LlmConfig,
+    RopeScaling, Rotary,
 };
 use crate::error::{Error, Result};
 use crate::formats::gguf::{Gguf, Value};
@@ -35,6 +35,32 @@ impl Keys<'_> {
     fn f(&self, k: &str) -> Option<f64> {
         self.g.get(&self.key(k)).and_then(|v| v.as_f64())
     }
+
+    /// An integer per layer: a list of `layers` (Gemma 4's widths and head counts), or one for
+    /// all.
+    fn per_layer(&self, k: &str, layers: usize) -> Result<Vec<usize>> {
+        let bad = |msg: String| Error::Data {
+            name: self.key(k),
+            msg,
+        };
+        match self.g.require(&self.key(k))? {
+            Value::Array(a) => {
+                let v: Vec<usize> = a
+                    .values()
+                    .map(|x| x.as_u64().map(|n| n as usize))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("not a list of integers".into()))?;
+                if v.len() != layers {
+                    return Err(bad(format!("{} values for {layers} layers", v.len())));
+                }
+                Ok(v)
+            }
+            other => other
+                .as_u64()
+                .map(|n| vec![n as usize; layers])
+                .ok_or_else(|| bad("not an integer".into())),
+        }
+    }
 }
 
 impl LlmConfig {
@@ -54,9 +80,10 @@ impl LlmConfig {
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
             "qwen35" => Arch::Qwen35,
+            "gemma4" => Arch::Gemma4,
             other => {
                 return Err(unsupported(format!(
-                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, qwen35, gemma2, gemma3, phi3)"
+                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, qwen35, gemma2, gemma3, gemma4, phi3)"
                 )))
             }
         };
@@ -66,7 +93,12 @@ impl LlmConfig {
         };
         let hidden = k.u("embedding_length")?;
         let heads = k.u("attention.head_count")?;
-        let head_dim = k.u("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let gemma4_arch = arch == Arch::Gemma4;
+        // Gemma 4: key_length is the full-attention layers', key_length_swa the sliding ones'.
+        let head_dim = match k.u("attention.key_length_swa") {
+            Ok(d) if gemma4_arch => d,
+            _ => k.u("attention.key_length").unwrap_or(hidden / heads.max(1)),
+        };
         let layers = check_layers(k.u("block_count")?, &k.key("block_count"))?;
         let tokens = g
             .require("tokenizer.ggml.tokens")?
@@ -78,7 +110,18 @@ impl LlmConfig {
             &k.key("context_length"),
         )?;
         let dims = k.u("rope.dimension_count").unwrap_or(head_dim);
+        let local_dims = match k.u("rope.dimension_count_swa") {
+            Ok(d) if gemma4_arch => d,
+            _ => dims,
+        };
         let (sliding_window, sliding_layers) = sliding(&k, arch, layers)?;
+        let kv_per_layer = k.per_layer("attention.head_count_kv", layers).ok();
+        let gemma4 = gemma4_arch
+            .then(|| {
+                let vocab = k.u("vocab_size").unwrap_or(tokens);
+                gemma4_facts(&k, &sliding_layers, layers, kv_per_layer.as_deref(), vocab)
+            })
+            .transpose()?;
         let (linear, linear_layers) = if arch == Arch::Qwen35 {
             linear_attention(&k, layers)?
         } else {
@@ -92,7 +135,9 @@ impl LlmConfig {
         // llama.cpp: 1/sqrt(head_dim), except Gemma 2/3 27B's 1/sqrt(hidden / heads).
         let big_gemma =
             (arch == Arch::Gemma2 && layers == 46) || (arch == Arch::Gemma3 && layers == 62);
-        let attn_scale = if big_gemma {
+        let attn_scale = if gemma4_arch {
+            1.0 // q and k are RMS-normed
+        } else if big_gemma {
             ((hidden / heads.max(1)) as f32).powf(-0.5)
         } else {
             (head_dim as f32).powf(-0.5)
@@ -102,15 +147,22 @@ impl LlmConfig {
             hidden,
             layers,
             heads,
-            kv_heads: k.u("attention.head_count_kv").unwrap_or(heads),
+            kv_heads: kv_per_layer
+                .as_ref()
+                .and_then(|v| {
+                    (0..layers)
+                        .find(|&i| sliding_layers[i] || !gemma4_arch)
+                        .map(|i| v[i])
+                })
+                .unwrap_or(heads),
             head_dim,
-            intermediate: k.u("feed_forward_length")?,
+            intermediate: k.per_layer("feed_forward_length", layers)?[0],
             vocab: k.u("vocab_size").unwrap_or(tokens),
             rms_eps: k.f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             rope: rotary(&k, dims, max_positions),
             rope_local: Rotary {
                 theta: k.f("rope.freq_base_swa").unwrap_or(10000.0) as f32,
-                dims,
+                dims: local_dims,
                 scaling: None,
             },
             sliding_window,
@@ -133,7 +185,7 @@ impl LlmConfig {
             bidirectional: false,
             linear,
             linear_layers,
-            gemma4: None,
+            gemma4,
         }
         .into_config()
     }
@@ -162,6 +214,7 @@ fn eos(g: &Gguf, arch: Arch) -> Vec<u32> {
     }
     let turn_end = match arch {
         Arch::Gemma2 | Arch::Gemma3 => Some("<end_of_turn>"),
+        Arch::Gemma4 => Some("<turn|>"),
         Arch::Phi3 => Some("<|end|>"),
         _ => None,
     };
@@ -224,6 +277,50 @@ fn rotary(k: &Keys, dims: usize, max_positions: usize) -> Rotary {
         dims,
         scaling,
     }
+}
+
+/// Gemma 4's extras as llama.cpp writes them: the full-attention layers' `key_length` and key /
+/// value heads (`head_count_kv` per layer), `shared_kv_layers`, `feed_forward_length` per layer,
+/// `embedding_length_per_layer_input`. A full-attention layer without `attn_v` takes its keys
+/// as values (the loader looks).
+fn gemma4_facts(
+    k: &Keys,
+    sliding: &[bool],
+    layers: usize,
+    kv: Option<&[usize]>,
+    vocab: usize,
+) -> Result<Gemma4Facts> {
+    if k.g.get(&k.key("expert_count")).is_some() {
+        return Err(unsupported(
+            "Gemma 4's mixture-of-experts block (expert_count: the 26B-A4B model)",
+        ));
+    }
+    let full = (0..layers).find(|&i| !sliding[i]);
+    let global_attn = match full {
+        Some(i) => Some((
+            kv.map_or(k.u("attention.head_count")?, |v| v[i]),
+            k.u("attention.key_length")?,
+        )),
+        None => None,
+    };
+    let per_layer_input = match k.u("embedding_length_per_layer_input") {
+        Ok(0) | Err(_) => None,
+        Ok(dim) => {
+            let vocab =
+                k.g.tensor_shape("per_layer_token_embd.weight")
+                    .and_then(|s| s.first().copied())
+                    .unwrap_or(vocab);
+            Some((dim, vocab))
+        }
+    };
+    Ok(Gemma4Facts {
+        global_attn,
+        k_eq_v: true,
+        kv_shared_layers: k.u("attention.shared_kv_layers").unwrap_or(0),
+        double_wide_mlp: false,
+        per_layer_input,
+        mlp_widths: Some(k.per_layer("feed_forward_length", layers)?),
+    })
 }
 
 /// Qwen 3.5's linear-attention sizes and layers as llama.cpp writes them: `ssm.conv_kernel`

@@ -363,6 +363,7 @@ fn gemma4_facts(
         k_eq_v,
         kv_shared_layers: c.count("num_kv_shared_layers", 0)?,
         double_wide_mlp: c.flag("use_double_wide_mlp", false)?,
+        mlp_widths: None,
         per_layer_input: (ple_dim > 0)
             .then(|| {
                 c.count("vocab_size_per_layer_input", 262_144)

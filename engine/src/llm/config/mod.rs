@@ -319,6 +319,8 @@ struct Gemma4Facts {
     kv_shared_layers: usize,
     double_wide_mlp: bool,
     per_layer_input: Option<(usize, usize)>,
+    /// Each layer's MLP width as a GGUF lists it (else from `double_wide_mlp`).
+    mlp_widths: Option<Vec<usize>>,
 }
 
 impl Facts {
@@ -353,15 +355,18 @@ impl Facts {
             })
             .collect::<Result<Vec<_>>>()?;
         let wide = g4.is_some_and(|g| g.double_wide_mlp);
-        let mlp_widths = (0..layers)
-            .map(|i| {
-                if wide && i >= first_shared {
-                    2 * self.intermediate
-                } else {
-                    self.intermediate
-                }
-            })
-            .collect();
+        let listed = g4.and_then(|g| g.mlp_widths.clone());
+        let mlp_widths = listed.unwrap_or_else(|| {
+            (0..layers)
+                .map(|i| {
+                    if wide && i >= first_shared {
+                        2 * self.intermediate
+                    } else {
+                        self.intermediate
+                    }
+                })
+                .collect()
+        });
         LlmConfig {
             arch,
             hidden: self.hidden,
@@ -374,7 +379,7 @@ impl Facts {
             rms_eps: self.rms_eps,
             rope: self.rope,
             // Gemma 3's local layers rotate with their own base.
-            rope_local: (arch == Arch::Gemma3).then_some(self.rope_local),
+            rope_local: matches!(arch, Arch::Gemma3 | Arch::Gemma4).then_some(self.rope_local),
             sliding_window: self.sliding_window,
             sliding_layers: self.sliding_layers,
             max_positions: self.max_positions,
