@@ -1129,3 +1129,57 @@ fn pipelined_decode_matches_serial() {
         assert!(ends.contains(&why), "no case ended by {why:?}: {ends:?}");
     }
 }
+
+/// `--quantize q8` on the families of linear attention and per-layer inputs: their matrices
+/// (Gated DeltaNet's projections, the gated attention, Gemma 4's per-layer input tables) load as
+/// Q8_0, and the model's first draw stays near transformers' on the f32 weights. These tiny
+/// random models are sensitive (Q8_0 moves a log-probability by up to ~0.2, and their greedy runs
+/// part after a few steps); transformers on Q8_0-rounded weights (tools-side check, 2026-12-07)
+/// agrees with Kiln's Q8_0 run to within the same few hundredths per step, for both families.
+#[test]
+fn quantize_on_load_qwen35_and_gemma4() {
+    use kiln::weights::Quantize;
+    for case in ["qwen35-f32", "gemma4-f32"] {
+        let e = expected(case);
+        let opts = LoadOptions {
+            ctx: 128,
+            quantize: Quantize::Q8,
+            kv_cache: KvCacheType::F32,
+            ..Default::default()
+        };
+        let mut m = load(case, "hf", opts);
+        let proj = match &m.weights.layers[0].mixer {
+            kiln::llm::weights::Mixer::Linear(d) => match &d.proj {
+                kiln::llm::weights::Stacked::One { w, .. } => w.dtype,
+                kiln::llm::weights::Stacked::Apart(p) => p[0].0.dtype,
+            },
+            kiln::llm::weights::Mixer::Attention(a) => match &a.qkv {
+                kiln::llm::weights::Stacked::One { w, .. } => w.dtype,
+                kiln::llm::weights::Stacked::Apart(p) => p[0].0.dtype,
+            },
+        };
+        assert_eq!(proj, kiln::DType::Q8_0, "{case}: layer 0's projection");
+        if let Some(p) = &m.weights.per_layer {
+            assert_eq!(
+                p.proj.dtype,
+                kiln::DType::Q8_0,
+                "{case}: per-layer projection"
+            );
+        }
+        let run = &e["runs"][0];
+        let want = ids(&run["ids"]);
+        let g = pollster::block_on(m.generate(
+            &ids(&e["prompt_ids"]),
+            &greedy(want.len()),
+            &mut |_| true,
+        ))
+        .unwrap();
+        let what = format!("{case} --quantize q8");
+        let n = g.ids.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        let lp = run["logprobs"][0].as_f64().unwrap();
+        let err = (g.logprobs[0] as f64 - lp).abs();
+        eprintln!("{what}: {n} leading ids equal, first logprob err {err:.3}");
+        assert_eq!(g.ids.len(), want.len(), "{what}: stopped early");
+        assert!(err < 0.5, "{what}: first log-probability off by {err}");
+    }
+}
