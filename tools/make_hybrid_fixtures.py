@@ -492,6 +492,31 @@ def check_gguf(path, ref, tokinfo, case_dir):
 
 # --------------------------------------------------------------------------------------------
 
+def report_and_install(table, kv, build, out, tmp):
+    """Prints the GGUF mapping table and metadata, then moves the built case folder into place."""
+    print("\nGGUF tensors (HF name, HF shape, GGUF name, GGUF ne, numpy shape, transformation):")
+    for row in table:
+        print("  ", *row, sep=" | ")
+    print("\nGGUF metadata:")
+    lists = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+             "tokenizer.ggml.scores")
+    for k, v in kv.items():
+        if k in lists:
+            v = f"[{len(v)} items]"
+        elif k == "tokenizer.chat_template":
+            v = f"<{len(v)} chars>"
+        print(f"   {k} = {v}")
+    for f in build.iterdir():
+        f.chmod(0o644)  # save_pretrained writes model.safetensors 0600
+    if out.exists():
+        shutil.rmtree(out)
+    build.rename(out)
+    tmp.rmdir()
+    print()
+    for p in sorted(out.iterdir()):
+        print(f"  {p.stat().st_size:8d} {p.relative_to(mlf.REPO)}")
+
+
 def make_qwen35(args):
     import transformers
     from tokenizers import Tokenizer
@@ -638,25 +663,7 @@ def make_qwen35(args):
     # Two f32 copies of ~290k parameters (untied 803 x 64 embeddings and head) + tokenizer.
     assert size < 2.5e6, size
 
-    print("\nGGUF tensors (HF name, HF shape, GGUF name, GGUF ne, numpy shape, transformation):")
-    for row in table:
-        print("  ", *row, sep=" | ")
-    print("\nGGUF metadata:")
-    for k, v in kv.items():
-        if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
-            v = f"[{len(v)} items]"
-        elif k == "tokenizer.chat_template":
-            v = f"<{len(v)} chars>"
-        print(f"   {k} = {v}")
-    for f in build.iterdir():
-        f.chmod(0o644)  # save_pretrained writes model.safetensors 0600
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    build.rename(OUT)
-    tmp.rmdir()
-    print()
-    for p in sorted(OUT.iterdir()):
-        print(f"  {p.stat().st_size:8d} {p.relative_to(mlf.REPO)}")
+    report_and_install(table, kv, build, OUT, tmp)
     print("qwen35-f32", size, {"prompt": round(min(run["margins"]), 4), "long": round(min(long_run["margins"]), 4),
                                "reuse": round(min(frun["margins"] + srun["margins"]), 4)},
           "prompt lens", len(prompt), len(long_prompt), len(first), len(second))
@@ -1076,26 +1083,7 @@ def make_gemma4(args):
     size = sum(p.stat().st_size for p in build.iterdir())
     assert size < 2.5e6, size
 
-    print("\nGGUF tensors (HF name, HF shape, GGUF name, GGUF ne, numpy shape, transformation):")
-    for row in table:
-        print("  ", *row, sep=" | ")
-    print("\nGGUF metadata:")
-    for k, v in kv.items():
-        if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                 "tokenizer.ggml.scores"):
-            v = f"[{len(v)} items]"
-        elif k == "tokenizer.chat_template":
-            v = f"<{len(v)} chars>"
-        print(f"   {k} = {v}")
-    for f in build.iterdir():
-        f.chmod(0o644)  # save_pretrained writes model.safetensors 0600
-    if G4_OUT.exists():
-        shutil.rmtree(G4_OUT)
-    build.rename(G4_OUT)
-    tmp.rmdir()
-    print()
-    for p in sorted(G4_OUT.iterdir()):
-        print(f"  {p.stat().st_size:8d} {p.relative_to(mlf.REPO)}")
+    report_and_install(table, kv, build, G4_OUT, tmp)
     print("gemma4-f32", size, {"prompt": round(min(run["margins"]), 4), "long": round(min(long_run["margins"]), 4)},
           "prompt lens", len(prompt), len(long_prompt), "distinct ids", len(set(run["ids"])), len(set(long_run["ids"])))
 
