@@ -335,6 +335,38 @@ test("text: ids and logprobs match the transformers / gguf-py reference files (w
   log(`${runs} runs; worst |logprob err| against the reference files: ${worst.toExponential(2)} (bound 1e-4)`);
 });
 
+// Qwen 3.5 past one short prompt, in the worker: a 150-token prompt (three prefill runs through
+// the chunked delta rule), then a second turn extending the first, which resumes the live
+// recurrent states (only its new tokens run); each against transformers' fresh run (1e-4).
+test("text: Qwen 3.5 long prompt and a second turn resuming its recurrent states match transformers (worker)", 600000, async () => {
+  const e = JSON.parse(readFileSync(join(root, "tests/fixtures/llm-arch/qwen35-f32/expected.json"), "utf8"));
+  const page = await openDemo(true);
+  const got = await page.evaluate(
+    async ({ long, first, second }) => {
+      const llm = await window.demo.kiln.loadText("/fixtures/llm-arch/qwen35-f32/", { ctx: 256 });
+      const a = await llm.complete(long, { maxTokens: 32, temperature: 0 });
+      const b = await llm.complete(first, { maxTokens: 8, temperature: 0 });
+      const c = await llm.complete(second, { maxTokens: 16, temperature: 0 });
+      llm.dispose();
+      return [a, b, c];
+    },
+    { long: e.long.prompt_ids, first: e.reuse.first_prompt_ids, second: e.reuse.second_prompt_ids },
+  );
+  await page.close();
+  const runs = [["150-token prompt", e.long.runs[0]], ["first turn", e.reuse.first], ["second turn", e.reuse.second]];
+  runs.forEach(([what, run], i) => {
+    const g = got[i];
+    let err = 0;
+    run.ids.forEach((id, j) => {
+      assert(g.ids[j] === id, `${what}: step ${j}: expected id ${id}, got ${g.ids[j]}`);
+      err = Math.max(err, Math.abs(g.logprobs[j] - run.logprobs[j]));
+    });
+    assert(err <= 1e-4, `${what}: logprob error ${err}`);
+    log(`${what}: ${run.ids.length} ids equal, max |logprob err| ${err.toExponential(2)}, ${g.reused} reused`);
+  });
+  assert(got[2].reused === e.reuse.first_prompt_ids.length + 7, `second turn reused ${got[2].reused}`);
+});
+
 test("text: a decode token costs one submit, 8 bytes of readback and no new objects", 300000, async () => {
   const page = await openDemo(false);
   const r = await page.evaluate(async (src) => {
