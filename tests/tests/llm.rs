@@ -301,6 +301,16 @@ fn parity_gemma4_f32() {
     }
 }
 
+/// Qwen 3.5 and Gemma 4 as they are published: vision-language models
+/// (`Qwen3_5ForConditionalGeneration`, `Gemma4ForConditionalGeneration`, saved by transformers
+/// 5.25 with tiny vision towers) whose text model is the text fixtures': the config's
+/// `text_config` and the `model.language_model.` weights load, the towers are left alone.
+#[test]
+fn parity_qwen35_and_gemma4_vision_language_folders() {
+    check_case("qwen35-vl-f32");
+    check_case("gemma4-vl-f32");
+}
+
 /// Qwen 3.5 beyond one short prompt, on the software and the GPU kernels, folder and GGUF: a
 /// 150-token prompt (three prefill runs of 64 through the chunked delta rule, the recurrent
 /// states carried from run to run), then a chat-like second turn that extends the first

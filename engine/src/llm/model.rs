@@ -44,8 +44,8 @@ pub struct KvCache {
 
 impl KvCache {
     /// Bytes the caches of `ctx` positions take on the GPU (keys and values for every layer, 2
-    /// bytes an element when `f16`, else 4; the history, the rotary tables): what
-    /// [`KvCache::new`] allocates.
+    /// bytes an element when `f16`, else 4; the history, the rotary tables; linear-attention
+    /// states and their snapshot): what [`KvCache::new`] and a generation allocate.
     pub fn bytes(cfg: &LlmConfig, ctx: usize, f16: bool) -> u64 {
         let el = if f16 { 2 } else { 4 };
         let attn = cfg.attention_layers();
@@ -58,9 +58,11 @@ impl KvCache {
             .sum();
         let tables = 1 + usize::from(cfg.rope_local.is_some());
         let rope = tables * ctx * cfg.rope.dims.div_ceil(2) * 2 * 4;
+        // The recurrent states, twice: the live ones and the snapshot prefix reuse keeps
+        // (`TextModel::resume_states`).
         let states = cfg.linear.as_ref().map_or(0, |la| {
             let (c, d) = la.state_len();
-            (cfg.layers - attn) * (c + d) * 4
+            2 * (cfg.layers - attn) * (c + d) * 4
         });
         (kv + (ctx + 1) * 4 + rope + states) as u64
     }

@@ -156,7 +156,13 @@ impl LlmConfig {
                 })
                 .unwrap_or(heads),
             head_dim,
-            intermediate: k.per_layer("feed_forward_length", layers)?[0],
+            // One width, or Gemma 4's per layer (the first: the others come with the extras);
+            // no layers means no width, refused by the config's checks.
+            intermediate: k
+                .per_layer("feed_forward_length", layers)?
+                .first()
+                .copied()
+                .unwrap_or(0),
             vocab: k.u("vocab_size").unwrap_or(tokens),
             rms_eps: k.f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             rope: rotary(&k, dims, max_positions),
