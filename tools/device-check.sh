@@ -11,8 +11,10 @@
 #      `kiln bench embed` (64 inputs batched against 64 single calls);
 #   3. the same GGUF files through llama.cpp's llama-bench (Vulkan, all layers on the GPU) and
 #      `kiln bench text --model`: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M rebuilt
-#      from their headers with random data, and a random Llama-3.2-1B-shaped Q4_K_M; a table of
-#      tok/s and Kiln / llama.cpp ratios.
+#      from their headers with random data, a random Qwen 3.5-shaped Q8_0 (Gated DeltaNet:
+#      the llama-bench carried, llama-cpp-python 0.3.9's, predates it and shows "-") and a
+#      random Llama-3.2-1B-shaped Q4_K_M; a table of tok/s and Kiln / llama.cpp ratios.
+#      The kernel tests of step 1 include the Gated DeltaNet kernels (`delta`).
 #
 #   bash tools/device-check.sh            (the `run` tool: carry [".devbin", ".gl"])
 set -uo pipefail

@@ -8,8 +8,10 @@
 #                                llama.cpp that the PyPI sdist llama-cpp-python 0.3.9 vendors, as
 #                                tools/bench-vs.sh builds it; skipped without glslc)
 #   .devbin/models/*.hdr.gguf    the headers of the real checkpoints tools/fetch-real-model.sh
-#                                fetches (metadata, tokenizer, tensor list): the device rebuilds
-#                                each file's exact layout with random data (`kiln bench gguf`)
+#                                fetches (metadata, tokenizer, tensor list), and of the random
+#                                Qwen 3.5-shaped file of tools/make_random_qwen35_gguf.py: the
+#                                device rebuilds each file's exact layout with random data
+#                                (`kiln bench gguf`)
 #   .gl/*.deb                    libvulkan1, for a device image without the loader
 #
 # Then: the `run` tool with carry [".devbin", ".gl"] and the command `bash tools/device-check.sh`.
@@ -20,7 +22,7 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 rm -rf .devbin && mkdir -p .devbin/tests .devbin/models .gl
 
 # The kernel tests: the binaries the device runs first.
-KERNEL_TESTS="linear attention sample norm elementwise conv graph"
+KERNEL_TESTS="linear attention sample norm elementwise conv graph delta"
 args=()
 for t in $KERNEL_TESTS; do args+=(--test "$t"); done
 cargo test -p kiln-tests --profile device --no-run "${args[@]}" --message-format=json 2>/dev/null |
@@ -46,6 +48,12 @@ fi
 
 # The real checkpoints' headers (their data is rebuilt at random on the device).
 mapfile -t real < <(tools/fetch-real-model.sh all)
+qwen35=${TMPDIR:-/tmp}/qwen35-random-q8_0.gguf
+if [ ! -f "$qwen35" ]; then
+    src=$(dirname "$(dirname "$(dirname "$(bash tools/build-llama-quantize.sh 11434.0.0)")")")
+    python3 tools/make_random_qwen35_gguf.py --llama-cpp "$src" "$qwen35" >&2 || true
+fi
+[ -f "$qwen35" ] && real+=("$qwen35")
 for m in "${real[@]}"; do
     base=$(basename "$m" .gguf)
     .devbin/kiln bench gguf --like "$m" --header-only --out ".devbin/models/$base.hdr.gguf" >&2
