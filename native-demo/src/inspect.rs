@@ -27,6 +27,16 @@ fn describe(cfg: kiln::Result<LlmConfig>, problems: &mut Vec<String>) -> String 
                 "{:?}, {} layers, hidden {}, {} heads ({} for keys/values) of {}, vocabulary {}, context {}",
                 c.arch, c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.vocab, c.max_positions
             );
+            if let Some((kv, d)) = c.global_attn {
+                s += &format!("; full-attention layers: {kv} key/value heads of {d}");
+            }
+            let shared = (0..c.layers).filter(|&i| c.kv_source[i] != i).count();
+            if shared > 0 {
+                s += &format!("; {shared} layers reuse earlier layers' keys and values");
+            }
+            if let Some((dim, _)) = c.per_layer_input {
+                s += &format!("; per-layer inputs of {dim}");
+            }
             if let Some(la) = &c.linear {
                 let n = c.layers - c.attention_layers();
                 s += &format!(
