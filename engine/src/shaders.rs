@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
     ("delta.wgsl", include_str!("../../shaders/delta.wgsl")),
+    ("moe.wgsl", include_str!("../../shaders/moe.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sample.wgsl", include_str!("../../shaders/sample.wgsl")),
     ("noise.wgsl", include_str!("../../shaders/noise.wgsl")),

@@ -20,6 +20,7 @@ use crate::kernels::elementwise::{
     Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, Upsample2x,
 };
 use crate::kernels::linear::{Gather, Linear};
+use crate::kernels::moe::MoeRouter;
 use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
@@ -496,6 +497,18 @@ impl Graph {
         self.need_tensors("gated_delta", "state", &[state])?;
         self.push(op, vec![qkv, proj, a, dt, norm_w, state], vec![state])?
             .ok_or_else(|| shape_err("gated_delta", "no output"))
+    }
+
+    /// Mixture-of-experts routing of router logits `[rows, experts]` (see [`MoeRouter`]): u32
+    /// `[rows, 2 top_k]` (expert id, weight bits) pairs.
+    pub fn moe_router(
+        &mut self,
+        logits: Value,
+        scale: Value,
+        top_k: usize,
+        renorm: bool,
+    ) -> Result<Value> {
+        self.push1(MoeRouter { top_k, renorm }, vec![logits, scale])
     }
 
     /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, kh, kw]`, optional bias `[co]`.

@@ -8,6 +8,7 @@ use crate::kernels::elementwise::{
     BinaryOp, Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, UnaryOp, Upsample2x,
 };
 use crate::kernels::linear::{Gather, Linear};
+use crate::kernels::moe::MoeRouter;
 use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
@@ -53,6 +54,7 @@ ops!(
     Conv2d(Conv2d),
     CausalConv(CausalConv),
     GatedDelta(GatedDelta),
+    MoeRouter(MoeRouter),
     Upsample2x(Upsample2x),
     Concat(Concat),
     Unary(UnaryOp),

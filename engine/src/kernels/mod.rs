@@ -12,6 +12,7 @@ pub mod conv;
 pub mod delta;
 pub mod elementwise;
 pub mod linear;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sample;
@@ -208,6 +209,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         layout::<linear::MatvecParams>(),
         layout::<linear::MatmulParams>(),
         layout::<linear::GatherParams>(),
+        layout::<moe::RouterParams>(),
         layout::<norm::NormParams>(),
         layout::<norm::SoftmaxParams>(),
         layout::<rope::RopeParams>(),

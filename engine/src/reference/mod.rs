@@ -6,6 +6,7 @@ pub mod conv;
 pub mod delta;
 pub mod elementwise;
 pub mod linear;
+pub mod moe;
 pub mod norm;
 pub mod sample;
 pub mod scheduler;
