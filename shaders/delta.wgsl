@@ -37,8 +37,6 @@ const WG: u32 = 64u;
 const CHUNK: u32 = 32u;
 // Largest key / value head dimension (kernels::delta::MAX_HEAD_DIM).
 const MAX_D: u32 = 256u;
-// Largest convolution kernel (kernels::delta::MAX_CONV_KERNEL).
-const MAX_K: u32 = 8u;
 
 #ifdef CONV
 struct Params { c: u32, k: u32, width: u32, t: u32, rows: u32, v_add: u32, v_slot: u32, v_mul: u32, s_add: u32, s_slot: u32, s_mul: u32 }

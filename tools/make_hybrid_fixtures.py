@@ -190,26 +190,6 @@ def build_model(tokinfo):
     return model
 
 
-def greedy_cached(model, prompt, new_tokens):
-    """mlf.greedy_cached with transformers 5.25's names (`cache=` in, `.cache` out): prefill the
-    prompt, then one token per step; the same keys as mlf.greedy."""
-    out, lps, margins = [], [], []
-    with torch.no_grad():
-        r = model(torch.tensor([prompt]), use_cache=True)
-        cache, logits = r.cache, r.logits[0, -1]
-        for _ in range(new_tokens):
-            logits = logits.double()
-            lp = torch.log_softmax(logits, -1)
-            top = torch.topk(logits, 2)
-            nxt = int(top.indices[0])
-            out.append(nxt)
-            lps.append(float(lp[nxt]))
-            margins.append(float(top.values[0] - top.values[1]))
-            r = model(torch.tensor([[nxt]]), cache=cache, use_cache=True)
-            cache, logits = r.cache, r.logits[0, -1]
-    return {"ids": out, "logprobs": lps, "margins": margins}
-
-
 def greedy_full(model, prompt, new_tokens):
     """The whole sequence re-run each step without a cache (chunked path only)."""
     ids, out, lps = list(prompt), [], []
@@ -467,14 +447,10 @@ def field_value(f):
     return v
 
 
-def check_gguf(path, ref, tokinfo, case_dir):
+def compare_tensors(got, want, sd):
+    """Every GGUF tensor (gguf-py's, by name) F32 and bit-equal to what llama.cpp's converter
+    should have written from the HF tensor `want[name]` names; rows of the mapping table."""
     import gguf
-    r = gguf.GGUFReader(str(path))
-    sd = ref.state_dict()
-    want = gguf_expected(sd, ref.config)
-    got = {t.name: t for t in r.tensors}
-    assert set(got) == set(want), set(got) ^ set(want)
-    assert {h for h, _, _ in want.values()} == set(sd), set(sd) - {h for h, _, _ in want.values()}
     table = []
     for name, (hname, arr, how) in want.items():
         t = got[name]
@@ -483,7 +459,20 @@ def check_gguf(path, ref, tokinfo, case_dir):
         assert data.shape == arr.shape, (name, data.shape, arr.shape)
         assert list(t.shape) == list(reversed(arr.shape)), (name, list(t.shape), arr.shape)
         assert np.array_equal(data, arr), (name, float(np.abs(data - arr).max()))
-        table.append((hname, tuple(sd[hname].shape), name, tuple(int(x) for x in t.shape), data.shape, how))
+        hshape = tuple(sd[hname].shape) if hname else "-"
+        table.append((hname or "(none)", hshape, name, tuple(int(x) for x in t.shape), data.shape, how))
+    return table
+
+
+def check_gguf(path, ref, tokinfo, case_dir):
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    sd = ref.state_dict()
+    want = gguf_expected(sd, ref.config)
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(want), set(got) ^ set(want)
+    assert {h for h, _, _ in want.values()} == set(sd), set(sd) - {h for h, _, _ in want.values()}
+    table = compare_tensors(got, want, sd)
     kv = {f.name: field_value(f) for f in r.fields.values() if not f.name.startswith("GGUF.")}
     for k, v in gguf_kv_expected(ref.config, tokinfo).items():
         got_v = kv.get(k)
@@ -616,7 +605,7 @@ def make_qwen35(args):
     best = None
     for text in mlf.PROMPT_TEXTS:
         prompt = enc(text)[:10]
-        run = greedy_cached(ref, prompt, mlf.NEW_TOKENS)
+        run = mlf.greedy_cached(ref, prompt, mlf.NEW_TOKENS)
         if set(run["ids"]) & set(gen_eos):
             continue  # Kiln's generate() stops at an EOS: keep all 32 steps comparable
         if best is None or min(run["margins"]) > best[0]:
@@ -634,7 +623,7 @@ def make_qwen35(args):
         texts = mlf.PROMPT_TEXTS[k:] + mlf.PROMPT_TEXTS[:k]
         lp = enc("\n".join(texts))[:LONG_LEN]
         assert len(lp) == LONG_LEN and LONG_LEN > 128 and LONG_LEN % 64
-        lrun = greedy_cached(ref, lp, mlf.NEW_TOKENS)
+        lrun = mlf.greedy_cached(ref, lp, mlf.NEW_TOKENS)
         if set(lrun["ids"]) & set(gen_eos):
             continue
         if best is None or min(lrun["margins"]) > best[0]:
@@ -647,10 +636,10 @@ def make_qwen35(args):
     n = len(mlf.PROMPT_TEXTS)
     for k in range(n):
         first = enc(mlf.PROMPT_TEXTS[k] + " " + mlf.PROMPT_TEXTS[(k + 1) % n])[:REUSE_FIRST]
-        frun = greedy_cached(ref, first, REUSE_FIRST_NEW)
+        frun = mlf.greedy_cached(ref, first, REUSE_FIRST_NEW)
         extra = enc("\n" + mlf.PROMPT_TEXTS[(k + 2) % n])[:REUSE_EXTRA]
         second = first + frun["ids"] + extra
-        srun = greedy_cached(ref, second, REUSE_SECOND_NEW)
+        srun = mlf.greedy_cached(ref, second, REUSE_SECOND_NEW)
         if set(frun["ids"] + srun["ids"]) & set(gen_eos):
             continue
         worst = min(frun["margins"] + srun["margins"])
@@ -917,16 +906,7 @@ def g4_check_gguf(path, ref, tokinfo, case_dir):
     assert set(got) == set(want), set(got) ^ set(want)
     used = {h for h, _, _ in want.values() if h is not None}
     assert used == set(sd) - {"lm_head.weight"}, (set(sd) - used)
-    table = []
-    for name, (hname, arr, how) in want.items():
-        t = got[name]
-        assert t.tensor_type == gguf.GGMLQuantizationType.F32, (name, t.tensor_type)
-        data = np.asarray(t.data)
-        assert data.shape == arr.shape, (name, data.shape, arr.shape)
-        assert list(t.shape) == list(reversed(arr.shape)), (name, list(t.shape), arr.shape)
-        assert np.array_equal(data, arr), (name, float(np.abs(data - arr).max()))
-        hshape = tuple(sd[hname].shape) if hname else "-"
-        table.append((hname or "(none)", hshape, name, tuple(int(x) for x in t.shape), data.shape, how))
+    table = compare_tensors(got, want, sd)
     kv = {f.name: field_value(f) for f in r.fields.values() if not f.name.startswith("GGUF.")}
     for k, v in g4_gguf_kv_expected(ref.config, tokinfo).items():
         got_v = kv.get(k)
@@ -1052,7 +1032,7 @@ def make_gemma4(args):
     best = None
     for text in mlf.PROMPT_TEXTS:
         prompt = [tokinfo["bos"]] + enc(text)[:9]
-        run = greedy_cached(ref, prompt, mlf.NEW_TOKENS)
+        run = mlf.greedy_cached(ref, prompt, mlf.NEW_TOKENS)
         if eos in run["ids"]:
             continue
         if best is None or min(run["margins"]) > best[0]:
@@ -1060,7 +1040,7 @@ def make_gemma4(args):
     _, prompt, run = best
     full = greedy_full(ref, prompt, mlf.NEW_TOKENS)
     assert full["ids"] == run["ids"] and np.allclose(full["logprobs"], run["logprobs"], atol=1e-4)
-    grun = greedy_cached(gm, prompt, mlf.NEW_TOKENS)
+    grun = mlf.greedy_cached(gm, prompt, mlf.NEW_TOKENS)
     assert grun == run
     assert len(set(run["ids"])) >= 16, run["ids"]
     runs = [{"weights": "hf", **run}, {"weights": "model-f32.gguf", **grun}]
@@ -1071,7 +1051,7 @@ def make_gemma4(args):
         texts = mlf.PROMPT_TEXTS[k:] + mlf.PROMPT_TEXTS[:k]
         lp = [tokinfo["bos"]] + enc("\n".join(texts))[:G4_LONG_LEN - 1]
         assert len(lp) == G4_LONG_LEN > 4 * c.sliding_window
-        lrun = greedy_cached(ref, lp, mlf.NEW_TOKENS)
+        lrun = mlf.greedy_cached(ref, lp, mlf.NEW_TOKENS)
         if eos in lrun["ids"]:
             continue
         if best is None or min(lrun["margins"]) > best[0]:
@@ -1197,7 +1177,7 @@ def make_vl(name):
         # saved config keeps the text case's null.
         assert ref.config.text_config.pad_token_id is None
         ref.config.text_config.pad_token_id = 0
-    run = greedy_cached(ref, prompt, mlf.NEW_TOKENS)
+    run = mlf.greedy_cached(ref, prompt, mlf.NEW_TOKENS)
     assert run["ids"] == hf["ids"], (run["ids"], hf["ids"])
     dlp = max(abs(a - b) for a, b in zip(run["logprobs"], hf["logprobs"]))
     print(f"  ids equal {spec['text']}'s hf run; max |logprob diff| {dlp:.2e}", flush=True)

@@ -399,11 +399,14 @@ def greedy(model, prompt):
 
 def greedy_cached(model, prompt, new_tokens=NEW_TOKENS):
     """greedy() with a KV cache (prefill, then one token per step), as generate() runs: what
-    differs for models whose rotary embedding depends on the sequence length (LongRoPE)."""
+    differs for models whose rotary embedding depends on the sequence length (LongRoPE).
+    transformers 5.25 returns the cache as `.cache` (and still takes `past_key_values=`)."""
+    def cache_of(r):
+        return r.cache if hasattr(r, "cache") else r.past_key_values
     out, lps, margins = [], [], []
     with torch.no_grad():
         r = model(torch.tensor([prompt]), use_cache=True)
-        past, logits = r.past_key_values, r.logits[0, -1]
+        past, logits = cache_of(r), r.logits[0, -1]
         for _ in range(new_tokens):
             logits = logits.double()
             lp = torch.log_softmax(logits, -1)
@@ -413,7 +416,7 @@ def greedy_cached(model, prompt, new_tokens=NEW_TOKENS):
             lps.append(float(lp[nxt]))
             margins.append(float(top.values[0] - top.values[1]))
             r = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past, logits = r.past_key_values, r.logits[0, -1]
+            past, logits = cache_of(r), r.logits[0, -1]
     return {"ids": out, "logprobs": lps, "margins": margins}
 
 

@@ -18,7 +18,7 @@ use crate::error::{shape_err, Result};
 pub const CHUNK: usize = 32;
 /// Largest key or value head dimension (`MAX_D`).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Largest convolution kernel (`MAX_K`).
+/// Largest convolution kernel (its taps are the shader's `TAPS` constant: a private window).
 pub const MAX_CONV_KERNEL: usize = 8;
 
 /// The batch rows and tokens of `[b, t, ..]`.

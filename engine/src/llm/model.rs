@@ -475,6 +475,16 @@ fn per_layer_inputs(
     let ctx = g.reshape(ctx, &[n, width])?;
     let both = g.add(ctx, tok)?;
     let both = g.scale(both, 0.5f32.sqrt(), 0.0)?;
+    if n == 1 {
+        // One token (decode): layer i's inputs are row i of the [layers, dim] view, no copy.
+        let rows = g.reshape(both, &[cfg.layers, dim])?;
+        return (0..cfg.layers)
+            .map(|i| {
+                let s = g.slice_rows(rows, Dyn::Static(i as u32), 1)?;
+                g.reshape(s, &[b, t, dim])
+            })
+            .collect();
+    }
     // Layer i's inputs are columns [i dim, (i + 1) dim): rows of the transpose.
     let both = g.reshape(both, &[1, n, width])?;
     let cols = g.transpose(both)?; // [1, layers dim, n]
