@@ -99,6 +99,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n0 = wg.x * BN;
     let m0 = wg.y * BM;
     let bi = wg.z;
+#ifdef IDS
+    // An expert with fewer pairs than this tile's first row (matmul.wgsl's IDS).
+    if (m0 >= m_rows(bi)) { return; }
+#endif
     let tx = li % 16u;
     let ty = li / 16u;
     // This thread's share of the loads: row li / 2, k offsets 8 (li % 2)..

@@ -6,11 +6,17 @@
 // out_pix > 0 stores y as images [rows / out_pix, n_total, out_pix] instead, row m being row
 // out_row0 + m of all images' pixels (NCHW: the GEMM of a convolution over a chunk of its
 // windows, see conv2d.wgsl's IM2COL).
+// IDS (a mixture-of-experts layer's expert-indexed product, llama.cpp's mul_mm_id): batch b is
+// expert ids_e0 + b of the weight part (w [experts, n, k], w_batch_words = n * row_words), its
+// rows the (token, choice) pairs moe.wgsl's LISTS sent it (7 lists: array<u32> [experts,
+// m + 1]: a count, then pair indices; m = the tokens, the most an expert can get). Row i of an
+// expert reads x row pair / ids_div (1: x has a row per pair; k: a row per token) and writes y
+// row pair ([pairs, n_total]); workgroups past an expert's count return at once.
 // Dispatch: see gemm.wgsl.
 #include "common.wgsl"
 #include "weights.wgsl"
 
-struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32, has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32 }
+struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32, has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32, ids_div: u32, ids_e0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 #ifdef X4
@@ -21,13 +27,25 @@ struct Params { m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> res: array<f32>;
+#ifdef IDS
+@group(0) @binding(7) var<storage, read> lists: array<u32>;
+// Rows (pairs) of batch b, and the x and y rows of its row m.
+fn m_rows(b: u32) -> u32 { return lists[(p.ids_e0 + b) * (p.m + 1u)]; }
+fn pair_of(b: u32, m: u32) -> u32 { return lists[(p.ids_e0 + b) * (p.m + 1u) + 1u + m]; }
+fn x_row(b: u32, m: u32) -> u32 { return pair_of(b, m) / p.ids_div; }
+fn y_row(b: u32, m: u32) -> u32 { return pair_of(b, m); }
+#else
+fn m_rows(b: u32) -> u32 { return p.m; }
+fn x_row(b: u32, m: u32) -> u32 { return b * p.m + m; }
+fn y_row(b: u32, m: u32) -> u32 { return b * p.m + m; }
+#endif
 
 #ifndef DIRECT
 // The GEMM core's loads: x 16 bytes at a time with X4 (k a multiple of 4), the weights through
 // w_run8 (w_tail8 for a plain row's last partial run).
 fn load_a8(b: u32, m: u32, k: u32) -> Run8 {
-    if (m >= p.m) { return Run8(vec4<f32>(0.0), vec4<f32>(0.0)); }
-    let i = (b * p.m + m) * p.k + k;
+    if (m >= m_rows(b)) { return Run8(vec4<f32>(0.0), vec4<f32>(0.0)); }
+    let i = x_row(b, m) * p.k + k;
 #ifdef X4
     var r = Run8(vec4<f32>(0.0), vec4<f32>(0.0));
     if (k < p.k) { r.lo = x4[i / 4u]; }
@@ -49,10 +67,11 @@ fn load_b8(b: u32, n: u32, k: u32) -> Run8 {
 }
 #endif
 fn store_c(b: u32, m: u32, n: u32, v: f32) {
+    if (m >= m_rows(b)) { return; }
     let o = p.out_off + n;
     var r = v;
     if (p.has_bias == 1u) { r += bias[o]; }
-    var i = (b * p.m + m) * p.n_total + o;
+    var i = y_row(b, m) * p.n_total + o;
     if (p.out_pix != 0u) {
         let g = p.out_row0 + m;
         i = ((g / p.out_pix) * p.n_total + o) * p.out_pix + g % p.out_pix;
@@ -165,21 +184,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 #endif
     let m0 = wg.y * 8u;
     let bi = wg.z;
-    if (m0 >= p.m || n0 >= p.n) { return; }
-    let xb = bi * p.m;
+    let mr = m_rows(bi);
+    if (m0 >= mr || n0 >= p.n) { return; }
 #ifdef X4
     let xs = p.k / 4u;
 #else
     let xs = p.k;
 #endif
-    x0 = (xb + m0) * xs;
-    x1 = (xb + min(m0 + 1u, p.m - 1u)) * xs;
-    x2 = (xb + min(m0 + 2u, p.m - 1u)) * xs;
-    x3 = (xb + min(m0 + 3u, p.m - 1u)) * xs;
-    x4_ = (xb + min(m0 + 4u, p.m - 1u)) * xs;
-    x5 = (xb + min(m0 + 5u, p.m - 1u)) * xs;
-    x6 = (xb + min(m0 + 6u, p.m - 1u)) * xs;
-    x7 = (xb + min(m0 + 7u, p.m - 1u)) * xs;
+    x0 = x_row(bi, m0) * xs;
+    x1 = x_row(bi, min(m0 + 1u, mr - 1u)) * xs;
+    x2 = x_row(bi, min(m0 + 2u, mr - 1u)) * xs;
+    x3 = x_row(bi, min(m0 + 3u, mr - 1u)) * xs;
+    x4_ = x_row(bi, min(m0 + 4u, mr - 1u)) * xs;
+    x5 = x_row(bi, min(m0 + 5u, mr - 1u)) * xs;
+    x6 = x_row(bi, min(m0 + 6u, mr - 1u)) * xs;
+    x7 = x_row(bi, min(m0 + 7u, mr - 1u)) * xs;
     let wb = bi * p.w_batch_words;
     let w0 = wb + n0 * p.row_words;
     let w1 = wb + min(n0 + 1u, p.n - 1u) * p.row_words;

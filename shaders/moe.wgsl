@@ -1,10 +1,79 @@
-// Mixture-of-experts routing (Gemma 4's and Qwen 3.5 MoE's router, as transformers computes it):
-// per row, softmax over the experts' logits (f32), the top k (ties to the lower index), their
-// probabilities renormalized to sum to 1 when `renorm` is set, times `scale[expert]`.
-// Bindings: 2 logits: array<f32> [rows, experts], 3 scale: array<f32> [experts] (ones where a
-// router has none), 4 out: array<u32> [rows, 2 k]: (expert id, f32 bits of its weight) pairs,
-// the most probable first. One workgroup of 64 per row.
+// Mixture-of-experts layers (Gemma 4's and Qwen 3.5 MoE's, as transformers computes them), three
+// entry points selected by defines:
+// (router, no define) per row, softmax over the experts' logits (f32), the top k (ties to the
+// lower index), their probabilities renormalized to sum to 1 when `renorm` is set, times
+// `scale[expert]`. Bindings: 2 logits: array<f32> [rows, experts], 3 scale: array<f32> [experts]
+// (ones where a router has none), 4 out: array<u32> [rows, 2 k]: (expert id, f32 bits of its
+// weight) pairs, the most probable first. One workgroup of 64 per row.
+// LISTS: the routes inverted, per expert the (token, choice) pairs sent to it, for the
+// expert-indexed product (matmul.wgsl's IDS). Bindings: 2 routes: array<u32> [rows, 2 k] (the
+// router's output), 3 lists: array<u32> [experts, rows + 1]: a count, then that many pair
+// indices `row * k + choice`, in row order. One workgroup of 64 per expert.
+// COMBINE: the experts' outputs summed with their weights: out[r, c] = sum_j weight(r, j)
+// y[r * k + j, c]. Bindings: 2 y: array<f32> [rows * k, width], 3 routes, 4 out: array<f32>
+// [rows, width]. 256 invocations per workgroup, one per output element.
 #include "common.wgsl"
+
+#ifdef LISTS
+struct Params { experts: u32, k: u32, rows: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> routes: array<u32>;
+@group(0) @binding(3) var<storage, read_write> lists: array<u32>;
+
+// Inclusive prefix sums of one flag per invocation.
+var<workgroup> scan: array<u32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = wg.x;
+    let base = e * (p.rows + 1u);
+    var total = 0u;
+    for (var t0 = 0u; t0 < p.rows; t0 += 64u) {
+        let t = t0 + li;
+        var choice = p.k;
+        if (t < p.rows) {
+            for (var j = 0u; j < p.k; j++) {
+                if (routes[t * 2u * p.k + 2u * j] == e) { choice = j; }
+            }
+        }
+        let f = select(0u, 1u, choice < p.k);
+        scan[li] = f;
+        workgroupBarrier();
+        for (var off = 1u; off < 64u; off *= 2u) {
+            var v = 0u;
+            if (li >= off) { v = scan[li - off]; }
+            workgroupBarrier();
+            scan[li] += v;
+            workgroupBarrier();
+        }
+        if (f == 1u) { lists[base + total + scan[li]] = t * p.k + choice; }
+        total += scan[63];
+        workgroupBarrier();
+    }
+    if (li == 0u) { lists[base] = total; }
+}
+#else
+#ifdef COMBINE
+struct Params { k: u32, rows: u32, width: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> y: array<f32>;
+@group(0) @binding(3) var<storage, read> routes: array<u32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let i = group_index(wg, nwg) * 256u + li;
+    if (i >= p.rows * p.width) { return; }
+    let r = i / p.width;
+    let c = i % p.width;
+    var s = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        let w = bitcast<f32>(routes[r * 2u * p.k + 2u * j + 1u]);
+        s += w * y[(r * p.k + j) * p.width + c];
+    }
+    out[i] = s;
+}
+#else
 
 struct Params { experts: u32, k: u32, renorm: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -84,3 +153,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 }
+#endif
+#endif

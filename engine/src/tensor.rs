@@ -55,7 +55,7 @@ impl Tensor {
         dtype: DType,
         bytes: &[u8],
     ) -> Result<Tensor> {
-        Self::upload_with(gpu, name, shape, dtype, bytes, false)
+        Self::upload_with(gpu, name, shape, dtype, bytes, false, false)
     }
 
     /// Like [`Tensor::upload`] for weights: a NaN or infinity (in block formats, in a scale)
@@ -68,9 +68,31 @@ impl Tensor {
         dtype: DType,
         bytes: &[u8],
     ) -> Result<Tensor> {
-        Self::upload_with(gpu, name, shape, dtype, bytes, true)
+        Self::upload_with(gpu, name, shape, dtype, bytes, true, false)
     }
 
+    /// Like [`Tensor::upload_weight`] for a mixture-of-experts layer's expert matrices
+    /// `[experts, n, k]`: each expert packed as `n` rows of `k` (as a matrix `[n, k]` is), the
+    /// parts split between whole experts, so that an expert-indexed product
+    /// (`kernels::moe::MoeLinear`) finds expert `e`'s row `r` at word `(e - first) n row_words
+    /// + r row_words` of the part holding it.
+    pub fn upload_experts(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Tensor> {
+        if shape.len() != 3 {
+            return Err(Error::Data {
+                name: name.into(),
+                msg: format!("expert matrices {shape:?}: expected [experts, n, k]"),
+            });
+        }
+        Self::upload_with(gpu, name, shape, dtype, bytes, true, true)
+    }
+
+    /// `matrices`: each row (first index) is packed as matrix rows of the last dimension.
     fn upload_with(
         gpu: &Gpu,
         name: &str,
@@ -78,9 +100,15 @@ impl Tensor {
         dtype: DType,
         bytes: &[u8],
         check_finite: bool,
+        matrices: bool,
     ) -> Result<Tensor> {
         let rows = shape.first().copied().unwrap_or(1);
-        let k = if rows == 0 { 0 } else { numel(shape) / rows };
+        let row_len = if rows == 0 { 0 } else { numel(shape) / rows };
+        // Each row is `sub` packed rows of `k`.
+        let (sub, k) = match shape.last() {
+            Some(&k) if matrices && k > 0 => (row_len / k, k),
+            _ => (1, row_len),
+        };
         let bad = |msg: String| Error::Data {
             name: name.into(),
             msg,
@@ -100,7 +128,7 @@ impl Tensor {
                 bytes.len()
             )));
         }
-        let row_bytes = (dtype.row_words(k) * 4) as u64;
+        let row_bytes = (sub * dtype.row_words(k) * 4) as u64;
         if row_bytes > gpu.binding_limit {
             return Err(bad(format!(
                 "one row ({row_bytes} bytes) exceeds the binding limit {}",
@@ -121,14 +149,14 @@ impl Tensor {
             let words = pack_for_gpu(
                 dtype,
                 &bytes[start * file_row..(start + n_rows) * file_row],
-                n_rows,
+                n_rows * sub,
                 k,
                 check_finite,
             )
             .map_err(|e| match e {
                 Error::NonFinite { row, .. } => Error::NonFinite {
                     what: format!("'{name}'"),
-                    row: start + row,
+                    row: start * sub + row,
                 },
                 e => e,
             })?;

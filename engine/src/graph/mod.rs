@@ -20,7 +20,7 @@ use crate::kernels::elementwise::{
     Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, Upsample2x,
 };
 use crate::kernels::linear::{Gather, Linear};
-use crate::kernels::moe::MoeRouter;
+use crate::kernels::moe::{MoeCombine, MoeLinear, MoeLists, MoeRouter};
 use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
@@ -509,6 +509,39 @@ impl Graph {
         renorm: bool,
     ) -> Result<Value> {
         self.push1(MoeRouter { top_k, renorm }, vec![logits, scale])
+    }
+
+    /// A mixture-of-experts layer's experts on `x` `[rows, k]` (see [`crate::kernels::moe`]):
+    /// `routes` (a [`Graph::moe_router`]'s), `gate_up` `[experts, 2 n, k]` (gate rows first),
+    /// `down` `[experts, h, n]`; each row's `sum_j weight_j down_j(act(gate_j x) * up_j x)`,
+    /// `[rows, h]`.
+    pub fn moe_experts(
+        &mut self,
+        x: Value,
+        routes: Value,
+        gate_up: Value,
+        down: Value,
+        act: Act,
+    ) -> Result<Value> {
+        let (experts, top_k) = match (self.shape(gate_up), self.shape(routes)) {
+            (&[e, _, _], &[_, k2]) => (e, k2 / 2),
+            (w, r) => {
+                return Err(shape_err(
+                    "moe_experts",
+                    format!("expert weights {w:?} and routes {r:?}: expected [experts, n, k] and [rows, 2 top_k]"),
+                ))
+            }
+        };
+        let lists = self.push1(MoeLists { experts, top_k }, vec![routes])?;
+        let one = |per_pair| MoeLinear { top_k, per_pair };
+        let gu = self.push1(one(false), vec![x, gate_up, lists])?;
+        let input = GluInput::Halves {
+            x: gu,
+            gate_first: true,
+        };
+        let m = self.glu(input, act)?;
+        let y = self.push1(one(true), vec![m, down, lists])?;
+        self.push1(MoeCombine { top_k }, vec![y, routes])
     }
 
     /// 2D convolution, NCHW: x `[b, ci, h, w]`, w `[co, ci, kh, kw]`, optional bias `[co]`.

@@ -8,7 +8,7 @@ use crate::kernels::elementwise::{
     BinaryOp, Concat, CopyInto, Glu, SliceRows, TimestepEmbedding, Transpose, UnaryOp, Upsample2x,
 };
 use crate::kernels::linear::{Gather, Linear};
-use crate::kernels::moe::MoeRouter;
+use crate::kernels::moe::{MoeCombine, MoeLinear, MoeLists, MoeRouter};
 use crate::kernels::norm::{GroupNorm, LayerNorm, QkNorm, RmsNorm, Softmax};
 use crate::kernels::rope::{Rope, RopeKv};
 use crate::kernels::sample::{RandNormal, Sample};
@@ -55,6 +55,9 @@ ops!(
     CausalConv(CausalConv),
     GatedDelta(GatedDelta),
     MoeRouter(MoeRouter),
+    MoeLists(MoeLists),
+    MoeLinear(MoeLinear),
+    MoeCombine(MoeCombine),
     Upsample2x(Upsample2x),
     Concat(Concat),
     Unary(UnaryOp),

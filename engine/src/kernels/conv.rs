@@ -167,6 +167,7 @@ impl Conv2d {
                 has_res: 0,
                 out_pix: p.m,
                 out_row0: u(row0),
+                ..Default::default()
             };
             ds.push(dispatch(
                 weight_key("conv2d.wgsl", w.dtype)?.def("IM2COL", ""),

@@ -47,7 +47,7 @@ super::params!(
     /// Uniforms of `matmul.wgsl`.
     MatmulParams, "matmul.wgsl", [] {
         m: u32, n: u32, k: u32, row_words: u32, w_batch_words: u32, out_off: u32, n_total: u32,
-        has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32,
+        has_bias: u32, has_res: u32, out_pix: u32, out_row0: u32, ids_div: u32, ids_e0: u32,
     }
 );
 
@@ -454,6 +454,7 @@ impl Linear {
             has_res: o.has_res,
             out_pix: 0,
             out_row0: 0,
+            ..Default::default()
         };
         Ok(dispatch(
             matmul_key(ctx, DType::F32, o.k, m, n, b)?,
@@ -694,6 +695,7 @@ fn matmul_part(
         has_res: o.has_res,
         out_pix: 0,
         out_row0: 0,
+        ..Default::default()
     };
     Ok(dispatch(
         matmul_key(ctx, o.w.dtype, o.k, o.m_total, part.rows, 1)?,

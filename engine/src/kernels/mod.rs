@@ -210,6 +210,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
         layout::<linear::MatmulParams>(),
         layout::<linear::GatherParams>(),
         layout::<moe::RouterParams>(),
+        layout::<moe::ListsParams>(),
+        layout::<moe::CombineParams>(),
         layout::<norm::NormParams>(),
         layout::<norm::SoftmaxParams>(),
         layout::<rope::RopeParams>(),

@@ -30,3 +30,35 @@ pub fn route(
         })
         .collect()
 }
+
+/// A mixture-of-experts layer's experts, in f64: per row of `x` `[rows, k]`, with its `routes`
+/// (`(expert, weight)` per choice, as [`route`] gives them), `sum_j weight_j down_e
+/// (act(gate_e x) * up_e x)` for `gate_up` `[experts, 2 n, k]` (gate rows first) and `down`
+/// `[experts, h, n]`. `act` maps f64 to f64.
+pub fn experts(
+    x: &[f32],
+    routes: &[Vec<(u32, f32)>],
+    gate_up: &[f32],
+    down: &[f32],
+    (n, k, h): (usize, usize, usize),
+    act: impl Fn(f64) -> f64,
+) -> Vec<f32> {
+    let dot = |a: &[f32], b: &[f64]| a.iter().zip(b).map(|(&p, &q)| p as f64 * q).sum::<f64>();
+    let mut out = Vec::with_capacity(routes.len() * h);
+    for (r, row) in routes.iter().enumerate() {
+        let xr: Vec<f64> = x[r * k..(r + 1) * k].iter().map(|&v| v as f64).collect();
+        let mut acc = vec![0f64; h];
+        for &(e, w) in row {
+            let gu = &gate_up[e as usize * 2 * n * k..(e as usize + 1) * 2 * n * k];
+            let m: Vec<f64> = (0..n)
+                .map(|i| act(dot(&gu[i * k..(i + 1) * k], &xr)) * dot(&gu[(n + i) * k..(n + i + 1) * k], &xr))
+                .collect();
+            let d = &down[e as usize * h * n..(e as usize + 1) * h * n];
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a += w as f64 * dot(&d[c * n..(c + 1) * n], &m);
+            }
+        }
+        out.extend(acc.iter().map(|&v| v as f32));
+    }
+    out
+}
