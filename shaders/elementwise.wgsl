@@ -1,6 +1,7 @@
 // Elementwise kernels, one entry per variant define:
 //   UNARY     y[i] = f(x[i])               f: 0 silu, 1 gelu(erf), 2 gelu(tanh), 3 quick-gelu, 4 x*mul+add,
-//                                          5 mul * tanh(x / mul) (soft-capping; tanh saturates in f32 past 9)
+//                                          5 mul * tanh(x / mul) (soft-capping; tanh saturates in f32 past 9),
+//                                          6 relu, 7 sigmoid
 //   BINARY    y = a (op) b, numpy broadcast over 4 dims (strides 0 on broadcast dims); op 0 add, 1 mul
 //   GLU       y[r, c] = act(gate[r, c]) * up[r, c], gate/up at (offset + r*row_stride + c); act as UNARY codes 0..2
 //   TIMESTEP  y[b, :] = sinusoidal embedding of t[b] (diffusers get_timestep_embedding)
@@ -23,6 +24,7 @@ fn act(v: f32, op: u32) -> f32 {
         case 3u: { return quick_gelu(v); }
         case 5u: { return p.mul * tanh(clamp(v / p.mul, -15.0, 15.0)); }
         case 6u: { return max(v, 0.0); }
+        case 7u: { return glu_act(v, 3u); }
         default: { return v * p.mul + p.add; }
     }
 }

@@ -88,7 +88,7 @@ fn store_c(b: u32, m: u32, n: u32, v: f32) {
 // counts (lavapipe, 1024^3 f16 GEMM: 4 weight rows 20.8, 8 rows 23.2 GFLOP/s). Block formats
 // with w_oct read one quant word (eight elements) per row at a time and dequantize it once;
 // the others read two elements (one word of f16/bf16) at a time. Rows past the edge are
-// clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / 8), batch), 32
+// clamped for reading and not stored. Dispatch: (ceil(n / 256), ceil(m / MR), batch), 32
 // threads with X4, 64 without.
 // The accumulators (activation row i: c weight rows n0..n0 + 3, d n0 + 4..n0 + 7) and the
 // activation rows' offsets.
@@ -134,6 +134,7 @@ fn fma_8(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, e: vec4
     var v = x4[x0 + u];
     c0 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
     d0 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
+#ifndef ONE_ROW
     v = x4[x1 + u];
     c1 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
     d1 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
@@ -155,11 +156,13 @@ fn fma_8(k: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, e: vec4
     v = x4[x7 + u];
     c7 += v.x * e0 + v.y * e1 + v.z * e2 + v.w * e3;
     d7 += v.x * f0 + v.y * f1 + v.z * f2 + v.w * f3;
+#endif
 }
 #else
 // Element k of the 4 weight rows (b) times element k of each activation row.
 fn fma_k(k: u32, b: vec4<f32>) {
     c0 += x[x0 + k] * b;
+#ifndef ONE_ROW
     c1 += x[x1 + k] * b;
     c2 += x[x2 + k] * b;
     c3 += x[x3 + k] * b;
@@ -167,7 +170,15 @@ fn fma_k(k: u32, b: vec4<f32>) {
     c5 += x[x5 + k] * b;
     c6 += x[x6 + k] * b;
     c7 += x[x7 + k] * b;
+#endif
 }
+#endif
+// Activation rows per invocation: 8, or with ONE_ROW 1 (a mixture-of-experts decode step, whose
+// experts get a row or two: the other seven rows' multiply-adds would be wasted).
+#ifdef ONE_ROW
+const MR: u32 = 1u;
+#else
+const MR: u32 = 8u;
 #endif
 
 #ifdef X4
@@ -182,7 +193,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 #else
     let n0 = wg.x * 256u + li * 4u;
 #endif
-    let m0 = wg.y * 8u;
+    let m0 = wg.y * MR;
     let bi = wg.z;
     let mr = m_rows(bi);
     if (m0 >= mr || n0 >= p.n) { return; }
@@ -251,14 +262,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 #endif
     let acc = array<vec4<f32>, 8>(c0, c1, c2, c3, c4, c5, c6, c7);
-    for (var i = 0u; i < 8u; i++) {
+    for (var i = 0u; i < MR; i++) {
         for (var j = 0u; j < 4u; j++) {
             if (m0 + i < p.m && n0 + j < p.n) { store_c(bi, m0 + i, n0 + j, acc[i][j]); }
         }
     }
 #ifdef X4
     let acc2 = array<vec4<f32>, 8>(d0, d1, d2, d3, d4, d5, d6, d7);
-    for (var i = 0u; i < 8u; i++) {
+    for (var i = 0u; i < MR; i++) {
         for (var j = 0u; j < 4u; j++) {
             if (m0 + i < p.m && n0 + 4u + j < p.n) { store_c(bi, m0 + i, n0 + 4u + j, acc2[i][j]); }
         }

@@ -16,8 +16,9 @@
 #     `apt-get install glslc libvulkan-dev spirv-headers glslang-tools`; skipped without them.
 #
 #   BENCH_VS_MODELS="a.gguf b.gguf"  these files instead of the list above (e.g. only the
-#                                   Qwen 3.5 file: BENCH_VS_MODELS=qwen35); BENCH_VS_NO_IMAGE=1
-#                                   skips the image table
+#                                   Qwen 3.5 file: BENCH_VS_MODELS=qwen35; its MoE variant,
+#                                   tools/make_random_qwen35_gguf.py --moe: qwen35moe);
+#                                   BENCH_VS_NO_IMAGE=1 skips the image table
 # Kiln runs `kiln text` on whatever adapter wgpu picks (KILN_BACKEND / KILN_ADAPTER choose).
 #
 # Image: `kiln bench image --quick` (random f16 U-Net with SD 1.5's layout, 8x8 latent: a step
@@ -73,7 +74,7 @@ cpu_bench=$(build_bench "$cpu_src" "$cpu_src/build-bench")
 vk_bench=""
 vk_new_bench=""
 if command -v glslc >/dev/null && [ -f /usr/include/vulkan/vulkan.h ]; then
-    if [ "${BENCH_VS_MODELS:-}" != qwen35 ]; then
+    if [ "${BENCH_VS_MODELS:-}" != qwen35 ] && [ "${BENCH_VS_MODELS:-}" != qwen35moe ]; then
         vk_src=$(sdist_source llama-cpp-python "$VULKAN_VERSION" vendor/llama.cpp)
         # Static and portable: the same build tools/device-prepare.sh carries to a device.
         vk_bench=$(build_bench "$vk_src" "$vk_src/build-vulkan-static" -DGGML_VULKAN=ON \
@@ -96,6 +97,10 @@ qwen35=${TMPDIR:-/tmp}/qwen35-random-q8_0.gguf
 [ -f "$qwen35" ] || python3 tools/make_random_qwen35_gguf.py --llama-cpp "$cpu_src" "$qwen35" >&2
 if [ "${BENCH_VS_MODELS:-}" = qwen35 ]; then
     models=("$qwen35")
+elif [ "${BENCH_VS_MODELS:-}" = qwen35moe ]; then
+    models=("${TMPDIR:-/tmp}/qwen35moe-random-q8_0.gguf")
+    [ -f "${models[0]}" ] ||
+        python3 tools/make_random_qwen35_gguf.py --llama-cpp "$cpu_src" --moe "${models[0]}" >&2
 elif [ -n "${BENCH_VS_MODELS:-}" ]; then
     read -r -a models <<<"$BENCH_VS_MODELS"
 else

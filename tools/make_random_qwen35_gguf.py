@@ -2,8 +2,11 @@
 """A random-weight Qwen 3.5-shaped GGUF for tools/bench-vs.sh: transformers' Qwen3_5ForCausalLM
 (three Gated DeltaNet layers to each gated full-attention layer, as every Qwen 3.5) at about
 SmolLM2-135M's size, saved by transformers and converted by llama.cpp's own converter to Q8_0.
+With --moe, Qwen3_5MoeForCausalLM of the same layers with a mixture of experts in each (32
+experts of width 256, 4 per token, and a shared expert of 512: about 450M parameters of which
+about 100M run per token, as Qwen 3.5 MoE's ratio of active to total).
 
-    python3 tools/make_random_qwen35_gguf.py --llama-cpp <llama.cpp source> OUT.gguf
+    python3 tools/make_random_qwen35_gguf.py --llama-cpp <llama.cpp source> [--moe] OUT.gguf
 
 Needs torch, transformers >= 5.25, tokenizers, gguf-py (from the llama.cpp source). The
 tokenizer is tests/fixtures/llm-arch/qwen35-f32's (a small byte-level BPE); the vocabulary is
@@ -29,6 +32,8 @@ CONFIG = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
     vocab_size=32000,
 )
+MOE = dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
+           shared_expert_intermediate_size=512)
 
 CONVERT = r"""
 import runpy, sys
@@ -45,22 +50,28 @@ runpy.run_path(llama_dir + "/convert_hf_to_gguf.py", run_name="__main__")
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, type=pathlib.Path)
+    ap.add_argument("--moe", action="store_true")
     ap.add_argument("out", type=pathlib.Path)
     args = ap.parse_args()
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    import transformers
 
     fx = json.loads((FIXTURE / "config.json").read_text())
     torch.manual_seed(0)
-    cfg = Qwen3_5TextConfig(bos_token_id=fx["bos_token_id"], eos_token_id=fx["eos_token_id"],
-                            pad_token_id=None, initializer_range=0.02, **CONFIG)
-    model = Qwen3_5ForCausalLM(cfg).eval()
+    kind = "Qwen3_5Moe" if args.moe else "Qwen3_5"
+    config = {**CONFIG, **(MOE if args.moe else {})}
+    cfg = getattr(transformers, kind + "TextConfig")(
+        bos_token_id=fx["bos_token_id"], eos_token_id=fx["eos_token_id"], pad_token_id=None,
+        initializer_range=0.02, **config)
+    model = getattr(transformers, kind + "ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
                 p.copy_(torch.log(torch.rand(p.shape) * 7 + 1))
             elif name.endswith("dt_bias"):
                 p.copy_(torch.randn(p.shape) * 0.5 - 3.0)
+            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) or "experts" in name:
+                p.copy_(torch.randn(p.shape) * 0.02)  # the init leaves some of these zero
     work = pathlib.Path(tempfile.mkdtemp(prefix="kiln_qwen35_bench_"))
     try:
         model.save_pretrained(str(work))

@@ -1,7 +1,9 @@
 //! Sentence embeddings from sentence-transformers folders (`modules.json`: a Transformer, a
 //! Pooling, optional Dense layers, an optional Normalize), with BERT-family encoders
 //! (all-MiniLM, bge): token, position and token-type embeddings, post-norm blocks of
-//! bidirectional attention and a GELU feed-forward, on the same kernels as the rest; or with a
+//! bidirectional attention and a GELU feed-forward, on the same kernels as the rest (nomic-bert:
+//! rotary positions instead of a position table, a fused Q/K/V projection, a SwiGLU
+//! feed-forward, no biases); or with a
 //! decoder Kiln runs for text (Qwen3-Embedding: causal, last-token pooling), one input per pass
 //! through the text model's own graph, its final-norm states pooled on the host.
 //!
@@ -39,9 +41,21 @@ pub enum Pooling {
     LastToken,
 }
 
+/// Which BERT-family encoder: BERT's own layout, or nomic-bert's (nomic-embed-text).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BertKind {
+    Bert,
+    /// Rotary positions of base `theta` over every head dim (rotate-half), a fused `Wqkv`, a
+    /// SwiGLU feed-forward (`fc2(silu(fc12 x) * fc11 x)`), no biases but the norms'.
+    Nomic {
+        theta: f32,
+    },
+}
+
 /// A BERT encoder's hyper-parameters (`config.json`).
 #[derive(Clone, Debug)]
 pub struct BertConfig {
+    pub kind: BertKind,
     pub vocab: usize,
     pub hidden: usize,
     pub layers: usize,
@@ -57,9 +71,12 @@ impl BertConfig {
     pub fn from_json(s: &str) -> Result<BertConfig> {
         let c = Keys::parse("config.json", s)?;
         let ty = c.text("model_type", "")?;
+        if ty == "nomic_bert" {
+            return Self::nomic(&c);
+        }
         if ty != "bert" {
             return Err(Error::Unsupported(format!(
-                "embedding model type '{ty}' (Kiln's encoder is BERT's: model_type \"bert\")"
+                "embedding model type '{ty}' (Kiln's encoders: model_type \"bert\", \"nomic_bert\")"
             )));
         }
         c.only("position_embedding_type", Json::from("absolute"))?;
@@ -84,6 +101,7 @@ impl BertConfig {
             )));
         }
         Ok(BertConfig {
+            kind: BertKind::Bert,
             vocab: c.need_count("vocab_size")?,
             hidden,
             heads,
@@ -93,6 +111,90 @@ impl BertConfig {
             type_vocab,
             eps: c.num("layer_norm_eps", 1e-12)? as f32,
             act,
+        })
+    }
+}
+
+impl BertConfig {
+    /// nomic-bert's config, as transformers 5 saves it (`hidden_size`, `rope_parameters`, ...)
+    /// or as nomic's own code wrote it (`n_embd`, `rotary_emb_base`, ..., as the published
+    /// nomic-embed-text folders have it); the variants Kiln does not run are refused.
+    fn nomic(c: &Keys) -> Result<BertConfig> {
+        let count = |new: &str, old: &str| -> Result<usize> {
+            match c.get(new) {
+                Some(_) => c.need_count(new),
+                None => c.need_count(old),
+            }
+        };
+        for (k, want) in [
+            ("prenorm", Json::from(false)),
+            ("causal", Json::from(false)),
+            ("qkv_proj_bias", Json::from(false)),
+            ("mlp_fc1_bias", Json::from(false)),
+            ("mlp_fc2_bias", Json::from(false)),
+            ("rotary_emb_interleaved", Json::from(false)),
+            ("rotary_emb_fraction", Json::from(1.0)),
+            ("activation_function", Json::from("swiglu")),
+            ("use_rms_norm", Json::from(false)),
+            ("parallel_block", Json::from(false)),
+        ] {
+            c.only(k, want)?;
+        }
+        for (k, what) in [
+            ("rotary_emb_scale_base", "xPos rotary scaling"),
+            ("rotary_scaling_factor", "dynamic NTK rotary scaling"),
+        ] {
+            if c.get(k).is_some_and(|v| !v.is_null()) {
+                return Err(Error::Unsupported(format!("nomic-bert with {k} ({what})")));
+            }
+        }
+        if c.get("hidden_act").is_some() && c.text("hidden_act", "silu")? != "silu" {
+            return Err(Error::Unsupported(format!(
+                "nomic-bert hidden_act '{}' (silu: a SwiGLU feed-forward)",
+                c.text("hidden_act", "")?
+            )));
+        }
+        let theta = match c.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
+            Some(t) => t.as_f64(),
+            None => c
+                .get("rope_theta")
+                .or(c.get("rotary_emb_base"))
+                .and_then(|t| t.as_f64()),
+        }
+        .unwrap_or(1000.0);
+        let (hidden, heads) = (
+            count("hidden_size", "n_embd")?,
+            count("num_attention_heads", "n_head")?,
+        );
+        if hidden % heads != 0 || !(hidden / heads).is_multiple_of(2) || !(theta > 1.0) {
+            return Err(c.err(format!(
+                "{hidden} wide in {heads} heads (an even head size), rotary base {theta}"
+            )));
+        }
+        let positions = count("max_position_embeddings", "n_positions")?;
+        let type_vocab = c.count("type_vocab_size", 2)?;
+        if positions < 2 || type_vocab == 0 {
+            return Err(c.err(format!(
+                "{positions} positions and {type_vocab} token types (at least 2 and 1)"
+            )));
+        }
+        let eps = match c.get("layer_norm_eps") {
+            Some(_) => c.num("layer_norm_eps", 1e-12)?,
+            None => c.num("layer_norm_epsilon", 1e-12)?,
+        };
+        Ok(BertConfig {
+            kind: BertKind::Nomic {
+                theta: theta as f32,
+            },
+            vocab: c.need_count("vocab_size")?,
+            hidden,
+            heads,
+            layers: count("num_hidden_layers", "n_layer")?,
+            intermediate: count("intermediate_size", "n_inner")?,
+            positions,
+            type_vocab,
+            eps: eps as f32,
+            act: UnaryOp::Silu,
         })
     }
 }
@@ -336,7 +438,7 @@ impl Embedder {
             .and_then(|j| {
                 j.get("model_type")
                     .and_then(|t| t.as_str())
-                    .map(|t| t == "bert")
+                    .map(|t| t == "bert" || t == "nomic_bert")
             })
             .unwrap_or(false);
         let (prompts, default_prompt) = prompts(&files);
@@ -412,19 +514,19 @@ impl Embedder {
             .as_str()
             .unwrap_or("")
             .to_string();
-        if arch != "bert" {
+        if arch != "bert" && arch != "nomic-bert" {
             return Err(Error::Unsupported(format!(
-                "{name}: GGUF embedding architecture '{arch}' (Kiln's encoder is BERT's: \"bert\"; \
-                 decoder embedders load from their sentence-transformers folders)"
+                "{name}: GGUF embedding architecture '{arch}' (Kiln's encoders: \"bert\", \
+                 \"nomic-bert\"; decoder embedders load from their sentence-transformers folders)"
             )));
         }
         let bad = |msg: String| data_err(name, msg);
         let num = |k: &str| -> Result<usize> {
-            g.require(&format!("bert.{k}"))?
+            g.require(&format!("{arch}.{k}"))?
                 .as_u64()
                 .filter(|&v| v > 0 && v <= 1 << 20)
                 .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("'bert.{k}' is not a positive count")))
+                .ok_or_else(|| bad(format!("'{arch}.{k}' is not a positive count")))
         };
         let shape = |t: &str| -> Result<Vec<usize>> {
             crate::formats::TensorSource::tensor(&g, t)
@@ -436,7 +538,17 @@ impl Embedder {
             return Err(bad(format!("{hidden} wide in {heads} heads")));
         }
         let positions = num("context_length")?;
+        let kind = match arch.as_str() {
+            "nomic-bert" => BertKind::Nomic {
+                theta: g
+                    .get("nomic-bert.rope.freq_base")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1000.0) as f32,
+            },
+            _ => BertKind::Bert,
+        };
         let cfg = BertConfig {
+            kind,
             vocab: shape("token_embd.weight")?.first().copied().unwrap_or(0),
             hidden,
             heads,
@@ -445,10 +557,13 @@ impl Embedder {
             positions,
             type_vocab: shape("token_types.weight")?.first().copied().unwrap_or(0),
             eps: g
-                .get("bert.attention.layer_norm_epsilon")
+                .get(&format!("{arch}.attention.layer_norm_epsilon"))
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1e-12) as f32,
-            act: UnaryOp::GeluErf,
+            act: match kind {
+                BertKind::Nomic { .. } => UnaryOp::Silu,
+                BertKind::Bert => UnaryOp::GeluErf,
+            },
         };
         if positions < 2 || cfg.type_vocab == 0 || cfg.vocab == 0 {
             return Err(bad(format!(
@@ -456,13 +571,16 @@ impl Embedder {
                 cfg.type_vocab, cfg.vocab
             )));
         }
-        let pooling = match g.get("bert.pooling_type").and_then(|v| v.as_u64()) {
+        let pooling = match g
+            .get(&format!("{arch}.pooling_type"))
+            .and_then(|v| v.as_u64())
+        {
             Some(1) | None => Pooling::Mean,
             Some(2) => Pooling::Cls,
             Some(3) => Pooling::LastToken,
             Some(p) => {
                 return Err(Error::Unsupported(format!(
-                    "{name}: bert.pooling_type {p} (1 mean, 2 CLS, 3 last token)"
+                    "{name}: {arch}.pooling_type {p} (1 mean, 2 CLS, 3 last token)"
                 )))
             }
         };
@@ -761,10 +879,13 @@ impl Embedder {
                 "a packed pass of a decoder embedder".into(),
             ));
         };
-        let (h, t) = (c.hidden, lens.iter().sum::<usize>());
+        let h = c.hidden;
         let vb = weights
             .root()
             .first_of(&["", "bert"], "embeddings.word_embeddings.weight")?;
+        if let BertKind::Nomic { theta } = c.kind {
+            return self.nomic_encoder(g, c, &vb, ids, theta, starts, lens);
+        }
         let emb = vb.pp("embeddings");
         let words = emb.value(g, "word_embeddings.weight", &[c.vocab, h])?;
         let table = g.tensor(&emb.get_f32("position_embeddings.weight", &[c.positions, h])?);
@@ -777,7 +898,11 @@ impl Embedder {
         let mut x = emb.pp("LayerNorm").layer_norm(g, x, c.eps)?;
         for i in 0..c.layers {
             let l = vb.pp("encoder.layer").pp(i);
-            let a = self.attention(g, &l.pp("attention.self"), x, starts, lens, t)?;
+            let s = l.pp("attention.self");
+            let q = s.pp("query").linear(g, x, h)?;
+            let k = s.pp("key").linear(g, x, h)?;
+            let v = s.pp("value").linear(g, x, h)?;
+            let a = self.attention(g, (q, k, v), None, starts, lens)?;
             let o = l.pp("attention.output.dense").linear(g, a, h)?;
             let o = g.add(o, x)?;
             x = l.pp("attention.output.LayerNorm").layer_norm(g, o, c.eps)?;
@@ -790,15 +915,79 @@ impl Embedder {
         Ok(x)
     }
 
-    /// Bidirectional multi-head attention of each input over its own rows of `x` `[t, h]`.
+    /// nomic-bert's encoder over packed inputs: token and type-0 embeddings (no position
+    /// table), then post-norm blocks of rotary attention and a SwiGLU feed-forward.
+    #[allow(clippy::too_many_arguments)]
+    fn nomic_encoder(
+        &self,
+        g: &mut Graph,
+        c: &BertConfig,
+        vb: &VarBuilder,
+        ids: Value,
+        theta: f32,
+        starts: &[usize],
+        lens: &[usize],
+    ) -> Result<Value> {
+        let h = c.hidden;
+        let emb = vb.pp("embeddings");
+        let words = emb.value(g, "word_embeddings.weight", &[c.vocab, h])?;
+        let types = g.tensor(&emb.get_f32("token_type_embeddings.weight", &[c.type_vocab, h])?);
+        let x = g.gather(words, ids)?;
+        let type0 = g.slice_rows(types, Dyn::Static(0), 1)?; // every token is of type 0
+        let x = g.add(x, type0)?;
+        let mut x = vb.pp("emb_ln").layer_norm(g, x, c.eps)?;
+        let d = h / c.heads;
+        let longest = lens.iter().copied().max().unwrap_or(1);
+        let freqs = crate::kernels::rope::inv_freq(d, theta);
+        let table = crate::kernels::rope::table(&freqs, longest);
+        let table = Tensor::from_f32(&self.gpu, "rotary", &[longest, d / 2, 2], &table)?;
+        let table = g.tensor(&Arc::new(table));
+        for i in 0..c.layers {
+            let l = vb.pp("encoder.layers").pp(i);
+            // Wqkv's q, k and v rows apart (one product each).
+            let mut qkv = [None; 3];
+            for (j, out) in qkv.iter_mut().enumerate() {
+                let part = crate::weights::RowPart {
+                    name: "attn.Wqkv.weight",
+                    shape: [3 * h, h],
+                    rows: vec![j * h..(j + 1) * h],
+                };
+                let w = l.get_rows(&[part])?.ok_or_else(|| {
+                    data_err("nomic-bert", "Wqkv's rows could not be taken apart")
+                })?;
+                let w = g.tensor(&w);
+                *out = Some(g.linear(x, w, None)?);
+            }
+            let [Some(q), Some(k), Some(v)] = qkv else {
+                return Err(data_err("nomic-bert", "Wqkv"));
+            };
+            let a = self.attention(g, (q, k, v), Some(table), starts, lens)?;
+            let o = l.pp("attn.out_proj").linear(g, a, h)?;
+            let o = g.add(o, x)?;
+            x = l.pp("norm1").layer_norm(g, o, c.eps)?;
+            let gate = l.pp("mlp.fc12").linear(g, x, c.intermediate)?;
+            let up = l.pp("mlp.fc11").linear(g, x, c.intermediate)?;
+            let f = g.glu(
+                crate::graph::GluInput::Pair { gate, up },
+                crate::graph::Act::Silu,
+            )?;
+            let f = l.pp("mlp.fc2").linear(g, f, h)?;
+            let f = g.add(f, x)?;
+            x = l.pp("norm2").layer_norm(g, f, c.eps)?;
+        }
+        Ok(x)
+    }
+
+    /// Bidirectional multi-head attention of each input over its own rows of `q`, `k`, `v`
+    /// `[t, h]`, q and k first rotated from position 0 of each input when a rotary `table` is
+    /// given.
     fn attention(
         &self,
         g: &mut Graph,
-        vb: &VarBuilder,
-        x: Value,
+        (q, k, v): (Value, Value, Value),
+        rope: Option<Value>,
         starts: &[usize],
         lens: &[usize],
-        t: usize,
     ) -> Result<Value> {
         let (h, heads) = match &self.encoder {
             Encoder::Bert { cfg, .. } => (cfg.hidden, cfg.heads),
@@ -806,12 +995,15 @@ impl Embedder {
                 return Err(Error::Unsupported("BERT attention of a decoder".into()))
             }
         };
-        let q = vb.pp("query").linear(g, x, h)?;
-        let k = vb.pp("key").linear(g, x, h)?;
-        let v = vb.pp("value").linear(g, x, h)?;
+        let t = lens.iter().sum::<usize>();
+        let rotate = |g: &mut Graph, x: Value| match rope {
+            Some(table) => g.rope(x, table, heads, false, Dyn::Static(0)),
+            None => Ok(x),
+        };
         if let [l] = lens {
             let r = |g: &mut Graph, v| g.reshape(v, &[1, *l, h]);
             let (q, k, v) = (r(g, q)?, r(g, k)?, r(g, v)?);
+            let (q, k) = (rotate(g, q)?, rotate(g, k)?);
             let a = g.attention(
                 q,
                 k,
@@ -833,6 +1025,7 @@ impl Embedder {
                 g.reshape(r, &[1, l, h])
             };
             let (qi, ki, vi) = (rows(g, q)?, rows(g, k)?, rows(g, v)?);
+            let (qi, ki) = (rotate(g, qi)?, rotate(g, ki)?);
             let a = g.attention(
                 qi,
                 ki,
@@ -864,11 +1057,17 @@ fn bert_gguf_name(hf: &str) -> String {
         ),
         ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
         ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
+        // nomic-bert.
+        ("emb_ln.weight", "token_embd_norm.weight"),
+        ("emb_ln.bias", "token_embd_norm.bias"),
     ];
     if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
         return g.to_string();
     }
-    let Some(rest) = hf.strip_prefix("encoder.layer.") else {
+    let Some(rest) = hf
+        .strip_prefix("encoder.layer.")
+        .or_else(|| hf.strip_prefix("encoder.layers."))
+    else {
         return hf.to_string();
     };
     let (layer, t) = rest.split_once('.').unwrap_or((rest, ""));
@@ -882,6 +1081,14 @@ fn bert_gguf_name(hf: &str) -> String {
         "intermediate.dense" => "ffn_up",
         "output.dense" => "ffn_down",
         "output.LayerNorm" => "layer_output_norm",
+        // nomic-bert's names.
+        "attn.Wqkv" => "attn_qkv",
+        "attn.out_proj" => "attn_output",
+        "norm1" => "attn_output_norm",
+        "mlp.fc11" => "ffn_up",
+        "mlp.fc12" => "ffn_gate",
+        "mlp.fc2" => "ffn_down",
+        "norm2" => "layer_output_norm",
         _ => return hf.to_string(),
     };
     format!("blk.{layer}.{g}.{kind}")

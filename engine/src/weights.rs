@@ -288,7 +288,6 @@ impl Weights {
         };
         let shape = raw.shape;
         let n: usize = shape.iter().product();
-        let float = matches!(raw.dtype, DType::F32 | DType::F16 | DType::BF16);
         if f32 || (shape.len() == 1 && raw.dtype != DType::F32) {
             let v =
                 dequantize(raw.dtype, raw.data, n).map_err(|e| self.err(name, e.to_string()))?;
@@ -301,30 +300,52 @@ impl Weights {
             );
         }
         let k = shape.last().copied().unwrap_or(1);
-        let matrix = float && shape.len() == 2 && k % 32 == 0;
+        match self
+            .quantize_target(raw.dtype, k)
+            .filter(|_| shape.len() == 2)
+        {
+            Some(dt) => {
+                let q = self.quantized(name, dt, raw.dtype, raw.data, k)?;
+                Tensor::upload_weight(&self.gpu, name, shape, dt, &q)
+            }
+            None => Tensor::upload_weight(&self.gpu, name, shape, raw.dtype, raw.data),
+        }
+    }
+
+    /// The dtype the on-load quantization policy gives float matrices of `dtype` with rows of
+    /// `k` (`None`: kept as stored). Rows that are not whole K-quant super-blocks fall back to
+    /// Q4_0 / Q8_0.
+    fn quantize_target(&self, dtype: DType, k: usize) -> Option<DType> {
+        let matrix = matches!(dtype, DType::F32 | DType::F16 | DType::BF16) && k % 32 == 0;
         let k_rows = k % 256 == 0;
-        let target = match self.quantize {
+        match self.quantize {
             Quantize::Q4 if matrix => Some(DType::Q4_0),
             Quantize::Q8 if matrix => Some(DType::Q8_0),
             Quantize::Q4K if matrix => Some(if k_rows { DType::Q4_K } else { DType::Q4_0 }),
             Quantize::Q6K if matrix => Some(if k_rows { DType::Q6_K } else { DType::Q8_0 }),
             _ => None,
-        };
-        match target {
-            Some(dt) => {
-                let v = dequantize(raw.dtype, raw.data, n)?;
-                // Quantizing would hide a NaN (block maxima skip it), so look first.
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::NonFinite {
-                        what: name.into(),
-                        row: i / k.max(1),
-                    });
-                }
-                let q = quantize(dt, &v)?;
-                Tensor::upload_weight(&self.gpu, name, shape, dt, &q)
-            }
-            None => Tensor::upload_weight(&self.gpu, name, shape, raw.dtype, raw.data),
         }
+    }
+
+    /// `data` (of `dtype`, rows of `k`) quantized to `dt`, every value checked finite first.
+    fn quantized(
+        &self,
+        name: &str,
+        dt: DType,
+        dtype: DType,
+        data: &[u8],
+        k: usize,
+    ) -> Result<Vec<u8>> {
+        let n = data.len() / dtype.block_bytes() * dtype.block_elems();
+        let v = dequantize(dtype, data, n)?;
+        // Quantizing would hide a NaN (block maxima skip it), so look first.
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                what: name.into(),
+                row: i / k.max(1),
+            });
+        }
+        quantize(dt, &v)
     }
 }
 
@@ -410,6 +431,105 @@ impl<'a> VarBuilder<'a> {
             return Err(self.w.err(&p, "a value is not finite".into()));
         }
         Ok(v)
+    }
+
+    /// A mixture-of-experts layer's expert matrices `[experts, sum n_i, k]` from `names`: each a
+    /// tensor `[experts, n_i, k]`, or with `{e}` in it one `[n_i, k]` tensor per expert (as the
+    /// Qwen MoE checkpoints keep them); several when a file keeps an expert's gate and up rows
+    /// apart (each expert's rows of every name in order). Packed for the expert-indexed product
+    /// ([`Tensor::upload_experts`]) and quantized on load as any matrix is.
+    pub fn get_experts(
+        &self,
+        names: &[&str],
+        experts: usize,
+        ns: &[usize],
+        k: usize,
+    ) -> Result<Arc<Tensor>> {
+        let paths: Vec<String> = names.iter().map(|n| self.path(n)).collect();
+        let key = format!("{}#experts", paths.join("+"));
+        if let Some(t) = self
+            .w
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(t.clone());
+        }
+        // Each name's bytes of every expert: a slice of its 3-D tensor, or its own tensor.
+        let mut dtype = None;
+        let mut per_name: Vec<Vec<&[u8]>> = Vec::with_capacity(names.len());
+        for (p, &n) in paths.iter().zip(ns) {
+            let (per_expert, want) = match p.contains("{e}") {
+                true => (true, vec![n, k]),
+                false => (false, vec![experts, n, k]),
+            };
+            let files: Vec<String> = match per_expert {
+                true => (0..experts)
+                    .map(|e| p.replace("{e}", &e.to_string()))
+                    .collect(),
+                false => vec![p.clone()],
+            };
+            let mut parts = Vec::with_capacity(experts);
+            for f in &files {
+                let raw = self.w.raw(f).ok_or_else(|| self.w.missing(f))?;
+                if raw.shape != want.as_slice() {
+                    return Err(self
+                        .w
+                        .err(f, format!("shape {:?}, expected {want:?}", raw.shape)));
+                }
+                if *dtype.get_or_insert(raw.dtype) != raw.dtype {
+                    return Err(Error::Unsupported(format!(
+                        "{}: expert matrices {} in different dtypes ({} and {})",
+                        self.w.label,
+                        paths.join(", "),
+                        dtype.unwrap_or(raw.dtype),
+                        raw.dtype
+                    )));
+                }
+                match per_expert {
+                    true => parts.push(raw.data),
+                    false => parts.extend(raw.data.chunks(raw.data.len() / experts.max(1))),
+                }
+            }
+            per_name.push(parts);
+        }
+        let dtype = dtype.ok_or_else(|| Error::Data {
+            name: self.w.label.clone(),
+            msg: "no expert matrices named".into(),
+        })?;
+        // Each expert's rows of every name in turn (whole rows are whole blocks).
+        let joined;
+        let data: &[u8] = match per_name.as_slice() {
+            [one] if one.len() == 1 => one[0],
+            _ => {
+                let mut v = Vec::new();
+                for e in 0..experts {
+                    for parts in &per_name {
+                        v.extend_from_slice(parts[e]);
+                    }
+                }
+                joined = v;
+                &joined
+            }
+        };
+        let shape = [experts, ns.iter().sum(), k];
+        let name = paths.join("+");
+        let t = match self.w.quantize_target(dtype, k) {
+            Some(dt) => {
+                let q = self.w.quantized(&name, dt, dtype, data, k)?;
+                Tensor::upload_experts(&self.w.gpu, &name, &shape, dt, &q)
+            }
+            None => Tensor::upload_experts(&self.w.gpu, &name, &shape, dtype, data),
+        }
+        .map_err(|e| self.w.non_finite(e, &[(&paths[0], experts * shape[1])]))?;
+        let t = Arc::new(t);
+        self.w
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, t.clone());
+        Ok(t)
     }
 
     /// The GPU tensor `name`, which must have `shape`.

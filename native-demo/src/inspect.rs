@@ -37,6 +37,19 @@ fn describe(cfg: kiln::Result<LlmConfig>, problems: &mut Vec<String>) -> String 
             if let Some((dim, _)) = c.per_layer_input {
                 s += &format!("; per-layer inputs of {dim}");
             }
+            if let Some(m) = c.moe {
+                s += &format!(
+                    "; mixture of experts: {} of {} experts of width {} per token{}",
+                    m.top_k,
+                    m.experts,
+                    m.width,
+                    if m.shared_expert {
+                        ", and a shared expert"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if let Some(la) = &c.linear {
                 let n = c.layers - c.attention_layers();
                 s += &format!(

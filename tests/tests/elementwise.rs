@@ -8,9 +8,10 @@ use kiln_tests::{assert_close, OpTest, Rng};
 #[test]
 fn activations() {
     let x = Rng::new(1).vec(1000, -9.0, 9.0);
-    let cases: [(UnaryOp, fn(f64) -> f64); 5] = [
+    let cases: [(UnaryOp, fn(f64) -> f64); 6] = [
         (UnaryOp::Silu, r::silu),
         (UnaryOp::Relu, r::relu),
+        (UnaryOp::Sigmoid, r::sigmoid),
         (UnaryOp::GeluErf, r::gelu_erf),
         (UnaryOp::GeluTanh, r::gelu_tanh),
         (UnaryOp::QuickGelu, r::quick_gelu),

@@ -65,7 +65,10 @@ fn random_routes(rng: &mut Rng, rows: usize, experts: usize, top_k: usize) -> Ve
                     chosen.push(e);
                 }
             }
-            chosen.into_iter().map(|e| (e, rng.uniform(0.1, 1.0))).collect()
+            chosen
+                .into_iter()
+                .map(|e| (e, rng.uniform(0.1, 1.0)))
+                .collect()
         })
         .collect()
 }
@@ -93,9 +96,15 @@ fn check_experts(gpu: &Arc<kiln::Gpu>, dtype: DType, rows: usize, seed: u64, wan
         .flat_map(|r| r.iter().flat_map(|&(e, w)| [e, w.to_bits()]))
         .collect();
     let rv = t.input_u32("routes", &[rows, 2 * top_k], &words);
-    let gut = Tensor::upload_experts(gpu, "gate_up", &[experts, 2 * n, k], dtype, &gu_bytes).unwrap();
+    let gut =
+        Tensor::upload_experts(gpu, "gate_up", &[experts, 2 * n, k], dtype, &gu_bytes).unwrap();
     let dt = Tensor::upload_experts(gpu, "down", &[experts, h, n], dtype, &down_bytes).unwrap();
-    assert_eq!(gut.parts.len() > 1, want_parts, "{dtype}: {} parts", gut.parts.len());
+    assert_eq!(
+        gut.parts.len() > 1,
+        want_parts,
+        "{dtype}: {} parts",
+        gut.parts.len()
+    );
     let (guv, dv) = (t.g.tensor(&Arc::new(gut)), t.g.tensor(&Arc::new(dt)));
     let y = t.g.moe_experts(xv, rv, guv, dv, Act::GeluTanh).unwrap();
     let got = t.run(y, &[]);
@@ -116,12 +125,21 @@ fn check_experts(gpu: &Arc<kiln::Gpu>, dtype: DType, rows: usize, seed: u64, wan
 #[test]
 fn moe_experts_against_f64_every_variant() {
     for (vi, gpu) in gpu_variants().iter().enumerate() {
-        for (di, dtype) in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_K].into_iter().enumerate() {
+        for (di, dtype) in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_K]
+            .into_iter()
+            .enumerate()
+        {
             for rows in [1, 3, 150] {
                 if dtype == DType::Q4_K && rows == 150 {
                     continue; // the f64 reference of 256-wide experts: 3 rows say enough
                 }
-                check_experts(gpu, dtype, rows, (vi * 10 + di) as u64 * 7 + rows as u64, false);
+                check_experts(
+                    gpu,
+                    dtype,
+                    rows,
+                    (vi * 10 + di) as u64 * 7 + rows as u64,
+                    false,
+                );
             }
         }
     }
@@ -146,6 +164,12 @@ fn moe_experts_refuse_bad_shapes() {
     let x = t.input("x", &[2, 8], &[0.0; 16]);
     let routes = t.input_u32("routes", &[2, 4], &[0; 8]);
     let w = t.input("w", &[3, 8, 8], &[0.0; 192]);
-    let e = t.g.moe_experts(x, routes, w, w, Act::Silu).unwrap_err().to_string();
-    assert!(e.contains("moe_linear") && e.contains("expected [4, 8]"), "{e}");
+    let e =
+        t.g.moe_experts(x, routes, w, w, Act::Silu)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("moe_linear") && e.contains("expected [4, 8]"),
+        "{e}"
+    );
 }

@@ -109,6 +109,8 @@ pub enum UnaryOp {
     },
     /// `max(x, 0)` (the tiny autoencoder's activation).
     Relu,
+    /// `1 / (1 + exp(-x))` (Qwen 3.5 MoE's shared-expert gate).
+    Sigmoid,
 }
 
 impl Kernel for UnaryOp {
@@ -130,6 +132,7 @@ impl Kernel for UnaryOp {
             UnaryOp::Scale { mul, add } => (4, mul, add),
             UnaryOp::Softcap { cap } => (5, cap, 0.0),
             UnaryOp::Relu => (6, 1.0, 0.0),
+            UnaryOp::Sigmoid => (7, 1.0, 0.0),
         };
         let p = UnaryParams {
             n: u(n),

@@ -182,13 +182,21 @@ impl Kernel for MoeLinear {
             )));
         }
         let rows = lists.0[1] - 1;
-        let x_rows = if self.per_pair { rows * self.top_k } else { rows };
+        let x_rows = if self.per_pair {
+            rows * self.top_k
+        } else {
+            rows
+        };
         if x.0 != [x_rows, k] || self.top_k == 0 || self.top_k > experts {
             return Err(err(format!(
                 "x {:?}: expected [{x_rows}, {k}] ({rows} rows, top {} of {experts} experts{})",
                 x.0,
                 self.top_k,
-                if self.per_pair { ", a row per pair" } else { "" }
+                if self.per_pair {
+                    ", a row per pair"
+                } else {
+                    ""
+                }
             )));
         }
         Ok(Some((vec![rows * self.top_k, n], DType::F32)))
@@ -234,13 +242,28 @@ impl Kernel for MoeLinear {
                     ids_e0: u(part.row_start),
                 };
                 let (key, groups) = if ctx.gpu.features.software {
+                    // The DIRECT kernel's 8 activation rows an invocation, or one where the
+                    // experts get a row each on average (decode): 1 / 8 of the multiply-adds
+                    // (lavapipe, a Qwen 3.5 MoE-shaped Q8_0 decode step's expert products
+                    // 217 ms -> see docs/benchmarks.md).
                     let key = matmul_key(ctx, w.dtype, k, rows, n, part.rows)?;
-                    (key, [u(n.div_ceil(256)), u(rows.div_ceil(8)), u(part.rows)])
+                    let (key, per) = match avg <= 1 {
+                        true => (key.def("ONE_ROW", ""), 1),
+                        false => (key, 8),
+                    };
+                    (
+                        key,
+                        [u(n.div_ceil(256)), u(rows.div_ceil(per)), u(part.rows)],
+                    )
                 } else {
                     let (tm, tn) = gemm_block(avg, n, used);
                     let key = super::linear::weight_key("matmul.wgsl", w.dtype)?;
                     let key = gemm_key(ctx.gpu, key, avg, n, used);
-                    let key = if k.is_multiple_of(4) { key.def("X4", "") } else { key };
+                    let key = if k.is_multiple_of(4) {
+                        key.def("X4", "")
+                    } else {
+                        key
+                    };
                     let groups = [
                         u(n.div_ceil(16 * tn)),
                         u(rows.div_ceil(16 * tm)),

@@ -5,11 +5,12 @@
 
 use super::config::{LlmConfig, Rotary};
 use super::weights::{
-    AttnWeights, DeltaWeights, LayerWeights, LlmWeights, Mixer, QkNorms, Stacked,
+    AttnWeights, DeltaWeights, LayerWeights, LlmWeights, Mixer, MoeKind, MoeWeights, QkNorms,
+    Stacked,
 };
 use crate::device::Gpu;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{shape_err, Result};
 use crate::graph::{Act, AttentionOptions, GluInput, UnaryOp};
 use crate::kernels::delta::GatedDelta;
 use crate::kernels::sample::{constraint_words, SETTINGS_LEN};
@@ -754,7 +755,8 @@ fn project_qkv(
 }
 
 /// `x + down_proj(glu(gate, up))` of `norm(x)` (SwiGLU; Gemma's GELU-tanh gate, and its
-/// post-norm), `[1, t, h]`.
+/// post-norm), `[1, t, h]`; with Gemma 4's mixture of experts `x + post_norm(post_norm_1(mlp)
+/// + moe(x))`.
 fn ffn_block(g: &mut Graph, cfg: &LlmConfig, lw: &LayerWeights, x: Value) -> Result<Value> {
     let ffn_norm = g.tensor(&lw.ffn_norm);
     let hn = g.rms_norm(x, ffn_norm, cfg.rms_eps)?;
@@ -776,7 +778,73 @@ fn ffn_block(g: &mut Graph, cfg: &LlmConfig, lw: &LayerWeights, x: Value) -> Res
         }
     };
     let wd = g.tensor(&lw.w_down);
-    residual_product(g, cfg, m, wd, None, lw.post_ffn_norm.as_ref(), x)
+    let Some(moe) = &lw.moe else {
+        return residual_product(g, cfg, m, wd, None, lw.post_ffn_norm.as_ref(), x);
+    };
+    let mlp = g.linear(m, wd, None)?;
+    let y = match &moe.kind {
+        MoeKind::Gemma4 {
+            router_norm,
+            pre_norm,
+            post_norm,
+            post_mlp_norm,
+        } => {
+            // post_norm(post_norm_1(mlp) + post_norm_2(experts(pre_norm_2(x)))), routed on x.
+            let n1 = g.tensor(post_mlp_norm);
+            let h1 = g.rms_norm(mlp, n1, cfg.rms_eps)?;
+            let (rn, pn) = (g.tensor(router_norm), g.tensor(pre_norm));
+            let r_in = g.rms_norm(x, rn, cfg.rms_eps)?;
+            let e_in = g.rms_norm(x, pn, cfg.rms_eps)?;
+            let e = experts(g, cfg, moe, r_in, e_in)?;
+            let qn = g.tensor(post_norm);
+            let h2 = g.rms_norm(e, qn, cfg.rms_eps)?;
+            let sum = g.add(h1, h2)?;
+            let post = lw.post_ffn_norm.as_ref().ok_or_else(|| {
+                shape_err(
+                    "moe block",
+                    "Gemma 4's experts need its post-feed-forward norm",
+                )
+            })?;
+            let n = g.tensor(post);
+            g.rms_norm(sum, n, cfg.rms_eps)?
+        }
+        MoeKind::SharedExpert { gate } => {
+            // experts(hn) + sigmoid(gate . hn) mlp(hn), routed on hn.
+            let e = experts(g, cfg, moe, hn, hn)?;
+            let gw = g.tensor(gate);
+            let s = g.linear(hn, gw, None)?;
+            let s = g.unary(s, UnaryOp::Sigmoid)?;
+            let shared = g.mul(mlp, s)?;
+            g.add(e, shared)?
+        }
+    };
+    g.add(x, y)
+}
+
+/// A mixture-of-experts block's experts `[b, t, h]`: the router on `r_in` (softmax, top k,
+/// renormalized, per-expert scale), the chosen experts' gated MLPs on `e_in` summed with their
+/// weights.
+fn experts(
+    g: &mut Graph,
+    cfg: &LlmConfig,
+    moe: &MoeWeights,
+    r_in: Value,
+    e_in: Value,
+) -> Result<Value> {
+    let m = cfg
+        .moe
+        .ok_or_else(|| shape_err("moe block", "expert weights without a config"))?;
+    let shape = g.shape(e_in).to_vec();
+    let rows = shape.iter().product::<usize>() / cfg.hidden;
+    let r_in = g.reshape(r_in, &[rows, cfg.hidden])?;
+    let e_in = g.reshape(e_in, &[rows, cfg.hidden])?;
+    let rw = g.tensor(&moe.router);
+    let logits = g.linear(r_in, rw, None)?;
+    let scale = g.tensor(&moe.expert_scale);
+    let routes = g.moe_router(logits, scale, m.top_k, true)?;
+    let (gu, down) = (g.tensor(&moe.gate_up), g.tensor(&moe.down));
+    let e = g.moe_experts(e_in, routes, gu, down, cfg.act)?;
+    g.reshape(e, &shape)
 }
 
 /// `x + a w^T (+ b)`, or with a post-norm (Gemma) `x + norm(a w^T (+ b))`.

@@ -2,7 +2,7 @@
 //! ([`crate::weights`]): safetensors as they are, GGUF through [`gguf_name`]. Every tensor is
 //! shape-checked against the config.
 
-use super::config::{Arch, LinearAttn, LlmConfig, RopeScaling, Rotary};
+use super::config::{Arch, LinearAttn, LlmConfig, Moe, RopeScaling, Rotary};
 use crate::dtype::dequantize;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -86,6 +86,37 @@ pub struct DeltaWeights {
     pub out: Arc<Tensor>,
 }
 
+/// A mixture-of-experts block: the router, the experts, and how they sit beside the layer's
+/// dense MLP ([`MoeKind`]).
+pub struct MoeWeights {
+    /// The router `[experts, h]` (Gemma 4's router.proj, Qwen's mlp.gate).
+    pub router: Arc<Tensor>,
+    /// Each expert's weight factor `[experts]`, f32 (Gemma 4's router.per_expert_scale; ones).
+    pub expert_scale: Arc<Tensor>,
+    /// experts.gate_up_proj `[experts, 2 width, h]` (each expert's gate rows, then up rows).
+    pub gate_up: Arc<Tensor>,
+    /// experts.down_proj `[experts, h, width]`.
+    pub down: Arc<Tensor>,
+    pub kind: MoeKind,
+}
+
+/// Where a mixture-of-experts block reads and how its output joins the dense MLP's.
+pub enum MoeKind {
+    /// Gemma 4: router and experts read the residual, each through a norm of its own (the
+    /// router's weight: router.scale times `hidden^-1/2`; pre_feedforward_layernorm_2); the
+    /// experts' sum is normed (post_feedforward_layernorm_2) and added to the dense MLP's
+    /// output normed by post_feedforward_layernorm_1.
+    Gemma4 {
+        router_norm: Arc<Tensor>,
+        pre_norm: Arc<Tensor>,
+        post_norm: Arc<Tensor>,
+        post_mlp_norm: Arc<Tensor>,
+    },
+    /// Qwen 3.5 MoE: router and experts read the MLP's (normed) input; the dense MLP is a shared
+    /// expert, scaled by `sigmoid(gate . x)` (shared_expert_gate `[1, h]`).
+    SharedExpert { gate: Arc<Tensor> },
+}
+
 /// Weights of one decoder layer.
 pub struct LayerWeights {
     pub attn_norm: Arc<Tensor>,
@@ -98,6 +129,8 @@ pub struct LayerWeights {
     pub w_down: Arc<Tensor>,
     /// Gemma: the norm of the MLP output before the residual add.
     pub post_ffn_norm: Option<Arc<Tensor>>,
+    /// Gemma 4: the mixture-of-experts block.
+    pub moe: Option<MoeWeights>,
     /// Gemma 4: the per-layer input block, and the layer's output scale (`layer_scalar`).
     pub per_layer: Option<PerLayerBlock>,
     pub scale: Option<f32>,
@@ -190,6 +223,22 @@ fn gguf_name_for(hf: &str, gemma: bool) -> String {
         "per_layer_projection.weight" => "proj.weight",
         "post_per_layer_input_norm.weight" => "post_norm.weight",
         "layer_scalar" => "layer_output_scale.weight",
+        // Gemma 4's mixture-of-experts block (the gate and up matrices apart in some files).
+        "router.proj.weight" | "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "router.scale" => "ffn_gate_inp.scale",
+        "router.per_expert_scale" => "ffn_down_exps.scale",
+        "experts.gate_up_proj" | "mlp.experts.gate_up_proj" => "ffn_gate_up_exps.weight",
+        "experts.gate_proj" | "mlp.experts.gate_proj" => "ffn_gate_exps.weight",
+        "experts.up_proj" | "mlp.experts.up_proj" => "ffn_up_exps.weight",
+        "experts.down_proj" | "mlp.experts.down_proj" => "ffn_down_exps.weight",
+        // Qwen 3.5 MoE's shared expert (its gate `[1, h]` a vector `[h]` in a GGUF).
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
+        "pre_feedforward_layernorm_2.weight" => "pre_ffw_norm_2.weight",
+        "post_feedforward_layernorm_1.weight" => "post_ffw_norm_1.weight",
+        "post_feedforward_layernorm_2.weight" => "post_ffw_norm_2.weight",
         // Qwen 3.5's linear attention (the values in llama.cpp's layout: see LinearAttn).
         "linear_attn.in_proj_qkv.weight" => "attn_qkv.weight",
         "linear_attn.in_proj_z.weight" => "attn_gate.weight",
@@ -284,7 +333,11 @@ fn norm_weight(cfg: &LlmConfig, vb: &VarBuilder, name: &str, len: usize) -> Resu
 /// One decoder layer (`model.layers.{i}`).
 fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights> {
     let h = cfg.hidden;
-    let mlp = l.pp("mlp");
+    // Qwen 3.5 MoE's dense MLP is its shared expert.
+    let mlp = match cfg.moe {
+        Some(m) if m.shared_expert => l.pp("mlp").pp("shared_expert"),
+        _ => l.pp("mlp"),
+    };
     let mixer = match &cfg.linear {
         Some(la) if cfg.is_linear(i) => Mixer::Linear(load_delta(cfg, la, &l.pp("linear_attn"))?),
         _ if cfg.arch == Arch::Gemma4 => {
@@ -333,6 +386,10 @@ fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights>
         true => Some(l.get_cpu("layer_scalar", &[1])?[0]).filter(|&s| s != 1.0),
         false => None,
     };
+    let moe = match cfg.moe {
+        Some(m) => Some(load_moe(cfg, m, l)?),
+        None => None,
+    };
     Ok(LayerWeights {
         attn_norm: norm("input_layernorm.weight")?,
         mixer,
@@ -341,8 +398,77 @@ fn load_layer(cfg: &LlmConfig, i: usize, l: &VarBuilder) -> Result<LayerWeights>
         gate_up,
         w_down: mlp.get("down_proj.weight", &[h, inter])?,
         post_ffn_norm,
+        moe,
         per_layer,
         scale,
+    })
+}
+
+/// The mixture-of-experts block of layer `l`: the router, the experts (gate and up matrices
+/// stacked per expert where a GGUF keeps them apart), and Gemma 4's norms or Qwen 3.5 MoE's
+/// shared-expert gate.
+fn load_moe(cfg: &LlmConfig, m: Moe, l: &VarBuilder) -> Result<MoeWeights> {
+    let h = cfg.hidden;
+    // Gemma 4 keeps the block at the layer's top level, Qwen under `mlp`.
+    let e = match m.shared_expert {
+        true => l.pp("mlp"),
+        false => l.clone(),
+    };
+    // One 3-D tensor (transformers 5's layout), gate and up apart (some GGUFs), or a tensor per
+    // expert (the Qwen MoE checkpoints, which transformers 5.25 still saves that way).
+    let gate_up = if e.has("experts.gate_up_proj") {
+        e.get_experts(&["experts.gate_up_proj"], m.experts, &[2 * m.width], h)?
+    } else if e.has("experts.gate_proj") {
+        let names = ["experts.gate_proj", "experts.up_proj"];
+        e.get_experts(&names, m.experts, &[m.width; 2], h)?
+    } else if e.has("experts.0.gate_proj.weight") {
+        let names = ["experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight"];
+        e.get_experts(&names, m.experts, &[m.width; 2], h)?
+    } else {
+        e.get_experts(&["experts.gate_up_proj"], m.experts, &[2 * m.width], h)?
+    };
+    let down = match e.has("experts.0.down_proj.weight") {
+        true => e.get_experts(&["experts.{e}.down_proj.weight"], m.experts, &[h], m.width)?,
+        false => e.get_experts(&["experts.down_proj"], m.experts, &[h], m.width)?,
+    };
+    if m.shared_expert {
+        let name = "shared_expert_gate.weight";
+        let shape = e.shape(name)?;
+        if shape != [1, h] && shape != [h] {
+            return Err(Error::Data {
+                name: e.path(name),
+                msg: format!("shape {shape:?}, expected [1, {h}]"),
+            });
+        }
+        let gate = e.get_cpu(name, &shape)?;
+        let gate = Arc::new(Tensor::from_f32(e.gpu(), name, &[1, h], &gate)?);
+        let ones = vec![1.0; m.experts];
+        return Ok(MoeWeights {
+            router: e.get("gate.weight", &[m.experts, h])?,
+            expert_scale: Arc::new(Tensor::from_f32(
+                e.gpu(),
+                "expert_scale",
+                &[m.experts],
+                &ones,
+            )?),
+            gate_up,
+            down,
+            kind: MoeKind::SharedExpert { gate },
+        });
+    }
+    let norm = |name: &str| norm_weight(cfg, l, name, h);
+    let root = (h as f32).powf(-0.5);
+    Ok(MoeWeights {
+        router: l.get("router.proj.weight", &[m.experts, h])?,
+        expert_scale: l.get_stacked_f32(&["router.per_expert_scale"], &[m.experts])?,
+        gate_up,
+        down,
+        kind: MoeKind::Gemma4 {
+            router_norm: l.get_vectors_map(&["router.scale"], &[h], &|x| x * root)?,
+            pre_norm: norm("pre_feedforward_layernorm_2.weight")?,
+            post_norm: norm("post_feedforward_layernorm_2.weight")?,
+            post_mlp_norm: norm("post_feedforward_layernorm_1.weight")?,
+        },
     })
 }
 

@@ -15,11 +15,17 @@ pub fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + (0.7978845608028654 * (x + 0.044715 * x * x * x)).tanh())
 }
 
-/// CLIP's quick GELU.
+/// ReLU.
 pub fn relu(x: f64) -> f64 {
     x.max(0.0)
 }
 
+/// The logistic sigmoid.
+pub fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// CLIP's quick GELU.
 pub fn quick_gelu(x: f64) -> f64 {
     x / (1.0 + (-1.702 * x).exp())
 }

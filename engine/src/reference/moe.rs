@@ -51,7 +51,10 @@ pub fn experts(
         for &(e, w) in row {
             let gu = &gate_up[e as usize * 2 * n * k..(e as usize + 1) * 2 * n * k];
             let m: Vec<f64> = (0..n)
-                .map(|i| act(dot(&gu[i * k..(i + 1) * k], &xr)) * dot(&gu[(n + i) * k..(n + i + 1) * k], &xr))
+                .map(|i| {
+                    act(dot(&gu[i * k..(i + 1) * k], &xr))
+                        * dot(&gu[(n + i) * k..(n + i + 1) * k], &xr)
+                })
                 .collect();
             let d = &down[e as usize * h * n..(e as usize + 1) * h * n];
             for (c, a) in acc.iter_mut().enumerate() {

@@ -2,7 +2,7 @@
 //! leaves out.
 
 use super::{
-    check_context, check_layers, unsupported, Arch, Facts, Gemma4Facts, LinearAttn, LlmConfig,
+    check_context, check_layers, unsupported, Arch, Facts, Gemma4Facts, LinearAttn, LlmConfig, Moe,
     RopeScaling, Rotary,
 };
 use crate::error::{Error, Result};
@@ -79,11 +79,11 @@ impl LlmConfig {
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
-            "qwen35" => Arch::Qwen35,
+            "qwen35" | "qwen35moe" => Arch::Qwen35,
             "gemma4" => Arch::Gemma4,
             other => {
                 return Err(unsupported(format!(
-                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, qwen35, gemma2, gemma3, gemma4, phi3)"
+                    "GGUF architecture '{other}' (supported: llama, qwen2, qwen3, qwen35, qwen35moe, gemma2, gemma3, gemma4, phi3)"
                 )))
             }
         };
@@ -127,6 +127,23 @@ impl LlmConfig {
         } else {
             (None, vec![false; layers])
         };
+        let moe = match k.g.get(&k.key("expert_count")) {
+            Some(_) if matches!(arch, Arch::Gemma4 | Arch::Qwen35) => Some(Moe {
+                experts: k.u("expert_count")?,
+                top_k: k.u("expert_used_count")?,
+                width: k.u("expert_feed_forward_length")?,
+                shared_expert: arch == Arch::Qwen35,
+            }),
+            // Mixtral-style files say `llama` with experts: not the dense model they would
+            // otherwise load as.
+            Some(_) if k.u("expert_count").unwrap_or(0) > 0 => {
+                return Err(unsupported(format!(
+                    "GGUF architecture '{arch_name}' with {} experts (mixture-of-experts: gemma4 and qwen35moe only)",
+                    k.u("expert_count").unwrap_or(0)
+                )))
+            }
+            _ => None,
+        };
         let gemma = arch.is_gemma();
         let softcap = |key: &str, default: f64| {
             let v = k.f(key).unwrap_or(default);
@@ -158,11 +175,15 @@ impl LlmConfig {
             head_dim,
             // One width, or Gemma 4's per layer (the first: the others come with the extras);
             // no layers means no width, refused by the config's checks.
-            intermediate: k
-                .per_layer("feed_forward_length", layers)?
-                .first()
-                .copied()
-                .unwrap_or(0),
+            // Qwen 3.5 MoE's dense MLP is its shared expert.
+            intermediate: match moe {
+                Some(m) if m.shared_expert => k.u("expert_shared_feed_forward_length")?,
+                _ => k
+                    .per_layer("feed_forward_length", layers)?
+                    .first()
+                    .copied()
+                    .unwrap_or(0),
+            },
             vocab: k.u("vocab_size").unwrap_or(tokens),
             rms_eps: k.f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             rope: rotary(&k, dims, max_positions),
@@ -191,6 +212,7 @@ impl LlmConfig {
             bidirectional: false,
             linear,
             linear_layers,
+            moe,
             gemma4,
         }
         .into_config()
@@ -296,11 +318,6 @@ fn gemma4_facts(
     kv: Option<&[usize]>,
     vocab: usize,
 ) -> Result<Gemma4Facts> {
-    if k.g.get(&k.key("expert_count")).is_some() {
-        return Err(unsupported(
-            "Gemma 4's mixture-of-experts block (expert_count: the 26B-A4B model)",
-        ));
-    }
     let full = (0..layers).find(|&i| !sliding[i]);
     let global_attn = match full {
         Some(i) => Some((

@@ -1,7 +1,7 @@
 //! `config.json` (and `generation_config.json`) as transformers writes them, 4.x and 5.
 
 use super::{
-    check_context, check_layers, unsupported, Arch, Facts, Gemma4Facts, LinearAttn, LlmConfig,
+    check_context, check_layers, unsupported, Arch, Facts, Gemma4Facts, LinearAttn, LlmConfig, Moe,
     RopeScaling, Rotary,
 };
 use crate::error::{Error, Result};
@@ -18,13 +18,13 @@ impl LlmConfig {
         // So are Gemma 4's (`Gemma4ForConditionalGeneration`, `model.language_model`).
         if let Some(text) = c.get("text_config").filter(|t| t.is_object()) {
             let outer = c.get("model_type").and_then(|m| m.as_str());
-            if arch(&c).is_err() || matches!(outer, Some("qwen3_5" | "gemma4")) {
+            if arch(&c).is_err() || matches!(outer, Some("qwen3_5" | "qwen3_5_moe" | "gemma4")) {
                 let mut text = text.clone();
                 if text.get("model_type").is_none() {
-                    let inner = if outer == Some("gemma4") {
-                        "gemma4_text"
-                    } else {
-                        "qwen3_5_text"
+                    let inner = match outer {
+                        Some("gemma4") => "gemma4_text",
+                        Some("qwen3_5_moe") => "qwen3_5_moe_text",
+                        _ => "qwen3_5_text",
                     };
                     text["model_type"] = inner.into();
                 }
@@ -82,6 +82,7 @@ impl LlmConfig {
             // side (|q - k| < W / 2 + 1: EmbeddingGemma's 512 sees 256 each way).
             sliding_window = sliding_window.map(|w| w / 2 + 1);
         }
+        let moe = moe(&c, arch)?;
         let gemma = arch.is_gemma();
         let softcap = |k: &str| -> Result<Option<f32>> {
             let v = c.num(k, 0.0)?;
@@ -109,7 +110,11 @@ impl LlmConfig {
             heads,
             kv_heads,
             head_dim,
-            intermediate: c.need_count("intermediate_size")?,
+            // Qwen 3.5 MoE's dense MLP is its shared expert.
+            intermediate: match moe {
+                Some(m) if m.shared_expert => c.need_count("shared_expert_intermediate_size")?,
+                _ => c.need_count("intermediate_size")?,
+            },
             vocab: c.need_count("vocab_size")?,
             rms_eps: c.num("rms_norm_eps", 1e-6)? as f32,
             rope,
@@ -142,6 +147,7 @@ impl LlmConfig {
             bidirectional,
             linear,
             linear_layers,
+            moe,
             gemma4,
         }
         .into_config()
@@ -170,10 +176,34 @@ fn arch(c: &Keys) -> Result<Arch> {
         Some("Gemma2ForCausalLM" | "Gemma2Model" | "gemma2") => Arch::Gemma2,
         Some("Gemma3ForCausalLM" | "Gemma3TextModel" | "gemma3_text") => Arch::Gemma3,
         Some("Phi3ForCausalLM" | "Phi3Model" | "phi3") => Arch::Phi3,
-        Some("Qwen3_5ForCausalLM" | "Qwen3_5TextModel" | "qwen3_5_text") => Arch::Qwen35,
+        Some(
+            "Qwen3_5ForCausalLM" | "Qwen3_5TextModel" | "qwen3_5_text" | "Qwen3_5MoeForCausalLM"
+            | "Qwen3_5MoeTextModel" | "qwen3_5_moe_text",
+        ) => Arch::Qwen35,
         Some("Gemma4ForCausalLM" | "Gemma4TextModel" | "gemma4_text") => Arch::Gemma4,
-        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Phi3ForCausalLM)"))),
+        Some(other) => return Err(unsupported(format!("architecture '{other}' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Phi3ForCausalLM)"))),
         None => return Err(unsupported("config.json names no architecture")),
+    })
+}
+
+/// The mixture-of-experts block: Gemma 4's `enable_moe_block` (`num_experts`, `top_k_experts`,
+/// `moe_intermediate_size`), Qwen 3.5 MoE's `num_experts` (`num_experts_per_tok`,
+/// `moe_intermediate_size`, a shared expert).
+fn moe(c: &Keys, arch: Arch) -> Result<Option<Moe>> {
+    Ok(match arch {
+        Arch::Gemma4 if c.flag("enable_moe_block", false)? => Some(Moe {
+            experts: c.count("num_experts", 128)?,
+            top_k: c.count("top_k_experts", 8)?,
+            width: c.count("moe_intermediate_size", 704)?,
+            shared_expert: false,
+        }),
+        Arch::Qwen35 if c.count("num_experts", 0)? > 0 => Some(Moe {
+            experts: c.count("num_experts", 0)?,
+            top_k: c.count("num_experts_per_tok", 8)?,
+            width: c.count("moe_intermediate_size", 512)?,
+            shared_expert: true,
+        }),
+        _ => None,
     })
 }
 
@@ -298,7 +328,7 @@ fn sliding(c: &Keys, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bo
 /// Gemma 4's extras: the full-attention layers' head size and key/value heads
 /// (`per_layer_config` as transformers 5.25 saves it, else `global_head_dim` and
 /// `num_global_key_value_heads`), keys as values, KV-shared layers, double-wide MLPs and the
-/// per-layer input embeddings. A mixture-of-experts block is refused.
+/// per-layer input embeddings.
 fn gemma4_facts(
     c: &Keys,
     sliding: &[bool],
@@ -306,11 +336,6 @@ fn gemma4_facts(
     (kv_heads, head_dim): (usize, usize),
     layers: usize,
 ) -> Result<Gemma4Facts> {
-    if c.flag("enable_moe_block", false)? {
-        return Err(unsupported(
-            "Gemma 4's mixture-of-experts block (enable_moe_block: the 26B-A4B model)",
-        ));
-    }
     let k_eq_v = c.flag("attention_k_eq_v", false)?;
     let full: Vec<usize> = (0..layers).filter(|&i| !sliding[i]).collect();
     let global_attn = match c.get("per_layer_config").and_then(|p| p.as_object()) {

@@ -32,7 +32,8 @@ pub enum Arch {
     /// earlier layers' keys and values.
     Gemma4,
     /// `Qwen3_5ForCausalLM` / GGUF `qwen35` (Qwen 3.5): Gated DeltaNet linear-attention layers
-    /// between gated full-attention layers (q/k norms, partial rotary), `(1 + w)` norms.
+    /// between gated full-attention layers (q/k norms, partial rotary), `(1 + w)` norms; with
+    /// experts `Qwen3_5MoeForCausalLM` / GGUF `qwen35moe`.
     Qwen35,
 }
 
@@ -145,6 +146,18 @@ impl Rotary {
     }
 }
 
+/// A mixture-of-experts block in every layer: each token runs `top_k` of `experts` gated MLPs
+/// of `width`, chosen and weighted by a router. Beside it the layer's dense MLP runs on the same
+/// input: as a shared expert (`shared_expert`: Qwen 3.5 MoE, scaled by a sigmoid gate), or with
+/// norms of its own (Gemma 4's 26B-A4B, whose router and experts read the residual).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Moe {
+    pub experts: usize,
+    pub top_k: usize,
+    pub width: usize,
+    pub shared_expert: bool,
+}
+
 /// The sizes of Qwen 3.5's linear-attention (Gated DeltaNet) layers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinearAttn {
@@ -243,6 +256,8 @@ pub struct LlmConfig {
     pub mlp_widths: Vec<usize>,
     /// Gemma 4's per-layer inputs: (dims per layer, the table's vocabulary).
     pub per_layer_input: Option<(usize, usize)>,
+    /// A mixture-of-experts block in every layer (Gemma 4's `enable_moe_block`, Qwen 3.5 MoE).
+    pub moe: Option<Moe>,
 }
 
 /// More decoder layers than any real checkpoint has (the largest have a few hundred): a
@@ -308,6 +323,7 @@ struct Facts {
     bidirectional: bool,
     linear: Option<LinearAttn>,
     linear_layers: Vec<bool>,
+    moe: Option<Moe>,
     /// Gemma 4's extras (absent for every other architecture).
     gemma4: Option<Gemma4Facts>,
 }
@@ -410,6 +426,7 @@ impl Facts {
             kv_source,
             mlp_widths,
             per_layer_input: g4.and_then(|g| g.per_layer_input),
+            moe: self.moe,
         }
         .validate()
     }
@@ -501,6 +518,15 @@ impl LlmConfig {
                     self.layers
                 ),
             });
+        }
+        if let Some(m) = self.moe {
+            let most = crate::kernels::moe::MAX_TOP_K.min(m.experts);
+            if m.experts == 0 || m.width == 0 || m.top_k == 0 || m.top_k > most {
+                return Err(unsupported(format!(
+                    "a mixture of {} experts of width {}, top {} (1 to {most})",
+                    m.experts, m.width, m.top_k
+                )));
+            }
         }
         if self.hidden == 0 || self.layers == 0 || self.vocab == 0 || self.intermediate == 0 {
             return Err(unsupported(format!(
