@@ -108,7 +108,7 @@ fn decoder_embeddings_match_sentence_transformers() {
                 "{model}: {s}"
             );
         }
-        check_decoder(&m, model, &sentences);
+        check_with_prompts(&m, model, &sentences);
     }
     // Text generation refuses a model whose attention looks both ways.
     let files = read_dir(
@@ -136,9 +136,9 @@ fn decoder_embeddings_match_sentence_transformers() {
     );
 }
 
-/// A decoder embedder's vectors with and without its `query` prompt, per-length passes replayed,
-/// and an unknown prompt name refused.
-fn check_decoder(m: &Embedder, model: &str, sentences: &[&str]) {
+/// An embedder's vectors with and without its `query` prompt, per-length passes replayed, and an
+/// unknown prompt name refused.
+fn check_with_prompts(m: &Embedder, model: &str, sentences: &[&str]) {
     for (name, prompt) in [
         (model.to_string(), None),
         (format!("{model}_query"), Some("query")),
@@ -174,23 +174,78 @@ fn check_decoder(m: &Embedder, model: &str, sentences: &[&str]) {
     assert!(err.contains("'nope'") && err.contains("query"), "{err}");
 }
 
-/// The GGUF llama.cpp's converter makes of minilm-tiny (`bert`, mean pooling, WordPiece):
-/// the same ids and embeddings as sentence-transformers' for the inputs within its 24-token
-/// limit (the GGUF truncates at the 64-token context instead, as llama.cpp does).
+/// nomic-embed-text's encoder (nomic-bert: rotary positions, a fused Wqkv, a SwiGLU
+/// feed-forward, no biases) as transformers 5.25 saves it (nomic's own tensor names), mean
+/// pooling, normalised, with its `search_query: ` / `search_document: ` prompts: ids,
+/// embeddings with and without the query prompt, a packed batch and each input alone.
 #[test]
-fn gguf_embedding_file_matches_sentence_transformers() {
+fn nomic_bert_embeddings_match_sentence_transformers() {
     let e = kiln_tests::read_json(&dir().join("expected.json"));
     let sentences = sentences(&e);
-    let bytes = std::fs::read(dir().join("minilm-tiny.gguf")).unwrap();
-    let files = kiln::formats::ModelFiles::from([("minilm-tiny.gguf".to_string(), bytes)]);
-    let m = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None)).unwrap();
-    let want = kiln_tests::read_npy(&dir().join("minilm-tiny.npy"));
-    let short: Vec<&str> = sentences[..5].to_vec();
-    for (s, ids) in short.iter().zip(e["token_ids"].as_array().unwrap()) {
-        assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(ids), "{s}");
+    let m = load("nomic-tiny");
+    for (s, want) in sentences
+        .iter()
+        .zip(e["nomic_token_ids"].as_array().unwrap())
+    {
+        assert_eq!(m.tokenize(s).unwrap(), kiln_tests::json_ids(want), "{s}");
     }
-    let got = pollster::block_on(m.embed_texts(&short)).unwrap();
-    assert_matches("minilm-tiny.gguf", &got, &want);
+    check_with_prompts(&m, "nomic-tiny", &sentences);
+    let batch = pollster::block_on(m.embed_texts(&sentences)).unwrap();
+    for (i, got) in batch.iter().enumerate() {
+        let one = pollster::block_on(m.embed_texts(&[sentences[i]])).unwrap();
+        let d = one[0]
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "nomic-tiny input {i}: alone differs by {d}");
+    }
+}
+
+/// The GGUFs llama.cpp's converter makes of minilm-tiny (`bert`) and nomic-tiny (`nomic-bert`,
+/// from the folder with nomic's published config): mean pooling, WordPiece, normalised; the same
+/// ids and embeddings as sentence-transformers' (the GGUF truncates at its context instead of
+/// the folder's 24 tokens, as llama.cpp does, so the long sentences are encoded whole:
+/// `*_gguf.npy`).
+#[test]
+fn gguf_embedding_files_match_sentence_transformers() {
+    let e = kiln_tests::read_json(&dir().join("expected.json"));
+    let sentences = sentences(&e);
+    for model in ["minilm-tiny", "nomic-tiny"] {
+        let name = format!("{model}.gguf");
+        let bytes = std::fs::read(dir().join(&name)).unwrap();
+        let files = kiln::formats::ModelFiles::from([(name.clone(), bytes)]);
+        let m = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (s, ids) in sentences
+            .iter()
+            .zip(e["gguf_token_ids"].as_array().unwrap())
+        {
+            assert_eq!(
+                m.tokenize(s).unwrap(),
+                kiln_tests::json_ids(ids),
+                "{name}: {s}"
+            );
+        }
+        let want = kiln_tests::read_npy(&dir().join(format!("{model}_gguf.npy")));
+        let got = pollster::block_on(m.embed_texts(&sentences)).unwrap();
+        assert_matches(&name, &got, &want);
+    }
+}
+
+/// nomic-tiny with the config.json nomic's own code writes (as nomic-embed-text-v1.5 was
+/// published: `n_embd`, `rotary_emb_base`, ...) instead of transformers 5's: the same model.
+#[test]
+fn nomic_bert_published_config_format() {
+    let e = kiln_tests::read_json(&dir().join("expected.json"));
+    let sentences = sentences(&e);
+    let mut files = read_dir(&dir().join("nomic-tiny"), &embedding_model()).unwrap();
+    let hub = std::fs::read(dir().join("nomic-tiny-hub-config.json")).unwrap();
+    files.insert("config.json".into(), hub);
+    let m = pollster::block_on(Embedder::load(&kiln_tests::gpu(), files, Quantize::None)).unwrap();
+    let want = kiln_tests::read_npy(&dir().join("nomic-tiny.npy"));
+    let got = pollster::block_on(m.embed_texts(&sentences)).unwrap();
+    assert_matches("nomic-tiny (published config)", &got, &want);
 }
 
 #[test]

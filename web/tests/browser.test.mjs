@@ -658,7 +658,7 @@ test("image: fixture pipeline equals native (worker, with previews)", 600000, ()
 test("image: a pipeline as diffusers 0.42 saves it equals native (page)", 600000, () => imageParity(SAVED_IMAGE, false, false));
 test("image: default pipeline equals native (demo page, canvas)", 900000, () => imageParity(DEFAULT_IMAGE, false, true));
 
-test("embeddings: embeddings.create (page and worker) equals kiln embed; base64, dimensions, token ids, errors; a BERT .gguf; EmbeddingGemma's layout", 300000, async () => {
+test("embeddings: embeddings.create (page and worker) equals kiln embed; base64, dimensions, token ids, errors; a BERT .gguf; EmbeddingGemma's and nomic-bert's layouts", 300000, async () => {
   const model = join(root, "tests/fixtures/embed/minilm-tiny");
   const texts = ["The cat sat on the mat.", "sky", "Light from the moon, light from the sun, and the dark sea between them."];
   const want = await native(["embed", "-m", model, "--json", ...texts]);
@@ -705,18 +705,22 @@ test("embeddings: embeddings.create (page and worker) equals kiln embed; base64,
   await page.close();
   gguf.forEach((v, i) => assert(v.every((x, j) => Math.abs(x - wantGguf.embeddings[i][j]) <= 1e-5), `gguf input ${i}`));
   log(`page  : minilm-tiny.gguf equals native`);
-  // EmbeddingGemma's layout (bidirectional Gemma 3, two Dense modules) with its query prompt.
-  const wantGemma = await native(["embed", "-m", join(root, "tests/fixtures/embed/gemma-emb-tiny"), "--prompt-name", "query", "--json", ...texts]);
-  const page2 = await openDemo(false);
-  const gemma = await page2.evaluate(async (texts) => {
-    const m = await window.demo.kiln.loadEmbedding("/fixtures/embed/gemma-emb-tiny/");
-    const r = await m.embeddings.create({ input: texts, prompt_name: "query" });
-    m.dispose();
-    return r.data.map((d) => d.embedding);
-  }, texts);
-  await page2.close();
-  gemma.forEach((v, i) => assert(v.every((x, j) => Math.abs(x - wantGemma.embeddings[i][j]) <= 1e-5), `gemma input ${i}`));
-  log(`page  : gemma-emb-tiny (query prompt) equals native`);
+  // EmbeddingGemma's layout (bidirectional Gemma 3, two Dense modules) and nomic-embed-text's
+  // (nomic-bert: rotary positions, SwiGLU) with their query prompts; nomic's GGUF.
+  for (const [source, prompt] of [["gemma-emb-tiny/", "query"], ["nomic-tiny/", "query"], ["nomic-tiny.gguf", null]]) {
+    const flags = prompt ? ["--prompt-name", prompt] : [];
+    const want = await native(["embed", "-m", join(root, "tests/fixtures/embed", source), ...flags, "--json", ...texts]);
+    const p = await openDemo(false);
+    const got = await p.evaluate(async ({ source, texts, prompt }) => {
+      const m = await window.demo.kiln.loadEmbedding(`/fixtures/embed/${source}`);
+      const r = await m.embeddings.create(prompt ? { input: texts, prompt_name: prompt } : { input: texts });
+      m.dispose();
+      return r.data.map((d) => d.embedding);
+    }, { source, texts, prompt });
+    await p.close();
+    got.forEach((v, i) => assert(v.every((x, j) => Math.abs(x - want.embeddings[i][j]) <= 1e-5), `${source} input ${i}`));
+    log(`page  : ${source}${prompt ? ` (${prompt} prompt)` : ""} equals native`);
+  }
 });
 
 test("image SDXL: two text encoders, added conditioning and SDXL-Turbo's defaults equal native (page and worker)", 600000, async () => {
