@@ -301,6 +301,55 @@ fn parity_gemma4_f32() {
     }
 }
 
+/// Gemma 4 with its mixture-of-experts block (the 26B-A4B architecture): in every layer a
+/// router (its own norm and scale, softmax, top 2 of 8, renormalized, per-expert scale) picks
+/// the experts run beside the dense MLP, with their own norms; folder (3-D expert tensors) and
+/// llama.cpp's GGUF (`ffn_gate_up_exps`, `ffn_down_exps` and its per-expert scale); the long
+/// prompt prefills through the expert-indexed GEMM (tokens grouped per expert), on the software
+/// and the GPU kernels.
+#[test]
+fn parity_gemma4_moe_f32() {
+    let case = "gemma4-moe-f32";
+    check_case(case);
+    let e = expected(case);
+    let long = &e["long"];
+    check_run(case, &long["runs"][0], &ids(&long["prompt_ids"]), 64);
+    check_run(case, &long["runs"][0], &ids(&long["prompt_ids"]), 5);
+    let gpu = &kiln_tests::gpu_kernels_f32_math();
+    for (prompt, run) in [
+        (&e["prompt_ids"], &e["runs"][1]),
+        (&long["prompt_ids"], &long["runs"][0]),
+    ] {
+        let weights = run["weights"].as_str().unwrap();
+        check_run_on(gpu, case, files(case, weights), run, &ids(prompt), 64);
+    }
+}
+
+/// Qwen 3.5 MoE: Qwen 3.5's hybrid layers with a mixture-of-experts block in every layer (top 2
+/// of 8 experts, renormalized, beside a shared expert of another width scaled by a sigmoid
+/// gate); folder (a tensor per expert, as the Qwen checkpoints and transformers 5.25 save them)
+/// and llama.cpp's GGUF (3-D expert tensors); the 150-token prompt through the expert-indexed
+/// GEMM and the resumed turns, on the software and the GPU kernels.
+#[test]
+fn parity_qwen35_moe_f32() {
+    let case = "qwen35-moe-f32";
+    check_case(case);
+    let e = expected(case);
+    let gpu = &kiln_tests::gpu_kernels_f32_math();
+    let run = &e["runs"][1];
+    let weights = run["weights"].as_str().unwrap();
+    check_run_on(
+        gpu,
+        case,
+        files(case, weights),
+        run,
+        &ids(&e["prompt_ids"]),
+        64,
+    );
+    // The 150-token prompt, the resumed and restored turns, as for the dense model.
+    check_long_and_resumed(case);
+}
+
 /// Qwen 3.5 and Gemma 4 as they are published: vision-language models
 /// (`Qwen3_5ForConditionalGeneration`, `Gemma4ForConditionalGeneration`, saved by transformers
 /// 5.25 with tiny vision towers) whose text model is the text fixtures': the config's
@@ -319,7 +368,11 @@ fn parity_qwen35_and_gemma4_vision_language_folders() {
 /// (states zeroed); each against transformers' fresh run of that prompt.
 #[test]
 fn qwen35_long_prompts_and_resumed_states() {
-    let case = "qwen35-f32";
+    check_long_and_resumed("qwen35-f32");
+}
+
+/// [`qwen35_long_prompts_and_resumed_states`] for one fixture.
+fn check_long_and_resumed(case: &str) {
     let e = expected(case);
     let check = |what: &str, g: &kiln::llm::Generation, run: &Value| {
         let (n, worst) = kiln_tests::check_greedy_run(what, &g.ids, &g.logprobs, run, 1e-4);
@@ -1140,16 +1193,24 @@ fn pipelined_decode_matches_serial() {
     }
 }
 
-/// `--quantize q8` on the families of linear attention and per-layer inputs: their matrices
-/// (Gated DeltaNet's projections, the gated attention, Gemma 4's per-layer input tables) load as
-/// Q8_0, and the model's first draw stays near transformers' on the f32 weights. These tiny
-/// random models are sensitive (Q8_0 moves a log-probability by up to ~0.2, and their greedy runs
-/// part after a few steps); transformers on Q8_0-rounded weights (tools-side check, 2026-12-07)
-/// agrees with Kiln's Q8_0 run to within the same few hundredths per step, for both families.
+/// `--quantize q8` on the families of linear attention, per-layer inputs and experts: their
+/// matrices (Gated DeltaNet's projections, the gated attention, Gemma 4's per-layer input tables,
+/// routers and expert matrices) load as Q8_0, and the model's first draw stays near
+/// transformers' on the f32 weights. These tiny random models are sensitive (Q8_0 moves a
+/// log-probability by up to ~0.45, and their greedy runs part after a few steps); transformers
+/// on Q8_0-rounded weights (gguf-py's Q8_0 of every matrix Kiln quantizes; tools-side checks,
+/// 2026-12-07) agrees with Kiln's Q8_0 run to within a few hundredths per step for the dense
+/// families and to 1e-3 on the first step of both MoE fixtures (Qwen 3.5 MoE's first
+/// log-probability -3.6315 there, -3.632 here: the 0.445 is Q8_0's, not Kiln's).
 #[test]
 fn quantize_on_load_qwen35_and_gemma4() {
     use kiln::weights::Quantize;
-    for case in ["qwen35-f32", "gemma4-f32"] {
+    for case in [
+        "qwen35-f32",
+        "gemma4-f32",
+        "qwen35-moe-f32",
+        "gemma4-moe-f32",
+    ] {
         let e = expected(case);
         let opts = LoadOptions {
             ctx: 128,
@@ -1169,6 +1230,16 @@ fn quantize_on_load_qwen35_and_gemma4() {
             },
         };
         assert_eq!(proj, kiln::DType::Q8_0, "{case}: layer 0's projection");
+        if let (Some(moe), Some(c)) = (&m.weights.layers[0].moe, m.config.moe) {
+            // Rows of whole Q8_0 blocks only: gemma4-moe's experts are 16 wide, so their down
+            // matrices (rows of 16) stay f32.
+            let down = match c.width % 32 {
+                0 => kiln::DType::Q8_0,
+                _ => kiln::DType::F32,
+            };
+            let dts = (moe.gate_up.dtype, moe.down.dtype);
+            assert_eq!(dts, (kiln::DType::Q8_0, down), "{case}: experts");
+        }
         if let Some(p) = &m.weights.per_layer {
             assert_eq!(
                 p.proj.dtype,

@@ -23,8 +23,8 @@ fn expected(case: &str) -> Value {
 /// an HF folder (stacked Q/K/V), a llama-quantize Q4_K_M file (Q/K/V of two block types, so
 /// apart), Qwen 3.5 (linear-attention layers: each slot's recurrent states, a row each in
 /// the batch) and Gemma 4 (per-layer inputs gathered per row, layers reading other layers'
-/// caches rotating their queries at each row's position), every kernel variant (f32 math: the
-/// parity contract).
+/// caches rotating their queries at each row's position; with experts: each row routed to its
+/// own), every kernel variant (f32 math: the parity contract).
 #[test]
 fn parallel_slots_decode_together_like_serial_runs() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -33,6 +33,8 @@ fn parallel_slots_decode_together_like_serial_runs() {
     let e = expected("llama-gqa-f32");
     let e35 = expected("qwen35-f32");
     let e4 = expected("gemma4-f32");
+    let e4m = expected("gemma4-moe-f32");
+    let e35m = expected("qwen35-moe-f32");
     let file_cases = [
         (
             "llama-gqa-f32 hf",
@@ -57,6 +59,18 @@ fn parallel_slots_decode_together_like_serial_runs() {
             files("gemma4-f32", "model-f32.gguf"),
             Some(&e4["runs"][1]),
             ids(&e4["prompt_ids"]),
+        ),
+        (
+            "qwen35-moe-f32 GGUF",
+            files("qwen35-moe-f32", "model-f32.gguf"),
+            Some(&e35m["runs"][1]),
+            ids(&e35m["prompt_ids"]),
+        ),
+        (
+            "gemma4-moe-f32 hf",
+            files("gemma4-moe-f32", "hf"),
+            Some(&e4m["runs"][0]),
+            ids(&e4m["prompt_ids"]),
         ),
     ];
     for (name, files, reference, prompt) in file_cases {
