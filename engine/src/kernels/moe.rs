@@ -245,7 +245,7 @@ impl Kernel for MoeLinear {
                     // The DIRECT kernel's 8 activation rows an invocation, or one where the
                     // experts get a row each on average (decode): 1 / 8 of the multiply-adds
                     // (lavapipe, a Qwen 3.5 MoE-shaped Q8_0 decode step's expert products
-                    // 217 ms -> see docs/benchmarks.md).
+                    // 217 -> 35 ms: docs/benchmarks.md).
                     let key = matmul_key(ctx, w.dtype, k, rows, n, part.rows)?;
                     let (key, per) = match avg <= 1 {
                         true => (key.def("ONE_ROW", ""), 1),
