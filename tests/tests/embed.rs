@@ -60,6 +60,19 @@ fn assert_matches(name: &str, got: &[Vec<f32>], want: &kiln::formats::npy::Npy) 
     );
 }
 
+/// Alone, each input gets the vector it got in the packed batch.
+fn assert_alone_like_batch(m: &Embedder, model: &str, sentences: &[&str], batch: &[Vec<f32>]) {
+    for (i, got) in batch.iter().enumerate() {
+        let one = pollster::block_on(m.embed_texts(&[sentences[i]])).unwrap();
+        let d = one[0]
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "{model} input {i}: alone differs by {d}");
+    }
+}
+
 #[test]
 fn embeddings_match_sentence_transformers() {
     let e = kiln_tests::read_json(&dir().join("expected.json"));
@@ -75,16 +88,7 @@ fn embeddings_match_sentence_transformers() {
         assert_eq!(m.dim(), want.shape[1], "{model}");
         let batch = pollster::block_on(m.embed_texts(&sentences)).unwrap();
         assert_matches(model, &batch, &want);
-        // Alone, each input gets the same vector (the packed batch changes nothing).
-        for (i, got) in batch.iter().enumerate() {
-            let one = pollster::block_on(m.embed_texts(&[sentences[i]])).unwrap();
-            let d = one[0]
-                .iter()
-                .zip(got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(d < 1e-5, "{model} input {i}: alone differs by {d}");
-        }
+        assert_alone_like_batch(&m, model, &sentences, &batch);
     }
 }
 
@@ -191,15 +195,7 @@ fn nomic_bert_embeddings_match_sentence_transformers() {
     }
     check_with_prompts(&m, "nomic-tiny", &sentences);
     let batch = pollster::block_on(m.embed_texts(&sentences)).unwrap();
-    for (i, got) in batch.iter().enumerate() {
-        let one = pollster::block_on(m.embed_texts(&[sentences[i]])).unwrap();
-        let d = one[0]
-            .iter()
-            .zip(got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(d < 1e-5, "nomic-tiny input {i}: alone differs by {d}");
-    }
+    assert_alone_like_batch(&m, "nomic-tiny", &sentences, &batch);
 }
 
 /// The GGUFs llama.cpp's converter makes of minilm-tiny (`bert`) and nomic-tiny (`nomic-bert`,
