@@ -14,7 +14,8 @@
 #      from their headers with random data, a random Qwen 3.5-shaped Q8_0 (Gated DeltaNet:
 #      the llama-bench carried, llama-cpp-python 0.3.9's, predates it and shows "-") and a
 #      random Llama-3.2-1B-shaped Q4_K_M; a table of tok/s and Kiln / llama.cpp ratios.
-#      The kernel tests of step 1 include the Gated DeltaNet kernels (`delta`).
+#      The kernel tests of step 1 include the Gated DeltaNet kernels (`delta`) and the
+#      mixture-of-experts ones (`moe`: router, lists, the expert-indexed GEMM, combine).
 #
 #   bash tools/device-check.sh            (the `run` tool: carry [".devbin", ".gl"])
 set -uo pipefail

@@ -22,7 +22,7 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 rm -rf .devbin && mkdir -p .devbin/tests .devbin/models .gl
 
 # The kernel tests: the binaries the device runs first.
-KERNEL_TESTS="linear attention sample norm elementwise conv graph delta"
+KERNEL_TESTS="linear attention sample norm elementwise conv graph delta moe"
 args=()
 for t in $KERNEL_TESTS; do args+=(--test "$t"); done
 cargo test -p kiln-tests --profile device --no-run "${args[@]}" --message-format=json 2>/dev/null |
