@@ -45,6 +45,7 @@ struct Params {
     glu: u32, gate_row: u32, up_row: u32, eps: f32,
     heads: u32, kv_heads: u32, d: u32, half: u32, positions: u32, interleaved: u32,
     pos_add: u32, pos_slot: u32, pos_mul: u32, cap_rows: u32, partials: u32, cache_row0: u32,
+    ids_div: u32, ids_e0: u32, ids_experts: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 #ifdef ROWS_V4
@@ -646,14 +647,32 @@ fn sum_all(li: u32, acc: array<vec2<f32>, MV_R>) -> array<vec2<f32>, MV_R> {
 }
 #endif
 
+#ifdef IDS
+// IDS (a mixture-of-experts decode step's expert-indexed product, llama.cpp's mul_mat_vec_id):
+// activation row mi is (token, choice) pair mi of the router's routes (IDS_AT: u32 [tokens,
+// 2 k], (expert, weight bits) pairs, so pair mi's expert is word 2 mi); the weight part holds
+// experts ids_e0.. (ids_experts of them, `rows` rows each), x has a row per pair (ids_div 1)
+// or per token (ids_div k), y a row per pair. Pairs whose expert is in another part store
+// nothing.
+@group(0) @binding(IDS_AT) var<storage, read> routes: array<u32>;
+#endif
+
 @compute @workgroup_size(MV_WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let g = group_index(wg, nwg);
     let groups = (p.rows + MV_R - 1u) / MV_R;
     // Workgroups past the end read valid rows and store nothing (barriers stay uniform).
-    let live = g < groups * p.m;
+    var live = g < groups * p.m;
     let mi = min(g / groups, p.m - 1u);
     let first = (g % groups) * MV_R;
+#ifdef IDS
+    let e = routes[2u * mi];
+    let here = e >= p.ids_e0 && e < p.ids_e0 + p.ids_experts;
+    live = live && here;
+    let w_off = select(0u, e - p.ids_e0, here) * p.rows * p.row_words;
+#else
+    let w_off = 0u;
+#endif
 #ifdef NORM
     var ss: array<vec2<f32>, MV_R>;
 #ifdef PARTIALS_IN
@@ -669,10 +688,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let xo = 0u;
 #else
     let inv = 1.0;
+#ifdef IDS
+    let xo = (mi / p.ids_div) * p.k;
+#else
     let xo = mi * p.k;
 #endif
+#endif
     var rb: array<vec2<u32>, MV_R>;
-    for (var j = 0u; j < MV_R; j++) { rb[j] = rows_of(min(first + j, p.rows - 1u)) * p.row_words; }
+    for (var j = 0u; j < MV_R; j++) { rb[j] = rows_of(min(first + j, p.rows - 1u)) * p.row_words + w_off; }
     var acc: array<vec2<f32>, MV_R>;
     let n = units();
     if (paired()) {

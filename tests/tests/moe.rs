@@ -145,7 +145,8 @@ fn moe_experts_against_f64_every_variant() {
     }
 }
 
-/// Expert matrices split two experts to a binding: every part's experts are found.
+/// Expert matrices split two experts to a binding: every part's experts are found, on both
+/// kernel families and both product shapes.
 #[test]
 fn moe_experts_split_across_bindings() {
     for software in [false, true] {
@@ -154,7 +155,10 @@ fn moe_experts_split_across_bindings() {
             software: Some(software),
             ..Default::default()
         });
+        // 40 rows: the GEMM over each expert's pairs; 1 (a decode step): on the GPU kernels
+        // the matvec over the pairs, each part skipping the pairs of experts it does not hold.
         check_experts(&small, DType::F32, 40, 91, true);
+        check_experts(&small, DType::F32, 1, 92, true);
     }
 }
 

@@ -534,13 +534,13 @@ impl Graph {
         };
         let lists = self.push1(MoeLists { experts, top_k }, vec![routes])?;
         let one = |per_pair| MoeLinear { top_k, per_pair };
-        let gu = self.push1(one(false), vec![x, gate_up, lists])?;
+        let gu = self.push1(one(false), vec![x, gate_up, lists, routes])?;
         let input = GluInput::Halves {
             x: gu,
             gate_first: true,
         };
         let m = self.glu(input, act)?;
-        let y = self.push1(one(true), vec![m, down, lists])?;
+        let y = self.push1(one(true), vec![m, down, lists, routes])?;
         self.push1(MoeCombine { top_k }, vec![y, routes])
     }
 

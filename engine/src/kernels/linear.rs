@@ -39,7 +39,8 @@ super::params!(
         rows: u32, k: u32, row_words: u32, out_off: u32, m: u32, n_total: u32, has_bias: u32,
         has_res: u32, glu: u32, gate_row: u32, up_row: u32, eps: f32, heads: u32, kv_heads: u32,
         d: u32, half: u32, positions: u32, interleaved: u32, pos_add: u32, pos_slot: u32,
-        pos_mul: u32, cap_rows: u32, partials: u32, cache_row0: u32,
+        pos_mul: u32, cap_rows: u32, partials: u32, cache_row0: u32, ids_div: u32, ids_e0: u32,
+        ids_experts: u32,
     }
 );
 
@@ -661,19 +662,32 @@ fn matvec_variant(
             // One invocation per output row, 64 per workgroup.
             (key.def("ROWS", ""), grid(u((rows * m_total).div_ceil(64))))
         } else {
-            let (wg, items, one) = matvec_shape(ctx.gpu, paired);
-            let mut key = key
-                .def("MV_WG", format!("{wg}u"))
-                .def("MV_R", format!("{items}u"));
-            if one {
-                key = key.def("ONE_SUBGROUP", "");
-            }
-            if o.k.is_multiple_of(4) {
-                key = key.def("X4", "");
-            }
-            (key, grid(u(rows.div_ceil(items) * m_total)))
+            gpu_matvec(ctx.gpu, key, o.k, rows, m_total, paired)
         },
     )
+}
+
+/// The GPU matvec's key (`key`: `matvec.wgsl` with its weight define) and grid for `rows` work
+/// items of `m` activation rows of `k` ([`matvec_shape`]).
+pub fn gpu_matvec(
+    gpu: &Gpu,
+    key: KernelKey,
+    k: usize,
+    rows: usize,
+    m: usize,
+    paired: bool,
+) -> (KernelKey, [u32; 3]) {
+    let (wg, items, one) = matvec_shape(gpu, paired);
+    let mut key = key
+        .def("MV_WG", format!("{wg}u"))
+        .def("MV_R", format!("{items}u"));
+    if one {
+        key = key.def("ONE_SUBGROUP", "");
+    }
+    if k.is_multiple_of(4) {
+        key = key.def("X4", "");
+    }
+    (key, grid(u(rows.div_ceil(items) * m)))
 }
 
 /// The tiled GEMM of one weight part (more rows than the matvec takes).

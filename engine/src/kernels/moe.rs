@@ -6,7 +6,10 @@
 //! sums each token's expert outputs with its weights. Nothing goes back to the CPU, so a decode
 //! step stays one submit.
 
-use super::linear::{gemm_block, gemm_key, matmul_key, MatmulParams};
+use super::linear::{
+    gemm_block, gemm_key, gpu_matvec, matmul_key, w4_serves, weight_key, MatmulParams,
+    MatvecParams, MATVEC_MAX_ROWS,
+};
 use super::{
     dispatch, elementwise_groups, need_f32, u, Binding, Bound, Ctx, Dispatch, Inferred, Kernel,
     KernelKey, Meta,
@@ -152,7 +155,10 @@ impl Kernel for MoeLists {
 /// lists ([`MoeLists`] `[experts, rows + 1]`), `y[i] = x[i or row] . w[expert]^T`. Inputs: x
 /// f32 `[rows * top_k, k]` (`per_pair`: the down projection's inputs, one row per pair) or
 /// `[rows, k]` (one row per token), w `[experts, n, k]` in any weight dtype (uploaded with
-/// [`crate::Tensor::upload_experts`]), the lists. Output f32 `[rows * top_k, n]`.
+/// [`crate::Tensor::upload_experts`]), the lists, the routes they came from. Output f32
+/// `[rows * top_k, n]`. A GEMM over each expert's pairs (`matmul.wgsl` IDS); on GPUs a decode
+/// step's few pairs take the matvec instead (`matvec.wgsl` IDS: a pair per activation row, its
+/// expert read from the routes).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeLinear {
     pub top_k: usize,
@@ -168,6 +174,7 @@ impl Kernel for MoeLinear {
         let err = |m: String| shape_err(self.name(), m);
         let (x, w, lists) = (ins[0], ins[1], ins[2]);
         need_f32(self.name(), x.1)?;
+        routes_rows(self.name(), ins[3], self.top_k)?;
         if !DType::WEIGHTS.contains(&w.1) || w.0.len() != 3 {
             return Err(err(format!(
                 "expert weights {:?} {}: expected [experts, n, k] in a weight dtype",
@@ -217,6 +224,9 @@ impl Kernel for MoeLinear {
         let (experts, n, k) = (w.shape[0], w.shape[1], w.shape[2]);
         let rows = lists.shape[1] - 1;
         let row_words = w.dtype.row_words(k);
+        if !ctx.gpu.features.software && rows <= MATVEC_MAX_ROWS {
+            return self.matvec(ctx, ins, out);
+        }
         // Tiles sized for the pairs an expert gets on average, among the experts in use; the
         // grid covers every row an expert could get.
         let (avg, used) = (
@@ -287,6 +297,57 @@ impl Kernel for MoeLinear {
                         Binding::read(x.buf()),
                         Binding::read(lists.buf()),
                     ],
+                    groups,
+                ))
+            })
+            .collect()
+    }
+}
+
+impl MoeLinear {
+    /// The GPU matvec over a decode step's pairs, a dispatch per weight part (pairs whose
+    /// expert another part holds store nothing there).
+    fn matvec(&self, ctx: &Ctx, ins: &[Bound], out: &Bound) -> Result<Vec<Dispatch>> {
+        let (x, w, routes) = (&ins[0], &ins[1], &ins[3]);
+        let (n, k) = (w.shape[1], w.shape[2]);
+        let pairs = routes.shape[0] * self.top_k;
+        let storage = ctx.gpu.limits.max_storage_buffers_per_shader_stage as usize;
+        w.parts
+            .iter()
+            .map(|part| {
+                let p = MatvecParams {
+                    rows: u(n),
+                    k: u(k),
+                    row_words: u(w.dtype.row_words(k)),
+                    m: u(pairs),
+                    n_total: u(n),
+                    ids_div: if self.per_pair { 1 } else { u(self.top_k) },
+                    ids_e0: u(part.row_start),
+                    ids_experts: u(part.rows),
+                    ..Default::default()
+                };
+                let key = weight_key("matvec.wgsl", w.dtype)?;
+                let (mut key, groups) = gpu_matvec(ctx.gpu, key, k, n, pairs, false);
+                // w, x, bias, y, residual, norm weight (x standing in for the absent ones).
+                let mut bindings = vec![
+                    Binding::read(&part.buffer),
+                    Binding::read(x.buf()),
+                    Binding::read(x.buf()),
+                    Binding::write(out.buf()),
+                    Binding::read(x.buf()),
+                    Binding::read(x.buf()),
+                ];
+                if w4_serves(w.dtype, k) && bindings.len() + 1 < storage {
+                    let at = format!("{}", 2 + bindings.len());
+                    bindings.push(Binding::read(&part.buffer));
+                    key = key.def("W4", "").def("W4_AT", at);
+                }
+                let at = format!("{}", 2 + bindings.len());
+                bindings.push(Binding::read(routes.buf()));
+                Ok(dispatch(
+                    key.def("IDS", "").def("IDS_AT", at),
+                    &p,
+                    bindings,
                     groups,
                 ))
             })
