@@ -199,6 +199,21 @@ impl BertConfig {
     }
 }
 
+impl BertConfig {
+    /// nomic-bert's rotary cos/sin table over `positions` (every head dim rotated, its base),
+    /// uploaded once per model; `None` for BERT's position table.
+    fn rotary_table(&self, gpu: &Arc<Gpu>, positions: usize) -> Result<Option<Arc<Tensor>>> {
+        let BertKind::Nomic { theta } = self.kind else {
+            return Ok(None);
+        };
+        let d = self.hidden / self.heads;
+        let freqs = crate::kernels::rope::inv_freq(d, theta);
+        let table = crate::kernels::rope::table(&freqs, positions);
+        let t = Tensor::from_f32(gpu, "rotary", &[positions, d / 2, 2], &table)?;
+        Ok(Some(Arc::new(t)))
+    }
+}
+
 /// A `Dense` module: `act(x W^T + b)`.
 pub struct DenseLayer {
     pub inputs: usize,
@@ -221,7 +236,12 @@ struct DecoderPass {
 
 /// The network under the pooling.
 enum Encoder {
-    Bert { cfg: BertConfig, weights: Weights },
+    /// `rotary`: nomic-bert's cos/sin table over the longest input, made once at load.
+    Bert {
+        cfg: BertConfig,
+        weights: Weights,
+        rotary: Option<Arc<Tensor>>,
+    },
     Decoder(Box<crate::llm::TextModel>),
 }
 
@@ -453,7 +473,13 @@ impl Embedder {
             let st = take_checkpoint(&mut files, "", "model")?;
             let weights = Weights::new(gpu, "embedding model", Box::new(st)).with_quantize(q);
             let h = cfg.hidden;
-            (Encoder::Bert { cfg, weights }, max_len, h)
+            let rotary = cfg.rotary_table(gpu, max_len)?;
+            let encoder = Encoder::Bert {
+                cfg,
+                weights,
+                rotary,
+            };
+            (encoder, max_len, h)
         } else {
             // A decoder Kiln runs for text; its config says which (or why not).
             let cfg = crate::llm::LlmConfig::from_hf(&config, None)?;
@@ -603,7 +629,11 @@ impl Embedder {
         Ok(Embedder {
             gpu: gpu.clone(),
             max_len: positions,
-            encoder: Encoder::Bert { cfg, weights },
+            encoder: Encoder::Bert {
+                rotary: cfg.rotary_table(gpu, positions)?,
+                cfg,
+                weights,
+            },
             pooling,
             dense: Vec::new(),
             normalize: true,
@@ -874,7 +904,12 @@ impl Embedder {
         starts: &[usize],
         lens: &[usize],
     ) -> Result<Value> {
-        let Encoder::Bert { cfg: c, weights } = &self.encoder else {
+        let Encoder::Bert {
+            cfg: c,
+            weights,
+            rotary,
+        } = &self.encoder
+        else {
             return Err(Error::Unsupported(
                 "a packed pass of a decoder embedder".into(),
             ));
@@ -883,8 +918,9 @@ impl Embedder {
         let vb = weights
             .root()
             .first_of(&["", "bert"], "embeddings.word_embeddings.weight")?;
-        if let BertKind::Nomic { theta } = c.kind {
-            return self.nomic_encoder(g, c, &vb, ids, theta, starts, lens);
+        if let Some(table) = rotary {
+            let table = g.tensor(table);
+            return self.nomic_encoder(g, c, &vb, ids, table, starts, lens);
         }
         let emb = vb.pp("embeddings");
         let words = emb.value(g, "word_embeddings.weight", &[c.vocab, h])?;
@@ -924,7 +960,7 @@ impl Embedder {
         c: &BertConfig,
         vb: &VarBuilder,
         ids: Value,
-        theta: f32,
+        table: Value,
         starts: &[usize],
         lens: &[usize],
     ) -> Result<Value> {
@@ -936,12 +972,6 @@ impl Embedder {
         let type0 = g.slice_rows(types, Dyn::Static(0), 1)?; // every token is of type 0
         let x = g.add(x, type0)?;
         let mut x = vb.pp("emb_ln").layer_norm(g, x, c.eps)?;
-        let d = h / c.heads;
-        let longest = lens.iter().copied().max().unwrap_or(1);
-        let freqs = crate::kernels::rope::inv_freq(d, theta);
-        let table = crate::kernels::rope::table(&freqs, longest);
-        let table = Tensor::from_f32(&self.gpu, "rotary", &[longest, d / 2, 2], &table)?;
-        let table = g.tensor(&Arc::new(table));
         for i in 0..c.layers {
             let l = vb.pp("encoder.layers").pp(i);
             // Wqkv's q, k and v rows apart (one product each).

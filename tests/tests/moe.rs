@@ -129,7 +129,7 @@ fn moe_experts_against_f64_every_variant() {
             .into_iter()
             .enumerate()
         {
-            for rows in [1, 3, 150] {
+            for rows in [1, 2, 3, 150] {
                 if dtype == DType::Q4_K && rows == 150 {
                     continue; // the f64 reference of 256-wide experts: 3 rows say enough
                 }
